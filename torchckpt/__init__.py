@@ -1,0 +1,34 @@
+"""torchckpt: PyTorch checkpoints as safetensors shards plus a JSON index.
+
+Atomic, never pickled, bit-exact on resume, with partial restore and mismatch reporting.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from torchckpt._directory import latest_checkpoint
+from torchckpt.checkpoint import Checkpoint, RNGState
+from torchckpt.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    RestoreMismatchError,
+    UnsupportedStateError,
+)
+from torchckpt.restore import MismatchReport, PartialRestoreWarning, RestoreStatus
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "CorruptCheckpointError",
+    "MismatchReport",
+    "PartialRestoreWarning",
+    "RNGState",
+    "RestoreMismatchError",
+    "RestoreStatus",
+    "UnsupportedStateError",
+    "__version__",
+    "latest_checkpoint",
+]

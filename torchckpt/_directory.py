@@ -1,0 +1,175 @@
+"""A directory of checkpoints: its state file, its latest checkpoint, its committed members.
+
+The state file (``checkpoints.json``, TensorFlow's ``checkpoint`` file in JSON) names the latest
+checkpoint and, for a manager, the kept checkpoints with their timestamps and metrics. It is
+always replaced atomically, and only after the checkpoint it names is committed, so it never
+points at a partial checkpoint. Paths in it are relative to the directory, so a directory can be
+moved or copied.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from torchckpt import _atomic
+from torchckpt._storage import is_committed
+
+STATE_FILE = "checkpoints.json"
+STATE_FORMAT = "torchckpt.checkpoints"
+STATE_VERSION = 1
+_NUMBERED = re.compile(r"^(?P<prefix>.+)-(?P<number>0|[1-9][0-9]*)$")
+
+
+@dataclass
+class Entry:
+    """One checkpoint recorded in the state file."""
+
+    name: str
+    timestamp: float | None = None
+    metrics: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "timestamp": self.timestamp, "metrics": self.metrics}
+
+
+@dataclass
+class State:
+    """The content of a directory's state file."""
+
+    latest: str | None = None
+    checkpoints: list[Entry] = field(default_factory=list)
+    preserved: list[Entry] = field(default_factory=list)
+    last_preserved_timestamp: float = 0.0
+
+    def to_bytes(self) -> bytes:
+        data = {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "latest": self.latest,
+            "checkpoints": [e.to_json() for e in self.checkpoints],
+            "preserved": [e.to_json() for e in self.preserved],
+            "last_preserved_timestamp": self.last_preserved_timestamp,
+        }
+        return (json.dumps(data, indent=1, allow_nan=False) + "\n").encode()
+
+
+class StateFileError(ValueError):
+    """The state file exists but cannot be used."""
+
+
+def _plain_name(name: Any) -> str:
+    if not isinstance(name, str) or not name or name != os.path.basename(name) or name in (".", ".."):
+        raise StateFileError(f"bad checkpoint name {name!r}")
+    return name
+
+
+def _entry(raw: Any) -> Entry:
+    if not isinstance(raw, dict):
+        raise StateFileError(f"bad entry {raw!r}")
+    ts = raw.get("timestamp")
+    if ts is not None and (not isinstance(ts, (int, float)) or isinstance(ts, bool) or not math.isfinite(ts)):
+        raise StateFileError(f"bad timestamp {ts!r}")
+    metrics = raw.get("metrics")
+    if metrics is not None and not isinstance(metrics, dict):
+        raise StateFileError(f"bad metrics {metrics!r}")
+    return Entry(_plain_name(raw.get("name")), None if ts is None else float(ts), metrics)
+
+
+def read_state(directory: str) -> State | None:
+    """The directory's state, or None when there is no state file.
+
+    Raises:
+        StateFileError: the file exists but is damaged.
+    """
+    path = os.path.join(directory, STATE_FILE)
+    try:
+        with open(path, "rb") as f:
+            raw = json.loads(f.read())
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StateFileError(f"{path} cannot be read: {e}") from e
+    if not isinstance(raw, dict) or raw.get("format") != STATE_FORMAT:
+        raise StateFileError(f"{path} is not a torchckpt state file")
+    latest = raw.get("latest")
+    lpt = raw.get("last_preserved_timestamp", 0.0)
+    if not isinstance(lpt, (int, float)) or isinstance(lpt, bool) or not math.isfinite(lpt):
+        raise StateFileError(f"{path}: bad last_preserved_timestamp {lpt!r}")
+    checkpoints, preserved = raw.get("checkpoints", []), raw.get("preserved", [])
+    if not isinstance(checkpoints, list) or not isinstance(preserved, list):
+        raise StateFileError(f"{path}: 'checkpoints' and 'preserved' must be lists")
+    return State(
+        latest=None if latest is None else _plain_name(latest),
+        checkpoints=[_entry(e) for e in checkpoints],
+        preserved=[_entry(e) for e in preserved],
+        last_preserved_timestamp=float(lpt),
+    )
+
+
+def write_state(directory: str, state: State) -> None:
+    """Replace the directory's state file atomically."""
+    _atomic.write_file_atomic(os.path.join(directory, STATE_FILE), state.to_bytes())
+
+
+def number_of(name: str, prefix: str | None = None) -> int | None:
+    """The number in ``ckpt-7`` (None if the name is not numbered, or has another prefix)."""
+    match = _NUMBERED.match(name)
+    if not match or (prefix is not None and match.group("prefix") != prefix):
+        return None
+    return int(match.group("number"))
+
+
+def committed_members(directory: str, prefix: str | None = None) -> list[str]:
+    """Names of committed, numbered checkpoints in ``directory``, by number then name."""
+    try:
+        names = os.listdir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    found = []
+    for name in names:
+        number = number_of(name, prefix)
+        if number is not None and is_committed(os.path.join(directory, name)):
+            found.append((number, name))
+    return [name for _, name in sorted(found)]
+
+
+def _index_mtime(directory: str, name: str) -> float:
+    try:
+        return os.stat(os.path.join(directory, name, "index.json")).st_mtime_ns / 1e9
+    except OSError:
+        return -1.0
+
+
+def latest_checkpoint(directory: str | os.PathLike[str]) -> str | None:
+    """The newest committed checkpoint in ``directory``, or None.
+
+    The state file's ``latest`` wins when it names a committed checkpoint; otherwise (no state
+    file, a damaged one, or one naming a checkpoint that is gone) the committed numbered
+    checkpoint written last is returned.
+
+    Example:
+        >>> import tempfile, torch, torchckpt
+        >>> d = tempfile.mkdtemp()
+        >>> torchckpt.latest_checkpoint(d) is None
+        True
+        >>> path = torchckpt.Checkpoint(w=torch.ones(2)).save(f"{d}/ckpt")
+        >>> torchckpt.latest_checkpoint(d) == path
+        True
+    """
+    directory = os.fspath(directory)
+    try:
+        state = read_state(directory)
+    except StateFileError:
+        state = None
+    if state is not None and state.latest is not None and is_committed(os.path.join(directory, state.latest)):
+        return os.path.join(directory, state.latest)
+    members = committed_members(directory)
+    if not members:
+        return None
+    newest = max(members, key=lambda n: (_index_mtime(directory, n), number_of(n) or 0))
+    return os.path.join(directory, newest)

@@ -1,0 +1,281 @@
+"""The on-disk format: safetensors shard headers, the index schema, dtype tables, names.
+
+A checkpoint is a directory holding ``index.json`` and one or more safetensors shards. Every
+shard is a plain safetensors file (``safetensors.safe_open`` reads it); the index is a Hugging
+Face sharded index (``metadata.total_size`` and ``weight_map``) with a ``torchckpt`` section that
+adds the format version, the typed JSON tree of all non-tensor state, and integrity data.
+``docs/format.md`` is the full specification; this module is its single implementation.
+
+Headers and indexes are treated as untrusted input: sizes are capped, offsets checked against
+the file size, shard names confined to the checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from torchckpt.errors import CorruptCheckpointError
+
+INDEX_FILE = "index.json"
+SHARD_SUFFIX = ".safetensors"
+SHARD_NAME = "model-{index:05d}-of-{count:05d}" + SHARD_SUFFIX
+FORMAT_NAME = "torchckpt"
+FORMAT_VERSION = 1
+CHECKSUM_ALGORITHM = "xxh3-64"
+MAX_HEADER_SIZE = 100_000_000
+MAX_INDEX_SIZE = 1_000_000_000
+HEADER_ALIGNMENT = 8
+DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
+SHARD_METADATA = {"format": "pt"}
+
+_TORCH_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
+    "I16": torch.int16,
+    "U16": torch.uint16,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I32": torch.int32,
+    "U32": torch.uint32,
+    "F32": torch.float32,
+    "C64": torch.complex64,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "U64": torch.uint64,
+}
+_ST_DTYPES: dict[torch.dtype, str] = {v: k for k, v in _TORCH_DTYPES.items()}
+SUPPORTED_DTYPES = frozenset(_ST_DTYPES)
+
+
+def dtype_to_str(dtype: torch.dtype) -> str:
+    """The safetensors name of a torch dtype (``torch.float32`` -> ``"F32"``)."""
+    return _ST_DTYPES[dtype]
+
+
+def str_to_dtype(name: str, where: str = "") -> torch.dtype:
+    """The torch dtype of a safetensors name; unknown names are a corrupt checkpoint."""
+    try:
+        return _TORCH_DTYPES[name]
+    except (KeyError, TypeError):
+        raise CorruptCheckpointError(f"Unknown dtype {name!r}{where}.") from None
+
+
+def itemsize(dtype: torch.dtype) -> int:
+    """Bytes per element."""
+    return torch.empty((), dtype=dtype).element_size()
+
+
+_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string such as ``"2GB"`` (decimal, as Hugging Face) or ``"2GiB"``.
+
+    Example:
+        >>> parse_size("1.5GB"), parse_size("2MiB"), parse_size(4096)
+        (1500000000, 2097152, 4096)
+    """
+    if isinstance(size, bool):
+        raise TypeError("max_shard_size must be an int (bytes) or a string such as '2GB'.")
+    if isinstance(size, int):
+        value = size
+    elif isinstance(size, str):
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", size)
+        unit = match.group(2).upper() if match else ""
+        if not match or unit not in _SIZE_UNITS and unit:
+            raise ValueError(
+                f"Cannot parse size {size!r}: use bytes as an int, or a number followed by "
+                "B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024)."
+            )
+        value = int(float(match.group(1)) * _SIZE_UNITS[unit or "B"])
+    else:
+        raise TypeError(f"A size must be an int or a str, not {type(size).__name__}.")
+    if value <= 0:
+        raise ValueError(f"A size must be positive, got {size!r}.")
+    return value
+
+
+# -- safetensors headers ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: its shard, dtype, shape and absolute byte range."""
+
+    name: str
+    file: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def encode_header(entries: list[tuple[str, torch.dtype, tuple[int, ...], int]]) -> bytes:
+    """The 8-byte length prefix plus the space-padded JSON header for ``(name, dtype, shape, nbytes)``.
+
+    Entries are laid out back to back in the given order.
+    """
+    header: dict[str, Any] = {"__metadata__": SHARD_METADATA}
+    offset = 0
+    for name, dtype, shape, nbytes in entries:
+        header[name] = {"dtype": dtype_to_str(dtype), "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    body = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    body += b" " * (-(len(body) + 8) % HEADER_ALIGNMENT)
+    if len(body) > MAX_HEADER_SIZE:
+        raise ValueError(
+            f"A shard header would be {len(body)} bytes, over safetensors' limit of {MAX_HEADER_SIZE}; "
+            "use a smaller max_shard_size so that each shard holds fewer tensors."
+        )
+    return struct.pack("<Q", len(body)) + body
+
+
+def read_header(path: str, file_name: str) -> tuple[list[TensorInfo], dict[str, str], int]:
+    """Parse and validate a safetensors header.
+
+    Returns:
+        The tensors in file order, the ``__metadata__`` dict, and the file's size in bytes.
+
+    Raises:
+        CorruptCheckpointError: the file is not a well-formed safetensors file.
+    """
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise CorruptCheckpointError(
+                    f"{path} is not a safetensors file: it is {size} bytes, shorter than the 8-byte header length.",
+                    path,
+                )
+            (n,) = struct.unpack("<Q", prefix)
+            if n > MAX_HEADER_SIZE:
+                raise CorruptCheckpointError(
+                    f"{path} declares a {n}-byte header, over the {MAX_HEADER_SIZE}-byte limit; "
+                    "it is probably not a safetensors file (a pickle or a Git LFS pointer?).",
+                    path,
+                )
+            if 8 + n > size:
+                raise CorruptCheckpointError(
+                    f"{path} is truncated: its header needs {8 + n} bytes but the file is only {size} bytes.", path
+                )
+            raw = f.read(n)
+    except OSError as e:
+        raise CorruptCheckpointError(f"Cannot read shard {path}: {e.strerror or e}.", path) from e
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptCheckpointError(f"{path} has a header that is not valid JSON: {e}.", path) from e
+    if not isinstance(header, dict):
+        raise CorruptCheckpointError(f"{path} has a header that is not a JSON object.", path)
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CorruptCheckpointError(f"{path}: __metadata__ must map strings to strings.", path)
+    data_start = 8 + n
+    infos = []
+    for name, entry in header.items():
+        infos.append(_tensor_info(path, file_name, name, entry, data_start))
+    infos.sort(key=lambda t: (t.start, t.end))
+    cursor = data_start
+    for info in infos:
+        if info.start != cursor:
+            raise CorruptCheckpointError(
+                f"{path}: tensor {info.name!r} starts at byte {info.start - data_start} of the data section "
+                f"but the previous tensor ends at {cursor - data_start} (overlapping or gapped offsets).",
+                path,
+            )
+        cursor = info.end
+    if cursor != size:
+        raise CorruptCheckpointError(
+            f"{path} is truncated or has trailing bytes: its header declares tensor data through byte "
+            f"{cursor}, but the file is {size} bytes.",
+            path,
+        )
+    return infos, metadata, size
+
+
+def _tensor_info(path: str, file_name: str, name: str, entry: Any, data_start: int) -> TensorInfo:
+    where = f" for tensor {name!r} in {path}"
+    if not isinstance(entry, dict):
+        raise CorruptCheckpointError(f"Malformed header entry{where}.", path)
+    dtype = str_to_dtype(entry.get("dtype"), where)
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        raise CorruptCheckpointError(f"Malformed shape {shape!r}{where}.", path)
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)):
+        raise CorruptCheckpointError(f"Malformed data_offsets {offsets!r}{where}.", path)
+    begin, end = offsets
+    expected = math.prod(shape) * itemsize(dtype)
+    if end - begin != expected:
+        raise CorruptCheckpointError(
+            f"Tensor {name!r} in {path} has data_offsets {offsets} ({end - begin} bytes) but its dtype "
+            f"and shape {shape} need {expected} bytes.",
+            path,
+        )
+    return TensorInfo(name, file_name, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+# -- shard names -------------------------------------------------------------------------------
+
+
+def shard_name(index: int, count: int) -> str:
+    """``model-00001-of-00002.safetensors`` for the first of two shards (1-based)."""
+    return SHARD_NAME.format(index=index, count=count)
+
+
+def check_member_name(directory: str, name: Any, what: str) -> str:
+    """Refuse a file name from an index that could escape the checkpoint directory."""
+    if (
+        not isinstance(name, str)
+        or not name
+        or name != os.path.basename(name)
+        or "\\" in name
+        or name in (".", "..")
+        or "\0" in name
+    ):
+        raise CorruptCheckpointError(
+            f"{os.path.join(directory, INDEX_FILE)} names {what} {name!r}, which is not a plain file name "
+            "inside the checkpoint directory; refusing to follow it.",
+            directory,
+        )
+    if not name.endswith(SHARD_SUFFIX):
+        raise CorruptCheckpointError(
+            f"{os.path.join(directory, INDEX_FILE)} names {what} {name!r}, which is not a .safetensors file.",
+            directory,
+        )
+    return name
+
+
+def shape_key(shape: tuple[int, ...] | list[int]) -> str:
+    """Shapes are stored in the index as ``"16,8"`` strings (``""`` for a scalar): fast to parse."""
+    return ",".join(map(str, shape))
+
+
+def parse_shape_key(text: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(text, str):
+        raise CorruptCheckpointError(f"Malformed shape {text!r} {where}.")
+    try:
+        shape = tuple(int(d) for d in text.split(",")) if text else ()
+    except ValueError:
+        raise CorruptCheckpointError(f"Malformed shape {text!r} {where}.") from None
+    if any(d < 0 for d in shape):
+        raise CorruptCheckpointError(f"Malformed shape {text!r} {where}.")
+    return shape

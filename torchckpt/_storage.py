@@ -1,0 +1,359 @@
+"""Writing a checkpoint directory and opening one for reading.
+
+Writing: tensors are deduplicated (tied weights are stored once and recorded as aliases),
+grouped greedily into shards of at most ``max_shard_size`` bytes, written into a temporary
+sibling directory with ``index.json`` last, fsynced, and committed by rename (see ``_atomic``).
+
+Reading: :func:`load_index` parses and checks ``index.json`` only (what the lazy inspector needs);
+:func:`read_shard_headers` then validates every shard header against the index (what a restore
+needs before it touches any object).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import xxhash
+
+from torchckpt import _atomic, _format, _tensorio, _tree
+from torchckpt._format import INDEX_FILE, TensorInfo
+from torchckpt._progress import progress_bar
+from torchckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedStateError
+
+TORCHCKPT_KEY = "torchckpt"
+
+
+def is_committed(path: str) -> bool:
+    """Whether ``path`` is a committed checkpoint directory (not a temporary or a leftover)."""
+    return (
+        not _atomic.is_temporary(os.path.basename(path))
+        and os.path.isfile(os.path.join(path, INDEX_FILE))
+    )
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+
+def _check_tensor(name: str, t: torch.Tensor) -> None:
+    if t.layout != torch.strided or t.is_meta or t.is_nested or t.is_quantized:
+        raise UnsupportedStateError(
+            f"Cannot save tensor {name!r}: {t.layout} / meta / nested / quantized tensors are not "
+            "supported; convert it to a dense tensor first (for example `.to_dense()`).",
+            key=name,
+            value_type=type(t),
+        )
+    if t.dtype not in _format.SUPPORTED_DTYPES:
+        raise UnsupportedStateError(
+            f"Cannot save tensor {name!r}: dtype {t.dtype} is not one safetensors can store "
+            f"(supported: {', '.join(sorted(str(d).removeprefix('torch.') for d in _format.SUPPORTED_DTYPES))}).",
+            key=name,
+            value_type=type(t),
+        )
+
+
+def _alias_key(t: torch.Tensor) -> tuple[Any, ...]:
+    return (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+
+
+@dataclass
+class _Shard:
+    names: list[str] = field(default_factory=list)
+    nbytes: int = 0
+
+
+def plan_shards(tensors: dict[str, torch.Tensor], max_shard_size: int) -> list[_Shard]:
+    """Greedy grouping in save order; a single tensor over the limit gets a shard of its own."""
+    shards: list[_Shard] = []
+    current = _Shard()
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if current.names and current.nbytes + n > max_shard_size:
+            shards.append(current)
+            current = _Shard()
+        current.names.append(name)
+        current.nbytes += n
+    if current.names or not shards:
+        shards.append(current)
+    for shard in shards:  # widest elements first keeps every tensor aligned to its element size
+        shard.names.sort(key=lambda k: -tensors[k].element_size())
+    return shards
+
+
+def write_checkpoint(
+    path: str,
+    tensors: dict[str, torch.Tensor],
+    section: dict[str, Any],
+    max_shard_size: int | str = _format.DEFAULT_MAX_SHARD_SIZE,
+    progress: bool | None = None,
+    before_commit: Callable[[str], None] | None = None,
+) -> str:
+    """Write ``tensors`` and the ``torchckpt`` index section to the directory ``path``, atomically.
+
+    Args:
+        path: the checkpoint directory to create or replace.
+        tensors: name -> tensor, in save order.
+        section: extra keys for the index's ``torchckpt`` section (``state``, ``objects``, ...).
+        max_shard_size: bytes per shard (int), or a string such as ``"2GB"`` (see ``parse_size``).
+        progress: show a progress bar (None: on a terminal for large saves).
+        before_commit: called with the temporary directory just before the rename (tests use it
+            to inject faults).
+
+    Returns:
+        ``path``.
+    """
+    limit = _format.parse_size(max_shard_size)
+    stored: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[Any, ...], str] = {}
+    for name, t in tensors.items():
+        _check_tensor(name, t)
+        if t.numel():
+            key = _alias_key(t)
+            if key in seen:
+                aliases[name] = seen[key]
+                continue
+            seen[key] = name
+        stored[name] = t
+    shards = plan_shards(stored, limit)
+    total = sum(s.nbytes for s in shards)
+    names: list[str] = []
+    dtypes: list[str] = []
+    shapes: list[str] = []
+    checksums: list[str] = []
+    shard_records: list[dict[str, Any]] = []
+    weight_map: dict[str, str] = {}
+    with _atomic.temporary_directory(path) as tmp, progress_bar(total, f"save {os.path.basename(path)}", progress) as bar:
+        for i, shard in enumerate(shards, 1):
+            file = _format.shard_name(i, len(shards))
+            entries = [(n, stored[n].dtype, tuple(stored[n].shape), stored[n].numel() * stored[n].element_size())
+                       for n in shard.names]
+            header = _format.encode_header(entries)
+            fd = os.open(os.path.join(tmp, file), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                os.write(fd, header)
+                digests = _tensorio.write_tensors(fd, [stored[n] for n in shard.names], bar.update)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            shard_hash = xxhash.xxh3_64(header)
+            for n, (name, dtype, shape, _), digest in zip(shard.names, entries, digests):
+                shard_hash.update(digest.to_bytes(8, "big"))
+                names.append(name)
+                dtypes.append(_format.dtype_to_str(dtype))
+                shapes.append(_format.shape_key(shape))
+                checksums.append(f"{digest:016x}")
+                weight_map[name] = file
+            shard_records.append({
+                "file": file,
+                "size": len(header) + shard.nbytes,
+                "checksum": f"{shard_hash.intdigest():016x}",
+                "tensors": len(shard.names),
+            })
+        index = {
+            "metadata": {"total_size": total},
+            "weight_map": weight_map,
+            TORCHCKPT_KEY: {
+                "format_version": _format.FORMAT_VERSION,
+                "created": time.time(),
+                "torch_version": torch.__version__,
+                "torchckpt_version": _version(),
+                "checksum_algorithm": _format.CHECKSUM_ALGORITHM,
+                **section,
+                "aliases": aliases,
+                "shards": shard_records,
+                "tensors": {"names": names, "dtypes": dtypes, "shapes": shapes, "checksums": checksums},
+            },
+        }
+        data = json.dumps(index, indent=1, ensure_ascii=False, allow_nan=False).encode()
+        fd = os.open(os.path.join(tmp, INDEX_FILE), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if before_commit is not None:
+            before_commit(tmp)
+        _atomic.commit_directory(tmp, path)
+    return path
+
+
+def _version() -> str:
+    from torchckpt import __version__
+
+    return __version__
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Index:
+    """A parsed, checked ``index.json`` of a torchckpt checkpoint. Headers are not read."""
+
+    directory: str
+    raw: dict[str, Any]
+    names: list[str]
+    dtypes: list[str]
+    shapes: list[str]
+    checksums: list[str]
+    shards: list[dict[str, Any]]
+    aliases: dict[str, str]
+
+    @property
+    def section(self) -> dict[str, Any]:
+        return self.raw[TORCHCKPT_KEY]  # type: ignore[no-any-return]
+
+    def shard_of(self) -> dict[str, str]:
+        """Stored tensor name -> shard file."""
+        out: dict[str, str] = {}
+        i = 0
+        for shard in self.shards:
+            for name in self.names[i : i + shard["tensors"]]:
+                out[name] = shard["file"]
+            i += shard["tensors"]
+        return out
+
+
+def _corrupt(directory: str, what: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(f"{os.path.join(directory, INDEX_FILE)} is invalid: {what}.", directory)
+
+
+def load_index(directory: str) -> Index:
+    """Read and check ``DIRECTORY/index.json``.
+
+    Raises:
+        CheckpointNotFoundError: there is no committed checkpoint at ``directory``.
+        CorruptCheckpointError: the index is malformed or from an unknown format version.
+    """
+    path = os.path.join(directory, INDEX_FILE)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > _format.MAX_INDEX_SIZE:
+                raise _corrupt(directory, f"it is {size} bytes, over the {_format.MAX_INDEX_SIZE}-byte limit")
+            data = f.read()
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(
+            f"No checkpoint at {directory}: {INDEX_FILE} is missing. A checkpoint directory appears only "
+            "once it is completely written; check the path (for a manager's directory, pass the directory "
+            "itself to get its latest checkpoint).",
+            directory,
+        ) from None
+    except IsADirectoryError:
+        raise _corrupt(directory, "it is a directory") from None
+    import gc
+
+    was_enabled = gc.isenabled()
+    gc.disable()  # parsing allocates many small objects; collections in between only cost time
+    try:
+        raw = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _corrupt(directory, f"not valid JSON ({e})") from e
+    finally:
+        if was_enabled:
+            gc.enable()
+    if not isinstance(raw, dict) or not isinstance(raw.get(TORCHCKPT_KEY), dict):
+        raise _corrupt(directory, f"it has no {TORCHCKPT_KEY!r} section (not written by torchckpt)")
+    section = raw[TORCHCKPT_KEY]
+    version = section.get("format_version")
+    if type(version) is not int or version < 1:
+        raise _corrupt(directory, f"bad format_version {version!r}")
+    if version > _format.FORMAT_VERSION:
+        raise CorruptCheckpointError(
+            f"{path} uses format version {version}, newer than this torchckpt understands "
+            f"({_format.FORMAT_VERSION}); upgrade torchckpt to read it.",
+            directory,
+        )
+    table = section.get("tensors")
+    shards = section.get("shards")
+    aliases = section.get("aliases", {})
+    if not isinstance(table, dict) or not isinstance(shards, list) or not isinstance(aliases, dict):
+        raise _corrupt(directory, "'tensors', 'shards' and 'aliases' must be present")
+    names, dtypes, shapes, checksums = (table.get(k) for k in ("names", "dtypes", "shapes", "checksums"))
+    if not all(isinstance(col, list) for col in (names, dtypes, shapes, checksums)) or not (
+        len(names) == len(dtypes) == len(shapes) == len(checksums)  # type: ignore[arg-type]
+    ):
+        raise _corrupt(directory, "the tensor table's columns must be lists of equal length")
+    count = 0
+    for shard in shards:
+        if not (isinstance(shard, dict) and type(shard.get("tensors")) is int and type(shard.get("size")) is int
+                and isinstance(shard.get("checksum"), str) and shard["tensors"] >= 0):
+            raise _corrupt(directory, f"malformed shard record {shard!r}")
+        _format.check_member_name(directory, shard.get("file"), "shard")
+        count += shard["tensors"]
+    if count != len(names):  # type: ignore[arg-type]
+        raise _corrupt(directory, f"the shards hold {count} tensors but the table lists {len(names)}")  # type: ignore[arg-type]
+    for alias, target in aliases.items():
+        if not isinstance(target, str):
+            raise _corrupt(directory, f"alias {alias!r} must name a stored tensor")
+    return Index(directory, raw, names, dtypes, shapes, checksums, shards, aliases)  # type: ignore[arg-type]
+
+
+def read_shard_headers(index: Index) -> dict[str, TensorInfo]:
+    """Validate every shard against the index; return stored name -> location (aliases resolved).
+
+    Raises:
+        CorruptCheckpointError: a shard is missing, truncated, resized or disagrees with the index.
+    """
+    infos: dict[str, TensorInfo] = {}
+    position = 0
+    weight_map = index.raw.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise _corrupt(index.directory, "'weight_map' is missing")
+    for shard in index.shards:
+        file = shard["file"]
+        path = os.path.join(index.directory, file)
+        if not os.path.isfile(path):
+            raise CorruptCheckpointError(f"Shard {path} listed in {INDEX_FILE} is missing.", path)
+        found, _, size = _format.read_header(path, file)
+        if size != shard["size"]:
+            raise CorruptCheckpointError(
+                f"Shard {path} is {size} bytes but {INDEX_FILE} records {shard['size']}; it was truncated "
+                "or replaced.",
+                path,
+            )
+        by_name = {t.name: t for t in found}
+        expected = index.names[position : position + shard["tensors"]]
+        position += shard["tensors"]
+        if set(by_name) != set(expected):
+            diff = sorted(set(by_name) ^ set(expected))
+            raise CorruptCheckpointError(
+                f"Shard {path} does not hold the tensors {INDEX_FILE} lists for it (differs in: "
+                f"{', '.join(diff[:5])}).",
+                path,
+            )
+        for offset, name in enumerate(expected):
+            j = position - shard["tensors"] + offset
+            info = by_name[name]
+            where = f"for tensor {name!r} in {INDEX_FILE}"
+            if _format.str_to_dtype(index.dtypes[j], where) != info.dtype or _format.parse_shape_key(
+                index.shapes[j], where
+            ) != info.shape:
+                raise CorruptCheckpointError(
+                    f"Tensor {name!r}: {INDEX_FILE} says {index.dtypes[j]} [{index.shapes[j]}] but shard {file} "
+                    f"holds {_format.dtype_to_str(info.dtype)} {list(info.shape)}.",
+                    path,
+                )
+            if weight_map.get(name) != file:
+                raise _corrupt(index.directory, f"weight_map puts {name!r} in {weight_map.get(name)!r}, not {file!r}")
+            infos[name] = info
+    for alias, target in index.aliases.items():
+        if target not in infos:
+            raise _corrupt(index.directory, f"alias {alias!r} points at {target!r}, which is not stored")
+        infos[alias] = infos[target]
+    return infos
+
+
+def state_tree(index: Index, resolve: Callable[[str], Any]) -> Any:
+    """Decode the typed non-tensor tree with each tensor name resolved by ``resolve``."""
+    names = list(index.names) + list(index.aliases)
+    trie = _tree.build_trie(names)
+    return _tree.decode(index.section.get("state", {}), trie, resolve)

@@ -1,0 +1,190 @@
+"""Moving tensor bytes between memory and files without intermediate copies.
+
+Writes go straight from a tensor's memory to the file (``writev`` over many small tensors at
+once); reads go straight from the file into the destination tensor's memory (``preadv``). Only
+tensors that are not contiguous in host memory (strided views, CUDA tensors) pass through a
+staging buffer, one bounded chunk at a time, so extra memory never grows with the state.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Iterator
+
+import torch
+import xxhash
+
+CHUNK_BYTES = 64 * 2**20
+_WRITEV_BYTES = 16 * 2**20
+_IOV_MAX = min(getattr(os, "sysconf", lambda _: 1024)("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
+
+
+def byte_view(t: torch.Tensor) -> memoryview:
+    """A writable memoryview of a contiguous CPU tensor's bytes (the tensor must outlive it)."""
+    n = t.numel() * t.element_size()
+    if n == 0:
+        return memoryview(b"")
+    return memoryview((ctypes.c_ubyte * n).from_address(t.data_ptr())).cast("B")
+
+
+def _is_host_contiguous(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.is_contiguous() and not t.is_conj() and not t.is_neg()
+
+
+def host_chunks(t: torch.Tensor, limit: int = CHUNK_BYTES) -> Iterator[torch.Tensor]:
+    """Contiguous CPU tensors that cover ``t``'s elements in row-major order.
+
+    A contiguous CPU tensor is yielded as itself (no copy); anything else is copied in chunks
+    of at most about ``limit`` bytes.
+    """
+    if _is_host_contiguous(t):
+        yield t
+        return
+    t = t.resolve_conj().resolve_neg()
+    if t.device.type != "cpu" and t.is_contiguous():
+        flat = t.reshape(-1)
+        per = max(1, limit // max(1, t.element_size()))
+        staging = torch.empty(min(per, flat.numel()), dtype=t.dtype, pin_memory=torch.cuda.is_available())
+        for i in range(0, flat.numel(), per):
+            part = flat[i : i + per]
+            out = staging[: part.numel()]
+            out.copy_(part)
+            yield out
+        return
+    if t.dim() == 0 or t.numel() * t.element_size() <= limit:
+        yield t.contiguous().cpu()
+        return
+    row = t[0].numel() * t.element_size()
+    if row > limit and t.dim() > 1:
+        for r in range(t.shape[0]):
+            yield from host_chunks(t[r], limit)
+        return
+    step = max(1, limit // max(1, row))
+    for i in range(0, t.shape[0], step):
+        yield t[i : i + step].contiguous().cpu()
+
+
+def _write_all(fd: int, views: list[memoryview]) -> None:
+    while views:
+        n = os.writev(fd, views[:_IOV_MAX])
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if n and views:
+            views[0] = views[0][n:]
+
+
+def write_tensors(fd: int, tensors: list[torch.Tensor], on_bytes: object = None) -> list[int]:
+    """Write each tensor's bytes back to back at the file's position; return their xxh3-64 digests.
+
+    Args:
+        fd: an open file descriptor positioned where the first tensor goes.
+        tensors: what to write, in order.
+        on_bytes: optional callable taking a byte count, for progress.
+    """
+    digests: list[int] = []
+    pending: list[memoryview] = []
+    pending_bytes = 0
+    keep_alive: list[torch.Tensor] = []
+    for t in tensors:
+        hasher = None
+        digest = None
+        for chunk in host_chunks(t):
+            view = byte_view(chunk)
+            if chunk is t:
+                digest = xxhash.xxh3_64_intdigest(view)
+                keep_alive.append(chunk)
+                pending.append(view)
+                pending_bytes += len(view)
+            else:  # a staged copy: write it before the buffer is reused
+                hasher = hasher or xxhash.xxh3_64()
+                hasher.update(view)
+                _write_all(fd, pending + [view])
+                pending, pending_bytes, keep_alive = [], 0, []
+            if pending_bytes >= _WRITEV_BYTES or len(pending) >= _IOV_MAX:
+                _write_all(fd, pending)
+                pending, pending_bytes, keep_alive = [], 0, []
+            if callable(on_bytes):
+                on_bytes(len(view))
+        digests.append(digest if digest is not None else (hasher.intdigest() if hasher else xxhash.xxh3_64_intdigest(b"")))
+    _write_all(fd, pending)
+    return digests
+
+
+def _pread_all(fd: int, view: memoryview, offset: int) -> None:
+    while view:
+        n = os.preadv(fd, [view], offset)
+        if n <= 0:
+            raise EOFError(f"unexpected end of file at byte {offset}")
+        view = view[n:]
+        offset += n
+
+
+def read_into(fd: int, offset: int, dest: torch.Tensor, verify: bool) -> int | None:
+    """Read ``dest``'s bytes from ``offset`` straight into its memory; return the digest if ``verify``.
+
+    CUDA and non-contiguous destinations are filled through a bounded (pinned, for CUDA)
+    staging buffer.
+    """
+    if _is_host_contiguous(dest):
+        view = byte_view(dest)
+        _pread_all(fd, view, offset)
+        return xxhash.xxh3_64_intdigest(view) if verify else None
+    hasher = xxhash.xxh3_64() if verify else None
+    with torch.no_grad():
+        if dest.is_contiguous():
+            flat = dest.view(-1)
+            per = max(1, CHUNK_BYTES // max(1, dest.element_size()))
+            staging = torch.empty(min(per, max(1, flat.numel())), dtype=dest.dtype,
+                                  pin_memory=dest.device.type == "cuda")
+            for i in range(0, flat.numel(), per):
+                part = staging[: min(per, flat.numel() - i)]
+                view = byte_view(part)
+                _pread_all(fd, view, offset)
+                offset += len(view)
+                if hasher:
+                    hasher.update(view)
+                flat[i : i + part.numel()].copy_(part)
+            if dest.device.type == "cuda":
+                torch.cuda.current_stream(dest.device).synchronize()
+        else:
+            for region, chunk in _strided_regions(dest):
+                view = byte_view(chunk)
+                _pread_all(fd, view, offset)
+                offset += len(view)
+                if hasher:
+                    hasher.update(view)
+                region.copy_(chunk)
+    return hasher.intdigest() if hasher else None
+
+
+def _strided_regions(dest: torch.Tensor, limit: int = CHUNK_BYTES) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(region of ``dest``, empty contiguous CPU buffer of its shape) pairs in row-major order."""
+    if dest.dim() == 0 or dest.numel() * dest.element_size() <= limit:
+        yield dest, torch.empty(dest.shape, dtype=dest.dtype)
+        return
+    row = dest[0].numel() * dest.element_size()
+    if row > limit and dest.dim() > 1:
+        for r in range(dest.shape[0]):
+            yield from _strided_regions(dest[r], limit)
+        return
+    step = max(1, limit // max(1, row))
+    for i in range(0, dest.shape[0], step):
+        region = dest[i : i + step]
+        yield region, torch.empty(region.shape, dtype=dest.dtype)
+
+
+def hash_file_range(fd: int, start: int, end: int) -> int:
+    """xxh3-64 of bytes ``[start, end)`` of a file, read in bounded chunks."""
+    hasher = xxhash.xxh3_64()
+    buf = bytearray(min(CHUNK_BYTES, max(1, end - start)))
+    view = memoryview(buf)
+    offset = start
+    while offset < end:
+        n = os.preadv(fd, [view[: min(len(view), end - offset)]], offset)
+        if n <= 0:
+            raise EOFError(f"unexpected end of file at byte {offset}")
+        hasher.update(view[:n])
+        offset += n
+    return hasher.intdigest()

@@ -1,0 +1,289 @@
+"""Reversible flattening of nested state into ``/`` keys, and typed JSON for everything else.
+
+Why a typed JSON tree and not pickle: pickle runs code on load, so a checkpoint from a stranger
+could own the machine. Typed JSON can only ever produce ints, floats, bools, strings, None,
+tuples, lists, dicts (with keys of those types), ``torch.Size``, ``torch.dtype`` and
+``torch.device``, and it keeps their exact types: a tuple comes back a tuple, ``float("inf")``
+comes back ``inf``, an ``int`` dict key comes back an ``int``.
+
+Tensors never enter the JSON. Each tensor is named by its key path (parts joined by ``/``, a ``/``
+or ``~`` inside a part escaped as ``~1`` / ``~0`` as in JSON Pointer), and stored in a safetensors
+shard under that name. Inside a plain string-keyed dict a tensor is simply left out of the JSON (its
+name says where it goes); inside a list, a tuple or a dict with non-string keys its position is
+held by the marker ``{"@tensor": null}``. Leaving tensors out keeps ``index.json`` small and fast
+to parse for checkpoints with tens of thousands of tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+
+from torchckpt.errors import CorruptCheckpointError, UnsupportedStateError
+
+SEP = "/"
+TAG = "@"
+TENSOR_TAG = "@tensor"
+
+# A leaf of the name trie: the full tensor name.
+Trie = dict[str, "Trie | str"]
+
+
+def escape_part(part: str) -> str:
+    """Escape one key part so that it contains no ``/``.
+
+    Example:
+        >>> escape_part("a/b~c")
+        'a~1b~0c'
+    """
+    return part.replace("~", "~0").replace(SEP, "~1")
+
+
+def unescape_part(part: str) -> str:
+    """Invert :func:`escape_part`.
+
+    Example:
+        >>> unescape_part("a~1b~0c")
+        'a/b~c'
+    """
+    return part.replace("~1", SEP).replace("~0", "~")
+
+
+def key_part(key: Any) -> str:
+    """The name part for a dict key or list index: ints as digits, strings as-is, else repr."""
+    if isinstance(key, str):
+        return escape_part(key)
+    if isinstance(key, int) and not isinstance(key, bool):
+        return str(key)
+    return escape_part(repr(key))
+
+
+def join(prefix: str, part: str) -> str:
+    """Join an (already escaped) part onto a prefix."""
+    return f"{prefix}{SEP}{part}" if prefix else part
+
+
+def split(name: str) -> list[str]:
+    """Split a name into its escaped parts."""
+    return name.split(SEP)
+
+
+def display(path: str) -> str:
+    """A key path for messages (the root is shown as ``<root>``)."""
+    return path or "<root>"
+
+
+# -- encoding -------------------------------------------------------------------------------
+
+
+def encode(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """Encode ``value`` as typed JSON, moving every tensor into ``tensors`` under its name.
+
+    Raises:
+        UnsupportedStateError: a value has no pickle-free representation; ``.key`` is its path.
+    """
+    if isinstance(value, torch.Tensor):
+        if path in tensors:
+            raise UnsupportedStateError(
+                f"Two different values at {display(path)!r} map to the same tensor name; "
+                "rename one of the keys (for example a dict holding both 0 and '0').",
+                key=path,
+                value_type=type(value),
+            )
+        tensors[path] = value
+        return {TENSOR_TAG: None}
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    kind = type(value)
+    if kind is int:
+        return value
+    if kind is float:
+        if math.isfinite(value):
+            return value
+        return {"@float": repr(value)}
+    if kind is tuple:
+        return {"@tuple": [encode(v, join(path, str(i)), tensors) for i, v in enumerate(value)]}
+    if kind is list:
+        return [encode(v, join(path, str(i)), tensors) for i, v in enumerate(value)]
+    if kind is torch.Size:
+        return {"@size": list(value)}
+    if kind is torch.dtype:
+        return {"@dtype": str(value).removeprefix("torch.")}
+    if kind is torch.device:
+        return {"@device": str(value)}
+    if isinstance(value, Mapping) and kind in (dict, _ordered_dict_type()):
+        return _encode_dict(value, path, tensors)
+    raise UnsupportedStateError(
+        f"Cannot save {display(path)!r}: a {kind.__module__}.{kind.__qualname__} has no "
+        "representation without pickle. torchckpt stores tensors, objects with "
+        "state_dict()/load_state_dict(), and plain values (int, float, bool, str, None and "
+        "tuples/lists/dicts of them). Convert it to one of these, or leave it out of the "
+        "Checkpoint.",
+        key=path,
+        value_type=kind,
+    )
+
+
+def _ordered_dict_type() -> type:
+    from collections import OrderedDict
+
+    return OrderedDict
+
+
+def _encode_dict(value: Mapping[Any, Any], path: str, tensors: dict[str, torch.Tensor]) -> Any:
+    plain = all(type(k) is str and not k.startswith(TAG) for k in value)
+    if plain:
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            encoded = encode(v, join(path, escape_part(k)), tensors)
+            if not (isinstance(v, torch.Tensor)):
+                out[k] = encoded
+        return out
+    pairs = []
+    for k, v in value.items():
+        child = join(path, key_part(k))
+        encoded_key = _encode_key(k, child)
+        pairs.append([encoded_key, encode(v, child, tensors)])
+    return {"@dict": pairs}
+
+
+def _encode_key(key: Any, path: str) -> Any:
+    if isinstance(key, torch.Tensor):
+        raise UnsupportedStateError(
+            f"Cannot save {display(path)!r}: a tensor used as a dict key cannot be stored; "
+            "use an int or str key instead.",
+            key=path,
+            value_type=torch.Tensor,
+        )
+    return encode(key, path, {})
+
+
+# -- decoding -------------------------------------------------------------------------------
+
+
+def build_trie(names: Iterator[str] | list[str]) -> Trie:
+    """Nest tensor names by their parts: ``{"a": {"b": "a/b"}}``."""
+    root: Trie = {}
+    for name in names:
+        node = root
+        parts = split(name)
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if isinstance(child, str):
+                raise CorruptCheckpointError(f"Tensor name {child!r} is also used as a prefix of {name!r}.")
+            node = child
+        if parts[-1] in node:
+            raise CorruptCheckpointError(f"Tensor name {name!r} is listed twice.")
+        node[parts[-1]] = name
+    return root
+
+
+def decode(node: Any, trie: Trie | str | None, resolve: Callable[[str], Any], path: str = "") -> Any:
+    """Rebuild a value from typed JSON, placing ``resolve(name)`` at each tensor's position.
+
+    Raises:
+        CorruptCheckpointError: the JSON is not a tree this module writes, or it disagrees with
+            the tensor names.
+    """
+    if isinstance(node, dict):
+        if len(node) == 1:
+            (tag, payload), = node.items()
+            if tag.startswith(TAG):
+                return _decode_tagged(tag, payload, trie, resolve, path)
+        if isinstance(trie, str):
+            raise _corrupt(path, "a tensor is stored where the state tree has a dict")
+        sub = trie or {}
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            if k.startswith(TAG):
+                raise _corrupt(path, f"unknown tag {k!r}")
+            out[k] = decode(v, sub.get(escape_part(k)), resolve, join(path, escape_part(k)))
+        for part, child in sub.items():
+            key = unescape_part(part)
+            if key not in out:
+                if not isinstance(child, str):
+                    raise _corrupt(join(path, part), "tensors are stored under a key the state tree lacks")
+                out[key] = resolve(child)
+        return out
+    if isinstance(trie, str):
+        raise _corrupt(path, "a tensor is stored where the state tree has a plain value")
+    if isinstance(node, list):
+        sub = trie or {}
+        return [decode(v, sub.get(str(i)), resolve, join(path, str(i))) for i, v in enumerate(node)]
+    if trie:
+        raise _corrupt(path, "tensors are stored under a plain value")
+    if node is None or isinstance(node, (bool, int, float, str)):
+        return node
+    raise _corrupt(path, f"unexpected JSON value of type {type(node).__name__}")
+
+
+def _decode_tagged(tag: str, payload: Any, trie: Trie | str | None, resolve: Callable[[str], Any], path: str) -> Any:
+    if tag == TENSOR_TAG:
+        if not isinstance(trie, str):
+            raise _corrupt(path, "the state tree expects a tensor here but no tensor has this name")
+        return resolve(trie)
+    if isinstance(trie, str):
+        raise _corrupt(path, "a tensor is stored where the state tree has a value")
+    if tag == "@float":
+        if payload not in ("inf", "-inf", "nan"):
+            raise _corrupt(path, f"bad @float {payload!r}")
+        return float(payload)
+    if tag == "@tuple" and isinstance(payload, list):
+        sub = trie or {}
+        return tuple(decode(v, sub.get(str(i)), resolve, join(path, str(i))) for i, v in enumerate(payload))
+    if tag == "@dict" and isinstance(payload, list):
+        sub = trie or {}
+        out: dict[Any, Any] = {}
+        for pair in payload:
+            if not (isinstance(pair, list) and len(pair) == 2):
+                raise _corrupt(path, "@dict entries must be [key, value] pairs")
+            key = decode(pair[0], None, resolve, path)
+            part = key_part(key)
+            out[key] = decode(pair[1], sub.get(part), resolve, join(path, part))
+        return out
+    if trie:
+        raise _corrupt(path, "tensors are stored under a plain value")
+    if tag == "@size" and isinstance(payload, list) and all(type(d) is int for d in payload):
+        return torch.Size(payload)
+    if tag == "@dtype" and isinstance(payload, str):
+        dtype = getattr(torch, payload, None)
+        if isinstance(dtype, torch.dtype):
+            return dtype
+    if tag == "@device" and isinstance(payload, str):
+        try:
+            return torch.device(payload)
+        except RuntimeError:
+            pass
+    raise _corrupt(path, f"bad tagged value {tag!r}")
+
+
+def _corrupt(path: str, what: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(f"Invalid state tree at {display(path)!r}: {what}.")
+
+
+# -- flattening for matching ----------------------------------------------------------------
+
+
+def _is_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def leaves(value: Any, prefix: str, out: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Flatten containers into ``{name: leaf}``.
+
+    An empty container, and a tuple of plain scalars (such as Python's RNG state), is one leaf.
+    """
+    if out is None:
+        out = {}
+    if isinstance(value, Mapping) and value:
+        for k, v in value.items():
+            leaves(v, join(prefix, key_part(k)), out)
+    elif isinstance(value, list) and value or type(value) is tuple and not all(map(_is_scalar, value)):
+        for i, v in enumerate(value):
+            leaves(v, join(prefix, str(i)), out)
+    else:
+        out[prefix] = value
+    return out

@@ -1,0 +1,468 @@
+"""``Checkpoint``: named modules, optimizers, schedulers, RNG state and plain values, saved as one.
+
+Why nothing is pickled: ``torch.load`` of a pickle runs whatever code the file names, so loading a
+checkpoint from a stranger can own the machine. A torchckpt checkpoint holds only safetensors
+shards (raw tensor bytes) and JSON (see ``_tree``), and loading one never imports or calls
+anything named by the file. A value that has no such representation is refused at save time,
+with its full key path, before anything is written.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from torchckpt import _directory, _format, _storage, _tensorio, _tree
+from torchckpt._progress import progress_bar
+from torchckpt.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from torchckpt.restore import (
+    MISSING,
+    Plan,
+    RestoreStatus,
+    SavedTensor,
+    MismatchReport,
+    plan_module,
+    plan_stateful,
+    plan_tensor,
+    plan_value,
+)
+
+SAVE_COUNTER = "save_counter"
+PathLike = str | os.PathLike[str]
+
+
+def is_stateful(value: Any) -> bool:
+    """Whether ``value`` has callable ``state_dict()`` and ``load_state_dict()`` (the Stateful protocol)."""
+    return callable(getattr(value, "state_dict", None)) and callable(getattr(value, "load_state_dict", None))
+
+
+def _is_trackable(value: Any) -> bool:
+    if isinstance(value, (torch.Tensor, Checkpoint)) or is_stateful(value):
+        return True
+    if isinstance(value, dict):
+        return any(_is_trackable(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_is_trackable(v) for v in value)
+    return False
+
+
+def kind_of(value: Any) -> str:
+    """A short name for what a tracked value is, recorded in the index for inspection."""
+    if isinstance(value, torch.nn.Module):
+        return "module"
+    if isinstance(value, torch.optim.Optimizer):
+        return "optimizer"
+    if isinstance(value, (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)):
+        return "lr_scheduler"
+    if isinstance(value, torch.amp.GradScaler):
+        return "grad_scaler"
+    if isinstance(value, RNGState):
+        return "rng"
+    if isinstance(value, Checkpoint):
+        return "checkpoint"
+    if isinstance(value, torch.Tensor):
+        return "tensor"
+    if is_stateful(value):
+        return "stateful"
+    if _is_trackable(value):
+        return "container"
+    return "value"
+
+
+class RNGState:
+    """The Python, NumPy (when installed), torch CPU and every CUDA device random state.
+
+    Its state is captured when the checkpoint is saved and set back when it is restored, so a
+    resumed run draws the same random numbers as an uninterrupted one.
+
+    Example:
+        >>> import torch, torchckpt
+        >>> rng = torchckpt.RNGState()
+        >>> state = rng.state_dict()
+        >>> a = torch.rand(2)
+        >>> rng.load_state_dict(state)
+        >>> torch.equal(a, torch.rand(2))
+        True
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+        state["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        np = _numpy()
+        if np is not None:
+            name, keys, pos, has_gauss, cached = np.random.get_state()
+            state["numpy"] = {
+                "algorithm": str(name),
+                "keys": torch.from_numpy(keys.astype(np.uint32, copy=True)),
+                "pos": int(pos),
+                "has_gauss": int(has_gauss),
+                "cached_gaussian": float(cached),
+            }
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        random.setstate(state["python"])
+        torch.set_rng_state(state["torch"])
+        cuda = state.get("cuda", [])
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if cuda and len(cuda) != available:
+            warnings.warn(
+                f"The checkpoint holds RNG states for {len(cuda)} CUDA devices but {available} are available; "
+                f"restoring the first {min(len(cuda), available)}.",
+                stacklevel=2,
+            )
+        for i, s in enumerate(cuda[:available]):
+            torch.cuda.set_rng_state(s, i)
+        np = _numpy()
+        if np is not None and "numpy" in state:
+            s = state["numpy"]
+            np.random.set_state(
+                (s["algorithm"], s["keys"].numpy(), s["pos"], s["has_gauss"], s["cached_gaussian"])
+            )
+
+    def __repr__(self) -> str:
+        return "RNGState()"
+
+
+def _numpy() -> Any:
+    try:
+        import numpy
+    except ImportError:
+        return None
+    return numpy
+
+
+class Checkpoint:
+    """Modules, optimizers, schedulers, grad scalers, tensors, RNG state and plain values, by name.
+
+    Example:
+        >>> import tempfile, torch, torchckpt
+        >>> model = torch.nn.Linear(2, 2)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> ckpt = torchckpt.Checkpoint(model=model, opt=opt, epoch=3)
+        >>> path = ckpt.save(tempfile.mkdtemp() + "/ckpt")
+        >>> path.endswith("ckpt-1"), ckpt.save_counter
+        (True, 1)
+        >>> ckpt.epoch = 0
+        >>> ckpt.restore(path).assert_consumed().report.missing_keys
+        []
+        >>> ckpt.epoch
+        3
+    """
+
+    def __init__(self, **objects: Any) -> None:
+        object.__setattr__(self, "_tracked", {})
+        object.__setattr__(self, "_save_counter", 0)
+        for name, value in objects.items():
+            setattr(self, name, value)
+
+    # -- tracking ------------------------------------------------------------------------
+
+    @property
+    def save_counter(self) -> int:
+        """How many times ``save()`` was called; saved and restored with the checkpoint."""
+        return int(self._save_counter)
+
+    def __getattr__(self, name: str) -> Any:
+        tracked = object.__getattribute__(self, "_tracked")
+        try:
+            return tracked[name]
+        except KeyError:
+            raise AttributeError(
+                f"Checkpoint has no object named {name!r}; it tracks: {', '.join(tracked) or 'nothing'}."
+            ) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith("_") or hasattr(type(self), name):
+            raise ValueError(
+                f"Cannot track an object named {name!r}: names starting with '_' and the Checkpoint's own "
+                "attributes (save, write, restore, read, save_counter) are reserved."
+            )
+        if _tree.SEP in name:
+            raise ValueError(f"Cannot track an object named {name!r}: names may not contain '/'.")
+        self._tracked[name] = value
+
+    def __delattr__(self, name: str) -> None:
+        try:
+            del self._tracked[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(super().__dir__()) | set(self._tracked))
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k}={kind_of(v)}" for k, v in self._tracked.items())
+        return f"Checkpoint({inner})"
+
+    # -- saving --------------------------------------------------------------------------
+
+    def _state(self) -> dict[str, Any]:
+        return {name: _state_of(value) for name, value in self._tracked.items()}
+
+    def _objects(self) -> dict[str, str]:
+        return {name: kind_of(value) for name, value in self._tracked.items()}
+
+    def write(
+        self,
+        path: PathLike,
+        *,
+        max_shard_size: int | str = _format.DEFAULT_MAX_SHARD_SIZE,
+        progress: bool | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> str:
+        """Write the checkpoint to the directory ``path``, atomically; ``save_counter`` is untouched.
+
+        Args:
+            path: the checkpoint directory; an existing checkpoint there is replaced atomically.
+            max_shard_size: bytes per shard as an int, or a string such as ``"2GB"`` (decimal
+                units, as Hugging Face) or ``"2GiB"``. Only a single larger tensor exceeds it.
+            progress: show a progress bar (None: on a terminal, for saves over 256 MiB).
+            metadata: JSON values stored with the checkpoint (the manager stores metrics here).
+
+        Returns:
+            ``path`` as a str.
+
+        Raises:
+            UnsupportedStateError: a value cannot be stored without pickle; nothing is written.
+        """
+        path = os.fspath(path)
+        return _write(self, path, max_shard_size, progress, metadata, None)
+
+    def save(self, file_prefix: PathLike, **options: Any) -> str:
+        """Increment ``save_counter``, write ``f"{file_prefix}-{save_counter}"`` and record it as latest.
+
+        Nothing is ever deleted. Options are those of :meth:`write`.
+        """
+        prefix = os.fspath(file_prefix)
+        object.__setattr__(self, "_save_counter", self._save_counter + 1)
+        try:
+            path = self.write(f"{prefix}-{self._save_counter}", **options)
+        except BaseException:
+            object.__setattr__(self, "_save_counter", self._save_counter - 1)
+            raise
+        directory = os.path.dirname(os.path.abspath(path))
+        name = os.path.basename(path)
+        _directory.write_state(
+            directory, _directory.State(latest=name, checkpoints=[_directory.Entry(name)])
+        )
+        return path
+
+    # -- restoring -----------------------------------------------------------------------
+
+    def restore(self, save_path: PathLike | None, *, verify: bool = True, progress: bool | None = None) -> RestoreStatus:
+        """Restore from a checkpoint directory, or from the latest checkpoint of a manager's directory.
+
+        Matching values are applied (tensors read straight into the existing ones); mismatches
+        are skipped and reported in the returned status. ``save_counter`` is restored too.
+
+        Args:
+            save_path: a checkpoint directory, a directory of checkpoints (its latest is used),
+                or None (nothing is restored; every assertion of the status raises).
+            verify: check each tensor's bytes against its recorded checksum as it is read.
+            progress: show a progress bar (None: on a terminal, for restores over 256 MiB).
+
+        Raises:
+            CheckpointNotFoundError: no committed checkpoint at ``save_path``.
+            CorruptCheckpointError: the checkpoint is malformed; detected before any object
+                changes (except a checksum mismatch in tensor bytes, found as they are read).
+        """
+        return self._restore(save_path, verify, progress, expect_counter=True)
+
+    def read(self, save_path: PathLike, *, verify: bool = True, progress: bool | None = None) -> RestoreStatus:
+        """As :meth:`restore`, but ``save_counter`` is neither expected nor restored (pairs with ``write``)."""
+        return self._restore(save_path, verify, progress, expect_counter=False)
+
+    def _restore(self, save_path: PathLike | None, verify: bool, progress: bool | None, expect_counter: bool) -> RestoreStatus:
+        if save_path is None:
+            return RestoreStatus(MismatchReport(), None)
+        directory = resolve_checkpoint(save_path)
+        index = _storage.load_index(directory)
+        infos = _storage.read_shard_headers(index)
+        checksums = dict(zip(index.names, index.checksums))
+        for alias, target in index.aliases.items():
+            checksums[alias] = checksums[target]
+        saved = _storage.state_tree(index, lambda name: SavedTensor(infos[name], checksums[name]))
+        if not isinstance(saved, dict):
+            raise CorruptCheckpointError(f"{directory}: the state tree's root is not a dict.", directory)
+        plan = Plan()
+        self._plan(saved, "", plan)
+        if expect_counter:
+            plan_value(SAVE_COUNTER, saved.get(SAVE_COUNTER, MISSING),
+                       lambda v: object.__setattr__(self, "_save_counter", int(v)), plan)
+        _execute(plan, directory, verify, progress)
+        return RestoreStatus(plan.report, directory)
+
+    def _plan(self, saved: dict[str, Any], prefix: str, plan: Plan) -> None:
+        for name, value in self._tracked.items():
+            key = _tree.join(prefix, _tree.escape_part(name))
+            _plan_value(key, value, saved.get(name, MISSING), plan, _attr_setter(self, name))
+        for name, value in saved.items():
+            if name not in self._tracked and not (name == SAVE_COUNTER and not prefix):
+                plan.report.unexpected_keys.extend(_tree.leaves(value, _tree.join(prefix, _tree.escape_part(name))))
+
+
+def _attr_setter(ckpt: Checkpoint, name: str) -> Callable[[Any], None]:
+    return lambda v: ckpt._tracked.__setitem__(name, v)
+
+
+def _item_setter(container: Any, key: Any) -> Callable[[Any], None]:
+    return lambda v: container.__setitem__(key, v)
+
+
+def _plan_value(key: str, value: Any, saved: Any, plan: Plan, assign: Callable[[Any], None]) -> None:
+    if isinstance(value, Checkpoint):
+        if saved is MISSING or not isinstance(saved, dict):
+            plan_stateful_missing(key, value, saved, plan)
+            return
+        value._plan(saved, key, plan)
+    elif isinstance(value, torch.nn.Module):
+        plan_module(key, value, saved, plan)
+    elif isinstance(value, torch.Tensor):
+        plan_tensor(key, value.detach(), saved, plan)
+    elif is_stateful(value):
+        plan_stateful(key, value, saved, plan)
+    elif _is_trackable(value) and isinstance(value, (dict, list)):
+        _plan_container(key, value, saved, plan)
+    else:
+        plan_value(key, saved, assign, plan)
+
+
+def plan_stateful_missing(key: str, value: Checkpoint, saved: Any, plan: Plan) -> None:
+    plan.report.missing_keys.extend(_tree.leaves(_tree_state_names(value), key))
+    if saved is not MISSING:
+        plan.report.unexpected_keys.extend(_tree.leaves(saved, key))
+
+
+def _tree_state_names(ckpt: Checkpoint) -> dict[str, Any]:
+    return {name: _state_of(v) for name, v in ckpt._tracked.items()}
+
+
+def _plan_container(key: str, value: dict[Any, Any] | list[Any], saved: Any, plan: Plan) -> None:
+    items = list(value.items()) if isinstance(value, dict) else list(enumerate(value))
+    saved_items: dict[str, Any] = {}
+    if isinstance(saved, dict):
+        saved_items = {_tree.key_part(k): v for k, v in saved.items()}
+    elif isinstance(saved, (list, tuple)):
+        saved_items = {str(i): v for i, v in enumerate(saved)}
+    elif saved is not MISSING:
+        plan.report.unexpected_keys.extend(_tree.leaves(saved, key))
+    used = set()
+    for k, v in items:
+        part = _tree.key_part(k)
+        used.add(part)
+        _plan_value(_tree.join(key, part), v, saved_items.get(part, MISSING), plan, _item_setter(value, k))
+    for part, v in saved_items.items():
+        if part not in used:
+            plan.report.unexpected_keys.extend(_tree.leaves(v, _tree.join(key, part)))
+
+
+def _state_of(value: Any) -> Any:
+    if isinstance(value, Checkpoint):
+        return value._state()
+    if isinstance(value, torch.nn.Module):
+        return dict(value.state_dict())
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if is_stateful(value):
+        return value.state_dict()
+    if isinstance(value, dict) and _is_trackable(value):
+        return {k: _state_of(v) for k, v in value.items()}
+    if isinstance(value, list) and _is_trackable(value):
+        return [_state_of(v) for v in value]
+    return value
+
+
+def _write(
+    ckpt: Checkpoint,
+    path: str,
+    max_shard_size: int | str,
+    progress: bool | None,
+    metadata: dict[str, Any] | None,
+    before_commit: Callable[[str], None] | None,
+) -> str:
+    state = ckpt._state()
+    state[SAVE_COUNTER] = ckpt.save_counter
+    tensors: dict[str, torch.Tensor] = {}
+    tree = _tree.encode(state, "", tensors)
+    section: dict[str, Any] = {"objects": ckpt._objects(), "state": tree}
+    if metadata:
+        section["metadata"] = _tree.encode(metadata, "metadata", {})
+    return _storage.write_checkpoint(path, tensors, section, max_shard_size, progress, before_commit)
+
+
+def resolve_checkpoint(path: PathLike) -> str:
+    """A checkpoint directory for ``path``: itself, or the latest checkpoint of a directory of them.
+
+    Raises:
+        CheckpointNotFoundError: nothing committed is there.
+    """
+    p = os.fspath(path)
+    if not os.path.exists(p):
+        hint = ""
+        parent = os.path.dirname(os.path.abspath(p))
+        if os.path.isdir(parent):
+            import difflib
+
+            close = difflib.get_close_matches(os.path.basename(p), os.listdir(parent), n=1)
+            if close:
+                hint = f" Did you mean {os.path.join(os.path.dirname(p), close[0])!r}?"
+        raise CheckpointNotFoundError(f"No checkpoint at {p}: the path does not exist.{hint}", p)
+    if os.path.isfile(p):
+        if os.path.basename(p) == _format.INDEX_FILE:
+            return os.path.dirname(p) or "."
+        raise CheckpointNotFoundError(
+            f"{p} is a file; pass a checkpoint directory (the one holding {_format.INDEX_FILE}).", p
+        )
+    if os.path.isfile(os.path.join(p, _format.INDEX_FILE)):
+        return p
+    latest = _directory.latest_checkpoint(p)
+    if latest is None:
+        raise CheckpointNotFoundError(
+            f"No committed checkpoint in {p}: it has no {_format.INDEX_FILE} and no checkpoint directories. "
+            "A save that was interrupted leaves nothing behind; check the path.",
+            p,
+        )
+    return latest
+
+
+def _execute(plan: Plan, directory: str, verify: bool, progress: bool | None) -> None:
+    by_file: dict[str, list[tuple[torch.Tensor, SavedTensor]]] = {}
+    for dest, saved in plan.reads:
+        by_file.setdefault(saved.info.file, []).append((dest, saved))
+    total = sum(saved.info.nbytes for _, saved in plan.reads)
+    with progress_bar(total, f"restore {os.path.basename(directory)}", progress) as bar, torch.no_grad():
+        for file, reads in by_file.items():
+            path = os.path.join(directory, file)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                done: set[tuple[int, int, int]] = set()
+                for dest, saved in sorted(reads, key=lambda r: r[1].info.start):
+                    key = (dest.data_ptr(), dest.numel(), saved.info.start)
+                    if key in done and dest.numel():
+                        continue
+                    done.add(key)
+                    try:
+                        digest = _tensorio.read_into(fd, saved.info.start, dest, verify)
+                    except EOFError as e:
+                        raise CorruptCheckpointError(f"Shard {path} is truncated: {e}.", path) from e
+                    if verify and f"{digest:016x}" != saved.checksum:
+                        raise CorruptCheckpointError(
+                            f"Tensor {saved.info.name!r} in {path} fails its checksum (recorded {saved.checksum}, "
+                            f"read {digest:016x}): the shard is corrupt. Objects may be partly restored; restore "
+                            "another checkpoint, and run `torchckpt verify` on this one.",
+                            path,
+                        )
+                    bar.update(saved.info.nbytes)
+            finally:
+                os.close(fd)
+    for load in plan.loads:
+        try:
+            load()
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+            raise CheckpointError(f"Restoring from {directory} failed while loading state: {e}") from e

@@ -1,0 +1,98 @@
+"""The exception hierarchy of torchckpt.
+
+Every error a user can meet derives from :class:`CheckpointError` and also from the built-in
+exception a caller would naturally catch (``FileNotFoundError``, ``ValueError``, ``TypeError``,
+``AssertionError``), so ``except FileNotFoundError`` keeps working for code written against
+``torch.load``. Each error carries the data it talks about as attributes (``.path``, ``.key``,
+``.report``) so programs need not parse messages.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torchckpt.restore import MismatchReport
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "CorruptCheckpointError",
+    "UnsupportedStateError",
+    "RestoreMismatchError",
+]
+
+
+class CheckpointError(Exception):
+    """Base class of every torchckpt error.
+
+    Example:
+        >>> try:
+        ...     raise CheckpointError("boom")
+        ... except CheckpointError as e:
+        ...     str(e)
+        'boom'
+    """
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No committed checkpoint exists where one was asked for.
+
+    Attributes:
+        path: the path that was looked at.
+    """
+
+    def __init__(self, message: str, path: str | os.PathLike[str] | None = None) -> None:
+        super().__init__(message)
+        self.path = os.fspath(path) if path is not None else None
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class CorruptCheckpointError(CheckpointError, ValueError):
+    """A checkpoint's files are malformed, truncated, tampered with or inconsistent.
+
+    Attributes:
+        path: the file or directory at fault.
+    """
+
+    def __init__(self, message: str, path: str | os.PathLike[str] | None = None) -> None:
+        super().__init__(message)
+        self.path = os.fspath(path) if path is not None else None
+
+
+class UnsupportedStateError(CheckpointError, TypeError):
+    """A value cannot be stored as a safetensors tensor or typed JSON (nothing is pickled).
+
+    Attributes:
+        key: the full ``/``-joined key path of the value, e.g. ``"cfg/inner/fn"``.
+        value_type: the type of the offending value.
+    """
+
+    def __init__(self, message: str, key: str, value_type: type | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+        self.value_type = value_type
+
+
+class RestoreMismatchError(CheckpointError, AssertionError):
+    """A restore assertion failed; ``.report`` holds the full :class:`MismatchReport`.
+
+    Attributes:
+        report: what was missing, unexpected or mismatched.
+    """
+
+    def __init__(self, message: str, report: MismatchReport | Any) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+def format_keys(keys: Any, limit: int = 10) -> str:
+    """Sorted, capped, comma-separated keys: ``a, b, c ... and 37 more``."""
+    items = sorted(str(k) for k in keys)
+    shown = ", ".join(items[:limit])
+    if len(items) > limit:
+        shown += f" ... and {len(items) - limit} more"
+    return shown

@@ -1,0 +1,388 @@
+"""Partial restore with mismatch reporting: matching rules, ``MismatchReport``, ``RestoreStatus``.
+
+A restore is planned before anything is touched: every value in the checkpoint is matched to a
+destination by name, shape and dtype, and every mismatch is recorded. Only then are the matching
+values applied. Nothing that mismatches is ever applied, and nothing is silently ignored: either an
+assertion looks at the report, ``expect_partial()`` acknowledges it, or a warning names the keys
+when the status is discarded (as TensorFlow warns when its restore coordinator is collected).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from torchckpt import _tree
+from torchckpt._format import TensorInfo
+from torchckpt.errors import RestoreMismatchError, format_keys
+
+__all__ = ["MismatchReport", "RestoreStatus", "PartialRestoreWarning"]
+
+
+class PartialRestoreWarning(UserWarning):
+    """Some checkpoint values were not used, or some objects were not fully matched."""
+
+
+@dataclass(frozen=True)
+class SavedTensor:
+    """A tensor in the checkpoint: where it is and its recorded checksum."""
+
+    info: TensorInfo
+    checksum: str
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self.info.shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.info.dtype
+
+
+@dataclass
+class MismatchReport:
+    """What a restore could not apply.
+
+    Attributes:
+        missing_keys: in the objects, not in the checkpoint.
+        unexpected_keys: in the checkpoint, not used by any object.
+        shape_mismatches: ``{key: (shape in checkpoint, shape in object)}``.
+        dtype_mismatches: ``{key: (dtype in checkpoint, dtype in object)}``.
+        skipped_objects: ``{name: reason}`` for objects left untouched as a whole (for example an
+            optimizer whose parameter groups differ from the checkpoint's).
+        remapped_keys: ``{key in checkpoint: key in object}`` matched through a DDP ``module.`` or
+            ``torch.compile`` ``_orig_mod.`` prefix. Not a mismatch.
+        restored_keys: every key that was applied.
+
+    Example:
+        >>> report = MismatchReport(missing_keys=["model/head.bias"])
+        >>> bool(report), report.missing_keys
+        (True, ['model/head.bias'])
+    """
+
+    missing_keys: list[str] = field(default_factory=list)
+    unexpected_keys: list[str] = field(default_factory=list)
+    shape_mismatches: dict[str, tuple[torch.Size, torch.Size]] = field(default_factory=dict)
+    dtype_mismatches: dict[str, tuple[torch.dtype, torch.dtype]] = field(default_factory=dict)
+    skipped_objects: dict[str, str] = field(default_factory=dict)
+    remapped_keys: dict[str, str] = field(default_factory=dict)
+    restored_keys: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.missing_keys or self.unexpected_keys or self.shape_mismatches or self.dtype_mismatches
+            or self.skipped_objects
+        )
+
+    def unused_keys(self) -> list[str]:
+        """Checkpoint values that were not applied: unexpected plus mismatched."""
+        return sorted(set(self.unexpected_keys) | set(self.shape_mismatches) | set(self.dtype_mismatches))
+
+    def lines(self, include: Iterable[str] = ("missing", "unexpected", "shape", "dtype", "skipped")) -> list[str]:
+        wanted = set(include)
+        out = []
+        if "missing" in wanted and self.missing_keys:
+            out.append(f"missing from the checkpoint ({len(self.missing_keys)}): {format_keys(self.missing_keys)}")
+        if "unexpected" in wanted and self.unexpected_keys:
+            out.append(
+                f"unexpected in the checkpoint ({len(self.unexpected_keys)}): {format_keys(self.unexpected_keys)}"
+            )
+        if "shape" in wanted and self.shape_mismatches:
+            items = [f"{k} (checkpoint {list(a)} vs object {list(b)})" for k, (a, b) in self.shape_mismatches.items()]
+            out.append(f"shape mismatches ({len(items)}): {format_keys(items)}")
+        if "dtype" in wanted and self.dtype_mismatches:
+            items = [f"{k} (checkpoint {a} vs object {b})" for k, (a, b) in self.dtype_mismatches.items()]
+            out.append(f"dtype mismatches ({len(items)}): {format_keys(items)}")
+        if "skipped" in wanted and self.skipped_objects:
+            items = [f"{k}: {v}" for k, v in sorted(self.skipped_objects.items())]
+            out.append(f"objects left untouched ({len(items)}): " + "; ".join(items))
+        return out
+
+    def __str__(self) -> str:
+        lines = self.lines()
+        if self.remapped_keys:
+            lines.append(
+                f"matched through a DDP 'module.' or torch.compile '_orig_mod.' prefix ({len(self.remapped_keys)}): "
+                + format_keys(f"{a} -> {b}" for a, b in self.remapped_keys.items())
+            )
+        head = f"restored {len(self.restored_keys)} values"
+        return head + ("; " + "; ".join(lines) if lines else "; everything matched")
+
+
+class RestoreStatus:
+    """The result of ``Checkpoint.restore`` / ``read``: assertions over its :class:`MismatchReport`.
+
+    Example:
+        >>> import torch, torchckpt
+        >>> status = torchckpt.Checkpoint(w=torch.zeros(2)).restore(None)
+        >>> status.report.restored_keys
+        []
+    """
+
+    def __init__(self, report: MismatchReport, path: str | None) -> None:
+        self.report = report
+        self.path = path
+        self._acknowledged = False
+
+    def _fail(self, what: str, include: Iterable[str]) -> None:
+        self._acknowledged = True
+        if self.path is None:
+            raise RestoreMismatchError(
+                "No checkpoint specified (save_path=None); nothing is being restored.", self.report
+            )
+        details = self.report.lines(include)
+        raise RestoreMismatchError(f"{what} when restoring {self.path}: " + "; ".join(details), self.report)
+
+    def assert_consumed(self) -> RestoreStatus:
+        """Every value in the checkpoint was used and every tracked object fully matched."""
+        self._acknowledged = True
+        if self.path is None or self.report:
+            self._fail("Not all values matched", ("missing", "unexpected", "shape", "dtype", "skipped"))
+        return self
+
+    def assert_existing_objects_matched(self) -> RestoreStatus:
+        """Every tracked object was fully matched; extra checkpoint values are fine."""
+        self._acknowledged = True
+        r = self.report
+        if self.path is None or r.missing_keys or r.shape_mismatches or r.dtype_mismatches or r.skipped_objects:
+            self._fail("Some tracked objects were not fully matched", ("missing", "shape", "dtype", "skipped"))
+        return self
+
+    def assert_nontrivial_match(self) -> RestoreStatus:
+        """Something was restored."""
+        self._acknowledged = True
+        if self.path is None or not self.report.restored_keys:
+            if self.path is not None:
+                raise RestoreMismatchError(
+                    f"Nothing in {self.path} matched the objects being restored; the checkpoint probably does "
+                    "not belong to this program. " + "; ".join(self.report.lines()),
+                    self.report,
+                )
+            self._fail("", ())
+        return self
+
+    def expect_partial(self) -> RestoreStatus:
+        """Silence the warning about unused or unmatched values."""
+        self._acknowledged = True
+        return self
+
+    def __del__(self) -> None:
+        try:
+            if not self._acknowledged and self.path is not None and self.report:
+                warnings.warn(
+                    f"Checkpoint {self.path} was restored with mismatches: {'; '.join(self.report.lines())}. "
+                    "Call status.expect_partial() to silence this warning, or an assert_* method to make it an error.",
+                    PartialRestoreWarning,
+                    stacklevel=2,
+                )
+        except Exception:  # noqa: BLE001 - interpreter shutdown; never raise from __del__
+            pass
+
+
+# -- planning ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """What a restore will do, computed before anything is mutated."""
+
+    report: MismatchReport = field(default_factory=MismatchReport)
+    reads: list[tuple[torch.Tensor, SavedTensor]] = field(default_factory=list)
+    loads: list[Callable[[], None]] = field(default_factory=list)
+
+
+def _compatible(key: str, saved: SavedTensor, dest: torch.Tensor, report: MismatchReport) -> bool:
+    if saved.shape != dest.shape:
+        report.shape_mismatches[key] = (saved.shape, dest.shape)
+        return False
+    if saved.dtype != dest.dtype:
+        report.dtype_mismatches[key] = (saved.dtype, dest.dtype)
+        return False
+    return True
+
+
+def plan_tensor(key: str, dest: torch.Tensor, saved: Any, plan: Plan) -> None:
+    """A tracked tensor is restored in place."""
+    if saved is _MISSING:
+        plan.report.missing_keys.append(key)
+    elif not isinstance(saved, SavedTensor):
+        plan.report.missing_keys.append(key)
+        plan.report.unexpected_keys.extend(_saved_leaf_keys(saved, key))
+    elif _compatible(key, saved, dest, plan.report):
+        plan.reads.append((dest, saved))
+        plan.report.restored_keys.append(key)
+
+
+def _canonical(key: str) -> str:
+    parts = [p for p in key.split(".") if p != "_orig_mod"]
+    while len(parts) > 1 and parts[0] == "module":
+        parts.pop(0)
+    return ".".join(parts)
+
+
+def _match_keys(saved_keys: Iterable[str], object_keys: Iterable[str]) -> dict[str, str]:
+    """Pair checkpoint keys with object keys: exactly, or through DDP / compile prefixes."""
+    object_keys = list(object_keys)
+    pairs = {k: k for k in saved_keys if k in set(object_keys)}
+    left_saved = [k for k in saved_keys if k not in pairs]
+    taken = set(pairs.values())
+    left_object = [k for k in object_keys if k not in taken]
+    by_canon: dict[str, list[str]] = {}
+    for k in left_object:
+        by_canon.setdefault(_canonical(k), []).append(k)
+    saved_canon: dict[str, list[str]] = {}
+    for k in left_saved:
+        saved_canon.setdefault(_canonical(k), []).append(k)
+    for canon, keys in saved_canon.items():
+        candidates = by_canon.get(canon, [])
+        if len(keys) == 1 and len(candidates) == 1:
+            pairs[keys[0]] = candidates[0]
+    return pairs
+
+
+def plan_module(name: str, module: torch.nn.Module, saved: Any, plan: Plan) -> None:
+    """Write matching tensors straight into the module's parameters and buffers.
+
+    Entries of the state dict that do not alias a parameter or buffer (state-dict hooks,
+    ``_extra_state``) go through ``load_state_dict(strict=False)`` instead.
+    """
+    current = module.state_dict()
+    if saved is _MISSING:
+        plan.report.missing_keys.extend(_tree.join(name, _tree.escape_part(k)) for k in current)
+        return
+    if not isinstance(saved, dict):
+        plan.report.missing_keys.extend(_tree.join(name, _tree.escape_part(k)) for k in current)
+        plan.report.unexpected_keys.extend(_saved_leaf_keys(saved, name))
+        return
+    storages = {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()] if t.numel()}
+    pairs = _match_keys(list(saved), list(current))
+    via_load: dict[str, Any] = {}
+    for saved_key, value in saved.items():
+        full = _tree.join(name, _tree.escape_part(saved_key))
+        object_key = pairs.get(saved_key)
+        if object_key is None:
+            plan.report.unexpected_keys.extend(_saved_leaf_keys(value, full))
+            continue
+        if object_key != saved_key:
+            plan.report.remapped_keys[full] = _tree.join(name, _tree.escape_part(object_key))
+        dest = current[object_key]
+        if isinstance(value, SavedTensor) and isinstance(dest, torch.Tensor):
+            if not _compatible(full, value, dest, plan.report):
+                continue
+            if dest.numel() and dest.untyped_storage().data_ptr() in storages:
+                plan.reads.append((dest, value))
+            else:
+                fresh = torch.empty(value.shape, dtype=value.dtype, device=dest.device)
+                plan.reads.append((fresh, value))
+                via_load[object_key] = fresh
+        elif isinstance(value, SavedTensor) or isinstance(dest, torch.Tensor):
+            plan.report.unexpected_keys.append(full)
+            plan.report.missing_keys.append(_tree.join(name, _tree.escape_part(object_key)))
+            continue
+        else:
+            via_load[object_key] = value
+        plan.report.restored_keys.append(full)
+    matched = set(pairs.values())
+    plan.report.missing_keys.extend(_tree.join(name, _tree.escape_part(k)) for k in current if k not in matched)
+    if via_load:
+        plan.loads.append(lambda: module.load_state_dict(via_load, strict=False))
+
+
+def plan_stateful(name: str, obj: Any, saved: Any, plan: Plan) -> None:
+    """Rebuild the object's state dict from the checkpoint and hand it to ``load_state_dict``.
+
+    Tensors that already exist in the object with the same shape and dtype are read into in
+    place; others are allocated once. An object with any shape or dtype mismatch, or whose
+    structure cannot take the checkpoint's state (an optimizer with different parameter groups),
+    is left untouched as a whole and reported.
+    """
+    current = obj.state_dict()
+    current_leaves = _tree.leaves(current, name)
+    if saved is _MISSING:
+        plan.report.missing_keys.extend(current_leaves)
+        return
+    saved_leaves = _tree.leaves(saved, name)
+    reason = _structure_problem(obj, current, saved)
+    report = MismatchReport()
+    reads: list[tuple[torch.Tensor, SavedTensor]] = []
+
+    def destination(key: str, value: SavedTensor) -> torch.Tensor:
+        dest = current_leaves.get(key)
+        if isinstance(dest, torch.Tensor):  # compatibility was checked above
+            reads.append((dest, value))
+            return dest
+        fresh = torch.empty(value.shape, dtype=value.dtype)
+        reads.append((fresh, value))
+        return fresh
+
+    for key, value in saved_leaves.items():
+        dest = current_leaves.get(key)
+        if isinstance(value, SavedTensor) and isinstance(dest, torch.Tensor):
+            _compatible(key, value, dest, report)
+    if report.shape_mismatches or report.dtype_mismatches or reason:
+        plan.report.shape_mismatches.update(report.shape_mismatches)
+        plan.report.dtype_mismatches.update(report.dtype_mismatches)
+        plan.report.skipped_objects[name] = reason or "some of its tensors differ in shape or dtype"
+        return
+    new_state = _rebuild(saved, name, destination)
+    plan.reads.extend(reads)
+    for key in current_leaves:
+        if key not in saved_leaves and not any(k.startswith(key + _tree.SEP) for k in saved_leaves):
+            plan.report.missing_keys.append(key)
+    plan.report.restored_keys.extend(saved_leaves)
+    plan.loads.append(lambda: obj.load_state_dict(new_state))
+
+
+def _structure_problem(obj: Any, current: Any, saved: Any) -> str | None:
+    if isinstance(obj, torch.optim.Optimizer):
+        mine = [len(g["params"]) for g in current.get("param_groups", [])]
+        groups = saved.get("param_groups") if isinstance(saved, dict) else None
+        theirs = [len(g.get("params", [])) for g in groups] if isinstance(groups, list) else None
+        if mine != theirs:
+            return f"the checkpoint's parameter groups have sizes {theirs}, this optimizer's have {mine}"
+    return None
+
+
+def _rebuild(saved: Any, path: str, destination: Callable[[str, SavedTensor], torch.Tensor]) -> Any:
+    if isinstance(saved, SavedTensor):
+        return destination(path, saved)
+    if isinstance(saved, dict):
+        return {k: _rebuild(v, _tree.join(path, _tree.key_part(k)), destination) for k, v in saved.items()}
+    if isinstance(saved, list):
+        return [_rebuild(v, _tree.join(path, str(i)), destination) for i, v in enumerate(saved)]
+    if isinstance(saved, tuple) and not isinstance(saved, torch.Size):
+        return tuple(_rebuild(v, _tree.join(path, str(i)), destination) for i, v in enumerate(saved))
+    return saved
+
+
+def plan_value(key: str, saved: Any, assign: Callable[[Any], None], plan: Plan) -> None:
+    """A plain value is restored by re-assigning it (tensors inside are read into new tensors)."""
+    if saved is _MISSING:
+        plan.report.missing_keys.append(key)
+        return
+
+    def fresh(_: str, value: SavedTensor) -> torch.Tensor:
+        t = torch.empty(value.shape, dtype=value.dtype)
+        plan.reads.append((t, value))
+        return t
+
+    value = _rebuild(saved, key, fresh)
+    plan.loads.append(lambda: assign(value))
+    plan.report.restored_keys.append(key)
+
+
+def _saved_leaf_keys(saved: Any, prefix: str) -> list[str]:
+    return list(_tree.leaves(saved, prefix))
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+_MISSING: Any = _Missing()
+MISSING = _MISSING
