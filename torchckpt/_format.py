@@ -65,12 +65,12 @@ def dtype_to_str(dtype: torch.dtype) -> str:
     return _ST_DTYPES[dtype]
 
 
-def str_to_dtype(name: str, where: str = "") -> torch.dtype:
+def str_to_dtype(name: str, where: str = "", path: str | None = None) -> torch.dtype:
     """The torch dtype of a safetensors name; unknown names are a corrupt checkpoint."""
     try:
         return _TORCH_DTYPES[name]
     except (KeyError, TypeError):
-        raise CorruptCheckpointError(f"Unknown dtype {name!r}{where}.") from None
+        raise CorruptCheckpointError(f"Unknown dtype {name!r}{where}.", path) from None
 
 
 def itemsize(dtype: torch.dtype) -> int:
@@ -216,7 +216,7 @@ def _tensor_info(path: str, file_name: str, name: str, entry: Any, data_start: i
     where = f" for tensor {name!r} in {path}"
     if not isinstance(entry, dict):
         raise CorruptCheckpointError(f"Malformed header entry{where}.", path)
-    dtype = str_to_dtype(entry.get("dtype"), where)
+    dtype = str_to_dtype(entry.get("dtype"), where, path)
     shape, offsets = entry.get("shape"), entry.get("data_offsets")
     if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
         raise CorruptCheckpointError(f"Malformed shape {shape!r}{where}.", path)

@@ -17,6 +17,7 @@ to parse for checkpoints with tens of thousands of tensors.
 from __future__ import annotations
 
 import math
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -114,8 +115,10 @@ def encode(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
         return {"@dtype": str(value).removeprefix("torch.")}
     if kind is torch.device:
         return {"@device": str(value)}
-    if isinstance(value, Mapping) and kind in (dict, _ordered_dict_type()):
+    if kind is dict:
         return _encode_dict(value, path, tensors)
+    if kind in _DICT_TAGS:
+        return _encode_pairs(_DICT_TAGS[kind], value, path, tensors)
     raise UnsupportedStateError(
         f"Cannot save {display(path)!r}: a {kind.__module__}.{kind.__qualname__} has no "
         "representation without pickle. torchckpt stores tensors, objects with "
@@ -127,27 +130,27 @@ def encode(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
     )
 
 
-def _ordered_dict_type() -> type:
-    from collections import OrderedDict
-
-    return OrderedDict
+_DICT_TAGS: dict[type, str] = {dict: "@dict", OrderedDict: "@ordered_dict", Counter: "@counter"}
+_DICT_TYPES: dict[str, type] = {tag: kind for kind, tag in _DICT_TAGS.items()}
 
 
-def _encode_dict(value: Mapping[Any, Any], path: str, tensors: dict[str, torch.Tensor]) -> Any:
-    plain = all(type(k) is str and not k.startswith(TAG) for k in value)
-    if plain:
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            encoded = encode(v, join(path, escape_part(k)), tensors)
-            if not (isinstance(v, torch.Tensor)):
-                out[k] = encoded
-        return out
+def _encode_dict(value: dict[Any, Any], path: str, tensors: dict[str, torch.Tensor]) -> Any:
+    if not all(type(k) is str and not k.startswith(TAG) for k in value):
+        return _encode_pairs("@dict", value, path, tensors)
+    out: dict[str, Any] = {}
+    for k, v in value.items():
+        encoded = encode(v, join(path, escape_part(k)), tensors)
+        if not isinstance(v, torch.Tensor):
+            out[k] = encoded
+    return out
+
+
+def _encode_pairs(tag: str, value: Mapping[Any, Any], path: str, tensors: dict[str, torch.Tensor]) -> Any:
     pairs = []
     for k, v in value.items():
         child = join(path, key_part(k))
-        encoded_key = _encode_key(k, child)
-        pairs.append([encoded_key, encode(v, child, tensors)])
-    return {"@dict": pairs}
+        pairs.append([_encode_key(k, child), encode(v, child, tensors)])
+    return {tag: pairs}
 
 
 def _encode_key(key: Any, path: str) -> Any:
@@ -234,9 +237,9 @@ def _decode_tagged(tag: str, payload: Any, trie: Trie | str | None, resolve: Cal
     if tag == "@tuple" and isinstance(payload, list):
         sub = trie or {}
         return tuple(decode(v, sub.get(str(i)), resolve, join(path, str(i))) for i, v in enumerate(payload))
-    if tag == "@dict" and isinstance(payload, list):
+    if tag in _DICT_TYPES and isinstance(payload, list):
         sub = trie or {}
-        out: dict[Any, Any] = {}
+        out: dict[Any, Any] = _DICT_TYPES[tag]()
         for pair in payload:
             if not (isinstance(pair, list) and len(pair) == 2):
                 raise _corrupt(path, "@dict entries must be [key, value] pairs")

@@ -1,0 +1,41 @@
+"""Shared fixtures: small models and an optimizer that has state (after one step)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def make_mlp(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, step: int) -> None:
+    g = torch.Generator().manual_seed(1000 + step)
+    x, y = torch.randn(6, 4, generator=g), torch.randn(6, 3, generator=g)
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+
+
+@pytest.fixture
+def mlp() -> torch.nn.Module:
+    return make_mlp(0)
+
+
+@pytest.fixture
+def stepped_optimizer(mlp: torch.nn.Module) -> torch.optim.Optimizer:
+    """An Adam optimizer after one step(): its state is populated, so restore tests prove something."""
+    opt = torch.optim.Adam(mlp.parameters(), lr=0.01)
+    train_step(mlp, opt, 0)
+    return opt
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

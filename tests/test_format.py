@@ -1,0 +1,260 @@
+"""The on-disk format: golden bytes, safetensors compatibility, sharding, hostile input."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import torchckpt
+from torchckpt import CorruptCheckpointError, _format, _storage
+
+GOLDEN_HEADER = (
+    b'\x88\x00\x00\x00\x00\x00\x00\x00{"__metadata__":{"format":"pt"},'
+    b'"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},'
+    b'"b":{"dtype":"I8","shape":[],"data_offsets":[8,9]}}'
+)
+
+GOLDEN_INDEX = """{
+ "metadata": {
+  "total_size": 9
+ },
+ "weight_map": {
+  "a": "model-00001-of-00001.safetensors",
+  "b": "model-00001-of-00001.safetensors"
+ },
+ "torchckpt": {
+  "format_version": 1,
+  "created": 1700000000.5,
+  "torch_version": "2.x",
+  "torchckpt_version": "0.1.0",
+  "checksum_algorithm": "xxh3-64",
+  "objects": {
+   "a": "tensor",
+   "b": "tensor",
+   "n": "value"
+  },
+  "state": {
+   "n": {
+    "@tuple": [
+     1,
+     {
+      "@float": "inf"
+     }
+    ]
+   },
+   "save_counter": 0
+  },
+  "aliases": {},
+  "shards": [
+   {
+    "file": "model-00001-of-00001.safetensors",
+    "size": 153,
+    "checksum": "%s",
+    "tensors": 2
+   }
+  ],
+  "tensors": {
+   "names": [
+    "a",
+    "b"
+   ],
+   "dtypes": [
+    "F32",
+    "I8"
+   ],
+   "shapes": [
+    "2",
+    ""
+   ],
+   "checksums": [
+    "%s",
+    "%s"
+   ]
+  }
+ }
+}"""
+
+
+def test_golden_shard_header():
+    header = _format.encode_header([("a", torch.float32, (2,), 8), ("b", torch.int8, (), 1)])
+    assert header == GOLDEN_HEADER
+    assert (len(header)) % 8 == 0  # the data section starts 8-byte aligned
+
+
+def test_golden_index(tmp_path, monkeypatch):
+    import xxhash
+
+    monkeypatch.setattr(_storage.time, "time", lambda: 1700000000.5)
+    monkeypatch.setattr(torch, "__version__", "2.x")
+    a, b = torch.tensor([1.0, 2.0]), torch.tensor(-3, dtype=torch.int8)
+    torchckpt.Checkpoint(a=a, b=b, n=(1, float("inf"))).write(tmp_path / "c")
+    da = xxhash.xxh3_64_intdigest(a.numpy().tobytes())
+    db = xxhash.xxh3_64_intdigest(b.numpy().tobytes())
+    shard = xxhash.xxh3_64(GOLDEN_HEADER)
+    shard.update(da.to_bytes(8, "big"))
+    shard.update(db.to_bytes(8, "big"))
+    expected = GOLDEN_INDEX % (f"{shard.intdigest():016x}", f"{da:016x}", f"{db:016x}")
+    assert (tmp_path / "c" / "index.json").read_text() == expected
+    assert (tmp_path / "c" / "model-00001-of-00001.safetensors").read_bytes() == GOLDEN_HEADER + a.numpy().tobytes() + b.numpy().tobytes()
+
+
+ALL_DTYPES = sorted(_format.SUPPORTED_DTYPES, key=str)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_every_dtype_roundtrips_and_loads_with_safetensors(tmp_path, dtype):
+    source = (torch.randn(3, 5) * 4).to(torch.float32)
+    value = source.to(dtype) if dtype != torch.bool else source > 0
+    if dtype.is_complex:
+        value = torch.complex(source, -source).to(dtype)
+    ckpt = torchckpt.Checkpoint(x=value, scalar=value[0, 0].clone(), empty=value[:0])
+    path = ckpt.write(tmp_path / "c")
+    loaded = load_file(os.path.join(path, "model-00001-of-00001.safetensors"))
+    assert loaded["x"].dtype == dtype and torch.equal(as_bytes(loaded["x"]), as_bytes(value))
+    target = torchckpt.Checkpoint(x=torch.zeros_like(value), scalar=torch.zeros_like(value[0, 0]), empty=value[:0].clone())
+    target.read(path).assert_consumed()
+    assert torch.equal(as_bytes(target.x), as_bytes(value))
+    assert torch.equal(as_bytes(target.scalar), as_bytes(value[0, 0]))
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8)
+
+
+def test_every_file_is_json_or_safetensors_and_agrees_with_weight_map(tmp_path, mlp, stepped_optimizer):
+    ckpt = torchckpt.Checkpoint(model=mlp, opt=stepped_optimizer, rng=torchckpt.RNGState(), step=7)
+    path = ckpt.write(tmp_path / "c", max_shard_size=300)
+    index = json.loads((tmp_path / "c" / "index.json").read_text())
+    files = sorted(os.listdir(path))
+    shards = [f for f in files if f.endswith(".safetensors")]
+    assert set(files) == {"index.json", *shards}
+    assert len(shards) > 2
+    assert set(index["weight_map"].values()) == set(shards)
+    total = 0
+    seen = set()
+    for shard in shards:
+        tensors = load_file(os.path.join(path, shard))
+        with safe_open(os.path.join(path, shard), "pt") as f:
+            assert f.metadata() == {"format": "pt"}
+        for name, t in tensors.items():
+            assert index["weight_map"][name] == shard
+            total += t.numel() * t.element_size()
+            seen.add(name)
+        assert os.path.getsize(os.path.join(path, shard)) <= 300 + 8 + len(json.dumps(index)) or len(tensors) == 1
+    assert seen == set(index["weight_map"])
+    assert index["metadata"]["total_size"] == total
+    fresh = torchckpt.Checkpoint(model=torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)),
+                                 opt=None, rng=torchckpt.RNGState(), step=0)
+    fresh.opt = torch.optim.Adam(fresh.model.parameters(), lr=0.01)
+    fresh.restore(path).assert_consumed()
+    for a, b in zip(mlp.parameters(), fresh.model.parameters()):
+        assert torch.equal(a, b)
+    assert torch.equal(fresh.opt.state_dict()["state"][0]["exp_avg"], stepped_optimizer.state_dict()["state"][0]["exp_avg"])
+
+
+def test_shard_size_bounds_every_shard_but_a_single_big_tensor(tmp_path):
+    tensors = {f"t{i}": torch.full((25,), float(i)) for i in range(8)}  # 100 bytes each
+    tensors["big"] = torch.zeros(100)  # 400 bytes, over the limit: a shard of its own
+    path = torchckpt.Checkpoint(**tensors).write(tmp_path / "c", max_shard_size="250B")
+    index = json.loads(open(os.path.join(path, "index.json")).read())
+    for record in index["torchckpt"]["shards"]:
+        data_bytes = sum(
+            t.numel() * t.element_size() for t in load_file(os.path.join(path, record["file"])).values()
+        )
+        assert data_bytes <= 250 or record["tensors"] == 1
+    assert len(index["torchckpt"]["shards"]) == 5
+
+
+@pytest.mark.parametrize(("text", "expected"), [("2GB", 2 * 10**9), ("1.5MB", 1_500_000), ("3GiB", 3 * 2**30), (12, 12), ("7", 7)])
+def test_parse_size(text, expected):
+    assert _format.parse_size(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["", "2XB", "GB", "-1", 0])
+def test_parse_size_rejects(bad):
+    with pytest.raises(ValueError, match="size"):
+        _format.parse_size(bad)
+
+
+def _write_raw(path, header: dict | bytes, data: bytes = b"", length: int | None = None) -> None:
+    body = header if isinstance(header, bytes) else json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(body) if length is None else length) + body + data)
+
+
+@pytest.mark.parametrize(
+    ("header", "data", "length", "match"),
+    [
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"", None, "truncated"),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"12345", None, "trailing"),
+        ({}, b"", 2**40, "over the"),
+        ({}, b"", 50, "truncated"),
+        (b"not json", b"", None, "not valid JSON"),
+        ({"a": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}}, b"1234", None, "Unknown dtype"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"1234", None, "need 8 bytes"),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+          "b": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"1234", None, "overlapping"),
+        ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"1234", None, "Malformed shape"),
+    ],
+    ids=["short", "trailing", "huge-header", "header-past-eof", "not-json", "dtype", "size", "overlap", "neg-shape"],
+)
+def test_hostile_headers_are_refused(tmp_path, header, data, length, match):
+    path = tmp_path / "x.safetensors"
+    _write_raw(path, header, data, length)
+    with pytest.raises(CorruptCheckpointError, match=match) as info:
+        _format.read_header(str(path), "x.safetensors")
+    assert info.value.path == str(path)
+
+
+def test_tiny_file_is_refused(tmp_path):
+    (tmp_path / "x.safetensors").write_bytes(b"abc")
+    with pytest.raises(CorruptCheckpointError, match="shorter than the 8-byte"):
+        _format.read_header(str(tmp_path / "x.safetensors"), "x.safetensors")
+
+
+@pytest.mark.parametrize("name", ["../evil.safetensors", "/etc/passwd.safetensors", "a/b.safetensors", "..", "x.bin", "c\\d.safetensors"])
+def test_index_cannot_point_outside_the_checkpoint(tmp_path, name):
+    path = torchckpt.Checkpoint(w=torch.ones(2)).write(tmp_path / "c")
+    index = json.loads(open(os.path.join(path, "index.json")).read())
+    index["torchckpt"]["shards"][0]["file"] = name
+    (tmp_path / "c" / "index.json").write_text(json.dumps(index))
+    with pytest.raises(CorruptCheckpointError, match="refusing to follow|not a .safetensors file"):
+        torchckpt.Checkpoint(w=torch.zeros(2)).restore(path)
+
+
+def test_newer_format_version_says_upgrade(tmp_path):
+    path = torchckpt.Checkpoint(w=torch.ones(2)).write(tmp_path / "c")
+    index = json.loads(open(os.path.join(path, "index.json")).read())
+    index["torchckpt"]["format_version"] = 99
+    (tmp_path / "c" / "index.json").write_text(json.dumps(index))
+    with pytest.raises(CorruptCheckpointError, match="upgrade torchckpt"):
+        torchckpt.Checkpoint(w=torch.zeros(2)).restore(path)
+
+
+def test_truncated_shard_is_caught_before_any_object_changes(tmp_path, mlp):
+    path = torchckpt.Checkpoint(model=mlp, epoch=5).write(tmp_path / "c")
+    shard = os.path.join(path, "model-00001-of-00001.safetensors")
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) - 4)
+    target = torchckpt.Checkpoint(model=torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)), epoch=0)
+    before = [p.clone() for p in target.model.parameters()]
+    with pytest.raises(CorruptCheckpointError, match="truncated") as info:
+        target.restore(path)
+    assert info.value.path == shard
+    assert target.epoch == 0 and all(torch.equal(a, b) for a, b in zip(before, target.model.parameters()))
+
+
+def test_flipped_byte_fails_the_checksum(tmp_path):
+    path = torchckpt.Checkpoint(w=torch.arange(100, dtype=torch.float32)).write(tmp_path / "c")
+    shard = os.path.join(path, "model-00001-of-00001.safetensors")
+    raw = bytearray(open(shard, "rb").read())
+    raw[-5] ^= 0x01
+    open(shard, "wb").write(bytes(raw))
+    with pytest.raises(CorruptCheckpointError, match="fails its checksum"):
+        torchckpt.Checkpoint(w=torch.zeros(100)).restore(path)
