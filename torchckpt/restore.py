@@ -284,7 +284,7 @@ def plan_module(name: str, module: torch.nn.Module, saved: Any, plan: Plan) -> N
             plan.report.missing_keys.append(_tree.join(name, _tree.escape_part(object_key)))
             continue
         else:
-            via_load[object_key] = value
+            via_load[object_key] = _rebuild(value, full, _fresh_reader(plan))
         plan.report.restored_keys.append(full)
     matched = set(pairs.values())
     plan.report.missing_keys.extend(_tree.join(name, _tree.escape_part(k)) for k in current if k not in matched)
@@ -365,14 +365,20 @@ def plan_value(key: str, saved: Any, assign: Callable[[Any], None], plan: Plan) 
         plan.report.missing_keys.append(key)
         return
 
+    value = _rebuild(saved, key, _fresh_reader(plan))
+    plan.loads.append(lambda: assign(value))
+    plan.report.restored_keys.append(key)
+
+
+def _fresh_reader(plan: Plan) -> Callable[[str, SavedTensor], torch.Tensor]:
+    """Allocates a new CPU tensor for each saved tensor and schedules the read into it."""
+
     def fresh(_: str, value: SavedTensor) -> torch.Tensor:
         t = torch.empty(value.shape, dtype=value.dtype)
         plan.reads.append((t, value))
         return t
 
-    value = _rebuild(saved, key, fresh)
-    plan.loads.append(lambda: assign(value))
-    plan.report.restored_keys.append(key)
+    return fresh
 
 
 def _saved_leaf_keys(saved: Any, prefix: str) -> list[str]:

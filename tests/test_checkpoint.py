@@ -1,0 +1,223 @@
+"""Checkpoint: tracking, write/save semantics, plain values, tensor kinds, ties, nesting, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+import torchckpt
+from torchckpt import CheckpointNotFoundError, RestoreMismatchError, UnsupportedStateError
+
+from .conftest import make_mlp
+
+
+def test_tracking_and_attribute_access(mlp):
+    ckpt = torchckpt.Checkpoint(model=mlp, epoch=1)
+    assert ckpt.model is mlp and ckpt.epoch == 1
+    ckpt.lr = 0.5
+    assert ckpt.lr == 0.5
+    with pytest.raises(AttributeError, match="tracks: model, epoch, lr"):
+        _ = ckpt.nothing
+    with pytest.raises(ValueError, match="reserved"):
+        ckpt.save = 1
+    with pytest.raises(ValueError, match="reserved"):
+        torchckpt.Checkpoint(save_counter=3)
+    del ckpt.lr
+    assert "lr" not in dir(ckpt) and "model" in dir(ckpt)
+    assert repr(ckpt) == "Checkpoint(model=module, epoch=value)"
+
+
+def test_save_numbers_and_never_deletes(tmp_path):
+    ckpt = torchckpt.Checkpoint(w=torch.ones(2))
+    paths = [ckpt.save(tmp_path / "ckpt") for _ in range(3)]
+    assert paths == [os.path.join(tmp_path, f"ckpt-{i}") for i in (1, 2, 3)]
+    assert all(isinstance(p, str) and os.path.isdir(p) for p in paths)
+    assert ckpt.save_counter == 3
+    assert torchckpt.latest_checkpoint(tmp_path) == paths[-1]
+
+
+def test_write_leaves_save_counter_alone_and_read_does_not_expect_it(tmp_path):
+    ckpt = torchckpt.Checkpoint(w=torch.arange(3.0))
+    path = ckpt.write(str(tmp_path / "exact"))
+    assert path == str(tmp_path / "exact") and ckpt.save_counter == 0
+    torchckpt.Checkpoint(w=torch.zeros(3)).read(path).assert_consumed()
+
+
+def test_restore_counts_on_save_counter(tmp_path):
+    ckpt = torchckpt.Checkpoint(w=torch.ones(1))
+    ckpt.save(tmp_path / "c")
+    ckpt.save(tmp_path / "c")
+    fresh = torchckpt.Checkpoint(w=torch.zeros(1))
+    fresh.restore(tmp_path).assert_consumed()
+    assert fresh.save_counter == 2
+    assert fresh.save(tmp_path / "c").endswith("c-3")
+
+
+def test_plain_values_come_back_with_exact_types(tmp_path):
+    values = {
+        "epoch": 3, "lr": 0.125, "flag": True, "name": "run-1", "nothing": None, "inf": float("inf"),
+        "nan": float("nan"), "big": 2**80, "shape": (1, (2, 3)), "cfg": {"layers": [64, 64], 1: "one", (2, "b"): None},
+    }
+    path = torchckpt.Checkpoint(**values).write(tmp_path / "c")
+    target = torchckpt.Checkpoint(**{k: 0 for k in values})
+    target.read(path).assert_consumed()
+    for k, v in values.items():
+        got = getattr(target, k)
+        assert type(got) is type(v), k
+        assert got == v or (k == "nan" and got != got)
+    assert type(target.shape[1]) is tuple and list(target.cfg) == ["layers", 1, (2, "b")]
+
+
+def test_unsupported_value_is_refused_before_anything_is_written(tmp_path):
+    ckpt = torchckpt.Checkpoint(model=make_mlp(), cfg={"inner": {"fn": lambda x: x}})
+    with pytest.raises(UnsupportedStateError, match="'cfg/inner/fn'") as info:
+        ckpt.save(tmp_path / "ckpt")
+    assert info.value.key == "cfg/inner/fn"
+    assert os.listdir(tmp_path) == []
+    assert ckpt.save_counter == 0
+
+
+def test_unsupported_dtype_is_refused(tmp_path):
+    with pytest.raises(UnsupportedStateError, match="complex128") as info:
+        torchckpt.Checkpoint(z=torch.zeros(2, dtype=torch.complex128)).write(tmp_path / "c")
+    assert info.value.key == "z"
+    assert os.listdir(tmp_path) == []
+
+
+def test_tensor_kinds_zero_dim_empty_noncontiguous_views(tmp_path):
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    values = {
+        "scalar": torch.tensor(3.5), "empty": torch.zeros(0, 5), "transposed": base.t(),
+        "strided": base[:, ::2], "view": base[1:3], "expanded": torch.ones(3, 1).expand(3, 4),
+        "conj": torch.tensor([1 + 2j], dtype=torch.complex64).conj(),
+    }
+    path = torchckpt.Checkpoint(**values).write(tmp_path / "c")
+    target = {k: torch.zeros_like(v.contiguous()) for k, v in values.items()}
+    ckpt = torchckpt.Checkpoint(**target)
+    ckpt.read(path).assert_consumed()
+    for k, v in values.items():
+        assert torch.equal(getattr(ckpt, k), v.resolve_conj()), k
+    strided_dest = torch.zeros(4, 6).t()  # a non-contiguous destination is filled in place too
+    torchckpt.Checkpoint(transposed=strided_dest).read(path).expect_partial()
+    assert torch.equal(strided_dest, base.t())
+
+
+def test_tied_weights_are_stored_once_and_stay_tied(tmp_path):
+    class Tied(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(10, 4)
+            self.head = torch.nn.Linear(4, 10, bias=False)
+            self.head.weight = self.embed.weight
+
+    model = Tied()
+    path = torchckpt.Checkpoint(model=model).write(tmp_path / "c")
+    index = json.loads(open(os.path.join(path, "index.json")).read())
+    assert list(index["weight_map"]) == ["model/embed.weight"]
+    assert index["torchckpt"]["aliases"] == {"model/head.weight": "model/embed.weight"}
+    assert index["metadata"]["total_size"] == 10 * 4 * 4
+    torch.manual_seed(5)
+    fresh = Tied()
+    torchckpt.Checkpoint(model=fresh).read(path).assert_consumed()
+    assert torch.equal(fresh.embed.weight, model.embed.weight)
+    assert fresh.head.weight.data_ptr() == fresh.embed.weight.data_ptr()
+
+
+def test_shared_tensors_in_plain_containers_are_retied(tmp_path):
+    t = torch.arange(4.0)
+    path = torchckpt.Checkpoint(pair={"a": [t, t]}).write(tmp_path / "c")
+    # Restoring into a plain value (not a tracked tensor) builds new tensors; aliases share one.
+    target = torchckpt.Checkpoint(pair=None)
+    target.read(path).assert_consumed()
+    a, b = target.pair["a"]
+    assert torch.equal(a, t) and torch.equal(b, t)
+
+
+def test_nested_checkpoints_dicts_and_lists(tmp_path):
+    inner = torchckpt.Checkpoint(w=torch.ones(2), n=4)
+    outer = torchckpt.Checkpoint(inner=inner, models={"a": make_mlp(1), "b": [make_mlp(2), 7]})
+    path = outer.write(tmp_path / "c")
+    names = json.loads(open(os.path.join(path, "index.json")).read())["weight_map"]
+    assert "inner/w" in names and "models/a/0.weight" in names and "models/b/0/2.bias" in names
+    fresh_inner = torchckpt.Checkpoint(w=torch.zeros(2), n=0)
+    fresh = torchckpt.Checkpoint(inner=fresh_inner, models={"a": make_mlp(3), "b": [make_mlp(4), 0]})
+    fresh.read(path).assert_consumed()
+    assert fresh_inner.n == 4 and torch.equal(fresh_inner.w, torch.ones(2))
+    assert fresh.models["b"][1] == 7
+    for x, y in zip(outer.models["b"][0].parameters(), fresh.models["b"][0].parameters()):
+        assert torch.equal(x, y)
+
+
+def test_optimizer_names_follow_the_contract(tmp_path, mlp, stepped_optimizer):
+    path = torchckpt.Checkpoint(generator=mlp, g_opt=stepped_optimizer).write(tmp_path / "c")
+    names = set(json.loads(open(os.path.join(path, "index.json")).read())["weight_map"])
+    assert {"generator/0.weight", "g_opt/state/0/exp_avg", "g_opt/state/0/step"} <= names
+
+
+def test_slash_in_a_key_is_escaped_reversibly(tmp_path):
+    class Odd:
+        def __init__(self) -> None:
+            self.state = {"a/b": torch.ones(2), "c~d": 1}
+
+        def state_dict(self):
+            return self.state
+
+        def load_state_dict(self, state):
+            self.state = state
+
+    path = torchckpt.Checkpoint(odd=Odd()).write(tmp_path / "c")
+    assert "odd/a~1b" in json.loads(open(os.path.join(path, "index.json")).read())["weight_map"]
+    target = Odd()
+    target.state = {"a/b": torch.zeros(2), "c~d": 0}
+    torchckpt.Checkpoint(odd=target).read(path).assert_consumed()
+    assert torch.equal(target.state["a/b"], torch.ones(2)) and target.state["c~d"] == 1
+
+
+def test_restore_none_returns_a_status_whose_assertions_raise():
+    status = torchckpt.Checkpoint(w=torch.zeros(1)).restore(None)
+    for assertion in (status.assert_consumed, status.assert_existing_objects_matched, status.assert_nontrivial_match):
+        with pytest.raises(RestoreMismatchError, match="No checkpoint specified"):
+            assertion()
+    assert status.expect_partial() is status
+
+
+def test_missing_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointNotFoundError, match="does not exist") as info:
+        torchckpt.Checkpoint().restore(tmp_path / "nope")
+    assert info.value.path == str(tmp_path / "nope")
+    assert isinstance(info.value, FileNotFoundError)
+    torchckpt.Checkpoint(w=torch.ones(1)).save(tmp_path / "ckpt")
+    with pytest.raises(CheckpointNotFoundError, match="Did you mean"):
+        torchckpt.Checkpoint().restore(tmp_path / "ckpt-2")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointNotFoundError, match="No committed checkpoint"):
+        torchckpt.Checkpoint().restore(tmp_path / "empty")
+
+
+def test_restore_accepts_the_index_file_and_pathlike(tmp_path):
+    path = torchckpt.Checkpoint(w=torch.ones(2)).write(tmp_path / "c")
+    w = torch.zeros(2)
+    torchckpt.Checkpoint(w=w).read(os.path.join(path, "index.json")).assert_consumed()
+    assert torch.equal(w, torch.ones(2))
+
+
+def test_rng_state_roundtrip(tmp_path):
+    import random
+
+    import numpy as np
+
+    rng = torchckpt.RNGState()
+    torch.manual_seed(1)
+    random.seed(2)
+    np.random.seed(3)
+    path = torchckpt.Checkpoint(rng=rng).write(tmp_path / "c")
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    torch.manual_seed(9)
+    random.seed(9)
+    np.random.seed(9)
+    torchckpt.Checkpoint(rng=torchckpt.RNGState()).read(path).assert_consumed()
+    assert torch.equal(torch.rand(3), expected[0])
+    assert random.random() == expected[1] and np.random.rand() == expected[2]

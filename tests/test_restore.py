@@ -1,0 +1,172 @@
+"""Partial restore: what matches is applied, everything else is reported, nothing silently."""
+
+from __future__ import annotations
+
+import gc
+import warnings
+
+import pytest
+import torch
+
+import torchckpt
+from torchckpt import PartialRestoreWarning, RestoreMismatchError
+
+from .conftest import make_mlp, train_step
+
+
+class Wider(torch.nn.Module):
+    """Shares '0.*' with make_mlp, differs in '2.*' (shape) and adds 'extra'."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_module("0", torch.nn.Linear(4, 8))
+        self.add_module("2", torch.nn.Linear(8, 5))
+        self.extra = torch.nn.Linear(2, 2)
+
+
+@pytest.fixture
+def saved(tmp_path, mlp, stepped_optimizer):
+    return torchckpt.Checkpoint(model=mlp, opt=stepped_optimizer, epoch=4).write(tmp_path / "c")
+
+
+def test_different_architecture_applies_what_matches_and_reports_the_rest(saved, mlp):
+    target = Wider()
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    status = torchckpt.Checkpoint(model=target).read(saved)
+    report = status.report
+    assert torch.equal(target.state_dict()["0.weight"], mlp.state_dict()["0.weight"])
+    assert torch.equal(target.state_dict()["2.weight"], before["2.weight"])  # mismatched: untouched
+    assert torch.equal(target.state_dict()["extra.weight"], before["extra.weight"])
+    assert report.shape_mismatches == {
+        "model/2.weight": (torch.Size([3, 8]), torch.Size([5, 8])),
+        "model/2.bias": (torch.Size([3]), torch.Size([5])),
+    }
+    assert sorted(report.missing_keys) == ["model/extra.bias", "model/extra.weight"]
+    assert report.unexpected_keys and all(k.startswith(("opt/", "epoch")) for k in report.unexpected_keys)
+    assert bool(report)
+    assert "model/2.weight (checkpoint [3, 8] vs object [5, 8])" in str(report)
+    with pytest.raises(RestoreMismatchError, match="model/extra.weight") as info:
+        status.assert_consumed()
+    assert info.value.report is report
+    assert isinstance(info.value, AssertionError)
+    with pytest.raises(RestoreMismatchError, match=r"model/2.bias \(checkpoint \[3\] vs object \[5\]\)"):
+        status.assert_existing_objects_matched()
+    assert status.assert_nontrivial_match() is status
+
+
+def test_dtype_mismatch_is_reported_and_not_applied(saved):
+    target = make_mlp(7).double()
+    before = target.state_dict()["0.weight"].clone()
+    report = torchckpt.Checkpoint(model=target).read(saved).expect_partial().report
+    assert report.dtype_mismatches["model/0.weight"] == (torch.float32, torch.float64)
+    assert torch.equal(target.state_dict()["0.weight"], before)
+
+
+def test_extra_checkpoint_values_pass_existing_objects_matched(saved, mlp):
+    target = make_mlp(9)
+    status = torchckpt.Checkpoint(model=target).read(saved)
+    status.assert_existing_objects_matched()
+    with pytest.raises(RestoreMismatchError, match=r"unexpected in the checkpoint \(\d+\): epoch, opt/"):
+        status.assert_consumed()
+
+
+def test_nothing_matching_fails_nontrivial_match(saved):
+    status = torchckpt.Checkpoint(other=torch.nn.Linear(2, 2)).read(saved)
+    with pytest.raises(RestoreMismatchError, match="Nothing in .* matched"):
+        status.assert_nontrivial_match()
+
+
+def test_unacknowledged_mismatch_warns_naming_keys(saved):
+    with pytest.warns(PartialRestoreWarning, match="model/extra.weight.*expect_partial"):
+        torchckpt.Checkpoint(model=Wider()).read(saved)
+        gc.collect()
+
+
+@pytest.mark.parametrize("acknowledge", ["expect_partial", "assert_nontrivial_match"])
+def test_acknowledged_mismatch_does_not_warn(saved, acknowledge):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        status = torchckpt.Checkpoint(model=Wider()).read(saved)
+        getattr(status, acknowledge)()
+        del status
+        gc.collect()
+
+
+def test_full_match_does_not_warn(saved):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt_model = make_mlp(3)
+        opt = torch.optim.Adam(opt_model.parameters(), lr=0.01)
+        torchckpt.Checkpoint(model=opt_model, opt=opt, epoch=0).read(saved)
+        gc.collect()
+
+
+def test_ddp_and_compile_prefixes_match_transparently(tmp_path, mlp):
+    class Wrapper(torch.nn.Module):  # what DistributedDataParallel looks like to state_dict
+        def __init__(self, module: torch.nn.Module) -> None:
+            super().__init__()
+            self.module = module
+
+    path = torchckpt.Checkpoint(model=Wrapper(mlp)).write(tmp_path / "ddp")
+    plain = make_mlp(5)
+    status = torchckpt.Checkpoint(model=plain).read(path).assert_consumed()
+    assert status.report.remapped_keys["model/module.0.weight"] == "model/0.weight"
+    assert "matched through a DDP 'module.'" in str(status.report)
+    assert torch.equal(plain.state_dict()["0.weight"], mlp.state_dict()["0.weight"])
+
+    compiled_like = torch.nn.Module()
+    compiled_like._orig_mod = make_mlp(6)  # what torch.compile's OptimizedModule exposes
+    path = torchckpt.Checkpoint(model=compiled_like).write(tmp_path / "compiled")
+    target = Wrapper(make_mlp(8))
+    status = torchckpt.Checkpoint(model=target).read(path).assert_consumed()
+    assert status.report.remapped_keys["model/_orig_mod.2.bias"] == "model/module.2.bias"
+    assert torch.equal(target.module.state_dict()["2.bias"], compiled_like._orig_mod.state_dict()["2.bias"])
+
+
+def test_optimizer_with_different_groups_is_left_untouched(saved):
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.Adam(model.parameters(), lr=0.5)
+    train_step(torch.nn.Sequential(model), opt, 3)  # not the same shapes: state exists but differs
+    before = opt.state_dict()
+    status = torchckpt.Checkpoint(opt=opt).read(saved)
+    assert "parameter groups have sizes [4], this optimizer's have [2]" in status.report.skipped_objects["opt"]
+    assert opt.param_groups[0]["lr"] == 0.5
+    assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], before["state"][0]["exp_avg"])
+    with pytest.raises(RestoreMismatchError, match="objects left untouched"):
+        status.assert_existing_objects_matched()
+
+
+def test_module_extra_state_and_non_aliasing_entries_go_through_load_state_dict(tmp_path):
+    class WithExtra(torch.nn.Module):
+        def __init__(self, tag: str) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 2)
+            self.tag = tag
+
+        def get_extra_state(self):
+            return {"tag": self.tag, "scale": torch.tensor([2.0])}
+
+        def set_extra_state(self, state):
+            self.tag = state["tag"]
+            self.scale = state["scale"]
+
+    path = torchckpt.Checkpoint(m=WithExtra("saved")).write(tmp_path / "c")
+    target = WithExtra("fresh")
+    torchckpt.Checkpoint(m=target).read(path).assert_consumed()
+    assert target.tag == "saved" and torch.equal(target.scale, torch.tensor([2.0]))
+
+
+def test_tracked_tensor_restores_in_place(tmp_path):
+    path = torchckpt.Checkpoint(step=torch.tensor(41)).write(tmp_path / "c")
+    step = torch.tensor(0)
+    ptr = step.data_ptr()
+    torchckpt.Checkpoint(step=step).read(path).assert_consumed()
+    assert step.item() == 41 and step.data_ptr() == ptr
+
+
+def test_missing_object_is_reported(tmp_path):
+    path = torchckpt.Checkpoint(a=torch.ones(1)).write(tmp_path / "c")
+    status = torchckpt.Checkpoint(a=torch.zeros(1), b=torch.zeros(2), n=3).read(path)
+    assert sorted(status.report.missing_keys) == ["b", "n"]
+    with pytest.raises(RestoreMismatchError, match="missing from the checkpoint \\(2\\): b, n"):
+        status.assert_existing_objects_matched()
