@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,7 +116,7 @@ def test_tied_weights_are_stored_once_and_stay_tied(tmp_path):
 
     model = Tied()
     path = torchckpt.Checkpoint(model=model).write(tmp_path / "c")
-    index = json.loads(open(os.path.join(path, "index.json")).read())
+    index = json.loads(Path(os.path.join(path, "index.json")).read_text())
     assert list(index["weight_map"]) == ["model/embed.weight"]
     assert index["torchckpt"]["aliases"] == {"model/head.weight": "model/embed.weight"}
     assert index["metadata"]["total_size"] == 10 * 4 * 4
@@ -140,7 +141,7 @@ def test_nested_checkpoints_dicts_and_lists(tmp_path):
     inner = torchckpt.Checkpoint(w=torch.ones(2), n=4)
     outer = torchckpt.Checkpoint(inner=inner, models={"a": make_mlp(1), "b": [make_mlp(2), 7]})
     path = outer.write(tmp_path / "c")
-    names = json.loads(open(os.path.join(path, "index.json")).read())["weight_map"]
+    names = json.loads(Path(os.path.join(path, "index.json")).read_text())["weight_map"]
     assert "inner/w" in names and "models/a/0.weight" in names and "models/b/0/2.bias" in names
     fresh_inner = torchckpt.Checkpoint(w=torch.zeros(2), n=0)
     fresh = torchckpt.Checkpoint(inner=fresh_inner, models={"a": make_mlp(3), "b": [make_mlp(4), 0]})
@@ -153,7 +154,7 @@ def test_nested_checkpoints_dicts_and_lists(tmp_path):
 
 def test_optimizer_names_follow_the_contract(tmp_path, mlp, stepped_optimizer):
     path = torchckpt.Checkpoint(generator=mlp, g_opt=stepped_optimizer).write(tmp_path / "c")
-    names = set(json.loads(open(os.path.join(path, "index.json")).read())["weight_map"])
+    names = set(json.loads(Path(os.path.join(path, "index.json")).read_text())["weight_map"])
     assert {"generator/0.weight", "g_opt/state/0/exp_avg", "g_opt/state/0/step"} <= names
 
 
@@ -169,7 +170,7 @@ def test_slash_in_a_key_is_escaped_reversibly(tmp_path):
             self.state = state
 
     path = torchckpt.Checkpoint(odd=Odd()).write(tmp_path / "c")
-    assert "odd/a~1b" in json.loads(open(os.path.join(path, "index.json")).read())["weight_map"]
+    assert "odd/a~1b" in json.loads(Path(os.path.join(path, "index.json")).read_text())["weight_map"]
     target = Odd()
     target.state = {"a/b": torch.zeros(2), "c~d": 0}
     torchckpt.Checkpoint(odd=target).read(path).assert_consumed()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -162,7 +163,7 @@ def test_shard_size_bounds_every_shard_but_a_single_big_tensor(tmp_path):
     tensors = {f"t{i}": torch.full((25,), float(i)) for i in range(8)}  # 100 bytes each
     tensors["big"] = torch.zeros(100)  # 400 bytes, over the limit: a shard of its own
     path = torchckpt.Checkpoint(**tensors).write(tmp_path / "c", max_shard_size="250B")
-    index = json.loads(open(os.path.join(path, "index.json")).read())
+    index = json.loads(Path(os.path.join(path, "index.json")).read_text())
     for record in index["torchckpt"]["shards"]:
         data_bytes = sum(
             t.numel() * t.element_size() for t in load_file(os.path.join(path, record["file"])).values()
@@ -221,7 +222,7 @@ def test_tiny_file_is_refused(tmp_path):
 @pytest.mark.parametrize("name", ["../evil.safetensors", "/etc/passwd.safetensors", "a/b.safetensors", "..", "x.bin", "c\\d.safetensors"])
 def test_index_cannot_point_outside_the_checkpoint(tmp_path, name):
     path = torchckpt.Checkpoint(w=torch.ones(2)).write(tmp_path / "c")
-    index = json.loads(open(os.path.join(path, "index.json")).read())
+    index = json.loads(Path(os.path.join(path, "index.json")).read_text())
     index["torchckpt"]["shards"][0]["file"] = name
     (tmp_path / "c" / "index.json").write_text(json.dumps(index))
     with pytest.raises(CorruptCheckpointError, match="refusing to follow|not a .safetensors file"):
@@ -230,7 +231,7 @@ def test_index_cannot_point_outside_the_checkpoint(tmp_path, name):
 
 def test_newer_format_version_says_upgrade(tmp_path):
     path = torchckpt.Checkpoint(w=torch.ones(2)).write(tmp_path / "c")
-    index = json.loads(open(os.path.join(path, "index.json")).read())
+    index = json.loads(Path(os.path.join(path, "index.json")).read_text())
     index["torchckpt"]["format_version"] = 99
     (tmp_path / "c" / "index.json").write_text(json.dumps(index))
     with pytest.raises(CorruptCheckpointError, match="upgrade torchckpt"):
@@ -253,8 +254,8 @@ def test_truncated_shard_is_caught_before_any_object_changes(tmp_path, mlp):
 def test_flipped_byte_fails_the_checksum(tmp_path):
     path = torchckpt.Checkpoint(w=torch.arange(100, dtype=torch.float32)).write(tmp_path / "c")
     shard = os.path.join(path, "model-00001-of-00001.safetensors")
-    raw = bytearray(open(shard, "rb").read())
+    raw = bytearray(Path(shard).read_bytes())
     raw[-5] ^= 0x01
-    open(shard, "wb").write(bytes(raw))
+    Path(shard).write_bytes(bytes(raw))
     with pytest.raises(CorruptCheckpointError, match="fails its checksum"):
         torchckpt.Checkpoint(w=torch.zeros(100)).restore(path)

@@ -61,7 +61,7 @@ def run_steps(model, opt, sched, steps: range) -> None:
     for step in steps:
         x, y = batch(step)
 
-        def closure():
+        def closure(x=x, y=y):
             opt.zero_grad()
             loss = torch.nn.functional.mse_loss(model(x), y)
             loss.backward()

@@ -159,7 +159,7 @@ def remove_stale_temporaries(directory: str, prefix: str) -> list[str]:
     A leftover is removed only when the process that made it is gone, so a save in progress in
     another live process is never disturbed.
     """
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(directory)
     except FileNotFoundError:

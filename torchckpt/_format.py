@@ -65,7 +65,7 @@ def dtype_to_str(dtype: torch.dtype) -> str:
     return _ST_DTYPES[dtype]
 
 
-def str_to_dtype(name: str, where: str = "", path: str | None = None) -> torch.dtype:
+def str_to_dtype(name: Any, where: str = "", path: str | None = None) -> torch.dtype:
     """The torch dtype of a safetensors name; unknown names are a corrupt checkpoint."""
     try:
         return _TORCH_DTYPES[name]

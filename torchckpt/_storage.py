@@ -142,7 +142,7 @@ def write_checkpoint(
             finally:
                 os.close(fd)
             shard_hash = xxhash.xxh3_64(header)
-            for n, (name, dtype, shape, _), digest in zip(shard.names, entries, digests):
+            for (name, dtype, shape, _), digest in zip(entries, digests):
                 shard_hash.update(digest.to_bytes(8, "big"))
                 names.append(name)
                 dtypes.append(_format.dtype_to_str(dtype))

@@ -22,10 +22,10 @@ from torchckpt._progress import progress_bar
 from torchckpt.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from torchckpt.restore import (
     MISSING,
+    MismatchReport,
     Plan,
     RestoreStatus,
     SavedTensor,
-    MismatchReport,
     plan_module,
     plan_stateful,
     plan_tensor,

@@ -1,0 +1,138 @@
+"""Crash consistency: a checkpoint is never lost or half-written."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import torchckpt
+from torchckpt import _atomic, checkpoint
+
+JOBS = os.path.join(os.path.dirname(__file__), "jobs")
+
+
+def test_failure_before_commit_leaves_nothing(tmp_path):
+    ckpt = torchckpt.Checkpoint(w=torch.ones(3))
+
+    def boom(tmp: str) -> None:
+        assert os.path.isfile(os.path.join(tmp, "index.json"))
+        raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        checkpoint._write(ckpt, str(tmp_path / "c"), "5GB", False, None, boom)
+    assert os.listdir(tmp_path) == []
+
+
+def test_failure_after_the_first_shard_leaves_nothing(tmp_path, monkeypatch):
+    from torchckpt import _tensorio
+
+    calls = {"n": 0}
+    real = _tensorio.write_tensors
+
+    def failing(fd, tensors, on_bytes=None):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        return real(fd, tensors, on_bytes)
+
+    monkeypatch.setattr(_tensorio, "write_tensors", failing)
+    ckpt = torchckpt.Checkpoint(a=torch.ones(100), b=torch.ones(100))
+    with pytest.raises(OSError, match="No space left"):
+        ckpt.save(tmp_path / "ckpt", max_shard_size=400)
+    assert os.listdir(tmp_path) == []
+    assert ckpt.save_counter == 0
+
+
+def test_failed_rewrite_keeps_the_old_checkpoint(tmp_path):
+    path = torchckpt.Checkpoint(w=torch.ones(3)).write(tmp_path / "c")
+
+    def boom(tmp: str) -> None:
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        checkpoint._write(torchckpt.Checkpoint(w=torch.zeros(3)), path, "5GB", False, None, boom)
+    w = torch.empty(3)
+    torchckpt.Checkpoint(w=w).read(path).assert_consumed()
+    assert torch.equal(w, torch.ones(3))
+    assert os.listdir(tmp_path) == ["c"]
+
+
+def test_write_onto_existing_checkpoint_replaces_it(tmp_path):
+    path = torchckpt.Checkpoint(w=torch.ones(3), extra=torch.ones(1000)).write(tmp_path / "c", max_shard_size=100)
+    torchckpt.Checkpoint(w=torch.full((3,), 2.0)).write(path)
+    w = torch.empty(3)
+    torchckpt.Checkpoint(w=w).read(path).assert_consumed()
+    assert torch.equal(w, torch.full((3,), 2.0))
+    assert sorted(os.listdir(path)) == ["index.json", "model-00001-of-00001.safetensors"]
+    assert os.listdir(tmp_path) == ["c"]
+
+
+def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    stale = tmp_path / f"ckpt-3{_atomic.TMP_MARKER}{pid}-abc"
+    live = tmp_path / f"ckpt-4{_atomic.TMP_MARKER}{os.getpid()}-def"
+    other = tmp_path / f"other-1{_atomic.TMP_MARKER}{pid}-abc"
+    for d in (stale, live, other):
+        d.mkdir()
+    assert _atomic.remove_stale_temporaries(str(tmp_path), "ckpt-") == [stale.name]
+    assert sorted(os.listdir(tmp_path)) == sorted([live.name, other.name])
+
+
+def test_sigkilled_writer_never_leaves_a_partial_checkpoint(tmp_path):
+    proc = subprocess.Popen([sys.executable, os.path.join(JOBS, "writer_job.py"), str(tmp_path)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        for _ in range(3):
+            assert proc.stdout.readline().startswith("saved")
+        time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    committed = [n for n in os.listdir(tmp_path) if n.startswith("ckpt-") and not _atomic.is_temporary(n)]
+    assert committed
+    for name in committed:
+        path = os.path.join(tmp_path, name)
+        target = torchckpt.Checkpoint(**{f"t{i}": torch.zeros(1_000_000) for i in range(16)}, n=0)
+        target.read(path).assert_consumed()
+        assert all(torch.all(getattr(target, f"t{i}") == target.n) for i in range(16))
+    latest = torchckpt.latest_checkpoint(tmp_path)
+    assert latest is not None and os.path.basename(latest) in committed
+
+
+@pytest.mark.slow
+def test_gan_killed_mid_run_resumes_bit_identical(tmp_path):
+    job = os.path.join(JOBS, "gan_job.py")
+    total = 40
+    subprocess.run([sys.executable, job, str(tmp_path / "ref"), str(total), str(tmp_path / "ref.safetensors")], check=True)
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, job, str(run_dir), str(total), str(tmp_path / "run.safetensors"), "0.02"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        while True:
+            line = proc.stdout.readline()
+            assert line, "the job ended before it could be killed"
+            if line.strip() == "saved 14":
+                break
+        time.sleep(0.03)  # somewhere between checkpoints
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "run.safetensors").exists()
+    subprocess.run([sys.executable, job, str(run_dir), str(total), str(tmp_path / "run.safetensors")], check=True)
+
+    ref, run = load_file(tmp_path / "ref.safetensors"), load_file(tmp_path / "run.safetensors")
+    assert ref.keys() == run.keys()
+    for k in ref:
+        assert torch.equal(ref[k], run[k]), k
