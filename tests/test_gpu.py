@@ -1,0 +1,49 @@
+"""CUDA paths: tensors are written from host copies and restored to their device. Skipped without CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import torchckpt
+
+pytestmark = pytest.mark.gpu
+
+
+def test_cuda_module_and_optimizer_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 8)).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 64, device="cuda")).sum().backward()
+    opt.step()
+    path = torchckpt.Checkpoint(model=model, opt=opt, rng=torchckpt.RNGState()).write(tmp_path / "c")
+    torch.manual_seed(1)
+    fresh = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 8)).cuda()
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    torchckpt.Checkpoint(model=fresh, opt=fresh_opt, rng=torchckpt.RNGState()).read(path).assert_consumed()
+    for a, b in zip(model.parameters(), fresh.parameters()):
+        assert b.device.type == "cuda" and torch.equal(a, b)
+    state = fresh_opt.state_dict()["state"][0]["exp_avg"]
+    assert state.device.type == "cuda" and torch.equal(state, opt.state_dict()["state"][0]["exp_avg"])
+
+
+def test_cuda_tensor_larger_than_the_staging_chunk_and_non_contiguous(tmp_path, monkeypatch):
+    from torchckpt import _tensorio
+
+    monkeypatch.setattr(_tensorio, "CHUNK_BYTES", 4096)
+    big = torch.randn(300, 70, device="cuda")
+    strided = big.t()
+    path = torchckpt.Checkpoint(big=big, strided=strided, half=big.half()).write(tmp_path / "c")
+    dest = {"big": torch.zeros_like(big), "strided": torch.zeros(300, 70, device="cuda").t(), "half": torch.zeros_like(big.half())}
+    torchckpt.Checkpoint(**dest).read(path).assert_consumed()
+    assert torch.equal(dest["big"], big) and torch.equal(dest["strided"], strided) and torch.equal(dest["half"], big.half())
+
+
+def test_cuda_rng_state_restores(tmp_path):
+    rng = torchckpt.RNGState()
+    torch.cuda.manual_seed_all(3)
+    path = torchckpt.Checkpoint(rng=rng).write(tmp_path / "c")
+    expected = torch.rand(4, device="cuda")
+    torch.cuda.manual_seed_all(9)
+    torchckpt.Checkpoint(rng=torchckpt.RNGState()).read(path).assert_consumed()
+    assert torch.equal(torch.rand(4, device="cuda"), expected)
