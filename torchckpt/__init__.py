@@ -7,7 +7,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from torchckpt._directory import latest_checkpoint
+from torchckpt._directory import checkpoints_iterator, latest_checkpoint, wait_for_new_checkpoint
 from torchckpt.checkpoint import Checkpoint, RNGState
 from torchckpt.errors import (
     CheckpointError,
@@ -16,11 +16,13 @@ from torchckpt.errors import (
     RestoreMismatchError,
     UnsupportedStateError,
 )
+from torchckpt.manager import CheckpointManager
 from torchckpt.restore import MismatchReport, PartialRestoreWarning, RestoreStatus
 
 __all__ = [
     "Checkpoint",
     "CheckpointError",
+    "CheckpointManager",
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
     "MismatchReport",
@@ -30,5 +32,7 @@ __all__ = [
     "RestoreStatus",
     "UnsupportedStateError",
     "__version__",
+    "checkpoints_iterator",
     "latest_checkpoint",
+    "wait_for_new_checkpoint",
 ]

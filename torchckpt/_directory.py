@@ -116,6 +116,21 @@ def write_state(directory: str, state: State) -> None:
     _atomic.write_file_atomic(os.path.join(directory, STATE_FILE), state.to_bytes())
 
 
+def record_latest(directory: str, name: str) -> None:
+    """Record ``name`` as the directory's latest checkpoint, keeping any manager history.
+
+    This is what ``Checkpoint.save`` does. Unlike TensorFlow's, it keeps a manager's kept and
+    preserved lists, so an unmanaged save never orphans a manager's checkpoints; the new
+    checkpoint is not added to them, so no manager will ever delete it.
+    """
+    try:
+        state = read_state(directory) or State()
+    except StateFileError:
+        state = State()
+    state.latest = name
+    write_state(directory, state)
+
+
 def number_of(name: str, prefix: str | None = None) -> int | None:
     """The number in ``ckpt-7`` (None if the name is not numbered, or has another prefix)."""
     match = _NUMBERED.match(name)
@@ -173,3 +188,69 @@ def latest_checkpoint(directory: str | os.PathLike[str]) -> str | None:
         return None
     newest = max(members, key=lambda n: (_index_mtime(directory, n), number_of(n) or 0))
     return os.path.join(directory, newest)
+
+
+def wait_for_new_checkpoint(
+    checkpoint_dir: str | os.PathLike[str],
+    last_checkpoint: str | None = None,
+    seconds_to_sleep: float = 1.0,
+    timeout: float | None = None,
+) -> str | None:
+    """Wait until ``latest_checkpoint(checkpoint_dir)`` differs from ``last_checkpoint``.
+
+    Returns:
+        The new checkpoint's path, or None if ``timeout`` seconds passed first.
+    """
+    import time
+
+    stop = time.time() + timeout if timeout is not None else None
+    while True:
+        path = latest_checkpoint(checkpoint_dir)
+        if path is not None and path != last_checkpoint:
+            return path
+        if stop is not None and time.time() + seconds_to_sleep > stop:
+            return None
+        time.sleep(seconds_to_sleep)
+
+
+def checkpoints_iterator(
+    checkpoint_dir: str | os.PathLike[str],
+    min_interval_secs: float = 0,
+    timeout: float | None = None,
+    timeout_fn: Any = None,
+    *,
+    poll_interval_secs: float = 1.0,
+) -> Any:
+    """Yield each new committed checkpoint of ``checkpoint_dir`` as it appears (as TensorFlow's).
+
+    A validation process uses it to follow a training run: it only ever yields checkpoints that
+    are completely written. If several are written between two looks, only the newest is yielded.
+
+    Args:
+        checkpoint_dir: the directory a manager (or ``Checkpoint.save``) writes into.
+        min_interval_secs: at least this long between yields (time the consumer spends counts).
+        timeout: stop waiting for a new checkpoint after this many seconds (None: forever).
+        timeout_fn: called after each yield and each timeout; when it returns True the iteration ends.
+            Without it, a timeout ends the iteration.
+        poll_interval_secs: how often to look for a new checkpoint (TensorFlow: 1 second).
+
+    Example:
+        >>> import tempfile, torchckpt
+        >>> list(torchckpt.checkpoints_iterator(tempfile.mkdtemp(), timeout=0))
+        []
+    """
+    import time
+
+    path = None
+    while True:
+        new = wait_for_new_checkpoint(checkpoint_dir, path, poll_interval_secs, timeout)
+        if new is None:
+            if timeout_fn is None:
+                return
+        else:
+            start = time.time()
+            path = new
+            yield new
+            time.sleep(max(0.0, start + min_interval_secs - time.time()))
+        if timeout_fn is not None and timeout_fn():
+            return

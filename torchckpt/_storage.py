@@ -85,29 +85,15 @@ def plan_shards(tensors: dict[str, torch.Tensor], max_shard_size: int) -> list[_
     return shards
 
 
-def write_checkpoint(
-    path: str,
-    tensors: dict[str, torch.Tensor],
-    section: dict[str, Any],
-    max_shard_size: int | str = _format.DEFAULT_MAX_SHARD_SIZE,
-    progress: bool | None = None,
-    before_commit: Callable[[str], None] | None = None,
-) -> str:
-    """Write ``tensors`` and the ``torchckpt`` index section to the directory ``path``, atomically.
-
-    Args:
-        path: the checkpoint directory to create or replace.
-        tensors: name -> tensor, in save order.
-        section: extra keys for the index's ``torchckpt`` section (``state``, ``objects``, ...).
-        max_shard_size: bytes per shard (int), or a string such as ``"2GB"`` (see ``parse_size``).
-        progress: show a progress bar (None: on a terminal for large saves).
-        before_commit: called with the temporary directory just before the rename (tests use it
-            to inject faults).
+def prepare_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Check every tensor can be stored; split off aliases (tensors that are views of a stored one).
 
     Returns:
-        ``path``.
+        The tensors to store, and alias name -> stored name.
+
+    Raises:
+        UnsupportedStateError: a tensor has a layout or dtype safetensors cannot hold.
     """
-    limit = _format.parse_size(max_shard_size)
     stored: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple[Any, ...], str] = {}
@@ -120,6 +106,34 @@ def write_checkpoint(
                 continue
             seen[key] = name
         stored[name] = t
+    return stored, aliases
+
+
+def write_checkpoint(
+    path: str,
+    stored: dict[str, torch.Tensor],
+    aliases: dict[str, str],
+    section: dict[str, Any],
+    max_shard_size: int | str = _format.DEFAULT_MAX_SHARD_SIZE,
+    progress: bool | None = None,
+    before_commit: Callable[[str], None] | None = None,
+) -> str:
+    """Write tensors and the ``torchckpt`` index section to the directory ``path``, atomically.
+
+    Args:
+        path: the checkpoint directory to create or replace.
+        stored: name -> tensor, in save order, as returned by :func:`prepare_tensors`.
+        aliases: alias name -> stored name, as returned by :func:`prepare_tensors`.
+        section: extra keys for the index's ``torchckpt`` section (``state``, ``objects``, ...).
+        max_shard_size: bytes per shard (int), or a string such as ``"2GB"`` (see ``parse_size``).
+        progress: show a progress bar (None: on a terminal for large saves).
+        before_commit: called with the temporary directory just before the rename (tests use it
+            to inject faults).
+
+    Returns:
+        ``path``.
+    """
+    limit = _format.parse_size(max_shard_size)
     shards = plan_shards(stored, limit)
     total = sum(s.nbytes for s in shards)
     names: list[str] = []

@@ -13,6 +13,7 @@ import os
 import random
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -246,11 +247,7 @@ class Checkpoint:
         except BaseException:
             object.__setattr__(self, "_save_counter", self._save_counter - 1)
             raise
-        directory = os.path.dirname(os.path.abspath(path))
-        name = os.path.basename(path)
-        _directory.write_state(
-            directory, _directory.State(latest=name, checkpoints=[_directory.Entry(name)])
-        )
+        _directory.record_latest(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
         return path
 
     # -- restoring -----------------------------------------------------------------------
@@ -378,6 +375,33 @@ def _state_of(value: Any) -> Any:
     return value
 
 
+@dataclass
+class WriteJob:
+    """Everything a write needs, captured at call time: the tensors and the encoded rest."""
+
+    stored: dict[str, torch.Tensor]
+    aliases: dict[str, str]
+    section: dict[str, Any]
+
+    def run(self, path: str, max_shard_size: int | str, progress: bool | None,
+            before_commit: Callable[[str], None] | None = None) -> str:
+        return _storage.write_checkpoint(path, self.stored, self.aliases, self.section, max_shard_size, progress,
+                                         before_commit)
+
+
+def capture(ckpt: Checkpoint, metadata: dict[str, Any] | None) -> WriteJob:
+    """Encode the checkpoint's state now; refuses unsupported values before anything is written."""
+    state = ckpt._state()
+    state[SAVE_COUNTER] = ckpt.save_counter
+    tensors: dict[str, torch.Tensor] = {}
+    tree = _tree.encode(state, "", tensors)
+    section: dict[str, Any] = {"objects": ckpt._objects(), "state": tree}
+    if metadata:
+        section["metadata"] = _tree.encode(metadata, "metadata", {})
+    stored, aliases = _storage.prepare_tensors(tensors)
+    return WriteJob(stored, aliases, section)
+
+
 def _write(
     ckpt: Checkpoint,
     path: str,
@@ -386,14 +410,8 @@ def _write(
     metadata: dict[str, Any] | None,
     before_commit: Callable[[str], None] | None,
 ) -> str:
-    state = ckpt._state()
-    state[SAVE_COUNTER] = ckpt.save_counter
-    tensors: dict[str, torch.Tensor] = {}
-    tree = _tree.encode(state, "", tensors)
-    section: dict[str, Any] = {"objects": ckpt._objects(), "state": tree}
-    if metadata:
-        section["metadata"] = _tree.encode(metadata, "metadata", {})
-    return _storage.write_checkpoint(path, tensors, section, max_shard_size, progress, before_commit)
+    _format.parse_size(max_shard_size)  # a bad size is an error before any work
+    return capture(ckpt, metadata).run(path, max_shard_size, progress, before_commit)
 
 
 def resolve_checkpoint(path: PathLike) -> str:

@@ -1,0 +1,470 @@
+"""CheckpointManager: TensorFlow's checkpoint_management_test.py cases, adapted, and what goes beyond."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+
+import pytest
+import torch
+
+import torchckpt
+from torchckpt import CheckpointManager, _atomic, _directory, _retention, manager as manager_module
+from torchckpt._directory import Entry
+
+
+class FakeTime:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def time(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def fake_time(monkeypatch):
+    clock = FakeTime(3.0)
+    monkeypatch.setattr(manager_module, "time", clock)
+    return clock
+
+
+def exists(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "index.json"))
+
+
+def state_of(directory) -> dict:
+    return json.loads(pathlib.Path(directory, "checkpoints.json").read_text())
+
+
+def ckpt() -> torchckpt.Checkpoint:
+    return torchckpt.Checkpoint(v=torch.tensor(1.0))
+
+
+def test_deletion(tmp_path):
+    checkpoint = ckpt()
+    manager = CheckpointManager(checkpoint, tmp_path, max_to_keep=3)
+    first, second, third = manager.save(), manager.save(), manager.save()
+    fourth = manager.save()
+    assert not exists(first) and all(exists(p) for p in (second, third, fourth))
+    assert manager.checkpoints == [second, third, fourth]
+    assert manager.latest_checkpoint == fourth
+
+
+def test_keep_all_then_tighten_across_managers(tmp_path):
+    checkpoint = ckpt()
+    directory = tmp_path / "run"
+    manager = CheckpointManager(checkpoint, directory, max_to_keep=None)
+    first, second, third = manager.save(), manager.save(), manager.save()
+    assert manager.latest_checkpoint == third
+    assert manager.checkpoints == [first, second, third]
+    del manager
+    manager = CheckpointManager(checkpoint, directory, max_to_keep=None)
+    fourth = manager.save()
+    assert manager.checkpoints == [first, second, third, fourth]
+    del manager
+    manager = CheckpointManager(checkpoint, directory, max_to_keep=3)
+    assert manager.checkpoints == [first, second, third, fourth]
+    fifth = manager.save()
+    assert manager.checkpoints == [third, fourth, fifth]
+    assert not exists(first) and not exists(second)
+
+
+def test_save_restore_state_with_hours(tmp_path, fake_time):
+    directory = str(tmp_path)
+    checkpoint = ckpt()
+    first_manager = CheckpointManager(checkpoint, directory, max_to_keep=2)
+    first_time = 10000.0
+    first_name = os.path.join(directory, "ckpt-1")
+    fake_time.now = first_time
+    first_manager.save()
+    second_time = first_time + 3610.0
+    second_name = os.path.join(directory, "ckpt-2")
+    fake_time.now = second_time
+    first_manager.save()
+    assert [e["timestamp"] for e in state_of(directory)["checkpoints"]] == [first_time, second_time]
+    assert first_manager.checkpoints == [first_name, second_name]
+    assert first_manager.latest_checkpoint == second_name
+    del first_manager
+
+    second_manager = CheckpointManager(checkpoint, directory, max_to_keep=2, keep_checkpoint_every_n_hours=1.5)
+    assert second_manager.checkpoints == [first_name, second_name]
+    assert second_manager.latest_checkpoint == second_name
+    third_name = os.path.join(directory, "ckpt-3")
+    third_time = second_time + 3600.0 * 0.2
+    fake_time.now = third_time
+    second_manager.save()
+    assert exists(first_name) and exists(second_name)
+    assert second_manager.checkpoints == [second_name, third_name]
+    assert state_of(directory)["last_preserved_timestamp"] == first_time
+    fourth_time = third_time + 3600.0 * 0.5
+    fake_time.now = fourth_time
+    fourth_name = os.path.join(directory, "ckpt-4")
+    second_manager.save()
+    assert exists(first_name) and not exists(second_name)
+    assert second_manager.checkpoints == [third_name, fourth_name]
+    fifth_time = fourth_time + 3600.0 * 0.5
+    fake_time.now = fifth_time
+    fifth_name = os.path.join(directory, "ckpt-5")
+    second_manager.save()
+    assert second_manager.checkpoints == [fourth_name, fifth_name]
+    assert state_of(directory)["last_preserved_timestamp"] == first_time
+    del second_manager
+
+    third_manager = CheckpointManager(checkpoint, directory, max_to_keep=2, keep_checkpoint_every_n_hours=1.5)
+    assert third_manager.latest_checkpoint == fifth_name
+    fake_time.now += 10.0
+    third_manager.save()
+    sixth_name = os.path.join(directory, "ckpt-6")
+    assert state_of(directory)["last_preserved_timestamp"] == fourth_time
+    assert all(exists(p) for p in (first_name, fourth_name, fifth_name, sixth_name))
+    assert not exists(second_name) and not exists(third_name)
+    assert third_manager.checkpoints == [fifth_name, sixth_name]
+    # Preserved checkpoints are recorded, and no later manager deletes them.
+    assert [e["name"] for e in state_of(directory)["preserved"]] == ["ckpt-1", "ckpt-4"]
+    fourth_manager = CheckpointManager(checkpoint, directory, max_to_keep=1)
+    for _ in range(3):
+        fake_time.now += 10.0
+        fourth_manager.save()
+    assert exists(first_name) and exists(fourth_name)
+
+
+def test_clock_reset(tmp_path, fake_time):
+    directory = str(tmp_path)
+    fake_time.now = 10000.0
+    checkpoint = ckpt()
+    first_manager = CheckpointManager(checkpoint, directory, max_to_keep=1, keep_checkpoint_every_n_hours=1.0)
+    first_path = first_manager.save()
+    fake_time.now += 3600.0
+    second_path = first_manager.save()
+    fake_time.now += 3600.0
+    third_path = first_manager.save()
+    assert not exists(first_path) and exists(second_path) and exists(third_path)
+    assert first_manager.checkpoints == [third_path]
+    assert state_of(directory)["last_preserved_timestamp"] == 13600.0
+    fake_time.now = 5000.0  # the clock is set back
+    del first_manager
+    with pytest.warns(UserWarning, match="behind the last preserved checkpoint timestamp"):
+        second_manager = CheckpointManager(checkpoint, directory, max_to_keep=1)
+    assert exists(second_path)
+    assert second_manager.latest_checkpoint == third_path
+    assert second_manager.checkpoints == []
+    fake_time.now += 10.0
+    fourth_path = second_manager.save()
+    assert exists(second_path) and exists(third_path)
+    assert second_manager.latest_checkpoint == fourth_path
+    assert second_manager.checkpoints == [fourth_path]
+    fake_time.now += 10.0
+    fifth_path = second_manager.save()
+    assert exists(second_path) and exists(third_path)
+    assert second_manager.checkpoints == [fifth_path]
+    state = state_of(directory)
+    assert state["last_preserved_timestamp"] == 5000.0
+    assert [e["timestamp"] for e in state["checkpoints"]] == [5020.0]
+
+
+def test_continue_from_unmanaged(tmp_path):
+    directory = str(tmp_path)
+    prefix = os.path.join(directory, "unusual_prefix")
+    checkpoint = ckpt()
+    first_path = checkpoint.save(prefix)
+    second_path = checkpoint.save(prefix)
+    del checkpoint
+    checkpoint = ckpt()
+    manager = CheckpointManager(checkpoint, directory, max_to_keep=2)
+    assert manager.latest_checkpoint == second_path
+    checkpoint.restore(manager.latest_checkpoint).assert_consumed()
+    assert checkpoint.save_counter == 2
+    third_path = manager.save()
+    assert manager.checkpoints == [third_path]
+    fourth_path = manager.save()
+    fifth_path = manager.save()
+    assert manager.checkpoints == [fourth_path, fifth_path]
+    assert exists(first_path) and exists(second_path) and not exists(third_path)
+
+
+def test_unmanaged_save_into_a_managed_directory_is_adopted_as_latest_but_never_deleted(tmp_path):
+    checkpoint = ckpt()
+    manager = CheckpointManager(checkpoint, tmp_path, max_to_keep=1)
+    manager.save()
+    side = checkpoint.save(tmp_path / "side")
+    manager = CheckpointManager(checkpoint, tmp_path, max_to_keep=1)
+    assert manager.latest_checkpoint == side
+    for _ in range(3):
+        manager.save()
+    assert exists(side)
+
+
+def test_custom_numbering(tmp_path):
+    step = torch.tensor(0, dtype=torch.int64)
+    checkpoint = torchckpt.Checkpoint(step=step)
+    manager = CheckpointManager(checkpoint, tmp_path, max_to_keep=2)
+    for i in range(5):
+        path = manager.save(checkpoint_number=step)
+        assert path.endswith(f"-{2 * i}")
+        step += 2
+    assert checkpoint.save_counter == 5
+    last_path = manager.save(checkpoint_number=32)
+    assert "-32" in last_path
+    assert last_path == manager.latest_checkpoint == torchckpt.latest_checkpoint(tmp_path)
+    assert [e["name"] for e in state_of(tmp_path)["checkpoints"]] == [os.path.basename(path), "ckpt-32"]
+    with pytest.raises(ValueError, match="0-dim integer tensor"):
+        manager.save(checkpoint_number=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="non-negative"):
+        manager.save(checkpoint_number=-1)
+
+
+def test_custom_checkpoint_name(tmp_path):
+    checkpoint = ckpt()
+    manager = CheckpointManager(checkpoint, tmp_path, max_to_keep=2, checkpoint_name="ckpt_name")
+    assert os.path.basename(manager.save(checkpoint_number=5)) == "ckpt_name-5"
+    manager = CheckpointManager(checkpoint, tmp_path, max_to_keep=2)
+    assert os.path.basename(manager.save(checkpoint_number=5)) == "ckpt-5"
+
+
+def test_resaving_a_number_replaces_it_and_moves_it_to_the_end(tmp_path):
+    v = torch.tensor(1.0)
+    checkpoint = torchckpt.Checkpoint(v=v)
+    manager = CheckpointManager(checkpoint, tmp_path, max_to_keep=3)
+    one, two = manager.save(), manager.save()
+    v.fill_(7.0)
+    again = manager.save(checkpoint_number=1)
+    assert again == one and manager.checkpoints == [two, one]
+    target = torch.tensor(0.0)
+    torchckpt.Checkpoint(v=target).restore(one).assert_consumed()
+    assert target.item() == 7.0
+
+
+def test_fresh_checkpoint_never_overwrites_existing_numbers(tmp_path):
+    manager = CheckpointManager(ckpt(), tmp_path, max_to_keep=5)
+    paths = [manager.save() for _ in range(3)]
+    fresh = CheckpointManager(ckpt(), tmp_path, max_to_keep=5)
+    new = fresh.save()
+    assert new.endswith("ckpt-4") and fresh.checkpoint.save_counter == 4
+    assert all(exists(p) for p in paths)
+
+
+def test_restore_or_initialize(tmp_path):
+    init_v = torch.tensor(2.0)
+    init_path = torchckpt.Checkpoint(v=init_v).save(tmp_path / "init")
+    v = torch.tensor(1.0)
+    checkpoint = torchckpt.Checkpoint(v=v)
+    manager = CheckpointManager(checkpoint, tmp_path / "ckpt", max_to_keep=None,
+                                init_fn=lambda: checkpoint.restore(init_path).assert_consumed())
+    assert manager.restore_or_initialize() is None
+    assert v.item() == 2.0
+    manager.save()
+    assert manager.restore_or_initialize() == manager.latest_checkpoint
+
+
+def test_pathlib_directory(tmp_path):
+    directory = pathlib.Path(tmp_path)
+    manager = CheckpointManager(ckpt(), directory, max_to_keep=2)
+    save_path = manager.save()
+    assert isinstance(save_path, str)
+    assert re.sub("-[0-9]+$", "", save_path) == str(directory / "ckpt")
+    assert manager.directory == str(directory)
+
+
+def test_checkpoint_interval(tmp_path):
+    step_counter = torch.tensor(0)
+    manager = CheckpointManager(torchckpt.Checkpoint(v=torch.tensor(1.0)), tmp_path, max_to_keep=None,
+                                step_counter=step_counter, checkpoint_interval=2)
+    assert exists(manager.save(check_interval=True))
+    step_counter += 1
+    assert manager.save(check_interval=True) is None
+    step_counter += 1
+    assert exists(manager.save(check_interval=True))
+    assert manager.save(check_interval=True) is None  # the same step is never saved twice
+    step_counter += 1
+    assert manager.save(check_interval=True) is None
+    assert exists(manager.save(check_interval=False))
+    assert exists(manager.save(check_interval=False))  # a final forced save always writes
+
+
+def test_checkpoint_interval_with_restore(tmp_path):
+    step_counter = torch.tensor(0)
+    checkpoint = torchckpt.Checkpoint(v=torch.tensor(1.0), step_counter=step_counter)
+    manager = CheckpointManager(checkpoint, tmp_path, max_to_keep=None, step_counter=step_counter, checkpoint_interval=2)
+    path = manager.save(check_interval=True)
+    assert exists(path)
+    assert manager.restore_or_initialize() == path
+    step_counter += 1
+    assert manager.save(check_interval=True) is None
+    step_counter += 1
+    assert exists(manager.save(check_interval=True))
+
+
+def test_interval_seeded_by_restore_in_a_new_manager(tmp_path):
+    step_counter = torch.tensor(4)
+    checkpoint = torchckpt.Checkpoint(step_counter=step_counter)
+    CheckpointManager(checkpoint, tmp_path, step_counter=step_counter, checkpoint_interval=3).save()
+    step2 = torch.tensor(0)
+    manager = CheckpointManager(torchckpt.Checkpoint(step_counter=step2), tmp_path, step_counter=step2,
+                                checkpoint_interval=3)
+    manager.restore_or_initialize()
+    assert step2.item() == 4
+    step2 += 2
+    assert manager.save() is None
+    step2 += 1
+    assert manager.save() is not None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"max_to_keep": 0}, "positive integer or `None` for `max_to_keep`, got 0"),
+        ({"max_to_keep": -1}, "got -1"),
+        ({"checkpoint_interval": 2}, "`step_counter` should be passed"),
+        ({"keep_best": 2}, "keep_best needs best_metric"),
+        ({"keep_best": 1, "best_metric": "loss", "best_mode": "lowest"}, "best_mode must be"),
+        ({"max_shard_size": "lots"}, "Cannot parse size"),
+    ],
+)
+def test_bad_arguments(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CheckpointManager(ckpt(), tmp_path, **kwargs)
+
+
+def test_checkpoints_iterator_empty_single_and_fspath(tmp_path):
+    assert list(torchckpt.checkpoints_iterator(tmp_path / "none", timeout=0)) == []
+    CheckpointManager(ckpt(), tmp_path / "one").save()
+    assert len(list(torchckpt.checkpoints_iterator(str(tmp_path / "one"), timeout=0))) == 1
+    assert len(list(torchckpt.checkpoints_iterator(pathlib.Path(tmp_path / "one"), timeout=0))) == 1
+
+
+def test_checkpoints_iterator_timeout_fn_calls():
+    calls = [0]
+
+    def timeout_fn():
+        calls[0] += 1
+        return calls[0] > 3
+
+    assert list(torchckpt.checkpoints_iterator("/non-existent-dir", timeout=0.1, timeout_fn=timeout_fn)) == []
+    assert calls[0] == 4
+
+
+def test_iterator_ignores_uncommitted_directories(tmp_path):
+    (tmp_path / f"ckpt-9{_atomic.TMP_MARKER}123-abc").mkdir()
+    (tmp_path / "ckpt-8").mkdir()  # no index.json: not committed
+    assert list(torchckpt.checkpoints_iterator(tmp_path, timeout=0)) == []
+    assert torchckpt.latest_checkpoint(tmp_path) is None
+
+
+# -- beyond TensorFlow ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("max_to_keep", "hours", "keep_best", "metrics", "kept", "deleted", "preserved"),
+    [
+        (2, None, None, [None] * 4, [3, 4], [1, 2], []),
+        (5, None, None, [None] * 3, [1, 2, 3], [], []),
+        (None, None, None, [None] * 4, [1, 2, 3, 4], [], []),
+        (1, 1.5, None, [None] * 4, [4], [1, 3], [2]),
+        (2, None, 1, [0.5, 0.1, 0.9, 0.8], [2, 3, 4], [1], []),
+        (1, None, 2, [0.5, 0.1, 0.9, 0.8], [1, 2, 4], [3], []),
+        (1, None, 1, [None, None, 0.3, None], [3, 4], [1, 2], []),
+        (1, None, 1, [float("nan"), 0.2, None, None], [2, 4], [1, 3], []),
+    ],
+    ids=["last-2", "fewer-than-max", "keep-all", "every-hour", "best-1", "best-2", "best-among-some", "nan-is-not-best"],
+)
+def test_retention_table(max_to_keep, hours, keep_best, metrics, kept, deleted, preserved):
+    entries = [Entry(f"ckpt-{i}", 3600.0 * i, None if m is None else {"loss": m}) for i, m in enumerate(metrics, 1)]
+    plan = _retention.plan_retention(entries, max_to_keep, hours, 0.0, keep_best, "loss", "min")
+    assert [e.name for e in plan.kept] == [f"ckpt-{i}" for i in kept]
+    assert [e.name for e in plan.delete] == [f"ckpt-{i}" for i in deleted]
+    assert [e.name for e in plan.preserve] == [f"ckpt-{i}" for i in preserved]
+
+
+def test_keep_best_metrics_persist_and_resume(tmp_path):
+    checkpoint = ckpt()
+    manager = CheckpointManager(checkpoint, tmp_path, max_to_keep=2, keep_best=1, best_metric="val_loss")
+    paths = [manager.save(metrics={"val_loss": loss, "epoch": i}) for i, loss in enumerate([0.9, 0.2, 0.5, 0.7, 0.6])]
+    assert manager.best_checkpoint == paths[1]
+    assert manager.checkpoints == [paths[1], paths[3], paths[4]]
+    assert manager.metrics_of(paths[1]) == {"val_loss": 0.2, "epoch": 1}
+    resumed = CheckpointManager(ckpt(), tmp_path, max_to_keep=2, keep_best=1, best_metric="val_loss")
+    assert resumed.best_checkpoint == paths[1] and resumed.checkpoints == manager.checkpoints
+    later = resumed.save(metrics={"val_loss": 0.1})
+    assert resumed.best_checkpoint == later and not exists(paths[1])
+    reader = torchckpt.Checkpoint(v=torch.tensor(0.0))
+    reader.restore(later).assert_consumed()
+
+
+def test_keep_best_with_a_callable_and_max_mode(tmp_path):
+    manager = CheckpointManager(ckpt(), tmp_path, max_to_keep=1, keep_best=1,
+                                best_metric=lambda m: m["acc"] * 2, best_mode="max")
+    a = manager.save(metrics={"acc": 0.8})
+    manager.save(metrics={"acc": 0.3})
+    manager.save(metrics={"acc": 0.5})
+    assert manager.best_checkpoint == a and exists(a)
+
+
+def test_damaged_state_file_is_rebuilt_with_a_warning(tmp_path):
+    manager = CheckpointManager(ckpt(), tmp_path, max_to_keep=3)
+    paths = [manager.save() for _ in range(3)]
+    (tmp_path / "checkpoints.json").write_text("{ this is not json")
+    with pytest.warns(UserWarning, match="damaged.*rebuilt from the 3 committed checkpoints.*latest: ckpt-3"):
+        fresh = CheckpointManager(ckpt(), tmp_path, max_to_keep=1)
+    assert fresh.latest_checkpoint == paths[-1]
+    new = fresh.save()
+    assert new.endswith("ckpt-4")
+    fresh.save()
+    assert all(exists(p) for p in paths)  # it never deletes what it did not know it managed
+
+
+def test_missing_state_file_is_rebuilt_with_a_warning(tmp_path):
+    manager = CheckpointManager(ckpt(), tmp_path, max_to_keep=3)
+    manager.save()
+    last = manager.save()
+    os.remove(tmp_path / "checkpoints.json")
+    with pytest.warns(UserWarning, match="there is no state file"):
+        fresh = CheckpointManager(ckpt(), tmp_path)
+    assert fresh.latest_checkpoint == last
+
+
+def test_stale_temporaries_are_removed_when_a_manager_starts(tmp_path):
+    import subprocess
+    import sys
+
+    pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+    stale = tmp_path / f"ckpt-3{_atomic.TMP_MARKER}{pid}-abcdef"
+    stale.mkdir()
+    (stale / "index.json").write_text("{}")
+    foreign = tmp_path / "notes-1"
+    foreign.mkdir()
+    CheckpointManager(ckpt(), tmp_path)
+    assert not stale.exists() and foreign.exists()
+
+
+def test_deletion_happens_after_commit(tmp_path, monkeypatch):
+    manager = CheckpointManager(ckpt(), tmp_path, max_to_keep=1)
+    first = manager.save()
+    from torchckpt import _storage
+
+    real = _storage.write_checkpoint
+
+    def failing(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_storage, "write_checkpoint", failing)
+    with pytest.raises(OSError, match="No space left"):
+        manager.save()
+    monkeypatch.setattr(_storage, "write_checkpoint", real)
+    assert exists(first) and manager.checkpoints == [first] and manager.latest_checkpoint == first
+
+
+def test_two_managers_in_one_process_keep_working(tmp_path):
+    a = CheckpointManager(ckpt(), tmp_path, max_to_keep=2)
+    b = CheckpointManager(ckpt(), tmp_path, max_to_keep=2)
+    a.save()
+    assert b.save() is not None
+
+
+def test_state_file_names_are_relative(tmp_path):
+    manager = CheckpointManager(ckpt(), tmp_path)
+    manager.save()
+    state = state_of(tmp_path)
+    assert state["latest"] == "ckpt-1" and state["checkpoints"][0]["name"] == "ckpt-1"
+    assert _directory.read_state(str(tmp_path)).latest == "ckpt-1"
