@@ -62,3 +62,38 @@ def test_error_hierarchy():
 def test_cli_entry_point_prints_help():
     out = subprocess.run([sys.executable, "-m", "torchckpt"], capture_output=True, text=True)
     assert out.returncode == 0 and "usage: torchckpt" in out.stdout
+
+
+def test_gan_example_resumes_and_the_watcher_validates(tmp_path):
+    examples = os.path.join(ROOT, "examples")
+    run = str(tmp_path / "gan")
+    first = subprocess.run([sys.executable, os.path.join(examples, "train_gan.py"), "--dir", run, "--steps", "60",
+                            "--save-every", "20"], capture_output=True, text=True, check=True).stdout
+    assert "starting from scratch" in first and "ckpt-3" in first
+    second = subprocess.run([sys.executable, os.path.join(examples, "train_gan.py"), "--dir", run, "--steps", "100",
+                             "--save-every", "20"], capture_output=True, text=True, check=True).stdout
+    assert "resumed from" in second and "at step 60" in second and "ckpt-5" in second
+    watch = subprocess.run([sys.executable, os.path.join(examples, "validate_watch.py"), "--dir", run, "--timeout", "0.5"],
+                           capture_output=True, text=True, check=True, cwd=examples).stdout
+    assert "ckpt-5: step  100" in watch and "validated 1 checkpoints" in watch
+
+
+def test_gan_example_interrupted_with_ctrl_c_saves_and_resumes(tmp_path):
+    import signal
+    import time
+
+    run = str(tmp_path / "gan")
+    script = os.path.join(ROOT, "examples", "train_gan.py")
+    proc = subprocess.Popen([sys.executable, script, "--dir", run, "--steps", "100000", "--save-every", "50"],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    while "saved" not in proc.stdout.readline():
+        pass
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert "interrupted at step" in out
+    step = int(out.split("interrupted at step ")[1].split(";")[0])
+    again = subprocess.run([sys.executable, script, "--dir", run, "--steps", str(step + 10), "--save-every", "50"],
+                           capture_output=True, text=True, check=True).stdout
+    assert f"at step {step}" in again

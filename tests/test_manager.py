@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import torchckpt
-from torchckpt import CheckpointManager, _atomic, _directory, _retention, manager as manager_module
+from torchckpt import CheckpointManager, _atomic, _directory, _retention
+from torchckpt import manager as manager_module
 from torchckpt._directory import Entry
 
 
