@@ -65,18 +65,9 @@ GOLDEN_INDEX = """{
     "a",
     "b"
    ],
-   "dtypes": [
-    "F32",
-    "I8"
-   ],
-   "shapes": [
-    "2",
-    ""
-   ],
-   "checksums": [
-    "%s",
-    "%s"
-   ]
+   "dtypes": "F32,I8",
+   "shapes": "2;",
+   "checksums": "%s%s"
   }
  }
 }"""

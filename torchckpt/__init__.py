@@ -15,8 +15,10 @@ from torchckpt.errors import (
     CorruptCheckpointError,
     RestoreMismatchError,
     UnsupportedStateError,
+    VariableNotFoundError,
 )
 from torchckpt.manager import CheckpointManager
+from torchckpt.reader import CheckpointReader, list_variables, load_checkpoint, load_variable
 from torchckpt.restore import MismatchReport, PartialRestoreWarning, RestoreStatus
 
 __all__ = [
@@ -24,6 +26,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointManager",
     "CheckpointNotFoundError",
+    "CheckpointReader",
     "CorruptCheckpointError",
     "MismatchReport",
     "PartialRestoreWarning",
@@ -31,8 +34,12 @@ __all__ = [
     "RestoreMismatchError",
     "RestoreStatus",
     "UnsupportedStateError",
+    "VariableNotFoundError",
     "__version__",
     "checkpoints_iterator",
     "latest_checkpoint",
+    "list_variables",
+    "load_checkpoint",
+    "load_variable",
     "wait_for_new_checkpoint",
 ]

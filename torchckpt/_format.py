@@ -35,6 +35,9 @@ MAX_INDEX_SIZE = 1_000_000_000
 HEADER_ALIGNMENT = 8
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
 SHARD_METADATA = {"format": "pt"}
+DTYPE_SEP = ","  # the index's tensor table joins dtypes with this,
+SHAPE_SEP = ";"  # shapes with this (dimensions within a shape with ","),
+CHECKSUM_CHARS = 16  # and concatenates fixed-width hex checksums: fast to parse for 100k tensors
 
 _TORCH_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,

@@ -181,7 +181,12 @@ def write_checkpoint(
                 **section,
                 "aliases": aliases,
                 "shards": shard_records,
-                "tensors": {"names": names, "dtypes": dtypes, "shapes": shapes, "checksums": checksums},
+                "tensors": {
+                    "names": names,
+                    "dtypes": _format.DTYPE_SEP.join(dtypes),
+                    "shapes": _format.SHAPE_SEP.join(shapes),
+                    "checksums": "".join(checksums),
+                },
             },
         }
         data = json.dumps(index, indent=1, ensure_ascii=False, allow_nan=False).encode()
@@ -217,9 +222,15 @@ class Index:
     names: list[str]
     dtypes: list[str]
     shapes: list[str]
-    checksums: list[str]
+    checksum_text: str
     shards: list[dict[str, Any]]
     aliases: dict[str, str]
+
+    @property
+    def checksums(self) -> list[str]:
+        """Per-tensor checksums (hex), in table order."""
+        w = _format.CHECKSUM_CHARS
+        return [self.checksum_text[i : i + w] for i in range(0, len(self.checksum_text), w)]
 
     @property
     def section(self) -> dict[str, Any]:
@@ -292,10 +303,13 @@ def load_index(directory: str) -> Index:
     if not isinstance(table, dict) or not isinstance(shards, list) or not isinstance(aliases, dict):
         raise _corrupt(directory, "'tensors', 'shards' and 'aliases' must be present")
     names, dtypes, shapes, checksums = (table.get(k) for k in ("names", "dtypes", "shapes", "checksums"))
-    if not all(isinstance(col, list) for col in (names, dtypes, shapes, checksums)) or not (
-        len(names) == len(dtypes) == len(shapes) == len(checksums)  # type: ignore[arg-type]
-    ):
-        raise _corrupt(directory, "the tensor table's columns must be lists of equal length")
+    if not isinstance(names, list) or not all(isinstance(c, str) for c in (dtypes, shapes, checksums)):
+        raise _corrupt(directory, "the tensor table needs a 'names' list and 'dtypes', 'shapes', 'checksums' strings")
+    n = len(names)
+    dtypes = dtypes.split(_format.DTYPE_SEP) if n else []  # type: ignore[union-attr]
+    shapes = shapes.split(_format.SHAPE_SEP) if n else []  # type: ignore[union-attr]
+    if len(dtypes) != n or len(shapes) != n or len(checksums) != n * _format.CHECKSUM_CHARS:  # type: ignore[arg-type]
+        raise _corrupt(directory, f"the tensor table's columns do not all describe {n} tensors")
     count = 0
     for shard in shards:
         if not (isinstance(shard, dict) and type(shard.get("tensors")) is int and type(shard.get("size")) is int
@@ -303,8 +317,8 @@ def load_index(directory: str) -> Index:
             raise _corrupt(directory, f"malformed shard record {shard!r}")
         _format.check_member_name(directory, shard.get("file"), "shard")
         count += shard["tensors"]
-    if count != len(names):  # type: ignore[arg-type]
-        raise _corrupt(directory, f"the shards hold {count} tensors but the table lists {len(names)}")  # type: ignore[arg-type]
+    if count != len(names):
+        raise _corrupt(directory, f"the shards hold {count} tensors but the table lists {len(names)}")
     for alias, target in aliases.items():
         if not isinstance(target, str):
             raise _corrupt(directory, f"alias {alias!r} must name a stored tensor")

@@ -1,22 +1,311 @@
-"""The ``torchckpt`` command: ``main(argv) -> int``; errors are one ``Error: ...`` line, never a traceback."""
+"""The ``torchckpt`` command: inspect, ls, diff, verify, export.
+
+``main(argv) -> int`` returns 0 on success, 1 on an error (one ``Error: ...`` line on stderr,
+never a traceback) and 2 on a usage error.
+"""
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
+import math
+import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-from torchckpt import __version__
+import torch
+
+from torchckpt import __version__, _directory, _format, _tree
+from torchckpt._progress import progress_bar
 from torchckpt.errors import CheckpointError
+from torchckpt.reader import CheckpointReader, load_checkpoint, verify
+
+
+def human_bytes(n: float) -> str:
+    """``1536`` -> ``"1.5 KiB"``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _dtype(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _table(rows: list[list[str]], header: list[str], right: set[int]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = []
+    for row in [header, *rows]:
+        cells = [str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(cells).rstrip())
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# -- inspect -----------------------------------------------------------------------------------
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    reader = load_checkpoint(args.path)
+    shapes, dtypes = reader.get_variable_to_shape_map(), reader.get_variable_to_dtype_map()
+    names = reader.filter(args.filter)
+    rows: list[dict[str, Any]] = []
+    total = 0
+    for name in names:
+        nbytes = shapes[name].numel() * _format.itemsize(dtypes[name])
+        total += nbytes
+        rows.append({"name": name, "dtype": _dtype(dtypes[name]), "shape": list(shapes[name]),
+                     "bytes": nbytes, "shard": reader.shard_of(name)})
+    if args.json:
+        out = {"path": reader.path, "format": reader.kind, "metadata": reader.metadata, "tensors": rows,
+               "total_tensors": len(rows), "total_bytes": total}
+        print(json.dumps(out, indent=1, default=str))
+        return 0
+    table = [[r["name"], r["dtype"], str(r["shape"]), human_bytes(r["bytes"]), r["shard"]] for r in rows]
+    print(_table(table, ["name", "dtype", "shape", "size", "shard"], {3}))
+    meta = reader.metadata
+    shards = len({r["shard"] for r in rows})
+    print(f"\n{len(rows)} tensors, {human_bytes(total)} in {shards} shard{'s' if shards != 1 else ''}"
+          + (f" (filter {args.filter!r})" if args.filter else ""))
+    if meta.get("format") == "torchckpt":
+        created = datetime.datetime.fromtimestamp(meta["created"]).isoformat(" ", "seconds") if meta.get("created") else "?"
+        print(f"format {meta['format_version']}, written {created} by torchckpt {meta['torchckpt_version']}, "
+              f"torch {meta['torch_version']}")
+        objects = ", ".join(f"{k} ({v})" for k, v in meta.get("objects", {}).items())
+        if objects:
+            print(f"objects: {objects}")
+        if meta.get("metrics"):
+            print(f"metrics: {json.dumps(meta['metrics'], default=str)}")
+    return 0
+
+
+# -- ls ----------------------------------------------------------------------------------------
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    directory = args.directory
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{directory} is not a directory.")
+    try:
+        state = _directory.read_state(directory) or _directory.State()
+    except _directory.StateFileError as e:
+        print(f"warning: {e}; listing the checkpoints on disk", file=sys.stderr)
+        state = _directory.State()
+    members = _directory.committed_members(directory)
+    kept = {e.name: e for e in state.checkpoints}
+    preserved = {e.name: e for e in state.preserved}
+    latest = _directory.latest_checkpoint(directory)
+    latest_name = os.path.basename(latest) if latest else None
+    best = _best_name(state.checkpoints, args.metric, args.mode)
+    rows, records = [], []
+    for name in members:
+        entry = kept.get(name) or preserved.get(name)
+        reader = load_checkpoint(os.path.join(directory, name))
+        meta = reader.metadata
+        ts = entry.timestamp if entry and entry.timestamp is not None else meta.get("created")
+        metrics = (entry.metrics if entry else None) or meta.get("metrics") or {}
+        marks = [m for m, on in (("latest", name == latest_name), ("kept", name in kept),
+                                 ("preserved", name in preserved), ("best", name == best)) if on]
+        number = _directory.number_of(name)
+        when = datetime.datetime.fromtimestamp(ts).isoformat(" ", "seconds") if ts else "?"
+        rows.append([str(number), name, when, human_bytes(meta.get("total_size") or 0),
+                     " ".join(f"{k}={_short(v)}" for k, v in metrics.items()), ",".join(marks)])
+        records.append({"number": number, "name": name, "timestamp": ts, "total_size": meta.get("total_size"),
+                        "metrics": metrics, "marks": marks})
+    if args.json:
+        print(json.dumps({"directory": directory, "checkpoints": records}, indent=1, default=str))
+        return 0
+    if not rows:
+        print(f"no committed checkpoints in {directory}")
+        return 0
+    print(_table(rows, ["#", "name", "time", "size", "metrics", "marks"], {0, 3}))
+    return 0
+
+
+def _short(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _best_name(entries: list[_directory.Entry], metric: str | None, mode: str) -> str | None:
+    from torchckpt._retention import best_entries
+
+    if metric is None:
+        keys = {k for e in entries if e.metrics for k in e.metrics}
+        metric = next(iter(sorted(keys)), None) if len(keys) == 1 else None
+    best = best_entries(entries, 1, metric, mode) if metric else []
+    return best[0].name if best else None
+
+
+# -- diff --------------------------------------------------------------------------------------
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    a, b = load_checkpoint(args.a), load_checkpoint(args.b)
+    sa, sb = a.get_variable_to_shape_map(), b.get_variable_to_shape_map()
+    da, db = a.get_variable_to_dtype_map(), b.get_variable_to_dtype_map()
+    added = sorted(set(sb) - set(sa))
+    removed = sorted(set(sa) - set(sb))
+    common = sorted(set(sa) & set(sb))
+    reshaped = [n for n in common if sa[n] != sb[n]]
+    retyped = [n for n in common if da[n] != db[n]]
+    va = {k: v for k, v in _tree.leaves(a.get_state(), "").items() if not _is_spec(v)}
+    vb = {k: v for k, v in _tree.leaves(b.get_state(), "").items() if not _is_spec(v)}
+    changed = sorted(k for k in set(va) | set(vb) if not _same(va.get(k, _ABSENT), vb.get(k, _ABSENT)))
+    values: dict[str, float] = {}
+    if args.values:
+        comparable = [n for n in common if n not in reshaped and n not in retyped]
+        total = sum(a.nbytes(n) for n in comparable) * 2
+        with progress_bar(total, "diff", args.progress) as bar:
+            for name in comparable:
+                values[name] = _max_abs_diff(a, b, name, bar)
+    if args.json:
+        print(json.dumps({
+            "added": added, "removed": removed,
+            "reshaped": {n: [list(sa[n]), list(sb[n])] for n in reshaped},
+            "retyped": {n: [_dtype(da[n]), _dtype(db[n])] for n in retyped},
+            "state_changed": {k: [_jsonable(va.get(k, _ABSENT)), _jsonable(vb.get(k, _ABSENT))] for k in changed},
+            "max_abs_diff": values if args.values else None,
+        }, indent=1, default=str))
+        return 0
+    for name in added:
+        print(f"+ {name}  {_dtype(db[name])} {list(sb[name])}")
+    for name in removed:
+        print(f"- {name}  {_dtype(da[name])} {list(sa[name])}")
+    for name in reshaped:
+        print(f"~ {name}  shape {list(sa[name])} -> {list(sb[name])}")
+    for name in retyped:
+        print(f"~ {name}  dtype {_dtype(da[name])} -> {_dtype(db[name])}")
+    for key in changed:
+        print(f"~ {key}  {_render(va.get(key, _ABSENT))} -> {_render(vb.get(key, _ABSENT))}")
+    if args.values:
+        differing = {n: v for n, v in values.items() if v != 0}
+        for name, value in sorted(differing.items()):
+            print(f"≠ {name}  max |a-b| = {value:.6g}")
+        print(f"{len(differing)} of {len(values)} comparable tensors differ in value")
+    print(f"{len(added)} added, {len(removed)} removed, {len(reshaped)} reshaped, {len(retyped)} retyped, "
+          f"{len(changed)} state values changed")
+    return 0
+
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "<absent>"
+
+
+_ABSENT = _Absent()
+
+
+def _is_spec(v: Any) -> bool:
+    from torchckpt.reader import TensorSpec
+
+    return isinstance(v, TensorSpec)
+
+
+def _same(x: Any, y: Any) -> bool:
+    if isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y):
+        return True
+    return type(x) is type(y) and x == y
+
+
+def _render(v: Any) -> str:
+    return "(absent)" if v is _ABSENT else repr(v)
+
+
+def _jsonable(v: Any) -> Any:
+    return None if v is _ABSENT else v if isinstance(v, (int, str, bool)) or v is None else repr(v)
+
+
+def _max_abs_diff(a: CheckpointReader, b: CheckpointReader, name: str, bar: Any) -> float:
+    worst = 0.0
+    for x, y in zip(a.iter_chunks(name), b.iter_chunks(name)):
+        if x.dtype == torch.bool:
+            x, y = x.to(torch.uint8), y.to(torch.uint8)
+        if x.dtype.is_complex:
+            d = (x - y).abs()
+        elif x.dtype.is_floating_point and x.element_size() < 2:
+            d = (x.float() - y.float()).abs()
+        else:
+            d = (x.double() - y.double()).abs() if not x.dtype.is_floating_point else (x.float() - y.float()).abs()
+        if d.numel():
+            worst = max(worst, float(d.max()))
+        bar.update(2 * x.numel() * x.element_size())
+    return worst
+
+
+# -- verify ------------------------------------------------------------------------------------
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    reader = load_checkpoint(args.path)
+    problems = verify(reader, args.progress)
+    if problems:
+        for problem in problems[:20]:
+            print(f"Error: {problem}", file=sys.stderr)
+        if len(problems) > 20:
+            print(f"Error: ... and {len(problems) - 20} more problems", file=sys.stderr)
+        return 1
+    what = "sizes and checksums" if reader.kind == "torchckpt" else "headers (no checksums in this format)"
+    print(f"OK: {reader.path}: {len(reader.names)} tensors, {what} verified")
+    return 0
+
+
+# -- export ------------------------------------------------------------------------------------
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from torchckpt._export import export_module
+
+    files = export_module(args.path, args.object, args.out, args.max_shard_size, args.progress)
+    print(f"wrote {', '.join(files)} to {args.out}")
+    return 0
+
+
+# -- plumbing ----------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="torchckpt",
-        description="Inspect, compare, verify and export torchckpt checkpoints.",
-    )
+    parser = argparse.ArgumentParser(prog="torchckpt", description="Inspect, compare, verify and export checkpoints.")
     parser.add_argument("--version", action="version", version=f"torchckpt {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    progress = argparse.ArgumentParser(add_help=False)
+    group = progress.add_mutually_exclusive_group()
+    group.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show progress bars")
+    group.add_argument("--no-progress", dest="progress", action="store_false", help="never show progress bars")
+
+    p = sub.add_parser("inspect", help="list a checkpoint's tensors (reads only the index and headers)")
+    p.add_argument("path", help="checkpoint directory, manager directory, .safetensors file or Hugging Face folder")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--filter", metavar="GLOB", help="only names matching this shell-style pattern")
+    p.set_defaults(handler=cmd_inspect)
+
+    p = sub.add_parser("ls", help="a manager directory's checkpoints, with marks and metrics")
+    p.add_argument("directory")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--metric", help="the metric that decides 'best' (default: the only one recorded)")
+    p.add_argument("--mode", choices=("min", "max"), default="min", help="whether lower or higher is better")
+    p.set_defaults(handler=cmd_ls)
+
+    p = sub.add_parser("diff", help="tensors and state that differ between two checkpoints", parents=[progress])
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--values", action="store_true", help="also compare values (max absolute difference per tensor)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=cmd_diff)
+
+    p = sub.add_parser("verify", help="check every shard against its recorded sizes and checksums", parents=[progress])
+    p.add_argument("path")
+    p.set_defaults(handler=cmd_verify)
+
+    p = sub.add_parser("export", help="write one module's weights as a Hugging Face safetensors folder", parents=[progress])
+    p.add_argument("path")
+    p.add_argument("--object", required=True, metavar="NAME", help="the tracked module to export")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--max-shard-size", default="5GB", help="bytes per shard, e.g. 5GB (default) or 500MiB")
+    p.set_defaults(handler=cmd_export)
     return parser
 
 
@@ -36,6 +325,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CheckpointError, OSError, ValueError) as e:
         print(f"Error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("Error: interrupted", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # e.g. piped into head
+        return 0
 
 
 def entry_point() -> None:

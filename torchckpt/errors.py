@@ -21,6 +21,7 @@ __all__ = [
     "CorruptCheckpointError",
     "UnsupportedStateError",
     "RestoreMismatchError",
+    "VariableNotFoundError",
 ]
 
 
@@ -96,3 +97,20 @@ def format_keys(keys: Any, limit: int = 10) -> str:
     if len(items) > limit:
         shown += f" ... and {len(items) - limit} more"
     return shown
+
+
+class VariableNotFoundError(CheckpointError, KeyError):
+    """A tensor name is not in the checkpoint.
+
+    Attributes:
+        name: the name asked for.
+        suggestions: close names that do exist ("Did you mean ...?").
+    """
+
+    def __init__(self, message: str, name: str, suggestions: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.name = name
+        self.suggestions = suggestions or []
+
+    def __str__(self) -> str:
+        return str(self.args[0])

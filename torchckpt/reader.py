@@ -1,0 +1,399 @@
+"""Lazy inspection: ``load_checkpoint(path)`` reads the index (and headers), never tensor data.
+
+For a torchckpt checkpoint the shapes and dtypes come from ``index.json`` alone (its compact tensor
+table is built for this), so inspecting a 100 GB checkpoint costs the same as a 100 KB one; shard
+headers are read and validated only when a tensor is read. Plain ``.safetensors`` files and Hugging
+Face sharded folders (``*.safetensors.index.json``) are read from their headers, so any safetensors
+weights can be inspected the same way.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import gc
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import xxhash
+
+from torchckpt import _format, _storage, _tensorio, _tree
+from torchckpt._format import INDEX_FILE, TensorInfo
+from torchckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, VariableNotFoundError
+
+__all__ = ["CheckpointReader", "TensorSpec", "list_variables", "load_checkpoint", "load_variable"]
+
+HF_INDEX_SUFFIX = ".safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Where the state tree holds a tensor: its name, dtype and shape (the data is not read)."""
+
+    name: str
+    dtype: torch.dtype
+    shape: torch.Size
+
+
+class CheckpointReader:
+    """Read-only, lazy view of a checkpoint's tensors and state. Made by :func:`load_checkpoint`.
+
+    Example:
+        >>> import tempfile, torch, torchckpt
+        >>> path = torchckpt.Checkpoint(w=torch.ones(2, 3), epoch=4).write(tempfile.mkdtemp() + "/c")
+        >>> reader = torchckpt.load_checkpoint(path)
+        >>> reader.get_variable_to_shape_map()
+        {'w': torch.Size([2, 3])}
+        >>> reader.get_value("epoch"), reader.get_tensor("w").sum().item()
+        (4, 6.0)
+    """
+
+    def __init__(self, path: str, kind: str) -> None:
+        self.path = path
+        self.kind = kind  # "torchckpt", "safetensors" or "huggingface"
+        self._index: _storage.Index | None = None
+        self._names: list[str] = []
+        self._dtypes: list[str] = []
+        self._shapes: list[str] = []
+        self._checksums: dict[str, str] = {}
+        self._files: dict[str, str] = {}
+        self._aliases: dict[str, str] = {}
+        self._headers: dict[str, dict[str, TensorInfo]] = {}
+        self._shape_map: dict[str, torch.Size] | None = None
+        self._dtype_map: dict[str, torch.dtype] | None = None
+
+    # -- construction ----------------------------------------------------------------------
+
+    @classmethod
+    def _from_torchckpt(cls, directory: str) -> CheckpointReader:
+        reader = cls(directory, "torchckpt")
+        index = _storage.load_index(directory)
+        reader._index = index
+        reader._names, reader._dtypes, reader._shapes = index.names, index.dtypes, index.shapes
+        reader._aliases = index.aliases
+        return reader
+
+    @classmethod
+    def _from_safetensors(cls, files: list[str], path: str, kind: str) -> CheckpointReader:
+        reader = cls(path, kind)
+        for file in files:
+            infos, _, _ = _format.read_header(file, file)  # plain files are addressed by full path
+            reader._headers[file] = {t.name: t for t in infos}
+            for t in sorted(infos, key=lambda t: t.start):
+                if t.name in reader._files:
+                    raise CorruptCheckpointError(f"Tensor {t.name!r} is in both {reader._files[t.name]} and {file}.", path)
+                reader._files[t.name] = file
+                reader._names.append(t.name)
+                reader._dtypes.append(_format.dtype_to_str(t.dtype))
+                reader._shapes.append(_format.shape_key(t.shape))
+        return reader
+
+    # -- tensors ---------------------------------------------------------------------------
+
+    def get_variable_to_shape_map(self) -> dict[str, torch.Size]:
+        """Every tensor name -> its shape, from the index (and headers) only."""
+        if self._shape_map is None:  # models repeat a few shapes: build each torch.Size once
+            known = {t: torch.Size(_format.parse_shape_key(t, f"in {self.path}")) for t in set(self._shapes)}
+            shapes = dict(zip(self._names, map(known.__getitem__, self._shapes)))
+            for alias, target in self._aliases.items():
+                shapes[alias] = shapes[target]
+            self._shape_map = shapes
+        return dict(self._shape_map)
+
+    def get_variable_to_dtype_map(self) -> dict[str, torch.dtype]:
+        """Every tensor name -> its dtype, from the index (and headers) only."""
+        if self._dtype_map is None:
+            known = {d: _format.str_to_dtype(d, f" in {self.path}") for d in set(self._dtypes)}
+            dtypes = dict(zip(self._names, map(known.__getitem__, self._dtypes)))
+            for alias, target in self._aliases.items():
+                dtypes[alias] = dtypes[target]
+            self._dtype_map = dtypes
+        return dict(self._dtype_map)
+
+    @property
+    def names(self) -> list[str]:
+        """Every tensor name, sorted."""
+        return sorted([*self._names, *self._aliases])
+
+    @property
+    def _file_map(self) -> dict[str, str]:
+        if not self._files and self._index is not None:
+            self._files = self._index.shard_of()
+        return self._files
+
+    def has_tensor(self, name: str) -> bool:
+        return name in self._file_map or name in self._aliases
+
+    def shard_of(self, name: str) -> str:
+        """The shard file (base name) holding ``name``."""
+        return os.path.basename(self._file_map[self._resolve(name)])
+
+    def nbytes(self, name: str) -> int:
+        dtype = self.get_variable_to_dtype_map()[name]
+        return self.get_variable_to_shape_map()[name].numel() * _format.itemsize(dtype)
+
+    def _resolve(self, name: str) -> str:
+        target = self._aliases.get(name, name)
+        if target in self._file_map:
+            return target
+        close = difflib.get_close_matches(name, self.names, n=3)
+        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise VariableNotFoundError(f"Tensor {name!r} is not in {self.path}.{hint}", name, close)
+
+    def _info(self, name: str) -> TensorInfo:
+        """The validated header entry of a stored tensor (its shard's header is read once)."""
+        file = self._file_map[name]
+        path = file if self.kind != "torchckpt" else os.path.join(self.path, file)
+        header = self._headers.get(path)
+        if header is None:
+            infos, _, _ = _format.read_header(path, file)
+            header = self._headers[path] = {t.name: t for t in infos}
+        info = header.get(name)
+        if info is None:
+            raise CorruptCheckpointError(f"{INDEX_FILE} puts {name!r} in {file}, but that shard does not hold it.", path)
+        expected = self.get_variable_to_shape_map()[name], self.get_variable_to_dtype_map()[name]
+        if (torch.Size(info.shape), info.dtype) != expected:
+            raise CorruptCheckpointError(
+                f"Tensor {name!r}: {INDEX_FILE} says {expected[1]} {list(expected[0])} but {file} holds "
+                f"{info.dtype} {list(info.shape)}.",
+                path,
+            )
+        return info
+
+    def _checksum(self, name: str) -> str | None:
+        if self._index is None:
+            return None
+        if not self._checksums:
+            self._checksums = dict(zip(self._index.names, self._index.checksums))
+        return self._checksums.get(name)
+
+    def _file_path(self, info: TensorInfo) -> str:
+        return info.file if self.kind != "torchckpt" else os.path.join(self.path, info.file)
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        """Read one tensor, checking its size and (for torchckpt checkpoints) its checksum.
+
+        Raises:
+            VariableNotFoundError: no such tensor (with "Did you mean ...?").
+            CorruptCheckpointError: the bytes do not match what the index recorded.
+        """
+        stored = self._resolve(name)
+        info = self._info(stored)
+        out = torch.empty(info.shape, dtype=info.dtype)
+        path = self._file_path(info)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            digest = _tensorio.read_into(fd, info.start, out, verify=True)
+        except EOFError as e:
+            raise CorruptCheckpointError(f"{path} is truncated: {e}.", path) from e
+        finally:
+            os.close(fd)
+        expected = self._checksum(stored)
+        if expected is not None and digest is not None and f"{digest:016x}" != expected:
+            raise CorruptCheckpointError(
+                f"Tensor {stored!r} in {path} fails its checksum (recorded {expected}, read {digest:016x}).", path
+            )
+        return out
+
+    def iter_chunks(self, name: str, chunk_bytes: int = _tensorio.CHUNK_BYTES) -> Iterator[torch.Tensor]:
+        """The tensor's elements as flat 1-D tensors of at most ``chunk_bytes``: bounded memory."""
+        info = self._info(self._resolve(name))
+        item = _format.itemsize(info.dtype)
+        per = max(1, chunk_bytes // item)
+        count = info.nbytes // item
+        path = self._file_path(info)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for i in range(0, count, per):
+                part = torch.empty(min(per, count - i), dtype=info.dtype)
+                _tensorio.read_into(fd, info.start + i * item, part, verify=False)
+                yield part
+        finally:
+            os.close(fd)
+
+    # -- the rest of the checkpoint --------------------------------------------------------
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """Format version, creation time, torch and torchckpt versions, metrics, object kinds, sizes."""
+        if self._index is None:
+            return {"format": self.kind, "tensors": len(self._names)}
+        section = self._index.section
+        extra = _tree.decode(section.get("metadata", {}), None, lambda n: None) if section.get("metadata") else {}
+        return {
+            "format": "torchckpt",
+            "format_version": section.get("format_version"),
+            "created": section.get("created"),
+            "torch_version": section.get("torch_version"),
+            "torchckpt_version": section.get("torchckpt_version"),
+            "metrics": extra.get("metrics") if isinstance(extra, dict) else None,
+            "objects": section.get("objects", {}),
+            "total_size": self._index.raw.get("metadata", {}).get("total_size"),
+            "shards": len(self._index.shards),
+            "tensors": len(self._names) + len(self._aliases),
+        }
+
+    def get_state(self) -> Any:
+        """The non-tensor state tree with exact types; tensors appear as :class:`TensorSpec`."""
+        if self._index is None:
+            return {}
+        shapes, dtypes = self.get_variable_to_shape_map(), self.get_variable_to_dtype_map()
+        return _storage.state_tree(self._index, lambda n: TensorSpec(n, dtypes[n], shapes[n]))
+
+    def get_value(self, key: str) -> Any:
+        """A value of the state tree by its ``/`` key path (``"epoch"``, ``"g_sched/last_epoch"``)."""
+        node = self.get_state()
+        for part in key.split(_tree.SEP) if key else []:
+            if isinstance(node, dict):
+                matches = [k for k in node if _tree.key_part(k) == part]
+                if not matches:
+                    raise KeyError(f"{key!r} is not in the state of {self.path}")
+                node = node[matches[0]]
+            elif isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                raise KeyError(f"{key!r} is not in the state of {self.path}")
+        return node
+
+    def filter(self, pattern: str | None) -> list[str]:
+        """Sorted names matching a shell-style glob (all names for None)."""
+        return [n for n in self.names if pattern is None or fnmatch.fnmatchcase(n, pattern)]
+
+    def __repr__(self) -> str:
+        return f"CheckpointReader({self.path!r}, {len(self._names) + len(self._aliases)} tensors)"
+
+
+def _hf_index(directory: str) -> str | None:
+    found = sorted(n for n in os.listdir(directory) if n.endswith(HF_INDEX_SUFFIX))
+    if len(found) > 1:
+        raise CorruptCheckpointError(
+            f"{directory} holds several Hugging Face indexes ({', '.join(found)}); pass the one to read.", directory
+        )
+    return os.path.join(directory, found[0]) if found else None
+
+
+def _read_hf_index(path: str) -> CheckpointReader:
+    directory = os.path.dirname(path) or "."
+    try:
+        with open(path, "rb") as f:
+            was = gc.isenabled()
+            gc.disable()
+            try:
+                raw = json.loads(f.read())
+            finally:
+                if was:
+                    gc.enable()
+    except (OSError, ValueError) as e:
+        raise CorruptCheckpointError(f"Cannot read the Hugging Face index {path}: {e}", path) from e
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CorruptCheckpointError(f"{path} has no 'weight_map'.", path)
+    files = sorted({_format.check_member_name(directory, f, "shard") for f in weight_map.values()})
+    reader = CheckpointReader._from_safetensors([os.path.join(directory, f) for f in files], path, "huggingface")
+    missing = sorted(set(weight_map) - set(reader._files))
+    if missing:
+        raise CorruptCheckpointError(f"{path} lists tensors its shards do not hold: {', '.join(missing[:5])}.", path)
+    return reader
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> CheckpointReader:
+    """Open a checkpoint for inspection without reading any tensor data.
+
+    Args:
+        path: a torchckpt checkpoint directory, a directory a manager writes into (its latest
+            checkpoint), a ``.safetensors`` file, a Hugging Face sharded folder or its
+            ``*.safetensors.index.json``.
+
+    Raises:
+        CheckpointNotFoundError: nothing readable is at ``path``.
+        CorruptCheckpointError: the index or a header is malformed or hostile.
+    """
+    p = os.fspath(path)
+    if os.path.isfile(p):
+        if p.endswith(HF_INDEX_SUFFIX):
+            return _read_hf_index(p)
+        if p.endswith(_format.SHARD_SUFFIX):
+            return CheckpointReader._from_safetensors([p], p, "safetensors")
+        if os.path.basename(p) == INDEX_FILE:
+            return CheckpointReader._from_torchckpt(os.path.dirname(p) or ".")
+        raise CheckpointNotFoundError(f"{p} is neither a checkpoint directory, a .safetensors file nor an index.", p)
+    if os.path.isdir(p) and not os.path.isfile(os.path.join(p, INDEX_FILE)):
+        hf = _hf_index(p)
+        if hf is not None:
+            return _read_hf_index(hf)
+        singles = sorted(n for n in os.listdir(p) if n.endswith(_format.SHARD_SUFFIX))
+        if len(singles) == 1 and not _has_checkpoints(p):
+            return CheckpointReader._from_safetensors([os.path.join(p, singles[0])], p, "safetensors")
+    from torchckpt.checkpoint import resolve_checkpoint
+
+    return CheckpointReader._from_torchckpt(resolve_checkpoint(p))
+
+
+def _has_checkpoints(directory: str) -> bool:
+    from torchckpt._directory import committed_members
+
+    return bool(committed_members(directory))
+
+
+def list_variables(path: str | os.PathLike[str]) -> list[tuple[str, torch.Size]]:
+    """Sorted ``(name, shape)`` pairs of a checkpoint's tensors (as TensorFlow's)."""
+    shapes = load_checkpoint(path).get_variable_to_shape_map()
+    return sorted(shapes.items())
+
+
+def load_variable(path: str | os.PathLike[str], name: str) -> torch.Tensor:
+    """Read one tensor from a checkpoint; a trailing ``":0"`` is ignored (as TensorFlow's)."""
+    if name.endswith(":0"):
+        name = name[:-2]
+    return load_checkpoint(path).get_tensor(name)
+
+
+def verify(reader: CheckpointReader, progress: bool | None = None) -> list[str]:
+    """Check every shard and tensor of a checkpoint; returns the problems found (empty: all good)."""
+    from torchckpt._progress import progress_bar
+
+    problems: list[str] = []
+    if reader._index is None:
+        for name in reader._names:
+            try:
+                reader._info(name)
+            except CorruptCheckpointError as e:
+                problems.append(str(e))
+        return problems
+    index = reader._index
+    try:
+        infos = _storage.read_shard_headers(index)
+    except CorruptCheckpointError as e:
+        return [str(e)]
+    total = sum(s["size"] for s in index.shards)
+    checksums = dict(zip(index.names, index.checksums))
+    position = 0
+    with progress_bar(total, "verify", progress) as bar:
+        for shard in index.shards:
+            path = os.path.join(index.directory, shard["file"])
+            names = index.names[position : position + shard["tensors"]]
+            position += shard["tensors"]
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                first = min((infos[n].start for n in names), default=os.fstat(fd).st_size)
+                header = os.pread(fd, first, 0)
+                shard_hash = xxhash.xxh3_64(header)
+                for name in sorted(names, key=lambda n: infos[n].start):
+                    info = infos[name]
+                    digest = _tensorio.hash_file_range(fd, info.start, info.end)
+                    shard_hash.update(digest.to_bytes(8, "big"))
+                    if f"{digest:016x}" != checksums[name]:
+                        problems.append(
+                            f"{path}: tensor {name!r} fails its checksum (recorded {checksums[name]}, read {digest:016x})."
+                        )
+                    bar.update(info.nbytes)
+            finally:
+                os.close(fd)
+            if f"{shard_hash.intdigest():016x}" != shard["checksum"]:
+                problems.append(f"{path}: shard checksum mismatch (recorded {shard['checksum']}, "
+                                f"computed {shard_hash.intdigest():016x}).")
+    return problems
