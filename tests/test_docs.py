@@ -98,3 +98,9 @@ def test_gan_example_interrupted_with_ctrl_c_saves_and_resumes(tmp_path):
     again = subprocess.run([sys.executable, script, "--dir", run, "--steps", str(step + 10), "--save-every", "50"],
                            capture_output=True, text=True, check=True).stdout
     assert f"at step {step}" in again
+
+
+def test_inspect_example_runs():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "inspect_checkpoint.py")],
+                         capture_output=True, text=True, check=True).stdout
+    assert "model/0.weight" in out and "epoch: 7" in out and "only this tensor was read" in out

@@ -45,6 +45,8 @@ class State:
     checkpoints: list[Entry] = field(default_factory=list)
     preserved: list[Entry] = field(default_factory=list)
     last_preserved_timestamp: float = 0.0
+    best_metric: str | None = None
+    best_mode: str = "min"
 
     def to_bytes(self) -> bytes:
         data = {
@@ -54,6 +56,8 @@ class State:
             "checkpoints": [e.to_json() for e in self.checkpoints],
             "preserved": [e.to_json() for e in self.preserved],
             "last_preserved_timestamp": self.last_preserved_timestamp,
+            "best_metric": self.best_metric,
+            "best_mode": self.best_mode,
         }
         return (json.dumps(data, indent=1, allow_nan=False) + "\n").encode()
 
@@ -103,11 +107,14 @@ def read_state(directory: str) -> State | None:
     checkpoints, preserved = raw.get("checkpoints", []), raw.get("preserved", [])
     if not isinstance(checkpoints, list) or not isinstance(preserved, list):
         raise StateFileError(f"{path}: 'checkpoints' and 'preserved' must be lists")
+    best_metric, best_mode = raw.get("best_metric"), raw.get("best_mode", "min")
     return State(
         latest=None if latest is None else _plain_name(latest),
         checkpoints=[_entry(e) for e in checkpoints],
         preserved=[_entry(e) for e in preserved],
         last_preserved_timestamp=float(lpt),
+        best_metric=best_metric if isinstance(best_metric, str) else None,
+        best_mode=best_mode if best_mode in ("min", "max") else "min",
     )
 
 

@@ -100,7 +100,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
     preserved = {e.name: e for e in state.preserved}
     latest = _directory.latest_checkpoint(directory)
     latest_name = os.path.basename(latest) if latest else None
-    best = _best_name(state.checkpoints, args.metric, args.mode)
+    best = _best_name(state.checkpoints, args.metric or state.best_metric,
+                      args.mode or state.best_mode)
     rows, records = [], []
     for name in members:
         entry = kept.get(name) or preserved.get(name)
@@ -285,8 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ls", help="a manager directory's checkpoints, with marks and metrics")
     p.add_argument("directory")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--metric", help="the metric that decides 'best' (default: the only one recorded)")
-    p.add_argument("--mode", choices=("min", "max"), default="min", help="whether lower or higher is better")
+    p.add_argument("--metric", help="the metric that decides 'best' (default: the manager's best_metric, or the "
+                   "only metric recorded)")
+    p.add_argument("--mode", choices=("min", "max"), default=None, help="whether lower or higher is better "
+                   "(default: the manager's best_mode)")
     p.set_defaults(handler=cmd_ls)
 
     p = sub.add_parser("diff", help="tensors and state that differ between two checkpoints", parents=[progress])

@@ -197,9 +197,11 @@ class CheckpointManager:
         return newer[-1] if newer else None
 
     def _record_state(self) -> None:
+        metric = self._best_metric if isinstance(self._best_metric, str) else None
         _directory.write_state(
             self._directory,
-            State(self._latest, list(self._kept), list(self._preserved), self._last_preserved_timestamp),
+            State(self._latest, list(self._kept), list(self._preserved), self._last_preserved_timestamp,
+                  metric, self._best_mode),
         )
 
     # -- public properties ----------------------------------------------------------------
