@@ -35,42 +35,14 @@ GOLDEN_INDEX = """{
   "torch_version": "2.x",
   "torchckpt_version": "0.1.0",
   "checksum_algorithm": "xxh3-64",
-  "objects": {
-   "a": "tensor",
-   "b": "tensor",
-   "n": "value"
-  },
-  "state": {
-   "n": {
-    "@tuple": [
-     1,
-     {
-      "@float": "inf"
-     }
-    ]
-   },
-   "save_counter": 0
-  },
+  "objects": {"a": "tensor", "b": "tensor", "n": "value"},
+  "state": {"n": {"@tuple": [1, {"@float": "inf"}]}, "save_counter": 0},
   "aliases": {},
-  "shards": [
-   {
-    "file": "model-00001-of-00001.safetensors",
-    "size": 153,
-    "checksum": "%s",
-    "tensors": 2
-   }
-  ],
-  "tensors": {
-   "names": [
-    "a",
-    "b"
-   ],
-   "dtypes": "F32,I8",
-   "shapes": "2;",
-   "checksums": "%s%s"
-  }
+  "shards": [{"file": "model-00001-of-00001.safetensors", "size": 153, "checksum": "%s", "tensors": 2}],
+  "tensors": {"names": ["a", "b"], "dtypes": "F32,I8", "shapes": "2;", "checksums": "%s%s"}
  }
-}"""
+}
+"""
 
 
 def test_golden_shard_header():

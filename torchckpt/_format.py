@@ -17,8 +17,7 @@ import math
 import os
 import re
 import struct
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -76,9 +75,12 @@ def str_to_dtype(name: Any, where: str = "", path: str | None = None) -> torch.d
         raise CorruptCheckpointError(f"Unknown dtype {name!r}{where}.", path) from None
 
 
+_ITEMSIZES = {dtype: torch.empty((), dtype=dtype).element_size() for dtype in _ST_DTYPES}
+
+
 def itemsize(dtype: torch.dtype) -> int:
     """Bytes per element."""
-    return torch.empty((), dtype=dtype).element_size()
+    return _ITEMSIZES[dtype]
 
 
 _SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -115,20 +117,32 @@ def parse_size(size: int | str) -> int:
 # -- safetensors headers ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class TensorInfo:
+class TensorInfo(NamedTuple):
     """Where one tensor lives: its shard, dtype, shape and absolute byte range."""
 
     name: str
     file: str
     dtype: torch.dtype
-    shape: tuple[int, ...]
+    shape: torch.Size
     start: int
     end: int
 
     @property
     def nbytes(self) -> int:
         return self.end - self.start
+
+
+_SIZES: dict[Any, torch.Size] = {}
+
+
+def size_of(dims: Any) -> torch.Size:
+    """A cached ``torch.Size`` for a tuple of dims or a shape key (models repeat a few shapes)."""
+    size = _SIZES.get(dims)
+    if size is None:
+        size = torch.Size(parse_shape_key(dims, "") if isinstance(dims, str) else dims)
+        if len(_SIZES) < 100_000:
+            _SIZES[dims] = size
+    return size
 
 
 def encode_header(entries: list[tuple[str, torch.dtype, tuple[int, ...], int]]) -> bytes:
@@ -233,7 +247,24 @@ def _tensor_info(path: str, file_name: str, name: str, entry: Any, data_start: i
             f"and shape {shape} need {expected} bytes.",
             path,
         )
-    return TensorInfo(name, file_name, dtype, tuple(shape), data_start + begin, data_start + end)
+    return TensorInfo(name, file_name, dtype, size_of(tuple(shape)), data_start + begin, data_start + end)
+
+
+def dumps_layout(value: Any, depth: int = 2) -> bytes:
+    """JSON with the top ``depth`` levels of objects one key per line, everything below compact.
+
+    Readable where people look (the index's sections) and fast where it is big (the C encoder
+    writes the 20,000-entry ``weight_map`` on one line).
+    """
+
+    def render(node: Any, level: int) -> str:
+        if isinstance(node, dict) and node and level < depth:
+            pad = " " * (level + 1)
+            items = [f"{pad}{json.dumps(k, ensure_ascii=False)}: {render(v, level + 1)}" for k, v in node.items()]
+            return "{\n" + ",\n".join(items) + "\n" + " " * level + "}"
+        return json.dumps(node, ensure_ascii=False, allow_nan=False, separators=(", ", ": "))
+
+    return (render(value, 0) + "\n").encode()
 
 
 # -- shard names -------------------------------------------------------------------------------

@@ -175,6 +175,52 @@ def _strided_regions(dest: torch.Tensor, limit: int = CHUNK_BYTES) -> Iterator[t
         yield region, torch.empty(region.shape, dtype=dest.dtype)
 
 
+def read_many(fd: int, reads: list[tuple[torch.Tensor, int]], verify: bool) -> Iterator[tuple[int, int | None]]:
+    """Read each ``(destination, file offset)``, in offset order; yield ``(position, digest)``.
+
+    Runs of host-contiguous destinations whose bytes follow each other in the file are read with
+    one scatter ``preadv`` (up to ``IOV_MAX`` buffers), so many small tensors cost few syscalls.
+    """
+    i = 0
+    while i < len(reads):
+        dest, offset = reads[i]
+        if not _is_host_contiguous(dest):
+            yield i, read_into(fd, offset, dest, verify)
+            i += 1
+            continue
+        views = [byte_view(dest)]
+        end = offset + len(views[0])
+        j = i + 1
+        total = len(views[0])
+        while j < len(reads) and len(views) < _IOV_MAX and total < CHUNK_BYTES:
+            nxt, nxt_offset = reads[j]
+            if nxt_offset != end or not _is_host_contiguous(nxt):
+                break
+            view = byte_view(nxt)
+            views.append(view)
+            end += len(view)
+            total += len(view)
+            j += 1
+        _preadv_all(fd, views, offset)
+        for k, view in enumerate(views):
+            yield i + k, xxhash.xxh3_64_intdigest(view) if verify else None
+        i = j
+
+
+def _preadv_all(fd: int, views: list[memoryview], offset: int) -> None:
+    views = [v for v in views if len(v)]
+    while views:
+        n = os.preadv(fd, views, offset)
+        if n <= 0:
+            raise EOFError(f"unexpected end of file at byte {offset}")
+        offset += n
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if n and views:
+            views[0] = views[0][n:]
+
+
 def hash_file_range(fd: int, start: int, end: int) -> int:
     """xxh3-64 of bytes ``[start, end)`` of a file, read in bounded chunks."""
     hasher = xxhash.xxh3_64()

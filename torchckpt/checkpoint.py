@@ -321,7 +321,7 @@ def _plan_value(key: str, value: Any, saved: Any, plan: Plan, assign: Callable[[
     elif isinstance(value, torch.nn.Module):
         plan_module(key, value, saved, plan)
     elif isinstance(value, torch.Tensor):
-        plan_tensor(key, value.detach(), saved, plan)
+        plan_tensor(key, value, saved, plan)
     elif is_stateful(value):
         plan_stateful(key, value, saved, plan)
     elif _is_trackable(value) and isinstance(value, (dict, list)):
@@ -365,7 +365,7 @@ def _state_of(value: Any) -> Any:
     if isinstance(value, torch.nn.Module):
         return dict(value.state_dict())
     if isinstance(value, torch.Tensor):
-        return value.detach()
+        return value  # bytes are read through data_ptr(): autograd is not involved
     if is_stateful(value):
         return value.state_dict()
     if isinstance(value, dict) and _is_trackable(value):
@@ -459,24 +459,26 @@ def _execute(plan: Plan, directory: str, verify: bool, progress: bool | None) ->
             path = os.path.join(directory, file)
             fd = os.open(path, os.O_RDONLY)
             try:
-                done: set[tuple[int, int, int]] = set()
+                done: set[tuple[int, int]] = set()
+                unique = []
                 for dest, saved in sorted(reads, key=lambda r: r[1].info.start):
-                    key = (dest.data_ptr(), dest.numel(), saved.info.start)
-                    if key in done and dest.numel():
-                        continue
-                    done.add(key)
-                    try:
-                        digest = _tensorio.read_into(fd, saved.info.start, dest, verify)
-                    except EOFError as e:
-                        raise CorruptCheckpointError(f"Shard {path} is truncated: {e}.", path) from e
-                    if verify and f"{digest:016x}" != saved.checksum:
-                        raise CorruptCheckpointError(
-                            f"Tensor {saved.info.name!r} in {path} fails its checksum (recorded {saved.checksum}, "
-                            f"read {digest:016x}): the shard is corrupt. Objects may be partly restored; restore "
-                            "another checkpoint, and run `torchckpt verify` on this one.",
-                            path,
-                        )
-                    bar.update(saved.info.nbytes)
+                    key = (dest.data_ptr(), saved.info.start)
+                    if key not in done or not dest.numel():
+                        done.add(key)
+                        unique.append((dest, saved))
+                try:
+                    for saved, digest in _tensorio.read_many(fd, [(d, s.info.start) for d, s in unique], verify):
+                        if verify and f"{digest:016x}" != unique[saved][1].checksum:
+                            bad = unique[saved][1]
+                            raise CorruptCheckpointError(
+                                f"Tensor {bad.info.name!r} in {path} fails its checksum (recorded {bad.checksum}, "
+                                f"read {digest:016x}): the shard is corrupt. Objects may be partly restored; restore "
+                                "another checkpoint, and run `torchckpt verify` on this one.",
+                                path,
+                            )
+                        bar.update(unique[saved][1].info.nbytes)
+                except EOFError as e:
+                    raise CorruptCheckpointError(f"Shard {path} is truncated: {e}.", path) from e
             finally:
                 os.close(fd)
     for load in plan.loads:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -27,8 +27,7 @@ class PartialRestoreWarning(UserWarning):
     """Some checkpoint values were not used, or some objects were not fully matched."""
 
 
-@dataclass(frozen=True)
-class SavedTensor:
+class SavedTensor(NamedTuple):
     """A tensor in the checkpoint: where it is and its recorded checksum."""
 
     info: TensorInfo
@@ -36,7 +35,7 @@ class SavedTensor:
 
     @property
     def shape(self) -> torch.Size:
-        return torch.Size(self.info.shape)
+        return self.info.shape
 
     @property
     def dtype(self) -> torch.dtype:

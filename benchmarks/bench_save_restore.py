@@ -1,0 +1,253 @@
+"""Save and restore speed and memory: torchckpt against raw I/O, torch.save, safetensors and DCP.
+
+Every measurement runs in a fresh process. Rounds are interleaved (round 1 of every method, then
+round 2, ...), and the table reports medians, the ratio to the raw write/read of the same bytes
+in the same run, and peak extra RSS over the state size. Every save includes fsync of what it
+wrote; every restore reads into existing tensors from a cold page cache.
+
+    python benchmarks/bench_save_restore.py [--rounds 3] [--workloads big,many,gpt2]
+
+Workloads: big = 1 GiB fp32 in 200 tensors; many = 100 MB in 20,000 tensors; gpt2 = a
+GPT-2-small-shaped model (124M parameters) with AdamW state (about 1.5 GB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import drop_page_cache, machine, median, peak_rss_bytes, run_fresh  # noqa: E402
+
+SAVE_METHODS = ["raw", "torch", "safetensors", "dcp", "torchckpt", "torchckpt-async"]
+RESTORE_METHODS = ["raw", "torch", "safetensors", "dcp", "torchckpt"]
+LABELS = {"raw": "raw write / readinto", "torch": "torch.save / torch.load", "safetensors": "safetensors",
+          "dcp": "torch DCP", "torchckpt": "torchckpt", "torchckpt-async": "torchckpt async (blocked)"}
+
+
+def make_state(workload: str) -> dict[str, "torch.Tensor"]:  # noqa: F821
+    import torch
+
+    if workload == "big":
+        per = 2**30 // 4 // 200
+        return {f"layer{i}.weight": torch.full((per,), float(i)) for i in range(200)}
+    if workload == "many":
+        per = 100 * 10**6 // 4 // 20_000
+        return {f"blocks.{i // 20}.p{i % 20}": torch.full((per,), float(i % 7)) for i in range(20_000)}
+    if workload == "gpt2":
+        shapes = {"wte.weight": (50257, 768), "wpe.weight": (1024, 768)}
+        for layer in range(12):
+            p = f"h.{layer}."
+            shapes.update({p + "ln_1.weight": (768,), p + "ln_1.bias": (768,), p + "attn.c_attn.weight": (768, 2304),
+                           p + "attn.c_attn.bias": (2304,), p + "attn.c_proj.weight": (768, 768),
+                           p + "attn.c_proj.bias": (768,), p + "ln_2.weight": (768,), p + "ln_2.bias": (768,),
+                           p + "mlp.c_fc.weight": (768, 3072), p + "mlp.c_fc.bias": (3072,),
+                           p + "mlp.c_proj.weight": (3072, 768), p + "mlp.c_proj.bias": (768,)})
+        shapes.update({"ln_f.weight": (768,), "ln_f.bias": (768,)})
+        state = {}
+        for i, (name, shape) in enumerate(shapes.items()):  # parameters, then AdamW's state per parameter
+            state[f"model.{name}"] = torch.full(shape, 0.01 * (i % 5))
+            state[f"opt.{i}.exp_avg"] = torch.full(shape, 0.001)
+            state[f"opt.{i}.exp_avg_sq"] = torch.full(shape, 0.0001)
+            state[f"opt.{i}.step"] = torch.tensor(100.0)
+        return state
+    raise ValueError(workload)
+
+
+def _fsync_tree(path: str) -> None:
+    paths = [path] if os.path.isfile(path) else [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs]
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+
+
+def _byte_view(t):  # type: ignore[no-untyped-def]
+    from torchckpt._tensorio import byte_view
+
+    return byte_view(t)
+
+
+def save(method: str, state: dict, path: str) -> dict:  # type: ignore[type-arg]
+    import torch
+
+    start = time.perf_counter()
+    blocked = None
+    if method == "raw":
+        with open(path, "wb") as f:
+            for t in state.values():
+                f.write(_byte_view(t))
+            f.flush()
+            os.fsync(f.fileno())
+    elif method == "torch":
+        with open(path, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+    elif method == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, path)
+        _fsync_tree(path)
+    elif method == "dcp":
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(state, checkpoint_id=path)
+        _fsync_tree(path)
+    elif method == "torchckpt":
+        import torchckpt
+
+        torchckpt.Checkpoint(state=state).write(path, progress=False)
+    elif method == "torchckpt-async":
+        import torchckpt
+
+        manager = torchckpt.CheckpointManager(torchckpt.Checkpoint(state=state), path, async_save=True, progress=False)
+        manager.save()  # the first save allocates the reusable host buffers; training saves many times
+        manager.wait_until_finished()
+        start = time.perf_counter()
+        manager.save()
+        blocked = time.perf_counter() - start
+        for t in state.values():
+            t.add_(1)  # training goes on at once
+        manager.wait_until_finished()
+    return {"seconds": time.perf_counter() - start, "blocked": blocked}
+
+
+def restore(method: str, dest: dict, path: str) -> None:  # type: ignore[type-arg]
+    import torch
+
+    if method == "raw":
+        with open(path, "rb", buffering=0) as f:
+            for t in dest.values():
+                f.readinto(_byte_view(t))
+    elif method == "torch":
+        loaded = torch.load(path, weights_only=True)
+        for k, t in dest.items():
+            t.copy_(loaded[k])
+    elif method == "safetensors":
+        from safetensors.torch import load_file
+
+        loaded = load_file(path)
+        for k, t in dest.items():
+            t.copy_(loaded[k])
+    elif method == "dcp":
+        import torch.distributed.checkpoint as dcp
+
+        dcp.load(dest, checkpoint_id=path)
+    elif method == "torchckpt":
+        import torchckpt
+
+        torchckpt.Checkpoint(state=dest).read(path, progress=False).assert_consumed()
+
+
+def child(op: str, method: str, workload: str, path: str) -> None:
+    warnings.simplefilter("ignore")
+    import torch
+
+    state = make_state(workload)
+    state_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    if op == "restore":
+        for t in state.values():
+            t.zero_()
+        drop_page_cache([path])
+    before = peak_rss_bytes()
+    if op == "save":
+        result = save(method, state, path)
+    else:
+        start = time.perf_counter()
+        restore(method, state, path)
+        result = {"seconds": time.perf_counter() - start, "blocked": None}
+    result.update({"extra_rss": peak_rss_bytes() - before, "state_bytes": state_bytes})
+    if op == "restore":
+        reference = make_state(workload)
+        assert all(torch.equal(state[k], reference[k]) for k in state), f"{method} restored wrong values"
+    print(json.dumps(result))
+
+
+def _target(method: str, tmp: str, workload: str, op: str) -> str:
+    name = f"{workload}-{method}-{op}"
+    return os.path.join(tmp, name + (".pt" if method == "torch" else ".safetensors" if method == "safetensors" else
+                                     ".bin" if method == "raw" else ""))
+
+
+def _clear(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
+def run_workload(workload: str, rounds: int, tmp: str) -> dict[str, dict[str, list[dict]]]:  # type: ignore[type-arg]
+    results: dict[str, dict[str, list[dict]]] = {"save": {m: [] for m in SAVE_METHODS},  # type: ignore[type-arg]
+                                                 "restore": {m: [] for m in RESTORE_METHODS}}
+    sources = {}
+    for method in RESTORE_METHODS:  # files to restore from, written once by each method itself
+        sources[method] = _target(method, tmp, workload, "source")
+        run_fresh(__file__, ["--child", "save", method, workload, sources[method]])
+    for _ in range(rounds):
+        for method in SAVE_METHODS:
+            target = _target(method, tmp, workload, "save")
+            _clear(target)
+            results["save"][method].append(run_fresh(__file__, ["--child", "save", method, workload, target]))
+            _clear(target)
+        for method in RESTORE_METHODS:
+            results["restore"][method].append(
+                run_fresh(__file__, ["--child", "restore", method, workload, sources[method]]))
+    for path in sources.values():
+        _clear(path)
+    return results
+
+
+def report(workload: str, results: dict, rounds: int) -> list[str]:  # type: ignore[type-arg]
+    lines = []
+    state = results["save"]["raw"][0]["state_bytes"]
+    titles = {"big": "1 GiB fp32 in 200 tensors", "many": "100 MB in 20,000 tensors",
+              "gpt2": "GPT-2 small + AdamW state"}
+    for op in ("save", "restore"):
+        raw = median([r["seconds"] for r in results[op]["raw"]])
+        lines.append(f"\n{op} {titles[workload]} ({state / 2**20:.0f} MiB), median of {rounds} rounds"
+                     + (", cold page cache" if op == "restore" else ", fsync included"))
+        lines.append(f"| method | seconds | vs raw | peak extra RSS |")
+        lines.append("|---|---|---|---|")
+        for method, runs in results[op].items():
+            secs = median([r["blocked"] if r["blocked"] is not None else r["seconds"] for r in runs])
+            rss = median([r["extra_rss"] for r in runs]) / state
+            label = LABELS[method]
+            extra = ""
+            if method == "torchckpt-async":
+                total = median([r["seconds"] for r in runs])
+                sync = median([r["seconds"] for r in results[op]["torchckpt"]])
+                extra = f" (until durable {total:.3f} s; blocked = {100 * secs / sync:.0f}% of a sync save)"
+            lines.append(f"| {label} | {secs:.3f}{extra} | {secs / raw:.2f}x | {100 * rss:.1f}% |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workloads", default="big,many,gpt2")
+    parser.add_argument("--child", nargs=4, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(*args.child)
+        return
+    lines = [f"machine: {machine()}"]
+    import torch
+
+    lines.append(f"torch {torch.__version__}")
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
+        for workload in args.workloads.split(","):
+            lines += report(workload, run_workload(workload, args.rounds, tmp), args.rounds)
+            print("\n".join(lines), flush=True)
+            lines = []
+
+
+if __name__ == "__main__":
+    main()
