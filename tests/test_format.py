@@ -38,7 +38,7 @@ GOLDEN_INDEX = """{
   "objects": {"a": "tensor", "b": "tensor", "n": "value"},
   "state": {"n": {"@tuple": [1, {"@float": "inf"}]}, "save_counter": 0},
   "aliases": {},
-  "shards": [{"file": "model-00001-of-00001.safetensors", "size": 153, "checksum": "%s", "tensors": 2}],
+  "shards": [{"file": "model-00001-of-00001.safetensors", "size": 153, "checksum": "%s", "header_checksum": "%s", "tensors": 2}],
   "tensors": {"names": ["a", "b"], "dtypes": "F32,I8", "shapes": "2;", "checksums": "%s%s"}
  }
 }
@@ -63,7 +63,8 @@ def test_golden_index(tmp_path, monkeypatch):
     shard = xxhash.xxh3_64(GOLDEN_HEADER)
     shard.update(da.to_bytes(8, "big"))
     shard.update(db.to_bytes(8, "big"))
-    expected = GOLDEN_INDEX % (f"{shard.intdigest():016x}", f"{da:016x}", f"{db:016x}")
+    header_hash = xxhash.xxh3_64_hexdigest(GOLDEN_HEADER)
+    expected = GOLDEN_INDEX % (f"{shard.intdigest():016x}", header_hash, f"{da:016x}", f"{db:016x}")
     assert (tmp_path / "c" / "index.json").read_text() == expected
     assert (tmp_path / "c" / "model-00001-of-00001.safetensors").read_bytes() == GOLDEN_HEADER + a.numpy().tobytes() + b.numpy().tobytes()
 
@@ -222,3 +223,34 @@ def test_flipped_byte_fails_the_checksum(tmp_path):
     Path(shard).write_bytes(bytes(raw))
     with pytest.raises(CorruptCheckpointError, match="fails its checksum"):
         torchckpt.Checkpoint(w=torch.zeros(100)).restore(path)
+
+
+def test_a_header_from_another_writer_is_validated_in_full_and_restores(tmp_path):
+    """The fast path needs the recorded header checksum; any other header is parsed and checked."""
+    values = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.tensor([7], dtype=torch.int64)}
+    path = torchckpt.Checkpoint(**values).write(tmp_path / "c")
+    shard = Path(path, "model-00001-of-00001.safetensors")
+    raw = shard.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + n])
+    data = raw[8 + n :]
+    # the same header re-serialized with other spacing, as another tool would: same offsets, new bytes
+    body = json.dumps(header, indent=2).encode()
+    body += b" " * (-(len(body) + 8) % 8)
+    shard.write_bytes(struct.pack("<Q", len(body)) + body + data)
+    index = json.loads(Path(path, "index.json").read_text())
+    index["torchckpt"]["shards"][0]["size"] = shard.stat().st_size
+    Path(path, "index.json").write_text(json.dumps(index))
+    target = {k: torch.zeros_like(v) for k, v in values.items()}
+    torchckpt.Checkpoint(**target).read(path).assert_consumed()
+    assert all(torch.equal(target[k], v) for k, v in values.items())
+
+
+def test_an_index_without_header_checksums_still_restores(tmp_path):
+    path = torchckpt.Checkpoint(w=torch.arange(3.0)).write(tmp_path / "c")
+    index = json.loads(Path(path, "index.json").read_text())
+    del index["torchckpt"]["shards"][0]["header_checksum"]
+    Path(path, "index.json").write_text(json.dumps(index))
+    w = torch.zeros(3)
+    torchckpt.Checkpoint(w=w).read(path).assert_consumed()
+    assert torch.equal(w, torch.arange(3.0))

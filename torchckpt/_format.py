@@ -126,6 +126,7 @@ class TensorInfo(NamedTuple):
     shape: torch.Size
     start: int
     end: int
+    checksum: str = ""
 
     @property
     def nbytes(self) -> int:
@@ -250,15 +251,19 @@ def _tensor_info(path: str, file_name: str, name: str, entry: Any, data_start: i
     return TensorInfo(name, file_name, dtype, size_of(tuple(shape)), data_start + begin, data_start + end)
 
 
+LAYOUT_MAX_LINES = 1000
+
+
 def dumps_layout(value: Any, depth: int = 2) -> bytes:
     """JSON with the top ``depth`` levels of objects one key per line, everything below compact.
 
-    Readable where people look (the index's sections) and fast where it is big (the C encoder
-    writes the 20,000-entry ``weight_map`` on one line).
+    Readable where people look (the index's sections) and fast where it is big: an object of more
+    than ``LAYOUT_MAX_LINES`` keys (a 20,000-entry ``weight_map``) is written on one line by the
+    C encoder.
     """
 
     def render(node: Any, level: int) -> str:
-        if isinstance(node, dict) and node and level < depth:
+        if isinstance(node, dict) and node and level < depth and len(node) <= LAYOUT_MAX_LINES:
             pad = " " * (level + 1)
             items = [f"{pad}{json.dumps(k, ensure_ascii=False)}: {render(v, level + 1)}" for k, v in node.items()]
             return "{\n" + ",\n".join(items) + "\n" + " " * level + "}"
@@ -298,9 +303,18 @@ def check_member_name(directory: str, name: Any, what: str) -> str:
     return name
 
 
+_SHAPE_KEYS: dict[Any, str] = {}
+_DTYPE_NAMES = _ST_DTYPES
+
+
 def shape_key(shape: tuple[int, ...] | list[int]) -> str:
     """Shapes are stored in the index as ``"16,8"`` strings (``""`` for a scalar): fast to parse."""
-    return ",".join(map(str, shape))
+    key = _SHAPE_KEYS.get(shape) if isinstance(shape, tuple) else None
+    if key is None:
+        key = ",".join(map(str, shape))
+        if isinstance(shape, tuple) and len(_SHAPE_KEYS) < 100_000:
+            _SHAPE_KEYS[shape] = key
+    return key
 
 
 def parse_shape_key(text: Any, where: str) -> tuple[int, ...]:

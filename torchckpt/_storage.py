@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -96,15 +97,24 @@ def prepare_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.T
     """
     stored: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
-    seen: dict[tuple[Any, ...], str] = {}
+    by_address: dict[int, list[str]] = {}
+    supported = _format.SUPPORTED_DTYPES
+    strided = torch.strided
     for name, t in tensors.items():
-        _check_tensor(name, t)
-        if t.numel():
-            key = _alias_key(t)
-            if key in seen:
-                aliases[name] = seen[key]
+        if t.dtype not in supported or t.layout is not strided or t.is_meta or t.is_nested:
+            _check_tensor(name, t)
+        address = t.data_ptr()
+        if address and t.nbytes:
+            same = by_address.setdefault(address, [])
+            key = None
+            for other in same:  # views at one address are aliases only if they are identical views
+                key = key or _alias_key(t)
+                if _alias_key(stored[other]) == key:
+                    aliases[name] = other
+                    break
+            if name in aliases:
                 continue
-            seen[key] = name
+            same.append(name)
         stored[name] = t
     return stored, aliases
 
@@ -155,10 +165,11 @@ def write_checkpoint(
             finally:
                 os.close(fd)
             shard_hash = xxhash.xxh3_64(header)
+            dtype_names = _format._DTYPE_NAMES
             for (name, dtype, shape, _), digest in zip(entries, digests):
                 shard_hash.update(digest.to_bytes(8, "big"))
                 names.append(name)
-                dtypes.append(_format.dtype_to_str(dtype))
+                dtypes.append(dtype_names[dtype])
                 shapes.append(_format.shape_key(shape))
                 checksums.append(f"{digest:016x}")
                 weight_map[name] = file
@@ -166,6 +177,7 @@ def write_checkpoint(
                 "file": file,
                 "size": len(header) + shard.nbytes,
                 "checksum": f"{shard_hash.intdigest():016x}",
+                "header_checksum": xxhash.xxh3_64_hexdigest(header),
                 "tensors": len(shard.names),
             })
         index = {
@@ -381,7 +393,8 @@ def read_shard_headers(index: Index) -> dict[str, TensorInfo]:
                 )
             if weight_map.get(name) != file:
                 raise _corrupt(index.directory, f"weight_map puts {name!r} in {weight_map.get(name)!r}, not {file!r}")
-            infos[name] = info
+            infos[name] = info._replace(checksum=index.checksum_text[j * _format.CHECKSUM_CHARS:
+                                                                     (j + 1) * _format.CHECKSUM_CHARS])
     for alias, target in index.aliases.items():
         if target not in infos:
             raise _corrupt(index.directory, f"alias {alias!r} points at {target!r}, which is not stored")
@@ -391,32 +404,41 @@ def read_shard_headers(index: Index) -> dict[str, TensorInfo]:
 
 def _exact_header(index: Index, shard: dict[str, Any], position: int, dtypes: dict[str, torch.dtype],
                   path: str) -> list[TensorInfo] | None:
-    """The shard's tensors when its header is byte for byte what the index implies, else None.
+    """The shard's tensors when its header is the one written with this index, else None.
 
-    A header written by this version of torchckpt is fully determined by the index, so comparing
-    bytes validates it completely without parsing thousands of JSON entries; any other header
-    (another writer, a tampered file) goes through the full validating parser.
+    The index records the xxh3-64 of each shard's header bytes. When the header hashes to it and
+    the file has exactly the recorded size, the header is the one the writer produced from this
+    very table, so the offsets follow from the table without parsing thousands of JSON entries.
+    Anything else (an index without header checksums, another writer, a tampered file) goes
+    through the full validating parser.
     """
-    names = index.names[position : position + shard["tensors"]]
-    entries = []
-    for j, name in enumerate(names, position):
-        dtype, shape = dtypes[index.dtypes[j]], _format.size_of(index.shapes[j])
-        entries.append((name, dtype, shape, shape.numel() * _format.itemsize(dtype)))
-    try:
-        expected = _format.encode_header(entries)
-    except ValueError:
-        return None
-    if len(expected) + sum(e[3] for e in entries) != shard["size"]:
+    recorded = shard.get("header_checksum")
+    if not isinstance(recorded, str):
         return None
     with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size != shard["size"] or f.read(len(expected)) != expected:
+        size = os.fstat(f.fileno()).st_size
+        prefix = f.read(8)
+        if size != shard["size"] or len(prefix) < 8:
             return None
+        (n,) = struct.unpack("<Q", prefix)
+        if n > _format.MAX_HEADER_SIZE or 8 + n > size:
+            return None
+        header = prefix + f.read(n)
+    if xxhash.xxh3_64_hexdigest(header) != recorded:
+        return None
     out = []
-    offset = len(expected)
+    offset = len(header)
     file = shard["file"]
-    for name, dtype, shape, nbytes in entries:
-        out.append(TensorInfo(name, file, dtype, shape, offset, offset + nbytes))
-        offset += nbytes
+    itemsizes = {d: _format.itemsize(dt) for d, dt in dtypes.items()}
+    checksum_text, w = index.checksum_text, _format.CHECKSUM_CHARS
+    for j in range(position, position + shard["tensors"]):
+        shape = _format.size_of(index.shapes[j])
+        end = offset + shape.numel() * itemsizes[index.dtypes[j]]
+        out.append(TensorInfo(index.names[j], file, dtypes[index.dtypes[j]], shape, offset, end,
+                              checksum_text[j * w : (j + 1) * w]))
+        offset = end
+    if offset != size:
+        return None
     return out
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import xxhash
@@ -88,6 +89,17 @@ def write_tensors(fd: int, tensors: list[torch.Tensor], on_bytes: object = None)
     pending_bytes = 0
     keep_alive: list[torch.Tensor] = []
     for t in tensors:
+        if t.device.type == "cpu" and t.is_contiguous() and not t.is_conj() and not t.is_neg():
+            view = byte_view(t)  # the common case: straight from the tensor's memory
+            digests.append(xxhash.xxh3_64_intdigest(view))
+            pending.append(view)
+            pending_bytes += len(view)
+            if pending_bytes >= _WRITEV_BYTES or len(pending) >= _IOV_MAX:
+                _write_all(fd, pending)
+                pending, pending_bytes = [], 0
+            if callable(on_bytes):
+                on_bytes(len(view))
+            continue
         hasher = None
         digest = None
         for chunk in host_chunks(t):
@@ -175,36 +187,48 @@ def _strided_regions(dest: torch.Tensor, limit: int = CHUNK_BYTES) -> Iterator[t
         yield region, torch.empty(region.shape, dtype=dest.dtype)
 
 
-def read_many(fd: int, reads: list[tuple[torch.Tensor, int]], verify: bool) -> Iterator[tuple[int, int | None]]:
-    """Read each ``(destination, file offset)``, in offset order; yield ``(position, digest)``.
+def read_many(fd: int, reads: list[tuple[torch.Tensor, Any]], verify: bool,
+              on_bytes: Callable[[int], None]) -> tuple[Any, str] | None:
+    """Read each ``(destination, saved)`` pair (``saved`` has ``start``, ``nbytes``, ``checksum``).
 
-    Runs of host-contiguous destinations whose bytes follow each other in the file are read with
-    one scatter ``preadv`` (up to ``IOV_MAX`` buffers), so many small tensors cost few syscalls.
+    Reads go in the given (offset) order. Runs of host-contiguous destinations whose bytes follow
+    each other in the file are read with one scatter ``preadv`` (up to ``IOV_MAX`` buffers), so
+    many small tensors cost few system calls.
+
+    Returns:
+        None, or the first ``(saved, hex digest read)`` whose checksum does not match.
     """
-    i = 0
-    while i < len(reads):
-        dest, offset = reads[i]
+    i, count = 0, len(reads)
+    while i < count:
+        dest, saved = reads[i]
         if not _is_host_contiguous(dest):
-            yield i, read_into(fd, offset, dest, verify)
+            digest = read_into(fd, saved.start, dest, verify)
+            if verify and f"{digest:016x}" != saved.checksum:
+                return saved, f"{digest:016x}"
+            on_bytes(saved.nbytes)
             i += 1
             continue
-        views = [byte_view(dest)]
-        end = offset + len(views[0])
+        batch = [(byte_view(dest), saved)]
+        end = saved.end
+        total = saved.nbytes
         j = i + 1
-        total = len(views[0])
-        while j < len(reads) and len(views) < _IOV_MAX and total < CHUNK_BYTES:
-            nxt, nxt_offset = reads[j]
-            if nxt_offset != end or not _is_host_contiguous(nxt):
+        while j < count and j - i < _IOV_MAX and total < CHUNK_BYTES:
+            nxt, nxt_saved = reads[j]
+            if nxt_saved.start != end or not _is_host_contiguous(nxt):
                 break
-            view = byte_view(nxt)
-            views.append(view)
-            end += len(view)
-            total += len(view)
+            batch.append((byte_view(nxt), nxt_saved))
+            end = nxt_saved.end
+            total += nxt_saved.nbytes
             j += 1
-        _preadv_all(fd, views, offset)
-        for k, view in enumerate(views):
-            yield i + k, xxhash.xxh3_64_intdigest(view) if verify else None
+        _preadv_all(fd, [view for view, _ in batch], saved.start)
+        if verify:
+            hexdigest = xxhash.xxh3_64_hexdigest
+            for view, item in batch:
+                if hexdigest(view) != item.checksum:
+                    return item, hexdigest(view)
+        on_bytes(total)
         i = j
+    return None
 
 
 def _preadv_all(fd: int, views: list[memoryview], offset: int) -> None:

@@ -281,10 +281,7 @@ class Checkpoint:
         directory = resolve_checkpoint(save_path)
         index = _storage.load_index(directory)
         infos = _storage.read_shard_headers(index)
-        checksums = dict(zip(index.names, index.checksums))
-        for alias, target in index.aliases.items():
-            checksums[alias] = checksums[target]
-        saved = _storage.state_tree(index, lambda name: SavedTensor(infos[name], checksums[name]))
+        saved = _storage.state_tree(index, infos.__getitem__)
         if not isinstance(saved, dict):
             raise CorruptCheckpointError(f"{directory}: the state tree's root is not a dict.", directory)
         plan = Plan()
@@ -452,8 +449,8 @@ def resolve_checkpoint(path: PathLike) -> str:
 def _execute(plan: Plan, directory: str, verify: bool, progress: bool | None) -> None:
     by_file: dict[str, list[tuple[torch.Tensor, SavedTensor]]] = {}
     for dest, saved in plan.reads:
-        by_file.setdefault(saved.info.file, []).append((dest, saved))
-    total = sum(saved.info.nbytes for _, saved in plan.reads)
+        by_file.setdefault(saved.file, []).append((dest, saved))
+    total = sum(saved.nbytes for _, saved in plan.reads)
     with progress_bar(total, f"restore {os.path.basename(directory)}", progress) as bar, torch.no_grad():
         for file, reads in by_file.items():
             path = os.path.join(directory, file)
@@ -461,24 +458,23 @@ def _execute(plan: Plan, directory: str, verify: bool, progress: bool | None) ->
             try:
                 done: set[tuple[int, int]] = set()
                 unique = []
-                for dest, saved in sorted(reads, key=lambda r: r[1].info.start):
-                    key = (dest.data_ptr(), saved.info.start)
+                for dest, saved in sorted(reads, key=lambda r: r[1].start):
+                    key = (dest.data_ptr(), saved.start)
                     if key not in done or not dest.numel():
                         done.add(key)
                         unique.append((dest, saved))
                 try:
-                    for saved, digest in _tensorio.read_many(fd, [(d, s.info.start) for d, s in unique], verify):
-                        if verify and f"{digest:016x}" != unique[saved][1].checksum:
-                            bad = unique[saved][1]
-                            raise CorruptCheckpointError(
-                                f"Tensor {bad.info.name!r} in {path} fails its checksum (recorded {bad.checksum}, "
-                                f"read {digest:016x}): the shard is corrupt. Objects may be partly restored; restore "
-                                "another checkpoint, and run `torchckpt verify` on this one.",
-                                path,
-                            )
-                        bar.update(unique[saved][1].info.nbytes)
+                    bad = _tensorio.read_many(fd, unique, verify, bar.update)
                 except EOFError as e:
                     raise CorruptCheckpointError(f"Shard {path} is truncated: {e}.", path) from e
+                if bad is not None:
+                    saved, digest = bad
+                    raise CorruptCheckpointError(
+                        f"Tensor {saved.name!r} in {path} fails its checksum (recorded {saved.checksum}, "
+                        f"read {digest}): the shard is corrupt. Objects may be partly restored; restore "
+                        "another checkpoint, and run `torchckpt verify` on this one.",
+                        path,
+                    )
             finally:
                 os.close(fd)
     for load in plan.loads:

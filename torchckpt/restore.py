@@ -12,7 +12,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
@@ -27,19 +27,7 @@ class PartialRestoreWarning(UserWarning):
     """Some checkpoint values were not used, or some objects were not fully matched."""
 
 
-class SavedTensor(NamedTuple):
-    """A tensor in the checkpoint: where it is and its recorded checksum."""
-
-    info: TensorInfo
-    checksum: str
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.info.shape
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.info.dtype
+SavedTensor = TensorInfo  # a tensor in the checkpoint: where it is, its dtype, shape and checksum
 
 
 @dataclass
