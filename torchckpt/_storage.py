@@ -11,11 +11,13 @@ needs before it touches any object).
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import os
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +30,19 @@ from torchckpt._progress import progress_bar
 from torchckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedStateError
 
 TORCHCKPT_KEY = "torchckpt"
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector: saving or restoring tens of thousands of tensors
+    allocates many small objects, and collections triggered in between only cost time."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def is_committed(path: str) -> bool:
@@ -285,17 +300,11 @@ def load_index(directory: str) -> Index:
         ) from None
     except IsADirectoryError:
         raise _corrupt(directory, "it is a directory") from None
-    import gc
-
-    was_enabled = gc.isenabled()
-    gc.disable()  # parsing allocates many small objects; collections in between only cost time
-    try:
-        raw = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _corrupt(directory, f"not valid JSON ({e})") from e
-    finally:
-        if was_enabled:
-            gc.enable()
+    with gc_paused():  # parsing allocates many small objects; collections in between only cost time
+        try:
+            raw = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise _corrupt(directory, f"not valid JSON ({e})") from e
     if not isinstance(raw, dict) or not isinstance(raw.get(TORCHCKPT_KEY), dict):
         raise _corrupt(directory, f"it has no {TORCHCKPT_KEY!r} section (not written by torchckpt)")
     section = raw[TORCHCKPT_KEY]

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from torchckpt import _directory, _format, _storage, _tensorio, _tree
+from torchckpt._format import TensorInfo as SavedTensor
 from torchckpt._progress import progress_bar
 from torchckpt.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from torchckpt.restore import (
@@ -26,7 +27,6 @@ from torchckpt.restore import (
     MismatchReport,
     Plan,
     RestoreStatus,
-    SavedTensor,
     plan_module,
     plan_stateful,
     plan_tensor,
@@ -278,7 +278,10 @@ class Checkpoint:
     def _restore(self, save_path: PathLike | None, verify: bool, progress: bool | None, expect_counter: bool) -> RestoreStatus:
         if save_path is None:
             return RestoreStatus(MismatchReport(), None)
-        directory = resolve_checkpoint(save_path)
+        with _storage.gc_paused():
+            return self._restore_from(resolve_checkpoint(save_path), verify, progress, expect_counter)
+
+    def _restore_from(self, directory: str, verify: bool, progress: bool | None, expect_counter: bool) -> RestoreStatus:
         index = _storage.load_index(directory)
         infos = _storage.read_shard_headers(index)
         saved = _storage.state_tree(index, infos.__getitem__)
@@ -408,7 +411,8 @@ def _write(
     before_commit: Callable[[str], None] | None,
 ) -> str:
     _format.parse_size(max_shard_size)  # a bad size is an error before any work
-    return capture(ckpt, metadata).run(path, max_shard_size, progress, before_commit)
+    with _storage.gc_paused():
+        return capture(ckpt, metadata).run(path, max_shard_size, progress, before_commit)
 
 
 def resolve_checkpoint(path: PathLike) -> str:

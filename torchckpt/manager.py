@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from torchckpt import _atomic, _directory, _format, _lock
+from torchckpt import _atomic, _directory, _format, _lock, _storage
 from torchckpt._async import AsyncWriter
 from torchckpt._directory import Entry, State, StateFileError
 from torchckpt._retention import MetricFn, best_entries, plan_retention
@@ -299,7 +299,8 @@ class CheckpointManager:
             name = f"{self._name}-{number}"
             if metrics is not None and not isinstance(metrics, dict):
                 raise TypeError(f"metrics must be a dict, got {type(metrics).__name__}.")
-            job = capture(self._checkpoint, {"metrics": metrics} if metrics else None)
+            with _storage.gc_paused():
+                job = capture(self._checkpoint, {"metrics": metrics} if metrics else None)
         except BaseException:
             object.__setattr__(self._checkpoint, "_save_counter", counter_before)
             raise
@@ -307,7 +308,8 @@ class CheckpointManager:
         metrics_copy = dict(metrics) if metrics else None
 
         def write_and_record() -> None:
-            job.run(path, self._max_shard_size, self._progress)
+            with _storage.gc_paused():
+                job.run(path, self._max_shard_size, self._progress)
             self._record_and_sweep(name, metrics_copy)
 
         if self._writer is None:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from torchckpt import _tree
-from torchckpt._format import TensorInfo
+from torchckpt._format import TensorInfo as SavedTensor  # where a saved tensor is: dtype, shape, checksum
 from torchckpt.errors import RestoreMismatchError, format_keys
 
 __all__ = ["MismatchReport", "RestoreStatus", "PartialRestoreWarning"]
@@ -27,7 +27,6 @@ class PartialRestoreWarning(UserWarning):
     """Some checkpoint values were not used, or some objects were not fully matched."""
 
 
-SavedTensor = TensorInfo  # a tensor in the checkpoint: where it is, its dtype, shape and checksum
 
 
 @dataclass
