@@ -107,3 +107,39 @@ def test_interpreter_exit_waits_for_the_last_save(tmp_path):
     torchckpt.Checkpoint(w=target).restore(path).assert_consumed()
     assert torch.all(target == 3.0)
     assert torchckpt.latest_checkpoint(tmp_path) == path
+
+
+def test_checkpoint_write_and_save_async(tmp_path):
+    w = torch.zeros(50_000)
+    ckpt = torchckpt.Checkpoint(w=w, step=1)
+    path = ckpt.write(tmp_path / "w", async_save=True)
+    w.fill_(5.0)
+    ckpt.step = 2
+    ckpt.wait_until_finished()
+    target = torch.ones(50_000)
+    reader = torchckpt.Checkpoint(w=target, step=0)
+    reader.read(path).assert_consumed()
+    assert torch.all(target == 0.0) and reader.step == 1
+
+    saved = ckpt.save(tmp_path / "ckpt", async_save=True)
+    assert saved.endswith("ckpt-1") and ckpt.save_counter == 1
+    w.fill_(9.0)
+    ckpt.sync()
+    assert torchckpt.latest_checkpoint(tmp_path) == saved
+    fresh = torchckpt.Checkpoint(w=torch.zeros(50_000), step=0)
+    fresh.restore(tmp_path).assert_consumed()
+    assert torch.all(fresh.w == 5.0) and fresh.step == 2
+
+
+def test_checkpoint_async_failure_surfaces_on_the_next_call(tmp_path, monkeypatch):
+    ckpt = torchckpt.Checkpoint(w=torch.zeros(3))
+
+    def failing(*args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(_storage, "write_checkpoint", failing)
+    ckpt.write(tmp_path / "a", async_save=True)
+    with pytest.raises(OSError, match="Input/output error"):
+        ckpt.write(tmp_path / "b")
+    monkeypatch.undo()
+    assert ckpt.write(tmp_path / "c") == str(tmp_path / "c")

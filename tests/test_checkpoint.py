@@ -222,3 +222,12 @@ def test_rng_state_roundtrip(tmp_path):
     torchckpt.Checkpoint(rng=torchckpt.RNGState()).read(path).assert_consumed()
     assert torch.equal(torch.rand(3), expected[0])
     assert random.random() == expected[1] and np.random.rand() == expected[2]
+
+
+@pytest.mark.parametrize(("progress", "shown"), [(True, True), (False, False), (None, False)])
+def test_progress_bars_in_bytes(tmp_path, capsys, progress, shown):
+    ckpt = torchckpt.Checkpoint(w=torch.zeros(300_000))
+    path = ckpt.write(tmp_path / "c", progress=progress)
+    ckpt.read(path, progress=progress).assert_consumed()
+    err = capsys.readouterr().err
+    assert ("save c" in err and "restore c" in err and "B/s" in err) == shown

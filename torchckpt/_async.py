@@ -39,12 +39,19 @@ class AsyncWriter:
                 pin = src.device.type == "cuda"
                 buf = torch.empty(src.shape, dtype=src.dtype, pin_memory=pin)
                 self._buffers[name] = buf
-            with torch.no_grad():
-                buf.copy_(src.detach(), non_blocking=src.device.type == "cuda")
             on_cuda = on_cuda or src.device.type == "cuda"
             out[name] = buf
-        for stale in set(self._buffers) - set(tensors):
-            del self._buffers[stale]
+        if len(self._buffers) != len(out):
+            for stale in set(self._buffers) - set(tensors):
+                del self._buffers[stale]
+        sources = list(tensors.values())  # copy_ under no_grad: no autograd, no detach needed
+        with torch.no_grad():
+            copy_all = getattr(torch, "_foreach_copy_", None)
+            if copy_all is not None and sources:  # one call for thousands of tensors
+                copy_all(list(out.values()), sources, non_blocking=on_cuda)
+            else:
+                for buf, src in zip(out.values(), sources):
+                    buf.copy_(src, non_blocking=src.device.type == "cuda")
         if on_cuda:
             torch.cuda.synchronize()
         return out

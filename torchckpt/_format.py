@@ -17,7 +17,7 @@ import math
 import os
 import re
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -150,7 +150,7 @@ def size_of(dims: Any) -> torch.Size:
 _PLAIN_NAME = re.compile(r"[ !#-\[\]-~]*")  # printable ASCII without '"' and '\\': no JSON escaping needed
 
 
-def encode_header(entries: Sequence[tuple[str, torch.dtype, Sequence[int], int]]) -> bytes:
+def encode_header(entries: Iterable[tuple[str, torch.dtype, Sequence[int], int]]) -> bytes:
     """The 8-byte length prefix plus the space-padded JSON header for ``(name, dtype, shape, nbytes)``.
 
     Entries are laid out back to back in the given order.

@@ -112,7 +112,8 @@ def prepare_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.T
     """
     stored: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
-    by_address: dict[int, list[str]] = {}
+    first_at: dict[int, str] = {}  # address -> first stored tensor there (the common, cheap case)
+    views_at: dict[tuple[Any, ...], str] = {}  # full view key -> stored name, only where addresses repeat
     supported = _format.SUPPORTED_DTYPES
     strided = torch.strided
     for name, t in tensors.items():
@@ -120,16 +121,15 @@ def prepare_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.T
             _check_tensor(name, t)
         address = t.data_ptr()
         if address and t.nbytes:
-            same = by_address.setdefault(address, [])
-            key = None
-            for other in same:  # views at one address are aliases only if they are identical views
-                key = key or _alias_key(t)
-                if _alias_key(stored[other]) == key:
-                    aliases[name] = other
-                    break
-            if name in aliases:
-                continue
-            same.append(name)
+            first = first_at.setdefault(address, name)
+            if first != name:  # views at one address are aliases only if they are identical views
+                if not views_at:
+                    views_at.update({_alias_key(stored[n]): n for n in first_at.values() if n in stored})
+                key = _alias_key(t)
+                if key in views_at:
+                    aliases[name] = views_at[key]
+                    continue
+                views_at[key] = name
         stored[name] = t
     return stored, aliases
 
@@ -164,35 +164,37 @@ def write_checkpoint(
     names: list[str] = []
     dtypes: list[str] = []
     shapes: list[str] = []
-    checksums: list[str] = []
+    checksums: list[int] = []
     shard_records: list[dict[str, Any]] = []
     weight_map: dict[str, str] = {}
     with _atomic.temporary_directory(path) as tmp, progress_bar(total, f"save {os.path.basename(path)}", progress) as bar:
         for i, shard in enumerate(shards, 1):
             file = _format.shard_name(i, len(shards))
-            entries = [(n, stored[n].dtype, stored[n].shape, stored[n].nbytes) for n in shard.names]
-            header = _format.encode_header(entries)
+            header = _format.encode_header((n, t.dtype, t.shape, t.nbytes) for n in shard.names for t in (stored[n],))
+            shard_hash = xxhash.xxh3_64(header)
+            header_record = {"size": len(header) + shard.nbytes, "header_checksum": xxhash.xxh3_64_hexdigest(header)}
             fd = os.open(os.path.join(tmp, file), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
-                os.write(fd, header)
+                _tensorio.write_all(fd, header)
+                del header  # a 20,000-tensor header is megabytes: do not hold it while writing data
                 digests = _tensorio.write_tensors(fd, [stored[n] for n in shard.names], bar.update)
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            shard_hash = xxhash.xxh3_64(header)
             dtype_names = _format._DTYPE_NAMES
-            for (name, dtype, shape, _), digest in zip(entries, digests):
+            for name, digest in zip(shard.names, digests):
+                t = stored[name]
                 shard_hash.update(digest.to_bytes(8, "big"))
                 names.append(name)
-                dtypes.append(dtype_names[dtype])
-                shapes.append(_format.shape_key(shape))
-                checksums.append(f"{digest:016x}")
+                dtypes.append(dtype_names[t.dtype])
+                shapes.append(_format.shape_key(tuple(t.shape)))
+                checksums.append(digest)
                 weight_map[name] = file
             shard_records.append({
                 "file": file,
-                "size": len(header) + shard.nbytes,
+                "size": header_record["size"],
                 "checksum": f"{shard_hash.intdigest():016x}",
-                "header_checksum": xxhash.xxh3_64_hexdigest(header),
+                "header_checksum": header_record["header_checksum"],
                 "tensors": len(shard.names),
             })
         index = {
@@ -211,7 +213,7 @@ def write_checkpoint(
                     "names": names,
                     "dtypes": _format.DTYPE_SEP.join(dtypes),
                     "shapes": _format.SHAPE_SEP.join(shapes),
-                    "checksums": "".join(checksums),
+                    "checksums": "".join([f"{d:016x}" for d in checksums]),
                 },
             },
         }

@@ -76,6 +76,11 @@ def _write_all(fd: int, views: list[memoryview]) -> None:
             views[0] = views[0][n:]
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` (``os.write`` may write less than asked)."""
+    _write_all(fd, [memoryview(data)])
+
+
 def write_tensors(fd: int, tensors: list[torch.Tensor], on_bytes: object = None) -> list[int]:
     """Write each tensor's bytes back to back at the file's position; return their xxh3-64 digests.
 

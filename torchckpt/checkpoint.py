@@ -159,6 +159,7 @@ class Checkpoint:
     def __init__(self, **objects: Any) -> None:
         object.__setattr__(self, "_tracked", {})
         object.__setattr__(self, "_save_counter", 0)
+        object.__setattr__(self, "_writer", None)
         for name, value in objects.items():
             setattr(self, name, value)
 
@@ -182,7 +183,7 @@ class Checkpoint:
         if name.startswith("_") or hasattr(type(self), name):
             raise ValueError(
                 f"Cannot track an object named {name!r}: names starting with '_' and the Checkpoint's own "
-                "attributes (save, write, restore, read, save_counter) are reserved."
+                "attributes (save, write, restore, read, save_counter, wait_until_finished, sync) are reserved."
             )
         if _tree.SEP in name:
             raise ValueError(f"Cannot track an object named {name!r}: names may not contain '/'.")
@@ -216,6 +217,7 @@ class Checkpoint:
         max_shard_size: int | str = _format.DEFAULT_MAX_SHARD_SIZE,
         progress: bool | None = None,
         metadata: dict[str, Any] | None = None,
+        async_save: bool = False,
     ) -> str:
         """Write the checkpoint to the directory ``path``, atomically; ``save_counter`` is untouched.
 
@@ -225,15 +227,51 @@ class Checkpoint:
                 units, as Hugging Face) or ``"2GiB"``. Only a single larger tensor exceeds it.
             progress: show a progress bar (None: on a terminal, for saves over 256 MiB).
             metadata: JSON values stored with the checkpoint (the manager stores metrics here).
+            async_save: return once the state is copied into reusable host buffers; the write
+                happens in the background (see :meth:`wait_until_finished`).
 
         Returns:
             ``path`` as a str.
 
         Raises:
             UnsupportedStateError: a value cannot be stored without pickle; nothing is written.
+            Any failure of a previous asynchronous write.
         """
         path = os.fspath(path)
-        return _write(self, path, max_shard_size, progress, metadata, None)
+        if not async_save:
+            self.wait_until_finished()
+            return _write(self, path, max_shard_size, progress, metadata, None)
+        self._background(path, max_shard_size, progress, metadata, lambda: None)
+        return path
+
+    def _background(self, path: str, max_shard_size: int | str, progress: bool | None,
+                    metadata: dict[str, Any] | None, after: Callable[[], None]) -> None:
+        from torchckpt._async import AsyncWriter
+
+        if self._writer is None:
+            object.__setattr__(self, "_writer", AsyncWriter())
+        writer = self._writer
+        writer.wait()
+        _format.parse_size(max_shard_size)
+        with _storage.gc_paused():
+            job = capture(self, metadata)
+        job.stored = writer.snapshot(job.stored)
+
+        def run() -> None:
+            with _storage.gc_paused():
+                job.run(path, max_shard_size, progress)
+            after()
+
+        writer.submit(run)
+
+    def wait_until_finished(self) -> None:
+        """Block until an asynchronous write is durable; raise its failure, if any."""
+        if self._writer is not None:
+            self._writer.wait()
+
+    def sync(self) -> None:
+        """Alias of :meth:`wait_until_finished` (TensorFlow's name)."""
+        self.wait_until_finished()
 
     def save(self, file_prefix: PathLike, **options: Any) -> str:
         """Increment ``save_counter``, write ``f"{file_prefix}-{save_counter}"`` and record it as latest.
@@ -241,13 +279,23 @@ class Checkpoint:
         Nothing is ever deleted. Options are those of :meth:`write`.
         """
         prefix = os.fspath(file_prefix)
+        self.wait_until_finished()
         object.__setattr__(self, "_save_counter", self._save_counter + 1)
+        path = f"{prefix}-{self._save_counter}"
+
+        def record() -> None:
+            _directory.record_latest(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
+
         try:
-            path = self.write(f"{prefix}-{self._save_counter}", **options)
+            if options.pop("async_save", False):
+                self._background(path, options.get("max_shard_size", _format.DEFAULT_MAX_SHARD_SIZE),
+                                 options.get("progress"), options.get("metadata"), record)
+                return path
+            self.write(path, **options)
         except BaseException:
             object.__setattr__(self, "_save_counter", self._save_counter - 1)
             raise
-        _directory.record_latest(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
+        record()
         return path
 
     # -- restoring -----------------------------------------------------------------------
@@ -278,6 +326,7 @@ class Checkpoint:
     def _restore(self, save_path: PathLike | None, verify: bool, progress: bool | None, expect_counter: bool) -> RestoreStatus:
         if save_path is None:
             return RestoreStatus(MismatchReport(), None)
+        self.wait_until_finished()  # never read a checkpoint this object is still writing
         with _storage.gc_paused():
             return self._restore_from(resolve_checkpoint(save_path), verify, progress, expect_counter)
 
@@ -460,12 +509,12 @@ def _execute(plan: Plan, directory: str, verify: bool, progress: bool | None) ->
             path = os.path.join(directory, file)
             fd = os.open(path, os.O_RDONLY)
             try:
-                done: set[tuple[int, int]] = set()
+                done: set[int] = set()  # a destination tied to several names is read once
                 unique = []
                 for dest, saved in sorted(reads, key=lambda r: r[1].start):
-                    key = (dest.data_ptr(), saved.start)
-                    if key not in done or not dest.numel():
-                        done.add(key)
+                    address = dest.data_ptr()
+                    if address not in done or not dest.numel():
+                        done.add(address)
                         unique.append((dest, saved))
                 try:
                     bad = _tensorio.read_many(fd, unique, verify, bar.update)
