@@ -8,7 +8,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from torchckpt._directory import checkpoints_iterator, latest_checkpoint, wait_for_new_checkpoint
-from torchckpt.checkpoint import Checkpoint, RNGState
+from torchckpt.checkpoint import Checkpoint
 from torchckpt.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -20,6 +20,7 @@ from torchckpt.errors import (
 from torchckpt.manager import CheckpointManager
 from torchckpt.reader import CheckpointReader, list_variables, load_checkpoint, load_variable
 from torchckpt.restore import MismatchReport, PartialRestoreWarning, RestoreStatus
+from torchckpt.rng import RNGState
 
 __all__ = [
     "Checkpoint",
