@@ -300,7 +300,7 @@ def _item_setter(container: Any, key: Any) -> Callable[[Any], None]:
 def _plan_value(key: str, value: Any, saved: Any, plan: Plan, assign: Callable[[Any], None]) -> None:
     if isinstance(value, Checkpoint):
         if saved is MISSING or not isinstance(saved, dict):
-            plan_stateful_missing(key, value, saved, plan)
+            _plan_missing_checkpoint(key, value, saved, plan)
             return
         value._plan(saved, key, plan)
     elif isinstance(value, torch.nn.Module):
@@ -315,7 +315,8 @@ def _plan_value(key: str, value: Any, saved: Any, plan: Plan, assign: Callable[[
         plan_value(key, saved, assign, plan)
 
 
-def plan_stateful_missing(key: str, value: Checkpoint, saved: Any, plan: Plan) -> None:
+def _plan_missing_checkpoint(key: str, value: Checkpoint, saved: Any, plan: Plan) -> None:
+    """A nested Checkpoint with nothing (or no dict) to restore from: all of it is missing."""
     plan.report.missing_keys.extend(_tree.leaves(_tree_state_names(value), key))
     if saved is not MISSING:
         plan.report.unexpected_keys.extend(_tree.leaves(saved, key))
