@@ -19,6 +19,17 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, step: int) ->
     opt.step()
 
 
+class TiedLM(torch.nn.Module):
+    """An embedding whose weight is also the output head's (tied weights), plus a norm."""
+
+    def __init__(self, vocab: int = 10, dim: int = 4) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.head = torch.nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.embed.weight
+        self.norm = torch.nn.LayerNorm(dim)
+
+
 @pytest.fixture
 def mlp() -> torch.nn.Module:
     return make_mlp(0)

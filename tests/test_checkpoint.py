@@ -12,7 +12,7 @@ import torch
 import torchckpt
 from torchckpt import CheckpointNotFoundError, RestoreMismatchError, UnsupportedStateError
 
-from .conftest import make_mlp
+from .conftest import TiedLM, make_mlp
 
 
 def test_tracking_and_attribute_access(mlp):
@@ -107,21 +107,14 @@ def test_tensor_kinds_zero_dim_empty_noncontiguous_views(tmp_path):
 
 
 def test_tied_weights_are_stored_once_and_stay_tied(tmp_path):
-    class Tied(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.embed = torch.nn.Embedding(10, 4)
-            self.head = torch.nn.Linear(4, 10, bias=False)
-            self.head.weight = self.embed.weight
-
-    model = Tied()
+    model = TiedLM(10, 4)
     path = torchckpt.Checkpoint(model=model).write(tmp_path / "c")
     index = json.loads(Path(os.path.join(path, "index.json")).read_text())
-    assert list(index["weight_map"]) == ["model/embed.weight"]
+    assert sorted(index["weight_map"]) == ["model/embed.weight", "model/norm.bias", "model/norm.weight"]
     assert index["torchckpt"]["aliases"] == {"model/head.weight": "model/embed.weight"}
-    assert index["metadata"]["total_size"] == 10 * 4 * 4
+    assert index["metadata"]["total_size"] == (10 * 4 + 4 + 4) * 4
     torch.manual_seed(5)
-    fresh = Tied()
+    fresh = TiedLM(10, 4)
     torchckpt.Checkpoint(model=fresh).read(path).assert_consumed()
     assert torch.equal(fresh.embed.weight, model.embed.weight)
     assert fresh.head.weight.data_ptr() == fresh.embed.weight.data_ptr()
@@ -231,3 +224,14 @@ def test_progress_bars_in_bytes(tmp_path, capsys, progress, shown):
     ckpt.read(path, progress=progress).assert_consumed()
     err = capsys.readouterr().err
     assert ("save c" in err and "restore c" in err and "B/s" in err) == shown
+
+
+def test_distinct_tensors_sharing_a_start_address_are_each_restored(tmp_path):
+    """Only true aliases (same memory, same stored bytes) are read once; overlapping views are not."""
+    path = torchckpt.Checkpoint(a=torch.arange(4.0), b=torch.full((2,), 9.0)).write(tmp_path / "c")
+    base = torch.zeros(4)
+    a, b = base, base[:2]  # b starts where a starts, but it is a different tensor in the checkpoint
+    status = torchckpt.Checkpoint(a=a, b=b).read(path).assert_consumed()
+    assert sorted(status.report.restored_keys) == ["a", "b"]
+    assert torch.equal(b, torch.full((2,), 9.0))  # b is stored after a, so its bytes land last
+    assert torch.equal(base, torch.tensor([9.0, 9.0, 2.0, 3.0]))

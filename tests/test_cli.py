@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import torchckpt
 from torchckpt.cli import main
 
-from .conftest import make_mlp
+from .conftest import TiedLM, make_mlp
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -121,15 +121,7 @@ def test_export_loads_strictly_into_a_fresh_module(run_dir, tmp_path):
 
 
 def test_export_sharded_with_tied_weights(tmp_path):
-    class Tied(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.embed = torch.nn.Embedding(50, 8)
-            self.head = torch.nn.Linear(8, 50, bias=False)
-            self.head.weight = self.embed.weight
-            self.norm = torch.nn.LayerNorm(8)
-
-    model = Tied()
+    model = TiedLM(50, 8)
     path = torchckpt.Checkpoint(model=model).write(tmp_path / "c")
     out = tmp_path / "export"
     assert main(["export", path, "--object", "model", str(out), "--max-shard-size", "1KB"]) == 0
@@ -138,7 +130,7 @@ def test_export_sharded_with_tied_weights(tmp_path):
     state = {}
     for file in set(index["weight_map"].values()):
         state.update(load_file(out / file))
-    fresh = Tied()
+    fresh = TiedLM(50, 8)
     fresh.load_state_dict(state, strict=True)
     assert torch.equal(fresh.embed.weight, model.embed.weight)
 

@@ -172,7 +172,7 @@ def write_checkpoint(
             file = _format.shard_name(i, len(shards))
             header = _format.encode_header((n, t.dtype, t.shape, t.nbytes) for n in shard.names for t in (stored[n],))
             shard_hash = xxhash.xxh3_64(header)
-            header_record = {"size": len(header) + shard.nbytes, "header_checksum": xxhash.xxh3_64_hexdigest(header)}
+            header_checksum, size = xxhash.xxh3_64_hexdigest(header), len(header) + shard.nbytes
             fd = os.open(os.path.join(tmp, file), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
                 _tensorio.write_all(fd, header)
@@ -192,9 +192,9 @@ def write_checkpoint(
                 weight_map[name] = file
             shard_records.append({
                 "file": file,
-                "size": header_record["size"],
+                "size": size,
                 "checksum": f"{shard_hash.intdigest():016x}",
-                "header_checksum": header_record["header_checksum"],
+                "header_checksum": header_checksum,
                 "tensors": len(shard.names),
             })
         index = {
@@ -220,9 +220,7 @@ def write_checkpoint(
         data = _format.dumps_layout(index)
         fd = os.open(os.path.join(tmp, INDEX_FILE), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            _tensorio.write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -366,11 +364,7 @@ def read_shard_headers(index: Index) -> dict[str, TensorInfo]:
             raise CorruptCheckpointError(f"Shard {path} listed in {INDEX_FILE} is missing.", path)
         fast = _exact_header(index, shard, position, dtypes, path)
         if fast is not None:
-            for info in fast:
-                if weight_map.get(info.name) != file:
-                    raise _corrupt(index.directory, f"weight_map puts {info.name!r} in {weight_map.get(info.name)!r}, "
-                                   f"not {file!r}")
-                infos[info.name] = info
+            infos.update((info.name, info) for info in fast)
             position += shard["tensors"]
             continue
         found, _, size = _format.read_header(path, file)
@@ -402,10 +396,11 @@ def read_shard_headers(index: Index) -> dict[str, TensorInfo]:
                     f"holds {_format.dtype_to_str(info.dtype)} {list(info.shape)}.",
                     path,
                 )
-            if weight_map.get(name) != file:
-                raise _corrupt(index.directory, f"weight_map puts {name!r} in {weight_map.get(name)!r}, not {file!r}")
             infos[name] = info._replace(checksum=index.checksum_text[j * _format.CHECKSUM_CHARS:
                                                                      (j + 1) * _format.CHECKSUM_CHARS])
+    for name, info in infos.items():  # the Hugging Face weight_map must agree with the shards
+        if weight_map.get(name) != info.file:
+            raise _corrupt(index.directory, f"weight_map puts {name!r} in {weight_map.get(name)!r}, not {info.file!r}")
     for alias, target in index.aliases.items():
         if target not in infos:
             raise _corrupt(index.directory, f"alias {alias!r} points at {target!r}, which is not stored")

@@ -111,8 +111,11 @@ def write_all(fd: int, data: bytes) -> None:
     _write_all(fd, [memoryview(data)])
 
 
-def write_tensors(fd: int, tensors: list[torch.Tensor], on_bytes: object = None) -> list[int]:
+def write_tensors(fd: int, tensors: list[torch.Tensor], on_bytes: Callable[[int], None] | None = None) -> list[int]:
     """Write each tensor's bytes back to back at the file's position; return their xxh3-64 digests.
+
+    Host-contiguous tensors are written straight from their memory, many per ``writev``; others
+    (strided views, CUDA tensors) go through bounded staged chunks, each written at once.
 
     Args:
         fd: an open file descriptor positioned where the first tensor goes.
@@ -120,53 +123,32 @@ def write_tensors(fd: int, tensors: list[torch.Tensor], on_bytes: object = None)
         on_bytes: optional callable taking a byte count, for progress.
     """
     digests: list[int] = []
-    pending: list[memoryview] = []
+    pending: list[memoryview] = []  # views of tensors in ``tensors``, which keeps them alive
     pending_bytes = 0
-    keep_alive: list[torch.Tensor] = []
     flush = _EarlyFlush(fd)
     for t in tensors:
-        if t.device.type == "cpu" and t.is_contiguous() and not t.is_conj() and not t.is_neg():
-            view = byte_view(t)  # the common case: straight from the tensor's memory
+        if _is_host_contiguous(t):
+            view = byte_view(t)
             digests.append(xxhash.xxh3_64_intdigest(view))
             pending.append(view)
             pending_bytes += len(view)
             if pending_bytes >= _WRITEV_BYTES or len(pending) >= _IOV_MAX:
                 _write_all(fd, pending, flush)
                 pending, pending_bytes = [], 0
-            if callable(on_bytes):
+            if on_bytes is not None:
                 on_bytes(len(view))
             continue
-        hasher = None
-        digest = None
-        for chunk in host_chunks(t):
+        hasher = xxhash.xxh3_64()
+        for chunk in host_chunks(t):  # a staged copy: written before its buffer is reused
             view = byte_view(chunk)
-            if chunk is t:
-                digest = xxhash.xxh3_64_intdigest(view)
-                keep_alive.append(chunk)
-                pending.append(view)
-                pending_bytes += len(view)
-            else:  # a staged copy: write it before the buffer is reused
-                hasher = hasher or xxhash.xxh3_64()
-                hasher.update(view)
-                _write_all(fd, pending + [view], flush)
-                pending, pending_bytes, keep_alive = [], 0, []
-            if pending_bytes >= _WRITEV_BYTES or len(pending) >= _IOV_MAX:
-                _write_all(fd, pending, flush)
-                pending, pending_bytes, keep_alive = [], 0, []
-            if callable(on_bytes):
+            hasher.update(view)
+            _write_all(fd, [*pending, view], flush)
+            pending, pending_bytes = [], 0
+            if on_bytes is not None:
                 on_bytes(len(view))
-        digests.append(digest if digest is not None else (hasher.intdigest() if hasher else xxhash.xxh3_64_intdigest(b"")))
+        digests.append(hasher.intdigest())
     _write_all(fd, pending, flush)
     return digests
-
-
-def _pread_all(fd: int, view: memoryview, offset: int) -> None:
-    while view:
-        n = os.preadv(fd, [view], offset)
-        if n <= 0:
-            raise EOFError(f"unexpected end of file at byte {offset}")
-        view = view[n:]
-        offset += n
 
 
 def read_into(fd: int, offset: int, dest: torch.Tensor, verify: bool) -> int | None:
@@ -177,7 +159,7 @@ def read_into(fd: int, offset: int, dest: torch.Tensor, verify: bool) -> int | N
     """
     if _is_host_contiguous(dest):
         view = byte_view(dest)
-        _pread_all(fd, view, offset)
+        _preadv_all(fd, [view], offset)
         return xxhash.xxh3_64_intdigest(view) if verify else None
     hasher = xxhash.xxh3_64() if verify else None
     with torch.no_grad():
@@ -189,7 +171,7 @@ def read_into(fd: int, offset: int, dest: torch.Tensor, verify: bool) -> int | N
             for i in range(0, flat.numel(), per):
                 part = staging[: min(per, flat.numel() - i)]
                 view = byte_view(part)
-                _pread_all(fd, view, offset)
+                _preadv_all(fd, [view], offset)
                 offset += len(view)
                 if hasher:
                     hasher.update(view)
@@ -199,7 +181,7 @@ def read_into(fd: int, offset: int, dest: torch.Tensor, verify: bool) -> int | N
         else:
             for region, chunk in _strided_regions(dest):
                 view = byte_view(chunk)
-                _pread_all(fd, view, offset)
+                _preadv_all(fd, [view], offset)
                 offset += len(view)
                 if hasher:
                     hasher.update(view)
@@ -224,12 +206,14 @@ def _strided_regions(dest: torch.Tensor, limit: int = CHUNK_BYTES) -> Iterator[t
 
 
 def read_many(fd: int, reads: list[tuple[torch.Tensor, Any]], verify: bool,
-              on_bytes: Callable[[int], None]) -> tuple[Any, str] | None:
+              on_bytes: Callable[[int], None], scatter: bool = True) -> tuple[Any, str] | None:
     """Read each ``(destination, saved)`` pair (``saved`` has ``start``, ``nbytes``, ``checksum``).
 
     Reads go in the given (offset) order. Runs of host-contiguous destinations whose bytes follow
     each other in the file are read with one scatter ``preadv`` (up to ``IOV_MAX`` buffers), so
-    many small tensors cost few system calls.
+    many small tensors cost few system calls. ``scatter=False`` reads (and checks) one tensor at a
+    time, for destinations that overlap in memory: a batch would be checked only after a later
+    read had overwritten an earlier destination's bytes.
 
     Returns:
         None, or the first ``(saved, hex digest read)`` whose checksum does not match.
@@ -248,7 +232,7 @@ def read_many(fd: int, reads: list[tuple[torch.Tensor, Any]], verify: bool,
         end = saved.end
         total = saved.nbytes
         j = i + 1
-        while j < count and j - i < _IOV_MAX and total < CHUNK_BYTES:
+        while scatter and j < count and j - i < _IOV_MAX and total < CHUNK_BYTES:
             nxt, nxt_saved = reads[j]
             if nxt_saved.start != end or not _is_host_contiguous(nxt):
                 break

@@ -174,31 +174,46 @@ class Checkpoint:
             Any failure of a previous asynchronous write.
         """
         path = os.fspath(path)
-        if not async_save:
-            self.wait_until_finished()
-            return _write(self, path, max_shard_size, progress, metadata, None)
-        self._background(path, max_shard_size, progress, metadata, lambda: None)
+        self._commit(path, max_shard_size, progress, metadata, async_save)
         return path
 
-    def _background(self, path: str, max_shard_size: int | str, progress: bool | None,
-                    metadata: dict[str, Any] | None, after: Callable[[], None]) -> None:
-        from torchckpt._async import AsyncWriter
+    def _commit(
+        self,
+        path: str,
+        max_shard_size: int | str,
+        progress: bool | None,
+        metadata: dict[str, Any] | None,
+        async_save: bool,
+        after: Callable[[], None] | None = None,
+        before_commit: Callable[[str], None] | None = None,
+    ) -> None:
+        """The one write path: capture the state now, then write it here or in the background.
 
-        if self._writer is None:
-            object.__setattr__(self, "_writer", AsyncWriter())
-        writer = self._writer
-        writer.wait()
-        _format.parse_size(max_shard_size)
-        with _storage.gc_paused():
-            job = capture(self, metadata)
-        job.stored = writer.snapshot(job.stored)
+        ``after`` runs once the checkpoint is committed (``save`` records the latest checkpoint,
+        the manager applies retention), on the background thread for an asynchronous write.
+        """
+        self.wait_until_finished()  # one write in flight; raises a previous background failure
+        _format.parse_size(max_shard_size)  # a bad size is an error before any work
 
         def run() -> None:
             with _storage.gc_paused():
-                job.run(path, max_shard_size, progress)
-            after()
+                job.run(path, max_shard_size, progress, before_commit)
+            if after is not None:
+                after()
 
-        writer.submit(run)
+        # One pause over capture and write: re-enabling the collector in between would make it
+        # sweep the tens of thousands of small objects the capture has just made.
+        with _storage.gc_paused():
+            job = capture(self, metadata)
+            if not async_save:
+                run()
+                return
+            from torchckpt._async import AsyncWriter
+
+            if self._writer is None:
+                object.__setattr__(self, "_writer", AsyncWriter())
+            job.stored = self._writer.snapshot(job.stored)
+        self._writer.submit(run)
 
     def wait_until_finished(self) -> None:
         """Block until an asynchronous write is durable; raise its failure, if any."""
@@ -223,15 +238,11 @@ class Checkpoint:
             _directory.record_latest(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
 
         try:
-            if options.pop("async_save", False):
-                self._background(path, options.get("max_shard_size", _format.DEFAULT_MAX_SHARD_SIZE),
-                                 options.get("progress"), options.get("metadata"), record)
-                return path
-            self.write(path, **options)
+            self._commit(path, options.get("max_shard_size", _format.DEFAULT_MAX_SHARD_SIZE), options.get("progress"),
+                         options.get("metadata"), options.get("async_save", False), after=record)
         except BaseException:
             object.__setattr__(self, "_save_counter", self._save_counter - 1)
             raise
-        record()
         return path
 
     # -- restoring -----------------------------------------------------------------------
@@ -396,9 +407,9 @@ def _write(
     metadata: dict[str, Any] | None,
     before_commit: Callable[[str], None] | None,
 ) -> str:
-    _format.parse_size(max_shard_size)  # a bad size is an error before any work
-    with _storage.gc_paused():
-        return capture(ckpt, metadata).run(path, max_shard_size, progress, before_commit)
+    """A synchronous write with a hook before the commit (tests inject faults with it)."""
+    ckpt._commit(path, max_shard_size, progress, metadata, False, before_commit=before_commit)
+    return path
 
 
 def resolve_checkpoint(path: PathLike) -> str:
@@ -446,15 +457,19 @@ def _execute(plan: Plan, directory: str, verify: bool, progress: bool | None) ->
             path = os.path.join(directory, file)
             fd = os.open(path, os.O_RDONLY)
             try:
-                done: set[int] = set()  # a destination tied to several names is read once
+                done: set[tuple[int, int]] = set()  # tied names: same memory, same stored bytes: read once
                 unique = []
+                spans = []
                 for dest, saved in sorted(reads, key=lambda r: r[1].start):
-                    address = dest.data_ptr()
-                    if address not in done or not dest.numel():
-                        done.add(address)
+                    key = (dest.data_ptr(), saved.start)
+                    if key not in done or not dest.numel():
+                        done.add(key)
                         unique.append((dest, saved))
+                        spans.append((key[0], key[0] + saved.nbytes))
+                spans.sort()
+                overlap = any(spans[i][1] > spans[i + 1][0] for i in range(len(spans) - 1))
                 try:
-                    bad = _tensorio.read_many(fd, unique, verify, bar.update)
+                    bad = _tensorio.read_many(fd, unique, verify, bar.update, scatter=not overlap)
                 except EOFError as e:
                     raise CorruptCheckpointError(f"Shard {path} is truncated: {e}.", path) from e
                 if bad is not None:

@@ -20,11 +20,10 @@ from typing import Any
 
 import torch
 
-from torchckpt import _atomic, _directory, _format, _lock, _storage
-from torchckpt._async import AsyncWriter
+from torchckpt import _atomic, _directory, _format, _lock
 from torchckpt._directory import Entry, State, StateFileError
 from torchckpt._retention import MetricFn, best_entries, plan_retention
-from torchckpt.checkpoint import Checkpoint, capture
+from torchckpt.checkpoint import Checkpoint
 
 __all__ = ["CheckpointManager"]
 
@@ -116,7 +115,7 @@ class CheckpointManager:
         self._max_shard_size = max_shard_size
         self._progress = progress
         self._last_checkpoint_step: int | None = None
-        self._writer = AsyncWriter() if async_save else None
+        self._async_save = async_save
         os.makedirs(self._directory, exist_ok=True)
         _lock.claim_directory(self._directory)
         _atomic.remove_stale_temporaries(self._directory, f"{checkpoint_name}-")
@@ -282,8 +281,7 @@ class CheckpointManager:
         Raises:
             UnsupportedStateError: nothing is written. Also any failure of a previous async save.
         """
-        if self._writer is not None:
-            self._writer.wait()
+        self._checkpoint.wait_until_finished()
         if self._checkpoint_interval is not None:
             current = int(self._step_counter)
             last = self._last_checkpoint_step
@@ -292,31 +290,21 @@ class CheckpointManager:
             ):
                 return None
             self._last_checkpoint_step = current
+        if metrics is not None and not isinstance(metrics, dict):
+            raise TypeError(f"metrics must be a dict, got {type(metrics).__name__}.")
         counter_before = self._checkpoint.save_counter
         object.__setattr__(self._checkpoint, "_save_counter", counter_before + 1)
         try:
             number = _number(checkpoint_number) if checkpoint_number is not None else self._next_number()
             name = f"{self._name}-{number}"
-            if metrics is not None and not isinstance(metrics, dict):
-                raise TypeError(f"metrics must be a dict, got {type(metrics).__name__}.")
-            with _storage.gc_paused():
-                job = capture(self._checkpoint, {"metrics": metrics} if metrics else None)
+            path = os.path.join(self._directory, name)
+            metrics_copy = dict(metrics) if metrics else None
+            self._checkpoint._commit(path, self._max_shard_size, self._progress,
+                                     {"metrics": metrics_copy} if metrics_copy else None, self._async_save,
+                                     after=lambda: self._record_and_sweep(name, metrics_copy))
         except BaseException:
             object.__setattr__(self._checkpoint, "_save_counter", counter_before)
             raise
-        path = os.path.join(self._directory, name)
-        metrics_copy = dict(metrics) if metrics else None
-
-        def write_and_record() -> None:
-            with _storage.gc_paused():
-                job.run(path, self._max_shard_size, self._progress)
-            self._record_and_sweep(name, metrics_copy)
-
-        if self._writer is None:
-            write_and_record()
-        else:
-            job.stored = self._writer.snapshot(job.stored)
-            self._writer.submit(write_and_record)
         return path
 
     def _record_and_sweep(self, name: str, metrics: dict[str, Any] | None) -> None:
@@ -350,8 +338,7 @@ class CheckpointManager:
 
     def wait_until_finished(self) -> None:
         """Block until the save in flight is durable; raise its failure, if any."""
-        if self._writer is not None:
-            self._writer.wait()
+        self._checkpoint.wait_until_finished()
 
     def sync(self) -> None:
         """Alias of :meth:`wait_until_finished` (TensorFlow's name)."""
