@@ -69,6 +69,43 @@ def test_golden_index(tmp_path, monkeypatch):
     assert (tmp_path / "c" / "model-00001-of-00001.safetensors").read_bytes() == GOLDEN_HEADER + a.numpy().tobytes() + b.numpy().tobytes()
 
 
+def test_large_index_is_streamed_as_the_same_json(tmp_path):
+    """Over LAYOUT_MAX_LINES tensors the weight map and tensor table are written in pieces; the
+    text is exactly what laying out the parsed index again gives, and the header what json.dumps gives."""
+    count = _format.LAYOUT_MAX_LINES + 700
+    odd = {'q"uote': torch.zeros(1), "back\\slash": torch.ones(2), "ünï": torch.zeros((), dtype=torch.int8)}
+    many = {f"t{i}": torch.full((i % 3,), float(i), dtype=torch.float16 if i % 2 else torch.float32)
+            for i in range(count)}
+    torchckpt.Checkpoint(many=many, odd=odd).write(tmp_path / "c", max_shard_size=2000)
+    text = (tmp_path / "c" / "index.json").read_text()
+    index = json.loads(text)
+    assert _format.dumps_layout(index).decode() == text
+    assert len(index["weight_map"]) == count + 3 and len(index["torchckpt"]["shards"]) > 2
+    for shard in index["torchckpt"]["shards"]:
+        with open(tmp_path / "c" / shard["file"], "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            raw = f.read(n)
+        assert raw.rstrip(b" ") == json.dumps(json.loads(raw), separators=(",", ":"), ensure_ascii=False).encode()
+    restored = torchckpt.Checkpoint(many={k: torch.empty_like(v) for k, v in many.items()},
+                                    odd={k: torch.empty_like(v) for k, v in odd.items()})
+    restored.read(tmp_path / "c").assert_consumed()
+    assert all(torch.equal(restored.many[k], v) for k, v in many.items())
+    assert torch.equal(restored.odd["back\\slash"], odd["back\\slash"])
+
+
+def test_header_pieces_join_to_the_header():
+    entries = [(f"n{i}", torch.float32, (i,), 4 * i) for i in range(3000)]
+    pieces = _format.encode_header_pieces(entries)
+    header = b"".join(pieces)
+    assert len(pieces) > 3 and header == _format.encode_header(entries)
+    (n,) = struct.unpack("<Q", header[:8])
+    parsed = json.loads(header[8:])
+    assert len(header) == 8 + n and len(header) % 8 == 0
+    assert header[8:].rstrip() == json.dumps(parsed, separators=(",", ":")).encode()
+    assert parsed["n2999"] == {"dtype": "F32", "shape": [2999], "data_offsets": [sum(4 * i for i in range(2999)),
+                                                                                  sum(4 * i for i in range(3000))]}
+
+
 ALL_DTYPES = sorted(_format.SUPPORTED_DTYPES, key=str)
 
 

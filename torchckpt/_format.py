@@ -17,7 +17,7 @@ import math
 import os
 import re
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -119,19 +119,51 @@ def parse_size(size: int | str) -> int:
 
 
 class TensorInfo(NamedTuple):
-    """Where one tensor lives: its shard, dtype, shape and absolute byte range."""
+    """Where one tensor lives: its shard, dtype, shape, absolute byte offset and size, and checksum.
+
+    A restore holds one per stored tensor, so it is kept small: ``nbytes`` objects are shared
+    between tensors of one shape and dtype (see :func:`nbytes_of`), and the checksum is an int.
+    """
 
     name: str
     file: str
     dtype: torch.dtype
     shape: torch.Size
     start: int
-    end: int
-    checksum: str = ""
+    nbytes: int
+    checksum: int | None = None  # xxh3-64 of the data, where the index records one
 
     @property
-    def nbytes(self) -> int:
-        return self.end - self.start
+    def end(self) -> int:
+        return self.start + self.nbytes
+
+
+_NBYTES: dict[tuple[torch.Size, torch.dtype], int] = {}
+
+
+def nbytes_of(shape: torch.Size, dtype: torch.dtype) -> int:
+    """The byte size of a tensor, as one shared int object per (shape, dtype)."""
+    key = (shape, dtype)
+    n = _NBYTES.get(key)
+    if n is None:
+        n = shape.numel() * itemsize(dtype)
+        if len(_NBYTES) < 100_000:
+            _NBYTES[key] = n
+    return n
+
+
+def parse_checksums(text: str) -> tuple[int, ...]:
+    """The concatenated 16-hex-digit checksums of an index, as ints (one C call for any count).
+
+    Raises:
+        ValueError: ``text`` is not a whole number of 16-hex-digit checksums.
+    """
+    if len(text) % CHECKSUM_CHARS or not _HEX.fullmatch(text):
+        raise ValueError("checksums must be 16 lower-case hex digits each")
+    return struct.unpack(f">{len(text) // CHECKSUM_CHARS}Q", bytes.fromhex(text))
+
+
+_HEX = re.compile(r"[0-9a-f]*")
 
 
 _SIZES: dict[Any, torch.Size] = {}
@@ -155,25 +187,45 @@ def encode_header(entries: Iterable[tuple[str, torch.dtype, Sequence[int], int]]
 
     Entries are laid out back to back in the given order.
     """
+    return b"".join(encode_header_pieces(entries))
+
+
+_HEADER_GROUP = 1024  # entries per piece: few pieces, and never the whole header as small strings
+
+
+def encode_header_pieces(entries: Iterable[tuple[str, torch.dtype, Sequence[int], int]]) -> list[bytes]:
+    """:func:`encode_header` as a list of byte strings, for ``writev``.
+
+    A 20,000-tensor header is megabytes; built in pieces of ``_HEADER_GROUP`` entries it never
+    exists as tens of thousands of small strings plus joined and padded copies of itself.
+    """
     # The same bytes as json.dumps(header, separators=(",", ":"), ensure_ascii=False), built directly:
     # five times faster for checkpoints of many small tensors.
-    parts = ['{"__metadata__":' + json.dumps(SHARD_METADATA, separators=(",", ":"))]
+    pieces = [b'{"__metadata__":' + json.dumps(SHARD_METADATA, separators=(",", ":")).encode()]
+    group: list[str] = []
     offset = 0
     plain = _PLAIN_NAME.fullmatch
     names = _ST_DTYPES
     for name, dtype, shape, nbytes in entries:
         quoted = f'"{name}"' if plain(name) else json.dumps(name, ensure_ascii=False)
-        parts.append(f'{quoted}:{{"dtype":"{names[dtype]}","shape":[{shape_key(tuple(shape))}],'
+        group.append(f',{quoted}:{{"dtype":"{names[dtype]}","shape":[{shape_key(tuple(shape))}],'
                      f'"data_offsets":[{offset},{offset + nbytes}]}}')
         offset += nbytes
-    body = (",".join(parts) + "}").encode()
-    body += b" " * (-(len(body) + 8) % HEADER_ALIGNMENT)
-    if len(body) > MAX_HEADER_SIZE:
+        if len(group) == _HEADER_GROUP:
+            pieces.append("".join(group).encode())
+            group.clear()
+    pieces.append(("".join(group) + "}").encode())
+    length = sum(map(len, pieces))
+    padding = -(length + 8) % HEADER_ALIGNMENT
+    pieces[-1] += b" " * padding
+    length += padding
+    if length > MAX_HEADER_SIZE:
         raise ValueError(
-            f"A shard header would be {len(body)} bytes, over safetensors' limit of {MAX_HEADER_SIZE}; "
+            f"A shard header would be {length} bytes, over safetensors' limit of {MAX_HEADER_SIZE}; "
             "use a smaller max_shard_size so that each shard holds fewer tensors."
         )
-    return struct.pack("<Q", len(body)) + body
+    pieces.insert(0, struct.pack("<Q", length))
+    return pieces
 
 
 def read_header(path: str, file_name: str) -> tuple[list[TensorInfo], dict[str, str], int]:
@@ -258,28 +310,56 @@ def _tensor_info(path: str, file_name: str, name: str, entry: Any, data_start: i
             f"and shape {shape} need {expected} bytes.",
             path,
         )
-    return TensorInfo(name, file_name, dtype, size_of(tuple(shape)), data_start + begin, data_start + end)
+    size = size_of(tuple(shape))
+    return TensorInfo(name, file_name, dtype, size, data_start + begin, nbytes_of(size, dtype))
 
 
 LAYOUT_MAX_LINES = 1000
 
 
+class RawJSON:
+    """A JSON value written as the text pieces ``pieces()`` yields, for values too large to build
+    as Python objects first (the weight map and tensor table of 20,000 tensors)."""
+
+    def __init__(self, pieces: Callable[[], Iterator[str]]) -> None:
+        self.pieces = pieces
+
+
 def dumps_layout(value: Any, depth: int = 2) -> bytes:
-    """JSON with the top ``depth`` levels of objects one key per line, everything below compact.
+    """:func:`layout_pieces` joined: the bytes of ``value`` as the index lays it out."""
+    return "".join(layout_pieces(value, depth)).encode()
+
+
+def layout_pieces(value: Any, depth: int = 2) -> Iterator[str]:
+    """JSON with the top ``depth`` levels of objects one key per line, everything below compact,
+    and a final newline, as text pieces to write one after another.
 
     Readable where people look (the index's sections) and fast where it is big: an object of more
-    than ``LAYOUT_MAX_LINES`` keys (a 20,000-entry ``weight_map``) is written on one line by the
-    C encoder.
+    than ``LAYOUT_MAX_LINES`` keys is written on one line, and a :class:`RawJSON` value as its
+    own pieces.
     """
+    yield from _layout(value, 0, depth)
+    yield "\n"
 
-    def render(node: Any, level: int) -> str:
-        if isinstance(node, dict) and node and level < depth and len(node) <= LAYOUT_MAX_LINES:
-            pad = " " * (level + 1)
-            items = [f"{pad}{json.dumps(k, ensure_ascii=False)}: {render(v, level + 1)}" for k, v in node.items()]
-            return "{\n" + ",\n".join(items) + "\n" + " " * level + "}"
-        return json.dumps(node, ensure_ascii=False, allow_nan=False, separators=(", ", ": "))
 
-    return (render(value, 0) + "\n").encode()
+def _layout(node: Any, level: int, depth: int) -> Iterator[str]:
+    if isinstance(node, RawJSON):
+        yield from node.pieces()
+    elif isinstance(node, dict) and node and level < depth and len(node) <= LAYOUT_MAX_LINES:
+        pad = " " * (level + 1)
+        separator = "{\n"
+        for k, v in node.items():
+            yield f"{separator}{pad}{json.dumps(k, ensure_ascii=False)}: "
+            yield from _layout(v, level + 1, depth)
+            separator = ",\n"
+        yield "\n" + " " * level + "}"
+    else:
+        yield json.dumps(node, ensure_ascii=False, allow_nan=False, separators=(", ", ": "))
+
+
+def json_string(text: str) -> str:
+    """``json.dumps(text, ensure_ascii=False)``, without the call for plain names (most of them)."""
+    return f'"{text}"' if _PLAIN_NAME.fullmatch(text) else json.dumps(text, ensure_ascii=False)
 
 
 # -- shard names -------------------------------------------------------------------------------

@@ -11,11 +11,16 @@ needs before it touches any object).
 
 from __future__ import annotations
 
+import array
 import contextlib
+import functools
 import gc
+import io
+import itertools
 import json
 import os
 import struct
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,7 +32,7 @@ import xxhash
 from torchckpt import _atomic, _format, _tensorio, _tree
 from torchckpt._format import INDEX_FILE, TensorInfo
 from torchckpt._progress import progress_bar
-from torchckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedStateError
+from torchckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedStateError, format_keys
 
 TORCHCKPT_KEY = "torchckpt"
 
@@ -161,35 +166,28 @@ def write_checkpoint(
     limit = _format.parse_size(max_shard_size)
     shards = plan_shards(stored, limit)
     total = sum(s.nbytes for s in shards)
-    names: list[str] = []
-    dtypes: list[str] = []
-    shapes: list[str] = []
-    checksums: list[int] = []
+    files = [_format.shard_name(i, len(shards)) for i in range(1, len(shards) + 1)]
+    digests: list[array.array[int]] = []  # per shard, per tensor: 8 bytes each, not an int object
     shard_records: list[dict[str, Any]] = []
-    weight_map: dict[str, str] = {}
     with _atomic.temporary_directory(path) as tmp, progress_bar(total, f"save {os.path.basename(path)}", progress) as bar:
-        for i, shard in enumerate(shards, 1):
-            file = _format.shard_name(i, len(shards))
-            header = _format.encode_header((n, t.dtype, t.shape, t.nbytes) for n in shard.names for t in (stored[n],))
-            shard_hash = xxhash.xxh3_64(header)
-            header_checksum, size = xxhash.xxh3_64_hexdigest(header), len(header) + shard.nbytes
+        for shard, file in zip(shards, files):
+            header = _format.encode_header_pieces((n, t.dtype, t.shape, t.nbytes) for n in shard.names
+                                                  for t in (stored[n],))
+            size = sum(map(len, header)) + shard.nbytes
+            shard_hash = xxhash.xxh3_64()
+            for piece in header:
+                shard_hash.update(piece)
+            header_checksum = shard_hash.hexdigest()
             fd = os.open(os.path.join(tmp, file), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
                 _tensorio.write_all(fd, header)
                 del header  # a 20,000-tensor header is megabytes: do not hold it while writing data
-                digests = _tensorio.write_tensors(fd, [stored[n] for n in shard.names], bar.update)
+                shard_digests = _tensorio.write_tensors(fd, [stored[n] for n in shard.names], bar.update)
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            dtype_names = _format._DTYPE_NAMES
-            for name, digest in zip(shard.names, digests):
-                t = stored[name]
-                shard_hash.update(digest.to_bytes(8, "big"))
-                names.append(name)
-                dtypes.append(dtype_names[t.dtype])
-                shapes.append(_format.shape_key(tuple(t.shape)))
-                checksums.append(digest)
-                weight_map[name] = file
+            shard_hash.update(_big_endian(shard_digests))
+            digests.append(shard_digests)
             shard_records.append({
                 "file": file,
                 "size": size,
@@ -197,6 +195,10 @@ def write_checkpoint(
                 "header_checksum": header_checksum,
                 "tensors": len(shard.names),
             })
+        count = sum(len(shard.names) for shard in shards)
+        weight_map: Any = {n: file for shard, file in zip(shards, files) for n in shard.names}
+        if count > _format.LAYOUT_MAX_LINES:
+            weight_map = _format.RawJSON(lambda: _weight_map_pieces(shards, files))
         index = {
             "metadata": {"total_size": total},
             "weight_map": weight_map,
@@ -209,18 +211,14 @@ def write_checkpoint(
                 **section,
                 "aliases": aliases,
                 "shards": shard_records,
-                "tensors": {
-                    "names": names,
-                    "dtypes": _format.DTYPE_SEP.join(dtypes),
-                    "shapes": _format.SHAPE_SEP.join(shapes),
-                    "checksums": "".join([f"{d:016x}" for d in checksums]),
-                },
+                "tensors": _format.RawJSON(lambda: _table_pieces(shards, stored, digests)),
             },
         }
-        data = _format.dumps_layout(index)
         fd = os.open(os.path.join(tmp, INDEX_FILE), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            _tensorio.write_all(fd, data)
+            with io.BufferedWriter(io.FileIO(fd, "w", closefd=False), _INDEX_BUFFER) as out:
+                for text in _format.layout_pieces(index):
+                    out.write(text.encode())
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -228,6 +226,57 @@ def write_checkpoint(
             before_commit(tmp)
         _atomic.commit_directory(tmp, path)
     return path
+
+
+_INDEX_BUFFER = 2**20
+_PIECE = 1024  # names per piece of the streamed index
+
+
+def _big_endian(values: array.array[int]) -> bytes:
+    """Unsigned 64-bit ints as 8-byte big-endian integers, back to back (how checksums are hashed and written)."""
+    if sys.byteorder == "little":
+        values = array.array("Q", values)
+        values.byteswap()
+    return values.tobytes()
+
+
+def _weight_map_pieces(shards: list[_Shard], files: list[str]) -> Iterator[str]:
+    """``weight_map`` as compact JSON, a thousand names a piece (the same text as ``json.dumps``)."""
+    quote = _format.json_string
+    yield "{"
+    separator = ""
+    for shard, file in zip(shards, files):
+        value = quote(file)
+        names = shard.names
+        for i in range(0, len(names), _PIECE):
+            yield separator + ", ".join([f"{quote(n)}: {value}" for n in names[i : i + _PIECE]])
+            separator = ", "
+    yield "}"
+
+
+def _table_pieces(shards: list[_Shard], stored: dict[str, torch.Tensor],
+                  digests: list[array.array[int]]) -> Iterator[str]:
+    """The index's tensor table (names, dtypes, shapes, checksums) as compact JSON, in pieces."""
+    names = [n for shard in shards for n in shard.names]
+    quote = _format.json_string
+    dtype_names = _format._DTYPE_NAMES
+    yield '{"names": ['
+    yield from _joined(names, ", ", quote)
+    yield '], "dtypes": "'
+    yield from _joined(names, _format.DTYPE_SEP, lambda n: dtype_names[stored[n].dtype])
+    yield '", "shapes": "'
+    yield from _joined(names, _format.SHAPE_SEP, lambda n: _format.shape_key(tuple(stored[n].shape)))
+    yield '", "checksums": "'
+    for shard_digests in digests:
+        for i in range(0, len(shard_digests), _PIECE):
+            yield _big_endian(shard_digests[i : i + _PIECE]).hex()
+    yield '"}'
+
+
+def _joined(names: list[str], separator: str, render: Callable[[str], str]) -> Iterator[str]:
+    """``separator.join(map(render, names))`` in pieces of ``_PIECE`` names."""
+    for i in range(0, len(names), _PIECE):
+        yield (separator if i else "") + separator.join([render(n) for n in names[i : i + _PIECE]])
 
 
 def _version() -> str:
@@ -241,7 +290,11 @@ def _version() -> str:
 
 @dataclass
 class Index:
-    """A parsed, checked ``index.json`` of a torchckpt checkpoint. Headers are not read."""
+    """A parsed, checked ``index.json`` of a torchckpt checkpoint. Headers are not read.
+
+    ``raw`` is the parsed JSON less ``weight_map``, which is checked against the tensor table and
+    dropped (see :func:`_check_weight_map`).
+    """
 
     directory: str
     raw: dict[str, Any]
@@ -302,9 +355,12 @@ def load_index(directory: str) -> Index:
         raise _corrupt(directory, "it is a directory") from None
     with gc_paused():  # parsing allocates many small objects; collections in between only cost time
         try:
-            raw = json.loads(data)
+            text = data.decode()
+            del data  # json.loads would decode bytes into a second copy; hold one at a time
+            raw = json.loads(text)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise _corrupt(directory, f"not valid JSON ({e})") from e
+        del text
     if not isinstance(raw, dict) or not isinstance(raw.get(TORCHCKPT_KEY), dict):
         raise _corrupt(directory, f"it has no {TORCHCKPT_KEY!r} section (not written by torchckpt)")
     section = raw[TORCHCKPT_KEY]
@@ -326,8 +382,8 @@ def load_index(directory: str) -> Index:
     if not isinstance(names, list) or not all(isinstance(c, str) for c in (dtypes, shapes, checksums)):
         raise _corrupt(directory, "the tensor table needs a 'names' list and 'dtypes', 'shapes', 'checksums' strings")
     n = len(names)
-    dtypes = dtypes.split(_format.DTYPE_SEP) if n else []  # type: ignore[union-attr]
-    shapes = shapes.split(_format.SHAPE_SEP) if n else []  # type: ignore[union-attr]
+    dtypes = _shared(dtypes.split(_format.DTYPE_SEP)) if n else []  # type: ignore[union-attr]
+    shapes = _shared(shapes.split(_format.SHAPE_SEP)) if n else []  # type: ignore[union-attr]
     if len(dtypes) != n or len(shapes) != n or len(checksums) != n * _format.CHECKSUM_CHARS:  # type: ignore[arg-type]
         raise _corrupt(directory, f"the tensor table's columns do not all describe {n} tensors")
     count = 0
@@ -342,7 +398,36 @@ def load_index(directory: str) -> Index:
     for alias, target in aliases.items():
         if not isinstance(target, str):
             raise _corrupt(directory, f"alias {alias!r} must name a stored tensor")
+    _check_weight_map(directory, raw, names, shards)
     return Index(directory, raw, names, dtypes, shapes, checksums, shards, aliases)  # type: ignore[arg-type]
+
+
+def _shared(parts: list[str]) -> list[str]:
+    """``parts`` with equal strings replaced by one object (20,000 tensors share a few dtypes and shapes)."""
+    seen: dict[str, str] = {}
+    return [seen.setdefault(p, p) for p in parts]
+
+
+def _check_weight_map(directory: str, raw: dict[str, Any], names: list[str], shards: list[dict[str, Any]]) -> None:
+    """The Hugging Face ``weight_map`` must map exactly the stored tensors to their shards.
+
+    Once checked it is dropped from ``raw``: the tensor table says the same, and for 20,000 tensors
+    the map's 40,000 strings would otherwise stay in memory for the whole restore.
+    """
+    weight_map = raw.pop("weight_map", None)
+    if not isinstance(weight_map, dict):
+        raise _corrupt(directory, "'weight_map' is missing")
+    position = 0
+    for shard in shards:
+        file = shard["file"]
+        for name in names[position : position + shard["tensors"]]:
+            if weight_map.get(name) != file:
+                raise _corrupt(directory, f"weight_map puts {name!r} in {weight_map.get(name)!r}, not {file!r}")
+        position += shard["tensors"]
+    if len(weight_map) != len(names):  # every name was found above: the map has extra entries, or names repeat
+        extra = set(weight_map) - set(names)
+        what = f"lists tensors that no shard holds: {format_keys(extra)}" if extra else "names a tensor twice"
+        raise _corrupt(directory, f"weight_map {what}")
 
 
 def read_shard_headers(index: Index) -> dict[str, TensorInfo]:
@@ -353,54 +438,22 @@ def read_shard_headers(index: Index) -> dict[str, TensorInfo]:
     """
     infos: dict[str, TensorInfo] = {}
     position = 0
-    weight_map = index.raw.get("weight_map")
-    if not isinstance(weight_map, dict):
-        raise _corrupt(index.directory, "'weight_map' is missing")
-    dtypes = {d: _format.str_to_dtype(d, f" in {INDEX_FILE} of {index.directory}") for d in set(index.dtypes)}
+    where = f" in {INDEX_FILE} of {index.directory}"
+    dtypes = {d: _format.str_to_dtype(d, where) for d in set(index.dtypes)}
+    try:
+        checksums = _format.parse_checksums(index.checksum_text)
+    except ValueError as e:
+        raise _corrupt(index.directory, f"the tensor table's checksums are malformed ({e})") from None
     for shard in index.shards:
-        file = shard["file"]
+        file, count = shard["file"], shard["tensors"]
         path = os.path.join(index.directory, file)
         if not os.path.isfile(path):
             raise CorruptCheckpointError(f"Shard {path} listed in {INDEX_FILE} is missing.", path)
-        fast = _exact_header(index, shard, position, dtypes, path)
-        if fast is not None:
-            infos.update((info.name, info) for info in fast)
-            position += shard["tensors"]
-            continue
-        found, _, size = _format.read_header(path, file)
-        if size != shard["size"]:
-            raise CorruptCheckpointError(
-                f"Shard {path} is {size} bytes but {INDEX_FILE} records {shard['size']}; it was truncated "
-                "or replaced.",
-                path,
-            )
-        by_name = {t.name: t for t in found}
-        expected = index.names[position : position + shard["tensors"]]
-        position += shard["tensors"]
-        if set(by_name) != set(expected):
-            diff = sorted(set(by_name) ^ set(expected))
-            raise CorruptCheckpointError(
-                f"Shard {path} does not hold the tensors {INDEX_FILE} lists for it (differs in: "
-                f"{', '.join(diff[:5])}).",
-                path,
-            )
-        for offset, name in enumerate(expected):
-            j = position - shard["tensors"] + offset
-            info = by_name[name]
-            where = f"for tensor {name!r} in {INDEX_FILE}"
-            if _format.str_to_dtype(index.dtypes[j], where) != info.dtype or _format.parse_shape_key(
-                index.shapes[j], where
-            ) != info.shape:
-                raise CorruptCheckpointError(
-                    f"Tensor {name!r}: {INDEX_FILE} says {index.dtypes[j]} [{index.shapes[j]}] but shard {file} "
-                    f"holds {_format.dtype_to_str(info.dtype)} {list(info.shape)}.",
-                    path,
-                )
-            infos[name] = info._replace(checksum=index.checksum_text[j * _format.CHECKSUM_CHARS:
-                                                                     (j + 1) * _format.CHECKSUM_CHARS])
-    for name, info in infos.items():  # the Hugging Face weight_map must agree with the shards
-        if weight_map.get(name) != info.file:
-            raise _corrupt(index.directory, f"weight_map puts {name!r} in {weight_map.get(name)!r}, not {info.file!r}")
+        found = _exact_header(index, shard, position, dtypes, checksums, path)
+        if found is None:
+            found = _parsed_header(index, shard, position, checksums, path)
+        infos.update(zip(index.names[position : position + count], found))
+        position += count
     for alias, target in index.aliases.items():
         if target not in infos:
             raise _corrupt(index.directory, f"alias {alias!r} points at {target!r}, which is not stored")
@@ -408,8 +461,42 @@ def read_shard_headers(index: Index) -> dict[str, TensorInfo]:
     return infos
 
 
+def _parsed_header(index: Index, shard: dict[str, Any], position: int, checksums: tuple[int, ...],
+                   path: str) -> list[TensorInfo]:
+    """The shard's tensors in table order, from its fully parsed and validated header."""
+    file, count = shard["file"], shard["tensors"]
+    found, _, size = _format.read_header(path, file)
+    if size != shard["size"]:
+        raise CorruptCheckpointError(
+            f"Shard {path} is {size} bytes but {INDEX_FILE} records {shard['size']}; it was truncated or replaced.",
+            path,
+        )
+    by_name = {t.name: t for t in found}
+    expected = index.names[position : position + count]
+    if set(by_name) != set(expected):
+        diff = sorted(set(by_name) ^ set(expected))
+        raise CorruptCheckpointError(
+            f"Shard {path} does not hold the tensors {INDEX_FILE} lists for it (differs in: {', '.join(diff[:5])}).",
+            path,
+        )
+    out = []
+    for j, name in enumerate(expected, position):
+        info = by_name[name]
+        where = f"for tensor {name!r} in {INDEX_FILE}"
+        if _format.str_to_dtype(index.dtypes[j], where) != info.dtype or _format.parse_shape_key(
+            index.shapes[j], where
+        ) != info.shape:
+            raise CorruptCheckpointError(
+                f"Tensor {name!r}: {INDEX_FILE} says {index.dtypes[j]} [{index.shapes[j]}] but shard {file} "
+                f"holds {_format.dtype_to_str(info.dtype)} {list(info.shape)}.",
+                path,
+            )
+        out.append(info._replace(checksum=checksums[j]))
+    return out
+
+
 def _exact_header(index: Index, shard: dict[str, Any], position: int, dtypes: dict[str, torch.dtype],
-                  path: str) -> list[TensorInfo] | None:
+                  checksums: tuple[int, ...], path: str) -> list[TensorInfo] | None:
     """The shard's tensors when its header is the one written with this index, else None.
 
     The index records the xxh3-64 of each shard's header bytes. When the header hashes to it and
@@ -421,7 +508,7 @@ def _exact_header(index: Index, shard: dict[str, Any], position: int, dtypes: di
     recorded = shard.get("header_checksum")
     if not isinstance(recorded, str):
         return None
-    with open(path, "rb") as f:
+    with open(path, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
         prefix = f.read(8)
         if size != shard["size"] or len(prefix) < 8:
@@ -429,23 +516,31 @@ def _exact_header(index: Index, shard: dict[str, Any], position: int, dtypes: di
         (n,) = struct.unpack("<Q", prefix)
         if n > _format.MAX_HEADER_SIZE or 8 + n > size:
             return None
-        header = prefix + f.read(n)
-    if xxhash.xxh3_64_hexdigest(header) != recorded:
+        hasher = xxhash.xxh3_64(prefix)
+        buffer = memoryview(bytearray(min(n, _HEADER_CHUNK)))  # a 20,000-tensor header is megabytes
+        left = n
+        while left:
+            got = f.readinto(buffer[: min(left, len(buffer))])
+            if not got:
+                return None
+            hasher.update(buffer[:got])
+            left -= got
+    if hasher.hexdigest() != recorded:
         return None
-    out = []
-    offset = len(header)
-    file = shard["file"]
-    itemsizes = {d: _format.itemsize(dt) for d, dt in dtypes.items()}
-    checksum_text, w = index.checksum_text, _format.CHECKSUM_CHARS
-    for j in range(position, position + shard["tensors"]):
-        shape = _format.size_of(index.shapes[j])
-        end = offset + shape.numel() * itemsizes[index.dtypes[j]]
-        out.append(TensorInfo(index.names[j], file, dtypes[index.dtypes[j]], shape, offset, end,
-                              checksum_text[j * w : (j + 1) * w]))
-        offset = end
-    if offset != size:
+    end = position + shard["tensors"]
+    dts = [dtypes[d] for d in index.dtypes[position:end]]
+    shapes = [_format.size_of(s) for s in index.shapes[position:end]]
+    sizes = list(map(_format.nbytes_of, shapes, dts))
+    starts = list(itertools.accumulate(sizes, initial=8 + n))
+    if starts[-1] != size:
         return None
-    return out
+    # Built by C-level calls only: 20,000 tensors take a few milliseconds.
+    return list(map(_NEW_INFO, zip(index.names[position:end], itertools.repeat(shard["file"]), dts, shapes,
+                                   starts, sizes, checksums[position:end])))
+
+
+_HEADER_CHUNK = 2**20
+_NEW_INFO = functools.partial(tuple.__new__, TensorInfo)
 
 
 def state_tree(index: Index, resolve: Callable[[str], Any]) -> Any:

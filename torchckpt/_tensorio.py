@@ -8,6 +8,7 @@ staging buffer, one bounded chunk at a time, so extra memory never grows with th
 
 from __future__ import annotations
 
+import array
 import ctypes
 import os
 from collections.abc import Callable, Iterator
@@ -30,7 +31,7 @@ def byte_view(t: torch.Tensor) -> memoryview:
 
 
 def _is_host_contiguous(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and t.is_contiguous() and not t.is_conj() and not t.is_neg()
+    return t.is_cpu and t.is_contiguous() and not t.is_conj() and not t.is_neg()  # is_cpu: 5x faster than .device
 
 
 def host_chunks(t: torch.Tensor, limit: int = CHUNK_BYTES) -> Iterator[torch.Tensor]:
@@ -97,22 +98,25 @@ class _EarlyFlush:
 def _write_all(fd: int, views: list[memoryview], flush: _EarlyFlush | None = None) -> None:
     if flush is not None:
         flush.wrote(sum(len(v) for v in views))
-    while views:
-        n = os.writev(fd, views[:_IOV_MAX])
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
-        if n and views:
-            views[0] = views[0][n:]
+    i, count = 0, len(views)
+    while i < count:
+        n = os.writev(fd, views[i : i + _IOV_MAX])
+        while i < count and n >= len(views[i]):  # an index, not pop(0): a batch has a thousand views
+            n -= len(views[i])
+            i += 1
+        if n:
+            views[i] = views[i][n:]
 
 
-def write_all(fd: int, data: bytes) -> None:
-    """Write all of ``data`` (``os.write`` may write less than asked)."""
-    _write_all(fd, [memoryview(data)])
+def write_all(fd: int, data: bytes | list[bytes]) -> None:
+    """Write all of ``data``, one byte string or a list of them (``os.write`` may write less than asked)."""
+    _write_all(fd, [memoryview(d) for d in data] if isinstance(data, list) else [memoryview(data)])
 
 
-def write_tensors(fd: int, tensors: list[torch.Tensor], on_bytes: Callable[[int], None] | None = None) -> list[int]:
-    """Write each tensor's bytes back to back at the file's position; return their xxh3-64 digests.
+def write_tensors(fd: int, tensors: list[torch.Tensor],
+                  on_bytes: Callable[[int], None] | None = None) -> array.array[int]:
+    """Write each tensor's bytes back to back at the file's position; return their xxh3-64 digests
+    (an ``array`` of unsigned 64-bit ints: 8 bytes a tensor, not a Python int each).
 
     Host-contiguous tensors are written straight from their memory, many per ``writev``; others
     (strided views, CUDA tensors) go through bounded staged chunks, each written at once.
@@ -122,7 +126,7 @@ def write_tensors(fd: int, tensors: list[torch.Tensor], on_bytes: Callable[[int]
         tensors: what to write, in order.
         on_bytes: optional callable taking a byte count, for progress.
     """
-    digests: list[int] = []
+    digests = array.array("Q")
     pending: list[memoryview] = []  # views of tensors in ``tensors``, which keeps them alive
     pending_bytes = 0
     flush = _EarlyFlush(fd)
@@ -206,25 +210,35 @@ def _strided_regions(dest: torch.Tensor, limit: int = CHUNK_BYTES) -> Iterator[t
 
 
 def read_many(fd: int, reads: list[tuple[torch.Tensor, Any]], verify: bool,
-              on_bytes: Callable[[int], None], scatter: bool = True) -> tuple[Any, str] | None:
-    """Read each ``(destination, saved)`` pair (``saved`` has ``start``, ``nbytes``, ``checksum``).
+              on_bytes: Callable[[int], None]) -> tuple[Any, int] | None:
+    """Read each ``(destination, saved)`` pair (``saved`` has ``start``, ``end``, ``nbytes`` and an int
+    ``checksum``).
 
-    Reads go in the given (offset) order. Runs of host-contiguous destinations whose bytes follow
-    each other in the file are read with one scatter ``preadv`` (up to ``IOV_MAX`` buffers), so
-    many small tensors cost few system calls. ``scatter=False`` reads (and checks) one tensor at a
-    time, for destinations that overlap in memory: a batch would be checked only after a later
-    read had overwritten an earlier destination's bytes.
+    ``reads`` must be in file order. Runs of host-contiguous destinations whose bytes follow each
+    other in the file are read with one scatter ``preadv`` (up to ``IOV_MAX`` buffers), so many
+    small tensors cost few system calls. A repeat of the previous read (tied names: the same
+    stored bytes into the same memory) is skipped. When destinations overlap in memory, a later
+    buffer of a batch overwrites an earlier one before it is checked; so a batch that fails its
+    checksums is read again one tensor at a time, which gives the same result as reading in order
+    and tells real corruption from overlap.
 
     Returns:
-        None, or the first ``(saved, hex digest read)`` whose checksum does not match.
+        None, or the first ``(saved, digest read)`` whose checksum does not match.
     """
+    intdigest = xxhash.xxh3_64_intdigest
     i, count = 0, len(reads)
+    last_start, last_address = -1, -1
     while i < count:
         dest, saved = reads[i]
+        if saved.start == last_start and dest.data_ptr() == last_address:
+            on_bytes(saved.nbytes)  # a tied name: already read
+            i += 1
+            continue
+        last_start, last_address = saved.start, dest.data_ptr()
         if not _is_host_contiguous(dest):
             digest = read_into(fd, saved.start, dest, verify)
-            if verify and f"{digest:016x}" != saved.checksum:
-                return saved, f"{digest:016x}"
+            if verify and digest != saved.checksum:
+                return saved, digest  # type: ignore[return-value]
             on_bytes(saved.nbytes)
             i += 1
             continue
@@ -232,7 +246,7 @@ def read_many(fd: int, reads: list[tuple[torch.Tensor, Any]], verify: bool,
         end = saved.end
         total = saved.nbytes
         j = i + 1
-        while scatter and j < count and j - i < _IOV_MAX and total < CHUNK_BYTES:
+        while j < count and j - i < _IOV_MAX and total < CHUNK_BYTES:
             nxt, nxt_saved = reads[j]
             if nxt_saved.start != end or not _is_host_contiguous(nxt):
                 break
@@ -241,11 +255,13 @@ def read_many(fd: int, reads: list[tuple[torch.Tensor, Any]], verify: bool,
             total += nxt_saved.nbytes
             j += 1
         _preadv_all(fd, [view for view, _ in batch], saved.start)
-        if verify:
-            hexdigest = xxhash.xxh3_64_hexdigest
-            for view, item in batch:
-                if hexdigest(view) != item.checksum:
-                    return item, hexdigest(view)
+        if verify and any(intdigest(view) != item.checksum for view, item in batch):
+            for view, item in batch:  # overlapping destinations, or corruption: one at a time
+                _preadv_all(fd, [view], item.start)
+                digest = intdigest(view)
+                if digest != item.checksum:
+                    return item, digest
+        last_start, last_address = batch[-1][1].start, reads[j - 1][0].data_ptr()
         on_bytes(total)
         i = j
     return None
@@ -253,16 +269,17 @@ def read_many(fd: int, reads: list[tuple[torch.Tensor, Any]], verify: bool,
 
 def _preadv_all(fd: int, views: list[memoryview], offset: int) -> None:
     views = [v for v in views if len(v)]
-    while views:
-        n = os.preadv(fd, views, offset)
+    i, count = 0, len(views)
+    while i < count:
+        n = os.preadv(fd, views[i:] if i else views, offset)
         if n <= 0:
             raise EOFError(f"unexpected end of file at byte {offset}")
         offset += n
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
-        if n and views:
-            views[0] = views[0][n:]
+        while i < count and n >= len(views[i]):
+            n -= len(views[i])
+            i += 1
+        if n:
+            views[i] = views[i][n:]
 
 
 def hash_file_range(fd: int, start: int, end: int) -> int:

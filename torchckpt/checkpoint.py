@@ -278,9 +278,17 @@ class Checkpoint:
             return self._restore_from(resolve_checkpoint(save_path), verify, progress, expect_counter)
 
     def _restore_from(self, directory: str, verify: bool, progress: bool | None, expect_counter: bool) -> RestoreStatus:
+        plan = self._plan_restore(directory, expect_counter)
+        _execute(plan, directory, verify, progress)
+        return RestoreStatus(plan.report, directory)
+
+    def _plan_restore(self, directory: str, expect_counter: bool) -> Plan:
+        """Match the checkpoint against the tracked objects. The parsed index and state tree are
+        dropped on return, before any tensor is read: only the plan stays in memory."""
         index = _storage.load_index(directory)
         infos = _storage.read_shard_headers(index)
         saved = _storage.state_tree(index, infos.__getitem__)
+        del infos, index
         if not isinstance(saved, dict):
             raise CorruptCheckpointError(f"{directory}: the state tree's root is not a dict.", directory)
         plan = Plan()
@@ -288,8 +296,7 @@ class Checkpoint:
         if expect_counter:
             plan_value(SAVE_COUNTER, saved.get(SAVE_COUNTER, MISSING),
                        lambda v: object.__setattr__(self, "_save_counter", int(v)), plan)
-        _execute(plan, directory, verify, progress)
-        return RestoreStatus(plan.report, directory)
+        return plan
 
     def _plan(self, saved: dict[str, Any], prefix: str, plan: Plan) -> None:
         for name, value in self._tracked.items():
@@ -338,22 +345,37 @@ def _tree_state_names(ckpt: Checkpoint) -> dict[str, Any]:
 
 
 def _plan_container(key: str, value: dict[Any, Any] | list[Any], saved: Any, plan: Plan) -> None:
-    items = list(value.items()) if isinstance(value, dict) else list(enumerate(value))
+    """Match a dict or list item by item, by key part (so an int key matches its saved digits)."""
+    is_dict = isinstance(value, dict)
     saved_items: dict[str, Any] = {}
     if isinstance(saved, dict):
-        saved_items = {_tree.key_part(k): v for k, v in saved.items()}
+        saved_items = saved if all(map(_is_plain_part, saved)) else {_tree.key_part(k): v for k, v in saved.items()}
     elif isinstance(saved, (list, tuple)):
         saved_items = {str(i): v for i, v in enumerate(saved)}
     elif saved is not MISSING:
         plan.report.unexpected_keys.extend(_tree.leaves(saved, key))
-    used = set()
+    matched = 0
+    items = value.items() if isinstance(value, dict) else enumerate(value)
     for k, v in items:
         part = _tree.key_part(k)
-        used.add(part)
-        _plan_value(_tree.join(key, part), v, saved_items.get(part, MISSING), plan, _item_setter(value, k))
-    for part, v in saved_items.items():
-        if part not in used:
-            plan.report.unexpected_keys.extend(_tree.leaves(v, _tree.join(key, part)))
+        found = saved_items.get(part, MISSING)
+        matched += found is not MISSING
+        if isinstance(v, torch.Tensor):  # the common leaf, planned without building a setter
+            plan_tensor(_tree.join(key, part), v, found, plan)
+        else:
+            _plan_value(_tree.join(key, part), v, found, plan, _item_setter(value, k))
+    # Distinct items have distinct parts unless a dict mixes key types ({0: .., "0": ..}).
+    distinct = not is_dict or all(type(k) is str for k in value)
+    if matched < len(saved_items) or not distinct:
+        used = {_tree.key_part(k) for k in (value if is_dict else range(len(value)))}
+        for part, v in saved_items.items():
+            if part not in used:
+                plan.report.unexpected_keys.extend(_tree.leaves(v, _tree.join(key, part)))
+
+
+def _is_plain_part(key: Any) -> bool:
+    """Whether a saved dict key is its own key part (a str that needs no escaping)."""
+    return type(key) is str and "~" not in key and _tree.SEP not in key
 
 
 def _state_of(value: Any) -> Any:
@@ -448,35 +470,26 @@ def resolve_checkpoint(path: PathLike) -> str:
 
 
 def _execute(plan: Plan, directory: str, verify: bool, progress: bool | None) -> None:
+    """Read every planned tensor (shard by shard, in file order), then run the planned loads."""
     by_file: dict[str, list[tuple[torch.Tensor, SavedTensor]]] = {}
-    for dest, saved in plan.reads:
-        by_file.setdefault(saved.file, []).append((dest, saved))
+    for pair in plan.reads:
+        by_file.setdefault(pair[1].file, []).append(pair)
     total = sum(saved.nbytes for _, saved in plan.reads)
     with progress_bar(total, f"restore {os.path.basename(directory)}", progress) as bar, torch.no_grad():
         for file, reads in by_file.items():
+            reads.sort(key=_file_offset)
             path = os.path.join(directory, file)
             fd = os.open(path, os.O_RDONLY)
             try:
-                done: set[tuple[int, int]] = set()  # tied names: same memory, same stored bytes: read once
-                unique = []
-                spans = []
-                for dest, saved in sorted(reads, key=lambda r: r[1].start):
-                    key = (dest.data_ptr(), saved.start)
-                    if key not in done or not dest.numel():
-                        done.add(key)
-                        unique.append((dest, saved))
-                        spans.append((key[0], key[0] + saved.nbytes))
-                spans.sort()
-                overlap = any(spans[i][1] > spans[i + 1][0] for i in range(len(spans) - 1))
                 try:
-                    bad = _tensorio.read_many(fd, unique, verify, bar.update, scatter=not overlap)
+                    bad = _tensorio.read_many(fd, reads, verify, bar.update)
                 except EOFError as e:
                     raise CorruptCheckpointError(f"Shard {path} is truncated: {e}.", path) from e
                 if bad is not None:
                     saved, digest = bad
                     raise CorruptCheckpointError(
-                        f"Tensor {saved.name!r} in {path} fails its checksum (recorded {saved.checksum}, "
-                        f"read {digest}): the shard is corrupt. Objects may be partly restored; restore "
+                        f"Tensor {saved.name!r} in {path} fails its checksum (recorded {saved.checksum:016x}, "
+                        f"read {digest:016x}): the shard is corrupt. Objects may be partly restored; restore "
                         "another checkpoint, and run `torchckpt verify` on this one.",
                         path,
                     )
@@ -487,3 +500,7 @@ def _execute(plan: Plan, directory: str, verify: bool, progress: bool | None) ->
             load()
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
             raise CheckpointError(f"Restoring from {directory} failed while loading state: {e}") from e
+
+
+def _file_offset(read: tuple[torch.Tensor, SavedTensor]) -> int:
+    return read[1].start
