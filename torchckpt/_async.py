@@ -1,120 +1,236 @@
 """Background saves that block training only for a memory copy.
 
-``save()`` copies every tensor into host buffers that are kept and reused from one save to the
-next (pinned when the source is on CUDA, so the device-to-host copy is a DMA), then hands the
+``save()`` copies every tensor into host memory that is kept and reused from one save to the
+next (pinned when the state is on CUDA, so the device-to-host copy is a DMA), then hands the
 write, fsync, commit and bookkeeping to a background thread and returns. Training may change its
 tensors at once. At most one save is in flight: the next one first waits for it. A failure in
 the background is kept and raised by the next ``submit()`` or ``wait()``. Interpreter exit waits
 for the save in flight, so the last checkpoint is never abandoned half-written.
+
+Why the copy is grouped: a state of 20,000 small tensors copied one ``copy_`` at a time spends
+more time in per-call overhead than in moving bytes. Host tensors of one dtype and trailing
+shape are copied by one ``torch.cat`` into one region of a flat buffer, split across cores.
 """
 
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import os
+import queue
 import threading
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 _writers: weakref.WeakSet[AsyncWriter] = weakref.WeakSet()
 
+_ALIGNMENT = 64  # every group's region starts on a cache line (and so on any element size)
+_SPLIT_BYTES = 8 * 2**20  # a group larger than this is copied by several threads
 
-def _copy_parallel(dst: list[torch.Tensor], src: list[torch.Tensor], non_blocking: bool) -> None:
-    """Copy ``src`` into ``dst`` on one thread per core (the copy is bound by memory bandwidth).
 
-    Tensors are split into groups of about equal bytes; each group is one ``_foreach_copy_``, so
-    thousands of small tensors cost a few calls.
+@dataclass
+class _Group:
+    """Host tensors of one dtype and trailing shape, copied together into one region."""
+
+    region: torch.Tensor  # (rows, *trailing), or (count,) for 0-dim tensors
+    stack: bool  # 0-dim tensors are stacked, not concatenated
+    bounds: list[int] = field(default_factory=list)  # row (or item) where each tensor starts, and the end
+
+
+class Staging:
+    """Reusable host memory for snapshots of one set of tensors, in the given order: one flat
+    buffer (pinned when a tensor is on CUDA) and one view of it per tensor.
+
+    Laid out once, and reused by every save whose tensors have the same names, dtypes, shapes
+    and devices (the usual case: training changes values, not layouts).
     """
-    if not src:
-        return
-    groups = max(1, min(os.cpu_count() or 1, 4, len(src)))
-    total = sum(t.nbytes for t in src) or 1
-    parts: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = [([], []) for _ in range(groups)]
-    acc = 0
-    for d, s in zip(dst, src):
-        k = min(groups - 1, acc * groups // total)
-        parts[k][0].append(d)
-        parts[k][1].append(s)
-        acc += s.nbytes
 
-    def copy(group: tuple[list[torch.Tensor], list[torch.Tensor]]) -> None:
-        with torch.no_grad():  # no autograd involved: no detach needed
-            if hasattr(torch, "_foreach_copy_"):
-                torch._foreach_copy_(group[0], group[1], non_blocking=non_blocking)
-            else:
-                for d, s in zip(*group):
-                    d.copy_(s, non_blocking=non_blocking)
+    def __init__(self, tensors: dict[str, torch.Tensor], flat: torch.Tensor | None = None) -> None:
+        group_of: dict[Any, int] = {}
+        members: list[list[str]] = []
+        self.plan: list[tuple[str, torch.dtype, torch.Size, bool, int]] = []  # name, dtype, shape, on CUDA, group
+        for name, t in tensors.items():
+            cuda = not t.is_cpu
+            key = ("device", name) if cuda else (t.dtype, tuple(t.shape[1:]), t.dim() == 0)
+            g = group_of.setdefault(key, len(members))
+            if g == len(members):
+                members.append([])
+            members[g].append(name)
+            self.plan.append((name, t.dtype, t.shape, cuda, g))
+        sizes = [sum(tensors[n].nbytes for n in names) for names in members]
+        total = sum(-(-size // _ALIGNMENT) * _ALIGNMENT for size in sizes)
+        pin = torch.cuda.is_available() and any(cuda for _, _, _, cuda, _ in self.plan)
+        if flat is None or flat.numel() < total or flat.is_pinned() != pin:
+            flat = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=pin)
+        self.flat = flat
+        self.groups: list[_Group] = []
+        view_of: dict[str, torch.Tensor] = {}
+        offset = 0
+        for names, size in zip(members, sizes):
+            first = tensors[names[0]]
+            raw = flat[offset : offset + size].view(first.dtype)
+            offset += -(-size // _ALIGNMENT) * _ALIGNMENT
+            stack = first.dim() == 0
+            rows = [1 if stack else tensors[n].shape[0] for n in names]
+            region = raw.view(-1) if stack else raw.view(sum(rows), *first.shape[1:])
+            group = _Group(region, stack, [0])
+            for n, r in zip(names, rows):
+                start = group.bounds[-1]
+                view_of[n] = region[start] if stack else region[start : start + r]
+                group.bounds.append(start + r)
+            self.groups.append(group)
+        self.views = {name: view_of[name] for name in tensors}  # the callers' order: it decides shard order
 
-    threads = [threading.Thread(target=copy, args=(g,)) for g in parts[1:] if g[0]]
-    for t in threads:
-        t.start()
-    copy(parts[0])
-    for t in threads:
-        t.join()
+    def copy_from(self, tensors: dict[str, torch.Tensor]) -> bool:
+        """Copy ``tensors`` into the views, or return False if they do not fit this layout."""
+        if len(tensors) != len(self.plan):
+            return False
+        sources: list[list[torch.Tensor]] = [[] for _ in self.groups]
+        for (name, dtype, shape, cuda, index), (key, src) in zip(self.plan, tensors.items()):
+            if key != name or src.dtype is not dtype or src.shape != shape or src.is_cpu == cuda:
+                return False
+            sources[index].append(src)
+        device_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        tasks: list[tuple[torch.Tensor, list[torch.Tensor], bool]] = []
+        for group, srcs in zip(self.groups, sources):
+            if srcs and not srcs[0].is_cpu:
+                device_pairs.append((group.region.view(srcs[0].shape), srcs[0]))
+                continue
+            tasks.extend(_split(group, srcs))
+        with torch.no_grad():
+            if device_pairs:  # device-to-host into pinned memory: DMA, waited for below
+                torch._foreach_copy_([d for d, _ in device_pairs], [s for _, s in device_pairs], non_blocking=True)
+            _run_parallel(tasks)
+            if device_pairs:
+                torch.cuda.synchronize()
+        return True
+
+
+def _split(group: _Group, srcs: list[torch.Tensor]) -> list[tuple[torch.Tensor, list[torch.Tensor], bool]]:
+    """The group's copy as (out, sources, stack) tasks: one, or about one per core when it is large."""
+    parts = 1
+    if group.region.nbytes > _SPLIT_BYTES and len(srcs) > 1:
+        parts = min(len(srcs), os.cpu_count() or 1, 4)
+    count = len(srcs)
+    tasks = []
+    for p in range(parts):
+        a, b = p * count // parts, (p + 1) * count // parts
+        if a < b:
+            out = group.region[group.bounds[a] : group.bounds[b]]
+            tasks.append((out, srcs[a:b], group.stack))
+    return tasks
+
+
+def _copy(task: tuple[torch.Tensor, list[torch.Tensor], bool]) -> None:
+    out, srcs, stack = task
+    if stack:
+        torch.stack(srcs, out=out)
+    else:
+        torch.cat(srcs, out=out)
+
+
+def _run_parallel(tasks: list[tuple[torch.Tensor, list[torch.Tensor], bool]]) -> None:
+    """Run the copy tasks over the cores: large ones spread across pool threads (torch releases
+    the GIL while it copies), the rest on this thread."""
+    lanes = min(os.cpu_count() or 1, 4)
+    buckets: list[list[tuple[torch.Tensor, list[torch.Tensor], bool]]] = [[] for _ in range(lanes)]
+    loads = [0] * lanes
+    for task in sorted(tasks, key=lambda t: -t[0].nbytes):
+        lane = loads.index(min(loads)) if task[0].nbytes > _SPLIT_BYTES // 4 else 0
+        buckets[lane].append(task)
+        loads[lane] += task[0].nbytes
+    futures = [_pool().submit(_copy_all, bucket) for bucket in buckets[1:] if bucket]
+    _copy_all(buckets[0])
+    for future in futures:
+        future.result()
+
+
+def _copy_all(tasks: list[tuple[torch.Tensor, list[torch.Tensor], bool]]) -> None:
+    for task in tasks:
+        _copy(task)
+
+
+_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=3, thread_name_prefix="torchckpt-copy")
+    return _POOL
 
 
 class AsyncWriter:
-    """Runs one background job at a time and remembers its failure."""
+    """Runs one background job at a time on a long-lived worker thread and remembers its failure.
+
+    A thread started per save would take the GIL from the caller as it starts, and ``save()``
+    would return only once the new thread gave it back (up to the 5 ms switch interval).
+    """
 
     def __init__(self) -> None:
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-        self._buffers: dict[str, torch.Tensor] = {}
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._done = threading.Event()
+        self._done.set()
+        self._failure: list[BaseException] = []
+        self._worker: threading.Thread | None = None
+        self._staging: Staging | None = None
         _writers.add(self)
 
     def snapshot(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Copies of ``tensors`` in reusable host buffers; returns once every copy is complete."""
-        out: dict[str, torch.Tensor] = {}
-        on_cuda = False
-        for name, src in tensors.items():
-            buf = self._buffers.get(name)
-            if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
-                pin = src.device.type == "cuda"
-                buf = torch.empty(src.shape, dtype=src.dtype, pin_memory=pin)
-                self._buffers[name] = buf
-            on_cuda = on_cuda or src.device.type == "cuda"
-            out[name] = buf
-        if len(self._buffers) != len(out):
-            for stale in set(self._buffers) - set(tensors):
-                del self._buffers[stale]
-        _copy_parallel(list(out.values()), list(tensors.values()), on_cuda)
-        if on_cuda:
-            torch.cuda.synchronize()
-        return out
+        """Copies of ``tensors`` in reusable host memory; returns once every copy is complete.
+
+        The copies stay valid until the next ``snapshot``, which callers make only after the job
+        using them has finished (``submit`` waits for it).
+        """
+        staging = self._staging
+        if staging is None or not staging.copy_from(tensors):
+            flat = staging.flat if staging is not None else None
+            self._staging = staging = None  # drop the old views before laying out new ones
+            staging = self._staging = Staging(tensors, flat)
+            if not staging.copy_from(tensors):
+                raise AssertionError("a fresh snapshot layout must fit its own tensors")
+        return staging.views
 
     def submit(self, job: Callable[[], None]) -> None:
         """Start ``job`` in the background after the previous one finished."""
         self.wait()
-        thread = threading.Thread(target=self._run, args=(job,), name="torchckpt-async-save", daemon=True)
-        self._thread = thread
-        thread.start()
-
-    def _run(self, job: Callable[[], None]) -> None:
-        try:
-            job()
-        except BaseException as e:  # noqa: BLE001 - kept and re-raised on the caller's thread
-            self._error = e
+        if self._worker is None:
+            self._worker = threading.Thread(target=_serve, args=(self._jobs, self._done, self._failure),
+                                            name="torchckpt-async-save", daemon=True)
+            self._worker.start()
+            weakref.finalize(self, self._jobs.put, None)  # the worker ends with its writer
+        self._done.clear()
+        self._jobs.put(job)
 
     def wait(self) -> None:
         """Block until the job in flight is finished; raise its failure, if any, once."""
-        thread = self._thread
-        if thread is not None:
-            thread.join()
-            self._thread = None
-        error, self._error = self._error, None
-        if error is not None:
-            raise error
+        self._done.wait()
+        if self._failure:
+            raise self._failure.pop()
 
     @property
     def in_flight(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return not self._done.is_set()
+
+
+def _serve(jobs: queue.SimpleQueue[Callable[[], None] | None], done: threading.Event,
+           failure: list[BaseException]) -> None:
+    """The worker: run each job, record its failure, signal completion; end at ``None``."""
+    while (job := jobs.get()) is not None:
+        try:
+            job()
+        except BaseException as e:  # noqa: BLE001 - kept and re-raised on the caller's thread
+            failure[:] = [e]
+        finally:
+            del job
+            done.set()
 
 
 @atexit.register
 def _wait_for_all() -> None:
     for writer in list(_writers):
-        thread = writer._thread
-        if thread is not None:
-            thread.join()
+        writer._done.wait()

@@ -110,33 +110,35 @@ def prepare_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.T
     """Check every tensor can be stored; split off aliases (tensors that are views of a stored one).
 
     Returns:
-        The tensors to store, and alias name -> stored name.
+        The tensors to store (``tensors`` itself when nothing is an alias), and alias name ->
+        stored name.
 
     Raises:
         UnsupportedStateError: a tensor has a layout or dtype safetensors cannot hold.
     """
-    stored: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
-    first_at: dict[int, str] = {}  # address -> first stored tensor there (the common, cheap case)
-    views_at: dict[tuple[Any, ...], str] = {}  # full view key -> stored name, only where addresses repeat
+    first_at: dict[int, str] = {}  # address -> first tensor there (the common, cheap case)
+    views_at: dict[tuple[Any, ...], str] = {}  # view key -> stored name, only at addresses that repeat
     supported = _format.SUPPORTED_DTYPES
     strided = torch.strided
     for name, t in tensors.items():
-        if t.dtype not in supported or t.layout is not strided or t.is_meta or t.is_nested:
+        if t.layout is not strided or t.dtype not in supported or t.is_meta or t.is_nested:
             _check_tensor(name, t)
         address = t.data_ptr()
-        if address and t.nbytes:
-            first = first_at.setdefault(address, name)
-            if first != name:  # views at one address are aliases only if they are identical views
-                if not views_at:
-                    views_at.update({_alias_key(stored[n]): n for n in first_at.values() if n in stored})
-                key = _alias_key(t)
-                if key in views_at:
-                    aliases[name] = views_at[key]
-                    continue
-                views_at[key] = name
-        stored[name] = t
-    return stored, aliases
+        if not address:
+            continue
+        first = first_at.setdefault(address, name)
+        if first is not name and t.nbytes:  # views at one address are aliases only if identical views
+            head = tensors[first]
+            if head.nbytes:
+                views_at.setdefault(_alias_key(head), first)
+            key = _alias_key(t)
+            target = views_at.setdefault(key, name)
+            if target is not name:
+                aliases[name] = target
+    if not aliases:
+        return tensors, aliases
+    return {n: t for n, t in tensors.items() if n not in aliases}, aliases
 
 
 def write_checkpoint(

@@ -40,7 +40,9 @@ def escape_part(part: str) -> str:
         >>> escape_part("a/b~c")
         'a~1b~0c'
     """
-    return part.replace("~", "~0").replace(SEP, "~1")
+    if "~" in part or SEP in part:
+        return part.replace("~", "~0").replace(SEP, "~1")
+    return part
 
 
 def unescape_part(part: str) -> str:
@@ -139,9 +141,13 @@ def _encode_dict(value: dict[Any, Any], path: str, tensors: dict[str, torch.Tens
         return _encode_pairs("@dict", value, path, tensors)
     out: dict[str, Any] = {}
     for k, v in value.items():
-        encoded = encode(v, join(path, escape_part(k)), tensors)
-        if not isinstance(v, torch.Tensor):
-            out[k] = encoded
+        child = f"{path}{SEP}{escape_part(k)}" if path else escape_part(k)
+        if isinstance(v, torch.Tensor):  # left out of the JSON: its name says where it goes
+            if child in tensors:
+                encode(v, child, tensors)  # raises the duplicate-name error
+            tensors[child] = v
+        else:
+            out[k] = encode(v, child, tensors)
     return out
 
 
