@@ -36,9 +36,11 @@ def drop_page_cache(paths: list[str]) -> None:
                 os.close(fd)
 
 
-def run_fresh(script: str, args: list[str]) -> dict[str, Any]:
-    """Run ``script`` in a fresh interpreter; it prints one JSON object as its last line."""
-    out = subprocess.run([sys.executable, script, *args], check=True, capture_output=True, text=True)
+def run_fresh(script: str, args: list[str], python: str | None = None) -> dict[str, Any]:
+    """Run ``script`` in a fresh interpreter (this one, or ``python``); it prints one JSON object as its last line."""
+    out = subprocess.run([python or sys.executable, script, *args], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"{script} {' '.join(args)} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 

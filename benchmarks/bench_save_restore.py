@@ -6,9 +6,19 @@ in the same run, and peak extra RSS over the state size. Every save includes fsy
 wrote; every restore reads into existing tensors from a cold page cache.
 
     python benchmarks/bench_save_restore.py [--rounds 3] [--workloads big,many,gpt2]
+        [--tf-python PATH] [--device cpu|cuda]
 
 Workloads: big = 1 GiB fp32 in 200 tensors; many = 100 MB in 20,000 tensors; gpt2 = a
 GPT-2-small-shaped model (124M parameters) with AdamW state (about 1.5 GB).
+
+TensorFlow's CheckpointManager is measured too when TensorFlow can be imported, by this
+interpreter or by the one ``--tf-python`` names (TensorFlow and torch rarely share a virtual
+environment happily: ``python -m venv tf && tf/bin/pip install torch==2.13.0 tensorflow-cpu``).
+
+``--device cuda`` puts the state on the GPU: saves copy it to host memory first (raw: a
+device-to-host copy, then the write), restores read into the GPU tensors. The report then adds
+the measured device-to-host bandwidth and compares the time an async save blocks with the
+state size divided by that bandwidth (the least any snapshot can take).
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,13 +37,21 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import drop_page_cache, machine, median, peak_rss_bytes, run_fresh  # noqa: E402
 
-SAVE_METHODS = ["raw", "torch", "safetensors", "dcp", "torchckpt", "torchckpt-async"]
-RESTORE_METHODS = ["raw", "torch", "safetensors", "dcp", "torchckpt"]
+SAVE_METHODS = ["raw", "torch", "safetensors", "dcp", "tf", "torchckpt", "torchckpt-async"]
+RESTORE_METHODS = ["raw", "torch", "safetensors", "dcp", "tf", "torchckpt"]
 LABELS = {"raw": "raw write / readinto", "torch": "torch.save / torch.load", "safetensors": "safetensors",
-          "dcp": "torch DCP", "torchckpt": "torchckpt", "torchckpt-async": "torchckpt async (blocked)"}
+          "dcp": "torch DCP", "tf": "TensorFlow CheckpointManager", "torchckpt": "torchckpt",
+          "torchckpt-async": "torchckpt async (blocked)"}
 
 
-def make_state(workload: str) -> dict[str, torch.Tensor]:  # noqa: F821
+def make_state(workload: str, device: str = "cpu") -> dict[str, torch.Tensor]:  # noqa: F821
+    state = _make_state(workload)
+    if device != "cpu":
+        state = {k: v.to(device) for k, v in state.items()}
+    return state
+
+
+def _make_state(workload: str) -> dict[str, torch.Tensor]:  # noqa: F821
     import torch
 
     if workload == "big":
@@ -75,6 +94,18 @@ def _byte_view(t):  # type: ignore[no-untyped-def]
     return byte_view(t)
 
 
+def _host(t):  # type: ignore[no-untyped-def]
+    """``t`` in host memory: itself on the CPU, else a device-to-host copy."""
+    return t if t.device.type == "cpu" else t.cpu()
+
+
+def _sync(state: dict) -> None:  # type: ignore[type-arg]
+    import torch
+
+    if any(t.device.type == "cuda" for t in state.values()):
+        torch.cuda.synchronize()
+
+
 def save(method: str, state: dict, path: str) -> dict:  # type: ignore[type-arg]
     import torch
 
@@ -83,9 +114,15 @@ def save(method: str, state: dict, path: str) -> dict:  # type: ignore[type-arg]
     if method == "raw":
         with open(path, "wb") as f:
             for t in state.values():
-                f.write(_byte_view(t))
+                f.write(_byte_view(_host(t)))
             f.flush()
             os.fsync(f.fileno())
+    elif method == "tf":
+        import tensorflow as tf
+
+        manager = tf.train.CheckpointManager(tf.train.Checkpoint(state=state), path, max_to_keep=1)
+        manager.save()
+        _fsync_tree(path)
     elif method == "torch":
         with open(path, "wb") as f:
             torch.save(state, f)
@@ -126,17 +163,29 @@ def restore(method: str, dest: dict, path: str) -> None:  # type: ignore[type-ar
     if method == "raw":
         with open(path, "rb", buffering=0) as f:
             for t in dest.values():
-                f.readinto(_byte_view(t))
+                if t.device.type == "cpu":
+                    f.readinto(_byte_view(t))
+                else:
+                    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                    f.readinto(_byte_view(host))
+                    t.copy_(host)
+        _sync(dest)
+    elif method == "tf":
+        import tensorflow as tf
+
+        tf.train.Checkpoint(state=dest).restore(tf.train.latest_checkpoint(path)).assert_consumed()
     elif method == "torch":
         loaded = torch.load(path, weights_only=True)
         for k, t in dest.items():
             t.copy_(loaded[k])
+        _sync(dest)
     elif method == "safetensors":
         from safetensors.torch import load_file
 
         loaded = load_file(path)
         for k, t in dest.items():
             t.copy_(loaded[k])
+        _sync(dest)
     elif method == "dcp":
         import torch.distributed.checkpoint as dcp
 
@@ -147,20 +196,30 @@ def restore(method: str, dest: dict, path: str) -> None:  # type: ignore[type-ar
         torchckpt.Checkpoint(state=dest).read(path, progress=False).assert_consumed()
 
 
-def child(op: str, method: str, workload: str, path: str) -> None:
+def child(op: str, method: str, workload: str, path: str, device: str) -> None:
     warnings.simplefilter("ignore")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import torch
 
     modules = {"safetensors": "safetensors.torch", "dcp": "torch.distributed.checkpoint", "torchckpt": "torchckpt",
-               "torchckpt-async": "torchckpt"}
+               "torchckpt-async": "torchckpt", "tf": "tensorflow"}
     if method in modules:  # imports are not part of what is measured, for any method
         __import__(modules[method])
-    state = make_state(workload)
+    state = make_state(workload, device)
     state_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    if method == "tf":  # TensorFlow saves its own variables: one at a time, so no second copy is ever held
+        import tensorflow as tf
+
+        state = {k: tf.Variable(state.pop(k).numpy()) for k in list(state)}
     if op == "restore":
         for t in state.values():
-            t.zero_()
+            if method == "tf":
+                t.assign(tf.zeros_like(t))
+            else:
+                t.zero_()
         drop_page_cache([path])
+    if method != "tf":
+        _sync(state)
     before = peak_rss_bytes()
     if op == "save":
         result = save(method, state, path)
@@ -171,8 +230,27 @@ def child(op: str, method: str, workload: str, path: str) -> None:
     result.update({"extra_rss": peak_rss_bytes() - before, "state_bytes": state_bytes})
     if op == "restore":
         reference = make_state(workload)
-        assert all(torch.equal(state[k], reference[k]) for k in state), f"{method} restored wrong values"
+        restored = {k: torch.from_numpy(v.numpy()) if method == "tf" else v.cpu() for k, v in state.items()}
+        assert all(torch.equal(restored[k], reference[k]) for k in state), f"{method} restored wrong values"
+    if op == "save" and device == "cuda":
+        result["d2h_bytes_per_second"] = _device_to_host_bandwidth(state)
     print(json.dumps(result))
+
+
+def _device_to_host_bandwidth(state: dict) -> float:  # type: ignore[type-arg]
+    """Device-to-host copy speed into pinned memory, measured on the state's largest tensor."""
+    import torch
+
+    src = max(state.values(), key=lambda t: t.nbytes)
+    dst = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+    times = []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return src.nbytes / median(times)
 
 
 def _target(method: str, tmp: str, workload: str, op: str) -> str:
@@ -188,22 +266,29 @@ def _clear(path: str) -> None:
         os.remove(path)
 
 
-def run_workload(workload: str, rounds: int, tmp: str) -> dict[str, dict[str, list[dict]]]:  # type: ignore[type-arg]
-    results: dict[str, dict[str, list[dict]]] = {"save": {m: [] for m in SAVE_METHODS},  # type: ignore[type-arg]
-                                                 "restore": {m: [] for m in RESTORE_METHODS}}
+def run_workload(workload: str, rounds: int, tmp: str, methods: list[str], device: str,
+                 tf_python: str | None) -> dict[str, dict[str, list[dict]]]:  # type: ignore[type-arg]
+    save_methods = [m for m in SAVE_METHODS if m in methods]
+    restore_methods = [m for m in RESTORE_METHODS if m in methods]
+    results: dict[str, dict[str, list[dict]]] = {"save": {m: [] for m in save_methods},  # type: ignore[type-arg]
+                                                 "restore": {m: [] for m in restore_methods}}
+
+    def fresh(op: str, method: str, target: str) -> dict:  # type: ignore[type-arg]
+        python = tf_python if method == "tf" and tf_python else sys.executable
+        return run_fresh(__file__, ["--child", op, method, workload, target, device], python=python)
+
     sources = {}
-    for method in RESTORE_METHODS:  # files to restore from, written once by each method itself
+    for method in restore_methods:  # files to restore from, written once by each method itself
         sources[method] = _target(method, tmp, workload, "source")
-        run_fresh(__file__, ["--child", "save", method, workload, sources[method]])
+        fresh("save", method, sources[method])
     for _ in range(rounds):
-        for method in SAVE_METHODS:
+        for method in save_methods:
             target = _target(method, tmp, workload, "save")
             _clear(target)
-            results["save"][method].append(run_fresh(__file__, ["--child", "save", method, workload, target]))
+            results["save"][method].append(fresh("save", method, target))
             _clear(target)
-        for method in RESTORE_METHODS:
-            results["restore"][method].append(
-                run_fresh(__file__, ["--child", "restore", method, workload, sources[method]]))
+        for method in restore_methods:
+            results["restore"][method].append(fresh("restore", method, sources[method]))
     for path in sources.values():
         _clear(path)
     return results
@@ -230,14 +315,34 @@ def report(workload: str, results: dict, rounds: int) -> list[str]:  # type: ign
                 sync = median([r["seconds"] for r in results[op]["torchckpt"]])
                 extra = f" (until durable {total:.3f} s; blocked = {100 * secs / sync:.0f}% of a sync save)"
             lines.append(f"| {label} | {secs:.3f}{extra} | {secs / raw:.2f}x | {100 * rss:.1f}% |")
+        bandwidths = [r["d2h_bytes_per_second"] for r in results[op].get("torchckpt-async", [])
+                      if "d2h_bytes_per_second" in r]
+        if bandwidths:
+            bw = median(bandwidths)
+            blocked = median([r["blocked"] for r in results[op]["torchckpt-async"]])
+            floor = state / bw
+            lines.append(f"\ndevice-to-host bandwidth (pinned) {bw / 1e9:.1f} GB/s: copying the state takes at least "
+                         f"{floor:.3f} s; an async save blocks {blocked:.3f} s = {blocked / floor:.2f}x that")
     return lines
+
+
+def _tensorflow_python(requested: str | None) -> str | None:
+    """The interpreter that runs the TensorFlow measurements, or None when none can import it."""
+    for python in ([requested] if requested else [sys.executable]):
+        probe = subprocess.run([python, "-c", "import tensorflow, torch"], capture_output=True)
+        if probe.returncode == 0:
+            return python
+    return None
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workloads", default="big,many,gpt2")
-    parser.add_argument("--child", nargs=4, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--methods", default=",".join(SAVE_METHODS), help="comma-separated subset to run")
+    parser.add_argument("--tf-python", default=None, help="an interpreter that imports tensorflow and torch")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the state lives")
+    parser.add_argument("--child", nargs=5, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(*args.child)
@@ -246,9 +351,22 @@ def main() -> None:
     import torch
 
     lines.append(f"torch {torch.__version__}")
+    methods = args.methods.split(",")
+    if args.device == "cuda":
+        lines.append(f"device: {torch.cuda.get_device_name()}")
+        methods = [m for m in methods if m != "tf"]  # TensorFlow's variables would live on the CPU: no comparison
+    tf_python = _tensorflow_python(args.tf_python) if "tf" in methods else None
+    if tf_python is None and "tf" in methods:
+        methods.remove("tf")
+        lines.append("TensorFlow is not importable here (see --tf-python): its rows are left out")
+    elif tf_python is not None:
+        version = subprocess.run([tf_python, "-c", "import tensorflow as tf; print(tf.__version__)"],
+                                 capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+        lines.append(f"TensorFlow {version.stdout.strip()} ({tf_python})")
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
         for workload in args.workloads.split(","):
-            lines += report(workload, run_workload(workload, args.rounds, tmp), args.rounds)
+            results = run_workload(workload, args.rounds, tmp, methods, args.device, tf_python)
+            lines += report(workload, results, args.rounds)
             print("\n".join(lines), flush=True)
             lines = []
 

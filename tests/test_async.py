@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 import torchckpt
-from torchckpt import CheckpointManager, _storage
+from torchckpt import CheckpointManager, _async, _storage
 
 
 def test_committed_checkpoint_holds_values_as_of_save(tmp_path, monkeypatch):
@@ -143,3 +144,93 @@ def test_checkpoint_async_failure_surfaces_on_the_next_call(tmp_path, monkeypatc
         ckpt.write(tmp_path / "b")
     monkeypatch.undo()
     assert ckpt.write(tmp_path / "c") == str(tmp_path / "c")
+
+
+def _mixed_state() -> dict[str, object]:
+    """Tensors of every kind the snapshot groups differently: many small ones of one shape, 0-dim
+    scalars, other dtypes, a strided view, a conjugate view, an empty tensor, and a tied pair."""
+    torch.manual_seed(0)
+    base = torch.randn(6, 4)
+    complex_base = torch.complex(torch.randn(3), torch.randn(3))
+    tied = torch.randn(5)
+    return {
+        "small": [torch.randn(7) for _ in range(300)],
+        "scalars": [torch.tensor(float(i)) for i in range(20)] + [torch.tensor(3, dtype=torch.int64)],
+        "halves": torch.randn(2, 3).half(),
+        "flags": torch.tensor([True, False, True]),
+        "strided": base.t(),
+        "conj": complex_base.conj(),
+        "empty": torch.zeros(0, 4),
+        "tied": tied,
+        "tied_again": tied.view(5),
+    }
+
+
+def _values(state: dict[str, object]) -> dict[str, torch.Tensor]:
+    flat: dict[str, torch.Tensor] = {}
+    torchckpt._tree.encode(state, "state", flat)
+    return {k: v.resolve_conj().clone() for k, v in flat.items()}
+
+
+def _mutate(state: dict[str, object]) -> None:
+    with torch.no_grad():
+        for t in state["small"] + state["scalars"]:  # type: ignore[operator]
+            t.add_(100)
+        for key in ("halves", "strided", "tied"):
+            state[key].add_(1)  # type: ignore[union-attr]
+        state["flags"].logical_not_()  # type: ignore[union-attr]
+        state["conj"].mul_(2)  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("saves", [1, 3])
+def test_snapshot_of_mixed_tensors_holds_values_as_of_each_save(tmp_path, monkeypatch, saves):
+    """Every tensor kind is captured exactly as of save(), on the first save (new layout) and on
+    later saves that reuse the layout, though training mutates everything right after."""
+    layouts = []
+    real_init = _async.Staging.__init__
+    monkeypatch.setattr(_async.Staging, "__init__", lambda self, *a: layouts.append(1) or real_init(self, *a))
+    state = _mixed_state()
+    ckpt = torchckpt.Checkpoint(state=state)
+    expected = []
+    paths = []
+    for i in range(saves):
+        expected.append(_values(state))
+        paths.append(ckpt.write(tmp_path / f"c{i}", async_save=True))
+        _mutate(state)
+        ckpt.wait_until_finished()
+    index = json.loads((tmp_path / "c0" / "index.json").read_text())
+    assert index["torchckpt"]["aliases"] == {"state/tied_again": "state/tied"}
+    for path, values in zip(paths, expected):
+        reader = torchckpt.load_checkpoint(path)
+        for name, value in values.items():
+            assert torch.equal(reader.get_tensor(name), value), (path, name)
+    assert len(layouts) == 1  # later saves copied into the first save's layout
+
+
+def test_snapshot_follows_layout_and_alias_changes(tmp_path):
+    w = torch.arange(4.0)
+    ckpt = torchckpt.Checkpoint(a=w, b=torch.ones(2))
+    ckpt.write(tmp_path / "1", async_save=True)
+    ckpt.b = w  # now an alias of a
+    ckpt.write(tmp_path / "2", async_save=True)
+    ckpt.b = torch.zeros(3, 2)  # a new shape
+    ckpt.write(tmp_path / "3", async_save=True)
+    ckpt.a = w.double()  # a new dtype at a new address
+    ckpt.write(tmp_path / "4", async_save=True)
+    ckpt.wait_until_finished()
+    assert json.loads((tmp_path / "2" / "index.json").read_text())["torchckpt"]["aliases"] == {"b": "a"}
+    assert torchckpt.load_checkpoint(tmp_path / "3").get_variable_to_shape_map() == {"a": (4,), "b": (3, 2)}
+    fourth = torchckpt.load_checkpoint(tmp_path / "4")
+    assert fourth.get_variable_to_dtype_map() == {"a": torch.float64, "b": torch.float32}
+    assert torch.equal(fourth.get_tensor("a"), torch.arange(4.0, dtype=torch.float64))
+
+
+def test_async_save_refuses_an_unsupported_tensor_before_writing(tmp_path):
+    ckpt = torchckpt.Checkpoint(w=torch.zeros(2))
+    ckpt.write(tmp_path / "ok", async_save=True)
+    ckpt.w = torch.zeros(2).to_sparse()
+    with pytest.raises(torchckpt.UnsupportedStateError, match="'w'") as info:
+        ckpt.write(tmp_path / "bad", async_save=True)
+    assert info.value.key == "w"
+    ckpt.wait_until_finished()
+    assert not (tmp_path / "bad").exists() and (tmp_path / "ok").exists()

@@ -47,3 +47,34 @@ def test_cuda_rng_state_restores(tmp_path):
     torch.cuda.manual_seed_all(9)
     torchckpt.Checkpoint(rng=torchckpt.RNGState()).read(path).assert_consumed()
     assert torch.equal(torch.rand(4, device="cuda"), expected)
+
+
+def test_cuda_async_snapshot_is_pinned_and_holds_values_as_of_save(tmp_path):
+    """Async saves copy CUDA state into pinned host memory and return; the values are those of
+    save() time though the model changes right after, on the first save and on a reused layout."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(256, 256).cuda()
+    host = torch.arange(10.0)
+    step = torch.tensor(1, device="cuda")
+    ckpt = torchckpt.Checkpoint(model=model, host=host, step=step)
+    expected = []
+    for i in range(3):
+        expected.append({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+        ckpt.write(tmp_path / f"c{i}", async_save=True)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        host.add_(1)
+        step.add_(1)
+        ckpt.wait_until_finished()
+    assert ckpt._writer._staging.flat.is_pinned()
+    for i, values in enumerate(expected):
+        reader = torchckpt.load_checkpoint(tmp_path / f"c{i}")
+        for k, v in values.items():
+            assert torch.equal(reader.get_tensor(f"model/{k}"), v)
+        assert torch.equal(reader.get_tensor("host"), torch.arange(10.0) + i)
+        assert int(reader.get_tensor("step")) == 1 + i
+    fresh = torch.nn.Linear(256, 256).cuda()
+    torchckpt.Checkpoint(model=fresh, host=torch.zeros(10), step=torch.tensor(0, device="cuda")).read(
+        tmp_path / "c2").assert_consumed()
+    assert torch.equal(fresh.weight.cpu(), expected[2]["weight"])

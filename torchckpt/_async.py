@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from torchckpt import _storage
+
 _writers: weakref.WeakSet[AsyncWriter] = weakref.WeakSet()
 
 _ALIGNMENT = 64  # every group's region starts on a cache line (and so on any element size)
@@ -50,20 +52,26 @@ class Staging:
     """
 
     def __init__(self, tensors: dict[str, torch.Tensor], flat: torch.Tensor | None = None) -> None:
+        stored, self.aliases = _storage.prepare_tensors(tensors)  # raises for what cannot be stored
         group_of: dict[Any, int] = {}
         members: list[list[str]] = []
-        self.plan: list[tuple[str, torch.dtype, torch.Size, bool, int]] = []  # name, dtype, shape, on CUDA, group
+        # Per tensor, what a later save must match to reuse this layout: name, dtype, shape, on CUDA,
+        # address (so that aliases are the same ones), and its group (-1 for an alias: not copied).
+        self.plan: list[tuple[str, torch.dtype, torch.Size, bool, int, int]] = []
         for name, t in tensors.items():
             cuda = not t.is_cpu
-            key = ("device", name) if cuda else (t.dtype, tuple(t.shape[1:]), t.dim() == 0)
-            g = group_of.setdefault(key, len(members))
-            if g == len(members):
-                members.append([])
-            members[g].append(name)
-            self.plan.append((name, t.dtype, t.shape, cuda, g))
+            g = -1
+            if name not in self.aliases:
+                key = ("device", name) if cuda else (t.dtype, tuple(t.shape[1:]), t.dim() == 0)
+                g = group_of.setdefault(key, len(members))
+                if g == len(members):
+                    members.append([])
+                members[g].append(name)
+            self.plan.append((name, t.dtype, t.shape, cuda, t.data_ptr(), g))
+        tensors = stored
         sizes = [sum(tensors[n].nbytes for n in names) for names in members]
         total = sum(-(-size // _ALIGNMENT) * _ALIGNMENT for size in sizes)
-        pin = torch.cuda.is_available() and any(cuda for _, _, _, cuda, _ in self.plan)
+        pin = torch.cuda.is_available() and any(cuda for _, _, _, cuda, _, _ in self.plan)
         if flat is None or flat.numel() < total or flat.is_pinned() != pin:
             flat = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=pin)
         self.flat = flat
@@ -86,14 +94,25 @@ class Staging:
         self.views = {name: view_of[name] for name in tensors}  # the callers' order: it decides shard order
 
     def copy_from(self, tensors: dict[str, torch.Tensor]) -> bool:
-        """Copy ``tensors`` into the views, or return False if they do not fit this layout."""
+        """Copy ``tensors`` into the views, or return False if they do not fit this layout.
+
+        Fitting means the same names in the same order, each with the same dtype, shape, device
+        and address as when the layout was made: then the same tensors are stored and the same
+        ones are aliases, and every check ``prepare_tensors`` made still holds.
+        """
         if len(tensors) != len(self.plan):
             return False
         sources: list[list[torch.Tensor]] = [[] for _ in self.groups]
-        for (name, dtype, shape, cuda, index), (key, src) in zip(self.plan, tensors.items()):
-            if key != name or src.dtype is not dtype or src.shape != shape or src.is_cpu == cuda:
-                return False
-            sources[index].append(src)
+        strided = torch.strided
+        try:
+            for (name, dtype, shape, cuda, address, index), (key, src) in zip(self.plan, tensors.items()):
+                if (key != name or src.dtype is not dtype or src.layout is not strided or src.shape != shape
+                        or src.is_cpu == cuda or src.data_ptr() != address):
+                    return False
+                if index >= 0:
+                    sources[index].append(src)
+        except RuntimeError:  # a tensor without storage or strides (nested, sparse): laid out anew, and refused
+            return False
         device_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
         tasks: list[tuple[torch.Tensor, list[torch.Tensor], bool]] = []
         for group, srcs in zip(self.groups, sources):
@@ -180,11 +199,15 @@ class AsyncWriter:
         self._staging: Staging | None = None
         _writers.add(self)
 
-    def snapshot(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Copies of ``tensors`` in reusable host memory; returns once every copy is complete.
+    def snapshot(self, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """Copies of the tensors to store, in reusable host memory, and the aliases among ``tensors``
+        (as ``_storage.prepare_tensors``); returns once every copy is complete.
 
         The copies stay valid until the next ``snapshot``, which callers make only after the job
         using them has finished (``submit`` waits for it).
+
+        Raises:
+            UnsupportedStateError: a tensor cannot be stored.
         """
         staging = self._staging
         if staging is None or not staging.copy_from(tensors):
@@ -193,7 +216,7 @@ class AsyncWriter:
             staging = self._staging = Staging(tensors, flat)
             if not staging.copy_from(tensors):
                 raise AssertionError("a fresh snapshot layout must fit its own tensors")
-        return staging.views
+        return staging.views, staging.aliases
 
     def submit(self, job: Callable[[], None]) -> None:
         """Start ``job`` in the background after the previous one finished."""

@@ -204,7 +204,7 @@ class Checkpoint:
         # One pause over capture and write: re-enabling the collector in between would make it
         # sweep the tens of thousands of small objects the capture has just made.
         with _storage.gc_paused():
-            job = capture(self, metadata)
+            job = capture(self, metadata, prepare=not async_save)
             if not async_save:
                 run()
                 return
@@ -212,7 +212,7 @@ class Checkpoint:
 
             if self._writer is None:
                 object.__setattr__(self, "_writer", AsyncWriter())
-            job.stored = self._writer.snapshot(job.stored)
+            job.stored, job.aliases = self._writer.snapshot(job.stored)
         self._writer.submit(run)
 
     def wait_until_finished(self) -> None:
@@ -408,8 +408,12 @@ class WriteJob:
                                          before_commit)
 
 
-def capture(ckpt: Checkpoint, metadata: dict[str, Any] | None) -> WriteJob:
-    """Encode the checkpoint's state now; refuses unsupported values before anything is written."""
+def capture(ckpt: Checkpoint, metadata: dict[str, Any] | None, prepare: bool = True) -> WriteJob:
+    """Encode the checkpoint's state now; refuses unsupported values before anything is written.
+
+    With ``prepare=False`` the job's ``stored`` holds every tensor and ``aliases`` is empty: the
+    asynchronous snapshot checks the tensors and finds the aliases itself.
+    """
     state = ckpt._state()
     state[SAVE_COUNTER] = ckpt.save_counter
     tensors: dict[str, torch.Tensor] = {}
@@ -417,6 +421,8 @@ def capture(ckpt: Checkpoint, metadata: dict[str, Any] | None) -> WriteJob:
     section: dict[str, Any] = {"objects": ckpt._objects(), "state": tree}
     if metadata:
         section["metadata"] = _tree.encode(metadata, "metadata", {})
+    if not prepare:
+        return WriteJob(tensors, {}, section)
     stored, aliases = _storage.prepare_tensors(tensors)
     return WriteJob(stored, aliases, section)
 
