@@ -230,7 +230,7 @@ def child(op: str, method: str, workload: str, path: str, device: str) -> None:
     result.update({"extra_rss": peak_rss_bytes() - before, "state_bytes": state_bytes})
     if op == "restore":
         reference = make_state(workload)
-        restored = {k: torch.from_numpy(v.numpy()) if method == "tf" else v.cpu() for k, v in state.items()}
+        restored = {k: torch.as_tensor(v.numpy()) if method == "tf" else v.cpu() for k, v in state.items()}
         assert all(torch.equal(restored[k], reference[k]) for k in state), f"{method} restored wrong values"
     if op == "save" and device == "cuda":
         result["d2h_bytes_per_second"] = _device_to_host_bandwidth(state)

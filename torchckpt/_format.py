@@ -25,6 +25,7 @@ import torch
 from torchckpt.errors import CorruptCheckpointError
 
 INDEX_FILE = "index.json"
+TORCHCKPT_KEY = "torchckpt"  # the index's own section, beside Hugging Face's keys
 SHARD_SUFFIX = ".safetensors"
 SHARD_NAME = "model-{index:05d}-of-{count:05d}" + SHARD_SUFFIX
 FORMAT_NAME = "torchckpt"

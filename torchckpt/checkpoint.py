@@ -16,15 +16,14 @@ from typing import Any
 
 import torch
 
-from torchckpt import _directory, _format, _storage, _tensorio, _tree
-from torchckpt._format import TensorInfo as SavedTensor
-from torchckpt._progress import progress_bar
-from torchckpt.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from torchckpt import _directory, _format, _index, _storage, _tree
+from torchckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
 from torchckpt.restore import (
     MISSING,
     MismatchReport,
     Plan,
     RestoreStatus,
+    execute,
     plan_module,
     plan_stateful,
     plan_tensor,
@@ -279,15 +278,15 @@ class Checkpoint:
 
     def _restore_from(self, directory: str, verify: bool, progress: bool | None, expect_counter: bool) -> RestoreStatus:
         plan = self._plan_restore(directory, expect_counter)
-        _execute(plan, directory, verify, progress)
+        execute(plan, directory, verify, progress)
         return RestoreStatus(plan.report, directory)
 
     def _plan_restore(self, directory: str, expect_counter: bool) -> Plan:
         """Match the checkpoint against the tracked objects. The parsed index and state tree are
         dropped on return, before any tensor is read: only the plan stays in memory."""
-        index = _storage.load_index(directory)
-        infos = _storage.read_shard_headers(index)
-        saved = _storage.state_tree(index, infos.__getitem__)
+        index = _index.load_index(directory)
+        infos = _index.read_shard_headers(index)
+        saved = _index.state_tree(index, infos.__getitem__)
         del infos, index
         if not isinstance(saved, dict):
             raise CorruptCheckpointError(f"{directory}: the state tree's root is not a dict.", directory)
@@ -473,40 +472,3 @@ def resolve_checkpoint(path: PathLike) -> str:
             p,
         )
     return latest
-
-
-def _execute(plan: Plan, directory: str, verify: bool, progress: bool | None) -> None:
-    """Read every planned tensor (shard by shard, in file order), then run the planned loads."""
-    by_file: dict[str, list[tuple[torch.Tensor, SavedTensor]]] = {}
-    for pair in plan.reads:
-        by_file.setdefault(pair[1].file, []).append(pair)
-    total = sum(saved.nbytes for _, saved in plan.reads)
-    with progress_bar(total, f"restore {os.path.basename(directory)}", progress) as bar, torch.no_grad():
-        for file, reads in by_file.items():
-            reads.sort(key=_file_offset)
-            path = os.path.join(directory, file)
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                try:
-                    bad = _tensorio.read_many(fd, reads, verify, bar.update)
-                except EOFError as e:
-                    raise CorruptCheckpointError(f"Shard {path} is truncated: {e}.", path) from e
-                if bad is not None:
-                    saved, digest = bad
-                    raise CorruptCheckpointError(
-                        f"Tensor {saved.name!r} in {path} fails its checksum (recorded {saved.checksum:016x}, "
-                        f"read {digest:016x}): the shard is corrupt. Objects may be partly restored; restore "
-                        "another checkpoint, and run `torchckpt verify` on this one.",
-                        path,
-                    )
-            finally:
-                os.close(fd)
-    for load in plan.loads:
-        try:
-            load()
-        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
-            raise CheckpointError(f"Restoring from {directory} failed while loading state: {e}") from e
-
-
-def _file_offset(read: tuple[torch.Tensor, SavedTensor]) -> int:
-    return read[1].start

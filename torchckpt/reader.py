@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import xxhash
 
-from torchckpt import _format, _storage, _tensorio, _tree
+from torchckpt import _format, _index, _tensorio, _tree
 from torchckpt._format import INDEX_FILE, TensorInfo
 from torchckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, VariableNotFoundError
 
@@ -55,7 +55,7 @@ class CheckpointReader:
     def __init__(self, path: str, kind: str) -> None:
         self.path = path
         self.kind = kind  # "torchckpt", "safetensors" or "huggingface"
-        self._index: _storage.Index | None = None
+        self._index: _index.Index | None = None
         self._names: list[str] = []
         self._dtypes: list[str] = []
         self._shapes: list[str] = []
@@ -71,7 +71,7 @@ class CheckpointReader:
     @classmethod
     def _from_torchckpt(cls, directory: str) -> CheckpointReader:
         reader = cls(directory, "torchckpt")
-        index = _storage.load_index(directory)
+        index = _index.load_index(directory)
         reader._index = index
         reader._names, reader._dtypes, reader._shapes = index.names, index.dtypes, index.shapes
         reader._aliases = index.aliases
@@ -242,7 +242,7 @@ class CheckpointReader:
         if self._index is None:
             return {}
         shapes, dtypes = self.get_variable_to_shape_map(), self.get_variable_to_dtype_map()
-        return _storage.state_tree(self._index, lambda n: TensorSpec(n, dtypes[n], shapes[n]))
+        return _index.state_tree(self._index, lambda n: TensorSpec(n, dtypes[n], shapes[n]))
 
     def get_value(self, key: str) -> Any:
         """A value of the state tree by its ``/`` key path (``"epoch"``, ``"g_sched/last_epoch"``)."""
@@ -366,7 +366,7 @@ def verify(reader: CheckpointReader, progress: bool | None = None) -> list[str]:
         return problems
     index = reader._index
     try:
-        infos = _storage.read_shard_headers(index)
+        infos = _index.read_shard_headers(index)
     except CorruptCheckpointError as e:
         return [str(e)]
     total = sum(s["size"] for s in index.shards)

@@ -9,6 +9,7 @@ when the status is discarded (as TensorFlow warns when its restore coordinator i
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -16,9 +17,10 @@ from typing import Any
 
 import torch
 
-from torchckpt import _tree
+from torchckpt import _tensorio, _tree
 from torchckpt._format import TensorInfo as SavedTensor  # where a saved tensor is: dtype, shape, checksum
-from torchckpt.errors import RestoreMismatchError, format_keys
+from torchckpt._progress import progress_bar
+from torchckpt.errors import CheckpointError, CorruptCheckpointError, RestoreMismatchError, format_keys
 
 __all__ = ["MismatchReport", "RestoreStatus", "PartialRestoreWarning"]
 
@@ -376,6 +378,46 @@ def _fresh_reader(plan: Plan) -> Callable[[str, SavedTensor], torch.Tensor]:
 
 def _saved_leaf_keys(saved: Any, prefix: str) -> list[str]:
     return list(_tree.leaves(saved, prefix))
+
+
+# -- executing -------------------------------------------------------------------------------
+
+
+def execute(plan: Plan, directory: str, verify: bool, progress: bool | None) -> None:
+    """Read every planned tensor (shard by shard, in file order), then run the planned loads."""
+    by_file: dict[str, list[tuple[torch.Tensor, SavedTensor]]] = {}
+    for pair in plan.reads:
+        by_file.setdefault(pair[1].file, []).append(pair)
+    total = sum(saved.nbytes for _, saved in plan.reads)
+    with progress_bar(total, f"restore {os.path.basename(directory)}", progress) as bar, torch.no_grad():
+        for file, reads in by_file.items():
+            reads.sort(key=_file_offset)
+            path = os.path.join(directory, file)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                try:
+                    bad = _tensorio.read_many(fd, reads, verify, bar.update)
+                except EOFError as e:
+                    raise CorruptCheckpointError(f"Shard {path} is truncated: {e}.", path) from e
+                if bad is not None:
+                    saved, digest = bad
+                    raise CorruptCheckpointError(
+                        f"Tensor {saved.name!r} in {path} fails its checksum (recorded {saved.checksum:016x}, "
+                        f"read {digest:016x}): the shard is corrupt. Objects may be partly restored; restore "
+                        "another checkpoint, and run `torchckpt verify` on this one.",
+                        path,
+                    )
+            finally:
+                os.close(fd)
+    for load in plan.loads:
+        try:
+            load()
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+            raise CheckpointError(f"Restoring from {directory} failed while loading state: {e}") from e
+
+
+def _file_offset(read: tuple[torch.Tensor, SavedTensor]) -> int:
+    return read[1].start
 
 
 class _Missing:
