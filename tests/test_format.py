@@ -232,6 +232,27 @@ def test_index_cannot_point_outside_the_checkpoint(tmp_path, name):
         torchckpt.Checkpoint(w=torch.zeros(2)).restore(path)
 
 
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda i: i["weight_map"].update(a="model-00002-of-00002.safetensors"), "weight_map puts 'a' in"),
+        (lambda i: i["weight_map"].pop("b"), "weight_map puts 'b' in None"),
+        (lambda i: i["weight_map"].update(ghost="model-00001-of-00001.safetensors"), "no shard holds: ghost"),
+        (lambda i: i.pop("weight_map"), "'weight_map' is missing"),
+        (lambda i: i["torchckpt"]["tensors"].update(checksums="zz" * 16), "checksums are malformed"),
+    ],
+    ids=["wrong-shard", "missing-name", "extra-name", "no-map", "bad-checksums"],
+)
+def test_index_that_disagrees_with_itself_is_refused(tmp_path, edit, match):
+    path = torchckpt.Checkpoint(a=torch.ones(2), b=torch.zeros(3)).write(tmp_path / "c")
+    index = json.loads(Path(path, "index.json").read_text())
+    edit(index)
+    Path(path, "index.json").write_text(json.dumps(index))
+    with pytest.raises(CorruptCheckpointError, match=match) as info:
+        torchckpt.Checkpoint(a=torch.zeros(2), b=torch.ones(3)).restore(path)
+    assert info.value.path == path
+
+
 def test_newer_format_version_says_upgrade(tmp_path):
     path = torchckpt.Checkpoint(w=torch.ones(2)).write(tmp_path / "c")
     index = json.loads(Path(os.path.join(path, "index.json")).read_text())

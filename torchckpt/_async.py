@@ -68,8 +68,7 @@ class Staging:
                     members.append([])
                 members[g].append(name)
             self.plan.append((name, t.dtype, t.shape, cuda, t.data_ptr(), g))
-        tensors = stored
-        sizes = [sum(tensors[n].nbytes for n in names) for names in members]
+        sizes = [sum(stored[n].nbytes for n in names) for names in members]
         total = sum(-(-size // _ALIGNMENT) * _ALIGNMENT for size in sizes)
         pin = torch.cuda.is_available() and any(cuda for _, _, _, cuda, _, _ in self.plan)
         if flat is None or flat.numel() < total or flat.is_pinned() != pin:
@@ -79,11 +78,11 @@ class Staging:
         view_of: dict[str, torch.Tensor] = {}
         offset = 0
         for names, size in zip(members, sizes):
-            first = tensors[names[0]]
+            first = stored[names[0]]
             raw = flat[offset : offset + size].view(first.dtype)
             offset += -(-size // _ALIGNMENT) * _ALIGNMENT
             stack = first.dim() == 0
-            rows = [1 if stack else tensors[n].shape[0] for n in names]
+            rows = [1 if stack else stored[n].shape[0] for n in names]
             region = raw.view(-1) if stack else raw.view(sum(rows), *first.shape[1:])
             group = _Group(region, stack, [0])
             for n, r in zip(names, rows):
@@ -91,7 +90,7 @@ class Staging:
                 view_of[n] = region[start] if stack else region[start : start + r]
                 group.bounds.append(start + r)
             self.groups.append(group)
-        self.views = {name: view_of[name] for name in tensors}  # the callers' order: it decides shard order
+        self.views = {name: view_of[name] for name in stored}  # the callers' order: it decides shard order
 
     def copy_from(self, tensors: dict[str, torch.Tensor]) -> bool:
         """Copy ``tensors`` into the views, or return False if they do not fit this layout.

@@ -192,10 +192,9 @@ def write_checkpoint(
                 "header_checksum": header_checksum,
                 "tensors": len(shard.names),
             })
-        count = sum(len(shard.names) for shard in shards)
-        weight_map: Any = {n: file for shard, file in zip(shards, files) for n in shard.names}
-        if count > _format.LAYOUT_MAX_LINES:
-            weight_map = _format.RawJSON(lambda: _weight_map_pieces(shards, files))
+        weight_map: Any = _format.RawJSON(lambda: _weight_map_pieces(shards, files))
+        if sum(len(shard.names) for shard in shards) <= _format.LAYOUT_MAX_LINES:  # small: one name a line
+            weight_map = {n: file for shard, file in zip(shards, files) for n in shard.names}
         index = {
             "metadata": {"total_size": total},
             "weight_map": weight_map,
