@@ -1,7 +1,8 @@
 """Save and restore speed and memory: torchckpt against raw I/O, torch.save, safetensors and DCP.
 
 Every measurement runs in a fresh process. Rounds are interleaved (round 1 of every method, then
-round 2, ...), and the table reports medians, the ratio to the raw write/read of the same bytes
+round 2, ..., each round starting one method later, so that no method always runs right after
+the same other one), and the table reports medians, the ratio to the raw write/read of the same bytes
 in the same run, and peak extra RSS over the state size. Every save includes fsync of what it
 wrote; every restore reads into existing tensors from a cold page cache.
 
@@ -281,17 +282,22 @@ def run_workload(workload: str, rounds: int, tmp: str, methods: list[str], devic
     for method in restore_methods:  # files to restore from, written once by each method itself
         sources[method] = _target(method, tmp, workload, "source")
         fresh("save", method, sources[method])
-    for _ in range(rounds):
-        for method in save_methods:
+    for r in range(rounds):  # each round starts one method later: no method always follows the same one
+        for method in _rotated(save_methods, r):
             target = _target(method, tmp, workload, "save")
             _clear(target)
             results["save"][method].append(fresh("save", method, target))
             _clear(target)
-        for method in restore_methods:
+        for method in _rotated(restore_methods, r):
             results["restore"][method].append(fresh("restore", method, sources[method]))
     for path in sources.values():
         _clear(path)
     return results
+
+
+def _rotated(methods: list[str], by: int) -> list[str]:
+    k = by % len(methods) if methods else 0
+    return methods[k:] + methods[:k]
 
 
 def report(workload: str, results: dict, rounds: int) -> list[str]:  # type: ignore[type-arg]
