@@ -1,7 +1,9 @@
 """Moving tensor bytes between memory and files without intermediate copies.
 
 Writes go straight from a tensor's memory to the file (``writev`` over many small tensors at
-once); reads go straight from the file into the destination tensor's memory (``preadv``). Only
+once), while a helper thread computes the checksums of the same batch (xxhash and ``writev``
+both release the GIL, so hashing costs no save time); reads go straight from the file into the
+destination tensor's memory (``preadv``). Only
 tensors that are not contiguous in host memory (strided views, CUDA tensors) pass through a
 staging buffer, one bounded chunk at a time, so extra memory never grows with the state.
 """
@@ -11,6 +13,8 @@ from __future__ import annotations
 import array
 import ctypes
 import os
+import queue
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -129,30 +133,83 @@ def write_tensors(fd: int, tensors: list[torch.Tensor],
     digests = array.array("Q")
     pending: list[memoryview] = []  # views of tensors in ``tensors``, which keeps them alive
     pending_bytes = 0
+    hashing: _Digests | None = None  # the batch being hashed while it is written
     flush = _EarlyFlush(fd)
+
+    def write_batch() -> None:
+        nonlocal pending, pending_bytes, hashing
+        if hashing is not None:
+            digests.extend(hashing.result())
+        hashing = _Digests(pending) if pending else None
+        _write_all(fd, pending, flush)  # xxhash and writev both release the GIL: the two overlap
+        pending, pending_bytes = [], 0
+
     for t in tensors:
         if _is_host_contiguous(t):
             view = byte_view(t)
-            digests.append(xxhash.xxh3_64_intdigest(view))
             pending.append(view)
             pending_bytes += len(view)
             if pending_bytes >= _WRITEV_BYTES or len(pending) >= _IOV_MAX:
-                _write_all(fd, pending, flush)
-                pending, pending_bytes = [], 0
+                write_batch()
             if on_bytes is not None:
                 on_bytes(len(view))
             continue
+        write_batch()
+        if hashing is not None:
+            digests.extend(hashing.result())
+            hashing = None
         hasher = xxhash.xxh3_64()
         for chunk in host_chunks(t):  # a staged copy: written before its buffer is reused
             view = byte_view(chunk)
             hasher.update(view)
-            _write_all(fd, [*pending, view], flush)
-            pending, pending_bytes = [], 0
+            _write_all(fd, [view], flush)
             if on_bytes is not None:
                 on_bytes(len(view))
         digests.append(hasher.intdigest())
-    _write_all(fd, pending, flush)
+    write_batch()
+    if hashing is not None:
+        digests.extend(hashing.result())
     return digests
+
+
+class _Digests:
+    """The xxh3-64 digests of a batch of views, computed on a helper thread while the caller
+    writes the same batch (xxhash and writev both release the GIL, so the two overlap)."""
+
+    def __init__(self, views: list[memoryview]) -> None:
+        self.views = views
+        self.done = threading.Event()
+        self.values: list[int] = []
+        _hash_jobs().put(self)
+
+    def result(self) -> list[int]:
+        self.done.wait()
+        return self.values
+
+    def run(self) -> None:
+        intdigest = xxhash.xxh3_64_intdigest
+        self.values = [intdigest(v) for v in self.views]
+        self.done.set()
+
+
+_HASH_QUEUE: queue.SimpleQueue[_Digests] | None = None
+
+
+def _hash_jobs() -> queue.SimpleQueue[_Digests]:
+    """The queue of the hashing thread, started on first use. A daemon thread rather than a
+    ``concurrent.futures`` pool: those refuse work once interpreter exit begins, and the last
+    asynchronous save must still finish then."""
+    global _HASH_QUEUE
+    if _HASH_QUEUE is None:
+        jobs: queue.SimpleQueue[_Digests] = queue.SimpleQueue()
+        threading.Thread(target=_hash_forever, args=(jobs,), daemon=True, name="torchckpt-hash").start()
+        _HASH_QUEUE = jobs
+    return _HASH_QUEUE
+
+
+def _hash_forever(jobs: queue.SimpleQueue[_Digests]) -> None:
+    while True:
+        jobs.get().run()
 
 
 def read_into(fd: int, offset: int, dest: torch.Tensor, verify: bool) -> int | None:
