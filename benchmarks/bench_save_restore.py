@@ -1,4 +1,4 @@
-"""Save and restore speed and memory: torchckpt against raw I/O, torch.save, safetensors and DCP.
+"""Save and restore speed and memory: torchckpt against raw I/O, torch.save, safetensors, DCP and TensorFlow.
 
 Every measurement runs in a fresh process. Rounds are interleaved (round 1 of every method, then
 round 2, ..., each round starting one method later, so that no method always runs right after
