@@ -236,12 +236,13 @@ def test_index_cannot_point_outside_the_checkpoint(tmp_path, name):
     ("edit", "match"),
     [
         (lambda i: i["weight_map"].update(a="model-00002-of-00002.safetensors"), "weight_map puts 'a' in"),
-        (lambda i: i["weight_map"].pop("b"), "weight_map puts 'b' in None"),
+        (lambda i: i["weight_map"].pop("b"), "weight_map has no entry for 'b'"),
         (lambda i: i["weight_map"].update(ghost="model-00001-of-00001.safetensors"), "no shard holds: ghost"),
         (lambda i: i.pop("weight_map"), "'weight_map' is missing"),
         (lambda i: i["torchckpt"]["tensors"].update(checksums="zz" * 16), "checksums are malformed"),
+        (lambda i: i["torchckpt"]["tensors"].update(names=["a", "a"]), "table lists it twice"),
     ],
-    ids=["wrong-shard", "missing-name", "extra-name", "no-map", "bad-checksums"],
+    ids=["wrong-shard", "missing-name", "extra-name", "no-map", "bad-checksums", "repeated-name"],
 )
 def test_index_that_disagrees_with_itself_is_refused(tmp_path, edit, match):
     path = torchckpt.Checkpoint(a=torch.ones(2), b=torch.zeros(3)).write(tmp_path / "c")

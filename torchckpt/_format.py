@@ -205,11 +205,9 @@ def encode_header_pieces(entries: Iterable[tuple[str, torch.dtype, Sequence[int]
     pieces = [b'{"__metadata__":' + json.dumps(SHARD_METADATA, separators=(",", ":")).encode()]
     group: list[str] = []
     offset = 0
-    plain = _PLAIN_NAME.fullmatch
     names = _ST_DTYPES
     for name, dtype, shape, nbytes in entries:
-        quoted = f'"{name}"' if plain(name) else json.dumps(name, ensure_ascii=False)
-        group.append(f',{quoted}:{{"dtype":"{names[dtype]}","shape":[{shape_key(tuple(shape))}],'
+        group.append(f',{json_string(name)}:{{"dtype":"{names[dtype]}","shape":[{shape_key(tuple(shape))}],'
                      f'"data_offsets":[{offset},{offset + nbytes}]}}')
         offset += nbytes
         if len(group) == _HEADER_GROUP:

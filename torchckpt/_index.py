@@ -161,16 +161,17 @@ def _check_weight_map(directory: str, raw: dict[str, Any], names: list[str], sha
     if not isinstance(weight_map, dict):
         raise _corrupt(directory, "'weight_map' is missing")
     position = 0
-    for shard in shards:
+    for shard in shards:  # each entry is taken out as it is checked: what is left at the end is extra
         file = shard["file"]
         for name in names[position : position + shard["tensors"]]:
-            if weight_map.get(name) != file:
-                raise _corrupt(directory, f"weight_map puts {name!r} in {weight_map.get(name)!r}, not {file!r}")
+            found = weight_map.pop(name, None)
+            if found is None:
+                raise _corrupt(directory, f"weight_map has no entry for {name!r}, or the tensor table lists it twice")
+            if found != file:
+                raise _corrupt(directory, f"weight_map puts {name!r} in {found!r}, not {file!r}")
         position += shard["tensors"]
-    if len(weight_map) != len(names):  # every name was found above: the map has extra entries, or names repeat
-        extra = set(weight_map) - set(names)
-        what = f"lists tensors that no shard holds: {format_keys(extra)}" if extra else "names a tensor twice"
-        raise _corrupt(directory, f"weight_map {what}")
+    if weight_map:
+        raise _corrupt(directory, f"weight_map lists tensors that no shard holds: {format_keys(weight_map)}")
 
 
 def read_shard_headers(index: Index) -> dict[str, TensorInfo]:

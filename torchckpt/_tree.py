@@ -141,7 +141,7 @@ def _encode_dict(value: dict[Any, Any], path: str, tensors: dict[str, torch.Tens
         return _encode_pairs("@dict", value, path, tensors)
     out: dict[str, Any] = {}
     for k, v in value.items():
-        child = f"{path}{SEP}{escape_part(k)}" if path else escape_part(k)
+        child = join(path, escape_part(k))
         if isinstance(v, torch.Tensor):  # left out of the JSON: its name says where it goes
             if child in tensors:
                 encode(v, child, tensors)  # raises the duplicate-name error
