@@ -7,7 +7,7 @@ in the same run, and peak extra RSS over the state size. Every save includes fsy
 wrote; every restore reads into existing tensors from a cold page cache.
 
     python benchmarks/bench_save_restore.py [--rounds 3] [--workloads big,many,gpt2]
-        [--tf-python PATH] [--device cpu|cuda]
+        [--ops save,restore] [--methods raw,torchckpt,...] [--tf-python PATH] [--device cpu|cuda]
 
 Workloads: big = 1 GiB fp32 in 200 tensors; many = 100 MB in 20,000 tensors; gpt2 = a
 GPT-2-small-shaped model (124M parameters) with AdamW state (about 1.5 GB).
@@ -268,9 +268,9 @@ def _clear(path: str) -> None:
 
 
 def run_workload(workload: str, rounds: int, tmp: str, methods: list[str], device: str,
-                 tf_python: str | None) -> dict[str, dict[str, list[dict]]]:  # type: ignore[type-arg]
-    save_methods = [m for m in SAVE_METHODS if m in methods]
-    restore_methods = [m for m in RESTORE_METHODS if m in methods]
+                 tf_python: str | None, ops: list[str]) -> dict[str, dict[str, list[dict]]]:  # type: ignore[type-arg]
+    save_methods = [m for m in SAVE_METHODS if m in methods] if "save" in ops else []
+    restore_methods = [m for m in RESTORE_METHODS if m in methods] if "restore" in ops else []
     results: dict[str, dict[str, list[dict]]] = {"save": {m: [] for m in save_methods},  # type: ignore[type-arg]
                                                  "restore": {m: [] for m in restore_methods}}
 
@@ -302,10 +302,12 @@ def _rotated(methods: list[str], by: int) -> list[str]:
 
 def report(workload: str, results: dict, rounds: int) -> list[str]:  # type: ignore[type-arg]
     lines = []
-    state = results["save"]["raw"][0]["state_bytes"]
+    state = next(iter(results["save"].values() or results["restore"].values()))[0]["state_bytes"]
     titles = {"big": "1 GiB fp32 in 200 tensors", "many": "100 MB in 20,000 tensors",
               "gpt2": "GPT-2 small + AdamW state"}
     for op in ("save", "restore"):
+        if not results[op]:
+            continue
         raw = median([r["seconds"] for r in results[op]["raw"]])
         lines.append(f"\n{op} {titles[workload]} ({state / 2**20:.0f} MiB), median of {rounds} rounds"
                      + (", cold page cache" if op == "restore" else ", fsync included"))
@@ -346,6 +348,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workloads", default="big,many,gpt2")
     parser.add_argument("--methods", default=",".join(SAVE_METHODS), help="comma-separated subset to run")
+    parser.add_argument("--ops", default="save,restore", help="save, restore or both")
     parser.add_argument("--tf-python", default=None, help="an interpreter that imports tensorflow and torch")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the state lives")
     parser.add_argument("--child", nargs=5, default=None, help=argparse.SUPPRESS)
@@ -358,6 +361,8 @@ def main() -> None:
 
     lines.append(f"torch {torch.__version__}")
     methods = args.methods.split(",")
+    if "raw" not in methods:  # every ratio is against it
+        methods.insert(0, "raw")
     if args.device == "cuda":
         lines.append(f"device: {torch.cuda.get_device_name()}")
         methods = [m for m in methods if m != "tf"]  # TensorFlow's variables would live on the CPU: no comparison
@@ -371,7 +376,7 @@ def main() -> None:
         lines.append(f"TensorFlow {version.stdout.strip()} ({tf_python})")
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
         for workload in args.workloads.split(","):
-            results = run_workload(workload, args.rounds, tmp, methods, args.device, tf_python)
+            results = run_workload(workload, args.rounds, tmp, methods, args.device, tf_python, args.ops.split(","))
             lines += report(workload, results, args.rounds)
             print("\n".join(lines), flush=True)
             lines = []

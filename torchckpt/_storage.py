@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import xxhash
 
-from torchckpt import _atomic, _format, _tensorio
+from torchckpt import _atomic, _format, _output, _tensorio
 from torchckpt._format import INDEX_FILE
 from torchckpt._progress import progress_bar
 from torchckpt.errors import UnsupportedStateError
@@ -175,14 +175,11 @@ def write_checkpoint(
             for piece in header:
                 shard_hash.update(piece)
             header_checksum = shard_hash.hexdigest()
-            fd = os.open(os.path.join(tmp, file), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                _tensorio.write_all(fd, header)
+            with _output.create(os.path.join(tmp, file), size) as out:
+                out.write([memoryview(piece) for piece in header])
                 del header  # a 20,000-tensor header is megabytes: do not hold it while writing data
-                shard_digests = _tensorio.write_tensors(fd, [stored[n] for n in shard.names], bar.update)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+                shard_digests = _tensorio.write_tensors(out, [stored[n] for n in shard.names], bar.update)
+                out.finish()
             shard_hash.update(_big_endian(shard_digests))
             digests.append(shard_digests)
             shard_records.append({

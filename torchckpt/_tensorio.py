@@ -1,11 +1,11 @@
 """Moving tensor bytes between memory and files without intermediate copies.
 
-Writes go straight from a tensor's memory to the file (``writev`` over many small tensors at
-once), while a helper thread computes the checksums of the same batch (xxhash and ``writev``
+Writes hand views of the tensors' own memory to the file (``_output``: many small tensors per
+write), while a helper thread computes the checksums of the same batch (xxhash and the writes
 both release the GIL, so hashing costs no save time); reads go straight from the file into the
-destination tensor's memory (``preadv``). Only
-tensors that are not contiguous in host memory (strided views, CUDA tensors) pass through a
-staging buffer, one bounded chunk at a time, so extra memory never grows with the state.
+destination tensor's memory (``preadv``). Only tensors that are not contiguous in host memory
+(strided views, CUDA tensors) pass through a staging buffer, one bounded chunk at a time, so
+extra memory never grows with the state.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import array
 import ctypes
 import os
-import queue
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -21,9 +20,10 @@ from typing import Any
 import torch
 import xxhash
 
+from torchckpt import _output, _threads
+
 CHUNK_BYTES = 64 * 2**20
 _WRITEV_BYTES = 16 * 2**20
-_IOV_MAX = min(getattr(os, "sysconf", lambda _: 1024)("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 
 
 def byte_view(t: torch.Tensor) -> memoryview:
@@ -71,62 +71,16 @@ def host_chunks(t: torch.Tensor, limit: int = CHUNK_BYTES) -> Iterator[torch.Ten
         yield t[i : i + step].contiguous().cpu()
 
 
-FLUSH_BYTES = 64 * 2**20
-
-
-class _EarlyFlush:
-    """Hands written bytes to the disk as the save goes, so that the final fsync is short.
-
-    Without it every byte of a large save waits in the page cache until the fsync at the end, and
-    the disk idles while memory is copied. ``posix_fadvise(DONTNEED)`` on a written range starts
-    its writeback at once (and lets the kernel drop those pages afterwards, so a large save does
-    not evict the training data from the cache).
-    """
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.start = os.lseek(fd, 0, os.SEEK_CUR)
-        self.position = self.start
-        self.enabled = hasattr(os, "posix_fadvise")
-
-    def wrote(self, n: int) -> None:
-        self.position += n
-        if self.enabled and self.position - self.start >= FLUSH_BYTES:
-            try:
-                os.posix_fadvise(self.fd, self.start, self.position - self.start, os.POSIX_FADV_DONTNEED)
-            except OSError:
-                self.enabled = False
-            self.start = self.position
-
-
-def _write_all(fd: int, views: list[memoryview], flush: _EarlyFlush | None = None) -> None:
-    if flush is not None:
-        flush.wrote(sum(len(v) for v in views))
-    i, count = 0, len(views)
-    while i < count:
-        n = os.writev(fd, views[i : i + _IOV_MAX])
-        while i < count and n >= len(views[i]):  # an index, not pop(0): a batch has a thousand views
-            n -= len(views[i])
-            i += 1
-        if n:
-            views[i] = views[i][n:]
-
-
-def write_all(fd: int, data: bytes | list[bytes]) -> None:
-    """Write all of ``data``, one byte string or a list of them (``os.write`` may write less than asked)."""
-    _write_all(fd, [memoryview(d) for d in data] if isinstance(data, list) else [memoryview(data)])
-
-
-def write_tensors(fd: int, tensors: list[torch.Tensor],
+def write_tensors(out: _output.Output, tensors: list[torch.Tensor],
                   on_bytes: Callable[[int], None] | None = None) -> array.array[int]:
     """Write each tensor's bytes back to back at the file's position; return their xxh3-64 digests
     (an ``array`` of unsigned 64-bit ints: 8 bytes a tensor, not a Python int each).
 
-    Host-contiguous tensors are written straight from their memory, many per ``writev``; others
-    (strided views, CUDA tensors) go through bounded staged chunks, each written at once.
+    Host-contiguous tensors are handed to ``out`` as views of their memory, many at a time;
+    others (strided views, CUDA tensors) go through bounded staged chunks, each written at once.
 
     Args:
-        fd: an open file descriptor positioned where the first tensor goes.
+        out: the file, written up to where the first tensor goes.
         tensors: what to write, in order.
         on_bytes: optional callable taking a byte count, for progress.
     """
@@ -134,14 +88,13 @@ def write_tensors(fd: int, tensors: list[torch.Tensor],
     pending: list[memoryview] = []  # views of tensors in ``tensors``, which keeps them alive
     pending_bytes = 0
     hashing: _Digests | None = None  # the batch being hashed while it is written
-    flush = _EarlyFlush(fd)
 
     def write_batch() -> None:
         nonlocal pending, pending_bytes, hashing
         if hashing is not None:
             digests.extend(hashing.result())
         hashing = _Digests(pending) if pending else None
-        _write_all(fd, pending, flush)  # xxhash and writev both release the GIL: the two overlap
+        out.write(pending)  # xxhash releases the GIL, and so do the writes: the two overlap
         pending, pending_bytes = [], 0
 
     for t in tensors:
@@ -149,7 +102,7 @@ def write_tensors(fd: int, tensors: list[torch.Tensor],
             view = byte_view(t)
             pending.append(view)
             pending_bytes += len(view)
-            if pending_bytes >= _WRITEV_BYTES or len(pending) >= _IOV_MAX:
+            if pending_bytes >= _WRITEV_BYTES or len(pending) >= _output.IOV_MAX:
                 write_batch()
             if on_bytes is not None:
                 on_bytes(len(view))
@@ -162,7 +115,7 @@ def write_tensors(fd: int, tensors: list[torch.Tensor],
         for chunk in host_chunks(t):  # a staged copy: written before its buffer is reused
             view = byte_view(chunk)
             hasher.update(view)
-            _write_all(fd, [view], flush)
+            out.write([view])
             if on_bytes is not None:
                 on_bytes(len(view))
         digests.append(hasher.intdigest())
@@ -174,42 +127,32 @@ def write_tensors(fd: int, tensors: list[torch.Tensor],
 
 class _Digests:
     """The xxh3-64 digests of a batch of views, computed on a helper thread while the caller
-    writes the same batch (xxhash and writev both release the GIL, so the two overlap)."""
+    writes the same batch (xxhash and the writes both release the GIL, so the two overlap)."""
 
     def __init__(self, views: list[memoryview]) -> None:
         self.views = views
         self.done = threading.Event()
         self.values: list[int] = []
-        _hash_jobs().put(self)
+        self.error: Exception | None = None
+        _hasher.submit(self.run)
 
     def result(self) -> list[int]:
         self.done.wait()
+        if self.error is not None:
+            raise self.error
         return self.values
 
     def run(self) -> None:
         intdigest = xxhash.xxh3_64_intdigest
-        self.values = [intdigest(v) for v in self.views]
-        self.done.set()
+        try:
+            self.values = [intdigest(v) for v in self.views]
+        except Exception as e:  # raised again by result(), on the caller's thread
+            self.error = e
+        finally:
+            self.done.set()
 
 
-_HASH_QUEUE: queue.SimpleQueue[_Digests] | None = None
-
-
-def _hash_jobs() -> queue.SimpleQueue[_Digests]:
-    """The queue of the hashing thread, started on first use. A daemon thread rather than a
-    ``concurrent.futures`` pool: those refuse work once interpreter exit begins, and the last
-    asynchronous save must still finish then."""
-    global _HASH_QUEUE
-    if _HASH_QUEUE is None:
-        jobs: queue.SimpleQueue[_Digests] = queue.SimpleQueue()
-        threading.Thread(target=_hash_forever, args=(jobs,), daemon=True, name="torchckpt-hash").start()
-        _HASH_QUEUE = jobs
-    return _HASH_QUEUE
-
-
-def _hash_forever(jobs: queue.SimpleQueue[_Digests]) -> None:
-    while True:
-        jobs.get().run()
+_hasher = _threads.Worker("torchckpt-hash")
 
 
 def read_into(fd: int, offset: int, dest: torch.Tensor, verify: bool) -> int | None:
@@ -303,7 +246,7 @@ def read_many(fd: int, reads: list[tuple[torch.Tensor, Any]], verify: bool,
         end = saved.end
         total = saved.nbytes
         j = i + 1
-        while j < count and j - i < _IOV_MAX and total < CHUNK_BYTES:
+        while j < count and j - i < _output.IOV_MAX and total < CHUNK_BYTES:
             nxt, nxt_saved = reads[j]
             if nxt_saved.start != end or not _is_host_contiguous(nxt):
                 break

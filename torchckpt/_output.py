@@ -1,0 +1,266 @@
+"""Writing a new file at disk speed: direct I/O through a few reusable buffers.
+
+Why not ordinary writes: a buffered write copies every byte into freshly allocated page-cache
+pages, and fsync then waits for the disk. Fresh pages are not always cheap: on virtual machines
+the host may have taken back the guest's free memory, and touching it again costs the guest
+kernel several times the copy itself. On the development VM a buffered 1 GiB write took 0.45 s
+or 1 to 2.5 s from one run to the next, for every library measured. With ``O_DIRECT`` the
+bytes are copied into a few aligned buffers that are reused for the whole file, and a helper
+thread hands each full buffer to the disk while the caller fills the next: the same write took
+0.35 to 0.41 s every time. It also leaves the page cache alone, so a large save does not evict
+the training data.
+
+Small files, and filesystems that refuse ``O_DIRECT`` (tmpfs on older kernels, some network and
+FUSE filesystems), get ordinary writes: ``writev`` straight from the caller's memory, handing
+each written 64 MiB to the disk at once so that the final fsync is short.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import queue
+import threading
+
+import torch
+
+from torchckpt import _threads
+
+IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
+ALIGN = 4096  # offsets, lengths and addresses of direct writes: covers 512- and 4096-byte sectors
+DIRECT_MIN_BYTES = 16 * 2**20  # smaller files: one ordinary write is as fast and needs no buffers
+_BUFFERS = 4
+_BUFFER_MAX = 8 * 2**20
+_GIL_FREE_COPY = 2**16  # copies at least this large release the GIL (ctypes.memmove)
+FLUSH_BYTES = 64 * 2**20
+
+_disk = _threads.Worker("torchckpt-write")
+
+
+class Output:
+    """A new file being written from start to end. ``finish()`` makes it durable (fsync);
+    leaving the ``with`` block closes it either way."""
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path = path
+        self.fd = fd
+        self.closed = False
+
+    def write(self, views: list[memoryview]) -> None:
+        """Append the bytes of ``views``, in order (the list is left as it is)."""
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """Write what is still buffered and fsync the file."""
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            os.close(self.fd)
+
+    def __enter__(self) -> Output:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def create(path: str, size: int) -> Output:
+    """Create the file ``path`` (it must not exist yet) for ``size`` bytes, written directly
+    when the file is large enough and the filesystem allows it."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    direct = getattr(os, "O_DIRECT", 0)
+    if direct and size >= DIRECT_MIN_BYTES:
+        try:
+            return _DirectOutput(path, os.open(path, flags | direct, 0o644), size)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            # The filesystem refuses O_DIRECT, after creating the file: open it again, plainly.
+            return _CachedOutput(path, os.open(path, os.O_WRONLY | os.O_TRUNC))
+    return _CachedOutput(path, os.open(path, flags, 0o644))
+
+
+class _CachedOutput(Output):
+    """Ordinary writes through the page cache, handed to the disk as the file grows."""
+
+    def __init__(self, path: str, fd: int) -> None:
+        super().__init__(path, fd)
+        self.flush = _EarlyFlush(fd)
+
+    def write(self, views: list[memoryview]) -> None:
+        self.flush.wrote(sum(map(len, views)))
+        write_views(self.fd, views)
+
+
+def write_views(fd: int, views: list[memoryview]) -> None:
+    """Write all of ``views`` at the file's position (``writev`` may write less than asked)."""
+    i, count = 0, len(views)
+    while i < count:
+        n = os.writev(fd, views[i : i + IOV_MAX])
+        while i < count and n >= len(views[i]):  # an index, not pop(0): a batch has a thousand views
+            n -= len(views[i])
+            i += 1
+        if n:  # a partial write: finish that view on its own; the caller's list stays as it was
+            rest = views[i][n:]
+            while len(rest):
+                rest = rest[os.write(fd, rest):]
+            i += 1
+
+
+class _EarlyFlush:
+    """Hands written bytes to the disk as the save goes, so that the final fsync is short.
+
+    Without it every byte of a large save waits in the page cache until the fsync at the end, and
+    the disk idles while memory is copied. ``posix_fadvise(DONTNEED)`` on a written range starts
+    its writeback at once (and lets the kernel drop those pages afterwards, so a large save does
+    not evict the training data from the cache).
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.start = os.lseek(fd, 0, os.SEEK_CUR)
+        self.position = self.start
+        self.enabled = hasattr(os, "posix_fadvise")
+
+    def wrote(self, n: int) -> None:
+        self.position += n
+        if self.enabled and self.position - self.start >= FLUSH_BYTES:
+            try:
+                os.posix_fadvise(self.fd, self.start, self.position - self.start, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                self.enabled = False
+            self.start = self.position
+
+
+class _DirectOutput(Output):
+    """``O_DIRECT`` writes of aligned buffers, each handed to the disk thread once full.
+
+    The file is written in whole ``ALIGN`` blocks: the last one is padded with zeros and the
+    file then truncated to its real length. Extra memory is at most 1/64 of the file (and
+    32 MiB). Should the device want more alignment than ``ALIGN`` after all (``EINVAL``), the
+    file drops ``O_DIRECT`` and goes on with ordinary writes of the same buffers.
+    """
+
+    def __init__(self, path: str, fd: int, size: int) -> None:
+        super().__init__(path, fd)
+        per = min(_BUFFER_MAX, max(ALIGN, size // (64 * _BUFFERS)))
+        per -= per % ALIGN
+        self.buffer_bytes = per
+        self.free: queue.SimpleQueue[tuple[torch.Tensor, memoryview, int]] = queue.SimpleQueue()
+        for _ in range(_BUFFERS):
+            self.free.put(_aligned_buffer(per))
+        self.current: tuple[torch.Tensor, memoryview, int] | None = None
+        self.fill = 0  # bytes in the current buffer
+        self.offset = 0  # where the current buffer goes in the file
+        self.error: Exception | None = None
+        self.lock = threading.Lock()  # guards ``error`` between the disk thread and the caller
+
+    def write(self, views: list[memoryview]) -> None:
+        for view in views:
+            n, pos = len(view), 0
+            while pos < n:
+                if self.current is None:
+                    self.current = self._take()
+                _, buffer, address = self.current
+                k = min(n - pos, self.buffer_bytes - self.fill)
+                if k >= _GIL_FREE_COPY and not view.readonly:
+                    ctypes.memmove(address + self.fill, _address(view) + pos, k)
+                else:
+                    buffer[self.fill : self.fill + k] = view[pos : pos + k]
+                self.fill += k
+                pos += k
+                if self.fill == self.buffer_bytes:
+                    self._submit(self.buffer_bytes)
+
+    def finish(self) -> None:
+        size = self.offset + self.fill
+        if self.fill:
+            padded = -(-self.fill // ALIGN) * ALIGN
+            assert self.current is not None
+            self.current[1][self.fill : padded] = bytes(padded - self.fill)  # never write stale memory
+            self._submit(padded)
+        self._drain()
+        self._raise()
+        os.ftruncate(self.fd, size)
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._drain()  # the disk thread must be done with the descriptor before it is closed
+            super().close()
+
+    def _take(self) -> tuple[torch.Tensor, memoryview, int]:
+        buffer = self.free.get()
+        if self.error is not None:
+            self.free.put(buffer)
+            self._raise()
+        return buffer
+
+    def _submit(self, nbytes: int) -> None:
+        buffer, offset = self.current, self.offset
+        assert buffer is not None
+        self.current, self.fill, self.offset = None, 0, offset + self.buffer_bytes
+        _disk.submit(lambda: self._write_buffer(buffer, offset, nbytes))
+
+    def _write_buffer(self, buffer: tuple[torch.Tensor, memoryview, int], offset: int, nbytes: int) -> None:
+        try:
+            if self.error is None:
+                try:
+                    _pwrite_all(self.fd, buffer[1][:nbytes], offset)
+                except OSError as e:
+                    if e.errno != errno.EINVAL or not self._drop_direct():
+                        raise
+                    _pwrite_all(self.fd, buffer[1][:nbytes], offset)
+        except Exception as e:  # recorded and raised to the caller: the disk thread must live on
+            with self.lock:
+                self.error = self.error or e
+        finally:
+            self.free.put(buffer)
+
+    def _drop_direct(self) -> bool:
+        flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+        if not flags & os.O_DIRECT:
+            return False
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+        return True
+
+    def _drain(self) -> None:
+        held = [self.current] if self.current is not None else []
+        self.current = None
+        while len(held) < _BUFFERS:
+            held.append(self.free.get())
+        for buffer in held:
+            self.free.put(buffer)
+
+    def _raise(self) -> None:
+        with self.lock:
+            error = self.error
+        if isinstance(error, OSError):
+            raise OSError(error.errno, error.strerror, self.path) from error
+        if error is not None:
+            raise error
+
+
+def _aligned_buffer(nbytes: int) -> tuple[torch.Tensor, memoryview, int]:
+    """``nbytes`` of memory at an ``ALIGN``ed address: (owner, writable view, address)."""
+    owner = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
+    skip = -owner.data_ptr() % ALIGN
+    address = owner.data_ptr() + skip
+    view = memoryview((ctypes.c_ubyte * nbytes).from_address(address)).cast("B")
+    return owner, view, address
+
+
+def _address(view: memoryview) -> int:
+    return ctypes.addressof(ctypes.c_ubyte.from_buffer(view))
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    while len(view):
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
