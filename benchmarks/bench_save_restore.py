@@ -261,10 +261,14 @@ def _target(method: str, tmp: str, workload: str, op: str) -> str:
 
 
 def _clear(path: str) -> None:
+    """Remove ``path`` and wait for the filesystem to finish with it: deleting a GiB costs the disk
+    a moment (ext4 mounted with ``discard`` trims it at the next commit), which must not be billed
+    to whichever method runs next."""
     if os.path.isdir(path):
         shutil.rmtree(path)
     elif os.path.exists(path):
         os.remove(path)
+    os.sync()
 
 
 def run_workload(workload: str, rounds: int, tmp: str, methods: list[str], device: str,
