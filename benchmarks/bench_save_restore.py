@@ -2,9 +2,10 @@
 
 Every measurement runs in a fresh process. Rounds are interleaved (round 1 of every method, then
 round 2, ..., each round starting one method later, so that no method always runs right after
-the same other one), and the table reports medians, the ratio to the raw write/read of the same bytes
-in the same run, and peak extra RSS over the state size. Every save includes fsync of what it
-wrote; every restore reads into existing tensors from a cold page cache.
+the same other one), and the table reports medians with the fastest and slowest round, the ratio
+to the raw write/read of the same bytes in the same run, and peak extra RSS over the state size.
+Every save includes fsync of what it wrote; every restore reads into existing tensors from a
+cold page cache.
 
     python benchmarks/bench_save_restore.py [--rounds 3] [--workloads big,many,gpt2]
         [--ops save,restore] [--methods raw,torchckpt,...] [--tf-python PATH] [--device cpu|cuda]
@@ -315,10 +316,11 @@ def report(workload: str, results: dict, rounds: int) -> list[str]:  # type: ign
         raw = median([r["seconds"] for r in results[op]["raw"]])
         lines.append(f"\n{op} {titles[workload]} ({state / 2**20:.0f} MiB), median of {rounds} rounds"
                      + (", cold page cache" if op == "restore" else ", fsync included"))
-        lines.append("| method | seconds | vs raw | peak extra RSS |")
-        lines.append("|---|---|---|---|")
+        lines.append("| method | seconds | fastest-slowest round | vs raw | peak extra RSS |")
+        lines.append("|---|---|---|---|---|")
         for method, runs in results[op].items():
-            secs = median([r["blocked"] if r["blocked"] is not None else r["seconds"] for r in runs])
+            times = [r["blocked"] if r["blocked"] is not None else r["seconds"] for r in runs]
+            secs = median(times)
             rss = median([r["extra_rss"] for r in runs]) / state
             label = LABELS[method]
             extra = ""
@@ -326,7 +328,8 @@ def report(workload: str, results: dict, rounds: int) -> list[str]:  # type: ign
                 total = median([r["seconds"] for r in runs])
                 sync = median([r["seconds"] for r in results[op]["torchckpt"]])
                 extra = f" (until durable {total:.3f} s; blocked = {100 * secs / sync:.0f}% of a sync save)"
-            lines.append(f"| {label} | {secs:.3f}{extra} | {secs / raw:.2f}x | {100 * rss:.1f}% |")
+            lines.append(f"| {label} | {secs:.3f}{extra} | {min(times):.3f}-{max(times):.3f} | {secs / raw:.2f}x "
+                         f"| {100 * rss:.1f}% |")
         bandwidths = [r["d2h_bytes_per_second"] for r in results[op].get("torchckpt-async", [])
                       if "d2h_bytes_per_second" in r]
         if bandwidths:
