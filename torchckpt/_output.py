@@ -1,14 +1,14 @@
 """Writing a new file at disk speed: direct I/O through a few reusable buffers.
 
 Why not ordinary writes: a buffered write copies every byte into freshly allocated page-cache
-pages, and fsync then waits for the disk. Fresh pages are not always cheap: on virtual machines
-the host may have taken back the guest's free memory, and touching it again costs the guest
-kernel several times the copy itself. On the development VM a buffered 1 GiB write took 0.45 s
-or 1 to 2.5 s from one run to the next, for every library measured. With ``O_DIRECT`` the
-bytes are copied into a few aligned buffers that are reused for the whole file, and a helper
-thread hands each full buffer to the disk while the caller fills the next: the same write took
-0.35 to 0.41 s every time. It also leaves the page cache alone, so a large save does not evict
-the training data.
+pages, and fsync then waits for the disk. Fresh pages are not always cheap. On the development
+VM the kernel's copy into them sometimes ran several times slower than usual (the process's
+system time tripled, all of it in that copy; most likely the host backing the guest's memory
+again), so a buffered 1 GiB write took 0.45 s or 1 to 2.5 s from one run to the next, for every
+library measured. With ``O_DIRECT`` the bytes are copied into a few aligned buffers that are
+reused for the whole file, and a helper thread hands each full buffer to the disk while the
+caller fills the next: a 1 GiB save took 0.39 to 0.48 s in every round. It also leaves the page
+cache alone, so a large save does not evict the training data.
 
 Small files, and filesystems that refuse ``O_DIRECT`` (tmpfs on older kernels, some network and
 FUSE filesystems), get ordinary writes: ``writev`` straight from the caller's memory, handing
