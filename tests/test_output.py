@@ -242,3 +242,19 @@ def test_a_worker_thread_survives_a_job_that_raises(capsys):
     assert done.wait(10)
     assert ran == [1]
     assert "a bug in a job" in capsys.readouterr().err
+
+
+def test_partial_writes_complete_and_leave_the_callers_list_alone(tmp_path, monkeypatch):
+    real_writev = os.writev
+
+    def short_writev(fd, buffers):
+        return real_writev(fd, [memoryview(b)[:1000] for b in buffers[:1]])  # at most 1,000 bytes a call
+
+    monkeypatch.setattr(os, "writev", short_writev)
+    views = pieces_of([5000, 3, 2500])
+    before = [bytes(v) for v in views]
+    path = str(tmp_path / "f.bin")
+    assert write_file(path, views) is _output._CachedOutput
+    assert [bytes(v) for v in views] == before  # the checksum thread reads this same list
+    with open(path, "rb") as f:
+        assert f.read() == b"".join(before)

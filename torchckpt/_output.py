@@ -93,10 +93,10 @@ class _CachedOutput(Output):
 
     def write(self, views: list[memoryview]) -> None:
         self.flush.wrote(sum(map(len, views)))
-        write_views(self.fd, views)
+        _write_views(self.fd, views)
 
 
-def write_views(fd: int, views: list[memoryview]) -> None:
+def _write_views(fd: int, views: list[memoryview]) -> None:
     """Write all of ``views`` at the file's position (``writev`` may write less than asked)."""
     i, count = 0, len(views)
     while i < count:
