@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -234,3 +237,52 @@ def test_async_save_refuses_an_unsupported_tensor_before_writing(tmp_path):
     assert info.value.key == "w"
     ckpt.wait_until_finished()
     assert not (tmp_path / "bad").exists() and (tmp_path / "ok").exists()
+
+
+def test_a_forked_child_saves_asynchronously_with_its_own_threads(tmp_path):
+    # The parent has a save worker and a copy pool (12 MiB of one dtype is copied on two threads).
+    state = {f"w{i}": torch.full((2**20,), float(i)) for i in range(3)}
+    ckpt = torchckpt.Checkpoint(**state)
+    ckpt.write(tmp_path / "parent", async_save=True)
+    ckpt.wait_until_finished()
+    pid = os.fork()
+    if pid == 0:  # the child: none of the parent's threads exist here
+        code = 1
+        try:
+            torch.set_num_threads(1)  # torch's own OpenMP pool does not survive a fork either
+            for t in state.values():
+                t.add_(10)
+            ckpt.write(tmp_path / "child", async_save=True)
+            ckpt.wait_until_finished()
+            code = 0
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while not (done := os.waitpid(pid, os.WNOHANG))[0]:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("an asynchronous save in a forked child hung")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(done[1]) == 0
+    restored = {k: torch.zeros_like(v) for k, v in state.items()}
+    torchckpt.Checkpoint(**restored).read(tmp_path / "child").assert_consumed()
+    for i, t in enumerate(restored.values()):
+        assert torch.equal(t, torch.full((2**20,), float(i) + 10))
+
+
+def test_a_writers_thread_ends_with_the_writer(tmp_path):
+    def save_threads() -> int:
+        return sum(t.name == "torchckpt-async-save" and t.is_alive() for t in threading.enumerate())
+
+    before = save_threads()
+    ckpt = torchckpt.Checkpoint(w=torch.ones(10))
+    ckpt.write(tmp_path / "c", async_save=True)
+    ckpt.wait_until_finished()
+    assert save_threads() == before + 1
+    del ckpt
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while save_threads() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert save_threads() == before

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import functools
 import os
-import queue
 import threading
 import weakref
 from collections.abc import Callable
@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from torchckpt import _storage
+from torchckpt import _storage, _threads
 
 _writers: weakref.WeakSet[AsyncWriter] = weakref.WeakSet()
 
@@ -190,11 +190,11 @@ class AsyncWriter:
     """
 
     def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._done = threading.Event()
         self._done.set()
         self._failure: list[BaseException] = []
-        self._worker: threading.Thread | None = None
+        self._worker = _threads.Worker("torchckpt-async-save")
+        weakref.finalize(self, self._worker.close)  # the thread ends with its writer
         self._staging: Staging | None = None
         _writers.add(self)
 
@@ -220,13 +220,8 @@ class AsyncWriter:
     def submit(self, job: Callable[[], None]) -> None:
         """Start ``job`` in the background after the previous one finished."""
         self.wait()
-        if self._worker is None:
-            self._worker = threading.Thread(target=_serve, args=(self._jobs, self._done, self._failure),
-                                            name="torchckpt-async-save", daemon=True)
-            self._worker.start()
-            weakref.finalize(self, self._jobs.put, None)  # the worker ends with its writer
         self._done.clear()
-        self._jobs.put(job)
+        self._worker.submit(functools.partial(_run, job, self._done, self._failure))  # no reference to self
 
     def wait(self) -> None:
         """Block until the job in flight is finished; raise its failure, if any, once."""
@@ -239,17 +234,27 @@ class AsyncWriter:
         return not self._done.is_set()
 
 
-def _serve(jobs: queue.SimpleQueue[Callable[[], None] | None], done: threading.Event,
-           failure: list[BaseException]) -> None:
-    """The worker: run each job, record its failure, signal completion; end at ``None``."""
-    while (job := jobs.get()) is not None:
-        try:
-            job()
-        except BaseException as e:  # noqa: BLE001 - kept and re-raised on the caller's thread
-            failure[:] = [e]
-        finally:
-            del job
-            done.set()
+def _run(job: Callable[[], None], done: threading.Event, failure: list[BaseException]) -> None:
+    """Run ``job`` on the worker, record its failure, signal completion."""
+    try:
+        job()
+    except BaseException as e:  # noqa: BLE001 - kept and re-raised on the caller's thread
+        failure[:] = [e]
+    finally:
+        done.set()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has none of the parent's threads: it starts its own copy pool, and does
+    not wait for a save the parent had in flight (the worker thread restarts by itself)."""
+    global _POOL
+    _POOL = None
+    for writer in list(_writers):
+        writer._done.set()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @atexit.register

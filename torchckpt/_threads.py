@@ -13,6 +13,7 @@ import os
 import queue
 import sys
 import threading
+import weakref
 from collections.abc import Callable
 
 
@@ -21,9 +22,9 @@ class Worker:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self._jobs: queue.SimpleQueue[Callable[[], None]] | None = None
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] | None = None
         self._lock = threading.Lock()
-        _workers.append(self)
+        _workers.add(self)
 
     def submit(self, job: Callable[[], None]) -> None:
         """Run ``job`` on the worker thread after the jobs submitted before it."""
@@ -36,17 +37,24 @@ class Worker:
                 jobs = self._jobs
         jobs.put(job)
 
+    def close(self) -> None:
+        """End the thread once the jobs already submitted have run (a later ``submit`` starts a new one)."""
+        with self._lock:
+            jobs, self._jobs = self._jobs, None
+        if jobs is not None:
+            jobs.put(None)
 
-def _run_forever(jobs: queue.SimpleQueue[Callable[[], None]]) -> None:
-    while True:
-        job = jobs.get()
+
+def _run_forever(jobs: queue.SimpleQueue[Callable[[], None] | None]) -> None:
+    while (job := jobs.get()) is not None:
         try:
             job()
         except Exception:  # a bug in a job: report it, and keep serving the jobs behind it
             sys.excepthook(*sys.exc_info())
+        del job  # do not hold the last job (and what it refers to) while idle
 
 
-_workers: list[Worker] = []
+_workers: weakref.WeakSet[Worker] = weakref.WeakSet()
 
 
 def _forget_threads() -> None:
