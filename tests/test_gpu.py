@@ -78,3 +78,21 @@ def test_cuda_async_snapshot_is_pinned_and_holds_values_as_of_save(tmp_path):
     torchckpt.Checkpoint(model=fresh, host=torch.zeros(10), step=torch.tensor(0, device="cuda")).read(
         tmp_path / "c2").assert_consumed()
     assert torch.equal(fresh.weight.cpu(), expected[2]["weight"])
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_async_snapshot_waits_for_every_gpu_not_just_the_current_one(tmp_path):
+    """State on a second GPU (model parallel in one process): save() must wait for that GPU's
+    copy too, or training's next step overwrites values the writer has not read yet."""
+    assert torch.cuda.current_device() == 0
+    big = torch.full((64, 2**20), 1.0, device="cuda:1")  # 256 MiB: long enough to still be copying
+    small = torch.full((4,), 1.0, device="cuda:0")
+    ckpt = torchckpt.Checkpoint(big=big, small=small)
+    for i in range(2):  # the first save lays out the staging memory, the second reuses it
+        ckpt.write(tmp_path / f"c{i}", async_save=True)
+        big.add_(1)
+        small.add_(1)
+        ckpt.wait_until_finished()
+        reader = torchckpt.load_checkpoint(tmp_path / f"c{i}")
+        assert torch.equal(reader.get_tensor("big"), torch.full((64, 2**20), float(i + 1)))
+        assert torch.equal(reader.get_tensor("small"), torch.full((4,), float(i + 1)))

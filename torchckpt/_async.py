@@ -55,22 +55,22 @@ class Staging:
         stored, self.aliases = _storage.prepare_tensors(tensors)  # raises for what cannot be stored
         group_of: dict[Any, int] = {}
         members: list[list[str]] = []
-        # Per tensor, what a later save must match to reuse this layout: name, dtype, shape, on CUDA,
-        # address (so that aliases are the same ones), and its group (-1 for an alias: not copied).
+        # Per tensor, what a later save must match to reuse this layout: name, dtype, shape, off the
+        # CPU, address (so that aliases are the same ones), and its group (-1 for an alias: not copied).
         self.plan: list[tuple[str, torch.dtype, torch.Size, bool, int, int]] = []
         for name, t in tensors.items():
-            cuda = not t.is_cpu
+            on_device = not t.is_cpu
             g = -1
             if name not in self.aliases:
-                key = ("device", name) if cuda else (t.dtype, tuple(t.shape[1:]), t.dim() == 0)
+                key = ("device", name) if on_device else (t.dtype, tuple(t.shape[1:]), t.dim() == 0)
                 g = group_of.setdefault(key, len(members))
                 if g == len(members):
                     members.append([])
                 members[g].append(name)
-            self.plan.append((name, t.dtype, t.shape, cuda, t.data_ptr(), g))
+            self.plan.append((name, t.dtype, t.shape, on_device, t.data_ptr(), g))
         sizes = [sum(stored[n].nbytes for n in names) for names in members]
         total = sum(-(-size // _ALIGNMENT) * _ALIGNMENT for size in sizes)
-        pin = torch.cuda.is_available() and any(cuda for _, _, _, cuda, _, _ in self.plan)
+        pin = any(t.is_cuda for t in stored.values())
         if flat is None or flat.numel() < total or flat.is_pinned() != pin:
             flat = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=pin)
         self.flat = flat
@@ -104,27 +104,30 @@ class Staging:
         sources: list[list[torch.Tensor]] = [[] for _ in self.groups]
         strided = torch.strided
         try:
-            for (name, dtype, shape, cuda, address, index), (key, src) in zip(self.plan, tensors.items()):
+            for (name, dtype, shape, on_device, address, index), (key, src) in zip(self.plan, tensors.items()):
                 if (key != name or src.dtype is not dtype or src.layout is not strided or src.shape != shape
-                        or src.is_cpu == cuda or src.data_ptr() != address):
+                        or src.is_cpu == on_device or src.data_ptr() != address):
                     return False
                 if index >= 0:
                     sources[index].append(src)
         except RuntimeError:  # a tensor without storage or strides (nested, sparse): laid out anew, and refused
             return False
-        device_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        cuda_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        other_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
         tasks: list[tuple[torch.Tensor, list[torch.Tensor], bool]] = []
         for group, srcs in zip(self.groups, sources):
             if srcs and not srcs[0].is_cpu:
-                device_pairs.append((group.region.view(srcs[0].shape), srcs[0]))
+                (cuda_pairs if srcs[0].is_cuda else other_pairs).append((group.region.view(srcs[0].shape), srcs[0]))
                 continue
             tasks.extend(_split(group, srcs))
         with torch.no_grad():
-            if device_pairs:  # device-to-host into pinned memory: DMA, waited for below
-                torch._foreach_copy_([d for d, _ in device_pairs], [s for _, s in device_pairs], non_blocking=True)
+            if cuda_pairs:  # device-to-host into pinned memory: DMA on each source's stream, waited for below
+                torch._foreach_copy_([d for d, _ in cuda_pairs], [s for _, s in cuda_pairs], non_blocking=True)
+            for host, src in other_pairs:  # other accelerators: a plain copy, complete when it returns
+                host.copy_(src)
             _run_parallel(tasks)
-            if device_pairs:
-                torch.cuda.synchronize()
+            for device in {src.device for _, src in cuda_pairs}:  # every GPU the state is on, not just the current one
+                torch.cuda.synchronize(device)
         return True
 
 
