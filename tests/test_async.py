@@ -113,6 +113,56 @@ def test_interpreter_exit_waits_for_the_last_save(tmp_path):
     assert torchckpt.latest_checkpoint(tmp_path) == path
 
 
+@pytest.mark.parametrize("async_save", [True, False])
+@pytest.mark.parametrize("registered", ["after import", "before import"])
+def test_a_save_from_an_atexit_handler_completes(tmp_path, async_save, registered):
+    """A final save registered with atexit runs after Python has shut down its thread pools; the
+    snapshot copy (64 MiB: split across the copy threads) and the direct write must still work,
+    and an asynchronous one must land before the process ends, whichever exit hook runs first."""
+    register = "atexit.register(lambda: print(m.save(), flush=True))\n"
+    code = (
+        "import atexit, sys\n"
+        + (register if registered == "before import" else "")
+        + "import torch, torchckpt\n"
+        "state = {f't{i}': torch.full((2**20,), float(i)) for i in range(16)}\n"
+        f"m = torchckpt.CheckpointManager(torchckpt.Checkpoint(**state), sys.argv[1], async_save={async_save})\n"
+        + (register if registered == "after import" else "")
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 0 and not out.stderr, out.stderr
+    path = out.stdout.strip()
+    assert torchckpt.latest_checkpoint(tmp_path) == path
+    target = {f"t{i}": torch.zeros(2**20) for i in range(16)}
+    torchckpt.Checkpoint(**target).restore(path).assert_consumed()
+    assert all(torch.all(t == float(i)) for i, t in enumerate(target.values()))
+
+
+def test_saves_work_where_no_thread_can_be_started(tmp_path, monkeypatch):
+    """Python 3.12.0-3.12.3 refuse new threads during interpreter exit: every helper job then runs
+    on the caller, and a save (direct write, checksums, async snapshot copy) still lands intact."""
+    from torchckpt import _output, _tensorio, _threads
+
+    refused = []
+
+    def refuse(self):
+        refused.append(self.name)
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    for worker in [_output._disk, _tensorio._hasher, *_async._COPIERS]:
+        worker.close()  # their threads end; the next job would start a new one
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    state = {f"t{i}": torch.full((2**20,), float(i)) for i in range(24)}
+    ckpt = torchckpt.Checkpoint(**state)
+    written = [ckpt.write(tmp_path / "sync"), ckpt.write(tmp_path / "async", async_save=True)]
+    ckpt.wait_until_finished()
+    assert {"torchckpt-write", "torchckpt-hash", "torchckpt-copy", "torchckpt-async-save"} <= set(refused)
+    for path in written:
+        target = {k: torch.zeros_like(v) for k, v in state.items()}
+        torchckpt.Checkpoint(**target).read(path).assert_consumed()
+        assert all(torch.equal(target[k], v) for k, v in state.items())
+    assert _threads.Worker("torchckpt-test").call(lambda a, b: a + b, 2, 3).result() == 5
+
+
 def test_checkpoint_write_and_save_async(tmp_path):
     w = torch.zeros(50_000)
     ckpt = torchckpt.Checkpoint(w=w, step=1)

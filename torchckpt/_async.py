@@ -15,7 +15,6 @@ shape are copied by one ``torch.cat`` into one region of a flat buffer, split ac
 from __future__ import annotations
 
 import atexit
-import concurrent.futures
 import functools
 import os
 import threading
@@ -135,7 +134,7 @@ def _split(group: _Group, srcs: list[torch.Tensor]) -> list[tuple[torch.Tensor, 
     """The group's copy as (out, sources, stack) tasks: one, or about one per core when it is large."""
     parts = 1
     if group.region.nbytes > _SPLIT_BYTES and len(srcs) > 1:
-        parts = min(len(srcs), os.cpu_count() or 1, 4)
+        parts = min(len(srcs), _lanes())
     count = len(srcs)
     tasks = []
     for p in range(parts):
@@ -155,19 +154,19 @@ def _copy(task: tuple[torch.Tensor, list[torch.Tensor], bool]) -> None:
 
 
 def _run_parallel(tasks: list[tuple[torch.Tensor, list[torch.Tensor], bool]]) -> None:
-    """Run the copy tasks over the cores: large ones spread across pool threads (torch releases
-    the GIL while it copies), the rest on this thread."""
-    lanes = min(os.cpu_count() or 1, 4)
+    """Run the copy tasks over the cores: large ones spread across the copy threads (torch
+    releases the GIL while it copies), the rest on this thread."""
+    lanes = _lanes()
     buckets: list[list[tuple[torch.Tensor, list[torch.Tensor], bool]]] = [[] for _ in range(lanes)]
     loads = [0] * lanes
     for task in sorted(tasks, key=lambda t: -t[0].nbytes):
         lane = loads.index(min(loads)) if task[0].nbytes > _SPLIT_BYTES // 4 else 0
         buckets[lane].append(task)
         loads[lane] += task[0].nbytes
-    futures = [_pool().submit(_copy_all, bucket) for bucket in buckets[1:] if bucket]
+    copies = [copier.call(_copy_all, bucket) for copier, bucket in zip(_COPIERS, buckets[1:]) if bucket]
     _copy_all(buckets[0])
-    for future in futures:
-        future.result()
+    for copy in copies:
+        copy.result()
 
 
 def _copy_all(tasks: list[tuple[torch.Tensor, list[torch.Tensor], bool]]) -> None:
@@ -175,14 +174,12 @@ def _copy_all(tasks: list[tuple[torch.Tensor, list[torch.Tensor], bool]]) -> Non
         _copy(task)
 
 
-_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+_COPIERS = [_threads.Worker("torchckpt-copy") for _ in range(3)]
 
 
-def _pool() -> concurrent.futures.ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None:
-        _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=3, thread_name_prefix="torchckpt-copy")
-    return _POOL
+def _lanes() -> int:
+    """How many threads copy at once: the caller and the copiers, one per core."""
+    return min(os.cpu_count() or 1, len(_COPIERS) + 1)
 
 
 class AsyncWriter:
@@ -225,6 +222,8 @@ class AsyncWriter:
         self.wait()
         self._done.clear()
         self._worker.submit(functools.partial(_run, job, self._done, self._failure))  # no reference to self
+        if _exiting:  # nothing will wait for it later: the process is going away
+            self.wait()
 
     def wait(self) -> None:
         """Block until the job in flight is finished; raise its failure, if any, once."""
@@ -248,10 +247,8 @@ def _run(job: Callable[[], None], done: threading.Event, failure: list[BaseExcep
 
 
 def _after_fork_in_child() -> None:
-    """A forked child has none of the parent's threads: it starts its own copy pool, and does
-    not wait for a save the parent had in flight (the worker thread restarts by itself)."""
-    global _POOL
-    _POOL = None
+    """A forked child does not wait for a save the parent had in flight (the parent's threads do
+    not exist in the child; the child's own start on first use)."""
     for writer in list(_writers):
         writer._done.set()
 
@@ -260,7 +257,15 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+_exiting = False
+
+
 @atexit.register
 def _wait_for_all() -> None:
+    """Interpreter exit waits for every save in flight. Registered on import, so it runs after the
+    exit handlers registered later (a final save from one of them is waited for); a save started
+    after it ran (from a handler registered before torchckpt was imported) finishes in ``submit``."""
+    global _exiting
+    _exiting = True
     for writer in list(_writers):
         writer._done.wait()

@@ -20,11 +20,10 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import mmap
 import os
 import queue
 import threading
-
-import torch
 
 from torchckpt import _threads
 
@@ -92,8 +91,8 @@ class _CachedOutput(Output):
         self.flush = _EarlyFlush(fd)
 
     def write(self, views: list[memoryview]) -> None:
-        self.flush.wrote(sum(map(len, views)))
         _write_views(self.fd, views)
+        self.flush.wrote(sum(map(len, views)))  # after the write: the range must be written to be flushed
 
 
 def _write_views(fd: int, views: list[memoryview]) -> None:
@@ -150,10 +149,10 @@ class _DirectOutput(Output):
         per = min(_BUFFER_MAX, max(ALIGN, size // (64 * _BUFFERS)))
         per -= per % ALIGN
         self.buffer_bytes = per
-        self.free: queue.SimpleQueue[tuple[torch.Tensor, memoryview, int]] = queue.SimpleQueue()
+        self.free: queue.SimpleQueue[tuple[memoryview, int]] = queue.SimpleQueue()
         for _ in range(_BUFFERS):
             self.free.put(_aligned_buffer(per))
-        self.current: tuple[torch.Tensor, memoryview, int] | None = None
+        self.current: tuple[memoryview, int] | None = None
         self.fill = 0  # bytes in the current buffer
         self.offset = 0  # where the current buffer goes in the file
         self.error: Exception | None = None
@@ -165,7 +164,7 @@ class _DirectOutput(Output):
             while pos < n:
                 if self.current is None:
                     self.current = self._take()
-                _, buffer, address = self.current
+                buffer, address = self.current
                 k = min(n - pos, self.buffer_bytes - self.fill)
                 if k >= _GIL_FREE_COPY and not view.readonly:
                     ctypes.memmove(address + self.fill, _address(view) + pos, k)
@@ -181,7 +180,7 @@ class _DirectOutput(Output):
         if self.fill:
             padded = -(-self.fill // ALIGN) * ALIGN
             assert self.current is not None
-            self.current[1][self.fill : padded] = bytes(padded - self.fill)  # never write stale memory
+            self.current[0][self.fill : padded] = bytes(padded - self.fill)  # never write stale memory
             self._submit(padded)
         self._drain()
         self._raise()
@@ -193,7 +192,7 @@ class _DirectOutput(Output):
             self._drain()  # the disk thread must be done with the descriptor before it is closed
             super().close()
 
-    def _take(self) -> tuple[torch.Tensor, memoryview, int]:
+    def _take(self) -> tuple[memoryview, int]:
         buffer = self.free.get()
         if self.error is not None:
             self.free.put(buffer)
@@ -206,15 +205,15 @@ class _DirectOutput(Output):
         self.current, self.fill, self.offset = None, 0, offset + self.buffer_bytes
         _disk.submit(lambda: self._write_buffer(buffer, offset, nbytes))
 
-    def _write_buffer(self, buffer: tuple[torch.Tensor, memoryview, int], offset: int, nbytes: int) -> None:
+    def _write_buffer(self, buffer: tuple[memoryview, int], offset: int, nbytes: int) -> None:
         try:
             if self.error is None:
                 try:
-                    _pwrite_all(self.fd, buffer[1][:nbytes], offset)
+                    _pwrite_all(self.fd, buffer[0][:nbytes], offset)
                 except OSError as e:
                     if e.errno != errno.EINVAL or not self._drop_direct():
                         raise
-                    _pwrite_all(self.fd, buffer[1][:nbytes], offset)
+                    _pwrite_all(self.fd, buffer[0][:nbytes], offset)
         except Exception as e:  # recorded and raised to the caller: the disk thread must live on
             with self.lock:
                 self.error = self.error or e
@@ -245,13 +244,11 @@ class _DirectOutput(Output):
             raise error
 
 
-def _aligned_buffer(nbytes: int) -> tuple[torch.Tensor, memoryview, int]:
-    """``nbytes`` of memory at an ``ALIGN``ed address: (owner, writable view, address)."""
-    owner = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
-    skip = -owner.data_ptr() % ALIGN
-    address = owner.data_ptr() + skip
-    view = memoryview((ctypes.c_ubyte * nbytes).from_address(address)).cast("B")
-    return owner, view, address
+def _aligned_buffer(nbytes: int) -> tuple[memoryview, int]:
+    """``nbytes`` of page-aligned memory (an anonymous mapping, so aligned for any sector size):
+    (writable view, which keeps the mapping alive; its address)."""
+    view = memoryview(mmap.mmap(-1, nbytes))
+    return view, _address(view)
 
 
 def _address(view: memoryview) -> int:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import array
 import ctypes
 import os
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -87,14 +86,22 @@ def write_tensors(out: _output.Output, tensors: list[torch.Tensor],
     digests = array.array("Q")
     pending: list[memoryview] = []  # views of tensors in ``tensors``, which keeps them alive
     pending_bytes = 0
-    hashing: _Digests | None = None  # the batch being hashed while it is written
+    hashing: _threads.Pending[list[int]] | None = None  # the digests of the batch being written
 
-    def write_batch() -> None:
-        nonlocal pending, pending_bytes, hashing
+    def collect() -> None:
+        nonlocal hashing
         if hashing is not None:
             digests.extend(hashing.result())
-        hashing = _Digests(pending) if pending else None
-        out.write(pending)  # xxhash releases the GIL, and so do the writes: the two overlap
+            hashing = None
+
+    def write_batch() -> None:
+        """Write the pending views while the hash thread digests them (xxhash and the writes both
+        release the GIL, so the two overlap)."""
+        nonlocal pending, pending_bytes, hashing
+        collect()
+        if pending:
+            hashing = _hasher.call(_digest_all, pending)
+            out.write(pending)
         pending, pending_bytes = [], 0
 
     for t in tensors:
@@ -108,9 +115,7 @@ def write_tensors(out: _output.Output, tensors: list[torch.Tensor],
                 on_bytes(len(view))
             continue
         write_batch()
-        if hashing is not None:
-            digests.extend(hashing.result())
-            hashing = None
+        collect()
         hasher = xxhash.xxh3_64()
         for chunk in host_chunks(t):  # a staged copy: written before its buffer is reused
             view = byte_view(chunk)
@@ -120,36 +125,13 @@ def write_tensors(out: _output.Output, tensors: list[torch.Tensor],
                 on_bytes(len(view))
         digests.append(hasher.intdigest())
     write_batch()
-    if hashing is not None:
-        digests.extend(hashing.result())
+    collect()
     return digests
 
 
-class _Digests:
-    """The xxh3-64 digests of a batch of views, computed on a helper thread while the caller
-    writes the same batch (xxhash and the writes both release the GIL, so the two overlap)."""
-
-    def __init__(self, views: list[memoryview]) -> None:
-        self.views = views
-        self.done = threading.Event()
-        self.values: list[int] = []
-        self.error: Exception | None = None
-        _hasher.submit(self.run)
-
-    def result(self) -> list[int]:
-        self.done.wait()
-        if self.error is not None:
-            raise self.error
-        return self.values
-
-    def run(self) -> None:
-        intdigest = xxhash.xxh3_64_intdigest
-        try:
-            self.values = [intdigest(v) for v in self.views]
-        except Exception as e:  # raised again by result(), on the caller's thread
-            self.error = e
-        finally:
-            self.done.set()
+def _digest_all(views: list[memoryview]) -> list[int]:
+    intdigest = xxhash.xxh3_64_intdigest
+    return [intdigest(v) for v in views]
 
 
 _hasher = _threads.Worker("torchckpt-hash")

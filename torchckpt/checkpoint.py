@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from torchckpt import _directory, _format, _index, _storage, _tree
+from torchckpt._async import AsyncWriter  # imported with the package: its exit hook must be registered early
 from torchckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
 from torchckpt.restore import (
     MISSING,
@@ -207,8 +208,6 @@ class Checkpoint:
             if not async_save:
                 run()
                 return
-            from torchckpt._async import AsyncWriter
-
             if self._writer is None:
                 object.__setattr__(self, "_writer", AsyncWriter())
             job.stored, job.aliases = self._writer.snapshot(job.stored)
