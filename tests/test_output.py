@@ -258,3 +258,27 @@ def test_partial_writes_complete_and_leave_the_callers_list_alone(tmp_path, monk
     assert [bytes(v) for v in views] == before  # the checksum thread reads this same list
     with open(path, "rb") as f:
         assert f.read() == b"".join(before)
+
+
+def test_cached_writes_hand_each_written_range_to_the_disk(tmp_path, monkeypatch):
+    """Early writeback asks for ranges already written: a range asked for before its bytes are
+    there starts nothing, and those bytes then wait for the final fsync."""
+    monkeypatch.setattr(_output, "FLUSH_BYTES", 10_000)
+    real_fadvise = os.posix_fadvise
+    asked = []
+
+    def record(fd, offset, length, advice):
+        asked.append((offset, length, os.fstat(fd).st_size))
+        return real_fadvise(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", record)
+    views = pieces_of([6000] * 10)
+    path = str(tmp_path / "f.bin")
+    with _output.create(path, 60_000) as out:
+        assert type(out) is _output._CachedOutput
+        for view in views:
+            out.write([view])
+        out.finish()
+    assert [(offset, length) for offset, length, _ in asked] == [(0, 12_000), (12_000, 12_000), (24_000, 12_000),
+                                                                 (36_000, 12_000), (48_000, 12_000)]
+    assert all(offset + length <= size for offset, length, size in asked)
