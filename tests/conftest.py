@@ -2,8 +2,27 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 import torch
+
+from torchckpt import _format
+
+
+def read_index(directory: str | os.PathLike[str]) -> dict:
+    """A checkpoint's ``index.json``, parsed (its seal is left in)."""
+    with open(os.path.join(directory, "index.json"), "rb") as f:
+        return json.loads(f.read())
+
+
+def write_index(directory: str | os.PathLike[str], index: dict) -> None:
+    """Write ``index`` as the checkpoint's ``index.json`` with a valid seal, as a forger would:
+    the tests that use it check what the reader does beyond the seal."""
+    index = {k: v for k, v in index.items() if k != _format.SEAL_KEY}
+    with open(os.path.join(directory, "index.json"), "wb") as f:
+        f.write(_format.sealed_bytes(index))
 
 
 def make_mlp(seed: int = 0) -> torch.nn.Module:

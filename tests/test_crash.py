@@ -44,8 +44,9 @@ def test_failure_after_the_first_shard_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(_tensorio, "write_tensors", failing)
     ckpt = torchckpt.Checkpoint(a=torch.ones(100), b=torch.ones(100))
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match="no space left on the device") as info:
         ckpt.save(tmp_path / "ckpt", max_shard_size=400)
+    assert isinstance(info.value, torchckpt.CheckpointWriteError) and info.value.errno == 28
     assert os.listdir(tmp_path) == []
     assert ckpt.save_counter == 0
 

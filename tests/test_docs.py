@@ -45,6 +45,7 @@ def test_quickstart_runs_and_matches(tmp_path):
 def test_public_names_are_curated():
     assert sorted(torchckpt.__all__) == sorted([
         "Checkpoint", "CheckpointError", "CheckpointManager", "checkpoints_iterator", "wait_for_new_checkpoint",
+        "CheckpointDeletedError", "CheckpointWriteError", "CheckpointState", "get_checkpoint_state",
         "CheckpointReader", "VariableNotFoundError", "list_variables", "load_checkpoint", "load_variable", "CheckpointNotFoundError", "CorruptCheckpointError",
         "MismatchReport", "PartialRestoreWarning", "RNGState", "RestoreMismatchError", "RestoreStatus",
         "UnsupportedStateError", "__version__", "latest_checkpoint",
@@ -58,6 +59,8 @@ def test_error_hierarchy():
     assert issubclass(torchckpt.CorruptCheckpointError, ValueError)
     assert issubclass(torchckpt.UnsupportedStateError, TypeError)
     assert issubclass(torchckpt.RestoreMismatchError, AssertionError)
+    assert issubclass(torchckpt.CheckpointDeletedError, torchckpt.CheckpointNotFoundError)
+    assert issubclass(torchckpt.CheckpointWriteError, (torchckpt.CheckpointError, OSError))
 
 
 def test_cli_entry_point_prints_help():

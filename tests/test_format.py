@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 import torchckpt
 from torchckpt import CorruptCheckpointError, _format, _storage
 
+from .conftest import write_index
+
 GOLDEN_HEADER = (
     b'\x88\x00\x00\x00\x00\x00\x00\x00{"__metadata__":{"format":"pt"},'
     b'"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},'
@@ -40,9 +42,8 @@ GOLDEN_INDEX = """{
   "aliases": {},
   "shards": [{"file": "model-00001-of-00001.safetensors", "size": 153, "checksum": "%s", "header_checksum": "%s", "tensors": 2}],
   "tensors": {"names": ["a", "b"], "dtypes": "F32,I8", "shapes": "2;", "checksums": "%s%s"}
- }
-}
-"""
+ }"""
+SEAL = ',\n "checksum": "%s"\n}\n'  # the seal: the xxh3-64 of every byte before it
 
 
 def test_golden_shard_header():
@@ -64,7 +65,8 @@ def test_golden_index(tmp_path, monkeypatch):
     shard.update(da.to_bytes(8, "big"))
     shard.update(db.to_bytes(8, "big"))
     header_hash = xxhash.xxh3_64_hexdigest(GOLDEN_HEADER)
-    expected = GOLDEN_INDEX % (f"{shard.intdigest():016x}", header_hash, f"{da:016x}", f"{db:016x}")
+    body = GOLDEN_INDEX % (f"{shard.intdigest():016x}", header_hash, f"{da:016x}", f"{db:016x}")
+    expected = body + SEAL % xxhash.xxh3_64_hexdigest(body.encode())
     assert (tmp_path / "c" / "index.json").read_text() == expected
     assert (tmp_path / "c" / "model-00001-of-00001.safetensors").read_bytes() == GOLDEN_HEADER + a.numpy().tobytes() + b.numpy().tobytes()
 
@@ -227,7 +229,7 @@ def test_index_cannot_point_outside_the_checkpoint(tmp_path, name):
     path = torchckpt.Checkpoint(w=torch.ones(2)).write(tmp_path / "c")
     index = json.loads(Path(os.path.join(path, "index.json")).read_text())
     index["torchckpt"]["shards"][0]["file"] = name
-    (tmp_path / "c" / "index.json").write_text(json.dumps(index))
+    write_index(tmp_path / "c", index)
     with pytest.raises(CorruptCheckpointError, match="refusing to follow|not a .safetensors file"):
         torchckpt.Checkpoint(w=torch.zeros(2)).restore(path)
 
@@ -248,7 +250,7 @@ def test_index_that_disagrees_with_itself_is_refused(tmp_path, edit, match):
     path = torchckpt.Checkpoint(a=torch.ones(2), b=torch.zeros(3)).write(tmp_path / "c")
     index = json.loads(Path(path, "index.json").read_text())
     edit(index)
-    Path(path, "index.json").write_text(json.dumps(index))
+    write_index(path, index)
     with pytest.raises(CorruptCheckpointError, match=match) as info:
         torchckpt.Checkpoint(a=torch.zeros(2), b=torch.ones(3)).restore(path)
     assert info.value.path == path
@@ -258,7 +260,7 @@ def test_newer_format_version_says_upgrade(tmp_path):
     path = torchckpt.Checkpoint(w=torch.ones(2)).write(tmp_path / "c")
     index = json.loads(Path(os.path.join(path, "index.json")).read_text())
     index["torchckpt"]["format_version"] = 99
-    (tmp_path / "c" / "index.json").write_text(json.dumps(index))
+    write_index(tmp_path / "c", index)
     with pytest.raises(CorruptCheckpointError, match="upgrade torchckpt"):
         torchckpt.Checkpoint(w=torch.zeros(2)).restore(path)
 
@@ -301,7 +303,7 @@ def test_a_header_from_another_writer_is_validated_in_full_and_restores(tmp_path
     shard.write_bytes(struct.pack("<Q", len(body)) + body + data)
     index = json.loads(Path(path, "index.json").read_text())
     index["torchckpt"]["shards"][0]["size"] = shard.stat().st_size
-    Path(path, "index.json").write_text(json.dumps(index))
+    write_index(path, index)
     target = {k: torch.zeros_like(v) for k, v in values.items()}
     torchckpt.Checkpoint(**target).read(path).assert_consumed()
     assert all(torch.equal(target[k], v) for k, v in values.items())
@@ -311,7 +313,7 @@ def test_an_index_without_header_checksums_still_restores(tmp_path):
     path = torchckpt.Checkpoint(w=torch.arange(3.0)).write(tmp_path / "c")
     index = json.loads(Path(path, "index.json").read_text())
     del index["torchckpt"]["shards"][0]["header_checksum"]
-    Path(path, "index.json").write_text(json.dumps(index))
+    write_index(path, index)
     w = torch.zeros(3)
     torchckpt.Checkpoint(w=w).read(path).assert_consumed()
     assert torch.equal(w, torch.arange(3.0))

@@ -15,6 +15,8 @@ from safetensors.torch import save_file
 import torchckpt
 from torchckpt import CorruptCheckpointError, VariableNotFoundError
 
+from .conftest import write_index
+
 
 @pytest.fixture
 def saved(tmp_path, mlp, stepped_optimizer):
@@ -93,7 +95,7 @@ def _corrupt_index(path: str, edit) -> None:
     index_path = Path(path, "index.json")
     index = json.loads(index_path.read_text())
     edit(index)
-    index_path.write_text(json.dumps(index))
+    write_index(path, index)
 
 
 @pytest.mark.parametrize("name", ["../../etc/passwd.safetensors", "/abs.safetensors", "index.json", "x.pickle"])
@@ -133,7 +135,7 @@ def test_shard_swapped_after_indexing_is_caught_on_read(saved):
     reader = torchckpt.load_checkpoint(saved)
     shard = os.path.join(saved, reader.shard_of("model/0.weight"))
     save_file({"model/0.weight": torch.zeros(2)}, shard)
-    with pytest.raises(CorruptCheckpointError, match="says torch.float32 \\[8, 4\\]"):
+    with pytest.raises(CorruptCheckpointError, match="88 bytes but index.json records 344; it was truncated or replaced"):
         reader.get_tensor("model/0.weight")
 
 

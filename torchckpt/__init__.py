@@ -10,8 +10,10 @@ __version__ = "0.1.0"
 from torchckpt._directory import checkpoints_iterator, latest_checkpoint, wait_for_new_checkpoint
 from torchckpt.checkpoint import Checkpoint
 from torchckpt.errors import (
+    CheckpointDeletedError,
     CheckpointError,
     CheckpointNotFoundError,
+    CheckpointWriteError,
     CorruptCheckpointError,
     RestoreMismatchError,
     UnsupportedStateError,
@@ -21,13 +23,17 @@ from torchckpt.manager import CheckpointManager
 from torchckpt.reader import CheckpointReader, list_variables, load_checkpoint, load_variable
 from torchckpt.restore import MismatchReport, PartialRestoreWarning, RestoreStatus
 from torchckpt.rng import RNGState
+from torchckpt.run_state import CheckpointState, get_checkpoint_state
 
 __all__ = [
     "Checkpoint",
+    "CheckpointDeletedError",
     "CheckpointError",
     "CheckpointManager",
     "CheckpointNotFoundError",
     "CheckpointReader",
+    "CheckpointState",
+    "CheckpointWriteError",
     "CorruptCheckpointError",
     "MismatchReport",
     "PartialRestoreWarning",
@@ -38,6 +44,7 @@ __all__ = [
     "VariableNotFoundError",
     "__version__",
     "checkpoints_iterator",
+    "get_checkpoint_state",
     "latest_checkpoint",
     "list_variables",
     "load_checkpoint",

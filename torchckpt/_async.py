@@ -17,6 +17,7 @@ from __future__ import annotations
 import atexit
 import functools
 import os
+import sys
 import threading
 import weakref
 from collections.abc import Callable
@@ -196,6 +197,7 @@ class AsyncWriter:
         self._worker = _threads.Worker("torchckpt-async-save")
         weakref.finalize(self, self._worker.close)  # the thread ends with its writer
         self._staging: Staging | None = None
+        self._path = ""
         _writers.add(self)
 
     def snapshot(self, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -217,10 +219,11 @@ class AsyncWriter:
                 raise AssertionError("a fresh snapshot layout must fit its own tensors")
         return staging.views, staging.aliases
 
-    def submit(self, job: Callable[[], None]) -> None:
-        """Start ``job`` in the background after the previous one finished."""
+    def submit(self, job: Callable[[], None], path: str = "") -> None:
+        """Start ``job``, the save of ``path``, in the background after the previous one finished."""
         self.wait()
         self._done.clear()
+        self._path = path
         self._worker.submit(functools.partial(_run, job, self._done, self._failure))  # no reference to self
         if _exiting:  # nothing will wait for it later: the process is going away
             self.wait()
@@ -269,3 +272,14 @@ def _wait_for_all() -> None:
     _exiting = True
     for writer in list(_writers):
         writer._done.wait()
+        _report_unraised(writer)
+
+
+def _report_unraised(writer: AsyncWriter) -> None:
+    """A background failure nobody will raise any more (the program is exiting) goes to stderr:
+    the last checkpoint of a run must never be lost in silence."""
+    for error in writer._failure:
+        print(f"torchckpt: the background save of {writer._path} failed and was not committed "
+              f"({type(error).__name__}: {error}). The checkpoints saved before it are intact.",
+              file=sys.stderr, flush=True)
+    writer._failure.clear()

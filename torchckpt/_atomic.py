@@ -5,9 +5,13 @@ either no checkpoint or a complete one, never a half-written one. Before the ren
 the temporary directory itself are fsynced, so the bytes are durable before the name appears; after
 it the parent directory is fsynced, so the name itself survives a power loss.
 
-Replacing an existing checkpoint directory uses Linux's ``renameat2(RENAME_EXCHANGE)``, which swaps
-the two directories in one atomic step; where that is unavailable the old directory is first moved
-aside, a window in which the path is briefly absent but never partial.
+A new checkpoint is committed with ``renameat2(RENAME_NOREPLACE)``: if anything appeared at its
+name meanwhile (another process, a forked child), the commit fails instead of swapping over a
+committed, acknowledged checkpoint. Only an explicit replacement (``Checkpoint.write`` onto an
+existing path, a manager's explicit ``checkpoint_number``) replaces, with
+``renameat2(RENAME_EXCHANGE)``, which swaps the two directories in one atomic step; where that is
+unavailable the old directory is first moved aside, a window in which the path is briefly absent
+but never partial.
 
 Temporary names carry the writer's pid (``ckpt-7.torchckpt-tmp-<pid>-<random>``) so that a later
 process can tell the leftovers of a crashed writer from a save in progress.
@@ -24,8 +28,11 @@ import shutil
 import uuid
 from collections.abc import Iterator
 
+from torchckpt import _files
+
 TMP_MARKER = ".torchckpt-tmp-"
 OLD_MARKER = ".torchckpt-old-"
+_RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
@@ -53,10 +60,14 @@ def fsync_dir(path: str) -> None:
 
 
 def write_file_atomic(path: str, data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically and durably (temp file, fsync, rename, fsync dir)."""
+    """Replace ``path`` with ``data`` atomically and durably (temp file, fsync, rename, fsync dir).
+
+    The temporary is created exclusively (never through a planted link), and the rename replaces
+    whatever is at ``path`` itself, a link included, never a link's target. Errors name the file.
+    """
     tmp = temporary_sibling(path)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = _files.create_exclusive(tmp)
         try:
             view = memoryview(data)
             while view:
@@ -65,6 +76,10 @@ def write_file_atomic(path: str, data: bytes) -> None:
         finally:
             os.close(fd)
         os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise _files.named(e, path) from e
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -84,26 +99,58 @@ def _libc_renameat2() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
 _renameat2 = _libc_renameat2()
 
 
-def _exchange(a: str, b: str) -> bool:
-    """Atomically swap two paths; False when the platform or filesystem cannot."""
+class AlreadyThere(FileExistsError):
+    """A commit that must not replace found a checkpoint at its name."""
+
+
+def _rename2(a: str, b: str, flags: int) -> bool:
+    """``renameat2(a, b, flags)``; False when the platform or filesystem cannot do it."""
     if _renameat2 is None:
         return False
-    rc = _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    rc = _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), flags)
     if rc == 0:
         return True
     err = ctypes.get_errno()
     if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EPERM):
         return False
+    if err == errno.EEXIST:
+        raise AlreadyThere(err, os.strerror(err), b)
     raise OSError(err, os.strerror(err), b)
 
 
-def commit_directory(tmp: str, final: str) -> None:
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap two paths; False when the platform or filesystem cannot."""
+    return _rename2(a, b, _RENAME_EXCHANGE)
+
+
+def _rename_new(tmp: str, final: str) -> None:
+    """Rename ``tmp`` to ``final``, which must not exist: FileExistsError if it does, even when
+    it appears between a check and the rename."""
+    if _rename2(tmp, final, _RENAME_NOREPLACE):
+        return
+    if os.path.lexists(final):  # no renameat2: rename(2) would replace an empty directory or a file
+        raise AlreadyThere(errno.EEXIST, os.strerror(errno.EEXIST), final)
+    try:
+        os.rename(tmp, final)  # replaces no non-empty directory, and every checkpoint has its index
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise AlreadyThere(errno.EEXIST, os.strerror(errno.EEXIST), final) from None
+        raise
+
+
+def commit_directory(tmp: str, final: str, replace: bool = True) -> None:
     """Make the fully written, fsynced directory ``tmp`` appear at ``final`` in one step.
 
-    An existing ``final`` is replaced atomically and then removed.
+    With ``replace``, an existing ``final`` is replaced atomically and then removed. Without it,
+    an existing ``final`` (even one that appears at the last moment) raises :class:`AlreadyThere`
+    and ``tmp`` is left for the caller to remove.
     """
     fsync_dir(tmp)
     parent = os.path.dirname(os.path.abspath(final))
+    if not replace:
+        _rename_new(tmp, final)
+        fsync_dir(parent)
+        return
     if os.path.lexists(final):
         if _exchange(tmp, final):
             fsync_dir(parent)
@@ -115,7 +162,11 @@ def commit_directory(tmp: str, final: str) -> None:
         fsync_dir(parent)
         shutil.rmtree(old, ignore_errors=True)
         return
-    os.rename(tmp, final)
+    try:
+        _rename_new(tmp, final)
+    except AlreadyThere:  # appeared meanwhile: replace it after all, as asked
+        commit_directory(tmp, final, replace=True)
+        return
     fsync_dir(parent)
 
 

@@ -9,15 +9,15 @@ moved or copied.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from torchckpt import _atomic
+from torchckpt import _atomic, _files, _format, _index, _tree
 from torchckpt._storage import is_committed
+from torchckpt.errors import CorruptCheckpointError
 
 STATE_FILE = "checkpoints.json"
 STATE_FORMAT = "torchckpt.checkpoints"
@@ -34,7 +34,8 @@ class Entry:
     metrics: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "timestamp": self.timestamp, "metrics": self.metrics}
+        metrics = None if self.metrics is None else _tree.encode(self.metrics, "metrics", {})
+        return {"name": self.name, "timestamp": self.timestamp, "metrics": metrics}
 
 
 @dataclass
@@ -47,6 +48,7 @@ class State:
     last_preserved_timestamp: float = 0.0
     best_metric: str | None = None
     best_mode: str = "min"
+    keep_best: int | None = None
 
     def to_bytes(self) -> bytes:
         data = {
@@ -58,8 +60,9 @@ class State:
             "last_preserved_timestamp": self.last_preserved_timestamp,
             "best_metric": self.best_metric,
             "best_mode": self.best_mode,
+            "keep_best": self.keep_best,
         }
-        return (json.dumps(data, indent=1, allow_nan=False) + "\n").encode()
+        return _format.sealed_bytes(data, depth=1)
 
 
 class StateFileError(ValueError):
@@ -67,55 +70,74 @@ class StateFileError(ValueError):
 
 
 def _plain_name(name: Any) -> str:
-    if not isinstance(name, str) or not name or name != os.path.basename(name) or name in (".", ".."):
-        raise StateFileError(f"bad checkpoint name {name!r}")
+    if (not isinstance(name, str) or not name or len(name) > 255 or name != os.path.basename(name)
+            or name in (".", "..") or "\0" in name or not name.isprintable()):
+        raise StateFileError(f"bad checkpoint name {name!r:.80}")
     return name
+
+
+def _is_time(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value) and abs(value) < 1e11
 
 
 def _entry(raw: Any) -> Entry:
     if not isinstance(raw, dict):
-        raise StateFileError(f"bad entry {raw!r}")
+        raise StateFileError(f"bad entry {raw!r:.80}")
     ts = raw.get("timestamp")
-    if ts is not None and (not isinstance(ts, (int, float)) or isinstance(ts, bool) or not math.isfinite(ts)):
-        raise StateFileError(f"bad timestamp {ts!r}")
+    if ts is not None and not _is_time(ts):
+        raise StateFileError(f"bad timestamp {ts!r:.80}")
     metrics = raw.get("metrics")
-    if metrics is not None and not isinstance(metrics, dict):
-        raise StateFileError(f"bad metrics {metrics!r}")
+    if metrics is not None:
+        try:
+            metrics = _tree.decode(metrics, None, _no_tensor, "metrics")
+        except CorruptCheckpointError as e:
+            raise StateFileError(str(e)) from None
+        if not isinstance(metrics, dict) or not all(isinstance(k, str) for k in metrics):
+            raise StateFileError(f"bad metrics {metrics!r:.80}")
     return Entry(_plain_name(raw.get("name")), None if ts is None else float(ts), metrics)
+
+
+def _no_tensor(name: str) -> Any:
+    raise CorruptCheckpointError("metrics hold no tensors")
 
 
 def read_state(directory: str) -> State | None:
     """The directory's state, or None when there is no state file.
 
     Raises:
-        StateFileError: the file exists but is damaged.
+        StateFileError: the file exists but is damaged (its seal fails) or malformed.
     """
     path = os.path.join(directory, STATE_FILE)
     try:
-        with open(path, "rb") as f:
-            raw = json.loads(f.read())
+        data = _files.read_regular(path, _format.MAX_STATE_FILE_SIZE, "State file")
+        _format.unseal(data, path, "state file")
+        raw = _format.parse_json(data, path, "state file")
     except FileNotFoundError:
         return None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise StateFileError(f"{path} cannot be read: {e}") from e
+    except (OSError, CorruptCheckpointError) as e:
+        raise StateFileError(f"{path} cannot be used: {e}") from e
     if not isinstance(raw, dict) or raw.get("format") != STATE_FORMAT:
         raise StateFileError(f"{path} is not a torchckpt state file")
     latest = raw.get("latest")
     lpt = raw.get("last_preserved_timestamp", 0.0)
-    if not isinstance(lpt, (int, float)) or isinstance(lpt, bool) or not math.isfinite(lpt):
-        raise StateFileError(f"{path}: bad last_preserved_timestamp {lpt!r}")
+    if not _is_time(lpt):
+        raise StateFileError(f"{path}: bad last_preserved_timestamp {lpt!r:.80}")
     checkpoints, preserved = raw.get("checkpoints", []), raw.get("preserved", [])
     if not isinstance(checkpoints, list) or not isinstance(preserved, list):
         raise StateFileError(f"{path}: 'checkpoints' and 'preserved' must be lists")
-    best_metric, best_mode = raw.get("best_metric"), raw.get("best_mode", "min")
-    return State(
-        latest=None if latest is None else _plain_name(latest),
-        checkpoints=[_entry(e) for e in checkpoints],
-        preserved=[_entry(e) for e in preserved],
-        last_preserved_timestamp=float(lpt),
-        best_metric=best_metric if isinstance(best_metric, str) else None,
-        best_mode=best_mode if best_mode in ("min", "max") else "min",
-    )
+    best_metric, best_mode, keep_best = raw.get("best_metric"), raw.get("best_mode", "min"), raw.get("keep_best")
+    try:
+        return State(
+            latest=None if latest is None else _plain_name(latest),
+            checkpoints=[_entry(e) for e in checkpoints],
+            preserved=[_entry(e) for e in preserved],
+            last_preserved_timestamp=float(lpt),
+            best_metric=best_metric if isinstance(best_metric, str) else None,
+            best_mode=best_mode if best_mode in ("min", "max") else "min",
+            keep_best=keep_best if type(keep_best) is int and 0 < keep_best < 2**31 else None,
+        )
+    except StateFileError as e:
+        raise StateFileError(f"{path}: {e}") from None
 
 
 def write_state(directory: str, state: State) -> None:
@@ -138,6 +160,30 @@ def record_latest(directory: str, name: str) -> None:
     write_state(directory, state)
 
 
+MANAGER_KEY = "manager"  # in a checkpoint's metadata: the checkpoint_name of the manager that wrote it
+
+
+def managed_entry(directory: str, name: str, checkpoint_name: str) -> Entry | None:
+    """The history entry of ``name`` when a manager with ``checkpoint_name`` wrote it (its index
+    says so), else None: a checkpoint written any other way, or one that cannot be read.
+
+    This is how a manager accounts for checkpoints it committed but never recorded (a crash
+    between the commit and the state-file write): they carry the mark, so they are adopted,
+    while checkpoints written by ``Checkpoint.save`` or copied in are never deleted.
+    """
+    try:
+        index = _index.load_index(os.path.join(directory, name))
+        metadata = _tree.decode(index.section.get("metadata", {}), None, _no_tensor, "metadata")
+    except (CorruptCheckpointError, OSError):
+        return None
+    if not isinstance(metadata, dict) or metadata.get(MANAGER_KEY) != checkpoint_name:
+        return None
+    metrics = metadata.get("metrics")
+    created = index.section.get("created")
+    return Entry(name, float(created) if created is not None and _is_time(created) else None,
+                 metrics if isinstance(metrics, dict) and all(isinstance(k, str) for k in metrics) else None)
+
+
 def number_of(name: str, prefix: str | None = None) -> int | None:
     """The number in ``ckpt-7`` (None if the name is not numbered, or has another prefix)."""
     match = _NUMBERED.match(name)
@@ -155,14 +201,21 @@ def committed_members(directory: str, prefix: str | None = None) -> list[str]:
     found = []
     for name in names:
         number = number_of(name, prefix)
-        if number is not None and is_committed(os.path.join(directory, name)):
+        if number is not None and is_member(directory, name):
             found.append((number, name))
     return [name for _, name in sorted(found)]
 
 
+def is_member(directory: str, name: str) -> bool:
+    """Whether ``name`` is a committed checkpoint inside ``directory``: a real directory (a link,
+    which could lead anywhere, is never one) holding a regular ``index.json``."""
+    path = os.path.join(directory, name)
+    return _files.is_real_directory(path) and is_committed(path)
+
+
 def _index_mtime(directory: str, name: str) -> float:
     try:
-        return os.stat(os.path.join(directory, name, "index.json")).st_mtime_ns / 1e9
+        return os.lstat(os.path.join(directory, name, _format.INDEX_FILE)).st_mtime_ns / 1e9
     except OSError:
         return -1.0
 
@@ -188,7 +241,7 @@ def latest_checkpoint(directory: str | os.PathLike[str]) -> str | None:
         state = read_state(directory)
     except StateFileError:
         state = None
-    if state is not None and state.latest is not None and is_committed(os.path.join(directory, state.latest)):
+    if state is not None and state.latest is not None and is_member(directory, state.latest):
         return os.path.join(directory, state.latest)
     members = committed_members(directory)
     if not members:

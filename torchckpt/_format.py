@@ -12,6 +12,7 @@ the file size, shard names confined to the checkpoint directory.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -21,7 +22,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
+import xxhash
 
+from torchckpt import _files
 from torchckpt.errors import CorruptCheckpointError
 
 INDEX_FILE = "index.json"
@@ -32,7 +35,11 @@ FORMAT_NAME = "torchckpt"
 FORMAT_VERSION = 1
 CHECKSUM_ALGORITHM = "xxh3-64"
 MAX_HEADER_SIZE = 100_000_000
-MAX_INDEX_SIZE = 1_000_000_000
+MAX_INDEX_SIZE = 256 * 2**20
+MAX_STATE_FILE_SIZE = 64 * 2**20
+MAX_DIM = 2**62  # a dimension, an element count or a byte size beyond this is not a real tensor
+MAX_JSON_DEPTH = 100  # nesting of the typed state tree; deeper JSON is refused before it is decoded
+SEAL_KEY = "checksum"  # the last key of index.json and the state file: the xxh3-64 of the bytes before it
 HEADER_ALIGNMENT = 8
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
 SHARD_METADATA = {"format": "pt"}
@@ -228,47 +235,64 @@ def encode_header_pieces(entries: Iterable[tuple[str, torch.dtype, Sequence[int]
 
 
 def read_header(path: str, file_name: str) -> tuple[list[TensorInfo], dict[str, str], int]:
-    """Parse and validate a safetensors header.
+    """Parse and validate a safetensors header (the file must be a regular file, not a link).
 
     Returns:
         The tensors in file order, the ``__metadata__`` dict, and the file's size in bytes.
 
     Raises:
-        CorruptCheckpointError: the file is not a well-formed safetensors file.
+        CorruptCheckpointError: the file is missing or not a well-formed safetensors file.
     """
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise CorruptCheckpointError(
-                    f"{path} is not a safetensors file: it is {size} bytes, shorter than the 8-byte header length.",
-                    path,
-                )
-            (n,) = struct.unpack("<Q", prefix)
-            if n > MAX_HEADER_SIZE:
-                raise CorruptCheckpointError(
-                    f"{path} declares a {n}-byte header, over the {MAX_HEADER_SIZE}-byte limit; "
-                    "it is probably not a safetensors file (a pickle or a Git LFS pointer?).",
-                    path,
-                )
-            if 8 + n > size:
-                raise CorruptCheckpointError(
-                    f"{path} is truncated: its header needs {8 + n} bytes but the file is only {size} bytes.", path
-                )
-            raw = f.read(n)
+        fd = _files.open_regular(path, "Shard")
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"Shard {path} is missing.", path) from None
     except OSError as e:
         raise CorruptCheckpointError(f"Cannot read shard {path}: {e.strerror or e}.", path) from e
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptCheckpointError(f"{path} has a header that is not valid JSON: {e}.", path) from e
+        return read_header_from(fd, path, file_name)
+    finally:
+        os.close(fd)
+
+
+def read_header_from(fd: int, path: str, file_name: str) -> tuple[list[TensorInfo], dict[str, str], int]:
+    """:func:`read_header` of the open file ``fd``."""
+    try:
+        size = os.fstat(fd).st_size
+        prefix = os.pread(fd, 8, 0)
+        if len(prefix) < 8:
+            raise CorruptCheckpointError(
+                f"{path} is not a safetensors file: it is {size} bytes, shorter than the 8-byte header length.",
+                path,
+            )
+        (n,) = struct.unpack("<Q", prefix)
+        if n > MAX_HEADER_SIZE:
+            raise CorruptCheckpointError(
+                f"{path} declares a {n}-byte header, over the {MAX_HEADER_SIZE}-byte limit; "
+                "it is probably not a safetensors file (a pickle or a Git LFS pointer?).",
+                path,
+            )
+        if 8 + n > size:
+            raise CorruptCheckpointError(
+                f"{path} is truncated: its header needs {8 + n} bytes but the file is only {size} bytes.", path
+            )
+        raw = os.pread(fd, n, 8)
+    except OSError as e:
+        raise CorruptCheckpointError(f"Cannot read shard {path}: {e.strerror or e}.", path) from e
+    if len(raw) < n:
+        raise CorruptCheckpointError(f"{path} is truncated: it ended inside its header.", path)
+    return (*parse_header(raw, path, file_name, size), size)
+
+
+def parse_header(raw: bytes, path: str, file_name: str, size: int) -> tuple[list[TensorInfo], dict[str, str]]:
+    """Parse the JSON header bytes of a safetensors file of ``size`` bytes (see :func:`read_header`)."""
+    header = parse_json(raw, path, "safetensors header")
     if not isinstance(header, dict):
         raise CorruptCheckpointError(f"{path} has a header that is not a JSON object.", path)
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CorruptCheckpointError(f"{path}: __metadata__ must map strings to strings.", path)
-    data_start = 8 + n
+    data_start = 8 + len(raw)
     infos = []
     for name, entry in header.items():
         infos.append(_tensor_info(path, file_name, name, entry, data_start))
@@ -288,7 +312,7 @@ def read_header(path: str, file_name: str) -> tuple[list[TensorInfo], dict[str, 
             f"{cursor}, but the file is {size} bytes.",
             path,
         )
-    return infos, metadata, size
+    return infos, metadata
 
 
 def _tensor_info(path: str, file_name: str, name: str, entry: Any, data_start: int) -> TensorInfo:
@@ -298,9 +322,10 @@ def _tensor_info(path: str, file_name: str, name: str, entry: Any, data_start: i
     dtype = str_to_dtype(entry.get("dtype"), where, path)
     shape, offsets = entry.get("shape"), entry.get("data_offsets")
     if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-        raise CorruptCheckpointError(f"Malformed shape {shape!r}{where}.", path)
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)):
-        raise CorruptCheckpointError(f"Malformed data_offsets {offsets!r}{where}.", path)
+        raise CorruptCheckpointError(f"Malformed shape {_short(shape)}{where}.", path)
+    check_shape(shape, where, itemsize(dtype))
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and 0 <= o <= MAX_DIM for o in offsets)):
+        raise CorruptCheckpointError(f"Malformed data_offsets {_short(offsets)}{where}.", path)
     begin, end = offsets
     expected = math.prod(shape) * itemsize(dtype)
     if end - begin != expected:
@@ -361,6 +386,92 @@ def json_string(text: str) -> str:
     return f'"{text}"' if _PLAIN_NAME.fullmatch(text) else json.dumps(text, ensure_ascii=False)
 
 
+# -- sealed JSON files ------------------------------------------------------------------------
+
+_SEAL = re.compile(rb',\n "' + SEAL_KEY.encode() + rb'": "([0-9a-f]{16})"\n}\n\Z')
+_SEAL_LENGTH = len(f',\n "{SEAL_KEY}": "{"0" * CHECKSUM_CHARS}"\n}}\n')
+
+
+def sealed_pieces(value: dict[str, Any], depth: int = 2) -> Iterator[bytes]:
+    """``value`` as :func:`layout_pieces` lays it out, encoded, with a last top-level key
+    ``"checksum"``: the xxh3-64 of every byte before it.
+
+    Why a seal: a flipped bit in a JSON number or string is still valid JSON, and an index whose
+    Adam ``lr`` silently became 0.011 would restore "successfully". With the seal, every read
+    checks every byte (:func:`unseal`), and the file stays plain JSON that any tool can read.
+    """
+    hasher = xxhash.xxh3_64()
+    separator = "{\n"
+    for key, child in value.items():
+        for text in itertools.chain((f"{separator} {json.dumps(key, ensure_ascii=False)}: ",), _layout(child, 1, depth)):
+            piece = text.encode()
+            hasher.update(piece)
+            yield piece
+        separator = ",\n"
+    yield f',\n "{SEAL_KEY}": "{hasher.hexdigest()}"\n}}\n'.encode()
+
+
+def sealed_bytes(value: dict[str, Any], depth: int = 2) -> bytes:
+    """:func:`sealed_pieces` joined."""
+    return b"".join(sealed_pieces(value, depth))
+
+
+def unseal(data: bytes, path: str, what: str) -> None:
+    """Check the seal :func:`sealed_pieces` wrote at the end of ``data``.
+
+    Raises:
+        CorruptCheckpointError: there is no seal, or the bytes before it do not hash to it.
+    """
+    match = _SEAL.search(data, max(0, len(data) - _SEAL_LENGTH))
+    if match is None:
+        raise CorruptCheckpointError(
+            f"{path} is damaged or not a {what} written by torchckpt: it does not end with its "
+            f'"{SEAL_KEY}" entry, so its content cannot be verified.',
+            path,
+        )
+    recorded = match.group(1).decode()
+    actual = xxhash.xxh3_64_hexdigest(memoryview(data)[: match.start()])
+    if actual != recorded:
+        raise CorruptCheckpointError(
+            f"{path} fails its checksum (recorded {recorded}, computed {actual}): the {what} is corrupt. "
+            "Restore another checkpoint" + (", or delete the state file to have it rebuilt from the checkpoints "
+                                            "on disk." if what == "state file" else "."),
+            path,
+        )
+
+
+def parse_json(data: bytes, path: str, what: str) -> Any:
+    """Decode JSON from bytes, every failure a :class:`CorruptCheckpointError` naming ``path``.
+
+    Refuses, before parsing, a file whose brackets would cost more memory than
+    :data:`MAX_CONTAINER_BYTES` allows (see docs/format.md, "Limits"), and any nesting deeper
+    than the recursion limit.
+    """
+    containers = data.count(b"{") + data.count(b"[")
+    if containers > MAX_CONTAINERS_PER_BYTE * len(data) + MAX_CONTAINERS_FLOOR:
+        raise CorruptCheckpointError(
+            f"{path} holds {containers} JSON objects and arrays in {len(data)} bytes, far more than any {what} "
+            "torchckpt writes; refusing to parse it (it would take many times its size in memory).",
+            path,
+        )
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise CorruptCheckpointError(f"{path} nests JSON too deeply to be a {what} torchckpt wrote.", path) from None
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError, and ints over Python's digit limit
+        raise CorruptCheckpointError(f"{path} is not valid JSON, so not a {what} torchckpt wrote: {e}.", path) from e
+    except MemoryError:
+        raise CorruptCheckpointError(f"{path} is too large to parse as a {what}.", path) from None
+
+
+# A JSON object or array costs a Python object of 56 to 100+ bytes, twice over once the state tree
+# is decoded. The files torchckpt writes have one per 40 bytes or fewer (an optimizer's state has two
+# per parameter, beside the parameter's tensor names), or a few tens of thousands in all; "[]," and
+# "{}," repeated have one per 3 bytes and would take 50 times their size in memory.
+MAX_CONTAINERS_PER_BYTE = 1 / 8
+MAX_CONTAINERS_FLOOR = 200_000
+
+
 # -- shard names -------------------------------------------------------------------------------
 
 
@@ -406,13 +517,28 @@ def shape_key(shape: tuple[int, ...] | list[int]) -> str:
     return key
 
 
+_SHAPE_KEY = re.compile(r"(?:0|[1-9][0-9]{0,18})(?:,(?:0|[1-9][0-9]{0,18}))*")
+
+
 def parse_shape_key(text: Any, where: str) -> tuple[int, ...]:
-    if not isinstance(text, str):
-        raise CorruptCheckpointError(f"Malformed shape {text!r} {where}.")
-    try:
-        shape = tuple(int(d) for d in text.split(",")) if text else ()
-    except ValueError:
-        raise CorruptCheckpointError(f"Malformed shape {text!r} {where}.") from None
-    if any(d < 0 for d in shape):
-        raise CorruptCheckpointError(f"Malformed shape {text!r} {where}.")
+    """The dimensions of a shape key (``"16,8"``); refuses anything but a real tensor's shape."""
+    if not isinstance(text, str) or text and not _SHAPE_KEY.fullmatch(text):
+        raise CorruptCheckpointError(f"Malformed shape {_short(text)} {where}.")
+    shape = tuple(map(int, text.split(","))) if text else ()
+    check_shape(shape, where)
     return shape
+
+
+def check_shape(shape: Sequence[int], where: str, itemsize: int = 16) -> None:
+    """Refuse a shape whose dimensions, element count or byte size no real tensor has (they
+    would wrap around in ``torch.Size.numel()``)."""
+    total = itemsize
+    for d in shape:
+        total *= d
+        if d > MAX_DIM or total > MAX_DIM:
+            raise CorruptCheckpointError(f"Shape {list(shape)} {where} is larger than any tensor can be.")
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

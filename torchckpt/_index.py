@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import os
+import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,10 +25,16 @@ from typing import Any
 import torch
 import xxhash
 
-from torchckpt import _format, _tree
+from torchckpt import _files, _format, _tree
 from torchckpt._format import INDEX_FILE, TORCHCKPT_KEY, TensorInfo
 from torchckpt._storage import gc_paused
-from torchckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, format_keys
+from torchckpt.errors import (
+    CheckpointDeletedError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    format_keys,
+)
 
 
 @dataclass
@@ -74,19 +80,16 @@ def _corrupt(directory: str, what: str) -> CorruptCheckpointError:
 
 
 def load_index(directory: str) -> Index:
-    """Read and check ``DIRECTORY/index.json``.
+    """Read and check ``DIRECTORY/index.json``: its seal, then every field a reader uses.
 
     Raises:
         CheckpointNotFoundError: there is no committed checkpoint at ``directory``.
-        CorruptCheckpointError: the index is malformed or from an unknown format version.
+        CorruptCheckpointError: the index is damaged, malformed, hostile, or from an unknown format
+            version.
     """
     path = os.path.join(directory, INDEX_FILE)
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > _format.MAX_INDEX_SIZE:
-                raise _corrupt(directory, f"it is {size} bytes, over the {_format.MAX_INDEX_SIZE}-byte limit")
-            data = f.read()
+        data = _files.read_regular(path, _format.MAX_INDEX_SIZE, "Index")
     except FileNotFoundError:
         raise CheckpointNotFoundError(
             f"No checkpoint at {directory}: {INDEX_FILE} is missing. A checkpoint directory appears only "
@@ -94,55 +97,112 @@ def load_index(directory: str) -> Index:
             "itself to get its latest checkpoint).",
             directory,
         ) from None
-    except IsADirectoryError:
-        raise _corrupt(directory, "it is a directory") from None
+    except NotADirectoryError:
+        raise CheckpointNotFoundError(f"No checkpoint at {directory}: it is not a directory.", directory) from None
+    except OSError as e:
+        raise CorruptCheckpointError(f"Cannot read {path}: {e.strerror or e}.", directory) from e
+    _format.unseal(data, path, "checkpoint index")
     with gc_paused():  # parsing allocates many small objects; collections in between only cost time
-        try:
-            text = data.decode()
-            del data  # json.loads would decode bytes into a second copy; hold one at a time
-            raw = json.loads(text)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise _corrupt(directory, f"not valid JSON ({e})") from e
-        del text
+        raw = _format.parse_json(data, path, "checkpoint index")
+    del data
     if not isinstance(raw, dict) or not isinstance(raw.get(TORCHCKPT_KEY), dict):
         raise _corrupt(directory, f"it has no {TORCHCKPT_KEY!r} section (not written by torchckpt)")
+    raw.pop(_format.SEAL_KEY, None)
     section = raw[TORCHCKPT_KEY]
     version = section.get("format_version")
     if type(version) is not int or version < 1:
-        raise _corrupt(directory, f"bad format_version {version!r}")
+        raise _corrupt(directory, f"bad format_version {_short(version)}")
     if version > _format.FORMAT_VERSION:
         raise CorruptCheckpointError(
             f"{path} uses format version {version}, newer than this torchckpt understands "
             f"({_format.FORMAT_VERSION}); upgrade torchckpt to read it.",
             directory,
         )
-    table = section.get("tensors")
-    shards = section.get("shards")
-    aliases = section.get("aliases", {})
-    if not isinstance(table, dict) or not isinstance(shards, list) or not isinstance(aliases, dict):
-        raise _corrupt(directory, "'tensors', 'shards' and 'aliases' must be present")
-    names, dtypes, shapes, checksums = (table.get(k) for k in ("names", "dtypes", "shapes", "checksums"))
-    if not isinstance(names, list) or not all(isinstance(c, str) for c in (dtypes, shapes, checksums)):
-        raise _corrupt(directory, "the tensor table needs a 'names' list and 'dtypes', 'shapes', 'checksums' strings")
+    _check_section(directory, raw, section)
+    table, shards, aliases = section["tensors"], section["shards"], section["aliases"]
+    names, dtypes, shapes, checksums = (table[k] for k in ("names", "dtypes", "shapes", "checksums"))
     n = len(names)
-    dtypes = _shared(dtypes.split(_format.DTYPE_SEP)) if n else []  # type: ignore[union-attr]
-    shapes = _shared(shapes.split(_format.SHAPE_SEP)) if n else []  # type: ignore[union-attr]
-    if len(dtypes) != n or len(shapes) != n or len(checksums) != n * _format.CHECKSUM_CHARS:  # type: ignore[arg-type]
+    dtypes = _shared(dtypes.split(_format.DTYPE_SEP)) if n else []
+    shapes = _shared(shapes.split(_format.SHAPE_SEP)) if n else []
+    if len(dtypes) != n or len(shapes) != n or len(checksums) != n * _format.CHECKSUM_CHARS:
         raise _corrupt(directory, f"the tensor table's columns do not all describe {n} tensors")
+    where = f"in {path}"
+    for dtype in set(dtypes):
+        _format.str_to_dtype(dtype, f" {where}", directory)
+    for shape in set(shapes):
+        _format.parse_shape_key(shape, where)
     count = 0
+    files = set()
     for shard in shards:
-        if not (isinstance(shard, dict) and type(shard.get("tensors")) is int and type(shard.get("size")) is int
-                and isinstance(shard.get("checksum"), str) and shard["tensors"] >= 0):
-            raise _corrupt(directory, f"malformed shard record {shard!r}")
-        _format.check_member_name(directory, shard.get("file"), "shard")
+        if not (isinstance(shard, dict) and _is_count(shard.get("tensors")) and _is_count(shard.get("size"))
+                and _is_hex(shard.get("checksum")) and shard.get("header_checksum", "0" * 16) is not None
+                and _is_hex(shard.get("header_checksum", "0" * 16))):
+            raise _corrupt(directory, f"malformed shard record {_short(shard)}")
+        file = _format.check_member_name(directory, shard.get("file"), "shard")
+        if file in files:
+            raise _corrupt(directory, f"shard {file!r} is listed twice")
+        files.add(file)
         count += shard["tensors"]
     if count != len(names):
         raise _corrupt(directory, f"the shards hold {count} tensors but the table lists {len(names)}")
-    for alias, target in aliases.items():
-        if not isinstance(target, str):
-            raise _corrupt(directory, f"alias {alias!r} must name a stored tensor")
+    if aliases:
+        stored = set(names)
+        for alias, target in aliases.items():
+            if not isinstance(target, str) or target not in stored or alias in stored:
+                raise _corrupt(directory, f"alias {_short(alias)} must name a stored tensor, not {_short(target)}")
     _check_weight_map(directory, raw, names, shards)
-    return Index(directory, raw, names, dtypes, shapes, checksums, shards, aliases)  # type: ignore[arg-type]
+    return Index(directory, raw, names, dtypes, shapes, checksums, shards, aliases)
+
+
+def _check_section(directory: str, raw: dict[str, Any], section: dict[str, Any]) -> None:
+    """The types of everything in the ``torchckpt`` section that readers use."""
+    table, shards, aliases = section.get("tensors"), section.get("shards"), section.get("aliases", {})
+    if not isinstance(table, dict) or not isinstance(shards, list) or not isinstance(aliases, dict):
+        raise _corrupt(directory, "'tensors', 'shards' and 'aliases' must be present")
+    section.setdefault("aliases", aliases)
+    names = table.get("names")
+    if not isinstance(names, list) or not all(type(n) is str for n in names) or not all(
+            isinstance(table.get(k), str) for k in ("dtypes", "shapes", "checksums")):
+        raise _corrupt(directory, "the tensor table needs a 'names' list of strings and 'dtypes', 'shapes', "
+                                  "'checksums' strings")
+    try:  # a lone surrogate ("\ud800" in the JSON) is no name a file system or terminal can take
+        "".join(names).encode()
+        "".join(aliases).encode()
+    except UnicodeEncodeError:
+        raise _corrupt(directory, "a tensor name is not valid Unicode") from None
+    objects = section.get("objects", {})
+    if not isinstance(objects, dict) or not all(isinstance(v, str) for v in objects.values()):
+        raise _corrupt(directory, "'objects' must map names to kinds")
+    created = section.get("created")
+    if created is not None and (type(created) not in (int, float) or not 0 <= created < _LAST_TIMESTAMP):
+        raise _corrupt(directory, f"bad 'created' time {_short(created)}")
+    for key in ("torch_version", "torchckpt_version"):
+        if not isinstance(section.get(key, ""), str):
+            raise _corrupt(directory, f"bad {key!r}")
+    if not isinstance(section.get("state", {}), dict):
+        raise _corrupt(directory, "the state tree's root is not an object")
+    metadata = raw.get("metadata", {})
+    if not isinstance(metadata, dict) or not _is_count(metadata.get("total_size", 0)):
+        raise _corrupt(directory, "bad 'metadata'")
+
+
+_LAST_TIMESTAMP = 253402300800  # 10000-01-01: datetime cannot show later times
+
+
+def _is_count(value: Any) -> bool:
+    return type(value) is int and 0 <= value <= _format.MAX_DIM
+
+
+def _is_hex(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == _format.CHECKSUM_CHARS and _HEX16.fullmatch(value) is not None
+
+
+_HEX16 = re.compile(r"[0-9a-f]{16}")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _shared(parts: list[str]) -> list[str]:
@@ -174,11 +234,68 @@ def _check_weight_map(directory: str, raw: dict[str, Any], names: list[str], sha
         raise _corrupt(directory, f"weight_map lists tensors that no shard holds: {format_keys(weight_map)}")
 
 
-def read_shard_headers(index: Index) -> dict[str, TensorInfo]:
+class OpenShards:
+    """A descriptor of every shard of a checkpoint, all opened before any is read.
+
+    Holding them pins the checkpoint's bytes: a manager's retention may delete the directory
+    meanwhile (a validation process reading while training saves), and the reads still see every
+    byte they planned on. Only a deletion before the shards are open is noticed, as
+    :class:`CheckpointDeletedError`.
+    """
+
+    def __init__(self, index: Index) -> None:
+        self.directory = index.directory
+        self.fds: dict[str, int] = {}
+        try:
+            for shard in index.shards:
+                path = os.path.join(index.directory, shard["file"])
+                try:
+                    self.fds[shard["file"]] = _files.open_regular(path, "Shard")
+                except FileNotFoundError:
+                    raise missing_member(index.directory, path) from None
+                except OSError as e:
+                    raise CorruptCheckpointError(f"Cannot open shard {path}: {e.strerror or e}.", path) from e
+        except BaseException:
+            self.close()
+            raise
+
+    def path(self, file: str) -> str:
+        return os.path.join(self.directory, file)
+
+    def close(self) -> None:
+        fds, self.fds = self.fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+    def __enter__(self) -> OpenShards:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def missing_member(directory: str, path: str) -> CheckpointError:
+    """The error for a shard that is not there: the checkpoint was deleted, or is corrupt."""
+    if not os.path.lexists(os.path.join(directory, INDEX_FILE)):
+        return CheckpointDeletedError(
+            f"Checkpoint {directory} was deleted while it was being read (a manager's max_to_keep, usually); "
+            "read a newer checkpoint.",
+            directory,
+        )
+    return CorruptCheckpointError(f"Shard {path} listed in {INDEX_FILE} is missing.", path)
+
+
+def read_shard_headers(index: Index, shards: OpenShards, trust_header_checksums: bool = True) -> dict[str, TensorInfo]:
     """Validate every shard against the index; return stored name -> location (aliases resolved).
 
+    Every shard's header must describe exactly the index's tensors for it, in the table's order,
+    with the table's dtypes and shapes: then the table's offsets and the header's are the same
+    bytes, whichever a reader uses. With ``trust_header_checksums`` a shard whose header hashes
+    to its recorded checksum skips the full parse (see :func:`_exact_header`); ``verify`` parses
+    every header.
+
     Raises:
-        CorruptCheckpointError: a shard is missing, truncated, resized or disagrees with the index.
+        CorruptCheckpointError: a shard is truncated, resized or disagrees with the index.
     """
     infos: dict[str, TensorInfo] = {}
     position = 0
@@ -190,42 +307,39 @@ def read_shard_headers(index: Index) -> dict[str, TensorInfo]:
         raise _corrupt(index.directory, f"the tensor table's checksums are malformed ({e})") from None
     for shard in index.shards:
         file, count = shard["file"], shard["tensors"]
-        path = os.path.join(index.directory, file)
-        if not os.path.isfile(path):
-            raise CorruptCheckpointError(f"Shard {path} listed in {INDEX_FILE} is missing.", path)
-        found = _exact_header(index, shard, position, dtypes, checksums, path)
+        path, fd = shards.path(file), shards.fds[file]
+        found = _exact_header(index, shard, position, dtypes, checksums, fd) if trust_header_checksums else None
         if found is None:
-            found = _parsed_header(index, shard, position, checksums, path)
+            found = _parsed_header(index, shard, position, checksums, fd, path)
         infos.update(zip(index.names[position : position + count], found))
         position += count
     for alias, target in index.aliases.items():
-        if target not in infos:
-            raise _corrupt(index.directory, f"alias {alias!r} points at {target!r}, which is not stored")
         infos[alias] = infos[target]
     return infos
 
 
 def _parsed_header(index: Index, shard: dict[str, Any], position: int, checksums: tuple[int, ...],
-                   path: str) -> list[TensorInfo]:
+                   fd: int, path: str) -> list[TensorInfo]:
     """The shard's tensors in table order, from its fully parsed and validated header."""
     file, count = shard["file"], shard["tensors"]
-    found, _, size = _format.read_header(path, file)
+    found, _, size = _format.read_header_from(fd, path, file)
     if size != shard["size"]:
         raise CorruptCheckpointError(
             f"Shard {path} is {size} bytes but {INDEX_FILE} records {shard['size']}; it was truncated or replaced.",
             path,
         )
-    by_name = {t.name: t for t in found}
     expected = index.names[position : position + count]
-    if set(by_name) != set(expected):
-        diff = sorted(set(by_name) ^ set(expected))
+    in_file = [t.name for t in found]  # file order
+    if in_file != expected:
+        diff = sorted(set(in_file) ^ set(expected)) or [a for a, b in zip(in_file, expected) if a != b]
         raise CorruptCheckpointError(
-            f"Shard {path} does not hold the tensors {INDEX_FILE} lists for it (differs in: {', '.join(diff[:5])}).",
+            f"Shard {path} does not hold the tensors {INDEX_FILE} lists for it, in its order "
+            f"(differs in: {format_keys(diff, 5)}).",
             path,
         )
     out = []
-    for j, name in enumerate(expected, position):
-        info = by_name[name]
+    for j, info in enumerate(found, position):
+        name = info.name
         where = f"for tensor {name!r} in {INDEX_FILE}"
         if _format.str_to_dtype(index.dtypes[j], where) != info.dtype or _format.parse_shape_key(
             index.shapes[j], where
@@ -240,7 +354,7 @@ def _parsed_header(index: Index, shard: dict[str, Any], position: int, checksums
 
 
 def _exact_header(index: Index, shard: dict[str, Any], position: int, dtypes: dict[str, torch.dtype],
-                  checksums: tuple[int, ...], path: str) -> list[TensorInfo] | None:
+                  checksums: tuple[int, ...], fd: int) -> list[TensorInfo] | None:
     """The shard's tensors when its header is the one written with this index, else None.
 
     The index records the xxh3-64 of each shard's header bytes. When the header hashes to it and
@@ -252,23 +366,23 @@ def _exact_header(index: Index, shard: dict[str, Any], position: int, dtypes: di
     recorded = shard.get("header_checksum")
     if not isinstance(recorded, str):
         return None
-    with open(path, "rb", buffering=0) as f:
-        size = os.fstat(f.fileno()).st_size
-        prefix = f.read(8)
-        if size != shard["size"] or len(prefix) < 8:
+    size = os.fstat(fd).st_size
+    prefix = os.pread(fd, 8, 0)
+    if size != shard["size"] or len(prefix) < 8:
+        return None
+    (n,) = struct.unpack("<Q", prefix)
+    if n > _format.MAX_HEADER_SIZE or 8 + n > size:
+        return None
+    hasher = xxhash.xxh3_64(prefix)
+    buffer = memoryview(bytearray(min(n, _HEADER_CHUNK)))  # a 20,000-tensor header is megabytes
+    offset, left = 8, n
+    while left:
+        got = os.preadv(fd, [buffer[: min(left, len(buffer))]], offset)
+        if not got:
             return None
-        (n,) = struct.unpack("<Q", prefix)
-        if n > _format.MAX_HEADER_SIZE or 8 + n > size:
-            return None
-        hasher = xxhash.xxh3_64(prefix)
-        buffer = memoryview(bytearray(min(n, _HEADER_CHUNK)))  # a 20,000-tensor header is megabytes
-        left = n
-        while left:
-            got = f.readinto(buffer[: min(left, len(buffer))])
-            if not got:
-                return None
-            hasher.update(buffer[:got])
-            left -= got
+        hasher.update(buffer[:got])
+        offset += got
+        left -= got
     if hasher.hexdigest() != recorded:
         return None
     end = position + shard["tensors"]
@@ -289,6 +403,10 @@ _NEW_INFO = functools.partial(tuple.__new__, TensorInfo)
 
 def state_tree(index: Index, resolve: Callable[[str], Any]) -> Any:
     """Decode the typed non-tensor tree with each tensor name resolved by ``resolve``."""
-    names = list(index.names) + list(index.aliases)
-    trie = _tree.build_trie(names)
-    return _tree.decode(index.section.get("state", {}), trie, resolve)
+    try:
+        trie = _tree.build_trie(itertools.chain(index.names, index.aliases))
+        return _tree.decode(index.section.get("state", {}), trie, resolve)
+    except CorruptCheckpointError as e:
+        if e.path is not None:
+            raise
+        raise CorruptCheckpointError(f"{os.path.join(index.directory, INDEX_FILE)}: {e}", index.directory) from None

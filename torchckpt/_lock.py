@@ -3,16 +3,24 @@
 The lock file records the holder (pid, host, start time) so that a refused process can say who
 holds the directory. Within one process the claim is shared, so a second manager on the same
 directory keeps working (as TensorFlow's tests expect).
+
+A claim belongs to the process that made it. A child forked from a holder inherits the locked
+descriptor, and with it (as far as the kernel is concerned) the lock, but not the claim: the
+child closes its copies right after the fork and must claim for itself, which is refused while
+the parent holds the directory. Otherwise parent and child would both write numbered checkpoints
+and could pick the same number.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import socket
 import threading
 import time
 
+from torchckpt import _files
 from torchckpt.errors import CheckpointError
 
 LOCK_FILE = ".torchckpt.lock"
@@ -20,36 +28,73 @@ _held: dict[str, int] = {}
 _guard = threading.Lock()
 
 
+def _key(directory: str) -> str:
+    return os.path.realpath(directory)
+
+
 def claim_directory(directory: str) -> None:
     """Claim ``directory`` for this process (idempotent within the process).
 
     Raises:
-        CheckpointError: another live process holds it; the message names that process.
+        CheckpointError: another live process (a parent, too) holds it; the message names it.
+        OSError: the lock file cannot be created (a read-only directory, say); nothing is held.
     """
-    key = os.path.realpath(directory)
+    key = _key(directory)
     with _guard:
         if key in _held:
             return
         path = os.path.join(directory, LOCK_FILE)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _files.open_or_create(path, "Lock file")
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "an unknown process"
-            os.close(fd)
-            raise CheckpointError(
-                f"{directory} is managed by another live process ({holder}). Only one CheckpointManager "
-                "may write to a directory at a time; stop that process or use another directory."
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.ctime()}\n".encode(), 0)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "an unknown process"
+                raise CheckpointError(
+                    f"{directory} is managed by another live process ({holder[:300]}). Only one CheckpointManager "
+                    "may write to a directory at a time; stop that process or use another directory."
+                ) from None
+            note = f"pid {os.getpid()} on {socket.gethostname()}, since {time.ctime()}\n".encode()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, note, 0)
+        except BaseException:
+            os.close(fd)  # a failed claim holds nothing: the lock goes with the descriptor
+            raise
         _held[key] = fd  # kept open for the life of the process; the kernel drops the lock at exit
+
+
+def holds(directory: str) -> bool:
+    """Whether this process holds its claim on ``directory``."""
+    with _guard:
+        return _key(directory) in _held
 
 
 def release_directory(directory: str) -> None:
     """Give up this process's claim (tests and long-lived processes that switch directories)."""
-    key = os.path.realpath(directory)
     with _guard:
-        fd = _held.pop(key, None)
-        if fd is not None:
+        fd = _held.pop(_key(directory), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def is_read_only_error(error: OSError) -> bool:
+    """Whether ``error`` means the directory cannot be written at all (a read-only mount or
+    permissions), as opposed to a passing failure."""
+    return error.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _forget_after_fork() -> None:
+    """In a forked child: close the inherited lock descriptors and drop the parent's claims. The
+    parent's lock stays (it still has its own descriptor), so a claim by the child is refused."""
+    global _guard
+    _guard = threading.Lock()
+    for fd in _held.values():
+        try:
             os.close(fd)
+        except OSError:
+            pass
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_after_fork)

@@ -25,7 +25,7 @@ import os
 import queue
 import threading
 
-from torchckpt import _threads
+from torchckpt import _files, _threads
 
 IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 ALIGN = 4096  # offsets, lengths and addresses of direct writes: covers 512- and 4096-byte sectors
@@ -70,17 +70,19 @@ class Output:
 def create(path: str, size: int) -> Output:
     """Create the file ``path`` (it must not exist yet) for ``size`` bytes, written directly
     when the file is large enough and the filesystem allows it."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
     direct = getattr(os, "O_DIRECT", 0)
-    if direct and size >= DIRECT_MIN_BYTES:
-        try:
-            return _DirectOutput(path, os.open(path, flags | direct, 0o644), size)
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-            # The filesystem refuses O_DIRECT, after creating the file: open it again, plainly.
-            return _CachedOutput(path, os.open(path, os.O_WRONLY | os.O_TRUNC))
-    return _CachedOutput(path, os.open(path, flags, 0o644))
+    try:
+        if direct and size >= DIRECT_MIN_BYTES:
+            try:
+                return _DirectOutput(path, _files.create_exclusive(path, os.O_WRONLY | direct), size)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                # The filesystem refuses O_DIRECT, after creating the file: open it again, plainly.
+                return _CachedOutput(path, os.open(path, os.O_WRONLY | os.O_TRUNC | _files.NOFOLLOW | _files.CLOEXEC))
+        return _CachedOutput(path, _files.create_exclusive(path))
+    except OSError as e:
+        raise _files.named(e, path) from e
 
 
 class _CachedOutput(Output):
@@ -91,8 +93,17 @@ class _CachedOutput(Output):
         self.flush = _EarlyFlush(fd)
 
     def write(self, views: list[memoryview]) -> None:
-        _write_views(self.fd, views)
+        try:
+            _write_views(self.fd, views)
+        except OSError as e:  # ENOSPC, EFBIG: say which file
+            raise _files.named(e, self.path) from e
         self.flush.wrote(sum(map(len, views)))  # after the write: the range must be written to be flushed
+
+    def finish(self) -> None:
+        try:
+            os.fsync(self.fd)
+        except OSError as e:
+            raise _files.named(e, self.path) from e
 
 
 def _write_views(fd: int, views: list[memoryview]) -> None:
@@ -184,8 +195,11 @@ class _DirectOutput(Output):
             self._submit(padded)
         self._drain()
         self._raise()
-        os.ftruncate(self.fd, size)
-        os.fsync(self.fd)
+        try:
+            os.ftruncate(self.fd, size)
+            os.fsync(self.fd)
+        except OSError as e:
+            raise _files.named(e, self.path) from e
 
     def close(self) -> None:
         if not self.closed:

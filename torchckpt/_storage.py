@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import errno
 import gc
 import io
 import os
@@ -26,10 +27,10 @@ from typing import Any
 import torch
 import xxhash
 
-from torchckpt import _atomic, _format, _output, _tensorio
+from torchckpt import _atomic, _files, _format, _output, _tensorio
 from torchckpt._format import INDEX_FILE
 from torchckpt._progress import progress_bar
-from torchckpt.errors import UnsupportedStateError
+from torchckpt.errors import CheckpointWriteError, UnsupportedStateError
 
 
 @contextlib.contextmanager
@@ -46,10 +47,11 @@ def gc_paused() -> Iterator[None]:
 
 
 def is_committed(path: str) -> bool:
-    """Whether ``path`` is a committed checkpoint directory (not a temporary or a leftover)."""
+    """Whether ``path`` is a committed checkpoint directory (not a temporary or a leftover); its
+    ``index.json`` must be a regular file, not a link."""
     return (
         not _atomic.is_temporary(os.path.basename(path))
-        and os.path.isfile(os.path.join(path, INDEX_FILE))
+        and _files.is_regular_file(os.path.join(path, INDEX_FILE))
     )
 
 
@@ -144,11 +146,12 @@ def write_checkpoint(
     max_shard_size: int | str = _format.DEFAULT_MAX_SHARD_SIZE,
     progress: bool | None = None,
     before_commit: Callable[[str], None] | None = None,
+    replace: bool = True,
 ) -> str:
     """Write tensors and the ``torchckpt`` index section to the directory ``path``, atomically.
 
     Args:
-        path: the checkpoint directory to create or replace.
+        path: the checkpoint directory to create (or, with ``replace``, replace).
         stored: name -> tensor, in save order, as returned by :func:`prepare_tensors`.
         aliases: alias name -> stored name, as returned by :func:`prepare_tensors`.
         section: extra keys for the index's ``torchckpt`` section (``state``, ``objects``, ...).
@@ -156,10 +159,64 @@ def write_checkpoint(
         progress: show a progress bar (None: on a terminal for large saves).
         before_commit: called with the temporary directory just before the rename (tests use it
             to inject faults).
+        replace: replace a checkpoint already at ``path``; without it, one there (even one that
+            appears while this one is written) raises ``_atomic.AlreadyThere`` and nothing changes.
 
     Returns:
         ``path``.
+
+    Raises:
+        CheckpointWriteError: the system refused a write; it names the file and says what to do.
     """
+    try:
+        return _write_checkpoint(path, stored, aliases, section, max_shard_size, progress, before_commit, replace)
+    except OSError as e:
+        if isinstance(e, (CheckpointWriteError, _atomic.AlreadyThere)):
+            raise
+        raise CheckpointWriteError(_write_failure(path, e), path, e) from e
+
+
+def _write_failure(path: str, error: OSError) -> str:
+    """What went wrong writing the checkpoint ``path``, and what to do, for the user's own path."""
+    where = f" ({error.filename})" if error.filename and error.filename != path else ""
+    parent = os.path.dirname(os.path.abspath(path))
+    if error.errno in (errno.ENOTDIR, errno.EEXIST) and not os.path.isdir(parent):
+        blocker = next((p for p in _ancestors(parent) if os.path.lexists(p) and not os.path.isdir(p)), parent)
+        return (f"Cannot write checkpoint {path}: {blocker} is a file, not a directory. "
+                "Choose a path whose parents are directories (or remove that file).")
+    advice = {
+        errno.EROFS: "the file system is read-only. Write checkpoints to a writable directory.",
+        errno.EACCES: "permission denied. Write checkpoints to a directory you may write to.",
+        errno.EPERM: "permission denied. Write checkpoints to a directory you may write to.",
+        errno.ENOSPC: "no space left on the device. Free some space (or keep fewer checkpoints with max_to_keep); "
+                      "the previous checkpoints are intact.",
+        errno.EDQUOT: "the disk quota is exceeded. Free some space; the previous checkpoints are intact.",
+        errno.EFBIG: "a file would exceed the largest size allowed (a ulimit, or the file system's limit). Use a "
+                     "smaller max_shard_size.",
+    }.get(error.errno or 0, f"{error.strerror or error}.")
+    return f"Cannot write checkpoint {path}{where}: {advice}"
+
+
+def _ancestors(path: str) -> list[str]:
+    out = []
+    while True:
+        out.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            return out[::-1]
+        path = parent
+
+
+def _write_checkpoint(
+    path: str,
+    stored: dict[str, torch.Tensor],
+    aliases: dict[str, str],
+    section: dict[str, Any],
+    max_shard_size: int | str,
+    progress: bool | None,
+    before_commit: Callable[[str], None] | None,
+    replace: bool,
+) -> str:
     limit = _format.parse_size(max_shard_size)
     shards = plan_shards(stored, limit)
     total = sum(s.nbytes for s in shards)
@@ -207,17 +264,20 @@ def write_checkpoint(
                 "tensors": _format.RawJSON(lambda: _table_pieces(shards, stored, digests)),
             },
         }
-        fd = os.open(os.path.join(tmp, INDEX_FILE), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        index_path = os.path.join(tmp, INDEX_FILE)
+        fd = _files.create_exclusive(index_path)
         try:
             with io.BufferedWriter(io.FileIO(fd, "w", closefd=False), _INDEX_BUFFER) as out:
-                for text in _format.layout_pieces(index):
-                    out.write(text.encode())
+                for piece in _format.sealed_pieces(index):
+                    out.write(piece)
             os.fsync(fd)
+        except OSError as e:
+            raise _files.named(e, index_path) from e
         finally:
             os.close(fd)
         if before_commit is not None:
             before_commit(tmp)
-        _atomic.commit_directory(tmp, path)
+        _atomic.commit_directory(tmp, path, replace)
     return path
 
 

@@ -28,6 +28,14 @@ from torchckpt.errors import CorruptCheckpointError, UnsupportedStateError
 SEP = "/"
 TAG = "@"
 TENSOR_TAG = "@tensor"
+MAX_DEPTH = 100  # containers nested deeper than this are refused (they would exhaust the stack)
+MAX_INT = 2**63  # dimensions of a torch.Size fit in 64 bits, sign included
+
+# Decoded from this table only, never by looking a name up on the torch module: a name like
+# "_dynamo" would otherwise make torch import whole subsystems on behalf of a file.
+DTYPES: dict[str, torch.dtype] = {
+    str(value).removeprefix("torch."): value for value in vars(torch).values() if isinstance(value, torch.dtype)
+}
 
 # A leaf of the name trie: the full tensor name.
 Trie = dict[str, "Trie | str"]
@@ -190,18 +198,21 @@ def build_trie(names: Iterator[str] | list[str]) -> Trie:
     return root
 
 
-def decode(node: Any, trie: Trie | str | None, resolve: Callable[[str], Any], path: str = "") -> Any:
+def decode(node: Any, trie: Trie | str | None, resolve: Callable[[str], Any], path: str = "", depth: int = 0) -> Any:
     """Rebuild a value from typed JSON, placing ``resolve(name)`` at each tensor's position.
 
     Raises:
         CorruptCheckpointError: the JSON is not a tree this module writes, or it disagrees with
             the tensor names.
     """
+    if depth > MAX_DEPTH:
+        raise _corrupt(path, f"containers are nested more than {MAX_DEPTH} deep")
+    depth += 1
     if isinstance(node, dict):
         if len(node) == 1:
             (tag, payload), = node.items()
             if tag.startswith(TAG):
-                return _decode_tagged(tag, payload, trie, resolve, path)
+                return _decode_tagged(tag, payload, trie, resolve, path, depth)
         if isinstance(trie, str):
             raise _corrupt(path, "a tensor is stored where the state tree has a dict")
         sub = trie or {}
@@ -209,7 +220,7 @@ def decode(node: Any, trie: Trie | str | None, resolve: Callable[[str], Any], pa
         for k, v in node.items():
             if k.startswith(TAG):
                 raise _corrupt(path, f"unknown tag {k!r}")
-            out[k] = decode(v, sub.get(escape_part(k)), resolve, join(path, escape_part(k)))
+            out[k] = decode(v, sub.get(escape_part(k)), resolve, join(path, escape_part(k)), depth)
         for part, child in sub.items():
             key = unescape_part(part)
             if key not in out:
@@ -221,7 +232,7 @@ def decode(node: Any, trie: Trie | str | None, resolve: Callable[[str], Any], pa
         raise _corrupt(path, "a tensor is stored where the state tree has a plain value")
     if isinstance(node, list):
         sub = trie or {}
-        return [decode(v, sub.get(str(i)), resolve, join(path, str(i))) for i, v in enumerate(node)]
+        return [decode(v, sub.get(str(i)), resolve, join(path, str(i)), depth) for i, v in enumerate(node)]
     if trie:
         raise _corrupt(path, "tensors are stored under a plain value")
     if node is None or isinstance(node, (bool, int, float, str)):
@@ -229,7 +240,8 @@ def decode(node: Any, trie: Trie | str | None, resolve: Callable[[str], Any], pa
     raise _corrupt(path, f"unexpected JSON value of type {type(node).__name__}")
 
 
-def _decode_tagged(tag: str, payload: Any, trie: Trie | str | None, resolve: Callable[[str], Any], path: str) -> Any:
+def _decode_tagged(tag: str, payload: Any, trie: Trie | str | None, resolve: Callable[[str], Any], path: str,
+                   depth: int) -> Any:
     if tag == TENSOR_TAG:
         if not isinstance(trie, str):
             raise _corrupt(path, "the state tree expects a tensor here but no tensor has this name")
@@ -242,35 +254,39 @@ def _decode_tagged(tag: str, payload: Any, trie: Trie | str | None, resolve: Cal
         return float(payload)
     if tag == "@tuple" and isinstance(payload, list):
         sub = trie or {}
-        return tuple(decode(v, sub.get(str(i)), resolve, join(path, str(i))) for i, v in enumerate(payload))
+        return tuple(decode(v, sub.get(str(i)), resolve, join(path, str(i)), depth) for i, v in enumerate(payload))
     if tag in _DICT_TYPES and isinstance(payload, list):
         sub = trie or {}
         out: dict[Any, Any] = _DICT_TYPES[tag]()
         for pair in payload:
             if not (isinstance(pair, list) and len(pair) == 2):
                 raise _corrupt(path, "@dict entries must be [key, value] pairs")
-            key = decode(pair[0], None, resolve, path)
+            key = decode(pair[0], None, resolve, path, depth)
+            try:
+                hash(key)
+            except TypeError:
+                raise _corrupt(path, f"a dict key of type {type(key).__name__} cannot be a key") from None
+            if tag == "@counter" and not isinstance(pair[1], (int, float)):
+                raise _corrupt(path, "a Counter's values must be numbers")
             part = key_part(key)
-            out[key] = decode(pair[1], sub.get(part), resolve, join(path, part))
+            out[key] = decode(pair[1], sub.get(part), resolve, join(path, part), depth)
         return out
     if trie:
         raise _corrupt(path, "tensors are stored under a plain value")
-    if tag == "@size" and isinstance(payload, list) and all(type(d) is int for d in payload):
+    if tag == "@size" and isinstance(payload, list) and all(type(d) is int and -MAX_INT <= d < MAX_INT for d in payload):
         return torch.Size(payload)
-    if tag == "@dtype" and isinstance(payload, str):
-        dtype = getattr(torch, payload, None)
-        if isinstance(dtype, torch.dtype):
-            return dtype
-    if tag == "@device" and isinstance(payload, str):
+    if tag == "@dtype" and isinstance(payload, str) and payload in DTYPES:
+        return DTYPES[payload]
+    if tag == "@device" and isinstance(payload, str) and len(payload) < 64:
         try:
             return torch.device(payload)
-        except RuntimeError:
+        except (RuntimeError, ValueError, TypeError):
             pass
     raise _corrupt(path, f"bad tagged value {tag!r}")
 
 
 def _corrupt(path: str, what: str) -> CorruptCheckpointError:
-    return CorruptCheckpointError(f"Invalid state tree at {display(path)!r}: {what}.")
+    return CorruptCheckpointError(f"Invalid state tree at {display(path)[:200]!r}: {what}.")
 
 
 # -- flattening for matching ----------------------------------------------------------------

@@ -173,9 +173,13 @@ class Checkpoint:
             UnsupportedStateError: a value cannot be stored without pickle; nothing is written.
             Any failure of a previous asynchronous write.
         """
-        path = os.fspath(path)
+        path = as_path(path)
         self._commit(path, max_shard_size, progress, metadata, async_save)
         return path
+
+    def _set_save_counter(self, value: int) -> None:
+        """Set ``save_counter`` (a manager numbers checkpoints with it)."""
+        object.__setattr__(self, "_save_counter", int(value))
 
     def _commit(
         self,
@@ -186,18 +190,20 @@ class Checkpoint:
         async_save: bool,
         after: Callable[[], None] | None = None,
         before_commit: Callable[[str], None] | None = None,
+        replace: bool = True,
     ) -> None:
         """The one write path: capture the state now, then write it here or in the background.
 
         ``after`` runs once the checkpoint is committed (``save`` records the latest checkpoint,
         the manager applies retention), on the background thread for an asynchronous write.
+        Without ``replace``, a checkpoint already at ``path`` raises ``_atomic.AlreadyThere``.
         """
         self.wait_until_finished()  # one write in flight; raises a previous background failure
         _format.parse_size(max_shard_size)  # a bad size is an error before any work
 
         def run() -> None:
             with _storage.gc_paused():
-                job.run(path, max_shard_size, progress, before_commit)
+                job.run(path, max_shard_size, progress, before_commit, replace)
             if after is not None:
                 after()
 
@@ -211,7 +217,7 @@ class Checkpoint:
             if self._writer is None:
                 object.__setattr__(self, "_writer", AsyncWriter())
             job.stored, job.aliases = self._writer.snapshot(job.stored)
-        self._writer.submit(run)
+        self._writer.submit(run, path)
 
     def wait_until_finished(self) -> None:
         """Block until an asynchronous write is durable; raise its failure, if any."""
@@ -222,12 +228,20 @@ class Checkpoint:
         """Alias of :meth:`wait_until_finished` (TensorFlow's name)."""
         self.wait_until_finished()
 
-    def save(self, file_prefix: PathLike, **options: Any) -> str:
+    def save(
+        self,
+        file_prefix: PathLike,
+        *,
+        max_shard_size: int | str = _format.DEFAULT_MAX_SHARD_SIZE,
+        progress: bool | None = None,
+        metadata: dict[str, Any] | None = None,
+        async_save: bool = False,
+    ) -> str:
         """Increment ``save_counter``, write ``f"{file_prefix}-{save_counter}"`` and record it as latest.
 
-        Nothing is ever deleted. Options are those of :meth:`write`.
+        Nothing is ever deleted. The options are those of :meth:`write`.
         """
-        prefix = os.fspath(file_prefix)
+        prefix = as_path(file_prefix)
         self.wait_until_finished()
         object.__setattr__(self, "_save_counter", self._save_counter + 1)
         path = f"{prefix}-{self._save_counter}"
@@ -236,8 +250,7 @@ class Checkpoint:
             _directory.record_latest(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
 
         try:
-            self._commit(path, options.get("max_shard_size", _format.DEFAULT_MAX_SHARD_SIZE), options.get("progress"),
-                         options.get("metadata"), options.get("async_save", False), after=record)
+            self._commit(path, max_shard_size, progress, metadata, async_save, after=record)
         except BaseException:
             object.__setattr__(self, "_save_counter", self._save_counter - 1)
             raise
@@ -276,24 +289,28 @@ class Checkpoint:
             return self._restore_from(resolve_checkpoint(save_path), verify, progress, expect_counter)
 
     def _restore_from(self, directory: str, verify: bool, progress: bool | None, expect_counter: bool) -> RestoreStatus:
-        plan = self._plan_restore(directory, expect_counter)
-        execute(plan, directory, verify, progress)
+        index = _index.load_index(directory)
+        with _index.OpenShards(index) as shards:  # opened together: a deletion from here on cannot touch the read
+            plan = self._plan_restore(index, shards, expect_counter)
+            del index  # only the plan stays in memory while tensors are read
+            execute(plan, shards, verify, progress)
         return RestoreStatus(plan.report, directory)
 
-    def _plan_restore(self, directory: str, expect_counter: bool) -> Plan:
-        """Match the checkpoint against the tracked objects. The parsed index and state tree are
-        dropped on return, before any tensor is read: only the plan stays in memory."""
-        index = _index.load_index(directory)
-        infos = _index.read_shard_headers(index)
+    def _plan_restore(self, index: _index.Index, shards: _index.OpenShards, expect_counter: bool) -> Plan:
+        """Match the checkpoint against the tracked objects. The state tree is dropped on return,
+        before any tensor is read: only the plan stays in memory."""
+        infos = _index.read_shard_headers(index, shards)
         saved = _index.state_tree(index, infos.__getitem__)
-        del infos, index
-        if not isinstance(saved, dict):
-            raise CorruptCheckpointError(f"{directory}: the state tree's root is not a dict.", directory)
+        del infos
         plan = Plan()
         self._plan(saved, "", plan)
         if expect_counter:
-            plan_value(SAVE_COUNTER, saved.get(SAVE_COUNTER, MISSING),
-                       lambda v: object.__setattr__(self, "_save_counter", int(v)), plan)
+            counter = saved.get(SAVE_COUNTER, MISSING)
+            if counter is not MISSING and not (type(counter) is int and 0 <= counter < 2**63):
+                raise CorruptCheckpointError(
+                    f"{index.directory}: save_counter is {counter!r}, not a non-negative integer.", index.directory
+                )
+            plan_value(SAVE_COUNTER, counter, lambda v: object.__setattr__(self, "_save_counter", int(v)), plan)
         return plan
 
     def _plan(self, saved: dict[str, Any], prefix: str, plan: Plan) -> None:
@@ -401,9 +418,9 @@ class WriteJob:
     section: dict[str, Any]
 
     def run(self, path: str, max_shard_size: int | str, progress: bool | None,
-            before_commit: Callable[[str], None] | None = None) -> str:
+            before_commit: Callable[[str], None] | None = None, replace: bool = True) -> str:
         return _storage.write_checkpoint(path, self.stored, self.aliases, self.section, max_shard_size, progress,
-                                         before_commit)
+                                         before_commit, replace)
 
 
 def capture(ckpt: Checkpoint, metadata: dict[str, Any] | None, prepare: bool = True) -> WriteJob:
@@ -438,13 +455,22 @@ def _write(
     return path
 
 
+def as_path(path: Any) -> str:
+    """A path argument as a ``str``: ``str``, ``os.PathLike`` or ``bytes`` (decoded as the file
+    system does); anything else is a ``TypeError`` rather than a directory named after its repr."""
+    if isinstance(path, (str, bytes, os.PathLike)):
+        value = os.fspath(path)
+        return os.fsdecode(value) if isinstance(value, bytes) else value
+    raise TypeError(f"A checkpoint path must be a str, bytes or os.PathLike, not {type(path).__name__}.")
+
+
 def resolve_checkpoint(path: PathLike) -> str:
     """A checkpoint directory for ``path``: itself, or the latest checkpoint of a directory of them.
 
     Raises:
         CheckpointNotFoundError: nothing committed is there.
     """
-    p = os.fspath(path)
+    p = as_path(path)
     if not os.path.exists(p):
         hint = ""
         parent = os.path.dirname(os.path.abspath(p))

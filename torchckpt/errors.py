@@ -17,7 +17,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CheckpointError",
+    "CheckpointDeletedError",
     "CheckpointNotFoundError",
+    "CheckpointWriteError",
     "CorruptCheckpointError",
     "UnsupportedStateError",
     "RestoreMismatchError",
@@ -52,6 +54,18 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
         return str(self.args[0])
 
 
+class CheckpointDeletedError(CheckpointNotFoundError):
+    """The checkpoint was deleted (usually by a manager's retention) while it was being opened.
+
+    A reader that follows a training run (``checkpoints_iterator``) can meet this when the run's
+    ``max_to_keep`` deletes the checkpoint it is about to read: read the newer one instead. Once a
+    restore has opened every shard, a deletion no longer affects it.
+
+    Attributes:
+        path: the checkpoint directory.
+    """
+
+
 class CorruptCheckpointError(CheckpointError, ValueError):
     """A checkpoint's files are malformed, truncated, tampered with or inconsistent.
 
@@ -62,6 +76,26 @@ class CorruptCheckpointError(CheckpointError, ValueError):
     def __init__(self, message: str, path: str | os.PathLike[str] | None = None) -> None:
         super().__init__(message)
         self.path = os.fspath(path) if path is not None else None
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint could not be written: a read-only file system, a full disk, a parent path that
+    is a file. Nothing was committed, and the previous checkpoints are intact.
+
+    It is an ``OSError`` too, with ``errno`` and ``filename`` (the file the system refused), so
+    ``except OSError`` and ``e.errno == errno.ENOSPC`` keep working.
+
+    Attributes:
+        path: the checkpoint path the caller gave.
+    """
+
+    def __init__(self, message: str, path: str, error: OSError) -> None:
+        OSError.__init__(self, error.errno, error.strerror or message, error.filename or path)
+        self.message = message
+        self.path = path
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class UnsupportedStateError(CheckpointError, TypeError):

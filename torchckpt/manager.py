@@ -20,12 +20,32 @@ from typing import Any
 
 import torch
 
-from torchckpt import _atomic, _directory, _format, _lock
+from torchckpt import _atomic, _directory, _files, _format, _lock
 from torchckpt._directory import Entry, State, StateFileError
 from torchckpt._retention import MetricFn, best_entries, plan_retention
-from torchckpt.checkpoint import Checkpoint
+from torchckpt.checkpoint import Checkpoint, as_path
+from torchckpt.errors import CheckpointError, CheckpointWriteError
 
 __all__ = ["CheckpointManager"]
+
+
+def _metric(key: str, value: Any) -> Any:
+    """One metric as a plain value: a 0-dim tensor or a NumPy scalar becomes a float."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"metrics[{key!r}] is a tensor of shape {list(value.shape)}; pass a number "
+                             "(a 0-dim tensor is fine).")
+        item = value.detach().cpu().item()
+        return bool(item) if value.dtype == torch.bool else float(item)
+    if value is None or isinstance(value, (bool, str)) or type(value) in (int, float):
+        return value
+    item = getattr(value, "item", None)
+    if type(value).__module__ == "numpy" and callable(item):  # numpy.float32(0.5), numpy.int64(3)
+        result = item()
+        return float(result) if isinstance(result, (int, float)) and not isinstance(result, bool) else result
+    if isinstance(value, (int, float)):  # int and float subclasses
+        return float(value) if isinstance(value, float) else int(value)
+    raise TypeError(f"metrics[{key!r}] is a {type(value).__name__}; metrics must be numbers, bools, strings or None.")
 
 
 def _number(value: Any) -> int:
@@ -81,7 +101,7 @@ class CheckpointManager:
         *,
         keep_best: int | None = None,
         best_metric: str | MetricFn | None = None,
-        best_mode: str = "min",
+        best_mode: str | None = None,
         async_save: bool = False,
         max_shard_size: int | str = _format.DEFAULT_MAX_SHARD_SIZE,
         progress: bool | None = None,
@@ -96,13 +116,14 @@ class CheckpointManager:
             raise ValueError(f"keep_best must be a positive integer or None, got {keep_best!r}.")
         if keep_best and best_metric is None:
             raise ValueError("keep_best needs best_metric: a key of the metrics passed to save(), or a callable.")
-        if best_mode not in ("min", "max"):
+        if best_mode not in (None, "min", "max"):
             raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}.")
-        if not checkpoint_name or os.sep in checkpoint_name or _atomic.is_temporary(checkpoint_name):
+        if (not isinstance(checkpoint_name, str) or not checkpoint_name or os.sep in checkpoint_name
+                or _atomic.is_temporary(checkpoint_name) or checkpoint_name.startswith(".")):
             raise ValueError(f"checkpoint_name must be a plain name, got {checkpoint_name!r}.")
         _format.parse_size(max_shard_size)
         self._checkpoint = checkpoint
-        self._directory = os.fspath(directory)
+        self._directory = as_path(directory)
         self._max_to_keep = max_to_keep
         self._keep_every_n_hours = keep_checkpoint_every_n_hours
         self._name = checkpoint_name
@@ -111,33 +132,58 @@ class CheckpointManager:
         self._init_fn = init_fn
         self._keep_best = keep_best
         self._best_metric = best_metric
-        self._best_mode = best_mode
+        self._best_mode = best_mode or "min"
         self._max_shard_size = max_shard_size
         self._progress = progress
         self._last_checkpoint_step: int | None = None
         self._async_save = async_save
-        os.makedirs(self._directory, exist_ok=True)
-        _lock.claim_directory(self._directory)
-        _atomic.remove_stale_temporaries(self._directory, f"{checkpoint_name}-")
-        self._load_state()
+        self._warned_metric = False
+        self._read_only = self._open_directory()
+        try:
+            self._load_state(explicit_mode=best_mode is not None)
+        except BaseException:
+            if not self._read_only:
+                _lock.release_directory(self._directory)  # a failed construction holds nothing
+            raise
+
+    def _open_directory(self) -> bool:
+        """Create and claim the directory and clear crashed writers' leftovers; True when it is
+        read-only (an evaluation job on a read-only snapshot of a run): then nothing is written."""
+        try:
+            os.makedirs(self._directory, exist_ok=True)
+            _lock.claim_directory(self._directory)
+        except OSError as e:
+            if not _lock.is_read_only_error(e) or not os.path.isdir(self._directory):
+                raise CheckpointWriteError(
+                    f"Cannot use {self._directory} as a checkpoint directory: {e.strerror or e}.", self._directory, e
+                ) from e
+            return True
+        try:
+            for prefix in (f"{self._name}-", _directory.STATE_FILE):
+                _atomic.remove_stale_temporaries(self._directory, prefix)
+        except BaseException:
+            _lock.release_directory(self._directory)
+            raise
+        return False
 
     # -- state ---------------------------------------------------------------------------
 
-    def _load_state(self) -> None:
+    def _load_state(self, explicit_mode: bool) -> None:
         now = time.time()
         try:
             state = _directory.read_state(self._directory)
-        except StateFileError as e:
-            state = self._rebuild(f"the state file is damaged ({e})")
-        else:
+        except StateFileError as e:  # the history is unknown: nothing it may have named is ever deleted
+            state = self._rebuild(f"the state file is damaged ({e})", adopt=False)
+        else:  # a crash before the first state write: what this manager wrote is managed again
             if state is None:
-                state = self._rebuild("there is no state file") if self._members() else None
+                state = self._rebuild("there is no state file", adopt=True) if self._members() else None
         if state is None:
             self._latest: str | None = None
             self._kept: list[Entry] = []
             self._preserved: list[Entry] = []
             self._last_preserved_timestamp = now - 1.0
             return
+        self._take_ranking(state, explicit_mode)
         lpt = state.last_preserved_timestamp
         if now < lpt:
             warnings.warn(
@@ -149,36 +195,58 @@ class CheckpointManager:
         self._last_preserved_timestamp = lpt
         self._kept = []
         self._preserved = list(state.preserved)
-        for entry in state.checkpoints:
+        for entry in [*state.checkpoints, *self._unrecorded(state)]:
             ts = entry.timestamp if entry.timestamp is not None else lpt
             ts = min(ts, now)
             if ts > lpt:
                 self._kept.append(Entry(entry.name, ts, entry.metrics))
             else:  # in doubt: kept forever, never deleted
                 self._preserved.append(entry)
+        self._kept.sort(key=lambda e: e.timestamp or 0.0)  # adopted ones take their place by time
         self._latest = state.latest
         newest = self._newest_unknown()
         if newest is not None:
             self._latest = newest
-        if self._latest is not None and not os.path.isdir(os.path.join(self._directory, self._latest)):
+        if self._latest is not None and not _directory.is_member(self._directory, self._latest):
             members = self._members()
-            self._latest = members[-1] if members else self._latest
+            self._latest = members[-1] if members else None
+
+    def _take_ranking(self, state: State, explicit_mode: bool) -> None:
+        """``keep_best``, ``best_metric`` and ``best_mode`` not passed are the directory's, so an
+        evaluation script sees the run's best and a resumed run never deletes its best checkpoint."""
+        if self._keep_best is None and self._best_metric is None and state.best_metric is not None:
+            self._keep_best, self._best_metric = state.keep_best, state.best_metric
+            if not explicit_mode:
+                self._best_mode = state.best_mode
+        elif self._best_metric is not None and self._best_metric == state.best_metric and not explicit_mode:
+            self._best_mode = state.best_mode
+
+    def _unrecorded(self, state: State) -> list[Entry]:
+        """Checkpoints this manager's kind committed that the state file does not know (a crash
+        between the commit and the state write, or between retention's state write and its delete)."""
+        known = {e.name for e in [*state.checkpoints, *state.preserved]}
+        return [entry for name in _directory.committed_members(self._directory, self._name) if name not in known
+                if (entry := _directory.managed_entry(self._directory, name, self._name)) is not None]
 
     def _members(self) -> list[str]:
         return _directory.committed_members(self._directory)
 
-    def _rebuild(self, why: str) -> State:
+    def _rebuild(self, why: str, adopt: bool) -> State:
         members = self._members()
         latest = _directory.latest_checkpoint(self._directory)
+        managed = {n: e for n in members if adopt and (e := _directory.managed_entry(self._directory, n, self._name))}
+        fate = (f"The {len(managed)} written by a manager named {self._name!r} are managed again; the others"
+                if adopt else "They")
         warnings.warn(
             f"{self._directory}: {why}; rebuilt from the {len(members)} committed checkpoints on disk "
-            f"(latest: {os.path.basename(latest) if latest else None}). They are kept and will never be deleted "
+            f"(latest: {os.path.basename(latest) if latest else None}). {fate} are kept and will never be deleted "
             "by this manager, since it cannot know which of them it managed.",
             stacklevel=4,
         )
         return State(
             latest=os.path.basename(latest) if latest else None,
-            preserved=[Entry(n) for n in members],
+            checkpoints=sorted(managed.values(), key=lambda e: e.timestamp or 0.0),
+            preserved=[Entry(n) for n in members if n not in managed],
             last_preserved_timestamp=time.time() - 1.0,
         )
 
@@ -200,7 +268,7 @@ class CheckpointManager:
         _directory.write_state(
             self._directory,
             State(self._latest, list(self._kept), list(self._preserved), self._last_preserved_timestamp,
-                  metric, self._best_mode),
+                  metric, self._best_mode, self._keep_best if metric else None),
         )
 
     # -- public properties ----------------------------------------------------------------
@@ -255,7 +323,7 @@ class CheckpointManager:
         top = max((n for n in numbers if n is not None), default=-1)
         if counter <= top:
             counter = top + 1
-            object.__setattr__(self._checkpoint, "_save_counter", counter)
+            self._checkpoint._set_save_counter(counter)
         return counter
 
     def save(
@@ -270,18 +338,30 @@ class CheckpointManager:
             checkpoint_number: the number to use (an int or a 0-dim integer tensor); an existing
                 checkpoint with that number is replaced atomically and moves to the end of
                 ``checkpoints``. By default, the incremented ``save_counter``, skipping any number
-                already in the directory.
+                already in the directory; such a save never replaces a checkpoint.
             check_interval: with ``checkpoint_interval``, skip the save unless the step counter
                 advanced enough. False always saves.
-            metrics: JSON values recorded with the checkpoint (``keep_best`` ranks by them).
+            metrics: str keys to numbers, bools, strings or None, recorded with the checkpoint
+                (``keep_best`` ranks by them). 0-dim tensors and NumPy scalars become floats;
+                NaN and infinities are kept, and never rank best.
 
         Returns:
             The checkpoint's path, or None when skipped by the interval.
 
         Raises:
             UnsupportedStateError: nothing is written. Also any failure of a previous async save.
+            TypeError, ValueError: bad ``metrics`` or ``checkpoint_number``; nothing is written.
+            CheckpointError: the directory is read-only, or another process holds it.
         """
         self._checkpoint.wait_until_finished()
+        if self._read_only:
+            raise CheckpointError(
+                f"Cannot save into {self._directory}: it is read-only, so this manager only reads it "
+                "(restore_or_initialize, latest_checkpoint, checkpoints). Save to a writable directory."
+            )
+        metrics_copy = self._checked_metrics(metrics)
+        number = _number(checkpoint_number) if checkpoint_number is not None else None
+        _lock.claim_directory(self._directory)  # a no-op unless this is a forked child, which must claim anew
         if self._checkpoint_interval is not None:
             current = int(self._step_counter)
             last = self._last_checkpoint_step
@@ -290,22 +370,50 @@ class CheckpointManager:
             ):
                 return None
             self._last_checkpoint_step = current
-        if metrics is not None and not isinstance(metrics, dict):
-            raise TypeError(f"metrics must be a dict, got {type(metrics).__name__}.")
         counter_before = self._checkpoint.save_counter
-        object.__setattr__(self._checkpoint, "_save_counter", counter_before + 1)
+        self._checkpoint._set_save_counter(counter_before + 1)
         try:
-            number = _number(checkpoint_number) if checkpoint_number is not None else self._next_number()
+            explicit = number is not None
+            number = number if number is not None else self._next_number()
             name = f"{self._name}-{number}"
             path = os.path.join(self._directory, name)
-            metrics_copy = dict(metrics) if metrics else None
-            self._checkpoint._commit(path, self._max_shard_size, self._progress,
-                                     {"metrics": metrics_copy} if metrics_copy else None, self._async_save,
-                                     after=lambda: self._record_and_sweep(name, metrics_copy))
+            metadata: dict[str, Any] = {_directory.MANAGER_KEY: self._name}
+            if metrics_copy:
+                metadata["metrics"] = metrics_copy
+            self._checkpoint._commit(path, self._max_shard_size, self._progress, metadata, self._async_save,
+                                    after=lambda: self._record_and_sweep(name, metrics_copy), replace=explicit)
+        except _atomic.AlreadyThere:
+            self._checkpoint._set_save_counter(counter_before)
+            raise CheckpointError(
+                f"{path} appeared while it was being written: another process writes numbered checkpoints into "
+                f"{self._directory} without holding its claim. Nothing was committed or replaced; save again for "
+                "the next number."
+            ) from None
         except BaseException:
-            object.__setattr__(self._checkpoint, "_save_counter", counter_before)
+            self._checkpoint._set_save_counter(counter_before)
             raise
         return path
+
+    def _checked_metrics(self, metrics: Any) -> dict[str, Any] | None:
+        """``metrics`` as plain values, checked before anything is written (a bad value must not
+        commit a checkpoint that the state file then cannot record)."""
+        if metrics is None:
+            return None
+        if not isinstance(metrics, dict):
+            raise TypeError(f"metrics must be a dict, got {type(metrics).__name__}.")
+        out: dict[str, Any] = {}
+        for key, value in metrics.items():
+            if not isinstance(key, str):
+                raise TypeError(f"metrics keys must be strings, got {key!r} ({type(key).__name__}).")
+            out[key] = _metric(key, value)
+        if isinstance(self._best_metric, str) and self._best_metric not in out and not self._warned_metric:
+            self._warned_metric = True
+            warnings.warn(
+                f"best_metric {self._best_metric!r} is not among the metrics passed to save() "
+                f"({', '.join(sorted(out)) or 'none'}); checkpoints without it never count as best.",
+                stacklevel=3,
+            )
+        return out or None
 
     def _record_and_sweep(self, name: str, metrics: dict[str, Any] | None) -> None:
         now = time.time()
@@ -327,7 +435,7 @@ class CheckpointManager:
 
     def _delete(self, name: str) -> None:
         path = os.path.join(self._directory, name)
-        if not os.path.isdir(path) or _directory.number_of(name, self._name) is None:
+        if not _files.is_real_directory(path) or _directory.number_of(name, self._name) is None:
             return
         trash = _atomic.temporary_sibling(path, _atomic.OLD_MARKER)
         try:
@@ -364,10 +472,17 @@ class CheckpointManager:
             self._init_fn()
         return None
 
+    @property
+    def read_only(self) -> bool:
+        """Whether the directory could not be claimed for writing (a read-only mount): the manager
+        then reads it only, and :meth:`save` raises."""
+        return self._read_only
+
     def close(self) -> None:
         """Wait for the save in flight and release the directory for other processes."""
         self.wait_until_finished()
-        _lock.release_directory(self._directory)
+        if not self._read_only:
+            _lock.release_directory(self._directory)
 
     def __repr__(self) -> str:
         return f"CheckpointManager({self._directory!r}, latest={self._latest!r}, kept={len(self._kept)})"

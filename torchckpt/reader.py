@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-import gc
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,8 +19,9 @@ from typing import Any
 import torch
 import xxhash
 
-from torchckpt import _format, _index, _tensorio, _tree
+from torchckpt import _files, _format, _index, _tensorio, _tree
 from torchckpt._format import INDEX_FILE, TensorInfo
+from torchckpt._storage import gc_paused
 from torchckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, VariableNotFoundError
 
 __all__ = ["CheckpointReader", "TensorSpec", "list_variables", "load_checkpoint", "load_variable"]
@@ -63,6 +62,7 @@ class CheckpointReader:
         self._files: dict[str, str] = {}
         self._aliases: dict[str, str] = {}
         self._headers: dict[str, dict[str, TensorInfo]] = {}
+        self._infos: dict[str, TensorInfo] | None = None
         self._shape_map: dict[str, torch.Size] | None = None
         self._dtype_map: dict[str, torch.dtype] | None = None
 
@@ -145,24 +145,16 @@ class CheckpointReader:
         raise VariableNotFoundError(f"Tensor {name!r} is not in {self.path}.{hint}", name, close)
 
     def _info(self, name: str) -> TensorInfo:
-        """The validated header entry of a stored tensor (its shard's header is read once)."""
-        file = self._file_map[name]
-        path = file if self.kind != "torchckpt" else os.path.join(self.path, file)
-        header = self._headers.get(path)
-        if header is None:
-            infos, _, _ = _format.read_header(path, file)
-            header = self._headers[path] = {t.name: t for t in infos}
-        info = header.get(name)
-        if info is None:
-            raise CorruptCheckpointError(f"{INDEX_FILE} puts {name!r} in {file}, but that shard does not hold it.", path)
-        expected = self.get_variable_to_shape_map()[name], self.get_variable_to_dtype_map()[name]
-        if (torch.Size(info.shape), info.dtype) != expected:
-            raise CorruptCheckpointError(
-                f"Tensor {name!r}: {INDEX_FILE} says {expected[1]} {list(expected[0])} but {file} holds "
-                f"{info.dtype} {list(info.shape)}.",
-                path,
-            )
-        return info
+        """Where a stored tensor's bytes are: for a torchckpt checkpoint, the locations a restore
+        uses (every shard header checked against the index once); for plain safetensors, its
+        validated header entry."""
+        if self._index is not None:
+            if self._infos is None:
+                with _index.OpenShards(self._index) as shards:
+                    self._infos = _index.read_shard_headers(self._index, shards)
+            return self._infos[name]
+        file = self._files[name]
+        return self._headers[file][name]
 
     def _checksum(self, name: str) -> str | None:
         if self._index is None:
@@ -173,6 +165,14 @@ class CheckpointReader:
 
     def _file_path(self, info: TensorInfo) -> str:
         return info.file if self.kind != "torchckpt" else os.path.join(self.path, info.file)
+
+    def _open(self, info: TensorInfo) -> int:
+        path = self._file_path(info)
+        try:
+            return _files.open_regular(path, "Shard")
+        except FileNotFoundError:
+            raise _index.missing_member(self.path, path) if self._index is not None else CorruptCheckpointError(
+                f"{path} is missing.", path) from None
 
     def get_tensor(self, name: str) -> torch.Tensor:
         """Read one tensor, checking its size and (for torchckpt checkpoints) its checksum.
@@ -185,7 +185,7 @@ class CheckpointReader:
         info = self._info(stored)
         out = torch.empty(info.shape, dtype=info.dtype)
         path = self._file_path(info)
-        fd = os.open(path, os.O_RDONLY)
+        fd = self._open(info)
         try:
             digest = _tensorio.read_into(fd, info.start, out, verify=True)
         except EOFError as e:
@@ -206,11 +206,14 @@ class CheckpointReader:
         per = max(1, chunk_bytes // item)
         count = info.nbytes // item
         path = self._file_path(info)
-        fd = os.open(path, os.O_RDONLY)
+        fd = self._open(info)
         try:
             for i in range(0, count, per):
                 part = torch.empty(min(per, count - i), dtype=info.dtype)
-                _tensorio.read_into(fd, info.start + i * item, part, verify=False)
+                try:
+                    _tensorio.read_into(fd, info.start + i * item, part, verify=False)
+                except EOFError as e:
+                    raise CorruptCheckpointError(f"{path} is truncated: {e}.", path) from e
                 yield part
         finally:
             os.close(fd)
@@ -279,19 +282,14 @@ def _hf_index(directory: str) -> str | None:
 def _read_hf_index(path: str) -> CheckpointReader:
     directory = os.path.dirname(path) or "."
     try:
-        with open(path, "rb") as f:
-            was = gc.isenabled()
-            gc.disable()
-            try:
-                raw = json.loads(f.read())
-            finally:
-                if was:
-                    gc.enable()
-    except (OSError, ValueError) as e:
-        raise CorruptCheckpointError(f"Cannot read the Hugging Face index {path}: {e}", path) from e
+        data = _files.read_regular(path, _format.MAX_INDEX_SIZE, "Index")
+    except OSError as e:
+        raise CorruptCheckpointError(f"Cannot read the Hugging Face index {path}: {e.strerror or e}", path) from e
+    with gc_paused():
+        raw = _format.parse_json(data, path, "Hugging Face index")
     weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
-    if not isinstance(weight_map, dict):
-        raise CorruptCheckpointError(f"{path} has no 'weight_map'.", path)
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CorruptCheckpointError(f"{path} has no 'weight_map' of tensor names to shard files.", path)
     files = sorted({_format.check_member_name(directory, f, "shard") for f in weight_map.values()})
     reader = CheckpointReader._from_safetensors([os.path.join(directory, f) for f in files], path, "huggingface")
     missing = sorted(set(weight_map) - set(reader._files))
@@ -354,8 +352,6 @@ def load_variable(path: str | os.PathLike[str], name: str) -> torch.Tensor:
 
 def verify(reader: CheckpointReader, progress: bool | None = None) -> list[str]:
     """Check every shard and tensor of a checkpoint; returns the problems found (empty: all good)."""
-    from torchckpt._progress import progress_bar
-
     problems: list[str] = []
     if reader._index is None:
         for name in reader._names:
@@ -366,23 +362,34 @@ def verify(reader: CheckpointReader, progress: bool | None = None) -> list[str]:
         return problems
     index = reader._index
     try:
-        infos = _index.read_shard_headers(index)
+        shards = _index.OpenShards(index)
     except CorruptCheckpointError as e:
         return [str(e)]
+    with shards:
+        try:  # every header parsed in full and matched against the index before any data is read
+            infos = _index.read_shard_headers(index, shards, trust_header_checksums=False)
+        except CorruptCheckpointError as e:
+            return [str(e)]
+        return _verify_data(index, shards, infos, progress)
+
+
+def _verify_data(index: _index.Index, shards: _index.OpenShards, infos: dict[str, TensorInfo],
+                 progress: bool | None) -> list[str]:
+    from torchckpt._progress import progress_bar
+
+    problems: list[str] = []
     total = sum(s["size"] for s in index.shards)
     checksums = dict(zip(index.names, index.checksums))
     position = 0
     with progress_bar(total, "verify", progress) as bar:
         for shard in index.shards:
-            path = os.path.join(index.directory, shard["file"])
+            path, fd = shards.path(shard["file"]), shards.fds[shard["file"]]
             names = index.names[position : position + shard["tensors"]]
             position += shard["tensors"]
-            fd = os.open(path, os.O_RDONLY)
+            first = min((infos[n].start for n in names), default=shard["size"])
+            shard_hash = xxhash.xxh3_64(os.pread(fd, first, 0))
             try:
-                first = min((infos[n].start for n in names), default=os.fstat(fd).st_size)
-                header = os.pread(fd, first, 0)
-                shard_hash = xxhash.xxh3_64(header)
-                for name in sorted(names, key=lambda n: infos[n].start):
+                for name in names:  # file order
                     info = infos[name]
                     digest = _tensorio.hash_file_range(fd, info.start, info.end)
                     shard_hash.update(digest.to_bytes(8, "big"))
@@ -391,8 +398,9 @@ def verify(reader: CheckpointReader, progress: bool | None = None) -> list[str]:
                             f"{path}: tensor {name!r} fails its checksum (recorded {checksums[name]}, read {digest:016x})."
                         )
                     bar.update(info.nbytes)
-            finally:
-                os.close(fd)
+            except (EOFError, OSError) as e:
+                problems.append(f"{path}: cannot read it to the end ({e}).")
+                continue
             if f"{shard_hash.intdigest():016x}" != shard["checksum"]:
                 problems.append(f"{path}: shard checksum mismatch (recorded {shard['checksum']}, "
                                 f"computed {shard_hash.intdigest():016x}).")

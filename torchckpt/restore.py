@@ -19,6 +19,7 @@ import torch
 
 from torchckpt import _tensorio, _tree
 from torchckpt._format import TensorInfo as SavedTensor  # where a saved tensor is: dtype, shape, checksum
+from torchckpt._index import OpenShards
 from torchckpt._progress import progress_bar
 from torchckpt.errors import CheckpointError, CorruptCheckpointError, RestoreMismatchError, format_keys
 
@@ -383,37 +384,43 @@ def _saved_leaf_keys(saved: Any, prefix: str) -> list[str]:
 # -- executing -------------------------------------------------------------------------------
 
 
-def execute(plan: Plan, directory: str, verify: bool, progress: bool | None) -> None:
+def execute(plan: Plan, shards: OpenShards, verify: bool, progress: bool | None) -> None:
     """Read every planned tensor (shard by shard, in file order), then run the planned loads."""
     by_file: dict[str, list[tuple[torch.Tensor, SavedTensor]]] = {}
     for pair in plan.reads:
         by_file.setdefault(pair[1].file, []).append(pair)
     total = sum(saved.nbytes for _, saved in plan.reads)
+    directory = shards.directory
     with progress_bar(total, f"restore {os.path.basename(directory)}", progress) as bar, torch.no_grad():
         for file, reads in by_file.items():
             reads.sort(key=_file_offset)
-            path = os.path.join(directory, file)
-            fd = os.open(path, os.O_RDONLY)
+            path = shards.path(file)
             try:
-                try:
-                    bad = _tensorio.read_many(fd, reads, verify, bar.update)
-                except EOFError as e:
-                    raise CorruptCheckpointError(f"Shard {path} is truncated: {e}.", path) from e
-                if bad is not None:
-                    saved, digest = bad
-                    raise CorruptCheckpointError(
-                        f"Tensor {saved.name!r} in {path} fails its checksum (recorded {saved.checksum:016x}, "
-                        f"read {digest:016x}): the shard is corrupt. Objects may be partly restored; restore "
-                        "another checkpoint, and run `torchckpt verify` on this one.",
-                        path,
-                    )
-            finally:
-                os.close(fd)
+                bad = _tensorio.read_many(shards.fds[file], reads, verify, bar.update)
+            except EOFError as e:
+                raise CorruptCheckpointError(f"Shard {path} is truncated: {e}.", path) from e
+            except OSError as e:
+                raise CorruptCheckpointError(f"Cannot read shard {path}: {e.strerror or e}.", path) from e
+            if bad is not None:
+                saved, digest = bad
+                raise CorruptCheckpointError(
+                    f"Tensor {saved.name!r} in {path} fails its checksum (recorded {saved.checksum:016x}, "
+                    f"read {digest:016x}): the shard is corrupt. Objects may be partly restored; restore "
+                    "another checkpoint, and run `torchckpt verify` on this one.",
+                    path,
+                )
     for load in plan.loads:
         try:
             load()
-        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
-            raise CheckpointError(f"Restoring from {directory} failed while loading state: {e}") from e
+        except CheckpointError:
+            raise
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError, OverflowError,
+                RecursionError) as e:
+            raise CorruptCheckpointError(
+                f"Restoring from {directory} failed while loading state ({type(e).__name__}: {e}); the values in "
+                "the checkpoint do not fit the objects. Objects may be partly restored.",
+                directory,
+            ) from e
 
 
 def _file_offset(read: tuple[torch.Tensor, SavedTensor]) -> int:

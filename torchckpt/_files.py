@@ -1,0 +1,149 @@
+"""Opening files safely: never through a symbolic link, only regular files, reads bounded by size.
+
+A checkpoint directory may come from anywhere (a download, a shared drive, a colleague's run), so
+every name in it is untrusted. A planted ``index.json -> /dev/zero`` must not be read until memory
+runs out, a shard that is a FIFO must not hang a reader, and a lock file that is a link to
+``~/.bashrc`` must not be truncated. So every file the library opens inside a checkpoint or a
+manager's directory is opened here: with ``O_NOFOLLOW`` (a link is refused, not followed), with
+``O_NONBLOCK`` on the way in (opening a FIFO cannot block), and checked to be a regular file
+before a single byte is read or written.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+from torchckpt.errors import CorruptCheckpointError
+
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _link_error(path: str, what: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"{what} {path} is a symbolic link; torchckpt never follows links inside a checkpoint or manager "
+        "directory (it could point anywhere). Replace it with the file itself.",
+        path,
+    )
+
+
+def open_regular(path: str, what: str = "File") -> int:
+    """A read-only descriptor of the regular file ``path``, never through a link or onto a device.
+
+    Raises:
+        FileNotFoundError: nothing is there (callers decide what that means).
+        CorruptCheckpointError: ``path`` is a link, a directory, a FIFO, a device or a socket.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | NOFOLLOW | _NONBLOCK | CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise _link_error(path, what) from None
+        if e.errno in (errno.ENXIO, errno.EISDIR):  # a socket, or a directory on some systems
+            raise CorruptCheckpointError(f"{what} {path} is not a regular file; refusing to read it.", path) from None
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise CorruptCheckpointError(f"{what} {path} is {_kind(mode)}, not a regular file; refusing to read it.", path)
+        if _NONBLOCK:
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_regular(path: str, limit: int, what: str = "File") -> bytes:
+    """The whole content of the regular file ``path``, which must be at most ``limit`` bytes.
+
+    Raises:
+        FileNotFoundError: nothing is there.
+        CorruptCheckpointError: not a regular file, or larger than ``limit``.
+    """
+    fd = open_regular(path, what)
+    try:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise CorruptCheckpointError(
+                f"{what} {path} is {size} bytes, over the {limit}-byte limit for such a file; it is not one "
+                "torchckpt wrote.",
+                path,
+            )
+        chunks = []
+        left = size
+        while left > 0:  # a file that shrinks meanwhile just ends early; one that grows is cut at ``size``
+            chunk = os.read(fd, left)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def create_exclusive(path: str, flags: int = os.O_WRONLY, mode: int = 0o644) -> int:
+    """Create the new file ``path`` (refused when anything, a link included, is already there)."""
+    return os.open(path, flags | os.O_CREAT | os.O_EXCL | NOFOLLOW | CLOEXEC, mode)
+
+
+def open_or_create(path: str, what: str = "File") -> int:
+    """A read-write descriptor of the regular file ``path``, created when missing; never a link's target.
+
+    Raises:
+        CorruptCheckpointError: ``path`` is a link or not a regular file.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | NOFOLLOW | _NONBLOCK | CLOEXEC, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise _link_error(path, what) from None
+        if e.errno in (errno.ENXIO, errno.EISDIR):
+            raise CorruptCheckpointError(f"{what} {path} is not a regular file; refusing to use it.", path) from None
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise CorruptCheckpointError(f"{what} {path} is {_kind(mode)}, not a regular file; refusing to use it.", path)
+        if _NONBLOCK:
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def is_real_directory(path: str) -> bool:
+    """Whether ``path`` is a directory itself, not a link to one."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
+def is_regular_file(path: str) -> bool:
+    """Whether ``path`` is a regular file itself, not a link to one."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
+def named(error: OSError, path: str) -> OSError:
+    """``error`` with ``filename`` set to ``path`` when it names no file (``except OSError`` and
+    ``e.errno`` keep working; the message now says which file)."""
+    if error.filename is not None:
+        return error
+    return type(error)(error.errno, error.strerror or str(error), path)
