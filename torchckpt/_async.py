@@ -30,6 +30,7 @@ from torchckpt import _storage, _threads
 
 _writers: weakref.WeakSet[AsyncWriter] = weakref.WeakSet()
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # anything else is laid out anew, and checked
 _ALIGNMENT = 64  # every group's region starts on a cache line (and so on any element size)
 _SPLIT_BYTES = 8 * 2**20  # a group larger than this is copied by several threads
 
@@ -105,7 +106,8 @@ class Staging:
         strided = torch.strided
         try:
             for (name, dtype, shape, on_device, address, index), (key, src) in zip(self.plan, tensors.items()):
-                if (key != name or src.dtype is not dtype or src.layout is not strided or src.shape != shape
+                if (key != name or type(src) not in _PLAIN or src.dtype is not dtype or src.layout is not strided
+                        or src.shape != shape
                         or src.is_cpu == on_device or src.data_ptr() != address):
                     return False
                 if index >= 0:

@@ -221,6 +221,11 @@ def remove_stale_temporaries(directory: str, prefix: str) -> list[str]:
         pid = _writer_pid(name)
         if pid is not None and _is_alive(pid):
             continue
-        shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+        path = os.path.join(directory, name)
+        if _files.is_real_directory(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:  # a state-file temporary, or a link (removed itself, never followed)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
         removed.append(name)
     return removed

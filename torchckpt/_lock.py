@@ -13,6 +13,7 @@ and could pick the same number.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -89,10 +90,8 @@ def _forget_after_fork() -> None:
     global _guard
     _guard = threading.Lock()
     for fd in _held.values():
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass
     _held.clear()
 
 

@@ -59,6 +59,15 @@ def is_committed(path: str) -> bool:
 
 
 def _check_tensor(name: str, t: torch.Tensor) -> None:
+    reason = _tensorio.unsupported_reason(t)
+    if reason is not None:
+        raise UnsupportedStateError(
+            f"Cannot save tensor {name!r}: it is {reason}. Sharded state (DTensor, FSDP) is not supported yet; "
+            "save a full state dict instead (for FSDP2, torch.distributed.checkpoint.state_dict.get_state_dict "
+            "with full_state_dict=True).",
+            key=name,
+            value_type=type(t),
+        )
     if t.layout != torch.strided or t.is_meta or t.is_nested or t.is_quantized:
         raise UnsupportedStateError(
             f"Cannot save tensor {name!r}: {t.layout} / meta / nested / quantized tensors are not "
@@ -118,8 +127,9 @@ def prepare_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.T
     views_at: dict[tuple[Any, ...], str] = {}  # view key -> stored name, only at addresses that repeat
     supported = _format.SUPPORTED_DTYPES
     strided = torch.strided
+    plain = (torch.Tensor, torch.nn.Parameter)
     for name, t in tensors.items():
-        if t.layout is not strided or t.dtype not in supported or t.is_meta or t.is_nested:
+        if type(t) not in plain or t.layout is not strided or t.dtype not in supported or t.is_meta or t.is_nested:
             _check_tensor(name, t)
         address = t.data_ptr()
         if not address:

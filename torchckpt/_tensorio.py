@@ -25,6 +25,39 @@ CHUNK_BYTES = 64 * 2**20
 _WRITEV_BYTES = 16 * 2**20
 
 
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def unsupported_reason(t: torch.Tensor, allow_meta: bool = False) -> str | None:
+    """Why the bytes of ``t`` cannot be read or written as plain host or CUDA memory, or None.
+
+    A tensor subclass that wraps other tensors (DTensor, FSDP2's sharded parameters, functional or
+    fake tensors), an FSDP1 flat parameter, a tensor without storage: reading ``data_ptr()`` of
+    one gives an address that holds nothing (DTensor's is 0) or raises.
+    """
+    if type(t) not in _PLAIN_TYPES:
+        from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+        if is_traceable_wrapper_subclass(t):
+            return f"a {type(t).__name__}, a tensor subclass that wraps other tensors (such as DTensor from FSDP2)"
+        if type(t).__name__ == "FakeTensor" or getattr(t, "fake_mode", None) is not None:
+            return "a fake tensor (it has no data)"
+        if getattr(t, "_is_flat_param", False):
+            return "an FSDP flat parameter"
+        dispatch = getattr(type(t), "__torch_dispatch__", None)
+        if dispatch is not None and getattr(dispatch, "__func__", dispatch) is not getattr(
+                torch.Tensor.__torch_dispatch__, "__func__", torch.Tensor.__torch_dispatch__):
+            return f"a {type(t).__name__}, a tensor subclass with its own dispatch"
+    if t.is_meta:
+        return None if allow_meta else "on the meta device (it has no data)"
+    try:
+        if t.layout == torch.strided and t.numel() and not t.is_nested and t.data_ptr() == 0:
+            return "a tensor without memory"
+    except RuntimeError as e:  # "Cannot access data pointer of Tensor that doesn't have storage"
+        return f"a tensor whose memory cannot be reached ({e})"
+    return None
+
+
 def byte_view(t: torch.Tensor) -> memoryview:
     """A writable memoryview of a contiguous CPU tensor's bytes (the tensor must outlive it)."""
     n = t.numel() * t.element_size()

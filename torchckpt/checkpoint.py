@@ -258,7 +258,8 @@ class Checkpoint:
 
     # -- restoring -----------------------------------------------------------------------
 
-    def restore(self, save_path: PathLike | None, *, verify: bool = True, progress: bool | None = None) -> RestoreStatus:
+    def restore(self, save_path: PathLike | None, *, verify: bool = True, progress: bool | None = None,
+                cast: bool = False, assign: bool = False) -> RestoreStatus:
         """Restore from a checkpoint directory, or from the latest checkpoint of a manager's directory.
 
         Matching values are applied (tensors read straight into the existing ones); mismatches
@@ -269,40 +270,48 @@ class Checkpoint:
                 or None (nothing is restored; every assertion of the status raises).
             verify: check each tensor's bytes against its recorded checksum as it is read.
             progress: show a progress bar (None: on a terminal, for restores over 256 MiB).
+            cast: a tensor whose dtype differs from its destination's is cast to it (as
+                ``load_state_dict`` does) instead of being skipped and reported.
+            assign: a module's tensors on the meta device (a model built under
+                ``torch.device("meta")``) are replaced by the restored ones (as
+                ``load_state_dict(assign=True)``); without it they are reported missing.
 
         Raises:
             CheckpointNotFoundError: no committed checkpoint at ``save_path``.
+            UnsupportedStateError: a destination is sharded (DTensor, FSDP); nothing changed.
             CorruptCheckpointError: the checkpoint is malformed; detected before any object
                 changes (except a checksum mismatch in tensor bytes, found as they are read).
         """
-        return self._restore(save_path, verify, progress, expect_counter=True)
+        return self._restore(save_path, verify, progress, Plan(cast=cast, assign=assign), expect_counter=True)
 
-    def read(self, save_path: PathLike, *, verify: bool = True, progress: bool | None = None) -> RestoreStatus:
+    def read(self, save_path: PathLike, *, verify: bool = True, progress: bool | None = None,
+             cast: bool = False, assign: bool = False) -> RestoreStatus:
         """As :meth:`restore`, but ``save_counter`` is neither expected nor restored (pairs with ``write``)."""
-        return self._restore(save_path, verify, progress, expect_counter=False)
+        return self._restore(save_path, verify, progress, Plan(cast=cast, assign=assign), expect_counter=False)
 
-    def _restore(self, save_path: PathLike | None, verify: bool, progress: bool | None, expect_counter: bool) -> RestoreStatus:
+    def _restore(self, save_path: PathLike | None, verify: bool, progress: bool | None, plan: Plan,
+                 expect_counter: bool) -> RestoreStatus:
         if save_path is None:
             return RestoreStatus(MismatchReport(), None)
         self.wait_until_finished()  # never read a checkpoint this object is still writing
         with _storage.gc_paused():
-            return self._restore_from(resolve_checkpoint(save_path), verify, progress, expect_counter)
+            return self._restore_from(resolve_checkpoint(save_path), verify, progress, plan, expect_counter)
 
-    def _restore_from(self, directory: str, verify: bool, progress: bool | None, expect_counter: bool) -> RestoreStatus:
+    def _restore_from(self, directory: str, verify: bool, progress: bool | None, plan: Plan,
+                      expect_counter: bool) -> RestoreStatus:
         index = _index.load_index(directory)
         with _index.OpenShards(index) as shards:  # opened together: a deletion from here on cannot touch the read
-            plan = self._plan_restore(index, shards, expect_counter)
+            self._plan_restore(index, shards, plan, expect_counter)
             del index  # only the plan stays in memory while tensors are read
             execute(plan, shards, verify, progress)
         return RestoreStatus(plan.report, directory)
 
-    def _plan_restore(self, index: _index.Index, shards: _index.OpenShards, expect_counter: bool) -> Plan:
-        """Match the checkpoint against the tracked objects. The state tree is dropped on return,
-        before any tensor is read: only the plan stays in memory."""
+    def _plan_restore(self, index: _index.Index, shards: _index.OpenShards, plan: Plan, expect_counter: bool) -> None:
+        """Match the checkpoint against the tracked objects into ``plan``. The state tree is dropped
+        on return, before any tensor is read: only the plan stays in memory."""
         infos = _index.read_shard_headers(index, shards)
         saved = _index.state_tree(index, infos.__getitem__)
         del infos
-        plan = Plan()
         self._plan(saved, "", plan)
         if expect_counter:
             counter = saved.get(SAVE_COUNTER, MISSING)
@@ -311,7 +320,6 @@ class Checkpoint:
                     f"{index.directory}: save_counter is {counter!r}, not a non-negative integer.", index.directory
                 )
             plan_value(SAVE_COUNTER, counter, lambda v: object.__setattr__(self, "_save_counter", int(v)), plan)
-        return plan
 
     def _plan(self, saved: dict[str, Any], prefix: str, plan: Plan) -> None:
         for name, value in self._tracked.items():

@@ -39,9 +39,9 @@ def _metric(key: str, value: Any) -> Any:
         return bool(item) if value.dtype == torch.bool else float(item)
     if value is None or isinstance(value, (bool, str)) or type(value) in (int, float):
         return value
-    item = getattr(value, "item", None)
-    if type(value).__module__ == "numpy" and callable(item):  # numpy.float32(0.5), numpy.int64(3)
-        result = item()
+    to_python = getattr(value, "item", None)
+    if type(value).__module__ == "numpy" and callable(to_python):  # numpy.float32(0.5), numpy.int64(3)
+        result = to_python()
         return float(result) if isinstance(result, (int, float)) and not isinstance(result, bool) else result
     if isinstance(value, (int, float)):  # int and float subclasses
         return float(value) if isinstance(value, float) else int(value)
@@ -204,7 +204,8 @@ class CheckpointManager:
                 self._preserved.append(entry)
         self._kept.sort(key=lambda e: e.timestamp or 0.0)  # adopted ones take their place by time
         self._latest = state.latest
-        newest = self._newest_unknown()
+        recorded = {e.name for e in [*state.checkpoints, *state.preserved]} | {state.latest} - {None}
+        newest = self._newest_unknown(recorded)
         if newest is not None:
             self._latest = newest
         if self._latest is not None and not _directory.is_member(self._directory, self._latest):
@@ -250,12 +251,9 @@ class CheckpointManager:
             last_preserved_timestamp=time.time() - 1.0,
         )
 
-    def _newest_unknown(self) -> str | None:
+    def _newest_unknown(self, known: set[str | None]) -> str | None:
         """A committed checkpoint newer than all recorded ones (a crash between commit and state write)."""
-        known = {e.name for e in self._kept} | {e.name for e in self._preserved}
-        if self._latest:
-            known.add(self._latest)
-        numbers = [_directory.number_of(n, self._name) for n in known]
+        numbers = [_directory.number_of(n, self._name) for n in known if n is not None]
         top = max((n for n in numbers if n is not None), default=None)
         if top is None:
             return None

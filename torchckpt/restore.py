@@ -17,11 +17,17 @@ from typing import Any
 
 import torch
 
-from torchckpt import _tensorio, _tree
+from torchckpt import _format, _tensorio, _tree
 from torchckpt._format import TensorInfo as SavedTensor  # where a saved tensor is: dtype, shape, checksum
 from torchckpt._index import OpenShards
 from torchckpt._progress import progress_bar
-from torchckpt.errors import CheckpointError, CorruptCheckpointError, RestoreMismatchError, format_keys
+from torchckpt.errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    RestoreMismatchError,
+    UnsupportedStateError,
+    format_keys,
+)
 
 __all__ = ["MismatchReport", "RestoreStatus", "PartialRestoreWarning"]
 
@@ -46,6 +52,10 @@ class MismatchReport:
         remapped_keys: ``{key in checkpoint: key in object}`` matched through a DDP ``module.`` or
             ``torch.compile`` ``_orig_mod.`` prefix. Not a mismatch.
         restored_keys: every key that was applied.
+        cast_keys: ``{key: (dtype in checkpoint, dtype in object)}`` applied with a cast
+            (``restore(..., cast=True)``). Not a mismatch.
+        meta_keys: destinations on the meta device (a model built under ``torch.device("meta")``);
+            they are also in ``missing_keys`` unless ``restore(..., assign=True)`` materialised them.
 
     Example:
         >>> report = MismatchReport(missing_keys=["model/head.bias"])
@@ -60,6 +70,8 @@ class MismatchReport:
     skipped_objects: dict[str, str] = field(default_factory=dict)
     remapped_keys: dict[str, str] = field(default_factory=dict)
     restored_keys: list[str] = field(default_factory=list)
+    cast_keys: dict[str, tuple[torch.dtype, torch.dtype]] = field(default_factory=dict)
+    meta_keys: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(
@@ -85,7 +97,11 @@ class MismatchReport:
             out.append(f"shape mismatches ({len(items)}): {format_keys(items)}")
         if "dtype" in wanted and self.dtype_mismatches:
             items = [f"{k} (checkpoint {a} vs object {b})" for k, (a, b) in self.dtype_mismatches.items()]
-            out.append(f"dtype mismatches ({len(items)}): {format_keys(items)}")
+            out.append(f"dtype mismatches ({len(items)}): {format_keys(items)} (restore(..., cast=True) casts them, "
+                       "as load_state_dict does)")
+        if "missing" in wanted and self.meta_keys and set(self.meta_keys) & set(self.missing_keys):
+            out.append(f"on the meta device, so not restored ({len(self.meta_keys)}): {format_keys(self.meta_keys)} "
+                       "(restore(..., assign=True) materialises them, as load_state_dict(assign=True) does)")
         if "skipped" in wanted and self.skipped_objects:
             items = [f"{k}: {v}" for k, v in sorted(self.skipped_objects.items())]
             out.append(f"objects left untouched ({len(items)}): " + "; ".join(items))
@@ -98,8 +114,12 @@ class MismatchReport:
                 f"matched through a DDP 'module.' or torch.compile '_orig_mod.' prefix ({len(self.remapped_keys)}): "
                 + format_keys(f"{a} -> {b}" for a, b in self.remapped_keys.items())
             )
-        head = f"restored {len(self.restored_keys)} values"
+        head = f"restored {_plural(len(self.restored_keys), 'value')}"
         return head + ("; " + "; ".join(lines) if lines else "; everything matched")
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
 class RestoreStatus:
@@ -181,28 +201,61 @@ class Plan:
 
     report: MismatchReport = field(default_factory=MismatchReport)
     reads: list[tuple[torch.Tensor, SavedTensor]] = field(default_factory=list)
+    casts: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (destination, read buffer)
     loads: list[Callable[[], None]] = field(default_factory=list)
+    cast: bool = False  # restore(..., cast=True): dtype mismatches are cast instead of skipped
+    assign: bool = False  # restore(..., assign=True): modules' meta tensors are replaced by restored ones
 
 
-def _compatible(key: str, saved: SavedTensor, dest: torch.Tensor, report: MismatchReport) -> bool:
+def _compatible(key: str, saved: SavedTensor, dest: torch.Tensor, report: MismatchReport, cast: bool = False) -> bool:
+    """Whether ``saved`` can go into ``dest``; records the mismatch (or, with ``cast``, the cast)."""
     if saved.shape != dest.shape:
         report.shape_mismatches[key] = (saved.shape, dest.shape)
         return False
     if saved.dtype != dest.dtype:
+        if cast and dest.dtype in _format.SUPPORTED_DTYPES:
+            report.cast_keys[key] = (saved.dtype, dest.dtype)
+            return True
         report.dtype_mismatches[key] = (saved.dtype, dest.dtype)
         return False
     return True
 
 
+def _read_into(dest: torch.Tensor, saved: SavedTensor, plan: Plan) -> None:
+    """Schedule the read of ``saved`` into ``dest``, through a buffer of the saved dtype when it is cast."""
+    if saved.dtype == dest.dtype:
+        plan.reads.append((dest, saved))
+        return
+    buffer = torch.empty(saved.shape, dtype=saved.dtype)
+    plan.reads.append((buffer, saved))
+    plan.casts.append((dest, buffer))
+
+
+def check_destination(key: str, dest: torch.Tensor) -> None:
+    """Refuse, before anything changes, a destination the library cannot write as plain memory."""
+    reason = _tensorio.unsupported_reason(dest, allow_meta=True)
+    if reason is not None:
+        raise UnsupportedStateError(
+            f"Cannot restore into {key!r}: it is {reason}. Sharded state (DTensor, FSDP) is not supported yet; "
+            "restore into a plain (unsharded) model, then shard it.",
+            key=key,
+            value_type=type(dest),
+        )
+
+
 def plan_tensor(key: str, dest: torch.Tensor, saved: Any, plan: Plan) -> None:
     """A tracked tensor is restored in place."""
+    check_destination(key, dest)
     if saved is _MISSING:
         plan.report.missing_keys.append(key)
     elif not isinstance(saved, SavedTensor):
         plan.report.missing_keys.append(key)
         plan.report.unexpected_keys.extend(_saved_leaf_keys(saved, key))
-    elif _compatible(key, saved, dest, plan.report):
-        plan.reads.append((dest, saved))
+    elif dest.is_meta:  # a bare tensor cannot be replaced in place: reported, never "restored"
+        plan.report.missing_keys.append(key)
+        plan.report.meta_keys.append(key)
+    elif _compatible(key, saved, dest, plan.report, plan.cast):
+        _read_into(dest, saved, plan)
         plan.report.restored_keys.append(_shared_key(key, saved))
 
 
@@ -253,9 +306,14 @@ def plan_module(name: str, module: torch.nn.Module, saved: Any, plan: Plan) -> N
         plan.report.missing_keys.extend(_tree.join(name, _tree.escape_part(k)) for k in current)
         plan.report.unexpected_keys.extend(_saved_leaf_keys(saved, name))
         return
-    storages = {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()] if t.numel()}
+    for key, tensor in current.items():
+        if isinstance(tensor, torch.Tensor):
+            check_destination(_tree.join(name, _tree.escape_part(key)), tensor)
+    storages = {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]
+                if t.numel() and not t.is_meta}
     pairs = _match_keys(list(saved), list(current))
     via_load: dict[str, Any] = {}
+    via_assign: dict[str, Any] = {}
     for saved_key, value in saved.items():
         full = _tree.join(name, _tree.escape_part(saved_key))
         object_key = pairs.get(saved_key)
@@ -265,14 +323,21 @@ def plan_module(name: str, module: torch.nn.Module, saved: Any, plan: Plan) -> N
         if object_key != saved_key:
             plan.report.remapped_keys[full] = _tree.join(name, _tree.escape_part(object_key))
         dest = current[object_key]
-        if isinstance(value, SavedTensor) and isinstance(dest, torch.Tensor):
-            if not _compatible(full, value, dest, plan.report):
+        if isinstance(value, SavedTensor) and isinstance(dest, torch.Tensor) and dest.is_meta:
+            plan.report.meta_keys.append(_tree.join(name, _tree.escape_part(object_key)))
+            if not plan.assign or not _compatible(full, value, dest, plan.report, plan.cast):
+                continue  # reported missing below: not matched
+            fresh = torch.empty(value.shape, dtype=dest.dtype)
+            _read_into(fresh, value, plan)
+            via_assign[object_key] = fresh
+        elif isinstance(value, SavedTensor) and isinstance(dest, torch.Tensor):
+            if not _compatible(full, value, dest, plan.report, plan.cast):
                 continue
             if dest.numel() and dest.untyped_storage().data_ptr() in storages:
-                plan.reads.append((dest, value))
+                _read_into(dest, value, plan)
             else:
-                fresh = torch.empty(value.shape, dtype=value.dtype, device=dest.device)
-                plan.reads.append((fresh, value))
+                fresh = torch.empty(value.shape, dtype=dest.dtype, device=dest.device)
+                _read_into(fresh, value, plan)
                 via_load[object_key] = fresh
         elif isinstance(value, SavedTensor) or isinstance(dest, torch.Tensor):
             plan.report.unexpected_keys.append(full)
@@ -281,10 +346,16 @@ def plan_module(name: str, module: torch.nn.Module, saved: Any, plan: Plan) -> N
         else:
             via_load[object_key] = _rebuild(value, full, _fresh_reader(plan))
         plan.report.restored_keys.append(_shared_key(full, value) if isinstance(value, SavedTensor) else full)
-    matched = set(pairs.values())
+    matched = {k for k in pairs.values() if not _is_meta(current[k]) or k in via_assign}
     plan.report.missing_keys.extend(_tree.join(name, _tree.escape_part(k)) for k in current if k not in matched)
     if via_load:
         plan.loads.append(lambda: module.load_state_dict(via_load, strict=False))
+    if via_assign:
+        plan.loads.append(lambda: module.load_state_dict(via_assign, strict=False, assign=True))
+
+
+def _is_meta(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_meta
 
 
 def plan_stateful(name: str, obj: Any, saved: Any, plan: Plan) -> None:
@@ -307,17 +378,27 @@ def plan_stateful(name: str, obj: Any, saved: Any, plan: Plan) -> None:
 
     def destination(key: str, value: SavedTensor) -> torch.Tensor:
         dest = current_leaves.get(key)
-        if isinstance(dest, torch.Tensor):  # compatibility was checked above
-            reads.append((dest, value))
-            return dest
+        if isinstance(dest, torch.Tensor) and not dest.is_meta:  # compatibility was checked above
+            if dest.dtype == value.dtype:
+                reads.append((dest, value))
+                return dest
+            fresh = torch.empty(value.shape, dtype=dest.dtype)  # cast=True: the object's dtype
+            buffer = torch.empty(value.shape, dtype=value.dtype)
+            reads.append((buffer, value))
+            plan.casts.append((fresh, buffer))
+            return fresh
         fresh = torch.empty(value.shape, dtype=value.dtype)
         reads.append((fresh, value))
         return fresh
 
+    for key, dest in current_leaves.items():
+        if isinstance(dest, torch.Tensor):
+            check_destination(key, dest)
     for key, value in saved_leaves.items():
         dest = current_leaves.get(key)
         if isinstance(value, SavedTensor) and isinstance(dest, torch.Tensor):
-            _compatible(key, value, dest, report)
+            _compatible(key, value, dest, report, plan.cast)
+    plan.report.cast_keys.update(report.cast_keys)
     if report.shape_mismatches or report.dtype_mismatches or reason:
         plan.report.shape_mismatches.update(report.shape_mismatches)
         plan.report.dtype_mismatches.update(report.dtype_mismatches)
@@ -409,6 +490,9 @@ def execute(plan: Plan, shards: OpenShards, verify: bool, progress: bool | None)
                     "another checkpoint, and run `torchckpt verify` on this one.",
                     path,
                 )
+    with torch.no_grad():
+        for dest, buffer in plan.casts:
+            dest.copy_(buffer)
     for load in plan.loads:
         try:
             load()

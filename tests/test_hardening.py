@@ -1,0 +1,556 @@
+"""Data safety: nothing lost, nothing overwritten, nothing followed outside the directory."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import torchckpt
+from torchckpt import CheckpointManager, _atomic, _directory, _format, _index, _lock
+
+from .conftest import make_mlp, train_step
+
+
+def small_checkpoint() -> torchckpt.Checkpoint:
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.001)
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    return torchckpt.Checkpoint(model=model, opt=opt, sched=sched, epoch=7, cfg={"width": 2, "name": "x"},
+                                rng=torchckpt.RNGState())
+
+
+# -- A1, A2: tensors that are not plain memory ------------------------------------------------
+
+
+@pytest.fixture
+def gloo_world_of_one():
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{port}",
+                            timeout=__import__("datetime").timedelta(seconds=30))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_state_is_refused_with_its_key_on_save_and_restore(tmp_path, gloo_world_of_one):
+    from torch.distributed.fsdp import fully_shard
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    fully_shard(model)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    for async_save in (False, True):
+        with pytest.raises(torchckpt.UnsupportedStateError, match="DTensor") as info:
+            torchckpt.Checkpoint(model=model, opt=opt).write(tmp_path / "c", async_save=async_save)
+        assert info.value.key == "model/0.weight"
+        assert not (tmp_path / "c").exists() and os.listdir(tmp_path) == []
+    plain = torchckpt.Checkpoint(model=torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)))
+    path = plain.write(tmp_path / "plain")
+    before = [p.to_local().clone() for p in model.parameters()]
+    with pytest.raises(torchckpt.UnsupportedStateError, match="Cannot restore into 'model/0.weight'") as info:
+        torchckpt.Checkpoint(model=model).restore(path)
+    assert info.value.key == "model/0.weight"
+    assert all(torch.equal(a, p.to_local()) for a, p in zip(before, model.parameters()))
+
+
+def test_meta_and_fake_tensors_are_refused_on_save(tmp_path):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with pytest.raises(torchckpt.UnsupportedStateError, match="meta device") as info:
+        torchckpt.Checkpoint(w=torch.empty(3, device="meta")).write(tmp_path / "m")
+    assert info.value.key == "w"
+    with FakeTensorMode():
+        fake = torch.empty(3)
+    with pytest.raises(torchckpt.UnsupportedStateError, match="fake tensor") as info:
+        torchckpt.Checkpoint(w=fake).write(tmp_path / "f")
+    assert info.value.key == "w" and os.listdir(tmp_path) == []
+
+
+def test_a_meta_model_is_reported_missing_or_materialised_with_assign(tmp_path):
+    source = make_mlp(3)
+    path = torchckpt.Checkpoint(model=source).write(tmp_path / "c")
+    with torch.device("meta"):
+        target = make_mlp(0)
+    status = torchckpt.Checkpoint(model=target).read(path)
+    assert set(status.report.missing_keys) == {f"model/{k}" for k in source.state_dict()}
+    assert "assign=True" in str(status.report)
+    with pytest.raises(torchckpt.RestoreMismatchError, match="on the meta device"):
+        status.assert_existing_objects_matched()
+    torchckpt.Checkpoint(model=target).read(path, assign=True).assert_consumed()
+    for key, value in source.state_dict().items():
+        assert not target.state_dict()[key].is_meta and torch.equal(target.state_dict()[key], value)
+
+
+# -- C22: casting ------------------------------------------------------------------------------
+
+
+def test_dtype_mismatches_are_reported_by_default_and_cast_on_request(tmp_path):
+    source = make_mlp(1)
+    opt = torch.optim.Adam(source.parameters())
+    train_step(source, opt, 0)
+    path = torchckpt.Checkpoint(model=source, opt=opt, w=torch.arange(4.0)).write(tmp_path / "c")
+    target, w = make_mlp(2).double(), torch.zeros(4, dtype=torch.float16)
+    target_opt = torch.optim.Adam(target.parameters())
+    for p in target.parameters():
+        p.grad = torch.ones_like(p)
+    target_opt.step()
+    status = torchckpt.Checkpoint(model=target, opt=target_opt, w=w).read(path)
+    assert "model/0.weight" in status.report.dtype_mismatches and "cast=True" in str(status.report)
+    status.expect_partial()
+    torchckpt.Checkpoint(model=target, opt=target_opt, w=w).read(path, cast=True).assert_consumed()
+    assert torch.equal(w, torch.arange(4.0, dtype=torch.float16))
+    for key, value in source.state_dict().items():
+        assert target.state_dict()[key].dtype == torch.float64 and torch.equal(target.state_dict()[key], value.double())
+    assert target_opt.state_dict()["state"][0]["exp_avg"].dtype == torch.float64
+
+
+# -- A3, B13: links --------------------------------------------------------------------------
+
+
+def test_a_planted_lock_link_is_refused_and_its_target_untouched(tmp_path):
+    target = tmp_path / "bashrc"
+    target.write_text("precious\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / _lock.LOCK_FILE).symlink_to(target)
+    with pytest.raises(torchckpt.CorruptCheckpointError, match="symbolic link"):
+        CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), run)
+    assert target.read_text() == "precious\n"
+
+
+def test_a_planted_state_file_link_is_replaced_not_followed(tmp_path):
+    target = tmp_path / "elsewhere.json"
+    target.write_text("precious\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / _directory.STATE_FILE).symlink_to(target)
+    with pytest.warns(UserWarning, match="damaged"):
+        mgr = CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), run)
+    mgr.save()
+    assert target.read_text() == "precious\n"
+    assert not (run / _directory.STATE_FILE).is_symlink()
+
+
+def test_a_shard_or_index_that_is_a_link_is_refused(tmp_path):
+    outside = torchckpt.Checkpoint(w=torch.full((3,), 9.0)).write(tmp_path / "outside")
+    path = torchckpt.Checkpoint(w=torch.ones(3)).write(tmp_path / "c")
+    shard = Path(path, "model-00001-of-00001.safetensors")
+    shard.unlink()
+    shard.symlink_to(Path(outside, "model-00001-of-00001.safetensors"))
+    with pytest.raises(torchckpt.CorruptCheckpointError, match="symbolic link"):
+        torchckpt.Checkpoint(w=torch.zeros(3)).read(path)
+    with pytest.raises(torchckpt.CorruptCheckpointError, match="symbolic link"):
+        torchckpt.load_checkpoint(path).get_tensor("w")
+    index = Path(path, "index.json")
+    index.unlink()
+    index.symlink_to(Path(outside, "index.json"))
+    with pytest.raises(torchckpt.CheckpointError):
+        torchckpt.Checkpoint(w=torch.zeros(3)).read(path)
+
+
+def test_a_latest_checkpoint_that_is_a_link_is_never_followed(tmp_path):
+    elsewhere = torchckpt.Checkpoint(w=torch.full((2,), 5.0)).write(tmp_path / "elsewhere")
+    run = tmp_path / "run"
+    mgr = CheckpointManager(torchckpt.Checkpoint(w=torch.ones(2)), run)
+    real = mgr.save()
+    (run / "ckpt-9").symlink_to(elsewhere)
+    assert torchckpt.latest_checkpoint(run) == real
+    assert _directory.committed_members(str(run)) == ["ckpt-1"]
+    w = torch.zeros(2)
+    torchckpt.Checkpoint(w=w).read(run).expect_partial()
+    assert torch.equal(w, torch.ones(2))
+
+
+# -- A4: forks and collisions ------------------------------------------------------------------
+
+
+def test_a_forked_child_cannot_write_into_its_parents_directory(tmp_path):
+    ckpt = torchckpt.Checkpoint(w=torch.zeros(4))
+    mgr = CheckpointManager(ckpt, tmp_path, max_to_keep=None)
+    mgr.save()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: both its inherited manager and a new one are refused
+        outcome = []
+        for attempt in (mgr.save, lambda: CheckpointManager(torchckpt.Checkpoint(w=torch.ones(4)), tmp_path)):
+            try:
+                attempt()
+                outcome.append("saved")
+            except torchckpt.CheckpointError as e:
+                outcome.append("refused" if "another live process" in str(e) else f"other: {e}")
+            except BaseException as e:  # noqa: BLE001 - reported to the parent
+                outcome.append(f"{type(e).__name__}: {e}")
+        os.write(write, json.dumps(outcome).encode())
+        os._exit(0)
+    os.close(write)
+    saved = [mgr.save() for _ in range(3)]  # the parent goes on saving meanwhile
+    deadline = time.time() + 30
+    while (done := os.waitpid(pid, os.WNOHANG)) == (0, 0) and time.time() < deadline:
+        time.sleep(0.05)
+    if done == (0, 0):
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child did not finish")
+    outcome = json.loads(os.read(read, 65536))
+    os.close(read)
+    assert outcome == ["refused", "refused"]
+    assert [os.path.basename(p) for p in mgr.checkpoints] == ["ckpt-1", "ckpt-2", "ckpt-3", "ckpt-4"]
+    for path in saved:
+        torchckpt.Checkpoint(w=torch.empty(4)).restore(path).assert_consumed()
+
+
+def test_a_new_number_never_replaces_a_checkpoint_that_appears_meanwhile(tmp_path, monkeypatch):
+    mgr = CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(2)), tmp_path)
+    first = mgr.save()
+    foreign = torchckpt.Checkpoint(w=torch.full((2,), 7.0))
+    # Another writer without the claim commits ckpt-2 between the numbering and the commit.
+    monkeypatch.setattr(CheckpointManager, "_next_number", lambda self: 2)
+    foreign.write(tmp_path / "ckpt-2")
+    with pytest.raises(torchckpt.CheckpointError, match="appeared while it was being written"):
+        mgr.save()
+    w = torch.zeros(2)
+    torchckpt.Checkpoint(w=w).read(tmp_path / "ckpt-2").assert_consumed()
+    assert torch.equal(w, torch.full((2,), 7.0))  # the committed checkpoint is untouched
+    assert mgr.latest_checkpoint == first and mgr.checkpoint.save_counter == 1
+    assert [n for n in os.listdir(tmp_path) if _atomic.is_temporary(n)] == []
+
+
+def test_commit_without_replace_refuses_an_existing_directory(tmp_path):
+    for src in ("a", "b"):
+        (tmp_path / src).mkdir()
+        (tmp_path / src / "index.json").write_text(src)
+    with pytest.raises(_atomic.AlreadyThere):
+        _atomic.commit_directory(str(tmp_path / "b"), str(tmp_path / "a"), replace=False)
+    assert (tmp_path / "a" / "index.json").read_text() == "a"
+
+
+# -- A5: every bit of the index and the state file ---------------------------------------------
+
+
+def _flips(data: bytes):
+    for i in range(len(data)):
+        for bit in range(8):
+            flipped = bytearray(data)
+            flipped[i] ^= 1 << bit
+            yield bytes(flipped)
+
+
+def test_every_single_bit_flip_of_an_index_is_caught(tmp_path):
+    path = small_checkpoint().write(tmp_path / "c")
+    index_path = Path(path, "index.json")
+    data = index_path.read_bytes()
+    caught = 0
+    for flipped in _flips(data):
+        index_path.write_bytes(flipped)
+        try:
+            _index.load_index(path)
+        except torchckpt.CorruptCheckpointError:
+            caught += 1
+    assert caught == 8 * len(data)
+    index_path.write_bytes(data)
+    small_checkpoint().read(path).assert_consumed()
+
+
+def test_bit_flips_never_change_a_restore_silently(tmp_path):
+    """A sample of the flips through the whole restore: each is an error, none a different value."""
+    path = small_checkpoint().write(tmp_path / "c")
+    index_path = Path(path, "index.json")
+    data = index_path.read_bytes()
+    for position in range(0, len(data), max(1, len(data) // 150)):
+        flipped = bytearray(data)
+        flipped[position] ^= 0x04
+        index_path.write_bytes(bytes(flipped))
+        with pytest.raises(torchckpt.CorruptCheckpointError):
+            small_checkpoint().read(path)
+
+
+def test_every_single_bit_flip_of_the_state_file_is_caught(tmp_path):
+    mgr = CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), tmp_path, max_to_keep=2, keep_best=1,
+                            best_metric="loss")
+    for loss in (0.5, 0.25, float("nan")):
+        mgr.save(metrics={"loss": loss, "acc": 0.9})
+    state_path = tmp_path / _directory.STATE_FILE
+    data = state_path.read_bytes()
+    for flipped in _flips(data):
+        state_path.write_bytes(flipped)
+        with pytest.raises(_directory.StateFileError):
+            _directory.read_state(str(tmp_path))
+
+
+# -- A6: a failed final asynchronous save ------------------------------------------------------
+
+
+def test_a_failed_final_async_save_is_reported_and_the_previous_one_kept(tmp_path):
+    script = f"""
+import torch, torchckpt
+from torchckpt import _storage
+ckpt = torchckpt.Checkpoint(w=torch.ones(8))
+mgr = torchckpt.CheckpointManager(ckpt, {str(tmp_path)!r}, async_save=True)
+mgr.save(); mgr.wait_until_finished()
+real = _storage._write_checkpoint
+def full(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+_storage._write_checkpoint = full
+mgr.save()  # the process ends with this save in flight
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "background save of" in result.stderr and "ckpt-2" in result.stderr
+    assert "no space left on the device" in result.stderr
+    assert torchckpt.latest_checkpoint(tmp_path) == str(tmp_path / "ckpt-1")
+    torchckpt.Checkpoint(w=torch.zeros(8)).restore(tmp_path).assert_consumed()
+
+
+# -- A7: metrics -------------------------------------------------------------------------------
+
+
+def test_tensor_numpy_and_nan_metrics_are_recorded_and_never_best(tmp_path):
+    import numpy as np
+
+    mgr = CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), tmp_path, max_to_keep=2, keep_best=1,
+                            best_metric="val_loss")
+    mgr.save(metrics={"val_loss": torch.tensor(0.5)})
+    mgr.save(metrics={"val_loss": float("nan")})
+    mgr.save(metrics={"val_loss": np.float32(0.75), "steps": np.int64(3)})
+    mgr.save(metrics={"val_loss": float("inf")})
+    mgr.save(metrics={"val_loss": torch.tensor(float("nan"))})
+    names = [os.path.basename(p) for p in mgr.checkpoints]
+    assert names == ["ckpt-1", "ckpt-4", "ckpt-5"] and mgr.best_checkpoint.endswith("ckpt-1")
+    fresh = CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), tmp_path, max_to_keep=2)
+    assert fresh.metrics_of(fresh.checkpoints[-1])["val_loss"] != fresh.metrics_of(fresh.checkpoints[-1])["val_loss"]
+    assert fresh.metrics_of(str(tmp_path / "ckpt-1")) == {"val_loss": 0.5}
+    assert type(fresh.metrics_of(str(tmp_path / "ckpt-1"))["val_loss"]) is float
+
+
+@pytest.mark.parametrize("metrics", [{"m": torch.ones(3)}, {"m": object()}, {3: 1.0}], ids=["vector", "object", "int-key"])
+def test_bad_metrics_are_refused_before_anything_is_written(tmp_path, metrics):
+    mgr = CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), tmp_path, max_to_keep=1)
+    mgr.save()
+    with pytest.raises((TypeError, ValueError), match="metrics"):
+        mgr.save(metrics=metrics)
+    assert [n for n in os.listdir(tmp_path) if n.startswith("ckpt-")] == ["ckpt-1"]
+    assert mgr.checkpoint.save_counter == 1
+    mgr.save()
+    assert [os.path.basename(p) for p in mgr.checkpoints] == ["ckpt-2"] and not (tmp_path / "ckpt-1").exists()
+
+
+def test_a_failed_state_write_is_mended_by_the_next_save(tmp_path, monkeypatch):
+    mgr = CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), tmp_path, max_to_keep=2)
+    mgr.save()
+    real = _directory.write_state
+    calls = {"n": 0}
+
+    def failing(directory, state):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(errno.ENOSPC, "No space left on device", os.path.join(directory, "checkpoints.json"))
+        real(directory, state)
+
+    monkeypatch.setattr(_directory, "write_state", failing)
+    with pytest.raises(OSError):
+        mgr.save()
+    mgr.save()
+    mgr.save()
+    assert [os.path.basename(p) for p in mgr.checkpoints] == ["ckpt-3", "ckpt-4"]
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith("ckpt-")) == ["ckpt-3", "ckpt-4"]
+    assert _directory.read_state(str(tmp_path)).latest == "ckpt-4"
+
+
+def test_a_warning_when_best_metric_is_never_passed(tmp_path):
+    mgr = CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), tmp_path, keep_best=1, best_metric="val_loss")
+    with pytest.warns(UserWarning, match="best_metric 'val_loss' is not among the metrics"):
+        mgr.save(metrics={"loss": 1.0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mgr.save(metrics={"loss": 2.0})  # once
+
+
+# -- A8: orphans ---------------------------------------------------------------------------------
+
+
+def test_a_checkpoint_committed_but_never_recorded_is_adopted_and_retired(tmp_path, monkeypatch):
+    mgr = CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), tmp_path, max_to_keep=2)
+    mgr.save()
+    mgr.save()
+    manual = torchckpt.Checkpoint(w=torch.ones(1)).write(tmp_path / "ckpt-0")  # not the manager's: never deleted
+    monkeypatch.setattr(CheckpointManager, "_record_and_sweep", lambda self, name, metrics: None)  # killed here
+    mgr.save()
+    mgr.save()
+    monkeypatch.undo()
+    assert _directory.read_state(str(tmp_path)).latest == "ckpt-2"  # the state file never heard of 3 and 4
+    fresh = CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), tmp_path, max_to_keep=2)
+    assert [os.path.basename(p) for p in fresh.checkpoints] == ["ckpt-1", "ckpt-2", "ckpt-3", "ckpt-4"]
+    assert fresh.latest_checkpoint == str(tmp_path / "ckpt-4")
+    fresh.save()
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith("ckpt-")) == ["ckpt-0", "ckpt-4", "ckpt-5"]
+    assert os.path.exists(manual)
+
+
+def test_stale_state_file_temporaries_are_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = tmp_path / f"{_directory.STATE_FILE}{_atomic.TMP_MARKER}{int(dead.stdout)}-abc"
+    leftover.write_text("{}")
+    CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), tmp_path)
+    assert not leftover.exists()
+
+
+# -- A9: readers racing retention --------------------------------------------------------------
+
+
+def test_a_checkpoint_deleted_before_it_is_opened_is_checkpoint_not_found(tmp_path):
+    path = torchckpt.Checkpoint(w=torch.ones(3)).write(tmp_path / "c")
+    index = _index.load_index(path)
+    for name in os.listdir(path):
+        os.unlink(os.path.join(path, name))
+    with pytest.raises(torchckpt.CheckpointDeletedError, match="deleted while it was being read") as info:
+        _index.OpenShards(index)
+    assert isinstance(info.value, torchckpt.CheckpointNotFoundError) and info.value.path == path
+
+
+def test_a_restore_that_has_opened_its_shards_survives_the_deletion(tmp_path, monkeypatch):
+    mgr = CheckpointManager(torchckpt.Checkpoint(w=torch.arange(5.0)), tmp_path, max_to_keep=1)
+    first = mgr.save()
+    real = _index.read_shard_headers
+
+    def delete_meanwhile(index, shards, *args):
+        mgr.checkpoint.w.add_(1)
+        mgr.save()  # retention deletes the checkpoint being read
+        assert not os.path.exists(first)
+        return real(index, shards, *args)
+
+    monkeypatch.setattr(_index, "read_shard_headers", delete_meanwhile)
+    w = torch.zeros(5)
+    torchckpt.Checkpoint(w=w).read(first).assert_consumed()
+    assert torch.equal(w, torch.arange(5.0))  # the bytes of the checkpoint it opened, not a mix
+
+
+# -- A10, C20: failed and read-only managers --------------------------------------------------
+
+
+def test_a_failed_construction_releases_the_directory(tmp_path, monkeypatch):
+    def full(directory, prefix):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_atomic, "remove_stale_temporaries", full)
+    with pytest.raises(OSError):
+        CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), tmp_path)
+    assert not _lock.holds(str(tmp_path))
+    monkeypatch.undo()
+    code = f"import torch, torchckpt; torchckpt.CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), {str(tmp_path)!r}).save()"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)  # another process may claim it
+
+
+def test_a_read_only_directory_opens_for_reading_only(tmp_path, monkeypatch):
+    mgr = CheckpointManager(torchckpt.Checkpoint(w=torch.arange(3.0)), tmp_path, max_to_keep=2)
+    paths = [mgr.save(metrics={"loss": 1.0}) for _ in range(3)]
+    mgr.close()
+
+    def read_only(directory):
+        raise OSError(errno.EROFS, "Read-only file system", os.path.join(directory, _lock.LOCK_FILE))
+
+    monkeypatch.setattr(_lock, "claim_directory", read_only)
+    before = sorted(os.listdir(tmp_path))
+    w = torch.zeros(3)
+    reader = CheckpointManager(torchckpt.Checkpoint(w=w), tmp_path, max_to_keep=1)
+    assert reader.read_only and reader.latest_checkpoint == paths[-1] and reader.checkpoints == paths[1:]
+    assert reader.restore_or_initialize() == paths[-1] and torch.equal(w, torch.arange(3.0))
+    with pytest.raises(torchckpt.CheckpointError, match="read-only"):
+        reader.save()
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_get_checkpoint_state_is_a_read_only_view(tmp_path):
+    assert torchckpt.get_checkpoint_state(tmp_path) is None
+    mgr = CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), tmp_path, max_to_keep=2, keep_best=1,
+                            best_metric="loss")
+    for loss in (0.1, 0.5, 0.7, 0.9):
+        mgr.save(metrics={"loss": loss})
+    torchckpt.Checkpoint(w=torch.zeros(1)).write(tmp_path / "ckpt-99")  # not the manager's
+    state = torchckpt.get_checkpoint_state(tmp_path)
+    names = lambda ps: [os.path.basename(p) for p in ps]  # noqa: E731
+    assert names(state.kept) == ["ckpt-1", "ckpt-3", "ckpt-4"] and state.best.endswith("ckpt-1")
+    assert names(state.all) == ["ckpt-1", "ckpt-3", "ckpt-4", "ckpt-99"]
+    assert state.latest.endswith("ckpt-4") and state.metrics[str(tmp_path / "ckpt-3")] == {"loss": 0.7}
+    mgr.close()
+    assert torchckpt.get_checkpoint_state(tmp_path) == state and not _lock.holds(str(tmp_path))  # takes no claim
+
+
+# -- C19: the ranking is the directory's -------------------------------------------------------
+
+
+def test_keep_best_is_taken_from_the_directory_when_not_passed(tmp_path):
+    mgr = CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), tmp_path, max_to_keep=1, keep_best=1,
+                            best_metric="acc", best_mode="max")
+    for acc in (0.9, 0.2, 0.3):
+        mgr.save(metrics={"acc": acc})
+    mgr.close()
+    resumed = CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), tmp_path, max_to_keep=1)
+    assert resumed.best_checkpoint.endswith("ckpt-1")
+    resumed.save(metrics={"acc": 0.1})
+    assert os.path.exists(tmp_path / "ckpt-1")  # the best survives a resume that did not repeat keep_best
+
+
+# -- B16, C21: paths and write errors --------------------------------------------------------
+
+
+def test_write_errors_name_the_file_and_stay_oserrors(tmp_path, monkeypatch):
+    from torchckpt import _output
+
+    def full(fd, views):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_output, "_write_views", full)
+    with pytest.raises(OSError) as info:
+        torchckpt.Checkpoint(w=torch.ones(4)).write(tmp_path / "c")
+    assert info.value.errno == errno.ENOSPC and info.value.filename.endswith(".safetensors")
+    assert isinstance(info.value, torchckpt.CheckpointWriteError) and info.value.path == str(tmp_path / "c")
+    assert "no space left on the device" in str(info.value) and os.listdir(tmp_path) == []
+
+
+def test_a_parent_that_is_a_file_is_named(tmp_path):
+    (tmp_path / "runs").write_text("not a directory")
+    with pytest.raises(torchckpt.CheckpointWriteError, match="runs is a file, not a directory") as info:
+        torchckpt.Checkpoint(w=torch.ones(1)).save(tmp_path / "runs" / "gan" / "ckpt")
+    assert info.value.path == str(tmp_path / "runs" / "gan" / "ckpt-1") and isinstance(info.value, OSError)
+
+
+def test_save_takes_write_options_and_refuses_unknown_ones(tmp_path):
+    ckpt = torchckpt.Checkpoint(a=torch.ones(100), b=torch.ones(100))
+    with pytest.raises(TypeError, match="asyncsave"):
+        ckpt.save(tmp_path / "ckpt", asyncsave=True)
+    path = ckpt.save(tmp_path / "ckpt", max_shard_size=400, async_save=True)
+    ckpt.wait_until_finished()
+    assert len(_index.load_index(path).shards) == 2
+
+
+def test_bytes_paths_are_decoded(tmp_path):
+    path = torchckpt.Checkpoint(w=torch.ones(1)).save(os.fsencode(tmp_path / "ckpt"))
+    assert path == str(tmp_path / "ckpt-1") and sorted(os.listdir(tmp_path)) == ["checkpoints.json", "ckpt-1"]
+    assert torchckpt.latest_checkpoint(tmp_path) == path
+    with pytest.raises(TypeError, match="must be a str"):
+        torchckpt.Checkpoint(w=torch.ones(1)).write(42)  # type: ignore[arg-type]
+
+
+def test_the_format_seal_is_the_last_key(tmp_path):
+    path = torchckpt.Checkpoint(w=torch.ones(1)).write(tmp_path / "c")
+    raw = json.loads(Path(path, "index.json").read_text())
+    assert list(raw)[-1] == _format.SEAL_KEY
