@@ -464,11 +464,12 @@ def parse_json(data: bytes, path: str, what: str) -> Any:
         raise CorruptCheckpointError(f"{path} is too large to parse as a {what}.", path) from None
 
 
-# A JSON object or array costs a Python object of 56 to 100+ bytes, twice over once the state tree
+# A JSON object or array costs a Python object of 56 to 200 bytes, twice over once the state tree
 # is decoded. The files torchckpt writes have one per 40 bytes or fewer (an optimizer's state has two
-# per parameter, beside the parameter's tensor names), or a few tens of thousands in all; "[]," and
-# "{}," repeated have one per 3 bytes and would take 50 times their size in memory.
-MAX_CONTAINERS_PER_BYTE = 1 / 8
+# per parameter, beside the parameter's tensor names), or a few tens of thousands in all; "{}," and
+# '{"k":0},' repeated have one per 3 to 8 bytes and would take 25 to 50 times their size in memory.
+# At one per 16 bytes, parsing takes at most about 13 times the file's size (docs/format.md, "Limits").
+MAX_CONTAINERS_PER_BYTE = 1 / 16
 MAX_CONTAINERS_FLOOR = 200_000
 
 

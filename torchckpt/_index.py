@@ -85,8 +85,17 @@ def load_index(directory: str) -> Index:
     Raises:
         CheckpointNotFoundError: there is no committed checkpoint at ``directory``.
         CorruptCheckpointError: the index is damaged, malformed, hostile, or from an unknown format
-            version.
+            version; ``.path`` is the checkpoint directory.
     """
+    try:
+        return _load_index(directory)
+    except CorruptCheckpointError as e:
+        if e.path is None:
+            e.path = directory
+        raise
+
+
+def _load_index(directory: str) -> Index:
     path = os.path.join(directory, INDEX_FILE)
     try:
         data = _files.read_regular(path, _format.MAX_INDEX_SIZE, "Index")
@@ -179,8 +188,8 @@ def _check_section(directory: str, raw: dict[str, Any], section: dict[str, Any])
     for key in ("torch_version", "torchckpt_version"):
         if not isinstance(section.get(key, ""), str):
             raise _corrupt(directory, f"bad {key!r}")
-    if not isinstance(section.get("state", {}), dict):
-        raise _corrupt(directory, "the state tree's root is not an object")
+    if not isinstance(section.get("state", {}), dict) or not isinstance(section.get("metadata", {}), dict):
+        raise _corrupt(directory, "the state tree and the metadata must be objects")
     metadata = raw.get("metadata", {})
     if not isinstance(metadata, dict) or not _is_count(metadata.get("total_size", 0)):
         raise _corrupt(directory, "bad 'metadata'")
@@ -405,7 +414,10 @@ def state_tree(index: Index, resolve: Callable[[str], Any]) -> Any:
     """Decode the typed non-tensor tree with each tensor name resolved by ``resolve``."""
     try:
         trie = _tree.build_trie(itertools.chain(index.names, index.aliases))
-        return _tree.decode(index.section.get("state", {}), trie, resolve)
+        tree = _tree.decode(index.section.get("state", {}), trie, resolve)
+        if not isinstance(tree, dict) or not all(type(k) is str for k in tree):
+            raise CorruptCheckpointError("the state tree's root is not an object of tracked names")
+        return tree
     except CorruptCheckpointError as e:
         if e.path is not None:
             raise

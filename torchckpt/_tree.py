@@ -106,7 +106,10 @@ def encode(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
             )
         tensors[path] = value
         return {TENSOR_TAG: None}
-    if value is None or isinstance(value, (bool, str)):
+    if isinstance(value, str):
+        _check_text(value, path)
+        return value
+    if value is None or isinstance(value, bool):
         return value
     kind = type(value)
     if kind is int:
@@ -144,11 +147,27 @@ _DICT_TAGS: dict[type, str] = {dict: "@dict", OrderedDict: "@ordered_dict", Coun
 _DICT_TYPES: dict[str, type] = {tag: kind for kind, tag in _DICT_TAGS.items()}
 
 
+def _check_text(text: str, path: str) -> None:
+    """Refuse a string that has no UTF-8 form (a lone surrogate such as ``"\ud800"``)."""
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            raise UnsupportedStateError(
+                f"Cannot save {display(path)!r}: the string {text[:40]!r} holds a lone surrogate, which UTF-8 "
+                "(and so JSON) cannot store; encode or replace it first (for example "
+                "`s.encode('utf-8', 'surrogatepass').decode('utf-8', 'replace')`).",
+                key=path,
+                value_type=str,
+            ) from None
+
+
 def _encode_dict(value: dict[Any, Any], path: str, tensors: dict[str, torch.Tensor]) -> Any:
     if not all(type(k) is str and not k.startswith(TAG) for k in value):
         return _encode_pairs("@dict", value, path, tensors)
     out: dict[str, Any] = {}
     for k, v in value.items():
+        _check_text(k, path)
         child = join(path, escape_part(k))
         if isinstance(v, torch.Tensor):  # left out of the JSON: its name says where it goes
             if child in tensors:

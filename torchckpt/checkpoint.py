@@ -327,7 +327,7 @@ class Checkpoint:
             _plan_value(key, value, saved.get(name, MISSING), plan, _attr_setter(self, name))
         for name, value in saved.items():
             if name not in self._tracked and not (name == SAVE_COUNTER and not prefix):
-                plan.report.unexpected_keys.extend(_tree.leaves(value, _tree.join(prefix, _tree.escape_part(name))))
+                plan.report.unexpected_keys.extend(_tree.leaves(value, _tree.join(prefix, _tree.key_part(name))))
 
 
 def _attr_setter(ckpt: Checkpoint, name: str) -> Callable[[Any], None]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import os
@@ -312,9 +313,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@functools.lru_cache(maxsize=1)
+def _parser() -> argparse.ArgumentParser:
+    """The parser, built once per process (building it costs more than most commands)."""
+    return build_parser()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 ok, 1 error, 2 usage)."""
-    parser = build_parser()
+    for stream in (sys.stdout, sys.stderr):  # names from a hostile file may not encode: never a traceback
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
+    parser = _parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:
@@ -325,14 +336,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return int(handler(args))
+    except BrokenPipeError:  # e.g. piped into head
+        return 0
     except (CheckpointError, OSError, ValueError) as e:
         print(f"Error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("Error: interrupted", file=sys.stderr)
         return 1
-    except BrokenPipeError:  # e.g. piped into head
-        return 0
+    except Exception as e:  # noqa: BLE001 - a bug of ours: still one line, and how to report it
+        print(f"Error: unexpected {type(e).__name__}: {e} (a bug in torchckpt {__version__}; please report it "
+              "with the command that caused it)", file=sys.stderr)
+        return 1
 
 
 def entry_point() -> None:

@@ -418,21 +418,28 @@ def _structure_problem(obj: Any, current: Any, saved: Any) -> str | None:
     if isinstance(obj, torch.optim.Optimizer):
         mine = [len(g["params"]) for g in current.get("param_groups", [])]
         groups = saved.get("param_groups") if isinstance(saved, dict) else None
-        theirs = [len(g.get("params", [])) for g in groups] if isinstance(groups, list) else None
+        if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                                                   for g in groups):
+            return "the checkpoint's state has no parameter groups"
+        theirs = [len(g["params"]) for g in groups]
         if mine != theirs:
             return f"the checkpoint's parameter groups have sizes {theirs}, this optimizer's have {mine}"
     return None
 
 
 def _rebuild(saved: Any, path: str, destination: Callable[[str, SavedTensor], torch.Tensor]) -> Any:
+    """``saved`` with each saved tensor replaced by ``destination(key, saved)``. Containers without
+    a tensor below them are returned as they are: a large plain value is not copied again."""
     if isinstance(saved, SavedTensor):
         return destination(path, saved)
     if isinstance(saved, dict):
-        return {k: _rebuild(v, _tree.join(path, _tree.key_part(k)), destination) for k, v in saved.items()}
-    if isinstance(saved, list):
-        return [_rebuild(v, _tree.join(path, str(i)), destination) for i, v in enumerate(saved)]
-    if isinstance(saved, tuple) and not isinstance(saved, torch.Size):
-        return tuple(_rebuild(v, _tree.join(path, str(i)), destination) for i, v in enumerate(saved))
+        items = {k: _rebuild(v, _tree.join(path, _tree.key_part(k)), destination) for k, v in saved.items()}
+        return saved if all(items[k] is v for k, v in saved.items()) else type(saved)(items)
+    if isinstance(saved, (list, tuple)) and not isinstance(saved, torch.Size):
+        parts = [_rebuild(v, _tree.join(path, str(i)), destination) for i, v in enumerate(saved)]
+        if all(a is b for a, b in zip(parts, saved)):
+            return saved
+        return parts if isinstance(saved, list) else tuple(parts)
     return saved
 
 

@@ -1,0 +1,347 @@
+"""Hostile input: a typed error that names the file, never a hang, a crash or unbounded memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import torchckpt
+from torchckpt import _directory, _format, cli
+
+from . import fuzzing
+from .conftest import read_index, write_index
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    ckpt = torchckpt.Checkpoint(model=model, opt=opt, rng=torchckpt.RNGState(), epoch=2)
+    mgr = torchckpt.CheckpointManager(ckpt, tmp_path / "run")
+    path = mgr.save(metrics={"loss": 0.5})
+    mgr.close()
+    return path
+
+
+def restore(path: str) -> torchckpt.RestoreStatus:
+    model = torch.nn.Linear(3, 2)
+    ckpt = torchckpt.Checkpoint(model=model, opt=torch.optim.Adam(model.parameters()), rng=torchckpt.RNGState(),
+                                epoch=0)
+    return ckpt.restore(path).expect_partial()
+
+
+def forge(path: str, edit) -> None:
+    index = read_index(path)
+    edit(index)
+    write_index(path, index)
+
+
+def nest(depth: int, leaf: object = 0) -> object:
+    for _ in range(depth):
+        leaf = [leaf]
+    return leaf
+
+
+def state(index: dict) -> dict:
+    return index["torchckpt"]["state"]
+
+
+# -- B11: every hostile value is a CheckpointError naming the file ------------------------------
+
+
+CASES = {
+    "deep-state-tree": lambda i: state(i).update(epoch=nest(150)),
+    "unhashable-names": lambda i: i["torchckpt"]["tensors"]["names"].__setitem__(0, ["x"]),
+    "unhashable-dict-key": lambda i: state(i).update(epoch={"@dict": [[[1, 2], 3]]}),
+    "unhashable-tuple-key": lambda i: state(i).update(epoch={"@dict": [[{"@tuple": [[1]]}, 3]]}),
+    "int-root-keys": lambda i: i["torchckpt"].update(state={"@dict": [[1, 2], ["save_counter", 1]]}),
+    "inf-save-counter": lambda i: state(i).update(save_counter={"@float": "inf"}),
+    "huge-rng-value": lambda i: state(i)["rng"]["python"]["@tuple"].__setitem__(0, 10**30),
+    "rng-of-wrong-shape": lambda i: state(i)["rng"].update(python="nope"),
+    "created-1e300": lambda i: i["torchckpt"].update(created=1e300),
+    "dangling-alias": lambda i: i["torchckpt"].update(aliases={"ghost": "nowhere"}),
+    "torch-size-overflow": lambda i: state(i).update(epoch={"@size": [10**30]}),
+    "numel-wraps-around": lambda i: i["torchckpt"]["tensors"].update(shapes="4294967296,4294967296;2;" + ";".join(
+        i["torchckpt"]["tensors"]["shapes"].split(";")[2:])),
+    "lone-surrogate-name": lambda i: i["torchckpt"]["tensors"]["names"].__setitem__(0, "model/\ud800"),
+    "module-dtype": lambda i: state(i).update(epoch={"@dtype": "_dynamo"}),
+    "objects-not-a-dict": lambda i: i["torchckpt"].update(objects=["model"]),
+    "metadata-not-a-dict": lambda i: i["torchckpt"].update(metadata=[1, 2]),
+    "optimizer-groups-not-dicts": lambda i: state(i)["opt"].update(param_groups=[1, 2]),
+    "shard-size-string": lambda i: i["torchckpt"]["shards"][0].update(size="12"),
+    "two-shards-one-file": lambda i: i["torchckpt"]["shards"].append(dict(i["torchckpt"]["shards"][0], tensors=0)),
+}
+
+
+REPORTED = {"optimizer-groups-not-dicts": "opt"}  # a mismatch the report names, not an error
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_a_forged_index_is_a_checkpoint_error_everywhere(saved, case):
+    forge(saved, CASES[case])
+    if case in REPORTED:
+        status = restore(saved)
+        assert REPORTED[case] in status.report.skipped_objects
+    else:
+        with pytest.raises(torchckpt.CheckpointError) as info:
+            restore(saved)
+        assert info.value.path is not None and str(info.value.path) in str(info.value)
+    try:  # the reader refuses it too, or reads it: never another exception
+        reader = torchckpt.load_checkpoint(saved)
+        reader.get_state(), reader.metadata, reader.get_variable_to_shape_map()
+        for name in reader.names:
+            reader.get_tensor(name)
+    except torchckpt.CheckpointError:
+        pass
+    for argv in (["inspect", saved], ["verify", saved], ["ls", os.path.dirname(saved)],
+                 ["diff", saved, saved, "--values"]):
+        code, out, err = cli_in_process(argv)
+        assert code in (0, 1) and err.count("\n") <= 1 and "unexpected" not in err, (argv, err)
+
+
+def test_huge_integers_in_the_index_are_refused(saved):
+    text = Path(saved, "index.json").read_text().replace('"epoch": 2', '"epoch": ' + "9" * 5000)
+    index = json.loads(text.replace("9" * 5000, "0"))
+    write_index(saved, index)
+    body = Path(saved, "index.json").read_text().replace('"epoch": 0', '"epoch": ' + "9" * 5000)
+    Path(saved, "index.json").write_text(body)  # the seal no longer matches: still a CheckpointError
+    with pytest.raises(torchckpt.CorruptCheckpointError):
+        restore(saved)
+    reseal(Path(saved, "index.json"))
+    with pytest.raises(torchckpt.CorruptCheckpointError, match="not valid JSON"):
+        restore(saved)
+
+
+def reseal(path: Path) -> None:
+    import xxhash
+
+    text = path.read_bytes()
+    body = text[: text.rindex(b',\n "checksum"')]
+    path.write_bytes(body + f',\n "checksum": "{xxhash.xxh3_64_hexdigest(body)}"\n}}\n'.encode())
+
+
+def test_deep_json_is_refused_in_every_file(saved):
+    run = os.path.dirname(saved)
+    text = Path(saved, "index.json").read_text()
+    Path(saved, "index.json").write_text(text.replace('"epoch": 2', '"epoch": ' + "[" * 100_000 + "]" * 100_000))
+    reseal(Path(saved, "index.json"))
+    with pytest.raises(torchckpt.CorruptCheckpointError, match="nests JSON too deeply|state tree"):
+        restore(saved)
+    state_path = Path(run, _directory.STATE_FILE)
+    state_path.write_text(state_path.read_text().replace('"latest": ', '"deep": ' + "[" * 100_000 + "]" * 100_000
+                                                         + ',\n "latest": '))
+    reseal(state_path)
+    with pytest.raises(_directory.StateFileError, match="too deeply"):
+        _directory.read_state(run)
+    shard = next(Path(saved).glob("*.safetensors"))
+    raw = shard.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = b'{"a": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+    shard.write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(torchckpt.CorruptCheckpointError, match="too deeply"):
+        _format.read_header(str(shard), shard.name)
+
+
+def test_a_module_named_as_a_dtype_is_never_imported(saved):
+    forge(saved, lambda i: state(i).update(epoch={"@dtype": "_dynamo"}))
+    code = f"""
+import sys, torch, torchckpt
+before = set(sys.modules)
+try:
+    torchckpt.load_checkpoint({saved!r}).get_state()
+except torchckpt.CorruptCheckpointError:
+    pass
+print(sorted(m for m in set(sys.modules) - before if m.startswith("torch.")))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60).stdout
+    assert out.strip() == "[]"
+
+
+def test_dtypes_come_from_a_fixed_table():
+    from torchckpt import _tree
+
+    assert _tree.decode({"@dtype": "bfloat16"}, None, lambda n: None) is torch.bfloat16
+    for name in ("_dynamo", "onnx", "Tensor", "float32 ", "__class__"):
+        with pytest.raises(torchckpt.CorruptCheckpointError, match="bad tagged value"):
+            _tree.decode({"@dtype": name}, None, lambda n: None)
+
+
+# -- B12: FIFOs, devices and memory bombs ------------------------------------------------------
+
+
+def cli_in_process(argv: list[str]) -> tuple[int, str, str]:
+    """The CLI in this process (no interpreter start per call), under a time limit."""
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with fuzzing.time_limit(30), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def run_cli(argv: list[str], timeout: float = 60) -> tuple[int, str, str]:
+    result = subprocess.run([sys.executable, "-m", "torchckpt", *argv], capture_output=True, text=True,
+                            timeout=timeout, cwd=ROOT)
+    return result.returncode, result.stdout, result.stderr
+
+
+@pytest.mark.parametrize("where", ["state-file", "index", "shard"])
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero"])
+def test_special_files_are_refused_without_hanging(saved, where, kind):
+    run = os.path.dirname(saved)
+    path = {"state-file": os.path.join(run, _directory.STATE_FILE), "index": os.path.join(saved, "index.json"),
+            "shard": os.path.join(saved, "model-00001-of-00001.safetensors")}[where]
+    os.unlink(path)
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        os.symlink("/dev/zero", path)
+    code = f"""
+import warnings, torch, torchckpt
+from torchckpt import _directory
+warnings.simplefilter("ignore")
+outcomes = []
+for fn in (lambda: torchckpt.latest_checkpoint({run!r}), lambda: torchckpt.get_checkpoint_state({run!r}),
+           lambda: torchckpt.load_checkpoint({saved!r}).get_tensor("model/weight"),
+           lambda: torchckpt.Checkpoint(model=torch.nn.Linear(3, 2)).restore({run!r}).expect_partial()):
+    try:
+        fn()
+        outcomes.append("ok")
+    except torchckpt.CheckpointError as e:
+        outcomes.append("refused")
+print(outcomes)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "refused" in result.stdout if where != "state-file" else "ok" in result.stdout
+    for argv in (["inspect", run], ["ls", run], ["verify", saved], ["diff", saved, saved, "--values"]):
+        exit_code, _, err = cli_in_process(argv)
+        assert exit_code in (0, 1) and "unexpected" not in err, (argv, err)
+
+
+SHAPES = {  # per repeated unit: the densest objects and arrays the container limit lets through, and scalars
+    "objects": '{"k":     0},    ',
+    "arrays": "[1, 2],         ",
+    "strings": '"abcd", ',
+    "floats": "1.5, ",
+    "empty-objects": "{}, ",
+    "deep": None,
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
+def test_parsing_memory_is_bounded_by_32_times_the_index_plus_64_mib(tmp_path, shape):
+    """docs/format.md states the bound; under RLIMIT_AS a parse that needed more would fail with
+    MemoryError (or be killed) instead of ending in a result or a CheckpointError."""
+    size = 4 * 2**20
+    unit = SHAPES[shape]
+    payload = "[" * 20_000 + "]" * 20_000 if unit is None else "[" + unit * (size // len(unit)) + "0]"
+    path = torchckpt.Checkpoint(w=torch.ones(2), x=0).write(tmp_path / "c")
+    text = Path(path, "index.json").read_text().replace('"x": 0', '"x": ' + payload)
+    Path(path, "index.json").write_text(text)
+    reseal(Path(path, "index.json"))
+    n = Path(path, "index.json").stat().st_size
+    code = f"""
+import resource, warnings, torch, torchckpt
+checkpoint = torchckpt.Checkpoint(w=torch.zeros(2), x=0)
+reader = torchckpt.load_checkpoint  # everything imported before the limit
+vm = int(next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1]) * 1024
+budget = 32 * {n} + 64 * 2**20
+resource.setrlimit(resource.RLIMIT_AS, (vm + budget, resource.RLIM_INFINITY))
+try:
+    checkpoint.read({path!r}).expect_partial()
+    reader({path!r}).get_state()
+    print("ok")
+except torchckpt.CheckpointError as e:
+    print("refused")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() in ("ok", "refused"), result.stderr[-2000:]
+    if shape in ("empty-objects", "deep"):
+        assert result.stdout.strip() == "refused"
+
+
+def test_an_oversized_index_is_refused_before_it_is_read(tmp_path):
+    path = torchckpt.Checkpoint(w=torch.ones(2)).write(tmp_path / "c")
+    with open(os.path.join(path, "index.json"), "r+b") as f:
+        f.truncate(_format.MAX_INDEX_SIZE + 1)  # sparse: nothing is written, and nothing must be read
+    with pytest.raises(torchckpt.CorruptCheckpointError, match="over the .*-byte limit"):
+        torchckpt.load_checkpoint(path)
+
+
+# -- B15: verify trusts nothing ---------------------------------------------------------------
+
+
+def test_verify_catches_an_index_whose_dtype_disagrees_with_the_header(tmp_path):
+    path = torchckpt.Checkpoint(w=torch.arange(4, dtype=torch.float32)).write(tmp_path / "c")
+    forge(path, lambda i: i["torchckpt"]["tensors"].update(dtypes="I32"))  # same size: offsets still agree
+    problems = torchckpt.reader.verify(torchckpt.load_checkpoint(path))
+    assert problems and "says I32" in problems[0] and "holds F32" in problems[0]
+    code, _, err = run_cli(["verify", path])
+    assert code == 1 and "says I32" in err
+
+
+def test_verify_catches_a_header_whose_offsets_differ_from_the_table(tmp_path):
+    """A forged but self-consistent header: the same tensors, their data swapped in the header. A
+    restore (table offsets) and safetensors (header offsets) would read different bytes."""
+    path = torchckpt.Checkpoint(a=torch.ones(2), b=torch.zeros(2)).write(tmp_path / "c")
+    shard = Path(path, "model-00001-of-00001.safetensors")
+    raw = shard.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    header["a"]["data_offsets"], header["b"]["data_offsets"] = header["b"]["data_offsets"], header["a"]["data_offsets"]
+    body = json.dumps(header, separators=(",", ":")).encode()
+    body += b" " * (n - len(body))
+    shard.write_bytes(struct.pack("<Q", n) + body + raw[8 + n :])
+    import xxhash
+
+    forge(path, lambda i: i["torchckpt"]["shards"][0].update(header_checksum=xxhash.xxh3_64_hexdigest(raw[:0] + struct.pack("<Q", n) + body)))
+    problems = torchckpt.reader.verify(torchckpt.load_checkpoint(path))
+    assert problems and "in its order" in problems[0]
+
+
+# -- B17: the fuzzer -------------------------------------------------------------------------
+
+
+def _report(result: dict) -> str:
+    return json.dumps({k: v for k, v in result.items() if k != "first"}) + "\n" + "\n".join(result["first"])
+
+
+def test_fuzz(tmp_path):
+    result = fuzzing.fuzz(str(tmp_path), int(os.environ.get("TORCHCKPT_FUZZ_CASES_DEFAULT", "2000")), seed=1)
+    assert result["findings"] == 0 and result["hangs"] == 0, _report(result)
+    assert result["restored"] > 0  # the forged cases reach restores that succeed, not only early refusals
+
+
+@pytest.mark.slow
+def test_fuzz_long(tmp_path):
+    """100,000 cases by default (TORCHCKPT_FUZZ_CASES sets the count; CI runs fewer)."""
+    result = fuzzing.fuzz(str(tmp_path), int(os.environ.get("TORCHCKPT_FUZZ_CASES", "100000")), seed=2)
+    print(_report(result))
+    assert result["findings"] == 0 and result["hangs"] == 0, _report(result)
+
+
+def test_a_string_without_utf8_form_is_refused_at_save(tmp_path):
+    with pytest.raises(torchckpt.UnsupportedStateError, match="lone surrogate") as info:
+        torchckpt.Checkpoint(w=torch.ones(1), cfg={"name": "\ud800"}).write(tmp_path / "c")
+    assert info.value.key == "cfg/name" and os.listdir(tmp_path) == []
+
+
+def test_cli_prints_values_that_do_not_encode(tmp_path):
+    a = torchckpt.Checkpoint(w=torch.ones(1), cfg={"name": "x"}).write(tmp_path / "a")
+    b = torchckpt.Checkpoint(w=torch.ones(1), cfg={"name": "y"}).write(tmp_path / "b")
+    forge(b, lambda i: state(i)["cfg"].update(name="\ud800"))  # only a forger can write it
+    code, out, err = run_cli(["diff", a, b])
+    assert code == 0 and "Traceback" not in err and "\\ud800" in out
