@@ -128,23 +128,25 @@ def test_dtype_mismatches_are_reported_by_default_and_cast_on_request(tmp_path):
 # -- A3, B13: links --------------------------------------------------------------------------
 
 
-def test_a_planted_lock_link_is_refused_and_its_target_untouched(tmp_path):
-    target = tmp_path / "bashrc"
+def plant_link(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    """A run directory whose ``name`` is a link to a precious file outside it."""
+    target = tmp_path / "precious"
     target.write_text("precious\n")
     run = tmp_path / "run"
     run.mkdir()
-    (run / _lock.LOCK_FILE).symlink_to(target)
+    (run / name).symlink_to(target)
+    return run, target
+
+
+def test_a_planted_lock_link_is_refused_and_its_target_untouched(tmp_path):
+    run, target = plant_link(tmp_path, _lock.LOCK_FILE)
     with pytest.raises(torchckpt.CorruptCheckpointError, match="symbolic link"):
         CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), run)
     assert target.read_text() == "precious\n"
 
 
 def test_a_planted_state_file_link_is_replaced_not_followed(tmp_path):
-    target = tmp_path / "elsewhere.json"
-    target.write_text("precious\n")
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / _directory.STATE_FILE).symlink_to(target)
+    run, target = plant_link(tmp_path, _directory.STATE_FILE)
     with pytest.warns(UserWarning, match="damaged"):
         mgr = CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), run)
     mgr.save()

@@ -45,18 +45,24 @@ def open_regular(path: str, what: str = "File") -> int:
         FileNotFoundError: nothing is there (callers decide what that means).
         CorruptCheckpointError: ``path`` is a link, a directory, a FIFO, a device or a socket.
     """
+    return _open_checked(path, os.O_RDONLY, what, "read")
+
+
+def _open_checked(path: str, flags: int, what: str, use: str) -> int:
+    """``os.open`` without following a link or blocking on a FIFO, then refuse anything but a
+    regular file; the descriptor is blocking again when returned."""
     try:
-        fd = os.open(path, os.O_RDONLY | NOFOLLOW | _NONBLOCK | CLOEXEC)
+        fd = os.open(path, flags | NOFOLLOW | _NONBLOCK | CLOEXEC, 0o644)
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise _link_error(path, what) from None
         if e.errno in (errno.ENXIO, errno.EISDIR):  # a socket, or a directory on some systems
-            raise CorruptCheckpointError(f"{what} {path} is not a regular file; refusing to read it.", path) from None
+            raise CorruptCheckpointError(f"{what} {path} is not a regular file; refusing to {use} it.", path) from None
         raise
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise CorruptCheckpointError(f"{what} {path} is {_kind(mode)}, not a regular file; refusing to read it.", path)
+            raise CorruptCheckpointError(f"{what} {path} is {_kind(mode)}, not a regular file; refusing to {use} it.", path)
         if _NONBLOCK:
             os.set_blocking(fd, True)
     except BaseException:
@@ -105,24 +111,7 @@ def open_or_create(path: str, what: str = "File") -> int:
     Raises:
         CorruptCheckpointError: ``path`` is a link or not a regular file.
     """
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | NOFOLLOW | _NONBLOCK | CLOEXEC, 0o644)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise _link_error(path, what) from None
-        if e.errno in (errno.ENXIO, errno.EISDIR):
-            raise CorruptCheckpointError(f"{what} {path} is not a regular file; refusing to use it.", path) from None
-        raise
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise CorruptCheckpointError(f"{what} {path} is {_kind(mode)}, not a regular file; refusing to use it.", path)
-        if _NONBLOCK:
-            os.set_blocking(fd, True)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    return _open_checked(path, os.O_RDWR | os.O_CREAT, what, "use")
 
 
 def is_real_directory(path: str) -> bool:

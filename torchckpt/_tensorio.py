@@ -26,6 +26,7 @@ _WRITEV_BYTES = 16 * 2**20
 
 
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+_STRIDED = torch.strided
 
 
 def unsupported_reason(t: torch.Tensor, allow_meta: bool = False) -> str | None:
@@ -35,6 +36,13 @@ def unsupported_reason(t: torch.Tensor, allow_meta: bool = False) -> str | None:
     fake tensors), an FSDP1 flat parameter, a tensor without storage: reading ``data_ptr()`` of
     one gives an address that holds nothing (DTensor's is 0) or raises.
     """
+    if type(t) in _PLAIN_TYPES and t.layout is _STRIDED and not t.is_meta:  # the common case, in a few calls
+        try:
+            if t.data_ptr() or not t.numel():
+                return None
+        except RuntimeError as e:  # "Cannot access data pointer of Tensor that doesn't have storage"
+            return f"a tensor whose memory cannot be reached ({e})"
+        return "a tensor without memory"
     if type(t) not in _PLAIN_TYPES:
         from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 

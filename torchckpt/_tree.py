@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from torchckpt.errors import CorruptCheckpointError, UnsupportedStateError
+from torchckpt.errors import CorruptCheckpointError, UnsupportedStateError, a_or_an
 
 SEP = "/"
 TAG = "@"
@@ -82,6 +82,15 @@ def split(name: str) -> list[str]:
     return name.split(SEP)
 
 
+def canonical_module_key(key: str) -> str:
+    """A module's state-dict key without DDP's leading ``module.`` and ``torch.compile``'s
+    ``_orig_mod.`` parts: ``module._orig_mod.net.0.weight`` -> ``net.0.weight``."""
+    parts = [p for p in key.split(".") if p != "_orig_mod"]
+    while len(parts) > 1 and parts[0] == "module":
+        parts.pop(0)
+    return ".".join(parts)
+
+
 def display(path: str) -> str:
     """A key path for messages (the root is shown as ``<root>``)."""
     return path or "<root>"
@@ -133,7 +142,7 @@ def encode(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
     if kind in _DICT_TAGS:
         return _encode_pairs(_DICT_TAGS[kind], value, path, tensors)
     raise UnsupportedStateError(
-        f"Cannot save {display(path)!r}: a {kind.__module__}.{kind.__qualname__} has no "
+        f"Cannot save {display(path)!r}: {a_or_an(f'{kind.__module__}.{kind.__qualname__}')} has no "
         "representation without pickle. torchckpt stores tensors, objects with "
         "state_dict()/load_state_dict(), and plain values (int, float, bool, str, None and "
         "tuples/lists/dicts of them). Convert it to one of these, or leave it out of the "

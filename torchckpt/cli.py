@@ -20,7 +20,7 @@ import torch
 
 from torchckpt import __version__, _directory, _format, _tree
 from torchckpt._progress import progress_bar
-from torchckpt.errors import CheckpointError
+from torchckpt.errors import CheckpointError, plural
 from torchckpt.reader import CheckpointReader, load_checkpoint, verify
 
 
@@ -66,11 +66,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                "total_tensors": len(rows), "total_bytes": total}
         print(json.dumps(out, indent=1, default=str))
         return 0
+    if os.path.abspath(reader.path) != os.path.abspath(args.path):
+        print(f"checkpoint: {reader.path}\n")  # a manager's directory: say which of its checkpoints this is
     table = [[r["name"], r["dtype"], str(r["shape"]), human_bytes(r["bytes"]), r["shard"]] for r in rows]
     print(_table(table, ["name", "dtype", "shape", "size", "shard"], {3}))
     meta = reader.metadata
     shards = len({r["shard"] for r in rows})
-    print(f"\n{len(rows)} tensors, {human_bytes(total)} in {shards} shard{'s' if shards != 1 else ''}"
+    print(f"\n{plural(len(rows), 'tensor')}, {human_bytes(total)} in {plural(shards, 'shard')}"
           + (f" (filter {args.filter!r})" if args.filter else ""))
     if meta.get("format") == "torchckpt":
         created = datetime.datetime.fromtimestamp(meta["created"]).isoformat(" ", "seconds") if meta.get("created") else "?"
@@ -172,7 +174,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
             "state_changed": {k: [_jsonable(va.get(k, _ABSENT)), _jsonable(vb.get(k, _ABSENT))] for k in changed},
             "max_abs_diff": values if args.values else None,
         }, indent=1, default=str))
-        return 0
+        differ = bool(added or removed or reshaped or retyped or changed or any(values.values()))
+        return 1 if args.exit_code and differ else 0
     for name in added:
         print(f"+ {name}  {_dtype(db[name])} {list(sb[name])}")
     for name in removed:
@@ -187,10 +190,11 @@ def cmd_diff(args: argparse.Namespace) -> int:
         differing = {n: v for n, v in values.items() if v != 0}
         for name, value in sorted(differing.items()):
             print(f"≠ {name}  max |a-b| = {value:.6g}")
-        print(f"{len(differing)} of {len(values)} comparable tensors differ in value")
+        print(f"{len(differing)} of {plural(len(values), 'comparable tensor')} differ in value")
     print(f"{len(added)} added, {len(removed)} removed, {len(reshaped)} reshaped, {len(retyped)} retyped, "
-          f"{len(changed)} state values changed")
-    return 0
+          f"{plural(len(changed), 'state value')} changed")
+    differ = bool(added or removed or reshaped or retyped or changed or any(values.values()))
+    return 1 if args.exit_code and differ else 0
 
 
 class _Absent:
@@ -213,8 +217,17 @@ def _same(x: Any, y: Any) -> bool:
     return type(x) is type(y) and x == y
 
 
+RENDER_LIMIT = 120  # a Mersenne Twister state is 625 ints: shown as its start and its length
+
+
 def _render(v: Any) -> str:
-    return "(absent)" if v is _ABSENT else repr(v)
+    if v is _ABSENT:
+        return "(absent)"
+    text = repr(v)
+    if len(text) <= RENDER_LIMIT:
+        return text
+    size = f"{len(v)} items, " if isinstance(v, (list, tuple, dict, str)) else ""
+    return f"{text[: RENDER_LIMIT - 20]}... ({size}{len(text)} characters)"
 
 
 def _jsonable(v: Any) -> Any:
@@ -251,7 +264,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             print(f"Error: ... and {len(problems) - 20} more problems", file=sys.stderr)
         return 1
     what = "sizes and checksums" if reader.kind == "torchckpt" else "headers (no checksums in this format)"
-    print(f"OK: {reader.path}: {len(reader.names)} tensors, {what} verified")
+    print(f"OK: {reader.path}: {plural(len(reader.names), 'tensor')}, {what} verified")
     return 0
 
 
@@ -261,7 +274,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from torchckpt._export import export_module
 
-    files = export_module(args.path, args.object, args.out, args.max_shard_size, args.progress)
+    files = export_module(args.path, args.object, args.out, args.max_shard_size, args.progress, args.config)
     print(f"wrote {', '.join(files)} to {args.out}")
     return 0
 
@@ -269,8 +282,18 @@ def cmd_export(args: argparse.Namespace) -> int:
 # -- plumbing ----------------------------------------------------------------------------------
 
 
+def _command(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str, example: str,
+             parents: list[argparse.ArgumentParser] | None = None) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".", parents=parents or [],
+                          epilog=f"example:\n  {example}", formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="torchckpt", description="Inspect, compare, verify and export checkpoints.")
+    parser = argparse.ArgumentParser(
+        prog="torchckpt", description="Inspect, compare, verify and export checkpoints.",
+        epilog="examples:\n  torchckpt inspect runs/gan\n  torchckpt ls runs/gan\n  torchckpt verify runs/gan/ckpt-7\n"
+               "run 'torchckpt COMMAND --help' for a command's options",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"torchckpt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     progress = argparse.ArgumentParser(add_help=False)
@@ -278,14 +301,16 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show progress bars")
     group.add_argument("--no-progress", dest="progress", action="store_false", help="never show progress bars")
 
-    p = sub.add_parser("inspect", help="list a checkpoint's tensors (reads only the index and headers)")
-    p.add_argument("path", help="checkpoint directory, manager directory, .safetensors file or Hugging Face folder")
+    p = _command(sub, "inspect", "list a checkpoint's tensors (reads only the index and headers)",
+                 "torchckpt inspect runs/gan --filter 'generator/*'")
+    p.add_argument("path", help="checkpoint directory, manager directory (its latest checkpoint), .safetensors file "
+                   "or Hugging Face folder")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--filter", metavar="GLOB", help="only names matching this shell-style pattern")
     p.set_defaults(handler=cmd_inspect)
 
-    p = sub.add_parser("ls", help="a manager directory's checkpoints, with marks and metrics")
-    p.add_argument("directory")
+    p = _command(sub, "ls", "a manager directory's checkpoints, with marks and metrics", "torchckpt ls runs/gan")
+    p.add_argument("directory", help="the directory a CheckpointManager (or Checkpoint.save) writes into")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--metric", help="the metric that decides 'best' (default: the manager's best_metric, or the "
                    "only metric recorded)")
@@ -293,22 +318,27 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the manager's best_mode)")
     p.set_defaults(handler=cmd_ls)
 
-    p = sub.add_parser("diff", help="tensors and state that differ between two checkpoints", parents=[progress])
-    p.add_argument("a")
-    p.add_argument("b")
+    p = _command(sub, "diff", "tensors and state that differ between two checkpoints",
+                 "torchckpt diff runs/gan/ckpt-6 runs/gan/ckpt-7 --values --exit-code", [progress])
+    p.add_argument("a", help="the first checkpoint (any path inspect takes)")
+    p.add_argument("b", help="the second checkpoint")
     p.add_argument("--values", action="store_true", help="also compare values (max absolute difference per tensor)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--exit-code", action="store_true", help="exit with 1 when the checkpoints differ (as git diff)")
     p.set_defaults(handler=cmd_diff)
 
-    p = sub.add_parser("verify", help="check every shard against its recorded sizes and checksums", parents=[progress])
-    p.add_argument("path")
+    p = _command(sub, "verify", "check every shard against its recorded sizes and checksums",
+                 "torchckpt verify runs/gan/ckpt-7", [progress])
+    p.add_argument("path", help="the checkpoint to check (any path inspect takes); exit 1 on any problem")
     p.set_defaults(handler=cmd_verify)
 
-    p = sub.add_parser("export", help="write one module's weights as a Hugging Face safetensors folder", parents=[progress])
-    p.add_argument("path")
+    p = _command(sub, "export", "write one module's weights as a Hugging Face safetensors folder",
+                 "torchckpt export runs/gan --object generator exported/ --config config.json", [progress])
+    p.add_argument("path", help="the checkpoint to export from (any path inspect takes)")
     p.add_argument("--object", required=True, metavar="NAME", help="the tracked module to export")
-    p.add_argument("out", help="output folder")
+    p.add_argument("out", help="output folder (replaced atomically as a whole)")
     p.add_argument("--max-shard-size", default="5GB", help="bytes per shard, e.g. 5GB (default) or 500MiB")
+    p.add_argument("--config", metavar="FILE", help="a config.json to copy into the folder (for from_pretrained)")
     p.set_defaults(handler=cmd_export)
     return parser
 

@@ -133,6 +133,16 @@ def format_keys(keys: Any, limit: int = 10) -> str:
     return shown
 
 
+def a_or_an(word: str) -> str:
+    """``"an optimizer"``, ``"a module"``: the word with its indefinite article."""
+    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
+
+
+def plural(count: int, noun: str) -> str:
+    """``"1 tensor"``, ``"3 tensors"``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 class VariableNotFoundError(CheckpointError, KeyError):
     """A tensor name is not in the checkpoint.
 

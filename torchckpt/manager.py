@@ -24,7 +24,7 @@ from torchckpt import _atomic, _directory, _files, _format, _lock
 from torchckpt._directory import Entry, State, StateFileError
 from torchckpt._retention import MetricFn, best_entries, plan_retention
 from torchckpt.checkpoint import Checkpoint, as_path
-from torchckpt.errors import CheckpointError, CheckpointWriteError
+from torchckpt.errors import CheckpointError, CheckpointWriteError, a_or_an
 
 __all__ = ["CheckpointManager"]
 
@@ -45,7 +45,8 @@ def _metric(key: str, value: Any) -> Any:
         return float(result) if isinstance(result, (int, float)) and not isinstance(result, bool) else result
     if isinstance(value, (int, float)):  # int and float subclasses
         return float(value) if isinstance(value, float) else int(value)
-    raise TypeError(f"metrics[{key!r}] is a {type(value).__name__}; metrics must be numbers, bools, strings or None.")
+    raise TypeError(f"metrics[{key!r}] is {a_or_an(type(value).__name__)}; metrics must be numbers, bools, strings "
+                    "or None.")
 
 
 def _number(value: Any) -> int:

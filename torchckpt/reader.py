@@ -125,6 +125,20 @@ class CheckpointReader:
             self._files = self._index.shard_of()
         return self._files
 
+    @property
+    def aliases(self) -> dict[str, str]:
+        """Tied names: alias -> the stored name whose bytes it shares (tied weights are stored once)."""
+        return dict(self._aliases)
+
+    def locate(self, name: str) -> tuple[str, int, int]:
+        """Where a tensor's bytes are: (file path, byte offset, byte count), as a restore reads them.
+
+        Raises:
+            VariableNotFoundError: no such tensor.
+        """
+        info = self._info(self._resolve(name))
+        return self._file_path(info), info.start, info.nbytes
+
     def has_tensor(self, name: str) -> bool:
         return name in self._file_map or name in self._aliases
 

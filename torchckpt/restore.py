@@ -27,6 +27,7 @@ from torchckpt.errors import (
     RestoreMismatchError,
     UnsupportedStateError,
     format_keys,
+    plural,
 )
 
 __all__ = ["MismatchReport", "RestoreStatus", "PartialRestoreWarning"]
@@ -114,12 +115,8 @@ class MismatchReport:
                 f"matched through a DDP 'module.' or torch.compile '_orig_mod.' prefix ({len(self.remapped_keys)}): "
                 + format_keys(f"{a} -> {b}" for a, b in self.remapped_keys.items())
             )
-        head = f"restored {_plural(len(self.restored_keys), 'value')}"
+        head = f"restored {plural(len(self.restored_keys), 'value')}"
         return head + ("; " + "; ".join(lines) if lines else "; everything matched")
-
-
-def _plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
 class RestoreStatus:
@@ -265,13 +262,6 @@ def _shared_key(key: str, saved: SavedTensor) -> str:
     return saved.name if saved.name == key else key
 
 
-def _canonical(key: str) -> str:
-    parts = [p for p in key.split(".") if p != "_orig_mod"]
-    while len(parts) > 1 and parts[0] == "module":
-        parts.pop(0)
-    return ".".join(parts)
-
-
 def _match_keys(saved_keys: Iterable[str], object_keys: Iterable[str]) -> dict[str, str]:
     """Pair checkpoint keys with object keys: exactly, or through DDP / compile prefixes."""
     object_keys = list(object_keys)
@@ -281,10 +271,10 @@ def _match_keys(saved_keys: Iterable[str], object_keys: Iterable[str]) -> dict[s
     left_object = [k for k in object_keys if k not in taken]
     by_canon: dict[str, list[str]] = {}
     for k in left_object:
-        by_canon.setdefault(_canonical(k), []).append(k)
+        by_canon.setdefault(_tree.canonical_module_key(k), []).append(k)
     saved_canon: dict[str, list[str]] = {}
     for k in left_saved:
-        saved_canon.setdefault(_canonical(k), []).append(k)
+        saved_canon.setdefault(_tree.canonical_module_key(k), []).append(k)
     for canon, keys in saved_canon.items():
         candidates = by_canon.get(canon, [])
         if len(keys) == 1 and len(candidates) == 1:

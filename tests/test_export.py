@@ -1,0 +1,111 @@
+"""``torchckpt export``: a folder Hugging Face tools load as their own."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import torchckpt
+from torchckpt.cli import main
+
+from .conftest import make_mlp
+
+
+class DDPLike(torch.nn.Module):
+    """What DistributedDataParallel's state_dict looks like: every key under ``module.``."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+
+def exported_state(out) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for name in sorted(os.listdir(out)):
+        if name.endswith(".safetensors"):
+            state.update(load_file(os.path.join(out, name)))
+    return state
+
+
+@pytest.mark.parametrize("wrap", ["ddp", "compile"])
+def test_prefixes_are_stripped_as_restore_strips_them(tmp_path, wrap):
+    model = make_mlp(4)
+    wrapped = DDPLike(model) if wrap == "ddp" else torch.compile(model)
+    assert all(k.startswith(("module.", "_orig_mod.")) for k in wrapped.state_dict())
+    path = torchckpt.Checkpoint(model=wrapped).write(tmp_path / "c")
+    assert main(["export", path, "--object", "model", str(tmp_path / "out")]) == 0
+    fresh = make_mlp(0)
+    fresh.load_state_dict(exported_state(tmp_path / "out"), strict=True)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+
+
+def test_a_re_export_replaces_the_folder_as_a_whole(tmp_path):
+    path = torchckpt.Checkpoint(model=make_mlp(1)).write(tmp_path / "c")
+    out = tmp_path / "out"
+    assert main(["export", path, "--object", "model", str(out), "--max-shard-size", "100B"]) == 0
+    assert "model.safetensors.index.json" in os.listdir(out) and len(os.listdir(out)) > 2
+    later = torchckpt.Checkpoint(model=make_mlp(2)).write(tmp_path / "d")
+    assert main(["export", later, "--object", "model", str(out)]) == 0
+    assert os.listdir(out) == ["model.safetensors"]  # no stale shard or index of the first export
+    fresh = make_mlp(0)
+    fresh.load_state_dict(load_file(out / "model.safetensors"), strict=True)
+    assert torch.equal(fresh[0].weight, make_mlp(2)[0].weight)
+    assert [n for n in os.listdir(tmp_path) if "torchckpt-" in n] == []
+
+
+def test_a_folder_with_other_files_is_never_replaced(tmp_path, capsys):
+    path = torchckpt.Checkpoint(model=make_mlp(1)).write(tmp_path / "c")
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    assert main(["export", path, "--object", "model", str(out)]) == 1
+    assert "holds files an export does not write (notes.txt)" in capsys.readouterr().err
+    assert os.listdir(out) == ["notes.txt"]
+
+
+def test_config_is_copied(tmp_path):
+    path = torchckpt.Checkpoint(model=make_mlp(1)).write(tmp_path / "c")
+    (tmp_path / "config.json").write_text('{"model_type": "mlp"}')
+    assert main(["export", path, "--object", "model", str(tmp_path / "out"), "--config", str(tmp_path / "config.json")]) == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text()) == {"model_type": "mlp"}
+
+
+@pytest.fixture
+def gpt2(monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=101)
+    torch.manual_seed(0)
+    return transformers, config, transformers.GPT2LMHeadModel(config).eval()
+
+
+@pytest.mark.parametrize("wrap", ["plain", "compile", "ddp"])
+def test_from_pretrained_loads_the_export_exactly(tmp_path, gpt2, wrap):
+    transformers, config, model = gpt2
+    config.save_pretrained(tmp_path / "cfg")
+    tracked = {"plain": model, "compile": torch.compile(model), "ddp": DDPLike(model)}[wrap]
+    path = torchckpt.Checkpoint(model=tracked).write(tmp_path / "c")
+    out = tmp_path / "out"
+    assert main(["export", path, "--object", "model", str(out), "--config", str(tmp_path / "cfg" / "config.json")]) == 0
+    loaded, info = transformers.GPT2LMHeadModel.from_pretrained(out, output_loading_info=True)
+    assert info["missing_keys"] in ([], set()) and info["unexpected_keys"] in ([], set()), info
+    loaded.eval()
+    tokens = torch.tensor([[1, 5, 9, 100, 42]])
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, model(tokens).logits)
+
+
+def test_the_export_is_as_small_as_save_pretrained(tmp_path, gpt2):
+    _, _, model = gpt2
+    model.save_pretrained(tmp_path / "hf")
+    path = torchckpt.Checkpoint(model=model).write(tmp_path / "c")
+    assert main(["export", path, "--object", "model", str(tmp_path / "out")]) == 0
+    ours, theirs = exported_state(tmp_path / "out"), exported_state(tmp_path / "hf")
+    assert sorted(ours) == sorted(theirs)  # the tied lm_head.weight is left out by both
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    size = lambda d: sum(os.path.getsize(os.path.join(d, n)) for n in os.listdir(d) if n.endswith(".safetensors"))  # noqa: E731
+    assert abs(size(tmp_path / "out") - size(tmp_path / "hf")) < 1024
