@@ -167,3 +167,37 @@ def test_help_and_version():
     assert run("--help").returncode == 0
     version = run("--version")
     assert version.returncode == 0 and torchckpt.__version__ in version.stdout
+
+
+def test_diff_exit_code_and_shortened_values(tmp_path, capsys):
+    import random
+
+    random.seed(1)
+    a = torchckpt.Checkpoint(w=torch.ones(2), rng=torchckpt.RNGState()).write(tmp_path / "a")
+    random.random()
+    b = torchckpt.Checkpoint(w=torch.ones(2), rng=torchckpt.RNGState()).write(tmp_path / "b")
+    assert main(["diff", a, a, "--exit-code"]) == 0
+    capsys.readouterr()
+    assert main(["diff", a, b, "--exit-code"]) == 1 and main(["diff", a, b]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("~ rng/python"))
+    assert len(line) < 400 and "characters)" in line  # a 625-int Mersenne Twister state, shortened
+    assert "1 state value changed" in out or "state values changed" in out
+
+
+def test_every_argument_has_help_and_every_command_an_example():
+    from torchckpt.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command").choices
+    for name, sub in subparsers.items():
+        assert sub.epilog and "example:" in sub.epilog and f"torchckpt {name}" in sub.epilog, name
+        for action in sub._actions:
+            assert action.help, f"{name} {action.dest}"
+
+
+def test_plurals_and_articles(tmp_path, capsys):
+    path = torchckpt.Checkpoint(w=torch.ones(2)).write(tmp_path / "c")
+    assert main(["inspect", path]) == 0 and "1 tensor, 8 B in 1 shard" in capsys.readouterr().out
+    status = torchckpt.Checkpoint(w=torch.zeros(2)).read(path)
+    assert str(status.report).startswith("restored 1 value;")

@@ -558,3 +558,14 @@ def test_the_format_seal_is_the_last_key(tmp_path):
     path = torchckpt.Checkpoint(w=torch.ones(1)).write(tmp_path / "c")
     raw = json.loads(Path(path, "index.json").read_text())
     assert list(raw)[-1] == _format.SEAL_KEY
+
+
+def test_a_read_only_file_system_is_named_with_what_to_do(tmp_path, monkeypatch):
+    def read_only(path, mode=0o777):
+        raise OSError(errno.EROFS, "Read-only file system", path)
+
+    monkeypatch.setattr(_atomic.os, "mkdir", read_only)
+    with pytest.raises(torchckpt.CheckpointWriteError, match="the file system is read-only. Write checkpoints") as info:
+        torchckpt.Checkpoint(w=torch.ones(1)).write(tmp_path / "c")
+    assert info.value.errno == errno.EROFS and info.value.path == str(tmp_path / "c")
+    assert str(tmp_path / "c") in str(info.value)

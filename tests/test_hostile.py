@@ -354,3 +354,32 @@ def test_cli_prints_values_that_do_not_encode(tmp_path):
     state_path.write_bytes(sealed_json(state))
     code, out, err = run_cli(["ls", str(tmp_path)])
     assert code == 0 and "Traceback" not in err and "tag=\\ud800" in out
+
+
+def test_a_sparse_size_claim_is_refused_without_reading_it(tmp_path):
+    """A shard grown to 1 TiB (sparse) with the index claiming it: the header disagrees with the
+    file, so verify, the reader and restore refuse it at once instead of reading a terabyte."""
+    import time
+
+    path = torchckpt.Checkpoint(w=torch.ones(4)).write(tmp_path / "c")
+    shard = Path(path, "model-00001-of-00001.safetensors")
+    with open(shard, "r+b") as f:
+        f.truncate(2**40)
+    forge(path, lambda i: i["torchckpt"]["shards"][0].update(size=2**40))
+    start = time.perf_counter()
+    problems = torchckpt.reader.verify(torchckpt.load_checkpoint(path))
+    assert problems and "trailing bytes" in problems[0]
+    with pytest.raises(torchckpt.CorruptCheckpointError, match="trailing bytes"):
+        torchckpt.Checkpoint(w=torch.zeros(4)).read(path)
+    assert time.perf_counter() - start < 10
+
+
+def test_flat_parameters_are_refused_by_key(tmp_path):
+    flat_param = pytest.importorskip("torch.distributed.fsdp._flat_param")
+    try:
+        flat = flat_param.FlatParameter(torch.ones(4), requires_grad=True)
+    except Exception as e:  # noqa: BLE001 - the constructor's requirements vary between torch versions
+        pytest.skip(f"cannot build a FlatParameter here: {e}")
+    with pytest.raises(torchckpt.UnsupportedStateError, match="FSDP flat parameter") as info:
+        torchckpt.Checkpoint(w=flat).write(tmp_path / "c")
+    assert info.value.key == "w"

@@ -127,9 +127,9 @@ def prepare_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.T
     views_at: dict[tuple[Any, ...], str] = {}  # view key -> stored name, only at addresses that repeat
     supported = _format.SUPPORTED_DTYPES
     strided = torch.strided
-    plain = (torch.Tensor, torch.nn.Parameter)
     for name, t in tensors.items():
-        if type(t) not in plain or t.layout is not strided or t.dtype not in supported or t.is_meta or t.is_nested:
+        if (type(t) is not torch.Tensor and (type(t) is not torch.nn.Parameter or getattr(t, "_is_flat_param", False))
+                or t.layout is not strided or t.dtype not in supported or t.is_meta or t.is_nested):
             _check_tensor(name, t)
         address = t.data_ptr()
         if not address:

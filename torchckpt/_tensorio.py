@@ -36,13 +36,16 @@ def unsupported_reason(t: torch.Tensor, allow_meta: bool = False) -> str | None:
     fake tensors), an FSDP1 flat parameter, a tensor without storage: reading ``data_ptr()`` of
     one gives an address that holds nothing (DTensor's is 0) or raises.
     """
-    if type(t) in _PLAIN_TYPES and t.layout is _STRIDED and not t.is_meta:  # the common case, in a few calls
+    plain = type(t) is torch.Tensor or type(t) is torch.nn.Parameter and not getattr(t, "_is_flat_param", False)
+    if plain and t.layout is _STRIDED and not t.is_meta:  # the common case, in a few calls
         try:
             if t.data_ptr() or not t.numel():
                 return None
         except RuntimeError as e:  # "Cannot access data pointer of Tensor that doesn't have storage"
             return f"a tensor whose memory cannot be reached ({e})"
         return "a tensor without memory"
+    if getattr(t, "_is_flat_param", False):  # FSDP1's FlatParameter is a Parameter with this flag
+        return "an FSDP flat parameter (FSDP1's sharded storage)"
     if type(t) not in _PLAIN_TYPES:
         from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
@@ -50,8 +53,6 @@ def unsupported_reason(t: torch.Tensor, allow_meta: bool = False) -> str | None:
             return f"a {type(t).__name__}, a tensor subclass that wraps other tensors (such as DTensor from FSDP2)"
         if type(t).__name__ == "FakeTensor" or getattr(t, "fake_mode", None) is not None:
             return "a fake tensor (it has no data)"
-        if getattr(t, "_is_flat_param", False):
-            return "an FSDP flat parameter"
         dispatch = getattr(type(t), "__torch_dispatch__", None)
         if dispatch is not None and getattr(dispatch, "__func__", dispatch) is not getattr(
                 torch.Tensor.__torch_dispatch__, "__func__", torch.Tensor.__torch_dispatch__):
