@@ -345,6 +345,15 @@ def test_tensor_numpy_and_nan_metrics_are_recorded_and_never_best(tmp_path):
     assert type(fresh.metrics_of(str(tmp_path / "ckpt-1"))["val_loss"]) is float
 
 
+def test_infinities_never_rank_best_in_either_mode(tmp_path):
+    for mode, values in (("max", (0.5, float("inf"))), ("min", (0.5, float("-inf")))):
+        mgr = CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), tmp_path / mode, max_to_keep=1, keep_best=1,
+                                best_metric="m", best_mode=mode)
+        for value in values:
+            mgr.save(metrics={"m": value})
+        assert mgr.best_checkpoint.endswith("ckpt-1"), mode
+
+
 @pytest.mark.parametrize("metrics", [{"m": torch.ones(3)}, {"m": object()}, {3: 1.0}], ids=["vector", "object", "int-key"])
 def test_bad_metrics_are_refused_before_anything_is_written(tmp_path, metrics):
     mgr = CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), tmp_path, max_to_keep=1)

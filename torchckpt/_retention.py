@@ -29,7 +29,8 @@ class Retention:
 
 
 def metric_value(entry: Entry, metric: str | MetricFn | None) -> float | None:
-    """The entry's metric as a float, or None when it has none (or it is nan)."""
+    """The entry's metric as a float, or None when it has none (or it is NaN or infinite: a diverged
+    run's loss never ranks best)."""
     if metric is None or not entry.metrics:
         return None
     try:
@@ -37,7 +38,7 @@ def metric_value(entry: Entry, metric: str | MetricFn | None) -> float | None:
         value = float(raw) if raw is not None else None
     except (TypeError, ValueError, KeyError):
         return None
-    return None if value is None or math.isnan(value) else value
+    return None if value is None or not math.isfinite(value) else value
 
 
 def best_entries(entries: Sequence[Entry], k: int, metric: str | MetricFn | None, mode: str) -> list[Entry]:

@@ -292,7 +292,7 @@ def plan_module(name: str, module: torch.nn.Module, saved: Any, plan: Plan) -> N
     if saved is _MISSING:
         plan.report.missing_keys.extend(_tree.join(name, _tree.escape_part(k)) for k in current)
         return
-    if not isinstance(saved, dict):
+    if not isinstance(saved, dict) or not all(type(k) is str for k in saved):  # a state dict has str keys
         plan.report.missing_keys.extend(_tree.join(name, _tree.escape_part(k)) for k in current)
         plan.report.unexpected_keys.extend(_saved_leaf_keys(saved, name))
         return
