@@ -26,7 +26,9 @@ from torchckpt.errors import CheckpointError
 
 LOCK_FILE = ".torchckpt.lock"
 _held: dict[str, int] = {}
-_guard = threading.Lock()
+# Reentrant: a KeyboardInterrupt that lands while the guard is held must not leave it locked for
+# the `except KeyboardInterrupt: manager.save()` that follows on the same thread.
+_guard = threading.RLock()
 
 
 def _key(directory: str) -> str:
@@ -41,6 +43,8 @@ def claim_directory(directory: str) -> None:
         OSError: the lock file cannot be created (a read-only directory, say); nothing is held.
     """
     key = _key(directory)
+    if key in _held:  # already this process's (every save asks): no lock taken
+        return
     with _guard:
         if key in _held:
             return
@@ -88,7 +92,7 @@ def _forget_after_fork() -> None:
     """In a forked child: close the inherited lock descriptors and drop the parent's claims. The
     parent's lock stays (it still has its own descriptor), so a claim by the child is refused."""
     global _guard
-    _guard = threading.Lock()
+    _guard = threading.RLock()
     for fd in _held.values():
         with contextlib.suppress(OSError):
             os.close(fd)
