@@ -88,8 +88,11 @@ def test_gan_example_interrupted_with_ctrl_c_saves_and_resumes(tmp_path):
 
     run = str(tmp_path / "gan")
     script = os.path.join(ROOT, "examples", "train_gan.py")
+    # SIGINT back to its default in the child: a job started in the background by a non-interactive
+    # shell inherits it ignored, and Python then never turns it into KeyboardInterrupt.
     proc = subprocess.Popen([sys.executable, script, "--dir", run, "--steps", "100000", "--save-every", "50"],
-                            stdout=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stdout is not None
     while "saved" not in proc.stdout.readline():
         pass
