@@ -81,3 +81,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def read_header_file(path, name):
+    """``_format.read_header`` of a local file (the parser reads from an open source)."""
+    from torchckpt import _format
+    from torchckpt._local import LOCAL
+
+    source = LOCAL.open(str(path), "Shard")
+    try:
+        return _format.read_header(source, name)
+    finally:
+        source.close()

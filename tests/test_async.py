@@ -15,20 +15,20 @@ import pytest
 import torch
 
 import torchckpt
-from torchckpt import CheckpointManager, _async, _storage
+from torchckpt import CheckpointManager, _async, _save
 
 
 def test_committed_checkpoint_holds_values_as_of_save(tmp_path, monkeypatch):
     weights = torch.zeros(1000)
     model = torch.nn.Linear(4, 4)
     release = threading.Event()
-    real = _storage.write_checkpoint
+    real = _save.write_checkpoint
 
     def slow(*args, **kwargs):
         release.wait(10)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(_storage, "write_checkpoint", slow)
+    monkeypatch.setattr(_save, "write_checkpoint", slow)
     manager = CheckpointManager(torchckpt.Checkpoint(weights=weights, model=model, epoch=1), tmp_path, async_save=True)
     expected_model = {k: v.clone() for k, v in model.state_dict().items()}
     path = manager.save(metrics={"loss": 1.0})
@@ -57,7 +57,7 @@ def test_background_failure_is_raised_by_the_next_call(tmp_path, monkeypatch):
     def failing(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(_storage, "write_checkpoint", failing)
+    monkeypatch.setattr(_save, "write_checkpoint", failing)
     manager.save()
     with pytest.raises(OSError, match="No space left"):
         manager.wait_until_finished()
@@ -73,7 +73,7 @@ def test_background_failure_is_raised_by_the_next_call(tmp_path, monkeypatch):
 def test_at_most_one_save_in_flight(tmp_path, monkeypatch):
     active, peak = [0], [0]
     lock = threading.Lock()
-    real = _storage.write_checkpoint
+    real = _save.write_checkpoint
 
     def counting(*args, **kwargs):
         with lock:
@@ -85,7 +85,7 @@ def test_at_most_one_save_in_flight(tmp_path, monkeypatch):
             with lock:
                 active[0] -= 1
 
-    monkeypatch.setattr(_storage, "write_checkpoint", counting)
+    monkeypatch.setattr(_save, "write_checkpoint", counting)
     w = torch.zeros(100_000)
     manager = CheckpointManager(torchckpt.Checkpoint(w=w), tmp_path, max_to_keep=2, async_save=True)
     for i in range(6):
@@ -191,7 +191,7 @@ def test_checkpoint_async_failure_surfaces_on_the_next_call(tmp_path, monkeypatc
     def failing(*args, **kwargs):
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(_storage, "write_checkpoint", failing)
+    monkeypatch.setattr(_save, "write_checkpoint", failing)
     ckpt.write(tmp_path / "a", async_save=True)
     with pytest.raises(OSError, match="Input/output error"):
         ckpt.write(tmp_path / "b")

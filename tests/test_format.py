@@ -13,9 +13,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import torchckpt
-from torchckpt import CorruptCheckpointError, _format, _storage
+from torchckpt import CorruptCheckpointError, _format, _save
 
-from .conftest import write_index
+from .conftest import read_header_file, write_index
 
 GOLDEN_HEADER = (
     b'\x88\x00\x00\x00\x00\x00\x00\x00{"__metadata__":{"format":"pt"},'
@@ -55,7 +55,7 @@ def test_golden_shard_header():
 def test_golden_index(tmp_path, monkeypatch):
     import xxhash
 
-    monkeypatch.setattr(_storage.time, "time", lambda: 1700000000.5)
+    monkeypatch.setattr(_save.time, "time", lambda: 1700000000.5)
     monkeypatch.setattr(torch, "__version__", "2.x")
     a, b = torch.tensor([1.0, 2.0]), torch.tensor(-3, dtype=torch.int8)
     torchckpt.Checkpoint(a=a, b=b, n=(1, float("inf"))).write(tmp_path / "c")
@@ -214,14 +214,14 @@ def test_hostile_headers_are_refused(tmp_path, header, data, length, match):
     path = tmp_path / "x.safetensors"
     _write_raw(path, header, data, length)
     with pytest.raises(CorruptCheckpointError, match=match) as info:
-        _format.read_header(str(path), "x.safetensors")
+        read_header_file(path, "x.safetensors")
     assert info.value.path == str(path)
 
 
 def test_tiny_file_is_refused(tmp_path):
     (tmp_path / "x.safetensors").write_bytes(b"abc")
     with pytest.raises(CorruptCheckpointError, match="shorter than the 8-byte"):
-        _format.read_header(str(tmp_path / "x.safetensors"), "x.safetensors")
+        read_header_file(tmp_path / "x.safetensors", "x.safetensors")
 
 
 @pytest.mark.parametrize("name", ["../evil.safetensors", "/etc/passwd.safetensors", "a/b.safetensors", "..", "x.bin", "c\\d.safetensors"])

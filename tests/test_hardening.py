@@ -306,14 +306,14 @@ def test_every_single_bit_flip_of_the_state_file_is_caught(tmp_path):
 def test_a_failed_final_async_save_is_reported_and_the_previous_one_kept(tmp_path):
     script = f"""
 import torch, torchckpt
-from torchckpt import _storage
+from torchckpt import _save
 ckpt = torchckpt.Checkpoint(w=torch.ones(8))
 mgr = torchckpt.CheckpointManager(ckpt, {str(tmp_path)!r}, async_save=True)
 mgr.save(); mgr.wait_until_finished()
-real = _storage._write_checkpoint
+real = _save._write_checkpoint
 def full(*args, **kwargs):
     raise OSError(28, "No space left on device")
-_storage._write_checkpoint = full
+_save._write_checkpoint = full
 mgr.save()  # the process ends with this save in flight
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
@@ -372,11 +372,11 @@ def test_a_failed_state_write_is_mended_by_the_next_save(tmp_path, monkeypatch):
     real = _directory.write_state
     calls = {"n": 0}
 
-    def failing(directory, state):
+    def failing(directory, state, *args):
         calls["n"] += 1
         if calls["n"] == 1:
             raise OSError(errno.ENOSPC, "No space left on device", os.path.join(directory, "checkpoints.json"))
-        real(directory, state)
+        return real(directory, state, *args)
 
     monkeypatch.setattr(_directory, "write_state", failing)
     with pytest.raises(OSError):

@@ -16,7 +16,7 @@ import torchckpt
 from torchckpt import _directory, _format, cli
 
 from . import fuzzing
-from .conftest import read_index, write_index
+from .conftest import read_header_file, read_index, write_index
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -152,7 +152,7 @@ def test_deep_json_is_refused_in_every_file(saved):
     header = b'{"a": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
     shard.write_bytes(struct.pack("<Q", len(header)) + header)
     with pytest.raises(torchckpt.CorruptCheckpointError, match="too deeply"):
-        _format.read_header(str(shard), shard.name)
+        read_header_file(shard, shard.name)
 
 
 def test_a_module_named_as_a_dtype_is_never_imported(saved):

@@ -442,17 +442,17 @@ def test_stale_temporaries_are_removed_when_a_manager_starts(tmp_path):
 def test_deletion_happens_after_commit(tmp_path, monkeypatch):
     manager = CheckpointManager(ckpt(), tmp_path, max_to_keep=1)
     first = manager.save()
-    from torchckpt import _storage
+    from torchckpt import _save
 
-    real = _storage.write_checkpoint
+    real = _save.write_checkpoint
 
     def failing(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(_storage, "write_checkpoint", failing)
+    monkeypatch.setattr(_save, "write_checkpoint", failing)
     with pytest.raises(OSError, match="No space left"):
         manager.save()
-    monkeypatch.setattr(_storage, "write_checkpoint", real)
+    monkeypatch.setattr(_save, "write_checkpoint", real)
     assert exists(first) and manager.checkpoints == [first] and manager.latest_checkpoint == first
 
 

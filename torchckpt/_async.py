@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from torchckpt import _storage, _threads
+from torchckpt import _capture, _threads
 
 _writers: weakref.WeakSet[AsyncWriter] = weakref.WeakSet()
 
@@ -53,7 +53,7 @@ class Staging:
     """
 
     def __init__(self, tensors: dict[str, torch.Tensor], flat: torch.Tensor | None = None) -> None:
-        stored, self.aliases = _storage.prepare_tensors(tensors)  # raises for what cannot be stored
+        stored, self.aliases = _capture.prepare_tensors(tensors)  # raises for what cannot be stored
         group_of: dict[Any, int] = {}
         members: list[list[str]] = []
         # Per tensor, what a later save must match to reuse this layout: name, dtype, shape, off the
@@ -204,7 +204,7 @@ class AsyncWriter:
 
     def snapshot(self, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """Copies of the tensors to store, in reusable host memory, and the aliases among ``tensors``
-        (as ``_storage.prepare_tensors``); returns once every copy is complete.
+        (as ``_capture.prepare_tensors``); returns once every copy is complete.
 
         The copies stay valid until the next ``snapshot``, which callers make only after the job
         using them has finished (``submit`` waits for it).

@@ -29,6 +29,7 @@ import uuid
 from collections.abc import Iterator
 
 from torchckpt import _files
+from torchckpt._backend import AlreadyCommitted
 
 TMP_MARKER = ".torchckpt-tmp-"
 OLD_MARKER = ".torchckpt-old-"
@@ -99,9 +100,7 @@ def _libc_renameat2() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
 _renameat2 = _libc_renameat2()
 
 
-class AlreadyThere(FileExistsError):
-    """A commit that must not replace found a checkpoint at its name."""
-
+AlreadyThere = AlreadyCommitted  # a commit that must not replace found a checkpoint at its name
 
 def _rename2(a: str, b: str, flags: int) -> bool:
     """``renameat2(a, b, flags)``; False when the platform or filesystem cannot do it."""

@@ -15,9 +15,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from torchckpt import _atomic, _files, _format, _index, _tree
-from torchckpt._storage import is_committed
-from torchckpt.errors import CorruptCheckpointError
+from torchckpt import _atomic, _format, _index, _tree
+from torchckpt._backend import ABSENT, Storage, as_path, is_url, join, name_of, parent_of
+from torchckpt._storage import storage_for
+from torchckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
 
 STATE_FILE = "checkpoints.json"
 STATE_FORMAT = "torchckpt.checkpoints"
@@ -70,7 +71,7 @@ class StateFileError(ValueError):
 
 
 def _plain_name(name: Any) -> str:
-    if (not isinstance(name, str) or not name or len(name) > 255 or name != os.path.basename(name)
+    if (not isinstance(name, str) or not name or len(name) > 255 or name != os.path.basename(name) or "\\" in name
             or name in (".", "..") or "\0" in name or not name.isprintable()):
         raise StateFileError(f"bad checkpoint name {name!r:.80}")
     return name
@@ -101,20 +102,35 @@ def _no_tensor(name: str) -> Any:
     raise CorruptCheckpointError("metrics hold no tensors")
 
 
-def read_state(directory: str) -> State | None:
+def read_state(directory: str, storage: Storage | None = None) -> State | None:
     """The directory's state, or None when there is no state file.
 
     Raises:
         StateFileError: the file exists but is damaged (its seal fails) or malformed.
     """
-    path = os.path.join(directory, STATE_FILE)
+    return read_state_versioned(directory, storage)[0]
+
+
+def read_state_versioned(directory: str, storage: Storage | None = None) -> tuple[State | None, Any]:
+    """:func:`read_state`, with the token a conditional :func:`write_state` needs (``ABSENT`` when
+    there is no state file; None for a damaged one, which is then replaced unconditionally)."""
+    storage = storage or storage_for(directory)
+    path = join(directory, STATE_FILE)
     try:
-        data = _files.read_regular(path, _format.MAX_STATE_FILE_SIZE, "State file")
+        data, token = storage.read_versioned(path, _format.MAX_STATE_FILE_SIZE, "State file")
+    except FileNotFoundError:
+        return None, ABSENT
+    except (OSError, CorruptCheckpointError) as e:
+        raise StateFileError(f"{path} cannot be used: {e}") from e
+    return parse_state(data, path), token
+
+
+def parse_state(data: bytes, path: str) -> State:
+    """Check and parse the bytes of a state file (``path`` names it in errors)."""
+    try:
         _format.unseal(data, path, "state file")
         raw = _format.parse_json(data, path, "state file")
-    except FileNotFoundError:
-        return None
-    except (OSError, CorruptCheckpointError) as e:
+    except CorruptCheckpointError as e:
         raise StateFileError(f"{path} cannot be used: {e}") from e
     if not isinstance(raw, dict) or raw.get("format") != STATE_FORMAT:
         raise StateFileError(f"{path} is not a torchckpt state file")
@@ -140,30 +156,34 @@ def read_state(directory: str) -> State | None:
         raise StateFileError(f"{path}: {e}") from None
 
 
-def write_state(directory: str, state: State) -> None:
-    """Replace the directory's state file atomically."""
-    _atomic.write_file_atomic(os.path.join(directory, STATE_FILE), state.to_bytes())
+def write_state(directory: str, state: State, storage: Storage | None = None, token: Any = None) -> Any:
+    """Replace the directory's state file atomically; with a ``token`` from
+    :func:`read_state_versioned` (or the one this returned), only if no other writer replaced it
+    meanwhile (``ConflictError`` otherwise). Returns the new token."""
+    storage = storage or storage_for(directory)
+    return storage.replace_file(join(directory, STATE_FILE), state.to_bytes(), token)
 
 
-def record_latest(directory: str, name: str) -> None:
+def record_latest(directory: str, name: str, storage: Storage | None = None) -> None:
     """Record ``name`` as the directory's latest checkpoint, keeping any manager history.
 
     This is what ``Checkpoint.save`` does. Unlike TensorFlow's, it keeps a manager's kept and
     preserved lists, so an unmanaged save never orphans a manager's checkpoints; the new
     checkpoint is not added to them, so no manager will ever delete it.
     """
+    storage = storage or storage_for(directory)
     try:
-        state = read_state(directory) or State()
+        state = read_state(directory, storage) or State()
     except StateFileError:
         state = State()
     state.latest = name
-    write_state(directory, state)
+    write_state(directory, state, storage)
 
 
 MANAGER_KEY = "manager"  # in a checkpoint's metadata: the checkpoint_name of the manager that wrote it
 
 
-def managed_entry(directory: str, name: str, checkpoint_name: str) -> Entry | None:
+def managed_entry(directory: str, name: str, checkpoint_name: str, storage: Storage | None = None) -> Entry | None:
     """The history entry of ``name`` when a manager with ``checkpoint_name`` wrote it (its index
     says so), else None: a checkpoint written any other way, or one that cannot be read.
 
@@ -172,7 +192,7 @@ def managed_entry(directory: str, name: str, checkpoint_name: str) -> Entry | No
     while checkpoints written by ``Checkpoint.save`` or copied in are never deleted.
     """
     try:
-        index = _index.load_index(os.path.join(directory, name))
+        index = _index.load_index(join(directory, name), storage)
         metadata = _tree.decode(index.section.get("metadata", {}), None, _no_tensor, "metadata")
     except (CorruptCheckpointError, OSError):
         return None
@@ -192,36 +212,34 @@ def number_of(name: str, prefix: str | None = None) -> int | None:
     return int(match.group("number"))
 
 
-def committed_members(directory: str, prefix: str | None = None) -> list[str]:
+def committed_members(directory: str, prefix: str | None = None, storage: Storage | None = None) -> list[str]:
     """Names of committed, numbered checkpoints in ``directory``, by number then name."""
-    try:
-        names = os.listdir(directory)
-    except (FileNotFoundError, NotADirectoryError):
-        return []
+    storage = storage or storage_for(directory)
     found = []
-    for name in names:
+    for name in storage.list_names(directory):
         number = number_of(name, prefix)
-        if number is not None and is_member(directory, name):
+        if number is not None and is_member(directory, name, storage):
             found.append((number, name))
     return [name for _, name in sorted(found)]
 
 
-def is_member(directory: str, name: str) -> bool:
+def is_member(directory: str, name: str, storage: Storage | None = None) -> bool:
     """Whether ``name`` is a committed checkpoint inside ``directory``: a real directory (a link,
     which could lead anywhere, is never one) holding a regular ``index.json``."""
-    path = os.path.join(directory, name)
-    return _files.is_real_directory(path) and is_committed(path)
+    storage = storage or storage_for(directory)
+    path = join(directory, name)
+    return storage.is_dir(path) and is_committed(path, storage)
 
 
-def _index_mtime(directory: str, name: str) -> float:
-    try:
-        return os.lstat(os.path.join(directory, name, _format.INDEX_FILE)).st_mtime_ns / 1e9
-    except OSError:
-        return -1.0
+def is_committed(path: str, storage: Storage | None = None) -> bool:
+    """Whether ``path`` is a committed checkpoint (not a temporary or a leftover): its
+    ``index.json`` is a regular file, not a link. On every backend the index is what commits."""
+    storage = storage or storage_for(path)
+    return not _atomic.is_temporary(name_of(path)) and storage.is_file(join(path, _format.INDEX_FILE))
 
 
-def latest_checkpoint(directory: str | os.PathLike[str]) -> str | None:
-    """The newest committed checkpoint in ``directory``, or None.
+def latest_checkpoint(directory: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None) -> str | None:
+    """The newest committed checkpoint in ``directory`` (a path or a URL), or None.
 
     The state file's ``latest`` wins when it names a committed checkpoint; otherwise (no state
     file, a damaged one, or one naming a checkpoint that is gone) the committed numbered
@@ -236,18 +254,62 @@ def latest_checkpoint(directory: str | os.PathLike[str]) -> str | None:
         >>> torchckpt.latest_checkpoint(d) == path
         True
     """
-    directory = os.fspath(directory)
+    root = as_path(directory)
+    return latest_in(root, storage_for(root, storage_options))
+
+
+def latest_in(directory: str, storage: Storage) -> str | None:
+    """:func:`latest_checkpoint` of a directory on ``storage``."""
     try:
-        state = read_state(directory)
+        state = read_state(directory, storage)
     except StateFileError:
         state = None
-    if state is not None and state.latest is not None and is_member(directory, state.latest):
-        return os.path.join(directory, state.latest)
-    members = committed_members(directory)
+    if state is not None and state.latest is not None and is_member(directory, state.latest, storage):
+        return join(directory, state.latest)
+    members = committed_members(directory, None, storage)
     if not members:
         return None
-    newest = max(members, key=lambda n: (_index_mtime(directory, n), number_of(n) or 0))
-    return os.path.join(directory, newest)
+    newest = max(members, key=lambda n: (storage.mtime(join(directory, n, _format.INDEX_FILE)), number_of(n) or 0))
+    return join(directory, newest)
+
+
+def resolve_checkpoint(path: str, storage: Storage) -> str:
+    """A checkpoint directory for ``path``: itself, or the latest checkpoint of a directory of them.
+
+    Raises:
+        CheckpointNotFoundError: nothing committed is there.
+    """
+    if not storage.exists(path) and not storage.follows_to_dir(path):
+        hint = ""
+        parent = parent_of(path)
+        if storage.follows_to_dir(parent):
+            import difflib
+
+            close = difflib.get_close_matches(name_of(path), storage.list_names(parent), n=1)
+            if close:
+                hint = f" Did you mean {sibling(path, close[0])!r}?"
+        raise CheckpointNotFoundError(f"No checkpoint at {path}: the path does not exist.{hint}", path)
+    if not storage.follows_to_dir(path):
+        if name_of(path) == _format.INDEX_FILE:
+            return parent_of(path)
+        raise CheckpointNotFoundError(
+            f"{path} is a file; pass a checkpoint directory (the one holding {_format.INDEX_FILE}).", path
+        )
+    if storage.exists(join(path, _format.INDEX_FILE)):
+        return path
+    latest = latest_in(path, storage)
+    if latest is None:
+        raise CheckpointNotFoundError(
+            f"No committed checkpoint in {path}: it has no {_format.INDEX_FILE} and no checkpoint directories. "
+            "A save that was interrupted leaves nothing behind; check the path.",
+            path,
+        )
+    return latest
+
+
+def sibling(path: str, name: str) -> str:
+    """``name`` next to ``path``, written as the user wrote ``path`` (relative stays relative)."""
+    return join(parent_of(path), name) if is_url(path) else os.path.join(os.path.dirname(path), name)
 
 
 def wait_for_new_checkpoint(
@@ -255,6 +317,8 @@ def wait_for_new_checkpoint(
     last_checkpoint: str | None = None,
     seconds_to_sleep: float = 1.0,
     timeout: float | None = None,
+    *,
+    storage_options: dict[str, Any] | None = None,
 ) -> str | None:
     """Wait until ``latest_checkpoint(checkpoint_dir)`` differs from ``last_checkpoint``.
 
@@ -263,9 +327,11 @@ def wait_for_new_checkpoint(
     """
     import time
 
+    root = as_path(checkpoint_dir)
+    storage = storage_for(root, storage_options)
     stop = time.time() + timeout if timeout is not None else None
     while True:
-        path = latest_checkpoint(checkpoint_dir)
+        path = latest_in(root, storage)
         if path is not None and path != last_checkpoint:
             return path
         if stop is not None and time.time() + seconds_to_sleep > stop:
@@ -280,6 +346,7 @@ def checkpoints_iterator(
     timeout_fn: Any = None,
     *,
     poll_interval_secs: float = 1.0,
+    storage_options: dict[str, Any] | None = None,
 ) -> Any:
     """Yield each new committed checkpoint of ``checkpoint_dir`` as it appears (as TensorFlow's).
 
@@ -293,6 +360,7 @@ def checkpoints_iterator(
         timeout_fn: called after each yield and each timeout; when it returns True the iteration ends.
             Without it, a timeout ends the iteration.
         poll_interval_secs: how often to look for a new checkpoint (TensorFlow: 1 second).
+        storage_options: passed to fsspec when ``checkpoint_dir`` is a URL.
 
     Example:
         >>> import tempfile, torchckpt
@@ -303,7 +371,8 @@ def checkpoints_iterator(
 
     path = None
     while True:
-        new = wait_for_new_checkpoint(checkpoint_dir, path, poll_interval_secs, timeout)
+        new = wait_for_new_checkpoint(checkpoint_dir, path, poll_interval_secs, timeout,
+                                      storage_options=storage_options)
         if new is None:
             if timeout_fn is None:
                 return

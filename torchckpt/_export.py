@@ -6,19 +6,22 @@ them); tied weights written once, under their first name (the model ties the oth
 loads); ``model.safetensors`` or shards plus ``model.safetensors.index.json``; and, given one, the
 model's ``config.json``.
 
-The folder is written as a temporary sibling and swapped into place in one step, so a re-export
-never leaves a stale shard or index of an earlier one behind. Bytes are copied from the
-checkpoint's shards range by range (the kernel does the copy where it can), so memory stays
-bounded whatever the size of the model.
+On a local filesystem the folder is written as a temporary sibling and swapped into place in one
+step, so a re-export never leaves a stale shard or index of an earlier one behind; on an object
+store its old files are deleted first and the new ones uploaded, the index last. Bytes are
+streamed from the checkpoint's shards piece by piece (and checked against their checksums), so
+memory stays bounded whatever the size of the model. Either side may be a URL.
 """
 
 from __future__ import annotations
 
 import json
-import os
+from typing import Any
 
-from torchckpt import _atomic, _files, _format, _tree
+from torchckpt import _format, _tree
+from torchckpt._backend import Stage, Storage, as_path, is_url
 from torchckpt._progress import progress_bar
+from torchckpt._storage import storage_for
 from torchckpt.errors import CheckpointError, a_or_an
 from torchckpt.reader import CheckpointReader, load_checkpoint
 
@@ -28,8 +31,9 @@ HF_CONFIG = "config.json"
 _EXPORT_FILES = (HF_INDEX, HF_CONFIG)  # with model*.safetensors: what an existing folder may hold to be replaced
 
 
-def export_module(path: str, obj: str, out: str, max_shard_size: int | str = "5GB", progress: bool | None = None,
-                  config: str | None = None) -> list[str]:
+def export_module(path: str, obj: str, out: str, max_shard_size: int | str = _format.DEFAULT_MAX_SHARD_SIZE,
+                  progress: bool | None = None, config: str | None = None,
+                  storage_options: dict[str, Any] | None = None) -> list[str]:
     """Write the module ``obj`` of checkpoint ``path`` to the folder ``out``; returns the files written.
 
     ``module.load_state_dict(safetensors.torch.load_file(...), strict=False)`` and Hugging Face's
@@ -40,7 +44,9 @@ def export_module(path: str, obj: str, out: str, max_shard_size: int | str = "5G
         CheckpointError: no such module, names that collide once prefixes are stripped, or an
             ``out`` that holds files an export would not write (it is never overwritten then).
     """
-    reader = load_checkpoint(path)
+    path, out = as_path(path), as_path(out)
+    reader = load_checkpoint(path, storage_options=_options_for(path, storage_options))
+    storage = storage_for(out, _options_for(out, storage_options))
     names = _module_tensors(reader, path, obj)
     local = _local_names(reader, obj, names)
     limit = _format.parse_size(max_shard_size)
@@ -58,24 +64,41 @@ def export_module(path: str, obj: str, out: str, max_shard_size: int | str = "5G
         group.sort(key=lambda n: -_format.itemsize(dtypes[n]))
     single = len(groups) == 1
     files = [HF_SINGLE] if single else [_format.shard_name(i, len(groups)) for i in range(1, len(groups) + 1)]
-    _check_replaceable(out)
-    with _atomic.temporary_directory(out) as tmp:
+    _check_replaceable(out, storage)
+    config_bytes = None
+    if config is not None:
+        config = as_path(config)
+        config_bytes = storage_for(config).read_file(config, _CONFIG_LIMIT, "Config file")
+    stage = storage.stage(out, replace=True)
+    try:
+        sizes: dict[str, int] = {}
         weight_map: dict[str, str] = {}
         with progress_bar(sum(reader.nbytes(n) for n in names), f"export {obj}", progress) as bar:
             for file, group in zip(files, groups):
                 header = _format.encode_header([(local[n], dtypes[n], tuple(shapes[n]), reader.nbytes(n)) for n in group])
-                _write_shard(reader, os.path.join(tmp, file), header, group, bar.update)
+                sizes[file] = _write_shard(reader, stage, file, header, group, bar.update)
                 weight_map.update((local[n], file) for n in group)
+        if config_bytes is not None:
+            stage.write_file(HF_CONFIG, config_bytes)
+            files.append(HF_CONFIG)
         if not single:
             index = {"metadata": {"total_size": sum(reader.nbytes(n) for n in names)},
                      "weight_map": dict(sorted(weight_map.items()))}
-            _write_new(os.path.join(tmp, HF_INDEX), (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
-            files.append(HF_INDEX)
-        if config is not None:
-            _write_new(os.path.join(tmp, HF_CONFIG), _files.read_regular(config, 64 * 2**20, "Config file"))
-            files.append(HF_CONFIG)
-        _atomic.commit_directory(tmp, out, replace=True)
+            stage.write_index(HF_INDEX, [(json.dumps(index, indent=2, sort_keys=True) + "\n").encode()])
+            files.insert(len(groups), HF_INDEX)
+        stage.commit(sizes)
+    except BaseException:
+        stage.discard()
+        raise
     return files
+
+
+_CONFIG_LIMIT = 64 * 2**20
+
+
+def _options_for(path: str, storage_options: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``storage_options`` where they apply: to a URL, not to a local path."""
+    return storage_options if is_url(path) else None
 
 
 def _module_tensors(reader: CheckpointReader, path: str, obj: str) -> list[str]:
@@ -108,14 +131,14 @@ def _local_names(reader: CheckpointReader, obj: str, names: list[str]) -> dict[s
     return local
 
 
-def _check_replaceable(out: str) -> None:
+def _check_replaceable(out: str, storage: Storage) -> None:
     """``out`` may be replaced: it is missing, empty, or holds only what an export writes."""
-    if not os.path.lexists(out):
+    if not storage.exists(out) and not storage.is_dir(out):
         return
-    if not _files.is_real_directory(out):
+    if not storage.is_dir(out):
         raise CheckpointError(f"Cannot export to {out}: it exists and is not a directory.")
-    others = [n for n in os.listdir(out) if not (n in _EXPORT_FILES or n.startswith("model") and
-                                                 n.endswith(_format.SHARD_SUFFIX))]
+    others = [n for n in storage.list_names(out) if not (n in _EXPORT_FILES or n.startswith("model") and
+                                                        n.endswith(_format.SHARD_SUFFIX))]
     if others:
         raise CheckpointError(
             f"Cannot export to {out}: it holds files an export does not write ({', '.join(sorted(others)[:5])}), "
@@ -123,54 +146,18 @@ def _check_replaceable(out: str) -> None:
         )
 
 
-def _write_shard(reader: CheckpointReader, path: str, header: bytes, group: list[str], progress: object) -> None:
-    fd = _files.create_exclusive(path)
-    try:
-        _write_all(fd, header)
+def _write_shard(reader: CheckpointReader, stage: Stage, file: str, header: bytes, group: list[str],
+                 progress: Any) -> int:
+    """Write one shard: the header, then each tensor's bytes streamed from the checkpoint."""
+    size = len(header) + sum(reader.nbytes(n) for n in group)
+    with stage.create(file, size) as out:
+        out.write([memoryview(header)])
         for name in group:
-            file, start, nbytes = reader.locate(name)
-            src = _files.open_regular(file, "Shard")
-            try:
-                _copy_range(src, fd, start, nbytes)
-            finally:
-                os.close(src)
-            progress(nbytes)  # type: ignore[operator]
-        os.fsync(fd)
-    except OSError as e:
-        raise _files.named(e, path) from e
-    finally:
-        os.close(fd)
+            for piece in reader.iter_bytes(name, _COPY_BYTES):
+                out.write([memoryview(piece)])
+                progress(len(piece))
+        out.finish()
+    return size
 
 
-def _write_new(path: str, data: bytes) -> None:
-    fd = _files.create_exclusive(path)
-    try:
-        _write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _copy_range(src: int, dst: int, offset: int, count: int) -> None:
-    copy = getattr(os, "copy_file_range", None)
-    while count > 0:
-        n = 0
-        if copy is not None:
-            try:
-                n = copy(src, dst, min(count, 1 << 30), offset)
-            except OSError:
-                copy = None
-        if not n:
-            data = os.pread(src, min(count, 1 << 24), offset)
-            if not data:
-                raise CheckpointError("unexpected end of a shard while exporting")
-            n = os.write(dst, data)
-        offset += n
-        count -= n
-
+_COPY_BYTES = 16 * 2**20

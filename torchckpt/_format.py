@@ -19,13 +19,15 @@ import os
 import re
 import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import xxhash
 
-from torchckpt import _files
 from torchckpt.errors import CorruptCheckpointError
+
+if TYPE_CHECKING:
+    from torchckpt._backend import Source
 
 INDEX_FILE = "index.json"
 TORCHCKPT_KEY = "torchckpt"  # the index's own section, beside Hugging Face's keys
@@ -234,32 +236,18 @@ def encode_header_pieces(entries: Iterable[tuple[str, torch.dtype, Sequence[int]
     return pieces
 
 
-def read_header(path: str, file_name: str) -> tuple[list[TensorInfo], dict[str, str], int]:
-    """Parse and validate a safetensors header (the file must be a regular file, not a link).
+def read_header(source: Source, file_name: str) -> tuple[list[TensorInfo], dict[str, str], int]:
+    """Parse and validate the safetensors header of the open file ``source`` (see ``_backend``).
 
     Returns:
         The tensors in file order, the ``__metadata__`` dict, and the file's size in bytes.
 
     Raises:
-        CorruptCheckpointError: the file is missing or not a well-formed safetensors file.
+        CorruptCheckpointError: not a well-formed safetensors file, or unreadable.
     """
+    path, size = source.path, source.size
     try:
-        fd = _files.open_regular(path, "Shard")
-    except FileNotFoundError:
-        raise CorruptCheckpointError(f"Shard {path} is missing.", path) from None
-    except OSError as e:
-        raise CorruptCheckpointError(f"Cannot read shard {path}: {e.strerror or e}.", path) from e
-    try:
-        return read_header_from(fd, path, file_name)
-    finally:
-        os.close(fd)
-
-
-def read_header_from(fd: int, path: str, file_name: str) -> tuple[list[TensorInfo], dict[str, str], int]:
-    """:func:`read_header` of the open file ``fd``."""
-    try:
-        size = os.fstat(fd).st_size
-        prefix = os.pread(fd, 8, 0)
+        prefix = source.read(0, 8)
         if len(prefix) < 8:
             raise CorruptCheckpointError(
                 f"{path} is not a safetensors file: it is {size} bytes, shorter than the 8-byte header length.",
@@ -276,7 +264,7 @@ def read_header_from(fd: int, path: str, file_name: str) -> tuple[list[TensorInf
             raise CorruptCheckpointError(
                 f"{path} is truncated: its header needs {8 + n} bytes but the file is only {size} bytes.", path
             )
-        raw = os.pread(fd, n, 8)
+        raw = source.read(8, n)
     except OSError as e:
         raise CorruptCheckpointError(f"Cannot read shard {path}: {e.strerror or e}.", path) from e
     if len(raw) < n:
@@ -492,20 +480,20 @@ def check_member_name(directory: str, name: Any, what: str) -> str:
         or "\0" in name
     ):
         raise CorruptCheckpointError(
-            f"{os.path.join(directory, INDEX_FILE)} names {what} {name!r}, which is not a plain file name "
+            f"{directory}/{INDEX_FILE} names {what} {name!r}, which is not a plain file name "
             "inside the checkpoint directory; refusing to follow it.",
             directory,
         )
     if not name.endswith(SHARD_SUFFIX):
         raise CorruptCheckpointError(
-            f"{os.path.join(directory, INDEX_FILE)} names {what} {name!r}, which is not a .safetensors file.",
+            f"{directory}/{INDEX_FILE} names {what} {name!r}, which is not a .safetensors file.",
             directory,
         )
     return name
 
 
 _SHAPE_KEYS: dict[Any, str] = {}
-_DTYPE_NAMES = _ST_DTYPES
+DTYPE_NAMES = _ST_DTYPES  # torch dtype -> its safetensors name
 
 
 def shape_key(shape: tuple[int, ...] | list[int]) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import os
 import re
 import struct
 from collections.abc import Callable
@@ -25,15 +24,18 @@ from typing import Any
 import torch
 import xxhash
 
-from torchckpt import _files, _format, _tree
+from torchckpt import _format, _tree
+from torchckpt._backend import Source, Storage, join
 from torchckpt._format import INDEX_FILE, TORCHCKPT_KEY, TensorInfo
-from torchckpt._storage import gc_paused
+from torchckpt._storage import storage_for
+from torchckpt._threads import gc_paused
 from torchckpt.errors import (
     CheckpointDeletedError,
     CheckpointError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
     format_keys,
+    shard_size_mismatch,
 )
 
 
@@ -46,6 +48,7 @@ class Index:
     """
 
     directory: str
+    storage: Storage
     raw: dict[str, Any]
     names: list[str]
     dtypes: list[str]
@@ -76,10 +79,10 @@ class Index:
 
 
 def _corrupt(directory: str, what: str) -> CorruptCheckpointError:
-    return CorruptCheckpointError(f"{os.path.join(directory, INDEX_FILE)} is invalid: {what}.", directory)
+    return CorruptCheckpointError(f"{join(directory, INDEX_FILE)} is invalid: {what}.", directory)
 
 
-def load_index(directory: str) -> Index:
+def load_index(directory: str, storage: Storage | None = None) -> Index:
     """Read and check ``DIRECTORY/index.json``: its seal, then every field a reader uses.
 
     Raises:
@@ -88,17 +91,17 @@ def load_index(directory: str) -> Index:
             version; ``.path`` is the checkpoint directory.
     """
     try:
-        return _load_index(directory)
+        return _load_index(directory, storage or storage_for(directory))
     except CorruptCheckpointError as e:
         if e.path is None:
             e.path = directory
         raise
 
 
-def _load_index(directory: str) -> Index:
-    path = os.path.join(directory, INDEX_FILE)
+def _load_index(directory: str, storage: Storage) -> Index:
+    path = join(directory, INDEX_FILE)
     try:
-        data = _files.read_regular(path, _format.MAX_INDEX_SIZE, "Index")
+        data = storage.read_file(path, _format.MAX_INDEX_SIZE, "Index")
     except FileNotFoundError:
         raise CheckpointNotFoundError(
             f"No checkpoint at {directory}: {INDEX_FILE} is missing. A checkpoint directory appears only "
@@ -110,6 +113,13 @@ def _load_index(directory: str) -> Index:
         raise CheckpointNotFoundError(f"No checkpoint at {directory}: it is not a directory.", directory) from None
     except OSError as e:
         raise CorruptCheckpointError(f"Cannot read {path}: {e.strerror or e}.", directory) from e
+    return parse_index(directory, storage, data)
+
+
+def parse_index(directory: str, storage: Storage, data: bytes) -> Index:
+    """Check and parse the bytes of ``DIRECTORY/index.json``, however they were read (a local file,
+    a GET, a test); ``storage`` is where its shards are."""
+    path = join(directory, INDEX_FILE)
     _format.unseal(data, path, "checkpoint index")
     with gc_paused():  # parsing allocates many small objects; collections in between only cost time
         raw = _format.parse_json(data, path, "checkpoint index")
@@ -160,7 +170,7 @@ def _load_index(directory: str) -> Index:
             if not isinstance(target, str) or target not in stored or alias in stored:
                 raise _corrupt(directory, f"alias {_short(alias)} must name a stored tensor, not {_short(target)}")
     _check_weight_map(directory, raw, names, shards)
-    return Index(directory, raw, names, dtypes, shapes, checksums, shards, aliases)
+    return Index(directory, storage, raw, names, dtypes, shapes, checksums, shards, aliases)
 
 
 def _check_section(directory: str, raw: dict[str, Any], section: dict[str, Any]) -> None:
@@ -244,24 +254,26 @@ def _check_weight_map(directory: str, raw: dict[str, Any], names: list[str], sha
 
 
 class OpenShards:
-    """A descriptor of every shard of a checkpoint, all opened before any is read.
+    """Every shard of a checkpoint, all opened before any is read.
 
-    Holding them pins the checkpoint's bytes: a manager's retention may delete the directory
-    meanwhile (a validation process reading while training saves), and the reads still see every
-    byte they planned on. Only a deletion before the shards are open is noticed, as
-    :class:`CheckpointDeletedError`.
+    On a local filesystem, holding the descriptors pins the checkpoint's bytes: a manager's
+    retention may delete the directory meanwhile (a validation process reading while training
+    saves), and the reads still see every byte they planned on. Only a deletion before the shards
+    are open is noticed, as :class:`CheckpointDeletedError`. An object store has no such pin: a
+    shard deleted during the read is a :class:`CheckpointDeletedError` when it is read.
     """
 
     def __init__(self, index: Index) -> None:
         self.directory = index.directory
-        self.fds: dict[str, int] = {}
+        self.storage = index.storage
+        self.sources: dict[str, Source] = {}
         try:
             for shard in index.shards:
-                path = os.path.join(index.directory, shard["file"])
+                path = join(index.directory, shard["file"])
                 try:
-                    self.fds[shard["file"]] = _files.open_regular(path, "Shard")
+                    self.sources[shard["file"]] = self.storage.open(path, "Shard")
                 except FileNotFoundError:
-                    raise missing_member(index.directory, path) from None
+                    raise missing_member(index.directory, path, self.storage) from None
                 except OSError as e:
                     raise CorruptCheckpointError(f"Cannot open shard {path}: {e.strerror or e}.", path) from e
         except BaseException:
@@ -269,12 +281,12 @@ class OpenShards:
             raise
 
     def path(self, file: str) -> str:
-        return os.path.join(self.directory, file)
+        return join(self.directory, file)
 
     def close(self) -> None:
-        fds, self.fds = self.fds, {}
-        for fd in fds.values():
-            os.close(fd)
+        sources, self.sources = self.sources, {}
+        for source in sources.values():
+            source.close()
 
     def __enter__(self) -> OpenShards:
         return self
@@ -283,9 +295,9 @@ class OpenShards:
         self.close()
 
 
-def missing_member(directory: str, path: str) -> CheckpointError:
+def missing_member(directory: str, path: str, storage: Storage) -> CheckpointError:
     """The error for a shard that is not there: the checkpoint was deleted, or is corrupt."""
-    if not os.path.lexists(os.path.join(directory, INDEX_FILE)):
+    if not storage.exists(join(directory, INDEX_FILE)):
         return CheckpointDeletedError(
             f"Checkpoint {directory} was deleted while it was being read (a manager's max_to_keep, usually); "
             "read a newer checkpoint.",
@@ -316,10 +328,10 @@ def read_shard_headers(index: Index, shards: OpenShards, trust_header_checksums:
         raise _corrupt(index.directory, f"the tensor table's checksums are malformed ({e})") from None
     for shard in index.shards:
         file, count = shard["file"], shard["tensors"]
-        path, fd = shards.path(file), shards.fds[file]
-        found = _exact_header(index, shard, position, dtypes, checksums, fd) if trust_header_checksums else None
+        path, source = shards.path(file), shards.sources[file]
+        found = _exact_header(index, shard, position, dtypes, checksums, source) if trust_header_checksums else None
         if found is None:
-            found = _parsed_header(index, shard, position, checksums, fd, path)
+            found = _parsed_header(index, shard, position, checksums, source, path)
         infos.update(zip(index.names[position : position + count], found))
         position += count
     for alias, target in index.aliases.items():
@@ -328,13 +340,13 @@ def read_shard_headers(index: Index, shards: OpenShards, trust_header_checksums:
 
 
 def _parsed_header(index: Index, shard: dict[str, Any], position: int, checksums: tuple[int, ...],
-                   fd: int, path: str) -> list[TensorInfo]:
+                   source: Source, path: str) -> list[TensorInfo]:
     """The shard's tensors in table order, from its fully parsed and validated header."""
     file, count = shard["file"], shard["tensors"]
-    found, _, size = _format.read_header_from(fd, path, file)
+    found, _, size = _format.read_header(source, file)
     if size != shard["size"]:
         raise CorruptCheckpointError(
-            f"Shard {path} is {size} bytes but {INDEX_FILE} records {shard['size']}; it was truncated or replaced.",
+            shard_size_mismatch(path, size, shard["size"], INDEX_FILE),
             path,
         )
     expected = index.names[position : position + count]
@@ -363,7 +375,7 @@ def _parsed_header(index: Index, shard: dict[str, Any], position: int, checksums
 
 
 def _exact_header(index: Index, shard: dict[str, Any], position: int, dtypes: dict[str, torch.dtype],
-                  checksums: tuple[int, ...], fd: int) -> list[TensorInfo] | None:
+                  checksums: tuple[int, ...], source: Source) -> list[TensorInfo] | None:
     """The shard's tensors when its header is the one written with this index, else None.
 
     The index records the xxh3-64 of each shard's header bytes. When the header hashes to it and
@@ -375,23 +387,22 @@ def _exact_header(index: Index, shard: dict[str, Any], position: int, dtypes: di
     recorded = shard.get("header_checksum")
     if not isinstance(recorded, str):
         return None
-    size = os.fstat(fd).st_size
-    prefix = os.pread(fd, 8, 0)
+    size = source.size
+    prefix = source.read(0, 8)
     if size != shard["size"] or len(prefix) < 8:
         return None
     (n,) = struct.unpack("<Q", prefix)
     if n > _format.MAX_HEADER_SIZE or 8 + n > size:
         return None
     hasher = xxhash.xxh3_64(prefix)
-    buffer = memoryview(bytearray(min(n, _HEADER_CHUNK)))  # a 20,000-tensor header is megabytes
     offset, left = 8, n
-    while left:
-        got = os.preadv(fd, [buffer[: min(left, len(buffer))]], offset)
-        if not got:
+    while left:  # a 20,000-tensor header is megabytes: hashed a bounded piece at a time
+        piece = source.read(offset, min(left, _HEADER_CHUNK))
+        if not piece:
             return None
-        hasher.update(buffer[:got])
-        offset += got
-        left -= got
+        hasher.update(piece)
+        offset += len(piece)
+        left -= len(piece)
     if hasher.hexdigest() != recorded:
         return None
     end = position + shard["tensors"]
@@ -421,4 +432,4 @@ def state_tree(index: Index, resolve: Callable[[str], Any]) -> Any:
     except CorruptCheckpointError as e:
         if e.path is not None:
             raise
-        raise CorruptCheckpointError(f"{os.path.join(index.directory, INDEX_FILE)}: {e}", index.directory) from None
+        raise CorruptCheckpointError(f"{join(index.directory, INDEX_FILE)}: {e}", index.directory) from None

@@ -14,7 +14,6 @@ and could pick the same number.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import os
 import socket
@@ -80,12 +79,6 @@ def release_directory(directory: str) -> None:
         fd = _held.pop(_key(directory), None)
     if fd is not None:
         os.close(fd)
-
-
-def is_read_only_error(error: OSError) -> bool:
-    """Whether ``error`` means the directory cannot be written at all (a read-only mount or
-    permissions), as opposed to a passing failure."""
-    return error.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def _forget_after_fork() -> None:

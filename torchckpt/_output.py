@@ -26,8 +26,8 @@ import queue
 import threading
 
 from torchckpt import _files, _threads
+from torchckpt._backend import IOV_MAX
 
-IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 ALIGN = 4096  # offsets, lengths and addresses of direct writes: covers 512- and 4096-byte sectors
 DIRECT_MIN_BYTES = 16 * 2**20  # smaller files: one ordinary write is as fast and needs no buffers
 _BUFFERS = 4

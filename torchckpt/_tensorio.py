@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import array
 import ctypes
-import os
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import xxhash
 
-from torchckpt import _output, _threads
+from torchckpt import _threads
+from torchckpt._backend import IOV_MAX
+
+if TYPE_CHECKING:
+    from torchckpt._backend import Output, Source
 
 CHUNK_BYTES = 64 * 2**20
 _WRITEV_BYTES = 16 * 2**20
@@ -112,7 +115,7 @@ def host_chunks(t: torch.Tensor, limit: int = CHUNK_BYTES) -> Iterator[torch.Ten
         yield t[i : i + step].contiguous().cpu()
 
 
-def write_tensors(out: _output.Output, tensors: list[torch.Tensor],
+def write_tensors(out: Output, tensors: list[torch.Tensor],
                   on_bytes: Callable[[int], None] | None = None) -> array.array[int]:
     """Write each tensor's bytes back to back at the file's position; return their xxh3-64 digests
     (an ``array`` of unsigned 64-bit ints: 8 bytes a tensor, not a Python int each).
@@ -151,7 +154,7 @@ def write_tensors(out: _output.Output, tensors: list[torch.Tensor],
             view = byte_view(t)
             pending.append(view)
             pending_bytes += len(view)
-            if pending_bytes >= _WRITEV_BYTES or len(pending) >= _output.IOV_MAX:
+            if pending_bytes >= _WRITEV_BYTES or len(pending) >= IOV_MAX:
                 write_batch()
             if on_bytes is not None:
                 on_bytes(len(view))
@@ -179,7 +182,7 @@ def _digest_all(views: list[memoryview]) -> list[int]:
 _hasher = _threads.Worker("torchckpt-hash")
 
 
-def read_into(fd: int, offset: int, dest: torch.Tensor, verify: bool) -> int | None:
+def read_into(source: Source, offset: int, dest: torch.Tensor, verify: bool) -> int | None:
     """Read ``dest``'s bytes from ``offset`` straight into its memory; return the digest if ``verify``.
 
     CUDA and non-contiguous destinations are filled through a bounded (pinned, for CUDA)
@@ -187,7 +190,7 @@ def read_into(fd: int, offset: int, dest: torch.Tensor, verify: bool) -> int | N
     """
     if _is_host_contiguous(dest):
         view = byte_view(dest)
-        _preadv_all(fd, [view], offset)
+        source.readv([view], offset)
         return xxhash.xxh3_64_intdigest(view) if verify else None
     hasher = xxhash.xxh3_64() if verify else None
     with torch.no_grad():
@@ -199,7 +202,7 @@ def read_into(fd: int, offset: int, dest: torch.Tensor, verify: bool) -> int | N
             for i in range(0, flat.numel(), per):
                 part = staging[: min(per, flat.numel() - i)]
                 view = byte_view(part)
-                _preadv_all(fd, [view], offset)
+                source.readv([view], offset)
                 offset += len(view)
                 if hasher:
                     hasher.update(view)
@@ -209,7 +212,7 @@ def read_into(fd: int, offset: int, dest: torch.Tensor, verify: bool) -> int | N
         else:
             for region, chunk in _strided_regions(dest):
                 view = byte_view(chunk)
-                _preadv_all(fd, [view], offset)
+                source.readv([view], offset)
                 offset += len(view)
                 if hasher:
                     hasher.update(view)
@@ -233,7 +236,7 @@ def _strided_regions(dest: torch.Tensor, limit: int = CHUNK_BYTES) -> Iterator[t
         yield region, torch.empty(region.shape, dtype=dest.dtype)
 
 
-def read_many(fd: int, reads: list[tuple[torch.Tensor, Any]], verify: bool,
+def read_many(source: Source, reads: list[tuple[torch.Tensor, Any]], verify: bool,
               on_bytes: Callable[[int], None]) -> tuple[Any, int] | None:
     """Read each ``(destination, saved)`` pair (``saved`` has ``start``, ``end``, ``nbytes`` and an int
     ``checksum``).
@@ -260,7 +263,7 @@ def read_many(fd: int, reads: list[tuple[torch.Tensor, Any]], verify: bool,
             continue
         last_start, last_address = saved.start, dest.data_ptr()
         if not _is_host_contiguous(dest):
-            digest = read_into(fd, saved.start, dest, verify)
+            digest = read_into(source, saved.start, dest, verify)
             if verify and digest != saved.checksum:
                 return saved, digest  # type: ignore[return-value]
             on_bytes(saved.nbytes)
@@ -270,7 +273,7 @@ def read_many(fd: int, reads: list[tuple[torch.Tensor, Any]], verify: bool,
         end = saved.end
         total = saved.nbytes
         j = i + 1
-        while j < count and j - i < _output.IOV_MAX and total < CHUNK_BYTES:
+        while j < count and j - i < IOV_MAX and total < CHUNK_BYTES:
             nxt, nxt_saved = reads[j]
             if nxt_saved.start != end or not _is_host_contiguous(nxt):
                 break
@@ -278,10 +281,10 @@ def read_many(fd: int, reads: list[tuple[torch.Tensor, Any]], verify: bool,
             end = nxt_saved.end
             total += nxt_saved.nbytes
             j += 1
-        _preadv_all(fd, [view for view, _ in batch], saved.start)
+        source.readv([view for view, _ in batch], saved.start)
         if verify and any(intdigest(view) != item.checksum for view, item in batch):
             for view, item in batch:  # overlapping destinations, or corruption: one at a time
-                _preadv_all(fd, [view], item.start)
+                source.readv([view], item.start)
                 digest = intdigest(view)
                 if digest != item.checksum:
                     return item, digest
@@ -291,31 +294,15 @@ def read_many(fd: int, reads: list[tuple[torch.Tensor, Any]], verify: bool,
     return None
 
 
-def _preadv_all(fd: int, views: list[memoryview], offset: int) -> None:
-    views = [v for v in views if len(v)]
-    i, count = 0, len(views)
-    while i < count:
-        n = os.preadv(fd, views[i:] if i else views, offset)
-        if n <= 0:
-            raise EOFError(f"unexpected end of file at byte {offset}")
-        offset += n
-        while i < count and n >= len(views[i]):
-            n -= len(views[i])
-            i += 1
-        if n:
-            views[i] = views[i][n:]
-
-
-def hash_file_range(fd: int, start: int, end: int) -> int:
+def hash_file_range(source: Source, start: int, end: int) -> int:
     """xxh3-64 of bytes ``[start, end)`` of a file, read in bounded chunks."""
     hasher = xxhash.xxh3_64()
     buf = bytearray(min(CHUNK_BYTES, max(1, end - start)))
     view = memoryview(buf)
     offset = start
     while offset < end:
-        n = os.preadv(fd, [view[: min(len(view), end - offset)]], offset)
-        if n <= 0:
-            raise EOFError(f"unexpected end of file at byte {offset}")
-        hasher.update(view[:n])
-        offset += n
+        part = view[: min(len(view), end - offset)]
+        source.readv([part], offset)
+        hasher.update(part)
+        offset += len(part)
     return hasher.intdigest()

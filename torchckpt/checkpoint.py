@@ -16,20 +16,15 @@ from typing import Any
 
 import torch
 
-from torchckpt import _directory, _format, _index, _storage, _tree
+from torchckpt import _capture, _directory, _format, _index, _save, _tree
 from torchckpt._async import AsyncWriter  # imported with the package: its exit hook must be registered early
-from torchckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
-from torchckpt.restore import (
-    MISSING,
-    MismatchReport,
-    Plan,
-    RestoreStatus,
-    execute,
-    plan_module,
-    plan_stateful,
-    plan_tensor,
-    plan_value,
-)
+from torchckpt._backend import Storage, as_path, name_of, parent_of
+from torchckpt._load import MISSING, Plan, execute, plan_module, plan_stateful, plan_tensor, plan_value
+from torchckpt._report import MismatchReport
+from torchckpt._storage import storage_for
+from torchckpt._threads import gc_paused
+from torchckpt.errors import CorruptCheckpointError
+from torchckpt.restore import RestoreStatus
 from torchckpt.rng import RNGState
 
 SAVE_COUNTER = "save_counter"
@@ -154,17 +149,21 @@ class Checkpoint:
         progress: bool | None = None,
         metadata: dict[str, Any] | None = None,
         async_save: bool = False,
+        storage_options: dict[str, Any] | None = None,
     ) -> str:
         """Write the checkpoint to the directory ``path``, atomically; ``save_counter`` is untouched.
 
         Args:
-            path: the checkpoint directory; an existing checkpoint there is replaced atomically.
+            path: the checkpoint directory (a local path, or a URL such as ``s3://bucket/run/c``);
+                an existing checkpoint there is replaced (atomically on a local filesystem; on an
+                object store its index is deleted first, see ``docs/format.md``).
             max_shard_size: bytes per shard as an int, or a string such as ``"2GB"`` (decimal
                 units, as Hugging Face) or ``"2GiB"``. Only a single larger tensor exceeds it.
             progress: show a progress bar (None: on a terminal, for saves over 256 MiB).
             metadata: JSON values stored with the checkpoint (the manager stores metrics here).
             async_save: return once the state is copied into reusable host buffers; the write
                 happens in the background (see :meth:`wait_until_finished`).
+            storage_options: passed to fsspec when ``path`` is a URL (credentials, endpoint).
 
         Returns:
             ``path`` as a str.
@@ -174,15 +173,12 @@ class Checkpoint:
             Any failure of a previous asynchronous write.
         """
         path = as_path(path)
-        self._commit(path, max_shard_size, progress, metadata, async_save)
+        self._commit(storage_for(path, storage_options), path, max_shard_size, progress, metadata, async_save)
         return path
-
-    def _set_save_counter(self, value: int) -> None:
-        """Set ``save_counter`` (a manager numbers checkpoints with it)."""
-        object.__setattr__(self, "_save_counter", int(value))
 
     def _commit(
         self,
+        storage: Storage,
         path: str,
         max_shard_size: int | str,
         progress: bool | None,
@@ -196,20 +192,20 @@ class Checkpoint:
 
         ``after`` runs once the checkpoint is committed (``save`` records the latest checkpoint,
         the manager applies retention), on the background thread for an asynchronous write.
-        Without ``replace``, a checkpoint already at ``path`` raises ``_atomic.AlreadyThere``.
+        Without ``replace``, a checkpoint already at ``path`` raises ``AlreadyCommitted``.
         """
         self.wait_until_finished()  # one write in flight; raises a previous background failure
         _format.parse_size(max_shard_size)  # a bad size is an error before any work
 
         def run() -> None:
-            with _storage.gc_paused():
-                job.run(path, max_shard_size, progress, before_commit, replace)
+            with gc_paused():
+                job.run(storage, path, max_shard_size, progress, before_commit, replace)
             if after is not None:
                 after()
 
         # One pause over capture and write: re-enabling the collector in between would make it
         # sweep the tens of thousands of small objects the capture has just made.
-        with _storage.gc_paused():
+        with gc_paused():
             job = capture(self, metadata, prepare=not async_save)
             if not async_save:
                 run()
@@ -236,21 +232,23 @@ class Checkpoint:
         progress: bool | None = None,
         metadata: dict[str, Any] | None = None,
         async_save: bool = False,
+        storage_options: dict[str, Any] | None = None,
     ) -> str:
         """Increment ``save_counter``, write ``f"{file_prefix}-{save_counter}"`` and record it as latest.
 
         Nothing is ever deleted. The options are those of :meth:`write`.
         """
         prefix = as_path(file_prefix)
+        storage = storage_for(prefix, storage_options)
         self.wait_until_finished()
         object.__setattr__(self, "_save_counter", self._save_counter + 1)
         path = f"{prefix}-{self._save_counter}"
 
         def record() -> None:
-            _directory.record_latest(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
+            _directory.record_latest(storage.real_path(parent_of(path)), name_of(path), storage)
 
         try:
-            self._commit(path, max_shard_size, progress, metadata, async_save, after=record)
+            self._commit(storage, path, max_shard_size, progress, metadata, async_save, after=record)
         except BaseException:
             object.__setattr__(self, "_save_counter", self._save_counter - 1)
             raise
@@ -259,7 +257,8 @@ class Checkpoint:
     # -- restoring -----------------------------------------------------------------------
 
     def restore(self, save_path: PathLike | None, *, verify: bool = True, progress: bool | None = None,
-                cast: bool = False, assign: bool = False) -> RestoreStatus:
+                cast: bool = False, assign: bool = False,
+                storage_options: dict[str, Any] | None = None) -> RestoreStatus:
         """Restore from a checkpoint directory, or from the latest checkpoint of a manager's directory.
 
         Matching values are applied (tensors read straight into the existing ones); mismatches
@@ -275,6 +274,7 @@ class Checkpoint:
             assign: a module's tensors on the meta device (a model built under
                 ``torch.device("meta")``) are replaced by the restored ones (as
                 ``load_state_dict(assign=True)``); without it they are reported missing.
+            storage_options: passed to fsspec when ``save_path`` is a URL.
 
         Raises:
             CheckpointNotFoundError: no committed checkpoint at ``save_path``.
@@ -282,24 +282,27 @@ class Checkpoint:
             CorruptCheckpointError: the checkpoint is malformed; detected before any object
                 changes (except a checksum mismatch in tensor bytes, found as they are read).
         """
-        return self._restore(save_path, verify, progress, Plan(cast=cast, assign=assign), expect_counter=True)
+        return self._restore(save_path, verify, progress, Plan(cast=cast, assign=assign), True, storage_options)
 
     def read(self, save_path: PathLike, *, verify: bool = True, progress: bool | None = None,
-             cast: bool = False, assign: bool = False) -> RestoreStatus:
+             cast: bool = False, assign: bool = False, storage_options: dict[str, Any] | None = None) -> RestoreStatus:
         """As :meth:`restore`, but ``save_counter`` is neither expected nor restored (pairs with ``write``)."""
-        return self._restore(save_path, verify, progress, Plan(cast=cast, assign=assign), expect_counter=False)
+        return self._restore(save_path, verify, progress, Plan(cast=cast, assign=assign), False, storage_options)
 
     def _restore(self, save_path: PathLike | None, verify: bool, progress: bool | None, plan: Plan,
-                 expect_counter: bool) -> RestoreStatus:
+                 expect_counter: bool, storage_options: dict[str, Any] | None) -> RestoreStatus:
         if save_path is None:
             return RestoreStatus(MismatchReport(), None)
+        path = as_path(save_path)
+        storage = storage_for(path, storage_options)
         self.wait_until_finished()  # never read a checkpoint this object is still writing
-        with _storage.gc_paused():
-            return self._restore_from(resolve_checkpoint(save_path), verify, progress, plan, expect_counter)
+        with gc_paused():
+            directory = _directory.resolve_checkpoint(path, storage)
+            return self._restore_from(storage, directory, verify, progress, plan, expect_counter)
 
-    def _restore_from(self, directory: str, verify: bool, progress: bool | None, plan: Plan,
+    def _restore_from(self, storage: Storage, directory: str, verify: bool, progress: bool | None, plan: Plan,
                       expect_counter: bool) -> RestoreStatus:
-        index = _index.load_index(directory)
+        index = _index.load_index(directory, storage)
         with _index.OpenShards(index) as shards:  # opened together: a deletion from here on cannot touch the read
             self._plan_restore(index, shards, plan, expect_counter)
             del index  # only the plan stays in memory while tensors are read
@@ -425,10 +428,10 @@ class WriteJob:
     aliases: dict[str, str]
     section: dict[str, Any]
 
-    def run(self, path: str, max_shard_size: int | str, progress: bool | None,
+    def run(self, storage: Storage, path: str, max_shard_size: int | str, progress: bool | None,
             before_commit: Callable[[str], None] | None = None, replace: bool = True) -> str:
-        return _storage.write_checkpoint(path, self.stored, self.aliases, self.section, max_shard_size, progress,
-                                         before_commit, replace)
+        return _save.write_checkpoint(path, self.stored, self.aliases, self.section, max_shard_size, progress,
+                                      before_commit, replace, storage=storage)
 
 
 def capture(ckpt: Checkpoint, metadata: dict[str, Any] | None, prepare: bool = True) -> WriteJob:
@@ -446,8 +449,32 @@ def capture(ckpt: Checkpoint, metadata: dict[str, Any] | None, prepare: bool = T
         section["metadata"] = _tree.encode(metadata, "metadata", {})
     if not prepare:
         return WriteJob(tensors, {}, section)
-    stored, aliases = _storage.prepare_tensors(tensors)
+    stored, aliases = _capture.prepare_tensors(tensors)
     return WriteJob(stored, aliases, section)
+
+
+def set_save_counter(ckpt: Checkpoint, value: int) -> None:
+    """Set ``ckpt.save_counter`` (a manager numbers its checkpoints with it)."""
+    object.__setattr__(ckpt, "_save_counter", int(value))
+
+
+def commit(
+    ckpt: Checkpoint,
+    storage: Storage,
+    path: str,
+    *,
+    max_shard_size: int | str = _format.DEFAULT_MAX_SHARD_SIZE,
+    progress: bool | None = None,
+    metadata: dict[str, Any] | None = None,
+    async_save: bool = False,
+    after: Callable[[], None] | None = None,
+    before_commit: Callable[[str], None] | None = None,
+    replace: bool = True,
+) -> None:
+    """The write a manager (or a test) makes: :meth:`Checkpoint.write` with a hook ``after`` the
+    commit, one ``before_commit`` (tests inject faults with it), and ``replace=False`` to refuse
+    a checkpoint already at ``path`` (``AlreadyCommitted``)."""
+    ckpt._commit(storage, path, max_shard_size, progress, metadata, async_save, after, before_commit, replace)
 
 
 def _write(
@@ -459,49 +486,16 @@ def _write(
     before_commit: Callable[[str], None] | None,
 ) -> str:
     """A synchronous write with a hook before the commit (tests inject faults with it)."""
-    ckpt._commit(path, max_shard_size, progress, metadata, False, before_commit=before_commit)
+    commit(ckpt, storage_for(path), path, max_shard_size=max_shard_size, progress=progress, metadata=metadata,
+           before_commit=before_commit)
     return path
 
 
-def as_path(path: Any) -> str:
-    """A path argument as a ``str``: ``str``, ``os.PathLike`` or ``bytes`` (decoded as the file
-    system does); anything else is a ``TypeError`` rather than a directory named after its repr."""
-    if isinstance(path, (str, bytes, os.PathLike)):
-        value = os.fspath(path)
-        return os.fsdecode(value) if isinstance(value, bytes) else value
-    raise TypeError(f"A checkpoint path must be a str, bytes or os.PathLike, not {type(path).__name__}.")
-
-
-def resolve_checkpoint(path: PathLike) -> str:
+def resolve_checkpoint(path: PathLike, storage_options: dict[str, Any] | None = None) -> str:
     """A checkpoint directory for ``path``: itself, or the latest checkpoint of a directory of them.
 
     Raises:
         CheckpointNotFoundError: nothing committed is there.
     """
     p = as_path(path)
-    if not os.path.exists(p):
-        hint = ""
-        parent = os.path.dirname(os.path.abspath(p))
-        if os.path.isdir(parent):
-            import difflib
-
-            close = difflib.get_close_matches(os.path.basename(p), os.listdir(parent), n=1)
-            if close:
-                hint = f" Did you mean {os.path.join(os.path.dirname(p), close[0])!r}?"
-        raise CheckpointNotFoundError(f"No checkpoint at {p}: the path does not exist.{hint}", p)
-    if os.path.isfile(p):
-        if os.path.basename(p) == _format.INDEX_FILE:
-            return os.path.dirname(p) or "."
-        raise CheckpointNotFoundError(
-            f"{p} is a file; pass a checkpoint directory (the one holding {_format.INDEX_FILE}).", p
-        )
-    if os.path.isfile(os.path.join(p, _format.INDEX_FILE)):
-        return p
-    latest = _directory.latest_checkpoint(p)
-    if latest is None:
-        raise CheckpointNotFoundError(
-            f"No committed checkpoint in {p}: it has no {_format.INDEX_FILE} and no checkpoint directories. "
-            "A save that was interrupted leaves nothing behind; check the path.",
-            p,
-        )
-    return latest
+    return _directory.resolve_checkpoint(p, storage_for(p, storage_options))

@@ -11,7 +11,6 @@ import datetime
 import functools
 import json
 import math
-import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -19,7 +18,9 @@ from typing import Any
 import torch
 
 from torchckpt import __version__, _directory, _format, _tree
+from torchckpt._backend import is_url, join, name_of
 from torchckpt._progress import progress_bar
+from torchckpt._storage import storage_for
 from torchckpt.errors import CheckpointError, plural
 from torchckpt.reader import CheckpointReader, load_checkpoint, verify
 
@@ -50,8 +51,27 @@ def _table(rows: list[list[str]], header: list[str], right: set[int]) -> str:
 # -- inspect -----------------------------------------------------------------------------------
 
 
+def _options(args: argparse.Namespace, path: str) -> dict[str, Any] | None:
+    """``--storage-options`` for a URL (a local path takes none)."""
+    return args.storage_options if is_url(path) else None
+
+
+def _load(args: argparse.Namespace, path: str) -> CheckpointReader:
+    return load_checkpoint(path, storage_options=_options(args, path))
+
+
+def _json_options(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, such as '{\"anon\": true}'")
+    return value
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
-    reader = load_checkpoint(args.path)
+    reader = _load(args, args.path)
     shapes, dtypes = reader.get_variable_to_shape_map(), reader.get_variable_to_dtype_map()
     names = reader.filter(args.filter)
     rows: list[dict[str, Any]] = []
@@ -66,7 +86,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                "total_tensors": len(rows), "total_bytes": total}
         print(json.dumps(out, indent=1, default=str))
         return 0
-    if os.path.abspath(reader.path) != os.path.abspath(args.path):
+    if reader.storage.real_path(reader.path) != reader.storage.real_path(args.path):
         print(f"checkpoint: {reader.path}\n")  # a manager's directory: say which of its checkpoints this is
     table = [[r["name"], r["dtype"], str(r["shape"]), human_bytes(r["bytes"]), r["shard"]] for r in rows]
     print(_table(table, ["name", "dtype", "shape", "size", "shard"], {3}))
@@ -91,24 +111,25 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     directory = args.directory
-    if not os.path.isdir(directory):
+    storage = storage_for(directory, _options(args, directory))
+    if not storage.follows_to_dir(directory):
         raise CheckpointError(f"{directory} is not a directory.")
     try:
-        state = _directory.read_state(directory) or _directory.State()
+        state = _directory.read_state(directory, storage) or _directory.State()
     except _directory.StateFileError as e:
         print(f"warning: {e}; listing the checkpoints on disk", file=sys.stderr)
         state = _directory.State()
-    members = _directory.committed_members(directory)
+    members = _directory.committed_members(directory, None, storage)
     kept = {e.name: e for e in state.checkpoints}
     preserved = {e.name: e for e in state.preserved}
-    latest = _directory.latest_checkpoint(directory)
-    latest_name = os.path.basename(latest) if latest else None
+    latest = _directory.latest_in(directory, storage)
+    latest_name = name_of(latest) if latest else None
     best = _best_name(state.checkpoints, args.metric or state.best_metric,
                       args.mode or state.best_mode)
     rows, records = [], []
     for name in members:
         entry = kept.get(name) or preserved.get(name)
-        reader = load_checkpoint(os.path.join(directory, name))
+        reader = _load(args, join(directory, name))
         meta = reader.metadata
         ts = entry.timestamp if entry and entry.timestamp is not None else meta.get("created")
         metrics = (entry.metrics if entry else None) or meta.get("metrics") or {}
@@ -148,7 +169,7 @@ def _best_name(entries: list[_directory.Entry], metric: str | None, mode: str) -
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    a, b = load_checkpoint(args.a), load_checkpoint(args.b)
+    a, b = _load(args, args.a), _load(args, args.b)
     sa, sb = a.get_variable_to_shape_map(), b.get_variable_to_shape_map()
     da, db = a.get_variable_to_dtype_map(), b.get_variable_to_dtype_map()
     added = sorted(set(sb) - set(sa))
@@ -255,7 +276,7 @@ def _max_abs_diff(a: CheckpointReader, b: CheckpointReader, name: str, bar: Any)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    reader = load_checkpoint(args.path)
+    reader = _load(args, args.path)
     problems = verify(reader, args.progress)
     if problems:
         for problem in problems[:20]:
@@ -274,7 +295,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from torchckpt._export import export_module
 
-    files = export_module(args.path, args.object, args.out, args.max_shard_size, args.progress, args.config)
+    files = export_module(args.path, args.object, args.out, args.max_shard_size, args.progress, args.config,
+                          args.storage_options)
     print(f"wrote {', '.join(files)} to {args.out}")
     return 0
 
@@ -300,16 +322,22 @@ def build_parser() -> argparse.ArgumentParser:
     group = progress.add_mutually_exclusive_group()
     group.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show progress bars")
     group.add_argument("--no-progress", dest="progress", action="store_false", help="never show progress bars")
+    remote = argparse.ArgumentParser(add_help=False)
+    remote.add_argument("--storage-options", type=_json_options, default=None, metavar="JSON",
+                        help="fsspec options for URL paths, as a JSON object (for example "
+                             "'{\"client_kwargs\": {\"endpoint_url\": \"http://127.0.0.1:9000\"}}'); credentials "
+                             "also come from the usual environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)")
 
     p = _command(sub, "inspect", "list a checkpoint's tensors (reads only the index and headers)",
-                 "torchckpt inspect runs/gan --filter 'generator/*'")
+                 "torchckpt inspect runs/gan --filter 'generator/*'", [remote])
     p.add_argument("path", help="checkpoint directory, manager directory (its latest checkpoint), .safetensors file "
                    "or Hugging Face folder")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--filter", metavar="GLOB", help="only names matching this shell-style pattern")
     p.set_defaults(handler=cmd_inspect)
 
-    p = _command(sub, "ls", "a manager directory's checkpoints, with marks and metrics", "torchckpt ls runs/gan")
+    p = _command(sub, "ls", "a manager directory's checkpoints, with marks and metrics", "torchckpt ls s3://bucket/gan",
+                 [remote])
     p.add_argument("directory", help="the directory a CheckpointManager (or Checkpoint.save) writes into")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--metric", help="the metric that decides 'best' (default: the manager's best_metric, or the "
@@ -319,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_ls)
 
     p = _command(sub, "diff", "tensors and state that differ between two checkpoints",
-                 "torchckpt diff runs/gan/ckpt-6 runs/gan/ckpt-7 --values --exit-code", [progress])
+                 "torchckpt diff runs/gan/ckpt-6 runs/gan/ckpt-7 --values --exit-code", [progress, remote])
     p.add_argument("a", help="the first checkpoint (any path inspect takes)")
     p.add_argument("b", help="the second checkpoint")
     p.add_argument("--values", action="store_true", help="also compare values (max absolute difference per tensor)")
@@ -328,15 +356,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_diff)
 
     p = _command(sub, "verify", "check every shard against its recorded sizes and checksums",
-                 "torchckpt verify runs/gan/ckpt-7", [progress])
+                 "torchckpt verify runs/gan/ckpt-7", [progress, remote])
     p.add_argument("path", help="the checkpoint to check (any path inspect takes); exit 1 on any problem")
     p.set_defaults(handler=cmd_verify)
 
     p = _command(sub, "export", "write one module's weights as a Hugging Face safetensors folder",
-                 "torchckpt export runs/gan --object generator exported/ --config config.json", [progress])
+                 "torchckpt export runs/gan --object generator exported/ --config config.json", [progress, remote])
     p.add_argument("path", help="the checkpoint to export from (any path inspect takes)")
     p.add_argument("--object", required=True, metavar="NAME", help="the tracked module to export")
-    p.add_argument("out", help="output folder (replaced atomically as a whole)")
+    p.add_argument("out", help="output folder, a path or a URL (replaced as a whole; atomically on a local disk)")
     p.add_argument("--max-shard-size", default="5GB", help="bytes per shard, e.g. 5GB (default) or 500MiB")
     p.add_argument("--config", metavar="FILE", help="a config.json to copy into the folder (for from_pretrained)")
     p.set_defaults(handler=cmd_export)

@@ -133,6 +133,14 @@ def format_keys(keys: Any, limit: int = 10) -> str:
     return shown
 
 
+def is_read_only_error(error: OSError) -> bool:
+    """Whether ``error`` means the directory cannot be written at all (a read-only mount or
+    permissions), as opposed to a passing failure."""
+    import errno
+
+    return error.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
 def a_or_an(word: str) -> str:
     """``"an optimizer"``, ``"a module"``: the word with its indefinite article."""
     return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
@@ -158,3 +166,21 @@ class VariableNotFoundError(CheckpointError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+# -- the one wording of each integrity error ------------------------------------------------------
+
+
+def checksum_mismatch(name: str, path: str, recorded: int | str, read: int) -> str:
+    """A tensor's bytes do not hash to the checksum its index recorded."""
+    recorded_hex = recorded if isinstance(recorded, str) else f"{recorded:016x}"
+    return f"Tensor {name!r} in {path} fails its checksum (recorded {recorded_hex}, read {read:016x}): the shard is corrupt."
+
+
+def shard_size_mismatch(path: str, size: int, recorded: int, index_file: str = "index.json") -> str:
+    """A shard's size is not the one its index recorded."""
+    return f"Shard {path} is {size} bytes but {index_file} records {recorded}; it was truncated or replaced."
+
+
+def interrupted_restore_advice() -> str:
+    return " Objects may be partly restored; restore another checkpoint, and run `torchckpt verify` on this one."

@@ -12,7 +12,6 @@ background.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -20,11 +19,13 @@ from typing import Any
 
 import torch
 
-from torchckpt import _atomic, _directory, _files, _format, _lock
+from torchckpt import _atomic, _directory, _format
+from torchckpt._backend import AlreadyCommitted, ConflictError, as_path, join, name_of
 from torchckpt._directory import Entry, State, StateFileError
 from torchckpt._retention import MetricFn, best_entries, plan_retention
-from torchckpt.checkpoint import Checkpoint, as_path
-from torchckpt.errors import CheckpointError, CheckpointWriteError, a_or_an
+from torchckpt._storage import storage_for
+from torchckpt.checkpoint import Checkpoint, commit, set_save_counter
+from torchckpt.errors import CheckpointError, CheckpointWriteError, a_or_an, is_read_only_error
 
 __all__ = ["CheckpointManager"]
 
@@ -79,6 +80,7 @@ class CheckpointManager:
         async_save: :meth:`save` returns once the state is copied; writing happens in the background.
         max_shard_size: bytes per shard, or a string such as ``"2GB"`` (see ``Checkpoint.write``).
         progress: progress bars (None: on a terminal, for large saves).
+        storage_options: passed to fsspec when ``directory`` is a URL (``s3://bucket/run``).
 
     Example:
         >>> import tempfile, torch, torchckpt
@@ -106,6 +108,7 @@ class CheckpointManager:
         async_save: bool = False,
         max_shard_size: int | str = _format.DEFAULT_MAX_SHARD_SIZE,
         progress: bool | None = None,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         if not isinstance(checkpoint, Checkpoint):
             raise TypeError(f"CheckpointManager needs a torchckpt.Checkpoint, got {type(checkpoint).__name__}.")
@@ -125,6 +128,8 @@ class CheckpointManager:
         _format.parse_size(max_shard_size)
         self._checkpoint = checkpoint
         self._directory = as_path(directory)
+        self._storage = storage_for(self._directory, storage_options)
+        self._state_token: Any = None
         self._max_to_keep = max_to_keep
         self._keep_every_n_hours = keep_checkpoint_every_n_hours
         self._name = checkpoint_name
@@ -144,26 +149,26 @@ class CheckpointManager:
             self._load_state(explicit_mode=best_mode is not None)
         except BaseException:
             if not self._read_only:
-                _lock.release_directory(self._directory)  # a failed construction holds nothing
+                self._storage.release(self._directory)  # a failed construction holds nothing
             raise
 
     def _open_directory(self) -> bool:
         """Create and claim the directory and clear crashed writers' leftovers; True when it is
         read-only (an evaluation job on a read-only snapshot of a run): then nothing is written."""
         try:
-            os.makedirs(self._directory, exist_ok=True)
-            _lock.claim_directory(self._directory)
+            self._storage.make_dirs(self._directory)
+            self._storage.claim(self._directory)
         except OSError as e:
-            if not _lock.is_read_only_error(e) or not os.path.isdir(self._directory):
+            if not is_read_only_error(e) or not self._storage.follows_to_dir(self._directory):
                 raise CheckpointWriteError(
                     f"Cannot use {self._directory} as a checkpoint directory: {e.strerror or e}.", self._directory, e
                 ) from e
             return True
         try:
             for prefix in (f"{self._name}-", _directory.STATE_FILE):
-                _atomic.remove_stale_temporaries(self._directory, prefix)
+                self._storage.remove_leftovers(self._directory, prefix)
         except BaseException:
-            _lock.release_directory(self._directory)
+            self._storage.release(self._directory)
             raise
         return False
 
@@ -172,7 +177,7 @@ class CheckpointManager:
     def _load_state(self, explicit_mode: bool) -> None:
         now = time.time()
         try:
-            state = _directory.read_state(self._directory)
+            state, self._state_token = _directory.read_state_versioned(self._directory, self._storage)
         except StateFileError as e:  # the history is unknown: nothing it may have named is ever deleted
             state = self._rebuild(f"the state file is damaged ({e})", adopt=False)
         else:  # a crash before the first state write: what this manager wrote is managed again
@@ -209,7 +214,7 @@ class CheckpointManager:
         newest = self._newest_unknown(recorded)
         if newest is not None:
             self._latest = newest
-        if self._latest is not None and not _directory.is_member(self._directory, self._latest):
+        if self._latest is not None and not _directory.is_member(self._directory, self._latest, self._storage):
             members = self._members()
             self._latest = members[-1] if members else None
 
@@ -227,26 +232,28 @@ class CheckpointManager:
         """Checkpoints this manager's kind committed that the state file does not know (a crash
         between the commit and the state write, or between retention's state write and its delete)."""
         known = {e.name for e in [*state.checkpoints, *state.preserved]}
-        return [entry for name in _directory.committed_members(self._directory, self._name) if name not in known
-                if (entry := _directory.managed_entry(self._directory, name, self._name)) is not None]
+        return [entry for name in _directory.committed_members(self._directory, self._name, self._storage)
+                if name not in known
+                if (entry := _directory.managed_entry(self._directory, name, self._name, self._storage)) is not None]
 
     def _members(self) -> list[str]:
-        return _directory.committed_members(self._directory)
+        return _directory.committed_members(self._directory, None, self._storage)
 
     def _rebuild(self, why: str, adopt: bool) -> State:
         members = self._members()
-        latest = _directory.latest_checkpoint(self._directory)
-        managed = {n: e for n in members if adopt and (e := _directory.managed_entry(self._directory, n, self._name))}
+        latest = _directory.latest_in(self._directory, self._storage)
+        managed = {n: e for n in members
+                   if adopt and (e := _directory.managed_entry(self._directory, n, self._name, self._storage))}
         fate = (f"The {len(managed)} written by a manager named {self._name!r} are managed again; the others"
                 if adopt else "They")
         warnings.warn(
             f"{self._directory}: {why}; rebuilt from the {len(members)} committed checkpoints on disk "
-            f"(latest: {os.path.basename(latest) if latest else None}). {fate} are kept and will never be deleted "
+            f"(latest: {name_of(latest) if latest else None}). {fate} are kept and will never be deleted "
             "by this manager, since it cannot know which of them it managed.",
             stacklevel=4,
         )
         return State(
-            latest=os.path.basename(latest) if latest else None,
+            latest=name_of(latest) if latest else None,
             checkpoints=sorted(managed.values(), key=lambda e: e.timestamp or 0.0),
             preserved=[Entry(n) for n in members if n not in managed],
             last_preserved_timestamp=time.time() - 1.0,
@@ -258,17 +265,22 @@ class CheckpointManager:
         top = max((n for n in numbers if n is not None), default=None)
         if top is None:
             return None
-        newer = [n for n in _directory.committed_members(self._directory, self._name)
+        newer = [n for n in _directory.committed_members(self._directory, self._name, self._storage)
                  if (_directory.number_of(n, self._name) or -1) > top]
         return newer[-1] if newer else None
 
     def _record_state(self) -> None:
         metric = self._best_metric if isinstance(self._best_metric, str) else None
-        _directory.write_state(
-            self._directory,
-            State(self._latest, list(self._kept), list(self._preserved), self._last_preserved_timestamp,
-                  metric, self._best_mode, self._keep_best if metric else None),
-        )
+        state = State(self._latest, list(self._kept), list(self._preserved), self._last_preserved_timestamp,
+                      metric, self._best_mode, self._keep_best if metric else None)
+        try:
+            self._state_token = _directory.write_state(self._directory, state, self._storage, self._state_token)
+        except ConflictError:
+            raise CheckpointError(
+                f"{join(self._directory, _directory.STATE_FILE)} was replaced by another writer since this manager "
+                f"last wrote it: two managers are writing to {self._directory}. Its history was not overwritten and "
+                "nothing was deleted; stop the other process (or use another directory) and create the manager again."
+            ) from None
 
     # -- public properties ----------------------------------------------------------------
 
@@ -288,22 +300,22 @@ class CheckpointManager:
     @property
     def latest_checkpoint(self) -> str | None:
         """The path of the newest checkpoint, or None."""
-        return os.path.join(self._directory, self._latest) if self._latest else None
+        return join(self._directory, self._latest) if self._latest else None
 
     @property
     def checkpoints(self) -> list[str]:
         """Paths of the checkpoints this manager keeps (and may delete later), oldest first."""
-        return [os.path.join(self._directory, e.name) for e in self._kept]
+        return [join(self._directory, e.name) for e in self._kept]
 
     @property
     def best_checkpoint(self) -> str | None:
         """The kept checkpoint with the best ``best_metric``, or None."""
         best = best_entries(self._kept, 1, self._best_metric, self._best_mode)
-        return os.path.join(self._directory, best[0].name) if best else None
+        return join(self._directory, best[0].name) if best else None
 
     def metrics_of(self, path: str) -> dict[str, Any] | None:
         """The metrics recorded for a kept or preserved checkpoint."""
-        name = os.path.basename(os.fspath(path))
+        name = name_of(as_path(path))
         for entry in [*self._kept, *self._preserved]:
             if entry.name == name:
                 return entry.metrics
@@ -314,7 +326,7 @@ class CheckpointManager:
     def _next_number(self) -> int:
         """The incremented ``save_counter``, moved past every number the directory has or had."""
         counter = self._checkpoint.save_counter
-        names = {*os.listdir(self._directory), *(e.name for e in [*self._kept, *self._preserved])}
+        names = {*self._storage.list_names(self._directory), *(e.name for e in [*self._kept, *self._preserved])}
         if self._latest:
             names.add(self._latest)
         numbers = [_directory.number_of(n.split(_atomic.TMP_MARKER)[0].split(_atomic.OLD_MARKER)[0], self._name)
@@ -322,7 +334,7 @@ class CheckpointManager:
         top = max((n for n in numbers if n is not None), default=-1)
         if counter <= top:
             counter = top + 1
-            self._checkpoint._set_save_counter(counter)
+            set_save_counter(self._checkpoint, counter)
         return counter
 
     def save(
@@ -360,7 +372,7 @@ class CheckpointManager:
             )
         metrics_copy = self._checked_metrics(metrics)
         number = _number(checkpoint_number) if checkpoint_number is not None else None
-        _lock.claim_directory(self._directory)  # a no-op unless this is a forked child, which must claim anew
+        self._storage.claim(self._directory)  # a no-op unless this is a forked child (or lost its lease)
         if self._checkpoint_interval is not None:
             current = int(self._step_counter)
             last = self._last_checkpoint_step
@@ -370,26 +382,27 @@ class CheckpointManager:
                 return None
             self._last_checkpoint_step = current
         counter_before = self._checkpoint.save_counter
-        self._checkpoint._set_save_counter(counter_before + 1)
+        set_save_counter(self._checkpoint, counter_before + 1)
         try:
             explicit = number is not None
             number = number if number is not None else self._next_number()
             name = f"{self._name}-{number}"
-            path = os.path.join(self._directory, name)
+            path = join(self._directory, name)
             metadata: dict[str, Any] = {_directory.MANAGER_KEY: self._name}
             if metrics_copy:
                 metadata["metrics"] = metrics_copy
-            self._checkpoint._commit(path, self._max_shard_size, self._progress, metadata, self._async_save,
-                                    after=lambda: self._record_and_sweep(name, metrics_copy), replace=explicit)
-        except _atomic.AlreadyThere:
-            self._checkpoint._set_save_counter(counter_before)
+            commit(self._checkpoint, self._storage, path, max_shard_size=self._max_shard_size,
+                   progress=self._progress, metadata=metadata, async_save=self._async_save,
+                   after=lambda: self._record_and_sweep(name, metrics_copy), replace=explicit)
+        except AlreadyCommitted:
+            set_save_counter(self._checkpoint, counter_before)
             raise CheckpointError(
                 f"{path} appeared while it was being written: another process writes numbered checkpoints into "
                 f"{self._directory} without holding its claim. Nothing was committed or replaced; save again for "
                 "the next number."
             ) from None
         except BaseException:
-            self._checkpoint._set_save_counter(counter_before)
+            set_save_counter(self._checkpoint, counter_before)
             raise
         return path
 
@@ -433,15 +446,10 @@ class CheckpointManager:
             self._delete(entry.name)
 
     def _delete(self, name: str) -> None:
-        path = os.path.join(self._directory, name)
-        if not _files.is_real_directory(path) or _directory.number_of(name, self._name) is None:
+        path = join(self._directory, name)
+        if _directory.number_of(name, self._name) is None or not self._storage.is_dir(path):
             return
-        trash = _atomic.temporary_sibling(path, _atomic.OLD_MARKER)
-        try:
-            os.rename(path, trash)  # readers stop seeing it at once; removal can take a while
-        except FileNotFoundError:
-            return
-        shutil.rmtree(trash, ignore_errors=True)
+        self._storage.delete_checkpoint(path)  # un-committed at once (renamed, or its index deleted first)
 
     def wait_until_finished(self) -> None:
         """Block until the save in flight is durable; raise its failure, if any."""
@@ -481,7 +489,7 @@ class CheckpointManager:
         """Wait for the save in flight and release the directory for other processes."""
         self.wait_until_finished()
         if not self._read_only:
-            _lock.release_directory(self._directory)
+            self._storage.release(self._directory)
 
     def __repr__(self) -> str:
         return f"CheckpointManager({self._directory!r}, latest={self._latest!r}, kept={len(self._kept)})"

@@ -19,10 +19,12 @@ from typing import Any
 import torch
 import xxhash
 
-from torchckpt import _files, _format, _index, _tensorio, _tree
+from torchckpt import _directory, _format, _index, _tensorio, _tree
+from torchckpt._backend import Source, Storage, as_path, join, name_of, parent_of
 from torchckpt._format import INDEX_FILE, TensorInfo
-from torchckpt._storage import gc_paused
-from torchckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, VariableNotFoundError
+from torchckpt._storage import storage_for
+from torchckpt._threads import gc_paused
+from torchckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, VariableNotFoundError, checksum_mismatch
 
 __all__ = ["CheckpointReader", "TensorSpec", "list_variables", "load_checkpoint", "load_variable"]
 
@@ -51,9 +53,10 @@ class CheckpointReader:
         (4, 6.0)
     """
 
-    def __init__(self, path: str, kind: str) -> None:
+    def __init__(self, path: str, kind: str, storage: Storage) -> None:
         self.path = path
         self.kind = kind  # "torchckpt", "safetensors" or "huggingface"
+        self.storage = storage
         self._index: _index.Index | None = None
         self._names: list[str] = []
         self._dtypes: list[str] = []
@@ -69,19 +72,23 @@ class CheckpointReader:
     # -- construction ----------------------------------------------------------------------
 
     @classmethod
-    def _from_torchckpt(cls, directory: str) -> CheckpointReader:
-        reader = cls(directory, "torchckpt")
-        index = _index.load_index(directory)
+    def _from_torchckpt(cls, directory: str, storage: Storage) -> CheckpointReader:
+        reader = cls(directory, "torchckpt", storage)
+        index = _index.load_index(directory, storage)
         reader._index = index
         reader._names, reader._dtypes, reader._shapes = index.names, index.dtypes, index.shapes
         reader._aliases = index.aliases
         return reader
 
     @classmethod
-    def _from_safetensors(cls, files: list[str], path: str, kind: str) -> CheckpointReader:
-        reader = cls(path, kind)
+    def _from_safetensors(cls, files: list[str], path: str, kind: str, storage: Storage) -> CheckpointReader:
+        reader = cls(path, kind, storage)
         for file in files:
-            infos, _, _ = _format.read_header(file, file)  # plain files are addressed by full path
+            source = _open_plain(storage, file)
+            try:
+                infos, _, _ = _format.read_header(source, file)  # plain files are addressed by full path
+            finally:
+                source.close()
             reader._headers[file] = {t.name: t for t in infos}
             for t in sorted(infos, key=lambda t: t.start):
                 if t.name in reader._files:
@@ -144,7 +151,7 @@ class CheckpointReader:
 
     def shard_of(self, name: str) -> str:
         """The shard file (base name) holding ``name``."""
-        return os.path.basename(self._file_map[self._resolve(name)])
+        return name_of(self._file_map[self._resolve(name)])
 
     def nbytes(self, name: str) -> int:
         dtype = self.get_variable_to_dtype_map()[name]
@@ -178,15 +185,15 @@ class CheckpointReader:
         return self._checksums.get(name)
 
     def _file_path(self, info: TensorInfo) -> str:
-        return info.file if self.kind != "torchckpt" else os.path.join(self.path, info.file)
+        return info.file if self.kind != "torchckpt" else join(self.path, info.file)
 
-    def _open(self, info: TensorInfo) -> int:
+    def _open(self, info: TensorInfo) -> Source:
         path = self._file_path(info)
         try:
-            return _files.open_regular(path, "Shard")
+            return self.storage.open(path, "Shard")
         except FileNotFoundError:
-            raise _index.missing_member(self.path, path) if self._index is not None else CorruptCheckpointError(
-                f"{path} is missing.", path) from None
+            raise _index.missing_member(self.path, path, self.storage) if self._index is not None else \
+                CorruptCheckpointError(f"{path} is missing.", path) from None
 
     def get_tensor(self, name: str) -> torch.Tensor:
         """Read one tensor, checking its size and (for torchckpt checkpoints) its checksum.
@@ -199,19 +206,43 @@ class CheckpointReader:
         info = self._info(stored)
         out = torch.empty(info.shape, dtype=info.dtype)
         path = self._file_path(info)
-        fd = self._open(info)
+        source = self._open(info)
         try:
-            digest = _tensorio.read_into(fd, info.start, out, verify=True)
+            digest = _tensorio.read_into(source, info.start, out, verify=True)
         except EOFError as e:
             raise CorruptCheckpointError(f"{path} is truncated: {e}.", path) from e
         finally:
-            os.close(fd)
+            source.close()
         expected = self._checksum(stored)
         if expected is not None and digest is not None and f"{digest:016x}" != expected:
-            raise CorruptCheckpointError(
-                f"Tensor {stored!r} in {path} fails its checksum (recorded {expected}, read {digest:016x}).", path
-            )
+            raise CorruptCheckpointError(checksum_mismatch(stored, path, expected, digest), path)
         return out
+
+    def iter_bytes(self, name: str, chunk_bytes: int = _tensorio.CHUNK_BYTES) -> Iterator[bytes]:
+        """The stored bytes of tensor ``name`` (little-endian, row-major), in pieces of at most
+        ``chunk_bytes``; checked against the recorded checksum once the last piece is read (an
+        export streams them into a new file, so memory stays bounded).
+
+        Raises:
+            CorruptCheckpointError: the bytes end early or fail their checksum.
+        """
+        stored = self._resolve(name)
+        info = self._info(stored)
+        path = self._file_path(info)
+        hasher = xxhash.xxh3_64()
+        source = self._open(info)
+        try:
+            for offset in range(info.start, info.end, chunk_bytes):
+                piece = source.read(offset, min(chunk_bytes, info.end - offset))
+                if len(piece) != min(chunk_bytes, info.end - offset):
+                    raise CorruptCheckpointError(f"{path} is truncated: it ends inside tensor {stored!r}.", path)
+                hasher.update(piece)
+                yield piece
+        finally:
+            source.close()
+        expected = self._checksum(stored)
+        if expected is not None and f"{hasher.intdigest():016x}" != expected:
+            raise CorruptCheckpointError(checksum_mismatch(stored, path, expected, hasher.intdigest()), path)
 
     def iter_chunks(self, name: str, chunk_bytes: int = _tensorio.CHUNK_BYTES) -> Iterator[torch.Tensor]:
         """The tensor's elements as flat 1-D tensors of at most ``chunk_bytes``: bounded memory."""
@@ -220,17 +251,17 @@ class CheckpointReader:
         per = max(1, chunk_bytes // item)
         count = info.nbytes // item
         path = self._file_path(info)
-        fd = self._open(info)
+        source = self._open(info)
         try:
             for i in range(0, count, per):
                 part = torch.empty(min(per, count - i), dtype=info.dtype)
                 try:
-                    _tensorio.read_into(fd, info.start + i * item, part, verify=False)
+                    _tensorio.read_into(source, info.start + i * item, part, verify=False)
                 except EOFError as e:
                     raise CorruptCheckpointError(f"{path} is truncated: {e}.", path) from e
                 yield part
         finally:
-            os.close(fd)
+            source.close()
 
     # -- the rest of the checkpoint --------------------------------------------------------
 
@@ -284,19 +315,28 @@ class CheckpointReader:
         return f"CheckpointReader({self.path!r}, {len(self._names) + len(self._aliases)} tensors)"
 
 
-def _hf_index(directory: str) -> str | None:
-    found = sorted(n for n in os.listdir(directory) if n.endswith(HF_INDEX_SUFFIX))
+def _open_plain(storage: Storage, path: str) -> Source:
+    try:
+        return storage.open(path, "Shard")
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"Shard {path} is missing.", path) from None
+    except OSError as e:
+        raise CorruptCheckpointError(f"Cannot read shard {path}: {e.strerror or e}.", path) from e
+
+
+def _hf_index(directory: str, storage: Storage) -> str | None:
+    found = sorted(n for n in storage.list_names(directory) if n.endswith(HF_INDEX_SUFFIX))
     if len(found) > 1:
         raise CorruptCheckpointError(
             f"{directory} holds several Hugging Face indexes ({', '.join(found)}); pass the one to read.", directory
         )
-    return os.path.join(directory, found[0]) if found else None
+    return join(directory, found[0]) if found else None
 
 
-def _read_hf_index(path: str) -> CheckpointReader:
-    directory = os.path.dirname(path) or "."
+def _read_hf_index(path: str, storage: Storage) -> CheckpointReader:
+    directory = parent_of(path)
     try:
-        data = _files.read_regular(path, _format.MAX_INDEX_SIZE, "Index")
+        data = storage.read_file(path, _format.MAX_INDEX_SIZE, "Index")
     except OSError as e:
         raise CorruptCheckpointError(f"Cannot read the Hugging Face index {path}: {e.strerror or e}", path) from e
     with gc_paused():
@@ -305,63 +345,60 @@ def _read_hf_index(path: str) -> CheckpointReader:
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CorruptCheckpointError(f"{path} has no 'weight_map' of tensor names to shard files.", path)
     files = sorted({_format.check_member_name(directory, f, "shard") for f in weight_map.values()})
-    reader = CheckpointReader._from_safetensors([os.path.join(directory, f) for f in files], path, "huggingface")
+    reader = CheckpointReader._from_safetensors([join(directory, f) for f in files], path, "huggingface", storage)
     missing = sorted(set(weight_map) - set(reader._files))
     if missing:
         raise CorruptCheckpointError(f"{path} lists tensors its shards do not hold: {', '.join(missing[:5])}.", path)
     return reader
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> CheckpointReader:
+def load_checkpoint(path: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None) -> CheckpointReader:
     """Open a checkpoint for inspection without reading any tensor data.
 
     Args:
         path: a torchckpt checkpoint directory, a directory a manager writes into (its latest
             checkpoint), a ``.safetensors`` file, a Hugging Face sharded folder or its
-            ``*.safetensors.index.json``.
+            ``*.safetensors.index.json``; a local path or a URL (``s3://bucket/run``).
+        storage_options: passed to fsspec when ``path`` is a URL.
 
     Raises:
         CheckpointNotFoundError: nothing readable is at ``path``.
         CorruptCheckpointError: the index or a header is malformed or hostile.
     """
-    p = os.fspath(path)
-    if os.path.isfile(p):
+    p = as_path(path)
+    storage = storage_for(p, storage_options)
+    is_dir = storage.follows_to_dir(p)
+    if not is_dir and storage.exists(p):
         if p.endswith(HF_INDEX_SUFFIX):
-            return _read_hf_index(p)
+            return _read_hf_index(p, storage)
         if p.endswith(_format.SHARD_SUFFIX):
-            return CheckpointReader._from_safetensors([p], p, "safetensors")
-        if os.path.basename(p) == INDEX_FILE:
-            return CheckpointReader._from_torchckpt(os.path.dirname(p) or ".")
+            return CheckpointReader._from_safetensors([p], p, "safetensors", storage)
+        if name_of(p) == INDEX_FILE:
+            return CheckpointReader._from_torchckpt(parent_of(p), storage)
         raise CheckpointNotFoundError(f"{p} is neither a checkpoint directory, a .safetensors file nor an index.", p)
-    if os.path.isdir(p) and not os.path.isfile(os.path.join(p, INDEX_FILE)):
-        hf = _hf_index(p)
+    if is_dir and not storage.exists(join(p, INDEX_FILE)):
+        hf = _hf_index(p, storage)
         if hf is not None:
-            return _read_hf_index(hf)
-        singles = sorted(n for n in os.listdir(p) if n.endswith(_format.SHARD_SUFFIX))
-        if len(singles) == 1 and not _has_checkpoints(p):
-            return CheckpointReader._from_safetensors([os.path.join(p, singles[0])], p, "safetensors")
-    from torchckpt.checkpoint import resolve_checkpoint
-
-    return CheckpointReader._from_torchckpt(resolve_checkpoint(p))
+            return _read_hf_index(hf, storage)
+        singles = sorted(n for n in storage.list_names(p) if n.endswith(_format.SHARD_SUFFIX))
+        if len(singles) == 1 and not _directory.committed_members(p, None, storage):
+            return CheckpointReader._from_safetensors([join(p, singles[0])], p, "safetensors", storage)
+    return CheckpointReader._from_torchckpt(_directory.resolve_checkpoint(p, storage), storage)
 
 
-def _has_checkpoints(directory: str) -> bool:
-    from torchckpt._directory import committed_members
-
-    return bool(committed_members(directory))
-
-
-def list_variables(path: str | os.PathLike[str]) -> list[tuple[str, torch.Size]]:
+def list_variables(path: str | os.PathLike[str], *,
+                   storage_options: dict[str, Any] | None = None) -> list[tuple[str, torch.Size]]:
     """Sorted ``(name, shape)`` pairs of a checkpoint's tensors (as TensorFlow's)."""
-    shapes = load_checkpoint(path).get_variable_to_shape_map()
+    shapes = load_checkpoint(path, storage_options=storage_options).get_variable_to_shape_map()
     return sorted(shapes.items())
 
 
-def load_variable(path: str | os.PathLike[str], name: str) -> torch.Tensor:
+def load_variable(path: str | os.PathLike[str], name: str, *,
+                  storage_options: dict[str, Any] | None = None) -> torch.Tensor:
     """Read one tensor from a checkpoint; a trailing ``":0"`` is ignored (as TensorFlow's)."""
     if name.endswith(":0"):
         name = name[:-2]
-    return load_checkpoint(path).get_tensor(name)
+    return load_checkpoint(path, storage_options=storage_options).get_tensor(name)
 
 
 def verify(reader: CheckpointReader, progress: bool | None = None) -> list[str]:
@@ -397,20 +434,18 @@ def _verify_data(index: _index.Index, shards: _index.OpenShards, infos: dict[str
     position = 0
     with progress_bar(total, "verify", progress) as bar:
         for shard in index.shards:
-            path, fd = shards.path(shard["file"]), shards.fds[shard["file"]]
+            path, source = shards.path(shard["file"]), shards.sources[shard["file"]]
             names = index.names[position : position + shard["tensors"]]
             position += shard["tensors"]
             first = min((infos[n].start for n in names), default=shard["size"])
-            shard_hash = xxhash.xxh3_64(os.pread(fd, first, 0))
+            shard_hash = xxhash.xxh3_64(source.read(0, first))
             try:
                 for name in names:  # file order
                     info = infos[name]
-                    digest = _tensorio.hash_file_range(fd, info.start, info.end)
+                    digest = _tensorio.hash_file_range(source, info.start, info.end)
                     shard_hash.update(digest.to_bytes(8, "big"))
                     if f"{digest:016x}" != checksums[name]:
-                        problems.append(
-                            f"{path}: tensor {name!r} fails its checksum (recorded {checksums[name]}, read {digest:016x})."
-                        )
+                        problems.append(checksum_mismatch(name, path, checksums[name], digest))
                     bar.update(info.nbytes)
             except (EOFError, OSError) as e:
                 problems.append(f"{path}: cannot read it to the end ({e}).")

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torchckpt import _directory
+from torchckpt._backend import as_path, join
 from torchckpt._retention import best_entries
-from torchckpt.checkpoint import as_path
+from torchckpt._storage import storage_for
 
 __all__ = ["CheckpointState", "get_checkpoint_state"]
 
@@ -40,8 +41,9 @@ class CheckpointState:
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def get_checkpoint_state(directory: str | os.PathLike[str]) -> CheckpointState | None:
-    """The checkpoints of ``directory``, or None when it holds none.
+def get_checkpoint_state(directory: str | os.PathLike[str], *,
+                         storage_options: dict[str, Any] | None = None) -> CheckpointState | None:
+    """The checkpoints of ``directory`` (a path or a URL), or None when it holds none.
 
     A damaged state file is ignored (the committed checkpoints on disk are still listed).
 
@@ -57,27 +59,28 @@ def get_checkpoint_state(directory: str | os.PathLike[str]) -> CheckpointState |
         (['ckpt-2'], True)
     """
     root = as_path(directory)
+    storage = storage_for(root, storage_options)
     try:
-        state = _directory.read_state(root) or _directory.State()
+        state = _directory.read_state(root, storage) or _directory.State()
     except _directory.StateFileError:
         state = _directory.State()
-    members = _directory.committed_members(root)
-    latest = _directory.latest_checkpoint(root)
+    members = _directory.committed_members(root, None, storage)
+    latest = _directory.latest_in(root, storage)
     if latest is None and not members:
         return None
 
     def paths(entries: list[_directory.Entry]) -> list[str]:
-        return [os.path.join(root, e.name) for e in entries if _directory.is_member(root, e.name)]
+        return [join(root, e.name) for e in entries if _directory.is_member(root, e.name, storage)]
 
-    kept = [e for e in state.checkpoints if _directory.is_member(root, e.name)]
+    kept = [e for e in state.checkpoints if _directory.is_member(root, e.name, storage)]
     best = best_entries(kept, 1, state.best_metric, state.best_mode) if state.best_metric else []
-    metrics = {os.path.join(root, e.name): dict(e.metrics) for e in [*state.checkpoints, *state.preserved]
-               if e.metrics and _directory.is_member(root, e.name)}
+    metrics = {join(root, e.name): dict(e.metrics) for e in [*state.checkpoints, *state.preserved]
+               if e.metrics and _directory.is_member(root, e.name, storage)}
     return CheckpointState(
         latest=latest,
-        all=[os.path.join(root, n) for n in members],
+        all=[join(root, n) for n in members],
         kept=paths(kept),
         preserved=paths(state.preserved),
-        best=os.path.join(root, best[0].name) if best else None,
+        best=join(root, best[0].name) if best else None,
         metrics=metrics,
     )

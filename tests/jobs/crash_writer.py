@@ -54,12 +54,13 @@ real_write_state = _directory.write_state
 state_writes = {"n": 0}
 
 
-def write_state(path: str, state: _directory.State) -> None:
-    real_write_state(path, state)
+def write_state(path: str, state: _directory.State, *args: object) -> object:
+    token = real_write_state(path, state, *args)
     if armed():
         state_writes["n"] += 1
         if point == "after-state" and state_writes["n"] == 1 or point == "after-retention-state" and state_writes["n"] == 2:
             die()
+    return token
 
 
 _directory.write_state = write_state

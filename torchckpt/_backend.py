@@ -1,0 +1,194 @@
+"""The storage seam: one small interface between torchckpt and where checkpoints live.
+
+Everything above this floor (the save and load paths, the directory history, the manager, the
+reader, the CLI) names files by path strings and asks a :class:`Storage` for bytes; only the
+storage modules call the operating system's file APIs (``_local``, with ``_files``, ``_output``,
+``_atomic`` and ``_lock``) or fsspec (``_fsspec``). A plain path is the local filesystem, with its
+fast paths (direct writes, scatter reads into the destination tensors, rename as the commit, an
+``flock`` claim); a URL with a scheme (``s3://``, ``gs://``, ``memory://``, ``file://``) goes
+through fsspec, where the commit is the index written last with create-if-absent.
+
+Why a commit is a named strategy of the backend and not ``if`` branches in the writer: rename is
+atomic on a POSIX filesystem and does not exist on an object store, where each object appears
+atomically instead. So a :class:`Stage` (where one checkpoint is being written) is made by the
+backend, and the writer only creates files in it, hands it the index and calls ``commit``.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import re
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+from torchckpt.errors import CheckpointError
+
+IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)  # buffers per scatter call
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+
+
+def is_url(path: str) -> bool:
+    """Whether ``path`` names an fsspec location (``s3://bucket/run``) rather than a local path."""
+    return _URL.match(path) is not None
+
+
+def as_path(path: Any) -> str:
+    """A path argument as a ``str``: ``str``, ``os.PathLike`` or ``bytes`` (decoded as the file
+    system does); anything else is a ``TypeError`` rather than a directory named after its repr.
+    A URL is kept as it is."""
+    if isinstance(path, (str, bytes, os.PathLike)):
+        value = os.fspath(path)
+        return os.fsdecode(value) if isinstance(value, bytes) else value
+    raise TypeError(f"A checkpoint path must be a str, bytes or os.PathLike, not {type(path).__name__}.")
+
+
+def join(base: str, *names: str) -> str:
+    """``base/name/...`` for a local path or a URL (names are plain file names)."""
+    return posixpath.join(base, *names) if is_url(base) or not base else _local_join(base, names)
+
+
+def _local_join(base: str, names: Iterable[str]) -> str:
+    return os.path.join(base, *names)
+
+
+def name_of(path: str) -> str:
+    """The last component of a local path or a URL (``ckpt-3`` of ``s3://b/run/ckpt-3``)."""
+    return posixpath.basename(path.rstrip("/")) if is_url(path) else posixpath.basename(path)
+
+
+def parent_of(path: str) -> str:
+    """The directory holding ``path`` (a URL keeps its scheme; a bare local name's parent is ``.``)."""
+    if is_url(path):
+        head = path.rstrip("/")
+        scheme_end = head.index("://") + 3
+        cut = head.rfind("/")
+        return head[:cut] if cut >= scheme_end else head
+    return posixpath.dirname(path) or "."
+
+
+class Source(Protocol):
+    """An open file for reading (a shard): its size, and reads at offsets."""
+
+    path: str
+    size: int
+
+    def read(self, offset: int, count: int) -> bytes:
+        """Up to ``count`` bytes at ``offset`` (fewer only at the end of the file)."""
+
+    def readv(self, views: list[memoryview], offset: int) -> None:
+        """Fill ``views`` with the bytes from ``offset`` on, back to back; EOFError at the end."""
+
+    def close(self) -> None: ...
+
+
+class Output(Protocol):
+    """A new file being written from start to end (see ``_output``)."""
+
+    path: str
+
+    def write(self, views: list[memoryview]) -> None: ...
+
+    def finish(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Output: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+class Stage(Protocol):
+    """Where one checkpoint (or export) is being written, until ``commit`` makes it visible."""
+
+    path: str
+
+    def create(self, name: str, size: int) -> Output:
+        """A new file ``name`` in the stage, for ``size`` bytes."""
+
+    def write_file(self, name: str, data: bytes) -> None:
+        """A new small file ``name`` in the stage, written whole."""
+
+    def write_index(self, name: str, pieces: Iterable[bytes]) -> None:
+        """The file whose existence commits the stage (``index.json``); on an object store it is
+        only written by :meth:`commit`."""
+
+    def commit(self, sizes: dict[str, int]) -> None:
+        """Make the stage visible at its final name, after checking (where the backend cannot
+        fsync) that every file of ``sizes`` is there with its size."""
+
+    def discard(self) -> None:
+        """Remove what the stage holds (a failed write)."""
+
+
+class Storage(Protocol):
+    """What torchckpt needs from a place checkpoints live. Paths are the caller's strings."""
+
+    is_local: bool
+    supports_conditional_writes: bool
+
+    # -- reading
+    def read_file(self, path: str, limit: int, what: str) -> bytes:
+        """The whole regular file ``path``, at most ``limit`` bytes (FileNotFoundError if absent)."""
+
+    def read_versioned(self, path: str, limit: int, what: str) -> tuple[bytes, Any]:
+        """As :meth:`read_file`, with a token for :meth:`replace_file` (an ETag, say)."""
+
+    def open(self, path: str, what: str) -> Source:
+        """A regular file for reading (FileNotFoundError if absent)."""
+
+    def is_file(self, path: str) -> bool: ...
+
+    def is_dir(self, path: str) -> bool: ...
+
+    def exists(self, path: str) -> bool: ...
+
+    def follows_to_dir(self, path: str) -> bool:
+        """Whether ``path`` is a directory, through a link too (a path the user passed)."""
+
+    def mtime(self, path: str) -> float:
+        """When ``path`` was last written (seconds since the epoch; -1.0 when unknown)."""
+
+    def list_names(self, directory: str) -> list[str]:
+        """Names directly inside ``directory`` ([] when it is missing or not a directory)."""
+
+    # -- writing
+    def stage(self, final: str, replace: bool) -> Stage:
+        """Start writing the directory ``final`` (see :class:`Stage`)."""
+
+    def make_dirs(self, path: str) -> None: ...
+
+    def replace_file(self, path: str, data: bytes, token: Any) -> Any:
+        """Replace the small file ``path`` atomically; with a ``token`` from :meth:`read_versioned`
+        (or ``ABSENT``: it must not exist), only if nobody replaced it since (else ``ConflictError``).
+        Returns the new token."""
+
+    def delete_checkpoint(self, path: str) -> None:
+        """Remove a checkpoint directory so that it stops being committed first."""
+
+    def remove_leftovers(self, directory: str, prefix: str) -> list[str]:
+        """Remove crashed writers' leftovers of checkpoints named ``prefix...``; returns their names."""
+
+    # -- the directory claim
+    def claim(self, directory: str) -> None: ...
+
+    def holds(self, directory: str) -> bool: ...
+
+    def release(self, directory: str) -> None: ...
+
+    def real_path(self, path: str) -> str:
+        """``path`` made absolute (a URL is its own)."""
+
+    def describe_write_failure(self, path: str, error: OSError) -> str:
+        """What went wrong writing the checkpoint ``path``, and what to do."""
+
+
+class ConflictError(CheckpointError):
+    """A conditional write found that another writer changed the file first."""
+
+
+class AlreadyCommitted(FileExistsError):
+    """A commit that must not replace found a checkpoint at its name."""
+
+
+ABSENT = object()  # the token of a file that must not exist yet

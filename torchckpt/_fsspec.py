@@ -1,0 +1,536 @@
+"""Any fsspec URL as a :class:`~torchckpt._backend.Storage`: object stores (S3, GCS, Azure), ``memory://``, ``file://``.
+
+Why the commit is the index written last, with create-if-absent: an object store has no rename
+(``mv`` is a copy and a delete, object by object) but makes each object visible atomically once
+its upload completes, and lists consistently. So a checkpoint's shards are uploaded straight
+into its final prefix, their sizes are checked in one listing, and ``index.json`` is created
+last, with ``If-None-Match: *`` where the store has it: a directory without its index is never a
+checkpoint, and two writers can never both commit one name. Replacing a checkpoint deletes its
+index first (the old checkpoint stops being committed), then its shards, then writes the new
+one: a reader sees the old checkpoint, none, or the new one, never a mix. Retention deletes the
+index first, then the shards.
+
+A crashed upload leaves shards and a ``.torchckpt-pending`` marker without an index: readers
+ignore it, and the next manager removes it (see :meth:`FsspecStorage.remove_leftovers`).
+
+Uploads stream through bounded buffers (on S3, multipart uploads with parts in parallel), reads
+are ranged and parallel, and nothing calls ``os.sync()`` (DCP's ``FsspecWriter`` does, machine
+wide, for every file).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import threading
+import time
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import xxhash
+
+from torchckpt import _lease, _threads
+from torchckpt._backend import ABSENT, AlreadyCommitted, ConflictError, Output, join, name_of, parent_of
+from torchckpt._format import INDEX_FILE
+from torchckpt.errors import CheckpointError, CheckpointWriteError, CorruptCheckpointError
+
+PENDING_FILE = ".torchckpt-pending"  # written first into a checkpoint's prefix, removed once it is committed
+LEFTOVER_GRACE_SECS = 3600.0  # an uncommitted prefix of no live lease is a leftover once this old
+READ_PART_BYTES = 8 * 2**20  # ranged reads: this big, READ_PARTS at a time (64 MiB in flight at most)
+READ_PARTS = 8
+UPLOAD_PART_BYTES = 16 * 2**20  # S3 multipart parts: this big, UPLOAD_PARTS in flight at most
+UPLOAD_PARTS = 4
+_OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"}
+_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure",
+           "adl": "azure"}
+_memory_guard = threading.Lock()  # memory:// is per process: its compare-and-write is atomic under this
+_warned: set[str] = set()
+# Daemon workers, not a pool: an asynchronous save still finishing at interpreter exit may upload (see _threads).
+_uploaders = [_threads.Worker(f"torchckpt-upload-{i}") for i in range(UPLOAD_PARTS)]
+
+
+def fsspec_storage(url: str, storage_options: dict[str, Any] | None) -> FsspecStorage:
+    """The storage for ``url``, its filesystem made by fsspec with ``storage_options``.
+
+    Raises:
+        CheckpointError: fsspec or the scheme's filesystem package is not installed, or the
+            options are not ones the filesystem takes.
+    """
+    protocol = url.split("://", 1)[0].lower()
+    extra = _EXTRAS.get(protocol)
+    install = f'pip install "torchckpt[{extra}]"' if extra else "pip install fsspec"
+    try:
+        import fsspec
+    except ImportError:
+        raise CheckpointError(f"{url} is a URL, and URLs need fsspec: {install}.") from None
+    try:
+        fs = fsspec.filesystem(protocol, **(storage_options or {}))
+    except ImportError as e:
+        raise CheckpointError(f"Cannot open {url}: its filesystem package is not installed ({e}). {install}.") from e
+    except ValueError as e:
+        raise CheckpointError(f"Cannot open {url}: {e}.") from e
+    except TypeError as e:
+        raise CheckpointError(f"Cannot open {url}: bad storage_options ({e}).") from e
+    return FsspecStorage(fs, protocol)
+
+
+class RemoteSource:
+    """A file read with ranged requests, several at a time, into the caller's buffers."""
+
+    def __init__(self, fs: Any, path: str, size: int) -> None:
+        self.fs = fs
+        self.path = path
+        self.size = size
+
+    def read(self, offset: int, count: int) -> bytes:
+        end = min(self.size, offset + count)
+        if end <= offset:
+            return b""
+        return bytes(self.fs.cat_file(self.path, start=offset, end=end))
+
+    def readv(self, views: list[memoryview], offset: int) -> None:
+        total = sum(len(v) for v in views)
+        if offset + total > self.size:
+            raise EOFError(f"unexpected end of file at byte {self.size}")
+        targets = iter([v for v in views if len(v)])
+        current, at = next(targets, None), 0
+        position, end = offset, offset + total
+        while position < end:  # READ_PARTS ranged reads at a time: bounded memory, parallel requests
+            starts = list(range(position, min(end, position + READ_PART_BYTES * READ_PARTS), READ_PART_BYTES))
+            ends = [min(end, s + READ_PART_BYTES) for s in starts]
+            parts = self.fs.cat_ranges([self.path] * len(starts), starts, ends)
+            for data, s, e in zip(parts, starts, ends):
+                if isinstance(data, Exception):
+                    raise data
+                if len(data) != e - s:
+                    raise EOFError(f"unexpected end of file at byte {s + len(data)}")
+                pos = 0
+                while pos < len(data):  # scatter into the destinations
+                    assert current is not None
+                    k = min(len(current) - at, len(data) - pos)
+                    current[at : at + k] = data[pos : pos + k]
+                    at += k
+                    pos += k
+                    if at == len(current):
+                        current, at = next(targets, None), 0
+            position = ends[-1]
+
+    def close(self) -> None:
+        pass
+
+
+class StreamOutput:
+    """A new object written through the filesystem's own buffered file (bounded by its block size)."""
+
+    def __init__(self, fs: Any, path: str) -> None:
+        self.path = path
+        self.file = fs.open(path, "wb")
+        self.done = False
+
+    def write(self, views: list[memoryview]) -> None:
+        for view in views:
+            self.file.write(view)
+
+    def finish(self) -> None:
+        self.file.close()
+        self.done = True
+
+    def close(self) -> None:
+        if not self.done:
+            self.done = True
+            discard = getattr(self.file, "discard", None)
+            if callable(discard):
+                discard()  # abort a multipart upload: nothing becomes visible
+            else:
+                self.file.close()
+
+    def __enter__(self) -> StreamOutput:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class S3Upload:
+    """A multipart upload to S3 with up to ``UPLOAD_PARTS`` parts in flight: memory stays at a
+    few parts whatever the size, and the parts travel in parallel."""
+
+    def __init__(self, fs: Any, path: str) -> None:
+        self.fs = fs
+        self.path = path
+        self.bucket, self.key, _ = fs.split_path(path)
+        self.buffer = bytearray()
+        self.upload_id: str | None = None
+        self.parts: list[_threads.Pending[str]] = []
+        self.slots = threading.BoundedSemaphore(UPLOAD_PARTS)
+        self.done = False
+
+    def write(self, views: list[memoryview]) -> None:
+        for view in views:
+            pos, n = 0, len(view)
+            while pos < n:
+                k = min(n - pos, UPLOAD_PART_BYTES - len(self.buffer))
+                self.buffer += view[pos : pos + k]
+                pos += k
+                if len(self.buffer) == UPLOAD_PART_BYTES:
+                    self._send()
+
+    def _send(self) -> None:
+        if self.upload_id is None:
+            self.upload_id = self.fs.call_s3("create_multipart_upload", Bucket=self.bucket, Key=self.key)["UploadId"]
+        data, self.buffer = bytes(self.buffer), bytearray()
+        number = len(self.parts) + 1
+        self.slots.acquire()  # at most UPLOAD_PARTS parts in memory
+        self.parts.append(_uploaders[number % UPLOAD_PARTS].call(self._upload_part, number, data))
+
+    def _upload_part(self, number: int, data: bytes) -> str:
+        try:
+            out = self.fs.call_s3("upload_part", Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
+                                  PartNumber=number, Body=data)
+            return str(out["ETag"])
+        finally:
+            self.slots.release()
+
+    def finish(self) -> None:
+        if self.upload_id is None:
+            self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=bytes(self.buffer))
+        else:
+            if self.buffer:
+                self._send()
+            etags = [part.result() for part in self.parts]
+            self.fs.call_s3("complete_multipart_upload", Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
+                            MultipartUpload={"Parts": [{"PartNumber": i, "ETag": e} for i, e in enumerate(etags, 1)]})
+        self.done = True
+        self.fs.invalidate_cache(self.path)
+
+    def close(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self.upload_id is not None:
+            try:
+                for part in self.parts:  # let the parts in flight end before the upload is aborted
+                    with contextlib.suppress(Exception):
+                        part.result()
+                self.fs.call_s3("abort_multipart_upload", Bucket=self.bucket, Key=self.key, UploadId=self.upload_id)
+            except Exception:  # noqa: BLE001 - best effort: an unfinished upload never becomes an object
+                pass
+
+    def __enter__(self) -> S3Upload:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RemoteStage:
+    """A checkpoint uploaded straight into its final prefix; ``commit`` creates its index."""
+
+    def __init__(self, storage: FsspecStorage, final: str, replace: bool) -> None:
+        self.storage = storage
+        self.path = final
+        self.index: tuple[str, bytes] | None = None
+        self.committed = False
+        if storage.exists(join(final, INDEX_FILE)):
+            if not replace:
+                raise AlreadyCommitted(17, "a checkpoint is already committed there", final)
+            storage.delete_checkpoint(final)  # un-commit first: never a mix of old and new shards
+        elif storage.list_names(final):
+            storage.remove_tree(final)  # an uncommitted leftover at the name the caller chose
+        marker = {"writer": f"pid {os.getpid()} on {socket.gethostname()}", "time": time.time(),
+                  "session": storage.session_of(final)}
+        storage.put(join(final, PENDING_FILE), json.dumps(marker).encode())
+
+    def create(self, name: str, size: int) -> Output:
+        return self.storage.output(join(self.path, name), size)
+
+    def write_file(self, name: str, data: bytes) -> None:
+        self.storage.put(join(self.path, name), data)
+
+    def write_index(self, name: str, pieces: Iterable[bytes]) -> None:
+        self.index = (name, b"".join(pieces))
+
+    def commit(self, sizes: dict[str, int]) -> None:
+        found = self.storage.sizes(self.path)
+        for name, size in sizes.items():
+            if found.get(name) != size:
+                raise CheckpointWriteError(
+                    f"Cannot commit {self.path}: {name} is {found.get(name, 'missing')} bytes on the store after its "
+                    f"upload, not {size}. Nothing was committed; save again.",
+                    self.path,
+                    OSError(5, "upload lost", join(self.path, name)),
+                )
+        if self.index is not None:
+            name, data = self.index
+            try:
+                self.storage.create_new(join(self.path, name), data)
+            except FileExistsError:
+                raise AlreadyCommitted(17, "another writer committed this checkpoint first", self.path) from None
+        self.committed = True
+        self.storage.remove_quietly(join(self.path, PENDING_FILE))
+
+    def discard(self) -> None:
+        if not self.committed and not self.storage.exists(join(self.path, INDEX_FILE)):
+            self.storage.remove_tree(self.path)
+
+
+def _token_of(data: bytes) -> str:
+    return "xxh3:" + xxhash.xxh3_64_hexdigest(data)
+
+
+class FsspecStorage:
+    """An fsspec filesystem; paths are the caller's URLs (``s3://bucket/run/ckpt-3``)."""
+
+    is_local = False
+
+    def __init__(self, fs: Any, protocol: str) -> None:
+        self.fs = fs
+        self.protocol = protocol
+        self.is_s3 = callable(getattr(fs, "call_s3", None)) and callable(getattr(fs, "split_path", None))
+        self.is_memory = protocol == "memory"
+        self.is_object_store = protocol in _OBJECT_STORES
+        self.supports_conditional_writes = self.is_s3 or self.is_memory
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def _info(self, path: str) -> dict[str, Any]:
+        self.fs.invalidate_cache(path)
+        info: dict[str, Any] = self.fs.info(path)
+        return info
+
+    def _file_info(self, path: str, what: str) -> dict[str, Any]:
+        info = self._info(path)  # FileNotFoundError when absent
+        if info.get("type") != "file":
+            raise CorruptCheckpointError(f"{what} {path} is {info.get('type') or 'not a file'}, not a file; "
+                                         "refusing to read it.", path)
+        return info
+
+    def read_file(self, path: str, limit: int, what: str) -> bytes:
+        return self.read_versioned(path, limit, what)[0]
+
+    def read_versioned(self, path: str, limit: int, what: str) -> tuple[bytes, Any]:
+        info = self._file_info(path, what)
+        size = int(info.get("size") or 0)
+        if size > limit:
+            raise CorruptCheckpointError(
+                f"{what} {path} is {size} bytes, over the {limit}-byte limit for such a file; it is not one "
+                "torchckpt wrote.",
+                path,
+            )
+        data = bytes(self.fs.cat_file(path)) if size else b""
+        if len(data) > limit:
+            raise CorruptCheckpointError(f"{what} {path} grew past the {limit}-byte limit while it was read.", path)
+        etag = info.get("ETag") or info.get("etag")
+        return data, (etag if self.is_s3 and etag and len(data) == size else _token_of(data))
+
+    def open(self, path: str, what: str) -> RemoteSource:
+        return RemoteSource(self.fs, path, int(self._file_info(path, what).get("size") or 0))
+
+    def is_file(self, path: str) -> bool:
+        try:
+            return self._info(path).get("type") == "file"
+        except (FileNotFoundError, OSError, ValueError):
+            return False
+
+    def is_dir(self, path: str) -> bool:
+        self.fs.invalidate_cache(path)
+        try:
+            return bool(self.fs.isdir(path))
+        except (OSError, ValueError):
+            return False
+
+    follows_to_dir = is_dir
+
+    def exists(self, path: str) -> bool:
+        try:
+            self._info(path)
+            return True
+        except (FileNotFoundError, OSError, ValueError):
+            return False
+
+    def mtime(self, path: str) -> float:
+        try:
+            info = self._info(path)
+        except (OSError, ValueError):
+            return -1.0
+        for key in ("LastModified", "mtime", "created", "updated", "last_modified"):
+            value = info.get(key)
+            stamp = getattr(value, "timestamp", None)
+            if callable(stamp):
+                return float(stamp())
+            if isinstance(value, (int, float)):
+                return float(value)
+        return -1.0
+
+    def list_names(self, directory: str) -> list[str]:
+        self.fs.invalidate_cache(directory)
+        try:
+            entries = self.fs.ls(directory, detail=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        own = self.fs._strip_protocol(directory).rstrip("/")
+        return [name_of(str(e)) for e in entries if self.fs._strip_protocol(str(e)).rstrip("/") != own]
+
+    def sizes(self, directory: str) -> dict[str, int]:
+        """Every file directly in ``directory`` -> its size, from one listing."""
+        self.fs.invalidate_cache(directory)
+        try:
+            entries = self.fs.ls(directory, detail=True)
+        except FileNotFoundError:
+            return {}
+        return {name_of(str(e["name"])): int(e.get("size") or 0) for e in entries if e.get("type") == "file"}
+
+    def real_path(self, path: str) -> str:
+        return path
+
+    def describe_write_failure(self, path: str, error: OSError) -> str:
+        where = f" ({error.filename})" if error.filename and error.filename != path else ""
+        return f"Cannot write checkpoint {path}{where}: {error.strerror or error}."
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def stage(self, final: str, replace: bool) -> RemoteStage:
+        return RemoteStage(self, final, replace)
+
+    def output(self, path: str, size: int) -> Output:
+        if self.is_s3 and size > UPLOAD_PART_BYTES:
+            return S3Upload(self.fs, path)
+        return StreamOutput(self.fs, path)
+
+    def put(self, path: str, data: bytes) -> None:
+        self.fs.pipe_file(path, data)
+        self.fs.invalidate_cache(path)
+
+    def create_new(self, path: str, data: bytes) -> None:
+        """Create ``path`` holding ``data``; FileExistsError when it exists (atomically where the
+        store can: S3's ``If-None-Match``, ``memory://``, a local file's ``O_EXCL``)."""
+        try:
+            with self.fs.open(path, "xb") as f:
+                f.write(data)
+        except (ValueError, NotImplementedError, TypeError):  # no exclusive mode: check, then write
+            self._warn_unconditional()
+            if self.exists(path):
+                raise FileExistsError(17, "File exists", path) from None
+            self.put(path, data)
+        self.fs.invalidate_cache(path)
+
+    def make_dirs(self, path: str) -> None:
+        if not self.is_object_store:  # object stores have no directories; a bucket is made by its owner
+            self.fs.makedirs(path, exist_ok=True)
+
+    def replace_file(self, path: str, data: bytes, token: Any) -> Any:
+        if token is ABSENT:
+            try:
+                self.create_new(path, data)
+            except FileExistsError:
+                raise ConflictError(f"{path} was created by another writer meanwhile.") from None
+            return self.read_versioned(path, len(data), "File")[1]
+        if self.is_s3 and isinstance(token, str) and not token.startswith("xxh3:"):
+            bucket, key, _ = self.fs.split_path(path)
+            try:
+                out = self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=token)
+            except (OSError, FileNotFoundError) as e:
+                if "pre-condition" in str(e) or "precondition" in str(e).lower() or isinstance(e, FileNotFoundError):
+                    raise ConflictError(f"{path} was replaced by another writer meanwhile.") from None
+                raise
+            self.fs.invalidate_cache(path)
+            return out.get("ETag") or _token_of(data)
+        with _memory_guard if self.is_memory else _NO_GUARD:
+            if token is not None:
+                if not self.is_memory:
+                    self._warn_unconditional()
+                try:
+                    current = self.read_versioned(path, 2**31, "File")[1]
+                except FileNotFoundError:
+                    current = None
+                if current != token:
+                    raise ConflictError(f"{path} was replaced by another writer meanwhile.")
+            self.put(path, data)
+        return _token_of(data)
+
+    def _warn_unconditional(self) -> None:
+        if self.protocol not in _warned:
+            _warned.add(self.protocol)
+            warnings.warn(
+                f"{self.protocol}:// cannot create or replace a file conditionally through fsspec here, so a "
+                "second writer to one directory is detected only between its reads and writes, not atomically.",
+                stacklevel=4,
+            )
+
+    def remove_quietly(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(path)
+        self.fs.invalidate_cache(path)
+
+    def remove_tree(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(path, recursive=True)
+        self.fs.invalidate_cache(path)
+
+    def delete_checkpoint(self, path: str) -> None:
+        self.remove_quietly(join(path, INDEX_FILE))  # un-commit first: never a half-deleted checkpoint
+        self.remove_tree(path)
+
+    def remove_leftovers(self, directory: str, prefix: str) -> list[str]:
+        """Remove uncommitted prefixes ``prefix...`` (shards without an index) of crashed writers.
+
+        A writer on another host cannot be probed by pid, so a leftover is recognised by its
+        pending marker: one written under a manager's lease that is not the live one (this
+        process holds the lease now, so that writer is gone), or one older than
+        ``LEFTOVER_GRACE_SECS`` (an unmanaged write).
+        """
+        removed = []
+        ours = self.session_of(join(directory, "x"))
+        for name in self.list_names(directory):
+            path = join(directory, name)
+            if not name.startswith(prefix) or self.exists(join(path, INDEX_FILE)) or not self.is_dir(path):
+                continue
+            marker = self._marker(join(path, PENDING_FILE))
+            if marker is None:
+                continue  # not ours to judge: no torchckpt write made it
+            session, written = marker.get("session"), marker.get("time")
+            stale_session = session is not None and ours is not None and session != ours
+            old = isinstance(written, (int, float)) and time.time() - written > LEFTOVER_GRACE_SECS
+            if stale_session or old:
+                self.remove_tree(path)
+                removed.append(name)
+        return removed
+
+    def _marker(self, path: str) -> dict[str, Any] | None:
+        try:
+            value = json.loads(self.read_file(path, 2**16, "Pending marker"))
+        except (OSError, ValueError, CorruptCheckpointError):
+            return None
+        return value if isinstance(value, dict) else None
+
+    # -- the claim: a lease object ----------------------------------------------------------
+
+    def session_of(self, path: str) -> str | None:
+        return _lease.session_for(self, parent_of(path))
+
+    def claim(self, directory: str) -> None:
+        _lease.claim(self, directory)
+
+    def holds(self, directory: str) -> bool:
+        return _lease.holds(self, directory)
+
+    def release(self, directory: str) -> None:
+        _lease.release(self, directory)
+
+    def key(self, path: str) -> str:
+        """A canonical name of ``path`` for this process's bookkeeping."""
+        return f"{self.protocol}://{self.fs._strip_protocol(path).rstrip('/')}"
+
+
+class _NoGuard:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_GUARD = _NoGuard()

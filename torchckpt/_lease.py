@@ -1,0 +1,160 @@
+"""One writer per directory on an object store: a lease object, created if absent and renewed.
+
+An object store has no ``flock``. The claim is ``DIRECTORY/.torchckpt.lock``, created with
+create-if-absent and holding its holder (pid, host), a session id and an expiry. A helper thread
+renews it every third of its term with a conditional write (``If-Match`` on the ETag it last
+wrote), so a second process finds a live lease and is refused; a holder that died stops renewing
+and its lease expires, after which the next process takes it over (again conditionally, so two
+cannot both take it). A holder whose renewal is refused has lost the directory to another
+process: its next save raises instead of interleaving with the new holder's.
+
+Within one process the claim is shared, as on local disk: several managers may open the same
+directory one after another.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from torchckpt._backend import ABSENT, ConflictError, join
+from torchckpt.errors import CheckpointError, CorruptCheckpointError
+
+LEASE_FILE = ".torchckpt.lock"
+LEASE_SECS = 60.0  # how long a lease lives without renewal (a crashed holder's directory is free after this)
+_MAX_LEASE_BYTES = 2**16
+
+
+@dataclass
+class Lease:
+    storage: Any
+    directory: str
+    path: str
+    session: str
+    token: Any
+    pid: int
+    stop: threading.Event = field(default_factory=threading.Event)
+    lost: str | None = None
+
+
+_leases: dict[str, Lease] = {}
+_guard = threading.RLock()
+
+
+def _body(session: str, seconds: float) -> bytes:
+    note = {"holder": f"pid {os.getpid()} on {socket.gethostname()}", "session": session,
+            "expires": time.time() + seconds, "since": time.ctime()}
+    return json.dumps(note).encode()
+
+
+def _refusal(directory: str, holder: str, expires: float) -> CheckpointError:
+    left = max(0.0, expires - time.time())
+    return CheckpointError(
+        f"{directory} is managed by another live process ({holder[:200]}; its lease runs for {left:.0f} more seconds "
+        "unless renewed). Only one CheckpointManager may write to a directory at a time; stop that process or use "
+        "another directory. A lease of a crashed process expires on its own."
+    )
+
+
+def claim(storage: Any, directory: str) -> None:
+    """Claim ``directory`` for this process (idempotent within the process).
+
+    Raises:
+        CheckpointError: another live process holds the lease, or this process lost it.
+    """
+    key = storage.key(directory)
+    with _guard:
+        lease = _leases.get(key)
+        if lease is not None and lease.pid == os.getpid():
+            if lease.lost is not None:
+                raise CheckpointError(lease.lost)
+            return
+        path = join(directory, LEASE_FILE)
+        session = uuid.uuid4().hex
+        try:
+            token = storage.replace_file(path, _body(session, LEASE_SECS), ABSENT)
+        except ConflictError:
+            token = _take_over(storage, directory, path, session)
+        lease = Lease(storage, directory, path, session, token, os.getpid())
+        _leases[key] = lease
+        threading.Thread(target=_renew, args=(lease,), name="torchckpt-lease", daemon=True).start()
+
+
+def _take_over(storage: Any, directory: str, path: str, session: str) -> Any:
+    """Take an expired (or unreadable) lease conditionally; a live one is a refusal."""
+    try:
+        data, token = storage.read_versioned(path, _MAX_LEASE_BYTES, "Lease")
+        note = json.loads(data)
+        holder, expires = str(note["holder"]), float(note["expires"])
+    except FileNotFoundError:  # released meanwhile: create it
+        token, holder, expires = ABSENT, "", 0.0
+    except (ValueError, KeyError, TypeError, CorruptCheckpointError):
+        raise CheckpointError(
+            f"{path} is not a lease torchckpt can read, so the directory may be in use. If no process writes to "
+            f"{directory}, delete that file and start again."
+        ) from None
+    if expires > time.time():
+        raise _refusal(directory, holder, expires)
+    try:
+        return storage.replace_file(path, _body(session, LEASE_SECS), token)
+    except ConflictError:
+        raise CheckpointError(
+            f"{directory} was claimed by another process at the same moment; only one CheckpointManager may write "
+            "to a directory at a time."
+        ) from None
+
+
+def _renew(lease: Lease) -> None:
+    while not lease.stop.wait(LEASE_SECS / 3):
+        try:
+            lease.token = lease.storage.replace_file(lease.path, _body(lease.session, LEASE_SECS), lease.token)
+        except ConflictError:
+            lease.lost = (f"{lease.directory}: this process lost its claim on the directory (another process took over "
+                          "its lease, which had expired); nothing more is saved there. Use another directory, or stop "
+                          "the other process and start again.")
+            return
+        except Exception:  # noqa: BLE001 - a passing network failure: try again at the next renewal
+            continue
+
+
+def session_for(storage: Any, directory: str) -> str | None:
+    """The session id of this process's lease on ``directory``, if it holds one."""
+    with _guard:
+        lease = _leases.get(storage.key(directory))
+        return lease.session if lease is not None and lease.pid == os.getpid() else None
+
+
+def holds(storage: Any, directory: str) -> bool:
+    return session_for(storage, directory) is not None
+
+
+def release(storage: Any, directory: str) -> None:
+    """Give up the lease: stop renewing it and delete it (if it is still ours)."""
+    with _guard:
+        lease = _leases.pop(storage.key(directory), None)
+    if lease is None or lease.pid != os.getpid():
+        return
+    lease.stop.set()
+    if lease.lost is None:
+        try:
+            data, token = storage.read_versioned(lease.path, _MAX_LEASE_BYTES, "Lease")
+            if json.loads(data).get("session") == lease.session:
+                storage.remove_quietly(lease.path)
+        except (OSError, ValueError, CorruptCheckpointError):
+            pass
+
+
+def _forget_after_fork() -> None:
+    global _guard
+    _guard = threading.RLock()
+    _leases.clear()  # a child claims for itself (and is refused while the parent's lease lives)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_after_fork)

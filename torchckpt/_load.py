@@ -1,0 +1,356 @@
+"""The load path after the index is open: plan the restore, then execute it.
+
+Planning matches every value of the checkpoint against a destination (modules' tensors in
+place, stateful objects through ``load_state_dict``, plain values by assignment) and records
+every mismatch in a :class:`~torchckpt.MismatchReport`, before anything changes. Executing reads
+the planned tensors shard by shard, in file order, straight into their destinations, checking
+each one's checksum as it arrives, and then runs the planned loads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from torchckpt import _format, _tensorio, _tree
+from torchckpt._backend import name_of
+from torchckpt._format import TensorInfo as SavedTensor  # where a saved tensor is: dtype, shape, checksum
+from torchckpt._index import OpenShards, missing_member
+from torchckpt._progress import progress_bar
+from torchckpt._report import MismatchReport
+from torchckpt.errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    UnsupportedStateError,
+    checksum_mismatch,
+    interrupted_restore_advice,
+)
+
+# -- planning ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """What a restore will do, computed before anything is mutated."""
+
+    report: MismatchReport = field(default_factory=MismatchReport)
+    reads: list[tuple[torch.Tensor, SavedTensor]] = field(default_factory=list)
+    casts: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (destination, read buffer)
+    loads: list[Callable[[], None]] = field(default_factory=list)
+    cast: bool = False  # restore(..., cast=True): dtype mismatches are cast instead of skipped
+    assign: bool = False  # restore(..., assign=True): modules' meta tensors are replaced by restored ones
+
+
+def _compatible(key: str, saved: SavedTensor, dest: torch.Tensor, report: MismatchReport, cast: bool = False) -> bool:
+    """Whether ``saved`` can go into ``dest``; records the mismatch (or, with ``cast``, the cast)."""
+    if saved.shape != dest.shape:
+        report.shape_mismatches[key] = (saved.shape, dest.shape)
+        return False
+    if saved.dtype != dest.dtype:
+        if cast and dest.dtype in _format.SUPPORTED_DTYPES:
+            report.cast_keys[key] = (saved.dtype, dest.dtype)
+            return True
+        report.dtype_mismatches[key] = (saved.dtype, dest.dtype)
+        return False
+    return True
+
+
+def _read_into(dest: torch.Tensor, saved: SavedTensor, plan: Plan) -> None:
+    """Schedule the read of ``saved`` into ``dest``, through a buffer of the saved dtype when it is cast."""
+    if saved.dtype == dest.dtype:
+        plan.reads.append((dest, saved))
+        return
+    buffer = torch.empty(saved.shape, dtype=saved.dtype)
+    plan.reads.append((buffer, saved))
+    plan.casts.append((dest, buffer))
+
+
+def check_destination(key: str, dest: torch.Tensor) -> None:
+    """Refuse, before anything changes, a destination the library cannot write as plain memory."""
+    reason = _tensorio.unsupported_reason(dest, allow_meta=True)
+    if reason is not None:
+        raise UnsupportedStateError(
+            f"Cannot restore into {key!r}: it is {reason}. Sharded state (DTensor, FSDP) is not supported yet; "
+            "restore into a plain (unsharded) model, then shard it.",
+            key=key,
+            value_type=type(dest),
+        )
+
+
+def plan_tensor(key: str, dest: torch.Tensor, saved: Any, plan: Plan) -> None:
+    """A tracked tensor is restored in place."""
+    check_destination(key, dest)
+    if saved is _MISSING:
+        plan.report.missing_keys.append(key)
+    elif not isinstance(saved, SavedTensor):
+        plan.report.missing_keys.append(key)
+        plan.report.unexpected_keys.extend(_saved_leaf_keys(saved, key))
+    elif dest.is_meta:  # a bare tensor cannot be replaced in place: reported, never "restored"
+        plan.report.missing_keys.append(key)
+        plan.report.meta_keys.append(key)
+    elif _compatible(key, saved, dest, plan.report, plan.cast):
+        _read_into(dest, saved, plan)
+        plan.report.restored_keys.append(_shared_key(key, saved))
+
+
+def _shared_key(key: str, saved: SavedTensor) -> str:
+    """``key``, as the saved tensor's own name string when they are equal: a report of 20,000
+    restored keys then holds no second copy of every name."""
+    return saved.name if saved.name == key else key
+
+
+def _match_keys(saved_keys: Iterable[str], object_keys: Iterable[str]) -> dict[str, str]:
+    """Pair checkpoint keys with object keys: exactly, or through DDP / compile prefixes."""
+    object_keys = list(object_keys)
+    pairs = {k: k for k in saved_keys if k in set(object_keys)}
+    left_saved = [k for k in saved_keys if k not in pairs]
+    taken = set(pairs.values())
+    left_object = [k for k in object_keys if k not in taken]
+    by_canon: dict[str, list[str]] = {}
+    for k in left_object:
+        by_canon.setdefault(_tree.canonical_module_key(k), []).append(k)
+    saved_canon: dict[str, list[str]] = {}
+    for k in left_saved:
+        saved_canon.setdefault(_tree.canonical_module_key(k), []).append(k)
+    for canon, keys in saved_canon.items():
+        candidates = by_canon.get(canon, [])
+        if len(keys) == 1 and len(candidates) == 1:
+            pairs[keys[0]] = candidates[0]
+    return pairs
+
+
+def plan_module(name: str, module: torch.nn.Module, saved: Any, plan: Plan) -> None:
+    """Write matching tensors straight into the module's parameters and buffers.
+
+    Entries of the state dict that do not alias a parameter or buffer (state-dict hooks,
+    ``_extra_state``) go through ``load_state_dict(strict=False)`` instead.
+    """
+    current = module.state_dict()
+    if saved is _MISSING:
+        plan.report.missing_keys.extend(_tree.join(name, _tree.escape_part(k)) for k in current)
+        return
+    if not isinstance(saved, dict) or not all(type(k) is str for k in saved):  # a state dict has str keys
+        plan.report.missing_keys.extend(_tree.join(name, _tree.escape_part(k)) for k in current)
+        plan.report.unexpected_keys.extend(_saved_leaf_keys(saved, name))
+        return
+    for key, tensor in current.items():
+        if isinstance(tensor, torch.Tensor):
+            check_destination(_tree.join(name, _tree.escape_part(key)), tensor)
+    storages = {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]
+                if t.numel() and not t.is_meta}
+    pairs = _match_keys(list(saved), list(current))
+    via_load: dict[str, Any] = {}
+    via_assign: dict[str, Any] = {}
+    for saved_key, value in saved.items():
+        full = _tree.join(name, _tree.escape_part(saved_key))
+        object_key = pairs.get(saved_key)
+        if object_key is None:
+            plan.report.unexpected_keys.extend(_saved_leaf_keys(value, full))
+            continue
+        if object_key != saved_key:
+            plan.report.remapped_keys[full] = _tree.join(name, _tree.escape_part(object_key))
+        dest = current[object_key]
+        if isinstance(value, SavedTensor) and isinstance(dest, torch.Tensor) and dest.is_meta:
+            plan.report.meta_keys.append(_tree.join(name, _tree.escape_part(object_key)))
+            if not plan.assign or not _compatible(full, value, dest, plan.report, plan.cast):
+                continue  # reported missing below: not matched
+            fresh = torch.empty(value.shape, dtype=dest.dtype)
+            _read_into(fresh, value, plan)
+            via_assign[object_key] = fresh
+        elif isinstance(value, SavedTensor) and isinstance(dest, torch.Tensor):
+            if not _compatible(full, value, dest, plan.report, plan.cast):
+                continue
+            if dest.numel() and dest.untyped_storage().data_ptr() in storages:
+                _read_into(dest, value, plan)
+            else:
+                fresh = torch.empty(value.shape, dtype=dest.dtype, device=dest.device)
+                _read_into(fresh, value, plan)
+                via_load[object_key] = fresh
+        elif isinstance(value, SavedTensor) or isinstance(dest, torch.Tensor):
+            plan.report.unexpected_keys.append(full)
+            plan.report.missing_keys.append(_tree.join(name, _tree.escape_part(object_key)))
+            continue
+        else:
+            via_load[object_key] = _rebuild(value, full, _fresh_reader(plan))
+        plan.report.restored_keys.append(_shared_key(full, value) if isinstance(value, SavedTensor) else full)
+    matched = {k for k in pairs.values() if not _is_meta(current[k]) or k in via_assign}
+    plan.report.missing_keys.extend(_tree.join(name, _tree.escape_part(k)) for k in current if k not in matched)
+    if via_load:
+        plan.loads.append(lambda: module.load_state_dict(via_load, strict=False))
+    if via_assign:
+        plan.loads.append(lambda: module.load_state_dict(via_assign, strict=False, assign=True))
+
+
+def _is_meta(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_meta
+
+
+def plan_stateful(name: str, obj: Any, saved: Any, plan: Plan) -> None:
+    """Rebuild the object's state dict from the checkpoint and hand it to ``load_state_dict``.
+
+    Tensors that already exist in the object with the same shape and dtype are read into in
+    place; others are allocated once. An object with any shape or dtype mismatch, or whose
+    structure cannot take the checkpoint's state (an optimizer with different parameter groups),
+    is left untouched as a whole and reported.
+    """
+    current = obj.state_dict()
+    current_leaves = _tree.leaves(current, name)
+    if saved is _MISSING:
+        plan.report.missing_keys.extend(current_leaves)
+        return
+    saved_leaves = _tree.leaves(saved, name)
+    reason = _structure_problem(obj, current, saved)
+    report = MismatchReport()
+    reads: list[tuple[torch.Tensor, SavedTensor]] = []
+
+    def destination(key: str, value: SavedTensor) -> torch.Tensor:
+        dest = current_leaves.get(key)
+        if isinstance(dest, torch.Tensor) and not dest.is_meta:  # compatibility was checked above
+            if dest.dtype == value.dtype:
+                reads.append((dest, value))
+                return dest
+            fresh = torch.empty(value.shape, dtype=dest.dtype)  # cast=True: the object's dtype
+            buffer = torch.empty(value.shape, dtype=value.dtype)
+            reads.append((buffer, value))
+            plan.casts.append((fresh, buffer))
+            return fresh
+        fresh = torch.empty(value.shape, dtype=value.dtype)
+        reads.append((fresh, value))
+        return fresh
+
+    for key, dest in current_leaves.items():
+        if isinstance(dest, torch.Tensor):
+            check_destination(key, dest)
+    for key, value in saved_leaves.items():
+        dest = current_leaves.get(key)
+        if isinstance(value, SavedTensor) and isinstance(dest, torch.Tensor):
+            _compatible(key, value, dest, report, plan.cast)
+    plan.report.cast_keys.update(report.cast_keys)
+    if report.shape_mismatches or report.dtype_mismatches or reason:
+        plan.report.shape_mismatches.update(report.shape_mismatches)
+        plan.report.dtype_mismatches.update(report.dtype_mismatches)
+        plan.report.skipped_objects[name] = reason or "some of its tensors differ in shape or dtype"
+        return
+    new_state = _rebuild(saved, name, destination)
+    plan.reads.extend(reads)
+    for key in current_leaves:
+        if key not in saved_leaves and not any(k.startswith(key + _tree.SEP) for k in saved_leaves):
+            plan.report.missing_keys.append(key)
+    plan.report.restored_keys.extend(_shared_key(k, v) if isinstance(v, SavedTensor) else k
+                                     for k, v in saved_leaves.items())
+    plan.loads.append(lambda: obj.load_state_dict(new_state))
+
+
+def _structure_problem(obj: Any, current: Any, saved: Any) -> str | None:
+    if isinstance(obj, torch.optim.Optimizer):
+        mine = [len(g["params"]) for g in current.get("param_groups", [])]
+        groups = saved.get("param_groups") if isinstance(saved, dict) else None
+        if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                                                   for g in groups):
+            return "the checkpoint's state has no parameter groups"
+        theirs = [len(g["params"]) for g in groups]
+        if mine != theirs:
+            return f"the checkpoint's parameter groups have sizes {theirs}, this optimizer's have {mine}"
+    return None
+
+
+def _rebuild(saved: Any, path: str, destination: Callable[[str, SavedTensor], torch.Tensor]) -> Any:
+    """``saved`` with each saved tensor replaced by ``destination(key, saved)``. Containers without
+    a tensor below them are returned as they are: a large plain value is not copied again."""
+    if isinstance(saved, SavedTensor):
+        return destination(path, saved)
+    if isinstance(saved, dict):
+        items = {k: _rebuild(v, _tree.join(path, _tree.key_part(k)), destination) for k, v in saved.items()}
+        return saved if all(items[k] is v for k, v in saved.items()) else type(saved)(items)
+    if isinstance(saved, (list, tuple)) and not isinstance(saved, torch.Size):
+        parts = [_rebuild(v, _tree.join(path, str(i)), destination) for i, v in enumerate(saved)]
+        if all(a is b for a, b in zip(parts, saved)):
+            return saved
+        return parts if isinstance(saved, list) else tuple(parts)
+    return saved
+
+
+def plan_value(key: str, saved: Any, assign: Callable[[Any], None], plan: Plan) -> None:
+    """A plain value is restored by re-assigning it (tensors inside are read into new tensors)."""
+    if saved is _MISSING:
+        plan.report.missing_keys.append(key)
+        return
+
+    value = _rebuild(saved, key, _fresh_reader(plan))
+    plan.loads.append(lambda: assign(value))
+    plan.report.restored_keys.append(key)
+
+
+def _fresh_reader(plan: Plan) -> Callable[[str, SavedTensor], torch.Tensor]:
+    """Allocates a new CPU tensor for each saved tensor and schedules the read into it."""
+
+    def fresh(_: str, value: SavedTensor) -> torch.Tensor:
+        t = torch.empty(value.shape, dtype=value.dtype)
+        plan.reads.append((t, value))
+        return t
+
+    return fresh
+
+
+def _saved_leaf_keys(saved: Any, prefix: str) -> list[str]:
+    return list(_tree.leaves(saved, prefix))
+
+
+# -- executing -------------------------------------------------------------------------------
+
+
+def execute(plan: Plan, shards: OpenShards, verify: bool, progress: bool | None) -> None:
+    """Read every planned tensor (shard by shard, in file order), then run the planned loads."""
+    by_file: dict[str, list[tuple[torch.Tensor, SavedTensor]]] = {}
+    for pair in plan.reads:
+        by_file.setdefault(pair[1].file, []).append(pair)
+    total = sum(saved.nbytes for _, saved in plan.reads)
+    directory = shards.directory
+    with progress_bar(total, f"restore {name_of(directory)}", progress) as bar, torch.no_grad():
+        for file, reads in by_file.items():
+            reads.sort(key=_file_offset)
+            path = shards.path(file)
+            try:
+                bad = _tensorio.read_many(shards.sources[file], reads, verify, bar.update)
+            except EOFError as e:
+                raise CorruptCheckpointError(f"Shard {path} is truncated: {e}.", path) from e
+            except FileNotFoundError:  # an object store has no pin on open files: deleted meanwhile
+                raise missing_member(directory, path, shards.storage) from None
+            except OSError as e:
+                raise CorruptCheckpointError(f"Cannot read shard {path}: {e.strerror or e}.", path) from e
+            if bad is not None:
+                saved, digest = bad
+                raise CorruptCheckpointError(
+                    checksum_mismatch(saved.name, path, saved.checksum, digest) + interrupted_restore_advice(), path
+                )
+    with torch.no_grad():
+        for dest, buffer in plan.casts:
+            dest.copy_(buffer)
+    for load in plan.loads:
+        try:
+            load()
+        except CheckpointError:
+            raise
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError, OverflowError,
+                RecursionError) as e:
+            raise CorruptCheckpointError(
+                f"Restoring from {directory} failed while loading state ({type(e).__name__}: {e}); the values in "
+                "the checkpoint do not fit the objects. Objects may be partly restored.",
+                directory,
+            ) from e
+
+
+def _file_offset(read: tuple[torch.Tensor, SavedTensor]) -> int:
+    return read[1].start
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+_MISSING: Any = _Missing()
+MISSING = _MISSING

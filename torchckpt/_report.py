@@ -1,0 +1,90 @@
+"""What a restore could not apply: :class:`MismatchReport` (public as ``torchckpt.MismatchReport``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from torchckpt.errors import format_keys, plural
+
+
+@dataclass
+class MismatchReport:
+    """What a restore could not apply.
+
+    Attributes:
+        missing_keys: in the objects, not in the checkpoint.
+        unexpected_keys: in the checkpoint, not used by any object.
+        shape_mismatches: ``{key: (shape in checkpoint, shape in object)}``.
+        dtype_mismatches: ``{key: (dtype in checkpoint, dtype in object)}``.
+        skipped_objects: ``{name: reason}`` for objects left untouched as a whole (for example an
+            optimizer whose parameter groups differ from the checkpoint's).
+        remapped_keys: ``{key in checkpoint: key in object}`` matched through a DDP ``module.`` or
+            ``torch.compile`` ``_orig_mod.`` prefix. Not a mismatch.
+        restored_keys: every key that was applied.
+        cast_keys: ``{key: (dtype in checkpoint, dtype in object)}`` applied with a cast
+            (``restore(..., cast=True)``). Not a mismatch.
+        meta_keys: destinations on the meta device (a model built under ``torch.device("meta")``);
+            they are also in ``missing_keys`` unless ``restore(..., assign=True)`` materialised them.
+
+    Example:
+        >>> report = MismatchReport(missing_keys=["model/head.bias"])
+        >>> bool(report), report.missing_keys
+        (True, ['model/head.bias'])
+    """
+
+    missing_keys: list[str] = field(default_factory=list)
+    unexpected_keys: list[str] = field(default_factory=list)
+    shape_mismatches: dict[str, tuple[torch.Size, torch.Size]] = field(default_factory=dict)
+    dtype_mismatches: dict[str, tuple[torch.dtype, torch.dtype]] = field(default_factory=dict)
+    skipped_objects: dict[str, str] = field(default_factory=dict)
+    remapped_keys: dict[str, str] = field(default_factory=dict)
+    restored_keys: list[str] = field(default_factory=list)
+    cast_keys: dict[str, tuple[torch.dtype, torch.dtype]] = field(default_factory=dict)
+    meta_keys: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.missing_keys or self.unexpected_keys or self.shape_mismatches or self.dtype_mismatches
+            or self.skipped_objects
+        )
+
+    def unused_keys(self) -> list[str]:
+        """Checkpoint values that were not applied: unexpected plus mismatched."""
+        return sorted(set(self.unexpected_keys) | set(self.shape_mismatches) | set(self.dtype_mismatches))
+
+    def lines(self, include: Iterable[str] = ("missing", "unexpected", "shape", "dtype", "skipped")) -> list[str]:
+        wanted = set(include)
+        out = []
+        if "missing" in wanted and self.missing_keys:
+            out.append(f"missing from the checkpoint ({len(self.missing_keys)}): {format_keys(self.missing_keys)}")
+        if "unexpected" in wanted and self.unexpected_keys:
+            out.append(
+                f"unexpected in the checkpoint ({len(self.unexpected_keys)}): {format_keys(self.unexpected_keys)}"
+            )
+        if "shape" in wanted and self.shape_mismatches:
+            items = [f"{k} (checkpoint {list(a)} vs object {list(b)})" for k, (a, b) in self.shape_mismatches.items()]
+            out.append(f"shape mismatches ({len(items)}): {format_keys(items)}")
+        if "dtype" in wanted and self.dtype_mismatches:
+            items = [f"{k} (checkpoint {a} vs object {b})" for k, (a, b) in self.dtype_mismatches.items()]
+            out.append(f"dtype mismatches ({len(items)}): {format_keys(items)} (restore(..., cast=True) casts them, "
+                       "as load_state_dict does)")
+        if "missing" in wanted and self.meta_keys and set(self.meta_keys) & set(self.missing_keys):
+            out.append(f"on the meta device, so not restored ({len(self.meta_keys)}): {format_keys(self.meta_keys)} "
+                       "(restore(..., assign=True) materialises them, as load_state_dict(assign=True) does)")
+        if "skipped" in wanted and self.skipped_objects:
+            items = [f"{k}: {v}" for k, v in sorted(self.skipped_objects.items())]
+            out.append(f"objects left untouched ({len(items)}): " + "; ".join(items))
+        return out
+
+    def __str__(self) -> str:
+        lines = self.lines()
+        if self.remapped_keys:
+            lines.append(
+                f"matched through a DDP 'module.' or torch.compile '_orig_mod.' prefix ({len(self.remapped_keys)}): "
+                + format_keys(f"{a} -> {b}" for a, b in self.remapped_keys.items())
+            )
+        head = f"restored {plural(len(self.restored_keys), 'value')}"
+        return head + ("; " + "; ".join(lines) if lines else "; everything matched")
