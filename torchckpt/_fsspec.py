@@ -257,9 +257,9 @@ class RemoteStage:
         found = self.storage.sizes(self.path)
         for name, size in sizes.items():
             if found.get(name) != size:
+                now = "is not on the store" if name not in found else f"is {found[name]} bytes on the store, not {size},"
                 raise CheckpointWriteError(
-                    f"Cannot commit {self.path}: {name} is {found.get(name, 'missing')} bytes on the store after its "
-                    f"upload, not {size}. Nothing was committed; save again.",
+                    f"Cannot commit {self.path}: {name} {now} after its upload. Nothing was committed; save again.",
                     self.path,
                     OSError(5, "upload lost", join(self.path, name)),
                 )

@@ -290,11 +290,12 @@ class Checkpoint:
         return self._restore(save_path, verify, progress, Plan(cast=cast, assign=assign), False, storage_options)
 
     def _restore(self, save_path: PathLike | None, verify: bool, progress: bool | None, plan: Plan,
-                 expect_counter: bool, storage_options: dict[str, Any] | None) -> RestoreStatus:
+                 expect_counter: bool, storage_options: dict[str, Any] | None,
+                 storage: Storage | None = None) -> RestoreStatus:
         if save_path is None:
             return RestoreStatus(MismatchReport(), None)
         path = as_path(save_path)
-        storage = storage_for(path, storage_options)
+        storage = storage or storage_for(path, storage_options)
         self.wait_until_finished()  # never read a checkpoint this object is still writing
         with gc_paused():
             directory = _directory.resolve_checkpoint(path, storage)
@@ -475,6 +476,11 @@ def commit(
     commit, one ``before_commit`` (tests inject faults with it), and ``replace=False`` to refuse
     a checkpoint already at ``path`` (``AlreadyCommitted``)."""
     ckpt._commit(storage, path, max_shard_size, progress, metadata, async_save, after, before_commit, replace)
+
+
+def restore_from(ckpt: Checkpoint, storage: Storage, path: str) -> RestoreStatus:
+    """:meth:`Checkpoint.restore` of ``path`` on ``storage`` (a manager's own)."""
+    return ckpt._restore(path, True, None, Plan(), True, None, storage)
 
 
 def _write(

@@ -24,7 +24,7 @@ from torchckpt._backend import AlreadyCommitted, ConflictError, as_path, join, n
 from torchckpt._directory import Entry, State, StateFileError
 from torchckpt._retention import MetricFn, best_entries, plan_retention
 from torchckpt._storage import storage_for
-from torchckpt.checkpoint import Checkpoint, commit, set_save_counter
+from torchckpt.checkpoint import Checkpoint, commit, restore_from, set_save_counter
 from torchckpt.errors import CheckpointError, CheckpointWriteError, a_or_an, is_read_only_error
 
 __all__ = ["CheckpointManager"]
@@ -471,7 +471,7 @@ class CheckpointManager:
         if self._latest is not None:
             path = self.latest_checkpoint
             assert path is not None
-            self._checkpoint.restore(path)
+            restore_from(self._checkpoint, self._storage, path)
             if self._checkpoint_interval is not None:
                 self._last_checkpoint_step = int(self._step_counter)
             return path

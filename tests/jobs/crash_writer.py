@@ -23,8 +23,7 @@ import sys
 import torch
 
 import torchckpt
-from torchckpt import _atomic, _directory
-from torchckpt import manager as manager_module
+from torchckpt import _atomic, _directory, _local
 
 directory, mode, megabytes, point = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 saves = {"n": 0}
@@ -77,7 +76,7 @@ os.replace = replace
 
 
 class Shutil:
-    """The manager's shutil, whose rmtree dies after an old checkpoint was moved aside."""
+    """The local storage's shutil, whose rmtree dies after an old checkpoint was moved aside."""
 
     def __getattr__(self, name: str) -> object:
         import shutil
@@ -92,7 +91,7 @@ class Shutil:
         shutil.rmtree(path, ignore_errors=ignore_errors)
 
 
-manager_module.shutil = Shutil()  # type: ignore[assignment]
+_local.shutil = Shutil()  # type: ignore[assignment]
 
 count = max(1, megabytes * 2**20 // 4 // 4)
 tensors = {f"t{i}": torch.zeros(count) for i in range(4)}

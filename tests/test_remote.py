@@ -1,0 +1,431 @@
+"""Checkpoints on object stores: every test on ``memory://`` and on moto's S3 server (a real S3 API).
+
+The guarantees are those of a local disk: a reader never sees a partial checkpoint, a crashed save
+leaves no visible checkpoint (and the next manager removes its leftovers), retention never leaves
+a half-deleted one visible, a second writer is refused or detected, and every byte is checked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import torchckpt
+from torchckpt import CheckpointManager, _fsspec, _lease
+from torchckpt.cli import main
+from torchckpt.reader import verify
+
+from .conftest import make_mlp, train_step
+
+JOB = Path(__file__).parent / "jobs" / "remote_writer.py"
+
+
+def trained(seed: int = 0, steps: int = 2):
+    model = make_mlp(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for step in range(steps):
+        train_step(model, opt, step)
+    return model, opt
+
+
+def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+
+
+# -- round trips -------------------------------------------------------------------------------
+
+
+def test_checkpoint_round_trip_keeps_the_callers_scheme(remote):
+    model, opt = trained()
+    ckpt = torchckpt.Checkpoint(model=model, opt=opt, epoch=3, note="run", big=torch.randn(300_000))
+    path = ckpt.save(remote.at("ckpt"), storage_options=remote.options)
+    assert path == remote.at("ckpt-1") and path.startswith(f"{remote.kind}://")
+    assert torchckpt.latest_checkpoint(remote.url, storage_options=remote.options) == path
+    fresh_model, _ = trained(seed=1, steps=0)
+    fresh_opt = torch.optim.Adam(fresh_model.parameters(), lr=0.5)
+    back = torchckpt.Checkpoint(model=fresh_model, opt=fresh_opt, epoch=0, note="", big=torch.zeros(300_000))
+    status = back.restore(remote.url, storage_options=remote.options).assert_consumed()
+    assert status.path == path and back.epoch == 3 and back.note == "run" and torch.equal(back.big, ckpt.big)
+    assert_same_state(fresh_model, model)
+    assert fresh_opt.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
+    train_step(model, opt, 5)
+    train_step(fresh_model, fresh_opt, 5)
+    assert_same_state(fresh_model, model)  # bit-exact resume: the next step is the same step
+    assert ckpt.save_counter == back.save_counter == 1
+
+
+def test_a_url_is_never_a_local_path(remote, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torchckpt.Checkpoint(w=torch.ones(2)).write(remote.at("c"), storage_options=remote.options)
+    assert os.listdir(tmp_path) == []  # nothing like ./s3:/bucket/... was made
+    assert "index.json" in remote.names("c")
+
+
+def test_manager_retention_resumed_history_and_keep_best(remote):
+    ckpt = torchckpt.Checkpoint(w=torch.zeros(3), step=0)
+    mgr = CheckpointManager(ckpt, remote.url, max_to_keep=2, keep_best=1, best_metric="loss",
+                            storage_options=remote.options)
+    for step, loss in enumerate([3.0, 1.0, 2.0, 4.0, 5.0], 1):
+        ckpt.w.fill_(step)
+        ckpt.step = step
+        mgr.save(metrics={"loss": loss})
+    names = [p.rsplit("/", 1)[1] for p in mgr.checkpoints]
+    assert names == ["ckpt-2", "ckpt-4", "ckpt-5"] and mgr.best_checkpoint == remote.at("ckpt-2")
+    assert sorted(n for n in remote.names() if n.startswith("ckpt-")) == ["ckpt-2", "ckpt-4", "ckpt-5"]
+    mgr.close()
+
+    again = torchckpt.Checkpoint(w=torch.zeros(3), step=0)
+    resumed = CheckpointManager(again, remote.url, max_to_keep=2, storage_options=remote.options)
+    assert resumed.checkpoints == mgr.checkpoints and resumed.best_checkpoint == remote.at("ckpt-2")
+    assert resumed.restore_or_initialize() == remote.at("ckpt-5")
+    assert again.step == 5 and torch.equal(again.w, torch.full((3,), 5.0))
+    assert resumed.save() == remote.at("ckpt-6")
+    state = torchckpt.get_checkpoint_state(remote.url, storage_options=remote.options)
+    assert state.latest == remote.at("ckpt-6") and state.best == remote.at("ckpt-2")
+    assert state.metrics[remote.at("ckpt-2")] == {"loss": 1.0}
+    resumed.close()
+
+
+def test_retention_deletes_the_index_before_the_shards(remote, monkeypatch):
+    ckpt = torchckpt.Checkpoint(w=torch.zeros(3))
+    mgr = CheckpointManager(ckpt, remote.url, max_to_keep=1, storage_options=remote.options)
+    first = mgr.save()
+    removed: list[str] = []
+    real_file, real_tree = _fsspec.FsspecStorage.remove_quietly, _fsspec.FsspecStorage.remove_tree
+
+    def remove_file(self, path):
+        removed.append(("file", path.rsplit("/", 2)[-2:]))
+        return real_file(self, path)
+
+    def remove_tree(self, path):
+        removed.append(("tree", path.rsplit("/", 1)[-1]))
+        return real_tree(self, path)
+
+    monkeypatch.setattr(_fsspec.FsspecStorage, "remove_quietly", remove_file)
+    monkeypatch.setattr(_fsspec.FsspecStorage, "remove_tree", remove_tree)
+    mgr.save()
+    deletes = [r for r in removed if "ckpt-1" in str(r)]
+    assert deletes == [("file", ["ckpt-1", "index.json"]), ("tree", "ckpt-1")]  # un-committed first
+    assert not remote.names("ckpt-1") and first not in mgr.checkpoints
+    mgr.close()
+
+
+def test_the_index_is_the_commit_and_is_written_last(remote):
+    seen = {}
+
+    def before_commit(stage: str) -> None:
+        seen["names"] = remote.names(stage.rsplit("/", 1)[1])
+        seen["latest"] = torchckpt.latest_checkpoint(remote.url, storage_options=remote.options)
+
+    from torchckpt._storage import storage_for
+    from torchckpt.checkpoint import commit
+
+    ckpt = torchckpt.Checkpoint(w=torch.ones(4))
+    path = remote.at("ckpt-1")
+    commit(ckpt, storage_for(path, remote.options), path, max_shard_size=8, before_commit=before_commit)
+    assert "index.json" not in seen["names"] and any(n.endswith(".safetensors") for n in seen["names"])
+    assert seen["latest"] is None  # shards without an index are no checkpoint
+    assert "index.json" in remote.names("ckpt-1") and ".torchckpt-pending" not in remote.names("ckpt-1")
+
+
+def test_a_second_commit_of_one_number_is_refused(remote):
+    from torchckpt._backend import AlreadyCommitted
+    from torchckpt._storage import storage_for
+    from torchckpt.checkpoint import commit
+
+    path = remote.at("ckpt-1")
+    storage = storage_for(path, remote.options)
+    commit(torchckpt.Checkpoint(w=torch.ones(2)), storage, path)
+    with pytest.raises(AlreadyCommitted):
+        commit(torchckpt.Checkpoint(w=torch.zeros(2)), storage, path, replace=False)
+    w = torch.zeros(2)
+    torchckpt.Checkpoint(w=w).read(path, storage_options=remote.options).assert_consumed()
+    assert torch.equal(w, torch.ones(2))  # the committed one is untouched
+
+
+def test_replacing_a_checkpoint_never_mixes_old_and_new_shards(remote):
+    path = remote.at("c")
+    torchckpt.Checkpoint(a=torch.ones(4), b=torch.ones(4)).write(path, max_shard_size=16,
+                                                                storage_options=remote.options)
+    old = set(remote.names("c"))
+    torchckpt.Checkpoint(a=torch.full((8,), 2.0)).write(path, storage_options=remote.options)
+    assert set(remote.names("c")) == {"index.json", "model-00001-of-00001.safetensors"} != old
+    a = torch.zeros(8)
+    torchckpt.Checkpoint(a=a).read(path, storage_options=remote.options).assert_consumed()
+    assert torch.equal(a, torch.full((8,), 2.0))
+
+
+# -- integrity -------------------------------------------------------------------------------------
+
+
+def test_a_flipped_byte_in_a_shard_object_fails_verify_and_restore(remote):
+    path = torchckpt.Checkpoint(w=torch.arange(1000.0)).write(remote.at("c"), storage_options=remote.options)
+    shard = f"{path}/model-00001-of-00001.safetensors"
+    data = bytearray(remote.fs.cat_file(shard))
+    data[-10] ^= 0x01
+    remote.fs.pipe_file(shard, bytes(data))
+    reader = torchckpt.load_checkpoint(path, storage_options=remote.options)
+    problems = verify(reader)
+    assert len(problems) == 2 and "fails its checksum" in problems[0] and "shard checksum" in problems[1]
+    with pytest.raises(torchckpt.CorruptCheckpointError, match="fails its checksum") as info:
+        torchckpt.Checkpoint(w=torch.zeros(1000)).read(path, storage_options=remote.options)
+    assert info.value.path == shard
+    with pytest.raises(torchckpt.CorruptCheckpointError, match="fails its checksum"):
+        reader.get_tensor("w")
+
+
+def test_a_shard_lost_after_its_upload_is_never_committed(remote, monkeypatch):
+    real = _fsspec.RemoteStage.commit
+
+    def lose_a_shard(self, sizes):
+        remote.fs.rm_file(f"{self.path}/{next(iter(sizes))}")
+        return real(self, sizes)
+
+    monkeypatch.setattr(_fsspec.RemoteStage, "commit", lose_a_shard)
+    with pytest.raises(torchckpt.CheckpointWriteError, match="is not on the store after its upload") as info:
+        torchckpt.Checkpoint(w=torch.ones(2)).write(remote.at("c"), storage_options=remote.options)
+    assert info.value.path == remote.at("c") and remote.names("c") == []
+
+
+def test_a_large_shard_goes_up_in_parts_and_comes_back_in_ranges(remote, monkeypatch):
+    monkeypatch.setattr(_fsspec, "UPLOAD_PART_BYTES", 5 * 2**20)  # S3's smallest part
+    monkeypatch.setattr(_fsspec, "READ_PART_BYTES", 2**20)
+    big = torch.randn(4 * 2**20)  # 16 MiB: four parts, sixteen ranged reads
+    path = torchckpt.Checkpoint(big=big, small=torch.arange(5)).write(remote.at("c"), storage_options=remote.options)
+    back = torchckpt.Checkpoint(big=torch.zeros_like(big), small=torch.zeros(5, dtype=torch.int64))
+    back.read(path, storage_options=remote.options).assert_consumed()
+    assert torch.equal(back.big, big) and torch.equal(back.small, torch.arange(5))
+
+
+# -- two writers ----------------------------------------------------------------------------------
+
+
+def holder(remote, seconds: float) -> subprocess.Popen[str]:
+    """Another process holding a manager on ``remote.url`` for ``seconds``."""
+    proc = subprocess.Popen([sys.executable, str(JOB), "hold", remote.url, json.dumps(remote.options), str(seconds)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ})
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "HOLDING", proc.stderr.read()
+    return proc
+
+
+def test_a_second_process_is_refused_while_the_lease_lives(remote):
+    if remote.kind == "memory":
+        pytest.skip("memory:// belongs to one process")
+    proc = holder(remote, 30)
+    try:
+        with pytest.raises(torchckpt.CheckpointError, match="managed by another live process") as info:
+            CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), remote.url, storage_options=remote.options)
+        assert f"pid {proc.pid}" in str(info.value)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+def test_a_manager_that_lost_its_lease_is_stopped_at_its_next_save(remote, monkeypatch):
+    monkeypatch.setattr(_lease, "LEASE_SECS", 0.6)  # renewed every 0.2 s
+    mgr = CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), remote.url, storage_options=remote.options)
+    mgr.save()
+    thief = {"holder": "pid 1 on elsewhere", "session": "other", "expires": time.time() + 3600}
+    remote.fs.pipe_file(remote.at(_lease.LEASE_FILE), json.dumps(thief).encode())  # another process took it over
+    time.sleep(1.0)
+    with pytest.raises(torchckpt.CheckpointError, match="lost its claim"):
+        mgr.save()
+    assert [n for n in remote.names() if n.startswith("ckpt-")] == ["ckpt-1"]
+
+
+def test_a_state_file_replaced_by_another_writer_is_detected_not_overwritten(remote):
+    ckpt = torchckpt.Checkpoint(w=torch.zeros(1))
+    mgr = CheckpointManager(ckpt, remote.url, max_to_keep=1, storage_options=remote.options)
+    mgr.save()
+    torchckpt.Checkpoint(w=torch.ones(1)).save(remote.at("other"), storage_options=remote.options)  # its state write
+    with pytest.raises(torchckpt.CheckpointError, match="replaced by another writer"):
+        mgr.save()
+    state = torchckpt.get_checkpoint_state(remote.url, storage_options=remote.options)
+    assert state.latest == remote.at("other-1")  # the other writer's history was not overwritten
+    assert "ckpt-1" in remote.names()  # and nothing was deleted
+    mgr.close()
+
+
+# -- crashes ---------------------------------------------------------------------------------------
+
+
+def test_a_writer_killed_mid_upload_leaves_the_last_checkpoint_and_the_next_manager_cleans_up(remote):
+    if remote.kind == "memory":
+        pytest.skip("memory:// belongs to one process; see the in-process crash test")
+    proc = subprocess.Popen([sys.executable, str(JOB), "crash", remote.url, json.dumps(remote.options), "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ})
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline().strip() for _ in range(2)]
+        assert lines == ["SAVED", "UPLOADING"], proc.stderr.read() if proc.poll() is not None else lines
+        proc.kill()  # SIGKILL in the middle of the second save's 64 MB upload
+    finally:
+        proc.wait(timeout=30)
+    assert torchckpt.latest_checkpoint(remote.url, storage_options=remote.options) == remote.at("ckpt-1")
+    assert "index.json" not in remote.names("ckpt-2") and remote.names("ckpt-2")  # shards, no index
+    check_after_crash(remote, lease_secs=2)
+
+
+def test_a_save_that_dies_in_process_leaves_no_visible_checkpoint(remote, monkeypatch):
+    monkeypatch.setattr(_lease, "LEASE_SECS", 2.0)
+    ckpt = job_checkpoint(0)
+    mgr = CheckpointManager(ckpt, remote.url, storage_options=remote.options)
+    mgr.save()
+    monkeypatch.setattr(_fsspec.RemoteStage, "discard", lambda self: None)  # a dead process cleans nothing
+
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_fsspec.RemoteStage, "commit", die)
+    ckpt.tensors["a"].add_(1)
+    with pytest.raises(KeyboardInterrupt):
+        mgr.save()
+    monkeypatch.undo()
+    for lease in _lease._leases.values():  # the process "dies": its lease is no longer renewed
+        lease.stop.set()
+    _lease._leases.clear()
+    check_after_crash(remote, lease_secs=2)
+
+
+def job_checkpoint(shift: int) -> torchckpt.Checkpoint:
+    """The job's state: 64 MB in two tensors plus a step (tests/jobs/remote_writer.py builds the same)."""
+    g = torch.Generator().manual_seed(7)
+    return torchckpt.Checkpoint(tensors={"a": torch.randn(8 * 2**20, generator=g) + shift,
+                                         "b": torch.randn(8 * 2**20, generator=g)}, step=1)
+
+
+def check_after_crash(remote, lease_secs: float) -> None:
+    """The committed checkpoint restores exactly; the next manager waits out the dead writer's lease,
+    removes its leftovers, and saves."""
+    back = torchckpt.Checkpoint(tensors={"a": torch.zeros(8 * 2**20), "b": torch.zeros(8 * 2**20)}, step=0)
+    back.restore(remote.url, storage_options=remote.options).assert_consumed()
+    expected = job_checkpoint(0)
+    assert back.step == 1 and torch.equal(back.tensors["a"], expected.tensors["a"])
+    assert torch.equal(back.tensors["b"], expected.tensors["b"])
+    deadline = time.time() + lease_secs + 10
+    while True:
+        try:
+            mgr = CheckpointManager(back, remote.url, storage_options=remote.options)
+            break
+        except torchckpt.CheckpointError as e:  # the dead writer's lease, until it expires
+            assert "managed by another live process" in str(e)
+            assert time.time() < deadline, "the dead writer's lease never expired"
+            time.sleep(0.5)
+    assert remote.names("ckpt-2") == []  # the leftover is gone
+    assert mgr.save() == remote.at("ckpt-2")
+    again = torchckpt.Checkpoint(tensors={"a": torch.zeros(8 * 2**20), "b": torch.zeros(8 * 2**20)}, step=0)
+    again.restore(remote.url, storage_options=remote.options).assert_consumed()
+    mgr.close()
+
+
+# -- a reader following a writer ------------------------------------------------------------------
+
+
+def test_a_reader_following_a_writer_never_sees_a_partial_or_half_deleted_checkpoint(remote):
+    ckpt = torchckpt.Checkpoint(w=torch.zeros(50_000), step=0)
+    mgr = CheckpointManager(ckpt, remote.url, max_to_keep=1, storage_options=remote.options)
+    mgr.save()
+    done = threading.Event()
+    seen: list[tuple[str, int]] = []
+    errors: list[BaseException] = []
+
+    def follow() -> None:
+        try:
+            for path in torchckpt.checkpoints_iterator(remote.url, timeout=5, timeout_fn=done.is_set,
+                                                       poll_interval_secs=0.01, storage_options=remote.options):
+                probe = torchckpt.Checkpoint(w=torch.zeros(50_000), step=-1)
+                try:
+                    probe.read(path, storage_options=remote.options).assert_consumed()
+                except (torchckpt.CheckpointDeletedError, torchckpt.CheckpointNotFoundError):
+                    continue  # retention deleted it after it was seen: never a corrupt or partial one
+                assert torch.equal(probe.w, torch.full((50_000,), float(probe.step)))
+                seen.append((path, probe.step))
+                if done.is_set():
+                    return
+        except BaseException as e:  # noqa: BLE001 - reported by the test's thread
+            errors.append(e)
+
+    reader = threading.Thread(target=follow)
+    reader.start()
+    for step in range(1, 9):
+        ckpt.step = step
+        ckpt.w.fill_(step)
+        mgr.save()
+    done.set()
+    reader.join(timeout=60)
+    assert not reader.is_alive() and not errors, errors
+    assert seen and all(path.endswith(f"ckpt-{step + 1}") for path, step in seen)
+    mgr.close()
+
+
+# -- the command line -------------------------------------------------------------------------------
+
+
+def test_the_cli_commands_work_on_urls(remote, tmp_path, capsys):
+    ckpt = torchckpt.Checkpoint(model=make_mlp(), epoch=1)
+    mgr = CheckpointManager(ckpt, remote.url, storage_options=remote.options)
+    first = mgr.save(metrics={"loss": 0.5})
+    ckpt.epoch = 2
+    second = mgr.save(metrics={"loss": 0.25})
+    mgr.close()
+    options = ["--storage-options", json.dumps(remote.options)] if remote.options else []
+    capsys.readouterr()
+    assert main(["inspect", remote.url, *options]) == 0
+    out = capsys.readouterr().out
+    assert f"checkpoint: {second}" in out and "model/0.weight" in out
+    assert main(["ls", remote.url, "--json", *options]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [c["name"] for c in listed["checkpoints"]] == ["ckpt-1", "ckpt-2"]
+    assert listed["checkpoints"][1]["marks"] == ["latest", "kept", "best"]
+    assert main(["diff", first, second, "--values", "--exit-code", *options]) == 1
+    assert "~ epoch  1 -> 2" in capsys.readouterr().out
+    assert main(["verify", second, *options]) == 0
+    assert capsys.readouterr().out.startswith(f"OK: {second}")
+    assert main(["export", second, "--object", "model", str(tmp_path / "hf"), *options]) == 0
+    from safetensors.torch import load_file
+
+    exported = load_file(tmp_path / "hf" / "model.safetensors")
+    assert torch.equal(exported["0.weight"], ckpt.model.state_dict()["0.weight"])
+    assert main(["export", second, "--object", "model", remote.at("hf"), *options]) == 0
+    assert remote.names("hf") == ["model.safetensors"]
+    capsys.readouterr()
+    assert main(["inspect", remote.at("hf"), *options]) == 0
+    assert "0.weight" in capsys.readouterr().out
+
+
+def test_the_cli_takes_the_s3_endpoint_from_the_environment(remote, monkeypatch, capsys):
+    if remote.kind == "memory":
+        pytest.skip("an S3 setting")
+    path = torchckpt.Checkpoint(w=torch.ones(3)).write(remote.at("c"), storage_options=remote.options)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", remote.options["client_kwargs"]["endpoint_url"])
+    import fsspec
+
+    fsspec.filesystem("s3").clear_instance_cache()
+    assert main(["verify", path]) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.startswith(f"OK: {path}")
+
+
+def test_errors_on_urls_are_one_line_and_say_what_to_do(remote, capsys):
+    options = ["--storage-options", json.dumps(remote.options)] if remote.options else []
+    assert main(["inspect", remote.at("nothing"), *options]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"Error: No checkpoint at {remote.at('nothing')}") and "Traceback" not in err
+    assert main(["inspect", remote.url, "--storage-options", "[1]"]) == 2
+    assert "must be a JSON object" in capsys.readouterr().err
+
+
+def test_an_unknown_scheme_or_missing_package_names_the_fix(tmp_path):
+    with pytest.raises(torchckpt.CheckpointError, match="Cannot open nosuch://x"):
+        torchckpt.load_checkpoint("nosuch://x/y")
+    with pytest.raises(torchckpt.CheckpointError, match="storage_options apply to URLs"):
+        torchckpt.Checkpoint(w=torch.ones(1)).write(tmp_path / "c", storage_options={"anon": True})
+    assert not (tmp_path / "c").exists()
