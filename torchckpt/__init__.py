@@ -5,9 +5,8 @@ Atomic, never pickled, bit-exact on resume, with partial restore and mismatch re
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from torchckpt._directory import checkpoints_iterator, latest_checkpoint, wait_for_new_checkpoint
+from torchckpt._version import __version__
 from torchckpt.checkpoint import Checkpoint
 from torchckpt.errors import (
     CheckpointDeletedError,

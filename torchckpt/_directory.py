@@ -20,7 +20,7 @@ from torchckpt._backend import ABSENT, Storage, as_path, is_url, join, name_of, 
 from torchckpt._storage import storage_for
 from torchckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
 
-STATE_FILE = "checkpoints.json"
+STATE_FILE = _format.STATE_FILE
 STATE_FORMAT = "torchckpt.checkpoints"
 STATE_VERSION = 1
 _NUMBERED = re.compile(r"^(?P<prefix>.+)-(?P<number>0|[1-9][0-9]*)$")

@@ -29,7 +29,10 @@ from torchckpt.errors import CorruptCheckpointError
 if TYPE_CHECKING:
     from torchckpt._backend import Source
 
-INDEX_FILE = "index.json"
+INDEX_FILE = "index.json"  # a checkpoint directory's index; its existence is the commit
+STATE_FILE = "checkpoints.json"  # a directory of checkpoints: the latest one and a manager's history
+LOCK_FILE = ".torchckpt.lock"  # a manager's claim on its directory (an flock, or a lease object)
+PENDING_FILE = ".torchckpt-pending"  # on an object store: a checkpoint being uploaded, removed once committed
 TORCHCKPT_KEY = "torchckpt"  # the index's own section, beside Hugging Face's keys
 SHARD_SUFFIX = ".safetensors"
 SHARD_NAME = "model-{index:05d}-of-{count:05d}" + SHARD_SUFFIX

@@ -34,10 +34,9 @@ import xxhash
 
 from torchckpt import _lease, _threads
 from torchckpt._backend import ABSENT, AlreadyCommitted, ConflictError, Output, join, name_of, parent_of
-from torchckpt._format import INDEX_FILE
+from torchckpt._format import INDEX_FILE, PENDING_FILE
 from torchckpt.errors import CheckpointError, CheckpointWriteError, CorruptCheckpointError
 
-PENDING_FILE = ".torchckpt-pending"  # written first into a checkpoint's prefix, removed once it is committed
 LEFTOVER_GRACE_SECS = 3600.0  # an uncommitted prefix of no live lease is a leftover once this old
 READ_PART_BYTES = 8 * 2**20  # ranged reads: this big, READ_PARTS at a time (64 MiB in flight at most)
 READ_PARTS = 8

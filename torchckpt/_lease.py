@@ -23,10 +23,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from torchckpt import _format
 from torchckpt._backend import ABSENT, ConflictError, join
 from torchckpt.errors import CheckpointError, CorruptCheckpointError
 
-LEASE_FILE = ".torchckpt.lock"
+LEASE_FILE = _format.LOCK_FILE  # the same name as the local claim
 LEASE_SECS = 60.0  # how long a lease lives without renewal (a crashed holder's directory is free after this)
 _MAX_LEASE_BYTES = 2**16
 

@@ -22,11 +22,11 @@ from torchckpt._index import OpenShards, missing_member
 from torchckpt._progress import progress_bar
 from torchckpt._report import MismatchReport
 from torchckpt.errors import (
+    PARTLY_RESTORED,
     CheckpointError,
     CorruptCheckpointError,
     UnsupportedStateError,
     checksum_mismatch,
-    interrupted_restore_advice,
 )
 
 # -- planning ----------------------------------------------------------------------------------
@@ -324,7 +324,7 @@ def execute(plan: Plan, shards: OpenShards, verify: bool, progress: bool | None)
             if bad is not None:
                 saved, digest = bad
                 raise CorruptCheckpointError(
-                    checksum_mismatch(saved.name, path, saved.checksum, digest) + interrupted_restore_advice(), path
+                    checksum_mismatch(saved.name, path, saved.checksum, digest) + PARTLY_RESTORED, path
                 )
     with torch.no_grad():
         for dest, buffer in plan.casts:

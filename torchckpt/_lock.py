@@ -20,10 +20,10 @@ import socket
 import threading
 import time
 
-from torchckpt import _files
+from torchckpt import _files, _format
 from torchckpt.errors import CheckpointError
 
-LOCK_FILE = ".torchckpt.lock"
+LOCK_FILE = _format.LOCK_FILE
 _held: dict[str, int] = {}
 # Reentrant: a KeyboardInterrupt that lands while the guard is held must not leave it locked for
 # the `except KeyboardInterrupt: manager.save()` that follows on the same thread.

@@ -28,6 +28,7 @@ from torchckpt._backend import AlreadyCommitted, Stage, Storage, name_of
 from torchckpt._format import INDEX_FILE
 from torchckpt._progress import progress_bar
 from torchckpt._storage import storage_for
+from torchckpt._version import __version__
 from torchckpt.errors import CheckpointWriteError
 
 # -- writing ---------------------------------------------------------------------------------
@@ -236,6 +237,4 @@ def _joined(names: list[str], separator: str, render: Callable[[str], str]) -> I
 
 
 def _version() -> str:
-    from torchckpt import __version__
-
     return __version__

@@ -17,10 +17,11 @@ from typing import Any
 
 import torch
 
-from torchckpt import __version__, _directory, _format, _tree
+from torchckpt import _directory, _format, _tree
 from torchckpt._backend import is_url, join, name_of
 from torchckpt._progress import progress_bar
 from torchckpt._storage import storage_for
+from torchckpt._version import __version__
 from torchckpt.errors import CheckpointError, plural
 from torchckpt.reader import CheckpointReader, load_checkpoint, verify
 

@@ -10,10 +10,7 @@ exception a caller would naturally catch (``FileNotFoundError``, ``ValueError``,
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from torchckpt.restore import MismatchReport
+from typing import Any
 
 __all__ = [
     "CheckpointError",
@@ -119,7 +116,7 @@ class RestoreMismatchError(CheckpointError, AssertionError):
         report: what was missing, unexpected or mismatched.
     """
 
-    def __init__(self, message: str, report: MismatchReport | Any) -> None:
+    def __init__(self, message: str, report: Any) -> None:  # a torchckpt.MismatchReport
         super().__init__(message)
         self.report = report
 
@@ -177,10 +174,9 @@ def checksum_mismatch(name: str, path: str, recorded: int | str, read: int) -> s
     return f"Tensor {name!r} in {path} fails its checksum (recorded {recorded_hex}, read {read:016x}): the shard is corrupt."
 
 
-def shard_size_mismatch(path: str, size: int, recorded: int, index_file: str = "index.json") -> str:
+def shard_size_mismatch(path: str, size: int, recorded: int, index_file: str) -> str:
     """A shard's size is not the one its index recorded."""
     return f"Shard {path} is {size} bytes but {index_file} records {recorded}; it was truncated or replaced."
 
 
-def interrupted_restore_advice() -> str:
-    return " Objects may be partly restored; restore another checkpoint, and run `torchckpt verify` on this one."
+PARTLY_RESTORED = " Objects may be partly restored; restore another checkpoint, and run `torchckpt verify` on this one."
