@@ -32,23 +32,19 @@ from typing import Any
 
 import xxhash
 
-from torchckpt import _lease, _threads
+from torchckpt import _lease, _upload
 from torchckpt._backend import ABSENT, AlreadyCommitted, ConflictError, Output, join, name_of, parent_of
 from torchckpt._format import INDEX_FILE, PENDING_FILE
 from torchckpt.errors import CheckpointError, CheckpointWriteError, CorruptCheckpointError
 
 LEFTOVER_GRACE_SECS = 3600.0  # an uncommitted prefix of no live lease is a leftover once this old
-READ_PART_BYTES = 8 * 2**20  # ranged reads: this big, READ_PARTS at a time (64 MiB in flight at most)
-READ_PARTS = 8
-UPLOAD_PART_BYTES = 16 * 2**20  # S3 multipart parts: this big, UPLOAD_PARTS in flight at most
-UPLOAD_PARTS = 4
+READ_PART_BYTES = 2 * 2**20  # ranged reads: this big, READ_PARTS at a time: a restore holds at most
+READ_PARTS = 4  # 8 MiB beyond its destination tensors, whatever the state size
 _OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"}
 _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure",
            "adl": "azure"}
 _memory_guard = threading.Lock()  # memory:// is per process: its compare-and-write is atomic under this
 _warned: set[str] = set()
-# Daemon workers, not a pool: an asynchronous save still finishing at interpreter exit may upload (see _threads).
-_uploaders = [_threads.Worker(f"torchckpt-upload-{i}") for i in range(UPLOAD_PARTS)]
 
 
 def fsspec_storage(url: str, storage_options: dict[str, Any] | None) -> FsspecStorage:
@@ -119,110 +115,6 @@ class RemoteSource:
 
     def close(self) -> None:
         pass
-
-
-class StreamOutput:
-    """A new object written through the filesystem's own buffered file (bounded by its block size)."""
-
-    def __init__(self, fs: Any, path: str) -> None:
-        self.path = path
-        self.file = fs.open(path, "wb")
-        self.done = False
-
-    def write(self, views: list[memoryview]) -> None:
-        for view in views:
-            self.file.write(view)
-
-    def finish(self) -> None:
-        self.file.close()
-        self.done = True
-
-    def close(self) -> None:
-        if not self.done:
-            self.done = True
-            discard = getattr(self.file, "discard", None)
-            if callable(discard):
-                discard()  # abort a multipart upload: nothing becomes visible
-            else:
-                self.file.close()
-
-    def __enter__(self) -> StreamOutput:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class S3Upload:
-    """A multipart upload to S3 with up to ``UPLOAD_PARTS`` parts in flight: memory stays at a
-    few parts whatever the size, and the parts travel in parallel."""
-
-    def __init__(self, fs: Any, path: str) -> None:
-        self.fs = fs
-        self.path = path
-        self.bucket, self.key, _ = fs.split_path(path)
-        self.buffer = bytearray()
-        self.upload_id: str | None = None
-        self.parts: list[_threads.Pending[str]] = []
-        self.slots = threading.BoundedSemaphore(UPLOAD_PARTS)
-        self.done = False
-
-    def write(self, views: list[memoryview]) -> None:
-        for view in views:
-            pos, n = 0, len(view)
-            while pos < n:
-                k = min(n - pos, UPLOAD_PART_BYTES - len(self.buffer))
-                self.buffer += view[pos : pos + k]
-                pos += k
-                if len(self.buffer) == UPLOAD_PART_BYTES:
-                    self._send()
-
-    def _send(self) -> None:
-        if self.upload_id is None:
-            self.upload_id = self.fs.call_s3("create_multipart_upload", Bucket=self.bucket, Key=self.key)["UploadId"]
-        data, self.buffer = bytes(self.buffer), bytearray()
-        number = len(self.parts) + 1
-        self.slots.acquire()  # at most UPLOAD_PARTS parts in memory
-        self.parts.append(_uploaders[number % UPLOAD_PARTS].call(self._upload_part, number, data))
-
-    def _upload_part(self, number: int, data: bytes) -> str:
-        try:
-            out = self.fs.call_s3("upload_part", Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
-                                  PartNumber=number, Body=data)
-            return str(out["ETag"])
-        finally:
-            self.slots.release()
-
-    def finish(self) -> None:
-        if self.upload_id is None:
-            self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=bytes(self.buffer))
-        else:
-            if self.buffer:
-                self._send()
-            etags = [part.result() for part in self.parts]
-            self.fs.call_s3("complete_multipart_upload", Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
-                            MultipartUpload={"Parts": [{"PartNumber": i, "ETag": e} for i, e in enumerate(etags, 1)]})
-        self.done = True
-        self.fs.invalidate_cache(self.path)
-
-    def close(self) -> None:
-        if self.done:
-            return
-        self.done = True
-        if self.upload_id is not None:
-            try:
-                for part in self.parts:  # let the parts in flight end before the upload is aborted
-                    with contextlib.suppress(Exception):
-                        part.result()
-                self.fs.call_s3("abort_multipart_upload", Bucket=self.bucket, Key=self.key, UploadId=self.upload_id)
-            except Exception:  # noqa: BLE001 - best effort: an unfinished upload never becomes an object
-                pass
-
-    def __enter__(self) -> S3Upload:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class RemoteStage:
@@ -395,9 +287,9 @@ class FsspecStorage:
         return RemoteStage(self, final, replace)
 
     def output(self, path: str, size: int) -> Output:
-        if self.is_s3 and size > UPLOAD_PART_BYTES:
-            return S3Upload(self.fs, path)
-        return StreamOutput(self.fs, path)
+        if self.is_s3 and size > _upload.PART_BYTES:
+            return _upload.S3Upload(self.fs, path)
+        return _upload.StreamOutput(self.fs, path)
 
     def put(self, path: str, data: bytes) -> None:
         self.fs.pipe_file(path, data)

@@ -19,7 +19,7 @@ import time
 import torch
 
 import torchckpt
-from torchckpt import _fsspec, _lease
+from torchckpt import _lease, _upload
 
 mode, url, options, arg = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), float(sys.argv[4])
 
@@ -36,12 +36,12 @@ ckpt = torchckpt.Checkpoint(tensors={"a": torch.randn(8 * 2**20, generator=g), "
 manager = torchckpt.CheckpointManager(ckpt, url, storage_options=options)
 manager.save()
 print("SAVED", flush=True)
-real = _fsspec.S3Upload._upload_part
+real = _upload.S3Upload._upload_part
 parts = {"n": 0}
 hang = threading.Event()
 
 
-def upload_part(self: _fsspec.S3Upload, number: int, data: bytes) -> str:
+def upload_part(self: _upload.S3Upload, number: int, data: bytes) -> str:
     parts["n"] += 1
     if parts["n"] == 2:  # one part of the second save is up: hang here until killed
         print("UPLOADING", flush=True)
@@ -49,7 +49,7 @@ def upload_part(self: _fsspec.S3Upload, number: int, data: bytes) -> str:
     return real(self, number, data)
 
 
-_fsspec.S3Upload._upload_part = upload_part  # type: ignore[method-assign]
+_upload.S3Upload._upload_part = upload_part  # type: ignore[method-assign]
 ckpt.step = 2
 ckpt.tensors["a"].add_(1)
 manager.save()
