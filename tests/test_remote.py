@@ -198,7 +198,8 @@ def test_a_shard_lost_after_its_upload_is_never_committed(remote, monkeypatch):
 
 def test_a_large_shard_goes_up_in_parts_and_comes_back_in_ranges(remote, monkeypatch):
     monkeypatch.setattr(_upload, "PART_BYTES", 5 * 2**20)  # S3's smallest part
-    monkeypatch.setattr(_fsspec, "READ_PART_BYTES", 2**20)
+    monkeypatch.setattr(_fsspec, "READ_PART_MIN", 2**20)
+    monkeypatch.setattr(_fsspec, "READ_PART_MAX", 2**20)
     big = torch.randn(4 * 2**20)  # 16 MiB: four parts, sixteen ranged reads
     path = torchckpt.Checkpoint(big=big, small=torch.arange(5)).write(remote.at("c"), storage_options=remote.options)
     back = torchckpt.Checkpoint(big=torch.zeros_like(big), small=torch.zeros(5, dtype=torch.int64))

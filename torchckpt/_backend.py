@@ -72,9 +72,13 @@ class Source(Protocol):
 
     path: str
     size: int
+    batch_bytes: int  # how many contiguous bytes one ``readv`` should cover at most
 
     def read(self, offset: int, count: int) -> bytes:
         """Up to ``count`` bytes at ``offset`` (fewer only at the end of the file)."""
+
+    def prepare(self, nbytes: int) -> None:
+        """About ``nbytes`` will be read from this file: a remote source sizes its reads from it."""
 
     def readv(self, views: list[memoryview], offset: int) -> None:
         """Fill ``views`` with the bytes from ``offset`` on, back to back; EOFError at the end."""

@@ -38,8 +38,15 @@ from torchckpt._format import INDEX_FILE, PENDING_FILE
 from torchckpt.errors import CheckpointError, CheckpointWriteError, CorruptCheckpointError
 
 LEFTOVER_GRACE_SECS = 3600.0  # an uncommitted prefix of no live lease is a leftover once this old
-READ_PART_BYTES = 2 * 2**20  # ranged reads: this big, READ_PARTS at a time: a restore holds at most
-READ_PARTS = 4  # 8 MiB beyond its destination tensors, whatever the state size
+# Ranged reads: READ_PARTS at a time, each about a (2 * READ_PARTS * 10)th of what is read from the
+# file, within these bounds. A restore then holds at most a tenth of the bytes it reads beyond
+# its destination tensors (and 2 * READ_PARTS * READ_PART_MIN at least, READ_PARTS *
+# READ_PART_MAX at most), in as few requests as that allows.
+READ_PARTS = 2
+READ_PART_MIN = 2 * 2**20
+READ_PART_MAX = 64 * 2**20
+READ_STREAMS = 4  # on S3: ranged GETs streamed straight into the destinations, this many at a time,
+READ_STREAM_MIN = 8 * 2**20  # each of at least this many bytes
 _OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"}
 _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure",
            "adl": "azure"}
@@ -75,10 +82,16 @@ def fsspec_storage(url: str, storage_options: dict[str, Any] | None) -> FsspecSt
 class RemoteSource:
     """A file read with ranged requests, several at a time, into the caller's buffers."""
 
+    batch_bytes = 2**62  # one readv may span a whole shard: its reads are windowed below
+
     def __init__(self, fs: Any, path: str, size: int) -> None:
         self.fs = fs
         self.path = path
         self.size = size
+        self.part = READ_PART_MIN
+
+    def prepare(self, nbytes: int) -> None:
+        self.part = max(READ_PART_MIN, min(READ_PART_MAX, nbytes // (READ_PARTS * 10 + 1)))
 
     def read(self, offset: int, count: int) -> bytes:
         end = min(self.size, offset + count)
@@ -94,8 +107,8 @@ class RemoteSource:
         current, at = next(targets, None), 0
         position, end = offset, offset + total
         while position < end:  # READ_PARTS ranged reads at a time: bounded memory, parallel requests
-            starts = list(range(position, min(end, position + READ_PART_BYTES * READ_PARTS), READ_PART_BYTES))
-            ends = [min(end, s + READ_PART_BYTES) for s in starts]
+            starts = list(range(position, min(end, position + self.part * READ_PARTS), self.part))
+            ends = [min(end, s + self.part) for s in starts]
             parts = self.fs.cat_ranges([self.path] * len(starts), starts, ends)
             for data, s, e in zip(parts, starts, ends):
                 if isinstance(data, Exception):
@@ -115,6 +128,59 @@ class RemoteSource:
 
     def close(self) -> None:
         pass
+
+
+class S3Source(RemoteSource):
+    """A file on S3, read with up to ``READ_STREAMS`` ranged GETs at a time, each streamed
+    straight into its part of the destination buffers: no copy of the data is held, so a restore
+    needs no memory beyond its tensors, and a whole shard takes a handful of requests."""
+
+    def readv(self, views: list[memoryview], offset: int) -> None:
+        views = [v for v in views if len(v)]
+        total = sum(len(v) for v in views)
+        if offset + total > self.size:
+            raise EOFError(f"unexpected end of file at byte {self.size}")
+        if not total:
+            return
+        per = max(READ_STREAM_MIN, -(-total // READ_STREAMS))
+        segments: list[tuple[int, list[memoryview]]] = []
+        position, current, filled = offset, [], 0
+        for view in views:  # cut the destinations into READ_STREAMS runs of about equal size
+            while len(view):
+                k = min(len(view), per - filled)
+                current.append(view[:k])
+                view, filled = view[k:], filled + k
+                if filled == per:
+                    segments.append((position, current))
+                    position, current, filled = position + per, [], 0
+        if current:
+            segments.append((position, current))
+        from fsspec.asyn import sync
+
+        sync(self.fs.loop, self._fetch_all, segments)
+
+    async def _fetch_all(self, segments: list[tuple[int, list[memoryview]]]) -> None:
+        import asyncio
+
+        await asyncio.gather(*(self._fetch(start, targets) for start, targets in segments))
+
+    async def _fetch(self, start: int, targets: list[memoryview]) -> None:
+        bucket, key, version = self.fs.split_path(self.path)
+        end = start + sum(len(t) for t in targets) - 1
+        extra = {"VersionId": version} if version else {}
+        response = await self.fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end}", **extra)
+        body = response["Body"]
+        try:
+            for target in targets:
+                pos = 0
+                while pos < len(target):
+                    n = await body.readinto(target[pos:])
+                    if not n:
+                        raise EOFError(f"unexpected end of file at byte {start + pos}")
+                    pos += n
+                start += len(target)
+        finally:
+            body.close()
 
 
 class RemoteStage:
@@ -218,7 +284,10 @@ class FsspecStorage:
         return data, (etag if self.is_s3 and etag and len(data) == size else _token_of(data))
 
     def open(self, path: str, what: str) -> RemoteSource:
-        return RemoteSource(self.fs, path, int(self._file_info(path, what).get("size") or 0))
+        size = int(self._file_info(path, what).get("size") or 0)
+        if self.is_s3 and callable(getattr(self.fs, "_call_s3", None)):
+            return S3Source(self.fs, path, size)
+        return RemoteSource(self.fs, path, size)
 
     def is_file(self, path: str) -> bool:
         try:

@@ -313,8 +313,10 @@ def execute(plan: Plan, shards: OpenShards, verify: bool, progress: bool | None)
         for file, reads in by_file.items():
             reads.sort(key=_file_offset)
             path = shards.path(file)
+            source = shards.sources[file]
+            source.prepare(sum(saved.nbytes for _, saved in reads))
             try:
-                bad = _tensorio.read_many(shards.sources[file], reads, verify, bar.update)
+                bad = _tensorio.read_many(source, reads, verify, bar.update)
             except EOFError as e:
                 raise CorruptCheckpointError(f"Shard {path} is truncated: {e}.", path) from e
             except FileNotFoundError:  # an object store has no pin on open files: deleted meanwhile

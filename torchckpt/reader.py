@@ -435,6 +435,7 @@ def _verify_data(index: _index.Index, shards: _index.OpenShards, infos: dict[str
     with progress_bar(total, "verify", progress) as bar:
         for shard in index.shards:
             path, source = shards.path(shard["file"]), shards.sources[shard["file"]]
+            source.prepare(shard["size"])
             names = index.names[position : position + shard["tensors"]]
             position += shard["tensors"]
             first = min((infos[n].start for n in names), default=shard["size"])
