@@ -231,6 +231,17 @@ def test_a_second_process_is_refused_while_the_lease_lives(remote):
         proc.wait(timeout=30)
 
 
+def test_a_clean_exit_releases_the_lease_for_the_next_run(remote):
+    if remote.kind == "memory":
+        pytest.skip("memory:// belongs to one process")
+    proc = holder(remote, 0)  # exits at once, without closing its manager
+    assert proc.wait(timeout=60) == 0
+    mgr = CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), remote.url, storage_options=remote.options)
+    assert mgr.save() == remote.at("ckpt-1")  # no wait for the lease to expire
+    mgr.close()
+    assert _lease.LEASE_FILE not in remote.names()
+
+
 def test_a_manager_that_lost_its_lease_is_stopped_at_its_next_save(remote, monkeypatch):
     monkeypatch.setattr(_lease, "LEASE_SECS", 0.6)  # renewed every 0.2 s
     mgr = CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), remote.url, storage_options=remote.options)
@@ -430,3 +441,21 @@ def test_an_unknown_scheme_or_missing_package_names_the_fix(tmp_path):
     with pytest.raises(torchckpt.CheckpointError, match="storage_options apply to URLs"):
         torchckpt.Checkpoint(w=torch.ones(1)).write(tmp_path / "c", storage_options={"anon": True})
     assert not (tmp_path / "c").exists()
+
+
+def test_file_urls_take_the_generic_path(tmp_path, monkeypatch):
+    monkeypatch.setattr(_fsspec, "_warned", set())  # the warning is given once per process
+    url = f"file://{tmp_path}/run"
+    ckpt = torchckpt.Checkpoint(w=torch.arange(4.0))
+    with pytest.warns(UserWarning, match="cannot create or replace a file conditionally"):
+        mgr = CheckpointManager(ckpt, url, max_to_keep=1)
+        first = mgr.save()
+        assert first == f"{url}/ckpt-1"
+        mgr.save()
+    assert sorted(os.listdir(tmp_path / "run")) == [".torchckpt.lock", "checkpoints.json", "ckpt-2"]
+    assert sorted(os.listdir(tmp_path / "run" / "ckpt-2")) == ["index.json", "model-00001-of-00001.safetensors"]
+    w = torch.zeros(4)
+    torchckpt.Checkpoint(w=w).restore(url).assert_consumed()
+    assert torch.equal(w, torch.arange(4.0))
+    mgr.close()
+    assert torchckpt.load_checkpoint(str(tmp_path / "run")).path == str(tmp_path / "run" / "ckpt-2")  # a plain path too

@@ -5,6 +5,7 @@ Atomic, never pickled, bit-exact on resume, with partial restore and mismatch re
 
 from __future__ import annotations
 
+from torchckpt import _lease  # noqa: F401 - its exit hook must be registered before the async writer's
 from torchckpt._directory import checkpoints_iterator, latest_checkpoint, wait_for_new_checkpoint
 from torchckpt._version import __version__
 from torchckpt.checkpoint import Checkpoint

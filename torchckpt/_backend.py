@@ -72,7 +72,8 @@ class Source(Protocol):
 
     path: str
     size: int
-    batch_bytes: int  # how many contiguous bytes one ``readv`` should cover at most
+    batch_bytes: int  # how many contiguous bytes one ``readv`` should cover at most,
+    batch_views: int  # and into how many buffers
 
     def read(self, offset: int, count: int) -> bytes:
         """Up to ``count`` bytes at ``offset`` (fewer only at the end of the file)."""

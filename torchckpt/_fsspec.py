@@ -38,10 +38,10 @@ from torchckpt._format import INDEX_FILE, PENDING_FILE
 from torchckpt.errors import CheckpointError, CheckpointWriteError, CorruptCheckpointError
 
 LEFTOVER_GRACE_SECS = 3600.0  # an uncommitted prefix of no live lease is a leftover once this old
-# Ranged reads: READ_PARTS at a time, each about a (2 * READ_PARTS * 10)th of what is read from the
-# file, within these bounds. A restore then holds at most a tenth of the bytes it reads beyond
-# its destination tensors (and 2 * READ_PARTS * READ_PART_MIN at least, READ_PARTS *
-# READ_PART_MAX at most), in as few requests as that allows.
+# Ranged reads (where a GET cannot be streamed into the destinations): READ_PARTS at a time, each
+# 1/(10 * READ_PARTS + 1) of what is read from the file, clamped to [READ_PART_MIN, READ_PART_MAX].
+# A restore then holds under a tenth of the bytes it reads beyond its destination tensors (or
+# READ_PARTS * READ_PART_MIN, if that is more), in as few requests as that allows.
 READ_PARTS = 2
 READ_PART_MIN = 2 * 2**20
 READ_PART_MAX = 64 * 2**20
@@ -82,7 +82,7 @@ def fsspec_storage(url: str, storage_options: dict[str, Any] | None) -> FsspecSt
 class RemoteSource:
     """A file read with ranged requests, several at a time, into the caller's buffers."""
 
-    batch_bytes = 2**62  # one readv may span a whole shard: its reads are windowed below
+    batch_bytes = batch_views = 2**62  # one readv may span a whole shard: its requests are sized below
 
     def __init__(self, fs: Any, path: str, size: int) -> None:
         self.fs = fs
@@ -197,6 +197,7 @@ class RemoteStage:
             storage.delete_checkpoint(final)  # un-commit first: never a mix of old and new shards
         elif storage.list_names(final):
             storage.remove_tree(final)  # an uncommitted leftover at the name the caller chose
+        storage.make_dirs(final)  # file:// and the like need the directory; object stores have none
         marker = {"writer": f"pid {os.getpid()} on {socket.gethostname()}", "time": time.time(),
                   "session": storage.session_of(final)}
         storage.put(join(final, PENDING_FILE), json.dumps(marker).encode())

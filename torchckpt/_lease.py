@@ -14,6 +14,8 @@ directory one after another.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import os
 import socket
@@ -149,6 +151,19 @@ def release(storage: Any, directory: str) -> None:
                 storage.remove_quietly(lease.path)
         except (OSError, ValueError, CorruptCheckpointError):
             pass
+
+
+def _release_all() -> None:
+    """At a clean exit, give up this process's leases, so that the next run need not wait for them
+    to expire (a crashed process's lease still expires on its own)."""
+    for lease in list(_leases.values()):
+        with contextlib.suppress(Exception):  # best effort at exit: the lease expires anyway
+            release(lease.storage, lease.directory)
+
+
+# Registered when the package is imported, before the asynchronous writer's hook: atexit runs
+# hooks last-in first-out, so a final background save completes before its lease is released.
+atexit.register(_release_all)
 
 
 def _forget_after_fork() -> None:

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from torchckpt import _atomic, _files, _lock, _output
-from torchckpt._backend import Output
+from torchckpt._backend import IOV_MAX, Output
 
 _INDEX_BUFFER = 2**20
 
@@ -26,6 +26,7 @@ class LocalSource:
     """An open regular file, read with ``pread``/``preadv`` (no seeks, safe from several threads)."""
 
     batch_bytes = 64 * 2**20  # a scatter read this large keeps the disk busy; larger ones gain nothing
+    batch_views = IOV_MAX  # preadv's limit
 
     def __init__(self, path: str, fd: int) -> None:
         self.path = path

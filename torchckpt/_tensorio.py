@@ -273,7 +273,7 @@ def read_many(source: Source, reads: list[tuple[torch.Tensor, Any]], verify: boo
         end = saved.end
         total = saved.nbytes
         j = i + 1
-        while j < count and j - i < IOV_MAX and total < source.batch_bytes:
+        while j < count and j - i < source.batch_views and total < source.batch_bytes:
             nxt, nxt_saved = reads[j]
             if nxt_saved.start != end or not _is_host_contiguous(nxt):
                 break
