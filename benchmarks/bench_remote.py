@@ -36,7 +36,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import machine, median, peak_rss_bytes, rss_bytes, run_fresh  # noqa: E402
+from _common import machine, median, rss_bytes, run_fresh  # noqa: E402
 
 METHODS = ["raw", "dcp", "torchckpt"]
 LABELS = {"raw": "raw s3fs pipe_file / cat_file", "dcp": "torch DCP FsspecWriter / FsspecReader",
@@ -126,7 +126,8 @@ def child(op: str, method: str, workload: str, url: str, endpoint: str) -> None:
     for t in state.values():
         t.zero_()
     filesystem(endpoint).exists(url)  # the S3 client and its libraries loaded: not part of any restore
-    base = max(rss_bytes(), 0)
+    reset_peak_rss()  # the peak from here on, not the one of building the state
+    base = rss_bytes()
     seconds = restore(method, state, url, endpoint)
     extra = max(0, peak_rss_bytes() - base)
     if method != "raw":
@@ -134,6 +135,21 @@ def child(op: str, method: str, workload: str, url: str, endpoint: str) -> None:
             assert torch.equal(state[k], v), (method, k)
     print(json.dumps({"seconds": seconds, "bytes": nbytes, "extra_rss": extra}))
 
+
+
+def reset_peak_rss() -> None:
+    """Restart the kernel's peak-RSS count (``VmHWM``) of this process at its current RSS."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_bytes() -> int:
+    """The peak RSS since the last :func:`reset_peak_rss` (``VmHWM``)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def free_port() -> int:

@@ -148,8 +148,12 @@ class S3Source(RemoteSource):
         for view in views:  # cut the destinations into READ_STREAMS runs of about equal size
             while len(view):
                 k = min(len(view), per - filled)
-                current.append(view[:k])
-                view, filled = view[k:], filled + k
+                if k == len(view):  # the common case: a whole tensor, kept as its own view (no slice object)
+                    current.append(view)
+                    view, filled = view[:0], filled + k
+                else:
+                    current.append(view[:k])
+                    view, filled = view[k:], filled + k
                 if filled == per:
                     segments.append((position, current))
                     position, current, filled = position + per, [], 0
