@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from torchckpt._backend import Storage, is_url
+from torchckpt._local import LOCAL  # imported with the package: the local backend serves most paths
 from torchckpt.errors import CheckpointError
 
 
@@ -18,9 +19,7 @@ def storage_for(path: str, storage_options: dict[str, Any] | None = None) -> Sto
     if not is_url(path):
         if storage_options:
             raise CheckpointError(f"storage_options apply to URLs (s3://..., gs://...); {path} is a local path.")
-        from torchckpt._local import LOCAL
-
         return LOCAL
-    from torchckpt._fsspec import fsspec_storage
+    from torchckpt._fsspec import fsspec_storage  # only for URLs: fsspec is an optional dependency
 
     return fsspec_storage(path, storage_options)
