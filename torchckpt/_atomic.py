@@ -26,7 +26,6 @@ import errno
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
 
 from torchckpt import _files
 from torchckpt._backend import AlreadyCommitted
@@ -167,20 +166,6 @@ def commit_directory(tmp: str, final: str, replace: bool = True) -> None:
         commit_directory(tmp, final, replace=True)
         return
     fsync_dir(parent)
-
-
-@contextlib.contextmanager
-def temporary_directory(final: str) -> Iterator[str]:
-    """A fresh temporary sibling of ``final``; removed again if the body raises."""
-    parent = os.path.dirname(os.path.abspath(final))
-    os.makedirs(parent, exist_ok=True)
-    tmp = temporary_sibling(final)
-    os.mkdir(tmp)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _writer_pid(name: str) -> int | None:
