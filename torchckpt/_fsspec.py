@@ -392,7 +392,7 @@ class FsspecStorage:
                 self.create_new(path, data)
             except FileExistsError:
                 raise ConflictError(f"{path} was created by another writer meanwhile.") from None
-            return self.read_versioned(path, len(data), "File")[1]
+            return self._token_after_write(path, data)
         if self.is_s3 and isinstance(token, str) and not token.startswith("xxh3:"):
             bucket, key, _ = self.fs.split_path(path)
             try:
@@ -414,6 +414,15 @@ class FsspecStorage:
                 if current != token:
                     raise ConflictError(f"{path} was replaced by another writer meanwhile.")
             self.put(path, data)
+        return _token_of(data)
+
+    def _token_after_write(self, path: str, data: bytes) -> Any:
+        """The token of the file just written with ``data``: its ETag on S3 (one HEAD, not a read
+        of the bytes back), else their digest."""
+        if self.is_s3:
+            etag = self._info(path).get("ETag")
+            if etag:
+                return etag
         return _token_of(data)
 
     def _warn_unconditional(self) -> None:
