@@ -48,7 +48,7 @@ def test_public_names_are_curated():
         "CheckpointDeletedError", "CheckpointWriteError", "CheckpointState", "get_checkpoint_state",
         "CheckpointReader", "VariableNotFoundError", "list_variables", "load_checkpoint", "load_variable", "CheckpointNotFoundError", "CorruptCheckpointError",
         "MismatchReport", "PartialRestoreWarning", "RNGState", "RestoreMismatchError", "RestoreStatus",
-        "UnsupportedStateError", "__version__", "latest_checkpoint",
+        "UnsupportedStateError", "__version__", "latest_checkpoint", "PerRank", "RankTimeoutError",
     ])
     for name in torchckpt.__all__:
         assert hasattr(torchckpt, name)

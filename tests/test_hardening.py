@@ -52,7 +52,7 @@ def gloo_world_of_one():
         dist.destroy_process_group()
 
 
-def test_fsdp2_state_is_refused_with_its_key_on_save_and_restore(tmp_path, gloo_world_of_one):
+def test_fsdp2_state_of_a_world_of_one_saves_as_format_1_and_restores_in_place(tmp_path, gloo_world_of_one):
     from torch.distributed.fsdp import fully_shard
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
@@ -60,18 +60,35 @@ def test_fsdp2_state_is_refused_with_its_key_on_save_and_restore(tmp_path, gloo_
     opt = torch.optim.Adam(model.parameters())
     model(torch.randn(2, 4)).sum().backward()
     opt.step()
+    reference = {k: v.full_tensor().clone() for k, v in model.state_dict().items()}
     for async_save in (False, True):
-        with pytest.raises(torchckpt.UnsupportedStateError, match="DTensor") as info:
-            torchckpt.Checkpoint(model=model, opt=opt).write(tmp_path / "c", async_save=async_save)
-        assert info.value.key == "model/0.weight"
-        assert not (tmp_path / "c").exists() and os.listdir(tmp_path) == []
-    plain = torchckpt.Checkpoint(model=torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)))
-    path = plain.write(tmp_path / "plain")
-    before = [p.to_local().clone() for p in model.parameters()]
-    with pytest.raises(torchckpt.UnsupportedStateError, match="Cannot restore into 'model/0.weight'") as info:
-        torchckpt.Checkpoint(model=model).restore(path)
-    assert info.value.key == "model/0.weight"
-    assert all(torch.equal(a, p.to_local()) for a, p in zip(before, model.parameters()))
+        ckpt = torchckpt.Checkpoint(model=model, opt=opt)
+        path = ckpt.write(tmp_path / f"c{async_save}", async_save=async_save)
+        ckpt.wait_until_finished()
+        assert _index.load_index(path).section["format_version"] == 1
+        plain = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+        torchckpt.Checkpoint(model=plain).read(path).expect_partial()
+        assert all(torch.equal(plain.state_dict()[k], v) for k, v in reference.items())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.to_local().zero_()
+    torchckpt.Checkpoint(model=model, opt=opt).read(tmp_path / "cFalse").assert_consumed()
+    assert all(torch.equal(model.state_dict()[k].full_tensor(), v) for k, v in reference.items())
+
+
+def test_a_partial_dtensor_is_refused_with_its_key_before_anything_changes(tmp_path, gloo_world_of_one):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial
+
+    mesh = init_device_mesh("cpu", (1,))
+    pending = DTensor.from_local(torch.ones(3), mesh, [Partial()])
+    with pytest.raises(torchckpt.UnsupportedStateError, match="Partial placement") as info:
+        torchckpt.Checkpoint(w=pending).write(tmp_path / "c")
+    assert info.value.key == "w" and os.listdir(tmp_path) == []
+    path = torchckpt.Checkpoint(w=torch.zeros(3)).write(tmp_path / "plain")
+    with pytest.raises(torchckpt.UnsupportedStateError, match="Partial placement"):
+        torchckpt.Checkpoint(w=pending).restore(path)
+    assert torch.equal(pending.to_local(), torch.ones(3))
 
 
 def test_meta_and_fake_tensors_are_refused_on_save(tmp_path):

@@ -16,10 +16,12 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "torchckpt"
 
 FACES = {"__init__", "__main__", "checkpoint", "manager", "reader", "restore", "rng", "run_state", "cli", "_export"}
-ENGINES = {"_save", "_capture", "_async", "_load", "_index", "_directory", "_retention", "_report"}
+ENGINES = {"_save", "_capture", "_async", "_load", "_index", "_directory", "_retention", "_report",
+           "_dist", "_sharded_save", "_reshard"}
 STORAGE = {"_backend", "_files", "_atomic", "_output", "_lock", "_local", "_lease", "_fsspec", "_upload",
            "_storage"}
-FOUNDATIONS = STORAGE | {"errors", "_format", "_tree", "_tensorio", "_threads", "_progress", "_version"}
+FOUNDATIONS = STORAGE | {"errors", "_format", "_tree", "_tensorio", "_threads", "_progress", "_version",
+                          "_chunks"}
 FLOOR = {**{m: 2 for m in FACES}, **{m: 1 for m in ENGINES}, **{m: 0 for m in FOUNDATIONS}}
 
 # File-system calls: only storage modules make them. (Pure path-string helpers such as

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from torchckpt import _lease  # noqa: F401 - its exit hook must be registered before the async writer's
 from torchckpt._directory import checkpoints_iterator, latest_checkpoint, wait_for_new_checkpoint
+from torchckpt._tree import PerRank
 from torchckpt._version import __version__
 from torchckpt.checkpoint import Checkpoint
 from torchckpt.errors import (
@@ -15,6 +16,7 @@ from torchckpt.errors import (
     CheckpointNotFoundError,
     CheckpointWriteError,
     CorruptCheckpointError,
+    RankTimeoutError,
     RestoreMismatchError,
     UnsupportedStateError,
     VariableNotFoundError,
@@ -37,7 +39,9 @@ __all__ = [
     "CorruptCheckpointError",
     "MismatchReport",
     "PartialRestoreWarning",
+    "PerRank",
     "RNGState",
+    "RankTimeoutError",
     "RestoreMismatchError",
     "RestoreStatus",
     "UnsupportedStateError",

@@ -161,6 +161,9 @@ class Storage(Protocol):
     def stage(self, final: str, replace: bool) -> Stage:
         """Start writing the directory ``final`` (see :class:`Stage`)."""
 
+    def join_stage(self, final: str, stage_path: str) -> Stage:
+        """Write files into a stage another rank opened at ``stage_path`` (only ``create`` is used)."""
+
     def make_dirs(self, path: str) -> None: ...
 
     def replace_file(self, path: str, data: bytes, token: Any) -> Any:

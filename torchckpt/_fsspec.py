@@ -190,11 +190,13 @@ class S3Source(RemoteSource):
 class RemoteStage:
     """A checkpoint uploaded straight into its final prefix; ``commit`` creates its index."""
 
-    def __init__(self, storage: FsspecStorage, final: str, replace: bool) -> None:
+    def __init__(self, storage: FsspecStorage, final: str, replace: bool, joined: bool = False) -> None:
         self.storage = storage
         self.path = final
         self.index: tuple[str, bytes] | None = None
         self.committed = False
+        if joined:  # another rank's stage: this process only uploads files into it
+            return
         if storage.exists(join(final, INDEX_FILE)):
             if not replace:
                 raise AlreadyCommitted(17, "a checkpoint is already committed there", final)
@@ -356,6 +358,9 @@ class FsspecStorage:
         return f"Cannot write checkpoint {path}{where}: {error.strerror or error}."
 
     # -- writing ---------------------------------------------------------------------------
+
+    def join_stage(self, final: str, stage_path: str) -> RemoteStage:
+        return RemoteStage(self, stage_path, False, joined=True)
 
     def stage(self, final: str, replace: bool) -> RemoteStage:
         return RemoteStage(self, final, replace)

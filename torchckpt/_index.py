@@ -18,13 +18,13 @@ import itertools
 import re
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import xxhash
 
-from torchckpt import _format, _tree
+from torchckpt import _chunks, _format, _tree
 from torchckpt._backend import Source, Storage, join
 from torchckpt._format import INDEX_FILE, TORCHCKPT_KEY, TensorInfo
 from torchckpt._storage import storage_for
@@ -56,6 +56,8 @@ class Index:
     checksum_text: str
     shards: list[dict[str, Any]]
     aliases: dict[str, str]
+    world_size: int = 1  # how many ranks saved it (format 2)
+    chunked: dict[str, tuple[str, str]] = field(default_factory=dict)  # logical name -> (dtype, global shape key)
 
     @property
     def checksums(self) -> list[str]:
@@ -164,13 +166,62 @@ def parse_index(directory: str, storage: Storage, data: bytes) -> Index:
         count += shard["tensors"]
     if count != len(names):
         raise _corrupt(directory, f"the shards hold {count} tensors but the table lists {len(names)}")
+    world_size, chunked = 1, dict[str, tuple[str, str]]()
+    if version >= _format.SHARDED_FORMAT_VERSION:
+        world_size, chunked = _check_sharded(directory, section, names, dtypes, shapes)
     if aliases:
-        stored = set(names)
+        stored = set(names) | set(chunked)
         for alias, target in aliases.items():
             if not isinstance(target, str) or target not in stored or alias in stored:
                 raise _corrupt(directory, f"alias {_short(alias)} must name a stored tensor, not {_short(target)}")
     _check_weight_map(directory, raw, names, shards)
-    return Index(directory, storage, raw, names, dtypes, shapes, checksums, shards, aliases)
+    return Index(directory, storage, raw, names, dtypes, shapes, checksums, shards, aliases, world_size, chunked)
+
+
+def _check_sharded(directory: str, section: dict[str, Any], names: list[str], dtypes: list[str],
+                   shapes: list[str]) -> tuple[int, dict[str, tuple[str, str]]]:
+    """Format 2: the world size, the chunked table, and that each chunked tensor's chunks tile it."""
+    world = section.get("world_size")
+    if type(world) is not int or not 1 <= world <= 2**31:
+        raise _corrupt(directory, f"bad world_size {_short(world)}")
+    table = section.get("chunked", {})
+    logical = table.get("names") if isinstance(table, dict) else None
+    if not isinstance(logical, list) or not all(type(n) is str for n in logical) or not all(
+            isinstance(table.get(k), str) for k in ("dtypes", "shapes")):
+        raise _corrupt(directory, "the 'chunked' table needs a 'names' list and 'dtypes', 'shapes' strings")
+    ldtypes = table["dtypes"].split(_format.DTYPE_SEP) if logical else []
+    lshapes = table["shapes"].split(_format.SHAPE_SEP) if logical else []
+    if len(ldtypes) != len(logical) or len(lshapes) != len(logical) or len(set(logical)) != len(logical):
+        raise _corrupt(directory, "the 'chunked' table's columns do not describe its names once each")
+    chunked = dict(zip(logical, zip(ldtypes, lshapes)))
+    where = f"in {join(directory, INDEX_FILE)}"
+    boxes: dict[str, list[_chunks.Box]] = {n: [] for n in logical}
+    plain = set()
+    try:
+        for name, dtype, shape in zip(names, dtypes, shapes):
+            parsed = _chunks.parse_chunk_name(name)
+            if parsed is None:
+                ranked = _chunks.parse_rank_name(name)
+                if ranked is not None and ranked[1] >= world:
+                    raise _corrupt(directory, f"tensor {name!r} belongs to a rank beyond the world size {world}")
+                plain.add(name)
+                continue
+            base, offsets = parsed
+            if base not in chunked:
+                raise _corrupt(directory, f"chunk {name!r} belongs to no tensor of the 'chunked' table")
+            if chunked[base][0] != dtype:
+                raise _corrupt(directory, f"chunk {name!r} is {dtype}, its tensor {chunked[base][0]}")
+            boxes[base].append((offsets, _format.parse_shape_key(shape, where)))
+        for base, (dtype, shape) in chunked.items():
+            _format.str_to_dtype(dtype, f" {where}", directory)
+            if base in plain:
+                raise _corrupt(directory, f"tensor {base!r} is stored both whole and as chunks")
+            _chunks.check_tiling(base, _format.parse_shape_key(shape, where), boxes[base], where)
+    except CorruptCheckpointError as e:
+        if e.path is None:
+            e.path = directory
+        raise
+    return world, chunked
 
 
 def _check_section(directory: str, raw: dict[str, Any], section: dict[str, Any]) -> None:
@@ -335,7 +386,8 @@ def read_shard_headers(index: Index, shards: OpenShards, trust_header_checksums:
         infos.update(zip(index.names[position : position + count], found))
         position += count
     for alias, target in index.aliases.items():
-        infos[alias] = infos[target]
+        if target in infos:  # in format 2 a target may be a chunked tensor, resolved by its logical name
+            infos[alias] = infos[target]
     return infos
 
 
@@ -421,11 +473,20 @@ _HEADER_CHUNK = 2**20
 _NEW_INFO = functools.partial(tuple.__new__, TensorInfo)
 
 
-def state_tree(index: Index, resolve: Callable[[str], Any]) -> Any:
-    """Decode the typed non-tensor tree with each tensor name resolved by ``resolve``."""
+def state_tree(index: Index, resolve: Callable[[str], Any], rank: int = 0) -> Any:
+    """Decode the typed non-tensor tree with each tensor name resolved by ``resolve``.
+
+    In format 2, a chunked tensor resolves to a :class:`~torchckpt._chunks.ChunkedInfo` of its
+    chunks, and ``rank`` picks the per-rank values (``@per_rank``, tensors named ``~r<rank>``).
+    """
     try:
-        trie = _tree.build_trie(itertools.chain(index.names, index.aliases))
-        tree = _tree.decode(index.section.get("state", {}), trie, resolve)
+        state = index.section.get("state", {})
+        names: Any = itertools.chain(index.names, index.aliases)
+        if index.raw[TORCHCKPT_KEY]["format_version"] >= _format.SHARDED_FORMAT_VERSION:
+            state = _tree.select_rank(state, rank, index.world_size)
+            resolve, names = _sharded_resolver(index, resolve, rank)
+        trie = _tree.build_trie(names)
+        tree = _tree.decode(state, trie, resolve)
         if not isinstance(tree, dict) or not all(type(k) is str for k in tree):
             raise CorruptCheckpointError("the state tree's root is not an object of tracked names")
         return tree
@@ -433,3 +494,36 @@ def state_tree(index: Index, resolve: Callable[[str], Any]) -> Any:
         if e.path is not None:
             raise
         raise CorruptCheckpointError(f"{join(index.directory, INDEX_FILE)}: {e}", index.directory) from None
+
+
+def _sharded_resolver(index: Index, resolve: Callable[[str], Any],
+                      rank: int) -> tuple[Callable[[str], Any], list[str]]:
+    """Logical names for the trie (chunks under their tensor's name, this rank's per-rank tensors
+    without their suffix; other ranks' left out), and a resolver for them."""
+    names: list[str] = []
+    pieces: dict[str, list[tuple[_chunks.Box, Any]]] = {n: [] for n in index.chunked}
+    renamed: dict[str, str] = {}
+    where = f"in {join(index.directory, INDEX_FILE)}"
+    for name, shape in zip(index.names, index.shapes):
+        parsed = _chunks.parse_chunk_name(name)
+        if parsed is not None:
+            pieces[parsed[0]].append(((parsed[1], _format.parse_shape_key(shape, where)), name))
+            continue
+        ranked = _chunks.parse_rank_name(name)
+        if ranked is None:
+            names.append(name)
+        elif ranked[1] == rank:
+            renamed[ranked[0]] = name
+            names.append(ranked[0])
+    names.extend(index.chunked)
+    names.extend(index.aliases)
+
+    def resolved(name: str) -> Any:
+        name = index.aliases.get(name, name)
+        if name in index.chunked:
+            dtype, shape = index.chunked[name]
+            return _chunks.ChunkedInfo(name, _format.str_to_dtype(dtype), _format.size_of(
+                _format.parse_shape_key(shape, where)), tuple((box, resolve(n)) for box, n in pieces[name]))
+        return resolve(renamed.get(name, name))
+
+    return resolved, names

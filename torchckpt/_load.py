@@ -9,14 +9,16 @@ each one's checksum as it arrives, and then runs the planned loads.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from torchckpt import _format, _tensorio, _tree
+from torchckpt import _chunks, _format, _reshard, _tensorio, _tree
 from torchckpt._backend import name_of
+from torchckpt._chunks import ChunkedInfo
 from torchckpt._format import TensorInfo as SavedTensor  # where a saved tensor is: dtype, shape, checksum
 from torchckpt._index import OpenShards, missing_member
 from torchckpt._progress import progress_bar
@@ -42,6 +44,14 @@ class Plan:
     loads: list[Callable[[], None]] = field(default_factory=list)
     cast: bool = False  # restore(..., cast=True): dtype mismatches are cast instead of skipped
     assign: bool = False  # restore(..., assign=True): modules' meta tensors are replaced by restored ones
+    rank: int = 0  # the rank restoring (which per-rank values it takes)
+
+
+SAVED = (SavedTensor, ChunkedInfo)  # what a tensor of the checkpoint resolves to: stored whole, or as chunks
+
+
+def _is_saved(value: Any) -> bool:
+    return isinstance(value, SAVED)
 
 
 def _compatible(key: str, saved: SavedTensor, dest: torch.Tensor, report: MismatchReport, cast: bool = False) -> bool:
@@ -60,7 +70,7 @@ def _compatible(key: str, saved: SavedTensor, dest: torch.Tensor, report: Mismat
 
 def _read_into(dest: torch.Tensor, saved: SavedTensor, plan: Plan) -> None:
     """Schedule the read of ``saved`` into ``dest``, through a buffer of the saved dtype when it is cast."""
-    if saved.dtype == dest.dtype:
+    if saved.dtype == dest.dtype or _chunks.is_dtensor(dest) or isinstance(saved, ChunkedInfo):
         plan.reads.append((dest, saved))
         return
     buffer = torch.empty(saved.shape, dtype=saved.dtype)
@@ -70,11 +80,20 @@ def _read_into(dest: torch.Tensor, saved: SavedTensor, plan: Plan) -> None:
 
 def check_destination(key: str, dest: torch.Tensor) -> None:
     """Refuse, before anything changes, a destination the library cannot write as plain memory."""
+    if _chunks.is_dtensor(dest):
+        _chunks.dtensor_box(dest, key)  # refuses a Partial placement
+        _tensorio_check(key, dest.to_local())  # type: ignore[attr-defined]
+        return
+    _tensorio_check(key, dest)
+
+
+def _tensorio_check(key: str, dest: torch.Tensor) -> None:
     reason = _tensorio.unsupported_reason(dest, allow_meta=True)
     if reason is not None:
         raise UnsupportedStateError(
-            f"Cannot restore into {key!r}: it is {reason}. Sharded state (DTensor, FSDP) is not supported yet; "
-            "restore into a plain (unsharded) model, then shard it.",
+            f"Cannot restore into {key!r}: it is {reason}. DTensors (FSDP2, tensor parallel) are restored in "
+            "place; other tensor subclasses and FSDP1 flat parameters are not supported: restore into a plain "
+            "model, then wrap it.",
             key=key,
             value_type=type(dest),
         )
@@ -85,7 +104,7 @@ def plan_tensor(key: str, dest: torch.Tensor, saved: Any, plan: Plan) -> None:
     check_destination(key, dest)
     if saved is _MISSING:
         plan.report.missing_keys.append(key)
-    elif not isinstance(saved, SavedTensor):
+    elif not _is_saved(saved):
         plan.report.missing_keys.append(key)
         plan.report.unexpected_keys.extend(_saved_leaf_keys(saved, key))
     elif dest.is_meta:  # a bare tensor cannot be replaced in place: reported, never "restored"
@@ -139,7 +158,7 @@ def plan_module(name: str, module: torch.nn.Module, saved: Any, plan: Plan) -> N
     for key, tensor in current.items():
         if isinstance(tensor, torch.Tensor):
             check_destination(_tree.join(name, _tree.escape_part(key)), tensor)
-    storages = {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]
+    storages = {_reshard.local_storage(t) for t in [*module.parameters(), *module.buffers()]
                 if t.numel() and not t.is_meta}
     pairs = _match_keys(list(saved), list(current))
     via_load: dict[str, Any] = {}
@@ -153,29 +172,29 @@ def plan_module(name: str, module: torch.nn.Module, saved: Any, plan: Plan) -> N
         if object_key != saved_key:
             plan.report.remapped_keys[full] = _tree.join(name, _tree.escape_part(object_key))
         dest = current[object_key]
-        if isinstance(value, SavedTensor) and isinstance(dest, torch.Tensor) and dest.is_meta:
+        if _is_saved(value) and isinstance(dest, torch.Tensor) and dest.is_meta:
             plan.report.meta_keys.append(_tree.join(name, _tree.escape_part(object_key)))
             if not plan.assign or not _compatible(full, value, dest, plan.report, plan.cast):
                 continue  # reported missing below: not matched
             fresh = torch.empty(value.shape, dtype=dest.dtype)
             _read_into(fresh, value, plan)
             via_assign[object_key] = fresh
-        elif isinstance(value, SavedTensor) and isinstance(dest, torch.Tensor):
+        elif _is_saved(value) and isinstance(dest, torch.Tensor):
             if not _compatible(full, value, dest, plan.report, plan.cast):
                 continue
-            if dest.numel() and dest.untyped_storage().data_ptr() in storages:
+            if _chunks.is_dtensor(dest) or dest.numel() and dest.untyped_storage().data_ptr() in storages:
                 _read_into(dest, value, plan)
             else:
                 fresh = torch.empty(value.shape, dtype=dest.dtype, device=dest.device)
                 _read_into(fresh, value, plan)
                 via_load[object_key] = fresh
-        elif isinstance(value, SavedTensor) or isinstance(dest, torch.Tensor):
+        elif _is_saved(value) or isinstance(dest, torch.Tensor):
             plan.report.unexpected_keys.append(full)
             plan.report.missing_keys.append(_tree.join(name, _tree.escape_part(object_key)))
             continue
         else:
             via_load[object_key] = _rebuild(value, full, _fresh_reader(plan))
-        plan.report.restored_keys.append(_shared_key(full, value) if isinstance(value, SavedTensor) else full)
+        plan.report.restored_keys.append(_shared_key(full, value) if _is_saved(value) else full)
     matched = {k for k in pairs.values() if not _is_meta(current[k]) or k in via_assign}
     plan.report.missing_keys.extend(_tree.join(name, _tree.escape_part(k)) for k in current if k not in matched)
     if via_load:
@@ -217,16 +236,19 @@ def plan_stateful(name: str, obj: Any, saved: Any, plan: Plan) -> None:
             reads.append((buffer, value))
             plan.casts.append((fresh, buffer))
             return fresh
-        fresh = torch.empty(value.shape, dtype=value.dtype)
-        reads.append((fresh, value))
-        return fresh
+        laid_out = None
+        if isinstance(obj, torch.optim.Optimizer):  # never stepped: laid out like its (DTensor) parameter
+            laid_out = _reshard.optimizer_destination(obj, key, name, value)
+        new = torch.empty(value.shape, dtype=value.dtype) if laid_out is None else laid_out
+        reads.append((new, value))
+        return new
 
     for key, dest in current_leaves.items():
         if isinstance(dest, torch.Tensor):
             check_destination(key, dest)
     for key, value in saved_leaves.items():
         dest = current_leaves.get(key)
-        if isinstance(value, SavedTensor) and isinstance(dest, torch.Tensor):
+        if _is_saved(value) and isinstance(dest, torch.Tensor):
             _compatible(key, value, dest, report, plan.cast)
     plan.report.cast_keys.update(report.cast_keys)
     if report.shape_mismatches or report.dtype_mismatches or reason:
@@ -239,7 +261,7 @@ def plan_stateful(name: str, obj: Any, saved: Any, plan: Plan) -> None:
     for key in current_leaves:
         if key not in saved_leaves and not any(k.startswith(key + _tree.SEP) for k in saved_leaves):
             plan.report.missing_keys.append(key)
-    plan.report.restored_keys.extend(_shared_key(k, v) if isinstance(v, SavedTensor) else k
+    plan.report.restored_keys.extend(_shared_key(k, v) if _is_saved(v) else k
                                      for k, v in saved_leaves.items())
     plan.loads.append(lambda: obj.load_state_dict(new_state))
 
@@ -260,7 +282,7 @@ def _structure_problem(obj: Any, current: Any, saved: Any) -> str | None:
 def _rebuild(saved: Any, path: str, destination: Callable[[str, SavedTensor], torch.Tensor]) -> Any:
     """``saved`` with each saved tensor replaced by ``destination(key, saved)``. Containers without
     a tensor below them are returned as they are: a large plain value is not copied again."""
-    if isinstance(saved, SavedTensor):
+    if _is_saved(saved):
         return destination(path, saved)
     if isinstance(saved, dict):
         items = {k: _rebuild(v, _tree.join(path, _tree.key_part(k)), destination) for k, v in saved.items()}
@@ -305,29 +327,28 @@ def _saved_leaf_keys(saved: Any, prefix: str) -> list[str]:
 def execute(plan: Plan, shards: OpenShards, verify: bool, progress: bool | None) -> None:
     """Read every planned tensor (shard by shard, in file order), then run the planned loads."""
     by_file: dict[str, list[tuple[torch.Tensor, SavedTensor]]] = {}
+    boxed: list[tuple[torch.Tensor, Any]] = []
     for pair in plan.reads:
-        by_file.setdefault(pair[1].file, []).append(pair)
-    total = sum(saved.nbytes for _, saved in plan.reads)
+        if type(pair[1]) is SavedTensor and not _chunks.is_dtensor(pair[0]):
+            by_file.setdefault(pair[1].file, []).append(pair)
+        else:  # a chunked tensor, or a DTensor destination: only this rank's overlaps are read
+            boxed.append(pair)
+    reads = _reshard.plan_boxed(boxed)
+    total = sum(saved.nbytes for pairs in by_file.values() for _, saved in pairs) + reads.nbytes
     directory = shards.directory
     with progress_bar(total, f"restore {name_of(directory)}", progress) as bar, torch.no_grad():
-        for file, reads in by_file.items():
-            reads.sort(key=_file_offset)
-            path = shards.path(file)
+        for file, pairs in by_file.items():
+            pairs.sort(key=_file_offset)
             source = shards.sources[file]
-            source.prepare(sum(saved.nbytes for _, saved in reads))
-            try:
-                bad = _tensorio.read_many(source, reads, verify, bar.update)
-            except EOFError as e:
-                raise CorruptCheckpointError(f"Shard {path} is truncated: {e}.", path) from e
-            except FileNotFoundError:  # an object store has no pin on open files: deleted meanwhile
-                raise missing_member(directory, path, shards.storage) from None
-            except OSError as e:
-                raise CorruptCheckpointError(f"Cannot read shard {path}: {e.strerror or e}.", path) from e
-            if bad is not None:
-                saved, digest = bad
-                raise CorruptCheckpointError(
-                    checksum_mismatch(saved.name, path, saved.checksum, digest) + PARTLY_RESTORED, path
-                )
+            source.prepare(sum(saved.nbytes for _, saved in pairs))
+            with _reading(shards, file):
+                bad = _tensorio.read_many(source, pairs, verify, bar.update)
+            _check_read(shards, file, bad)
+        for file, pieces in reads.by_file.items():
+            with _reading(shards, file):
+                bad = _reshard.read_file(shards.sources[file], pieces, verify, bar.update)
+            _check_read(shards, file, bad)
+    _reshard.finish(reads)
     with torch.no_grad():
         for dest, buffer in plan.casts:
             dest.copy_(buffer)
@@ -343,6 +364,28 @@ def execute(plan: Plan, shards: OpenShards, verify: bool, progress: bool | None)
                 "the checkpoint do not fit the objects. Objects may be partly restored.",
                 directory,
             ) from e
+
+
+@contextlib.contextmanager
+def _reading(shards: OpenShards, file: str) -> Iterator[None]:
+    """Read errors of one shard as the checkpoint errors they mean."""
+    path = shards.path(file)
+    try:
+        yield
+    except EOFError as e:
+        raise CorruptCheckpointError(f"Shard {path} is truncated: {e}.", path) from e
+    except FileNotFoundError:  # an object store has no pin on open files: deleted meanwhile
+        raise missing_member(shards.directory, path, shards.storage) from None
+    except OSError as e:
+        raise CorruptCheckpointError(f"Cannot read shard {path}: {e.strerror or e}.", path) from e
+
+
+def _check_read(shards: OpenShards, file: str, bad: tuple[Any, int] | None) -> None:
+    if bad is not None:
+        saved, digest = bad
+        path = shards.path(file)
+        raise CorruptCheckpointError(checksum_mismatch(saved.name, path, saved.checksum, digest) + PARTLY_RESTORED,
+                                     path)
 
 
 def _file_offset(read: tuple[torch.Tensor, SavedTensor]) -> int:

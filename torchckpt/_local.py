@@ -63,9 +63,12 @@ class LocalStage:
     """A checkpoint being written into a temporary sibling of its final name, fsynced file by
     file, then renamed into place in one step (``_atomic.commit_directory``)."""
 
-    def __init__(self, final: str, replace: bool) -> None:
+    def __init__(self, final: str, replace: bool, joined: str | None = None) -> None:
         self.final = final
         self.replace = replace
+        if joined is not None:  # another rank's stage: this process only writes files into it
+            self.path = joined
+            return
         os.makedirs(os.path.dirname(os.path.abspath(final)), exist_ok=True)
         self.path = _atomic.temporary_sibling(final)
         os.mkdir(self.path)
@@ -90,7 +93,16 @@ class LocalStage:
             os.close(fd)
 
     def commit(self, sizes: dict[str, int]) -> None:
-        del sizes  # every file was fsynced as it was written, and rename moves them all or none
+        # Every file was fsynced as it was written, and rename moves them all or none. Files other
+        # ranks wrote (on a shared file system) are checked for their size first: a lost write.
+        for name, size in sizes.items():
+            path = os.path.join(self.path, name)
+            try:
+                found = os.stat(path).st_size
+            except OSError as e:
+                raise _files.named(e, path) from e
+            if found != size:
+                raise OSError(5, f"{name} is {found} bytes, not the {size} its writer reported", path)
         _atomic.commit_directory(self.path, self.final, self.replace)
 
     def discard(self) -> None:
@@ -141,6 +153,9 @@ class LocalStorage:
             return os.listdir(directory)
         except (FileNotFoundError, NotADirectoryError):
             return []
+
+    def join_stage(self, final: str, stage_path: str) -> LocalStage:
+        return LocalStage(final, False, joined=stage_path)
 
     def stage(self, final: str, replace: bool) -> LocalStage:
         return LocalStage(final, replace)

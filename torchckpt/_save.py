@@ -35,20 +35,20 @@ from torchckpt.errors import CheckpointWriteError
 
 
 @dataclass
-class _Shard:
+class Shard:
     names: list[str] = field(default_factory=list)
     nbytes: int = 0
 
 
-def plan_shards(tensors: dict[str, torch.Tensor], max_shard_size: int) -> list[_Shard]:
+def plan_shards(tensors: dict[str, torch.Tensor], max_shard_size: int) -> list[Shard]:
     """Greedy grouping in save order; a single tensor over the limit gets a shard of its own."""
-    shards: list[_Shard] = []
-    current = _Shard()
+    shards: list[Shard] = []
+    current = Shard()
     for name, t in tensors.items():
         n = t.numel() * t.element_size()
         if current.names and current.nbytes + n > max_shard_size:
             shards.append(current)
-            current = _Shard()
+            current = Shard()
         current.names.append(name)
         current.nbytes += n
     if current.names or not shards:
@@ -121,7 +121,7 @@ def _write_checkpoint(
     try:
         total = sum(s.nbytes for s in shards)
         with progress_bar(total, f"save {name_of(path)}", progress) as bar:
-            records, digests = _write_shards(stage, shards, files, stored, bar.update)
+            records, digests = write_shards(stage, shards, files, stored, bar.update)
         index = _index_of(shards, files, stored, aliases, section, records, digests)
         stage.write_index(INDEX_FILE, _format.sealed_pieces(index))
         if before_commit is not None:
@@ -133,8 +133,8 @@ def _write_checkpoint(
     return path
 
 
-def _write_shards(stage: Stage, shards: list[_Shard], files: list[str], stored: dict[str, torch.Tensor],
-                  on_bytes: Callable[[int], None]) -> tuple[list[dict[str, Any]], list[array.array[int]]]:
+def write_shards(stage: Stage, shards: list[Shard], files: list[str], stored: dict[str, torch.Tensor],
+                 on_bytes: Callable[[int], None]) -> tuple[list[dict[str, Any]], list[array.array[int]]]:
     """Write every shard into the stage; returns their records and per-tensor digests."""
     digests: list[array.array[int]] = []  # per shard, per tensor: 8 bytes each, not an int object
     records: list[dict[str, Any]] = []
@@ -151,7 +151,7 @@ def _write_shards(stage: Stage, shards: list[_Shard], files: list[str], stored: 
             del header  # a 20,000-tensor header is megabytes: do not hold it while writing data
             shard_digests = _tensorio.write_tensors(out, [stored[n] for n in shard.names], on_bytes)
             out.finish()
-        shard_hash.update(_big_endian(shard_digests))
+        shard_hash.update(big_endian(shard_digests))
         digests.append(shard_digests)
         records.append({
             "file": file,
@@ -163,17 +163,24 @@ def _write_shards(stage: Stage, shards: list[_Shard], files: list[str], stored: 
     return records, digests
 
 
-def _index_of(shards: list[_Shard], files: list[str], stored: dict[str, torch.Tensor], aliases: dict[str, str],
+def _index_of(shards: list[Shard], files: list[str], stored: dict[str, torch.Tensor], aliases: dict[str, str],
               section: dict[str, Any], records: list[dict[str, Any]], digests: list[array.array[int]]) -> dict[str, Any]:
     """The index, with its large tables as streamed pieces (see ``_format.RawJSON``)."""
     weight_map: Any = _format.RawJSON(lambda: _weight_map_pieces(shards, files))
     if sum(len(shard.names) for shard in shards) <= _format.LAYOUT_MAX_LINES:  # small: one name a line
         weight_map = {n: file for shard, file in zip(shards, files) for n in shard.names}
+    return index_document(sum(s.nbytes for s in shards), weight_map, _format.PLAIN_FORMAT_VERSION, section,
+                          aliases, records, _format.RawJSON(lambda: _table_pieces(shards, stored, digests)))
+
+
+def index_document(total_size: int, weight_map: Any, format_version: int, section: dict[str, Any],
+                   aliases: dict[str, str], records: list[dict[str, Any]], table: Any) -> dict[str, Any]:
+    """``index.json`` as a value, its keys in the order every writer uses (see ``docs/format.md``)."""
     return {
-        "metadata": {"total_size": sum(s.nbytes for s in shards)},
+        "metadata": {"total_size": total_size},
         "weight_map": weight_map,
         _format.TORCHCKPT_KEY: {
-            "format_version": _format.FORMAT_VERSION,
+            "format_version": format_version,
             "created": time.time(),
             "torch_version": torch.__version__,
             "torchckpt_version": _version(),
@@ -181,7 +188,7 @@ def _index_of(shards: list[_Shard], files: list[str], stored: dict[str, torch.Te
             **section,
             "aliases": aliases,
             "shards": records,
-            "tensors": _format.RawJSON(lambda: _table_pieces(shards, stored, digests)),
+            "tensors": table,
         },
     }
 
@@ -189,7 +196,7 @@ def _index_of(shards: list[_Shard], files: list[str], stored: dict[str, torch.Te
 _PIECE = 1024  # names per piece of the streamed index
 
 
-def _big_endian(values: array.array[int]) -> bytes:
+def big_endian(values: array.array[int]) -> bytes:
     """Unsigned 64-bit ints as 8-byte big-endian integers, back to back (how checksums are hashed and written)."""
     if sys.byteorder == "little":
         values = array.array("Q", values)
@@ -197,7 +204,7 @@ def _big_endian(values: array.array[int]) -> bytes:
     return values.tobytes()
 
 
-def _weight_map_pieces(shards: list[_Shard], files: list[str]) -> Iterator[str]:
+def _weight_map_pieces(shards: list[Shard], files: list[str]) -> Iterator[str]:
     """``weight_map`` as compact JSON, a thousand names a piece (the same text as ``json.dumps``)."""
     quote = _format.json_string
     yield "{"
@@ -211,7 +218,7 @@ def _weight_map_pieces(shards: list[_Shard], files: list[str]) -> Iterator[str]:
     yield "}"
 
 
-def _table_pieces(shards: list[_Shard], stored: dict[str, torch.Tensor],
+def _table_pieces(shards: list[Shard], stored: dict[str, torch.Tensor],
                   digests: list[array.array[int]]) -> Iterator[str]:
     """The index's tensor table (names, dtypes, shapes, checksums) as compact JSON, in pieces."""
     names = [n for shard in shards for n in shard.names]
@@ -226,7 +233,7 @@ def _table_pieces(shards: list[_Shard], stored: dict[str, torch.Tensor],
     yield '", "checksums": "'
     for shard_digests in digests:
         for i in range(0, len(shard_digests), _PIECE):
-            yield _big_endian(shard_digests[i : i + _PIECE]).hex()
+            yield big_endian(shard_digests[i : i + _PIECE]).hex()
     yield '"}'
 
 

@@ -306,3 +306,11 @@ def hash_file_range(source: Source, start: int, end: int) -> int:
         hasher.update(part)
         offset += len(part)
     return hasher.intdigest()
+
+
+def digest_tensor(t: torch.Tensor) -> int:
+    """xxh3-64 of a tensor's bytes in row-major order, wherever it lives."""
+    hasher = xxhash.xxh3_64()
+    for chunk in host_chunks(t):
+        hasher.update(byte_view(chunk))
+    return hasher.intdigest()

@@ -28,6 +28,7 @@ from torchckpt.errors import CorruptCheckpointError, UnsupportedStateError, a_or
 SEP = "/"
 TAG = "@"
 TENSOR_TAG = "@tensor"
+PER_RANK_TAG = "@per_rank"  # format 2: a value saved by each rank, indexed by rank
 MAX_DEPTH = 100  # containers nested deeper than this are refused (they would exhaust the stack)
 MAX_INT = 2**63  # dimensions of a torch.Size fit in 64 bits, sign included
 
@@ -139,6 +140,8 @@ def encode(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
         return {"@device": str(value)}
     if kind is dict:
         return _encode_dict(value, path, tensors)
+    if kind is PerRank:
+        return {PER_RANK_TAG: encode(value.value, path, tensors)}
     if kind in _DICT_TAGS:
         return _encode_pairs(_DICT_TAGS[kind], value, path, tensors)
     raise UnsupportedStateError(
@@ -206,6 +209,44 @@ def _encode_key(key: Any, path: str) -> Any:
     return encode(key, path, {})
 
 
+class PerRank:
+    """A value that differs from rank to rank (a data cursor, a sampler's position): saved by every rank.
+
+    Without it, a plain value that differs across the ranks of a job is refused at save time, never
+    silently collapsed to one rank's copy. Each rank restores its own; a rank the checkpoint has
+    no value for (restoring on more ranks than saved) is reported missing. In a single process
+    the value is saved as it is. ``RNGState`` is always per rank.
+
+    Example:
+        >>> import torchckpt
+        >>> cursor = torchckpt.PerRank(1200)
+        >>> ckpt = torchckpt.Checkpoint(cursor=cursor)
+        >>> cursor.value
+        1200
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"PerRank({self.value!r})"
+
+
+class MissingPerRank:
+    """What a ``@per_rank`` value decodes to on a rank the checkpoint holds no value for."""
+
+    def __init__(self, rank: int, saved_world: int) -> None:
+        self.rank = rank
+        self.saved_world = saved_world
+
+    @property
+    def reason(self) -> str:
+        return (f"rank {self.rank} has no saved value: the checkpoint was saved by {self.saved_world} "
+                f"rank{'s' if self.saved_world != 1 else ''}")
+
+
 # -- decoding -------------------------------------------------------------------------------
 
 
@@ -236,6 +277,10 @@ def decode(node: Any, trie: Trie | str | None, resolve: Callable[[str], Any], pa
     if depth > MAX_DEPTH:
         raise _corrupt(path, f"containers are nested more than {MAX_DEPTH} deep")
     depth += 1
+    if isinstance(node, MissingPerRank):  # put there by select_rank, never by JSON
+        if trie:
+            raise _corrupt(path, "tensors are stored for a rank that has no per-rank value")
+        return node
     if isinstance(node, dict):
         if len(node) == 1:
             (tag, payload), = node.items()
@@ -266,6 +311,21 @@ def decode(node: Any, trie: Trie | str | None, resolve: Callable[[str], Any], pa
     if node is None or isinstance(node, (bool, int, float, str)):
         return node
     raise _corrupt(path, f"unexpected JSON value of type {type(node).__name__}")
+
+
+def select_rank(node: Any, rank: int, saved_world: int, path: str = "") -> Any:
+    """A format-2 state tree as rank ``rank`` sees it: each ``@per_rank`` value replaced by that
+    rank's element, or by :class:`MissingPerRank` when the checkpoint has none for it."""
+    if isinstance(node, dict):
+        if len(node) == 1 and PER_RANK_TAG in node:
+            values = node[PER_RANK_TAG]
+            if not isinstance(values, list) or len(values) != saved_world:
+                raise _corrupt(path, f"a per-rank value must list one value for each of the {saved_world} ranks")
+            return values[rank] if rank < saved_world else MissingPerRank(rank, saved_world)
+        return {k: select_rank(v, rank, saved_world, join(path, k)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [select_rank(v, rank, saved_world, path) for v in node]
+    return node
 
 
 def _decode_tagged(tag: str, payload: Any, trie: Trie | str | None, resolve: Callable[[str], Any], path: str,

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from torchckpt import _capture, _directory, _format, _index, _save, _tree
+from torchckpt import _capture, _directory, _dist, _format, _index, _save, _sharded_save, _tree
 from torchckpt._async import AsyncWriter  # imported with the package: its exit hook must be registered early
 from torchckpt._backend import Storage, as_path, name_of, parent_of
 from torchckpt._load import MISSING, Plan, execute, plan_module, plan_stateful, plan_tensor, plan_value
@@ -37,7 +37,7 @@ def is_stateful(value: Any) -> bool:
 
 
 def _is_trackable(value: Any) -> bool:
-    if isinstance(value, (torch.Tensor, Checkpoint)) or is_stateful(value):
+    if isinstance(value, (torch.Tensor, Checkpoint, _tree.PerRank)) or is_stateful(value):
         return True
     if isinstance(value, dict):
         return any(_is_trackable(v) for v in value.values())
@@ -60,6 +60,8 @@ def kind_of(value: Any) -> str:
         return "rng"
     if isinstance(value, Checkpoint):
         return "checkpoint"
+    if isinstance(value, _tree.PerRank):
+        return "per_rank"
     if isinstance(value, torch.Tensor):
         return "tensor"
     if is_stateful(value):
@@ -135,8 +137,8 @@ class Checkpoint:
 
     # -- saving --------------------------------------------------------------------------
 
-    def _state(self) -> dict[str, Any]:
-        return {name: _state_of(value) for name, value in self._tracked.items()}
+    def _state(self, distributed: bool = False) -> dict[str, Any]:
+        return {name: _state_of(value, distributed) for name, value in self._tracked.items()}
 
     def _objects(self) -> dict[str, str]:
         return {name: kind_of(value) for name, value in self._tracked.items()}
@@ -150,6 +152,8 @@ class Checkpoint:
         metadata: dict[str, Any] | None = None,
         async_save: bool = False,
         storage_options: dict[str, Any] | None = None,
+        process_group: Any = None,
+        timeout_secs: float | None = None,
     ) -> str:
         """Write the checkpoint to the directory ``path``, atomically; ``save_counter`` is untouched.
 
@@ -164,16 +168,24 @@ class Checkpoint:
             async_save: return once the state is copied into reusable host buffers; the write
                 happens in the background (see :meth:`wait_until_finished`).
             storage_options: passed to fsspec when ``path`` is a URL (credentials, endpoint).
+            process_group: with torch.distributed initialised on more than one rank, the write is
+                collective over this group (the default group when None): every rank calls it,
+                writes its own shards, and rank 0 commits (see ``docs/format.md``, format 2).
+            timeout_secs: how long a collective write waits for the other ranks before raising
+                (default 1800); a dead rank fails the call on every other rank after this long.
 
         Returns:
             ``path`` as a str.
 
         Raises:
             UnsupportedStateError: a value cannot be stored without pickle; nothing is written.
+            CheckpointError: on several ranks, any rank's failure (the same error on every rank),
+                a value that differs across ranks without ``PerRank``, or a rank that never arrived.
             Any failure of a previous asynchronous write.
         """
         path = as_path(path)
-        self._commit(storage_for(path, storage_options), path, max_shard_size, progress, metadata, async_save)
+        self._commit(storage_for(path, storage_options), path, max_shard_size, progress, metadata, async_save,
+                     coordinator=_dist.coordinator_for(process_group, timeout_secs))
         return path
 
     def _commit(
@@ -187,6 +199,7 @@ class Checkpoint:
         after: Callable[[], None] | None = None,
         before_commit: Callable[[str], None] | None = None,
         replace: bool = True,
+        coordinator: _dist.Coordinator | None = None,
     ) -> None:
         """The one write path: capture the state now, then write it here or in the background.
 
@@ -196,6 +209,15 @@ class Checkpoint:
         """
         self.wait_until_finished()  # one write in flight; raises a previous background failure
         _format.parse_size(max_shard_size)  # a bad size is an error before any work
+        if coordinator is not None:
+            if async_save:
+                raise ValueError("async_save=True is not supported yet for a save by several ranks; "
+                                 "save synchronously (async_save=False).")
+            with gc_paused():
+                job = capture(self, metadata, prepare=False, distributed=True)
+                _sharded_save.save(coordinator, storage, path, job.stored, job.section,
+                                   _format.parse_size(max_shard_size), progress, before_commit, replace, after)
+            return
 
         def run() -> None:
             with gc_paused():
@@ -212,7 +234,7 @@ class Checkpoint:
                 return
             if self._writer is None:
                 object.__setattr__(self, "_writer", AsyncWriter())
-            job.stored, job.aliases = self._writer.snapshot(job.stored)
+            job.stored, job.aliases = self._writer.snapshot(_sharded_save.localize(job.stored))
         self._writer.submit(run, path)
 
     def wait_until_finished(self) -> None:
@@ -233,10 +255,13 @@ class Checkpoint:
         metadata: dict[str, Any] | None = None,
         async_save: bool = False,
         storage_options: dict[str, Any] | None = None,
+        process_group: Any = None,
+        timeout_secs: float | None = None,
     ) -> str:
         """Increment ``save_counter``, write ``f"{file_prefix}-{save_counter}"`` and record it as latest.
 
-        Nothing is ever deleted. The options are those of :meth:`write`.
+        Nothing is ever deleted. The options are those of :meth:`write`; on several ranks, rank 0
+        records the latest checkpoint.
         """
         prefix = as_path(file_prefix)
         storage = storage_for(prefix, storage_options)
@@ -248,7 +273,8 @@ class Checkpoint:
             _directory.record_latest(storage.real_path(parent_of(path)), name_of(path), storage)
 
         try:
-            self._commit(storage, path, max_shard_size, progress, metadata, async_save, after=record)
+            self._commit(storage, path, max_shard_size, progress, metadata, async_save, after=record,
+                         coordinator=_dist.coordinator_for(process_group, timeout_secs))
         except BaseException:
             object.__setattr__(self, "_save_counter", self._save_counter - 1)
             raise
@@ -257,8 +283,8 @@ class Checkpoint:
     # -- restoring -----------------------------------------------------------------------
 
     def restore(self, save_path: PathLike | None, *, verify: bool = True, progress: bool | None = None,
-                cast: bool = False, assign: bool = False,
-                storage_options: dict[str, Any] | None = None) -> RestoreStatus:
+                cast: bool = False, assign: bool = False, storage_options: dict[str, Any] | None = None,
+                process_group: Any = None, timeout_secs: float | None = None) -> RestoreStatus:
         """Restore from a checkpoint directory, or from the latest checkpoint of a manager's directory.
 
         Matching values are applied (tensors read straight into the existing ones); mismatches
@@ -275,31 +301,73 @@ class Checkpoint:
                 ``torch.device("meta")``) are replaced by the restored ones (as
                 ``load_state_dict(assign=True)``); without it they are reported missing.
             storage_options: passed to fsspec when ``save_path`` is a URL.
+            process_group: with torch.distributed initialised on more than one rank, the restore
+                is collective over this group (the default group when None): rank 0 picks the
+                checkpoint, every rank reads only the bytes its own shards need (a checkpoint
+                saved on N ranks restores on M, or into a plain model), and a failure on any rank
+                is raised on every rank.
+            timeout_secs: how long a collective restore waits for the other ranks (default 1800).
 
         Raises:
             CheckpointNotFoundError: no committed checkpoint at ``save_path``.
-            UnsupportedStateError: a destination is sharded (DTensor, FSDP); nothing changed.
+            UnsupportedStateError: a destination cannot be written as plain memory (a tensor
+                subclass other than DTensor, an FSDP1 flat parameter, a Partial DTensor); nothing changed.
             CorruptCheckpointError: the checkpoint is malformed; detected before any object
                 changes (except a checksum mismatch in tensor bytes, found as they are read).
         """
-        return self._restore(save_path, verify, progress, Plan(cast=cast, assign=assign), True, storage_options)
+        return self._restore(save_path, verify, progress, Plan(cast=cast, assign=assign), True, storage_options,
+                             coordinator=_dist.coordinator_for(process_group, timeout_secs))
 
     def read(self, save_path: PathLike, *, verify: bool = True, progress: bool | None = None,
-             cast: bool = False, assign: bool = False, storage_options: dict[str, Any] | None = None) -> RestoreStatus:
+             cast: bool = False, assign: bool = False, storage_options: dict[str, Any] | None = None,
+             process_group: Any = None, timeout_secs: float | None = None) -> RestoreStatus:
         """As :meth:`restore`, but ``save_counter`` is neither expected nor restored (pairs with ``write``)."""
-        return self._restore(save_path, verify, progress, Plan(cast=cast, assign=assign), False, storage_options)
+        return self._restore(save_path, verify, progress, Plan(cast=cast, assign=assign), False, storage_options,
+                             coordinator=_dist.coordinator_for(process_group, timeout_secs))
 
     def _restore(self, save_path: PathLike | None, verify: bool, progress: bool | None, plan: Plan,
                  expect_counter: bool, storage_options: dict[str, Any] | None,
-                 storage: Storage | None = None) -> RestoreStatus:
+                 storage: Storage | None = None, coordinator: _dist.Coordinator | None = None) -> RestoreStatus:
         if save_path is None:
             return RestoreStatus(MismatchReport(), None)
         path = as_path(save_path)
         storage = storage or storage_for(path, storage_options)
         self.wait_until_finished()  # never read a checkpoint this object is still writing
+        if coordinator is not None:
+            return self._restore_collective(coordinator, storage, path, verify, progress, plan, expect_counter)
         with gc_paused():
             directory = _directory.resolve_checkpoint(path, storage)
             return self._restore_from(storage, directory, verify, progress, plan, expect_counter)
+
+    def _restore_collective(self, coord: _dist.Coordinator, storage: Storage, path: str, verify: bool,
+                            progress: bool | None, plan: Plan, expect_counter: bool) -> RestoreStatus:
+        """Rank 0 picks the checkpoint (the latest of a directory, once, for everyone); each rank
+        restores its own part; any rank's failure is raised on every rank."""
+        what = f"Restoring {path}"
+        if coord.rank == 0:
+            try:
+                chosen: dict[str, Any] = {"path": _directory.resolve_checkpoint(path, storage)}
+            except Exception as e:
+                chosen = {"error": _dist.failure_payload(e)}
+            coord.broadcast("restore", _dist.encode(chosen))
+        else:
+            chosen = _dist.decode(coord.broadcast("restore", None, coord.outcome_timeout_secs))
+        if "error" in chosen:
+            raise _dist.collective_error({0: chosen["error"]}, what)
+        plan.rank = coord.rank
+        status, error, mine = None, None, {}
+        try:
+            with gc_paused():
+                status = self._restore_from(storage, chosen["path"], verify, progress if coord.rank == 0 else False,
+                                            plan, expect_counter)
+        except Exception as e:
+            error, mine = e, {"error": _dist.failure_payload(e)}
+        outcomes = [_dist.decode(o) for o in coord.all_gather("restored", _dist.encode(mine))]
+        failures = {r: o["error"] for r, o in enumerate(outcomes) if "error" in o}
+        if failures:
+            raise _dist.collective_error(failures, what) from error
+        assert status is not None
+        return status
 
     def _restore_from(self, storage: Storage, directory: str, verify: bool, progress: bool | None, plan: Plan,
                       expect_counter: bool) -> RestoreStatus:
@@ -314,7 +382,7 @@ class Checkpoint:
         """Match the checkpoint against the tracked objects into ``plan``. The state tree is dropped
         on return, before any tensor is read: only the plan stays in memory."""
         infos = _index.read_shard_headers(index, shards)
-        saved = _index.state_tree(index, infos.__getitem__)
+        saved = _index.state_tree(index, infos.__getitem__, plan.rank)
         del infos
         self._plan(saved, "", plan)
         if expect_counter:
@@ -343,7 +411,13 @@ def _item_setter(container: Any, key: Any) -> Callable[[Any], None]:
 
 
 def _plan_value(key: str, value: Any, saved: Any, plan: Plan, assign: Callable[[Any], None]) -> None:
-    if isinstance(value, Checkpoint):
+    if isinstance(saved, _tree.MissingPerRank):  # restoring on more ranks than saved
+        plan.report.missing_keys.append(key)
+        plan.report.skipped_objects[key] = saved.reason
+        return
+    if isinstance(value, _tree.PerRank):
+        _plan_value(key, value.value, saved, plan, lambda v: setattr(value, "value", v))
+    elif isinstance(value, Checkpoint):
         if saved is MISSING or not isinstance(saved, dict):
             _plan_missing_checkpoint(key, value, saved, plan)
             return
@@ -405,9 +479,16 @@ def _is_plain_part(key: Any) -> bool:
     return type(key) is str and "~" not in key and _tree.SEP not in key
 
 
-def _state_of(value: Any) -> Any:
+def _state_of(value: Any, distributed: bool = False) -> Any:
+    """What is saved for a tracked value. In a save by several ranks, per-rank values (``PerRank``,
+    ``RNGState``) are marked as such; a single process saves them as they are."""
+    if isinstance(value, _tree.PerRank):
+        inner = _state_of(value.value, distributed)
+        return _tree.PerRank(inner) if distributed else inner
+    if distributed and isinstance(value, RNGState):
+        return _tree.PerRank(value.state_dict())
     if isinstance(value, Checkpoint):
-        return value._state()
+        return value._state(distributed)
     if isinstance(value, torch.nn.Module):
         return dict(value.state_dict())
     if isinstance(value, torch.Tensor):
@@ -415,9 +496,9 @@ def _state_of(value: Any) -> Any:
     if is_stateful(value):
         return value.state_dict()
     if isinstance(value, dict) and _is_trackable(value):
-        return {k: _state_of(v) for k, v in value.items()}
+        return {k: _state_of(v, distributed) for k, v in value.items()}
     if isinstance(value, list) and _is_trackable(value):
-        return [_state_of(v) for v in value]
+        return [_state_of(v, distributed) for v in value]
     return value
 
 
@@ -435,22 +516,23 @@ class WriteJob:
                                       before_commit, replace, storage=storage)
 
 
-def capture(ckpt: Checkpoint, metadata: dict[str, Any] | None, prepare: bool = True) -> WriteJob:
+def capture(ckpt: Checkpoint, metadata: dict[str, Any] | None, prepare: bool = True,
+            distributed: bool = False) -> WriteJob:
     """Encode the checkpoint's state now; refuses unsupported values before anything is written.
 
     With ``prepare=False`` the job's ``stored`` holds every tensor and ``aliases`` is empty: the
     asynchronous snapshot checks the tensors and finds the aliases itself.
     """
-    state = ckpt._state()
+    state = ckpt._state(distributed)
     state[SAVE_COUNTER] = ckpt.save_counter
     tensors: dict[str, torch.Tensor] = {}
     tree = _tree.encode(state, "", tensors)
     section: dict[str, Any] = {"objects": ckpt._objects(), "state": tree}
     if metadata:
         section["metadata"] = _tree.encode(metadata, "metadata", {})
-    if not prepare:
+    if not prepare or distributed:
         return WriteJob(tensors, {}, section)
-    stored, aliases = _capture.prepare_tensors(tensors)
+    stored, aliases = _capture.prepare_tensors(_sharded_save.localize(tensors))
     return WriteJob(stored, aliases, section)
 
 
@@ -471,11 +553,14 @@ def commit(
     after: Callable[[], None] | None = None,
     before_commit: Callable[[str], None] | None = None,
     replace: bool = True,
+    coordinator: _dist.Coordinator | None = None,
 ) -> None:
     """The write a manager (or a test) makes: :meth:`Checkpoint.write` with a hook ``after`` the
-    commit, one ``before_commit`` (tests inject faults with it), and ``replace=False`` to refuse
-    a checkpoint already at ``path`` (``AlreadyCommitted``)."""
-    ckpt._commit(storage, path, max_shard_size, progress, metadata, async_save, after, before_commit, replace)
+    commit, one ``before_commit`` (tests inject faults with it), ``replace=False`` to refuse a
+    checkpoint already at ``path`` (``AlreadyCommitted``), and the ranks' ``coordinator`` for a
+    save by several ranks (``after`` and ``before_commit`` then run on rank 0)."""
+    ckpt._commit(storage, path, max_shard_size, progress, metadata, async_save, after, before_commit, replace,
+                 coordinator)
 
 
 def restore_from(ckpt: Checkpoint, storage: Storage, path: str) -> RestoreStatus:

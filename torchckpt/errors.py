@@ -19,6 +19,7 @@ __all__ = [
     "CheckpointWriteError",
     "CorruptCheckpointError",
     "UnsupportedStateError",
+    "RankTimeoutError",
     "RestoreMismatchError",
     "VariableNotFoundError",
 ]
@@ -107,6 +108,23 @@ class UnsupportedStateError(CheckpointError, TypeError):
         super().__init__(message)
         self.key = key
         self.value_type = value_type
+
+
+class RankTimeoutError(CheckpointError):
+    """Some ranks did not reach an exchange in time (dead, hung, or not making the same call).
+
+    Attributes:
+        ranks: the ranks (of the group) whose part never arrived.
+    """
+
+    def __init__(self, what: str, ranks: list[int], timeout_secs: float) -> None:
+        names = ", ".join(map(str, ranks)) if len(ranks) < 20 else f"{len(ranks)} ranks"
+        super().__init__(
+            f"Rank{'s' if len(ranks) > 1 else ''} {names} did not reach the checkpoint's {what} step within "
+            f"{timeout_secs:g} s (a rank died, hangs, or is not making the same call). Nothing was committed; "
+            "pass timeout_secs= to wait longer."
+        )
+        self.ranks = ranks
 
 
 class RestoreMismatchError(CheckpointError, AssertionError):

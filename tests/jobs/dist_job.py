@@ -1,0 +1,309 @@
+"""One rank of a gloo job on 127.0.0.1, running named scenarios in order (``tests/test_distributed.py``).
+
+Usage: ``python -m tests.jobs.dist_job DIR SCENARIO [SCENARIO ...]`` with ``RANK``, ``WORLD_SIZE``,
+``MASTER_ADDR`` and ``MASTER_PORT`` set. Each scenario writes what it found to
+``DIR/<scenario>-w<world>-rank<r>.json``; a scenario that raises records the error and the job goes on,
+so one failure shows as a failed assertion, not as a hung group.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import resource
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import safetensors.torch
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+import torchckpt
+
+TIMEOUT = 20.0  # every collective checkpoint call in these scenarios waits at most this long
+
+
+class MLP(torch.nn.Module):
+    """Uneven on purpose: ``head`` has 5 rows, split 2/2/1/0 over 4 ranks."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = torch.nn.Sequential(torch.nn.Linear(16, 36), torch.nn.ReLU(), torch.nn.Linear(36, 36))
+        self.head = torch.nn.Linear(36, 5)
+        self.register_buffer("steps_seen", torch.tensor(0, dtype=torch.int64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.steps_seen += 1
+        return self.head(torch.relu(self.body(x)))
+
+
+def fsdp_mlp(seed: int, mesh=None) -> torch.nn.Module:
+    model = MLP(seed)
+    for layer in (model.body[0], model.body[2], model.head):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def step(model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+    x = torch.randn(8, 16)  # from this rank's RNG: a resumed run draws the same only if it was restored
+    model(x).pow(2).mean().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def full_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {f"model/{k}": full(v).detach().clone() for k, v in model.state_dict().items()}
+    for index, fields in opt.state_dict()["state"].items():
+        for field, value in fields.items():
+            out[f"opt/{index}/{field}"] = full(value).detach().clone()
+    return out
+
+
+def differences(found: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> list[str]:
+    bad = sorted(set(found) ^ set(reference))
+    bad += [k for k in found if k in reference and not (found[k].dtype == reference[k].dtype
+                                                        and torch.equal(found[k], reference[k]))]
+    return bad
+
+
+def io_written() -> int:
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("wchar")).split()[1])
+
+
+# -- scenarios ------------------------------------------------------------------------------------
+
+
+def save_fsdp(d: Path, rank: int, world: int) -> dict:
+    """FSDP2 + Adam + an int64 buffer: save with Checkpoint.save, keep references, step once more."""
+    torch.manual_seed(100 + rank)
+    model = fsdp_mlp(0)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(2):
+        step(model, opt)
+    ckpt = torchckpt.Checkpoint(model=model, opt=opt, rng=torchckpt.RNGState(), cursor=torchckpt.PerRank(100 + rank))
+    path = ckpt.save(str(d / f"fsdp{world}" / "ckpt"), timeout_secs=TIMEOUT)
+    reference = full_state(model, opt)
+    step(model, opt)  # what an uninterrupted run does next
+    after = full_state(model, opt)
+    if rank == 0:
+        safetensors.torch.save_file(reference, str(d / f"fsdp{world}-reference.safetensors"))
+    safetensors.torch.save_file(after, str(d / f"fsdp{world}-after-rank{rank}.safetensors"))
+    index = json.loads((Path(path) / "index.json").read_text())
+    return {"path": path, "shard_ranks": sorted({s["rank"] for s in index["torchckpt"]["shards"]}),
+            "format_version": index["torchckpt"]["format_version"]}
+
+
+def restore_fsdp(d: Path, rank: int, world: int, saved_world: int) -> dict:
+    """A fresh model (another seed) and a never-stepped Adam: restore, compare, step, compare."""
+    torch.manual_seed(999)
+    model = fsdp_mlp(7)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    cursor = torchckpt.PerRank(-1)
+    ckpt = torchckpt.Checkpoint(model=model, opt=opt, rng=torchckpt.RNGState(), cursor=cursor)
+    status = ckpt.restore(str(d / f"fsdp{saved_world}"), timeout_secs=TIMEOUT)
+    reference = safetensors.torch.load_file(str(d / f"fsdp{saved_world}-reference.safetensors"))
+    out = {"differences": differences(full_state(model, opt), reference), "cursor": cursor.value,
+           "missing": sorted(status.report.missing_keys), "save_counter": ckpt.save_counter}
+    if world == saved_world:
+        step(model, opt)
+        after = safetensors.torch.load_file(str(d / f"fsdp{saved_world}-after-rank{rank}.safetensors"))
+        out["resume_differences"] = differences(full_state(model, opt), after)
+        status.assert_consumed()
+    return out
+
+
+def save_fsdp_4(d, rank, world):
+    return save_fsdp(d, rank, world)
+
+
+def save_fsdp_2(d, rank, world):
+    return save_fsdp(d, rank, world)
+
+
+def restore_from_4(d, rank, world):
+    return restore_fsdp(d, rank, world, 4)
+
+
+def restore_from_2(d, rank, world):
+    return restore_fsdp(d, rank, world, 2)
+
+
+def plain_into_fsdp(d: Path, rank: int, world: int) -> dict:
+    """A single-process (format 1) checkpoint restored into FSDP2: each rank reads its rows."""
+    model = fsdp_mlp(3)
+    torchckpt.Checkpoint(model=model).read(str(d / "plain-mlp"), timeout_secs=TIMEOUT).assert_consumed()
+    reference = safetensors.torch.load_file(str(d / "plain-mlp-reference.safetensors"))
+    found = {f"model/{k}": full(v) for k, v in model.state_dict().items()}
+    return {"differences": differences(found, reference)}
+
+
+def differing_value(d: Path, rank: int, world: int) -> dict:
+    """A plain value and a small tensor that differ by rank are refused on every rank, naming them."""
+    out = {}
+    for name, value in (("epoch", rank), ("cursor", torch.tensor([100 + rank]))):
+        try:
+            torchckpt.Checkpoint(**{name: value, "same": 1}).write(str(d / f"differ-{name}"), timeout_secs=TIMEOUT)
+            out[name] = "saved"
+        except torchckpt.CheckpointError as e:
+            out[name] = f"{type(e).__name__}: {e}"
+    out["exists"] = [p.name for p in d.iterdir() if p.name.startswith("differ-")]
+    return out
+
+
+DDP_SIZES = (512, 256, 1024, 128, 768, 64, 384, 896)
+
+
+def ddp(d: Path, rank: int, world: int) -> dict:
+    """DDP-style replicated weights of mixed sizes + Adam: stored once, bytes spread over ranks."""
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(*[torch.nn.Linear(s, s, bias=False) for s in DDP_SIZES])
+    wrapped = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.Adam(wrapped.parameters())
+    for p in model.parameters():  # the same gradient on every rank, as after DDP's all-reduce
+        p.grad = torch.ones_like(p)
+    opt.step()
+    dist.barrier()
+    before = io_written()
+    path = torchckpt.Checkpoint(model=wrapped, opt=opt).write(str(d / f"ddp{world}"), timeout_secs=TIMEOUT)
+    written = io_written() - before
+    if rank == 0:
+        safetensors.torch.save_file({k: v.clone() for k, v in model.state_dict().items()},
+                                    str(d / f"ddp{world}-reference.safetensors"))
+    return {"path": path, "written": written}
+
+
+def tp_mesh(d: Path, rank: int, world: int) -> dict:
+    """dp=2 x tp=2: column- then row-parallel layers under FSDP2 on the dp dimension."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    model = MLP(11)
+    parallelize_module(model, mesh["tp"], {"body.0": ColwiseParallel(), "body.2": RowwiseParallel()})
+    for layer in (model.body[0], model.body[2], model.head):
+        fully_shard(layer, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    torch.manual_seed(3)  # the same batch on every rank: tp ranks must see the same input
+    step(model, opt)
+    path = torchckpt.Checkpoint(model=model, opt=opt).write(str(d / "tp"), timeout_secs=TIMEOUT)
+    reference = full_state(model, opt)
+    if rank == 0:
+        safetensors.torch.save_file(reference, str(d / "tp-reference.safetensors"))
+    return {"path": path}
+
+
+def restore_tp(d: Path, rank: int, world: int) -> dict:
+    model = fsdp_mlp(8)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    torchckpt.Checkpoint(model=model, opt=opt).read(str(d / "tp"), timeout_secs=TIMEOUT).assert_consumed()
+    reference = safetensors.torch.load_file(str(d / "tp-reference.safetensors"))
+    return {"differences": differences(full_state(model, opt), reference)}
+
+
+def write_fails_on_one_rank(d: Path, rank: int, world: int) -> dict:
+    """Rank 1 may write only a few bytes (RLIMIT_FSIZE): every rank raises, nothing is committed."""
+    model = fsdp_mlp(0)
+    ckpt = torchckpt.Checkpoint(model=model)
+    first = ckpt.save(str(d / "faults" / "ckpt"), timeout_secs=TIMEOUT)
+    out: dict = {"first": first}
+    if rank == 1:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1000, hard))
+    try:
+        ckpt.save(str(d / "faults" / "ckpt"), timeout_secs=TIMEOUT)
+        out["second"] = "saved"
+    except torchckpt.CheckpointError as e:
+        out["second"] = f"{type(e).__name__}: {e}"
+        out["ranks"] = getattr(e, "ranks", None)
+    finally:
+        if rank == 1:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    out["save_counter"] = ckpt.save_counter
+    out["latest"] = torchckpt.latest_checkpoint(str(d / "faults"))
+    out["entries"] = sorted(p.name for p in (d / "faults").iterdir())
+    return out
+
+
+def killed_mid_save(d: Path, rank: int, world: int) -> dict:
+    """Rank 1 is SIGKILLed once it has written its files, before it reports them: the others raise
+    within the timeout, and rank 0 removes the uncommitted stage."""
+    model = fsdp_mlp(0)
+    ckpt = torchckpt.Checkpoint(model=model, big=torch.zeros(4 * 2**20) + rank * 0)
+    first = ckpt.save(str(d / "killed" / "ckpt"), timeout_secs=TIMEOUT)
+    if rank == 1:
+        from torchckpt import _save
+
+        real = _save.write_shards
+
+        def die(*args, **kwargs):
+            real(*args, **kwargs)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        _save.write_shards = die
+    start = time.monotonic()
+    try:
+        ckpt.save(str(d / "killed" / "ckpt"), timeout_secs=3)
+        result = "saved"
+    except torchckpt.CheckpointError as e:
+        result = f"{type(e).__name__}: {e}"
+    return {"first": first, "second": result, "seconds": time.monotonic() - start,
+            "latest": torchckpt.latest_checkpoint(str(d / "killed")),
+            "entries": sorted(p.name for p in (d / "killed").iterdir())}
+
+
+def s3_fsdp(d: Path, rank: int, world: int) -> dict:
+    """The FSDP2 save and a resharding restore through the moto S3 server."""
+    url = os.environ["TORCHCKPT_TEST_S3"]
+    options = {"client_kwargs": {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}}
+    torch.manual_seed(100 + rank)
+    model = fsdp_mlp(0)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    step(model, opt)
+    reference = full_state(model, opt)
+    path = torchckpt.Checkpoint(model=model, opt=opt).save(url + "/ckpt", storage_options=options,
+                                                           timeout_secs=TIMEOUT)
+    fresh = fsdp_mlp(9)
+    fresh_opt = torch.optim.Adam(fresh.parameters(), lr=0.01)
+    torchckpt.Checkpoint(model=fresh, opt=fresh_opt).restore(url, storage_options=options,
+                                                            timeout_secs=TIMEOUT).assert_consumed()
+    if rank == 0:
+        safetensors.torch.save_file(reference, str(d / "s3-reference.safetensors"))
+    return {"path": path, "differences": differences(full_state(fresh, fresh_opt), reference)}
+
+
+SCENARIOS = {f.__name__: f for f in (save_fsdp_4, save_fsdp_2, restore_from_4, restore_from_2, plain_into_fsdp,
+                                      differing_value, ddp, tp_mesh, restore_tp, write_fails_on_one_rank,
+                                      killed_mid_save, s3_fsdp)}
+
+
+def main() -> None:
+    directory = Path(sys.argv[1])
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    try:
+        for name in sys.argv[2:]:
+            try:
+                result = SCENARIOS[name](directory, rank, world)
+            except Exception as e:
+                result = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+            (directory / f"{name}-w{world}-rank{rank}.json").write_text(json.dumps(result, default=str))
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

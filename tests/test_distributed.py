@@ -1,0 +1,295 @@
+"""Saves by several ranks and resharding restores, on real gloo jobs on 127.0.0.1.
+
+Spawning a job costs 6-9 s here, so each job (a module fixture) runs several scenarios of
+``tests/jobs/dist_job.py`` in order, and the tests below check what each rank recorded. Restores
+into a plain model in this process (no process group) use the same checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import safetensors
+import safetensors.torch
+import torch
+
+import torchckpt
+from torchckpt import _format, _index
+
+from .conftest import read_index, write_index
+from .distributed import results, run_ranks
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+
+
+@pytest.fixture(scope="module")
+def job_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("jobs")
+
+
+@pytest.fixture(scope="module")
+def s3_run(s3_endpoint) -> str:
+    import s3fs
+
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}).mkdir("distributed")
+    return "s3://distributed/run"
+
+
+@pytest.fixture(scope="module")
+def world4(job_dir, s3_endpoint, s3_run) -> Path:
+    scenarios = ["save_fsdp_4", "restore_from_4", "differing_value", "ddp", "tp_mesh", "write_fails_on_one_rank",
+                 "s3_fsdp"]
+    run_ranks(4, job_dir, scenarios, env={"AWS_ENDPOINT_URL": s3_endpoint, "TORCHCKPT_TEST_S3": s3_run})
+    return job_dir
+
+
+@pytest.fixture(scope="module")
+def world3(world4) -> Path:
+    run_ranks(3, world4, ["restore_from_4"])
+    return world4
+
+
+@pytest.fixture(scope="module")
+def world2(world4) -> Path:
+    from tests.jobs.dist_job import MLP
+
+    model = MLP(21)  # a single-process checkpoint (format 1) for the plain -> FSDP2 restore
+    torchckpt.Checkpoint(model=model).write(world4 / "plain-mlp")
+    safetensors.torch.save_file({f"model/{k}": v for k, v in model.state_dict().items()},
+                                str(world4 / "plain-mlp-reference.safetensors"))
+    run_ranks(2, world4, ["restore_from_4", "restore_tp", "plain_into_fsdp", "ddp", "save_fsdp_2"])
+    return world4
+
+
+@pytest.fixture(scope="module")
+def world4_from_2(world2) -> Path:
+    run_ranks(4, world2, ["restore_from_2"])
+    return world2
+
+
+@pytest.fixture(scope="module")
+def killed(job_dir) -> Path:
+    run_ranks(2, job_dir, ["killed_mid_save"], timeout=90)
+    return job_dir
+
+
+def ok(directory: Path, scenario: str, world: int) -> list[dict]:
+    found = results(directory, scenario, world)
+    for rank, result in enumerate(found):
+        assert "error" not in result, f"rank {rank}: {result['error']}\n{result.get('traceback')}"
+    return found
+
+
+# -- FSDP2 -----------------------------------------------------------------------------------
+
+
+def test_fsdp2_on_4_ranks_every_rank_writes_its_own_shards(world4):
+    found = ok(world4, "save_fsdp_4", 4)
+    assert {r["path"] for r in found} == {str(world4 / "fsdp4" / "ckpt-1")}
+    assert all(r["shard_ranks"] == [0, 1, 2, 3] and r["format_version"] == 2 for r in found)
+    index = read_index(world4 / "fsdp4" / "ckpt-1")
+    assert index["torchckpt"]["world_size"] == 4
+    head = [n for n in index["torchckpt"]["tensors"]["names"] if n.startswith("model/head.weight~@")]
+    assert sorted(head) == ["model/head.weight~@0,0", "model/head.weight~@2,0", "model/head.weight~@4,0"]
+    for file in {s["file"] for s in index["torchckpt"]["shards"]}:  # plain safetensors, names and all
+        with safetensors.safe_open(str(world4 / "fsdp4" / "ckpt-1" / file), "pt") as f:
+            assert set(f.keys()) == {n for n, where in index["weight_map"].items() if where == file}
+
+
+def test_fsdp2_restores_on_the_same_4_ranks_and_resumes_bit_for_bit(world4):
+    found = ok(world4, "restore_from_4", 4)
+    assert all(r["differences"] == [] and r["resume_differences"] == [] for r in found)
+    assert [r["cursor"] for r in found] == [100, 101, 102, 103]  # PerRank: each rank its own
+    assert all(r["save_counter"] == 1 and r["missing"] == [] for r in found)
+
+
+def test_fsdp2_saved_on_4_restores_on_3_and_2(world3, world2):
+    for world in (3, 2):
+        found = ok(world3, "restore_from_4", world)
+        assert all(r["differences"] == [] for r in found), found
+        assert [r["cursor"] for r in found] == [100 + r for r in range(world)]
+        assert all(r["missing"] == [] for r in found)
+
+
+def test_fsdp2_saved_on_4_restores_into_a_plain_model_without_a_process_group(world4):
+    from tests.jobs.dist_job import MLP
+
+    model = MLP(5)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    cursor = torchckpt.PerRank(0)
+    torchckpt.Checkpoint(model=model, opt=opt, rng=torchckpt.RNGState(), cursor=cursor).restore(
+        world4 / "fsdp4").assert_consumed()
+    reference = safetensors.torch.load_file(str(world4 / "fsdp4-reference.safetensors"))
+    found = {f"model/{k}": v for k, v in model.state_dict().items()}
+    for index, fields in opt.state_dict()["state"].items():
+        found.update({f"opt/{index}/{k}": v for k, v in fields.items()})
+    assert sorted(found) == sorted(reference)
+    assert all(torch.equal(found[k], v) for k, v in reference.items())
+    assert cursor.value == 100  # a single process takes rank 0's
+
+
+def test_fsdp2_saved_on_2_restores_on_4_and_reports_the_ranks_it_has_no_values_for(world4_from_2):
+    found = ok(world4_from_2, "restore_from_2", 4)
+    assert all(r["differences"] == [] for r in found)
+    assert [r["cursor"] for r in found] == [100, 101, -1, -1]
+    assert found[0]["missing"] == found[1]["missing"] == []
+    assert found[2]["missing"] == found[3]["missing"] == ["cursor", "rng"]
+
+
+def test_a_plain_checkpoint_restores_into_fsdp2(world2):
+    assert all(r["differences"] == [] for r in ok(world2, "plain_into_fsdp", 2))
+
+
+def test_fsdp2_save_and_resharding_restore_on_s3(world4, s3_run, s3_endpoint):
+    found = ok(world4, "s3_fsdp", 4)
+    assert {r["path"] for r in found} == {s3_run + "/ckpt-1"}
+    assert all(r["differences"] == [] for r in found)
+    from tests.jobs.dist_job import MLP
+
+    model = MLP(4)  # and into a plain model in this process, straight from the bucket
+    torchckpt.Checkpoint(model=model).read(s3_run, storage_options={
+        "client_kwargs": {"endpoint_url": s3_endpoint}}).expect_partial()
+    reference = safetensors.torch.load_file(str(world4 / "s3-reference.safetensors"))
+    assert all(torch.equal(v, reference[f"model/{k}"]) for k, v in model.state_dict().items())
+
+
+# -- DDP: replicated state, written once -----------------------------------------------------
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ddp_state_is_stored_once_with_bytes_spread_over_the_ranks(world4, world2, world):
+    found = ok(world4, "ddp", world)
+    path = world4 / f"ddp{world}"
+    index = read_index(path)
+    names = index["torchckpt"]["tensors"]["names"]
+    assert len(names) == len(set(names))
+    by_rank = [sum(s["size"] for s in index["torchckpt"]["shards"] if s["rank"] == r) for r in range(world)]
+    assert max(by_rank) / (sum(by_rank) / world) <= 1.15, by_rank
+    written = [r["written"] for r in found]  # what each process wrote, by its own I/O counter
+    assert max(written) / (sum(written) / world) <= 1.15, written
+    from tests.jobs.dist_job import DDP_SIZES
+
+    model = torch.nn.Sequential(*[torch.nn.Linear(s, s, bias=False) for s in DDP_SIZES])
+    status = torchckpt.Checkpoint(model=model).read(path).expect_partial()
+    assert "model/module.0.weight" in status.report.remapped_keys
+    reference = safetensors.torch.load_file(str(world4 / f"ddp{world}-reference.safetensors"))
+    assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items())
+
+
+# -- values that differ by rank --------------------------------------------------------------
+
+
+def test_a_value_that_differs_across_ranks_is_refused_on_every_rank(world4):
+    found = ok(world4, "differing_value", 4)
+    for r in found:
+        assert r["epoch"].startswith("CheckpointError: Values differ across ranks: epoch (ranks 0, 1, 2, 3)")
+        assert "torchckpt.PerRank" in r["epoch"]
+        assert r["cursor"].startswith("CheckpointError: Values differ across ranks: cursor")
+        assert r["exists"] == []
+
+
+# -- 2-D: dp x tp ------------------------------------------------------------------------------
+
+
+def test_a_dp_by_tp_checkpoint_restores_on_fsdp_2_and_on_a_plain_model(world2):
+    ok(world2, "tp_mesh", 4)
+    assert all(r["differences"] == [] for r in ok(world2, "restore_tp", 2))
+    from tests.jobs.dist_job import MLP
+
+    model = MLP(6)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    torchckpt.Checkpoint(model=model, opt=opt).read(world2 / "tp").assert_consumed()
+    reference = safetensors.torch.load_file(str(world2 / "tp-reference.safetensors"))
+    assert all(torch.equal(v, reference[f"model/{k}"]) for k, v in model.state_dict().items())
+    # row-wise tp: 18 x 18 boxes of one weight
+    names = read_index(world2 / "tp")["torchckpt"]["tensors"]["names"]
+    assert sorted(n for n in names if n.startswith("model/body.2.weight~@")) == [
+        "model/body.2.weight~@0,0", "model/body.2.weight~@0,18", "model/body.2.weight~@18,0",
+        "model/body.2.weight~@18,18"]
+
+
+# -- failures ----------------------------------------------------------------------------------
+
+
+def test_a_write_failure_on_one_rank_fails_every_rank_and_commits_nothing(world4):
+    found = ok(world4, "write_fails_on_one_rank", 4)
+    for r in found:
+        assert r["second"].startswith("CheckpointError: Saving ") and "failed on rank 1" in r["second"]
+        assert "exceed the largest size" in r["second"] and r["ranks"] == [1]
+        assert r["save_counter"] == 1 and r["latest"].endswith("ckpt-1")
+        assert r["entries"] == ["checkpoints.json", "ckpt-1"]  # the stage was discarded
+    assert len({r["second"] for r in found}) == 1  # the same error on every rank
+    from tests.jobs.dist_job import MLP
+
+    status = torchckpt.Checkpoint(model=MLP(0)).restore(world4 / "faults")
+    assert status.report.restored_keys and not status.report.missing_keys
+
+
+def test_a_rank_killed_mid_save_makes_the_others_raise_within_the_timeout(killed):
+    survivor = results(killed, "killed_mid_save", 2, ranks=[0])[0]
+    assert not (killed / "killed_mid_save-w2-rank1.json").exists()  # rank 1 died
+    assert survivor["second"].startswith("CheckpointError: Saving ")
+    assert "Rank 1 did not reach the checkpoint's report step within 3 s" in survivor["second"]
+    assert survivor["seconds"] < 3 + 5, survivor
+    assert survivor["entries"] == ["checkpoints.json", "ckpt-1"]  # rank 0 removed the uncommitted stage
+    assert torchckpt.latest_checkpoint(killed / "killed").endswith("ckpt-1")
+    from tests.jobs.dist_job import MLP
+
+    model = MLP(0)
+    ckpt = torchckpt.Checkpoint(model=model, big=torch.zeros(4 * 2**20))
+    manager = torchckpt.CheckpointManager(ckpt, killed / "killed", max_to_keep=3)
+    try:
+        assert manager.latest_checkpoint.endswith("ckpt-1")  # the next job resumes from the last commit
+        assert manager.restore_or_initialize().endswith("ckpt-1")
+        assert manager.save().endswith("ckpt-2")
+    finally:
+        manager.close()
+
+
+# -- format 2: validation ----------------------------------------------------------------------
+
+
+def tampered(world4: Path, tmp_path: Path, edit) -> Path:
+    path = tmp_path / "c"
+    shutil.copytree(world4 / "fsdp4" / "ckpt-1", path)
+    index = read_index(path)
+    edit(index)
+    write_index(path, index)
+    return path
+
+
+def rename(index: dict, old: str, new: str) -> None:
+    table = index["torchckpt"]["tensors"]
+    table["names"] = [new if n == old else n for n in table["names"]]
+    index["weight_map"] = {(new if k == old else k): v for k, v in index["weight_map"].items()}
+
+
+@pytest.mark.parametrize("case, edit, message", [
+    ("overlap", lambda i: rename(i, "model/head.weight~@4,0", "model/head.weight~@3,0"), "overlap"),
+    ("out of bounds", lambda i: rename(i, "model/head.weight~@4,0", "model/head.weight~@5,0"), "outside its shape"),
+    ("gap", lambda i: i["torchckpt"]["chunked"].update(
+        shapes=i["torchckpt"]["chunked"]["shapes"].replace("5,36", "6,36", 1)), "cover 180 of its 216"),
+    ("orphan chunk", lambda i: rename(i, "model/head.weight~@4,0", "model/nothing~@4,0"), "belongs to no tensor"),
+    ("rank beyond the world", lambda i: rename(i, "rng/torch~r3", "rng/torch~r4"), "beyond the world size"),
+    ("bad world size", lambda i: i["torchckpt"].update(world_size=0), "bad world_size"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_a_chunk_table_that_does_not_tile_is_a_corrupt_checkpoint(world4, tmp_path, case, edit, message):
+    path = tampered(world4, tmp_path, edit)
+    with pytest.raises(torchckpt.CorruptCheckpointError, match=message) as info:
+        _index.load_index(str(path))
+    assert info.value.path == str(path)
+
+
+def test_a_format_2_checkpoint_verifies_and_a_single_process_save_stays_format_1(world4, tmp_path):
+    assert _index.load_index(str(world4 / "fsdp4" / "ckpt-1")).section["format_version"] == 2
+    from torchckpt import cli
+
+    assert cli.main(["verify", str(world4 / "fsdp4" / "ckpt-1")]) == 0
+    path = torchckpt.Checkpoint(w=torch.ones(3), rng=torchckpt.RNGState(), c=torchckpt.PerRank(4)).write(tmp_path / "p")
+    section = read_index(path)["torchckpt"]
+    assert section["format_version"] == _format.PLAIN_FORMAT_VERSION == 1
+    assert "world_size" not in section and "chunked" not in section
+    assert "@per_rank" not in json.dumps(section["state"])

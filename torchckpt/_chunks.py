@@ -1,0 +1,208 @@
+"""Format 2's stored names and box geometry: chunks of a logical tensor, and who reads what.
+
+A tensor saved by several ranks is stored as chunks: boxes of the global tensor, each a plain
+safetensors tensor named ``X~@o0,o1,...`` after its logical name ``X`` and global offsets. A value
+saved per rank has ``~r<rank>`` after its key path. Escaped key parts turn every ``~`` into ``~0``
+or ``~1`` (``_tree.escape_part``), so ``~@`` and ``~r`` never occur in a format-1 name: the
+suffixes cannot collide with a user's key.
+
+Reading a box out of a chunk is a set of byte runs: once the overlap spans the full extent of
+both boxes in every later dimension, the rest is contiguous on both sides. FSDP's dim-0 shards
+give one run per overlap; row-wise tensor parallel gives one run per row.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+from torchckpt._format import TensorInfo
+from torchckpt.errors import CorruptCheckpointError, UnsupportedStateError
+
+CHUNK_MARK = "~@"
+RANK_MARK = "~r"
+MAX_CHUNKS = 2**20  # chunks per logical tensor; a hostile index listing more is refused unread
+
+Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, sizes)
+
+_CHUNK = re.compile(r"(.+)~@((?:0|[1-9][0-9]{0,18})(?:,(?:0|[1-9][0-9]{0,18}))*|)\Z", re.DOTALL)
+_RANKED = re.compile(r"(.+)~r(0|[1-9][0-9]{0,8})\Z", re.DOTALL)
+
+
+def chunk_name(logical: str, offsets: Sequence[int]) -> str:
+    """The stored name of the chunk of ``logical`` at global ``offsets``."""
+    return f"{logical}{CHUNK_MARK}{','.join(map(str, offsets))}"
+
+
+def rank_name(path: str, rank: int) -> str:
+    """The stored name of a per-rank tensor saved by ``rank``."""
+    return f"{path}{RANK_MARK}{rank}"
+
+
+def parse_chunk_name(name: str) -> tuple[str, tuple[int, ...]] | None:
+    """``(logical name, offsets)`` of a chunk's stored name, or None for any other name."""
+    if CHUNK_MARK not in name:
+        return None
+    match = _CHUNK.match(name)
+    if match is None:
+        raise CorruptCheckpointError(f"Stored tensor name {name[:200]!r} has a malformed chunk suffix.")
+    logical, offsets = match.groups()
+    return logical, tuple(int(o) for o in offsets.split(",")) if offsets else ()
+
+
+def parse_rank_name(name: str) -> tuple[str, int] | None:
+    """``(key path, rank)`` of a per-rank tensor's stored name, or None for any other name."""
+    if RANK_MARK not in name:
+        return None
+    match = _RANKED.match(name)
+    return None if match is None else (match.group(1), int(match.group(2)))
+
+
+def volume(sizes: Sequence[int]) -> int:
+    return math.prod(sizes)
+
+
+def overlap(a: Box, b: Box) -> Box | None:
+    """The intersection of two boxes of the same tensor, or None when they share no element."""
+    offsets, sizes = [], []
+    for ao, asz, bo, bsz in zip(a[0], a[1], b[0], b[1]):
+        lo, hi = max(ao, bo), min(ao + asz, bo + bsz)
+        if hi <= lo:
+            return None
+        offsets.append(lo)
+        sizes.append(hi - lo)
+    return tuple(offsets), tuple(sizes)
+
+
+def runs(inner: Box, src: Box, dst: Box) -> Iterator[tuple[int, int, int]]:
+    """Element runs that copy box ``inner`` from row-major box ``src`` into row-major box ``dst``.
+
+    Yields ``(element offset in src, element offset in dst, element count)`` in increasing source
+    order. ``inner`` must lie inside both.
+    """
+    ndim = len(inner[1])
+    if ndim == 0:
+        yield 0, 0, 1
+        return
+    k = ndim - 1  # the outermost dimension from which everything inward is contiguous on both sides
+    while k > 0 and inner[1][k] == src[1][k] == dst[1][k]:
+        k -= 1
+    run = math.prod(inner[1][k:])
+    src_strides = _strides(src[1])
+    dst_strides = _strides(dst[1])
+    rel_src = [i - s for i, s in zip(inner[0], src[0])]
+    rel_dst = [i - d for i, d in zip(inner[0], dst[0])]
+    for index in _indices(inner[1][:k]):
+        s = sum((rel_src[j] + index[j]) * src_strides[j] for j in range(k)) + rel_src[k] * src_strides[k]
+        d = sum((rel_dst[j] + index[j]) * dst_strides[j] for j in range(k)) + rel_dst[k] * dst_strides[k]
+        yield s, d, run
+
+
+def _strides(sizes: Sequence[int]) -> list[int]:
+    strides = [1] * len(sizes)
+    for j in range(len(sizes) - 2, -1, -1):
+        strides[j] = strides[j + 1] * sizes[j + 1]
+    return strides
+
+
+def _indices(sizes: Sequence[int]) -> Iterator[tuple[int, ...]]:
+    if not sizes:
+        yield ()
+        return
+    for head in range(sizes[0]):
+        for rest in _indices(sizes[1:]):
+            yield (head, *rest)
+
+
+def check_tiling(name: str, shape: Sequence[int], boxes: list[Box], where: str) -> None:
+    """The chunks of one logical tensor cover it exactly: each in bounds and non-empty, none
+    overlapping another, their volumes summing to the tensor's.
+
+    Raises:
+        CorruptCheckpointError: naming the tensor and what is wrong.
+    """
+    if len(boxes) > MAX_CHUNKS:
+        raise CorruptCheckpointError(f"Tensor {name!r} {where} has {len(boxes)} chunks, more than {MAX_CHUNKS}.")
+    total = 0
+    for offsets, sizes in boxes:
+        if len(offsets) != len(shape) or len(sizes) != len(shape):
+            raise CorruptCheckpointError(
+                f"A chunk of tensor {name!r} {where} has {len(sizes)} dimensions; the tensor has {len(shape)}.")
+        if any(o + s > d for o, s, d in zip(offsets, sizes, shape)):
+            raise CorruptCheckpointError(
+                f"A chunk of tensor {name!r} {where} at offsets {list(offsets)} with shape {list(sizes)} lies "
+                f"outside its shape {list(shape)}.")
+        if volume(sizes) == 0:
+            raise CorruptCheckpointError(f"A chunk of tensor {name!r} {where} at offsets {list(offsets)} is empty.")
+        total += volume(sizes)
+    _check_disjoint(name, boxes, where)
+    if total != volume(shape):
+        raise CorruptCheckpointError(
+            f"The chunks of tensor {name!r} {where} cover {total} of its {volume(shape)} elements: "
+            "some part of it was not saved.")
+
+
+def _check_disjoint(name: str, boxes: list[Box], where: str) -> None:
+    """A sweep along dimension 0: only boxes whose row ranges intersect are compared."""
+    if not boxes or not boxes[0][1]:
+        if len(boxes) > 1:
+            raise CorruptCheckpointError(f"Tensor {name!r} {where} is a scalar stored as {len(boxes)} chunks.")
+        return
+    ordered = sorted(boxes)
+    active: list[Box] = []
+    for box in ordered:
+        start = box[0][0]
+        active = [a for a in active if a[0][0] + a[1][0] > start]
+        for other in active:
+            if overlap(box, other) is not None:
+                raise CorruptCheckpointError(
+                    f"Two chunks of tensor {name!r} {where} overlap: at offsets {list(other[0])} and "
+                    f"{list(box[0])}.")
+        active.append(box)
+
+
+# -- DTensors ------------------------------------------------------------------------------
+
+
+def is_dtensor(t: Any) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "placements") and hasattr(t, "to_local")
+
+
+def dtensor_box(t: Any, key: str) -> Box | None:
+    """The global box of this rank's local chunk of DTensor ``t``, or None when this rank is
+    outside its mesh. Partial placements (a pending reduction) are refused."""
+    if any(p.is_partial() for p in t.placements):
+        raise UnsupportedStateError(
+            f"Cannot checkpoint {key!r}: it is a DTensor with a Partial placement ({t.placements}), a value "
+            "whose reduction is still pending. Redistribute it to Shard or Replicate placements first.",
+            key=key,
+            value_type=type(t),
+        )
+    if t.device_mesh.get_coordinate() is None:
+        return None
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    sizes, offsets = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return tuple(int(o) for o in offsets), tuple(int(s) for s in sizes)
+
+
+class ChunkedInfo(NamedTuple):
+    """A logical tensor of a format-2 checkpoint stored as chunks: its global shape and dtype, and
+    each chunk's box with the stored tensor that holds it."""
+
+    name: str
+    dtype: torch.dtype
+    shape: torch.Size
+    pieces: tuple[tuple[Box, TensorInfo], ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(info.nbytes for _, info in self.pieces)
+
+    @property
+    def checksum(self) -> None:
+        return None

@@ -1,0 +1,188 @@
+"""Coordination of the ranks of a job: small exchanges through the c10d Store, each with a deadline.
+
+Why the Store and not collectives on the training group: a collective has no deadline a caller
+can choose and no way to say which rank is missing, and a background save that issues one on the
+user's group deadlocks against the training loop's own collectives (DCP's async users meet
+this). A Store key per rank gives all three: ``wait`` has a timeout, the keys that never appeared
+name the ranks that did not arrive, and it needs no process group beyond the one that exists.
+
+Every exchange carries a JSON payload: either the rank's data or the failure it met, so one
+rank's exception reaches every rank as data instead of leaving them waiting. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import threading
+from typing import Any
+
+import torch.distributed as dist
+
+from torchckpt.errors import (
+    CheckpointDeletedError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    RankTimeoutError,
+    UnsupportedStateError,
+    format_keys,
+)
+
+DEFAULT_TIMEOUT_SECS = 1800.0  # as torch.distributed's own default: a slow shared file system is not a dead rank
+_KEY_ROOT = "torchckpt"
+
+_sequence: dict[str, int] = {}  # group name -> exchanges so far; every rank makes the same ones in order
+_sequence_lock = threading.Lock()
+
+
+class Coordinator:
+    """The ranks of one process group, with exchanges that time out and carry failures.
+
+    Example (on every rank of a job)::
+
+        coord = Coordinator(None, timeout_secs=60)
+        sizes = coord.all_gather("sizes", b"12")  # one payload per rank, in rank order
+    """
+
+    def __init__(self, group: Any, timeout_secs: float | None) -> None:
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        self.timeout_secs = float(DEFAULT_TIMEOUT_SECS if timeout_secs is None else timeout_secs)
+        if self.timeout_secs <= 0:
+            raise ValueError(f"timeout_secs must be positive, not {timeout_secs!r}.")
+        pg = group if group is not None else dist.distributed_c10d._get_default_group()
+        self.store = dist.distributed_c10d._get_process_group_store(pg)
+        self.name = dist.distributed_c10d._get_process_group_name(pg)
+
+    def _key(self, tag: str) -> str:
+        with _sequence_lock:
+            seq = _sequence[self.name] = _sequence.get(self.name, 0) + 1
+        return f"{_KEY_ROOT}/{seq}/{tag}"
+
+    def _wait(self, keys: list[str], what: str, timeout_secs: float) -> None:
+        try:
+            self.store.wait(keys, datetime.timedelta(seconds=timeout_secs))
+        except (RuntimeError, dist.DistStoreError) as e:  # a timeout, or the store is gone
+            missing = _missing(self.store, keys)
+            if missing is None:
+                raise CheckpointError(f"Lost contact with the other ranks during {what}: {e}.") from e
+            raise RankTimeoutError(what, missing, timeout_secs) from None
+
+    def all_gather(self, tag: str, payload: bytes) -> list[bytes]:
+        """Every rank's ``payload``, in rank order, on every rank."""
+        key = self._key(tag)
+        keys = [f"{key}/{r}" for r in range(self.world)]
+        self.store.set(keys[self.rank], payload)  # type: ignore[arg-type]
+        self._wait(keys, tag, self.timeout_secs)
+        values = [bytes(v) for v in self.store.multi_get(keys)]
+        if self.store.add(f"{key}/read", 1) == self.world:  # the last reader removes the keys
+            for k in [*keys, f"{key}/read"]:
+                self.store.delete_key(k)
+        return values
+
+    def gather(self, tag: str, payload: bytes, timeout_secs: float | None = None) -> list[bytes] | None:
+        """Every rank's ``payload`` on rank 0 (None elsewhere)."""
+        key = self._key(tag)
+        keys = [f"{key}/{r}" for r in range(self.world)]
+        self.store.set(keys[self.rank], payload)  # type: ignore[arg-type]
+        if self.rank:
+            return None
+        self._wait(keys, tag, self.timeout_secs if timeout_secs is None else timeout_secs)
+        values = [bytes(v) for v in self.store.multi_get(keys)]
+        for k in keys:
+            self.store.delete_key(k)
+        return values
+
+    def broadcast(self, tag: str, payload: bytes | None, timeout_secs: float | None = None) -> bytes:
+        """Rank 0's ``payload`` on every rank."""
+        key = self._key(tag)
+        if self.rank == 0:
+            assert payload is not None
+            self.store.set(key, payload)  # type: ignore[arg-type]
+            if self.world == 1:
+                self.store.delete_key(key)
+            return payload
+        self._wait([key], tag, self.timeout_secs if timeout_secs is None else timeout_secs)
+        value = bytes(self.store.get(key))
+        if self.store.add(f"{key}/read", 1) == self.world - 1:
+            self.store.delete_key(key)
+            self.store.delete_key(f"{key}/read")
+        return value
+
+    @property
+    def outcome_timeout_secs(self) -> float:
+        """How long a rank waits for rank 0's verdict: longer than rank 0 waits for the others,
+        so that a dead rank is named by rank 0 rather than rank 0 by everyone."""
+        return self.timeout_secs * 2 + 5
+
+
+def _missing(store: Any, keys: list[str]) -> list[int] | None:
+    try:
+        return [r for r, k in enumerate(keys) if not store.check([k])]
+    except (RuntimeError, dist.DistStoreError):
+        return None
+
+
+# -- failures carried as data ---------------------------------------------------------------
+
+
+def failure_payload(error: BaseException) -> dict[str, Any]:
+    """A rank's exception as JSON: its type (one of ours, or the built-in's name) and message."""
+    out: dict[str, Any] = {"type": type(error).__name__, "message": str(error) or type(error).__name__}
+    for attr in ("key", "path"):
+        value = getattr(error, attr, None)
+        if isinstance(value, str):
+            out[attr] = value
+    return out
+
+
+def encode(payload: Any) -> bytes:
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
+def decode(data: bytes) -> Any:
+    return json.loads(data)
+
+
+def collective_error(failures: dict[int, dict[str, Any]], what: str) -> CheckpointError:
+    """The one error every rank raises when some failed: of the first failing rank's type when it
+    is a torchckpt error a caller may catch by type, naming every failing rank.
+
+    ``failures`` maps rank -> :func:`failure_payload`.
+    """
+    first_rank = min(failures)
+    first = failures[first_rank]
+    ranks = sorted(failures)
+    others = "" if len(ranks) == 1 else f" (ranks {format_keys([str(r) for r in ranks[1:]])} failed too)"
+    message = f"{what} failed on rank {first_rank}: {first['message']}{others}"
+    if first["type"] == "RankTimeoutError":  # rank 0 names the ranks that never reported
+        message = f"{what} failed: {first['message']}"
+    kind = first["type"]
+    error: CheckpointError
+    if kind == "UnsupportedStateError":
+        error = UnsupportedStateError(message, key=first.get("key", ""))
+    elif kind in _BY_PATH:
+        error = _BY_PATH[kind](message, first.get("path"))
+    else:
+        error = CheckpointError(message)
+    error.ranks = ranks  # type: ignore[attr-defined]
+    return error
+
+
+_BY_PATH: dict[str, type[CorruptCheckpointError] | type[CheckpointNotFoundError]] = {
+    "CorruptCheckpointError": CorruptCheckpointError,
+    "CheckpointNotFoundError": CheckpointNotFoundError,
+    "CheckpointDeletedError": CheckpointDeletedError,
+}
+
+
+def coordinator_for(process_group: Any, timeout_secs: float | None) -> Coordinator | None:
+    """The coordinator of ``process_group`` (the default group when None), or None when the call is
+    a single process's: no process group, or a group of one."""
+    if not dist.is_available() or not dist.is_initialized():
+        return None
+    if dist.get_world_size(process_group) <= 1:
+        return None
+    return Coordinator(process_group, timeout_secs)

@@ -1,0 +1,155 @@
+"""Reading boxes: saved chunks into whatever part of a tensor this rank holds.
+
+A destination is a box of a global tensor: a DTensor's local chunk (FSDP2, tensor parallel), or a
+whole plain tensor. A saved tensor is one or more boxes (a format-2 chunked tensor, or a whole
+tensor). Each rank intersects the two and reads only the overlapping byte runs, with scatter reads
+straight into its local tensor: a checkpoint saved on 4 ranks restores onto 2 reading each byte
+once, and no rank reads a chunk it does not need.
+
+Checksums: a saved chunk read whole is checked against its recorded xxh3-64, as in format 1. A
+chunk read only in part (resharding onto more ranks or another layout) cannot be: its digest is
+over bytes this rank does not read. ``torchckpt verify`` checks every chunk in full.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import xxhash
+
+from torchckpt import _chunks, _tensorio
+from torchckpt._backend import IOV_MAX, Source
+from torchckpt._chunks import Box, ChunkedInfo
+from torchckpt._format import TensorInfo
+
+
+def destination_box(dest: torch.Tensor, key: str) -> tuple[torch.Tensor, Box] | None:
+    """(local tensor, its global box) of a destination; None when this rank holds none of it."""
+    if _chunks.is_dtensor(dest):
+        box = _chunks.dtensor_box(dest, key)
+        return None if box is None else (dest.to_local(), box)  # type: ignore[attr-defined]
+    return dest, (tuple(0 for _ in dest.shape), tuple(dest.shape))
+
+
+def saved_boxes(saved: TensorInfo | ChunkedInfo) -> tuple[tuple[Box, TensorInfo], ...]:
+    if isinstance(saved, ChunkedInfo):
+        return saved.pieces
+    return (((tuple(0 for _ in saved.shape), tuple(saved.shape)), saved),)
+
+
+def local_storage(t: torch.Tensor) -> int:
+    """The address of the memory a (possibly distributed) tensor's local data lives in."""
+    local = t.to_local() if _chunks.is_dtensor(t) else t  # type: ignore[attr-defined]
+    return int(local.untyped_storage().data_ptr())
+
+
+def optimizer_destination(optimizer: torch.optim.Optimizer, key: str, prefix: str,
+                          saved: TensorInfo | ChunkedInfo) -> torch.Tensor | None:
+    """For optimizer state the optimizer does not have yet (it never stepped): a DTensor laid out
+    like its parameter when the parameter is one, so that each rank reads only its part. None for
+    plain parameters (a plain tensor is allocated, as in a single process)."""
+    parts = key[len(prefix) + 1:].split("/")
+    if len(parts) != 3 or parts[0] != "state" or not parts[1].isdigit():
+        return None
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    index = int(parts[1])
+    if index >= len(params) or not _chunks.is_dtensor(params[index]):
+        return None
+    p: Any = params[index]
+    if tuple(p.shape) != tuple(saved.shape):
+        return None
+    from torch.distributed.tensor import DTensor
+
+    box = _chunks.dtensor_box(p, key)
+    local_shape = box[1] if box is not None else tuple(p.to_local().shape)
+    local = torch.empty(local_shape, dtype=saved.dtype, device=p.to_local().device)
+    return DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(),
+                              run_check=False)
+
+
+@dataclass
+class _Piece:
+    info: TensorInfo
+    full: bool  # the whole saved chunk is read: its checksum can be checked
+    views: list[tuple[int, memoryview]] = field(default_factory=list)  # (file offset, destination bytes)
+
+
+@dataclass
+class BoxedReads:
+    """The planned reads of one restore that go through boxes, by shard file."""
+
+    by_file: dict[str, list[_Piece]] = field(default_factory=dict)
+    copies: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (destination, read buffer)
+    nbytes: int = 0
+
+
+def plan_boxed(pairs: list[tuple[torch.Tensor, Any]]) -> BoxedReads:
+    """Byte runs for each (destination, saved) pair: only the overlaps of this rank's boxes."""
+    out = BoxedReads()
+    for dest, saved in pairs:
+        found = destination_box(dest, saved.name)
+        if found is None:
+            continue
+        local, dbox = found
+        target = local
+        if local.dtype != saved.dtype or not _is_host_contiguous(local):
+            target = torch.empty(local.shape, dtype=saved.dtype)
+            out.copies.append((local, target))
+        view = _tensorio.byte_view(target)
+        itemsize = target.element_size()
+        for sbox, info in saved_boxes(saved):
+            inner = _chunks.overlap(sbox, dbox)
+            if inner is None:
+                continue
+            piece = _Piece(info, inner == sbox)
+            for s, d, n in _chunks.runs(inner, sbox, dbox):
+                piece.views.append((info.start + s * itemsize, view[d * itemsize : (d + n) * itemsize]))
+                out.nbytes += n * itemsize
+            out.by_file.setdefault(info.file, []).append(piece)
+    return out
+
+
+def _is_host_contiguous(t: torch.Tensor) -> bool:
+    return t.is_cpu and t.is_contiguous() and not t.is_conj() and not t.is_neg()
+
+
+def read_file(source: Source, pieces: list[_Piece], verify: bool,
+              on_bytes: Callable[[int], None]) -> tuple[TensorInfo, int] | None:
+    """Read every run of one file's pieces, batching runs that follow each other in the file into
+    one scatter read. Returns the first whole chunk whose checksum does not match, or None."""
+    runs = sorted((offset, i, view) for i, piece in enumerate(pieces) for offset, view in piece.views)
+    source.prepare(sum(len(v) for _, _, v in runs))
+    k = 0
+    limit = min(IOV_MAX, source.batch_views)
+    while k < len(runs):
+        start, _, first = runs[k]
+        batch = [first]
+        end = start + len(first)
+        total = len(first)
+        k += 1
+        while k < len(runs) and runs[k][0] == end and len(batch) < limit and total < source.batch_bytes:
+            batch.append(runs[k][2])
+            end += len(runs[k][2])
+            total += len(runs[k][2])
+            k += 1
+        source.readv(batch, start)
+        on_bytes(total)
+    if verify:
+        for piece in pieces:
+            if piece.full and piece.info.checksum is not None:
+                hasher = xxhash.xxh3_64()
+                for _, view in sorted(piece.views, key=lambda v: v[0]):
+                    hasher.update(view)
+                if hasher.intdigest() != piece.info.checksum:
+                    return piece.info, hasher.intdigest()
+    return None
+
+
+def finish(reads: BoxedReads) -> None:
+    """Copy what was read through buffers (casts, non-contiguous or device destinations) into place."""
+    with torch.no_grad():
+        for dest, buffer in reads.copies:
+            dest.copy_(buffer)
