@@ -13,6 +13,7 @@ give one run per overlap; row-wise tensor parallel gives one run per row.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Iterator, Sequence
@@ -172,21 +173,34 @@ def is_dtensor(t: Any) -> bool:
     return type(t).__name__ == "DTensor" and hasattr(t, "placements") and hasattr(t, "to_local")
 
 
+def local_of(t: Any) -> torch.Tensor:
+    """A DTensor's local tensor, without the autograd function ``to_local()`` runs (about 50 us a
+    call: thousands of them add up to a visible part of a restore)."""
+    local = getattr(t, "_local_tensor", None)
+    return local if isinstance(local, torch.Tensor) else t.to_local()
+
+
 def dtensor_box(t: Any, key: str) -> Box | None:
     """The global box of this rank's local chunk of DTensor ``t``, or None when this rank is
     outside its mesh. Partial placements (a pending reduction) are refused."""
-    if any(p.is_partial() for p in t.placements):
+    placements = tuple(t.placements)
+    if any(p.is_partial() for p in placements):
         raise UnsupportedStateError(
             f"Cannot checkpoint {key!r}: it is a DTensor with a Partial placement ({t.placements}), a value "
             "whose reduction is still pending. Redistribute it to Shard or Replicate placements first.",
             key=key,
             value_type=type(t),
         )
-    if t.device_mesh.get_coordinate() is None:
+    return _box(tuple(t.shape), t.device_mesh, placements)
+
+
+@functools.lru_cache(maxsize=4096)  # a model repeats a few (shape, mesh, placements): 100 us each otherwise
+def _box(shape: tuple[int, ...], mesh: Any, placements: tuple[Any, ...]) -> Box | None:
+    if mesh.get_coordinate() is None:
         return None
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    sizes, offsets = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    sizes, offsets = compute_local_shape_and_global_offset(shape, mesh, placements)
     return tuple(int(o) for o in offsets), tuple(int(s) for s in sizes)
 
 

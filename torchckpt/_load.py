@@ -82,7 +82,7 @@ def check_destination(key: str, dest: torch.Tensor) -> None:
     """Refuse, before anything changes, a destination the library cannot write as plain memory."""
     if _chunks.is_dtensor(dest):
         _chunks.dtensor_box(dest, key)  # refuses a Partial placement
-        _tensorio_check(key, dest.to_local())  # type: ignore[attr-defined]
+        _tensorio_check(key, _chunks.local_of(dest))
         return
     _tensorio_check(key, dest)
 
@@ -224,6 +224,7 @@ def plan_stateful(name: str, obj: Any, saved: Any, plan: Plan) -> None:
     reason = _structure_problem(obj, current, saved)
     report = MismatchReport()
     reads: list[tuple[torch.Tensor, SavedTensor]] = []
+    params = _reshard.parameters_of(obj) if isinstance(obj, torch.optim.Optimizer) else None
 
     def destination(key: str, value: SavedTensor) -> torch.Tensor:
         dest = current_leaves.get(key)
@@ -237,8 +238,8 @@ def plan_stateful(name: str, obj: Any, saved: Any, plan: Plan) -> None:
             plan.casts.append((fresh, buffer))
             return fresh
         laid_out = None
-        if isinstance(obj, torch.optim.Optimizer):  # never stepped: laid out like its (DTensor) parameter
-            laid_out = _reshard.optimizer_destination(obj, key, name, value)
+        if params is not None:  # an optimizer that never stepped: laid out like its (DTensor) parameter
+            laid_out = _reshard.optimizer_destination(params, key, name, value)
         new = torch.empty(value.shape, dtype=value.dtype) if laid_out is None else laid_out
         reads.append((new, value))
         return new

@@ -30,7 +30,7 @@ def destination_box(dest: torch.Tensor, key: str) -> tuple[torch.Tensor, Box] | 
     """(local tensor, its global box) of a destination; None when this rank holds none of it."""
     if _chunks.is_dtensor(dest):
         box = _chunks.dtensor_box(dest, key)
-        return None if box is None else (dest.to_local(), box)  # type: ignore[attr-defined]
+        return None if box is None else (_chunks.local_of(dest), box)
     return dest, (tuple(0 for _ in dest.shape), tuple(dest.shape))
 
 
@@ -42,19 +42,18 @@ def saved_boxes(saved: TensorInfo | ChunkedInfo) -> tuple[tuple[Box, TensorInfo]
 
 def local_storage(t: torch.Tensor) -> int:
     """The address of the memory a (possibly distributed) tensor's local data lives in."""
-    local = t.to_local() if _chunks.is_dtensor(t) else t  # type: ignore[attr-defined]
+    local = _chunks.local_of(t) if _chunks.is_dtensor(t) else t
     return int(local.untyped_storage().data_ptr())
 
 
-def optimizer_destination(optimizer: torch.optim.Optimizer, key: str, prefix: str,
+def optimizer_destination(params: list[torch.Tensor], key: str, prefix: str,
                           saved: TensorInfo | ChunkedInfo) -> torch.Tensor | None:
     """For optimizer state the optimizer does not have yet (it never stepped): a DTensor laid out
-    like its parameter when the parameter is one, so that each rank reads only its part. None for
+    like its parameter (``params``: :func:`parameters_of`) when the parameter is one, so that each rank reads only its part. None for
     plain parameters (a plain tensor is allocated, as in a single process)."""
     parts = key[len(prefix) + 1:].split("/")
     if len(parts) != 3 or parts[0] != "state" or not parts[1].isdigit():
         return None
-    params = [p for group in optimizer.param_groups for p in group["params"]]
     index = int(parts[1])
     if index >= len(params) or not _chunks.is_dtensor(params[index]):
         return None
@@ -64,10 +63,18 @@ def optimizer_destination(optimizer: torch.optim.Optimizer, key: str, prefix: st
     from torch.distributed.tensor import DTensor
 
     box = _chunks.dtensor_box(p, key)
-    local_shape = box[1] if box is not None else tuple(p.to_local().shape)
-    local = torch.empty(local_shape, dtype=saved.dtype, device=p.to_local().device)
+    template = _chunks.local_of(p)
+    local = torch.empty(box[1] if box is not None else template.shape, dtype=saved.dtype, device=template.device)
+    spec = getattr(p, "_spec", None)
+    if spec is not None and saved.dtype == p.dtype:  # the parameter's own layout: no checks, no autograd
+        return DTensor(local, spec, requires_grad=False)  # type: ignore[no-untyped-call]
     return DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(),
                               run_check=False)
+
+
+def parameters_of(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The optimizer's parameters, in the order its state dict numbers them."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 @dataclass

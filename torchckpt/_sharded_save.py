@@ -58,7 +58,7 @@ def localize(tensors: dict[str, Any]) -> dict[str, torch.Tensor]:
                     key=name,
                     value_type=type(t),
                 )
-            out[name] = t.to_local()
+            out[name] = _chunks.local_of(t)
     return out
 
 
@@ -85,7 +85,7 @@ def capture(tensors: dict[str, Any], section: dict[str, Any], rank: int) -> Capt
     for name, t in tensors.items():
         if _chunks.is_dtensor(t):
             box = _chunks.dtensor_box(t, name)
-            local = t.to_local()
+            local = _chunks.local_of(t)
             _capture.check_tensor(name, local)
             if box is None:
                 continue
