@@ -356,7 +356,7 @@ def save(coord: Coordinator, storage: Storage, path: str, tensors: dict[str, tor
     if "error" in opened:
         raise _dist.collective_error({0: opened["error"]}, "Saving " + path) from stage_error
     report, write_error = _write_mine(coord, storage, path, opened["stage"], plan, captured, progress)
-    reports = coord_gather_reports(coord, report)
+    reports = _gather_reports(coord, report)
     if coord.rank == 0:
         assert stage is not None
         outcome = _commit(coord, stage, path, plan, section, captured, reports, before_commit, after)
@@ -369,7 +369,7 @@ def save(coord: Coordinator, storage: Storage, path: str, tensors: dict[str, tor
     return path
 
 
-def coord_gather_reports(coord: Coordinator, report: dict[str, Any]) -> list[dict[str, Any]] | Exception:
+def _gather_reports(coord: Coordinator, report: dict[str, Any]) -> list[dict[str, Any]] | Exception:
     """Every rank's write report on rank 0; a rank that never reports is a failure, not a hang."""
     try:
         gathered = coord.gather("report", _dist.encode(report))
