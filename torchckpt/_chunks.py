@@ -13,15 +13,16 @@ give one run per overlap; row-wise tensor parallel gives one run per row.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
 
-from torchckpt._format import TensorInfo
+from torchckpt._format import DTYPE_SEP, SHAPE_SEP, TensorInfo, parse_shape_key, size_of, str_to_dtype
 from torchckpt.errors import CorruptCheckpointError, UnsupportedStateError
 
 CHUNK_MARK = "~@"
@@ -220,3 +221,96 @@ class ChunkedInfo(NamedTuple):
     @property
     def checksum(self) -> None:
         return None
+
+
+# -- reading format 2 -----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Layout:
+    """What a format-2 index says beyond format 1, parsed and checked (empty for format 1)."""
+
+    world_size: int = 1
+    chunked: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)  # name -> (dtype, shape key)
+    pieces: dict[str, list[tuple[Box, str]]] = dataclasses.field(default_factory=dict)  # name -> [(box, stored)]
+    ranked: dict[str, tuple[str, int]] = dataclasses.field(default_factory=dict)  # stored -> (key path, rank)
+    where: str = ""
+
+    def view(self, names: list[str], aliases: dict[str, str], rank: int,
+             resolve: Callable[[str], Any]) -> tuple[list[str], Callable[[str], Any]]:
+        """The tensor names rank ``rank`` sees (chunks under their logical name, its own per-rank
+        tensors without their suffix, other ranks' left out), and a resolver for them: a chunked
+        tensor resolves to a :class:`ChunkedInfo` of its chunks (each by ``resolve``)."""
+        renamed = {path: name for name, (path, r) in self.ranked.items() if r == rank}
+        chunks = {name for parts in self.pieces.values() for _, name in parts}
+        visible = [n for n in names if n not in chunks and n not in self.ranked]
+        visible += [*renamed, *self.chunked, *aliases]
+
+        def resolved(name: str) -> Any:
+            name = aliases.get(name, name)
+            if name in self.chunked:
+                dtype, shape = self.chunked[name]
+                return ChunkedInfo(name, str_to_dtype(dtype), size_of(parse_shape_key(shape, self.where)),
+                                   tuple((box, resolve(n)) for box, n in self.pieces[name]))
+            return resolve(renamed.get(name, name))
+
+        return visible, resolved
+
+
+def parse_layout(section: dict[str, Any], names: list[str], dtypes: list[str], shapes: list[str], directory: str,
+                 index_path: str) -> Layout:
+    """Check and parse format 2's additions: the world size, the chunked table, and that each
+    chunked tensor's chunks tile it.
+
+    Raises:
+        CorruptCheckpointError: naming the index; ``.path`` is ``directory``.
+    """
+    def corrupt(what: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"{index_path} is invalid: {what}.", directory)
+
+    world = section.get("world_size")
+    if type(world) is not int or not 1 <= world <= 2**31:
+        raise corrupt(f"bad world_size {str(world)[:40]!r}")
+    table = section.get("chunked", {})
+    logical = table.get("names") if isinstance(table, dict) else None
+    if not isinstance(logical, list) or not all(type(n) is str for n in logical) or not all(
+            isinstance(table.get(k), str) for k in ("dtypes", "shapes")):
+        raise corrupt("the 'chunked' table needs a 'names' list and 'dtypes', 'shapes' strings")
+    ldtypes = table["dtypes"].split(DTYPE_SEP) if logical else []
+    lshapes = table["shapes"].split(SHAPE_SEP) if logical else []
+    if len(ldtypes) != len(logical) or len(lshapes) != len(logical) or len(set(logical)) != len(logical):
+        raise corrupt("the 'chunked' table's columns do not describe its names once each")
+    layout = Layout(world, dict(zip(logical, zip(ldtypes, lshapes))), {n: [] for n in logical}, {},
+                    f"in {index_path}")
+    plain = set()
+    parsed: dict[str, tuple[int, ...]] = {}
+    try:
+        for name, dtype, shape in zip(names, dtypes, shapes):
+            chunk = parse_chunk_name(name)
+            if chunk is None:
+                per_rank = parse_rank_name(name)
+                if per_rank is not None:
+                    if per_rank[1] >= world:
+                        raise corrupt(f"tensor {name!r} belongs to a rank beyond the world size {world}")
+                    layout.ranked[name] = per_rank
+                plain.add(name)
+                continue
+            base, offsets = chunk
+            if base not in layout.chunked:
+                raise corrupt(f"chunk {name!r} belongs to no tensor of the 'chunked' table")
+            if layout.chunked[base][0] != dtype:
+                raise corrupt(f"chunk {name!r} is {dtype}, its tensor {layout.chunked[base][0]}")
+            sizes = parsed.get(shape)
+            if sizes is None:
+                sizes = parsed[shape] = parse_shape_key(shape, layout.where)
+            layout.pieces[base].append(((offsets, sizes), name))
+        for base, (dtype, shape) in layout.chunked.items():
+            str_to_dtype(dtype, f" {layout.where}", directory)
+            if base in plain:
+                raise corrupt(f"tensor {base!r} is stored both whole and as chunks")
+            check_tiling(base, parse_shape_key(shape, layout.where), [b for b, _ in layout.pieces[base]], layout.where)
+    except CorruptCheckpointError as e:
+        if e.path is None:
+            e.path = directory
+        raise
+    return layout

@@ -15,7 +15,8 @@ from __future__ import annotations
 import datetime
 import json
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch.distributed as dist
 
@@ -176,6 +177,35 @@ _BY_PATH: dict[str, type[CorruptCheckpointError] | type[CheckpointNotFoundError]
     "CheckpointNotFoundError": CheckpointNotFoundError,
     "CheckpointDeletedError": CheckpointDeletedError,
 }
+
+
+T = TypeVar("T")
+
+
+def run_collectively(coord: Coordinator, what: str, choose: Callable[[], str], work: Callable[[str], T]) -> T:
+    """Rank 0 runs ``choose`` and every rank runs ``work`` on its answer; a failure of either, on
+    any rank, is raised on every rank (the same error, naming the rank)."""
+    if coord.rank == 0:
+        try:
+            chosen: dict[str, Any] = {"value": choose()}
+        except Exception as e:
+            chosen = {"error": failure_payload(e)}
+        coord.broadcast("choose", encode(chosen))
+    else:
+        chosen = decode(coord.broadcast("choose", None, coord.outcome_timeout_secs))
+    if "error" in chosen:
+        raise collective_error({0: chosen["error"]}, what)
+    result: T | None = None
+    error, mine = None, {}
+    try:
+        result = work(chosen["value"])
+    except Exception as e:
+        error, mine = e, {"error": failure_payload(e)}
+    outcomes = [decode(o) for o in coord.all_gather("done", encode(mine))]
+    failures = {r: o["error"] for r, o in enumerate(outcomes) if "error" in o}
+    if failures:
+        raise collective_error(failures, what) from error
+    return result  # type: ignore[return-value]
 
 
 def coordinator_for(process_group: Any, timeout_secs: float | None) -> Coordinator | None:

@@ -56,10 +56,12 @@ class Index:
     checksum_text: str
     shards: list[dict[str, Any]]
     aliases: dict[str, str]
-    world_size: int = 1  # how many ranks saved it (format 2)
-    chunked: dict[str, tuple[str, str]] = field(default_factory=dict)  # logical name -> (dtype, global shape key)
-    pieces: dict[str, list[tuple[Any, str]]] = field(default_factory=dict)  # logical name -> [(box, stored name)]
-    ranked: dict[str, tuple[str, int]] = field(default_factory=dict)  # per-rank stored name -> (key path, rank)
+    layout: _chunks.Layout = field(default_factory=_chunks.Layout)  # format 2: chunks and per-rank names
+
+    @property
+    def world_size(self) -> int:
+        """How many ranks saved it (1 for format 1)."""
+        return self.layout.world_size
 
     @property
     def checksums(self) -> list[str]:
@@ -168,73 +170,16 @@ def parse_index(directory: str, storage: Storage, data: bytes) -> Index:
         count += shard["tensors"]
     if count != len(names):
         raise _corrupt(directory, f"the shards hold {count} tensors but the table lists {len(names)}")
-    world_size, chunked = 1, dict[str, tuple[str, str]]()
-    pieces: dict[str, list[tuple[Any, str]]] = {}
-    ranked: dict[str, tuple[str, int]] = {}
+    layout = _chunks.Layout()
     if version >= _format.SHARDED_FORMAT_VERSION:
-        world_size, chunked, pieces, ranked = _check_sharded(directory, section, names, dtypes, shapes)
+        layout = _chunks.parse_layout(section, names, dtypes, shapes, directory, path)
     if aliases:
-        stored = set(names) | set(chunked)
+        stored = set(names) | set(layout.chunked)
         for alias, target in aliases.items():
             if not isinstance(target, str) or target not in stored or alias in stored:
                 raise _corrupt(directory, f"alias {_short(alias)} must name a stored tensor, not {_short(target)}")
     _check_weight_map(directory, raw, names, shards)
-    return Index(directory, storage, raw, names, dtypes, shapes, checksums, shards, aliases, world_size, chunked,
-                 pieces, ranked)
-
-
-def _check_sharded(directory: str, section: dict[str, Any], names: list[str], dtypes: list[str], shapes: list[str]
-                   ) -> tuple[int, dict[str, tuple[str, str]], dict[str, list[tuple[Any, str]]], dict[str, tuple[str, int]]]:
-    """Format 2: the world size, the chunked table, and that each chunked tensor's chunks tile it.
-    Returns them with each tensor's chunks (box, stored name) and the per-rank names."""
-    world = section.get("world_size")
-    if type(world) is not int or not 1 <= world <= 2**31:
-        raise _corrupt(directory, f"bad world_size {_short(world)}")
-    table = section.get("chunked", {})
-    logical = table.get("names") if isinstance(table, dict) else None
-    if not isinstance(logical, list) or not all(type(n) is str for n in logical) or not all(
-            isinstance(table.get(k), str) for k in ("dtypes", "shapes")):
-        raise _corrupt(directory, "the 'chunked' table needs a 'names' list and 'dtypes', 'shapes' strings")
-    ldtypes = table["dtypes"].split(_format.DTYPE_SEP) if logical else []
-    lshapes = table["shapes"].split(_format.SHAPE_SEP) if logical else []
-    if len(ldtypes) != len(logical) or len(lshapes) != len(logical) or len(set(logical)) != len(logical):
-        raise _corrupt(directory, "the 'chunked' table's columns do not describe its names once each")
-    chunked = dict(zip(logical, zip(ldtypes, lshapes)))
-    where = f"in {join(directory, INDEX_FILE)}"
-    pieces: dict[str, list[tuple[Any, str]]] = {n: [] for n in logical}
-    ranked: dict[str, tuple[str, int]] = {}
-    plain = set()
-    parsed_shapes: dict[str, tuple[int, ...]] = {}
-    try:
-        for name, dtype, shape in zip(names, dtypes, shapes):
-            parsed = _chunks.parse_chunk_name(name)
-            if parsed is None:
-                per_rank = _chunks.parse_rank_name(name)
-                if per_rank is not None:
-                    if per_rank[1] >= world:
-                        raise _corrupt(directory, f"tensor {name!r} belongs to a rank beyond the world size {world}")
-                    ranked[name] = per_rank
-                plain.add(name)
-                continue
-            base, offsets = parsed
-            if base not in chunked:
-                raise _corrupt(directory, f"chunk {name!r} belongs to no tensor of the 'chunked' table")
-            if chunked[base][0] != dtype:
-                raise _corrupt(directory, f"chunk {name!r} is {dtype}, its tensor {chunked[base][0]}")
-            sizes = parsed_shapes.get(shape)
-            if sizes is None:
-                sizes = parsed_shapes[shape] = _format.parse_shape_key(shape, where)
-            pieces[base].append(((offsets, sizes), name))
-        for base, (dtype, shape) in chunked.items():
-            _format.str_to_dtype(dtype, f" {where}", directory)
-            if base in plain:
-                raise _corrupt(directory, f"tensor {base!r} is stored both whole and as chunks")
-            _chunks.check_tiling(base, _format.parse_shape_key(shape, where), [b for b, _ in pieces[base]], where)
-    except CorruptCheckpointError as e:
-        if e.path is None:
-            e.path = directory
-        raise
-    return world, chunked, pieces, ranked
+    return Index(directory, storage, raw, names, dtypes, shapes, checksums, shards, aliases, layout)
 
 
 def _check_section(directory: str, raw: dict[str, Any], section: dict[str, Any]) -> None:
@@ -497,7 +442,7 @@ def state_tree(index: Index, resolve: Callable[[str], Any], rank: int = 0) -> An
         names: Any = itertools.chain(index.names, index.aliases)
         if index.raw[TORCHCKPT_KEY]["format_version"] >= _format.SHARDED_FORMAT_VERSION:
             state = _tree.select_rank(state, rank, index.world_size)
-            resolve, names = _sharded_resolver(index, resolve, rank)
+            names, resolve = index.layout.view(index.names, index.aliases, rank, resolve)
         trie = _tree.build_trie(names)
         tree = _tree.decode(state, trie, resolve)
         if not isinstance(tree, dict) or not all(type(k) is str for k in tree):
@@ -507,26 +452,3 @@ def state_tree(index: Index, resolve: Callable[[str], Any], rank: int = 0) -> An
         if e.path is not None:
             raise
         raise CorruptCheckpointError(f"{join(index.directory, INDEX_FILE)}: {e}", index.directory) from None
-
-
-def _sharded_resolver(index: Index, resolve: Callable[[str], Any],
-                      rank: int) -> tuple[Callable[[str], Any], list[str]]:
-    """Logical names for the trie (chunks under their tensor's name, this rank's per-rank tensors
-    without their suffix; other ranks' left out), and a resolver for them."""
-    renamed = {path: name for name, (path, r) in index.ranked.items() if r == rank}
-    chunk_names = {name for parts in index.pieces.values() for _, name in parts}
-    names = [n for n in index.names if n not in chunk_names and n not in index.ranked]
-    names.extend(renamed)
-    names.extend(index.chunked)
-    names.extend(index.aliases)
-    where = f"in {join(index.directory, INDEX_FILE)}"
-
-    def resolved(name: str) -> Any:
-        name = index.aliases.get(name, name)
-        if name in index.chunked:
-            dtype, shape = index.chunked[name]
-            return _chunks.ChunkedInfo(name, _format.str_to_dtype(dtype), _format.size_of(
-                _format.parse_shape_key(shape, where)), tuple((box, resolve(n)) for box, n in index.pieces[name]))
-        return resolve(renamed.get(name, name))
-
-    return resolved, names

@@ -343,31 +343,15 @@ class Checkpoint:
                             progress: bool | None, plan: Plan, expect_counter: bool) -> RestoreStatus:
         """Rank 0 picks the checkpoint (the latest of a directory, once, for everyone); each rank
         restores its own part; any rank's failure is raised on every rank."""
-        what = f"Restoring {path}"
-        if coord.rank == 0:
-            try:
-                chosen: dict[str, Any] = {"path": _directory.resolve_checkpoint(path, storage)}
-            except Exception as e:
-                chosen = {"error": _dist.failure_payload(e)}
-            coord.broadcast("restore", _dist.encode(chosen))
-        else:
-            chosen = _dist.decode(coord.broadcast("restore", None, coord.outcome_timeout_secs))
-        if "error" in chosen:
-            raise _dist.collective_error({0: chosen["error"]}, what)
         plan.rank = coord.rank
-        status, error, mine = None, None, {}
-        try:
+
+        def restore(directory: str) -> RestoreStatus:
             with gc_paused():
-                status = self._restore_from(storage, chosen["path"], verify, progress if coord.rank == 0 else False,
-                                            plan, expect_counter)
-        except Exception as e:
-            error, mine = e, {"error": _dist.failure_payload(e)}
-        outcomes = [_dist.decode(o) for o in coord.all_gather("restored", _dist.encode(mine))]
-        failures = {r: o["error"] for r, o in enumerate(outcomes) if "error" in o}
-        if failures:
-            raise _dist.collective_error(failures, what) from error
-        assert status is not None
-        return status
+                return self._restore_from(storage, directory, verify, progress if coord.rank == 0 else False, plan,
+                                          expect_counter)
+
+        return _dist.run_collectively(coord, f"Restoring {path}",
+                                      lambda: _directory.resolve_checkpoint(path, storage), restore)
 
     def _restore_from(self, storage: Storage, directory: str, verify: bool, progress: bool | None, plan: Plan,
                       expect_counter: bool) -> RestoreStatus:
