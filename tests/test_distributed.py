@@ -103,6 +103,7 @@ def test_fsdp2_restores_on_the_same_4_ranks_and_resumes_bit_for_bit(world4):
     found = ok(world4, "restore_from_4", 4)
     assert all(r["differences"] == [] and r["resume_differences"] == [] for r in found)
     assert [r["cursor"] for r in found] == [100, 101, 102, 103]  # PerRank: each rank its own
+    assert [r["loaders"] for r in found] == [[10 + r, "epoch"] for r in range(4)]  # tensors inside too
     assert all(r["save_counter"] == 1 and r["missing"] == [] for r in found)
 
 
@@ -120,7 +121,8 @@ def test_fsdp2_saved_on_4_restores_into_a_plain_model_without_a_process_group(wo
     model = MLP(5)
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     cursor = torchckpt.PerRank(0)
-    torchckpt.Checkpoint(model=model, opt=opt, rng=torchckpt.RNGState(), cursor=cursor).restore(
+    torchckpt.Checkpoint(model=model, opt=opt, rng=torchckpt.RNGState(), cursor=cursor,
+                         loaders=torchckpt.PerRank({0: torch.tensor([0]), 1: ""})).restore(
         world4 / "fsdp4").assert_consumed()
     reference = safetensors.torch.load_file(str(world4 / "fsdp4-reference.safetensors"))
     found = {f"model/{k}": v for k, v in model.state_dict().items()}
@@ -136,7 +138,7 @@ def test_fsdp2_saved_on_2_restores_on_4_and_reports_the_ranks_it_has_no_values_f
     assert all(r["differences"] == [] for r in found)
     assert [r["cursor"] for r in found] == [100, 101, -1, -1]
     assert found[0]["missing"] == found[1]["missing"] == []
-    assert found[2]["missing"] == found[3]["missing"] == ["cursor", "rng"]
+    assert found[2]["missing"] == found[3]["missing"] == ["cursor", "loaders", "rng"]
 
 
 def test_a_plain_checkpoint_restores_into_fsdp2(world2):

@@ -170,8 +170,14 @@ def _check_disjoint(name: str, boxes: list[Box], where: str) -> None:
 # -- DTensors ------------------------------------------------------------------------------
 
 
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def is_dtensor(t: Any) -> bool:
-    return type(t).__name__ == "DTensor" and hasattr(t, "placements") and hasattr(t, "to_local")
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (without importing it: most
+    processes never use torch.distributed, and plain tensors are told apart in one check)."""
+    kind = type(t)
+    return kind not in _PLAIN_TYPES and kind.__name__ == "DTensor" and hasattr(t, "placements")
 
 
 def local_of(t: Any) -> torch.Tensor:

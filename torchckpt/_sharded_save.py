@@ -79,11 +79,16 @@ class Captured:
 def capture(tensors: dict[str, Any], section: dict[str, Any], rank: int) -> Captured:
     """Classify every tensor of this rank's state and record what the other ranks must agree on."""
     out = Captured()
-    per_rank_paths = _per_rank_nodes(section["state"], [], out.per_rank)
-    prefixes = tuple(_tree.join("", "/".join(_tree.escape_part(str(p)) for p in path)) for path in per_rank_paths)
+    _per_rank_nodes(section["state"], [], out.per_rank)
     plain: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
-        if _chunks.is_dtensor(t):
+        if type(t) is _tree.PerRank:  # a tensor of a per-rank value (see _tree.encode)
+            t = t.value
+            _capture.check_tensor(name, t)
+            ranked = _chunks.rank_name(name, rank)
+            out.local[ranked] = t
+            out.entries.append([ranked, _format.DTYPE_NAMES[t.dtype], list(t.shape), None, None, None])
+        elif _chunks.is_dtensor(t):
             box = _chunks.dtensor_box(t, name)
             local = _chunks.local_of(t)
             _capture.check_tensor(name, local)
@@ -91,11 +96,6 @@ def capture(tensors: dict[str, Any], section: dict[str, Any], rank: int) -> Capt
                 continue
             out.local[name] = local
             out.entries.append([name, _format.DTYPE_NAMES[t.dtype], list(t.shape), list(box[0]), list(box[1]), None])
-        elif any(name == p or name.startswith(p + _tree.SEP) for p in prefixes):
-            _capture.check_tensor(name, t)
-            ranked = _chunks.rank_name(name, rank)
-            out.local[ranked] = t
-            out.entries.append([ranked, _format.DTYPE_NAMES[t.dtype], list(t.shape), None, None, None])
         else:
             plain[name] = t
     stored, out.aliases = _capture.prepare_tensors(plain)
@@ -110,20 +110,17 @@ def capture(tensors: dict[str, Any], section: dict[str, Any], rank: int) -> Capt
     return out
 
 
-def _per_rank_nodes(node: Any, path: list[Any], found: list[list[Any]]) -> list[list[Any]]:
-    """Collect ``[path, value]`` of every ``@per_rank`` node of an encoded tree; returns the
-    paths as state keys (for naming the tensors under them)."""
-    keys: list[list[Any]] = []
+def _per_rank_nodes(node: Any, path: list[Any], found: list[list[Any]]) -> None:
+    """Collect ``[JSON path, value]`` of every ``@per_rank`` node of an encoded tree."""
     if isinstance(node, dict):
         if len(node) == 1 and _tree.PER_RANK_TAG in node:
             found.append([path, node[_tree.PER_RANK_TAG]])
-            return [path]
+            return
         for k, v in node.items():
-            keys.extend(_per_rank_nodes(v, [*path, k], found))
+            _per_rank_nodes(v, [*path, k], found)
     elif isinstance(node, list):
         for i, v in enumerate(node):
-            keys.extend(_per_rank_nodes(v, [*path, i], found))
-    return keys
+            _per_rank_nodes(v, [*path, i], found)
 
 
 def _without_per_rank(node: Any) -> Any:

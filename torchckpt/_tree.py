@@ -140,8 +140,11 @@ def encode(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
         return {"@device": str(value)}
     if kind is dict:
         return _encode_dict(value, path, tensors)
-    if kind is PerRank:
-        return {PER_RANK_TAG: encode(value.value, path, tensors)}
+    if kind is PerRank:  # its tensors are marked as this rank's own: wrapped in PerRank
+        inner: dict[str, torch.Tensor] = {}
+        node = {PER_RANK_TAG: encode(value.value, path, inner)}
+        tensors.update((name, PerRank(t)) for name, t in inner.items())  # type: ignore[misc]
+        return node
     if kind in _DICT_TAGS:
         return _encode_pairs(_DICT_TAGS[kind], value, path, tensors)
     raise UnsupportedStateError(

@@ -93,7 +93,8 @@ def save_fsdp(d: Path, rank: int, world: int) -> dict:
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     for _ in range(2):
         step(model, opt)
-    ckpt = torchckpt.Checkpoint(model=model, opt=opt, rng=torchckpt.RNGState(), cursor=torchckpt.PerRank(100 + rank))
+    ckpt = torchckpt.Checkpoint(model=model, opt=opt, rng=torchckpt.RNGState(), cursor=torchckpt.PerRank(100 + rank),
+                                loaders=torchckpt.PerRank({0: torch.tensor([10 + rank]), 1: "epoch"}))
     path = ckpt.save(str(d / f"fsdp{world}" / "ckpt"), timeout_secs=TIMEOUT)
     reference = full_state(model, opt)
     step(model, opt)  # what an uninterrupted run does next
@@ -112,10 +113,12 @@ def restore_fsdp(d: Path, rank: int, world: int, saved_world: int) -> dict:
     model = fsdp_mlp(7)
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     cursor = torchckpt.PerRank(-1)
-    ckpt = torchckpt.Checkpoint(model=model, opt=opt, rng=torchckpt.RNGState(), cursor=cursor)
+    loaders = torchckpt.PerRank({0: torch.tensor([-1]), 1: ""})
+    ckpt = torchckpt.Checkpoint(model=model, opt=opt, rng=torchckpt.RNGState(), cursor=cursor, loaders=loaders)
     status = ckpt.restore(str(d / f"fsdp{saved_world}"), timeout_secs=TIMEOUT)
     reference = safetensors.torch.load_file(str(d / f"fsdp{saved_world}-reference.safetensors"))
     out = {"differences": differences(full_state(model, opt), reference), "cursor": cursor.value,
+           "loaders": [int(loaders.value[0]), loaders.value[1]],
            "missing": sorted(status.report.missing_keys), "save_counter": ckpt.save_counter}
     if world == saved_world:
         step(model, opt)
