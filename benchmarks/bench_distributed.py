@@ -3,7 +3,7 @@
 Each measurement is a fresh job of WORLD processes on 127.0.0.1. Rounds are interleaved (each
 round starts one method later). Wall time runs from a barrier before the call to a barrier after
 it (the slowest rank). Per-rank bytes come from each process's I/O counters (``/proc/self/io``:
-``wchar``/``rchar``), peak RSS from ``ru_maxrss``. Loads start from a cold page cache (the files
+``write_bytes``, what reached storage, and ``rchar``), peak RSS from ``ru_maxrss``. Loads start from a cold page cache (the files
 are fsynced and dropped with ``posix_fadvise(DONTNEED)``), into a fresh model and a never-stepped
 optimizer.
 
@@ -151,9 +151,11 @@ def dcp_state(model: Any, opt: Any) -> dict[str, Any]:
 
 
 def io_counters() -> tuple[int, int]:
+    """(bytes written to storage, bytes read by read calls). ``write_bytes`` leaves out socket
+    traffic (rank 0 hosts the c10d Store); ``rchar`` counts reads however the page cache served them."""
     with open("/proc/self/io") as f:
         fields = dict(line.split(": ") for line in f.read().splitlines())
-    return int(fields["wchar"]), int(fields["rchar"])
+    return int(fields["write_bytes"]), int(fields["rchar"])
 
 
 def worker(args: argparse.Namespace) -> None:
