@@ -95,6 +95,28 @@ def read_header_file(path, name):
         source.close()
 
 
+# -- torch.distributed -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def gloo_world_of_one():
+    """torch.distributed initialised with gloo on one rank (127.0.0.1, a free port), then destroyed."""
+    import datetime
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{port}",
+                            timeout=datetime.timedelta(seconds=30))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 # -- object stores: memory:// in this process, and a real S3 API (moto's server on loopback) ------
 
 

@@ -3,8 +3,6 @@ global plan's balance, and a sharded save of a world of one on ``memory://``."""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -108,23 +106,6 @@ def test_the_plan_is_the_same_whatever_the_rank_and_each_unit_written_once():
     assert [(u.stored, u.owner) for u in first.units] == [(u.stored, u.owner) for u in again.units]
     stored = [n for rank in first.files for _, names in rank for n in names]
     assert sorted(stored) == sorted(u.stored for u in first.units) and len(stored) == len(set(stored))
-
-
-@pytest.fixture
-def gloo_world_of_one():
-    import datetime
-
-    import torch.distributed as dist
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{port}",
-                            timeout=datetime.timedelta(seconds=30))
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def test_fsdp2_on_memory_url_round_trips(gloo_world_of_one):

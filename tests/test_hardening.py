@@ -6,7 +6,6 @@ import errno
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,21 +34,6 @@ def small_checkpoint(rng: bool = True) -> torchckpt.Checkpoint:
 
 
 # -- A1, A2: tensors that are not plain memory ------------------------------------------------
-
-
-@pytest.fixture
-def gloo_world_of_one():
-    import torch.distributed as dist
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{port}",
-                            timeout=__import__("datetime").timedelta(seconds=30))
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def test_fsdp2_state_of_a_world_of_one_saves_as_format_1_and_restores_in_place(tmp_path, gloo_world_of_one):
