@@ -15,6 +15,10 @@ Workloads:
 - ddp: a GPT-2-small-shaped model (124 M parameters) + AdamW, replicated (DDP), 1.5 GB of state;
 - reshard: big and many saved on 2 and loaded on 4, saved on 4 and loaded on 2.
 
+Bytes read over bytes needed is reported twice: everything the ranks read, and the tensor data
+alone (less the metadata every rank reads: DCP's ``.metadata``; torchckpt's ``index.json`` and
+shard headers).
+
 Methods:
 - raw: each rank writes its local tensors' bytes with ``os.writev`` into one file and fsyncs it,
   and reads them back with ``os.preadv``: the floor for the same bytes (same world size only);
@@ -150,6 +154,21 @@ def dcp_state(model: Any, opt: Any) -> dict[str, Any]:
     return {"model": model_sd, "optim": optim_sd}
 
 
+def metadata_bytes(path: str, method: str) -> int:
+    """What every rank of a load reads besides tensor data: DCP's ``.metadata``; torchckpt's
+    ``index.json`` and each shard's 8-byte length and header (every rank validates them all)."""
+    if method == "dcp":
+        return os.path.getsize(os.path.join(path, ".metadata"))
+    if method != "torchckpt":
+        return 0
+    total = os.path.getsize(os.path.join(path, "index.json"))
+    for name in os.listdir(path):
+        if name.endswith(".safetensors"):
+            with open(os.path.join(path, name), "rb") as f:
+                total += 8 + int.from_bytes(f.read(8), "little")
+    return total
+
+
 def io_counters() -> tuple[int, int]:
     """(bytes written to storage, bytes read by read calls). ``write_bytes`` leaves out socket
     traffic (rank 0 hosts the c10d Store); ``rchar`` counts reads however the page cache served them."""
@@ -216,7 +235,8 @@ def worker(args: argparse.Namespace) -> None:
         _, r1 = io_counters()
         if needed is None:
             needed = sum(t.nbytes for t in local_tensors(module, opt))
-        result = {"seconds": seconds, "read": r1 - r0, "needed": needed}
+        result = {"seconds": seconds, "read": r1 - r0, "needed": needed,
+                  "data_read": r1 - r0 - metadata_bytes(args.path, args.method)}
         if args.check:  # every parameter equal to the saved job's, gathered
             ref = safetensors.torch.load_file(args.check)
             full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in module.state_dict().items()}
@@ -262,7 +282,9 @@ def summarize(rows: list[list[dict[str, Any]]], key: str) -> dict[str, Any]:
     seconds = [max(r["seconds"] for r in ranks) for ranks in rows]
     per_rank = [r[key] for r in rows[-1]]
     needed = [r["needed"] for r in rows[-1]]
+    data = [r.get("data_read", r[key]) for r in rows[-1]]
     return {"median": median(seconds), "min": min(seconds), "max": max(seconds),
+            "data_ratio_to_needed": round(sum(data) / max(1, sum(needed)), 3),
             f"{key}_mib": [round(b / 2**20, 1) for b in per_rank],
             "needed_mib": [round(b / 2**20, 1) for b in needed],
             "ratio_to_needed": round(sum(per_rank) / max(1, sum(needed)), 3),

@@ -66,7 +66,8 @@ class LocalStage:
     def __init__(self, final: str, replace: bool, joined: str | None = None) -> None:
         self.final = final
         self.replace = replace
-        if joined is not None:  # another rank's stage: this process only writes files into it
+        self.shared = joined is not None
+        if joined is not None:  # a stage shared by the ranks of a job: this process writes its files into it
             self.path = joined
             return
         os.makedirs(os.path.dirname(os.path.abspath(final)), exist_ok=True)
@@ -74,7 +75,8 @@ class LocalStage:
         os.mkdir(self.path)
 
     def create(self, name: str, size: int) -> Output:
-        return _output.create(os.path.join(self.path, name), size)
+        # A stage several ranks write into at once is written through the page cache (see _output.create).
+        return _output.create(os.path.join(self.path, name), size, shared_disk=self.shared)
 
     def write_file(self, name: str, data: bytes) -> None:
         self.write_index(name, [data])

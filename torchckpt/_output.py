@@ -67,10 +67,16 @@ class Output:
         self.close()
 
 
-def create(path: str, size: int) -> Output:
+def create(path: str, size: int, shared_disk: bool = False) -> Output:
     """Create the file ``path`` (it must not exist yet) for ``size`` bytes, written directly
-    when the file is large enough and the filesystem allows it."""
-    direct = getattr(os, "O_DIRECT", 0)
+    when the file is large enough and the filesystem allows it.
+
+    With ``shared_disk`` (several processes saving at once, the ranks of a job) the writes go
+    through the page cache: direct I/O keeps one buffer in flight per process, and two ranks'
+    direct writes to one disk measured 1.22 s for 384 MiB against 0.92 s for cached writes and
+    fsync, which let the kernel merge and queue both ranks' writes.
+    """
+    direct = 0 if shared_disk else getattr(os, "O_DIRECT", 0)
     try:
         if direct and size >= DIRECT_MIN_BYTES:
             try:
