@@ -13,8 +13,11 @@ existing path, a manager's explicit ``checkpoint_number``) replaces, with
 unavailable the old directory is first moved aside, a window in which the path is briefly absent
 but never partial.
 
-Temporary names carry the writer's pid (``ckpt-7.torchckpt-tmp-<pid>-<random>``) so that a later
-process can tell the leftovers of a crashed writer from a save in progress.
+Temporary names carry the writer's pid and a tag of its host
+(``ckpt-7.torchckpt-tmp-<pid>-h<host>-<random>``) so that a later process can tell the leftovers of
+a crashed writer from a save in progress: on the same host by asking whether that pid is alive, and
+from another host (a job restarted elsewhere on a shared file system), where no pid can be probed,
+by age: only once nothing in it changed for ``LEFTOVER_GRACE_SECS``.
 """
 
 from __future__ import annotations
@@ -25,10 +28,11 @@ import ctypes.util
 import errno
 import os
 import shutil
+import time
 import uuid
 
 from torchckpt import _files
-from torchckpt._backend import AlreadyCommitted
+from torchckpt._backend import LEFTOVER_GRACE_SECS, AlreadyCommitted, host_tag
 
 TMP_MARKER = ".torchckpt-tmp-"
 OLD_MARKER = ".torchckpt-old-"
@@ -38,8 +42,8 @@ _AT_FDCWD = -100
 
 
 def temporary_sibling(path: str, marker: str = TMP_MARKER) -> str:
-    """A unique temporary name next to ``path``, tagged with this process's pid."""
-    return f"{path}{marker}{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    """A unique temporary name next to ``path``, tagged with this process's pid and host."""
+    return f"{path}{marker}{os.getpid()}-h{host_tag()}-{uuid.uuid4().hex[:12]}"
 
 
 def is_temporary(name: str) -> bool:
@@ -168,12 +172,37 @@ def commit_directory(tmp: str, final: str, replace: bool = True) -> None:
     fsync_dir(parent)
 
 
-def _writer_pid(name: str) -> int | None:
+def _writer(name: str) -> tuple[int | None, str | None]:
+    """(pid, host tag) of the process that made a temporary; the tag is None in names made before
+    hosts were recorded (judged as this host's, as they were then)."""
     for marker in (TMP_MARKER, OLD_MARKER):
         if marker in name:
-            head = name.rsplit(marker, 1)[1].split("-", 1)[0]
-            return int(head) if head.isdigit() else None
-    return None
+            parts = name.rsplit(marker, 1)[1].split("-")
+            pid = int(parts[0]) if parts[0].isdigit() else None
+            host = parts[1][1:] if len(parts) > 2 and parts[1].startswith("h") else None
+            return pid, host
+    return None, None
+
+
+def _newest_change(path: str) -> float:
+    """The newest mtime of ``path`` and, for a directory, of everything in it (links not followed)."""
+    newest = os.lstat(path).st_mtime
+    if _files.is_real_directory(path):
+        for root, dirs, files in os.walk(path):
+            for name in [*dirs, *files]:
+                with contextlib.suppress(OSError):
+                    newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+    return newest
+
+
+def _is_stale(path: str, name: str) -> bool:
+    pid, host = _writer(name)
+    if host is not None and host != host_tag():  # its writer cannot be probed from here
+        try:
+            return time.time() - _newest_change(path) > LEFTOVER_GRACE_SECS
+        except OSError:
+            return False
+    return pid is None or not _is_alive(pid)
 
 
 def _is_alive(pid: int) -> bool:
@@ -191,8 +220,9 @@ def _is_alive(pid: int) -> bool:
 def remove_stale_temporaries(directory: str, prefix: str) -> list[str]:
     """Remove leftovers of crashed writers whose names start with ``prefix``; returns them.
 
-    A leftover is removed only when the process that made it is gone, so a save in progress in
-    another live process is never disturbed.
+    A leftover is removed only when the process that made it is gone (made on this host), or when
+    nothing in it changed for ``LEFTOVER_GRACE_SECS`` (made on another host), so a save in progress
+    in another live process is never disturbed.
     """
     removed: list[str] = []
     try:
@@ -202,10 +232,9 @@ def remove_stale_temporaries(directory: str, prefix: str) -> list[str]:
     for name in names:
         if not name.startswith(prefix) or not is_temporary(name):
             continue
-        pid = _writer_pid(name)
-        if pid is not None and _is_alive(pid):
-            continue
         path = os.path.join(directory, name)
+        if not _is_stale(path, name):
+            continue
         if _files.is_real_directory(path):
             shutil.rmtree(path, ignore_errors=True)
         else:  # a state-file temporary, or a link (removed itself, never followed)

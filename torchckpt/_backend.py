@@ -19,6 +19,9 @@ from __future__ import annotations
 import os
 import posixpath
 import re
+import socket
+import time
+import zlib
 from collections.abc import Iterable
 from typing import Any, Protocol
 
@@ -26,6 +29,29 @@ from torchckpt.errors import CheckpointError
 
 IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)  # buffers per scatter call
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+# A leftover whose writer cannot be probed (another host, an object store) is stale once this old.
+LEFTOVER_GRACE_SECS = 3600.0
+
+
+def job_id() -> str | None:
+    """The launcher's name for this job: torchrun's run id, else the rendezvous address."""
+    run = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run:
+        return run
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    return f"{addr}:{port}" if addr and port else None
+
+
+def holder_note() -> str:
+    """Who holds a claim, for the error a refused process shows: pid, host, job, and since when."""
+    job = job_id()
+    return (f"pid {os.getpid()} on {socket.gethostname()}" + (f", job {job}" if job else "")
+            + f", since {time.ctime()}")
+
+
+def host_tag() -> str:
+    """A short, stable tag of this host for temporary names (a host name may hold any character)."""
+    return f"{zlib.crc32(socket.gethostname().encode()):08x}"
 
 
 def is_url(path: str) -> bool:

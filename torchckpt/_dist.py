@@ -57,11 +57,29 @@ class Coordinator:
         pg = group if group is not None else dist.distributed_c10d._get_default_group()
         self.store = dist.distributed_c10d._get_process_group_store(pg)
         self.name = dist.distributed_c10d._get_process_group_name(pg)
+        self._prefix = _KEY_ROOT
 
     def _key(self, tag: str) -> str:
         with _sequence_lock:
             seq = _sequence[self.name] = _sequence.get(self.name, 0) + 1
-        return f"{_KEY_ROOT}/{seq}/{tag}"
+        return f"{self._prefix}/{seq}/{tag}"
+
+    def scope(self) -> Coordinator:
+        """A coordinator of the same ranks whose exchanges have keys of their own, for work that runs
+        on another thread (a background save): its exchanges never interleave with the ones this
+        coordinator makes meanwhile. Every rank must open scopes in the same order."""
+        with _sequence_lock:
+            number = _sequence[f"{self.name}/scopes"] = _sequence.get(f"{self.name}/scopes", 0) + 1
+        child = object.__new__(Coordinator)
+        child.__dict__.update(self.__dict__)
+        child.name = f"{self.name}/scope{number}"
+        child._prefix = f"{_KEY_ROOT}/scope{number}"
+        return child
+
+    def close_scope(self) -> None:
+        """Forget a finished scope's sequence counter."""
+        with _sequence_lock:
+            _sequence.pop(self.name, None)
 
     def _wait(self, keys: list[str], what: str, timeout_secs: float) -> None:
         try:
@@ -193,27 +211,40 @@ T = TypeVar("T")
 def run_collectively(coord: Coordinator, what: str, choose: Callable[[], str], work: Callable[[str], T]) -> T:
     """Rank 0 runs ``choose`` and every rank runs ``work`` on its answer; a failure of either, on
     any rank, is raised on every rank (the same error, naming the rank)."""
-    if coord.rank == 0:
-        try:
-            chosen: dict[str, Any] = {"value": choose()}
-        except Exception as e:
-            chosen = {"error": failure_payload(e)}
-        coord.broadcast("choose", encode(chosen))
-    else:
-        chosen = decode(coord.broadcast("choose", None, coord.outcome_timeout_secs))
-    if "error" in chosen:
-        raise collective_error({0: chosen["error"]}, what)
+    chosen = decided(coord, what, choose)
+    return agree(coord, what, lambda: work(chosen))
+
+
+def agree(coord: Coordinator, what: str, work: Callable[[], T]) -> T:
+    """Every rank runs ``work``; a failure on any rank is raised on every rank (the same error)."""
     result: T | None = None
     error, mine = None, {}
     try:
-        result = work(chosen["value"])
+        result = work()
     except Exception as e:
         error, mine = e, {"error": failure_payload(e)}
-    outcomes = [decode(o) for o in coord.all_gather("done", encode(mine))]
+    outcomes = [decode(o) for o in coord.all_gather("agree", encode(mine))]
     failures = {r: o["error"] for r, o in enumerate(outcomes) if "error" in o}
     if failures:
         raise collective_error(failures, what) from error
     return result  # type: ignore[return-value]
+
+
+def decided(coord: Coordinator, what: str, decide: Callable[[], Any]) -> Any:
+    """Rank 0 runs ``decide`` and every rank gets its JSON answer, or raises its failure."""
+    if coord.rank == 0:
+        try:
+            chosen: dict[str, Any] = {"value": decide()}
+        except Exception as e:
+            chosen = {"error": failure_payload(e)}
+            coord.broadcast("decide", encode(chosen))
+            raise collective_error({0: chosen["error"]}, what) from e
+        coord.broadcast("decide", encode(chosen))
+    else:
+        chosen = decode(coord.broadcast("decide", None, coord.outcome_timeout_secs))
+        if "error" in chosen:
+            raise collective_error({0: chosen["error"]}, what)
+    return chosen["value"]
 
 
 def coordinator_for(process_group: Any, timeout_secs: float | None) -> Coordinator | None:

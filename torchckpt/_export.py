@@ -10,7 +10,8 @@ On a local filesystem the folder is written as a temporary sibling and swapped i
 step, so a re-export never leaves a stale shard or index of an earlier one behind; on an object
 store its old files are deleted first and the new ones uploaded, the index last. Bytes are
 streamed from the checkpoint's shards piece by piece (and checked against their checksums), so
-memory stays bounded whatever the size of the model. Either side may be a URL.
+memory stays bounded whatever the size of the model; a tensor saved by several ranks is assembled
+from its chunks block by block. Either side may be a URL.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import json
 from typing import Any
 
 from torchckpt import _format, _tree
-from torchckpt._backend import Stage, Storage, as_path, is_url
+from torchckpt._backend import Storage, as_path, is_url
+from torchckpt._consolidate import stream_shard
 from torchckpt._progress import progress_bar
 from torchckpt._storage import storage_for
 from torchckpt.errors import CheckpointError, a_or_an
@@ -75,8 +77,8 @@ def export_module(path: str, obj: str, out: str, max_shard_size: int | str = _fo
         weight_map: dict[str, str] = {}
         with progress_bar(sum(reader.nbytes(n) for n in names), f"export {obj}", progress) as bar:
             for file, group in zip(files, groups):
-                header = _format.encode_header([(local[n], dtypes[n], tuple(shapes[n]), reader.nbytes(n)) for n in group])
-                sizes[file] = _write_shard(reader, stage, file, header, group, bar.update)
+                entries = [(local[n], dtypes[n], tuple(shapes[n]), reader.nbytes(n)) for n in group]
+                sizes[file] = stream_shard(reader, stage, file, entries, group, bar.update)[0]["size"]
                 weight_map.update((local[n], file) for n in group)
         if config_bytes is not None:
             stage.write_file(HF_CONFIG, config_bytes)
@@ -144,20 +146,3 @@ def _check_replaceable(out: str, storage: Storage) -> None:
             f"Cannot export to {out}: it holds files an export does not write ({', '.join(sorted(others)[:5])}), "
             "and the folder is replaced as a whole. Export to a new or empty folder."
         )
-
-
-def _write_shard(reader: CheckpointReader, stage: Stage, file: str, header: bytes, group: list[str],
-                 progress: Any) -> int:
-    """Write one shard: the header, then each tensor's bytes streamed from the checkpoint."""
-    size = len(header) + sum(reader.nbytes(n) for n in group)
-    with stage.create(file, size) as out:
-        out.write([memoryview(header)])
-        for name in group:
-            for piece in reader.iter_bytes(name, _COPY_BYTES):
-                out.write([memoryview(piece)])
-                progress(len(piece))
-        out.finish()
-    return size
-
-
-_COPY_BYTES = 16 * 2**20

@@ -33,11 +33,19 @@ from typing import Any
 import xxhash
 
 from torchckpt import _lease, _upload
-from torchckpt._backend import ABSENT, AlreadyCommitted, ConflictError, Output, join, name_of, parent_of
+from torchckpt._backend import (
+    ABSENT,
+    LEFTOVER_GRACE_SECS,
+    AlreadyCommitted,
+    ConflictError,
+    Output,
+    join,
+    name_of,
+    parent_of,
+)
 from torchckpt._format import INDEX_FILE, PENDING_FILE
 from torchckpt.errors import CheckpointError, CheckpointWriteError, CorruptCheckpointError
 
-LEFTOVER_GRACE_SECS = 3600.0  # an uncommitted prefix of no live lease is a leftover once this old
 # Ranged reads (where a GET cannot be streamed into the destinations): READ_PARTS at a time, each
 # 1/(10 * READ_PARTS + 1) of what is read from the file, clamped to [READ_PART_MIN, READ_PART_MAX].
 # A restore then holds under a tenth of the bytes it reads beyond its destination tensors (or

@@ -452,3 +452,19 @@ def state_tree(index: Index, resolve: Callable[[str], Any], rank: int = 0) -> An
         if e.path is not None:
             raise
         raise CorruptCheckpointError(f"{join(index.directory, INDEX_FILE)}: {e}", index.directory) from None
+
+
+def rank_view(index: Index, rank: int) -> tuple[Any, dict[str, str], dict[str, str]]:
+    """A format-2 checkpoint as one rank's single-process checkpoint: the state tree with that
+    rank's per-rank values, each tensor name it then holds -> the name a reader knows the tensor
+    by (a chunked tensor's logical name, a per-rank tensor's stored ``~r`` name), and the aliases.
+    A format-1 index is returned as it is."""
+    state = index.section.get("state", {})
+    if index.raw[TORCHCKPT_KEY]["format_version"] < _format.SHARDED_FORMAT_VERSION:
+        return state, {n: n for n in index.names}, dict(index.aliases)
+    layout = index.layout
+    chunks = {n for parts in layout.pieces.values() for _, n in parts}
+    names = {n: n for n in index.names if n not in chunks and n not in layout.ranked}
+    names.update((n, n) for n in layout.chunked)
+    names.update((path, stored) for stored, (path, r) in layout.ranked.items() if r == rank)
+    return _tree.select_rank(state, rank, index.world_size), names, dict(index.aliases)

@@ -1,7 +1,7 @@
 """One writer per directory on an object store: a lease object, created if absent and renewed.
 
 An object store has no ``flock``. The claim is ``DIRECTORY/.torchckpt.lock``, created with
-create-if-absent and holding its holder (pid, host), a session id and an expiry. A helper thread
+create-if-absent and holding its holder (pid, host, job), a session id and an expiry. A helper thread
 renews it every third of its term with a conditional write (``If-Match`` on the ETag it last
 wrote), so a second process finds a live lease and is refused; a holder that died stops renewing
 and its lease expires, after which the next process takes it over (again conditionally, so two
@@ -18,7 +18,6 @@ import atexit
 import contextlib
 import json
 import os
-import socket
 import threading
 import time
 import uuid
@@ -26,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torchckpt import _format
-from torchckpt._backend import ABSENT, ConflictError, join
+from torchckpt._backend import ABSENT, ConflictError, holder_note, join
 from torchckpt.errors import CheckpointError, CorruptCheckpointError
 
 LEASE_FILE = _format.LOCK_FILE  # the same name as the local claim
@@ -51,8 +50,7 @@ _guard = threading.RLock()
 
 
 def _body(session: str, seconds: float) -> bytes:
-    note = {"holder": f"pid {os.getpid()} on {socket.gethostname()}", "session": session,
-            "expires": time.time() + seconds, "since": time.ctime()}
+    note = {"holder": holder_note(), "session": session, "expires": time.time() + seconds}
     return json.dumps(note).encode()
 
 

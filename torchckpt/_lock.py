@@ -1,6 +1,6 @@
 """One writer per directory across processes: an ``flock`` that dies with its process.
 
-The lock file records the holder (pid, host, start time) so that a refused process can say who
+The lock file records the holder (pid, host, the job's id under torchrun, start time) so that a refused process can say who
 holds the directory. Within one process the claim is shared, so a second manager on the same
 directory keeps working (as TensorFlow's tests expect).
 
@@ -16,11 +16,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import socket
 import threading
-import time
 
 from torchckpt import _files, _format
+from torchckpt._backend import holder_note
 from torchckpt.errors import CheckpointError
 
 LOCK_FILE = _format.LOCK_FILE
@@ -58,7 +57,7 @@ def claim_directory(directory: str) -> None:
                     f"{directory} is managed by another live process ({holder[:300]}). Only one CheckpointManager "
                     "may write to a directory at a time; stop that process or use another directory."
                 ) from None
-            note = f"pid {os.getpid()} on {socket.gethostname()}, since {time.ctime()}\n".encode()
+            note = f"{holder_note()}\n".encode()
             os.ftruncate(fd, 0)
             os.pwrite(fd, note, 0)
         except BaseException:

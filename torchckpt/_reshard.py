@@ -13,7 +13,8 @@ over bytes this rank does not read. ``torchckpt verify`` checks every chunk in f
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,8 @@ import xxhash
 from torchckpt import _chunks, _tensorio
 from torchckpt._backend import IOV_MAX, Source
 from torchckpt._chunks import Box, ChunkedInfo
-from torchckpt._format import TensorInfo
+from torchckpt._format import TensorInfo, itemsize
+from torchckpt.errors import CorruptCheckpointError, checksum_mismatch
 
 
 def destination_box(dest: torch.Tensor, key: str) -> tuple[torch.Tensor, Box] | None:
@@ -105,18 +107,89 @@ def plan_boxed(pairs: list[tuple[torch.Tensor, Any]]) -> BoxedReads:
         if local.dtype != saved.dtype or not _is_host_contiguous(local):
             target = torch.empty(local.shape, dtype=saved.dtype)
             out.copies.append((local, target))
-        view = _tensorio.byte_view(target)
-        itemsize = target.element_size()
-        for sbox, info in saved_boxes(saved):
-            inner = _chunks.overlap(sbox, dbox)
-            if inner is None:
-                continue
-            piece = _Piece(info, inner == sbox)
-            for s, d, n in _chunks.runs(inner, sbox, dbox):
-                piece.views.append((info.start + s * itemsize, view[d * itemsize : (d + n) * itemsize]))
-                out.nbytes += n * itemsize
-            out.by_file.setdefault(info.file, []).append(piece)
+        _plan_into(out, target, dbox, saved)
     return out
+
+
+def _plan_into(out: BoxedReads, target: torch.Tensor, dbox: Box, saved: TensorInfo | ChunkedInfo) -> None:
+    """The runs that fill ``target`` (contiguous host memory holding box ``dbox``) from ``saved``."""
+    view = _tensorio.byte_view(target)
+    itemsize = target.element_size()
+    for sbox, info in saved_boxes(saved):
+        inner = _chunks.overlap(sbox, dbox)
+        if inner is None:
+            continue
+        piece = _Piece(info, inner == sbox)
+        for s, d, n in _chunks.runs(inner, sbox, dbox):
+            piece.views.append((info.start + s * itemsize, view[d * itemsize : (d + n) * itemsize]))
+            out.nbytes += n * itemsize
+        out.by_file.setdefault(info.file, []).append(piece)
+
+
+def row_blocks(saved: ChunkedInfo, open_source: Callable[[TensorInfo], Source], block_bytes: int,
+               path_of: Callable[[TensorInfo], str]) -> Iterator[torch.Tensor]:
+    """The whole tensor ``saved`` assembled from its chunks, as blocks of rows of about
+    ``block_bytes`` (at least one row), in order: memory stays bounded whatever the tensor's size.
+
+    Every chunk is checked against its checksum as its last byte is read, although its bytes
+    arrive over several blocks: each chunk's runs are read in its own order, block after block,
+    so one running hash per chunk sees its bytes exactly as they were written.
+
+    Raises:
+        CorruptCheckpointError: a chunk fails its checksum, or its shard ends early.
+    """
+    shape = tuple(saved.shape)
+    if not shape:
+        shape, scalar = (1,), True
+    else:
+        scalar = False
+    row_bytes = max(1, math.prod(shape[1:]) * itemsize(saved.dtype))
+    rows = max(1, block_bytes // row_bytes)
+    hashes: dict[str, tuple[Any, int]] = {}  # stored name -> (running hash, bytes hashed)
+    sources: dict[str, Source] = {}
+    try:
+        for start in range(0, shape[0], rows):
+            n = min(rows, shape[0] - start)
+            block = torch.empty((n, *shape[1:]), dtype=saved.dtype)
+            reads = BoxedReads()
+            _plan_into(reads, block, ((start, *(0 for _ in shape[1:])), (n, *shape[1:])),
+                       saved if not scalar else _as_rows(saved))
+            for file, pieces in reads.by_file.items():
+                source = sources.get(file)
+                if source is None:
+                    source = sources[file] = open_source(pieces[0].info)
+                try:
+                    read_file(source, pieces, False, lambda _: None)
+                except EOFError as e:
+                    raise CorruptCheckpointError(f"{path_of(pieces[0].info)} is truncated: {e}.",
+                                                 path_of(pieces[0].info)) from e
+                for piece in pieces:
+                    _hash_piece(piece, hashes, path_of)
+            yield block.view(()) if scalar else block
+    finally:
+        for source in sources.values():
+            source.close()
+
+
+def _as_rows(saved: ChunkedInfo) -> ChunkedInfo:
+    """A 0-dim tensor's one chunk seen as a tensor of one row (boxes need a dimension)."""
+    return saved._replace(shape=torch.Size([1]), pieces=tuple((((0,), (1,)), info) for _, info in saved.pieces))
+
+
+def _hash_piece(piece: _Piece, hashes: dict[str, tuple[Any, int]], path_of: Callable[[TensorInfo], str]) -> None:
+    info = piece.info
+    if info.checksum is None:
+        return
+    hasher, seen = hashes.get(info.name) or (xxhash.xxh3_64(), 0)
+    for _, view in piece.views:  # in the chunk's own order (runs are planned in source order)
+        hasher.update(view)
+        seen += len(view)
+    hashes[info.name] = (hasher, seen)
+    if seen == info.nbytes:
+        del hashes[info.name]
+        if hasher.intdigest() != info.checksum:
+            raise CorruptCheckpointError(checksum_mismatch(info.name, path_of(info), info.checksum,
+                                                           hasher.intdigest()), path_of(info))
 
 
 def _is_host_contiguous(t: torch.Tensor) -> bool:

@@ -317,11 +317,21 @@ def local_bytes(unit: Unit, local: dict[str, torch.Tensor]) -> torch.Tensor:
 # -- 4. and 5. write and commit ---------------------------------------------------------------
 
 
-def save(coord: Coordinator, storage: Storage, path: str, tensors: dict[str, torch.Tensor], section: dict[str, Any],
-         max_shard_size: int, progress: bool | None, before_commit: Callable[[str], None] | None, replace: bool,
-         after: Callable[[], None] | None) -> str:
-    """Write one checkpoint from every rank of ``coord``; every rank returns ``path`` or raises the
-    same error."""
+@dataclass
+class Prepared:
+    """A save after the exchange that every rank makes in program order: what this rank writes
+    and the plan every rank agreed on. The rest (:func:`finish`) may run on another thread."""
+
+    path: str
+    captured: Captured
+    section: dict[str, Any]
+    plan: GlobalPlan
+
+
+def prepare(coord: Coordinator, path: str, tensors: dict[str, torch.Tensor], section: dict[str, Any],
+            max_shard_size: int) -> Prepared:
+    """Steps 1 to 3: capture, exchange, plan. A value that differs across ranks, or any rank's
+    failure, is raised on every rank."""
     captured: Captured | None = None
     failed: Exception | None = None
     try:
@@ -339,7 +349,23 @@ def save(coord: Coordinator, storage: Storage, path: str, tensors: dict[str, tor
     differing = differing_values(records)
     if differing:
         raise refusal(differing)
-    plan = global_plan(records, max_shard_size)
+    return Prepared(path, captured, section, global_plan(records, max_shard_size))
+
+
+def save(coord: Coordinator, storage: Storage, path: str, tensors: dict[str, torch.Tensor], section: dict[str, Any],
+         max_shard_size: int, progress: bool | None, before_commit: Callable[[str], None] | None, replace: bool,
+         after: Callable[[], Any] | None) -> Any:
+    """Write one checkpoint from every rank of ``coord``; every rank returns what ``after`` returned
+    on rank 0 (see :func:`finish`) or raises the same error."""
+    prepared = prepare(coord, path, tensors, section, max_shard_size)
+    return finish(coord, storage, prepared, progress, before_commit, replace, after)
+
+
+def finish(coord: Coordinator, storage: Storage, prepared: Prepared, progress: bool | None,
+           before_commit: Callable[[str], None] | None, replace: bool, after: Callable[[], Any] | None) -> Any:
+    """Steps 4 and 5: write every rank's files and commit on rank 0. ``after`` runs on rank 0 once
+    the checkpoint is committed; what it returns (JSON) is returned on every rank."""
+    path, plan, captured = prepared.path, prepared.plan, prepared.captured
     stage, stage_error = None, None
     if coord.rank == 0:
         try:
@@ -356,14 +382,14 @@ def save(coord: Coordinator, storage: Storage, path: str, tensors: dict[str, tor
     reports = _gather_reports(coord, report)
     if coord.rank == 0:
         assert stage is not None
-        outcome = _commit(coord, stage, path, plan, section, captured, reports, before_commit, after)
+        outcome = _commit(coord, stage, path, plan, prepared.section, captured, reports, before_commit, after)
         coord.broadcast("outcome", _dist.encode(outcome))
     else:
         outcome = _dist.decode(coord.broadcast("outcome", None, coord.outcome_timeout_secs))
     if "failures" in outcome:
         failures = {int(r): f for r, f in outcome["failures"].items()}
         raise _dist.collective_error(failures, "Saving " + path) from write_error
-    return path
+    return outcome.get("after")
 
 
 def _gather_reports(coord: Coordinator, report: dict[str, Any]) -> list[dict[str, Any]] | Exception:
@@ -405,7 +431,7 @@ def _write_mine(coord: Coordinator, storage: Storage, path: str, stage_path: str
 
 def _commit(coord: Coordinator, stage: Any, path: str, plan: GlobalPlan, section: dict[str, Any], captured: Captured,
             reports: list[dict[str, Any]] | Exception, before_commit: Callable[[str], None] | None,
-            after: Callable[[], None] | None) -> dict[str, Any]:
+            after: Callable[[], Any] | None) -> dict[str, Any]:
     """Rank 0: write the index and commit once every rank has reported success; else discard."""
     try:
         if isinstance(reports, Exception):
@@ -423,11 +449,10 @@ def _commit(coord: Coordinator, stage: Any, path: str, plan: GlobalPlan, section
         stage.discard()
         return {"failures": {0: _dist.failure_payload(e)}}
     try:
-        if after is not None:
-            after()
+        result = after() if after is not None else None
     except Exception as e:
         return {"failures": {0: _dist.failure_payload(e)}}
-    return {"ok": path}
+    return {"ok": path, "after": result}
 
 
 def _index_document(plan: GlobalPlan, section: dict[str, Any], captured: Captured, reports: list[dict[str, Any]],

@@ -331,6 +331,19 @@ def select_rank(node: Any, rank: int, saved_world: int, path: str = "") -> Any:
     return node
 
 
+def per_rank_paths(node: Any, path: str = "") -> Iterator[str]:
+    """The key paths of a format-2 state tree's per-rank values."""
+    if isinstance(node, dict):
+        if len(node) == 1 and PER_RANK_TAG in node:
+            yield path
+            return
+        for k, v in node.items():
+            yield from per_rank_paths(v, join(path, k))
+    elif isinstance(node, list):
+        for v in node:
+            yield from per_rank_paths(v, path)
+
+
 def _decode_tagged(tag: str, payload: Any, trie: Trie | str | None, resolve: Callable[[str], Any], path: str,
                    depth: int) -> Any:
     if tag == TENSOR_TAG:

@@ -166,7 +166,11 @@ class Checkpoint:
             progress: show a progress bar (None: on a terminal, for saves over 256 MiB).
             metadata: JSON values stored with the checkpoint (the manager stores metrics here).
             async_save: return once the state is copied into reusable host buffers; the write
-                happens in the background (see :meth:`wait_until_finished`).
+                happens in the background (see :meth:`wait_until_finished`). On several ranks
+                the exchange of what each rank holds and the copy happen in the call, on every
+                rank; the writes, the commit and the outcome in the background, coordinated
+                through the c10d Store (never the training group's collectives), and a failure
+                on any rank is raised on every rank by the next save or ``wait_until_finished``.
             storage_options: passed to fsspec when ``path`` is a URL (credentials, endpoint).
             process_group: with torch.distributed initialised on more than one rank, the write is
                 collective over this group (the default group when None): every rank calls it,
@@ -196,27 +200,24 @@ class Checkpoint:
         progress: bool | None,
         metadata: dict[str, Any] | None,
         async_save: bool,
-        after: Callable[[], None] | None = None,
+        after: Callable[[], Any] | None = None,
         before_commit: Callable[[str], None] | None = None,
         replace: bool = True,
         coordinator: _dist.Coordinator | None = None,
+        adopt: Callable[[Any], object] | None = None,
     ) -> None:
         """The one write path: capture the state now, then write it here or in the background.
 
         ``after`` runs once the checkpoint is committed (``save`` records the latest checkpoint,
-        the manager applies retention), on the background thread for an asynchronous write.
+        the manager applies retention), on the background thread for an asynchronous write; on
+        several ranks it runs on rank 0, and ``adopt`` gets what it returned on every other rank.
         Without ``replace``, a checkpoint already at ``path`` raises ``AlreadyCommitted``.
         """
         self.wait_until_finished()  # one write in flight; raises a previous background failure
         _format.parse_size(max_shard_size)  # a bad size is an error before any work
         if coordinator is not None:
-            if async_save:
-                raise ValueError("async_save=True is not supported yet for a save by several ranks; "
-                                 "save synchronously (async_save=False).")
-            with gc_paused():
-                job = capture(self, metadata, prepare=False, distributed=True)
-                _sharded_save.save(coordinator, storage, path, job.stored, job.section,
-                                   _format.parse_size(max_shard_size), progress, before_commit, replace, after)
+            self._commit_collective(coordinator, storage, path, _format.parse_size(max_shard_size), progress, metadata,
+                                    async_save, after, adopt, before_commit, replace)
             return
 
         def run() -> None:
@@ -235,6 +236,42 @@ class Checkpoint:
             if self._writer is None:
                 object.__setattr__(self, "_writer", AsyncWriter())
             job.stored, job.aliases = self._writer.snapshot(_sharded_save.localize(job.stored))
+        self._writer.submit(run, path)
+
+    def _commit_collective(self, coord: _dist.Coordinator, storage: Storage, path: str, max_shard_size: int,
+                           progress: bool | None, metadata: dict[str, Any] | None, async_save: bool,
+                           after: Callable[[], Any] | None, adopt: Callable[[Any], object] | None,
+                           before_commit: Callable[[str], None] | None, replace: bool) -> None:
+        """A save by every rank. The capture, the exchange of what each rank holds and, for an
+        asynchronous save, the copy into host memory run here, in program order on every rank; the
+        writes, the commit and the outcome then run on the background thread, coordinating through
+        keys of their own in the c10d Store, never through collectives on the training group."""
+        with gc_paused():
+            job = capture(self, metadata, prepare=False, distributed=True)
+            prepared = _sharded_save.prepare(coord, path, job.stored, job.section, max_shard_size)
+            del job
+            if async_save:
+                if self._writer is None:
+                    object.__setattr__(self, "_writer", AsyncWriter())
+                views, aliases = self._writer.snapshot(prepared.captured.local)
+                prepared.captured.local = {n: views[aliases.get(n, n)] for n in prepared.captured.local}
+        scope = coord.scope() if async_save else coord
+
+        def run() -> None:
+            try:
+                with gc_paused():
+                    result = _sharded_save.finish(scope, storage, prepared, False if async_save else progress,
+                                                  before_commit, replace, after)
+            finally:
+                if scope is not coord:
+                    scope.close_scope()
+            if adopt is not None and coord.rank != 0:
+                adopt(result)
+
+        if not async_save:
+            run()
+            return
+        assert self._writer is not None
         self._writer.submit(run, path)
 
     def wait_until_finished(self) -> None:
@@ -534,22 +571,26 @@ def commit(
     progress: bool | None = None,
     metadata: dict[str, Any] | None = None,
     async_save: bool = False,
-    after: Callable[[], None] | None = None,
+    after: Callable[[], Any] | None = None,
     before_commit: Callable[[str], None] | None = None,
     replace: bool = True,
     coordinator: _dist.Coordinator | None = None,
+    adopt: Callable[[Any], object] | None = None,
 ) -> None:
     """The write a manager (or a test) makes: :meth:`Checkpoint.write` with a hook ``after`` the
     commit, one ``before_commit`` (tests inject faults with it), ``replace=False`` to refuse a
     checkpoint already at ``path`` (``AlreadyCommitted``), and the ranks' ``coordinator`` for a
-    save by several ranks (``after`` and ``before_commit`` then run on rank 0)."""
+    save by several ranks (``after`` and ``before_commit`` then run on rank 0, and ``adopt`` gets
+    what ``after`` returned on every other rank)."""
     ckpt._commit(storage, path, max_shard_size, progress, metadata, async_save, after, before_commit, replace,
-                 coordinator)
+                 coordinator, adopt)
 
 
-def restore_from(ckpt: Checkpoint, storage: Storage, path: str) -> RestoreStatus:
-    """:meth:`Checkpoint.restore` of ``path`` on ``storage`` (a manager's own)."""
-    return ckpt._restore(path, True, None, Plan(), True, None, storage)
+def restore_from(ckpt: Checkpoint, storage: Storage, path: str,
+                 coordinator: _dist.Coordinator | None = None) -> RestoreStatus:
+    """:meth:`Checkpoint.restore` of ``path`` on ``storage`` (a manager's own), collective with a
+    ``coordinator``."""
+    return ckpt._restore(path, True, None, Plan(), True, None, storage, coordinator)
 
 
 def _write(

@@ -75,26 +75,43 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     reader = _load(args, args.path)
     shapes, dtypes = reader.get_variable_to_shape_map(), reader.get_variable_to_dtype_map()
     names = reader.filter(args.filter)
+    sharded = reader.world_size > 1
     rows: list[dict[str, Any]] = []
     total = 0
     for name in names:
         nbytes = shapes[name].numel() * _format.itemsize(dtypes[name])
         total += nbytes
-        rows.append({"name": name, "dtype": _dtype(dtypes[name]), "shape": list(shapes[name]),
-                     "bytes": nbytes, "shard": reader.shard_of(name)})
+        row: dict[str, Any] = {"name": name, "dtype": _dtype(dtypes[name]), "shape": list(shapes[name]),
+                               "bytes": nbytes}
+        if sharded:  # a tensor of a job is shown whole (its global shape), with the chunks that tile it
+            row["chunks"] = len(reader.chunks_of(name))
+            row["shards"] = reader.shards_of(name)
+            row["shard"] = row["shards"][0] if len(row["shards"]) == 1 else f"{len(row['shards'])} shards"
+        else:
+            row["shard"] = reader.shard_of(name)
+        rows.append(row)
     if args.json:
-        out = {"path": reader.path, "format": reader.kind, "metadata": reader.metadata, "tensors": rows,
-               "total_tensors": len(rows), "total_bytes": total}
+        out = {"path": reader.path, "format": reader.kind, "world_size": reader.world_size,
+               "metadata": reader.metadata, "tensors": rows, "total_tensors": len(rows), "total_bytes": total}
         print(json.dumps(out, indent=1, default=str))
         return 0
     if reader.storage.real_path(reader.path) != reader.storage.real_path(args.path):
         print(f"checkpoint: {reader.path}\n")  # a manager's directory: say which of its checkpoints this is
-    table = [[r["name"], r["dtype"], str(r["shape"]), human_bytes(r["bytes"]), r["shard"]] for r in rows]
-    print(_table(table, ["name", "dtype", "shape", "size", "shard"], {3}))
+    if sharded:
+        table = [[r["name"], r["dtype"], str(r["shape"]), human_bytes(r["bytes"]), str(r["chunks"]), r["shard"]]
+                 for r in rows]
+        print(_table(table, ["name", "dtype", "global shape", "size", "chunks", "shard"], {3, 4}))
+    else:
+        table = [[r["name"], r["dtype"], str(r["shape"]), human_bytes(r["bytes"]), r["shard"]] for r in rows]
+        print(_table(table, ["name", "dtype", "shape", "size", "shard"], {3}))
     meta = reader.metadata
-    shards = len({r["shard"] for r in rows})
+    shards = len({s for r in rows for s in r.get("shards", [r["shard"]])})
     print(f"\n{plural(len(rows), 'tensor')}, {human_bytes(total)} in {plural(shards, 'shard')}"
           + (f" (filter {args.filter!r})" if args.filter else ""))
+    if sharded:
+        chunked = sum(1 for r in rows if r["chunks"] > 1)
+        print(f"saved by {reader.world_size} ranks: {plural(chunked, 'tensor')} in "
+              f"{plural(sum(r['chunks'] for r in rows if r['chunks'] > 1), 'chunk')}")
     if meta.get("format") == "torchckpt":
         created = datetime.datetime.fromtimestamp(meta["created"]).isoformat(" ", "seconds") if meta.get("created") else "?"
         print(f"format {meta['format_version']}, written {created} by torchckpt {meta['torchckpt_version']}, "
@@ -286,6 +303,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
             print(f"Error: ... and {len(problems) - 20} more problems", file=sys.stderr)
         return 1
     what = "sizes and checksums" if reader.kind == "torchckpt" else "headers (no checksums in this format)"
+    if reader.world_size > 1:  # the index was refused on load unless every tensor's chunks tile it
+        chunks = sum(len(reader.chunks_of(n)) for n in reader.names if n not in reader.aliases)
+        what += f", and the {plural(chunks, 'chunk')} saved by {reader.world_size} ranks tile their tensors"
     print(f"OK: {reader.path}: {plural(len(reader.names), 'tensor')}, {what} verified")
     return 0
 
@@ -302,6 +322,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- consolidate -------------------------------------------------------------------------------
+
+
+def cmd_consolidate(args: argparse.Namespace) -> int:
+    from torchckpt._consolidate import consolidate
+
+    done = consolidate(args.path, args.out, rank=args.rank, max_shard_size=args.max_shard_size,
+                       progress=args.progress, storage_options=args.storage_options)
+    kept = (f"; {plural(done['per_rank_values'], 'per-rank value')} as rank {done['rank']} saved them"
+            if done["per_rank_values"] else "")
+    print(f"wrote {done['out']}: {plural(done['tensors'], 'tensor')}, {human_bytes(done['bytes'])} in "
+          f"{plural(done['shards'], 'shard')}, from {done['path']} (saved by {plural(done['world_size'], 'rank')}){kept}")
+    return 0
+
+
 # -- plumbing ----------------------------------------------------------------------------------
 
 
@@ -313,8 +348,9 @@ def _command(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="torchckpt", description="Inspect, compare, verify and export checkpoints.",
+        prog="torchckpt", description="Inspect, compare, verify, export and consolidate checkpoints.",
         epilog="examples:\n  torchckpt inspect runs/gan\n  torchckpt ls runs/gan\n  torchckpt verify runs/gan/ckpt-7\n"
+               "  torchckpt consolidate runs/fsdp/ckpt-7 single-ckpt-7\n"
                "run 'torchckpt COMMAND --help' for a command's options",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"torchckpt {__version__}")
@@ -366,9 +402,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="the checkpoint to export from (any path inspect takes)")
     p.add_argument("--object", required=True, metavar="NAME", help="the tracked module to export")
     p.add_argument("out", help="output folder, a path or a URL (replaced as a whole; atomically on a local disk)")
-    p.add_argument("--max-shard-size", default="5GB", help="bytes per shard, e.g. 5GB (default) or 500MiB")
+    p.add_argument("--max-shard-size", default=_format.DEFAULT_MAX_SHARD_SIZE,
+                   help="bytes per shard, e.g. 500MiB or 2GB (default: 5GB)")
     p.add_argument("--config", metavar="FILE", help="a config.json to copy into the folder (for from_pretrained)")
     p.set_defaults(handler=cmd_export)
+
+    p = _command(sub, "consolidate", "write a checkpoint saved by several ranks as a single-process one (format 1)",
+                 "torchckpt consolidate runs/fsdp/ckpt-7 runs/fsdp-ckpt-7-single", [progress, remote])
+    p.add_argument("path", help="the checkpoint (any path inspect takes)")
+    p.add_argument("out", help="the new checkpoint directory, a path or a URL; it must not exist")
+    p.add_argument("--rank", type=int, default=0, help="whose per-rank values (RNG state, PerRank) to keep "
+                   "(default 0, as a single process restoring the checkpoint would)")
+    p.add_argument("--max-shard-size", default=_format.DEFAULT_MAX_SHARD_SIZE,
+                   help="bytes per shard, e.g. 500MiB or 2GB (default: 5GB)")
+    p.set_defaults(handler=cmd_consolidate)
     return parser
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from torchckpt import _atomic, _directory, _format
+from torchckpt import _atomic, _directory, _dist, _format
 from torchckpt._backend import AlreadyCommitted, ConflictError, as_path, join, name_of
 from torchckpt._directory import Entry, State, StateFileError
 from torchckpt._retention import MetricFn, best_entries, plan_retention
@@ -81,6 +81,13 @@ class CheckpointManager:
         max_shard_size: bytes per shard, or a string such as ``"2GB"`` (see ``Checkpoint.write``).
         progress: progress bars (None: on a terminal, for large saves).
         storage_options: passed to fsspec when ``directory`` is a URL (``s3://bucket/run``).
+        process_group: with torch.distributed initialised on more than one rank, the manager is
+            collective over this group (the default group when None): every rank constructs it
+            and calls ``save``, ``restore_or_initialize`` and ``wait_until_finished`` in the same
+            order. Rank 0 alone claims the directory, numbers checkpoints, applies retention and
+            writes the state file, and tells the other ranks, so every rank reports the same
+            ``latest_checkpoint``, ``checkpoints`` and ``best_checkpoint``.
+        timeout_secs: how long a collective call waits for the other ranks (default 1800).
 
     Example:
         >>> import tempfile, torch, torchckpt
@@ -109,6 +116,8 @@ class CheckpointManager:
         max_shard_size: int | str = _format.DEFAULT_MAX_SHARD_SIZE,
         progress: bool | None = None,
         storage_options: dict[str, Any] | None = None,
+        process_group: Any = None,
+        timeout_secs: float | None = None,
     ) -> None:
         if not isinstance(checkpoint, Checkpoint):
             raise TypeError(f"CheckpointManager needs a torchckpt.Checkpoint, got {type(checkpoint).__name__}.")
@@ -144,13 +153,34 @@ class CheckpointManager:
         self._last_checkpoint_step: int | None = None
         self._async_save = async_save
         self._warned_metric = False
+        self._read_only = False
+        self._coord = _dist.coordinator_for(process_group, timeout_secs)
+        explicit_mode = best_mode is not None
+        if self._coord is None:
+            self._open_and_load(explicit_mode)
+        else:  # rank 0 alone touches the directory; the others take its view of the history
+            def open_on_rank_0() -> dict[str, Any]:
+                self._open_and_load(explicit_mode)
+                return self._mirror()
+
+            mirror = _dist.decided(self._coord, f"Opening {self._directory}", open_on_rank_0)
+            if self._coord.rank != 0:
+                state = self._adopt(mirror)
+                self._take_ranking(state, explicit_mode)
+
+    def _open_and_load(self, explicit_mode: bool) -> None:
         self._read_only = self._open_directory()
         try:
-            self._load_state(explicit_mode=best_mode is not None)
+            self._load_state(explicit_mode)
         except BaseException:
             if not self._read_only:
                 self._storage.release(self._directory)  # a failed construction holds nothing
             raise
+
+    @property
+    def _is_primary(self) -> bool:
+        """Whether this process decides for the job: a single process, or rank 0."""
+        return self._coord is None or self._coord.rank == 0
 
     def _open_directory(self) -> bool:
         """Create and claim the directory and clear crashed writers' leftovers; True when it is
@@ -269,10 +299,27 @@ class CheckpointManager:
                  if (_directory.number_of(n, self._name) or -1) > top]
         return newer[-1] if newer else None
 
-    def _record_state(self) -> None:
+    def _state_now(self) -> State:
         metric = self._best_metric if isinstance(self._best_metric, str) else None
-        state = State(self._latest, list(self._kept), list(self._preserved), self._last_preserved_timestamp,
-                      metric, self._best_mode, self._keep_best if metric else None)
+        return State(self._latest, list(self._kept), list(self._preserved), self._last_preserved_timestamp,
+                     metric, self._best_mode, self._keep_best if metric else None)
+
+    def _mirror(self) -> dict[str, Any]:
+        """Rank 0's view of the history, for the other ranks (the state file's own encoding)."""
+        return {"state": self._state_now().to_bytes().decode(), "read_only": self._read_only}
+
+    def _adopt(self, mirror: dict[str, Any]) -> State:
+        """Take rank 0's view of the history (on the other ranks, which never read the directory)."""
+        state = _directory.parse_state(mirror["state"].encode(), join(self._directory, _directory.STATE_FILE))
+        self._read_only = bool(mirror["read_only"])
+        self._latest = state.latest
+        self._kept = list(state.checkpoints)
+        self._preserved = list(state.preserved)
+        self._last_preserved_timestamp = state.last_preserved_timestamp
+        return state
+
+    def _record_state(self) -> None:
+        state = self._state_now()
         try:
             self._state_token = _directory.write_state(self._directory, state, self._storage, self._state_token)
         except ConflictError:
@@ -370,30 +417,37 @@ class CheckpointManager:
                 f"Cannot save into {self._directory}: it is read-only, so this manager only reads it "
                 "(restore_or_initialize, latest_checkpoint, checkpoints). Save to a writable directory."
             )
-        metrics_copy = self._checked_metrics(metrics)
-        number = _number(checkpoint_number) if checkpoint_number is not None else None
-        self._storage.claim(self._directory)  # a no-op unless this is a forked child (or lost its lease)
-        if self._checkpoint_interval is not None:
-            current = int(self._step_counter)
-            last = self._last_checkpoint_step
-            if check_interval and last is not None and (
-                current == last or current < last + self._checkpoint_interval
-            ):
-                return None
-            self._last_checkpoint_step = current
+        what = f"Saving into {self._directory}"
+        if self._coord is None:
+            proposal = self._propose(checkpoint_number, check_interval, metrics)
+        else:  # a bad argument on one rank fails the call on every rank, before anything is written
+            proposal = _dist.agree(self._coord, what, lambda: self._propose(checkpoint_number, check_interval, metrics))
         counter_before = self._checkpoint.save_counter
-        set_save_counter(self._checkpoint, counter_before + 1)
+        if self._coord is None:
+            decision = self._decide(proposal)
+        else:  # rank 0's decision (number, interval) is everyone's
+            decision = _dist.decided(self._coord, what, lambda: self._decide(proposal))
+        if decision["skip"]:
+            return None
+        if decision["step"] is not None:
+            self._last_checkpoint_step = decision["step"]
+        set_save_counter(self._checkpoint, decision["counter"])
+        name = f"{self._name}-{decision['number']}"
+        path = join(self._directory, name)
+        metrics_copy = decision["metrics"]
         try:
-            explicit = number is not None
-            number = number if number is not None else self._next_number()
-            name = f"{self._name}-{number}"
-            path = join(self._directory, name)
             metadata: dict[str, Any] = {_directory.MANAGER_KEY: self._name}
             if metrics_copy:
                 metadata["metrics"] = metrics_copy
+
+            def after() -> dict[str, Any] | None:
+                self._record_and_sweep(name, metrics_copy)
+                return self._mirror() if self._coord is not None else None
+
             commit(self._checkpoint, self._storage, path, max_shard_size=self._max_shard_size,
                    progress=self._progress, metadata=metadata, async_save=self._async_save,
-                   after=lambda: self._record_and_sweep(name, metrics_copy), replace=explicit)
+                   after=after, replace=decision["explicit"], coordinator=self._coord,
+                   adopt=self._adopt)
         except AlreadyCommitted:
             set_save_counter(self._checkpoint, counter_before)
             raise CheckpointError(
@@ -405,6 +459,34 @@ class CheckpointManager:
             set_save_counter(self._checkpoint, counter_before)
             raise
         return path
+
+    def _propose(self, checkpoint_number: Any, check_interval: bool, metrics: Any) -> dict[str, Any]:
+        """The arguments of one ``save`` checked, and the interval applied, before anything is written."""
+        metrics_copy = self._checked_metrics(metrics)
+        number = _number(checkpoint_number) if checkpoint_number is not None else None
+        skip, step = False, None
+        if self._checkpoint_interval is not None:
+            step = int(self._step_counter)
+            last = self._last_checkpoint_step
+            skip = bool(check_interval and last is not None and (
+                step == last or step < last + self._checkpoint_interval))
+        return {"skip": skip, "step": step, "metrics": metrics_copy, "number": number}
+
+    def _decide(self, proposal: dict[str, Any]) -> dict[str, Any]:
+        """What this save does (on rank 0 for a job): skip it, or the number it writes."""
+        self._storage.claim(self._directory)  # a no-op unless this is a forked child (or lost its lease)
+        decision = {**proposal, "explicit": proposal["number"] is not None, "counter": self._checkpoint.save_counter}
+        if proposal["skip"]:
+            return decision
+        counter_before = self._checkpoint.save_counter
+        set_save_counter(self._checkpoint, counter_before + 1)
+        try:
+            if decision["number"] is None:
+                decision["number"] = self._next_number()
+        finally:
+            decision["counter"] = self._checkpoint.save_counter
+            set_save_counter(self._checkpoint, counter_before)
+        return decision
 
     def _checked_metrics(self, metrics: Any) -> dict[str, Any] | None:
         """``metrics`` as plain values, checked before anything is written (a bad value must not
@@ -468,15 +550,18 @@ class CheckpointManager:
             The restored path, or None when ``init_fn`` ran (or there was nothing to do).
         """
         self.wait_until_finished()
-        if self._latest is not None:
+        if self._latest is not None:  # the same on every rank: rank 0's
             path = self.latest_checkpoint
             assert path is not None
-            restore_from(self._checkpoint, self._storage, path)
+            restore_from(self._checkpoint, self._storage, path, self._coord)
             if self._checkpoint_interval is not None:
                 self._last_checkpoint_step = int(self._step_counter)
             return path
         if self._init_fn is not None:
-            self._init_fn()
+            if self._coord is None:
+                self._init_fn()
+            else:  # on every rank; a failure on one is raised on all
+                _dist.agree(self._coord, "init_fn", self._init_fn)
         return None
 
     @property
@@ -488,7 +573,7 @@ class CheckpointManager:
     def close(self) -> None:
         """Wait for the save in flight and release the directory for other processes."""
         self.wait_until_finished()
-        if not self._read_only:
+        if not self._read_only and self._is_primary:
             self._storage.release(self._directory)
 
     def __repr__(self) -> str:

@@ -2,7 +2,9 @@
 
 For a torchckpt checkpoint the shapes and dtypes come from ``index.json`` alone (its compact tensor
 table is built for this), so inspecting a 100 GB checkpoint costs the same as a 100 KB one; shard
-headers are read and validated only when a tensor is read. Plain ``.safetensors`` files and Hugging
+headers are read and validated only when a tensor is read. A checkpoint saved by several ranks
+(format 2) is shown as the job saw it: each sharded tensor under its own name with its global
+shape, assembled from its chunks when it is read (block by block, so memory stays bounded). Plain ``.safetensors`` files and Hugging
 Face sharded folders (``*.safetensors.index.json``) are read from their headers, so any safetensors
 weights can be inspected the same way.
 """
@@ -19,12 +21,18 @@ from typing import Any
 import torch
 import xxhash
 
-from torchckpt import _directory, _format, _index, _tensorio, _tree
+from torchckpt import _chunks, _directory, _format, _index, _reshard, _tensorio, _tree
 from torchckpt._backend import Source, Storage, as_path, join, name_of, parent_of
 from torchckpt._format import INDEX_FILE, TensorInfo
 from torchckpt._storage import storage_for
 from torchckpt._threads import gc_paused
-from torchckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, VariableNotFoundError, checksum_mismatch
+from torchckpt.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    VariableNotFoundError,
+    checksum_mismatch,
+)
 
 __all__ = ["CheckpointReader", "TensorSpec", "list_variables", "load_checkpoint", "load_variable"]
 
@@ -68,6 +76,7 @@ class CheckpointReader:
         self._infos: dict[str, TensorInfo] | None = None
         self._shape_map: dict[str, torch.Size] | None = None
         self._dtype_map: dict[str, torch.dtype] | None = None
+        self._chunked: dict[str, list[tuple[_chunks.Box, str]]] = {}  # format 2: logical name -> its chunks
 
     # -- construction ----------------------------------------------------------------------
 
@@ -78,6 +87,14 @@ class CheckpointReader:
         reader._index = index
         reader._names, reader._dtypes, reader._shapes = index.names, index.dtypes, index.shapes
         reader._aliases = index.aliases
+        layout = index.layout
+        if layout.chunked:  # chunks are shown as the tensors they tile
+            reader._chunked = layout.pieces
+            chunks = {n for pieces in layout.pieces.values() for _, n in pieces}
+            kept = [i for i, n in enumerate(index.names) if n not in chunks]
+            reader._names = [index.names[i] for i in kept] + list(layout.chunked)
+            reader._dtypes = [index.dtypes[i] for i in kept] + [d for d, _ in layout.chunked.values()]
+            reader._shapes = [index.shapes[i] for i in kept] + [s for _, s in layout.chunked.values()]
         return reader
 
     @classmethod
@@ -142,16 +159,49 @@ class CheckpointReader:
 
         Raises:
             VariableNotFoundError: no such tensor.
+            CheckpointError: the tensor is stored as chunks (see :meth:`chunks_of`).
         """
-        info = self._info(self._resolve(name))
+        stored = self._resolve(name)
+        if stored in self._chunked:
+            raise CheckpointError(f"Tensor {name!r} is stored as {len(self._chunked[stored])} chunks, not in one place; "
+                                  "see chunks_of(name).")
+        info = self._info(stored)
         return self._file_path(info), info.start, info.nbytes
 
     def has_tensor(self, name: str) -> bool:
-        return name in self._file_map or name in self._aliases
+        return name in self._file_map or name in self._aliases or name in self._chunked
 
     def shard_of(self, name: str) -> str:
-        """The shard file (base name) holding ``name``."""
-        return name_of(self._file_map[self._resolve(name)])
+        """The shard file (base name) holding ``name``.
+
+        Raises:
+            CheckpointError: the tensor is stored as chunks in several shards (see :meth:`shards_of`).
+        """
+        files = self.shards_of(name)
+        if len(files) != 1:
+            raise CheckpointError(f"Tensor {name!r} is stored as chunks in {len(files)} shards; see shards_of(name).")
+        return files[0]
+
+    def shards_of(self, name: str) -> list[str]:
+        """The shard files (base names) holding ``name`` or its chunks, sorted."""
+        stored = self._resolve(name)
+        if stored in self._chunked:
+            return sorted({name_of(self._file_map[n]) for _, n in self._chunked[stored]})
+        return [name_of(self._file_map[stored])]
+
+    def chunks_of(self, name: str) -> list[tuple[tuple[int, ...], tuple[int, ...], str]]:
+        """Where the parts of a tensor saved by several ranks are: ``(offsets, sizes, shard file)``
+        for each chunk, in the checkpoint's order; one whole-tensor entry for any other tensor."""
+        stored = self._resolve(name)
+        if stored in self._chunked:
+            return [(box[0], box[1], name_of(self._file_map[n])) for box, n in self._chunked[stored]]
+        shape = tuple(self.get_variable_to_shape_map()[stored])
+        return [(tuple(0 for _ in shape), shape, name_of(self._file_map[stored]))]
+
+    @property
+    def world_size(self) -> int:
+        """How many ranks saved the checkpoint (1 for a single process's, and for plain safetensors)."""
+        return self._index.world_size if self._index is not None else 1
 
     def nbytes(self, name: str) -> int:
         dtype = self.get_variable_to_dtype_map()[name]
@@ -159,7 +209,7 @@ class CheckpointReader:
 
     def _resolve(self, name: str) -> str:
         target = self._aliases.get(name, name)
-        if target in self._file_map:
+        if target in self._file_map or target in self._chunked:
             return target
         close = difflib.get_close_matches(name, self.names, n=3)
         hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
@@ -203,6 +253,10 @@ class CheckpointReader:
             CorruptCheckpointError: the bytes do not match what the index recorded.
         """
         stored = self._resolve(name)
+        if stored in self._chunked:
+            blocks = list(self._blocks(stored, _WHOLE))
+            return blocks[0] if blocks else torch.empty(self.get_variable_to_shape_map()[stored],
+                                                        dtype=self.get_variable_to_dtype_map()[stored])
         info = self._info(stored)
         out = torch.empty(info.shape, dtype=info.dtype)
         path = self._file_path(info)
@@ -227,6 +281,12 @@ class CheckpointReader:
             CorruptCheckpointError: the bytes end early or fail their checksum.
         """
         stored = self._resolve(name)
+        if stored in self._chunked:
+            for block in self._blocks(stored, chunk_bytes):
+                view = _tensorio.byte_view(block)
+                for offset in range(0, len(view), chunk_bytes):
+                    yield bytes(view[offset : offset + chunk_bytes])
+            return
         info = self._info(stored)
         path = self._file_path(info)
         hasher = xxhash.xxh3_64()
@@ -246,7 +306,14 @@ class CheckpointReader:
 
     def iter_chunks(self, name: str, chunk_bytes: int = _tensorio.CHUNK_BYTES) -> Iterator[torch.Tensor]:
         """The tensor's elements as flat 1-D tensors of at most ``chunk_bytes``: bounded memory."""
-        info = self._info(self._resolve(name))
+        stored = self._resolve(name)
+        if stored in self._chunked:
+            for block in self._blocks(stored, chunk_bytes):
+                flat = block.reshape(-1)
+                per = max(1, chunk_bytes // max(1, flat.element_size()))
+                yield from (flat[i : i + per] for i in range(0, flat.numel(), per))
+            return
+        info = self._info(stored)
         item = _format.itemsize(info.dtype)
         per = max(1, chunk_bytes // item)
         count = info.nbytes // item
@@ -262,6 +329,14 @@ class CheckpointReader:
                 yield part
         finally:
             source.close()
+
+    def _blocks(self, stored: str, block_bytes: int) -> Iterator[torch.Tensor]:
+        """A chunked tensor assembled block of rows by block of rows, every chunk checksummed."""
+        assert self._index is not None
+        dtype, shape = self._index.layout.chunked[stored]
+        saved = _chunks.ChunkedInfo(stored, _format.str_to_dtype(dtype), torch.Size(_format.parse_shape_key(shape, f"in {self.path}")),
+                                    tuple((box, self._info(n)) for box, n in self._chunked[stored]))
+        yield from _reshard.row_blocks(saved, self._open, block_bytes, self._file_path)
 
     # -- the rest of the checkpoint --------------------------------------------------------
 
@@ -290,7 +365,9 @@ class CheckpointReader:
         if self._index is None:
             return {}
         shapes, dtypes = self.get_variable_to_shape_map(), self.get_variable_to_dtype_map()
-        return _index.state_tree(self._index, lambda n: TensorSpec(n, dtypes[n], shapes[n]))
+        if not self._chunked:
+            return _index.state_tree(self._index, lambda n: TensorSpec(n, dtypes[n], shapes[n]))
+        return _specs(_index.state_tree(self._index, _Ref), shapes, dtypes)
 
     def get_value(self, key: str) -> Any:
         """A value of the state tree by its ``/`` key path (``"epoch"``, ``"g_sched/last_epoch"``)."""
@@ -313,6 +390,28 @@ class CheckpointReader:
 
     def __repr__(self) -> str:
         return f"CheckpointReader({self.path!r}, {len(self._names) + len(self._aliases)} tensors)"
+
+
+_WHOLE = 2**62  # block size that makes one block of a whole tensor
+
+
+class _Ref(str):
+    """A stored tensor's name where the state tree holds a tensor (told apart from a plain str)."""
+
+
+def _specs(node: Any, shapes: dict[str, torch.Size], dtypes: dict[str, torch.dtype]) -> Any:
+    """A format-2 state tree with each tensor as its :class:`TensorSpec` (a chunked one by its
+    logical name and global shape)."""
+    if isinstance(node, _chunks.ChunkedInfo):
+        return TensorSpec(node.name, dtypes[node.name], shapes[node.name])
+    if isinstance(node, _Ref):
+        return TensorSpec(str(node), dtypes[node], shapes[node])
+    if isinstance(node, dict):
+        return {k: _specs(v, shapes, dtypes) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        items = [_specs(v, shapes, dtypes) for v in node]
+        return items if isinstance(node, list) else tuple(items)
+    return node
 
 
 def _open_plain(storage: Storage, path: str) -> Source:

@@ -288,9 +288,256 @@ def s3_fsdp(d: Path, rank: int, world: int) -> dict:
     return {"path": path, "differences": differences(full_state(fresh, fresh_opt), reference)}
 
 
+# -- the manager, async saves and the tools on several ranks (part 2) ----------------------------
+
+
+def watch_deletions(mgr: torchckpt.CheckpointManager) -> list[str]:
+    """Record the checkpoints this rank's manager deletes."""
+    deleted: list[str] = []
+    storage = mgr._storage
+    real = storage.delete_checkpoint
+
+    def delete(path: str) -> None:
+        deleted.append(os.path.basename(path.rstrip("/")))
+        real(path)
+
+    storage.delete_checkpoint = delete
+    return deleted
+
+
+def view(mgr: torchckpt.CheckpointManager) -> list:
+    names = lambda ps: [os.path.basename(p) for p in ps]  # noqa: E731
+    return [names([mgr.latest_checkpoint or ""])[0], names(mgr.checkpoints),
+            names([mgr.best_checkpoint or ""])[0]]
+
+
+LOSSES = [5.0, 3.0, 4.0, 1.0, 6.0, 7.0, 2.5, 8.0]
+
+
+def manager_2(d: Path, rank: int, world: int) -> dict:
+    """max_to_keep=2, keep_best=1 on a metric, a step interval: rank 0 alone deletes, every rank agrees."""
+    model = fsdp_mlp(0)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    step_counter = torch.tensor(0)
+    ckpt = torchckpt.Checkpoint(model=model, opt=opt, step=step_counter, rng=torchckpt.RNGState())
+    inits = []
+    mgr = torchckpt.CheckpointManager(ckpt, str(d / "managed"), max_to_keep=2, keep_best=1, best_metric="loss",
+                                      step_counter=step_counter, checkpoint_interval=2,
+                                      init_fn=lambda: inits.append(rank), timeout_secs=TIMEOUT)
+    restored = mgr.restore_or_initialize()
+    deleted = watch_deletions(mgr)
+    views, returned = [], []
+    for i in range(2 * len(LOSSES)):
+        step(model, opt)
+        step_counter.fill_(i)
+        path = mgr.save(metrics={"loss": LOSSES[i // 2]})
+        returned.append(os.path.basename(path) if path else None)
+        if path:
+            views.append(view(mgr))
+    mgr.close()
+    reference = full_state(model, opt)  # collective: on every rank
+    if rank == 0:
+        safetensors.torch.save_file(reference, str(d / "managed-reference.safetensors"))
+    return {"restored": restored, "inits": inits, "returned": returned, "views": views, "deleted": deleted,
+            "on_disk": sorted(p.name for p in (d / "managed").iterdir()), "save_counter": ckpt.save_counter}
+
+
+def manager_resume(d: Path, rank: int, world: int) -> dict:
+    """A new job (another world size) resumes the history: the same latest, kept and best on every
+    rank, the same checkpoint restored everywhere, and numbering goes on."""
+    model = fsdp_mlp(5)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    step_counter = torch.tensor(-1)
+    ckpt = torchckpt.Checkpoint(model=model, opt=opt, step=step_counter, rng=torchckpt.RNGState())
+    mgr = torchckpt.CheckpointManager(ckpt, str(d / "managed"), max_to_keep=2, keep_best=1, best_metric="loss",
+                                      step_counter=step_counter, checkpoint_interval=2,
+                                      init_fn=lambda: (_ for _ in ()).throw(AssertionError("init_fn called")),
+                                      timeout_secs=TIMEOUT)
+    before = view(mgr)
+    restored = mgr.restore_or_initialize()
+    reference = safetensors.torch.load_file(str(d / "managed-reference.safetensors"))
+    found = full_state(model, opt)
+    deleted = watch_deletions(mgr)
+    step_counter.add_(2)
+    path = mgr.save(metrics={"loss": 0.5})
+    out = {"before": before, "restored": restored and os.path.basename(restored),
+           "differences": differences(found, reference), "step": int(step_counter), "saved": path and os.path.basename(path),
+           "after": view(mgr), "deleted": deleted, "save_counter": ckpt.save_counter}
+    mgr.close()
+    return out
+
+
+def second_job(d: Path, rank: int, world: int) -> dict:
+    """The test process holds the directory: every rank of this job is refused the same way."""
+    try:
+        torchckpt.CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(2)), str(d / "held"), timeout_secs=TIMEOUT)
+        return {"refused": None}
+    except torchckpt.CheckpointError as e:
+        return {"refused": f"{type(e).__name__}: {e}"}
+
+
+ASYNC_SAVES = 20
+
+
+def async_loops(d: Path, rank: int, world: int) -> dict:
+    """20 back-to-back async saves while the main thread runs all_reduce and barrier loops on the
+    default group; training changes every value right after each save() returns."""
+    model = fsdp_mlp(0)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    step(model, opt)
+    marker = torch.zeros(3)
+    ckpt = torchckpt.Checkpoint(model=model, opt=opt, marker=marker, rng=torchckpt.RNGState())
+    mgr = torchckpt.CheckpointManager(ckpt, str(d / f"async{world}"), max_to_keep=None, async_save=True,
+                                      timeout_secs=TIMEOUT)
+    blocked, collectives = [], 0
+    for i in range(1, ASYNC_SAVES + 1):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(float(i))
+            marker.fill_(float(i))
+        start = time.perf_counter()
+        mgr.save()
+        blocked.append(time.perf_counter() - start)
+        with torch.no_grad():  # training goes on at once: the checkpoint must hold i, not this
+            for p in model.parameters():
+                p.fill_(-1.0)
+            marker.fill_(-1.0)
+        for _ in range(3):
+            t = torch.ones(64)
+            dist.all_reduce(t)
+            dist.barrier()
+            collectives += int(t[0].item() == world)
+    mgr.wait_until_finished()
+    out = {"checkpoints": [os.path.basename(p) for p in mgr.checkpoints], "collectives": collectives,
+           "blocked_median": sorted(blocked)[len(blocked) // 2]}
+    mgr.close()
+    return out
+
+
+def async_failure(d: Path, rank: int, world: int) -> dict:
+    """A full disk on rank 1 in a background save is raised on every rank, at the next save() and
+    at wait_until_finished(); nothing of it is committed."""
+    import errno
+
+    from torchckpt import _save
+
+    model = fsdp_mlp(0)
+    ckpt = torchckpt.Checkpoint(model=model)
+    mgr = torchckpt.CheckpointManager(ckpt, str(d / "async-fault"), async_save=True, timeout_secs=TIMEOUT)
+    real = _save.write_shards
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    out: dict = {"first": os.path.basename(mgr.save())}
+    mgr.wait_until_finished()
+    for when in ("save", "wait_until_finished"):
+        if rank == 1:
+            _save.write_shards = full_disk
+        out[f"{when}_returned"] = os.path.basename(mgr.save())  # the failure happens in the background
+        try:
+            mgr.save() if when == "save" else mgr.wait_until_finished()
+            out[when] = "no error"
+        except torchckpt.CheckpointError as e:
+            out[when] = f"{type(e).__name__}: {e}"
+            out[f"{when}_ranks"] = getattr(e, "ranks", None)
+        finally:
+            _save.write_shards = real
+    out["last"] = os.path.basename(mgr.save())
+    mgr.wait_until_finished()
+    out["checkpoints"] = [os.path.basename(p) for p in mgr.checkpoints]
+    out["on_disk"] = sorted(p.name for p in (d / "async-fault").iterdir())
+    mgr.close()
+    return out
+
+
+def killed_async(d: Path, rank: int, world: int) -> dict:
+    """Rank 0 is SIGKILLed in a background save once its files are written: rank 1 raises within
+    the timeout, and the stage rank 0 left is for the next job to clean up."""
+    from torchckpt import _save
+
+    model = fsdp_mlp(0)
+    mgr = torchckpt.CheckpointManager(torchckpt.Checkpoint(model=model), str(d / "killed-async"), async_save=True,
+                                      timeout_secs=3)
+    first = mgr.save()
+    mgr.wait_until_finished()
+    if rank == 0:
+        real = _save.write_shards
+
+        def die(*args, **kwargs):
+            real(*args, **kwargs)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        _save.write_shards = die
+    start = time.monotonic()
+    mgr.save()
+    try:
+        mgr.wait_until_finished()
+        result = "saved"
+    except torchckpt.CheckpointError as e:
+        result = f"{type(e).__name__}: {e}"
+    return {"first": first, "second": result, "seconds": time.monotonic() - start,
+            "entries": sorted(p.name for p in (d / "killed-async").iterdir())}
+
+
+def manager_s3(d: Path, rank: int, world: int) -> dict:
+    """A manager on 4 ranks saving into s3:// (moto): rank 0 claims with a lease and deletes."""
+    url = os.environ["TORCHCKPT_TEST_S3"] + "/managed"
+    options = {"client_kwargs": {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}}
+    model = fsdp_mlp(0)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    ckpt = torchckpt.Checkpoint(model=model, opt=opt)
+    mgr = torchckpt.CheckpointManager(ckpt, url, max_to_keep=2, storage_options=options, timeout_secs=TIMEOUT)
+    deleted = watch_deletions(mgr)
+    views = []
+    for _ in range(3):
+        step(model, opt)
+        mgr.save()
+        views.append(view(mgr))
+    reference = full_state(model, opt)  # collective: on every rank
+    if rank == 0:
+        safetensors.torch.save_file(reference, str(d / "s3-managed-reference.safetensors"))
+    mgr.close()
+    return {"views": views, "deleted": deleted}
+
+
+TOOLS_BIG_ROWS = 4096  # the largest tensor: 4096 x 4096 float32, 64 MiB
+
+
+def tools_save(d: Path, rank: int, world: int) -> dict:
+    """An FSDP2 checkpoint with sharded int64 and bool tensors and one 64 MiB tensor, for the tools."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    model = fsdp_mlp(0)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    step(model, opt)
+
+    def sharded(full_tensor: torch.Tensor) -> DTensor:
+        local = full_tensor.chunk(world)[rank].clone()
+        return DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=full_tensor.shape,
+                                  stride=full_tensor.stride())
+
+    gen = torch.Generator().manual_seed(4)
+    table = torch.randint(-2**40, 2**40, (8, 4), generator=gen)
+    mask = torch.rand(8, 3, generator=gen) > 0.5
+    big = torch.rand(TOOLS_BIG_ROWS, 4096, generator=gen)
+    ckpt = torchckpt.Checkpoint(model=model, opt=opt, table=sharded(table), mask=sharded(mask), big=sharded(big),
+                                rng=torchckpt.RNGState(), cursor=torchckpt.PerRank(100 + rank))
+    path = ckpt.write(str(d / "tools" / "ckpt-1"), timeout_secs=TIMEOUT)
+    reference = {**full_state(model, opt), "table": table, "mask": mask, "big": big}  # collective
+    if rank == 0:
+        safetensors.torch.save_file(reference, str(d / "tools-reference.safetensors"))
+    return {"path": path}
+
+
 SCENARIOS = {f.__name__: f for f in (save_fsdp_4, save_fsdp_2, restore_from_4, restore_from_2, plain_into_fsdp,
                                       differing_value, ddp, tp_mesh, restore_tp, write_fails_on_one_rank,
-                                      killed_mid_save, s3_fsdp)}
+                                      killed_mid_save, s3_fsdp, manager_2, manager_resume, second_job,
+                                      async_loops, async_failure, killed_async, manager_s3, tools_save)}
+
+
+LOSES_A_RANK = {"killed_async"}
 
 
 def main() -> None:
@@ -304,6 +551,8 @@ def main() -> None:
             except Exception as e:
                 result = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
             (directory / f"{name}-w{world}-rank{rank}.json").write_text(json.dumps(result, default=str))
+            if name in LOSES_A_RANK:  # the group cannot be torn down cleanly without the dead rank
+                os._exit(0)
     finally:
         dist.destroy_process_group()
 
