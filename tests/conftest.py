@@ -11,6 +11,8 @@ import xxhash
 
 from torchckpt import _format
 
+from .distributed import job_dir, killed, killed_async, s3_run, world2, world3, world4, world4_from_2  # noqa: F401
+
 
 def read_index(directory: str | os.PathLike[str]) -> dict:
     """A checkpoint's ``index.json``, parsed (its seal is left in)."""

@@ -1,4 +1,5 @@
-"""Launching a gloo job of several processes on 127.0.0.1 for a test, and never leaving one behind."""
+"""Launching a gloo job of several processes on 127.0.0.1 for a test, and never leaving one behind;
+and the jobs the distributed tests share (session fixtures, imported by ``conftest.py``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
+import safetensors.torch
+
+import torchckpt
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,3 +63,69 @@ def results(directory: Path, scenario: str, world: int, ranks: list[int] | None 
             raise AssertionError(f"rank {rank} has no result for {scenario}; its log ends:\n{log}")
         out.append(json.loads(path.read_text()))
     return out
+
+
+# -- the jobs, shared by the distributed test modules (each spawn costs 6-9 s) -------------------
+
+
+@pytest.fixture(scope="session")
+def job_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("jobs")
+
+
+@pytest.fixture(scope="session")
+def s3_run(s3_endpoint) -> str:
+    import s3fs
+
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}).mkdir("distributed")
+    return "s3://distributed/run"
+
+
+@pytest.fixture(scope="session")
+def world4(job_dir, s3_endpoint, s3_run) -> Path:
+    scenarios = ["save_fsdp_4", "restore_from_4", "differing_value", "ddp", "tp_mesh", "write_fails_on_one_rank",
+                 "s3_fsdp", "manager_s3", "async_loops", "tools_save"]
+    run_ranks(4, job_dir, scenarios, env={"AWS_ENDPOINT_URL": s3_endpoint, "TORCHCKPT_TEST_S3": s3_run})
+    return job_dir
+
+
+@pytest.fixture(scope="session")
+def world3(world4) -> Path:
+    run_ranks(3, world4, ["restore_from_4"])
+    return world4
+
+
+@pytest.fixture(scope="session")
+def world2(world4) -> Path:
+    from tests.jobs.dist_job import MLP
+
+    model = MLP(21)  # a single-process checkpoint (format 1) for the plain -> FSDP2 restore
+    torchckpt.Checkpoint(model=model).write(world4 / "plain-mlp")
+    safetensors.torch.save_file({f"model/{k}": v for k, v in model.state_dict().items()},
+                                str(world4 / "plain-mlp-reference.safetensors"))
+    (world4 / "held").mkdir()
+    holder = torchckpt.CheckpointManager(torchckpt.Checkpoint(), world4 / "held")  # another job's claim
+    try:
+        run_ranks(2, world4, ["restore_from_4", "restore_tp", "plain_into_fsdp", "ddp", "save_fsdp_2", "manager_2",
+                              "second_job", "async_loops", "async_failure"])
+    finally:
+        holder.close()
+    return world4
+
+
+@pytest.fixture(scope="session")
+def world4_from_2(world2) -> Path:
+    run_ranks(4, world2, ["restore_from_2", "manager_resume"])
+    return world2
+
+
+@pytest.fixture(scope="session")
+def killed(job_dir) -> Path:
+    run_ranks(2, job_dir, ["killed_mid_save"], timeout=90)
+    return job_dir
+
+
+@pytest.fixture(scope="session")
+def killed_async(job_dir) -> Path:
+    run_ranks(2, job_dir, ["killed_async"], timeout=90)
+    return job_dir

@@ -1,7 +1,8 @@
 """Saves by several ranks and resharding restores, on real gloo jobs on 127.0.0.1.
 
-Spawning a job costs 6-9 s here, so each job (a module fixture) runs several scenarios of
-``tests/jobs/dist_job.py`` in order, and the tests below check what each rank recorded. Restores
+Spawning a job costs 6-9 s here, so each job (a session fixture of ``tests/distributed.py``,
+shared with ``test_distributed_manager.py``) runs several scenarios of ``tests/jobs/dist_job.py``
+in order, and the tests below check what each rank recorded. Restores
 into a plain model in this process (no process group) use the same checkpoints.
 """
 
@@ -20,60 +21,9 @@ import torchckpt
 from torchckpt import _format, _index
 
 from .conftest import read_index, write_index
-from .distributed import results, run_ranks
+from .distributed import results
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
-
-
-@pytest.fixture(scope="module")
-def job_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("jobs")
-
-
-@pytest.fixture(scope="module")
-def s3_run(s3_endpoint) -> str:
-    import s3fs
-
-    s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}).mkdir("distributed")
-    return "s3://distributed/run"
-
-
-@pytest.fixture(scope="module")
-def world4(job_dir, s3_endpoint, s3_run) -> Path:
-    scenarios = ["save_fsdp_4", "restore_from_4", "differing_value", "ddp", "tp_mesh", "write_fails_on_one_rank",
-                 "s3_fsdp"]
-    run_ranks(4, job_dir, scenarios, env={"AWS_ENDPOINT_URL": s3_endpoint, "TORCHCKPT_TEST_S3": s3_run})
-    return job_dir
-
-
-@pytest.fixture(scope="module")
-def world3(world4) -> Path:
-    run_ranks(3, world4, ["restore_from_4"])
-    return world4
-
-
-@pytest.fixture(scope="module")
-def world2(world4) -> Path:
-    from tests.jobs.dist_job import MLP
-
-    model = MLP(21)  # a single-process checkpoint (format 1) for the plain -> FSDP2 restore
-    torchckpt.Checkpoint(model=model).write(world4 / "plain-mlp")
-    safetensors.torch.save_file({f"model/{k}": v for k, v in model.state_dict().items()},
-                                str(world4 / "plain-mlp-reference.safetensors"))
-    run_ranks(2, world4, ["restore_from_4", "restore_tp", "plain_into_fsdp", "ddp", "save_fsdp_2"])
-    return world4
-
-
-@pytest.fixture(scope="module")
-def world4_from_2(world2) -> Path:
-    run_ranks(4, world2, ["restore_from_2"])
-    return world2
-
-
-@pytest.fixture(scope="module")
-def killed(job_dir) -> Path:
-    run_ranks(2, job_dir, ["killed_mid_save"], timeout=90)
-    return job_dir
 
 
 def ok(directory: Path, scenario: str, world: int) -> list[dict]:

@@ -71,10 +71,9 @@ def consolidate(path: str, out: str, *, rank: int = 0, max_shard_size: int | str
     shards = _plan(tensors, _format.parse_size(max_shard_size))
     files = [_format.shard_name(i, len(shards)) for i in range(1, len(shards) + 1)]
     storage = storage_for(out, storage_options if is_url(out) else None)
-    try:
-        stage = storage.stage(out, False)
-    except AlreadyCommitted:
-        raise CheckpointError(f"{out} already holds a checkpoint; consolidate into a new path.") from None
+    if storage.exists(out) or storage.is_dir(out):  # checked before any work; the commit checks again
+        raise CheckpointError(f"{out} already exists; consolidate into a new path.")
+    stage = storage.stage(out, False)
     try:
         records, digests = [], []
         with progress_bar(sum(n for _, _, n in tensors.values()), "consolidate", progress) as bar:
@@ -94,6 +93,9 @@ def consolidate(path: str, out: str, *, rank: int = 0, max_shard_size: int | str
                                         _format.PLAIN_FORMAT_VERSION, section, aliases, records, table)
         stage.write_index(INDEX_FILE, _format.sealed_pieces(document))
         stage.commit({r["file"]: r["size"] for r in records})
+    except AlreadyCommitted:
+        stage.discard()
+        raise CheckpointError(f"{out} appeared while it was being written; nothing was replaced.") from None
     except BaseException:
         stage.discard()
         raise

@@ -304,8 +304,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return 1
     what = "sizes and checksums" if reader.kind == "torchckpt" else "headers (no checksums in this format)"
     if reader.world_size > 1:  # the index was refused on load unless every tensor's chunks tile it
-        chunks = sum(len(reader.chunks_of(n)) for n in reader.names if n not in reader.aliases)
-        what += f", and the {plural(chunks, 'chunk')} saved by {reader.world_size} ranks tile their tensors"
+        chunks = [len(reader.chunks_of(n)) for n in reader.names if n not in reader.aliases]
+        what += (f", and the {plural(sum(c for c in chunks if c > 1), 'chunk')} of "
+                 f"{plural(sum(1 for c in chunks if c > 1), 'tensor')} saved by {reader.world_size} ranks tile them")
     print(f"OK: {reader.path}: {plural(len(reader.names), 'tensor')}, {what} verified")
     return 0
 

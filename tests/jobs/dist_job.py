@@ -334,8 +334,8 @@ def manager_2(d: Path, rank: int, world: int) -> dict:
         returned.append(os.path.basename(path) if path else None)
         if path:
             views.append(view(mgr))
+            reference = full_state(model, opt)  # collective: on every rank
     mgr.close()
-    reference = full_state(model, opt)  # collective: on every rank
     if rank == 0:
         safetensors.torch.save_file(reference, str(d / "managed-reference.safetensors"))
     return {"restored": restored, "inits": inits, "returned": returned, "views": views, "deleted": deleted,

@@ -1,0 +1,140 @@
+"""The CheckpointManager and async saves on several ranks, on real gloo jobs on 127.0.0.1.
+
+The jobs are the session fixtures of ``tests/distributed.py``, shared with ``test_distributed.py``;
+each rank's findings are read back here.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import safetensors.torch
+import torch
+
+import torchckpt
+from torchckpt import cli
+
+from .distributed import results
+from .test_distributed import ok
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+
+
+# -- the manager ---------------------------------------------------------------------------------
+
+
+def test_a_manager_on_2_ranks_agrees_on_every_rank_and_only_rank_0_deletes(world2):
+    found = ok(world2, "manager_2", 2)
+    first, second = found
+    for key in ("returned", "views", "on_disk", "save_counter", "restored"):
+        assert first[key] == second[key], key
+    assert first["restored"] is None and first["inits"] == [0] and second["inits"] == [1]  # init_fn on every rank
+    # The interval (2) skips every other call; max_to_keep=2 plus the best by loss (ckpt-4, loss 1.0).
+    assert first["returned"] == ["ckpt-1", None, "ckpt-2", None, "ckpt-3", None, "ckpt-4", None, "ckpt-5", None,
+                                 "ckpt-6", None, "ckpt-7", None, "ckpt-8", None]
+    assert first["views"][-1] == ["ckpt-8", ["ckpt-4", "ckpt-7", "ckpt-8"], "ckpt-4"]
+    assert first["views"][2] == ["ckpt-3", ["ckpt-2", "ckpt-3"], "ckpt-2"]
+    assert first["deleted"] == ["ckpt-1", "ckpt-2", "ckpt-3", "ckpt-5", "ckpt-6"]
+    assert second["deleted"] == []
+    assert first["on_disk"] == [".torchckpt.lock", "checkpoints.json", "ckpt-4", "ckpt-7", "ckpt-8"]
+
+
+def test_a_new_job_on_4_ranks_resumes_the_history_and_restores_the_same_checkpoint(world4_from_2):
+    found = ok(world4_from_2, "manager_resume", 4)
+    for result in found:
+        assert result["before"] == ["ckpt-8", ["ckpt-4", "ckpt-7", "ckpt-8"], "ckpt-4"]
+        assert result["restored"] == "ckpt-8"
+        assert result["differences"] == []  # every rank holds the 2-rank job's last state, resharded
+        assert result["step"] == 16 and result["save_counter"] == 9  # step 14 restored, +2: the interval allows it
+        assert result["saved"] == "ckpt-9"
+        assert result["after"] == ["ckpt-9", ["ckpt-8", "ckpt-9"], "ckpt-9"]  # the new best (0.5) displaces ckpt-4
+    assert found[0]["deleted"] == ["ckpt-4", "ckpt-7"]
+    assert all(r["deleted"] == [] for r in found[1:])
+    state = torchckpt.get_checkpoint_state(world4_from_2 / "managed")
+    assert [os.path.basename(p) for p in state.kept] == ["ckpt-8", "ckpt-9"]
+    assert os.path.basename(state.best) == "ckpt-9"
+
+
+def test_a_second_job_on_a_claimed_directory_is_refused_on_every_rank_alike(world2):
+    found = ok(world2, "second_job", 2)
+    assert found[0]["refused"] == found[1]["refused"]
+    message = found[0]["refused"]
+    assert message.startswith("CheckpointError: Opening ")
+    assert "failed on rank 0" in message and "is managed by another live process" in message
+    assert f"pid {os.getpid()}" in message  # the holder: this test process
+
+
+def test_a_manager_on_4_ranks_saves_into_s3(world4, s3_run, s3_endpoint):
+    found = ok(world4, "manager_s3", 4)
+    assert all(r["views"] == found[0]["views"] for r in found)
+    assert found[0]["views"][-1] == ["ckpt-3", ["ckpt-2", "ckpt-3"], ""]  # no metrics: no best
+    assert found[0]["deleted"] == ["ckpt-1"] and all(r["deleted"] == [] for r in found[1:])
+    options = {"client_kwargs": {"endpoint_url": s3_endpoint}}
+    url = s3_run + "/managed"
+    state = torchckpt.get_checkpoint_state(url, storage_options=options)
+    assert [p.rsplit("/", 1)[1] for p in state.all] == ["ckpt-2", "ckpt-3"]
+    from tests.jobs.dist_job import MLP, differences
+
+    model = MLP(1)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    torchckpt.Checkpoint(model=model, opt=opt).restore(url, storage_options=options).assert_consumed()
+    reference = safetensors.torch.load_file(str(world4 / "s3-managed-reference.safetensors"))
+    found_state = {f"model/{k}": v for k, v in model.state_dict().items()}
+    for index, fields in opt.state_dict()["state"].items():
+        found_state.update({f"opt/{index}/{f}": v for f, v in fields.items()})
+    assert differences(found_state, reference) == []
+
+
+# -- async saves -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_20_async_saves_next_to_all_reduce_and_barrier_loops_hold_the_values_as_of_save(world4, world2, world):
+    found = ok(world4 if world == 4 else world2, "async_loops", world)
+    for result in found:
+        assert result["checkpoints"] == [f"ckpt-{i}" for i in range(1, 21)]
+        assert result["collectives"] == 60  # every all_reduce summed over the whole group
+    directory = world4 / f"async{world}"
+    for i in range(1, 21):  # training set every value to -1 right after save() returned
+        reader = torchckpt.load_checkpoint(directory / f"ckpt-{i}")
+        names = [n for n in reader.names if n.startswith("model/") and "steps_seen" not in n] + ["marker"]
+        for name in names:
+            value = reader.get_tensor(name)
+            assert torch.equal(value, torch.full_like(value, float(i))), (i, name)
+        assert cli.main(["verify", str(directory / f"ckpt-{i}")]) == 0
+
+
+def test_a_background_failure_on_one_rank_is_raised_on_every_rank(world2):
+    found = ok(world2, "async_failure", 2)
+    assert found[0] == found[1]
+    result = found[0]
+    for when, number in (("save", 2), ("wait_until_finished", 3)):
+        assert result[f"{when}_returned"] == f"ckpt-{number}"
+        assert result[when] == (f"CheckpointError: Saving {world2}/async-fault/ckpt-{number} failed on rank 1: "
+                                f"Cannot write checkpoint {world2}/async-fault/ckpt-{number}: no space left on the "
+                                "device. Free some space (or keep fewer checkpoints with max_to_keep); the previous "
+                                "checkpoints are intact.")
+        assert result[f"{when}_ranks"] == [1]
+    assert result["last"] == "ckpt-4"
+    assert result["checkpoints"] == ["ckpt-1", "ckpt-4"]
+    assert result["on_disk"] == [".torchckpt.lock", "checkpoints.json", "ckpt-1", "ckpt-4"]  # no stage is left
+
+
+def test_a_rank_killed_during_an_async_save_fails_the_others_and_the_next_job_cleans_up(killed_async):
+    assert not (killed_async / "killed_async-w2-rank0.json").exists()  # rank 0 died
+    survivor = results(killed_async, "killed_async", 2, ranks=[1])[0]
+    assert survivor["second"].startswith("CheckpointError: Lost contact with the other ranks during "), survivor
+    assert survivor["seconds"] < 3 * 2 + 5, survivor
+    directory = killed_async / "killed-async"
+    leftovers = [n for n in os.listdir(directory) if ".torchckpt-tmp-" in n]
+    assert len(leftovers) == 1, os.listdir(directory)  # rank 0's stage, with the files it wrote
+    from tests.jobs.dist_job import MLP
+
+    manager = torchckpt.CheckpointManager(torchckpt.Checkpoint(model=MLP(0)), directory)
+    try:
+        assert not [n for n in os.listdir(directory) if ".torchckpt-tmp-" in n]  # its writer is gone
+        assert manager.restore_or_initialize().endswith("ckpt-1")
+        assert manager.save().endswith("ckpt-2")
+    finally:
+        manager.close()
