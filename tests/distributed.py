@@ -53,6 +53,26 @@ def run_ranks(world: int, directory: Path, scenarios: list[str], timeout: float 
     return [proc.returncode for proc, _ in procs]
 
 
+def run_torchrun(nproc: int, args: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``torchrun --standalone --nproc-per-node N ...`` in its own session: on a timeout the whole
+    session (torchrun and its workers) is killed, never left behind."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *args]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"torchrun {' '.join(args)} did not finish in {timeout} s:\n{out[-3000:]}") from None
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # any worker left behind
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(command, proc.returncode, out, "")
+
+
 def results(directory: Path, scenario: str, world: int, ranks: list[int] | None = None) -> list[dict]:
     """Each rank's result of ``scenario`` (of ``ranks``, by default all); a missing one shows the logs."""
     out = []

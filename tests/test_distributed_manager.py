@@ -15,7 +15,7 @@ import torch
 import torchckpt
 from torchckpt import cli
 
-from .distributed import results
+from .distributed import ROOT, results, run_torchrun
 from .test_distributed import ok
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
@@ -138,3 +138,20 @@ def test_a_rank_killed_during_an_async_save_fails_the_others_and_the_next_job_cl
         assert manager.save().endswith("ckpt-2")
     finally:
         manager.close()
+
+
+# -- the example -------------------------------------------------------------------------------------
+
+
+def test_the_fsdp_example_is_killed_on_2_ranks_and_resumes_on_1(tmp_path):
+    script = str(ROOT / "examples" / "train_fsdp.py")
+    run = str(tmp_path / "run")
+    first = run_torchrun(2, [script, "--dir", run, "--crash-at", "27"])
+    assert first.returncode != 0 and "rank 0: killed at step 27" in first.stdout, first.stdout[-3000:]
+    assert "saving " + os.path.join(run, "ckpt-6") in first.stdout
+    assert torchckpt.latest_checkpoint(run) == os.path.join(run, "ckpt-6")
+    second = run_torchrun(1, [script, "--dir", run])
+    assert second.returncode == 0, second.stdout[-3000:]
+    assert f"world size 1: resumed from {os.path.join(run, 'ckpt-6')} at step 26" in second.stdout
+    assert "done at step 40; kept ['ckpt-6', 'ckpt-7', 'ckpt-8']" in second.stdout
+    assert torchckpt.load_checkpoint(os.path.join(run, "ckpt-8")).get_tensor("step").item() == 36
