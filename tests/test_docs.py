@@ -34,6 +34,9 @@ def test_readme_commands_are_what_ci_runs():
     assert 'pip install -e ".[dev]"' in README and 'pip install -q -e ".[dev]"' in ci
     assert "python -m pytest -q" in README and "python -m pytest -q" in ci
     assert "python examples/quickstart.py" in README
+    # what test_distributed_manager.py::test_the_fsdp_example_is_killed_on_2_ranks_and_resumes_on_1 runs
+    assert "torchrun --standalone --nproc-per-node 2 examples/train_fsdp.py --dir runs/fsdp --crash-at 27" in README
+    assert "torchrun --standalone --nproc-per-node 1 examples/train_fsdp.py --dir runs/fsdp" in README
 
 
 def test_quickstart_runs_and_matches(tmp_path):
