@@ -87,6 +87,48 @@ def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted([live.name, other.name])
 
 
+def test_a_temporary_from_another_host_is_removed_only_once_it_is_an_hour_old(tmp_path):
+    from torchckpt._backend import LEFTOVER_GRACE_SECS, host_tag
+
+    here = _atomic.temporary_sibling(str(tmp_path / "ckpt-1"))
+    assert f"{_atomic.TMP_MARKER}{os.getpid()}-h{host_tag()}-" in here  # pid and host in every temporary
+    other_host = "0" * 8 if host_tag() != "0" * 8 else "1" * 8
+    # Its pid is alive here, but it names another host's process: only its age counts.
+    recent = tmp_path / f"ckpt-3{_atomic.TMP_MARKER}{os.getpid()}-h{other_host}-abc"
+    old = tmp_path / f"ckpt-4{_atomic.TMP_MARKER}{os.getpid()}-h{other_host}-def"
+    for d in (recent, old):
+        d.mkdir()
+        (d / "model-00001-of-00001.safetensors").write_bytes(b"x")
+    past = time.time() - LEFTOVER_GRACE_SECS - 60
+    for path in (old / "model-00001-of-00001.safetensors", old):
+        os.utime(path, (past, past))
+    os.utime(recent, (past, past))  # an old directory with a file written just now: a writer is at work
+    assert _atomic.remove_stale_temporaries(str(tmp_path), "ckpt-") == [old.name]
+    assert os.listdir(tmp_path) == [recent.name]
+
+
+def test_the_claim_names_host_pid_and_job(tmp_path, monkeypatch):
+    import socket
+
+    from torchckpt import _lock
+
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.7")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    manager = torchckpt.CheckpointManager(torchckpt.Checkpoint(), tmp_path)
+    try:
+        note = (tmp_path / _lock.LOCK_FILE).read_text()
+        assert note.startswith(f"pid {os.getpid()} on {socket.gethostname()}, job 10.0.0.7:29500, since ")
+    finally:
+        manager.close()
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run-42")
+    manager = torchckpt.CheckpointManager(torchckpt.Checkpoint(), tmp_path)
+    try:
+        assert ", job run-42, " in (tmp_path / _lock.LOCK_FILE).read_text()
+    finally:
+        manager.close()
+
+
 def test_sigkilled_writer_never_leaves_a_partial_checkpoint(tmp_path):
     proc = subprocess.Popen([sys.executable, os.path.join(JOBS, "writer_job.py"), str(tmp_path)],
                             stdout=subprocess.PIPE, text=True)
