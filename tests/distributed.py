@@ -3,6 +3,7 @@ and the jobs the distributed tests share (session fixtures, imported by ``confte
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -66,10 +67,8 @@ def run_torchrun(nproc: int, args: list[str], timeout: float = 120) -> subproces
         out, _ = proc.communicate()
         raise AssertionError(f"torchrun {' '.join(args)} did not finish in {timeout} s:\n{out[-3000:]}") from None
     finally:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # any worker left behind
-        except ProcessLookupError:
-            pass
     return subprocess.CompletedProcess(command, proc.returncode, out, "")
 
 

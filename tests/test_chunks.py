@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import torchckpt
-from torchckpt import _chunks, _format, _sharded_save
+from torchckpt import _chunks, _format, _global_plan
 
 
 def test_stored_names_round_trip_and_never_collide_with_escaped_keys():
@@ -90,7 +90,7 @@ def test_replicated_bytes_are_spread_within_1_15x_of_the_mean(world):
     sizes = [768] * 2 + [2304] + [1024]
     records = ddp_records(world, [*sizes, *[768] * 24, *[3072] * 12],
                           (["model/wte", "F32", [50257, 768], None, None, None],))
-    plan = _sharded_save.global_plan(records, _format.DEFAULT_MAX_SHARD_SIZE)
+    plan = _global_plan.global_plan(records, _format.DEFAULT_MAX_SHARD_SIZE)
     load = [sum(u.nbytes for u in plan.units if u.owner == r) for r in range(world)]
     assert max(load) / (sum(load) / world) <= 1.15, load
     assert "model/wte" in plan.chunked  # split into row blocks, which tile it (checked by the plan)
@@ -101,8 +101,8 @@ def test_replicated_bytes_are_spread_within_1_15x_of_the_mean(world):
 
 def test_the_plan_is_the_same_whatever_the_rank_and_each_unit_written_once():
     records = ddp_records(4, [512, 256, 1024, 128, 768, 64, 384, 896])
-    first = _sharded_save.global_plan(records, 10**6)
-    again = _sharded_save.global_plan([dict(r) for r in records], 10**6)
+    first = _global_plan.global_plan(records, 10**6)
+    again = _global_plan.global_plan([dict(r) for r in records], 10**6)
     assert [(u.stored, u.owner) for u in first.units] == [(u.stored, u.owner) for u in again.units]
     stored = [n for rank in first.files for _, names in rank for n in names]
     assert sorted(stored) == sorted(u.stored for u in first.units) and len(stored) == len(set(stored))

@@ -9,9 +9,10 @@ The steps, every rank in the same order:
    each small plain tensor and of the non-tensor tree). A plain value or small tensor that differs
    across ranks is refused on every rank, naming the key: nothing is silently collapsed to one
    rank's copy.
-3. **Plan**, identically on every rank from the gathered records: each chunk is written by one of
-   the ranks that hold it, replicated bytes spread over the ranks largest first onto the least
-   loaded (big replicated tensors split into row blocks), files numbered globally.
+3. **Plan** (``_global_plan``), identically on every rank from the gathered records: each chunk
+   is written by one of the ranks that hold it, replicated bytes spread over the ranks largest
+   first onto the least loaded (big replicated tensors split into row blocks), files numbered
+   globally.
 4. **Write**: rank 0 opens the storage's stage and names it; every rank writes its own files
    into it in parallel, without sending any tensor to another rank.
 5. **Commit**: rank 0 gathers every rank's file records and checksums, writes ``index.json`` last
@@ -32,14 +33,13 @@ import xxhash
 
 from torchckpt import _capture, _chunks, _dist, _format, _save, _tensorio, _tree
 from torchckpt._backend import Storage, name_of
-from torchckpt._chunks import Box
 from torchckpt._dist import Coordinator
 from torchckpt._format import INDEX_FILE
+from torchckpt._global_plan import GlobalPlan, global_plan, local_bytes
 from torchckpt._progress import progress_bar
 from torchckpt.errors import CheckpointError, CheckpointWriteError, UnsupportedStateError, format_keys
 
 DIGEST_LIMIT = 2**20  # plain tensors up to this size are compared across ranks; larger ones are trusted
-MIN_BLOCK_BYTES = 8 * 2**20  # a replicated tensor is split into row blocks of about this much or more
 
 
 def localize(tensors: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -174,144 +174,6 @@ def refusal(keys: list[str]) -> CheckpointError:
     )
     error.keys = keys  # type: ignore[attr-defined]
     return error
-
-
-# -- 3. the global plan --------------------------------------------------------------------
-
-
-@dataclass
-class Unit:
-    """One stored tensor of the checkpoint: a whole tensor, or a chunk of one."""
-
-    stored: str
-    logical: str
-    dtype: torch.dtype
-    box: Box | None  # None: the whole tensor
-    shape: tuple[int, ...]  # the stored tensor's own shape
-    holders: list[int]
-    owner: int = -1
-
-    @property
-    def nbytes(self) -> int:
-        return _chunks.volume(self.shape) * _format.itemsize(self.dtype)
-
-
-@dataclass
-class GlobalPlan:
-    units: list[Unit]
-    chunked: dict[str, tuple[torch.dtype, tuple[int, ...]]]  # logical name -> (dtype, global shape)
-    files: list[list[tuple[str, list[str]]]]  # per rank: (file name, stored names)
-
-
-def global_plan(records: list[dict[str, Any]], max_shard_size: int) -> GlobalPlan:
-    """Who writes what, and into which files: the same result on every rank."""
-    world = len(records)
-    units: dict[tuple[Any, ...], Unit] = {}
-    logical: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
-    chunks_of: dict[str, list[Unit]] = {}
-    for rank, record in enumerate(records):
-        for name, dtype_name, shape, offsets, sizes, _ in record["entries"]:
-            dtype = _format.str_to_dtype(dtype_name)
-            shape = tuple(shape)
-            if offsets is None:
-                unit = units.setdefault((name,), Unit(name, name, dtype, None, shape, []))
-            else:
-                logical.setdefault(name, (dtype, shape))
-                box = (tuple(offsets), tuple(sizes))
-                if _chunks.volume(box[1]) == 0 and _chunks.volume(shape) != 0:
-                    continue
-                key = (name, box)
-                if key not in units:
-                    units[key] = Unit(_chunks.chunk_name(name, box[0]), name, dtype, box, box[1], [])
-                    chunks_of.setdefault(name, []).append(units[key])
-                unit = units[key]
-            unit.holders.append(rank)
-    for name, (_, shape) in logical.items():  # a chunk that is the whole tensor keeps the plain name
-        parts = chunks_of.get(name, [])
-        if len(parts) == 1 and (parts[0].box == (tuple(0 for _ in shape), shape) or _chunks.volume(shape) == 0):
-            parts[0].stored, parts[0].box = name, None
-    ordered = _split_replicated(list(units.values()), world, logical)
-    chunked: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
-    for unit in ordered:
-        if unit.box is not None:
-            chunked.setdefault(unit.logical, logical[unit.logical])
-    boxes: dict[str, list[Box]] = {}
-    for unit in ordered:
-        if unit.box is not None:
-            boxes.setdefault(unit.logical, []).append(unit.box)
-    for name, (_, shape) in chunked.items():
-        _chunks.check_tiling(name, shape, boxes[name], "in this save (the DTensor layouts do not tile it)")
-    _assign(ordered, world)
-    return GlobalPlan(ordered, chunked, _files(ordered, world, max_shard_size))
-
-
-def _split_replicated(units: list[Unit], world: int,
-                      logical: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> list[Unit]:
-    """Replicated whole tensors larger than a fair block become row blocks, each a chunk (their
-    global shapes are added to ``logical``)."""
-    replicated = sum(u.nbytes for u in units if len(u.holders) > 1)
-    block = max(MIN_BLOCK_BYTES, -(-replicated // (world * 8)))
-    out: list[Unit] = []
-    for unit in units:
-        if len(unit.holders) < 2 or unit.box is not None or unit.nbytes <= block or len(unit.shape) == 0:
-            out.append(unit)
-            continue
-        rows = unit.shape[0]
-        row_bytes = unit.nbytes // max(1, rows)
-        step = max(1, block // max(1, row_bytes))
-        if step >= rows:
-            out.append(unit)
-            continue
-        logical[unit.logical] = (unit.dtype, unit.shape)
-        for start in range(0, rows, step):
-            n = min(step, rows - start)
-            offsets = (start,) + (0,) * (len(unit.shape) - 1)
-            sizes = (n, *unit.shape[1:])
-            out.append(Unit(_chunks.chunk_name(unit.logical, offsets), unit.logical, unit.dtype, (offsets, sizes),
-                            sizes, list(unit.holders)))
-    return out
-
-
-def _assign(units: list[Unit], world: int) -> None:
-    """Largest first onto the least-loaded holder, after every rank's own (single-holder) bytes."""
-    load = [0] * world
-    for unit in units:
-        if len(unit.holders) == 1:
-            unit.owner = unit.holders[0]
-            load[unit.owner] += unit.nbytes
-    shared = sorted((u for u in units if len(u.holders) > 1), key=lambda u: -u.nbytes)  # stable: plan order
-    for unit in shared:
-        unit.owner = min(unit.holders, key=lambda r: (load[r], r))
-        load[unit.owner] += unit.nbytes
-
-
-def _files(units: list[Unit], world: int, max_shard_size: int) -> list[list[tuple[str, list[str]]]]:
-    per_rank: list[list[list[str]]] = []
-    for rank in range(world):
-        mine = {u.stored: torch.empty(u.shape, dtype=u.dtype, device="meta") for u in units if u.owner == rank}
-        per_rank.append([s.names for s in _save.plan_shards(mine, max_shard_size)] if mine else [])
-    if not any(per_rank):
-        per_rank[0] = [[]]  # nothing to store: one empty shard, as a single process writes
-    total = sum(map(len, per_rank))
-    out: list[list[tuple[str, list[str]]]] = []
-    number = 1
-    for shards in per_rank:
-        out.append([])
-        for names in shards:
-            out[-1].append((_format.shard_name(number, total), names))
-            number += 1
-    return out
-
-
-def local_bytes(unit: Unit, local: dict[str, torch.Tensor]) -> torch.Tensor:
-    """What this rank writes for ``unit``: its tensor, its DTensor chunk, or a row block."""
-    if unit.stored in local:
-        return local[unit.stored]
-    t = local[unit.logical]
-    if unit.box is None or _chunks.is_dtensor(t) or tuple(t.shape) == unit.shape:
-        return t
-    start, n = unit.box[0][0], unit.box[1][0]
-    return t[start : start + n]
 
 
 # -- 4. and 5. write and commit ---------------------------------------------------------------
