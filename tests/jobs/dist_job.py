@@ -241,6 +241,19 @@ def write_fails_on_one_rank(d: Path, rank: int, world: int) -> dict:
     return out
 
 
+def die_after_writing() -> None:
+    """This process is SIGKILLed once it has written its files of the next save, before it reports them."""
+    from torchckpt import _save
+
+    real = _save.write_shards
+
+    def die(*args, **kwargs):
+        real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    _save.write_shards = die
+
+
 def killed_mid_save(d: Path, rank: int, world: int) -> dict:
     """Rank 1 is SIGKILLed once it has written its files, before it reports them: the others raise
     within the timeout, and rank 0 removes the uncommitted stage."""
@@ -248,15 +261,7 @@ def killed_mid_save(d: Path, rank: int, world: int) -> dict:
     ckpt = torchckpt.Checkpoint(model=model, big=torch.zeros(4 * 2**20) + rank * 0)
     first = ckpt.save(str(d / "killed" / "ckpt"), timeout_secs=TIMEOUT)
     if rank == 1:
-        from torchckpt import _save
-
-        real = _save.write_shards
-
-        def die(*args, **kwargs):
-            real(*args, **kwargs)
-            os.kill(os.getpid(), signal.SIGKILL)
-
-        _save.write_shards = die
+        die_after_writing()
     start = time.monotonic()
     try:
         ckpt.save(str(d / "killed" / "ckpt"), timeout_secs=3)
@@ -454,21 +459,13 @@ def async_failure(d: Path, rank: int, world: int) -> dict:
 def killed_async(d: Path, rank: int, world: int) -> dict:
     """Rank 0 is SIGKILLed in a background save once its files are written: rank 1 raises within
     the timeout, and the stage rank 0 left is for the next job to clean up."""
-    from torchckpt import _save
-
     model = fsdp_mlp(0)
     mgr = torchckpt.CheckpointManager(torchckpt.Checkpoint(model=model), str(d / "killed-async"), async_save=True,
                                       timeout_secs=3)
     first = mgr.save()
     mgr.wait_until_finished()
     if rank == 0:
-        real = _save.write_shards
-
-        def die(*args, **kwargs):
-            real(*args, **kwargs)
-            os.kill(os.getpid(), signal.SIGKILL)
-
-        _save.write_shards = die
+        die_after_writing()
     start = time.monotonic()
     mgr.save()
     try:
