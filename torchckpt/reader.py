@@ -311,7 +311,7 @@ class CheckpointReader:
             for block in self._blocks(stored, chunk_bytes):
                 flat = block.reshape(-1)
                 per = max(1, chunk_bytes // max(1, flat.element_size()))
-                yield from (flat[i : i + per] for i in range(0, flat.numel(), per))
+                yield from (flat[i : i + per].clone() for i in range(0, flat.numel(), per))
             return
         info = self._info(stored)
         item = _format.itemsize(info.dtype)
