@@ -18,9 +18,9 @@ def check_tensor(name: str, t: torch.Tensor) -> None:
     reason = _tensorio.unsupported_reason(t)
     if reason is not None:
         raise UnsupportedStateError(
-            f"Cannot save tensor {name!r}: it is {reason}. Sharded state (DTensor, FSDP) is not supported yet; "
-            "save a full state dict instead (for FSDP2, torch.distributed.checkpoint.state_dict.get_state_dict "
-            "with full_state_dict=True).",
+            f"Cannot save tensor {name!r}: it is {reason}. torchckpt saves plain tensors and DTensors (FSDP2, "
+            "tensor parallel; on several ranks, by a collective save); convert this one to either first (for "
+            "FSDP1, switch to FSDP2's fully_shard, or save a full state dict).",
             key=name,
             value_type=type(t),
         )
