@@ -250,12 +250,9 @@ class Checkpoint:
             job = capture(self, metadata, prepare=False, distributed=True)
             prepared = _sharded_save.prepare(coord, path, job.stored, job.section, max_shard_size)
             del job
-            if async_save:
-                if self._writer is None:
-                    object.__setattr__(self, "_writer", AsyncWriter())
-                views, aliases = self._writer.snapshot(prepared.captured.local)
-                prepared.captured.local = {n: views[aliases.get(n, n)] for n in prepared.captured.local}
-        scope = coord.scope() if async_save else coord
+            scope = coord.scope() if async_save else coord
+            if async_save:  # a copy that fails on one rank (out of memory) fails the save on every rank, now
+                _dist.agree(coord, "Saving " + path, lambda: self._snapshot(prepared))
 
         def run() -> None:
             try:
@@ -273,6 +270,13 @@ class Checkpoint:
             return
         assert self._writer is not None
         self._writer.submit(run, path)
+
+    def _snapshot(self, prepared: _sharded_save.Prepared) -> None:
+        """Copy this rank's tensors of a save by several ranks into the async writer's host memory."""
+        if self._writer is None:
+            object.__setattr__(self, "_writer", AsyncWriter())
+        views, aliases = self._writer.snapshot(prepared.captured.local)
+        prepared.captured.local = {n: views[aliases.get(n, n)] for n in prepared.captured.local}
 
     def wait_until_finished(self) -> None:
         """Block until an asynchronous write is durable; raise its failure, if any."""

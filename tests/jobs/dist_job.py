@@ -448,6 +448,18 @@ def async_failure(d: Path, rank: int, world: int) -> dict:
             out[f"{when}_ranks"] = getattr(e, "ranks", None)
         finally:
             _save.write_shards = real
+    from torchckpt import _async
+
+    snapshot = _async.AsyncWriter.snapshot
+    if rank == 1:  # the copy into host memory fails on one rank: save() itself raises, on every rank
+        _async.AsyncWriter.snapshot = lambda *a, **k: (_ for _ in ()).throw(MemoryError("no host memory left"))
+    try:
+        mgr.save()
+        out["snapshot"] = "no error"
+    except torchckpt.CheckpointError as e:
+        out["snapshot"] = f"{type(e).__name__}: {e}"
+    finally:
+        _async.AsyncWriter.snapshot = snapshot
     out["last"] = os.path.basename(mgr.save())
     mgr.wait_until_finished()
     out["checkpoints"] = [os.path.basename(p) for p in mgr.checkpoints]
