@@ -242,25 +242,41 @@ class Layout:
     ranked: dict[str, tuple[str, int]] = dataclasses.field(default_factory=dict)  # stored -> (key path, rank)
     where: str = ""
 
+    @property
+    def chunk_names(self) -> set[str]:
+        """The stored names of every chunk."""
+        return {name for parts in self.pieces.values() for _, name in parts}
+
+    def rank_names(self, names: list[str], rank: int) -> dict[str, str]:
+        """The tensor names rank ``rank`` sees, each -> the name it is known by in the index (a
+        chunked tensor by its logical name, its own per-rank tensors by their ``~r`` names; chunks
+        and other ranks' tensors left out), in index order."""
+        chunks = self.chunk_names
+        out = {n: n for n in names if n not in chunks and n not in self.ranked}
+        out.update((path, name) for name, (path, r) in self.ranked.items() if r == rank)
+        out.update((n, n) for n in self.chunked)
+        return out
+
+    def chunked_info(self, name: str, resolve: Callable[[str], Any]) -> ChunkedInfo:
+        """The chunked tensor ``name``: its global shape and dtype, each chunk by ``resolve``."""
+        dtype, shape = self.chunked[name]
+        return ChunkedInfo(name, str_to_dtype(dtype), size_of(parse_shape_key(shape, self.where)),
+                           tuple((box, resolve(n)) for box, n in self.pieces[name]))
+
     def view(self, names: list[str], aliases: dict[str, str], rank: int,
              resolve: Callable[[str], Any]) -> tuple[list[str], Callable[[str], Any]]:
-        """The tensor names rank ``rank`` sees (chunks under their logical name, its own per-rank
-        tensors without their suffix, other ranks' left out), and a resolver for them: a chunked
-        tensor resolves to a :class:`ChunkedInfo` of its chunks (each by ``resolve``)."""
-        renamed = {path: name for name, (path, r) in self.ranked.items() if r == rank}
-        chunks = {name for parts in self.pieces.values() for _, name in parts}
-        visible = [n for n in names if n not in chunks and n not in self.ranked]
-        visible += [*renamed, *self.chunked, *aliases]
+        """The tensor names rank ``rank`` sees (see :meth:`rank_names`, and the aliases), and a
+        resolver for them: a chunked tensor resolves to a :class:`ChunkedInfo` of its chunks (each
+        by ``resolve``)."""
+        known = self.rank_names(names, rank)
 
         def resolved(name: str) -> Any:
             name = aliases.get(name, name)
             if name in self.chunked:
-                dtype, shape = self.chunked[name]
-                return ChunkedInfo(name, str_to_dtype(dtype), size_of(parse_shape_key(shape, self.where)),
-                                   tuple((box, resolve(n)) for box, n in self.pieces[name]))
-            return resolve(renamed.get(name, name))
+                return self.chunked_info(name, resolve)
+            return resolve(known.get(name, name))
 
-        return visible, resolved
+        return [*known, *aliases], resolved
 
 
 def parse_layout(section: dict[str, Any], names: list[str], dtypes: list[str], shapes: list[str], directory: str,

@@ -462,9 +462,5 @@ def rank_view(index: Index, rank: int) -> tuple[Any, dict[str, str], dict[str, s
     state = index.section.get("state", {})
     if index.raw[TORCHCKPT_KEY]["format_version"] < _format.SHARDED_FORMAT_VERSION:
         return state, {n: n for n in index.names}, dict(index.aliases)
-    layout = index.layout
-    chunks = {n for parts in layout.pieces.values() for _, n in parts}
-    names = {n: n for n in index.names if n not in chunks and n not in layout.ranked}
-    names.update((n, n) for n in layout.chunked)
-    names.update((path, stored) for stored, (path, r) in layout.ranked.items() if r == rank)
+    names = index.layout.rank_names(index.names, rank)
     return _tree.select_rank(state, rank, index.world_size), names, dict(index.aliases)

@@ -90,7 +90,7 @@ class CheckpointReader:
         layout = index.layout
         if layout.chunked:  # chunks are shown as the tensors they tile
             reader._chunked = layout.pieces
-            chunks = {n for pieces in layout.pieces.values() for _, n in pieces}
+            chunks = layout.chunk_names
             kept = [i for i, n in enumerate(index.names) if n not in chunks]
             reader._names = [index.names[i] for i in kept] + list(layout.chunked)
             reader._dtypes = [index.dtypes[i] for i in kept] + [d for d, _ in layout.chunked.values()]
@@ -333,9 +333,7 @@ class CheckpointReader:
     def _blocks(self, stored: str, block_bytes: int) -> Iterator[torch.Tensor]:
         """A chunked tensor assembled block of rows by block of rows, every chunk checksummed."""
         assert self._index is not None
-        dtype, shape = self._index.layout.chunked[stored]
-        saved = _chunks.ChunkedInfo(stored, _format.str_to_dtype(dtype), torch.Size(_format.parse_shape_key(shape, f"in {self.path}")),
-                                    tuple((box, self._info(n)) for box, n in self._chunked[stored]))
+        saved = self._index.layout.chunked_info(stored, self._info)
         yield from _reshard.row_blocks(saved, self._open, block_bytes, self._file_path)
 
     # -- the rest of the checkpoint --------------------------------------------------------
