@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -34,6 +35,14 @@ def trained(seed: int = 0, steps: int = 2):
     for step in range(steps):
         train_step(model, opt, step)
     return model, opt
+
+
+TAGGED = re.compile(r"model-(\d{5})-of-(\d{5})-[0-9a-f]{12}\.safetensors")  # a shard's name on an object store
+
+
+def shards_of(remote, *parts: str) -> list[str]:
+    """The shard objects directly under ``remote.url/parts``, by name."""
+    return [n for n in remote.names(*parts) if n.endswith(".safetensors")]
 
 
 def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -99,22 +108,32 @@ def test_retention_deletes_the_index_before_the_shards(remote, monkeypatch):
     ckpt = torchckpt.Checkpoint(w=torch.zeros(3))
     mgr = CheckpointManager(ckpt, remote.url, max_to_keep=1, storage_options=remote.options)
     first = mgr.save()
-    removed: list[str] = []
-    real_file, real_tree = _fsspec.FsspecStorage.remove_quietly, _fsspec.FsspecStorage.remove_tree
+    shard = shards_of(remote, "ckpt-1")
+    removed: list = []
+    real_put, real_file, real_names = (_fsspec.FsspecStorage.put, _fsspec.FsspecStorage.remove_quietly,
+                                       _fsspec.FsspecStorage.remove_names)
+
+    def put(self, path, data):
+        removed.append(("put", path.rsplit("/", 2)[-2:]))
+        return real_put(self, path, data)
 
     def remove_file(self, path):
         removed.append(("file", path.rsplit("/", 2)[-2:]))
         return real_file(self, path)
 
-    def remove_tree(self, path):
-        removed.append(("tree", path.rsplit("/", 1)[-1]))
-        return real_tree(self, path)
+    def remove_names(self, path, names):
+        removed.append(("names", path.rsplit("/", 1)[-1], sorted(names)))
+        return real_names(self, path, names)
 
+    monkeypatch.setattr(_fsspec.FsspecStorage, "put", put)
     monkeypatch.setattr(_fsspec.FsspecStorage, "remove_quietly", remove_file)
-    monkeypatch.setattr(_fsspec.FsspecStorage, "remove_tree", remove_tree)
+    monkeypatch.setattr(_fsspec.FsspecStorage, "remove_names", remove_names)
     mgr.save()
     deletes = [r for r in removed if "ckpt-1" in str(r)]
-    assert deletes == [("file", ["ckpt-1", "index.json"]), ("tree", "ckpt-1")]  # un-committed first
+    assert deletes == [("put", ["ckpt-1", ".torchckpt-deleting"]),  # marked, so that a kill is finished later
+                       ("file", ["ckpt-1", "index.json"]),  # un-committed
+                       ("names", "ckpt-1", shard),  # the files its index names
+                       ("file", ["ckpt-1", ".torchckpt-deleting"])]
     assert not remote.names("ckpt-1") and first not in mgr.checkpoints
     mgr.close()
 
@@ -158,7 +177,8 @@ def test_replacing_a_checkpoint_never_mixes_old_and_new_shards(remote):
                                                                 storage_options=remote.options)
     old = set(remote.names("c"))
     torchckpt.Checkpoint(a=torch.full((8,), 2.0)).write(path, storage_options=remote.options)
-    assert set(remote.names("c")) == {"index.json", "model-00001-of-00001.safetensors"} != old
+    new = remote.names("c")
+    assert len(new) == 2 and new[0] == "index.json" and TAGGED.fullmatch(new[1]) and new[1] not in old
     a = torch.zeros(8)
     torchckpt.Checkpoint(a=a).read(path, storage_options=remote.options).assert_consumed()
     assert torch.equal(a, torch.full((8,), 2.0))
@@ -169,7 +189,7 @@ def test_replacing_a_checkpoint_never_mixes_old_and_new_shards(remote):
 
 def test_a_flipped_byte_in_a_shard_object_fails_verify_and_restore(remote):
     path = torchckpt.Checkpoint(w=torch.arange(1000.0)).write(remote.at("c"), storage_options=remote.options)
-    shard = f"{path}/model-00001-of-00001.safetensors"
+    shard = f"{path}/{shards_of(remote, 'c')[0]}"
     data = bytearray(remote.fs.cat_file(shard))
     data[-10] ^= 0x01
     remote.fs.pipe_file(shard, bytes(data))
@@ -453,7 +473,8 @@ def test_file_urls_take_the_generic_path(tmp_path, monkeypatch):
         assert first == f"{url}/ckpt-1"
         mgr.save()
     assert sorted(os.listdir(tmp_path / "run")) == [".torchckpt.lock", "checkpoints.json", "ckpt-2"]
-    assert sorted(os.listdir(tmp_path / "run" / "ckpt-2")) == ["index.json", "model-00001-of-00001.safetensors"]
+    index, shard = sorted(os.listdir(tmp_path / "run" / "ckpt-2"))
+    assert index == "index.json" and TAGGED.fullmatch(shard)
     w = torch.zeros(4)
     torchckpt.Checkpoint(w=w).restore(url).assert_consumed()
     assert torch.equal(w, torch.arange(4.0))

@@ -151,6 +151,12 @@ class Stage(Protocol):
     def discard(self) -> None:
         """Remove what the stage holds (a failed write)."""
 
+    def member(self, name: str) -> str:
+        """The name a new shard meant as ``name`` is written under: ``name`` itself where the stage
+        is private to this save (a local temporary directory); on an object store, ``name`` with a
+        tag of this writer and save (``model-00001-of-00002-<tag>.safetensors``), so that no other
+        writer's upload can ever land on this save's objects, nor this one's on theirs."""
+
 
 class Storage(Protocol):
     """What torchckpt needs from a place checkpoints live. Paths are the caller's strings."""
@@ -182,6 +188,11 @@ class Storage(Protocol):
 
     def list_names(self, directory: str) -> list[str]:
         """Names directly inside ``directory`` ([] when it is missing or not a directory)."""
+
+    def committed_names(self, directory: str) -> list[str]:
+        """Names directly inside ``directory`` that are committed checkpoints (a real directory
+        holding a regular ``index.json``), in as few requests as the backend allows: one listing
+        on an object store, however many other prefixes the directory holds."""
 
     # -- writing
     def stage(self, final: str, replace: bool) -> Stage:
@@ -221,8 +232,24 @@ class ConflictError(CheckpointError):
     """A conditional write found that another writer changed the file first."""
 
 
-class AlreadyCommitted(FileExistsError):
-    """A commit that must not replace found a checkpoint at its name."""
+class AlreadyCommitted(CheckpointError, FileExistsError):
+    """A commit that must not replace found a checkpoint at its name: another writer committed it
+    first (made with ``errno``, what happened, and the checkpoint's path, as a ``FileExistsError``).
+
+    Attributes:
+        path: the checkpoint that was already committed.
+    """
+
+    @property
+    def path(self) -> str:
+        return str(self.filename)
+
+    def __str__(self) -> str:
+        generic = not self.strerror or self.strerror == os.strerror(self.errno or 0)
+        what = "a checkpoint is already committed there" if generic else self.strerror
+        return (f"Cannot commit {self.filename}: {what}. Nothing of this save was committed, and the "
+                "checkpoint there was left as it is. Only one writer may write a given checkpoint path: write to "
+                "another path, or stop the other job.")
 
 
 ABSENT = object()  # the token of a file that must not exist yet

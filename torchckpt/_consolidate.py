@@ -74,6 +74,7 @@ def consolidate(path: str, out: str, *, rank: int = 0, max_shard_size: int | str
     if storage.exists(out) or storage.is_dir(out):  # checked before any work; the commit checks again
         raise CheckpointError(f"{out} already exists; consolidate into a new path.")
     stage = storage.stage(out, False)
+    files = [stage.member(f) for f in files]  # on an object store, names of this writer's own
     try:
         records, digests = [], []
         with progress_bar(sum(n for _, _, n in tensors.values()), "consolidate", progress) as bar:

@@ -216,9 +216,9 @@ def committed_members(directory: str, prefix: str | None = None, storage: Storag
     """Names of committed, numbered checkpoints in ``directory``, by number then name."""
     storage = storage or storage_for(directory)
     found = []
-    for name in storage.list_names(directory):
+    for name in storage.committed_names(directory):  # one listing on an object store, not requests per name
         number = number_of(name, prefix)
-        if number is not None and is_member(directory, name, storage):
+        if number is not None and not _atomic.is_temporary(name):
             found.append((number, name))
     return [name for _, name in sorted(found)]
 

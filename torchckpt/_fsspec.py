@@ -26,6 +26,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -43,8 +44,8 @@ from torchckpt._backend import (
     name_of,
     parent_of,
 )
-from torchckpt._format import INDEX_FILE, PENDING_FILE
-from torchckpt.errors import CheckpointError, CheckpointWriteError, CorruptCheckpointError
+from torchckpt._format import INDEX_FILE, MAX_INDEX_SIZE, PENDING_FILE, SHARD_SUFFIX, TORCHCKPT_KEY
+from torchckpt.errors import CheckpointDeletedError, CheckpointError, CheckpointWriteError, CorruptCheckpointError
 
 # Ranged reads (where a GET cannot be streamed into the destinations): READ_PARTS at a time, each
 # 1/(10 * READ_PARTS + 1) of what is read from the file, clamped to [READ_PART_MIN, READ_PART_MAX].
@@ -58,6 +59,10 @@ READ_STREAM_MIN = 8 * 2**20  # each of at least this many bytes
 _OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"}
 _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure",
            "adl": "azure"}
+TAG_CHARS = 12  # a save's tag on its object names: 48 random bits in hex
+# Written into a checkpoint's prefix before its index is deleted, naming the objects to delete: a
+# deletion cut short (a killed process) is finished by the next manager that opens the directory.
+DELETING_FILE = ".torchckpt-deleting"
 _memory_guard = threading.Lock()  # memory:// is per process: its compare-and-write is atomic under this
 _warned: set[str] = set()
 
@@ -92,11 +97,18 @@ class RemoteSource:
 
     batch_bytes = batch_views = 2**62  # one readv may span a whole shard: its requests are sized below
 
-    def __init__(self, fs: Any, path: str, size: int) -> None:
+    def __init__(self, fs: Any, path: str, size: int, storage: FsspecStorage | None = None) -> None:
         self.fs = fs
         self.path = path
         self.size = size
         self.part = READ_PART_MIN
+        self.storage = storage
+
+    def vanished(self) -> CheckpointError | FileNotFoundError:
+        """The error for this object gone between its HEAD and a read (see :meth:`FsspecStorage.vanished`)."""
+        if self.storage is None:
+            return FileNotFoundError(2, "No such file", self.path)
+        return self.storage.vanished(self.path)
 
     def prepare(self, nbytes: int) -> None:
         self.part = max(READ_PART_MIN, min(READ_PART_MAX, nbytes // (READ_PARTS * 10 + 1)))
@@ -105,9 +117,20 @@ class RemoteSource:
         end = min(self.size, offset + count)
         if end <= offset:
             return b""
-        return bytes(self.fs.cat_file(self.path, start=offset, end=end))
+        try:
+            return bytes(self.fs.cat_file(self.path, start=offset, end=end))
+        except FileNotFoundError:
+            raise self.vanished() from None
 
     def readv(self, views: list[memoryview], offset: int) -> None:
+        try:
+            self._readv(views, offset)
+        except FileNotFoundError as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise self.vanished() from None
+
+    def _readv(self, views: list[memoryview], offset: int) -> None:
         total = sum(len(v) for v in views)
         if offset + total > self.size:
             raise EOFError(f"unexpected end of file at byte {self.size}")
@@ -143,7 +166,7 @@ class S3Source(RemoteSource):
     straight into its part of the destination buffers: no copy of the data is held, so a restore
     needs no memory beyond its tensors, and a whole shard takes a handful of requests."""
 
-    def readv(self, views: list[memoryview], offset: int) -> None:
+    def _readv(self, views: list[memoryview], offset: int) -> None:
         views = [v for v in views if len(v)]
         total = sum(len(v) for v in views)
         if offset + total > self.size:
@@ -196,36 +219,56 @@ class S3Source(RemoteSource):
 
 
 class RemoteStage:
-    """A checkpoint uploaded straight into its final prefix; ``commit`` creates its index."""
+    """A checkpoint uploaded straight into its final prefix, under names of its own; ``commit``
+    creates its index.
+
+    Every object this save writes carries its tag (``model-00001-of-00002-<tag>.safetensors``,
+    ``.torchckpt-pending-<tag>``), a random id of this writer and save, and only this save's index
+    names them. So a second writer of the same prefix (another job, or a manager that lost its
+    lease while it was paused) can never overwrite a committed checkpoint's objects: the loser's
+    index is refused by create-if-absent, and it removes its own objects, nobody else's.
+    """
 
     def __init__(self, storage: FsspecStorage, final: str, replace: bool, joined: bool = False) -> None:
         self.storage = storage
         self.path = final
+        self.tag = uuid.uuid4().hex[:TAG_CHARS]
+        self.marker = f"{PENDING_FILE}-{self.tag}"
+        self.created: list[str] = []
         self.index: tuple[str, bytes] | None = None
-        self.committed = False
-        if joined:  # another rank's stage: this process only uploads files into it
+        self.committed = self.discarded = False
+        if joined:  # another rank's stage: this process only uploads files into it, under its own tag
             return
+        storage.fence(final)  # a manager that lost its lease (paused past it) finds out before it uploads
         if storage.exists(join(final, INDEX_FILE)):
             if not replace:
                 raise AlreadyCommitted(17, "a checkpoint is already committed there", final)
             storage.delete_checkpoint(final)  # un-commit first: never a mix of old and new shards
-        elif storage.list_names(final):
-            storage.remove_tree(final)  # an uncommitted leftover at the name the caller chose
+        # Anything else under the name is left alone: it may be another writer's upload in flight
+        # (it has its own names); a crashed writer's leftovers are removed by the next manager.
         storage.make_dirs(final)  # file:// and the like need the directory; object stores have none
         marker = {"writer": f"pid {os.getpid()} on {socket.gethostname()}", "time": time.time(),
-                  "session": storage.session_of(final)}
-        storage.put(join(final, PENDING_FILE), json.dumps(marker).encode())
+                  "session": storage.session_of(final), "tag": self.tag}
+        storage.put(join(final, self.marker), json.dumps(marker).encode())
+
+    def member(self, name: str) -> str:
+        stem = name[: -len(SHARD_SUFFIX)] if name.endswith(SHARD_SUFFIX) else name
+        return f"{stem}-{self.tag}{SHARD_SUFFIX}"
 
     def create(self, name: str, size: int) -> Output:
+        self.storage.fence(self.path)  # free unless this process's lease term ran out unrenewed
+        self.created.append(name)
         return self.storage.output(join(self.path, name), size)
 
     def write_file(self, name: str, data: bytes) -> None:
+        self.created.append(name)
         self.storage.put(join(self.path, name), data)
 
     def write_index(self, name: str, pieces: Iterable[bytes]) -> None:
         self.index = (name, b"".join(pieces))
 
     def commit(self, sizes: dict[str, int]) -> None:
+        self.storage.fence(self.path)
         found = self.storage.sizes(self.path)
         for name, size in sizes.items():
             if found.get(name) != size:
@@ -240,13 +283,37 @@ class RemoteStage:
             try:
                 self.storage.create_new(join(self.path, name), data)
             except FileExistsError:
-                raise AlreadyCommitted(17, "another writer committed this checkpoint first", self.path) from None
+                self.discarded = True  # every rank's files of this save, and its marker; nobody else's
+                self.storage.remove_names(self.path, [*sizes, *self.created, self.marker])
+                raise AlreadyCommitted(
+                    17, "another writer committed a checkpoint there while this one was being uploaded (this "
+                    "save's own objects were removed; the other checkpoint is untouched)", self.path) from None
         self.committed = True
-        self.storage.remove_quietly(join(self.path, PENDING_FILE))
+        self.storage.remove_quietly(join(self.path, self.marker))
 
     def discard(self) -> None:
-        if not self.committed and not self.storage.exists(join(self.path, INDEX_FILE)):
-            self.storage.remove_tree(self.path)
+        if self.committed or self.discarded:
+            return
+        self.discarded = True
+        names = self.storage.list_names(self.path)
+        busy = INDEX_FILE in names or any(_is_pending(n) and n != self.marker for n in names) or DELETING_FILE in names
+        if busy:  # a committed checkpoint, another writer's upload or a deletion: remove only this save's objects
+            self.storage.remove_names(self.path, [*self.created, self.marker])
+        else:  # nobody else's: the whole uncommitted prefix (with the other ranks' files of this save)
+            self.storage.remove_names(self.path, names)
+        self.storage.drop_if_empty(self.path)
+
+
+def _is_pending(name: str) -> bool:
+    """Whether ``name`` is a writer's pending marker (``.torchckpt-pending-<tag>``, or one untagged
+    from before the tags)."""
+    return name == PENDING_FILE or name.startswith(PENDING_FILE + "-")
+
+
+def _is_plain_shard(name: Any) -> bool:
+    """A name an index may give a shard, safe to delete within its checkpoint's prefix."""
+    return isinstance(name, str) and name.endswith(SHARD_SUFFIX) and "/" not in name and "\\" not in name \
+        and name not in (".", "..")
 
 
 def _token_of(data: bytes) -> str:
@@ -284,7 +351,12 @@ class FsspecStorage:
         return self.read_versioned(path, limit, what)[0]
 
     def read_versioned(self, path: str, limit: int, what: str) -> tuple[bytes, Any]:
-        info = self._file_info(path, what)
+        try:
+            info = self._file_info(path, what)
+        except FileNotFoundError:
+            if name_of(path) == INDEX_FILE and self.exists(join(parent_of(path), DELETING_FILE)):
+                raise self.vanished(path) from None  # a retention is deleting that checkpoint right now
+            raise
         size = int(info.get("size") or 0)
         if size > limit:
             raise CorruptCheckpointError(
@@ -292,7 +364,10 @@ class FsspecStorage:
                 "torchckpt wrote.",
                 path,
             )
-        data = bytes(self.fs.cat_file(path)) if size else b""
+        try:
+            data = bytes(self.fs.cat_file(path)) if size else b""
+        except FileNotFoundError:
+            raise self.vanished(path) from None  # there at the HEAD, gone at the GET: deleted meanwhile
         if len(data) > limit:
             raise CorruptCheckpointError(f"{what} {path} grew past the {limit}-byte limit while it was read.", path)
         etag = info.get("ETag") or info.get("etag")
@@ -301,8 +376,8 @@ class FsspecStorage:
     def open(self, path: str, what: str) -> RemoteSource:
         size = int(self._file_info(path, what).get("size") or 0)
         if self.is_s3 and callable(getattr(self.fs, "_call_s3", None)):
-            return S3Source(self.fs, path, size)
-        return RemoteSource(self.fs, path, size)
+            return S3Source(self.fs, path, size, self)
+        return RemoteSource(self.fs, path, size, self)
 
     def is_file(self, path: str) -> bool:
         try:
@@ -348,6 +423,32 @@ class FsspecStorage:
             return []
         own = self.fs._strip_protocol(directory).rstrip("/")
         return [name_of(str(e)) for e in entries if self.fs._strip_protocol(str(e)).rstrip("/") != own]
+
+    def committed_names(self, directory: str) -> list[str]:
+        return sorted(name for name, files in self.tree(directory).items() if INDEX_FILE in files)
+
+    def tree(self, directory: str) -> dict[str, set[str]]:
+        """Each prefix directly inside ``directory`` -> the names of the files directly inside it,
+        from one recursive listing (on S3, one paginated ``ListObjectsV2`` without a delimiter,
+        instead of requests for every name: junk prefixes cost nothing per name)."""
+        self.fs.invalidate_cache(directory)
+        try:
+            found = self.fs.find(directory, detail=True)
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+        base = self.fs._strip_protocol(directory).rstrip("/") + "/"
+        tree: dict[str, set[str]] = {}
+        for full, info in found.items():
+            full = self.fs._strip_protocol(str(full))
+            if not full.startswith(base):
+                continue
+            parts = full[len(base):].split("/")
+            if len(parts) < 2 or not parts[0]:
+                continue
+            files = tree.setdefault(parts[0], set())
+            if len(parts) == 2 and info.get("type", "file") == "file":
+                files.add(parts[1])
+        return tree
 
     def sizes(self, directory: str) -> dict[str, int]:
         """Every file directly in ``directory`` -> its size, from one listing."""
@@ -457,34 +558,116 @@ class FsspecStorage:
             self.fs.rm(path, recursive=True)
         self.fs.invalidate_cache(path)
 
+    def remove_names(self, directory: str, names: Iterable[str]) -> None:
+        """Delete the files ``names`` directly inside ``directory`` (in batches; absent ones are fine)."""
+        paths = sorted({join(directory, n) for n in names})
+        if paths:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(paths)
+        self.fs.invalidate_cache(directory)
+
+    def vanished(self, path: str) -> CheckpointError | FileNotFoundError:
+        """The error for an object of a checkpoint that was there a moment ago and is gone now:
+        the checkpoint was deleted meanwhile (a manager's retention, usually), unless it is still
+        committed and not being deleted (then a shard is missing from it: it is corrupt)."""
+        directory = parent_of(path)
+        if name_of(path) != INDEX_FILE and self.exists(join(directory, INDEX_FILE)) \
+                and not self.exists(join(directory, DELETING_FILE)):
+            return CorruptCheckpointError(
+                f"Shard {path} vanished while it was being read, yet {directory} is still committed: the checkpoint "
+                "is damaged (something other than torchckpt deleted it). Run `torchckpt verify` on it.", path)
+        return CheckpointDeletedError(
+            f"Checkpoint {directory} was deleted while it was being read (a manager's max_to_keep, usually; "
+            f"{name_of(path)} went away between two requests); read a newer checkpoint.", directory)
+
     def delete_checkpoint(self, path: str) -> None:
-        self.remove_quietly(join(path, INDEX_FILE))  # un-commit first: never a half-deleted checkpoint
-        self.remove_tree(path)
+        """Delete a committed checkpoint so that it is never visible half-deleted, and so that a
+        deletion cut short is finished later: ``.torchckpt-deleting`` (naming the index's version and
+        the files it names) is written first, then the index is deleted (the checkpoint stops
+        being committed at once), then those files, then the marker. Only the files the index
+        names are deleted (and leftovers of crashed writers): never another writer's upload in flight."""
+        files, token = self._named_by_index(path)
+        marker = {"time": time.time(), "index": token, "files": sorted(files) if files is not None else None}
+        self.put(join(path, DELETING_FILE), json.dumps(marker).encode())
+        self.remove_quietly(join(path, INDEX_FILE))  # un-commit first: never a half-deleted checkpoint visible
+        self._finish_deletion(path, marker, set())
+
+    def _named_by_index(self, path: str) -> tuple[set[str] | None, Any]:
+        """The shard files the index of ``path`` names and the index's version token; (None, None)
+        when it cannot be read or parsed."""
+        try:
+            data, token = self.read_versioned(join(path, INDEX_FILE), MAX_INDEX_SIZE, "Index")
+            index = json.loads(data)
+            names = {*index["weight_map"].values(), *(s["file"] for s in index[TORCHCKPT_KEY]["shards"])}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, CorruptCheckpointError):
+            return None, None
+        return {n for n in names if _is_plain_shard(n)}, token
+
+    def _finish_deletion(self, path: str, marker: dict[str, Any] | None, present: set[str]) -> None:
+        """Complete the deletion ``marker`` describes: the index (if it is still the one the marker
+        condemned), the files it named, leftovers without a live writer, then the marker."""
+        marker = marker or {}
+        files = marker.get("files")
+        files = {f for f in files if _is_plain_shard(f)} if isinstance(files, list) else None
+        if INDEX_FILE in present:
+            current, token = self._named_by_index(path)
+            if token == marker.get("index"):  # still the condemned one (or both unreadable)
+                self.remove_quietly(join(path, INDEX_FILE))  # un-commit first
+            elif files is not None and current is not None:  # a new checkpoint was committed at this name since: keep its files
+                files -= current
+        if files:
+            self.remove_names(path, files)
+        rest = self.list_names(path)
+        leftovers = [n for n in rest if n != DELETING_FILE]
+        if leftovers and INDEX_FILE not in rest and not any(_is_pending(n) for n in rest):  # crashed writers'
+            self.remove_names(path, leftovers)
+        self.remove_quietly(join(path, DELETING_FILE))
+        self.drop_if_empty(path)
+
+    def drop_if_empty(self, path: str) -> None:
+        """Remove the directory ``path`` once nothing is in it (object stores have no directories)."""
+        if not self.is_object_store and not self.list_names(path):
+            with contextlib.suppress(OSError):
+                self.fs.rmdir(path)
+            self.fs.invalidate_cache(path)
 
     def remove_leftovers(self, directory: str, prefix: str) -> list[str]:
-        """Remove uncommitted prefixes ``prefix...`` (shards without an index) of crashed writers.
+        """Remove crashed writers' leftovers under prefixes ``prefix...``, from one listing.
 
-        A writer on another host cannot be probed by pid, so a leftover is recognised by its
-        pending marker: one written under a manager's lease that is not the live one (this
-        process holds the lease now, so that writer is gone), or one older than
-        ``LEFTOVER_GRACE_SECS`` (an unmanaged write).
+        A deletion cut short (its ``.torchckpt-deleting`` marker is there) is finished. An
+        uncommitted prefix is removed when every pending marker in it is stale. A writer on another
+        host cannot be probed by pid, so a marker is stale when it was written under a manager's
+        lease that is not the live one (this process holds the lease now, so that writer is gone),
+        or when it is older than ``LEFTOVER_GRACE_SECS`` (an unmanaged write). A prefix without a
+        marker is not torchckpt's to judge, and costs no request.
         """
         removed = []
         ours = self.session_of(join(directory, "x"))
-        for name in self.list_names(directory):
-            path = join(directory, name)
-            if not name.startswith(prefix) or self.exists(join(path, INDEX_FILE)) or not self.is_dir(path):
+        for name, files in sorted(self.tree(directory).items()):
+            if not name.startswith(prefix):
                 continue
-            marker = self._marker(join(path, PENDING_FILE))
-            if marker is None:
-                continue  # not ours to judge: no torchckpt write made it
-            session, written = marker.get("session"), marker.get("time")
-            stale_session = session is not None and ours is not None and session != ours
-            old = isinstance(written, (int, float)) and time.time() - written > LEFTOVER_GRACE_SECS
-            if stale_session or old:
-                self.remove_tree(path)
+            path = join(directory, name)
+            if DELETING_FILE in files:
+                self._finish_deletion(path, self._marker(join(path, DELETING_FILE)), files)
+                removed.append(name)
+                continue
+            markers = [f for f in files if _is_pending(f)]
+            if INDEX_FILE in files or not markers:
+                continue  # committed, or not ours to judge: no torchckpt write made it
+            if all(self._is_stale(self._marker(join(path, m)), ours) for m in markers):
+                self.remove_names(path, self.list_names(path))
+                self.drop_if_empty(path)
                 removed.append(name)
         return removed
+
+    @staticmethod
+    def _is_stale(marker: dict[str, Any] | None, ours: str | None) -> bool:
+        if marker is None:
+            return False
+        session, written = marker.get("session"), marker.get("time")
+        stale_session = session is not None and ours is not None and session != ours
+        old = isinstance(written, (int, float)) and time.time() - written > LEFTOVER_GRACE_SECS
+        return stale_session or old
 
     def _marker(self, path: str) -> dict[str, Any] | None:
         try:
@@ -497,6 +680,11 @@ class FsspecStorage:
 
     def session_of(self, path: str) -> str | None:
         return _lease.session_for(self, parent_of(path))
+
+    def fence(self, path: str) -> None:
+        """Raise before writing ``path`` if this process's lease on its directory was lost, or
+        its term ran out unrenewed (a process paused past it) and it cannot be renewed."""
+        _lease.fence(self, parent_of(path))
 
     def claim(self, directory: str) -> None:
         _lease.claim(self, directory)

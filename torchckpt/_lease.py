@@ -43,6 +43,14 @@ class Lease:
     pid: int
     stop: threading.Event = field(default_factory=threading.Event)
     lost: str | None = None
+    valid_until: float = 0.0  # time.monotonic() before which no other process can have taken the lease
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one conditional write at a time
+
+
+def _term_from(started: float) -> float:
+    """Until when (monotonic) a lease written at ``started`` is surely ours: half its term, a margin
+    for the clocks of the processes that may take it over once it has expired by theirs."""
+    return started + LEASE_SECS / 2
 
 
 _leases: dict[str, Lease] = {}
@@ -78,11 +86,12 @@ def claim(storage: Any, directory: str) -> None:
             return
         path = join(directory, LEASE_FILE)
         session = uuid.uuid4().hex
+        started = time.monotonic()
         try:
             token = storage.replace_file(path, _body(session, LEASE_SECS), ABSENT)
         except ConflictError:
             token = _take_over(storage, directory, path, session)
-        lease = Lease(storage, directory, path, session, token, os.getpid())
+        lease = Lease(storage, directory, path, session, token, os.getpid(), valid_until=_term_from(started))
         _leases[key] = lease
         threading.Thread(target=_renew, args=(lease,), name="torchckpt-lease", daemon=True).start()
 
@@ -114,14 +123,55 @@ def _take_over(storage: Any, directory: str, path: str, session: str) -> Any:
 def _renew(lease: Lease) -> None:
     while not lease.stop.wait(LEASE_SECS / 3):
         try:
-            lease.token = lease.storage.replace_file(lease.path, _body(lease.session, LEASE_SECS), lease.token)
+            _renew_once(lease)
         except ConflictError:
-            lease.lost = (f"{lease.directory}: this process lost its claim on the directory (another process took over "
-                          "its lease, which had expired); nothing more is saved there. Use another directory, or stop "
-                          "the other process and start again.")
             return
         except Exception:  # noqa: BLE001 - a passing network failure: try again at the next renewal
             continue
+
+
+def _renew_once(lease: Lease) -> None:
+    """Renew the lease conditionally; ConflictError (and ``lease.lost`` set) when another process took it."""
+    with lease.lock:
+        if lease.lost is not None:
+            raise ConflictError(lease.lost)
+        started = time.monotonic()
+        try:
+            lease.token = lease.storage.replace_file(lease.path, _body(lease.session, LEASE_SECS), lease.token)
+        except ConflictError:
+            lease.lost = (f"{lease.directory}: this process lost its claim on the directory (its lease expired "
+                          "unrenewed, and another process took it over); nothing more is saved there. Use another "
+                          "directory, or stop the other process and start again.")
+            raise ConflictError(lease.lost) from None
+        lease.valid_until = _term_from(started)
+
+
+def fence(storage: Any, directory: str) -> None:
+    """Check, before a write into ``directory``, that this process still holds its lease there (a
+    no-op where it holds none). Free while the term of its last renewal runs; past it (this process
+    was paused, or renewals failed), the lease is renewed now, conditionally, so that a holder that
+    lost it finds out before it uploads anything.
+
+    Raises:
+        CheckpointError: the lease was lost, or cannot be confirmed now.
+    """
+    with _guard:
+        lease = _leases.get(storage.key(directory))
+    if lease is None or lease.pid != os.getpid():
+        return
+    if lease.lost is not None:
+        raise CheckpointError(lease.lost)
+    if time.monotonic() < lease.valid_until:
+        return
+    try:
+        _renew_once(lease)
+    except ConflictError as e:
+        raise CheckpointError(str(e)) from None
+    except Exception as e:
+        raise CheckpointError(
+            f"{directory}: this process's lease on the directory ran out unrenewed and cannot be renewed now ({e}); "
+            "nothing was written. Save again once the store is reachable."
+        ) from e
 
 
 def session_for(storage: Any, directory: str) -> str | None:

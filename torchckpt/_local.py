@@ -18,6 +18,7 @@ from typing import Any
 
 from torchckpt import _atomic, _files, _lock, _output
 from torchckpt._backend import IOV_MAX, Output
+from torchckpt._format import INDEX_FILE
 
 _INDEX_BUFFER = 2**20
 
@@ -110,6 +111,9 @@ class LocalStage:
     def discard(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
 
+    def member(self, name: str) -> str:
+        return name  # the temporary directory is this save's alone: the names stay as they are
+
 
 class LocalStorage:
     """Plain paths on this machine's filesystems."""
@@ -155,6 +159,10 @@ class LocalStorage:
             return os.listdir(directory)
         except (FileNotFoundError, NotADirectoryError):
             return []
+
+    def committed_names(self, directory: str) -> list[str]:
+        return [n for n in self.list_names(directory)
+                if self.is_dir(os.path.join(directory, n)) and self.is_file(os.path.join(directory, n, INDEX_FILE))]
 
     def join_stage(self, final: str, stage_path: str) -> LocalStage:
         return LocalStage(final, False, joined=stage_path)

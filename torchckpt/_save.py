@@ -116,8 +116,8 @@ def _write_checkpoint(
     replace: bool,
 ) -> str:
     shards = plan_shards(stored, _format.parse_size(max_shard_size))
-    files = [_format.shard_name(i, len(shards)) for i in range(1, len(shards) + 1)]
     stage = storage.stage(path, replace)
+    files = [stage.member(_format.shard_name(i, len(shards))) for i in range(1, len(shards) + 1)]
     try:
         total = sum(s.nbytes for s in shards)
         with progress_bar(total, f"save {name_of(path)}", progress) as bar:

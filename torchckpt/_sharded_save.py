@@ -275,7 +275,7 @@ def _write_mine(coord: Coordinator, storage: Storage, path: str, stage_path: str
         total = sum(s.nbytes for s in shards)
         try:
             with progress_bar(total, f"save {name_of(path)}", progress if coord.rank == 0 else False) as bar:
-                records, digests = _save.write_shards(stage, shards, [f for f, _ in files], stored, bar.update)
+                records, digests = _save.write_shards(stage, shards, [stage.member(f) for f, _ in files], stored, bar.update)
         except OSError as e:
             if isinstance(e, CheckpointWriteError):
                 raise
