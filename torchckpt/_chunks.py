@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -28,6 +29,8 @@ from torchckpt.errors import CorruptCheckpointError, UnsupportedStateError
 CHUNK_MARK = "~@"
 RANK_MARK = "~r"
 MAX_CHUNKS = 2**20  # chunks per logical tensor; a hostile index listing more is refused unread
+MAX_DIMS = 64  # dimensions of a chunked tensor: no model's tensor has more; a hostile index's 1,200 are refused
+MAX_CORNERS = 2**24  # corners the tiling check counts: chunks x 2^(dimensions along which chunks differ)
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, sizes)
 
@@ -112,23 +115,21 @@ def _strides(sizes: Sequence[int]) -> list[int]:
 
 
 def _indices(sizes: Sequence[int]) -> Iterator[tuple[int, ...]]:
-    if not sizes:
-        yield ()
-        return
-    for head in range(sizes[0]):
-        for rest in _indices(sizes[1:]):
-            yield (head, *rest)
+    """Every index of a box of ``sizes``, in row-major order (no recursion: any number of dimensions)."""
+    return itertools.product(*(range(n) for n in sizes))
 
 
 def check_tiling(name: str, shape: Sequence[int], boxes: list[Box], where: str) -> None:
     """The chunks of one logical tensor cover it exactly: each in bounds and non-empty, none
-    overlapping another, their volumes summing to the tensor's.
+    overlapping another, none missing. O(n log n) in the chunks (see :func:`_check_cover`).
 
     Raises:
         CorruptCheckpointError: naming the tensor and what is wrong.
     """
     if len(boxes) > MAX_CHUNKS:
         raise CorruptCheckpointError(f"Tensor {name!r} {where} has {len(boxes)} chunks, more than {MAX_CHUNKS}.")
+    if len(shape) > MAX_DIMS:
+        raise CorruptCheckpointError(f"Tensor {name!r} {where} has {len(shape)} dimensions, more than {MAX_DIMS}.")
     total = 0
     for offsets, sizes in boxes:
         if len(offsets) != len(shape) or len(sizes) != len(shape):
@@ -138,33 +139,84 @@ def check_tiling(name: str, shape: Sequence[int], boxes: list[Box], where: str) 
             raise CorruptCheckpointError(
                 f"A chunk of tensor {name!r} {where} at offsets {list(offsets)} with shape {list(sizes)} lies "
                 f"outside its shape {list(shape)}.")
-        if volume(sizes) == 0:
+        size = volume(sizes)
+        if size == 0:
             raise CorruptCheckpointError(f"A chunk of tensor {name!r} {where} at offsets {list(offsets)} is empty.")
-        total += volume(sizes)
-    _check_disjoint(name, boxes, where)
-    if total != volume(shape):
-        raise CorruptCheckpointError(
-            f"The chunks of tensor {name!r} {where} cover {total} of its {volume(shape)} elements: "
-            "some part of it was not saved.")
+        total += size
+    if not shape and len(boxes) > 1:
+        raise CorruptCheckpointError(f"Tensor {name!r} {where} is a scalar stored as {len(boxes)} chunks.")
+    _check_cover(name, shape, boxes, where, total)
 
 
-def _check_disjoint(name: str, boxes: list[Box], where: str) -> None:
-    """A sweep along dimension 0: only boxes whose row ranges intersect are compared."""
-    if not boxes or not boxes[0][1]:
+def _check_cover(name: str, shape: Sequence[int], boxes: list[Box], where: str, total: int) -> None:
+    """In-bounds, non-empty chunks cover the tensor exactly once, in O(n log n) whatever their layout.
+
+    Only the dimensions along which some chunk does not span the whole tensor matter. Along one
+    (dim-0 shards, column shards): sorted by offset, each chunk starts where the one before ends.
+    Along k of them: a chunk's indicator has a mixed difference of +-1 at its 2^k corners (-1 per
+    upper corner), and its prefix sums give the indicator back. So the chunks' indicators sum to
+    the tensor's, each element held exactly once, when their corner charges sum to the tensor's:
+    counted in a dict, in time linear in the chunks, with no pairwise comparison.
+    """
+    varying = [j for j, d in enumerate(shape) if any(o[j] or s[j] != d for o, s in boxes)]
+    if not varying:  # every chunk is the whole tensor
         if len(boxes) > 1:
-            raise CorruptCheckpointError(f"Tensor {name!r} {where} is a scalar stored as {len(boxes)} chunks.")
+            raise _overlap(name, where, boxes[0], boxes[1])
         return
-    ordered = sorted(boxes)
-    active: list[Box] = []
-    for box in ordered:
-        start = box[0][0]
-        active = [a for a in active if a[0][0] + a[1][0] > start]
-        for other in active:
-            if overlap(box, other) is not None:
-                raise CorruptCheckpointError(
-                    f"Two chunks of tensor {name!r} {where} overlap: at offsets {list(other[0])} and "
-                    f"{list(box[0])}.")
-        active.append(box)
+    if len(varying) == 1:
+        j, end = varying[0], 0
+        ordered = sorted(boxes, key=lambda b: b[0][j])
+        for i, box in enumerate(ordered):
+            if box[0][j] < end:
+                raise _overlap(name, where, ordered[i - 1], box)
+            if box[0][j] > end:
+                break
+            end += box[1][j]
+        if end < shape[j]:
+            raise _gap(name, where, shape, total, [end if i == j else 0 for i in range(len(shape))])
+        return
+    if len(boxes) << len(varying) > MAX_CORNERS:
+        raise CorruptCheckpointError(
+            f"Tensor {name!r} {where} is split into {len(boxes)} chunks along {len(varying)} dimensions, more "
+            f"than torchckpt checks ({MAX_CORNERS} chunk corners: chunks x 2^dimensions).")
+    strides = [math.prod(shape[j] + 1 for j in varying[i + 1:]) for i in range(len(varying))]
+    charges: dict[int, int] = {}
+
+    def add(offsets: Sequence[int], sizes: Sequence[int], weight: int) -> None:
+        keys, signs = [0], [weight]
+        for j, stride in zip(varying, strides):
+            lo, hi = offsets[j] * stride, (offsets[j] + sizes[j]) * stride
+            keys = [k + lo for k in keys] + [k + hi for k in keys]
+            signs = signs + [-x for x in signs]
+        for key, sign in zip(keys, signs):
+            charges[key] = charges.get(key, 0) + sign
+
+    for offsets, sizes in boxes:
+        add(offsets, sizes, 1)
+    add([0] * len(shape), shape, -1)
+    bad = [k for k, v in charges.items() if v]
+    if not bad:
+        return
+    # At the first such corner in row-major order no other one lies below it in every dimension,
+    # so the prefix sum there is its own charge: the element there is held twice or more, or never.
+    point, rest = [0] * len(shape), min(bad)
+    for j, stride in zip(varying, strides):
+        point[j], rest = divmod(rest, stride)
+    holders = [b for b in boxes if all(o <= p < o + n for o, n, p in zip(b[0], b[1], point))]
+    if len(holders) > 1:
+        raise _overlap(name, where, holders[0], holders[1])
+    raise _gap(name, where, shape, total, point)
+
+
+def _overlap(name: str, where: str, a: Box, b: Box) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"Two chunks of tensor {name!r} {where} overlap: at offsets {list(a[0])} and {list(b[0])}.")
+
+
+def _gap(name: str, where: str, shape: Sequence[int], total: int, point: list[int]) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"The chunks of tensor {name!r} {where} cover {total} of its {volume(shape)} elements, and none holds "
+        f"the element at offsets {point}: some part of it was not saved.")
 
 
 # -- DTensors ------------------------------------------------------------------------------
@@ -331,6 +383,11 @@ def parse_layout(section: dict[str, Any], names: list[str], dtypes: list[str], s
             if base in plain:
                 raise corrupt(f"tensor {base!r} is stored both whole and as chunks")
             check_tiling(base, parse_shape_key(shape, layout.where), [b for b, _ in layout.pieces[base]], layout.where)
+        for path, _ in layout.ranked.values():  # one key, one way of storing it: else tools would disagree
+            if path in layout.chunked:
+                raise corrupt(f"tensor {path!r} is stored both as chunks and per rank")
+            if path in plain:
+                raise corrupt(f"tensor {path!r} is stored both whole and per rank")
     except CorruptCheckpointError as e:
         if e.path is None:
             e.path = directory

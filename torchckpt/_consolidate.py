@@ -62,6 +62,7 @@ def consolidate(path: str, out: str, *, rank: int = 0, max_shard_size: int | str
         raise CheckpointError(f"rank must be one of the {world} ranks that saved {reader.path} (0 to {world - 1}), "
                               f"not {rank!r}.")
     index = _index.load_index(reader.path, reader.storage)
+    _index.state_tree(index, lambda name: None, rank)  # refuses, naming the index, a tree a restore would refuse
     state, source_of, aliases = _index.rank_view(index, rank)
     section = {k: v for k, v in index.section.items() if k in ("objects", "metadata")}
     section["state"] = state

@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import itertools
 import re
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -386,45 +385,41 @@ def _parsed_header(index: Index, shard: dict[str, Any], position: int, checksums
 
 def _exact_header(index: Index, shard: dict[str, Any], position: int, dtypes: dict[str, torch.dtype],
                   checksums: tuple[int, ...], source: Source) -> list[TensorInfo] | None:
-    """The shard's tensors when its header is the one written with this index, else None.
+    """The shard's tensors when its header is the one written for this index's table, else None.
 
-    The index records the xxh3-64 of each shard's header bytes. When the header hashes to it and
-    the file has exactly the recorded size, the header is the one the writer produced from this
-    very table, so the offsets follow from the table without parsing thousands of JSON entries.
-    Anything else (an index without header checksums, another writer, a tampered file) goes
-    through the full validating parser.
+    The writer encodes each header from the table (``_format.encode_header_pieces``) and records
+    its xxh3-64. When the file starts with exactly the bytes the table encodes to, hashing to the
+    recorded checksum, and has the recorded size, the header lists the table's names, dtypes and
+    shapes in its order, so the offsets follow from the table without parsing thousands of JSON
+    entries. Comparing with the table's own encoding, not only with the recorded checksum, matters:
+    an index rewritten and resealed (a chunk's name given to another chunk's bytes) leaves the
+    header unchanged. Anything else (an index without header checksums, another writer, a
+    tampered file or index) goes through the full validating parser.
     """
     recorded = shard.get("header_checksum")
-    if not isinstance(recorded, str):
-        return None
-    size = source.size
-    prefix = source.read(0, 8)
-    if size != shard["size"] or len(prefix) < 8:
-        return None
-    (n,) = struct.unpack("<Q", prefix)
-    if n > _format.MAX_HEADER_SIZE or 8 + n > size:
-        return None
-    hasher = xxhash.xxh3_64(prefix)
-    offset, left = 8, n
-    while left:  # a 20,000-tensor header is megabytes: hashed a bounded piece at a time
-        piece = source.read(offset, min(left, _HEADER_CHUNK))
-        if not piece:
-            return None
-        hasher.update(piece)
-        offset += len(piece)
-        left -= len(piece)
-    if hasher.hexdigest() != recorded:
+    if not isinstance(recorded, str) or source.size != shard["size"]:
         return None
     end = position + shard["tensors"]
+    names = index.names[position:end]
     dts = [dtypes[d] for d in index.dtypes[position:end]]
     shapes = [_format.size_of(s) for s in index.shapes[position:end]]
     sizes = list(map(_format.nbytes_of, shapes, dts))
-    starts = list(itertools.accumulate(sizes, initial=8 + n))
-    if starts[-1] != size:
+    try:
+        expected = b"".join(_format.encode_header_pieces(zip(names, dts, shapes, sizes)))
+    except ValueError:  # over the header size limit: not a header this writer wrote
         return None
+    starts = list(itertools.accumulate(sizes, initial=len(expected)))
+    if starts[-1] != source.size or xxhash.xxh3_64_hexdigest(expected) != recorded:
+        return None
+    view, offset = memoryview(expected), 0
+    while offset < len(expected):  # a 20,000-tensor header is megabytes: compared a bounded piece at a time
+        piece = source.read(offset, min(len(expected) - offset, _HEADER_CHUNK))
+        if not piece or view[offset : offset + len(piece)] != piece:
+            return None
+        offset += len(piece)
     # Built by C-level calls only: 20,000 tensors take a few milliseconds.
-    return list(map(_NEW_INFO, zip(index.names[position:end], itertools.repeat(shard["file"]), dts, shapes,
-                                   starts, sizes, checksums[position:end])))
+    return list(map(_NEW_INFO, zip(names, itertools.repeat(shard["file"]), dts, shapes, starts, sizes,
+                                   checksums[position:end])))
 
 
 _HEADER_CHUNK = 2**20

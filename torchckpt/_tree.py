@@ -316,32 +316,50 @@ def decode(node: Any, trie: Trie | str | None, resolve: Callable[[str], Any], pa
     raise _corrupt(path, f"unexpected JSON value of type {type(node).__name__}")
 
 
-def select_rank(node: Any, rank: int, saved_world: int, path: str = "") -> Any:
+# The walks over raw JSON below count every dict and list (a tagged value's payload and each
+# ``@dict`` pair too), so a tree the decoder accepts is at most this deep for them.
+_RAW_DEPTH = 2 * MAX_DEPTH + 2
+
+
+def select_rank(node: Any, rank: int, saved_world: int, path: str = "", depth: int = 0) -> Any:
     """A format-2 state tree as rank ``rank`` sees it: each ``@per_rank`` value replaced by that
-    rank's element, or by :class:`MissingPerRank` when the checkpoint has none for it."""
+    rank's element, or by :class:`MissingPerRank` when the checkpoint has none for it.
+
+    Raises:
+        CorruptCheckpointError: a per-rank value without one element per rank, or containers
+            nested deeper than the decoder takes (before they could exhaust the stack).
+    """
+    if depth > _RAW_DEPTH:
+        raise _corrupt(path, f"containers are nested more than {MAX_DEPTH} deep")
     if isinstance(node, dict):
         if len(node) == 1 and PER_RANK_TAG in node:
             values = node[PER_RANK_TAG]
             if not isinstance(values, list) or len(values) != saved_world:
                 raise _corrupt(path, f"a per-rank value must list one value for each of the {saved_world} ranks")
             return values[rank] if rank < saved_world else MissingPerRank(rank, saved_world)
-        return {k: select_rank(v, rank, saved_world, join(path, k)) for k, v in node.items()}
+        return {k: select_rank(v, rank, saved_world, join(path, k), depth + 1) for k, v in node.items()}
     if isinstance(node, list):
-        return [select_rank(v, rank, saved_world, path) for v in node]
+        return [select_rank(v, rank, saved_world, path, depth + 1) for v in node]
     return node
 
 
-def per_rank_paths(node: Any, path: str = "") -> Iterator[str]:
-    """The key paths of a format-2 state tree's per-rank values."""
+def per_rank_paths(node: Any, path: str = "", depth: int = 0) -> Iterator[str]:
+    """The key paths of a format-2 state tree's per-rank values.
+
+    Raises:
+        CorruptCheckpointError: containers nested deeper than the decoder takes.
+    """
+    if depth > _RAW_DEPTH:
+        raise _corrupt(path, f"containers are nested more than {MAX_DEPTH} deep")
     if isinstance(node, dict):
         if len(node) == 1 and PER_RANK_TAG in node:
             yield path
             return
         for k, v in node.items():
-            yield from per_rank_paths(v, join(path, k))
+            yield from per_rank_paths(v, join(path, k), depth + 1)
     elif isinstance(node, list):
         for v in node:
-            yield from per_rank_paths(v, path)
+            yield from per_rank_paths(v, path, depth + 1)
 
 
 def _decode_tagged(tag: str, payload: Any, trie: Trie | str | None, resolve: Callable[[str], Any], path: str,
