@@ -107,6 +107,8 @@ def _load_index(directory: str, storage: Storage) -> Index:
     path = join(directory, INDEX_FILE)
     try:
         data = storage.read_file(path, _format.MAX_INDEX_SIZE, "Index")
+    except CheckpointDeletedError:  # an object store saw it go between two requests, or being deleted
+        raise
     except FileNotFoundError:
         raise CheckpointNotFoundError(
             f"No checkpoint at {directory}: {INDEX_FILE} is missing. A checkpoint directory appears only "

@@ -22,7 +22,7 @@ from torchckpt._backend import is_url, join, name_of
 from torchckpt._progress import progress_bar
 from torchckpt._storage import storage_for
 from torchckpt._version import __version__
-from torchckpt.errors import CheckpointError, plural
+from torchckpt.errors import CheckpointDeletedError, CheckpointError, plural
 from torchckpt.reader import CheckpointReader, load_checkpoint, verify
 
 
@@ -147,18 +147,25 @@ def cmd_ls(args: argparse.Namespace) -> int:
     rows, records = [], []
     for name in members:
         entry = kept.get(name) or preserved.get(name)
-        reader = _load(args, join(directory, name))
-        meta = reader.metadata
+        problem = None
+        try:
+            meta = _load(args, join(directory, name)).metadata
+        except CheckpointDeletedError:
+            continue  # deleted since the listing (a run's retention): no longer there to list
+        except CheckpointError as e:  # one damaged checkpoint is shown as such; the others are still listed
+            meta, problem = {}, str(e)
+            print(f"warning: {name} is damaged: {problem}", file=sys.stderr)
         ts = entry.timestamp if entry and entry.timestamp is not None else meta.get("created")
         metrics = (entry.metrics if entry else None) or meta.get("metrics") or {}
         marks = [m for m, on in (("latest", name == latest_name), ("kept", name in kept),
-                                 ("preserved", name in preserved), ("best", name == best)) if on]
+                                 ("preserved", name in preserved), ("best", name == best),
+                                 ("damaged", problem is not None)) if on]
         number = _directory.number_of(name)
         when = datetime.datetime.fromtimestamp(ts).isoformat(" ", "seconds") if ts else "?"
-        rows.append([str(number), name, when, human_bytes(meta.get("total_size") or 0),
+        rows.append([str(number), name, when, human_bytes(meta.get("total_size") or 0) if problem is None else "?",
                      " ".join(f"{k}={_short(v)}" for k, v in metrics.items()), ",".join(marks)])
         records.append({"number": number, "name": name, "timestamp": ts, "total_size": meta.get("total_size"),
-                        "metrics": metrics, "marks": marks})
+                        "metrics": metrics, "marks": marks, **({"problem": problem} if problem else {})})
     if args.json:
         print(json.dumps({"directory": directory, "checkpoints": records}, indent=1, default=str))
         return 0

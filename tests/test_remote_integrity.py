@@ -1,0 +1,232 @@
+"""Never silently wrong on object stores: late writers, readers racing retention, deletions cut short,
+junk prefixes, damaged indexes. Every test runs on moto's S3 server (a real S3 API); those that need
+no second process also on ``memory://``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import torchckpt
+from torchckpt import CheckpointManager
+from torchckpt._storage import storage_for
+from torchckpt.checkpoint import commit
+from torchckpt.cli import main
+from torchckpt.reader import verify
+
+from .test_remote import TAGGED, shards_of
+
+JOB = Path(__file__).parent / "jobs" / "remote_writer.py"
+SHORT_LEASE = 1.0  # the paused writer's lease term (seconds)
+
+
+def job(remote, mode: str, path: str, arg: float = 0) -> subprocess.Popen[str]:
+    """A writer process (tests/jobs/remote_writer.py) paused at its first upload: "PAUSED" is read."""
+    proc = subprocess.Popen([sys.executable, str(JOB), mode, path, json.dumps(remote.options), str(arg)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ})
+    assert proc.stdout is not None
+    lines = [proc.stdout.readline().strip()]
+    if lines[0] != "PAUSED":
+        proc.kill()
+        pytest.fail(f"the writer did not pause: {lines} {proc.communicate(timeout=30)}")
+    return proc
+
+
+def resume(proc: subprocess.Popen[str]) -> str:
+    """Let the paused writer go on; its last line (``RAISED <type> typed=<bool> <message>`` or ``COMMITTED``)."""
+    try:
+        out, err = proc.communicate("go\n", timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    lines = out.strip().splitlines()
+    assert lines, err
+    return lines[-1]
+
+
+def assert_intact(remote, path: str, value: float) -> None:
+    """``path`` verifies, restores ``value`` everywhere, and holds only its index and its own shard."""
+    assert verify(torchckpt.load_checkpoint(path, storage_options=remote.options)) == []
+    w = torch.zeros(1000)
+    torchckpt.Checkpoint(w=w).read(path, storage_options=remote.options).assert_consumed()
+    assert torch.equal(w, torch.full((1000,), value))
+    names = remote.names(path.rsplit("/", 1)[1])
+    assert len(names) == 2 and names[0] == "index.json" and TAGGED.fullmatch(names[1]), names
+
+
+# -- item 2: a late writer never touches a committed checkpoint ---------------------------------------
+
+
+def test_a_writer_that_loses_the_commit_race_touches_nothing_of_the_winner(remote):
+    path = remote.at("c")
+    winner: dict[str, str] = {}
+
+    def meanwhile(stage: str) -> None:  # this writer's shards are up, its index not yet: another one commits
+        winner["path"] = torchckpt.Checkpoint(w=torch.full((1000,), 1.0)).write(path, storage_options=remote.options)
+
+    storage = storage_for(path, remote.options)
+    with pytest.raises(torchckpt.CheckpointError, match="another writer committed a checkpoint there") as info:
+        commit(torchckpt.Checkpoint(w=torch.full((1000,), 7.0)), storage, path, before_commit=meanwhile)
+    assert isinstance(info.value, FileExistsError) and info.value.path == path
+    assert "Nothing of this save was committed" in str(info.value) and "stop the other job" in str(info.value)
+    assert winner["path"] == path
+    assert_intact(remote, path, 1.0)  # the loser's objects are gone too
+
+
+def test_a_late_checkpoint_write_never_overwrites_the_committed_one(remote):
+    if remote.kind == "memory":
+        pytest.skip("memory:// belongs to one process")
+    path = remote.at("c")
+    proc = job(remote, "late", path)  # its stage is open, nothing uploaded yet
+    try:
+        torchckpt.Checkpoint(w=torch.full((1000,), 1.0)).write(path, storage_options=remote.options)
+    finally:
+        last = resume(proc)
+    assert_intact(remote, path, 1.0)  # the committed checkpoint first: that is what must never change
+    assert last.startswith("RAISED AlreadyCommitted typed=True Cannot commit"), last
+    assert "another writer committed a checkpoint there" in last
+    assert main(["verify", path, "--storage-options", json.dumps(remote.options)]) == 0
+
+
+def test_a_manager_paused_past_its_lease_never_touches_what_the_next_one_committed(remote):
+    if remote.kind == "memory":
+        pytest.skip("memory:// belongs to one process")
+    proc = job(remote, "pause", remote.url, SHORT_LEASE)  # saved ckpt-1; frozen in the save of ckpt-2
+    try:
+        time.sleep(SHORT_LEASE + 0.5)  # its lease expires unrenewed
+        ckpt = torchckpt.Checkpoint(w=torch.full((1000,), 1.0))
+        mgr = CheckpointManager(ckpt, remote.url, storage_options=remote.options)  # takes the lease over
+        assert mgr.save() == remote.at("ckpt-2")
+    finally:
+        last = resume(proc)
+    assert_intact(remote, remote.at("ckpt-2"), 1.0)
+    assert last.startswith("RAISED CheckpointError typed=True"), last
+    assert "lost its claim" in last
+    assert mgr.save() == remote.at("ckpt-3")  # the new holder goes on
+    mgr.close()
+
+
+# -- item 6: readers racing retention ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("vanishing", ["index.json", ".safetensors"])
+def test_a_reader_racing_retention_gets_checkpoint_deleted_error(remote, monkeypatch, vanishing):
+    ckpt = torchckpt.Checkpoint(w=torch.full((1000,), 1.0))
+    mgr = CheckpointManager(ckpt, remote.url, max_to_keep=1, storage_options=remote.options)
+    first = mgr.save()
+    fs = remote.fs  # the filesystem instance torchckpt uses (fsspec caches one per options)
+    real = fs.cat_file
+    raced: list[str] = []
+
+    def cat_file(path, *args, **kwargs):  # the object was there at the HEAD; retention runs before the GET
+        if str(path).endswith(vanishing) and "ckpt-1" in str(path) and not raced:
+            raced.append(str(path))
+            ckpt.w.fill_(2.0)
+            mgr.save()
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "cat_file", cat_file)
+    with pytest.raises(torchckpt.CheckpointDeletedError, match="was deleted while it was being read") as info:
+        torchckpt.Checkpoint(w=torch.zeros(1000)).read(first, storage_options=remote.options)
+    assert raced and info.value.path == first
+    assert "read a newer checkpoint" in str(info.value)
+    mgr.close()
+
+
+# -- item 7: a deletion cut short is finished by the next manager ------------------------------------
+
+
+def test_a_retention_killed_between_the_index_and_the_shards_is_finished_at_the_next_open(remote, monkeypatch):
+    ckpt = torchckpt.Checkpoint(w=torch.full((1000,), 1.0))
+    mgr = CheckpointManager(ckpt, remote.url, max_to_keep=1, storage_options=remote.options)
+    mgr.save()
+    fs = remote.fs
+    real = fs.rm
+
+    def killed(path, *args, **kwargs):  # the process dies when it deletes ckpt-1's shards
+        paths = [path] if isinstance(path, str) else list(path)
+        if any("ckpt-1" in p and not p.endswith(("index.json", ".torchckpt-deleting")) for p in paths):
+            raise KeyboardInterrupt
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "rm", killed)
+    ckpt.w.fill_(2.0)
+    with pytest.raises(KeyboardInterrupt):
+        mgr.save()
+    monkeypatch.undo()
+    left = remote.names("ckpt-1")
+    assert "index.json" not in left and shards_of(remote, "ckpt-1")  # no longer committed, shards left
+    assert torchckpt.latest_checkpoint(remote.url, storage_options=remote.options) == remote.at("ckpt-2")
+    mgr.close()
+    again = CheckpointManager(ckpt, remote.url, max_to_keep=1, storage_options=remote.options)
+    assert remote.names("ckpt-1") == []  # finished
+    assert again.checkpoints == [remote.at("ckpt-2")]
+    assert_intact(remote, remote.at("ckpt-2"), 2.0)
+    again.close()
+
+
+# -- item 9: junk prefixes cost no requests per name ----------------------------------------------
+
+
+def test_junk_prefixes_cost_no_requests_per_name_at_open_and_ls(remote, capsys):
+    if remote.kind == "memory":
+        pytest.skip("counts S3 requests")
+    ckpt = torchckpt.Checkpoint(w=torch.ones(10))
+    mgr = CheckpointManager(ckpt, remote.url, storage_options=remote.options)
+    mgr.save()
+    mgr.close()
+    fs = remote.fs
+    for i in range(60):  # numbered prefixes without an index, not written by torchckpt
+        fs.pipe_file(remote.at(f"ckpt-{100 + i}", "model-00001-of-00001.safetensors"), b"x")
+    sent: list[str] = []
+
+    def count(**kwargs) -> None:
+        sent.append(kwargs.get("event_name", ""))
+
+    fs.call_s3("list_buckets")  # the client exists
+    fs.s3.meta.events.register("before-send.s3", count)
+    try:
+        mgr = CheckpointManager(ckpt, remote.url, storage_options=remote.options)
+        opened = len(sent)
+        assert mgr.checkpoints == [remote.at("ckpt-1")] and mgr.save() == remote.at("ckpt-160")
+        mgr.close()
+        sent.clear()
+        assert main(["ls", remote.url, "--json", "--storage-options", json.dumps(remote.options)]) == 0
+        listed = len(sent)
+    finally:
+        fs.s3.meta.events.unregister("before-send.s3", count)
+    assert opened < 30 and listed < 30, (opened, listed)  # were 660 and 190: 2-11 requests for each junk name
+    assert [c["name"] for c in json.loads(capsys.readouterr().out)["checkpoints"]] == ["ckpt-1", "ckpt-160"]
+
+
+# -- item 13c: one damaged index does not hide the others from ls -------------------------------------
+
+
+def test_ls_shows_a_checkpoint_with_an_empty_index_as_damaged_and_lists_the_others(remote, capsys):
+    ckpt = torchckpt.Checkpoint(w=torch.ones(3))
+    mgr = CheckpointManager(ckpt, remote.url, storage_options=remote.options)
+    mgr.save()
+    mgr.save()
+    mgr.close()
+    remote.fs.pipe_file(remote.at("ckpt-1", "index.json"), b"")
+    options = ["--storage-options", json.dumps(remote.options)] if remote.options else []
+    capsys.readouterr()
+    assert main(["ls", remote.url, "--json", *options]) == 0
+    captured = capsys.readouterr()
+    listed = json.loads(captured.out)["checkpoints"]
+    assert [c["name"] for c in listed] == ["ckpt-1", "ckpt-2"]
+    assert listed[0]["marks"] == ["kept", "damaged"] and "index.json" in listed[0]["problem"]
+    assert listed[1]["marks"] == ["latest", "kept"] and "problem" not in listed[1]
+    assert "warning: ckpt-1 is damaged" in captured.err
+    assert main(["ls", remote.url, *options]) == 0
+    assert "damaged" in capsys.readouterr().out
