@@ -126,7 +126,8 @@ def world2(world4) -> Path:
     holder = torchckpt.CheckpointManager(torchckpt.Checkpoint(), world4 / "held")  # another job's claim
     try:
         run_ranks(2, world4, ["restore_from_4", "restore_tp", "plain_into_fsdp", "ddp", "save_fsdp_2", "manager_2",
-                              "second_job", "async_loops", "async_failure"])
+                              "second_job", "async_loops", "async_failure", "one_rank_fails_capture",
+                              "mismatched_calls", "restore_failures"])
     finally:
         holder.close()
     return world4

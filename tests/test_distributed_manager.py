@@ -128,6 +128,8 @@ def test_a_rank_killed_during_an_async_save_fails_the_others_and_the_next_job_cl
     survivor = results(killed_async, "killed_async", 2, ranks=[1])[0]
     assert survivor["second"].startswith("CheckpointError: Lost contact with the other ranks during "), survivor
     assert survivor["seconds"] < 3 * 2 + 5, survivor
+    for later in survivor["later"]:  # every later call is a typed error too (the store died with rank 0)
+        assert later.startswith("torchckpt.errors.CheckpointError: Lost contact with the other ranks during "), later
     directory = killed_async / "killed-async"
     leftovers = [n for n in os.listdir(directory) if ".torchckpt-tmp-" in n]
     assert len(leftovers) == 1, os.listdir(directory)  # rank 0's stage, with the files it wrote

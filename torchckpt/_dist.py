@@ -12,6 +12,7 @@ rank's exception reaches every rank as data instead of leaving them waiting. Not
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import threading
@@ -33,17 +34,26 @@ from torchckpt.errors import (
 
 DEFAULT_TIMEOUT_SECS = 1800.0  # as torch.distributed's own default: a slow shared file system is not a dead rank
 _KEY_ROOT = "torchckpt"
+T = TypeVar("T")
 
-_sequence: dict[str, int] = {}  # group name -> exchanges so far; every rank makes the same ones in order
-_sequence_lock = threading.Lock()
+_calls: dict[str, int] = {}  # group name -> collective calls begun by this process; every rank begins the same ones
+_calls_lock = threading.Lock()
 
 
 class Coordinator:
     """The ranks of one process group, with exchanges that time out and carry failures.
 
+    Exchanges happen inside a *call*: one public collective operation (a save, a restore, a
+    manager's construction), begun with :meth:`call` by every rank. Each call has an identity
+    every rank agrees on (its number in the group's sequence of calls) and every key of its
+    exchanges carries it, so a record of one call can never be read by another, not even when a
+    rank gave up on a call by timing out and the others arrive late. The first exchange of a call
+    also carries the call's arguments (``arguments``): ranks that made different calls (another
+    path, another option) are refused on every rank at once, before anything is written.
+
     Example (on every rank of a job)::
 
-        coord = Coordinator(None, timeout_secs=60)
+        coord = Coordinator(None, timeout_secs=60).call("Saving /run/c", {"path": "/run/c"})
         sizes = coord.all_gather("sizes", b"12")  # one payload per rank, in rank order
     """
 
@@ -57,78 +67,152 @@ class Coordinator:
         pg = group if group is not None else dist.distributed_c10d._get_default_group()
         self.store = dist.distributed_c10d._get_process_group_store(pg)
         self.name = dist.distributed_c10d._get_process_group_name(pg)
-        self._prefix = _KEY_ROOT
+        self.what = ""  # the call's description, for messages
+        self.consequence = "Nothing was committed."  # what a failure of the call means; a restore updates it
+        self._prefix = ""  # the call's key prefix; empty outside a call
+        self._arguments: bytes | None = None  # sent with the call's first exchange, then None
+        self._exchanges = 0
 
-    def _key(self, tag: str) -> str:
-        with _sequence_lock:
-            seq = _sequence[self.name] = _sequence.get(self.name, 0) + 1
-        return f"{self._prefix}/{seq}/{tag}"
-
-    def scope(self) -> Coordinator:
-        """A coordinator of the same ranks whose exchanges have keys of their own, for work that runs
-        on another thread (a background save): its exchanges never interleave with the ones this
-        coordinator makes meanwhile. Every rank must open scopes in the same order."""
-        with _sequence_lock:
-            number = _sequence[f"{self.name}/scopes"] = _sequence.get(f"{self.name}/scopes", 0) + 1
+    def call(self, what: str, arguments: dict[str, Any]) -> Coordinator:
+        """Begin one collective call on every rank: a coordinator whose exchanges are keyed by the
+        call's identity. ``arguments`` (JSON) must be equal on every rank; ``what`` names the call
+        in messages ("Saving /run/ckpt-3")."""
+        with _calls_lock:
+            number = _calls[self.name] = _calls.get(self.name, 0) + 1
         child = object.__new__(Coordinator)
         child.__dict__.update(self.__dict__)
-        child.name = f"{self.name}/scope{number}"
-        child._prefix = f"{_KEY_ROOT}/scope{number}"
+        child.what = what
+        child._prefix = f"{_KEY_ROOT}/{self.name}/call{number}"
+        child._arguments = json.dumps(arguments, sort_keys=True, separators=(",", ":")).encode()
+        child._exchanges = 0
         return child
 
-    def close_scope(self) -> None:
-        """Forget a finished scope's sequence counter."""
-        with _sequence_lock:
-            _sequence.pop(self.name, None)
+    def scope(self) -> Coordinator:
+        """A coordinator of the same call whose exchanges have keys of their own, for the part of
+        it that runs on another thread (a background save): its exchanges never interleave with
+        the ones this coordinator or a later call makes meanwhile."""
+        assert self._prefix and self._arguments is None, "a scope is opened after the call's first exchange"
+        child = object.__new__(Coordinator)
+        child.__dict__.update(self.__dict__)
+        child._prefix = f"{self._prefix}/background"
+        child._exchanges = 0
+        return child
 
-    def _wait(self, keys: list[str], what: str, timeout_secs: float) -> None:
+    def _key(self, tag: str) -> str:
+        if not self._prefix:
+            raise RuntimeError("torchckpt: an exchange outside a collective call (Coordinator.call) is a bug")
+        self._exchanges += 1
+        return f"{self._prefix}/{self._exchanges}-{tag}"
+
+    @property
+    def _abandoned(self) -> str:
+        return f"{self._prefix}/abandoned"
+
+    def _store(self, operation: Callable[[], T], tag: str) -> T:
+        """One Store operation; a store that is gone (rank 0, which serves it, died) is a typed error."""
+        try:
+            return operation()
+        except (RuntimeError, dist.DistError) as e:
+            raise CheckpointError(
+                f"Lost contact with the other ranks during {self._during(tag)}: {e}. The process serving the "
+                f"c10d store (rank 0) is probably gone. {self.consequence}"
+            ) from e
+
+    def _during(self, tag: str) -> str:
+        return f"the {tag} step of {self.what[:1].lower()}{self.what[1:]}" if self.what else f"the {tag} step"
+
+    def _wait(self, keys: list[str], tag: str, timeout_secs: float) -> None:
         try:
             self.store.wait(keys, datetime.timedelta(seconds=timeout_secs))
-        except (RuntimeError, dist.DistStoreError) as e:  # a timeout, or the store is gone
+        except (RuntimeError, dist.DistError) as e:  # a timeout, or the store is gone
             missing = _missing(self.store, keys)
             if missing is None:
-                raise CheckpointError(f"Lost contact with the other ranks during {what}: {e}.") from e
-            raise RankTimeoutError(what, missing, timeout_secs) from None
+                raise CheckpointError(
+                    f"Lost contact with the other ranks during {self._during(tag)}: {e}. {self.consequence}"
+                ) from e
+            if not missing:  # they arrived as the wait ran out: go on
+                return
+            with contextlib.suppress(RuntimeError, dist.DistError):  # a late rank must not go on with this call
+                self.store.set(self._abandoned, f"rank {self.rank} gave up waiting at {tag}")
+            raise RankTimeoutError(self._during(tag), missing, timeout_secs, self.consequence) from None
+        if self._store(lambda: self.store.check([self._abandoned]), tag):
+            reason = bytes(self._store(lambda: self.store.get(self._abandoned), tag)).decode(errors="replace")
+            raise CheckpointError(
+                f"{self.what or 'A collective call'} was abandoned by the other ranks before this rank arrived "
+                f"({reason}): this rank is late, by more than timeout_secs={self.timeout_secs:g}. "
+                f"{self.consequence} Make the same call on every rank, or pass a longer timeout_secs."
+            )
 
-    def all_gather(self, tag: str, payload: bytes) -> list[bytes]:
+    def _framed(self, payload: bytes) -> bytes:
+        """The payload, preceded by the call's arguments in the call's first exchange."""
+        if self._arguments is None:
+            return payload
+        return len(self._arguments).to_bytes(4, "big") + self._arguments + payload
+
+    def _unframed(self, values: list[bytes]) -> list[bytes]:
+        """Every rank's payload of the call's first exchange, once the ranks' arguments are equal."""
+        if self._arguments is None:
+            return values
+        mine, self._arguments = self._arguments, None
+        arguments, payloads = [], []
+        for value in values:
+            size = int.from_bytes(value[:4], "big")
+            arguments.append(value[4 : 4 + size])
+            payloads.append(value[4 + size :])
+        if any(a != mine for a in arguments):
+            raise mismatched_calls([json.loads(a) for a in arguments])
+        return payloads
+
+    def check_call(self) -> None:
+        """Compare the call's arguments across ranks now, unless an exchange already did: before
+        rank 0 acts alone on everyone's behalf (claims a directory), the call must be the same."""
+        if self._arguments is not None:
+            self.all_gather("call", b"")
+
+    def all_gather(self, tag: str, payload: bytes, timeout_secs: float | None = None) -> list[bytes]:
         """Every rank's ``payload``, in rank order, on every rank."""
         key = self._key(tag)
         keys = [f"{key}/{r}" for r in range(self.world)]
-        self.store.set(keys[self.rank], payload)  # type: ignore[arg-type]
-        self._wait(keys, tag, self.timeout_secs)
-        values = [bytes(v) for v in self.store.multi_get(keys)]
-        if self.store.add(f"{key}/read", 1) == self.world:  # the last reader removes the keys
+        self._store(lambda: self.store.set(keys[self.rank], self._framed(payload)), tag)  # type: ignore[arg-type]
+        self._wait(keys, tag, self.timeout_secs if timeout_secs is None else timeout_secs)
+        values = [bytes(v) for v in self._store(lambda: self.store.multi_get(keys), tag)]
+        if self._store(lambda: self.store.add(f"{key}/read", 1), tag) == self.world:  # the last reader removes them
             for k in [*keys, f"{key}/read"]:
-                self.store.delete_key(k)
-        return values
+                self._store(lambda k=k: self.store.delete_key(k), tag)  # type: ignore[misc]
+        return self._unframed(values)
 
     def gather(self, tag: str, payload: bytes, timeout_secs: float | None = None) -> list[bytes] | None:
         """Every rank's ``payload`` on rank 0 (None elsewhere)."""
+        if self._arguments is not None:  # the call's first exchange: every rank checks the arguments
+            values = self.all_gather(tag, payload, timeout_secs)
+            return values if self.rank == 0 else None
         key = self._key(tag)
         keys = [f"{key}/{r}" for r in range(self.world)]
-        self.store.set(keys[self.rank], payload)  # type: ignore[arg-type]
+        self._store(lambda: self.store.set(keys[self.rank], payload), tag)  # type: ignore[arg-type]
         if self.rank:
             return None
         self._wait(keys, tag, self.timeout_secs if timeout_secs is None else timeout_secs)
-        values = [bytes(v) for v in self.store.multi_get(keys)]
+        values = [bytes(v) for v in self._store(lambda: self.store.multi_get(keys), tag)]
         for k in keys:
-            self.store.delete_key(k)
+            self._store(lambda k=k: self.store.delete_key(k), tag)  # type: ignore[misc]
         return values
 
     def broadcast(self, tag: str, payload: bytes | None, timeout_secs: float | None = None) -> bytes:
         """Rank 0's ``payload`` on every rank."""
+        if self._arguments is not None:  # the call's first exchange: every rank checks the arguments
+            return self.all_gather(tag, payload if self.rank == 0 else b"", timeout_secs)[0]  # type: ignore[arg-type]
         key = self._key(tag)
         if self.rank == 0:
             assert payload is not None
-            self.store.set(key, payload)  # type: ignore[arg-type]
+            self._store(lambda: self.store.set(key, payload), tag)  # type: ignore[arg-type]
             if self.world == 1:
-                self.store.delete_key(key)
+                self._store(lambda: self.store.delete_key(key), tag)
             return payload
         self._wait([key], tag, self.timeout_secs if timeout_secs is None else timeout_secs)
-        value = bytes(self.store.get(key))
-        if self.store.add(f"{key}/read", 1) == self.world - 1:
-            self.store.delete_key(key)
-            self.store.delete_key(f"{key}/read")
+        value = bytes(self._store(lambda: self.store.get(key), tag))
+        if self._store(lambda: self.store.add(f"{key}/read", 1), tag) == self.world - 1:
+            self._store(lambda: self.store.delete_key(key), tag)
+            self._store(lambda: self.store.delete_key(f"{key}/read"), tag)
         return value
 
     @property
@@ -138,10 +222,32 @@ class Coordinator:
         return self.timeout_secs * 2 + 5
 
 
+def mismatched_calls(arguments: list[dict[str, Any]]) -> CheckpointError:
+    """The error every rank raises when the ranks made different calls: which argument, on which ranks."""
+    differing = []
+    for name in sorted({k for a in arguments for k in a}):
+        values = [a.get(name, "(not given)") for a in arguments]
+        if len({json.dumps(v, sort_keys=True) for v in values}) > 1:
+            by_value: dict[str, list[int]] = {}
+            for rank, v in enumerate(values):
+                by_value.setdefault(json.dumps(v, sort_keys=True), []).append(rank)
+            shown = "; ".join(f"{v} on rank{'s' if len(r) > 1 else ''} {format_keys([str(x) for x in r], 4)}"
+                              for v, r in by_value.items())
+            differing.append(f"{name}: {shown}")
+    error = CheckpointError(
+        f"{arguments[0].get('call', 'A collective call')} was refused on every rank: the ranks did not make the "
+        "same call "
+        f"({'; '.join(differing[:4])}{' ...' if len(differing) > 4 else ''}). Every rank must call it with "
+        "the same arguments, in the same order. Nothing was written or changed."
+    )
+    error.ranks = sorted({r for r, a in enumerate(arguments) if a != arguments[0]})  # type: ignore[attr-defined]
+    return error
+
+
 def _missing(store: Any, keys: list[str]) -> list[int] | None:
     try:
         return [r for r, k in enumerate(keys) if not store.check([k])]
-    except (RuntimeError, dist.DistStoreError):
+    except (RuntimeError, dist.DistError):
         return None
 
 
@@ -155,6 +261,10 @@ def failure_payload(error: BaseException) -> dict[str, Any]:
         value = getattr(error, attr, None)
         if isinstance(value, str):
             out[attr] = value
+    ranks = getattr(error, "ranks", None)
+    if isinstance(error, CheckpointError) and not isinstance(error, RankTimeoutError) and isinstance(ranks, list):
+        # a failure of an exchange every rank made (a background save's outcome): already the same everywhere
+        out["ranks"] = ranks
     return out
 
 
@@ -173,7 +283,7 @@ def decode(data: bytes) -> Any:
 _COMPRESS_ABOVE = 4096
 
 
-def collective_error(failures: dict[int, dict[str, Any]], what: str) -> CheckpointError:
+def collective_error(failures: dict[int, dict[str, Any]], what: str, note: str | None = None) -> CheckpointError:
     """The one error every rank raises when some failed: of the first failing rank's type when it
     is a torchckpt error a caller may catch by type, naming every failing rank.
 
@@ -186,6 +296,10 @@ def collective_error(failures: dict[int, dict[str, Any]], what: str) -> Checkpoi
     message = f"{what} failed on rank {first_rank}: {first['message']}{others}"
     if first["type"] == "RankTimeoutError":  # rank 0 names the ranks that never reported
         message = f"{what} failed: {first['message']}"
+    if "ranks" in first:  # a failure every rank already shares (a background save's outcome): as it was
+        message, ranks = first["message"], first["ranks"]
+    if note:
+        message = f"{message} {note}"
     kind = first["type"]
     error: CheckpointError
     if kind == "UnsupportedStateError":
@@ -205,18 +319,26 @@ _BY_PATH: dict[str, type[CorruptCheckpointError] | type[CheckpointNotFoundError]
 }
 
 
-T = TypeVar("T")
 
-
-def run_collectively(coord: Coordinator, what: str, choose: Callable[[], str], work: Callable[[str], T]) -> T:
+def run_collectively(coord: Coordinator, what: str, choose: Callable[[], str], work: Callable[[str], T],
+                     done: str | None = None) -> T:
     """Rank 0 runs ``choose`` and every rank runs ``work`` on its answer; a failure of either, on
-    any rank, is raised on every rank (the same error, naming the rank)."""
+    any rank, is raised on every rank (the same error, naming the rank). ``done`` says what it
+    means for a rank whose own work had finished when another rank failed (or timed out)."""
     chosen = decided(coord, what, choose)
-    return agree(coord, what, lambda: work(chosen))
+
+    def run() -> T:
+        result = work(chosen)
+        if done is not None:
+            coord.consequence = done
+        return result
+
+    return agree(coord, what, run, done)
 
 
-def agree(coord: Coordinator, what: str, work: Callable[[], T]) -> T:
-    """Every rank runs ``work``; a failure on any rank is raised on every rank (the same error)."""
+def agree(coord: Coordinator, what: str, work: Callable[[], T], done: str | None = None) -> T:
+    """Every rank runs ``work``; a failure on any rank is raised on every rank (the same error, with
+    ``done`` added on the ranks whose own work had succeeded)."""
     result: T | None = None
     error, mine = None, {}
     try:
@@ -226,12 +348,13 @@ def agree(coord: Coordinator, what: str, work: Callable[[], T]) -> T:
     outcomes = [decode(o) for o in coord.all_gather("agree", encode(mine))]
     failures = {r: o["error"] for r, o in enumerate(outcomes) if "error" in o}
     if failures:
-        raise collective_error(failures, what) from error
+        raise collective_error(failures, what, done if error is None else None) from error
     return result  # type: ignore[return-value]
 
 
 def decided(coord: Coordinator, what: str, decide: Callable[[], Any]) -> Any:
     """Rank 0 runs ``decide`` and every rank gets its JSON answer, or raises its failure."""
+    coord.check_call()
     if coord.rank == 0:
         try:
             chosen: dict[str, Any] = {"value": decide()}

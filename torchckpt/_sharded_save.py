@@ -190,14 +190,20 @@ class Prepared:
     plan: GlobalPlan
 
 
-def prepare(coord: Coordinator, path: str, tensors: dict[str, torch.Tensor], section: dict[str, Any],
-            max_shard_size: int) -> Prepared:
-    """Steps 1 to 3: capture, exchange, plan. A value that differs across ranks, or any rank's
-    failure, is raised on every rank."""
+def prepare(coord: Coordinator, path: str, state: Callable[[], tuple[dict[str, torch.Tensor], dict[str, Any]]],
+            max_shard_size: int | str) -> Prepared:
+    """Steps 1 to 3: capture, exchange, plan. ``state()`` returns this rank's tensors and encoded
+    tree; it runs inside the exchange (the call's first, which also compares the ranks' arguments),
+    so that its failure on one rank fails the call on every rank. A value that differs across
+    ranks, or any rank's failure, is raised on every rank."""
     captured: Captured | None = None
     failed: Exception | None = None
+    section: dict[str, Any] = {}
     try:
+        size = _format.parse_size(max_shard_size)
+        tensors, section = state()
         captured = capture(tensors, section, coord.rank)
+        del tensors
         mine: dict[str, Any] = {"entries": captured.entries, "tree": captured.tree_digest}
     except Exception as e:
         mine = {"error": _dist.failure_payload(e)}
@@ -211,16 +217,7 @@ def prepare(coord: Coordinator, path: str, tensors: dict[str, torch.Tensor], sec
     differing = differing_values(records)
     if differing:
         raise refusal(differing)
-    return Prepared(path, captured, section, global_plan(records, max_shard_size))
-
-
-def save(coord: Coordinator, storage: Storage, path: str, tensors: dict[str, torch.Tensor], section: dict[str, Any],
-         max_shard_size: int, progress: bool | None, before_commit: Callable[[str], None] | None, replace: bool,
-         after: Callable[[], Any] | None) -> Any:
-    """Write one checkpoint from every rank of ``coord``; every rank returns what ``after`` returned
-    on rank 0 (see :func:`finish`) or raises the same error."""
-    prepared = prepare(coord, path, tensors, section, max_shard_size)
-    return finish(coord, storage, prepared, progress, before_commit, replace, after)
+    return Prepared(path, captured, section, global_plan(records, size))
 
 
 def finish(coord: Coordinator, storage: Storage, prepared: Prepared, progress: bool | None,

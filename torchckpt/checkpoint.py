@@ -29,6 +29,27 @@ from torchckpt.rng import RNGState
 
 SAVE_COUNTER = "save_counter"
 PathLike = str | os.PathLike[str]
+PARTLY_RESTORED = ("This rank had already restored its own part, so its objects are partly restored: restore "
+                   "again on every rank (or start from initial values) before training on.")
+
+
+def save_arguments(max_shard_size: int | str, async_save: bool) -> dict[str, Any]:
+    """The options of a save that every rank must pass alike (compared in the call's first exchange)."""
+    try:
+        size: int | str = _format.parse_size(max_shard_size)
+    except (TypeError, ValueError):
+        size = repr(max_shard_size)  # refused inside the call, on every rank
+    return {"async_save": bool(async_save), "max_shard_size": size}
+
+
+def restore_call(process_group: Any, timeout_secs: float | None, save_path: PathLike | None, call: str,
+                 **options: Any) -> _dist.Coordinator | None:
+    """The collective call of a restore on several ranks (None for one process, or nothing to restore)."""
+    coord = _dist.coordinator_for(process_group, timeout_secs)
+    if coord is None or save_path is None:
+        return None
+    path = as_path(save_path)
+    return coord.call(f"Restoring {path}", {"call": call, "path": path, **options})
 
 
 def is_stateful(value: Any) -> bool:
@@ -188,8 +209,12 @@ class Checkpoint:
             Any failure of a previous asynchronous write.
         """
         path = as_path(path)
+        coord = _dist.coordinator_for(process_group, timeout_secs)
+        if coord is not None:  # every rank must make this same call: its arguments are compared first
+            coord = coord.call("Saving " + path, {"call": "Checkpoint.write", "path": path,
+                                                  **save_arguments(max_shard_size, async_save)})
         self._commit(storage_for(path, storage_options), path, max_shard_size, progress, metadata, async_save,
-                     coordinator=_dist.coordinator_for(process_group, timeout_secs))
+                     coordinator=coord)
         return path
 
     def _commit(
@@ -212,13 +237,14 @@ class Checkpoint:
         the manager applies retention), on the background thread for an asynchronous write; on
         several ranks it runs on rank 0, and ``adopt`` gets what it returned on every other rank.
         Without ``replace``, a checkpoint already at ``path`` raises ``AlreadyCommitted``.
+        ``coordinator`` is the collective call (``Coordinator.call``) every rank makes.
         """
-        self.wait_until_finished()  # one write in flight; raises a previous background failure
-        _format.parse_size(max_shard_size)  # a bad size is an error before any work
         if coordinator is not None:
-            self._commit_collective(coordinator, storage, path, _format.parse_size(max_shard_size), progress, metadata,
+            self._commit_collective(coordinator, storage, path, max_shard_size, progress, metadata,
                                     async_save, after, adopt, before_commit, replace)
             return
+        self.wait_until_finished()  # one write in flight; raises a previous background failure
+        _format.parse_size(max_shard_size)  # a bad size is an error before any work
 
         def run() -> None:
             with gc_paused():
@@ -238,30 +264,35 @@ class Checkpoint:
             job.stored, job.aliases = self._writer.snapshot(_sharded_save.localize(job.stored))
         self._writer.submit(run, path)
 
-    def _commit_collective(self, coord: _dist.Coordinator, storage: Storage, path: str, max_shard_size: int,
+    def _commit_collective(self, coord: _dist.Coordinator, storage: Storage, path: str, max_shard_size: int | str,
                            progress: bool | None, metadata: dict[str, Any] | None, async_save: bool,
                            after: Callable[[], Any] | None, adopt: Callable[[Any], object] | None,
                            before_commit: Callable[[str], None] | None, replace: bool) -> None:
         """A save by every rank. The capture, the exchange of what each rank holds and, for an
         asynchronous save, the copy into host memory run here, in program order on every rank; the
         writes, the commit and the outcome then run on the background thread, coordinating through
-        keys of their own in the c10d Store, never through collectives on the training group."""
-        with gc_paused():
+        keys of their own in the c10d Store, never through collectives on the training group.
+
+        Everything that may fail on one rank alone (a previous background failure, a bad shard
+        size, a ``state_dict()`` that raises, a value that cannot be stored) runs inside the first
+        exchange, so that it fails this call on every rank instead of leaving the others waiting
+        to pair with the next call."""
+
+        def state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+            self.wait_until_finished()  # one write in flight; raises a previous background failure
             job = capture(self, metadata, prepare=False, distributed=True)
-            prepared = _sharded_save.prepare(coord, path, job.stored, job.section, max_shard_size)
-            del job
+            return job.stored, job.section
+
+        with gc_paused():
+            prepared = _sharded_save.prepare(coord, path, state, max_shard_size)
             scope = coord.scope() if async_save else coord
             if async_save:  # a copy that fails on one rank (out of memory) fails the save on every rank, now
                 _dist.agree(coord, "Saving " + path, lambda: self._snapshot(prepared))
 
         def run() -> None:
-            try:
-                with gc_paused():
-                    result = _sharded_save.finish(scope, storage, prepared, False if async_save else progress,
-                                                  before_commit, replace, after)
-            finally:
-                if scope is not coord:
-                    scope.close_scope()
+            with gc_paused():
+                result = _sharded_save.finish(scope, storage, prepared, False if async_save else progress,
+                                              before_commit, replace, after)
             if adopt is not None and coord.rank != 0:
                 adopt(result)
 
@@ -306,7 +337,13 @@ class Checkpoint:
         """
         prefix = as_path(file_prefix)
         storage = storage_for(prefix, storage_options)
-        self.wait_until_finished()
+        coord = _dist.coordinator_for(process_group, timeout_secs)
+        if coord is None:
+            self.wait_until_finished()
+        else:  # every rank must make this same call, from the same count: compared first
+            coord = coord.call(f"Saving {prefix}-{self._save_counter + 1}", {
+                "call": "Checkpoint.save", "prefix": prefix, "save_counter": self._save_counter,
+                **save_arguments(max_shard_size, async_save)})
         object.__setattr__(self, "_save_counter", self._save_counter + 1)
         path = f"{prefix}-{self._save_counter}"
 
@@ -315,7 +352,7 @@ class Checkpoint:
 
         try:
             self._commit(storage, path, max_shard_size, progress, metadata, async_save, after=record,
-                         coordinator=_dist.coordinator_for(process_group, timeout_secs))
+                         coordinator=coord)
         except BaseException:
             object.__setattr__(self, "_save_counter", self._save_counter - 1)
             raise
@@ -357,14 +394,16 @@ class Checkpoint:
                 changes (except a checksum mismatch in tensor bytes, found as they are read).
         """
         return self._restore(save_path, verify, progress, Plan(cast=cast, assign=assign), True, storage_options,
-                             coordinator=_dist.coordinator_for(process_group, timeout_secs))
+                             coordinator=restore_call(process_group, timeout_secs, save_path, "Checkpoint.restore",
+                                                      verify=verify, cast=cast, assign=assign))
 
     def read(self, save_path: PathLike, *, verify: bool = True, progress: bool | None = None,
              cast: bool = False, assign: bool = False, storage_options: dict[str, Any] | None = None,
              process_group: Any = None, timeout_secs: float | None = None) -> RestoreStatus:
         """As :meth:`restore`, but ``save_counter`` is neither expected nor restored (pairs with ``write``)."""
         return self._restore(save_path, verify, progress, Plan(cast=cast, assign=assign), False, storage_options,
-                             coordinator=_dist.coordinator_for(process_group, timeout_secs))
+                             coordinator=restore_call(process_group, timeout_secs, save_path, "Checkpoint.read",
+                                                      verify=verify, cast=cast, assign=assign))
 
     def _restore(self, save_path: PathLike | None, verify: bool, progress: bool | None, plan: Plan,
                  expect_counter: bool, storage_options: dict[str, Any] | None,
@@ -373,9 +412,9 @@ class Checkpoint:
             return RestoreStatus(MismatchReport(), None)
         path = as_path(save_path)
         storage = storage or storage_for(path, storage_options)
-        self.wait_until_finished()  # never read a checkpoint this object is still writing
         if coordinator is not None:
             return self._restore_collective(coordinator, storage, path, verify, progress, plan, expect_counter)
+        self.wait_until_finished()  # never read a checkpoint this object is still writing
         with gc_paused():
             directory = _directory.resolve_checkpoint(path, storage)
             return self._restore_from(storage, directory, verify, progress, plan, expect_counter)
@@ -383,16 +422,22 @@ class Checkpoint:
     def _restore_collective(self, coord: _dist.Coordinator, storage: Storage, path: str, verify: bool,
                             progress: bool | None, plan: Plan, expect_counter: bool) -> RestoreStatus:
         """Rank 0 picks the checkpoint (the latest of a directory, once, for everyone); each rank
-        restores its own part; any rank's failure is raised on every rank."""
+        restores its own part; any rank's failure is raised on every rank. A rank that had restored
+        its part when another failed says that its objects are partly restored."""
         plan.rank = coord.rank
+        coord.consequence = "Nothing was restored."
+
+        def choose() -> str:
+            self.wait_until_finished()  # never read a checkpoint this object is still writing
+            return _directory.resolve_checkpoint(path, storage)
 
         def restore(directory: str) -> RestoreStatus:
+            self.wait_until_finished()
             with gc_paused():
                 return self._restore_from(storage, directory, verify, progress if coord.rank == 0 else False, plan,
                                           expect_counter)
 
-        return _dist.run_collectively(coord, f"Restoring {path}",
-                                      lambda: _directory.resolve_checkpoint(path, storage), restore)
+        return _dist.run_collectively(coord, f"Restoring {path}", choose, restore, PARTLY_RESTORED)
 
     def _restore_from(self, storage: Storage, directory: str, verify: bool, progress: bool | None, plan: Plan,
                       expect_counter: bool) -> RestoreStatus:

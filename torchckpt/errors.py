@@ -117,12 +117,12 @@ class RankTimeoutError(CheckpointError):
         ranks: the ranks (of the group) whose part never arrived.
     """
 
-    def __init__(self, what: str, ranks: list[int], timeout_secs: float) -> None:
+    def __init__(self, what: str, ranks: list[int], timeout_secs: float,
+                 consequence: str = "Nothing was committed.") -> None:
         names = ", ".join(map(str, ranks)) if len(ranks) < 20 else f"{len(ranks)} ranks"
         super().__init__(
-            f"Rank{'s' if len(ranks) > 1 else ''} {names} did not reach the checkpoint's {what} step within "
-            f"{timeout_secs:g} s (a rank died, hangs, or is not making the same call). Nothing was committed; "
-            "pass timeout_secs= to wait longer."
+            f"Rank{'s' if len(ranks) > 1 else ''} {names} did not reach {what} within {timeout_secs:g} s (a rank "
+            f"died, hangs, or is not making the same call). {consequence} Pass timeout_secs= to wait longer."
         )
         self.ranks = ranks
 

@@ -24,7 +24,7 @@ from torchckpt._backend import AlreadyCommitted, ConflictError, as_path, join, n
 from torchckpt._directory import Entry, State, StateFileError
 from torchckpt._retention import MetricFn, best_entries, plan_retention
 from torchckpt._storage import storage_for
-from torchckpt.checkpoint import Checkpoint, commit, restore_from, set_save_counter
+from torchckpt.checkpoint import Checkpoint, commit, restore_from, save_arguments, set_save_counter
 from torchckpt.errors import CheckpointError, CheckpointWriteError, a_or_an, is_read_only_error
 
 __all__ = ["CheckpointManager"]
@@ -48,6 +48,14 @@ def _metric(key: str, value: Any) -> Any:
         return float(value) if isinstance(value, float) else int(value)
     raise TypeError(f"metrics[{key!r}] is {a_or_an(type(value).__name__)}; metrics must be numbers, bools, strings "
                     "or None.")
+
+
+def _number_argument(value: Any) -> Any:
+    """``checkpoint_number`` as JSON, to compare across ranks (a bad one is refused inside the call)."""
+    try:
+        return None if value is None else _number(value)
+    except (TypeError, ValueError):
+        return repr(value)
 
 
 def _number(value: Any) -> int:
@@ -163,7 +171,15 @@ class CheckpointManager:
                 self._open_and_load(explicit_mode)
                 return self._mirror()
 
-            mirror = _dist.decided(self._coord, f"Opening {self._directory}", open_on_rank_0)
+            what = f"Opening {self._directory}"
+            call = self._coord.call(what, {
+                "call": "CheckpointManager", "directory": self._directory, "checkpoint_name": checkpoint_name,
+                "max_to_keep": max_to_keep, "keep_checkpoint_every_n_hours": keep_checkpoint_every_n_hours,
+                "checkpoint_interval": checkpoint_interval, "keep_best": keep_best,
+                "best_metric": best_metric if isinstance(best_metric, str) else None, "best_mode": best_mode,
+                "save_counter": checkpoint.save_counter, **save_arguments(max_shard_size, async_save)})
+            call.consequence = "Nothing was claimed or changed."
+            mirror = _dist.decided(call, what, open_on_rank_0)
             if self._coord.rank != 0:
                 state = self._adopt(mirror)
                 self._take_ranking(state, explicit_mode)
@@ -411,22 +427,19 @@ class CheckpointManager:
             TypeError, ValueError: bad ``metrics`` or ``checkpoint_number``; nothing is written.
             CheckpointError: the directory is read-only, or another process holds it.
         """
-        self._checkpoint.wait_until_finished()
-        if self._read_only:
-            raise CheckpointError(
-                f"Cannot save into {self._directory}: it is read-only, so this manager only reads it "
-                "(restore_or_initialize, latest_checkpoint, checkpoints). Save to a writable directory."
-            )
         what = f"Saving into {self._directory}"
+        call = None
         if self._coord is None:
             proposal = self._propose(checkpoint_number, check_interval, metrics)
-        else:  # a bad argument on one rank fails the call on every rank, before anything is written
-            proposal = _dist.agree(self._coord, what, lambda: self._propose(checkpoint_number, check_interval, metrics))
+        else:  # every rank makes this same call; a bad argument or a failure on one fails it on every rank
+            call = self._coord.call(what, {"call": "CheckpointManager.save", "directory": self._directory,
+                                           "checkpoint_number": _number_argument(checkpoint_number),
+                                           "check_interval": bool(check_interval),
+                                           "save_counter": self._checkpoint.save_counter})
+            proposal = _dist.agree(call, what, lambda: self._propose(checkpoint_number, check_interval, metrics))
         counter_before = self._checkpoint.save_counter
-        if self._coord is None:
-            decision = self._decide(proposal)
-        else:  # rank 0's decision (number, interval) is everyone's
-            decision = _dist.decided(self._coord, what, lambda: self._decide(proposal))
+        # on several ranks, rank 0's decision (number, interval) is everyone's
+        decision = self._decide(proposal) if call is None else _dist.decided(call, what, lambda: self._decide(proposal))
         if decision["skip"]:
             return None
         if decision["step"] is not None:
@@ -446,7 +459,7 @@ class CheckpointManager:
 
             commit(self._checkpoint, self._storage, path, max_shard_size=self._max_shard_size,
                    progress=self._progress, metadata=metadata, async_save=self._async_save,
-                   after=after, replace=decision["explicit"], coordinator=self._coord,
+                   after=after, replace=decision["explicit"], coordinator=call,
                    adopt=self._adopt)
         except AlreadyCommitted:
             set_save_counter(self._checkpoint, counter_before)
@@ -461,7 +474,14 @@ class CheckpointManager:
         return path
 
     def _propose(self, checkpoint_number: Any, check_interval: bool, metrics: Any) -> dict[str, Any]:
-        """The arguments of one ``save`` checked, and the interval applied, before anything is written."""
+        """The arguments of one ``save`` checked, and the interval applied, before anything is written;
+        a previous background failure and a read-only directory are raised here too."""
+        self._checkpoint.wait_until_finished()
+        if self._read_only:
+            raise CheckpointError(
+                f"Cannot save into {self._directory}: it is read-only, so this manager only reads it "
+                "(restore_or_initialize, latest_checkpoint, checkpoints). Save to a writable directory."
+            )
         metrics_copy = self._checked_metrics(metrics)
         number = _number(checkpoint_number) if checkpoint_number is not None else None
         skip, step = False, None
@@ -549,19 +569,32 @@ class CheckpointManager:
         Returns:
             The restored path, or None when ``init_fn`` ran (or there was nothing to do).
         """
-        self.wait_until_finished()
+        call = None
+        if self._coord is None:
+            self.wait_until_finished()
+        else:  # a background failure is raised inside the restore's exchanges, on every rank
+            call = self._coord.call(f"Restoring from {self._directory}", {
+                "call": "CheckpointManager.restore_or_initialize", "directory": self._directory})
         if self._latest is not None:  # the same on every rank: rank 0's
             path = self.latest_checkpoint
             assert path is not None
-            restore_from(self._checkpoint, self._storage, path, self._coord)
+            restore_from(self._checkpoint, self._storage, path, call)
             if self._checkpoint_interval is not None:
                 self._last_checkpoint_step = int(self._step_counter)
             return path
         if self._init_fn is not None:
-            if self._coord is None:
+            if call is None:
                 self._init_fn()
             else:  # on every rank; a failure on one is raised on all
-                _dist.agree(self._coord, "init_fn", self._init_fn)
+                init_fn = self._init_fn
+
+                def initialize() -> None:
+                    self.wait_until_finished()
+                    init_fn()
+
+                _dist.agree(call, "init_fn", initialize)
+        elif call is not None:
+            _dist.agree(call, "Restoring from " + self._directory, self.wait_until_finished)
         return None
 
     @property

@@ -485,7 +485,15 @@ def killed_async(d: Path, rank: int, world: int) -> dict:
         result = "saved"
     except torchckpt.CheckpointError as e:
         result = f"{type(e).__name__}: {e}"
-    return {"first": first, "second": result, "seconds": time.monotonic() - start,
+    later = []  # rank 0 served the c10d store: every later call must fail typed, never with a raw DistError
+    for call in (mgr.save, mgr.restore_or_initialize,
+                 lambda: torchckpt.Checkpoint(model=model).write(str(d / "after-death"), timeout_secs=3)):
+        try:
+            call()
+            later.append("ok")
+        except Exception as e:
+            later.append(f"{type(e).__module__}.{type(e).__name__}: {e}")
+    return {"first": first, "second": result, "seconds": time.monotonic() - start, "later": later,
             "entries": sorted(p.name for p in (d / "killed-async").iterdir())}
 
 
@@ -540,10 +548,141 @@ def tools_save(d: Path, rank: int, world: int) -> dict:
     return {"path": path}
 
 
+class FlakyOnce:
+    """State whose ``state_dict()`` raises once, on one rank only (a data loader's hiccup)."""
+
+    def __init__(self, fails: bool) -> None:
+        self.fails = fails
+
+    def state_dict(self) -> dict:
+        if self.fails:
+            self.fails = False
+            raise RuntimeError("data loader hiccup")
+        return {"position": 7}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def one_rank_fails_capture(d: Path, rank: int, world: int) -> dict:
+    """Rank 1's state_dict() raises at the first of three saves, and the loop goes on: that save
+    fails on every rank, and the next ones pair step with step (plain write, save, a manager, an
+    async manager)."""
+    out = {}
+    for mode in ("write", "save", "manager", "manager_async"):
+        model = fsdp_mlp(0)
+        ckpt = torchckpt.Checkpoint(model=model, loader=FlakyOnce(rank == 1), step=0)
+        base = d / "one_fails" / mode
+        mgr = None
+        if mode.startswith("manager"):
+            mgr = torchckpt.CheckpointManager(ckpt, str(base), max_to_keep=None, async_save=mode == "manager_async",
+                                              timeout_secs=TIMEOUT)
+        steps = []
+        for i in (1, 2, 3):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.fill_(float(i))
+            ckpt.step = i
+            start = time.perf_counter()
+            try:
+                if mode == "write":
+                    path = ckpt.write(str(base / f"step-{i}"), timeout_secs=TIMEOUT)
+                elif mode == "save":
+                    path = ckpt.save(str(base / "ckpt"), timeout_secs=TIMEOUT)
+                else:
+                    path = mgr.save()
+                    mgr.wait_until_finished()
+                steps.append({"step": i, "path": path})
+            except torchckpt.CheckpointError as e:
+                steps.append({"step": i, "error": f"{type(e).__name__}: {e}", "ranks": getattr(e, "ranks", None),
+                              "seconds": time.perf_counter() - start})
+        if mgr is not None:
+            steps.append({"checkpoints": [os.path.basename(p) for p in mgr.checkpoints]})
+            mgr.close()
+        out[mode] = steps
+    return out
+
+
+def mismatched_calls(d: Path, rank: int, world: int) -> dict:
+    """Ranks that pass another path, async flag, shard size or restore path are refused on every
+    rank, and the next matching call works."""
+    model = fsdp_mlp(0)
+    ckpt = torchckpt.Checkpoint(model=model)
+    base = d / "mismatch"
+    calls = {
+        "path": lambda: ckpt.write(str(base / f"rank{rank}"), timeout_secs=TIMEOUT),
+        "async_save": lambda: ckpt.write(str(base / "async"), async_save=rank == 0, timeout_secs=TIMEOUT),
+        "max_shard_size": lambda: ckpt.write(str(base / "size"), max_shard_size=2**20 if rank else "2MB",
+                                             timeout_secs=TIMEOUT),
+        "save_counter": lambda: ckpt.save(str(base / "counted"), timeout_secs=TIMEOUT),
+        "good": lambda: ckpt.write(str(base / "good"), timeout_secs=TIMEOUT),
+        "restore": lambda: ckpt.restore(str(base / ("good" if rank else "counted-1")), timeout_secs=TIMEOUT),
+        "manager": lambda: torchckpt.CheckpointManager(ckpt, str(base / "managed"), max_to_keep=2 + rank,
+                                                       timeout_secs=TIMEOUT),
+    }
+    if rank == 1:
+        object.__setattr__(ckpt, "_save_counter", 5)  # as if rank 1 had made saves that rank 0 did not
+    out = {}
+    for name, call in calls.items():
+        start = time.perf_counter()
+        try:
+            call()
+            out[name] = "ok"
+        except torchckpt.CheckpointError as e:
+            out[name] = f"{type(e).__name__}: {e}"
+            out[f"{name}_ranks"] = getattr(e, "ranks", None)
+        out[f"{name}_seconds"] = time.perf_counter() - start
+        if name == "save_counter":
+            object.__setattr__(ckpt, "_save_counter", 0)
+    out["exists"] = sorted(p.name for p in base.iterdir())
+    return out
+
+
+class RaisesOnLoad:
+    """State whose ``load_state_dict()`` raises on one rank only."""
+
+    def __init__(self, raises: bool) -> None:
+        self.raises = raises
+
+    def state_dict(self) -> dict:
+        return {"x": 1}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.raises:
+            raise RuntimeError("cannot take this state")
+
+
+def restore_failures(d: Path, rank: int, world: int) -> dict:
+    """A restore that fails on rank 1 only says "partly restored" on rank 0, which had restored its
+    part; a restore that rank 1 reaches after the timeout says nothing was restored on rank 0 and
+    that the call was abandoned on rank 1; the next call pairs correctly."""
+    path = str(d / "restore-fails")
+    torchckpt.Checkpoint(model=fsdp_mlp(0), extra=RaisesOnLoad(False)).write(path, timeout_secs=TIMEOUT)
+    out: dict = {}
+    model = fsdp_mlp(1)
+    for name, call in (
+        ("fails_on_1", lambda: torchckpt.Checkpoint(model=model, extra=RaisesOnLoad(rank == 1)).restore(
+            path, timeout_secs=TIMEOUT)),
+        ("late", lambda: (time.sleep(4) if rank == 1 else None,
+                          torchckpt.Checkpoint(model=model).restore(path, timeout_secs=2))),
+        ("next", lambda: torchckpt.Checkpoint(model=model).write(str(d / "after-late"), timeout_secs=TIMEOUT)),
+    ):
+        start = time.perf_counter()
+        try:
+            call()
+            out[name] = "ok"
+        except torchckpt.CheckpointError as e:
+            out[name] = f"{type(e).__name__}: {e}"
+        out[f"{name}_seconds"] = time.perf_counter() - start
+    out["restored"] = torch.equal(full(model.head.weight), MLP(0).head.weight.detach())
+    return out
+
+
 SCENARIOS = {f.__name__: f for f in (save_fsdp_4, save_fsdp_2, restore_from_4, restore_from_2, plain_into_fsdp,
                                       differing_value, ddp, tp_mesh, restore_tp, write_fails_on_one_rank,
                                       killed_mid_save, s3_fsdp, manager_2, manager_resume, second_job,
-                                      async_loops, async_failure, killed_async, manager_s3, tools_save)}
+                                      async_loops, async_failure, killed_async, manager_s3, tools_save,
+                                      one_rank_fails_capture, mismatched_calls, restore_failures)}
 
 
 LOSES_A_RANK = {"killed_async"}

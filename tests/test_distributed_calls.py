@@ -1,0 +1,101 @@
+"""Every rank makes the same collective call, or none of it happens: on real gloo jobs.
+
+A rank that fails before the first exchange (its ``state_dict()`` raises), or that passes other
+arguments, must fail that call on every rank at once, and the next call must pair step with step:
+a checkpoint never holds one step on some ranks' rows and another step on the others'.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import torchckpt
+
+from .distributed import results
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+
+
+def ok(directory: Path, scenario: str, world: int) -> list[dict]:
+    found = results(directory, scenario, world)
+    for rank, result in enumerate(found):
+        assert "error" not in result, f"rank {rank}: {result['error']}\n{result.get('traceback')}"
+    return found
+
+
+def holds_one_step(path: str, step: int) -> None:
+    """Every element of every model tensor, and the plain ``step``, are this save's step."""
+    reader = torchckpt.load_checkpoint(path)
+    names = [n for n in reader.get_variable_to_shape_map() if n.startswith("model/") and "steps_seen" not in n]
+    assert names
+    for name in names:
+        values = reader.get_tensor(name)
+        assert torch.all(values == step), f"{path}: {name} holds {sorted(set(values.flatten().tolist()))}, not {step}"
+    assert reader.get_state()["step"] == step
+
+
+@pytest.mark.parametrize("mode", ["write", "save", "manager", "manager_async"])
+def test_a_state_dict_raising_on_one_rank_fails_that_save_on_every_rank_and_the_next_pair_correctly(world2, mode):
+    found = [r[mode] for r in ok(world2, "one_rank_fails_capture", 2)]
+    for steps in found:
+        first = steps[0]
+        assert first["step"] == 1 and "error" in first, first
+        assert first["error"].startswith("CheckpointError: Saving ")
+        assert "failed on rank 1: data loader hiccup" in first["error"]
+        assert first["ranks"] == [1]
+        assert first["seconds"] < 10  # at once, not after the other rank's timeout
+        assert [s.get("error") for s in steps[1:3]] == [None, None], steps
+    assert found[0][0]["error"] == found[1][0]["error"]  # the same error on every rank
+    paths = [[s["path"] for s in steps[1:3]] for steps in found]
+    assert paths[0] == paths[1]  # the same checkpoints on every rank
+    for step, path in zip((2, 3), paths[0]):
+        holds_one_step(path, step)
+    if mode.startswith("manager"):
+        assert found[0][3] == found[1][3] == {"checkpoints": ["ckpt-1", "ckpt-2"]}  # the failed save took no number
+
+
+def test_ranks_making_different_calls_are_refused_on_every_rank(world2):
+    found = ok(world2, "mismatched_calls", 2)
+    expected = {
+        "path": "path: ",
+        "async_save": "async_save: true on rank 0; false on rank 1",
+        "max_shard_size": "max_shard_size: 2000000 on rank 0; 1048576 on rank 1",
+        "save_counter": "save_counter: 0 on rank 0; 5 on rank 1",
+        "restore": "path: ",
+        "manager": "max_to_keep: 2 on rank 0; 3 on rank 1",
+    }
+    for name, fragment in expected.items():
+        messages = [r[name] for r in found]
+        assert messages[0] == messages[1], name  # the same error on every rank
+        assert messages[0].startswith("CheckpointError: "), messages[0]
+        assert "was refused on every rank: the ranks did not make the same call" in messages[0]
+        assert fragment in messages[0], (name, messages[0])
+        assert found[0][f"{name}_ranks"] == [1]
+        assert all(r[f"{name}_seconds"] < 10 for r in found)
+    assert all(r["good"] == "ok" for r in found)  # the next matching call pairs correctly
+    assert found[0]["exists"] == ["good"]  # nothing of the refused calls was written
+    holds_one_step_free = torchckpt.load_checkpoint(str(world2 / "mismatch" / "good"))
+    assert holds_one_step_free.get_variable_to_shape_map()
+
+
+def test_a_collective_restore_says_what_state_each_rank_is_left_in(world2):
+    rank0, rank1 = ok(world2, "restore_failures", 2)
+    # rank 1's load_state_dict raised; rank 0 had restored its part and says so
+    assert rank1["fails_on_1"].startswith("CorruptCheckpointError: Restoring ")
+    assert "failed on rank 1: " in rank1["fails_on_1"] and "cannot take this state" in rank1["fails_on_1"]
+    assert rank0["fails_on_1"].startswith(rank1["fails_on_1"])
+    assert rank0["fails_on_1"].endswith("so its objects are partly restored: restore again on every rank (or start "
+                                        "from initial values) before training on.")
+    assert "This rank had already restored its own part" not in rank1["fails_on_1"]
+    # rank 1 came 4 s late to a restore with a 2 s timeout
+    assert rank0["late"].startswith("RankTimeoutError: Rank 1 did not reach the call step of restoring ")
+    assert "within 2 s" in rank0["late"] and "Nothing was restored." in rank0["late"]
+    assert "Nothing was committed" not in rank0["late"]
+    assert rank1["late"].startswith("CheckpointError: Restoring ")
+    assert "was abandoned by the other ranks before this rank arrived (rank 0 gave up waiting" in rank1["late"]
+    assert rank1["late_seconds"] < 4 + 2  # at once on arrival, not after its own timeout
+    assert rank0["next"] == rank1["next"] == "ok"  # the next call pairs correctly
+    assert rank0["restored"] and rank1["restored"]
