@@ -9,7 +9,12 @@ Two kinds of case:
   with hostile values (deep nesting, huge numbers, wrong types, unhashable keys, lone surrogates,
   module names as dtypes, dangling aliases) and sealed again, as someone who wants to crash the
   reader would. Every one must end in a ``CheckpointError`` or succeed; nothing may raise
-  anything else, hang or crash.
+  anything else, hang or crash (the CLI's "a bug in torchckpt" counts as raising).
+
+Two subjects: :data:`PLAIN`, a manager's run of single-process checkpoints (format 1), and
+:data:`SHARDED`, whose latest checkpoint is format 2 as 2 ranks save it (chunk tables, ``~@``
+chunks, ``~r`` per-rank tensors, ``@per_rank`` values; see ``tests/format2.py``), mutated with
+format-2 names and values as well, and also exported and consolidated.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import shutil
 import signal
 import struct
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,6 +38,7 @@ import torch
 import torchckpt
 from torchckpt import _directory, cli
 
+from . import format2
 from .conftest import TiedLM, sealed_json
 
 CASE_SECONDS = 10  # a case that takes longer has hung
@@ -150,13 +157,13 @@ def _get(node: Any, path: tuple[Any, ...]) -> Any:
     return node
 
 
-def mutate_json(rng: random.Random, value: Any, focus: tuple[Any, ...] = ()) -> Any:
-    """A copy of ``value`` with one to three hostile edits below ``focus``."""
+def mutate_json(rng: random.Random, value: Any, focus: tuple[Any, ...] = (), hostile: list[Any] = HOSTILE) -> Any:
+    """A copy of ``value`` with one to three hostile edits below ``focus``, drawn from ``hostile``."""
     value = copy.deepcopy(value)
     for _ in range(rng.randint(1, 3)):
         candidates = [p for p in _paths(_get(value, focus), focus)] if _exists(value, focus) else [()]
         path = rng.choice(candidates)
-        replacement = copy.deepcopy(rng.choice(HOSTILE + [deep(rng.choice((50, 150, 1200, 5000)))]))
+        replacement = copy.deepcopy(rng.choice(hostile + [deep(rng.choice((50, 150, 500, 1200, 5000)))]))
         action = rng.random()
         if not path:
             value = replacement if action < 0.1 else value
@@ -240,8 +247,9 @@ def _rewrite_header(path: str, edit: Callable[[Any], Any]) -> None:
         f.write(struct.pack("<Q", len(body)) + body + raw[8 + n :])
 
 
-def apply_case(rng: random.Random, run: str, kind: str) -> str:
+def apply_case(rng: random.Random, run: str, kind: str, subject: Subject | None = None) -> str:
     """Mutate the run directory in place; returns a description of the case."""
+    subject = subject or PLAIN
     latest = os.path.join(run, "ckpt-2")
     index_path = os.path.join(latest, "index.json")
     state_path = os.path.join(run, _directory.STATE_FILE)
@@ -262,20 +270,97 @@ def apply_case(rng: random.Random, run: str, kind: str) -> str:
         return f"raw {target}"
     if target == "index":
         index = _read_json(index_path)
-        focus = rng.choice([(), ("torchckpt",), ("torchckpt", "tensors"), ("torchckpt", "shards"), ("weight_map",),
-                            ("torchckpt", "aliases"), ("metadata",)])
-        _write_sealed(index_path, mutate_json(rng, index, focus))
+        if subject.records and rng.random() < 0.2:  # a format-aware forger: records point at other bytes
+            _swap_records(rng, index)
+            target = "records"
+        else:
+            focus = rng.choice(subject.index_foci)
+            index = mutate_json(rng, index, focus, subject.hostile)
+        _write_sealed(index_path, index)
     elif target == "tree":
         index = _read_json(index_path)
-        focus = rng.choice([("torchckpt", "state"), ("torchckpt", "state", "opt"), ("torchckpt", "state", "rng"),
-                            ("torchckpt", "state", "cfg"), ("torchckpt", "metadata"), ("torchckpt", "objects")])
-        _write_sealed(index_path, mutate_json(rng, index, focus))
+        _write_sealed(index_path, mutate_json(rng, index, rng.choice(subject.tree_foci), subject.hostile))
     elif target == "state":
         _write_sealed(state_path, mutate_json(rng, _read_json(state_path)))
     else:
         shard = rng.choice(_shard_paths(latest))
-        _rewrite_header(shard, lambda h: mutate_json(rng, h))
+        _rewrite_header(shard, lambda h: mutate_json(rng, h, (), subject.hostile))
     return f"forged {target}"
+
+
+def _swap_records(rng: random.Random, index: dict[str, Any]) -> None:
+    """Two stored names of the tensor table trade places, and their weight_map entries their files:
+    each record now points at the other tensor's bytes, and the checksums still match them."""
+    names = index["torchckpt"]["tensors"]["names"]
+    i, j = rng.sample(range(len(names)), 2)
+    names[i], names[j] = names[j], names[i]
+    files = index["weight_map"]
+    files[names[i]], files[names[j]] = files[names[j]], files[names[i]]
+
+
+# -- subjects --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Subject:
+    """What a fuzz run mutates: its run directory (the latest checkpoint is ``ckpt-2``), the objects
+    to restore into and their comparable values, where to aim JSON edits, and the values to plant."""
+
+    make_run: Callable[[str], tuple[str, dict[str, Any]]]
+    build_target: Callable[[], torchckpt.Checkpoint]
+    snapshot: Callable[[torchckpt.Checkpoint], dict[str, Any]]
+    index_foci: list[tuple[Any, ...]]
+    tree_foci: list[tuple[Any, ...]]
+    hostile: list[Any]
+    records: bool = False  # also swap tensor records
+    tools: bool = False  # also export and consolidate the latest checkpoint
+
+
+_INDEX_FOCI = [(), ("torchckpt",), ("torchckpt", "tensors"), ("torchckpt", "shards"), ("weight_map",),
+               ("torchckpt", "aliases"), ("metadata",)]
+
+PLAIN = Subject(make_run, build_target, snapshot, _INDEX_FOCI,
+                [("torchckpt", "state"), ("torchckpt", "state", "opt"), ("torchckpt", "state", "rng"),
+                 ("torchckpt", "state", "cfg"), ("torchckpt", "metadata"), ("torchckpt", "objects")], HOSTILE)
+
+
+def make_sharded_run(root: str) -> tuple[str, dict[str, Any]]:
+    """A manager directory whose latest checkpoint, ``ckpt-2``, is format 2 as 2 ranks save it
+    (``ckpt-1`` is the same objects saved by one process); returns it and what ``ckpt-2`` holds."""
+    directory = os.path.join(root, "run")
+    mgr = torchckpt.CheckpointManager(format2.target(), directory, max_to_keep=3)
+    mgr.save()
+    mgr.save()
+    mgr.close()
+    shutil.rmtree(os.path.join(directory, "ckpt-2"))
+    latest = format2.write_two_rank(os.path.join(directory, "ckpt-2"))
+    restored = format2.target()
+    restored.restore(latest).assert_consumed()
+    return directory, sharded_snapshot(restored)
+
+
+def sharded_snapshot(ckpt: torchckpt.Checkpoint) -> dict[str, Any]:
+    return {"model": {k: v.clone() for k, v in ckpt.model.state_dict().items()},
+            "cursor": copy.deepcopy(ckpt.cursor.value), "epoch": ckpt.epoch, "save_counter": ckpt.save_counter}
+
+
+SHARDED_HOSTILE: list[Any] = [
+    "model/weight~@0,0", "model/weight~@3,0", "model/weight~@2,0", "model/weight~@0,1", "model/weight~@",
+    "model/weight~@0,0,0", "model/bias~@0", "model/bias", "model/weight", "model/weight~r0", "cursor/seen~r0",
+    "cursor/seen~r1", "cursor/seen~r2", "cursor/seen", "x~@0", "~r1", "~@", "6,4", "3,4", "6,4,1", "0,4",
+    ",".join(["1"] * 1200), {"@per_rank": []}, {"@per_rank": [1, 2]}, {"@per_rank": [{"@tensor": None}] * 2},
+    {"@per_rank": [{"@per_rank": [1, 2]}, 3]}, {"@per_rank": [{"seen": 1}, {"pos": 1}]}, 2, 3, 2**31, 2**31 + 1,
+    {"names": ["model/weight"], "dtypes": "F32", "shapes": "6,4"}, {"names": [], "dtypes": "", "shapes": ""},
+    {"names": ["model/weight", "model/weight"], "dtypes": "F32,F32", "shapes": "6,4;6,4"},
+]
+
+SHARDED = Subject(
+    make_sharded_run, format2.target, sharded_snapshot,
+    [*_INDEX_FOCI, ("torchckpt", "chunked"), ("torchckpt", "chunked", "names"), ("torchckpt", "tensors", "names"),
+     ("torchckpt", "world_size")],
+    [("torchckpt", "state"), ("torchckpt", "state", "cursor"), ("torchckpt", "state", "cursor", "@per_rank"),
+     ("torchckpt", "state", "model"), ("torchckpt", "objects")],
+    HOSTILE + SHARDED_HOSTILE * 3, records=True, tools=True)
 
 
 # -- running one case ------------------------------------------------------------------------
@@ -302,9 +387,11 @@ def time_limit(seconds: int) -> Iterator[None]:
 outcomes: list[str] = []
 
 
-def exercise(run: str, expected: dict[str, Any], strict_values: bool) -> list[str]:
+def exercise(run: str, expected: dict[str, Any], strict_values: bool, subject: Subject | None = None) -> list[str]:
     """Every reader of the library on the mutated run; returns the problems found."""
     import warnings
+
+    subject = subject or PLAIN
 
     problems: list[str] = []
     latest = os.path.join(run, "ckpt-2")
@@ -321,14 +408,14 @@ def exercise(run: str, expected: dict[str, Any], strict_values: bool) -> list[st
             problems.append(f"{what}: {type(e).__name__}: {str(e)[:300]} at {_where(e)}")
             return None
 
-    target = build_target()
+    target = subject.build_target()
 
     def restore() -> None:
         status = target.restore(run)
         status.expect_partial()
         outcomes.append("restored")
         if strict_values and status.path == latest:
-            got = snapshot(target)
+            got = subject.snapshot(target)
             if not same(got, expected):
                 diff = [k for k in expected if not same(got[k], expected[k])]
                 problems.append(f"restore succeeded with different values in {diff}")
@@ -354,15 +441,19 @@ def exercise(run: str, expected: dict[str, Any], strict_values: bool) -> list[st
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            mgr = torchckpt.CheckpointManager(build_target(), run, max_to_keep=3)
+            mgr = torchckpt.CheckpointManager(subject.build_target(), run, max_to_keep=3)
         try:
             _ = mgr.checkpoints, mgr.latest_checkpoint, mgr.best_checkpoint
         finally:
             mgr.close()
 
     library("manager", manager)
-    for argv in (["inspect", latest], ["inspect", run, "--json"], ["ls", run], ["ls", run, "--json"], ["verify", latest],
-                 ["diff", os.path.join(run, "ckpt-1"), latest, "--values"]):
+    commands = [["inspect", latest], ["inspect", run, "--json"], ["ls", run], ["ls", run, "--json"], ["verify", latest],
+                ["diff", os.path.join(run, "ckpt-1"), latest, "--values"]]
+    if subject.tools:  # outputs beside the run, removed with it before the next case
+        commands += [["export", latest, "--object", "model", os.path.join(os.path.dirname(run), "exported")],
+                     ["consolidate", latest, os.path.join(os.path.dirname(run), "consolidated")]]
+    for argv in commands:
         out, err = io.StringIO(), io.StringIO()
         try:
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -371,6 +462,8 @@ def exercise(run: str, expected: dict[str, Any], strict_values: bool) -> list[st
                 problems.append(f"cli {argv[0]}: exit {code}")
             if "Traceback" in err.getvalue():
                 problems.append(f"cli {argv[0]}: traceback")
+            if "a bug in torchckpt" in err.getvalue():  # an exception other than a CheckpointError, OSError or ValueError
+                problems.append(f"cli {argv[0]}: {err.getvalue().strip()[:300]}")
         except Hang:
             raise
         except BaseException as e:  # noqa: BLE001 - the finding
@@ -386,11 +479,13 @@ def _where(error: BaseException) -> str:
     return " < ".join(f"{os.path.basename(f.filename)}:{f.lineno}" for f in frames[::-1][:3]) or "?"
 
 
-def fuzz(root: str, cases: int, seed: int = 0) -> dict[str, Any]:
-    """Run ``cases`` cases; returns counts and the first findings."""
+def fuzz(root: str, cases: int, seed: int = 0, subject: Subject | None = None) -> dict[str, Any]:
+    """Run ``cases`` cases on ``subject`` (by default :data:`PLAIN`); returns counts and the first findings."""
+    subject = subject or PLAIN
     pristine = os.path.join(root, "pristine")
     os.makedirs(pristine)
-    run, expected = make_run(pristine)
+    run, expected = subject.make_run(pristine)
+    restored = outcomes.count("restored")
     work = os.path.join(root, "work")
     rng = random.Random(seed)
     findings: list[str] = []
@@ -402,10 +497,11 @@ def fuzz(root: str, cases: int, seed: int = 0) -> dict[str, Any]:
         mutated = os.path.join(work, "run")
         kind = "raw" if case % 2 else "forged"
         counts[kind] += 1
-        description = apply_case(rng, mutated, kind)
+        description = apply_case(rng, mutated, kind, subject)
         try:
             with time_limit(CASE_SECONDS):
-                problems = exercise(mutated, expected, strict_values=kind == "raw")
+                # bytes damaged, or records pointing at other records' bytes: a restore that succeeds gives the saved values
+                problems = exercise(mutated, expected, kind == "raw" or description == "forged records", subject)
         except Hang as e:
             counts["hangs"] += 1
             problems = [f"hang: {e}"]
@@ -413,4 +509,4 @@ def fuzz(root: str, cases: int, seed: int = 0) -> dict[str, Any]:
             counts["findings"] += 1
             if len(findings) < 20:
                 findings.append(f"case {case} ({description}): " + "; ".join(problems))
-    return {**counts, "cases": cases, "restored": outcomes.count("restored"), "first": findings}
+    return {**counts, "cases": cases, "restored": outcomes.count("restored") - restored, "first": findings}
