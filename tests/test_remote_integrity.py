@@ -119,26 +119,31 @@ def test_a_manager_paused_past_its_lease_never_touches_what_the_next_one_committ
 # -- item 6: readers racing retention ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("vanishing", ["index.json", ".safetensors"])
-def test_a_reader_racing_retention_gets_checkpoint_deleted_error(remote, monkeypatch, vanishing):
+@pytest.mark.parametrize(("method", "vanishing", "calls"), [
+    ("cat_file", "index.json", 1),  # the index was there at its HEAD, gone at its GET
+    ("cat_file", ".safetensors", 1),  # a shard was there when it was opened, gone at the header read
+    ("info", "index.json", 2),  # the index was there when the path was resolved, gone at its HEAD
+], ids=["index-get", "shard-read", "index-head"])
+def test_a_reader_racing_retention_gets_checkpoint_deleted_error(remote, monkeypatch, method, vanishing, calls):
     ckpt = torchckpt.Checkpoint(w=torch.full((1000,), 1.0))
     mgr = CheckpointManager(ckpt, remote.url, max_to_keep=1, storage_options=remote.options)
     first = mgr.save()
     fs = remote.fs  # the filesystem instance torchckpt uses (fsspec caches one per options)
-    real = fs.cat_file
-    raced: list[str] = []
+    real = getattr(fs, method)
+    seen: list[str] = []
 
-    def cat_file(path, *args, **kwargs):  # the object was there at the HEAD; retention runs before the GET
-        if str(path).endswith(vanishing) and "ckpt-1" in str(path) and not raced:
-            raced.append(str(path))
-            ckpt.w.fill_(2.0)
-            mgr.save()
+    def racing(path, *args, **kwargs):  # retention deletes ckpt-1 just before this request
+        if str(path).endswith(vanishing) and "ckpt-1" in str(path) and len(seen) < calls:
+            seen.append(str(path))
+            if len(seen) == calls:
+                ckpt.w.fill_(2.0)
+                mgr.save()
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(fs, "cat_file", cat_file)
+    monkeypatch.setattr(fs, method, racing)
     with pytest.raises(torchckpt.CheckpointDeletedError, match="was deleted while it was being read") as info:
         torchckpt.Checkpoint(w=torch.zeros(1000)).read(first, storage_options=remote.options)
-    assert raced and info.value.path == first
+    assert len(seen) == calls and info.value.path == first
     assert "read a newer checkpoint" in str(info.value)
     mgr.close()
 

@@ -354,8 +354,10 @@ class FsspecStorage:
         try:
             info = self._file_info(path, what)
         except FileNotFoundError:
-            if name_of(path) == INDEX_FILE and self.exists(join(parent_of(path), DELETING_FILE)):
-                raise self.vanished(path) from None  # a retention is deleting that checkpoint right now
+            if name_of(path) == INDEX_FILE:
+                left = self.list_names(parent_of(path))
+                if DELETING_FILE in left or not left:  # being deleted now, or deleted since it was found
+                    raise self.vanished(path) from None
             raise
         size = int(info.get("size") or 0)
         if size > limit:
