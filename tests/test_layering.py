@@ -20,8 +20,8 @@ FACES = {"__init__", "__main__", "checkpoint", "manager", "reader", "restore", "
 ENGINES = {"_save", "_capture", "_async", "_load", "_index", "_directory", "_retention", "_report",
            "_dist", "_sharded_save", "_global_plan", "_reshard"}
 STORAGE = {"_backend", "_files", "_atomic", "_output", "_lock", "_local", "_lease", "_fsspec", "_upload",
-           "_storage"}
-FOUNDATIONS = STORAGE | {"errors", "_format", "_tree", "_tensorio", "_threads", "_progress", "_version",
+           "_storage", "_remote_commit"}
+FOUNDATIONS = STORAGE | {"errors", "_format", "_tree", "_tensorio", "_threads", "_progress", "_version", "_preemption",
                           "_chunks"}
 FLOOR = {**{m: 2 for m in FACES}, **{m: 1 for m in ENGINES}, **{m: 0 for m in FOUNDATIONS}}
 

@@ -3,15 +3,18 @@
 Why the commit is the index written last, with create-if-absent: an object store has no rename
 (``mv`` is a copy and a delete, object by object) but makes each object visible atomically once
 its upload completes, and lists consistently. So a checkpoint's shards are uploaded straight
-into its final prefix, their sizes are checked in one listing, and ``index.json`` is created
+into its final prefix, under names tagged with this save's own id (so that no other writer's
+upload can land on them: see ``_remote_commit``, the protocol's stage, deletion and clean-up),
+their sizes are checked in one listing, and ``index.json`` is created
 last, with ``If-None-Match: *`` where the store has it: a directory without its index is never a
 checkpoint, and two writers can never both commit one name. Replacing a checkpoint deletes its
 index first (the old checkpoint stops being committed), then its shards, then writes the new
-one: a reader sees the old checkpoint, none, or the new one, never a mix. Retention deletes the
-index first, then the shards.
+one: a reader sees the old checkpoint, none, or the new one, never a mix. Retention marks the
+deletion (``.torchckpt-deleting``), deletes the index, then the shards the index named.
 
-A crashed upload leaves shards and a ``.torchckpt-pending`` marker without an index: readers
-ignore it, and the next manager removes it (see :meth:`FsspecStorage.remove_leftovers`).
+A crashed upload leaves shards and a ``.torchckpt-pending-<tag>`` marker without an index:
+readers ignore it, and the next manager removes it, judging the whole directory from one
+recursive listing (see :meth:`FsspecStorage.remove_leftovers`).
 
 Uploads stream through bounded buffers (on S3, multipart uploads with parts in parallel), reads
 are ranged and parallel, and nothing calls ``os.sync()`` (DCP's ``FsspecWriter`` does, machine
@@ -21,31 +24,25 @@ wide, for every file).
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import socket
 import threading
-import time
-import uuid
 import warnings
 from collections.abc import Iterable
 from typing import Any
 
 import xxhash
 
-from torchckpt import _lease, _upload
+from torchckpt import _lease, _remote_commit, _upload
 from torchckpt._backend import (
     ABSENT,
-    LEFTOVER_GRACE_SECS,
-    AlreadyCommitted,
     ConflictError,
     Output,
     join,
     name_of,
     parent_of,
 )
-from torchckpt._format import INDEX_FILE, MAX_INDEX_SIZE, PENDING_FILE, SHARD_SUFFIX, TORCHCKPT_KEY
-from torchckpt.errors import CheckpointDeletedError, CheckpointError, CheckpointWriteError, CorruptCheckpointError
+from torchckpt._format import INDEX_FILE
+from torchckpt._remote_commit import DELETING_FILE, RemoteStage
+from torchckpt.errors import CheckpointDeletedError, CheckpointError, CorruptCheckpointError
 
 # Ranged reads (where a GET cannot be streamed into the destinations): READ_PARTS at a time, each
 # 1/(10 * READ_PARTS + 1) of what is read from the file, clamped to [READ_PART_MIN, READ_PART_MAX].
@@ -59,10 +56,6 @@ READ_STREAM_MIN = 8 * 2**20  # each of at least this many bytes
 _OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"}
 _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure",
            "adl": "azure"}
-TAG_CHARS = 12  # a save's tag on its object names: 48 random bits in hex
-# Written into a checkpoint's prefix before its index is deleted, naming the objects to delete: a
-# deletion cut short (a killed process) is finished by the next manager that opens the directory.
-DELETING_FILE = ".torchckpt-deleting"
 _memory_guard = threading.Lock()  # memory:// is per process: its compare-and-write is atomic under this
 _warned: set[str] = set()
 
@@ -216,104 +209,6 @@ class S3Source(RemoteSource):
                 start += len(target)
         finally:
             body.close()
-
-
-class RemoteStage:
-    """A checkpoint uploaded straight into its final prefix, under names of its own; ``commit``
-    creates its index.
-
-    Every object this save writes carries its tag (``model-00001-of-00002-<tag>.safetensors``,
-    ``.torchckpt-pending-<tag>``), a random id of this writer and save, and only this save's index
-    names them. So a second writer of the same prefix (another job, or a manager that lost its
-    lease while it was paused) can never overwrite a committed checkpoint's objects: the loser's
-    index is refused by create-if-absent, and it removes its own objects, nobody else's.
-    """
-
-    def __init__(self, storage: FsspecStorage, final: str, replace: bool, joined: bool = False) -> None:
-        self.storage = storage
-        self.path = final
-        self.tag = uuid.uuid4().hex[:TAG_CHARS]
-        self.marker = f"{PENDING_FILE}-{self.tag}"
-        self.created: list[str] = []
-        self.index: tuple[str, bytes] | None = None
-        self.committed = self.discarded = False
-        if joined:  # another rank's stage: this process only uploads files into it, under its own tag
-            return
-        storage.fence(final)  # a manager that lost its lease (paused past it) finds out before it uploads
-        if storage.exists(join(final, INDEX_FILE)):
-            if not replace:
-                raise AlreadyCommitted(17, "a checkpoint is already committed there", final)
-            storage.delete_checkpoint(final)  # un-commit first: never a mix of old and new shards
-        # Anything else under the name is left alone: it may be another writer's upload in flight
-        # (it has its own names); a crashed writer's leftovers are removed by the next manager.
-        storage.make_dirs(final)  # file:// and the like need the directory; object stores have none
-        marker = {"writer": f"pid {os.getpid()} on {socket.gethostname()}", "time": time.time(),
-                  "session": storage.session_of(final), "tag": self.tag}
-        storage.put(join(final, self.marker), json.dumps(marker).encode())
-
-    def member(self, name: str) -> str:
-        stem = name[: -len(SHARD_SUFFIX)] if name.endswith(SHARD_SUFFIX) else name
-        return f"{stem}-{self.tag}{SHARD_SUFFIX}"
-
-    def create(self, name: str, size: int) -> Output:
-        self.storage.fence(self.path)  # free unless this process's lease term ran out unrenewed
-        self.created.append(name)
-        return self.storage.output(join(self.path, name), size)
-
-    def write_file(self, name: str, data: bytes) -> None:
-        self.created.append(name)
-        self.storage.put(join(self.path, name), data)
-
-    def write_index(self, name: str, pieces: Iterable[bytes]) -> None:
-        self.index = (name, b"".join(pieces))
-
-    def commit(self, sizes: dict[str, int]) -> None:
-        self.storage.fence(self.path)
-        found = self.storage.sizes(self.path)
-        for name, size in sizes.items():
-            if found.get(name) != size:
-                now = "is not on the store" if name not in found else f"is {found[name]} bytes on the store, not {size},"
-                raise CheckpointWriteError(
-                    f"Cannot commit {self.path}: {name} {now} after its upload. Nothing was committed; save again.",
-                    self.path,
-                    OSError(5, "upload lost", join(self.path, name)),
-                )
-        if self.index is not None:
-            name, data = self.index
-            try:
-                self.storage.create_new(join(self.path, name), data)
-            except FileExistsError:
-                self.discarded = True  # every rank's files of this save, and its marker; nobody else's
-                self.storage.remove_names(self.path, [*sizes, *self.created, self.marker])
-                raise AlreadyCommitted(
-                    17, "another writer committed a checkpoint there while this one was being uploaded (this "
-                    "save's own objects were removed; the other checkpoint is untouched)", self.path) from None
-        self.committed = True
-        self.storage.remove_quietly(join(self.path, self.marker))
-
-    def discard(self) -> None:
-        if self.committed or self.discarded:
-            return
-        self.discarded = True
-        names = self.storage.list_names(self.path)
-        busy = INDEX_FILE in names or any(_is_pending(n) and n != self.marker for n in names) or DELETING_FILE in names
-        if busy:  # a committed checkpoint, another writer's upload or a deletion: remove only this save's objects
-            self.storage.remove_names(self.path, [*self.created, self.marker])
-        else:  # nobody else's: the whole uncommitted prefix (with the other ranks' files of this save)
-            self.storage.remove_names(self.path, names)
-        self.storage.drop_if_empty(self.path)
-
-
-def _is_pending(name: str) -> bool:
-    """Whether ``name`` is a writer's pending marker (``.torchckpt-pending-<tag>``, or one untagged
-    from before the tags)."""
-    return name == PENDING_FILE or name.startswith(PENDING_FILE + "-")
-
-
-def _is_plain_shard(name: Any) -> bool:
-    """A name an index may give a shard, safe to delete within its checkpoint's prefix."""
-    return isinstance(name, str) and name.endswith(SHARD_SUFFIX) and "/" not in name and "\\" not in name \
-        and name not in (".", "..")
 
 
 def _token_of(data: bytes) -> str:
@@ -474,7 +369,7 @@ class FsspecStorage:
         return RemoteStage(self, stage_path, False, joined=True)
 
     def stage(self, final: str, replace: bool) -> RemoteStage:
-        return RemoteStage(self, final, replace)
+        return RemoteStage(self, final, replace)  # the object-store commit protocol: see _remote_commit
 
     def output(self, path: str, size: int) -> Output:
         if self.is_s3 and size > _upload.PART_BYTES:
@@ -583,48 +478,7 @@ class FsspecStorage:
             f"{name_of(path)} went away between two requests); read a newer checkpoint.", directory)
 
     def delete_checkpoint(self, path: str) -> None:
-        """Delete a committed checkpoint so that it is never visible half-deleted, and so that a
-        deletion cut short is finished later: ``.torchckpt-deleting`` (naming the index's version and
-        the files it names) is written first, then the index is deleted (the checkpoint stops
-        being committed at once), then those files, then the marker. Only the files the index
-        names are deleted (and leftovers of crashed writers): never another writer's upload in flight."""
-        files, token = self._named_by_index(path)
-        marker = {"time": time.time(), "index": token, "files": sorted(files) if files is not None else None}
-        self.put(join(path, DELETING_FILE), json.dumps(marker).encode())
-        self.remove_quietly(join(path, INDEX_FILE))  # un-commit first: never a half-deleted checkpoint visible
-        self._finish_deletion(path, marker, set())
-
-    def _named_by_index(self, path: str) -> tuple[set[str] | None, Any]:
-        """The shard files the index of ``path`` names and the index's version token; (None, None)
-        when it cannot be read or parsed."""
-        try:
-            data, token = self.read_versioned(join(path, INDEX_FILE), MAX_INDEX_SIZE, "Index")
-            index = json.loads(data)
-            names = {*index["weight_map"].values(), *(s["file"] for s in index[TORCHCKPT_KEY]["shards"])}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, CorruptCheckpointError):
-            return None, None
-        return {n for n in names if _is_plain_shard(n)}, token
-
-    def _finish_deletion(self, path: str, marker: dict[str, Any] | None, present: set[str]) -> None:
-        """Complete the deletion ``marker`` describes: the index (if it is still the one the marker
-        condemned), the files it named, leftovers without a live writer, then the marker."""
-        marker = marker or {}
-        files = marker.get("files")
-        files = {f for f in files if _is_plain_shard(f)} if isinstance(files, list) else None
-        if INDEX_FILE in present:
-            current, token = self._named_by_index(path)
-            if token == marker.get("index"):  # still the condemned one (or both unreadable)
-                self.remove_quietly(join(path, INDEX_FILE))  # un-commit first
-            elif files is not None and current is not None:  # a new checkpoint was committed at this name since: keep its files
-                files -= current
-        if files:
-            self.remove_names(path, files)
-        rest = self.list_names(path)
-        leftovers = [n for n in rest if n != DELETING_FILE]
-        if leftovers and INDEX_FILE not in rest and not any(_is_pending(n) for n in rest):  # crashed writers'
-            self.remove_names(path, leftovers)
-        self.remove_quietly(join(path, DELETING_FILE))
-        self.drop_if_empty(path)
+        _remote_commit.delete_checkpoint(self, path)
 
     def drop_if_empty(self, path: str) -> None:
         """Remove the directory ``path`` once nothing is in it (object stores have no directories)."""
@@ -634,49 +488,7 @@ class FsspecStorage:
             self.fs.invalidate_cache(path)
 
     def remove_leftovers(self, directory: str, prefix: str) -> list[str]:
-        """Remove crashed writers' leftovers under prefixes ``prefix...``, from one listing.
-
-        A deletion cut short (its ``.torchckpt-deleting`` marker is there) is finished. An
-        uncommitted prefix is removed when every pending marker in it is stale. A writer on another
-        host cannot be probed by pid, so a marker is stale when it was written under a manager's
-        lease that is not the live one (this process holds the lease now, so that writer is gone),
-        or when it is older than ``LEFTOVER_GRACE_SECS`` (an unmanaged write). A prefix without a
-        marker is not torchckpt's to judge, and costs no request.
-        """
-        removed = []
-        ours = self.session_of(join(directory, "x"))
-        for name, files in sorted(self.tree(directory).items()):
-            if not name.startswith(prefix):
-                continue
-            path = join(directory, name)
-            if DELETING_FILE in files:
-                self._finish_deletion(path, self._marker(join(path, DELETING_FILE)), files)
-                removed.append(name)
-                continue
-            markers = [f for f in files if _is_pending(f)]
-            if INDEX_FILE in files or not markers:
-                continue  # committed, or not ours to judge: no torchckpt write made it
-            if all(self._is_stale(self._marker(join(path, m)), ours) for m in markers):
-                self.remove_names(path, self.list_names(path))
-                self.drop_if_empty(path)
-                removed.append(name)
-        return removed
-
-    @staticmethod
-    def _is_stale(marker: dict[str, Any] | None, ours: str | None) -> bool:
-        if marker is None:
-            return False
-        session, written = marker.get("session"), marker.get("time")
-        stale_session = session is not None and ours is not None and session != ours
-        old = isinstance(written, (int, float)) and time.time() - written > LEFTOVER_GRACE_SECS
-        return stale_session or old
-
-    def _marker(self, path: str) -> dict[str, Any] | None:
-        try:
-            value = json.loads(self.read_file(path, 2**16, "Pending marker"))
-        except (OSError, ValueError, CorruptCheckpointError):
-            return None
-        return value if isinstance(value, dict) else None
+        return _remote_commit.remove_leftovers(self, directory, prefix)
 
     # -- the claim: a lease object ----------------------------------------------------------
 
