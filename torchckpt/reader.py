@@ -499,7 +499,8 @@ def load_variable(path: str | os.PathLike[str], name: str, *,
 
 
 def verify(reader: CheckpointReader, progress: bool | None = None) -> list[str]:
-    """Check every shard and tensor of a checkpoint; returns the problems found (empty: all good)."""
+    """Check every shard and tensor of a checkpoint, and its state tree as a restore in one process
+    decodes it; returns the problems found (empty: all good)."""
     problems: list[str] = []
     if reader._index is None:
         for name in reader._names:
@@ -518,7 +519,12 @@ def verify(reader: CheckpointReader, progress: bool | None = None) -> list[str]:
             infos = _index.read_shard_headers(index, shards, trust_header_checksums=False)
         except CorruptCheckpointError as e:
             return [str(e)]
-        return _verify_data(index, shards, infos, progress)
+        problems = _verify_data(index, shards, infos, progress)
+    try:
+        _index.state_tree(index, lambda name: None)
+    except CorruptCheckpointError as e:
+        problems.append(str(e))
+    return problems
 
 
 def _verify_data(index: _index.Index, shards: _index.OpenShards, infos: dict[str, TensorInfo],
