@@ -105,6 +105,15 @@ def test_a_state_tree_nested_500_deep_is_a_corrupt_checkpoint_everywhere(saved, 
             assert code == 1 and "nested more than" in err and saved in err, err
 
 
+def test_deep_metadata_is_refused_naming_the_checkpoint(saved):
+    forge(saved, lambda i: section(i).update(metadata={"metrics": nest(500)}))
+    with pytest.raises(torchckpt.CorruptCheckpointError, match="its metadata is invalid.*nested more than") as info:
+        _ = torchckpt.load_checkpoint(saved).metadata
+    assert info.value.path == saved and saved in str(info.value)
+    code, err = run_cli(["inspect", saved])
+    assert code == 1 and saved in err and "a bug" not in err, err
+
+
 def test_a_chunked_tensor_of_1200_dimensions_is_a_corrupt_checkpoint_everywhere(tmp_path):
     ones = [1] * 1199
     names = {"model/big~@" + ",".join(["0"] * 1200): torch.zeros([*ones, 1]),

@@ -344,7 +344,10 @@ class CheckpointReader:
         if self._index is None:
             return {"format": self.kind, "tensors": len(self._names)}
         section = self._index.section
-        extra = _tree.decode(section.get("metadata", {}), None, lambda n: None) if section.get("metadata") else {}
+        try:
+            extra = _tree.decode(section.get("metadata", {}), None, lambda n: None) if section.get("metadata") else {}
+        except CorruptCheckpointError as e:
+            raise CorruptCheckpointError(f"{join(self.path, INDEX_FILE)}: its metadata is invalid: {e}", self.path) from None
         return {
             "format": "torchckpt",
             "format_version": section.get("format_version"),
