@@ -109,9 +109,12 @@ def world4(job_dir, s3_endpoint, s3_run) -> Path:
 
 
 @pytest.fixture(scope="session")
-def world3(world4) -> Path:
-    run_ranks(3, world4, ["restore_from_4"])
-    return world4
+def world3(world2) -> Path:
+    from tests.jobs import flips
+
+    flips.write_old_formats(world2)
+    run_ranks(3, world2, ["restore_from_4", "flips_from_2", "flips_format_2", "flips_format_1"])
+    return world2
 
 
 @pytest.fixture(scope="session")
@@ -127,7 +130,7 @@ def world2(world4) -> Path:
     try:
         run_ranks(2, world4, ["restore_from_4", "restore_tp", "plain_into_fsdp", "ddp", "save_fsdp_2", "manager_2",
                               "second_job", "async_loops", "async_failure", "one_rank_fails_capture",
-                              "mismatched_calls", "restore_failures"])
+                              "mismatched_calls", "restore_failures", "save_flips_2"])
     finally:
         holder.close()
     return world4
@@ -135,7 +138,7 @@ def world2(world4) -> Path:
 
 @pytest.fixture(scope="session")
 def world4_from_2(world2) -> Path:
-    run_ranks(4, world2, ["restore_from_2", "manager_resume"])
+    run_ranks(4, world2, ["restore_from_2", "manager_resume", "flips_from_2"])
     return world2
 
 

@@ -39,7 +39,7 @@ def ok(directory: Path, scenario: str, world: int) -> list[dict]:
 def test_fsdp2_on_4_ranks_every_rank_writes_its_own_shards(world4):
     found = ok(world4, "save_fsdp_4", 4)
     assert {r["path"] for r in found} == {str(world4 / "fsdp4" / "ckpt-1")}
-    assert all(r["shard_ranks"] == [0, 1, 2, 3] and r["format_version"] == 2 for r in found)
+    assert all(r["shard_ranks"] == [0, 1, 2, 3] and r["format_version"] == 3 for r in found)
     index = read_index(world4 / "fsdp4" / "ckpt-1")
     assert index["torchckpt"]["world_size"] == 4
     head = [n for n in index["torchckpt"]["tensors"]["names"] if n.startswith("model/head.weight~@")]
@@ -236,8 +236,8 @@ def test_a_chunk_table_that_does_not_tile_is_a_corrupt_checkpoint(world4, tmp_pa
     assert info.value.path == str(path)
 
 
-def test_a_format_2_checkpoint_verifies_and_a_single_process_save_stays_format_1(world4, tmp_path):
-    assert _index.load_index(str(world4 / "fsdp4" / "ckpt-1")).section["format_version"] == 2
+def test_a_format_3_checkpoint_verifies_and_a_single_process_save_stays_format_1(world4, tmp_path):
+    assert _index.load_index(str(world4 / "fsdp4" / "ckpt-1")).section["format_version"] == 3
     from torchckpt import cli
 
     assert cli.main(["verify", str(world4 / "fsdp4" / "ckpt-1")]) == 0
@@ -246,3 +246,81 @@ def test_a_format_2_checkpoint_verifies_and_a_single_process_save_stays_format_1
     assert section["format_version"] == _format.PLAIN_FORMAT_VERSION == 1
     assert "world_size" not in section and "chunked" not in section
     assert "@per_rank" not in json.dumps(section["state"])
+
+
+# -- bit flips in chunks a resharding restore reads in part (block checksums, format 3) --------
+
+
+def flip_results(directory: Path, scenario: str, world: int, flips: int) -> list[dict]:
+    """Each rank's flip counts, checked: every flip a CorruptCheckpointError, none silent, and the
+    intact checkpoint restoring exactly afterwards."""
+    found = ok(directory, scenario, world)
+    for r in found:
+        assert r["flips"] == flips
+        assert r["silent"] == [] and r["other"] == [], r
+        assert r["caught"] == flips
+        assert r["paths_name_the_shard"]  # .path is the corrupt shard, on every rank
+        assert r["differences"] == []
+    return found
+
+
+@pytest.mark.parametrize("world, job", [(3, "world3"), (4, "world4_from_2")])
+def test_a_bit_flipped_in_a_chunk_read_in_part_fails_the_restore_on_every_rank(world, job, request):
+    from tests.jobs.flips import FLIPS
+
+    directory = request.getfixturevalue(job)
+    found = flip_results(directory, "flips_from_2", world, FLIPS)
+    assert found[0]["kinds"] == [FLIPS // 2, FLIPS // 2]  # model and optimizer state
+    messages = [m for r in found for m in r["messages"]]
+    assert any("fails the checksum of its block" in m for m in messages), messages  # a block, named
+    assert all("~@" in m and "the shard is corrupt" in m for m in messages)
+
+
+@pytest.mark.parametrize("scenario", ["flips_format_2", "flips_format_1"])
+def test_without_block_checksums_a_part_read_is_checked_against_the_whole_tensor(world3, scenario):
+    found = flip_results(world3, scenario, 3, 6)
+    assert all("fails its checksum" in m for r in found for m in r["messages"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [3, 4])
+def test_100_bits_flipped_in_chunks_read_in_part_are_100_errors_and_0_silent_restores(world2, world):
+    from tests.jobs.flips import FULL_FLIPS
+
+    from .distributed import run_ranks
+
+    run_ranks(world, world2, ["flips_from_2_full"], timeout=900)
+    found = flip_results(world2, "flips_from_2_full", world, FULL_FLIPS)
+    assert found[0]["kinds"] == [FULL_FLIPS // 2, FULL_FLIPS // 2]
+
+
+def test_a_flipped_bit_in_a_block_is_reported_by_verify_and_refused_by_the_tools(world2, tmp_path, capsys):
+    from torchckpt import cli
+
+    path = tmp_path / "flips"
+    shutil.copytree(world2 / "flips2", path)
+    section = read_index(path)["torchckpt"]
+    assert section["format_version"] == 3 and section["blocks"]["size"] == 2**20
+    assert cli.main(["verify", str(path)]) == 0
+    reader = torchckpt.load_checkpoint(path)
+    name = "model/0.weight"  # 1200 x 768 float32: two chunks of two 1 MiB blocks each
+    chunk = sorted(n for n in section["tensors"]["names"] if n.startswith(name + "~@"))[1]
+    file, start, _ = reader.locate(chunk)
+    with open(file, "r+b") as f:  # one bit in the chunk's second block
+        f.seek(start + 2**20 + 5)
+        byte = f.read(1)[0]
+        f.seek(start + 2**20 + 5)
+        f.write(bytes([byte ^ 0x10]))
+    capsys.readouterr()
+    assert cli.main(["verify", str(path)]) == 1
+    err = capsys.readouterr()
+    report = err.out + err.err
+    assert f"Tensor {chunk!r}" in report and "fails its checksum" in report
+    assert f"fails the checksum of its block 1 (bytes {2**20} to " in report
+    with pytest.raises(torchckpt.CorruptCheckpointError, match=f"Tensor '{chunk}' in .* fails its checksum") as info:
+        torchckpt.load_checkpoint(path).get_tensor(name)
+    assert info.value.path == file
+    assert cli.main(["export", str(path), "--object", "model", str(tmp_path / "export")]) == 1
+    assert f"Tensor {chunk!r}" in capsys.readouterr().err
+    assert cli.main(["consolidate", str(path), str(tmp_path / "one")]) == 1
+    assert f"Tensor {chunk!r}" in capsys.readouterr().err

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import xxhash
 
-from torchckpt import _chunks, _format, _tree
+from torchckpt import _blocks, _chunks, _format, _tree
 from torchckpt._backend import Source, Storage, join
 from torchckpt._format import INDEX_FILE, TORCHCKPT_KEY, TensorInfo
 from torchckpt._storage import storage_for
@@ -56,6 +56,7 @@ class Index:
     shards: list[dict[str, Any]]
     aliases: dict[str, str]
     layout: _chunks.Layout = field(default_factory=_chunks.Layout)  # format 2: chunks and per-rank names
+    blocks: _blocks.BlockSums | None = None  # format 3: block checksums (None: whole tensors only)
 
     @property
     def world_size(self) -> int:
@@ -174,13 +175,20 @@ def parse_index(directory: str, storage: Storage, data: bytes) -> Index:
     layout = _chunks.Layout()
     if version >= _format.SHARDED_FORMAT_VERSION:
         layout = _chunks.parse_layout(section, names, dtypes, shapes, directory, path)
+    blocks = None
+    if version >= _format.BLOCKS_FORMAT_VERSION:
+        try:
+            blocks = _blocks.parse(section, names, dtypes, shapes, path)
+        except CorruptCheckpointError as e:
+            e.path = directory
+            raise
     if aliases:
         stored = set(names) | set(layout.chunked)
         for alias, target in aliases.items():
             if not isinstance(target, str) or target not in stored or alias in stored:
                 raise _corrupt(directory, f"alias {_short(alias)} must name a stored tensor, not {_short(target)}")
     _check_weight_map(directory, raw, names, shards)
-    return Index(directory, storage, raw, names, dtypes, shapes, checksums, shards, aliases, layout)
+    return Index(directory, storage, raw, names, dtypes, shapes, checksums, shards, aliases, layout, blocks)
 
 
 def _check_section(directory: str, raw: dict[str, Any], section: dict[str, Any]) -> None:
@@ -276,6 +284,7 @@ class OpenShards:
     def __init__(self, index: Index) -> None:
         self.directory = index.directory
         self.storage = index.storage
+        self.blocks = index.blocks  # format 3's block checksums, for reads of part of a tensor
         self.sources: dict[str, Source] = {}
         try:
             for shard in index.shards:

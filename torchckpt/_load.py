@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from torchckpt import _chunks, _format, _reshard, _tensorio, _tree
+from torchckpt import _blocks, _chunks, _format, _reshard, _tensorio, _tree
 from torchckpt._backend import name_of
 from torchckpt._chunks import ChunkedInfo
 from torchckpt._format import TensorInfo as SavedTensor  # where a saved tensor is: dtype, shape, checksum
@@ -347,8 +347,8 @@ def execute(plan: Plan, shards: OpenShards, verify: bool, progress: bool | None)
             _check_read(shards, file, bad)
         for file, pieces in reads.by_file.items():
             with _reading(shards, file):
-                bad = _reshard.read_file(shards.sources[file], pieces, verify, bar.update)
-            _check_read(shards, file, bad)
+                mismatch = _reshard.read_file(shards.sources[file], pieces, verify, bar.update, shards.blocks)
+            _check_read(shards, file, mismatch)
     _reshard.finish(reads)
     with torch.no_grad():
         for dest, buffer in plan.casts:
@@ -381,12 +381,16 @@ def _reading(shards: OpenShards, file: str) -> Iterator[None]:
         raise CorruptCheckpointError(f"Cannot read shard {path}: {e.strerror or e}.", path) from e
 
 
-def _check_read(shards: OpenShards, file: str, bad: tuple[Any, int] | None) -> None:
-    if bad is not None:
+def _check_read(shards: OpenShards, file: str, bad: tuple[Any, int] | _blocks.Mismatch | None) -> None:
+    if bad is None:
+        return
+    path = shards.path(file)
+    if isinstance(bad, _blocks.Mismatch):  # a block, or a whole tensor, of a boxed read
+        message = bad.message(path)
+    else:
         saved, digest = bad
-        path = shards.path(file)
-        raise CorruptCheckpointError(checksum_mismatch(saved.name, path, saved.checksum, digest) + PARTLY_RESTORED,
-                                     path)
+        message = checksum_mismatch(saved.name, path, saved.checksum, digest)
+    raise CorruptCheckpointError(message + PARTLY_RESTORED, path)
 
 
 def _file_offset(read: tuple[torch.Tensor, SavedTensor]) -> int:

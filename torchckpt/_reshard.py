@@ -7,8 +7,10 @@ straight into its local tensor: a checkpoint saved on 4 ranks restores onto 2 re
 once, and no rank reads a chunk it does not need.
 
 Checksums: a saved chunk read whole is checked against its recorded xxh3-64, as in format 1. A
-chunk read only in part (resharding onto more ranks or another layout) cannot be: its digest is
-over bytes this rank does not read. ``torchckpt verify`` checks every chunk in full.
+chunk (or a tensor stored whole) read only in part, as a resharding restore does, is read in the
+whole blocks that cover the part and checked block by block (``_blocks``; format 3), or, without
+block checksums, read whole and checked against its own checksum: every byte a restore uses is
+checked.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 import torch
 import xxhash
 
-from torchckpt import _chunks, _tensorio
+from torchckpt import _blocks, _chunks, _tensorio
 from torchckpt._backend import IOV_MAX, Source
 from torchckpt._chunks import Box, ChunkedInfo
 from torchckpt._format import TensorInfo, itemsize
@@ -200,36 +202,64 @@ def _is_host_contiguous(t: torch.Tensor) -> bool:
     return t.is_cpu and t.is_contiguous() and not t.is_conj() and not t.is_neg()
 
 
-def read_file(source: Source, pieces: list[_Piece], verify: bool,
-              on_bytes: Callable[[int], None]) -> tuple[TensorInfo, int] | None:
+def read_file(source: Source, pieces: list[_Piece], verify: bool, on_bytes: Callable[[int], None],
+              blocks: _blocks.BlockSums | None = None) -> _blocks.Mismatch | None:
     """Read every run of one file's pieces, batching runs that follow each other in the file into
-    one scatter read. Returns the first whole chunk whose checksum does not match, or None."""
-    runs = sorted((offset, i, view) for i, piece in enumerate(pieces) for offset, view in piece.views)
-    source.prepare(sum(len(v) for _, _, v in runs))
+    one scatter read. With ``verify``, a piece that is a whole saved tensor is checked against its
+    checksum, and one that is part of it is read in the whole blocks that cover it (``blocks``: the
+    index's block checksums; without them, the whole tensor) and checked block by block. Returns the
+    first mismatch, or None."""
+    direct = pieces
+    blocked: list[_blocks.Blocked] = []
+    if verify:
+        direct = []
+        for piece in pieces:
+            wide = None if piece.full else _blocks.covering(piece.info, piece.views, blocks)
+            if wide is None:
+                direct.append(piece)
+            else:
+                blocked.append(wide)
+    runs = sorted(((offset, view) for piece in direct for offset, view in piece.views), key=_first)
+    wanted = sum(len(v) for piece in pieces for _, v in piece.views)
+    source.prepare(wanted + sum(n for b in blocked for _, n in b.segments if isinstance(n, int)))
+    _read_runs(source, runs, on_bytes)
+    if blocked:
+        bad = _blocks.read_blocked(blocked, lambda found: _read_runs(source, found, lambda _: None))
+        if bad is not None:
+            return bad
+        on_bytes(sum(len(v) for b in blocked for _, v in b.segments if not isinstance(v, int)))
+    if verify:
+        for piece in direct:
+            if piece.full and piece.info.checksum is not None:
+                hasher = xxhash.xxh3_64()
+                for _, view in sorted(piece.views, key=_first):
+                    hasher.update(view)
+                if hasher.intdigest() != piece.info.checksum:
+                    return _blocks.Mismatch(piece.info, piece.info.checksum, hasher.intdigest())
+    return None
+
+
+def _first(run: tuple[int, Any]) -> int:
+    return int(run[0])
+
+
+def _read_runs(source: Source, runs: list[tuple[int, memoryview]], on_bytes: Callable[[int], None]) -> None:
+    """Read (file offset, view) runs, in file order, with as few scatter reads as their order allows."""
     k = 0
     limit = min(IOV_MAX, source.batch_views)
     while k < len(runs):
-        start, _, first = runs[k]
+        start, first = runs[k]
         batch = [first]
         end = start + len(first)
         total = len(first)
         k += 1
         while k < len(runs) and runs[k][0] == end and len(batch) < limit and total < source.batch_bytes:
-            batch.append(runs[k][2])
-            end += len(runs[k][2])
-            total += len(runs[k][2])
+            batch.append(runs[k][1])
+            end += len(runs[k][1])
+            total += len(runs[k][1])
             k += 1
         source.readv(batch, start)
         on_bytes(total)
-    if verify:
-        for piece in pieces:
-            if piece.full and piece.info.checksum is not None:
-                hasher = xxhash.xxh3_64()
-                for _, view in sorted(piece.views, key=lambda v: v[0]):
-                    hasher.update(view)
-                if hasher.intdigest() != piece.info.checksum:
-                    return piece.info, hasher.intdigest()
-    return None
 
 
 def finish(reads: BoxedReads) -> None:

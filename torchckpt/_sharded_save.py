@@ -23,6 +23,7 @@ The steps, every rank in the same order:
 
 from __future__ import annotations
 
+import array
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 import xxhash
 
-from torchckpt import _capture, _chunks, _dist, _format, _save, _tensorio, _tree
+from torchckpt import _blocks, _capture, _chunks, _dist, _format, _save, _tensorio, _tree
 from torchckpt._backend import Storage, name_of
 from torchckpt._dist import Coordinator
 from torchckpt._format import INDEX_FILE
@@ -272,7 +273,9 @@ def _write_mine(coord: Coordinator, storage: Storage, path: str, stage_path: str
         total = sum(s.nbytes for s in shards)
         try:
             with progress_bar(total, f"save {name_of(path)}", progress if coord.rank == 0 else False) as bar:
-                records, digests = _save.write_shards(stage, shards, [stage.member(f) for f, _ in files], stored, bar.update)
+                blocks = array.array("Q")
+                records, digests = _save.write_shards(stage, shards, [stage.member(f) for f, _ in files], stored, bar.update,
+                                                      blocks)
         except OSError as e:
             if isinstance(e, CheckpointWriteError):
                 raise
@@ -283,7 +286,8 @@ def _write_mine(coord: Coordinator, storage: Storage, path: str, stage_path: str
                 "".join(_save.big_endian(d).hex() for d in digests)]
         for record in records:
             record["rank"] = coord.rank
-        return {"records": records, "rows": rows, "per_rank": captured.per_rank}, None
+        return {"records": records, "rows": rows, "blocks": _save.big_endian(blocks).hex(),
+                "per_rank": captured.per_rank}, None
     except Exception as e:
         return {"error": _dist.failure_payload(e)}, e
 
@@ -339,11 +343,11 @@ def _index_document(plan: GlobalPlan, section: dict[str, Any], captured: Capture
         "names": list(plan.chunked),
         "dtypes": _format.DTYPE_SEP.join(_format.DTYPE_NAMES[d] for d, _ in plan.chunked.values()),
         "shapes": _format.SHAPE_SEP.join(_format.shape_key(s) for _, s in plan.chunked.values()),
-    }}
+    }, _blocks.KEY: {"size": _blocks.BLOCK_BYTES, "checksums": "".join(rep["blocks"] for rep in reports)}}
     table = {"names": names, "dtypes": _format.DTYPE_SEP.join(dtypes), "shapes": _format.SHAPE_SEP.join(shapes),
              "checksums": "".join(checksums)}
     total = sum(u.nbytes for u in plan.units)
-    return _save.index_document(total, weight_map, _format.SHARDED_FORMAT_VERSION, body, captured.aliases, records,
+    return _save.index_document(total, weight_map, _format.BLOCKS_FORMAT_VERSION, body, captured.aliases, records,
                                 table)
 
 

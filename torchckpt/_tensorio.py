@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import xxhash
 
-from torchckpt import _threads
+from torchckpt import _blocks, _threads
 from torchckpt._backend import IOV_MAX
 
 if TYPE_CHECKING:
@@ -115,8 +115,8 @@ def host_chunks(t: torch.Tensor, limit: int = CHUNK_BYTES) -> Iterator[torch.Ten
         yield t[i : i + step].contiguous().cpu()
 
 
-def write_tensors(out: Output, tensors: list[torch.Tensor],
-                  on_bytes: Callable[[int], None] | None = None) -> array.array[int]:
+def write_tensors(out: Output, tensors: list[torch.Tensor], on_bytes: Callable[[int], None] | None = None,
+                  blocks: array.array[int] | None = None) -> array.array[int]:
     """Write each tensor's bytes back to back at the file's position; return their xxh3-64 digests
     (an ``array`` of unsigned 64-bit ints: 8 bytes a tensor, not a Python int each).
 
@@ -127,16 +127,22 @@ def write_tensors(out: Output, tensors: list[torch.Tensor],
         out: the file, written up to where the first tensor goes.
         tensors: what to write, in order.
         on_bytes: optional callable taking a byte count, for progress.
+        blocks: when given, each tensor's block checksums (``_blocks``: blocks of
+            ``_blocks.BLOCK_BYTES``, none for a tensor of one block) are appended to it, in order.
     """
+    block_bytes = _blocks.BLOCK_BYTES if blocks is not None else 0
     digests = array.array("Q")
     pending: list[memoryview] = []  # views of tensors in ``tensors``, which keeps them alive
     pending_bytes = 0
-    hashing: _threads.Pending[list[int]] | None = None  # the digests of the batch being written
+    hashing: _threads.Pending[tuple[list[int], list[int]]] | None = None  # the digests of the batch being written
 
     def collect() -> None:
         nonlocal hashing
         if hashing is not None:
-            digests.extend(hashing.result())
+            found, found_blocks = hashing.result()
+            digests.extend(found)
+            if blocks is not None:
+                blocks.extend(found_blocks)
             hashing = None
 
     def write_batch() -> None:
@@ -145,7 +151,7 @@ def write_tensors(out: Output, tensors: list[torch.Tensor],
         nonlocal pending, pending_bytes, hashing
         collect()
         if pending:
-            hashing = _hasher.call(_digest_all, pending)
+            hashing = _hasher.call(_digest_all, pending, block_bytes)
             out.write(pending)
         pending, pending_bytes = [], 0
 
@@ -161,22 +167,33 @@ def write_tensors(out: Output, tensors: list[torch.Tensor],
             continue
         write_batch()
         collect()
-        hasher = xxhash.xxh3_64()
+        hasher: Any = _blocks.Hasher(block_bytes) if blocks is not None else xxhash.xxh3_64()
         for chunk in host_chunks(t):  # a staged copy: written before its buffer is reused
             view = byte_view(chunk)
             hasher.update(view)
             out.write([view])
             if on_bytes is not None:
                 on_bytes(len(view))
-        digests.append(hasher.intdigest())
+        if blocks is not None:
+            digest, found_blocks = hasher.result()
+            blocks.extend(found_blocks)
+        else:
+            digest = hasher.intdigest()
+        digests.append(digest)
     write_batch()
     collect()
     return digests
 
 
-def _digest_all(views: list[memoryview]) -> list[int]:
+def _digest_all(views: list[memoryview], block_bytes: int) -> tuple[list[int], list[int]]:
+    """Each view's digest, and (with ``block_bytes``) the block checksums of those over one block."""
     intdigest = xxhash.xxh3_64_intdigest
-    return [intdigest(v) for v in views]
+    blocks: list[int] = []
+    if block_bytes:
+        for v in views:
+            if len(v) > block_bytes:
+                blocks += _blocks.digests(v, block_bytes)
+    return [intdigest(v) for v in views], blocks
 
 
 _hasher = _threads.Worker("torchckpt-hash")

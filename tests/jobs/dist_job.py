@@ -25,6 +25,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 import torchckpt
+from tests.jobs import flips
 
 TIMEOUT = 20.0  # every collective checkpoint call in these scenarios waits at most this long
 
@@ -683,6 +684,7 @@ SCENARIOS = {f.__name__: f for f in (save_fsdp_4, save_fsdp_2, restore_from_4, r
                                       killed_mid_save, s3_fsdp, manager_2, manager_resume, second_job,
                                       async_loops, async_failure, killed_async, manager_s3, tools_save,
                                       one_rank_fails_capture, mismatched_calls, restore_failures)}
+SCENARIOS.update(flips.SCENARIOS)
 
 
 LOSES_A_RANK = {"killed_async"}
