@@ -134,8 +134,11 @@ def _write_checkpoint(
 
 
 def write_shards(stage: Stage, shards: list[Shard], files: list[str], stored: dict[str, torch.Tensor],
-                 on_bytes: Callable[[int], None]) -> tuple[list[dict[str, Any]], list[array.array[int]]]:
-    """Write every shard into the stage; returns their records and per-tensor digests."""
+                 on_bytes: Callable[[int], None], blocks: array.array[int] | None = None,
+                 ) -> tuple[list[dict[str, Any]], list[array.array[int]]]:
+    """Write every shard into the stage; returns their records and per-tensor digests. With
+    ``blocks``, every tensor's block checksums (format 3, see ``_blocks``) are appended to it in
+    file order."""
     digests: list[array.array[int]] = []  # per shard, per tensor: 8 bytes each, not an int object
     records: list[dict[str, Any]] = []
     for shard, file in zip(shards, files):
@@ -149,7 +152,7 @@ def write_shards(stage: Stage, shards: list[Shard], files: list[str], stored: di
         with stage.create(file, size) as out:
             out.write([memoryview(piece) for piece in header])
             del header  # a 20,000-tensor header is megabytes: do not hold it while writing data
-            shard_digests = _tensorio.write_tensors(out, [stored[n] for n in shard.names], on_bytes)
+            shard_digests = _tensorio.write_tensors(out, [stored[n] for n in shard.names], on_bytes, blocks)
             out.finish()
         shard_hash.update(big_endian(shard_digests))
         digests.append(shard_digests)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import xxhash
 
-from torchckpt import _chunks, _directory, _format, _index, _reshard, _tensorio, _tree
+from torchckpt import _blocks, _chunks, _directory, _format, _index, _reshard, _tensorio, _tree
 from torchckpt._backend import Source, Storage, as_path, join, name_of, parent_of
 from torchckpt._format import INDEX_FILE, TensorInfo
 from torchckpt._storage import storage_for
@@ -549,10 +549,11 @@ def _verify_data(index: _index.Index, shards: _index.OpenShards, infos: dict[str
             try:
                 for name in names:  # file order
                     info = infos[name]
-                    digest = _tensorio.hash_file_range(source, info.start, info.end)
+                    digest, bad_blocks = _blocks.check_range(source, info, index.blocks)
                     shard_hash.update(digest.to_bytes(8, "big"))
                     if f"{digest:016x}" != checksums[name]:
                         problems.append(checksum_mismatch(name, path, checksums[name], digest))
+                    problems += [bad.message(path) for bad in bad_blocks]
                     bar.update(info.nbytes)
             except (EOFError, OSError) as e:
                 problems.append(f"{path}: cannot read it to the end ({e}).")
