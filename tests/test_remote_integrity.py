@@ -116,6 +116,21 @@ def test_a_manager_paused_past_its_lease_never_touches_what_the_next_one_committ
     mgr.close()
 
 
+def test_a_killed_losers_objects_in_a_committed_checkpoint_are_removed_by_the_next_manager(remote):
+    ckpt = torchckpt.Checkpoint(w=torch.full((1000,), 1.0))
+    mgr = CheckpointManager(ckpt, remote.url, storage_options=remote.options)
+    path = mgr.save()
+    mgr.close()
+    tag = "0123456789ab"  # what a writer that lost the commit race and was killed before its clean-up leaves
+    marker = {"writer": "pid 1 on elsewhere", "time": time.time(), "session": "a manager long gone", "tag": tag}
+    remote.fs.pipe_file(remote.at("ckpt-1", f".torchckpt-pending-{tag}"), json.dumps(marker).encode())
+    remote.fs.pipe_file(remote.at("ckpt-1", f"model-00001-of-00001-{tag}.safetensors"), b"its upload")
+    again = CheckpointManager(ckpt, remote.url, storage_options=remote.options)
+    assert_intact(remote, path, 1.0)  # its objects are gone; the checkpoint is untouched
+    assert again.checkpoints == [path]
+    again.close()
+
+
 # -- item 6: readers racing retention ----------------------------------------------------------------
 
 

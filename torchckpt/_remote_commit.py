@@ -186,11 +186,13 @@ def remove_leftovers(storage: FsspecStorage, directory: str, prefix: str) -> lis
     """Remove crashed writers' leftovers under prefixes ``prefix...``, from one listing.
 
     A deletion cut short (its ``.torchckpt-deleting`` marker is there) is finished. An
-    uncommitted prefix is removed when every pending marker in it is stale. A writer on another
-    host cannot be probed by pid, so a marker is stale when it was written under a manager's
-    lease that is not the live one (this process holds the lease now, so that writer is gone),
-    or when it is older than ``LEFTOVER_GRACE_SECS`` (an unmanaged write). A prefix without a
-    marker is not torchckpt's to judge, and costs no request.
+    uncommitted prefix is removed when every pending marker in it is stale; in a committed one,
+    a stale marker's writer lost the commit race and was killed before its clean-up, so the
+    objects with its tag that the index does not name are removed, with the marker. A writer on
+    another host cannot be probed by pid, so a marker is stale when it was written under a
+    manager's lease that is not the live one (this process holds the lease now, so that writer is
+    gone), or when it is older than ``LEFTOVER_GRACE_SECS`` (an unmanaged write). A prefix without
+    a marker is not torchckpt's to judge, and costs no request.
     """
     removed = []
     ours = storage.session_of(join(directory, "x"))
@@ -203,13 +205,29 @@ def remove_leftovers(storage: FsspecStorage, directory: str, prefix: str) -> lis
             removed.append(name)
             continue
         markers = [f for f in files if is_pending(f)]
-        if INDEX_FILE in files or not markers:
-            continue  # committed, or not ours to judge: no torchckpt write made it
+        if not markers:
+            continue  # committed and clean, or not ours to judge: no torchckpt write made it
+        if INDEX_FILE in files:
+            stale = [m for m in markers if _is_stale(_marker(storage, join(path, m)), ours)]
+            if stale:
+                _remove_losers(storage, path, files, stale)
+            continue
         if all(_is_stale(_marker(storage, join(path, m)), ours) for m in markers):
             storage.remove_names(path, storage.list_names(path))
             storage.drop_if_empty(path)
             removed.append(name)
     return removed
+
+def _remove_losers(storage: FsspecStorage, path: str, files: set[str], stale: list[str]) -> None:
+    """In the committed checkpoint ``path``: the objects of the writers of the ``stale`` markers
+    that its index does not name, and those markers (the index and what it names stay)."""
+    named, _ = _named_by_index(storage, path)
+    if named is None:
+        return  # an index that cannot be read: nothing in the prefix is judged
+    tags = {m[len(PENDING_FILE) + 1:] for m in stale if m != PENDING_FILE}
+    theirs = [f for f in files if f not in named and any(f.endswith(f"-{t}{SHARD_SUFFIX}") for t in tags)]
+    storage.remove_names(path, [*theirs, *stale])
+
 
 def _is_stale(marker: dict[str, Any] | None, ours: str | None) -> bool:
     if marker is None:
