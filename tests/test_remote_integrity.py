@@ -131,6 +131,17 @@ def test_a_killed_losers_objects_in_a_committed_checkpoint_are_removed_by_the_ne
     again.close()
 
 
+def test_an_export_onto_an_earlier_one_leaves_only_its_own_files(remote, capsys):
+    from .conftest import make_mlp
+
+    path = torchckpt.Checkpoint(model=make_mlp()).write(remote.at("c"), storage_options=remote.options)
+    options = ["--storage-options", json.dumps(remote.options)] if remote.options else []
+    assert main(["export", path, "--object", "model", remote.at("hf"), "--max-shard-size", "200", *options]) == 0
+    assert len(shards_of(remote, "hf")) > 1
+    assert main(["export", path, "--object", "model", remote.at("hf"), *options]) == 0  # no writer's marker there
+    assert remote.names("hf") == ["model.safetensors"]
+
+
 # -- item 6: readers racing retention ----------------------------------------------------------------
 
 

@@ -60,12 +60,16 @@ class RemoteStage:
         if joined:  # another rank's stage: this process only uploads files into it, under its own tag
             return
         storage.fence(final)  # a manager that lost its lease (paused past it) finds out before it uploads
-        if storage.exists(join(final, INDEX_FILE)):
+        names = storage.list_names(final)
+        if INDEX_FILE in names:
             if not replace:
                 raise AlreadyCommitted(17, "a checkpoint is already committed there", final)
             delete_checkpoint(storage, final)  # un-commit first: never a mix of old and new shards
-        # Anything else under the name is left alone: it may be another writer's upload in flight
-        # (it has its own names); a crashed writer's leftovers are removed by the next manager.
+        elif names and not any(is_pending(n) or n == DELETING_FILE for n in names):
+            # Uncommitted objects that no writer is writing (a writer puts its marker before any object):
+            # a previous export's files, or junk. Another writer's upload in flight is left alone (it has
+            # its own names); a crashed writer's leftovers are removed by the next manager.
+            storage.remove_names(final, names)
         storage.make_dirs(final)  # file:// and the like need the directory; object stores have none
         marker = {"writer": f"pid {os.getpid()} on {socket.gethostname()}", "time": time.time(),
                   "session": storage.session_of(final), "tag": self.tag}
