@@ -99,3 +99,12 @@ def test_a_collective_restore_says_what_state_each_rank_is_left_in(world2):
     assert rank1["late_seconds"] < 4 + 2  # at once on arrival, not after its own timeout
     assert rank0["next"] == rank1["next"] == "ok"  # the next call pairs correctly
     assert rank0["restored"] and rank1["restored"]
+
+
+def test_damage_seen_by_one_rank_makes_every_rank_fall_back_to_the_same_checkpoint(world2):
+    found = ok(world2, "damaged_on_one_rank", 2)
+    for r in found:
+        assert r["restored"] == str(world2 / "damaged-one-rank" / "ckpt-2"), r
+        assert r["step"] == 2 and r["values"] == [2.0]
+        assert len(r["warnings"]) == 1 and "ckpt-3 is damaged, so it was not used: " in r["warnings"][0]
+        assert "checksum" in r["warnings"][0] and "failed on rank 1" in r["warnings"][0]

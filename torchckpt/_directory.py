@@ -50,6 +50,7 @@ class State:
     best_metric: str | None = None
     best_mode: str = "min"
     keep_best: int | None = None
+    damaged: dict[str, str] = field(default_factory=dict)  # name -> why a restore found it damaged
 
     def to_bytes(self) -> bytes:
         data = {
@@ -63,6 +64,8 @@ class State:
             "best_mode": self.best_mode,
             "keep_best": self.keep_best,
         }
+        if self.damaged:
+            data["damaged"] = dict(self.damaged)
         return _format.sealed_bytes(data, depth=1)
 
 
@@ -96,6 +99,12 @@ def _entry(raw: Any) -> Entry:
         if not isinstance(metrics, dict) or not all(isinstance(k, str) for k in metrics):
             raise StateFileError(f"bad metrics {metrics!r:.80}")
     return Entry(_plain_name(raw.get("name")), None if ts is None else float(ts), metrics)
+
+
+def _damaged(raw: Any) -> dict[str, str]:
+    if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
+        raise StateFileError(f"bad 'damaged' record {raw!r:.80}")
+    return {_plain_name(k): v[:2000] for k, v in raw.items()}
 
 
 def _no_tensor(name: str) -> Any:
@@ -151,6 +160,7 @@ def parse_state(data: bytes, path: str) -> State:
             best_metric=best_metric if isinstance(best_metric, str) else None,
             best_mode=best_mode if best_mode in ("min", "max") else "min",
             keep_best=keep_best if type(keep_best) is int and 0 < keep_best < 2**31 else None,
+            damaged=_damaged(raw.get("damaged", {})),
         )
     except StateFileError as e:
         raise StateFileError(f"{path}: {e}") from None

@@ -352,6 +352,22 @@ def agree(coord: Coordinator, what: str, work: Callable[[], T], done: str | None
     return result  # type: ignore[return-value]
 
 
+def agree_all(coord: Coordinator, what: str, work: Callable[[], T]) -> list[T]:
+    """Every rank runs ``work`` (returning JSON) and gets every rank's result, in rank order; a
+    failure on any rank is raised on every rank (the same error)."""
+    error: Exception | None = None
+    mine: dict[str, Any] = {}
+    try:
+        mine = {"result": work()}
+    except Exception as e:
+        error, mine = e, {"error": failure_payload(e)}
+    outcomes = [decode(o) for o in coord.all_gather("agree", encode(mine))]
+    failures = {r: o["error"] for r, o in enumerate(outcomes) if "error" in o}
+    if failures:
+        raise collective_error(failures, what) from error
+    return [o["result"] for o in outcomes]
+
+
 def decided(coord: Coordinator, what: str, decide: Callable[[], Any]) -> Any:
     """Rank 0 runs ``decide`` and every rank gets its JSON answer, or raises its failure."""
     coord.check_call()

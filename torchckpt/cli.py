@@ -155,6 +155,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
         except CheckpointError as e:  # one damaged checkpoint is shown as such; the others are still listed
             meta, problem = {}, str(e)
             print(f"warning: {name} is damaged: {problem}", file=sys.stderr)
+        else:
+            problem = state.damaged.get(name)  # found damaged by a manager's restore (its data, not its index)
         ts = entry.timestamp if entry and entry.timestamp is not None else meta.get("created")
         metrics = (entry.metrics if entry else None) or meta.get("metrics") or {}
         marks = [m for m, on in (("latest", name == latest_name), ("kept", name in kept),
@@ -162,7 +164,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
                                  ("damaged", problem is not None)) if on]
         number = _directory.number_of(name)
         when = datetime.datetime.fromtimestamp(ts).isoformat(" ", "seconds") if ts else "?"
-        rows.append([str(number), name, when, human_bytes(meta.get("total_size") or 0) if problem is None else "?",
+        rows.append([str(number), name, when, human_bytes(meta.get("total_size") or 0) if meta else "?",
                      " ".join(f"{k}={_short(v)}" for k, v in metrics.items()), ",".join(marks)])
         records.append({"number": number, "name": name, "timestamp": ts, "total_size": meta.get("total_size"),
                         "metrics": metrics, "marks": marks, **({"problem": problem} if problem else {})})

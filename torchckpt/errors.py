@@ -198,3 +198,20 @@ def shard_size_mismatch(path: str, size: int, recorded: int, index_file: str) ->
 
 
 PARTLY_RESTORED = " Objects may be partly restored; restore another checkpoint, and run `torchckpt verify` on this one."
+
+
+class DamagedCheckpointWarning(UserWarning):
+    """A checkpoint was found damaged and a restore fell back to the one before it.
+
+    Attributes:
+        path: the damaged checkpoint.
+        reason: what was wrong with it.
+        fallback: the checkpoint restored instead (None while none was found yet).
+    """
+
+    def __init__(self, path: str, reason: str, fallback: str | None) -> None:
+        then = f"restoring {fallback} instead" if fallback else "no older checkpoint is left to restore"
+        super().__init__(f"{path} is damaged, so it was not used: {reason}. {then.capitalize()}.")
+        self.path = path
+        self.reason = reason
+        self.fallback = fallback

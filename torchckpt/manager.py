@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -22,10 +22,20 @@ import torch
 from torchckpt import _atomic, _directory, _dist, _format
 from torchckpt._backend import AlreadyCommitted, ConflictError, as_path, join, name_of
 from torchckpt._directory import Entry, State, StateFileError
+from torchckpt._preemption import PreemptionWatch
 from torchckpt._retention import MetricFn, best_entries, plan_retention
 from torchckpt._storage import storage_for
 from torchckpt.checkpoint import Checkpoint, commit, restore_from, save_arguments, set_save_counter
-from torchckpt.errors import CheckpointError, CheckpointWriteError, a_or_an, is_read_only_error
+from torchckpt.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+    CorruptCheckpointError,
+    DamagedCheckpointWarning,
+    a_or_an,
+    is_read_only_error,
+)
+from torchckpt.restore import RestoreStatus
 
 __all__ = ["CheckpointManager"]
 
@@ -96,6 +106,11 @@ class CheckpointManager:
             writes the state file, and tells the other ranks, so every rank reports the same
             ``latest_checkpoint``, ``checkpoints`` and ``best_checkpoint``.
         timeout_secs: how long a collective call waits for the other ranks (default 1800).
+        preemption_signals: signals (``signal.SIGTERM``, SLURM's ``signal.SIGUSR1``) whose arrival
+            means "save and stop": their handlers, installed here (main thread only) and put back
+            by :meth:`close`, only set a flag. The next :meth:`save` then writes a checkpoint
+            whatever the interval, returns once it is durable, and :attr:`preempted` becomes True
+            (on every rank at the same call, once any rank received a signal); the loop stops.
 
     Example:
         >>> import tempfile, torch, torchckpt
@@ -126,6 +141,7 @@ class CheckpointManager:
         storage_options: dict[str, Any] | None = None,
         process_group: Any = None,
         timeout_secs: float | None = None,
+        preemption_signals: Iterable[int] = (),
     ) -> None:
         if not isinstance(checkpoint, Checkpoint):
             raise TypeError(f"CheckpointManager needs a torchckpt.Checkpoint, got {type(checkpoint).__name__}.")
@@ -163,6 +179,9 @@ class CheckpointManager:
         self._warned_metric = False
         self._read_only = False
         self._coord = _dist.coordinator_for(process_group, timeout_secs)
+        self._damaged: dict[str, str] = {}
+        self._preempted = False
+        self.last_restore: RestoreStatus | None = None  # the status of the last restore_or_initialize's restore
         explicit_mode = best_mode is not None
         if self._coord is None:
             self._open_and_load(explicit_mode)
@@ -183,6 +202,12 @@ class CheckpointManager:
             if self._coord.rank != 0:
                 state = self._adopt(mirror)
                 self._take_ranking(state, explicit_mode)
+        try:
+            self._preemption = PreemptionWatch(preemption_signals)
+        except BaseException:
+            if not self._read_only and self._is_primary:
+                self._storage.release(self._directory)
+            raise
 
     def _open_and_load(self, explicit_mode: bool) -> None:
         self._read_only = self._open_directory()
@@ -229,6 +254,8 @@ class CheckpointManager:
         else:  # a crash before the first state write: what this manager wrote is managed again
             if state is None:
                 state = self._rebuild("there is no state file", adopt=True) if self._members() else None
+        if state is not None:
+            self._damaged = dict(state.damaged)
         if state is None:
             self._latest: str | None = None
             self._kept: list[Entry] = []
@@ -317,8 +344,10 @@ class CheckpointManager:
 
     def _state_now(self) -> State:
         metric = self._best_metric if isinstance(self._best_metric, str) else None
+        known = {e.name for e in [*self._kept, *self._preserved]} | {self._latest}
+        damaged = {name: why for name, why in self._damaged.items() if name in known}
         return State(self._latest, list(self._kept), list(self._preserved), self._last_preserved_timestamp,
-                     metric, self._best_mode, self._keep_best if metric else None)
+                     metric, self._best_mode, self._keep_best if metric else None, damaged)
 
     def _mirror(self) -> dict[str, Any]:
         """Rank 0's view of the history, for the other ranks (the state file's own encoding)."""
@@ -332,6 +361,7 @@ class CheckpointManager:
         self._kept = list(state.checkpoints)
         self._preserved = list(state.preserved)
         self._last_preserved_timestamp = state.last_preserved_timestamp
+        self._damaged = dict(state.damaged)
         return state
 
     def _record_state(self) -> None:
@@ -436,7 +466,11 @@ class CheckpointManager:
                                            "checkpoint_number": _number_argument(checkpoint_number),
                                            "check_interval": bool(check_interval),
                                            "save_counter": self._checkpoint.save_counter})
-            proposal = _dist.agree(call, what, lambda: self._propose(checkpoint_number, check_interval, metrics))
+            proposals = _dist.agree_all(call, what, lambda: self._propose(checkpoint_number, check_interval, metrics))
+            proposal = {**proposals[call.rank], "signalled": any(p["signalled"] for p in proposals)}
+        if proposal["signalled"]:  # once any rank was signalled, this save is written, durably, whatever the interval
+            self._preempted = True
+            proposal["skip"] = False
         counter_before = self._checkpoint.save_counter
         # on several ranks, rank 0's decision (number, interval) is everyone's
         decision = self._decide(proposal) if call is None else _dist.decided(call, what, lambda: self._decide(proposal))
@@ -458,7 +492,7 @@ class CheckpointManager:
                 return self._mirror() if self._coord is not None else None
 
             commit(self._checkpoint, self._storage, path, max_shard_size=self._max_shard_size,
-                   progress=self._progress, metadata=metadata, async_save=self._async_save,
+                   progress=self._progress, metadata=metadata, async_save=self._async_save and not self._preempted,
                    after=after, replace=decision["explicit"], coordinator=call,
                    adopt=self._adopt)
         except AlreadyCommitted:
@@ -490,7 +524,8 @@ class CheckpointManager:
             last = self._last_checkpoint_step
             skip = bool(check_interval and last is not None and (
                 step == last or step < last + self._checkpoint_interval))
-        return {"skip": skip, "step": step, "metrics": metrics_copy, "number": number}
+        signalled = self._preemption.received is not None
+        return {"skip": skip, "step": step, "metrics": metrics_copy, "number": number, "signalled": signalled}
 
     def _decide(self, proposal: dict[str, Any]) -> dict[str, Any]:
         """What this save does (on rank 0 for a job): skip it, or the number it writes."""
@@ -563,22 +598,42 @@ class CheckpointManager:
 
     # -- restoring -----------------------------------------------------------------------
 
-    def restore_or_initialize(self) -> str | None:
-        """Restore the latest checkpoint, or call ``init_fn`` when there is none.
+    def restore_or_initialize(self, *, fallback: bool = True, strict: bool = False) -> str | None:
+        """Restore the newest intact checkpoint, or call ``init_fn`` when there is none.
+
+        Args:
+            fallback: when the latest checkpoint is damaged (a shard missing, truncated or failing
+                its checksum; a damaged index), warn with :class:`DamagedCheckpointWarning` and
+                restore the one before it (the same choice on every rank), and so on. The
+                damaged one is recorded in the state file (``torchckpt ls`` marks it). With
+                False, the :class:`CorruptCheckpointError` is raised instead.
+            strict: raise :class:`RestoreMismatchError` unless the restore is complete in both
+                directions (``assert_consumed()``), instead of warning and training on from
+                initial values. :attr:`last_restore` holds the status either way.
 
         Returns:
             The restored path, or None when ``init_fn`` ran (or there was nothing to do).
+
+        Raises:
+            CorruptCheckpointError: every checkpoint is damaged (``init_fn`` is not called: a run
+                never silently starts over), or the latest is and ``fallback`` is False.
         """
         call = None
         if self._coord is None:
             self.wait_until_finished()
         else:  # a background failure is raised inside the restore's exchanges, on every rank
             call = self._coord.call(f"Restoring from {self._directory}", {
-                "call": "CheckpointManager.restore_or_initialize", "directory": self._directory})
+                "call": "CheckpointManager.restore_or_initialize", "directory": self._directory,
+                "fallback": bool(fallback), "strict": bool(strict)})
         if self._latest is not None:  # the same on every rank: rank 0's
-            path = self.latest_checkpoint
-            assert path is not None
-            restore_from(self._checkpoint, self._storage, path, call)
+            path = self._restore_newest_intact(call, fallback)
+            if strict:
+                status = self.last_restore
+                assert status is not None
+                if call is None:
+                    status.assert_consumed()
+                else:  # one rank's mismatch fails the call on every rank
+                    _dist.agree(call, f"Restoring {path}", status.assert_consumed)
             if self._checkpoint_interval is not None:
                 self._last_checkpoint_step = int(self._step_counter)
             return path
@@ -597,6 +652,56 @@ class CheckpointManager:
             _dist.agree(call, "Restoring from " + self._directory, self.wait_until_finished)
         return None
 
+    def _restore_candidates(self) -> list[str]:
+        """The latest checkpoint, then every other one this manager knows, newest first."""
+        others = sorted([*self._kept, *self._preserved], reverse=True,
+                        key=lambda e: (e.timestamp or 0.0, _directory.number_of(e.name) or -1))
+        return list(dict.fromkeys([n for n in [self._latest, *(e.name for e in others)] if n is not None]))
+
+    def _restore_newest_intact(self, call: _dist.Coordinator | None, fallback: bool) -> str:
+        """Restore the newest checkpoint that is not damaged; warn for each damaged one passed."""
+        candidates = self._restore_candidates()
+        found: dict[str, str] = {}
+        try:
+            for i, name in enumerate(candidates):
+                path = join(self._directory, name)
+                try:
+                    self.last_restore = restore_from(self._checkpoint, self._storage, path, call)
+                    return path
+                except (CorruptCheckpointError, CheckpointNotFoundError) as e:
+                    if not fallback:
+                        raise
+                    reason = "it is gone" if isinstance(e, CheckpointNotFoundError) else str(e)
+                    found[name] = reason
+                    after = join(self._directory, candidates[i + 1]) if i + 1 < len(candidates) else None
+                    warnings.warn(DamagedCheckpointWarning(path, reason, after), stacklevel=3)
+            raise CorruptCheckpointError(
+                f"Every checkpoint of {self._directory} is damaged ({', '.join(found)}), so nothing was restored "
+                "and init_fn was not called: the run does not silently start over. See the warnings for what is "
+                "wrong with each; restore an older copy, or move them away to start afresh.",
+                self._directory,
+            )
+        finally:
+            if found:
+                self._damaged.update(found)
+                self._record_damage()
+
+    def _record_damage(self) -> None:
+        """Note the damaged checkpoints in the state file (rank 0), for ``ls`` and ``get_checkpoint_state``."""
+        if self._read_only or not self._is_primary:
+            return
+        try:
+            self._record_state()
+        except (CheckpointError, OSError) as e:
+            warnings.warn(f"Could not record the damaged checkpoints in {self._directory}'s state file: {e}",
+                          stacklevel=4)
+
+    @property
+    def preempted(self) -> bool:
+        """Whether a preemption signal arrived (on any rank): set by the ``save()`` that saw it,
+        which wrote a durable checkpoint. The training loop should stop."""
+        return self._preempted
+
     @property
     def read_only(self) -> bool:
         """Whether the directory could not be claimed for writing (a read-only mount): the manager
@@ -604,10 +709,14 @@ class CheckpointManager:
         return self._read_only
 
     def close(self) -> None:
-        """Wait for the save in flight and release the directory for other processes."""
-        self.wait_until_finished()
-        if not self._read_only and self._is_primary:
-            self._storage.release(self._directory)
+        """Wait for the save in flight, put back the signal handlers that were there before
+        ``preemption_signals`` were installed, and release the directory for other processes."""
+        try:
+            self.wait_until_finished()
+        finally:
+            self._preemption.close()
+            if not self._read_only and self._is_primary:
+                self._storage.release(self._directory)
 
     def __repr__(self) -> str:
         return f"CheckpointManager({self._directory!r}, latest={self._latest!r}, kept={len(self._kept)})"

@@ -31,6 +31,7 @@ class CheckpointState:
         preserved: those kept forever (``keep_checkpoint_every_n_hours``, or in doubt).
         best: the kept checkpoint with the best ``best_metric`` the manager recorded, or None.
         metrics: path -> the metrics recorded with it by the manager.
+        damaged: path -> why a manager's ``restore_or_initialize`` found it damaged and fell back.
     """
 
     latest: str | None
@@ -39,6 +40,7 @@ class CheckpointState:
     preserved: list[str] = field(default_factory=list)
     best: str | None = None
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    damaged: dict[str, str] = field(default_factory=dict)
 
 
 def get_checkpoint_state(directory: str | os.PathLike[str], *,
@@ -83,4 +85,5 @@ def get_checkpoint_state(directory: str | os.PathLike[str], *,
         preserved=paths(state.preserved),
         best=join(root, best[0].name) if best else None,
         metrics=metrics,
+        damaged={join(root, n): why for n, why in state.damaged.items() if _directory.is_member(root, n, storage)},
     )

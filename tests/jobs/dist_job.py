@@ -679,11 +679,57 @@ def restore_failures(d: Path, rank: int, world: int) -> dict:
     return out
 
 
+def flip_tensor_byte(checkpoint: Path, name: str) -> None:
+    """Flip one bit in the middle of tensor ``name``'s bytes in its shard (as a failing disk would)."""
+    index = json.loads((checkpoint / "index.json").read_text())
+    shard = checkpoint / index["weight_map"][name]
+    data = bytearray(shard.read_bytes())
+    header_size = int.from_bytes(data[:8], "little")
+    start, end = json.loads(data[8 : 8 + header_size])[name]["data_offsets"]
+    data[8 + header_size + (start + end) // 2] ^= 0x10
+    shard.write_bytes(bytes(data))
+
+
+def damaged_on_one_rank(d: Path, rank: int, world: int) -> dict:
+    """The latest of three checkpoints has a flipped byte in a chunk only rank 1 reads: both ranks
+    warn and fall back to the checkpoint before it."""
+    import warnings
+
+    base = d / "damaged-one-rank"
+    model = fsdp_mlp(0)
+    ckpt = torchckpt.Checkpoint(model=model, step=0)
+    mgr = torchckpt.CheckpointManager(ckpt, str(base), max_to_keep=None, timeout_secs=TIMEOUT)
+    for i in (1, 2, 3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(float(i))
+        ckpt.step = i
+        mgr.save()
+    mgr.close()
+    dist.barrier()
+    if rank == 0:
+        index = json.loads((base / "ckpt-3" / "index.json").read_text())
+        chunk = next(n for n in index["weight_map"] if n.startswith("model/body.2.weight") and n.endswith("18,0"))
+        flip_tensor_byte(base / "ckpt-3", chunk)
+    dist.barrier()
+    fresh = fsdp_mlp(1)
+    resumed = torchckpt.Checkpoint(model=fresh, step=0)
+    mgr = torchckpt.CheckpointManager(resumed, str(base), timeout_secs=TIMEOUT)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        restored = mgr.restore_or_initialize()
+    mgr.close()
+    return {"restored": restored, "step": resumed.step,
+            "warnings": [str(w.message) for w in caught if w.category is torchckpt.DamagedCheckpointWarning],
+            "values": sorted({v for p in fresh.parameters() for v in full(p).flatten().tolist()})}
+
+
 SCENARIOS = {f.__name__: f for f in (save_fsdp_4, save_fsdp_2, restore_from_4, restore_from_2, plain_into_fsdp,
                                       differing_value, ddp, tp_mesh, restore_tp, write_fails_on_one_rank,
                                       killed_mid_save, s3_fsdp, manager_2, manager_resume, second_job,
                                       async_loops, async_failure, killed_async, manager_s3, tools_save,
-                                      one_rank_fails_capture, mismatched_calls, restore_failures)}
+                                      one_rank_fails_capture, mismatched_calls, restore_failures,
+                                      damaged_on_one_rank)}
 SCENARIOS.update(flips.SCENARIOS)
 
 

@@ -1,0 +1,157 @@
+"""``restore_or_initialize`` restores the newest intact checkpoint, loudly, and can be strict.
+
+Each kind of damage on the latest of three checkpoints gives a ``DamagedCheckpointWarning`` and
+the previous checkpoint's exact values; ``fallback=False`` raises; all damaged raises without
+calling ``init_fn``; ``strict=True`` raises on a mismatch. The 2-rank case (damage seen by one
+rank only) is ``test_distributed_calls.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import torchckpt
+from torchckpt import cli
+
+from .jobs.dist_job import flip_tensor_byte
+
+
+def make_run(directory: Path) -> None:
+    """Three checkpoints; in checkpoint i every value is i."""
+    weights, model = torch.zeros(4096), torch.nn.Linear(8, 8)
+    ckpt = torchckpt.Checkpoint(weights=weights, model=model, step=0)
+    manager = torchckpt.CheckpointManager(ckpt, directory, max_to_keep=5)
+    for i in (1, 2, 3):
+        weights.fill_(float(i))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(float(i))
+        ckpt.step = i
+        manager.save()
+    manager.close()
+
+
+def shard_of(checkpoint: Path) -> Path:
+    index = json.loads((checkpoint / "index.json").read_text())
+    return checkpoint / index["weight_map"]["weights"]
+
+
+def flip_data_byte(checkpoint: Path) -> None:
+    flip_tensor_byte(checkpoint, "weights")
+
+
+def truncate_shard(checkpoint: Path) -> None:
+    shard = shard_of(checkpoint)
+    os.truncate(shard, shard.stat().st_size - 100)
+
+
+def remove_shard(checkpoint: Path) -> None:
+    shard_of(checkpoint).unlink()
+
+
+def flip_index_byte(checkpoint: Path) -> None:
+    index = checkpoint / "index.json"
+    data = bytearray(index.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    index.write_bytes(bytes(data))
+
+
+DAMAGE = {"flipped data byte": flip_data_byte, "truncated shard": truncate_shard, "missing shard": remove_shard,
+          "flipped index byte": flip_index_byte}
+
+
+class Fresh:
+    """New objects, as a restarted job builds them (values unlike any checkpoint's)."""
+
+    def __init__(self, directory: Path, **options) -> None:
+        self.weights, self.model = torch.full((4096,), -1.0), torch.nn.Linear(8, 8)
+        self.ckpt = torchckpt.Checkpoint(weights=self.weights, model=self.model, step=0)
+        self.initialized = False
+        self.manager = torchckpt.CheckpointManager(self.ckpt, directory, init_fn=self.init, **options)
+
+    def init(self) -> None:
+        self.initialized = True
+
+    def holds(self, value: float) -> bool:
+        tensors = [self.weights, *self.model.parameters()]
+        return self.ckpt.step == value and all(torch.equal(t, torch.full_like(t, value)) for t in tensors)
+
+
+@pytest.mark.parametrize("damage", DAMAGE.values(), ids=DAMAGE.keys())
+def test_a_damaged_latest_checkpoint_warns_and_restores_the_one_before(tmp_path, damage):
+    make_run(tmp_path)
+    damage(tmp_path / "ckpt-3")
+    fresh = Fresh(tmp_path)
+    with pytest.warns(torchckpt.DamagedCheckpointWarning, match=r"ckpt-3 is damaged, so it was not used: ") as caught:
+        restored = fresh.manager.restore_or_initialize()
+    assert restored == str(tmp_path / "ckpt-2")
+    assert fresh.holds(2.0) and not fresh.initialized  # every value the failed attempt may have written is overwritten
+    warning = caught[0].message
+    assert warning.path == str(tmp_path / "ckpt-3") and warning.fallback == str(tmp_path / "ckpt-2")
+    assert warning.reason and warning.reason in str(warning)
+    assert fresh.manager.last_restore.path == restored
+    assert fresh.manager.save().endswith("ckpt-4")  # never reuses the damaged one's number
+    fresh.manager.close()
+    state = torchckpt.get_checkpoint_state(tmp_path)
+    assert list(state.damaged) == [str(tmp_path / "ckpt-3")]
+    assert cli.main(["ls", str(tmp_path), "--json"]) == 0
+
+
+def test_ls_marks_a_checkpoint_found_damaged(tmp_path, capsys):
+    make_run(tmp_path)
+    flip_data_byte(tmp_path / "ckpt-3")
+    fresh = Fresh(tmp_path)
+    with pytest.warns(torchckpt.DamagedCheckpointWarning):
+        fresh.manager.restore_or_initialize()
+    fresh.manager.close()
+    capsys.readouterr()
+    assert cli.main(["ls", str(tmp_path), "--json"]) == 0
+    marks = {c["name"]: c["marks"] for c in json.loads(capsys.readouterr().out)["checkpoints"]}
+    assert "damaged" in marks["ckpt-3"] and "damaged" not in marks["ckpt-2"]
+
+
+def test_without_fallback_the_damage_is_raised(tmp_path):
+    make_run(tmp_path)
+    flip_data_byte(tmp_path / "ckpt-3")
+    fresh = Fresh(tmp_path)
+    with pytest.raises(torchckpt.CorruptCheckpointError, match="checksum") as caught:
+        fresh.manager.restore_or_initialize(fallback=False)
+    assert "ckpt-3" in str(caught.value)
+    fresh.manager.close()
+
+
+def test_when_every_checkpoint_is_damaged_it_raises_without_calling_init_fn(tmp_path):
+    make_run(tmp_path)
+    for i, damage in zip((1, 2, 3), (flip_data_byte, truncate_shard, remove_shard)):
+        damage(tmp_path / f"ckpt-{i}")
+    fresh = Fresh(tmp_path)
+    with pytest.warns(torchckpt.DamagedCheckpointWarning) as caught, \
+            pytest.raises(torchckpt.CorruptCheckpointError, match="Every checkpoint of .* is damaged") as error:
+        fresh.manager.restore_or_initialize()
+    assert "init_fn was not called" in str(error.value) and error.value.path == str(tmp_path)
+    assert not fresh.initialized
+    assert [w.message.path for w in caught] == [str(tmp_path / f"ckpt-{i}") for i in (3, 2, 1)]
+    fresh.manager.close()
+
+
+def test_a_strict_resume_raises_on_a_mismatch_and_keeps_the_status(tmp_path):
+    make_run(tmp_path)
+    weights, model = torch.zeros(4096), torch.nn.Linear(8, 16)  # the model changed shape
+    manager = torchckpt.CheckpointManager(torchckpt.Checkpoint(weights=weights, model=model, step=0), tmp_path)
+    with pytest.raises(torchckpt.RestoreMismatchError, match="model/weight") as caught:
+        manager.restore_or_initialize(strict=True)
+    assert manager.last_restore is not None and manager.last_restore.report is caught.value.report
+    assert "model/weight" in manager.last_restore.report.shape_mismatches
+    manager.close()
+
+
+def test_last_restore_is_none_before_a_restore(tmp_path):
+    manager = torchckpt.CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), tmp_path)
+    assert manager.last_restore is None
+    assert manager.restore_or_initialize() is None and manager.last_restore is None
+    manager.close()

@@ -1,0 +1,212 @@
+"""Preemption: a signal makes the next ``save()`` write a durable checkpoint and the loop stop.
+
+Real subprocesses and real signals: one process (sync and async), two gloo ranks with the signal
+sent to one rank only, and ``torchrun`` with the signal sent to its agent (slow). Each interrupted
+run resumes and finishes bit-equal to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import torchckpt
+
+from .distributed import ROOT, free_port
+
+STEPS = 120
+JOB = [sys.executable, "-m", "tests.jobs.preempt_job"]
+
+
+def start(directory: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen([*JOB, str(directory), "--steps", str(STEPS), *args], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})})
+
+
+def wait_for_line(proc: subprocess.Popen[str], text: str, timeout: float = 60) -> list[str]:
+    """Read ``proc``'s output until a line equal to ``text``; the lines read."""
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line.rstrip("\n"))
+        if lines[-1] == text:
+            return lines
+    raise AssertionError(f"no line {text!r} within {timeout} s; output:\n" + "\n".join(lines[-40:]))
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 60) -> tuple[int, str]:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"the job did not finish in {timeout} s:\n{out[-3000:]}") from None
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, out
+
+
+def result(directory: Path, rank: int = 0) -> dict:
+    return json.loads((directory / f"result-rank{rank}.json").read_text())
+
+
+def saved_step(path: str) -> int:
+    return int(torchckpt.load_checkpoint(path).get_tensor("step"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict:
+    directory = tmp_path_factory.mktemp("uninterrupted")
+    code, out = finish(start(directory, "--sleep", "0"))
+    assert code == 0, out[-3000:]
+    found = result(directory)
+    assert found["step"] == STEPS and not found["preempted"]
+    return found["state"]
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_sigterm_mid_interval_saves_that_step_exits_0_and_the_resume_is_bit_exact(tmp_path, uninterrupted, mode):
+    extra = ["--async"] if mode == "async" else []
+    proc = start(tmp_path, *extra)
+    wait_for_line(proc, "step 70")  # between the saves at 50 and 100
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.01)
+    proc.send_signal(signal.SIGUSR1)  # a second signal, likely during the save: it must not interrupt it
+    code, out = finish(proc)
+    assert code == 0, out[-3000:]
+    stopped = result(tmp_path)
+    assert stopped["preempted"] and 70 < stopped["step"] < 100, stopped["step"]
+    assert f"rank 0: preempted, saved step {stopped['step']}" in out
+    assert stopped["latest"] == torchckpt.latest_checkpoint(tmp_path)
+    assert saved_step(stopped["latest"]) == stopped["step"]  # exactly the step it stopped at, committed
+    assert torchckpt.load_checkpoint(stopped["latest"]).get_variable_to_shape_map()
+    assert stopped["handler_back"]  # close() put the default SIGTERM handler back
+    code, out = finish(start(tmp_path, *extra, "--sleep", "0"))
+    assert code == 0, out[-3000:]
+    assert f"rank 0: starting at step {stopped['step']}" in out
+    resumed = result(tmp_path)
+    assert resumed["step"] == STEPS and resumed["state"] == uninterrupted  # bit for bit
+
+
+def test_handlers_are_installed_and_put_back_on_close(tmp_path):
+    def mine(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGUSR2, mine)
+    try:
+        manager = torchckpt.CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(2)), tmp_path,
+                                              preemption_signals=(signal.SIGUSR2,))
+        assert signal.getsignal(signal.SIGUSR2) is not mine
+        assert not manager.preempted
+        os.kill(os.getpid(), signal.SIGUSR2)  # only sets the flag: this process goes on
+        assert not manager.preempted  # until the next save sees it
+        path = manager.save()
+        assert manager.preempted and path.endswith("ckpt-1")
+        manager.close()
+        assert signal.getsignal(signal.SIGUSR2) is mine
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+
+
+def test_preemption_signals_from_another_thread_are_refused(tmp_path):
+    import threading
+
+    errors = []
+
+    def make() -> None:
+        try:
+            torchckpt.CheckpointManager(torchckpt.Checkpoint(), tmp_path, preemption_signals=(signal.SIGUSR2,))
+        except ValueError as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=make)
+    thread.start()
+    thread.join(30)
+    assert len(errors) == 1 and "main thread" in str(errors[0])
+    torchckpt.CheckpointManager(torchckpt.Checkpoint(), tmp_path).close()  # the failed one released its claim
+
+
+def test_a_preempted_save_is_written_whatever_the_interval(tmp_path):
+    step = torch.tensor(0)
+    manager = torchckpt.CheckpointManager(torchckpt.Checkpoint(step=step), tmp_path, step_counter=step,
+                                          checkpoint_interval=100, preemption_signals=(signal.SIGUSR2,))
+    try:
+        assert manager.save().endswith("ckpt-1")
+        step.fill_(3)
+        assert manager.save() is None  # within the interval
+        os.kill(os.getpid(), signal.SIGUSR2)
+        step.fill_(4)
+        assert manager.save().endswith("ckpt-2") and manager.preempted
+        assert saved_step(manager.latest_checkpoint) == 4
+    finally:
+        manager.close()
+
+
+def start_ranks(directory: Path, *args: str, world: int = 2) -> list[subprocess.Popen[str]]:
+    port = str(free_port())
+    return [start(directory, *args, env={"RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(r),
+                                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}) for r in range(world)]
+
+
+def test_on_2_ranks_a_signal_to_one_rank_stops_both_at_the_same_step(tmp_path, uninterrupted):
+    procs = start_ranks(tmp_path)
+    try:
+        wait_for_line(procs[1], "step 70")
+        procs[1].send_signal(signal.SIGTERM)  # rank 1 only
+        start_time = time.monotonic()
+        outcomes = [finish(p) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    assert all(code == 0 for code, _ in outcomes), [out[-2000:] for _, out in outcomes]
+    assert time.monotonic() - start_time < 20  # no timeout
+    stopped = [result(tmp_path, r) for r in (0, 1)]
+    assert stopped[0]["preempted"] and stopped[1]["preempted"]
+    assert stopped[0]["step"] == stopped[1]["step"] and 70 < stopped[0]["step"] < 100
+    assert saved_step(torchckpt.latest_checkpoint(tmp_path)) == stopped[0]["step"]
+    procs = start_ranks(tmp_path, "--sleep", "0")
+    outcomes = [finish(p) for p in procs]
+    assert all(code == 0 for code, _ in outcomes), [out[-2000:] for _, out in outcomes]
+    for r in (0, 1):  # DDP's averaged gradients of equal data are those of one process: bit for bit
+        assert result(tmp_path, r)["state"] == uninterrupted
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_sigterm_to_the_agent_stops_every_worker_at_one_step(tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "tests.jobs.preempt_job", str(tmp_path), "--steps", str(STEPS)]
+    proc = subprocess.Popen(command, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    try:
+        wait_for_line(proc, "step 70", timeout=90)
+        proc.send_signal(signal.SIGTERM)  # to the agent, which forwards it to its workers
+        _, out = finish(proc, timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    stopped = [result(tmp_path, r) for r in (0, 1)]
+    assert stopped[0]["preempted"] and stopped[1]["preempted"], out[-3000:]
+    assert stopped[0]["step"] == stopped[1]["step"]
+    assert saved_step(torchckpt.latest_checkpoint(tmp_path)) == stopped[0]["step"]

@@ -1,0 +1,81 @@
+"""Signal handlers that only note a preemption, for a manager to act on at its next ``save()``.
+
+Why a flag and nothing more: a signal arrives between any two bytecodes, in the middle of a
+``state_dict()``, an optimizer step or a background save's bookkeeping. Saving from inside the
+handler would capture half-updated state and could deadlock on a lock the interrupted code holds.
+So the handler records the signal and returns; the training loop's next ``save()`` sees it, writes
+a checkpoint whatever the interval, and the loop stops itself (``if manager.preempted: break``).
+Later signals of the same kind only set the flag again, so they never interrupt that save.
+
+A handler outlives its watch only if the manager was dropped without ``close()``: then it puts the
+previous handler back and re-delivers the signal, so SIGTERM still stops a program whose manager
+is gone instead of being swallowed.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import weakref
+from collections.abc import Iterable
+from types import FrameType
+from typing import Any
+
+
+class PreemptionWatch:
+    """Handlers for ``signals`` that set :attr:`received`; :meth:`close` puts the previous ones back.
+
+    Example::
+
+        watch = PreemptionWatch([signal.SIGTERM])
+        ...                      # a SIGTERM now only sets watch.received
+        watch.close()            # the previous SIGTERM handler is back
+    """
+
+    def __init__(self, signals: Iterable[int | signal.Signals]) -> None:
+        wanted = [signal.Signals(s) for s in signals]
+        self.received: signal.Signals | None = None
+        self._previous: dict[signal.Signals, Any] = {}
+        if not wanted:
+            return
+        if threading.current_thread() is not threading.main_thread():
+            raise ValueError(
+                "preemption_signals can only be installed from the main thread (Python runs signal handlers "
+                "there); create the CheckpointManager in the main thread, or pass preemption_signals=()."
+            )
+        handler = _handler_for(weakref.ref(self), self._previous)
+        try:
+            for sig in dict.fromkeys(wanted):
+                self._previous[sig] = signal.signal(sig, handler)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def signals(self) -> list[signal.Signals]:
+        """The signals this watch handles (none once closed)."""
+        return list(self._previous)
+
+    def close(self) -> None:
+        """Put back the handlers that were there before (idempotent)."""
+        previous, self._previous = self._previous, {}
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def _handler_for(watch_ref: weakref.ref[PreemptionWatch], previous: dict[signal.Signals, Any]) -> Any:
+    """The handler: it holds the watch weakly, and the handlers it replaced (filled in as installed)."""
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        sig = signal.Signals(signum)
+        watch = watch_ref()
+        if watch is not None:
+            if watch.received is None:
+                watch.received = sig
+            return
+        # The manager was dropped without close(): stop intercepting, and let the signal do what it did before.
+        before = previous.get(sig)
+        signal.signal(sig, before if before is not None else signal.SIG_DFL)
+        signal.raise_signal(sig)
+
+    return handle
