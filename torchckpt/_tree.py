@@ -147,12 +147,27 @@ def encode(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
         return node
     if kind in _DICT_TAGS:
         return _encode_pairs(_DICT_TAGS[kind], value, path, tensors)
-    raise UnsupportedStateError(
-        f"Cannot save {display(path)!r}: {a_or_an(f'{kind.__module__}.{kind.__qualname__}')} has no "
-        "representation without pickle. torchckpt stores tensors, objects with "
-        "state_dict()/load_state_dict(), and plain values (int, float, bool, str, None and "
-        "tuples/lists/dicts of them). Convert it to one of these, or leave it out of the "
-        "Checkpoint.",
+    raise _refusal(value, path)
+
+
+def _refusal(value: Any, path: str) -> UnsupportedStateError:
+    """The error for a value that has no typed JSON form, with the fix for the common ones."""
+    kind = type(value)
+    if isinstance(value, type):
+        what = f"the class {value.__module__}.{value.__qualname__} is code, which"
+        fix = f"Store its name instead (for example {value.__qualname__!r}) and look it up when restoring."
+    elif isinstance(value, torch.utils.data.DataLoader):
+        what = "a torch.utils.data.DataLoader cannot resume mid-epoch (it has no state_dict()) and"
+        fix = ("Use torchdata's drop-in StatefulDataLoader (`from torchdata.stateful_dataloader import "
+               "StatefulDataLoader`, pip install torchckpt[data]) with generator=torch.Generator().manual_seed(0), "
+               "or leave the loader out of the Checkpoint.")
+    else:
+        what = f"{a_or_an(f'{kind.__module__}.{kind.__qualname__}')}"
+        fix = "Convert it to one of these, or leave it out of the Checkpoint."
+    return UnsupportedStateError(
+        f"Cannot save {display(path)!r}: {what} has no representation without pickle. torchckpt stores "
+        "tensors, objects with state_dict()/load_state_dict(), and plain values (int, float, bool, str, None "
+        f"and tuples/lists/dicts of them). {fix}",
         key=path,
         value_type=kind,
     )

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from torchckpt import _capture, _directory, _dist, _format, _index, _save, _sharded_save, _tree
+from torchckpt import _capture, _directory, _dist, _format, _index, _loaders, _save, _sharded_save, _tree
 from torchckpt._async import AsyncWriter  # imported with the package: its exit hook must be registered early
 from torchckpt._backend import Storage, as_path, name_of, parent_of
 from torchckpt._load import MISSING, Plan, execute, plan_module, plan_stateful, plan_tensor, plan_value
@@ -53,12 +53,14 @@ def restore_call(process_group: Any, timeout_secs: float | None, save_path: Path
 
 
 def is_stateful(value: Any) -> bool:
-    """Whether ``value`` has callable ``state_dict()`` and ``load_state_dict()`` (the Stateful protocol)."""
-    return callable(getattr(value, "state_dict", None)) and callable(getattr(value, "load_state_dict", None))
+    """Whether ``value`` has callable ``state_dict()`` and ``load_state_dict()`` (the Stateful protocol);
+    a class (``nn.ReLU``) has them as plain functions, and is not."""
+    return (not isinstance(value, type) and callable(getattr(value, "state_dict", None))
+            and callable(getattr(value, "load_state_dict", None)))
 
 
 def _is_trackable(value: Any) -> bool:
-    if isinstance(value, (torch.Tensor, Checkpoint, _tree.PerRank)) or is_stateful(value):
+    if isinstance(value, (torch.Tensor, Checkpoint, _tree.PerRank)) or is_stateful(value) or _loaders.is_data_state(value):
         return True
     if isinstance(value, dict):
         return any(_is_trackable(v) for v in value.values())
@@ -79,6 +81,8 @@ def kind_of(value: Any) -> str:
         return "grad_scaler"
     if isinstance(value, RNGState):
         return "rng"
+    if _loaders.is_data_state(value):
+        return _loaders.kind_of(value)
     if isinstance(value, Checkpoint):
         return "checkpoint"
     if isinstance(value, _tree.PerRank):
@@ -496,6 +500,8 @@ def _plan_value(key: str, value: Any, saved: Any, plan: Plan, assign: Callable[[
         plan_module(key, value, saved, plan)
     elif isinstance(value, torch.Tensor):
         plan_tensor(key, value, saved, plan)
+    elif _loaders.is_data_state(value):
+        _loaders.plan(key, value, saved, plan)
     elif is_stateful(value):
         plan_stateful(key, value, saved, plan)
     elif _is_trackable(value) and isinstance(value, (dict, list)):
@@ -554,9 +560,11 @@ def _state_of(value: Any, distributed: bool = False) -> Any:
     ``RNGState``) are marked as such; a single process saves them as they are."""
     if isinstance(value, _tree.PerRank):
         inner = _state_of(value.value, distributed)
-        return _tree.PerRank(inner) if distributed else inner
+        return _tree.PerRank(inner) if distributed and not isinstance(inner, _tree.PerRank) else inner
     if distributed and isinstance(value, RNGState):
         return _tree.PerRank(value.state_dict())
+    if _loaders.is_data_state(value):  # per rank, as RNGState: each rank draws and reads its own
+        return _tree.PerRank(_loaders.state_of(value)) if distributed else _loaders.state_of(value)
     if isinstance(value, Checkpoint):
         return value._state(distributed)
     if isinstance(value, torch.nn.Module):

@@ -1,0 +1,139 @@
+"""Data position: a ``StatefulDataLoader`` and ``RNGState`` resume mid-epoch exactly; a
+``torch.Generator`` is tracked; a plain ``DataLoader`` and a class are refused by key."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import torchckpt
+
+from .distributed import ROOT, free_port
+
+pytest.importorskip("torchdata.stateful_dataloader")
+from torchdata.stateful_dataloader import StatefulDataLoader  # noqa: E402
+
+from .jobs import data_job  # noqa: E402
+
+
+@pytest.mark.parametrize(("num_workers", "stop_at"), [(0, 2), (0, 4), (0, 6), (2, 4), (2, 10)],
+                         ids=["0-workers-mid-epoch-1", "0-workers-end-of-epoch-1", "0-workers-mid-epoch-2",
+                              "2-workers-end-of-epoch-1", "2-workers-mid-epoch-3"])
+def test_interrupted_run_resumes_exactly(tmp_path, num_workers, stop_at):
+    """Saved at ``stop_at`` (4 batches an epoch), resumed into fresh objects under another global
+    seed: the same batches, bit-equal weights and the same global generator after 4 epochs."""
+    whole = data_job.uninterrupted(tmp_path / "whole", num_workers)
+    resumed = data_job.interrupted_and_resumed(tmp_path / "ckpt", num_workers, stop_at)
+    assert resumed["seen"] == whole["seen"]
+    assert all(torch.equal(p, q) for p, q in zip(resumed["weights"], whole["weights"]))
+    assert torch.equal(resumed["draw"], whole["draw"])
+
+
+def test_interrupted_run_resumes_exactly_on_two_ranks(tmp_path):
+    """DDP over gloo with a DistributedSampler, 0 and 2 workers: each rank sees the same batches
+    and ends with the same weights as an uninterrupted run (one spawn runs all of it)."""
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        log = open(tmp_path / f"rank{rank}.log", "w")  # noqa: SIM115 - closed with the process below
+        procs.append((subprocess.Popen([sys.executable, "-m", "tests.jobs.data_job", str(tmp_path)], env=env,
+                                       cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True), log))
+    deadline = time.monotonic() + 120
+    try:
+        for proc, _ in procs:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for proc, log in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)  # the rank and its loader's workers
+                proc.wait()
+            log.close()
+    logs = "\n".join((tmp_path / f"rank{r}.log").read_text()[-3000:] for r in range(2))
+    assert [proc.returncode for proc, _ in procs] == [0, 0], logs
+    found = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for rank, result in enumerate(found):
+        assert "error" not in result, result["error"]
+        for workers in ("workers0", "workers2"):
+            assert result[workers]["resumed_seen"] == result[workers]["seen"], (rank, workers)
+            assert result[workers]["same"], (rank, workers)
+    assert found[0]["workers0"]["seen"] != found[1]["workers0"]["seen"]  # each rank its own share
+
+
+def loader(dataset, generator: torch.Generator | None) -> StatefulDataLoader:
+    return StatefulDataLoader(dataset, batch_size=2, shuffle=True, generator=generator)
+
+
+def test_loader_without_a_generator_warns_at_save(tmp_path):
+    ckpt = torchckpt.Checkpoint(loader=loader(list(range(6)), None))
+    with pytest.warns(UserWarning, match=r"no generator.*generator=torch\.Generator\(\)\.manual_seed"):
+        ckpt.write(tmp_path / "c")
+    assert "generator" not in json.loads((tmp_path / "c" / "index.json").read_text())["torchckpt"]["state"]["loader"]
+
+
+def test_loader_with_a_generator_saves_without_warning(tmp_path, recwarn):
+    torchckpt.Checkpoint(loader=loader(list(range(6)), torch.Generator().manual_seed(0))).write(tmp_path / "c")
+    assert not [w for w in recwarn if "generator" in str(w.message)]
+
+
+def test_loader_missing_from_the_checkpoint_is_reported(tmp_path):
+    path = torchckpt.Checkpoint(step=1).write(tmp_path / "c")
+    status = torchckpt.Checkpoint(step=0, loader=loader(list(range(6)), torch.Generator())).read(path)
+    assert status.report.missing_keys == ["loader"]
+
+
+@pytest.fixture
+def drawn_generator() -> torch.Generator:
+    """A generator that has drawn: its state is not the one a seed gives."""
+    generator = torch.Generator().manual_seed(3)
+    torch.rand(5, generator=generator)
+    return generator
+
+
+@pytest.mark.parametrize("where", ["top-level", "dict", "list", "per-rank"])
+def test_generator_round_trip(tmp_path, drawn_generator, where):
+    wrap = {"top-level": lambda g: g, "dict": lambda g: {"noise": g}, "list": lambda g: [0, g],
+            "per-rank": torchckpt.PerRank}[where]
+    path = torchckpt.Checkpoint(gen=wrap(drawn_generator)).write(tmp_path / "c")
+    expected = torch.rand(4, generator=drawn_generator)
+    fresh = torch.Generator().manual_seed(99)
+    torchckpt.Checkpoint(gen=wrap(fresh)).read(path).assert_consumed()
+    assert torch.equal(torch.rand(4, generator=fresh), expected)
+    if where == "top-level":
+        assert json.loads((tmp_path / "c" / "index.json").read_text())["torchckpt"]["objects"] == {"gen": "generator"}
+
+
+def test_plain_dataloader_is_refused_by_key(tmp_path):
+    plain = torch.utils.data.DataLoader(list(range(6)), batch_size=2, shuffle=True)
+    with pytest.raises(torchckpt.UnsupportedStateError,
+                       match=r"'loader'.*cannot resume mid-epoch.*from torchdata\.stateful_dataloader import "
+                             r"StatefulDataLoader") as e:
+        torchckpt.Checkpoint(loader=plain).write(tmp_path / "c")
+    assert e.value.key == "loader"
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("state", [{"hparams": {"act": torch.nn.ReLU}}, {"hparams": torch.nn.ReLU}],
+                         ids=["in-a-dict", "top-level"])
+def test_class_in_state_is_refused_by_key(tmp_path, state):
+    key = "hparams/act" if isinstance(state["hparams"], dict) else "hparams"
+    with pytest.raises(torchckpt.UnsupportedStateError, match=r"the class torch\.nn\.modules\.activation\.ReLU.*"
+                                                              r"Store its name instead \(for example 'ReLU'\)") as e:
+        torchckpt.Checkpoint(**state).write(tmp_path / "c")
+    assert e.value.key == key
+    assert e.value.value_type is type
+
+
+def test_torchdata_is_not_imported_with_torchckpt():
+    code = "import sys, torchckpt; sys.exit('torchdata' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
