@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -90,6 +91,22 @@ def test_loader_missing_from_the_checkpoint_is_reported(tmp_path):
     path = torchckpt.Checkpoint(step=1).write(tmp_path / "c")
     status = torchckpt.Checkpoint(step=0, loader=loader(list(range(6)), torch.Generator())).read(path)
     assert status.report.missing_keys == ["loader"]
+
+
+@pytest.mark.parametrize(("saved_with", "restored_with"), [(0, 2), (2, 0), (2, 1)])
+def test_loader_saved_with_other_workers_is_skipped_and_reported(tmp_path, saved_with, restored_with):
+    """torchdata cannot resume across worker counts: the loader is left as it is, and reported."""
+    saving = StatefulDataLoader(list(range(8)), batch_size=2, num_workers=saved_with, generator=torch.Generator())
+    next(iter(saving))
+    path = torchckpt.Checkpoint(loader=saving, step=1).write(tmp_path / "c")
+    restoring = StatefulDataLoader(list(range(8)), batch_size=2, num_workers=restored_with, generator=torch.Generator())
+    ckpt = torchckpt.Checkpoint(loader=restoring, step=0)
+    report = ckpt.read(path).report
+    assert report.missing_keys == ["loader"]
+    assert re.search(rf"saved with num_workers={saved_with}, this loader has num_workers={restored_with}",
+                     report.skipped_objects["loader"])
+    assert ckpt.step == 1
+    assert [b.tolist() for b in restoring] == [[0, 1], [2, 3], [4, 5], [6, 7]]  # from the start
 
 
 @pytest.fixture

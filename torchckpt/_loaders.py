@@ -79,11 +79,30 @@ def plan(key: str, value: Any, saved: Any, plan: Plan) -> None:
     """Plan the restore of a generator or a loader at ``key``; nothing changes before the loads run."""
     if isinstance(value, torch.Generator):
         _plan_generator(key, value, saved, plan)
-    elif saved is MISSING or isinstance(saved, dict):
+        return
+    problem = f"the checkpoint holds {type(saved).__name__}, not a data loader's state"
+    if isinstance(saved, dict):
+        problem = _workers_problem(value, saved.get(STATE, saved))
+    if saved is MISSING or not problem:
         plan_value(key, saved, lambda state: load(value, state), plan)
-    else:
-        plan.report.missing_keys.append(key)
-        plan.report.skipped_objects[key] = f"the checkpoint holds {type(saved).__name__}, not a data loader's state"
+        return
+    plan.report.missing_keys.append(key)
+    plan.report.skipped_objects[key] = problem
+
+
+def _workers_problem(loader: Any, state: Any) -> str:
+    """Why torchdata cannot take ``state`` (saved with another ``num_workers``), or ''."""
+    if not isinstance(state, dict) or not state:
+        return ""
+    snapshot = state.get("_snapshot")
+    main = snapshot.get("_main_snapshot") if isinstance(snapshot, dict) else None
+    saved = main.get("_num_workers") if isinstance(main, dict) else 0 if "_num_yielded" in state else None
+    if saved == loader.num_workers:
+        return ""
+    if saved is None:
+        return "its saved state is not a StatefulDataLoader's (neither '_num_yielded' nor '_snapshot')"
+    return (f"it was saved with num_workers={saved}, this loader has num_workers={loader.num_workers}: torchdata "
+            "resumes a position only with the same number of workers; the loader was left as it is")
 
 
 def _plan_generator(key: str, generator: torch.Generator, saved: Any, plan: Plan) -> None:
