@@ -3,9 +3,9 @@
 Why more than ``loader.state_dict()``: torchdata saves the position inside the epoch and the state
 the sampler's generator had when the epoch's iterator began, which is enough to rebuild the
 epoch's permutation, but not the state the loader's generator has now. Restoring replays the
-permutation from that older state, so the generator ends where no uninterrupted run would have
-it, and every later epoch shuffles differently (torchdata 0.11's single-process iterator; the
-multiprocess one happens to end right). So a loader is saved as torchdata's state plus its
+permutation from that older state, so the generator ends wherever rebuilding the iterator left it
+(torchdata 0.11's single-process iterator: one draw short), not where an uninterrupted run has it,
+and every later epoch shuffles and seeds its workers differently. So a loader is saved as torchdata's state plus its
 generator's state now (and a ``DistributedSampler``'s epoch); a restore hands torchdata its state,
 builds the resumed iterator at once (``state_dict()`` builds it, and the next ``iter(loader)``
 takes it over), and only then puts the generator back. The user's next ``for batch in loader``
@@ -75,7 +75,7 @@ def _sampler_epoch(loader: Any) -> int | None:
     return epoch if callable(getattr(sampler, "set_epoch", None)) and type(epoch) is int else None
 
 
-def plan(key: str, value: Any, saved: Any, plan: Plan) -> None:
+def plan_restore(key: str, value: Any, saved: Any, plan: Plan) -> None:
     """Plan the restore of a generator or a loader at ``key``; nothing changes before the loads run."""
     if isinstance(value, torch.Generator):
         _plan_generator(key, value, saved, plan)

@@ -501,7 +501,7 @@ def _plan_value(key: str, value: Any, saved: Any, plan: Plan, assign: Callable[[
     elif isinstance(value, torch.Tensor):
         plan_tensor(key, value, saved, plan)
     elif _loaders.is_data_state(value):
-        _loaders.plan(key, value, saved, plan)
+        _loaders.plan_restore(key, value, saved, plan)
     elif is_stateful(value):
         plan_stateful(key, value, saved, plan)
     elif _is_trackable(value) and isinstance(value, (dict, list)):
