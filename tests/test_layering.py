@@ -21,7 +21,7 @@ ENGINES = {"_save", "_capture", "_async", "_load", "_index", "_directory", "_ret
            "_dist", "_sharded_save", "_global_plan", "_reshard", "_loaders"}
 STORAGE = {"_backend", "_files", "_atomic", "_output", "_lock", "_local", "_lease", "_fsspec", "_upload",
            "_storage", "_remote_commit"}
-FOUNDATIONS = STORAGE | {"errors", "_format", "_tree", "_tensorio", "_threads", "_progress", "_version", "_preemption",
+FOUNDATIONS = STORAGE | {"errors", "_format", "_tree", "_tensorio", "_threads", "_progress", "_version", "_preemption", "_blocks",
                           "_chunks"}
 FLOOR = {**{m: 2 for m in FACES}, **{m: 1 for m in ENGINES}, **{m: 0 for m in FOUNDATIONS}}
 
