@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -261,3 +263,140 @@ def test_ls_shows_a_checkpoint_with_an_empty_index_as_damaged_and_lists_the_othe
     assert "warning: ckpt-1 is damaged" in captured.err
     assert main(["ls", remote.url, *options]) == 0
     assert "damaged" in capsys.readouterr().out
+
+
+# -- a job restarted on the same host claims the directory at once -----------------------------------
+
+
+def lines_of(proc: subprocess.Popen[str], count: int, timeout: float = 120) -> list[str]:
+    """The next ``count`` lines the process prints, waiting at most ``timeout`` seconds for them."""
+    lines: list[str] = []
+
+    def read() -> None:
+        assert proc.stdout is not None
+        lines.extend(proc.stdout.readline().strip() for _ in range(count))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout)
+    return lines
+
+
+def test_a_job_restarted_on_this_host_after_a_kill_claims_the_directory_at_once(remote):
+    if remote.kind == "memory":
+        pytest.skip("memory:// belongs to one process")
+    lease_secs = 60  # the default term: a wait for it to expire would show
+    proc = subprocess.Popen([sys.executable, str(JOB), "crash", remote.url, json.dumps(remote.options), str(lease_secs)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ})
+    try:
+        lines = lines_of(proc, 2)
+        assert lines == ["SAVED", "UPLOADING"], lines
+    finally:
+        proc.kill()  # SIGKILL in the middle of the second save's upload (its lease still runs for about 60 s)
+        _, err = proc.communicate(timeout=30)
+    assert remote.names("ckpt-2") and "index.json" not in remote.names("ckpt-2"), err  # its leftovers
+    state = torchckpt.Checkpoint(tensors={"a": torch.zeros(8 * 2**20), "b": torch.zeros(8 * 2**20)}, step=0)
+    started = time.monotonic()
+    mgr = CheckpointManager(state, remote.url, storage_options=remote.options)  # no retry: at once or not at all
+    waited = time.monotonic() - started
+    assert waited < 10, waited  # was: refused for the rest of the dead writer's 60 s lease
+    lease = json.loads(remote.fs.cat_file(remote.at(".torchckpt.lock")))
+    assert lease["pid"] == os.getpid() and lease["host"] == socket.gethostname()
+    assert remote.names("ckpt-2") == []  # the killed writer's leftovers are gone
+    state.restore(remote.url, storage_options=remote.options).assert_consumed()
+    assert state.step == 1
+    assert mgr.save() == remote.at("ckpt-2")
+    mgr.close()
+    committed = torchckpt.get_checkpoint_state(remote.url, storage_options=remote.options).all
+    assert committed == [remote.at("ckpt-1"), remote.at("ckpt-2")]
+    for path in committed:
+        assert verify(torchckpt.load_checkpoint(path, storage_options=remote.options)) == [], path
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          timeout=60, check=True)
+    return int(done.stdout)
+
+
+HOLDERS = {  # a lease held by ...: (the note's fields beyond holder/session/expires, taken over at once?)
+    "a-dead-pid-here": (lambda here: {**here, "pid": dead_pid()}, True),
+    "a-reused-pid-here": (lambda here: {**here, "started": (here["started"] or 0) - 1}, True),  # our pid, earlier
+    "a-live-pid-here": (lambda here: here, False),
+    "another-host": (lambda here: {**here, "pid": dead_pid(), "host": "elsewhere.example"}, False),
+    "another-pid-namespace": (lambda here: {**here, "pid": dead_pid(), "pids": "another-container"}, False),
+    "an-older-torchckpt": (lambda here: {}, False),  # no pid fields: cannot be probed
+}
+
+
+@pytest.mark.parametrize(("fields", "taken_at_once"), HOLDERS.values(), ids=HOLDERS.keys())
+def test_a_live_lease_is_taken_over_at_once_only_from_a_dead_process_of_this_host(remote, fields, taken_at_once):
+    mine = CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), remote.at("mine"), storage_options=remote.options)
+    lease = json.loads(remote.fs.cat_file(remote.at("mine", ".torchckpt.lock")))  # what this process writes
+    mine.close()
+    if not os.path.exists("/proc/self/stat"):
+        pytest.skip("no /proc: a holder's pid cannot be probed here")
+    here = {"pid": os.getpid(), "host": socket.gethostname(), "pids": lease.get("pids"), "started": lease.get("started")}
+    extra = fields(here)
+    note = {"holder": "pid 4242 on a crashed run", "session": "theirs", "expires": time.time() + 60, **extra}
+    remote.fs.pipe_file(remote.at(".torchckpt.lock"), json.dumps(note).encode())
+    if not taken_at_once:
+        with pytest.raises(torchckpt.CheckpointError, match="managed by another live process") as info:
+            CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), remote.url, storage_options=remote.options)
+        assert "pid 4242 on a crashed run" in str(info.value) and "more seconds" in str(info.value)
+        fix = "running on this host" if extra == here else "expires on its own"
+        assert fix in str(info.value)
+        assert json.loads(remote.fs.cat_file(remote.at(".torchckpt.lock")))["session"] == "theirs"  # untouched
+        return
+    mgr = CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), remote.url, storage_options=remote.options)
+    assert json.loads(remote.fs.cat_file(remote.at(".torchckpt.lock")))["session"] != "theirs"
+    assert mgr.save() == remote.at("ckpt-1")
+    mgr.close()
+
+
+# -- a reader never reads a prefix being written or deleted as a plain safetensors file --------------
+
+
+def single_shard(tag: str) -> dict[str, bytes]:
+    from safetensors.torch import save
+
+    return {f"model-00001-of-00001-{tag}.safetensors": save({"w": torch.ones(3)})}
+
+
+UNFINISHED = {  # what a prefix holds (besides its shards), how many shards, the error
+    "being-written": (".torchckpt-pending-0123456789ab", 1, torchckpt.CheckpointNotFoundError, "being written"),
+    "being-written-untagged": (".torchckpt-pending", 1, torchckpt.CheckpointNotFoundError, "being written"),
+    "being-deleted": (".torchckpt-deleting", 1, torchckpt.CheckpointDeletedError, "being deleted"),
+    "being-deleted-two-shards": (".torchckpt-deleting", 2, torchckpt.CheckpointDeletedError, "being deleted"),
+}
+
+
+@pytest.mark.parametrize(("marker", "shards", "error", "says"), UNFINISHED.values(), ids=UNFINISHED.keys())
+def test_a_prefix_being_written_or_deleted_is_no_checkpoint_nor_a_safetensors_file(remote, marker, shards, error,
+                                                                                     says):
+    path = remote.at("ckpt-5")
+    remote.fs.pipe_file(remote.at("ckpt-5", marker), b"{}")
+    for n in range(shards):
+        for name, data in single_shard(f"{n:012x}").items():
+            remote.fs.pipe_file(remote.at("ckpt-5", name), data)
+    for read in (lambda: torchckpt.load_checkpoint(path, storage_options=remote.options),
+                 lambda: torchckpt.Checkpoint(w=torch.zeros(3)).read(path, storage_options=remote.options)):
+        with pytest.raises(error, match=says) as info:
+            read()
+        assert type(info.value) is error and info.value.path == path
+        assert "leaves nothing behind" not in str(info.value)
+    assert torchckpt.latest_checkpoint(remote.url, storage_options=remote.options) is None
+
+
+@pytest.mark.parametrize(("marker", "error", "says"), [
+    (".torchckpt-tmp-", torchckpt.CheckpointNotFoundError, "being written"),
+    (".torchckpt-old-", torchckpt.CheckpointDeletedError, "being deleted"),
+], ids=["temporary", "superseded"])
+def test_a_local_temporary_is_no_checkpoint_nor_a_safetensors_file(tmp_path, marker, error, says):
+    path = tmp_path / f"ckpt-5{marker}{dead_pid()}-h0badcafe-0123456789ab"
+    path.mkdir()
+    (path / "model-00001-of-00001.safetensors").write_bytes(next(iter(single_shard("x").values())))
+    with pytest.raises(error, match=says) as info:
+        torchckpt.load_checkpoint(path)
+    assert type(info.value) is error and info.value.path == str(path)

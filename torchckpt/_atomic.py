@@ -32,10 +32,11 @@ import time
 import uuid
 
 from torchckpt import _files
-from torchckpt._backend import LEFTOVER_GRACE_SECS, AlreadyCommitted, host_tag
+from torchckpt._backend import LEFTOVER_GRACE_SECS, AlreadyCommitted, host_tag, is_alive
+from torchckpt._format import OLD_MARKER as OLD_MARKER  # re-exported: callers name the markers here too
+from torchckpt._format import TMP_MARKER as TMP_MARKER
+from torchckpt._format import is_temporary_name
 
-TMP_MARKER = ".torchckpt-tmp-"
-OLD_MARKER = ".torchckpt-old-"
 _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -46,9 +47,7 @@ def temporary_sibling(path: str, marker: str = TMP_MARKER) -> str:
     return f"{path}{marker}{os.getpid()}-h{host_tag()}-{uuid.uuid4().hex[:12]}"
 
 
-def is_temporary(name: str) -> bool:
-    """Whether a directory entry is an uncommitted or superseded leftover of ours."""
-    return TMP_MARKER in name or OLD_MARKER in name
+is_temporary = is_temporary_name  # whether a directory entry is an uncommitted or superseded leftover of ours
 
 
 def fsync_dir(path: str) -> None:
@@ -202,19 +201,7 @@ def _is_stale(path: str, name: str) -> bool:
             return time.time() - _newest_change(path) > LEFTOVER_GRACE_SECS
         except OSError:
             return False
-    return pid is None or not _is_alive(pid)
-
-
-def _is_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid is None or not is_alive(pid)
 
 
 def remove_stale_temporaries(directory: str, prefix: str) -> list[str]:

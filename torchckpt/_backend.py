@@ -49,6 +49,49 @@ def holder_note() -> str:
             + f", since {time.ctime()}")
 
 
+def pid_space() -> str | None:
+    """Which pids this process can probe: the kernel boot and the pid namespace, where ``/proc``
+    tells them (None elsewhere). Two processes with the same host name and the same ``pid_space``
+    see the same pids; a container with its own pid namespace, or the host after a reboot, does not."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return None
+
+
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (``/proc/<pid>/stat``), or None where
+    it is gone or ``/proc`` is not there. With the pid it names one process of a boot: a pid reused
+    by a later process has a later start."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(b")") + 2:].split()[19])  # field 22; the name before may hold anything
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def is_alive(pid: int, started: int | None = None) -> bool:
+    """Whether process ``pid`` of this host (this pid namespace) is running; with ``started`` (its
+    :func:`process_start` when it was recorded), also whether it is still that process and not a
+    later one that reused the pid. Without a start time, or where none can be read, a reused pid
+    counts as alive: its holder is waited for rather than taken over."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process: alive
+    except OSError:
+        return True  # cannot tell: alive
+    if started is None:
+        return True
+    now = process_start(pid)
+    return now is None or now == started
+
+
 def host_tag() -> str:
     """A short, stable tag of this host for temporary names (a host name may hold any character)."""
     return f"{zlib.crc32(socket.gethostname().encode()):08x}"

@@ -18,7 +18,7 @@ from typing import Any
 from torchckpt import _atomic, _format, _index, _tree
 from torchckpt._backend import ABSENT, Storage, as_path, is_url, join, name_of, parent_of
 from torchckpt._storage import storage_for
-from torchckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
+from torchckpt.errors import CheckpointDeletedError, CheckpointNotFoundError, CorruptCheckpointError
 
 STATE_FILE = _format.STATE_FILE
 STATE_FORMAT = "torchckpt.checkpoints"
@@ -287,7 +287,8 @@ def resolve_checkpoint(path: str, storage: Storage) -> str:
     """A checkpoint directory for ``path``: itself, or the latest checkpoint of a directory of them.
 
     Raises:
-        CheckpointNotFoundError: nothing committed is there.
+        CheckpointNotFoundError: nothing committed is there (or a save is writing it).
+        CheckpointDeletedError: a deletion is removing it.
     """
     if not storage.exists(path) and not storage.follows_to_dir(path):
         hint = ""
@@ -309,12 +310,42 @@ def resolve_checkpoint(path: str, storage: Storage) -> str:
         return path
     latest = latest_in(path, storage)
     if latest is None:
+        unfinished = unfinished_error(path, storage.list_names(path))
+        if unfinished is not None:
+            raise unfinished
         raise CheckpointNotFoundError(
             f"No committed checkpoint in {path}: it has no {_format.INDEX_FILE} and no checkpoint directories. "
             "A save that was interrupted leaves nothing behind; check the path.",
             path,
         )
     return latest
+
+
+def unfinished_error(path: str, names: list[str]) -> CheckpointNotFoundError | None:
+    """The error for reading the directory ``path`` (holding ``names``, without an index) while a
+    writer is writing it or a deletion is deleting it, or None when neither is under way.
+
+    On an object store a writer's ``.torchckpt-pending-<tag>`` and a deletion's
+    ``.torchckpt-deleting`` lie in the prefix; on a file system a save is written in a temporary
+    sibling (``<name>.torchckpt-tmp-...``) and a replaced or deleted checkpoint is removed from one
+    (``<name>.torchckpt-old-...``), which a reader may be handed by name.
+    """
+    name = name_of(path)
+    if _format.DELETING_FILE in names or _format.OLD_MARKER in name:
+        why = (f"{_format.DELETING_FILE} is there" if _format.DELETING_FILE in names
+               else f"its name holds {_format.OLD_MARKER}")
+        return CheckpointDeletedError(
+            f"Checkpoint {path} is being deleted ({why}: a manager's max_to_keep or a replacement removes it, and a "
+            "deletion cut short is finished by the next manager); it is no longer a checkpoint. Read a newer "
+            "checkpoint of its directory.", path)
+    if any(_format.is_pending_marker(n) for n in names) or _format.TMP_MARKER in name:
+        why = (f"a writer's {_format.PENDING_FILE}-<tag> marker is there" if _format.TMP_MARKER not in name
+               else f"its name holds {_format.TMP_MARKER}")
+        return CheckpointNotFoundError(
+            f"{path} is a checkpoint being written ({why}) and has no {_format.INDEX_FILE} yet: it is not a "
+            "checkpoint until its save commits it (a crashed save's leftovers are removed by the next manager on its "
+            "directory). Read it once its save has finished, or read its directory's latest checkpoint.", path)
+    return None
 
 
 def sibling(path: str, name: str) -> str:

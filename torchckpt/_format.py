@@ -33,6 +33,10 @@ INDEX_FILE = "index.json"  # a checkpoint directory's index; its existence is th
 STATE_FILE = "checkpoints.json"  # a directory of checkpoints: the latest one and a manager's history
 LOCK_FILE = ".torchckpt.lock"  # a manager's claim on its directory (an flock, or a lease object)
 PENDING_FILE = ".torchckpt-pending"  # on an object store: a checkpoint being uploaded, removed once committed
+# (``.torchckpt-pending-<tag>``, one per writer: see ``is_pending_marker``)
+DELETING_FILE = ".torchckpt-deleting"  # on an object store: a checkpoint being deleted, naming what to delete
+TMP_MARKER = ".torchckpt-tmp-"  # on a file system: ``<name>.torchckpt-tmp-<pid>-h<host>-<random>``, being written
+OLD_MARKER = ".torchckpt-old-"  # on a file system: ``<name>.torchckpt-old-...``, replaced or deleted, being removed
 TORCHCKPT_KEY = "torchckpt"  # the index's own section, beside Hugging Face's keys
 SHARD_SUFFIX = ".safetensors"
 SHARD_NAME = "model-{index:05d}-of-{count:05d}" + SHARD_SUFFIX
@@ -473,6 +477,17 @@ MAX_CONTAINERS_FLOOR = 200_000
 def shard_name(index: int, count: int) -> str:
     """``model-00001-of-00002.safetensors`` for the first of two shards (1-based)."""
     return SHARD_NAME.format(index=index, count=count)
+
+
+def is_pending_marker(name: str) -> bool:
+    """Whether ``name`` is a writer's pending marker (``.torchckpt-pending-<tag>``, or one untagged
+    from before the tags)."""
+    return name == PENDING_FILE or name.startswith(PENDING_FILE + "-")
+
+
+def is_temporary_name(name: str) -> bool:
+    """Whether ``name`` is a local writer's temporary (being written) or superseded (being removed) entry."""
+    return TMP_MARKER in name or OLD_MARKER in name
 
 
 def check_member_name(directory: str, name: Any, what: str) -> str:

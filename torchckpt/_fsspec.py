@@ -40,8 +40,8 @@ from torchckpt._backend import (
     name_of,
     parent_of,
 )
-from torchckpt._format import INDEX_FILE
-from torchckpt._remote_commit import DELETING_FILE, RemoteStage
+from torchckpt._format import DELETING_FILE, INDEX_FILE
+from torchckpt._remote_commit import RemoteStage
 from torchckpt.errors import CheckpointDeletedError, CheckpointError, CorruptCheckpointError
 
 # Ranged reads (where a GET cannot be streamed into the destinations): READ_PARTS at a time, each

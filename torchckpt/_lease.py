@@ -8,6 +8,14 @@ and its lease expires, after which the next process takes it over (again conditi
 cannot both take it). A holder whose renewal is refused has lost the directory to another
 process: its next save raises instead of interleaving with the new holder's.
 
+Why a crashed holder on this host is taken over at once: a job restarted after a crash (an
+out-of-memory kill, a node agent restarting it) is usually started on the same host, and would
+otherwise wait out the dead holder's term. The lease records the holder's pid, host name, pid
+namespace (with the kernel's boot id) and start time, so a process that sees the same pids can
+tell that the holder is gone, or that its pid now belongs to a later process. Where any of that
+cannot be told (another host, a platform without ``/proc``, a lease written by an older
+torchckpt), the lease expires as before.
+
 Within one process the claim is shared, as on local disk: several managers may open the same
 directory one after another.
 """
@@ -18,6 +26,7 @@ import atexit
 import contextlib
 import json
 import os
+import socket
 import threading
 import time
 import uuid
@@ -25,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torchckpt import _format
-from torchckpt._backend import ABSENT, ConflictError, holder_note, join
+from torchckpt._backend import ABSENT, ConflictError, holder_note, is_alive, join, pid_space, process_start
 from torchckpt.errors import CheckpointError, CorruptCheckpointError
 
 LEASE_FILE = _format.LOCK_FILE  # the same name as the local claim
@@ -58,16 +67,35 @@ _guard = threading.RLock()
 
 
 def _body(session: str, seconds: float) -> bytes:
-    note = {"holder": holder_note(), "session": session, "expires": time.time() + seconds}
+    pid = os.getpid()
+    note = {"holder": holder_note(), "session": session, "expires": time.time() + seconds,
+            "pid": pid, "host": socket.gethostname(), "pids": pid_space(), "started": process_start(pid)}
     return json.dumps(note).encode()
 
 
-def _refusal(directory: str, holder: str, expires: float) -> CheckpointError:
+def _holder_is_gone(note: dict[str, Any]) -> bool:
+    """Whether the lease ``note`` was written by a process of this host (the same host name, boot
+    and pid namespace) that is no longer running, or whose pid a later process has reused. False
+    whenever that cannot be told: the holder is then waited for until its lease expires."""
+    pid, started, space = note.get("pid"), note.get("started"), note.get("pids")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or note.get("host") != socket.gethostname():
+        return False
+    if space is None or space != pid_space():  # another container, or no /proc: its pids are not ours
+        return False
+    return not is_alive(pid, started if isinstance(started, int) else None)
+
+
+def _refusal(directory: str, holder: str, expires: float, here: bool) -> CheckpointError:
     left = max(0.0, expires - time.time())
+    if here:
+        why = ("That process is running on this host; stop it, or use another directory. Once it is gone, "
+               "its lease is taken over at once.")
+    else:
+        why = ("If that process crashed, its lease expires on its own (a crashed holder on this host is taken "
+               "over at once; one on another host cannot be probed); otherwise stop it, or use another directory.")
     return CheckpointError(
         f"{directory} is managed by another live process ({holder[:200]}; its lease runs for {left:.0f} more seconds "
-        "unless renewed). Only one CheckpointManager may write to a directory at a time; stop that process or use "
-        "another directory. A lease of a crashed process expires on its own."
+        f"unless renewed). Only one CheckpointManager may write to a directory at a time. {why}"
     )
 
 
@@ -103,14 +131,16 @@ def _take_over(storage: Any, directory: str, path: str, session: str) -> Any:
         note = json.loads(data)
         holder, expires = str(note["holder"]), float(note["expires"])
     except FileNotFoundError:  # released meanwhile: create it
-        token, holder, expires = ABSENT, "", 0.0
+        token, note, holder, expires = ABSENT, {}, "", 0.0
     except (ValueError, KeyError, TypeError, CorruptCheckpointError):
         raise CheckpointError(
             f"{path} is not a lease torchckpt can read, so the directory may be in use. If no process writes to "
             f"{directory}, delete that file and start again."
         ) from None
-    if expires > time.time():
-        raise _refusal(directory, holder, expires)
+    if expires > time.time() and not _holder_is_gone(note):
+        here = pid_space()
+        raise _refusal(directory, holder, expires, here is not None and note.get("pids") == here
+                       and note.get("host") == socket.gethostname())
     try:
         return storage.replace_file(path, _body(session, LEASE_SECS), token)
     except ConflictError:

@@ -26,16 +26,23 @@ from collections.abc import Iterable
 from typing import Any
 
 from torchckpt._backend import LEFTOVER_GRACE_SECS, AlreadyCommitted, Output, join
-from torchckpt._format import INDEX_FILE, MAX_INDEX_SIZE, PENDING_FILE, SHARD_SUFFIX, TORCHCKPT_KEY
+from torchckpt._format import (
+    DELETING_FILE,
+    INDEX_FILE,
+    MAX_INDEX_SIZE,
+    PENDING_FILE,
+    SHARD_SUFFIX,
+    TORCHCKPT_KEY,
+    is_pending_marker,
+)
 from torchckpt.errors import CheckpointWriteError, CorruptCheckpointError
 
 # ``storage`` below is an ``_fsspec.FsspecStorage`` (not imported: it imports this module).
 FsspecStorage = Any
 
 TAG_CHARS = 12  # a save's tag on its object names: 48 random bits in hex
-# Written into a checkpoint's prefix before its index is deleted, naming the objects to delete: a
-# deletion cut short (a killed process) is finished by the next manager that opens the directory.
-DELETING_FILE = ".torchckpt-deleting"
+# DELETING_FILE is written into a checkpoint's prefix before its index is deleted, naming the objects
+# to delete: a deletion cut short (a killed process) is finished by the next manager that opens the directory.
 
 
 class RemoteStage:
@@ -65,7 +72,7 @@ class RemoteStage:
             if not replace:
                 raise AlreadyCommitted(17, "a checkpoint is already committed there", final)
             delete_checkpoint(storage, final)  # un-commit first: never a mix of old and new shards
-        elif names and not any(is_pending(n) or n == DELETING_FILE for n in names):
+        elif names and not any(is_pending_marker(n) or n == DELETING_FILE for n in names):
             # Uncommitted objects that no writer is writing (a writer puts its marker before any object):
             # a previous export's files, or junk. Another writer's upload in flight is left alone (it has
             # its own names); a crashed writer's leftovers are removed by the next manager.
@@ -121,18 +128,12 @@ class RemoteStage:
             return
         self.discarded = True
         names = self.storage.list_names(self.path)
-        busy = INDEX_FILE in names or any(is_pending(n) and n != self.marker for n in names) or DELETING_FILE in names
+        busy = INDEX_FILE in names or any(is_pending_marker(n) and n != self.marker for n in names) or DELETING_FILE in names
         if busy:  # a committed checkpoint, another writer's upload or a deletion: remove only this save's objects
             self.storage.remove_names(self.path, [*self.created, self.marker])
         else:  # nobody else's: the whole uncommitted prefix (with the other ranks' files of this save)
             self.storage.remove_names(self.path, names)
         self.storage.drop_if_empty(self.path)
-
-
-def is_pending(name: str) -> bool:
-    """Whether ``name`` is a writer's pending marker (``.torchckpt-pending-<tag>``, or one untagged
-    from before the tags)."""
-    return name == PENDING_FILE or name.startswith(PENDING_FILE + "-")
 
 
 def _is_plain_shard(name: Any) -> bool:
@@ -180,7 +181,7 @@ def _finish_deletion(storage: FsspecStorage, path: str, marker: dict[str, Any] |
         storage.remove_names(path, files)
     rest = storage.list_names(path)
     leftovers = [n for n in rest if n != DELETING_FILE]
-    if leftovers and INDEX_FILE not in rest and not any(is_pending(n) for n in rest):  # crashed writers'
+    if leftovers and INDEX_FILE not in rest and not any(is_pending_marker(n) for n in rest):  # crashed writers'
         storage.remove_names(path, leftovers)
     storage.remove_quietly(join(path, DELETING_FILE))
     storage.drop_if_empty(path)
@@ -208,7 +209,7 @@ def remove_leftovers(storage: FsspecStorage, directory: str, prefix: str) -> lis
             _finish_deletion(storage, path, _marker(storage, join(path, DELETING_FILE)), files)
             removed.append(name)
             continue
-        markers = [f for f in files if is_pending(f)]
+        markers = [f for f in files if is_pending_marker(f)]
         if not markers:
             continue  # committed and clean, or not ours to judge: no torchckpt write made it
         if INDEX_FILE in files:

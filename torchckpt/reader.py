@@ -462,7 +462,10 @@ def load_checkpoint(path: str | os.PathLike[str], *, storage_options: dict[str, 
         storage_options: passed to fsspec when ``path`` is a URL.
 
     Raises:
-        CheckpointNotFoundError: nothing readable is at ``path``.
+        CheckpointNotFoundError: nothing readable is at ``path``, or a save is writing it (a
+            directory without an index is read as a plain ``.safetensors`` file only when no
+            save or deletion is under way in it).
+        CheckpointDeletedError: a deletion (a manager's retention) is removing ``path``.
         CorruptCheckpointError: the index or a header is malformed or hostile.
     """
     p = as_path(path)
@@ -480,7 +483,11 @@ def load_checkpoint(path: str | os.PathLike[str], *, storage_options: dict[str, 
         hf = _hf_index(p, storage)
         if hf is not None:
             return _read_hf_index(hf, storage)
-        singles = sorted(n for n in storage.list_names(p) if n.endswith(_format.SHARD_SUFFIX))
+        names = storage.list_names(p)
+        singles = sorted(n for n in names if n.endswith(_format.SHARD_SUFFIX))
+        unfinished = _directory.unfinished_error(p, names)
+        if unfinished is not None:  # a save's or a deletion's shard is no plain safetensors file
+            raise unfinished
         if len(singles) == 1 and not _directory.committed_members(p, None, storage):
             return CheckpointReader._from_safetensors([join(p, singles[0])], p, "safetensors", storage)
     return CheckpointReader._from_torchckpt(_directory.resolve_checkpoint(p, storage), storage)
