@@ -320,6 +320,22 @@ def dead_pid() -> int:
     return int(done.stdout)
 
 
+def this_process(remote) -> dict:
+    """The holder fields of a lease this process writes (its manager on another directory)."""
+    if not os.path.exists("/proc/self/stat"):
+        pytest.skip("no /proc: a holder's pid cannot be probed here")
+    mine = CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), remote.at("mine"), storage_options=remote.options)
+    lease = json.loads(remote.fs.cat_file(remote.at("mine", ".torchckpt.lock")))
+    mine.close()
+    return {"pid": os.getpid(), "host": socket.gethostname(), "pids": lease.get("pids"), "started": lease.get("started")}
+
+
+def plant_lease(remote, fields: dict) -> None:
+    """A live lease on ``remote.url`` (60 s left) of the holder ``fields`` describe."""
+    note = {"holder": "pid 4242 on a crashed run", "session": "theirs", "expires": time.time() + 60, **fields}
+    remote.fs.pipe_file(remote.at(".torchckpt.lock"), json.dumps(note).encode())
+
+
 HOLDERS = {  # a lease held by ...: (the note's fields beyond holder/session/expires, taken over at once?)
     "a-dead-pid-here": (lambda here: {**here, "pid": dead_pid()}, True),
     "a-reused-pid-here": (lambda here: {**here, "started": (here["started"] or 0) - 1}, True),  # our pid, earlier
@@ -332,15 +348,9 @@ HOLDERS = {  # a lease held by ...: (the note's fields beyond holder/session/exp
 
 @pytest.mark.parametrize(("fields", "taken_at_once"), HOLDERS.values(), ids=HOLDERS.keys())
 def test_a_live_lease_is_taken_over_at_once_only_from_a_dead_process_of_this_host(remote, fields, taken_at_once):
-    mine = CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), remote.at("mine"), storage_options=remote.options)
-    lease = json.loads(remote.fs.cat_file(remote.at("mine", ".torchckpt.lock")))  # what this process writes
-    mine.close()
-    if not os.path.exists("/proc/self/stat"):
-        pytest.skip("no /proc: a holder's pid cannot be probed here")
-    here = {"pid": os.getpid(), "host": socket.gethostname(), "pids": lease.get("pids"), "started": lease.get("started")}
+    here = this_process(remote)
     extra = fields(here)
-    note = {"holder": "pid 4242 on a crashed run", "session": "theirs", "expires": time.time() + 60, **extra}
-    remote.fs.pipe_file(remote.at(".torchckpt.lock"), json.dumps(note).encode())
+    plant_lease(remote, extra)
     if not taken_at_once:
         with pytest.raises(torchckpt.CheckpointError, match="managed by another live process") as info:
             CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), remote.url, storage_options=remote.options)
@@ -353,6 +363,22 @@ def test_a_live_lease_is_taken_over_at_once_only_from_a_dead_process_of_this_hos
     assert json.loads(remote.fs.cat_file(remote.at(".torchckpt.lock")))["session"] != "theirs"
     assert mgr.save() == remote.at("ckpt-1")
     mgr.close()
+
+
+def test_a_killed_holder_its_parent_has_not_reaped_yet_is_gone(remote):
+    here = this_process(remote)
+    child = subprocess.Popen([sys.executable, "-c", "pass"])  # exits at once; reaped only at the end
+    try:
+        deadline = time.monotonic() + 60
+        while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":  # a zombie
+            assert time.monotonic() < deadline, "the child never exited"
+            time.sleep(0.05)
+        plant_lease(remote, {**here, "pid": child.pid, "started": None})
+        mgr = CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), remote.url, storage_options=remote.options)
+        assert json.loads(remote.fs.cat_file(remote.at(".torchckpt.lock")))["pid"] == os.getpid()
+        mgr.close()
+    finally:
+        child.wait(timeout=30)
 
 
 # -- a reader never reads a prefix being written or deleted as a plain safetensors file --------------

@@ -61,23 +61,32 @@ def pid_space() -> str | None:
         return None
 
 
-def process_start(pid: int) -> int | None:
-    """When process ``pid`` started, in clock ticks since boot (``/proc/<pid>/stat``), or None where
-    it is gone or ``/proc`` is not there. With the pid it names one process of a boot: a pid reused
-    by a later process has a later start."""
+def _stat(pid: int) -> tuple[bytes, int] | None:
+    """(state, start time in clock ticks since boot) of process ``pid`` from ``/proc/<pid>/stat``
+    (fields 3 and 22), or None where it is gone or ``/proc`` is not there."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
-        return int(stat[stat.rindex(b")") + 2:].split()[19])  # field 22; the name before may hold anything
+        fields = stat[stat.rindex(b")") + 2:].split()  # the name before may hold anything
+        return fields[0], int(fields[19])
     except (OSError, ValueError, IndexError):
         return None
 
 
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (``/proc/<pid>/stat``), or None where
+    it is gone or ``/proc`` is not there. With the pid it names one process of a boot: a pid reused
+    by a later process has a later start."""
+    stat = _stat(pid)
+    return None if stat is None else stat[1]
+
+
 def is_alive(pid: int, started: int | None = None) -> bool:
-    """Whether process ``pid`` of this host (this pid namespace) is running; with ``started`` (its
-    :func:`process_start` when it was recorded), also whether it is still that process and not a
-    later one that reused the pid. Without a start time, or where none can be read, a reused pid
-    counts as alive: its holder is waited for rather than taken over."""
+    """Whether process ``pid`` of this host (this pid namespace) is running (a zombie, killed but
+    not yet reaped by its parent, is not); with ``started`` (its :func:`process_start` when it was
+    recorded), also whether it is still that process and not a later one that reused the pid.
+    Without a start time, or where none can be read, a reused pid counts as alive: its holder is
+    waited for rather than taken over."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -86,10 +95,10 @@ def is_alive(pid: int, started: int | None = None) -> bool:
         pass  # another user's process: alive
     except OSError:
         return True  # cannot tell: alive
-    if started is None:
-        return True
-    now = process_start(pid)
-    return now is None or now == started
+    stat = _stat(pid)
+    if stat is not None and stat[0] in (b"Z", b"X"):
+        return False
+    return started is None or stat is None or stat[1] == started
 
 
 def host_tag() -> str:
