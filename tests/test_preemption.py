@@ -1,8 +1,8 @@
 """Preemption: a signal makes the next ``save()`` write a durable checkpoint and the loop stop.
 
-Real subprocesses and real signals: one process (sync and async), two gloo ranks with the signal
-sent to one rank only, and ``torchrun`` with the signal sent to its agent (slow). Each interrupted
-run resumes and finishes bit-equal to an uninterrupted one.
+Real subprocesses and real signals: one process (sync; async in the slow set), two gloo ranks with
+the signal sent to one rank only (slow), and ``torchrun`` with the signal sent to its agent (slow).
+Each interrupted run resumes and finishes bit-equal to an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def uninterrupted(tmp_path_factory) -> dict:
     return found["state"]
 
 
-@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("mode", ["sync", pytest.param("async", marks=pytest.mark.slow)])
 def test_sigterm_mid_interval_saves_that_step_exits_0_and_the_resume_is_bit_exact(tmp_path, uninterrupted, mode):
     extra = ["--async"] if mode == "async" else []
     proc = start(tmp_path, *extra)
@@ -167,6 +167,7 @@ def start_ranks(directory: Path, *args: str, world: int = 2) -> list[subprocess.
                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}) for r in range(world)]
 
 
+@pytest.mark.slow
 def test_on_2_ranks_a_signal_to_one_rank_stops_both_at_the_same_step(tmp_path, uninterrupted):
     procs = start_ranks(tmp_path)
     try:
