@@ -109,6 +109,29 @@ def test_loader_saved_with_other_workers_is_skipped_and_reported(tmp_path, saved
     assert [b.tolist() for b in restoring] == [[0, 1], [2, 3], [4, 5], [6, 7]]  # from the start
 
 
+def test_a_position_saved_in_another_sampler_split_is_skipped_and_reported(tmp_path):
+    """A DistributedSampler's position means other samples once the data is split another way
+    (a checkpoint of 4 ranks restored on 2): the loader starts its epoch afresh, and says so."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    def loader(replicas: int) -> StatefulDataLoader:
+        sampler = DistributedSampler(list(range(16)), num_replicas=replicas, rank=1, shuffle=False)
+        return StatefulDataLoader(list(range(16)), batch_size=2, sampler=sampler, generator=torch.Generator())
+
+    saving = loader(4)
+    next(iter(saving))
+    path = torchckpt.Checkpoint(loader=saving).write(tmp_path / "c")
+    restoring = loader(2)
+    report = torchckpt.Checkpoint(loader=restoring).read(path).report
+    assert report.missing_keys == ["loader"]
+    assert "saved by rank 1 of a sampler split 4 ways, and this loader's sampler is rank 1 of 2" in \
+        report.skipped_objects["loader"]
+    assert [b.tolist() for b in restoring][0] == [1, 3]  # from the start of its own share
+    same = loader(4)
+    assert not torchckpt.Checkpoint(loader=same).read(path).report  # the same split resumes
+    assert [b.tolist() for b in same] == [[9, 13]]
+
+
 @pytest.fixture
 def drawn_generator() -> torch.Generator:
     """A generator that has drawn: its state is not the one a seed gives."""

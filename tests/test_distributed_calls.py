@@ -108,3 +108,21 @@ def test_damage_seen_by_one_rank_makes_every_rank_fall_back_to_the_same_checkpoi
         assert r["step"] == 2 and r["values"] == [2.0]
         assert len(r["warnings"]) == 1 and "ckpt-3 is damaged, so it was not used: " in r["warnings"][0]
         assert "checksum" in r["warnings"][0] and "failed on rank 1" in r["warnings"][0]
+
+
+def test_calls_stay_paired_after_an_async_save_a_skipped_call_and_per_rank_order(world2):
+    rank0, rank1 = ok(world2, "calls_stay_paired", 2)
+    for r in (rank0, rank1):  # the restore waits for the background save before its exchanges: no deadlock
+        assert r["async_then_restore"] == "ok" and r["async_then_restore_seconds"] < 10, r
+    # rank 1 restored None while rank 0 restored a path: refused on both, and the next calls pair
+    assert rank0["none_on_one_rank"] == rank1["none_on_one_rank"]
+    assert "the ranks did not make the same call (path: " in rank0["none_on_one_rank"]
+    assert "null on rank 1" in rank0["none_on_one_rank"]
+    assert rank0["next"] == rank1["next"] == "ok" and rank0["after"] == rank1["after"] == "ok"
+    # per-rank values tracked in another order on rank 1 come back to their own keys
+    assert rank0["per_rank"] == [1, 2] and rank1["per_rank"] == [11, 12]
+    # a strict resume that mismatches on rank 1 only raises RestoreMismatchError on both
+    for r in (rank0, rank1):
+        assert r["strict"].startswith("RestoreMismatchError: The restore of ") and r["strict_ranks"] == [1], r
+        assert "did not match on rank 1 (strict=True)" in r["strict"]
+    assert not rank0["strict_report_mine"] and rank1["strict_report_mine"]  # each rank's own report

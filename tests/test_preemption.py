@@ -211,3 +211,27 @@ def test_under_torchrun_a_sigterm_to_the_agent_stops_every_worker_at_one_step(tm
     assert stopped[0]["preempted"] and stopped[1]["preempted"], out[-3000:]
     assert stopped[0]["step"] == stopped[1]["step"]
     assert saved_step(torchckpt.latest_checkpoint(tmp_path)) == stopped[0]["step"]
+
+
+def test_closing_one_manager_keeps_anothers_handler_and_the_chain_ends_at_the_original(tmp_path):
+    calls = []
+
+    def mine(signum, frame):
+        calls.append(signum)
+
+    previous = signal.signal(signal.SIGUSR2, mine)
+    try:
+        first = torchckpt.CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), tmp_path / "a",
+                                            preemption_signals=(signal.SIGUSR2,))
+        second = torchckpt.CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), tmp_path / "b",
+                                             preemption_signals=(signal.SIGUSR2,))
+        first.close()  # the second one's handler stays installed
+        os.kill(os.getpid(), signal.SIGUSR2)
+        second.save()
+        assert second.preempted and not first.preempted and calls == []
+        second.close()  # the first one's (closed) handler is back: it hands the signal to `mine` and steps aside
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert calls == [signal.SIGUSR2]
+        assert signal.getsignal(signal.SIGUSR2) is mine
+    finally:
+        signal.signal(signal.SIGUSR2, previous)

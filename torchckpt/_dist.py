@@ -17,7 +17,7 @@ import datetime
 import json
 import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import torch.distributed as dist
@@ -38,6 +38,7 @@ T = TypeVar("T")
 
 _calls: dict[str, int] = {}  # group name -> collective calls begun by this process; every rank begins the same ones
 _calls_lock = threading.Lock()
+
 
 
 class Coordinator:
@@ -76,7 +77,13 @@ class Coordinator:
     def call(self, what: str, arguments: dict[str, Any]) -> Coordinator:
         """Begin one collective call on every rank: a coordinator whose exchanges are keyed by the
         call's identity. ``arguments`` (JSON) must be equal on every rank; ``what`` names the call
-        in messages ("Saving /run/ckpt-3")."""
+        in messages ("Saving /run/ckpt-3").
+
+        The identity is the call's number in this process's sequence of calls on the group: every
+        public collective entry point begins its call first, unconditionally (a failure before its
+        first exchange is sent through that exchange, see :meth:`failures_shared`), so the ranks'
+        numbers agree as long as they make the same calls, and a call that times out on one rank
+        keeps its number there too."""
         with _calls_lock:
             number = _calls[self.name] = _calls.get(self.name, 0) + 1
         child = object.__new__(Coordinator)
@@ -102,7 +109,7 @@ class Coordinator:
         if not self._prefix:
             raise RuntimeError("torchckpt: an exchange outside a collective call (Coordinator.call) is a bug")
         self._exchanges += 1
-        return f"{self._prefix}/{self._exchanges}-{tag}"
+        return f"{self._prefix}/{self._exchanges}"  # the n-th exchange of a call is the same on every rank
 
     @property
     def _abandoned(self) -> str:
@@ -143,25 +150,44 @@ class Coordinator:
                 f"{self.consequence} Make the same call on every rank, or pass a longer timeout_secs."
             )
 
-    def _framed(self, payload: bytes) -> bytes:
-        """The payload, preceded by the call's arguments in the call's first exchange."""
+    def _framed(self, payload: bytes, failed: bool = False) -> bytes:
+        """The payload, preceded in the call's first exchange by the call's arguments and whether
+        this rank failed before it (then the payload is its failure)."""
         if self._arguments is None:
             return payload
-        return len(self._arguments).to_bytes(4, "big") + self._arguments + payload
+        return len(self._arguments).to_bytes(4, "big") + self._arguments + (b"F" if failed else b"P") + payload
 
     def _unframed(self, values: list[bytes]) -> list[bytes]:
-        """Every rank's payload of the call's first exchange, once the ranks' arguments are equal."""
+        """Every rank's payload of the call's first exchange, once the ranks' arguments are equal
+        and none failed before it."""
         if self._arguments is None:
             return values
         mine, self._arguments = self._arguments, None
-        arguments, payloads = [], []
-        for value in values:
+        arguments, failures, payloads = [], {}, []
+        for rank, value in enumerate(values):
             size = int.from_bytes(value[:4], "big")
             arguments.append(value[4 : 4 + size])
-            payloads.append(value[4 + size :])
+            if value[4 + size : 5 + size] == b"F":
+                failures[rank] = decode(value[5 + size :])
+            payloads.append(value[5 + size :])
         if any(a != mine for a in arguments):
             raise mismatched_calls([json.loads(a) for a in arguments])
+        if failures:
+            raise collective_error(failures, self.what or "A collective call")
         return payloads
+
+    @contextlib.contextmanager
+    def failures_shared(self) -> Iterator[None]:
+        """Around the work of a call on this rank: a failure before the call's first exchange is
+        sent through it, so that every rank raises it at once (the same error), instead of the
+        others waiting for an exchange this rank will never make."""
+        try:
+            yield
+        except Exception as e:
+            if self._exchanges:  # an exchange was made or tried: it carries failures, or failed itself
+                raise
+            self.all_gather("call", encode(failure_payload(e)), failed=True)  # raises: this rank's failure is in it
+            raise
 
     def check_call(self) -> None:
         """Compare the call's arguments across ranks now, unless an exchange already did: before
@@ -169,11 +195,13 @@ class Coordinator:
         if self._arguments is not None:
             self.all_gather("call", b"")
 
-    def all_gather(self, tag: str, payload: bytes, timeout_secs: float | None = None) -> list[bytes]:
-        """Every rank's ``payload``, in rank order, on every rank."""
+    def all_gather(self, tag: str, payload: bytes, timeout_secs: float | None = None,
+                   failed: bool = False) -> list[bytes]:
+        """Every rank's ``payload``, in rank order, on every rank (``failed``: see :meth:`failures_shared`)."""
         key = self._key(tag)
         keys = [f"{key}/{r}" for r in range(self.world)]
-        self._store(lambda: self.store.set(keys[self.rank], self._framed(payload)), tag)  # type: ignore[arg-type]
+        framed = self._framed(payload, failed)
+        self._store(lambda: self.store.set(keys[self.rank], framed), tag)  # type: ignore[arg-type]
         self._wait(keys, tag, self.timeout_secs if timeout_secs is None else timeout_secs)
         values = [bytes(v) for v in self._store(lambda: self.store.multi_get(keys), tag)]
         if self._store(lambda: self.store.add(f"{key}/read", 1), tag) == self.world:  # the last reader removes them

@@ -28,6 +28,7 @@ from torchckpt._load import MISSING, Plan, plan_tensor, plan_value
 STATE = "state_dict"  # torchdata's own state of the loader
 GENERATOR = "generator"  # the loader's generator now, after torchdata's state_dict()
 SAMPLER_EPOCH = "sampler_epoch"  # a DistributedSampler's set_epoch(), which the resumed iterator needs
+SAMPLER_SPLIT = "sampler_split"  # a DistributedSampler's [num_replicas, rank]: a position means nothing in another split
 MODULE = "torchdata.stateful_dataloader"
 
 
@@ -66,7 +67,16 @@ def state_of(value: Any) -> Any:
     epoch = _sampler_epoch(value)
     if epoch is not None:
         state[SAMPLER_EPOCH] = epoch
+    split = _sampler_split(value)
+    if split is not None:
+        state[SAMPLER_SPLIT] = split
     return state
+
+
+def _sampler_split(loader: Any) -> list[int] | None:
+    sampler = getattr(loader, "sampler", None)
+    replicas, rank = getattr(sampler, "num_replicas", None), getattr(sampler, "rank", None)
+    return [replicas, rank] if type(replicas) is int and type(rank) is int else None
 
 
 def _sampler_epoch(loader: Any) -> int | None:
@@ -82,12 +92,22 @@ def plan_restore(key: str, value: Any, saved: Any, plan: Plan) -> None:
         return
     problem = f"the checkpoint holds {type(saved).__name__}, not a data loader's state"
     if isinstance(saved, dict):
-        problem = _workers_problem(value, saved.get(STATE, saved))
+        problem = _split_problem(value, saved) or _workers_problem(value, saved.get(STATE, saved))
     if saved is MISSING or not problem:
         plan_value(key, saved, lambda state: load(value, state), plan)
         return
     plan.report.missing_keys.append(key)
     plan.report.skipped_objects[key] = problem
+
+
+def _split_problem(loader: Any, saved: dict[str, Any]) -> str:
+    """Why a position saved in one DistributedSampler split cannot go on in another, or ''."""
+    split, mine = saved.get(SAMPLER_SPLIT), _sampler_split(loader)
+    if split is None or mine is None or list(split) == mine:
+        return ""
+    return (f"it was saved by rank {split[1]} of a sampler split {split[0]} ways, and this loader's sampler is rank "
+            f"{mine[1]} of {mine[0]}: its position in the epoch means other samples here, so the loader was left "
+            "as it is (it starts its epoch afresh)")
 
 
 def _workers_problem(loader: Any, state: Any) -> str:

@@ -35,7 +35,9 @@ class PreemptionWatch:
     def __init__(self, signals: Iterable[int | signal.Signals]) -> None:
         wanted = [signal.Signals(s) for s in signals]
         self.received: signal.Signals | None = None
+        self.closed = False
         self._previous: dict[signal.Signals, Any] = {}
+        self._handler: Any = None
         if not wanted:
             return
         if threading.current_thread() is not threading.main_thread():
@@ -43,7 +45,7 @@ class PreemptionWatch:
                 "preemption_signals can only be installed from the main thread (Python runs signal handlers "
                 "there); create the CheckpointManager in the main thread, or pass preemption_signals=()."
             )
-        handler = _handler_for(weakref.ref(self), self._previous)
+        self._handler = handler = _handler_for(weakref.ref(self), self._previous)
         try:
             for sig in dict.fromkeys(wanted):
                 self._previous[sig] = signal.signal(sig, handler)
@@ -54,13 +56,16 @@ class PreemptionWatch:
     @property
     def signals(self) -> list[signal.Signals]:
         """The signals this watch handles (none once closed)."""
-        return list(self._previous)
+        return [] if self.closed else list(self._previous)
 
     def close(self) -> None:
-        """Put back the handlers that were there before (idempotent)."""
-        previous, self._previous = self._previous, {}
-        for sig, handler in previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        """Put back the handlers that were there before (idempotent). Where another handler was
+        installed over this one since (a second manager's), it stays: this one, still called by
+        nobody or handed the signal, passes it on to the handler it replaced."""
+        self.closed = True
+        for sig, handler in self._previous.items():
+            if signal.getsignal(sig) is self._handler:
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def _handler_for(watch_ref: weakref.ref[PreemptionWatch], previous: dict[signal.Signals, Any]) -> Any:
@@ -69,13 +74,19 @@ def _handler_for(watch_ref: weakref.ref[PreemptionWatch], previous: dict[signal.
     def handle(signum: int, frame: FrameType | None) -> None:
         sig = signal.Signals(signum)
         watch = watch_ref()
-        if watch is not None:
+        if watch is not None and not watch.closed:
             if watch.received is None:
                 watch.received = sig
             return
-        # The manager was dropped without close(): stop intercepting, and let the signal do what it did before.
+        # The manager was closed while another handler sat on top of this one, or dropped without
+        # close(): pass the signal on to the handler this one replaced.
         before = previous.get(sig)
-        signal.signal(sig, before if before is not None else signal.SIG_DFL)
-        signal.raise_signal(sig)
+        before = before if before is not None else signal.SIG_DFL
+        if signal.getsignal(sig) is handle:
+            signal.signal(sig, before)  # out of the chain for good
+        if callable(before):
+            before(signum, frame)
+        elif before != signal.SIG_IGN:
+            signal.raise_signal(sig)
 
     return handle

@@ -24,6 +24,7 @@ The steps, every rank in the same order:
 from __future__ import annotations
 
 import array
+import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -301,7 +302,7 @@ def _commit(coord: Coordinator, stage: Any, path: str, plan: GlobalPlan, section
             raise reports
         failures = {r: rep["error"] for r, rep in enumerate(reports) if "error" in rep}
         if failures:
-            stage.discard()
+            _discard(stage)
             return {"failures": failures}
         index = _index_document(plan, section, captured, reports, coord.world)
         stage.write_index(INDEX_FILE, _format.sealed_pieces(index))
@@ -309,13 +310,21 @@ def _commit(coord: Coordinator, stage: Any, path: str, plan: GlobalPlan, section
             before_commit(stage.path)
         stage.commit({rec["file"]: rec["size"] for rep in reports for rec in rep["records"]})
     except Exception as e:
-        stage.discard()
+        _discard(stage)
         return {"failures": {0: _dist.failure_payload(e)}}
     try:
         result = after() if after is not None else None
     except Exception as e:
         return {"failures": {0: _dist.failure_payload(e)}}
     return {"ok": path, "after": result}
+
+
+def _discard(stage: Any) -> None:
+    """Discard a stage that will not be committed, best effort: the outcome must reach every rank
+    even when the storage that failed the save fails the clean-up too (the next manager removes
+    what is left)."""
+    with contextlib.suppress(Exception):
+        stage.discard()
 
 
 def _index_document(plan: GlobalPlan, section: dict[str, Any], captured: Captured, reports: list[dict[str, Any]],
@@ -354,11 +363,18 @@ def _index_document(plan: GlobalPlan, section: dict[str, Any], captured: Capture
 def _with_per_rank(state: Any, per_rank: list[list[list[Any]]]) -> Any:
     """Rank 0's state tree with each ``@per_rank`` node holding every rank's value, in rank order."""
     state = json.loads(json.dumps(state))
-    for i, (path, _) in enumerate(per_rank[0]):
+    # By path, not by position: ranks may hold the same keys inserted in another order.
+    by_rank = [{json.dumps(path): value for path, value in values} for values in per_rank]
+    for path, _ in per_rank[0]:
         node = state
         for part in path:
             node = node[part]
-        node[_tree.PER_RANK_TAG] = [values[i][1] for values in per_rank]
+        key = json.dumps(path)
+        missing = [rank for rank, values in enumerate(by_rank) if key not in values]
+        if missing:
+            raise CheckpointError(f"The per-rank value at {'/'.join(map(str, path))} is missing on rank "
+                                  f"{', '.join(map(str, missing))}: every rank must track the same per-rank values.")
+        node[_tree.PER_RANK_TAG] = [values[key] for values in by_rank]
     return state
 
 

@@ -9,6 +9,7 @@ with its full key path, before anything is written.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,10 +47,15 @@ def restore_call(process_group: Any, timeout_secs: float | None, save_path: Path
                  **options: Any) -> _dist.Coordinator | None:
     """The collective call of a restore on several ranks (None for one process, or nothing to restore)."""
     coord = _dist.coordinator_for(process_group, timeout_secs)
-    if coord is None or save_path is None:
+    if coord is None:
         return None
-    path = as_path(save_path)
+    path = None if save_path is None else as_path(save_path)
     return coord.call(f"Restoring {path}", {"call": call, "path": path, **options})
+
+
+def shared_failures(coord: _dist.Coordinator | None) -> contextlib.AbstractContextManager[None]:
+    """``coord.failures_shared()`` for a collective call; nothing for a single process's."""
+    return contextlib.nullcontext() if coord is None else coord.failures_shared()
 
 
 def is_stateful(value: Any) -> bool:
@@ -217,8 +223,9 @@ class Checkpoint:
         if coord is not None:  # every rank must make this same call: its arguments are compared first
             coord = coord.call("Saving " + path, {"call": "Checkpoint.write", "path": path,
                                                   **save_arguments(max_shard_size, async_save)})
-        self._commit(storage_for(path, storage_options), path, max_shard_size, progress, metadata, async_save,
-                     coordinator=coord)
+        with shared_failures(coord):
+            self._commit(storage_for(path, storage_options), path, max_shard_size, progress, metadata, async_save,
+                         coordinator=coord)
         return path
 
     def _commit(
@@ -340,26 +347,27 @@ class Checkpoint:
         records the latest checkpoint.
         """
         prefix = as_path(file_prefix)
-        storage = storage_for(prefix, storage_options)
         coord = _dist.coordinator_for(process_group, timeout_secs)
-        if coord is None:
-            self.wait_until_finished()
-        else:  # every rank must make this same call, from the same count: compared first
+        if coord is not None:  # every rank must make this same call, from the same count: compared first
             coord = coord.call(f"Saving {prefix}-{self._save_counter + 1}", {
                 "call": "Checkpoint.save", "prefix": prefix, "save_counter": self._save_counter,
                 **save_arguments(max_shard_size, async_save)})
-        object.__setattr__(self, "_save_counter", self._save_counter + 1)
-        path = f"{prefix}-{self._save_counter}"
+        with shared_failures(coord):
+            storage = storage_for(prefix, storage_options)
+            if coord is None:
+                self.wait_until_finished()
+            object.__setattr__(self, "_save_counter", self._save_counter + 1)
+            path = f"{prefix}-{self._save_counter}"
 
-        def record() -> None:
-            _directory.record_latest(storage.real_path(parent_of(path)), name_of(path), storage)
+            def record() -> None:
+                _directory.record_latest(storage.real_path(parent_of(path)), name_of(path), storage)
 
-        try:
-            self._commit(storage, path, max_shard_size, progress, metadata, async_save, after=record,
-                         coordinator=coord)
-        except BaseException:
-            object.__setattr__(self, "_save_counter", self._save_counter - 1)
-            raise
+            try:
+                self._commit(storage, path, max_shard_size, progress, metadata, async_save, after=record,
+                             coordinator=coord)
+            except BaseException:
+                object.__setattr__(self, "_save_counter", self._save_counter - 1)
+                raise
         return path
 
     # -- restoring -----------------------------------------------------------------------
@@ -412,12 +420,21 @@ class Checkpoint:
     def _restore(self, save_path: PathLike | None, verify: bool, progress: bool | None, plan: Plan,
                  expect_counter: bool, storage_options: dict[str, Any] | None,
                  storage: Storage | None = None, coordinator: _dist.Coordinator | None = None) -> RestoreStatus:
+        if coordinator is not None:
+            with coordinator.failures_shared():
+                # Before any exchange: a background save in flight uses the Store too (one operation
+                # at a time per process), so waiting inside an exchange would deadlock it.
+                self.wait_until_finished()
+                if save_path is None:
+                    coordinator.check_call()
+                    return RestoreStatus(MismatchReport(), None)
+                path = as_path(save_path)
+                return self._restore_collective(coordinator, storage or storage_for(path, storage_options), path,
+                                                verify, progress, plan, expect_counter)
         if save_path is None:
             return RestoreStatus(MismatchReport(), None)
         path = as_path(save_path)
         storage = storage or storage_for(path, storage_options)
-        if coordinator is not None:
-            return self._restore_collective(coordinator, storage, path, verify, progress, plan, expect_counter)
         self.wait_until_finished()  # never read a checkpoint this object is still writing
         with gc_paused():
             directory = _directory.resolve_checkpoint(path, storage)
@@ -432,11 +449,9 @@ class Checkpoint:
         coord.consequence = "Nothing was restored."
 
         def choose() -> str:
-            self.wait_until_finished()  # never read a checkpoint this object is still writing
             return _directory.resolve_checkpoint(path, storage)
 
         def restore(directory: str) -> RestoreStatus:
-            self.wait_until_finished()
             with gc_paused():
                 return self._restore_from(storage, directory, verify, progress if coord.rank == 0 else False, plan,
                                           expect_counter)

@@ -25,13 +25,14 @@ from torchckpt._directory import Entry, State, StateFileError
 from torchckpt._preemption import PreemptionWatch
 from torchckpt._retention import MetricFn, best_entries, plan_retention
 from torchckpt._storage import storage_for
-from torchckpt.checkpoint import Checkpoint, commit, restore_from, save_arguments, set_save_counter
+from torchckpt.checkpoint import Checkpoint, commit, restore_from, save_arguments, set_save_counter, shared_failures
 from torchckpt.errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CheckpointWriteError,
     CorruptCheckpointError,
     DamagedCheckpointWarning,
+    RestoreMismatchError,
     a_or_an,
     is_read_only_error,
 )
@@ -58,6 +59,27 @@ def _metric(key: str, value: Any) -> Any:
         return float(value) if isinstance(value, float) else int(value)
     raise TypeError(f"metrics[{key!r}] is {a_or_an(type(value).__name__)}; metrics must be numbers, bools, strings "
                     "or None.")
+
+
+def _strictly_on_every_rank(call: _dist.Coordinator, status: RestoreStatus) -> None:
+    """``status.assert_consumed()`` on every rank: a mismatch on any rank raises a
+    ``RestoreMismatchError`` on every rank, naming the ranks, with this rank's own report."""
+
+    def mismatch() -> str | None:
+        try:
+            status.assert_consumed()
+        except RestoreMismatchError as e:
+            return str(e)
+        return None
+
+    found = _dist.agree_all(call, f"Restoring {status.path}", mismatch)
+    ranks = [rank for rank, message in enumerate(found) if message is not None]
+    if ranks:
+        error = RestoreMismatchError(
+            f"The restore of {status.path} did not match on rank{'s' if len(ranks) > 1 else ''} "
+            f"{', '.join(map(str, ranks))} (strict=True). On rank {ranks[0]}: {found[ranks[0]]}", status.report)
+        error.ranks = ranks  # type: ignore[attr-defined]
+        raise error
 
 
 def _number_argument(value: Any) -> Any:
@@ -619,12 +641,17 @@ class CheckpointManager:
                 never silently starts over), or the latest is and ``fallback`` is False.
         """
         call = None
-        if self._coord is None:
-            self.wait_until_finished()
-        else:  # a background failure is raised inside the restore's exchanges, on every rank
+        if self._coord is not None:
             call = self._coord.call(f"Restoring from {self._directory}", {
                 "call": "CheckpointManager.restore_or_initialize", "directory": self._directory,
                 "fallback": bool(fallback), "strict": bool(strict)})
+        with shared_failures(call):
+            # First, and before any exchange: the history may still change (a background save
+            # commits), and that save needs the Store, one operation at a time per process.
+            self.wait_until_finished()
+            return self._restore_or_initialize(call, fallback, strict)
+
+    def _restore_or_initialize(self, call: _dist.Coordinator | None, fallback: bool, strict: bool) -> str | None:
         if self._latest is not None:  # the same on every rank: rank 0's
             path = self._restore_newest_intact(call, fallback)
             if strict:
@@ -632,8 +659,8 @@ class CheckpointManager:
                 assert status is not None
                 if call is None:
                     status.assert_consumed()
-                else:  # one rank's mismatch fails the call on every rank
-                    _dist.agree(call, f"Restoring {path}", status.assert_consumed)
+                else:  # one rank's mismatch fails the call on every rank, each with its own report
+                    _strictly_on_every_rank(call, status)
             if self._checkpoint_interval is not None:
                 self._last_checkpoint_step = int(self._step_counter)
             return path
@@ -641,15 +668,9 @@ class CheckpointManager:
             if call is None:
                 self._init_fn()
             else:  # on every rank; a failure on one is raised on all
-                init_fn = self._init_fn
-
-                def initialize() -> None:
-                    self.wait_until_finished()
-                    init_fn()
-
-                _dist.agree(call, "init_fn", initialize)
+                _dist.agree(call, "init_fn", self._init_fn)
         elif call is not None:
-            _dist.agree(call, "Restoring from " + self._directory, self.wait_until_finished)
+            call.check_call()
         return None
 
     def _restore_candidates(self) -> list[str]:

@@ -724,12 +724,61 @@ def damaged_on_one_rank(d: Path, rank: int, world: int) -> dict:
             "values": sorted({v for p in fresh.parameters() for v in full(p).flatten().tolist()})}
 
 
+def calls_stay_paired(d: Path, rank: int, world: int) -> dict:
+    """A restore while an async save is in flight; a restore(None) on one rank only, and the
+    calls after it; per-rank values tracked in another order on each rank; a strict resume that
+    mismatches on one rank only."""
+    out: dict = {}
+    base = d / "paired"
+    model = torch.nn.Linear(4, 4)
+    ckpt = torchckpt.Checkpoint(model=model)
+    first = ckpt.write(str(base / "a"), timeout_secs=TIMEOUT)
+    start = time.perf_counter()
+    try:
+        ckpt.write(str(base / "b"), async_save=True, timeout_secs=TIMEOUT)
+        ckpt.restore(first, timeout_secs=TIMEOUT)
+        ckpt.wait_until_finished()
+        out["async_then_restore"] = "ok"
+    except torchckpt.CheckpointError as e:
+        out["async_then_restore"] = f"{type(e).__name__}: {e}"
+    out["async_then_restore_seconds"] = time.perf_counter() - start
+    for name, call in (("none_on_one_rank", lambda: ckpt.restore(None if rank else first, timeout_secs=TIMEOUT)),
+                       ("next", lambda: ckpt.write(str(base / "c"), timeout_secs=TIMEOUT)),
+                       ("after", lambda: ckpt.restore(str(base / "c"), timeout_secs=TIMEOUT))):
+        try:
+            call()
+            out[name] = "ok"
+        except torchckpt.CheckpointError as e:
+            out[name] = f"{type(e).__name__}: {e}"
+    values = {"a": torchckpt.PerRank(10 * rank + 1), "b": torchckpt.PerRank(10 * rank + 2)}
+    ordered = dict(reversed(list(values.items()))) if rank else values
+    torchckpt.Checkpoint(**ordered).write(str(base / "per-rank"), timeout_secs=TIMEOUT)
+    fresh = torchckpt.Checkpoint(a=torchckpt.PerRank(0), b=torchckpt.PerRank(0))
+    fresh.read(str(base / "per-rank"), timeout_secs=TIMEOUT).assert_consumed()
+    out["per_rank"] = [fresh.a.value, fresh.b.value]
+    mgr = torchckpt.CheckpointManager(torchckpt.Checkpoint(model=torch.nn.Linear(4, 4)), str(base / "run"),
+                                      timeout_secs=TIMEOUT)
+    mgr.save()
+    mgr.close()
+    mgr = torchckpt.CheckpointManager(torchckpt.Checkpoint(model=torch.nn.Linear(4, 8 if rank else 4)),
+                                      str(base / "run"), timeout_secs=TIMEOUT)
+    try:
+        mgr.restore_or_initialize(strict=True)
+        out["strict"] = "ok"
+    except torchckpt.RestoreMismatchError as e:
+        out["strict"] = f"{type(e).__name__}: {e}"
+        out["strict_ranks"] = getattr(e, "ranks", None)
+        out["strict_report_mine"] = bool(e.report)
+    mgr.close()
+    return out
+
+
 SCENARIOS = {f.__name__: f for f in (save_fsdp_4, save_fsdp_2, restore_from_4, restore_from_2, plain_into_fsdp,
                                       differing_value, ddp, tp_mesh, restore_tp, write_fails_on_one_rank,
                                       killed_mid_save, s3_fsdp, manager_2, manager_resume, second_job,
                                       async_loops, async_failure, killed_async, manager_s3, tools_save,
                                       one_rank_fails_capture, mismatched_calls, restore_failures,
-                                      damaged_on_one_rank)}
+                                      damaged_on_one_rank, calls_stay_paired)}
 SCENARIOS.update(flips.SCENARIOS)
 
 
