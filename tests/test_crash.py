@@ -36,11 +36,11 @@ def test_failure_after_the_first_shard_leaves_nothing(tmp_path, monkeypatch):
     calls = {"n": 0}
     real = _tensorio.write_tensors
 
-    def failing(out, tensors, on_bytes=None):
+    def failing(out, tensors, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
             raise OSError(28, "No space left on device")
-        return real(out, tensors, on_bytes)
+        return real(out, tensors, *args, **kwargs)
 
     monkeypatch.setattr(_tensorio, "write_tensors", failing)
     ckpt = torchckpt.Checkpoint(a=torch.ones(100), b=torch.ones(100))
