@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import time
 from pathlib import Path
 
 import safetensors.torch
@@ -97,6 +98,7 @@ def run_flips(d: Path, rank: int, world: int, name: str, count: int, seed: int, 
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     ckpt = torchckpt.Checkpoint(model=model, opt=opt) if optimizer else torchckpt.Checkpoint(model=model)
     caught, ranks_agree, silent, other, messages = 0, True, [], [], []
+    began = time.monotonic()
     for i in range(count):
         chunk, file, start, end = rng.choice(by_kind[i % len(by_kind)])
         offset, bit = rng.randrange(start, end), rng.randrange(8)
@@ -126,6 +128,7 @@ def run_flips(d: Path, rank: int, world: int, name: str, count: int, seed: int, 
                          if k not in found or k not in reference or not torch.equal(found[k], reference[k]))
     return {"flips": count, "caught": caught, "silent": silent, "other": other, "messages": messages,
             "paths_name_the_shard": ranks_agree, "differences": differences,
+            "seconds": round(time.monotonic() - began, 2),
             "kinds": [sum(1 for i in range(count) if i % len(by_kind) == k) for k in range(len(by_kind))]}
 
 
