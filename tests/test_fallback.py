@@ -8,6 +8,7 @@ rank only) is ``test_distributed_calls.py``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -155,3 +156,50 @@ def test_last_restore_is_none_before_a_restore(tmp_path):
     assert manager.last_restore is None
     assert manager.restore_or_initialize() is None and manager.last_restore is None
     manager.close()
+
+
+# -- the pure parts, as tables -----------------------------------------------------------------------
+
+from torchckpt._directory import Entry  # noqa: E402
+from torchckpt._resume import restore_newest_intact, restore_order  # noqa: E402
+
+
+@pytest.mark.parametrize(("latest", "entries", "order"), [
+    (None, [], []),
+    ("ckpt-3", [Entry("ckpt-1", 10.0), Entry("ckpt-2", 20.0), Entry("ckpt-3", 30.0)], ["ckpt-3", "ckpt-2", "ckpt-1"]),
+    ("ckpt-2", [Entry("ckpt-2", 50.0), Entry("ckpt-3", 30.0)], ["ckpt-2", "ckpt-3"]),  # replaced by number: newest
+    ("ckpt-9", [Entry("ckpt-1"), Entry("ckpt-4"), Entry("ckpt-2", 5.0)], ["ckpt-9", "ckpt-2", "ckpt-4", "ckpt-1"]),
+], ids=["nothing", "by-time", "latest-first", "untimed-by-number"])
+def test_restore_order(latest, entries, order):
+    assert restore_order(latest, entries) == order
+
+
+@pytest.mark.parametrize(("damage", "fallback", "restored", "passed"), [
+    ({}, True, "d/c3", []),
+    ({"d/c3": "corrupt"}, True, "d/c2", ["d/c3"]),
+    ({"d/c3": "gone", "d/c2": "corrupt"}, True, "d/c1", ["d/c3", "d/c2"]),
+    ({"d/c3": "corrupt", "d/c2": "corrupt", "d/c1": "corrupt"}, True, None, ["d/c3", "d/c2", "d/c1"]),
+    ({"d/c3": "corrupt"}, False, None, []),
+], ids=["intact", "latest-damaged", "two-damaged", "all-damaged", "no-fallback"])
+def test_restore_newest_intact(damage, fallback, restored, passed):
+    tried, reported = [], []
+
+    def restore(path):
+        tried.append(path)
+        if damage.get(path) == "gone":
+            raise torchckpt.CheckpointNotFoundError(f"{path} is gone", path)
+        if path in damage:
+            raise torchckpt.CorruptCheckpointError(f"{path} fails its checksum", path)
+        return f"status of {path}"
+
+    paths = ["d/c3", "d/c2", "d/c1"]
+    with pytest.warns(torchckpt.DamagedCheckpointWarning) if passed else contextlib.nullcontext():
+        if restored is None:
+            with pytest.raises(torchckpt.CorruptCheckpointError, match="fails its checksum|Every checkpoint of d"):
+                restore_newest_intact(paths, restore, fallback, "d", lambda p, why: reported.append((p, why)))
+        else:
+            assert restore_newest_intact(paths, restore, fallback, "d", lambda p, why: reported.append((p, why))) \
+                == (restored, f"status of {restored}")
+    assert [p for p, _ in reported] == passed
+    assert all(why == ("it is gone" if damage[p] == "gone" else f"{p} fails its checksum") for p, why in reported)
+    assert tried == (passed + [restored] if restored else passed or paths[:1])

@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "torchckpt"
 FACES = {"__init__", "__main__", "checkpoint", "manager", "reader", "restore", "rng", "run_state", "cli", "_export",
          "_consolidate"}
 ENGINES = {"_save", "_capture", "_async", "_load", "_index", "_directory", "_retention", "_report",
-           "_dist", "_sharded_save", "_global_plan", "_reshard", "_loaders"}
+           "_dist", "_sharded_save", "_global_plan", "_reshard", "_loaders", "_resume"}
 STORAGE = {"_backend", "_files", "_atomic", "_output", "_lock", "_local", "_lease", "_fsspec", "_upload",
            "_storage", "_remote_commit"}
 FOUNDATIONS = STORAGE | {"errors", "_format", "_tree", "_tensorio", "_threads", "_progress", "_version", "_preemption", "_blocks",

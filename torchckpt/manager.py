@@ -23,16 +23,13 @@ from torchckpt import _atomic, _directory, _dist, _format
 from torchckpt._backend import AlreadyCommitted, ConflictError, as_path, join, name_of
 from torchckpt._directory import Entry, State, StateFileError
 from torchckpt._preemption import PreemptionWatch
+from torchckpt._resume import assert_consumed_on_every_rank, restore_newest_intact, restore_order
 from torchckpt._retention import MetricFn, best_entries, plan_retention
 from torchckpt._storage import storage_for
 from torchckpt.checkpoint import Checkpoint, commit, restore_from, save_arguments, set_save_counter, shared_failures
 from torchckpt.errors import (
     CheckpointError,
-    CheckpointNotFoundError,
     CheckpointWriteError,
-    CorruptCheckpointError,
-    DamagedCheckpointWarning,
-    RestoreMismatchError,
     a_or_an,
     is_read_only_error,
 )
@@ -59,27 +56,6 @@ def _metric(key: str, value: Any) -> Any:
         return float(value) if isinstance(value, float) else int(value)
     raise TypeError(f"metrics[{key!r}] is {a_or_an(type(value).__name__)}; metrics must be numbers, bools, strings "
                     "or None.")
-
-
-def _strictly_on_every_rank(call: _dist.Coordinator, status: RestoreStatus) -> None:
-    """``status.assert_consumed()`` on every rank: a mismatch on any rank raises a
-    ``RestoreMismatchError`` on every rank, naming the ranks, with this rank's own report."""
-
-    def mismatch() -> str | None:
-        try:
-            status.assert_consumed()
-        except RestoreMismatchError as e:
-            return str(e)
-        return None
-
-    found = _dist.agree_all(call, f"Restoring {status.path}", mismatch)
-    ranks = [rank for rank, message in enumerate(found) if message is not None]
-    if ranks:
-        error = RestoreMismatchError(
-            f"The restore of {status.path} did not match on rank{'s' if len(ranks) > 1 else ''} "
-            f"{', '.join(map(str, ranks))} (strict=True). On rank {ranks[0]}: {found[ranks[0]]}", status.report)
-        error.ranks = ranks  # type: ignore[attr-defined]
-        raise error
 
 
 def _number_argument(value: Any) -> Any:
@@ -653,14 +629,22 @@ class CheckpointManager:
 
     def _restore_or_initialize(self, call: _dist.Coordinator | None, fallback: bool, strict: bool) -> str | None:
         if self._latest is not None:  # the same on every rank: rank 0's
-            path = self._restore_newest_intact(call, fallback)
+            paths = [join(self._directory, n) for n in restore_order(self._latest, [*self._kept, *self._preserved])]
+            found: dict[str, str] = {}
+            try:
+                path, status = restore_newest_intact(
+                    paths, lambda p: restore_from(self._checkpoint, self._storage, p, call), fallback,
+                    self._directory, lambda p, why: found.__setitem__(name_of(p), why))
+            finally:
+                if found:
+                    self._damaged.update(found)
+                    self._record_damage()
+            self.last_restore = status
             if strict:
-                status = self.last_restore
-                assert status is not None
                 if call is None:
                     status.assert_consumed()
                 else:  # one rank's mismatch fails the call on every rank, each with its own report
-                    _strictly_on_every_rank(call, status)
+                    assert_consumed_on_every_rank(call, status)
             if self._checkpoint_interval is not None:
                 self._last_checkpoint_step = int(self._step_counter)
             return path
@@ -672,40 +656,6 @@ class CheckpointManager:
         elif call is not None:
             call.check_call()
         return None
-
-    def _restore_candidates(self) -> list[str]:
-        """The latest checkpoint, then every other one this manager knows, newest first."""
-        others = sorted([*self._kept, *self._preserved], reverse=True,
-                        key=lambda e: (e.timestamp or 0.0, _directory.number_of(e.name) or -1))
-        return list(dict.fromkeys([n for n in [self._latest, *(e.name for e in others)] if n is not None]))
-
-    def _restore_newest_intact(self, call: _dist.Coordinator | None, fallback: bool) -> str:
-        """Restore the newest checkpoint that is not damaged; warn for each damaged one passed."""
-        candidates = self._restore_candidates()
-        found: dict[str, str] = {}
-        try:
-            for i, name in enumerate(candidates):
-                path = join(self._directory, name)
-                try:
-                    self.last_restore = restore_from(self._checkpoint, self._storage, path, call)
-                    return path
-                except (CorruptCheckpointError, CheckpointNotFoundError) as e:
-                    if not fallback:
-                        raise
-                    reason = "it is gone" if isinstance(e, CheckpointNotFoundError) else str(e)
-                    found[name] = reason
-                    after = join(self._directory, candidates[i + 1]) if i + 1 < len(candidates) else None
-                    warnings.warn(DamagedCheckpointWarning(path, reason, after), stacklevel=3)
-            raise CorruptCheckpointError(
-                f"Every checkpoint of {self._directory} is damaged ({', '.join(found)}), so nothing was restored "
-                "and init_fn was not called: the run does not silently start over. See the warnings for what is "
-                "wrong with each; restore an older copy, or move them away to start afresh.",
-                self._directory,
-            )
-        finally:
-            if found:
-                self._damaged.update(found)
-                self._record_damage()
 
     def _record_damage(self) -> None:
         """Note the damaged checkpoints in the state file (rank 0), for ``ls`` and ``get_checkpoint_state``."""
