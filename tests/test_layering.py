@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "torchckpt"
 
 FACES = {"__init__", "__main__", "checkpoint", "manager", "reader", "restore", "rng", "run_state", "cli", "_export",
          "_consolidate"}
-ENGINES = {"_save", "_capture", "_async", "_load", "_index", "_directory", "_retention", "_report",
+ENGINES = {"_save", "_capture", "_async", "_load", "_index", "_directory", "_retention", "_recover", "_report",
            "_dist", "_sharded_save", "_global_plan", "_reshard", "_loaders", "_resume"}
 STORAGE = {"_backend", "_files", "_atomic", "_output", "_lock", "_local", "_lease", "_fsspec", "_upload",
            "_storage", "_remote_commit"}

@@ -21,8 +21,9 @@ import torch
 
 from torchckpt import _atomic, _directory, _dist, _format
 from torchckpt._backend import AlreadyCommitted, ConflictError, as_path, join, name_of
-from torchckpt._directory import Entry, State, StateFileError
+from torchckpt._directory import Entry, State
 from torchckpt._preemption import PreemptionWatch
+from torchckpt._recover import Ranking, read_disk, recover, resolve_ranking
 from torchckpt._resume import assert_consumed_on_every_rank, restore_newest_intact, restore_order
 from torchckpt._retention import MetricFn, best_entries, plan_retention
 from torchckpt._storage import storage_for
@@ -180,12 +181,11 @@ class CheckpointManager:
         self._damaged: dict[str, str] = {}
         self._preempted = False
         self.last_restore: RestoreStatus | None = None  # the status of the last restore_or_initialize's restore
-        explicit_mode = best_mode is not None
         if self._coord is None:
-            self._open_and_load(explicit_mode)
+            self._open_and_load(best_mode)
         else:  # rank 0 alone touches the directory; the others take its view of the history
             def open_on_rank_0() -> dict[str, Any]:
-                self._open_and_load(explicit_mode)
+                self._open_and_load(best_mode)
                 return self._mirror()
 
             what = f"Opening {self._directory}"
@@ -199,7 +199,7 @@ class CheckpointManager:
             mirror = _dist.decided(call, what, open_on_rank_0)
             if self._coord.rank != 0:
                 state = self._adopt(mirror)
-                self._take_ranking(state, explicit_mode)
+                self._take_ranking(resolve_ranking(state, keep_best, best_metric, best_mode))
         try:
             self._preemption = PreemptionWatch(preemption_signals)
         except BaseException:
@@ -207,10 +207,10 @@ class CheckpointManager:
                 self._storage.release(self._directory)
             raise
 
-    def _open_and_load(self, explicit_mode: bool) -> None:
+    def _open_and_load(self, best_mode: str | None) -> None:
         self._read_only = self._open_directory()
         try:
-            self._load_state(explicit_mode)
+            self._load_state(best_mode)
         except BaseException:
             if not self._read_only:
                 self._storage.release(self._directory)  # a failed construction holds nothing
@@ -243,102 +243,21 @@ class CheckpointManager:
 
     # -- state ---------------------------------------------------------------------------
 
-    def _load_state(self, explicit_mode: bool) -> None:
+    def _load_state(self, best_mode: str | None) -> None:
         now = time.time()
-        try:
-            state, self._state_token = _directory.read_state_versioned(self._directory, self._storage)
-        except StateFileError as e:  # the history is unknown: nothing it may have named is ever deleted
-            state = self._rebuild(f"the state file is damaged ({e})", adopt=False)
-        else:  # a crash before the first state write: what this manager wrote is managed again
-            if state is None:
-                state = self._rebuild("there is no state file", adopt=True) if self._members() else None
-        if state is not None:
-            self._damaged = dict(state.damaged)
-        if state is None:
-            self._latest: str | None = None
-            self._kept: list[Entry] = []
-            self._preserved: list[Entry] = []
-            self._last_preserved_timestamp = now - 1.0
-            return
-        self._take_ranking(state, explicit_mode)
-        lpt = state.last_preserved_timestamp
-        if now < lpt:
-            warnings.warn(
-                f"time.time() returned a value {lpt - now:f} seconds behind the last preserved checkpoint "
-                "timestamp; keeping every checkpoint whose preservation is in doubt.",
-                stacklevel=3,
-            )
-            lpt = now
-        self._last_preserved_timestamp = lpt
-        self._kept = []
-        self._preserved = list(state.preserved)
-        for entry in [*state.checkpoints, *self._unrecorded(state)]:
-            ts = entry.timestamp if entry.timestamp is not None else lpt
-            ts = min(ts, now)
-            if ts > lpt:
-                self._kept.append(Entry(entry.name, ts, entry.metrics))
-            else:  # in doubt: kept forever, never deleted
-                self._preserved.append(entry)
-        self._kept.sort(key=lambda e: e.timestamp or 0.0)  # adopted ones take their place by time
-        self._latest = state.latest
-        recorded = {e.name for e in [*state.checkpoints, *state.preserved]} | {state.latest} - {None}
-        newest = self._newest_unknown(recorded)
-        if newest is not None:
-            self._latest = newest
-        if self._latest is not None and not _directory.is_member(self._directory, self._latest, self._storage):
-            members = self._members()
-            self._latest = members[-1] if members else None
+        disk, self._state_token = read_disk(self._directory, self._storage, self._name)
+        history = recover(disk, now, self._name, self._keep_best, self._best_metric, best_mode)
+        for message in history.warnings:
+            warnings.warn(message, stacklevel=3)
+        self._latest: str | None = history.latest
+        self._kept: list[Entry] = list(history.kept)
+        self._preserved: list[Entry] = list(history.preserved)
+        self._last_preserved_timestamp = history.last_preserved_timestamp
+        self._damaged = dict(history.damaged)
+        self._take_ranking(history.ranking)
 
-    def _take_ranking(self, state: State, explicit_mode: bool) -> None:
-        """``keep_best``, ``best_metric`` and ``best_mode`` not passed are the directory's, so an
-        evaluation script sees the run's best and a resumed run never deletes its best checkpoint."""
-        if self._keep_best is None and self._best_metric is None and state.best_metric is not None:
-            self._keep_best, self._best_metric = state.keep_best, state.best_metric
-            if not explicit_mode:
-                self._best_mode = state.best_mode
-        elif self._best_metric is not None and self._best_metric == state.best_metric and not explicit_mode:
-            self._best_mode = state.best_mode
-
-    def _unrecorded(self, state: State) -> list[Entry]:
-        """Checkpoints this manager's kind committed that the state file does not know (a crash
-        between the commit and the state write, or between retention's state write and its delete)."""
-        known = {e.name for e in [*state.checkpoints, *state.preserved]}
-        return [entry for name in _directory.committed_members(self._directory, self._name, self._storage)
-                if name not in known
-                if (entry := _directory.managed_entry(self._directory, name, self._name, self._storage)) is not None]
-
-    def _members(self) -> list[str]:
-        return _directory.committed_members(self._directory, None, self._storage)
-
-    def _rebuild(self, why: str, adopt: bool) -> State:
-        members = self._members()
-        latest = _directory.latest_in(self._directory, self._storage)
-        managed = {n: e for n in members
-                   if adopt and (e := _directory.managed_entry(self._directory, n, self._name, self._storage))}
-        fate = (f"The {len(managed)} written by a manager named {self._name!r} are managed again; the others"
-                if adopt else "They")
-        warnings.warn(
-            f"{self._directory}: {why}; rebuilt from the {len(members)} committed checkpoints on disk "
-            f"(latest: {name_of(latest) if latest else None}). {fate} are kept and will never be deleted "
-            "by this manager, since it cannot know which of them it managed.",
-            stacklevel=4,
-        )
-        return State(
-            latest=name_of(latest) if latest else None,
-            checkpoints=sorted(managed.values(), key=lambda e: e.timestamp or 0.0),
-            preserved=[Entry(n) for n in members if n not in managed],
-            last_preserved_timestamp=time.time() - 1.0,
-        )
-
-    def _newest_unknown(self, known: set[str | None]) -> str | None:
-        """A committed checkpoint newer than all recorded ones (a crash between commit and state write)."""
-        numbers = [_directory.number_of(n, self._name) for n in known if n is not None]
-        top = max((n for n in numbers if n is not None), default=None)
-        if top is None:
-            return None
-        newer = [n for n in _directory.committed_members(self._directory, self._name, self._storage)
-                 if (_directory.number_of(n, self._name) or -1) > top]
-        return newer[-1] if newer else None
+    def _take_ranking(self, ranking: Ranking) -> None:
+        self._keep_best, self._best_metric, self._best_mode = ranking.keep_best, ranking.best_metric, ranking.best_mode
 
     def _state_now(self) -> State:
         metric = self._best_metric if isinstance(self._best_metric, str) else None
