@@ -36,6 +36,7 @@ DEFAULT_TIMEOUT_SECS = 1800.0  # as torch.distributed's own default: a slow shar
 _KEY_ROOT = "torchckpt"
 T = TypeVar("T")
 
+_GAVE_UP = b"\x00torchckpt: given up: "  # a slot a waiting rank filled in place of a rank that never came
 _calls: dict[str, int] = {}  # group name -> collective calls begun by this process; every rank begins the same ones
 _calls_lock = threading.Lock()
 
@@ -111,9 +112,23 @@ class Coordinator:
         self._exchanges += 1
         return f"{self._prefix}/{self._exchanges}"  # the n-th exchange of a call is the same on every rank
 
-    @property
-    def _abandoned(self) -> str:
-        return f"{self._prefix}/abandoned"
+    def _post(self, key: str, payload: bytes, tag: str) -> None:
+        """Put this rank's part at ``key``, unless a rank that waited for it gave up first: the
+        slot then holds that rank's mark (one atomic compare-and-set decides which came first)."""
+        stored = bytes(self._store(lambda: self.store.compare_set(key, "", payload), tag))  # type: ignore[arg-type]
+        if stored.startswith(_GAVE_UP):
+            reason = stored[len(_GAVE_UP):].decode(errors="replace")
+            raise CheckpointError(
+                f"{self.what or 'A collective call'} was abandoned by the other ranks before this rank arrived "
+                f"({reason}): this rank is late, by more than timeout_secs={self.timeout_secs:g}. "
+                f"{self.consequence} Make the same call on every rank, or pass a longer timeout_secs."
+            )
+
+    def _check_arrived(self, values: list[bytes], tag: str) -> None:
+        """Raise when a rank's slot holds another rank's mark: that rank was given up on."""
+        late = [r for r, v in enumerate(values) if v.startswith(_GAVE_UP)]
+        if late:
+            raise RankTimeoutError(self._during(tag), late, self.timeout_secs, self.consequence)
 
     def _store(self, operation: Callable[[], T], tag: str) -> T:
         """One Store operation; a store that is gone (rank 0, which serves it, died) is a typed error."""
@@ -132,23 +147,18 @@ class Coordinator:
         try:
             self.store.wait(keys, datetime.timedelta(seconds=timeout_secs))
         except (RuntimeError, dist.DistError) as e:  # a timeout, or the store is gone
-            missing = _missing(self.store, keys)
-            if missing is None:
+            # Mark every slot still empty, atomically: a rank that posts after this finds the mark
+            # and stops; one that posted meanwhile keeps its part, and this rank goes on.
+            mark = _GAVE_UP + f"rank {self.rank} gave up waiting at {tag}".encode()
+            try:
+                missing = [r for r, k in enumerate(keys)
+                           if bytes(self.store.compare_set(k, "", mark)) == mark]  # type: ignore[arg-type]
+            except (RuntimeError, dist.DistError):
                 raise CheckpointError(
                     f"Lost contact with the other ranks during {self._during(tag)}: {e}. {self.consequence}"
                 ) from e
-            if not missing:  # they arrived as the wait ran out: go on
-                return
-            with contextlib.suppress(RuntimeError, dist.DistError):  # a late rank must not go on with this call
-                self.store.set(self._abandoned, f"rank {self.rank} gave up waiting at {tag}")
-            raise RankTimeoutError(self._during(tag), missing, timeout_secs, self.consequence) from None
-        if self._store(lambda: self.store.check([self._abandoned]), tag):
-            reason = bytes(self._store(lambda: self.store.get(self._abandoned), tag)).decode(errors="replace")
-            raise CheckpointError(
-                f"{self.what or 'A collective call'} was abandoned by the other ranks before this rank arrived "
-                f"({reason}): this rank is late, by more than timeout_secs={self.timeout_secs:g}. "
-                f"{self.consequence} Make the same call on every rank, or pass a longer timeout_secs."
-            )
+            if missing:
+                raise RankTimeoutError(self._during(tag), missing, timeout_secs, self.consequence) from None
 
     def _framed(self, payload: bytes, failed: bool = False) -> bytes:
         """The payload, preceded in the call's first exchange by the call's arguments and whether
@@ -200,13 +210,13 @@ class Coordinator:
         """Every rank's ``payload``, in rank order, on every rank (``failed``: see :meth:`failures_shared`)."""
         key = self._key(tag)
         keys = [f"{key}/{r}" for r in range(self.world)]
-        framed = self._framed(payload, failed)
-        self._store(lambda: self.store.set(keys[self.rank], framed), tag)  # type: ignore[arg-type]
+        self._post(keys[self.rank], self._framed(payload, failed), tag)
         self._wait(keys, tag, self.timeout_secs if timeout_secs is None else timeout_secs)
         values = [bytes(v) for v in self._store(lambda: self.store.multi_get(keys), tag)]
         if self._store(lambda: self.store.add(f"{key}/read", 1), tag) == self.world:  # the last reader removes them
             for k in [*keys, f"{key}/read"]:
                 self._store(lambda k=k: self.store.delete_key(k), tag)  # type: ignore[misc]
+        self._check_arrived(values, tag)
         return self._unframed(values)
 
     def gather(self, tag: str, payload: bytes, timeout_secs: float | None = None) -> list[bytes] | None:
@@ -216,13 +226,14 @@ class Coordinator:
             return values if self.rank == 0 else None
         key = self._key(tag)
         keys = [f"{key}/{r}" for r in range(self.world)]
-        self._store(lambda: self.store.set(keys[self.rank], payload), tag)  # type: ignore[arg-type]
+        self._post(keys[self.rank], payload, tag)
         if self.rank:
             return None
         self._wait(keys, tag, self.timeout_secs if timeout_secs is None else timeout_secs)
         values = [bytes(v) for v in self._store(lambda: self.store.multi_get(keys), tag)]
         for k in keys:
             self._store(lambda k=k: self.store.delete_key(k), tag)  # type: ignore[misc]
+        self._check_arrived(values, tag)
         return values
 
     def broadcast(self, tag: str, payload: bytes | None, timeout_secs: float | None = None) -> bytes:
@@ -232,7 +243,7 @@ class Coordinator:
         key = self._key(tag)
         if self.rank == 0:
             assert payload is not None
-            self._store(lambda: self.store.set(key, payload), tag)  # type: ignore[arg-type]
+            self._post(key, payload, tag)
             if self.world == 1:
                 self._store(lambda: self.store.delete_key(key), tag)
             return payload
@@ -241,6 +252,7 @@ class Coordinator:
         if self._store(lambda: self.store.add(f"{key}/read", 1), tag) == self.world - 1:
             self._store(lambda: self.store.delete_key(key), tag)
             self._store(lambda: self.store.delete_key(f"{key}/read"), tag)
+        self._check_arrived([value], tag)
         return value
 
     @property
@@ -270,13 +282,6 @@ def mismatched_calls(arguments: list[dict[str, Any]]) -> CheckpointError:
     )
     error.ranks = sorted({r for r, a in enumerate(arguments) if a != arguments[0]})  # type: ignore[attr-defined]
     return error
-
-
-def _missing(store: Any, keys: list[str]) -> list[int] | None:
-    try:
-        return [r for r, k in enumerate(keys) if not store.check([k])]
-    except (RuntimeError, dist.DistError):
-        return None
 
 
 # -- failures carried as data ---------------------------------------------------------------
