@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import torch.distributed as dist
 
+from torchckpt._format import parse_size
 from torchckpt.errors import (
     CheckpointDeletedError,
     CheckpointError,
@@ -417,6 +418,20 @@ def decided(coord: Coordinator, what: str, decide: Callable[[], Any]) -> Any:
         if "error" in chosen:
             raise collective_error({0: chosen["error"]}, what)
     return chosen["value"]
+
+
+def save_arguments(max_shard_size: int | str, async_save: bool) -> dict[str, Any]:
+    """The options of a save that every rank must pass alike (compared in the call's first exchange)."""
+    try:
+        size: int | str = parse_size(max_shard_size)
+    except (TypeError, ValueError):
+        size = repr(max_shard_size)  # refused inside the call, on every rank
+    return {"async_save": bool(async_save), "max_shard_size": size}
+
+
+def failures_shared(coord: Coordinator | None) -> contextlib.AbstractContextManager[None]:
+    """``coord.failures_shared()`` for a collective call; nothing for a single process's."""
+    return contextlib.nullcontext() if coord is None else coord.failures_shared()
 
 
 def coordinator_for(process_group: Any, timeout_secs: float | None) -> Coordinator | None:

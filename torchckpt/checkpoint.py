@@ -9,7 +9,6 @@ with its full key path, before anything is written.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,15 +33,6 @@ PARTLY_RESTORED = ("This rank had already restored its own part, so its objects 
                    "again on every rank (or start from initial values) before training on.")
 
 
-def save_arguments(max_shard_size: int | str, async_save: bool) -> dict[str, Any]:
-    """The options of a save that every rank must pass alike (compared in the call's first exchange)."""
-    try:
-        size: int | str = _format.parse_size(max_shard_size)
-    except (TypeError, ValueError):
-        size = repr(max_shard_size)  # refused inside the call, on every rank
-    return {"async_save": bool(async_save), "max_shard_size": size}
-
-
 def restore_call(process_group: Any, timeout_secs: float | None, save_path: PathLike | None, call: str,
                  **options: Any) -> _dist.Coordinator | None:
     """The collective call of a restore on several ranks (None for one process, or nothing to restore)."""
@@ -51,11 +41,6 @@ def restore_call(process_group: Any, timeout_secs: float | None, save_path: Path
         return None
     path = None if save_path is None else as_path(save_path)
     return coord.call(f"Restoring {path}", {"call": call, "path": path, **options})
-
-
-def shared_failures(coord: _dist.Coordinator | None) -> contextlib.AbstractContextManager[None]:
-    """``coord.failures_shared()`` for a collective call; nothing for a single process's."""
-    return contextlib.nullcontext() if coord is None else coord.failures_shared()
 
 
 def is_stateful(value: Any) -> bool:
@@ -222,8 +207,8 @@ class Checkpoint:
         coord = _dist.coordinator_for(process_group, timeout_secs)
         if coord is not None:  # every rank must make this same call: its arguments are compared first
             coord = coord.call("Saving " + path, {"call": "Checkpoint.write", "path": path,
-                                                  **save_arguments(max_shard_size, async_save)})
-        with shared_failures(coord):
+                                                  **_dist.save_arguments(max_shard_size, async_save)})
+        with _dist.failures_shared(coord):
             self._commit(storage_for(path, storage_options), path, max_shard_size, progress, metadata, async_save,
                          coordinator=coord)
         return path
@@ -351,8 +336,8 @@ class Checkpoint:
         if coord is not None:  # every rank must make this same call, from the same count: compared first
             coord = coord.call(f"Saving {prefix}-{self._save_counter + 1}", {
                 "call": "Checkpoint.save", "prefix": prefix, "save_counter": self._save_counter,
-                **save_arguments(max_shard_size, async_save)})
-        with shared_failures(coord):
+                **_dist.save_arguments(max_shard_size, async_save)})
+        with _dist.failures_shared(coord):
             storage = storage_for(prefix, storage_options)
             if coord is None:
                 self.wait_until_finished()

@@ -27,7 +27,7 @@ from torchckpt._recover import Ranking, read_disk, recover, resolve_ranking
 from torchckpt._resume import assert_consumed_on_every_rank, restore_newest_intact, restore_order
 from torchckpt._retention import MetricFn, best_entries, plan_retention
 from torchckpt._storage import storage_for
-from torchckpt.checkpoint import Checkpoint, commit, restore_from, save_arguments, set_save_counter, shared_failures
+from torchckpt.checkpoint import Checkpoint, commit, restore_from, set_save_counter
 from torchckpt.errors import (
     CheckpointError,
     CheckpointWriteError,
@@ -194,7 +194,7 @@ class CheckpointManager:
                 "max_to_keep": max_to_keep, "keep_checkpoint_every_n_hours": keep_checkpoint_every_n_hours,
                 "checkpoint_interval": checkpoint_interval, "keep_best": keep_best,
                 "best_metric": best_metric if isinstance(best_metric, str) else None, "best_mode": best_mode,
-                "save_counter": checkpoint.save_counter, **save_arguments(max_shard_size, async_save)})
+                "save_counter": checkpoint.save_counter, **_dist.save_arguments(max_shard_size, async_save)})
             call.consequence = "Nothing was claimed or changed."
             mirror = _dist.decided(call, what, open_on_rank_0)
             if self._coord.rank != 0:
@@ -540,7 +540,7 @@ class CheckpointManager:
             call = self._coord.call(f"Restoring from {self._directory}", {
                 "call": "CheckpointManager.restore_or_initialize", "directory": self._directory,
                 "fallback": bool(fallback), "strict": bool(strict)})
-        with shared_failures(call):
+        with _dist.failures_shared(call):
             # First, and before any exchange: the history may still change (a background save
             # commits), and that save needs the Store, one operation at a time per process.
             self.wait_until_finished()
