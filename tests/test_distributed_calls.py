@@ -7,23 +7,14 @@ a checkpoint never holds one step on some ranks' rows and another step on the ot
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 import torchckpt
 
-from .distributed import results
+from .test_distributed import ok
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
-
-
-def ok(directory: Path, scenario: str, world: int) -> list[dict]:
-    found = results(directory, scenario, world)
-    for rank, result in enumerate(found):
-        assert "error" not in result, f"rank {rank}: {result['error']}\n{result.get('traceback')}"
-    return found
 
 
 def holds_one_step(path: str, step: int) -> None:
