@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import resource
+import socket
 import statistics
 import subprocess
 import sys
@@ -42,6 +43,13 @@ def run_fresh(script: str, args: list[str], python: str | None = None) -> dict[s
     if out.returncode:
         raise RuntimeError(f"{script} {' '.join(args)} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a gloo job's store, or a local server)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def median(values: list[float]) -> float:

@@ -27,7 +27,6 @@ import datetime
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import machine, median  # noqa: E402
+from _common import free_port, machine, median  # noqa: E402
 
 METHODS = ("torchckpt-2", "dcp-2", "torchckpt-1", "copy-1")
 
@@ -115,12 +114,6 @@ def worker(args: argparse.Namespace) -> None:
 
 def dist_rank() -> int:
     return int(os.environ.get("RANK", "0"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def job(method: str, path: str, saves: int) -> list[dict[str, Any]]:

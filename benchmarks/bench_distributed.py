@@ -34,7 +34,6 @@ import datetime
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,7 +42,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import drop_page_cache, machine, median, peak_rss_bytes  # noqa: E402
+from _common import drop_page_cache, free_port, machine, median, peak_rss_bytes  # noqa: E402
 
 METHODS = ("raw", "dcp", "torchckpt")
 
@@ -256,12 +255,6 @@ def worker(args: argparse.Namespace) -> None:
 
 
 # -- the driver ----------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def job(world: int, args: list[str]) -> list[dict[str, Any]]:

@@ -29,14 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import machine, median, rss_bytes, run_fresh  # noqa: E402
+from _common import free_port, machine, median, rss_bytes, run_fresh  # noqa: E402
 
 METHODS = ["raw", "dcp", "torchckpt"]
 LABELS = {"raw": "raw s3fs pipe_file / cat_file", "dcp": "torch DCP FsspecWriter / FsspecReader",
@@ -150,12 +149,6 @@ def peak_rss_bytes() -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_server() -> tuple[subprocess.Popen[bytes], str]:

@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import machine, median  # noqa: E402
+from _common import free_port, machine, median  # noqa: E402
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -65,12 +64,6 @@ def worker(args: argparse.Namespace) -> None:
     if dist.get_rank() == 0:
         print(json.dumps(gathered))
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def job(method: str, path: str, calls: int, before: str | None) -> list[dict[str, float]]:

@@ -28,17 +28,22 @@ def free_port() -> int:
 
 
 def run_ranks(world: int, directory: Path, scenarios: list[str], timeout: float = 180,
-              env: dict[str, str] | None = None) -> list[int]:
-    """Run ``tests.jobs.dist_job`` on ``world`` ranks; returns their exit codes (killed at ``timeout``)."""
+              env: dict[str, str] | None = None, module: str = "tests.jobs.dist_job") -> list[int]:
+    """Run ``python -m module DIRECTORY *scenarios`` on ``world`` ranks; returns their exit codes.
+
+    Each rank runs in a session of its own, killed with its children (a loader's workers) at
+    ``timeout``; its output goes to ``DIRECTORY/<first scenario or module>-w<world>-rank<r>.log``."""
     port = free_port()
     procs = []
+    name = scenarios[0] if scenarios else module.rsplit(".", 1)[-1]
     for rank in range(world):
         rank_env = {**os.environ, **(env or {}), "RANK": str(rank), "WORLD_SIZE": str(world),
                     "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                     "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-        log = open(directory / f"{scenarios[0]}-w{world}-rank{rank}.log", "w")  # noqa: SIM115 - closed with the process below
-        procs.append((subprocess.Popen([sys.executable, "-m", "tests.jobs.dist_job", str(directory), *scenarios],
-                                       env=rank_env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log))
+        log = open(directory / f"{name}-w{world}-rank{rank}.log", "w")  # noqa: SIM115 - closed with the process below
+        procs.append((subprocess.Popen([sys.executable, "-m", module, str(directory), *scenarios],
+                                       env=rank_env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True), log))
     deadline = time.monotonic() + timeout
     try:
         for proc, _ in procs:
@@ -47,9 +52,9 @@ def run_ranks(world: int, directory: Path, scenarios: list[str], timeout: float 
         pass
     finally:
         for proc, log in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # the rank if still running, and anything it left behind
+            proc.wait()
             log.close()
     return [proc.returncode for proc, _ in procs]
 

@@ -4,19 +4,16 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 import torchckpt
 
-from .distributed import ROOT, free_port
+from .distributed import run_ranks
 
 pytest.importorskip("torchdata.stateful_dataloader")
 from torchdata.stateful_dataloader import StatefulDataLoader  # noqa: E402
@@ -40,28 +37,9 @@ def test_interrupted_run_resumes_exactly(tmp_path, num_workers, stop_at):
 def test_interrupted_run_resumes_exactly_on_two_ranks(tmp_path):
     """DDP over gloo with a DistributedSampler, 0 and 2 workers: each rank sees the same batches
     and ends with the same weights as an uninterrupted run (one spawn runs all of it)."""
-    port = free_port()
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-        log = open(tmp_path / f"rank{rank}.log", "w")  # noqa: SIM115 - closed with the process below
-        procs.append((subprocess.Popen([sys.executable, "-m", "tests.jobs.data_job", str(tmp_path)], env=env,
-                                       cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True), log))
-    deadline = time.monotonic() + 120
-    try:
-        for proc, _ in procs:
-            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        for proc, log in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)  # the rank and its loader's workers
-                proc.wait()
-            log.close()
-    logs = "\n".join((tmp_path / f"rank{r}.log").read_text()[-3000:] for r in range(2))
-    assert [proc.returncode for proc, _ in procs] == [0, 0], logs
+    codes = run_ranks(2, tmp_path, [], timeout=120, module="tests.jobs.data_job")
+    logs = "\n".join((tmp_path / f"data_job-w2-rank{r}.log").read_text()[-3000:] for r in range(2))
+    assert codes == [0, 0], logs
     found = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for rank, result in enumerate(found):
         assert "error" not in result, result["error"]

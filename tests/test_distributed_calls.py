@@ -68,8 +68,8 @@ def test_ranks_making_different_calls_are_refused_on_every_rank(world2):
         assert all(r[f"{name}_seconds"] < 10 for r in found)
     assert all(r["good"] == "ok" for r in found)  # the next matching call pairs correctly
     assert found[0]["exists"] == ["good"]  # nothing of the refused calls was written
-    holds_one_step_free = torchckpt.load_checkpoint(str(world2 / "mismatch" / "good"))
-    assert holds_one_step_free.get_variable_to_shape_map()
+    reader = torchckpt.load_checkpoint(str(world2 / "mismatch" / "good"))
+    assert any(name.startswith("model/") for name in reader.get_variable_to_shape_map())
 
 
 def test_a_collective_restore_says_what_state_each_rank_is_left_in(world2):

@@ -53,11 +53,6 @@ class PreemptionWatch:
             self.close()
             raise
 
-    @property
-    def signals(self) -> list[signal.Signals]:
-        """The signals this watch handles (none once closed)."""
-        return [] if self.closed else list(self._previous)
-
     def close(self) -> None:
         """Put back the handlers that were there before (idempotent). Where another handler was
         installed over this one since (a second manager's), it stays: this one, still called by

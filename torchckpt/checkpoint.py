@@ -23,14 +23,12 @@ from torchckpt._load import MISSING, Plan, execute, plan_module, plan_stateful, 
 from torchckpt._report import MismatchReport
 from torchckpt._storage import storage_for
 from torchckpt._threads import gc_paused
-from torchckpt.errors import CorruptCheckpointError
+from torchckpt.errors import RESTORED_ON_THIS_RANK, CorruptCheckpointError
 from torchckpt.restore import RestoreStatus
 from torchckpt.rng import RNGState
 
 SAVE_COUNTER = "save_counter"
 PathLike = str | os.PathLike[str]
-PARTLY_RESTORED = ("This rank had already restored its own part, so its objects are partly restored: restore "
-                   "again on every rank (or start from initial values) before training on.")
 
 
 def restore_call(process_group: Any, timeout_secs: float | None, save_path: PathLike | None, call: str,
@@ -441,7 +439,7 @@ class Checkpoint:
                 return self._restore_from(storage, directory, verify, progress if coord.rank == 0 else False, plan,
                                           expect_counter)
 
-        return _dist.run_collectively(coord, f"Restoring {path}", choose, restore, PARTLY_RESTORED)
+        return _dist.run_collectively(coord, f"Restoring {path}", choose, restore, RESTORED_ON_THIS_RANK)
 
     def _restore_from(self, storage: Storage, directory: str, verify: bool, progress: bool | None, plan: Plan,
                       expect_counter: bool) -> RestoreStatus:

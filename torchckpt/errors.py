@@ -198,6 +198,8 @@ def shard_size_mismatch(path: str, size: int, recorded: int, index_file: str) ->
 
 
 PARTLY_RESTORED = " Objects may be partly restored; restore another checkpoint, and run `torchckpt verify` on this one."
+RESTORED_ON_THIS_RANK = ("This rank had already restored its own part, so its objects are partly restored: restore "
+                         "again on every rank (or start from initial values) before training on.")
 
 
 class DamagedCheckpointWarning(UserWarning):

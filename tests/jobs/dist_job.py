@@ -604,6 +604,18 @@ def one_rank_fails_capture(d: Path, rank: int, world: int) -> dict:
     return out
 
 
+def record(out: dict, name: str, call) -> None:
+    """Run ``call``; record under ``name`` "ok" or its CheckpointError (and its ``.ranks``), and the seconds it took."""
+    start = time.perf_counter()
+    try:
+        call()
+        out[name] = "ok"
+    except torchckpt.CheckpointError as e:
+        out[name] = f"{type(e).__name__}: {e}"
+        out[f"{name}_ranks"] = getattr(e, "ranks", None)
+    out[f"{name}_seconds"] = time.perf_counter() - start
+
+
 def mismatched_calls(d: Path, rank: int, world: int) -> dict:
     """Ranks that pass another path, async flag, shard size or restore path are refused on every
     rank, and the next matching call works."""
@@ -623,16 +635,9 @@ def mismatched_calls(d: Path, rank: int, world: int) -> dict:
     }
     if rank == 1:
         object.__setattr__(ckpt, "_save_counter", 5)  # as if rank 1 had made saves that rank 0 did not
-    out = {}
+    out: dict = {}
     for name, call in calls.items():
-        start = time.perf_counter()
-        try:
-            call()
-            out[name] = "ok"
-        except torchckpt.CheckpointError as e:
-            out[name] = f"{type(e).__name__}: {e}"
-            out[f"{name}_ranks"] = getattr(e, "ranks", None)
-        out[f"{name}_seconds"] = time.perf_counter() - start
+        record(out, name, call)
         if name == "save_counter":
             object.__setattr__(ckpt, "_save_counter", 0)
     out["exists"] = sorted(p.name for p in base.iterdir())
@@ -668,13 +673,7 @@ def restore_failures(d: Path, rank: int, world: int) -> dict:
                           torchckpt.Checkpoint(model=model).restore(path, timeout_secs=2))),
         ("next", lambda: torchckpt.Checkpoint(model=model).write(str(d / "after-late"), timeout_secs=TIMEOUT)),
     ):
-        start = time.perf_counter()
-        try:
-            call()
-            out[name] = "ok"
-        except torchckpt.CheckpointError as e:
-            out[name] = f"{type(e).__name__}: {e}"
-        out[f"{name}_seconds"] = time.perf_counter() - start
+        record(out, name, call)
     out["restored"] = torch.equal(full(model.head.weight), MLP(0).head.weight.detach())
     return out
 
@@ -745,11 +744,7 @@ def calls_stay_paired(d: Path, rank: int, world: int) -> dict:
     for name, call in (("none_on_one_rank", lambda: ckpt.restore(None if rank else first, timeout_secs=TIMEOUT)),
                        ("next", lambda: ckpt.write(str(base / "c"), timeout_secs=TIMEOUT)),
                        ("after", lambda: ckpt.restore(str(base / "c"), timeout_secs=TIMEOUT))):
-        try:
-            call()
-            out[name] = "ok"
-        except torchckpt.CheckpointError as e:
-            out[name] = f"{type(e).__name__}: {e}"
+        record(out, name, call)
     values = {"a": torchckpt.PerRank(10 * rank + 1), "b": torchckpt.PerRank(10 * rank + 2)}
     ordered = dict(reversed(list(values.items()))) if rank else values
     torchckpt.Checkpoint(**ordered).write(str(base / "per-rank"), timeout_secs=TIMEOUT)
