@@ -9,7 +9,7 @@ import pytest
 import torch
 import xxhash
 
-from torchckpt import _format
+from torchckpt._format import spec
 
 from .distributed import job_dir, killed, killed_async, s3_run, world2, world3, world4, world4_from_2  # noqa: F401
 
@@ -25,11 +25,11 @@ def sealed_json(value: dict, expand=lambda text: text) -> bytes:
     with a valid seal: what a forger would write. ``expand`` may rewrite the text before it is sealed."""
     pieces, separator = [], "{\n"
     for key, child in value.items():
-        if key != _format.SEAL_KEY:
+        if key != spec.SEAL_KEY:
             pieces.append(f"{separator} {json.dumps(key)}: {json.dumps(child)}")
             separator = ",\n"
     body = expand("".join(pieces).encode())
-    return body + f',\n "{_format.SEAL_KEY}": "{xxhash.xxh3_64_hexdigest(body)}"\n}}\n'.encode()
+    return body + f',\n "{spec.SEAL_KEY}": "{xxhash.xxh3_64_hexdigest(body)}"\n}}\n'.encode()
 
 
 def write_index(directory: str | os.PathLike[str], index: dict) -> None:
@@ -87,12 +87,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def read_header_file(path, name):
     """``_format.read_header`` of a local file (the parser reads from an open source)."""
-    from torchckpt import _format
-    from torchckpt._local import LOCAL
+    from torchckpt._format import spec
+    from torchckpt._storage.local import LOCAL
 
     source = LOCAL.open(str(path), "Shard")
     try:
-        return _format.read_header(source, name)
+        return spec.read_header(source, name)
     finally:
         source.close()
 
@@ -195,10 +195,10 @@ def remote(request):
     try:
         yield loc
     finally:
-        from torchckpt import _lease
+        from torchckpt._storage import lease as storage_lease
 
-        for lease in list(_lease._leases.values()):  # a manager a test did not close: stop renewing
+        for lease in list(storage_lease._leases.values()):  # a manager a test did not close: stop renewing
             lease.stop.set()
-        _lease._leases.clear()
+        storage_lease._leases.clear()
         if loc.kind == "memory" and loc.fs.exists(f"memory://{name}"):
             loc.fs.rm(f"memory://{name}", recursive=True)

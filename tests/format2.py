@@ -14,7 +14,8 @@ import os
 import torch
 
 import torchckpt
-from torchckpt import _format, _save
+from torchckpt._format import spec
+from torchckpt._save import write
 
 WORLD = 2
 
@@ -38,13 +39,13 @@ def write_two_rank(path: str | os.PathLike[str], extra: dict[str, torch.Tensor] 
     stored = {"model/weight~@0,0": weight[:3].clone(), "model/weight~@3,0": weight[3:].clone(), "model/bias": bias,
               "cursor/seen~r0": seen(0), "cursor/seen~r1": seen(1), **(extra or {})}
     section = {
-        "format_version": _format.SHARDED_FORMAT_VERSION,
+        "format_version": spec.SHARDED_FORMAT_VERSION,
         "objects": {"model": "module", "cursor": "per_rank", "epoch": "value"},
         "state": {"model": {}, "cursor": {"@per_rank": [{"pos": 3}, {"pos": 4}]}, "epoch": 7, "save_counter": 1},
         "world_size": WORLD,
         "chunked": {"names": ["model/weight"], "dtypes": "F32", "shapes": "6,4"},
     }
-    return _save.write_checkpoint(os.fspath(path), stored, {}, section, max_shard_size=max_shard_size)
+    return write.write_checkpoint(os.fspath(path), stored, {}, section, max_shard_size=max_shard_size)
 
 
 def target() -> torchckpt.Checkpoint:

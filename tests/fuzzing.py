@@ -36,7 +36,8 @@ from typing import Any
 import torch
 
 import torchckpt
-from torchckpt import _directory, cli
+from torchckpt import cli
+from torchckpt._history import state as history_state
 
 from . import format2
 from .conftest import TiedLM, sealed_json
@@ -252,7 +253,7 @@ def apply_case(rng: random.Random, run: str, kind: str, subject: Subject | None 
     subject = subject or PLAIN
     latest = os.path.join(run, "ckpt-2")
     index_path = os.path.join(latest, "index.json")
-    state_path = os.path.join(run, _directory.STATE_FILE)
+    state_path = os.path.join(run, history_state.STATE_FILE)
     target = rng.choice(["index", "shard", "state", "tree"])
     if kind == "raw":
         path = {"index": index_path, "tree": index_path, "state": state_path}.get(target) or rng.choice(_shard_paths(latest))

@@ -15,20 +15,22 @@ import pytest
 import torch
 
 import torchckpt
-from torchckpt import CheckpointManager, _async, _save
+from torchckpt import CheckpointManager
+from torchckpt._save import background as save_background
+from torchckpt._save import write as save_write
 
 
 def test_committed_checkpoint_holds_values_as_of_save(tmp_path, monkeypatch):
     weights = torch.zeros(1000)
     model = torch.nn.Linear(4, 4)
     release = threading.Event()
-    real = _save.write_checkpoint
+    real = save_write.write_checkpoint
 
     def slow(*args, **kwargs):
         release.wait(10)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(_save, "write_checkpoint", slow)
+    monkeypatch.setattr(save_write, "write_checkpoint", slow)
     manager = CheckpointManager(torchckpt.Checkpoint(weights=weights, model=model, epoch=1), tmp_path, async_save=True)
     expected_model = {k: v.clone() for k, v in model.state_dict().items()}
     path = manager.save(metrics={"loss": 1.0})
@@ -57,7 +59,7 @@ def test_background_failure_is_raised_by_the_next_call(tmp_path, monkeypatch):
     def failing(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(_save, "write_checkpoint", failing)
+    monkeypatch.setattr(save_write, "write_checkpoint", failing)
     manager.save()
     with pytest.raises(OSError, match="No space left"):
         manager.wait_until_finished()
@@ -73,7 +75,7 @@ def test_background_failure_is_raised_by_the_next_call(tmp_path, monkeypatch):
 def test_at_most_one_save_in_flight(tmp_path, monkeypatch):
     active, peak = [0], [0]
     lock = threading.Lock()
-    real = _save.write_checkpoint
+    real = save_write.write_checkpoint
 
     def counting(*args, **kwargs):
         with lock:
@@ -85,7 +87,7 @@ def test_at_most_one_save_in_flight(tmp_path, monkeypatch):
             with lock:
                 active[0] -= 1
 
-    monkeypatch.setattr(_save, "write_checkpoint", counting)
+    monkeypatch.setattr(save_write, "write_checkpoint", counting)
     w = torch.zeros(100_000)
     manager = CheckpointManager(torchckpt.Checkpoint(w=w), tmp_path, max_to_keep=2, async_save=True)
     for i in range(6):
@@ -140,7 +142,8 @@ def test_a_save_from_an_atexit_handler_completes(tmp_path, async_save, registere
 def test_saves_work_where_no_thread_can_be_started(tmp_path, monkeypatch):
     """Python 3.12.0-3.12.3 refuse new threads during interpreter exit: every helper job then runs
     on the caller, and a save (direct write, checksums, async snapshot copy) still lands intact."""
-    from torchckpt import _output, _tensorio, _threads
+    from torchckpt import _tensorio, _threads
+    from torchckpt._storage import local_output
 
     refused = []
 
@@ -148,7 +151,7 @@ def test_saves_work_where_no_thread_can_be_started(tmp_path, monkeypatch):
         refused.append(self.name)
         raise RuntimeError("can't create new thread at interpreter shutdown")
 
-    for worker in [_output._disk, _tensorio._hasher, *_async._COPIERS]:
+    for worker in [local_output._disk, _tensorio._hasher, *save_background._COPIERS]:
         worker.close()  # their threads end; the next job would start a new one
     monkeypatch.setattr(threading.Thread, "start", refuse)
     state = {f"t{i}": torch.full((2**20,), float(i)) for i in range(24)}
@@ -191,7 +194,7 @@ def test_checkpoint_async_failure_surfaces_on_the_next_call(tmp_path, monkeypatc
     def failing(*args, **kwargs):
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(_save, "write_checkpoint", failing)
+    monkeypatch.setattr(save_write, "write_checkpoint", failing)
     ckpt.write(tmp_path / "a", async_save=True)
     with pytest.raises(OSError, match="Input/output error"):
         ckpt.write(tmp_path / "b")
@@ -221,7 +224,7 @@ def _mixed_state() -> dict[str, object]:
 
 def _values(state: dict[str, object]) -> dict[str, torch.Tensor]:
     flat: dict[str, torch.Tensor] = {}
-    torchckpt._tree.encode(state, "state", flat)
+    torchckpt._format.tree.encode(state, "state", flat)
     return {k: v.resolve_conj().clone() for k, v in flat.items()}
 
 
@@ -240,8 +243,8 @@ def test_snapshot_of_mixed_tensors_holds_values_as_of_each_save(tmp_path, monkey
     """Every tensor kind is captured exactly as of save(), on the first save (new layout) and on
     later saves that reuse the layout, though training mutates everything right after."""
     layouts = []
-    real_init = _async.Staging.__init__
-    monkeypatch.setattr(_async.Staging, "__init__", lambda self, *a: layouts.append(1) or real_init(self, *a))
+    real_init = save_background.Staging.__init__
+    monkeypatch.setattr(save_background.Staging, "__init__", lambda self, *a: layouts.append(1) or real_init(self, *a))
     state = _mixed_state()
     ckpt = torchckpt.Checkpoint(state=state)
     expected = []

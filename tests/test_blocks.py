@@ -13,8 +13,9 @@ import pytest
 import torch
 import xxhash
 
-from torchckpt import _blocks, _format
-from torchckpt._format import TensorInfo
+from torchckpt._format import blocks as format_blocks
+from torchckpt._format import spec as format_spec
+from torchckpt._format.spec import TensorInfo
 from torchckpt.errors import CorruptCheckpointError
 
 START = 96  # the tensor's first byte in the "file"
@@ -34,32 +35,32 @@ class BytesSource:
             offset += len(view)
 
 
-def stored(nbytes: int, size: int, seed: int = 0) -> tuple[BytesSource, TensorInfo, _blocks.BlockSums]:
+def stored(nbytes: int, size: int, seed: int = 0) -> tuple[BytesSource, TensorInfo, format_blocks.BlockSums]:
     """A tensor of ``nbytes`` random bytes at START, with its block checksums of ``size`` bytes."""
     data = random.Random(seed).randbytes(nbytes)
     info = TensorInfo("w~@0,0", "f", torch.uint8, torch.Size([nbytes]), START, nbytes, xxhash.xxh3_64_intdigest(data))
     sums = [xxhash.xxh3_64_intdigest(data[i : i + size]) for i in range(0, nbytes, size)] if nbytes > size else []
-    table = _blocks.BlockSums(size, "".join(f"{s:016x}" for s in sums), {info.name: 0} if sums else {})
+    table = format_blocks.BlockSums(size, "".join(f"{s:016x}" for s in sums), {info.name: 0} if sums else {})
     return BytesSource(bytes(START) + data), info, table
 
 
-def read_part(source: BytesSource, info: TensorInfo, table: _blocks.BlockSums | None,
-              parts: list[tuple[int, int]], scratch_bytes: int = _blocks.SCRATCH_BYTES,
-              ) -> tuple[bytearray, _blocks.Mismatch | None]:
+def read_part(source: BytesSource, info: TensorInfo, table: format_blocks.BlockSums | None,
+              parts: list[tuple[int, int]], scratch_bytes: int = format_blocks.SCRATCH_BYTES,
+              ) -> tuple[bytearray, format_blocks.Mismatch | None]:
     """Read the tensor bytes ``[lo, hi)`` of each part into a destination, checked by blocks."""
     dest = bytearray(sum(hi - lo for lo, hi in parts))
     view, views, at = memoryview(dest), [], 0
     for lo, hi in parts:
         views.append((START + lo, view[at : at + hi - lo]))
         at += hi - lo
-    wide = _blocks.covering(info, views, table)
+    wide = format_blocks.covering(info, views, table)
     assert wide is not None
 
     def read(runs: list[tuple[int, memoryview]]) -> None:
         for offset, v in runs:
             source.readv([v], offset)
 
-    return dest, _blocks.read_blocked([wide], read, scratch_bytes)
+    return dest, format_blocks.read_blocked([wide], read, scratch_bytes)
 
 
 @pytest.mark.parametrize("parts, blocks_read", [
@@ -138,15 +139,15 @@ def test_a_whole_tensor_check_streams_through_bounded_scratch_memory():
 @pytest.mark.parametrize("nbytes", [0, 1, 999, 1000, 1001, 2000, 4321])
 def test_the_streaming_hasher_gives_the_checksums_a_save_writes(nbytes):
     data = random.Random(nbytes).randbytes(nbytes)
-    hasher = _blocks.Hasher(1000)
+    hasher = format_blocks.Hasher(1000)
     rng = random.Random(2)
     at = 0
     while at < nbytes:
         step = rng.randrange(1, 700)
         hasher.update(memoryview(data)[at : at + step])
         at += step
-    assert hasher.result() == (xxhash.xxh3_64_intdigest(data), _blocks.digests(memoryview(data), 1000))
-    assert len(_blocks.digests(memoryview(data), 1000)) == (0 if nbytes <= 1000 else -(-nbytes // 1000))
+    assert hasher.result() == (xxhash.xxh3_64_intdigest(data), format_blocks.digests(memoryview(data), 1000))
+    assert len(format_blocks.digests(memoryview(data), 1000)) == (0 if nbytes <= 1000 else -(-nbytes // 1000))
 
 
 def entry(size, checksums):
@@ -162,13 +163,13 @@ def entry(size, checksums):
 ], ids=["missing", "zero size", "float size", "count", "not hex"])
 def test_a_malformed_block_table_is_a_corrupt_index(section, message):
     with pytest.raises(CorruptCheckpointError, match=message):
-        _blocks.parse(section, ["a", "b"], ["F32", "F32"], ["500", "100"], "c/index.json")
+        format_blocks.parse(section, ["a", "b"], ["F32", "F32"], ["500", "100"], "c/index.json")
 
 
 def test_the_block_table_lists_the_blocks_of_each_tensor_over_one_block_in_table_order():
-    sums = _blocks.parse(entry(1000, "".join(f"{i:016x}" for i in range(4))), ["a", "small", "b"],
+    sums = format_blocks.parse(entry(1000, "".join(f"{i:016x}" for i in range(4))), ["a", "small", "b"],
                          ["F32", "U8", "F32"], ["500", "1000", "300"], "c/index.json")
     info = TensorInfo("b", "f", torch.float32, torch.Size([300]), 0, 1200, 0)
     assert sums.of(info) == (1000, (2, 3))
     assert sums.of(info._replace(name="small", nbytes=1000)) is None
-    assert _format.FORMAT_VERSION == _format.BLOCKS_FORMAT_VERSION == 3
+    assert format_spec.FORMAT_VERSION == format_spec.BLOCKS_FORMAT_VERSION == 3

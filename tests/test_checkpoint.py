@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import torchckpt
-from torchckpt import CheckpointNotFoundError, RestoreMismatchError, UnsupportedStateError, _capture
+from torchckpt import CheckpointNotFoundError, RestoreMismatchError, UnsupportedStateError
+from torchckpt._save import capture
 
 from .conftest import TiedLM, make_mlp
 
@@ -123,11 +124,11 @@ def test_tied_weights_are_stored_once_and_stay_tied(tmp_path):
 def test_aliases_at_several_addresses_are_each_found():
     x, y = torch.arange(6.0), torch.arange(4.0)
     tensors = {"x": x, "x_again": x.view(6), "x_head": x[:2], "y": y, "y_again": y[:], "other": torch.zeros(3)}
-    stored, aliases = _capture.prepare_tensors(tensors)
+    stored, aliases = capture.prepare_tensors(tensors)
     assert aliases == {"x_again": "x", "y_again": "y"}  # x[:2] starts where x does but is another view
     assert list(stored) == ["x", "x_head", "y", "other"]
     plain = {"a": torch.ones(2), "b": torch.ones(2)}
-    assert _capture.prepare_tensors(plain) == (plain, {})
+    assert capture.prepare_tensors(plain) == (plain, {})
 
 
 def test_shared_tensors_in_plain_containers_are_retied(tmp_path):

@@ -9,17 +9,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import torchckpt
-from torchckpt import _chunks, _format, _global_plan
+from torchckpt._format import chunks as format_chunks
+from torchckpt._format import spec
+from torchckpt._save import plan as save_plan
 
 
 def test_stored_names_round_trip_and_never_collide_with_escaped_keys():
-    assert _chunks.chunk_name("model/w", (18, 0)) == "model/w~@18,0"
-    assert _chunks.parse_chunk_name("model/w~@18,0") == ("model/w", (18, 0))
-    assert _chunks.parse_chunk_name("model/scalar~@") == ("model/scalar", ())
-    assert _chunks.parse_rank_name("rng/torch~r3") == ("rng/torch", 3)
-    assert _chunks.parse_chunk_name("a~0@b") is None and _chunks.parse_rank_name("a~0r1") is None
+    assert format_chunks.chunk_name("model/w", (18, 0)) == "model/w~@18,0"
+    assert format_chunks.parse_chunk_name("model/w~@18,0") == ("model/w", (18, 0))
+    assert format_chunks.parse_chunk_name("model/scalar~@") == ("model/scalar", ())
+    assert format_chunks.parse_rank_name("rng/torch~r3") == ("rng/torch", 3)
+    assert format_chunks.parse_chunk_name("a~0@b") is None and format_chunks.parse_rank_name("a~0r1") is None
     with pytest.raises(torchckpt.CorruptCheckpointError, match="malformed chunk suffix"):
-        _chunks.parse_chunk_name("model/w~@01,x")
+        format_chunks.parse_chunk_name("model/w~@01,x")
 
 
 @st.composite
@@ -42,11 +44,11 @@ def test_byte_runs_copy_exactly_the_overlap(case):
     full = torch.arange(torch.Size(shape).numel()).reshape(shape)
     source = full[tuple(slice(o, o + n) for o, n in zip(*src_box))].contiguous().reshape(-1)
     dest = torch.full((torch.Size(dst_box[1]).numel(),), -1, dtype=full.dtype)
-    inner = _chunks.overlap(src_box, dst_box)
+    inner = format_chunks.overlap(src_box, dst_box)
     if inner is None:
         assert any(a0 + an <= b0 or b0 + bn <= a0 for a0, an, b0, bn in zip(*src_box, *dst_box))
         return
-    runs = list(_chunks.runs(inner, src_box, dst_box))
+    runs = list(format_chunks.runs(inner, src_box, dst_box))
     assert [s for s, _, _ in runs] == sorted(s for s, _, _ in runs)
     for s, d, n in runs:
         dest[d : d + n] = source[s : s + n]
@@ -57,8 +59,8 @@ def test_byte_runs_copy_exactly_the_overlap(case):
 
 
 def test_a_dim_0_shard_is_one_run_and_a_row_wise_box_one_run_per_row():
-    assert len(list(_chunks.runs(((2, 0), (3, 8)), ((0, 0), (5, 8)), ((2, 0), (4, 8))))) == 1
-    assert len(list(_chunks.runs(((0, 0), (4, 2)), ((0, 0), (4, 4)), ((0, 0), (4, 2))))) == 4
+    assert len(list(format_chunks.runs(((2, 0), (3, 8)), ((0, 0), (5, 8)), ((2, 0), (4, 8))))) == 1
+    assert len(list(format_chunks.runs(((0, 0), (4, 2)), ((0, 0), (4, 4)), ((0, 0), (4, 2))))) == 4
 
 
 @pytest.mark.parametrize("case, boxes, message", [
@@ -72,10 +74,10 @@ def test_a_dim_0_shard_is_one_run_and_a_row_wise_box_one_run_per_row():
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_tiling(case, boxes, message):
     if message is None:
-        _chunks.check_tiling("w", (5, 4), boxes, "here")
+        format_chunks.check_tiling("w", (5, 4), boxes, "here")
     else:
         with pytest.raises(torchckpt.CorruptCheckpointError, match=message):
-            _chunks.check_tiling("w", (5, 4), boxes, "here")
+            format_chunks.check_tiling("w", (5, 4), boxes, "here")
 
 
 def ddp_records(world: int, sizes: list[int], extra: tuple = ()) -> list[dict]:
@@ -90,19 +92,19 @@ def test_replicated_bytes_are_spread_within_1_15x_of_the_mean(world):
     sizes = [768] * 2 + [2304] + [1024]
     records = ddp_records(world, [*sizes, *[768] * 24, *[3072] * 12],
                           (["model/wte", "F32", [50257, 768], None, None, None],))
-    plan = _global_plan.global_plan(records, _format.DEFAULT_MAX_SHARD_SIZE)
+    plan = save_plan.global_plan(records, spec.DEFAULT_MAX_SHARD_SIZE)
     load = [sum(u.nbytes for u in plan.units if u.owner == r) for r in range(world)]
     assert max(load) / (sum(load) / world) <= 1.15, load
     assert "model/wte" in plan.chunked  # split into row blocks, which tile it (checked by the plan)
     assert all(len(u.holders) == world for u in plan.units)
     files = [f for rank in plan.files for f, _ in rank]
-    assert files == [_format.shard_name(i, len(files)) for i in range(1, len(files) + 1)]
+    assert files == [spec.shard_name(i, len(files)) for i in range(1, len(files) + 1)]
 
 
 def test_the_plan_is_the_same_whatever_the_rank_and_each_unit_written_once():
     records = ddp_records(4, [512, 256, 1024, 128, 768, 64, 384, 896])
-    first = _global_plan.global_plan(records, 10**6)
-    again = _global_plan.global_plan([dict(r) for r in records], 10**6)
+    first = save_plan.global_plan(records, 10**6)
+    again = save_plan.global_plan([dict(r) for r in records], 10**6)
     assert [(u.stored, u.owner) for u in first.units] == [(u.stored, u.owner) for u in again.units]
     stored = [n for rank in first.files for _, names in rank for n in names]
     assert sorted(stored) == sorted(u.stored for u in first.units) and len(stored) == len(set(stored))

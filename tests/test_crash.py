@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 import torchckpt
-from torchckpt import _atomic, checkpoint
+from torchckpt import checkpoint
+from torchckpt._storage import atomic
 
 JOBS = os.path.join(os.path.dirname(__file__), "jobs")
 
@@ -78,24 +79,24 @@ def test_write_onto_existing_checkpoint_replaces_it(tmp_path):
 def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)
-    stale = tmp_path / f"ckpt-3{_atomic.TMP_MARKER}{pid}-abc"
-    live = tmp_path / f"ckpt-4{_atomic.TMP_MARKER}{os.getpid()}-def"
-    other = tmp_path / f"other-1{_atomic.TMP_MARKER}{pid}-abc"
+    stale = tmp_path / f"ckpt-3{atomic.TMP_MARKER}{pid}-abc"
+    live = tmp_path / f"ckpt-4{atomic.TMP_MARKER}{os.getpid()}-def"
+    other = tmp_path / f"other-1{atomic.TMP_MARKER}{pid}-abc"
     for d in (stale, live, other):
         d.mkdir()
-    assert _atomic.remove_stale_temporaries(str(tmp_path), "ckpt-") == [stale.name]
+    assert atomic.remove_stale_temporaries(str(tmp_path), "ckpt-") == [stale.name]
     assert sorted(os.listdir(tmp_path)) == sorted([live.name, other.name])
 
 
 def test_a_temporary_from_another_host_is_removed_only_once_it_is_an_hour_old(tmp_path):
-    from torchckpt._backend import LEFTOVER_GRACE_SECS, host_tag
+    from torchckpt._storage.base import LEFTOVER_GRACE_SECS, host_tag
 
-    here = _atomic.temporary_sibling(str(tmp_path / "ckpt-1"))
-    assert f"{_atomic.TMP_MARKER}{os.getpid()}-h{host_tag()}-" in here  # pid and host in every temporary
+    here = atomic.temporary_sibling(str(tmp_path / "ckpt-1"))
+    assert f"{atomic.TMP_MARKER}{os.getpid()}-h{host_tag()}-" in here  # pid and host in every temporary
     other_host = "0" * 8 if host_tag() != "0" * 8 else "1" * 8
     # Its pid is alive here, but it names another host's process: only its age counts.
-    recent = tmp_path / f"ckpt-3{_atomic.TMP_MARKER}{os.getpid()}-h{other_host}-abc"
-    old = tmp_path / f"ckpt-4{_atomic.TMP_MARKER}{os.getpid()}-h{other_host}-def"
+    recent = tmp_path / f"ckpt-3{atomic.TMP_MARKER}{os.getpid()}-h{other_host}-abc"
+    old = tmp_path / f"ckpt-4{atomic.TMP_MARKER}{os.getpid()}-h{other_host}-def"
     for d in (recent, old):
         d.mkdir()
         (d / "model-00001-of-00001.safetensors").write_bytes(b"x")
@@ -103,28 +104,28 @@ def test_a_temporary_from_another_host_is_removed_only_once_it_is_an_hour_old(tm
     for path in (old / "model-00001-of-00001.safetensors", old):
         os.utime(path, (past, past))
     os.utime(recent, (past, past))  # an old directory with a file written just now: a writer is at work
-    assert _atomic.remove_stale_temporaries(str(tmp_path), "ckpt-") == [old.name]
+    assert atomic.remove_stale_temporaries(str(tmp_path), "ckpt-") == [old.name]
     assert os.listdir(tmp_path) == [recent.name]
 
 
 def test_the_claim_names_host_pid_and_job(tmp_path, monkeypatch):
     import socket
 
-    from torchckpt import _lock
+    from torchckpt._storage import lock
 
     monkeypatch.setenv("MASTER_ADDR", "10.0.0.7")
     monkeypatch.setenv("MASTER_PORT", "29500")
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     manager = torchckpt.CheckpointManager(torchckpt.Checkpoint(), tmp_path)
     try:
-        note = (tmp_path / _lock.LOCK_FILE).read_text()
+        note = (tmp_path / lock.LOCK_FILE).read_text()
         assert note.startswith(f"pid {os.getpid()} on {socket.gethostname()}, job 10.0.0.7:29500, since ")
     finally:
         manager.close()
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run-42")
     manager = torchckpt.CheckpointManager(torchckpt.Checkpoint(), tmp_path)
     try:
-        assert ", job run-42, " in (tmp_path / _lock.LOCK_FILE).read_text()
+        assert ", job run-42, " in (tmp_path / lock.LOCK_FILE).read_text()
     finally:
         manager.close()
 
@@ -140,7 +141,7 @@ def test_sigkilled_writer_never_leaves_a_partial_checkpoint(tmp_path):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    committed = [n for n in os.listdir(tmp_path) if n.startswith("ckpt-") and not _atomic.is_temporary(n)]
+    committed = [n for n in os.listdir(tmp_path) if n.startswith("ckpt-") and not atomic.is_temporary(n)]
     assert committed
     for name in committed:
         path = os.path.join(tmp_path, name)

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 import torchckpt
-from torchckpt import _atomic, _directory
+from torchckpt._history import state as history_state
+from torchckpt._storage import atomic
 
 JOB = os.path.join(os.path.dirname(__file__), "jobs", "crash_writer.py")
 POINTS = ["before-commit", "after-commit", "after-state", "after-retention-state", "mid-delete", "state-temporary"]
@@ -62,9 +63,9 @@ def check_after_crash(directory: str, last_acked: int, megabytes: int) -> dict[s
     mgr = torchckpt.CheckpointManager(target, directory, max_to_keep=2, keep_best=1, best_metric="loss")
     try:
         found = {"lost": 0, "inconsistent": 0, "orphans": 0, "temporaries": 0}
-        found["temporaries"] = len([n for n in os.listdir(directory) if _atomic.is_temporary(n)])
+        found["temporaries"] = len([n for n in os.listdir(directory) if atomic.is_temporary(n)])
         accounted = {os.path.basename(p) for p in mgr.checkpoints} | {e.name for e in mgr._preserved}
-        found["orphans"] = len(set(_directory.committed_members(directory, "ckpt")) - accounted)
+        found["orphans"] = len(set(history_state.committed_members(directory, "ckpt")) - accounted)
         latest = mgr.latest_checkpoint
         if latest is None:
             found["lost"] += last_acked > 0

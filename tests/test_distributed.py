@@ -18,7 +18,8 @@ import safetensors.torch
 import torch
 
 import torchckpt
-from torchckpt import _format, _index
+from torchckpt._format import index as format_index
+from torchckpt._format import spec
 
 from .conftest import read_index, write_index
 from .distributed import results
@@ -232,18 +233,18 @@ def rename(index: dict, old: str, new: str) -> None:
 def test_a_chunk_table_that_does_not_tile_is_a_corrupt_checkpoint(world4, tmp_path, case, edit, message):
     path = tampered(world4, tmp_path, edit)
     with pytest.raises(torchckpt.CorruptCheckpointError, match=message) as info:
-        _index.load_index(str(path))
+        format_index.load_index(str(path))
     assert info.value.path == str(path)
 
 
 def test_a_format_3_checkpoint_verifies_and_a_single_process_save_stays_format_1(world4, tmp_path):
-    assert _index.load_index(str(world4 / "fsdp4" / "ckpt-1")).section["format_version"] == 3
+    assert format_index.load_index(str(world4 / "fsdp4" / "ckpt-1")).section["format_version"] == 3
     from torchckpt import cli
 
     assert cli.main(["verify", str(world4 / "fsdp4" / "ckpt-1")]) == 0
     path = torchckpt.Checkpoint(w=torch.ones(3), rng=torchckpt.RNGState(), c=torchckpt.PerRank(4)).write(tmp_path / "p")
     section = read_index(path)["torchckpt"]
-    assert section["format_version"] == _format.PLAIN_FORMAT_VERSION == 1
+    assert section["format_version"] == spec.PLAIN_FORMAT_VERSION == 1
     assert "world_size" not in section and "chunked" not in section
     assert "@per_rank" not in json.dumps(section["state"])
 

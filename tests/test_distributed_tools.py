@@ -133,7 +133,7 @@ def test_consolidate_writes_a_single_process_checkpoint_that_restores_with_asser
 
 MEASURE = """
 import sys
-from torchckpt._consolidate import consolidate
+from torchckpt._tools.consolidate import consolidate
 
 def status(field):  # VmHWM, not ru_maxrss: after fork and exec that can still report the parent's peak
     with open("/proc/self/status") as f:

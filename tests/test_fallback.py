@@ -160,8 +160,8 @@ def test_last_restore_is_none_before_a_restore(tmp_path):
 
 # -- the pure parts, as tables -----------------------------------------------------------------------
 
-from torchckpt._directory import Entry  # noqa: E402
-from torchckpt._resume import restore_newest_intact, restore_order  # noqa: E402
+from torchckpt._history.state import Entry  # noqa: E402
+from torchckpt._load.resume import restore_newest_intact, restore_order  # noqa: E402
 
 
 @pytest.mark.parametrize(("latest", "entries", "order"), [

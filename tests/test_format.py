@@ -13,7 +13,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import torchckpt
-from torchckpt import CorruptCheckpointError, _format, _save
+from torchckpt import CorruptCheckpointError
+from torchckpt._format import spec
+from torchckpt._save import write as save_write
 
 from .conftest import read_header_file, write_index
 
@@ -47,7 +49,7 @@ SEAL = ',\n "checksum": "%s"\n}\n'  # the seal: the xxh3-64 of every byte before
 
 
 def test_golden_shard_header():
-    header = _format.encode_header([("a", torch.float32, (2,), 8), ("b", torch.int8, (), 1)])
+    header = spec.encode_header([("a", torch.float32, (2,), 8), ("b", torch.int8, (), 1)])
     assert header == GOLDEN_HEADER
     assert (len(header)) % 8 == 0  # the data section starts 8-byte aligned
 
@@ -55,7 +57,7 @@ def test_golden_shard_header():
 def test_golden_index(tmp_path, monkeypatch):
     import xxhash
 
-    monkeypatch.setattr(_save.time, "time", lambda: 1700000000.5)
+    monkeypatch.setattr(save_write.time, "time", lambda: 1700000000.5)
     monkeypatch.setattr(torch, "__version__", "2.x")
     a, b = torch.tensor([1.0, 2.0]), torch.tensor(-3, dtype=torch.int8)
     torchckpt.Checkpoint(a=a, b=b, n=(1, float("inf"))).write(tmp_path / "c")
@@ -74,14 +76,14 @@ def test_golden_index(tmp_path, monkeypatch):
 def test_large_index_is_streamed_as_the_same_json(tmp_path):
     """Over LAYOUT_MAX_LINES tensors the weight map and tensor table are written in pieces; the
     text is exactly what laying out the parsed index again gives, and the header what json.dumps gives."""
-    count = _format.LAYOUT_MAX_LINES + 700
+    count = spec.LAYOUT_MAX_LINES + 700
     odd = {'q"uote': torch.zeros(1), "back\\slash": torch.ones(2), "ünï": torch.zeros((), dtype=torch.int8)}
     many = {f"t{i}": torch.full((i % 3,), float(i), dtype=torch.float16 if i % 2 else torch.float32)
             for i in range(count)}
     torchckpt.Checkpoint(many=many, odd=odd).write(tmp_path / "c", max_shard_size=2000)
     text = (tmp_path / "c" / "index.json").read_text()
     index = json.loads(text)
-    assert _format.dumps_layout(index).decode() == text
+    assert spec.dumps_layout(index).decode() == text
     assert len(index["weight_map"]) == count + 3 and len(index["torchckpt"]["shards"]) > 2
     for shard in index["torchckpt"]["shards"]:
         with open(tmp_path / "c" / shard["file"], "rb") as f:
@@ -97,9 +99,9 @@ def test_large_index_is_streamed_as_the_same_json(tmp_path):
 
 def test_header_pieces_join_to_the_header():
     entries = [(f"n{i}", torch.float32, (i,), 4 * i) for i in range(3000)]
-    pieces = _format.encode_header_pieces(entries)
+    pieces = spec.encode_header_pieces(entries)
     header = b"".join(pieces)
-    assert len(pieces) > 3 and header == _format.encode_header(entries)
+    assert len(pieces) > 3 and header == spec.encode_header(entries)
     (n,) = struct.unpack("<Q", header[:8])
     parsed = json.loads(header[8:])
     assert len(header) == 8 + n and len(header) % 8 == 0
@@ -108,7 +110,7 @@ def test_header_pieces_join_to_the_header():
                                                                                   sum(4 * i for i in range(3000))]}
 
 
-ALL_DTYPES = sorted(_format.SUPPORTED_DTYPES, key=str)
+ALL_DTYPES = sorted(spec.SUPPORTED_DTYPES, key=str)
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
@@ -179,13 +181,13 @@ def test_shard_size_bounds_every_shard_but_a_single_big_tensor(tmp_path):
 
 @pytest.mark.parametrize(("text", "expected"), [("2GB", 2 * 10**9), ("1.5MB", 1_500_000), ("3GiB", 3 * 2**30), (12, 12), ("7", 7)])
 def test_parse_size(text, expected):
-    assert _format.parse_size(text) == expected
+    assert spec.parse_size(text) == expected
 
 
 @pytest.mark.parametrize("bad", ["", "2XB", "GB", "-1", 0])
 def test_parse_size_rejects(bad):
     with pytest.raises(ValueError, match="size"):
-        _format.parse_size(bad)
+        spec.parse_size(bad)
 
 
 def _write_raw(path, header: dict | bytes, data: bytes = b"", length: int | None = None) -> None:

@@ -16,7 +16,11 @@ import pytest
 import torch
 
 import torchckpt
-from torchckpt import CheckpointManager, _atomic, _directory, _format, _index, _lock
+from torchckpt import CheckpointManager
+from torchckpt._format import index as format_index
+from torchckpt._format import spec
+from torchckpt._history import state as history_state
+from torchckpt._storage import atomic, lock
 
 from .conftest import make_mlp, train_step
 
@@ -49,7 +53,7 @@ def test_fsdp2_state_of_a_world_of_one_saves_as_format_1_and_restores_in_place(t
         ckpt = torchckpt.Checkpoint(model=model, opt=opt)
         path = ckpt.write(tmp_path / f"c{async_save}", async_save=async_save)
         ckpt.wait_until_finished()
-        assert _index.load_index(path).section["format_version"] == 1
+        assert format_index.load_index(path).section["format_version"] == 1
         plain = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
         torchckpt.Checkpoint(model=plain).read(path).expect_partial()
         assert all(torch.equal(plain.state_dict()[k], v) for k, v in reference.items())
@@ -140,19 +144,19 @@ def plant_link(tmp_path: Path, name: str) -> tuple[Path, Path]:
 
 
 def test_a_planted_lock_link_is_refused_and_its_target_untouched(tmp_path):
-    run, target = plant_link(tmp_path, _lock.LOCK_FILE)
+    run, target = plant_link(tmp_path, lock.LOCK_FILE)
     with pytest.raises(torchckpt.CorruptCheckpointError, match="symbolic link"):
         CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), run)
     assert target.read_text() == "precious\n"
 
 
 def test_a_planted_state_file_link_is_replaced_not_followed(tmp_path):
-    run, target = plant_link(tmp_path, _directory.STATE_FILE)
+    run, target = plant_link(tmp_path, history_state.STATE_FILE)
     with pytest.warns(UserWarning, match="damaged"):
         mgr = CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), run)
     mgr.save()
     assert target.read_text() == "precious\n"
-    assert not (run / _directory.STATE_FILE).is_symlink()
+    assert not (run / history_state.STATE_FILE).is_symlink()
 
 
 def test_a_shard_or_index_that_is_a_link_is_refused(tmp_path):
@@ -179,7 +183,7 @@ def test_a_latest_checkpoint_that_is_a_link_is_never_followed(tmp_path):
     real = mgr.save()
     (run / "ckpt-9").symlink_to(elsewhere)
     assert torchckpt.latest_checkpoint(run) == real
-    assert _directory.committed_members(str(run)) == ["ckpt-1"]
+    assert history_state.committed_members(str(run)) == ["ckpt-1"]
     w = torch.zeros(2)
     torchckpt.Checkpoint(w=w).read(run).expect_partial()
     assert torch.equal(w, torch.ones(2))
@@ -236,15 +240,15 @@ def test_a_new_number_never_replaces_a_checkpoint_that_appears_meanwhile(tmp_pat
     torchckpt.Checkpoint(w=w).read(tmp_path / "ckpt-2").assert_consumed()
     assert torch.equal(w, torch.full((2,), 7.0))  # the committed checkpoint is untouched
     assert mgr.latest_checkpoint == first and mgr.checkpoint.save_counter == 1
-    assert [n for n in os.listdir(tmp_path) if _atomic.is_temporary(n)] == []
+    assert [n for n in os.listdir(tmp_path) if atomic.is_temporary(n)] == []
 
 
 def test_commit_without_replace_refuses_an_existing_directory(tmp_path):
     for src in ("a", "b"):
         (tmp_path / src).mkdir()
         (tmp_path / src / "index.json").write_text(src)
-    with pytest.raises(_atomic.AlreadyThere):
-        _atomic.commit_directory(str(tmp_path / "b"), str(tmp_path / "a"), replace=False)
+    with pytest.raises(atomic.AlreadyThere):
+        atomic.commit_directory(str(tmp_path / "b"), str(tmp_path / "a"), replace=False)
     assert (tmp_path / "a" / "index.json").read_text() == "a"
 
 
@@ -267,7 +271,7 @@ def test_every_single_bit_flip_of_an_index_is_caught(tmp_path):
     for flipped in _flips(data):
         index_path.write_bytes(flipped)
         try:
-            _index.load_index(path)
+            format_index.load_index(path)
         except torchckpt.CorruptCheckpointError:
             caught += 1
     assert caught == 8 * len(data)
@@ -293,12 +297,12 @@ def test_every_single_bit_flip_of_the_state_file_is_caught(tmp_path):
                             best_metric="loss")
     for loss in (0.5, 0.25, float("nan")):
         mgr.save(metrics={"loss": loss, "acc": 0.9})
-    state_path = tmp_path / _directory.STATE_FILE
+    state_path = tmp_path / history_state.STATE_FILE
     data = state_path.read_bytes()
     for flipped in _flips(data):
         state_path.write_bytes(flipped)
-        with pytest.raises(_directory.StateFileError):
-            _directory.read_state(str(tmp_path))
+        with pytest.raises(history_state.StateFileError):
+            history_state.read_state(str(tmp_path))
 
 
 # -- A6: a failed final asynchronous save ------------------------------------------------------
@@ -307,14 +311,14 @@ def test_every_single_bit_flip_of_the_state_file_is_caught(tmp_path):
 def test_a_failed_final_async_save_is_reported_and_the_previous_one_kept(tmp_path):
     script = f"""
 import torch, torchckpt
-from torchckpt import _save
+from torchckpt._save import write as save_write
 ckpt = torchckpt.Checkpoint(w=torch.ones(8))
 mgr = torchckpt.CheckpointManager(ckpt, {str(tmp_path)!r}, async_save=True)
 mgr.save(); mgr.wait_until_finished()
-real = _save._write_checkpoint
+real = save_write._write_checkpoint
 def full(*args, **kwargs):
     raise OSError(28, "No space left on device")
-_save._write_checkpoint = full
+save_write._write_checkpoint = full
 mgr.save()  # the process ends with this save in flight
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
@@ -370,7 +374,7 @@ def test_bad_metrics_are_refused_before_anything_is_written(tmp_path, metrics):
 def test_a_failed_state_write_is_mended_by_the_next_save(tmp_path, monkeypatch):
     mgr = CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), tmp_path, max_to_keep=2)
     mgr.save()
-    real = _directory.write_state
+    real = history_state.write_state
     calls = {"n": 0}
 
     def failing(directory, state, *args):
@@ -379,14 +383,14 @@ def test_a_failed_state_write_is_mended_by_the_next_save(tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device", os.path.join(directory, "checkpoints.json"))
         return real(directory, state, *args)
 
-    monkeypatch.setattr(_directory, "write_state", failing)
+    monkeypatch.setattr(history_state, "write_state", failing)
     with pytest.raises(OSError):
         mgr.save()
     mgr.save()
     mgr.save()
     assert [os.path.basename(p) for p in mgr.checkpoints] == ["ckpt-3", "ckpt-4"]
     assert sorted(n for n in os.listdir(tmp_path) if n.startswith("ckpt-")) == ["ckpt-3", "ckpt-4"]
-    assert _directory.read_state(str(tmp_path)).latest == "ckpt-4"
+    assert history_state.read_state(str(tmp_path)).latest == "ckpt-4"
 
 
 def test_a_warning_when_best_metric_is_never_passed(tmp_path):
@@ -410,7 +414,7 @@ def test_a_checkpoint_committed_but_never_recorded_is_adopted_and_retired(tmp_pa
     mgr.save()
     mgr.save()
     monkeypatch.undo()
-    assert _directory.read_state(str(tmp_path)).latest == "ckpt-2"  # the state file never heard of 3 and 4
+    assert history_state.read_state(str(tmp_path)).latest == "ckpt-2"  # the state file never heard of 3 and 4
     fresh = CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), tmp_path, max_to_keep=2)
     assert [os.path.basename(p) for p in fresh.checkpoints] == ["ckpt-1", "ckpt-2", "ckpt-3", "ckpt-4"]
     assert fresh.latest_checkpoint == str(tmp_path / "ckpt-4")
@@ -421,7 +425,7 @@ def test_a_checkpoint_committed_but_never_recorded_is_adopted_and_retired(tmp_pa
 
 def test_stale_state_file_temporaries_are_removed(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    leftover = tmp_path / f"{_directory.STATE_FILE}{_atomic.TMP_MARKER}{int(dead.stdout)}-abc"
+    leftover = tmp_path / f"{history_state.STATE_FILE}{atomic.TMP_MARKER}{int(dead.stdout)}-abc"
     leftover.write_text("{}")
     CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), tmp_path)
     assert not leftover.exists()
@@ -432,18 +436,18 @@ def test_stale_state_file_temporaries_are_removed(tmp_path):
 
 def test_a_checkpoint_deleted_before_it_is_opened_is_checkpoint_not_found(tmp_path):
     path = torchckpt.Checkpoint(w=torch.ones(3)).write(tmp_path / "c")
-    index = _index.load_index(path)
+    index = format_index.load_index(path)
     for name in os.listdir(path):
         os.unlink(os.path.join(path, name))
     with pytest.raises(torchckpt.CheckpointDeletedError, match="deleted while it was being read") as info:
-        _index.OpenShards(index)
+        format_index.OpenShards(index)
     assert isinstance(info.value, torchckpt.CheckpointNotFoundError) and info.value.path == path
 
 
 def test_a_restore_that_has_opened_its_shards_survives_the_deletion(tmp_path, monkeypatch):
     mgr = CheckpointManager(torchckpt.Checkpoint(w=torch.arange(5.0)), tmp_path, max_to_keep=1)
     first = mgr.save()
-    real = _index.read_shard_headers
+    real = format_index.read_shard_headers
 
     def delete_meanwhile(index, shards, *args):
         mgr.checkpoint.w.add_(1)
@@ -451,7 +455,7 @@ def test_a_restore_that_has_opened_its_shards_survives_the_deletion(tmp_path, mo
         assert not os.path.exists(first)
         return real(index, shards, *args)
 
-    monkeypatch.setattr(_index, "read_shard_headers", delete_meanwhile)
+    monkeypatch.setattr(format_index, "read_shard_headers", delete_meanwhile)
     w = torch.zeros(5)
     torchckpt.Checkpoint(w=w).read(first).assert_consumed()
     assert torch.equal(w, torch.arange(5.0))  # the bytes of the checkpoint it opened, not a mix
@@ -464,10 +468,10 @@ def test_a_failed_construction_releases_the_directory(tmp_path, monkeypatch):
     def full(directory, prefix):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(_atomic, "remove_stale_temporaries", full)
+    monkeypatch.setattr(atomic, "remove_stale_temporaries", full)
     with pytest.raises(OSError):
         CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), tmp_path)
-    assert not _lock.holds(str(tmp_path))
+    assert not lock.holds(str(tmp_path))
     monkeypatch.undo()
     code = f"import torch, torchckpt; torchckpt.CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), {str(tmp_path)!r}).save()"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)  # another process may claim it
@@ -479,9 +483,9 @@ def test_a_read_only_directory_opens_for_reading_only(tmp_path, monkeypatch):
     mgr.close()
 
     def read_only(directory):
-        raise OSError(errno.EROFS, "Read-only file system", os.path.join(directory, _lock.LOCK_FILE))
+        raise OSError(errno.EROFS, "Read-only file system", os.path.join(directory, lock.LOCK_FILE))
 
-    monkeypatch.setattr(_lock, "claim_directory", read_only)
+    monkeypatch.setattr(lock, "claim_directory", read_only)
     before = sorted(os.listdir(tmp_path))
     w = torch.zeros(3)
     reader = CheckpointManager(torchckpt.Checkpoint(w=w), tmp_path, max_to_keep=1)
@@ -505,7 +509,7 @@ def test_get_checkpoint_state_is_a_read_only_view(tmp_path):
     assert names(state.all) == ["ckpt-1", "ckpt-3", "ckpt-4", "ckpt-99"]
     assert state.latest.endswith("ckpt-4") and state.metrics[str(tmp_path / "ckpt-3")] == {"loss": 0.7}
     mgr.close()
-    assert torchckpt.get_checkpoint_state(tmp_path) == state and not _lock.holds(str(tmp_path))  # takes no claim
+    assert torchckpt.get_checkpoint_state(tmp_path) == state and not lock.holds(str(tmp_path))  # takes no claim
 
 
 # -- C19: the ranking is the directory's -------------------------------------------------------
@@ -527,12 +531,12 @@ def test_keep_best_is_taken_from_the_directory_when_not_passed(tmp_path):
 
 
 def test_write_errors_name_the_file_and_stay_oserrors(tmp_path, monkeypatch):
-    from torchckpt import _output
+    from torchckpt._storage import local_output
 
     def full(fd, views):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(_output, "_write_views", full)
+    monkeypatch.setattr(local_output, "_write_views", full)
     with pytest.raises(OSError) as info:
         torchckpt.Checkpoint(w=torch.ones(4)).write(tmp_path / "c")
     assert info.value.errno == errno.ENOSPC and info.value.filename.endswith(".safetensors")
@@ -553,7 +557,7 @@ def test_save_takes_write_options_and_refuses_unknown_ones(tmp_path):
         ckpt.save(tmp_path / "ckpt", asyncsave=True)
     path = ckpt.save(tmp_path / "ckpt", max_shard_size=400, async_save=True)
     ckpt.wait_until_finished()
-    assert len(_index.load_index(path).shards) == 2
+    assert len(format_index.load_index(path).shards) == 2
 
 
 def test_bytes_paths_are_decoded(tmp_path):
@@ -567,14 +571,14 @@ def test_bytes_paths_are_decoded(tmp_path):
 def test_the_format_seal_is_the_last_key(tmp_path):
     path = torchckpt.Checkpoint(w=torch.ones(1)).write(tmp_path / "c")
     raw = json.loads(Path(path, "index.json").read_text())
-    assert list(raw)[-1] == _format.SEAL_KEY
+    assert list(raw)[-1] == spec.SEAL_KEY
 
 
 def test_a_read_only_file_system_is_named_with_what_to_do(tmp_path, monkeypatch):
     def read_only(path, mode=0o777):
         raise OSError(errno.EROFS, "Read-only file system", path)
 
-    monkeypatch.setattr(_atomic.os, "mkdir", read_only)
+    monkeypatch.setattr(atomic.os, "mkdir", read_only)
     with pytest.raises(torchckpt.CheckpointWriteError, match="the file system is read-only. Write checkpoints") as info:
         torchckpt.Checkpoint(w=torch.ones(1)).write(tmp_path / "c")
     assert info.value.errno == errno.EROFS and info.value.path == str(tmp_path / "c")

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 import torchckpt
-from torchckpt import _directory, _format, cli
+from torchckpt import cli
+from torchckpt._format import spec
+from torchckpt._history import state as history_state
 
 from . import fuzzing
 from .conftest import read_header_file, read_index, write_index
@@ -140,12 +142,12 @@ def test_deep_json_is_refused_in_every_file(saved):
     reseal(Path(saved, "index.json"))
     with pytest.raises(torchckpt.CorruptCheckpointError, match="nests JSON too deeply|state tree"):
         restore(saved)
-    state_path = Path(run, _directory.STATE_FILE)
+    state_path = Path(run, history_state.STATE_FILE)
     state_path.write_text(state_path.read_text().replace('"latest": ', '"deep": ' + "[" * 100_000 + "]" * 100_000
                                                          + ',\n "latest": '))
     reseal(state_path)
-    with pytest.raises(_directory.StateFileError, match="too deeply"):
-        _directory.read_state(run)
+    with pytest.raises(history_state.StateFileError, match="too deeply"):
+        history_state.read_state(run)
     shard = next(Path(saved).glob("*.safetensors"))
     raw = shard.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
@@ -171,12 +173,12 @@ print(sorted(m for m in set(sys.modules) - before if m.startswith("torch.")))
 
 
 def test_dtypes_come_from_a_fixed_table():
-    from torchckpt import _tree
+    from torchckpt._format import tree as format_tree
 
-    assert _tree.decode({"@dtype": "bfloat16"}, None, lambda n: None) is torch.bfloat16
+    assert format_tree.decode({"@dtype": "bfloat16"}, None, lambda n: None) is torch.bfloat16
     for name in ("_dynamo", "onnx", "Tensor", "float32 ", "__class__"):
         with pytest.raises(torchckpt.CorruptCheckpointError, match="bad tagged value"):
-            _tree.decode({"@dtype": name}, None, lambda n: None)
+            format_tree.decode({"@dtype": name}, None, lambda n: None)
 
 
 # -- B12: FIFOs, devices and memory bombs ------------------------------------------------------
@@ -203,7 +205,7 @@ def run_cli(argv: list[str], timeout: float = 60) -> tuple[int, str, str]:
 @pytest.mark.parametrize("kind", ["fifo", "dev-zero"])
 def test_special_files_are_refused_without_hanging(saved, where, kind):
     run = os.path.dirname(saved)
-    path = {"state-file": os.path.join(run, _directory.STATE_FILE), "index": os.path.join(saved, "index.json"),
+    path = {"state-file": os.path.join(run, history_state.STATE_FILE), "index": os.path.join(saved, "index.json"),
             "shard": os.path.join(saved, "model-00001-of-00001.safetensors")}[where]
     os.unlink(path)
     if kind == "fifo":
@@ -212,7 +214,7 @@ def test_special_files_are_refused_without_hanging(saved, where, kind):
         os.symlink("/dev/zero", path)
     code = f"""
 import warnings, torch, torchckpt
-from torchckpt import _directory
+from torchckpt._history import state as history_state
 warnings.simplefilter("ignore")
 outcomes = []
 for fn in (lambda: torchckpt.latest_checkpoint({run!r}), lambda: torchckpt.get_checkpoint_state({run!r}),
@@ -278,7 +280,7 @@ except torchckpt.CheckpointError as e:
 def test_an_oversized_index_is_refused_before_it_is_read(tmp_path):
     path = torchckpt.Checkpoint(w=torch.ones(2)).write(tmp_path / "c")
     with open(os.path.join(path, "index.json"), "r+b") as f:
-        f.truncate(_format.MAX_INDEX_SIZE + 1)  # sparse: nothing is written, and nothing must be read
+        f.truncate(spec.MAX_INDEX_SIZE + 1)  # sparse: nothing is written, and nothing must be read
     with pytest.raises(torchckpt.CorruptCheckpointError, match="over the .*-byte limit"):
         torchckpt.load_checkpoint(path)
 
@@ -350,7 +352,7 @@ def test_cli_prints_values_that_do_not_encode(tmp_path):
     mgr = torchckpt.CheckpointManager(torchckpt.Checkpoint(w=torch.ones(1)), tmp_path)
     mgr.save(metrics={"tag": "x"})
     mgr.close()
-    state_path = tmp_path / _directory.STATE_FILE
+    state_path = tmp_path / history_state.STATE_FILE
     state = json.loads(state_path.read_text())
     state["checkpoints"][0]["metrics"]["tag"] = "\ud800"  # only a forger can write it
     state_path.write_bytes(sealed_json(state))

@@ -11,9 +11,12 @@ import pytest
 import torch
 
 import torchckpt
-from torchckpt import CheckpointManager, _atomic, _directory, _retention
+from torchckpt import CheckpointManager
 from torchckpt import manager as manager_module
-from torchckpt._directory import Entry
+from torchckpt._history import retention
+from torchckpt._history import state as history_state
+from torchckpt._history.state import Entry
+from torchckpt._storage import atomic
 
 
 class FakeTime:
@@ -347,7 +350,7 @@ def test_checkpoints_iterator_timeout_fn_calls():
 
 
 def test_iterator_ignores_uncommitted_directories(tmp_path):
-    (tmp_path / f"ckpt-9{_atomic.TMP_MARKER}123-abc").mkdir()
+    (tmp_path / f"ckpt-9{atomic.TMP_MARKER}123-abc").mkdir()
     (tmp_path / "ckpt-8").mkdir()  # no index.json: not committed
     assert list(torchckpt.checkpoints_iterator(tmp_path, timeout=0)) == []
     assert torchckpt.latest_checkpoint(tmp_path) is None
@@ -372,7 +375,7 @@ def test_iterator_ignores_uncommitted_directories(tmp_path):
 )
 def test_retention_table(max_to_keep, hours, keep_best, metrics, kept, deleted, preserved):
     entries = [Entry(f"ckpt-{i}", 3600.0 * i, None if m is None else {"loss": m}) for i, m in enumerate(metrics, 1)]
-    plan = _retention.plan_retention(entries, max_to_keep, hours, 0.0, keep_best, "loss", "min")
+    plan = retention.plan_retention(entries, max_to_keep, hours, 0.0, keep_best, "loss", "min")
     assert [e.name for e in plan.kept] == [f"ckpt-{i}" for i in kept]
     assert [e.name for e in plan.delete] == [f"ckpt-{i}" for i in deleted]
     assert [e.name for e in plan.preserve] == [f"ckpt-{i}" for i in preserved]
@@ -430,7 +433,7 @@ def test_stale_temporaries_are_removed_when_a_manager_starts(tmp_path):
     import sys
 
     pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
-    stale = tmp_path / f"ckpt-3{_atomic.TMP_MARKER}{pid}-abcdef"
+    stale = tmp_path / f"ckpt-3{atomic.TMP_MARKER}{pid}-abcdef"
     stale.mkdir()
     (stale / "index.json").write_text("{}")
     foreign = tmp_path / "notes-1"
@@ -442,17 +445,17 @@ def test_stale_temporaries_are_removed_when_a_manager_starts(tmp_path):
 def test_deletion_happens_after_commit(tmp_path, monkeypatch):
     manager = CheckpointManager(ckpt(), tmp_path, max_to_keep=1)
     first = manager.save()
-    from torchckpt import _save
+    from torchckpt._save import write
 
-    real = _save.write_checkpoint
+    real = write.write_checkpoint
 
     def failing(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(_save, "write_checkpoint", failing)
+    monkeypatch.setattr(write, "write_checkpoint", failing)
     with pytest.raises(OSError, match="No space left"):
         manager.save()
-    monkeypatch.setattr(_save, "write_checkpoint", real)
+    monkeypatch.setattr(write, "write_checkpoint", real)
     assert exists(first) and manager.checkpoints == [first] and manager.latest_checkpoint == first
 
 
@@ -468,4 +471,4 @@ def test_state_file_names_are_relative(tmp_path):
     manager.save()
     state = state_of(tmp_path)
     assert state["latest"] == "ckpt-1" and state["checkpoints"][0]["name"] == "ckpt-1"
-    assert _directory.read_state(str(tmp_path)).latest == "ckpt-1"
+    assert history_state.read_state(str(tmp_path)).latest == "ckpt-1"

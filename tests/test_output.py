@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import torchckpt
-from torchckpt import _output
+from torchckpt._storage import local_output
 from torchckpt._tensorio import byte_view
 from torchckpt.reader import verify
 
@@ -45,7 +45,7 @@ def direct_dir(tmp_path):
 @pytest.fixture
 def always_direct(monkeypatch):
     """Direct I/O for files of any size, so that small tests take the same path as large saves."""
-    monkeypatch.setattr(_output, "DIRECT_MIN_BYTES", 0)
+    monkeypatch.setattr(local_output, "DIRECT_MIN_BYTES", 0)
 
 
 def pieces_of(lengths: list[int], readonly_every: int = 3) -> list[memoryview]:
@@ -60,7 +60,7 @@ def pieces_of(lengths: list[int], readonly_every: int = 3) -> list[memoryview]:
 
 def write_file(path: str, views: list[memoryview], size_hint: int | None = None) -> type:
     size = sum(map(len, views)) if size_hint is None else size_hint
-    with _output.create(path, size) as out:
+    with local_output.create(path, size) as out:
         kind = type(out)
         out.write(views)
         out.finish()
@@ -74,7 +74,7 @@ def write_file(path: str, views: list[memoryview], size_hint: int | None = None)
 def test_direct_output_writes_exactly_the_bytes_given(direct_dir, always_direct, lengths):
     path = str(direct_dir / "f.bin")
     views = pieces_of(lengths)
-    assert write_file(path, views) is _output._DirectOutput
+    assert write_file(path, views) is local_output._DirectOutput
     with open(path, "rb") as f:
         assert f.read() == b"".join(bytes(v) for v in views)
 
@@ -87,26 +87,26 @@ def test_direct_output_round_trips_any_sequence_of_writes(tmp_path_factory, leng
         pytest.skip("the test directory's filesystem refuses O_DIRECT")
     path = str(directory / "f.bin")
     views = pieces_of(lengths, readonly_every=2)
-    old = _output.DIRECT_MIN_BYTES
-    _output.DIRECT_MIN_BYTES = 0
+    old = local_output.DIRECT_MIN_BYTES
+    local_output.DIRECT_MIN_BYTES = 0
     try:
-        with _output.create(path, size_hint) as out:  # the size is a hint for buffer sizes only
+        with local_output.create(path, size_hint) as out:  # the size is a hint for buffer sizes only
             for i in range(0, len(views), 4):
                 out.write(views[i : i + 4])
             out.finish()
     finally:
-        _output.DIRECT_MIN_BYTES = old
+        local_output.DIRECT_MIN_BYTES = old
     with open(path, "rb") as f:
         assert f.read() == b"".join(bytes(v) for v in views)
 
 
 def test_direct_output_opens_the_file_with_o_direct(direct_dir, always_direct):
-    with _output.create(str(direct_dir / "f.bin"), 10) as out:
+    with local_output.create(str(direct_dir / "f.bin"), 10) as out:
         assert fcntl.fcntl(out.fd, fcntl.F_GETFL) & O_DIRECT
 
 
 def test_small_files_use_the_page_cache(direct_dir):
-    assert write_file(str(direct_dir / "f.bin"), pieces_of([100])) is _output._CachedOutput
+    assert write_file(str(direct_dir / "f.bin"), pieces_of([100])) is local_output._CachedOutput
 
 
 def test_a_filesystem_that_refuses_o_direct_gets_ordinary_writes(tmp_path, always_direct, monkeypatch):
@@ -122,7 +122,7 @@ def test_a_filesystem_that_refuses_o_direct_gets_ordinary_writes(tmp_path, alway
     monkeypatch.setattr(os, "open", refusing_open)
     path = str(tmp_path / "f.bin")
     views = pieces_of([5000, 300_000])
-    assert write_file(path, views) is _output._CachedOutput
+    assert write_file(path, views) is local_output._CachedOutput
     with open(path, "rb") as f:
         assert f.read() == b"".join(bytes(v) for v in views)
 
@@ -140,7 +140,7 @@ def test_a_device_that_wants_more_alignment_gets_ordinary_writes(direct_dir, alw
     monkeypatch.setattr(os, "pwrite", picky_pwrite)
     path = str(direct_dir / "f.bin")
     views = pieces_of([70_000, 3, 200_000])
-    with _output.create(path, 10) as out:
+    with local_output.create(path, 10) as out:
         out.write(views)
         out.finish()
         assert not fcntl.fcntl(out.fd, fcntl.F_GETFL) & O_DIRECT
@@ -155,7 +155,7 @@ def test_a_failed_write_is_raised_with_the_path_and_nothing_hangs(direct_dir, al
 
     monkeypatch.setattr(os, "pwrite", full_disk)
     path = str(direct_dir / "f.bin")
-    out = _output.create(path, 10)  # 4 KiB buffers: the failure surfaces while the caller still writes
+    out = local_output.create(path, 10)  # 4 KiB buffers: the failure surfaces while the caller still writes
     with pytest.raises(OSError, match="No space left") as caught, out:
         out.write(pieces_of([4096] * 50))
         out.finish()
@@ -222,7 +222,7 @@ def test_an_unexpected_error_in_the_disk_thread_reaches_the_caller(direct_dir, a
         raise ValueError("bad buffer")
 
     monkeypatch.setattr(os, "pwrite", broken)
-    with pytest.raises(ValueError, match="bad buffer"), _output.create(str(direct_dir / "f.bin"), 10) as out:
+    with pytest.raises(ValueError, match="bad buffer"), local_output.create(str(direct_dir / "f.bin"), 10) as out:
         out.write(pieces_of([10_000]))
         out.finish()
 
@@ -254,7 +254,7 @@ def test_partial_writes_complete_and_leave_the_callers_list_alone(tmp_path, monk
     views = pieces_of([5000, 3, 2500])
     before = [bytes(v) for v in views]
     path = str(tmp_path / "f.bin")
-    assert write_file(path, views) is _output._CachedOutput
+    assert write_file(path, views) is local_output._CachedOutput
     assert [bytes(v) for v in views] == before  # the checksum thread reads this same list
     with open(path, "rb") as f:
         assert f.read() == b"".join(before)
@@ -263,7 +263,7 @@ def test_partial_writes_complete_and_leave_the_callers_list_alone(tmp_path, monk
 def test_cached_writes_hand_each_written_range_to_the_disk(tmp_path, monkeypatch):
     """Early writeback asks for ranges already written: a range asked for before its bytes are
     there starts nothing, and those bytes then wait for the final fsync."""
-    monkeypatch.setattr(_output, "FLUSH_BYTES", 10_000)
+    monkeypatch.setattr(local_output, "FLUSH_BYTES", 10_000)
     real_fadvise = os.posix_fadvise
     asked = []
 
@@ -274,8 +274,8 @@ def test_cached_writes_hand_each_written_range_to_the_disk(tmp_path, monkeypatch
     monkeypatch.setattr(os, "posix_fadvise", record)
     views = pieces_of([6000] * 10)
     path = str(tmp_path / "f.bin")
-    with _output.create(path, 60_000) as out:
-        assert type(out) is _output._CachedOutput
+    with local_output.create(path, 60_000) as out:
+        assert type(out) is local_output._CachedOutput
         for view in views:
             out.write([view])
         out.finish()

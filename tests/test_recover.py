@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import torchckpt
-from torchckpt._backend import ABSENT
-from torchckpt._directory import Entry, State
-from torchckpt._recover import DamagedStateFile, OnDisk, Ranking, Recovered, read_disk, recover, unrecorded
-from torchckpt._storage import storage_for
+from torchckpt._history.recover import DamagedStateFile, OnDisk, Ranking, Recovered, read_disk, recover, unrecorded
+from torchckpt._history.state import Entry, State
+from torchckpt._storage.base import ABSENT
+from torchckpt._storage.registry import storage_for
 
 NOW = 1000.0
 DIR = "run"

@@ -20,7 +20,10 @@ import pytest
 import torch
 
 import torchckpt
-from torchckpt import CheckpointManager, _fsspec, _lease, _upload
+from torchckpt import CheckpointManager
+from torchckpt._storage import fsspec as storage_fsspec
+from torchckpt._storage import lease as storage_lease
+from torchckpt._storage import upload
 from torchckpt.cli import main
 from torchckpt.reader import verify
 
@@ -110,8 +113,8 @@ def test_retention_deletes_the_index_before_the_shards(remote, monkeypatch):
     first = mgr.save()
     shard = shards_of(remote, "ckpt-1")
     removed: list = []
-    real_put, real_file, real_names = (_fsspec.FsspecStorage.put, _fsspec.FsspecStorage.remove_quietly,
-                                       _fsspec.FsspecStorage.remove_names)
+    real_put, real_file, real_names = (storage_fsspec.FsspecStorage.put, storage_fsspec.FsspecStorage.remove_quietly,
+                                       storage_fsspec.FsspecStorage.remove_names)
 
     def put(self, path, data):
         removed.append(("put", path.rsplit("/", 2)[-2:]))
@@ -125,9 +128,9 @@ def test_retention_deletes_the_index_before_the_shards(remote, monkeypatch):
         removed.append(("names", path.rsplit("/", 1)[-1], sorted(names)))
         return real_names(self, path, names)
 
-    monkeypatch.setattr(_fsspec.FsspecStorage, "put", put)
-    monkeypatch.setattr(_fsspec.FsspecStorage, "remove_quietly", remove_file)
-    monkeypatch.setattr(_fsspec.FsspecStorage, "remove_names", remove_names)
+    monkeypatch.setattr(storage_fsspec.FsspecStorage, "put", put)
+    monkeypatch.setattr(storage_fsspec.FsspecStorage, "remove_quietly", remove_file)
+    monkeypatch.setattr(storage_fsspec.FsspecStorage, "remove_names", remove_names)
     mgr.save()
     deletes = [r for r in removed if "ckpt-1" in str(r)]
     assert deletes == [("put", ["ckpt-1", ".torchckpt-deleting"]),  # marked, so that a kill is finished later
@@ -145,7 +148,7 @@ def test_the_index_is_the_commit_and_is_written_last(remote):
         seen["names"] = remote.names(stage.rsplit("/", 1)[1])
         seen["latest"] = torchckpt.latest_checkpoint(remote.url, storage_options=remote.options)
 
-    from torchckpt._storage import storage_for
+    from torchckpt._storage.registry import storage_for
     from torchckpt.checkpoint import commit
 
     ckpt = torchckpt.Checkpoint(w=torch.ones(4))
@@ -157,8 +160,8 @@ def test_the_index_is_the_commit_and_is_written_last(remote):
 
 
 def test_a_second_commit_of_one_number_is_refused(remote):
-    from torchckpt._backend import AlreadyCommitted
-    from torchckpt._storage import storage_for
+    from torchckpt._storage.base import AlreadyCommitted
+    from torchckpt._storage.registry import storage_for
     from torchckpt.checkpoint import commit
 
     path = remote.at("ckpt-1")
@@ -204,22 +207,22 @@ def test_a_flipped_byte_in_a_shard_object_fails_verify_and_restore(remote):
 
 
 def test_a_shard_lost_after_its_upload_is_never_committed(remote, monkeypatch):
-    real = _fsspec.RemoteStage.commit
+    real = storage_fsspec.RemoteStage.commit
 
     def lose_a_shard(self, sizes):
         remote.fs.rm_file(f"{self.path}/{next(iter(sizes))}")
         return real(self, sizes)
 
-    monkeypatch.setattr(_fsspec.RemoteStage, "commit", lose_a_shard)
+    monkeypatch.setattr(storage_fsspec.RemoteStage, "commit", lose_a_shard)
     with pytest.raises(torchckpt.CheckpointWriteError, match="is not on the store after its upload") as info:
         torchckpt.Checkpoint(w=torch.ones(2)).write(remote.at("c"), storage_options=remote.options)
     assert info.value.path == remote.at("c") and remote.names("c") == []
 
 
 def test_a_large_shard_goes_up_in_parts_and_comes_back_in_ranges(remote, monkeypatch):
-    monkeypatch.setattr(_upload, "PART_BYTES", 5 * 2**20)  # S3's smallest part
-    monkeypatch.setattr(_fsspec, "READ_PART_MIN", 2**20)
-    monkeypatch.setattr(_fsspec, "READ_PART_MAX", 2**20)
+    monkeypatch.setattr(upload, "PART_BYTES", 5 * 2**20)  # S3's smallest part
+    monkeypatch.setattr(storage_fsspec, "READ_PART_MIN", 2**20)
+    monkeypatch.setattr(storage_fsspec, "READ_PART_MAX", 2**20)
     big = torch.randn(4 * 2**20)  # 16 MiB: four parts, sixteen ranged reads
     path = torchckpt.Checkpoint(big=big, small=torch.arange(5)).write(remote.at("c"), storage_options=remote.options)
     back = torchckpt.Checkpoint(big=torch.zeros_like(big), small=torch.zeros(5, dtype=torch.int64))
@@ -259,15 +262,15 @@ def test_a_clean_exit_releases_the_lease_for_the_next_run(remote):
     mgr = CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), remote.url, storage_options=remote.options)
     assert mgr.save() == remote.at("ckpt-1")  # no wait for the lease to expire
     mgr.close()
-    assert _lease.LEASE_FILE not in remote.names()
+    assert storage_lease.LEASE_FILE not in remote.names()
 
 
 def test_a_manager_that_lost_its_lease_is_stopped_at_its_next_save(remote, monkeypatch):
-    monkeypatch.setattr(_lease, "LEASE_SECS", 0.6)  # renewed every 0.2 s
+    monkeypatch.setattr(storage_lease, "LEASE_SECS", 0.6)  # renewed every 0.2 s
     mgr = CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), remote.url, storage_options=remote.options)
     mgr.save()
     thief = {"holder": "pid 1 on elsewhere", "session": "other", "expires": time.time() + 3600}
-    remote.fs.pipe_file(remote.at(_lease.LEASE_FILE), json.dumps(thief).encode())  # another process took it over
+    remote.fs.pipe_file(remote.at(storage_lease.LEASE_FILE), json.dumps(thief).encode())  # another process took it over
     time.sleep(1.0)
     with pytest.raises(torchckpt.CheckpointError, match="lost its claim"):
         mgr.save()
@@ -308,23 +311,23 @@ def test_a_writer_killed_mid_upload_leaves_the_last_checkpoint_and_the_next_mana
 
 
 def test_a_save_that_dies_in_process_leaves_no_visible_checkpoint(remote, monkeypatch):
-    monkeypatch.setattr(_lease, "LEASE_SECS", 2.0)
+    monkeypatch.setattr(storage_lease, "LEASE_SECS", 2.0)
     ckpt = job_checkpoint(0)
     mgr = CheckpointManager(ckpt, remote.url, storage_options=remote.options)
     mgr.save()
-    monkeypatch.setattr(_fsspec.RemoteStage, "discard", lambda self: None)  # a dead process cleans nothing
+    monkeypatch.setattr(storage_fsspec.RemoteStage, "discard", lambda self: None)  # a dead process cleans nothing
 
     def die(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(_fsspec.RemoteStage, "commit", die)
+    monkeypatch.setattr(storage_fsspec.RemoteStage, "commit", die)
     ckpt.tensors["a"].add_(1)
     with pytest.raises(KeyboardInterrupt):
         mgr.save()
     monkeypatch.undo()
-    for lease in _lease._leases.values():  # the process "dies": its lease is no longer renewed
+    for lease in storage_lease._leases.values():  # the process "dies": its lease is no longer renewed
         lease.stop.set()
-    _lease._leases.clear()
+    storage_lease._leases.clear()
     check_after_crash(remote, lease_secs=2)
 
 
@@ -464,7 +467,7 @@ def test_an_unknown_scheme_or_missing_package_names_the_fix(tmp_path):
 
 
 def test_file_urls_take_the_generic_path(tmp_path, monkeypatch):
-    monkeypatch.setattr(_fsspec, "_warned", set())  # the warning is given once per process
+    monkeypatch.setattr(storage_fsspec, "_warned", set())  # the warning is given once per process
     url = f"file://{tmp_path}/run"
     ckpt = torchckpt.Checkpoint(w=torch.arange(4.0))
     with pytest.warns(UserWarning, match="cannot create or replace a file conditionally"):

@@ -19,7 +19,7 @@ import torch
 
 import torchckpt
 from torchckpt import CheckpointManager
-from torchckpt._storage import storage_for
+from torchckpt._storage.registry import storage_for
 from torchckpt.checkpoint import commit
 from torchckpt.cli import main
 from torchckpt.reader import verify

@@ -17,7 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import torchckpt
-from torchckpt import _chunks, cli
+from torchckpt import cli
+from torchckpt._format import chunks as format_chunks
 
 from . import format2, fuzzing
 from .conftest import read_index, write_index
@@ -146,7 +147,7 @@ def test_byte_runs_of_many_dimensions_never_recurse():
     ndim = 3000
     src = ((0,) * ndim, (1,) * ndim)
     dst = ((0,) * ndim, (1,) * (ndim - 1) + (2,))
-    assert list(_chunks.runs(src, src, dst)) == [(0, 0, 1)]
+    assert list(format_chunks.runs(src, src, dst)) == [(0, 0, 1)]
 
 
 # -- item 5: the tiling check is O(n log n) ------------------------------------------------------
@@ -172,7 +173,7 @@ def grid(shape: tuple[int, ...], block: tuple[int, ...]) -> list:
 def test_tens_of_thousands_of_chunks_are_checked_in_well_under_a_second(case, shape, boxes):
     assert len(boxes) >= 10_000
     start = time.perf_counter()
-    _chunks.check_tiling("w", shape, boxes, "here")
+    format_chunks.check_tiling("w", shape, boxes, "here")
     assert time.perf_counter() - start < 1.0  # was 0.66 s for 1,000 column chunks and 10 s for 4,000
 
 
@@ -194,7 +195,7 @@ def shifted(boxes: list, i: int, dim: int, by: int) -> list:
 def test_an_overlap_hidden_among_tens_of_thousands_of_chunks_is_caught(case, shape, boxes, message):
     start = time.perf_counter()
     with pytest.raises(torchckpt.CorruptCheckpointError, match=message):
-        _chunks.check_tiling("w", shape, boxes, "here")
+        format_chunks.check_tiling("w", shape, boxes, "here")
     assert time.perf_counter() - start < 1.0
 
 
@@ -244,10 +245,10 @@ def test_the_tiling_check_agrees_with_counting_every_element(case):
     for offsets, sizes in boxes:
         count[tuple(slice(o, o + s) for o, s in zip(offsets, sizes))] += 1
     if bool((count == 1).all()):
-        _chunks.check_tiling("w", shape, boxes, "here")
+        format_chunks.check_tiling("w", shape, boxes, "here")
     else:
         with pytest.raises(torchckpt.CorruptCheckpointError, match="overlap|cover"):
-            _chunks.check_tiling("w", shape, boxes, "here")
+            format_chunks.check_tiling("w", shape, boxes, "here")
 
 
 # -- item 10: an index that points a chunk at another chunk's bytes ----------------------------

@@ -11,15 +11,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from torchckpt import UnsupportedStateError, _tree
+from torchckpt import UnsupportedStateError
+from torchckpt._format import tree as format_tree
 
 
 def roundtrip(value):
     tensors: dict[str, torch.Tensor] = {}
-    encoded = _tree.encode(value, "", tensors)
+    encoded = format_tree.encode(value, "", tensors)
     text = json.dumps(encoded, allow_nan=False)  # strict JSON: no NaN/Infinity literals
-    trie = _tree.build_trie(list(tensors))
-    return _tree.decode(json.loads(text), trie, tensors.__getitem__), tensors
+    trie = format_tree.build_trie(list(tensors))
+    return format_tree.decode(json.loads(text), trie, tensors.__getitem__), tensors
 
 
 def same(a, b):
@@ -65,8 +66,8 @@ def test_typed_tree_roundtrip(value):
 @given(st.lists(st.sampled_from(["a", "b/c", "~", "x~1y", "", "/", "~0"]), min_size=1, max_size=4))
 def test_escape_is_reversible(parts):
     for p in parts:
-        assert _tree.unescape_part(_tree.escape_part(p)) == p
-        assert _tree.SEP not in _tree.escape_part(p)
+        assert format_tree.unescape_part(format_tree.escape_part(p)) == p
+        assert format_tree.SEP not in format_tree.escape_part(p)
 
 
 def test_exact_types_survive():
@@ -86,10 +87,10 @@ def test_tensors_leave_the_json_and_come_back_in_place():
     t1, t2, t3 = torch.ones(2), torch.zeros(3), torch.arange(4)
     value = {"a": t1, "nested": {"b/c": t2}, "lst": [1, t3], 0: {"x": t1}}
     tensors: dict[str, torch.Tensor] = {}
-    encoded = _tree.encode(value, "root", tensors)
+    encoded = format_tree.encode(value, "root", tensors)
     assert set(tensors) == {"root/a", "root/nested/b~1c", "root/lst/1", "root/0/x"}
     assert "a" not in encoded  # plain-dict tensors are left out of the JSON entirely
-    back = _tree.decode(encoded, _tree.build_trie(list(tensors))["root"], tensors.__getitem__, "root")
+    back = format_tree.decode(encoded, format_tree.build_trie(list(tensors))["root"], tensors.__getitem__, "root")
     assert back["nested"]["b/c"] is t2 and back["lst"][1] is t3 and back[0]["x"] is t1
 
 
@@ -105,16 +106,16 @@ def test_tensors_leave_the_json_and_come_back_in_place():
 )
 def test_unsupported_values_name_their_key_path(value, key):
     with pytest.raises(UnsupportedStateError, match="no representation without pickle") as info:
-        _tree.encode(value, "", {})
+        format_tree.encode(value, "", {})
     assert info.value.key == key
     assert key in str(info.value)
 
 
 def test_key_collision_is_refused():
     with pytest.raises(UnsupportedStateError, match="same tensor name") as info:
-        _tree.encode({0: torch.ones(1), "0": torch.ones(1)}, "d", {})
+        format_tree.encode({0: torch.ones(1), "0": torch.ones(1)}, "d", {})
     assert info.value.key == "d/0"
 
 
 def test_leaves_flatten_to_names():
-    assert _tree.leaves({"a": {0: 1, "b": []}, "t": (1, 2)}, "p") == {"p/a/0": 1, "p/a/b": [], "p/t": (1, 2)}
+    assert format_tree.leaves({"a": {0: 1, "b": []}, "t": (1, 2)}, "p") == {"p/a/0": 1, "p/a/b": [], "p/t": (1, 2)}

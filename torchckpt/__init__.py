@@ -5,9 +5,11 @@ Atomic, never pickled, bit-exact on resume, with partial restore and mismatch re
 
 from __future__ import annotations
 
-from torchckpt import _lease  # noqa: F401 - its exit hook must be registered before the async writer's
-from torchckpt._directory import checkpoints_iterator, latest_checkpoint, wait_for_new_checkpoint
-from torchckpt._tree import PerRank
+from torchckpt._storage import lease  # noqa: F401 - its exit hook must be registered before the async writer's
+
+# isort: split
+from torchckpt._format.tree import PerRank
+from torchckpt._history.state import checkpoints_iterator, latest_checkpoint, wait_for_new_checkpoint
 from torchckpt._version import __version__
 from torchckpt.checkpoint import Checkpoint
 from torchckpt.errors import (

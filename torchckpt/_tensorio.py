@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 import xxhash
 
-from torchckpt import _blocks, _threads
-from torchckpt._backend import IOV_MAX
+from torchckpt import _threads
+from torchckpt._format import blocks as format_blocks
+from torchckpt._storage.base import IOV_MAX
 
 if TYPE_CHECKING:
-    from torchckpt._backend import Output, Source
+    from torchckpt._storage.base import Output, Source
 
 CHUNK_BYTES = 64 * 2**20
 _WRITEV_BYTES = 16 * 2**20
@@ -130,7 +131,7 @@ def write_tensors(out: Output, tensors: list[torch.Tensor], on_bytes: Callable[[
         blocks: when given, each tensor's block checksums (``_blocks``: blocks of
             ``_blocks.BLOCK_BYTES``, none for a tensor of one block) are appended to it, in order.
     """
-    block_bytes = _blocks.BLOCK_BYTES if blocks is not None else 0
+    block_bytes = format_blocks.BLOCK_BYTES if blocks is not None else 0
     digests = array.array("Q")
     pending: list[memoryview] = []  # views of tensors in ``tensors``, which keeps them alive
     pending_bytes = 0
@@ -167,7 +168,7 @@ def write_tensors(out: Output, tensors: list[torch.Tensor], on_bytes: Callable[[
             continue
         write_batch()
         collect()
-        hasher: Any = _blocks.Hasher(block_bytes) if blocks is not None else xxhash.xxh3_64()
+        hasher: Any = format_blocks.Hasher(block_bytes) if blocks is not None else xxhash.xxh3_64()
         for chunk in host_chunks(t):  # a staged copy: written before its buffer is reused
             view = byte_view(chunk)
             hasher.update(view)
@@ -192,7 +193,7 @@ def _digest_all(views: list[memoryview], block_bytes: int) -> tuple[list[int], l
     if block_bytes:
         for v in views:
             if len(v) > block_bytes:
-                blocks += _blocks.digests(v, block_bytes)
+                blocks += format_blocks.digests(v, block_bytes)
     return [intdigest(v) for v in views], blocks
 
 

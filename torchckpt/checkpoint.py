@@ -16,12 +16,20 @@ from typing import Any
 
 import torch
 
-from torchckpt import _capture, _directory, _dist, _format, _index, _loaders, _save, _sharded_save, _tree
-from torchckpt._async import AsyncWriter  # imported with the package: its exit hook must be registered early
-from torchckpt._backend import Storage, as_path, name_of, parent_of
-from torchckpt._load import MISSING, Plan, execute, plan_module, plan_stateful, plan_tensor, plan_value
-from torchckpt._report import MismatchReport
-from torchckpt._storage import storage_for
+from torchckpt._dist import coordinator as dist_coordinator
+from torchckpt._format import index as format_index
+from torchckpt._format import spec
+from torchckpt._format import tree as format_tree
+from torchckpt._history import state as history_state
+from torchckpt._load import loaders
+from torchckpt._load.plan import MISSING, Plan, execute, plan_module, plan_stateful, plan_tensor, plan_value
+from torchckpt._load.report import MismatchReport
+from torchckpt._save import capture as save_capture
+from torchckpt._save import collective as save_collective
+from torchckpt._save import write as save_write
+from torchckpt._save.background import AsyncWriter  # imported with the package: its exit hook must be registered early
+from torchckpt._storage.base import Storage, as_path, name_of, parent_of
+from torchckpt._storage.registry import storage_for
 from torchckpt._threads import gc_paused
 from torchckpt.errors import RESTORED_ON_THIS_RANK, CorruptCheckpointError
 from torchckpt.restore import RestoreStatus
@@ -32,9 +40,9 @@ PathLike = str | os.PathLike[str]
 
 
 def restore_call(process_group: Any, timeout_secs: float | None, save_path: PathLike | None, call: str,
-                 **options: Any) -> _dist.Coordinator | None:
+                 **options: Any) -> dist_coordinator.Coordinator | None:
     """The collective call of a restore on several ranks (None for one process, or nothing to restore)."""
-    coord = _dist.coordinator_for(process_group, timeout_secs)
+    coord = dist_coordinator.coordinator_for(process_group, timeout_secs)
     if coord is None:
         return None
     path = None if save_path is None else as_path(save_path)
@@ -49,7 +57,7 @@ def is_stateful(value: Any) -> bool:
 
 
 def _is_trackable(value: Any) -> bool:
-    if isinstance(value, (torch.Tensor, Checkpoint, _tree.PerRank)) or is_stateful(value) or _loaders.is_data_state(value):
+    if isinstance(value, (torch.Tensor, Checkpoint, format_tree.PerRank)) or is_stateful(value) or loaders.is_data_state(value):
         return True
     if isinstance(value, dict):
         return any(_is_trackable(v) for v in value.values())
@@ -70,11 +78,11 @@ def kind_of(value: Any) -> str:
         return "grad_scaler"
     if isinstance(value, RNGState):
         return "rng"
-    if _loaders.is_data_state(value):
-        return _loaders.kind_of(value)
+    if loaders.is_data_state(value):
+        return loaders.kind_of(value)
     if isinstance(value, Checkpoint):
         return "checkpoint"
-    if isinstance(value, _tree.PerRank):
+    if isinstance(value, format_tree.PerRank):
         return "per_rank"
     if isinstance(value, torch.Tensor):
         return "tensor"
@@ -132,7 +140,7 @@ class Checkpoint:
                 f"Cannot track an object named {name!r}: names starting with '_' and the Checkpoint's own "
                 "attributes (save, write, restore, read, save_counter, wait_until_finished, sync) are reserved."
             )
-        if _tree.SEP in name:
+        if format_tree.SEP in name:
             raise ValueError(f"Cannot track an object named {name!r}: names may not contain '/'.")
         self._tracked[name] = value
 
@@ -161,7 +169,7 @@ class Checkpoint:
         self,
         path: PathLike,
         *,
-        max_shard_size: int | str = _format.DEFAULT_MAX_SHARD_SIZE,
+        max_shard_size: int | str = spec.DEFAULT_MAX_SHARD_SIZE,
         progress: bool | None = None,
         metadata: dict[str, Any] | None = None,
         async_save: bool = False,
@@ -202,11 +210,11 @@ class Checkpoint:
             Any failure of a previous asynchronous write.
         """
         path = as_path(path)
-        coord = _dist.coordinator_for(process_group, timeout_secs)
+        coord = dist_coordinator.coordinator_for(process_group, timeout_secs)
         if coord is not None:  # every rank must make this same call: its arguments are compared first
             coord = coord.call("Saving " + path, {"call": "Checkpoint.write", "path": path,
-                                                  **_dist.save_arguments(max_shard_size, async_save)})
-        with _dist.failures_shared(coord):
+                                                  **dist_coordinator.save_arguments(max_shard_size, async_save)})
+        with dist_coordinator.failures_shared(coord):
             self._commit(storage_for(path, storage_options), path, max_shard_size, progress, metadata, async_save,
                          coordinator=coord)
         return path
@@ -222,7 +230,7 @@ class Checkpoint:
         after: Callable[[], Any] | None = None,
         before_commit: Callable[[str], None] | None = None,
         replace: bool = True,
-        coordinator: _dist.Coordinator | None = None,
+        coordinator: dist_coordinator.Coordinator | None = None,
         adopt: Callable[[Any], object] | None = None,
     ) -> None:
         """The one write path: capture the state now, then write it here or in the background.
@@ -238,7 +246,7 @@ class Checkpoint:
                                     async_save, after, adopt, before_commit, replace)
             return
         self.wait_until_finished()  # one write in flight; raises a previous background failure
-        _format.parse_size(max_shard_size)  # a bad size is an error before any work
+        spec.parse_size(max_shard_size)  # a bad size is an error before any work
 
         def run() -> None:
             with gc_paused():
@@ -255,10 +263,10 @@ class Checkpoint:
                 return
             if self._writer is None:
                 object.__setattr__(self, "_writer", AsyncWriter())
-            job.stored, job.aliases = self._writer.snapshot(_sharded_save.localize(job.stored))
+            job.stored, job.aliases = self._writer.snapshot(save_collective.localize(job.stored))
         self._writer.submit(run, path)
 
-    def _commit_collective(self, coord: _dist.Coordinator, storage: Storage, path: str, max_shard_size: int | str,
+    def _commit_collective(self, coord: dist_coordinator.Coordinator, storage: Storage, path: str, max_shard_size: int | str,
                            progress: bool | None, metadata: dict[str, Any] | None, async_save: bool,
                            after: Callable[[], Any] | None, adopt: Callable[[Any], object] | None,
                            before_commit: Callable[[str], None] | None, replace: bool) -> None:
@@ -278,14 +286,14 @@ class Checkpoint:
             return job.stored, job.section
 
         with gc_paused():
-            prepared = _sharded_save.prepare(coord, path, state, max_shard_size)
+            prepared = save_collective.prepare(coord, path, state, max_shard_size)
             scope = coord.scope() if async_save else coord
             if async_save:  # a copy that fails on one rank (out of memory) fails the save on every rank, now
-                _dist.agree(coord, "Saving " + path, lambda: self._snapshot(prepared))
+                dist_coordinator.agree(coord, "Saving " + path, lambda: self._snapshot(prepared))
 
         def run() -> None:
             with gc_paused():
-                result = _sharded_save.finish(scope, storage, prepared, False if async_save else progress,
+                result = save_collective.finish(scope, storage, prepared, False if async_save else progress,
                                               before_commit, replace, after)
             if adopt is not None and coord.rank != 0:
                 adopt(result)
@@ -296,7 +304,7 @@ class Checkpoint:
         assert self._writer is not None
         self._writer.submit(run, path)
 
-    def _snapshot(self, prepared: _sharded_save.Prepared) -> None:
+    def _snapshot(self, prepared: save_collective.Prepared) -> None:
         """Copy this rank's tensors of a save by several ranks into the async writer's host memory."""
         if self._writer is None:
             object.__setattr__(self, "_writer", AsyncWriter())
@@ -316,7 +324,7 @@ class Checkpoint:
         self,
         file_prefix: PathLike,
         *,
-        max_shard_size: int | str = _format.DEFAULT_MAX_SHARD_SIZE,
+        max_shard_size: int | str = spec.DEFAULT_MAX_SHARD_SIZE,
         progress: bool | None = None,
         metadata: dict[str, Any] | None = None,
         async_save: bool = False,
@@ -330,12 +338,12 @@ class Checkpoint:
         records the latest checkpoint.
         """
         prefix = as_path(file_prefix)
-        coord = _dist.coordinator_for(process_group, timeout_secs)
+        coord = dist_coordinator.coordinator_for(process_group, timeout_secs)
         if coord is not None:  # every rank must make this same call, from the same count: compared first
             coord = coord.call(f"Saving {prefix}-{self._save_counter + 1}", {
                 "call": "Checkpoint.save", "prefix": prefix, "save_counter": self._save_counter,
-                **_dist.save_arguments(max_shard_size, async_save)})
-        with _dist.failures_shared(coord):
+                **dist_coordinator.save_arguments(max_shard_size, async_save)})
+        with dist_coordinator.failures_shared(coord):
             storage = storage_for(prefix, storage_options)
             if coord is None:
                 self.wait_until_finished()
@@ -343,7 +351,7 @@ class Checkpoint:
             path = f"{prefix}-{self._save_counter}"
 
             def record() -> None:
-                _directory.record_latest(storage.real_path(parent_of(path)), name_of(path), storage)
+                history_state.record_latest(storage.real_path(parent_of(path)), name_of(path), storage)
 
             try:
                 self._commit(storage, path, max_shard_size, progress, metadata, async_save, after=record,
@@ -402,7 +410,7 @@ class Checkpoint:
 
     def _restore(self, save_path: PathLike | None, verify: bool, progress: bool | None, plan: Plan,
                  expect_counter: bool, storage_options: dict[str, Any] | None,
-                 storage: Storage | None = None, coordinator: _dist.Coordinator | None = None) -> RestoreStatus:
+                 storage: Storage | None = None, coordinator: dist_coordinator.Coordinator | None = None) -> RestoreStatus:
         if coordinator is not None:
             with coordinator.failures_shared():
                 # Before any exchange: a background save in flight uses the Store too (one operation
@@ -420,10 +428,10 @@ class Checkpoint:
         storage = storage or storage_for(path, storage_options)
         self.wait_until_finished()  # never read a checkpoint this object is still writing
         with gc_paused():
-            directory = _directory.resolve_checkpoint(path, storage)
+            directory = history_state.resolve_checkpoint(path, storage)
             return self._restore_from(storage, directory, verify, progress, plan, expect_counter)
 
-    def _restore_collective(self, coord: _dist.Coordinator, storage: Storage, path: str, verify: bool,
+    def _restore_collective(self, coord: dist_coordinator.Coordinator, storage: Storage, path: str, verify: bool,
                             progress: bool | None, plan: Plan, expect_counter: bool) -> RestoreStatus:
         """Rank 0 picks the checkpoint (the latest of a directory, once, for everyone); each rank
         restores its own part; any rank's failure is raised on every rank. A rank that had restored
@@ -432,29 +440,29 @@ class Checkpoint:
         coord.consequence = "Nothing was restored."
 
         def choose() -> str:
-            return _directory.resolve_checkpoint(path, storage)
+            return history_state.resolve_checkpoint(path, storage)
 
         def restore(directory: str) -> RestoreStatus:
             with gc_paused():
                 return self._restore_from(storage, directory, verify, progress if coord.rank == 0 else False, plan,
                                           expect_counter)
 
-        return _dist.run_collectively(coord, f"Restoring {path}", choose, restore, RESTORED_ON_THIS_RANK)
+        return dist_coordinator.run_collectively(coord, f"Restoring {path}", choose, restore, RESTORED_ON_THIS_RANK)
 
     def _restore_from(self, storage: Storage, directory: str, verify: bool, progress: bool | None, plan: Plan,
                       expect_counter: bool) -> RestoreStatus:
-        index = _index.load_index(directory, storage)
-        with _index.OpenShards(index) as shards:  # opened together: a deletion from here on cannot touch the read
+        index = format_index.load_index(directory, storage)
+        with format_index.OpenShards(index) as shards:  # opened together: a deletion from here on cannot touch the read
             self._plan_restore(index, shards, plan, expect_counter)
             del index  # only the plan stays in memory while tensors are read
             execute(plan, shards, verify, progress)
         return RestoreStatus(plan.report, directory)
 
-    def _plan_restore(self, index: _index.Index, shards: _index.OpenShards, plan: Plan, expect_counter: bool) -> None:
+    def _plan_restore(self, index: format_index.Index, shards: format_index.OpenShards, plan: Plan, expect_counter: bool) -> None:
         """Match the checkpoint against the tracked objects into ``plan``. The state tree is dropped
         on return, before any tensor is read: only the plan stays in memory."""
-        infos = _index.read_shard_headers(index, shards)
-        saved = _index.state_tree(index, infos.__getitem__, plan.rank)
+        infos = format_index.read_shard_headers(index, shards)
+        saved = format_index.state_tree(index, infos.__getitem__, plan.rank)
         del infos
         self._plan(saved, "", plan)
         if expect_counter:
@@ -467,11 +475,11 @@ class Checkpoint:
 
     def _plan(self, saved: dict[str, Any], prefix: str, plan: Plan) -> None:
         for name, value in self._tracked.items():
-            key = _tree.join(prefix, _tree.escape_part(name))
+            key = format_tree.join(prefix, format_tree.escape_part(name))
             _plan_value(key, value, saved.get(name, MISSING), plan, _attr_setter(self, name))
         for name, value in saved.items():
             if name not in self._tracked and not (name == SAVE_COUNTER and not prefix):
-                plan.report.unexpected_keys.extend(_tree.leaves(value, _tree.join(prefix, _tree.key_part(name))))
+                plan.report.unexpected_keys.extend(format_tree.leaves(value, format_tree.join(prefix, format_tree.key_part(name))))
 
 
 def _attr_setter(ckpt: Checkpoint, name: str) -> Callable[[Any], None]:
@@ -483,11 +491,11 @@ def _item_setter(container: Any, key: Any) -> Callable[[Any], None]:
 
 
 def _plan_value(key: str, value: Any, saved: Any, plan: Plan, assign: Callable[[Any], None]) -> None:
-    if isinstance(saved, _tree.MissingPerRank):  # restoring on more ranks than saved
+    if isinstance(saved, format_tree.MissingPerRank):  # restoring on more ranks than saved
         plan.report.missing_keys.append(key)
         plan.report.skipped_objects[key] = saved.reason
         return
-    if isinstance(value, _tree.PerRank):
+    if isinstance(value, format_tree.PerRank):
         _plan_value(key, value.value, saved, plan, lambda v: setattr(value, "value", v))
     elif isinstance(value, Checkpoint):
         if saved is MISSING or not isinstance(saved, dict):
@@ -498,8 +506,8 @@ def _plan_value(key: str, value: Any, saved: Any, plan: Plan, assign: Callable[[
         plan_module(key, value, saved, plan)
     elif isinstance(value, torch.Tensor):
         plan_tensor(key, value, saved, plan)
-    elif _loaders.is_data_state(value):
-        _loaders.plan_restore(key, value, saved, plan)
+    elif loaders.is_data_state(value):
+        loaders.plan_restore(key, value, saved, plan)
     elif is_stateful(value):
         plan_stateful(key, value, saved, plan)
     elif _is_trackable(value) and isinstance(value, (dict, list)):
@@ -510,9 +518,9 @@ def _plan_value(key: str, value: Any, saved: Any, plan: Plan, assign: Callable[[
 
 def _plan_missing_checkpoint(key: str, value: Checkpoint, saved: Any, plan: Plan) -> None:
     """A nested Checkpoint with nothing (or no dict) to restore from: all of it is missing."""
-    plan.report.missing_keys.extend(_tree.leaves(_tree_state_names(value), key))
+    plan.report.missing_keys.extend(format_tree.leaves(_tree_state_names(value), key))
     if saved is not MISSING:
-        plan.report.unexpected_keys.extend(_tree.leaves(saved, key))
+        plan.report.unexpected_keys.extend(format_tree.leaves(saved, key))
 
 
 def _tree_state_names(ckpt: Checkpoint) -> dict[str, Any]:
@@ -524,45 +532,45 @@ def _plan_container(key: str, value: dict[Any, Any] | list[Any], saved: Any, pla
     is_dict = isinstance(value, dict)
     saved_items: dict[str, Any] = {}
     if isinstance(saved, dict):
-        saved_items = saved if all(map(_is_plain_part, saved)) else {_tree.key_part(k): v for k, v in saved.items()}
+        saved_items = saved if all(map(_is_plain_part, saved)) else {format_tree.key_part(k): v for k, v in saved.items()}
     elif isinstance(saved, (list, tuple)):
         saved_items = {str(i): v for i, v in enumerate(saved)}
     elif saved is not MISSING:
-        plan.report.unexpected_keys.extend(_tree.leaves(saved, key))
+        plan.report.unexpected_keys.extend(format_tree.leaves(saved, key))
     matched = 0
     items = value.items() if isinstance(value, dict) else enumerate(value)
     for k, v in items:
-        part = _tree.key_part(k)
+        part = format_tree.key_part(k)
         found = saved_items.get(part, MISSING)
         matched += found is not MISSING
         if isinstance(v, torch.Tensor):  # the common leaf, planned without building a setter
-            plan_tensor(_tree.join(key, part), v, found, plan)
+            plan_tensor(format_tree.join(key, part), v, found, plan)
         else:
-            _plan_value(_tree.join(key, part), v, found, plan, _item_setter(value, k))
+            _plan_value(format_tree.join(key, part), v, found, plan, _item_setter(value, k))
     # Distinct items have distinct parts unless a dict mixes key types ({0: .., "0": ..}).
     distinct = not is_dict or all(type(k) is str for k in value)
     if matched < len(saved_items) or not distinct:
-        used = {_tree.key_part(k) for k in (value if is_dict else range(len(value)))}
+        used = {format_tree.key_part(k) for k in (value if is_dict else range(len(value)))}
         for part, v in saved_items.items():
             if part not in used:
-                plan.report.unexpected_keys.extend(_tree.leaves(v, _tree.join(key, part)))
+                plan.report.unexpected_keys.extend(format_tree.leaves(v, format_tree.join(key, part)))
 
 
 def _is_plain_part(key: Any) -> bool:
     """Whether a saved dict key is its own key part (a str that needs no escaping)."""
-    return type(key) is str and "~" not in key and _tree.SEP not in key
+    return type(key) is str and "~" not in key and format_tree.SEP not in key
 
 
 def _state_of(value: Any, distributed: bool = False) -> Any:
     """What is saved for a tracked value. In a save by several ranks, per-rank values (``PerRank``,
     ``RNGState``) are marked as such; a single process saves them as they are."""
-    if isinstance(value, _tree.PerRank):
+    if isinstance(value, format_tree.PerRank):
         inner = _state_of(value.value, distributed)
-        return _tree.PerRank(inner) if distributed and not isinstance(inner, _tree.PerRank) else inner
+        return format_tree.PerRank(inner) if distributed and not isinstance(inner, format_tree.PerRank) else inner
     if distributed and isinstance(value, RNGState):
-        return _tree.PerRank(value.state_dict())
-    if _loaders.is_data_state(value):  # per rank, as RNGState: each rank draws and reads its own
-        return _tree.PerRank(_loaders.state_of(value)) if distributed else _loaders.state_of(value)
+        return format_tree.PerRank(value.state_dict())
+    if loaders.is_data_state(value):  # per rank, as RNGState: each rank draws and reads its own
+        return format_tree.PerRank(loaders.state_of(value)) if distributed else loaders.state_of(value)
     if isinstance(value, Checkpoint):
         return value._state(distributed)
     if isinstance(value, torch.nn.Module):
@@ -588,7 +596,7 @@ class WriteJob:
 
     def run(self, storage: Storage, path: str, max_shard_size: int | str, progress: bool | None,
             before_commit: Callable[[str], None] | None = None, replace: bool = True) -> str:
-        return _save.write_checkpoint(path, self.stored, self.aliases, self.section, max_shard_size, progress,
+        return save_write.write_checkpoint(path, self.stored, self.aliases, self.section, max_shard_size, progress,
                                       before_commit, replace, storage=storage)
 
 
@@ -602,13 +610,13 @@ def capture(ckpt: Checkpoint, metadata: dict[str, Any] | None, prepare: bool = T
     state = ckpt._state(distributed)
     state[SAVE_COUNTER] = ckpt.save_counter
     tensors: dict[str, torch.Tensor] = {}
-    tree = _tree.encode(state, "", tensors)
+    tree = format_tree.encode(state, "", tensors)
     section: dict[str, Any] = {"objects": ckpt._objects(), "state": tree}
     if metadata:
-        section["metadata"] = _tree.encode(metadata, "metadata", {})
+        section["metadata"] = format_tree.encode(metadata, "metadata", {})
     if not prepare or distributed:
         return WriteJob(tensors, {}, section)
-    stored, aliases = _capture.prepare_tensors(_sharded_save.localize(tensors))
+    stored, aliases = save_capture.prepare_tensors(save_collective.localize(tensors))
     return WriteJob(stored, aliases, section)
 
 
@@ -622,14 +630,14 @@ def commit(
     storage: Storage,
     path: str,
     *,
-    max_shard_size: int | str = _format.DEFAULT_MAX_SHARD_SIZE,
+    max_shard_size: int | str = spec.DEFAULT_MAX_SHARD_SIZE,
     progress: bool | None = None,
     metadata: dict[str, Any] | None = None,
     async_save: bool = False,
     after: Callable[[], Any] | None = None,
     before_commit: Callable[[str], None] | None = None,
     replace: bool = True,
-    coordinator: _dist.Coordinator | None = None,
+    coordinator: dist_coordinator.Coordinator | None = None,
     adopt: Callable[[Any], object] | None = None,
 ) -> None:
     """The write a manager (or a test) makes: :meth:`Checkpoint.write` with a hook ``after`` the
@@ -642,7 +650,7 @@ def commit(
 
 
 def restore_from(ckpt: Checkpoint, storage: Storage, path: str,
-                 coordinator: _dist.Coordinator | None = None) -> RestoreStatus:
+                 coordinator: dist_coordinator.Coordinator | None = None) -> RestoreStatus:
     """:meth:`Checkpoint.restore` of ``path`` on ``storage`` (a manager's own), collective with a
     ``coordinator``."""
     return ckpt._restore(path, True, None, Plan(), True, None, storage, coordinator)
@@ -669,4 +677,4 @@ def resolve_checkpoint(path: PathLike, storage_options: dict[str, Any] | None = 
         CheckpointNotFoundError: nothing committed is there.
     """
     p = as_path(path)
-    return _directory.resolve_checkpoint(p, storage_for(p, storage_options))
+    return history_state.resolve_checkpoint(p, storage_for(p, storage_options))

@@ -17,10 +17,11 @@ from typing import Any
 
 import torch
 
-from torchckpt import _directory, _format, _tree
-from torchckpt._backend import is_url, join, name_of
+from torchckpt._format import spec, tree
+from torchckpt._history import state as history_state
 from torchckpt._progress import progress_bar
-from torchckpt._storage import storage_for
+from torchckpt._storage.base import is_url, join, name_of
+from torchckpt._storage.registry import storage_for
 from torchckpt._version import __version__
 from torchckpt.errors import CheckpointDeletedError, CheckpointError, plural
 from torchckpt.reader import CheckpointReader, load_checkpoint, verify
@@ -79,7 +80,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     total = 0
     for name in names:
-        nbytes = shapes[name].numel() * _format.itemsize(dtypes[name])
+        nbytes = shapes[name].numel() * spec.itemsize(dtypes[name])
         total += nbytes
         row: dict[str, Any] = {"name": name, "dtype": _dtype(dtypes[name]), "shape": list(shapes[name]),
                                "bytes": nbytes}
@@ -133,14 +134,14 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if not storage.follows_to_dir(directory):
         raise CheckpointError(f"{directory} is not a directory.")
     try:
-        state = _directory.read_state(directory, storage) or _directory.State()
-    except _directory.StateFileError as e:
+        state = history_state.read_state(directory, storage) or history_state.State()
+    except history_state.StateFileError as e:
         print(f"warning: {e}; listing the checkpoints on disk", file=sys.stderr)
-        state = _directory.State()
-    members = _directory.committed_members(directory, None, storage)
+        state = history_state.State()
+    members = history_state.committed_members(directory, None, storage)
     kept = {e.name: e for e in state.checkpoints}
     preserved = {e.name: e for e in state.preserved}
-    latest = _directory.latest_in(directory, storage)
+    latest = history_state.latest_in(directory, storage)
     latest_name = name_of(latest) if latest else None
     best = _best_name(state.checkpoints, args.metric or state.best_metric,
                       args.mode or state.best_mode)
@@ -162,7 +163,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         marks = [m for m, on in (("latest", name == latest_name), ("kept", name in kept),
                                  ("preserved", name in preserved), ("best", name == best),
                                  ("damaged", problem is not None)) if on]
-        number = _directory.number_of(name)
+        number = history_state.number_of(name)
         when = datetime.datetime.fromtimestamp(ts).isoformat(" ", "seconds") if ts else "?"
         rows.append([str(number), name, when, human_bytes(meta.get("total_size") or 0) if meta else "?",
                      " ".join(f"{k}={_short(v)}" for k, v in metrics.items()), ",".join(marks)])
@@ -182,8 +183,8 @@ def _short(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def _best_name(entries: list[_directory.Entry], metric: str | None, mode: str) -> str | None:
-    from torchckpt._retention import best_entries
+def _best_name(entries: list[history_state.Entry], metric: str | None, mode: str) -> str | None:
+    from torchckpt._history.retention import best_entries
 
     if metric is None:
         keys = {k for e in entries if e.metrics for k in e.metrics}
@@ -204,8 +205,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
     common = sorted(set(sa) & set(sb))
     reshaped = [n for n in common if sa[n] != sb[n]]
     retyped = [n for n in common if da[n] != db[n]]
-    va = {k: v for k, v in _tree.leaves(a.get_state(), "").items() if not _is_spec(v)}
-    vb = {k: v for k, v in _tree.leaves(b.get_state(), "").items() if not _is_spec(v)}
+    va = {k: v for k, v in tree.leaves(a.get_state(), "").items() if not _is_spec(v)}
+    vb = {k: v for k, v in tree.leaves(b.get_state(), "").items() if not _is_spec(v)}
     changed = sorted(k for k in set(va) | set(vb) if not _same(va.get(k, _ABSENT), vb.get(k, _ABSENT)))
     values: dict[str, float] = {}
     if args.values:
@@ -324,7 +325,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from torchckpt._export import export_module
+    from torchckpt._tools.export import export_module
 
     files = export_module(args.path, args.object, args.out, args.max_shard_size, args.progress, args.config,
                           args.storage_options)
@@ -336,7 +337,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_consolidate(args: argparse.Namespace) -> int:
-    from torchckpt._consolidate import consolidate
+    from torchckpt._tools.consolidate import consolidate
 
     done = consolidate(args.path, args.out, rank=args.rank, max_shard_size=args.max_shard_size,
                        progress=args.progress, storage_options=args.storage_options)
@@ -412,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="the checkpoint to export from (any path inspect takes)")
     p.add_argument("--object", required=True, metavar="NAME", help="the tracked module to export")
     p.add_argument("out", help="output folder, a path or a URL (replaced as a whole; atomically on a local disk)")
-    p.add_argument("--max-shard-size", default=_format.DEFAULT_MAX_SHARD_SIZE,
+    p.add_argument("--max-shard-size", default=spec.DEFAULT_MAX_SHARD_SIZE,
                    help="bytes per shard, e.g. 500MiB or 2GB (default: 5GB)")
     p.add_argument("--config", metavar="FILE", help="a config.json to copy into the folder (for from_pretrained)")
     p.set_defaults(handler=cmd_export)
@@ -423,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="the new checkpoint directory, a path or a URL; it must not exist")
     p.add_argument("--rank", type=int, default=0, help="whose per-rank values (RNG state, PerRank) to keep "
                    "(default 0, as a single process restoring the checkpoint would)")
-    p.add_argument("--max-shard-size", default=_format.DEFAULT_MAX_SHARD_SIZE,
+    p.add_argument("--max-shard-size", default=spec.DEFAULT_MAX_SHARD_SIZE,
                    help="bytes per shard, e.g. 500MiB or 2GB (default: 5GB)")
     p.set_defaults(handler=cmd_consolidate)
     return parser

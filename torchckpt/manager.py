@@ -19,14 +19,17 @@ from typing import Any
 
 import torch
 
-from torchckpt import _atomic, _directory, _dist, _format
-from torchckpt._backend import AlreadyCommitted, ConflictError, as_path, join, name_of
-from torchckpt._directory import Entry, State
-from torchckpt._preemption import PreemptionWatch
-from torchckpt._recover import Ranking, read_disk, recover, resolve_ranking
-from torchckpt._resume import assert_consumed_on_every_rank, restore_newest_intact, restore_order
-from torchckpt._retention import MetricFn, best_entries, plan_retention
-from torchckpt._storage import storage_for
+from torchckpt._dist import coordinator as dist_coordinator
+from torchckpt._dist.preemption import PreemptionWatch
+from torchckpt._format import spec
+from torchckpt._history import state as history_state
+from torchckpt._history.recover import Ranking, read_disk, recover, resolve_ranking
+from torchckpt._history.retention import MetricFn, best_entries, plan_retention
+from torchckpt._history.state import Entry, State
+from torchckpt._load.resume import assert_consumed_on_every_rank, restore_newest_intact, restore_order
+from torchckpt._storage import atomic
+from torchckpt._storage.base import AlreadyCommitted, ConflictError, as_path, join, name_of
+from torchckpt._storage.registry import storage_for
 from torchckpt.checkpoint import Checkpoint, commit, restore_from, set_save_counter
 from torchckpt.errors import (
     CheckpointError,
@@ -135,7 +138,7 @@ class CheckpointManager:
         best_metric: str | MetricFn | None = None,
         best_mode: str | None = None,
         async_save: bool = False,
-        max_shard_size: int | str = _format.DEFAULT_MAX_SHARD_SIZE,
+        max_shard_size: int | str = spec.DEFAULT_MAX_SHARD_SIZE,
         progress: bool | None = None,
         storage_options: dict[str, Any] | None = None,
         process_group: Any = None,
@@ -155,9 +158,9 @@ class CheckpointManager:
         if best_mode not in (None, "min", "max"):
             raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}.")
         if (not isinstance(checkpoint_name, str) or not checkpoint_name or os.sep in checkpoint_name
-                or _atomic.is_temporary(checkpoint_name) or checkpoint_name.startswith(".")):
+                or atomic.is_temporary(checkpoint_name) or checkpoint_name.startswith(".")):
             raise ValueError(f"checkpoint_name must be a plain name, got {checkpoint_name!r}.")
-        _format.parse_size(max_shard_size)
+        spec.parse_size(max_shard_size)
         self._checkpoint = checkpoint
         self._directory = as_path(directory)
         self._storage = storage_for(self._directory, storage_options)
@@ -177,7 +180,7 @@ class CheckpointManager:
         self._async_save = async_save
         self._warned_metric = False
         self._read_only = False
-        self._coord = _dist.coordinator_for(process_group, timeout_secs)
+        self._coord = dist_coordinator.coordinator_for(process_group, timeout_secs)
         self._damaged: dict[str, str] = {}
         self._preempted = False
         self.last_restore: RestoreStatus | None = None  # the status of the last restore_or_initialize's restore
@@ -194,9 +197,9 @@ class CheckpointManager:
                 "max_to_keep": max_to_keep, "keep_checkpoint_every_n_hours": keep_checkpoint_every_n_hours,
                 "checkpoint_interval": checkpoint_interval, "keep_best": keep_best,
                 "best_metric": best_metric if isinstance(best_metric, str) else None, "best_mode": best_mode,
-                "save_counter": checkpoint.save_counter, **_dist.save_arguments(max_shard_size, async_save)})
+                "save_counter": checkpoint.save_counter, **dist_coordinator.save_arguments(max_shard_size, async_save)})
             call.consequence = "Nothing was claimed or changed."
-            mirror = _dist.decided(call, what, open_on_rank_0)
+            mirror = dist_coordinator.decided(call, what, open_on_rank_0)
             if self._coord.rank != 0:
                 state = self._adopt(mirror)
                 self._take_ranking(resolve_ranking(state, keep_best, best_metric, best_mode))
@@ -234,7 +237,7 @@ class CheckpointManager:
                 ) from e
             return True
         try:
-            for prefix in (f"{self._name}-", _directory.STATE_FILE):
+            for prefix in (f"{self._name}-", history_state.STATE_FILE):
                 self._storage.remove_leftovers(self._directory, prefix)
         except BaseException:
             self._storage.release(self._directory)
@@ -272,7 +275,7 @@ class CheckpointManager:
 
     def _adopt(self, mirror: dict[str, Any]) -> State:
         """Take rank 0's view of the history (on the other ranks, which never read the directory)."""
-        state = _directory.parse_state(mirror["state"].encode(), join(self._directory, _directory.STATE_FILE))
+        state = history_state.parse_state(mirror["state"].encode(), join(self._directory, history_state.STATE_FILE))
         self._read_only = bool(mirror["read_only"])
         self._latest = state.latest
         self._kept = list(state.checkpoints)
@@ -284,10 +287,10 @@ class CheckpointManager:
     def _record_state(self) -> None:
         state = self._state_now()
         try:
-            self._state_token = _directory.write_state(self._directory, state, self._storage, self._state_token)
+            self._state_token = history_state.write_state(self._directory, state, self._storage, self._state_token)
         except ConflictError:
             raise CheckpointError(
-                f"{join(self._directory, _directory.STATE_FILE)} was replaced by another writer since this manager "
+                f"{join(self._directory, history_state.STATE_FILE)} was replaced by another writer since this manager "
                 f"last wrote it: two managers are writing to {self._directory}. Its history was not overwritten and "
                 "nothing was deleted; stop the other process (or use another directory) and create the manager again."
             ) from None
@@ -339,7 +342,7 @@ class CheckpointManager:
         names = {*self._storage.list_names(self._directory), *(e.name for e in [*self._kept, *self._preserved])}
         if self._latest:
             names.add(self._latest)
-        numbers = [_directory.number_of(n.split(_atomic.TMP_MARKER)[0].split(_atomic.OLD_MARKER)[0], self._name)
+        numbers = [history_state.number_of(n.split(atomic.TMP_MARKER)[0].split(atomic.OLD_MARKER)[0], self._name)
                    for n in names]
         top = max((n for n in numbers if n is not None), default=-1)
         if counter <= top:
@@ -383,14 +386,14 @@ class CheckpointManager:
                                            "checkpoint_number": _number_argument(checkpoint_number),
                                            "check_interval": bool(check_interval),
                                            "save_counter": self._checkpoint.save_counter})
-            proposals = _dist.agree_all(call, what, lambda: self._propose(checkpoint_number, check_interval, metrics))
+            proposals = dist_coordinator.agree_all(call, what, lambda: self._propose(checkpoint_number, check_interval, metrics))
             proposal = {**proposals[call.rank], "signalled": any(p["signalled"] for p in proposals)}
         if proposal["signalled"]:  # once any rank was signalled, this save is written, durably, whatever the interval
             self._preempted = True
             proposal["skip"] = False
         counter_before = self._checkpoint.save_counter
         # on several ranks, rank 0's decision (number, interval) is everyone's
-        decision = self._decide(proposal) if call is None else _dist.decided(call, what, lambda: self._decide(proposal))
+        decision = self._decide(proposal) if call is None else dist_coordinator.decided(call, what, lambda: self._decide(proposal))
         if decision["skip"]:
             return None
         if decision["step"] is not None:
@@ -400,7 +403,7 @@ class CheckpointManager:
         path = join(self._directory, name)
         metrics_copy = decision["metrics"]
         try:
-            metadata: dict[str, Any] = {_directory.MANAGER_KEY: self._name}
+            metadata: dict[str, Any] = {history_state.MANAGER_KEY: self._name}
             if metrics_copy:
                 metadata["metrics"] = metrics_copy
 
@@ -501,7 +504,7 @@ class CheckpointManager:
 
     def _delete(self, name: str) -> None:
         path = join(self._directory, name)
-        if _directory.number_of(name, self._name) is None or not self._storage.is_dir(path):
+        if history_state.number_of(name, self._name) is None or not self._storage.is_dir(path):
             return
         self._storage.delete_checkpoint(path)  # un-committed at once (renamed, or its index deleted first)
 
@@ -540,13 +543,13 @@ class CheckpointManager:
             call = self._coord.call(f"Restoring from {self._directory}", {
                 "call": "CheckpointManager.restore_or_initialize", "directory": self._directory,
                 "fallback": bool(fallback), "strict": bool(strict)})
-        with _dist.failures_shared(call):
+        with dist_coordinator.failures_shared(call):
             # First, and before any exchange: the history may still change (a background save
             # commits), and that save needs the Store, one operation at a time per process.
             self.wait_until_finished()
             return self._restore_or_initialize(call, fallback, strict)
 
-    def _restore_or_initialize(self, call: _dist.Coordinator | None, fallback: bool, strict: bool) -> str | None:
+    def _restore_or_initialize(self, call: dist_coordinator.Coordinator | None, fallback: bool, strict: bool) -> str | None:
         if self._latest is not None:  # the same on every rank: rank 0's
             paths = [join(self._directory, n) for n in restore_order(self._latest, [*self._kept, *self._preserved])]
             found: dict[str, str] = {}
@@ -571,7 +574,7 @@ class CheckpointManager:
             if call is None:
                 self._init_fn()
             else:  # on every rank; a failure on one is raised on all
-                _dist.agree(call, "init_fn", self._init_fn)
+                dist_coordinator.agree(call, "init_fn", self._init_fn)
         elif call is not None:
             call.check_call()
         return None

@@ -21,10 +21,17 @@ from typing import Any
 import torch
 import xxhash
 
-from torchckpt import _blocks, _chunks, _directory, _format, _index, _reshard, _tensorio, _tree
-from torchckpt._backend import Source, Storage, as_path, join, name_of, parent_of
-from torchckpt._format import INDEX_FILE, TensorInfo
-from torchckpt._storage import storage_for
+from torchckpt import _tensorio
+from torchckpt._format import blocks as format_blocks
+from torchckpt._format import chunks as format_chunks
+from torchckpt._format import index as format_index
+from torchckpt._format import spec as format_spec
+from torchckpt._format import tree as format_tree
+from torchckpt._format.spec import INDEX_FILE, TensorInfo
+from torchckpt._history import state as history_state
+from torchckpt._load import boxes
+from torchckpt._storage.base import Source, Storage, as_path, join, name_of, parent_of
+from torchckpt._storage.registry import storage_for
 from torchckpt._threads import gc_paused
 from torchckpt.errors import (
     CheckpointError,
@@ -65,7 +72,7 @@ class CheckpointReader:
         self.path = path
         self.kind = kind  # "torchckpt", "safetensors" or "huggingface"
         self.storage = storage
-        self._index: _index.Index | None = None
+        self._index: format_index.Index | None = None
         self._names: list[str] = []
         self._dtypes: list[str] = []
         self._shapes: list[str] = []
@@ -76,14 +83,14 @@ class CheckpointReader:
         self._infos: dict[str, TensorInfo] | None = None
         self._shape_map: dict[str, torch.Size] | None = None
         self._dtype_map: dict[str, torch.dtype] | None = None
-        self._chunked: dict[str, list[tuple[_chunks.Box, str]]] = {}  # format 2: logical name -> its chunks
+        self._chunked: dict[str, list[tuple[format_chunks.Box, str]]] = {}  # format 2: logical name -> its chunks
 
     # -- construction ----------------------------------------------------------------------
 
     @classmethod
     def _from_torchckpt(cls, directory: str, storage: Storage) -> CheckpointReader:
         reader = cls(directory, "torchckpt", storage)
-        index = _index.load_index(directory, storage)
+        index = format_index.load_index(directory, storage)
         reader._index = index
         reader._names, reader._dtypes, reader._shapes = index.names, index.dtypes, index.shapes
         reader._aliases = index.aliases
@@ -103,7 +110,7 @@ class CheckpointReader:
         for file in files:
             source = _open_plain(storage, file)
             try:
-                infos, _, _ = _format.read_header(source, file)  # plain files are addressed by full path
+                infos, _, _ = format_spec.read_header(source, file)  # plain files are addressed by full path
             finally:
                 source.close()
             reader._headers[file] = {t.name: t for t in infos}
@@ -112,8 +119,8 @@ class CheckpointReader:
                     raise CorruptCheckpointError(f"Tensor {t.name!r} is in both {reader._files[t.name]} and {file}.", path)
                 reader._files[t.name] = file
                 reader._names.append(t.name)
-                reader._dtypes.append(_format.dtype_to_str(t.dtype))
-                reader._shapes.append(_format.shape_key(t.shape))
+                reader._dtypes.append(format_spec.dtype_to_str(t.dtype))
+                reader._shapes.append(format_spec.shape_key(t.shape))
         return reader
 
     # -- tensors ---------------------------------------------------------------------------
@@ -121,7 +128,7 @@ class CheckpointReader:
     def get_variable_to_shape_map(self) -> dict[str, torch.Size]:
         """Every tensor name -> its shape, from the index (and headers) only."""
         if self._shape_map is None:  # models repeat a few shapes: build each torch.Size once
-            known = {t: torch.Size(_format.parse_shape_key(t, f"in {self.path}")) for t in set(self._shapes)}
+            known = {t: torch.Size(format_spec.parse_shape_key(t, f"in {self.path}")) for t in set(self._shapes)}
             shapes = dict(zip(self._names, map(known.__getitem__, self._shapes)))
             for alias, target in self._aliases.items():
                 shapes[alias] = shapes[target]
@@ -131,7 +138,7 @@ class CheckpointReader:
     def get_variable_to_dtype_map(self) -> dict[str, torch.dtype]:
         """Every tensor name -> its dtype, from the index (and headers) only."""
         if self._dtype_map is None:
-            known = {d: _format.str_to_dtype(d, f" in {self.path}") for d in set(self._dtypes)}
+            known = {d: format_spec.str_to_dtype(d, f" in {self.path}") for d in set(self._dtypes)}
             dtypes = dict(zip(self._names, map(known.__getitem__, self._dtypes)))
             for alias, target in self._aliases.items():
                 dtypes[alias] = dtypes[target]
@@ -205,7 +212,7 @@ class CheckpointReader:
 
     def nbytes(self, name: str) -> int:
         dtype = self.get_variable_to_dtype_map()[name]
-        return self.get_variable_to_shape_map()[name].numel() * _format.itemsize(dtype)
+        return self.get_variable_to_shape_map()[name].numel() * format_spec.itemsize(dtype)
 
     def _resolve(self, name: str) -> str:
         target = self._aliases.get(name, name)
@@ -221,8 +228,8 @@ class CheckpointReader:
         validated header entry."""
         if self._index is not None:
             if self._infos is None:
-                with _index.OpenShards(self._index) as shards:
-                    self._infos = _index.read_shard_headers(self._index, shards)
+                with format_index.OpenShards(self._index) as shards:
+                    self._infos = format_index.read_shard_headers(self._index, shards)
             return self._infos[name]
         file = self._files[name]
         return self._headers[file][name]
@@ -242,7 +249,7 @@ class CheckpointReader:
         try:
             return self.storage.open(path, "Shard")
         except FileNotFoundError:
-            raise _index.missing_member(self.path, path, self.storage) if self._index is not None else \
+            raise format_index.missing_member(self.path, path, self.storage) if self._index is not None else \
                 CorruptCheckpointError(f"{path} is missing.", path) from None
 
     def get_tensor(self, name: str) -> torch.Tensor:
@@ -314,7 +321,7 @@ class CheckpointReader:
                 yield from (flat[i : i + per].clone() for i in range(0, flat.numel(), per))
             return
         info = self._info(stored)
-        item = _format.itemsize(info.dtype)
+        item = format_spec.itemsize(info.dtype)
         per = max(1, chunk_bytes // item)
         count = info.nbytes // item
         path = self._file_path(info)
@@ -334,7 +341,7 @@ class CheckpointReader:
         """A chunked tensor assembled block of rows by block of rows, every chunk checksummed."""
         assert self._index is not None
         saved = self._index.layout.chunked_info(stored, self._info)
-        yield from _reshard.row_blocks(saved, self._open, block_bytes, self._file_path)
+        yield from boxes.row_blocks(saved, self._open, block_bytes, self._file_path)
 
     # -- the rest of the checkpoint --------------------------------------------------------
 
@@ -345,7 +352,7 @@ class CheckpointReader:
             return {"format": self.kind, "tensors": len(self._names)}
         section = self._index.section
         try:
-            extra = _tree.decode(section.get("metadata", {}), None, lambda n: None) if section.get("metadata") else {}
+            extra = format_tree.decode(section.get("metadata", {}), None, lambda n: None) if section.get("metadata") else {}
         except CorruptCheckpointError as e:
             raise CorruptCheckpointError(f"{join(self.path, INDEX_FILE)}: its metadata is invalid: {e}", self.path) from None
         return {
@@ -367,15 +374,15 @@ class CheckpointReader:
             return {}
         shapes, dtypes = self.get_variable_to_shape_map(), self.get_variable_to_dtype_map()
         if not self._chunked:
-            return _index.state_tree(self._index, lambda n: TensorSpec(n, dtypes[n], shapes[n]))
-        return _specs(_index.state_tree(self._index, _Ref), shapes, dtypes)
+            return format_index.state_tree(self._index, lambda n: TensorSpec(n, dtypes[n], shapes[n]))
+        return _specs(format_index.state_tree(self._index, _Ref), shapes, dtypes)
 
     def get_value(self, key: str) -> Any:
         """A value of the state tree by its ``/`` key path (``"epoch"``, ``"g_sched/last_epoch"``)."""
         node = self.get_state()
-        for part in key.split(_tree.SEP) if key else []:
+        for part in key.split(format_tree.SEP) if key else []:
             if isinstance(node, dict):
-                matches = [k for k in node if _tree.key_part(k) == part]
+                matches = [k for k in node if format_tree.key_part(k) == part]
                 if not matches:
                     raise KeyError(f"{key!r} is not in the state of {self.path}")
                 node = node[matches[0]]
@@ -403,7 +410,7 @@ class _Ref(str):
 def _specs(node: Any, shapes: dict[str, torch.Size], dtypes: dict[str, torch.dtype]) -> Any:
     """A format-2 state tree with each tensor as its :class:`TensorSpec` (a chunked one by its
     logical name and global shape)."""
-    if isinstance(node, _chunks.ChunkedInfo):
+    if isinstance(node, format_chunks.ChunkedInfo):
         return TensorSpec(node.name, dtypes[node.name], shapes[node.name])
     if isinstance(node, _Ref):
         return TensorSpec(str(node), dtypes[node], shapes[node])
@@ -436,15 +443,15 @@ def _hf_index(directory: str, storage: Storage) -> str | None:
 def _read_hf_index(path: str, storage: Storage) -> CheckpointReader:
     directory = parent_of(path)
     try:
-        data = storage.read_file(path, _format.MAX_INDEX_SIZE, "Index")
+        data = storage.read_file(path, format_spec.MAX_INDEX_SIZE, "Index")
     except OSError as e:
         raise CorruptCheckpointError(f"Cannot read the Hugging Face index {path}: {e.strerror or e}", path) from e
     with gc_paused():
-        raw = _format.parse_json(data, path, "Hugging Face index")
+        raw = format_spec.parse_json(data, path, "Hugging Face index")
     weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CorruptCheckpointError(f"{path} has no 'weight_map' of tensor names to shard files.", path)
-    files = sorted({_format.check_member_name(directory, f, "shard") for f in weight_map.values()})
+    files = sorted({format_spec.check_member_name(directory, f, "shard") for f in weight_map.values()})
     reader = CheckpointReader._from_safetensors([join(directory, f) for f in files], path, "huggingface", storage)
     missing = sorted(set(weight_map) - set(reader._files))
     if missing:
@@ -474,7 +481,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, storage_options: dict[str, 
     if not is_dir and storage.exists(p):
         if p.endswith(HF_INDEX_SUFFIX):
             return _read_hf_index(p, storage)
-        if p.endswith(_format.SHARD_SUFFIX):
+        if p.endswith(format_spec.SHARD_SUFFIX):
             return CheckpointReader._from_safetensors([p], p, "safetensors", storage)
         if name_of(p) == INDEX_FILE:
             return CheckpointReader._from_torchckpt(parent_of(p), storage)
@@ -484,13 +491,13 @@ def load_checkpoint(path: str | os.PathLike[str], *, storage_options: dict[str, 
         if hf is not None:
             return _read_hf_index(hf, storage)
         names = storage.list_names(p)
-        singles = sorted(n for n in names if n.endswith(_format.SHARD_SUFFIX))
-        unfinished = _directory.unfinished_error(p, names)
+        singles = sorted(n for n in names if n.endswith(format_spec.SHARD_SUFFIX))
+        unfinished = history_state.unfinished_error(p, names)
         if unfinished is not None:  # a save's or a deletion's shard is no plain safetensors file
             raise unfinished
-        if len(singles) == 1 and not _directory.committed_members(p, None, storage):
+        if len(singles) == 1 and not history_state.committed_members(p, None, storage):
             return CheckpointReader._from_safetensors([join(p, singles[0])], p, "safetensors", storage)
-    return CheckpointReader._from_torchckpt(_directory.resolve_checkpoint(p, storage), storage)
+    return CheckpointReader._from_torchckpt(history_state.resolve_checkpoint(p, storage), storage)
 
 
 def list_variables(path: str | os.PathLike[str], *,
@@ -521,23 +528,23 @@ def verify(reader: CheckpointReader, progress: bool | None = None) -> list[str]:
         return problems
     index = reader._index
     try:
-        shards = _index.OpenShards(index)
+        shards = format_index.OpenShards(index)
     except CorruptCheckpointError as e:
         return [str(e)]
     with shards:
         try:  # every header parsed in full and matched against the index before any data is read
-            infos = _index.read_shard_headers(index, shards, trust_header_checksums=False)
+            infos = format_index.read_shard_headers(index, shards, trust_header_checksums=False)
         except CorruptCheckpointError as e:
             return [str(e)]
         problems = _verify_data(index, shards, infos, progress)
     try:
-        _index.state_tree(index, lambda name: None)
+        format_index.state_tree(index, lambda name: None)
     except CorruptCheckpointError as e:
         problems.append(str(e))
     return problems
 
 
-def _verify_data(index: _index.Index, shards: _index.OpenShards, infos: dict[str, TensorInfo],
+def _verify_data(index: format_index.Index, shards: format_index.OpenShards, infos: dict[str, TensorInfo],
                  progress: bool | None) -> list[str]:
     from torchckpt._progress import progress_bar
 
@@ -556,7 +563,7 @@ def _verify_data(index: _index.Index, shards: _index.OpenShards, infos: dict[str
             try:
                 for name in names:  # file order
                     info = infos[name]
-                    digest, bad_blocks = _blocks.check_range(source, info, index.blocks)
+                    digest, bad_blocks = format_blocks.check_range(source, info, index.blocks)
                     shard_hash.update(digest.to_bytes(8, "big"))
                     if f"{digest:016x}" != checksums[name]:
                         problems.append(checksum_mismatch(name, path, checksums[name], digest))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable
 
-from torchckpt._report import MismatchReport
+from torchckpt._load.report import MismatchReport
 from torchckpt.errors import RestoreMismatchError
 
 __all__ = ["MismatchReport", "RestoreStatus", "PartialRestoreWarning"]

@@ -12,10 +12,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from torchckpt import _directory
-from torchckpt._backend import as_path, join
-from torchckpt._retention import best_entries
-from torchckpt._storage import storage_for
+from torchckpt._history import state as history_state
+from torchckpt._history.retention import best_entries
+from torchckpt._storage.base import as_path, join
+from torchckpt._storage.registry import storage_for
 
 __all__ = ["CheckpointState", "get_checkpoint_state"]
 
@@ -63,21 +63,21 @@ def get_checkpoint_state(directory: str | os.PathLike[str], *,
     root = as_path(directory)
     storage = storage_for(root, storage_options)
     try:
-        state = _directory.read_state(root, storage) or _directory.State()
-    except _directory.StateFileError:
-        state = _directory.State()
-    members = _directory.committed_members(root, None, storage)
-    latest = _directory.latest_in(root, storage)
+        state = history_state.read_state(root, storage) or history_state.State()
+    except history_state.StateFileError:
+        state = history_state.State()
+    members = history_state.committed_members(root, None, storage)
+    latest = history_state.latest_in(root, storage)
     if latest is None and not members:
         return None
 
-    def paths(entries: list[_directory.Entry]) -> list[str]:
-        return [join(root, e.name) for e in entries if _directory.is_member(root, e.name, storage)]
+    def paths(entries: list[history_state.Entry]) -> list[str]:
+        return [join(root, e.name) for e in entries if history_state.is_member(root, e.name, storage)]
 
-    kept = [e for e in state.checkpoints if _directory.is_member(root, e.name, storage)]
+    kept = [e for e in state.checkpoints if history_state.is_member(root, e.name, storage)]
     best = best_entries(kept, 1, state.best_metric, state.best_mode) if state.best_metric else []
     metrics = {join(root, e.name): dict(e.metrics) for e in [*state.checkpoints, *state.preserved]
-               if e.metrics and _directory.is_member(root, e.name, storage)}
+               if e.metrics and history_state.is_member(root, e.name, storage)}
     return CheckpointState(
         latest=latest,
         all=[join(root, n) for n in members],
@@ -85,5 +85,5 @@ def get_checkpoint_state(directory: str | os.PathLike[str], *,
         preserved=paths(state.preserved),
         best=join(root, best[0].name) if best else None,
         metrics=metrics,
-        damaged={join(root, n): why for n, why in state.damaged.items() if _directory.is_member(root, n, storage)},
+        damaged={join(root, n): why for n, why in state.damaged.items() if history_state.is_member(root, n, storage)},
     )

@@ -23,7 +23,9 @@ import sys
 import torch
 
 import torchckpt
-from torchckpt import _atomic, _directory, _local
+from torchckpt._history import state as history_state
+from torchckpt._storage import atomic
+from torchckpt._storage import local as storage_local
 
 directory, mode, megabytes, point = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 saves = {"n": 0}
@@ -37,7 +39,7 @@ def armed() -> bool:
     return saves["n"] >= 2
 
 
-real_commit = _atomic.commit_directory
+real_commit = atomic.commit_directory
 
 
 def commit(tmp: str, final: str, replace: bool = True) -> None:
@@ -48,12 +50,12 @@ def commit(tmp: str, final: str, replace: bool = True) -> None:
         die()
 
 
-_atomic.commit_directory = commit
-real_write_state = _directory.write_state
+atomic.commit_directory = commit
+real_write_state = history_state.write_state
 state_writes = {"n": 0}
 
 
-def write_state(path: str, state: _directory.State, *args: object) -> object:
+def write_state(path: str, state: history_state.State, *args: object) -> object:
     token = real_write_state(path, state, *args)
     if armed():
         state_writes["n"] += 1
@@ -62,12 +64,12 @@ def write_state(path: str, state: _directory.State, *args: object) -> object:
     return token
 
 
-_directory.write_state = write_state
+history_state.write_state = write_state
 real_replace = os.replace
 
 
 def replace(src: str, dst: str) -> None:
-    if armed() and point == "state-temporary" and dst.endswith(_directory.STATE_FILE):
+    if armed() and point == "state-temporary" and dst.endswith(history_state.STATE_FILE):
         die()
     real_replace(src, dst)
 
@@ -91,7 +93,7 @@ class Shutil:
         shutil.rmtree(path, ignore_errors=ignore_errors)
 
 
-_local.shutil = Shutil()  # type: ignore[assignment]
+storage_local.shutil = Shutil()  # type: ignore[assignment]
 
 count = max(1, megabytes * 2**20 // 4 // 4)
 tensors = {f"t{i}": torch.zeros(count) for i in range(4)}

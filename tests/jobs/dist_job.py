@@ -244,15 +244,15 @@ def write_fails_on_one_rank(d: Path, rank: int, world: int) -> dict:
 
 def die_after_writing() -> None:
     """This process is SIGKILLed once it has written its files of the next save, before it reports them."""
-    from torchckpt import _save
+    from torchckpt._save import write as save_write
 
-    real = _save.write_shards
+    real = save_write.write_shards
 
     def die(*args, **kwargs):
         real(*args, **kwargs)
         os.kill(os.getpid(), signal.SIGKILL)
 
-    _save.write_shards = die
+    save_write.write_shards = die
 
 
 def killed_mid_save(d: Path, rank: int, world: int) -> dict:
@@ -425,12 +425,12 @@ def async_failure(d: Path, rank: int, world: int) -> dict:
     at wait_until_finished(); nothing of it is committed."""
     import errno
 
-    from torchckpt import _save
+    from torchckpt._save import write as save_write
 
     model = fsdp_mlp(0)
     ckpt = torchckpt.Checkpoint(model=model)
     mgr = torchckpt.CheckpointManager(ckpt, str(d / "async-fault"), async_save=True, timeout_secs=TIMEOUT)
-    real = _save.write_shards
+    real = save_write.write_shards
 
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -439,7 +439,7 @@ def async_failure(d: Path, rank: int, world: int) -> dict:
     mgr.wait_until_finished()
     for when in ("save", "wait_until_finished"):
         if rank == 1:
-            _save.write_shards = full_disk
+            save_write.write_shards = full_disk
         out[f"{when}_returned"] = os.path.basename(mgr.save())  # the failure happens in the background
         try:
             mgr.save() if when == "save" else mgr.wait_until_finished()
@@ -448,19 +448,19 @@ def async_failure(d: Path, rank: int, world: int) -> dict:
             out[when] = f"{type(e).__name__}: {e}"
             out[f"{when}_ranks"] = getattr(e, "ranks", None)
         finally:
-            _save.write_shards = real
-    from torchckpt import _async
+            save_write.write_shards = real
+    from torchckpt._save import background as save_background
 
-    snapshot = _async.AsyncWriter.snapshot
+    snapshot = save_background.AsyncWriter.snapshot
     if rank == 1:  # the copy into host memory fails on one rank: save() itself raises, on every rank
-        _async.AsyncWriter.snapshot = lambda *a, **k: (_ for _ in ()).throw(MemoryError("no host memory left"))
+        save_background.AsyncWriter.snapshot = lambda *a, **k: (_ for _ in ()).throw(MemoryError("no host memory left"))
     try:
         mgr.save()
         out["snapshot"] = "no error"
     except torchckpt.CheckpointError as e:
         out["snapshot"] = f"{type(e).__name__}: {e}"
     finally:
-        _async.AsyncWriter.snapshot = snapshot
+        save_background.AsyncWriter.snapshot = snapshot
     out["last"] = os.path.basename(mgr.save())
     mgr.wait_until_finished()
     out["checkpoints"] = [os.path.basename(p) for p in mgr.checkpoints]

@@ -25,7 +25,8 @@ import time
 import torch
 
 import torchckpt
-from torchckpt import _fsspec, _lease, _upload
+from torchckpt._storage import fsspec, upload
+from torchckpt._storage import lease as storage_lease
 
 mode, url, options, arg = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), float(sys.argv[4])
 
@@ -40,20 +41,20 @@ if mode == "hold":
 def paused_at_first_upload(freeze_lease: bool) -> None:
     """Stop this process at its next save's first upload (its stage is open) until stdin says go;
     with ``freeze_lease``, its lease stops being renewed from then on, as in a frozen VM."""
-    real_create = _fsspec.RemoteStage.create
+    real_create = fsspec.RemoteStage.create
     state = {"paused": False}
 
     def create(self, name, size):
         if not state["paused"]:
             state["paused"] = True
             if freeze_lease:
-                for lease in list(_lease._leases.values()):
+                for lease in list(storage_lease._leases.values()):
                     lease.stop.set()
             print("PAUSED", flush=True)
             sys.stdin.readline()
         return real_create(self, name, size)
 
-    _fsspec.RemoteStage.create = create  # type: ignore[method-assign]
+    fsspec.RemoteStage.create = create  # type: ignore[method-assign]
 
 
 def outcome(save) -> None:
@@ -71,7 +72,7 @@ if mode == "late":
     outcome(lambda: torchckpt.Checkpoint(w=torch.full((1000,), 7.0)).write(url, storage_options=options))
     sys.exit(0)
 
-_lease.LEASE_SECS = arg
+storage_lease.LEASE_SECS = arg
 if mode == "pause":
     state = torchckpt.Checkpoint(w=torch.full((1000,), 1.0))
     manager = torchckpt.CheckpointManager(state, url, storage_options=options)
@@ -86,12 +87,12 @@ ckpt = torchckpt.Checkpoint(tensors={"a": torch.randn(8 * 2**20, generator=g), "
 manager = torchckpt.CheckpointManager(ckpt, url, storage_options=options)
 manager.save()
 print("SAVED", flush=True)
-real = _upload.S3Upload._upload_part
+real = upload.S3Upload._upload_part
 parts = {"n": 0}
 hang = threading.Event()
 
 
-def upload_part(self: _upload.S3Upload, number: int, data: bytes) -> str:
+def upload_part(self: upload.S3Upload, number: int, data: bytes) -> str:
     parts["n"] += 1
     if parts["n"] == 2:  # one part of the second save is up: hang here until killed
         print("UPLOADING", flush=True)
@@ -99,7 +100,7 @@ def upload_part(self: _upload.S3Upload, number: int, data: bytes) -> str:
     return real(self, number, data)
 
 
-_upload.S3Upload._upload_part = upload_part  # type: ignore[method-assign]
+upload.S3Upload._upload_part = upload_part  # type: ignore[method-assign]
 ckpt.step = 2
 ckpt.tensors["a"].add_(1)
 manager.save()

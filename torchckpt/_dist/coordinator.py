@@ -1,0 +1,444 @@
+"""Coordination of the ranks of a job: small exchanges through the c10d Store, each with a deadline.
+
+Why the Store and not collectives on the training group: a collective has no deadline a caller
+can choose and no way to say which rank is missing, and a background save that issues one on the
+user's group deadlocks against the training loop's own collectives (DCP's async users meet
+this). A Store key per rank gives all three: ``wait`` has a timeout, the keys that never appeared
+name the ranks that did not arrive, and it needs no process group beyond the one that exists.
+
+Every exchange carries a JSON payload: either the rank's data or the failure it met, so one
+rank's exception reaches every rank as data instead of leaving them waiting. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import threading
+import zlib
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import torch.distributed as dist
+
+from torchckpt._format.spec import parse_size
+from torchckpt.errors import (
+    CheckpointDeletedError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    RankTimeoutError,
+    UnsupportedStateError,
+    format_keys,
+)
+
+DEFAULT_TIMEOUT_SECS = 1800.0  # as torch.distributed's own default: a slow shared file system is not a dead rank
+_KEY_ROOT = "torchckpt"
+T = TypeVar("T")
+
+_GAVE_UP = b"\x00torchckpt: given up: "  # a slot a waiting rank filled in place of a rank that never came
+_calls: dict[str, int] = {}  # group name -> collective calls begun by this process; every rank begins the same ones
+_calls_lock = threading.Lock()
+
+
+
+class Coordinator:
+    """The ranks of one process group, with exchanges that time out and carry failures.
+
+    Exchanges happen inside a *call*: one public collective operation (a save, a restore, a
+    manager's construction), begun with :meth:`call` by every rank. Each call has an identity
+    every rank agrees on (its number in the group's sequence of calls) and every key of its
+    exchanges carries it, so a record of one call can never be read by another, not even when a
+    rank gave up on a call by timing out and the others arrive late. The first exchange of a call
+    also carries the call's arguments (``arguments``): ranks that made different calls (another
+    path, another option) are refused on every rank at once, before anything is written.
+
+    Example (on every rank of a job)::
+
+        coord = Coordinator(None, timeout_secs=60).call("Saving /run/c", {"path": "/run/c"})
+        sizes = coord.all_gather("sizes", b"12")  # one payload per rank, in rank order
+    """
+
+    def __init__(self, group: Any, timeout_secs: float | None) -> None:
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        self.timeout_secs = float(DEFAULT_TIMEOUT_SECS if timeout_secs is None else timeout_secs)
+        if self.timeout_secs <= 0:
+            raise ValueError(f"timeout_secs must be positive, not {timeout_secs!r}.")
+        pg = group if group is not None else dist.distributed_c10d._get_default_group()
+        self.store = dist.distributed_c10d._get_process_group_store(pg)
+        self.name = dist.distributed_c10d._get_process_group_name(pg)
+        self.what = ""  # the call's description, for messages
+        self.consequence = "Nothing was committed."  # what a failure of the call means; a restore updates it
+        self._prefix = ""  # the call's key prefix; empty outside a call
+        self._arguments: bytes | None = None  # sent with the call's first exchange, then None
+        self._exchanges = 0
+
+    def call(self, what: str, arguments: dict[str, Any]) -> Coordinator:
+        """Begin one collective call on every rank: a coordinator whose exchanges are keyed by the
+        call's identity. ``arguments`` (JSON) must be equal on every rank; ``what`` names the call
+        in messages ("Saving /run/ckpt-3").
+
+        The identity is the call's number in this process's sequence of calls on the group: every
+        public collective entry point begins its call first, unconditionally (a failure before its
+        first exchange is sent through that exchange, see :meth:`failures_shared`), so the ranks'
+        numbers agree as long as they make the same calls, and a call that times out on one rank
+        keeps its number there too."""
+        with _calls_lock:
+            number = _calls[self.name] = _calls.get(self.name, 0) + 1
+        child = object.__new__(Coordinator)
+        child.__dict__.update(self.__dict__)
+        child.what = what
+        child._prefix = f"{_KEY_ROOT}/{self.name}/call{number}"
+        child._arguments = json.dumps(arguments, sort_keys=True, separators=(",", ":")).encode()
+        child._exchanges = 0
+        return child
+
+    def scope(self) -> Coordinator:
+        """A coordinator of the same call whose exchanges have keys of their own, for the part of
+        it that runs on another thread (a background save): its exchanges never interleave with
+        the ones this coordinator or a later call makes meanwhile."""
+        assert self._prefix and self._arguments is None, "a scope is opened after the call's first exchange"
+        child = object.__new__(Coordinator)
+        child.__dict__.update(self.__dict__)
+        child._prefix = f"{self._prefix}/background"
+        child._exchanges = 0
+        return child
+
+    def _key(self, tag: str) -> str:
+        if not self._prefix:
+            raise RuntimeError("torchckpt: an exchange outside a collective call (Coordinator.call) is a bug")
+        self._exchanges += 1
+        return f"{self._prefix}/{self._exchanges}"  # the n-th exchange of a call is the same on every rank
+
+    def _post(self, key: str, payload: bytes, tag: str) -> None:
+        """Put this rank's part at ``key``, unless a rank that waited for it gave up first: the
+        slot then holds that rank's mark (one atomic compare-and-set decides which came first)."""
+        stored = bytes(self._store(lambda: self.store.compare_set(key, "", payload), tag))  # type: ignore[arg-type]
+        if stored.startswith(_GAVE_UP):
+            reason = stored[len(_GAVE_UP):].decode(errors="replace")
+            raise CheckpointError(
+                f"{self.what or 'A collective call'} was abandoned by the other ranks before this rank arrived "
+                f"({reason}): this rank is late, by more than timeout_secs={self.timeout_secs:g}. "
+                f"{self.consequence} Make the same call on every rank, or pass a longer timeout_secs."
+            )
+
+    def _check_arrived(self, values: list[bytes], tag: str) -> None:
+        """Raise when a rank's slot holds another rank's mark: that rank was given up on."""
+        late = [r for r, v in enumerate(values) if v.startswith(_GAVE_UP)]
+        if late:
+            raise RankTimeoutError(self._during(tag), late, self.timeout_secs, self.consequence)
+
+    def _store(self, operation: Callable[[], T], tag: str) -> T:
+        """One Store operation; a store that is gone (rank 0, which serves it, died) is a typed error."""
+        try:
+            return operation()
+        except (RuntimeError, dist.DistError) as e:
+            raise CheckpointError(
+                f"Lost contact with the other ranks during {self._during(tag)}: {e}. The process serving the "
+                f"c10d store (rank 0) is probably gone. {self.consequence}"
+            ) from e
+
+    def _during(self, tag: str) -> str:
+        return f"the {tag} step of {self.what[:1].lower()}{self.what[1:]}" if self.what else f"the {tag} step"
+
+    def _wait(self, keys: list[str], tag: str, timeout_secs: float) -> None:
+        try:
+            self.store.wait(keys, datetime.timedelta(seconds=timeout_secs))
+        except (RuntimeError, dist.DistError) as e:  # a timeout, or the store is gone
+            # Mark every slot still empty, atomically: a rank that posts after this finds the mark
+            # and stops; one that posted meanwhile keeps its part, and this rank goes on.
+            mark = _GAVE_UP + f"rank {self.rank} gave up waiting at {tag}".encode()
+            try:
+                missing = [r for r, k in enumerate(keys)
+                           if bytes(self.store.compare_set(k, "", mark)) == mark]  # type: ignore[arg-type]
+            except (RuntimeError, dist.DistError):
+                raise CheckpointError(
+                    f"Lost contact with the other ranks during {self._during(tag)}: {e}. {self.consequence}"
+                ) from e
+            if missing:
+                raise RankTimeoutError(self._during(tag), missing, timeout_secs, self.consequence) from None
+
+    def _framed(self, payload: bytes, failed: bool = False) -> bytes:
+        """The payload, preceded in the call's first exchange by the call's arguments and whether
+        this rank failed before it (then the payload is its failure)."""
+        if self._arguments is None:
+            return payload
+        return len(self._arguments).to_bytes(4, "big") + self._arguments + (b"F" if failed else b"P") + payload
+
+    def _unframed(self, values: list[bytes]) -> list[bytes]:
+        """Every rank's payload of the call's first exchange, once the ranks' arguments are equal
+        and none failed before it."""
+        if self._arguments is None:
+            return values
+        mine, self._arguments = self._arguments, None
+        arguments, failures, payloads = [], {}, []
+        for rank, value in enumerate(values):
+            size = int.from_bytes(value[:4], "big")
+            arguments.append(value[4 : 4 + size])
+            if value[4 + size : 5 + size] == b"F":
+                failures[rank] = decode(value[5 + size :])
+            payloads.append(value[5 + size :])
+        if any(a != mine for a in arguments):
+            raise mismatched_calls([json.loads(a) for a in arguments])
+        if failures:
+            raise collective_error(failures, self.what or "A collective call")
+        return payloads
+
+    @contextlib.contextmanager
+    def failures_shared(self) -> Iterator[None]:
+        """Around the work of a call on this rank: a failure before the call's first exchange is
+        sent through it, so that every rank raises it at once (the same error), instead of the
+        others waiting for an exchange this rank will never make."""
+        try:
+            yield
+        except Exception as e:
+            if self._exchanges:  # an exchange was made or tried: it carries failures, or failed itself
+                raise
+            self.all_gather("call", encode(failure_payload(e)), failed=True)  # raises: this rank's failure is in it
+            raise
+
+    def check_call(self) -> None:
+        """Compare the call's arguments across ranks now, unless an exchange already did: before
+        rank 0 acts alone on everyone's behalf (claims a directory), the call must be the same."""
+        if self._arguments is not None:
+            self.all_gather("call", b"")
+
+    def all_gather(self, tag: str, payload: bytes, timeout_secs: float | None = None,
+                   failed: bool = False) -> list[bytes]:
+        """Every rank's ``payload``, in rank order, on every rank (``failed``: see :meth:`failures_shared`)."""
+        key = self._key(tag)
+        keys = [f"{key}/{r}" for r in range(self.world)]
+        self._post(keys[self.rank], self._framed(payload, failed), tag)
+        self._wait(keys, tag, self.timeout_secs if timeout_secs is None else timeout_secs)
+        values = [bytes(v) for v in self._store(lambda: self.store.multi_get(keys), tag)]
+        if self._store(lambda: self.store.add(f"{key}/read", 1), tag) == self.world:  # the last reader removes them
+            for k in [*keys, f"{key}/read"]:
+                self._store(lambda k=k: self.store.delete_key(k), tag)  # type: ignore[misc]
+        self._check_arrived(values, tag)
+        return self._unframed(values)
+
+    def gather(self, tag: str, payload: bytes, timeout_secs: float | None = None) -> list[bytes] | None:
+        """Every rank's ``payload`` on rank 0 (None elsewhere)."""
+        if self._arguments is not None:  # the call's first exchange: every rank checks the arguments
+            values = self.all_gather(tag, payload, timeout_secs)
+            return values if self.rank == 0 else None
+        key = self._key(tag)
+        keys = [f"{key}/{r}" for r in range(self.world)]
+        self._post(keys[self.rank], payload, tag)
+        if self.rank:
+            return None
+        self._wait(keys, tag, self.timeout_secs if timeout_secs is None else timeout_secs)
+        values = [bytes(v) for v in self._store(lambda: self.store.multi_get(keys), tag)]
+        for k in keys:
+            self._store(lambda k=k: self.store.delete_key(k), tag)  # type: ignore[misc]
+        self._check_arrived(values, tag)
+        return values
+
+    def broadcast(self, tag: str, payload: bytes | None, timeout_secs: float | None = None) -> bytes:
+        """Rank 0's ``payload`` on every rank."""
+        if self._arguments is not None:  # the call's first exchange: every rank checks the arguments
+            return self.all_gather(tag, payload if self.rank == 0 else b"", timeout_secs)[0]  # type: ignore[arg-type]
+        key = self._key(tag)
+        if self.rank == 0:
+            assert payload is not None
+            self._post(key, payload, tag)
+            if self.world == 1:
+                self._store(lambda: self.store.delete_key(key), tag)
+            return payload
+        self._wait([key], tag, self.timeout_secs if timeout_secs is None else timeout_secs)
+        value = bytes(self._store(lambda: self.store.get(key), tag))
+        if self._store(lambda: self.store.add(f"{key}/read", 1), tag) == self.world - 1:
+            self._store(lambda: self.store.delete_key(key), tag)
+            self._store(lambda: self.store.delete_key(f"{key}/read"), tag)
+        self._check_arrived([value], tag)
+        return value
+
+    @property
+    def outcome_timeout_secs(self) -> float:
+        """How long a rank waits for rank 0's verdict: longer than rank 0 waits for the others,
+        so that a dead rank is named by rank 0 rather than rank 0 by everyone."""
+        return self.timeout_secs * 2 + 5
+
+
+def mismatched_calls(arguments: list[dict[str, Any]]) -> CheckpointError:
+    """The error every rank raises when the ranks made different calls: which argument, on which ranks."""
+    differing = []
+    for name in sorted({k for a in arguments for k in a}):
+        values = [a.get(name, "(not given)") for a in arguments]
+        if len({json.dumps(v, sort_keys=True) for v in values}) > 1:
+            by_value: dict[str, list[int]] = {}
+            for rank, v in enumerate(values):
+                by_value.setdefault(json.dumps(v, sort_keys=True), []).append(rank)
+            shown = "; ".join(f"{v} on rank{'s' if len(r) > 1 else ''} {format_keys([str(x) for x in r], 4)}"
+                              for v, r in by_value.items())
+            differing.append(f"{name}: {shown}")
+    error = CheckpointError(
+        f"{arguments[0].get('call', 'A collective call')} was refused on every rank: the ranks did not make the "
+        "same call "
+        f"({'; '.join(differing[:4])}{' ...' if len(differing) > 4 else ''}). Every rank must call it with "
+        "the same arguments, in the same order. Nothing was written or changed."
+    )
+    error.ranks = sorted({r for r, a in enumerate(arguments) if a != arguments[0]})  # type: ignore[attr-defined]
+    return error
+
+
+# -- failures carried as data ---------------------------------------------------------------
+
+
+def failure_payload(error: BaseException) -> dict[str, Any]:
+    """A rank's exception as JSON: its type (one of ours, or the built-in's name) and message."""
+    out: dict[str, Any] = {"type": type(error).__name__, "message": str(error) or type(error).__name__}
+    for attr in ("key", "path"):
+        value = getattr(error, attr, None)
+        if isinstance(value, str):
+            out[attr] = value
+    ranks = getattr(error, "ranks", None)
+    if isinstance(error, CheckpointError) and not isinstance(error, RankTimeoutError) and isinstance(ranks, list):
+        # a failure of an exchange every rank made (a background save's outcome): already the same everywhere
+        out["ranks"] = ranks
+    return out
+
+
+def encode(payload: Any) -> bytes:
+    """JSON, compressed when large: the per-rank tensor lists repeat long names, and rank 0's
+    store serves every rank's list to every rank (about 10x less traffic)."""
+    data = json.dumps(payload, separators=(",", ":")).encode()
+    return b"z" + zlib.compress(data, 1) if len(data) > _COMPRESS_ABOVE else b"j" + data
+
+
+def decode(data: bytes) -> Any:
+    kind, body = data[:1], data[1:]
+    return json.loads(zlib.decompress(body) if kind == b"z" else body)
+
+
+_COMPRESS_ABOVE = 4096
+
+
+def collective_error(failures: dict[int, dict[str, Any]], what: str, note: str | None = None) -> CheckpointError:
+    """The one error every rank raises when some failed: of the first failing rank's type when it
+    is a torchckpt error a caller may catch by type, naming every failing rank.
+
+    ``failures`` maps rank -> :func:`failure_payload`.
+    """
+    first_rank = min(failures)
+    first = failures[first_rank]
+    ranks = sorted(failures)
+    others = "" if len(ranks) == 1 else f" (ranks {format_keys([str(r) for r in ranks[1:]])} failed too)"
+    message = f"{what} failed on rank {first_rank}: {first['message']}{others}"
+    if first["type"] == "RankTimeoutError":  # rank 0 names the ranks that never reported
+        message = f"{what} failed: {first['message']}"
+    if "ranks" in first:  # a failure every rank already shares (a background save's outcome): as it was
+        message, ranks = first["message"], first["ranks"]
+    if note:
+        message = f"{message} {note}"
+    kind = first["type"]
+    error: CheckpointError
+    if kind == "UnsupportedStateError":
+        error = UnsupportedStateError(message, key=first.get("key", ""))
+    elif kind in _BY_PATH:
+        error = _BY_PATH[kind](message, first.get("path"))
+    else:
+        error = CheckpointError(message)
+    error.ranks = ranks  # type: ignore[attr-defined]
+    return error
+
+
+_BY_PATH: dict[str, type[CorruptCheckpointError] | type[CheckpointNotFoundError]] = {
+    "CorruptCheckpointError": CorruptCheckpointError,
+    "CheckpointNotFoundError": CheckpointNotFoundError,
+    "CheckpointDeletedError": CheckpointDeletedError,
+}
+
+
+
+def run_collectively(coord: Coordinator, what: str, choose: Callable[[], str], work: Callable[[str], T],
+                     done: str | None = None) -> T:
+    """Rank 0 runs ``choose`` and every rank runs ``work`` on its answer; a failure of either, on
+    any rank, is raised on every rank (the same error, naming the rank). ``done`` says what it
+    means for a rank whose own work had finished when another rank failed (or timed out)."""
+    chosen = decided(coord, what, choose)
+
+    def run() -> T:
+        result = work(chosen)
+        if done is not None:
+            coord.consequence = done
+        return result
+
+    return agree(coord, what, run, done)
+
+
+def agree(coord: Coordinator, what: str, work: Callable[[], T], done: str | None = None) -> T:
+    """Every rank runs ``work``; a failure on any rank is raised on every rank (the same error, with
+    ``done`` added on the ranks whose own work had succeeded)."""
+    result: T | None = None
+    error, mine = None, {}
+    try:
+        result = work()
+    except Exception as e:
+        error, mine = e, {"error": failure_payload(e)}
+    outcomes = [decode(o) for o in coord.all_gather("agree", encode(mine))]
+    failures = {r: o["error"] for r, o in enumerate(outcomes) if "error" in o}
+    if failures:
+        raise collective_error(failures, what, done if error is None else None) from error
+    return result  # type: ignore[return-value]
+
+
+def agree_all(coord: Coordinator, what: str, work: Callable[[], T]) -> list[T]:
+    """Every rank runs ``work`` (returning JSON) and gets every rank's result, in rank order; a
+    failure on any rank is raised on every rank (the same error)."""
+    error: Exception | None = None
+    mine: dict[str, Any] = {}
+    try:
+        mine = {"result": work()}
+    except Exception as e:
+        error, mine = e, {"error": failure_payload(e)}
+    outcomes = [decode(o) for o in coord.all_gather("agree", encode(mine))]
+    failures = {r: o["error"] for r, o in enumerate(outcomes) if "error" in o}
+    if failures:
+        raise collective_error(failures, what) from error
+    return [o["result"] for o in outcomes]
+
+
+def decided(coord: Coordinator, what: str, decide: Callable[[], Any]) -> Any:
+    """Rank 0 runs ``decide`` and every rank gets its JSON answer, or raises its failure."""
+    coord.check_call()
+    if coord.rank == 0:
+        try:
+            chosen: dict[str, Any] = {"value": decide()}
+        except Exception as e:
+            chosen = {"error": failure_payload(e)}
+            coord.broadcast("decide", encode(chosen))
+            raise collective_error({0: chosen["error"]}, what) from e
+        coord.broadcast("decide", encode(chosen))
+    else:
+        chosen = decode(coord.broadcast("decide", None, coord.outcome_timeout_secs))
+        if "error" in chosen:
+            raise collective_error({0: chosen["error"]}, what)
+    return chosen["value"]
+
+
+def save_arguments(max_shard_size: int | str, async_save: bool) -> dict[str, Any]:
+    """The options of a save that every rank must pass alike (compared in the call's first exchange)."""
+    try:
+        size: int | str = parse_size(max_shard_size)
+    except (TypeError, ValueError):
+        size = repr(max_shard_size)  # refused inside the call, on every rank
+    return {"async_save": bool(async_save), "max_shard_size": size}
+
+
+def failures_shared(coord: Coordinator | None) -> contextlib.AbstractContextManager[None]:
+    """``coord.failures_shared()`` for a collective call; nothing for a single process's."""
+    return contextlib.nullcontext() if coord is None else coord.failures_shared()
+
+
+def coordinator_for(process_group: Any, timeout_secs: float | None) -> Coordinator | None:
+    """The coordinator of ``process_group`` (the default group when None), or None when the call is
+    a single process's: no process group, or a group of one."""
+    if not dist.is_available() or not dist.is_initialized():
+        return None
+    if dist.get_world_size(process_group) <= 1:
+        return None
+    return Coordinator(process_group, timeout_secs)

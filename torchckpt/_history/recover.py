@@ -1,0 +1,184 @@
+"""A manager's history rebuilt from its state file and the disk: a pure function, tested by a table.
+
+Why a function of its inputs: every crash leaves the directory in one of a few states (no state
+file yet, a damaged one, a commit the state file never recorded, a checkpoint deleted by hand, a
+clock that went back), and each must come back the same way whatever backend holds it.
+:func:`read_disk` does the reading; :func:`recover` decides, from what was read and ``now``, what
+the manager keeps, what it never deletes, which checkpoint is the latest, and what to warn about.
+
+The rule is TensorFlow's, made safe: a checkpoint whose history is in doubt is preserved (kept
+forever, never deleted), so a damaged or missing state file never costs a checkpoint, and one
+committed but never recorded is adopted only when its index says this manager wrote it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torchckpt._history import state as history_state
+from torchckpt._history.retention import MetricFn
+from torchckpt._history.state import Entry, State, StateFileError
+from torchckpt._storage.base import Storage, name_of
+
+
+@dataclass(frozen=True)
+class DamagedStateFile:
+    """A state file that exists but cannot be used; ``error`` says why."""
+
+    error: str
+
+
+@dataclass(frozen=True)
+class OnDisk:
+    """What :func:`read_disk` found in ``directory``: the inputs of :func:`recover`."""
+
+    directory: str
+    state: State | DamagedStateFile | None  # None: there is no state file
+    members: Sequence[str] = ()  # committed numbered checkpoints of any prefix, by number then name
+    managed: Mapping[str, Entry | None] = field(default_factory=dict)  # unrecorded members' managed entries
+    written_last: str | None = None  # the member committed last (read only without a usable state file)
+    latest_committed: bool = True  # whether the state file's latest is a committed checkpoint
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """How the manager ranks checkpoints for ``keep_best``."""
+
+    keep_best: int | None
+    best_metric: str | MetricFn | None
+    best_mode: str
+
+
+@dataclass(frozen=True)
+class Recovered:
+    """The outcome of :func:`recover`: the manager's history, and the warnings to emit."""
+
+    latest: str | None
+    kept: list[Entry]
+    preserved: list[Entry]
+    last_preserved_timestamp: float
+    damaged: dict[str, str]
+    ranking: Ranking
+    warnings: list[str]
+
+
+def unrecorded(state: State | DamagedStateFile | None, members: Sequence[str], checkpoint_name: str) -> list[str]:
+    """The members whose managed entry :func:`recover` needs: with no state file, all of them (this
+    manager's are adopted); with one, those of this manager's name it does not record (a crash
+    between the commit and the state write); with a damaged one, none (nothing is adopted)."""
+    if state is None:
+        return list(members)
+    if isinstance(state, DamagedStateFile):
+        return []
+    known = {e.name for e in [*state.checkpoints, *state.preserved]}
+    return [n for n in members if history_state.number_of(n, checkpoint_name) is not None and n not in known]
+
+
+def read_disk(directory: str, storage: Storage, checkpoint_name: str) -> tuple[OnDisk, Any]:
+    """Read what :func:`recover` needs from ``directory``, and the state file's token for a
+    conditional write (None when it is damaged: it is then replaced unconditionally)."""
+    token = None
+    state: State | DamagedStateFile | None
+    try:
+        state, token = history_state.read_state_versioned(directory, storage)
+    except StateFileError as e:
+        state = DamagedStateFile(str(e))
+    members = history_state.committed_members(directory, None, storage)
+    written_last = None
+    if not isinstance(state, State) and members:
+        path = history_state.latest_in(directory, storage)
+        written_last = name_of(path) if path else None
+    managed = {n: history_state.managed_entry(directory, n, checkpoint_name, storage)
+               for n in unrecorded(state, members, checkpoint_name)}
+    latest_committed = (isinstance(state, State) and state.latest is not None
+                        and history_state.is_member(directory, state.latest, storage))
+    return OnDisk(directory, state, members, managed, written_last, latest_committed), token
+
+
+def resolve_ranking(state: State, keep_best: int | None, best_metric: str | MetricFn | None,
+                    best_mode: str | None) -> Ranking:
+    """``keep_best``, ``best_metric`` and ``best_mode`` not passed (None) are the directory's, so an
+    evaluation script sees the run's best and a resumed run never deletes its best checkpoint."""
+    mode = best_mode or "min"
+    if keep_best is None and best_metric is None and state.best_metric is not None:
+        keep_best, best_metric = state.keep_best, state.best_metric
+        if best_mode is None:
+            mode = state.best_mode
+    elif best_metric is not None and best_metric == state.best_metric and best_mode is None:
+        mode = state.best_mode
+    return Ranking(keep_best, best_metric, mode)
+
+
+def recover(disk: OnDisk, now: float, checkpoint_name: str, keep_best: int | None = None,
+            best_metric: str | MetricFn | None = None, best_mode: str | None = None) -> Recovered:
+    """The manager's history from what ``disk`` holds, at time ``now``.
+
+    Example:
+        >>> r = recover(OnDisk("run", None), now=100.0, checkpoint_name="ckpt")
+        >>> r.latest, r.kept, r.last_preserved_timestamp
+        (None, [], 99.0)
+    """
+    notes: list[str] = []
+    state = disk.state
+    from_file = isinstance(state, State)
+    if isinstance(state, DamagedStateFile):  # the history is unknown: nothing it may have named is ever deleted
+        state = _rebuilt(disk, now, checkpoint_name, f"the state file is damaged ({state.error})", False, notes)
+    elif state is None and disk.members:  # a crash before the first state write: this manager's are managed again
+        state = _rebuilt(disk, now, checkpoint_name, "there is no state file", True, notes)
+    if state is None:
+        return Recovered(None, [], [], now - 1.0, {}, Ranking(keep_best, best_metric, best_mode or "min"), notes)
+    ranking = resolve_ranking(state, keep_best, best_metric, best_mode)
+    lpt = state.last_preserved_timestamp
+    if now < lpt:
+        notes.append(f"time.time() returned a value {lpt - now:f} seconds behind the last preserved checkpoint "
+                     "timestamp; keeping every checkpoint whose preservation is in doubt.")
+        lpt = now
+    adopted = [e for n in unrecorded(state, disk.members, checkpoint_name) if (e := disk.managed.get(n)) is not None]
+    kept: list[Entry] = []
+    preserved = list(state.preserved)
+    for entry in [*state.checkpoints, *adopted]:
+        ts = min(entry.timestamp if entry.timestamp is not None else lpt, now)
+        if ts > lpt:
+            kept.append(Entry(entry.name, ts, entry.metrics))
+        else:  # in doubt: kept forever, never deleted
+            preserved.append(entry)
+    kept.sort(key=lambda e: e.timestamp or 0.0)  # adopted ones take their place by time
+    latest, committed = state.latest, disk.latest_committed or not from_file  # a rebuilt latest is a member
+    known = {e.name for e in [*state.checkpoints, *state.preserved]}
+    newest = _newest_unknown({*known, latest} - {None}, disk.members, checkpoint_name)
+    if newest is not None:
+        latest, committed = newest, True
+    if latest is not None and not committed:  # deleted by hand: the newest member
+        latest = disk.members[-1] if disk.members else None
+    return Recovered(latest, kept, preserved, lpt, dict(state.damaged), ranking, notes)
+
+
+def _rebuilt(disk: OnDisk, now: float, checkpoint_name: str, why: str, adopt: bool, notes: list[str]) -> State:
+    """A state rebuilt from the members alone; with ``adopt``, the ones this manager wrote are managed."""
+    managed = {n: e for n in disk.members if adopt and (e := disk.managed.get(n)) is not None}
+    fate = (f"The {len(managed)} written by a manager named {checkpoint_name!r} are managed again; the others"
+            if adopt else "They")
+    notes.append(
+        f"{disk.directory}: {why}; rebuilt from the {len(disk.members)} committed checkpoints on disk "
+        f"(latest: {disk.written_last}). {fate} are kept and will never be deleted "
+        "by this manager, since it cannot know which of them it managed."
+    )
+    return State(
+        latest=disk.written_last,
+        checkpoints=sorted(managed.values(), key=lambda e: e.timestamp or 0.0),
+        preserved=[Entry(n) for n in disk.members if n not in managed],
+        last_preserved_timestamp=now - 1.0,
+    )
+
+
+def _newest_unknown(recorded: set[str | None], members: Sequence[str], checkpoint_name: str) -> str | None:
+    """A committed checkpoint newer than all recorded ones (a crash between commit and state write)."""
+    numbers = [history_state.number_of(n, checkpoint_name) for n in recorded if n is not None]
+    top = max((n for n in numbers if n is not None), default=None)
+    if top is None:
+        return None
+    newer = [n for n in members if history_state.number_of(n, checkpoint_name) is not None
+             and (history_state.number_of(n, checkpoint_name) or -1) > top]
+    return newer[-1] if newer else None

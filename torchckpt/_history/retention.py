@@ -1,0 +1,86 @@
+"""Which checkpoints a manager keeps: a pure function of its history, tested by a table.
+
+TensorFlow's rule, extended with keep-best: the last ``max_to_keep`` checkpoints are kept, plus
+(``keep_best``) the ``k`` best by a metric. A checkpoint that falls out of both, oldest first, is
+preserved forever when ``keep_checkpoint_every_n_hours`` is set and it was written at least that
+long after the last preserved one; otherwise it is deleted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torchckpt._history.state import Entry
+
+MetricFn = Callable[[dict[str, Any]], Any]
+
+
+@dataclass(frozen=True)
+class Retention:
+    """The outcome of :func:`plan_retention`."""
+
+    kept: list[Entry]
+    delete: list[Entry]
+    preserve: list[Entry]
+    last_preserved_timestamp: float
+
+
+def metric_value(entry: Entry, metric: str | MetricFn | None) -> float | None:
+    """The entry's metric as a float, or None when it has none (or it is NaN or infinite: a diverged
+    run's loss never ranks best)."""
+    if metric is None or not entry.metrics:
+        return None
+    try:
+        raw = metric(entry.metrics) if callable(metric) else entry.metrics.get(metric)
+        value = float(raw) if raw is not None else None
+    except (TypeError, ValueError, KeyError):
+        return None
+    return None if value is None or not math.isfinite(value) else value
+
+
+def best_entries(entries: Sequence[Entry], k: int, metric: str | MetricFn | None, mode: str) -> list[Entry]:
+    """The ``k`` best entries by metric (ties: the newer one wins), best first."""
+    scored = [(v, i, e) for i, e in enumerate(entries) if (v := metric_value(e, metric)) is not None]
+    sign = 1.0 if mode == "min" else -1.0
+    scored.sort(key=lambda item: (sign * item[0], -item[1]))
+    return [e for _, _, e in scored[:k]]
+
+
+def plan_retention(
+    entries: Sequence[Entry],
+    max_to_keep: int | None,
+    keep_checkpoint_every_n_hours: float | None,
+    last_preserved_timestamp: float,
+    keep_best: int | None = None,
+    best_metric: str | MetricFn | None = None,
+    best_mode: str = "min",
+) -> Retention:
+    """Split ``entries`` (oldest first) into kept, deleted and preserved.
+
+    Example:
+        >>> e = [Entry(f"ckpt-{i}", float(i)) for i in range(1, 5)]
+        >>> r = plan_retention(e, max_to_keep=2, keep_checkpoint_every_n_hours=None, last_preserved_timestamp=0.0)
+        >>> [x.name for x in r.kept], [x.name for x in r.delete]
+        (['ckpt-3', 'ckpt-4'], ['ckpt-1', 'ckpt-2'])
+    """
+    if max_to_keep is None:
+        return Retention(list(entries), [], [], last_preserved_timestamp)
+    keep = {id(e) for e in entries[max(0, len(entries) - max_to_keep):]}
+    if keep_best:
+        keep |= {id(e) for e in best_entries(entries, keep_best, best_metric, best_mode)}
+    kept, delete, preserve = [], [], []
+    lpt = last_preserved_timestamp
+    for entry in entries:
+        if id(entry) in keep:
+            kept.append(entry)
+            continue
+        ts = entry.timestamp if entry.timestamp is not None else lpt
+        if keep_checkpoint_every_n_hours and ts - keep_checkpoint_every_n_hours * 3600.0 >= lpt:
+            preserve.append(entry)
+            lpt = ts
+        else:
+            delete.append(entry)
+    return Retention(kept, delete, preserve, lpt)

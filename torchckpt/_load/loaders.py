@@ -1,0 +1,153 @@
+"""Where the data stands: torchdata's ``StatefulDataLoader`` and ``torch.Generator``, saved and restored.
+
+Why more than ``loader.state_dict()``: torchdata saves the position inside the epoch and the state
+the sampler's generator had when the epoch's iterator began, which is enough to rebuild the
+epoch's permutation, but not the state the loader's generator has now. Restoring replays the
+permutation from that older state, so the generator ends wherever rebuilding the iterator left it
+(torchdata 0.11's single-process iterator: one draw short), not where an uninterrupted run has it,
+and every later epoch shuffles and seeds its workers differently. So a loader is saved as torchdata's state plus its
+generator's state now (and a ``DistributedSampler``'s epoch); a restore hands torchdata its state,
+builds the resumed iterator at once (``state_dict()`` builds it, and the next ``iter(loader)``
+takes it over), and only then puts the generator back. The user's next ``for batch in loader``
+continues mid-epoch, and every later epoch draws what it would have drawn.
+
+torchdata is optional (``torchckpt[data]``) and never imported here: a loader is recognised by
+its class, once the user's program has imported torchdata itself.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from typing import Any
+
+import torch
+
+from torchckpt._load.plan import MISSING, Plan, plan_tensor, plan_value
+
+STATE = "state_dict"  # torchdata's own state of the loader
+GENERATOR = "generator"  # the loader's generator now, after torchdata's state_dict()
+SAMPLER_EPOCH = "sampler_epoch"  # a DistributedSampler's set_epoch(), which the resumed iterator needs
+SAMPLER_SPLIT = "sampler_split"  # a DistributedSampler's [num_replicas, rank]: a position means nothing in another split
+MODULE = "torchdata.stateful_dataloader"
+
+
+def is_stateful_loader(value: Any) -> bool:
+    """Whether ``value`` is a torchdata ``StatefulDataLoader`` (without importing torchdata)."""
+    module = sys.modules.get(MODULE)
+    cls = getattr(module, "StatefulDataLoader", None)
+    return isinstance(cls, type) and isinstance(value, cls)
+
+
+def is_data_state(value: Any) -> bool:
+    """Whether ``value`` is saved by this module: a ``torch.Generator`` or a ``StatefulDataLoader``."""
+    return isinstance(value, torch.Generator) or is_stateful_loader(value)
+
+
+def kind_of(value: Any) -> str:
+    return "generator" if isinstance(value, torch.Generator) else "data_loader"
+
+
+def state_of(value: Any) -> Any:
+    """What is saved: a generator's state (a uint8 tensor), or a loader's state (see the module)."""
+    if isinstance(value, torch.Generator):
+        return value.get_state()
+    state: dict[str, Any] = {STATE: value.state_dict()}  # first: before any iterator it builds one
+    if value.generator is None:
+        warnings.warn(
+            f"Saving a StatefulDataLoader over {type(value.dataset).__name__} that has no generator: each new "
+            "iterator draws its seed from the global random generator, a resumed one too, so after a restore "
+            "the batches or the model's random draws differ from an uninterrupted run. Give it a generator of "
+            "its own: StatefulDataLoader(..., generator=torch.Generator().manual_seed(0)).",
+            UserWarning,
+            stacklevel=4,
+        )
+    else:
+        state[GENERATOR] = value.generator.get_state()
+    epoch = _sampler_epoch(value)
+    if epoch is not None:
+        state[SAMPLER_EPOCH] = epoch
+    split = _sampler_split(value)
+    if split is not None:
+        state[SAMPLER_SPLIT] = split
+    return state
+
+
+def _sampler_split(loader: Any) -> list[int] | None:
+    sampler = getattr(loader, "sampler", None)
+    replicas, rank = getattr(sampler, "num_replicas", None), getattr(sampler, "rank", None)
+    return [replicas, rank] if type(replicas) is int and type(rank) is int else None
+
+
+def _sampler_epoch(loader: Any) -> int | None:
+    sampler = getattr(loader, "sampler", None)
+    epoch = getattr(sampler, "epoch", None)
+    return epoch if callable(getattr(sampler, "set_epoch", None)) and type(epoch) is int else None
+
+
+def plan_restore(key: str, value: Any, saved: Any, plan: Plan) -> None:
+    """Plan the restore of a generator or a loader at ``key``; nothing changes before the loads run."""
+    if isinstance(value, torch.Generator):
+        _plan_generator(key, value, saved, plan)
+        return
+    problem = f"the checkpoint holds {type(saved).__name__}, not a data loader's state"
+    if isinstance(saved, dict):
+        problem = _split_problem(value, saved) or _workers_problem(value, saved.get(STATE, saved))
+    if saved is MISSING or not problem:
+        plan_value(key, saved, lambda state: load(value, state), plan)
+        return
+    plan.report.missing_keys.append(key)
+    plan.report.skipped_objects[key] = problem
+
+
+def _split_problem(loader: Any, saved: dict[str, Any]) -> str:
+    """Why a position saved in one DistributedSampler split cannot go on in another, or ''."""
+    split, mine = saved.get(SAMPLER_SPLIT), _sampler_split(loader)
+    if split is None or mine is None or list(split) == mine:
+        return ""
+    return (f"it was saved by rank {split[1]} of a sampler split {split[0]} ways, and this loader's sampler is rank "
+            f"{mine[1]} of {mine[0]}: its position in the epoch means other samples here, so the loader was left "
+            "as it is (it starts its epoch afresh)")
+
+
+def _workers_problem(loader: Any, state: Any) -> str:
+    """Why torchdata cannot take ``state`` (saved with another ``num_workers``), or ''."""
+    if not isinstance(state, dict) or not state:
+        return ""
+    snapshot = state.get("_snapshot")
+    main = snapshot.get("_main_snapshot") if isinstance(snapshot, dict) else None
+    saved = main.get("_num_workers") if isinstance(main, dict) else 0 if "_num_yielded" in state else None
+    if saved == loader.num_workers:
+        return ""
+    if saved is None:
+        return "its saved state is not a StatefulDataLoader's (neither '_num_yielded' nor '_snapshot')"
+    return (f"it was saved with num_workers={saved}, this loader has num_workers={loader.num_workers}: torchdata "
+            "resumes a position only with the same number of workers; the loader was left as it is")
+
+
+def _plan_generator(key: str, generator: torch.Generator, saved: Any, plan: Plan) -> None:
+    """Read into a copy of the generator's state (same size and dtype), then ``set_state`` it."""
+    dest = generator.get_state()
+    reads = len(plan.reads)
+    plan_tensor(key, dest, saved, plan)
+    if len(plan.reads) > reads:  # compatible: the read was scheduled
+
+        def load() -> None:
+            generator.set_state(dest)
+
+        plan.loads.append(load)
+
+
+def load(loader: Any, saved: dict[str, Any]) -> None:
+    """Restore ``loader`` (see the module); a state saved as torchdata's alone is taken as it is."""
+    if STATE not in saved:
+        loader.load_state_dict(saved)
+        return
+    epoch = saved.get(SAMPLER_EPOCH)
+    if epoch is not None and _sampler_epoch(loader) is not None:
+        loader.sampler.set_epoch(epoch)  # the resumed iterator lays the epoch out now
+    loader.load_state_dict(saved[STATE])
+    loader.state_dict()  # builds the resumed iterator, which the next iter(loader) takes over
+    state = saved.get(GENERATOR)
+    if state is not None and loader.generator is not None:
+        loader.generator.set_state(state)

@@ -1,0 +1,411 @@
+"""The load path after the index is open: plan the restore, then execute it.
+
+Planning matches every value of the checkpoint against a destination (modules' tensors in
+place, stateful objects through ``load_state_dict``, plain values by assignment) and records
+every mismatch in a :class:`~torchckpt.MismatchReport`, before anything changes. Executing reads
+the planned tensors shard by shard, in file order, straight into their destinations, checking
+each one's checksum as it arrives, and then runs the planned loads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from torchckpt import _tensorio
+from torchckpt._format import blocks as format_blocks
+from torchckpt._format import chunks as format_chunks
+from torchckpt._format import spec as format_spec
+from torchckpt._format import tree
+from torchckpt._format.chunks import ChunkedInfo
+from torchckpt._format.index import OpenShards, missing_member
+from torchckpt._format.spec import TensorInfo as SavedTensor  # where a saved tensor is: dtype, shape, checksum
+from torchckpt._load import boxes
+from torchckpt._load.report import MismatchReport
+from torchckpt._progress import progress_bar
+from torchckpt._storage.base import name_of
+from torchckpt.errors import (
+    PARTLY_RESTORED,
+    CheckpointError,
+    CorruptCheckpointError,
+    UnsupportedStateError,
+    checksum_mismatch,
+)
+
+# -- planning ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """What a restore will do, computed before anything is mutated."""
+
+    report: MismatchReport = field(default_factory=MismatchReport)
+    reads: list[tuple[torch.Tensor, SavedTensor]] = field(default_factory=list)
+    casts: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (destination, read buffer)
+    loads: list[Callable[[], None]] = field(default_factory=list)
+    cast: bool = False  # restore(..., cast=True): dtype mismatches are cast instead of skipped
+    assign: bool = False  # restore(..., assign=True): modules' meta tensors are replaced by restored ones
+    rank: int = 0  # the rank restoring (which per-rank values it takes)
+
+
+SAVED = (SavedTensor, ChunkedInfo)  # what a tensor of the checkpoint resolves to: stored whole, or as chunks
+
+
+def _is_saved(value: Any) -> bool:
+    return isinstance(value, SAVED)
+
+
+def _compatible(key: str, saved: SavedTensor, dest: torch.Tensor, report: MismatchReport, cast: bool = False) -> bool:
+    """Whether ``saved`` can go into ``dest``; records the mismatch (or, with ``cast``, the cast)."""
+    if saved.shape != dest.shape:
+        report.shape_mismatches[key] = (saved.shape, dest.shape)
+        return False
+    if saved.dtype != dest.dtype:
+        if cast and dest.dtype in format_spec.SUPPORTED_DTYPES:
+            report.cast_keys[key] = (saved.dtype, dest.dtype)
+            return True
+        report.dtype_mismatches[key] = (saved.dtype, dest.dtype)
+        return False
+    return True
+
+
+def _read_into(dest: torch.Tensor, saved: SavedTensor, plan: Plan) -> None:
+    """Schedule the read of ``saved`` into ``dest``, through a buffer of the saved dtype when it is cast."""
+    if saved.dtype == dest.dtype or format_chunks.is_dtensor(dest) or isinstance(saved, ChunkedInfo):
+        plan.reads.append((dest, saved))
+        return
+    buffer = torch.empty(saved.shape, dtype=saved.dtype)
+    plan.reads.append((buffer, saved))
+    plan.casts.append((dest, buffer))
+
+
+def check_destination(key: str, dest: torch.Tensor) -> None:
+    """Refuse, before anything changes, a destination the library cannot write as plain memory."""
+    if format_chunks.is_dtensor(dest):
+        format_chunks.dtensor_box(dest, key)  # refuses a Partial placement
+        _tensorio_check(key, format_chunks.local_of(dest))
+        return
+    _tensorio_check(key, dest)
+
+
+def _tensorio_check(key: str, dest: torch.Tensor) -> None:
+    reason = _tensorio.unsupported_reason(dest, allow_meta=True)
+    if reason is not None:
+        raise UnsupportedStateError(
+            f"Cannot restore into {key!r}: it is {reason}. DTensors (FSDP2, tensor parallel) are restored in "
+            "place; other tensor subclasses and FSDP1 flat parameters are not supported: restore into a plain "
+            "model, then wrap it.",
+            key=key,
+            value_type=type(dest),
+        )
+
+
+def plan_tensor(key: str, dest: torch.Tensor, saved: Any, plan: Plan) -> None:
+    """A tracked tensor is restored in place."""
+    check_destination(key, dest)
+    if saved is _MISSING:
+        plan.report.missing_keys.append(key)
+    elif not _is_saved(saved):
+        plan.report.missing_keys.append(key)
+        plan.report.unexpected_keys.extend(_saved_leaf_keys(saved, key))
+    elif dest.is_meta:  # a bare tensor cannot be replaced in place: reported, never "restored"
+        plan.report.missing_keys.append(key)
+        plan.report.meta_keys.append(key)
+    elif _compatible(key, saved, dest, plan.report, plan.cast):
+        _read_into(dest, saved, plan)
+        plan.report.restored_keys.append(_shared_key(key, saved))
+
+
+def _shared_key(key: str, saved: SavedTensor) -> str:
+    """``key``, as the saved tensor's own name string when they are equal: a report of 20,000
+    restored keys then holds no second copy of every name."""
+    return saved.name if saved.name == key else key
+
+
+def _match_keys(saved_keys: Iterable[str], object_keys: Iterable[str]) -> dict[str, str]:
+    """Pair checkpoint keys with object keys: exactly, or through DDP / compile prefixes."""
+    object_keys = list(object_keys)
+    pairs = {k: k for k in saved_keys if k in set(object_keys)}
+    left_saved = [k for k in saved_keys if k not in pairs]
+    taken = set(pairs.values())
+    left_object = [k for k in object_keys if k not in taken]
+    by_canon: dict[str, list[str]] = {}
+    for k in left_object:
+        by_canon.setdefault(tree.canonical_module_key(k), []).append(k)
+    saved_canon: dict[str, list[str]] = {}
+    for k in left_saved:
+        saved_canon.setdefault(tree.canonical_module_key(k), []).append(k)
+    for canon, keys in saved_canon.items():
+        candidates = by_canon.get(canon, [])
+        if len(keys) == 1 and len(candidates) == 1:
+            pairs[keys[0]] = candidates[0]
+    return pairs
+
+
+def plan_module(name: str, module: torch.nn.Module, saved: Any, plan: Plan) -> None:
+    """Write matching tensors straight into the module's parameters and buffers.
+
+    Entries of the state dict that do not alias a parameter or buffer (state-dict hooks,
+    ``_extra_state``) go through ``load_state_dict(strict=False)`` instead.
+    """
+    current = module.state_dict()
+    if saved is _MISSING:
+        plan.report.missing_keys.extend(tree.join(name, tree.escape_part(k)) for k in current)
+        return
+    if not isinstance(saved, dict) or not all(type(k) is str for k in saved):  # a state dict has str keys
+        plan.report.missing_keys.extend(tree.join(name, tree.escape_part(k)) for k in current)
+        plan.report.unexpected_keys.extend(_saved_leaf_keys(saved, name))
+        return
+    for key, tensor in current.items():
+        if isinstance(tensor, torch.Tensor):
+            check_destination(tree.join(name, tree.escape_part(key)), tensor)
+    storages = {boxes.local_storage(t) for t in [*module.parameters(), *module.buffers()]
+                if t.numel() and not t.is_meta}
+    pairs = _match_keys(list(saved), list(current))
+    via_load: dict[str, Any] = {}
+    via_assign: dict[str, Any] = {}
+    for saved_key, value in saved.items():
+        full = tree.join(name, tree.escape_part(saved_key))
+        object_key = pairs.get(saved_key)
+        if object_key is None:
+            plan.report.unexpected_keys.extend(_saved_leaf_keys(value, full))
+            continue
+        if object_key != saved_key:
+            plan.report.remapped_keys[full] = tree.join(name, tree.escape_part(object_key))
+        dest = current[object_key]
+        if _is_saved(value) and isinstance(dest, torch.Tensor) and dest.is_meta:
+            plan.report.meta_keys.append(tree.join(name, tree.escape_part(object_key)))
+            if not plan.assign or not _compatible(full, value, dest, plan.report, plan.cast):
+                continue  # reported missing below: not matched
+            fresh = torch.empty(value.shape, dtype=dest.dtype)
+            _read_into(fresh, value, plan)
+            via_assign[object_key] = fresh
+        elif _is_saved(value) and isinstance(dest, torch.Tensor):
+            if not _compatible(full, value, dest, plan.report, plan.cast):
+                continue
+            if format_chunks.is_dtensor(dest) or dest.numel() and dest.untyped_storage().data_ptr() in storages:
+                _read_into(dest, value, plan)
+            else:
+                fresh = torch.empty(value.shape, dtype=dest.dtype, device=dest.device)
+                _read_into(fresh, value, plan)
+                via_load[object_key] = fresh
+        elif _is_saved(value) or isinstance(dest, torch.Tensor):
+            plan.report.unexpected_keys.append(full)
+            plan.report.missing_keys.append(tree.join(name, tree.escape_part(object_key)))
+            continue
+        else:
+            via_load[object_key] = _rebuild(value, full, _fresh_reader(plan))
+        plan.report.restored_keys.append(_shared_key(full, value) if _is_saved(value) else full)
+    matched = {k for k in pairs.values() if not _is_meta(current[k]) or k in via_assign}
+    plan.report.missing_keys.extend(tree.join(name, tree.escape_part(k)) for k in current if k not in matched)
+    if via_load:
+        plan.loads.append(lambda: module.load_state_dict(via_load, strict=False))
+    if via_assign:
+        plan.loads.append(lambda: module.load_state_dict(via_assign, strict=False, assign=True))
+
+
+def _is_meta(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_meta
+
+
+def plan_stateful(name: str, obj: Any, saved: Any, plan: Plan) -> None:
+    """Rebuild the object's state dict from the checkpoint and hand it to ``load_state_dict``.
+
+    Tensors that already exist in the object with the same shape and dtype are read into in
+    place; others are allocated once. An object with any shape or dtype mismatch, or whose
+    structure cannot take the checkpoint's state (an optimizer with different parameter groups),
+    is left untouched as a whole and reported.
+    """
+    current = obj.state_dict()
+    current_leaves = tree.leaves(current, name)
+    if saved is _MISSING:
+        plan.report.missing_keys.extend(current_leaves)
+        return
+    saved_leaves = tree.leaves(saved, name)
+    reason = _structure_problem(obj, current, saved)
+    report = MismatchReport()
+    reads: list[tuple[torch.Tensor, SavedTensor]] = []
+    params = boxes.parameters_of(obj) if isinstance(obj, torch.optim.Optimizer) else None
+
+    def destination(key: str, value: SavedTensor) -> torch.Tensor:
+        dest = current_leaves.get(key)
+        if isinstance(dest, torch.Tensor) and not dest.is_meta:  # compatibility was checked above
+            if dest.dtype == value.dtype:
+                reads.append((dest, value))
+                return dest
+            fresh = torch.empty(value.shape, dtype=dest.dtype)  # cast=True: the object's dtype
+            buffer = torch.empty(value.shape, dtype=value.dtype)
+            reads.append((buffer, value))
+            plan.casts.append((fresh, buffer))
+            return fresh
+        laid_out = None
+        if params is not None:  # an optimizer that never stepped: laid out like its (DTensor) parameter
+            laid_out = boxes.optimizer_destination(params, key, name, value)
+        new = torch.empty(value.shape, dtype=value.dtype) if laid_out is None else laid_out
+        reads.append((new, value))
+        return new
+
+    for key, dest in current_leaves.items():
+        if isinstance(dest, torch.Tensor):
+            check_destination(key, dest)
+    for key, value in saved_leaves.items():
+        dest = current_leaves.get(key)
+        if _is_saved(value) and isinstance(dest, torch.Tensor):
+            _compatible(key, value, dest, report, plan.cast)
+    plan.report.cast_keys.update(report.cast_keys)
+    if report.shape_mismatches or report.dtype_mismatches or reason:
+        plan.report.shape_mismatches.update(report.shape_mismatches)
+        plan.report.dtype_mismatches.update(report.dtype_mismatches)
+        plan.report.skipped_objects[name] = reason or "some of its tensors differ in shape or dtype"
+        return
+    new_state = _rebuild(saved, name, destination)
+    plan.reads.extend(reads)
+    for key in current_leaves:
+        if key not in saved_leaves and not any(k.startswith(key + tree.SEP) for k in saved_leaves):
+            plan.report.missing_keys.append(key)
+    plan.report.restored_keys.extend(_shared_key(k, v) if _is_saved(v) else k
+                                     for k, v in saved_leaves.items())
+    plan.loads.append(lambda: obj.load_state_dict(new_state))
+
+
+def _structure_problem(obj: Any, current: Any, saved: Any) -> str | None:
+    if isinstance(obj, torch.optim.Optimizer):
+        mine = [len(g["params"]) for g in current.get("param_groups", [])]
+        groups = saved.get("param_groups") if isinstance(saved, dict) else None
+        if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                                                   for g in groups):
+            return "the checkpoint's state has no parameter groups"
+        theirs = [len(g["params"]) for g in groups]
+        if mine != theirs:
+            return f"the checkpoint's parameter groups have sizes {theirs}, this optimizer's have {mine}"
+    return None
+
+
+def _rebuild(saved: Any, path: str, destination: Callable[[str, SavedTensor], torch.Tensor]) -> Any:
+    """``saved`` with each saved tensor replaced by ``destination(key, saved)``. Containers without
+    a tensor below them are returned as they are: a large plain value is not copied again."""
+    if _is_saved(saved):
+        return destination(path, saved)
+    if isinstance(saved, dict):
+        items = {k: _rebuild(v, tree.join(path, tree.key_part(k)), destination) for k, v in saved.items()}
+        return saved if all(items[k] is v for k, v in saved.items()) else type(saved)(items)
+    if isinstance(saved, (list, tuple)) and not isinstance(saved, torch.Size):
+        parts = [_rebuild(v, tree.join(path, str(i)), destination) for i, v in enumerate(saved)]
+        if all(a is b for a, b in zip(parts, saved)):
+            return saved
+        return parts if isinstance(saved, list) else tuple(parts)
+    return saved
+
+
+def plan_value(key: str, saved: Any, assign: Callable[[Any], None], plan: Plan) -> None:
+    """A plain value is restored by re-assigning it (tensors inside are read into new tensors)."""
+    if saved is _MISSING:
+        plan.report.missing_keys.append(key)
+        return
+
+    value = _rebuild(saved, key, _fresh_reader(plan))
+    plan.loads.append(lambda: assign(value))
+    plan.report.restored_keys.append(key)
+
+
+def _fresh_reader(plan: Plan) -> Callable[[str, SavedTensor], torch.Tensor]:
+    """Allocates a new CPU tensor for each saved tensor and schedules the read into it."""
+
+    def fresh(_: str, value: SavedTensor) -> torch.Tensor:
+        t = torch.empty(value.shape, dtype=value.dtype)
+        plan.reads.append((t, value))
+        return t
+
+    return fresh
+
+
+def _saved_leaf_keys(saved: Any, prefix: str) -> list[str]:
+    return list(tree.leaves(saved, prefix))
+
+
+# -- executing -------------------------------------------------------------------------------
+
+
+def execute(plan: Plan, shards: OpenShards, verify: bool, progress: bool | None) -> None:
+    """Read every planned tensor (shard by shard, in file order), then run the planned loads."""
+    by_file: dict[str, list[tuple[torch.Tensor, SavedTensor]]] = {}
+    boxed: list[tuple[torch.Tensor, Any]] = []
+    for pair in plan.reads:
+        if type(pair[1]) is SavedTensor and not format_chunks.is_dtensor(pair[0]):
+            by_file.setdefault(pair[1].file, []).append(pair)
+        else:  # a chunked tensor, or a DTensor destination: only this rank's overlaps are read
+            boxed.append(pair)
+    reads = boxes.plan_boxed(boxed)
+    total = sum(saved.nbytes for pairs in by_file.values() for _, saved in pairs) + reads.nbytes
+    directory = shards.directory
+    with progress_bar(total, f"restore {name_of(directory)}", progress) as bar, torch.no_grad():
+        for file, pairs in by_file.items():
+            pairs.sort(key=_file_offset)
+            source = shards.sources[file]
+            source.prepare(sum(saved.nbytes for _, saved in pairs))
+            with _reading(shards, file):
+                bad = _tensorio.read_many(source, pairs, verify, bar.update)
+            _check_read(shards, file, bad)
+        for file, pieces in reads.by_file.items():
+            with _reading(shards, file):
+                mismatch = boxes.read_file(shards.sources[file], pieces, verify, bar.update, shards.blocks)
+            _check_read(shards, file, mismatch)
+    boxes.finish(reads)
+    with torch.no_grad():
+        for dest, buffer in plan.casts:
+            dest.copy_(buffer)
+    for load in plan.loads:
+        try:
+            load()
+        except CheckpointError:
+            raise
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError, OverflowError,
+                RecursionError) as e:
+            raise CorruptCheckpointError(
+                f"Restoring from {directory} failed while loading state ({type(e).__name__}: {e}); the values in "
+                "the checkpoint do not fit the objects. Objects may be partly restored.",
+                directory,
+            ) from e
+
+
+@contextlib.contextmanager
+def _reading(shards: OpenShards, file: str) -> Iterator[None]:
+    """Read errors of one shard as the checkpoint errors they mean."""
+    path = shards.path(file)
+    try:
+        yield
+    except EOFError as e:
+        raise CorruptCheckpointError(f"Shard {path} is truncated: {e}.", path) from e
+    except FileNotFoundError:  # an object store has no pin on open files: deleted meanwhile
+        raise missing_member(shards.directory, path, shards.storage) from None
+    except OSError as e:
+        raise CorruptCheckpointError(f"Cannot read shard {path}: {e.strerror or e}.", path) from e
+
+
+def _check_read(shards: OpenShards, file: str, bad: tuple[Any, int] | format_blocks.Mismatch | None) -> None:
+    if bad is None:
+        return
+    path = shards.path(file)
+    if isinstance(bad, format_blocks.Mismatch):  # a block, or a whole tensor, of a boxed read
+        message = bad.message(path)
+    else:
+        saved, digest = bad
+        message = checksum_mismatch(saved.name, path, saved.checksum, digest)
+    raise CorruptCheckpointError(message + PARTLY_RESTORED, path)
+
+
+def _file_offset(read: tuple[torch.Tensor, SavedTensor]) -> int:
+    return read[1].start
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+_MISSING: Any = _Missing()
+MISSING = _MISSING

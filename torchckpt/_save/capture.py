@@ -1,0 +1,81 @@
+"""Capturing what a save stores: every tensor checked, tied tensors found.
+
+A value that cannot be stored is refused here, with its key, before anything is written; tensors
+that are views of one stored tensor (tied weights) are recorded as aliases of it and stored once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from torchckpt import _tensorio
+from torchckpt._format import spec
+from torchckpt.errors import UnsupportedStateError
+
+
+def check_tensor(name: str, t: torch.Tensor) -> None:
+    reason = _tensorio.unsupported_reason(t)
+    if reason is not None:
+        raise UnsupportedStateError(
+            f"Cannot save tensor {name!r}: it is {reason}. torchckpt saves plain tensors and DTensors (FSDP2, "
+            "tensor parallel; on several ranks, by a collective save); convert this one to either first (for "
+            "FSDP1, switch to FSDP2's fully_shard, or save a full state dict).",
+            key=name,
+            value_type=type(t),
+        )
+    if t.layout != torch.strided or t.is_meta or t.is_nested or t.is_quantized:
+        raise UnsupportedStateError(
+            f"Cannot save tensor {name!r}: {t.layout} / meta / nested / quantized tensors are not "
+            "supported; convert it to a dense tensor first (for example `.to_dense()`).",
+            key=name,
+            value_type=type(t),
+        )
+    if t.dtype not in spec.SUPPORTED_DTYPES:
+        raise UnsupportedStateError(
+            f"Cannot save tensor {name!r}: dtype {t.dtype} is not one safetensors can store "
+            f"(supported: {', '.join(sorted(str(d).removeprefix('torch.') for d in spec.SUPPORTED_DTYPES))}).",
+            key=name,
+            value_type=type(t),
+        )
+
+
+def _alias_key(t: torch.Tensor) -> tuple[Any, ...]:
+    return (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+
+
+def prepare_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Check every tensor can be stored; split off aliases (tensors that are views of a stored one).
+
+    Returns:
+        The tensors to store (``tensors`` itself when nothing is an alias), and alias name ->
+        stored name.
+
+    Raises:
+        UnsupportedStateError: a tensor has a layout or dtype safetensors cannot hold.
+    """
+    aliases: dict[str, str] = {}
+    first_at: dict[int, str] = {}  # address -> first tensor there (the common, cheap case)
+    views_at: dict[tuple[Any, ...], str] = {}  # view key -> stored name, only at addresses that repeat
+    supported = spec.SUPPORTED_DTYPES
+    strided = torch.strided
+    for name, t in tensors.items():
+        if (type(t) is not torch.Tensor and (type(t) is not torch.nn.Parameter or getattr(t, "_is_flat_param", False))
+                or t.layout is not strided or t.dtype not in supported or t.is_meta or t.is_nested):
+            check_tensor(name, t)
+        address = t.data_ptr()
+        if not address:
+            continue
+        first = first_at.setdefault(address, name)
+        if first is not name and t.nbytes:  # views at one address are aliases only if identical views
+            head = tensors[first]
+            if head.nbytes:
+                views_at.setdefault(_alias_key(head), first)
+            key = _alias_key(t)
+            target = views_at.setdefault(key, name)
+            if target is not name:
+                aliases[name] = target
+    if not aliases:
+        return tensors, aliases
+    return {n: t for n, t in tensors.items() if n not in aliases}, aliases

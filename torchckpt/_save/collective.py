@@ -1,0 +1,406 @@
+"""Saving from every rank of a job into one checkpoint (format 2).
+
+The steps, every rank in the same order:
+
+1. **Capture** what this rank holds: a DTensor's local chunk (its global box), plain tensors
+   (replicated: the same on every rank), and per-rank values (``PerRank``, ``RNGState``), whose
+   tensors get a ``~r<rank>`` name.
+2. **Exchange** one small record per rank (every tensor's name, dtype, shape and box, a digest of
+   each small plain tensor and of the non-tensor tree). A plain value or small tensor that differs
+   across ranks is refused on every rank, naming the key: nothing is silently collapsed to one
+   rank's copy.
+3. **Plan** (``_global_plan``), identically on every rank from the gathered records: each chunk
+   is written by one of the ranks that hold it, replicated bytes spread over the ranks largest
+   first onto the least loaded (big replicated tensors split into row blocks), files numbered
+   globally.
+4. **Write**: rank 0 opens the storage's stage and names it; every rank writes its own files
+   into it in parallel, without sending any tensor to another rank.
+5. **Commit**: rank 0 gathers every rank's file records and checksums, writes ``index.json`` last
+   and commits (rename on a local filesystem, the index created last on an object store), then
+   tells every rank the outcome. A failure anywhere, or a rank that never reports, discards the
+   stage and is raised on every rank.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import xxhash
+
+from torchckpt import _tensorio
+from torchckpt._dist import coordinator as dist_coordinator
+from torchckpt._dist.coordinator import Coordinator
+from torchckpt._format import blocks as format_blocks
+from torchckpt._format import chunks
+from torchckpt._format import spec as format_spec
+from torchckpt._format import tree as format_tree
+from torchckpt._format.spec import INDEX_FILE
+from torchckpt._progress import progress_bar
+from torchckpt._save import capture as save_capture
+from torchckpt._save import write as save_write
+from torchckpt._save.plan import GlobalPlan, global_plan, local_bytes
+from torchckpt._storage.base import Storage, name_of
+from torchckpt.errors import CheckpointError, CheckpointWriteError, UnsupportedStateError, format_keys
+
+DIGEST_LIMIT = 2**20  # plain tensors up to this size are compared across ranks; larger ones are trusted
+
+
+def localize(tensors: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """For a single process's save: each DTensor that this process holds whole (a mesh of one)
+    becomes its local tensor; one sharded over several ranks is refused."""
+    out = tensors
+    for name, t in tensors.items():
+        if chunks.is_dtensor(t):
+            if out is tensors:
+                out = dict(tensors)
+            box = chunks.dtensor_box(t, name)
+            if box is None or box[1] != tuple(t.shape):
+                raise UnsupportedStateError(
+                    f"Cannot save {name!r} from one process: it is a DTensor sharded over {t.device_mesh.size()} "
+                    "ranks. Call write/save on every rank of the process group (a collective save).",
+                    key=name,
+                    value_type=type(t),
+                )
+            out[name] = chunks.local_of(t)
+    return out
+
+
+# -- 1. capture --------------------------------------------------------------------------------
+
+
+@dataclass
+class Captured:
+    """One rank's part of a save."""
+
+    local: dict[str, torch.Tensor] = field(default_factory=dict)  # stored or logical name -> local bytes
+    entries: list[list[Any]] = field(default_factory=list)  # [name, dtype, shape, offsets, sizes, digest]
+    aliases: dict[str, str] = field(default_factory=dict)
+    per_rank: list[list[Any]] = field(default_factory=list)  # [JSON path, encoded value]
+    tree_digest: str = ""
+
+
+def capture(tensors: dict[str, Any], section: dict[str, Any], rank: int) -> Captured:
+    """Classify every tensor of this rank's state and record what the other ranks must agree on."""
+    out = Captured()
+    _per_rank_nodes(section["state"], [], out.per_rank)
+    plain: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if type(t) is format_tree.PerRank:  # a tensor of a per-rank value (see format_tree.encode)
+            t = t.value
+            save_capture.check_tensor(name, t)
+            ranked = chunks.rank_name(name, rank)
+            out.local[ranked] = t
+            out.entries.append([ranked, format_spec.DTYPE_NAMES[t.dtype], list(t.shape), None, None, None])
+        elif chunks.is_dtensor(t):
+            box = chunks.dtensor_box(t, name)
+            local = chunks.local_of(t)
+            save_capture.check_tensor(name, local)
+            if box is None:
+                continue
+            out.local[name] = local
+            out.entries.append([name, format_spec.DTYPE_NAMES[t.dtype], list(t.shape), list(box[0]), list(box[1]), None])
+        else:
+            plain[name] = t
+    stored, out.aliases = save_capture.prepare_tensors(plain)
+    for name, t in stored.items():
+        digest = f"{_tensorio.digest_tensor(t):016x}" if t.nbytes <= DIGEST_LIMIT else None
+        out.local[name] = t
+        out.entries.append([name, format_spec.DTYPE_NAMES[t.dtype], list(t.shape), None, None, digest])
+    shared = {k: v for k, v in section.items() if k != "state"}
+    shared["state"] = _without_per_rank(section["state"])
+    shared["aliases"] = out.aliases
+    out.tree_digest = xxhash.xxh3_64_hexdigest(json.dumps(shared, sort_keys=True).encode())
+    return out
+
+
+def _per_rank_nodes(node: Any, path: list[Any], found: list[list[Any]]) -> None:
+    """Collect ``[JSON path, value]`` of every ``@per_rank`` node of an encoded tree."""
+    if isinstance(node, dict):
+        if len(node) == 1 and format_tree.PER_RANK_TAG in node:
+            found.append([path, node[format_tree.PER_RANK_TAG]])
+            return
+        for k, v in node.items():
+            _per_rank_nodes(v, [*path, k], found)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            _per_rank_nodes(v, [*path, i], found)
+
+
+def _without_per_rank(node: Any) -> Any:
+    if isinstance(node, dict):
+        if len(node) == 1 and format_tree.PER_RANK_TAG in node:
+            return {format_tree.PER_RANK_TAG: None}
+        return {k: _without_per_rank(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_without_per_rank(v) for v in node]
+    return node
+
+
+def _leaf_digests(node: Any, path: str, out: dict[str, str]) -> dict[str, str]:
+    """A digest per leaf of an encoded tree (to name the values that differ across ranks)."""
+    if isinstance(node, dict) and node and not (len(node) == 1 and next(iter(node)).startswith(format_tree.TAG)):
+        for k, v in node.items():
+            _leaf_digests(v, format_tree.join(path, format_tree.escape_part(str(k))), out)
+    elif isinstance(node, list) and node:
+        for i, v in enumerate(node):
+            _leaf_digests(v, format_tree.join(path, str(i)), out)
+    else:
+        out[path or "(root)"] = xxhash.xxh3_64_hexdigest(json.dumps(node, sort_keys=True).encode())
+    return out
+
+
+# -- 2. agreement --------------------------------------------------------------------------
+
+
+def differing_values(records: list[dict[str, Any]]) -> list[str]:
+    """Keys of plain tensors whose dtype, shape or (small) contents differ across the ranks."""
+    seen: dict[str, tuple[int, list[Any]]] = {}
+    bad: dict[str, list[int]] = {}
+    for rank, record in enumerate(records):
+        for entry in record["entries"]:
+            name = entry[0]
+            first = seen.setdefault(name, (rank, entry))
+            if first[0] != rank and _description(first[1]) != _description(entry):
+                bad.setdefault(name, [first[0]]).append(rank)
+    return [f"{format_tree.display(k)} (ranks {', '.join(map(str, ranks))})" for k, ranks in bad.items()]
+
+
+def _description(entry: list[Any]) -> tuple[Any, ...]:
+    name, dtype, shape, offsets, _, digest = entry
+    return (dtype, tuple(shape), offsets is None, digest if offsets is None else None)
+
+
+def refusal(keys: list[str]) -> CheckpointError:
+    error = CheckpointError(
+        f"Values differ across ranks: {format_keys(keys, 8)}. A value saved once must be equal on every "
+        "rank; wrap one that differs by rank in torchckpt.PerRank(...), or make it equal."
+    )
+    error.keys = keys  # type: ignore[attr-defined]
+    return error
+
+
+# -- 4. and 5. write and commit ---------------------------------------------------------------
+
+
+@dataclass
+class Prepared:
+    """A save after the exchange that every rank makes in program order: what this rank writes
+    and the plan every rank agreed on. The rest (:func:`finish`) may run on another thread."""
+
+    path: str
+    captured: Captured
+    section: dict[str, Any]
+    plan: GlobalPlan
+
+
+def prepare(coord: Coordinator, path: str, state: Callable[[], tuple[dict[str, torch.Tensor], dict[str, Any]]],
+            max_shard_size: int | str) -> Prepared:
+    """Steps 1 to 3: capture, exchange, plan. ``state()`` returns this rank's tensors and encoded
+    tree; it runs inside the exchange (the call's first, which also compares the ranks' arguments),
+    so that its failure on one rank fails the call on every rank. A value that differs across
+    ranks, or any rank's failure, is raised on every rank."""
+    captured: Captured | None = None
+    failed: Exception | None = None
+    section: dict[str, Any] = {}
+    try:
+        size = format_spec.parse_size(max_shard_size)
+        tensors, section = state()
+        captured = capture(tensors, section, coord.rank)
+        del tensors
+        mine: dict[str, Any] = {"entries": captured.entries, "tree": captured.tree_digest}
+    except Exception as e:
+        mine = {"error": dist_coordinator.failure_payload(e)}
+        failed = e
+    records = [dist_coordinator.decode(r) for r in coord.all_gather("plan", dist_coordinator.encode(mine))]
+    _raise_failures(records, "Saving " + path, failed)
+    assert captured is not None
+    if len({r["tree"] for r in records}) > 1:
+        keys = _differing_leaves(coord, section)
+        raise refusal(keys)
+    differing = differing_values(records)
+    if differing:
+        raise refusal(differing)
+    return Prepared(path, captured, section, global_plan(records, size))
+
+
+def finish(coord: Coordinator, storage: Storage, prepared: Prepared, progress: bool | None,
+           before_commit: Callable[[str], None] | None, replace: bool, after: Callable[[], Any] | None) -> Any:
+    """Steps 4 and 5: write every rank's files and commit on rank 0. ``after`` runs on rank 0 once
+    the checkpoint is committed; what it returns (JSON) is returned on every rank."""
+    path, plan, captured = prepared.path, prepared.plan, prepared.captured
+    stage, stage_error = None, None
+    if coord.rank == 0:
+        try:
+            stage = storage.stage(path, replace)
+            opened: dict[str, Any] = {"stage": stage.path}
+        except Exception as e:
+            opened, stage_error = {"error": dist_coordinator.failure_payload(e)}, e
+        coord.broadcast("stage", dist_coordinator.encode(opened))
+    else:
+        opened = dist_coordinator.decode(coord.broadcast("stage", None, coord.outcome_timeout_secs))
+    if "error" in opened:
+        raise dist_coordinator.collective_error({0: opened["error"]}, "Saving " + path) from stage_error
+    report, write_error = _write_mine(coord, storage, path, opened["stage"], plan, captured, progress)
+    reports = _gather_reports(coord, report)
+    if coord.rank == 0:
+        assert stage is not None
+        outcome = _commit(coord, stage, path, plan, prepared.section, captured, reports, before_commit, after)
+        coord.broadcast("outcome", dist_coordinator.encode(outcome))
+    else:
+        outcome = dist_coordinator.decode(coord.broadcast("outcome", None, coord.outcome_timeout_secs))
+    if "failures" in outcome:
+        failures = {int(r): f for r, f in outcome["failures"].items()}
+        raise dist_coordinator.collective_error(failures, "Saving " + path) from write_error
+    return outcome.get("after")
+
+
+def _gather_reports(coord: Coordinator, report: dict[str, Any]) -> list[dict[str, Any]] | Exception:
+    """Every rank's write report on rank 0; a rank that never reports is a failure, not a hang."""
+    try:
+        gathered = coord.gather("report", dist_coordinator.encode(report))
+    except CheckpointError as e:
+        return e
+    return [] if gathered is None else [dist_coordinator.decode(g) for g in gathered]
+
+
+def _write_mine(coord: Coordinator, storage: Storage, path: str, stage_path: str, plan: GlobalPlan,
+                captured: Captured, progress: bool | None) -> tuple[dict[str, Any], Exception | None]:
+    """Write this rank's files into the stage; returns its report (or its failure)."""
+    try:
+        files = plan.files[coord.rank]
+        by_name = {u.stored: u for u in plan.units}
+        stored = {n: local_bytes(by_name[n], captured.local) for _, names in files for n in names}
+        shards = [save_write.Shard(names, sum(by_name[n].nbytes for n in names)) for _, names in files]
+        stage = storage.join_stage(path, stage_path)
+        total = sum(s.nbytes for s in shards)
+        try:
+            with progress_bar(total, f"save {name_of(path)}", progress if coord.rank == 0 else False) as bar:
+                blocks = array.array("Q")
+                records, digests = save_write.write_shards(stage, shards, [stage.member(f) for f, _ in files], stored, bar.update,
+                                                      blocks)
+        except OSError as e:
+            if isinstance(e, CheckpointWriteError):
+                raise
+            raise CheckpointWriteError(storage.describe_write_failure(path, e), path, e) from e
+        rows = [[n for s in shards for n in s.names],
+                [format_spec.DTYPE_NAMES[by_name[n].dtype] for s in shards for n in s.names],
+                [format_spec.shape_key(by_name[n].shape) for s in shards for n in s.names],
+                "".join(save_write.big_endian(d).hex() for d in digests)]
+        for record in records:
+            record["rank"] = coord.rank
+        return {"records": records, "rows": rows, "blocks": save_write.big_endian(blocks).hex(),
+                "per_rank": captured.per_rank}, None
+    except Exception as e:
+        return {"error": dist_coordinator.failure_payload(e)}, e
+
+
+def _commit(coord: Coordinator, stage: Any, path: str, plan: GlobalPlan, section: dict[str, Any], captured: Captured,
+            reports: list[dict[str, Any]] | Exception, before_commit: Callable[[str], None] | None,
+            after: Callable[[], Any] | None) -> dict[str, Any]:
+    """Rank 0: write the index and commit once every rank has reported success; else discard."""
+    try:
+        if isinstance(reports, Exception):
+            raise reports
+        failures = {r: rep["error"] for r, rep in enumerate(reports) if "error" in rep}
+        if failures:
+            _discard(stage)
+            return {"failures": failures}
+        index = _index_document(plan, section, captured, reports, coord.world)
+        stage.write_index(INDEX_FILE, format_spec.sealed_pieces(index))
+        if before_commit is not None:
+            before_commit(stage.path)
+        stage.commit({rec["file"]: rec["size"] for rep in reports for rec in rep["records"]})
+    except Exception as e:
+        _discard(stage)
+        return {"failures": {0: dist_coordinator.failure_payload(e)}}
+    try:
+        result = after() if after is not None else None
+    except Exception as e:
+        return {"failures": {0: dist_coordinator.failure_payload(e)}}
+    return {"ok": path, "after": result}
+
+
+def _discard(stage: Any) -> None:
+    """Discard a stage that will not be committed, best effort: the outcome must reach every rank
+    even when the storage that failed the save fails the clean-up too (the next manager removes
+    what is left)."""
+    with contextlib.suppress(Exception):
+        stage.discard()
+
+
+def _index_document(plan: GlobalPlan, section: dict[str, Any], captured: Captured, reports: list[dict[str, Any]],
+                    world: int) -> dict[str, Any]:
+    names: list[str] = []
+    dtypes: list[str] = []
+    shapes: list[str] = []
+    checksums: list[str] = []
+    records: list[dict[str, Any]] = []
+    weight_map: dict[str, str] = {}
+    for report in reports:
+        rep_names, rep_dtypes, rep_shapes, rep_checksums = report["rows"]
+        position = 0
+        for record in report["records"]:
+            for n in rep_names[position : position + record["tensors"]]:
+                weight_map[n] = record["file"]
+            position += record["tensors"]
+        names += rep_names
+        dtypes += rep_dtypes
+        shapes += rep_shapes
+        checksums.append(rep_checksums)
+        records += report["records"]
+    state = _with_per_rank(section["state"], [rep["per_rank"] for rep in reports])
+    body = {**section, "state": state, "world_size": world, "chunked": {
+        "names": list(plan.chunked),
+        "dtypes": format_spec.DTYPE_SEP.join(format_spec.DTYPE_NAMES[d] for d, _ in plan.chunked.values()),
+        "shapes": format_spec.SHAPE_SEP.join(format_spec.shape_key(s) for _, s in plan.chunked.values()),
+    }, format_blocks.KEY: {"size": format_blocks.BLOCK_BYTES, "checksums": "".join(rep["blocks"] for rep in reports)}}
+    table = {"names": names, "dtypes": format_spec.DTYPE_SEP.join(dtypes), "shapes": format_spec.SHAPE_SEP.join(shapes),
+             "checksums": "".join(checksums)}
+    total = sum(u.nbytes for u in plan.units)
+    return save_write.index_document(total, weight_map, format_spec.BLOCKS_FORMAT_VERSION, body, captured.aliases, records,
+                                table)
+
+
+def _with_per_rank(state: Any, per_rank: list[list[list[Any]]]) -> Any:
+    """Rank 0's state tree with each ``@per_rank`` node holding every rank's value, in rank order."""
+    state = json.loads(json.dumps(state))
+    # By path, not by position: ranks may hold the same keys inserted in another order.
+    by_rank = [{json.dumps(path): value for path, value in values} for values in per_rank]
+    for path, _ in per_rank[0]:
+        node = state
+        for part in path:
+            node = node[part]
+        key = json.dumps(path)
+        missing = [rank for rank, values in enumerate(by_rank) if key not in values]
+        if missing:
+            raise CheckpointError(f"The per-rank value at {'/'.join(map(str, path))} is missing on rank "
+                                  f"{', '.join(map(str, missing))}: every rank must track the same per-rank values.")
+        node[format_tree.PER_RANK_TAG] = [values[key] for values in by_rank]
+    return state
+
+
+def _differing_leaves(coord: Coordinator, section: dict[str, Any]) -> list[str]:
+    """Second exchange, only when the non-tensor state differs: which keys, on which ranks."""
+    shared = {"state": _without_per_rank(section["state"]),
+              **{k: v for k, v in section.items() if k not in ("state",)}}
+    mine = _leaf_digests(shared, "", {})
+    theirs = [dist_coordinator.decode(r) for r in coord.all_gather("values", dist_coordinator.encode(mine))]
+    keys: dict[str, list[int]] = {}
+    for rank, digests in enumerate(theirs):
+        for key in set(digests) | set(theirs[0]):
+            if digests.get(key) != theirs[0].get(key):
+                keys.setdefault(key, [0]).append(rank)
+    found = [f"{k.removeprefix('state/')} (ranks {', '.join(map(str, r))})" for k, r in sorted(keys.items())]
+    return found or ["the non-tensor state (ranks disagree)"]
+
+
+def _raise_failures(records: list[dict[str, Any]], what: str, mine: BaseException | None) -> None:
+    failures = {r: rec["error"] for r, rec in enumerate(records) if "error" in rec}
+    if failures:
+        raise dist_coordinator.collective_error(failures, what) from mine

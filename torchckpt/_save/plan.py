@@ -1,0 +1,162 @@
+"""The global plan of a save by several ranks: who writes which bytes, into which files.
+
+Computed identically on every rank from the records every rank sent (step 3 of
+``_sharded_save``), so it needs no further exchange, and it never touches a file:
+
+- a DTensor chunk held by several ranks (replicated along a mesh dimension) is written once, by
+  one of its holders;
+- plain (replicated) tensors are written once too, their bytes spread over the ranks: units are
+  placed largest first onto the least-loaded rank that holds them (LPT), and a replicated tensor
+  larger than ``max(MIN_BLOCK_BYTES, replicated bytes / (8 * world))`` is first split into row
+  blocks, so that no rank writes much more than the mean;
+- files are numbered globally (``model-00003-of-00008.safetensors``), each rank's in a run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from torchckpt._format import chunks as format_chunks
+from torchckpt._format import spec
+from torchckpt._format.chunks import Box
+from torchckpt._save import write
+
+MIN_BLOCK_BYTES = 8 * 2**20  # a replicated tensor is split into row blocks of about this much or more
+
+
+@dataclass
+class Unit:
+    """One stored tensor of the checkpoint: a whole tensor, or a chunk of one."""
+
+    stored: str
+    logical: str
+    dtype: torch.dtype
+    box: Box | None  # None: the whole tensor
+    shape: tuple[int, ...]  # the stored tensor's own shape
+    holders: list[int]
+    owner: int = -1
+
+    @property
+    def nbytes(self) -> int:
+        return format_chunks.volume(self.shape) * spec.itemsize(self.dtype)
+
+
+@dataclass
+class GlobalPlan:
+    units: list[Unit]
+    chunked: dict[str, tuple[torch.dtype, tuple[int, ...]]]  # logical name -> (dtype, global shape)
+    files: list[list[tuple[str, list[str]]]]  # per rank: (file name, stored names)
+
+
+def global_plan(records: list[dict[str, Any]], max_shard_size: int) -> GlobalPlan:
+    """Who writes what, and into which files: the same result on every rank."""
+    world = len(records)
+    units: dict[tuple[Any, ...], Unit] = {}
+    logical: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    chunks_of: dict[str, list[Unit]] = {}
+    for rank, record in enumerate(records):
+        for name, dtype_name, shape, offsets, sizes, _ in record["entries"]:
+            dtype = spec.str_to_dtype(dtype_name)
+            shape = tuple(shape)
+            if offsets is None:
+                unit = units.setdefault((name,), Unit(name, name, dtype, None, shape, []))
+            else:
+                logical.setdefault(name, (dtype, shape))
+                box = (tuple(offsets), tuple(sizes))
+                if format_chunks.volume(box[1]) == 0 and format_chunks.volume(shape) != 0:
+                    continue
+                key = (name, box)
+                if key not in units:
+                    units[key] = Unit(format_chunks.chunk_name(name, box[0]), name, dtype, box, box[1], [])
+                    chunks_of.setdefault(name, []).append(units[key])
+                unit = units[key]
+            unit.holders.append(rank)
+    for name, (_, shape) in logical.items():  # a chunk that is the whole tensor keeps the plain name
+        parts = chunks_of.get(name, [])
+        if len(parts) == 1 and (parts[0].box == (tuple(0 for _ in shape), shape) or format_chunks.volume(shape) == 0):
+            parts[0].stored, parts[0].box = name, None
+    ordered = _split_replicated(list(units.values()), world, logical)
+    chunked: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    for unit in ordered:
+        if unit.box is not None:
+            chunked.setdefault(unit.logical, logical[unit.logical])
+    boxes: dict[str, list[Box]] = {}
+    for unit in ordered:
+        if unit.box is not None:
+            boxes.setdefault(unit.logical, []).append(unit.box)
+    for name, (_, shape) in chunked.items():
+        format_chunks.check_tiling(name, shape, boxes[name], "in this save (the DTensor layouts do not tile it)")
+    _assign(ordered, world)
+    return GlobalPlan(ordered, chunked, _files(ordered, world, max_shard_size))
+
+
+def _split_replicated(units: list[Unit], world: int,
+                      logical: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> list[Unit]:
+    """Replicated whole tensors larger than a fair block become row blocks, each a chunk (their
+    global shapes are added to ``logical``)."""
+    replicated = sum(u.nbytes for u in units if len(u.holders) > 1)
+    block = max(MIN_BLOCK_BYTES, -(-replicated // (world * 8)))
+    out: list[Unit] = []
+    for unit in units:
+        if len(unit.holders) < 2 or unit.box is not None or unit.nbytes <= block or len(unit.shape) == 0:
+            out.append(unit)
+            continue
+        rows = unit.shape[0]
+        row_bytes = unit.nbytes // max(1, rows)
+        step = max(1, block // max(1, row_bytes))
+        if step >= rows:
+            out.append(unit)
+            continue
+        logical[unit.logical] = (unit.dtype, unit.shape)
+        for start in range(0, rows, step):
+            n = min(step, rows - start)
+            offsets = (start,) + (0,) * (len(unit.shape) - 1)
+            sizes = (n, *unit.shape[1:])
+            out.append(Unit(format_chunks.chunk_name(unit.logical, offsets), unit.logical, unit.dtype, (offsets, sizes),
+                            sizes, list(unit.holders)))
+    return out
+
+
+def _assign(units: list[Unit], world: int) -> None:
+    """Largest first onto the least-loaded holder, after every rank's own (single-holder) bytes."""
+    load = [0] * world
+    for unit in units:
+        if len(unit.holders) == 1:
+            unit.owner = unit.holders[0]
+            load[unit.owner] += unit.nbytes
+    shared = sorted((u for u in units if len(u.holders) > 1), key=lambda u: -u.nbytes)  # stable: plan order
+    for unit in shared:
+        unit.owner = min(unit.holders, key=lambda r: (load[r], r))
+        load[unit.owner] += unit.nbytes
+
+
+def _files(units: list[Unit], world: int, max_shard_size: int) -> list[list[tuple[str, list[str]]]]:
+    per_rank: list[list[list[str]]] = []
+    for rank in range(world):
+        mine = {u.stored: torch.empty(u.shape, dtype=u.dtype, device="meta") for u in units if u.owner == rank}
+        per_rank.append([s.names for s in write.plan_shards(mine, max_shard_size)] if mine else [])
+    if not any(per_rank):
+        per_rank[0] = [[]]  # nothing to store: one empty shard, as a single process writes
+    total = sum(map(len, per_rank))
+    out: list[list[tuple[str, list[str]]]] = []
+    number = 1
+    for shards in per_rank:
+        out.append([])
+        for names in shards:
+            out[-1].append((spec.shard_name(number, total), names))
+            number += 1
+    return out
+
+
+def local_bytes(unit: Unit, local: dict[str, torch.Tensor]) -> torch.Tensor:
+    """What this rank writes for ``unit``: its tensor, its DTensor chunk, or a row block."""
+    if unit.stored in local:
+        return local[unit.stored]
+    t = local[unit.logical]
+    if unit.box is None or format_chunks.is_dtensor(t) or tuple(t.shape) == unit.shape:
+        return t
+    start, n = unit.box[0][0], unit.box[1][0]
+    return t[start : start + n]

@@ -1,0 +1,527 @@
+"""Any fsspec URL as a :class:`~torchckpt._storage.base.Storage`: object stores (S3, GCS, Azure), ``memory://``, ``file://``.
+
+Why the commit is the index written last, with create-if-absent: an object store has no rename
+(``mv`` is a copy and a delete, object by object) but makes each object visible atomically once
+its upload completes, and lists consistently. So a checkpoint's shards are uploaded straight
+into its final prefix, under names tagged with this save's own id (so that no other writer's
+upload can land on them: see ``_remote_commit``, the protocol's stage, deletion and clean-up),
+their sizes are checked in one listing, and ``index.json`` is created
+last, with ``If-None-Match: *`` where the store has it: a directory without its index is never a
+checkpoint, and two writers can never both commit one name. Replacing a checkpoint deletes its
+index first (the old checkpoint stops being committed), then its shards, then writes the new
+one: a reader sees the old checkpoint, none, or the new one, never a mix. Retention marks the
+deletion (``.torchckpt-deleting``), deletes the index, then the shards the index named.
+
+A crashed upload leaves shards and a ``.torchckpt-pending-<tag>`` marker without an index:
+readers ignore it, and the next manager removes it, judging the whole directory from one
+recursive listing (see :meth:`FsspecStorage.remove_leftovers`).
+
+Uploads stream through bounded buffers (on S3, multipart uploads with parts in parallel), reads
+are ranged and parallel, and nothing calls ``os.sync()`` (DCP's ``FsspecWriter`` does, machine
+wide, for every file).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import xxhash
+
+from torchckpt._format.spec import DELETING_FILE, INDEX_FILE
+from torchckpt._storage import lease as storage_lease
+from torchckpt._storage import remote_commit as storage_remote_commit
+from torchckpt._storage import upload
+from torchckpt._storage.base import (
+    ABSENT,
+    ConflictError,
+    Output,
+    join,
+    name_of,
+    parent_of,
+)
+from torchckpt._storage.remote_commit import RemoteStage
+from torchckpt.errors import CheckpointDeletedError, CheckpointError, CorruptCheckpointError
+
+# Ranged reads (where a GET cannot be streamed into the destinations): READ_PARTS at a time, each
+# 1/(10 * READ_PARTS + 1) of what is read from the file, clamped to [READ_PART_MIN, READ_PART_MAX].
+# A restore then holds under a tenth of the bytes it reads beyond its destination tensors (or
+# READ_PARTS * READ_PART_MIN, if that is more), in as few requests as that allows.
+READ_PARTS = 2
+READ_PART_MIN = 2 * 2**20
+READ_PART_MAX = 64 * 2**20
+READ_STREAMS = 4  # on S3: ranged GETs streamed straight into the destinations, this many at a time,
+READ_STREAM_MIN = 8 * 2**20  # each of at least this many bytes
+_OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"}
+_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure",
+           "adl": "azure"}
+_memory_guard = threading.Lock()  # memory:// is per process: its compare-and-write is atomic under this
+_warned: set[str] = set()
+
+
+def fsspec_storage(url: str, storage_options: dict[str, Any] | None) -> FsspecStorage:
+    """The storage for ``url``, its filesystem made by fsspec with ``storage_options``.
+
+    Raises:
+        CheckpointError: fsspec or the scheme's filesystem package is not installed, or the
+            options are not ones the filesystem takes.
+    """
+    protocol = url.split("://", 1)[0].lower()
+    extra = _EXTRAS.get(protocol)
+    install = f'pip install "torchckpt[{extra}]"' if extra else "pip install fsspec"
+    try:
+        import fsspec
+    except ImportError:
+        raise CheckpointError(f"{url} is a URL, and URLs need fsspec: {install}.") from None
+    try:
+        fs = fsspec.filesystem(protocol, **(storage_options or {}))
+    except ImportError as e:
+        raise CheckpointError(f"Cannot open {url}: its filesystem package is not installed ({e}). {install}.") from e
+    except ValueError as e:
+        raise CheckpointError(f"Cannot open {url}: {e}.") from e
+    except TypeError as e:
+        raise CheckpointError(f"Cannot open {url}: bad storage_options ({e}).") from e
+    return FsspecStorage(fs, protocol)
+
+
+class RemoteSource:
+    """A file read with ranged requests, several at a time, into the caller's buffers."""
+
+    batch_bytes = batch_views = 2**62  # one readv may span a whole shard: its requests are sized below
+
+    def __init__(self, fs: Any, path: str, size: int, storage: FsspecStorage | None = None) -> None:
+        self.fs = fs
+        self.path = path
+        self.size = size
+        self.part = READ_PART_MIN
+        self.storage = storage
+
+    def vanished(self) -> CheckpointError | FileNotFoundError:
+        """The error for this object gone between its HEAD and a read (see :meth:`FsspecStorage.vanished`)."""
+        if self.storage is None:
+            return FileNotFoundError(2, "No such file", self.path)
+        return self.storage.vanished(self.path)
+
+    def prepare(self, nbytes: int) -> None:
+        self.part = max(READ_PART_MIN, min(READ_PART_MAX, nbytes // (READ_PARTS * 10 + 1)))
+
+    def read(self, offset: int, count: int) -> bytes:
+        end = min(self.size, offset + count)
+        if end <= offset:
+            return b""
+        try:
+            return bytes(self.fs.cat_file(self.path, start=offset, end=end))
+        except FileNotFoundError:
+            raise self.vanished() from None
+
+    def readv(self, views: list[memoryview], offset: int) -> None:
+        try:
+            self._readv(views, offset)
+        except FileNotFoundError as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise self.vanished() from None
+
+    def _readv(self, views: list[memoryview], offset: int) -> None:
+        total = sum(len(v) for v in views)
+        if offset + total > self.size:
+            raise EOFError(f"unexpected end of file at byte {self.size}")
+        targets = iter([v for v in views if len(v)])
+        current, at = next(targets, None), 0
+        position, end = offset, offset + total
+        while position < end:  # READ_PARTS ranged reads at a time: bounded memory, parallel requests
+            starts = list(range(position, min(end, position + self.part * READ_PARTS), self.part))
+            ends = [min(end, s + self.part) for s in starts]
+            parts = self.fs.cat_ranges([self.path] * len(starts), starts, ends)
+            for data, s, e in zip(parts, starts, ends):
+                if isinstance(data, Exception):
+                    raise data
+                if len(data) != e - s:
+                    raise EOFError(f"unexpected end of file at byte {s + len(data)}")
+                pos = 0
+                while pos < len(data):  # scatter into the destinations
+                    assert current is not None
+                    k = min(len(current) - at, len(data) - pos)
+                    current[at : at + k] = data[pos : pos + k]
+                    at += k
+                    pos += k
+                    if at == len(current):
+                        current, at = next(targets, None), 0
+            position = ends[-1]
+
+    def close(self) -> None:
+        pass
+
+
+class S3Source(RemoteSource):
+    """A file on S3, read with up to ``READ_STREAMS`` ranged GETs at a time, each streamed
+    straight into its part of the destination buffers: no copy of the data is held, so a restore
+    needs no memory beyond its tensors, and a whole shard takes a handful of requests."""
+
+    def _readv(self, views: list[memoryview], offset: int) -> None:
+        views = [v for v in views if len(v)]
+        total = sum(len(v) for v in views)
+        if offset + total > self.size:
+            raise EOFError(f"unexpected end of file at byte {self.size}")
+        if not total:
+            return
+        per = max(READ_STREAM_MIN, -(-total // READ_STREAMS))
+        segments: list[tuple[int, list[memoryview]]] = []
+        position, current, filled = offset, [], 0
+        for view in views:  # cut the destinations into READ_STREAMS runs of about equal size
+            while len(view):
+                k = min(len(view), per - filled)
+                if k == len(view):  # the common case: a whole tensor, kept as its own view (no slice object)
+                    current.append(view)
+                    view, filled = view[:0], filled + k
+                else:
+                    current.append(view[:k])
+                    view, filled = view[k:], filled + k
+                if filled == per:
+                    segments.append((position, current))
+                    position, current, filled = position + per, [], 0
+        if current:
+            segments.append((position, current))
+        from fsspec.asyn import sync
+
+        sync(self.fs.loop, self._fetch_all, segments)
+
+    async def _fetch_all(self, segments: list[tuple[int, list[memoryview]]]) -> None:
+        import asyncio
+
+        await asyncio.gather(*(self._fetch(start, targets) for start, targets in segments))
+
+    async def _fetch(self, start: int, targets: list[memoryview]) -> None:
+        bucket, key, version = self.fs.split_path(self.path)
+        end = start + sum(len(t) for t in targets) - 1
+        extra = {"VersionId": version} if version else {}
+        response = await self.fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end}", **extra)
+        body = response["Body"]
+        try:
+            for target in targets:
+                pos = 0
+                while pos < len(target):
+                    n = await body.readinto(target[pos:])
+                    if not n:
+                        raise EOFError(f"unexpected end of file at byte {start + pos}")
+                    pos += n
+                start += len(target)
+        finally:
+            body.close()
+
+
+def _token_of(data: bytes) -> str:
+    return "xxh3:" + xxhash.xxh3_64_hexdigest(data)
+
+
+class FsspecStorage:
+    """An fsspec filesystem; paths are the caller's URLs (``s3://bucket/run/ckpt-3``)."""
+
+    is_local = False
+
+    def __init__(self, fs: Any, protocol: str) -> None:
+        self.fs = fs
+        self.protocol = protocol
+        self.is_s3 = callable(getattr(fs, "call_s3", None)) and callable(getattr(fs, "split_path", None))
+        self.is_memory = protocol == "memory"
+        self.is_object_store = protocol in _OBJECT_STORES
+        self.supports_conditional_writes = self.is_s3 or self.is_memory
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def _info(self, path: str) -> dict[str, Any]:
+        self.fs.invalidate_cache(path)
+        info: dict[str, Any] = self.fs.info(path)
+        return info
+
+    def _file_info(self, path: str, what: str) -> dict[str, Any]:
+        info = self._info(path)  # FileNotFoundError when absent
+        if info.get("type") != "file":
+            raise CorruptCheckpointError(f"{what} {path} is {info.get('type') or 'not a file'}, not a file; "
+                                         "refusing to read it.", path)
+        return info
+
+    def read_file(self, path: str, limit: int, what: str) -> bytes:
+        return self.read_versioned(path, limit, what)[0]
+
+    def read_versioned(self, path: str, limit: int, what: str) -> tuple[bytes, Any]:
+        try:
+            info = self._file_info(path, what)
+        except FileNotFoundError:
+            if name_of(path) == INDEX_FILE:
+                left = self.list_names(parent_of(path))
+                if DELETING_FILE in left or not left:  # being deleted now, or deleted since it was found
+                    raise self.vanished(path) from None
+            raise
+        size = int(info.get("size") or 0)
+        if size > limit:
+            raise CorruptCheckpointError(
+                f"{what} {path} is {size} bytes, over the {limit}-byte limit for such a file; it is not one "
+                "torchckpt wrote.",
+                path,
+            )
+        try:
+            data = bytes(self.fs.cat_file(path)) if size else b""
+        except FileNotFoundError:
+            raise self.vanished(path) from None  # there at the HEAD, gone at the GET: deleted meanwhile
+        if len(data) > limit:
+            raise CorruptCheckpointError(f"{what} {path} grew past the {limit}-byte limit while it was read.", path)
+        etag = info.get("ETag") or info.get("etag")
+        return data, (etag if self.is_s3 and etag and len(data) == size else _token_of(data))
+
+    def open(self, path: str, what: str) -> RemoteSource:
+        size = int(self._file_info(path, what).get("size") or 0)
+        if self.is_s3 and callable(getattr(self.fs, "_call_s3", None)):
+            return S3Source(self.fs, path, size, self)
+        return RemoteSource(self.fs, path, size, self)
+
+    def is_file(self, path: str) -> bool:
+        try:
+            return self._info(path).get("type") == "file"
+        except (FileNotFoundError, OSError, ValueError):
+            return False
+
+    def is_dir(self, path: str) -> bool:
+        self.fs.invalidate_cache(path)
+        try:
+            return bool(self.fs.isdir(path))
+        except (OSError, ValueError):
+            return False
+
+    follows_to_dir = is_dir
+
+    def exists(self, path: str) -> bool:
+        try:
+            self._info(path)
+            return True
+        except (FileNotFoundError, OSError, ValueError):
+            return False
+
+    def mtime(self, path: str) -> float:
+        try:
+            info = self._info(path)
+        except (OSError, ValueError):
+            return -1.0
+        for key in ("LastModified", "mtime", "created", "updated", "last_modified"):
+            value = info.get(key)
+            stamp = getattr(value, "timestamp", None)
+            if callable(stamp):
+                return float(stamp())
+            if isinstance(value, (int, float)):
+                return float(value)
+        return -1.0
+
+    def list_names(self, directory: str) -> list[str]:
+        self.fs.invalidate_cache(directory)
+        try:
+            entries = self.fs.ls(directory, detail=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        own = self.fs._strip_protocol(directory).rstrip("/")
+        return [name_of(str(e)) for e in entries if self.fs._strip_protocol(str(e)).rstrip("/") != own]
+
+    def committed_names(self, directory: str) -> list[str]:
+        return sorted(name for name, files in self.tree(directory).items() if INDEX_FILE in files)
+
+    def tree(self, directory: str) -> dict[str, set[str]]:
+        """Each prefix directly inside ``directory`` -> the names of the files directly inside it,
+        from one recursive listing (on S3, one paginated ``ListObjectsV2`` without a delimiter,
+        instead of requests for every name: junk prefixes cost nothing per name)."""
+        self.fs.invalidate_cache(directory)
+        try:
+            found = self.fs.find(directory, detail=True)
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+        base = self.fs._strip_protocol(directory).rstrip("/") + "/"
+        tree: dict[str, set[str]] = {}
+        for full, info in found.items():
+            full = self.fs._strip_protocol(str(full))
+            if not full.startswith(base):
+                continue
+            parts = full[len(base):].split("/")
+            if len(parts) < 2 or not parts[0]:
+                continue
+            files = tree.setdefault(parts[0], set())
+            if len(parts) == 2 and info.get("type", "file") == "file":
+                files.add(parts[1])
+        return tree
+
+    def sizes(self, directory: str) -> dict[str, int]:
+        """Every file directly in ``directory`` -> its size, from one listing."""
+        self.fs.invalidate_cache(directory)
+        try:
+            entries = self.fs.ls(directory, detail=True)
+        except FileNotFoundError:
+            return {}
+        return {name_of(str(e["name"])): int(e.get("size") or 0) for e in entries if e.get("type") == "file"}
+
+    def real_path(self, path: str) -> str:
+        return path
+
+    def describe_write_failure(self, path: str, error: OSError) -> str:
+        where = f" ({error.filename})" if error.filename and error.filename != path else ""
+        return f"Cannot write checkpoint {path}{where}: {error.strerror or error}."
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def join_stage(self, final: str, stage_path: str) -> RemoteStage:
+        return RemoteStage(self, stage_path, False, joined=True)
+
+    def stage(self, final: str, replace: bool) -> RemoteStage:
+        return RemoteStage(self, final, replace)  # the object-store commit protocol: see storage_remote_commit
+
+    def output(self, path: str, size: int) -> Output:
+        if self.is_s3 and size > upload.PART_BYTES:
+            return upload.S3Upload(self.fs, path)
+        return upload.StreamOutput(self.fs, path)
+
+    def put(self, path: str, data: bytes) -> None:
+        self.fs.pipe_file(path, data)
+        self.fs.invalidate_cache(path)
+
+    def create_new(self, path: str, data: bytes) -> None:
+        """Create ``path`` holding ``data``; FileExistsError when it exists (atomically where the
+        store can: S3's ``If-None-Match``, ``memory://``, a local file's ``O_EXCL``)."""
+        try:
+            with self.fs.open(path, "xb") as f:
+                f.write(data)
+        except (ValueError, NotImplementedError, TypeError):  # no exclusive mode: check, then write
+            self._warn_unconditional()
+            if self.exists(path):
+                raise FileExistsError(17, "File exists", path) from None
+            self.put(path, data)
+        self.fs.invalidate_cache(path)
+
+    def make_dirs(self, path: str) -> None:
+        if not self.is_object_store:  # object stores have no directories; a bucket is made by its owner
+            self.fs.makedirs(path, exist_ok=True)
+
+    def replace_file(self, path: str, data: bytes, token: Any) -> Any:
+        if token is ABSENT:
+            try:
+                self.create_new(path, data)
+            except FileExistsError:
+                raise ConflictError(f"{path} was created by another writer meanwhile.") from None
+            return self._token_after_write(path, data)
+        if self.is_s3 and isinstance(token, str) and not token.startswith("xxh3:"):
+            bucket, key, _ = self.fs.split_path(path)
+            try:
+                out = self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=token)
+            except (OSError, FileNotFoundError) as e:
+                if "pre-condition" in str(e) or "precondition" in str(e).lower() or isinstance(e, FileNotFoundError):
+                    raise ConflictError(f"{path} was replaced by another writer meanwhile.") from None
+                raise
+            self.fs.invalidate_cache(path)
+            return out.get("ETag") or _token_of(data)
+        with _memory_guard if self.is_memory else _NO_GUARD:
+            if token is not None:
+                if not self.is_memory:
+                    self._warn_unconditional()
+                try:
+                    current = self.read_versioned(path, 2**31, "File")[1]
+                except FileNotFoundError:
+                    current = None
+                if current != token:
+                    raise ConflictError(f"{path} was replaced by another writer meanwhile.")
+            self.put(path, data)
+        return _token_of(data)
+
+    def _token_after_write(self, path: str, data: bytes) -> Any:
+        """The token of the file just written with ``data``: its ETag on S3 (one HEAD, not a read
+        of the bytes back), else their digest."""
+        if self.is_s3:
+            etag = self._info(path).get("ETag")
+            if etag:
+                return etag
+        return _token_of(data)
+
+    def _warn_unconditional(self) -> None:
+        if self.protocol not in _warned:
+            _warned.add(self.protocol)
+            warnings.warn(
+                f"{self.protocol}:// cannot create or replace a file conditionally through fsspec here, so a "
+                "second writer to one directory is detected only between its reads and writes, not atomically.",
+                stacklevel=4,
+            )
+
+    def remove_quietly(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(path)
+        self.fs.invalidate_cache(path)
+
+    def remove_tree(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(path, recursive=True)
+        self.fs.invalidate_cache(path)
+
+    def remove_names(self, directory: str, names: Iterable[str]) -> None:
+        """Delete the files ``names`` directly inside ``directory`` (in batches; absent ones are fine)."""
+        paths = sorted({join(directory, n) for n in names})
+        if paths:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(paths)
+        self.fs.invalidate_cache(directory)
+
+    def vanished(self, path: str) -> CheckpointError | FileNotFoundError:
+        """The error for an object of a checkpoint that was there a moment ago and is gone now:
+        the checkpoint was deleted meanwhile (a manager's retention, usually), unless it is still
+        committed and not being deleted (then a shard is missing from it: it is corrupt)."""
+        directory = parent_of(path)
+        if name_of(path) != INDEX_FILE and self.exists(join(directory, INDEX_FILE)) \
+                and not self.exists(join(directory, DELETING_FILE)):
+            return CorruptCheckpointError(
+                f"Shard {path} vanished while it was being read, yet {directory} is still committed: the checkpoint "
+                "is damaged (something other than torchckpt deleted it). Run `torchckpt verify` on it.", path)
+        return CheckpointDeletedError(
+            f"Checkpoint {directory} was deleted while it was being read (a manager's max_to_keep, usually; "
+            f"{name_of(path)} went away between two requests); read a newer checkpoint.", directory)
+
+    def delete_checkpoint(self, path: str) -> None:
+        storage_remote_commit.delete_checkpoint(self, path)
+
+    def drop_if_empty(self, path: str) -> None:
+        """Remove the directory ``path`` once nothing is in it (object stores have no directories)."""
+        if not self.is_object_store and not self.list_names(path):
+            with contextlib.suppress(OSError):
+                self.fs.rmdir(path)
+            self.fs.invalidate_cache(path)
+
+    def remove_leftovers(self, directory: str, prefix: str) -> list[str]:
+        return storage_remote_commit.remove_leftovers(self, directory, prefix)
+
+    # -- the claim: a lease object ----------------------------------------------------------
+
+    def session_of(self, path: str) -> str | None:
+        return storage_lease.session_for(self, parent_of(path))
+
+    def fence(self, path: str) -> None:
+        """Raise before writing ``path`` if this process's lease on its directory was lost, or
+        its term ran out unrenewed (a process paused past it) and it cannot be renewed."""
+        storage_lease.fence(self, parent_of(path))
+
+    def claim(self, directory: str) -> None:
+        storage_lease.claim(self, directory)
+
+    def holds(self, directory: str) -> bool:
+        return storage_lease.holds(self, directory)
+
+    def release(self, directory: str) -> None:
+        storage_lease.release(self, directory)
+
+    def key(self, path: str) -> str:
+        """A canonical name of ``path`` for this process's bookkeeping."""
+        return f"{self.protocol}://{self.fs._strip_protocol(path).rstrip('/')}"
+
+
+class _NoGuard:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_GUARD = _NoGuard()

@@ -1,0 +1,240 @@
+"""The local filesystem as a :class:`~torchckpt._storage.base.Storage`: today's fast paths, behind the seam.
+
+Writes go through ``_output`` (``O_DIRECT`` through reusable aligned buffers for large files),
+reads are scatter ``preadv`` straight into the destination tensors, a checkpoint is written into
+a temporary sibling and committed by ``renameat2`` (``_atomic``), and a manager's claim is an
+``flock`` (``_lock``). Every file inside a checkpoint is opened through ``_files``: never through
+a link, only regular files.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import shutil
+from collections.abc import Iterable
+from typing import Any
+
+from torchckpt._format.spec import INDEX_FILE
+from torchckpt._storage import atomic, local_output, lock
+from torchckpt._storage import files as storage_files
+from torchckpt._storage.base import IOV_MAX, Output
+
+_INDEX_BUFFER = 2**20
+
+
+class LocalSource:
+    """An open regular file, read with ``pread``/``preadv`` (no seeks, safe from several threads)."""
+
+    batch_bytes = 64 * 2**20  # a scatter read this large keeps the disk busy; larger ones gain nothing
+    batch_views = IOV_MAX  # preadv's limit
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path = path
+        self.fd = fd
+        self.size = os.fstat(fd).st_size
+
+    def read(self, offset: int, count: int) -> bytes:
+        return os.pread(self.fd, count, offset)
+
+    def prepare(self, nbytes: int) -> None:
+        del nbytes  # reads go straight into the destinations: nothing to size
+
+    def readv(self, views: list[memoryview], offset: int) -> None:
+        views = [v for v in views if len(v)]
+        i, count = 0, len(views)
+        while i < count:
+            n = os.preadv(self.fd, views[i:] if i else views, offset)
+            if n <= 0:
+                raise EOFError(f"unexpected end of file at byte {offset}")
+            offset += n
+            while i < count and n >= len(views[i]):
+                n -= len(views[i])
+                i += 1
+            if n:
+                views[i] = views[i][n:]
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+class LocalStage:
+    """A checkpoint being written into a temporary sibling of its final name, fsynced file by
+    file, then renamed into place in one step (``_atomic.commit_directory``)."""
+
+    def __init__(self, final: str, replace: bool, joined: str | None = None) -> None:
+        self.final = final
+        self.replace = replace
+        self.shared = joined is not None
+        if joined is not None:  # a stage shared by the ranks of a job: this process writes its files into it
+            self.path = joined
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(final)), exist_ok=True)
+        self.path = atomic.temporary_sibling(final)
+        os.mkdir(self.path)
+
+    def create(self, name: str, size: int) -> Output:
+        # A stage several ranks write into at once is written through the page cache (see local_output.create).
+        return local_output.create(os.path.join(self.path, name), size, shared_disk=self.shared)
+
+    def write_file(self, name: str, data: bytes) -> None:
+        self.write_index(name, [data])
+
+    def write_index(self, name: str, pieces: Iterable[bytes]) -> None:
+        path = os.path.join(self.path, name)
+        fd = storage_files.create_exclusive(path)
+        try:
+            with io.BufferedWriter(io.FileIO(fd, "w", closefd=False), _INDEX_BUFFER) as out:
+                for piece in pieces:
+                    out.write(piece)
+            os.fsync(fd)
+        except OSError as e:
+            raise storage_files.named(e, path) from e
+        finally:
+            os.close(fd)
+
+    def commit(self, sizes: dict[str, int]) -> None:
+        # Every file was fsynced as it was written, and rename moves them all or none. Files other
+        # ranks wrote (on a shared file system) are checked for their size first: a lost write.
+        for name, size in sizes.items():
+            path = os.path.join(self.path, name)
+            try:
+                found = os.stat(path).st_size
+            except OSError as e:
+                raise storage_files.named(e, path) from e
+            if found != size:
+                raise OSError(5, f"{name} is {found} bytes, not the {size} its writer reported", path)
+        atomic.commit_directory(self.path, self.final, self.replace)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def member(self, name: str) -> str:
+        return name  # the temporary directory is this save's alone: the names stay as they are
+
+
+class LocalStorage:
+    """Plain paths on this machine's filesystems."""
+
+    is_local = True
+    supports_conditional_writes = True  # the directory claim makes every write the only one
+
+    def read_file(self, path: str, limit: int, what: str) -> bytes:
+        return storage_files.read_regular(path, limit, what)
+
+    def read_versioned(self, path: str, limit: int, what: str) -> tuple[bytes, Any]:
+        return storage_files.read_regular(path, limit, what), None
+
+    def open(self, path: str, what: str) -> LocalSource:
+        fd = storage_files.open_regular(path, what)
+        try:
+            return LocalSource(path, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def is_file(self, path: str) -> bool:
+        return storage_files.is_regular_file(path)
+
+    def is_dir(self, path: str) -> bool:
+        return storage_files.is_real_directory(path)
+
+    def exists(self, path: str) -> bool:
+        return os.path.lexists(path)
+
+    def follows_to_dir(self, path: str) -> bool:
+        """Whether ``path`` is a directory, through a link too (what a user passed may be one)."""
+        return os.path.isdir(path)
+
+    def mtime(self, path: str) -> float:
+        try:
+            return os.lstat(path).st_mtime_ns / 1e9
+        except OSError:
+            return -1.0
+
+    def list_names(self, directory: str) -> list[str]:
+        try:
+            return os.listdir(directory)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def committed_names(self, directory: str) -> list[str]:
+        return [n for n in self.list_names(directory)
+                if self.is_dir(os.path.join(directory, n)) and self.is_file(os.path.join(directory, n, INDEX_FILE))]
+
+    def join_stage(self, final: str, stage_path: str) -> LocalStage:
+        return LocalStage(final, False, joined=stage_path)
+
+    def stage(self, final: str, replace: bool) -> LocalStage:
+        return LocalStage(final, replace)
+
+    def make_dirs(self, path: str) -> None:
+        os.makedirs(path, exist_ok=True)
+
+    def replace_file(self, path: str, data: bytes, token: Any) -> Any:
+        del token  # one writer per directory: the claim
+        atomic.write_file_atomic(path, data)
+        return None
+
+    def delete_checkpoint(self, path: str) -> None:
+        trash = atomic.temporary_sibling(path, atomic.OLD_MARKER)
+        try:
+            os.rename(path, trash)  # readers stop seeing it at once; removal can take a while
+        except FileNotFoundError:
+            return
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def remove_leftovers(self, directory: str, prefix: str) -> list[str]:
+        return atomic.remove_stale_temporaries(directory, prefix)
+
+    def claim(self, directory: str) -> None:
+        lock.claim_directory(directory)
+
+    def holds(self, directory: str) -> bool:
+        return lock.holds(directory)
+
+    def release(self, directory: str) -> None:
+        lock.release_directory(directory)
+
+    def real_path(self, path: str) -> str:
+        return os.path.abspath(path)
+
+    def describe_write_failure(self, path: str, error: OSError) -> str:
+        return write_failure(path, error)
+
+
+LOCAL = LocalStorage()
+
+
+def write_failure(path: str, error: OSError) -> str:
+    """What went wrong writing the checkpoint ``path``, and what to do, for the user's own path."""
+    where = f" ({error.filename})" if error.filename and error.filename != path else ""
+    parent = os.path.dirname(os.path.abspath(path))
+    if error.errno in (errno.ENOTDIR, errno.EEXIST) and not os.path.isdir(parent):
+        blocker = next((p for p in _ancestors(parent) if os.path.lexists(p) and not os.path.isdir(p)), parent)
+        return (f"Cannot write checkpoint {path}: {blocker} is a file, not a directory. "
+                "Choose a path whose parents are directories (or remove that file).")
+    advice = {
+        errno.EROFS: "the file system is read-only. Write checkpoints to a writable directory.",
+        errno.EACCES: "permission denied. Write checkpoints to a directory you may write to.",
+        errno.EPERM: "permission denied. Write checkpoints to a directory you may write to.",
+        errno.ENOSPC: "no space left on the device. Free some space (or keep fewer checkpoints with max_to_keep); "
+                      "the previous checkpoints are intact.",
+        errno.EDQUOT: "the disk quota is exceeded. Free some space; the previous checkpoints are intact.",
+        errno.EFBIG: "a file would exceed the largest size allowed (a ulimit, or the file system's limit). Use a "
+                     "smaller max_shard_size.",
+    }.get(error.errno or 0, f"{error.strerror or error}.")
+    return f"Cannot write checkpoint {path}{where}: {advice}"
+
+
+def _ancestors(path: str) -> list[str]:
+    out = []
+    while True:
+        out.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            return out[::-1]
+        path = parent

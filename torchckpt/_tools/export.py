@@ -1,0 +1,148 @@
+"""Export one tracked module's weights as a standard Hugging Face safetensors folder.
+
+What ``from_pretrained`` needs, and ``save_pretrained`` writes: names relative to the module, with
+DDP's ``module.`` and ``torch.compile``'s ``_orig_mod.`` prefixes stripped (as a restore matches
+them); tied weights written once, under their first name (the model ties the others again when it
+loads); ``model.safetensors`` or shards plus ``model.safetensors.index.json``; and, given one, the
+model's ``config.json``.
+
+On a local filesystem the folder is written as a temporary sibling and swapped into place in one
+step, so a re-export never leaves a stale shard or index of an earlier one behind; on an object
+store its old files are deleted first and the new ones uploaded, the index last. Bytes are
+streamed from the checkpoint's shards piece by piece (and checked against their checksums), so
+memory stays bounded whatever the size of the model; a tensor saved by several ranks is assembled
+from its chunks block by block. Either side may be a URL.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from torchckpt._format import spec, tree
+from torchckpt._progress import progress_bar
+from torchckpt._storage.base import Storage, as_path, is_url
+from torchckpt._storage.registry import storage_for
+from torchckpt._tools.consolidate import stream_shard
+from torchckpt.errors import CheckpointError, a_or_an
+from torchckpt.reader import CheckpointReader, load_checkpoint
+
+HF_SINGLE = "model.safetensors"
+HF_INDEX = "model.safetensors.index.json"
+HF_CONFIG = "config.json"
+_EXPORT_FILES = (HF_INDEX, HF_CONFIG)  # with model*.safetensors: what an existing folder may hold to be replaced
+
+
+def export_module(path: str, obj: str, out: str, max_shard_size: int | str = spec.DEFAULT_MAX_SHARD_SIZE,
+                  progress: bool | None = None, config: str | None = None,
+                  storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Write the module ``obj`` of checkpoint ``path`` to the folder ``out``; returns the files written.
+
+    ``module.load_state_dict(safetensors.torch.load_file(...), strict=False)`` and Hugging Face's
+    ``from_pretrained(out)`` load the result (tied names are written once, as ``save_pretrained``
+    does; load with ``strict=True`` after tying them again).
+
+    Raises:
+        CheckpointError: no such module, names that collide once prefixes are stripped, or an
+            ``out`` that holds files an export would not write (it is never overwritten then).
+    """
+    path, out = as_path(path), as_path(out)
+    reader = load_checkpoint(path, storage_options=_options_for(path, storage_options))
+    storage = storage_for(out, _options_for(out, storage_options))
+    names = _module_tensors(reader, path, obj)
+    local = _local_names(reader, obj, names)
+    limit = spec.parse_size(max_shard_size)
+    groups: list[list[str]] = [[]]
+    size = 0
+    for n in names:
+        nbytes = reader.nbytes(n)
+        if groups[-1] and size + nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(n)
+        size += nbytes
+    dtypes, shapes = reader.get_variable_to_dtype_map(), reader.get_variable_to_shape_map()
+    for group in groups:
+        group.sort(key=lambda n: -spec.itemsize(dtypes[n]))
+    single = len(groups) == 1
+    files = [HF_SINGLE] if single else [spec.shard_name(i, len(groups)) for i in range(1, len(groups) + 1)]
+    _check_replaceable(out, storage)
+    config_bytes = None
+    if config is not None:
+        config = as_path(config)
+        config_bytes = storage_for(config).read_file(config, _CONFIG_LIMIT, "Config file")
+    stage = storage.stage(out, replace=True)
+    try:
+        sizes: dict[str, int] = {}
+        weight_map: dict[str, str] = {}
+        with progress_bar(sum(reader.nbytes(n) for n in names), f"export {obj}", progress) as bar:
+            for file, group in zip(files, groups):
+                entries = [(local[n], dtypes[n], tuple(shapes[n]), reader.nbytes(n)) for n in group]
+                sizes[file] = stream_shard(reader, stage, file, entries, group, bar.update)[0]["size"]
+                weight_map.update((local[n], file) for n in group)
+        if config_bytes is not None:
+            stage.write_file(HF_CONFIG, config_bytes)
+            files.append(HF_CONFIG)
+        if not single:
+            index = {"metadata": {"total_size": sum(reader.nbytes(n) for n in names)},
+                     "weight_map": dict(sorted(weight_map.items()))}
+            stage.write_index(HF_INDEX, [(json.dumps(index, indent=2, sort_keys=True) + "\n").encode()])
+            files.insert(len(groups), HF_INDEX)
+        stage.commit(sizes)
+    except BaseException:
+        stage.discard()
+        raise
+    return files
+
+
+_CONFIG_LIMIT = 64 * 2**20
+
+
+def _options_for(path: str, storage_options: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``storage_options`` where they apply: to a URL, not to a local path."""
+    return storage_options if is_url(path) else None
+
+
+def _module_tensors(reader: CheckpointReader, path: str, obj: str) -> list[str]:
+    """The stored tensors of module ``obj``, in the checkpoint's order; tied names only once."""
+    if reader.kind != "torchckpt":
+        raise CheckpointError(f"{path} is not a torchckpt checkpoint; it is already plain safetensors.")
+    objects = reader.metadata.get("objects", {})
+    if obj not in objects:
+        raise CheckpointError(f"{path} has no object {obj!r}; it has: {', '.join(objects) or 'nothing'}.")
+    if objects[obj] != "module":
+        raise CheckpointError(f"{obj!r} in {path} is {a_or_an(str(objects[obj]))}, not a module; only modules can "
+                              "be exported.")
+    prefix = tree.escape_part(obj) + tree.SEP
+    aliases = reader.aliases
+    names = [n for n in reader.get_variable_to_shape_map() if n.startswith(prefix) and n not in aliases]
+    if not names:
+        raise CheckpointError(f"Module {obj!r} in {path} has no tensors to export.")
+    return names
+
+
+def _local_names(reader: CheckpointReader, obj: str, names: list[str]) -> dict[str, str]:
+    """Checkpoint name -> the module's own state-dict key, prefixes stripped; collisions refused."""
+    prefix = len(tree.escape_part(obj) + tree.SEP)
+    local = {n: tree.canonical_module_key(tree.unescape_part(n[prefix:])) for n in names}
+    seen: dict[str, str] = {}
+    for name, key in local.items():
+        if key in seen:
+            raise CheckpointError(f"{seen[key]!r} and {name!r} both export as {key!r}; rename one of them.")
+        seen[key] = name
+    return local
+
+
+def _check_replaceable(out: str, storage: Storage) -> None:
+    """``out`` may be replaced: it is missing, empty, or holds only what an export writes."""
+    if not storage.exists(out) and not storage.is_dir(out):
+        return
+    if not storage.is_dir(out):
+        raise CheckpointError(f"Cannot export to {out}: it exists and is not a directory.")
+    others = [n for n in storage.list_names(out) if not (n in _EXPORT_FILES or n.startswith("model") and
+                                                        n.endswith(spec.SHARD_SUFFIX))]
+    if others:
+        raise CheckpointError(
+            f"Cannot export to {out}: it holds files an export does not write ({', '.join(sorted(others)[:5])}), "
+            "and the folder is replaced as a whole. Export to a new or empty folder."
+        )
