@@ -1,7 +1,8 @@
-"""Shared fixtures: small models and an optimizer that has state (after one step)."""
+"""Shared fixtures: small models, an optimizer that has state (after one step), and storage doubles."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -10,8 +11,10 @@ import torch
 import xxhash
 
 from torchckpt._format import spec
+from torchckpt._storage import registry
 
 from .distributed import job_dir, killed, killed_async, s3_run, world2, world3, world4, world4_from_2  # noqa: F401
+from .doubles import LocalDouble, RemoteDouble
 
 
 def read_index(directory: str | os.PathLike[str]) -> dict:
@@ -86,15 +89,32 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def read_header_file(path, name):
-    """``_format.read_header`` of a local file (the parser reads from an open source)."""
-    from torchckpt._format import spec
+    """``_load.opened.read_header`` of a local file (the parser reads from an open source)."""
+    from torchckpt._load import opened
     from torchckpt._storage.local import LOCAL
 
     source = LOCAL.open(str(path), "Shard")
     try:
-        return spec.read_header(source, name)
+        return opened.read_header(source, name)
     finally:
         source.close()
+
+
+# -- storage doubles (tests/doubles.py) ------------------------------------------------------------
+
+
+@pytest.fixture
+def install():
+    """``install(prefix, storage)``: every face is served ``storage`` for the paths under ``prefix``
+    until the test ends; returns ``storage``."""
+    with contextlib.ExitStack() as stack:
+        yield lambda prefix, storage: stack.enter_context(registry.installed(str(prefix), storage))
+
+
+@pytest.fixture
+def disk(tmp_path, install) -> LocalDouble:
+    """The local disk under ``tmp_path`` as a double a test can arm (``disk.fail("stage", error)``)."""
+    return install(tmp_path, LocalDouble())
 
 
 # -- torch.distributed -------------------------------------------------------------------------
@@ -155,11 +175,21 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "A
 
 
 class Remote:
-    """A fresh location on an object store: ``url`` (a directory), and ``options`` to pass as
-    ``storage_options``."""
+    """A fresh location on an object store: ``url`` (a directory), ``options`` to pass as
+    ``storage_options``, and ``storage``: the double every face is served for ``url``."""
 
-    def __init__(self, kind: str, url: str, options: dict | None) -> None:
+    def __init__(self, kind: str, url: str, options: dict | None, install) -> None:
         self.kind, self.url, self.options = kind, url, options
+        self._install = install
+        self.doubles: list[RemoteDouble] = []
+        self.storage = self.install()
+
+    def install(self, **tuning) -> RemoteDouble:
+        """A new double of the store for ``url``, with ``FsspecStorage``'s ``tuning`` (``lease_secs=0.6``),
+        served from now on; it is ``storage`` too."""
+        self.storage = self._install(self.url, RemoteDouble(self.fs, self.kind, **tuning))
+        self.doubles.append(self.storage)
+        return self.storage
 
     def at(self, *names: str) -> str:
         return "/".join([self.url, *names])
@@ -180,25 +210,23 @@ class Remote:
 
 
 @pytest.fixture(params=["memory", "s3"])
-def remote(request):
+def remote(request, install):
     """Each test runs on ``memory://`` (in process) and on the moto server (a real S3 API)."""
     import uuid
 
     pytest.importorskip("fsspec")
     name = f"t{uuid.uuid4().hex[:12]}"
     if request.param == "memory":
-        loc = Remote("memory", f"memory://{name}/run", None)
+        loc = Remote("memory", f"memory://{name}/run", None, install)
     else:
         endpoint = request.getfixturevalue("s3_endpoint")
-        loc = Remote("s3", f"s3://{name}/run", {"client_kwargs": {"endpoint_url": endpoint}})
+        loc = Remote("s3", f"s3://{name}/run", {"client_kwargs": {"endpoint_url": endpoint}}, install)
         loc.fs.mkdir(name)  # the bucket
     try:
         yield loc
     finally:
-        from torchckpt._storage import lease as storage_lease
-
-        for lease in list(storage_lease._leases.values()):  # a manager a test did not close: stop renewing
-            lease.stop.set()
-        storage_lease._leases.clear()
+        for double in loc.doubles:  # a manager a test did not close: its lease stops being renewed
+            for directory in {args[0] for args in double.called("claim")}:
+                double.release(directory)
         if loc.kind == "memory" and loc.fs.exists(f"memory://{name}"):
             loc.fs.rm(f"memory://{name}", recursive=True)

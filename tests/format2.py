@@ -16,6 +16,7 @@ import torch
 import torchckpt
 from torchckpt._format import spec
 from torchckpt._save import write
+from torchckpt._storage.registry import storage_for
 
 WORLD = 2
 
@@ -45,7 +46,8 @@ def write_two_rank(path: str | os.PathLike[str], extra: dict[str, torch.Tensor] 
         "world_size": WORLD,
         "chunked": {"names": ["model/weight"], "dtypes": "F32", "shapes": "6,4"},
     }
-    return write.write_checkpoint(os.fspath(path), stored, {}, section, max_shard_size=max_shard_size)
+    return write.write_checkpoint(storage_for(os.fspath(path)), os.fspath(path), stored, {}, section,
+                                  max_shard_size=max_shard_size)
 
 
 def target() -> torchckpt.Checkpoint:

@@ -17,20 +17,13 @@ import torch
 import torchckpt
 from torchckpt import CheckpointManager
 from torchckpt._save import background as save_background
-from torchckpt._save import write as save_write
 
 
-def test_committed_checkpoint_holds_values_as_of_save(tmp_path, monkeypatch):
+def test_committed_checkpoint_holds_values_as_of_save(tmp_path, disk):
     weights = torch.zeros(1000)
     model = torch.nn.Linear(4, 4)
     release = threading.Event()
-    real = save_write.write_checkpoint
-
-    def slow(*args, **kwargs):
-        release.wait(10)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(save_write, "write_checkpoint", slow)
+    disk.before("stage", lambda final, replace: release.wait(10))  # a slow disk: the write starts once released
     manager = CheckpointManager(torchckpt.Checkpoint(weights=weights, model=model, epoch=1), tmp_path, async_save=True)
     expected_model = {k: v.clone() for k, v in model.state_dict().items()}
     path = manager.save(metrics={"loss": 1.0})
@@ -51,50 +44,47 @@ def test_committed_checkpoint_holds_values_as_of_save(tmp_path, monkeypatch):
         assert torch.equal(v, expected_model[k])
 
 
-def test_background_failure_is_raised_by_the_next_call(tmp_path, monkeypatch):
+def test_background_failure_is_raised_by_the_next_call(tmp_path, disk):
     manager = CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(2)), tmp_path, async_save=True)
     first = manager.save()
     manager.wait_until_finished()
-
-    def failing(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(save_write, "write_checkpoint", failing)
+    disk.fail("stage", OSError(28, "No space left on device"))  # the disk is full
     manager.save()
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match="no space left on the device") as info:
         manager.wait_until_finished()
+    assert info.value.errno == 28
     manager.wait_until_finished()  # raised once, then cleared
     manager.save()
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match="no space left on the device"):
         manager.save()
-    monkeypatch.undo()
+    disk.heal()
     manager.wait_until_finished()
     assert manager.latest_checkpoint == first and manager.checkpoints == [first]
 
 
-def test_at_most_one_save_in_flight(tmp_path, monkeypatch):
+def test_at_most_one_save_in_flight(tmp_path, disk):
     active, peak = [0], [0]
     lock = threading.Lock()
-    real = save_write.write_checkpoint
 
-    def counting(*args, **kwargs):
+    def started(*args) -> None:
         with lock:
             active[0] += 1
             peak[0] = max(peak[0], active[0])
-        try:
-            return real(*args, **kwargs)
-        finally:
-            with lock:
-                active[0] -= 1
 
-    monkeypatch.setattr(save_write, "write_checkpoint", counting)
+    def ended(*args) -> None:
+        with lock:
+            active[0] -= 1
+
+    disk.before("stage", started)  # a save's write opens its stage first, and ends committed or discarded
+    disk.after("stage.commit", ended)
+    disk.after("stage.discard", ended)
     w = torch.zeros(100_000)
     manager = CheckpointManager(torchckpt.Checkpoint(w=w), tmp_path, max_to_keep=2, async_save=True)
     for i in range(6):
         w.fill_(i)
         manager.save()
     manager.wait_until_finished()
-    assert peak[0] == 1
+    assert peak[0] == 1 and len(disk.called("stage")) == 6
     assert [os.path.basename(p) for p in manager.checkpoints] == ["ckpt-5", "ckpt-6"]
     target = torch.zeros(100_000)
     torchckpt.Checkpoint(w=target).restore(manager.latest_checkpoint).assert_consumed()
@@ -188,17 +178,13 @@ def test_checkpoint_write_and_save_async(tmp_path):
     assert torch.all(fresh.w == 5.0) and fresh.step == 2
 
 
-def test_checkpoint_async_failure_surfaces_on_the_next_call(tmp_path, monkeypatch):
+def test_checkpoint_async_failure_surfaces_on_the_next_call(tmp_path, disk):
     ckpt = torchckpt.Checkpoint(w=torch.zeros(3))
-
-    def failing(*args, **kwargs):
-        raise OSError(5, "Input/output error")
-
-    monkeypatch.setattr(save_write, "write_checkpoint", failing)
+    disk.fail("stage", OSError(5, "Input/output error"))
     ckpt.write(tmp_path / "a", async_save=True)
     with pytest.raises(OSError, match="Input/output error"):
         ckpt.write(tmp_path / "b")
-    monkeypatch.undo()
+    disk.heal()
     assert ckpt.write(tmp_path / "c") == str(tmp_path / "c")
 
 
@@ -239,12 +225,9 @@ def _mutate(state: dict[str, object]) -> None:
 
 
 @pytest.mark.parametrize("saves", [1, 3])
-def test_snapshot_of_mixed_tensors_holds_values_as_of_each_save(tmp_path, monkeypatch, saves):
+def test_snapshot_of_mixed_tensors_holds_values_as_of_each_save(tmp_path, saves):
     """Every tensor kind is captured exactly as of save(), on the first save (new layout) and on
-    later saves that reuse the layout, though training mutates everything right after."""
-    layouts = []
-    real_init = save_background.Staging.__init__
-    monkeypatch.setattr(save_background.Staging, "__init__", lambda self, *a: layouts.append(1) or real_init(self, *a))
+    later saves that reuse the layout (see the next test), though training mutates everything right after."""
     state = _mixed_state()
     ckpt = torchckpt.Checkpoint(state=state)
     expected = []
@@ -260,7 +243,21 @@ def test_snapshot_of_mixed_tensors_holds_values_as_of_each_save(tmp_path, monkey
         reader = torchckpt.load_checkpoint(path)
         for name, value in values.items():
             assert torch.equal(reader.get_tensor(name), value), (path, name)
-    assert len(layouts) == 1  # later saves copied into the first save's layout
+
+
+def test_later_snapshots_of_mixed_tensors_copy_into_the_first_layout():
+    """What the saves above snapshot (the state's tensors as ``Checkpoint`` captures them) fits its
+    first layout again after training changed every value: later snapshots reuse that host memory."""
+    state = _mixed_state()
+    flat: dict[str, torch.Tensor] = {}
+    torchckpt._format.tree.encode(state, "state", flat)
+    writer = save_background.AsyncWriter()
+    first, _ = writer.snapshot(flat)
+    for _ in range(2):
+        _mutate(state)
+        views, _ = writer.snapshot(flat)
+        assert views is first  # the same views: laid out once
+        assert all(torch.equal(v, flat[k].resolve_conj()) for k, v in views.items())  # copied as of now
 
 
 def test_snapshot_follows_layout_and_alias_changes(tmp_path):

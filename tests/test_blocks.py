@@ -15,7 +15,7 @@ import xxhash
 
 from torchckpt._format import blocks as format_blocks
 from torchckpt._format import spec as format_spec
-from torchckpt._format.spec import TensorInfo
+from torchckpt._format.dtypes import TensorInfo
 from torchckpt.errors import CorruptCheckpointError
 
 START = 96  # the tensor's first byte in the "file"

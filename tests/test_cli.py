@@ -71,10 +71,7 @@ def test_diff_structure_state_and_values(tmp_path, capsys):
     assert data["max_abs_diff"] == {"w": 2.0} and data["state_changed"]["epoch"] == [1, 2]
 
 
-def test_diff_values_streams_in_bounded_chunks(tmp_path, monkeypatch, capsys):
-    from torchckpt import _tensorio
-
-    monkeypatch.setattr(_tensorio, "CHUNK_BYTES", 64)
+def test_diff_values_streams_in_bounded_chunks(tmp_path, capsys):
     big = torch.arange(1000, dtype=torch.float32)
     other = big.clone()
     other[777] += 3.0

@@ -13,53 +13,43 @@ import torch
 from safetensors.torch import load_file
 
 import torchckpt
-from torchckpt import checkpoint
+from torchckpt._format import spec
 from torchckpt._storage import atomic
 
 JOBS = os.path.join(os.path.dirname(__file__), "jobs")
 
 
-def test_failure_before_commit_leaves_nothing(tmp_path):
+def test_failure_before_commit_leaves_nothing(tmp_path, disk):
     ckpt = torchckpt.Checkpoint(w=torch.ones(3))
 
-    def boom(tmp: str) -> None:
-        assert os.path.isfile(os.path.join(tmp, "index.json"))
+    def boom(sizes: dict[str, int]) -> None:
+        staged = [n for n in os.listdir(tmp_path) if os.path.isfile(tmp_path / n / "index.json")]
+        assert len(staged) == 1 and spec.is_temporary_name(staged[0])  # written in full, not yet renamed
         raise RuntimeError("disk on fire")
 
+    disk.before("stage.commit", boom)
     with pytest.raises(RuntimeError, match="disk on fire"):
-        checkpoint._write(ckpt, str(tmp_path / "c"), "5GB", False, None, boom)
+        ckpt.write(tmp_path / "c")
     assert os.listdir(tmp_path) == []
 
 
-def test_failure_after_the_first_shard_leaves_nothing(tmp_path, monkeypatch):
-    from torchckpt import _tensorio
-
-    calls = {"n": 0}
-    real = _tensorio.write_tensors
-
-    def failing(out, tensors, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise OSError(28, "No space left on device")
-        return real(out, tensors, *args, **kwargs)
-
-    monkeypatch.setattr(_tensorio, "write_tensors", failing)
+def test_failure_after_the_first_shard_leaves_nothing(tmp_path, disk):
+    disk.fail("output.write", OSError(28, "No space left on device"), skip=2)  # the second shard's header
     ckpt = torchckpt.Checkpoint(a=torch.ones(100), b=torch.ones(100))
     with pytest.raises(OSError, match="no space left on the device") as info:
         ckpt.save(tmp_path / "ckpt", max_shard_size=400)
     assert isinstance(info.value, torchckpt.CheckpointWriteError) and info.value.errno == 28
+    assert len(disk.called("stage.create")) == 2 and len(disk.called("output.finish")) == 1  # one shard was written
     assert os.listdir(tmp_path) == []
     assert ckpt.save_counter == 0
 
 
-def test_failed_rewrite_keeps_the_old_checkpoint(tmp_path):
+def test_failed_rewrite_keeps_the_old_checkpoint(tmp_path, disk):
     path = torchckpt.Checkpoint(w=torch.ones(3)).write(tmp_path / "c")
-
-    def boom(tmp: str) -> None:
-        raise RuntimeError("interrupted")
-
-    with pytest.raises(RuntimeError):
-        checkpoint._write(torchckpt.Checkpoint(w=torch.zeros(3)), path, "5GB", False, None, boom)
+    disk.fail("stage.commit", RuntimeError("interrupted"))
+    with pytest.raises(RuntimeError, match="interrupted"):
+        torchckpt.Checkpoint(w=torch.zeros(3)).write(path)
+    disk.heal()
     w = torch.empty(3)
     torchckpt.Checkpoint(w=w).read(path).assert_consumed()
     assert torch.equal(w, torch.ones(3))
@@ -79,9 +69,9 @@ def test_write_onto_existing_checkpoint_replaces_it(tmp_path):
 def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)
-    stale = tmp_path / f"ckpt-3{atomic.TMP_MARKER}{pid}-abc"
-    live = tmp_path / f"ckpt-4{atomic.TMP_MARKER}{os.getpid()}-def"
-    other = tmp_path / f"other-1{atomic.TMP_MARKER}{pid}-abc"
+    stale = tmp_path / f"ckpt-3{spec.TMP_MARKER}{pid}-abc"
+    live = tmp_path / f"ckpt-4{spec.TMP_MARKER}{os.getpid()}-def"
+    other = tmp_path / f"other-1{spec.TMP_MARKER}{pid}-abc"
     for d in (stale, live, other):
         d.mkdir()
     assert atomic.remove_stale_temporaries(str(tmp_path), "ckpt-") == [stale.name]
@@ -92,11 +82,11 @@ def test_a_temporary_from_another_host_is_removed_only_once_it_is_an_hour_old(tm
     from torchckpt._storage.base import LEFTOVER_GRACE_SECS, host_tag
 
     here = atomic.temporary_sibling(str(tmp_path / "ckpt-1"))
-    assert f"{atomic.TMP_MARKER}{os.getpid()}-h{host_tag()}-" in here  # pid and host in every temporary
+    assert f"{spec.TMP_MARKER}{os.getpid()}-h{host_tag()}-" in here  # pid and host in every temporary
     other_host = "0" * 8 if host_tag() != "0" * 8 else "1" * 8
     # Its pid is alive here, but it names another host's process: only its age counts.
-    recent = tmp_path / f"ckpt-3{atomic.TMP_MARKER}{os.getpid()}-h{other_host}-abc"
-    old = tmp_path / f"ckpt-4{atomic.TMP_MARKER}{os.getpid()}-h{other_host}-def"
+    recent = tmp_path / f"ckpt-3{spec.TMP_MARKER}{os.getpid()}-h{other_host}-abc"
+    old = tmp_path / f"ckpt-4{spec.TMP_MARKER}{os.getpid()}-h{other_host}-def"
     for d in (recent, old):
         d.mkdir()
         (d / "model-00001-of-00001.safetensors").write_bytes(b"x")
@@ -141,7 +131,7 @@ def test_sigkilled_writer_never_leaves_a_partial_checkpoint(tmp_path):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    committed = [n for n in os.listdir(tmp_path) if n.startswith("ckpt-") and not atomic.is_temporary(n)]
+    committed = [n for n in os.listdir(tmp_path) if n.startswith("ckpt-") and not spec.is_temporary_name(n)]
     assert committed
     for name in committed:
         path = os.path.join(tmp_path, name)

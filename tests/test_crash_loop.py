@@ -17,18 +17,22 @@ import pytest
 import torch
 
 import torchckpt
-from torchckpt._history import state as history_state
-from torchckpt._storage import atomic
+from torchckpt._format import spec
+from torchckpt._history import members as history_members
+from torchckpt._history.recover import read_disk, recover
+from torchckpt._storage.local import LOCAL
 
-JOB = os.path.join(os.path.dirname(__file__), "jobs", "crash_writer.py")
+from .distributed import ROOT
+
+JOB = "tests.jobs.crash_writer"  # run as a module from the repository's root: it imports tests.doubles
 POINTS = ["before-commit", "after-commit", "after-state", "after-retention-state", "mid-delete", "state-temporary"]
 
 
 def run_until_killed(directory: str, mode: str, megabytes: int, point: str, delay: float) -> int:
     """Run the writer until it dies (itself, or killed after ``delay`` seconds of saving); the last
     acknowledged step (0: none)."""
-    proc = subprocess.Popen([sys.executable, JOB, directory, mode, str(megabytes), point], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", JOB, directory, mode, str(megabytes), point], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
     acked = {"last": 0, "started": threading.Event()}
 
     def follow() -> None:
@@ -63,9 +67,10 @@ def check_after_crash(directory: str, last_acked: int, megabytes: int) -> dict[s
     mgr = torchckpt.CheckpointManager(target, directory, max_to_keep=2, keep_best=1, best_metric="loss")
     try:
         found = {"lost": 0, "inconsistent": 0, "orphans": 0, "temporaries": 0}
-        found["temporaries"] = len([n for n in os.listdir(directory) if atomic.is_temporary(n)])
-        accounted = {os.path.basename(p) for p in mgr.checkpoints} | {e.name for e in mgr._preserved}
-        found["orphans"] = len(set(history_state.committed_members(directory, "ckpt")) - accounted)
+        found["temporaries"] = len([n for n in os.listdir(directory) if spec.is_temporary_name(n)])
+        history = recover(read_disk(directory, LOCAL, "ckpt")[0], time.time(), "ckpt", 1, "loss")  # as the manager sees it
+        accounted = {os.path.basename(p) for p in mgr.checkpoints} | {e.name for e in history.preserved}
+        found["orphans"] = len(set(history_members.committed_members(directory, "ckpt", LOCAL)) - accounted)
         latest = mgr.latest_checkpoint
         if latest is None:
             found["lost"] += last_acked > 0

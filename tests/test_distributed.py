@@ -18,8 +18,9 @@ import safetensors.torch
 import torch
 
 import torchckpt
-from torchckpt._format import index as format_index
 from torchckpt._format import spec
+from torchckpt._load import opened as load_opened
+from torchckpt._storage.local import LOCAL
 
 from .conftest import read_index, write_index
 from .distributed import results
@@ -233,12 +234,12 @@ def rename(index: dict, old: str, new: str) -> None:
 def test_a_chunk_table_that_does_not_tile_is_a_corrupt_checkpoint(world4, tmp_path, case, edit, message):
     path = tampered(world4, tmp_path, edit)
     with pytest.raises(torchckpt.CorruptCheckpointError, match=message) as info:
-        format_index.load_index(str(path))
+        load_opened.load_index(str(path), LOCAL)
     assert info.value.path == str(path)
 
 
 def test_a_format_3_checkpoint_verifies_and_a_single_process_save_stays_format_1(world4, tmp_path):
-    assert format_index.load_index(str(world4 / "fsdp4" / "ckpt-1")).section["format_version"] == 3
+    assert load_opened.load_index(str(world4 / "fsdp4" / "ckpt-1"), LOCAL).section["format_version"] == 3
     from torchckpt import cli
 
     assert cli.main(["verify", str(world4 / "fsdp4" / "ckpt-1")]) == 0

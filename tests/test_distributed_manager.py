@@ -116,8 +116,9 @@ def test_a_background_failure_on_one_rank_is_raised_on_every_rank(world2):
                                 "device. Free some space (or keep fewer checkpoints with max_to_keep); the previous "
                                 "checkpoints are intact.")
         assert result[f"{when}_ranks"] == [1]
-    assert result["snapshot"] == (f"CheckpointError: Saving {world2}/async-fault/ckpt-4 failed on rank 1: no host "
-                                  "memory left")  # raised by save() itself, on both ranks
+    snapshot = result["snapshot"]  # raised by save() itself, on both ranks: torch's allocator refused the copy
+    assert snapshot.startswith(f"CheckpointError: Saving {world2}/async-fault/ckpt-4 failed on rank 1: ")
+    assert "allocate" in snapshot, snapshot
     assert result["last"] == "ckpt-4"  # the failed copy committed nothing and took no number
     assert result["checkpoints"] == ["ckpt-1", "ckpt-4"]
     assert result["on_disk"] == [".torchckpt.lock", "checkpoints.json", "ckpt-1", "ckpt-4"]  # no stage is left

@@ -13,9 +13,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import torchckpt
-from torchckpt import CorruptCheckpointError
+from torchckpt import CorruptCheckpointError, _clock
+from torchckpt._format import document as format_document
+from torchckpt._format import dtypes as format_dtypes
+from torchckpt._format import header as format_header
 from torchckpt._format import spec
-from torchckpt._save import write as save_write
+from torchckpt._save import options as save_options
 
 from .conftest import read_header_file, write_index
 
@@ -49,7 +52,7 @@ SEAL = ',\n "checksum": "%s"\n}\n'  # the seal: the xxh3-64 of every byte before
 
 
 def test_golden_shard_header():
-    header = spec.encode_header([("a", torch.float32, (2,), 8), ("b", torch.int8, (), 1)])
+    header = format_header.encode_header([("a", torch.float32, (2,), 8), ("b", torch.int8, (), 1)])
     assert header == GOLDEN_HEADER
     assert (len(header)) % 8 == 0  # the data section starts 8-byte aligned
 
@@ -57,10 +60,10 @@ def test_golden_shard_header():
 def test_golden_index(tmp_path, monkeypatch):
     import xxhash
 
-    monkeypatch.setattr(save_write.time, "time", lambda: 1700000000.5)
     monkeypatch.setattr(torch, "__version__", "2.x")
     a, b = torch.tensor([1.0, 2.0]), torch.tensor(-3, dtype=torch.int8)
-    torchckpt.Checkpoint(a=a, b=b, n=(1, float("inf"))).write(tmp_path / "c")
+    with _clock.frozen(1700000000.5):
+        torchckpt.Checkpoint(a=a, b=b, n=(1, float("inf"))).write(tmp_path / "c")
     da = xxhash.xxh3_64_intdigest(a.numpy().tobytes())
     db = xxhash.xxh3_64_intdigest(b.numpy().tobytes())
     shard = xxhash.xxh3_64(GOLDEN_HEADER)
@@ -83,7 +86,7 @@ def test_large_index_is_streamed_as_the_same_json(tmp_path):
     torchckpt.Checkpoint(many=many, odd=odd).write(tmp_path / "c", max_shard_size=2000)
     text = (tmp_path / "c" / "index.json").read_text()
     index = json.loads(text)
-    assert spec.dumps_layout(index).decode() == text
+    assert format_document.dumps_layout(index).decode() == text
     assert len(index["weight_map"]) == count + 3 and len(index["torchckpt"]["shards"]) > 2
     for shard in index["torchckpt"]["shards"]:
         with open(tmp_path / "c" / shard["file"], "rb") as f:
@@ -99,9 +102,9 @@ def test_large_index_is_streamed_as_the_same_json(tmp_path):
 
 def test_header_pieces_join_to_the_header():
     entries = [(f"n{i}", torch.float32, (i,), 4 * i) for i in range(3000)]
-    pieces = spec.encode_header_pieces(entries)
+    pieces = format_header.encode_header_pieces(entries)
     header = b"".join(pieces)
-    assert len(pieces) > 3 and header == spec.encode_header(entries)
+    assert len(pieces) > 3 and header == format_header.encode_header(entries)
     (n,) = struct.unpack("<Q", header[:8])
     parsed = json.loads(header[8:])
     assert len(header) == 8 + n and len(header) % 8 == 0
@@ -110,7 +113,7 @@ def test_header_pieces_join_to_the_header():
                                                                                   sum(4 * i for i in range(3000))]}
 
 
-ALL_DTYPES = sorted(spec.SUPPORTED_DTYPES, key=str)
+ALL_DTYPES = sorted(format_dtypes.SUPPORTED_DTYPES, key=str)
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
@@ -181,13 +184,13 @@ def test_shard_size_bounds_every_shard_but_a_single_big_tensor(tmp_path):
 
 @pytest.mark.parametrize(("text", "expected"), [("2GB", 2 * 10**9), ("1.5MB", 1_500_000), ("3GiB", 3 * 2**30), (12, 12), ("7", 7)])
 def test_parse_size(text, expected):
-    assert spec.parse_size(text) == expected
+    assert save_options.parse_size(text) == expected
 
 
 @pytest.mark.parametrize("bad", ["", "2XB", "GB", "-1", 0])
 def test_parse_size_rejects(bad):
     with pytest.raises(ValueError, match="size"):
-        spec.parse_size(bad)
+        save_options.parse_size(bad)
 
 
 def _write_raw(path, header: dict | bytes, data: bytes = b"", length: int | None = None) -> None:

@@ -27,14 +27,12 @@ def test_cuda_module_and_optimizer_roundtrip(tmp_path):
     assert state.device.type == "cuda" and torch.equal(state, opt.state_dict()["state"][0]["exp_avg"])
 
 
-def test_cuda_tensor_larger_than_the_staging_chunk_and_non_contiguous(tmp_path, monkeypatch):
-    from torchckpt import _tensorio
-
-    monkeypatch.setattr(_tensorio, "CHUNK_BYTES", 4096)
-    big = torch.randn(300, 70, device="cuda")
+def test_cuda_tensor_larger_than_the_staging_chunk_and_non_contiguous(tmp_path):
+    big = torch.randn(4097, 4096, device="cuda")  # 16 KiB over the 64 MiB staging chunk: a full chunk, then a partial one
     strided = big.t()
     path = torchckpt.Checkpoint(big=big, strided=strided, half=big.half()).write(tmp_path / "c")
-    dest = {"big": torch.zeros_like(big), "strided": torch.zeros(300, 70, device="cuda").t(), "half": torch.zeros_like(big.half())}
+    dest = {"big": torch.zeros_like(big), "strided": torch.zeros(4097, 4096, device="cuda").t(),
+            "half": torch.zeros_like(big.half())}
     torchckpt.Checkpoint(**dest).read(path).assert_consumed()
     assert torch.equal(dest["big"], big) and torch.equal(dest["strided"], strided) and torch.equal(dest["half"], big.half())
 

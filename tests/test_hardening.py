@@ -17,12 +17,16 @@ import torch
 
 import torchckpt
 from torchckpt import CheckpointManager
-from torchckpt._format import index as format_index
 from torchckpt._format import spec
+from torchckpt._history import members as history_members
 from torchckpt._history import state as history_state
+from torchckpt._load import opened as load_opened
 from torchckpt._storage import atomic, lock
+from torchckpt._storage.local import LOCAL
 
 from .conftest import make_mlp, train_step
+from .distributed import ROOT
+from .doubles import Killed
 
 
 def small_checkpoint(rng: bool = True) -> torchckpt.Checkpoint:
@@ -53,7 +57,7 @@ def test_fsdp2_state_of_a_world_of_one_saves_as_format_1_and_restores_in_place(t
         ckpt = torchckpt.Checkpoint(model=model, opt=opt)
         path = ckpt.write(tmp_path / f"c{async_save}", async_save=async_save)
         ckpt.wait_until_finished()
-        assert format_index.load_index(path).section["format_version"] == 1
+        assert load_opened.load_index(path, LOCAL).section["format_version"] == 1
         plain = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
         torchckpt.Checkpoint(model=plain).read(path).expect_partial()
         assert all(torch.equal(plain.state_dict()[k], v) for k, v in reference.items())
@@ -183,7 +187,7 @@ def test_a_latest_checkpoint_that_is_a_link_is_never_followed(tmp_path):
     real = mgr.save()
     (run / "ckpt-9").symlink_to(elsewhere)
     assert torchckpt.latest_checkpoint(run) == real
-    assert history_state.committed_members(str(run)) == ["ckpt-1"]
+    assert history_members.committed_members(str(run), None, LOCAL) == ["ckpt-1"]
     w = torch.zeros(2)
     torchckpt.Checkpoint(w=w).read(run).expect_partial()
     assert torch.equal(w, torch.ones(2))
@@ -227,20 +231,21 @@ def test_a_forked_child_cannot_write_into_its_parents_directory(tmp_path):
         torchckpt.Checkpoint(w=torch.empty(4)).restore(path).assert_consumed()
 
 
-def test_a_new_number_never_replaces_a_checkpoint_that_appears_meanwhile(tmp_path, monkeypatch):
+def test_a_new_number_never_replaces_a_checkpoint_that_appears_meanwhile(tmp_path, disk):
     mgr = CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(2)), tmp_path)
     first = mgr.save()
     foreign = torchckpt.Checkpoint(w=torch.full((2,), 7.0))
     # Another writer without the claim commits ckpt-2 between the numbering and the commit.
-    monkeypatch.setattr(CheckpointManager, "_next_number", lambda self: 2)
-    foreign.write(tmp_path / "ckpt-2")
+    disk.before("stage", lambda final, replace: foreign.write(final), times=1)
     with pytest.raises(torchckpt.CheckpointError, match="appeared while it was being written"):
         mgr.save()
     w = torch.zeros(2)
     torchckpt.Checkpoint(w=w).read(tmp_path / "ckpt-2").assert_consumed()
     assert torch.equal(w, torch.full((2,), 7.0))  # the committed checkpoint is untouched
     assert mgr.latest_checkpoint == first and mgr.checkpoint.save_counter == 1
-    assert [n for n in os.listdir(tmp_path) if atomic.is_temporary(n)] == []
+    assert [n for n in os.listdir(tmp_path) if spec.is_temporary_name(n)] == []
+    ckpt_2 = str(tmp_path / "ckpt-2")
+    assert disk.called("stage")[-2:] == [(ckpt_2, False), (ckpt_2, True)]  # the save's stage, and the write meanwhile
 
 
 def test_commit_without_replace_refuses_an_existing_directory(tmp_path):
@@ -271,7 +276,7 @@ def test_every_single_bit_flip_of_an_index_is_caught(tmp_path):
     for flipped in _flips(data):
         index_path.write_bytes(flipped)
         try:
-            format_index.load_index(path)
+            load_opened.load_index(path, LOCAL)
         except torchckpt.CorruptCheckpointError:
             caught += 1
     assert caught == 8 * len(data)
@@ -302,7 +307,7 @@ def test_every_single_bit_flip_of_the_state_file_is_caught(tmp_path):
     for flipped in _flips(data):
         state_path.write_bytes(flipped)
         with pytest.raises(history_state.StateFileError):
-            history_state.read_state(str(tmp_path))
+            history_state.read_state(str(tmp_path), LOCAL)
 
 
 # -- A6: a failed final asynchronous save ------------------------------------------------------
@@ -310,18 +315,19 @@ def test_every_single_bit_flip_of_the_state_file_is_caught(tmp_path):
 
 def test_a_failed_final_async_save_is_reported_and_the_previous_one_kept(tmp_path):
     script = f"""
+import contextlib
 import torch, torchckpt
-from torchckpt._save import write as save_write
+from torchckpt._storage import registry
+from tests.doubles import LocalDouble
+installed = contextlib.ExitStack()  # never closed: the double serves the directory until the process exits
+disk = installed.enter_context(registry.installed({str(tmp_path)!r}, LocalDouble()))
 ckpt = torchckpt.Checkpoint(w=torch.ones(8))
 mgr = torchckpt.CheckpointManager(ckpt, {str(tmp_path)!r}, async_save=True)
 mgr.save(); mgr.wait_until_finished()
-real = save_write._write_checkpoint
-def full(*args, **kwargs):
-    raise OSError(28, "No space left on device")
-save_write._write_checkpoint = full
+disk.fail("stage", OSError(28, "No space left on device"))
 mgr.save()  # the process ends with this save in flight
 """
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert "background save of" in result.stderr and "ckpt-2" in result.stderr
     assert "no space left on the device" in result.stderr
@@ -371,26 +377,19 @@ def test_bad_metrics_are_refused_before_anything_is_written(tmp_path, metrics):
     assert [os.path.basename(p) for p in mgr.checkpoints] == ["ckpt-2"] and not (tmp_path / "ckpt-1").exists()
 
 
-def test_a_failed_state_write_is_mended_by_the_next_save(tmp_path, monkeypatch):
+def test_a_failed_state_write_is_mended_by_the_next_save(tmp_path, disk):
     mgr = CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), tmp_path, max_to_keep=2)
     mgr.save()
-    real = history_state.write_state
-    calls = {"n": 0}
-
-    def failing(directory, state, *args):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise OSError(errno.ENOSPC, "No space left on device", os.path.join(directory, "checkpoints.json"))
-        return real(directory, state, *args)
-
-    monkeypatch.setattr(history_state, "write_state", failing)
+    state_file = str(tmp_path / history_state.STATE_FILE)
+    disk.fail("replace_file", OSError(errno.ENOSPC, "No space left on device", state_file), times=1)
     with pytest.raises(OSError):
         mgr.save()
+    assert disk.called("replace_file")[-1][0] == state_file
     mgr.save()
     mgr.save()
     assert [os.path.basename(p) for p in mgr.checkpoints] == ["ckpt-3", "ckpt-4"]
     assert sorted(n for n in os.listdir(tmp_path) if n.startswith("ckpt-")) == ["ckpt-3", "ckpt-4"]
-    assert history_state.read_state(str(tmp_path)).latest == "ckpt-4"
+    assert history_state.read_state(str(tmp_path), LOCAL).latest == "ckpt-4"
 
 
 def test_a_warning_when_best_metric_is_never_passed(tmp_path):
@@ -405,16 +404,18 @@ def test_a_warning_when_best_metric_is_never_passed(tmp_path):
 # -- A8: orphans ---------------------------------------------------------------------------------
 
 
-def test_a_checkpoint_committed_but_never_recorded_is_adopted_and_retired(tmp_path, monkeypatch):
+def test_a_checkpoint_committed_but_never_recorded_is_adopted_and_retired(tmp_path, disk):
     mgr = CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), tmp_path, max_to_keep=2)
     mgr.save()
     mgr.save()
     manual = torchckpt.Checkpoint(w=torch.ones(1)).write(tmp_path / "ckpt-0")  # not the manager's: never deleted
-    monkeypatch.setattr(CheckpointManager, "_record_and_sweep", lambda self, name, metrics: None)  # killed here
-    mgr.save()
-    mgr.save()
-    monkeypatch.undo()
-    assert history_state.read_state(str(tmp_path)).latest == "ckpt-2"  # the state file never heard of 3 and 4
+    disk.fail("replace_file", Killed(), times=2)  # each save dies once committed, before its state is written
+    for _ in range(2):
+        with pytest.raises(Killed):
+            mgr.save()
+    disk.heal()
+    assert not disk.called("delete_checkpoint")
+    assert history_state.read_state(str(tmp_path), LOCAL).latest == "ckpt-2"  # the state file never heard of 3 and 4
     fresh = CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), tmp_path, max_to_keep=2)
     assert [os.path.basename(p) for p in fresh.checkpoints] == ["ckpt-1", "ckpt-2", "ckpt-3", "ckpt-4"]
     assert fresh.latest_checkpoint == str(tmp_path / "ckpt-4")
@@ -425,7 +426,7 @@ def test_a_checkpoint_committed_but_never_recorded_is_adopted_and_retired(tmp_pa
 
 def test_stale_state_file_temporaries_are_removed(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    leftover = tmp_path / f"{history_state.STATE_FILE}{atomic.TMP_MARKER}{int(dead.stdout)}-abc"
+    leftover = tmp_path / f"{history_state.STATE_FILE}{spec.TMP_MARKER}{int(dead.stdout)}-abc"
     leftover.write_text("{}")
     CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), tmp_path)
     assert not leftover.exists()
@@ -436,26 +437,25 @@ def test_stale_state_file_temporaries_are_removed(tmp_path):
 
 def test_a_checkpoint_deleted_before_it_is_opened_is_checkpoint_not_found(tmp_path):
     path = torchckpt.Checkpoint(w=torch.ones(3)).write(tmp_path / "c")
-    index = format_index.load_index(path)
+    index = load_opened.load_index(path, LOCAL)
     for name in os.listdir(path):
         os.unlink(os.path.join(path, name))
     with pytest.raises(torchckpt.CheckpointDeletedError, match="deleted while it was being read") as info:
-        format_index.OpenShards(index)
+        load_opened.OpenShards(index, LOCAL)
     assert isinstance(info.value, torchckpt.CheckpointNotFoundError) and info.value.path == path
 
 
-def test_a_restore_that_has_opened_its_shards_survives_the_deletion(tmp_path, monkeypatch):
+def test_a_restore_that_has_opened_its_shards_survives_the_deletion(tmp_path, disk):
     mgr = CheckpointManager(torchckpt.Checkpoint(w=torch.arange(5.0)), tmp_path, max_to_keep=1)
     first = mgr.save()
-    real = format_index.read_shard_headers
 
-    def delete_meanwhile(index, shards, *args):
+    def delete_meanwhile(path: str, what: str) -> None:
+        assert path.startswith(first) and path.endswith(".safetensors")  # its one shard is open
         mgr.checkpoint.w.add_(1)
         mgr.save()  # retention deletes the checkpoint being read
         assert not os.path.exists(first)
-        return real(index, shards, *args)
 
-    monkeypatch.setattr(format_index, "read_shard_headers", delete_meanwhile)
+    disk.after("open", delete_meanwhile, times=1)
     w = torch.zeros(5)
     torchckpt.Checkpoint(w=w).read(first).assert_consumed()
     assert torch.equal(w, torch.arange(5.0))  # the bytes of the checkpoint it opened, not a mix
@@ -464,28 +464,21 @@ def test_a_restore_that_has_opened_its_shards_survives_the_deletion(tmp_path, mo
 # -- A10, C20: failed and read-only managers --------------------------------------------------
 
 
-def test_a_failed_construction_releases_the_directory(tmp_path, monkeypatch):
-    def full(directory, prefix):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(atomic, "remove_stale_temporaries", full)
+def test_a_failed_construction_releases_the_directory(tmp_path, disk):
+    disk.fail("remove_leftovers", OSError(errno.ENOSPC, "No space left on device"))  # after the claim
     with pytest.raises(OSError):
         CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), tmp_path)
-    assert not lock.holds(str(tmp_path))
-    monkeypatch.undo()
+    assert disk.called("claim") and not lock.holds(str(tmp_path))
+    disk.heal()
     code = f"import torch, torchckpt; torchckpt.CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), {str(tmp_path)!r}).save()"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)  # another process may claim it
 
 
-def test_a_read_only_directory_opens_for_reading_only(tmp_path, monkeypatch):
+def test_a_read_only_directory_opens_for_reading_only(tmp_path, disk):
     mgr = CheckpointManager(torchckpt.Checkpoint(w=torch.arange(3.0)), tmp_path, max_to_keep=2)
     paths = [mgr.save(metrics={"loss": 1.0}) for _ in range(3)]
     mgr.close()
-
-    def read_only(directory):
-        raise OSError(errno.EROFS, "Read-only file system", os.path.join(directory, lock.LOCK_FILE))
-
-    monkeypatch.setattr(lock, "claim_directory", read_only)
+    disk.fail("claim", OSError(errno.EROFS, "Read-only file system", str(tmp_path / spec.LOCK_FILE)))
     before = sorted(os.listdir(tmp_path))
     w = torch.zeros(3)
     reader = CheckpointManager(torchckpt.Checkpoint(w=w), tmp_path, max_to_keep=1)
@@ -531,12 +524,10 @@ def test_keep_best_is_taken_from_the_directory_when_not_passed(tmp_path):
 
 
 def test_write_errors_name_the_file_and_stay_oserrors(tmp_path, monkeypatch):
-    from torchckpt._storage import local_output
-
     def full(fd, views):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(local_output, "_write_views", full)
+    monkeypatch.setattr(os, "writev", full)  # a small shard is written with writev
     with pytest.raises(OSError) as info:
         torchckpt.Checkpoint(w=torch.ones(4)).write(tmp_path / "c")
     assert info.value.errno == errno.ENOSPC and info.value.filename.endswith(".safetensors")
@@ -557,7 +548,7 @@ def test_save_takes_write_options_and_refuses_unknown_ones(tmp_path):
         ckpt.save(tmp_path / "ckpt", asyncsave=True)
     path = ckpt.save(tmp_path / "ckpt", max_shard_size=400, async_save=True)
     ckpt.wait_until_finished()
-    assert len(format_index.load_index(path).shards) == 2
+    assert len(load_opened.load_index(path, LOCAL).shards) == 2
 
 
 def test_bytes_paths_are_decoded(tmp_path):
@@ -578,7 +569,7 @@ def test_a_read_only_file_system_is_named_with_what_to_do(tmp_path, monkeypatch)
     def read_only(path, mode=0o777):
         raise OSError(errno.EROFS, "Read-only file system", path)
 
-    monkeypatch.setattr(atomic.os, "mkdir", read_only)
+    monkeypatch.setattr(os, "mkdir", read_only)
     with pytest.raises(torchckpt.CheckpointWriteError, match="the file system is read-only. Write checkpoints") as info:
         torchckpt.Checkpoint(w=torch.ones(1)).write(tmp_path / "c")
     assert info.value.errno == errno.EROFS and info.value.path == str(tmp_path / "c")

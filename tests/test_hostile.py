@@ -16,6 +16,8 @@ import torchckpt
 from torchckpt import cli
 from torchckpt._format import spec
 from torchckpt._history import state as history_state
+from torchckpt._storage.local import LOCAL
+from torchckpt._tools.verify import verify
 
 from . import fuzzing
 from .conftest import read_header_file, read_index, write_index
@@ -147,7 +149,7 @@ def test_deep_json_is_refused_in_every_file(saved):
                                                          + ',\n "latest": '))
     reseal(state_path)
     with pytest.raises(history_state.StateFileError, match="too deeply"):
-        history_state.read_state(run)
+        history_state.read_state(run, LOCAL)
     shard = next(Path(saved).glob("*.safetensors"))
     raw = shard.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
@@ -291,7 +293,7 @@ def test_an_oversized_index_is_refused_before_it_is_read(tmp_path):
 def test_verify_catches_an_index_whose_dtype_disagrees_with_the_header(tmp_path):
     path = torchckpt.Checkpoint(w=torch.arange(4, dtype=torch.float32)).write(tmp_path / "c")
     forge(path, lambda i: i["torchckpt"]["tensors"].update(dtypes="I32"))  # same size: offsets still agree
-    problems = torchckpt.reader.verify(torchckpt.load_checkpoint(path))
+    problems = verify(torchckpt.load_checkpoint(path))
     assert problems and "says I32" in problems[0] and "holds F32" in problems[0]
     code, _, err = run_cli(["verify", path])
     assert code == 1 and "says I32" in err
@@ -312,7 +314,7 @@ def test_verify_catches_a_header_whose_offsets_differ_from_the_table(tmp_path):
     import xxhash
 
     forge(path, lambda i: i["torchckpt"]["shards"][0].update(header_checksum=xxhash.xxh3_64_hexdigest(raw[:0] + struct.pack("<Q", n) + body)))
-    problems = torchckpt.reader.verify(torchckpt.load_checkpoint(path))
+    problems = verify(torchckpt.load_checkpoint(path))
     assert problems and "in its order" in problems[0]
 
 
@@ -371,7 +373,7 @@ def test_a_sparse_size_claim_is_refused_without_reading_it(tmp_path):
         f.truncate(2**40)
     forge(path, lambda i: i["torchckpt"]["shards"][0].update(size=2**40))
     start = time.perf_counter()
-    problems = torchckpt.reader.verify(torchckpt.load_checkpoint(path))
+    problems = verify(torchckpt.load_checkpoint(path))
     assert problems and "trailing bytes" in problems[0]
     with pytest.raises(torchckpt.CorruptCheckpointError, match="trailing bytes"):
         torchckpt.Checkpoint(w=torch.zeros(4)).read(path)

@@ -11,27 +11,19 @@ import pytest
 import torch
 
 import torchckpt
-from torchckpt import CheckpointManager
-from torchckpt import manager as manager_module
+from torchckpt import CheckpointManager, _clock
+from torchckpt._format import spec
 from torchckpt._history import retention
 from torchckpt._history import state as history_state
 from torchckpt._history.state import Entry
-from torchckpt._storage import atomic
-
-
-class FakeTime:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def time(self) -> float:
-        return self.now
+from torchckpt._storage.local import LOCAL
 
 
 @pytest.fixture
-def fake_time(monkeypatch):
-    clock = FakeTime(3.0)
-    monkeypatch.setattr(manager_module, "time", clock)
-    return clock
+def fake_time():
+    """The package's clock stopped at 3.0; set its ``now`` to move it."""
+    with _clock.frozen(3.0) as clock:
+        yield clock
 
 
 def exists(path: str) -> bool:
@@ -350,7 +342,7 @@ def test_checkpoints_iterator_timeout_fn_calls():
 
 
 def test_iterator_ignores_uncommitted_directories(tmp_path):
-    (tmp_path / f"ckpt-9{atomic.TMP_MARKER}123-abc").mkdir()
+    (tmp_path / f"ckpt-9{spec.TMP_MARKER}123-abc").mkdir()
     (tmp_path / "ckpt-8").mkdir()  # no index.json: not committed
     assert list(torchckpt.checkpoints_iterator(tmp_path, timeout=0)) == []
     assert torchckpt.latest_checkpoint(tmp_path) is None
@@ -433,7 +425,7 @@ def test_stale_temporaries_are_removed_when_a_manager_starts(tmp_path):
     import sys
 
     pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
-    stale = tmp_path / f"ckpt-3{atomic.TMP_MARKER}{pid}-abcdef"
+    stale = tmp_path / f"ckpt-3{spec.TMP_MARKER}{pid}-abcdef"
     stale.mkdir()
     (stale / "index.json").write_text("{}")
     foreign = tmp_path / "notes-1"
@@ -442,20 +434,13 @@ def test_stale_temporaries_are_removed_when_a_manager_starts(tmp_path):
     assert not stale.exists() and foreign.exists()
 
 
-def test_deletion_happens_after_commit(tmp_path, monkeypatch):
+def test_deletion_happens_after_commit(tmp_path, disk):
     manager = CheckpointManager(ckpt(), tmp_path, max_to_keep=1)
     first = manager.save()
-    from torchckpt._save import write
-
-    real = write.write_checkpoint
-
-    def failing(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(write, "write_checkpoint", failing)
-    with pytest.raises(OSError, match="No space left"):
+    disk.fail("stage", OSError(28, "No space left on device"))
+    with pytest.raises(OSError, match="no space left on the device"):
         manager.save()
-    monkeypatch.setattr(write, "write_checkpoint", real)
+    assert not disk.called("delete_checkpoint")
     assert exists(first) and manager.checkpoints == [first] and manager.latest_checkpoint == first
 
 
@@ -471,4 +456,4 @@ def test_state_file_names_are_relative(tmp_path):
     manager.save()
     state = state_of(tmp_path)
     assert state["latest"] == "ckpt-1" and state["checkpoints"][0]["name"] == "ckpt-1"
-    assert history_state.read_state(str(tmp_path)).latest == "ckpt-1"
+    assert history_state.read_state(str(tmp_path), LOCAL).latest == "ckpt-1"

@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 
 import torchckpt
 from torchckpt._storage import local_output
+from torchckpt._storage.local import LocalStorage
 from torchckpt._tensorio import byte_view
-from torchckpt.reader import verify
+from torchckpt._tools.verify import verify
 
 O_DIRECT = getattr(os, "O_DIRECT", 0)
 pytestmark = pytest.mark.skipif(not O_DIRECT, reason="no O_DIRECT on this platform")
@@ -43,9 +44,10 @@ def direct_dir(tmp_path):
 
 
 @pytest.fixture
-def always_direct(monkeypatch):
-    """Direct I/O for files of any size, so that small tests take the same path as large saves."""
-    monkeypatch.setattr(local_output, "DIRECT_MIN_BYTES", 0)
+def always_direct(direct_dir, install) -> LocalStorage:
+    """Direct I/O for files of any size under ``direct_dir``, so that small tests take the same
+    path as large saves."""
+    return install(direct_dir, LocalStorage(direct_min_bytes=0))
 
 
 def pieces_of(lengths: list[int], readonly_every: int = 3) -> list[memoryview]:
@@ -58,9 +60,11 @@ def pieces_of(lengths: list[int], readonly_every: int = 3) -> list[memoryview]:
     return views
 
 
-def write_file(path: str, views: list[memoryview], size_hint: int | None = None) -> type:
+def write_file(path: str, views: list[memoryview], size_hint: int | None = None, direct_min_bytes: int = 0) -> type:
+    """Write ``views`` into the new file ``path`` (directly, whatever its size, unless
+    ``direct_min_bytes`` says otherwise); returns the kind of output that wrote it."""
     size = sum(map(len, views)) if size_hint is None else size_hint
-    with local_output.create(path, size) as out:
+    with local_output.create(path, size, direct_min_bytes=direct_min_bytes) as out:
         kind = type(out)
         out.write(views)
         out.finish()
@@ -71,7 +75,7 @@ def write_file(path: str, views: list[memoryview], size_hint: int | None = None)
     [], [1], [4095], [4096], [4097], [4096 * 3 + 5, 17, 0, 70_000],
     [200_000] * 5, [1] * 5000, [65_536, 65_535, 65_537],
 ], ids=["empty", "one-byte", "block-minus-1", "block", "block-plus-1", "mixed", "large", "many-tiny", "copy-threshold"])
-def test_direct_output_writes_exactly_the_bytes_given(direct_dir, always_direct, lengths):
+def test_direct_output_writes_exactly_the_bytes_given(direct_dir, lengths):
     path = str(direct_dir / "f.bin")
     views = pieces_of(lengths)
     assert write_file(path, views) is local_output._DirectOutput
@@ -87,29 +91,25 @@ def test_direct_output_round_trips_any_sequence_of_writes(tmp_path_factory, leng
         pytest.skip("the test directory's filesystem refuses O_DIRECT")
     path = str(directory / "f.bin")
     views = pieces_of(lengths, readonly_every=2)
-    old = local_output.DIRECT_MIN_BYTES
-    local_output.DIRECT_MIN_BYTES = 0
-    try:
-        with local_output.create(path, size_hint) as out:  # the size is a hint for buffer sizes only
-            for i in range(0, len(views), 4):
-                out.write(views[i : i + 4])
-            out.finish()
-    finally:
-        local_output.DIRECT_MIN_BYTES = old
+    with local_output.create(path, size_hint, direct_min_bytes=0) as out:  # the size is a hint for buffer sizes only
+        for i in range(0, len(views), 4):
+            out.write(views[i : i + 4])
+        out.finish()
     with open(path, "rb") as f:
         assert f.read() == b"".join(bytes(v) for v in views)
 
 
-def test_direct_output_opens_the_file_with_o_direct(direct_dir, always_direct):
-    with local_output.create(str(direct_dir / "f.bin"), 10) as out:
+def test_direct_output_opens_the_file_with_o_direct(direct_dir):
+    with local_output.create(str(direct_dir / "f.bin"), 10, direct_min_bytes=0) as out:
         assert fcntl.fcntl(out.fd, fcntl.F_GETFL) & O_DIRECT
 
 
 def test_small_files_use_the_page_cache(direct_dir):
-    assert write_file(str(direct_dir / "f.bin"), pieces_of([100])) is local_output._CachedOutput
+    assert write_file(str(direct_dir / "f.bin"), pieces_of([100]),
+                      direct_min_bytes=local_output.DIRECT_MIN_BYTES) is local_output._CachedOutput
 
 
-def test_a_filesystem_that_refuses_o_direct_gets_ordinary_writes(tmp_path, always_direct, monkeypatch):
+def test_a_filesystem_that_refuses_o_direct_gets_ordinary_writes(tmp_path, monkeypatch):
     real_open = os.open
 
     def refusing_open(path, flags, mode=0o777):
@@ -127,7 +127,7 @@ def test_a_filesystem_that_refuses_o_direct_gets_ordinary_writes(tmp_path, alway
         assert f.read() == b"".join(bytes(v) for v in views)
 
 
-def test_a_device_that_wants_more_alignment_gets_ordinary_writes(direct_dir, always_direct, monkeypatch):
+def test_a_device_that_wants_more_alignment_gets_ordinary_writes(direct_dir, monkeypatch):
     real_pwrite = os.pwrite
     refused = []
 
@@ -140,7 +140,7 @@ def test_a_device_that_wants_more_alignment_gets_ordinary_writes(direct_dir, alw
     monkeypatch.setattr(os, "pwrite", picky_pwrite)
     path = str(direct_dir / "f.bin")
     views = pieces_of([70_000, 3, 200_000])
-    with local_output.create(path, 10) as out:
+    with local_output.create(path, 10, direct_min_bytes=0) as out:
         out.write(views)
         out.finish()
         assert not fcntl.fcntl(out.fd, fcntl.F_GETFL) & O_DIRECT
@@ -149,13 +149,13 @@ def test_a_device_that_wants_more_alignment_gets_ordinary_writes(direct_dir, alw
         assert f.read() == b"".join(bytes(v) for v in views)
 
 
-def test_a_failed_write_is_raised_with_the_path_and_nothing_hangs(direct_dir, always_direct, monkeypatch):
+def test_a_failed_write_is_raised_with_the_path_and_nothing_hangs(direct_dir, monkeypatch):
     def full_disk(fd, data, offset):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "pwrite", full_disk)
     path = str(direct_dir / "f.bin")
-    out = local_output.create(path, 10)  # 4 KiB buffers: the failure surfaces while the caller still writes
+    out = local_output.create(path, 10, direct_min_bytes=0)  # 4 KiB buffers: the failure surfaces while the caller still writes
     with pytest.raises(OSError, match="No space left") as caught, out:
         out.write(pieces_of([4096] * 50))
         out.finish()
@@ -209,7 +209,7 @@ def test_a_forked_child_saves_with_its_own_threads(direct_dir, always_direct):
     assert torch.equal(w, torch.full((1000,), 2.0))
 
 
-def test_byte_views_of_tensors_are_copied_without_changes(direct_dir, always_direct):
+def test_byte_views_of_tensors_are_copied_without_changes(direct_dir):
     t = torch.arange(50_000, dtype=torch.int32)
     path = str(direct_dir / "f.bin")
     write_file(path, [memoryview(b"head"), byte_view(t)])
@@ -217,12 +217,13 @@ def test_byte_views_of_tensors_are_copied_without_changes(direct_dir, always_dir
         assert f.read() == b"head" + t.numpy().tobytes()
 
 
-def test_an_unexpected_error_in_the_disk_thread_reaches_the_caller(direct_dir, always_direct, monkeypatch):
+def test_an_unexpected_error_in_the_disk_thread_reaches_the_caller(direct_dir, monkeypatch):
     def broken(fd, data, offset):
         raise ValueError("bad buffer")
 
     monkeypatch.setattr(os, "pwrite", broken)
-    with pytest.raises(ValueError, match="bad buffer"), local_output.create(str(direct_dir / "f.bin"), 10) as out:
+    with pytest.raises(ValueError, match="bad buffer"), \
+            local_output.create(str(direct_dir / "f.bin"), 10, direct_min_bytes=0) as out:
         out.write(pieces_of([10_000]))
         out.finish()
 
@@ -254,7 +255,7 @@ def test_partial_writes_complete_and_leave_the_callers_list_alone(tmp_path, monk
     views = pieces_of([5000, 3, 2500])
     before = [bytes(v) for v in views]
     path = str(tmp_path / "f.bin")
-    assert write_file(path, views) is local_output._CachedOutput
+    assert write_file(path, views, direct_min_bytes=local_output.DIRECT_MIN_BYTES) is local_output._CachedOutput
     assert [bytes(v) for v in views] == before  # the checksum thread reads this same list
     with open(path, "rb") as f:
         assert f.read() == b"".join(before)
@@ -263,7 +264,6 @@ def test_partial_writes_complete_and_leave_the_callers_list_alone(tmp_path, monk
 def test_cached_writes_hand_each_written_range_to_the_disk(tmp_path, monkeypatch):
     """Early writeback asks for ranges already written: a range asked for before its bytes are
     there starts nothing, and those bytes then wait for the final fsync."""
-    monkeypatch.setattr(local_output, "FLUSH_BYTES", 10_000)
     real_fadvise = os.posix_fadvise
     asked = []
 
@@ -274,7 +274,7 @@ def test_cached_writes_hand_each_written_range_to_the_disk(tmp_path, monkeypatch
     monkeypatch.setattr(os, "posix_fadvise", record)
     views = pieces_of([6000] * 10)
     path = str(tmp_path / "f.bin")
-    with local_output.create(path, 60_000) as out:
+    with local_output.create(path, 60_000, flush_bytes=10_000) as out:
         assert type(out) is local_output._CachedOutput
         for view in views:
             out.write([view])

@@ -14,22 +14,21 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 import torchckpt
 from torchckpt import CheckpointManager
-from torchckpt._storage import fsspec as storage_fsspec
 from torchckpt._storage import lease as storage_lease
-from torchckpt._storage import upload
+from torchckpt._tools.verify import verify
 from torchckpt.cli import main
-from torchckpt.reader import verify
 
 from .conftest import make_mlp, train_step
+from .distributed import ROOT
+from .doubles import remote_double
 
-JOB = Path(__file__).parent / "jobs" / "remote_writer.py"
+JOB = "tests.jobs.remote_writer"  # run as a module from the repository's root: it imports tests.doubles
 
 
 def trained(seed: int = 0, steps: int = 2):
@@ -107,31 +106,21 @@ def test_manager_retention_resumed_history_and_keep_best(remote):
     resumed.close()
 
 
-def test_retention_deletes_the_index_before_the_shards(remote, monkeypatch):
+def test_retention_deletes_the_index_before_the_shards(remote):
     ckpt = torchckpt.Checkpoint(w=torch.zeros(3))
     mgr = CheckpointManager(ckpt, remote.url, max_to_keep=1, storage_options=remote.options)
     first = mgr.save()
     shard = shards_of(remote, "ckpt-1")
-    removed: list = []
-    real_put, real_file, real_names = (storage_fsspec.FsspecStorage.put, storage_fsspec.FsspecStorage.remove_quietly,
-                                       storage_fsspec.FsspecStorage.remove_names)
-
-    def put(self, path, data):
-        removed.append(("put", path.rsplit("/", 2)[-2:]))
-        return real_put(self, path, data)
-
-    def remove_file(self, path):
-        removed.append(("file", path.rsplit("/", 2)[-2:]))
-        return real_file(self, path)
-
-    def remove_names(self, path, names):
-        removed.append(("names", path.rsplit("/", 1)[-1], sorted(names)))
-        return real_names(self, path, names)
-
-    monkeypatch.setattr(storage_fsspec.FsspecStorage, "put", put)
-    monkeypatch.setattr(storage_fsspec.FsspecStorage, "remove_quietly", remove_file)
-    monkeypatch.setattr(storage_fsspec.FsspecStorage, "remove_names", remove_names)
+    before = len(remote.storage.calls)
     mgr.save()
+    removed: list = []
+    for point, args in remote.storage.calls[before:]:  # the store's own writes and deletions, in order
+        if point == "put":
+            removed.append(("put", args[0].rsplit("/", 2)[-2:]))
+        elif point == "remove_quietly":
+            removed.append(("file", args[0].rsplit("/", 2)[-2:]))
+        elif point == "remove_names":
+            removed.append(("names", args[0].rsplit("/", 1)[-1], sorted(args[1])))
     deletes = [r for r in removed if "ckpt-1" in str(r)]
     assert deletes == [("put", ["ckpt-1", ".torchckpt-deleting"]),  # marked, so that a kill is finished later
                        ("file", ["ckpt-1", "index.json"]),  # un-committed
@@ -144,34 +133,33 @@ def test_retention_deletes_the_index_before_the_shards(remote, monkeypatch):
 def test_the_index_is_the_commit_and_is_written_last(remote):
     seen = {}
 
-    def before_commit(stage: str) -> None:
-        seen["names"] = remote.names(stage.rsplit("/", 1)[1])
+    def before_commit(sizes: dict[str, int]) -> None:
+        seen["names"] = remote.names("ckpt-1")
         seen["latest"] = torchckpt.latest_checkpoint(remote.url, storage_options=remote.options)
 
-    from torchckpt._storage.registry import storage_for
-    from torchckpt.checkpoint import commit
-
+    remote.storage.before("stage.commit", before_commit)
     ckpt = torchckpt.Checkpoint(w=torch.ones(4))
-    path = remote.at("ckpt-1")
-    commit(ckpt, storage_for(path, remote.options), path, max_shard_size=8, before_commit=before_commit)
+    ckpt.write(remote.at("ckpt-1"), max_shard_size=8, storage_options=remote.options)
     assert "index.json" not in seen["names"] and any(n.endswith(".safetensors") for n in seen["names"])
     assert seen["latest"] is None  # shards without an index are no checkpoint
     assert "index.json" in remote.names("ckpt-1") and ".torchckpt-pending" not in remote.names("ckpt-1")
 
 
 def test_a_second_commit_of_one_number_is_refused(remote):
-    from torchckpt._storage.base import AlreadyCommitted
-    from torchckpt._storage.registry import storage_for
-    from torchckpt.checkpoint import commit
-
     path = remote.at("ckpt-1")
-    storage = storage_for(path, remote.options)
-    commit(torchckpt.Checkpoint(w=torch.ones(2)), storage, path)
-    with pytest.raises(AlreadyCommitted):
-        commit(torchckpt.Checkpoint(w=torch.zeros(2)), storage, path, replace=False)
+    mgr = CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(2)), remote.url, storage_options=remote.options)
+
+    def first_commit(final: str, replace: bool) -> None:  # another writer commits the number the manager took
+        assert final == path and not replace  # a numbered save never replaces
+        torchckpt.Checkpoint(w=torch.ones(2)).write(path, storage_options=remote.options)
+
+    remote.storage.before("stage", first_commit, times=1)
+    with pytest.raises(torchckpt.CheckpointError, match="appeared while it was being written"):
+        mgr.save()
     w = torch.zeros(2)
     torchckpt.Checkpoint(w=w).read(path, storage_options=remote.options).assert_consumed()
     assert torch.equal(w, torch.ones(2))  # the committed one is untouched
+    mgr.close()
 
 
 def test_replacing_a_checkpoint_never_mixes_old_and_new_shards(remote):
@@ -206,23 +194,15 @@ def test_a_flipped_byte_in_a_shard_object_fails_verify_and_restore(remote):
         reader.get_tensor("w")
 
 
-def test_a_shard_lost_after_its_upload_is_never_committed(remote, monkeypatch):
-    real = storage_fsspec.RemoteStage.commit
-
-    def lose_a_shard(self, sizes):
-        remote.fs.rm_file(f"{self.path}/{next(iter(sizes))}")
-        return real(self, sizes)
-
-    monkeypatch.setattr(storage_fsspec.RemoteStage, "commit", lose_a_shard)
+def test_a_shard_lost_after_its_upload_is_never_committed(remote):
+    remote.storage.before("stage.commit", lambda sizes: remote.fs.rm_file(remote.at("c", next(iter(sizes)))))
     with pytest.raises(torchckpt.CheckpointWriteError, match="is not on the store after its upload") as info:
         torchckpt.Checkpoint(w=torch.ones(2)).write(remote.at("c"), storage_options=remote.options)
     assert info.value.path == remote.at("c") and remote.names("c") == []
 
 
-def test_a_large_shard_goes_up_in_parts_and_comes_back_in_ranges(remote, monkeypatch):
-    monkeypatch.setattr(upload, "PART_BYTES", 5 * 2**20)  # S3's smallest part
-    monkeypatch.setattr(storage_fsspec, "READ_PART_MIN", 2**20)
-    monkeypatch.setattr(storage_fsspec, "READ_PART_MAX", 2**20)
+def test_a_large_shard_goes_up_in_parts_and_comes_back_in_ranges(remote):
+    remote.install(part_bytes=5 * 2**20, read_part_min=2**20, read_part_max=2**20)  # S3's smallest part
     big = torch.randn(4 * 2**20)  # 16 MiB: four parts, sixteen ranged reads
     path = torchckpt.Checkpoint(big=big, small=torch.arange(5)).write(remote.at("c"), storage_options=remote.options)
     back = torchckpt.Checkpoint(big=torch.zeros_like(big), small=torch.zeros(5, dtype=torch.int64))
@@ -235,8 +215,8 @@ def test_a_large_shard_goes_up_in_parts_and_comes_back_in_ranges(remote, monkeyp
 
 def holder(remote, seconds: float) -> subprocess.Popen[str]:
     """Another process holding a manager on ``remote.url`` for ``seconds``."""
-    proc = subprocess.Popen([sys.executable, str(JOB), "hold", remote.url, json.dumps(remote.options), str(seconds)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ})
+    proc = subprocess.Popen([sys.executable, "-m", JOB, "hold", remote.url, json.dumps(remote.options), str(seconds)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ}, cwd=ROOT)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "HOLDING", proc.stderr.read()
     return proc
 
@@ -265,8 +245,8 @@ def test_a_clean_exit_releases_the_lease_for_the_next_run(remote):
     assert storage_lease.LEASE_FILE not in remote.names()
 
 
-def test_a_manager_that_lost_its_lease_is_stopped_at_its_next_save(remote, monkeypatch):
-    monkeypatch.setattr(storage_lease, "LEASE_SECS", 0.6)  # renewed every 0.2 s
+def test_a_manager_that_lost_its_lease_is_stopped_at_its_next_save(remote):
+    remote.install(lease_secs=0.6)  # renewed every 0.2 s
     mgr = CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), remote.url, storage_options=remote.options)
     mgr.save()
     thief = {"holder": "pid 1 on elsewhere", "session": "other", "expires": time.time() + 3600}
@@ -296,8 +276,8 @@ def test_a_state_file_replaced_by_another_writer_is_detected_not_overwritten(rem
 def test_a_writer_killed_mid_upload_leaves_the_last_checkpoint_and_the_next_manager_cleans_up(remote):
     if remote.kind == "memory":
         pytest.skip("memory:// belongs to one process; see the in-process crash test")
-    proc = subprocess.Popen([sys.executable, str(JOB), "crash", remote.url, json.dumps(remote.options), "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ})
+    proc = subprocess.Popen([sys.executable, "-m", JOB, "crash", remote.url, json.dumps(remote.options), "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ}, cwd=ROOT)
     try:
         assert proc.stdout is not None
         lines = [proc.stdout.readline().strip() for _ in range(2)]
@@ -310,24 +290,19 @@ def test_a_writer_killed_mid_upload_leaves_the_last_checkpoint_and_the_next_mana
     check_after_crash(remote, lease_secs=2)
 
 
-def test_a_save_that_dies_in_process_leaves_no_visible_checkpoint(remote, monkeypatch):
-    monkeypatch.setattr(storage_lease, "LEASE_SECS", 2.0)
+def test_a_save_that_dies_in_process_leaves_no_visible_checkpoint(remote):
+    storage = remote.install(lease_secs=2.0)
     ckpt = job_checkpoint(0)
     mgr = CheckpointManager(ckpt, remote.url, storage_options=remote.options)
     mgr.save()
-    monkeypatch.setattr(storage_fsspec.RemoteStage, "discard", lambda self: None)  # a dead process cleans nothing
-
-    def die(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(storage_fsspec.RemoteStage, "commit", die)
+    storage.instead("stage.discard", lambda: None)  # a dead process cleans nothing up
+    storage.fail("stage.commit", KeyboardInterrupt())
     ckpt.tensors["a"].add_(1)
     with pytest.raises(KeyboardInterrupt):
         mgr.save()
-    monkeypatch.undo()
-    for lease in storage_lease._leases.values():  # the process "dies": its lease is no longer renewed
-        lease.stop.set()
-    storage_lease._leases.clear()
+    storage.heal()
+    storage.instead("remove_quietly", lambda path: None, times=1)  # the process "dies": its lease stays there,
+    storage.release(remote.url)  # no longer renewed, and forgotten here
     check_after_crash(remote, lease_secs=2)
 
 
@@ -466,9 +441,9 @@ def test_an_unknown_scheme_or_missing_package_names_the_fix(tmp_path):
     assert not (tmp_path / "c").exists()
 
 
-def test_file_urls_take_the_generic_path(tmp_path, monkeypatch):
-    monkeypatch.setattr(storage_fsspec, "_warned", set())  # the warning is given once per process
+def test_file_urls_take_the_generic_path(tmp_path, install):
     url = f"file://{tmp_path}/run"
+    install(url, remote_double(url, warned=set()))  # the warning is given once per process: not yet, here
     ckpt = torchckpt.Checkpoint(w=torch.arange(4.0))
     with pytest.warns(UserWarning, match="cannot create or replace a file conditionally"):
         mgr = CheckpointManager(ckpt, url, max_to_keep=1)

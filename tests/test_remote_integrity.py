@@ -19,22 +19,20 @@ import torch
 
 import torchckpt
 from torchckpt import CheckpointManager
-from torchckpt._storage.registry import storage_for
-from torchckpt.checkpoint import commit
+from torchckpt._tools.verify import verify
 from torchckpt.cli import main
-from torchckpt.reader import verify
 
-from .test_remote import TAGGED, shards_of
+from .distributed import ROOT
+from .test_remote import JOB, TAGGED, shards_of
 
-JOB = Path(__file__).parent / "jobs" / "remote_writer.py"
 SHORT_LEASE = 1.0  # the paused writer's lease term (seconds)
 
 
 def job(remote, mode: str, path: str, arg: float = 0) -> subprocess.Popen[str]:
     """A writer process (tests/jobs/remote_writer.py) paused at its first upload: "PAUSED" is read."""
-    proc = subprocess.Popen([sys.executable, str(JOB), mode, path, json.dumps(remote.options), str(arg)],
+    proc = subprocess.Popen([sys.executable, "-m", JOB, mode, path, json.dumps(remote.options), str(arg)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ})
+                            env={**os.environ}, cwd=ROOT)
     assert proc.stdout is not None
     lines = [proc.stdout.readline().strip()]
     if lines[0] != "PAUSED":
@@ -73,12 +71,12 @@ def test_a_writer_that_loses_the_commit_race_touches_nothing_of_the_winner(remot
     path = remote.at("c")
     winner: dict[str, str] = {}
 
-    def meanwhile(stage: str) -> None:  # this writer's shards are up, its index not yet: another one commits
+    def meanwhile(sizes: dict[str, int]) -> None:  # this writer's shards are up, its index not yet: another one commits
         winner["path"] = torchckpt.Checkpoint(w=torch.full((1000,), 1.0)).write(path, storage_options=remote.options)
 
-    storage = storage_for(path, remote.options)
+    remote.storage.before("stage.commit", meanwhile, times=1)
     with pytest.raises(torchckpt.CheckpointError, match="another writer committed a checkpoint there") as info:
-        commit(torchckpt.Checkpoint(w=torch.full((1000,), 7.0)), storage, path, before_commit=meanwhile)
+        torchckpt.Checkpoint(w=torch.full((1000,), 7.0)).write(path, storage_options=remote.options)
     assert isinstance(info.value, FileExistsError) and info.value.path == path
     assert "Nothing of this save was committed" in str(info.value) and "stop the other job" in str(info.value)
     assert winner["path"] == path
@@ -286,8 +284,8 @@ def test_a_job_restarted_on_this_host_after_a_kill_claims_the_directory_at_once(
     if remote.kind == "memory":
         pytest.skip("memory:// belongs to one process")
     lease_secs = 60  # the default term: a wait for it to expire would show
-    proc = subprocess.Popen([sys.executable, str(JOB), "crash", remote.url, json.dumps(remote.options), str(lease_secs)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ})
+    proc = subprocess.Popen([sys.executable, "-m", JOB, "crash", remote.url, json.dumps(remote.options), str(lease_secs)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ}, cwd=ROOT)
     try:
         lines = lines_of(proc, 2)
         assert lines == ["SAVED", "UPLOADING"], lines

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 import torchckpt
 from torchckpt import cli
 from torchckpt._format import chunks as format_chunks
+from torchckpt._tools.verify import verify
 
 from . import format2, fuzzing
 from .conftest import read_index, write_index
@@ -266,7 +267,7 @@ def swap_chunk_records(index: dict) -> None:
 
 def test_a_chunk_record_pointing_at_another_chunks_bytes_is_refused_everywhere(saved):
     forge(saved, swap_chunk_records)
-    problems = torchckpt.reader.verify(torchckpt.load_checkpoint(saved))
+    problems = verify(torchckpt.load_checkpoint(saved))
     assert problems and "in its order" in problems[0]  # verify already refused it
     with pytest.raises(torchckpt.CorruptCheckpointError, match="does not hold the tensors") as info:
         format2.target().restore(saved)

@@ -5,11 +5,12 @@ Atomic, never pickled, bit-exact on resume, with partial restore and mismatch re
 
 from __future__ import annotations
 
-from torchckpt._storage import lease  # noqa: F401 - its exit hook must be registered before the async writer's
+# First, and in this order: the exit hook of the leases must be registered before the async writer's
+# (exit hooks run last-registered first), and the fork handlers run in the order of the imports here.
+from torchckpt._storage import lease, lock  # noqa: F401
 
 # isort: split
 from torchckpt._format.tree import PerRank
-from torchckpt._history.state import checkpoints_iterator, latest_checkpoint, wait_for_new_checkpoint
 from torchckpt._version import __version__
 from torchckpt.checkpoint import Checkpoint
 from torchckpt.errors import (
@@ -28,7 +29,13 @@ from torchckpt.manager import CheckpointManager
 from torchckpt.reader import CheckpointReader, list_variables, load_checkpoint, load_variable
 from torchckpt.restore import MismatchReport, PartialRestoreWarning, RestoreStatus
 from torchckpt.rng import RNGState
-from torchckpt.run_state import CheckpointState, get_checkpoint_state
+from torchckpt.run_state import (
+    CheckpointState,
+    checkpoints_iterator,
+    get_checkpoint_state,
+    latest_checkpoint,
+    wait_for_new_checkpoint,
+)
 
 __all__ = [
     "Checkpoint",

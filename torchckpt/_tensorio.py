@@ -1,6 +1,6 @@
 """Moving tensor bytes between memory and files without intermediate copies.
 
-Writes hand views of the tensors' own memory to the file (``_output``: many small tensors per
+Writes hand views of the tensors' own memory to the file (``_storage.local_output``: many small tensors per
 write), while a helper thread computes the checksums of the same batch (xxhash and the writes
 both release the GIL, so hashing costs no save time); reads go straight from the file into the
 destination tensor's memory (``preadv``). Only tensors that are not contiguous in host memory
@@ -128,8 +128,8 @@ def write_tensors(out: Output, tensors: list[torch.Tensor], on_bytes: Callable[[
         out: the file, written up to where the first tensor goes.
         tensors: what to write, in order.
         on_bytes: optional callable taking a byte count, for progress.
-        blocks: when given, each tensor's block checksums (``_blocks``: blocks of
-            ``_blocks.BLOCK_BYTES``, none for a tensor of one block) are appended to it, in order.
+        blocks: when given, each tensor's block checksums (``_format.blocks``: blocks of
+            ``_format.blocks.BLOCK_BYTES``, none for a tensor of one block) are appended to it, in order.
     """
     block_bytes = format_blocks.BLOCK_BYTES if blocks is not None else 0
     digests = array.array("Q")
@@ -168,22 +168,29 @@ def write_tensors(out: Output, tensors: list[torch.Tensor], on_bytes: Callable[[
             continue
         write_batch()
         collect()
-        hasher: Any = format_blocks.Hasher(block_bytes) if blocks is not None else xxhash.xxh3_64()
-        for chunk in host_chunks(t):  # a staged copy: written before its buffer is reused
-            view = byte_view(chunk)
-            hasher.update(view)
-            out.write([view])
-            if on_bytes is not None:
-                on_bytes(len(view))
-        if blocks is not None:
-            digest, found_blocks = hasher.result()
-            blocks.extend(found_blocks)
-        else:
-            digest = hasher.intdigest()
-        digests.append(digest)
+        digests.append(_write_staged(out, t, on_bytes, blocks))
     write_batch()
     collect()
     return digests
+
+
+def _write_staged(out: Output, t: torch.Tensor, on_bytes: Callable[[int], None] | None,
+                  blocks: array.array[int] | None) -> int:
+    """Write a tensor that is not contiguous in host memory (a strided view, a CUDA tensor) through
+    bounded staged chunks, each written before its buffer is reused; return its digest (and append
+    its block checksums to ``blocks``)."""
+    hasher: Any = format_blocks.Hasher(format_blocks.BLOCK_BYTES) if blocks is not None else xxhash.xxh3_64()
+    for chunk in host_chunks(t):
+        view = byte_view(chunk)
+        hasher.update(view)
+        out.write([view])
+        if on_bytes is not None:
+            on_bytes(len(view))
+    if blocks is None:
+        return int(hasher.intdigest())
+    digest, found_blocks = hasher.result()
+    blocks.extend(found_blocks)
+    return int(digest)
 
 
 def _digest_all(views: list[memoryview], block_bytes: int) -> tuple[list[int], list[int]]:

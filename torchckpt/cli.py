@@ -17,14 +17,18 @@ from typing import Any
 
 import torch
 
+from torchckpt._format import dtypes as format_dtypes
 from torchckpt._format import spec, tree
+from torchckpt._history import members as history_members
 from torchckpt._history import state as history_state
+from torchckpt._paths import is_url, join, name_of
 from torchckpt._progress import progress_bar
-from torchckpt._storage.base import is_url, join, name_of
+from torchckpt._storage.base import Storage
 from torchckpt._storage.registry import storage_for
+from torchckpt._tools.verify import verify
 from torchckpt._version import __version__
 from torchckpt.errors import CheckpointDeletedError, CheckpointError, plural
-from torchckpt.reader import CheckpointReader, load_checkpoint, verify
+from torchckpt.reader import CheckpointReader, load_checkpoint
 
 
 def human_bytes(n: float) -> str:
@@ -62,6 +66,11 @@ def _load(args: argparse.Namespace, path: str) -> CheckpointReader:
     return load_checkpoint(path, storage_options=_options(args, path))
 
 
+def _storage(args: argparse.Namespace, path: str) -> Storage:
+    """The storage that holds ``path``, resolved once here: the tools receive it."""
+    return storage_for(path, _options(args, path))
+
+
 def _json_options(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
@@ -80,7 +89,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     total = 0
     for name in names:
-        nbytes = shapes[name].numel() * spec.itemsize(dtypes[name])
+        nbytes = shapes[name].numel() * format_dtypes.itemsize(dtypes[name])
         total += nbytes
         row: dict[str, Any] = {"name": name, "dtype": _dtype(dtypes[name]), "shape": list(shapes[name]),
                                "bytes": nbytes}
@@ -130,7 +139,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     directory = args.directory
-    storage = storage_for(directory, _options(args, directory))
+    storage = _storage(args, directory)
     if not storage.follows_to_dir(directory):
         raise CheckpointError(f"{directory} is not a directory.")
     try:
@@ -138,10 +147,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
     except history_state.StateFileError as e:
         print(f"warning: {e}; listing the checkpoints on disk", file=sys.stderr)
         state = history_state.State()
-    members = history_state.committed_members(directory, None, storage)
+    members = history_members.committed_members(directory, None, storage)
     kept = {e.name: e for e in state.checkpoints}
     preserved = {e.name: e for e in state.preserved}
-    latest = history_state.latest_in(directory, storage)
+    latest = history_members.latest_in(directory, storage)
     latest_name = name_of(latest) if latest else None
     best = _best_name(state.checkpoints, args.metric or state.best_metric,
                       args.mode or state.best_mode)
@@ -163,7 +172,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         marks = [m for m, on in (("latest", name == latest_name), ("kept", name in kept),
                                  ("preserved", name in preserved), ("best", name == best),
                                  ("damaged", problem is not None)) if on]
-        number = history_state.number_of(name)
+        number = history_members.number_of(name)
         when = datetime.datetime.fromtimestamp(ts).isoformat(" ", "seconds") if ts else "?"
         rows.append([str(number), name, when, human_bytes(meta.get("total_size") or 0) if meta else "?",
                      " ".join(f"{k}={_short(v)}" for k, v in metrics.items()), ",".join(marks)])
@@ -325,10 +334,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from torchckpt._tools.export import export_module
+    from torchckpt._tools import export
 
-    files = export_module(args.path, args.object, args.out, args.max_shard_size, args.progress, args.config,
-                          args.storage_options)
+    def read_config(limit: int) -> bytes:  # called by the tool once the export is known to be possible
+        return storage_for(args.config).read_file(args.config, limit, "Config file")
+
+    files = export.export_module(args.path, args.object, args.out, _storage(args, args.out), args.max_shard_size,
+                                 args.progress, read_config if args.config is not None else None,
+                                 _options(args, args.path))
     print(f"wrote {', '.join(files)} to {args.out}")
     return 0
 
@@ -339,8 +352,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_consolidate(args: argparse.Namespace) -> int:
     from torchckpt._tools.consolidate import consolidate
 
-    done = consolidate(args.path, args.out, rank=args.rank, max_shard_size=args.max_shard_size,
-                       progress=args.progress, storage_options=args.storage_options)
+    done = consolidate(args.path, args.out, _storage(args, args.out), rank=args.rank,
+                       max_shard_size=args.max_shard_size, progress=args.progress,
+                       storage_options=_options(args, args.path))
     kept = (f"; {plural(done['per_rank_values'], 'per-rank value')} as rank {done['rank']} saved them"
             if done["per_rank_values"] else "")
     print(f"wrote {done['out']}: {plural(done['tensors'], 'tensor')}, {human_bytes(done['bytes'])} in "
@@ -375,7 +389,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fsspec options for URL paths, as a JSON object (for example "
                              "'{\"client_kwargs\": {\"endpoint_url\": \"http://127.0.0.1:9000\"}}'); credentials "
                              "also come from the usual environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)")
+    _add_reading_commands(sub, progress, remote)
+    _add_writing_commands(sub, progress, remote)
+    return parser
 
+
+def _add_reading_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], progress: argparse.ArgumentParser,
+                          remote: argparse.ArgumentParser) -> None:
+    """The commands that only read: inspect, ls, diff, verify."""
     p = _command(sub, "inspect", "list a checkpoint's tensors (reads only the index and headers)",
                  "torchckpt inspect runs/gan --filter 'generator/*'", [remote])
     p.add_argument("path", help="checkpoint directory, manager directory (its latest checkpoint), .safetensors file "
@@ -408,13 +429,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="the checkpoint to check (any path inspect takes); exit 1 on any problem")
     p.set_defaults(handler=cmd_verify)
 
+
+def _add_writing_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], progress: argparse.ArgumentParser,
+                          remote: argparse.ArgumentParser) -> None:
+    """The commands that write a new folder or checkpoint from one: export, consolidate."""
     p = _command(sub, "export", "write one module's weights as a Hugging Face safetensors folder",
                  "torchckpt export runs/gan --object generator exported/ --config config.json", [progress, remote])
     p.add_argument("path", help="the checkpoint to export from (any path inspect takes)")
     p.add_argument("--object", required=True, metavar="NAME", help="the tracked module to export")
     p.add_argument("out", help="output folder, a path or a URL (replaced as a whole; atomically on a local disk)")
-    p.add_argument("--max-shard-size", default=spec.DEFAULT_MAX_SHARD_SIZE,
-                   help="bytes per shard, e.g. 500MiB or 2GB (default: 5GB)")
+    _add_max_shard_size(p)
     p.add_argument("--config", metavar="FILE", help="a config.json to copy into the folder (for from_pretrained)")
     p.set_defaults(handler=cmd_export)
 
@@ -424,10 +448,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="the new checkpoint directory, a path or a URL; it must not exist")
     p.add_argument("--rank", type=int, default=0, help="whose per-rank values (RNG state, PerRank) to keep "
                    "(default 0, as a single process restoring the checkpoint would)")
+    _add_max_shard_size(p)
+    p.set_defaults(handler=cmd_consolidate)
+
+
+def _add_max_shard_size(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-shard-size", default=spec.DEFAULT_MAX_SHARD_SIZE,
                    help="bytes per shard, e.g. 500MiB or 2GB (default: 5GB)")
-    p.set_defaults(handler=cmd_consolidate)
-    return parser
 
 
 @functools.lru_cache(maxsize=1)

@@ -148,12 +148,10 @@ def format_keys(keys: Any, limit: int = 10) -> str:
     return shown
 
 
-def is_read_only_error(error: OSError) -> bool:
-    """Whether ``error`` means the directory cannot be written at all (a read-only mount or
-    permissions), as opposed to a passing failure."""
-    import errno
-
-    return error.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+def short_repr(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: a value from an untrusted file, in a message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def a_or_an(word: str) -> str:
@@ -195,6 +193,17 @@ def checksum_mismatch(name: str, path: str, recorded: int | str, read: int) -> s
 def shard_size_mismatch(path: str, size: int, recorded: int, index_file: str) -> str:
     """A shard's size is not the one its index recorded."""
     return f"Shard {path} is {size} bytes but {index_file} records {recorded}; it was truncated or replaced."
+
+
+def shard_missing(path: str, index_file: str | None = None) -> str:
+    """A shard is not there (one that ``index_file`` lists, where an index lists it)."""
+    listed = f" listed in {index_file}" if index_file else ""
+    return f"Shard {path}{listed} is missing."
+
+
+def shard_unreadable(path: str, error: OSError, action: str = "read") -> str:
+    """The system refused to ``action`` (open, read) a shard."""
+    return f"Cannot {action} shard {path}: {error.strerror or error}."
 
 
 PARTLY_RESTORED = " Objects may be partly restored; restore another checkpoint, and run `torchckpt verify` on this one."

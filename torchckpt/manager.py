@@ -12,74 +12,43 @@ background.
 from __future__ import annotations
 
 import os
-import time
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
+from torchckpt import _clock
 from torchckpt._dist import coordinator as dist_coordinator
+from torchckpt._dist.coordinator import AnyCoordinator
 from torchckpt._dist.preemption import PreemptionWatch
 from torchckpt._format import spec
+from torchckpt._history import members as history_members
 from torchckpt._history import state as history_state
-from torchckpt._history.recover import Ranking, read_disk, recover, resolve_ranking
-from torchckpt._history.retention import MetricFn, best_entries, plan_retention
-from torchckpt._history.state import Entry, State
+from torchckpt._history.arguments import check_arguments, number_argument, plain_metric
+from torchckpt._history.arguments import checkpoint_number as checkpoint_number_of
+from torchckpt._history.ledger import Ledger
+from torchckpt._history.recover import Ranking, resolve_ranking
+from torchckpt._history.retention import MetricFn
+from torchckpt._history.state import State
 from torchckpt._load.resume import assert_consumed_on_every_rank, restore_newest_intact, restore_order
-from torchckpt._storage import atomic
-from torchckpt._storage.base import AlreadyCommitted, ConflictError, as_path, join, name_of
+from torchckpt._paths import as_path, join, name_of
+from torchckpt._save.options import SaveHooks, SaveOptions, parse_size, save_arguments
+from torchckpt._storage.base import AlreadyCommitted
+from torchckpt._storage.files import is_read_only_error
 from torchckpt._storage.registry import storage_for
-from torchckpt.checkpoint import Checkpoint, commit, restore_from, set_save_counter
-from torchckpt.errors import (
-    CheckpointError,
-    CheckpointWriteError,
-    a_or_an,
-    is_read_only_error,
-)
+from torchckpt.checkpoint import Checkpoint, commit, restore_from
+from torchckpt.errors import CheckpointError, CheckpointWriteError
 from torchckpt.restore import RestoreStatus
 
 __all__ = ["CheckpointManager"]
 
 
-def _metric(key: str, value: Any) -> Any:
-    """One metric as a plain value: a 0-dim tensor or a NumPy scalar becomes a float."""
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"metrics[{key!r}] is a tensor of shape {list(value.shape)}; pass a number "
-                             "(a 0-dim tensor is fine).")
-        item = value.detach().cpu().item()
-        return bool(item) if value.dtype == torch.bool else float(item)
-    if value is None or isinstance(value, (bool, str)) or type(value) in (int, float):
-        return value
-    to_python = getattr(value, "item", None)
-    if type(value).__module__ == "numpy" and callable(to_python):  # numpy.float32(0.5), numpy.int64(3)
-        result = to_python()
-        return float(result) if isinstance(result, (int, float)) and not isinstance(result, bool) else result
-    if isinstance(value, (int, float)):  # int and float subclasses
-        return float(value) if isinstance(value, float) else int(value)
-    raise TypeError(f"metrics[{key!r}] is {a_or_an(type(value).__name__)}; metrics must be numbers, bools, strings "
-                    "or None.")
-
-
-def _number_argument(value: Any) -> Any:
-    """``checkpoint_number`` as JSON, to compare across ranks (a bad one is refused inside the call)."""
-    try:
-        return None if value is None else _number(value)
-    except (TypeError, ValueError):
-        return repr(value)
-
-
-def _number(value: Any) -> int:
-    if isinstance(value, torch.Tensor):
-        if value.dim() != 0 or value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
-            raise ValueError(f"checkpoint_number must be an int or a 0-dim integer tensor, got {value!r}.")
-        value = int(value.item())
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"checkpoint_number must be an int or a 0-dim integer tensor, got {value!r}.")
-    if value < 0:
-        raise ValueError(f"checkpoint_number must be non-negative, got {value}.")
-    return value
+def _check_arguments(checkpoint: Any, max_shard_size: Any, **arguments: Any) -> None:
+    if not isinstance(checkpoint, Checkpoint):
+        raise TypeError(f"CheckpointManager needs a torchckpt.Checkpoint, got {type(checkpoint).__name__}.")
+    check_arguments(**arguments)
+    parse_size(max_shard_size)
 
 
 class CheckpointManager:
@@ -145,35 +114,20 @@ class CheckpointManager:
         timeout_secs: float | None = None,
         preemption_signals: Iterable[int] = (),
     ) -> None:
-        if not isinstance(checkpoint, Checkpoint):
-            raise TypeError(f"CheckpointManager needs a torchckpt.Checkpoint, got {type(checkpoint).__name__}.")
-        if max_to_keep is not None and (isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep <= 0):
-            raise ValueError(f"Expected a positive integer or `None` for `max_to_keep`, got {max_to_keep!r}.")
-        if checkpoint_interval is not None and step_counter is None:
-            raise ValueError("`step_counter` should be passed if `checkpoint_interval` is not None.")
-        if keep_best is not None and (isinstance(keep_best, bool) or not isinstance(keep_best, int) or keep_best <= 0):
-            raise ValueError(f"keep_best must be a positive integer or None, got {keep_best!r}.")
-        if keep_best and best_metric is None:
-            raise ValueError("keep_best needs best_metric: a key of the metrics passed to save(), or a callable.")
-        if best_mode not in (None, "min", "max"):
-            raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}.")
-        if (not isinstance(checkpoint_name, str) or not checkpoint_name or os.sep in checkpoint_name
-                or atomic.is_temporary(checkpoint_name) or checkpoint_name.startswith(".")):
-            raise ValueError(f"checkpoint_name must be a plain name, got {checkpoint_name!r}.")
-        spec.parse_size(max_shard_size)
+        _check_arguments(checkpoint, max_shard_size, max_to_keep=max_to_keep, checkpoint_name=checkpoint_name,
+                         step_counter=step_counter, checkpoint_interval=checkpoint_interval, keep_best=keep_best,
+                         best_metric=best_metric, best_mode=best_mode)
         self._checkpoint = checkpoint
         self._directory = as_path(directory)
         self._storage = storage_for(self._directory, storage_options)
-        self._state_token: Any = None
         self._max_to_keep = max_to_keep
         self._keep_every_n_hours = keep_checkpoint_every_n_hours
         self._name = checkpoint_name
         self._step_counter = step_counter
         self._checkpoint_interval = checkpoint_interval
         self._init_fn = init_fn
-        self._keep_best = keep_best
-        self._best_metric = best_metric
-        self._best_mode = best_mode or "min"
+        self._ledger = Ledger(self._directory, self._storage, checkpoint_name,
+                              Ranking(keep_best, best_metric, best_mode or "min"))
         self._max_shard_size = max_shard_size
         self._progress = progress
         self._last_checkpoint_step: int | None = None
@@ -181,28 +135,14 @@ class CheckpointManager:
         self._warned_metric = False
         self._read_only = False
         self._coord = dist_coordinator.coordinator_for(process_group, timeout_secs)
-        self._damaged: dict[str, str] = {}
         self._preempted = False
         self.last_restore: RestoreStatus | None = None  # the status of the last restore_or_initialize's restore
-        if self._coord is None:
-            self._open_and_load(best_mode)
-        else:  # rank 0 alone touches the directory; the others take its view of the history
-            def open_on_rank_0() -> dict[str, Any]:
-                self._open_and_load(best_mode)
-                return self._mirror()
-
-            what = f"Opening {self._directory}"
-            call = self._coord.call(what, {
-                "call": "CheckpointManager", "directory": self._directory, "checkpoint_name": checkpoint_name,
-                "max_to_keep": max_to_keep, "keep_checkpoint_every_n_hours": keep_checkpoint_every_n_hours,
-                "checkpoint_interval": checkpoint_interval, "keep_best": keep_best,
-                "best_metric": best_metric if isinstance(best_metric, str) else None, "best_mode": best_mode,
-                "save_counter": checkpoint.save_counter, **dist_coordinator.save_arguments(max_shard_size, async_save)})
-            call.consequence = "Nothing was claimed or changed."
-            mirror = dist_coordinator.decided(call, what, open_on_rank_0)
-            if self._coord.rank != 0:
-                state = self._adopt(mirror)
-                self._take_ranking(resolve_ranking(state, keep_best, best_metric, best_mode))
+        self._open({
+            "call": "CheckpointManager", "directory": self._directory, "checkpoint_name": checkpoint_name,
+            "max_to_keep": max_to_keep, "keep_checkpoint_every_n_hours": keep_checkpoint_every_n_hours,
+            "checkpoint_interval": checkpoint_interval, "keep_best": keep_best,
+            "best_metric": best_metric if isinstance(best_metric, str) else None, "best_mode": best_mode,
+            "save_counter": checkpoint.save_counter, **save_arguments(max_shard_size, async_save)})
         try:
             self._preemption = PreemptionWatch(preemption_signals)
         except BaseException:
@@ -210,10 +150,26 @@ class CheckpointManager:
                 self._storage.release(self._directory)
             raise
 
+    def _open(self, arguments: dict[str, Any]) -> None:
+        """Claim the directory and load its history: rank 0 alone touches the directory, and the
+        other ranks take its view of the history (the same call on every rank, compared first)."""
+        def open_on_rank_0() -> dict[str, Any] | None:
+            self._open_and_load(arguments["best_mode"])
+            return self._ledger.mirror(self._read_only) if self._coord.is_collective else None
+
+        what = f"Opening {self._directory}"
+        call = self._coord.call(what, arguments)
+        call.consequence = "Nothing was claimed or changed."
+        mirror = dist_coordinator.decided(call, what, open_on_rank_0)
+        if self._coord.rank != 0:
+            state = self._adopt(mirror)
+            ranking = self._ledger.ranking
+            self._ledger.ranking = resolve_ranking(state, ranking.keep_best, ranking.best_metric, arguments["best_mode"])
+
     def _open_and_load(self, best_mode: str | None) -> None:
         self._read_only = self._open_directory()
         try:
-            self._load_state(best_mode)
+            self._ledger.load(_clock.now(), best_mode)
         except BaseException:
             if not self._read_only:
                 self._storage.release(self._directory)  # a failed construction holds nothing
@@ -222,7 +178,7 @@ class CheckpointManager:
     @property
     def _is_primary(self) -> bool:
         """Whether this process decides for the job: a single process, or rank 0."""
-        return self._coord is None or self._coord.rank == 0
+        return self._coord.rank == 0
 
     def _open_directory(self) -> bool:
         """Create and claim the directory and clear crashed writers' leftovers; True when it is
@@ -246,54 +202,10 @@ class CheckpointManager:
 
     # -- state ---------------------------------------------------------------------------
 
-    def _load_state(self, best_mode: str | None) -> None:
-        now = time.time()
-        disk, self._state_token = read_disk(self._directory, self._storage, self._name)
-        history = recover(disk, now, self._name, self._keep_best, self._best_metric, best_mode)
-        for message in history.warnings:
-            warnings.warn(message, stacklevel=3)
-        self._latest: str | None = history.latest
-        self._kept: list[Entry] = list(history.kept)
-        self._preserved: list[Entry] = list(history.preserved)
-        self._last_preserved_timestamp = history.last_preserved_timestamp
-        self._damaged = dict(history.damaged)
-        self._take_ranking(history.ranking)
-
-    def _take_ranking(self, ranking: Ranking) -> None:
-        self._keep_best, self._best_metric, self._best_mode = ranking.keep_best, ranking.best_metric, ranking.best_mode
-
-    def _state_now(self) -> State:
-        metric = self._best_metric if isinstance(self._best_metric, str) else None
-        known = {e.name for e in [*self._kept, *self._preserved]} | {self._latest}
-        damaged = {name: why for name, why in self._damaged.items() if name in known}
-        return State(self._latest, list(self._kept), list(self._preserved), self._last_preserved_timestamp,
-                     metric, self._best_mode, self._keep_best if metric else None, damaged)
-
-    def _mirror(self) -> dict[str, Any]:
-        """Rank 0's view of the history, for the other ranks (the state file's own encoding)."""
-        return {"state": self._state_now().to_bytes().decode(), "read_only": self._read_only}
-
     def _adopt(self, mirror: dict[str, Any]) -> State:
-        """Take rank 0's view of the history (on the other ranks, which never read the directory)."""
-        state = history_state.parse_state(mirror["state"].encode(), join(self._directory, history_state.STATE_FILE))
-        self._read_only = bool(mirror["read_only"])
-        self._latest = state.latest
-        self._kept = list(state.checkpoints)
-        self._preserved = list(state.preserved)
-        self._last_preserved_timestamp = state.last_preserved_timestamp
-        self._damaged = dict(state.damaged)
+        """Take rank 0's ledger (on the other ranks, which never read the directory)."""
+        state, self._read_only = self._ledger.adopt(mirror)
         return state
-
-    def _record_state(self) -> None:
-        state = self._state_now()
-        try:
-            self._state_token = history_state.write_state(self._directory, state, self._storage, self._state_token)
-        except ConflictError:
-            raise CheckpointError(
-                f"{join(self._directory, history_state.STATE_FILE)} was replaced by another writer since this manager "
-                f"last wrote it: two managers are writing to {self._directory}. Its history was not overwritten and "
-                "nothing was deleted; stop the other process (or use another directory) and create the manager again."
-            ) from None
 
     # -- public properties ----------------------------------------------------------------
 
@@ -313,42 +225,34 @@ class CheckpointManager:
     @property
     def latest_checkpoint(self) -> str | None:
         """The path of the newest checkpoint, or None."""
-        return join(self._directory, self._latest) if self._latest else None
+        return join(self._directory, self._ledger.latest) if self._ledger.latest else None
 
     @property
     def checkpoints(self) -> list[str]:
         """Paths of the checkpoints this manager keeps (and may delete later), oldest first."""
-        return [join(self._directory, e.name) for e in self._kept]
+        return [join(self._directory, e.name) for e in self._ledger.kept]
 
     @property
     def best_checkpoint(self) -> str | None:
         """The kept checkpoint with the best ``best_metric``, or None."""
-        best = best_entries(self._kept, 1, self._best_metric, self._best_mode)
-        return join(self._directory, best[0].name) if best else None
+        best = self._ledger.best()
+        return join(self._directory, best) if best else None
 
     def metrics_of(self, path: str) -> dict[str, Any] | None:
         """The metrics recorded for a kept or preserved checkpoint."""
-        name = name_of(as_path(path))
-        for entry in [*self._kept, *self._preserved]:
-            if entry.name == name:
-                return entry.metrics
-        return None
+        return self._ledger.metrics_of(name_of(as_path(path)))
 
     # -- saving --------------------------------------------------------------------------
 
-    def _next_number(self) -> int:
-        """The incremented ``save_counter``, moved past every number the directory has or had."""
-        counter = self._checkpoint.save_counter
-        names = {*self._storage.list_names(self._directory), *(e.name for e in [*self._kept, *self._preserved])}
-        if self._latest:
-            names.add(self._latest)
-        numbers = [history_state.number_of(n.split(atomic.TMP_MARKER)[0].split(atomic.OLD_MARKER)[0], self._name)
-                   for n in names]
+    def _next_number(self, counter: int) -> int:
+        """``counter``, moved past every number the directory has or had."""
+        names = {*self._storage.list_names(self._directory), *(e.name for e in self._ledger.entries())}
+        if self._ledger.latest:
+            names.add(self._ledger.latest)
+        numbers = [history_members.number_of(spec.final_name(n), self._name)
+                    for n in names]
         top = max((n for n in numbers if n is not None), default=-1)
-        if counter <= top:
-            counter = top + 1
-            set_save_counter(self._checkpoint, counter)
-        return counter
+        return max(counter, top + 1)
 
     def save(
         self,
@@ -378,54 +282,48 @@ class CheckpointManager:
             CheckpointError: the directory is read-only, or another process holds it.
         """
         what = f"Saving into {self._directory}"
-        call = None
-        if self._coord is None:
-            proposal = self._propose(checkpoint_number, check_interval, metrics)
-        else:  # every rank makes this same call; a bad argument or a failure on one fails it on every rank
-            call = self._coord.call(what, {"call": "CheckpointManager.save", "directory": self._directory,
-                                           "checkpoint_number": _number_argument(checkpoint_number),
-                                           "check_interval": bool(check_interval),
-                                           "save_counter": self._checkpoint.save_counter})
-            proposals = dist_coordinator.agree_all(call, what, lambda: self._propose(checkpoint_number, check_interval, metrics))
-            proposal = {**proposals[call.rank], "signalled": any(p["signalled"] for p in proposals)}
+        # every rank makes this same call; a bad argument or a failure on one fails it on every rank
+        call = self._coord.call(what, {"call": "CheckpointManager.save", "directory": self._directory,
+                                       "checkpoint_number": number_argument(checkpoint_number),
+                                       "check_interval": bool(check_interval),
+                                       "save_counter": self._checkpoint.save_counter})
+        proposals = dist_coordinator.agree_all(call, what, lambda: self._propose(checkpoint_number, check_interval,
+                                                                                metrics))
+        proposal = {**proposals[call.rank], "signalled": any(p["signalled"] for p in proposals)}
         if proposal["signalled"]:  # once any rank was signalled, this save is written, durably, whatever the interval
             self._preempted = True
             proposal["skip"] = False
-        counter_before = self._checkpoint.save_counter
         # on several ranks, rank 0's decision (number, interval) is everyone's
-        decision = self._decide(proposal) if call is None else dist_coordinator.decided(call, what, lambda: self._decide(proposal))
+        decision = dist_coordinator.decided(call, what, lambda: self._decide(proposal))
         if decision["skip"]:
             return None
         if decision["step"] is not None:
             self._last_checkpoint_step = decision["step"]
-        set_save_counter(self._checkpoint, decision["counter"])
-        name = f"{self._name}-{decision['number']}"
-        path = join(self._directory, name)
-        metrics_copy = decision["metrics"]
+        path = join(self._directory, f"{self._name}-{decision['number']}")
         try:
-            metadata: dict[str, Any] = {history_state.MANAGER_KEY: self._name}
-            if metrics_copy:
-                metadata["metrics"] = metrics_copy
-
-            def after() -> dict[str, Any] | None:
-                self._record_and_sweep(name, metrics_copy)
-                return self._mirror() if self._coord is not None else None
-
-            commit(self._checkpoint, self._storage, path, max_shard_size=self._max_shard_size,
-                   progress=self._progress, metadata=metadata, async_save=self._async_save and not self._preempted,
-                   after=after, replace=decision["explicit"], coordinator=call,
-                   adopt=self._adopt)
+            commit(self._checkpoint, self._storage, path, call, self._save_options(decision),
+                   SaveHooks(after=lambda: self._after_save(name_of(path), decision["metrics"]), adopt=self._adopt))
         except AlreadyCommitted:
-            set_save_counter(self._checkpoint, counter_before)
             raise CheckpointError(
                 f"{path} appeared while it was being written: another process writes numbered checkpoints into "
                 f"{self._directory} without holding its claim. Nothing was committed or replaced; save again for "
                 "the next number."
             ) from None
-        except BaseException:
-            set_save_counter(self._checkpoint, counter_before)
-            raise
         return path
+
+    def _save_options(self, decision: dict[str, Any]) -> SaveOptions:
+        metadata: dict[str, Any] = {spec.MANAGER_KEY: self._name}
+        if decision["metrics"]:
+            metadata["metrics"] = decision["metrics"]
+        return SaveOptions.checked(decision["counter"], self._max_shard_size, self._progress, metadata,
+                                   self._async_save and not self._preempted, replace=decision["explicit"])
+
+    def _after_save(self, name: str, metrics: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Once the checkpoint is committed (rank 0): record it and apply retention; returns the
+        history for the other ranks."""
+        for old in self._ledger.record(name, metrics, _clock.now(), self._max_to_keep, self._keep_every_n_hours):
+            self._delete(old)
+        return self._ledger.mirror(self._read_only) if self._coord.is_collective else None
 
     def _propose(self, checkpoint_number: Any, check_interval: bool, metrics: Any) -> dict[str, Any]:
         """The arguments of one ``save`` checked, and the interval applied, before anything is written;
@@ -437,7 +335,7 @@ class CheckpointManager:
                 "(restore_or_initialize, latest_checkpoint, checkpoints). Save to a writable directory."
             )
         metrics_copy = self._checked_metrics(metrics)
-        number = _number(checkpoint_number) if checkpoint_number is not None else None
+        number = checkpoint_number_of(checkpoint_number) if checkpoint_number is not None else None
         skip, step = False, None
         if self._checkpoint_interval is not None:
             step = int(self._step_counter)
@@ -448,19 +346,15 @@ class CheckpointManager:
         return {"skip": skip, "step": step, "metrics": metrics_copy, "number": number, "signalled": signalled}
 
     def _decide(self, proposal: dict[str, Any]) -> dict[str, Any]:
-        """What this save does (on rank 0 for a job): skip it, or the number it writes."""
+        """What this save does (on rank 0 for a job): skip it, or the number it writes and the
+        ``save_counter`` it records (the checkpoint takes it once the write is accepted)."""
         self._storage.claim(self._directory)  # a no-op unless this is a forked child (or lost its lease)
         decision = {**proposal, "explicit": proposal["number"] is not None, "counter": self._checkpoint.save_counter}
         if proposal["skip"]:
             return decision
-        counter_before = self._checkpoint.save_counter
-        set_save_counter(self._checkpoint, counter_before + 1)
-        try:
-            if decision["number"] is None:
-                decision["number"] = self._next_number()
-        finally:
-            decision["counter"] = self._checkpoint.save_counter
-            set_save_counter(self._checkpoint, counter_before)
+        decision["counter"] = self._checkpoint.save_counter + 1
+        if decision["number"] is None:
+            decision["number"] = decision["counter"] = self._next_number(decision["counter"])
         return decision
 
     def _checked_metrics(self, metrics: Any) -> dict[str, Any] | None:
@@ -474,37 +368,20 @@ class CheckpointManager:
         for key, value in metrics.items():
             if not isinstance(key, str):
                 raise TypeError(f"metrics keys must be strings, got {key!r} ({type(key).__name__}).")
-            out[key] = _metric(key, value)
-        if isinstance(self._best_metric, str) and self._best_metric not in out and not self._warned_metric:
+            out[key] = plain_metric(key, value)
+        best_metric = self._ledger.ranking.best_metric
+        if isinstance(best_metric, str) and best_metric not in out and not self._warned_metric:
             self._warned_metric = True
             warnings.warn(
-                f"best_metric {self._best_metric!r} is not among the metrics passed to save() "
+                f"best_metric {best_metric!r} is not among the metrics passed to save() "
                 f"({', '.join(sorted(out)) or 'none'}); checkpoints without it never count as best.",
                 stacklevel=3,
             )
         return out or None
 
-    def _record_and_sweep(self, name: str, metrics: dict[str, Any] | None) -> None:
-        now = time.time()
-        self._kept = [e for e in self._kept if e.name != name]
-        self._preserved = [e for e in self._preserved if e.name != name]
-        self._kept.append(Entry(name, now, metrics))
-        self._latest = name
-        self._record_state()
-        plan = plan_retention(self._kept, self._max_to_keep, self._keep_every_n_hours,
-                              self._last_preserved_timestamp, self._keep_best, self._best_metric, self._best_mode)
-        if not plan.delete and not plan.preserve:
-            return
-        self._kept = plan.kept
-        self._preserved.extend(plan.preserve)
-        self._last_preserved_timestamp = plan.last_preserved_timestamp
-        self._record_state()  # the state never names a checkpoint that is being deleted
-        for entry in plan.delete:
-            self._delete(entry.name)
-
     def _delete(self, name: str) -> None:
         path = join(self._directory, name)
-        if history_state.number_of(name, self._name) is None or not self._storage.is_dir(path):
+        if history_members.number_of(name, self._name) is None or not self._storage.is_dir(path):
             return
         self._storage.delete_checkpoint(path)  # un-committed at once (renamed, or its index deleted first)
 
@@ -538,20 +415,19 @@ class CheckpointManager:
             CorruptCheckpointError: every checkpoint is damaged (``init_fn`` is not called: a run
                 never silently starts over), or the latest is and ``fallback`` is False.
         """
-        call = None
-        if self._coord is not None:
-            call = self._coord.call(f"Restoring from {self._directory}", {
-                "call": "CheckpointManager.restore_or_initialize", "directory": self._directory,
-                "fallback": bool(fallback), "strict": bool(strict)})
-        with dist_coordinator.failures_shared(call):
+        call = self._coord.call(f"Restoring from {self._directory}", {
+            "call": "CheckpointManager.restore_or_initialize", "directory": self._directory,
+            "fallback": bool(fallback), "strict": bool(strict)})
+        with call.failures_shared():
             # First, and before any exchange: the history may still change (a background save
             # commits), and that save needs the Store, one operation at a time per process.
             self.wait_until_finished()
             return self._restore_or_initialize(call, fallback, strict)
 
-    def _restore_or_initialize(self, call: dist_coordinator.Coordinator | None, fallback: bool, strict: bool) -> str | None:
-        if self._latest is not None:  # the same on every rank: rank 0's
-            paths = [join(self._directory, n) for n in restore_order(self._latest, [*self._kept, *self._preserved])]
+    def _restore_or_initialize(self, call: AnyCoordinator, fallback: bool, strict: bool) -> str | None:
+        ledger = self._ledger
+        if ledger.latest is not None:  # the same on every rank: rank 0's
+            paths = [join(self._directory, n) for n in restore_order(ledger.latest, ledger.entries())]
             found: dict[str, str] = {}
             try:
                 path, status = restore_newest_intact(
@@ -559,23 +435,17 @@ class CheckpointManager:
                     self._directory, lambda p, why: found.__setitem__(name_of(p), why))
             finally:
                 if found:
-                    self._damaged.update(found)
+                    ledger.damaged.update(found)
                     self._record_damage()
             self.last_restore = status
-            if strict:
-                if call is None:
-                    status.assert_consumed()
-                else:  # one rank's mismatch fails the call on every rank, each with its own report
-                    assert_consumed_on_every_rank(call, status)
+            if strict:  # one rank's mismatch fails the call on every rank, each with its own report
+                assert_consumed_on_every_rank(call, status)
             if self._checkpoint_interval is not None:
                 self._last_checkpoint_step = int(self._step_counter)
             return path
-        if self._init_fn is not None:
-            if call is None:
-                self._init_fn()
-            else:  # on every rank; a failure on one is raised on all
-                dist_coordinator.agree(call, "init_fn", self._init_fn)
-        elif call is not None:
+        if self._init_fn is not None:  # on every rank; a failure on one is raised on all
+            dist_coordinator.agree(call, "init_fn", self._init_fn)
+        else:
             call.check_call()
         return None
 
@@ -584,7 +454,7 @@ class CheckpointManager:
         if self._read_only or not self._is_primary:
             return
         try:
-            self._record_state()
+            self._ledger.write()
         except (CheckpointError, OSError) as e:
             warnings.warn(f"Could not record the damaged checkpoints in {self._directory}'s state file: {e}",
                           stacklevel=4)
@@ -612,6 +482,6 @@ class CheckpointManager:
                 self._storage.release(self._directory)
 
     def __repr__(self) -> str:
-        return f"CheckpointManager({self._directory!r}, latest={self._latest!r}, kept={len(self._kept)})"
+        return f"CheckpointManager({self._directory!r}, latest={self._ledger.latest!r}, kept={len(self._ledger.kept)})"
 
 

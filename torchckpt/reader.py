@@ -4,9 +4,10 @@ For a torchckpt checkpoint the shapes and dtypes come from ``index.json`` alone 
 table is built for this), so inspecting a 100 GB checkpoint costs the same as a 100 KB one; shard
 headers are read and validated only when a tensor is read. A checkpoint saved by several ranks
 (format 2) is shown as the job saw it: each sharded tensor under its own name with its global
-shape, assembled from its chunks when it is read (block by block, so memory stays bounded). Plain ``.safetensors`` files and Hugging
-Face sharded folders (``*.safetensors.index.json``) are read from their headers, so any safetensors
-weights can be inspected the same way.
+shape, assembled from its chunks when it is read (block by block, so memory stays bounded). Plain
+``.safetensors`` files and Hugging Face sharded folders (``*.safetensors.index.json``) are read from
+their headers, so any safetensors weights can be inspected the same way. Reading one tensor's bytes
+is ``_load/stream``'s; checking a whole checkpoint is a tool's (``_tools/verify``).
 """
 
 from __future__ import annotations
@@ -19,18 +20,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import xxhash
 
 from torchckpt import _tensorio
-from torchckpt._format import blocks as format_blocks
 from torchckpt._format import chunks as format_chunks
+from torchckpt._format import document as format_document
+from torchckpt._format import dtypes as format_dtypes
 from torchckpt._format import index as format_index
 from torchckpt._format import spec as format_spec
 from torchckpt._format import tree as format_tree
-from torchckpt._format.spec import INDEX_FILE, TensorInfo
-from torchckpt._history import state as history_state
-from torchckpt._load import boxes
-from torchckpt._storage.base import Source, Storage, as_path, join, name_of, parent_of
+from torchckpt._format.dtypes import TensorInfo
+from torchckpt._format.spec import INDEX_FILE
+from torchckpt._history import members as history_members
+from torchckpt._load import boxes, stream
+from torchckpt._load import opened as load_opened
+from torchckpt._paths import as_path, join, name_of, parent_of
+from torchckpt._storage.base import Source, Storage
 from torchckpt._storage.registry import storage_for
 from torchckpt._threads import gc_paused
 from torchckpt.errors import (
@@ -38,7 +42,8 @@ from torchckpt.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
     VariableNotFoundError,
-    checksum_mismatch,
+    shard_missing,
+    shard_unreadable,
 )
 
 __all__ = ["CheckpointReader", "TensorSpec", "list_variables", "load_checkpoint", "load_variable"]
@@ -90,7 +95,7 @@ class CheckpointReader:
     @classmethod
     def _from_torchckpt(cls, directory: str, storage: Storage) -> CheckpointReader:
         reader = cls(directory, "torchckpt", storage)
-        index = format_index.load_index(directory, storage)
+        index = load_opened.load_index(directory, storage)
         reader._index = index
         reader._names, reader._dtypes, reader._shapes = index.names, index.dtypes, index.shapes
         reader._aliases = index.aliases
@@ -110,7 +115,7 @@ class CheckpointReader:
         for file in files:
             source = _open_plain(storage, file)
             try:
-                infos, _, _ = format_spec.read_header(source, file)  # plain files are addressed by full path
+                infos, _, _ = load_opened.read_header(source, file)  # plain files are addressed by full path
             finally:
                 source.close()
             reader._headers[file] = {t.name: t for t in infos}
@@ -119,8 +124,8 @@ class CheckpointReader:
                     raise CorruptCheckpointError(f"Tensor {t.name!r} is in both {reader._files[t.name]} and {file}.", path)
                 reader._files[t.name] = file
                 reader._names.append(t.name)
-                reader._dtypes.append(format_spec.dtype_to_str(t.dtype))
-                reader._shapes.append(format_spec.shape_key(t.shape))
+                reader._dtypes.append(format_dtypes.dtype_to_str(t.dtype))
+                reader._shapes.append(format_dtypes.shape_key(t.shape))
         return reader
 
     # -- tensors ---------------------------------------------------------------------------
@@ -128,7 +133,7 @@ class CheckpointReader:
     def get_variable_to_shape_map(self) -> dict[str, torch.Size]:
         """Every tensor name -> its shape, from the index (and headers) only."""
         if self._shape_map is None:  # models repeat a few shapes: build each torch.Size once
-            known = {t: torch.Size(format_spec.parse_shape_key(t, f"in {self.path}")) for t in set(self._shapes)}
+            known = {t: torch.Size(format_dtypes.parse_shape_key(t, f"in {self.path}")) for t in set(self._shapes)}
             shapes = dict(zip(self._names, map(known.__getitem__, self._shapes)))
             for alias, target in self._aliases.items():
                 shapes[alias] = shapes[target]
@@ -138,7 +143,7 @@ class CheckpointReader:
     def get_variable_to_dtype_map(self) -> dict[str, torch.dtype]:
         """Every tensor name -> its dtype, from the index (and headers) only."""
         if self._dtype_map is None:
-            known = {d: format_spec.str_to_dtype(d, f" in {self.path}") for d in set(self._dtypes)}
+            known = {d: format_dtypes.str_to_dtype(d, f" in {self.path}") for d in set(self._dtypes)}
             dtypes = dict(zip(self._names, map(known.__getitem__, self._dtypes)))
             for alias, target in self._aliases.items():
                 dtypes[alias] = dtypes[target]
@@ -206,13 +211,19 @@ class CheckpointReader:
         return [(tuple(0 for _ in shape), shape, name_of(self._file_map[stored]))]
 
     @property
+    def index(self) -> format_index.Index | None:
+        """The parsed ``index.json`` of a torchckpt checkpoint (None for plain safetensors), for the
+        tools that read a whole checkpoint (``torchckpt verify``, ``consolidate``) through this reader."""
+        return self._index
+
+    @property
     def world_size(self) -> int:
         """How many ranks saved the checkpoint (1 for a single process's, and for plain safetensors)."""
         return self._index.world_size if self._index is not None else 1
 
     def nbytes(self, name: str) -> int:
         dtype = self.get_variable_to_dtype_map()[name]
-        return self.get_variable_to_shape_map()[name].numel() * format_spec.itemsize(dtype)
+        return self.get_variable_to_shape_map()[name].numel() * format_dtypes.itemsize(dtype)
 
     def _resolve(self, name: str) -> str:
         target = self._aliases.get(name, name)
@@ -228,8 +239,8 @@ class CheckpointReader:
         validated header entry."""
         if self._index is not None:
             if self._infos is None:
-                with format_index.OpenShards(self._index) as shards:
-                    self._infos = format_index.read_shard_headers(self._index, shards)
+                with load_opened.OpenShards(self._index, self.storage) as shards:
+                    self._infos = load_opened.read_shard_headers(self._index, shards)
             return self._infos[name]
         file = self._files[name]
         return self._headers[file][name]
@@ -249,7 +260,7 @@ class CheckpointReader:
         try:
             return self.storage.open(path, "Shard")
         except FileNotFoundError:
-            raise format_index.missing_member(self.path, path, self.storage) if self._index is not None else \
+            raise load_opened.missing_member(self.path, path, self.storage) if self._index is not None else \
                 CorruptCheckpointError(f"{path} is missing.", path) from None
 
     def get_tensor(self, name: str) -> torch.Tensor:
@@ -265,19 +276,7 @@ class CheckpointReader:
             return blocks[0] if blocks else torch.empty(self.get_variable_to_shape_map()[stored],
                                                         dtype=self.get_variable_to_dtype_map()[stored])
         info = self._info(stored)
-        out = torch.empty(info.shape, dtype=info.dtype)
-        path = self._file_path(info)
-        source = self._open(info)
-        try:
-            digest = _tensorio.read_into(source, info.start, out, verify=True)
-        except EOFError as e:
-            raise CorruptCheckpointError(f"{path} is truncated: {e}.", path) from e
-        finally:
-            source.close()
-        expected = self._checksum(stored)
-        if expected is not None and digest is not None and f"{digest:016x}" != expected:
-            raise CorruptCheckpointError(checksum_mismatch(stored, path, expected, digest), path)
-        return out
+        return stream.read_tensor(self._open(info), info, self._file_path(info), stored, self._checksum(stored))
 
     def iter_bytes(self, name: str, chunk_bytes: int = _tensorio.CHUNK_BYTES) -> Iterator[bytes]:
         """The stored bytes of tensor ``name`` (little-endian, row-major), in pieces of at most
@@ -295,21 +294,8 @@ class CheckpointReader:
                     yield bytes(view[offset : offset + chunk_bytes])
             return
         info = self._info(stored)
-        path = self._file_path(info)
-        hasher = xxhash.xxh3_64()
-        source = self._open(info)
-        try:
-            for offset in range(info.start, info.end, chunk_bytes):
-                piece = source.read(offset, min(chunk_bytes, info.end - offset))
-                if len(piece) != min(chunk_bytes, info.end - offset):
-                    raise CorruptCheckpointError(f"{path} is truncated: it ends inside tensor {stored!r}.", path)
-                hasher.update(piece)
-                yield piece
-        finally:
-            source.close()
-        expected = self._checksum(stored)
-        if expected is not None and f"{hasher.intdigest():016x}" != expected:
-            raise CorruptCheckpointError(checksum_mismatch(stored, path, expected, hasher.intdigest()), path)
+        yield from stream.tensor_bytes(self._open(info), info, self._file_path(info), stored, self._checksum(stored),
+                                       chunk_bytes)
 
     def iter_chunks(self, name: str, chunk_bytes: int = _tensorio.CHUNK_BYTES) -> Iterator[torch.Tensor]:
         """The tensor's elements as flat 1-D tensors of at most ``chunk_bytes``: bounded memory."""
@@ -321,21 +307,7 @@ class CheckpointReader:
                 yield from (flat[i : i + per].clone() for i in range(0, flat.numel(), per))
             return
         info = self._info(stored)
-        item = format_spec.itemsize(info.dtype)
-        per = max(1, chunk_bytes // item)
-        count = info.nbytes // item
-        path = self._file_path(info)
-        source = self._open(info)
-        try:
-            for i in range(0, count, per):
-                part = torch.empty(min(per, count - i), dtype=info.dtype)
-                try:
-                    _tensorio.read_into(source, info.start + i * item, part, verify=False)
-                except EOFError as e:
-                    raise CorruptCheckpointError(f"{path} is truncated: {e}.", path) from e
-                yield part
-        finally:
-            source.close()
+        yield from stream.tensor_elements(self._open(info), info, self._file_path(info), chunk_bytes)
 
     def _blocks(self, stored: str, block_bytes: int) -> Iterator[torch.Tensor]:
         """A chunked tensor assembled block of rows by block of rows, every chunk checksummed."""
@@ -374,8 +346,8 @@ class CheckpointReader:
             return {}
         shapes, dtypes = self.get_variable_to_shape_map(), self.get_variable_to_dtype_map()
         if not self._chunked:
-            return format_index.state_tree(self._index, lambda n: TensorSpec(n, dtypes[n], shapes[n]))
-        return _specs(format_index.state_tree(self._index, _Ref), shapes, dtypes)
+            return load_opened.state_tree(self._index, lambda n: TensorSpec(n, dtypes[n], shapes[n]))
+        return _specs(load_opened.state_tree(self._index, _Ref), shapes, dtypes)
 
     def get_value(self, key: str) -> Any:
         """A value of the state tree by its ``/`` key path (``"epoch"``, ``"g_sched/last_epoch"``)."""
@@ -426,9 +398,9 @@ def _open_plain(storage: Storage, path: str) -> Source:
     try:
         return storage.open(path, "Shard")
     except FileNotFoundError:
-        raise CorruptCheckpointError(f"Shard {path} is missing.", path) from None
+        raise CorruptCheckpointError(shard_missing(path), path) from None
     except OSError as e:
-        raise CorruptCheckpointError(f"Cannot read shard {path}: {e.strerror or e}.", path) from e
+        raise CorruptCheckpointError(shard_unreadable(path, e), path) from e
 
 
 def _hf_index(directory: str, storage: Storage) -> str | None:
@@ -447,7 +419,7 @@ def _read_hf_index(path: str, storage: Storage) -> CheckpointReader:
     except OSError as e:
         raise CorruptCheckpointError(f"Cannot read the Hugging Face index {path}: {e.strerror or e}", path) from e
     with gc_paused():
-        raw = format_spec.parse_json(data, path, "Hugging Face index")
+        raw = format_document.parse_json(data, path, "Hugging Face index")
     weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CorruptCheckpointError(f"{path} has no 'weight_map' of tensor names to shard files.", path)
@@ -492,12 +464,12 @@ def load_checkpoint(path: str | os.PathLike[str], *, storage_options: dict[str, 
             return _read_hf_index(hf, storage)
         names = storage.list_names(p)
         singles = sorted(n for n in names if n.endswith(format_spec.SHARD_SUFFIX))
-        unfinished = history_state.unfinished_error(p, names)
+        unfinished = history_members.unfinished_error(p, names)
         if unfinished is not None:  # a save's or a deletion's shard is no plain safetensors file
             raise unfinished
-        if len(singles) == 1 and not history_state.committed_members(p, None, storage):
+        if len(singles) == 1 and not history_members.committed_members(p, None, storage):
             return CheckpointReader._from_safetensors([join(p, singles[0])], p, "safetensors", storage)
-    return CheckpointReader._from_torchckpt(history_state.resolve_checkpoint(p, storage), storage)
+    return CheckpointReader._from_torchckpt(history_members.resolve_checkpoint(p, storage), storage)
 
 
 def list_variables(path: str | os.PathLike[str], *,
@@ -514,65 +486,3 @@ def load_variable(path: str | os.PathLike[str], name: str, *,
         name = name[:-2]
     return load_checkpoint(path, storage_options=storage_options).get_tensor(name)
 
-
-def verify(reader: CheckpointReader, progress: bool | None = None) -> list[str]:
-    """Check every shard and tensor of a checkpoint, and its state tree as a restore in one process
-    decodes it; returns the problems found (empty: all good)."""
-    problems: list[str] = []
-    if reader._index is None:
-        for name in reader._names:
-            try:
-                reader._info(name)
-            except CorruptCheckpointError as e:
-                problems.append(str(e))
-        return problems
-    index = reader._index
-    try:
-        shards = format_index.OpenShards(index)
-    except CorruptCheckpointError as e:
-        return [str(e)]
-    with shards:
-        try:  # every header parsed in full and matched against the index before any data is read
-            infos = format_index.read_shard_headers(index, shards, trust_header_checksums=False)
-        except CorruptCheckpointError as e:
-            return [str(e)]
-        problems = _verify_data(index, shards, infos, progress)
-    try:
-        format_index.state_tree(index, lambda name: None)
-    except CorruptCheckpointError as e:
-        problems.append(str(e))
-    return problems
-
-
-def _verify_data(index: format_index.Index, shards: format_index.OpenShards, infos: dict[str, TensorInfo],
-                 progress: bool | None) -> list[str]:
-    from torchckpt._progress import progress_bar
-
-    problems: list[str] = []
-    total = sum(s["size"] for s in index.shards)
-    checksums = dict(zip(index.names, index.checksums))
-    position = 0
-    with progress_bar(total, "verify", progress) as bar:
-        for shard in index.shards:
-            path, source = shards.path(shard["file"]), shards.sources[shard["file"]]
-            source.prepare(shard["size"])
-            names = index.names[position : position + shard["tensors"]]
-            position += shard["tensors"]
-            first = min((infos[n].start for n in names), default=shard["size"])
-            shard_hash = xxhash.xxh3_64(source.read(0, first))
-            try:
-                for name in names:  # file order
-                    info = infos[name]
-                    digest, bad_blocks = format_blocks.check_range(source, info, index.blocks)
-                    shard_hash.update(digest.to_bytes(8, "big"))
-                    if f"{digest:016x}" != checksums[name]:
-                        problems.append(checksum_mismatch(name, path, checksums[name], digest))
-                    problems += [bad.message(path) for bad in bad_blocks]
-                    bar.update(info.nbytes)
-            except (EOFError, OSError) as e:
-                problems.append(f"{path}: cannot read it to the end ({e}).")
-                continue
-            if f"{shard_hash.intdigest():016x}" != shard["checksum"]:
-                problems.append(f"{path}: shard checksum mismatch (recorded {shard['checksum']}, "
-                                f"computed {shard_hash.intdigest():016x}).")
-    return problems

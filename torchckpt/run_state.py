@@ -1,4 +1,5 @@
-"""A read-only view of a run: ``get_checkpoint_state(directory)``, TensorFlow's name.
+"""A read-only view of a run: ``get_checkpoint_state(directory)`` and ``latest_checkpoint``, and
+following a run as it saves (``wait_for_new_checkpoint``, ``checkpoints_iterator``); TensorFlow's names.
 
 An evaluation script, a dashboard or a second machine wants to know what a run has saved without
 becoming its manager. This reads the state file and lists the committed checkpoints; it never
@@ -12,12 +13,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from torchckpt._history import members as history_members
 from torchckpt._history import state as history_state
 from torchckpt._history.retention import best_entries
-from torchckpt._storage.base import as_path, join
+from torchckpt._paths import as_path, join
 from torchckpt._storage.registry import storage_for
 
-__all__ = ["CheckpointState", "get_checkpoint_state"]
+__all__ = ["CheckpointState", "checkpoints_iterator", "get_checkpoint_state", "latest_checkpoint", "wait_for_new_checkpoint"]
 
 
 @dataclass(frozen=True)
@@ -66,18 +68,18 @@ def get_checkpoint_state(directory: str | os.PathLike[str], *,
         state = history_state.read_state(root, storage) or history_state.State()
     except history_state.StateFileError:
         state = history_state.State()
-    members = history_state.committed_members(root, None, storage)
-    latest = history_state.latest_in(root, storage)
+    members = history_members.committed_members(root, None, storage)
+    latest = history_members.latest_in(root, storage)
     if latest is None and not members:
         return None
 
     def paths(entries: list[history_state.Entry]) -> list[str]:
-        return [join(root, e.name) for e in entries if history_state.is_member(root, e.name, storage)]
+        return [join(root, e.name) for e in entries if history_members.is_member(root, e.name, storage)]
 
-    kept = [e for e in state.checkpoints if history_state.is_member(root, e.name, storage)]
+    kept = [e for e in state.checkpoints if history_members.is_member(root, e.name, storage)]
     best = best_entries(kept, 1, state.best_metric, state.best_mode) if state.best_metric else []
     metrics = {join(root, e.name): dict(e.metrics) for e in [*state.checkpoints, *state.preserved]
-               if e.metrics and history_state.is_member(root, e.name, storage)}
+               if e.metrics and history_members.is_member(root, e.name, storage)}
     return CheckpointState(
         latest=latest,
         all=[join(root, n) for n in members],
@@ -85,5 +87,98 @@ def get_checkpoint_state(directory: str | os.PathLike[str], *,
         preserved=paths(state.preserved),
         best=join(root, best[0].name) if best else None,
         metrics=metrics,
-        damaged={join(root, n): why for n, why in state.damaged.items() if history_state.is_member(root, n, storage)},
+        damaged={join(root, n): why for n, why in state.damaged.items() if history_members.is_member(root, n, storage)},
     )
+
+
+def latest_checkpoint(directory: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None) -> str | None:
+    """The newest committed checkpoint in ``directory`` (a path or a URL), or None.
+
+    The state file's ``latest`` wins when it names a committed checkpoint; otherwise (no state
+    file, a damaged one, or one naming a checkpoint that is gone) the committed numbered
+    checkpoint written last is returned.
+
+    Example:
+        >>> import tempfile, torch, torchckpt
+        >>> d = tempfile.mkdtemp()
+        >>> torchckpt.latest_checkpoint(d) is None
+        True
+        >>> path = torchckpt.Checkpoint(w=torch.ones(2)).save(f"{d}/ckpt")
+        >>> torchckpt.latest_checkpoint(d) == path
+        True
+    """
+    root = as_path(directory)
+    return history_members.latest_in(root, storage_for(root, storage_options))
+
+
+def wait_for_new_checkpoint(
+    checkpoint_dir: str | os.PathLike[str],
+    last_checkpoint: str | None = None,
+    seconds_to_sleep: float = 1.0,
+    timeout: float | None = None,
+    *,
+    storage_options: dict[str, Any] | None = None,
+) -> str | None:
+    """Wait until ``latest_checkpoint(checkpoint_dir)`` differs from ``last_checkpoint``.
+
+    Returns:
+        The new checkpoint's path, or None if ``timeout`` seconds passed first.
+    """
+    import time
+
+    root = as_path(checkpoint_dir)
+    storage = storage_for(root, storage_options)
+    stop = time.time() + timeout if timeout is not None else None
+    while True:
+        path = history_members.latest_in(root, storage)
+        if path is not None and path != last_checkpoint:
+            return path
+        if stop is not None and time.time() + seconds_to_sleep > stop:
+            return None
+        time.sleep(seconds_to_sleep)
+
+
+def checkpoints_iterator(
+    checkpoint_dir: str | os.PathLike[str],
+    min_interval_secs: float = 0,
+    timeout: float | None = None,
+    timeout_fn: Any = None,
+    *,
+    poll_interval_secs: float = 1.0,
+    storage_options: dict[str, Any] | None = None,
+) -> Any:
+    """Yield each new committed checkpoint of ``checkpoint_dir`` as it appears (as TensorFlow's).
+
+    A validation process uses it to follow a training run: it only ever yields checkpoints that
+    are completely written. If several are written between two looks, only the newest is yielded.
+
+    Args:
+        checkpoint_dir: the directory a manager (or ``Checkpoint.save``) writes into.
+        min_interval_secs: at least this long between yields (time the consumer spends counts).
+        timeout: stop waiting for a new checkpoint after this many seconds (None: forever).
+        timeout_fn: called after each yield and each timeout; when it returns True the iteration ends.
+            Without it, a timeout ends the iteration.
+        poll_interval_secs: how often to look for a new checkpoint (TensorFlow: 1 second).
+        storage_options: passed to fsspec when ``checkpoint_dir`` is a URL.
+
+    Example:
+        >>> import tempfile, torchckpt
+        >>> list(torchckpt.checkpoints_iterator(tempfile.mkdtemp(), timeout=0))
+        []
+    """
+    import time
+
+    path = None
+    while True:
+        new = wait_for_new_checkpoint(checkpoint_dir, path, poll_interval_secs, timeout,
+                                      storage_options=storage_options)
+        if new is None:
+            if timeout_fn is None:
+                return
+        else:
+            start = time.time()
+            path = new
+            yield new
+            time.sleep(max(0.0, start + min_interval_secs - time.time()))
+        if timeout_fn is not None and timeout_fn():
+            return

@@ -1,7 +1,7 @@
 """A training loop that saves until it is killed: by the test at a random moment, or by itself at a
 named point of the commit protocol.
 
-    python crash_writer.py DIRECTORY sync|async MEGABYTES POINT
+    python -m tests.jobs.crash_writer DIRECTORY sync|async MEGABYTES POINT   # from the repository's root
 
 Every tensor of step ``k`` holds ``k``. "acked K" is printed once save K is acknowledged: when
 ``save()`` returned (sync), or ``wait_until_finished()`` did (async). With async saves the tensors
@@ -11,24 +11,31 @@ POINT is ``random`` (save until killed) or where a save of this process, from th
 ``before-commit`` (shards and index written, not renamed), ``after-commit`` (renamed, state file
 not written), ``after-state`` (state written, retention not applied), ``after-retention-state``
 (retention's state written, nothing deleted), ``mid-delete`` (an old checkpoint moved aside, not
-removed), ``state-temporary`` (a state file temporary written, not renamed).
+removed), ``state-temporary`` (a state file temporary written, not renamed). The directory is served
+by a storage double (tests/doubles.py) that kills the process at the named point.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
 import sys
 
 import torch
 
 import torchckpt
+from tests.doubles import LocalDouble
+from torchckpt._format import spec
 from torchckpt._history import state as history_state
-from torchckpt._storage import atomic
-from torchckpt._storage import local as storage_local
+from torchckpt._storage import registry
 
 directory, mode, megabytes, point = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 saves = {"n": 0}
+disk = LocalDouble()
+installed = contextlib.ExitStack()  # never closed: the double serves the directory until this process dies
+installed.enter_context(registry.installed(directory, disk))
 
 
 def die() -> None:
@@ -39,32 +46,29 @@ def armed() -> bool:
     return saves["n"] >= 2
 
 
-real_commit = atomic.commit_directory
+def dies_at(name: str):
+    """An action that kills this process where ``point`` is ``name``, from the second save on."""
+
+    def action(*args: object) -> None:
+        if armed() and point == name:
+            die()
+
+    return action
 
 
-def commit(tmp: str, final: str, replace: bool = True) -> None:
-    if armed() and point == "before-commit":
-        die()
-    real_commit(tmp, final, replace)
-    if armed() and point == "after-commit":
-        die()
-
-
-atomic.commit_directory = commit
-real_write_state = history_state.write_state
+disk.before("stage.commit", dies_at("before-commit"))
+disk.after("stage.commit", dies_at("after-commit"))
 state_writes = {"n": 0}
 
 
-def write_state(path: str, state: history_state.State, *args: object) -> object:
-    token = real_write_state(path, state, *args)
+def state_written(path: str, data: bytes, token: object) -> None:  # the state file: the one file replaced here
     if armed():
         state_writes["n"] += 1
-        if point == "after-state" and state_writes["n"] == 1 or point == "after-retention-state" and state_writes["n"] == 2:
+        if (point, state_writes["n"]) in (("after-state", 1), ("after-retention-state", 2)):
             die()
-    return token
 
 
-history_state.write_state = write_state
+disk.after("replace_file", state_written)
 real_replace = os.replace
 
 
@@ -75,25 +79,17 @@ def replace(src: str, dst: str) -> None:
 
 
 os.replace = replace
+real_rmtree = shutil.rmtree
 
 
-class Shutil:
-    """The local storage's shutil, whose rmtree dies after an old checkpoint was moved aside."""
-
-    def __getattr__(self, name: str) -> object:
-        import shutil
-
-        return getattr(shutil, name)
-
-    def rmtree(self, path: str, ignore_errors: bool = False) -> None:
-        import shutil
-
-        if armed() and point == "mid-delete":
-            die()
-        shutil.rmtree(path, ignore_errors=ignore_errors)
+def rmtree(path: str, ignore_errors: bool = False) -> None:
+    """Dies once an old checkpoint was moved aside (renamed with the old marker), before it is removed."""
+    if armed() and point == "mid-delete" and spec.OLD_MARKER in os.path.basename(path):
+        die()
+    real_rmtree(path, ignore_errors=ignore_errors)
 
 
-storage_local.shutil = Shutil()  # type: ignore[assignment]
+shutil.rmtree = rmtree
 
 count = max(1, megabytes * 2**20 // 4 // 4)
 tensors = {f"t{i}": torch.zeros(count) for i in range(4)}

@@ -8,6 +8,7 @@ so one failure shows as a failed assertion, not as a hung group.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -25,9 +26,17 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 import torchckpt
+from tests.doubles import LocalDouble, StorageDouble, remote_double
 from tests.jobs import flips
+from torchckpt._storage import registry
 
 TIMEOUT = 20.0  # every collective checkpoint call in these scenarios waits at most this long
+INSTALLED = contextlib.ExitStack()  # the storage doubles of the scenario running: removed when it ends
+
+
+def install(prefix: Path | str, storage: StorageDouble) -> StorageDouble:
+    """Serve the paths under ``prefix`` with ``storage`` until the scenario ends (tests/doubles.py)."""
+    return INSTALLED.enter_context(registry.installed(str(prefix), storage))
 
 
 class MLP(torch.nn.Module):
@@ -242,27 +251,21 @@ def write_fails_on_one_rank(d: Path, rank: int, world: int) -> dict:
     return out
 
 
-def die_after_writing() -> None:
-    """This process is SIGKILLed once it has written its files of the next save, before it reports them."""
-    from torchckpt._save import write as save_write
-
-    real = save_write.write_shards
-
-    def die(*args, **kwargs):
-        real(*args, **kwargs)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    save_write.write_shards = die
+def die_after_writing(disk: StorageDouble) -> None:
+    """This process is SIGKILLed once it has written and closed its file of the next save (one per rank),
+    before it reports it."""
+    disk.after("output.close", lambda: os.kill(os.getpid(), signal.SIGKILL))
 
 
 def killed_mid_save(d: Path, rank: int, world: int) -> dict:
     """Rank 1 is SIGKILLed once it has written its files, before it reports them: the others raise
     within the timeout, and rank 0 removes the uncommitted stage."""
+    disk = install(d / "killed", LocalDouble())
     model = fsdp_mlp(0)
     ckpt = torchckpt.Checkpoint(model=model, big=torch.zeros(4 * 2**20) + rank * 0)
     first = ckpt.save(str(d / "killed" / "ckpt"), timeout_secs=TIMEOUT)
     if rank == 1:
-        die_after_writing()
+        die_after_writing(disk)
     start = time.monotonic()
     try:
         ckpt.save(str(d / "killed" / "ckpt"), timeout_secs=3)
@@ -297,18 +300,14 @@ def s3_fsdp(d: Path, rank: int, world: int) -> dict:
 # -- the manager, async saves and the tools on several ranks (part 2) ----------------------------
 
 
-def watch_deletions(mgr: torchckpt.CheckpointManager) -> list[str]:
-    """Record the checkpoints this rank's manager deletes."""
-    deleted: list[str] = []
-    storage = mgr._storage
-    real = storage.delete_checkpoint
+def watched(directory: str, options: dict | None = None) -> StorageDouble:
+    """The storage a manager of ``directory`` made from now on gets: it records what this rank deletes."""
+    return install(directory, remote_double(directory, options) if "://" in directory else LocalDouble())
 
-    def delete(path: str) -> None:
-        deleted.append(os.path.basename(path.rstrip("/")))
-        real(path)
 
-    storage.delete_checkpoint = delete
-    return deleted
+def deletions(storage: StorageDouble) -> list[str]:
+    """The checkpoints deleted through ``storage``, by name, in order."""
+    return [os.path.basename(path.rstrip("/")) for path, in storage.called("delete_checkpoint")]
 
 
 def view(mgr: torchckpt.CheckpointManager) -> list:
@@ -327,11 +326,11 @@ def manager_2(d: Path, rank: int, world: int) -> dict:
     step_counter = torch.tensor(0)
     ckpt = torchckpt.Checkpoint(model=model, opt=opt, step=step_counter, rng=torchckpt.RNGState())
     inits = []
+    storage = watched(str(d / "managed"))
     mgr = torchckpt.CheckpointManager(ckpt, str(d / "managed"), max_to_keep=2, keep_best=1, best_metric="loss",
                                       step_counter=step_counter, checkpoint_interval=2,
                                       init_fn=lambda: inits.append(rank), timeout_secs=TIMEOUT)
     restored = mgr.restore_or_initialize()
-    deleted = watch_deletions(mgr)
     views, returned = [], []
     for i in range(2 * len(LOSSES)):
         step(model, opt)
@@ -344,7 +343,7 @@ def manager_2(d: Path, rank: int, world: int) -> dict:
     mgr.close()
     if rank == 0:
         safetensors.torch.save_file(reference, str(d / "managed-reference.safetensors"))
-    return {"restored": restored, "inits": inits, "returned": returned, "views": views, "deleted": deleted,
+    return {"restored": restored, "inits": inits, "returned": returned, "views": views, "deleted": deletions(storage),
             "on_disk": sorted(p.name for p in (d / "managed").iterdir()), "save_counter": ckpt.save_counter}
 
 
@@ -355,6 +354,7 @@ def manager_resume(d: Path, rank: int, world: int) -> dict:
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     step_counter = torch.tensor(-1)
     ckpt = torchckpt.Checkpoint(model=model, opt=opt, step=step_counter, rng=torchckpt.RNGState())
+    storage = watched(str(d / "managed"))
     mgr = torchckpt.CheckpointManager(ckpt, str(d / "managed"), max_to_keep=2, keep_best=1, best_metric="loss",
                                       step_counter=step_counter, checkpoint_interval=2,
                                       init_fn=lambda: (_ for _ in ()).throw(AssertionError("init_fn called")),
@@ -363,12 +363,11 @@ def manager_resume(d: Path, rank: int, world: int) -> dict:
     restored = mgr.restore_or_initialize()
     reference = safetensors.torch.load_file(str(d / "managed-reference.safetensors"))
     found = full_state(model, opt)
-    deleted = watch_deletions(mgr)
     step_counter.add_(2)
     path = mgr.save(metrics={"loss": 0.5})
     out = {"before": before, "restored": restored and os.path.basename(restored),
            "differences": differences(found, reference), "step": int(step_counter), "saved": path and os.path.basename(path),
-           "after": view(mgr), "deleted": deleted, "save_counter": ckpt.save_counter}
+           "after": view(mgr), "deleted": deletions(storage), "save_counter": ckpt.save_counter}
     mgr.close()
     return out
 
@@ -425,21 +424,15 @@ def async_failure(d: Path, rank: int, world: int) -> dict:
     at wait_until_finished(); nothing of it is committed."""
     import errno
 
-    from torchckpt._save import write as save_write
-
+    disk = install(d / "async-fault", LocalDouble())
     model = fsdp_mlp(0)
     ckpt = torchckpt.Checkpoint(model=model)
     mgr = torchckpt.CheckpointManager(ckpt, str(d / "async-fault"), async_save=True, timeout_secs=TIMEOUT)
-    real = save_write.write_shards
-
-    def full_disk(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
     out: dict = {"first": os.path.basename(mgr.save())}
     mgr.wait_until_finished()
     for when in ("save", "wait_until_finished"):
-        if rank == 1:
-            save_write.write_shards = full_disk
+        if rank == 1:  # the disk is full for this rank's file
+            disk.fail("stage.create", OSError(errno.ENOSPC, "No space left on device"))
         out[f"{when}_returned"] = os.path.basename(mgr.save())  # the failure happens in the background
         try:
             mgr.save() if when == "save" else mgr.wait_until_finished()
@@ -448,19 +441,17 @@ def async_failure(d: Path, rank: int, world: int) -> dict:
             out[when] = f"{type(e).__name__}: {e}"
             out[f"{when}_ranks"] = getattr(e, "ranks", None)
         finally:
-            save_write.write_shards = real
-    from torchckpt._save import background as save_background
-
-    snapshot = save_background.AsyncWriter.snapshot
-    if rank == 1:  # the copy into host memory fails on one rank: save() itself raises, on every rank
-        save_background.AsyncWriter.snapshot = lambda *a, **k: (_ for _ in ()).throw(MemoryError("no host memory left"))
+            disk.heal()
+    # The copy into host memory fails on one rank (128 TiB: no host can hold it; the tensor itself is 4
+    # bytes, expanded): save() itself raises, on every rank.
+    ckpt.extra = torchckpt.PerRank(torch.zeros(1).expand(2**45) if rank == 1 else torch.zeros(1))
     try:
         mgr.save()
         out["snapshot"] = "no error"
     except torchckpt.CheckpointError as e:
         out["snapshot"] = f"{type(e).__name__}: {e}"
     finally:
-        save_background.AsyncWriter.snapshot = snapshot
+        del ckpt.extra
     out["last"] = os.path.basename(mgr.save())
     mgr.wait_until_finished()
     out["checkpoints"] = [os.path.basename(p) for p in mgr.checkpoints]
@@ -472,13 +463,14 @@ def async_failure(d: Path, rank: int, world: int) -> dict:
 def killed_async(d: Path, rank: int, world: int) -> dict:
     """Rank 0 is SIGKILLed in a background save once its files are written: rank 1 raises within
     the timeout, and the stage rank 0 left is for the next job to clean up."""
+    disk = install(d / "killed-async", LocalDouble())
     model = fsdp_mlp(0)
     mgr = torchckpt.CheckpointManager(torchckpt.Checkpoint(model=model), str(d / "killed-async"), async_save=True,
                                       timeout_secs=3)
     first = mgr.save()
     mgr.wait_until_finished()
     if rank == 0:
-        die_after_writing()
+        die_after_writing(disk)
     start = time.monotonic()
     mgr.save()
     try:
@@ -505,8 +497,8 @@ def manager_s3(d: Path, rank: int, world: int) -> dict:
     model = fsdp_mlp(0)
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     ckpt = torchckpt.Checkpoint(model=model, opt=opt)
+    storage = watched(url, options)
     mgr = torchckpt.CheckpointManager(ckpt, url, max_to_keep=2, storage_options=options, timeout_secs=TIMEOUT)
-    deleted = watch_deletions(mgr)
     views = []
     for _ in range(3):
         step(model, opt)
@@ -516,7 +508,7 @@ def manager_s3(d: Path, rank: int, world: int) -> dict:
     if rank == 0:
         safetensors.torch.save_file(reference, str(d / "s3-managed-reference.safetensors"))
     mgr.close()
-    return {"views": views, "deleted": deleted}
+    return {"views": views, "deleted": deletions(storage)}
 
 
 TOOLS_BIG_ROWS = 4096  # the largest tensor: 4096 x 4096 float32, 64 MiB
@@ -790,6 +782,8 @@ def main() -> None:
                 result = SCENARIOS[name](directory, rank, world)
             except Exception as e:
                 result = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+            finally:
+                INSTALLED.close()
             (directory / f"{name}-w{world}-rank{rank}.json").write_text(json.dumps(result, default=str))
             if name in LOSES_A_RANK:  # the group cannot be torn down cleanly without the dead rank
                 os._exit(0)

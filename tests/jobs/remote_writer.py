@@ -1,22 +1,25 @@
-"""A process that writes to an object store for the remote tests.
+"""A process that writes to an object store for the remote tests (run from the repository's root).
 
-    python remote_writer.py hold URL OPTIONS SECONDS   # a manager holding URL, then exit
-    python remote_writer.py crash URL OPTIONS LEASE    # save 64 MB, then start a second save and
-                                                       # hang in its upload until killed
-
-    python remote_writer.py late URL OPTIONS 0         # Checkpoint.write to URL, paused once its stage is
-                                                       # open until a line on stdin, then finished
-    python remote_writer.py pause URL OPTIONS LEASE    # a manager saves ckpt-1, then its second save
-                                                       # freezes (no lease renewal either) until a line
-                                                       # on stdin, as a VM paused past its lease
+    python -m tests.jobs.remote_writer hold URL OPTIONS SECONDS   # a manager holding URL, then exit
+    python -m tests.jobs.remote_writer crash URL OPTIONS LEASE    # save 64 MB, then start a second save
+                                                                  # and hang in its upload until killed
+    python -m tests.jobs.remote_writer late URL OPTIONS 0         # Checkpoint.write to URL, paused once its
+                                                                  # stage is open until a line on stdin,
+                                                                  # then finished
+    python -m tests.jobs.remote_writer pause URL OPTIONS LEASE    # a manager saves ckpt-1, then its second
+                                                                  # save freezes (no lease renewal either)
+                                                                  # until a line on stdin, as a VM paused
+                                                                  # past its lease
 
 OPTIONS is the storage_options as JSON. "HOLDING", "SAVED" and "UPLOADING" are printed when each
 state is reached; the test kills the process with SIGKILL after "UPLOADING". LEASE is the lease
-term in seconds, short so that the test can wait out a dead writer's lease.
+term in seconds, short so that the test can wait out a dead writer's lease. URL is served by a
+storage double (tests/doubles.py) that pauses or hangs the process where it should.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import threading
@@ -25,10 +28,13 @@ import time
 import torch
 
 import torchckpt
-from torchckpt._storage import fsspec, upload
-from torchckpt._storage import lease as storage_lease
+from tests.doubles import remote_double
+from torchckpt._storage import registry
 
 mode, url, options, arg = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), float(sys.argv[4])
+storage = remote_double(url, options, **({"lease_secs": arg} if mode in ("crash", "pause") else {}))
+installed = contextlib.ExitStack()  # never closed: the double serves URL until this process ends
+installed.enter_context(registry.installed(url, storage))
 
 if mode == "hold":
     manager = torchckpt.CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), url, storage_options=options)
@@ -37,24 +43,19 @@ if mode == "hold":
     sys.exit(0)
 
 
-
 def paused_at_first_upload(freeze_lease: bool) -> None:
     """Stop this process at its next save's first upload (its stage is open) until stdin says go;
-    with ``freeze_lease``, its lease stops being renewed from then on, as in a frozen VM."""
-    real_create = fsspec.RemoteStage.create
-    state = {"paused": False}
+    with ``freeze_lease``, its lease is not renewed from then on either, as in a frozen VM."""
+    thawed = threading.Event()
 
-    def create(self, name, size):
-        if not state["paused"]:
-            state["paused"] = True
-            if freeze_lease:
-                for lease in list(storage_lease._leases.values()):
-                    lease.stop.set()
-            print("PAUSED", flush=True)
-            sys.stdin.readline()
-        return real_create(self, name, size)
+    def pause(name: str, size: int) -> None:
+        if freeze_lease:
+            storage.before("replace_file", lambda path, data, token: thawed.wait())  # the lease renewals
+        print("PAUSED", flush=True)
+        sys.stdin.readline()
+        thawed.set()
 
-    fsspec.RemoteStage.create = create  # type: ignore[method-assign]
+    storage.before("stage.create", pause, times=1)
 
 
 def outcome(save) -> None:
@@ -72,7 +73,6 @@ if mode == "late":
     outcome(lambda: torchckpt.Checkpoint(w=torch.full((1000,), 7.0)).write(url, storage_options=options))
     sys.exit(0)
 
-storage_lease.LEASE_SECS = arg
 if mode == "pause":
     state = torchckpt.Checkpoint(w=torch.full((1000,), 1.0))
     manager = torchckpt.CheckpointManager(state, url, storage_options=options)
@@ -87,20 +87,19 @@ ckpt = torchckpt.Checkpoint(tensors={"a": torch.randn(8 * 2**20, generator=g), "
 manager = torchckpt.CheckpointManager(ckpt, url, storage_options=options)
 manager.save()
 print("SAVED", flush=True)
-real = upload.S3Upload._upload_part
-parts = {"n": 0}
-hang = threading.Event()
+written = {"bytes": 0}
 
 
-def upload_part(self: upload.S3Upload, number: int, data: bytes) -> str:
-    parts["n"] += 1
-    if parts["n"] == 2:  # one part of the second save is up: hang here until killed
+def hang_mid_upload(views: list[memoryview]) -> None:
+    """Once two parts of the second save are handed to the upload (the first is up or on its way):
+    hang here until killed."""
+    written["bytes"] += sum(map(len, views))
+    if written["bytes"] > 2 * storage.part_bytes:
         print("UPLOADING", flush=True)
-        hang.wait()
-    return real(self, number, data)
+        threading.Event().wait()
 
 
-upload.S3Upload._upload_part = upload_part  # type: ignore[method-assign]
+storage.after("output.write", hang_mid_upload)
 ckpt.step = 2
 ckpt.tensors["a"].add_(1)
 manager.save()

@@ -22,7 +22,6 @@ from typing import Any, TypeVar
 
 import torch.distributed as dist
 
-from torchckpt._format.spec import parse_size
 from torchckpt.errors import (
     CheckpointDeletedError,
     CheckpointError,
@@ -59,6 +58,8 @@ class Coordinator:
         coord = Coordinator(None, timeout_secs=60).call("Saving /run/c", {"path": "/run/c"})
         sizes = coord.all_gather("sizes", b"12")  # one payload per rank, in rank order
     """
+
+    is_collective = True
 
     def __init__(self, group: Any, timeout_secs: float | None) -> None:
         self.group = group
@@ -263,6 +264,56 @@ class Coordinator:
         return self.timeout_secs * 2 + 5
 
 
+class Solo:
+    """The coordinator of a single process (no process group, or a group of one): every exchange
+    is this process's own payload, every call is trivially the same everywhere, and the functions
+    below (:func:`agree`, :func:`decided`, ...) just run their work, raising its own exception.
+
+    Why a coordinator at all: the save and restore drivers then have one spelling for one process
+    and for many (as DCP's ``_DistWrapper`` turns collectives into no-ops without a group), instead
+    of an ``if coordinator is None`` at every step.
+    """
+
+    is_collective = False
+    rank = 0
+    world = 1
+
+    def __init__(self, timeout_secs: float | None = None, what: str = "") -> None:
+        self.timeout_secs = float(DEFAULT_TIMEOUT_SECS if timeout_secs is None else timeout_secs)
+        self.what = what
+        self.consequence = "Nothing was committed."
+
+    def call(self, what: str, arguments: dict[str, Any]) -> Solo:
+        return Solo(self.timeout_secs, what)
+
+    def scope(self) -> Solo:
+        return self
+
+    def failures_shared(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def check_call(self) -> None:
+        pass
+
+    def all_gather(self, tag: str, payload: bytes, timeout_secs: float | None = None,
+                   failed: bool = False) -> list[bytes]:
+        return [payload]
+
+    def gather(self, tag: str, payload: bytes, timeout_secs: float | None = None) -> list[bytes] | None:
+        return [payload]
+
+    def broadcast(self, tag: str, payload: bytes | None, timeout_secs: float | None = None) -> bytes:
+        assert payload is not None
+        return payload
+
+    @property
+    def outcome_timeout_secs(self) -> float:
+        return self.timeout_secs
+
+
+AnyCoordinator = Coordinator | Solo
+
+
 def mismatched_calls(arguments: list[dict[str, Any]]) -> CheckpointError:
     """The error every rank raises when the ranks made different calls: which argument, on which ranks."""
     differing = []
@@ -354,7 +405,7 @@ _BY_PATH: dict[str, type[CorruptCheckpointError] | type[CheckpointNotFoundError]
 
 
 
-def run_collectively(coord: Coordinator, what: str, choose: Callable[[], str], work: Callable[[str], T],
+def run_collectively(coord: AnyCoordinator, what: str, choose: Callable[[], str], work: Callable[[str], T],
                      done: str | None = None) -> T:
     """Rank 0 runs ``choose`` and every rank runs ``work`` on its answer; a failure of either, on
     any rank, is raised on every rank (the same error, naming the rank). ``done`` says what it
@@ -370,9 +421,11 @@ def run_collectively(coord: Coordinator, what: str, choose: Callable[[], str], w
     return agree(coord, what, run, done)
 
 
-def agree(coord: Coordinator, what: str, work: Callable[[], T], done: str | None = None) -> T:
+def agree(coord: AnyCoordinator, what: str, work: Callable[[], T], done: str | None = None) -> T:
     """Every rank runs ``work``; a failure on any rank is raised on every rank (the same error, with
     ``done`` added on the ranks whose own work had succeeded)."""
+    if not coord.is_collective:
+        return work()
     result: T | None = None
     error, mine = None, {}
     try:
@@ -386,9 +439,11 @@ def agree(coord: Coordinator, what: str, work: Callable[[], T], done: str | None
     return result  # type: ignore[return-value]
 
 
-def agree_all(coord: Coordinator, what: str, work: Callable[[], T]) -> list[T]:
+def agree_all(coord: AnyCoordinator, what: str, work: Callable[[], T]) -> list[T]:
     """Every rank runs ``work`` (returning JSON) and gets every rank's result, in rank order; a
     failure on any rank is raised on every rank (the same error)."""
+    if not coord.is_collective:
+        return [work()]
     error: Exception | None = None
     mine: dict[str, Any] = {}
     try:
@@ -402,8 +457,10 @@ def agree_all(coord: Coordinator, what: str, work: Callable[[], T]) -> list[T]:
     return [o["result"] for o in outcomes]
 
 
-def decided(coord: Coordinator, what: str, decide: Callable[[], Any]) -> Any:
+def decided(coord: AnyCoordinator, what: str, decide: Callable[[], Any]) -> Any:
     """Rank 0 runs ``decide`` and every rank gets its JSON answer, or raises its failure."""
+    if not coord.is_collective:
+        return decide()
     coord.check_call()
     if coord.rank == 0:
         try:
@@ -420,25 +477,9 @@ def decided(coord: Coordinator, what: str, decide: Callable[[], Any]) -> Any:
     return chosen["value"]
 
 
-def save_arguments(max_shard_size: int | str, async_save: bool) -> dict[str, Any]:
-    """The options of a save that every rank must pass alike (compared in the call's first exchange)."""
-    try:
-        size: int | str = parse_size(max_shard_size)
-    except (TypeError, ValueError):
-        size = repr(max_shard_size)  # refused inside the call, on every rank
-    return {"async_save": bool(async_save), "max_shard_size": size}
-
-
-def failures_shared(coord: Coordinator | None) -> contextlib.AbstractContextManager[None]:
-    """``coord.failures_shared()`` for a collective call; nothing for a single process's."""
-    return contextlib.nullcontext() if coord is None else coord.failures_shared()
-
-
-def coordinator_for(process_group: Any, timeout_secs: float | None) -> Coordinator | None:
-    """The coordinator of ``process_group`` (the default group when None), or None when the call is
-    a single process's: no process group, or a group of one."""
-    if not dist.is_available() or not dist.is_initialized():
-        return None
-    if dist.get_world_size(process_group) <= 1:
-        return None
+def coordinator_for(process_group: Any, timeout_secs: float | None) -> AnyCoordinator:
+    """The coordinator of ``process_group`` (the default group when None); a :class:`Solo` one when
+    the call is a single process's: no process group, or a group of one."""
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(process_group) <= 1:
+        return Solo(timeout_secs)
     return Coordinator(process_group, timeout_secs)

@@ -23,8 +23,9 @@ from typing import Any, NamedTuple
 
 import xxhash
 
+from torchckpt._format import dtypes as format_dtypes
 from torchckpt._format import spec as format_spec
-from torchckpt._format.spec import TensorInfo
+from torchckpt._format.dtypes import TensorInfo
 from torchckpt.errors import CorruptCheckpointError, checksum_mismatch
 
 BLOCK_BYTES = 2**20  # the block size a save writes; a reader takes the index's
@@ -91,7 +92,7 @@ class BlockSums:
             return None
         count = -(-info.nbytes // self.size)
         w = format_spec.CHECKSUM_CHARS
-        return self.size, format_spec.parse_checksums(self.text[first * w : (first + count) * w])
+        return self.size, format_dtypes.parse_checksums(self.text[first * w : (first + count) * w])
 
 
 def parse(section: dict[str, Any], names: list[str], dtypes: list[str], shapes: list[str],
@@ -116,8 +117,8 @@ def parse(section: dict[str, Any], names: list[str], dtypes: list[str], shapes: 
     for name, dtype, shape in zip(names, dtypes, shapes):
         nbytes = sizes.get((dtype, shape))
         if nbytes is None:
-            nbytes = sizes[dtype, shape] = format_spec.nbytes_of(format_spec.size_of(format_spec.parse_shape_key(shape, where)),
-                                                             format_spec.str_to_dtype(dtype, f" {where}"))
+            dims = format_dtypes.size_of(format_dtypes.parse_shape_key(shape, where))
+            nbytes = sizes[dtype, shape] = format_dtypes.nbytes_of(dims, format_dtypes.str_to_dtype(dtype, f" {where}"))
         if nbytes > size:
             first[name] = count
             count += -(-nbytes // size)
@@ -127,7 +128,7 @@ def parse(section: dict[str, Any], names: list[str], dtypes: list[str], shapes: 
             f"{index_path} is invalid: its {KEY!r} entry holds {len(text) // w} block checksums, but its tensors "
             f"of more than {size} bytes have {count} blocks of {size} bytes.")
     try:
-        format_spec.parse_checksums(text)
+        format_dtypes.parse_checksums(text)
     except ValueError as e:
         raise CorruptCheckpointError(f"{index_path} is invalid: its block checksums are malformed ({e}).") from None
     return BlockSums(size, text, first)

@@ -3,7 +3,7 @@
 A tensor saved by several ranks is stored as chunks: boxes of the global tensor, each a plain
 safetensors tensor named ``X~@o0,o1,...`` after its logical name ``X`` and global offsets. A value
 saved per rank has ``~r<rank>`` after its key path. Escaped key parts turn every ``~`` into ``~0``
-or ``~1`` (``_tree.escape_part``), so ``~@`` and ``~r`` never occur in a format-1 name: the
+or ``~1`` (``tree.escape_part``), so ``~@`` and ``~r`` never occur in a format-1 name: the
 suffixes cannot collide with a user's key.
 
 Reading a box out of a chunk is a set of byte runs: once the overlap spans the full extent of
@@ -14,7 +14,6 @@ give one run per overlap; row-wise tensor parallel gives one run per row.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import math
 import re
@@ -23,8 +22,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-from torchckpt._format.spec import DTYPE_SEP, SHAPE_SEP, TensorInfo, parse_shape_key, size_of, str_to_dtype
-from torchckpt.errors import CorruptCheckpointError, UnsupportedStateError
+from torchckpt._format.dtypes import TensorInfo, parse_shape_key, size_of, str_to_dtype
+from torchckpt._format.spec import DTYPE_SEP, SHAPE_SEP
+from torchckpt.errors import CorruptCheckpointError
 
 CHUNK_MARK = "~@"
 RANK_MARK = "~r"
@@ -219,50 +219,6 @@ def _gap(name: str, where: str, shape: Sequence[int], total: int, point: list[in
         f"the element at offsets {point}: some part of it was not saved.")
 
 
-# -- DTensors ------------------------------------------------------------------------------
-
-
-_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
-
-
-def is_dtensor(t: Any) -> bool:
-    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (without importing it: most
-    processes never use torch.distributed, and plain tensors are told apart in one check)."""
-    kind = type(t)
-    return kind not in _PLAIN_TYPES and kind.__name__ == "DTensor" and hasattr(t, "placements")
-
-
-def local_of(t: Any) -> torch.Tensor:
-    """A DTensor's local tensor, without the autograd function ``to_local()`` runs (about 50 us a
-    call: thousands of them add up to a visible part of a restore)."""
-    local = getattr(t, "_local_tensor", None)
-    return local if isinstance(local, torch.Tensor) else t.to_local()
-
-
-def dtensor_box(t: Any, key: str) -> Box | None:
-    """The global box of this rank's local chunk of DTensor ``t``, or None when this rank is
-    outside its mesh. Partial placements (a pending reduction) are refused."""
-    placements = tuple(t.placements)
-    if any(p.is_partial() for p in placements):
-        raise UnsupportedStateError(
-            f"Cannot checkpoint {key!r}: it is a DTensor with a Partial placement ({t.placements}), a value "
-            "whose reduction is still pending. Redistribute it to Shard or Replicate placements first.",
-            key=key,
-            value_type=type(t),
-        )
-    return _box(tuple(t.shape), t.device_mesh, placements)
-
-
-@functools.lru_cache(maxsize=4096)  # a model repeats a few (shape, mesh, placements): 100 us each otherwise
-def _box(shape: tuple[int, ...], mesh: Any, placements: tuple[Any, ...]) -> Box | None:
-    if mesh.get_coordinate() is None:
-        return None
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    sizes, offsets = compute_local_shape_and_global_offset(shape, mesh, placements)
-    return tuple(int(o) for o in offsets), tuple(int(s) for s in sizes)
-
-
 class ChunkedInfo(NamedTuple):
     """A logical tensor of a format-2 checkpoint stored as chunks: its global shape and dtype, and
     each chunk's box with the stored tensor that holds it."""
@@ -342,6 +298,20 @@ def parse_layout(section: dict[str, Any], names: list[str], dtypes: list[str], s
     def corrupt(what: str) -> CorruptCheckpointError:
         return CorruptCheckpointError(f"{index_path} is invalid: {what}.", directory)
 
+    layout = _chunked_table(section, index_path, corrupt)
+    try:
+        plain = _place_names(layout, names, dtypes, shapes, corrupt)
+        _check_stored_once(layout, plain, directory, corrupt)
+    except CorruptCheckpointError as e:
+        if e.path is None:
+            e.path = directory
+        raise
+    return layout
+
+
+def _chunked_table(section: dict[str, Any], index_path: str, corrupt: Callable[[str], CorruptCheckpointError]) -> Layout:
+    """An empty :class:`Layout` of the world size and the 'chunked' table (each logical tensor's
+    dtype and shape), checked for types and duplicates."""
     world = section.get("world_size")
     if type(world) is not int or not 1 <= world <= 2**31:
         raise corrupt(f"bad world_size {str(world)[:40]!r}")
@@ -354,42 +324,49 @@ def parse_layout(section: dict[str, Any], names: list[str], dtypes: list[str], s
     lshapes = table["shapes"].split(SHAPE_SEP) if logical else []
     if len(ldtypes) != len(logical) or len(lshapes) != len(logical) or len(set(logical)) != len(logical):
         raise corrupt("the 'chunked' table's columns do not describe its names once each")
-    layout = Layout(world, dict(zip(logical, zip(ldtypes, lshapes))), {n: [] for n in logical}, {},
-                    f"in {index_path}")
+    return Layout(world, dict(zip(logical, zip(ldtypes, lshapes))), {n: [] for n in logical}, {},
+                  f"in {index_path}")
+
+
+def _place_names(layout: Layout, names: list[str], dtypes: list[str], shapes: list[str],
+                 corrupt: Callable[[str], CorruptCheckpointError]) -> set[str]:
+    """Each stored tensor put where its name says: a chunk into its logical tensor's pieces, a
+    per-rank tensor into ``ranked``. Returns the names stored whole (per-rank ones included)."""
+    world = layout.world_size
     plain = set()
     parsed: dict[str, tuple[int, ...]] = {}
-    try:
-        for name, dtype, shape in zip(names, dtypes, shapes):
-            chunk = parse_chunk_name(name)
-            if chunk is None:
-                per_rank = parse_rank_name(name)
-                if per_rank is not None:
-                    if per_rank[1] >= world:
-                        raise corrupt(f"tensor {name!r} belongs to a rank beyond the world size {world}")
-                    layout.ranked[name] = per_rank
-                plain.add(name)
-                continue
-            base, offsets = chunk
-            if base not in layout.chunked:
-                raise corrupt(f"chunk {name!r} belongs to no tensor of the 'chunked' table")
-            if layout.chunked[base][0] != dtype:
-                raise corrupt(f"chunk {name!r} is {dtype}, its tensor {layout.chunked[base][0]}")
-            sizes = parsed.get(shape)
-            if sizes is None:
-                sizes = parsed[shape] = parse_shape_key(shape, layout.where)
-            layout.pieces[base].append(((offsets, sizes), name))
-        for base, (dtype, shape) in layout.chunked.items():
-            str_to_dtype(dtype, f" {layout.where}", directory)
-            if base in plain:
-                raise corrupt(f"tensor {base!r} is stored both whole and as chunks")
-            check_tiling(base, parse_shape_key(shape, layout.where), [b for b, _ in layout.pieces[base]], layout.where)
-        for path, _ in layout.ranked.values():  # one key, one way of storing it: else tools would disagree
-            if path in layout.chunked:
-                raise corrupt(f"tensor {path!r} is stored both as chunks and per rank")
-            if path in plain:
-                raise corrupt(f"tensor {path!r} is stored both whole and per rank")
-    except CorruptCheckpointError as e:
-        if e.path is None:
-            e.path = directory
-        raise
-    return layout
+    for name, dtype, shape in zip(names, dtypes, shapes):
+        chunk = parse_chunk_name(name)
+        if chunk is None:
+            per_rank = parse_rank_name(name)
+            if per_rank is not None:
+                if per_rank[1] >= world:
+                    raise corrupt(f"tensor {name!r} belongs to a rank beyond the world size {world}")
+                layout.ranked[name] = per_rank
+            plain.add(name)
+            continue
+        base, offsets = chunk
+        if base not in layout.chunked:
+            raise corrupt(f"chunk {name!r} belongs to no tensor of the 'chunked' table")
+        if layout.chunked[base][0] != dtype:
+            raise corrupt(f"chunk {name!r} is {dtype}, its tensor {layout.chunked[base][0]}")
+        sizes = parsed.get(shape)
+        if sizes is None:
+            sizes = parsed[shape] = parse_shape_key(shape, layout.where)
+        layout.pieces[base].append(((offsets, sizes), name))
+    return plain
+
+
+def _check_stored_once(layout: Layout, plain: set[str], directory: str, corrupt: Callable[[str], CorruptCheckpointError]) -> None:
+    """Each chunked tensor tiled by its chunks, and every key stored one way only (whole, as
+    chunks, or per rank): else tools would disagree about what it holds."""
+    for base, (dtype, shape) in layout.chunked.items():
+        str_to_dtype(dtype, f" {layout.where}", directory)
+        if base in plain:
+            raise corrupt(f"tensor {base!r} is stored both whole and as chunks")
+        check_tiling(base, parse_shape_key(shape, layout.where), [b for b, _ in layout.pieces[base]], layout.where)
+    for path, _ in layout.ranked.values():
+        if path in layout.chunked:
+            raise corrupt(f"tensor {path!r} is stored both as chunks and per rank")
+        if path in plain:
+            raise corrupt(f"tensor {path!r} is stored both whole and per rank")

@@ -17,10 +17,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from torchckpt._format import index as format_index
+from torchckpt._format import spec, tree
+from torchckpt._history import members as history_members
 from torchckpt._history import state as history_state
 from torchckpt._history.retention import MetricFn
 from torchckpt._history.state import Entry, State, StateFileError
-from torchckpt._storage.base import Storage, name_of
+from torchckpt._paths import join, name_of
+from torchckpt._storage.base import Storage
+from torchckpt.errors import CorruptCheckpointError
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,7 @@ def unrecorded(state: State | DamagedStateFile | None, members: Sequence[str], c
     if isinstance(state, DamagedStateFile):
         return []
     known = {e.name for e in [*state.checkpoints, *state.preserved]}
-    return [n for n in members if history_state.number_of(n, checkpoint_name) is not None and n not in known]
+    return [n for n in members if history_members.number_of(n, checkpoint_name) is not None and n not in known]
 
 
 def read_disk(directory: str, storage: Storage, checkpoint_name: str) -> tuple[OnDisk, Any]:
@@ -85,16 +90,39 @@ def read_disk(directory: str, storage: Storage, checkpoint_name: str) -> tuple[O
         state, token = history_state.read_state_versioned(directory, storage)
     except StateFileError as e:
         state = DamagedStateFile(str(e))
-    members = history_state.committed_members(directory, None, storage)
+    members = history_members.committed_members(directory, None, storage)
     written_last = None
     if not isinstance(state, State) and members:
-        path = history_state.latest_in(directory, storage)
+        path = history_members.latest_in(directory, storage)
         written_last = name_of(path) if path else None
-    managed = {n: history_state.managed_entry(directory, n, checkpoint_name, storage)
+    managed = {n: managed_entry(directory, n, checkpoint_name, storage)
                for n in unrecorded(state, members, checkpoint_name)}
     latest_committed = (isinstance(state, State) and state.latest is not None
-                        and history_state.is_member(directory, state.latest, storage))
+                        and history_members.is_member(directory, state.latest, storage))
     return OnDisk(directory, state, members, managed, written_last, latest_committed), token
+
+
+def managed_entry(directory: str, name: str, checkpoint_name: str, storage: Storage) -> Entry | None:
+    """The history entry of ``name`` when a manager with ``checkpoint_name`` wrote it (its index
+    says so), else None: a checkpoint written any other way, or one that cannot be read.
+
+    This is how a manager accounts for checkpoints it committed but never recorded (a crash
+    between the commit and the state-file write): they carry the mark, so they are adopted,
+    while checkpoints written by ``Checkpoint.save`` or copied in are never deleted.
+    """
+    path = join(directory, name)
+    try:
+        index = format_index.parse_index(path, storage.read_file(join(path, spec.INDEX_FILE), spec.MAX_INDEX_SIZE,
+                                                                 "Index"))
+        metadata = tree.decode(index.section.get("metadata", {}), None, history_state.no_tensor, "metadata")
+    except (CorruptCheckpointError, OSError):
+        return None
+    if not isinstance(metadata, dict) or metadata.get(spec.MANAGER_KEY) != checkpoint_name:
+        return None
+    metrics = metadata.get("metrics")
+    created = index.section.get("created")
+    return Entry(name, float(created) if created is not None and history_state.is_timestamp(created) else None,
+                 metrics if isinstance(metrics, dict) and all(isinstance(k, str) for k in metrics) else None)
 
 
 def resolve_ranking(state: State, keep_best: int | None, best_metric: str | MetricFn | None,
@@ -175,10 +203,10 @@ def _rebuilt(disk: OnDisk, now: float, checkpoint_name: str, why: str, adopt: bo
 
 def _newest_unknown(recorded: set[str | None], members: Sequence[str], checkpoint_name: str) -> str | None:
     """A committed checkpoint newer than all recorded ones (a crash between commit and state write)."""
-    numbers = [history_state.number_of(n, checkpoint_name) for n in recorded if n is not None]
+    numbers = [history_members.number_of(n, checkpoint_name) for n in recorded if n is not None]
     top = max((n for n in numbers if n is not None), default=None)
     if top is None:
         return None
-    newer = [n for n in members if history_state.number_of(n, checkpoint_name) is not None
-             and (history_state.number_of(n, checkpoint_name) or -1) > top]
+    newer = [n for n in members if history_members.number_of(n, checkpoint_name) is not None
+             and (history_members.number_of(n, checkpoint_name) or -1) > top]
     return newer[-1] if newer else None

@@ -8,7 +8,7 @@ once, and no rank reads a chunk it does not need.
 
 Checksums: a saved chunk read whole is checked against its recorded xxh3-64, as in format 1. A
 chunk (or a tensor stored whole) read only in part, as a resharding restore does, is read in the
-whole blocks that cover the part and checked block by block (``_blocks``; format 3), or, without
+whole blocks that cover the part and checked block by block (``_format/blocks``; format 3), or, without
 block checksums, read whole and checked against its own checksum: every byte a restore uses is
 checked.
 """
@@ -24,63 +24,19 @@ import torch
 import xxhash
 
 from torchckpt import _tensorio
+from torchckpt._dist import dtensor as dist_dtensor
 from torchckpt._format import blocks as format_blocks
 from torchckpt._format import chunks as format_chunks
 from torchckpt._format.chunks import Box, ChunkedInfo
-from torchckpt._format.spec import TensorInfo, itemsize
+from torchckpt._format.dtypes import TensorInfo, itemsize
 from torchckpt._storage.base import IOV_MAX, Source
 from torchckpt.errors import CorruptCheckpointError, checksum_mismatch
-
-
-def destination_box(dest: torch.Tensor, key: str) -> tuple[torch.Tensor, Box] | None:
-    """(local tensor, its global box) of a destination; None when this rank holds none of it."""
-    if format_chunks.is_dtensor(dest):
-        box = format_chunks.dtensor_box(dest, key)
-        return None if box is None else (format_chunks.local_of(dest), box)
-    return dest, (tuple(0 for _ in dest.shape), tuple(dest.shape))
 
 
 def saved_boxes(saved: TensorInfo | ChunkedInfo) -> tuple[tuple[Box, TensorInfo], ...]:
     if isinstance(saved, ChunkedInfo):
         return saved.pieces
     return (((tuple(0 for _ in saved.shape), tuple(saved.shape)), saved),)
-
-
-def local_storage(t: torch.Tensor) -> int:
-    """The address of the memory a (possibly distributed) tensor's local data lives in."""
-    local = format_chunks.local_of(t) if format_chunks.is_dtensor(t) else t
-    return int(local.untyped_storage().data_ptr())
-
-
-def optimizer_destination(params: list[torch.Tensor], key: str, prefix: str,
-                          saved: TensorInfo | ChunkedInfo) -> torch.Tensor | None:
-    """For optimizer state the optimizer does not have yet (it never stepped): a DTensor laid out
-    like its parameter (``params``: :func:`parameters_of`) when the parameter is one, so that each rank reads only its part. None for
-    plain parameters (a plain tensor is allocated, as in a single process)."""
-    parts = key[len(prefix) + 1:].split("/")
-    if len(parts) != 3 or parts[0] != "state" or not parts[1].isdigit():
-        return None
-    index = int(parts[1])
-    if index >= len(params) or not format_chunks.is_dtensor(params[index]):
-        return None
-    p: Any = params[index]
-    if tuple(p.shape) != tuple(saved.shape):
-        return None
-    from torch.distributed.tensor import DTensor
-
-    box = format_chunks.dtensor_box(p, key)
-    template = format_chunks.local_of(p)
-    local = torch.empty(box[1] if box is not None else template.shape, dtype=saved.dtype, device=template.device)
-    spec = getattr(p, "_spec", None)
-    if spec is not None and saved.dtype == p.dtype:  # the parameter's own layout: no checks, no autograd
-        return DTensor(local, spec, requires_grad=False)  # type: ignore[no-untyped-call]
-    return DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(),
-                              run_check=False)
-
-
-def parameters_of(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """The optimizer's parameters, in the order its state dict numbers them."""
-    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 @dataclass
@@ -103,7 +59,7 @@ def plan_boxed(pairs: list[tuple[torch.Tensor, Any]]) -> BoxedReads:
     """Byte runs for each (destination, saved) pair: only the overlaps of this rank's boxes."""
     out = BoxedReads()
     for dest, saved in pairs:
-        found = destination_box(dest, saved.name)
+        found = dist_dtensor.destination_box(dest, saved.name)
         if found is None:
             continue
         local, dbox = found

@@ -17,23 +17,24 @@ from typing import Any
 import torch
 
 from torchckpt import _tensorio
+from torchckpt._dist import dtensor as dist_dtensor
 from torchckpt._format import blocks as format_blocks
-from torchckpt._format import chunks as format_chunks
-from torchckpt._format import spec as format_spec
+from torchckpt._format import dtypes as format_dtypes
 from torchckpt._format import tree
 from torchckpt._format.chunks import ChunkedInfo
-from torchckpt._format.index import OpenShards, missing_member
-from torchckpt._format.spec import TensorInfo as SavedTensor  # where a saved tensor is: dtype, shape, checksum
+from torchckpt._format.dtypes import TensorInfo as SavedTensor  # where a saved tensor is: dtype, shape, checksum
 from torchckpt._load import boxes
+from torchckpt._load.opened import OpenShards, missing_member
 from torchckpt._load.report import MismatchReport
+from torchckpt._paths import name_of
 from torchckpt._progress import progress_bar
-from torchckpt._storage.base import name_of
 from torchckpt.errors import (
     PARTLY_RESTORED,
     CheckpointError,
     CorruptCheckpointError,
     UnsupportedStateError,
     checksum_mismatch,
+    shard_unreadable,
 )
 
 # -- planning ----------------------------------------------------------------------------------
@@ -65,7 +66,7 @@ def _compatible(key: str, saved: SavedTensor, dest: torch.Tensor, report: Mismat
         report.shape_mismatches[key] = (saved.shape, dest.shape)
         return False
     if saved.dtype != dest.dtype:
-        if cast and dest.dtype in format_spec.SUPPORTED_DTYPES:
+        if cast and dest.dtype in format_dtypes.SUPPORTED_DTYPES:
             report.cast_keys[key] = (saved.dtype, dest.dtype)
             return True
         report.dtype_mismatches[key] = (saved.dtype, dest.dtype)
@@ -75,7 +76,7 @@ def _compatible(key: str, saved: SavedTensor, dest: torch.Tensor, report: Mismat
 
 def _read_into(dest: torch.Tensor, saved: SavedTensor, plan: Plan) -> None:
     """Schedule the read of ``saved`` into ``dest``, through a buffer of the saved dtype when it is cast."""
-    if saved.dtype == dest.dtype or format_chunks.is_dtensor(dest) or isinstance(saved, ChunkedInfo):
+    if saved.dtype == dest.dtype or dist_dtensor.is_dtensor(dest) or isinstance(saved, ChunkedInfo):
         plan.reads.append((dest, saved))
         return
     buffer = torch.empty(saved.shape, dtype=saved.dtype)
@@ -85,9 +86,9 @@ def _read_into(dest: torch.Tensor, saved: SavedTensor, plan: Plan) -> None:
 
 def check_destination(key: str, dest: torch.Tensor) -> None:
     """Refuse, before anything changes, a destination the library cannot write as plain memory."""
-    if format_chunks.is_dtensor(dest):
-        format_chunks.dtensor_box(dest, key)  # refuses a Partial placement
-        _tensorio_check(key, format_chunks.local_of(dest))
+    if dist_dtensor.is_dtensor(dest):
+        dist_dtensor.dtensor_box(dest, key)  # refuses a Partial placement
+        _tensorio_check(key, dist_dtensor.local_of(dest))
         return
     _tensorio_check(key, dest)
 
@@ -163,7 +164,7 @@ def plan_module(name: str, module: torch.nn.Module, saved: Any, plan: Plan) -> N
     for key, tensor in current.items():
         if isinstance(tensor, torch.Tensor):
             check_destination(tree.join(name, tree.escape_part(key)), tensor)
-    storages = {boxes.local_storage(t) for t in [*module.parameters(), *module.buffers()]
+    storages = {dist_dtensor.local_storage(t) for t in [*module.parameters(), *module.buffers()]
                 if t.numel() and not t.is_meta}
     pairs = _match_keys(list(saved), list(current))
     via_load: dict[str, Any] = {}
@@ -187,7 +188,7 @@ def plan_module(name: str, module: torch.nn.Module, saved: Any, plan: Plan) -> N
         elif _is_saved(value) and isinstance(dest, torch.Tensor):
             if not _compatible(full, value, dest, plan.report, plan.cast):
                 continue
-            if format_chunks.is_dtensor(dest) or dest.numel() and dest.untyped_storage().data_ptr() in storages:
+            if dist_dtensor.is_dtensor(dest) or dest.numel() and dest.untyped_storage().data_ptr() in storages:
                 _read_into(dest, value, plan)
             else:
                 fresh = torch.empty(value.shape, dtype=dest.dtype, device=dest.device)
@@ -229,7 +230,7 @@ def plan_stateful(name: str, obj: Any, saved: Any, plan: Plan) -> None:
     reason = _structure_problem(obj, current, saved)
     report = MismatchReport()
     reads: list[tuple[torch.Tensor, SavedTensor]] = []
-    params = boxes.parameters_of(obj) if isinstance(obj, torch.optim.Optimizer) else None
+    params = dist_dtensor.parameters_of(obj) if isinstance(obj, torch.optim.Optimizer) else None
 
     def destination(key: str, value: SavedTensor) -> torch.Tensor:
         dest = current_leaves.get(key)
@@ -244,7 +245,7 @@ def plan_stateful(name: str, obj: Any, saved: Any, plan: Plan) -> None:
             return fresh
         laid_out = None
         if params is not None:  # an optimizer that never stepped: laid out like its (DTensor) parameter
-            laid_out = boxes.optimizer_destination(params, key, name, value)
+            laid_out = dist_dtensor.optimizer_destination(params, key, name, value)
         new = torch.empty(value.shape, dtype=value.dtype) if laid_out is None else laid_out
         reads.append((new, value))
         return new
@@ -335,7 +336,7 @@ def execute(plan: Plan, shards: OpenShards, verify: bool, progress: bool | None)
     by_file: dict[str, list[tuple[torch.Tensor, SavedTensor]]] = {}
     boxed: list[tuple[torch.Tensor, Any]] = []
     for pair in plan.reads:
-        if type(pair[1]) is SavedTensor and not format_chunks.is_dtensor(pair[0]):
+        if type(pair[1]) is SavedTensor and not dist_dtensor.is_dtensor(pair[0]):
             by_file.setdefault(pair[1].file, []).append(pair)
         else:  # a chunked tensor, or a DTensor destination: only this rank's overlaps are read
             boxed.append(pair)
@@ -383,7 +384,7 @@ def _reading(shards: OpenShards, file: str) -> Iterator[None]:
     except FileNotFoundError:  # an object store has no pin on open files: deleted meanwhile
         raise missing_member(shards.directory, path, shards.storage) from None
     except OSError as e:
-        raise CorruptCheckpointError(f"Cannot read shard {path}: {e.strerror or e}.", path) from e
+        raise CorruptCheckpointError(shard_unreadable(path, e), path) from e
 
 
 def _check_read(shards: OpenShards, file: str, bad: tuple[Any, int] | format_blocks.Mismatch | None) -> None:

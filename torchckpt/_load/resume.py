@@ -15,9 +15,9 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from torchckpt._dist import coordinator
-from torchckpt._history import state as history_state
+from torchckpt._history import members as history_members
 from torchckpt._history.state import Entry
-from torchckpt._storage.base import name_of
+from torchckpt._paths import name_of
 from torchckpt.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -31,7 +31,7 @@ T = TypeVar("T")
 def restore_order(latest: str | None, entries: list[Entry]) -> list[str]:
     """The names to try: ``latest``, then every other known checkpoint, newest first (by time,
     then number)."""
-    others = sorted(entries, reverse=True, key=lambda e: (e.timestamp or 0.0, history_state.number_of(e.name) or -1))
+    others = sorted(entries, reverse=True, key=lambda e: (e.timestamp or 0.0, history_members.number_of(e.name) or -1))
     return list(dict.fromkeys([n for n in [latest, *(e.name for e in others)] if n is not None]))
 
 
@@ -66,9 +66,12 @@ def restore_newest_intact(paths: list[str], restore: Callable[[str], T], fallbac
     )
 
 
-def assert_consumed_on_every_rank(call: coordinator.Coordinator, status: Any) -> None:
+def assert_consumed_on_every_rank(call: coordinator.AnyCoordinator, status: Any) -> None:
     """``status.assert_consumed()`` (a ``RestoreStatus``) on every rank: a mismatch on any rank
     raises ``RestoreMismatchError`` on every rank, naming the ranks, with this rank's own report."""
+    if not call.is_collective:
+        status.assert_consumed()
+        return
 
     def mismatch() -> str | None:
         try:

@@ -205,7 +205,7 @@ class AsyncWriter:
 
     def snapshot(self, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """Copies of the tensors to store, in reusable host memory, and the aliases among ``tensors``
-        (as ``_capture.prepare_tensors``); returns once every copy is complete.
+        (as ``_save.capture.prepare_tensors``); returns once every copy is complete.
 
         The copies stay valid until the next ``snapshot``, which callers make only after the job
         using them has finished (``submit`` waits for it).

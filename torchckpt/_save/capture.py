@@ -6,12 +6,17 @@ that are views of one stored tensor (tied weights) are recorded as aliases of it
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from torchckpt import _tensorio
-from torchckpt._format import spec
+from torchckpt._format import dtypes as format_dtypes
+from torchckpt._format import tree as format_tree
+from torchckpt._save import write as save_write
+from torchckpt._storage.base import Storage
 from torchckpt.errors import UnsupportedStateError
 
 
@@ -32,10 +37,10 @@ def check_tensor(name: str, t: torch.Tensor) -> None:
             key=name,
             value_type=type(t),
         )
-    if t.dtype not in spec.SUPPORTED_DTYPES:
+    if t.dtype not in format_dtypes.SUPPORTED_DTYPES:
         raise UnsupportedStateError(
             f"Cannot save tensor {name!r}: dtype {t.dtype} is not one safetensors can store "
-            f"(supported: {', '.join(sorted(str(d).removeprefix('torch.') for d in spec.SUPPORTED_DTYPES))}).",
+            f"(supported: {', '.join(sorted(str(d).removeprefix('torch.') for d in format_dtypes.SUPPORTED_DTYPES))}).",
             key=name,
             value_type=type(t),
         )
@@ -58,7 +63,7 @@ def prepare_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.T
     aliases: dict[str, str] = {}
     first_at: dict[int, str] = {}  # address -> first tensor there (the common, cheap case)
     views_at: dict[tuple[Any, ...], str] = {}  # view key -> stored name, only at addresses that repeat
-    supported = spec.SUPPORTED_DTYPES
+    supported = format_dtypes.SUPPORTED_DTYPES
     strided = torch.strided
     for name, t in tensors.items():
         if (type(t) is not torch.Tensor and (type(t) is not torch.nn.Parameter or getattr(t, "_is_flat_param", False))
@@ -79,3 +84,37 @@ def prepare_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.T
     if not aliases:
         return tensors, aliases
     return {n: t for n, t in tensors.items() if n not in aliases}, aliases
+
+
+@dataclass
+class WriteJob:
+    """Everything a write needs, captured at call time: the tensors and the encoded rest."""
+
+    stored: dict[str, torch.Tensor]
+    aliases: dict[str, str]
+    section: dict[str, Any]
+
+    def run(self, storage: Storage, path: str, max_shard_size: int, progress: bool | None,
+            replace: bool = True) -> str:
+        return save_write.write_checkpoint(storage, path, self.stored, self.aliases, self.section, max_shard_size,
+                                           progress, replace)
+
+
+def capture(state: dict[str, Any], objects: dict[str, str], metadata: dict[str, Any] | None,
+            localize: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None) -> WriteJob:
+    """Encode a checkpoint's state (what each tracked object saves, by name) now; refuses
+    unsupported values before anything is written.
+
+    With ``localize`` (a synchronous save by one process) every tensor is checked and the aliases
+    are split off here; without it the job's ``stored`` holds every tensor and ``aliases`` is
+    empty: the asynchronous snapshot, or the exchange of a save by several ranks, does that itself.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    tree = format_tree.encode(state, "", tensors)
+    section: dict[str, Any] = {"objects": objects, "state": tree}
+    if metadata:
+        section["metadata"] = format_tree.encode(metadata, "metadata", {})
+    if localize is None:
+        return WriteJob(tensors, {}, section)
+    stored, aliases = prepare_tensors(localize(tensors))
+    return WriteJob(stored, aliases, section)

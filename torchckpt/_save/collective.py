@@ -9,7 +9,7 @@ The steps, every rank in the same order:
    each small plain tensor and of the non-tensor tree). A plain value or small tensor that differs
    across ranks is refused on every rank, naming the key: nothing is silently collapsed to one
    rank's copy.
-3. **Plan** (``_global_plan``), identically on every rank from the gathered records: each chunk
+3. **Plan** (``_save.plan``), identically on every rank from the gathered records: each chunk
    is written by one of the ranks that hold it, replicated bytes spread over the ranks largest
    first onto the least loaded (big replicated tensors split into row blocks), files numbered
    globally.
@@ -35,40 +35,27 @@ import xxhash
 
 from torchckpt import _tensorio
 from torchckpt._dist import coordinator as dist_coordinator
+from torchckpt._dist import dtensor as dist_dtensor
 from torchckpt._dist.coordinator import Coordinator
 from torchckpt._format import blocks as format_blocks
 from torchckpt._format import chunks
+from torchckpt._format import document as format_document
+from torchckpt._format import dtypes as format_dtypes
+from torchckpt._format import index as format_index
 from torchckpt._format import spec as format_spec
 from torchckpt._format import tree as format_tree
 from torchckpt._format.spec import INDEX_FILE
+from torchckpt._paths import name_of
 from torchckpt._progress import progress_bar
 from torchckpt._save import capture as save_capture
+from torchckpt._save import plan as save_plan
 from torchckpt._save import write as save_write
+from torchckpt._save.options import parse_size
 from torchckpt._save.plan import GlobalPlan, global_plan, local_bytes
-from torchckpt._storage.base import Storage, name_of
-from torchckpt.errors import CheckpointError, CheckpointWriteError, UnsupportedStateError, format_keys
+from torchckpt._storage.base import Storage
+from torchckpt.errors import CheckpointError, CheckpointWriteError, format_keys
 
 DIGEST_LIMIT = 2**20  # plain tensors up to this size are compared across ranks; larger ones are trusted
-
-
-def localize(tensors: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """For a single process's save: each DTensor that this process holds whole (a mesh of one)
-    becomes its local tensor; one sharded over several ranks is refused."""
-    out = tensors
-    for name, t in tensors.items():
-        if chunks.is_dtensor(t):
-            if out is tensors:
-                out = dict(tensors)
-            box = chunks.dtensor_box(t, name)
-            if box is None or box[1] != tuple(t.shape):
-                raise UnsupportedStateError(
-                    f"Cannot save {name!r} from one process: it is a DTensor sharded over {t.device_mesh.size()} "
-                    "ranks. Call write/save on every rank of the process group (a collective save).",
-                    key=name,
-                    value_type=type(t),
-                )
-            out[name] = chunks.local_of(t)
-    return out
 
 
 # -- 1. capture --------------------------------------------------------------------------------
@@ -96,22 +83,22 @@ def capture(tensors: dict[str, Any], section: dict[str, Any], rank: int) -> Capt
             save_capture.check_tensor(name, t)
             ranked = chunks.rank_name(name, rank)
             out.local[ranked] = t
-            out.entries.append([ranked, format_spec.DTYPE_NAMES[t.dtype], list(t.shape), None, None, None])
-        elif chunks.is_dtensor(t):
-            box = chunks.dtensor_box(t, name)
-            local = chunks.local_of(t)
+            out.entries.append([ranked, format_dtypes.DTYPE_NAMES[t.dtype], list(t.shape), None, None, None])
+        elif dist_dtensor.is_dtensor(t):
+            box = dist_dtensor.dtensor_box(t, name)
+            local = dist_dtensor.local_of(t)
             save_capture.check_tensor(name, local)
             if box is None:
                 continue
             out.local[name] = local
-            out.entries.append([name, format_spec.DTYPE_NAMES[t.dtype], list(t.shape), list(box[0]), list(box[1]), None])
+            out.entries.append([name, format_dtypes.DTYPE_NAMES[t.dtype], list(t.shape), list(box[0]), list(box[1]), None])
         else:
             plain[name] = t
     stored, out.aliases = save_capture.prepare_tensors(plain)
     for name, t in stored.items():
         digest = f"{_tensorio.digest_tensor(t):016x}" if t.nbytes <= DIGEST_LIMIT else None
         out.local[name] = t
-        out.entries.append([name, format_spec.DTYPE_NAMES[t.dtype], list(t.shape), None, None, digest])
+        out.entries.append([name, format_dtypes.DTYPE_NAMES[t.dtype], list(t.shape), None, None, digest])
     shared = {k: v for k, v in section.items() if k != "state"}
     shared["state"] = _without_per_rank(section["state"])
     shared["aliases"] = out.aliases
@@ -209,7 +196,7 @@ def prepare(coord: Coordinator, path: str, state: Callable[[], tuple[dict[str, t
     failed: Exception | None = None
     section: dict[str, Any] = {}
     try:
-        size = format_spec.parse_size(max_shard_size)
+        size = parse_size(max_shard_size)
         tensors, section = state()
         captured = capture(tensors, section, coord.rank)
         del tensors
@@ -230,7 +217,7 @@ def prepare(coord: Coordinator, path: str, state: Callable[[], tuple[dict[str, t
 
 
 def finish(coord: Coordinator, storage: Storage, prepared: Prepared, progress: bool | None,
-           before_commit: Callable[[str], None] | None, replace: bool, after: Callable[[], Any] | None) -> Any:
+           replace: bool, after: Callable[[], Any] | None) -> Any:
     """Steps 4 and 5: write every rank's files and commit on rank 0. ``after`` runs on rank 0 once
     the checkpoint is committed; what it returns (JSON) is returned on every rank."""
     path, plan, captured = prepared.path, prepared.plan, prepared.captured
@@ -250,7 +237,7 @@ def finish(coord: Coordinator, storage: Storage, prepared: Prepared, progress: b
     reports = _gather_reports(coord, report)
     if coord.rank == 0:
         assert stage is not None
-        outcome = _commit(coord, stage, path, plan, prepared.section, captured, reports, before_commit, after)
+        outcome = _commit(coord, stage, path, plan, prepared.section, captured, reports, after)
         coord.broadcast("outcome", dist_coordinator.encode(outcome))
     else:
         outcome = dist_coordinator.decode(coord.broadcast("outcome", None, coord.outcome_timeout_secs))
@@ -276,7 +263,7 @@ def _write_mine(coord: Coordinator, storage: Storage, path: str, stage_path: str
         files = plan.files[coord.rank]
         by_name = {u.stored: u for u in plan.units}
         stored = {n: local_bytes(by_name[n], captured.local) for _, names in files for n in names}
-        shards = [save_write.Shard(names, sum(by_name[n].nbytes for n in names)) for _, names in files]
+        shards = [save_plan.Shard(names, sum(by_name[n].nbytes for n in names)) for _, names in files]
         stage = storage.join_stage(path, stage_path)
         total = sum(s.nbytes for s in shards)
         try:
@@ -289,19 +276,19 @@ def _write_mine(coord: Coordinator, storage: Storage, path: str, stage_path: str
                 raise
             raise CheckpointWriteError(storage.describe_write_failure(path, e), path, e) from e
         rows = [[n for s in shards for n in s.names],
-                [format_spec.DTYPE_NAMES[by_name[n].dtype] for s in shards for n in s.names],
-                [format_spec.shape_key(by_name[n].shape) for s in shards for n in s.names],
-                "".join(save_write.big_endian(d).hex() for d in digests)]
+                [format_dtypes.DTYPE_NAMES[by_name[n].dtype] for s in shards for n in s.names],
+                [format_dtypes.shape_key(by_name[n].shape) for s in shards for n in s.names],
+                "".join(format_index.big_endian(d).hex() for d in digests)]
         for record in records:
             record["rank"] = coord.rank
-        return {"records": records, "rows": rows, "blocks": save_write.big_endian(blocks).hex(),
+        return {"records": records, "rows": rows, "blocks": format_index.big_endian(blocks).hex(),
                 "per_rank": captured.per_rank}, None
     except Exception as e:
         return {"error": dist_coordinator.failure_payload(e)}, e
 
 
 def _commit(coord: Coordinator, stage: Any, path: str, plan: GlobalPlan, section: dict[str, Any], captured: Captured,
-            reports: list[dict[str, Any]] | Exception, before_commit: Callable[[str], None] | None,
+            reports: list[dict[str, Any]] | Exception,
             after: Callable[[], Any] | None) -> dict[str, Any]:
     """Rank 0: write the index and commit once every rank has reported success; else discard."""
     try:
@@ -312,9 +299,7 @@ def _commit(coord: Coordinator, stage: Any, path: str, plan: GlobalPlan, section
             _discard(stage)
             return {"failures": failures}
         index = _index_document(plan, section, captured, reports, coord.world)
-        stage.write_index(INDEX_FILE, format_spec.sealed_pieces(index))
-        if before_commit is not None:
-            before_commit(stage.path)
+        stage.write_index(INDEX_FILE, format_document.sealed_pieces(index))
         stage.commit({rec["file"]: rec["size"] for rep in reports for rec in rep["records"]})
     except Exception as e:
         _discard(stage)
@@ -357,13 +342,13 @@ def _index_document(plan: GlobalPlan, section: dict[str, Any], captured: Capture
     state = _with_per_rank(section["state"], [rep["per_rank"] for rep in reports])
     body = {**section, "state": state, "world_size": world, "chunked": {
         "names": list(plan.chunked),
-        "dtypes": format_spec.DTYPE_SEP.join(format_spec.DTYPE_NAMES[d] for d, _ in plan.chunked.values()),
-        "shapes": format_spec.SHAPE_SEP.join(format_spec.shape_key(s) for _, s in plan.chunked.values()),
+        "dtypes": format_spec.DTYPE_SEP.join(format_dtypes.DTYPE_NAMES[d] for d, _ in plan.chunked.values()),
+        "shapes": format_spec.SHAPE_SEP.join(format_dtypes.shape_key(s) for _, s in plan.chunked.values()),
     }, format_blocks.KEY: {"size": format_blocks.BLOCK_BYTES, "checksums": "".join(rep["blocks"] for rep in reports)}}
     table = {"names": names, "dtypes": format_spec.DTYPE_SEP.join(dtypes), "shapes": format_spec.SHAPE_SEP.join(shapes),
              "checksums": "".join(checksums)}
     total = sum(u.nbytes for u in plan.units)
-    return save_write.index_document(total, weight_map, format_spec.BLOCKS_FORMAT_VERSION, body, captured.aliases, records,
+    return format_index.index_document(total, weight_map, format_spec.BLOCKS_FORMAT_VERSION, body, captured.aliases, records,
                                 table)
 
 

@@ -1,7 +1,8 @@
-"""The global plan of a save by several ranks: who writes which bytes, into which files.
+"""Shard planning: one process's tensors grouped into shards, and the global plan of a save by
+several ranks (who writes which bytes, into which files).
 
-Computed identically on every rank from the records every rank sent (step 3 of
-``_sharded_save``), so it needs no further exchange, and it never touches a file:
+The global plan is computed identically on every rank from the records every rank sent (step 3 of
+``_save.collective``), so it needs no further exchange, and it never touches a file:
 
 - a DTensor chunk held by several ranks (replicated along a mesh dimension) is written once, by
   one of its holders;
@@ -14,17 +15,46 @@ Computed identically on every rank from the records every rank sent (step 3 of
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from torchckpt._dist import dtensor as dist_dtensor
 from torchckpt._format import chunks as format_chunks
+from torchckpt._format import dtypes as format_dtypes
 from torchckpt._format import spec
 from torchckpt._format.chunks import Box
-from torchckpt._save import write
 
 MIN_BLOCK_BYTES = 8 * 2**20  # a replicated tensor is split into row blocks of about this much or more
+
+
+@dataclass
+class Shard:
+    names: list[str] = field(default_factory=list)
+    nbytes: int = 0
+
+
+def plan_shards(rows: Iterable[tuple[str, int, int]], max_shard_size: int) -> list[Shard]:
+    """Greedy grouping of ``(name, bytes, element size)`` rows in save order; a single tensor over
+    the limit gets a shard of its own. Rows, not tensors: a save, a rank's part of a save by several
+    ranks and the tools that rewrite a checkpoint all plan with this one planner."""
+    shards: list[Shard] = []
+    current = Shard()
+    widths: dict[str, int] = {}
+    for name, n, width in rows:
+        widths[name] = width
+        if current.names and current.nbytes + n > max_shard_size:
+            shards.append(current)
+            current = Shard()
+        current.names.append(name)
+        current.nbytes += n
+    if current.names or not shards:
+        shards.append(current)
+    for shard in shards:  # widest elements first keeps every tensor aligned to its element size
+        shard.names.sort(key=lambda k: -widths[k])
+    return shards
 
 
 @dataclass
@@ -41,7 +71,7 @@ class Unit:
 
     @property
     def nbytes(self) -> int:
-        return format_chunks.volume(self.shape) * spec.itemsize(self.dtype)
+        return format_chunks.volume(self.shape) * format_dtypes.itemsize(self.dtype)
 
 
 @dataclass
@@ -59,7 +89,7 @@ def global_plan(records: list[dict[str, Any]], max_shard_size: int) -> GlobalPla
     chunks_of: dict[str, list[Unit]] = {}
     for rank, record in enumerate(records):
         for name, dtype_name, shape, offsets, sizes, _ in record["entries"]:
-            dtype = spec.str_to_dtype(dtype_name)
+            dtype = format_dtypes.str_to_dtype(dtype_name)
             shape = tuple(shape)
             if offsets is None:
                 unit = units.setdefault((name,), Unit(name, name, dtype, None, shape, []))
@@ -136,8 +166,8 @@ def _assign(units: list[Unit], world: int) -> None:
 def _files(units: list[Unit], world: int, max_shard_size: int) -> list[list[tuple[str, list[str]]]]:
     per_rank: list[list[list[str]]] = []
     for rank in range(world):
-        mine = {u.stored: torch.empty(u.shape, dtype=u.dtype, device="meta") for u in units if u.owner == rank}
-        per_rank.append([s.names for s in write.plan_shards(mine, max_shard_size)] if mine else [])
+        mine = [(u.stored, u.nbytes, format_dtypes.itemsize(u.dtype)) for u in units if u.owner == rank]
+        per_rank.append([s.names for s in plan_shards(mine, max_shard_size)] if mine else [])
     if not any(per_rank):
         per_rank[0] = [[]]  # nothing to store: one empty shard, as a single process writes
     total = sum(map(len, per_rank))
@@ -156,7 +186,7 @@ def local_bytes(unit: Unit, local: dict[str, torch.Tensor]) -> torch.Tensor:
     if unit.stored in local:
         return local[unit.stored]
     t = local[unit.logical]
-    if unit.box is None or format_chunks.is_dtensor(t) or tuple(t.shape) == unit.shape:
+    if unit.box is None or dist_dtensor.is_dtensor(t) or tuple(t.shape) == unit.shape:
         return t
     start, n = unit.box[0][0], unit.box[1][0]
     return t[start : start + n]

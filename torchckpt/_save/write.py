@@ -1,75 +1,51 @@
 """Writing a checkpoint directory: plan the shards, write them, write the index, commit.
 
-Tensors (checked and deduplicated by ``_capture``) are grouped greedily into shards of at most
+Tensors (checked and deduplicated by ``_save.capture``) are grouped greedily into shards of at most
 ``max_shard_size`` bytes and written into the storage backend's stage, with ``index.json``
 last; the backend's commit then makes the checkpoint visible in one step (rename on a local
-filesystem, the index created last on an object store; see ``_backend``).
+filesystem, the index created last on an object store; see ``_storage.base``).
 
 Why the bookkeeping is streamed: for 20,000 small tensors, a header and an index built as
 Python objects and joined strings cost more memory than a tenth of the tensors themselves.
 Headers are encoded in pieces, digests kept in an ``array``, and ``index.json`` written piece
-by piece (see ``_format.RawJSON``). Reading is in ``_index``.
+by piece (see ``_format.RawJSON``). Reading is in ``_load.opened``.
 """
 
 from __future__ import annotations
 
 import array
-import sys
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 import xxhash
 
 from torchckpt import _tensorio
+from torchckpt._format import document as format_document
+from torchckpt._format import dtypes as format_dtypes
+from torchckpt._format import header as format_header
+from torchckpt._format import index as format_index
 from torchckpt._format import spec as format_spec
 from torchckpt._format.spec import INDEX_FILE
+from torchckpt._paths import name_of
 from torchckpt._progress import progress_bar
-from torchckpt._storage.base import AlreadyCommitted, Stage, Storage, name_of
-from torchckpt._storage.registry import storage_for
-from torchckpt._version import __version__
+from torchckpt._save import plan as save_plan
+from torchckpt._save.options import parse_size
+from torchckpt._storage.base import AlreadyCommitted, Stage, Storage
 from torchckpt.errors import CheckpointWriteError
 
 # -- writing ---------------------------------------------------------------------------------
 
 
-@dataclass
-class Shard:
-    names: list[str] = field(default_factory=list)
-    nbytes: int = 0
-
-
-def plan_shards(tensors: dict[str, torch.Tensor], max_shard_size: int) -> list[Shard]:
-    """Greedy grouping in save order; a single tensor over the limit gets a shard of its own."""
-    shards: list[Shard] = []
-    current = Shard()
-    for name, t in tensors.items():
-        n = t.numel() * t.element_size()
-        if current.names and current.nbytes + n > max_shard_size:
-            shards.append(current)
-            current = Shard()
-        current.names.append(name)
-        current.nbytes += n
-    if current.names or not shards:
-        shards.append(current)
-    for shard in shards:  # widest elements first keeps every tensor aligned to its element size
-        shard.names.sort(key=lambda k: -tensors[k].element_size())
-    return shards
-
-
 def write_checkpoint(
+    storage: Storage,
     path: str,
     stored: dict[str, torch.Tensor],
     aliases: dict[str, str],
     section: dict[str, Any],
     max_shard_size: int | str = format_spec.DEFAULT_MAX_SHARD_SIZE,
     progress: bool | None = None,
-    before_commit: Callable[[str], None] | None = None,
     replace: bool = True,
-    *,
-    storage: Storage | None = None,
 ) -> str:
     """Write tensors and the ``torchckpt`` index section to the directory ``path``, atomically.
 
@@ -77,17 +53,15 @@ def write_checkpoint(
     (rename on a local filesystem, the index created last on an object store).
 
     Args:
+        storage: where ``path`` is.
         path: the checkpoint directory to create (or, with ``replace``, replace).
-        stored: name -> tensor, in save order, as returned by ``_capture.prepare_tensors``.
-        aliases: alias name -> stored name, as returned by ``_capture.prepare_tensors``.
+        stored: name -> tensor, in save order, as returned by ``_save.capture.prepare_tensors``.
+        aliases: alias name -> stored name, as returned by ``_save.capture.prepare_tensors``.
         section: extra keys for the index's ``torchckpt`` section (``state``, ``objects``, ...).
         max_shard_size: bytes per shard (int), or a string such as ``"2GB"`` (see ``parse_size``).
         progress: show a progress bar (None: on a terminal for large saves).
-        before_commit: called with the stage's path just before the commit (tests use it to
-            inject faults).
         replace: replace a checkpoint already at ``path``; without it, one there (even one that
             appears while this one is written) raises ``AlreadyCommitted`` and nothing changes.
-        storage: where ``path`` is (by default, the storage its form names).
 
     Returns:
         ``path``.
@@ -95,55 +69,37 @@ def write_checkpoint(
     Raises:
         CheckpointWriteError: the system refused a write; it names the file and says what to do.
     """
-    storage = storage or storage_for(path)
+    shards = save_plan.plan_shards([(n, t.numel() * t.element_size(), t.element_size()) for n, t in stored.items()],
+                                   parse_size(max_shard_size))
     try:
-        return _write_checkpoint(storage, path, stored, aliases, section, max_shard_size, progress, before_commit,
-                                 replace)
+        stage = storage.stage(path, replace)
+        files = [stage.member(format_spec.shard_name(i, len(shards))) for i in range(1, len(shards) + 1)]
+        try:
+            with progress_bar(sum(s.nbytes for s in shards), f"save {name_of(path)}", progress) as bar:
+                records, digests = write_shards(stage, shards, files, stored, bar.update)
+            index = _index_of(shards, files, stored, aliases, section, records, digests)
+            stage.write_index(INDEX_FILE, format_document.sealed_pieces(index))
+            stage.commit({r["file"]: r["size"] for r in records})
+        except BaseException:
+            stage.discard()
+            raise
     except OSError as e:
         if isinstance(e, (CheckpointWriteError, AlreadyCommitted)):
             raise
         raise CheckpointWriteError(storage.describe_write_failure(path, e), path, e) from e
-
-
-def _write_checkpoint(
-    storage: Storage,
-    path: str,
-    stored: dict[str, torch.Tensor],
-    aliases: dict[str, str],
-    section: dict[str, Any],
-    max_shard_size: int | str,
-    progress: bool | None,
-    before_commit: Callable[[str], None] | None,
-    replace: bool,
-) -> str:
-    shards = plan_shards(stored, format_spec.parse_size(max_shard_size))
-    stage = storage.stage(path, replace)
-    files = [stage.member(format_spec.shard_name(i, len(shards))) for i in range(1, len(shards) + 1)]
-    try:
-        total = sum(s.nbytes for s in shards)
-        with progress_bar(total, f"save {name_of(path)}", progress) as bar:
-            records, digests = write_shards(stage, shards, files, stored, bar.update)
-        index = _index_of(shards, files, stored, aliases, section, records, digests)
-        stage.write_index(INDEX_FILE, format_spec.sealed_pieces(index))
-        if before_commit is not None:
-            before_commit(stage.path)
-        stage.commit({r["file"]: r["size"] for r in records})
-    except BaseException:
-        stage.discard()
-        raise
     return path
 
 
-def write_shards(stage: Stage, shards: list[Shard], files: list[str], stored: dict[str, torch.Tensor],
+def write_shards(stage: Stage, shards: list[save_plan.Shard], files: list[str], stored: dict[str, torch.Tensor],
                  on_bytes: Callable[[int], None], blocks: array.array[int] | None = None,
                  ) -> tuple[list[dict[str, Any]], list[array.array[int]]]:
     """Write every shard into the stage; returns their records and per-tensor digests. With
-    ``blocks``, every tensor's block checksums (format 3, see ``_blocks``) are appended to it in
+    ``blocks``, every tensor's block checksums (format 3, see ``_format.blocks``) are appended to it in
     file order."""
     digests: list[array.array[int]] = []  # per shard, per tensor: 8 bytes each, not an int object
     records: list[dict[str, Any]] = []
     for shard, file in zip(shards, files):
-        header = format_spec.encode_header_pieces((n, t.dtype, t.shape, t.nbytes) for n in shard.names
+        header = format_header.encode_header_pieces((n, t.dtype, t.shape, t.nbytes) for n in shard.names
                                               for t in (stored[n],))
         size = sum(map(len, header)) + shard.nbytes
         shard_hash = xxhash.xxh3_64()
@@ -155,7 +111,7 @@ def write_shards(stage: Stage, shards: list[Shard], files: list[str], stored: di
             del header  # a 20,000-tensor header is megabytes: do not hold it while writing data
             shard_digests = _tensorio.write_tensors(out, [stored[n] for n in shard.names], on_bytes, blocks)
             out.finish()
-        shard_hash.update(big_endian(shard_digests))
+        shard_hash.update(format_index.big_endian(shard_digests))
         digests.append(shard_digests)
         records.append({
             "file": file,
@@ -167,50 +123,22 @@ def write_shards(stage: Stage, shards: list[Shard], files: list[str], stored: di
     return records, digests
 
 
-def _index_of(shards: list[Shard], files: list[str], stored: dict[str, torch.Tensor], aliases: dict[str, str],
+def _index_of(shards: list[save_plan.Shard], files: list[str], stored: dict[str, torch.Tensor], aliases: dict[str, str],
               section: dict[str, Any], records: list[dict[str, Any]], digests: list[array.array[int]]) -> dict[str, Any]:
     """The index, with its large tables as streamed pieces (see ``_format.RawJSON``)."""
-    weight_map: Any = format_spec.RawJSON(lambda: _weight_map_pieces(shards, files))
+    weight_map: Any = format_document.RawJSON(lambda: _weight_map_pieces(shards, files))
     if sum(len(shard.names) for shard in shards) <= format_spec.LAYOUT_MAX_LINES:  # small: one name a line
         weight_map = {n: file for shard, file in zip(shards, files) for n in shard.names}
-    return index_document(sum(s.nbytes for s in shards), weight_map, format_spec.PLAIN_FORMAT_VERSION, section,
-                          aliases, records, format_spec.RawJSON(lambda: _table_pieces(shards, stored, digests)))
-
-
-def index_document(total_size: int, weight_map: Any, format_version: int, section: dict[str, Any],
-                   aliases: dict[str, str], records: list[dict[str, Any]], table: Any) -> dict[str, Any]:
-    """``index.json`` as a value, its keys in the order every writer uses (see ``docs/format.md``)."""
-    return {
-        "metadata": {"total_size": total_size},
-        "weight_map": weight_map,
-        format_spec.TORCHCKPT_KEY: {
-            "format_version": format_version,
-            "created": time.time(),
-            "torch_version": torch.__version__,
-            "torchckpt_version": _version(),
-            "checksum_algorithm": format_spec.CHECKSUM_ALGORITHM,
-            **section,
-            "aliases": aliases,
-            "shards": records,
-            "tensors": table,
-        },
-    }
+    return format_index.index_document(sum(s.nbytes for s in shards), weight_map, format_spec.PLAIN_FORMAT_VERSION, section,
+                          aliases, records, format_document.RawJSON(lambda: _table_pieces(shards, stored, digests)))
 
 
 _PIECE = 1024  # names per piece of the streamed index
 
 
-def big_endian(values: array.array[int]) -> bytes:
-    """Unsigned 64-bit ints as 8-byte big-endian integers, back to back (how checksums are hashed and written)."""
-    if sys.byteorder == "little":
-        values = array.array("Q", values)
-        values.byteswap()
-    return values.tobytes()
-
-
-def _weight_map_pieces(shards: list[Shard], files: list[str]) -> Iterator[str]:
+def _weight_map_pieces(shards: list[save_plan.Shard], files: list[str]) -> Iterator[str]:
     """``weight_map`` as compact JSON, a thousand names a piece (the same text as ``json.dumps``)."""
-    quote = format_spec.json_string
+    quote = format_document.json_string
     yield "{"
     separator = ""
     for shard, file in zip(shards, files):
@@ -222,22 +150,22 @@ def _weight_map_pieces(shards: list[Shard], files: list[str]) -> Iterator[str]:
     yield "}"
 
 
-def _table_pieces(shards: list[Shard], stored: dict[str, torch.Tensor],
+def _table_pieces(shards: list[save_plan.Shard], stored: dict[str, torch.Tensor],
                   digests: list[array.array[int]]) -> Iterator[str]:
     """The index's tensor table (names, dtypes, shapes, checksums) as compact JSON, in pieces."""
     names = [n for shard in shards for n in shard.names]
-    quote = format_spec.json_string
-    dtype_names = format_spec.DTYPE_NAMES
+    quote = format_document.json_string
+    dtype_names = format_dtypes.DTYPE_NAMES
     yield '{"names": ['
     yield from _joined(names, ", ", quote)
     yield '], "dtypes": "'
     yield from _joined(names, format_spec.DTYPE_SEP, lambda n: dtype_names[stored[n].dtype])
     yield '", "shapes": "'
-    yield from _joined(names, format_spec.SHAPE_SEP, lambda n: format_spec.shape_key(tuple(stored[n].shape)))
+    yield from _joined(names, format_spec.SHAPE_SEP, lambda n: format_dtypes.shape_key(tuple(stored[n].shape)))
     yield '", "checksums": "'
     for shard_digests in digests:
         for i in range(0, len(shard_digests), _PIECE):
-            yield big_endian(shard_digests[i : i + _PIECE]).hex()
+            yield format_index.big_endian(shard_digests[i : i + _PIECE]).hex()
     yield '"}'
 
 
@@ -247,5 +175,34 @@ def _joined(names: list[str], separator: str, render: Callable[[str], str]) -> I
         yield (separator if i else "") + separator.join([render(n) for n in names[i : i + _PIECE]])
 
 
-def _version() -> str:
-    return __version__
+STREAM_BYTES = 16 * 2**20  # how much of a streamed tensor is in memory at once
+
+
+def stream_shard(stage: Stage, file: str, entries: list[tuple[str, torch.dtype, tuple[int, ...], int]],
+                 sources: list[str], read: Callable[[str, int], Iterable[bytes]],
+                 on_bytes: Callable[[int], None]) -> tuple[dict[str, Any], array.array[int]]:
+    """Write one shard of ``entries`` (name, dtype, shape, bytes) whose bytes are not in memory:
+    tensor ``i`` comes from ``read(sources[i], STREAM_BYTES)`` piece by piece (a reader's
+    ``iter_bytes``), so a tool that rewrites a checkpoint holds one piece whatever the tensor's size.
+    Returns the shard's index record and its per-tensor xxh3-64 digests, as :func:`write_shards` does."""
+    header = format_header.encode_header_pieces(entries)
+    shard_hash = xxhash.xxh3_64()
+    for piece in header:
+        shard_hash.update(piece)
+    header_checksum = shard_hash.hexdigest()
+    size = sum(map(len, header)) + sum(n for *_, n in entries)
+    digests: array.array[int] = array.array("Q")
+    with stage.create(file, size) as out:
+        out.write([memoryview(piece) for piece in header])
+        for source in sources:
+            tensor_hash = xxhash.xxh3_64()
+            for piece in read(source, STREAM_BYTES):
+                tensor_hash.update(piece)
+                out.write([memoryview(piece)])
+                on_bytes(len(piece))
+            digests.append(tensor_hash.intdigest())
+        out.finish()
+    shard_hash.update(format_index.big_endian(digests))
+    record = {"file": file, "size": size, "checksum": f"{shard_hash.intdigest():016x}",
+              "header_checksum": header_checksum, "tensors": len(entries)}
+    return record, digests

@@ -31,9 +31,7 @@ import shutil
 import time
 import uuid
 
-from torchckpt._format.spec import OLD_MARKER as OLD_MARKER  # re-exported: callers name the markers here too
-from torchckpt._format.spec import TMP_MARKER as TMP_MARKER
-from torchckpt._format.spec import is_temporary_name
+from torchckpt._format.spec import OLD_MARKER, TMP_MARKER, is_temporary_name
 from torchckpt._storage import files as storage_files
 from torchckpt._storage.base import LEFTOVER_GRACE_SECS, AlreadyCommitted, host_tag, is_alive
 
@@ -45,9 +43,6 @@ _AT_FDCWD = -100
 def temporary_sibling(path: str, marker: str = TMP_MARKER) -> str:
     """A unique temporary name next to ``path``, tagged with this process's pid and host."""
     return f"{path}{marker}{os.getpid()}-h{host_tag()}-{uuid.uuid4().hex[:12]}"
-
-
-is_temporary = is_temporary_name  # whether a directory entry is an uncommitted or superseded leftover of ours
 
 
 def fsync_dir(path: str) -> None:
@@ -217,7 +212,7 @@ def remove_stale_temporaries(directory: str, prefix: str) -> list[str]:
     except FileNotFoundError:
         return removed
     for name in names:
-        if not name.startswith(prefix) or not is_temporary(name):
+        if not name.startswith(prefix) or not is_temporary_name(name):
             continue
         path = os.path.join(directory, name)
         if not _is_stale(path, name):

@@ -2,8 +2,8 @@
 
 Everything above this floor (the save and load paths, the directory history, the manager, the
 reader, the CLI) names files by path strings and asks a :class:`Storage` for bytes; only the
-storage modules call the operating system's file APIs (``_local``, with ``_files``, ``_output``,
-``_atomic`` and ``_lock``) or fsspec (``_fsspec``). A plain path is the local filesystem, with its
+storage modules call the operating system's file APIs (``_storage.local``, with ``_storage.files``, ``_storage.local_output``,
+``_storage.atomic`` and ``_storage.lock``) or fsspec (``_storage.fsspec``). A plain path is the local filesystem, with its
 fast paths (direct writes, scatter reads into the destination tensors, rename as the commit, an
 ``flock`` claim); a URL with a scheme (``s3://``, ``gs://``, ``memory://``, ``file://``) goes
 through fsspec, where the commit is the index written last with create-if-absent.
@@ -17,18 +17,15 @@ backend, and the writer only creates files in it, hands it the index and calls `
 from __future__ import annotations
 
 import os
-import posixpath
-import re
 import socket
 import time
 import zlib
 from collections.abc import Iterable
 from typing import Any, Protocol
 
-from torchckpt.errors import CheckpointError
+from torchckpt.errors import CheckpointError, CorruptCheckpointError
 
 IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)  # buffers per scatter call
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 # A leftover whose writer cannot be probed (another host, an object store) is stale once this old.
 LEFTOVER_GRACE_SECS = 3600.0
 
@@ -106,45 +103,6 @@ def host_tag() -> str:
     return f"{zlib.crc32(socket.gethostname().encode()):08x}"
 
 
-def is_url(path: str) -> bool:
-    """Whether ``path`` names an fsspec location (``s3://bucket/run``) rather than a local path."""
-    return _URL.match(path) is not None
-
-
-def as_path(path: Any) -> str:
-    """A path argument as a ``str``: ``str``, ``os.PathLike`` or ``bytes`` (decoded as the file
-    system does); anything else is a ``TypeError`` rather than a directory named after its repr.
-    A URL is kept as it is."""
-    if isinstance(path, (str, bytes, os.PathLike)):
-        value = os.fspath(path)
-        return os.fsdecode(value) if isinstance(value, bytes) else value
-    raise TypeError(f"A checkpoint path must be a str, bytes or os.PathLike, not {type(path).__name__}.")
-
-
-def join(base: str, *names: str) -> str:
-    """``base/name/...`` for a local path or a URL (names are plain file names)."""
-    return posixpath.join(base, *names) if is_url(base) or not base else _local_join(base, names)
-
-
-def _local_join(base: str, names: Iterable[str]) -> str:
-    return os.path.join(base, *names)
-
-
-def name_of(path: str) -> str:
-    """The last component of a local path or a URL (``ckpt-3`` of ``s3://b/run/ckpt-3``)."""
-    return posixpath.basename(path.rstrip("/")) if is_url(path) else posixpath.basename(path)
-
-
-def parent_of(path: str) -> str:
-    """The directory holding ``path`` (a URL keeps its scheme; a bare local name's parent is ``.``)."""
-    if is_url(path):
-        head = path.rstrip("/")
-        scheme_end = head.index("://") + 3
-        cut = head.rfind("/")
-        return head[:cut] if cut >= scheme_end else head
-    return posixpath.dirname(path) or "."
-
-
 class Source(Protocol):
     """An open file for reading (a shard): its size, and reads at offsets."""
 
@@ -166,7 +124,7 @@ class Source(Protocol):
 
 
 class Output(Protocol):
-    """A new file being written from start to end (see ``_output``)."""
+    """A new file being written from start to end (see ``_storage.local_output``)."""
 
     path: str
 
@@ -182,7 +140,17 @@ class Output(Protocol):
 
 
 class Stage(Protocol):
-    """Where one checkpoint (or export) is being written, until ``commit`` makes it visible."""
+    """Where one checkpoint (or export) is being written, until ``commit`` makes it visible.
+
+    The calls a backend can expect, in this order:
+
+    - one process: ``Storage.stage(path, replace)``; for each shard ``member`` then ``create``
+      (``write_file`` for a small file); ``write_index``; then ``commit``, or ``discard`` after
+      any failure.
+    - several ranks: rank 0 calls ``Storage.stage``; every rank then calls
+      ``Storage.join_stage(path, stage.path)`` and ``member``/``create`` for its own files; once
+      every rank has reported, rank 0 alone calls ``write_index``, then ``commit`` or ``discard``.
+    """
 
     path: str
 
@@ -302,6 +270,13 @@ class AlreadyCommitted(CheckpointError, FileExistsError):
         return (f"Cannot commit {self.filename}: {what}. Nothing of this save was committed, and the "
                 "checkpoint there was left as it is. Only one writer may write a given checkpoint path: write to "
                 "another path, or stop the other job.")
+
+
+def oversize_file(what: str, path: str, size: int, limit: int) -> CorruptCheckpointError:
+    """The error for a file (an index, a state file) larger than any of its kind that torchckpt
+    writes: every backend refuses to read it, in these words, before reading a byte of it."""
+    return CorruptCheckpointError(f"{what} {path} is {size} bytes, over the {limit}-byte limit for such a file; it "
+                                  "is not one torchckpt wrote.", path)
 
 
 ABSENT = object()  # the token of a file that must not exist yet

@@ -15,11 +15,18 @@ import errno
 import os
 import stat
 
+from torchckpt._storage.base import oversize_file
 from torchckpt.errors import CorruptCheckpointError
 
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+
+
+def is_read_only_error(error: OSError) -> bool:
+    """Whether ``error`` means the directory cannot be written at all (a read-only mount or
+    permissions), as opposed to a passing failure."""
+    return error.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def _kind(mode: int) -> str:
@@ -82,11 +89,7 @@ def read_regular(path: str, limit: int, what: str = "File") -> bytes:
     try:
         size = os.fstat(fd).st_size
         if size > limit:
-            raise CorruptCheckpointError(
-                f"{what} {path} is {size} bytes, over the {limit}-byte limit for such a file; it is not one "
-                "torchckpt wrote.",
-                path,
-            )
+            raise oversize_file(what, path, size, limit)
         chunks = []
         left = size
         while left > 0:  # a file that shrinks meanwhile just ends early; one that grows is cut at ``size``

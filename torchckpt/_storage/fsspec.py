@@ -1,10 +1,10 @@
-"""Any fsspec URL as a :class:`~torchckpt._storage.base.Storage`: object stores (S3, GCS, Azure), ``memory://``, ``file://``.
+"""Any fsspec URL as a :class:`~torchckpt._storage.registry.base.Storage`: object stores (S3, GCS, Azure), ``memory://``, ``file://``.
 
 Why the commit is the index written last, with create-if-absent: an object store has no rename
 (``mv`` is a copy and a delete, object by object) but makes each object visible atomically once
 its upload completes, and lists consistently. So a checkpoint's shards are uploaded straight
 into its final prefix, under names tagged with this save's own id (so that no other writer's
-upload can land on them: see ``_remote_commit``, the protocol's stage, deletion and clean-up),
+upload can land on them: see ``_storage.remote_commit``, the protocol's stage, deletion and clean-up),
 their sizes are checked in one listing, and ``index.json`` is created
 last, with ``If-None-Match: *`` where the store has it: a directory without its index is never a
 checkpoint, and two writers can never both commit one name. Replacing a checkpoint deletes its
@@ -17,8 +17,8 @@ readers ignore it, and the next manager removes it, judging the whole directory 
 recursive listing (see :meth:`FsspecStorage.remove_leftovers`).
 
 Uploads stream through bounded buffers (on S3, multipart uploads with parts in parallel), reads
-are ranged and parallel, and nothing calls ``os.sync()`` (DCP's ``FsspecWriter`` does, machine
-wide, for every file).
+are ranged and parallel (``remote_read``), and nothing calls ``os.sync()`` (DCP's
+``FsspecWriter`` does, machine wide, for every file).
 """
 
 from __future__ import annotations
@@ -32,46 +32,32 @@ from typing import Any
 import xxhash
 
 from torchckpt._format.spec import DELETING_FILE, INDEX_FILE
+from torchckpt._paths import join, name_of, parent_of
 from torchckpt._storage import lease as storage_lease
 from torchckpt._storage import remote_commit as storage_remote_commit
 from torchckpt._storage import upload
-from torchckpt._storage.base import (
-    ABSENT,
-    ConflictError,
-    Output,
-    join,
-    name_of,
-    parent_of,
-)
+from torchckpt._storage.base import ABSENT, ConflictError, Output, oversize_file
 from torchckpt._storage.remote_commit import RemoteStage
+from torchckpt._storage.remote_read import READ_PART_MAX, READ_PART_MIN, RemoteSource, S3Source
 from torchckpt.errors import CheckpointDeletedError, CheckpointError, CorruptCheckpointError
 
-# Ranged reads (where a GET cannot be streamed into the destinations): READ_PARTS at a time, each
-# 1/(10 * READ_PARTS + 1) of what is read from the file, clamped to [READ_PART_MIN, READ_PART_MAX].
-# A restore then holds under a tenth of the bytes it reads beyond its destination tensors (or
-# READ_PARTS * READ_PART_MIN, if that is more), in as few requests as that allows.
-READ_PARTS = 2
-READ_PART_MIN = 2 * 2**20
-READ_PART_MAX = 64 * 2**20
-READ_STREAMS = 4  # on S3: ranged GETs streamed straight into the destinations, this many at a time,
-READ_STREAM_MIN = 8 * 2**20  # each of at least this many bytes
 _OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"}
-_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure",
-           "adl": "azure"}
 _memory_guard = threading.Lock()  # memory:// is per process: its compare-and-write is atomic under this
 _warned: set[str] = set()
 
 
-def fsspec_storage(url: str, storage_options: dict[str, Any] | None) -> FsspecStorage:
+def fsspec_storage(url: str, storage_options: dict[str, Any] | None, install: str) -> FsspecStorage:
     """The storage for ``url``, its filesystem made by fsspec with ``storage_options``.
+
+    Args:
+        install: what to install when fsspec or the scheme's package is missing (the registry's
+            table says it: ``pip install "torchckpt[s3]"``).
 
     Raises:
         CheckpointError: fsspec or the scheme's filesystem package is not installed, or the
             options are not ones the filesystem takes.
     """
     protocol = url.split("://", 1)[0].lower()
-    extra = _EXTRAS.get(protocol)
-    install = f'pip install "torchckpt[{extra}]"' if extra else "pip install fsspec"
     try:
         import fsspec
     except ImportError:
@@ -87,144 +73,34 @@ def fsspec_storage(url: str, storage_options: dict[str, Any] | None) -> FsspecSt
     return FsspecStorage(fs, protocol)
 
 
-class RemoteSource:
-    """A file read with ranged requests, several at a time, into the caller's buffers."""
-
-    batch_bytes = batch_views = 2**62  # one readv may span a whole shard: its requests are sized below
-
-    def __init__(self, fs: Any, path: str, size: int, storage: FsspecStorage | None = None) -> None:
-        self.fs = fs
-        self.path = path
-        self.size = size
-        self.part = READ_PART_MIN
-        self.storage = storage
-
-    def vanished(self) -> CheckpointError | FileNotFoundError:
-        """The error for this object gone between its HEAD and a read (see :meth:`FsspecStorage.vanished`)."""
-        if self.storage is None:
-            return FileNotFoundError(2, "No such file", self.path)
-        return self.storage.vanished(self.path)
-
-    def prepare(self, nbytes: int) -> None:
-        self.part = max(READ_PART_MIN, min(READ_PART_MAX, nbytes // (READ_PARTS * 10 + 1)))
-
-    def read(self, offset: int, count: int) -> bytes:
-        end = min(self.size, offset + count)
-        if end <= offset:
-            return b""
-        try:
-            return bytes(self.fs.cat_file(self.path, start=offset, end=end))
-        except FileNotFoundError:
-            raise self.vanished() from None
-
-    def readv(self, views: list[memoryview], offset: int) -> None:
-        try:
-            self._readv(views, offset)
-        except FileNotFoundError as e:
-            if isinstance(e, CheckpointError):
-                raise
-            raise self.vanished() from None
-
-    def _readv(self, views: list[memoryview], offset: int) -> None:
-        total = sum(len(v) for v in views)
-        if offset + total > self.size:
-            raise EOFError(f"unexpected end of file at byte {self.size}")
-        targets = iter([v for v in views if len(v)])
-        current, at = next(targets, None), 0
-        position, end = offset, offset + total
-        while position < end:  # READ_PARTS ranged reads at a time: bounded memory, parallel requests
-            starts = list(range(position, min(end, position + self.part * READ_PARTS), self.part))
-            ends = [min(end, s + self.part) for s in starts]
-            parts = self.fs.cat_ranges([self.path] * len(starts), starts, ends)
-            for data, s, e in zip(parts, starts, ends):
-                if isinstance(data, Exception):
-                    raise data
-                if len(data) != e - s:
-                    raise EOFError(f"unexpected end of file at byte {s + len(data)}")
-                pos = 0
-                while pos < len(data):  # scatter into the destinations
-                    assert current is not None
-                    k = min(len(current) - at, len(data) - pos)
-                    current[at : at + k] = data[pos : pos + k]
-                    at += k
-                    pos += k
-                    if at == len(current):
-                        current, at = next(targets, None), 0
-            position = ends[-1]
-
-    def close(self) -> None:
-        pass
-
-
-class S3Source(RemoteSource):
-    """A file on S3, read with up to ``READ_STREAMS`` ranged GETs at a time, each streamed
-    straight into its part of the destination buffers: no copy of the data is held, so a restore
-    needs no memory beyond its tensors, and a whole shard takes a handful of requests."""
-
-    def _readv(self, views: list[memoryview], offset: int) -> None:
-        views = [v for v in views if len(v)]
-        total = sum(len(v) for v in views)
-        if offset + total > self.size:
-            raise EOFError(f"unexpected end of file at byte {self.size}")
-        if not total:
-            return
-        per = max(READ_STREAM_MIN, -(-total // READ_STREAMS))
-        segments: list[tuple[int, list[memoryview]]] = []
-        position, current, filled = offset, [], 0
-        for view in views:  # cut the destinations into READ_STREAMS runs of about equal size
-            while len(view):
-                k = min(len(view), per - filled)
-                if k == len(view):  # the common case: a whole tensor, kept as its own view (no slice object)
-                    current.append(view)
-                    view, filled = view[:0], filled + k
-                else:
-                    current.append(view[:k])
-                    view, filled = view[k:], filled + k
-                if filled == per:
-                    segments.append((position, current))
-                    position, current, filled = position + per, [], 0
-        if current:
-            segments.append((position, current))
-        from fsspec.asyn import sync
-
-        sync(self.fs.loop, self._fetch_all, segments)
-
-    async def _fetch_all(self, segments: list[tuple[int, list[memoryview]]]) -> None:
-        import asyncio
-
-        await asyncio.gather(*(self._fetch(start, targets) for start, targets in segments))
-
-    async def _fetch(self, start: int, targets: list[memoryview]) -> None:
-        bucket, key, version = self.fs.split_path(self.path)
-        end = start + sum(len(t) for t in targets) - 1
-        extra = {"VersionId": version} if version else {}
-        response = await self.fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end}", **extra)
-        body = response["Body"]
-        try:
-            for target in targets:
-                pos = 0
-                while pos < len(target):
-                    n = await body.readinto(target[pos:])
-                    if not n:
-                        raise EOFError(f"unexpected end of file at byte {start + pos}")
-                    pos += n
-                start += len(target)
-        finally:
-            body.close()
-
-
 def _token_of(data: bytes) -> str:
     return "xxh3:" + xxhash.xxh3_64_hexdigest(data)
 
 
 class FsspecStorage:
-    """An fsspec filesystem; paths are the caller's URLs (``s3://bucket/run/ckpt-3``)."""
+    """An fsspec filesystem; paths are the caller's URLs (``s3://bucket/run/ckpt-3``).
+
+    Args:
+        fs: the filesystem, made by fsspec for ``protocol``.
+        protocol: the URL scheme (``s3``, ``memory``, ...).
+        part_bytes: the size of one part of an S3 multipart upload (S3's smallest is 5 MiB).
+        read_part_min, read_part_max: the bounds of one ranged read (see ``remote_read``).
+        lease_secs: how long this storage's claim on a directory lives unrenewed (see ``lease``).
+        warned: the schemes already warned about for their unconditional writes (by default the
+            process's own: the warning is given once per process).
+    """
 
     is_local = False
 
-    def __init__(self, fs: Any, protocol: str) -> None:
+    def __init__(self, fs: Any, protocol: str, *, part_bytes: int = upload.PART_BYTES,
+                 read_part_min: int = READ_PART_MIN, read_part_max: int = READ_PART_MAX,
+                 lease_secs: float = storage_lease.LEASE_SECS, warned: set[str] | None = None) -> None:
         self.fs = fs
         self.protocol = protocol
+        self.part_bytes = part_bytes
+        self.read_part_min, self.read_part_max = read_part_min, read_part_max
+        self.lease_secs = lease_secs
+        self.warned = _warned if warned is None else warned
         self.is_s3 = callable(getattr(fs, "call_s3", None)) and callable(getattr(fs, "split_path", None))
         self.is_memory = protocol == "memory"
         self.is_object_store = protocol in _OBJECT_STORES
@@ -258,11 +134,7 @@ class FsspecStorage:
             raise
         size = int(info.get("size") or 0)
         if size > limit:
-            raise CorruptCheckpointError(
-                f"{what} {path} is {size} bytes, over the {limit}-byte limit for such a file; it is not one "
-                "torchckpt wrote.",
-                path,
-            )
+            raise oversize_file(what, path, size, limit)
         try:
             data = bytes(self.fs.cat_file(path)) if size else b""
         except FileNotFoundError:
@@ -275,8 +147,8 @@ class FsspecStorage:
     def open(self, path: str, what: str) -> RemoteSource:
         size = int(self._file_info(path, what).get("size") or 0)
         if self.is_s3 and callable(getattr(self.fs, "_call_s3", None)):
-            return S3Source(self.fs, path, size, self)
-        return RemoteSource(self.fs, path, size, self)
+            return S3Source(self.fs, path, size, self, part_min=self.read_part_min, part_max=self.read_part_max)
+        return RemoteSource(self.fs, path, size, self, part_min=self.read_part_min, part_max=self.read_part_max)
 
     def is_file(self, path: str) -> bool:
         try:
@@ -371,11 +243,11 @@ class FsspecStorage:
         return RemoteStage(self, stage_path, False, joined=True)
 
     def stage(self, final: str, replace: bool) -> RemoteStage:
-        return RemoteStage(self, final, replace)  # the object-store commit protocol: see storage_remote_commit
+        return RemoteStage(self, final, replace)  # the object-store commit protocol: see ``_storage.remote_commit``
 
     def output(self, path: str, size: int) -> Output:
-        if self.is_s3 and size > upload.PART_BYTES:
-            return upload.S3Upload(self.fs, path)
+        if self.is_s3 and size > self.part_bytes:
+            return upload.S3Upload(self.fs, path, self.part_bytes)
         return upload.StreamOutput(self.fs, path)
 
     def put(self, path: str, data: bytes) -> None:
@@ -439,8 +311,8 @@ class FsspecStorage:
         return _token_of(data)
 
     def _warn_unconditional(self) -> None:
-        if self.protocol not in _warned:
-            _warned.add(self.protocol)
+        if self.protocol not in self.warned:
+            self.warned.add(self.protocol)
             warnings.warn(
                 f"{self.protocol}:// cannot create or replace a file conditionally through fsspec here, so a "
                 "second writer to one directory is detected only between its reads and writes, not atomically.",

@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torchckpt._format import spec
-from torchckpt._storage.base import ABSENT, ConflictError, holder_note, is_alive, join, pid_space, process_start
+from torchckpt._paths import join
+from torchckpt._storage.base import ABSENT, ConflictError, holder_note, is_alive, pid_space, process_start
 from torchckpt.errors import CheckpointError, CorruptCheckpointError
 
 LEASE_FILE = spec.LOCK_FILE  # the same name as the local claim
@@ -56,10 +57,10 @@ class Lease:
     lock: threading.Lock = field(default_factory=threading.Lock)  # one conditional write at a time
 
 
-def _term_from(started: float) -> float:
-    """Until when (monotonic) a lease written at ``started`` is surely ours: half its term, a margin
-    for the clocks of the processes that may take it over once it has expired by theirs."""
-    return started + LEASE_SECS / 2
+def _term_from(started: float, secs: float) -> float:
+    """Until when (monotonic) a lease of ``secs`` written at ``started`` is surely ours: half its
+    term, a margin for the clocks of the processes that may take it over once it has expired by theirs."""
+    return started + secs / 2
 
 
 _leases: dict[str, Lease] = {}
@@ -116,10 +117,11 @@ def claim(storage: Any, directory: str) -> None:
         session = uuid.uuid4().hex
         started = time.monotonic()
         try:
-            token = storage.replace_file(path, _body(session, LEASE_SECS), ABSENT)
+            token = storage.replace_file(path, _body(session, storage.lease_secs), ABSENT)
         except ConflictError:
             token = _take_over(storage, directory, path, session)
-        lease = Lease(storage, directory, path, session, token, os.getpid(), valid_until=_term_from(started))
+        lease = Lease(storage, directory, path, session, token, os.getpid(),
+                      valid_until=_term_from(started, storage.lease_secs))
         _leases[key] = lease
         threading.Thread(target=_renew, args=(lease,), name="torchckpt-lease", daemon=True).start()
 
@@ -142,7 +144,7 @@ def _take_over(storage: Any, directory: str, path: str, session: str) -> Any:
         raise _refusal(directory, holder, expires, here is not None and note.get("pids") == here
                        and note.get("host") == socket.gethostname())
     try:
-        return storage.replace_file(path, _body(session, LEASE_SECS), token)
+        return storage.replace_file(path, _body(session, storage.lease_secs), token)
     except ConflictError:
         raise CheckpointError(
             f"{directory} was claimed by another process at the same moment; only one CheckpointManager may write "
@@ -151,7 +153,7 @@ def _take_over(storage: Any, directory: str, path: str, session: str) -> Any:
 
 
 def _renew(lease: Lease) -> None:
-    while not lease.stop.wait(LEASE_SECS / 3):
+    while not lease.stop.wait(lease.storage.lease_secs / 3):
         try:
             _renew_once(lease)
         except ConflictError:
@@ -167,13 +169,14 @@ def _renew_once(lease: Lease) -> None:
             raise ConflictError(lease.lost)
         started = time.monotonic()
         try:
-            lease.token = lease.storage.replace_file(lease.path, _body(lease.session, LEASE_SECS), lease.token)
+            lease.token = lease.storage.replace_file(lease.path, _body(lease.session, lease.storage.lease_secs),
+                                                     lease.token)
         except ConflictError:
             lease.lost = (f"{lease.directory}: this process lost its claim on the directory (its lease expired "
                           "unrenewed, and another process took it over); nothing more is saved there. Use another "
                           "directory, or stop the other process and start again.")
             raise ConflictError(lease.lost) from None
-        lease.valid_until = _term_from(started)
+        lease.valid_until = _term_from(started, lease.storage.lease_secs)
 
 
 def fence(storage: Any, directory: str) -> None:

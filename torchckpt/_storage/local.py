@@ -1,9 +1,9 @@
-"""The local filesystem as a :class:`~torchckpt._storage.base.Storage`: today's fast paths, behind the seam.
+"""The local filesystem as a :class:`~torchckpt._storage.registry.base.Storage`: today's fast paths, behind the seam.
 
-Writes go through ``_output`` (``O_DIRECT`` through reusable aligned buffers for large files),
+Writes go through ``_storage.local_output`` (``O_DIRECT`` through reusable aligned buffers for large files),
 reads are scatter ``preadv`` straight into the destination tensors, a checkpoint is written into
-a temporary sibling and committed by ``renameat2`` (``_atomic``), and a manager's claim is an
-``flock`` (``_lock``). Every file inside a checkpoint is opened through ``_files``: never through
+a temporary sibling and committed by ``renameat2`` (``_storage.atomic``), and a manager's claim is an
+``flock`` (``_storage.lock``). Every file inside a checkpoint is opened through ``_storage.files``: never through
 a link, only regular files.
 """
 
@@ -16,7 +16,7 @@ import shutil
 from collections.abc import Iterable
 from typing import Any
 
-from torchckpt._format.spec import INDEX_FILE
+from torchckpt._format.spec import INDEX_FILE, OLD_MARKER
 from torchckpt._storage import atomic, local_output, lock
 from torchckpt._storage import files as storage_files
 from torchckpt._storage.base import IOV_MAX, Output
@@ -63,9 +63,10 @@ class LocalSource:
 
 class LocalStage:
     """A checkpoint being written into a temporary sibling of its final name, fsynced file by
-    file, then renamed into place in one step (``_atomic.commit_directory``)."""
+    file, then renamed into place in one step (``_storage.atomic.commit_directory``)."""
 
-    def __init__(self, final: str, replace: bool, joined: str | None = None) -> None:
+    def __init__(self, storage: LocalStorage, final: str, replace: bool, joined: str | None = None) -> None:
+        self.storage = storage
         self.final = final
         self.replace = replace
         self.shared = joined is not None
@@ -78,7 +79,8 @@ class LocalStage:
 
     def create(self, name: str, size: int) -> Output:
         # A stage several ranks write into at once is written through the page cache (see local_output.create).
-        return local_output.create(os.path.join(self.path, name), size, shared_disk=self.shared)
+        return local_output.create(os.path.join(self.path, name), size, shared_disk=self.shared,
+                                   direct_min_bytes=self.storage.direct_min_bytes)
 
     def write_file(self, name: str, data: bytes) -> None:
         self.write_index(name, [data])
@@ -117,10 +119,17 @@ class LocalStage:
 
 
 class LocalStorage:
-    """Plain paths on this machine's filesystems."""
+    """Plain paths on this machine's filesystems.
+
+    Args:
+        direct_min_bytes: files this large or larger are written with direct I/O (see ``local_output``).
+    """
 
     is_local = True
     supports_conditional_writes = True  # the directory claim makes every write the only one
+
+    def __init__(self, direct_min_bytes: int = local_output.DIRECT_MIN_BYTES) -> None:
+        self.direct_min_bytes = direct_min_bytes
 
     def read_file(self, path: str, limit: int, what: str) -> bytes:
         return storage_files.read_regular(path, limit, what)
@@ -166,10 +175,10 @@ class LocalStorage:
                 if self.is_dir(os.path.join(directory, n)) and self.is_file(os.path.join(directory, n, INDEX_FILE))]
 
     def join_stage(self, final: str, stage_path: str) -> LocalStage:
-        return LocalStage(final, False, joined=stage_path)
+        return LocalStage(self, final, False, joined=stage_path)
 
     def stage(self, final: str, replace: bool) -> LocalStage:
-        return LocalStage(final, replace)
+        return LocalStage(self, final, replace)
 
     def make_dirs(self, path: str) -> None:
         os.makedirs(path, exist_ok=True)
@@ -180,7 +189,7 @@ class LocalStorage:
         return None
 
     def delete_checkpoint(self, path: str) -> None:
-        trash = atomic.temporary_sibling(path, atomic.OLD_MARKER)
+        trash = atomic.temporary_sibling(path, OLD_MARKER)
         try:
             os.rename(path, trash)  # readers stop seeing it at once; removal can take a while
         except FileNotFoundError:

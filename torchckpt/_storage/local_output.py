@@ -68,9 +68,11 @@ class Output:
         self.close()
 
 
-def create(path: str, size: int, shared_disk: bool = False) -> Output:
+def create(path: str, size: int, shared_disk: bool = False, *, direct_min_bytes: int = DIRECT_MIN_BYTES,
+           flush_bytes: int = FLUSH_BYTES) -> Output:
     """Create the file ``path`` (it must not exist yet) for ``size`` bytes, written directly
-    when the file is large enough and the filesystem allows it.
+    when the file has ``direct_min_bytes`` or more and the filesystem allows it; an ordinary
+    write hands each ``flush_bytes`` written to the disk at once.
 
     With ``shared_disk`` (several processes saving at once, the ranks of a job) the writes go
     through the page cache: direct I/O keeps one buffer in flight per process, and two ranks'
@@ -79,15 +81,16 @@ def create(path: str, size: int, shared_disk: bool = False) -> Output:
     """
     direct = 0 if shared_disk else getattr(os, "O_DIRECT", 0)
     try:
-        if direct and size >= DIRECT_MIN_BYTES:
+        if direct and size >= direct_min_bytes:
             try:
                 return _DirectOutput(path, storage_files.create_exclusive(path, os.O_WRONLY | direct), size)
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
                 # The filesystem refuses O_DIRECT, after creating the file: open it again, plainly.
-                return _CachedOutput(path, os.open(path, os.O_WRONLY | os.O_TRUNC | storage_files.NOFOLLOW | storage_files.CLOEXEC))
-        return _CachedOutput(path, storage_files.create_exclusive(path))
+                fd = os.open(path, os.O_WRONLY | os.O_TRUNC | storage_files.NOFOLLOW | storage_files.CLOEXEC)
+                return _CachedOutput(path, fd, flush_bytes)
+        return _CachedOutput(path, storage_files.create_exclusive(path), flush_bytes)
     except OSError as e:
         raise storage_files.named(e, path) from e
 
@@ -95,9 +98,9 @@ def create(path: str, size: int, shared_disk: bool = False) -> Output:
 class _CachedOutput(Output):
     """Ordinary writes through the page cache, handed to the disk as the file grows."""
 
-    def __init__(self, path: str, fd: int) -> None:
+    def __init__(self, path: str, fd: int, flush_bytes: int) -> None:
         super().__init__(path, fd)
-        self.flush = _EarlyFlush(fd)
+        self.flush = _EarlyFlush(fd, flush_bytes)
 
     def write(self, views: list[memoryview]) -> None:
         try:
@@ -137,15 +140,16 @@ class _EarlyFlush:
     not evict the training data from the cache).
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, flush_bytes: int) -> None:
         self.fd = fd
+        self.flush_bytes = flush_bytes
         self.start = os.lseek(fd, 0, os.SEEK_CUR)
         self.position = self.start
         self.enabled = hasattr(os, "posix_fadvise")
 
     def wrote(self, n: int) -> None:
         self.position += n
-        if self.enabled and self.position - self.start >= FLUSH_BYTES:
+        if self.enabled and self.position - self.start >= self.flush_bytes:
             try:
                 os.posix_fadvise(self.fd, self.start, self.position - self.start, os.POSIX_FADV_DONTNEED)
             except OSError:

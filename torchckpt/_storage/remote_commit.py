@@ -34,10 +34,11 @@ from torchckpt._format.spec import (
     TORCHCKPT_KEY,
     is_pending_marker,
 )
-from torchckpt._storage.base import LEFTOVER_GRACE_SECS, AlreadyCommitted, Output, join
+from torchckpt._paths import join
+from torchckpt._storage.base import LEFTOVER_GRACE_SECS, AlreadyCommitted, Output
 from torchckpt.errors import CheckpointWriteError, CorruptCheckpointError
 
-# ``storage`` below is an ``_fsspec.FsspecStorage`` (not imported: it imports this module).
+# ``storage`` below is an ``_storage.fsspec.FsspecStorage`` (not imported: it imports this module).
 FsspecStorage = Any
 
 TAG_CHARS = 12  # a save's tag on its object names: 48 random bits in hex

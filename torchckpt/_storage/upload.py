@@ -57,9 +57,10 @@ class S3Upload:
     """A multipart upload to S3 with up to ``PARTS`` parts in flight: memory stays at a
     few parts whatever the size, and the parts travel in parallel."""
 
-    def __init__(self, fs: Any, path: str) -> None:
+    def __init__(self, fs: Any, path: str, part_bytes: int = PART_BYTES) -> None:
         self.fs = fs
         self.path = path
+        self.part_bytes = part_bytes
         self.bucket, self.key, _ = fs.split_path(path)
         self.buffer = bytearray()
         self.upload_id: str | None = None
@@ -71,10 +72,10 @@ class S3Upload:
         for view in views:
             pos, n = 0, len(view)
             while pos < n:
-                k = min(n - pos, PART_BYTES - len(self.buffer))
+                k = min(n - pos, self.part_bytes - len(self.buffer))
                 self.buffer += view[pos : pos + k]
                 pos += k
-                if len(self.buffer) == PART_BYTES:
+                if len(self.buffer) == self.part_bytes:
                     self._send()
 
     def _send(self) -> None:

@@ -17,13 +17,17 @@ from its chunks block by block. Either side may be a URL.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
+from torchckpt._format import dtypes as format_dtypes
 from torchckpt._format import spec, tree
+from torchckpt._paths import as_path
 from torchckpt._progress import progress_bar
-from torchckpt._storage.base import Storage, as_path, is_url
-from torchckpt._storage.registry import storage_for
-from torchckpt._tools.consolidate import stream_shard
+from torchckpt._save import plan as save_plan
+from torchckpt._save import write as save_write
+from torchckpt._save.options import parse_size
+from torchckpt._storage.base import Storage
 from torchckpt.errors import CheckpointError, a_or_an
 from torchckpt.reader import CheckpointReader, load_checkpoint
 
@@ -31,10 +35,12 @@ HF_SINGLE = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
 HF_CONFIG = "config.json"
 _EXPORT_FILES = (HF_INDEX, HF_CONFIG)  # with model*.safetensors: what an existing folder may hold to be replaced
+_CONFIG_LIMIT = 64 * 2**20  # the largest config.json copied into the folder
 
 
-def export_module(path: str, obj: str, out: str, max_shard_size: int | str = spec.DEFAULT_MAX_SHARD_SIZE,
-                  progress: bool | None = None, config: str | None = None,
+def export_module(path: str, obj: str, out: str, storage: Storage,
+                  max_shard_size: int | str = spec.DEFAULT_MAX_SHARD_SIZE, progress: bool | None = None,
+                  config: Callable[[int], bytes] | None = None,
                   storage_options: dict[str, Any] | None = None) -> list[str]:
     """Write the module ``obj`` of checkpoint ``path`` to the folder ``out``; returns the files written.
 
@@ -42,35 +48,27 @@ def export_module(path: str, obj: str, out: str, max_shard_size: int | str = spe
     ``from_pretrained(out)`` load the result (tied names are written once, as ``save_pretrained``
     does; load with ``strict=True`` after tying them again).
 
+    Args:
+        path: the checkpoint (any path ``load_checkpoint`` takes); ``storage_options`` apply to it.
+        storage: the storage that holds ``out`` (the command line resolves it from the path).
+        config: reads the ``config.json`` to copy into the folder, given a size limit; called once
+            the export is known to be possible, before anything is written.
+
     Raises:
         CheckpointError: no such module, names that collide once prefixes are stripped, or an
             ``out`` that holds files an export would not write (it is never overwritten then).
     """
     path, out = as_path(path), as_path(out)
-    reader = load_checkpoint(path, storage_options=_options_for(path, storage_options))
-    storage = storage_for(out, _options_for(out, storage_options))
+    reader = load_checkpoint(path, storage_options=storage_options)
     names = _module_tensors(reader, path, obj)
     local = _local_names(reader, obj, names)
-    limit = spec.parse_size(max_shard_size)
-    groups: list[list[str]] = [[]]
-    size = 0
-    for n in names:
-        nbytes = reader.nbytes(n)
-        if groups[-1] and size + nbytes > limit:
-            groups.append([])
-            size = 0
-        groups[-1].append(n)
-        size += nbytes
     dtypes, shapes = reader.get_variable_to_dtype_map(), reader.get_variable_to_shape_map()
-    for group in groups:
-        group.sort(key=lambda n: -spec.itemsize(dtypes[n]))
+    rows = [(n, reader.nbytes(n), format_dtypes.itemsize(dtypes[n])) for n in names]
+    groups = [s.names for s in save_plan.plan_shards(rows, parse_size(max_shard_size))]
     single = len(groups) == 1
     files = [HF_SINGLE] if single else [spec.shard_name(i, len(groups)) for i in range(1, len(groups) + 1)]
     _check_replaceable(out, storage)
-    config_bytes = None
-    if config is not None:
-        config = as_path(config)
-        config_bytes = storage_for(config).read_file(config, _CONFIG_LIMIT, "Config file")
+    config_bytes = config(_CONFIG_LIMIT) if config is not None else None
     stage = storage.stage(out, replace=True)
     try:
         sizes: dict[str, int] = {}
@@ -78,7 +76,8 @@ def export_module(path: str, obj: str, out: str, max_shard_size: int | str = spe
         with progress_bar(sum(reader.nbytes(n) for n in names), f"export {obj}", progress) as bar:
             for file, group in zip(files, groups):
                 entries = [(local[n], dtypes[n], tuple(shapes[n]), reader.nbytes(n)) for n in group]
-                sizes[file] = stream_shard(reader, stage, file, entries, group, bar.update)[0]["size"]
+                record, _ = save_write.stream_shard(stage, file, entries, group, reader.iter_bytes, bar.update)
+                sizes[file] = record["size"]
                 weight_map.update((local[n], file) for n in group)
         if config_bytes is not None:
             stage.write_file(HF_CONFIG, config_bytes)
@@ -93,14 +92,6 @@ def export_module(path: str, obj: str, out: str, max_shard_size: int | str = spe
         stage.discard()
         raise
     return files
-
-
-_CONFIG_LIMIT = 64 * 2**20
-
-
-def _options_for(path: str, storage_options: dict[str, Any] | None) -> dict[str, Any] | None:
-    """``storage_options`` where they apply: to a URL, not to a local path."""
-    return storage_options if is_url(path) else None
 
 
 def _module_tensors(reader: CheckpointReader, path: str, obj: str) -> list[str]:

@@ -1,0 +1,127 @@
+"""DTensors: which box of the global tensor this rank holds, and destinations laid out like them.
+
+A save by several ranks stores each DTensor's local chunk under its global box (format 2,
+``_format/chunks``); a restore reads into whatever box each destination holds. Both ask the same
+questions of a DTensor, answered here without importing ``torch.distributed`` until a DTensor is
+actually met: most processes never use it, and plain tensors are told apart in one check.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from torchckpt._format.chunks import Box, ChunkedInfo
+from torchckpt._format.dtypes import TensorInfo
+from torchckpt.errors import UnsupportedStateError
+
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (without importing it: most
+    processes never use torch.distributed, and plain tensors are told apart in one check)."""
+    kind = type(t)
+    return kind not in _PLAIN_TYPES and kind.__name__ == "DTensor" and hasattr(t, "placements")
+
+
+def local_of(t: Any) -> torch.Tensor:
+    """A DTensor's local tensor, without the autograd function ``to_local()`` runs (about 50 us a
+    call: thousands of them add up to a visible part of a restore)."""
+    local = getattr(t, "_local_tensor", None)
+    return local if isinstance(local, torch.Tensor) else t.to_local()
+
+
+def dtensor_box(t: Any, key: str) -> Box | None:
+    """The global box of this rank's local chunk of DTensor ``t``, or None when this rank is
+    outside its mesh. Partial placements (a pending reduction) are refused."""
+    placements = tuple(t.placements)
+    if any(p.is_partial() for p in placements):
+        raise UnsupportedStateError(
+            f"Cannot checkpoint {key!r}: it is a DTensor with a Partial placement ({t.placements}), a value "
+            "whose reduction is still pending. Redistribute it to Shard or Replicate placements first.",
+            key=key,
+            value_type=type(t),
+        )
+    return _box(tuple(t.shape), t.device_mesh, placements)
+
+
+@functools.lru_cache(maxsize=4096)  # a model repeats a few (shape, mesh, placements): 100 us each otherwise
+def _box(shape: tuple[int, ...], mesh: Any, placements: tuple[Any, ...]) -> Box | None:
+    if mesh.get_coordinate() is None:
+        return None
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    sizes, offsets = compute_local_shape_and_global_offset(shape, mesh, placements)
+    return tuple(int(o) for o in offsets), tuple(int(s) for s in sizes)
+
+
+def localize(tensors: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """For a single process's save: each DTensor that this process holds whole (a mesh of one)
+    becomes its local tensor; one sharded over several ranks is refused."""
+    out = tensors
+    for name, t in tensors.items():
+        if is_dtensor(t):
+            if out is tensors:
+                out = dict(tensors)
+            box = dtensor_box(t, name)
+            if box is None or box[1] != tuple(t.shape):
+                raise UnsupportedStateError(
+                    f"Cannot save {name!r} from one process: it is a DTensor sharded over {t.device_mesh.size()} "
+                    "ranks. Call write/save on every rank of the process group (a collective save).",
+                    key=name,
+                    value_type=type(t),
+                )
+            out[name] = local_of(t)
+    return out
+
+
+# -- restore destinations --------------------------------------------------------------------
+
+
+def destination_box(dest: torch.Tensor, key: str) -> tuple[torch.Tensor, Box] | None:
+    """(local tensor, its global box) of a destination; None when this rank holds none of it."""
+    if is_dtensor(dest):
+        box = dtensor_box(dest, key)
+        return None if box is None else (local_of(dest), box)
+    return dest, (tuple(0 for _ in dest.shape), tuple(dest.shape))
+
+
+def local_storage(t: torch.Tensor) -> int:
+    """The address of the memory a (possibly distributed) tensor's local data lives in."""
+    local = local_of(t) if is_dtensor(t) else t
+    return int(local.untyped_storage().data_ptr())
+
+
+def optimizer_destination(params: list[torch.Tensor], key: str, prefix: str,
+                          saved: TensorInfo | ChunkedInfo) -> torch.Tensor | None:
+    """For optimizer state the optimizer does not have yet (it never stepped): a DTensor laid out
+    like its parameter (``params``: :func:`parameters_of`) when the parameter is one, so that each
+    rank reads only its part. None for plain parameters (a plain tensor is allocated, as in a
+    single process)."""
+    parts = key[len(prefix) + 1:].split("/")
+    if len(parts) != 3 or parts[0] != "state" or not parts[1].isdigit():
+        return None
+    index = int(parts[1])
+    if index >= len(params) or not is_dtensor(params[index]):
+        return None
+    p: Any = params[index]
+    if tuple(p.shape) != tuple(saved.shape):
+        return None
+    from torch.distributed.tensor import DTensor
+
+    box = dtensor_box(p, key)
+    template = local_of(p)
+    local = torch.empty(box[1] if box is not None else template.shape, dtype=saved.dtype, device=template.device)
+    spec = getattr(p, "_spec", None)
+    if spec is not None and saved.dtype == p.dtype:  # the parameter's own layout: no checks, no autograd
+        return DTensor(local, spec, requires_grad=False)  # type: ignore[no-untyped-call]
+    return DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(),
+                              run_check=False)
+
+
+def parameters_of(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The optimizer's parameters, in the order its state dict numbers them."""
+    return [p for group in optimizer.param_groups for p in group["params"]]

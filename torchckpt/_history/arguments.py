@@ -1,0 +1,72 @@
+"""What a manager's caller passes, checked before anything is touched: its options, checkpoint
+numbers and metrics (recorded in the state file, so they must be plain JSON values).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from torchckpt._format import spec
+from torchckpt.errors import a_or_an
+
+
+def plain_metric(key: str, value: Any) -> Any:
+    """One metric as a plain value: a 0-dim tensor or a NumPy scalar becomes a float."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"metrics[{key!r}] is a tensor of shape {list(value.shape)}; pass a number "
+                             "(a 0-dim tensor is fine).")
+        item = value.detach().cpu().item()
+        return bool(item) if value.dtype == torch.bool else float(item)
+    if value is None or isinstance(value, (bool, str)) or type(value) in (int, float):
+        return value
+    to_python = getattr(value, "item", None)
+    if type(value).__module__ == "numpy" and callable(to_python):  # numpy.float32(0.5), numpy.int64(3)
+        result = to_python()
+        return float(result) if isinstance(result, (int, float)) and not isinstance(result, bool) else result
+    if isinstance(value, (int, float)):  # int and float subclasses
+        return float(value) if isinstance(value, float) else int(value)
+    raise TypeError(f"metrics[{key!r}] is {a_or_an(type(value).__name__)}; metrics must be numbers, bools, strings "
+                    "or None.")
+
+
+def number_argument(value: Any) -> Any:
+    """``checkpoint_number`` as JSON, to compare across ranks (a bad one is refused inside the call)."""
+    try:
+        return None if value is None else checkpoint_number(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def checkpoint_number(value: Any) -> int:
+    """``checkpoint_number`` as an int: an int or a 0-dim integer tensor, not negative."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+            raise ValueError(f"checkpoint_number must be an int or a 0-dim integer tensor, got {value!r}.")
+        value = int(value.item())
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"checkpoint_number must be an int or a 0-dim integer tensor, got {value!r}.")
+    if value < 0:
+        raise ValueError(f"checkpoint_number must be non-negative, got {value}.")
+    return value
+
+
+def check_arguments(max_to_keep: Any, checkpoint_name: Any, step_counter: Any, checkpoint_interval: Any,
+                    keep_best: Any, best_metric: Any, best_mode: Any) -> None:
+    """A manager's options checked before anything is touched."""
+    if max_to_keep is not None and (isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep <= 0):
+        raise ValueError(f"Expected a positive integer or `None` for `max_to_keep`, got {max_to_keep!r}.")
+    if checkpoint_interval is not None and step_counter is None:
+        raise ValueError("`step_counter` should be passed if `checkpoint_interval` is not None.")
+    if keep_best is not None and (isinstance(keep_best, bool) or not isinstance(keep_best, int) or keep_best <= 0):
+        raise ValueError(f"keep_best must be a positive integer or None, got {keep_best!r}.")
+    if keep_best and best_metric is None:
+        raise ValueError("keep_best needs best_metric: a key of the metrics passed to save(), or a callable.")
+    if best_mode not in (None, "min", "max"):
+        raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}.")
+    if (not isinstance(checkpoint_name, str) or not checkpoint_name or os.sep in checkpoint_name
+            or spec.is_temporary_name(checkpoint_name) or checkpoint_name.startswith(".")):
+        raise ValueError(f"checkpoint_name must be a plain name, got {checkpoint_name!r}.")

@@ -1,0 +1,125 @@
+"""A manager's ledger of its directory: which checkpoints it keeps, preserves and found damaged.
+
+The ledger is the manager's history in memory, written to the state file after every change and
+read back (``recover``) when a manager opens the directory. On several ranks rank 0 alone reads
+and writes it; the other ranks take rank 0's copy, in the state file's own encoding
+(:meth:`Ledger.mirror`, :meth:`Ledger.adopt`), so every rank reports the same history.
+
+Why a ledger apart from the manager: the manager decides (arguments, numbering, when to save);
+the ledger records, and applies the pure retention policy to what it records.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from torchckpt._history import state as history_state
+from torchckpt._history.recover import Ranking, read_disk, recover
+from torchckpt._history.retention import best_entries, plan_retention
+from torchckpt._history.state import Entry, State
+from torchckpt._paths import join
+from torchckpt._storage.base import ConflictError, Storage
+from torchckpt.errors import CheckpointError
+
+
+class Ledger:
+    """The history of the checkpoints ``{name}-{n}`` in ``directory``, as one manager keeps it.
+
+    ``kept`` may be deleted by retention later (oldest first); ``preserved`` never are; ``damaged``
+    maps a checkpoint's name to why a restore passed it over.
+    """
+
+    def __init__(self, directory: str, storage: Storage, name: str, ranking: Ranking) -> None:
+        self.directory = directory
+        self.storage = storage
+        self.name = name
+        self.ranking = ranking
+        self.latest: str | None = None
+        self.kept: list[Entry] = []
+        self.preserved: list[Entry] = []
+        self.last_preserved_timestamp = 0.0
+        self.damaged: dict[str, str] = {}
+        self._token: Any = None  # the state file's version, for a write conditional on it
+
+    def load(self, now: float, best_mode: str | None) -> None:
+        """Recover the history from the state file and the directory (warning about what was
+        rebuilt); ``best_mode`` is the manager's argument (None: the directory's)."""
+        disk, self._token = read_disk(self.directory, self.storage, self.name)
+        history = recover(disk, now, self.name, self.ranking.keep_best, self.ranking.best_metric, best_mode)
+        for message in history.warnings:
+            warnings.warn(message, stacklevel=7)  # the manager's caller
+        self.latest = history.latest
+        self.kept = list(history.kept)
+        self.preserved = list(history.preserved)
+        self.last_preserved_timestamp = history.last_preserved_timestamp
+        self.damaged = dict(history.damaged)
+        self.ranking = history.ranking
+
+    def entries(self) -> list[Entry]:
+        return [*self.kept, *self.preserved]
+
+    def metrics_of(self, name: str) -> dict[str, Any] | None:
+        for entry in self.entries():
+            if entry.name == name:
+                return entry.metrics
+        return None
+
+    def best(self) -> str | None:
+        """The name of the kept checkpoint with the best metric, or None."""
+        best = best_entries(self.kept, 1, self.ranking.best_metric, self.ranking.best_mode)
+        return best[0].name if best else None
+
+    def state(self) -> State:
+        """The ledger as the state file records it."""
+        metric = self.ranking.best_metric if isinstance(self.ranking.best_metric, str) else None
+        known = {e.name for e in self.entries()} | {self.latest}
+        damaged = {name: why for name, why in self.damaged.items() if name in known}
+        return State(self.latest, list(self.kept), list(self.preserved), self.last_preserved_timestamp,
+                     metric, self.ranking.best_mode, self.ranking.keep_best if metric else None, damaged)
+
+    def mirror(self, read_only: bool) -> dict[str, Any]:
+        """Rank 0's ledger, for the other ranks (the state file's own encoding)."""
+        return {"state": self.state().to_bytes().decode(), "read_only": read_only}
+
+    def adopt(self, mirror: dict[str, Any]) -> tuple[State, bool]:
+        """Take rank 0's ledger (on the other ranks, which never read the directory); returns it and
+        whether the directory is read-only."""
+        state = history_state.parse_state(mirror["state"].encode(), join(self.directory, history_state.STATE_FILE))
+        self.latest = state.latest
+        self.kept = list(state.checkpoints)
+        self.preserved = list(state.preserved)
+        self.last_preserved_timestamp = state.last_preserved_timestamp
+        self.damaged = dict(state.damaged)
+        return state, bool(mirror["read_only"])
+
+    def write(self) -> None:
+        """Write the state file, unless another writer replaced it since this ledger read or wrote it."""
+        try:
+            self._token = history_state.write_state(self.directory, self.state(), self.storage, self._token)
+        except ConflictError:
+            raise CheckpointError(
+                f"{join(self.directory, history_state.STATE_FILE)} was replaced by another writer since this manager "
+                f"last wrote it: two managers are writing to {self.directory}. Its history was not overwritten and "
+                "nothing was deleted; stop the other process (or use another directory) and create the manager again."
+            ) from None
+
+    def record(self, name: str, metrics: dict[str, Any] | None, now: float, max_to_keep: int | None,
+               keep_every_n_hours: float | None) -> list[str]:
+        """Record a committed checkpoint as the latest and apply retention; returns the names to
+        delete, which the state file no longer names by then."""
+        self.kept = [e for e in self.kept if e.name != name]
+        self.preserved = [e for e in self.preserved if e.name != name]
+        self.kept.append(Entry(name, now, metrics))
+        self.latest = name
+        self.write()
+        r = self.ranking
+        plan = plan_retention(self.kept, max_to_keep, keep_every_n_hours, self.last_preserved_timestamp,
+                              r.keep_best, r.best_metric, r.best_mode)
+        if not plan.delete and not plan.preserve:
+            return []
+        self.kept = plan.kept
+        self.preserved.extend(plan.preserve)
+        self.last_preserved_timestamp = plan.last_preserved_timestamp
+        self.write()  # the state never names a checkpoint that is being deleted
+        return [entry.name for entry in plan.delete]

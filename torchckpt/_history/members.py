@@ -1,0 +1,142 @@
+"""A directory's members: its committed checkpoints, their numbers, its latest one.
+
+A checkpoint is a member once its ``index.json`` is there (the commit, on every backend); a
+writer's temporary, a checkpoint being deleted and a manager's other files are not. These are the
+questions every face asks of a directory (which checkpoint is the latest, what a path names), so
+they are answered here once, from what the storage lists, without reading any checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from torchckpt._format import spec
+from torchckpt._history import state as history_state
+from torchckpt._paths import is_url, join, name_of, parent_of
+from torchckpt._storage.base import Storage
+from torchckpt.errors import CheckpointDeletedError, CheckpointNotFoundError
+
+_NUMBERED = re.compile(r"^(?P<prefix>.+)-(?P<number>0|[1-9][0-9]*)$")
+
+
+def number_of(name: str, prefix: str | None = None) -> int | None:
+    """The number in ``ckpt-7`` (None if the name is not numbered, or has another prefix)."""
+    match = _NUMBERED.match(name)
+    if not match or (prefix is not None and match.group("prefix") != prefix):
+        return None
+    return int(match.group("number"))
+
+
+def committed_members(directory: str, prefix: str | None, storage: Storage) -> list[str]:
+    """Names of committed, numbered checkpoints in ``directory`` (of any prefix when ``prefix`` is
+    None), by number then name."""
+    found = []
+    for name in storage.committed_names(directory):  # one listing on an object store, not requests per name
+        number = number_of(name, prefix)
+        if number is not None and not spec.is_temporary_name(name):
+            found.append((number, name))
+    return [name for _, name in sorted(found)]
+
+
+def is_member(directory: str, name: str, storage: Storage) -> bool:
+    """Whether ``name`` is a committed checkpoint inside ``directory``: a real directory (a link,
+    which could lead anywhere, is never one) holding a regular ``index.json``."""
+    path = join(directory, name)
+    return storage.is_dir(path) and is_committed(path, storage)
+
+
+def is_committed(path: str, storage: Storage) -> bool:
+    """Whether ``path`` is a committed checkpoint (not a temporary or a leftover): its
+    ``index.json`` is a regular file, not a link. On every backend the index is what commits."""
+    return not spec.is_temporary_name(name_of(path)) and storage.is_file(join(path, spec.INDEX_FILE))
+
+
+def latest_in(directory: str, storage: Storage) -> str | None:
+    """The newest committed checkpoint of ``directory`` on ``storage``, or None.
+
+    The state file's ``latest`` wins when it names a committed checkpoint; otherwise (no state
+    file, a damaged one, or one naming a checkpoint that is gone) the committed numbered
+    checkpoint written last is returned.
+    """
+    try:
+        state = history_state.read_state(directory, storage)
+    except history_state.StateFileError:
+        state = None
+    if state is not None and state.latest is not None and is_member(directory, state.latest, storage):
+        return join(directory, state.latest)
+    members = committed_members(directory, None, storage)
+    if not members:
+        return None
+    newest = max(members, key=lambda n: (storage.mtime(join(directory, n, spec.INDEX_FILE)), number_of(n) or 0))
+    return join(directory, newest)
+
+
+def resolve_checkpoint(path: str, storage: Storage) -> str:
+    """A checkpoint directory for ``path``: itself, or the latest checkpoint of a directory of them.
+
+    Raises:
+        CheckpointNotFoundError: nothing committed is there (or a save is writing it).
+        CheckpointDeletedError: a deletion is removing it.
+    """
+    if not storage.exists(path) and not storage.follows_to_dir(path):
+        hint = ""
+        parent = parent_of(path)
+        if storage.follows_to_dir(parent):
+            import difflib
+
+            close = difflib.get_close_matches(name_of(path), storage.list_names(parent), n=1)
+            if close:
+                hint = f" Did you mean {sibling(path, close[0])!r}?"
+        raise CheckpointNotFoundError(f"No checkpoint at {path}: the path does not exist.{hint}", path)
+    if not storage.follows_to_dir(path):
+        if name_of(path) == spec.INDEX_FILE:
+            return parent_of(path)
+        raise CheckpointNotFoundError(
+            f"{path} is a file; pass a checkpoint directory (the one holding {spec.INDEX_FILE}).", path
+        )
+    if storage.exists(join(path, spec.INDEX_FILE)):
+        return path
+    latest = latest_in(path, storage)
+    if latest is None:
+        unfinished = unfinished_error(path, storage.list_names(path))
+        if unfinished is not None:
+            raise unfinished
+        raise CheckpointNotFoundError(
+            f"No committed checkpoint in {path}: it has no {spec.INDEX_FILE} and no checkpoint directories. "
+            "A save that was interrupted leaves nothing behind; check the path.",
+            path,
+        )
+    return latest
+
+
+def unfinished_error(path: str, names: list[str]) -> CheckpointNotFoundError | None:
+    """The error for reading the directory ``path`` (holding ``names``, without an index) while a
+    writer is writing it or a deletion is deleting it, or None when neither is under way.
+
+    On an object store a writer's ``.torchckpt-pending-<tag>`` and a deletion's
+    ``.torchckpt-deleting`` lie in the prefix; on a file system a save is written in a temporary
+    sibling (``<name>.torchckpt-tmp-...``) and a replaced or deleted checkpoint is removed from one
+    (``<name>.torchckpt-old-...``), which a reader may be handed by name.
+    """
+    name = name_of(path)
+    if spec.DELETING_FILE in names or spec.OLD_MARKER in name:
+        why = (f"{spec.DELETING_FILE} is there" if spec.DELETING_FILE in names
+               else f"its name holds {spec.OLD_MARKER}")
+        return CheckpointDeletedError(
+            f"Checkpoint {path} is being deleted ({why}: a manager's max_to_keep or a replacement removes it, and a "
+            "deletion cut short is finished by the next manager); it is no longer a checkpoint. Read a newer "
+            "checkpoint of its directory.", path)
+    if any(spec.is_pending_marker(n) for n in names) or spec.TMP_MARKER in name:
+        why = (f"a writer's {spec.PENDING_FILE}-<tag> marker is there" if spec.TMP_MARKER not in name
+               else f"its name holds {spec.TMP_MARKER}")
+        return CheckpointNotFoundError(
+            f"{path} is a checkpoint being written ({why}) and has no {spec.INDEX_FILE} yet: it is not a "
+            "checkpoint until its save commits it (a crashed save's leftovers are removed by the next manager on its "
+            "directory). Read it once its save has finished, or read its directory's latest checkpoint.", path)
+    return None
+
+
+def sibling(path: str, name: str) -> str:
+    """``name`` next to ``path``, written as the user wrote ``path`` (relative stays relative)."""
+    return join(parent_of(path), name) if is_url(path) else os.path.join(os.path.dirname(path), name)

@@ -1,0 +1,131 @@
+"""Matching a checkpoint's tracked objects to the saved state tree: the walk that fills a ``Plan``.
+
+The walk visits containers (dicts and lists holding tracked objects), nested checkpoints and
+per-rank values, and hands each leaf to the planners of ``_load.plan`` (a module, a tensor, a
+data loader, a ``Stateful``, a plain value). What a tracked value *is* belongs to the tracking
+face (``torchckpt.checkpoint``): the walk sees it through a :class:`Tracking`, so no engine
+imports the face, and a nested ``Checkpoint`` is matched through ``Tracking.nested``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from torchckpt._format import tree
+from torchckpt._load import loaders
+from torchckpt._load.plan import MISSING, Plan, plan_module, plan_stateful, plan_tensor, plan_value
+
+
+def is_stateful(value: Any) -> bool:
+    """Whether ``value`` has callable ``state_dict()`` and ``load_state_dict()`` (the Stateful protocol);
+    a class (``nn.ReLU``) has them as plain functions, and is not."""
+    return (not isinstance(value, type) and callable(getattr(value, "state_dict", None))
+            and callable(getattr(value, "load_state_dict", None)))
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """What the walk needs to know about tracked values, from the face that tracks them.
+
+    ``nested(value)`` is the tracked objects of a nested checkpoint (a dict the walk assigns
+    into), None for anything else; ``state_of(value)`` is what a tracked value saves (it names the
+    keys a missing nested checkpoint lacks); ``is_trackable(value)`` says whether a dict or list
+    holds tracked objects, and is then matched item by item.
+    """
+
+    nested: Callable[[Any], dict[str, Any] | None]
+    state_of: Callable[[Any], Any]
+    is_trackable: Callable[[Any], bool]
+
+
+class Matcher:
+    """One walk: every tracked object matched into ``plan``, every saved value not matched reported."""
+
+    def __init__(self, plan: Plan, tracking: Tracking) -> None:
+        self.plan = plan
+        self.tracking = tracking
+
+    def checkpoint(self, tracked: dict[str, Any], saved: dict[str, Any], prefix: str, ignored: str | None) -> None:
+        """Match a checkpoint's ``tracked`` objects; ``ignored`` names a saved key the caller plans itself."""
+        for name, value in tracked.items():
+            key = tree.join(prefix, tree.escape_part(name))
+            self.value(key, value, saved.get(name, MISSING), _item_setter(tracked, name))
+        for name, value in saved.items():
+            if name not in tracked and name != ignored:
+                self.plan.report.unexpected_keys.extend(tree.leaves(value, tree.join(prefix, tree.key_part(name))))
+
+    def value(self, key: str, value: Any, saved: Any, assign: Callable[[Any], None]) -> None:
+        plan = self.plan
+        if isinstance(saved, tree.MissingPerRank):  # restoring on more ranks than saved
+            plan.report.missing_keys.append(key)
+            plan.report.skipped_objects[key] = saved.reason
+            return
+        nested = self.tracking.nested(value)
+        if isinstance(value, tree.PerRank):
+            self.value(key, value.value, saved, lambda v: setattr(value, "value", v))
+        elif nested is not None:
+            if saved is MISSING or not isinstance(saved, dict):
+                self._missing_checkpoint(key, nested, saved)
+                return
+            self.checkpoint(nested, saved, key, None)
+        elif isinstance(value, torch.nn.Module):
+            plan_module(key, value, saved, plan)
+        elif isinstance(value, torch.Tensor):
+            plan_tensor(key, value, saved, plan)
+        elif loaders.is_data_state(value):
+            loaders.plan_restore(key, value, saved, plan)
+        elif is_stateful(value):
+            plan_stateful(key, value, saved, plan)
+        elif self.tracking.is_trackable(value) and isinstance(value, (dict, list)):
+            self._container(key, value, saved)
+        else:
+            plan_value(key, saved, assign, plan)
+
+    def _missing_checkpoint(self, key: str, tracked: dict[str, Any], saved: Any) -> None:
+        """A nested checkpoint with nothing (or no dict) to restore from: all of it is missing."""
+        state = {name: self.tracking.state_of(v) for name, v in tracked.items()}
+        self.plan.report.missing_keys.extend(tree.leaves(state, key))
+        if saved is not MISSING:
+            self.plan.report.unexpected_keys.extend(tree.leaves(saved, key))
+
+    def _container(self, key: str, value: dict[Any, Any] | list[Any], saved: Any) -> None:
+        """Match a dict or list item by item, by key part (so an int key matches its saved digits)."""
+        report = self.plan.report
+        saved_items: dict[str, Any] = {}
+        if isinstance(saved, dict):
+            saved_items = saved if all(map(_is_plain_part, saved)) else {tree.key_part(k): v for k, v in saved.items()}
+        elif isinstance(saved, (list, tuple)):
+            saved_items = {str(i): v for i, v in enumerate(saved)}
+        elif saved is not MISSING:
+            report.unexpected_keys.extend(tree.leaves(saved, key))
+        matched = 0
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for k, v in items:
+            part = tree.key_part(k)
+            found = saved_items.get(part, MISSING)
+            matched += found is not MISSING
+            if isinstance(v, torch.Tensor):  # the common leaf, planned without building a setter
+                plan_tensor(tree.join(key, part), v, found, self.plan)
+            else:
+                self.value(tree.join(key, part), v, found, _item_setter(value, k))
+        # Distinct items have distinct parts unless a dict mixes key types ({0: .., "0": ..}).
+        is_dict = isinstance(value, dict)
+        distinct = not is_dict or all(type(k) is str for k in value)
+        if matched < len(saved_items) or not distinct:
+            used = {tree.key_part(k) for k in (value if is_dict else range(len(value)))}
+            for part, v in saved_items.items():
+                if part not in used:
+                    report.unexpected_keys.extend(tree.leaves(v, tree.join(key, part)))
+
+
+def _item_setter(container: Any, key: Any) -> Callable[[Any], None]:
+    return lambda v: container.__setitem__(key, v)
+
+
+def _is_plain_part(key: Any) -> bool:
+    """Whether a saved dict key is its own key part (a str that needs no escaping)."""
+    return type(key) is str and "~" not in key and tree.SEP not in key

@@ -1,0 +1,297 @@
+"""Opening a committed checkpoint for reading: ``index.json``, the shards, their headers, the tree.
+
+:func:`load_index` reads and checks ``index.json`` only (what the lazy inspector needs);
+:class:`OpenShards` opens every shard before any is read; :func:`read_shard_headers` then
+validates every shard header against the index (what a restore needs before it touches any
+object); :func:`state_tree` rebuilds the non-tensor state with each tensor's place filled in.
+
+Why the I/O is here and the parsing is not: ``_format`` parses the index and the headers from
+bytes, so one parser serves a local file, a ranged GET and a test; this module is the edge that
+asks a :class:`Storage` for those bytes and turns its failures into the checkpoint errors they mean.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import xxhash
+
+from torchckpt._format import dtypes as format_dtypes
+from torchckpt._format import header as format_header
+from torchckpt._format import index as format_index
+from torchckpt._format import tree as format_tree
+from torchckpt._format.dtypes import TensorInfo
+from torchckpt._format.index import Index
+from torchckpt._format.spec import INDEX_FILE, MAX_INDEX_SIZE, SHARDED_FORMAT_VERSION, TORCHCKPT_KEY
+from torchckpt._paths import join
+from torchckpt._storage.base import Source, Storage
+from torchckpt.errors import (
+    CheckpointDeletedError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    format_keys,
+    shard_missing,
+    shard_size_mismatch,
+    shard_unreadable,
+)
+
+
+def load_index(directory: str, storage: Storage) -> Index:
+    """Read and check ``DIRECTORY/index.json`` on ``storage``: its seal, then every field a reader uses.
+
+    Raises:
+        CheckpointNotFoundError: there is no committed checkpoint at ``directory``.
+        CorruptCheckpointError: the index is damaged, malformed, hostile, or from an unknown format
+            version; ``.path`` is the checkpoint directory.
+    """
+    try:
+        return format_index.parse_index(directory, _read_index(directory, storage))
+    except CorruptCheckpointError as e:
+        if e.path is None:
+            e.path = directory
+        raise
+
+
+def _read_index(directory: str, storage: Storage) -> bytes:
+    path = join(directory, INDEX_FILE)
+    try:
+        return storage.read_file(path, MAX_INDEX_SIZE, "Index")
+    except CheckpointDeletedError:  # an object store saw it go between two requests, or being deleted
+        raise
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(
+            f"No checkpoint at {directory}: {INDEX_FILE} is missing. A checkpoint directory appears only "
+            "once it is completely written; check the path (for a manager's directory, pass the directory "
+            "itself to get its latest checkpoint).",
+            directory,
+        ) from None
+    except NotADirectoryError:
+        raise CheckpointNotFoundError(f"No checkpoint at {directory}: it is not a directory.", directory) from None
+    except OSError as e:
+        raise CorruptCheckpointError(f"Cannot read {path}: {e.strerror or e}.", directory) from e
+
+
+class OpenShards:
+    """Every shard of a checkpoint, all opened before any is read.
+
+    On a local filesystem, holding the descriptors pins the checkpoint's bytes: a manager's
+    retention may delete the directory meanwhile (a validation process reading while training
+    saves), and the reads still see every byte they planned on. Only a deletion before the shards
+    are open is noticed, as :class:`CheckpointDeletedError`. An object store has no such pin: a
+    shard deleted during the read is a :class:`CheckpointDeletedError` when it is read.
+    """
+
+    def __init__(self, index: Index, storage: Storage) -> None:
+        self.directory = index.directory
+        self.storage = storage
+        self.blocks = index.blocks  # format 3's block checksums, for reads of part of a tensor
+        self.sources: dict[str, Source] = {}
+        try:
+            for shard in index.shards:
+                path = join(index.directory, shard["file"])
+                try:
+                    self.sources[shard["file"]] = self.storage.open(path, "Shard")
+                except FileNotFoundError:
+                    raise missing_member(index.directory, path, self.storage) from None
+                except OSError as e:
+                    raise CorruptCheckpointError(shard_unreadable(path, e, "open"), path) from e
+        except BaseException:
+            self.close()
+            raise
+
+    def path(self, file: str) -> str:
+        return join(self.directory, file)
+
+    def close(self) -> None:
+        sources, self.sources = self.sources, {}
+        for source in sources.values():
+            source.close()
+
+    def __enter__(self) -> OpenShards:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def missing_member(directory: str, path: str, storage: Storage) -> CheckpointError:
+    """The error for a shard that is not there: the checkpoint was deleted, or is corrupt."""
+    if not storage.exists(join(directory, INDEX_FILE)):
+        return CheckpointDeletedError(
+            f"Checkpoint {directory} was deleted while it was being read (a manager's max_to_keep, usually); "
+            "read a newer checkpoint.",
+            directory,
+        )
+    return CorruptCheckpointError(shard_missing(path, INDEX_FILE), path)
+
+
+def read_header(source: Source, file_name: str) -> tuple[list[TensorInfo], dict[str, str], int]:
+    """Read, parse and validate the safetensors header of the open file ``source``.
+
+    Returns:
+        The tensors in file order, the ``__metadata__`` dict, and the file's size in bytes.
+
+    Raises:
+        CorruptCheckpointError: not a well-formed safetensors file, or unreadable.
+    """
+    path, size = source.path, source.size
+    try:
+        n = format_header.header_length(source.read(0, format_header.PREFIX_BYTES), path, size)
+        raw = source.read(format_header.PREFIX_BYTES, n)
+    except OSError as e:
+        raise CorruptCheckpointError(shard_unreadable(path, e), path) from e
+    if len(raw) < n:
+        raise CorruptCheckpointError(f"{path} is truncated: it ended inside its header.", path)
+    return (*format_header.parse_header(raw, path, file_name, size), size)
+
+
+def read_shard_headers(index: Index, shards: OpenShards, trust_header_checksums: bool = True) -> dict[str, TensorInfo]:
+    """Validate every shard against the index; return stored name -> location (aliases resolved).
+
+    Every shard's header must describe exactly the index's tensors for it, in the table's order,
+    with the table's dtypes and shapes: then the table's offsets and the header's are the same
+    bytes, whichever a reader uses. With ``trust_header_checksums`` a shard whose header hashes
+    to its recorded checksum skips the full parse (see :func:`_exact_header`); ``verify`` parses
+    every header.
+
+    Raises:
+        CorruptCheckpointError: a shard is truncated, resized or disagrees with the index.
+    """
+    infos: dict[str, TensorInfo] = {}
+    position = 0
+    where = f" in {INDEX_FILE} of {index.directory}"
+    dtypes = {d: format_dtypes.str_to_dtype(d, where) for d in set(index.dtypes)}
+    try:
+        checksums = format_dtypes.parse_checksums(index.checksum_text)
+    except ValueError as e:
+        raise format_index.corrupt_index(index.directory, f"the tensor table's checksums are malformed ({e})") from None
+    for shard in index.shards:
+        file, count = shard["file"], shard["tensors"]
+        path, source = shards.path(file), shards.sources[file]
+        found = _exact_header(index, shard, position, dtypes, checksums, source) if trust_header_checksums else None
+        if found is None:
+            found = _parsed_header(index, shard, position, checksums, source, path)
+        infos.update(zip(index.names[position : position + count], found))
+        position += count
+    for alias, target in index.aliases.items():
+        if target in infos:  # in format 2 a target may be a chunked tensor, resolved by its logical name
+            infos[alias] = infos[target]
+    return infos
+
+
+def _parsed_header(index: Index, shard: dict[str, Any], position: int, checksums: tuple[int, ...],
+                   source: Source, path: str) -> list[TensorInfo]:
+    """The shard's tensors in table order, from its fully parsed and validated header."""
+    file, count = shard["file"], shard["tensors"]
+    found, _, size = read_header(source, file)
+    if size != shard["size"]:
+        raise CorruptCheckpointError(
+            shard_size_mismatch(path, size, shard["size"], INDEX_FILE),
+            path,
+        )
+    expected = index.names[position : position + count]
+    in_file = [t.name for t in found]  # file order
+    if in_file != expected:
+        diff = sorted(set(in_file) ^ set(expected)) or [a for a, b in zip(in_file, expected) if a != b]
+        raise CorruptCheckpointError(
+            f"Shard {path} does not hold the tensors {INDEX_FILE} lists for it, in its order "
+            f"(differs in: {format_keys(diff, 5)}).",
+            path,
+        )
+    out = []
+    for j, info in enumerate(found, position):
+        name = info.name
+        where = f"for tensor {name!r} in {INDEX_FILE}"
+        if format_dtypes.str_to_dtype(index.dtypes[j], where) != info.dtype or format_dtypes.parse_shape_key(
+            index.shapes[j], where
+        ) != info.shape:
+            raise CorruptCheckpointError(
+                f"Tensor {name!r}: {INDEX_FILE} says {index.dtypes[j]} [{index.shapes[j]}] but shard {file} "
+                f"holds {format_dtypes.dtype_to_str(info.dtype)} {list(info.shape)}.",
+                path,
+            )
+        out.append(info._replace(checksum=checksums[j]))
+    return out
+
+
+def _exact_header(index: Index, shard: dict[str, Any], position: int, dtypes: dict[str, torch.dtype],
+                  checksums: tuple[int, ...], source: Source) -> list[TensorInfo] | None:
+    """The shard's tensors when its header is the one written for this index's table, else None.
+
+    The writer encodes each header from the table (``_format.header.encode_header_pieces``) and
+    records its xxh3-64. When the file starts with exactly the bytes the table encodes to, hashing
+    to the recorded checksum, and has the recorded size, the header lists the table's names, dtypes
+    and shapes in its order, so the offsets follow from the table without parsing thousands of JSON
+    entries. Comparing with the table's own encoding, not only with the recorded checksum, matters:
+    an index rewritten and resealed (a chunk's name given to another chunk's bytes) leaves the
+    header unchanged. Anything else (an index without header checksums, another writer, a
+    tampered file or index) goes through the full validating parser.
+    """
+    recorded = shard.get("header_checksum")
+    if not isinstance(recorded, str) or source.size != shard["size"]:
+        return None
+    end = position + shard["tensors"]
+    names = index.names[position:end]
+    dts = [dtypes[d] for d in index.dtypes[position:end]]
+    shapes = [format_dtypes.size_of(s) for s in index.shapes[position:end]]
+    sizes = list(map(format_dtypes.nbytes_of, shapes, dts))
+    try:
+        expected = b"".join(format_header.encode_header_pieces(zip(names, dts, shapes, sizes)))
+    except ValueError:  # over the header size limit: not a header this writer wrote
+        return None
+    starts = list(itertools.accumulate(sizes, initial=len(expected)))
+    if starts[-1] != source.size or xxhash.xxh3_64_hexdigest(expected) != recorded:
+        return None
+    view, offset = memoryview(expected), 0
+    while offset < len(expected):  # a 20,000-tensor header is megabytes: compared a bounded piece at a time
+        piece = source.read(offset, min(len(expected) - offset, _HEADER_CHUNK))
+        if not piece or view[offset : offset + len(piece)] != piece:
+            return None
+        offset += len(piece)
+    # Built by C-level calls only: 20,000 tensors take a few milliseconds.
+    return list(map(_NEW_INFO, zip(names, itertools.repeat(shard["file"]), dts, shapes, starts, sizes,
+                                   checksums[position:end])))
+
+
+_HEADER_CHUNK = 2**20
+_NEW_INFO = functools.partial(tuple.__new__, TensorInfo)
+
+
+def state_tree(index: Index, resolve: Callable[[str], Any], rank: int = 0) -> Any:
+    """Decode the typed non-tensor tree with each tensor name resolved by ``resolve``.
+
+    In format 2, a chunked tensor resolves to a :class:`~torchckpt._format.chunks.ChunkedInfo` of its
+    chunks, and ``rank`` picks the per-rank values (``@per_rank``, tensors named ``~r<rank>``).
+    """
+    try:
+        state = index.section.get("state", {})
+        names: Any = itertools.chain(index.names, index.aliases)
+        if index.raw[TORCHCKPT_KEY]["format_version"] >= SHARDED_FORMAT_VERSION:
+            state = format_tree.select_rank(state, rank, index.world_size)
+            names, resolve = index.layout.view(index.names, index.aliases, rank, resolve)
+        trie = format_tree.build_trie(names)
+        tree = format_tree.decode(state, trie, resolve)
+        if not isinstance(tree, dict) or not all(type(k) is str for k in tree):
+            raise CorruptCheckpointError("the state tree's root is not an object of tracked names")
+        return tree
+    except CorruptCheckpointError as e:
+        if e.path is not None:
+            raise
+        raise CorruptCheckpointError(f"{join(index.directory, INDEX_FILE)}: {e}", index.directory) from None
+
+
+def rank_view(index: Index, rank: int) -> tuple[Any, dict[str, str], dict[str, str]]:
+    """A format-2 checkpoint as one rank's single-process checkpoint: the state tree with that
+    rank's per-rank values, each tensor name it then holds -> the name a reader knows the tensor
+    by (a chunked tensor's logical name, a per-rank tensor's stored ``~r`` name), and the aliases.
+    A format-1 index is returned as it is."""
+    state = index.section.get("state", {})
+    if index.raw[TORCHCKPT_KEY]["format_version"] < SHARDED_FORMAT_VERSION:
+        return state, {n: n for n in index.names}, dict(index.aliases)
+    names = index.layout.rank_names(index.names, rank)
+    return format_tree.select_rank(state, rank, index.world_size), names, dict(index.aliases)

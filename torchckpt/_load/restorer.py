@@ -1,0 +1,97 @@
+"""The one restore path of a checkpoint: resolve, open, plan, execute; one process or every rank.
+
+1. resolve: the checkpoint to read (a directory of checkpoints names its latest; on several
+   ranks rank 0 decides, once, for everyone);
+2. open: the index, and every shard at once, so that a deletion from then on cannot touch the read;
+3. plan: match the tracked objects to the saved state tree (``match``); the tree is dropped
+   before any tensor is read, and only the plan stays in memory;
+4. execute: read the planned tensors file by file, straight into their destinations, then run
+   the loads (``plan.execute``).
+
+On several ranks every rank restores its own part, and a failure on any rank is raised on every
+rank; a rank whose part was restored when another failed says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torchckpt._dist import coordinator as dist_coordinator
+from torchckpt._dist.coordinator import AnyCoordinator
+from torchckpt._format import index as format_index
+from torchckpt._format.spec import SAVE_COUNTER
+from torchckpt._history import members as history_members
+from torchckpt._load import opened
+from torchckpt._load.match import Matcher, Tracking
+from torchckpt._load.plan import MISSING, Plan, execute, plan_value
+from torchckpt._load.report import MismatchReport
+from torchckpt._storage.base import Storage
+from torchckpt._threads import gc_paused
+from torchckpt.errors import RESTORED_ON_THIS_RANK, CorruptCheckpointError
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a restore writes into: a checkpoint's tracked objects (assigned into by name), how to see
+    what they are, and where its ``save_counter`` goes (None: not expected, as ``Checkpoint.read``)."""
+
+    tracked: dict[str, Any]
+    tracking: Tracking
+    set_counter: Callable[[int], None] | None
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What a restore did: the mismatches it skipped, and the checkpoint it read."""
+
+    report: MismatchReport
+    directory: str
+
+
+def restore(target: Target, storage: Storage, path: str, coord: AnyCoordinator, plan: Plan, verify: bool,
+            progress: bool | None) -> Restored:
+    """Restore ``target`` from ``path`` (a checkpoint, or a directory of them: its latest)."""
+    if not coord.is_collective:
+        with gc_paused():
+            directory = history_members.resolve_checkpoint(path, storage)
+            return _restore_from(target, storage, directory, plan, verify, progress)
+    plan.rank = coord.rank
+    coord.consequence = "Nothing was restored."
+
+    def choose() -> str:
+        return history_members.resolve_checkpoint(path, storage)
+
+    def restore_mine(directory: str) -> Restored:
+        with gc_paused():
+            return _restore_from(target, storage, directory, plan, verify, progress if coord.rank == 0 else False)
+
+    return dist_coordinator.run_collectively(coord, f"Restoring {path}", choose, restore_mine, RESTORED_ON_THIS_RANK)
+
+
+def _restore_from(target: Target, storage: Storage, directory: str, plan: Plan, verify: bool,
+                  progress: bool | None) -> Restored:
+    index = opened.load_index(directory, storage)
+    with opened.OpenShards(index, storage) as shards:  # opened together: a deletion from here on cannot touch the read
+        _plan(target, index, shards, plan)
+        del index  # only the plan stays in memory while tensors are read
+        execute(plan, shards, verify, progress)
+    return Restored(plan.report, directory)
+
+
+def _plan(target: Target, index: format_index.Index, shards: opened.OpenShards, plan: Plan) -> None:
+    """Match the checkpoint against the tracked objects into ``plan``. The state tree is dropped on
+    return, before any tensor is read."""
+    infos = opened.read_shard_headers(index, shards)
+    saved = opened.state_tree(index, infos.__getitem__, plan.rank)
+    del infos
+    Matcher(plan, target.tracking).checkpoint(target.tracked, saved, "", SAVE_COUNTER)
+    if target.set_counter is not None:
+        counter = saved.get(SAVE_COUNTER, MISSING)
+        if counter is not MISSING and not (type(counter) is int and 0 <= counter < 2**63):
+            raise CorruptCheckpointError(
+                f"{index.directory}: save_counter is {counter!r}, not a non-negative integer.", index.directory
+            )
+        set_counter = target.set_counter
+        plan_value(SAVE_COUNTER, counter, lambda v: set_counter(int(v)), plan)

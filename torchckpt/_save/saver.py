@@ -1,0 +1,129 @@
+"""The one write path of a checkpoint: one process or every rank, now or in the background.
+
+Every save runs the same steps, on every rank, in program order:
+
+1. wait for the write in flight (one at a time per checkpoint; its failure is raised here);
+2. capture the state now: every tracked object's tensors and the encoded tree (``capture``);
+3. plan: one process groups its tensors into shards (format 1); several ranks exchange what each
+   holds, agree, and plan every rank's files (format 2, ``collective``);
+4. write the shards and the index, and commit, here or on the checkpoint's background writer
+   (``background``), then run the caller's ``after`` hook (a manager records the checkpoint and
+   applies retention).
+
+A single process goes through the same driver with a :class:`~torchckpt._dist.coordinator.Solo`
+coordinator, so the only branch on the number of ranks is the choice of the format in step 3.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from torchckpt._dist import coordinator as dist_coordinator
+from torchckpt._dist import dtensor as dist_dtensor
+from torchckpt._dist.coordinator import AnyCoordinator
+from torchckpt._format import spec
+from torchckpt._save import collective
+from torchckpt._save.background import AsyncWriter
+from torchckpt._save.capture import WriteJob, capture
+from torchckpt._save.options import NO_HOOKS, SaveHooks, SaveOptions
+from torchckpt._storage.base import Storage
+from torchckpt._threads import gc_paused
+
+
+@dataclass(frozen=True)
+class Source:
+    """What the driver needs from the checkpoint it saves, without importing it.
+
+    ``state(distributed)`` is what each tracked object saves, by name; ``objects()`` names the kind
+    of each; ``writer()`` is the checkpoint's own background writer (made on first use); ``wait()``
+    waits for its write in flight and raises that write's failure.
+    """
+
+    state: Callable[[bool], dict[str, Any]]
+    objects: Callable[[], dict[str, str]]
+    writer: Callable[[], AsyncWriter]
+    wait: Callable[[], None]
+
+
+def save(source: Source, storage: Storage, path: str, coord: AnyCoordinator, options: SaveOptions,
+         hooks: SaveHooks = NO_HOOKS) -> None:
+    """Save ``source`` to ``path`` on ``storage``: the steps of the module docstring.
+
+    Without ``options.replace``, a checkpoint already at ``path`` raises ``AlreadyCommitted``. On
+    several ranks (called inside the call's ``failures_shared``), every failure before the writes
+    (a previous background failure, a ``state_dict()`` that raises, a value that cannot be stored)
+    fails the call on every rank.
+    """
+    if coord.is_collective:
+        _save_by_every_rank(source, storage, path, coord, options, hooks)
+        return
+    source.wait()  # one write in flight; raises a previous background failure
+
+    def run() -> None:
+        with gc_paused():
+            job.run(storage, path, options.max_shard_size, options.progress, options.replace)
+        if hooks.after is not None:
+            hooks.after()
+
+    # One pause over capture and write: re-enabling the collector in between would make it sweep
+    # the tens of thousands of small objects the capture has just made.
+    with gc_paused():
+        job = _capture(source, options, distributed=False)
+        if not options.async_save:
+            run()
+            return
+        writer = source.writer()
+        job.stored, job.aliases = writer.snapshot(dist_dtensor.localize(job.stored))
+    writer.submit(run, path)
+
+
+def _capture(source: Source, options: SaveOptions, distributed: bool) -> WriteJob:
+    state = source.state(distributed)
+    state[spec.SAVE_COUNTER] = options.save_counter
+    prepare = not options.async_save and not distributed
+    return capture(state, source.objects(), options.metadata, dist_dtensor.localize if prepare else None)
+
+
+def _save_by_every_rank(source: Source, storage: Storage, path: str, coord: AnyCoordinator, options: SaveOptions,
+                        hooks: SaveHooks) -> None:
+    """Capture, exchange and plan here, in program order on every rank, and for an asynchronous
+    save the copy into host memory; then the writes, the commit and the outcome, on the background
+    thread for an asynchronous save, coordinating through keys of their own in the c10d Store
+    (never through collectives on the training group).
+
+    Everything that may fail on one rank alone runs inside the first exchange, so that it fails
+    this call on every rank instead of leaving the others waiting to pair with the next call."""
+    assert isinstance(coord, dist_coordinator.Coordinator)
+
+    def state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        source.wait()  # one write in flight; raises a previous background failure
+        job = _capture(source, options, distributed=True)
+        return job.stored, job.section
+
+    with gc_paused():
+        prepared = collective.prepare(coord, path, state, options.max_shard_size)
+        scope = coord.scope() if options.async_save else coord
+        if options.async_save:  # a copy that fails on one rank (out of memory) fails the save on every rank, now
+            dist_coordinator.agree(coord, "Saving " + path, lambda: _snapshot(source.writer(), prepared))
+
+    def run() -> None:
+        with gc_paused():
+            result = collective.finish(scope, storage, prepared, False if options.async_save else options.progress,
+                                       options.replace, hooks.after)
+        if hooks.adopt is not None and coord.rank != 0:
+            hooks.adopt(result)
+
+    if not options.async_save:
+        run()
+        return
+    source.writer().submit(run, path)
+
+
+def _snapshot(writer: AsyncWriter, prepared: collective.Prepared) -> None:
+    """Copy this rank's tensors of a save by several ranks into the writer's host memory."""
+    views, aliases = writer.snapshot(prepared.captured.local)
+    prepared.captured.local = {n: views[aliases.get(n, n)] for n in prepared.captured.local}
