@@ -133,6 +133,7 @@ def test_consolidate_writes_a_single_process_checkpoint_that_restores_with_asser
 
 MEASURE = """
 import sys
+from torchckpt import load_checkpoint
 from torchckpt._storage.registry import storage_for
 from torchckpt._tools.consolidate import consolidate
 
@@ -141,7 +142,7 @@ def status(field):  # VmHWM, not ru_maxrss: after fork and exec that can still r
         return next(int(line.split()[1]) for line in f if line.startswith(field)) * 1024
 
 base = status("VmRSS")
-consolidate(sys.argv[1], sys.argv[2], storage_for(sys.argv[2]))
+consolidate(load_checkpoint(sys.argv[1]), sys.argv[2], storage_for(sys.argv[2]))
 print(status("VmHWM") - base)
 """
 

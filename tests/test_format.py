@@ -52,7 +52,7 @@ SEAL = ',\n "checksum": "%s"\n}\n'  # the seal: the xxh3-64 of every byte before
 
 
 def test_golden_shard_header():
-    header = format_header.encode_header([("a", torch.float32, (2,), 8), ("b", torch.int8, (), 1)])
+    header = b"".join(format_header.encode_header_pieces([("a", torch.float32, (2,), 8), ("b", torch.int8, (), 1)]))
     assert header == GOLDEN_HEADER
     assert (len(header)) % 8 == 0  # the data section starts 8-byte aligned
 
@@ -86,7 +86,7 @@ def test_large_index_is_streamed_as_the_same_json(tmp_path):
     torchckpt.Checkpoint(many=many, odd=odd).write(tmp_path / "c", max_shard_size=2000)
     text = (tmp_path / "c" / "index.json").read_text()
     index = json.loads(text)
-    assert format_document.dumps_layout(index).decode() == text
+    assert b"".join(format_document.sealed_pieces({k: v for k, v in index.items() if k != "checksum"})).decode() == text
     assert len(index["weight_map"]) == count + 3 and len(index["torchckpt"]["shards"]) > 2
     for shard in index["torchckpt"]["shards"]:
         with open(tmp_path / "c" / shard["file"], "rb") as f:
@@ -104,7 +104,7 @@ def test_header_pieces_join_to_the_header():
     entries = [(f"n{i}", torch.float32, (i,), 4 * i) for i in range(3000)]
     pieces = format_header.encode_header_pieces(entries)
     header = b"".join(pieces)
-    assert len(pieces) > 3 and header == format_header.encode_header(entries)
+    assert len(pieces) > 3
     (n,) = struct.unpack("<Q", header[:8])
     parsed = json.loads(header[8:])
     assert len(header) == 8 + n and len(header) % 8 == 0

@@ -468,7 +468,7 @@ def test_a_failed_construction_releases_the_directory(tmp_path, disk):
     disk.fail("remove_leftovers", OSError(errno.ENOSPC, "No space left on device"))  # after the claim
     with pytest.raises(OSError):
         CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), tmp_path)
-    assert disk.called("claim") and not lock.holds(str(tmp_path))
+    assert disk.called("claim") and not LOCAL.holds(str(tmp_path))
     disk.heal()
     code = f"import torch, torchckpt; torchckpt.CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), {str(tmp_path)!r}).save()"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)  # another process may claim it
@@ -502,7 +502,7 @@ def test_get_checkpoint_state_is_a_read_only_view(tmp_path):
     assert names(state.all) == ["ckpt-1", "ckpt-3", "ckpt-4", "ckpt-99"]
     assert state.latest.endswith("ckpt-4") and state.metrics[str(tmp_path / "ckpt-3")] == {"loss": 0.7}
     mgr.close()
-    assert torchckpt.get_checkpoint_state(tmp_path) == state and not lock.holds(str(tmp_path))  # takes no claim
+    assert torchckpt.get_checkpoint_state(tmp_path) == state and not LOCAL.holds(str(tmp_path))  # takes no claim
 
 
 # -- C19: the ranking is the directory's -------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The manager's history recovery (``_recover.recover``) against a table of crash cases.
+"""The manager's history recovery (``_history.recover.recover``) against a table of crash cases.
 
 Each case is what a crash (or a person) leaves in a directory, as :class:`OnDisk`, and the whole
 :class:`Recovered` history the manager takes from it at ``NOW``.

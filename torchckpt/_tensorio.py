@@ -319,20 +319,6 @@ def read_many(source: Source, reads: list[tuple[torch.Tensor, Any]], verify: boo
     return None
 
 
-def hash_file_range(source: Source, start: int, end: int) -> int:
-    """xxh3-64 of bytes ``[start, end)`` of a file, read in bounded chunks."""
-    hasher = xxhash.xxh3_64()
-    buf = bytearray(min(CHUNK_BYTES, max(1, end - start)))
-    view = memoryview(buf)
-    offset = start
-    while offset < end:
-        part = view[: min(len(view), end - offset)]
-        source.readv([part], offset)
-        hasher.update(part)
-        offset += len(part)
-    return hasher.intdigest()
-
-
 def digest_tensor(t: torch.Tensor) -> int:
     """xxh3-64 of a tensor's bytes in row-major order, wherever it lives."""
     hasher = xxhash.xxh3_64()

@@ -19,7 +19,6 @@ from torchckpt._dist import coordinator as dist_coordinator
 from torchckpt._dist.coordinator import AnyCoordinator
 from torchckpt._format import spec
 from torchckpt._format import tree as format_tree
-from torchckpt._history import members as history_members
 from torchckpt._history import state as history_state
 from torchckpt._load import loaders, restorer
 from torchckpt._load.match import Tracking, is_stateful
@@ -33,6 +32,8 @@ from torchckpt._storage.base import Storage
 from torchckpt._storage.registry import storage_for
 from torchckpt.restore import RestoreStatus
 from torchckpt.rng import RNGState
+
+__all__ = ["Checkpoint"]
 
 PathLike = str | os.PathLike[str]
 
@@ -203,8 +204,10 @@ class Checkpoint:
             "Saving " + path,  # every rank must make this same call: its arguments are compared first
             {"call": "Checkpoint.write", "path": path, **save_arguments(max_shard_size, async_save)})
         with coord.failures_shared():
+            storage = storage_for(path, storage_options)
+            self.wait_until_finished()  # one write in flight; raises a previous background failure
             options = SaveOptions.checked(self.save_counter, max_shard_size, progress, metadata, async_save)
-            saver.save(self._source(), storage_for(path, storage_options), path, coord, options)
+            saver.save(self._source(), storage, path, coord, options)
         return path
 
     def _source(self) -> saver.Source:
@@ -252,6 +255,7 @@ class Checkpoint:
              **save_arguments(max_shard_size, async_save)})
         with coord.failures_shared():
             storage = storage_for(prefix, storage_options)
+            self.wait_until_finished()  # one write in flight; raises a previous background failure
             options = SaveOptions.checked(number, max_shard_size, progress, metadata, async_save)
 
             def record() -> None:
@@ -313,15 +317,14 @@ class Checkpoint:
                  plan: Plan, verify: bool, progress: bool | None,
                  set_counter: Callable[[int], None] | None) -> RestoreStatus:
         with coord.failures_shared():
-            # Before any exchange: a background save in flight uses the Store too (one operation at
-            # a time per process), so waiting inside an exchange would deadlock it. Also, never read a
-            # checkpoint this object is still writing.
-            self.wait_until_finished()
+            if coord.is_collective:  # before any exchange: a background save in flight uses the Store
+                self.wait_until_finished()  # too (one operation at a time per process), so waiting inside one would deadlock
             if save_path is None:
                 coord.check_call()
                 return RestoreStatus(MismatchReport(), None)
             path = as_path(save_path)
             storage = storage_for(path, storage_options)
+            self.wait_until_finished()  # never read a checkpoint this object is still writing
             return self._restore_from(storage, path, coord, plan, verify, progress, set_counter)
 
     def _restore_from(self, storage: Storage, path: str, coord: AnyCoordinator, plan: Plan, verify: bool,
@@ -381,13 +384,3 @@ def commit(ckpt: Checkpoint, storage: Storage, path: str, coord: AnyCoordinator,
 def restore_from(ckpt: Checkpoint, storage: Storage, path: str, coord: AnyCoordinator) -> RestoreStatus:
     """:meth:`Checkpoint.restore` of ``path`` on ``storage`` (a manager's own), within the manager's call."""
     return ckpt._restore_from(storage, path, coord, Plan(), True, None, ckpt._set_save_counter)
-
-
-def resolve_checkpoint(path: PathLike, storage_options: dict[str, Any] | None = None) -> str:
-    """A checkpoint directory for ``path``: itself, or the latest checkpoint of a directory of them.
-
-    Raises:
-        CheckpointNotFoundError: nothing committed is there.
-    """
-    p = as_path(path)
-    return history_members.resolve_checkpoint(p, storage_for(p, storage_options))

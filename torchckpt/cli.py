@@ -339,9 +339,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     def read_config(limit: int) -> bytes:  # called by the tool once the export is known to be possible
         return storage_for(args.config).read_file(args.config, limit, "Config file")
 
-    files = export.export_module(args.path, args.object, args.out, _storage(args, args.out), args.max_shard_size,
-                                 args.progress, read_config if args.config is not None else None,
-                                 _options(args, args.path))
+    reader = _load(args, args.path)
+    files = export.export_module(reader, args.object, args.out, _storage(args, args.out), args.max_shard_size,
+                                 args.progress, read_config if args.config is not None else None)
     print(f"wrote {', '.join(files)} to {args.out}")
     return 0
 
@@ -352,9 +352,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_consolidate(args: argparse.Namespace) -> int:
     from torchckpt._tools.consolidate import consolidate
 
-    done = consolidate(args.path, args.out, _storage(args, args.out), rank=args.rank,
-                       max_shard_size=args.max_shard_size, progress=args.progress,
-                       storage_options=_options(args, args.path))
+    reader = _load(args, args.path)
+    done = consolidate(reader, args.out, _storage(args, args.out), rank=args.rank,
+                       max_shard_size=args.max_shard_size, progress=args.progress)
     kept = (f"; {plural(done['per_rank_values'], 'per-rank value')} as rank {done['rank']} saved them"
             if done["per_rank_values"] else "")
     print(f"wrote {done['out']}: {plural(done['tensors'], 'tensor')}, {human_bytes(done['bytes'])} in "

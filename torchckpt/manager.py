@@ -137,12 +137,14 @@ class CheckpointManager:
         self._coord = dist_coordinator.coordinator_for(process_group, timeout_secs)
         self._preempted = False
         self.last_restore: RestoreStatus | None = None  # the status of the last restore_or_initialize's restore
-        self._open({
+        rebuilt = self._open({
             "call": "CheckpointManager", "directory": self._directory, "checkpoint_name": checkpoint_name,
             "max_to_keep": max_to_keep, "keep_checkpoint_every_n_hours": keep_checkpoint_every_n_hours,
             "checkpoint_interval": checkpoint_interval, "keep_best": keep_best,
             "best_metric": best_metric if isinstance(best_metric, str) else None, "best_mode": best_mode,
             "save_counter": checkpoint.save_counter, **save_arguments(max_shard_size, async_save)})
+        for message in rebuilt:  # what recovering the history rebuilt (rank 0), at the caller's line
+            warnings.warn(message, stacklevel=2)
         try:
             self._preemption = PreemptionWatch(preemption_signals)
         except BaseException:
@@ -150,11 +152,14 @@ class CheckpointManager:
                 self._storage.release(self._directory)
             raise
 
-    def _open(self, arguments: dict[str, Any]) -> None:
+    def _open(self, arguments: dict[str, Any]) -> list[str]:
         """Claim the directory and load its history: rank 0 alone touches the directory, and the
-        other ranks take its view of the history (the same call on every rank, compared first)."""
+        other ranks take its view of the history (the same call on every rank, compared first).
+        Returns the warnings of the recovery (rank 0's)."""
+        rebuilt: list[str] = []
+
         def open_on_rank_0() -> dict[str, Any] | None:
-            self._open_and_load(arguments["best_mode"])
+            rebuilt.extend(self._open_and_load(arguments["best_mode"]))
             return self._ledger.mirror(self._read_only) if self._coord.is_collective else None
 
         what = f"Opening {self._directory}"
@@ -165,11 +170,12 @@ class CheckpointManager:
             state = self._adopt(mirror)
             ranking = self._ledger.ranking
             self._ledger.ranking = resolve_ranking(state, ranking.keep_best, ranking.best_metric, arguments["best_mode"])
+        return rebuilt
 
-    def _open_and_load(self, best_mode: str | None) -> None:
+    def _open_and_load(self, best_mode: str | None) -> list[str]:
         self._read_only = self._open_directory()
         try:
-            self._ledger.load(_clock.now(), best_mode)
+            return self._ledger.load(_clock.now(), best_mode)
         except BaseException:
             if not self._read_only:
                 self._storage.release(self._directory)  # a failed construction holds nothing
@@ -375,7 +381,7 @@ class CheckpointManager:
             warnings.warn(
                 f"best_metric {best_metric!r} is not among the metrics passed to save() "
                 f"({', '.join(sorted(out)) or 'none'}); checkpoints without it never count as best.",
-                stacklevel=3,
+                stacklevel=6,  # save()'s caller: through _propose, agree_all's work and save
             )
         return out or None
 

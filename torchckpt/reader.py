@@ -211,12 +211,6 @@ class CheckpointReader:
         return [(tuple(0 for _ in shape), shape, name_of(self._file_map[stored]))]
 
     @property
-    def index(self) -> format_index.Index | None:
-        """The parsed ``index.json`` of a torchckpt checkpoint (None for plain safetensors), for the
-        tools that read a whole checkpoint (``torchckpt verify``, ``consolidate``) through this reader."""
-        return self._index
-
-    @property
     def world_size(self) -> int:
         """How many ranks saved the checkpoint (1 for a single process's, and for plain safetensors)."""
         return self._index.world_size if self._index is not None else 1

@@ -265,50 +265,30 @@ class Coordinator:
 
 
 class Solo:
-    """The coordinator of a single process (no process group, or a group of one): every exchange
-    is this process's own payload, every call is trivially the same everywhere, and the functions
-    below (:func:`agree`, :func:`decided`, ...) just run their work, raising its own exception.
+    """The coordinator of a single process (no process group, or a group of one): every call is
+    trivially the same everywhere, nothing is exchanged, and the functions below (:func:`agree`,
+    :func:`decided`, ...) just run their work, raising its own exception.
 
-    Why a coordinator at all: the save and restore drivers then have one spelling for one process
-    and for many (as DCP's ``_DistWrapper`` turns collectives into no-ops without a group), instead
-    of an ``if coordinator is None`` at every step.
+    Why a coordinator at all: the faces and drivers then have one spelling for one process and for
+    many (as DCP's ``_DistWrapper`` turns collectives into no-ops without a group), and branch on
+    :attr:`is_collective` only where the steps really differ (the format a save writes).
     """
 
     is_collective = False
     rank = 0
     world = 1
 
-    def __init__(self, timeout_secs: float | None = None, what: str = "") -> None:
-        self.timeout_secs = float(DEFAULT_TIMEOUT_SECS if timeout_secs is None else timeout_secs)
-        self.what = what
+    def __init__(self) -> None:
         self.consequence = "Nothing was committed."
 
     def call(self, what: str, arguments: dict[str, Any]) -> Solo:
-        return Solo(self.timeout_secs, what)
-
-    def scope(self) -> Solo:
-        return self
+        return Solo()
 
     def failures_shared(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
 
     def check_call(self) -> None:
         pass
-
-    def all_gather(self, tag: str, payload: bytes, timeout_secs: float | None = None,
-                   failed: bool = False) -> list[bytes]:
-        return [payload]
-
-    def gather(self, tag: str, payload: bytes, timeout_secs: float | None = None) -> list[bytes] | None:
-        return [payload]
-
-    def broadcast(self, tag: str, payload: bytes | None, timeout_secs: float | None = None) -> bytes:
-        assert payload is not None
-        return payload
-
-    @property
-    def outcome_timeout_secs(self) -> float:
-        return self.timeout_secs
 
 
 AnyCoordinator = Coordinator | Solo
@@ -424,7 +404,7 @@ def run_collectively(coord: AnyCoordinator, what: str, choose: Callable[[], str]
 def agree(coord: AnyCoordinator, what: str, work: Callable[[], T], done: str | None = None) -> T:
     """Every rank runs ``work``; a failure on any rank is raised on every rank (the same error, with
     ``done`` added on the ranks whose own work had succeeded)."""
-    if not coord.is_collective:
+    if isinstance(coord, Solo):
         return work()
     result: T | None = None
     error, mine = None, {}
@@ -442,7 +422,7 @@ def agree(coord: AnyCoordinator, what: str, work: Callable[[], T], done: str | N
 def agree_all(coord: AnyCoordinator, what: str, work: Callable[[], T]) -> list[T]:
     """Every rank runs ``work`` (returning JSON) and gets every rank's result, in rank order; a
     failure on any rank is raised on every rank (the same error)."""
-    if not coord.is_collective:
+    if isinstance(coord, Solo):
         return [work()]
     error: Exception | None = None
     mine: dict[str, Any] = {}
@@ -459,7 +439,7 @@ def agree_all(coord: AnyCoordinator, what: str, work: Callable[[], T]) -> list[T
 
 def decided(coord: AnyCoordinator, what: str, decide: Callable[[], Any]) -> Any:
     """Rank 0 runs ``decide`` and every rank gets its JSON answer, or raises its failure."""
-    if not coord.is_collective:
+    if isinstance(coord, Solo):
         return decide()
     coord.check_call()
     if coord.rank == 0:
@@ -481,5 +461,5 @@ def coordinator_for(process_group: Any, timeout_secs: float | None) -> AnyCoordi
     """The coordinator of ``process_group`` (the default group when None); a :class:`Solo` one when
     the call is a single process's: no process group, or a group of one."""
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(process_group) <= 1:
-        return Solo(timeout_secs)
+        return Solo()
     return Coordinator(process_group, timeout_secs)

@@ -35,24 +35,14 @@ class RawJSON:
         self.pieces = pieces
 
 
-def dumps_layout(value: Any, depth: int = 2) -> bytes:
-    """:func:`layout_pieces` joined: the bytes of ``value`` as the index lays it out."""
-    return "".join(layout_pieces(value, depth)).encode()
-
-
-def layout_pieces(value: Any, depth: int = 2) -> Iterator[str]:
+def _layout(node: Any, level: int, depth: int) -> Iterator[str]:
     """JSON with the top ``depth`` levels of objects one key per line, everything below compact,
-    and a final newline, as text pieces to write one after another.
+    as text pieces to write one after another.
 
     Readable where people look (the index's sections) and fast where it is big: an object of more
     than ``LAYOUT_MAX_LINES`` keys is written on one line, and a :class:`RawJSON` value as its
     own pieces.
     """
-    yield from _layout(value, 0, depth)
-    yield "\n"
-
-
-def _layout(node: Any, level: int, depth: int) -> Iterator[str]:
     if isinstance(node, RawJSON):
         yield from node.pieces()
     elif isinstance(node, dict) and node and level < depth and len(node) <= LAYOUT_MAX_LINES:
@@ -82,8 +72,8 @@ _SEAL_LENGTH = len(f',\n "{SEAL_KEY}": "{"0" * CHECKSUM_CHARS}"\n}}\n')
 
 
 def sealed_pieces(value: dict[str, Any], depth: int = 2) -> Iterator[bytes]:
-    """``value`` as :func:`layout_pieces` lays it out, encoded, with a last top-level key
-    ``"checksum"``: the xxh3-64 of every byte before it.
+    """``value`` laid out (its top ``depth`` levels one key per line, see ``_layout``), encoded, with
+    a last top-level key ``"checksum"``: the xxh3-64 of every byte before it.
 
     Why a seal: a flipped bit in a JSON number or string is still valid JSON, and an index whose
     Adam ``lr`` silently became 0.011 would restore "successfully". With the seal, every read

@@ -34,19 +34,12 @@ from torchckpt.errors import CorruptCheckpointError, short_repr
 PREFIX_BYTES = 8  # the header's length, before it
 
 
-def encode_header(entries: Iterable[tuple[str, torch.dtype, Sequence[int], int]]) -> bytes:
-    """The 8-byte length prefix plus the space-padded JSON header for ``(name, dtype, shape, nbytes)``.
-
-    Entries are laid out back to back in the given order.
-    """
-    return b"".join(encode_header_pieces(entries))
-
-
 _HEADER_GROUP = 1024  # entries per piece: few pieces, and never the whole header as small strings
 
 
 def encode_header_pieces(entries: Iterable[tuple[str, torch.dtype, Sequence[int], int]]) -> list[bytes]:
-    """:func:`encode_header` as a list of byte strings, for ``writev``.
+    """The 8-byte length prefix plus the space-padded JSON header for ``(name, dtype, shape, nbytes)``,
+    as a list of byte strings, for ``writev``. Entries are laid out back to back in the given order.
 
     A 20,000-tensor header is megabytes; built in pieces of ``_HEADER_GROUP`` entries it never
     exists as tens of thousands of small strings plus joined and padded copies of itself.

@@ -11,7 +11,6 @@ the ledger records, and applies the pure retention policy to what it records.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 from torchckpt._history import state as history_state
@@ -42,19 +41,18 @@ class Ledger:
         self.damaged: dict[str, str] = {}
         self._token: Any = None  # the state file's version, for a write conditional on it
 
-    def load(self, now: float, best_mode: str | None) -> None:
-        """Recover the history from the state file and the directory (warning about what was
-        rebuilt); ``best_mode`` is the manager's argument (None: the directory's)."""
+    def load(self, now: float, best_mode: str | None) -> list[str]:
+        """Recover the history from the state file and the directory; returns the warnings about
+        what was rebuilt. ``best_mode`` is the manager's argument (None: the directory's)."""
         disk, self._token = read_disk(self.directory, self.storage, self.name)
         history = recover(disk, now, self.name, self.ranking.keep_best, self.ranking.best_metric, best_mode)
-        for message in history.warnings:
-            warnings.warn(message, stacklevel=7)  # the manager's caller
         self.latest = history.latest
         self.kept = list(history.kept)
         self.preserved = list(history.preserved)
         self.last_preserved_timestamp = history.last_preserved_timestamp
         self.damaged = dict(history.damaged)
         self.ranking = history.ranking
+        return list(history.warnings)
 
     def entries(self) -> list[Entry]:
         return [*self.kept, *self.preserved]

@@ -9,7 +9,8 @@
    the loads (``plan.execute``).
 
 On several ranks every rank restores its own part, and a failure on any rank is raised on every
-rank; a rank whose part was restored when another failed says so.
+rank; a rank whose part was restored when another failed says so. A single process takes the same
+steps with a ``Solo`` coordinator, for which deciding and agreeing just run the work.
 """
 
 from __future__ import annotations
@@ -53,15 +54,12 @@ class Restored:
 def restore(target: Target, storage: Storage, path: str, coord: AnyCoordinator, plan: Plan, verify: bool,
             progress: bool | None) -> Restored:
     """Restore ``target`` from ``path`` (a checkpoint, or a directory of them: its latest)."""
-    if not coord.is_collective:
-        with gc_paused():
-            directory = history_members.resolve_checkpoint(path, storage)
-            return _restore_from(target, storage, directory, plan, verify, progress)
     plan.rank = coord.rank
     coord.consequence = "Nothing was restored."
 
-    def choose() -> str:
-        return history_members.resolve_checkpoint(path, storage)
+    def choose() -> str:  # on rank 0, for everyone
+        with gc_paused():
+            return history_members.resolve_checkpoint(path, storage)
 
     def restore_mine(directory: str) -> Restored:
         with gc_paused():

@@ -237,10 +237,6 @@ class AsyncWriter:
         if self._failure:
             raise self._failure.pop()
 
-    @property
-    def in_flight(self) -> bool:
-        return not self._done.is_set()
-
 
 def _run(job: Callable[[], None], done: threading.Event, failure: list[BaseException]) -> None:
     """Run ``job`` on the worker, record its failure, signal completion."""

@@ -15,8 +15,6 @@ import torch
 from torchckpt import _tensorio
 from torchckpt._format import dtypes as format_dtypes
 from torchckpt._format import tree as format_tree
-from torchckpt._save import write as save_write
-from torchckpt._storage.base import Storage
 from torchckpt.errors import UnsupportedStateError
 
 
@@ -93,11 +91,6 @@ class WriteJob:
     stored: dict[str, torch.Tensor]
     aliases: dict[str, str]
     section: dict[str, Any]
-
-    def run(self, storage: Storage, path: str, max_shard_size: int, progress: bool | None,
-            replace: bool = True) -> str:
-        return save_write.write_checkpoint(storage, path, self.stored, self.aliases, self.section, max_shard_size,
-                                           progress, replace)
 
 
 def capture(state: dict[str, Any], objects: dict[str, str], metadata: dict[str, Any] | None,

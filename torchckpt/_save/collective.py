@@ -50,7 +50,6 @@ from torchckpt._progress import progress_bar
 from torchckpt._save import capture as save_capture
 from torchckpt._save import plan as save_plan
 from torchckpt._save import write as save_write
-from torchckpt._save.options import parse_size
 from torchckpt._save.plan import GlobalPlan, global_plan, local_bytes
 from torchckpt._storage.base import Storage
 from torchckpt.errors import CheckpointError, CheckpointWriteError, format_keys
@@ -187,7 +186,7 @@ class Prepared:
 
 
 def prepare(coord: Coordinator, path: str, state: Callable[[], tuple[dict[str, torch.Tensor], dict[str, Any]]],
-            max_shard_size: int | str) -> Prepared:
+            max_shard_size: int) -> Prepared:
     """Steps 1 to 3: capture, exchange, plan. ``state()`` returns this rank's tensors and encoded
     tree; it runs inside the exchange (the call's first, which also compares the ranks' arguments),
     so that its failure on one rank fails the call on every rank. A value that differs across
@@ -196,7 +195,6 @@ def prepare(coord: Coordinator, path: str, state: Callable[[], tuple[dict[str, t
     failed: Exception | None = None
     section: dict[str, Any] = {}
     try:
-        size = parse_size(max_shard_size)
         tensors, section = state()
         captured = capture(tensors, section, coord.rank)
         del tensors
@@ -213,7 +211,7 @@ def prepare(coord: Coordinator, path: str, state: Callable[[], tuple[dict[str, t
     differing = differing_values(records)
     if differing:
         raise refusal(differing)
-    return Prepared(path, captured, section, global_plan(records, size))
+    return Prepared(path, captured, section, global_plan(records, max_shard_size))
 
 
 def finish(coord: Coordinator, storage: Storage, prepared: Prepared, progress: bool | None,

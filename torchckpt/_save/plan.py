@@ -15,6 +15,7 @@ The global plan is computed identically on every rank from the records every ran
 
 from __future__ import annotations
 
+import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,26 +35,31 @@ MIN_BLOCK_BYTES = 8 * 2**20  # a replicated tensor is split into row blocks of a
 class Shard:
     names: list[str] = field(default_factory=list)
     nbytes: int = 0
+    widths: array.array[int] = field(default_factory=lambda: array.array("B"), repr=False)  # element sizes
 
 
 def plan_shards(rows: Iterable[tuple[str, int, int]], max_shard_size: int) -> list[Shard]:
     """Greedy grouping of ``(name, bytes, element size)`` rows in save order; a single tensor over
     the limit gets a shard of its own. Rows, not tensors: a save, a rank's part of a save by several
-    ranks and the tools that rewrite a checkpoint all plan with this one planner."""
+    ranks and the tools that rewrite a checkpoint all plan with this one planner. Pass a generator
+    for many tensors: each row is read once, and only a byte per tensor is kept besides its name."""
     shards: list[Shard] = []
     current = Shard()
-    widths: dict[str, int] = {}
     for name, n, width in rows:
-        widths[name] = width
         if current.names and current.nbytes + n > max_shard_size:
             shards.append(current)
             current = Shard()
         current.names.append(name)
+        current.widths.append(width)
         current.nbytes += n
     if current.names or not shards:
         shards.append(current)
     for shard in shards:  # widest elements first keeps every tensor aligned to its element size
-        shard.names.sort(key=lambda k: -widths[k])
+        widths = shard.widths
+        if widths and min(widths) != max(widths):
+            order = sorted(range(len(widths)), key=lambda i: -widths[i])
+            shard.names = [shard.names[i] for i in order]
+        shard.widths = array.array("B")
     return shards
 
 

@@ -10,8 +10,9 @@ Every save runs the same steps, on every rank, in program order:
    (``background``), then run the caller's ``after`` hook (a manager records the checkpoint and
    applies retention).
 
-A single process goes through the same driver with a :class:`~torchckpt._dist.coordinator.Solo`
-coordinator, so the only branch on the number of ranks is the choice of the format in step 3.
+A single process is called with a :class:`~torchckpt._dist.coordinator.Solo` coordinator; the
+driver branches on it once, where the steps differ (step 3 and the format: one process writes
+format 1 itself, several ranks exchange and write format 3 through ``collective``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torchckpt._dist import coordinator as dist_coordinator
 from torchckpt._dist import dtensor as dist_dtensor
 from torchckpt._dist.coordinator import AnyCoordinator
 from torchckpt._format import spec
-from torchckpt._save import collective
+from torchckpt._save import collective, write
 from torchckpt._save.background import AsyncWriter
 from torchckpt._save.capture import WriteJob, capture
 from torchckpt._save.options import NO_HOOKS, SaveHooks, SaveOptions
@@ -65,7 +66,8 @@ def save(source: Source, storage: Storage, path: str, coord: AnyCoordinator, opt
 
     def run() -> None:
         with gc_paused():
-            job.run(storage, path, options.max_shard_size, options.progress, options.replace)
+            write.write_checkpoint(storage, path, job.stored, job.aliases, job.section, options.max_shard_size,
+                                   options.progress, options.replace)
         if hooks.after is not None:
             hooks.after()
 

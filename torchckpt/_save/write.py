@@ -8,7 +8,7 @@ filesystem, the index created last on an object store; see ``_storage.base``).
 Why the bookkeeping is streamed: for 20,000 small tensors, a header and an index built as
 Python objects and joined strings cost more memory than a tenth of the tensors themselves.
 Headers are encoded in pieces, digests kept in an ``array``, and ``index.json`` written piece
-by piece (see ``_format.RawJSON``). Reading is in ``_load.opened``.
+by piece (see ``_format.document.RawJSON``). Reading is in ``_load.opened``.
 """
 
 from __future__ import annotations
@@ -30,8 +30,7 @@ from torchckpt._format.spec import INDEX_FILE
 from torchckpt._paths import name_of
 from torchckpt._progress import progress_bar
 from torchckpt._save import plan as save_plan
-from torchckpt._save.options import parse_size
-from torchckpt._storage.base import AlreadyCommitted, Stage, Storage
+from torchckpt._storage.base import AlreadyCommitted, Output, Stage, Storage
 from torchckpt.errors import CheckpointWriteError
 
 # -- writing ---------------------------------------------------------------------------------
@@ -43,7 +42,7 @@ def write_checkpoint(
     stored: dict[str, torch.Tensor],
     aliases: dict[str, str],
     section: dict[str, Any],
-    max_shard_size: int | str = format_spec.DEFAULT_MAX_SHARD_SIZE,
+    max_shard_size: int = format_spec.DEFAULT_MAX_SHARD_SIZE,
     progress: bool | None = None,
     replace: bool = True,
 ) -> str:
@@ -58,7 +57,7 @@ def write_checkpoint(
         stored: name -> tensor, in save order, as returned by ``_save.capture.prepare_tensors``.
         aliases: alias name -> stored name, as returned by ``_save.capture.prepare_tensors``.
         section: extra keys for the index's ``torchckpt`` section (``state``, ``objects``, ...).
-        max_shard_size: bytes per shard (int), or a string such as ``"2GB"`` (see ``parse_size``).
+        max_shard_size: bytes per shard (``SaveOptions`` parses what a caller passed).
         progress: show a progress bar (None: on a terminal for large saves).
         replace: replace a checkpoint already at ``path``; without it, one there (even one that
             appears while this one is written) raises ``AlreadyCommitted`` and nothing changes.
@@ -69,8 +68,8 @@ def write_checkpoint(
     Raises:
         CheckpointWriteError: the system refused a write; it names the file and says what to do.
     """
-    shards = save_plan.plan_shards([(n, t.numel() * t.element_size(), t.element_size()) for n, t in stored.items()],
-                                   parse_size(max_shard_size))
+    shards = save_plan.plan_shards(((n, t.numel() * t.element_size(), t.element_size()) for n, t in stored.items()),
+                                   max_shard_size)
     try:
         stage = storage.stage(path, replace)
         files = [stage.member(format_spec.shard_name(i, len(shards))) for i in range(1, len(shards) + 1)]
@@ -100,32 +99,21 @@ def write_shards(stage: Stage, shards: list[save_plan.Shard], files: list[str], 
     records: list[dict[str, Any]] = []
     for shard, file in zip(shards, files):
         header = format_header.encode_header_pieces((n, t.dtype, t.shape, t.nbytes) for n in shard.names
-                                              for t in (stored[n],))
-        size = sum(map(len, header)) + shard.nbytes
-        shard_hash = xxhash.xxh3_64()
-        for piece in header:
-            shard_hash.update(piece)
-        header_checksum = shard_hash.hexdigest()
-        with stage.create(file, size) as out:
-            out.write([memoryview(piece) for piece in header])
-            del header  # a 20,000-tensor header is megabytes: do not hold it while writing data
-            shard_digests = _tensorio.write_tensors(out, [stored[n] for n in shard.names], on_bytes, blocks)
-            out.finish()
-        shard_hash.update(format_index.big_endian(shard_digests))
+                                                    for t in (stored[n],))
+        tensors = [stored[n] for n in shard.names]
+
+        def write_data(out: Output, tensors: list[torch.Tensor] = tensors) -> array.array[int]:
+            return _tensorio.write_tensors(out, tensors, on_bytes, blocks)
+
+        record, shard_digests = _write_shard(stage, file, header, shard.nbytes, len(tensors), write_data)
         digests.append(shard_digests)
-        records.append({
-            "file": file,
-            "size": size,
-            "checksum": f"{shard_hash.intdigest():016x}",
-            "header_checksum": header_checksum,
-            "tensors": len(shard.names),
-        })
+        records.append(record)
     return records, digests
 
 
 def _index_of(shards: list[save_plan.Shard], files: list[str], stored: dict[str, torch.Tensor], aliases: dict[str, str],
               section: dict[str, Any], records: list[dict[str, Any]], digests: list[array.array[int]]) -> dict[str, Any]:
-    """The index, with its large tables as streamed pieces (see ``_format.RawJSON``)."""
+    """The index, with its large tables as streamed pieces (see ``_format.document.RawJSON``)."""
     weight_map: Any = format_document.RawJSON(lambda: _weight_map_pieces(shards, files))
     if sum(len(shard.names) for shard in shards) <= format_spec.LAYOUT_MAX_LINES:  # small: one name a line
         weight_map = {n: file for shard, file in zip(shards, files) for n in shard.names}
@@ -185,15 +173,8 @@ def stream_shard(stage: Stage, file: str, entries: list[tuple[str, torch.dtype, 
     tensor ``i`` comes from ``read(sources[i], STREAM_BYTES)`` piece by piece (a reader's
     ``iter_bytes``), so a tool that rewrites a checkpoint holds one piece whatever the tensor's size.
     Returns the shard's index record and its per-tensor xxh3-64 digests, as :func:`write_shards` does."""
-    header = format_header.encode_header_pieces(entries)
-    shard_hash = xxhash.xxh3_64()
-    for piece in header:
-        shard_hash.update(piece)
-    header_checksum = shard_hash.hexdigest()
-    size = sum(map(len, header)) + sum(n for *_, n in entries)
-    digests: array.array[int] = array.array("Q")
-    with stage.create(file, size) as out:
-        out.write([memoryview(piece) for piece in header])
+    def write_data(out: Output) -> array.array[int]:
+        digests: array.array[int] = array.array("Q")
         for source in sources:
             tensor_hash = xxhash.xxh3_64()
             for piece in read(source, STREAM_BYTES):
@@ -201,8 +182,28 @@ def stream_shard(stage: Stage, file: str, entries: list[tuple[str, torch.dtype, 
                 out.write([memoryview(piece)])
                 on_bytes(len(piece))
             digests.append(tensor_hash.intdigest())
+        return digests
+
+    header = format_header.encode_header_pieces(entries)
+    return _write_shard(stage, file, header, sum(n for *_, n in entries), len(entries), write_data)
+
+
+def _write_shard(stage: Stage, file: str, header: list[bytes], data_bytes: int, count: int,
+                 write_data: Callable[[Output], array.array[int]]) -> tuple[dict[str, Any], array.array[int]]:
+    """One shard file: its header, then the tensors ``write_data`` writes (returning their digests).
+    Returns the shard's index record (its checksum covers the header and the tensors' digests) and
+    the digests."""
+    shard_hash = xxhash.xxh3_64()
+    for piece in header:
+        shard_hash.update(piece)
+    header_checksum = shard_hash.hexdigest()
+    size = sum(map(len, header)) + data_bytes
+    with stage.create(file, size) as out:
+        out.write([memoryview(piece) for piece in header])
+        header.clear()  # a 20,000-tensor header is megabytes: do not hold it while writing data
+        digests = write_data(out)
         out.finish()
     shard_hash.update(format_index.big_endian(digests))
     record = {"file": file, "size": size, "checksum": f"{shard_hash.intdigest():016x}",
-              "header_checksum": header_checksum, "tensors": len(entries)}
+              "header_checksum": header_checksum, "tensors": count}
     return record, digests

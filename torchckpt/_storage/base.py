@@ -181,8 +181,6 @@ class Stage(Protocol):
 class Storage(Protocol):
     """What torchckpt needs from a place checkpoints live. Paths are the caller's strings."""
 
-    is_local: bool
-    supports_conditional_writes: bool
 
     # -- reading
     def read_file(self, path: str, limit: int, what: str) -> bytes:

@@ -1,4 +1,4 @@
-"""Any fsspec URL as a :class:`~torchckpt._storage.registry.base.Storage`: object stores (S3, GCS, Azure), ``memory://``, ``file://``.
+"""Any fsspec URL as a :class:`~torchckpt._storage.base.Storage`: object stores (S3, GCS, Azure), ``memory://``, ``file://``.
 
 Why the commit is the index written last, with create-if-absent: an object store has no rename
 (``mv`` is a copy and a delete, object by object) but makes each object visible atomically once
@@ -90,7 +90,6 @@ class FsspecStorage:
             process's own: the warning is given once per process).
     """
 
-    is_local = False
 
     def __init__(self, fs: Any, protocol: str, *, part_bytes: int = upload.PART_BYTES,
                  read_part_min: int = READ_PART_MIN, read_part_max: int = READ_PART_MAX,
@@ -104,7 +103,6 @@ class FsspecStorage:
         self.is_s3 = callable(getattr(fs, "call_s3", None)) and callable(getattr(fs, "split_path", None))
         self.is_memory = protocol == "memory"
         self.is_object_store = protocol in _OBJECT_STORES
-        self.supports_conditional_writes = self.is_s3 or self.is_memory
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -322,11 +320,6 @@ class FsspecStorage:
     def remove_quietly(self, path: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(path)
-        self.fs.invalidate_cache(path)
-
-    def remove_tree(self, path: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.fs.rm(path, recursive=True)
         self.fs.invalidate_cache(path)
 
     def remove_names(self, directory: str, names: Iterable[str]) -> None:

@@ -1,4 +1,4 @@
-"""The local filesystem as a :class:`~torchckpt._storage.registry.base.Storage`: today's fast paths, behind the seam.
+"""The local filesystem as a :class:`~torchckpt._storage.base.Storage`: today's fast paths, behind the seam.
 
 Writes go through ``_storage.local_output`` (``O_DIRECT`` through reusable aligned buffers for large files),
 reads are scatter ``preadv`` straight into the destination tensors, a checkpoint is written into
@@ -125,8 +125,6 @@ class LocalStorage:
         direct_min_bytes: files this large or larger are written with direct I/O (see ``local_output``).
     """
 
-    is_local = True
-    supports_conditional_writes = True  # the directory claim makes every write the only one
 
     def __init__(self, direct_min_bytes: int = local_output.DIRECT_MIN_BYTES) -> None:
         self.direct_min_bytes = direct_min_bytes

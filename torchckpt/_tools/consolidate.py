@@ -33,24 +33,23 @@ from torchckpt._save import write as save_write
 from torchckpt._save.options import parse_size
 from torchckpt._storage.base import AlreadyCommitted, Stage, Storage
 from torchckpt.errors import CheckpointError
-from torchckpt.reader import CheckpointReader, load_checkpoint
+from torchckpt.reader import CheckpointReader
 
 Tensors = dict[str, tuple[torch.dtype, tuple[int, ...], int]]  # name -> (dtype, shape, bytes), in checkpoint order
 
 
-def consolidate(path: str, out: str, storage: Storage, *, rank: int = 0,
-                max_shard_size: int | str = format_spec.DEFAULT_MAX_SHARD_SIZE, progress: bool | None = None,
-                storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write the checkpoint at ``path`` as a single-process (format 1) checkpoint at ``out``.
+def consolidate(reader: CheckpointReader, out: str, storage: Storage, *, rank: int = 0,
+                max_shard_size: int | str = format_spec.DEFAULT_MAX_SHARD_SIZE,
+                progress: bool | None = None) -> dict[str, Any]:
+    """Write the checkpoint ``reader`` reads as a single-process (format 1) checkpoint at ``out``.
 
     Args:
-        path: a checkpoint, or a directory of them (its latest); a path or a URL.
+        reader: the checkpoint (``load_checkpoint`` of a checkpoint, or of a directory of them).
         out: the new checkpoint directory; it must not exist yet.
         storage: the storage that holds ``out`` (the command line resolves it from the path).
         rank: whose per-rank values (``PerRank``, ``RNGState``) the result keeps.
         max_shard_size: bytes per shard, or a string such as ``"5GB"``.
         progress: show a progress bar (None: on a terminal, for large checkpoints).
-        storage_options: passed to fsspec when ``path`` is a URL.
 
     Returns:
         A summary: ``path``, ``out``, ``world_size``, ``rank``, ``tensors``, ``bytes``, ``shards``.
@@ -60,15 +59,14 @@ def consolidate(path: str, out: str, storage: Storage, *, rank: int = 0,
             torchckpt checkpoint.
         CorruptCheckpointError: a chunk fails its checksum (nothing is committed).
     """
-    path, out = as_path(path), as_path(out)
-    reader = load_checkpoint(path, storage_options=storage_options)
-    index = reader.index
-    if index is None:
+    path, out = reader.path, as_path(out)
+    if reader.kind != "torchckpt":
         raise CheckpointError(f"{path} is not a torchckpt checkpoint; it is plain safetensors already.")
     world = reader.world_size
     if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world:
         raise CheckpointError(f"rank must be one of the {world} ranks that saved {reader.path} (0 to {world - 1}), "
                               f"not {rank!r}.")
+    index = load_opened.load_index(path, reader.storage)
     load_opened.state_tree(index, lambda name: None, rank)  # refuses, naming the index, a tree a restore would refuse
     state, source_of, aliases = load_opened.rank_view(index, rank)
     section = {k: v for k, v in index.section.items() if k in ("objects", "metadata")}

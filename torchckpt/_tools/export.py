@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any
 
 from torchckpt._format import dtypes as format_dtypes
 from torchckpt._format import spec, tree
@@ -29,7 +28,7 @@ from torchckpt._save import write as save_write
 from torchckpt._save.options import parse_size
 from torchckpt._storage.base import Storage
 from torchckpt.errors import CheckpointError, a_or_an
-from torchckpt.reader import CheckpointReader, load_checkpoint
+from torchckpt.reader import CheckpointReader
 
 HF_SINGLE = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
@@ -38,18 +37,17 @@ _EXPORT_FILES = (HF_INDEX, HF_CONFIG)  # with model*.safetensors: what an existi
 _CONFIG_LIMIT = 64 * 2**20  # the largest config.json copied into the folder
 
 
-def export_module(path: str, obj: str, out: str, storage: Storage,
+def export_module(reader: CheckpointReader, obj: str, out: str, storage: Storage,
                   max_shard_size: int | str = spec.DEFAULT_MAX_SHARD_SIZE, progress: bool | None = None,
-                  config: Callable[[int], bytes] | None = None,
-                  storage_options: dict[str, Any] | None = None) -> list[str]:
-    """Write the module ``obj`` of checkpoint ``path`` to the folder ``out``; returns the files written.
+                  config: Callable[[int], bytes] | None = None) -> list[str]:
+    """Write the module ``obj`` of the checkpoint ``reader`` reads to the folder ``out``; returns the files written.
 
     ``module.load_state_dict(safetensors.torch.load_file(...), strict=False)`` and Hugging Face's
     ``from_pretrained(out)`` load the result (tied names are written once, as ``save_pretrained``
     does; load with ``strict=True`` after tying them again).
 
     Args:
-        path: the checkpoint (any path ``load_checkpoint`` takes); ``storage_options`` apply to it.
+        reader: the checkpoint (``load_checkpoint`` of any path it takes).
         storage: the storage that holds ``out`` (the command line resolves it from the path).
         config: reads the ``config.json`` to copy into the folder, given a size limit; called once
             the export is known to be possible, before anything is written.
@@ -58,8 +56,7 @@ def export_module(path: str, obj: str, out: str, storage: Storage,
         CheckpointError: no such module, names that collide once prefixes are stripped, or an
             ``out`` that holds files an export would not write (it is never overwritten then).
     """
-    path, out = as_path(path), as_path(out)
-    reader = load_checkpoint(path, storage_options=storage_options)
+    path, out = reader.path, as_path(out)
     names = _module_tensors(reader, path, obj)
     local = _local_names(reader, obj, names)
     dtypes, shapes = reader.get_variable_to_dtype_map(), reader.get_variable_to_shape_map()

@@ -28,10 +28,10 @@ def verify(reader: CheckpointReader, progress: bool | None = None) -> list[str]:
     A plain safetensors file or Hugging Face folder has no checksums: its headers were parsed and
     checked when the reader was made, so there is nothing more to find in it.
     """
-    index = reader.index
-    if index is None:
+    if reader.kind != "torchckpt":
         return []
     try:
+        index = load_opened.load_index(reader.path, reader.storage)
         shards = load_opened.OpenShards(index, reader.storage)
     except CorruptCheckpointError as e:
         return [str(e)]
