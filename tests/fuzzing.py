@@ -100,13 +100,13 @@ def make_run(root: str) -> tuple[str, dict[str, Any]]:
     """A manager directory with two checkpoints (the second in two shards); returns it and what
     the latest holds."""
     source = build_source()
-    mgr = torchckpt.CheckpointManager(source, os.path.join(root, "run"), max_to_keep=3, keep_best=1,
-                                      best_metric="loss")
-    mgr.save(metrics={"loss": 0.5})
-    source.epoch = 4
-    mgr._max_shard_size = 200
-    mgr.save(metrics={"loss": float("nan"), "acc": 0.25})
-    mgr.close()
+    directory = os.path.join(root, "run")
+    for max_shard_size, metrics in (("5GB", {"loss": 0.5}), (200, {"loss": float("nan"), "acc": 0.25})):
+        mgr = torchckpt.CheckpointManager(source, directory, max_to_keep=3, keep_best=1, best_metric="loss",
+                                          max_shard_size=max_shard_size)  # the second save in two shards
+        mgr.save(metrics=metrics)
+        mgr.close()
+        source.epoch = 4
     return mgr.directory, snapshot(source)
 
 

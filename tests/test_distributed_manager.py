@@ -148,6 +148,7 @@ def test_a_rank_killed_during_an_async_save_fails_the_others_and_the_next_job_cl
 # -- the example -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # 13 s: torchrun twice; CI runs it with the slow set
 def test_the_fsdp_example_is_killed_on_2_ranks_and_resumes_on_1(tmp_path):
     script = str(ROOT / "examples" / "train_fsdp.py")
     run = str(tmp_path / "run")

@@ -72,6 +72,7 @@ def test_cli_entry_point_prints_help():
     assert out.returncode == 0 and "usage: torchckpt" in out.stdout
 
 
+@pytest.mark.slow  # 11 s: the GAN example twice and its watcher; CI runs it with the slow set
 def test_gan_example_resumes_and_the_watcher_validates(tmp_path):
     examples = os.path.join(ROOT, "examples")
     run = str(tmp_path / "gan")
@@ -86,6 +87,7 @@ def test_gan_example_resumes_and_the_watcher_validates(tmp_path):
     assert "ckpt-5: step  100" in watch and "validated 1 checkpoints" in watch
 
 
+@pytest.mark.slow  # 7 s; CI runs it with the slow set
 def test_gan_example_interrupted_with_ctrl_c_saves_and_resumes(tmp_path):
     import signal
     import time
