@@ -52,6 +52,24 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def run_ranks(world: int, command: list[str], what: str, timeout: float = 1200,
+              env: dict[str, str] | None = None, cwd: str | None = None) -> Any:
+    """Run ``command`` as ``world`` gloo ranks on 127.0.0.1 (``RANK``, ``WORLD_SIZE``, a free
+    ``MASTER_PORT``); returns the JSON object rank 0 prints as its last line."""
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        rank_env = {**os.environ, **(env or {}), "RANK": str(rank), "WORLD_SIZE": str(world),
+                    "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                    "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen(command, env=rank_env, cwd=cwd, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    if any(p.returncode for p in procs):
+        raise RuntimeError(f"{what} failed:\n" + "\n".join(err[-2000:] for _, err in outs))
+    return json.loads(outs[0][0].strip().splitlines()[-1])
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

@@ -27,7 +27,6 @@ import datetime
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +34,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import free_port, machine, median  # noqa: E402
+from _common import machine, median, run_ranks  # noqa: E402
 
 METHODS = ("torchckpt-2", "dcp-2", "torchckpt-1", "copy-1")
 
@@ -118,18 +117,8 @@ def dist_rank() -> int:
 
 def job(method: str, path: str, saves: int) -> list[dict[str, Any]]:
     world = 2 if method.endswith("-2") else 1
-    port = free_port()
-    procs = []
-    for rank in range(world):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, __file__, "--worker", "--method", method, "--path", path,
-                                       "--saves", str(saves)], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=1200) for p in procs]
-    if any(p.returncode for p in procs):
-        raise RuntimeError(f"{method} failed:\n" + "\n".join(err[-2000:] for _, err in outs))
-    return json.loads(outs[0][0].strip().splitlines()[-1])  # type: ignore[no-any-return]
+    command = [sys.executable, __file__, "--worker", "--method", method, "--path", path, "--saves", str(saves)]
+    return run_ranks(world, command, method)  # type: ignore[no-any-return]
 
 
 def main() -> None:

@@ -34,7 +34,6 @@ import datetime
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,7 +41,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import drop_page_cache, free_port, machine, median, peak_rss_bytes  # noqa: E402
+from _common import drop_page_cache, machine, median, peak_rss_bytes, run_ranks  # noqa: E402
 
 METHODS = ("raw", "dcp", "torchckpt")
 
@@ -258,17 +257,7 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def job(world: int, args: list[str]) -> list[dict[str, Any]]:
-    port = free_port()
-    procs = []
-    for rank in range(world):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, __file__, "--worker", *args], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=1200) for p in procs]
-    if any(p.returncode for p in procs):
-        raise RuntimeError(f"job {args} failed:\n" + "\n".join(err[-2000:] for _, err in outs))
-    return json.loads(outs[0][0].strip().splitlines()[-1])  # type: ignore[no-any-return]
+    return run_ranks(world, [sys.executable, __file__, "--worker", *args], f"job {args}")  # type: ignore[no-any-return]
 
 
 def summarize(rows: list[list[dict[str, Any]]], key: str) -> dict[str, Any]:

@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import free_port, machine, median  # noqa: E402
+from _common import machine, median, run_ranks  # noqa: E402
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -67,19 +66,10 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def job(method: str, path: str, calls: int, before: str | None) -> list[dict[str, float]]:
-    port = free_port()
     root = before if method == "before" else os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": "1",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONPATH": str(root)}
-        procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", "--method", method,
-                                       "--path", path, "--calls", str(calls)], env=env, cwd=root,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=600) for p in procs]
-    if any(p.returncode for p in procs):
-        raise RuntimeError(f"{method} failed:\n" + "\n".join(err[-2000:] for _, err in outs))
-    return json.loads(outs[0][0].strip().splitlines()[-1])  # type: ignore[no-any-return]
+    command = [sys.executable, os.path.abspath(__file__), "--worker", "--method", method, "--path", path,
+               "--calls", str(calls)]
+    return run_ranks(2, command, method, timeout=600, env={"PYTHONPATH": str(root)}, cwd=root)  # type: ignore[no-any-return]
 
 
 def main() -> None:

@@ -65,16 +65,24 @@ def run_torchrun(nproc: int, args: list[str], timeout: float = 120) -> subproces
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *args]
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    code, out = finish_session(proc, timeout, f"torchrun {' '.join(args)}")
+    return subprocess.CompletedProcess(command, code, out, "")
+
+
+def finish_session(proc: subprocess.Popen[str], timeout: float = 60, what: str = "the job") -> tuple[int, str]:
+    """The exit code and output of ``proc``, started with ``start_new_session=True``. On a timeout
+    the whole session is killed and the test fails; either way no process of it is left behind."""
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
-        raise AssertionError(f"torchrun {' '.join(args)} did not finish in {timeout} s:\n{out[-3000:]}") from None
+        raise AssertionError(f"{what} did not finish in {timeout} s:\n{out[-3000:]}") from None
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # any worker left behind
-    return subprocess.CompletedProcess(command, proc.returncode, out, "")
+        proc.wait()
+    return proc.returncode, out
 
 
 def results(directory: Path, scenario: str, world: int, ranks: list[int] | None = None) -> list[dict]:

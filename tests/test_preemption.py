@@ -21,7 +21,7 @@ import torch
 
 import torchckpt
 
-from .distributed import ROOT, free_port
+from .distributed import ROOT, finish_session, free_port
 
 STEPS = 120
 JOB = [sys.executable, "-m", "tests.jobs.preempt_job"]
@@ -51,20 +51,6 @@ def wait_for_line(proc: subprocess.Popen[str], text: str, timeout: float = 60) -
     raise AssertionError(f"no line {text!r} within {timeout} s; output:\n" + "\n".join(lines[-40:]))
 
 
-def finish(proc: subprocess.Popen[str], timeout: float = 60) -> tuple[int, str]:
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(f"the job did not finish in {timeout} s:\n{out[-3000:]}") from None
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    return proc.returncode, out
-
-
 def result(directory: Path, rank: int = 0) -> dict:
     return json.loads((directory / f"result-rank{rank}.json").read_text())
 
@@ -76,7 +62,7 @@ def saved_step(path: str) -> int:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> dict:
     directory = tmp_path_factory.mktemp("uninterrupted")
-    code, out = finish(start(directory, "--sleep", "0"))
+    code, out = finish_session(start(directory, "--sleep", "0"))
     assert code == 0, out[-3000:]
     found = result(directory)
     assert found["step"] == STEPS and not found["preempted"]
@@ -91,7 +77,7 @@ def test_sigterm_mid_interval_saves_that_step_exits_0_and_the_resume_is_bit_exac
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.01)
     proc.send_signal(signal.SIGUSR1)  # a second signal, likely during the save: it must not interrupt it
-    code, out = finish(proc)
+    code, out = finish_session(proc)
     assert code == 0, out[-3000:]
     stopped = result(tmp_path)
     assert stopped["preempted"] and 70 < stopped["step"] < 100, stopped["step"]
@@ -100,7 +86,7 @@ def test_sigterm_mid_interval_saves_that_step_exits_0_and_the_resume_is_bit_exac
     assert saved_step(stopped["latest"]) == stopped["step"]  # exactly the step it stopped at, committed
     assert torchckpt.load_checkpoint(stopped["latest"]).get_variable_to_shape_map()
     assert stopped["handler_back"]  # close() put the default SIGTERM handler back
-    code, out = finish(start(tmp_path, *extra, "--sleep", "0"))
+    code, out = finish_session(start(tmp_path, *extra, "--sleep", "0"))
     assert code == 0, out[-3000:]
     assert f"rank 0: starting at step {stopped['step']}" in out
     resumed = result(tmp_path)
@@ -174,7 +160,7 @@ def test_on_2_ranks_a_signal_to_one_rank_stops_both_at_the_same_step(tmp_path, u
         wait_for_line(procs[1], "step 70")
         procs[1].send_signal(signal.SIGTERM)  # rank 1 only
         start_time = time.monotonic()
-        outcomes = [finish(p) for p in procs]
+        outcomes = [finish_session(p) for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
@@ -187,7 +173,7 @@ def test_on_2_ranks_a_signal_to_one_rank_stops_both_at_the_same_step(tmp_path, u
     assert stopped[0]["step"] == stopped[1]["step"] and 70 < stopped[0]["step"] < 100
     assert saved_step(torchckpt.latest_checkpoint(tmp_path)) == stopped[0]["step"]
     procs = start_ranks(tmp_path, "--sleep", "0")
-    outcomes = [finish(p) for p in procs]
+    outcomes = [finish_session(p) for p in procs]
     assert all(code == 0 for code, _ in outcomes), [out[-2000:] for _, out in outcomes]
     for r in (0, 1):  # DDP's averaged gradients of equal data are those of one process: bit for bit
         assert result(tmp_path, r)["state"] == uninterrupted
@@ -202,7 +188,7 @@ def test_under_torchrun_a_sigterm_to_the_agent_stops_every_worker_at_one_step(tm
     try:
         wait_for_line(proc, "step 70", timeout=90)
         proc.send_signal(signal.SIGTERM)  # to the agent, which forwards it to its workers
-        _, out = finish(proc, timeout=90)
+        _, out = finish_session(proc, timeout=90)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
