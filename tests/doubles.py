@@ -175,8 +175,8 @@ class StageDouble(Hooked):
         self.inner = inner
         self.points = points
 
-    def create(self, name: str, size: int) -> OutputDouble:
-        return OutputDouble(self.inner.create(name, size), self.points)
+    def create(self, name: str, size: int, keep_cached: bool = False) -> OutputDouble:
+        return OutputDouble(self.inner.create(name, size, keep_cached), self.points)
 
     def write_file(self, name: str, data: bytes) -> None:
         self.inner.write_file(name, data)
@@ -192,6 +192,13 @@ class StageDouble(Hooked):
 
     def member(self, name: str) -> str:
         return str(self.inner.member(name))
+
+    def reuse(self, name: str, source: str) -> str | None:
+        placed: str | None = self.inner.reuse(name, source)
+        return placed
+
+    def drop(self, name: str) -> None:
+        self.inner.drop(name)
 
     def __getattr__(self, name: str) -> Any:  # ``path``, and whatever else the stage has
         return getattr(self.inner, name)

@@ -82,7 +82,7 @@ def test_tiling(case, boxes, message):
 
 def ddp_records(world: int, sizes: list[int], extra: tuple = ()) -> list[dict]:
     """What each rank of a DDP job reports: the same square weights (and ``extra`` entries)."""
-    entries = [[f"model/{i}.weight", "F32", [s, s], None, None, None] for i, s in enumerate(sizes)]
+    entries = [[f"model/{i}.weight", "F32", [s, s], None, None, None, 0] for i, s in enumerate(sizes)]
     return [{"entries": [list(e) for e in [*entries, *extra]]} for _ in range(world)]
 
 
@@ -91,7 +91,7 @@ def test_replicated_bytes_are_spread_within_1_15x_of_the_mean(world):
     # GPT-2 small's shapes: one 154 MB embedding and many 2-9 MB matrices
     sizes = [768] * 2 + [2304] + [1024]
     records = ddp_records(world, [*sizes, *[768] * 24, *[3072] * 12],
-                          (["model/wte", "F32", [50257, 768], None, None, None],))
+                          (["model/wte", "F32", [50257, 768], None, None, None, 0],))
     plan = save_plan.global_plan(records, spec.DEFAULT_MAX_SHARD_SIZE)
     load = [sum(u.nbytes for u in plan.units if u.owner == r) for r in range(world)]
     assert max(load) / (sum(load) / world) <= 1.15, load

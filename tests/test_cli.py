@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +14,10 @@ import torch
 from safetensors.torch import load_file
 
 import torchckpt
+from torchckpt._paths import join
 from torchckpt.cli import main
 
-from .conftest import TiedLM, make_mlp
+from .conftest import TiedLM, make_mlp, read_index, write_index
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -198,3 +200,174 @@ def test_plurals_and_articles(tmp_path, capsys):
     assert main(["inspect", path]) == 0 and "1 tensor, 8 B in 1 shard" in capsys.readouterr().out
     status = torchckpt.Checkpoint(w=torch.zeros(2)).read(path)
     assert str(status.report).startswith("restored 1 value;")
+
+
+# -- incremental saves: own bytes (ls) and reused shards (inspect) ---------------------------------
+
+BACKBONE_BYTES = (512 * 512 + 512) * 4  # the frozen Linear(512, 512): 1.0 MiB, its shard's data
+
+
+def table_rows(text: str) -> list[dict[str, str]]:
+    """The rows of a table the CLI prints, by column name (columns located by the dashes under the header)."""
+    lines = text.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("-"))
+    spans, start = [], 0
+    for dashes in lines[at].split("  "):
+        spans.append((start, start + len(dashes)))
+        start += len(dashes) + 2
+    names = [lines[at - 1][a:b].strip() for a, b in spans]
+    return [{n: line[a:b].strip() for n, (a, b) in zip(names, spans)} for line in lines[at + 1:] if line.strip()]
+
+
+@pytest.fixture
+def frozen_run(tmp_path):
+    """A manager's run of a frozen 1 MiB backbone and a small head trained with Adam, saved twice
+    with a training step before each save: the second save reuses the backbone's shard."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Linear(512, 4))
+    model[0].requires_grad_(False)
+    opt = torch.optim.Adam(p for p in model.parameters() if p.requires_grad)
+    manager = torchckpt.CheckpointManager(torchckpt.Checkpoint(model=model, opt=opt), tmp_path / "run", max_to_keep=3)
+    for _ in range(2):
+        model(torch.randn(2, 512)).square().sum().backward()
+        opt.step()
+        manager.save()
+    yield manager
+    manager.close()
+
+
+def backbone_shard(checkpoint: str) -> str:
+    return torchckpt.load_checkpoint(checkpoint).shard_of("model/0.weight")
+
+
+def test_ls_shows_own_bytes_until_the_checkpoint_sharing_them_is_deleted(frozen_run, capsys):
+    directory = frozen_run.directory
+    assert main(["ls", directory, "--json"]) == 0
+    listed = {r["name"]: r for r in json.loads(capsys.readouterr().out)["checkpoints"]}
+    for name in ("ckpt-1", "ckpt-2"):  # both hold the one backbone file: deleting either frees only its head
+        assert listed[name]["own_size"] == listed[name]["total_size"] - BACKBONE_BYTES > 0
+    assert main(["ls", directory]) == 0
+    out, err = capsys.readouterr()
+    rows = table_rows(out)
+    assert list(rows[0]) == ["#", "name", "time", "size", "own", "metrics", "marks"] and err == ""
+    assert [(r["name"], r["size"], r["own"]) for r in rows] == [("ckpt-1", "1.0 MiB", "24.1 KiB"),
+                                                                 ("ckpt-2", "1.0 MiB", "24.1 KiB")]
+    shutil.rmtree(Path(directory, "ckpt-1"))  # by hand: ckpt-2 keeps its link, now the file's only one
+    assert main(["ls", directory, "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)["checkpoints"]
+    assert [(r["name"], r["own_size"]) for r in listed] == [("ckpt-2", listed[0]["total_size"])]
+    assert main(["inspect", join(directory, "ckpt-2")]) == 0
+    out = capsys.readouterr().out
+    assert "reused from ckpt-1:" in out and "own:" not in out  # where it came from stays recorded
+
+
+def test_inspect_names_the_base_and_the_reused_shard(frozen_run, capsys):
+    first, second = (join(frozen_run.directory, n) for n in ("ckpt-1", "ckpt-2"))
+    shard = backbone_shard(second)
+    assert main(["inspect", second]) == 0
+    out, err = capsys.readouterr()
+    assert f"\nreused from ckpt-1: {shard} (1.0 MiB)\nown: 24.1 KiB of 1.0 MiB" in out and err == ""
+    assert main(["inspect", first]) == 0  # the base records nothing: the file system says it is shared
+    out = capsys.readouterr().out
+    assert f"\nshared with another checkpoint: {shard} (1.0 MiB)\n" in out and "reused" not in out
+    assert main(["inspect", second, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["reused"] == {"base": "ckpt-1", "files": {shard: shard}} and data["shared_files"] == [shard]
+    assert data["own_bytes"] == data["total_bytes"] - BACKBONE_BYTES
+
+
+def test_inspect_names_a_base_in_another_directory_by_its_path(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 2))
+    model[0].requires_grad_(False)
+    base = torchckpt.Checkpoint(model=model).write(tmp_path / "a" / "base")
+    path = torchckpt.Checkpoint(model=model).write(tmp_path / "b" / "next", base=base)
+    assert main(["inspect", path]) == 0
+    assert f"reused from {base}: {backbone_shard(path)} (257.0 KiB)" in capsys.readouterr().out
+
+
+HOSTILE_RECORDS = {
+    "a-string": lambda shard: "ckpt-1",
+    "base-a-number": lambda shard: {"base": 7, "files": {shard: shard}},
+    "files-a-list": lambda shard: {"base": "ckpt-1", "files": [shard]},
+    "file-not-a-string": lambda shard: {"base": "ckpt-1", "files": {shard: 7}},
+    "files-missing": lambda shard: {"base": "ckpt-1"},
+    "no-shard-of-its-own": lambda shard: {"base": "ckpt-1", "files": {"../../etc/passwd": shard}},
+}
+
+
+@pytest.mark.parametrize("record", HOSTILE_RECORDS.values(), ids=HOSTILE_RECORDS.keys())
+def test_a_malformed_reused_record_is_ignored(frozen_run, capsys, record):
+    path = join(frozen_run.directory, "ckpt-2")
+    shard = backbone_shard(path)
+    index = read_index(path)
+    index["torchckpt"]["reused"] = record(shard)
+    write_index(path, index)
+    assert main(["inspect", path]) == 0
+    out, err = capsys.readouterr()
+    assert "reused" not in out and f"shared with another checkpoint: {shard}" in out and err == ""
+    assert main(["inspect", path, "--json"]) == 0 and json.loads(capsys.readouterr().out)["reused"] is None
+    assert main(["ls", frozen_run.directory]) == 0
+    out, err = capsys.readouterr()
+    assert [r["own"] for r in table_rows(out)] == ["24.1 KiB", "24.1 KiB"] and err == ""
+
+
+def test_a_base_name_with_control_characters_is_shown_escaped(frozen_run, capsys):
+    path = join(frozen_run.directory, "ckpt-2")
+    index = read_index(path)
+    index["torchckpt"]["reused"]["base"] = "\x1b[2Jckpt-1"  # would clear the terminal
+    write_index(path, index)
+    assert main(["inspect", path]) == 0
+    out = capsys.readouterr().out
+    assert "reused from '\\x1b[2Jckpt-1':" in out and "\x1b" not in out
+
+
+def test_ls_lists_a_damaged_checkpoint_without_its_own_bytes(frozen_run, capsys):
+    Path(frozen_run.directory, "ckpt-1", "index.json").write_text("{not json")
+    assert main(["ls", frozen_run.directory, "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert err.startswith("warning: ckpt-1 is damaged") and err.count("\n") == 1
+    listed = {r["name"]: r for r in json.loads(out)["checkpoints"]}
+    assert listed["ckpt-1"]["own_size"] is None and "problem" in listed["ckpt-1"]
+    assert listed["ckpt-2"]["own_size"] == listed["ckpt-2"]["total_size"] - BACKBONE_BYTES  # its link is still shared
+
+
+@pytest.mark.parametrize("remote", ["memory"], indirect=True)
+def test_on_an_object_store_a_reused_shard_is_a_copy_of_its_own(remote, capsys):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 2))
+    model[0].requires_grad_(False)
+    manager = torchckpt.CheckpointManager(torchckpt.Checkpoint(model=model), remote.url)
+    manager.save()
+    with torch.no_grad():
+        model[1].weight.add_(1.0)
+    second = manager.save()
+    manager.close()
+    assert main(["ls", remote.url, "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)["checkpoints"]
+    assert [r["own_size"] for r in listed] == [r["total_size"] for r in listed]  # deleting either frees all of it
+    assert main(["inspect", second, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["reused"]["base"] == "ckpt-1" and list(data["reused"]["files"]) == [backbone_shard(second)]
+    assert data["shared_files"] == [] and data["own_bytes"] == data["total_bytes"]
+    shard, copied = next(iter(data["reused"]["files"].items()))
+    assert shard != copied  # each save's objects carry its own tag
+    assert main(["inspect", second]) == 0
+    assert f"reused from ckpt-1: {shard} (257.0 KiB, copied from {copied})\n" in capsys.readouterr().out
+
+
+def test_own_bytes_of_a_checkpoint_saved_by_two_ranks_count_stored_tensors(tmp_path, capsys):
+    from .format2 import write_two_rank
+
+    first = write_two_rank(tmp_path / "run" / "ckpt-1")
+    second = tmp_path / "run" / "ckpt-2"
+    shutil.copytree(first, second)
+    shard = torchckpt.load_checkpoint(first).shard_of("model/bias")  # with both ranks' int64 ~r tensors
+    os.unlink(second / shard)
+    os.link(Path(first, shard), second / shard)  # as an incremental save places it
+    linked = 6 * 4 + 2 * (2 * 8)  # the float32 bias and the two ranks' int64 tensors: data, not headers
+    assert main(["ls", str(tmp_path / "run"), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)["checkpoints"]
+    assert [(r["total_size"], r["own_size"]) for r in listed] == [(152, 152 - linked)] * 2
+    assert main(["inspect", str(second)]) == 0
+    assert f"shared with another checkpoint: {shard} (56 B)\n" in capsys.readouterr().out

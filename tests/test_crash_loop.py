@@ -1,10 +1,12 @@
 """The crash loop: a writer SIGKILLed again and again, at random moments and at every named point of
-the commit protocol, on one directory. After each kill: no acknowledged save is lost, the latest
-checkpoint restores consistently, and the next manager leaves no orphaned checkpoint and no
-temporary behind."""
+the commit protocol (an incremental save's too), on one directory. After each kill: no acknowledged
+save is lost, the latest checkpoint restores consistently (its frozen part, reused from save to
+save, exactly), every checkpoint still holds every file its index names, and the next manager
+leaves no orphaned checkpoint and no temporary behind."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -21,11 +23,16 @@ from torchckpt._format import spec
 from torchckpt._history import members as history_members
 from torchckpt._history.recover import read_disk, recover
 from torchckpt._storage.local import LOCAL
+from torchckpt._tools.verify import verify
 
 from .distributed import ROOT
+from .jobs.crash_writer import frozen_module, trained_tensors
 
 JOB = "tests.jobs.crash_writer"  # run as a module from the repository's root: it imports tests.doubles
-POINTS = ["before-commit", "after-commit", "after-state", "after-retention-state", "mid-delete", "state-temporary"]
+POINTS = ["before-commit", "after-commit", "after-state", "after-retention-state", "mid-delete", "state-temporary",
+          "before-reuse", "after-reuse", "after-drop"]
+CLEAN = {"lost": 0, "inconsistent": 0, "frozen_changed": 0, "orphans": 0, "temporaries": 0, "missing_files": 0,
+         "damaged": 0, "not_reused": 0}
 
 
 def run_until_killed(directory: str, mode: str, megabytes: int, point: str, delay: float) -> int:
@@ -62,15 +69,23 @@ def run_until_killed(directory: str, mode: str, megabytes: int, point: str, dela
 
 def check_after_crash(directory: str, last_acked: int, megabytes: int) -> dict[str, int]:
     """What the next manager finds: the figures counted by the loop."""
-    count = max(1, megabytes * 2**20 // 4 // 4)
-    target = torchckpt.Checkpoint(**{f"t{i}": torch.empty(count) for i in range(4)}, step=torch.zeros((), dtype=torch.int64))
+    frozen = frozen_module(megabytes)
+    target_frozen = torch.nn.Linear(frozen.in_features, frozen.out_features)  # other values, for the restore to replace
+    target = torchckpt.Checkpoint(**{n: torch.empty_like(t) for n, t in trained_tensors(megabytes).items()},
+                                  step=torch.zeros((), dtype=torch.int64), frozen=target_frozen)
     mgr = torchckpt.CheckpointManager(target, directory, max_to_keep=2, keep_best=1, best_metric="loss")
     try:
-        found = {"lost": 0, "inconsistent": 0, "orphans": 0, "temporaries": 0}
+        found = dict.fromkeys(CLEAN, 0)
         found["temporaries"] = len([n for n in os.listdir(directory) if spec.is_temporary_name(n)])
         history = recover(read_disk(directory, LOCAL, "ckpt")[0], time.time(), "ckpt", 1, "loss")  # as the manager sees it
         accounted = {os.path.basename(p) for p in mgr.checkpoints} | {e.name for e in history.preserved}
-        found["orphans"] = len(set(history_members.committed_members(directory, "ckpt", LOCAL)) - accounted)
+        committed = history_members.committed_members(directory, "ckpt", LOCAL)
+        found["orphans"] = len(set(committed) - accounted)
+        for name in committed:  # every checkpoint kept, the previous ones too, holds every byte its index records
+            checkpoint = os.path.join(directory, name)
+            missing = missing_files(checkpoint)
+            found["missing_files"] += len(missing)
+            found["damaged"] += bool(not missing and verify(torchckpt.load_checkpoint(checkpoint), progress=False))
         latest = mgr.latest_checkpoint
         if latest is None:
             found["lost"] += last_acked > 0
@@ -82,9 +97,34 @@ def check_after_crash(directory: str, last_acked: int, megabytes: int) -> dict[s
         tensors = [getattr(target, f"t{i}") for i in range(4)]
         if value <= 0 or not all(bool(torch.all(t == value)) for t in tensors):
             found["inconsistent"] += 1
+        found["frozen_changed"] = int(not all(torch.equal(a, b) for a, b in zip(target_frozen.parameters(),
+                                                                                 frozen.parameters())))
+        if os.path.basename(latest) != "ckpt-1":  # saved with a previous checkpoint: its frozen shard was reused
+            found["not_reused"] = int(not reuses_frozen_shard(latest))
         return found
     finally:
         mgr.close()
+
+
+def missing_files(checkpoint: str) -> list[str]:
+    """The shards the index of ``checkpoint`` names that are not there as regular files of their recorded size."""
+    with open(os.path.join(checkpoint, spec.INDEX_FILE)) as f:
+        section = json.load(f)[spec.TORCHCKPT_KEY]
+    missing = []
+    for shard in section["shards"]:
+        path = os.path.join(checkpoint, shard["file"])
+        if not os.path.isfile(path) or os.path.islink(path) or os.path.getsize(path) != shard["size"]:
+            missing.append(shard["file"])
+    return missing
+
+
+def reuses_frozen_shard(checkpoint: str) -> bool:
+    """Whether the index of ``checkpoint`` records its frozen shard as reused from its base."""
+    with open(os.path.join(checkpoint, spec.INDEX_FILE)) as f:
+        index = json.load(f)
+    file = index["weight_map"]["frozen/weight"]
+    reused = index[spec.TORCHCKPT_KEY].get(spec.REUSED_KEY, {}).get("files", {})
+    return file in reused
 
 
 @pytest.mark.slow
@@ -96,7 +136,7 @@ def test_crash_loop(tmp_path):
     while len(trials) < kills:
         trials.append((rng.choice(["sync", "async"]), 200 if rng.random() < 0.2 else 1, "random"))
     rng.shuffle(trials)
-    totals = {"kills": 0, "acked": 0, "lost": 0, "inconsistent": 0, "orphans": 0, "temporaries": 0}
+    totals = {"kills": 0, "acked": 0, **CLEAN}
     for mode, size in [(m, s) for m in ("sync", "async") for s in (1, 200)]:  # each directory killed over and over
         directory = str(tmp_path / f"{mode}-{size}")
         for trial_mode, megabytes, point in [t for t in trials if t[:2] == (mode, size)]:
@@ -107,6 +147,6 @@ def test_crash_loop(tmp_path):
             totals["acked"] += acked > 0
             for key, value in found.items():
                 totals[key] += value
-            assert found == {"lost": 0, "inconsistent": 0, "orphans": 0, "temporaries": 0}, (trial_mode, megabytes, point, found)
+            assert found == CLEAN, (trial_mode, megabytes, point, found)
     print(f"crash loop: {totals}")
     assert totals["kills"] >= kills

@@ -6,6 +6,7 @@ each rank's findings are read back here.
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -143,6 +144,47 @@ def test_a_rank_killed_during_an_async_save_fails_the_others_and_the_next_job_cl
         assert manager.save().endswith("ckpt-2")
     finally:
         manager.close()
+
+
+# -- incremental saves ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_an_incremental_save_on_2_ranks_reuses_each_ranks_frozen_files_and_stays_standalone(world2, mode):
+    found = ok(world2, "incremental_fsdp", 2)
+    assert found[0][mode] == found[1][mode]  # every figure is the whole checkpoint's: the same on both ranks
+    result = found[0][mode]
+    assert (result["first"], result["second"], result["base"]) == ("ckpt-1", "ckpt-2", "ckpt-1")
+    assert len(result["frozen_files"]) == 2  # the backbone's chunks, kept apart from the head: a file per rank
+    assert result["reused_files"] == result["frozen_files"]  # and only those: the head and Adam's state changed
+    assert result["reusing_ranks"] == [0, 1] and result["same_writer"] == [True, True]  # each rank its own files
+    assert result["links"] == [2, 2]  # hard links to the first checkpoint's files: no byte of them written again
+    assert result["differences"] == []  # bit-exact on every rank, everything consumed
+    assert result["links_after_delete"] == [1, 1]  # the first checkpoint deleted by hand...
+    assert result["differences_after_delete"] == []  # ...changes nothing in the second
+    directory = "incremental-async" if mode == "async" else "incremental"
+    assert cli.main(["verify", str(world2 / directory / "ckpt-2")]) == 0
+
+
+def test_a_2_rank_checkpoint_as_the_base_of_a_single_process_write_reuses_nothing(world2, tmp_path):
+    from tests.jobs.dist_job import FrozenMLP, differences, full_state
+
+    ok(world2, "incremental_fsdp", 2)
+    base = world2 / "incremental" / "ckpt-2"
+    model = FrozenMLP(3)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    ckpt = torchckpt.Checkpoint(model=model, opt=opt)
+    ckpt.restore(base).assert_consumed()
+    reference = safetensors.torch.load_file(str(world2 / "incremental-reference.safetensors"))
+    assert differences(full_state(model, opt), reference) == []
+    path = ckpt.write(tmp_path / "one-process", base=base)  # another world size: other chunks, other files
+    index = json.loads((tmp_path / "one-process" / "index.json").read_text())
+    assert "reused" not in index["torchckpt"]
+    assert [os.stat(os.path.join(path, s["file"])).st_nlink for s in index["torchckpt"]["shards"]] == [1, 1]
+    fresh = FrozenMLP(4)
+    fresh_opt = torch.optim.Adam([p for p in fresh.parameters() if p.requires_grad], lr=0.01)
+    torchckpt.Checkpoint(model=fresh, opt=fresh_opt).restore(path).assert_consumed()
+    assert differences(full_state(fresh, fresh_opt), reference) == []
 
 
 # -- the example -------------------------------------------------------------------------------------

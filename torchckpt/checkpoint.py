@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from torchckpt._dist import coordinator as dist_coordinator
+from torchckpt._dist import dtensor as dist_dtensor
 from torchckpt._dist.coordinator import AnyCoordinator
 from torchckpt._format import spec
 from torchckpt._format import tree as format_tree
@@ -24,12 +25,14 @@ from torchckpt._load import loaders, restorer
 from torchckpt._load.match import Tracking, is_stateful
 from torchckpt._load.plan import Plan
 from torchckpt._load.report import MismatchReport
-from torchckpt._paths import as_path, name_of, parent_of
+from torchckpt._paths import as_path, join, name_of, parent_of
+from torchckpt._save import plan as save_plan
 from torchckpt._save import saver
 from torchckpt._save.background import AsyncWriter  # imported with the package: its exit hook must be registered early
 from torchckpt._save.options import SaveHooks, SaveOptions, save_arguments
 from torchckpt._storage.base import Storage
 from torchckpt._storage.registry import storage_for
+from torchckpt.errors import CheckpointNotFoundError
 from torchckpt.restore import RestoreStatus
 from torchckpt.rng import RNGState
 
@@ -166,6 +169,7 @@ class Checkpoint:
         storage_options: dict[str, Any] | None = None,
         process_group: Any = None,
         timeout_secs: float | None = None,
+        base: PathLike | None = None,
     ) -> str:
         """Write the checkpoint to the directory ``path``, atomically; ``save_counter`` is untouched.
 
@@ -189,29 +193,41 @@ class Checkpoint:
                 writes its own shards, and rank 0 commits (see ``docs/format.md``, format 2).
             timeout_secs: how long a collective write waits for the other ranks before raising
                 (default 1800); a dead rank fails the call on every other rank after this long.
+            base: a committed checkpoint on the same storage (a previous one of this run):
+                every shard this write would write exactly as ``base`` holds it is hard-linked
+                (local) or copied by the server (object stores) instead of written, after
+                reading it back to check it. The new checkpoint stays standalone: deleting
+                ``base`` later never changes it. On several ranks, only a ``base`` saved by as
+                many ranks is used (each rank reuses its own files).
 
         Returns:
             ``path`` as a str.
 
         Raises:
             UnsupportedStateError: a value cannot be stored without pickle; nothing is written.
+            CheckpointNotFoundError: ``base`` is not a committed checkpoint; nothing is written.
             CheckpointError: on several ranks, any rank's failure (the same error on every rank),
                 a value that differs across ranks without ``PerRank``, or a rank that never arrived.
             Any failure of a previous asynchronous write.
         """
         path = as_path(path)
+        base_path = as_path(base) if base is not None else None
         coord = dist_coordinator.coordinator_for(process_group, timeout_secs).call(
             "Saving " + path,  # every rank must make this same call: its arguments are compared first
-            {"call": "Checkpoint.write", "path": path, **save_arguments(max_shard_size, async_save)})
+            {"call": "Checkpoint.write", "path": path, "base": base_path, **save_arguments(max_shard_size, async_save)})
         with coord.failures_shared():
             storage = storage_for(path, storage_options)
+            if base_path is not None:
+                base_path = _checked_base(storage, base_path, path)
             self.wait_until_finished()  # one write in flight; raises a previous background failure
-            options = SaveOptions.checked(self.save_counter, max_shard_size, progress, metadata, async_save)
+            options = SaveOptions.checked(self.save_counter, max_shard_size, progress, metadata, async_save,
+                                          base=base_path)
             saver.save(self._source(), storage, path, coord, options)
         return path
 
     def _source(self) -> saver.Source:
-        return saver.Source(self._state, self._objects, self._async_writer, self.wait_until_finished)
+        return saver.Source(self._state, self._objects, self._async_writer, self.wait_until_finished,
+                            lambda: frozen_groups(self._tracked))
 
     def _async_writer(self) -> AsyncWriter:
         writer: AsyncWriter | None = self._writer
@@ -337,6 +353,21 @@ class Checkpoint:
         object.__setattr__(self, "_save_counter", int(value))
 
 
+def _checked_base(storage: Storage, base: str, path: str) -> str:
+    """``base`` as a committed checkpoint on the storage of ``path``, or the error that says why not."""
+    if _scheme(base) != _scheme(path):
+        raise ValueError(f"base={base!r} must be on the same storage as the checkpoint written ({path}): shards are "
+                         "reused by a hard link or a server-side copy, which cannot cross storages.")
+    if not storage.is_file(join(base, spec.INDEX_FILE)):
+        raise CheckpointNotFoundError(f"No committed checkpoint at base={base!r} (no {spec.INDEX_FILE} there); pass a "
+                                      "checkpoint directory written before, or leave base out to write every byte.", base)
+    return base
+
+
+def _scheme(path: str) -> str:
+    return path.split("://", 1)[0] if "://" in path else ""
+
+
 def _state_of(value: Any, distributed: bool = False) -> Any:
     """What is saved for a tracked value. In a save by several ranks, per-rank values (``PerRank``,
     ``RNGState``) are marked as such; a single process saves them as they are."""
@@ -360,6 +391,38 @@ def _state_of(value: Any, distributed: bool = False) -> Any:
     if isinstance(value, list) and _is_trackable(value):
         return [_state_of(v, distributed) for v in value]
     return value
+
+
+def frozen_groups(tracked: dict[str, Any]) -> dict[int, int]:
+    """Where the tensors likely unchanged from save to save are, and their group of
+    ``_save.plan.plan_shards``: the frozen parameters (``requires_grad=False``) of every tracked
+    module, and the buffers of its submodules that train no parameter of their own (a frozen
+    BatchNorm in training mode still updates its running statistics: they get shards of their
+    own). Shards of them are reused by an incremental save; a tensor that changes anyway costs
+    its shard."""
+    found: dict[int, int] = {}
+    for module in _modules(tracked):
+        for sub in module.modules():
+            params = list(sub.parameters(recurse=False))
+            frozen = [p for p in params if not p.requires_grad]
+            found.update((dist_dtensor.address_of(p), save_plan.FROZEN_PARAMETER) for p in frozen)
+            if len(frozen) == len(params):
+                found.update((dist_dtensor.address_of(b), save_plan.FROZEN_BUFFER) for b in sub.buffers(recurse=False))
+    found.pop(0, None)
+    return found
+
+
+def _modules(value: Any) -> list[torch.nn.Module]:
+    """The modules among tracked values (in nested checkpoints, dicts and lists too)."""
+    if isinstance(value, torch.nn.Module):
+        return [value]
+    if isinstance(value, Checkpoint):
+        value = value._tracked
+    if isinstance(value, dict):
+        return [m for v in value.values() for m in _modules(v)]
+    if isinstance(value, list):
+        return [m for v in value for m in _modules(v)]
+    return []
 
 
 def _nested(value: Any) -> dict[str, Any] | None:

@@ -25,9 +25,10 @@ from torchckpt._paths import is_url, join, name_of
 from torchckpt._progress import progress_bar
 from torchckpt._storage.base import Storage
 from torchckpt._storage.registry import storage_for
+from torchckpt._tools import sharing as tool_sharing
 from torchckpt._tools.verify import verify
 from torchckpt._version import __version__
-from torchckpt.errors import CheckpointDeletedError, CheckpointError, plural
+from torchckpt.errors import CheckpointDeletedError, CheckpointError, CheckpointNotFoundError, plural
 from torchckpt.reader import CheckpointReader, load_checkpoint
 
 
@@ -100,9 +101,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         else:
             row["shard"] = reader.shard_of(name)
         rows.append(row)
+    sharing = tool_sharing.sharing_of(reader.path, reader.storage) if reader.kind == "torchckpt" else None
     if args.json:
         out = {"path": reader.path, "format": reader.kind, "world_size": reader.world_size,
-               "metadata": reader.metadata, "tensors": rows, "total_tensors": len(rows), "total_bytes": total}
+               "metadata": reader.metadata, "tensors": rows, "total_tensors": len(rows), "total_bytes": total,
+               **(sharing.as_json() if sharing else {})}
         print(json.dumps(out, indent=1, default=str))
         return 0
     if reader.storage.real_path(reader.path) != reader.storage.real_path(args.path):
@@ -122,6 +125,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         chunked = sum(1 for r in rows if r["chunks"] > 1)
         print(f"saved by {reader.world_size} ranks: {plural(chunked, 'tensor')} in "
               f"{plural(sum(r['chunks'] for r in rows if r['chunks'] > 1), 'chunk')}")
+    for line in sharing.report(human_bytes) if sharing else []:
+        print(line)
     if meta.get("format") == "torchckpt":
         created = datetime.datetime.fromtimestamp(meta["created"]).isoformat(" ", "seconds") if meta.get("created") else "?"
         print(f"format {meta['format_version']}, written {created} by torchckpt {meta['torchckpt_version']}, "
@@ -159,11 +164,13 @@ def cmd_ls(args: argparse.Namespace) -> int:
         entry = kept.get(name) or preserved.get(name)
         problem = None
         try:
-            meta = _load(args, join(directory, name)).metadata
+            reader = _load(args, join(directory, name))
+            meta = reader.metadata
+            own = _own_bytes(reader)
         except CheckpointDeletedError:
             continue  # deleted since the listing (a run's retention): no longer there to list
         except CheckpointError as e:  # one damaged checkpoint is shown as such; the others are still listed
-            meta, problem = {}, str(e)
+            meta, own, problem = {}, None, str(e)
             print(f"warning: {name} is damaged: {problem}", file=sys.stderr)
         else:
             problem = state.damaged.get(name)  # found damaged by a manager's restore (its data, not its index)
@@ -175,17 +182,28 @@ def cmd_ls(args: argparse.Namespace) -> int:
         number = history_members.number_of(name)
         when = datetime.datetime.fromtimestamp(ts).isoformat(" ", "seconds") if ts else "?"
         rows.append([str(number), name, when, human_bytes(meta.get("total_size") or 0) if meta else "?",
+                     human_bytes(own) if own is not None else "?",
                      " ".join(f"{k}={_short(v)}" for k, v in metrics.items()), ",".join(marks)])
         records.append({"number": number, "name": name, "timestamp": ts, "total_size": meta.get("total_size"),
-                        "metrics": metrics, "marks": marks, **({"problem": problem} if problem else {})})
+                        "own_size": own, "metrics": metrics, "marks": marks, **({"problem": problem} if problem else {})})
     if args.json:
         print(json.dumps({"directory": directory, "checkpoints": records}, indent=1, default=str))
         return 0
     if not rows:
         print(f"no committed checkpoints in {directory}")
         return 0
-    print(_table(rows, ["#", "name", "time", "size", "metrics", "marks"], {0, 3}))
+    print(_table(rows, ["#", "name", "time", "size", "own", "metrics", "marks"], {0, 3, 4}))
     return 0
+
+
+def _own_bytes(reader: CheckpointReader) -> int | None:
+    """The bytes deleting the checkpoint would free (None: not a torchckpt checkpoint)."""
+    if reader.kind != "torchckpt":
+        return None
+    try:
+        return tool_sharing.own_bytes(reader)
+    except CheckpointNotFoundError as e:  # its index was read a moment ago: deleted since (a run's retention)
+        raise CheckpointDeletedError(str(e), reader.path) from e
 
 
 def _short(v: Any) -> str:
@@ -405,8 +423,8 @@ def _add_reading_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
     p.add_argument("--filter", metavar="GLOB", help="only names matching this shell-style pattern")
     p.set_defaults(handler=cmd_inspect)
 
-    p = _command(sub, "ls", "a manager directory's checkpoints, with marks and metrics", "torchckpt ls s3://bucket/gan",
-                 [remote])
+    p = _command(sub, "ls", "a manager directory's checkpoints: size, own bytes (what deleting one frees), metrics "
+                 "and marks", "torchckpt ls s3://bucket/gan", [remote])
     p.add_argument("directory", help="the directory a CheckpointManager (or Checkpoint.save) writes into")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--metric", help="the metric that decides 'best' (default: the manager's best_metric, or the "

@@ -82,6 +82,11 @@ class CheckpointManager:
             by :meth:`close`, only set a flag. The next :meth:`save` then writes a checkpoint
             whatever the interval, returns once it is durable, and :attr:`preempted` becomes True
             (on every rank at the same call, once any rank received a signal); the loop stops.
+        incremental: each save compares its shards with the latest checkpoint's and reuses those
+            that did not change (a hard link on a local filesystem, a copy the server makes on an
+            object store) instead of writing them again; frozen parameters are kept in shards of
+            their own so that they are reused save after save. Every checkpoint stays standalone:
+            deleting one never changes another. False writes every byte of every save.
 
     Example:
         >>> import tempfile, torch, torchckpt
@@ -113,6 +118,7 @@ class CheckpointManager:
         process_group: Any = None,
         timeout_secs: float | None = None,
         preemption_signals: Iterable[int] = (),
+        incremental: bool = True,
     ) -> None:
         _check_arguments(checkpoint, max_shard_size, max_to_keep=max_to_keep, checkpoint_name=checkpoint_name,
                          step_counter=step_counter, checkpoint_interval=checkpoint_interval, keep_best=keep_best,
@@ -132,6 +138,7 @@ class CheckpointManager:
         self._progress = progress
         self._last_checkpoint_step: int | None = None
         self._async_save = async_save
+        self._incremental = bool(incremental)
         self._warned_metric = False
         self._read_only = False
         self._coord = dist_coordinator.coordinator_for(process_group, timeout_secs)
@@ -321,8 +328,10 @@ class CheckpointManager:
         metadata: dict[str, Any] = {spec.MANAGER_KEY: self._name}
         if decision["metrics"]:
             metadata["metrics"] = decision["metrics"]
+        base = join(self._directory, decision["base"]) if decision.get("base") else None
         return SaveOptions.checked(decision["counter"], self._max_shard_size, self._progress, metadata,
-                                   self._async_save and not self._preempted, replace=decision["explicit"])
+                                   self._async_save and not self._preempted, replace=decision["explicit"], base=base,
+                                   incremental=self._incremental)
 
     def _after_save(self, name: str, metrics: dict[str, Any] | None) -> dict[str, Any] | None:
         """Once the checkpoint is committed (rank 0): record it and apply retention; returns the
@@ -361,6 +370,7 @@ class CheckpointManager:
         decision["counter"] = self._checkpoint.save_counter + 1
         if decision["number"] is None:
             decision["number"] = decision["counter"] = self._next_number(decision["counter"])
+        decision["base"] = self._ledger.latest if self._incremental else None  # the same on every rank
         return decision
 
     def _checked_metrics(self, metrics: Any) -> dict[str, Any] | None:

@@ -13,6 +13,7 @@ import datetime
 import json
 import os
 import resource
+import shutil
 import signal
 import sys
 import time
@@ -427,7 +428,8 @@ def async_failure(d: Path, rank: int, world: int) -> dict:
     disk = install(d / "async-fault", LocalDouble())
     model = fsdp_mlp(0)
     ckpt = torchckpt.Checkpoint(model=model)
-    mgr = torchckpt.CheckpointManager(ckpt, str(d / "async-fault"), async_save=True, timeout_secs=TIMEOUT)
+    mgr = torchckpt.CheckpointManager(ckpt, str(d / "async-fault"), async_save=True, timeout_secs=TIMEOUT,
+                                      incremental=False)  # every save writes its files (an unchanged one would be reused)
     out: dict = {"first": os.path.basename(mgr.save())}
     mgr.wait_until_finished()
     for when in ("save", "wait_until_finished"):
@@ -466,7 +468,7 @@ def killed_async(d: Path, rank: int, world: int) -> dict:
     disk = install(d / "killed-async", LocalDouble())
     model = fsdp_mlp(0)
     mgr = torchckpt.CheckpointManager(torchckpt.Checkpoint(model=model), str(d / "killed-async"), async_save=True,
-                                      timeout_secs=3)
+                                      timeout_secs=3, incremental=False)  # the second save writes its files
     first = mgr.save()
     mgr.wait_until_finished()
     if rank == 0:
@@ -760,12 +762,97 @@ def calls_stay_paired(d: Path, rank: int, world: int) -> dict:
     return out
 
 
+# -- incremental saves on several ranks -----------------------------------------------------------
+
+
+class FrozenMLP(torch.nn.Module):
+    """A frozen backbone (``requires_grad=False``) under a trainable head: the backbone's shards are
+    the same from save to save, the head's and its optimizer state's are not."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.backbone = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64))
+        self.head = torch.nn.Linear(64, 5)
+        self.backbone.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.backbone(x)))
+
+
+def fsdp_frozen(seed: int) -> tuple[FrozenMLP, torch.optim.Optimizer]:
+    """A :class:`FrozenMLP` under FSDP2, layer by layer, and Adam over its trainable parameters."""
+    model = FrozenMLP(seed)
+    for layer in (model.backbone[0], model.backbone[2], model.head):
+        fully_shard(layer)
+    fully_shard(model)
+    return model, torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.01)
+
+
+def writers(checkpoint: str) -> dict[str, int]:
+    """Each shard file of ``checkpoint`` and the rank that wrote it."""
+    section = json.loads((Path(checkpoint) / "index.json").read_text())["torchckpt"]
+    return {s["file"]: s["rank"] for s in section["shards"]}
+
+
+def restored_differences(checkpoint: str, reference: dict[str, torch.Tensor]) -> list[str]:
+    """What a fresh FSDP2 model and optimizer (another seed) restored from ``checkpoint`` hold
+    unlike ``reference``; every saved value must be consumed."""
+    model, opt = fsdp_frozen(7)
+    torchckpt.Checkpoint(model=model, opt=opt).restore(checkpoint, timeout_secs=TIMEOUT).assert_consumed()
+    return differences(full_state(model, opt), reference)
+
+
+def incremental_round(d: Path, rank: int, async_save: bool) -> dict:
+    """A manager saves, training steps, it saves again (and training goes on at once); then the
+    first checkpoint is deleted by hand and the second restored again."""
+    directory = d / ("incremental-async" if async_save else "incremental")
+    torch.manual_seed(200 + rank)
+    model, opt = fsdp_frozen(0)
+    step(model, opt)
+    mgr = torchckpt.CheckpointManager(torchckpt.Checkpoint(model=model, opt=opt), str(directory),
+                                      async_save=async_save, timeout_secs=TIMEOUT)
+    first = mgr.save()
+    mgr.wait_until_finished()
+    step(model, opt)
+    reference = full_state(model, opt)  # as of the second save (collective)
+    second = mgr.save()
+    step(model, opt)  # training goes on while an async save runs: the checkpoint holds the state as of save()
+    mgr.wait_until_finished()
+    mgr.close()
+    index = json.loads((Path(second) / "index.json").read_text())
+    reused = index["torchckpt"].get("reused") or {"files": {}}
+    frozen = sorted({f for n, f in index["weight_map"].items() if n.startswith("model/backbone.")})
+    before, after = writers(first), writers(second)
+    out = {"first": os.path.basename(first), "second": os.path.basename(second), "frozen_files": frozen,
+           "base": reused.get("base"), "reused_files": sorted(reused["files"]),
+           "same_writer": [after[f] == before.get(source) for f, source in sorted(reused["files"].items())],
+           "reusing_ranks": sorted({after[f] for f in reused["files"]}),
+           "links": [os.stat(Path(second) / f).st_nlink for f in frozen],
+           "differences": restored_differences(second, reference)}
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(first)
+    dist.barrier()
+    out["links_after_delete"] = [os.stat(Path(second) / f).st_nlink for f in frozen]
+    out["differences_after_delete"] = restored_differences(second, reference)
+    if rank == 0:
+        safetensors.torch.save_file(reference, str(directory.with_name(directory.name + "-reference.safetensors")))
+    return out
+
+
+def incremental_fsdp(d: Path, rank: int, world: int) -> dict:
+    """FSDP2 with a frozen backbone, saved twice by a manager with incremental saves (the default),
+    sync then async: each rank reuses its own files of the backbone."""
+    return {"sync": incremental_round(d, rank, async_save=False), "async": incremental_round(d, rank, async_save=True)}
+
+
 SCENARIOS = {f.__name__: f for f in (save_fsdp_4, save_fsdp_2, restore_from_4, restore_from_2, plain_into_fsdp,
                                       differing_value, ddp, tp_mesh, restore_tp, write_fails_on_one_rank,
                                       killed_mid_save, s3_fsdp, manager_2, manager_resume, second_job,
                                       async_loops, async_failure, killed_async, manager_s3, tools_save,
                                       one_rank_fails_capture, mismatched_calls, restore_failures,
-                                      damaged_on_one_rank, calls_stay_paired)}
+                                      damaged_on_one_rank, calls_stay_paired, incremental_fsdp)}
 SCENARIOS.update(flips.SCENARIOS)
 
 

@@ -48,7 +48,7 @@ def paused_at_first_upload(freeze_lease: bool) -> None:
     with ``freeze_lease``, its lease is not renewed from then on either, as in a frozen VM."""
     thawed = threading.Event()
 
-    def pause(name: str, size: int) -> None:
+    def pause(name: str, size: int, *_: object) -> None:
         if freeze_lease:
             storage.before("replace_file", lambda path, data, token: thawed.wait())  # the lease renewals
         print("PAUSED", flush=True)

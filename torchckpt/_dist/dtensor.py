@@ -34,6 +34,14 @@ def local_of(t: Any) -> torch.Tensor:
     return local if isinstance(local, torch.Tensor) else t.to_local()
 
 
+def address_of(t: Any) -> int:
+    """Where a tensor's bytes are (a DTensor's: its local tensor's); 0 for none. A module's
+    ``state_dict()`` holds new tensors over its parameters' memory: the address finds them."""
+    if is_dtensor(t):
+        t = local_of(t)
+    return int(t.data_ptr()) if isinstance(t, torch.Tensor) and not t.is_meta else 0
+
+
 def dtensor_box(t: Any, key: str) -> Box | None:
     """The global box of this rank's local chunk of DTensor ``t``, or None when this rank is
     outside its mesh. Partial placements (a pending reduction) are refused."""

@@ -277,3 +277,16 @@ def _check_weight_map(directory: str, raw: dict[str, Any], names: list[str], sha
         position += shard["tensors"]
     if weight_map:
         raise corrupt_index(directory, f"weight_map lists tensors that no shard holds: {format_keys(weight_map)}")
+
+
+def reused_record(section: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``reused`` record of an index's section (an incremental save's: what it reused from
+    which checkpoint), checked, since an index is untrusted: None when absent or malformed. Only
+    shown by the tools; nothing opens a file by it."""
+    record = section.get(format_spec.REUSED_KEY)
+    if not isinstance(record, dict) or not isinstance(record.get("base"), str):
+        return None
+    files = record.get("files")
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        return None
+    return record

@@ -31,6 +31,7 @@ TMP_MARKER = ".torchckpt-tmp-"  # on a file system: ``<name>.torchckpt-tmp-<pid>
 OLD_MARKER = ".torchckpt-old-"  # on a file system: ``<name>.torchckpt-old-...``, replaced or deleted, being removed
 TORCHCKPT_KEY = "torchckpt"  # the index's own section, beside Hugging Face's keys
 MANAGER_KEY = "manager"  # in a checkpoint's metadata: the checkpoint_name of the manager that wrote it
+REUSED_KEY = "reused"  # in the index's section: {"base": checkpoint, "files": {file here: file there}} of an incremental save
 SAVE_COUNTER = "save_counter"  # a Checkpoint's counter, a top-level key of the saved state tree
 SHARD_SUFFIX = ".safetensors"
 SHARD_NAME = "model-{index:05d}-of-{count:05d}" + SHARD_SUFFIX

@@ -7,7 +7,7 @@ that are views of one stored tensor (tied weights) are recorded as aliases of it
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -86,11 +86,14 @@ def prepare_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.T
 
 @dataclass
 class WriteJob:
-    """Everything a write needs, captured at call time: the tensors and the encoded rest."""
+    """Everything a write needs, captured at call time: the tensors and the encoded rest, and
+    how likely each tensor is to change before the next save (``groups``: name -> group of
+    ``_save.plan.plan_shards``, for the tensors that are not ``CHANGING``)."""
 
     stored: dict[str, torch.Tensor]
     aliases: dict[str, str]
     section: dict[str, Any]
+    groups: dict[str, int] = field(default_factory=dict)
 
 
 def capture(state: dict[str, Any], objects: dict[str, str], metadata: dict[str, Any] | None,

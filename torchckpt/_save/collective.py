@@ -26,7 +26,7 @@ from __future__ import annotations
 import array
 import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +49,7 @@ from torchckpt._paths import name_of
 from torchckpt._progress import progress_bar
 from torchckpt._save import capture as save_capture
 from torchckpt._save import plan as save_plan
+from torchckpt._save import reuse as save_reuse
 from torchckpt._save import write as save_write
 from torchckpt._save.plan import GlobalPlan, global_plan, local_bytes
 from torchckpt._storage.base import Storage
@@ -65,14 +66,17 @@ class Captured:
     """One rank's part of a save."""
 
     local: dict[str, torch.Tensor] = field(default_factory=dict)  # stored or logical name -> local bytes
-    entries: list[list[Any]] = field(default_factory=list)  # [name, dtype, shape, offsets, sizes, digest]
+    entries: list[list[Any]] = field(default_factory=list)  # [name, dtype, shape, offsets, sizes, digest, group]
     aliases: dict[str, str] = field(default_factory=dict)
     per_rank: list[list[Any]] = field(default_factory=list)  # [JSON path, encoded value]
     tree_digest: str = ""
 
 
-def capture(tensors: dict[str, Any], section: dict[str, Any], rank: int) -> Captured:
-    """Classify every tensor of this rank's state and record what the other ranks must agree on."""
+def capture(tensors: dict[str, Any], section: dict[str, Any], rank: int, groups: Mapping[str, int] | None = None,
+            ) -> Captured:
+    """Classify every tensor of this rank's state and record what the other ranks must agree on
+    (``groups``: how likely each tensor changes before the next save, see ``_save.plan.plan_shards``)."""
+    groups = groups or {}
     out = Captured()
     _per_rank_nodes(section["state"], [], out.per_rank)
     plain: dict[str, torch.Tensor] = {}
@@ -82,7 +86,7 @@ def capture(tensors: dict[str, Any], section: dict[str, Any], rank: int) -> Capt
             save_capture.check_tensor(name, t)
             ranked = chunks.rank_name(name, rank)
             out.local[ranked] = t
-            out.entries.append([ranked, format_dtypes.DTYPE_NAMES[t.dtype], list(t.shape), None, None, None])
+            out.entries.append([ranked, format_dtypes.DTYPE_NAMES[t.dtype], list(t.shape), None, None, None, 0])
         elif dist_dtensor.is_dtensor(t):
             box = dist_dtensor.dtensor_box(t, name)
             local = dist_dtensor.local_of(t)
@@ -90,14 +94,16 @@ def capture(tensors: dict[str, Any], section: dict[str, Any], rank: int) -> Capt
             if box is None:
                 continue
             out.local[name] = local
-            out.entries.append([name, format_dtypes.DTYPE_NAMES[t.dtype], list(t.shape), list(box[0]), list(box[1]), None])
+            out.entries.append([name, format_dtypes.DTYPE_NAMES[t.dtype], list(t.shape), list(box[0]), list(box[1]), None,
+                                groups.get(name, 0)])
         else:
             plain[name] = t
     stored, out.aliases = save_capture.prepare_tensors(plain)
     for name, t in stored.items():
         digest = f"{_tensorio.digest_tensor(t):016x}" if t.nbytes <= DIGEST_LIMIT else None
         out.local[name] = t
-        out.entries.append([name, format_dtypes.DTYPE_NAMES[t.dtype], list(t.shape), None, None, digest])
+        out.entries.append([name, format_dtypes.DTYPE_NAMES[t.dtype], list(t.shape), None, None, digest,
+                            groups.get(name, 0)])
     shared = {k: v for k, v in section.items() if k != "state"}
     shared["state"] = _without_per_rank(section["state"])
     shared["aliases"] = out.aliases
@@ -158,7 +164,7 @@ def differing_values(records: list[dict[str, Any]]) -> list[str]:
 
 
 def _description(entry: list[Any]) -> tuple[Any, ...]:
-    name, dtype, shape, offsets, _, digest = entry
+    name, dtype, shape, offsets, _, digest, _ = entry
     return (dtype, tuple(shape), offsets is None, digest if offsets is None else None)
 
 
@@ -183,20 +189,23 @@ class Prepared:
     captured: Captured
     section: dict[str, Any]
     plan: GlobalPlan
+    base: str | None = None  # the checkpoint whose identical shards each rank reuses (``_save.reuse``)
+    incremental: bool = False  # a later save compares with this one (see ``_save.write.write_shards``)
 
 
-def prepare(coord: Coordinator, path: str, state: Callable[[], tuple[dict[str, torch.Tensor], dict[str, Any]]],
-            max_shard_size: int) -> Prepared:
-    """Steps 1 to 3: capture, exchange, plan. ``state()`` returns this rank's tensors and encoded
-    tree; it runs inside the exchange (the call's first, which also compares the ranks' arguments),
+def prepare(coord: Coordinator, path: str,
+            state: Callable[[], tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, int]]],
+            max_shard_size: int, base: str | None = None, incremental: bool = False) -> Prepared:
+    """Steps 1 to 3: capture, exchange, plan. ``state()`` returns this rank's tensors, encoded
+    tree and the planning group of its tensors (see ``_save.plan.plan_shards``); it runs inside the exchange (the call's first, which also compares the ranks' arguments),
     so that its failure on one rank fails the call on every rank. A value that differs across
     ranks, or any rank's failure, is raised on every rank."""
     captured: Captured | None = None
     failed: Exception | None = None
     section: dict[str, Any] = {}
     try:
-        tensors, section = state()
-        captured = capture(tensors, section, coord.rank)
+        tensors, section, groups = state()
+        captured = capture(tensors, section, coord.rank, groups)
         del tensors
         mine: dict[str, Any] = {"entries": captured.entries, "tree": captured.tree_digest}
     except Exception as e:
@@ -211,7 +220,7 @@ def prepare(coord: Coordinator, path: str, state: Callable[[], tuple[dict[str, t
     differing = differing_values(records)
     if differing:
         raise refusal(differing)
-    return Prepared(path, captured, section, global_plan(records, max_shard_size))
+    return Prepared(path, captured, section, global_plan(records, max_shard_size), base, incremental)
 
 
 def finish(coord: Coordinator, storage: Storage, prepared: Prepared, progress: bool | None,
@@ -231,7 +240,7 @@ def finish(coord: Coordinator, storage: Storage, prepared: Prepared, progress: b
         opened = dist_coordinator.decode(coord.broadcast("stage", None, coord.outcome_timeout_secs))
     if "error" in opened:
         raise dist_coordinator.collective_error({0: opened["error"]}, "Saving " + path) from stage_error
-    report, write_error = _write_mine(coord, storage, path, opened["stage"], plan, captured, progress)
+    report, write_error = _write_mine(coord, storage, prepared, opened["stage"], progress)
     reports = _gather_reports(coord, report)
     if coord.rank == 0:
         assert stage is not None
@@ -254,10 +263,13 @@ def _gather_reports(coord: Coordinator, report: dict[str, Any]) -> list[dict[str
     return [] if gathered is None else [dist_coordinator.decode(g) for g in gathered]
 
 
-def _write_mine(coord: Coordinator, storage: Storage, path: str, stage_path: str, plan: GlobalPlan,
-                captured: Captured, progress: bool | None) -> tuple[dict[str, Any], Exception | None]:
-    """Write this rank's files into the stage; returns its report (or its failure)."""
+def _write_mine(coord: Coordinator, storage: Storage, prepared: Prepared, stage_path: str,
+                progress: bool | None) -> tuple[dict[str, Any], Exception | None]:
+    """Write this rank's files into the stage (reusing the base's identical files, each rank its
+    own); returns its report (or its failure)."""
+    path, plan, captured = prepared.path, prepared.plan, prepared.captured
     try:
+        base = save_reuse.open_base(storage, prepared.base, coord.world) if prepared.base is not None else None
         files = plan.files[coord.rank]
         by_name = {u.stored: u for u in plan.units}
         stored = {n: local_bytes(by_name[n], captured.local) for _, names in files for n in names}
@@ -267,8 +279,8 @@ def _write_mine(coord: Coordinator, storage: Storage, path: str, stage_path: str
         try:
             with progress_bar(total, f"save {name_of(path)}", progress if coord.rank == 0 else False) as bar:
                 blocks = array.array("Q")
-                records, digests = save_write.write_shards(stage, shards, [stage.member(f) for f, _ in files], stored, bar.update,
-                                                      blocks)
+                records, digests = save_write.write_shards(stage, shards, [stage.member(f) for f, _ in files], stored,
+                                                           bar.update, blocks, base, prepared.incremental)
         except OSError as e:
             if isinstance(e, CheckpointWriteError):
                 raise
@@ -279,8 +291,9 @@ def _write_mine(coord: Coordinator, storage: Storage, path: str, stage_path: str
                 "".join(format_index.big_endian(d).hex() for d in digests)]
         for record in records:
             record["rank"] = coord.rank
+        reused = base.section(path) if base is not None else None
         return {"records": records, "rows": rows, "blocks": format_index.big_endian(blocks).hex(),
-                "per_rank": captured.per_rank}, None
+                "per_rank": captured.per_rank, "reused": reused}, None
     except Exception as e:
         return {"error": dist_coordinator.failure_payload(e)}, e
 
@@ -343,6 +356,10 @@ def _index_document(plan: GlobalPlan, section: dict[str, Any], captured: Capture
         "dtypes": format_spec.DTYPE_SEP.join(format_dtypes.DTYPE_NAMES[d] for d, _ in plan.chunked.values()),
         "shapes": format_spec.SHAPE_SEP.join(format_dtypes.shape_key(s) for _, s in plan.chunked.values()),
     }, format_blocks.KEY: {"size": format_blocks.BLOCK_BYTES, "checksums": "".join(rep["blocks"] for rep in reports)}}
+    reused = [rep["reused"] for rep in reports if rep.get("reused")]
+    if reused:  # every rank compared with the same base
+        body[format_spec.REUSED_KEY] = {"base": reused[0]["base"],
+                                        "files": dict(sorted(kv for r in reused for kv in r["files"].items()))}
     table = {"names": names, "dtypes": format_spec.DTYPE_SEP.join(dtypes), "shapes": format_spec.SHAPE_SEP.join(shapes),
              "checksums": "".join(checksums)}
     total = sum(u.nbytes for u in plan.units)

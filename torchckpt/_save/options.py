@@ -58,7 +58,10 @@ class SaveOptions:
     """The options of one save, checked once (a bad ``max_shard_size`` is refused before any work).
 
     ``save_counter`` is the counter the checkpoint records: the write does not change the
-    checkpoint's own counter; its caller takes the number once the write is accepted.
+    checkpoint's own counter; its caller takes the number once the write is accepted. ``base`` is
+    a committed checkpoint on the same storage whose identical shards are reused (an incremental
+    save, see ``_save.reuse``); None writes every byte. ``incremental``: a later save will compare
+    with this one, so the shards of frozen tensors are written to be read back soon.
     """
 
     save_counter: int
@@ -67,11 +70,15 @@ class SaveOptions:
     metadata: dict[str, Any] | None = None
     async_save: bool = False
     replace: bool = True
+    base: str | None = None
+    incremental: bool = False
 
     @classmethod
     def checked(cls, save_counter: int, max_shard_size: int | str, progress: bool | None,
-                metadata: dict[str, Any] | None, async_save: bool, replace: bool = True) -> SaveOptions:
-        return cls(save_counter, parse_size(max_shard_size), progress, metadata, bool(async_save), replace)
+                metadata: dict[str, Any] | None, async_save: bool, replace: bool = True,
+                base: str | None = None, incremental: bool = False) -> SaveOptions:
+        return cls(save_counter, parse_size(max_shard_size), progress, metadata, bool(async_save), replace, base,
+                   incremental or base is not None)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ The global plan is computed identically on every rank from the records every ran
 from __future__ import annotations
 
 import array
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,25 +35,41 @@ MIN_BLOCK_BYTES = 8 * 2**20  # a replicated tensor is split into row blocks of a
 class Shard:
     names: list[str] = field(default_factory=list)
     nbytes: int = 0
+    stable: bool = False  # of tensors likely unchanged since the last save (see ``plan_shards``)
     widths: array.array[int] = field(default_factory=lambda: array.array("B"), repr=False)  # element sizes
 
 
-def plan_shards(rows: Iterable[tuple[str, int, int]], max_shard_size: int) -> list[Shard]:
+CHANGING, FROZEN_PARAMETER, FROZEN_BUFFER = 0, 1, 2  # the groups of ``plan_shards``, by how likely a tensor changes
+_GROUP_ORDER = (FROZEN_PARAMETER, FROZEN_BUFFER, CHANGING)
+
+
+def plan_shards(rows: Iterable[tuple[str, int, int]], max_shard_size: int,
+                groups: Mapping[str, int] | None = None) -> list[Shard]:
     """Greedy grouping of ``(name, bytes, element size)`` rows in save order; a single tensor over
     the limit gets a shard of its own. Rows, not tensors: a save, a rank's part of a save by several
     ranks and the tools that rewrite a checkpoint all plan with this one planner. Pass a generator
-    for many tensors: each row is read once, and only a byte per tensor is kept besides its name."""
-    shards: list[Shard] = []
-    current = Shard()
+    for many tensors: each row is read once, and only a byte per tensor is kept besides its name.
+
+    ``groups`` sorts tensors by how likely they are to change before the next save: frozen
+    parameters (``FROZEN_PARAMETER``), the buffers of modules that train nothing (``FROZEN_BUFFER``:
+    a frozen BatchNorm in training mode still updates its running statistics), and the rest
+    (``CHANGING``, the default: trainable parameters, optimizer state, counters). Each group gets
+    shards of its own, frozen parameters first, so that an incremental save finds the same shards of
+    them save after save and reuses them whole (``_save.reuse``), and a tensor that changes
+    anyway costs the shard it is in, not the frozen part."""
+    groups = groups or {}
+    done: dict[int, list[Shard]] = {g: [] for g in _GROUP_ORDER}
+    current = {g: Shard(stable=g != CHANGING) for g in _GROUP_ORDER}
     for name, n, width in rows:
-        if current.names and current.nbytes + n > max_shard_size:
-            shards.append(current)
-            current = Shard()
-        current.names.append(name)
-        current.widths.append(width)
-        current.nbytes += n
-    if current.names or not shards:
-        shards.append(current)
+        g = groups.get(name, CHANGING)
+        shard = current[g]
+        if shard.names and shard.nbytes + n > max_shard_size:
+            done[g].append(shard)
+            shard = current[g] = Shard(stable=g != CHANGING)
+        shard.names.append(name)
+        shard.widths.append(width)
+        shard.nbytes += n
+    shards = [s for g in _GROUP_ORDER for s in (*done[g], current[g]) if s.names] or [Shard()]
     for shard in shards:  # widest elements first keeps every tensor aligned to its element size
         widths = shard.widths
         if widths and min(widths) != max(widths):
@@ -74,6 +90,7 @@ class Unit:
     shape: tuple[int, ...]  # the stored tensor's own shape
     holders: list[int]
     owner: int = -1
+    group: int = 0  # how likely it changes before the next save (see ``plan_shards``)
 
     @property
     def nbytes(self) -> int:
@@ -94,11 +111,11 @@ def global_plan(records: list[dict[str, Any]], max_shard_size: int) -> GlobalPla
     logical: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
     chunks_of: dict[str, list[Unit]] = {}
     for rank, record in enumerate(records):
-        for name, dtype_name, shape, offsets, sizes, _ in record["entries"]:
+        for name, dtype_name, shape, offsets, sizes, _, group in record["entries"]:
             dtype = format_dtypes.str_to_dtype(dtype_name)
             shape = tuple(shape)
             if offsets is None:
-                unit = units.setdefault((name,), Unit(name, name, dtype, None, shape, []))
+                unit = units.setdefault((name,), Unit(name, name, dtype, None, shape, [], group=int(group)))
             else:
                 logical.setdefault(name, (dtype, shape))
                 box = (tuple(offsets), tuple(sizes))
@@ -106,7 +123,8 @@ def global_plan(records: list[dict[str, Any]], max_shard_size: int) -> GlobalPla
                     continue
                 key = (name, box)
                 if key not in units:
-                    units[key] = Unit(format_chunks.chunk_name(name, box[0]), name, dtype, box, box[1], [])
+                    units[key] = Unit(format_chunks.chunk_name(name, box[0]), name, dtype, box, box[1], [],
+                                      group=int(group))
                     chunks_of.setdefault(name, []).append(units[key])
                 unit = units[key]
             unit.holders.append(rank)
@@ -152,7 +170,7 @@ def _split_replicated(units: list[Unit], world: int,
             offsets = (start,) + (0,) * (len(unit.shape) - 1)
             sizes = (n, *unit.shape[1:])
             out.append(Unit(format_chunks.chunk_name(unit.logical, offsets), unit.logical, unit.dtype, (offsets, sizes),
-                            sizes, list(unit.holders)))
+                            sizes, list(unit.holders), group=unit.group))
     return out
 
 
@@ -173,7 +191,8 @@ def _files(units: list[Unit], world: int, max_shard_size: int) -> list[list[tupl
     per_rank: list[list[list[str]]] = []
     for rank in range(world):
         mine = [(u.stored, u.nbytes, format_dtypes.itemsize(u.dtype)) for u in units if u.owner == rank]
-        per_rank.append([s.names for s in plan_shards(mine, max_shard_size)] if mine else [])
+        groups = {u.stored: u.group for u in units if u.owner == rank and u.group}
+        per_rank.append([s.names for s in plan_shards(mine, max_shard_size, groups)] if mine else [])
     if not any(per_rank):
         per_rank[0] = [[]]  # nothing to store: one empty shard, as a single process writes
     total = sum(map(len, per_rank))

@@ -17,7 +17,7 @@ format 1 itself, several ranks exchange and write format 3 through ``collective`
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,13 +41,16 @@ class Source:
 
     ``state(distributed)`` is what each tracked object saves, by name; ``objects()`` names the kind
     of each; ``writer()`` is the checkpoint's own background writer (made on first use); ``wait()``
-    waits for its write in flight and raises that write's failure.
+    waits for its write in flight and raises that write's failure; ``groups()`` maps the
+    address of each tensor likely unchanged since the last save (a frozen parameter, a buffer of
+    a module that trains nothing) to its group of ``_save.plan.plan_shards``.
     """
 
     state: Callable[[bool], dict[str, Any]]
     objects: Callable[[], dict[str, str]]
     writer: Callable[[], AsyncWriter]
     wait: Callable[[], None]
+    groups: Callable[[], Mapping[int, int]] = dict
 
 
 def save(source: Source, storage: Storage, path: str, coord: AnyCoordinator, options: SaveOptions,
@@ -67,7 +70,8 @@ def save(source: Source, storage: Storage, path: str, coord: AnyCoordinator, opt
     def run() -> None:
         with gc_paused():
             write.write_checkpoint(storage, path, job.stored, job.aliases, job.section, options.max_shard_size,
-                                   options.progress, options.replace)
+                                   options.progress, options.replace, options.base, job.groups,
+                                   options.incremental)
         if hooks.after is not None:
             hooks.after()
 
@@ -87,7 +91,12 @@ def _capture(source: Source, options: SaveOptions, distributed: bool) -> WriteJo
     state = source.state(distributed)
     state[spec.SAVE_COUNTER] = options.save_counter
     prepare = not options.async_save and not distributed
-    return capture(state, source.objects(), options.metadata, dist_dtensor.localize if prepare else None)
+    job = capture(state, source.objects(), options.metadata, dist_dtensor.localize if prepare else None)
+    by_address = source.groups()
+    if by_address:  # by address: what state_dict() returns are new tensors over the parameters' memory
+        found = ((n, by_address.get(dist_dtensor.address_of(t))) for n, t in job.stored.items())
+        job.groups = {n: g for n, g in found if g}
+    return job
 
 
 def _save_by_every_rank(source: Source, storage: Storage, path: str, coord: AnyCoordinator, options: SaveOptions,
@@ -101,13 +110,13 @@ def _save_by_every_rank(source: Source, storage: Storage, path: str, coord: AnyC
     this call on every rank instead of leaving the others waiting to pair with the next call."""
     assert isinstance(coord, dist_coordinator.Coordinator)
 
-    def state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def state() -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, int]]:
         source.wait()  # one write in flight; raises a previous background failure
         job = _capture(source, options, distributed=True)
-        return job.stored, job.section
+        return job.stored, job.section, job.groups
 
     with gc_paused():
-        prepared = collective.prepare(coord, path, state, options.max_shard_size)
+        prepared = collective.prepare(coord, path, state, options.max_shard_size, options.base, options.incremental)
         scope = coord.scope() if options.async_save else coord
         if options.async_save:  # a copy that fails on one rank (out of memory) fails the save on every rank, now
             dist_coordinator.agree(coord, "Saving " + path, lambda: _snapshot(source.writer(), prepared))

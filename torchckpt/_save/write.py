@@ -14,13 +14,14 @@ by piece (see ``_format.document.RawJSON``). Reading is in ``_load.opened``.
 from __future__ import annotations
 
 import array
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 import xxhash
 
 from torchckpt import _tensorio
+from torchckpt._format import blocks as format_blocks
 from torchckpt._format import document as format_document
 from torchckpt._format import dtypes as format_dtypes
 from torchckpt._format import header as format_header
@@ -30,6 +31,7 @@ from torchckpt._format.spec import INDEX_FILE
 from torchckpt._paths import name_of
 from torchckpt._progress import progress_bar
 from torchckpt._save import plan as save_plan
+from torchckpt._save import reuse as save_reuse
 from torchckpt._storage.base import AlreadyCommitted, Output, Stage, Storage
 from torchckpt.errors import CheckpointWriteError
 
@@ -45,6 +47,9 @@ def write_checkpoint(
     max_shard_size: int = format_spec.DEFAULT_MAX_SHARD_SIZE,
     progress: bool | None = None,
     replace: bool = True,
+    base: str | None = None,
+    groups: Mapping[str, int] | None = None,
+    incremental: bool = False,
 ) -> str:
     """Write tensors and the ``torchckpt`` index section to the directory ``path``, atomically.
 
@@ -61,6 +66,12 @@ def write_checkpoint(
         progress: show a progress bar (None: on a terminal for large saves).
         replace: replace a checkpoint already at ``path``; without it, one there (even one that
             appears while this one is written) raises ``AlreadyCommitted`` and nothing changes.
+        base: a committed checkpoint on ``storage`` whose identical shards are reused instead of
+            written (see ``_save.reuse``); None writes every byte.
+        groups: how likely each tensor changes before the next save (name -> group; see
+            ``_save.plan.plan_shards``): frozen ones are planned into shards of their own.
+        incremental: the next save will compare with this one: shards of frozen tensors are
+            written to stay in the page cache, for the next save to read back.
 
     Returns:
         ``path``.
@@ -69,13 +80,18 @@ def write_checkpoint(
         CheckpointWriteError: the system refused a write; it names the file and says what to do.
     """
     shards = save_plan.plan_shards(((n, t.numel() * t.element_size(), t.element_size()) for n, t in stored.items()),
-                                   max_shard_size)
+                                   max_shard_size, groups)
     try:
+        reference = save_reuse.open_base(storage, base, 1) if base is not None else None
         stage = storage.stage(path, replace)
         files = [stage.member(format_spec.shard_name(i, len(shards))) for i in range(1, len(shards) + 1)]
         try:
             with progress_bar(sum(s.nbytes for s in shards), f"save {name_of(path)}", progress) as bar:
-                records, digests = write_shards(stage, shards, files, stored, bar.update)
+                records, digests = write_shards(stage, shards, files, stored, bar.update, base=reference,
+                                                keep_cached=incremental)
+            reused = reference.section(path) if reference is not None else None
+            if reused is not None:
+                section = {**section, format_spec.REUSED_KEY: reused}
             index = _index_of(shards, files, stored, aliases, section, records, digests)
             stage.write_index(INDEX_FILE, format_document.sealed_pieces(index))
             stage.commit({r["file"]: r["size"] for r in records})
@@ -91,21 +107,36 @@ def write_checkpoint(
 
 def write_shards(stage: Stage, shards: list[save_plan.Shard], files: list[str], stored: dict[str, torch.Tensor],
                  on_bytes: Callable[[int], None], blocks: array.array[int] | None = None,
+                 base: save_reuse.Base | None = None, keep_cached: bool = False,
                  ) -> tuple[list[dict[str, Any]], list[array.array[int]]]:
     """Write every shard into the stage; returns their records and per-tensor digests. With
     ``blocks``, every tensor's block checksums (format 3, see ``_format.blocks``) are appended to it in
-    file order."""
+    file order. With ``base``, a shard the base holds byte for byte is placed from it instead
+    (``_save.reuse``); with ``keep_cached``, shards of stable tensors stay in the page cache for
+    the next save to read back."""
     digests: list[array.array[int]] = []  # per shard, per tensor: 8 bytes each, not an int object
     records: list[dict[str, Any]] = []
     for shard, file in zip(shards, files):
         header = format_header.encode_header_pieces((n, t.dtype, t.shape, t.nbytes) for n in shard.names
                                                     for t in (stored[n],))
         tensors = [stored[n] for n in shard.names]
+        if base is not None:
+            block_bytes = format_blocks.BLOCK_BYTES if blocks is not None else 0
+            reused = save_reuse.reuse_shard(stage, base, file, shard.names, tensors, b"".join(header), block_bytes)
+            if reused is not None:
+                size = sum(map(len, header)) + shard.nbytes
+                records.append(_record(file, size, _header_hash(header), reused.digests, len(tensors)))
+                digests.append(reused.digests)
+                if blocks is not None:
+                    blocks.extend(reused.blocks)
+                on_bytes(shard.nbytes)
+                continue
 
         def write_data(out: Output, tensors: list[torch.Tensor] = tensors) -> array.array[int]:
             return _tensorio.write_tensors(out, tensors, on_bytes, blocks)
 
-        record, shard_digests = _write_shard(stage, file, header, shard.nbytes, len(tensors), write_data)
+        record, shard_digests = _write_shard(stage, file, header, shard.nbytes, len(tensors), write_data,
+                                             keep_cached and shard.stable)
         digests.append(shard_digests)
         records.append(record)
     return records, digests
@@ -189,21 +220,31 @@ def stream_shard(stage: Stage, file: str, entries: list[tuple[str, torch.dtype, 
 
 
 def _write_shard(stage: Stage, file: str, header: list[bytes], data_bytes: int, count: int,
-                 write_data: Callable[[Output], array.array[int]]) -> tuple[dict[str, Any], array.array[int]]:
+                 write_data: Callable[[Output], array.array[int]], keep_cached: bool = False,
+                 ) -> tuple[dict[str, Any], array.array[int]]:
     """One shard file: its header, then the tensors ``write_data`` writes (returning their digests).
     Returns the shard's index record (its checksum covers the header and the tensors' digests) and
     the digests."""
-    shard_hash = xxhash.xxh3_64()
-    for piece in header:
-        shard_hash.update(piece)
-    header_checksum = shard_hash.hexdigest()
+    shard_hash = _header_hash(header)
     size = sum(map(len, header)) + data_bytes
-    with stage.create(file, size) as out:
+    with stage.create(file, size, keep_cached) as out:
         out.write([memoryview(piece) for piece in header])
         header.clear()  # a 20,000-tensor header is megabytes: do not hold it while writing data
         digests = write_data(out)
         out.finish()
+    return _record(file, size, shard_hash, digests, count), digests
+
+
+def _header_hash(header: list[bytes]) -> Any:
+    shard_hash = xxhash.xxh3_64()
+    for piece in header:
+        shard_hash.update(piece)
+    return shard_hash
+
+
+def _record(file: str, size: int, shard_hash: Any, digests: array.array[int], count: int) -> dict[str, Any]:
+    """A shard's index record: its checksum continues the header's hash over the tensors' digests."""
+    header_checksum = shard_hash.hexdigest()
     shard_hash.update(format_index.big_endian(digests))
-    record = {"file": file, "size": size, "checksum": f"{shard_hash.intdigest():016x}",
-              "header_checksum": header_checksum, "tensors": count}
-    return record, digests
+    return {"file": file, "size": size, "checksum": f"{shard_hash.intdigest():016x}",
+            "header_checksum": header_checksum, "tensors": count}

@@ -20,12 +20,13 @@ import os
 import socket
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
 from torchckpt.errors import CheckpointError, CorruptCheckpointError
 
 IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)  # buffers per scatter call
+VIEW_BYTES = 16 * 2**20  # the pieces ``Source.views`` copies a remote file in
 # A leftover whose writer cannot be probed (another host, an object store) is stale once this old.
 LEFTOVER_GRACE_SECS = 3600.0
 
@@ -120,6 +121,10 @@ class Source(Protocol):
     def readv(self, views: list[memoryview], offset: int) -> None:
         """Fill ``views`` with the bytes from ``offset`` on, back to back; EOFError at the end."""
 
+    def views(self, offset: int, count: int) -> Iterator[memoryview]:
+        """``count`` bytes from ``offset``, in pieces to use before asking for the next (a local
+        file is mapped, not copied); EOFError at the end."""
+
     def close(self) -> None: ...
 
 
@@ -145,17 +150,19 @@ class Stage(Protocol):
     The calls a backend can expect, in this order:
 
     - one process: ``Storage.stage(path, replace)``; for each shard ``member`` then ``create``
-      (``write_file`` for a small file); ``write_index``; then ``commit``, or ``discard`` after
+      (``write_file`` for a small file), or ``reuse`` (and ``drop`` if what it placed fails its check); ``write_index``; then ``commit``, or ``discard`` after
       any failure.
     - several ranks: rank 0 calls ``Storage.stage``; every rank then calls
-      ``Storage.join_stage(path, stage.path)`` and ``member``/``create`` for its own files; once
+      ``Storage.join_stage(path, stage.path)`` and ``member``/``create``/``reuse`` for its own files; once
       every rank has reported, rank 0 alone calls ``write_index``, then ``commit`` or ``discard``.
     """
 
     path: str
 
-    def create(self, name: str, size: int) -> Output:
-        """A new file ``name`` in the stage, for ``size`` bytes."""
+    def create(self, name: str, size: int, keep_cached: bool = False) -> Output:
+        """A new file ``name`` in the stage, for ``size`` bytes; ``keep_cached``: the next save
+        will read it back (a shard of frozen tensors, see ``_save.reuse``), so a local file is
+        written through the page cache and left there."""
 
     def write_file(self, name: str, data: bytes) -> None:
         """A new small file ``name`` in the stage, written whole."""
@@ -170,6 +177,16 @@ class Stage(Protocol):
 
     def discard(self) -> None:
         """Remove what the stage holds (a failed write)."""
+
+    def reuse(self, name: str, source: str) -> str | None:
+        """Place at ``name`` the bytes of ``source``, a shard of a committed checkpoint, without
+        sending them: a hard link on a local filesystem, a copy the server makes on an object store.
+        Returns the placed file's path, for the caller to read back and check; None where the
+        backend cannot (no hard links, another filesystem, ``source`` gone or not a regular file),
+        and nothing is placed: the caller writes the file instead."""
+
+    def drop(self, name: str) -> None:
+        """Remove a file :meth:`reuse` placed (it failed its check)."""
 
     def member(self, name: str) -> str:
         """The name a new shard meant as ``name`` is written under: ``name`` itself where the stage
@@ -203,6 +220,10 @@ class Storage(Protocol):
 
     def mtime(self, path: str) -> float:
         """When ``path`` was last written (seconds since the epoch; -1.0 when unknown)."""
+
+    def is_shared(self, path: str) -> bool:
+        """Whether the file ``path`` is also a file of another checkpoint (a hard link an
+        incremental save made). False on an object store, where a reused shard is a copy."""
 
     def list_names(self, directory: str) -> list[str]:
         """Names directly inside ``directory`` ([] when it is missing or not a directory)."""

@@ -248,6 +248,22 @@ class FsspecStorage:
             return upload.S3Upload(self.fs, path, self.part_bytes)
         return upload.StreamOutput(self.fs, path)
 
+    def copy(self, source: str, target: str) -> bool:
+        """Copy the object ``source`` to ``target`` on the store itself (no byte passes through this
+        process where the store can copy); False, with nothing at ``target``, when it cannot."""
+        try:
+            self.fs.copy(source, target)
+        except (OSError, ValueError, NotImplementedError):  # gone, refused, or no copy here
+            self.remove_quietly(target)
+            return False
+        finally:
+            self.fs.invalidate_cache(target)
+        return True
+
+    def is_shared(self, path: str) -> bool:
+        del path  # a reused shard is the store's copy, an object of its own
+        return False
+
     def put(self, path: str, data: bytes) -> None:
         self.fs.pipe_file(path, data)
         self.fs.invalidate_cache(path)

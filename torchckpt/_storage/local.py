@@ -9,11 +9,14 @@ a link, only regular files.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
+import mmap
 import os
 import shutil
-from collections.abc import Iterable
+import stat
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from torchckpt._format.spec import INDEX_FILE, OLD_MARKER
@@ -22,6 +25,7 @@ from torchckpt._storage import files as storage_files
 from torchckpt._storage.base import IOV_MAX, Output
 
 _INDEX_BUFFER = 2**20
+_VIEW_BYTES = 256 * 2**20  # pieces of a mapped file
 
 
 class LocalSource:
@@ -55,6 +59,21 @@ class LocalSource:
             if n:
                 views[i] = views[i][n:]
 
+    def views(self, offset: int, count: int) -> Iterator[memoryview]:
+        if offset + count > self.size:
+            raise EOFError(f"{self.path} is {self.size} bytes, not {offset + count}")
+        if not count:
+            return
+        mapped = mmap.mmap(self.fd, 0, prot=mmap.PROT_READ)  # the page cache itself: hashed without a copy
+        whole = memoryview(mapped)
+        try:
+            for start in range(offset, offset + count, _VIEW_BYTES):
+                yield whole[start : min(start + _VIEW_BYTES, offset + count)]
+        finally:
+            whole.release()
+            with contextlib.suppress(BufferError):  # a piece still held: the map closes with it
+                mapped.close()
+
     def close(self) -> None:
         fd, self.fd = self.fd, -1
         if fd >= 0:
@@ -77,10 +96,10 @@ class LocalStage:
         self.path = atomic.temporary_sibling(final)
         os.mkdir(self.path)
 
-    def create(self, name: str, size: int) -> Output:
+    def create(self, name: str, size: int, keep_cached: bool = False) -> Output:
         # A stage several ranks write into at once is written through the page cache (see local_output.create).
         return local_output.create(os.path.join(self.path, name), size, shared_disk=self.shared,
-                                   direct_min_bytes=self.storage.direct_min_bytes)
+                                   direct_min_bytes=self.storage.direct_min_bytes, keep_cached=keep_cached)
 
     def write_file(self, name: str, data: bytes) -> None:
         self.write_index(name, [data])
@@ -113,6 +132,22 @@ class LocalStage:
 
     def discard(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+    def reuse(self, name: str, source: str) -> str | None:
+        # A hard link: no byte is written, and the committed file's inode outlives the checkpoint
+        # it came from (deleting that one only drops a link). The directory entry is made durable
+        # by the commit's fsync of the stage.
+        target = os.path.join(self.path, name)
+        try:
+            if not stat.S_ISREG(os.lstat(source).st_mode):
+                return None
+            os.link(source, target, follow_symlinks=False)
+        except OSError:  # gone, another filesystem (EXDEV), no hard links (EPERM), too many (EMLINK)
+            return None
+        return target
+
+    def drop(self, name: str) -> None:
+        os.unlink(os.path.join(self.path, name))
 
     def member(self, name: str) -> str:
         return name  # the temporary directory is this save's alone: the names stay as they are
@@ -161,6 +196,12 @@ class LocalStorage:
             return os.lstat(path).st_mtime_ns / 1e9
         except OSError:
             return -1.0
+
+    def is_shared(self, path: str) -> bool:
+        try:
+            return os.lstat(path).st_nlink > 1
+        except OSError:
+            return False
 
     def list_names(self, directory: str) -> list[str]:
         try:

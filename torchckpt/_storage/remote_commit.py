@@ -87,11 +87,28 @@ class RemoteStage:
         stem = name[: -len(SHARD_SUFFIX)] if name.endswith(SHARD_SUFFIX) else name
         return f"{stem}-{self.tag}{SHARD_SUFFIX}"
 
-    def create(self, name: str, size: int) -> Output:
+    def create(self, name: str, size: int, keep_cached: bool = False) -> Output:
+        del keep_cached  # nothing of an upload stays here
         self.storage.fence(self.path)  # free unless this process's lease term ran out unrenewed
         self.created.append(name)
         out: Output = self.storage.output(join(self.path, name), size)
         return out
+
+    def reuse(self, name: str, source: str) -> str | None:
+        # fsspec's copy is the store's own (S3 CopyObject, UploadPartCopy for large objects): no byte
+        # is uploaded. The copy is an object of its own, under this save's tag.
+        self.storage.fence(self.path)
+        target = join(self.path, name)
+        self.created.append(name)
+        if not self.storage.copy(source, target):
+            self.created.remove(name)
+            return None
+        return target
+
+    def drop(self, name: str) -> None:
+        self.storage.remove_quietly(join(self.path, name))
+        if name in self.created:
+            self.created.remove(name)
 
     def write_file(self, name: str, data: bytes) -> None:
         self.created.append(name)

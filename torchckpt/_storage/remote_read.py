@@ -11,8 +11,10 @@ damaged one.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, Protocol
 
+from torchckpt._storage.base import VIEW_BYTES
 from torchckpt.errors import CheckpointError
 
 # Ranged reads (where a GET cannot be streamed into the destinations): READ_PARTS at a time, each
@@ -63,6 +65,14 @@ class RemoteSource:
             return bytes(self.fs.cat_file(self.path, start=offset, end=end))
         except FileNotFoundError:
             raise self.vanished() from None
+
+    def views(self, offset: int, count: int) -> Iterator[memoryview]:
+        buffer = memoryview(bytearray(min(VIEW_BYTES, max(1, count))))
+        while count > 0:
+            view = buffer[: min(len(buffer), count)]
+            self.readv([view], offset)
+            offset, count = offset + len(view), count - len(view)
+            yield view
 
     def readv(self, views: list[memoryview], offset: int) -> None:
         try:
