@@ -11,21 +11,35 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import io
 import mmap
 import os
 import shutil
 import stat
+import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from torchckpt import _threads
 from torchckpt._format.spec import INDEX_FILE, OLD_MARKER
 from torchckpt._storage import atomic, local_output, lock
 from torchckpt._storage import files as storage_files
 from torchckpt._storage.base import IOV_MAX, Output
+from torchckpt.errors import CheckpointError
 
 _INDEX_BUFFER = 2**20
-_VIEW_BYTES = 256 * 2**20  # pieces of a mapped file
+_VIEW_BYTES = 64 * 2**20  # pieces of a mapped file
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14; Python 3.11 lacks the name
+
+
+def _populate(mapped: mmap.mmap, start: int, end: int) -> None:
+    """Fault in the pages of ``[start, end)`` of a mapping in large reads: a cold 500 MB file read
+    through page faults alone took 0.5 to 1.2 s here, populated first 0.3 s (as ``preadv`` of
+    16 MiB), and a cached one 0.03 s either way. Elsewhere the faults read it."""
+    aligned = start - start % mmap.PAGESIZE
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        mapped.madvise(_MADV_POPULATE_READ, aligned, end - aligned)
 
 
 class LocalSource:
@@ -60,6 +74,7 @@ class LocalSource:
                 views[i] = views[i][n:]
 
     def views(self, offset: int, count: int) -> Iterator[memoryview]:
+        stop_warm_ups()
         if offset + count > self.size:
             raise EOFError(f"{self.path} is {self.size} bytes, not {offset + count}")
         if not count:
@@ -68,7 +83,9 @@ class LocalSource:
         whole = memoryview(mapped)
         try:
             for start in range(offset, offset + count, _VIEW_BYTES):
-                yield whole[start : min(start + _VIEW_BYTES, offset + count)]
+                end = min(start + _VIEW_BYTES, offset + count)
+                _populate(mapped, start, end)
+                yield whole[start:end]
         finally:
             whole.release()
             with contextlib.suppress(BufferError):  # a piece still held: the map closes with it
@@ -80,15 +97,58 @@ class LocalSource:
             os.close(fd)
 
 
+_warmer = _threads.Worker("torchckpt-warm")
+_WARM_BYTES = 8 * 2**20
+_stop_warming = threading.Event()
+
+
+def _read_once(path: str) -> None:
+    """Read the file ``path`` through once, which leaves it in the page cache (unless a reader
+    needs the disk first: see :func:`stop_warm_ups`)."""
+    if _stop_warming.is_set():
+        return
+    try:
+        fd = storage_files.open_regular(path)
+    except (OSError, CheckpointError):  # deleted meanwhile: nothing to warm
+        return
+    try:
+        buffer, offset = memoryview(bytearray(_WARM_BYTES)), 0
+        while not _stop_warming.is_set() and (n := os.preadv(fd, [buffer], offset)) > 0:
+            offset += n
+    except OSError:
+        pass  # only a warm-up: the next save reads from the disk instead
+    finally:
+        os.close(fd)
+
+
+def stop_warm_ups() -> None:
+    """Stop reading files into the page cache, and return once no warm-up reads: a save that
+    checks a file reads it itself rather than beside a warm-up (two readers of one file on one
+    disk measured 0.69 s for 500 MB, against 0.19 s for one)."""
+    _stop_warming.set()
+    try:
+        _warmer.call(lambda: None).result()
+    finally:
+        _stop_warming.clear()
+
+
 class LocalStage:
     """A checkpoint being written into a temporary sibling of its final name, fsynced file by
-    file, then renamed into place in one step (``_storage.atomic.commit_directory``)."""
+    file, then renamed into place in one step (``_storage.atomic.commit_directory``).
+
+    Files created with ``keep_cached`` (shards of frozen tensors, which the next save reads back
+    to check them before it reuses them) are read once on a background thread after the commit,
+    which leaves them in the page cache: the next save's check then reads memory. Writing them
+    through the page cache instead measured 3 to 5 times slower here than direct I/O (1.5 s against
+    0.44 s for 500 MB); ``POSIX_FADV_WILLNEED`` read almost nothing ahead.
+    """
 
     def __init__(self, storage: LocalStorage, final: str, replace: bool, joined: str | None = None) -> None:
         self.storage = storage
         self.final = final
         self.replace = replace
         self.shared = joined is not None
+        self.warm: list[str] = []  # files to read into the page cache after the commit
         if joined is not None:  # a stage shared by the ranks of a job: this process writes its files into it
             self.path = joined
             return
@@ -97,9 +157,11 @@ class LocalStage:
         os.mkdir(self.path)
 
     def create(self, name: str, size: int, keep_cached: bool = False) -> Output:
+        if keep_cached:
+            self.warm.append(name)
         # A stage several ranks write into at once is written through the page cache (see local_output.create).
         return local_output.create(os.path.join(self.path, name), size, shared_disk=self.shared,
-                                   direct_min_bytes=self.storage.direct_min_bytes, keep_cached=keep_cached)
+                                   direct_min_bytes=self.storage.direct_min_bytes)
 
     def write_file(self, name: str, data: bytes) -> None:
         self.write_index(name, [data])
@@ -129,6 +191,8 @@ class LocalStage:
             if found != size:
                 raise OSError(5, f"{name} is {found} bytes, not the {size} its writer reported", path)
         atomic.commit_directory(self.path, self.final, self.replace)
+        for name in self.warm:  # after the commit: the reads must not slow this save's last writes
+            _warmer.submit(functools.partial(_read_once, os.path.join(self.final, name)))
 
     def discard(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

@@ -17,7 +17,6 @@ each written 64 MiB to the disk at once so that the final fsync is short.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import fcntl
@@ -44,13 +43,10 @@ class Output:
     """A new file being written from start to end. ``finish()`` makes it durable (fsync);
     leaving the ``with`` block closes it either way."""
 
-    keep_cached = False  # read back into the page cache once written (see ``create``)
-
     def __init__(self, path: str, fd: int) -> None:
         self.path = path
         self.fd = fd
         self.closed = False
-        self.finished = False
 
     def write(self, views: list[memoryview]) -> None:
         """Append the bytes of ``views``, in order (the list is left as it is)."""
@@ -59,15 +55,10 @@ class Output:
     def finish(self) -> None:
         """Write what is still buffered and fsync the file."""
         os.fsync(self.fd)
-        self.finished = True
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            if self.keep_cached and self.finished:
-                with contextlib.suppress(OSError, ValueError):  # opened now: the stage is renamed at its commit
-                    reader = storage_files.open_regular(self.path)
-                    _warmer.submit(lambda: _read_once(reader))
             os.close(self.fd)
 
     def __enter__(self) -> Output:
@@ -77,24 +68,8 @@ class Output:
         self.close()
 
 
-_warmer = _threads.Worker("torchckpt-warm")
-_WARM_BYTES = 8 * 2**20
-
-
-def _read_once(fd: int) -> None:
-    """Read the file ``fd`` through once (into the page cache), then close this descriptor of it."""
-    try:
-        buffer, offset = memoryview(bytearray(_WARM_BYTES)), 0
-        while (n := os.preadv(fd, [buffer], offset)) > 0:
-            offset += n
-    except OSError:
-        pass  # only a warm-up: the next save reads from the disk instead
-    finally:
-        os.close(fd)
-
-
 def create(path: str, size: int, shared_disk: bool = False, *, direct_min_bytes: int = DIRECT_MIN_BYTES,
-           flush_bytes: int = FLUSH_BYTES, keep_cached: bool = False) -> Output:
+           flush_bytes: int = FLUSH_BYTES) -> Output:
     """Create the file ``path`` (it must not exist yet) for ``size`` bytes, written directly
     when the file has ``direct_min_bytes`` or more and the filesystem allows it; an ordinary
     write hands each ``flush_bytes`` written to the disk at once.
@@ -103,28 +78,19 @@ def create(path: str, size: int, shared_disk: bool = False, *, direct_min_bytes:
     through the page cache: direct I/O keeps one buffer in flight per process, and two ranks'
     direct writes to one disk measured 1.22 s for 384 MiB against 0.92 s for cached writes and
     fsync, which let the kernel merge and queue both ranks' writes.
-
-    With ``keep_cached`` (a file the next save reads back: a shard of frozen tensors) the file is
-    written as any other, then read once on a background thread once it is durable, which puts it
-    in the page cache, so that the next save's check of it reads memory. Writing it through the
-    cache instead measured 3 to 5 times slower here (1.5 s against 0.44 s for 500 MB), to spare
-    the next save 0.3 s of reading; ``POSIX_FADV_WILLNEED`` read almost nothing ahead.
     """
     direct = 0 if shared_disk else getattr(os, "O_DIRECT", 0)
     try:
         if direct and size >= direct_min_bytes:
             try:
-                out: Output = _DirectOutput(path, storage_files.create_exclusive(path, os.O_WRONLY | direct), size)
+                return _DirectOutput(path, storage_files.create_exclusive(path, os.O_WRONLY | direct), size)
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
                 # The filesystem refuses O_DIRECT, after creating the file: open it again, plainly.
                 fd = os.open(path, os.O_WRONLY | os.O_TRUNC | storage_files.NOFOLLOW | storage_files.CLOEXEC)
-                out = _CachedOutput(path, fd, flush_bytes)
-        else:
-            out = _CachedOutput(path, storage_files.create_exclusive(path), flush_bytes)
-        out.keep_cached = keep_cached
-        return out
+                return _CachedOutput(path, fd, flush_bytes)
+        return _CachedOutput(path, storage_files.create_exclusive(path), flush_bytes)
     except OSError as e:
         raise storage_files.named(e, path) from e
 
@@ -148,7 +114,6 @@ class _CachedOutput(Output):
             os.fsync(self.fd)
         except OSError as e:
             raise storage_files.named(e, self.path) from e
-        self.finished = True
 
 
 def _write_views(fd: int, views: list[memoryview]) -> None:
@@ -246,7 +211,6 @@ class _DirectOutput(Output):
             os.fsync(self.fd)
         except OSError as e:
             raise storage_files.named(e, self.path) from e
-        self.finished = True
 
     def close(self) -> None:
         if not self.closed:
