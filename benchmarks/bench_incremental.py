@@ -13,7 +13,11 @@ are interleaved (round 1 of every method, then round 2, ..., each round starting
 the table reports medians with the fastest and slowest round.
 
     python benchmarks/bench_incremental.py [--rounds 3] [--workloads frozen,lora,changing]
-        [--methods raw,dcp,torchckpt-full,torchckpt] [--scale 1.0] [--dir DIR] [--remote]
+        [--methods raw,dcp,torchckpt-full,torchckpt] [--scale 1.0] [--dir DIR] [--remote] [--gap 0]
+
+``--gap S`` waits S seconds after each training step before the next save, in every method: a run
+does many steps between two saves, and a save right behind the previous one also measures the disk
+still busy with it (here, reading 500 MB back 0.3 s after writing it took up to 1.5 s).
 
 Workloads:
 - frozen: a frozen 64 MiB backbone (16 x Linear(1024, 1024), requires_grad False) and a trainable
@@ -287,7 +291,7 @@ def _hash_file(path: str) -> int:
     return hasher.intdigest()
 
 
-def child(method: str, workload: str, directory: str, scale: float, endpoint: str) -> None:
+def child(method: str, workload: str, directory: str, scale: float, endpoint: str, gap: float) -> None:
     warnings.simplefilter("ignore")
     import torch
     import torch.distributed.checkpoint  # noqa: F401  imports are in no method's time
@@ -311,6 +315,7 @@ def child(method: str, workload: str, directory: str, scale: float, endpoint: st
     for i in range(SAVES[workload]):
         if i:
             step()
+            time.sleep(gap)  # the rest of a training run between two saves (--gap)
         written, uploaded = written_bytes(), counter.uploaded if counter else 0
         downloaded, copies = (counter.downloaded, counter.copies) if counter else (0, 0)
         start = time.perf_counter()
@@ -333,7 +338,7 @@ def child(method: str, workload: str, directory: str, scale: float, endpoint: st
 # -- the parent: rounds, servers, the table ---------------------------------------------------------
 
 def run_workload(workload: str, rounds: int, root: str, methods: list[str], scale: float,
-                 endpoint: str) -> dict[str, list[dict[str, Any]]]:
+                 endpoint: str, gap: float) -> dict[str, list[dict[str, Any]]]:
     results: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     script = os.path.abspath(__file__)
     for r in range(rounds):
@@ -344,7 +349,8 @@ def run_workload(workload: str, rounds: int, root: str, methods: list[str], scal
             if not remote:
                 os.makedirs(target)
             try:
-                results[method].append(run_fresh(script, ["--child", method, workload, target, str(scale), endpoint]))
+                results[method].append(run_fresh(script, ["--child", method, workload, target, str(scale), endpoint,
+                                                                 str(gap)]))
             finally:
                 _clear(target, endpoint)
     return results
@@ -387,10 +393,11 @@ def _row(method: str, runs: list[dict[str, Any]]) -> tuple[str, dict[str, float]
     return row, m
 
 
-def report(workload: str, results: dict[str, list[dict[str, Any]]], rounds: int) -> list[str]:
+def report(workload: str, results: dict[str, list[dict[str, Any]]], rounds: int, gap: float) -> list[str]:
     first_run = next(iter(results.values()))[0]
+    between = f"a training step and {gap:g} s" if gap else "a training step"
     lines = [f"\n### {workload}: {first_run['description']}; state {first_run['state_bytes'] / MB:.1f} MB; "
-             f"{SAVES[workload]} saves; {rounds} rounds, medians (fastest-slowest)\n",
+             f"{SAVES[workload]} saves, {between} between them; {rounds} rounds, medians (fastest-slowest)\n",
              "| method | first save s | first MB written | later saves s | later MB written | later reused MB "
              "| later/first time | later/first bytes |",
              "|---|---|---|---|---|---|---|---|"]
@@ -454,11 +461,13 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="shrink every model by this factor (try 0.25)")
     parser.add_argument("--dir", default=None, help="where to write (a real disk, not tmpfs)")
     parser.add_argument("--remote", action="store_true", help="add the torchckpt-s3 methods (frozen only)")
-    parser.add_argument("--child", nargs=5, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--gap", type=float, default=0.0,
+                        help="seconds between saves besides the training step (a run does more than one step)")
+    parser.add_argument("--child", nargs=6, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        method, workload, directory, scale, endpoint = args.child
-        child(method, workload, directory, float(scale), endpoint)
+        method, workload, directory, scale, endpoint, gap = args.child
+        child(method, workload, directory, float(scale), endpoint, float(gap))
         return
     methods = [m for m in args.methods.split(",") if m]
     if args.remote:
@@ -477,8 +486,8 @@ def main() -> None:
               + (f"; moto S3 server on loopback ({endpoint})" if server else ""), flush=True)
         for workload in args.workloads.split(","):
             chosen = [m for m in methods if m not in REMOTE_METHODS or workload == "frozen"]
-            results = run_workload(workload, args.rounds, root, chosen, args.scale, endpoint)
-            print("\n".join(report(workload, results, args.rounds)), flush=True)
+            results = run_workload(workload, args.rounds, root, chosen, args.scale, endpoint, args.gap)
+            print("\n".join(report(workload, results, args.rounds, args.gap)), flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
         if server is not None:
