@@ -11,9 +11,11 @@ frozen backbone is the same shards save after save (``_save.plan.plan_shards``).
 
 Why the placed file is read back before it counts: the base's index says what its shard held
 when it was written, not what the disk holds now. A byte flipped since, a truncation, a file
-replaced by hand or a hostile index would otherwise pass into the new checkpoint unseen. Reading
-a file costs a fraction of writing it; a placed file that does not hold exactly the bytes this
-save would write is dropped, and the shard is written afresh.
+replaced by hand or a hostile index would otherwise pass into the new checkpoint unseen. So a
+placed file that does not hold exactly the bytes this save would write is dropped, and the shard
+is written afresh. Reading it back costs a fraction of writing it when it is in the page cache (a
+single process reads its frozen shards into it after each commit, see ``_storage.local``), about
+as much as reading it when it is not, and a download on an object store.
 
 Why only from a checkpoint saved by as many ranks: on another world size the chunks and the files
 differ (a save by one process and by several ranks are different formats), so the save writes in full.

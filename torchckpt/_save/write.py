@@ -71,7 +71,7 @@ def write_checkpoint(
         groups: how likely each tensor changes before the next save (name -> group; see
             ``_save.plan.plan_shards``): frozen ones are planned into shards of their own.
         incremental: the next save will compare with this one: shards of frozen tensors are
-            written to stay in the page cache, for the next save to read back.
+            created to be read back soon (``Stage.create``'s ``keep_cached``).
 
     Returns:
         ``path``.
@@ -112,8 +112,8 @@ def write_shards(stage: Stage, shards: list[save_plan.Shard], files: list[str], 
     """Write every shard into the stage; returns their records and per-tensor digests. With
     ``blocks``, every tensor's block checksums (format 3, see ``_format.blocks``) are appended to it in
     file order. With ``base``, a shard the base holds byte for byte is placed from it instead
-    (``_save.reuse``); with ``keep_cached``, shards of stable tensors stay in the page cache for
-    the next save to read back."""
+    (``_save.reuse``); with ``keep_cached``, shards of frozen tensors are created to be read back
+    by the next save (``Stage.create``)."""
     digests: list[array.array[int]] = []  # per shard, per tensor: 8 bytes each, not an int object
     records: list[dict[str, Any]] = []
     for shard, file in zip(shards, files):

@@ -150,19 +150,19 @@ class Stage(Protocol):
     The calls a backend can expect, in this order:
 
     - one process: ``Storage.stage(path, replace)``; for each shard ``member`` then ``create``
-      (``write_file`` for a small file), or ``reuse`` (and ``drop`` if what it placed fails its check); ``write_index``; then ``commit``, or ``discard`` after
-      any failure.
+      (``write_file`` for a small file), or ``reuse`` (then ``drop`` if what it placed fails its
+      check, and ``create``); ``write_index``; then ``commit``, or ``discard`` after any failure.
     - several ranks: rank 0 calls ``Storage.stage``; every rank then calls
-      ``Storage.join_stage(path, stage.path)`` and ``member``/``create``/``reuse`` for its own files; once
-      every rank has reported, rank 0 alone calls ``write_index``, then ``commit`` or ``discard``.
+      ``Storage.join_stage(path, stage.path)`` and ``member``/``create``/``reuse`` for its own
+      files; once every rank has reported, rank 0 alone calls ``write_index``, then ``commit`` or ``discard``.
     """
 
     path: str
 
     def create(self, name: str, size: int, keep_cached: bool = False) -> Output:
         """A new file ``name`` in the stage, for ``size`` bytes; ``keep_cached``: the next save
-        will read it back (a shard of frozen tensors, see ``_save.reuse``), so a local file is
-        written through the page cache and left there."""
+        will read it back (a shard of frozen tensors, see ``_save.reuse``), so a local stage reads
+        it once into the page cache after its commit (an upload keeps nothing here)."""
 
     def write_file(self, name: str, data: bytes) -> None:
         """A new small file ``name`` in the stage, written whole."""
