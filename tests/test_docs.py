@@ -52,7 +52,7 @@ def test_public_names_are_curated():
         "CheckpointReader", "VariableNotFoundError", "list_variables", "load_checkpoint", "load_variable", "CheckpointNotFoundError", "CorruptCheckpointError",
         "MismatchReport", "PartialRestoreWarning", "RNGState", "RestoreMismatchError", "RestoreStatus",
         "UnsupportedStateError", "__version__", "latest_checkpoint", "PerRank", "RankTimeoutError",
-        "DamagedCheckpointWarning",
+        "DamagedCheckpointWarning", "TensorSpec", "save_state", "load_state",
     ])
     for name in torchckpt.__all__:
         assert hasattr(torchckpt, name)

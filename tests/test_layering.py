@@ -14,7 +14,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "torchckpt"
 
-FACES = {"__init__", "__main__", "checkpoint", "manager", "reader", "restore", "run_state", "cli"}
+FACES = {"__init__", "__main__", "checkpoint", "manager", "reader", "restore", "run_state", "state_dicts", "cli"}
 LEAVES = {"errors", "rng", "_paths", "_version", "_threads", "_progress", "_clock"}
 FOLDERS = {"_format", "_storage", "_dist", "_history", "_save", "_load", "_tools"}
 

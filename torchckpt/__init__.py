@@ -26,7 +26,7 @@ from torchckpt.errors import (
     VariableNotFoundError,
 )
 from torchckpt.manager import CheckpointManager
-from torchckpt.reader import CheckpointReader, list_variables, load_checkpoint, load_variable
+from torchckpt.reader import CheckpointReader, TensorSpec, list_variables, load_checkpoint, load_variable
 from torchckpt.restore import MismatchReport, PartialRestoreWarning, RestoreStatus
 from torchckpt.rng import RNGState
 from torchckpt.run_state import (
@@ -36,6 +36,7 @@ from torchckpt.run_state import (
     latest_checkpoint,
     wait_for_new_checkpoint,
 )
+from torchckpt.state_dicts import load_state, save_state
 
 __all__ = [
     "Checkpoint",
@@ -55,6 +56,7 @@ __all__ = [
     "RankTimeoutError",
     "RestoreMismatchError",
     "RestoreStatus",
+    "TensorSpec",
     "UnsupportedStateError",
     "VariableNotFoundError",
     "__version__",
@@ -63,6 +65,8 @@ __all__ = [
     "latest_checkpoint",
     "list_variables",
     "load_checkpoint",
+    "load_state",
     "load_variable",
+    "save_state",
     "wait_for_new_checkpoint",
 ]

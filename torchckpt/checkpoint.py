@@ -440,6 +440,7 @@ def commit(ckpt: Checkpoint, storage: Storage, path: str, coord: AnyCoordinator,
     """The write a manager makes: numbered ``options.save_counter``, which ``ckpt`` takes once the
     write is accepted, with the manager's ``hooks`` (``after`` records the checkpoint and applies
     retention; ``replace=False`` refuses a checkpoint already at ``path`` with ``AlreadyCommitted``)."""
+    assert options.save_counter is not None  # a manager always numbers its checkpoints
     saver.save(ckpt._source(), storage, path, coord, options, hooks)
     ckpt._set_save_counter(options.save_counter)
 

@@ -100,8 +100,12 @@ def display(path: str) -> str:
 # -- encoding -------------------------------------------------------------------------------
 
 
-def encode(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
+def encode(value: Any, path: str, tensors: dict[str, torch.Tensor], ordered: bool = False) -> Any:
     """Encode ``value`` as typed JSON, moving every tensor into ``tensors`` under its name.
+
+    A tensor in a dict of str keys is left out of the JSON (its name says where it goes), so it
+    decodes after the dict's other keys; with ``ordered`` it keeps its place (``{"@tensor": null}``),
+    for ``save_state``, whose dicts come back in ``torch.load``'s key order.
 
     Raises:
         UnsupportedStateError: a value has no pickle-free representation; ``.key`` is its path.
@@ -129,9 +133,9 @@ def encode(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
             return value
         return {"@float": repr(value)}
     if kind is tuple:
-        return {"@tuple": [encode(v, join(path, str(i)), tensors) for i, v in enumerate(value)]}
+        return {"@tuple": [encode(v, join(path, str(i)), tensors, ordered) for i, v in enumerate(value)]}
     if kind is list:
-        return [encode(v, join(path, str(i)), tensors) for i, v in enumerate(value)]
+        return [encode(v, join(path, str(i)), tensors, ordered) for i, v in enumerate(value)]
     if kind is torch.Size:
         return {"@size": list(value)}
     if kind is torch.dtype:
@@ -139,14 +143,14 @@ def encode(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
     if kind is torch.device:
         return {"@device": str(value)}
     if kind is dict:
-        return _encode_dict(value, path, tensors)
+        return _encode_dict(value, path, tensors, ordered)
     if kind is PerRank:  # its tensors are marked as this rank's own: wrapped in PerRank
         inner: dict[str, torch.Tensor] = {}
-        node = {PER_RANK_TAG: encode(value.value, path, inner)}
+        node = {PER_RANK_TAG: encode(value.value, path, inner, ordered)}
         tensors.update((name, PerRank(t)) for name, t in inner.items())  # type: ignore[misc]
         return node
     if kind in _DICT_TAGS:
-        return _encode_pairs(_DICT_TAGS[kind], value, path, tensors)
+        return _encode_pairs(_DICT_TAGS[kind], value, path, tensors, ordered)
     raise _refusal(value, path)
 
 
@@ -192,27 +196,28 @@ def _check_text(text: str, path: str) -> None:
             ) from None
 
 
-def _encode_dict(value: dict[Any, Any], path: str, tensors: dict[str, torch.Tensor]) -> Any:
+def _encode_dict(value: dict[Any, Any], path: str, tensors: dict[str, torch.Tensor], ordered: bool) -> Any:
     if not all(type(k) is str and not k.startswith(TAG) for k in value):
-        return _encode_pairs("@dict", value, path, tensors)
+        return _encode_pairs("@dict", value, path, tensors, ordered)
     out: dict[str, Any] = {}
     for k, v in value.items():
         _check_text(k, path)
         child = join(path, escape_part(k))
-        if isinstance(v, torch.Tensor):  # left out of the JSON: its name says where it goes
+        if isinstance(v, torch.Tensor) and not ordered:  # left out of the JSON: its name says where it goes
             if child in tensors:
                 encode(v, child, tensors)  # raises the duplicate-name error
             tensors[child] = v
         else:
-            out[k] = encode(v, child, tensors)
+            out[k] = encode(v, child, tensors, ordered)
     return out
 
 
-def _encode_pairs(tag: str, value: Mapping[Any, Any], path: str, tensors: dict[str, torch.Tensor]) -> Any:
+def _encode_pairs(tag: str, value: Mapping[Any, Any], path: str, tensors: dict[str, torch.Tensor],
+                  ordered: bool = False) -> Any:
     pairs = []
     for k, v in value.items():
         child = join(path, key_part(k))
-        pairs.append([_encode_key(k, child), encode(v, child, tensors)])
+        pairs.append([_encode_key(k, child), encode(v, child, tensors, ordered)])
     return {tag: pairs}
 
 

@@ -97,16 +97,18 @@ class WriteJob:
 
 
 def capture(state: dict[str, Any], objects: dict[str, str], metadata: dict[str, Any] | None,
-            localize: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None) -> WriteJob:
+            localize: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None,
+            ordered: bool = False) -> WriteJob:
     """Encode a checkpoint's state (what each tracked object saves, by name) now; refuses
     unsupported values before anything is written.
 
     With ``localize`` (a synchronous save by one process) every tensor is checked and the aliases
     are split off here; without it the job's ``stored`` holds every tensor and ``aliases`` is
     empty: the asynchronous snapshot, or the exchange of a save by several ranks, does that itself.
+    ``ordered``: every tensor keeps its place among its dict's keys (see ``_format.tree.encode``).
     """
     tensors: dict[str, torch.Tensor] = {}
-    tree = format_tree.encode(state, "", tensors)
+    tree = format_tree.encode(state, "", tensors, ordered)
     section: dict[str, Any] = {"objects": objects, "state": tree}
     if metadata:
         section["metadata"] = format_tree.encode(metadata, "metadata", {})

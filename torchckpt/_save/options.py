@@ -64,7 +64,7 @@ class SaveOptions:
     with this one, so the shards of frozen tensors are written to be read back soon.
     """
 
-    save_counter: int
+    save_counter: int | None  # None: no counter (``save_state`` of a plain dict)
     max_shard_size: int = spec.DEFAULT_MAX_SHARD_SIZE
     progress: bool | None = None
     metadata: dict[str, Any] | None = None
@@ -72,9 +72,10 @@ class SaveOptions:
     replace: bool = True
     base: str | None = None
     incremental: bool = False
+    ordered: bool = False  # every tensor keeps its place among its dict's keys (``save_state``)
 
     @classmethod
-    def checked(cls, save_counter: int, max_shard_size: int | str, progress: bool | None,
+    def checked(cls, save_counter: int | None, max_shard_size: int | str, progress: bool | None,
                 metadata: dict[str, Any] | None, async_save: bool, replace: bool = True,
                 base: str | None = None, incremental: bool = False) -> SaveOptions:
         return cls(save_counter, parse_size(max_shard_size), progress, metadata, bool(async_save), replace, base,

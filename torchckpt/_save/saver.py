@@ -89,9 +89,11 @@ def save(source: Source, storage: Storage, path: str, coord: AnyCoordinator, opt
 
 def _capture(source: Source, options: SaveOptions, distributed: bool) -> WriteJob:
     state = source.state(distributed)
-    state[spec.SAVE_COUNTER] = options.save_counter
+    if options.save_counter is not None:  # a Checkpoint's; a plain dict (``save_state``) has none
+        state[spec.SAVE_COUNTER] = options.save_counter
     prepare = not options.async_save and not distributed
-    job = capture(state, source.objects(), options.metadata, dist_dtensor.localize if prepare else None)
+    job = capture(state, source.objects(), options.metadata, dist_dtensor.localize if prepare else None,
+                  options.ordered)
     by_address = source.groups()
     if by_address:  # by address: what state_dict() returns are new tensors over the parameters' memory
         found = ((n, by_address.get(dist_dtensor.address_of(t))) for n, t in job.stored.items())

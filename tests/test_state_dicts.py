@@ -1,0 +1,149 @@
+"""``save_state``/``load_state``: a dict in, the same dict out, as ``torch.save``/``torch.load``
+would give it, with nothing pickled; and any checkpoint read back as a dict."""
+
+from __future__ import annotations
+
+import collections
+import math
+import os
+
+import pytest
+import safetensors.torch
+import torch
+
+import torchckpt
+from torchckpt._format import spec
+
+from .conftest import read_index
+
+
+def assert_same(a, b) -> None:
+    """Equal values of equal types, dict keys in the same order, tensors bit for bit."""
+    assert type(a) is type(b), (type(a), type(b))
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and a.device == b.device
+        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))  # bit for bit
+    elif isinstance(a, dict):
+        assert list(a) == list(b)
+        for k in a:
+            assert_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same(x, y)
+    elif isinstance(a, float) and math.isnan(a):
+        assert math.isnan(b)
+    else:
+        assert a == b
+
+
+@pytest.fixture
+def trained():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 2)
+    model(torch.randn(5, 4)).square().mean().backward()
+    opt.step()
+    sched.step()
+    return model, opt, sched
+
+
+def test_a_dict_comes_back_as_torch_load_gives_it(trained, tmp_path):
+    model, opt, sched = trained
+    state = {
+        "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+        "epoch": 3, "best": float("inf"), "nan": float("nan"), "name": "run-7", "done": False, "none": None,
+        "history": [0.5, 0.25, (1, "a")], "keys": {7: "int key", (1, 2): {"tuple key": True}, None: 0.5},
+        "bf16": torch.arange(6, dtype=torch.bfloat16).reshape(2, 3), "empty": torch.empty(0, 3),
+        "scalar": torch.tensor(2.5, dtype=torch.float64), "save_counter": 11,  # a user's key of this name stays
+    }
+    path = torchckpt.save_state(state, tmp_path / "c")
+    assert path == str(tmp_path / "c")
+    loaded = torchckpt.load_state(path)
+    assert_same(loaded, state)
+    assert_same(loaded, torch.load(_torch_saved(state, tmp_path), weights_only=True))
+    assert not any(name.endswith((".pt", ".pkl")) for name in os.listdir(path))  # safetensors and JSON only
+
+
+def _torch_saved(state, tmp_path) -> str:
+    path = str(tmp_path / "state.pt")
+    torch.save(state, path)
+    return path
+
+
+def test_tied_tensors_come_back_as_one_tensor(tmp_path):
+    weight = torch.randn(4, 3)
+    loaded = torchckpt.load_state(torchckpt.save_state({"embed": weight, "head": weight}, tmp_path / "c"))
+    assert loaded["embed"] is loaded["head"] and torch.equal(loaded["head"], weight)
+
+
+def test_a_checkpoints_tracked_names_hold_their_state_dicts(trained, tmp_path):
+    model, opt, sched = trained
+    ckpt = torchckpt.Checkpoint(model=model, optimizer=opt, scheduler=sched, epoch=4, rng=torchckpt.RNGState())
+    path = ckpt.save(str(tmp_path / "ckpt"))
+    loaded = torchckpt.load_state(path)
+    assert list(loaded) == ["model", "optimizer", "scheduler", "epoch", "rng"]  # no save_counter: the checkpoint's own
+    # A Checkpoint stores a module's tensors by name, in file order: the same dict, in another order.
+    assert sorted(loaded["model"]) == sorted(model.state_dict())
+    assert_same(dict(sorted(loaded["model"].items())), dict(sorted(model.state_dict().items())))
+    fresh = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
+    fresh.load_state_dict(loaded["model"])  # what users do with it
+    assert_same(dict(fresh.state_dict()), dict(model.state_dict()))
+    assert_same(loaded["optimizer"], opt.state_dict())
+    assert_same(loaded["scheduler"], sched.state_dict())
+    assert loaded["epoch"] == 4
+    assert set(loaded["rng"]) >= {"python", "torch"}
+    mgr = torchckpt.CheckpointManager(ckpt, tmp_path / "run")
+    mgr.save()
+    latest = torchckpt.load_state(tmp_path / "run")["model"]  # a manager's directory: its latest
+    assert_same(dict(sorted(latest.items())), dict(sorted(model.state_dict().items())))
+    mgr.close()
+
+
+def test_safetensors_files_and_folders_load_as_name_to_tensor(tmp_path):
+    tensors = {"b": torch.ones(2), "a": torch.arange(3)}
+    file = str(tmp_path / "model.safetensors")
+    safetensors.torch.save_file(tensors, file)
+    loaded = torchckpt.load_state(file)
+    assert set(loaded) == {"a", "b"} and all(torch.equal(loaded[k], v) for k, v in tensors.items())
+
+
+def test_map_location_and_a_written_checkpoint_that_load_checkpoint_and_restore_read(tmp_path):
+    path = torchckpt.save_state({"w": torch.ones(2, 2), "step": 5}, tmp_path / "c")
+    assert torchckpt.load_state(path, map_location=torch.device("cpu"))["w"].device.type == "cpu"
+    assert torchckpt.load_state(path, map_location=None)["step"] == 5
+    assert read_index(path)[spec.TORCHCKPT_KEY]["objects"] == {"w": "tensor", "step": "value"}
+    reader = torchckpt.load_checkpoint(path)
+    assert reader.get_value("step") == 5 and torch.equal(reader.get_tensor("w"), torch.ones(2, 2))
+    target = torchckpt.Checkpoint(w=torch.zeros(2, 2), step=0)
+    target.read(path).assert_consumed()
+    assert target.step == 5 and torch.equal(target.w, torch.ones(2, 2))
+
+
+def test_a_value_that_needs_pickle_is_refused_by_its_key_and_nothing_is_written(tmp_path):
+    with pytest.raises(torchckpt.UnsupportedStateError, match="lambda|function") as caught:
+        torchckpt.save_state({"ok": 1, "cfg": {"fn": lambda: 0}}, tmp_path / "c")
+    assert "cfg/fn" in str(caught.value) and caught.value.key == "cfg/fn"
+    assert not os.path.exists(tmp_path / "c")
+
+
+@pytest.mark.parametrize(("state", "message"), [
+    ([torch.ones(1)], "save_state takes a dict"), (torch.ones(1), "save_state takes a dict"),
+    ({1: torch.ones(1)}, "top-level keys are the checkpoint's names and must be str; got 1 \\(int\\)"),
+], ids=["list", "tensor", "int-key"])
+def test_only_a_dict_of_names_is_saved(state, message, tmp_path):
+    with pytest.raises(TypeError, match=message):
+        torchckpt.save_state(state, tmp_path / "c")
+    assert not os.path.exists(tmp_path / "c")
+
+
+def test_a_missing_checkpoint_is_not_found(tmp_path):
+    with pytest.raises(torchckpt.CheckpointNotFoundError):
+        torchckpt.load_state(tmp_path / "nothing")
+
+
+def test_an_ordered_dict_of_state_comes_back_ordered(tmp_path):
+    state = collections.OrderedDict([("z", torch.zeros(1)), ("a", 1)])
+    loaded = torchckpt.load_state(torchckpt.save_state({"sd": state}, tmp_path / "c"))
+    assert list(loaded["sd"]) == ["z", "a"]

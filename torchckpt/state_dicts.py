@@ -1,0 +1,159 @@
+"""Plain dictionaries in and out: the ``torch.save``/``torch.load`` habit, without pickle.
+
+Most PyTorch code saves a dict (``{"model": model.state_dict(), "optimizer": ..., "epoch": 3}``)
+and loads it back as a dict. :func:`save_state` writes such a dict as a torchckpt checkpoint
+(safetensors shards and an index, atomically, nothing pickled), and :func:`load_state` reads any
+checkpoint back as the nested dict ``torch.load`` would give for the same state: one written by
+:func:`save_state`, by a :class:`~torchckpt.Checkpoint` (each tracked name a key holding its
+``state_dict()``-shaped value), a ``.safetensors`` file or a Hugging Face folder (name -> tensor).
+
+Why a dict and not any object: a checkpoint's state is a tree of named values, and its top-level
+names are what ``inspect``, ``diff`` and a ``Checkpoint``'s restore match on; a dict gives them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import torch
+
+from torchckpt._dist import coordinator as dist_coordinator
+from torchckpt._format import spec
+from torchckpt._paths import as_path
+from torchckpt._save import saver
+from torchckpt._save.background import AsyncWriter
+from torchckpt._save.options import SaveOptions, save_arguments
+from torchckpt._storage.registry import storage_for
+from torchckpt.checkpoint import kind_of
+from torchckpt.reader import CheckpointReader, TensorSpec, load_checkpoint
+
+__all__ = ["load_state", "save_state"]
+
+
+def save_state(
+    state: dict[Any, Any],
+    path: str | os.PathLike[str],
+    *,
+    max_shard_size: int | str = spec.DEFAULT_MAX_SHARD_SIZE,
+    progress: bool | None = None,
+    storage_options: dict[str, Any] | None = None,
+    process_group: Any = None,
+    timeout_secs: float | None = None,
+) -> str:
+    """Write a nested dict of tensors and plain values as a checkpoint at the directory ``path``.
+
+    The dict may hold tensors, ``state_dict()``s, and the plain values a :class:`Checkpoint`
+    stores (int, float, bool, str, None, and lists, tuples and dicts of them), nested to any depth;
+    it comes back from :func:`load_state` with the same types and keys in the same order. Written
+    atomically (an existing checkpoint at ``path`` is replaced in one step), never pickled. With
+    torch.distributed initialised on several ranks it is collective, as :meth:`Checkpoint.write`.
+
+    Args:
+        state: the dict to save (its top-level keys, str, are the checkpoint's names).
+        path: the checkpoint directory (a local path or an fsspec URL).
+        max_shard_size: bytes per shard, or a string such as ``"2GB"``.
+        progress: show a progress bar (None: on a terminal, for saves over 256 MiB).
+        storage_options: passed to fsspec when ``path`` is a URL.
+        process_group, timeout_secs: as for :meth:`Checkpoint.write`.
+
+    Returns:
+        ``path`` as a str.
+
+    Raises:
+        TypeError: ``state`` is not a dict, or a top-level key is not a str (the checkpoint's names;
+            keys of any plain type are fine below).
+        UnsupportedStateError: a value cannot be stored without pickle (a module, a lambda, an
+            arbitrary object); its key path is named, and nothing is written.
+
+    Example:
+        >>> import tempfile, torch, torchckpt
+        >>> path = torchckpt.save_state({"w": torch.ones(2), "epoch": 3}, tempfile.mkdtemp() + "/c")
+        >>> torchckpt.load_state(path)
+        {'w': tensor([1., 1.]), 'epoch': 3}
+    """
+    if not isinstance(state, dict):
+        raise TypeError(f"save_state takes a dict (a state_dict, or a dict of them and plain values), not "
+                        f"{type(state).__name__}; wrap it: save_state({{'value': ...}}, path).")
+    names = [k for k in state if not isinstance(k, str)]
+    if names:
+        raise TypeError(f"save_state's top-level keys are the checkpoint's names and must be str; got {names[0]!r} "
+                        f"({type(names[0]).__name__}). Keys of any plain type are fine one level down: "
+                        f"save_state({{'state': {{{names[0]!r}: ...}}}}, path).")
+    path = as_path(path)
+    coord = dist_coordinator.coordinator_for(process_group, timeout_secs).call(
+        "Saving " + path, {"call": "save_state", "path": path, **save_arguments(max_shard_size, False)})
+    with coord.failures_shared():
+        storage = storage_for(path, storage_options)
+        options = dataclasses.replace(SaveOptions.checked(None, max_shard_size, progress, None, False), ordered=True)
+        objects = {k: kind_of(v) for k, v in state.items()}
+        source = saver.Source(lambda distributed: dict(state), lambda: objects, AsyncWriter, lambda: None)
+        saver.save(source, storage, path, coord, options)
+    return path
+
+
+def load_state(path: str | os.PathLike[str], *, map_location: str | torch.device | None = "cpu",
+               storage_options: dict[str, Any] | None = None) -> dict[Any, Any]:
+    """Any checkpoint as the nested dict ``torch.load`` would give for the same state.
+
+    - written by :func:`save_state`: the dict that was saved, with the same types;
+    - written by a :class:`Checkpoint` (or a manager): each tracked name holding its
+      ``state_dict()``-shaped value (``save_counter`` is left out: it is the checkpoint's own); a
+      module's tensors come as a dict in the order they are stored, which ``load_state_dict``
+      takes as well as its own order;
+    - a ``.safetensors`` file or a Hugging Face folder: tensor name -> tensor.
+
+    ``path`` may also be a manager's directory (its latest checkpoint). Every tensor is checked
+    against its checksum as it is read; tensors that were tied when saved (one storage under two
+    names) come back as one tensor under both names.
+
+    Args:
+        path: a checkpoint, a directory of checkpoints, a ``.safetensors`` file or a Hugging Face
+            folder (a local path or an fsspec URL).
+        map_location: the device the tensors are put on (``"cpu"``, ``"cuda:0"``, a
+            ``torch.device``); None leaves them on the CPU.
+        storage_options: passed to fsspec when ``path`` is a URL.
+
+    Raises:
+        CheckpointNotFoundError: nothing readable at ``path``.
+        CorruptCheckpointError: the checkpoint is damaged (a tensor failing its checksum too).
+    """
+    device = torch.device(map_location) if map_location is not None else None
+    reader = load_checkpoint(path, storage_options=storage_options)
+    read: dict[str, torch.Tensor] = {}
+
+    def tensor(name: str) -> torch.Tensor:
+        stored = reader.aliases.get(name, name)
+        if stored not in read:
+            t = reader.get_tensor(stored)
+            read[stored] = t.to(device) if device is not None and t.device != device else t
+        return read[stored]
+
+    if reader.kind != "torchckpt":
+        return {name: tensor(name) for name in reader.names}
+    state = _with_tensors(reader.get_state(), tensor)
+    if isinstance(state, dict) and spec.SAVE_COUNTER not in _objects(reader):
+        state.pop(spec.SAVE_COUNTER, None)
+    return state  # type: ignore[no-any-return]
+
+
+def _objects(reader: CheckpointReader) -> dict[str, str]:
+    objects = reader.metadata.get("objects")
+    return objects if isinstance(objects, dict) else {}
+
+
+def _with_tensors(node: Any, tensor: Any) -> Any:
+    """The state tree with every :class:`TensorSpec` replaced by its tensor, types kept."""
+    if isinstance(node, TensorSpec):
+        return tensor(node.name)
+    if isinstance(node, dict):
+        out = type(node)() if type(node) is not dict else {}
+        for k, v in node.items():
+            out[k] = _with_tensors(v, tensor)
+        return out
+    if isinstance(node, list):
+        return [_with_tensors(v, tensor) for v in node]
+    if isinstance(node, tuple):
+        return tuple(_with_tensors(v, tensor) for v in node)
+    return node
