@@ -24,20 +24,22 @@ differ (a save by one process and by several ranks are different formats), so th
 from __future__ import annotations
 
 import array
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import xxhash
 
-from torchckpt import _tensorio
+from torchckpt import _tensorio, _threads
 from torchckpt._format import blocks as format_blocks
 from torchckpt._format import index as format_index
 from torchckpt._format.spec import INDEX_FILE, MAX_INDEX_SIZE
 from torchckpt._paths import join, name_of, parent_of
 from torchckpt._storage.base import Stage, Storage
 from torchckpt.errors import CheckpointError
+
+_aside = _threads.Worker("torchckpt-reuse")  # hashes tensors while the placed file is read back
 
 
 @dataclass(frozen=True)
@@ -114,17 +116,22 @@ def reuse_shard(stage: Stage, base: Base, file: str, names: list[str], tensors: 
         return None
     if found.header_checksum != xxhash.xxh3_64_hexdigest(header):
         return None
-    current = _digests_if_equal(tensors, found.digests, block_bytes)
-    if current is None:  # a tensor changed: this shard is written
+    first = _digests_if_equal(tensors[:1], found.digests[:1], block_bytes)  # a changed shard stops here, usually
+    if first is None:
         return None
     placed = stage.reuse(file, join(base.path, found.file))
     if placed is None:
         return None
-    if not _reads_back(base.storage, placed, header, [t.nbytes for t in tensors], current.digests):
+    # The rest of the tensors are hashed on another thread while the placed file is read back: both
+    # are compared with the base's digests, so the file holds these bytes when both match.
+    rest = _aside.call(_digests_if_equal, tensors[1:], found.digests[1:], block_bytes)
+    file_ok = _reads_back(base.storage, placed, header, [t.nbytes for t in tensors], found.digests)
+    current = rest.result()
+    if current is None or not file_ok:
         stage.drop(file)
         return None
     base.used[file] = found.file
-    return current
+    return Reused(first.digests + current.digests, first.blocks + current.blocks)
 
 
 def _digests_if_equal(tensors: list[torch.Tensor], expected: tuple[int, ...], block_bytes: int) -> Reused | None:
@@ -142,7 +149,7 @@ def _digests_if_equal(tensors: list[torch.Tensor], expected: tuple[int, ...], bl
     return out
 
 
-def _reads_back(storage: Storage, path: str, header: bytes, sizes: list[int], digests: array.array[int]) -> bool:
+def _reads_back(storage: Storage, path: str, header: bytes, sizes: list[int], digests: Sequence[int]) -> bool:
     """Whether the file ``path`` holds exactly ``header`` then tensors of ``sizes`` bytes with
     ``digests``: opened as every file of a checkpoint is (no link followed, a regular file only)."""
     try:
@@ -163,7 +170,7 @@ def _reads_back(storage: Storage, path: str, header: bytes, sizes: list[int], di
         source.close()
 
 
-def _data_matches(pieces: Iterator[memoryview], sizes: list[int], digests: array.array[int]) -> bool:
+def _data_matches(pieces: Iterator[memoryview], sizes: list[int], digests: Sequence[int]) -> bool:
     """Whether the tensors laid back to back in ``pieces`` have ``digests``."""
     hasher = xxhash.xxh3_64()
     i, left = 0, sizes[0] if sizes else 0
