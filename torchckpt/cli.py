@@ -28,7 +28,7 @@ from torchckpt._storage.registry import storage_for
 from torchckpt._tools import sharing as tool_sharing
 from torchckpt._tools.verify import verify
 from torchckpt._version import __version__
-from torchckpt.errors import CheckpointDeletedError, CheckpointError, CheckpointNotFoundError, plural
+from torchckpt.errors import CheckpointDeletedError, CheckpointError, plural
 from torchckpt.reader import CheckpointReader, load_checkpoint
 
 
@@ -101,7 +101,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         else:
             row["shard"] = reader.shard_of(name)
         rows.append(row)
-    sharing = tool_sharing.sharing_of(reader.path, reader.storage) if reader.kind == "torchckpt" else None
+    sharing = tool_sharing.sharing_of(reader)
     if args.json:
         out = {"path": reader.path, "format": reader.kind, "world_size": reader.world_size,
                "metadata": reader.metadata, "tensors": rows, "total_tensors": len(rows), "total_bytes": total,
@@ -166,7 +166,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
         try:
             reader = _load(args, join(directory, name))
             meta = reader.metadata
-            own = _own_bytes(reader)
+            sharing = tool_sharing.sharing_of(reader)
+            own = sharing.own_bytes if sharing else None
         except CheckpointDeletedError:
             continue  # deleted since the listing (a run's retention): no longer there to list
         except CheckpointError as e:  # one damaged checkpoint is shown as such; the others are still listed
@@ -194,16 +195,6 @@ def cmd_ls(args: argparse.Namespace) -> int:
         return 0
     print(_table(rows, ["#", "name", "time", "size", "own", "metrics", "marks"], {0, 3, 4}))
     return 0
-
-
-def _own_bytes(reader: CheckpointReader) -> int | None:
-    """The bytes deleting the checkpoint would free (None: not a torchckpt checkpoint)."""
-    if reader.kind != "torchckpt":
-        return None
-    try:
-        return tool_sharing.own_bytes(reader)
-    except CheckpointNotFoundError as e:  # its index was read a moment ago: deleted since (a run's retention)
-        raise CheckpointDeletedError(str(e), reader.path) from e
 
 
 def _short(v: Any) -> str:

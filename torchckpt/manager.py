@@ -82,11 +82,9 @@ class CheckpointManager:
             by :meth:`close`, only set a flag. The next :meth:`save` then writes a checkpoint
             whatever the interval, returns once it is durable, and :attr:`preempted` becomes True
             (on every rank at the same call, once any rank received a signal); the loop stops.
-        incremental: each save compares its shards with the latest checkpoint's and reuses those
-            that did not change (a hard link on a local filesystem, a copy the server makes on an
-            object store) instead of writing them again; frozen parameters are kept in shards of
-            their own so that they are reused save after save. Every checkpoint stays standalone:
-            deleting one never changes another. False writes every byte of every save.
+        incremental: reuse the shards of the latest checkpoint that did not change (hard links, or
+            server-side copies) instead of writing them; every checkpoint stays standalone. False
+            writes every byte (see the README's "Incremental saves").
 
     Example:
         >>> import tempfile, torch, torchckpt

@@ -162,6 +162,12 @@ class CheckpointReader:
         return self._files
 
     @property
+    def index(self) -> format_index.Index | None:
+        """The parsed, checked ``index.json`` of a torchckpt checkpoint (None for a safetensors file or
+        a Hugging Face folder): the tools read its shard records and section from here."""
+        return self._index
+
+    @property
     def aliases(self) -> dict[str, str]:
         """Tied names: alias -> the stored name whose bytes it shares (tied weights are stored once)."""
         return dict(self._aliases)

@@ -148,7 +148,7 @@ def _with_tensors(node: Any, tensor: Any) -> Any:
     if isinstance(node, TensorSpec):
         return tensor(node.name)
     if isinstance(node, dict):
-        out = type(node)() if type(node) is not dict else {}
+        out = type(node)()  # a dict, or the OrderedDict or Counter the tree kept
         for k, v in node.items():
             out[k] = _with_tensors(v, tensor)
         return out

@@ -24,9 +24,7 @@ from typing import Any
 
 from torchckpt._format import dtypes as format_dtypes
 from torchckpt._format import index as format_index
-from torchckpt._load import opened as load_opened
 from torchckpt._paths import join
-from torchckpt._storage.base import Storage
 from torchckpt.reader import CheckpointReader
 
 SHOWN_FILES = 5  # files a line of the report names; the rest are counted
@@ -82,32 +80,13 @@ class Sharing:
         return {"own_bytes": self.own_bytes, "reused": reused, "shared_files": [s.file for s in self.shards if s.shared]}
 
 
-def own_bytes(reader: CheckpointReader) -> int:
-    """The tensor bytes of the torchckpt checkpoint ``reader`` reads that no other checkpoint
-    shares (``Sharing.own_bytes``), at the cost ``ls`` can pay for every checkpoint: one
-    ``is_shared`` per shard (no request on an object store). Only when a shard is shared is the
-    index read again, for the bytes of each shard.
-
-    Raises:
-        CheckpointNotFoundError: the checkpoint was deleted since ``reader`` read it.
-        CorruptCheckpointError: its index is damaged.
-    """
-    aliases = reader.aliases
-    files = {f for n in reader.names if n not in aliases for f in reader.shards_of(n)}
-    if not any(reader.storage.is_shared(join(reader.path, f)) for f in sorted(files)):
-        return int(reader.metadata.get("total_size") or 0)
-    return sharing_of(reader.path, reader.storage).own_bytes
-
-
-def sharing_of(path: str, storage: Storage) -> Sharing:
-    """What the checkpoint ``path`` shares and what it records about it: one read of its index,
-    one ``is_shared`` per shard.
-
-    Raises:
-        CheckpointNotFoundError: there is no committed checkpoint at ``path``.
-        CorruptCheckpointError: its index is damaged.
-    """
-    index = load_opened.load_index(path, storage)
+def sharing_of(reader: CheckpointReader) -> Sharing | None:
+    """What the checkpoint ``reader`` reads shares, and what its index records about it: one
+    ``is_shared`` per shard (no request on an object store), from the index the reader already
+    parsed; None for a safetensors file or a Hugging Face folder."""
+    index = reader.index
+    if index is None:
+        return None
     total = index.raw.get("metadata", {}).get("total_size", 0)
     record = format_index.reused_record(index.section) or {"base": None, "files": {}}
     files = {s["file"] for s in index.shards}
@@ -116,7 +95,7 @@ def sharing_of(path: str, storage: Storage) -> Sharing:
     for shard in index.shards:
         end = start + shard["tensors"]
         file = shard["file"]
-        shared = storage.is_shared(join(path, file))
+        shared = reader.storage.is_shared(join(reader.path, file))
         if shared or file in recorded:
             shards.append(SharedShard(file, _data_bytes(index, start, end), recorded.get(file), shared))
         start = end
