@@ -1,4 +1,5 @@
-"""The README cannot rot: its Python blocks run, and its commands are the ones CI runs."""
+"""The README and docs/ cannot rot: their Python blocks run, their links into docs/ land on a
+heading, and the README's commands are the ones CI runs."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,19 +16,47 @@ import torchckpt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = Path(os.path.join(ROOT, "README.md")).read_text()
+DOCUMENTS = ["README.md", *sorted(f"docs/{p.name}" for p in Path(ROOT, "docs").glob("*.md"))]
 
 
-def python_blocks() -> list[str]:
-    blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
-    runnable = [b for b in (re.sub(r"(?m)^  ", "", b) for b in blocks) if re.search(r"^import .*torchckpt", b, re.M)]
-    assert runnable, "the README should have runnable examples"
-    return runnable
+def python_blocks(document: str) -> list[str]:
+    """The runnable Python blocks of ``document``: those that import torchckpt (the others are
+    fragments), taken out of a list item's indentation."""
+    blocks = re.findall(r"```python\n(.*?)```", Path(ROOT, document).read_text(), flags=re.S)
+    return [b for b in (re.sub(r"(?m)^  ", "", b) for b in blocks) if re.search(r"^import .*torchckpt", b, re.M)]
 
 
-@pytest.mark.parametrize("index", range(len(python_blocks())))
-def test_readme_python_blocks_run(index, tmp_path, monkeypatch):
+BLOCKS = [(document, i, block) for document in DOCUMENTS for i, block in enumerate(python_blocks(document))]
+
+
+def test_the_readme_and_the_frameworks_page_have_runnable_examples():
+    assert {document for document, _, _ in BLOCKS} >= {"README.md", "docs/frameworks.md"}
+
+
+@pytest.mark.parametrize(("document", "index", "block"), [pytest.param(*b, id=f"{b[0]}-block{b[1]}") for b in BLOCKS])
+def test_python_blocks_run(document, index, block, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    exec(compile(python_blocks()[index], f"README block {index}", "exec"), {})
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the blocks' tempfile.mkdtemp() folders, cleaned up
+    exec(compile(block, f"{document} block {index}", "exec"), {})
+
+
+def slug(heading: str) -> str:
+    """A heading's anchor as GitHub makes it: lower case, punctuation but ``-`` and ``_`` dropped, spaces to ``-``."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("document", DOCUMENTS)
+def test_links_into_docs_land_on_a_heading(document):
+    text = Path(ROOT, document).read_text()
+    here = os.path.dirname(document)
+    for target, anchor in re.findall(r"\]\(((?:docs/)?[\w.-]+\.md)?(?:#([\w-]+))?\)", text):
+        if not target and not anchor:
+            continue
+        path = os.path.normpath(os.path.join(here, target)) if target else document
+        assert os.path.isfile(os.path.join(ROOT, path)), f"{document} links to {path}, which does not exist"
+        if anchor:
+            headings = re.findall(r"(?m)^#+ (.*)$", re.sub(r"```.*?```", "", Path(ROOT, path).read_text(), flags=re.S))
+            assert anchor in {slug(h) for h in headings}, f"{document} links to {path}#{anchor}, which no heading makes"
 
 
 def test_readme_commands_are_what_ci_runs():
@@ -52,7 +82,8 @@ def test_public_names_are_curated():
         "CheckpointReader", "VariableNotFoundError", "list_variables", "load_checkpoint", "load_variable", "CheckpointNotFoundError", "CorruptCheckpointError",
         "MismatchReport", "PartialRestoreWarning", "RNGState", "RestoreMismatchError", "RestoreStatus",
         "UnsupportedStateError", "__version__", "latest_checkpoint", "PerRank", "RankTimeoutError",
-        "DamagedCheckpointWarning", "TensorSpec", "save_state", "load_state",
+        "DamagedCheckpointWarning", "TensorSpec", "save_state", "load_state", "convert", "RenameConflictError",
+        "UnsafePickleError",
     ])
     for name in torchckpt.__all__:
         assert hasattr(torchckpt, name)

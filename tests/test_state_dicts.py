@@ -147,3 +147,37 @@ def test_an_ordered_dict_of_state_comes_back_ordered(tmp_path):
     state = collections.OrderedDict([("z", torch.zeros(1)), ("a", 1)])
     loaded = torchckpt.load_state(torchckpt.save_state({"sd": state}, tmp_path / "c"))
     assert list(loaded["sd"]) == ["z", "a"]
+
+
+@pytest.mark.parametrize("kind", ["link to a checkpoint", "file"])
+def test_saving_over_a_link_or_a_file_replaces_the_entry_never_what_a_link_points_to(kind, tmp_path):
+    target = torchckpt.save_state({"w": torch.ones(2)}, tmp_path / "a.ckpt")
+    last = tmp_path / "last.ckpt"
+    if kind == "file":
+        last.write_bytes(b"not a checkpoint")
+    else:
+        last.symlink_to("a.ckpt")
+    torchckpt.save_state({"w": torch.zeros(3)}, last)
+    assert last.is_dir() and not last.is_symlink()
+    assert torch.equal(torchckpt.load_state(last)["w"], torch.zeros(3))
+    assert torch.equal(torchckpt.load_state(target)["w"], torch.ones(2))  # the link's target is untouched
+    assert sorted(os.listdir(tmp_path)) == ["a.ckpt", "last.ckpt"]  # no temporary left behind
+
+
+def test_a_list_that_holds_itself_is_refused_by_name(tmp_path):
+    looped: list = []
+    looped.append(looped)
+    with pytest.raises(torchckpt.UnsupportedStateError, match="Cannot save 'a/0/0") as info:
+        torchckpt.save_state({"a": looped}, tmp_path / "c")
+    assert info.value.key.startswith("a/0/0")
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_dict_whose_attribute_lookup_raises_is_a_plain_dict(tmp_path):
+    class KeyedAttributes(dict):  # as some attribute-dicts: a missing attribute raises KeyError
+        def __getattr__(self, name):
+            raise KeyError(name)
+
+    path = torchckpt.save_state({"hparams": KeyedAttributes(lr=0.1)}, tmp_path / "c")
+    loaded = torchckpt.load_state(path)
+    assert loaded == {"hparams": {"lr": 0.1}} and type(loaded["hparams"]) is dict

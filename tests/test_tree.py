@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
+import collections
 import json
 import math
+import pathlib
 from collections import Counter, OrderedDict
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.extra import numpy as npst
 
-from torchckpt import UnsupportedStateError
+from torchckpt import CorruptCheckpointError, UnsupportedStateError
 from torchckpt._format import tree as format_tree
 
 
@@ -33,8 +38,9 @@ def same(a, b):
         return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
     if isinstance(a, dict):
         return list(a) == list(b) and all(same(a[k], b[k]) for k in a) and all(type(k) is type(j) for k, j in zip(a, b))
-    if isinstance(a, torch.Tensor):
-        return torch.equal(a, b)
+    if isinstance(a, torch.Tensor):  # of one dtype and shape, bit for bit
+        return a.dtype == b.dtype and a.shape == b.shape and (a.numel() == 0 or torch.equal(
+            a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)))
     return a == b
 
 
@@ -77,6 +83,7 @@ def test_exact_types_survive():
         "size": torch.Size([2, 3]), "dtype": torch.bfloat16, "device": torch.device("cpu"),
         "@looks_tagged": 1, "empty": {}, "empty_t": (),
         "ordered": OrderedDict([("b", 1), ("a", 2)]), "counter": Counter({3: 2, 7: 1}),
+        "counter_inf": Counter({"a": float("inf"), "b": -0.5, "c": True}),
     }
     back, _ = roundtrip(value)
     assert same(back, value)
@@ -111,10 +118,89 @@ def test_unsupported_values_name_their_key_path(value, key):
     assert key in str(info.value)
 
 
+@pytest.mark.parametrize(("count", "message"), [
+    ("many", r"at 'c': a Counter's values must be numbers"),
+    ([1], r"at 'c': a Counter's values must be numbers"),
+    ({"@tensor": None}, r"at 'c/a': the state tree expects a tensor here but no tensor has this name"),
+    ({"@float": "1.0"}, r"at 'c/a': bad @float '1.0'"),
+], ids=["str", "list", "tensor", "bad-float"])
+def test_a_counter_of_other_than_numbers_is_corrupt(count, message):
+    with pytest.raises(CorruptCheckpointError, match=f"^Invalid state tree {message}"):
+        format_tree.decode({"c": {"@counter": [["a", count]]}}, None, lambda name: None)
+
+
+@pytest.mark.parametrize("key", [torch.ones(1), (1, torch.ones(1))], ids=["tensor", "tuple-holding-a-tensor"])
+def test_a_tensor_in_a_dict_key_is_refused(key):
+    with pytest.raises(UnsupportedStateError, match=r"^Cannot save 'd/.*': a tensor used as \(or inside\) a dict key "
+                                                    r"cannot be stored; use an int or str key instead") as info:
+        format_tree.encode({"d": {key: 1}}, "", {})
+    assert info.value.key.startswith("d/") and info.value.value_type is type(key)
+
+
+def test_a_key_stored_as_another_type_names_its_tensors_by_the_key_loaded():
+    value = {"d": {pathlib.Path("a/b"): torch.ones(1), (np.int64(1), pathlib.Path("c")): [torch.zeros(1)]}}
+    back, tensors = roundtrip(value)
+    assert set(tensors) == {"d/a~1b", "d/(1, 'c')/0"}
+    assert same(back, {"d": {"a/b": torch.ones(1), (1, "c"): [torch.zeros(1)]}})
+
+
 def test_key_collision_is_refused():
     with pytest.raises(UnsupportedStateError, match="same tensor name") as info:
         format_tree.encode({0: torch.ones(1), "0": torch.ones(1)}, "d", {})
     assert info.value.key == "d/0"
+
+
+# Types the tree has no tag for, each stored as the nearest one it has (see ``_format.plain``).
+array_dtypes = st.sampled_from(["bool", "int8", "uint16", "<i4", ">i8", "uint64", "float16", ">f4", "float64",
+                                "complex64"])
+foreign_leaves = st.one_of(
+    st.text(max_size=6).map(pathlib.PurePosixPath),
+    st.booleans().map(np.bool_),
+    st.integers(-(2**63), 2**63 - 1).map(np.int64),
+    st.integers(0, 255).map(np.uint8),
+    st.floats(width=32).map(np.float32),
+    st.floats().map(np.float64),
+    st.text(max_size=4).map(np.str_),
+    npst.arrays(array_dtypes, npst.array_shapes(min_dims=0, max_dims=2, min_side=0, max_side=3)),
+)
+identifiers = st.text("abcxyz_", min_size=1, max_size=4)
+foreign_trees = st.recursive(
+    st.one_of(scalars, foreign_leaves),
+    lambda children: st.one_of(
+        st.lists(children, max_size=3),
+        st.lists(children, max_size=3).map(tuple),
+        st.dictionaries(keys, children, max_size=3),
+        st.dictionaries(identifiers, children, max_size=3).map(lambda d: argparse.Namespace(**d)),
+        st.dictionaries(identifiers, children, max_size=3).map(lambda d: collections.defaultdict(list, d)),
+    ),
+    max_leaves=12,
+)
+
+
+def nearest(value):
+    """What the tree gives back for ``value``, written out independently of ``_format.plain``."""
+    if isinstance(value, pathlib.PurePath):
+        return str(value)
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.array(value, dtype=value.dtype.newbyteorder("="), order="C"))
+    if isinstance(value, np.str_):
+        return str(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, argparse.Namespace):
+        value = vars(value)
+    if isinstance(value, dict):
+        return {k: nearest(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(map(nearest, value))
+    return value
+
+
+@given(foreign_trees)
+@settings(max_examples=150, deadline=None)
+def test_foreign_types_come_back_as_the_nearest_type(value):
+    back, _ = roundtrip({"v": value})  # a tensor is always below the root (saved state is a dict of names)
+    assert same(back, {"v": nearest(value)})
 
 
 def test_leaves_flatten_to_names():

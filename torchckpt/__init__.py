@@ -21,7 +21,9 @@ from torchckpt.errors import (
     CorruptCheckpointError,
     DamagedCheckpointWarning,
     RankTimeoutError,
+    RenameConflictError,
     RestoreMismatchError,
+    UnsafePickleError,
     UnsupportedStateError,
     VariableNotFoundError,
 )
@@ -36,7 +38,7 @@ from torchckpt.run_state import (
     latest_checkpoint,
     wait_for_new_checkpoint,
 )
-from torchckpt.state_dicts import load_state, save_state
+from torchckpt.state_dicts import convert, load_state, save_state
 
 __all__ = [
     "Checkpoint",
@@ -54,13 +56,16 @@ __all__ = [
     "PerRank",
     "RNGState",
     "RankTimeoutError",
+    "RenameConflictError",
     "RestoreMismatchError",
     "RestoreStatus",
     "TensorSpec",
+    "UnsafePickleError",
     "UnsupportedStateError",
     "VariableNotFoundError",
     "__version__",
     "checkpoints_iterator",
+    "convert",
     "get_checkpoint_state",
     "latest_checkpoint",
     "list_variables",

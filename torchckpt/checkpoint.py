@@ -24,6 +24,7 @@ from torchckpt._history import state as history_state
 from torchckpt._load import loaders, restorer
 from torchckpt._load.match import Tracking, is_stateful
 from torchckpt._load.plan import Plan
+from torchckpt._load.rename import Rename, Renamer, call_argument
 from torchckpt._load.report import MismatchReport
 from torchckpt._paths import as_path, join, name_of, parent_of
 from torchckpt._save import plan as save_plan
@@ -49,13 +50,15 @@ def restore_call(process_group: Any, timeout_secs: float | None, save_path: Path
         f"Restoring {path}", {"call": call, "path": path, **options})
 
 
-def _is_trackable(value: Any) -> bool:
+def _is_trackable(value: Any, depth: int = 0) -> bool:
     if isinstance(value, (torch.Tensor, Checkpoint, format_tree.PerRank)) or is_stateful(value) or loaders.is_data_state(value):
         return True
+    if depth > format_tree.MAX_DEPTH:  # deeper (or a container holding itself): the encoder refuses it by name
+        return False
     if isinstance(value, dict):
-        return any(_is_trackable(v) for v in value.values())
+        return any(_is_trackable(v, depth + 1) for v in value.values())
     if isinstance(value, (list, tuple)):
-        return any(_is_trackable(v) for v in value)
+        return any(_is_trackable(v, depth + 1) for v in value)
     return False
 
 
@@ -284,8 +287,9 @@ class Checkpoint:
     # -- restoring -----------------------------------------------------------------------
 
     def restore(self, save_path: PathLike | None, *, verify: bool = True, progress: bool | None = None,
-                cast: bool = False, assign: bool = False, storage_options: dict[str, Any] | None = None,
-                process_group: Any = None, timeout_secs: float | None = None) -> RestoreStatus:
+                cast: bool = False, assign: bool = False, rename: Rename | None = None,
+                storage_options: dict[str, Any] | None = None, process_group: Any = None,
+                timeout_secs: float | None = None) -> RestoreStatus:
         """Restore from a checkpoint directory, or from the latest checkpoint of a manager's directory.
 
         Matching values are applied (tensors read straight into the existing ones); mismatches
@@ -301,6 +305,21 @@ class Checkpoint:
             assign: a module's tensors on the meta device (a model built under
                 ``torch.device("meta")``) are replaced by the restored ones (as
                 ``load_state_dict(assign=True)``); without it they are reported missing.
+            rename: the checkpoint's keys mapped to the objects' keys before anything is matched
+                (a module whose ``encoder`` became ``backbone``, a checkpoint saved as
+                ``Checkpoint(net=...)`` restored into ``Checkpoint(model=...)``). Keys are full names
+                as ``torchckpt.list_variables`` and the report show them (``model/encoder.0.weight``,
+                ``opt/state/0/exp_avg``, ``epoch``), for tensors and plain values alike. Either a
+                mapping ``{checkpoint prefix: object prefix}``, where a prefix matches a key equal to
+                it or starting with it at a name-part boundary (``model/encoder`` matches
+                ``model/encoder``, ``model/encoder.0.weight`` and ``model/encoder/...``, never
+                ``model/encoder2.weight``; a prefix ending in ``.`` or ``/`` matches any key that
+                starts with it), the longest matching prefix wins, and the rest of the key is kept;
+                or a function from a checkpoint key to its object key (None: the key is left unused
+                and reported in ``unexpected_keys``). Each key is renamed once (a rename is not
+                applied again to its result), and the save counter never. ``status.report.renamed``
+                lists what changed; ``unexpected_keys`` then names checkpoint keys, the other lists
+                object keys. On several ranks every rank must pass the same rename.
             storage_options: passed to fsspec when ``save_path`` is a URL.
             process_group: with torch.distributed initialised on more than one rank, the restore
                 is collective over this group (the default group when None): rank 0 picks the
@@ -315,24 +334,42 @@ class Checkpoint:
                 subclass other than DTensor, an FSDP1 flat parameter, a Partial DTensor); nothing changed.
             CorruptCheckpointError: the checkpoint is malformed; detected before any object
                 changes (except a checksum mismatch in tensor bytes, found as they are read).
+            RenameConflictError: (a ``ValueError``) the rename gives two checkpoint keys one object
+                key, or moves a value where it cannot go; ``.key`` and ``.checkpoint_keys`` say
+                which. Raised before any object changes.
+            TypeError: ``rename`` is neither a mapping of str to str nor a function.
+
+        Example:
+            >>> import tempfile, torch, torchckpt
+            >>> old = torch.nn.Sequential()
+            >>> old.encoder = torch.nn.Linear(2, 2)
+            >>> path = torchckpt.Checkpoint(net=old).write(tempfile.mkdtemp() + "/c")
+            >>> new = torch.nn.Sequential()
+            >>> new.backbone = torch.nn.Linear(2, 2)
+            >>> status = torchckpt.Checkpoint(model=new).read(path, rename={"net/encoder": "model/backbone"})
+            >>> status.assert_consumed().report.renamed["net/encoder.weight"]
+            'model/backbone.weight'
         """
         coord = restore_call(process_group, timeout_secs, save_path, "Checkpoint.restore", verify=verify, cast=cast,
-                             assign=assign)
+                             assign=assign, **call_argument(rename))
         return self._restore(save_path, storage_options, coord, Plan(cast=cast, assign=assign), verify, progress,
-                             self._set_save_counter)
+                             self._set_save_counter, rename)
 
     def read(self, save_path: PathLike, *, verify: bool = True, progress: bool | None = None,
-             cast: bool = False, assign: bool = False, storage_options: dict[str, Any] | None = None,
-             process_group: Any = None, timeout_secs: float | None = None) -> RestoreStatus:
+             cast: bool = False, assign: bool = False, rename: Rename | None = None,
+             storage_options: dict[str, Any] | None = None, process_group: Any = None,
+             timeout_secs: float | None = None) -> RestoreStatus:
         """As :meth:`restore`, but ``save_counter`` is neither expected nor restored (pairs with ``write``)."""
         coord = restore_call(process_group, timeout_secs, save_path, "Checkpoint.read", verify=verify, cast=cast,
-                             assign=assign)
-        return self._restore(save_path, storage_options, coord, Plan(cast=cast, assign=assign), verify, progress, None)
+                             assign=assign, **call_argument(rename))
+        return self._restore(save_path, storage_options, coord, Plan(cast=cast, assign=assign), verify, progress, None,
+                             rename)
 
     def _restore(self, save_path: PathLike | None, storage_options: dict[str, Any] | None, coord: AnyCoordinator,
                  plan: Plan, verify: bool, progress: bool | None,
-                 set_counter: Callable[[int], None] | None) -> RestoreStatus:
+                 set_counter: Callable[[int], None] | None, rename: Rename | None) -> RestoreStatus:
         with coord.failures_shared():
+            renamer = Renamer.of(rename)  # checked on every rank, before the call's first exchange
             if coord.is_collective:  # before any exchange: a background save in flight uses the Store
                 self.wait_until_finished()  # too (one operation at a time per process), so waiting inside one would deadlock
             if save_path is None:
@@ -341,11 +378,12 @@ class Checkpoint:
             path = as_path(save_path)
             storage = storage_for(path, storage_options)
             self.wait_until_finished()  # never read a checkpoint this object is still writing
-            return self._restore_from(storage, path, coord, plan, verify, progress, set_counter)
+            return self._restore_from(storage, path, coord, plan, verify, progress, set_counter, renamer)
 
     def _restore_from(self, storage: Storage, path: str, coord: AnyCoordinator, plan: Plan, verify: bool,
-                      progress: bool | None, set_counter: Callable[[int], None] | None) -> RestoreStatus:
-        target = restorer.Target(self._tracked, TRACKING, set_counter)
+                      progress: bool | None, set_counter: Callable[[int], None] | None,
+                      renamer: Renamer | None = None) -> RestoreStatus:
+        target = restorer.Target(self._tracked, TRACKING, set_counter, renamer)
         restored = restorer.restore(target, storage, path, coord, plan, verify, progress)
         return RestoreStatus(restored.report, restored.directory)
 
@@ -445,6 +483,7 @@ def commit(ckpt: Checkpoint, storage: Storage, path: str, coord: AnyCoordinator,
     ckpt._set_save_counter(options.save_counter)
 
 
-def restore_from(ckpt: Checkpoint, storage: Storage, path: str, coord: AnyCoordinator) -> RestoreStatus:
+def restore_from(ckpt: Checkpoint, storage: Storage, path: str, coord: AnyCoordinator,
+                 rename: Rename | None = None) -> RestoreStatus:
     """:meth:`Checkpoint.restore` of ``path`` on ``storage`` (a manager's own), within the manager's call."""
-    return ckpt._restore_from(storage, path, coord, Plan(), True, None, ckpt._set_save_counter)
+    return ckpt._restore_from(storage, path, coord, Plan(), True, None, ckpt._set_save_counter, Renamer.of(rename))

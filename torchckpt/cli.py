@@ -1,4 +1,4 @@
-"""The ``torchckpt`` command: inspect, ls, diff, verify, export.
+"""The ``torchckpt`` command: inspect, ls, diff, verify, export, consolidate, convert.
 
 ``main(argv) -> int`` returns 0 on success, 1 on an error (one ``Error: ...`` line on stderr,
 never a traceback) and 2 on a usage error.
@@ -10,7 +10,6 @@ import argparse
 import datetime
 import functools
 import json
-import math
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -18,14 +17,16 @@ from typing import Any
 import torch
 
 from torchckpt._format import dtypes as format_dtypes
-from torchckpt._format import spec, tree
+from torchckpt._format import spec
 from torchckpt._history import members as history_members
 from torchckpt._history import state as history_state
 from torchckpt._paths import is_url, join, name_of
 from torchckpt._progress import progress_bar
 from torchckpt._storage.base import Storage
 from torchckpt._storage.registry import storage_for
+from torchckpt._tools import diff as tool_diff
 from torchckpt._tools import sharing as tool_sharing
+from torchckpt._tools.diff import ABSENT
 from torchckpt._tools.verify import verify
 from torchckpt._version import __version__
 from torchckpt.errors import CheckpointDeletedError, CheckpointError, plural
@@ -223,22 +224,21 @@ def cmd_diff(args: argparse.Namespace) -> int:
     common = sorted(set(sa) & set(sb))
     reshaped = [n for n in common if sa[n] != sb[n]]
     retyped = [n for n in common if da[n] != db[n]]
-    va = {k: v for k, v in tree.leaves(a.get_state(), "").items() if not _is_spec(v)}
-    vb = {k: v for k, v in tree.leaves(b.get_state(), "").items() if not _is_spec(v)}
-    changed = sorted(k for k in set(va) | set(vb) if not _same(va.get(k, _ABSENT), vb.get(k, _ABSENT)))
+    va, vb = tool_diff.plain_values(a), tool_diff.plain_values(b)
+    changed = sorted(k for k in set(va) | set(vb) if not tool_diff.same(va.get(k, ABSENT), vb.get(k, ABSENT)))
     values: dict[str, float] = {}
     if args.values:
         comparable = [n for n in common if n not in reshaped and n not in retyped]
         total = sum(a.nbytes(n) for n in comparable) * 2
         with progress_bar(total, "diff", args.progress) as bar:
             for name in comparable:
-                values[name] = _max_abs_diff(a, b, name, bar)
+                values[name] = tool_diff.max_abs_diff(a, b, name, bar)
     if args.json:
         print(json.dumps({
             "added": added, "removed": removed,
             "reshaped": {n: [list(sa[n]), list(sb[n])] for n in reshaped},
             "retyped": {n: [_dtype(da[n]), _dtype(db[n])] for n in retyped},
-            "state_changed": {k: [_jsonable(va.get(k, _ABSENT)), _jsonable(vb.get(k, _ABSENT))] for k in changed},
+            "state_changed": {k: [tool_diff.jsonable(va.get(k, ABSENT)), tool_diff.jsonable(vb.get(k, ABSENT))] for k in changed},
             "max_abs_diff": values if args.values else None,
         }, indent=1, default=str))
         differ = bool(added or removed or reshaped or retyped or changed or any(values.values()))
@@ -252,7 +252,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     for name in retyped:
         print(f"~ {name}  dtype {_dtype(da[name])} -> {_dtype(db[name])}")
     for key in changed:
-        print(f"~ {key}  {_render(va.get(key, _ABSENT))} -> {_render(vb.get(key, _ABSENT))}")
+        print(f"~ {key}  {tool_diff.render(va.get(key, ABSENT))} -> {tool_diff.render(vb.get(key, ABSENT))}")
     if args.values:
         differing = {n: v for n, v in values.items() if v != 0}
         for name, value in sorted(differing.items()):
@@ -262,60 +262,6 @@ def cmd_diff(args: argparse.Namespace) -> int:
           f"{plural(len(changed), 'state value')} changed")
     differ = bool(added or removed or reshaped or retyped or changed or any(values.values()))
     return 1 if args.exit_code and differ else 0
-
-
-class _Absent:
-    def __repr__(self) -> str:
-        return "<absent>"
-
-
-_ABSENT = _Absent()
-
-
-def _is_spec(v: Any) -> bool:
-    from torchckpt.reader import TensorSpec
-
-    return isinstance(v, TensorSpec)
-
-
-def _same(x: Any, y: Any) -> bool:
-    if isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y):
-        return True
-    return type(x) is type(y) and x == y
-
-
-RENDER_LIMIT = 120  # a Mersenne Twister state is 625 ints: shown as its start and its length
-
-
-def _render(v: Any) -> str:
-    if v is _ABSENT:
-        return "(absent)"
-    text = repr(v)
-    if len(text) <= RENDER_LIMIT:
-        return text
-    size = f"{len(v)} items, " if isinstance(v, (list, tuple, dict, str)) else ""
-    return f"{text[: RENDER_LIMIT - 20]}... ({size}{len(text)} characters)"
-
-
-def _jsonable(v: Any) -> Any:
-    return None if v is _ABSENT else v if isinstance(v, (int, str, bool)) or v is None else repr(v)
-
-
-def _max_abs_diff(a: CheckpointReader, b: CheckpointReader, name: str, bar: Any) -> float:
-    worst = 0.0
-    for x, y in zip(a.iter_chunks(name), b.iter_chunks(name)):
-        if x.dtype == torch.bool:
-            x, y = x.to(torch.uint8), y.to(torch.uint8)
-        if x.dtype.is_complex:
-            d = (x - y).abs()
-        elif x.dtype.is_floating_point and x.element_size() < 2:
-            d = (x.float() - y.float()).abs()
-        else:
-            d = (x.double() - y.double()).abs() if not x.dtype.is_floating_point else (x.float() - y.float()).abs()
-        if d.numel():
-            worst = max(worst, float(d.max()))
-        bar.update(2 * x.numel() * x.element_size())
-    return worst
 
 
 # -- verify ------------------------------------------------------------------------------------
@@ -371,6 +317,20 @@ def cmd_consolidate(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- convert -----------------------------------------------------------------------------------
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from torchckpt.state_dicts import convert
+
+    out = convert(args.src, args.out, max_shard_size=args.max_shard_size, progress=args.progress,
+                  storage_options=args.storage_options)
+    meta = _load(args, out).metadata
+    print(f"wrote {out}: {plural(meta['tensors'], 'tensor')}, {human_bytes(meta.get('total_size') or 0)} in "
+          f"{plural(meta['shards'], 'shard')}, from {args.src}")
+    return 0
+
+
 # -- plumbing ----------------------------------------------------------------------------------
 
 
@@ -382,9 +342,9 @@ def _command(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="torchckpt", description="Inspect, compare, verify, export and consolidate checkpoints.",
+        prog="torchckpt", description="Inspect, compare, verify, export, consolidate and convert checkpoints.",
         epilog="examples:\n  torchckpt inspect runs/gan\n  torchckpt ls runs/gan\n  torchckpt verify runs/gan/ckpt-7\n"
-               "  torchckpt consolidate runs/fsdp/ckpt-7 single-ckpt-7\n"
+               "  torchckpt consolidate runs/fsdp/ckpt-7 single-ckpt-7\n  torchckpt convert model.pt model-ckpt\n"
                "run 'torchckpt COMMAND --help' for a command's options",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"torchckpt {__version__}")
@@ -441,7 +401,7 @@ def _add_reading_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
 
 def _add_writing_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], progress: argparse.ArgumentParser,
                           remote: argparse.ArgumentParser) -> None:
-    """The commands that write a new folder or checkpoint from one: export, consolidate."""
+    """The commands that write a new folder or checkpoint from one: export, consolidate, convert."""
     p = _command(sub, "export", "write one module's weights as a Hugging Face safetensors folder",
                  "torchckpt export runs/gan --object generator exported/ --config config.json", [progress, remote])
     p.add_argument("path", help="the checkpoint to export from (any path inspect takes)")
@@ -459,6 +419,15 @@ def _add_writing_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
                    "(default 0, as a single process restoring the checkpoint would)")
     _add_max_shard_size(p)
     p.set_defaults(handler=cmd_consolidate)
+
+    p = _command(sub, "convert", "write a torch.save file (.pt, .pth, a Lightning .ckpt), a .safetensors file or a "
+                 "Hugging Face folder as a torchckpt checkpoint; a pickle is read with torch.load(weights_only=True), "
+                 "so no code in it runs", "torchckpt convert lightning_logs/version_0/checkpoints/last.ckpt runs/last",
+                 [progress, remote])
+    p.add_argument("src", help="the file or folder to convert, a path or a URL (its kind is told from its bytes)")
+    p.add_argument("out", help="the new checkpoint directory, a path or a URL; it must not exist")
+    _add_max_shard_size(p)
+    p.set_defaults(handler=cmd_convert)
 
 
 def _add_max_shard_size(p: argparse.ArgumentParser) -> None:

@@ -20,7 +20,9 @@ __all__ = [
     "CorruptCheckpointError",
     "UnsupportedStateError",
     "RankTimeoutError",
+    "RenameConflictError",
     "RestoreMismatchError",
+    "UnsafePickleError",
     "VariableNotFoundError",
 ]
 
@@ -137,6 +139,38 @@ class RestoreMismatchError(CheckpointError, AssertionError):
     def __init__(self, message: str, report: Any) -> None:  # a torchckpt.MismatchReport
         super().__init__(message)
         self.report = report
+
+
+class RenameConflictError(CheckpointError, ValueError):
+    """A rename that cannot be applied: two checkpoint keys given one object key, or a value moved
+    where the tree has no room for it (under a plain value, in or out of a list). Raised while the
+    restore is planned, before any object changes. On several ranks every rank raises it, with
+    the same message.
+
+    Attributes:
+        key: the object key (after the rename) the conflict is at.
+        checkpoint_keys: the checkpoint keys involved, sorted.
+    """
+
+    def __init__(self, message: str, key: str, checkpoint_keys: list[str]) -> None:
+        super().__init__(message)
+        self.key = key
+        self.checkpoint_keys = sorted(checkpoint_keys)
+
+
+class UnsafePickleError(CheckpointError, ValueError):
+    """A pickle needs more than tensors and plain values to be read: torchckpt never unpickles it.
+
+    Attributes:
+        path: the file refused.
+        global_name: the global it asked for (``"posix.system"``, ``"__main__.Color"``), or None
+            when torch refused it for another reason.
+    """
+
+    def __init__(self, message: str, path: str, global_name: str | None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.global_name = global_name
 
 
 def format_keys(keys: Any, limit: int = 10) -> str:

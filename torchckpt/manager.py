@@ -31,6 +31,7 @@ from torchckpt._history.ledger import Ledger
 from torchckpt._history.recover import Ranking, resolve_ranking
 from torchckpt._history.retention import MetricFn
 from torchckpt._history.state import State
+from torchckpt._load.rename import Rename, call_argument
 from torchckpt._load.resume import assert_consumed_on_every_rank, restore_newest_intact, restore_order
 from torchckpt._paths import as_path, join, name_of
 from torchckpt._save.options import SaveHooks, SaveOptions, parse_size, save_arguments
@@ -409,7 +410,8 @@ class CheckpointManager:
 
     # -- restoring -----------------------------------------------------------------------
 
-    def restore_or_initialize(self, *, fallback: bool = True, strict: bool = False) -> str | None:
+    def restore_or_initialize(self, *, fallback: bool = True, strict: bool = False,
+                              rename: Rename | None = None) -> str | None:
         """Restore the newest intact checkpoint, or call ``init_fn`` when there is none.
 
         Args:
@@ -421,6 +423,8 @@ class CheckpointManager:
             strict: raise :class:`RestoreMismatchError` unless the restore is complete in both
                 directions (``assert_consumed()``), instead of warning and training on from
                 initial values. :attr:`last_restore` holds the status either way.
+            rename: checkpoint keys to object keys, as for :meth:`Checkpoint.restore` (a model whose
+                submodules were renamed since the run saved).
 
         Returns:
             The restored path, or None when ``init_fn`` ran (or there was nothing to do).
@@ -431,21 +435,22 @@ class CheckpointManager:
         """
         call = self._coord.call(f"Restoring from {self._directory}", {
             "call": "CheckpointManager.restore_or_initialize", "directory": self._directory,
-            "fallback": bool(fallback), "strict": bool(strict)})
+            "fallback": bool(fallback), "strict": bool(strict), **call_argument(rename)})
         with call.failures_shared():
             # First, and before any exchange: the history may still change (a background save
             # commits), and that save needs the Store, one operation at a time per process.
             self.wait_until_finished()
-            return self._restore_or_initialize(call, fallback, strict)
+            return self._restore_or_initialize(call, fallback, strict, rename)
 
-    def _restore_or_initialize(self, call: AnyCoordinator, fallback: bool, strict: bool) -> str | None:
+    def _restore_or_initialize(self, call: AnyCoordinator, fallback: bool, strict: bool,
+                               rename: Rename | None) -> str | None:
         ledger = self._ledger
         if ledger.latest is not None:  # the same on every rank: rank 0's
             paths = [join(self._directory, n) for n in restore_order(ledger.latest, ledger.entries())]
             found: dict[str, str] = {}
             try:
                 path, status = restore_newest_intact(
-                    paths, lambda p: restore_from(self._checkpoint, self._storage, p, call), fallback,
+                    paths, lambda p: restore_from(self._checkpoint, self._storage, p, call, rename), fallback,
                     self._directory, lambda p, why: found.__setitem__(name_of(p), why))
             finally:
                 if found:

@@ -1,11 +1,11 @@
 """Partial restore with mismatch reporting: ``RestoreStatus`` and its ``MismatchReport``.
 
 A restore is planned before anything is touched (``_load``): every value in the checkpoint is
-matched to a destination by name, shape and dtype, and every mismatch is recorded. Only then are
-the matching values applied. Nothing that mismatches is ever applied, and nothing is silently
-ignored: either an assertion looks at the report, ``expect_partial()`` acknowledges it, or a
-warning names the keys when the status is discarded (as TensorFlow warns when its restore
-coordinator is collected).
+matched to a destination by name (after ``rename=``, when given), shape and dtype, and every
+mismatch is recorded. Only then are the matching values applied. Nothing that mismatches is ever
+applied, and nothing is silently ignored: either an assertion looks at the report,
+``expect_partial()`` acknowledges it, or a warning names the keys when the status is discarded
+(as TensorFlow warns when its restore coordinator is collected).
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable
 
+from torchckpt._load.rename import Rename, RenameConflictError
 from torchckpt._load.report import MismatchReport
 from torchckpt.errors import RestoreMismatchError
 
-__all__ = ["MismatchReport", "RestoreStatus", "PartialRestoreWarning"]
+__all__ = ["MismatchReport", "PartialRestoreWarning", "Rename", "RenameConflictError", "RestoreStatus"]
 
 
 class PartialRestoreWarning(UserWarning):

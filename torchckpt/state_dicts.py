@@ -21,15 +21,17 @@ import torch
 
 from torchckpt._dist import coordinator as dist_coordinator
 from torchckpt._format import spec
-from torchckpt._paths import as_path
+from torchckpt._paths import as_path, is_url
 from torchckpt._save import saver
 from torchckpt._save.background import AsyncWriter
 from torchckpt._save.options import SaveOptions, save_arguments
 from torchckpt._storage.registry import storage_for
+from torchckpt._tools import convert as convert_tool
 from torchckpt.checkpoint import kind_of
+from torchckpt.errors import CheckpointError, UnsupportedStateError
 from torchckpt.reader import CheckpointReader, TensorSpec, load_checkpoint
 
-__all__ = ["load_state", "save_state"]
+__all__ = ["convert", "load_state", "save_state"]
 
 
 def save_state(
@@ -56,7 +58,8 @@ def save_state(
         max_shard_size: bytes per shard, or a string such as ``"2GB"``.
         progress: show a progress bar (None: on a terminal, for saves over 256 MiB).
         storage_options: passed to fsspec when ``path`` is a URL.
-        process_group, timeout_secs: as for :meth:`Checkpoint.write`.
+        process_group, timeout_secs: as for :meth:`Checkpoint.write`; ``process_group=False`` saves from
+            this process alone even when torch.distributed runs several (a rank-0-only save).
 
     Returns:
         ``path`` as a str.
@@ -157,3 +160,66 @@ def _with_tensors(node: Any, tensor: Any) -> Any:
     if isinstance(node, tuple):
         return tuple(_with_tensors(v, tensor) for v in node)
     return node
+
+
+def convert(
+    src: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    max_shard_size: int | str = spec.DEFAULT_MAX_SHARD_SIZE,
+    progress: bool | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> str:
+    """Write a checkpoint of another kind as a torchckpt checkpoint at the new directory ``out``.
+
+    ``src`` is a ``torch.save`` file (``.pt``, ``.pth``, ``.bin``, a Lightning ``.ckpt``), a
+    ``.safetensors`` file or a Hugging Face folder (``model.safetensors``, its sharded index, or
+    ``pytorch_model.bin``), recognised by its bytes. A pickle is read with
+    ``torch.load(weights_only=True)``, which never runs code: one that needs any other global (a
+    ``__reduce__`` payload, a class of the program that saved it) is refused by that global's
+    name, and nothing is written. The result is written by :func:`save_state`, so
+    :func:`load_state` of ``out`` gives what ``torch.load(src, weights_only=True)`` (or
+    ``safetensors.torch.load_file``) gives, in the same order, with the plain types ``save_state``
+    turns some values into (a ``pathlib`` path becomes a str, a NumPy scalar a Python number).
+    It is one process's work, also under torch.distributed: no other rank takes part.
+
+    Args:
+        src: the file or folder to convert (a local path or an fsspec URL).
+        out: the checkpoint directory to write; it must not exist (as for ``consolidate``).
+        max_shard_size: bytes per shard, or a string such as ``"2GB"``.
+        progress: show a progress bar (None: on a terminal, for saves over 256 MiB).
+        storage_options: passed to fsspec for whichever of ``src`` and ``out`` is a URL.
+
+    Returns:
+        ``out`` as a str.
+
+    Raises:
+        CheckpointNotFoundError: nothing at ``src`` (also a dangling link), or a folder with no
+            weights file.
+        CheckpointError: ``out`` exists, or ``src`` is a torchckpt checkpoint already.
+        UnsafePickleError: the pickle needs more than tensors and plain values (its ``global_name``).
+        CorruptCheckpointError: ``src`` is truncated, damaged or of no kind convert reads, or a
+            link in it leads to something other than a regular file (``src`` itself and the files
+            of a Hugging Face folder are followed through links, as a hub cache snapshot needs).
+        UnsupportedStateError: ``src`` holds a value no checkpoint stores (a set, bytes), or is not
+            a dict with str keys; its key is named.
+
+    Example:
+        >>> import tempfile, torch, torchckpt
+        >>> d = tempfile.mkdtemp()
+        >>> torch.save({"w": torch.ones(2), "epoch": 3}, d + "/model.pt")
+        >>> torchckpt.load_state(convert(d + "/model.pt", d + "/model"))
+        {'w': tensor([1., 1.]), 'epoch': 3}
+    """
+    src, out = as_path(src), as_path(out)
+    source_options = storage_options if is_url(src) else None
+    found = convert_tool.find_source(src, storage_for(src, source_options))
+    target = storage_for(out, storage_options if is_url(out) else None)
+    if target.exists(out) or target.is_dir(out):  # checked before reading anything
+        raise CheckpointError(f"{out} already exists; convert into a new path.")
+    converted = convert_tool.read_source(found, storage_for(src, source_options), source_options)
+    try:
+        return save_state(converted.state, out, max_shard_size=max_shard_size, progress=progress,
+                          storage_options=storage_options if is_url(out) else None, process_group=False)
+    except UnsupportedStateError as e:
+        raise UnsupportedStateError(f"Cannot convert {src}: {e}", e.key, e.value_type) from None

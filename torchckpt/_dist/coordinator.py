@@ -28,6 +28,7 @@ from torchckpt.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
     RankTimeoutError,
+    RenameConflictError,
     UnsupportedStateError,
     format_keys,
 )
@@ -326,6 +327,9 @@ def failure_payload(error: BaseException) -> dict[str, Any]:
         value = getattr(error, attr, None)
         if isinstance(value, str):
             out[attr] = value
+    checkpoint_keys = getattr(error, "checkpoint_keys", None)
+    if isinstance(checkpoint_keys, list):
+        out["checkpoint_keys"] = [str(k) for k in checkpoint_keys]
     ranks = getattr(error, "ranks", None)
     if isinstance(error, CheckpointError) and not isinstance(error, RankTimeoutError) and isinstance(ranks, list):
         # a failure of an exchange every rank made (a background save's outcome): already the same everywhere
@@ -369,6 +373,8 @@ def collective_error(failures: dict[int, dict[str, Any]], what: str, note: str |
     error: CheckpointError
     if kind == "UnsupportedStateError":
         error = UnsupportedStateError(message, key=first.get("key", ""))
+    elif kind == "RenameConflictError":
+        error = RenameConflictError(message, first.get("key", ""), list(first.get("checkpoint_keys", [])))
     elif kind in _BY_PATH:
         error = _BY_PATH[kind](message, first.get("path"))
     else:
@@ -459,7 +465,8 @@ def decided(coord: AnyCoordinator, what: str, decide: Callable[[], Any]) -> Any:
 
 def coordinator_for(process_group: Any, timeout_secs: float | None) -> AnyCoordinator:
     """The coordinator of ``process_group`` (the default group when None); a :class:`Solo` one when
-    the call is a single process's: no process group, or a group of one."""
-    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(process_group) <= 1:
+    the call is a single process's: no process group, a group of one, or ``process_group=False``
+    (this process alone although others run: a rank-0-only save, as Lightning's on DDP)."""
+    if process_group is False or not dist.is_available() or not dist.is_initialized() or dist.get_world_size(process_group) <= 1:
         return Solo()
     return Coordinator(process_group, timeout_secs)

@@ -4,7 +4,9 @@ Why a typed JSON tree and not pickle: pickle runs code on load, so a checkpoint 
 could own the machine. Typed JSON can only ever produce ints, floats, bools, strings, None,
 tuples, lists, dicts (with keys of those types), ``torch.Size``, ``torch.dtype`` and
 ``torch.device``, and it keeps their exact types: a tuple comes back a tuple, ``float("inf")``
-comes back ``inf``, an ``int`` dict key comes back an ``int``.
+comes back ``inf``, an ``int`` dict key comes back an ``int``. A few other common types (a path,
+a NumPy scalar or array, an ``argparse.Namespace``, a dict subclass) are stored as the nearest of
+these (see ``_format.plain``); the rest is refused at save time, by its key path.
 
 Tensors never enter the JSON. Each tensor is named by its key path (parts joined by ``/``, a ``/``
 or ``~`` inside a part escaped as ``~1`` / ``~0`` as in JSON Pointer), and stored in a safetensors
@@ -23,7 +25,8 @@ from typing import Any
 
 import torch
 
-from torchckpt.errors import CorruptCheckpointError, UnsupportedStateError, a_or_an
+from torchckpt._format import plain
+from torchckpt.errors import CorruptCheckpointError, UnsupportedStateError
 
 SEP = "/"
 TAG = "@"
@@ -107,8 +110,12 @@ def encode(value: Any, path: str, tensors: dict[str, torch.Tensor], ordered: boo
     decodes after the dict's other keys; with ``ordered`` it keeps its place (``{"@tensor": null}``),
     for ``save_state``, whose dicts come back in ``torch.load``'s key order.
 
+    A value of a type without a tag of its own (a path, a NumPy scalar or array, a dict subclass)
+    is encoded as the nearest type that has one (``_format.plain.nearest``).
+
     Raises:
-        UnsupportedStateError: a value has no pickle-free representation; ``.key`` is its path.
+        UnsupportedStateError: a value has no pickle-free representation, or containers are nested
+            more than ``MAX_DEPTH`` deep; ``.key`` is its path.
     """
     if isinstance(value, torch.Tensor):
         if path in tensors:
@@ -120,7 +127,7 @@ def encode(value: Any, path: str, tensors: dict[str, torch.Tensor], ordered: boo
             )
         tensors[path] = value
         return {TENSOR_TAG: None}
-    if isinstance(value, str):
+    if type(value) is str:
         _check_text(value, path)
         return value
     if value is None or isinstance(value, bool):
@@ -133,8 +140,10 @@ def encode(value: Any, path: str, tensors: dict[str, torch.Tensor], ordered: boo
             return value
         return {"@float": repr(value)}
     if kind is tuple:
+        _check_depth(value, path)
         return {"@tuple": [encode(v, join(path, str(i)), tensors, ordered) for i, v in enumerate(value)]}
     if kind is list:
+        _check_depth(value, path)
         return [encode(v, join(path, str(i)), tensors, ordered) for i, v in enumerate(value)]
     if kind is torch.Size:
         return {"@size": list(value)}
@@ -151,30 +160,20 @@ def encode(value: Any, path: str, tensors: dict[str, torch.Tensor], ordered: boo
         return node
     if kind in _DICT_TAGS:
         return _encode_pairs(_DICT_TAGS[kind], value, path, tensors, ordered)
-    raise _refusal(value, path)
+    return encode(plain.nearest(value, path), path, tensors, ordered)  # a type of the tree, or the refusal
 
 
-def _refusal(value: Any, path: str) -> UnsupportedStateError:
-    """The error for a value that has no typed JSON form, with the fix for the common ones."""
-    kind = type(value)
-    if isinstance(value, type):
-        what = f"the class {value.__module__}.{value.__qualname__} is code, which"
-        fix = f"Store its name instead (for example {value.__qualname__!r}) and look it up when restoring."
-    elif isinstance(value, torch.utils.data.DataLoader):
-        what = "a torch.utils.data.DataLoader cannot resume mid-epoch (it has no state_dict()) and"
-        fix = ("Use torchdata's drop-in StatefulDataLoader (`from torchdata.stateful_dataloader import "
-               "StatefulDataLoader`, pip install torchckpt[data]) with generator=torch.Generator().manual_seed(0), "
-               "or leave the loader out of the Checkpoint.")
-    else:
-        what = f"{a_or_an(f'{kind.__module__}.{kind.__qualname__}')}"
-        fix = "Convert it to one of these, or leave it out of the Checkpoint."
-    return UnsupportedStateError(
-        f"Cannot save {display(path)!r}: {what} has no representation without pickle. torchckpt stores "
-        "tensors, objects with state_dict()/load_state_dict(), and plain values (int, float, bool, str, None "
-        f"and tuples/lists/dicts of them). {fix}",
-        key=path,
-        value_type=kind,
-    )
+def _check_depth(value: Any, path: str) -> None:
+    """Refuse a non-empty container at ``MAX_DEPTH`` parts: its values could be saved but never
+    loaded (the decoder refuses deeper trees before they could exhaust the stack)."""
+    if value and path.count(SEP) >= MAX_DEPTH - 1:
+        raise UnsupportedStateError(
+            f"Cannot save {display(path)[:200]!r}: containers are nested more than {MAX_DEPTH} deep (does a "
+            "container hold itself?), which a checkpoint cannot load back. Flatten the value, for example into a "
+            "dict keyed by its path.",
+            key=path,
+            value_type=type(value),
+        )
 
 
 _DICT_TAGS: dict[type, str] = {dict: "@dict", OrderedDict: "@ordered_dict", Counter: "@counter"}
@@ -197,6 +196,7 @@ def _check_text(text: str, path: str) -> None:
 
 
 def _encode_dict(value: dict[Any, Any], path: str, tensors: dict[str, torch.Tensor], ordered: bool) -> Any:
+    _check_depth(value, path)
     if not all(type(k) is str and not k.startswith(TAG) for k in value):
         return _encode_pairs("@dict", value, path, tensors, ordered)
     out: dict[str, Any] = {}
@@ -212,24 +212,70 @@ def _encode_dict(value: dict[Any, Any], path: str, tensors: dict[str, torch.Tens
     return out
 
 
+# Keys stored as they are: any other key (a tuple, a path, a NumPy scalar) is named by the key it
+# decodes to, since that is the key whose name the decoder looks its tensors up by.
+_PLAIN_KEYS = frozenset({str, int, float, bool, type(None)})
+
+
 def _encode_pairs(tag: str, value: Mapping[Any, Any], path: str, tensors: dict[str, torch.Tensor],
                   ordered: bool = False) -> Any:
+    _check_depth(value, path)
     pairs = []
-    for k, v in value.items():
+    decoded: list[Any] | None = None  # the keys as loaded, from the first one not stored as it is
+    for i, (k, v) in enumerate(value.items()):
         child = join(path, key_part(k))
-        pairs.append([_encode_key(k, child), encode(v, child, tensors, ordered)])
+        key = _encode_key(k, child)
+        if type(k) not in _PLAIN_KEYS:
+            decoded = list(value)[:i] if decoded is None else decoded
+            k = decode(key, None, lambda name: None, path)
+            child = join(path, key_part(k))
+        if decoded is not None:
+            decoded.append(k)
+        node = encode(v, child, tensors, ordered)
+        if tag == "@counter" and not _is_count(node):
+            raise UnsupportedStateError(
+                f"Cannot save {display(child)!r}: a Counter's counts must be numbers, and this one is "
+                f"{type(v).__qualname__}. Store dict(counter) to keep other values.",
+                key=child,
+                value_type=type(v),
+            )
+        pairs.append([key, node])
+    if decoded is not None and len(set(decoded)) < len(decoded):
+        _refuse_equal_keys(value, decoded, path)
     return {tag: pairs}
 
 
+def _is_count(node: Any) -> bool:
+    """Whether an encoded value decodes to a number (what a Counter holds)."""
+    return type(node) in (int, float, bool) or type(node) is dict and "@float" in node
+
+
+def _refuse_equal_keys(value: Mapping[Any, Any], decoded: list[Any], path: str) -> None:
+    """Two keys that are stored as one (``Path("a")`` and ``"a"``) would lose a value: refused."""
+    first: dict[Any, Any] = {}
+    for original, key in zip(value, decoded):
+        if key in first:
+            raise UnsupportedStateError(
+                f"Cannot save {display(path)!r}: its keys {first[key]!r} and {original!r} are both stored as "
+                f"{key!r} (a path, a NumPy scalar or a str subclass is stored as its plain value), so one value "
+                "would be lost. Rename one of the keys.",
+                key=join(path, key_part(key)),
+                value_type=type(original),
+            )
+        first[key] = original
+
+
 def _encode_key(key: Any, path: str) -> Any:
-    if isinstance(key, torch.Tensor):
+    inside: dict[str, torch.Tensor] = {}
+    node = encode(key, path, inside)
+    if inside:  # a tensor key, or a tuple key holding one: a key has no name for its tensor to go under
         raise UnsupportedStateError(
-            f"Cannot save {display(path)!r}: a tensor used as a dict key cannot be stored; "
+            f"Cannot save {display(path)!r}: a tensor used as (or inside) a dict key cannot be stored; "
             "use an int or str key instead.",
             key=path,
-            value_type=torch.Tensor,
+            value_type=type(key),
         )
-    return encode(key, path, {})
+    return node
 
 
 class PerRank:
@@ -408,10 +454,11 @@ def _decode_tagged(tag: str, payload: Any, trie: Trie | str | None, resolve: Cal
                 hash(key)
             except TypeError:
                 raise _corrupt(path, f"a dict key of type {type(key).__name__} cannot be a key") from None
-            if tag == "@counter" and not isinstance(pair[1], (int, float)):
-                raise _corrupt(path, "a Counter's values must be numbers")
             part = key_part(key)
-            out[key] = decode(pair[1], sub.get(part), resolve, join(path, part), depth)
+            item = decode(pair[1], sub.get(part), resolve, join(path, part), depth)
+            if tag == "@counter" and type(item) not in (int, float, bool):
+                raise _corrupt(path, "a Counter's values must be numbers")
+            out[key] = item
         return out
     if trie:
         raise _corrupt(path, "tensors are stored under a plain value")

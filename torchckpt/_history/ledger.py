@@ -104,20 +104,20 @@ class Ledger:
 
     def record(self, name: str, metrics: dict[str, Any] | None, now: float, max_to_keep: int | None,
                keep_every_n_hours: float | None) -> list[str]:
-        """Record a committed checkpoint as the latest and apply retention; returns the names to
-        delete, which the state file no longer names by then."""
+        """Record a committed checkpoint as the latest and apply retention, in one write of the
+        state file; returns the names to delete, which the state file no longer names by then (a
+        crash before they are deleted leaves them on disk unnamed: the next manager adopts them, as
+        any commit the state file missed, and its retention deletes them in turn)."""
         self.kept = [e for e in self.kept if e.name != name]
         self.preserved = [e for e in self.preserved if e.name != name]
         self.kept.append(Entry(name, now, metrics))
         self.latest = name
-        self.write()
         r = self.ranking
         plan = plan_retention(self.kept, max_to_keep, keep_every_n_hours, self.last_preserved_timestamp,
                               r.keep_best, r.best_metric, r.best_mode)
-        if not plan.delete and not plan.preserve:
-            return []
-        self.kept = plan.kept
-        self.preserved.extend(plan.preserve)
-        self.last_preserved_timestamp = plan.last_preserved_timestamp
-        self.write()  # the state never names a checkpoint that is being deleted
+        if plan.delete or plan.preserve:
+            self.kept = plan.kept
+            self.preserved.extend(plan.preserve)
+            self.last_preserved_timestamp = plan.last_preserved_timestamp
+        self.write()
         return [entry.name for entry in plan.delete]

@@ -23,8 +23,9 @@ from torchckpt._load.plan import MISSING, Plan, plan_module, plan_stateful, plan
 def is_stateful(value: Any) -> bool:
     """Whether ``value`` has callable ``state_dict()`` and ``load_state_dict()`` (the Stateful protocol);
     a class (``nn.ReLU``) has them as plain functions, and is not."""
-    return (not isinstance(value, type) and callable(getattr(value, "state_dict", None))
-            and callable(getattr(value, "load_state_dict", None)))
+    kind = type(value)  # looked up on the class: an attribute-dict's __getattr__ may raise anything
+    return (not isinstance(value, type) and callable(getattr(kind, "state_dict", None))
+            and callable(getattr(kind, "load_state_dict", None)))
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,15 @@
 """The load path after the index is open: plan the restore, then execute it.
 
 Planning matches every value of the checkpoint against a destination (modules' tensors in
-place, stateful objects through ``load_state_dict``, plain values by assignment) and records
+place, stateful objects through ``load_state_dict``, plain values by assignment; a module with
+load_state_dict hooks or its own loader through torch's semantics, see ``_load.hooked``) and records
 every mismatch in a :class:`~torchckpt.MismatchReport`, before anything changes. Executing reads
-the planned tensors shard by shard, in file order, straight into their destinations, checking
-each one's checksum as it arrives, and then runs the planned loads.
+the planned tensors and runs the planned loads (``_load.execute``).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,23 +17,14 @@ import torch
 
 from torchckpt import _tensorio
 from torchckpt._dist import dtensor as dist_dtensor
-from torchckpt._format import blocks as format_blocks
 from torchckpt._format import dtypes as format_dtypes
 from torchckpt._format import tree
 from torchckpt._format.chunks import ChunkedInfo
 from torchckpt._format.dtypes import TensorInfo as SavedTensor  # where a saved tensor is: dtype, shape, checksum
-from torchckpt._load import boxes
-from torchckpt._load.opened import OpenShards, missing_member
+from torchckpt._load import hooked
 from torchckpt._load.report import MismatchReport
-from torchckpt._paths import name_of
-from torchckpt._progress import progress_bar
 from torchckpt.errors import (
-    PARTLY_RESTORED,
-    CheckpointError,
-    CorruptCheckpointError,
     UnsupportedStateError,
-    checksum_mismatch,
-    shard_unreadable,
 )
 
 # -- planning ----------------------------------------------------------------------------------
@@ -51,6 +41,7 @@ class Plan:
     cast: bool = False  # restore(..., cast=True): dtype mismatches are cast instead of skipped
     assign: bool = False  # restore(..., assign=True): modules' meta tensors are replaced by restored ones
     rank: int = 0  # the rank restoring (which per-rank values it takes)
+    fetch: hooked.Fetch | None = None  # while the loads run: a hooked subtree's tensors, checked as the others
 
 
 SAVED = (SavedTensor, ChunkedInfo)  # what a tensor of the checkpoint resolves to: stored whole, or as chunks
@@ -151,7 +142,8 @@ def plan_module(name: str, module: torch.nn.Module, saved: Any, plan: Plan) -> N
     """Write matching tensors straight into the module's parameters and buffers.
 
     Entries of the state dict that do not alias a parameter or buffer (state-dict hooks,
-    ``_extra_state``) go through ``load_state_dict(strict=False)`` instead.
+    ``_extra_state``) go through ``load_state_dict(strict=False)`` instead. A module with load_state_dict
+    hooks or a loader of its own anywhere in its tree is restored as ``load_state_dict`` would (:func:`_plan_hooked`).
     """
     current = module.state_dict()
     if saved is _MISSING:
@@ -164,6 +156,10 @@ def plan_module(name: str, module: torch.nn.Module, saved: Any, plan: Plan) -> N
     for key, tensor in current.items():
         if isinstance(tensor, torch.Tensor):
             check_destination(tree.join(name, tree.escape_part(key)), tensor)
+    found = hooked.survey(module)
+    if found.needs_load_semantics:
+        _plan_hooked(name, module, saved, list(current), plan)
+        return
     storages = {dist_dtensor.local_storage(t) for t in [*module.parameters(), *module.buffers()]
                 if t.numel() and not t.is_meta}
     pairs = _match_keys(list(saved), list(current))
@@ -201,12 +197,57 @@ def plan_module(name: str, module: torch.nn.Module, saved: Any, plan: Plan) -> N
         else:
             via_load[object_key] = _rebuild(value, full, _fresh_reader(plan))
         plan.report.restored_keys.append(_shared_key(full, value) if _is_saved(value) else full)
-    matched = {k for k in pairs.values() if not _is_meta(current[k]) or k in via_assign}
+    matched = {k for k in pairs.values() if not _is_meta(current[k]) or k in via_assign} | found.kept
     plan.report.missing_keys.extend(tree.join(name, tree.escape_part(k)) for k in current if k not in matched)
     if via_load:
         plan.loads.append(lambda: module.load_state_dict(via_load, strict=False))
     if via_assign:
         plan.loads.append(lambda: module.load_state_dict(via_assign, strict=False, assign=True))
+
+
+def _plan_hooked(name: str, module: torch.nn.Module, saved: dict[str, Any], current: list[str], plan: Plan) -> None:
+    """Plan ``module``'s restore through load_state_dict semantics (``_load.hooked``). Keys outside
+    every hooked subtree keep :func:`plan_module`'s rules (in place; mismatches reported, left as they
+    are); the others go to torch's loaders, read when the walk reaches them. Missing and unexpected
+    keys are torch's, known once the hooks have run."""
+    load = hooked.HookedLoad(module, plan.assign)
+    pairs = _match_keys(list(saved), current)
+    for saved_key, value in saved.items():
+        full = tree.join(name, tree.escape_part(saved_key))
+        key = pairs.get(saved_key, saved_key)  # unmatched keys keep their name: a pre-hook may rename them
+        target = tree.join(name, tree.escape_part(key))
+        if key != saved_key:
+            plan.report.remapped_keys[full] = target
+        owner = load.own_keys.get(key)
+        restored = True
+        if owner is None:  # under a hooked module, or not this module's: torch's loaders decide
+            load.entries[key] = value if _is_saved(value) else _rebuild(value, full, _fresh_reader(plan))
+        elif owner[1] is None:  # extra state, for set_extra_state
+            load.later(owner[0], key, _rebuild(value, full, _fresh_reader(plan)))
+        elif not _is_saved(value):  # a plain value where a tensor belongs: left out, so also missing
+            plan.report.unexpected_keys.extend(_saved_leaf_keys(value, full))
+            restored = False
+        elif owner[1].is_meta:
+            plan.report.meta_keys.append(target)
+            restored = plan.assign and _compatible(full, value, owner[1], plan.report, plan.cast)
+            if restored:
+                fresh = torch.empty(value.shape, dtype=owner[1].dtype)
+                _read_into(fresh, value, plan)
+                load.later(owner[0], key, fresh)
+        else:
+            load.entries[key] = owner[1]  # present, so neither missing nor unexpected
+            restored = _compatible(full, value, owner[1], plan.report, plan.cast)
+            if restored:
+                _read_into(owner[1], value, plan)
+        if restored:
+            load.consumed[key] = _shared_key(full, value) if _is_saved(value) else full
+
+    def finish() -> None:
+        if plan.fetch is None:
+            raise RuntimeError("a hooked module's load ran outside execute()")
+        load.finish(plan.fetch, name, plan.report)
+
+    plan.loads.append(finish)
 
 
 def _is_meta(value: Any) -> bool:
@@ -329,78 +370,6 @@ def _saved_leaf_keys(saved: Any, prefix: str) -> list[str]:
 
 
 # -- executing -------------------------------------------------------------------------------
-
-
-def execute(plan: Plan, shards: OpenShards, verify: bool, progress: bool | None) -> None:
-    """Read every planned tensor (shard by shard, in file order), then run the planned loads."""
-    by_file: dict[str, list[tuple[torch.Tensor, SavedTensor]]] = {}
-    boxed: list[tuple[torch.Tensor, Any]] = []
-    for pair in plan.reads:
-        if type(pair[1]) is SavedTensor and not dist_dtensor.is_dtensor(pair[0]):
-            by_file.setdefault(pair[1].file, []).append(pair)
-        else:  # a chunked tensor, or a DTensor destination: only this rank's overlaps are read
-            boxed.append(pair)
-    reads = boxes.plan_boxed(boxed)
-    total = sum(saved.nbytes for pairs in by_file.values() for _, saved in pairs) + reads.nbytes
-    directory = shards.directory
-    with progress_bar(total, f"restore {name_of(directory)}", progress) as bar, torch.no_grad():
-        for file, pairs in by_file.items():
-            pairs.sort(key=_file_offset)
-            source = shards.sources[file]
-            source.prepare(sum(saved.nbytes for _, saved in pairs))
-            with _reading(shards, file):
-                bad = _tensorio.read_many(source, pairs, verify, bar.update)
-            _check_read(shards, file, bad)
-        for file, pieces in reads.by_file.items():
-            with _reading(shards, file):
-                mismatch = boxes.read_file(shards.sources[file], pieces, verify, bar.update, shards.blocks)
-            _check_read(shards, file, mismatch)
-    boxes.finish(reads)
-    with torch.no_grad():
-        for dest, buffer in plan.casts:
-            dest.copy_(buffer)
-    for load in plan.loads:
-        try:
-            load()
-        except CheckpointError:
-            raise
-        except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError, OverflowError,
-                RecursionError) as e:
-            raise CorruptCheckpointError(
-                f"Restoring from {directory} failed while loading state ({type(e).__name__}: {e}); the values in "
-                "the checkpoint do not fit the objects. Objects may be partly restored.",
-                directory,
-            ) from e
-
-
-@contextlib.contextmanager
-def _reading(shards: OpenShards, file: str) -> Iterator[None]:
-    """Read errors of one shard as the checkpoint errors they mean."""
-    path = shards.path(file)
-    try:
-        yield
-    except EOFError as e:
-        raise CorruptCheckpointError(f"Shard {path} is truncated: {e}.", path) from e
-    except FileNotFoundError:  # an object store has no pin on open files: deleted meanwhile
-        raise missing_member(shards.directory, path, shards.storage) from None
-    except OSError as e:
-        raise CorruptCheckpointError(shard_unreadable(path, e), path) from e
-
-
-def _check_read(shards: OpenShards, file: str, bad: tuple[Any, int] | format_blocks.Mismatch | None) -> None:
-    if bad is None:
-        return
-    path = shards.path(file)
-    if isinstance(bad, format_blocks.Mismatch):  # a block, or a whole tensor, of a boxed read
-        message = bad.message(path)
-    else:
-        saved, digest = bad
-        message = checksum_mismatch(saved.name, path, saved.checksum, digest)
-    raise CorruptCheckpointError(message + PARTLY_RESTORED, path)
-
-
-def _file_offset(read: tuple[torch.Tensor, SavedTensor]) -> int:
-    return read[1].start
 
 
 class _Missing:

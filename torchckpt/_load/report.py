@@ -28,6 +28,13 @@ class MismatchReport:
             (``restore(..., cast=True)``). Not a mismatch.
         meta_keys: destinations on the meta device (a model built under ``torch.device("meta")``);
             they are also in ``missing_keys`` unless ``restore(..., assign=True)`` materialised them.
+        renamed: ``{key in checkpoint: key in object}`` for every checkpoint key that
+            ``restore(..., rename=...)`` changed. Not a mismatch. With a rename, ``unexpected_keys``
+            (and the keys of ``remapped_keys``) name checkpoint keys as the checkpoint has them; every
+            other list names object keys.
+        unused_renames: prefixes of a ``rename`` mapping that renamed no key of the checkpoint (a
+            typo, or a rename this checkpoint does not need). Not a mismatch, but shown with the
+            mismatches: it usually explains them.
 
     Example:
         >>> report = MismatchReport(missing_keys=["model/head.bias"])
@@ -44,6 +51,8 @@ class MismatchReport:
     restored_keys: list[str] = field(default_factory=list)
     cast_keys: dict[str, tuple[torch.dtype, torch.dtype]] = field(default_factory=dict)
     meta_keys: list[str] = field(default_factory=list)
+    renamed: dict[str, str] = field(default_factory=dict)
+    unused_renames: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(
@@ -77,6 +86,9 @@ class MismatchReport:
         if "skipped" in wanted and self.skipped_objects:
             items = [f"{k}: {v}" for k, v in sorted(self.skipped_objects.items())]
             out.append(f"objects left untouched ({len(items)}): " + "; ".join(items))
+        if wanted & {"missing", "unexpected"} and self.unused_renames:
+            out.append(f"rename prefixes that renamed no checkpoint key ({len(self.unused_renames)}): "
+                       f"{format_keys(self.unused_renames)}")
         return out
 
     def __str__(self) -> str:
@@ -86,5 +98,8 @@ class MismatchReport:
                 f"matched through a DDP 'module.' or torch.compile '_orig_mod.' prefix ({len(self.remapped_keys)}): "
                 + format_keys(f"{a} -> {b}" for a, b in self.remapped_keys.items())
             )
+        if self.renamed:
+            lines.append(f"renamed ({len(self.renamed)}): "
+                         + format_keys(f"{a} -> {b}" for a, b in self.renamed.items()))
         head = f"restored {plural(len(self.restored_keys), 'value')}"
         return head + ("; " + "; ".join(lines) if lines else "; everything matched")

@@ -3,10 +3,11 @@
 1. resolve: the checkpoint to read (a directory of checkpoints names its latest; on several
    ranks rank 0 decides, once, for everyone);
 2. open: the index, and every shard at once, so that a deletion from then on cannot touch the read;
-3. plan: match the tracked objects to the saved state tree (``match``); the tree is dropped
-   before any tensor is read, and only the plan stays in memory;
+3. plan: rename the saved state tree's keys into the objects' (``rename``, when asked), then
+   match the tracked objects to it (``match``); the tree is dropped before any tensor is read,
+   and only the plan stays in memory;
 4. execute: read the planned tensors file by file, straight into their destinations, then run
-   the loads (``plan.execute``).
+   the loads (``execute.execute``).
 
 On several ranks every rank restores its own part, and a failure on any rank is raised on every
 rank; a rank whose part was restored when another failed says so. A single process takes the same
@@ -24,9 +25,11 @@ from torchckpt._dist.coordinator import AnyCoordinator
 from torchckpt._format import index as format_index
 from torchckpt._format.spec import SAVE_COUNTER
 from torchckpt._history import members as history_members
-from torchckpt._load import opened
+from torchckpt._load import opened, rename
+from torchckpt._load.execute import execute
 from torchckpt._load.match import Matcher, Tracking
-from torchckpt._load.plan import MISSING, Plan, execute, plan_value
+from torchckpt._load.plan import MISSING, Plan, plan_value
+from torchckpt._load.rename import Renamer
 from torchckpt._load.report import MismatchReport
 from torchckpt._storage.base import Storage
 from torchckpt._threads import gc_paused
@@ -36,11 +39,13 @@ from torchckpt.errors import RESTORED_ON_THIS_RANK, CorruptCheckpointError
 @dataclass(frozen=True)
 class Target:
     """What a restore writes into: a checkpoint's tracked objects (assigned into by name), how to see
-    what they are, and where its ``save_counter`` goes (None: not expected, as ``Checkpoint.read``)."""
+    what they are, where its ``save_counter`` goes (None: not expected, as ``Checkpoint.read``), and
+    the rename from the checkpoint's keys to the objects' (None: keys match as they are)."""
 
     tracked: dict[str, Any]
     tracking: Tracking
     set_counter: Callable[[int], None] | None
+    rename: Renamer | None = None
 
 
 @dataclass(frozen=True)
@@ -84,7 +89,13 @@ def _plan(target: Target, index: format_index.Index, shards: opened.OpenShards, 
     infos = opened.read_shard_headers(index, shards)
     saved = opened.state_tree(index, infos.__getitem__, plan.rank)
     del infos
+    renamed = None
+    if target.rename is not None:  # the same on every rank: each renames the tree it restores from
+        renamed = rename.apply(target.rename, saved, SAVE_COUNTER)
+        saved = renamed.state
     Matcher(plan, target.tracking).checkpoint(target.tracked, saved, "", SAVE_COUNTER)
+    if renamed is not None:
+        renamed.annotate(plan.report)
     if target.set_counter is not None:
         counter = saved.get(SAVE_COUNTER, MISSING)
         if counter is not MISSING and not (type(counter) is int and 0 <= counter < 2**63):

@@ -1,6 +1,6 @@
 """One stored tensor read for the lazy reader: whole, or piece by piece in bounded memory.
 
-Why apart from a restore's reads (``plan.execute``): a restore reads every planned tensor of a
+Why apart from a restore's reads (``execute.execute``): a restore reads every planned tensor of a
 shard in one pass straight into its destination, while the reader hands one tensor to a caller
 that holds a piece at a time (an export streaming it into a new file, a diff comparing two
 checkpoints), so a tensor of any size costs one piece of memory. Each function takes an open

@@ -111,8 +111,28 @@ def capture(state: dict[str, Any], objects: dict[str, str], metadata: dict[str, 
     tree = format_tree.encode(state, "", tensors, ordered)
     section: dict[str, Any] = {"objects": objects, "state": tree}
     if metadata:
-        section["metadata"] = format_tree.encode(metadata, "metadata", {})
+        section["metadata"] = _encode_metadata(metadata)
     if localize is None:
         return WriteJob(tensors, {}, section)
     stored, aliases = prepare_tensors(localize(tensors))
     return WriteJob(stored, aliases, section)
+
+
+def _encode_metadata(metadata: dict[str, Any]) -> Any:
+    """``metadata`` as typed JSON. It is JSON only: a tensor (or a NumPy array, which is stored as
+    one) would have no shard to live in, and the checkpoint's metadata could not be read back.
+
+    Raises:
+        UnsupportedStateError: a tensor or an array in ``metadata``, or a value without a JSON form.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    tree = format_tree.encode(metadata, "metadata", tensors)
+    if tensors:
+        name, t = next(iter(tensors.items()))
+        raise UnsupportedStateError(
+            f"Cannot save {name!r}: metadata holds JSON values, not tensors or arrays; store t.tolist() or t.item() "
+            "there, or track the tensor in the Checkpoint.",
+            key=name,
+            value_type=type(t),
+        )
+    return tree

@@ -134,6 +134,18 @@ def _rename_new(tmp: str, final: str) -> None:
         raise
 
 
+def remove_entry(path: str) -> None:
+    """Remove what ``path`` names, best effort: a directory with everything in it; a link or a file
+    itself (a link is removed, never followed: what it points to stays)."""
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
 def commit_directory(tmp: str, final: str, replace: bool = True) -> None:
     """Make the fully written, fsynced directory ``tmp`` appear at ``final`` in one step.
 
@@ -150,13 +162,13 @@ def commit_directory(tmp: str, final: str, replace: bool = True) -> None:
     if os.path.lexists(final):
         if _exchange(tmp, final):
             fsync_dir(parent)
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_entry(tmp)
             return
         old = temporary_sibling(final, OLD_MARKER)
         os.rename(final, old)
         os.rename(tmp, final)
         fsync_dir(parent)
-        shutil.rmtree(old, ignore_errors=True)
+        remove_entry(old)
         return
     try:
         _rename_new(tmp, final)

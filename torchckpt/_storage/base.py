@@ -16,11 +16,13 @@ backend, and the writer only creates files in it, hands it the index and calls `
 
 from __future__ import annotations
 
+import mmap
 import os
 import socket
 import time
 import zlib
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from torchckpt.errors import CheckpointError, CorruptCheckpointError
@@ -111,6 +113,7 @@ class Source(Protocol):
     size: int
     batch_bytes: int  # how many contiguous bytes one ``readv`` should cover at most,
     batch_views: int  # and into how many buffers
+    readers: int  # how many threads may ``readv`` disjoint ranges of the file at once (1: one stream)
 
     def read(self, offset: int, count: int) -> bytes:
         """Up to ``count`` bytes at ``offset`` (fewer only at the end of the file)."""
@@ -124,6 +127,18 @@ class Source(Protocol):
     def views(self, offset: int, count: int) -> Iterator[memoryview]:
         """``count`` bytes from ``offset``, in pieces to use before asking for the next (a local
         file is mapped, not copied); EOFError at the end."""
+
+    def mapped(self, offset: int, count: int) -> mmap.mmap | None:
+        """The whole file mapped copy-on-write (``mmap.ACCESS_COPY``), with the pages of the ``count``
+        bytes from ``offset`` read in; None where it cannot be (a remote file, a file system without
+        ``mmap``, a range past the end), and the caller reads the bytes instead.
+
+        Why copy-on-write and not read-only: a tensor over the map (``torch.frombuffer``) is handed
+        to code that may write into it (a ``load_state_dict`` hook). A write into a read-only map
+        kills the process (SIGSEGV; torch has no read-only tensors, and warns as much); into this one
+        it makes a private copy of that page, and the file never changes. The caller closes the map
+        once nothing views it (``BufferError`` while something still does: it is then freed with
+        the last view)."""
 
     def close(self) -> None: ...
 
@@ -195,6 +210,19 @@ class Stage(Protocol):
         writer's upload can ever land on this save's objects, nor this one's on theirs."""
 
 
+REGULAR_FILE = "a regular file"
+
+
+@dataclass(frozen=True)
+class LinkTarget:
+    """Where a symbolic link leads: ``real``, the path it resolves to, and ``kind``, what is there
+    (``REGULAR_FILE``, "a directory", "a FIFO", ..., "nothing" for a dangling link, or why it cannot
+    be followed: "unreadable (Too many levels of symbolic links)")."""
+
+    real: str
+    kind: str
+
+
 class Storage(Protocol):
     """What torchckpt needs from a place checkpoints live. Paths are the caller's strings."""
 
@@ -217,6 +245,11 @@ class Storage(Protocol):
 
     def follows_to_dir(self, path: str) -> bool:
         """Whether ``path`` is a directory, through a link too (a path the user passed)."""
+
+    def link_target(self, path: str) -> LinkTarget | None:
+        """Where ``path`` leads when it is a symbolic link (None when it is not one; always None on
+        an object store). Only for paths a user named to be read once (``convert``'s sources):
+        inside checkpoints and managers' directories links are refused, never followed."""
 
     def mtime(self, path: str) -> float:
         """When ``path`` was last written (seconds since the epoch; -1.0 when unknown)."""

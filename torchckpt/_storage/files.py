@@ -15,7 +15,7 @@ import errno
 import os
 import stat
 
-from torchckpt._storage.base import oversize_file
+from torchckpt._storage.base import REGULAR_FILE, LinkTarget, oversize_file
 from torchckpt.errors import CorruptCheckpointError
 
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -35,6 +35,21 @@ def _kind(mode: int) -> str:
         if test(mode):
             return name
     return "not a regular file"
+
+
+def link_target(path: str) -> LinkTarget | None:
+    """Where the symbolic link ``path`` leads (None: not a link), found with ``stat`` only: nothing
+    is opened, so a link to a FIFO cannot block."""
+    if not os.path.islink(path):
+        return None
+    real = os.path.realpath(path)
+    try:
+        mode = os.stat(real).st_mode
+    except FileNotFoundError:
+        return LinkTarget(real, "nothing")
+    except OSError as e:  # a loop of links (ELOOP), a folder that may not be read
+        return LinkTarget(real, f"unreadable ({e.strerror or e})")
+    return LinkTarget(real, REGULAR_FILE if stat.S_ISREG(mode) else _kind(mode))
 
 
 def _link_error(path: str, what: str) -> CorruptCheckpointError:

@@ -36,7 +36,7 @@ from torchckpt._paths import join, name_of, parent_of
 from torchckpt._storage import lease as storage_lease
 from torchckpt._storage import remote_commit as storage_remote_commit
 from torchckpt._storage import upload
-from torchckpt._storage.base import ABSENT, ConflictError, Output, oversize_file
+from torchckpt._storage.base import ABSENT, ConflictError, LinkTarget, Output, oversize_file
 from torchckpt._storage.remote_commit import RemoteStage
 from torchckpt._storage.remote_read import READ_PART_MAX, READ_PART_MIN, RemoteSource, S3Source
 from torchckpt.errors import CheckpointDeletedError, CheckpointError, CorruptCheckpointError
@@ -162,6 +162,9 @@ class FsspecStorage:
             return False
 
     follows_to_dir = is_dir
+
+    def link_target(self, path: str) -> LinkTarget | None:
+        return None  # an object store has no links
 
     def exists(self, path: str) -> bool:
         try:

@@ -25,7 +25,7 @@ from torchckpt import _threads
 from torchckpt._format.spec import INDEX_FILE, OLD_MARKER
 from torchckpt._storage import atomic, local_output, lock
 from torchckpt._storage import files as storage_files
-from torchckpt._storage.base import IOV_MAX, Output
+from torchckpt._storage.base import IOV_MAX, LinkTarget, Output
 from torchckpt.errors import CheckpointError
 
 _INDEX_BUFFER = 2**20
@@ -47,6 +47,7 @@ class LocalSource:
 
     batch_bytes = 64 * 2**20  # a scatter read this large keeps the disk busy; larger ones gain nothing
     batch_views = IOV_MAX  # preadv's limit
+    readers = 4  # threads that may read one file at once (``_tensorio.read_many``): one stream left the disk half idle
 
     def __init__(self, path: str, fd: int) -> None:
         self.path = path
@@ -90,6 +91,22 @@ class LocalSource:
             whole.release()
             with contextlib.suppress(BufferError):  # a piece still held: the map closes with it
                 mapped.close()
+
+    def mapped(self, offset: int, count: int) -> mmap.mmap | None:
+        """The already open file (no path is opened again) mapped copy-on-write, ``[offset, offset + count)``
+        read in (see ``Source.mapped``); None for an empty range, a range past the end, or a file that
+        cannot be mapped."""
+        if count <= 0 or offset < 0 or offset + count > self.size:
+            return None
+        try:
+            mapped = mmap.mmap(self.fd, 0, access=mmap.ACCESS_COPY)
+        except (OSError, ValueError):  # no mmap on this file system, out of address space
+            return None
+        if len(mapped) < offset + count:  # truncated since it was opened: the reads report it
+            mapped.close()
+            return None
+        _populate(mapped, offset, offset + count)
+        return mapped
 
     def close(self) -> None:
         fd, self.fd = self.fd, -1
@@ -255,6 +272,9 @@ class LocalStorage:
         """Whether ``path`` is a directory, through a link too (what a user passed may be one)."""
         return os.path.isdir(path)
 
+    def link_target(self, path: str) -> LinkTarget | None:
+        return storage_files.link_target(path)
+
     def mtime(self, path: str) -> float:
         try:
             return os.lstat(path).st_mtime_ns / 1e9
@@ -297,7 +317,7 @@ class LocalStorage:
             os.rename(path, trash)  # readers stop seeing it at once; removal can take a while
         except FileNotFoundError:
             return
-        shutil.rmtree(trash, ignore_errors=True)
+        atomic.remove_entry(trash)
 
     def remove_leftovers(self, directory: str, prefix: str) -> list[str]:
         return atomic.remove_stale_temporaries(directory, prefix)

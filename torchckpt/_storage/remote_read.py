@@ -38,6 +38,7 @@ class RemoteSource:
     """A file read with ranged requests, several at a time, into the caller's buffers."""
 
     batch_bytes = batch_views = 2**62  # one readv may span a whole shard: its requests are sized below
+    readers = 1  # its own requests already run in parallel
 
     def __init__(self, fs: Any, path: str, size: int, storage: Vanishing | None = None, *,
                  part_min: int = READ_PART_MIN, part_max: int = READ_PART_MAX) -> None:
@@ -73,6 +74,10 @@ class RemoteSource:
             self.readv([view], offset)
             offset, count = offset + len(view), count - len(view)
             yield view
+
+    def mapped(self, offset: int, count: int) -> None:
+        """Never: an object is not a file to map. Its bytes are read into the caller's tensors instead."""
+        del offset, count
 
     def readv(self, views: list[memoryview], offset: int) -> None:
         try:

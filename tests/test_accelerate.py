@@ -1,0 +1,58 @@
+"""Accelerate: a prepared model, optimizer, scheduler and loader saved by a ``CheckpointManager``
+under ``accelerate launch`` on 2 CPU processes, SIGKILLed between two saves and resumed, ends
+bit-equal to an uninterrupted run (``tests/jobs/accelerate_job.py``, the README's recipe)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import safetensors.torch
+import torch
+
+from .distributed import ROOT, finish_session, free_port
+
+pytest.importorskip("accelerate")
+from tests.jobs import accelerate_job  # noqa: E402
+
+WORLD = 2
+
+
+def launch(directory, mode: str) -> tuple[int, str]:
+    """``accelerate launch`` of the job on 2 CPU processes, in a session of its own: at the timeout
+    the launcher and its workers are killed, and none is left behind either way."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(WORLD),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()),
+               str(ROOT / "tests" / "jobs" / "accelerate_job.py"), str(directory), mode]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    return finish_session(proc, 120, f"accelerate launch {mode}")
+
+
+def result(directory, name: str, rank: int) -> tuple[dict, dict]:
+    tensors = safetensors.torch.load_file(str(directory / f"{name}-rank{rank}.safetensors"))
+    return tensors, json.loads((directory / f"{name}-rank{rank}.json").read_text())
+
+
+@pytest.mark.slow  # 2 launches of 2 processes: 10-18 s on 2 cores; CI runs it with the slow set
+def test_a_run_killed_under_accelerate_launch_resumes_bit_exact(tmp_path):
+    code, out = launch(tmp_path, "first")
+    assert code != 0 and "SIGKILL" in out, out[-3000:]  # the run was killed, not finished
+    code, out = launch(tmp_path, "resume")
+    assert code == 0, out[-3000:]
+    for rank in range(WORLD):
+        whole, whole_info = result(tmp_path, "whole", rank)
+        resumed, resumed_info = result(tmp_path, "resumed", rank)
+        assert resumed_info["restored_step"] == accelerate_job.KILL_AT - 2  # the last save before the kill
+        assert whole.keys() == resumed.keys() and any(k.startswith("opt/") for k in whole)
+        for key in whole:  # weights, optimizer state and the global generator after training
+            assert torch.equal(whole[key], resumed[key]), (rank, key)
+        tail = whole_info["seen"][resumed_info["restored_step"]:]
+        assert resumed_info["seen"] == tail  # the same batches, from mid-epoch on
+        assert resumed_info["lr"] == whole_info["lr"] and resumed_info["step"] == whole_info["step"]
+    assert result(tmp_path, "whole", 0)[1]["seen"] != result(tmp_path, "whole", 1)[1]["seen"]  # each rank its share

@@ -1,0 +1,203 @@
+"""Several reader threads per shard on restore (``_tensorio.read_many``): the same tensors, the same
+errors and the same overlap rule as one reader in file order, and no thread left behind.
+
+Each test runs against a local storage whose sources read in batches of a few KiB, so that a
+small checkpoint makes many batches; ``readers=1`` is the in-order path the parallel one must match.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+
+import pytest
+import torch
+
+import torchckpt
+from torchckpt._storage.local import LocalSource, LocalStorage
+from torchckpt.errors import CorruptCheckpointError
+
+BATCH_BYTES = 4096
+
+
+class _SmallBatchSource(LocalSource):
+    """A local shard read in batches of ``BATCH_BYTES``, remembering which threads read it."""
+
+    batch_bytes = BATCH_BYTES
+
+    def __init__(self, path: str, fd: int, readers: int) -> None:
+        super().__init__(path, fd)
+        self.readers = readers
+        self.threads: set[str] = set()
+
+    def readv(self, views: list[memoryview], offset: int) -> None:
+        self.threads.add(threading.current_thread().name)
+        super().readv(views, offset)
+
+
+class SmallBatches(LocalStorage):
+    """The local disk, its shards opened as ``_SmallBatchSource``; ``after_open(path)`` runs once a
+    shard is open (to change the file under an open reader)."""
+
+    def __init__(self, readers: int, after_open: Callable[[str], None] | None = None) -> None:
+        super().__init__()
+        self.readers = readers
+        self.after_open = after_open
+        self.sources: list[_SmallBatchSource] = []
+
+    def open(self, path: str, what: str) -> LocalSource:
+        inner = super().open(path, what)
+        source = _SmallBatchSource(inner.path, inner.fd, self.readers)  # takes the descriptor over
+        self.sources.append(source)
+        if self.after_open is not None:
+            self.after_open(path)
+        return source
+
+    def threads(self) -> set[str]:
+        return set().union(*(s.threads for s in self.sources))
+
+
+def _state() -> dict[str, torch.Tensor]:
+    """60 tensors of 1 to 3 batches each, plus tiny ones between them: about 140 batches in one shard."""
+    gen = torch.Generator().manual_seed(0)
+    state = {}
+    for i in range(60):
+        state[f"w{i:02d}"] = torch.randn(1024 * (1 + i % 3), generator=gen)
+        state[f"b{i:02d}"] = torch.randn(3, generator=gen)
+    return state
+
+
+def _zeros_like(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: torch.zeros_like(v) for k, v in state.items()}
+
+
+def _shard(path: str) -> str:
+    (name,) = [n for n in os.listdir(path) if n.endswith(".safetensors")]
+    return os.path.join(path, name)
+
+
+def _read_error(tmp_path, install, readers: int, after_open: Callable[[str], None] | None = None) -> str:
+    """The message restoring the written checkpoint fails with, read by ``readers`` threads."""
+    storage = install(tmp_path, SmallBatches(readers, after_open))
+    with pytest.raises(CorruptCheckpointError) as caught:
+        torchckpt.Checkpoint(state=_zeros_like(_state())).read(tmp_path / "c", progress=False)
+    assert caught.value.path == _shard(str(tmp_path / "c"))
+    if readers > 1:
+        assert len(storage.threads()) > 1
+    return str(caught.value)
+
+
+@pytest.fixture
+def written(tmp_path):
+    path = torchckpt.Checkpoint(state=_state()).write(tmp_path / "c", progress=False)
+    return str(path)
+
+
+@pytest.fixture
+def no_thread_left():
+    before = set(threading.enumerate())
+    yield
+    left = [t for t in threading.enumerate() if t not in before and t.name.startswith("torchckpt-read")]
+    assert not left
+
+
+@pytest.mark.parametrize("readers", [1, 2, 4], ids=["in-order", "two", "four"])
+def test_restores_bit_exact(tmp_path, install, written, no_thread_left, readers):
+    storage = install(tmp_path, SmallBatches(readers))
+    dest = _zeros_like(_state())
+    torchckpt.Checkpoint(state=dest).read(written, progress=False).assert_consumed()
+    expected = _state()
+    assert all(torch.equal(dest[k].view(torch.int32), expected[k].view(torch.int32)) for k in expected)
+    assert len(storage.threads()) == min(readers, 4)  # the caller and readers - 1 helpers
+
+
+def test_a_flipped_byte_mid_shard_raises_the_in_order_error(tmp_path, install, written, no_thread_left):
+    shard = _shard(written)
+    with open(shard, "r+b") as f:
+        f.seek(os.path.getsize(shard) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x40]))
+    in_order = _read_error(tmp_path, install, 1)
+    assert "fails its checksum" in in_order
+    assert _read_error(tmp_path, install, 4) == in_order
+
+
+def test_two_corrupt_tensors_report_the_first_in_the_file(tmp_path, install, written, no_thread_left):
+    """The reader of a later part finds its corruption first (near the start of its part, the other
+    near the end of the first part); the error still names the earlier one."""
+    shard = _shard(written)
+    size = os.path.getsize(shard)
+    with open(shard, "r+b") as f:
+        for at in (size * 22 // 100, size * 80 // 100):
+            f.seek(at)
+            byte = f.read(1)
+            f.seek(at)
+            f.write(bytes([byte[0] ^ 0x01]))
+    in_order = _read_error(tmp_path, install, 1)
+    assert _read_error(tmp_path, install, 4) == in_order
+
+
+def test_a_shard_truncated_under_the_reader_raises_the_in_order_error(tmp_path, install, written, no_thread_left):
+    """The file shrinks after it was opened (and its size checked): the reader past the end meets EOF
+    on a helper thread, and the caller raises what reading in order raises."""
+    def truncate(path: str) -> None:
+        if path.endswith(".safetensors"):
+            os.truncate(path, os.path.getsize(path) * 3 // 4)
+
+    shard = _shard(written)
+    with open(shard, "rb") as f:
+        original = f.read()
+    in_order = _read_error(tmp_path, install, 1, truncate)
+    assert "is truncated" in in_order
+    with open(shard, "wb") as f:
+        f.write(original)
+    assert _read_error(tmp_path, install, 4, truncate) == in_order
+
+
+def test_an_error_on_a_helper_thread_ends_every_thread(tmp_path, install, written, no_thread_left):
+    class Failing(SmallBatches):
+        def open(self, path: str, what: str) -> LocalSource:
+            source = super().open(path, what)
+            source.readv = self._fail_late(source.readv, source.size)  # type: ignore[method-assign]
+            return source
+
+        @staticmethod
+        def _fail_late(readv, size):  # type: ignore[no-untyped-def]
+            def readv_or_fail(views: list[memoryview], offset: int) -> None:
+                if offset > size // 2:
+                    raise OSError(5, "Input/output error")
+                readv(views, offset)
+            return readv_or_fail
+
+    install(tmp_path, Failing(4))
+    with pytest.raises(CorruptCheckpointError, match="Input/output error"):
+        torchckpt.Checkpoint(state=_zeros_like(_state())).read(written, progress=False)
+
+
+@pytest.mark.parametrize("readers", [1, 4], ids=["in-order", "four"])
+def test_overlapping_destinations_land_in_file_order(tmp_path, install, no_thread_left, readers):
+    """Destinations that share memory are read in file order (the later bytes win), as ever."""
+    state = {f"t{i:02d}": torch.full((2048,), float(i)) for i in range(16)}
+    path = torchckpt.Checkpoint(state=state).write(tmp_path / "c", progress=False)
+    install(tmp_path, SmallBatches(readers))
+    base = torch.zeros(2048 * 16)
+    dest = {k: torch.zeros(2048) for k in state}
+    dest["t03"], dest["t09"] = base[:2048], base[1024:3072]  # t09 is stored after t03: it overwrites half
+    torchckpt.Checkpoint(state=dest).read(path, progress=False).assert_consumed()
+    assert torch.equal(base[:1024], torch.full((1024,), 3.0))
+    assert torch.equal(base[1024:3072], torch.full((2048,), 9.0))
+    assert all(torch.equal(dest[k], state[k]) for k in state if k not in ("t03", "t09"))
+
+
+def test_tied_names_are_read_once(tmp_path, install, no_thread_left):
+    shared = torch.arange(4096.0)
+    state = {"a": torch.ones(4096), "tied.x": shared, "tied.y": shared, "z": torch.full((4096,), 2.0)}
+    path = torchckpt.Checkpoint(state=state).write(tmp_path / "c", progress=False)
+    storage = install(tmp_path, SmallBatches(4))
+    dest_shared = torch.zeros(4096)
+    dest = {"a": torch.zeros(4096), "tied.x": dest_shared, "tied.y": dest_shared, "z": torch.zeros(4096)}
+    torchckpt.Checkpoint(state=dest).read(path, progress=False).assert_consumed()
+    assert torch.equal(dest_shared, shared) and torch.equal(dest["z"], state["z"])
+    assert len(storage.threads()) > 1

@@ -1,0 +1,400 @@
+"""torch's restore semantics: a module with load_state_dict hooks, or a loader of its own, comes back
+exactly as ``load_state_dict`` would give it (each test compares with a twin), and its hooks run;
+plain modules (batch norms included) keep the in-place path."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn.utils import parametrize
+
+import torchckpt
+from torchckpt._format.chunks import ChunkedInfo
+from torchckpt._format.dtypes import TensorInfo
+from torchckpt._load import hooked, mapped
+
+from .conftest import train_step
+
+
+def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    """Equal state dicts (keys in order, dtypes, bits), and equal parameter values as the model sees them."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and sa[k].shape == sb[k].shape, k
+        assert torch.equal(sa[k].reshape(-1).view(torch.uint8), sb[k].reshape(-1).view(torch.uint8)), k
+    for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(p, q), name
+
+
+def restore(target: torch.nn.Module, path: str) -> torchckpt.MismatchReport:
+    return torchckpt.Checkpoint(model=target).read(path).expect_partial().report
+
+
+# -- the modules ------------------------------------------------------------------------------------------
+
+
+class Old(torch.nn.Module):
+    """The model as an old checkpoint saved it: its layer was called ``old``."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.old = torch.nn.Linear(4, 3)
+
+
+class Renamed(torch.nn.Module):
+    """The same model today (``old`` became ``new``), with a pre-hook that renames old keys."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.new = torch.nn.Linear(4, 3)
+        self.calls = 0
+        self.register_load_state_dict_pre_hook(Renamed.rename)
+
+    def rename(self, state_dict, prefix, *args) -> None:
+        self.calls += 1
+        for key in [k for k in state_dict if k.startswith(prefix + "old.")]:
+            state_dict[prefix + "new." + key[len(prefix + "old."):]] = state_dict.pop(key)
+
+
+class Recorded(torch.nn.Module):
+    """A post-hook that records the incompatible keys it was called with."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.layer = torch.nn.Linear(3, 2)
+        self.seen: list[tuple[list[str], list[str]]] = []
+        self.register_load_state_dict_post_hook(Recorded.record)
+
+    def record(self, incompatible) -> None:
+        self.seen.append((list(incompatible.missing_keys), list(incompatible.unexpected_keys)))
+
+
+class Symmetric(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.triu() + x.triu(1).transpose(-1, -2)
+
+
+def symmetric_linear(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    layer = torch.nn.Linear(4, 4)
+    parametrize.register_parametrization(layer, "weight", Symmetric())
+    return layer
+
+
+class Transposed(torch.nn.Linear):
+    """A loader of its own: the checkpoint holds the weight transposed (as some converted models do)."""
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        key = prefix + "weight"
+        if key in state_dict:
+            state_dict[key] = state_dict[key].t()
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+
+def trained_batch_norm(seed: int, steps: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    norm = torch.nn.BatchNorm1d(3)
+    for _ in range(steps):
+        norm(torch.randn(5, 3))
+    return norm
+
+
+# -- hooks run, and the result is load_state_dict's ----------------------------------------------------------
+
+
+def test_a_pre_hook_renames_old_keys_as_load_state_dict_does(tmp_path):
+    path = torchckpt.Checkpoint(model=Old(0)).write(tmp_path / "c")
+    target, twin = Renamed(1), Renamed(1)
+    twin.load_state_dict(Old(0).state_dict())
+    report = restore(target, path)
+    assert_same_state(target, twin)
+    assert torch.equal(target.new.weight, Old(0).old.weight)
+    assert target.calls == twin.calls == 1
+    assert not report and sorted(report.restored_keys) == ["model/old.bias", "model/old.weight"]
+
+
+def test_a_post_hook_runs_once_and_sees_what_load_state_dict_reports(tmp_path):
+    source = Recorded(0)
+    source.extra = torch.nn.Linear(1, 1)  # in the checkpoint, not in the target: unexpected
+    path = torchckpt.Checkpoint(model=source).write(tmp_path / "c")
+    target, twin = Recorded(1), Recorded(1)
+    twin.load_state_dict(source.state_dict(), strict=False)
+    report = restore(target, path)
+    assert_same_state(target, twin)
+    assert target.seen == twin.seen == [([], ["extra.weight", "extra.bias"])]
+    assert report.unexpected_keys == ["model/extra.weight", "model/extra.bias"] and not report.missing_keys
+
+
+def test_a_parametrized_module_restores_its_original_and_computed_weight(tmp_path):
+    path = torchckpt.Checkpoint(model=symmetric_linear(0)).write(tmp_path / "c")
+    target, twin = symmetric_linear(1), symmetric_linear(1)
+    twin.load_state_dict(symmetric_linear(0).state_dict())
+    report = restore(target, path)
+    assert_same_state(target, twin)
+    assert torch.equal(target.weight, symmetric_linear(0).weight) and torch.equal(target.weight, target.weight.T)
+    assert "parametrizations.weight.original" in target.state_dict()
+    assert not report
+
+
+def test_a_module_with_its_own_loader_is_loaded_by_it(tmp_path):
+    torch.manual_seed(0)
+    saved = {"weight": torch.randn(2, 3), "bias": torch.randn(3)}  # weight stored transposed
+    path = torchckpt.save_state({"model": saved}, tmp_path / "c")
+    target, twin = Transposed(2, 3), Transposed(2, 3)
+    twin.load_state_dict(saved)
+    report = restore(target, path)
+    assert_same_state(target, twin)
+    assert torch.equal(target.weight, saved["weight"].t())
+    assert not report and hooked.survey(target).needs_load_semantics
+
+
+def test_batch_norm_without_num_batches_tracked_keeps_its_count_and_reports_nothing_missing(tmp_path):
+    old = {k: v for k, v in trained_batch_norm(0, 2).state_dict().items() if k != "num_batches_tracked"}
+    path = torchckpt.save_state({"model": old}, tmp_path / "c")
+    target, twin = trained_batch_norm(1, 3), trained_batch_norm(1, 3)
+    twin.load_state_dict(old)
+    report = restore(target, path)
+    assert_same_state(target, twin)
+    assert target.num_batches_tracked.item() == 3
+    assert not report.missing_keys and not report
+    assert hooked.survey(target) == hooked.Survey(False, frozenset({"num_batches_tracked"}))  # the in-place path
+
+
+def test_plain_models_keep_the_in_place_path(mlp):
+    assert not hooked.survey(mlp).needs_load_semantics
+    assert not hooked.survey(torch.nn.Sequential(torch.nn.Conv1d(2, 2, 1), torch.nn.BatchNorm1d(2))).needs_load_semantics
+
+
+# -- inside a plain model, with an optimizer --------------------------------------------------------------
+
+
+class Stack(torch.nn.Module):
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.embed = torch.nn.Linear(3, 3)
+        self.inner = inner
+        self.norm = torch.nn.BatchNorm1d(4)
+
+
+def test_a_hooked_submodule_in_a_plain_model_with_an_optimizer(tmp_path):
+    torch.manual_seed(0)
+    source = Stack(Old(0))
+    opt = torch.optim.Adam(source.parameters(), lr=0.1)
+    train_step(source.inner.old, opt, 0)
+    path = torchckpt.Checkpoint(model=source, opt=opt).write(tmp_path / "c")
+    target, twin = Stack(Renamed(1)), Stack(Renamed(1))
+    twin.load_state_dict(source.state_dict())
+    target_opt = torch.optim.Adam(target.parameters(), lr=0.1)
+    embed_weight = target.embed.weight
+    report = torchckpt.Checkpoint(model=target, opt=target_opt).restore(path).assert_consumed().report
+    assert_same_state(target, twin)
+    assert target.embed.weight is embed_weight  # read in place: the optimizer's parameter is the same object
+    assert target.inner.calls == 1 and "model/inner.old.weight" in report.restored_keys
+    for mine, theirs in zip(target_opt.state_dict()["state"].values(), opt.state_dict()["state"].values()):
+        assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+
+
+def test_a_hooked_module_missing_a_key_reports_it_as_load_state_dict_does(tmp_path):
+    path = torchckpt.save_state({"model": {"old.weight": torch.ones(3, 4)}}, tmp_path / "c")
+    target, twin = Renamed(1), Renamed(1)
+    result = twin.load_state_dict({"old.weight": torch.ones(3, 4)}, strict=False)
+    report = restore(target, path)
+    assert_same_state(target, twin)
+    assert result.missing_keys == ["new.bias"] and report.missing_keys == ["model/new.bias"]
+
+
+# -- failures ------------------------------------------------------------------------------------------
+
+
+def test_a_damaged_shard_of_a_hooked_module_fails_its_checksum(tmp_path):
+    path = torchckpt.Checkpoint(model=Old(0)).write(tmp_path / "c")
+    shard = Path(path) / "model-00001-of-00001.safetensors"
+    raw = bytearray(shard.read_bytes())
+    raw[-5] ^= 0x01
+    shard.write_bytes(bytes(raw))
+    target = Renamed(1)
+    before = target.new.weight.clone()
+    with pytest.raises(torchckpt.CorruptCheckpointError, match="fails its checksum") as info:
+        torchckpt.Checkpoint(model=target).read(path)
+    assert info.value.path == str(shard)
+    assert target.calls == 0 and torch.equal(target.new.weight, before)  # found before the hook ran
+    assert not maps_of(path)
+
+
+def test_a_size_mismatch_inside_a_hooked_module_raises_as_load_state_dict_does(tmp_path):
+    path = torchckpt.save_state({"model": {"old.weight": torch.ones(5, 4), "old.bias": torch.ones(3)}}, tmp_path / "c")
+    with pytest.raises(RuntimeError, match="size mismatch for new.weight"):
+        Renamed(1).load_state_dict({"old.weight": torch.ones(5, 4), "old.bias": torch.ones(3)})
+    with pytest.raises(torchckpt.CorruptCheckpointError, match="size mismatch for new.weight") as info:
+        torchckpt.Checkpoint(model=Renamed(1)).read(path)
+    assert info.value.path == path
+
+
+# -- the values a hook sees are views of the mapped shard: no second copy -----------------------------------
+
+needs_proc_maps = pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc/self/maps (Linux)")
+
+
+def maps_of(directory: str | os.PathLike[str]) -> list[tuple[int, int]]:
+    """The address ranges this process maps from files under ``directory`` ([] where /proc is not there)."""
+    if not os.path.exists("/proc/self/maps"):
+        return []
+    root = os.path.realpath(directory).rstrip(os.sep) + os.sep
+    found = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].startswith(root):
+                low, high = (int(x, 16) for x in fields[0].split("-"))
+                found.append((low, high))
+    return found
+
+
+def file_digest(directory: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    for path in sorted(Path(directory).iterdir()):
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+class Probe(torch.nn.Module):
+    """Two layers under a pre-hook on the model that records, for each value it is handed, whether its
+    memory lies in a map of a file under ``checkpoint`` (by default: of any file); with ``double``, it
+    also doubles each weight in place."""
+
+    def __init__(self, seed: int, checkpoint: str | os.PathLike[str] = "/", double: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.a, self.b = torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)
+        self.checkpoint, self.double = checkpoint, double
+        self.mapped: list[bool] = []
+        self.register_load_state_dict_pre_hook(Probe.look)
+
+    def look(self, state_dict, prefix, *args) -> None:
+        regions = maps_of(self.checkpoint)
+        self.mapped = [any(low <= t.data_ptr() < high for low, high in regions) for t in state_dict.values()]
+        if self.double:
+            for key in [k for k in state_dict if k.endswith("weight")]:
+                state_dict[key].mul_(2)
+
+
+@needs_proc_maps
+def test_a_hook_is_handed_views_of_the_mapped_shard_and_no_map_outlives_the_restore(tmp_path):
+    source = Probe(0)
+    path = torchckpt.Checkpoint(model=source).write(tmp_path / "c")
+    for seed in (1, 2):  # twice: the second restore maps again, and closes again
+        target, twin = Probe(seed, path), Probe(seed)
+        twin.load_state_dict(source.state_dict())
+        report = restore(target, path)
+        assert_same_state(target, twin)
+        assert target.mapped == [True] * 4  # the page cache itself, not a copy of it
+        assert not maps_of(path) and not report
+
+
+@needs_proc_maps
+def test_a_hook_that_writes_into_its_values_changes_neither_the_file_nor_the_next_restore(tmp_path):
+    source = Probe(0)
+    path = torchckpt.Checkpoint(model=source).write(tmp_path / "c")
+    before = file_digest(path)
+    for _ in range(2):
+        target, twin = Probe(1, path, double=True), Probe(1, double=True)
+        twin.load_state_dict({k: v.clone() for k, v in source.state_dict().items()})
+        restore(target, path)
+        assert_same_state(target, twin)
+        assert torch.equal(target.a.weight, 2 * source.a.weight) and target.mapped == [True] * 4
+    assert file_digest(path) == before  # a write into a view copies its page: the shard never changes
+    assert not maps_of(path)
+
+
+class Keeper(torch.nn.Linear):
+    """A loader of its own that keeps the value it was handed (as some converted modules do)."""
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        self.kept = state_dict[prefix + "weight"]
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+
+@needs_proc_maps
+def test_a_loader_that_keeps_a_value_keeps_its_map_until_it_drops_it(tmp_path):
+    torch.manual_seed(0)
+    source = torch.nn.Linear(3, 2)
+    path = torchckpt.Checkpoint(model=source).write(tmp_path / "c")
+    target = Keeper(3, 2)
+    restore(target, path)
+    assert maps_of(path)  # closing the map under the kept view would leave it pointing at nothing
+    assert torch.equal(target.kept, source.weight) and torch.equal(target.weight, source.weight)
+    del target.kept
+    gc.collect()
+    assert not maps_of(path)
+
+
+@pytest.fixture
+def memory_dir():
+    """A fresh ``memory://`` directory (fsspec's in-process store), removed after the test."""
+    fsspec = pytest.importorskip("fsspec")
+    url = f"memory://hooks-{uuid.uuid4().hex[:12]}"
+    yield url
+    fs = fsspec.filesystem("memory")
+    if fs.exists(url):
+        fs.rm(url, recursive=True)
+
+
+def on_object_store(tmp_path, memory_dir):
+    return memory_dir + "/c", Probe(1), {}
+
+
+def onto_meta_with_assign(tmp_path, memory_dir):
+    with torch.device("meta"):
+        target = Probe(1)
+    return str(tmp_path / "c"), target, {"assign": True}
+
+
+@needs_proc_maps
+@pytest.mark.parametrize("where", [on_object_store, onto_meta_with_assign], ids=["object store", "assign onto meta"])
+def test_where_a_view_cannot_serve_the_hook_gets_fresh_checked_tensors(tmp_path, memory_dir, where):
+    source = Probe(0)
+    path, target, options = where(tmp_path, memory_dir)
+    path = torchckpt.Checkpoint(model=source).write(path)
+    twin = Probe(1)
+    twin.load_state_dict(source.state_dict())
+    torchckpt.Checkpoint(model=target).read(path, **options).assert_consumed()
+    assert_same_state(target, twin)
+    assert target.mapped == [False] * 4 and not maps_of(tmp_path)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_hooked_module_on_cuda_gets_fresh_tensors_and_restores_as_load_state_dict_does(tmp_path):
+    source = Probe(0)
+    path = torchckpt.Checkpoint(model=source).write(tmp_path / "c")
+    target, twin = Probe(1).cuda(), Probe(1).cuda()
+    twin.load_state_dict(source.state_dict())
+    restore(target, path)
+    assert_same_state(target, twin)
+    assert target.mapped == [False] * 4 and not maps_of(path)
+
+
+def info(start: int, dtype: torch.dtype = torch.float32, shape: tuple[int, ...] = (2,)) -> TensorInfo:
+    size = torch.Size(shape)
+    return TensorInfo("t", "f", dtype, size, start, size.numel() * dtype.itemsize, 0)
+
+
+@pytest.mark.parametrize(("saved", "expected"), [
+    (info(64), True),
+    (info(66), False),  # not aligned to its element size
+    (info(66, torch.bfloat16), True),
+    (info(64, shape=(0,)), False),  # empty: nothing to map
+    (ChunkedInfo("t", torch.float32, torch.Size([2]), ()), False),  # format 2's chunks: assembled by the reads
+], ids=["aligned", "misaligned", "aligned bf16", "empty", "chunked"])
+def test_which_saved_tensors_can_be_views(saved, expected):
+    assert mapped.viewable(saved) is (expected and sys.byteorder == "little")

@@ -1,0 +1,152 @@
+"""Executing a restore plan: read every planned tensor, then run the planned loads.
+
+The reads go shard by shard, in file order, straight into their destinations, checking each
+tensor's checksum as it arrives (``_tensorio.read_many``; format-2 chunks and DTensor boxes
+through ``_load.boxes``). Only then do the loads run (``load_state_dict`` of stateful objects,
+assignments, and the ``load_state_dict`` walk of hooked modules, which fetch their tensors here
+as their load needs them: views of the mapped shards where they can be, see ``_load.mapped``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from torchckpt import _tensorio
+from torchckpt._dist import dtensor as dist_dtensor
+from torchckpt._format import blocks as format_blocks
+from torchckpt._format.dtypes import TensorInfo as SavedTensor
+from torchckpt._load import boxes, mapped
+from torchckpt._load.opened import OpenShards, missing_member
+from torchckpt._load.plan import Plan
+from torchckpt._paths import name_of
+from torchckpt._progress import progress_bar
+from torchckpt.errors import (
+    PARTLY_RESTORED,
+    CheckpointError,
+    CorruptCheckpointError,
+    checksum_mismatch,
+    shard_unreadable,
+)
+
+
+def execute(plan: Plan, shards: OpenShards, verify: bool, progress: bool | None) -> None:
+    """Read every planned tensor (shard by shard, in file order), then run the planned loads."""
+    by_file, reads = _grouped(plan.reads)
+    total = sum(saved.nbytes for pairs in by_file.values() for _, saved in pairs) + reads.nbytes
+    directory = shards.directory
+    with progress_bar(total, f"restore {name_of(directory)}", progress) as bar, torch.no_grad():
+        _read_grouped(shards, by_file, reads, verify, bar.update)
+    boxes.finish(reads)
+    with torch.no_grad():
+        for dest, buffer in plan.casts:
+            dest.copy_(buffer)
+    plan.fetch = functools.partial(_fetch, shards, verify)  # a hooked module's tensors, read as its load needs them
+    try:
+        _run_loads(plan, directory)
+    finally:
+        plan.fetch = None
+
+
+def _run_loads(plan: Plan, directory: str) -> None:
+    for load in plan.loads:
+        try:
+            load()
+        except CheckpointError:
+            raise
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError, OverflowError,
+                RecursionError) as e:
+            raise CorruptCheckpointError(
+                f"Restoring from {directory} failed while loading state ({type(e).__name__}: {e}); the values in "
+                "the checkpoint do not fit the objects. Objects may be partly restored.",
+                directory,
+            ) from e
+
+
+def _grouped(pairs: list[tuple[torch.Tensor, SavedTensor]]) -> tuple[
+        dict[str, list[tuple[torch.Tensor, SavedTensor]]], boxes.BoxedReads]:
+    """Reads of whole stored tensors by shard file, and the boxed rest (chunked tensors, DTensors:
+    only this rank's overlaps are read)."""
+    by_file: dict[str, list[tuple[torch.Tensor, SavedTensor]]] = {}
+    boxed: list[tuple[torch.Tensor, Any]] = []
+    for pair in pairs:
+        if type(pair[1]) is SavedTensor and not dist_dtensor.is_dtensor(pair[0]):
+            by_file.setdefault(pair[1].file, []).append(pair)
+        else:
+            boxed.append(pair)
+    return by_file, boxes.plan_boxed(boxed)
+
+
+def _read_grouped(shards: OpenShards, by_file: dict[str, list[tuple[torch.Tensor, SavedTensor]]],
+                  reads: boxes.BoxedReads, verify: bool, on_bytes: Callable[[int], None]) -> None:
+    """Read the grouped pairs file by file, in file order, checking each tensor's checksum with ``verify``."""
+    for file, pairs in by_file.items():
+        pairs.sort(key=_file_offset)
+        source = shards.sources[file]
+        source.prepare(sum(saved.nbytes for _, saved in pairs))
+        with _reading(shards, file):
+            bad = _tensorio.read_many(source, pairs, verify, on_bytes)
+        _check_read(shards, file, bad)
+    for file, pieces in reads.by_file.items():
+        with _reading(shards, file):
+            mismatch = boxes.read_file(shards.sources[file], pieces, verify, on_bytes, shards.blocks)
+        _check_read(shards, file, mismatch)
+
+
+@contextlib.contextmanager
+def _fetch(shards: OpenShards, verify: bool, saved: list[Any], may_view: bool) -> Iterator[list[torch.Tensor]]:
+    """A hooked subtree's tensors while its load runs, checked as the planned reads: views of the mapped
+    shards where ``may_view`` and they can be (``_load.mapped``), else read now; the maps close after."""
+    maps = mapped.ShardMaps(shards.sources if may_view else {})
+    views: list[torch.Tensor | None] = []
+    out: list[torch.Tensor] = []
+    try:
+        views, bad = maps.views(saved, verify)
+        if bad is not None:
+            _check_read(shards, *bad)
+        pairs = [(torch.empty(s.shape, dtype=s.dtype), s) for s, v in zip(saved, views) if v is None]
+        by_file, reads = _grouped(pairs)
+        with torch.no_grad():
+            _read_grouped(shards, by_file, reads, verify, lambda _: None)
+        boxes.finish(reads)
+        fresh = iter([t for t, _ in pairs])
+        out = [v if v is not None else next(fresh) for v in views]
+        yield out
+    finally:
+        views.clear()
+        out.clear()  # no view left here: each map closes, unless a hook kept a tensor of it
+        maps.close()
+
+
+@contextlib.contextmanager
+def _reading(shards: OpenShards, file: str) -> Iterator[None]:
+    """Read errors of one shard as the checkpoint errors they mean."""
+    path = shards.path(file)
+    try:
+        yield
+    except EOFError as e:
+        raise CorruptCheckpointError(f"Shard {path} is truncated: {e}.", path) from e
+    except FileNotFoundError:  # an object store has no pin on open files: deleted meanwhile
+        raise missing_member(shards.directory, path, shards.storage) from None
+    except OSError as e:
+        raise CorruptCheckpointError(shard_unreadable(path, e), path) from e
+
+
+def _check_read(shards: OpenShards, file: str, bad: tuple[Any, int] | format_blocks.Mismatch | None) -> None:
+    if bad is None:
+        return
+    path = shards.path(file)
+    if isinstance(bad, format_blocks.Mismatch):  # a block, or a whole tensor, of a boxed read
+        message = bad.message(path)
+    else:
+        saved, digest = bad
+        message = checksum_mismatch(saved.name, path, saved.checksum, digest)
+    raise CorruptCheckpointError(message + PARTLY_RESTORED, path)
+
+
+def _file_offset(read: tuple[torch.Tensor, SavedTensor]) -> int:
+    return read[1].start

@@ -1,0 +1,74 @@
+"""``torchckpt diff``: how two checkpoints' plain values and tensor values compare.
+
+The command line prints what these find. Plain values are compared by type and value (an int 1
+differs from a float 1.0, as a restore would see them; two NaNs are the same value), and shown
+shortened when long (a Mersenne Twister state is 625 ints). Tensor values are compared chunk by
+chunk as they stream from both checkpoints, so memory stays bounded whatever their size.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from torchckpt._format import tree
+from torchckpt.reader import CheckpointReader, TensorSpec
+
+RENDER_LIMIT = 120  # a Mersenne Twister state is 625 ints: shown as its start and its length
+
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "<absent>"
+
+
+ABSENT: Any = _Absent()  # the value of a key one checkpoint does not have
+
+
+def plain_values(reader: CheckpointReader) -> dict[str, Any]:
+    """Every plain value of the checkpoint's state tree by its ``/`` key path (tensors left out)."""
+    return {k: v for k, v in tree.leaves(reader.get_state(), "").items() if not isinstance(v, TensorSpec)}
+
+
+def same(x: Any, y: Any) -> bool:
+    """Whether two plain values are the same: same type and equal, or both NaN."""
+    if isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y):
+        return True
+    return type(x) is type(y) and x == y
+
+
+def render(v: Any) -> str:
+    """A plain value for one line of output: its repr, shortened past :data:`RENDER_LIMIT`."""
+    if v is ABSENT:
+        return "(absent)"
+    text = repr(v)
+    if len(text) <= RENDER_LIMIT:
+        return text
+    size = f"{len(v)} items, " if isinstance(v, (list, tuple, dict, str)) else ""
+    return f"{text[: RENDER_LIMIT - 20]}... ({size}{len(text)} characters)"
+
+
+def jsonable(v: Any) -> Any:
+    """A plain value for JSON output: null when absent, scalars as they are, anything else its repr."""
+    return None if v is ABSENT else v if isinstance(v, (int, str, bool)) or v is None else repr(v)
+
+
+def max_abs_diff(a: CheckpointReader, b: CheckpointReader, name: str, bar: Any) -> float:
+    """The largest absolute difference between the tensor ``name`` of two checkpoints (same shape
+    and dtype), streamed chunk by chunk; ``bar.update`` is told the bytes read."""
+    worst = 0.0
+    for x, y in zip(a.iter_chunks(name), b.iter_chunks(name)):
+        if x.dtype == torch.bool:
+            x, y = x.to(torch.uint8), y.to(torch.uint8)
+        if x.dtype.is_complex:
+            d = (x - y).abs()
+        elif x.dtype.is_floating_point and x.element_size() < 2:
+            d = (x.float() - y.float()).abs()
+        else:
+            d = (x.double() - y.double()).abs() if not x.dtype.is_floating_point else (x.float() - y.float()).abs()
+        if d.numel():
+            worst = max(worst, float(d.max()))
+        bar.update(2 * x.numel() * x.element_size())
+    return worst

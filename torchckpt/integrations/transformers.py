@@ -1,0 +1,322 @@
+"""The Hugging Face ``Trainer``'s checkpoints through a ``CheckpointManager``, and a bit-exact resume.
+
+``Trainer(..., callbacks=[TorchckptCallback("runs/gpt2")])`` saves, at each step the Trainer would
+save (``save_strategy``, ``save_steps``, and the last step), a numbered torchckpt checkpoint of the
+model, the optimizer, the learning-rate scheduler, every random generator (``RNGState``) and the
+Trainer's state (``global_step``, ``epoch``, the log history), written atomically, never pickled,
+kept by the manager's retention. It clears ``control.should_save``, so the Trainer does not also
+write its own pickled ``checkpoint-N`` folder.
+
+Why resuming goes through a stub folder: only the Trainer can move its own data position, and it
+does so from the ``trainer_state.json`` of the folder given to
+``train(resume_from_checkpoint=...)``, before any callback runs (it skips the epochs trained, then
+the batches trained in the current epoch). So :meth:`TorchckptCallback.resume_from` writes a
+new temporary folder (never the Trainer's ``output_dir``) holding that JSON file, taken from the
+torchckpt checkpoint, and an empty weight index (``model.safetensors.index.json`` naming no
+tensor: the Trainer refuses a folder without a weights file, and loads nothing from this one; its
+"missing keys" warning about it is dropped). The folder holds no weights and no optimizer,
+scheduler or RNG file, nothing pickled, so the Trainer restores none of them (it logs that it found
+no RNG file); it is removed once training begins. The callback then
+restores the model, the optimizer, the scheduler and the random generators itself, from its own
+checkpoint, through public hooks only: the objects at ``on_train_begin``, and the random
+generators where the uninterrupted run stood when it saved (see :meth:`TorchckptCallback.on_epoch_begin`).
+
+Where a save happens: the Trainer decides at ``on_step_end`` (or ``on_epoch_end``); the callback
+writes at the next hook (the next step's ``on_step_begin``, the next epoch's ``on_epoch_begin``,
+or the end of training), after the Trainer has logged and evaluated that step, as the Trainer's
+own checkpoints are, so the saved log history includes the step's loss and the saved random
+state is the one the next step draws from.
+
+Not covered: an fp16 ``GradScaler`` (callbacks are not given it), DeepSpeed and FSDP (the Trainer
+loads their states itself from the folder).
+
+transformers is optional and imported here only (``pip install "torchckpt[transformers]"``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+from typing import Any
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
+
+from torchckpt._paths import as_path, join
+from torchckpt._storage.registry import storage_for
+from torchckpt.checkpoint import Checkpoint
+from torchckpt.errors import CheckpointError
+from torchckpt.manager import CheckpointManager
+from torchckpt.reader import load_checkpoint
+from torchckpt.rng import RNGState
+from torchckpt.run_state import latest_checkpoint
+
+__all__ = ["TorchckptCallback", "TrainerResumeError"]
+
+TRAINER_STATE = "trainer_state"  # the checkpoint's entry holding the Trainer's state as plain values
+STUB_PREFIX = "torchckpt-hf-resume-"  # the resume folder's name starts with this (a temporary folder)
+# The Trainer's warning when a folder's weight index lacks the model's keys (this one names none, on purpose)
+MISSING_KEYS_WARNING = "There were missing keys in the checkpoint model loaded"
+STUB_NOTE = ("Not a model checkpoint: a torchckpt resume folder for Trainer.train(resume_from_checkpoint=...). "
+             "It names no tensor; TorchckptCallback restores the weights from {checkpoint}.")
+
+
+class TrainerResumeError(CheckpointError, ValueError):
+    """A resume the callback prepared cannot go on as the checkpoint says.
+
+    Attributes:
+        path: the torchckpt checkpoint the resume is from.
+        checkpoint_step: the checkpoint's ``global_step`` (None when it has no Trainer state).
+        trainer_step: the ``global_step`` the Trainer started at (None when it did not start).
+    """
+
+    def __init__(self, message: str, path: str, checkpoint_step: int | None = None,
+                 trainer_step: int | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.checkpoint_step = checkpoint_step
+        self.trainer_step = trainer_step
+
+
+class _QuietStubLoad(logging.Filter):
+    """Drops the Trainer's "missing keys" warning while it loads the resume folder's empty index:
+    every key is missing there by design, and the callback restores them all at ``on_train_begin``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(MISSING_KEYS_WARNING)
+
+
+_TRAINER_LOGGER = logging.getLogger("transformers.trainer")  # the logger Trainer._load_from_checkpoint warns on
+
+
+@dataclasses.dataclass
+class _Resume:
+    """A resume prepared by ``resume_from``: from which checkpoint, through which stub folder."""
+
+    checkpoint: str
+    folder: str
+    global_step: int
+    rng: dict[str, Any] | None = None  # the saved random state, held until the hook it is set back at
+    mid_epoch: bool = False  # the Trainer skips batches, so the state is set back at the first step
+
+
+class TorchckptCallback(TrainerCallback):
+    """Save the Trainer's model, optimizer, scheduler, RNG and state through a :class:`CheckpointManager`,
+    and resume from them bit-exact.
+
+    Checkpoints are ``{directory}/ckpt-{global_step}``; each holds ``model``, ``optimizer``,
+    ``lr_scheduler``, ``rng`` (:class:`RNGState`) and ``trainer_state`` (the Trainer's
+    ``TrainerState`` as the plain dict of its JSON form). On several ranks every rank saves its
+    part, as the Trainer's callbacks run on every rank.
+
+    To resume, give a new Trainer a new callback on the same directory and pass
+    :meth:`resume_from` to ``train``: it returns None when there is nothing to resume, and the
+    Trainer then starts from scratch.
+
+    Args:
+        directory: the manager's directory (a local path or an fsspec URL).
+        keep_hf_checkpoints: also let the Trainer write its own ``checkpoint-N`` folders.
+        **manager_options: passed to :class:`CheckpointManager` (``max_to_keep``, ``async_save``,
+            ``keep_checkpoint_every_n_hours``, ``storage_options``, ``timeout_secs``...).
+
+    Example:
+        >>> callback = TorchckptCallback("runs/gpt2", max_to_keep=3)  # doctest: +SKIP
+        >>> trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])  # doctest: +SKIP
+        >>> trainer.train(resume_from_checkpoint=callback.resume_from())  # doctest: +SKIP
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], *, keep_hf_checkpoints: bool = False,
+                 **manager_options: Any) -> None:
+        self.directory = directory
+        self.keep_hf_checkpoints = keep_hf_checkpoints
+        self._options = manager_options
+        self.manager: CheckpointManager | None = None  # built at on_train_begin, when the optimizer exists
+        self._resume: _Resume | None = None
+        self._quiet = _QuietStubLoad()  # on the Trainer's logger from resume_from() to on_train_begin
+        self._pending: int | None = None  # the global step the Trainer decided to save and the callback has not
+        self._written: int | None = None  # the global step last saved
+
+    # -- resuming ------------------------------------------------------------------------
+
+    def resume_from(self, checkpoint: str | os.PathLike[str] | None = None) -> str | None:
+        """A folder for ``Trainer.train(resume_from_checkpoint=...)`` that resumes from a checkpoint.
+
+        The folder is a new temporary one (removed when training begins), holding the
+        checkpoint's ``trainer_state.json`` and an empty ``model.safetensors.index.json``: no
+        weights, nothing pickled; it names the checkpoint it stands for in its index's metadata.
+        The Trainer reads its position from it; this callback, when training begins, restores
+        everything else from the checkpoint. Pass the folder to the Trainer this callback is in.
+
+        Args:
+            checkpoint: a checkpoint this callback saved; None: the latest in ``directory``.
+
+        Returns:
+            The folder, or None when ``directory`` holds no checkpoint (a first run).
+
+        Raises:
+            CheckpointNotFoundError: ``checkpoint`` is not a committed checkpoint.
+            TrainerResumeError: the checkpoint holds no Trainer state (another writer saved it).
+        """
+        storage_options = self._options.get("storage_options")
+        path = as_path(checkpoint) if checkpoint is not None else \
+            latest_checkpoint(self.directory, storage_options=storage_options)
+        if path is None:
+            return None
+        if self._resume is not None:  # prepared twice: the first folder is not needed
+            self._forget_folder()
+            self._resume = None
+        try:
+            state = load_checkpoint(path, storage_options=storage_options).get_value(TRAINER_STATE)
+        except KeyError:
+            raise TrainerResumeError(
+                f"{path} holds no {TRAINER_STATE!r}: it was not saved by TorchckptCallback, so it does not say where "
+                "the Trainer's run stood. Resume from a checkpoint of the callback's directory, or restore this one "
+                "with torchckpt.Checkpoint(...).restore.", path) from None
+        folder = tempfile.mkdtemp(prefix=STUB_PREFIX)  # this process's own: ranks never share one
+        storage = storage_for(folder)
+        storage.replace_file(join(folder, TRAINER_STATE_NAME),
+                             (json.dumps(state, indent=2, sort_keys=True) + "\n").encode(), None)
+        index = {"metadata": {"torchckpt": STUB_NOTE.format(checkpoint=path)}, "weight_map": {}}
+        storage.replace_file(join(folder, SAFE_WEIGHTS_INDEX_NAME), json.dumps(index, indent=2).encode(), None)
+        self._resume = _Resume(path, folder, int(state["global_step"]))
+        _TRAINER_LOGGER.addFilter(self._quiet)
+        return folder
+
+    def _forget_folder(self) -> None:
+        """Remove the prepared folder (the Trainer has read it) and stop quieting the Trainer's logger."""
+        assert self._resume is not None
+        _TRAINER_LOGGER.removeFilter(self._quiet)
+        storage_for(self._resume.folder).delete_checkpoint(self._resume.folder)
+
+    def _check_position(self, state: TrainerState) -> None:
+        """The Trainer starts where the prepared checkpoint stood, or the resume is refused."""
+        resume = self._resume
+        assert resume is not None
+        self._forget_folder()
+        if state.global_step != resume.global_step:
+            self._resume = None
+            raise TrainerResumeError(
+                f"TorchckptCallback.resume_from() prepared a resume from {resume.checkpoint} (global step "
+                f"{resume.global_step}), but the Trainer started at global step {state.global_step}: pass the "
+                "folder resume_from() returned to this Trainer's train(resume_from_checkpoint=...).",
+                resume.checkpoint, resume.global_step, state.global_step)
+
+    def _restore(self, args: TrainingArguments, state: TrainerState, train_dataloader: Any) -> None:
+        """Set the model, optimizer, scheduler and random state back from the prepared checkpoint."""
+        resume = self._resume
+        assert resume is not None and self.manager is not None
+        self.manager.checkpoint.restore(resume.checkpoint).assert_consumed()
+        resume.rng = RNGState().state_dict()  # as restored: set back again where the saving run stood
+        resume.mid_epoch = _skips_batches(args, state, train_dataloader)
+
+    # -- the Trainer's hooks --------------------------------------------------------------
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       **kwargs: Any) -> None:
+        """Track the objects the Trainer trains (they exist from here on), open the manager, and
+        restore them when :meth:`resume_from` prepared a resume.
+
+        Raises:
+            TrainerResumeError: a resume was prepared, and the Trainer starts at another step.
+            RestoreMismatchError: the checkpoint's objects do not match the Trainer's (another model).
+        """
+        missing = [name for name in ("model", "optimizer", "lr_scheduler") if kwargs.get(name) is None]
+        if missing:
+            raise ValueError(f"TorchckptCallback: the Trainer passed no {', '.join(missing)} to on_train_begin; this "
+                             "callback needs transformers' Trainer (or a subclass that passes them to its callbacks).")
+        if self._resume is not None:
+            self._check_position(state)
+        ckpt = Checkpoint(model=kwargs["model"], optimizer=kwargs["optimizer"], lr_scheduler=kwargs["lr_scheduler"],
+                          rng=RNGState(), trainer_state=_plain_state(state))
+        self.manager = CheckpointManager(ckpt, self.directory, **self._options)
+        if self._resume is not None:
+            try:
+                self._restore(args, state, kwargs.get("train_dataloader"))
+            except BaseException:
+                self.manager.close()  # the directory is free for the next attempt
+                self.manager, self._resume = None, None
+                raise
+
+    def on_epoch_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       **kwargs: Any) -> None:
+        """Write a save due from the last epoch; on a resume, set the random state back.
+
+        Here, before the epoch's loader draws its seed from the global generator, is where an
+        uninterrupted run saved at an epoch's end stands. A run saved mid-epoch stood after that
+        draw: the Trainer skips to it, and the state is set back again at the first step.
+        """
+        self._write_pending(state)
+        resume = self._resume
+        if resume is not None and resume.rng is not None:
+            RNGState().load_state_dict(resume.rng)
+            if not resume.mid_epoch:
+                self._resume = None
+
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                      **kwargs: Any) -> None:
+        """Write a save due from the last step; on a mid-epoch resume, set the random state back
+        (the batches are skipped and the next one fetched: the saving run stood here)."""
+        self._write_pending(state)
+        resume = self._resume
+        if resume is not None and resume.rng is not None:
+            RNGState().load_state_dict(resume.rng)
+            self._resume = None
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> TrainerControl:
+        return self._take_save(state, control)
+
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> TrainerControl:
+        if control.should_training_stop:  # no step follows: the step's log and evaluation are done
+            self._write_pending(state)
+        return self._take_save(state, control)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
+        """Write a save still due, wait for a background save, and release the directory."""
+        if self.manager is not None:
+            self._write_pending(state)
+            self.manager.wait_until_finished()
+            self.manager.close()
+
+    def _take_save(self, state: TrainerState, control: TrainerControl) -> TrainerControl:
+        """Take over a save the Trainer decided (``DefaultFlowCallback`` ran first and set ``should_save``)."""
+        if not control.should_save or self.manager is None:
+            return control
+        if self._pending is None and state.global_step != self._written:  # not twice for one step
+            self._pending = state.global_step
+        if not self.keep_hf_checkpoints:
+            control.should_save = False
+        return control
+
+    def _write_pending(self, state: TrainerState) -> None:
+        if self._pending is None or self.manager is None:
+            return
+        self._pending, self._written = None, state.global_step
+        self.manager.checkpoint.trainer_state = _plain_state(state)
+        self.manager.save(checkpoint_number=state.global_step, check_interval=False)
+
+
+def _skips_batches(args: TrainingArguments, state: TrainerState, train_dataloader: Any) -> bool:
+    """Whether the Trainer resumes inside an epoch, skipping its first batches (as ``Trainer``
+    computes it: the global step modulo the optimizer steps per epoch)."""
+    if args.ignore_data_skip:
+        return False
+    try:
+        batches = len(train_dataloader)
+    except TypeError:  # no length (an iterable dataset): the Trainer counts max_steps steps per epoch
+        return state.global_step % max(state.max_steps, 1) != 0
+    accumulation = args.gradient_accumulation_steps
+    per_epoch = max(batches // accumulation + int(batches % accumulation > 0), 1)
+    return state.global_step % per_epoch != 0
+
+
+def _plain_state(state: TrainerState) -> dict[str, Any]:
+    """The Trainer's state as plain values: the JSON ``TrainerState.save_to_json`` writes, parsed."""
+    plain: dict[str, Any] = json.loads(json.dumps(dataclasses.asdict(state)))
+    return plain
