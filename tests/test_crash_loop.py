@@ -29,7 +29,7 @@ from .distributed import ROOT
 from .jobs.crash_writer import frozen_module, trained_tensors
 
 JOB = "tests.jobs.crash_writer"  # run as a module from the repository's root: it imports tests.doubles
-POINTS = ["before-commit", "after-commit", "after-state", "after-retention-state", "mid-delete", "state-temporary",
+POINTS = ["before-commit", "after-commit", "after-state", "mid-delete", "state-temporary",
           "before-reuse", "after-reuse", "after-drop"]
 CLEAN = {"lost": 0, "inconsistent": 0, "frozen_changed": 0, "orphans": 0, "temporaries": 0, "missing_files": 0,
          "damaged": 0, "not_reused": 0}

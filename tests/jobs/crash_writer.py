@@ -13,8 +13,8 @@ incrementally by default): the loop kills incremental saves too.
 
 POINT is ``random`` (save until killed) or where a save of this process, from the second on, dies:
 ``before-commit`` (shards and index written, not renamed), ``after-commit`` (renamed, state file
-not written), ``after-state`` (state written, retention not applied), ``after-retention-state``
-(retention's state written, nothing deleted), ``mid-delete`` (an old checkpoint moved aside, not
+not written), ``after-state`` (the state file written, naming the new checkpoint and no longer
+the ones retention drops, nothing deleted yet), ``mid-delete`` (an old checkpoint moved aside, not
 removed), ``state-temporary`` (a state file temporary written, not renamed), ``before-reuse`` (the
 frozen shard about to be linked from the previous checkpoint), ``after-reuse`` (linked into the
 stage, not yet read back), ``after-drop`` (the linked file failed its read-back and was removed
@@ -88,7 +88,7 @@ class Writer:
     def state_written(self, path: str, data: bytes, token: object) -> None:  # the state file: the one file replaced
         if self.armed():
             self.state_writes += 1
-            if (self.point, self.state_writes) in (("after-state", 1), ("after-retention-state", 2)):
+            if self.point == "after-state" and self.state_writes == 1:
                 self.die()
 
     def damage_placed(self, name: str, source: str) -> None:
