@@ -190,6 +190,9 @@ class StageDouble(Hooked):
     def discard(self) -> None:
         self.inner.discard()
 
+    def settle(self) -> None:
+        self.inner.settle()
+
     def member(self, name: str) -> str:
         return str(self.inner.member(name))
 

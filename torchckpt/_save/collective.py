@@ -319,6 +319,9 @@ def _commit(coord: Coordinator, stage: Any, path: str, plan: GlobalPlan, section
         result = after() if after is not None else None
     except Exception as e:
         return {"failures": {0: dist_coordinator.failure_payload(e)}}
+    finally:
+        with contextlib.suppress(Exception):  # background work for the next save: never this one's outcome
+            stage.settle()
     return {"ok": path, "after": result}
 
 

@@ -50,6 +50,7 @@ def write_checkpoint(
     base: str | None = None,
     groups: Mapping[str, int] | None = None,
     incremental: bool = False,
+    after: Callable[[], Any] | None = None,
 ) -> str:
     """Write tensors and the ``torchckpt`` index section to the directory ``path``, atomically.
 
@@ -72,6 +73,8 @@ def write_checkpoint(
             ``_save.plan.plan_shards``): frozen ones are planned into shards of their own.
         incremental: the next save will compare with this one: shards of frozen tensors are
             created to be read back soon (``Stage.create``'s ``keep_cached``).
+        after: called once the checkpoint is committed (a manager's bookkeeping), before the
+            stage settles (``Stage.settle``: background work for the next save).
 
     Returns:
         ``path``.
@@ -102,6 +105,11 @@ def write_checkpoint(
         if isinstance(e, (CheckpointWriteError, AlreadyCommitted)):
             raise
         raise CheckpointWriteError(storage.describe_write_failure(path, e), path, e) from e
+    try:
+        if after is not None:
+            after()
+    finally:
+        stage.settle()
     return path
 
 

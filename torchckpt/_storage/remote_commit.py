@@ -141,6 +141,9 @@ class RemoteStage:
         self.committed = True
         self.storage.remove_quietly(join(self.path, self.marker))
 
+    def settle(self) -> None:
+        pass  # nothing to do in the background: a reused object is a copy the server made
+
     def discard(self) -> None:
         if self.committed or self.discarded:
             return
