@@ -71,21 +71,17 @@ class CheckpointManager:
         max_shard_size: bytes per shard, or a string such as ``"2GB"`` (see ``Checkpoint.write``).
         progress: progress bars (None: on a terminal, for large saves).
         storage_options: passed to fsspec when ``directory`` is a URL (``s3://bucket/run``).
-        process_group: with torch.distributed initialised on more than one rank, the manager is
-            collective over this group (the default group when None): every rank constructs it
-            and calls ``save``, ``restore_or_initialize`` and ``wait_until_finished`` in the same
-            order. Rank 0 alone claims the directory, numbers checkpoints, applies retention and
-            writes the state file, and tells the other ranks, so every rank reports the same
-            ``latest_checkpoint``, ``checkpoints`` and ``best_checkpoint``.
+        process_group: on several ranks the manager is collective over this group (None: the
+            default group): every rank constructs it and calls ``save``, ``restore_or_initialize``
+            and ``wait_until_finished`` in the same order. Rank 0 alone claims the directory,
+            numbers, applies retention and writes the state file; every rank reports the same history.
         timeout_secs: how long a collective call waits for the other ranks (default 1800).
-        preemption_signals: signals (``signal.SIGTERM``, SLURM's ``signal.SIGUSR1``) whose arrival
-            means "save and stop": their handlers, installed here (main thread only) and put back
-            by :meth:`close`, only set a flag. The next :meth:`save` then writes a checkpoint
-            whatever the interval, returns once it is durable, and :attr:`preempted` becomes True
-            (on every rank at the same call, once any rank received a signal); the loop stops.
-        incremental: reuse the shards of the latest checkpoint that did not change (hard links, or
-            server-side copies) instead of writing them; every checkpoint stays standalone. False
-            writes every byte (see the README's "Incremental saves").
+        preemption_signals: signals (``signal.SIGTERM``, SLURM's ``signal.SIGUSR1``) meaning "save
+            and stop": their handlers (main thread; put back by :meth:`close`) only set a flag. The
+            next :meth:`save` then writes whatever the interval, returns once it is durable, and
+            :attr:`preempted` becomes True (on every rank at the same call); the loop stops.
+        incremental: reuse the latest checkpoint's unchanged shards (hard links, server-side copies);
+            each checkpoint stays standalone. False writes every byte.
 
     Example:
         >>> import tempfile, torch, torchckpt
@@ -423,8 +419,7 @@ class CheckpointManager:
             strict: raise :class:`RestoreMismatchError` unless the restore is complete in both
                 directions (``assert_consumed()``), instead of warning and training on from
                 initial values. :attr:`last_restore` holds the status either way.
-            rename: checkpoint keys to object keys, as for :meth:`Checkpoint.restore` (a model whose
-                submodules were renamed since the run saved).
+            rename: checkpoint keys to object keys, as for :meth:`Checkpoint.restore`.
 
         Returns:
             The restored path, or None when ``init_fn`` ran (or there was nothing to do).

@@ -5,8 +5,6 @@ Each failure is recorded, not raised, so it shows as a failed assertion rather t
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +23,9 @@ def tower(trunk: str, seed: int) -> torch.nn.Module:
     return model
 
 
-def record(out: dict[str, Any], name: str, call: Callable[[], Any]) -> None:
-    """Run ``call``; record under ``name`` "ok" or its CheckpointError, and the seconds it took."""
-    start = time.perf_counter()
-    try:
-        call()
-        out[name] = "ok"
-    except torchckpt.CheckpointError as e:
-        out[name] = f"{type(e).__name__}: {e}"
-    out[f"{name}_seconds"] = time.perf_counter() - start
-
-
 def rename(d: Path, rank: int, world: int) -> dict[str, Any]:
+    from tests.jobs.dist_job import record  # the shared job imports this module: late, not circular
+
     old = tower("encoder", 0)
     path = torchckpt.Checkpoint(net=old).write(d / "renamed-net", timeout_secs=TIMEOUT)
     new = tower("backbone", 5)
