@@ -232,13 +232,36 @@ def test_a_damaged_shard_of_a_hooked_module_fails_its_checksum(tmp_path):
     assert not maps_of(path)
 
 
-def test_a_size_mismatch_inside_a_hooked_module_raises_as_load_state_dict_does(tmp_path):
+def test_a_size_mismatch_inside_a_hooked_module_is_a_reported_shape_mismatch_not_damage(tmp_path):
     path = torchckpt.save_state({"model": {"old.weight": torch.ones(5, 4), "old.bias": torch.ones(3)}}, tmp_path / "c")
-    with pytest.raises(RuntimeError, match="size mismatch for new.weight"):
+    with pytest.raises(RuntimeError, match="size mismatch for new.weight"):  # what torch does
         Renamed(1).load_state_dict({"old.weight": torch.ones(5, 4), "old.bias": torch.ones(3)})
-    with pytest.raises(torchckpt.CorruptCheckpointError, match="size mismatch for new.weight") as info:
-        torchckpt.Checkpoint(model=Renamed(1)).read(path)
-    assert info.value.path == path
+    model = Renamed(1)
+    before = model.new.weight.clone()
+    status = torchckpt.Checkpoint(model=model).read(path).expect_partial()
+    # as on the in-place path: the tensor that does not fit is left as it is and reported
+    assert status.report.shape_mismatches == {"model/new.weight": (torch.Size([5, 4]), torch.Size([3, 4]))}
+    assert torch.equal(model.new.weight, before) and torch.equal(model.new.bias, torch.ones(3))
+    with pytest.raises(torchckpt.RestoreMismatchError, match="model/new.weight"):
+        status.assert_consumed()
+
+
+def test_a_model_that_no_longer_fits_never_marks_a_managers_checkpoints_damaged(tmp_path):
+    saved = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    manager = torchckpt.CheckpointManager(torchckpt.Checkpoint(model=saved), tmp_path, max_to_keep=3)
+    manager.save(), manager.save()
+    manager.close()
+    bigger = torch.nn.Sequential(torch.nn.Linear(4, 8))
+    bigger.register_load_state_dict_pre_hook(lambda *args: None)  # a hooked model (as HF and quantized ones are)
+    manager = torchckpt.CheckpointManager(torchckpt.Checkpoint(model=bigger), tmp_path, max_to_keep=3)
+    try:
+        assert manager.restore_or_initialize() == str(tmp_path / "ckpt-2")  # the latest, not a fallback
+        status = manager.last_restore.expect_partial()
+        assert set(status.report.shape_mismatches) == {"model/0.weight", "model/0.bias"}
+    finally:
+        manager.close()
+    assert torchckpt.get_checkpoint_state(tmp_path).latest.endswith("ckpt-2")
+    assert "damaged" not in (tmp_path / "checkpoints.json").read_text()
 
 
 # -- the values a hook sees are views of the mapped shard: no second copy -----------------------------------

@@ -26,6 +26,8 @@ module sees ``local_metadata`` without a ``version``, exactly as ``model.load_st
 from __future__ import annotations
 
 import itertools
+import json
+import re
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -39,6 +41,7 @@ from torchckpt._format import tree
 from torchckpt._format.chunks import ChunkedInfo
 from torchckpt._format.dtypes import TensorInfo
 from torchckpt._load.report import MismatchReport
+from torchckpt.errors import CheckpointError
 
 SAVED = (TensorInfo, ChunkedInfo)  # a saved tensor not read yet
 EXTRA_STATE = "_extra_state"  # torch's key for get_extra_state() (torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX)
@@ -52,6 +55,10 @@ _DEFAULT_SET_EXTRA = torch.nn.Module.set_extra_state
 _FSDP = "torch.distributed.fsdp."  # FSDP2's hooks keep its sharded parameters current
 _CHECKPOINT_WRAPPER = "torch.distributed.algorithms._checkpoint.checkpoint_wrapper"
 
+
+# What torch's ``_load_from_state_dict`` reports for a tensor of another size (stable since torch 1.x)
+_SIZE_MISMATCH = re.compile(r"size mismatch for (?P<key>.+?): copying a param with shape torch\.Size\((?P<saved>\[[^\]]*\])\) "
+                            r"from checkpoint, the shape in current model is torch\.Size\((?P<current>\[[^\]]*\])\)\.")
 
 @dataclass(frozen=True)
 class Survey:
@@ -174,9 +181,13 @@ class HookedLoad:
     def finish(self, fetch: Fetch, name: str, report: MismatchReport) -> None:
         """Walk the module as ``load_state_dict`` does, then put what it found into ``report``.
 
+        A size mismatch torch's loaders report (they leave that tensor as it is, and
+        ``load_state_dict`` would then raise) is a shape mismatch of the report, as on the in-place
+        path: the model does not fit the checkpoint, which is not damage.
+
         Raises:
-            ValueError: torch's loaders reported errors (a size mismatch inside a hooked subtree):
-                ``load_state_dict(strict=False)`` raises for those too.
+            CheckpointError: a module's own loader reported another error; the checkpoint is not
+                called damaged (a manager does not fall back past it).
         """
         entries, self.entries = self.entries, {}
         missing: list[str] = []
@@ -184,8 +195,17 @@ class HookedLoad:
         errors: list[str] = []
         self._load(self.module, entries, "", (missing, unexpected, errors), fetch)
         del entries
-        if errors:
-            raise ValueError(f"load_state_dict of {name!r} reported: {' '.join(errors)}")
+        other = []
+        for error in errors:
+            found = _SIZE_MISMATCH.match(error)
+            if found is None:
+                other.append(error)
+                continue
+            saved, current = (torch.Size(json.loads(found[g])) for g in ("saved", "current"))
+            report.shape_mismatches[tree.join(name, tree.escape_part(found["key"]))] = (saved, current)
+        if other:
+            raise CheckpointError(f"load_state_dict of {name!r} reported: {' '.join(other)} The checkpoint does not "
+                                  "fit this model's loaders; nothing in it is damaged.")
         report.missing_keys.extend(tree.join(name, tree.escape_part(k)) for k in missing)
         report.unexpected_keys.extend(tree.join(name, tree.escape_part(k)) for k in unexpected)
         unused = set(unexpected)

@@ -14,6 +14,7 @@ by piece (see ``_format.document.RawJSON``). Reading is in ``_load.opened``.
 from __future__ import annotations
 
 import array
+import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -109,7 +110,8 @@ def write_checkpoint(
         if after is not None:
             after()
     finally:
-        stage.settle()
+        with contextlib.suppress(Exception):  # background work for the next save: never this one's outcome
+            stage.settle()
     return path
 
 
