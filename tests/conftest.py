@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 
 import pytest
@@ -40,6 +41,31 @@ def write_index(directory: str | os.PathLike[str], index: dict) -> None:
     the tests that use it check what the reader does beyond the seal."""
     with open(os.path.join(directory, "index.json"), "wb") as f:
         f.write(sealed_json(index))
+
+
+def assert_same(got, expected, *, exact_types: bool = True) -> None:
+    """Equal nested state: dict keys in the same order, list and tuple items in turn, tensors of one
+    dtype, shape and device bit for bit, NaN where NaN was, equal plain values. With ``exact_types``
+    every value and dict key also has the expected type (a tuple stays a tuple, an int key an int)."""
+    if exact_types:
+        assert type(got) is type(expected), (type(got), type(expected))
+    if isinstance(got, torch.Tensor):
+        assert got.dtype == expected.dtype and got.shape == expected.shape and got.device == expected.device
+        assert torch.equal(got.reshape(-1).view(torch.uint8), expected.reshape(-1).view(torch.uint8))
+    elif isinstance(got, dict):
+        assert list(got) == list(expected)
+        if exact_types:
+            assert all(type(a) is type(b) for a, b in zip(got, expected))
+        for k in got:
+            assert_same(got[k], expected[k], exact_types=exact_types)
+    elif isinstance(got, (list, tuple)):
+        assert len(got) == len(expected)
+        for a, b in zip(got, expected):
+            assert_same(a, b, exact_types=exact_types)
+    elif isinstance(got, float) and isinstance(expected, float) and math.isnan(expected):
+        assert math.isnan(got)
+    else:
+        assert got == expected
 
 
 def make_mlp(seed: int = 0) -> torch.nn.Module:

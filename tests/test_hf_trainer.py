@@ -24,6 +24,7 @@ import torchckpt
 from torchckpt._storage.registry import storage_for
 from torchckpt.cli import main
 
+from .conftest import assert_same  # noqa: E402
 from .distributed import ROOT, finish_session
 
 transformers = pytest.importorskip("transformers")
@@ -47,22 +48,6 @@ def trained(tmp_path, config, max_steps: int, **callback_options):
     trainer = trainer_for(tmp_path, config, max_steps, [callback])
     trainer.train()
     return trainer, callback
-
-
-def assert_equal_states(a, b) -> None:
-    """Equal nested state: same keys, tensors bit for bit (dtype included), equal plain values."""
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert list(a) == list(b)
-        for k in a:
-            assert_equal_states(a[k], b[k])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            assert_equal_states(x, y)
-    else:
-        assert a == b
 
 
 def test_each_save_the_trainer_decides_is_a_managed_checkpoint_and_nothing_is_pickled(tmp_path, config):
@@ -90,9 +75,9 @@ def test_a_checkpoint_holds_the_run_at_its_step_bit_for_bit(tmp_path, config):
         path = tmp_path / "long" / "runs" / name
         model = transformers.GPT2LMHeadModel(config)
         torchckpt.Checkpoint(model=model).restore(path).expect_partial()
-        assert_equal_states(model.state_dict(), trainer.model.state_dict())
+        assert_same(model.state_dict(), trainer.model.state_dict(), exact_types=False)
         state = torchckpt.load_state(path)
-        assert_equal_states(state["optimizer"], trainer.optimizer.state_dict())
+        assert_same(state["optimizer"], trainer.optimizer.state_dict(), exact_types=False)
         assert state["lr_scheduler"] == trainer.lr_scheduler.state_dict()
 
 
@@ -181,8 +166,8 @@ def resumed(tmp_path, config, expected_step: int):
 
 
 def assert_same_end(run: dict, whole: dict) -> None:
-    assert_equal_states(run["model"], whole["model"])
-    assert_equal_states(run["optimizer"], whole["optimizer"])
+    assert_same(run["model"], whole["model"], exact_types=False)
+    assert_same(run["optimizer"], whole["optimizer"], exact_types=False)
     assert run["lr_scheduler"] == whole["lr_scheduler"]
     assert torch.equal(run["rng"], whole["rng"])
     assert [e["step"] for e in run["log"]] == list(range(1, RESUME_STEPS + 1))

@@ -31,8 +31,8 @@ from torchckpt.integrations.lightning import (
     plain_form,
 )
 
+from .conftest import assert_same
 from .distributed import run_ranks
-from .test_state_dicts import assert_same
 
 pl = pytest.importorskip("lightning.pytorch")
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402

@@ -12,7 +12,6 @@ import argparse
 import collections
 import dataclasses
 import enum
-import math
 import os
 import pathlib
 import types
@@ -25,25 +24,7 @@ import torch
 import torchckpt
 from torchckpt import UnsupportedStateError
 
-
-def assert_same(got, expected) -> None:
-    """Equal values of equal types, dict keys in the same order, tensors of one dtype bit for bit."""
-    assert type(got) is type(expected), (type(got), type(expected))
-    if isinstance(got, torch.Tensor):
-        assert got.dtype == expected.dtype and got.shape == expected.shape and got.device.type == "cpu"
-        assert torch.equal(got.reshape(-1).view(torch.uint8), expected.reshape(-1).view(torch.uint8))
-    elif isinstance(got, dict):
-        assert list(got) == list(expected) and all(type(a) is type(b) for a, b in zip(got, expected))
-        for k in got:
-            assert_same(got[k], expected[k])
-    elif isinstance(got, (list, tuple)):
-        assert len(got) == len(expected)
-        for a, b in zip(got, expected):
-            assert_same(a, b)
-    elif isinstance(got, float) and math.isnan(expected):
-        assert math.isnan(got)
-    else:
-        assert got == expected
+from .conftest import assert_same
 
 
 class AttrDict(dict):

@@ -4,7 +4,6 @@ would give it, with nothing pickled; and any checkpoint read back as a dict."""
 from __future__ import annotations
 
 import collections
-import math
 import os
 
 import pytest
@@ -14,27 +13,7 @@ import torch
 import torchckpt
 from torchckpt._format import spec
 
-from .conftest import read_index
-
-
-def assert_same(a, b) -> None:
-    """Equal values of equal types, dict keys in the same order, tensors bit for bit."""
-    assert type(a) is type(b), (type(a), type(b))
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape and a.device == b.device
-        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))  # bit for bit
-    elif isinstance(a, dict):
-        assert list(a) == list(b)
-        for k in a:
-            assert_same(a[k], b[k])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            assert_same(x, y)
-    elif isinstance(a, float) and math.isnan(a):
-        assert math.isnan(b)
-    else:
-        assert a == b
+from .conftest import assert_same, read_index
 
 
 @pytest.fixture
