@@ -66,6 +66,38 @@ def _box(shape: tuple[int, ...], mesh: Any, placements: tuple[Any, ...]) -> Box 
     return tuple(int(o) for o in offsets), tuple(int(s) for s in sizes)
 
 
+Layout = tuple[tuple[int, ...], tuple[str, ...], tuple[int, ...]]  # mesh shape, placements, this rank's coordinate
+
+
+def simple_layout(t: Any) -> Layout | None:
+    """(mesh shape, placements as ``"S<dim>"``/``"R"``, this rank's mesh coordinate) of a DTensor
+    whose every chunk follows from these alone: each placement ``Shard`` of a distinct dimension, or
+    ``Replicate``. None for the rest (strided shards, a dimension sharded twice, a rank outside the
+    mesh), whose chunks a save learns from every rank instead (see ``_save.layouts``)."""
+    return _layout(t.device_mesh, tuple(t.placements), t.ndim)
+
+
+@functools.lru_cache(maxsize=4096)
+def _layout(mesh: Any, placements: tuple[Any, ...], ndim: int) -> Layout | None:
+    coordinate = mesh.get_coordinate()
+    if coordinate is None:
+        return None
+    names: list[str] = []
+    sharded: set[int] = set()
+    for p in placements:
+        if p.is_replicate():
+            names.append("R")
+        elif type(p).__name__ == "Shard" and p.is_shard():
+            dim = p.dim % max(1, ndim)
+            if dim in sharded:
+                return None
+            sharded.add(dim)
+            names.append(f"S{dim}")
+        else:
+            return None
+    return tuple(int(n) for n in mesh.shape), tuple(names), tuple(int(c) for c in coordinate)
+
+
 def localize(tensors: dict[str, Any]) -> dict[str, torch.Tensor]:
     """For a single process's save: each DTensor that this process holds whole (a mesh of one)
     becomes its local tensor; one sharded over several ranks is refused."""

@@ -37,6 +37,7 @@ from torchckpt import _tensorio
 from torchckpt._dist import coordinator as dist_coordinator
 from torchckpt._dist import dtensor as dist_dtensor
 from torchckpt._dist.coordinator import Coordinator
+from torchckpt._dist.dtensor import Layout
 from torchckpt._format import blocks as format_blocks
 from torchckpt._format import chunks
 from torchckpt._format import document as format_document
@@ -48,10 +49,11 @@ from torchckpt._format.spec import INDEX_FILE
 from torchckpt._paths import name_of
 from torchckpt._progress import progress_bar
 from torchckpt._save import capture as save_capture
+from torchckpt._save import layouts as save_layouts
 from torchckpt._save import plan as save_plan
 from torchckpt._save import reuse as save_reuse
 from torchckpt._save import write as save_write
-from torchckpt._save.plan import GlobalPlan, global_plan, local_bytes
+from torchckpt._save.plan import RankPlan, global_plan, local_bytes, rank_plan
 from torchckpt._storage.base import Storage
 from torchckpt.errors import CheckpointError, CheckpointWriteError, format_keys
 
@@ -70,6 +72,8 @@ class Captured:
     aliases: dict[str, str] = field(default_factory=dict)
     per_rank: list[list[Any]] = field(default_factory=list)  # [JSON path, encoded value]
     tree_digest: str = ""
+    layouts: dict[str, Layout | None] = field(default_factory=dict)  # DTensor name -> its layout, if simple
+    ranked: set[str] = field(default_factory=set)  # names of per-rank tensors
 
 
 def capture(tensors: dict[str, Any], section: dict[str, Any], rank: int, groups: Mapping[str, int] | None = None,
@@ -86,6 +90,7 @@ def capture(tensors: dict[str, Any], section: dict[str, Any], rank: int, groups:
             save_capture.check_tensor(name, t)
             ranked = chunks.rank_name(name, rank)
             out.local[ranked] = t
+            out.ranked.add(ranked)
             out.entries.append([ranked, format_dtypes.DTYPE_NAMES[t.dtype], list(t.shape), None, None, None, 0])
         elif dist_dtensor.is_dtensor(t):
             box = dist_dtensor.dtensor_box(t, name)
@@ -94,6 +99,7 @@ def capture(tensors: dict[str, Any], section: dict[str, Any], rank: int, groups:
             if box is None:
                 continue
             out.local[name] = local
+            out.layouts[name] = dist_dtensor.simple_layout(t)
             out.entries.append([name, format_dtypes.DTYPE_NAMES[t.dtype], list(t.shape), list(box[0]), list(box[1]), None,
                                 groups.get(name, 0)])
         else:
@@ -188,7 +194,7 @@ class Prepared:
     path: str
     captured: Captured
     section: dict[str, Any]
-    plan: GlobalPlan
+    plan: RankPlan
     base: str | None = None  # the checkpoint whose identical shards each rank reuses (``_save.reuse``)
     incremental: bool = False  # a later save compares with this one (see ``_save.write.write_shards``)
 
@@ -197,17 +203,29 @@ def prepare(coord: Coordinator, path: str,
             state: Callable[[], tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, int]]],
             max_shard_size: int, base: str | None = None, incremental: bool = False) -> Prepared:
     """Steps 1 to 3: capture, exchange, plan. ``state()`` returns this rank's tensors, encoded
-    tree and the planning group of its tensors (see ``_save.plan.plan_shards``); it runs inside the exchange (the call's first, which also compares the ranks' arguments),
-    so that its failure on one rank fails the call on every rank. A value that differs across
-    ranks, or any rank's failure, is raised on every rank."""
+    tree and the planning group of its tensors (see ``_save.plan.plan_shards``); it runs inside the
+    exchange (the call's first, which also compares the ranks' arguments), so that its failure on
+    one rank fails the call on every rank. A value that differs across ranks, or any rank's failure,
+    is raised on every rank.
+
+    Each rank first plans alone (``_save.layouts``) and sends the digest of its structure; only when
+    the digests differ, or a layout needs it, do the ranks exchange their full lists of tensors for
+    the general plan (``_save.plan.global_plan``), which also names what differs."""
     captured: Captured | None = None
     failed: Exception | None = None
     section: dict[str, Any] = {}
+    drafted: save_layouts.Draft | None = None
     try:
         tensors, section, groups = state()
         captured = capture(tensors, section, coord.rank, groups)
         del tensors
-        mine: dict[str, Any] = {"entries": captured.entries, "tree": captured.tree_digest}
+        drafted = save_layouts.draft(captured.entries, captured.layouts, captured.ranked, coord.rank, coord.world,
+                                     max_shard_size)
+        mine: dict[str, Any] = {"tree": captured.tree_digest}
+        if drafted is None:
+            mine["entries"] = captured.entries
+        else:
+            mine.update(structure=drafted.structure, files=len(drafted.shards))
     except Exception as e:
         mine = {"error": dist_coordinator.failure_payload(e)}
         failed = e
@@ -217,10 +235,18 @@ def prepare(coord: Coordinator, path: str,
     if len({r["tree"] for r in records}) > 1:
         keys = _differing_leaves(coord, section)
         raise refusal(keys)
+    structures = {r.get("structure") for r in records}
+    if drafted is not None and len(structures) == 1 and None not in structures:
+        plan = save_layouts.numbered(drafted, [r["files"] for r in records], coord.rank)
+        return Prepared(path, captured, section, plan, base, incremental)
+    if any("entries" not in r for r in records):  # every rank sends its full list, as the general plan needs
+        full = dist_coordinator.encode({"entries": captured.entries})
+        records = [dist_coordinator.decode(r) for r in coord.all_gather("entries", full)]
     differing = differing_values(records)
     if differing:
         raise refusal(differing)
-    return Prepared(path, captured, section, global_plan(records, max_shard_size), base, incremental)
+    plan = rank_plan(global_plan(records, max_shard_size), coord.rank)
+    return Prepared(path, captured, section, plan, base, incremental)
 
 
 def finish(coord: Coordinator, storage: Storage, prepared: Prepared, progress: bool | None,
@@ -270,8 +296,7 @@ def _write_mine(coord: Coordinator, storage: Storage, prepared: Prepared, stage_
     path, plan, captured = prepared.path, prepared.plan, prepared.captured
     try:
         base = save_reuse.open_base(storage, prepared.base, coord.world) if prepared.base is not None else None
-        files = plan.files[coord.rank]
-        by_name = {u.stored: u for u in plan.units}
+        files, by_name = plan.files, plan.units
         stored = {n: local_bytes(by_name[n], captured.local) for _, names in files for n in names}
         shards = [save_plan.Shard(names, sum(by_name[n].nbytes for n in names)) for _, names in files]
         stage = storage.join_stage(path, stage_path)
@@ -292,13 +317,13 @@ def _write_mine(coord: Coordinator, storage: Storage, prepared: Prepared, stage_
         for record in records:
             record["rank"] = coord.rank
         reused = base.section(path) if base is not None else None
-        return {"records": records, "rows": rows, "blocks": format_index.big_endian(blocks).hex(),
+        return {"records": records, "rows": rows, "nbytes": total, "blocks": format_index.big_endian(blocks).hex(),
                 "per_rank": captured.per_rank, "reused": reused}, None
     except Exception as e:
         return {"error": dist_coordinator.failure_payload(e)}, e
 
 
-def _commit(coord: Coordinator, stage: Any, path: str, plan: GlobalPlan, section: dict[str, Any], captured: Captured,
+def _commit(coord: Coordinator, stage: Any, path: str, plan: RankPlan, section: dict[str, Any], captured: Captured,
             reports: list[dict[str, Any]] | Exception,
             after: Callable[[], Any] | None) -> dict[str, Any]:
     """Rank 0: write the index and commit once every rank has reported success; else discard."""
@@ -333,7 +358,7 @@ def _discard(stage: Any) -> None:
         stage.discard()
 
 
-def _index_document(plan: GlobalPlan, section: dict[str, Any], captured: Captured, reports: list[dict[str, Any]],
+def _index_document(plan: RankPlan, section: dict[str, Any], captured: Captured, reports: list[dict[str, Any]],
                     world: int) -> dict[str, Any]:
     names: list[str] = []
     dtypes: list[str] = []
@@ -365,7 +390,7 @@ def _index_document(plan: GlobalPlan, section: dict[str, Any], captured: Capture
                                         "files": dict(sorted(kv for r in reused for kv in r["files"].items()))}
     table = {"names": names, "dtypes": format_spec.DTYPE_SEP.join(dtypes), "shapes": format_spec.SHAPE_SEP.join(shapes),
              "checksums": "".join(checksums)}
-    total = sum(u.nbytes for u in plan.units)
+    total = sum(rep["nbytes"] for rep in reports)
     return format_index.index_document(total, weight_map, format_spec.BLOCKS_FORMAT_VERSION, body, captured.aliases, records,
                                 table)
 

@@ -104,6 +104,21 @@ class GlobalPlan:
     files: list[list[tuple[str, list[str]]]]  # per rank: (file name, stored names)
 
 
+@dataclass
+class RankPlan:
+    """What one rank writes in a save by several ranks: its files (name, stored names) and their
+    units by stored name; ``chunked``: every chunked tensor's (dtype, global shape), for the index."""
+
+    files: list[tuple[str, list[str]]]
+    units: dict[str, Unit]
+    chunked: dict[str, tuple[torch.dtype, tuple[int, ...]]]
+
+
+def rank_plan(plan: GlobalPlan, rank: int) -> RankPlan:
+    """``rank``'s part of a global plan."""
+    return RankPlan(plan.files[rank], {u.stored: u for u in plan.units if u.owner == rank}, plan.chunked)
+
+
 def global_plan(records: list[dict[str, Any]], max_shard_size: int) -> GlobalPlan:
     """Who writes what, and into which files: the same result on every rank."""
     world = len(records)
