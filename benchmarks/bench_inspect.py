@@ -3,6 +3,12 @@
 Each measurement runs in a fresh process with a cold page cache and times
 ``load_checkpoint(path)`` plus ``get_variable_to_shape_map()`` and ``get_variable_to_dtype_map()``
 (the import is not timed). Usage: python benchmarks/bench_inspect.py [--rounds 5]
+
+``--cli`` times the command line instead, as a user sees it: the wall time of a fresh
+``python -m torchckpt inspect`` of 20,000 tensors, ``ls`` of a manager's directory of four
+checkpoints, ``verify`` and ``diff`` (imports included, as ``/usr/bin/time -f %e`` reports it),
+interleaved rounds, medians. ``--baseline DIR`` runs the same commands from another source tree
+(a checkout of the previous commit) in the same rounds, for a before/after table.
 """
 
 from __future__ import annotations
@@ -10,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,14 +46,63 @@ def child(path: str, cold: bool) -> None:
     print(json.dumps({"seconds": elapsed, "tensors": count}))
 
 
+def cli_seconds(source: str, argv: list[str]) -> float:
+    """Wall time of ``python -m torchckpt ARGV`` run from the source tree ``source``, in a fresh
+    process (by ``/usr/bin/time -f %e`` where there is one, which is what a user measures)."""
+    command = [sys.executable, "-m", "torchckpt", *argv]
+    timer = shutil.which("time") or ("/usr/bin/time" if os.path.exists("/usr/bin/time") else None)
+    start = time.perf_counter()
+    out = subprocess.run([timer, "-f", "%e", *command] if timer else command, cwd=source, capture_output=True,
+                         text=True)
+    elapsed = time.perf_counter() - start
+    if out.returncode:
+        raise RuntimeError(f"torchckpt {' '.join(argv)} failed in {source}:\n{out.stderr[-3000:]}")
+    return float(out.stderr.strip().splitlines()[-1]) if timer else elapsed
+
+
+def cli_main(rounds: int, baseline: str | None) -> None:
+    """The command line's wall times (see the module docstring)."""
+    import torch
+
+    import torchckpt
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sources = {"this tree": here, **({"baseline": os.path.abspath(baseline)} if baseline else {})}
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
+        model = {f"blocks.{i // 10}.w{i % 10}": torch.ones(5, 2) for i in range(20_000)}
+        many = torchckpt.Checkpoint(model=model).write(os.path.join(tmp, "many"))
+        run = os.path.join(tmp, "run")
+        manager = torchckpt.CheckpointManager(torchckpt.Checkpoint(w=torch.ones(1000), step=torch.tensor(0)), run,
+                                              max_to_keep=4)
+        for step in range(4):
+            manager.save(metrics={"loss": 1.0 / (step + 1)})
+        commands = {"inspect (20,000 tensors)": ["inspect", many], "ls (4 checkpoints)": ["ls", run],
+                    "verify (20,000 tensors)": ["verify", many], "diff (20,000 tensors)": ["diff", many, many]}
+        times: dict[tuple[str, str], list[float]] = {(c, s): [] for c in commands for s in sources}
+        for _ in range(rounds):  # interleaved: every command from every tree in each round
+            for label, argv in commands.items():
+                for source, root in sources.items():
+                    times[label, source].append(cli_seconds(root, argv))
+    print(f"machine: {machine()}")
+    print(f"torchckpt command line, wall time of a fresh process, median of {rounds} interleaved rounds:")
+    print(f"  {'command':26s}" + "".join(f"{s:>14s}" for s in sources))
+    for label in commands:
+        print(f"  {label:26s}" + "".join(f"{median(times[label, s]):12.2f} s" for s in sources))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--cli", action="store_true", help="time the command line (see above)")
+    parser.add_argument("--baseline", metavar="DIR", help="with --cli: also time the source tree DIR, interleaved")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--warm", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.child, cold=not args.warm)
+        return
+    if args.cli:
+        cli_main(args.rounds, args.baseline)
         return
     import torch
 

@@ -132,6 +132,28 @@ def test_every_dtype_roundtrips_and_loads_with_safetensors(tmp_path, dtype):
     assert torch.equal(as_bytes(target.scalar), as_bytes(value[0, 0]))
 
 
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_the_torch_free_dtype_tables_agree_with_torch(dtype):
+    name = format_dtypes.dtype_to_str(dtype)
+    assert format_dtypes.ITEMSIZES[name] == format_dtypes.itemsize(dtype) == torch.empty((), dtype=dtype).element_size()
+    assert format_dtypes.str_to_dtype(name) is dtype
+    assert format_dtypes.TORCH_NAMES[name] == str(dtype).removeprefix("torch.")
+
+
+def test_a_parsed_header_holds_dtype_names_and_gives_torch_objects():
+    raw = b'{"w":{"dtype":"BF16","shape":[2,3],"data_offsets":[0,12]}}'
+    (info,), _ = format_header.parse_header(raw, "f.safetensors", "f.safetensors", 8 + len(raw) + 12)
+    assert (info.dtype_name, info.dims, info.nbytes) == ("BF16", (2, 3), 12)
+    assert (info.dtype, info.shape) == (torch.bfloat16, torch.Size([2, 3]))
+    assert type(info.shape) is torch.Size
+
+
+def test_an_unknown_dtype_name_is_a_corrupt_checkpoint():
+    with pytest.raises(CorruptCheckpointError, match=r"Unknown dtype 'F128' in f\.safetensors\.") as e:
+        format_dtypes.check_dtype("F128", " in f.safetensors", "f.safetensors")
+    assert e.value.path == "f.safetensors"
+
+
 def as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8)
 

@@ -5,6 +5,10 @@ for the saves in flight) must be registered after the lease's (which releases th
 leases), or a lease would be released while its last save is still writing. The fork handlers
 reset, in a forked child, the claims, the leases, the helper threads and the async writer, which
 exist only in the parent.
+
+The package imports its public names on first use (so that the command line need not import
+torch): the lease and lock hooks come with ``import torchckpt``, the others with the first public
+name of a save path, in the same order.
 """
 
 from __future__ import annotations
@@ -12,8 +16,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 PROBE = """
-import atexit, os
+import atexit, os, sys
 seen = []
 real_register, real_at_fork = atexit.register, os.register_at_fork
 
@@ -27,6 +33,8 @@ def at_fork(**hooks):
 
 atexit.register, os.register_at_fork = register, at_fork
 import torchckpt
+THEN
+print("torch" in sys.modules)
 print("\\n".join(s for s in seen if " torchckpt." in s))
 """
 
@@ -40,7 +48,18 @@ EXPECTED = [
 ]
 
 
-def test_importing_torchckpt_registers_its_exit_and_fork_hooks_in_order():
-    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120)
+def probe(then: str) -> list[str]:
+    """Whether torch got imported, then the hooks registered, by ``import torchckpt`` and ``then``."""
+    out = subprocess.run([sys.executable, "-c", PROBE.replace("THEN", then)], capture_output=True, text=True,
+                         timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split("\n")[:-1] == EXPECTED
+    return out.stdout.split("\n")[:-1]
+
+
+@pytest.mark.parametrize("name", ["Checkpoint", "CheckpointManager", "save_state"])
+def test_a_save_path_registers_its_exit_and_fork_hooks_in_order(name):
+    assert probe(f"torchckpt.{name}") == ["True", *EXPECTED]
+
+
+def test_importing_torchckpt_registers_the_lease_hooks_and_does_not_import_torch():
+    assert probe("") == ["False", *EXPECTED[:3]]

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 import torchckpt
 from torchckpt import CorruptCheckpointError, VariableNotFoundError
+from torchckpt._format import dtypes as format_dtypes
 
 from .conftest import write_index
 
@@ -70,6 +71,18 @@ def test_aliases_are_listed_and_readable(tmp_path):
     reader = torchckpt.load_checkpoint(path)
     assert reader.get_variable_to_shape_map() == {"a": torch.Size([6]), "b": torch.Size([6])}
     assert torch.equal(reader.get_tensor("b"), t)
+
+
+def test_dims_and_dtype_names_agree_with_the_torch_maps(tmp_path):
+    t = torch.arange(6.0).reshape(2, 3)
+    path = torchckpt.Checkpoint(a=t, b=t, c=torch.zeros((), dtype=torch.bfloat16)).write(tmp_path / "c")
+    save_file({"w": torch.ones(4, 1, dtype=torch.int64)}, tmp_path / "single.safetensors")
+    for reader in (torchckpt.load_checkpoint(path), torchckpt.load_checkpoint(tmp_path / "single.safetensors")):
+        dims, names = reader.get_variable_to_dims_map(), reader.get_variable_to_dtype_name_map()
+        assert dims == {n: tuple(s) for n, s in reader.get_variable_to_shape_map().items()}
+        assert {n: format_dtypes.str_to_dtype(d) for n, d in names.items()} == reader.get_variable_to_dtype_map()
+    assert (dims, names) == ({"w": (4, 1)}, {"w": "I64"})
+    assert torchckpt.load_checkpoint(path).get_variable_to_dtype_name_map() == {"a": "F32", "b": "F32", "c": "BF16"}
 
 
 def test_plain_safetensors_file_and_huggingface_folder(tmp_path):

@@ -289,7 +289,7 @@ class Checkpoint:
     def restore(self, save_path: PathLike | None, *, verify: bool = True, progress: bool | None = None,
                 cast: bool = False, assign: bool = False, rename: Rename | None = None,
                 storage_options: dict[str, Any] | None = None, process_group: Any = None,
-                timeout_secs: float | None = None) -> RestoreStatus:
+                timeout_secs: float | None = None, read_once: bool | None = None) -> RestoreStatus:
         """Restore from a checkpoint directory, or from the latest checkpoint of a manager's directory.
 
         Matching values are applied (tensors read straight into the existing ones); mismatches
@@ -327,6 +327,10 @@ class Checkpoint:
                 saved on N ranks restores on M, or into a plain model), and a failure on any rank
                 is raised on every rank.
             timeout_secs: how long a collective restore waits for the other ranks (default 1800).
+            read_once: in a collective restore, a tensor every rank restores whole into a CPU tensor
+                (DDP state) is read from storage by one rank and broadcast over the group (gloo), each
+                rank reading an equal part. None: when the ranks run on several hosts (ranks of one
+                host share its page cache, which is faster than a broadcast); False: never.
 
         Raises:
             CheckpointNotFoundError: no committed checkpoint at ``save_path``.
@@ -351,19 +355,19 @@ class Checkpoint:
             'model/backbone.weight'
         """
         coord = restore_call(process_group, timeout_secs, save_path, "Checkpoint.restore", verify=verify, cast=cast,
-                             assign=assign, **call_argument(rename))
-        return self._restore(save_path, storage_options, coord, Plan(cast=cast, assign=assign), verify, progress,
-                             self._set_save_counter, rename)
+                             assign=assign, read_once=read_once, **call_argument(rename))
+        return self._restore(save_path, storage_options, coord, Plan(cast=cast, assign=assign, read_once=read_once),
+                             verify, progress, self._set_save_counter, rename)
 
     def read(self, save_path: PathLike, *, verify: bool = True, progress: bool | None = None,
              cast: bool = False, assign: bool = False, rename: Rename | None = None,
              storage_options: dict[str, Any] | None = None, process_group: Any = None,
-             timeout_secs: float | None = None) -> RestoreStatus:
+             timeout_secs: float | None = None, read_once: bool | None = None) -> RestoreStatus:
         """As :meth:`restore`, but ``save_counter`` is neither expected nor restored (pairs with ``write``)."""
         coord = restore_call(process_group, timeout_secs, save_path, "Checkpoint.read", verify=verify, cast=cast,
-                             assign=assign, **call_argument(rename))
-        return self._restore(save_path, storage_options, coord, Plan(cast=cast, assign=assign), verify, progress, None,
-                             rename)
+                             assign=assign, read_once=read_once, **call_argument(rename))
+        return self._restore(save_path, storage_options, coord, Plan(cast=cast, assign=assign, read_once=read_once),
+                             verify, progress, None, rename)
 
     def _restore(self, save_path: PathLike | None, storage_options: dict[str, Any] | None, coord: AnyCoordinator,
                  plan: Plan, verify: bool, progress: bool | None,
@@ -484,6 +488,7 @@ def commit(ckpt: Checkpoint, storage: Storage, path: str, coord: AnyCoordinator,
 
 
 def restore_from(ckpt: Checkpoint, storage: Storage, path: str, coord: AnyCoordinator,
-                 rename: Rename | None = None) -> RestoreStatus:
+                 rename: Rename | None = None, read_once: bool | None = None) -> RestoreStatus:
     """:meth:`Checkpoint.restore` of ``path`` on ``storage`` (a manager's own), within the manager's call."""
-    return ckpt._restore_from(storage, path, coord, Plan(), True, None, ckpt._set_save_counter, Renamer.of(rename))
+    return ckpt._restore_from(storage, path, coord, Plan(read_once=read_once), True, None, ckpt._set_save_counter,
+                              Renamer.of(rename))

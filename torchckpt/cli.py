@@ -2,6 +2,11 @@
 
 ``main(argv) -> int`` returns 0 on success, 1 on an error (one ``Error: ...`` line on stderr,
 never a traceback) and 2 on a usage error.
+
+Why no torch here: importing it takes over a second, and ``inspect``, ``ls``, ``verify`` and
+``diff`` read only JSON, headers and bytes. They use dtype names and shapes as tuples; the
+commands that build tensors (``diff --values``, ``export``, ``consolidate``, ``convert``) import
+torch through the tools they run, when they run.
 """
 
 from __future__ import annotations
@@ -10,11 +15,10 @@ import argparse
 import datetime
 import functools
 import json
+import math
 import sys
 from collections.abc import Sequence
 from typing import Any
-
-import torch
 
 from torchckpt._format import dtypes as format_dtypes
 from torchckpt._format import spec
@@ -42,8 +46,9 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def _dtype(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+def _dtype(name: str) -> str:
+    """How the command line shows a dtype: ``"F32"`` as ``float32``, torch's name for it."""
+    return format_dtypes.TORCH_NAMES[name]
 
 
 def _table(rows: list[list[str]], header: list[str], right: set[int]) -> str:
@@ -85,13 +90,13 @@ def _json_options(text: str) -> dict[str, Any]:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     reader = _load(args, args.path)
-    shapes, dtypes = reader.get_variable_to_shape_map(), reader.get_variable_to_dtype_map()
+    shapes, dtypes = reader.get_variable_to_dims_map(), reader.get_variable_to_dtype_name_map()
     names = reader.filter(args.filter)
     sharded = reader.world_size > 1
     rows: list[dict[str, Any]] = []
     total = 0
     for name in names:
-        nbytes = shapes[name].numel() * format_dtypes.itemsize(dtypes[name])
+        nbytes = math.prod(shapes[name]) * format_dtypes.itemsize(dtypes[name])
         total += nbytes
         row: dict[str, Any] = {"name": name, "dtype": _dtype(dtypes[name]), "shape": list(shapes[name]),
                                "bytes": nbytes}
@@ -217,8 +222,8 @@ def _best_name(entries: list[history_state.Entry], metric: str | None, mode: str
 
 def cmd_diff(args: argparse.Namespace) -> int:
     a, b = _load(args, args.a), _load(args, args.b)
-    sa, sb = a.get_variable_to_shape_map(), b.get_variable_to_shape_map()
-    da, db = a.get_variable_to_dtype_map(), b.get_variable_to_dtype_map()
+    sa, sb = a.get_variable_to_dims_map(), b.get_variable_to_dims_map()
+    da, db = a.get_variable_to_dtype_name_map(), b.get_variable_to_dtype_name_map()
     added = sorted(set(sb) - set(sa))
     removed = sorted(set(sa) - set(sb))
     common = sorted(set(sa) & set(sb))

@@ -407,7 +407,7 @@ class CheckpointManager:
     # -- restoring -----------------------------------------------------------------------
 
     def restore_or_initialize(self, *, fallback: bool = True, strict: bool = False,
-                              rename: Rename | None = None) -> str | None:
+                              rename: Rename | None = None, read_once: bool | None = None) -> str | None:
         """Restore the newest intact checkpoint, or call ``init_fn`` when there is none.
 
         Args:
@@ -419,7 +419,7 @@ class CheckpointManager:
             strict: raise :class:`RestoreMismatchError` unless the restore is complete in both
                 directions (``assert_consumed()``), instead of warning and training on from
                 initial values. :attr:`last_restore` holds the status either way.
-            rename: checkpoint keys to object keys, as for :meth:`Checkpoint.restore`.
+            rename, read_once: as for :meth:`Checkpoint.restore`.
 
         Returns:
             The restored path, or None when ``init_fn`` ran (or there was nothing to do).
@@ -430,23 +430,23 @@ class CheckpointManager:
         """
         call = self._coord.call(f"Restoring from {self._directory}", {
             "call": "CheckpointManager.restore_or_initialize", "directory": self._directory,
-            "fallback": bool(fallback), "strict": bool(strict), **call_argument(rename)})
+            "fallback": bool(fallback), "strict": bool(strict), "read_once": read_once, **call_argument(rename)})
         with call.failures_shared():
             # First, and before any exchange: the history may still change (a background save
             # commits), and that save needs the Store, one operation at a time per process.
             self.wait_until_finished()
-            return self._restore_or_initialize(call, fallback, strict, rename)
+            return self._restore_or_initialize(call, fallback, strict, rename, read_once)
 
     def _restore_or_initialize(self, call: AnyCoordinator, fallback: bool, strict: bool,
-                               rename: Rename | None) -> str | None:
+                               rename: Rename | None, read_once: bool | None) -> str | None:
         ledger = self._ledger
         if ledger.latest is not None:  # the same on every rank: rank 0's
             paths = [join(self._directory, n) for n in restore_order(ledger.latest, ledger.entries())]
             found: dict[str, str] = {}
             try:
                 path, status = restore_newest_intact(
-                    paths, lambda p: restore_from(self._checkpoint, self._storage, p, call, rename), fallback,
-                    self._directory, lambda p, why: found.__setitem__(name_of(p), why))
+                    paths, lambda p: restore_from(self._checkpoint, self._storage, p, call, rename, read_once),
+                    fallback, self._directory, lambda p, why: found.__setitem__(name_of(p), why))
             finally:
                 if found:
                     ledger.damaged.update(found)

@@ -8,20 +8,23 @@ shape, assembled from its chunks when it is read (block by block, so memory stay
 ``.safetensors`` files and Hugging Face sharded folders (``*.safetensors.index.json``) are read from
 their headers, so any safetensors weights can be inspected the same way. Reading one tensor's bytes
 is ``_load/stream``'s; checking a whole checkpoint is a tool's (``_tools/verify``).
+
+Why torch is imported only by the methods that return torch objects: the command line inspects
+through this reader, and importing torch costs over a second, a hundred times an inspection's own
+work. :meth:`CheckpointReader.get_variable_to_dims_map` and
+:meth:`~CheckpointReader.get_variable_to_dtype_name_map` give the same table without it.
 """
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from torchckpt import _tensorio
 from torchckpt._format import chunks as format_chunks
 from torchckpt._format import document as format_document
 from torchckpt._format import dtypes as format_dtypes
@@ -31,8 +34,8 @@ from torchckpt._format import tree as format_tree
 from torchckpt._format.dtypes import TensorInfo
 from torchckpt._format.spec import INDEX_FILE
 from torchckpt._history import members as history_members
-from torchckpt._load import boxes, stream
 from torchckpt._load import opened as load_opened
+from torchckpt._load import stream
 from torchckpt._paths import as_path, join, name_of, parent_of
 from torchckpt._storage.base import Source, Storage
 from torchckpt._storage.registry import storage_for
@@ -45,6 +48,9 @@ from torchckpt.errors import (
     shard_missing,
     shard_unreadable,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["CheckpointReader", "TensorSpec", "list_variables", "load_checkpoint", "load_variable"]
 
@@ -88,6 +94,8 @@ class CheckpointReader:
         self._infos: dict[str, TensorInfo] | None = None
         self._shape_map: dict[str, torch.Size] | None = None
         self._dtype_map: dict[str, torch.dtype] | None = None
+        self._dims_map: dict[str, tuple[int, ...]] | None = None
+        self._dtype_name_map: dict[str, str] | None = None
         self._chunked: dict[str, list[tuple[format_chunks.Box, str]]] = {}  # format 2: logical name -> its chunks
 
     # -- construction ----------------------------------------------------------------------
@@ -124,8 +132,8 @@ class CheckpointReader:
                     raise CorruptCheckpointError(f"Tensor {t.name!r} is in both {reader._files[t.name]} and {file}.", path)
                 reader._files[t.name] = file
                 reader._names.append(t.name)
-                reader._dtypes.append(format_dtypes.dtype_to_str(t.dtype))
-                reader._shapes.append(format_dtypes.shape_key(t.shape))
+                reader._dtypes.append(t.dtype_name)
+                reader._shapes.append(format_dtypes.shape_key(t.dims))
         return reader
 
     # -- tensors ---------------------------------------------------------------------------
@@ -133,22 +141,61 @@ class CheckpointReader:
     def get_variable_to_shape_map(self) -> dict[str, torch.Size]:
         """Every tensor name -> its shape, from the index (and headers) only."""
         if self._shape_map is None:  # models repeat a few shapes: build each torch.Size once
+            import torch
+
             known = {t: torch.Size(format_dtypes.parse_shape_key(t, f"in {self.path}")) for t in set(self._shapes)}
-            shapes = dict(zip(self._names, map(known.__getitem__, self._shapes)))
-            for alias, target in self._aliases.items():
-                shapes[alias] = shapes[target]
-            self._shape_map = shapes
+            self._shape_map = self._by_name(self._shapes, known)
         return dict(self._shape_map)
 
     def get_variable_to_dtype_map(self) -> dict[str, torch.dtype]:
         """Every tensor name -> its dtype, from the index (and headers) only."""
         if self._dtype_map is None:
             known = {d: format_dtypes.str_to_dtype(d, f" in {self.path}") for d in set(self._dtypes)}
-            dtypes = dict(zip(self._names, map(known.__getitem__, self._dtypes)))
-            for alias, target in self._aliases.items():
-                dtypes[alias] = dtypes[target]
-            self._dtype_map = dtypes
+            self._dtype_map = self._by_name(self._dtypes, known)
         return dict(self._dtype_map)
+
+    def get_variable_to_dims_map(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor name -> its shape as a tuple of ints, without importing torch (a command
+        line answers in milliseconds, where importing torch alone takes over a second).
+
+        Example:
+            >>> import tempfile, torch, torchckpt
+            >>> path = torchckpt.Checkpoint(w=torch.ones(2, 3)).write(tempfile.mkdtemp() + "/c")
+            >>> torchckpt.load_checkpoint(path).get_variable_to_dims_map()
+            {'w': (2, 3)}
+        """
+        return dict(self._dims())
+
+    def get_variable_to_dtype_name_map(self) -> dict[str, str]:
+        """Every tensor name -> its dtype's safetensors name (``"F32"``, ``"BF16"``), without
+        importing torch (see :meth:`get_variable_to_dims_map`).
+
+        Example:
+            >>> import tempfile, torch, torchckpt
+            >>> path = torchckpt.Checkpoint(w=torch.ones(2, 3)).write(tempfile.mkdtemp() + "/c")
+            >>> torchckpt.load_checkpoint(path).get_variable_to_dtype_name_map()
+            {'w': 'F32'}
+        """
+        return dict(self._dtype_names())
+
+    def _dims(self) -> dict[str, tuple[int, ...]]:
+        if self._dims_map is None:
+            known = {t: format_dtypes.parse_shape_key(t, f"in {self.path}") for t in set(self._shapes)}
+            self._dims_map = self._by_name(self._shapes, known)
+        return self._dims_map
+
+    def _dtype_names(self) -> dict[str, str]:
+        if self._dtype_name_map is None:
+            known = {d: format_dtypes.check_dtype(d, f" in {self.path}", self.path) for d in set(self._dtypes)}
+            self._dtype_name_map = self._by_name(self._dtypes, known)
+        return self._dtype_name_map
+
+    def _by_name(self, column: list[str], known: dict[str, Any]) -> dict[str, Any]:
+        """Every tensor name (aliases too) -> ``known`` of its entry in ``column`` (dtypes or shapes)."""
+        values = dict(zip(self._names, map(known.__getitem__, column)))
+        for alias, target in self._aliases.items():
+            values[alias] = values[target]
+        return values
 
     @property
     def names(self) -> list[str]:
@@ -213,7 +260,7 @@ class CheckpointReader:
         stored = self._resolve(name)
         if stored in self._chunked:
             return [(box[0], box[1], name_of(self._file_map[n])) for box, n in self._chunked[stored]]
-        shape = tuple(self.get_variable_to_shape_map()[stored])
+        shape = self._dims()[stored]
         return [(tuple(0 for _ in shape), shape, name_of(self._file_map[stored]))]
 
     @property
@@ -222,8 +269,7 @@ class CheckpointReader:
         return self._index.world_size if self._index is not None else 1
 
     def nbytes(self, name: str) -> int:
-        dtype = self.get_variable_to_dtype_map()[name]
-        return self.get_variable_to_shape_map()[name].numel() * format_dtypes.itemsize(dtype)
+        return math.prod(self._dims()[name]) * format_dtypes.itemsize(self._dtype_names()[name])
 
     def _resolve(self, name: str) -> str:
         target = self._aliases.get(name, name)
@@ -270,6 +316,8 @@ class CheckpointReader:
             VariableNotFoundError: no such tensor (with "Did you mean ...?").
             CorruptCheckpointError: the bytes do not match what the index recorded.
         """
+        import torch
+
         stored = self._resolve(name)
         if stored in self._chunked:
             blocks = list(self._blocks(stored, _WHOLE))
@@ -278,7 +326,7 @@ class CheckpointReader:
         info = self._info(stored)
         return stream.read_tensor(self._open(info), info, self._file_path(info), stored, self._checksum(stored))
 
-    def iter_bytes(self, name: str, chunk_bytes: int = _tensorio.CHUNK_BYTES) -> Iterator[bytes]:
+    def iter_bytes(self, name: str, chunk_bytes: int = stream.PIECE_BYTES) -> Iterator[bytes]:
         """The stored bytes of tensor ``name`` (little-endian, row-major), in pieces of at most
         ``chunk_bytes``; checked against the recorded checksum once the last piece is read (an
         export streams them into a new file, so memory stays bounded).
@@ -288,6 +336,8 @@ class CheckpointReader:
         """
         stored = self._resolve(name)
         if stored in self._chunked:
+            from torchckpt import _tensorio
+
             for block in self._blocks(stored, chunk_bytes):
                 view = _tensorio.byte_view(block)
                 for offset in range(0, len(view), chunk_bytes):
@@ -297,7 +347,7 @@ class CheckpointReader:
         yield from stream.tensor_bytes(self._open(info), info, self._file_path(info), stored, self._checksum(stored),
                                        chunk_bytes)
 
-    def iter_chunks(self, name: str, chunk_bytes: int = _tensorio.CHUNK_BYTES) -> Iterator[torch.Tensor]:
+    def iter_chunks(self, name: str, chunk_bytes: int = stream.PIECE_BYTES) -> Iterator[torch.Tensor]:
         """The tensor's elements as flat 1-D tensors of at most ``chunk_bytes``: bounded memory."""
         stored = self._resolve(name)
         if stored in self._chunked:
@@ -311,6 +361,8 @@ class CheckpointReader:
 
     def _blocks(self, stored: str, block_bytes: int) -> Iterator[torch.Tensor]:
         """A chunked tensor assembled block of rows by block of rows, every chunk checksummed."""
+        from torchckpt._load import boxes
+
         assert self._index is not None
         saved = self._index.layout.chunked_info(stored, self._info)
         yield from boxes.row_blocks(saved, self._open, block_bytes, self._file_path)

@@ -117,8 +117,8 @@ def parse(section: dict[str, Any], names: list[str], dtypes: list[str], shapes: 
     for name, dtype, shape in zip(names, dtypes, shapes):
         nbytes = sizes.get((dtype, shape))
         if nbytes is None:
-            dims = format_dtypes.size_of(format_dtypes.parse_shape_key(shape, where))
-            nbytes = sizes[dtype, shape] = format_dtypes.nbytes_of(dims, format_dtypes.str_to_dtype(dtype, f" {where}"))
+            dims = format_dtypes.dims_of(shape, where)
+            nbytes = sizes[dtype, shape] = format_dtypes.nbytes_of(dims, format_dtypes.check_dtype(dtype, f" {where}"))
         if nbytes > size:
             first[name] = count
             count += -(-nbytes // size)

@@ -18,13 +18,14 @@ import itertools
 import math
 import re
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import torch
-
-from torchckpt._format.dtypes import TensorInfo, parse_shape_key, size_of, str_to_dtype
+from torchckpt._format.dtypes import TensorInfo, check_dtype, parse_shape_key, size_of, str_to_dtype
 from torchckpt._format.spec import DTYPE_SEP, SHAPE_SEP
 from torchckpt.errors import CorruptCheckpointError
+
+if TYPE_CHECKING:
+    import torch
 
 CHUNK_MARK = "~@"
 RANK_MARK = "~r"
@@ -266,22 +267,24 @@ class Layout:
         return out
 
     def chunked_info(self, name: str, resolve: Callable[[str], Any]) -> ChunkedInfo:
-        """The chunked tensor ``name``: its global shape and dtype, each chunk by ``resolve``."""
+        """The chunked tensor ``name``: its global shape and dtype, each chunk by ``resolve``
+        (builds torch objects: a restore's and a reader's, not an inspector's)."""
         dtype, shape = self.chunked[name]
         return ChunkedInfo(name, str_to_dtype(dtype), size_of(parse_shape_key(shape, self.where)),
                            tuple((box, resolve(n)) for box, n in self.pieces[name]))
 
-    def view(self, names: list[str], aliases: dict[str, str], rank: int,
-             resolve: Callable[[str], Any]) -> tuple[list[str], Callable[[str], Any]]:
+    def view(self, names: list[str], aliases: dict[str, str], rank: int, resolve: Callable[[str], Any],
+             chunked: Callable[[str], Any] | None = None) -> tuple[list[str], Callable[[str], Any]]:
         """The tensor names rank ``rank`` sees (see :meth:`rank_names`, and the aliases), and a
         resolver for them: a chunked tensor resolves to a :class:`ChunkedInfo` of its chunks (each
-        by ``resolve``)."""
+        by ``resolve``), or to ``chunked(name)`` when given (a tool that wants only the tree's
+        other values, without torch)."""
         known = self.rank_names(names, rank)
 
         def resolved(name: str) -> Any:
             name = aliases.get(name, name)
             if name in self.chunked:
-                return self.chunked_info(name, resolve)
+                return self.chunked_info(name, resolve) if chunked is None else chunked(name)
             return resolve(known.get(name, name))
 
         return [*known, *aliases], resolved
@@ -361,7 +364,7 @@ def _check_stored_once(layout: Layout, plain: set[str], directory: str, corrupt:
     """Each chunked tensor tiled by its chunks, and every key stored one way only (whole, as
     chunks, or per rank): else tools would disagree about what it holds."""
     for base, (dtype, shape) in layout.chunked.items():
-        str_to_dtype(dtype, f" {layout.where}", directory)
+        check_dtype(dtype, f" {layout.where}", directory)
         if base in plain:
             raise corrupt(f"tensor {base!r} is stored both whole and as chunks")
         check_tiling(base, parse_shape_key(shape, layout.where), [b for b, _ in layout.pieces[base]], layout.where)

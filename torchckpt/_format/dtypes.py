@@ -5,64 +5,123 @@ safetensors names dtypes (``F32``, ``BF16``); the index's tensor table writes a 
 :class:`TensorInfo` a reader builds from them live here, apart from the header and index parsers
 that use them, because the save path, the load path and the tools all need them alone.
 
+Why dtypes are names here: the command line's ``inspect``, ``ls``, ``verify`` and ``diff`` read
+only JSON and headers, and importing torch would cost them over a second. So the format layer
+knows each dtype by its safetensors name and size (:data:`ITEMSIZES`), and turns a name into a
+``torch.dtype`` only when asked (:func:`str_to_dtype`, :attr:`TensorInfo.dtype`), through tables
+built on first use; torch is imported then, by the code that builds tensors anyway.
+
 Why caches: a model repeats a few shapes and dtypes across thousands of tensors, so sizes, shape
 keys and byte counts are shared objects (bounded, so a hostile index cannot grow them forever).
 """
 
 from __future__ import annotations
 
+import math
 import re
 import struct
 from collections.abc import Sequence
-from typing import Any, NamedTuple
-
-import torch
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from torchckpt._format.spec import CHECKSUM_CHARS, MAX_DIM
 from torchckpt.errors import CorruptCheckpointError, short_repr
 
-_TORCH_DTYPES: dict[str, torch.dtype] = {
-    "BOOL": torch.bool,
-    "U8": torch.uint8,
-    "I8": torch.int8,
-    "F8_E5M2": torch.float8_e5m2,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
-    "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
-    "I16": torch.int16,
-    "U16": torch.uint16,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I32": torch.int32,
-    "U32": torch.uint32,
-    "F32": torch.float32,
-    "C64": torch.complex64,
-    "F64": torch.float64,
-    "I64": torch.int64,
-    "U64": torch.uint64,
+if TYPE_CHECKING:
+    import torch
+
+# safetensors dtype name -> bytes per element (the format's own table; no torch needed)
+ITEMSIZES: dict[str, int] = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E5M2FNUZ": 1, "F8_E4M3FNUZ": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "C64": 8, "F64": 8, "I64": 8, "U64": 8,
 }
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in _TORCH_DTYPES.items()}  # torch dtype -> safetensors name
-SUPPORTED_DTYPES = frozenset(DTYPE_NAMES)
+
+# The torch dtype of each name, by its attribute of torch (read when torch is first needed); also
+# how the command line names a dtype (``float32``, as ``str(torch.float32)`` without ``torch.``).
+TORCH_NAMES = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "F8_E5M2": "float8_e5m2", "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz", "F8_E4M3FNUZ": "float8_e4m3fnuz", "I16": "int16", "U16": "uint16",
+    "F16": "float16", "BF16": "bfloat16", "I32": "int32", "U32": "uint32", "F32": "float32",
+    "C64": "complex64", "F64": "float64", "I64": "int64", "U64": "uint64",
+}
+
+
+class _TorchTable(dict[Any, Any]):
+    """A dict that fills itself from torch on its first miss.
+
+    Lookups that hit stay one C-level dict lookup (no Python call on the restore path); the first
+    miss imports torch, which only code holding or building tensors reaches. ``fill`` adds the
+    entries of every supported dtype, keyed by its name and by the ``torch.dtype`` itself.
+    """
+
+    def __init__(self, initial: dict[Any, Any], fill: Any) -> None:
+        super().__init__(initial)
+        self._fill = fill
+        self._filled = False
+
+    def __missing__(self, key: Any) -> Any:
+        if self._filled:
+            raise KeyError(key)
+        import torch
+
+        for name, attr in TORCH_NAMES.items():
+            self._fill(self, name, getattr(torch, attr))
+        self._filled = True  # after the fill: a thread that misses meanwhile fills again (the same entries)
+        return self[key]
+
+
+def _fill_torch_of(table: dict[Any, Any], name: str, dtype: torch.dtype) -> None:
+    table[name] = table[dtype] = dtype  # a dtype maps to itself: infos built by hand from torch read the same
+
+
+def _fill_names(table: dict[Any, Any], name: str, dtype: torch.dtype) -> None:
+    table[dtype] = name
+
+
+def _fill_itemsizes(table: dict[Any, Any], name: str, dtype: torch.dtype) -> None:
+    table[dtype] = ITEMSIZES[name]
+
+
+# name (or torch dtype) -> torch dtype; torch dtype (or name) -> name; either -> bytes per element
+TORCH_DTYPES: dict[Any, torch.dtype] = _TorchTable({}, _fill_torch_of)
+NAME_OF: dict[Any, str] = _TorchTable({n: n for n in ITEMSIZES}, _fill_names)
+_ITEMSIZES: dict[Any, int] = _TorchTable(ITEMSIZES, _fill_itemsizes)
+
+# Built from torch on first access (module __getattr__ below), then plain module attributes.
+DTYPE_NAMES: dict[torch.dtype, str]  # torch dtype -> safetensors name
+SUPPORTED_DTYPES: frozenset[torch.dtype]
+
+
+def __getattr__(name: str) -> Any:
+    """``DTYPE_NAMES`` and ``SUPPORTED_DTYPES`` hold torch dtypes, so they are built (and torch
+    imported) when the save path first reads them."""
+    if name in ("DTYPE_NAMES", "SUPPORTED_DTYPES"):
+        names = {TORCH_DTYPES[n]: n for n in ITEMSIZES}
+        globals().update(DTYPE_NAMES=names, SUPPORTED_DTYPES=frozenset(names))
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def check_dtype(name: Any, where: str = "", path: str | None = None) -> str:
+    """``name`` when it is a safetensors dtype name torchckpt reads; else a corrupt checkpoint."""
+    if type(name) is not str or name not in ITEMSIZES:
+        raise CorruptCheckpointError(f"Unknown dtype {name!r}{where}.", path)
+    return name
 
 
 def dtype_to_str(dtype: torch.dtype) -> str:
     """The safetensors name of a torch dtype (``torch.float32`` -> ``"F32"``)."""
-    return DTYPE_NAMES[dtype]
+    return NAME_OF[dtype]
 
 
 def str_to_dtype(name: Any, where: str = "", path: str | None = None) -> torch.dtype:
-    """The torch dtype of a safetensors name; unknown names are a corrupt checkpoint."""
-    try:
-        return _TORCH_DTYPES[name]
-    except (KeyError, TypeError):
-        raise CorruptCheckpointError(f"Unknown dtype {name!r}{where}.", path) from None
+    """The torch dtype of a safetensors name (imports torch); unknown names are a corrupt checkpoint."""
+    return TORCH_DTYPES[check_dtype(name, where, path)]
 
 
-_ITEMSIZES = {dtype: torch.empty((), dtype=dtype).element_size() for dtype in DTYPE_NAMES}
-
-
-def itemsize(dtype: torch.dtype) -> int:
-    """Bytes per element."""
+def itemsize(dtype: torch.dtype | str) -> int:
+    """Bytes per element of a torch dtype or a safetensors dtype name."""
     return _ITEMSIZES[dtype]
 
 
@@ -71,30 +130,42 @@ class TensorInfo(NamedTuple):
 
     A restore holds one per stored tensor, so it is kept small: ``nbytes`` objects are shared
     between tensors of one shape and dtype (see :func:`nbytes_of`), and the checksum is an int.
+    The parsers store the dtype's safetensors name and the dims as a plain tuple, so an inspector
+    never imports torch; :attr:`dtype` and :attr:`shape` give the torch objects, each one dict
+    lookup (a ``torch.dtype`` or ``torch.Size`` given in their place, as a test may, reads the same).
     """
 
     name: str
     file: str
-    dtype: torch.dtype
-    shape: torch.Size
+    dtype_name: str  # the safetensors name, "F32"
+    dims: tuple[int, ...]
     start: int
     nbytes: int
     checksum: int | None = None  # xxh3-64 of the data, where the index records one
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return TORCH_DTYPES[self.dtype_name]
+
+    @property
+    def shape(self) -> torch.Size:
+        return size_of(self.dims)
 
     @property
     def end(self) -> int:
         return self.start + self.nbytes
 
 
-_NBYTES: dict[tuple[torch.Size, torch.dtype], int] = {}
+_NBYTES: dict[tuple[tuple[int, ...], Any], int] = {}
 
 
-def nbytes_of(shape: torch.Size, dtype: torch.dtype) -> int:
-    """The byte size of a tensor, as one shared int object per (shape, dtype)."""
-    key = (shape, dtype)
+def nbytes_of(dims: tuple[int, ...], dtype: torch.dtype | str) -> int:
+    """The byte size of a tensor of ``dims`` (a tuple or a ``torch.Size``) and ``dtype`` (a torch
+    dtype or a safetensors name), as one shared int object per (dims, dtype)."""
+    key = (dims, dtype)
     n = _NBYTES.get(key)
     if n is None:
-        n = shape.numel() * itemsize(dtype)
+        n = math.prod(dims) * _ITEMSIZES[dtype]
         if len(_NBYTES) < 100_000:
             _NBYTES[key] = n
     return n
@@ -118,13 +189,30 @@ _SIZES: dict[Any, torch.Size] = {}
 
 
 def size_of(dims: Any) -> torch.Size:
-    """A cached ``torch.Size`` for a tuple of dims or a shape key (models repeat a few shapes)."""
+    """A cached ``torch.Size`` for a tuple of dims or a shape key (models repeat a few shapes).
+    Imports torch: torch-free code keeps dims as tuples (:func:`dims_of`)."""
     size = _SIZES.get(dims)
     if size is None:
-        size = torch.Size(parse_shape_key(dims, "") if isinstance(dims, str) else dims)
+        import torch
+
+        size = torch.Size(dims_of(dims) if isinstance(dims, str) else dims)
         if len(_SIZES) < 100_000:
             _SIZES[dims] = size
     return size
+
+
+_DIMS: dict[str, tuple[int, ...]] = {}
+
+
+def dims_of(key: str, where: str = "") -> tuple[int, ...]:
+    """The dims of a shape key (``"16,8"`` -> ``(16, 8)``), one shared tuple per key; checked as
+    :func:`parse_shape_key` checks them."""
+    dims = _DIMS.get(key)
+    if dims is None:
+        dims = parse_shape_key(key, where)
+        if len(_DIMS) < 100_000:
+            _DIMS[key] = dims
+    return dims
 
 
 _SHAPE_KEYS: dict[Any, str] = {}

@@ -13,23 +13,15 @@ import json
 import math
 import struct
 from collections.abc import Iterable, Sequence
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from torchckpt._format.document import json_string, parse_json
-from torchckpt._format.dtypes import (
-    DTYPE_NAMES,
-    TensorInfo,
-    check_shape,
-    itemsize,
-    nbytes_of,
-    shape_key,
-    size_of,
-    str_to_dtype,
-)
+from torchckpt._format.dtypes import ITEMSIZES, NAME_OF, TensorInfo, check_dtype, check_shape, nbytes_of, shape_key
 from torchckpt._format.spec import HEADER_ALIGNMENT, MAX_DIM, MAX_HEADER_SIZE, SHARD_METADATA
 from torchckpt.errors import CorruptCheckpointError, short_repr
+
+if TYPE_CHECKING:
+    import torch
 
 PREFIX_BYTES = 8  # the header's length, before it
 
@@ -37,9 +29,10 @@ PREFIX_BYTES = 8  # the header's length, before it
 _HEADER_GROUP = 1024  # entries per piece: few pieces, and never the whole header as small strings
 
 
-def encode_header_pieces(entries: Iterable[tuple[str, torch.dtype, Sequence[int], int]]) -> list[bytes]:
+def encode_header_pieces(entries: Iterable[tuple[str, torch.dtype | str, Sequence[int], int]]) -> list[bytes]:
     """The 8-byte length prefix plus the space-padded JSON header for ``(name, dtype, shape, nbytes)``,
     as a list of byte strings, for ``writev``. Entries are laid out back to back in the given order.
+    A dtype is a torch dtype (the save path) or its safetensors name (a reader checking a header).
 
     A 20,000-tensor header is megabytes; built in pieces of ``_HEADER_GROUP`` entries it never
     exists as tens of thousands of small strings plus joined and padded copies of itself.
@@ -49,7 +42,7 @@ def encode_header_pieces(entries: Iterable[tuple[str, torch.dtype, Sequence[int]
     pieces = [b'{"__metadata__":' + json.dumps(SHARD_METADATA, separators=(",", ":")).encode()]
     group: list[str] = []
     offset = 0
-    names = DTYPE_NAMES
+    names = NAME_OF
     for name, dtype, shape, nbytes in entries:
         group.append(f',{json_string(name)}:{{"dtype":"{names[dtype]}","shape":[{shape_key(tuple(shape))}],'
                      f'"data_offsets":[{offset},{offset + nbytes}]}}')
@@ -139,20 +132,20 @@ def _tensor_info(path: str, file_name: str, name: str, entry: Any, data_start: i
     where = f" for tensor {name!r} in {path}"
     if not isinstance(entry, dict):
         raise CorruptCheckpointError(f"Malformed header entry{where}.", path)
-    dtype = str_to_dtype(entry.get("dtype"), where, path)
+    dtype = check_dtype(entry.get("dtype"), where, path)
     shape, offsets = entry.get("shape"), entry.get("data_offsets")
     if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
         raise CorruptCheckpointError(f"Malformed shape {short_repr(shape)}{where}.", path)
-    check_shape(shape, where, itemsize(dtype))
+    check_shape(shape, where, ITEMSIZES[dtype])
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and 0 <= o <= MAX_DIM for o in offsets)):
         raise CorruptCheckpointError(f"Malformed data_offsets {short_repr(offsets)}{where}.", path)
     begin, end = offsets
-    expected = math.prod(shape) * itemsize(dtype)
+    expected = math.prod(shape) * ITEMSIZES[dtype]
     if end - begin != expected:
         raise CorruptCheckpointError(
             f"Tensor {name!r} in {path} has data_offsets {offsets} ({end - begin} bytes) but its dtype "
             f"and shape {shape} need {expected} bytes.",
             path,
         )
-    size = size_of(tuple(shape))
-    return TensorInfo(name, file_name, dtype, size, data_start + begin, nbytes_of(size, dtype))
+    dims = tuple(shape)
+    return TensorInfo(name, file_name, dtype, dims, data_start + begin, nbytes_of(dims, dtype))

@@ -19,8 +19,6 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from torchckpt import _clock
 from torchckpt._format import blocks as format_blocks
 from torchckpt._format import chunks as format_chunks
@@ -39,6 +37,8 @@ from torchckpt.errors import CorruptCheckpointError, format_keys, short_repr
 def index_document(total_size: int, weight_map: Any, format_version: int, section: dict[str, Any],
                    aliases: dict[str, str], records: list[dict[str, Any]], table: Any) -> dict[str, Any]:
     """``index.json`` as a value, its keys in the order every writer uses (see ``docs/format.md``)."""
+    import torch  # here, not at the top: the command line reads indexes without torch
+
     return {
         "metadata": {"total_size": total_size},
         "weight_map": weight_map,
@@ -145,7 +145,7 @@ def parse_index(directory: str, data: bytes) -> Index:
         raise corrupt_index(directory, f"the tensor table's columns do not all describe {n} tensors")
     where = f"in {path}"
     for dtype in set(dtypes):
-        format_dtypes.str_to_dtype(dtype, f" {where}", directory)
+        format_dtypes.check_dtype(dtype, f" {where}", directory)
     for shape in set(shapes):
         format_dtypes.parse_shape_key(shape, where)
     _check_shards(directory, shards, n)

@@ -33,11 +33,12 @@ import pathlib
 import sys
 import types
 from collections.abc import Mapping, Sequence
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from torchckpt.errors import UnsupportedStateError, a_or_an, short_repr
+
+if TYPE_CHECKING:
+    import torch
 
 STORED = ("torchckpt stores tensors, objects with state_dict()/load_state_dict(), and plain values: int, float, "
           "bool, str, None, paths, NumPy scalars and arrays, and lists, tuples and dicts of them")
@@ -80,6 +81,8 @@ def nearest(value: Any, path: str) -> Any:
 def _array_tensor(array: Any, path: str, numpy: Any) -> torch.Tensor:
     """A NumPy array as a CPU tensor of its dtype; it shares the array's memory unless the array is
     read-only, byte-swapped or has negative strides, which ``torch.from_numpy`` cannot view."""
+    import torch
+
     kind = type(array)
     if kind is not numpy.ndarray and kind is not numpy.memmap:
         raise _refused(array, path, f"{a_or_an(_qualname(kind))} (a NumPy array subclass) would lose what the "
@@ -134,6 +137,8 @@ _FUNCTIONS = (types.FunctionType, types.BuiltinFunctionType, types.MethodType, t
 
 def _what(value: Any) -> str:
     """What ``value`` is, for the message: its type's qualified name, and why it is refused."""
+    import torch
+
     kind = type(value)
     if isinstance(value, torch.utils.data.DataLoader):
         return "a torch.utils.data.DataLoader cannot resume mid-epoch (it has no state_dict())"
@@ -147,6 +152,8 @@ def _what(value: Any) -> str:
 
 def _fix(value: Any) -> str:
     """What to store instead of ``value``."""
+    import torch
+
     if isinstance(value, torch.utils.data.DataLoader):
         return ("Use torchdata's drop-in StatefulDataLoader (`from torchdata.stateful_dataloader import "
                 "StatefulDataLoader`, pip install torchckpt[data]) with generator=torch.Generator().manual_seed(0), "

@@ -21,12 +21,13 @@ from __future__ import annotations
 import math
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from torchckpt._format import plain
 from torchckpt.errors import CorruptCheckpointError, UnsupportedStateError
+
+if TYPE_CHECKING:
+    import torch
 
 SEP = "/"
 TAG = "@"
@@ -36,10 +37,18 @@ MAX_DEPTH = 100  # containers nested deeper than this are refused (they would ex
 MAX_INT = 2**63  # dimensions of a torch.Size fit in 64 bits, sign included
 
 # Decoded from this table only, never by looking a name up on the torch module: a name like
-# "_dynamo" would otherwise make torch import whole subsystems on behalf of a file.
-DTYPES: dict[str, torch.dtype] = {
-    str(value).removeprefix("torch."): value for value in vars(torch).values() if isinstance(value, torch.dtype)
-}
+# "_dynamo" would otherwise make torch import whole subsystems on behalf of a file. Built when a
+# dtype is first decoded: torch is imported by the values that need it, so that the command line
+# reads a tree of plain values (metrics, a manager's state file) without it.
+_DTYPES: dict[str, torch.dtype] = {}
+
+
+def _dtype_named(name: str) -> torch.dtype | None:
+    if not _DTYPES:
+        import torch
+
+        _DTYPES.update((str(v).removeprefix("torch."), v) for v in vars(torch).values() if isinstance(v, torch.dtype))
+    return _DTYPES.get(name)
 
 # A leaf of the name trie: the full tensor name.
 Trie = dict[str, "Trie | str"]
@@ -117,6 +126,8 @@ def encode(value: Any, path: str, tensors: dict[str, torch.Tensor], ordered: boo
         UnsupportedStateError: a value has no pickle-free representation, or containers are nested
             more than ``MAX_DEPTH`` deep; ``.key`` is its path.
     """
+    import torch  # imported already by whoever holds tensors to save: a dict lookup
+
     if isinstance(value, torch.Tensor):
         if path in tensors:
             raise UnsupportedStateError(
@@ -196,6 +207,8 @@ def _check_text(text: str, path: str) -> None:
 
 
 def _encode_dict(value: dict[Any, Any], path: str, tensors: dict[str, torch.Tensor], ordered: bool) -> Any:
+    import torch
+
     _check_depth(value, path)
     if not all(type(k) is str and not k.startswith(TAG) for k in value):
         return _encode_pairs("@dict", value, path, tensors, ordered)
@@ -463,10 +476,16 @@ def _decode_tagged(tag: str, payload: Any, trie: Trie | str | None, resolve: Cal
     if trie:
         raise _corrupt(path, "tensors are stored under a plain value")
     if tag == "@size" and isinstance(payload, list) and all(type(d) is int and -MAX_INT <= d < MAX_INT for d in payload):
+        import torch
+
         return torch.Size(payload)
-    if tag == "@dtype" and isinstance(payload, str) and payload in DTYPES:
-        return DTYPES[payload]
+    if tag == "@dtype" and isinstance(payload, str):
+        dtype = _dtype_named(payload)
+        if dtype is not None:
+            return dtype
     if tag == "@device" and isinstance(payload, str) and len(payload) < 64:
+        import torch
+
         try:
             return torch.device(payload)
         except (RuntimeError, ValueError, TypeError):

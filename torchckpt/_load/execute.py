@@ -36,12 +36,22 @@ from torchckpt.errors import (
 
 def execute(plan: Plan, shards: OpenShards, verify: bool, progress: bool | None) -> None:
     """Read every planned tensor (shard by shard, in file order), then run the planned loads."""
+    read(plan, shards, verify, progress)
+    load(plan, shards, verify)
+
+
+def read(plan: Plan, shards: OpenShards, verify: bool, progress: bool | None) -> None:
+    """Read every planned tensor into its destination, shard by shard, in file order."""
     by_file, reads = _grouped(plan.reads)
     total = sum(saved.nbytes for pairs in by_file.values() for _, saved in pairs) + reads.nbytes
-    directory = shards.directory
-    with progress_bar(total, f"restore {name_of(directory)}", progress) as bar, torch.no_grad():
+    with progress_bar(total, f"restore {name_of(shards.directory)}", progress) as bar, torch.no_grad():
         _read_grouped(shards, by_file, reads, verify, bar.update)
     boxes.finish(reads)
+
+
+def load(plan: Plan, shards: OpenShards, verify: bool) -> None:
+    """Once every tensor is in place: the casts, then the planned loads."""
+    directory = shards.directory
     with torch.no_grad():
         for dest, buffer in plan.casts:
             dest.copy_(buffer)

@@ -17,7 +17,6 @@ import itertools
 from collections.abc import Callable
 from typing import Any
 
-import torch
 import xxhash
 
 from torchckpt._format import dtypes as format_dtypes
@@ -164,8 +163,6 @@ def read_shard_headers(index: Index, shards: OpenShards, trust_header_checksums:
     """
     infos: dict[str, TensorInfo] = {}
     position = 0
-    where = f" in {INDEX_FILE} of {index.directory}"
-    dtypes = {d: format_dtypes.str_to_dtype(d, where) for d in set(index.dtypes)}
     try:
         checksums = format_dtypes.parse_checksums(index.checksum_text)
     except ValueError as e:
@@ -173,7 +170,7 @@ def read_shard_headers(index: Index, shards: OpenShards, trust_header_checksums:
     for shard in index.shards:
         file, count = shard["file"], shard["tensors"]
         path, source = shards.path(file), shards.sources[file]
-        found = _exact_header(index, shard, position, dtypes, checksums, source) if trust_header_checksums else None
+        found = _exact_header(index, shard, position, checksums, source) if trust_header_checksums else None
         if found is None:
             found = _parsed_header(index, shard, position, checksums, source, path)
         infos.update(zip(index.names[position : position + count], found))
@@ -207,20 +204,18 @@ def _parsed_header(index: Index, shard: dict[str, Any], position: int, checksums
     for j, info in enumerate(found, position):
         name = info.name
         where = f"for tensor {name!r} in {INDEX_FILE}"
-        if format_dtypes.str_to_dtype(index.dtypes[j], where) != info.dtype or format_dtypes.parse_shape_key(
-            index.shapes[j], where
-        ) != info.shape:
+        if index.dtypes[j] != info.dtype_name or format_dtypes.dims_of(index.shapes[j], where) != info.dims:
             raise CorruptCheckpointError(
                 f"Tensor {name!r}: {INDEX_FILE} says {index.dtypes[j]} [{index.shapes[j]}] but shard {file} "
-                f"holds {format_dtypes.dtype_to_str(info.dtype)} {list(info.shape)}.",
+                f"holds {info.dtype_name} {list(info.dims)}.",
                 path,
             )
         out.append(info._replace(checksum=checksums[j]))
     return out
 
 
-def _exact_header(index: Index, shard: dict[str, Any], position: int, dtypes: dict[str, torch.dtype],
-                  checksums: tuple[int, ...], source: Source) -> list[TensorInfo] | None:
+def _exact_header(index: Index, shard: dict[str, Any], position: int, checksums: tuple[int, ...],
+                  source: Source) -> list[TensorInfo] | None:
     """The shard's tensors when its header is the one written for this index's table, else None.
 
     The writer encodes each header from the table (``_format.header.encode_header_pieces``) and
@@ -237,8 +232,8 @@ def _exact_header(index: Index, shard: dict[str, Any], position: int, dtypes: di
         return None
     end = position + shard["tensors"]
     names = index.names[position:end]
-    dts = [dtypes[d] for d in index.dtypes[position:end]]
-    shapes = [format_dtypes.size_of(s) for s in index.shapes[position:end]]
+    dts = index.dtypes[position:end]  # safetensors names, checked by parse_index
+    shapes = list(map(format_dtypes.dims_of, index.shapes[position:end]))
     sizes = list(map(format_dtypes.nbytes_of, shapes, dts))
     try:
         expected = b"".join(format_header.encode_header_pieces(zip(names, dts, shapes, sizes)))
@@ -262,18 +257,20 @@ _HEADER_CHUNK = 2**20
 _NEW_INFO = functools.partial(tuple.__new__, TensorInfo)
 
 
-def state_tree(index: Index, resolve: Callable[[str], Any], rank: int = 0) -> Any:
+def state_tree(index: Index, resolve: Callable[[str], Any], rank: int = 0,
+               chunked: Callable[[str], Any] | None = None) -> Any:
     """Decode the typed non-tensor tree with each tensor name resolved by ``resolve``.
 
     In format 2, a chunked tensor resolves to a :class:`~torchckpt._format.chunks.ChunkedInfo` of its
-    chunks, and ``rank`` picks the per-rank values (``@per_rank``, tensors named ``~r<rank>``).
+    chunks (or to ``chunked(name)`` when given), and ``rank`` picks the per-rank values
+    (``@per_rank``, tensors named ``~r<rank>``).
     """
     try:
         state = index.section.get("state", {})
         names: Any = itertools.chain(index.names, index.aliases)
         if index.raw[TORCHCKPT_KEY]["format_version"] >= SHARDED_FORMAT_VERSION:
             state = format_tree.select_rank(state, rank, index.world_size)
-            names, resolve = index.layout.view(index.names, index.aliases, rank, resolve)
+            names, resolve = index.layout.view(index.names, index.aliases, rank, resolve, chunked)
         trie = format_tree.build_trie(names)
         tree = format_tree.decode(state, trie, resolve)
         if not isinstance(tree, dict) or not all(type(k) is str for k in tree):

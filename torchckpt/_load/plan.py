@@ -40,6 +40,7 @@ class Plan:
     loads: list[Callable[[], None]] = field(default_factory=list)
     cast: bool = False  # restore(..., cast=True): dtype mismatches are cast instead of skipped
     assign: bool = False  # restore(..., assign=True): modules' meta tensors are replaced by restored ones
+    read_once: bool | None = None  # several ranks: replicated tensors read by one rank and broadcast (``_load.spread``)
     rank: int = 0  # the rank restoring (which per-rank values it takes)
     fetch: hooked.Fetch | None = None  # while the loads run: a hooked subtree's tensors, checked as the others
 

@@ -16,6 +16,7 @@ steps with a ``Solo`` coordinator, for which deciding and agreeing just run the 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,8 +26,8 @@ from torchckpt._dist.coordinator import AnyCoordinator
 from torchckpt._format import index as format_index
 from torchckpt._format.spec import SAVE_COUNTER
 from torchckpt._history import members as history_members
-from torchckpt._load import opened, rename
-from torchckpt._load.execute import execute
+from torchckpt._load import opened, rename, spread
+from torchckpt._load.execute import execute, load, read
 from torchckpt._load.match import Matcher, Tracking
 from torchckpt._load.plan import MISSING, Plan, plan_value
 from torchckpt._load.rename import Renamer
@@ -68,18 +69,37 @@ def restore(target: Target, storage: Storage, path: str, coord: AnyCoordinator, 
 
     def restore_mine(directory: str) -> Restored:
         with gc_paused():
-            return _restore_from(target, storage, directory, plan, verify, progress if coord.rank == 0 else False)
+            return _restore_from(target, storage, directory, plan, verify, progress if coord.rank == 0 else False,
+                                 coord)
 
     return dist_coordinator.run_collectively(coord, f"Restoring {path}", choose, restore_mine, RESTORED_ON_THIS_RANK)
 
 
 def _restore_from(target: Target, storage: Storage, directory: str, plan: Plan, verify: bool,
-                  progress: bool | None) -> Restored:
-    index = opened.load_index(directory, storage)
-    with opened.OpenShards(index, storage) as shards:  # opened together: a deletion from here on cannot touch the read
-        _plan(target, index, shards, plan)
-        del index  # only the plan stays in memory while tensors are read
-        execute(plan, shards, verify, progress)
+                  progress: bool | None, coord: AnyCoordinator) -> Restored:
+    """Steps 2 to 4 on this rank. When the ranks spread their replicated reads (``_load.spread``),
+    the plan and the reads each end in an exchange every rank makes, failed or not, so that no rank
+    broadcasts to one that failed: a failure is raised on every rank before any broadcast."""
+    with contextlib.ExitStack() as stack:
+        opened_shards: list[opened.OpenShards] = []
+
+        def open_and_plan() -> list[str] | None:
+            index = opened.load_index(directory, storage)
+            # opened together: a deletion from here on cannot touch the read
+            opened_shards.append(stack.enter_context(opened.OpenShards(index, storage)))
+            _plan(target, index, opened_shards[0], plan)
+            return spread.describe(plan, coord)  # the index is dropped: only the plan stays in memory
+
+        if plan.read_once is False or isinstance(coord, dist_coordinator.Solo):
+            open_and_plan()
+            execute(plan, opened_shards[0], verify, progress)
+            return Restored(plan.report, directory)
+        spreading = spread.assign(plan, dist_coordinator.agree_all(coord, coord.what, open_and_plan), coord)
+        shards = opened_shards[0]
+        dist_coordinator.agree(coord, coord.what, lambda: read(plan, shards, verify, progress))
+        if spreading is not None:
+            spread.broadcast(spreading)
+        load(plan, shards, verify)
     return Restored(plan.report, directory)
 
 

@@ -5,19 +5,26 @@ shard in one pass straight into its destination, while the reader hands one tens
 that holds a piece at a time (an export streaming it into a new file, a diff comparing two
 checkpoints), so a tensor of any size costs one piece of memory. Each function takes an open
 ``Source`` and closes it; a tensor stored as chunks is assembled by ``boxes.row_blocks`` instead.
+
+torch (and ``_tensorio``, which needs it) is imported by the functions that build tensors: the
+command line reads bytes and headers through this module without paying for torch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-import torch
 import xxhash
 
-from torchckpt import _tensorio
 from torchckpt._format.dtypes import TensorInfo, itemsize
 from torchckpt._storage.base import Source
 from torchckpt.errors import CorruptCheckpointError, checksum_mismatch
+
+if TYPE_CHECKING:
+    import torch
+
+PIECE_BYTES = 64 * 2**20  # the reader's pieces of one tensor, by default: bounded memory, few reads
 
 
 def read_tensor(source: Source, info: TensorInfo, path: str, name: str, expected: str | None) -> torch.Tensor:
@@ -26,6 +33,10 @@ def read_tensor(source: Source, info: TensorInfo, path: str, name: str, expected
     Raises:
         CorruptCheckpointError: the file ends early, or the bytes fail their checksum.
     """
+    import torch
+
+    from torchckpt import _tensorio
+
     out = torch.empty(info.shape, dtype=info.dtype)
     try:
         digest = _tensorio.read_into(source, info.start, out, verify=True)
@@ -67,7 +78,11 @@ def tensor_elements(source: Source, info: TensorInfo, path: str, chunk_bytes: in
     Raises:
         CorruptCheckpointError: the file ends early.
     """
-    item = itemsize(info.dtype)
+    import torch
+
+    from torchckpt import _tensorio
+
+    item = itemsize(info.dtype_name)
     per = max(1, chunk_bytes // item)
     count = info.nbytes // item
     try:

@@ -4,6 +4,9 @@ The command line prints what these find. Plain values are compared by type and v
 differs from a float 1.0, as a restore would see them; two NaNs are the same value), and shown
 shortened when long (a Mersenne Twister state is 625 ints). Tensor values are compared chunk by
 chunk as they stream from both checkpoints, so memory stays bounded whatever their size.
+
+Only the comparison of tensor values (``--values``) imports torch: the plain values come from the
+index's state tree, read without it.
 """
 
 from __future__ import annotations
@@ -11,10 +14,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
-
 from torchckpt._format import tree
-from torchckpt.reader import CheckpointReader, TensorSpec
+from torchckpt._load import opened as load_opened
+from torchckpt.reader import CheckpointReader
 
 RENDER_LIMIT = 120  # a Mersenne Twister state is 625 ints: shown as its start and its length
 
@@ -27,9 +29,20 @@ class _Absent:
 ABSENT: Any = _Absent()  # the value of a key one checkpoint does not have
 
 
+class _Tensor:
+    """Where the state tree holds a tensor (left out of the plain values)."""
+
+
+_TENSOR = _Tensor()
+
+
 def plain_values(reader: CheckpointReader) -> dict[str, Any]:
-    """Every plain value of the checkpoint's state tree by its ``/`` key path (tensors left out)."""
-    return {k: v for k, v in tree.leaves(reader.get_state(), "").items() if not isinstance(v, TensorSpec)}
+    """Every plain value of the checkpoint's state tree by its ``/`` key path (tensors left out),
+    as :meth:`CheckpointReader.get_state` decodes it, without building a spec of each tensor."""
+    if reader.index is None:
+        return {}
+    state = load_opened.state_tree(reader.index, lambda name: _TENSOR, chunked=lambda name: _TENSOR)
+    return {k: v for k, v in tree.leaves(state, "").items() if v is not _TENSOR}
 
 
 def same(x: Any, y: Any) -> bool:
@@ -58,6 +71,8 @@ def jsonable(v: Any) -> Any:
 def max_abs_diff(a: CheckpointReader, b: CheckpointReader, name: str, bar: Any) -> float:
     """The largest absolute difference between the tensor ``name`` of two checkpoints (same shape
     and dtype), streamed chunk by chunk; ``bar.update`` is told the bytes read."""
+    import torch
+
     worst = 0.0
     for x, y in zip(a.iter_chunks(name), b.iter_chunks(name)):
         if x.dtype == torch.bool:

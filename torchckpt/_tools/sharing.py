@@ -106,7 +106,7 @@ def sharing_of(reader: CheckpointReader) -> Sharing | None:
 def _data_bytes(index: format_index.Index, start: int, end: int) -> int:
     """The tensor data bytes of the table's rows ``start:end`` (a shard's tensors; ``parse_index``
     checked their dtypes and shapes)."""
-    return sum(format_dtypes.nbytes_of(format_dtypes.size_of(shape), format_dtypes.str_to_dtype(dtype))
+    return sum(format_dtypes.nbytes_of(format_dtypes.dims_of(shape), dtype)
                for dtype, shape in zip(index.dtypes[start:end], index.shapes[start:end]))
 
 
