@@ -24,7 +24,10 @@ Methods:
   and reads them back with ``os.preadv``: the floor for the same bytes (same world size only);
 - dcp: ``torch.distributed.checkpoint.save``/``load`` (``FileSystemWriter``, its defaults) of
   ``get_state_dict``, then ``set_state_dict`` on load;
-- torchckpt: ``Checkpoint(model=..., opt=...).write`` / ``.read``.
+- torchckpt: ``Checkpoint(model=..., opt=...).write`` / ``.read`` (its defaults: on one host each
+  rank reads what it restores);
+- torchckpt-once: the same save, and ``.read(..., read_once=True)``: each replicated tensor read by
+  one rank and broadcast over the gloo group (``_load.spread``; the default across hosts).
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import drop_page_cache, machine, median, peak_rss_bytes, run_ranks  # noqa: E402
 
-METHODS = ("raw", "dcp", "torchckpt")
+METHODS = ("raw", "dcp", "torchckpt", "torchckpt-once")
 
 
 # -- the worker: one rank ------------------------------------------------------------------------
@@ -157,7 +160,7 @@ def metadata_bytes(path: str, method: str) -> int:
     ``index.json`` and each shard's 8-byte length and header (every rank validates them all)."""
     if method == "dcp":
         return os.path.getsize(os.path.join(path, ".metadata"))
-    if method != "torchckpt":
+    if not method.startswith("torchckpt"):
         return 0
     total = os.path.getsize(os.path.join(path, "index.json"))
     for name in os.listdir(path):
@@ -227,7 +230,8 @@ def worker(args: argparse.Namespace) -> None:
             dcp.load(state, checkpoint_id=args.path)
             set_state_dict(module, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
         else:
-            torchckpt.Checkpoint(model=module, opt=opt).read(args.path).assert_consumed()
+            torchckpt.Checkpoint(model=module, opt=opt).read(
+                args.path, read_once=True if args.method == "torchckpt-once" else None).assert_consumed()
         dist.barrier()
         seconds = time.perf_counter() - t0
         _, r1 = io_counters()
@@ -287,21 +291,23 @@ def main() -> None:
     parser.add_argument("--world", default="2,4")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workloads", default="big,many,ddp")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     parser.add_argument("--dir", default=None, help="where checkpoints are written (default: a temporary folder)")
     args = parser.parse_args()
     if args.worker:
         worker(args)
         return
     worlds = [int(w) for w in args.world.split(",")]
+    methods = tuple(m for m in METHODS if m in args.methods.split(","))
     root = tempfile.mkdtemp(prefix="bench-distributed-", dir=args.dir)
     report: dict[str, Any] = {"machine": machine(), "rows": {}}
     try:
         for workload in args.workloads.split(","):
             for world in worlds:
-                saves: dict[str, list[Any]] = {m: [] for m in METHODS}
-                loads: dict[str, list[Any]] = {m: [] for m in METHODS}
+                saves: dict[str, list[Any]] = {m: [] for m in methods}
+                loads: dict[str, list[Any]] = {m: [] for m in methods}
                 for r in range(args.rounds):
-                    order = METHODS[r % 3:] + METHODS[: r % 3]
+                    order = methods[r % len(methods):] + methods[: r % len(methods)]
                     for method in order:
                         path = os.path.join(root, f"{workload}-{world}-{method}")
                         shutil.rmtree(path, ignore_errors=True)
@@ -312,7 +318,7 @@ def main() -> None:
                                                          workload, "--path", path, "--check", reference]))
                         print(workload, world, method, "save", round(max(x["seconds"] for x in saves[method][-1]), 3),
                               "load", round(max(x["seconds"] for x in loads[method][-1]), 3), flush=True)
-                for method in METHODS:
+                for method in methods:
                     report["rows"][f"{workload} save world {world} {method}"] = summarize(saves[method], "written")
                     report["rows"][f"{workload} load world {world} {method}"] = summarize(loads[method], "read")
             if workload in ("big", "many") and len(worlds) > 1:

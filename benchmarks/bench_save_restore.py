@@ -267,7 +267,10 @@ def child(op: str, method: str, workload: str, path: str, device: str) -> None:
     modules = {"safetensors": "safetensors.torch", "dcp": "torch.distributed.checkpoint", "torchckpt": "torchckpt",
                "torchckpt-async": "torchckpt", "tf": "tensorflow"}
     if method in modules:  # imports are not part of what is measured, for any method
-        __import__(modules[method])
+        module = __import__(modules[method])
+        if module.__name__ == "torchckpt":  # its public names load on first use: load them now
+            for name in module.__all__:
+                getattr(module, name)
     state = make_state(workload, device)
     state_bytes = sum(t.numel() * t.element_size() for t in state.values())
     if method == "tf":  # TensorFlow saves its own variables: one at a time, so no second copy is ever held
