@@ -13,6 +13,16 @@ import sys
 from typing import Any
 
 
+def import_torchckpt() -> Any:
+    """``torchckpt`` with every public name loaded: they load on first use (PEP 562), and a
+    benchmark times checkpoint work, not imports (torch's, or the package's)."""
+    import torchckpt
+
+    for name in torchckpt.__all__:
+        getattr(torchckpt, name)
+    return torchckpt
+
+
 def rss_bytes() -> int:
     """Current resident set size."""
     with open("/proc/self/statm") as f:

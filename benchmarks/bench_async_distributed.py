@@ -34,7 +34,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import machine, median, run_ranks  # noqa: E402
+from _common import import_torchckpt, machine, median, run_ranks  # noqa: E402
 
 METHODS = ("torchckpt-2", "dcp-2", "torchckpt-1", "copy-1")
 
@@ -42,7 +42,7 @@ METHODS = ("torchckpt-2", "dcp-2", "torchckpt-1", "copy-1")
 def worker(args: argparse.Namespace) -> None:
     import torch
 
-    import torchckpt
+    torchckpt = import_torchckpt()
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     distributed = world > 1

@@ -24,15 +24,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import drop_page_cache, machine, median, run_fresh  # noqa: E402
+from _common import drop_page_cache, import_torchckpt, machine, median, run_fresh  # noqa: E402
 
 
 def inspect_once(path: str) -> tuple[float, int]:
     import torch  # noqa: F401  (the maps return torch objects: a caller of them has torch; its import is not timed)
 
-    import torchckpt
-
-    torchckpt.load_checkpoint  # noqa: B018  (the public names load on first use: not timed either)
+    torchckpt = import_torchckpt()  # the public names load on first use: not timed either
     start = time.perf_counter()
     reader = torchckpt.load_checkpoint(path)
     shapes = reader.get_variable_to_shape_map()

@@ -35,7 +35,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import free_port, machine, median, rss_bytes, run_fresh  # noqa: E402
+from _common import free_port, import_torchckpt, machine, median, rss_bytes, run_fresh  # noqa: E402
 
 METHODS = ["raw", "dcp", "torchckpt"]
 LABELS = {"raw": "raw s3fs pipe_file / cat_file", "dcp": "torch DCP FsspecWriter / FsspecReader",
@@ -83,7 +83,7 @@ def save(method: str, state: dict, url: str, endpoint: str) -> float:  # type: i
         dcp.save(state, storage_writer=FsspecWriter(url, thread_count=4, sync_files=False, **options(endpoint)),
                  no_dist=True)
         return time.perf_counter() - start
-    import torchckpt
+    torchckpt = import_torchckpt()
 
     start = time.perf_counter()
     torchckpt.Checkpoint(**state).write(url, storage_options=options(endpoint))
@@ -105,7 +105,7 @@ def restore(method: str, dest: dict, url: str, endpoint: str) -> float:  # type:
         start = time.perf_counter()
         dcp.load(dest, storage_reader=FsspecReader(url, **options(endpoint)), no_dist=True)
         return time.perf_counter() - start
-    import torchckpt
+    torchckpt = import_torchckpt()
 
     start = time.perf_counter()
     torchckpt.Checkpoint(**dest).read(url, storage_options=options(endpoint)).assert_consumed()

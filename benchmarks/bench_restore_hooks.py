@@ -31,7 +31,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import machine, median, peak_rss_bytes, run_fresh  # noqa: E402
+from _common import import_torchckpt, machine, median, peak_rss_bytes, run_fresh  # noqa: E402
 
 METHODS = ("plain", "layer_hooks", "root_hook", "torch")
 
@@ -51,7 +51,7 @@ def make_model(layers: int, method: str):  # type: ignore[no-untyped-def]
 
 
 def restore(model, path: str, method: str) -> None:  # type: ignore[no-untyped-def]
-    import torchckpt
+    torchckpt = import_torchckpt()
 
     if method == "torch":
         model.load_state_dict(torchckpt.load_state(path)["model"])
@@ -124,7 +124,7 @@ def main() -> None:
     if args.child:
         child(args.child[0], args.layers, args.child[1], args.threads)
         return
-    import torchckpt
+    torchckpt = import_torchckpt()
 
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
         path = torchckpt.Checkpoint(model=make_model(args.layers, "plain")[0]).write(os.path.join(tmp, "ckpt"))

@@ -16,7 +16,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import drop_page_cache, machine, median, peak_rss_bytes, run_fresh  # noqa: E402
+from _common import drop_page_cache, import_torchckpt, machine, median, peak_rss_bytes, run_fresh  # noqa: E402
 
 
 def make_state(gib: float, count: int = 200) -> dict[str, torch.Tensor]:  # noqa: F821
@@ -29,7 +29,7 @@ def make_state(gib: float, count: int = 200) -> dict[str, torch.Tensor]:  # noqa
 def child(path: str, gib: float) -> None:
     import torch
 
-    import torchckpt
+    torchckpt = import_torchckpt()
 
     dest = {k: torch.empty_like(v) for k, v in make_state(gib).items()}
     for t in dest.values():
@@ -54,7 +54,7 @@ def main() -> None:
     if args.child:
         child(args.child, args.gib)
         return
-    import torchckpt
+    torchckpt = import_torchckpt()
 
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
         path = torchckpt.Checkpoint(**make_state(args.gib)).write(os.path.join(tmp, "ckpt"))

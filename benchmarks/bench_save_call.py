@@ -29,14 +29,14 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import machine, median, run_ranks  # noqa: E402
+from _common import import_torchckpt, machine, median, run_ranks  # noqa: E402
 
 
 def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
-    import torchckpt
+    torchckpt = import_torchckpt()
 
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=600))
     step = torch.tensor(0)

@@ -52,7 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 RAW_READERS = 4
 
-from _common import drop_page_cache, machine, median, peak_rss_bytes, run_fresh  # noqa: E402
+from _common import drop_page_cache, import_torchckpt, machine, median, peak_rss_bytes, run_fresh  # noqa: E402
 
 SAVE_METHODS = ["raw", "torch", "safetensors", "dcp", "tf", "torchckpt", "torchckpt-async"]
 RESTORE_METHODS = ["raw", "raw-parallel", "torch", "safetensors", "dcp", "tf", "torchckpt", "torch-after-save",
@@ -267,10 +267,9 @@ def child(op: str, method: str, workload: str, path: str, device: str) -> None:
     modules = {"safetensors": "safetensors.torch", "dcp": "torch.distributed.checkpoint", "torchckpt": "torchckpt",
                "torchckpt-async": "torchckpt", "tf": "tensorflow"}
     if method in modules:  # imports are not part of what is measured, for any method
-        module = __import__(modules[method])
-        if module.__name__ == "torchckpt":  # its public names load on first use: load them now
-            for name in module.__all__:
-                getattr(module, name)
+        __import__(modules[method])
+        if modules[method] == "torchckpt":  # its public names load on first use: load them now
+            import_torchckpt()
     state = make_state(workload, device)
     state_bytes = sum(t.numel() * t.element_size() for t in state.values())
     if method == "tf":  # TensorFlow saves its own variables: one at a time, so no second copy is ever held

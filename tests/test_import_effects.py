@@ -63,3 +63,19 @@ def test_a_save_path_registers_its_exit_and_fork_hooks_in_order(name):
 
 def test_importing_torchckpt_registers_the_lease_hooks_and_does_not_import_torch():
     assert probe("") == ["False", *EXPECTED[:3]]
+
+
+@pytest.mark.parametrize("module", ["checkpoint", "manager", "reader", "restore", "rng", "run_state", "state_dicts",
+                                    "cli", "integrations"])
+def test_the_public_modules_are_attributes_of_the_package_as_before(module):
+    code = f"import torchckpt; print(torchckpt.{module}.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"torchckpt.{module}"
+
+
+def test_an_unknown_attribute_is_an_attribute_error():
+    import torchckpt
+
+    with pytest.raises(AttributeError, match="module 'torchckpt' has no attribute 'Chekpoint'"):
+        torchckpt.Chekpoint  # noqa: B018

@@ -130,5 +130,10 @@ def test_per_rank_tensors_are_the_ranks_own_and_outside_the_structure() -> None:
 def test_the_plan_of_a_structure_is_kept_for_the_next_save() -> None:
     entries, found = records((2,), CASES["fsdp even"][1])[1]
     first = layouts.draft(entries, found, set(), 1, 2, 10**6)
+    assert first is not None
     assert layouts.draft([list(e) for e in entries], dict(found), set(), 1, 2, 10**6) is first
     assert layouts.draft(entries, found, set(), 1, 2, 10**5) is not first  # another limit: another plan
+    stepped = [e if e[0] != "step" else [*e[:5], "01", e[6]] for e in entries]  # Adam's step moved on
+    again = layouts.draft(stepped, found, set(), 1, 2, 10**6)
+    assert again is not None and again.units is first.units  # the same plan...
+    assert again.structure != first.structure  # ...under the digest the ranks compare, with the new value

@@ -34,6 +34,10 @@ def test_with_read_once_each_rank_reads_about_half_and_the_job_reads_it_once(wor
     assert sum(spread) < 1.15 * max(alone)
 
 
+def test_a_destination_read_twice_ends_as_without_spreading(world2: Path) -> None:
+    assert all(r["twice equal"] is True for r in found(world2))
+
+
 def test_on_one_host_the_default_reads_as_every_rank_would(world2: Path) -> None:
     for r in found(world2):  # ranks of one host share its page cache: spreading would only add broadcasts
         assert r["read None"] > 0.9 * r["read False"]

@@ -102,8 +102,15 @@ _LAZY = {
 }
 
 
+# The public modules, reachable as attributes as when the package imported them all (``torchckpt.rng``).
+_MODULES = frozenset({"checkpoint", "cli", "integrations", "manager", "reader", "restore", "rng", "run_state",
+                      "state_dicts"})
+
+
 def __getattr__(name: str) -> Any:
     """Import a public name's module on first use, then keep the name here (later uses are plain lookups)."""
+    if name in _MODULES:
+        return importlib.import_module(f"torchckpt.{name}")  # the import binds it here too
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'torchckpt' has no attribute {name!r}")

@@ -27,6 +27,9 @@ def model_of(seed: int) -> torch.nn.Module:
         model.register_parameter(f"p{i}", torch.nn.Parameter(torch.randn(shape)))
     model.register_buffer("count", torch.tensor(seed, dtype=torch.int64))
     model.register_buffer("flags", torch.tensor([True, False, bool(seed % 2)]))
+    # gloo has no collectives for int16 or float8: broadcast as bytes, the large one in place
+    model.register_buffer("codes", torch.randint(-(2**15), 2**15, (3 * 2**20,), dtype=torch.int16))
+    model.register_buffer("scales", torch.randn(64).to(torch.float8_e4m3fn))
     return model
 
 
@@ -78,6 +81,16 @@ def read_once(d: Path, rank: int, world: int) -> dict[str, Any]:
     torchckpt.Checkpoint(**tracked).read(path, read_once=True, timeout_secs=TIMEOUT).expect_partial()
     out["read differing"] = rchar() - before
     out["equal differing"] = all(torch.equal(v, saved[f"model/{k}"]) for k, v in other.state_dict().items())
+    # One destination read twice (two names tracking one tensor), the split falling between the two
+    # reads: one rank reads both, in order, as a rank alone would.
+    twice = torchckpt.Checkpoint(a=torch.randn(2**18), b=torch.randn(2**18)).write(d / "read-twice",
+                                                                                    timeout_secs=TIMEOUT)
+    restored = {}
+    for mode in (True, False):
+        u = torch.zeros(2**18)
+        torchckpt.Checkpoint(a=u, b=u).read(twice, read_once=mode, timeout_secs=TIMEOUT)
+        restored[mode] = u
+    out["twice equal"] = torch.equal(restored[True], restored[False]) and bool(restored[False].abs().sum() > 0)
     # A flipped byte in the tensor the last rank reads: every rank raises, none hangs.
     damaged = d / "read-once-damaged"
     if rank == 0:

@@ -11,7 +11,8 @@ Orbax's single-replica restore and Megatron's fully parallel load do:
    contiguous CPU tensor, and whose saved tensor is not per rank) and the ranks compare digests of
    their lists: only when all are equal are the reads spread, else every rank reads all, as before;
 2. the list, in file order, is cut into one run per rank of about equal bytes, so that each rank
-   reads a contiguous stretch of the shards: rank r keeps only its run in its plan;
+   reads a contiguous stretch of the shards: rank r keeps only its run in its plan (a destination
+   read twice, by two saved tensors, is read by one rank, whose last read wins as without spreading);
 3. after every rank has read its part (checked against the checksums, as every read is), each
    run is broadcast from its reader: tensors of ``DIRECT_BYTES`` or more in place, smaller ones
    packed into buckets, so that thousands of small tensors cost a few collectives.
@@ -84,15 +85,15 @@ def assign(plan: Plan, described: Sequence[list[str] | None], coord: AnyCoordina
         return None
     world = len(described)
     spread = Spread(getattr(coord, "group", None), coord.rank, [[] for _ in range(world)])
-    others: set[int] = set()
+    readers: dict[int, int] = {}  # destination -> its one reader: a destination read twice is read by one rank
     before = 0
     for dest, saved in candidates:
         reader = min(world - 1, (2 * before + saved.nbytes) * world // (2 * total))  # the rank its middle byte falls to
         before += saved.nbytes
-        spread.runs[reader].append(dest)
-        if reader != coord.rank:
-            others.add(id(dest))
-    plan.reads = [pair for pair in plan.reads if id(pair[0]) not in others]
+        if id(dest) not in readers:
+            readers[id(dest)] = reader
+            spread.runs[reader].append(dest)
+    plan.reads = [pair for pair in plan.reads if readers.get(id(pair[0]), coord.rank) == coord.rank]
     return spread
 
 
@@ -103,8 +104,8 @@ def broadcast(spread: Spread) -> None:
             bucket: list[torch.Tensor] = []
             size = 0
             for t in run:
-                if t.nbytes >= DIRECT_BYTES:
-                    dist.broadcast(t, group=spread.group, group_src=src)
+                if t.nbytes >= DIRECT_BYTES:  # as bytes: gloo has no collectives for some dtypes (int16, float8)
+                    dist.broadcast(_bytes_of(t), src=_global(spread, src), group=spread.group)
                     continue
                 if t.nbytes:
                     bucket.append(t)
@@ -119,12 +120,17 @@ def broadcast(spread: Spread) -> None:
 def _send_bucket(spread: Spread, src: int, bucket: list[torch.Tensor], size: int) -> None:
     mine = src == spread.rank
     flat = torch.cat([_bytes_of(t) for t in bucket]) if mine else torch.empty(size, dtype=torch.uint8)
-    dist.broadcast(flat, group=spread.group, group_src=src)
+    dist.broadcast(flat, src=_global(spread, src), group=spread.group)
     if not mine:
         offset = 0
         for t in bucket:
             _bytes_of(t).copy_(flat[offset : offset + t.nbytes])
             offset += t.nbytes
+
+
+def _global(spread: Spread, rank: int) -> int:
+    """The global rank of the group's ``rank`` (``broadcast``'s ``src``, on every torch we support)."""
+    return rank if spread.group is None else dist.get_global_rank(spread.group, rank)
 
 
 def _bytes_of(t: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ kept for the next save of the same structure, the common case of a training run.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import json
 import math
@@ -65,14 +66,16 @@ def draft(entries: Sequence[list[Any]], layouts: dict[str, Layout | None], per_r
     layout that needs the general plan. ``entries`` are ``_save.collective.Captured.entries``,
     ``layouts`` each DTensor's (``_dist.dtensor.simple_layout``), ``per_rank`` the names of per-rank
     tensors."""
-    shared: list[list[Any]] = []
+    shared: list[list[Any]] = []  # what every rank must hold alike, but for the small values
+    values: list[str | None] = []  # the digests of small plain tensors (an optimizer's step changes every save)
     own: list[list[Any]] = []
     for entry in entries:
         name, dtype, shape, offsets, sizes, digest, group = entry
         if name in per_rank:
             own.append(entry)
         elif offsets is None:
-            shared.append([name, dtype, shape, digest, group])
+            shared.append([name, dtype, shape, group])
+            values.append(digest)
         else:
             layout = layouts.get(name)
             if layout is None or math.prod(layout[0]) != world or 0 in shape:
@@ -80,8 +83,9 @@ def draft(entries: Sequence[list[Any]], layouts: dict[str, Layout | None], per_r
             shared.append([name, dtype, shape, group, layout[0], layout[1]])
             own.append([name, offsets, sizes, layout[2]])
     text = json.dumps(shared, separators=(",", ":"))
-    structure = xxhash.xxh3_128_hexdigest(text.encode())
-    key = xxhash.xxh3_128_hexdigest(f"{structure} {rank} {world} {max_shard_size} {json.dumps(own)}".encode())
+    structure = xxhash.xxh3_128_hexdigest(f"{text} {json.dumps(values)}".encode())
+    # The plan depends on the layout, not on the values: kept across saves whose values differ.
+    key = xxhash.xxh3_128_hexdigest(f"{text} {rank} {world} {max_shard_size} {json.dumps(own)}".encode())
     found = _drafts.get(key)
     if found is None:
         found = _plan(entries, layouts, per_rank, rank, world, max_shard_size, structure)
@@ -89,7 +93,7 @@ def draft(entries: Sequence[list[Any]], layouts: dict[str, Layout | None], per_r
         while len(_drafts) > _CACHE_SIZE:
             _drafts.popitem(last=False)
     _drafts.move_to_end(key)
-    return found
+    return found if found.structure == structure else dataclasses.replace(found, structure=structure)
 
 
 def numbered(plan: Draft, counts: Sequence[int], rank: int) -> RankPlan:
