@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from torchckpt._format import chunks as format_chunks
-from torchckpt._format import document as format_document
 from torchckpt._format import dtypes as format_dtypes
 from torchckpt._format import index as format_index
 from torchckpt._format import spec as format_spec
@@ -34,19 +33,16 @@ from torchckpt._format import tree as format_tree
 from torchckpt._format.dtypes import TensorInfo
 from torchckpt._format.spec import INDEX_FILE
 from torchckpt._history import members as history_members
+from torchckpt._load import foreign, stream
 from torchckpt._load import opened as load_opened
-from torchckpt._load import stream
 from torchckpt._paths import as_path, join, name_of, parent_of
 from torchckpt._storage.base import Source, Storage
 from torchckpt._storage.registry import storage_for
-from torchckpt._threads import gc_paused
 from torchckpt.errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
     VariableNotFoundError,
-    shard_missing,
-    shard_unreadable,
 )
 
 if TYPE_CHECKING:
@@ -54,7 +50,6 @@ if TYPE_CHECKING:
 
 __all__ = ["CheckpointReader", "TensorSpec", "list_variables", "load_checkpoint", "load_variable"]
 
-HF_INDEX_SUFFIX = ".safetensors.index.json"
 
 
 @dataclass(frozen=True)
@@ -121,13 +116,9 @@ class CheckpointReader:
     def _from_safetensors(cls, files: list[str], path: str, kind: str, storage: Storage) -> CheckpointReader:
         reader = cls(path, kind, storage)
         for file in files:
-            source = _open_plain(storage, file)
-            try:
-                infos, _, _ = load_opened.read_header(source, file)  # plain files are addressed by full path
-            finally:
-                source.close()
+            infos = foreign.headers(storage, file)
             reader._headers[file] = {t.name: t for t in infos}
-            for t in sorted(infos, key=lambda t: t.start):
+            for t in infos:
                 if t.name in reader._files:
                     raise CorruptCheckpointError(f"Tensor {t.name!r} is in both {reader._files[t.name]} and {file}.", path)
                 reader._files[t.name] = file
@@ -446,38 +437,10 @@ def _specs(node: Any, shapes: dict[str, torch.Size], dtypes: dict[str, torch.dty
     return node
 
 
-def _open_plain(storage: Storage, path: str) -> Source:
-    try:
-        return storage.open(path, "Shard")
-    except FileNotFoundError:
-        raise CorruptCheckpointError(shard_missing(path), path) from None
-    except OSError as e:
-        raise CorruptCheckpointError(shard_unreadable(path, e), path) from e
-
-
-def _hf_index(directory: str, storage: Storage) -> str | None:
-    found = sorted(n for n in storage.list_names(directory) if n.endswith(HF_INDEX_SUFFIX))
-    if len(found) > 1:
-        raise CorruptCheckpointError(
-            f"{directory} holds several Hugging Face indexes ({', '.join(found)}); pass the one to read.", directory
-        )
-    return join(directory, found[0]) if found else None
-
-
 def _read_hf_index(path: str, storage: Storage) -> CheckpointReader:
-    directory = parent_of(path)
-    try:
-        data = storage.read_file(path, format_spec.MAX_INDEX_SIZE, "Index")
-    except OSError as e:
-        raise CorruptCheckpointError(f"Cannot read the Hugging Face index {path}: {e.strerror or e}", path) from e
-    with gc_paused():
-        raw = format_document.parse_json(data, path, "Hugging Face index")
-    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise CorruptCheckpointError(f"{path} has no 'weight_map' of tensor names to shard files.", path)
-    files = sorted({format_spec.check_member_name(directory, f, "shard") for f in weight_map.values()})
-    reader = CheckpointReader._from_safetensors([join(directory, f) for f in files], path, "huggingface", storage)
-    missing = sorted(set(weight_map) - set(reader._files))
+    files, listed = foreign.hf_shards(path, storage)
+    reader = CheckpointReader._from_safetensors(files, path, "huggingface", storage)
+    missing = sorted(listed - set(reader._files))
     if missing:
         raise CorruptCheckpointError(f"{path} lists tensors its shards do not hold: {', '.join(missing[:5])}.", path)
     return reader
@@ -503,7 +466,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, storage_options: dict[str, 
     storage = storage_for(p, storage_options)
     is_dir = storage.follows_to_dir(p)
     if not is_dir and storage.exists(p):
-        if p.endswith(HF_INDEX_SUFFIX):
+        if p.endswith(foreign.HF_INDEX_SUFFIX):
             return _read_hf_index(p, storage)
         if p.endswith(format_spec.SHARD_SUFFIX):
             return CheckpointReader._from_safetensors([p], p, "safetensors", storage)
@@ -511,7 +474,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, storage_options: dict[str, 
             return CheckpointReader._from_torchckpt(parent_of(p), storage)
         raise CheckpointNotFoundError(f"{p} is neither a checkpoint directory, a .safetensors file nor an index.", p)
     if is_dir and not storage.exists(join(p, INDEX_FILE)):
-        hf = _hf_index(p, storage)
+        hf = foreign.hf_index_in(p, storage)
         if hf is not None:
             return _read_hf_index(hf, storage)
         names = storage.list_names(p)

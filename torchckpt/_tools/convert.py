@@ -49,6 +49,7 @@ import safetensors
 import torch
 
 from torchckpt._format import spec as format_spec
+from torchckpt._load.foreign import HF_INDEX_SUFFIX
 from torchckpt._paths import is_url, join
 from torchckpt._storage.base import REGULAR_FILE, Source, Storage
 from torchckpt._tools.export import HF_INDEX, HF_SINGLE
@@ -59,7 +60,7 @@ from torchckpt.errors import (
     UnsafePickleError,
     UnsupportedStateError,
 )
-from torchckpt.reader import HF_INDEX_SUFFIX, load_checkpoint
+from torchckpt.reader import load_checkpoint
 
 HF_BIN = "pytorch_model.bin"
 HF_BIN_INDEX = "pytorch_model.bin.index.json"

@@ -1,0 +1,61 @@
+"""Checkpoints torchckpt did not write, opened for reading: a plain ``.safetensors`` file, or a
+Hugging Face sharded folder through its ``*.safetensors.index.json``.
+
+Their headers are validated as a torchckpt shard's are (``_load.opened.read_header``), and an
+index's shard names must stay inside its folder: a downloaded folder is untrusted input like any
+other. The reader (``torchckpt.reader``) builds its view from what these return.
+"""
+
+from __future__ import annotations
+
+from torchckpt._format import document as format_document
+from torchckpt._format import spec as format_spec
+from torchckpt._format.dtypes import TensorInfo
+from torchckpt._load import opened as load_opened
+from torchckpt._paths import join, parent_of
+from torchckpt._storage.base import Storage
+from torchckpt._threads import gc_paused
+from torchckpt.errors import CorruptCheckpointError, shard_missing, shard_unreadable
+
+HF_INDEX_SUFFIX = ".safetensors.index.json"
+
+
+def headers(storage: Storage, file: str) -> list[TensorInfo]:
+    """The tensors of the safetensors file ``file`` (a full path), from its validated header, in file order."""
+    try:
+        source = storage.open(file, "Shard")
+    except FileNotFoundError:
+        raise CorruptCheckpointError(shard_missing(file), file) from None
+    except OSError as e:
+        raise CorruptCheckpointError(shard_unreadable(file, e), file) from e
+    try:
+        infos, _, _ = load_opened.read_header(source, file)  # plain files are addressed by full path
+    finally:
+        source.close()
+    return sorted(infos, key=lambda t: t.start)
+
+
+def hf_index_in(directory: str, storage: Storage) -> str | None:
+    """The Hugging Face index of ``directory``, if it holds one (several are refused: which to read?)."""
+    found = sorted(n for n in storage.list_names(directory) if n.endswith(HF_INDEX_SUFFIX))
+    if len(found) > 1:
+        raise CorruptCheckpointError(
+            f"{directory} holds several Hugging Face indexes ({', '.join(found)}); pass the one to read.", directory
+        )
+    return join(directory, found[0]) if found else None
+
+
+def hf_shards(path: str, storage: Storage) -> tuple[list[str], set[str]]:
+    """The shard files (full paths) a Hugging Face index names, and the tensor names it lists."""
+    directory = parent_of(path)
+    try:
+        data = storage.read_file(path, format_spec.MAX_INDEX_SIZE, "Index")
+    except OSError as e:
+        raise CorruptCheckpointError(f"Cannot read the Hugging Face index {path}: {e.strerror or e}", path) from e
+    with gc_paused():
+        raw = format_document.parse_json(data, path, "Hugging Face index")
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CorruptCheckpointError(f"{path} has no 'weight_map' of tensor names to shard files.", path)
+    files = sorted({format_spec.check_member_name(directory, f, "shard") for f in weight_map.values()})
+    return [join(directory, f) for f in files], set(weight_map)
