@@ -88,7 +88,7 @@ def test_the_split_gives_each_rank_a_contiguous_run_of_about_equal_bytes() -> No
     runs = []
     for rank in range(3):
         plan, dests = planned([100, 100, 100, 100, 100, 100, 300, 10, 10])
-        found = spread.assign(plan, [["d", "h"]] * 3, Rank(rank))
+        found = spread.assign(plan, spread.replicated(plan), [["d", "h"]] * 3, Rank(rank))
         assert found is not None
         ids = {id(t): i for i, t in enumerate(dests)}
         runs.append([[ids[id(t)] for t in run] for run in found.runs])
@@ -100,7 +100,7 @@ def test_runs_follow_the_files_order_not_the_plans() -> None:
     from torchckpt._load import spread
 
     plan, dests = planned([5, 5, 5, 5], file_of=lambda i: "b.safetensors" if i < 2 else "a.safetensors")
-    found = spread.assign(plan, [["d", "h"]] * 2, Rank(0))
+    found = spread.assign(plan, spread.replicated(plan), [["d", "h"]] * 2, Rank(0))
     assert found is not None and found.runs[0] == [dests[2], dests[3]] and found.runs[1] == [dests[0], dests[1]]
 
 
@@ -114,7 +114,7 @@ def test_no_spreading_unless_every_rank_agrees_and_it_pays(read_once: bool | Non
 
     plan, _ = planned([10, 10])
     plan.read_once = read_once
-    assert spread.assign(plan, described, Rank(0)) is None and len(plan.reads) == 2
+    assert spread.assign(plan, spread.replicated(plan), described, Rank(0)) is None and len(plan.reads) == 2
 
 
 def test_the_default_spreads_over_several_hosts() -> None:
@@ -122,5 +122,5 @@ def test_the_default_spreads_over_several_hosts() -> None:
 
     plan, _ = planned([10, 10])
     plan.read_once = None
-    found = spread.assign(plan, [["d", "host-a"], ["d", "host-b"]], Rank(1))
+    found = spread.assign(plan, spread.replicated(plan), [["d", "host-a"], ["d", "host-b"]], Rank(1))
     assert found is not None and len(plan.reads) == 1

@@ -82,19 +82,26 @@ def _restore_from(target: Target, storage: Storage, directory: str, plan: Plan, 
     broadcasts to one that failed: a failure is raised on every rank before any broadcast."""
     with contextlib.ExitStack() as stack:
         opened_shards: list[opened.OpenShards] = []
+        found: list[Any] = []  # the reads every rank makes alike (``spread.replicated``)
 
-        def open_and_plan() -> list[str] | None:
+        def open_and_plan() -> None:
             index = opened.load_index(directory, storage)
             # opened together: a deletion from here on cannot touch the read
             opened_shards.append(stack.enter_context(opened.OpenShards(index, storage)))
-            _plan(target, index, opened_shards[0], plan)
-            return spread.describe(plan, coord)  # the index is dropped: only the plan stays in memory
+            _plan(target, index, opened_shards[0], plan)  # the index is dropped: only the plan stays in memory
 
         if plan.read_once is False or isinstance(coord, dist_coordinator.Solo):
             open_and_plan()
             execute(plan, opened_shards[0], verify, progress)
             return Restored(plan.report, directory)
-        spreading = spread.assign(plan, dist_coordinator.agree_all(coord, coord.what, open_and_plan), coord)
+
+        def plan_and_describe() -> list[str] | None:
+            open_and_plan()
+            found.extend(spread.replicated(plan))
+            return spread.describe(found, coord)
+
+        described = dist_coordinator.agree_all(coord, coord.what, plan_and_describe)
+        spreading = spread.assign(plan, found, described, coord)
         shards = opened_shards[0]
         dist_coordinator.agree(coord, coord.what, lambda: read(plan, shards, verify, progress))
         if spreading is not None:

@@ -60,26 +60,33 @@ class Spread:
     runs: list[list[torch.Tensor]] = field(default_factory=list)
 
 
-def describe(plan: Plan, coord: AnyCoordinator) -> list[str] | None:
-    """This rank's candidates (a digest) and host, for the ranks' exchange; None when this restore
-    does not spread its reads (a single process, ``read_once=False``, a group without CPU collectives)."""
-    if plan.read_once is False or not coord.is_collective or not _carries_cpu(getattr(coord, "group", None)):
+def replicated(plan: Plan) -> list[tuple[torch.Tensor, Any]]:
+    """The planned reads every rank makes alike (see :func:`_candidates`), in file order: listed
+    once, then described to the other ranks and cut into runs."""
+    return sorted(_candidates(plan), key=_position)
+
+
+def describe(found: list[tuple[torch.Tensor, Any]], coord: AnyCoordinator) -> list[str] | None:
+    """A digest of this rank's :func:`replicated` reads, and its host, for the ranks' exchange;
+    None when this restore cannot spread them (a single process, a group without CPU collectives)."""
+    if not coord.is_collective or not _carries_cpu(getattr(coord, "group", None)):
         return None
     listed = [[saved.name, format_dtypes.DTYPE_NAMES[saved.dtype], str(dest.dtype), list(saved.shape)]
-              for dest, saved in _candidates(plan)]
+              for dest, saved in found]
     digest = xxhash.xxh3_128_hexdigest(json.dumps([coord.world, listed], separators=(",", ":")).encode())
     return [digest, socket.gethostname()]
 
 
-def assign(plan: Plan, described: Sequence[list[str] | None], coord: AnyCoordinator) -> Spread | None:
-    """Cut the candidates into one run per rank and drop the other ranks' runs from this rank's
-    plan; None (and the plan unchanged) unless every rank described the same candidates, and (with
-    ``read_once=None``) the ranks run on more than one host."""
+def assign(plan: Plan, found: list[tuple[torch.Tensor, Any]], described: Sequence[list[str] | None],
+           coord: AnyCoordinator) -> Spread | None:
+    """Cut this rank's :func:`replicated` reads ``found`` into one run per rank and drop the other
+    ranks' runs from its plan; None (and the plan unchanged) unless every rank described the same
+    reads, and (with ``read_once=None``) the ranks run on more than one host."""
     if any(d is None for d in described) or len({d[0] for d in described if d is not None}) != 1:
         return None
     if plan.read_once is None and len({d[1] for d in described if d is not None}) == 1:
         return None  # one host: its page cache already reads each byte of storage once
-    candidates = sorted(_candidates(plan), key=_position)
+    candidates = found
     total = sum(saved.nbytes for _, saved in candidates)
     if not total:
         return None
