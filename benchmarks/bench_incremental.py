@@ -3,7 +3,8 @@
 A training run saves again and again; with a frozen backbone or LoRA most bytes of a checkpoint are
 the bytes of the one before. An incremental save hard-links (local) or copies server-side (object
 store) every shard that did not change, after comparing it by xxh3 and reading the placed file
-back. This script measures what that saves, and what it costs when nothing could be reused.
+back (unless this process wrote or read back that very file and its stamp is unchanged, see
+``_save/reuse.py``: from the second save of a run on a local disk). This script measures what that saves, and what it costs when nothing could be reused.
 
 Every method runs the whole sequence of saves of a workload in a fresh process (model built,
 one training step so that Adam has its state, then save, step, save, ...) and reports per save
@@ -48,7 +49,8 @@ Methods:
   apart; moto keeps objects in memory, so the times are protocol overhead, not S3 bandwidth.
 
 Where the hashing cost goes: an incremental save hashes each tensor of a shard it may reuse
-(stopping at the first that differs), and after linking reads the placed file back and hashes it.
+(stopping at the first that differs), and after linking reads the placed file back and hashes it
+where it cannot trust the file's stamp (a file another process wrote; an object store).
 On ``changing`` every shard differs, so the torchckpt - torchckpt-full difference of the second
 save is the price of a failed check. On ``frozen`` and ``lora`` the torchckpt process measures,
 after its saves, the two parts of a successful check apart: xxh3 of the frozen parameters in

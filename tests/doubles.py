@@ -203,6 +203,9 @@ class StageDouble(Hooked):
     def drop(self, name: str) -> None:
         self.inner.drop(name)
 
+    def stamp(self, name: str) -> Any:
+        return self.inner.stamp(name)
+
     def __getattr__(self, name: str) -> Any:  # ``path``, and whatever else the stage has
         return getattr(self.inner, name)
 

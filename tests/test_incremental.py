@@ -16,6 +16,7 @@ import os
 import shutil
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,8 @@ import torch
 import torchckpt
 from torchckpt import CheckpointManager
 from torchckpt._format import spec
+from torchckpt._save import reuse as save_reuse
+from torchckpt._storage.local import LocalStorage
 from torchckpt.cli import main
 
 from .conftest import read_index, write_index
@@ -627,6 +630,87 @@ def test_a_placed_file_that_fails_its_read_back_is_dropped_and_written_afresh(ba
     assert_bit_exact(backbone1.restored(second), expected)
     assert verified(second, capsys)
     mgr.close()
+
+
+# -- files this process wrote are not read back again -----------------------------------------------
+
+
+def shard_reads(storage: Any, since: int) -> list[str]:
+    """The shard files a storage double opened to read after its call ``since`` (a read-back)."""
+    return [args[0] for point, args in storage.calls[since:] if point == "open" and args[1] == "Shard"]
+
+
+def test_a_file_this_process_wrote_or_checked_is_trusted_by_its_stamp_until_it_changes(backbone1, disk, tmp_path,
+                                                                                        capsys):
+    run = str(tmp_path / "run")
+    mgr = CheckpointManager(backbone1.checkpoint(), run, max_to_keep=5)
+    first = mgr.save()
+    frozen = shard_of(first, FROZEN)
+    time.sleep(0.05)  # the filesystem's clock ticks between a file's last write and the next index
+    for _ in range(2):
+        backbone1.step()
+        since = len(disk.calls)
+        latest = mgr.save()
+        assert reused(latest)["files"] == {frozen: frozen}
+    assert shard_reads(disk, since) == []  # the third save read nothing back: it knew the file
+
+    flip(os.path.join(latest, frozen))  # after the save: the time moves, the stamp no longer matches
+    backbone1.step()
+    since = len(disk.calls)
+    damaged_base, fourth = latest, mgr.save()
+    expected = backbone1.state()
+    assert [os.path.basename(p) for p in shard_reads(disk, since)] == [frozen]  # read back, found damaged
+    assert disk.called("stage.drop")[-1] == (frozen,) and reused(fourth) is None
+    assert links(fourth, frozen) == 1
+    assert not verified(damaged_base, capsys) and verified(fourth, capsys)
+    assert_bit_exact(backbone1.restored(fourth), expected)
+    mgr.close()
+
+
+def test_an_identical_copy_of_a_known_file_is_read_back_before_it_is_reused(backbone1, disk, tmp_path, capsys):
+    run = str(tmp_path / "run")
+    mgr = CheckpointManager(backbone1.checkpoint(), run)
+    first = mgr.save()
+    frozen = shard_of(first, FROZEN)
+    time.sleep(0.05)
+    backbone1.step()
+    second = mgr.save()
+    # The same bytes in a new inode, keeping the time: another file than the one this process knows.
+    shard = os.path.join(second, frozen)
+    shutil.copy2(shard, shard + ".copy")
+    os.replace(shard + ".copy", shard)
+    backbone1.step()
+    since = len(disk.calls)
+    third = mgr.save()
+    assert [os.path.basename(p) for p in shard_reads(disk, since)] == [frozen]
+    assert reused(third)["files"] == {frozen: frozen}  # it read back intact, so it was reused
+    assert verified(third, capsys)
+    mgr.close()
+
+
+def test_a_stamp_as_late_as_the_index_is_not_trusted(tmp_path):
+    storage = LocalStorage()
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    shard, index = checkpoint / "model.safetensors", checkpoint / spec.INDEX_FILE
+    shard.write_bytes(b"x" * 100)
+    index.write_bytes(b"{}")
+    stamp = storage.stamp(str(shard))
+    assert stamp is not None and stamp[2] == 100
+
+    def kept(index_mtime_ns: int) -> bool:
+        os.utime(index, ns=(index_mtime_ns, index_mtime_ns))
+        checked = save_reuse.Checked()
+        checked.add(stamp, "h", (1, 2))
+        checked.keep(storage, str(checkpoint))
+        return save_reuse.known(stamp, "h", (1, 2))
+
+    # The same tick: a change made right after the stamp could have left the time as it was.
+    assert not kept(stamp[3])
+    assert kept(stamp[3] + 1)
+    assert not save_reuse.known(stamp, "h", (1, 3)) and not save_reuse.known(stamp, "other", (1, 2))
+    assert not save_reuse.known(None, "h", (1, 2))
+    assert storage.stamp(str(checkpoint)) is None and storage.stamp(str(tmp_path / "missing")) is None
 
 
 # -- object stores: the server copies what did not change ------------------------------------------

@@ -266,7 +266,8 @@ def finish(coord: Coordinator, storage: Storage, prepared: Prepared, progress: b
         opened = dist_coordinator.decode(coord.broadcast("stage", None, coord.outcome_timeout_secs))
     if "error" in opened:
         raise dist_coordinator.collective_error({0: opened["error"]}, "Saving " + path) from stage_error
-    report, write_error = _write_mine(coord, storage, prepared, opened["stage"], progress)
+    checked = save_reuse.Checked() if prepared.incremental else None
+    report, write_error = _write_mine(coord, storage, prepared, opened["stage"], progress, checked)
     reports = _gather_reports(coord, report)
     if coord.rank == 0:
         assert stage is not None
@@ -277,6 +278,9 @@ def finish(coord: Coordinator, storage: Storage, prepared: Prepared, progress: b
     if "failures" in outcome:
         failures = {int(r): f for r, f in outcome["failures"].items()}
         raise dist_coordinator.collective_error(failures, "Saving " + path) from write_error
+    if checked is not None:
+        with contextlib.suppress(OSError):  # a file not remembered is read back next time: never this save's outcome
+            checked.keep(storage, path)
     return outcome.get("after")
 
 
@@ -290,9 +294,9 @@ def _gather_reports(coord: Coordinator, report: dict[str, Any]) -> list[dict[str
 
 
 def _write_mine(coord: Coordinator, storage: Storage, prepared: Prepared, stage_path: str,
-                progress: bool | None) -> tuple[dict[str, Any], Exception | None]:
+                progress: bool | None, checked: save_reuse.Checked | None) -> tuple[dict[str, Any], Exception | None]:
     """Write this rank's files into the stage (reusing the base's identical files, each rank its
-    own); returns its report (or its failure)."""
+    own); returns its report (or its failure). ``checked`` collects the stamps of its files."""
     path, plan, captured = prepared.path, prepared.plan, prepared.captured
     try:
         base = save_reuse.open_base(storage, prepared.base, coord.world) if prepared.base is not None else None
@@ -305,7 +309,7 @@ def _write_mine(coord: Coordinator, storage: Storage, prepared: Prepared, stage_
             with progress_bar(total, f"save {name_of(path)}", progress if coord.rank == 0 else False) as bar:
                 blocks = array.array("Q")
                 records, digests = save_write.write_shards(stage, shards, [stage.member(f) for f, _ in files], stored,
-                                                           bar.update, blocks, base, prepared.incremental)
+                                                           bar.update, blocks, base, prepared.incremental, checked)
         except OSError as e:
             if isinstance(e, CheckpointWriteError):
                 raise

@@ -17,6 +17,20 @@ is written afresh. Reading it back costs a fraction of writing it when it is in 
 single process reads its frozen shards into it after each commit, see ``_storage.local``), about
 as much as reading it when it is not, and a download on an object store.
 
+Why a file this process wrote or already checked is not read back again: reading back costs
+as much memory bandwidth as hashing the state, and a run saves the same frozen files again and
+again. A local file's stamp (device, inode, size, modification time; ``Storage.stamp``) changes
+with every write, truncation or replacement made through the filesystem, so where the stamp of the
+placed file is the one this process saw when it wrote the file, or when it last read it back, the
+file still holds those bytes. Two limits, the ones git's index lives with (its "racily clean"
+entries): a change made within the same timestamp tick as that stamp leaves the time as it was, so
+a stamp counts only once the checkpoint's index, written after it, carries a later time
+(:meth:`Checked.keep`), and the race left is a writer changing the file within one tick of our own
+write; and damage under the filesystem (a bit rotting on the disk) changes no stamp, as it changes
+no page that a warm page cache would return to a read-back either. A process that did not write
+the file (a resumed run, a downloaded directory) reads it back, and so does every save on an
+object store, where a reused shard is a new object each time.
+
 Why only from a checkpoint saved by as many ranks: on another world size the chunks and the files
 differ (a save by one process and by several ranks are different formats), so the save writes in full.
 """
@@ -24,6 +38,7 @@ differ (a save by one process and by several ranks are different formats), so th
 from __future__ import annotations
 
 import array
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,10 +51,54 @@ from torchckpt._format import blocks as format_blocks
 from torchckpt._format import index as format_index
 from torchckpt._format.spec import INDEX_FILE, MAX_INDEX_SIZE
 from torchckpt._paths import join, name_of, parent_of
-from torchckpt._storage.base import Stage, Storage
+from torchckpt._storage.base import Stage, Stamp, Storage
 from torchckpt.errors import CheckpointError
 
 _aside = _threads.Worker("torchckpt-reuse")  # hashes tensors while the placed file is read back
+
+KNOWN_FILES = 4096  # how many files' stamps a process remembers (oldest forgotten first)
+# (device, inode) -> (size, modification time, header checksum, tensor digests) of a file this process wrote or checked
+_known: dict[tuple[int, int], tuple[int, int, str, tuple[int, ...]]] = {}
+_known_lock = threading.Lock()
+
+
+class Checked:
+    """The shard files one save wrote or read back, with what they hold, until the save commits:
+    then :meth:`keep` lets later saves of this process trust their stamps instead of reading them
+    back (see the module's notes)."""
+
+    def __init__(self) -> None:
+        self.files: list[tuple[Stamp, str, tuple[int, ...]]] = []
+
+    def add(self, stamp: Stamp | None, header_checksum: str, digests: Sequence[int]) -> None:
+        """The file whose stamp is ``stamp`` holds the header with ``header_checksum`` and tensors with ``digests``."""
+        if stamp is not None:
+            self.files.append((stamp, header_checksum, tuple(digests)))
+
+    def keep(self, storage: Storage, path: str) -> None:
+        """Remember the files, once the checkpoint ``path`` is committed: those whose time is earlier
+        than its index's (a change made after that always moves the time); the rest are read back
+        when next reused."""
+        marker = storage.stamp(join(path, INDEX_FILE)) if self.files else None
+        if marker is None:
+            return
+        with _known_lock:
+            for (device, inode, size, mtime), header_checksum, digests in self.files:
+                if device == marker[0] and mtime < marker[3]:
+                    _known.pop((device, inode), None)
+                    _known[device, inode] = (size, mtime, header_checksum, digests)
+            while len(_known) > KNOWN_FILES:
+                del _known[next(iter(_known))]
+        self.files.clear()
+
+
+def known(stamp: Stamp | None, header_checksum: str, digests: tuple[int, ...]) -> bool:
+    """Whether the file with ``stamp`` is one this process wrote or checked holding exactly that."""
+    if stamp is None:
+        return False
+    device, inode, size, mtime = stamp
+    with _known_lock:
+        return _known.get((device, inode)) == (size, mtime, header_checksum, digests)
 
 
 @dataclass(frozen=True)
@@ -106,11 +165,12 @@ class Reused:
 
 
 def reuse_shard(stage: Stage, base: Base, file: str, names: list[str], tensors: list[torch.Tensor], header: bytes,
-                block_bytes: int) -> Reused | None:
+                block_bytes: int, checked: Checked | None = None) -> Reused | None:
     """Place the shard ``file`` (``names``, ``tensors``, its encoded ``header``) from the base when
-    the base holds the same file and the placed copy reads back as exactly these bytes; None (and
-    nothing placed) otherwise, for the caller to write it. ``block_bytes``: also compute block
-    checksums (format 3), 0 for none."""
+    the base holds the same file and the placed copy reads back as exactly these bytes (or is a
+    file this process knows holds them, by its stamp); None (and nothing placed) otherwise, for the
+    caller to write it. ``block_bytes``: also compute block checksums (format 3), 0 for none.
+    ``checked`` collects the placed file's stamp for later saves."""
     found = base.shards.get(tuple(names))
     if found is None or found.size != len(header) + sum(t.nbytes for t in tensors):
         return None
@@ -122,16 +182,45 @@ def reuse_shard(stage: Stage, base: Base, file: str, names: list[str], tensors: 
     placed = stage.reuse(file, join(base.path, found.file))
     if placed is None:
         return None
-    # The rest of the tensors are hashed on another thread while the placed file is read back: both
-    # are compared with the base's digests, so the file holds these bytes when both match.
-    rest = _aside.call(_digests_if_equal, tensors[1:], found.digests[1:], block_bytes)
-    file_ok = _reads_back(base.storage, placed, header, [t.nbytes for t in tensors], found.digests)
-    current = rest.result()
+    # The stamp is taken before the read-back: a change made after it moves the time.
+    stamp = stage.stamp(file)
+    if known(stamp, found.header_checksum, found.digests):
+        # Nothing to read back: the rest of the tensors are hashed on two threads.
+        half = _half(tensors, 1)
+        later = _aside.call(_digests_if_equal, tensors[half:], found.digests[half:], block_bytes)
+        middle = _digests_if_equal(tensors[1:half], found.digests[1:half], block_bytes)
+        current, file_ok = _joined(middle, later.result()), True
+    else:
+        # The rest of the tensors are hashed on another thread while the placed file is read back:
+        # both are compared with the base's digests, so the file holds these bytes when both match.
+        rest = _aside.call(_digests_if_equal, tensors[1:], found.digests[1:], block_bytes)
+        file_ok = _reads_back(base.storage, placed, header, [t.nbytes for t in tensors], found.digests)
+        current = rest.result()
     if current is None or not file_ok:
         stage.drop(file)
         return None
+    if checked is not None:
+        checked.add(stamp, found.header_checksum, found.digests)
     base.used[file] = found.file
     return Reused(first.digests + current.digests, first.blocks + current.blocks)
+
+
+def _half(tensors: list[torch.Tensor], start: int) -> int:
+    """Where ``tensors[start:]`` splits into two runs of about equal bytes: the first index after
+    the tensor that reaches half of them."""
+    total, seen = sum(t.nbytes for t in tensors[start:]), 0
+    for i in range(start, len(tensors)):
+        seen += tensors[i].nbytes
+        if 2 * seen >= total:
+            return i + 1
+    return len(tensors)
+
+
+def _joined(first: Reused | None, second: Reused | None) -> Reused | None:
+    """Both runs' digests (and block checksums) in order; None when either differed."""
+    if first is None or second is None:
+        return None
+    return Reused(first.digests + second.digests, first.blocks + second.blocks)
 
 
 def _digests_if_equal(tensors: list[torch.Tensor], expected: tuple[int, ...], block_bytes: int) -> Reused | None:

@@ -90,9 +90,10 @@ def write_checkpoint(
         stage = storage.stage(path, replace)
         files = [stage.member(format_spec.shard_name(i, len(shards))) for i in range(1, len(shards) + 1)]
         try:
+            checked = save_reuse.Checked() if incremental else None
             with progress_bar(sum(s.nbytes for s in shards), f"save {name_of(path)}", progress) as bar:
                 records, digests = write_shards(stage, shards, files, stored, bar.update, base=reference,
-                                                keep_cached=incremental)
+                                                keep_cached=incremental, checked=checked)
             reused = reference.section(path) if reference is not None else None
             if reused is not None:
                 section = {**section, format_spec.REUSED_KEY: reused}
@@ -106,6 +107,8 @@ def write_checkpoint(
         if isinstance(e, (CheckpointWriteError, AlreadyCommitted)):
             raise
         raise CheckpointWriteError(storage.describe_write_failure(path, e), path, e) from e
+    if checked is not None:
+        checked.keep(storage, path)
     try:
         if after is not None:
             after()
@@ -118,12 +121,14 @@ def write_checkpoint(
 def write_shards(stage: Stage, shards: list[save_plan.Shard], files: list[str], stored: dict[str, torch.Tensor],
                  on_bytes: Callable[[int], None], blocks: array.array[int] | None = None,
                  base: save_reuse.Base | None = None, keep_cached: bool = False,
+                 checked: save_reuse.Checked | None = None,
                  ) -> tuple[list[dict[str, Any]], list[array.array[int]]]:
     """Write every shard into the stage; returns their records and per-tensor digests. With
     ``blocks``, every tensor's block checksums (format 3, see ``_format.blocks``) are appended to it in
     file order. With ``base``, a shard the base holds byte for byte is placed from it instead
     (``_save.reuse``); with ``keep_cached``, shards of frozen tensors are created to be read back
-    by the next save (``Stage.create``)."""
+    by the next save (``Stage.create``). ``checked`` collects the stamps of the files written or
+    placed, for the caller to keep once the checkpoint is committed (``_save.reuse.Checked``)."""
     digests: list[array.array[int]] = []  # per shard, per tensor: 8 bytes each, not an int object
     records: list[dict[str, Any]] = []
     for shard, file in zip(shards, files):
@@ -132,7 +137,8 @@ def write_shards(stage: Stage, shards: list[save_plan.Shard], files: list[str], 
         tensors = [stored[n] for n in shard.names]
         if base is not None:
             block_bytes = format_blocks.BLOCK_BYTES if blocks is not None else 0
-            reused = save_reuse.reuse_shard(stage, base, file, shard.names, tensors, b"".join(header), block_bytes)
+            reused = save_reuse.reuse_shard(stage, base, file, shard.names, tensors, b"".join(header), block_bytes,
+                                            checked)
             if reused is not None:
                 size = sum(map(len, header)) + shard.nbytes
                 records.append(_record(file, size, _header_hash(header), reused.digests, len(tensors)))
@@ -147,6 +153,8 @@ def write_shards(stage: Stage, shards: list[save_plan.Shard], files: list[str], 
 
         record, shard_digests = _write_shard(stage, file, header, shard.nbytes, len(tensors), write_data,
                                              keep_cached and shard.stable)
+        if checked is not None:
+            checked.add(stage.stamp(file), record["header_checksum"], shard_digests)
         digests.append(shard_digests)
         records.append(record)
     return records, digests

@@ -159,6 +159,9 @@ class Output(Protocol):
     def __exit__(self, *exc: object) -> None: ...
 
 
+Stamp = tuple[int, int, int, int]  # Storage.stamp: (device, inode, size, modification time in ns)
+
+
 class Stage(Protocol):
     """Where one checkpoint (or export) is being written, until ``commit`` makes it visible.
 
@@ -210,6 +213,9 @@ class Stage(Protocol):
     def drop(self, name: str) -> None:
         """Remove a file :meth:`reuse` placed (it failed its check)."""
 
+    def stamp(self, name: str) -> Stamp | None:
+        """:meth:`Storage.stamp` of the stage's file ``name``."""
+
     def member(self, name: str) -> str:
         """The name a new shard meant as ``name`` is written under: ``name`` itself where the stage
         is private to this save (a local temporary directory); on an object store, ``name`` with a
@@ -260,6 +266,13 @@ class Storage(Protocol):
 
     def mtime(self, path: str) -> float:
         """When ``path`` was last written (seconds since the epoch; -1.0 when unknown)."""
+
+    def stamp(self, path: str) -> Stamp | None:
+        """What tells this version of the file ``path`` from any other without reading it: on a
+        local filesystem its device, inode, size and modification time in nanoseconds, which any
+        write, truncation or replacement changes; None where the storage has nothing as cheap to
+        trust (an object store) or ``path`` is not a regular file. See ``_save.reuse`` for what a
+        stamp may be trusted for."""
 
     def is_shared(self, path: str) -> bool:
         """Whether the file ``path`` is also a file of another checkpoint (a hard link an

@@ -25,7 +25,7 @@ from torchckpt import _threads
 from torchckpt._format.spec import INDEX_FILE, OLD_MARKER
 from torchckpt._storage import atomic, local_output, lock
 from torchckpt._storage import files as storage_files
-from torchckpt._storage.base import IOV_MAX, LinkTarget, Output
+from torchckpt._storage.base import IOV_MAX, LinkTarget, Output, Stamp
 from torchckpt.errors import CheckpointError
 
 _INDEX_BUFFER = 2**20
@@ -234,6 +234,9 @@ class LocalStage:
     def drop(self, name: str) -> None:
         os.unlink(os.path.join(self.path, name))
 
+    def stamp(self, name: str) -> Stamp | None:
+        return self.storage.stamp(os.path.join(self.path, name))
+
     def member(self, name: str) -> str:
         return name  # the temporary directory is this save's alone: the names stay as they are
 
@@ -284,6 +287,15 @@ class LocalStorage:
             return os.lstat(path).st_mtime_ns / 1e9
         except OSError:
             return -1.0
+
+    def stamp(self, path: str) -> Stamp | None:
+        try:
+            found = os.lstat(path)
+        except OSError:
+            return None
+        if not stat.S_ISREG(found.st_mode):
+            return None
+        return found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns
 
     def is_shared(self, path: str) -> bool:
         try:

@@ -105,6 +105,10 @@ class RemoteStage:
             return None
         return target
 
+    def stamp(self, name: str) -> None:
+        del name  # see FsspecStorage.stamp
+        return None
+
     def drop(self, name: str) -> None:
         self.storage.remove_quietly(join(self.path, name))
         if name in self.created:
