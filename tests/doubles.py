@@ -190,8 +190,8 @@ class StageDouble(Hooked):
     def discard(self) -> None:
         self.inner.discard()
 
-    def settle(self) -> None:
-        self.inner.settle()
+    def settle(self, known: Any = ()) -> None:
+        self.inner.settle(known)
 
     def member(self, name: str) -> str:
         return str(self.inner.member(name))

@@ -68,28 +68,32 @@ class Checked:
     back (see the module's notes)."""
 
     def __init__(self) -> None:
-        self.files: list[tuple[Stamp, str, tuple[int, ...]]] = []
+        self.files: list[tuple[str, Stamp, str, tuple[int, ...]]] = []
 
-    def add(self, stamp: Stamp | None, header_checksum: str, digests: Sequence[int]) -> None:
-        """The file whose stamp is ``stamp`` holds the header with ``header_checksum`` and tensors with ``digests``."""
+    def add(self, name: str, stamp: Stamp | None, header_checksum: str, digests: Sequence[int]) -> None:
+        """The file ``name`` of the stage, whose stamp is ``stamp``, holds the header with
+        ``header_checksum`` and tensors with ``digests``."""
         if stamp is not None:
-            self.files.append((stamp, header_checksum, tuple(digests)))
+            self.files.append((name, stamp, header_checksum, tuple(digests)))
 
-    def keep(self, storage: Storage, path: str) -> None:
+    def keep(self, storage: Storage, path: str) -> set[str]:
         """Remember the files, once the checkpoint ``path`` is committed: those whose time is earlier
         than its index's (a change made after that always moves the time); the rest are read back
-        when next reused."""
+        when next reused. Returns the names of those remembered."""
         marker = storage.stamp(join(path, INDEX_FILE)) if self.files else None
+        kept: set[str] = set()
         if marker is None:
-            return
+            return kept
         with _known_lock:
-            for (device, inode, size, mtime), header_checksum, digests in self.files:
+            for name, (device, inode, size, mtime), header_checksum, digests in self.files:
                 if device == marker[0] and mtime < marker[3]:
                     _known.pop((device, inode), None)
                     _known[device, inode] = (size, mtime, header_checksum, digests)
+                    kept.add(name)
             while len(_known) > KNOWN_FILES:
                 del _known[next(iter(_known))]
         self.files.clear()
+        return kept
 
 
 def known(stamp: Stamp | None, header_checksum: str, digests: tuple[int, ...]) -> bool:
@@ -200,7 +204,7 @@ def reuse_shard(stage: Stage, base: Base, file: str, names: list[str], tensors: 
         stage.drop(file)
         return None
     if checked is not None:
-        checked.add(stamp, found.header_checksum, found.digests)
+        checked.add(file, stamp, found.header_checksum, found.digests)
     base.used[file] = found.file
     return Reused(first.digests + current.digests, first.blocks + current.blocks)
 

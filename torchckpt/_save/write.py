@@ -107,14 +107,13 @@ def write_checkpoint(
         if isinstance(e, (CheckpointWriteError, AlreadyCommitted)):
             raise
         raise CheckpointWriteError(storage.describe_write_failure(path, e), path, e) from e
-    if checked is not None:
-        checked.keep(storage, path)
+    known = checked.keep(storage, path) if checked is not None else set()
     try:
         if after is not None:
             after()
     finally:
         with contextlib.suppress(Exception):  # background work for the next save: never this one's outcome
-            stage.settle()
+            stage.settle(known)
     return path
 
 
@@ -154,7 +153,7 @@ def write_shards(stage: Stage, shards: list[save_plan.Shard], files: list[str], 
         record, shard_digests = _write_shard(stage, file, header, shard.nbytes, len(tensors), write_data,
                                              keep_cached and shard.stable)
         if checked is not None:
-            checked.add(stage.stamp(file), record["header_checksum"], shard_digests)
+            checked.add(file, stage.stamp(file), record["header_checksum"], shard_digests)
         digests.append(shard_digests)
         records.append(record)
     return records, digests

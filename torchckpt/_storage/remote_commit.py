@@ -22,7 +22,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
 
 from torchckpt._format.spec import (
@@ -145,8 +145,8 @@ class RemoteStage:
         self.committed = True
         self.storage.remove_quietly(join(self.path, self.marker))
 
-    def settle(self) -> None:
-        pass  # nothing to do in the background: a reused object is a copy the server made
+    def settle(self, known: Collection[str] = ()) -> None:
+        del known  # nothing to do in the background: a reused object is a copy the server made
 
     def discard(self) -> None:
         if self.committed or self.discarded:
