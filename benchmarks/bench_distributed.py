@@ -322,9 +322,10 @@ def main() -> None:
                     report["rows"][f"{workload} load world {world} {method}"] = summarize(loads[method], "read")
             if workload in ("big", "many") and len(worlds) > 1:
                 for saved, loaded in ((worlds[0], worlds[-1]), (worlds[-1], worlds[0])):
-                    rows: dict[str, list[Any]] = {"dcp": [], "torchckpt": []}
+                    resharded = [m for m in ("dcp", "torchckpt") if m in methods]  # what this run saved
+                    rows: dict[str, list[Any]] = {m: [] for m in resharded}
                     for r in range(args.rounds):
-                        for method in (("dcp", "torchckpt") if r % 2 == 0 else ("torchckpt", "dcp")):
+                        for method in (resharded if r % 2 == 0 else resharded[::-1]):
                             path = os.path.join(root, f"{workload}-{saved}-{method}")
                             rows[method].append(job(loaded, [
                                 "--mode", "load", "--method", method, "--workload", workload, "--path", path,

@@ -99,6 +99,12 @@ def test_damage_seen_by_one_rank_makes_every_rank_fall_back_to_the_same_checkpoi
         assert r["step"] == 2 and r["values"] == [2.0]
         assert len(r["warnings"]) == 1 and "ckpt-3 is damaged, so it was not used: " in r["warnings"][0]
         assert "checksum" in r["warnings"][0] and "failed on rank 1" in r["warnings"][0]
+        # A shard header only rank 1 reads disagrees with the index: found by rank 1 alone, before it read.
+        assert r["header_restored"] == str(world2 / "damaged-one-rank" / "ckpt-1"), r
+        assert r["header_step"] == 1 and r["header_values"] == [1.0]
+        ckpt2 = [w for w in r["header_warnings"] if "ckpt-2 is damaged, so it was not used: " in w]
+        assert len(ckpt2) == 1 and "failed on rank 1" in ckpt2[0] and "failed too" not in ckpt2[0], ckpt2
+        assert "holds I32" in ckpt2[0], ckpt2
 
 
 def test_calls_stay_paired_after_an_async_save_a_skipped_call_and_per_rank_order(world2):

@@ -16,6 +16,7 @@ import torchckpt
 from torchckpt import cli
 from torchckpt._format import spec
 from torchckpt._history import state as history_state
+from torchckpt._load import opened as load_opened
 from torchckpt._storage.local import LOCAL
 from torchckpt._tools.verify import verify
 
@@ -217,6 +218,7 @@ def test_special_files_are_refused_without_hanging(saved, where, kind):
     code = f"""
 import warnings, torch, torchckpt
 from torchckpt._history import state as history_state
+from torchckpt._load import opened as load_opened
 warnings.simplefilter("ignore")
 outcomes = []
 for fn in (lambda: torchckpt.latest_checkpoint({run!r}), lambda: torchckpt.get_checkpoint_state({run!r}),
@@ -316,6 +318,59 @@ def test_verify_catches_a_header_whose_offsets_differ_from_the_table(tmp_path):
     forge(path, lambda i: i["torchckpt"]["shards"][0].update(header_checksum=xxhash.xxh3_64_hexdigest(raw[:0] + struct.pack("<Q", n) + body)))
     problems = verify(torchckpt.load_checkpoint(path))
     assert problems and "in its order" in problems[0]
+
+
+# -- a rank checks the headers of the shards it reads, before it reads them --------------------
+
+
+def _two_shards(tmp_path: Path) -> tuple[str, list[str]]:
+    path = torchckpt.Checkpoint(a=torch.ones(1000), b=torch.zeros(1000)).write(tmp_path / "c", max_shard_size=4000)
+    return path, [s["file"] for s in read_index(path)["torchckpt"]["shards"]]
+
+
+def test_a_deferred_header_check_places_tensors_as_the_full_check_and_runs_when_asked(tmp_path):
+    path, files = _two_shards(tmp_path)
+    index = load_opened.load_index(path, LOCAL)
+    with load_opened.OpenShards(index, LOCAL) as shards:
+        eager = load_opened.read_shard_headers(index, shards)
+    with load_opened.OpenShards(index, LOCAL) as shards:
+        deferred = load_opened.read_shard_headers(index, shards, deferred=True)
+        assert deferred == eager and sorted(shards.unchecked) == sorted(files)
+        shards.check([files[0]])
+        assert list(shards.unchecked) == [files[1]]
+        shards.check()
+        assert not shards.unchecked
+
+
+def test_a_header_that_disagrees_with_the_index_fails_its_deferred_check_and_only_its_own(tmp_path):
+    path, files = _two_shards(tmp_path)
+    shard = Path(path, files[1])
+    raw = bytearray(shard.read_bytes())
+    (n,) = struct.unpack("<Q", raw[:8])
+    at = raw.index(b'"F32"', 8, 8 + n)
+    raw[at : at + 5] = b'"I32"'  # the same size: the table's offsets still add up
+    shard.write_bytes(bytes(raw))
+    index = load_opened.load_index(path, LOCAL)
+    with load_opened.OpenShards(index, LOCAL) as shards:
+        load_opened.read_shard_headers(index, shards, deferred=True)
+        shards.check([files[0]])  # the intact shard
+        with pytest.raises(torchckpt.CorruptCheckpointError, match="says F32 .* holds I32") as raised:
+            shards.check([files[1]])
+        assert raised.value.path == str(shard)
+    with load_opened.OpenShards(index, LOCAL) as shards, pytest.raises(torchckpt.CorruptCheckpointError,
+                                                                      match="holds I32"):
+        load_opened.read_shard_headers(index, shards)  # a single process checks every header at once
+
+
+def test_a_header_length_that_does_not_add_up_is_refused_at_once_even_deferred(tmp_path):
+    path, files = _two_shards(tmp_path)
+    shard = Path(path, files[1])
+    raw = shard.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    shard.write_bytes(struct.pack("<Q", n - 8) + raw[8:])  # the table's offsets no longer end at the file's end
+    index = load_opened.load_index(path, LOCAL)
+    with load_opened.OpenShards(index, LOCAL) as shards, pytest.raises(torchckpt.CorruptCheckpointError):
+        load_opened.read_shard_headers(index, shards, deferred=True)
 
 
 # -- B17: the fuzzer -------------------------------------------------------------------------

@@ -683,9 +683,23 @@ def flip_tensor_byte(checkpoint: Path, name: str) -> None:
     shard.write_bytes(bytes(data))
 
 
+def damage_header_of_rank(checkpoint: Path, writer: int) -> None:
+    """Make a shard written by rank ``writer`` say I32 where its first tensor is F32 (the same size):
+    a header that disagrees with the index, which only a reader of that shard checks."""
+    index = json.loads((checkpoint / "index.json").read_text())
+    shard = checkpoint / next(s["file"] for s in index["torchckpt"]["shards"] if s["rank"] == writer)
+    data = bytearray(shard.read_bytes())
+    header_size = int.from_bytes(data[:8], "little")
+    at = data.index(b'"F32"', 8, 8 + header_size)
+    data[at : at + 5] = b'"I32"'
+    shard.write_bytes(bytes(data))
+
+
 def damaged_on_one_rank(d: Path, rank: int, world: int) -> dict:
     """The latest of three checkpoints has a flipped byte in a chunk only rank 1 reads: both ranks
-    warn and fall back to the checkpoint before it."""
+    warn and fall back to the checkpoint before it. Then the header of a shard only rank 1 reads in
+    that one disagrees with its index: rank 1 alone finds it (rank 0 never checks a header it does
+    not read), and both fall back to the first."""
     import warnings
 
     base = d / "damaged-one-rank"
@@ -712,9 +726,24 @@ def damaged_on_one_rank(d: Path, rank: int, world: int) -> dict:
         warnings.simplefilter("always")
         restored = mgr.restore_or_initialize()
     mgr.close()
-    return {"restored": restored, "step": resumed.step,
-            "warnings": [str(w.message) for w in caught if w.category is torchckpt.DamagedCheckpointWarning],
-            "values": sorted({v for p in fresh.parameters() for v in full(p).flatten().tolist()})}
+    out = {"restored": restored, "step": resumed.step,
+           "warnings": [str(w.message) for w in caught if w.category is torchckpt.DamagedCheckpointWarning],
+           "values": sorted({v for p in fresh.parameters() for v in full(p).flatten().tolist()})}
+    dist.barrier()
+    if rank == 0:
+        damage_header_of_rank(base / "ckpt-2", writer=1)
+    dist.barrier()
+    fresh = fsdp_mlp(1)
+    resumed = torchckpt.Checkpoint(model=fresh, step=0)
+    mgr = torchckpt.CheckpointManager(resumed, str(base), timeout_secs=TIMEOUT)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out["header_restored"] = mgr.restore_or_initialize()
+    mgr.close()
+    out["header_step"] = resumed.step
+    out["header_warnings"] = [str(w.message) for w in caught if w.category is torchckpt.DamagedCheckpointWarning]
+    out["header_values"] = sorted({v for p in fresh.parameters() for v in full(p).flatten().tolist()})
+    return out
 
 
 def calls_stay_paired(d: Path, rank: int, world: int) -> dict:

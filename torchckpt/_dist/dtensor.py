@@ -45,19 +45,24 @@ def address_of(t: Any) -> int:
 def dtensor_box(t: Any, key: str) -> Box | None:
     """The global box of this rank's local chunk of DTensor ``t``, or None when this rank is
     outside its mesh. Partial placements (a pending reduction) are refused."""
-    placements = tuple(t.placements)
-    if any(p.is_partial() for p in placements):
+    box = _box(t.shape, t.device_mesh, tuple(t.placements))
+    if box is _PARTIAL:
         raise UnsupportedStateError(
             f"Cannot checkpoint {key!r}: it is a DTensor with a Partial placement ({t.placements}), a value "
             "whose reduction is still pending. Redistribute it to Shard or Replicate placements first.",
             key=key,
             value_type=type(t),
         )
-    return _box(tuple(t.shape), t.device_mesh, placements)
+    return box
+
+
+_PARTIAL: Any = object()  # what _box answers for a Partial placement
 
 
 @functools.lru_cache(maxsize=4096)  # a model repeats a few (shape, mesh, placements): 100 us each otherwise
 def _box(shape: tuple[int, ...], mesh: Any, placements: tuple[Any, ...]) -> Box | None:
+    if any(p.is_partial() for p in placements):
+        return _PARTIAL
     if mesh.get_coordinate() is None:
         return None
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset

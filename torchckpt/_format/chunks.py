@@ -363,11 +363,16 @@ def _place_names(layout: Layout, names: list[str], dtypes: list[str], shapes: li
 def _check_stored_once(layout: Layout, plain: set[str], directory: str, corrupt: Callable[[str], CorruptCheckpointError]) -> None:
     """Each chunked tensor tiled by its chunks, and every key stored one way only (whole, as
     chunks, or per rank): else tools would disagree about what it holds."""
-    for base, (dtype, shape) in layout.chunked.items():
+    for dtype in {dtype for dtype, _ in layout.chunked.values()}:
         check_dtype(dtype, f" {layout.where}", directory)
+    tiled: set[tuple[str, tuple[Box, ...]]] = set()  # (shape, chunks) found to tile: a model repeats a few
+    for base, (_, shape) in layout.chunked.items():
         if base in plain:
             raise corrupt(f"tensor {base!r} is stored both whole and as chunks")
-        check_tiling(base, parse_shape_key(shape, layout.where), [b for b, _ in layout.pieces[base]], layout.where)
+        boxes = tuple(b for b, _ in layout.pieces[base])
+        if (shape, boxes) not in tiled:
+            check_tiling(base, parse_shape_key(shape, layout.where), list(boxes), layout.where)
+            tiled.add((shape, boxes))
     for path, _ in layout.ranked.values():
         if path in layout.chunked:
             raise corrupt(f"tensor {path!r} is stored both as chunks and per rank")

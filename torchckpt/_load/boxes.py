@@ -75,7 +75,13 @@ def _plan_into(out: BoxedReads, target: torch.Tensor, dbox: Box, saved: TensorIn
     """The runs that fill ``target`` (contiguous host memory holding box ``dbox``) from ``saved``."""
     view = _tensorio.byte_view(target)
     itemsize = target.element_size()
-    for sbox, info in saved_boxes(saved):
+    pieces = saved_boxes(saved)
+    for sbox, info in pieces:
+        if sbox == dbox:  # the very chunk (a restore on the layout it was saved from): chunks tile, so no other overlaps
+            out.by_file.setdefault(info.file, []).append(_Piece(info, True, [(info.start, view)]))
+            out.nbytes += len(view)
+            return
+    for sbox, info in pieces:
         inner = format_chunks.overlap(sbox, dbox)
         if inner is None:
             continue

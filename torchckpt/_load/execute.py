@@ -43,6 +43,9 @@ def execute(plan: Plan, shards: OpenShards, verify: bool, progress: bool | None)
 def read(plan: Plan, shards: OpenShards, verify: bool, progress: bool | None) -> None:
     """Read every planned tensor into its destination, shard by shard, in file order."""
     by_file, reads = _grouped(plan.reads)
+    # Every header this restore relies on is checked before any byte lands in a destination: those of
+    # the shards read now, and, where a hooked module fetches its tensors later, all of them.
+    _check_headers(shards, None if plan.fetches else [*by_file, *reads.by_file])
     total = sum(saved.nbytes for pairs in by_file.values() for _, saved in pairs) + reads.nbytes
     with progress_bar(total, f"restore {name_of(shards.directory)}", progress) as bar, torch.no_grad():
         _read_grouped(shards, by_file, reads, verify, bar.update)
@@ -111,6 +114,7 @@ def _read_grouped(shards: OpenShards, by_file: dict[str, list[tuple[torch.Tensor
 def _fetch(shards: OpenShards, verify: bool, saved: list[Any], may_view: bool) -> Iterator[list[torch.Tensor]]:
     """A hooked subtree's tensors while its load runs, checked as the planned reads: views of the mapped
     shards where ``may_view`` and they can be (``_load.mapped``), else read now; the maps close after."""
+    _check_headers(shards, None)  # read() checked them all already, where the plan fetches
     maps = mapped.ShardMaps(shards.sources if may_view else {})
     views: list[torch.Tensor | None] = []
     out: list[torch.Tensor] = []
@@ -130,6 +134,13 @@ def _fetch(shards: OpenShards, verify: bool, saved: list[Any], may_view: bool) -
         views.clear()
         out.clear()  # no view left here: each map closes, unless a hook kept a tensor of it
         maps.close()
+
+
+def _check_headers(shards: OpenShards, files: list[str] | None) -> None:
+    """The checks of ``files``' headers (None: every shard's) that opening left for their first read."""
+    for file in list(shards.unchecked) if files is None else files:
+        with _reading(shards, file):
+            shards.check([file])
 
 
 @contextlib.contextmanager

@@ -3,7 +3,9 @@
 :func:`load_index` reads and checks ``index.json`` only (what the lazy inspector needs);
 :class:`OpenShards` opens every shard before any is read; :func:`read_shard_headers` then
 validates every shard header against the index (what a restore needs before it touches any
-object); :func:`state_tree` rebuilds the non-tensor state with each tensor's place filled in.
+object), or, for a restore by one of many ranks, only the headers of the shards it reads, before
+it reads them (:meth:`OpenShards.check`); :func:`state_tree` rebuilds the non-tensor state with
+each tensor's place filled in.
 
 Why the I/O is here and the parsing is not: ``_format`` parses the index and the headers from
 bytes, so one parser serves a local file, a ranged GET and a test; this module is the edge that
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import xxhash
@@ -90,6 +92,7 @@ class OpenShards:
         self.storage = storage
         self.blocks = index.blocks  # format 3's block checksums, for reads of part of a tensor
         self.sources: dict[str, Source] = {}
+        self.unchecked: dict[str, Callable[[], None]] = {}  # file -> the check of its header, not yet made
         try:
             for shard in index.shards:
                 path = join(index.directory, shard["file"])
@@ -105,6 +108,18 @@ class OpenShards:
 
     def path(self, file: str) -> str:
         return join(self.directory, file)
+
+    def check(self, files: Iterable[str] | None = None) -> None:
+        """Validate the headers of ``files`` (None: every shard) that :func:`read_shard_headers`
+        left to check: call it before reading them.
+
+        Raises:
+            CorruptCheckpointError: a header disagrees with the index.
+        """
+        for file in list(self.unchecked) if files is None else files:
+            check = self.unchecked.pop(file, None)
+            if check is not None:
+                check()
 
     def close(self) -> None:
         sources, self.sources = self.sources, {}
@@ -149,7 +164,8 @@ def read_header(source: Source, file_name: str) -> tuple[list[TensorInfo], dict[
     return (*format_header.parse_header(raw, path, file_name, size), size)
 
 
-def read_shard_headers(index: Index, shards: OpenShards, trust_header_checksums: bool = True) -> dict[str, TensorInfo]:
+def read_shard_headers(index: Index, shards: OpenShards, trust_header_checksums: bool = True,
+                       deferred: bool = False) -> dict[str, TensorInfo]:
     """Validate every shard against the index; return stored name -> location (aliases resolved).
 
     Every shard's header must describe exactly the index's tensors for it, in the table's order,
@@ -157,6 +173,11 @@ def read_shard_headers(index: Index, shards: OpenShards, trust_header_checksums:
     bytes, whichever a reader uses. With ``trust_header_checksums`` a shard whose header hashes
     to its recorded checksum skips the full parse (see :func:`_exact_header`); ``verify`` parses
     every header.
+
+    With ``deferred`` (a rank of a collective restore, which reads a few of the job's shards), each
+    location comes from the table and the header's length alone (its first 8 bytes), and the
+    header's check waits in ``shards.unchecked`` until :meth:`OpenShards.check` is called for the
+    shard, before it is read: a rank never parses the headers of shards it does not read.
 
     Raises:
         CorruptCheckpointError: a shard is truncated, resized or disagrees with the index.
@@ -170,7 +191,14 @@ def read_shard_headers(index: Index, shards: OpenShards, trust_header_checksums:
     for shard in index.shards:
         file, count = shard["file"], shard["tensors"]
         path, source = shards.path(file), shards.sources[file]
-        found = _exact_header(index, shard, position, checksums, source) if trust_header_checksums else None
+        found = None
+        if deferred:
+            found = _table_infos(index, shard, position, checksums, source)
+            if found is not None:
+                shards.unchecked[file] = functools.partial(_check_deferred, index, shard, position, checksums, source,
+                                                           path, found, trust_header_checksums)
+        elif trust_header_checksums:
+            found = _exact_header(index, shard, position, checksums, source)
         if found is None:
             found = _parsed_header(index, shard, position, checksums, source, path)
         infos.update(zip(index.names[position : position + count], found))
@@ -251,6 +279,40 @@ def _exact_header(index: Index, shard: dict[str, Any], position: int, checksums:
     # Built by C-level calls only: 20,000 tensors take a few milliseconds.
     return list(map(_NEW_INFO, zip(names, itertools.repeat(shard["file"]), dts, shapes, starts, sizes,
                                    checksums[position:end])))
+
+
+def _table_infos(index: Index, shard: dict[str, Any], position: int, checksums: tuple[int, ...],
+                 source: Source) -> list[TensorInfo] | None:
+    """The shard's tensors as the table places them after a header of the length the file's first
+    8 bytes give, when that accounts for the file's size exactly; else None (it is checked now)."""
+    if source.size != shard["size"] or source.size < format_header.PREFIX_BYTES:
+        return None
+    try:
+        length = format_header.header_length(source.read(0, format_header.PREFIX_BYTES), source.path, source.size)
+    except (OSError, CorruptCheckpointError):
+        return None
+    end = position + shard["tensors"]
+    names = index.names[position:end]
+    dts = index.dtypes[position:end]
+    shapes = list(map(format_dtypes.dims_of, index.shapes[position:end]))
+    sizes = list(map(format_dtypes.nbytes_of, shapes, dts))
+    starts = list(itertools.accumulate(sizes, initial=format_header.PREFIX_BYTES + length))
+    if starts[-1] != source.size:
+        return None
+    return list(map(_NEW_INFO, zip(names, itertools.repeat(shard["file"]), dts, shapes, starts, sizes,
+                                   checksums[position:end])))
+
+
+def _check_deferred(index: Index, shard: dict[str, Any], position: int, checksums: tuple[int, ...], source: Source,
+                    path: str, assumed: list[TensorInfo], trust_header_checksums: bool) -> None:
+    """The deferred check of a shard whose locations :func:`_table_infos` took from the table: its
+    header validated as :func:`read_shard_headers` validates it, placing every tensor there."""
+    found = _exact_header(index, shard, position, checksums, source) if trust_header_checksums else None
+    if found is None:
+        found = _parsed_header(index, shard, position, checksums, source, path)
+    if found != assumed:
+        raise CorruptCheckpointError(
+            f"Shard {path}'s header does not place its tensors where {INDEX_FILE}'s tensor table does.", path)
 
 
 _HEADER_CHUNK = 2**20

@@ -43,6 +43,7 @@ class Plan:
     read_once: bool | None = None  # several ranks: replicated tensors read by one rank and broadcast (``_load.spread``)
     rank: int = 0  # the rank restoring (which per-rank values it takes)
     fetch: hooked.Fetch | None = None  # while the loads run: a hooked subtree's tensors, checked as the others
+    fetches: bool = False  # a hooked module's load will fetch tensors (so every shard header is checked before reads)
 
 
 SAVED = (SavedTensor, ChunkedInfo)  # what a tensor of the checkpoint resolves to: stored whole, or as chunks
@@ -122,7 +123,8 @@ def _shared_key(key: str, saved: SavedTensor) -> str:
 def _match_keys(saved_keys: Iterable[str], object_keys: Iterable[str]) -> dict[str, str]:
     """Pair checkpoint keys with object keys: exactly, or through DDP / compile prefixes."""
     object_keys = list(object_keys)
-    pairs = {k: k for k in saved_keys if k in set(object_keys)}
+    known = set(object_keys)
+    pairs = {k: k for k in saved_keys if k in known}
     left_saved = [k for k in saved_keys if k not in pairs]
     taken = set(pairs.values())
     left_object = [k for k in object_keys if k not in taken]
@@ -212,6 +214,7 @@ def _plan_hooked(name: str, module: torch.nn.Module, saved: dict[str, Any], curr
     are); the others go to torch's loaders, read when the walk reaches them. Missing and unexpected
     keys are torch's, known once the hooks have run."""
     load = hooked.HookedLoad(module, plan.assign)
+    plan.fetches = True
     pairs = _match_keys(list(saved), current)
     for saved_key, value in saved.items():
         full = tree.join(name, tree.escape_part(saved_key))
@@ -307,9 +310,8 @@ def plan_stateful(name: str, obj: Any, saved: Any, plan: Plan) -> None:
         return
     new_state = _rebuild(saved, name, destination)
     plan.reads.extend(reads)
-    for key in current_leaves:
-        if key not in saved_leaves and not any(k.startswith(key + tree.SEP) for k in saved_leaves):
-            plan.report.missing_keys.append(key)
+    above = {k[:i] for k in saved_leaves for i, c in enumerate(k) if c == tree.SEP}  # every saved key's containers
+    plan.report.missing_keys.extend(k for k in current_leaves if k not in saved_leaves and k not in above)
     plan.report.restored_keys.extend(_shared_key(k, v) if _is_saved(v) else k
                                      for k, v in saved_leaves.items())
     plan.loads.append(lambda: obj.load_state_dict(new_state))

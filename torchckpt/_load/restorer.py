@@ -88,7 +88,9 @@ def _restore_from(target: Target, storage: Storage, directory: str, plan: Plan, 
             index = opened.load_index(directory, storage)
             # opened together: a deletion from here on cannot touch the read
             opened_shards.append(stack.enter_context(opened.OpenShards(index, storage)))
-            _plan(target, index, opened_shards[0], plan)  # the index is dropped: only the plan stays in memory
+            # One of many ranks checks only the headers of the shards it reads (before reading any).
+            _plan(target, index, opened_shards[0], plan, deferred=not isinstance(coord, dist_coordinator.Solo))
+            # the index is dropped: only the plan stays in memory
 
         if plan.read_once is False or isinstance(coord, dist_coordinator.Solo):
             open_and_plan()
@@ -110,10 +112,11 @@ def _restore_from(target: Target, storage: Storage, directory: str, plan: Plan, 
     return Restored(plan.report, directory)
 
 
-def _plan(target: Target, index: format_index.Index, shards: opened.OpenShards, plan: Plan) -> None:
+def _plan(target: Target, index: format_index.Index, shards: opened.OpenShards, plan: Plan, deferred: bool) -> None:
     """Match the checkpoint against the tracked objects into ``plan``. The state tree is dropped on
-    return, before any tensor is read."""
-    infos = opened.read_shard_headers(index, shards)
+    return, before any tensor is read. ``deferred``: leave each shard header's check until the shard
+    is read (``opened.read_shard_headers``)."""
+    infos = opened.read_shard_headers(index, shards, deferred=deferred)
     saved = opened.state_tree(index, infos.__getitem__, plan.rank)
     del infos
     renamed = None
