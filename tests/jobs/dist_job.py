@@ -743,6 +743,11 @@ def damaged_on_one_rank(d: Path, rank: int, world: int) -> dict:
     out["header_step"] = resumed.step
     out["header_warnings"] = [str(w.message) for w in caught if w.category is torchckpt.DamagedCheckpointWarning]
     out["header_values"] = sorted({v for p in fresh.parameters() for v in full(p).flatten().tolist()})
+    untouched = fsdp_mlp(1)  # read directly: refused on both ranks before either reads a byte
+    before = {k: full(v).clone() for k, v in untouched.state_dict().items()}
+    record(out, "header_read", lambda: torchckpt.Checkpoint(model=untouched).read(str(base / "ckpt-2"),
+                                                                                  timeout_secs=TIMEOUT))
+    out["header_read_untouched"] = all(torch.equal(full(v), before[k]) for k, v in untouched.state_dict().items())
     return out
 
 

@@ -363,7 +363,7 @@ def _place_names(layout: Layout, names: list[str], dtypes: list[str], shapes: li
 def _check_stored_once(layout: Layout, plain: set[str], directory: str, corrupt: Callable[[str], CorruptCheckpointError]) -> None:
     """Each chunked tensor tiled by its chunks, and every key stored one way only (whole, as
     chunks, or per rank): else tools would disagree about what it holds."""
-    for dtype in {dtype for dtype, _ in layout.chunked.values()}:
+    for dtype in dict.fromkeys(dtype for dtype, _ in layout.chunked.values()):  # in table order: the same error everywhere
         check_dtype(dtype, f" {layout.where}", directory)
     tiled: set[tuple[str, tuple[Box, ...]]] = set()  # (shape, chunks) found to tile: a model repeats a few
     for base, (_, shape) in layout.chunked.items():

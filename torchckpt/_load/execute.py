@@ -136,6 +136,12 @@ def _fetch(shards: OpenShards, verify: bool, saved: list[Any], may_view: bool) -
         maps.close()
 
 
+def check_headers(plan: Plan, shards: OpenShards) -> None:
+    """Check the headers of every shard this plan reads (all of them, where a hooked module fetches
+    its tensors as its load runs): a rank of a collective restore does it before any rank reads."""
+    _check_headers(shards, None if plan.fetches else sorted(boxes.files_read(plan.reads)))
+
+
 def _check_headers(shards: OpenShards, files: list[str] | None) -> None:
     """The checks of ``files``' headers (None: every shard's) that opening left for their first read."""
     for file in list(shards.unchecked) if files is None else files:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import itertools
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import xxhash
 
@@ -117,9 +117,10 @@ class OpenShards:
             CorruptCheckpointError: a header disagrees with the index.
         """
         for file in list(self.unchecked) if files is None else files:
-            check = self.unchecked.pop(file, None)
+            check = self.unchecked.get(file)
             if check is not None:
-                check()
+                check()  # left in place when it fails: a later read of the shard fails again
+                del self.unchecked[file]
 
     def close(self) -> None:
         sources, self.sources = self.sources, {}
@@ -194,9 +195,12 @@ def read_shard_headers(index: Index, shards: OpenShards, trust_header_checksums:
         found = None
         if deferred:
             found = _table_infos(index, shard, position, checksums, source)
-            if found is not None:
-                shards.unchecked[file] = functools.partial(_check_deferred, index, shard, position, checksums, source,
-                                                           path, found, trust_header_checksums)
+            if found is not None:  # the check keeps this shard's columns only, not the index
+                end = position + count
+                columns = _Columns(index.directory, index.names[position:end], index.dtypes[position:end],
+                                   index.shapes[position:end])
+                shards.unchecked[file] = functools.partial(_check_deferred, columns, shard, checksums[position:end],
+                                                           source, path, found, trust_header_checksums)
         elif trust_header_checksums:
             found = _exact_header(index, shard, position, checksums, source)
         if found is None:
@@ -209,7 +213,7 @@ def read_shard_headers(index: Index, shards: OpenShards, trust_header_checksums:
     return infos
 
 
-def _parsed_header(index: Index, shard: dict[str, Any], position: int, checksums: tuple[int, ...],
+def _parsed_header(index: Index | _Columns, shard: dict[str, Any], position: int, checksums: tuple[int, ...],
                    source: Source, path: str) -> list[TensorInfo]:
     """The shard's tensors in table order, from its fully parsed and validated header."""
     file, count = shard["file"], shard["tensors"]
@@ -242,7 +246,7 @@ def _parsed_header(index: Index, shard: dict[str, Any], position: int, checksums
     return out
 
 
-def _exact_header(index: Index, shard: dict[str, Any], position: int, checksums: tuple[int, ...],
+def _exact_header(index: Index | _Columns, shard: dict[str, Any], position: int, checksums: tuple[int, ...],
                   source: Source) -> list[TensorInfo] | None:
     """The shard's tensors when its header is the one written for this index's table, else None.
 
@@ -289,7 +293,11 @@ def _table_infos(index: Index, shard: dict[str, Any], position: int, checksums: 
         return None
     try:
         length = format_header.header_length(source.read(0, format_header.PREFIX_BYTES), source.path, source.size)
-    except (OSError, CorruptCheckpointError):
+    except CorruptCheckpointError:
+        return None  # checked now, for the full message
+    except CheckpointError:  # deleted meanwhile (an object store): as it is
+        raise
+    except OSError:
         return None
     end = position + shard["tensors"]
     names = index.names[position:end]
@@ -303,13 +311,22 @@ def _table_infos(index: Index, shard: dict[str, Any], position: int, checksums: 
                                    checksums[position:end])))
 
 
-def _check_deferred(index: Index, shard: dict[str, Any], position: int, checksums: tuple[int, ...], source: Source,
+class _Columns(NamedTuple):
+    """The tensor table's columns for one shard (an :class:`Index`'s, sliced), and the directory."""
+
+    directory: str
+    names: list[str]
+    dtypes: list[str]
+    shapes: list[str]
+
+
+def _check_deferred(columns: _Columns, shard: dict[str, Any], checksums: tuple[int, ...], source: Source,
                     path: str, assumed: list[TensorInfo], trust_header_checksums: bool) -> None:
     """The deferred check of a shard whose locations :func:`_table_infos` took from the table: its
     header validated as :func:`read_shard_headers` validates it, placing every tensor there."""
-    found = _exact_header(index, shard, position, checksums, source) if trust_header_checksums else None
+    found = _exact_header(columns, shard, 0, checksums, source) if trust_header_checksums else None
     if found is None:
-        found = _parsed_header(index, shard, position, checksums, source, path)
+        found = _parsed_header(columns, shard, 0, checksums, source, path)
     if found != assumed:
         raise CorruptCheckpointError(
             f"Shard {path}'s header does not place its tensors where {INDEX_FILE}'s tensor table does.", path)

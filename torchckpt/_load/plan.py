@@ -310,8 +310,10 @@ def plan_stateful(name: str, obj: Any, saved: Any, plan: Plan) -> None:
         return
     new_state = _rebuild(saved, name, destination)
     plan.reads.extend(reads)
-    above = {k[:i] for k in saved_leaves for i, c in enumerate(k) if c == tree.SEP}  # every saved key's containers
-    plan.report.missing_keys.extend(k for k in current_leaves if k not in saved_leaves and k not in above)
+    absent = [k for k in current_leaves if k not in saved_leaves]
+    if absent:  # missing unless a saved key lies below it (an empty container now, filled then)
+        above = {k[:i] for k in saved_leaves for i, c in enumerate(k) if c == tree.SEP}
+        plan.report.missing_keys.extend(k for k in absent if k not in above)
     plan.report.restored_keys.extend(_shared_key(k, v) if _is_saved(v) else k
                                      for k, v in saved_leaves.items())
     plan.loads.append(lambda: obj.load_state_dict(new_state))

@@ -27,7 +27,7 @@ from torchckpt._format import index as format_index
 from torchckpt._format.spec import SAVE_COUNTER
 from torchckpt._history import members as history_members
 from torchckpt._load import opened, rename, spread
-from torchckpt._load.execute import execute, load, read
+from torchckpt._load.execute import check_headers, execute, load, read
 from torchckpt._load.match import Matcher, Tracking
 from torchckpt._load.plan import MISSING, Plan, plan_value
 from torchckpt._load.rename import Renamer
@@ -77,9 +77,10 @@ def restore(target: Target, storage: Storage, path: str, coord: AnyCoordinator, 
 
 def _restore_from(target: Target, storage: Storage, directory: str, plan: Plan, verify: bool,
                   progress: bool | None, coord: AnyCoordinator) -> Restored:
-    """Steps 2 to 4 on this rank. When the ranks spread their replicated reads (``_load.spread``),
-    the plan and the reads each end in an exchange every rank makes, failed or not, so that no rank
-    broadcasts to one that failed: a failure is raised on every rank before any broadcast."""
+    """Steps 2 to 4 on this rank. On several ranks the plan (with the check of the headers each rank
+    reads) and the reads each end in an exchange every rank makes, failed or not: a failure in
+    planning is raised on every rank before any rank reads, and, when the ranks spread their
+    replicated reads (``_load.spread``), a failed read before any broadcast."""
     with contextlib.ExitStack() as stack:
         opened_shards: list[opened.OpenShards] = []
         found: list[Any] = []  # the reads every rank makes alike (``spread.replicated``)
@@ -88,17 +89,22 @@ def _restore_from(target: Target, storage: Storage, directory: str, plan: Plan, 
             index = opened.load_index(directory, storage)
             # opened together: a deletion from here on cannot touch the read
             opened_shards.append(stack.enter_context(opened.OpenShards(index, storage)))
-            # One of many ranks checks only the headers of the shards it reads (before reading any).
+            # One of many ranks checks only the headers of the shards it reads (plan_and_describe).
             _plan(target, index, opened_shards[0], plan, deferred=not isinstance(coord, dist_coordinator.Solo))
             # the index is dropped: only the plan stays in memory
 
-        if plan.read_once is False or isinstance(coord, dist_coordinator.Solo):
+        if isinstance(coord, dist_coordinator.Solo):
             open_and_plan()
             execute(plan, opened_shards[0], verify, progress)
             return Restored(plan.report, directory)
 
         def plan_and_describe() -> list[str] | None:
             open_and_plan()
+            # Each rank checks the headers of the shards it reads, and every rank learns the outcome
+            # before any reads: a damaged header fails the restore before any object changes.
+            check_headers(plan, opened_shards[0])
+            if plan.read_once is False:
+                return None
             found.extend(spread.replicated(plan))
             return spread.describe(found, coord)
 
