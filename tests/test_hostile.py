@@ -373,6 +373,27 @@ def test_a_header_length_that_does_not_add_up_is_refused_at_once_even_deferred(t
         load_opened.read_shard_headers(index, shards, deferred=True)
 
 
+class _Deleted:
+    """A shard whose checkpoint an object store saw deleted: every read says so."""
+
+    def __init__(self, source) -> None:
+        self.path, self.size = source.path, source.size
+
+    def read(self, offset: int, count: int) -> bytes:
+        raise torchckpt.CheckpointDeletedError("deleted while it was being read", self.path)
+
+
+def test_a_checkpoint_deleted_while_its_header_lengths_are_read_is_reported_as_deleted(tmp_path):
+    path, files = _two_shards(tmp_path)
+    index = load_opened.load_index(path, LOCAL)
+    with load_opened.OpenShards(index, LOCAL) as shards:
+        real = shards.sources[files[1]]
+        shards.sources[files[1]] = _Deleted(real)
+        with pytest.raises(torchckpt.CheckpointDeletedError):
+            load_opened.read_shard_headers(index, shards, deferred=True)
+        shards.sources[files[1]] = real  # closed on exit
+
+
 # -- B17: the fuzzer -------------------------------------------------------------------------
 
 
