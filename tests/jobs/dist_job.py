@@ -695,13 +695,28 @@ def damage_header_of_rank(checkpoint: Path, writer: int) -> None:
     shard.write_bytes(bytes(data))
 
 
+def resumed_with_fallback(base: Path) -> dict:
+    """A fresh model resumed by a manager from ``base``: the checkpoint it restored, the step, the
+    DamagedCheckpointWarnings it gave, and the distinct values of the parameters."""
+    import warnings
+
+    fresh = fsdp_mlp(1)
+    resumed = torchckpt.Checkpoint(model=fresh, step=0)
+    mgr = torchckpt.CheckpointManager(resumed, str(base), timeout_secs=TIMEOUT)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        restored = mgr.restore_or_initialize()
+    mgr.close()
+    return {"restored": restored, "step": resumed.step,
+            "warnings": [str(w.message) for w in caught if w.category is torchckpt.DamagedCheckpointWarning],
+            "values": sorted({v for p in fresh.parameters() for v in full(p).flatten().tolist()})}
+
+
 def damaged_on_one_rank(d: Path, rank: int, world: int) -> dict:
     """The latest of three checkpoints has a flipped byte in a chunk only rank 1 reads: both ranks
     warn and fall back to the checkpoint before it. Then the header of a shard only rank 1 reads in
     that one disagrees with its index: rank 1 alone finds it (rank 0 never checks a header it does
     not read), and both fall back to the first."""
-    import warnings
-
     base = d / "damaged-one-rank"
     model = fsdp_mlp(0)
     ckpt = torchckpt.Checkpoint(model=model, step=0)
@@ -719,30 +734,12 @@ def damaged_on_one_rank(d: Path, rank: int, world: int) -> dict:
         chunk = next(n for n in index["weight_map"] if n.startswith("model/body.2.weight") and n.endswith("18,0"))
         flip_tensor_byte(base / "ckpt-3", chunk)
     dist.barrier()
-    fresh = fsdp_mlp(1)
-    resumed = torchckpt.Checkpoint(model=fresh, step=0)
-    mgr = torchckpt.CheckpointManager(resumed, str(base), timeout_secs=TIMEOUT)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        restored = mgr.restore_or_initialize()
-    mgr.close()
-    out = {"restored": restored, "step": resumed.step,
-           "warnings": [str(w.message) for w in caught if w.category is torchckpt.DamagedCheckpointWarning],
-           "values": sorted({v for p in fresh.parameters() for v in full(p).flatten().tolist()})}
+    out = resumed_with_fallback(base)
     dist.barrier()
     if rank == 0:
         damage_header_of_rank(base / "ckpt-2", writer=1)
     dist.barrier()
-    fresh = fsdp_mlp(1)
-    resumed = torchckpt.Checkpoint(model=fresh, step=0)
-    mgr = torchckpt.CheckpointManager(resumed, str(base), timeout_secs=TIMEOUT)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        out["header_restored"] = mgr.restore_or_initialize()
-    mgr.close()
-    out["header_step"] = resumed.step
-    out["header_warnings"] = [str(w.message) for w in caught if w.category is torchckpt.DamagedCheckpointWarning]
-    out["header_values"] = sorted({v for p in fresh.parameters() for v in full(p).flatten().tolist()})
+    out.update({f"header_{k}": v for k, v in resumed_with_fallback(base).items()})
     untouched = fsdp_mlp(1)  # read directly: refused on both ranks before either reads a byte
     before = {k: full(v).clone() for k, v in untouched.state_dict().items()}
     record(out, "header_read", lambda: torchckpt.Checkpoint(model=untouched).read(str(base / "ckpt-2"),

@@ -56,7 +56,7 @@ def dtensor_box(t: Any, key: str) -> Box | None:
     return box
 
 
-_PARTIAL: Any = object()  # what _box answers for a Partial placement
+_PARTIAL: Box = ((-1,), (-1,))  # what _box answers for a Partial placement (no chunk has a negative size)
 
 
 @functools.lru_cache(maxsize=4096)  # a model repeats a few (shape, mesh, placements): 100 us each otherwise
