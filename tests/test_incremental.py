@@ -714,6 +714,21 @@ def test_a_stamp_as_late_as_the_index_is_not_trusted(tmp_path):
     assert storage.stamp(str(checkpoint)) is None and storage.stamp(str(tmp_path / "missing")) is None
 
 
+def test_a_save_of_more_files_than_a_process_remembers_names_only_those_it_kept(tmp_path):
+    storage = LocalStorage()
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    (checkpoint / spec.INDEX_FILE).write_bytes(b"{}")
+    device, mtime = os.stat(checkpoint / spec.INDEX_FILE).st_dev, 1  # long before the index
+    checked = save_reuse.Checked()
+    for i in range(save_reuse.KNOWN_FILES + 1):  # stamps of no real file (negative inodes): the oldest is forgotten
+        checked.add(f"f{i}", (device, -1 - i, 8, mtime), "h", (i,))
+    kept = checked.keep(storage, str(checkpoint))
+    assert kept == {f"f{i}" for i in range(1, save_reuse.KNOWN_FILES + 1)}
+    assert not save_reuse.known((device, -1, 8, mtime), "h", (0,))
+    assert save_reuse.known((device, -2, 8, mtime), "h", (1,))
+
+
 # -- object stores: the server copies what did not change ------------------------------------------
 
 

@@ -81,19 +81,20 @@ class Checked:
         than its index's (a change made after that always moves the time); the rest are read back
         when next reused. Returns the names of those remembered."""
         marker = storage.stamp(join(path, INDEX_FILE)) if self.files else None
-        kept: set[str] = set()
         if marker is None:
-            return kept
+            return set()
+        kept: dict[str, tuple[int, int]] = {}
         with _known_lock:
             for name, (device, inode, size, mtime), header_checksum, digests in self.files:
                 if device == marker[0] and mtime < marker[3]:
                     _known.pop((device, inode), None)
                     _known[device, inode] = (size, mtime, header_checksum, digests)
-                    kept.add(name)
+                    kept[name] = (device, inode)
             while len(_known) > KNOWN_FILES:
                 del _known[next(iter(_known))]
+            remembered = {name for name, key in kept.items() if key in _known}  # not those forgotten at once
         self.files.clear()
-        return kept
+        return remembered
 
 
 def known(stamp: Stamp | None, header_checksum: str, digests: tuple[int, ...]) -> bool:
