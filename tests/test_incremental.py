@@ -169,6 +169,15 @@ def assert_no_leftovers(run: str, *checkpoints: str) -> None:
     assert not [n for n in os.listdir(run) if spec.TMP_MARKER in n or spec.OLD_MARKER in n]
 
 
+def assert_written_afresh(run: str, path: str, trainer: Trainer, expected: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """The checkpoint ``path`` wrote its frozen shard anew (a file of its own, nothing recorded as
+    reused), left nothing behind, restores ``expected`` bit for bit and passes ``torchckpt verify``."""
+    assert links(path, shard_of(path, FROZEN)) == 1 and reused(path) is None
+    assert_no_leftovers(run, path)
+    assert_bit_exact(trainer.restored(path), expected)
+    assert verified(path, capsys)
+
+
 def verified(path: str, capsys: pytest.CaptureFixture[str], *options: str) -> bool:
     """Whether ``torchckpt verify`` passes on ``path``."""
     capsys.readouterr()
@@ -342,11 +351,7 @@ def test_a_damaged_shard_of_the_base_is_written_afresh(backbone1, damage, tmp_pa
     second = mgr.save()
     expected = backbone1.state()
 
-    frozen = shard_of(second, FROZEN)
-    assert links(second, frozen) == 1 and reused(second) is None
-    assert_no_leftovers(run, second)
-    assert_bit_exact(backbone1.restored(second), expected)
-    assert verified(second, capsys)
+    assert_written_afresh(run, second, backbone1, expected, capsys)
     mgr.close()
 
 
@@ -602,11 +607,8 @@ def test_a_storage_that_cannot_link_writes_every_byte(backbone1, disk, tmp_path,
 
     frozen = shard_of(second, FROZEN)
     assert disk.called("stage.reuse") == [(frozen, os.path.join(first, frozen))]  # tried, refused
-    assert created_bytes(disk, since) == bytes1 and reused(second) is None
-    assert links(second, frozen) == 1
-    assert_no_leftovers(run, second)
-    assert_bit_exact(backbone1.restored(second), expected)
-    assert verified(second, capsys)
+    assert created_bytes(disk, since) == bytes1
+    assert_written_afresh(run, second, backbone1, expected, capsys)
     mgr.close()
 
 
@@ -622,13 +624,9 @@ def test_a_placed_file_that_fails_its_read_back_is_dropped_and_written_afresh(ba
     second = mgr.save()
     expected = backbone1.state()
 
-    assert disk.called("stage.drop") == [(frozen,)]
-    assert frozen in created_names(disk, since) and reused(second) is None
-    assert links(second, frozen) == 1
+    assert disk.called("stage.drop") == [(frozen,)] and frozen in created_names(disk, since)
     assert not verified(first, capsys)  # the damage was real, and stayed in the base
-    assert_no_leftovers(run, second)
-    assert_bit_exact(backbone1.restored(second), expected)
-    assert verified(second, capsys)
+    assert_written_afresh(run, second, backbone1, expected, capsys)
     mgr.close()
 
 
@@ -660,10 +658,9 @@ def test_a_file_this_process_wrote_or_checked_is_trusted_by_its_stamp_until_it_c
     damaged_base, fourth = latest, mgr.save()
     expected = backbone1.state()
     assert [os.path.basename(p) for p in shard_reads(disk, since)] == [frozen]  # read back, found damaged
-    assert disk.called("stage.drop")[-1] == (frozen,) and reused(fourth) is None
-    assert links(fourth, frozen) == 1
-    assert not verified(damaged_base, capsys) and verified(fourth, capsys)
-    assert_bit_exact(backbone1.restored(fourth), expected)
+    assert disk.called("stage.drop")[-1] == (frozen,)
+    assert not verified(damaged_base, capsys)
+    assert_written_afresh(run, fourth, backbone1, expected, capsys)
     mgr.close()
 
 

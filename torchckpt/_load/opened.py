@@ -197,8 +197,7 @@ def read_shard_headers(index: Index, shards: OpenShards, trust_header_checksums:
             found = _table_infos(index, shard, position, checksums, source)
             if found is not None:  # the check keeps this shard's columns only, not the index
                 end = position + count
-                columns = _Columns(index.directory, index.names[position:end], index.dtypes[position:end],
-                                   index.shapes[position:end])
+                columns = _Columns(index.names[position:end], index.dtypes[position:end], index.shapes[position:end])
                 shards.unchecked[file] = functools.partial(_check_deferred, columns, shard, checksums[position:end],
                                                            source, path, found, trust_header_checksums)
         elif trust_header_checksums:
@@ -262,17 +261,12 @@ def _exact_header(index: Index | _Columns, shard: dict[str, Any], position: int,
     recorded = shard.get("header_checksum")
     if not isinstance(recorded, str) or source.size != shard["size"]:
         return None
-    end = position + shard["tensors"]
-    names = index.names[position:end]
-    dts = index.dtypes[position:end]  # safetensors names, checked by parse_index
-    shapes = list(map(format_dtypes.dims_of, index.shapes[position:end]))
-    sizes = list(map(format_dtypes.nbytes_of, shapes, dts))
+    names, dts, shapes, sizes = _columns(index, position, shard["tensors"])
     try:
         expected = b"".join(format_header.encode_header_pieces(zip(names, dts, shapes, sizes)))
     except ValueError:  # over the header size limit: not a header this writer wrote
         return None
-    starts = list(itertools.accumulate(sizes, initial=len(expected)))
-    if starts[-1] != source.size or xxhash.xxh3_64_hexdigest(expected) != recorded:
+    if len(expected) + sum(sizes) != source.size or xxhash.xxh3_64_hexdigest(expected) != recorded:
         return None
     view, offset = memoryview(expected), 0
     while offset < len(expected):  # a 20,000-tensor header is megabytes: compared a bounded piece at a time
@@ -280,9 +274,7 @@ def _exact_header(index: Index | _Columns, shard: dict[str, Any], position: int,
         if not piece or view[offset : offset + len(piece)] != piece:
             return None
         offset += len(piece)
-    # Built by C-level calls only: 20,000 tensors take a few milliseconds.
-    return list(map(_NEW_INFO, zip(names, itertools.repeat(shard["file"]), dts, shapes, starts, sizes,
-                                   checksums[position:end])))
+    return _placed(shard, position, checksums, len(expected), (names, dts, shapes, sizes))
 
 
 def _table_infos(index: Index, shard: dict[str, Any], position: int, checksums: tuple[int, ...],
@@ -299,22 +291,34 @@ def _table_infos(index: Index, shard: dict[str, Any], position: int, checksums: 
         raise
     except OSError:
         return None
-    end = position + shard["tensors"]
-    names = index.names[position:end]
+    columns = _columns(index, position, shard["tensors"])
+    if format_header.PREFIX_BYTES + length + sum(columns[3]) != source.size:
+        return None
+    return _placed(shard, position, checksums, format_header.PREFIX_BYTES + length, columns)
+
+
+def _columns(index: Index | _Columns, position: int, count: int) -> tuple[list[str], list[str], list[Any], list[int]]:
+    """The names, dtypes (safetensors names, checked by parse_index), dims and byte sizes of the
+    table's ``count`` tensors from ``position``."""
+    end = position + count
     dts = index.dtypes[position:end]
     shapes = list(map(format_dtypes.dims_of, index.shapes[position:end]))
-    sizes = list(map(format_dtypes.nbytes_of, shapes, dts))
-    starts = list(itertools.accumulate(sizes, initial=format_header.PREFIX_BYTES + length))
-    if starts[-1] != source.size:
-        return None
+    return index.names[position:end], dts, shapes, list(map(format_dtypes.nbytes_of, shapes, dts))
+
+
+def _placed(shard: dict[str, Any], position: int, checksums: tuple[int, ...], data_start: int,
+            columns: tuple[list[str], list[str], list[Any], list[int]]) -> list[TensorInfo]:
+    """The shard's tensors laid back to back from ``data_start``, as the table lists them. Built by
+    C-level calls only: 20,000 tensors take a few milliseconds."""
+    names, dts, shapes, sizes = columns
+    starts = itertools.accumulate(sizes, initial=data_start)
     return list(map(_NEW_INFO, zip(names, itertools.repeat(shard["file"]), dts, shapes, starts, sizes,
-                                   checksums[position:end])))
+                                   checksums[position : position + len(names)])))
 
 
 class _Columns(NamedTuple):
-    """The tensor table's columns for one shard (an :class:`Index`'s, sliced), and the directory."""
+    """The tensor table's columns for one shard (an :class:`Index`'s, sliced)."""
 
-    directory: str
     names: list[str]
     dtypes: list[str]
     shapes: list[str]
