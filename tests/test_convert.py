@@ -332,6 +332,25 @@ def test_what_convert_refuses(tmp_path, what, error, match, attrs):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_out_that_appears_while_converting_is_left_alone(nested_state, tmp_path, disk):
+    """OUT is checked before reading; one that appears between that check and the commit (another
+    conversion, a user's folder) is never replaced."""
+    torch.save(nested_state, tmp_path / "model.pt")
+    out = tmp_path / "out"
+
+    def appear(final: str, replace: bool) -> None:
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+
+    disk.before("stage", appear, times=1)
+    with pytest.raises(CheckpointError, match=r"out appeared while it was being written; nothing was replaced") as info:
+        convert(tmp_path / "model.pt", out)
+    assert not isinstance(info.value, FileExistsError)  # the message, not the storage's internal error
+    assert disk.called("stage") == [(str(out), False)]
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "out"]  # no stage left
+
+
 def test_an_existing_out_is_refused_and_left_alone(nested_state, tmp_path, capsys):
     torch.save(nested_state, tmp_path / "model.pt")
     out = tmp_path / "out"

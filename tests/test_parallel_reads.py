@@ -30,9 +30,12 @@ class _SmallBatchSource(LocalSource):
         super().__init__(path, fd)
         self.readers = readers
         self.threads: set[str] = set()
+        self.descriptors: dict[str, set[int]] = {}  # thread name -> the descriptors it read through
 
     def readv(self, views: list[memoryview], offset: int) -> None:
-        self.threads.add(threading.current_thread().name)
+        name = threading.current_thread().name
+        self.threads.add(name)
+        self.descriptors.setdefault(name, set()).add(self._descriptor())
         super().readv(views, offset)
 
 
@@ -110,6 +113,50 @@ def test_restores_bit_exact(tmp_path, install, written, no_thread_left, readers)
     expected = _state()
     assert all(torch.equal(dest[k].view(torch.int32), expected[k].view(torch.int32)) for k in expected)
     assert len(storage.threads()) == min(readers, 4)  # the caller and readers - 1 helpers
+
+
+def _open_descriptors() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="descriptors are reopened through /proc/self/fd")
+def test_each_reader_thread_reads_through_its_own_descriptor_of_the_same_file(tmp_path, install, written,
+                                                                              no_thread_left):
+    """Reads from several threads through one descriptor share its readahead (see ``LocalSource``):
+    each helper gets a descriptor of its own, onto the same inode, closed once it is done."""
+    storage = install(tmp_path, SmallBatches(4))
+    before = _open_descriptors()
+    dest = _zeros_like(_state())
+    torchckpt.Checkpoint(state=dest).read(written, progress=False).assert_consumed()
+    assert _open_descriptors() == before
+    (source,) = storage.sources
+    per_thread = source.descriptors
+    assert len(per_thread) == 4 and all(len(fds) == 1 for fds in per_thread.values())
+    assert len(set().union(*per_thread.values())) == 4  # four descriptors, one a thread
+    expected = _state()
+    assert all(torch.equal(dest[k], expected[k]) for k in expected)
+
+
+def test_reopen_gives_the_open_file_even_after_its_path_was_replaced(tmp_path):
+    from torchckpt._storage import files as storage_files
+
+    path = tmp_path / "f"
+    path.write_bytes(b"original")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        (tmp_path / "g").write_bytes(b"replacement")
+        os.replace(tmp_path / "g", path)
+        again = storage_files.reopen(fd)
+        if again is None:
+            pytest.skip("no /proc/self/fd here")
+        try:
+            assert os.pread(again, 64, 0) == b"original"
+            assert os.fstat(again).st_ino == os.fstat(fd).st_ino
+        finally:
+            os.close(again)
+    finally:
+        os.close(fd)
+    assert storage_files.reopen(10**6) is None  # no such descriptor
 
 
 def test_a_flipped_byte_mid_shard_raises_the_in_order_error(tmp_path, install, written, no_thread_left):

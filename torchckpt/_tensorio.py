@@ -389,13 +389,14 @@ def _read_parallel(source: Source, batches: list[_Batch], verify: bool, on_bytes
 
     def run(g: int, report: Callable[[int], None], helper: bool = False) -> None:
         try:
-            for offset, batch in groups[g]:
-                if first_failed[0] < g:  # an earlier group failed: its failure is the outcome
-                    break
-                outcomes[g] = _read_batch(source, offset, batch, verify)
-                if outcomes[g] is not None:
-                    break
-                report(sum(len(view) for view, _ in batch))
+            with source.stream() if helper else contextlib.nullcontext():  # a descriptor (readahead) per thread
+                for offset, batch in groups[g]:
+                    if first_failed[0] < g:  # an earlier group failed: its failure is the outcome
+                        break
+                    outcomes[g] = _read_batch(source, offset, batch, verify)
+                    if outcomes[g] is not None:
+                        break
+                    report(sum(len(view) for view, _ in batch))
         except BaseException as e:  # noqa: BLE001 - raised again below, on the caller's thread
             outcomes[g] = e
         finally:

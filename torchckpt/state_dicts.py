@@ -25,6 +25,7 @@ from torchckpt._paths import as_path, is_url
 from torchckpt._save import saver
 from torchckpt._save.background import AsyncWriter
 from torchckpt._save.options import SaveOptions, save_arguments
+from torchckpt._storage.base import AlreadyCommitted
 from torchckpt._storage.registry import storage_for
 from torchckpt._tools import convert as convert_tool
 from torchckpt.checkpoint import kind_of
@@ -76,6 +77,16 @@ def save_state(
         >>> torchckpt.load_state(path)
         {'w': tensor([1., 1.]), 'epoch': 3}
     """
+    path = as_path(path)
+    _save_plain(state, path, max_shard_size, progress, storage_options, process_group, timeout_secs, replace=True)
+    return path
+
+
+def _save_plain(state: dict[str, Any], path: str, max_shard_size: int | str, progress: bool | None,
+                storage_options: dict[str, Any] | None, process_group: Any, timeout_secs: float | None,
+                replace: bool) -> None:
+    """``save_state``'s write; without ``replace``, a checkpoint (or anything else) at ``path``, even
+    one that appears while this one is written, raises ``AlreadyCommitted`` and is left as it is."""
     if not isinstance(state, dict):
         raise TypeError(f"save_state takes a dict (a state_dict, or a dict of them and plain values), not "
                         f"{type(state).__name__}; wrap it: save_state({{'value': ...}}, path).")
@@ -84,16 +95,15 @@ def save_state(
         raise TypeError(f"save_state's top-level keys are the checkpoint's names and must be str; got {names[0]!r} "
                         f"({type(names[0]).__name__}). Keys of any plain type are fine one level down: "
                         f"save_state({{'state': {{{names[0]!r}: ...}}}}, path).")
-    path = as_path(path)
     coord = dist_coordinator.coordinator_for(process_group, timeout_secs).call(
         "Saving " + path, {"call": "save_state", "path": path, **save_arguments(max_shard_size, False)})
     with coord.failures_shared():
         storage = storage_for(path, storage_options)
-        options = dataclasses.replace(SaveOptions.checked(None, max_shard_size, progress, None, False), ordered=True)
+        options = dataclasses.replace(SaveOptions.checked(None, max_shard_size, progress, None, False), ordered=True,
+                                      replace=replace)
         objects = {k: kind_of(v) for k, v in state.items()}
         source = saver.Source(lambda distributed: dict(state), lambda: objects, AsyncWriter, lambda: None)
         saver.save(source, storage, path, coord, options)
-    return path
 
 
 def load_state(path: str | os.PathLike[str], *, map_location: str | torch.device | None = "cpu",
@@ -218,8 +228,11 @@ def convert(
     if target.exists(out) or target.is_dir(out):  # checked before reading anything
         raise CheckpointError(f"{out} already exists; convert into a new path.")
     converted = convert_tool.read_source(found, storage_for(src, source_options), source_options)
-    try:
-        return save_state(converted.state, out, max_shard_size=max_shard_size, progress=progress,
-                          storage_options=storage_options if is_url(out) else None, process_group=False)
+    try:  # never replaces: what appeared at ``out`` since the check above stays as it is
+        _save_plain(converted.state, out, max_shard_size, progress, storage_options if is_url(out) else None, False, None,
+                    replace=False)
     except UnsupportedStateError as e:
         raise UnsupportedStateError(f"Cannot convert {src}: {e}", e.key, e.value_type) from None
+    except AlreadyCommitted:
+        raise CheckpointError(f"{out} appeared while it was being written; nothing was replaced.") from None
+    return out

@@ -16,6 +16,7 @@ backend, and the writer only creates files in it, hands it the index and calls `
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import socket
@@ -123,6 +124,10 @@ class Source(Protocol):
 
     def readv(self, views: list[memoryview], offset: int) -> None:
         """Fill ``views`` with the bytes from ``offset`` on, back to back; EOFError at the end."""
+
+    def stream(self) -> contextlib.AbstractContextManager[None]:
+        """One of several threads reading this file at once (``readers``) reads inside this block:
+        a local file gives the thread a descriptor of its own (``LocalSource.stream``)."""
 
     def views(self, offset: int, count: int) -> Iterator[memoryview]:
         """``count`` bytes from ``offset``, in pieces to use before asking for the next (a local

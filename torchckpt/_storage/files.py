@@ -52,6 +52,28 @@ def link_target(path: str) -> LinkTarget | None:
     return LinkTarget(real, REGULAR_FILE if stat.S_ISREG(mode) else _kind(mode))
 
 
+def reopen(fd: int) -> int | None:
+    """A new open file description of the file open at ``fd`` (its own offset and readahead state),
+    read-only; None where the system cannot give one (no ``/proc/self/fd``).
+
+    ``/proc/self/fd/N`` names the open file itself, not a path: the same inode even if the file was
+    renamed, replaced or deleted since. The check of the device and inode says so again.
+    """
+    try:
+        new = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | CLOEXEC)
+    except OSError:
+        return None
+    try:
+        old_stat, new_stat = os.fstat(fd), os.fstat(new)
+    except OSError:
+        os.close(new)
+        return None
+    if (old_stat.st_dev, old_stat.st_ino) != (new_stat.st_dev, new_stat.st_ino):
+        os.close(new)
+        return None
+    return new
+
+
 def _link_error(path: str, what: str) -> CorruptCheckpointError:
     return CorruptCheckpointError(
         f"{what} {path} is a symbolic link; torchckpt never follows links inside a checkpoint or manager "

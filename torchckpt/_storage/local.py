@@ -43,7 +43,13 @@ def _populate(mapped: mmap.mmap, start: int, end: int) -> None:
 
 
 class LocalSource:
-    """An open regular file, read with ``pread``/``preadv`` (no seeks, safe from several threads)."""
+    """An open regular file, read with ``pread``/``preadv`` (no seeks, safe from several threads).
+
+    A thread inside :meth:`stream` reads through a descriptor of its own. Reads of one descriptor
+    from several threads share its readahead state, which then sees no sequential stream and reads
+    ahead little: four threads reading contiguous quarters of a cold 1 GiB file took 0.65 s through
+    one descriptor and 0.45 s through four here (median of 8 interleaved rounds).
+    """
 
     batch_bytes = 64 * 2**20  # a scatter read this large keeps the disk busy; larger ones gain nothing
     batch_views = IOV_MAX  # preadv's limit
@@ -53,18 +59,38 @@ class LocalSource:
         self.path = path
         self.fd = fd
         self.size = os.fstat(fd).st_size
+        self._own = threading.local()  # .fd: the descriptor of a thread inside stream()
+
+    @contextlib.contextmanager
+    def stream(self) -> Iterator[None]:
+        """This thread's reads, until the block ends, through a descriptor of its own (the same
+        file, see ``_storage.files.reopen``); through the shared one where there is none."""
+        fd = storage_files.reopen(self.fd)
+        if fd is None:
+            yield
+            return
+        self._own.fd = fd
+        try:
+            yield
+        finally:
+            del self._own.fd
+            os.close(fd)
+
+    def _descriptor(self) -> int:
+        return getattr(self._own, "fd", self.fd)
 
     def read(self, offset: int, count: int) -> bytes:
-        return os.pread(self.fd, count, offset)
+        return os.pread(self._descriptor(), count, offset)
 
     def prepare(self, nbytes: int) -> None:
         del nbytes  # reads go straight into the destinations: nothing to size
 
     def readv(self, views: list[memoryview], offset: int) -> None:
         views = [v for v in views if len(v)]
+        fd = self._descriptor()
         i, count = 0, len(views)
         while i < count:
-            n = os.preadv(self.fd, views[i:] if i else views, offset)
+            n = os.preadv(fd, views[i:] if i else views, offset)
             if n <= 0:
                 raise EOFError(f"unexpected end of file at byte {offset}")
             offset += n

@@ -11,6 +11,7 @@ damaged one.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -54,6 +55,9 @@ class RemoteSource:
         if self.storage is None:
             return FileNotFoundError(2, "No such file", self.path)
         return self.storage.vanished(self.path)
+
+    def stream(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()  # readers is 1: no other thread reads it
 
     def prepare(self, nbytes: int) -> None:
         self.part = max(self.part_min, min(self.part_max, nbytes // (READ_PARTS * 10 + 1)))
