@@ -190,8 +190,8 @@ class StageDouble(Hooked):
     def discard(self) -> None:
         self.inner.discard()
 
-    def settle(self, known: Any = ()) -> None:
-        self.inner.settle(known)
+    def settle(self, known: Any = (), *, every_file: bool = False) -> None:
+        self.inner.settle(known, every_file=every_file)
 
     def member(self, name: str) -> str:
         return str(self.inner.member(name))

@@ -82,6 +82,10 @@ class CheckpointManager:
             :attr:`preempted` becomes True (on every rank at the same call); the loop stops.
         incremental: reuse the latest checkpoint's unchanged shards (hard links, server-side copies);
             each checkpoint stays standalone. False writes every byte.
+        warm_page_cache: another process on this machine restores each new checkpoint next (a
+            validation loop following the run): once a save is committed, the kernel reads its
+            files back into the page cache in the background (up to half the free memory), so that
+            process reads memory, not the disk. Costs one read of the checkpoint from the disk.
 
     Example:
         >>> import tempfile, torch, torchckpt
@@ -114,6 +118,7 @@ class CheckpointManager:
         timeout_secs: float | None = None,
         preemption_signals: Iterable[int] = (),
         incremental: bool = True,
+        warm_page_cache: bool = False,
     ) -> None:
         _check_arguments(checkpoint, max_shard_size, max_to_keep=max_to_keep, checkpoint_name=checkpoint_name,
                          step_counter=step_counter, checkpoint_interval=checkpoint_interval, keep_best=keep_best,
@@ -134,6 +139,7 @@ class CheckpointManager:
         self._last_checkpoint_step: int | None = None
         self._async_save = async_save
         self._incremental = bool(incremental)
+        self._warm_page_cache = bool(warm_page_cache)
         self._warned_metric = False
         self._read_only = False
         self._coord = dist_coordinator.coordinator_for(process_group, timeout_secs)
@@ -326,7 +332,7 @@ class CheckpointManager:
         base = join(self._directory, decision["base"]) if decision.get("base") else None
         return SaveOptions.checked(decision["counter"], self._max_shard_size, self._progress, metadata,
                                    self._async_save and not self._preempted, replace=decision["explicit"], base=base,
-                                   incremental=self._incremental)
+                                   incremental=self._incremental, warm_page_cache=self._warm_page_cache)
 
     def _after_save(self, name: str, metrics: dict[str, Any] | None) -> dict[str, Any] | None:
         """Once the checkpoint is committed (rank 0): record it and apply retention; returns the

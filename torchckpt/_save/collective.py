@@ -250,7 +250,7 @@ def prepare(coord: Coordinator, path: str,
 
 
 def finish(coord: Coordinator, storage: Storage, prepared: Prepared, progress: bool | None,
-           replace: bool, after: Callable[[], Any] | None) -> Any:
+           replace: bool, after: Callable[[], Any] | None, warm_page_cache: bool = False) -> Any:
     """Steps 4 and 5: write every rank's files and commit on rank 0. ``after`` runs on rank 0 once
     the checkpoint is committed; what it returns (JSON) is returned on every rank."""
     path, plan, captured = prepared.path, prepared.plan, prepared.captured
@@ -271,7 +271,7 @@ def finish(coord: Coordinator, storage: Storage, prepared: Prepared, progress: b
     reports = _gather_reports(coord, report)
     if coord.rank == 0:
         assert stage is not None
-        outcome = _commit(coord, stage, path, plan, prepared.section, captured, reports, after)
+        outcome = _commit(coord, stage, path, plan, prepared.section, captured, reports, after, warm_page_cache)
         coord.broadcast("outcome", dist_coordinator.encode(outcome))
     else:
         outcome = dist_coordinator.decode(coord.broadcast("outcome", None, coord.outcome_timeout_secs))
@@ -329,7 +329,7 @@ def _write_mine(coord: Coordinator, storage: Storage, prepared: Prepared, stage_
 
 def _commit(coord: Coordinator, stage: Any, path: str, plan: RankPlan, section: dict[str, Any], captured: Captured,
             reports: list[dict[str, Any]] | Exception,
-            after: Callable[[], Any] | None) -> dict[str, Any]:
+            after: Callable[[], Any] | None, warm_page_cache: bool = False) -> dict[str, Any]:
     """Rank 0: write the index and commit once every rank has reported success; else discard."""
     try:
         if isinstance(reports, Exception):
@@ -350,7 +350,7 @@ def _commit(coord: Coordinator, stage: Any, path: str, plan: RankPlan, section: 
         return {"failures": {0: dist_coordinator.failure_payload(e)}}
     finally:
         with contextlib.suppress(Exception):  # background work for the next save: never this one's outcome
-            stage.settle()
+            stage.settle(every_file=warm_page_cache)  # rank 0's stage: every rank's files (one page cache a host)
     return {"ok": path, "after": result}
 
 

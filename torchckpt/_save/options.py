@@ -62,6 +62,8 @@ class SaveOptions:
     a committed checkpoint on the same storage whose identical shards are reused (an incremental
     save, see ``_save.reuse``); None writes every byte. ``incremental``: a later save will compare
     with this one, so the shards of frozen tensors are written to be read back soon.
+    ``warm_page_cache``: another process restores the checkpoint next (``CheckpointManager``'s
+    option), so every file is read into the page cache once committed (``Stage.settle``).
     """
 
     save_counter: int | None  # None: no counter (``save_state`` of a plain dict)
@@ -73,13 +75,14 @@ class SaveOptions:
     base: str | None = None
     incremental: bool = False
     ordered: bool = False  # every tensor keeps its place among its dict's keys (``save_state``)
+    warm_page_cache: bool = False
 
     @classmethod
     def checked(cls, save_counter: int | None, max_shard_size: int | str, progress: bool | None,
                 metadata: dict[str, Any] | None, async_save: bool, replace: bool = True,
-                base: str | None = None, incremental: bool = False) -> SaveOptions:
+                base: str | None = None, incremental: bool = False, warm_page_cache: bool = False) -> SaveOptions:
         return cls(save_counter, parse_size(max_shard_size), progress, metadata, bool(async_save), replace, base,
-                   incremental or base is not None)
+                   incremental or base is not None, warm_page_cache=bool(warm_page_cache))
 
 
 @dataclass(frozen=True)

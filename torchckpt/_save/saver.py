@@ -71,7 +71,7 @@ def save(source: Source, storage: Storage, path: str, coord: AnyCoordinator, opt
         with gc_paused():
             write.write_checkpoint(storage, path, job.stored, job.aliases, job.section, options.max_shard_size,
                                    options.progress, options.replace, options.base, job.groups,
-                                   options.incremental, hooks.after)
+                                   options.incremental, hooks.after, options.warm_page_cache)
 
     # One pause over capture and write: re-enabling the collector in between would make it sweep
     # the tens of thousands of small objects the capture has just made.
@@ -124,7 +124,7 @@ def _save_by_every_rank(source: Source, storage: Storage, path: str, coord: AnyC
     def run() -> None:
         with gc_paused():
             result = collective.finish(scope, storage, prepared, False if options.async_save else options.progress,
-                                       options.replace, hooks.after)
+                                       options.replace, hooks.after, options.warm_page_cache)
         if hooks.adopt is not None and coord.rank != 0:
             hooks.adopt(result)
 

@@ -52,6 +52,7 @@ def write_checkpoint(
     groups: Mapping[str, int] | None = None,
     incremental: bool = False,
     after: Callable[[], Any] | None = None,
+    warm_page_cache: bool = False,
 ) -> str:
     """Write tensors and the ``torchckpt`` index section to the directory ``path``, atomically.
 
@@ -76,6 +77,8 @@ def write_checkpoint(
             created to be read back soon (``Stage.create``'s ``keep_cached``).
         after: called once the checkpoint is committed (a manager's bookkeeping), before the
             stage settles (``Stage.settle``: background work for the next save).
+        warm_page_cache: another process restores the checkpoint next: the stage settles by
+            reading every file into the page cache (``Stage.settle(every_file=True)``).
 
     Returns:
         ``path``.
@@ -113,7 +116,7 @@ def write_checkpoint(
             after()
     finally:
         with contextlib.suppress(Exception):  # background work for the next save: never this one's outcome
-            stage.settle(known)
+            stage.settle(() if warm_page_cache else known, every_file=warm_page_cache)
     return path
 
 

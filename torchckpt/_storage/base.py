@@ -201,13 +201,15 @@ class Stage(Protocol):
     def discard(self) -> None:
         """Remove what the stage holds (a failed write)."""
 
-    def settle(self, known: Collection[str] = ()) -> None:
+    def settle(self, known: Collection[str] = (), *, every_file: bool = False) -> None:
         """After :meth:`commit` and the caller's bookkeeping (a manager's state file and retention):
         start what the backend does in the background for the next save. The local backend reads
         the files created with ``keep_cached`` into the page cache, except those named in ``known``
         (the next save will trust their stamps, ``_save.reuse.Checked``, and not read them);
         started at the commit, those reads slowed the state file's fsync behind them (a 64 MiB save
-        took 0.062 s, against 0.053 s without them)."""
+        took 0.062 s, against 0.053 s without them). With ``every_file``, every file of the
+        committed checkpoint, up to half the memory available (a reader in another process
+        restores it next: ``CheckpointManager(warm_page_cache=True)``)."""
 
     def reuse(self, name: str, source: str) -> str | None:
         """Place at ``name`` the bytes of ``source``, a shard of a committed checkpoint, without

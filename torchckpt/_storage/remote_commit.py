@@ -145,8 +145,8 @@ class RemoteStage:
         self.committed = True
         self.storage.remove_quietly(join(self.path, self.marker))
 
-    def settle(self, known: Collection[str] = ()) -> None:
-        del known  # nothing to do in the background: a reused object is a copy the server made
+    def settle(self, known: Collection[str] = (), *, every_file: bool = False) -> None:
+        del known, every_file  # nothing to do in the background: a reused object is a copy the server made
 
     def discard(self) -> None:
         if self.committed or self.discarded:
