@@ -47,9 +47,9 @@ def resident_fraction(path: Path) -> float:
 
 
 def drop(path: Path) -> None:
+    """Evict ``path`` from the page cache (a checkpoint's files are durable once committed)."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)

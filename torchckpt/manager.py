@@ -85,7 +85,8 @@ class CheckpointManager:
         warm_page_cache: another process on this machine restores each new checkpoint next (a
             validation loop following the run): once a save is committed, the kernel reads its
             files back into the page cache in the background (up to half the free memory), so that
-            process reads memory, not the disk. Costs one read of the checkpoint from the disk.
+            process reads memory, not the disk. Costs one read of the checkpoint from the disk. Local
+            filesystems only: nothing to do on an object store.
 
     Example:
         >>> import tempfile, torch, torchckpt
