@@ -19,8 +19,8 @@ import pytest
 import torch
 
 import torchckpt
+from tests.doubles import LocalDouble
 from torchckpt._storage import local
-from torchckpt._storage.local import LocalStorage
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore and fadvise are Linux's")
 
@@ -75,7 +75,7 @@ def shards(path: str) -> list[Path]:
 def direct_disk(tmp_path, install):
     """The local disk under ``tmp_path`` writing every shard with direct I/O, so that nothing a save
     writes is cached; skipped where the filesystem refuses direct I/O (the shard is then cached)."""
-    storage = install(tmp_path, LocalStorage(direct_min_bytes=0))
+    storage = install(tmp_path, LocalDouble(direct_min_bytes=0))
     probe = torchckpt.Checkpoint(w=torch.ones(SHARD_BYTES // 4)).write(tmp_path / "probe", progress=False)
     if resident_fraction(shards(probe)[0]) > 0.5:
         pytest.skip("this filesystem caches what it writes (no direct I/O)")
@@ -111,19 +111,25 @@ def test_without_it_a_direct_io_save_leaves_the_files_uncached(tmp_path, direct_
     assert all(resident_fraction(f) < 0.5 for f in shards(path))
 
 
-def test_reused_files_are_warmed_too(tmp_path, direct_disk):
-    """An incremental save places unchanged shards by hard link: the reader reads them all the same."""
-    state = _state()
-    mgr = torchckpt.CheckpointManager(torchckpt.Checkpoint(model=state), tmp_path / "run", warm_page_cache=True,
+@pytest.mark.parametrize("warm", [True, False], ids=["warmed", "control"])
+def test_reused_files_are_warmed_too(tmp_path, direct_disk, warm):
+    """An incremental save places unchanged shards by hard link: the reader reads them all the
+    same. The placed files are evicted just before the save settles (its own check may have read
+    them), so only the warm-up can bring them back; the control, without it, stays cold."""
+    mgr = torchckpt.CheckpointManager(torchckpt.Checkpoint(model=_state()), tmp_path / "run", warm_page_cache=warm,
                                       max_shard_size=SHARD_BYTES // 2, progress=False)
     mgr.save()
     settled()
-    path = mgr.save()  # nothing changed: every shard is placed from the first checkpoint
-    for f in shards(path):
-        drop(f)
-    mgr.save()
+    final = tmp_path / "run" / "ckpt-2"
+    direct_disk.before("stage.settle", lambda *args, **kwargs: [drop(f) for f in shards(str(final))], times=1)
+    assert mgr.save() == str(final)  # nothing changed: every shard is placed from the first checkpoint
+    assert len(direct_disk.called("stage.reuse")) == 2
     settled()
-    assert all(wait_resident(f, 0.99) >= 0.99 for f in shards(mgr.latest_checkpoint))
+    if warm:
+        assert all(wait_resident(f, 0.99) >= 0.99 for f in shards(str(final)))
+    else:
+        time.sleep(0.2)
+        assert all(resident_fraction(f) < 0.5 for f in shards(str(final)))
 
 
 def test_the_warm_up_stays_within_its_budget(tmp_path, direct_disk):

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import torchckpt
+from torchckpt._storage import local
 from torchckpt._storage.local import LocalSource, LocalStorage
 from torchckpt.errors import CorruptCheckpointError
 
@@ -30,12 +31,14 @@ class _SmallBatchSource(LocalSource):
         super().__init__(path, fd)
         self.readers = readers
         self.threads: set[str] = set()
-        self.descriptors: dict[str, set[int]] = {}  # thread name -> the descriptors it read through
+        self.descriptors: dict[str, set[tuple[int, int]]] = {}  # thread name -> (descriptor, inode) it read through
+        self.opened = fd  # the shared descriptor (``fd`` is -1 once closed)
 
     def readv(self, views: list[memoryview], offset: int) -> None:
         name = threading.current_thread().name
         self.threads.add(name)
-        self.descriptors.setdefault(name, set()).add(self._descriptor())
+        fd = self._descriptor()
+        self.descriptors.setdefault(name, set()).add((fd, os.fstat(fd).st_ino))
         super().readv(views, offset)
 
 
@@ -125,14 +128,20 @@ def test_each_reader_thread_reads_through_its_own_descriptor_of_the_same_file(tm
     """Reads from several threads through one descriptor share its readahead (see ``LocalSource``):
     each helper gets a descriptor of its own, onto the same inode, closed once it is done."""
     storage = install(tmp_path, SmallBatches(4))
+    local._warmer.call(lambda: None).result()  # an earlier test's warm-up opens descriptors while it runs
     before = _open_descriptors()
     dest = _zeros_like(_state())
     torchckpt.Checkpoint(state=dest).read(written, progress=False).assert_consumed()
     assert _open_descriptors() == before
     (source,) = storage.sources
     per_thread = source.descriptors
-    assert len(per_thread) == 4 and all(len(fds) == 1 for fds in per_thread.values())
-    assert len(set().union(*per_thread.values())) == 4  # four descriptors, one a thread
+    inode = os.stat(_shard(written)).st_ino
+    assert len(per_thread) == 4 and all(len(seen) == 1 for seen in per_thread.values())
+    caller = per_thread.pop(threading.current_thread().name)
+    assert caller == {(source.opened, inode)}
+    # Each helper through a descriptor of its own onto the same file (a closed one's number may be
+    # reused by a helper that starts later, so the numbers need not all differ).
+    assert all(fd != source.opened and ino == inode for seen in per_thread.values() for fd, ino in seen)
     expected = _state()
     assert all(torch.equal(dest[k], expected[k]) for k in expected)
 

@@ -86,7 +86,7 @@ class CheckpointManager:
             validation loop following the run): once a save is committed, the kernel reads its
             files back into the page cache in the background (up to half the free memory), so that
             process reads memory, not the disk. Costs one read of the checkpoint from the disk. Local
-            filesystems only: nothing to do on an object store.
+            filesystems only; on several ranks, rank 0's machine (it warms every rank's files).
 
     Example:
         >>> import tempfile, torch, torchckpt
@@ -333,7 +333,8 @@ class CheckpointManager:
         base = join(self._directory, decision["base"]) if decision.get("base") else None
         return SaveOptions.checked(decision["counter"], self._max_shard_size, self._progress, metadata,
                                    self._async_save and not self._preempted, replace=decision["explicit"], base=base,
-                                   incremental=self._incremental, warm_page_cache=self._warm_page_cache)
+                                   incremental=self._incremental,
+                                   warm_page_cache=self._warm_page_cache and not self._preempted)
 
     def _after_save(self, name: str, metrics: dict[str, Any] | None) -> dict[str, Any] | None:
         """Once the checkpoint is committed (rank 0): record it and apply retention; returns the

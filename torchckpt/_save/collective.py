@@ -350,7 +350,10 @@ def _commit(coord: Coordinator, stage: Any, path: str, plan: RankPlan, section: 
         return {"failures": {0: dist_coordinator.failure_payload(e)}}
     finally:
         with contextlib.suppress(Exception):  # background work for the next save: never this one's outcome
-            stage.settle(every_file=warm_page_cache)  # rank 0's stage: every rank's files (one page cache a host)
+            if warm_page_cache:  # rank 0: every rank's files, into the page cache of rank 0's host
+                stage.settle(every_file=True)
+            else:
+                stage.settle()
     return {"ok": path, "after": result}
 
 
