@@ -25,7 +25,7 @@ from torchckpt._dist.preemption import PreemptionWatch
 from torchckpt._format import spec
 from torchckpt._history import members as history_members
 from torchckpt._history import state as history_state
-from torchckpt._history.arguments import check_arguments, number_argument, plain_metric
+from torchckpt._history.arguments import check_arguments, number_argument, plain_metrics
 from torchckpt._history.arguments import checkpoint_number as checkpoint_number_of
 from torchckpt._history.ledger import Ledger
 from torchckpt._history.recover import Ranking, resolve_ranking
@@ -377,17 +377,10 @@ class CheckpointManager:
         return decision
 
     def _checked_metrics(self, metrics: Any) -> dict[str, Any] | None:
-        """``metrics`` as plain values, checked before anything is written (a bad value must not
-        commit a checkpoint that the state file then cannot record)."""
-        if metrics is None:
+        """``metrics`` as plain values (``plain_metrics``); warns once when ``best_metric`` is not among them."""
+        out = plain_metrics(metrics)
+        if out is None:
             return None
-        if not isinstance(metrics, dict):
-            raise TypeError(f"metrics must be a dict, got {type(metrics).__name__}.")
-        out: dict[str, Any] = {}
-        for key, value in metrics.items():
-            if not isinstance(key, str):
-                raise TypeError(f"metrics keys must be strings, got {key!r} ({type(key).__name__}).")
-            out[key] = plain_metric(key, value)
         best_metric = self._ledger.ranking.best_metric
         if isinstance(best_metric, str) and best_metric not in out and not self._warned_metric:
             self._warned_metric = True

@@ -13,6 +13,21 @@ from torchckpt._format import spec
 from torchckpt.errors import a_or_an
 
 
+def plain_metrics(metrics: Any) -> dict[str, Any] | None:
+    """A ``save(metrics=...)`` as plain values (None for None), checked before anything is written:
+    a bad value must not commit a checkpoint that the state file then cannot record."""
+    if metrics is None:
+        return None
+    if not isinstance(metrics, dict):
+        raise TypeError(f"metrics must be a dict, got {type(metrics).__name__}.")
+    out: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if not isinstance(key, str):
+            raise TypeError(f"metrics keys must be strings, got {key!r} ({type(key).__name__}).")
+        out[key] = plain_metric(key, value)
+    return out
+
+
 def plain_metric(key: str, value: Any) -> Any:
     """One metric as a plain value: a 0-dim tensor or a NumPy scalar becomes a float."""
     if isinstance(value, torch.Tensor):
