@@ -177,7 +177,7 @@ def save(method: str, state: dict, path: str) -> dict:  # type: ignore[type-arg]
 
         torchckpt.CheckpointManager(torchckpt.Checkpoint(state=state), path, warm_page_cache=True, progress=False).save()
         seconds = time.perf_counter() - start
-        local._warmer.call(lambda: None).result()  # the run would go on; this process stays for its warm-up
+        local.wait_for_warm_ups()  # the run would go on; this process stays for its warm-up
         return {"seconds": seconds, "blocked": blocked, "warm_asked": time.perf_counter() - start}
     elif method == "torchckpt-async":
         import torchckpt

@@ -350,10 +350,7 @@ def _commit(coord: Coordinator, stage: Any, path: str, plan: RankPlan, section: 
         return {"failures": {0: dist_coordinator.failure_payload(e)}}
     finally:
         with contextlib.suppress(Exception):  # background work for the next save: never this one's outcome
-            if warm_page_cache:  # rank 0: every rank's files, into the page cache of rank 0's host
-                stage.settle(every_file=True)
-            else:
-                stage.settle()
+            stage.settle(every_file=warm_page_cache)  # rank 0: every rank's files, into its host's page cache
     return {"ok": path, "after": result}
 
 

@@ -116,10 +116,7 @@ def write_checkpoint(
             after()
     finally:
         with contextlib.suppress(Exception):  # background work for the next save: never this one's outcome
-            if warm_page_cache:
-                stage.settle((), every_file=True)
-            else:
-                stage.settle(known)
+            stage.settle(() if warm_page_cache else known, every_file=warm_page_cache)
     return path
 
 

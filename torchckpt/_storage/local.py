@@ -185,7 +185,7 @@ def _warm(path: str, budget: int | None = None) -> int:
     return asked
 
 
-def _warm_all(paths: list[str], budget: int | None) -> None:
+def warm_files(paths: list[str], budget: int | None) -> None:
     """:func:`_warm` each of ``paths`` in turn, within ``budget`` bytes in all (None: no limit)."""
     for path in paths:
         if budget is not None and budget <= 0:
@@ -219,6 +219,12 @@ def _available_memory() -> int | None:
     return min(figures) if figures else None
 
 
+def wait_for_warm_ups() -> None:
+    """Return once every warm-up submitted so far has run (its reads asked of the kernel; they
+    may still be landing)."""
+    _warmer.call(lambda: None).result()
+
+
 def stop_warm_ups() -> None:
     """Stop asking for files to be read into the page cache, and return once no warm-up asks: a
     save that checks a file reads it itself rather than beside a warm-up (two readers of one file
@@ -226,7 +232,7 @@ def stop_warm_ups() -> None:
     kernel still land (128 KiB each, queued by the disk)."""
     _stop_warming.set()
     try:
-        _warmer.call(lambda: None).result()
+        wait_for_warm_ups()
     finally:
         _stop_warming.clear()
 
@@ -305,7 +311,7 @@ class LocalStage:
             # where the free memory cannot be known.
             budget = (_available_memory() or 0) // 2
         if warm:  # once the save is done: not beside its writes
-            _warmer.submit(functools.partial(_warm_all, [os.path.join(self.final, n) for n in warm], budget))
+            _warmer.submit(functools.partial(warm_files, [os.path.join(self.final, n) for n in warm], budget))
 
     def discard(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
