@@ -27,7 +27,9 @@ import torch
 import torchckpt
 from torchckpt import CheckpointManager
 from torchckpt._format import spec
+from torchckpt._load import opened as load_opened
 from torchckpt._save import reuse as save_reuse
+from torchckpt._storage import trusted as storage_trusted
 from torchckpt._storage.local import LocalStorage
 from torchckpt.cli import main
 
@@ -664,6 +666,99 @@ def test_a_file_this_process_wrote_or_checked_is_trusted_by_its_stamp_until_it_c
     mgr.close()
 
 
+def rot(file: str) -> None:
+    """Damage under the filesystem, a bit rotting on the disk: a byte of the data changes, and the
+    stamp (size, modification time) stays as it was."""
+    before = os.stat(file)
+    flip(file)
+    os.utime(file, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(file)
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+
+
+def found_by_restore(trainer: Trainer, path: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(torchckpt.CorruptCheckpointError, match="fails its checksum") as caught:
+        trainer.like().checkpoint().restore(path)  # a fresh trainer: the damaged bytes land in it, not in the run
+    assert caught.value.path == os.path.join(path, shard_of(path, FROZEN))
+
+
+def found_by_verify(trainer: Trainer, path: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert not verified(path, capsys)
+
+
+def found_by_reader(trainer: Trainer, path: str, capsys: pytest.CaptureFixture[str]) -> None:
+    reader = torchckpt.load_checkpoint(path)
+    with pytest.raises(torchckpt.CorruptCheckpointError, match="fails its checksum") as caught:
+        for name in reader.get_variable_to_shape_map():  # the one rotten
+            reader.get_tensor(name)
+    assert caught.value.path == os.path.join(path, shard_of(path, FROZEN))
+
+
+@pytest.mark.parametrize("find", [found_by_restore, found_by_verify, found_by_reader],
+                         ids=["restore", "verify", "reader"])
+def test_a_file_found_damaged_is_read_back_by_the_next_save_and_written_afresh(backbone1, disk, tmp_path, capsys,
+                                                                                  find):
+    run = str(tmp_path / "run")
+    mgr = CheckpointManager(backbone1.checkpoint(), run, max_to_keep=5)
+    first = mgr.save()
+    frozen = shard_of(first, FROZEN)
+    time.sleep(0.05)  # the filesystem's clock ticks between a file's last write and the next index
+    backbone1.step()
+    since = len(disk.calls)
+    latest = mgr.save()
+    assert reused(latest)["files"] == {frozen: frozen} and shard_reads(disk, since) == []  # trusted by its stamp
+
+    rot(os.path.join(latest, frozen))
+    find(backbone1, latest, capsys)
+    backbone1.step()
+    since = len(disk.calls)
+    third = mgr.save()
+    expected = backbone1.state()
+    assert [os.path.basename(p) for p in shard_reads(disk, since)] == [frozen]  # read back, found damaged
+    assert disk.called("stage.drop")[-1] == (frozen,)
+    assert_written_afresh(run, third, backbone1, expected, capsys)
+    mgr.close()
+
+
+def test_each_rank_distrusts_the_damage_it_found_and_the_damage_every_rank_reports(tmp_path):
+    """On several ranks every rank raises the first failing rank's error, chained to its own: both
+    files named are distrusted, and only those."""
+    storage = LocalStorage()
+    files = {}
+    for name in "abc":
+        (tmp_path / name).write_bytes(name.encode() * 10)
+        files[name] = (str(tmp_path / name), storage.stamp(str(tmp_path / name)))
+    storage_trusted.remember((stamp, "h", (1,)) for _, stamp in files.values())
+    try:
+        try:
+            raise torchckpt.CorruptCheckpointError("this rank's damage", files["a"][0])
+        except torchckpt.CorruptCheckpointError as mine:
+            raise torchckpt.CorruptCheckpointError("rank 0's damage", files["b"][0]) from mine
+    except torchckpt.CorruptCheckpointError as every:
+        load_opened.distrust_damaged(storage, every, {path for path, _ in files.values()})
+    assert [storage_trusted.vouches(stamp, "h", (1,)) for _, stamp in files.values()] == [False, False, True]
+    load_opened.distrust_damaged(storage, torchckpt.CorruptCheckpointError("elsewhere", files["c"][0]), set())
+    assert storage_trusted.vouches(files["c"][1], "h", (1,))  # not among the paths given
+
+
+def test_a_file_whose_damage_went_unseen_is_still_trusted_by_its_stamp(backbone1, disk, tmp_path, capsys):
+    """The control for the test above: the same damage, unseen, is linked again (what the drop prevents)."""
+    run = str(tmp_path / "run")
+    mgr = CheckpointManager(backbone1.checkpoint(), run, max_to_keep=5)
+    mgr.save()
+    time.sleep(0.05)
+    backbone1.step()
+    latest = mgr.save()
+    frozen = shard_of(latest, FROZEN)
+    rot(os.path.join(latest, frozen))
+    backbone1.step()
+    since = len(disk.calls)
+    third = mgr.save()
+    assert shard_reads(disk, since) == [] and reused(third)["files"] == {frozen: frozen}
+    assert not verified(third, capsys)  # a restore would report it; the drop above spares the new checkpoint
+    mgr.close()
+
+
 def test_an_identical_copy_of_a_known_file_is_read_back_before_it_is_reused(backbone1, disk, tmp_path, capsys):
     run = str(tmp_path / "run")
     mgr = CheckpointManager(backbone1.checkpoint(), run)
@@ -700,14 +795,14 @@ def test_a_stamp_as_late_as_the_index_is_not_trusted(tmp_path):
         checked = save_reuse.Checked()
         checked.add("model.safetensors", stamp, "h", (1, 2))
         kept = checked.keep(storage, str(checkpoint))
-        assert kept == ({"model.safetensors"} if save_reuse.known(stamp, "h", (1, 2)) else set())
+        assert kept == ({"model.safetensors"} if storage_trusted.vouches(stamp, "h", (1, 2)) else set())
         return bool(kept)
 
     # The same tick: a change made right after the stamp could have left the time as it was.
     assert not kept(stamp[3])
     assert kept(stamp[3] + 1)
-    assert not save_reuse.known(stamp, "h", (1, 3)) and not save_reuse.known(stamp, "other", (1, 2))
-    assert not save_reuse.known(None, "h", (1, 2))
+    assert not storage_trusted.vouches(stamp, "h", (1, 3)) and not storage_trusted.vouches(stamp, "other", (1, 2))
+    assert not storage_trusted.vouches(None, "h", (1, 2))
     assert storage.stamp(str(checkpoint)) is None and storage.stamp(str(tmp_path / "missing")) is None
 
 
@@ -718,12 +813,12 @@ def test_a_save_of_more_files_than_a_process_remembers_names_only_those_it_kept(
     (checkpoint / spec.INDEX_FILE).write_bytes(b"{}")
     device, mtime = os.stat(checkpoint / spec.INDEX_FILE).st_dev, 1  # long before the index
     checked = save_reuse.Checked()
-    for i in range(save_reuse.KNOWN_FILES + 1):  # stamps of no real file (negative inodes): the oldest is forgotten
+    for i in range(storage_trusted.KNOWN_FILES + 1):  # stamps of no real file (negative inodes): the oldest is forgotten
         checked.add(f"f{i}", (device, -1 - i, 8, mtime), "h", (i,))
     kept = checked.keep(storage, str(checkpoint))
-    assert kept == {f"f{i}" for i in range(1, save_reuse.KNOWN_FILES + 1)}
-    assert not save_reuse.known((device, -1, 8, mtime), "h", (0,))
-    assert save_reuse.known((device, -2, 8, mtime), "h", (1,))
+    assert kept == {f"f{i}" for i in range(1, storage_trusted.KNOWN_FILES + 1)}
+    assert not storage_trusted.vouches((device, -1, 8, mtime), "h", (0,))
+    assert storage_trusted.vouches((device, -2, 8, mtime), "h", (1,))
 
 
 # -- object stores: the server copies what did not change ------------------------------------------

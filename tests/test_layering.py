@@ -21,7 +21,9 @@ FOLDERS = {"_format", "_storage", "_dist", "_history", "_save", "_load", "_tools
 
 # What each floor may import besides itself and the leaves. A module named with a dot is one module
 # of a folder; the rest of that folder stays out of reach.
-ENGINE = {"_history", "_dist", "_format", "_storage.base", "_tensorio"}
+# ``_storage.trusted``: the stamps of the files this process may trust, which saves add to and a
+# restore that finds damage drops (no I/O of its own).
+ENGINE = {"_history", "_dist", "_format", "_storage.base", "_storage.trusted", "_tensorio"}
 MAY_IMPORT = {
     "_format": set(),
     "_storage": {"_format"},

@@ -14,9 +14,10 @@ asks a :class:`Storage` for those bytes and turns its failures into the checkpoi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
 import xxhash
@@ -29,6 +30,7 @@ from torchckpt._format.dtypes import TensorInfo
 from torchckpt._format.index import Index
 from torchckpt._format.spec import INDEX_FILE, MAX_INDEX_SIZE, SHARDED_FORMAT_VERSION, TORCHCKPT_KEY
 from torchckpt._paths import join
+from torchckpt._storage import trusted as storage_trusted
 from torchckpt._storage.base import Source, Storage
 from torchckpt.errors import (
     CheckpointDeletedError,
@@ -85,6 +87,9 @@ class OpenShards:
     saves), and the reads still see every byte they planned on. Only a deletion before the shards
     are open is noticed, as :class:`CheckpointDeletedError`. An object store has no such pin: a
     shard deleted during the read is a :class:`CheckpointDeletedError` when it is read.
+
+    A shard found damaged while they are open (a :class:`CorruptCheckpointError` naming it leaves
+    the block) is no longer trusted by its stamp (:func:`distrust_damaged`).
     """
 
     def __init__(self, index: Index, storage: Storage) -> None:
@@ -93,6 +98,7 @@ class OpenShards:
         self.blocks = index.blocks  # format 3's block checksums, for reads of part of a tensor
         self.sources: dict[str, Source] = {}
         self.unchecked: dict[str, Callable[[], None]] = {}  # file -> the check of its header, not yet made
+        self.files = [shard["file"] for shard in index.shards]
         try:
             for shard in index.shards:
                 path = join(index.directory, shard["file"])
@@ -130,8 +136,35 @@ class OpenShards:
     def __enter__(self) -> OpenShards:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, kind: object, error: BaseException | None, traceback: object) -> None:
+        try:
+            distrust_damaged(self.storage, error, {self.path(f) for f in self.files})
+        finally:
+            self.close()
+
+
+def distrust_damaged(storage: Storage, error: BaseException | None, paths: set[str] | None = None) -> None:
+    """Stop trusting the stamp of each file that ``error`` (or an error it chains, such as the one
+    this rank found under the error every rank raises) reports damaged, among ``paths`` (None: any),
+    so that a later save of this process reads it back before reusing it (``_storage.trusted``)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, CorruptCheckpointError) and error.path is not None and \
+                (paths is None or error.path in paths):
+            storage_trusted.forget(storage.stamp(error.path))
+        error = error.__cause__ or error.__context__
+
+
+@contextlib.contextmanager
+def distrusting(storage: Storage) -> Iterator[None]:
+    """A block whose :class:`CorruptCheckpointError` makes this process distrust the damaged file
+    (:func:`distrust_damaged`), then goes on."""
+    try:
+        yield
+    except CorruptCheckpointError as e:
+        distrust_damaged(storage, e)
+        raise
 
 
 def missing_member(directory: str, path: str, storage: Storage) -> CheckpointError:

@@ -29,7 +29,9 @@ a stamp counts only once the checkpoint's index, written after it, carries a lat
 write; and damage under the filesystem (a bit rotting on the disk) changes no stamp, as it changes
 no page that a warm page cache would return to a read-back either. A process that did not write
 the file (a resumed run, a downloaded directory) reads it back, and so does every save on an
-object store, where a reused shard is a new object each time.
+object store, where a reused shard is a new object each time. The stamps live in
+``_storage.trusted``, where a restore or ``verify`` that finds a file damaged drops its stamp, so
+that the next save reads that file back rather than linking it again.
 
 Why only from a checkpoint saved by as many ranks: on another world size the chunks and the files
 differ (a save by one process and by several ranks are different formats), so the save writes in full.
@@ -38,7 +40,6 @@ differ (a save by one process and by several ranks are different formats), so th
 from __future__ import annotations
 
 import array
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,15 +52,11 @@ from torchckpt._format import blocks as format_blocks
 from torchckpt._format import index as format_index
 from torchckpt._format.spec import INDEX_FILE, MAX_INDEX_SIZE
 from torchckpt._paths import join, name_of, parent_of
+from torchckpt._storage import trusted as storage_trusted
 from torchckpt._storage.base import Stage, Stamp, Storage
 from torchckpt.errors import CheckpointError
 
 _aside = _threads.Worker("torchckpt-reuse")  # hashes tensors while the placed file is read back
-
-KNOWN_FILES = 4096  # how many files' stamps a process remembers (oldest forgotten first)
-# (device, inode) -> (size, modification time, header checksum, tensor digests) of a file this process wrote or checked
-_known: dict[tuple[int, int], tuple[int, int, str, tuple[int, ...]]] = {}
-_known_lock = threading.Lock()
 
 
 class Checked:
@@ -77,33 +74,18 @@ class Checked:
             self.files.append((name, stamp, header_checksum, tuple(digests)))
 
     def keep(self, storage: Storage, path: str) -> set[str]:
-        """Remember the files, once the checkpoint ``path`` is committed: those whose time is earlier
-        than its index's (a change made after that always moves the time); the rest are read back
-        when next reused. Returns the names of those remembered."""
+        """Trust the files (``_storage.trusted``), once the checkpoint ``path`` is committed: those
+        whose time is earlier than its index's (a change made after that always moves the time); the
+        rest are read back when next reused. Returns the names of those trusted."""
         marker = storage.stamp(join(path, INDEX_FILE)) if self.files else None
         if marker is None:
             return set()
-        kept: dict[str, tuple[int, int]] = {}
-        with _known_lock:
-            for name, (device, inode, size, mtime), header_checksum, digests in self.files:
-                if device == marker[0] and mtime < marker[3]:
-                    _known.pop((device, inode), None)
-                    _known[device, inode] = (size, mtime, header_checksum, digests)
-                    kept[name] = (device, inode)
-            while len(_known) > KNOWN_FILES:
-                del _known[next(iter(_known))]
-            remembered = {name for name, key in kept.items() if key in _known}  # not those forgotten at once
+        earlier = [(name, stamp, header_checksum, digests) for name, stamp, header_checksum, digests in self.files
+                   if stamp[0] == marker[0] and stamp[3] < marker[3]]
+        trusted = storage_trusted.remember((stamp, header_checksum, digests) for _, stamp, header_checksum, digests
+                                           in earlier)
         self.files.clear()
-        return remembered
-
-
-def known(stamp: Stamp | None, header_checksum: str, digests: tuple[int, ...]) -> bool:
-    """Whether the file with ``stamp`` is one this process wrote or checked holding exactly that."""
-    if stamp is None:
-        return False
-    device, inode, size, mtime = stamp
-    with _known_lock:
-        return _known.get((device, inode)) == (size, mtime, header_checksum, digests)
+        return {name for name, stamp, _, _ in earlier if (stamp[0], stamp[1]) in trusted}
 
 
 @dataclass(frozen=True)
@@ -189,7 +171,7 @@ def reuse_shard(stage: Stage, base: Base, file: str, names: list[str], tensors: 
         return None
     # The stamp is taken before the read-back: a change made after it moves the time.
     stamp = stage.stamp(file)
-    if known(stamp, found.header_checksum, found.digests):
+    if storage_trusted.vouches(stamp, found.header_checksum, found.digests):
         # Nothing to read back: the rest of the tensors are hashed on two threads.
         half = _half(tensors, 1)
         later = _aside.call(_digests_if_equal, tensors[half:], found.digests[half:], block_bytes)

@@ -17,6 +17,7 @@ from torchckpt._format import index as format_index
 from torchckpt._format.dtypes import TensorInfo
 from torchckpt._load import opened as load_opened
 from torchckpt._progress import progress_bar
+from torchckpt._storage import trusted as storage_trusted
 from torchckpt.errors import CorruptCheckpointError, checksum_mismatch
 from torchckpt.reader import CheckpointReader
 
@@ -39,6 +40,7 @@ def verify(reader: CheckpointReader, progress: bool | None = None) -> list[str]:
         try:  # every header parsed in full and matched against the index before any data is read
             infos = load_opened.read_shard_headers(index, shards, trust_header_checksums=False)
         except CorruptCheckpointError as e:
+            load_opened.distrust_damaged(reader.storage, e)
             return [str(e)]
         problems = _verify_data(index, shards, infos, progress)
     try:
@@ -63,6 +65,7 @@ def _verify_data(index: format_index.Index, shards: load_opened.OpenShards, info
             position += shard["tensors"]
             first = min((infos[n].start for n in names), default=shard["size"])
             shard_hash = xxhash.xxh3_64(source.read(0, first))
+            found = len(problems)
             try:
                 for name in names:  # file order
                     info = infos[name]
@@ -74,8 +77,10 @@ def _verify_data(index: format_index.Index, shards: load_opened.OpenShards, info
                     bar.update(info.nbytes)
             except (EOFError, OSError) as e:
                 problems.append(f"{path}: cannot read it to the end ({e}).")
-                continue
-            if f"{shard_hash.intdigest():016x}" != shard["checksum"]:
-                problems.append(f"{path}: shard checksum mismatch (recorded {shard['checksum']}, "
-                                f"computed {shard_hash.intdigest():016x}).")
+            else:
+                if f"{shard_hash.intdigest():016x}" != shard["checksum"]:
+                    problems.append(f"{path}: shard checksum mismatch (recorded {shard['checksum']}, "
+                                    f"computed {shard_hash.intdigest():016x}).")
+            if len(problems) > found:  # a later save of this process reads it back (``_storage.trusted``)
+                storage_trusted.forget(shards.storage.stamp(path))
     return problems
