@@ -22,6 +22,11 @@ shard headers).
 Methods:
 - raw: each rank writes its local tensors' bytes with ``os.writev`` into one file and fsyncs it,
   and reads them back with ``os.preadv``: the floor for the same bytes (same world size only);
+- raw-all: the same files, read back as a restore must place them: every byte the rank restores
+  (for ddp every rank's file, the whole replicated state) into the model's parameters and a
+  never-stepped optimizer's freshly allocated state. The floor of a restore in which every rank
+  ends up holding the state, memory allocation included (with the garbage collector paused, as
+  torchckpt's restores pause it);
 - dcp: ``torch.distributed.checkpoint.save``/``load`` (``FileSystemWriter``, its defaults) of
   ``get_state_dict``, then ``set_state_dict`` on load;
 - torchckpt: ``Checkpoint(model=..., opt=...).write`` / ``.read`` (its defaults: on one host each
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import shutil
@@ -46,7 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import drop_page_cache, import_torchckpt, machine, median, peak_rss_bytes, run_ranks  # noqa: E402
 
-METHODS = ("raw", "dcp", "torchckpt", "torchckpt-once")
+METHODS = ("raw", "raw-all", "dcp", "torchckpt", "torchckpt-once")
 
 
 # -- the worker: one rank ------------------------------------------------------------------------
@@ -104,7 +110,7 @@ def local_tensors(model: Any, opt: Any) -> list[Any]:
     out = []
     for value in [*model.state_dict().values(), *(v for s in opt.state.values() for v in s.values())]:
         if isinstance(value, torch.Tensor):
-            out.append(value.to_local() if hasattr(value, "to_local") else value)
+            out.append(value._local_tensor if hasattr(value, "_local_tensor") else value)  # DTensor: no autograd call
     return out
 
 
@@ -146,6 +152,28 @@ def raw_load(path: str, views: list[memoryview]) -> None:
             offset += sum(len(v) for v in batch)
     finally:
         os.close(fd)
+
+
+def fresh_adam_state(opt: Any) -> None:
+    """The state Adam's first step creates (``step``, ``exp_avg``, ``exp_avg_sq``, in its order),
+    allocated and never touched, as a restore into a never-stepped optimizer must allocate it."""
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    def like(p: Any) -> Any:  # a DTensor through its constructor, as torchckpt makes one: no checks
+        if isinstance(p, DTensor):
+            return DTensor(torch.empty_like(p._local_tensor), p._spec, requires_grad=False)
+        return torch.empty_like(p)
+
+    for group in opt.param_groups:
+        for p in group["params"]:
+            opt.state[p] = {"step": torch.tensor(0.0), "exp_avg": like(p), "exp_avg_sq": like(p)}
+
+
+def raw_load_all(directory: str, tensors: list[Any], workload: str, rank: int, world: int) -> None:
+    """Every byte this rank restores: its own file, or for replicated (ddp) state every rank's."""
+    for r in range(world) if workload == "ddp" else [rank]:
+        raw_load(os.path.join(directory, f"rank{r}.bin"), share(tensors, workload, r, world))
 
 
 def dcp_state(model: Any, opt: Any) -> dict[str, Any]:
@@ -196,7 +224,7 @@ def worker(args: argparse.Namespace) -> None:
         dist.barrier()
         w0, r0 = io_counters()
         t0 = time.perf_counter()
-        if args.method == "raw":
+        if args.method in ("raw", "raw-all"):
             raw_save(os.path.join(args.path, f"rank{rank}.bin"), share(tensors, args.workload, rank, world))
         elif args.method == "dcp":
             import torch.distributed.checkpoint as dcp
@@ -221,6 +249,11 @@ def worker(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         if args.method == "raw":
             raw_load(os.path.join(args.path, f"rank{rank}.bin"), share(tensors, args.workload, rank, world))
+        elif args.method == "raw-all":
+            gc.disable()  # thousands of new objects: no collection in between, as torchckpt's restore does
+            fresh_adam_state(opt)
+            raw_load_all(args.path, local_tensors(module, opt), args.workload, rank, world)
+            gc.enable()
         elif args.method == "dcp":
             import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.state_dict import set_state_dict

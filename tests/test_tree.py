@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as npst
 
 from torchckpt import CorruptCheckpointError, UnsupportedStateError
+from torchckpt._format import keypath
 from torchckpt._format import tree as format_tree
 
 
@@ -72,8 +73,8 @@ def test_typed_tree_roundtrip(value):
 @given(st.lists(st.sampled_from(["a", "b/c", "~", "x~1y", "", "/", "~0"]), min_size=1, max_size=4))
 def test_escape_is_reversible(parts):
     for p in parts:
-        assert format_tree.unescape_part(format_tree.escape_part(p)) == p
-        assert format_tree.SEP not in format_tree.escape_part(p)
+        assert keypath.unescape_part(keypath.escape_part(p)) == p
+        assert keypath.SEP not in keypath.escape_part(p)
 
 
 def test_exact_types_survive():
@@ -204,4 +205,4 @@ def test_foreign_types_come_back_as_the_nearest_type(value):
 
 
 def test_leaves_flatten_to_names():
-    assert format_tree.leaves({"a": {0: 1, "b": []}, "t": (1, 2)}, "p") == {"p/a/0": 1, "p/a/b": [], "p/t": (1, 2)}
+    assert keypath.leaves({"a": {0: 1, "b": []}, "t": (1, 2)}, "p") == {"p/a/0": 1, "p/a/b": [], "p/t": (1, 2)}

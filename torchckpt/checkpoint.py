@@ -18,7 +18,7 @@ import torch
 from torchckpt._dist import coordinator as dist_coordinator
 from torchckpt._dist import dtensor as dist_dtensor
 from torchckpt._dist.coordinator import AnyCoordinator
-from torchckpt._format import spec
+from torchckpt._format import keypath, spec
 from torchckpt._format import tree as format_tree
 from torchckpt._history import state as history_state
 from torchckpt._load import loaders, restorer
@@ -136,7 +136,7 @@ class Checkpoint:
                 f"Cannot track an object named {name!r}: names starting with '_' and the Checkpoint's own "
                 "attributes (save, write, restore, read, save_counter, wait_until_finished, sync) are reserved."
             )
-        if format_tree.SEP in name:
+        if keypath.SEP in name:
             raise ValueError(f"Cannot track an object named {name!r}: names may not contain '/'.")
         self._tracked[name] = value
 

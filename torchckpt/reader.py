@@ -28,19 +28,17 @@ from typing import TYPE_CHECKING, Any
 from torchckpt._format import chunks as format_chunks
 from torchckpt._format import dtypes as format_dtypes
 from torchckpt._format import index as format_index
-from torchckpt._format import spec as format_spec
+from torchckpt._format import keypath
 from torchckpt._format import tree as format_tree
 from torchckpt._format.dtypes import TensorInfo
 from torchckpt._format.spec import INDEX_FILE
-from torchckpt._history import members as history_members
 from torchckpt._load import foreign, stream
 from torchckpt._load import opened as load_opened
-from torchckpt._paths import as_path, join, name_of, parent_of
+from torchckpt._paths import as_path, join, name_of
 from torchckpt._storage.base import Source, Storage
 from torchckpt._storage.registry import storage_for
 from torchckpt.errors import (
     CheckpointError,
-    CheckpointNotFoundError,
     CorruptCheckpointError,
     VariableNotFoundError,
 )
@@ -49,7 +47,6 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["CheckpointReader", "TensorSpec", "list_variables", "load_checkpoint", "load_variable"]
-
 
 
 @dataclass(frozen=True)
@@ -398,9 +395,9 @@ class CheckpointReader:
     def get_value(self, key: str) -> Any:
         """A value of the state tree by its ``/`` key path (``"epoch"``, ``"g_sched/last_epoch"``)."""
         node = self.get_state()
-        for part in key.split(format_tree.SEP) if key else []:
+        for part in key.split(keypath.SEP) if key else []:
             if isinstance(node, dict):
-                matches = [k for k in node if format_tree.key_part(k) == part]
+                matches = [k for k in node if keypath.key_part(k) == part]
                 if not matches:
                     raise KeyError(f"{key!r} is not in the state of {self.path}")
                 node = node[matches[0]]
@@ -467,27 +464,12 @@ def load_checkpoint(path: str | os.PathLike[str], *, storage_options: dict[str, 
     """
     p = as_path(path)
     storage = storage_for(p, storage_options)
-    is_dir = storage.follows_to_dir(p)
-    if not is_dir and storage.exists(p):
-        if p.endswith(foreign.HF_INDEX_SUFFIX):
-            return _read_hf_index(p, storage)
-        if p.endswith(format_spec.SHARD_SUFFIX):
-            return CheckpointReader._from_safetensors([p], p, "safetensors", storage)
-        if name_of(p) == INDEX_FILE:
-            return CheckpointReader._from_torchckpt(parent_of(p), storage)
-        raise CheckpointNotFoundError(f"{p} is neither a checkpoint directory, a .safetensors file nor an index.", p)
-    if is_dir and not storage.exists(join(p, INDEX_FILE)):
-        hf = foreign.hf_index_in(p, storage)
-        if hf is not None:
-            return _read_hf_index(hf, storage)
-        names = storage.list_names(p)
-        singles = sorted(n for n in names if n.endswith(format_spec.SHARD_SUFFIX))
-        unfinished = history_members.unfinished_error(p, names)
-        if unfinished is not None:  # a save's or a deletion's shard is no plain safetensors file
-            raise unfinished
-        if len(singles) == 1 and not history_members.committed_members(p, None, storage):
-            return CheckpointReader._from_safetensors([join(p, singles[0])], p, "safetensors", storage)
-    return CheckpointReader._from_torchckpt(history_members.resolve_checkpoint(p, storage), storage)
+    kind, found = foreign.classify_path(p, storage)
+    if kind == "huggingface":
+        return _read_hf_index(found, storage)
+    if kind == "safetensors":
+        return CheckpointReader._from_safetensors([found], p, "safetensors", storage)
+    return CheckpointReader._from_torchckpt(found, storage)
 
 
 def list_variables(path: str | os.PathLike[str], *,

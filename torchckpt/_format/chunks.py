@@ -3,7 +3,7 @@
 A tensor saved by several ranks is stored as chunks: boxes of the global tensor, each a plain
 safetensors tensor named ``X~@o0,o1,...`` after its logical name ``X`` and global offsets. A value
 saved per rank has ``~r<rank>`` after its key path. Escaped key parts turn every ``~`` into ``~0``
-or ``~1`` (``tree.escape_part``), so ``~@`` and ``~r`` never occur in a format-1 name: the
+or ``~1`` (``keypath.escape_part``), so ``~@`` and ``~r`` never occur in a format-1 name: the
 suffixes cannot collide with a user's key.
 
 Reading a box out of a chunk is a set of byte runs: once the overlap spans the full extent of

@@ -8,12 +8,12 @@ comes back ``inf``, an ``int`` dict key comes back an ``int``. A few other commo
 a NumPy scalar or array, an ``argparse.Namespace``, a dict subclass) are stored as the nearest of
 these (see ``_format.plain``); the rest is refused at save time, by its key path.
 
-Tensors never enter the JSON. Each tensor is named by its key path (parts joined by ``/``, a ``/``
-or ``~`` inside a part escaped as ``~1`` / ``~0`` as in JSON Pointer), and stored in a safetensors
-shard under that name. Inside a plain string-keyed dict a tensor is simply left out of the JSON (its
-name says where it goes); inside a list, a tuple or a dict with non-string keys its position is
-held by the marker ``{"@tensor": null}``. Leaving tensors out keeps ``index.json`` small and fast
-to parse for checkpoints with tens of thousands of tensors.
+Tensors never enter the JSON. Each tensor is named by its key path (``_format.keypath``: parts
+joined by ``/``, a ``/`` or ``~`` inside a part escaped as ``~1`` / ``~0`` as in JSON Pointer),
+and stored in a safetensors shard under that name. Inside a plain string-keyed dict a tensor is
+simply left out of the JSON (its name says where it goes); inside a list, a tuple or a dict with
+non-string keys its position is held by the marker ``{"@tensor": null}``. Leaving tensors out
+keeps ``index.json`` small and fast to parse for checkpoints with tens of thousands of tensors.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from torchckpt._format import plain
+from torchckpt._format.keypath import SEP, display, escape_part, join, key_part, split, unescape_part
 from torchckpt.errors import CorruptCheckpointError, UnsupportedStateError
 
 if TYPE_CHECKING:
     import torch
 
-SEP = "/"
 TAG = "@"
 TENSOR_TAG = "@tensor"
 PER_RANK_TAG = "@per_rank"  # format 2: a value saved by each rank, indexed by rank
@@ -52,61 +52,6 @@ def _dtype_named(name: str) -> torch.dtype | None:
 
 # A leaf of the name trie: the full tensor name.
 Trie = dict[str, "Trie | str"]
-
-
-def escape_part(part: str) -> str:
-    """Escape one key part so that it contains no ``/``.
-
-    Example:
-        >>> escape_part("a/b~c")
-        'a~1b~0c'
-    """
-    if "~" in part or SEP in part:
-        return part.replace("~", "~0").replace(SEP, "~1")
-    return part
-
-
-def unescape_part(part: str) -> str:
-    """Invert :func:`escape_part`.
-
-    Example:
-        >>> unescape_part("a~1b~0c")
-        'a/b~c'
-    """
-    return part.replace("~1", SEP).replace("~0", "~")
-
-
-def key_part(key: Any) -> str:
-    """The name part for a dict key or list index: ints as digits, strings as-is, else repr."""
-    if isinstance(key, str):
-        return escape_part(key)
-    if isinstance(key, int) and not isinstance(key, bool):
-        return str(key)
-    return escape_part(repr(key))
-
-
-def join(prefix: str, part: str) -> str:
-    """Join an (already escaped) part onto a prefix."""
-    return f"{prefix}{SEP}{part}" if prefix else part
-
-
-def split(name: str) -> list[str]:
-    """Split a name into its escaped parts."""
-    return name.split(SEP)
-
-
-def canonical_module_key(key: str) -> str:
-    """A module's state-dict key without DDP's leading ``module.`` and ``torch.compile``'s
-    ``_orig_mod.`` parts: ``module._orig_mod.net.0.weight`` -> ``net.0.weight``."""
-    parts = [p for p in key.split(".") if p != "_orig_mod"]
-    while len(parts) > 1 and parts[0] == "module":
-        parts.pop(0)
-    return ".".join(parts)
-
-
-def display(path: str) -> str:
-    """A key path for messages (the root is shown as ``<root>``)."""
-    return path or "<root>"
 
 
 # -- encoding -------------------------------------------------------------------------------
@@ -495,28 +440,3 @@ def _decode_tagged(tag: str, payload: Any, trie: Trie | str | None, resolve: Cal
 
 def _corrupt(path: str, what: str) -> CorruptCheckpointError:
     return CorruptCheckpointError(f"Invalid state tree at {display(path)[:200]!r}: {what}.")
-
-
-# -- flattening for matching ----------------------------------------------------------------
-
-
-def _is_scalar(value: Any) -> bool:
-    return value is None or isinstance(value, (bool, int, float, str))
-
-
-def leaves(value: Any, prefix: str, out: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Flatten containers into ``{name: leaf}``.
-
-    An empty container, and a tuple of plain scalars (such as Python's RNG state), is one leaf.
-    """
-    if out is None:
-        out = {}
-    if isinstance(value, Mapping) and value:
-        for k, v in value.items():
-            leaves(v, join(prefix, key_part(k)), out)
-    elif isinstance(value, list) and value or type(value) is tuple and not all(map(_is_scalar, value)):
-        for i, v in enumerate(value):
-            leaves(v, join(prefix, str(i)), out)
-    else:
-        out[prefix] = value
-    return out

@@ -1,5 +1,6 @@
 """Checkpoints torchckpt did not write, opened for reading: a plain ``.safetensors`` file, or a
-Hugging Face sharded folder through its ``*.safetensors.index.json``.
+Hugging Face sharded folder through its ``*.safetensors.index.json``; and telling them apart from
+a torchckpt checkpoint by the path the caller gave (:func:`classify_path`).
 
 Their headers are validated as a torchckpt shard's are (``_load.opened.read_header``), and an
 index's shard names must stay inside its folder: a downloaded folder is untrusted input like any
@@ -11,13 +12,50 @@ from __future__ import annotations
 from torchckpt._format import document as format_document
 from torchckpt._format import spec as format_spec
 from torchckpt._format.dtypes import TensorInfo
+from torchckpt._format.spec import INDEX_FILE
+from torchckpt._history import members as history_members
 from torchckpt._load import opened as load_opened
-from torchckpt._paths import join, parent_of
+from torchckpt._paths import join, name_of, parent_of
 from torchckpt._storage.base import Storage
 from torchckpt._threads import gc_paused
-from torchckpt.errors import CorruptCheckpointError, shard_missing, shard_unreadable
+from torchckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, shard_missing, shard_unreadable
 
 HF_INDEX_SUFFIX = ".safetensors.index.json"
+
+
+def classify_path(path: str, storage: Storage) -> tuple[str, str]:
+    """What ``load_checkpoint(path)`` opens: ``("huggingface", its index)``, ``("safetensors", the
+    file)``, or ``("torchckpt", the checkpoint directory)`` (a run directory's latest checkpoint).
+
+    A directory without ``index.json`` holding one ``.safetensors`` file is that file, unless a
+    save or a deletion is under way in it or it holds committed checkpoints: then it is read as a
+    run directory, and its error says what is wrong.
+
+    Raises:
+        CheckpointNotFoundError: ``path`` is a file of no kind a checkpoint has, or nothing is there.
+    """
+    is_dir = storage.follows_to_dir(path)
+    if not is_dir and storage.exists(path):
+        if path.endswith(HF_INDEX_SUFFIX):
+            return "huggingface", path
+        if path.endswith(format_spec.SHARD_SUFFIX):
+            return "safetensors", path
+        if name_of(path) == INDEX_FILE:
+            return "torchckpt", parent_of(path)
+        raise CheckpointNotFoundError(f"{path} is neither a checkpoint directory, a .safetensors file nor an index.",
+                                      path)
+    if is_dir and not storage.exists(join(path, INDEX_FILE)):
+        hf = hf_index_in(path, storage)
+        if hf is not None:
+            return "huggingface", hf
+        names = storage.list_names(path)
+        singles = sorted(n for n in names if n.endswith(format_spec.SHARD_SUFFIX))
+        unfinished = history_members.unfinished_error(path, names)
+        if unfinished is not None:  # a save's or a deletion's shard is no plain safetensors file
+            raise unfinished
+        if len(singles) == 1 and not history_members.committed_members(path, None, storage):
+            return "safetensors", join(path, singles[0])
+    return "torchckpt", history_members.resolve_checkpoint(path, storage)
 
 
 def headers(storage: Storage, file: str) -> list[TensorInfo]:

@@ -37,7 +37,7 @@ import torch
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.module import _IncompatibleKeys
 
-from torchckpt._format import tree
+from torchckpt._format import keypath
 from torchckpt._format.chunks import ChunkedInfo
 from torchckpt._format.dtypes import TensorInfo
 from torchckpt._load.report import MismatchReport
@@ -202,12 +202,12 @@ class HookedLoad:
                 other.append(error)
                 continue
             saved, current = (torch.Size(json.loads(found[g])) for g in ("saved", "current"))
-            report.shape_mismatches[tree.join(name, tree.escape_part(found["key"]))] = (saved, current)
+            report.shape_mismatches[keypath.join(name, keypath.escape_part(found["key"]))] = (saved, current)
         if other:
             raise CheckpointError(f"load_state_dict of {name!r} reported: {' '.join(other)} The checkpoint does not "
                                   "fit this model's loaders; nothing in it is damaged.")
-        report.missing_keys.extend(tree.join(name, tree.escape_part(k)) for k in missing)
-        report.unexpected_keys.extend(tree.join(name, tree.escape_part(k)) for k in unexpected)
+        report.missing_keys.extend(keypath.join(name, keypath.escape_part(k)) for k in missing)
+        report.unexpected_keys.extend(keypath.join(name, keypath.escape_part(k)) for k in unexpected)
         unused = set(unexpected)
         report.restored_keys.extend(full for key, full in self.consumed.items() if key not in unused)
 

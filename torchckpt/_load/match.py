@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from torchckpt._format import tree
+from torchckpt._format import keypath, tree
 from torchckpt._load import loaders
 from torchckpt._load.plan import MISSING, Plan, plan_module, plan_stateful, plan_tensor, plan_value
 
@@ -53,11 +53,11 @@ class Matcher:
     def checkpoint(self, tracked: dict[str, Any], saved: dict[str, Any], prefix: str, ignored: str | None) -> None:
         """Match a checkpoint's ``tracked`` objects; ``ignored`` names a saved key the caller plans itself."""
         for name, value in tracked.items():
-            key = tree.join(prefix, tree.escape_part(name))
+            key = keypath.join(prefix, keypath.escape_part(name))
             self.value(key, value, saved.get(name, MISSING), _item_setter(tracked, name))
         for name, value in saved.items():
             if name not in tracked and name != ignored:
-                self.plan.report.unexpected_keys.extend(tree.leaves(value, tree.join(prefix, tree.key_part(name))))
+                self.plan.report.unexpected_keys.extend(keypath.leaves(value, keypath.join(prefix, keypath.key_part(name))))
 
     def value(self, key: str, value: Any, saved: Any, assign: Callable[[Any], None]) -> None:
         plan = self.plan
@@ -89,38 +89,38 @@ class Matcher:
     def _missing_checkpoint(self, key: str, tracked: dict[str, Any], saved: Any) -> None:
         """A nested checkpoint with nothing (or no dict) to restore from: all of it is missing."""
         state = {name: self.tracking.state_of(v) for name, v in tracked.items()}
-        self.plan.report.missing_keys.extend(tree.leaves(state, key))
+        self.plan.report.missing_keys.extend(keypath.leaves(state, key))
         if saved is not MISSING:
-            self.plan.report.unexpected_keys.extend(tree.leaves(saved, key))
+            self.plan.report.unexpected_keys.extend(keypath.leaves(saved, key))
 
     def _container(self, key: str, value: dict[Any, Any] | list[Any], saved: Any) -> None:
         """Match a dict or list item by item, by key part (so an int key matches its saved digits)."""
         report = self.plan.report
         saved_items: dict[str, Any] = {}
         if isinstance(saved, dict):
-            saved_items = saved if all(map(_is_plain_part, saved)) else {tree.key_part(k): v for k, v in saved.items()}
+            saved_items = saved if all(map(_is_plain_part, saved)) else {keypath.key_part(k): v for k, v in saved.items()}
         elif isinstance(saved, (list, tuple)):
             saved_items = {str(i): v for i, v in enumerate(saved)}
         elif saved is not MISSING:
-            report.unexpected_keys.extend(tree.leaves(saved, key))
+            report.unexpected_keys.extend(keypath.leaves(saved, key))
         matched = 0
         items = value.items() if isinstance(value, dict) else enumerate(value)
         for k, v in items:
-            part = tree.key_part(k)
+            part = keypath.key_part(k)
             found = saved_items.get(part, MISSING)
             matched += found is not MISSING
             if isinstance(v, torch.Tensor):  # the common leaf, planned without building a setter
-                plan_tensor(tree.join(key, part), v, found, self.plan)
+                plan_tensor(keypath.join(key, part), v, found, self.plan)
             else:
-                self.value(tree.join(key, part), v, found, _item_setter(value, k))
+                self.value(keypath.join(key, part), v, found, _item_setter(value, k))
         # Distinct items have distinct parts unless a dict mixes key types ({0: .., "0": ..}).
         is_dict = isinstance(value, dict)
         distinct = not is_dict or all(type(k) is str for k in value)
         if matched < len(saved_items) or not distinct:
-            used = {tree.key_part(k) for k in (value if is_dict else range(len(value)))}
+            used = {keypath.key_part(k) for k in (value if is_dict else range(len(value)))}
             for part, v in saved_items.items():
                 if part not in used:
-                    report.unexpected_keys.extend(tree.leaves(v, tree.join(key, part)))
+                    report.unexpected_keys.extend(keypath.leaves(v, keypath.join(key, part)))
 
 
 def _item_setter(container: Any, key: Any) -> Callable[[Any], None]:
@@ -129,4 +129,4 @@ def _item_setter(container: Any, key: Any) -> Callable[[Any], None]:
 
 def _is_plain_part(key: Any) -> bool:
     """Whether a saved dict key is its own key part (a str that needs no escaping)."""
-    return type(key) is str and "~" not in key and tree.SEP not in key
+    return type(key) is str and "~" not in key and keypath.SEP not in key

@@ -18,7 +18,7 @@ import torch
 from torchckpt import _tensorio
 from torchckpt._dist import dtensor as dist_dtensor
 from torchckpt._format import dtypes as format_dtypes
-from torchckpt._format import tree
+from torchckpt._format import keypath
 from torchckpt._format.chunks import ChunkedInfo
 from torchckpt._format.dtypes import TensorInfo as SavedTensor  # where a saved tensor is: dtype, shape, checksum
 from torchckpt._load import hooked
@@ -130,10 +130,10 @@ def _match_keys(saved_keys: Iterable[str], object_keys: Iterable[str]) -> dict[s
     left_object = [k for k in object_keys if k not in taken]
     by_canon: dict[str, list[str]] = {}
     for k in left_object:
-        by_canon.setdefault(tree.canonical_module_key(k), []).append(k)
+        by_canon.setdefault(keypath.canonical_module_key(k), []).append(k)
     saved_canon: dict[str, list[str]] = {}
     for k in left_saved:
-        saved_canon.setdefault(tree.canonical_module_key(k), []).append(k)
+        saved_canon.setdefault(keypath.canonical_module_key(k), []).append(k)
     for canon, keys in saved_canon.items():
         candidates = by_canon.get(canon, [])
         if len(keys) == 1 and len(candidates) == 1:
@@ -150,15 +150,15 @@ def plan_module(name: str, module: torch.nn.Module, saved: Any, plan: Plan) -> N
     """
     current = module.state_dict()
     if saved is _MISSING:
-        plan.report.missing_keys.extend(tree.join(name, tree.escape_part(k)) for k in current)
+        plan.report.missing_keys.extend(keypath.join(name, keypath.escape_part(k)) for k in current)
         return
     if not isinstance(saved, dict) or not all(type(k) is str for k in saved):  # a state dict has str keys
-        plan.report.missing_keys.extend(tree.join(name, tree.escape_part(k)) for k in current)
+        plan.report.missing_keys.extend(keypath.join(name, keypath.escape_part(k)) for k in current)
         plan.report.unexpected_keys.extend(_saved_leaf_keys(saved, name))
         return
     for key, tensor in current.items():
         if isinstance(tensor, torch.Tensor):
-            check_destination(tree.join(name, tree.escape_part(key)), tensor)
+            check_destination(keypath.join(name, keypath.escape_part(key)), tensor)
     found = hooked.survey(module)
     if found.needs_load_semantics:
         _plan_hooked(name, module, saved, list(current), plan)
@@ -169,16 +169,16 @@ def plan_module(name: str, module: torch.nn.Module, saved: Any, plan: Plan) -> N
     via_load: dict[str, Any] = {}
     via_assign: dict[str, Any] = {}
     for saved_key, value in saved.items():
-        full = tree.join(name, tree.escape_part(saved_key))
+        full = keypath.join(name, keypath.escape_part(saved_key))
         object_key = pairs.get(saved_key)
         if object_key is None:
             plan.report.unexpected_keys.extend(_saved_leaf_keys(value, full))
             continue
         if object_key != saved_key:
-            plan.report.remapped_keys[full] = tree.join(name, tree.escape_part(object_key))
+            plan.report.remapped_keys[full] = keypath.join(name, keypath.escape_part(object_key))
         dest = current[object_key]
         if _is_saved(value) and isinstance(dest, torch.Tensor) and dest.is_meta:
-            plan.report.meta_keys.append(tree.join(name, tree.escape_part(object_key)))
+            plan.report.meta_keys.append(keypath.join(name, keypath.escape_part(object_key)))
             if not plan.assign or not _compatible(full, value, dest, plan.report, plan.cast):
                 continue  # reported missing below: not matched
             fresh = torch.empty(value.shape, dtype=dest.dtype)
@@ -195,13 +195,13 @@ def plan_module(name: str, module: torch.nn.Module, saved: Any, plan: Plan) -> N
                 via_load[object_key] = fresh
         elif _is_saved(value) or isinstance(dest, torch.Tensor):
             plan.report.unexpected_keys.append(full)
-            plan.report.missing_keys.append(tree.join(name, tree.escape_part(object_key)))
+            plan.report.missing_keys.append(keypath.join(name, keypath.escape_part(object_key)))
             continue
         else:
             via_load[object_key] = _rebuild(value, full, _fresh_reader(plan))
         plan.report.restored_keys.append(_shared_key(full, value) if _is_saved(value) else full)
     matched = {k for k in pairs.values() if not _is_meta(current[k]) or k in via_assign} | found.kept
-    plan.report.missing_keys.extend(tree.join(name, tree.escape_part(k)) for k in current if k not in matched)
+    plan.report.missing_keys.extend(keypath.join(name, keypath.escape_part(k)) for k in current if k not in matched)
     if via_load:
         plan.loads.append(lambda: module.load_state_dict(via_load, strict=False))
     if via_assign:
@@ -217,9 +217,9 @@ def _plan_hooked(name: str, module: torch.nn.Module, saved: dict[str, Any], curr
     plan.fetches = True
     pairs = _match_keys(list(saved), current)
     for saved_key, value in saved.items():
-        full = tree.join(name, tree.escape_part(saved_key))
+        full = keypath.join(name, keypath.escape_part(saved_key))
         key = pairs.get(saved_key, saved_key)  # unmatched keys keep their name: a pre-hook may rename them
-        target = tree.join(name, tree.escape_part(key))
+        target = keypath.join(name, keypath.escape_part(key))
         if key != saved_key:
             plan.report.remapped_keys[full] = target
         owner = load.own_keys.get(key)
@@ -267,11 +267,11 @@ def plan_stateful(name: str, obj: Any, saved: Any, plan: Plan) -> None:
     is left untouched as a whole and reported.
     """
     current = obj.state_dict()
-    current_leaves = tree.leaves(current, name)
+    current_leaves = keypath.leaves(current, name)
     if saved is _MISSING:
         plan.report.missing_keys.extend(current_leaves)
         return
-    saved_leaves = tree.leaves(saved, name)
+    saved_leaves = keypath.leaves(saved, name)
     reason = _structure_problem(obj, current, saved)
     report = MismatchReport()
     reads: list[tuple[torch.Tensor, SavedTensor]] = []
@@ -312,7 +312,7 @@ def plan_stateful(name: str, obj: Any, saved: Any, plan: Plan) -> None:
     plan.reads.extend(reads)
     absent = [k for k in current_leaves if k not in saved_leaves]
     if absent:  # missing unless a saved key lies below it (an empty container now, filled then)
-        above = {k[:i] for k in saved_leaves for i, c in enumerate(k) if c == tree.SEP}
+        above = {k[:i] for k in saved_leaves for i, c in enumerate(k) if c == keypath.SEP}
         plan.report.missing_keys.extend(k for k in absent if k not in above)
     plan.report.restored_keys.extend(_shared_key(k, v) if _is_saved(v) else k
                                      for k, v in saved_leaves.items())
@@ -338,10 +338,10 @@ def _rebuild(saved: Any, path: str, destination: Callable[[str, SavedTensor], to
     if _is_saved(saved):
         return destination(path, saved)
     if isinstance(saved, dict):
-        items = {k: _rebuild(v, tree.join(path, tree.key_part(k)), destination) for k, v in saved.items()}
+        items = {k: _rebuild(v, keypath.join(path, keypath.key_part(k)), destination) for k, v in saved.items()}
         return saved if all(items[k] is v for k, v in saved.items()) else type(saved)(items)
     if isinstance(saved, (list, tuple)) and not isinstance(saved, torch.Size):
-        parts = [_rebuild(v, tree.join(path, str(i)), destination) for i, v in enumerate(saved)]
+        parts = [_rebuild(v, keypath.join(path, str(i)), destination) for i, v in enumerate(saved)]
         if all(a is b for a, b in zip(parts, saved)):
             return saved
         return parts if isinstance(saved, list) else tuple(parts)
@@ -371,7 +371,7 @@ def _fresh_reader(plan: Plan) -> Callable[[str, SavedTensor], torch.Tensor]:
 
 
 def _saved_leaf_keys(saved: Any, prefix: str) -> list[str]:
-    return list(tree.leaves(saved, prefix))
+    return list(keypath.leaves(saved, prefix))
 
 
 # -- executing -------------------------------------------------------------------------------

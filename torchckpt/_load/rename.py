@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from torchckpt._format import tree
+from torchckpt._format import keypath
 from torchckpt._load.report import MismatchReport
 from torchckpt.errors import RenameConflictError, format_keys
 
@@ -29,7 +29,7 @@ Rename = Mapping[str, str] | Callable[[str], "str | None"]
 """What ``restore(..., rename=...)`` takes: ``{checkpoint prefix: object prefix}``, or a function from
 a checkpoint key to its object key (None: the key is left unused)."""
 
-_SEPARATORS = (".", tree.SEP)
+_SEPARATORS = (".", keypath.SEP)
 
 
 def prefix_matches(prefix: str, key: str) -> bool:
@@ -156,7 +156,7 @@ def apply(renamer: Renamer, saved: dict[str, Any], keep: str) -> Renamed:
     leaves: dict[str, Any] = {}
     for name, value in saved.items():
         if name != keep:
-            tree.leaves(value, tree.key_part(name), leaves)
+            keypath.leaves(value, keypath.key_part(name), leaves)
     out = Renamed(saved)
     targets = _targets(renamer, leaves, out)
     if targets:
@@ -177,7 +177,7 @@ def _targets(renamer: Renamer, leaves: dict[str, Any], out: Renamed) -> dict[str
         new, prefix = renamer.match(key)
         if prefix is not None:
             used.add(prefix)
-        if new is not None and not all(tree.split(new)):
+        if new is not None and not all(keypath.split(new)):
             raise ValueError(f"The rename gives checkpoint key {key!r} the object key {new!r}, which has an empty "
                              "name part; object keys are names joined by '/', as torchckpt.list_variables shows.")
         if new != key:
@@ -232,7 +232,7 @@ class _Mover:
         moves: list[Move] = []
         dropped = False
         for k, child in (node.items() if is_dict else enumerate(node)):
-            child_path = tree.join(path, tree.key_part(k))
+            child_path = keypath.join(path, keypath.key_part(k))
             child_kept, child_moves, child_dropped = self._split(child, child_path, k if is_dict else None)
             dropped |= child_dropped
             kept.append((k, child_kept))
@@ -259,14 +259,14 @@ class _Mover:
         rebuilt = copy.copy(node)
         rebuilt.clear()
         for k, child in kept:
-            move = here.get(tree.join(path, tree.key_part(k)))
+            move = here.get(keypath.join(path, keypath.key_part(k)))
             if move is not None:
-                self._place(rebuilt, tree.split(move.new)[-1], move)
+                self._place(rebuilt, keypath.split(move.new)[-1], move)
                 self._moved(move)
             elif child is not _GONE:
                 if k in rebuilt:  # a sibling was renamed to this name: merged if both are dicts
-                    key = tree.join(path, tree.key_part(k))
-                    self._place(rebuilt, tree.key_part(k), Move(key, key, child, k))
+                    key = keypath.join(path, keypath.key_part(k))
+                    self._place(rebuilt, keypath.key_part(k), Move(key, key, child, k))
                 else:
                     rebuilt[k] = child
         rest = [m for m in moves if m.old not in here]
@@ -280,15 +280,15 @@ class _Mover:
     def _insert(self, root: dict[str, Any], move: Move) -> None:
         """Place a move at its object key, creating dicts on the way."""
         node: Any = root
-        parts = tree.split(move.new)
+        parts = keypath.split(move.new)
         for i, part in enumerate(parts[:-1]):
             key = _find_key(node, part)
             if key is None:
-                key = tree.unescape_part(part)
+                key = keypath.unescape_part(part)
                 node[key] = {}
             node = node[key]
             if not isinstance(node, dict):
-                where = tree.SEP.join(parts[: i + 1])
+                where = keypath.SEP.join(parts[: i + 1])
                 raise self._conflict(move, f"the value at {where!r} is not a dict of names")
         self._place(node, parts[-1], move)
 
@@ -296,15 +296,15 @@ class _Mover:
         """Set ``node``'s child named ``part`` to the move's value; dicts that meet there are merged."""
         key = _find_key(node, part)
         if key is None:
-            key = int(part) if type(move.dict_key) is int and part.isdigit() else tree.unescape_part(part)
+            key = int(part) if type(move.dict_key) is int and part.isdigit() else keypath.unescape_part(part)
             node[key] = move.value
             return
         present = node[key]
         if not (isinstance(present, dict) and isinstance(move.value, dict)):
             raise self._conflict(move, "another value of the checkpoint is already there")
         for k, v in move.value.items():
-            inner = Move(tree.join(move.old, tree.key_part(k)), tree.join(move.new, tree.key_part(k)), v, k)
-            self._place(present, tree.key_part(k), inner)
+            inner = Move(keypath.join(move.old, keypath.key_part(k)), keypath.join(move.new, keypath.key_part(k)), v, k)
+            self._place(present, keypath.key_part(k), inner)
 
     @staticmethod
     def _conflict(move: Move, why: str) -> RenameConflictError:
@@ -314,11 +314,11 @@ class _Mover:
 
 
 def _list_item_moved(path: str, index: int, moves: list[Move]) -> RenameConflictError:
-    item = tree.join(path, str(index))
+    item = keypath.join(path, str(index))
     new = next((m.new for m in moves if m.old == item), None)
     what = "drops" if new is None else f"moves (to {new!r})"
     return RenameConflictError(
-        f"The rename {what} checkpoint key {item!r}, an item of the list at {tree.display(path)!r}: list items are "
+        f"The rename {what} checkpoint key {item!r}, an item of the list at {keypath.display(path)!r}: list items are "
         "matched by position, so a list is renamed or dropped as a whole, or not at all. Nothing was restored.",
         item if new is None else new, [item])
 
@@ -339,7 +339,7 @@ def _common_target(path: str, moves: list[Move]) -> str | None:
 
 
 def _parent(key: str) -> str:
-    cut = key.rfind(tree.SEP)
+    cut = key.rfind(keypath.SEP)
     return key[:cut] if cut >= 0 else ""
 
 
@@ -347,7 +347,7 @@ def _find_key(node: dict[Any, Any], part: str) -> Any:
     """The key of ``node`` named ``part``: a str key (escaped) or an int key (its digits). Other keys
     (a tuple's repr) are not looked for: two values under one such name were refused as two
     checkpoint keys for one object key."""
-    key = tree.unescape_part(part)
+    key = keypath.unescape_part(part)
     if key in node and type(key) is str:
         return key
     if part.isdigit() and int(part) in node:

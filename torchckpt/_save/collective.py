@@ -39,7 +39,7 @@ from torchckpt._dist import dtensor as dist_dtensor
 from torchckpt._dist.coordinator import Coordinator
 from torchckpt._dist.dtensor import Layout
 from torchckpt._format import blocks as format_blocks
-from torchckpt._format import chunks
+from torchckpt._format import chunks, keypath
 from torchckpt._format import document as format_document
 from torchckpt._format import dtypes as format_dtypes
 from torchckpt._format import index as format_index
@@ -144,10 +144,10 @@ def _leaf_digests(node: Any, path: str, out: dict[str, str]) -> dict[str, str]:
     """A digest per leaf of an encoded tree (to name the values that differ across ranks)."""
     if isinstance(node, dict) and node and not (len(node) == 1 and next(iter(node)).startswith(format_tree.TAG)):
         for k, v in node.items():
-            _leaf_digests(v, format_tree.join(path, format_tree.escape_part(str(k))), out)
+            _leaf_digests(v, keypath.join(path, keypath.escape_part(str(k))), out)
     elif isinstance(node, list) and node:
         for i, v in enumerate(node):
-            _leaf_digests(v, format_tree.join(path, str(i)), out)
+            _leaf_digests(v, keypath.join(path, str(i)), out)
     else:
         out[path or "(root)"] = xxhash.xxh3_64_hexdigest(json.dumps(node, sort_keys=True).encode())
     return out
@@ -166,7 +166,7 @@ def differing_values(records: list[dict[str, Any]]) -> list[str]:
             first = seen.setdefault(name, (rank, entry))
             if first[0] != rank and _description(first[1]) != _description(entry):
                 bad.setdefault(name, [first[0]]).append(rank)
-    return [f"{format_tree.display(k)} (ranks {', '.join(map(str, ranks))})" for k, ranks in bad.items()]
+    return [f"{keypath.display(k)} (ranks {', '.join(map(str, ranks))})" for k, ranks in bad.items()]
 
 
 def _description(entry: list[Any]) -> tuple[Any, ...]:

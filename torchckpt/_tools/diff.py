@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from torchckpt._format import tree
+from torchckpt._format import keypath
 from torchckpt._load import opened as load_opened
 from torchckpt.reader import CheckpointReader
 
@@ -42,7 +42,7 @@ def plain_values(reader: CheckpointReader) -> dict[str, Any]:
     if reader.index is None:
         return {}
     state = load_opened.state_tree(reader.index, lambda name: _TENSOR, chunked=lambda name: _TENSOR)
-    return {k: v for k, v in tree.leaves(state, "").items() if v is not _TENSOR}
+    return {k: v for k, v in keypath.leaves(state, "").items() if v is not _TENSOR}
 
 
 def same(x: Any, y: Any) -> bool:

@@ -20,7 +20,7 @@ import json
 from collections.abc import Callable
 
 from torchckpt._format import dtypes as format_dtypes
-from torchckpt._format import spec, tree
+from torchckpt._format import keypath, spec
 from torchckpt._paths import as_path
 from torchckpt._progress import progress_bar
 from torchckpt._save import plan as save_plan
@@ -101,7 +101,7 @@ def _module_tensors(reader: CheckpointReader, path: str, obj: str) -> list[str]:
     if objects[obj] != "module":
         raise CheckpointError(f"{obj!r} in {path} is {a_or_an(str(objects[obj]))}, not a module; only modules can "
                               "be exported.")
-    prefix = tree.escape_part(obj) + tree.SEP
+    prefix = keypath.escape_part(obj) + keypath.SEP
     aliases = reader.aliases
     names = [n for n in reader.get_variable_to_shape_map() if n.startswith(prefix) and n not in aliases]
     if not names:
@@ -111,8 +111,8 @@ def _module_tensors(reader: CheckpointReader, path: str, obj: str) -> list[str]:
 
 def _local_names(reader: CheckpointReader, obj: str, names: list[str]) -> dict[str, str]:
     """Checkpoint name -> the module's own state-dict key, prefixes stripped; collisions refused."""
-    prefix = len(tree.escape_part(obj) + tree.SEP)
-    local = {n: tree.canonical_module_key(tree.unescape_part(n[prefix:])) for n in names}
+    prefix = len(keypath.escape_part(obj) + keypath.SEP)
+    local = {n: keypath.canonical_module_key(keypath.unescape_part(n[prefix:])) for n in names}
     seen: dict[str, str] = {}
     for name, key in local.items():
         if key in seen:

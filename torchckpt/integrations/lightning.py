@@ -48,7 +48,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
-from torchckpt._format import spec, tree
+from torchckpt._format import keypath, spec
 from torchckpt._paths import as_path, is_url, join, name_of, parent_of
 from torchckpt._storage.registry import storage_for
 from torchckpt.errors import CheckpointNotFoundError
@@ -350,14 +350,14 @@ def _plain(value: Any, path: str, converted: dict[str, str]) -> Any:
         return _plain(plain, path, converted)
     if isinstance(value, (dict, argparse.Namespace)):
         items = value if isinstance(value, dict) else vars(value)
-        out = {k: _plain(v, tree.join(path, tree.key_part(k)), converted) for k, v in items.items()}
+        out = {k: _plain(v, keypath.join(path, keypath.key_part(k)), converted) for k, v in items.items()}
         if all(out[k] is v for k, v in items.items()):
             return value
         copy = type(value)() if type(value) in (dict, OrderedDict, Counter) else {}  # the tree's own types
         copy.update(out)
         return copy
     if type(value) in (list, tuple):
-        plain_items = [_plain(v, tree.join(path, str(i)), converted) for i, v in enumerate(value)]
+        plain_items = [_plain(v, keypath.join(path, str(i)), converted) for i, v in enumerate(value)]
         if all(a is b for a, b in zip(plain_items, value)):
             return value
         return type(value)(plain_items)
