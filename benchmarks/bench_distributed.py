@@ -250,10 +250,14 @@ def worker(args: argparse.Namespace) -> None:
         if args.method == "raw":
             raw_load(os.path.join(args.path, f"rank{rank}.bin"), share(tensors, args.workload, rank, world))
         elif args.method == "raw-all":
+            was_enabled = gc.isenabled()
             gc.disable()  # thousands of new objects: no collection in between, as torchckpt's restore does
-            fresh_adam_state(opt)
-            raw_load_all(args.path, local_tensors(module, opt), args.workload, rank, world)
-            gc.enable()
+            try:
+                fresh_adam_state(opt)
+                raw_load_all(args.path, local_tensors(module, opt), args.workload, rank, world)
+            finally:
+                if was_enabled:
+                    gc.enable()
         elif args.method == "dcp":
             import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.state_dict import set_state_dict

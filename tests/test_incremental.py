@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,6 +27,7 @@ import torch
 
 import torchckpt
 from torchckpt import CheckpointManager
+from torchckpt._dist import coordinator as dist_coordinator
 from torchckpt._format import spec
 from torchckpt._load import opened as load_opened
 from torchckpt._save import reuse as save_reuse
@@ -720,25 +722,81 @@ def test_a_file_found_damaged_is_read_back_by_the_next_save_and_written_afresh(b
     mgr.close()
 
 
-def test_each_rank_distrusts_the_damage_it_found_and_the_damage_every_rank_reports(tmp_path):
-    """On several ranks every rank raises the first failing rank's error, chained to its own: both
-    files named are distrusted, and only those."""
+def test_each_rank_distrusts_the_damage_it_found_and_the_damage_any_rank_reports(tmp_path):
+    """On several ranks every rank raises one error, the first failing rank's, chained to its own,
+    and naming every file any rank found damaged: all are distrusted, and only those."""
     storage = LocalStorage()
     files = {}
-    for name in "abc":
+    for name in "abcd":
         (tmp_path / name).write_bytes(name.encode() * 10)
         files[name] = (str(tmp_path / name), storage.stamp(str(tmp_path / name)))
-    storage_trusted.remember((stamp, "h", (1,)) for _, stamp in files.values())
+    storage_trusted.remember((stamp, "h", (1,), storage_trusted.now()) for _, stamp in files.values())
+    failures = {1: {"type": "CorruptCheckpointError", "message": "rank 1's damage", "path": files["b"][0]},
+                2: {"type": "CheckpointError", "message": "something else"},
+                3: {"type": "CorruptCheckpointError", "message": "rank 3's damage", "path": files["c"][0]}}
     try:
         try:
             raise torchckpt.CorruptCheckpointError("this rank's damage", files["a"][0])
         except torchckpt.CorruptCheckpointError as mine:
-            raise torchckpt.CorruptCheckpointError("rank 0's damage", files["b"][0]) from mine
+            raise dist_coordinator.collective_error(failures, "Restoring") from mine
     except torchckpt.CorruptCheckpointError as every:
+        assert every.path == files["b"][0] and every.ranks == [1, 2, 3]
         load_opened.distrust_damaged(storage, every, {path for path, _ in files.values()})
-    assert [storage_trusted.vouches(stamp, "h", (1,)) for _, stamp in files.values()] == [False, False, True]
-    load_opened.distrust_damaged(storage, torchckpt.CorruptCheckpointError("elsewhere", files["c"][0]), set())
-    assert storage_trusted.vouches(files["c"][1], "h", (1,))  # not among the paths given
+    assert [storage_trusted.vouches(stamp, "h", (1,)) for _, stamp in files.values()] == [False, False, False, True]
+    load_opened.distrust_damaged(storage, torchckpt.CorruptCheckpointError("elsewhere", files["d"][0]), set())
+    assert storage_trusted.vouches(files["d"][1], "h", (1,))  # not among the paths given
+
+
+def test_a_header_changed_after_its_save_is_read_back_even_where_a_restore_accepts_it(backbone1, disk, tmp_path,
+                                                                                        capsys):
+    run = str(tmp_path / "run")
+    mgr = CheckpointManager(backbone1.checkpoint(), run, max_to_keep=5)
+    mgr.save()
+    time.sleep(0.05)
+    backbone1.step()
+    latest = mgr.save()
+    frozen = shard_of(latest, FROZEN)
+    shard = os.path.join(latest, frozen)
+    before = os.stat(shard)
+    data = Path(shard).read_bytes()
+    assert data.count(b'"format":"pt"') == 1
+    with open(shard, "r+b") as f:  # a byte of the header's metadata rots; the stamp stays
+        f.seek(data.index(b'"format":"pt"') + len(b'"format":"p'))
+        f.write(b"u")
+    os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert_bit_exact(backbone1.restored(latest), backbone1.state())  # the full parse accepts the header
+
+    backbone1.step()
+    since = len(disk.calls)
+    third = mgr.save()
+    expected = backbone1.state()
+    assert [os.path.basename(p) for p in shard_reads(disk, since)] == [frozen]  # read back, found changed
+    assert disk.called("stage.drop")[-1] == (frozen,)
+    assert_written_afresh(run, third, backbone1, expected, capsys)
+    mgr.close()
+
+
+def test_damage_found_while_a_save_checks_a_file_keeps_that_save_from_trusting_it(tmp_path):
+    """An async save adds what it checked once it commits, in the background: damage found in
+    between wins. A check made after the damage was found (a read-back that passed) counts."""
+    storage = LocalStorage()
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    shard, index = checkpoint / "model.safetensors", checkpoint / spec.INDEX_FILE
+    shard.write_bytes(b"x" * 100)
+    index.write_bytes(b"{}")
+    stamp = storage.stamp(str(shard))
+    os.utime(index, ns=(stamp[3] + 1, stamp[3] + 1))
+
+    checked = save_reuse.Checked()
+    checked.add("model.safetensors", stamp, "h", (1,), storage_trusted.now())
+    storage_trusted.forget(stamp)  # found damaged while that save was still committing
+    assert checked.keep(storage, str(checkpoint)) == set()
+    assert not storage_trusted.vouches(stamp, "h", (1,))
+
+    checked.add("model.safetensors", stamp, "h", (1,), storage_trusted.now())  # read back since, intact
+    assert checked.keep(storage, str(checkpoint)) == {"model.safetensors"}
+    assert storage_trusted.vouches(stamp, "h", (1,))
 
 
 def test_a_file_whose_damage_went_unseen_is_still_trusted_by_its_stamp(backbone1, disk, tmp_path, capsys):

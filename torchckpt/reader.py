@@ -312,7 +312,7 @@ class CheckpointReader:
             return blocks[0] if blocks else torch.empty(self.get_variable_to_shape_map()[stored],
                                                         dtype=self.get_variable_to_dtype_map()[stored])
         info = self._info(stored)
-        with load_opened.distrusting(self.storage):  # damage found: a later save reads the file back
+        with load_opened.distrusting(self.storage, self._file_path(info)):  # damage: later saves read it back
             return stream.read_tensor(self._open(info), info, self._file_path(info), stored, self._checksum(stored))
 
     def iter_bytes(self, name: str, chunk_bytes: int = stream.PIECE_BYTES) -> Iterator[bytes]:
@@ -333,7 +333,7 @@ class CheckpointReader:
                     yield bytes(view[offset : offset + chunk_bytes])
             return
         info = self._info(stored)
-        with load_opened.distrusting(self.storage):
+        with load_opened.distrusting(self.storage, self._file_path(info)):
             yield from stream.tensor_bytes(self._open(info), info, self._file_path(info), stored,
                                            self._checksum(stored), chunk_bytes)
 
@@ -347,7 +347,8 @@ class CheckpointReader:
                 yield from (flat[i : i + per].clone() for i in range(0, flat.numel(), per))
             return
         info = self._info(stored)
-        yield from stream.tensor_elements(self._open(info), info, self._file_path(info), chunk_bytes)
+        with load_opened.distrusting(self.storage, self._file_path(info)):
+            yield from stream.tensor_elements(self._open(info), info, self._file_path(info), chunk_bytes)
 
     def _blocks(self, stored: str, block_bytes: int) -> Iterator[torch.Tensor]:
         """A chunked tensor assembled block of rows by block of rows, every chunk checksummed."""

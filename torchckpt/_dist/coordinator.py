@@ -380,6 +380,10 @@ def collective_error(failures: dict[int, dict[str, Any]], what: str, note: str |
     else:
         error = CheckpointError(message)
     error.ranks = ranks  # type: ignore[attr-defined]
+    # Every file a rank found damaged, not only the first rank's: each process stops trusting them
+    # (``_load.opened.distrust_damaged``).
+    error.damaged_paths = sorted({f["path"] for f in failures.values()  # type: ignore[attr-defined]
+                                  if f["type"] == "CorruptCheckpointError" and isinstance(f.get("path"), str)})
     return error
 
 

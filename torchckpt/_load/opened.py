@@ -138,32 +138,49 @@ class OpenShards:
 
     def __exit__(self, kind: object, error: BaseException | None, traceback: object) -> None:
         try:
-            distrust_damaged(self.storage, error, {self.path(f) for f in self.files})
+            if error is not None:
+                distrust_damaged(self.storage, error, {self.path(f) for f in self.files})
         finally:
             self.close()
 
 
 def distrust_damaged(storage: Storage, error: BaseException | None, paths: set[str] | None = None) -> None:
-    """Stop trusting the stamp of each file that ``error`` (or an error it chains, such as the one
-    this rank found under the error every rank raises) reports damaged, among ``paths`` (None: any),
-    so that a later save of this process reads it back before reusing it (``_storage.trusted``)."""
+    """Stop trusting the stamp of each file that ``error`` reports damaged, among ``paths`` (None:
+    any), so that a later save of this process reads it back before reusing it
+    (``_storage.trusted``): the file of a :class:`CorruptCheckpointError`, of the errors it chains
+    (the one this rank found, under the error every rank raises), and every file another rank found
+    damaged (the collective error's ``damaged_paths``). Never raises: ``error`` goes on as it was."""
+    named: list[str] = []
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, CorruptCheckpointError) and error.path is not None and \
-                (paths is None or error.path in paths):
-            storage_trusted.forget(storage.stamp(error.path))
+        if isinstance(error, CorruptCheckpointError) and error.path is not None:
+            named.append(error.path)
+        named.extend(getattr(error, "damaged_paths", ()))
         error = error.__cause__ or error.__context__
+    for path in named:
+        if paths is None or path in paths:
+            forget_stamp(storage, path)
+
+
+def forget_stamp(storage: Storage, path: str) -> None:
+    """This process no longer trusts the file at ``path`` by its stamp (``_storage.trusted``)."""
+    with contextlib.suppress(Exception):  # a storage that cannot stamp it: there is nothing trusted to drop
+        storage_trusted.forget(storage.stamp(path))
 
 
 @contextlib.contextmanager
-def distrusting(storage: Storage) -> Iterator[None]:
-    """A block whose :class:`CorruptCheckpointError` makes this process distrust the damaged file
-    (:func:`distrust_damaged`), then goes on."""
+def distrusting(storage: Storage, path: str | None = None) -> Iterator[None]:
+    """A read whose failure makes this process distrust the file, then goes on: the file a
+    :class:`CorruptCheckpointError` names, or ``path`` on an ``OSError`` (``EIO`` from a bad sector)."""
     try:
         yield
     except CorruptCheckpointError as e:
         distrust_damaged(storage, e)
+        raise
+    except OSError:
+        if path is not None:
+            forget_stamp(storage, path)
         raise
 
 
@@ -225,6 +242,7 @@ def read_shard_headers(index: Index, shards: OpenShards, trust_header_checksums:
     for shard in index.shards:
         file, count = shard["file"], shard["tensors"]
         path, source = shards.path(file), shards.sources[file]
+        damaged = functools.partial(forget_stamp, shards.storage, path)
         found = None
         if deferred:
             found = _table_infos(index, shard, position, checksums, source)
@@ -232,9 +250,9 @@ def read_shard_headers(index: Index, shards: OpenShards, trust_header_checksums:
                 end = position + count
                 columns = _Columns(index.names[position:end], index.dtypes[position:end], index.shapes[position:end])
                 shards.unchecked[file] = functools.partial(_check_deferred, columns, shard, checksums[position:end],
-                                                           source, path, found, trust_header_checksums)
+                                                           source, path, found, trust_header_checksums, damaged)
         elif trust_header_checksums:
-            found = _exact_header(index, shard, position, checksums, source)
+            found = _exact_header(index, shard, position, checksums, source, damaged)
         if found is None:
             found = _parsed_header(index, shard, position, checksums, source, path)
         infos.update(zip(index.names[position : position + count], found))
@@ -279,7 +297,7 @@ def _parsed_header(index: Index | _Columns, shard: dict[str, Any], position: int
 
 
 def _exact_header(index: Index | _Columns, shard: dict[str, Any], position: int, checksums: tuple[int, ...],
-                  source: Source) -> list[TensorInfo] | None:
+                  source: Source, damaged: Callable[[], None]) -> list[TensorInfo] | None:
     """The shard's tensors when its header is the one written for this index's table, else None.
 
     The writer encodes each header from the table (``_format.header.encode_header_pieces``) and
@@ -289,7 +307,10 @@ def _exact_header(index: Index | _Columns, shard: dict[str, Any], position: int,
     entries. Comparing with the table's own encoding, not only with the recorded checksum, matters:
     an index rewritten and resealed (a chunk's name given to another chunk's bytes) leaves the
     header unchanged. Anything else (an index without header checksums, another writer, a
-    tampered file or index) goes through the full validating parser.
+    tampered file or index) goes through the full validating parser. A file whose header differs
+    from the one the table encodes to and its recorded checksum seals was changed after it was
+    written: ``damaged`` is called (the file is no longer trusted by its stamp), even where the
+    full parse accepts it.
     """
     recorded = shard.get("header_checksum")
     if not isinstance(recorded, str) or source.size != shard["size"]:
@@ -305,6 +326,7 @@ def _exact_header(index: Index | _Columns, shard: dict[str, Any], position: int,
     while offset < len(expected):  # a 20,000-tensor header is megabytes: compared a bounded piece at a time
         piece = source.read(offset, min(len(expected) - offset, _HEADER_CHUNK))
         if not piece or view[offset : offset + len(piece)] != piece:
+            damaged()
             return None
         offset += len(piece)
     return _placed(shard, position, checksums, len(expected), (names, dts, shapes, sizes))
@@ -358,10 +380,11 @@ class _Columns(NamedTuple):
 
 
 def _check_deferred(columns: _Columns, shard: dict[str, Any], checksums: tuple[int, ...], source: Source,
-                    path: str, assumed: list[TensorInfo], trust_header_checksums: bool) -> None:
+                    path: str, assumed: list[TensorInfo], trust_header_checksums: bool,
+                    damaged: Callable[[], None]) -> None:
     """The deferred check of a shard whose locations :func:`_table_infos` took from the table: its
     header validated as :func:`read_shard_headers` validates it, placing every tensor there."""
-    found = _exact_header(columns, shard, 0, checksums, source) if trust_header_checksums else None
+    found = _exact_header(columns, shard, 0, checksums, source, damaged) if trust_header_checksums else None
     if found is None:
         found = _parsed_header(columns, shard, 0, checksums, source, path)
     if found != assumed:

@@ -65,13 +65,16 @@ class Checked:
     back (see the module's notes)."""
 
     def __init__(self) -> None:
-        self.files: list[tuple[str, Stamp, str, tuple[int, ...]]] = []
+        self.files: list[tuple[str, Stamp, str, tuple[int, ...], int]] = []
 
-    def add(self, name: str, stamp: Stamp | None, header_checksum: str, digests: Sequence[int]) -> None:
+    def add(self, name: str, stamp: Stamp | None, header_checksum: str, digests: Sequence[int],
+            checked_at: int | None = None) -> None:
         """The file ``name`` of the stage, whose stamp is ``stamp``, holds the header with
-        ``header_checksum`` and tensors with ``digests``."""
+        ``header_checksum`` and tensors with ``digests``, as checked at ``checked_at``
+        (``_storage.trusted.now()`` before the check; None: now, for a file this save wrote)."""
         if stamp is not None:
-            self.files.append((name, stamp, header_checksum, tuple(digests)))
+            when = storage_trusted.now() if checked_at is None else checked_at
+            self.files.append((name, stamp, header_checksum, tuple(digests), when))
 
     def keep(self, storage: Storage, path: str) -> set[str]:
         """Trust the files (``_storage.trusted``), once the checkpoint ``path`` is committed: those
@@ -80,12 +83,10 @@ class Checked:
         marker = storage.stamp(join(path, INDEX_FILE)) if self.files else None
         if marker is None:
             return set()
-        earlier = [(name, stamp, header_checksum, digests) for name, stamp, header_checksum, digests in self.files
-                   if stamp[0] == marker[0] and stamp[3] < marker[3]]
-        trusted = storage_trusted.remember((stamp, header_checksum, digests) for _, stamp, header_checksum, digests
-                                           in earlier)
+        earlier = [file for file in self.files if file[1][0] == marker[0] and file[1][3] < marker[3]]
+        trusted = storage_trusted.remember(file[1:] for file in earlier)
         self.files.clear()
-        return {name for name, stamp, _, _ in earlier if (stamp[0], stamp[1]) in trusted}
+        return {name for name, stamp, *_ in earlier if (stamp[0], stamp[1]) in trusted}
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,9 @@ def reuse_shard(stage: Stage, base: Base, file: str, names: list[str], tensors: 
     placed = stage.reuse(file, join(base.path, found.file))
     if placed is None:
         return None
-    # The stamp is taken before the read-back: a change made after it moves the time.
+    # The stamp is taken before the read-back: a change made after it moves the time, and damage
+    # found after it keeps the file out of the trusted ones (``_storage.trusted.now``).
+    checked_at = storage_trusted.now()
     stamp = stage.stamp(file)
     if storage_trusted.vouches(stamp, found.header_checksum, found.digests):
         # Nothing to read back: the rest of the tensors are hashed on two threads.
@@ -187,7 +190,7 @@ def reuse_shard(stage: Stage, base: Base, file: str, names: list[str], tensors: 
         stage.drop(file)
         return None
     if checked is not None:
-        checked.add(file, stamp, found.header_checksum, found.digests)
+        checked.add(file, stamp, found.header_checksum, found.digests, checked_at)
     base.used[file] = found.file
     return Reused(first.digests + current.digests, first.blocks + current.blocks)
 
