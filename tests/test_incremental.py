@@ -668,11 +668,11 @@ def test_a_file_this_process_wrote_or_checked_is_trusted_by_its_stamp_until_it_c
     mgr.close()
 
 
-def rot(file: str) -> None:
-    """Damage under the filesystem, a bit rotting on the disk: a byte of the data changes, and the
-    stamp (size, modification time) stays as it was."""
+def rot(file: str, offset: int | None = None) -> None:
+    """Damage under the filesystem, a bit rotting on the disk: a byte changes (at ``offset``, else in
+    the data), and the stamp (size, modification time) stays as it was."""
     before = os.stat(file)
-    flip(file)
+    flip_byte(file, os.path.getsize(file) // 2 if offset is None else offset)
     os.utime(file, ns=(before.st_atime_ns, before.st_mtime_ns))
     after = os.stat(file)
     assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
@@ -696,29 +696,38 @@ def found_by_reader(trainer: Trainer, path: str, capsys: pytest.CaptureFixture[s
     assert caught.value.path == os.path.join(path, shard_of(path, FROZEN))
 
 
+def trusted_frozen_shard(trainer: Trainer, disk: Any, run: str) -> tuple[CheckpointManager, str, str]:
+    """A manager whose second save linked the frozen shard without reading it back, trusting it by
+    its stamp: (the manager, that checkpoint, the shard's file name)."""
+    mgr = CheckpointManager(trainer.checkpoint(), run, max_to_keep=5)
+    frozen = shard_of(mgr.save(), FROZEN)
+    time.sleep(0.05)  # the filesystem's clock ticks between a file's last write and the next index
+    trainer.step()
+    since = len(disk.calls)
+    latest = mgr.save()
+    assert reused(latest)["files"] == {frozen: frozen} and shard_reads(disk, since) == []
+    return mgr, latest, frozen
+
+
+def assert_next_save_reads_it_back_and_writes_it_afresh(mgr: CheckpointManager, trainer: Trainer, disk: Any,
+                                                         frozen: str, capsys: pytest.CaptureFixture[str]) -> None:
+    trainer.step()
+    since = len(disk.calls)
+    third = mgr.save()
+    expected = trainer.state()
+    assert [os.path.basename(p) for p in shard_reads(disk, since)] == [frozen]  # read back, found changed
+    assert disk.called("stage.drop")[-1] == (frozen,)
+    assert_written_afresh(mgr.directory, third, trainer, expected, capsys)
+
+
 @pytest.mark.parametrize("find", [found_by_restore, found_by_verify, found_by_reader],
                          ids=["restore", "verify", "reader"])
 def test_a_file_found_damaged_is_read_back_by_the_next_save_and_written_afresh(backbone1, disk, tmp_path, capsys,
                                                                                   find):
-    run = str(tmp_path / "run")
-    mgr = CheckpointManager(backbone1.checkpoint(), run, max_to_keep=5)
-    first = mgr.save()
-    frozen = shard_of(first, FROZEN)
-    time.sleep(0.05)  # the filesystem's clock ticks between a file's last write and the next index
-    backbone1.step()
-    since = len(disk.calls)
-    latest = mgr.save()
-    assert reused(latest)["files"] == {frozen: frozen} and shard_reads(disk, since) == []  # trusted by its stamp
-
+    mgr, latest, frozen = trusted_frozen_shard(backbone1, disk, str(tmp_path / "run"))
     rot(os.path.join(latest, frozen))
     find(backbone1, latest, capsys)
-    backbone1.step()
-    since = len(disk.calls)
-    third = mgr.save()
-    expected = backbone1.state()
-    assert [os.path.basename(p) for p in shard_reads(disk, since)] == [frozen]  # read back, found damaged
-    assert disk.called("stage.drop")[-1] == (frozen,)
-    assert_written_afresh(run, third, backbone1, expected, capsys)
+    assert_next_save_reads_it_back_and_writes_it_afresh(mgr, backbone1, disk, frozen, capsys)
     mgr.close()
 
 
@@ -749,30 +758,13 @@ def test_each_rank_distrusts_the_damage_it_found_and_the_damage_any_rank_reports
 
 def test_a_header_changed_after_its_save_is_read_back_even_where_a_restore_accepts_it(backbone1, disk, tmp_path,
                                                                                         capsys):
-    run = str(tmp_path / "run")
-    mgr = CheckpointManager(backbone1.checkpoint(), run, max_to_keep=5)
-    mgr.save()
-    time.sleep(0.05)
-    backbone1.step()
-    latest = mgr.save()
-    frozen = shard_of(latest, FROZEN)
+    mgr, latest, frozen = trusted_frozen_shard(backbone1, disk, str(tmp_path / "run"))
     shard = os.path.join(latest, frozen)
-    before = os.stat(shard)
     data = Path(shard).read_bytes()
     assert data.count(b'"format":"pt"') == 1
-    with open(shard, "r+b") as f:  # a byte of the header's metadata rots; the stamp stays
-        f.seek(data.index(b'"format":"pt"') + len(b'"format":"p'))
-        f.write(b"u")
-    os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))
+    rot(shard, data.index(b'"format":"pt"') + len(b'"format":"'))  # in the header's metadata: "Pt"
     assert_bit_exact(backbone1.restored(latest), backbone1.state())  # the full parse accepts the header
-
-    backbone1.step()
-    since = len(disk.calls)
-    third = mgr.save()
-    expected = backbone1.state()
-    assert [os.path.basename(p) for p in shard_reads(disk, since)] == [frozen]  # read back, found changed
-    assert disk.called("stage.drop")[-1] == (frozen,)
-    assert_written_afresh(run, third, backbone1, expected, capsys)
+    assert_next_save_reads_it_back_and_writes_it_afresh(mgr, backbone1, disk, frozen, capsys)
     mgr.close()
 
 
@@ -800,14 +792,8 @@ def test_damage_found_while_a_save_checks_a_file_keeps_that_save_from_trusting_i
 
 
 def test_a_file_whose_damage_went_unseen_is_still_trusted_by_its_stamp(backbone1, disk, tmp_path, capsys):
-    """The control for the test above: the same damage, unseen, is linked again (what the drop prevents)."""
-    run = str(tmp_path / "run")
-    mgr = CheckpointManager(backbone1.checkpoint(), run, max_to_keep=5)
-    mgr.save()
-    time.sleep(0.05)
-    backbone1.step()
-    latest = mgr.save()
-    frozen = shard_of(latest, FROZEN)
+    """The control for the tests above: the same damage, unseen, is linked again (what the drop prevents)."""
+    mgr, latest, frozen = trusted_frozen_shard(backbone1, disk, str(tmp_path / "run"))
     rot(os.path.join(latest, frozen))
     backbone1.step()
     since = len(disk.calls)
