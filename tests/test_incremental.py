@@ -771,14 +771,8 @@ def test_a_header_changed_after_its_save_is_read_back_even_where_a_restore_accep
 def test_damage_found_while_a_save_checks_a_file_keeps_that_save_from_trusting_it(tmp_path):
     """An async save adds what it checked once it commits, in the background: damage found in
     between wins. A check made after the damage was found (a read-back that passed) counts."""
-    storage = LocalStorage()
-    checkpoint = tmp_path / "ckpt"
-    checkpoint.mkdir()
-    shard, index = checkpoint / "model.safetensors", checkpoint / spec.INDEX_FILE
-    shard.write_bytes(b"x" * 100)
-    index.write_bytes(b"{}")
-    stamp = storage.stamp(str(shard))
-    os.utime(index, ns=(stamp[3] + 1, stamp[3] + 1))
+    storage, checkpoint, stamp = stamped_shard(tmp_path)
+    os.utime(checkpoint / spec.INDEX_FILE, ns=(stamp[3] + 1, stamp[3] + 1))
 
     checked = save_reuse.Checked()
     checked.add("model.safetensors", stamp, "h", (1,), storage_trusted.now())
@@ -824,15 +818,22 @@ def test_an_identical_copy_of_a_known_file_is_read_back_before_it_is_reused(back
     mgr.close()
 
 
-def test_a_stamp_as_late_as_the_index_is_not_trusted(tmp_path):
+def stamped_shard(tmp_path: Path) -> tuple[LocalStorage, Path, Any]:
+    """A checkpoint folder holding a 100-byte ``model.safetensors`` and an index: (the storage, the
+    folder, the shard's stamp)."""
     storage = LocalStorage()
     checkpoint = tmp_path / "ckpt"
     checkpoint.mkdir()
-    shard, index = checkpoint / "model.safetensors", checkpoint / spec.INDEX_FILE
-    shard.write_bytes(b"x" * 100)
-    index.write_bytes(b"{}")
-    stamp = storage.stamp(str(shard))
+    (checkpoint / "model.safetensors").write_bytes(b"x" * 100)
+    (checkpoint / spec.INDEX_FILE).write_bytes(b"{}")
+    stamp = storage.stamp(str(checkpoint / "model.safetensors"))
     assert stamp is not None and stamp[2] == 100
+    return storage, checkpoint, stamp
+
+
+def test_a_stamp_as_late_as_the_index_is_not_trusted(tmp_path):
+    storage, checkpoint, stamp = stamped_shard(tmp_path)
+    index = checkpoint / spec.INDEX_FILE
 
     def kept(index_mtime_ns: int) -> bool:
         os.utime(index, ns=(index_mtime_ns, index_mtime_ns))

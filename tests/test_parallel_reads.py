@@ -37,7 +37,7 @@ class _SmallBatchSource(LocalSource):
     def readv(self, views: list[memoryview], offset: int) -> None:
         name = threading.current_thread().name
         self.threads.add(name)
-        fd = self._descriptor()
+        fd = self.descriptor()
         self.descriptors.setdefault(name, set()).add((fd, os.fstat(fd).st_ino))
         super().readv(views, offset)
 

@@ -76,18 +76,19 @@ class LocalSource:
             del self._own.fd
             os.close(fd)
 
-    def _descriptor(self) -> int:
+    def descriptor(self) -> int:
+        """The descriptor this thread reads through: its own inside :meth:`stream`, else the shared one."""
         return getattr(self._own, "fd", self.fd)
 
     def read(self, offset: int, count: int) -> bytes:
-        return os.pread(self._descriptor(), count, offset)
+        return os.pread(self.descriptor(), count, offset)
 
     def prepare(self, nbytes: int) -> None:
         del nbytes  # reads go straight into the destinations: nothing to size
 
     def readv(self, views: list[memoryview], offset: int) -> None:
         views = [v for v in views if len(v)]
-        fd = self._descriptor()
+        fd = self.descriptor()
         i, count = 0, len(views)
         while i < count:
             n = os.preadv(fd, views[i:] if i else views, offset)

@@ -17,7 +17,6 @@ from torchckpt._format import index as format_index
 from torchckpt._format.dtypes import TensorInfo
 from torchckpt._load import opened as load_opened
 from torchckpt._progress import progress_bar
-from torchckpt._storage import trusted as storage_trusted
 from torchckpt.errors import CorruptCheckpointError, checksum_mismatch
 from torchckpt.reader import CheckpointReader
 
@@ -82,5 +81,5 @@ def _verify_data(index: format_index.Index, shards: load_opened.OpenShards, info
                     problems.append(f"{path}: shard checksum mismatch (recorded {shard['checksum']}, "
                                     f"computed {shard_hash.intdigest():016x}).")
             if len(problems) > found:  # a later save of this process reads it back (``_storage.trusted``)
-                storage_trusted.forget(shards.storage.stamp(path))
+                load_opened.forget_stamp(shards.storage, path)
     return problems
