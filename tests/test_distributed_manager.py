@@ -166,6 +166,24 @@ def test_an_incremental_save_on_2_ranks_reuses_each_ranks_frozen_files_and_stays
     assert cli.main(["verify", str(world2 / directory / "ckpt-2")]) == 0
 
 
+def test_a_file_one_rank_found_damaged_is_written_afresh_by_that_rank_at_the_next_save(world2):
+    found = ok(world2, "damaged_then_saved", 2)
+    assert found[0] == found[1]  # the same outcome on both ranks
+    result = found[0]
+    assert result["linked_in_second"] == [0, 1]  # each rank's frozen file, linked and trusted by its stamp
+    rotten = os.path.join(world2, "damaged-then-saved", "ckpt-2", result["frozen_names"]["1"])
+    assert result["restore"].startswith(f"CorruptCheckpointError: Restoring {os.path.dirname(rotten)} failed on "
+                                        f"rank 1: Tensor "), result["restore"]
+    assert f"in {rotten} fails its checksum" in result["restore"]
+    assert result["damaged_paths"] == [os.path.relpath(rotten, world2 / "damaged-then-saved")]
+    # the next save: rank 1 read its file back and wrote it afresh; rank 0 linked its intact one again
+    assert result["third"] == "ckpt-3"
+    assert result["reused_in_third"] == [result["frozen_names"]["0"]]
+    assert result["links_in_third"] == {"0": 3, "1": 1}
+    assert result["differences"] == []  # restored bit-exact on both ranks, everything consumed
+    assert cli.main(["verify", str(world2 / "damaged-then-saved" / "ckpt-3")]) == 0
+
+
 def test_a_2_rank_checkpoint_as_the_base_of_a_single_process_write_reuses_nothing(world2, tmp_path):
     from tests.jobs.dist_job import FrozenMLP, differences, full_state
 

@@ -878,12 +878,66 @@ def incremental_fsdp(d: Path, rank: int, world: int) -> dict:
     return {"sync": incremental_round(d, rank, async_save=False), "async": incremental_round(d, rank, async_save=True)}
 
 
+def rot(file: str) -> None:
+    """A bit rotting on the disk under ``file``: a byte of its data changes, its size and
+    modification time stay (the stamp by which a process trusts a file it wrote does not change)."""
+    before = os.stat(file)
+    with open(file, "r+b") as f:
+        f.seek(before.st_size - 1)
+        byte = f.read(1)
+        f.seek(before.st_size - 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(file, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def damaged_then_saved(d: Path, rank: int, world: int) -> dict:
+    """Rank 1's file of the frozen backbone rots after the second save linked it; a restore finds it
+    (on rank 1, the one that reads it), and the next incremental save must not link it again: rank 1
+    reads it back and writes it afresh, rank 0 still links its own intact file."""
+    directory = d / "damaged-then-saved"
+    torch.manual_seed(300 + rank)
+    model, opt = fsdp_frozen(0)
+    step(model, opt)
+    mgr = torchckpt.CheckpointManager(torchckpt.Checkpoint(model=model, opt=opt), str(directory),
+                                      timeout_secs=TIMEOUT)
+    mgr.save()
+    time.sleep(0.05)  # the filesystem's clock ticks between a file's last write and the next index
+    step(model, opt)
+    second = mgr.save()
+    index = json.loads((Path(second) / "index.json").read_text())
+    frozen = {writers(second)[f]: f for f in index["torchckpt"]["reused"]["files"]}  # rank -> its linked file
+    dist.barrier()
+    if rank == 0:
+        rot(str(Path(second) / frozen[1]))
+    dist.barrier()
+    out: dict = {"linked_in_second": sorted(frozen)}
+    fresh, fresh_opt = fsdp_frozen(7)  # the damaged bytes land in these, not in the run's model
+    try:
+        torchckpt.Checkpoint(model=fresh, opt=fresh_opt).restore(second, timeout_secs=TIMEOUT)
+        out["restore"] = "ok"
+    except torchckpt.CorruptCheckpointError as e:
+        out["restore"] = f"{type(e).__name__}: {e}"
+        out["damaged_paths"] = sorted(os.path.relpath(p, directory) for p in getattr(e, "damaged_paths", ()))
+    step(model, opt)
+    reference = full_state(model, opt)
+    third = mgr.save()
+    mgr.close()
+    section = json.loads((Path(third) / "index.json").read_text())["torchckpt"]
+    out["third"] = os.path.basename(third)
+    out["reused_in_third"] = sorted((section.get("reused") or {"files": {}})["files"].values())
+    out["frozen_names"] = {str(r): f for r, f in frozen.items()}
+    out["links_in_third"] = {str(r): os.stat(Path(third) / f).st_nlink for r, f in frozen.items()}
+    out["differences"] = restored_differences(third, reference)
+    return out
+
+
 SCENARIOS = {f.__name__: f for f in (save_fsdp_4, save_fsdp_2, restore_from_4, restore_from_2, plain_into_fsdp,
                                       differing_value, ddp, tp_mesh, restore_tp, write_fails_on_one_rank,
                                       killed_mid_save, s3_fsdp, manager_2, manager_resume, second_job,
                                       async_loops, async_failure, killed_async, manager_s3, tools_save,
                                       one_rank_fails_capture, mismatched_calls, restore_failures,
-                                      damaged_on_one_rank, calls_stay_paired, incremental_fsdp)}
+                                      damaged_on_one_rank, calls_stay_paired, incremental_fsdp,
+                                      damaged_then_saved)}
 SCENARIOS.update(flips.SCENARIOS)
 SCENARIOS.update(renames.SCENARIOS)
 SCENARIOS.update(read_once.SCENARIOS)
