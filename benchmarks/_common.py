@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import resource
 import socket
 import statistics
@@ -21,6 +22,22 @@ def import_torchckpt() -> Any:
     for name in torchckpt.__all__:
         getattr(torchckpt, name)
     return torchckpt
+
+
+def round_order(methods: list[str], r: int) -> list[str]:
+    """The order in which round ``r`` runs ``methods``: each method runs first once every
+    ``len(methods)`` rounds, and the rest follow in an order shuffled per round (seeded by ``r``, so
+    a rerun repeats it). Rotating one order instead keeps every method right behind the same other
+    one in every round, and on this VM a process that just freed gigabytes (an async save's host
+    buffers) slows the next process's page-cache writes by 2-4x: the method behind it paid for it
+    in every round.
+    """
+    if not methods:
+        return []
+    first = methods[r % len(methods)]
+    rest = [m for m in methods if m != first]
+    random.Random(r).shuffle(rest)
+    return [first, *rest]
 
 
 def rss_bytes() -> int:

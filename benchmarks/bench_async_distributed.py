@@ -34,7 +34,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import import_torchckpt, machine, median, run_ranks  # noqa: E402
+from _common import import_torchckpt, machine, median, round_order, run_ranks  # noqa: E402
 
 METHODS = ("torchckpt-2", "dcp-2", "torchckpt-1", "copy-1")
 
@@ -137,7 +137,7 @@ def main() -> None:
     found: dict[str, list[dict[str, float]]] = {m: [] for m in METHODS}
     try:
         for r in range(args.rounds):
-            for method in METHODS[r % len(METHODS):] + METHODS[: r % len(METHODS)]:
+            for method in round_order(METHODS, r):
                 path = os.path.join(root, method)
                 shutil.rmtree(path, ignore_errors=True)
                 ranks = job(method, path, args.saves)

@@ -1,11 +1,11 @@
 """Saves by several ranks and resharding loads: torchckpt against DCP and raw per-rank I/O, on gloo.
 
-Each measurement is a fresh job of WORLD processes on 127.0.0.1. Rounds are interleaved (each
-round starts one method later). Wall time runs from a barrier before the call to a barrier after
-it (the slowest rank). Per-rank bytes come from each process's I/O counters (``/proc/self/io``:
-``write_bytes``, what reached storage, and ``rchar``), peak RSS from ``ru_maxrss``. Loads start from a cold page cache (the files
-are fsynced and dropped with ``posix_fadvise(DONTNEED)``), into a fresh model and a never-stepped
-optimizer.
+Each measurement is a fresh job of WORLD processes on 127.0.0.1. Rounds are interleaved (each round
+starts with another method, the others shuffled: ``_common.round_order``). Wall time runs from a
+barrier before the call to a barrier after it (the slowest rank). Per-rank bytes come from each
+process's I/O counters (``/proc/self/io``: ``write_bytes``, what reached storage, and ``rchar``),
+peak RSS from ``ru_maxrss``. Loads start from a cold page cache (the files are fsynced and dropped
+with ``posix_fadvise(DONTNEED)``), into a fresh model and a never-stepped optimizer.
 
     python benchmarks/bench_distributed.py [--world 2,4] [--rounds 3] [--workloads big,many,ddp]
 
@@ -50,7 +50,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import drop_page_cache, import_torchckpt, machine, median, peak_rss_bytes, run_ranks  # noqa: E402
+from _common import drop_page_cache, import_torchckpt, machine, median, peak_rss_bytes, round_order, run_ranks  # noqa: E402
 
 METHODS = ("raw", "raw-all", "dcp", "torchckpt", "torchckpt-once")
 
@@ -343,7 +343,7 @@ def main() -> None:
                 saves: dict[str, list[Any]] = {m: [] for m in methods}
                 loads: dict[str, list[Any]] = {m: [] for m in methods}
                 for r in range(args.rounds):
-                    order = methods[r % len(methods):] + methods[: r % len(methods)]
+                    order = round_order(methods, r)
                     for method in order:
                         path = os.path.join(root, f"{workload}-{world}-{method}")
                         shutil.rmtree(path, ignore_errors=True)

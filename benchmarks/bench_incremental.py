@@ -6,11 +6,11 @@ store) every shard that did not change, after comparing it by xxh3 and reading t
 back (unless this process wrote or read back that very file and its stamp is unchanged, see
 ``_save/reuse.py``: from the second save of a run on a local disk). This script measures what that saves, and what it costs when nothing could be reused.
 
-Every method runs the whole sequence of saves of a workload in a fresh process (model built,
-one training step so that Adam has its state, then save, step, save, ...) and reports per save
-the wall time of the save call and the bytes it wrote (the ``write_bytes`` delta of
-``/proc/self/io`` around the call: what this process sent to the disk, direct I/O included). Rounds
-are interleaved (round 1 of every method, then round 2, ..., each round starting one method later);
+Every method runs the whole sequence of saves of a workload in a fresh process (model built, one
+training step so that Adam has its state, then save, step, save, ...) and reports per save the wall
+time of the save call and the bytes it wrote (the ``write_bytes`` delta of ``/proc/self/io`` around
+the call: what this process sent to the disk, direct I/O included). Rounds are interleaved (round 1
+of every method, then round 2, ..., each round starting with another method, the others shuffled);
 the table reports medians with the fastest and slowest round.
 
     python benchmarks/bench_incremental.py [--rounds 3] [--workloads frozen,lora,changing]
@@ -75,7 +75,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import drop_page_cache, import_torchckpt, machine, median, run_fresh  # noqa: E402
+from _common import drop_page_cache, import_torchckpt, machine, median, round_order, run_fresh  # noqa: E402
 
 WORKLOADS = ["frozen", "lora", "changing"]
 METHODS = ["raw", "dcp", "torchckpt-full", "torchckpt"]
@@ -344,7 +344,7 @@ def run_workload(workload: str, rounds: int, root: str, methods: list[str], scal
     results: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     script = os.path.abspath(__file__)
     for r in range(rounds):
-        order = methods[r % len(methods):] + methods[: r % len(methods)]
+        order = round_order(methods, r)
         for method in order:
             remote = method.startswith("torchckpt-s3")
             target = f"s3://bench/{workload}-{method}-{r}" if remote else os.path.join(root, f"{workload}-{method}")

@@ -1,9 +1,10 @@
 """Save and restore on an object store: torchckpt against raw s3fs and DCP's fsspec storage, on moto's S3 server.
 
 A moto S3 server runs in its own process on 127.0.0.1 (a free port). Every measurement runs in a
-fresh process, rounds are interleaved (each round starts one method later), and the table reports
-medians with the fastest and slowest round, the ratio to raw s3fs on the same bytes in the same
-run, and a restore's peak extra RSS over the state size.
+fresh process, rounds are interleaved (each round starts with another method, the others shuffled:
+``_common.round_order``), and the table reports medians with the fastest and slowest round, the
+ratio to raw s3fs on the same bytes in the same run, and a restore's peak extra RSS over the state
+size.
 
     python benchmarks/bench_remote.py [--rounds 3] [--workloads big,many] [--methods raw,dcp,torchckpt]
 
@@ -35,7 +36,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import free_port, import_torchckpt, machine, median, rss_bytes, run_fresh  # noqa: E402
+from _common import free_port, import_torchckpt, machine, median, round_order, rss_bytes, run_fresh  # noqa: E402
 
 METHODS = ["raw", "dcp", "torchckpt"]
 LABELS = {"raw": "raw s3fs pipe_file / cat_file", "dcp": "torch DCP FsspecWriter / FsspecReader",
@@ -171,7 +172,7 @@ def run_workload(workload: str, rounds: int, methods: list[str], endpoint: str) 
     results: dict[str, dict[str, list[dict]]] = {m: {"save": [], "restore": []} for m in methods}  # type: ignore[type-arg]
     script = os.path.abspath(__file__)
     for r in range(rounds):
-        order = methods[r % len(methods):] + methods[: r % len(methods)]
+        order = round_order(methods, r)
         for method in order:
             url = f"s3://{BUCKET}/{workload}-{method}-{r}"
             for op in ("save", "restore"):

@@ -29,7 +29,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import import_torchckpt, machine, median, run_ranks  # noqa: E402
+from _common import import_torchckpt, machine, median, round_order, run_ranks  # noqa: E402
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -89,7 +89,7 @@ def main() -> None:
     found: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
     try:
         for r in range(args.rounds):
-            for method in methods[r % len(methods):] + methods[: r % len(methods)]:
+            for method in round_order(methods, r):
                 path = os.path.join(root, method)
                 shutil.rmtree(path, ignore_errors=True)
                 ranks = job(method, path, args.calls, args.before)

@@ -1,8 +1,9 @@
 """Save and restore speed and memory: torchckpt against raw I/O, torch.save, safetensors, DCP and TensorFlow.
 
 Every measurement runs in a fresh process. Rounds are interleaved (round 1 of every method, then
-round 2, ..., each round starting one method later, so that no method always runs right after
-the same other one), and the table reports medians with the fastest and slowest round, the ratio
+round 2, ...; each method runs first in one round, and the order of the others is shuffled per
+round, so that no method always runs right after the same other one: ``_common.round_order``),
+and the table reports medians with the fastest and slowest round, the ratio
 to the raw write/read of the same bytes in the same run, and peak extra RSS over the state size.
 Every save includes fsync of what it wrote; every restore reads into existing tensors from a
 cold page cache, except the "right after its save" rows.
@@ -55,7 +56,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 RAW_READERS = 4
 
-from _common import drop_page_cache, import_torchckpt, machine, median, peak_rss_bytes, run_fresh  # noqa: E402
+from _common import drop_page_cache, import_torchckpt, machine, median, peak_rss_bytes, round_order, run_fresh  # noqa: E402
 
 SAVE_METHODS = ["raw", "torch", "safetensors", "dcp", "tf", "torchckpt", "torchckpt-async"]
 RESTORE_METHODS = ["raw", "raw-parallel", "torch", "safetensors", "dcp", "tf", "torchckpt", "torch-after-save",
@@ -187,6 +188,9 @@ def save(method: str, state: dict, path: str) -> dict:  # type: ignore[type-arg]
         manager.save()  # the first save allocates the reusable host buffers; training saves many times
         first_blocked = time.perf_counter() - start
         manager.wait_until_finished()
+        for t in state.values():
+            t.add_(1)  # a training step: every tensor changed, so the save writes every byte (an
+            # incremental save would link the unchanged shards of the first and write nothing)
         start = time.perf_counter()
         manager.save()
         blocked = time.perf_counter() - start
@@ -370,13 +374,13 @@ def run_workload(workload: str, rounds: int, tmp: str, methods: list[str], devic
         if method not in AFTER_SAVE:
             sources[method] = _target(method, tmp, workload, "source")
             fresh("save", BASE.get(method, method), sources[method])
-    for r in range(rounds):  # each round starts one method later: no method always follows the same one
-        for method in _rotated(save_methods, r):
+    for r in range(rounds):  # interleaved, in an order of its own each round (``round_order``)
+        for method in round_order(save_methods, r):
             target = _target(method, tmp, workload, "save")
             _clear(target)
             results["save"][method].append(fresh("save", method, target))
             _clear(target)
-        for method in _rotated(restore_methods, r):
+        for method in round_order(restore_methods, r):
             if method in AFTER_SAVE:  # a fresh save, then at once a restore in the next process
                 target = _target(method, tmp, workload, "save")
                 _clear(target)
@@ -390,11 +394,6 @@ def run_workload(workload: str, rounds: int, tmp: str, methods: list[str], devic
     for path in sources.values():
         _clear(path)
     return results
-
-
-def _rotated(methods: list[str], by: int) -> list[str]:
-    k = by % len(methods) if methods else 0
-    return methods[k:] + methods[:k]
 
 
 def report(workload: str, results: dict, rounds: int) -> list[str]:  # type: ignore[type-arg]
