@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
-import random
 import resource
 import socket
 import statistics
@@ -25,19 +25,18 @@ def import_torchckpt() -> Any:
 
 
 def round_order(methods: list[str], r: int) -> list[str]:
-    """The order in which round ``r`` runs ``methods``: each method runs first once every
-    ``len(methods)`` rounds, and the rest follow in an order shuffled per round (seeded by ``r``, so
-    a rerun repeats it). Rotating one order instead keeps every method right behind the same other
-    one in every round, and on this VM a process that just freed gigabytes (an async save's host
-    buffers) slows the next process's page-cache writes by 2-4x: the method behind it paid for it
-    in every round.
+    """The order in which round ``r`` runs ``methods``: starting with method ``r`` (each method
+    first once every ``len(methods)`` rounds) and stepping through the list by a stride that changes
+    from round to round (1, then the next stride coprime to the count, ...), so that the method run
+    just before each one changes too. A plain rotation keeps every method right behind the same
+    other one in every round, and on this VM a process that just freed gigabytes (an async save's
+    host buffers) slows the next process's page-cache writes by 2-4x: the method behind it paid for
+    it in every round.
     """
-    if not methods:
-        return []
-    first = methods[r % len(methods)]
-    rest = [m for m in methods if m != first]
-    random.Random(r).shuffle(rest)
-    return [first, *rest]
+    n = len(methods)
+    strides = [s for s in range(1, n) if math.gcd(s, n) == 1] or [1]
+    stride = strides[r % len(strides)]
+    return [methods[(r + k * stride) % n] for k in range(n)]
 
 
 def rss_bytes() -> int:

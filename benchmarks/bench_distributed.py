@@ -1,7 +1,7 @@
 """Saves by several ranks and resharding loads: torchckpt against DCP and raw per-rank I/O, on gloo.
 
 Each measurement is a fresh job of WORLD processes on 127.0.0.1. Rounds are interleaved (each round
-starts with another method, the others shuffled: ``_common.round_order``). Wall time runs from a
+starts with another method, in an order of its own: ``_common.round_order``). Wall time runs from a
 barrier before the call to a barrier after it (the slowest rank). Per-rank bytes come from each
 process's I/O counters (``/proc/self/io``: ``write_bytes``, what reached storage, and ``rchar``),
 peak RSS from ``ru_maxrss``. Loads start from a cold page cache (the files are fsynced and dropped

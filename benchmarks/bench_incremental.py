@@ -10,7 +10,7 @@ Every method runs the whole sequence of saves of a workload in a fresh process (
 training step so that Adam has its state, then save, step, save, ...) and reports per save the wall
 time of the save call and the bytes it wrote (the ``write_bytes`` delta of ``/proc/self/io`` around
 the call: what this process sent to the disk, direct I/O included). Rounds are interleaved (round 1
-of every method, then round 2, ..., each round starting with another method, the others shuffled);
+of every method, then round 2, ..., each round starting with another method, in an order of its own);
 the table reports medians with the fastest and slowest round.
 
     python benchmarks/bench_incremental.py [--rounds 3] [--workloads frozen,lora,changing]

@@ -1,7 +1,7 @@
 """Save and restore on an object store: torchckpt against raw s3fs and DCP's fsspec storage, on moto's S3 server.
 
 A moto S3 server runs in its own process on 127.0.0.1 (a free port). Every measurement runs in a
-fresh process, rounds are interleaved (each round starts with another method, the others shuffled:
+fresh process, rounds are interleaved (each round starts with another method, in an order of its own:
 ``_common.round_order``), and the table reports medians with the fastest and slowest round, the
 ratio to raw s3fs on the same bytes in the same run, and a restore's peak extra RSS over the state
 size.
