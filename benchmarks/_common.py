@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import resource
@@ -25,18 +24,26 @@ def import_torchckpt() -> Any:
 
 
 def round_order(methods: list[str], r: int) -> list[str]:
-    """The order in which round ``r`` runs ``methods``: starting with method ``r`` (each method
-    first once every ``len(methods)`` rounds) and stepping through the list by a stride that changes
-    from round to round (1, then the next stride coprime to the count, ...), so that the method run
-    just before each one changes too. A plain rotation keeps every method right behind the same
-    other one in every round, and on this VM a process that just freed gigabytes (an async save's
-    host buffers) slows the next process's page-cache writes by 2-4x: the method behind it paid for
-    it in every round.
+    """The order in which round ``r`` runs ``methods``: row ``r`` of a balanced Latin square
+    (Williams' design). Each round starts with another method, each method takes each position
+    once in ``len(methods)`` rounds, and over those rounds (twice as many for an odd count) each
+    method runs right after each other one equally often. A plain rotation keeps every method
+    right behind the same other one in every round, and on this VM a process that just freed
+    gigabytes (an async save's host buffers) slows the next process's page-cache writes by 2-4x:
+    the method behind it paid for it every time.
     """
     n = len(methods)
-    strides = [s for s in range(1, n) if math.gcd(s, n) == 1] or [1]
-    stride = strides[r % len(strides)]
-    return [methods[(r + k * stride) % n] for k in range(n)]
+    if n == 0:
+        return []
+    base, low, high = [0], 1, n - 1  # 0, 1, n-1, 2, n-2, ...: every difference between neighbours once
+    while len(base) < n:
+        base.append(low if len(base) % 2 else high)
+        if len(base) % 2 == 0:
+            low += 1
+        else:
+            high -= 1
+    row = [methods[(i + r) % n] for i in base]
+    return row[::-1] if n % 2 and (r // n) % 2 else row  # an odd count: the mirrored rows complete the balance
 
 
 def rss_bytes() -> int:

@@ -1,8 +1,8 @@
 """Save and restore speed and memory: torchckpt against raw I/O, torch.save, safetensors, DCP and TensorFlow.
 
 Every measurement runs in a fresh process. Rounds are interleaved (round 1 of every method, then
-round 2, ...; each method runs first in one round, and the stride through the list changes per
-round, so that no method always runs right after the same other one: ``_common.round_order``),
+round 2, ...; each round starts with another method, and each method runs right after each other
+one equally often, not always after the same one: ``_common.round_order``),
 and the table reports medians with the fastest and slowest round, the ratio
 to the raw write/read of the same bytes in the same run, and peak extra RSS over the state size.
 Every save includes fsync of what it wrote; every restore reads into existing tensors from a

@@ -8,7 +8,8 @@ with the checkpoint's files wholly in the page cache (read once before), into ex
 - torchckpt, ``verify=False``: the same read without the checksums;
 - preadv, N threads: the tensors' bytes copied out of the page cache by N threads, each with its
   own descriptor and a contiguous part of the file (the copy alone);
-- xxh3, N threads: hashing the state's bytes in memory (the checks alone);
+- xxh3, N threads: hashing the state's bytes in memory (the checks alone; an estimate: a restore
+  hashes each batch right after copying it, this hashes memory no copy touched just before);
 - torch.load(mmap=True) + copy_: the peer, from its own file, also wholly in the page cache.
 
 Rounds are interleaved (``_common.round_order``); medians. Usage:
@@ -40,7 +41,7 @@ def make_state(gib: float, count: int = 200) -> dict[str, Any]:
     import torch
 
     per = int(gib * 2**30) // 4 // count
-    return {f"layer{i}": torch.full((per,), float(i)) for i in range(count)}
+    return {f"layer{i}": torch.full((per,), float(i + 1)) for i in range(count)}  # none zero: a read shows
 
 
 def read_into_cache(path: str) -> None:
@@ -79,7 +80,8 @@ def child(method: str, checkpoint: str, pt_file: str, gib: float) -> None:
         fd = os.open(shard, os.O_RDONLY)
         try:
             for view in group:
-                os.preadv(fd, [view], offset)
+                if os.preadv(fd, [view], offset) != len(view):
+                    raise EOFError(f"{shard} ended before offset {offset + len(view)}")
                 offset += len(view)
         finally:
             os.close(fd)
@@ -103,7 +105,7 @@ def child(method: str, checkpoint: str, pt_file: str, gib: float) -> None:
             t.copy_(loaded[k])
     seconds = time.perf_counter() - start
     if not method.startswith("xxh3"):
-        assert all(torch.all(t == i) for i, t in enumerate(dest.values())), f"{method} read wrong values"
+        assert all(torch.all(t == i + 1) for i, t in enumerate(dest.values())), f"{method} read wrong values"
     print(json.dumps({"seconds": seconds}))
 
 
