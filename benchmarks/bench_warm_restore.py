@@ -30,18 +30,12 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import import_torchckpt, machine, median, round_order, run_fresh  # noqa: E402
+from bench_restore_memory import make_state  # noqa: E402  (every tensor a non-zero value: a read shows)
 
 METHODS = {"torchckpt": "torchckpt", "torchckpt-noverify": "torchckpt, verify=False",
            "preadv-1": "preadv, 1 thread (the copy alone)", "preadv-2": "preadv, 2 threads (the copy alone)",
            "xxh3-1": "xxh3, 1 thread (the checks alone)", "xxh3-2": "xxh3, 2 threads (the checks alone)",
            "torch": "torch.load(mmap=True) + copy_"}
-
-
-def make_state(gib: float, count: int = 200) -> dict[str, Any]:
-    import torch
-
-    per = int(gib * 2**30) // 4 // count
-    return {f"layer{i}": torch.full((per,), float(i + 1)) for i in range(count)}  # none zero: a read shows
 
 
 def read_into_cache(path: str) -> None:

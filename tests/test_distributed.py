@@ -23,6 +23,7 @@ from torchckpt._load import opened as load_opened
 from torchckpt._storage.local import LOCAL
 
 from .conftest import read_index, write_index
+from .damage import flip_byte
 from .distributed import results
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
@@ -308,11 +309,7 @@ def test_a_flipped_bit_in_a_block_is_reported_by_verify_and_refused_by_the_tools
     name = "model/0.weight"  # 1200 x 768 float32: two chunks of two 1 MiB blocks each
     chunk = sorted(n for n in section["tensors"]["names"] if n.startswith(name + "~@"))[1]
     file, start, _ = reader.locate(chunk)
-    with open(file, "r+b") as f:  # one bit in the chunk's second block
-        f.seek(start + 2**20 + 5)
-        byte = f.read(1)[0]
-        f.seek(start + 2**20 + 5)
-        f.write(bytes([byte ^ 0x10]))
+    flip_byte(file, start + 2**20 + 5, 0x10)  # one bit in the chunk's second block
     capsys.readouterr()
     assert cli.main(["verify", str(path)]) == 1
     err = capsys.readouterr()

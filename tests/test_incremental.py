@@ -36,6 +36,7 @@ from torchckpt._storage.local import LocalStorage
 from torchckpt.cli import main
 
 from .conftest import read_index, write_index
+from .damage import flip_byte, rot
 
 PROC_IO = "/proc/self/io"
 
@@ -205,15 +206,6 @@ def tree_state(directory: str) -> dict[str, tuple[int, int, int, int, str]]:
             found[os.path.relpath(full, directory)] = (info.st_mode, info.st_nlink, info.st_size, info.st_mtime_ns,
                                                        digest)
     return found
-
-
-def flip_byte(file: str, offset: int) -> None:
-    """Flip one bit of ``file`` in place (the same inode: every hard link of it sees the damage)."""
-    with open(file, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)[0]
-        f.seek(offset)
-        f.write(bytes([byte ^ 0x20]))
 
 
 # -- bytes written ---------------------------------------------------------------------------------
@@ -666,16 +658,6 @@ def test_a_file_this_process_wrote_or_checked_is_trusted_by_its_stamp_until_it_c
     assert not verified(damaged_base, capsys)
     assert_written_afresh(run, fourth, backbone1, expected, capsys)
     mgr.close()
-
-
-def rot(file: str, offset: int | None = None) -> None:
-    """Damage under the filesystem, a bit rotting on the disk: a byte changes (at ``offset``, else in
-    the data), and the stamp (size, modification time) stays as it was."""
-    before = os.stat(file)
-    flip_byte(file, os.path.getsize(file) // 2 if offset is None else offset)
-    os.utime(file, ns=(before.st_atime_ns, before.st_mtime_ns))
-    after = os.stat(file)
-    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
 
 
 def found_by_restore(trainer: Trainer, path: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -19,6 +19,8 @@ from torchckpt._storage import local
 from torchckpt._storage.local import LocalSource, LocalStorage
 from torchckpt.errors import CorruptCheckpointError
 
+from .damage import flip_byte
+
 BATCH_BYTES = 4096
 
 
@@ -170,11 +172,7 @@ def test_reopen_gives_the_open_file_even_after_its_path_was_replaced(tmp_path):
 
 def test_a_flipped_byte_mid_shard_raises_the_in_order_error(tmp_path, install, written, no_thread_left):
     shard = _shard(written)
-    with open(shard, "r+b") as f:
-        f.seek(os.path.getsize(shard) // 2)
-        byte = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte[0] ^ 0x40]))
+    flip_byte(shard, os.path.getsize(shard) // 2, 0x40)
     in_order = _read_error(tmp_path, install, 1)
     assert "fails its checksum" in in_order
     assert _read_error(tmp_path, install, 4) == in_order
@@ -185,12 +183,8 @@ def test_two_corrupt_tensors_report_the_first_in_the_file(tmp_path, install, wri
     near the end of the first part); the error still names the earlier one."""
     shard = _shard(written)
     size = os.path.getsize(shard)
-    with open(shard, "r+b") as f:
-        for at in (size * 22 // 100, size * 80 // 100):
-            f.seek(at)
-            byte = f.read(1)
-            f.seek(at)
-            f.write(bytes([byte[0] ^ 0x01]))
+    for at in (size * 22 // 100, size * 80 // 100):
+        flip_byte(shard, at, 0x01)
     in_order = _read_error(tmp_path, install, 1)
     assert _read_error(tmp_path, install, 4) == in_order
 

@@ -27,6 +27,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 import torchckpt
+from tests.damage import rot
 from tests.doubles import LocalDouble, StorageDouble, remote_double
 from tests.jobs import flips, read_once, renames
 from torchckpt._storage import registry
@@ -878,18 +879,6 @@ def incremental_fsdp(d: Path, rank: int, world: int) -> dict:
     return {"sync": incremental_round(d, rank, async_save=False), "async": incremental_round(d, rank, async_save=True)}
 
 
-def rot(file: str) -> None:
-    """A bit rotting on the disk under ``file``: a byte of its data changes, its size and
-    modification time stay (the stamp by which a process trusts a file it wrote does not change)."""
-    before = os.stat(file)
-    with open(file, "r+b") as f:
-        f.seek(before.st_size - 1)
-        byte = f.read(1)
-        f.seek(before.st_size - 1)
-        f.write(bytes([byte[0] ^ 0xFF]))
-    os.utime(file, ns=(before.st_atime_ns, before.st_mtime_ns))
-
-
 def damaged_then_saved(d: Path, rank: int, world: int) -> dict:
     """Rank 1's file of the frozen backbone rots after the second save linked it; a restore finds it
     (on rank 1, the one that reads it), and the next incremental save must not link it again: rank 1
@@ -908,7 +897,7 @@ def damaged_then_saved(d: Path, rank: int, world: int) -> dict:
     frozen = {writers(second)[f]: f for f in index["torchckpt"]["reused"]["files"]}  # rank -> its linked file
     dist.barrier()
     if rank == 0:
-        rot(str(Path(second) / frozen[1]))
+        rot(str(Path(second) / frozen[1]))  # rank 1's file, its stamp unchanged
     dist.barrier()
     out: dict = {"linked_in_second": sorted(frozen)}
     fresh, fresh_opt = fsdp_frozen(7)  # the damaged bytes land in these, not in the run's model

@@ -1,0 +1,26 @@
+"""Damage to a file on disk, as tests inflict it: one bit flipped in place, or a bit rotting under
+the filesystem (the file's size and modification time kept, so its stamp does not change)."""
+
+from __future__ import annotations
+
+import os
+
+
+def flip_byte(file: str, offset: int, mask: int = 0x20) -> None:
+    """Flip the bits ``mask`` of the byte at ``offset`` of ``file`` in place (the same inode: every
+    hard link of it sees the damage). The default flips an ASCII letter's case."""
+    with open(file, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ mask]))
+
+
+def rot(file: str, offset: int | None = None) -> None:
+    """Damage under the filesystem, a bit rotting on the disk: a byte changes (at ``offset``, else in
+    the middle of the file), and the stamp (size, modification time) stays as it was."""
+    before = os.stat(file)
+    flip_byte(file, os.path.getsize(file) // 2 if offset is None else offset)
+    os.utime(file, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(file)
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
