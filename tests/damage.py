@@ -3,6 +3,7 @@ the filesystem (the file's size and modification time kept, so its stamp does no
 
 from __future__ import annotations
 
+import json
 import os
 
 
@@ -24,3 +25,12 @@ def rot(file: str, offset: int | None = None) -> None:
     os.utime(file, ns=(before.st_atime_ns, before.st_mtime_ns))
     after = os.stat(file)
     assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+
+
+def tensor_span(shard: str, name: str) -> tuple[int, int]:
+    """Where tensor ``name``'s bytes lie in the safetensors file ``shard``: (first byte, end), from
+    the file's start, as its header says (read here with the standard library, not the package)."""
+    with open(shard, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        start, end = json.loads(f.read(length))[name]["data_offsets"]
+    return 8 + length + start, 8 + length + end

@@ -19,7 +19,7 @@ from torchckpt._storage import local
 from torchckpt._storage.local import LocalSource, LocalStorage
 from torchckpt.errors import CorruptCheckpointError
 
-from .damage import flip_byte
+from .damage import flip_byte, tensor_span
 
 BATCH_BYTES = 4096
 
@@ -251,3 +251,54 @@ def test_tied_names_are_read_once(tmp_path, install, no_thread_left):
     torchckpt.Checkpoint(state=dest).read(path, progress=False).assert_consumed()
     assert torch.equal(dest_shared, shared) and torch.equal(dest["z"], state["z"])
     assert len(storage.threads()) > 1
+
+
+
+class _SmallPieces(_SmallBatchSource):
+    """Checked reads land ``checked_bytes`` at a time (``LocalSource``'s is 4 MiB); records each readv's size."""
+
+    checked_bytes = 1000  # smaller than the large tensors below, larger than the small ones together
+
+    def __init__(self, path: str, fd: int, readers: int) -> None:
+        super().__init__(path, fd, readers)
+        self.sizes: list[int] = []
+
+    def readv(self, views: list[memoryview], offset: int) -> None:
+        self.sizes.append(sum(len(v) for v in views))
+        super().readv(views, offset)
+
+
+class SmallPieces(SmallBatches):
+    def open(self, path: str, what: str) -> LocalSource:
+        source = super().open(path, what)
+        pieces = _SmallPieces(source.path, source.fd, self.readers)  # takes the descriptor over
+        self.sources[-1] = pieces
+        return pieces
+
+
+@pytest.mark.parametrize("readers", [1, 4], ids=["in-order", "four"])
+def test_a_checked_read_lands_and_hashes_a_piece_at_a_time(tmp_path, install, no_thread_left, readers):
+    """A tensor larger than ``checked_bytes`` is read in parts and hashed as one; small tensors next
+    to each other are read together; the values are exact, and a flipped byte in a large tensor's
+    last part is found and named."""
+    state = {f"w{i}": torch.randn(1000 + 37 * i) for i in range(8)}  # 4,000 to 5,036 bytes
+    state.update({f"b{i}": torch.randn(3) for i in range(40)})  # 12 bytes each, 480 together
+    state.update({f"t{i}": torch.randn(8000) for i in range(4)})  # t0 in the small ones' batch
+    path = torchckpt.Checkpoint(state=state).write(tmp_path / "c", progress=False)
+    storage = install(tmp_path, SmallPieces(readers))
+    dest = _zeros_like(state)
+    torchckpt.Checkpoint(state=dest).read(path, progress=False).assert_consumed()
+    assert all(torch.equal(dest[k].view(torch.int32), state[k].view(torch.int32)) for k in state)
+    expected = [480]
+    for size in [t.nbytes for k, t in state.items() if not k.startswith("b")]:
+        expected += [1000] * (size // 1000) + ([size % 1000] if size % 1000 else [])
+    (source,) = storage.sources
+    assert sorted(source.sizes) == sorted(expected)
+    assert len(storage.threads()) == readers  # 4: several batches read at once
+
+    shard = _shard(path)
+    name = "state/w5"
+    flip_byte(shard, tensor_span(shard, name)[1] - 3, 0x10)  # in its last part
+    with pytest.raises(CorruptCheckpointError, match="fails its checksum") as caught:
+        torchckpt.Checkpoint(state=_zeros_like(state)).read(path, progress=False)
+    assert repr(name) in str(caught.value) and caught.value.path == shard

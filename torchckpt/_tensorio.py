@@ -219,8 +219,10 @@ def read_into(source: Source, offset: int, dest: torch.Tensor, verify: bool) -> 
     """
     if _is_host_contiguous(dest):
         view = byte_view(dest)
+        if verify:
+            return _read_digesting(source, offset, [view])[0]
         source.readv([view], offset)
-        return xxhash.xxh3_64_intdigest(view) if verify else None
+        return None
     hasher = xxhash.xxh3_64() if verify else None
     with torch.no_grad():
         if dest.is_contiguous():
@@ -360,15 +362,55 @@ def _overlapping(spans: list[tuple[int, int]]) -> bool:
 def _read_batch(source: Source, offset: int, batch: list[tuple[memoryview, Any]],
                 verify: bool) -> tuple[Any, int] | None:
     """Read one batch; with ``verify``, the first ``(saved, digest read)`` that does not match, or None."""
-    intdigest = xxhash.xxh3_64_intdigest
-    source.readv([view for view, _ in batch], offset)
-    if verify and any(intdigest(view) != item.checksum for view, item in batch):
+    if not verify:
+        source.readv([view for view, _ in batch], offset)
+        return None
+    digests = _read_digesting(source, offset, [view for view, _ in batch])
+    if any(digest != item.checksum for digest, (_, item) in zip(digests, batch)):
+        intdigest = xxhash.xxh3_64_intdigest
         for view, item in batch:  # overlapping destinations, or corruption: one at a time
             source.readv([view], item.start)
             digest = intdigest(view)
             if digest != item.checksum:
                 return item, digest
     return None
+
+
+def _read_digesting(source: Source, offset: int, views: list[memoryview]) -> list[int]:
+    """Fill ``views`` from ``offset`` on, back to back, and return the xxh3-64 of each.
+
+    The bytes are hashed as they land, ``source.checked_bytes`` at a time, while they are still in
+    the CPU's cache: reading a whole 64 MiB batch first and hashing it after read it all from
+    memory again. From the page cache, 1 GiB in 5 MiB tensors took 0.078 s this way on two
+    threads, against 0.090 s batch by batch (the copy alone: 0.064 s); a cold read took as long.
+    """
+    piece = source.checked_bytes
+    intdigest = xxhash.xxh3_64_intdigest
+    digests: list[int] = []
+    waiting: list[memoryview] = []  # small views read together, in one call
+    waiting_bytes = 0
+    for view in views:
+        size = len(view)
+        if waiting and waiting_bytes + size > piece:
+            source.readv(waiting, offset)
+            offset += waiting_bytes
+            digests.extend(map(intdigest, waiting))
+            waiting, waiting_bytes = [], 0
+        if size <= piece:
+            waiting.append(view)
+            waiting_bytes += size
+            continue
+        hasher = xxhash.xxh3_64()
+        for start in range(0, size, piece):
+            part = view[start : start + piece]
+            source.readv([part], offset)
+            offset += len(part)
+            hasher.update(part)
+        digests.append(hasher.intdigest())
+    if waiting:
+        source.readv(waiting, offset)
+        digests.extend(map(intdigest, waiting))
+    return digests
 
 
 def _read_parallel(source: Source, batches: list[_Batch], verify: bool, on_bytes: Callable[[int], None],

@@ -39,6 +39,7 @@ class RemoteSource:
     """A file read with ranged requests, several at a time, into the caller's buffers."""
 
     batch_bytes = batch_views = 2**62  # one readv may span a whole shard: its requests are sized below
+    checked_bytes = 2**62  # and is hashed after: each readv is a round of requests
     readers = 1  # its own requests already run in parallel
 
     def __init__(self, fs: Any, path: str, size: int, storage: Vanishing | None = None, *,
