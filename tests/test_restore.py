@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import warnings
 
@@ -170,3 +171,65 @@ def test_missing_object_is_reported(tmp_path):
     assert sorted(status.report.missing_keys) == ["b", "n"]
     with pytest.raises(RestoreMismatchError, match="missing from the checkpoint \\(2\\): b, n"):
         status.assert_existing_objects_matched()
+
+
+def test_an_optimizer_of_many_parameters_gets_its_state_through_load_state_dict_with_set_lookups(tmp_path):
+    """torch's ``Optimizer.load_state_dict`` looks each state tensor's parameter up in its group's
+    ``params`` list (quadratic in the parameters): a restore hands it lists with set lookups, equal
+    to the saved ones, and the optimizer ends up with its own lists and the saved state, exactly."""
+    from torchckpt._load.optimizer import ParamIds
+
+    params = [torch.nn.Parameter(torch.randn(3)) for _ in range(300)]
+    opt = torch.optim.Adam([{"params": params[:100]}, {"params": params[100:], "lr": 0.1}])
+    for p in params:
+        p.grad = torch.randn(3)
+    opt.step()
+    path = torchckpt.Checkpoint(opt=opt).write(tmp_path / "c")
+
+    fresh = [torch.nn.Parameter(torch.zeros(3)) for _ in range(300)]
+    restored = torch.optim.Adam([{"params": fresh[:100]}, {"params": fresh[100:], "lr": 0.5}])
+    seen: list[list[int]] = []
+    restored.register_load_state_dict_pre_hook(
+        lambda _, state: seen.extend(g["params"] for g in state["param_groups"]))
+    torchckpt.Checkpoint(opt=restored).read(path).assert_consumed()
+    assert [type(ids) for ids in seen] == [ParamIds, ParamIds]
+    assert seen == [list(range(100)), list(range(100, 300))]
+    assert [g["params"] for g in restored.param_groups] == [fresh[:100], fresh[100:]]
+    assert all(type(g["params"]) is list for g in restored.param_groups)
+    assert restored.param_groups[1]["lr"] == 0.1
+    for old, new in zip(params, fresh):
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt.state[old][key], restored.state[new][key])
+
+
+@pytest.mark.parametrize("change", [
+    pytest.param(lambda ids: ids.append(7), id="append"),
+    pytest.param(lambda ids: ids.extend([7]), id="extend"),
+    pytest.param(lambda ids: ids.insert(0, 7), id="insert"),
+    pytest.param(lambda ids: ids.__setitem__(0, 7), id="setitem"),
+    pytest.param(lambda ids: ids.__setitem__(slice(0, 1), [7]), id="slice"),
+    pytest.param(lambda ids: ids.__iadd__([7]), id="iadd"),
+    pytest.param(lambda ids: (ids.remove(1), ids.append(7)), id="remove"),
+    pytest.param(lambda ids: (ids.pop(0), ids.append(7)), id="pop"),
+    pytest.param(lambda ids: (ids.__delitem__(0), ids.append(7)), id="delitem"),
+    pytest.param(lambda ids: (ids.clear(), ids.extend([7, 2, 3])), id="clear"),
+])
+def test_param_ids_answer_in_as_a_list_does_after_any_change(change):
+    from torchckpt._load.optimizer import ParamIds
+
+    ids = ParamIds([1, 2, 3])
+    assert 1 in ids and 7 not in ids  # the set is built here
+    expected = [1, 2, 3]
+    change(expected)
+    change(ids)
+    assert ids == expected
+    for item in range(10):
+        assert (item in ids) == (item in expected), item
+    assert [1] not in ids and type(copy.deepcopy(ids)) is list
+
+
+def test_param_ids_with_an_unhashable_element_scan_as_a_list():
+    from torchckpt._load.optimizer import ParamIds
+
+    ids = ParamIds([1, [2]])
+    assert [2] in ids and 1 in ids and 3 not in ids

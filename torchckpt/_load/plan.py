@@ -9,6 +9,7 @@ the planned tensors and runs the planned loads (``_load.execute``).
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +22,7 @@ from torchckpt._format import dtypes as format_dtypes
 from torchckpt._format import keypath
 from torchckpt._format.chunks import ChunkedInfo
 from torchckpt._format.dtypes import TensorInfo as SavedTensor  # where a saved tensor is: dtype, shape, checksum
-from torchckpt._load import hooked
+from torchckpt._load import hooked, optimizer
 from torchckpt._load.report import MismatchReport
 from torchckpt.errors import (
     UnsupportedStateError,
@@ -312,11 +313,20 @@ def plan_stateful(name: str, obj: Any, saved: Any, plan: Plan) -> None:
     plan.reads.extend(reads)
     absent = [k for k in current_leaves if k not in saved_leaves]
     if absent:  # missing unless a saved key lies below it (an empty container now, filled then)
-        above = {k[:i] for k in saved_leaves for i, c in enumerate(k) if c == keypath.SEP}
-        plan.report.missing_keys.extend(k for k in absent if k not in above)
+        ordered = sorted(saved_leaves)
+        plan.report.missing_keys.extend(k for k in absent if not _starts_one(k + keypath.SEP, ordered))
     plan.report.restored_keys.extend(_shared_key(k, v) if _is_saved(v) else k
                                      for k, v in saved_leaves.items())
+    if isinstance(obj, torch.optim.Optimizer):
+        new_state = optimizer.with_param_ids(new_state)
     plan.loads.append(lambda: obj.load_state_dict(new_state))
+
+
+def _starts_one(prefix: str, ordered: list[str]) -> bool:
+    """Whether one of the sorted strings ``ordered`` starts with ``prefix`` (those that do come
+    together, from where ``prefix`` would be inserted)."""
+    i = bisect.bisect_left(ordered, prefix)
+    return i < len(ordered) and ordered[i].startswith(prefix)
 
 
 def _structure_problem(obj: Any, current: Any, saved: Any) -> str | None:
