@@ -78,7 +78,8 @@ def test_quickstart_runs_and_matches(tmp_path):
 def test_public_names_are_curated():
     assert sorted(torchckpt.__all__) == sorted([
         "Checkpoint", "CheckpointError", "CheckpointManager", "checkpoints_iterator", "wait_for_new_checkpoint",
-        "CheckpointDeletedError", "CheckpointWriteError", "CheckpointState", "get_checkpoint_state",
+        "CheckpointDeletedError", "CheckpointReadError", "CheckpointWriteError", "CheckpointState",
+        "get_checkpoint_state",
         "CheckpointReader", "VariableNotFoundError", "list_variables", "load_checkpoint", "load_variable", "CheckpointNotFoundError", "CorruptCheckpointError",
         "MismatchReport", "PartialRestoreWarning", "RNGState", "RestoreMismatchError", "RestoreStatus",
         "UnsupportedStateError", "__version__", "latest_checkpoint", "PerRank", "RankTimeoutError",

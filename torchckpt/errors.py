@@ -9,6 +9,7 @@ exception a caller would naturally catch (``FileNotFoundError``, ``ValueError``,
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import Any
 
@@ -16,6 +17,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointDeletedError",
     "CheckpointNotFoundError",
+    "CheckpointReadError",
     "CheckpointWriteError",
     "CorruptCheckpointError",
     "UnsupportedStateError",
@@ -91,6 +93,28 @@ class CheckpointWriteError(CheckpointError, OSError):
 
     def __init__(self, message: str, path: str, error: OSError) -> None:
         OSError.__init__(self, error.errno, error.strerror or message, error.filename or path)
+        self.message = message
+        self.path = path
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class CheckpointReadError(CheckpointError, OSError):
+    """A checkpoint's file could not be opened or read for a reason that lies with this process or
+    machine, not with the checkpoint: too many open files, out of memory, no permission, a network
+    file system that timed out. The checkpoint is not taken for damaged (a manager's
+    ``restore_or_initialize`` raises this instead of falling back to an older checkpoint, and
+    records nothing): remove the cause and restore again.
+
+    It is an ``OSError`` too, with ``errno`` and ``filename`` (the file the system refused).
+
+    Attributes:
+        path: that file.
+    """
+
+    def __init__(self, message: str, path: str | None, code: int | None = None) -> None:
+        OSError.__init__(self, code, message, path)
         self.message = message
         self.path = path
 
@@ -235,9 +259,39 @@ def shard_missing(path: str, index_file: str | None = None) -> str:
     return f"Shard {path}{listed} is missing."
 
 
-def shard_unreadable(path: str, error: OSError, action: str = "read") -> str:
-    """The system refused to ``action`` (open, read) a shard."""
-    return f"Cannot {action} shard {path}: {error.strerror or error}."
+def unreadable(path: str, error: OSError, action: str = "read",
+               what: str = "shard") -> CorruptCheckpointError | CheckpointReadError:
+    """The error for a file of a checkpoint (``what``) the system would not ``action`` (open, read):
+    a :class:`CheckpointReadError` when the cause lies with this process or machine (out of file
+    descriptors or memory, no permission, a network that failed), which says nothing about the
+    checkpoint; else a :class:`CorruptCheckpointError` (an I/O error of the disk: this copy cannot
+    be read, and a resume falls back to the checkpoint before it)."""
+    reason = error.strerror or str(error) or type(error).__name__
+    message = f"Cannot {action} {what} {path}: {reason}."
+    if not _is_local_cause(error):
+        return CorruptCheckpointError(message, path)
+    hint = _HINTS.get(error.errno or 0, "")
+    if not hint and isinstance(error, PermissionError):
+        hint = _HINTS[errno.EACCES]
+    return CheckpointReadError(f"{message} {hint}The checkpoint is not taken for damaged: remove the cause and "
+                               "restore again.", path, error.errno)
+
+
+def _is_local_cause(error: OSError) -> bool:
+    return error.errno in _LOCAL_CAUSES or isinstance(
+        error, (PermissionError, TimeoutError, ConnectionError, InterruptedError, BlockingIOError))
+
+
+_LOCAL_CAUSES = frozenset(getattr(errno, name) for name in (
+    "EMFILE", "ENFILE", "ENOMEM", "ENOBUFS", "EACCES", "EPERM", "EAGAIN", "EINTR", "ETIMEDOUT", "ENOLCK",
+    "ECONNRESET", "ECONNREFUSED", "ECONNABORTED", "ENETDOWN", "ENETUNREACH", "EHOSTUNREACH", "ENOTCONN",
+) if hasattr(errno, name))
+_HINTS = {
+    errno.EMFILE: "A restore holds every shard of a checkpoint open at once, and this process may not open "
+                  "that many files: raise its limit (`ulimit -n`, or its hard limit). ",
+    errno.ENFILE: "The system's table of open files is full: close files elsewhere, or raise fs.file-max. ",
+    errno.EACCES: "This process may not read it: check the file's permissions and owner. ",
+}
 
 
 PARTLY_RESTORED = " Objects may be partly restored; restore another checkpoint, and run `torchckpt verify` on this one."

@@ -26,6 +26,7 @@ from torchckpt.errors import (
     CheckpointDeletedError,
     CheckpointError,
     CheckpointNotFoundError,
+    CheckpointReadError,
     CorruptCheckpointError,
     RankTimeoutError,
     RenameConflictError,
@@ -387,8 +388,9 @@ def collective_error(failures: dict[int, dict[str, Any]], what: str, note: str |
     return error
 
 
-_BY_PATH: dict[str, type[CorruptCheckpointError] | type[CheckpointNotFoundError]] = {
+_BY_PATH: dict[str, type[CorruptCheckpointError] | type[CheckpointNotFoundError] | type[CheckpointReadError]] = {
     "CorruptCheckpointError": CorruptCheckpointError,
+    "CheckpointReadError": CheckpointReadError,
     "CheckpointNotFoundError": CheckpointNotFoundError,
     "CheckpointDeletedError": CheckpointDeletedError,
 }

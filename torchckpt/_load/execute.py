@@ -30,7 +30,7 @@ from torchckpt.errors import (
     CheckpointError,
     CorruptCheckpointError,
     checksum_mismatch,
-    shard_unreadable,
+    unreadable,
 )
 
 
@@ -160,7 +160,7 @@ def _reading(shards: OpenShards, file: str) -> Iterator[None]:
     except FileNotFoundError:  # an object store has no pin on open files: deleted meanwhile
         raise missing_member(shards.directory, path, shards.storage) from None
     except OSError as e:
-        raise CorruptCheckpointError(shard_unreadable(path, e), path) from e
+        raise unreadable(path, e) from e
 
 
 def _check_read(shards: OpenShards, file: str, bad: tuple[Any, int] | format_blocks.Mismatch | None) -> None:

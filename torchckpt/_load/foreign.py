@@ -18,7 +18,7 @@ from torchckpt._load import opened as load_opened
 from torchckpt._paths import join, name_of, parent_of
 from torchckpt._storage.base import Storage
 from torchckpt._threads import gc_paused
-from torchckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, shard_missing, shard_unreadable
+from torchckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, shard_missing, unreadable
 
 HF_INDEX_SUFFIX = ".safetensors.index.json"
 
@@ -65,7 +65,7 @@ def headers(storage: Storage, file: str) -> list[TensorInfo]:
     except FileNotFoundError:
         raise CorruptCheckpointError(shard_missing(file), file) from None
     except OSError as e:
-        raise CorruptCheckpointError(shard_unreadable(file, e), file) from e
+        raise unreadable(file, e) from e
     try:
         infos, _, _ = load_opened.read_header(source, file)  # plain files are addressed by full path
     finally:
@@ -89,7 +89,7 @@ def hf_shards(path: str, storage: Storage) -> tuple[list[str], set[str]]:
     try:
         data = storage.read_file(path, format_spec.MAX_INDEX_SIZE, "Index")
     except OSError as e:
-        raise CorruptCheckpointError(f"Cannot read the Hugging Face index {path}: {e.strerror or e}", path) from e
+        raise unreadable(path, e, what="the Hugging Face index") from e
     with gc_paused():
         raw = format_document.parse_json(data, path, "Hugging Face index")
     weight_map = raw.get("weight_map") if isinstance(raw, dict) else None

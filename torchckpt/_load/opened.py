@@ -40,7 +40,7 @@ from torchckpt.errors import (
     format_keys,
     shard_missing,
     shard_size_mismatch,
-    shard_unreadable,
+    unreadable,
 )
 
 
@@ -76,7 +76,9 @@ def _read_index(directory: str, storage: Storage) -> bytes:
     except NotADirectoryError:
         raise CheckpointNotFoundError(f"No checkpoint at {directory}: it is not a directory.", directory) from None
     except OSError as e:
-        raise CorruptCheckpointError(f"Cannot read {path}: {e.strerror or e}.", directory) from e
+        error = unreadable(path, e, what="the index")
+        error.path = directory if isinstance(error, CorruptCheckpointError) else path
+        raise error from e
 
 
 class OpenShards:
@@ -107,7 +109,7 @@ class OpenShards:
                 except FileNotFoundError:
                     raise missing_member(index.directory, path, self.storage) from None
                 except OSError as e:
-                    raise CorruptCheckpointError(shard_unreadable(path, e, "open"), path) from e
+                    raise unreadable(path, e, "open") from e
         except BaseException:
             self.close()
             raise
@@ -209,7 +211,7 @@ def read_header(source: Source, file_name: str) -> tuple[list[TensorInfo], dict[
         n = format_header.header_length(source.read(0, format_header.PREFIX_BYTES), path, size)
         raw = source.read(format_header.PREFIX_BYTES, n)
     except OSError as e:
-        raise CorruptCheckpointError(shard_unreadable(path, e), path) from e
+        raise unreadable(path, e) from e
     if len(raw) < n:
         raise CorruptCheckpointError(f"{path} is truncated: it ended inside its header.", path)
     return (*format_header.parse_header(raw, path, file_name, size), size)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
 
 from torchckpt._storage.base import REGULAR_FILE, LinkTarget, oversize_file
 from torchckpt.errors import CorruptCheckpointError
@@ -92,11 +93,51 @@ def open_regular(path: str, what: str = "File") -> int:
     return _open_checked(path, os.O_RDONLY, what, "read")
 
 
+def _os_open(path: str, flags: int) -> int:
+    """``os.open``, tried again each time the process's limit on open files could be raised."""
+    while True:
+        try:
+            return os.open(path, flags, 0o644)
+        except OSError as e:
+            if e.errno != errno.EMFILE or not allow_more_open_files():
+                raise
+
+
+_limit_lock = threading.Lock()
+
+
+def allow_more_open_files() -> bool:
+    """Raise this process's soft limit on open files toward its hard limit (double it, by 1,024
+    at least); False when it is at the hard limit already, or cannot be changed here.
+
+    A restore holds every shard of a checkpoint open at once (``_load.opened.OpenShards``), and a
+    checkpoint saved by 1,024 ranks has 1,024 shards or more: the usual soft limit of 1,024 would
+    refuse it. A soft limit is there for a program that needs more to raise it, up to the hard
+    limit it was given, as Go's runtime and the JVM do when they start; this raises it only once a
+    file would not open, and never lowers it.
+    """
+    try:
+        import resource
+    except ImportError:  # no such limits on this platform
+        return False
+    with _limit_lock:
+        try:
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            if soft == resource.RLIM_INFINITY or hard != resource.RLIM_INFINITY and soft >= hard:
+                return False
+            wanted = max(2 * soft, soft + 1024)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted if hard == resource.RLIM_INFINITY else min(wanted, hard),
+                                                        hard))
+        except (OSError, ValueError):
+            return False
+    return True
+
+
 def _open_checked(path: str, flags: int, what: str, use: str) -> int:
     """``os.open`` without following a link or blocking on a FIFO, then refuse anything but a
     regular file; the descriptor is blocking again when returned."""
     try:
-        fd = os.open(path, flags | NOFOLLOW | _NONBLOCK | CLOEXEC, 0o644)
+        fd = _os_open(path, flags | NOFOLLOW | _NONBLOCK | CLOEXEC)
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise _link_error(path, what) from None

@@ -1,0 +1,101 @@
+"""Checkpoints of more shards than a process may hold open at once (one saved by 1,024 ranks has a
+shard per rank or more): a restore holds every shard open, so it raises the process's soft limit
+on open files toward its hard limit; where the hard limit is too low, the restore raises a
+``CheckpointReadError``, which says nothing about the checkpoint, and a resume does not fall back
+past it."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import torchckpt
+
+resource = pytest.importorskip("resource")
+
+JOBS = os.path.join(os.path.dirname(__file__), "jobs")
+
+
+@pytest.fixture
+def soft_limit():
+    """``set(n)`` lowers the soft limit on open files to ``n`` (the hard limit stays); the original
+    limits are put back after the test."""
+    before = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if before[1] != resource.RLIM_INFINITY and before[1] < 2048:
+        pytest.skip(f"the hard limit on open files is {before[1]}: too low to raise a soft limit past 1,024")
+    yield lambda n: resource.setrlimit(resource.RLIMIT_NOFILE, (n, before[1]))
+    resource.setrlimit(resource.RLIMIT_NOFILE, before)
+
+
+def _many_shards(count: int) -> dict[str, torch.Tensor]:
+    return {f"t{i}": torch.full((1024,), float(i)) for i in range(count)}  # 4 KiB each: a shard each below
+
+
+def test_a_checkpoint_of_more_shards_than_the_soft_limit_restores_bit_exact(tmp_path, soft_limit):
+    state = _many_shards(600)
+    path = torchckpt.Checkpoint(state=state).write(tmp_path / "c", max_shard_size=4096, progress=False)
+    assert len([n for n in os.listdir(path) if n.endswith(".safetensors")]) == 600
+    soft_limit(256)
+    dest = {k: torch.zeros_like(v) for k, v in state.items()}
+    torchckpt.Checkpoint(state=dest).read(path, progress=False).assert_consumed()
+    assert all(torch.equal(dest[k], state[k]) for k in state)
+    assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= 600  # raised, toward the hard limit
+    reader = torchckpt.load_checkpoint(path)
+    assert torch.equal(reader.get_tensor("state/t599"), state["t599"])
+
+
+def test_within_the_limit_the_soft_limit_is_left_alone(tmp_path, soft_limit):
+    state = _many_shards(20)
+    path = torchckpt.Checkpoint(state=state).write(tmp_path / "c", max_shard_size=4096, progress=False)
+    soft_limit(256)
+    torchckpt.Checkpoint(state={k: torch.zeros_like(v) for k, v in state.items()}).read(path).assert_consumed()
+    assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == 256
+
+
+def test_past_the_hard_limit_a_resume_raises_a_read_error_and_falls_back_to_nothing(tmp_path):
+    """Every checkpoint of the run needs more files open than the process may: before, each was
+    taken for damaged (a CorruptCheckpointError), the resume fell back from one to the next, and
+    the state file recorded them all damaged."""
+    state = {f"t{i}": torch.full((256,), float(i)) for i in range(200)}
+    manager = torchckpt.CheckpointManager(torchckpt.Checkpoint(state=state), tmp_path / "run", max_to_keep=3,
+                                          max_shard_size=1024)
+    manager.save()
+    manager.save()
+    manager.close()
+    out = subprocess.run([sys.executable, os.path.join(JOBS, "open_file_limit.py"), str(tmp_path / "run"), "64"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    raised = found["raised"]
+    assert raised["type"] == "CheckpointReadError" and raised["errno"] == errno.EMFILE and raised["is_oserror"]
+    assert "Too many open files" in raised["message"] and "ulimit -n" in raised["message"]
+    assert "not taken for damaged" in raised["message"]
+    assert raised["path"].startswith(str(tmp_path / "run" / "ckpt-2")) and raised["path"].endswith(".safetensors")
+    assert found["warnings"] == [] and not found["initialized"] and found["damaged"] == {}
+
+
+@pytest.mark.parametrize(("code", "kind"), [
+    (errno.EMFILE, torchckpt.CheckpointReadError),
+    (errno.EACCES, torchckpt.CheckpointReadError),
+    (errno.ENOMEM, torchckpt.CheckpointReadError),
+    (errno.ETIMEDOUT, torchckpt.CheckpointReadError),
+    (errno.EIO, torchckpt.CorruptCheckpointError),
+], ids=["emfile", "eacces", "enomem", "etimedout", "eio"])
+def test_an_error_of_the_process_is_a_read_error_and_one_of_the_disk_is_damage(tmp_path, disk, code, kind):
+    """A shard the system will not read: out of a resource, no permission or a network that failed
+    is the process's or the machine's (CheckpointReadError, an OSError with the errno); an I/O
+    error of the disk is this copy's damage (CorruptCheckpointError)."""
+    state = {"w": torch.randn(64)}
+    path = torchckpt.Checkpoint(state=state).write(tmp_path / "c", progress=False)
+    disk.fail("open", OSError(code, os.strerror(code)))
+    with pytest.raises(kind, match=os.strerror(code)) as caught:
+        torchckpt.Checkpoint(state={"w": torch.zeros(64)}).read(path, progress=False)
+    assert caught.value.path.endswith(".safetensors")
+    if kind is torchckpt.CheckpointReadError:
+        assert caught.value.errno == code and "not taken for damaged" in str(caught.value)
