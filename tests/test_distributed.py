@@ -52,6 +52,15 @@ def test_fsdp2_on_4_ranks_every_rank_writes_its_own_shards(world4):
             assert set(f.keys()) == {n for n, where in index["weight_map"].items() if where == file}
 
 
+def test_a_rank_of_a_collective_restore_opens_only_the_shards_it_reads(world2):
+    """Before, every rank opened every rank's shard (a job of N ranks opened N times the files it
+    read); now each opens its shards as it checks their headers, at the end of its planning."""
+    found = ok(world2, "opens_its_own_shards", 2)
+    assert all(r["equal"] and r["shards"] == 2 for r in found)
+    assert [r["opened"] for r in found] == [r["own"] for r in found]
+    assert all(len(r["own"]) == 1 for r in found) and found[0]["own"] != found[1]["own"]
+
+
 def test_fsdp2_restores_on_the_same_4_ranks_and_resumes_bit_for_bit(world4):
     found = ok(world4, "restore_from_4", 4)
     assert all(r["differences"] == [] and r["resume_differences"] == [] for r in found)

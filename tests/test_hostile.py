@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -362,15 +363,24 @@ def test_a_header_that_disagrees_with_the_index_fails_its_deferred_check_and_onl
         load_opened.read_shard_headers(index, shards)  # a single process checks every header at once
 
 
-def test_a_header_length_that_does_not_add_up_is_refused_at_once_even_deferred(tmp_path):
+def test_a_header_length_that_does_not_add_up_is_refused_before_the_shard_is_read_even_deferred(tmp_path):
+    """A rank of a collective restore places tensors from the table without opening the shard; the
+    check of its header, which comes before any read of it, refuses the file."""
     path, files = _two_shards(tmp_path)
     shard = Path(path, files[1])
     raw = shard.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
     shard.write_bytes(struct.pack("<Q", n - 8) + raw[8:])  # the table's offsets no longer end at the file's end
     index = load_opened.load_index(path, LOCAL)
-    with load_opened.OpenShards(index, LOCAL) as shards, pytest.raises(torchckpt.CorruptCheckpointError):
+    with load_opened.OpenShards(index, LOCAL, lazy=True) as shards:
         load_opened.read_shard_headers(index, shards, deferred=True)
+        assert files[1] not in shards.sources  # not opened yet
+        shards.check([files[0]])
+        with pytest.raises(torchckpt.CorruptCheckpointError) as caught:
+            shards.check([files[1]])
+        assert caught.value.path == str(shard)
+        with pytest.raises(torchckpt.CorruptCheckpointError):  # and again at a later check
+            shards.check([files[1]])
 
 
 class _Deleted:
@@ -383,15 +393,30 @@ class _Deleted:
         raise torchckpt.CheckpointDeletedError("deleted while it was being read", self.path)
 
 
-def test_a_checkpoint_deleted_while_its_header_lengths_are_read_is_reported_as_deleted(tmp_path):
+def test_a_checkpoint_deleted_while_its_headers_are_checked_is_reported_as_deleted(tmp_path):
     path, files = _two_shards(tmp_path)
     index = load_opened.load_index(path, LOCAL)
-    with load_opened.OpenShards(index, LOCAL) as shards:
+    with load_opened.OpenShards(index, LOCAL, lazy=True) as shards:
+        load_opened.read_shard_headers(index, shards, deferred=True)
         real = shards.sources[files[1]]
         shards.sources[files[1]] = _Deleted(real)
         with pytest.raises(torchckpt.CheckpointDeletedError):
-            load_opened.read_shard_headers(index, shards, deferred=True)
+            shards.check([files[1]])
         shards.sources[files[1]] = real  # closed on exit
+
+
+def test_a_lazy_shard_deleted_before_it_is_opened_is_reported_as_deleted(tmp_path):
+    """The index read, a rank plans from it; retention deletes the checkpoint before the rank opens
+    the shards it reads: CheckpointDeletedError, as for a deletion before any shard was open."""
+    path, files = _two_shards(tmp_path)
+    index = load_opened.load_index(path, LOCAL)
+    with load_opened.OpenShards(index, LOCAL, lazy=True) as shards:
+        load_opened.read_shard_headers(index, shards, deferred=True)
+        shutil.rmtree(path)
+        with pytest.raises(torchckpt.CheckpointDeletedError):
+            shards.check([files[1]])
+        with pytest.raises(KeyError):
+            shards.sources["not-a-shard.safetensors"]  # only the checkpoint's own shards are ever opened
 
 
 # -- B17: the fuzzer -------------------------------------------------------------------------

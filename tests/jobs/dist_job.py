@@ -920,13 +920,36 @@ def damaged_then_saved(d: Path, rank: int, world: int) -> dict:
     return out
 
 
+def opens_its_own_shards(d: Path, rank: int, world: int) -> dict:
+    """FSDP2 parameters alone, saved and restored by the same ranks: which shards each rank opens
+    (it reads only its own part)."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    for layer in model:
+        fully_shard(layer)
+    fully_shard(model)
+    path = torchckpt.Checkpoint(model=model).write(str(d / "own-shards"), timeout_secs=TIMEOUT)
+    disk = install(d / "own-shards", LocalDouble())
+    opened: list[str] = []
+    disk.before("open", lambda file, what: opened.append(os.path.basename(file)))
+    fresh = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    for layer in fresh:
+        fully_shard(layer)
+    fully_shard(fresh)
+    torchckpt.Checkpoint(model=fresh).read(path, timeout_secs=TIMEOUT).assert_consumed()
+    shards = json.loads((Path(path) / "index.json").read_text())["torchckpt"]["shards"]
+    return {"opened": sorted(opened), "own": sorted(s["file"] for s in shards if s["rank"] == rank),
+            "shards": len(shards),
+            "equal": all(torch.equal(full(a), full(b)) for a, b in zip(model.state_dict().values(),
+                                                                      fresh.state_dict().values()))}
+
+
 SCENARIOS = {f.__name__: f for f in (save_fsdp_4, save_fsdp_2, restore_from_4, restore_from_2, plain_into_fsdp,
                                       differing_value, ddp, tp_mesh, restore_tp, write_fails_on_one_rank,
                                       killed_mid_save, s3_fsdp, manager_2, manager_resume, second_job,
                                       async_loops, async_failure, killed_async, manager_s3, tools_save,
                                       one_rank_fails_capture, mismatched_calls, restore_failures,
                                       damaged_on_one_rank, calls_stay_paired, incremental_fsdp,
-                                      damaged_then_saved)}
+                                      damaged_then_saved, opens_its_own_shards)}
 SCENARIOS.update(flips.SCENARIOS)
 SCENARIOS.update(renames.SCENARIOS)
 SCENARIOS.update(read_once.SCENARIOS)

@@ -1,7 +1,8 @@
 """Opening a committed checkpoint for reading: ``index.json``, the shards, their headers, the tree.
 
 :func:`load_index` reads and checks ``index.json`` only (what the lazy inspector needs);
-:class:`OpenShards` opens every shard before any is read; :func:`read_shard_headers` then
+:class:`OpenShards` opens every shard before any is read (one of many ranks: each one it reads,
+before reading it); :func:`read_shard_headers` then
 validates every shard header against the index (what a restore needs before it touches any
 object), or, for a restore by one of many ranks, only the headers of the shards it reads, before
 it reads them (:meth:`OpenShards.check`); :func:`state_tree` rebuilds the non-tensor state with
@@ -28,7 +29,7 @@ from torchckpt._format import index as format_index
 from torchckpt._format import tree as format_tree
 from torchckpt._format.dtypes import TensorInfo
 from torchckpt._format.index import Index
-from torchckpt._format.spec import INDEX_FILE, MAX_INDEX_SIZE, SHARDED_FORMAT_VERSION, TORCHCKPT_KEY
+from torchckpt._format.spec import HEADER_ALIGNMENT, INDEX_FILE, MAX_INDEX_SIZE, SHARDED_FORMAT_VERSION, TORCHCKPT_KEY
 from torchckpt._paths import join
 from torchckpt._storage import trusted as storage_trusted
 from torchckpt._storage.base import Source, Storage
@@ -82,37 +83,48 @@ def _read_index(directory: str, storage: Storage) -> bytes:
 
 
 class OpenShards:
-    """Every shard of a checkpoint, all opened before any is read.
+    """The shards of a checkpoint, each opened before any byte of it is read: every one at once, or
+    (``lazy``, a rank of a collective restore) each when first asked for.
 
     On a local filesystem, holding the descriptors pins the checkpoint's bytes: a manager's
     retention may delete the directory meanwhile (a validation process reading while training
-    saves), and the reads still see every byte they planned on. Only a deletion before the shards
-    are open is noticed, as :class:`CheckpointDeletedError`. An object store has no such pin: a
+    saves), and the reads still see every byte they planned on. Only a deletion before a shard is
+    open is noticed, as :class:`CheckpointDeletedError`. An object store has no such pin: a
     shard deleted during the read is a :class:`CheckpointDeletedError` when it is read.
+
+    Why ``lazy`` for one of many ranks: such a rank reads a few of the job's shards, and it opens
+    them when it checks their headers, at the end of its planning, before any rank reads. Opening
+    every shard on every rank made a job of N ranks open N times as many files as it reads: a
+    million opens on a shared file system for a checkpoint of 1,024 ranks restored by 1,024.
 
     A shard found damaged while they are open (a :class:`CorruptCheckpointError` naming it leaves
     the block) is no longer trusted by its stamp (:func:`distrust_damaged`).
     """
 
-    def __init__(self, index: Index, storage: Storage) -> None:
+    def __init__(self, index: Index, storage: Storage, lazy: bool = False) -> None:
         self.directory = index.directory
         self.storage = storage
         self.blocks = index.blocks  # format 3's block checksums, for reads of part of a tensor
-        self.sources: dict[str, Source] = {}
         self.unchecked: dict[str, Callable[[], None]] = {}  # file -> the check of its header, not yet made
         self.files = [shard["file"] for shard in index.shards]
+        self.sources = _Sources(self._open, self.files)
+        if lazy:
+            return
         try:
-            for shard in index.shards:
-                path = join(index.directory, shard["file"])
-                try:
-                    self.sources[shard["file"]] = self.storage.open(path, "Shard")
-                except FileNotFoundError:
-                    raise missing_member(index.directory, path, self.storage) from None
-                except OSError as e:
-                    raise unreadable(path, e, "open") from e
+            for file in self.files:
+                self.sources[file]
         except BaseException:
             self.close()
             raise
+
+    def _open(self, file: str) -> Source:
+        path = join(self.directory, file)
+        try:
+            return self.storage.open(path, "Shard")
+        except FileNotFoundError:
+            raise missing_member(self.directory, path, self.storage) from None
+        except OSError as e:
+            raise unreadable(path, e, "open") from e
 
     def path(self, file: str) -> str:
         return join(self.directory, file)
@@ -131,8 +143,9 @@ class OpenShards:
                 del self.unchecked[file]
 
     def close(self) -> None:
-        sources, self.sources = self.sources, {}
-        for source in sources.values():
+        sources = list(self.sources.values())
+        self.sources.clear()
+        for source in sources:
             source.close()
 
     def __enter__(self) -> OpenShards:
@@ -144,6 +157,25 @@ class OpenShards:
                 distrust_damaged(self.storage, error, {self.path(f) for f in self.files})
         finally:
             self.close()
+
+
+class _Sources(dict[str, Source]):
+    """The shards opened so far, by file name; a shard of the checkpoint that is not open yet is
+    opened when asked for (``[]`` and ``get``), and a name that is no shard of it is a KeyError."""
+
+    def __init__(self, open_one: Callable[[str], Source], files: list[str]) -> None:
+        super().__init__()
+        self._open = open_one
+        self._files = frozenset(files)
+
+    def __missing__(self, file: str) -> Source:
+        if file not in self._files:
+            raise KeyError(file)
+        source = self[file] = self._open(file)
+        return source
+
+    def get(self, file: str, default: Any = None) -> Any:
+        return self[file] if file in self._files else default
 
 
 def distrust_damaged(storage: Storage, error: BaseException | None, paths: set[str] | None = None) -> None:
@@ -243,20 +275,21 @@ def read_shard_headers(index: Index, shards: OpenShards, trust_header_checksums:
         raise format_index.corrupt_index(index.directory, f"the tensor table's checksums are malformed ({e})") from None
     for shard in index.shards:
         file, count = shard["file"], shard["tensors"]
-        path, source = shards.path(file), shards.sources[file]
+        path = shards.path(file)
         damaged = functools.partial(forget_stamp, shards.storage, path)
         found = None
         if deferred:
-            found = _table_infos(index, shard, position, checksums, source)
+            found = _recorded_infos(index, shard, position, checksums)
             if found is not None:  # the check keeps this shard's columns only, not the index
                 end = position + count
                 columns = _Columns(index.names[position:end], index.dtypes[position:end], index.shapes[position:end])
                 shards.unchecked[file] = functools.partial(_check_deferred, columns, shard, checksums[position:end],
-                                                           source, path, found, trust_header_checksums, damaged)
+                                                           shards.sources, file, path, found, trust_header_checksums,
+                                                           damaged)
         elif trust_header_checksums:
-            found = _exact_header(index, shard, position, checksums, source, damaged)
+            found = _exact_header(index, shard, position, checksums, shards.sources[file], damaged)
         if found is None:
-            found = _parsed_header(index, shard, position, checksums, source, path)
+            found = _parsed_header(index, shard, position, checksums, shards.sources[file], path)
         infos.update(zip(index.names[position : position + count], found))
         position += count
     for alias, target in index.aliases.items():
@@ -334,24 +367,17 @@ def _exact_header(index: Index | _Columns, shard: dict[str, Any], position: int,
     return _placed(shard, position, checksums, len(expected), (names, dts, shapes, sizes))
 
 
-def _table_infos(index: Index, shard: dict[str, Any], position: int, checksums: tuple[int, ...],
-                 source: Source) -> list[TensorInfo] | None:
-    """The shard's tensors as the table places them after a header of the length the file's first
-    8 bytes give, when that accounts for the file's size exactly; else None (it is checked now)."""
-    if source.size != shard["size"] or source.size < format_header.PREFIX_BYTES:
-        return None
-    try:
-        length = format_header.header_length(source.read(0, format_header.PREFIX_BYTES), source.path, source.size)
-    except CorruptCheckpointError:
-        return None  # checked now, for the full message
-    except CheckpointError:  # deleted meanwhile (an object store): as it is
-        raise
-    except OSError:
-        return None
+def _recorded_infos(index: Index, shard: dict[str, Any], position: int,
+                    checksums: tuple[int, ...]) -> list[TensorInfo] | None:
+    """The shard's tensors as the table places them, back to back up to the end of a file of the
+    size the shard's record gives, without opening it; None when that size leaves no room for a
+    header of the form safetensors writes (it is opened and checked now, for the full message).
+    The header's check, before the shard is read, finds a file that differs (``_check_deferred``)."""
     columns = _columns(index, position, shard["tensors"])
-    if format_header.PREFIX_BYTES + length + sum(columns[3]) != source.size:
+    data_start = shard["size"] - sum(columns[3])
+    if data_start < format_header.PREFIX_BYTES + 2 or data_start % HEADER_ALIGNMENT:
         return None
-    return _placed(shard, position, checksums, format_header.PREFIX_BYTES + length, columns)
+    return _placed(shard, position, checksums, data_start, columns)
 
 
 def _columns(index: Index | _Columns, position: int, count: int) -> tuple[list[str], list[str], list[Any], list[int]]:
@@ -381,11 +407,13 @@ class _Columns(NamedTuple):
     shapes: list[str]
 
 
-def _check_deferred(columns: _Columns, shard: dict[str, Any], checksums: tuple[int, ...], source: Source,
-                    path: str, assumed: list[TensorInfo], trust_header_checksums: bool,
+def _check_deferred(columns: _Columns, shard: dict[str, Any], checksums: tuple[int, ...], sources: _Sources,
+                    file: str, path: str, assumed: list[TensorInfo], trust_header_checksums: bool,
                     damaged: Callable[[], None]) -> None:
-    """The deferred check of a shard whose locations :func:`_table_infos` took from the table: its
-    header validated as :func:`read_shard_headers` validates it, placing every tensor there."""
+    """The deferred check of a shard whose locations :func:`_recorded_infos` took from the table
+    (the shard opened now, if it is not yet): its header validated as :func:`read_shard_headers`
+    validates it, placing every tensor there."""
+    source = sources[file]
     found = _exact_header(columns, shard, 0, checksums, source, damaged) if trust_header_checksums else None
     if found is None:
         found = _parsed_header(columns, shard, 0, checksums, source, path)

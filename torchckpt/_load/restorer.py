@@ -2,7 +2,8 @@
 
 1. resolve: the checkpoint to read (a directory of checkpoints names its latest; on several
    ranks rank 0 decides, once, for everyone);
-2. open: the index, and every shard at once, so that a deletion from then on cannot touch the read;
+2. open: the index, and every shard at once, so that a deletion from then on cannot touch the read
+   (one of many ranks opens each shard it reads as it checks its header, at the end of planning);
 3. plan: rename the saved state tree's keys into the objects' (``rename``, when asked), then
    match the tracked objects to it (``match``); the tree is dropped before any tensor is read,
    and only the plan stays in memory;
@@ -87,8 +88,10 @@ def _restore_from(target: Target, storage: Storage, directory: str, plan: Plan, 
 
         def open_and_plan() -> None:
             index = opened.load_index(directory, storage)
-            # opened together: a deletion from here on cannot touch the read
-            opened_shards.append(stack.enter_context(opened.OpenShards(index, storage)))
+            # opened together (one of many ranks: each shard it reads, as it checks its header at
+            # the end of planning): a deletion from then on cannot touch the read
+            solo = isinstance(coord, dist_coordinator.Solo)
+            opened_shards.append(stack.enter_context(opened.OpenShards(index, storage, lazy=not solo)))
             # One of many ranks checks only the headers of the shards it reads (plan_and_describe).
             _plan(target, index, opened_shards[0], plan, deferred=not isinstance(coord, dist_coordinator.Solo))
             # the index is dropped: only the plan stays in memory
