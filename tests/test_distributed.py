@@ -61,6 +61,22 @@ def test_a_rank_of_a_collective_restore_opens_only_the_shards_it_reads(world2):
     assert all(len(r["own"]) == 1 for r in found) and found[0]["own"] != found[1]["own"]
 
 
+def test_a_process_error_at_a_lazy_open_is_a_read_error_on_every_rank_with_its_errno(world2):
+    """The shard a rank opens at its header check fails for a reason of the process: every rank
+    raises CheckpointReadError (not damage), said once, with the errno of the failing rank's error."""
+    import errno
+
+    found = ok(world2, "opens_its_own_shards", 2)
+    for failing, code in ((1, None), (0, errno.EMFILE)):
+        for result in found:
+            error = result[f"failing{failing}"]
+            assert error["type"] == "CheckpointReadError", error
+            assert f"failed on rank {failing}" in error["message"]
+            assert error["message"].count("Cannot open shard") == 1 and error["message"].count("treated as damaged") == 1
+            assert error["errno"] == code
+    assert "Access Denied" in found[0]["failing1"]["message"] and "ulimit -n" in found[1]["failing0"]["message"]
+
+
 def test_fsdp2_restores_on_the_same_4_ranks_and_resumes_bit_for_bit(world4):
     found = ok(world4, "restore_from_4", 4)
     assert all(r["differences"] == [] and r["resume_differences"] == [] for r in found)

@@ -417,6 +417,8 @@ def test_a_lazy_shard_deleted_before_it_is_opened_is_reported_as_deleted(tmp_pat
             shards.check([files[1]])
         with pytest.raises(KeyError):
             shards.sources["not-a-shard.safetensors"]  # only the checkpoint's own shards are ever opened
+    with pytest.raises(RuntimeError, match="after the checkpoint's shards were closed"):
+        shards.sources[files[0]]  # nothing is opened once they are closed
 
 
 # -- B17: the fuzzer -------------------------------------------------------------------------

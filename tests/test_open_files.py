@@ -60,7 +60,7 @@ def test_within_the_limit_the_soft_limit_is_left_alone(tmp_path, soft_limit):
 
 def test_past_the_hard_limit_a_resume_raises_a_read_error_and_falls_back_to_nothing(tmp_path):
     """Every checkpoint of the run needs more files open than the process may: before, each was
-    taken for damaged (a CorruptCheckpointError), the resume fell back from one to the next, and
+    treated as damaged (a CorruptCheckpointError), the resume fell back from one to the next, and
     the state file recorded them all damaged."""
     state = {f"t{i}": torch.full((256,), float(i)) for i in range(200)}
     manager = torchckpt.CheckpointManager(torchckpt.Checkpoint(state=state), tmp_path / "run", max_to_keep=3,
@@ -75,7 +75,7 @@ def test_past_the_hard_limit_a_resume_raises_a_read_error_and_falls_back_to_noth
     raised = found["raised"]
     assert raised["type"] == "CheckpointReadError" and raised["errno"] == errno.EMFILE and raised["is_oserror"]
     assert "Too many open files" in raised["message"] and "ulimit -n" in raised["message"]
-    assert "not taken for damaged" in raised["message"]
+    assert "not treated as damaged" in raised["message"]
     assert raised["path"].startswith(str(tmp_path / "run" / "ckpt-2")) and raised["path"].endswith(".safetensors")
     assert found["warnings"] == [] and not found["initialized"] and found["damaged"] == {}
 
@@ -98,4 +98,35 @@ def test_an_error_of_the_process_is_a_read_error_and_one_of_the_disk_is_damage(t
         torchckpt.Checkpoint(state={"w": torch.zeros(64)}).read(path, progress=False)
     assert caught.value.path.endswith(".safetensors")
     if kind is torchckpt.CheckpointReadError:
-        assert caught.value.errno == code and "not taken for damaged" in str(caught.value)
+        assert caught.value.errno == code and "not treated as damaged" in str(caught.value)
+
+
+class _DataReadsFail:
+    """A shard whose data reads (``readv``) fail with ``error``; its header reads work."""
+
+    def __init__(self, source, error: OSError) -> None:
+        self._source, self._error = source, error
+
+    def __getattr__(self, name: str):
+        return getattr(self._source, name)
+
+    def readv(self, views, offset) -> None:
+        raise self._error
+
+
+@pytest.mark.parametrize(("code", "process_error"), [(errno.EACCES, True), (errno.EIO, False)], ids=["eacces", "eio"])
+def test_verify_raises_a_process_error_and_reports_a_disk_error(tmp_path, disk, capsys, code, process_error):
+    """``torchckpt verify``: a shard the disk cannot read is a problem of the checkpoint (listed);
+    one this process may not read says so, and lists no problem of the checkpoint."""
+    from torchckpt._storage.local import LOCAL
+    from torchckpt.cli import main
+
+    path = torchckpt.Checkpoint(state={"w": torch.randn(4096)}).write(tmp_path / "c", progress=False)
+    disk.instead("open", lambda file, what: _DataReadsFail(LOCAL.open(file, what), OSError(code, os.strerror(code))))
+    assert main(["verify", path]) == 1
+    err = capsys.readouterr().err
+    assert err.count("Error:") == 1 and os.strerror(code) in err
+    if process_error:
+        assert "Cannot read shard" in err and "not treated as damaged" in err and "cannot read it to the end" not in err
+    else:
+        assert "cannot read it to the end" in err and "not treated as damaged" not in err

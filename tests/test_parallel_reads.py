@@ -294,6 +294,8 @@ def test_a_checked_read_lands_and_hashes_a_piece_at_a_time(tmp_path, install, no
         expected += [1000] * (size // 1000) + ([size % 1000] if size % 1000 else [])
     (source,) = storage.sources
     assert sorted(source.sizes) == sorted(expected)
+    if readers == 1:  # in file order: w0..w7 in parts, the small ones together, then t0..t3 in parts
+        assert source.sizes == expected[1:-128] + [480] + expected[-128:]
     assert len(storage.threads()) == readers  # 4: several batches read at once
 
     shard = _shard(path)

@@ -61,7 +61,9 @@ class CheckpointDeletedError(CheckpointNotFoundError):
 
     A reader that follows a training run (``checkpoints_iterator``) can meet this when the run's
     ``max_to_keep`` deletes the checkpoint it is about to read: read the newer one instead. Once a
-    restore has opened every shard, a deletion no longer affects it.
+    restore has opened the shards it reads, a deletion no longer affects it: one process opens
+    every shard at once, right after the index; a rank of a collective restore opens each shard it
+    reads at the end of its planning.
 
     Attributes:
         path: the checkpoint directory.
@@ -103,7 +105,7 @@ class CheckpointWriteError(CheckpointError, OSError):
 class CheckpointReadError(CheckpointError, OSError):
     """A checkpoint's file could not be opened or read for a reason that lies with this process or
     machine, not with the checkpoint: too many open files, out of memory, no permission, a network
-    file system that timed out. The checkpoint is not taken for damaged (a manager's
+    file system that timed out. The checkpoint is not treated as damaged (a manager's
     ``restore_or_initialize`` raises this instead of falling back to an older checkpoint, and
     records nothing): remove the cause and restore again.
 
@@ -120,6 +122,9 @@ class CheckpointReadError(CheckpointError, OSError):
 
     def __str__(self) -> str:
         return self.message
+
+    def __reduce__(self) -> tuple[Any, ...]:  # OSError's own would pass (errno, strerror, filename) back in
+        return type(self), (self.message, self.path, self.errno)
 
 
 class UnsupportedStateError(CheckpointError, TypeError):
@@ -266,6 +271,8 @@ def unreadable(path: str, error: OSError, action: str = "read",
     descriptors or memory, no permission, a network that failed), which says nothing about the
     checkpoint; else a :class:`CorruptCheckpointError` (an I/O error of the disk: this copy cannot
     be read, and a resume falls back to the checkpoint before it)."""
+    if isinstance(error, CheckpointReadError):  # already classified (a lazy open, under a read)
+        return error
     reason = error.strerror or str(error) or type(error).__name__
     message = f"Cannot {action} {what} {path}: {reason}."
     if not _is_local_cause(error):
@@ -273,7 +280,7 @@ def unreadable(path: str, error: OSError, action: str = "read",
     hint = _HINTS.get(error.errno or 0, "")
     if not hint and isinstance(error, PermissionError):
         hint = _HINTS[errno.EACCES]
-    return CheckpointReadError(f"{message} {hint}The checkpoint is not taken for damaged: remove the cause and "
+    return CheckpointReadError(f"{message} {hint}The checkpoint is not treated as damaged: remove the cause and "
                                "restore again.", path, error.errno)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import json
 import os
 import resource
@@ -937,10 +938,21 @@ def opens_its_own_shards(d: Path, rank: int, world: int) -> dict:
     fully_shard(fresh)
     torchckpt.Checkpoint(model=fresh).read(path, timeout_secs=TIMEOUT).assert_consumed()
     shards = json.loads((Path(path) / "index.json").read_text())["torchckpt"]["shards"]
-    return {"opened": sorted(opened), "own": sorted(s["file"] for s in shards if s["rank"] == rank),
-            "shards": len(shards),
-            "equal": all(torch.equal(full(a), full(b)) for a, b in zip(model.state_dict().values(),
-                                                                      fresh.state_dict().values()))}
+    out = {"opened": sorted(opened), "own": sorted(s["file"] for s in shards if s["rank"] == rank),
+           "shards": len(shards),
+           "equal": all(torch.equal(full(a), full(b)) for a, b in zip(model.state_dict().values(),
+                                                                     fresh.state_dict().values()))}
+    # The process's own errors at that (lazy) open: an s3fs-style PermissionError without an errno on
+    # rank 1, then EMFILE on rank 0. Each is a CheckpointReadError on every rank, with its errno.
+    for failing, error in ((1, PermissionError("Access Denied")), (0, OSError(errno.EMFILE, os.strerror(errno.EMFILE)))):
+        if rank == failing:
+            disk.fail("open", error, times=1)
+        try:
+            torchckpt.Checkpoint(model=fresh).read(path, timeout_secs=TIMEOUT)
+            out[f"failing{failing}"] = "no error"
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            out[f"failing{failing}"] = {"type": type(e).__name__, "message": str(e), "errno": getattr(e, "errno", None)}
+    return out
 
 
 SCENARIOS = {f.__name__: f for f in (save_fsdp_4, save_fsdp_2, restore_from_4, restore_from_2, plain_into_fsdp,

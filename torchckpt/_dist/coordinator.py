@@ -328,6 +328,8 @@ def failure_payload(error: BaseException) -> dict[str, Any]:
         value = getattr(error, attr, None)
         if isinstance(value, str):
             out[attr] = value
+    if isinstance(error, CheckpointReadError) and isinstance(error.errno, int):
+        out["errno"] = error.errno
     checkpoint_keys = getattr(error, "checkpoint_keys", None)
     if isinstance(checkpoint_keys, list):
         out["checkpoint_keys"] = [str(k) for k in checkpoint_keys]
@@ -376,6 +378,9 @@ def collective_error(failures: dict[int, dict[str, Any]], what: str, note: str |
         error = UnsupportedStateError(message, key=first.get("key", ""))
     elif kind == "RenameConflictError":
         error = RenameConflictError(message, first.get("key", ""), list(first.get("checkpoint_keys", [])))
+    elif kind == "CheckpointReadError":
+        code = first.get("errno")
+        error = CheckpointReadError(message, first.get("path"), code if isinstance(code, int) else None)
     elif kind in _BY_PATH:
         error = _BY_PATH[kind](message, first.get("path"))
     else:
@@ -388,9 +393,8 @@ def collective_error(failures: dict[int, dict[str, Any]], what: str, note: str |
     return error
 
 
-_BY_PATH: dict[str, type[CorruptCheckpointError] | type[CheckpointNotFoundError] | type[CheckpointReadError]] = {
+_BY_PATH: dict[str, type[CorruptCheckpointError] | type[CheckpointNotFoundError]] = {
     "CorruptCheckpointError": CorruptCheckpointError,
-    "CheckpointReadError": CheckpointReadError,
     "CheckpointNotFoundError": CheckpointNotFoundError,
     "CheckpointDeletedError": CheckpointDeletedError,
 }

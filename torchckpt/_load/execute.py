@@ -155,6 +155,8 @@ def _reading(shards: OpenShards, file: str) -> Iterator[None]:
     path = shards.path(file)
     try:
         yield
+    except CheckpointError:  # already what it means (a lazy open's CheckpointReadError is an OSError too)
+        raise
     except EOFError as e:
         raise CorruptCheckpointError(f"Shard {path} is truncated: {e}.", path) from e
     except FileNotFoundError:  # an object store has no pin on open files: deleted meanwhile

@@ -111,8 +111,7 @@ class OpenShards:
         if lazy:
             return
         try:
-            for file in self.files:
-                self.sources[file]
+            self.sources.open_all()
         except BaseException:
             self.close()
             raise
@@ -143,10 +142,7 @@ class OpenShards:
                 del self.unchecked[file]
 
     def close(self) -> None:
-        sources = list(self.sources.values())
-        self.sources.clear()
-        for source in sources:
-            source.close()
+        self.sources.close()
 
     def __enter__(self) -> OpenShards:
         return self
@@ -161,21 +157,36 @@ class OpenShards:
 
 class _Sources(dict[str, Source]):
     """The shards opened so far, by file name; a shard of the checkpoint that is not open yet is
-    opened when asked for (``[]`` and ``get``), and a name that is no shard of it is a KeyError."""
+    opened when asked for (``[]`` and ``get``), and a name that is no shard of it is a KeyError.
+    Once closed, nothing is opened again."""
 
     def __init__(self, open_one: Callable[[str], Source], files: list[str]) -> None:
         super().__init__()
-        self._open = open_one
-        self._files = frozenset(files)
+        self._open: Callable[[str], Source] | None = open_one
+        self._files = list(files)
+        self._known = frozenset(files)
 
     def __missing__(self, file: str) -> Source:
-        if file not in self._files:
+        if file not in self._known:
             raise KeyError(file)
+        if self._open is None:
+            raise RuntimeError(f"shard {file} asked for after the checkpoint's shards were closed")
         source = self[file] = self._open(file)
         return source
 
     def get(self, file: str, default: Any = None) -> Any:
-        return self[file] if file in self._files else default
+        return self[file] if file in self._known else default
+
+    def open_all(self) -> None:
+        for file in self._files:
+            self[file]
+
+    def close(self) -> None:
+        self._open = None
+        sources = list(self.values())
+        self.clear()
+        for source in sources:
+            source.close()
 
 
 def distrust_damaged(storage: Storage, error: BaseException | None, paths: set[str] | None = None) -> None:

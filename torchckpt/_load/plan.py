@@ -311,15 +311,22 @@ def plan_stateful(name: str, obj: Any, saved: Any, plan: Plan) -> None:
         return
     new_state = _rebuild(saved, name, destination)
     plan.reads.extend(reads)
-    absent = [k for k in current_leaves if k not in saved_leaves]
-    if absent:  # missing unless a saved key lies below it (an empty container now, filled then)
-        ordered = sorted(saved_leaves)
-        plan.report.missing_keys.extend(k for k in absent if not _starts_one(k + keypath.SEP, ordered))
+    plan.report.missing_keys.extend(_unfilled(current_leaves, saved_leaves))
     plan.report.restored_keys.extend(_shared_key(k, v) if _is_saved(v) else k
                                      for k, v in saved_leaves.items())
     if isinstance(obj, torch.optim.Optimizer):
         new_state = optimizer.with_param_ids(new_state)
     plan.loads.append(lambda: obj.load_state_dict(new_state))
+
+
+def _unfilled(current: dict[str, Any], saved: dict[str, Any]) -> list[str]:
+    """The object's leaves the checkpoint does not fill: absent from it, and no saved key below
+    them (an empty container now, such as a never-stepped optimizer's state, is filled then)."""
+    absent = [k for k in current if k not in saved]
+    if not absent:
+        return []
+    ordered = sorted(saved)
+    return [k for k in absent if not _starts_one(k + keypath.SEP, ordered)]
 
 
 def _starts_one(prefix: str, ordered: list[str]) -> bool:

@@ -17,7 +17,7 @@ from torchckpt._format import index as format_index
 from torchckpt._format.dtypes import TensorInfo
 from torchckpt._load import opened as load_opened
 from torchckpt._progress import progress_bar
-from torchckpt.errors import CorruptCheckpointError, checksum_mismatch
+from torchckpt.errors import CheckpointReadError, CorruptCheckpointError, checksum_mismatch, unreadable
 from torchckpt.reader import CheckpointReader
 
 
@@ -74,7 +74,12 @@ def _verify_data(index: format_index.Index, shards: load_opened.OpenShards, info
                         problems.append(checksum_mismatch(name, path, checksums[name], digest))
                     problems += [bad.message(path) for bad in bad_blocks]
                     bar.update(info.nbytes)
-            except (EOFError, OSError) as e:
+            except EOFError as e:
+                problems.append(f"{path}: cannot read it to the end ({e}).")
+            except OSError as e:  # the disk's error is a problem of the shard; the process's is raised
+                error = unreadable(path, e)
+                if isinstance(error, CheckpointReadError):
+                    raise error from e
                 problems.append(f"{path}: cannot read it to the end ({e}).")
             else:
                 if f"{shard_hash.intdigest():016x}" != shard["checksum"]:
