@@ -6,9 +6,14 @@ hands it lists with set lookups (``_load.optimizer``). Each measurement runs in 
 with the files in the page cache (the part measured is the CPU's), into a model and an optimizer
 that never stepped, as a resumed run builds them:
 
+- raw: the same bytes, from one file of them back to back, ``preadv`` into the parameters and
+  into the state Adam's first step allocates (allocated here, as a restore must): the floor;
 - torch: ``torch.load(mmap=True)`` of a ``torch.save`` of both state dicts, then
   ``model.load_state_dict`` and ``optimizer.load_state_dict``;
 - torchckpt: ``Checkpoint(model=..., opt=...).read``.
+
+"peak extra RSS" is the growth of the process's peak resident memory during the restore, over the
+state's size.
 
 Rounds are interleaved (``_common.round_order``); medians. Usage:
 python benchmarks/bench_optimizer_restore.py [--rounds 5] [--params 1000,10000]
@@ -26,9 +31,10 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import import_torchckpt, machine, median, round_order, run_fresh  # noqa: E402
+from _common import import_torchckpt, machine, median, peak_rss_bytes, round_order, run_fresh  # noqa: E402
 
-METHODS = {"torch": "torch.load(mmap=True) + load_state_dict", "torchckpt": "torchckpt"}
+METHODS = {"raw": "raw preadv into the parameters and fresh Adam state", "torch": "torch.load(mmap=True) + load_state_dict",
+           "torchckpt": "torchckpt"}
 
 
 def build(params: int, stepped: bool) -> tuple[Any, Any]:
@@ -46,6 +52,28 @@ def build(params: int, stepped: bool) -> tuple[Any, Any]:
     return model, opt
 
 
+def tensors_in_order(model: Any, opt: Any) -> list[Any]:
+    """The parameters, then each parameter's Adam state (``step``, ``exp_avg``, ``exp_avg_sq``)."""
+    return [*model.parameters(), *(opt.state[p][k] for p in model.parameters() for k in ("step", "exp_avg", "exp_avg_sq"))]
+
+
+def raw_restore(model: Any, opt: Any, raw_file: str) -> None:
+    import torch
+
+    for p in model.parameters():  # what Adam's first step allocates, allocated as a restore must
+        opt.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.empty_like(p), "exp_avg_sq": torch.empty_like(p)}
+    views = [memoryview(t.detach().numpy()).cast("B") for t in tensors_in_order(model, opt)]
+    fd = os.open(raw_file, os.O_RDONLY)
+    try:
+        offset = 0
+        for i in range(0, len(views), 512):
+            batch = views[i : i + 512]
+            os.preadv(fd, batch, offset)
+            offset += sum(len(v) for v in batch)
+    finally:
+        os.close(fd)
+
+
 def read_into_cache(path: str) -> None:
     for name in [path] if os.path.isfile(path) else [os.path.join(path, n) for n in os.listdir(path)]:
         with open(name, "rb", buffering=0) as f:
@@ -61,20 +89,26 @@ def child(method: str, params: int, checkpoint: str, pt_file: str) -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()
-    read_into_cache(pt_file if method == "torch" else checkpoint)
+    raw_file = pt_file + ".raw"
+    read_into_cache({"torch": pt_file, "raw": raw_file}.get(method, checkpoint))
+    before = peak_rss_bytes()
     start = time.perf_counter()
-    if method == "torch":
+    if method == "raw":
+        raw_restore(model, opt, raw_file)
+    elif method == "torch":
         loaded = torch.load(pt_file, weights_only=True, mmap=True)
         model.load_state_dict(loaded["model"])
         opt.load_state_dict(loaded["opt"])
     else:
         torchckpt.Checkpoint(model=model, opt=opt).read(checkpoint, progress=False).assert_consumed()
     seconds = time.perf_counter() - start
+    extra_rss = peak_rss_bytes() - before
+    state_bytes = sum(t.nbytes for t in tensors_in_order(model, opt))
     ref_model, ref_opt = build(params, stepped=True)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref_model.parameters())), method
     for p, q in zip(model.parameters(), ref_model.parameters()):
         assert all(torch.equal(opt.state[p][k], ref_opt.state[q][k]) for k in ("step", "exp_avg", "exp_avg_sq")), method
-    print(json.dumps({"seconds": seconds}))
+    print(json.dumps({"seconds": seconds, "extra_rss": extra_rss / state_bytes}))
 
 
 def main() -> None:
@@ -92,6 +126,7 @@ def main() -> None:
     torchckpt = import_torchckpt()
     counts = [int(n) for n in args.params.split(",")]
     times: dict[tuple[int, str], list[float]] = {(n, m): [] for n in counts for m in METHODS}
+    rss: dict[tuple[int, str], list[float]] = {(n, m): [] for n in counts for m in METHODS}
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
         files = {}
         for n in counts:
@@ -100,20 +135,27 @@ def main() -> None:
                                                                         progress=False)
             pt_file = os.path.join(tmp, f"state-{n}.pt")
             torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, pt_file)
+            with open(pt_file + ".raw", "wb") as f:
+                for t in tensors_in_order(model, opt):
+                    f.write(memoryview(t.detach().numpy()).cast("B"))
             files[n] = (checkpoint, pt_file)
         for r in range(args.rounds):
             for n in counts:
                 for method in round_order(list(METHODS), r):
                     found = run_fresh(__file__, ["--child", method, str(n), *files[n]])
                     times[(n, method)].append(found["seconds"])
+                    rss[(n, method)].append(found["extra_rss"])
     print(machine())
     print(f"restore a model and its stepped Adam state into fresh ones, files in the page cache, fresh process "
           f"per measurement, median of {args.rounds} interleaved rounds:")
-    print("| parameters | tensors | method | seconds | fastest-slowest round |\n|---|---|---|---|---|")
+    print("| parameters | tensors | method | seconds | fastest-slowest round | vs raw | peak extra RSS |\n"
+          "|---|---|---|---|---|---|---|")
     for n in counts:
+        raw = median(times[(n, "raw")])
         for method, label in METHODS.items():
             found = times[(n, method)]
-            print(f"| {n:,} | {4 * n:,} | {label} | {median(found):.3f} | {min(found):.3f}-{max(found):.3f} |")
+            print(f"| {n:,} | {4 * n:,} | {label} | {median(found):.3f} | {min(found):.3f}-{max(found):.3f} | "
+                  f"{median(found) / raw:.2f}x | {100 * median(rss[(n, method)]):.0f}% |")
 
 
 if __name__ == "__main__":

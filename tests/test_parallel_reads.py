@@ -1,4 +1,4 @@
-"""Several reader threads per shard on restore (``_tensorio.read_many``): the same tensors, the same
+"""Several reader threads per shard on restore (``_load.reads.read_many``): the same tensors, the same
 errors and the same overlap rule as one reader in file order, and no thread left behind.
 
 Each test runs against a local storage whose sources read in batches of a few KiB, so that a

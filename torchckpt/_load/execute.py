@@ -1,7 +1,7 @@
 """Executing a restore plan: read every planned tensor, then run the planned loads.
 
 The reads go shard by shard, in file order, straight into their destinations, checking each
-tensor's checksum as it arrives (``_tensorio.read_many``; format-2 chunks and DTensor boxes
+tensor's checksum as it arrives (``_load.reads.read_many``; format-2 chunks and DTensor boxes
 through ``_load.boxes``). Only then do the loads run (``load_state_dict`` of stateful objects,
 assignments, and the ``load_state_dict`` walk of hooked modules, which fetch their tensors here
 as their load needs them: views of the mapped shards where they can be, see ``_load.mapped``).
@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from torchckpt import _tensorio
 from torchckpt._dist import dtensor as dist_dtensor
 from torchckpt._format import blocks as format_blocks
 from torchckpt._format.dtypes import TensorInfo as SavedTensor
 from torchckpt._load import boxes, mapped
+from torchckpt._load import reads as tensor_reads
 from torchckpt._load.opened import OpenShards, missing_member
 from torchckpt._load.plan import Plan
 from torchckpt._paths import name_of
@@ -102,7 +102,7 @@ def _read_grouped(shards: OpenShards, by_file: dict[str, list[tuple[torch.Tensor
         source = shards.sources[file]
         source.prepare(sum(saved.nbytes for _, saved in pairs))
         with _reading(shards, file):
-            bad = _tensorio.read_many(source, pairs, verify, on_bytes)
+            bad = tensor_reads.read_many(source, pairs, verify, on_bytes)
         _check_read(shards, file, bad)
     for file, pieces in reads.by_file.items():
         with _reading(shards, file):

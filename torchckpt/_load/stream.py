@@ -6,7 +6,7 @@ that holds a piece at a time (an export streaming it into a new file, a diff com
 checkpoints), so a tensor of any size costs one piece of memory. Each function takes an open
 ``Source`` and closes it; a tensor stored as chunks is assembled by ``boxes.row_blocks`` instead.
 
-torch (and ``_tensorio``, which needs it) is imported by the functions that build tensors: the
+torch (and ``_load.reads``, which needs it) is imported by the functions that build tensors: the
 command line reads bytes and headers through this module without paying for torch.
 """
 
@@ -35,11 +35,11 @@ def read_tensor(source: Source, info: TensorInfo, path: str, name: str, expected
     """
     import torch
 
-    from torchckpt import _tensorio
+    from torchckpt._load import reads
 
     out = torch.empty(info.shape, dtype=info.dtype)
     try:
-        digest = _tensorio.read_into(source, info.start, out, verify=True)
+        digest = reads.read_into(source, info.start, out, verify=True)
     except EOFError as e:
         raise CorruptCheckpointError(f"{path} is truncated: {e}.", path) from e
     finally:
@@ -80,7 +80,7 @@ def tensor_elements(source: Source, info: TensorInfo, path: str, chunk_bytes: in
     """
     import torch
 
-    from torchckpt import _tensorio
+    from torchckpt._load import reads
 
     item = itemsize(info.dtype_name)
     per = max(1, chunk_bytes // item)
@@ -89,7 +89,7 @@ def tensor_elements(source: Source, info: TensorInfo, path: str, chunk_bytes: in
         for i in range(0, count, per):
             part = torch.empty(min(per, count - i), dtype=info.dtype)
             try:
-                _tensorio.read_into(source, info.start + i * item, part, verify=False)
+                reads.read_into(source, info.start + i * item, part, verify=False)
             except EOFError as e:
                 raise CorruptCheckpointError(f"{path} is truncated: {e}.", path) from e
             yield part

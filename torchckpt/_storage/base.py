@@ -114,7 +114,7 @@ class Source(Protocol):
     size: int
     batch_bytes: int  # how many contiguous bytes one ``readv`` should cover at most,
     batch_views: int  # and into how many buffers
-    checked_bytes: int  # how many bytes a checked read lands before hashing them (``_tensorio``)
+    checked_bytes: int  # how many bytes a checked read lands before hashing them (``_load.reads``)
     readers: int  # how many threads may ``readv`` disjoint ranges of the file at once (1: one stream)
 
     def read(self, offset: int, count: int) -> bytes:

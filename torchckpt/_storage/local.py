@@ -54,7 +54,7 @@ class LocalSource:
     batch_bytes = 64 * 2**20  # a scatter read this large keeps the disk busy; larger ones gain nothing
     batch_views = IOV_MAX  # preadv's limit
     checked_bytes = 4 * 2**20  # hashed while still in the CPU's cache; read ahead (8 MiB here) keeps the disk busy
-    readers = 4  # threads that may read one file at once (``_tensorio.read_many``): one stream left the disk half idle
+    readers = 4  # threads that may read one file at once (``_load.reads.read_many``): one stream left the disk half idle
 
     def __init__(self, path: str, fd: int) -> None:
         self.path = path
