@@ -32,6 +32,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import import_torchckpt, machine, median, peak_rss_bytes, round_order, run_fresh  # noqa: E402
+from bench_distributed import raw_load  # noqa: E402  (preadv in batches of 512 views)
 
 METHODS = {"raw": "raw preadv into the parameters and fresh Adam state", "torch": "torch.load(mmap=True) + load_state_dict",
            "torchckpt": "torchckpt"}
@@ -62,16 +63,7 @@ def raw_restore(model: Any, opt: Any, raw_file: str) -> None:
 
     for p in model.parameters():  # what Adam's first step allocates, allocated as a restore must
         opt.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.empty_like(p), "exp_avg_sq": torch.empty_like(p)}
-    views = [memoryview(t.detach().numpy()).cast("B") for t in tensors_in_order(model, opt)]
-    fd = os.open(raw_file, os.O_RDONLY)
-    try:
-        offset = 0
-        for i in range(0, len(views), 512):
-            batch = views[i : i + 512]
-            os.preadv(fd, batch, offset)
-            offset += sum(len(v) for v in batch)
-    finally:
-        os.close(fd)
+    raw_load(raw_file, [memoryview(t.detach().numpy()).cast("B") for t in tensors_in_order(model, opt)])
 
 
 def read_into_cache(path: str) -> None:

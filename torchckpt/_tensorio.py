@@ -104,17 +104,24 @@ def host_chunks(t: torch.Tensor, limit: int = CHUNK_BYTES) -> Iterator[torch.Ten
             out.copy_(part)
             yield out
         return
+    for region in row_regions(t, limit):
+        yield region.contiguous().cpu()
+
+
+def row_regions(t: torch.Tensor, limit: int = CHUNK_BYTES) -> Iterator[torch.Tensor]:
+    """Views of ``t`` that cover its elements in row-major order, each of at most about ``limit``
+    bytes (a row larger than that is split along its own rows)."""
     if t.dim() == 0 or t.numel() * t.element_size() <= limit:
-        yield t.contiguous().cpu()
+        yield t
         return
     row = t[0].numel() * t.element_size()
     if row > limit and t.dim() > 1:
         for r in range(t.shape[0]):
-            yield from host_chunks(t[r], limit)
+            yield from row_regions(t[r], limit)
         return
     step = max(1, limit // max(1, row))
     for i in range(0, t.shape[0], step):
-        yield t[i : i + step].contiguous().cpu()
+        yield t[i : i + step]
 
 
 def write_tensors(out: Output, tensors: list[torch.Tensor], on_bytes: Callable[[int], None] | None = None,

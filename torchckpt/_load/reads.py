@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import xxhash
 
-from torchckpt._tensorio import CHUNK_BYTES, byte_view, is_host_contiguous
+from torchckpt._tensorio import CHUNK_BYTES, byte_view, is_host_contiguous, row_regions
 
 if TYPE_CHECKING:
     from torchckpt._storage.base import Source
@@ -66,17 +66,7 @@ def read_into(source: Source, offset: int, dest: torch.Tensor, verify: bool) -> 
 
 def _strided_regions(dest: torch.Tensor, limit: int = CHUNK_BYTES) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(region of ``dest``, empty contiguous CPU buffer of its shape) pairs in row-major order."""
-    if dest.dim() == 0 or dest.numel() * dest.element_size() <= limit:
-        yield dest, torch.empty(dest.shape, dtype=dest.dtype)
-        return
-    row = dest[0].numel() * dest.element_size()
-    if row > limit and dest.dim() > 1:
-        for r in range(dest.shape[0]):
-            yield from _strided_regions(dest[r], limit)
-        return
-    step = max(1, limit // max(1, row))
-    for i in range(0, dest.shape[0], step):
-        region = dest[i : i + step]
+    for region in row_regions(dest, limit):
         yield region, torch.empty(region.shape, dtype=dest.dtype)
 
 
