@@ -130,3 +130,16 @@ def test_verify_raises_a_process_error_and_reports_a_disk_error(tmp_path, disk, 
         assert "Cannot read shard" in err and "not treated as damaged" in err and "cannot read it to the end" not in err
     else:
         assert "cannot read it to the end" in err and "not treated as damaged" not in err
+
+
+def test_a_read_error_survives_pickling_with_its_message_path_and_errno():
+    """As a multiprocessing worker or a launcher hands it back: OSError's own pickling would put
+    the path where the errno goes."""
+    import pickle
+
+    error = torchckpt.CheckpointReadError("Cannot open shard /c/s.safetensors: Too many open files.",
+                                          "/c/s.safetensors", errno.EMFILE)
+    again = pickle.loads(pickle.dumps(error))
+    assert type(again) is torchckpt.CheckpointReadError
+    assert (str(again), again.path, again.errno, again.filename) == (str(error), "/c/s.safetensors", errno.EMFILE,
+                                                                     "/c/s.safetensors")
