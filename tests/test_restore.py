@@ -194,6 +194,7 @@ def test_an_optimizer_of_many_parameters_gets_its_state_through_load_state_dict_
     torchckpt.Checkpoint(opt=restored).read(path).assert_consumed()
     assert [type(ids) for ids in seen] == [ParamIds, ParamIds]
     assert seen == [list(range(100)), list(range(100, 300))]
+    assert all(i in seen[1] for i in range(100, 300)) and 0 not in seen[1] and 99 not in seen[1]  # as torch asks them
     assert [g["params"] for g in restored.param_groups] == [fresh[:100], fresh[100:]]
     assert all(type(g["params"]) is list for g in restored.param_groups)
     assert restored.param_groups[1]["lr"] == 0.1

@@ -74,11 +74,8 @@ def _verify_data(index: format_index.Index, shards: load_opened.OpenShards, info
                         problems.append(checksum_mismatch(name, path, checksums[name], digest))
                     problems += [bad.message(path) for bad in bad_blocks]
                     bar.update(info.nbytes)
-            except EOFError as e:
-                problems.append(f"{path}: cannot read it to the end ({e}).")
-            except OSError as e:  # the disk's error is a problem of the shard; the process's is raised
-                error = unreadable(path, e)
-                if isinstance(error, CheckpointReadError):
+            except (EOFError, OSError) as e:  # the disk's error is a problem of the shard; the process's is raised
+                if isinstance(e, OSError) and isinstance(error := unreadable(path, e), CheckpointReadError):
                     raise error from e
                 problems.append(f"{path}: cannot read it to the end ({e}).")
             else:
