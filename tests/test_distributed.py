@@ -77,6 +77,16 @@ def test_a_process_error_at_a_lazy_open_is_a_read_error_on_every_rank_with_its_e
     assert "Access Denied" in found[0]["failing1"]["message"] and "ulimit -n" in found[1]["failing0"]["message"]
 
 
+def test_a_checkpoint_replaced_before_the_lazy_opens_is_not_called_damaged_on_any_rank(world2):
+    """Another checkpoint takes the path (a save under the same number) between the ranks' read of
+    the index and their opens of their shards: their checksums fail against the old index, and
+    every rank says it was replaced, not damaged (a resume would have recorded it damaged)."""
+    for result in ok(world2, "opens_its_own_shards", 2):
+        error = result["replaced"]
+        assert error["type"] == "CheckpointDeletedError", error
+        assert "was replaced while it was being read" in error["message"] and "Neither checkpoint is damaged" in error["message"]
+
+
 def test_fsdp2_restores_on_the_same_4_ranks_and_resumes_bit_for_bit(world4):
     found = ok(world4, "restore_from_4", 4)
     assert all(r["differences"] == [] and r["resume_differences"] == [] for r in found)

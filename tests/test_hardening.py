@@ -24,6 +24,7 @@ from torchckpt._load import opened as load_opened
 from torchckpt._storage import atomic, lock
 from torchckpt._storage.local import LOCAL
 
+from . import damage
 from .conftest import make_mlp, train_step
 from .distributed import ROOT
 from .doubles import Killed
@@ -459,6 +460,38 @@ def test_a_restore_that_has_opened_its_shards_survives_the_deletion(tmp_path, di
     w = torch.zeros(5)
     torchckpt.Checkpoint(w=w).read(first).assert_consumed()
     assert torch.equal(w, torch.arange(5.0))  # the bytes of the checkpoint it opened, not a mix
+
+
+@pytest.mark.parametrize("new_value", [torch.arange(5.0) + 1, torch.arange(6.0)], ids=["same-shape", "other-shape"])
+def test_a_checkpoint_replaced_before_its_shards_open_is_not_called_damaged(tmp_path, disk, new_value):
+    # A save under the same number replaces ckpt-1 between the read of its index and the open of its
+    # shard: the new shard fails the old index's checks (its checksum, or its header), yet neither
+    # checkpoint is damaged. The reader is told to read it again, and a resume would not record it.
+    mgr = CheckpointManager(torchckpt.Checkpoint(w=torch.arange(5.0)), tmp_path, incremental=False)
+    first = mgr.save()
+
+    def replace_meanwhile(path: str, what: str) -> None:
+        assert what == "Shard" and path.startswith(first)
+        mgr.checkpoint.w = new_value
+        assert mgr.save(checkpoint_number=1) == first
+
+    disk.before("open", replace_meanwhile, times=1)
+    with pytest.raises(torchckpt.CheckpointDeletedError, match="was replaced while it was being read") as info:
+        torchckpt.Checkpoint(w=torch.zeros(5)).read(first)
+    assert info.value.path == first and isinstance(info.value.__cause__, torchckpt.CorruptCheckpointError)
+    assert "Neither checkpoint is damaged" in str(info.value)
+    w = torch.zeros(len(new_value))
+    torchckpt.Checkpoint(w=w).read(first).assert_consumed()  # read again: the new one
+    assert torch.equal(w, new_value)
+
+
+def test_a_shard_damaged_while_its_index_stays_is_still_damage(tmp_path, disk):
+    path = torchckpt.Checkpoint(w=torch.arange(5.0)).write(tmp_path / "c")
+    shard = next(os.path.join(path, n) for n in os.listdir(path) if n.endswith(".safetensors"))
+    disk.before("open", lambda file, what: damage.rot(shard, os.path.getsize(shard) - 1), times=1)
+    with pytest.raises(torchckpt.CorruptCheckpointError, match="checksum") as info:
+        torchckpt.Checkpoint(w=torch.zeros(5)).read(path)
+    assert not isinstance(info.value, torchckpt.CheckpointNotFoundError) and info.value.path == shard
 
 
 # -- A10, C20: failed and read-only managers --------------------------------------------------

@@ -952,6 +952,29 @@ def opens_its_own_shards(d: Path, rank: int, world: int) -> dict:
             out[f"failing{failing}"] = "no error"
         except Exception as e:  # noqa: BLE001 - reported to the test
             out[f"failing{failing}"] = {"type": type(e).__name__, "message": str(e), "errno": getattr(e, "errno", None)}
+    # Another checkpoint of the same structure takes the path (as a save under the same number does)
+    # after the ranks read the index, before they open their shards: not damage, on every rank.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1)
+    other = torchckpt.Checkpoint(model=model).write(str(d / "own-shards-next"), timeout_secs=TIMEOUT)
+    aside = Path(path + ".old")
+
+    def replace_before_opening(file: str, what: str) -> None:
+        if rank == 0:
+            os.rename(path, aside)
+            os.rename(other, path)
+        deadline = time.monotonic() + TIMEOUT
+        while not aside.exists() and time.monotonic() < deadline:  # rank 1 opens only once rank 0 replaced it
+            time.sleep(0.01)
+
+    disk.heal()  # the first case's recorder too
+    disk.before("open", replace_before_opening, times=1)
+    try:
+        torchckpt.Checkpoint(model=fresh).read(path, timeout_secs=TIMEOUT)
+        out["replaced"] = "no error"
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        out["replaced"] = {"type": type(e).__name__, "message": str(e)}
     return out
 
 

@@ -95,8 +95,8 @@ def sealed_bytes(value: dict[str, Any], depth: int = 2) -> bytes:
     return b"".join(sealed_pieces(value, depth))
 
 
-def unseal(data: bytes, path: str, what: str) -> None:
-    """Check the seal :func:`sealed_pieces` wrote at the end of ``data``.
+def unseal(data: bytes, path: str, what: str) -> str:
+    """Check the seal :func:`sealed_pieces` wrote at the end of ``data``, and return it.
 
     Raises:
         CorruptCheckpointError: there is no seal, or the bytes before it do not hash to it.
@@ -117,6 +117,7 @@ def unseal(data: bytes, path: str, what: str) -> None:
                                             "on disk." if what == "state file" else "."),
             path,
         )
+    return recorded
 
 
 def parse_json(data: bytes, path: str, what: str) -> Any:

@@ -86,6 +86,7 @@ class Index:
     aliases: dict[str, str]
     layout: format_chunks.Layout = field(default_factory=format_chunks.Layout)  # format 2: chunks and per-rank names
     blocks: format_blocks.BlockSums | None = None  # format 3: block checksums (None: whole tensors only)
+    seal: str = ""  # the seal it ends with: another index at the same path means another checkpoint
 
     @property
     def world_size(self) -> int:
@@ -127,7 +128,7 @@ def parse_index(directory: str, data: bytes) -> Index:
             version.
     """
     path = join(directory, INDEX_FILE)
-    format_document.unseal(data, path, "checkpoint index")
+    seal = format_document.unseal(data, path, "checkpoint index")
     with gc_paused():  # parsing allocates many small objects; collections in between only cost time
         raw = format_document.parse_json(data, path, "checkpoint index")
     del data
@@ -163,7 +164,7 @@ def parse_index(directory: str, data: bytes) -> Index:
     if aliases:
         _check_aliases(directory, aliases, set(names) | set(layout.chunked))
     _check_weight_map(directory, raw, names, shards)
-    return Index(directory, raw, names, dtypes, shapes, checksums, shards, aliases, layout, blocks)
+    return Index(directory, raw, names, dtypes, shapes, checksums, shards, aliases, layout, blocks, seal)
 
 
 def _version_of(directory: str, section: dict[str, Any]) -> int:

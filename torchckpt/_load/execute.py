@@ -155,12 +155,15 @@ def _reading(shards: OpenShards, file: str) -> Iterator[None]:
     path = shards.path(file)
     try:
         yield
+    except CorruptCheckpointError as e:
+        raise shards.explain(e)  # noqa: B904 (explain chains it)
     except CheckpointError:  # already what it means (a lazy open's CheckpointReadError is an OSError too)
         raise
     except EOFError as e:
         raise CorruptCheckpointError(f"Shard {path} is truncated: {e}.", path) from e
     except FileNotFoundError:  # an object store has no pin on open files: deleted meanwhile
-        raise missing_member(shards.directory, path, shards.storage) from None
+        error = missing_member(shards.directory, path, shards.storage)
+        raise (shards.explain(error) if isinstance(error, CorruptCheckpointError) else error) from None
     except OSError as e:
         raise unreadable(path, e) from e
 
@@ -174,7 +177,7 @@ def _check_read(shards: OpenShards, file: str, bad: tuple[Any, int] | format_blo
     else:
         saved, digest = bad
         message = checksum_mismatch(saved.name, path, saved.checksum, digest)
-    raise CorruptCheckpointError(message + PARTLY_RESTORED, path)
+    raise shards.explain(CorruptCheckpointError(message + PARTLY_RESTORED, path))
 
 
 def _file_offset(read: tuple[torch.Tensor, SavedTensor]) -> int:

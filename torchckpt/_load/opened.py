@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 
 import xxhash
 
+from torchckpt._format import document as format_document
 from torchckpt._format import dtypes as format_dtypes
 from torchckpt._format import header as format_header
 from torchckpt._format import index as format_index
@@ -104,6 +105,7 @@ class OpenShards:
     def __init__(self, index: Index, storage: Storage, lazy: bool = False) -> None:
         self.directory = index.directory
         self.storage = storage
+        self.seal = index.seal  # which checkpoint at this path the plan was made for (see explain)
         self.blocks = index.blocks  # format 3's block checksums, for reads of part of a tensor
         self.unchecked: dict[str, Callable[[], None]] = {}  # file -> the check of its header, not yet made
         self.files = [shard["file"] for shard in index.shards]
@@ -140,6 +142,47 @@ class OpenShards:
             if check is not None:
                 check()  # left in place when it fails: a later read of the shard fails again
                 del self.unchecked[file]
+
+    def explain(self, error: CorruptCheckpointError) -> CheckpointError:
+        """What a shard found damaged during this read means: ``error`` as it is, unless the
+        checkpoint is no longer the one whose index the read was planned from.
+
+        A save under the same number (an explicit ``checkpoint_number``) replaces a checkpoint, and
+        a shard opened after that (one of many ranks opens each shard it reads at the end of its
+        planning; an object store pins nothing) is the new checkpoint's, which the old index does
+        not describe. Neither checkpoint is damaged: a :class:`CheckpointDeletedError` then says so,
+        so that nothing records a good checkpoint as damaged. Costs one read of ``index.json``, on
+        the failure path only; never raises.
+        """
+        path = join(self.directory, INDEX_FILE)
+        try:
+            data = self.storage.read_file(path, MAX_INDEX_SIZE, "Index")
+        except FileNotFoundError:  # deleted meanwhile (CheckpointDeletedError is one too)
+            return missing_member(self.directory, path, self.storage) if error.path != path else error
+        except Exception:  # the index cannot be read now: the damage found stands
+            return error
+        try:
+            seal = format_document.unseal(data, path, "checkpoint index")
+        except CorruptCheckpointError:
+            return error
+        if not self.seal or seal == self.seal:
+            return error
+        replaced = CheckpointDeletedError(
+            f"Checkpoint {self.directory} was replaced while it was being read: a save under the same number (an "
+            f"explicit checkpoint_number) committed another checkpoint there, which the index read before does not "
+            f"describe ({error}). Neither checkpoint is damaged; read it again.",
+            self.directory,
+        )
+        replaced.__cause__ = error
+        return replaced
+
+    @contextlib.contextmanager
+    def explaining(self) -> Iterator[None]:
+        """A step of the read whose damaged shards mean what :meth:`explain` says."""
+        try:
+            yield
+        except CorruptCheckpointError as e:
+            raise self.explain(e)  # noqa: B904 (explain chains it)
 
     def close(self) -> None:
         self.sources.close()

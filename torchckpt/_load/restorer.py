@@ -91,9 +91,11 @@ def _restore_from(target: Target, storage: Storage, directory: str, plan: Plan, 
             # opened together (one of many ranks: each shard it reads, as it checks its header at
             # the end of planning): a deletion from then on cannot touch the read
             solo = isinstance(coord, dist_coordinator.Solo)
-            opened_shards.append(stack.enter_context(opened.OpenShards(index, storage, lazy=not solo)))
+            shards = stack.enter_context(opened.OpenShards(index, storage, lazy=not solo))
+            opened_shards.append(shards)
             # One of many ranks checks only the headers of the shards it reads (plan_and_describe).
-            _plan(target, index, opened_shards[0], plan, deferred=not isinstance(coord, dist_coordinator.Solo))
+            with shards.explaining():  # a header that is not the index's: replaced meanwhile, or damaged
+                _plan(target, index, shards, plan, deferred=not solo)
             # the index is dropped: only the plan stays in memory
 
         if isinstance(coord, dist_coordinator.Solo):
