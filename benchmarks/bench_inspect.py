@@ -4,11 +4,13 @@ Each measurement runs in a fresh process with a cold page cache and times
 ``load_checkpoint(path)`` plus ``get_variable_to_shape_map()`` and ``get_variable_to_dtype_map()``
 (the import is not timed). Usage: python benchmarks/bench_inspect.py [--rounds 5]
 
-``--cli`` times the command line instead, as a user sees it: the wall time of a fresh
-``python -m torchckpt inspect`` of 20,000 tensors, ``ls`` of a manager's directory of four
-checkpoints, ``verify`` and ``diff`` (imports included, as ``/usr/bin/time -f %e`` reports it),
-interleaved rounds, medians. ``--baseline DIR`` runs the same commands from another source tree
-(a checkout of the previous commit) in the same rounds, for a before/after table.
+``--baseline DIR`` also measures the package of another source tree (a checkout of the previous
+commit) in the same interleaved rounds, for a before/after table.
+
+``--cli`` times the command line instead, as a user sees it: the wall time of a fresh ``python -m
+torchckpt inspect`` of 20,000 tensors, ``ls`` of a manager's directory of four checkpoints,
+``verify`` and ``diff`` (imports included, as ``/usr/bin/time -f %e`` reports it), interleaved
+rounds, medians; with ``--baseline DIR``, the same commands from that tree in the same rounds.
 """
 
 from __future__ import annotations
@@ -95,7 +97,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--cli", action="store_true", help="time the command line (see above)")
-    parser.add_argument("--baseline", metavar="DIR", help="with --cli: also time the source tree DIR, interleaved")
+    parser.add_argument("--baseline", metavar="DIR", help="also time the source tree DIR (a checkout of an earlier "
+                                                          "commit), interleaved")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--warm", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -115,18 +118,35 @@ def main() -> None:
         tiny = torchckpt.Checkpoint(**{f"layer{i}": torch.ones(2) for i in range(384)}).write(os.path.join(tmp, "tiny"))
         model = {f"blocks.{i // 10}.w{i % 10}": torch.ones(5, 2) for i in range(20_000)}
         many = torchckpt.Checkpoint(model=model).write(os.path.join(tmp, "many"))
-        cases = {"1.5 GB, 384 tensors": big, "3 KB, 384 tensors": tiny, "800 KB, 20,000 tensors": many}
-        cold: dict[str, list[float]] = {k: [] for k in cases}
-        warm: dict[str, list[float]] = {k: [] for k in cases}
+        # the same count with what a model has: many shapes (1,000 here) and two dtypes
+        mixed = {f"blocks.{i // 10}.w{i % 10}": torch.ones(i % 1000 + 1, dtype=torch.float32 if i % 3 else torch.bfloat16)
+                 for i in range(20_000)}
+        varied = torchckpt.Checkpoint(model=mixed).write(os.path.join(tmp, "varied"))
+        cases = {"1.5 GB, 384 tensors": big, "3 KB, 384 tensors": tiny, "800 KB, 20,000 tensors": many,
+                 "20,000 tensors, 1,000 shapes, 2 dtypes": varied}
+        trees = {"": None, **({" (baseline)": os.path.abspath(args.baseline)} if args.baseline else {})}
+        cold: dict[str, list[float]] = {k + t: [] for k in cases for t in trees}
+        warm: dict[str, list[float]] = {k + t: [] for k in cases for t in trees}
         for _ in range(args.rounds):  # interleaved rounds
             for label, path in cases.items():
-                cold[label].append(run_fresh(__file__, ["--child", path])["seconds"])
-                warm[label].append(run_fresh(__file__, ["--child", path, "--warm"])["seconds"])
+                for tree, root in trees.items():
+                    cold[label + tree].append(_fresh(["--child", path], root)["seconds"])
+                    warm[label + tree].append(_fresh(["--child", path, "--warm"], root)["seconds"])
     print(f"machine: {machine()}")
     print(f"load_checkpoint + shape and dtype maps, fresh process per measurement, median of {args.rounds} rounds:")
-    print(f"  {'checkpoint':24s} {'cold page cache':>18s} {'warm':>18s}")
-    for label in cases:
-        print(f"  {label:24s} {1000 * median(cold[label]):15.2f} ms {1000 * median(warm[label]):15.2f} ms")
+    print(f"  {'checkpoint':50s} {'cold page cache':>18s} {'warm':>18s}")
+    for label in cold:
+        print(f"  {label:50s} {1000 * median(cold[label]):15.2f} ms {1000 * median(warm[label]):15.2f} ms")
+
+
+def _fresh(args: list[str], root: str | None) -> dict[str, float]:
+    """A child measurement in a fresh process, importing the package from the source tree ``root``
+    (None: the one installed)."""
+    if root is None:
+        return run_fresh(__file__, args)
+    env = {**os.environ, "PYTHONPATH": root}
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
 if __name__ == "__main__":

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -19,8 +21,9 @@ from torchckpt._format import dtypes as format_dtypes
 from torchckpt._format import header as format_header
 from torchckpt._format import spec
 from torchckpt._save import options as save_options
+from torchckpt._tools import verify as tools_verify
 
-from .conftest import read_header_file, write_index
+from .conftest import read_header_file, sealed_json, write_index
 
 GOLDEN_HEADER = (
     b'\x88\x00\x00\x00\x00\x00\x00\x00{"__metadata__":{"format":"pt"},'
@@ -281,6 +284,113 @@ def test_index_that_disagrees_with_itself_is_refused(tmp_path, edit, match):
     with pytest.raises(CorruptCheckpointError, match=match) as info:
         torchckpt.Checkpoint(a=torch.zeros(2), b=torch.ones(3)).restore(path)
     assert info.value.path == path
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda i: i["weight_map"].update(a="model-00002-of-00002.safetensors"), "weight_map puts 'a' in"),
+        (lambda i: i["weight_map"].pop("b"), "weight_map has no entry for 'b'"),
+        (lambda i: i["weight_map"].update(ghost="model-00001-of-00001.safetensors"), "no shard holds: ghost"),
+    ],
+    ids=["wrong-shard", "missing-name", "extra-name"],
+)
+def test_the_inspector_checks_the_weight_map_once_it_reads_tensor_bytes(tmp_path, edit, match):
+    # The weight_map is for other tools (Hugging Face's loaders): the inspector answers shapes and
+    # dtypes from the tensor table without parsing it (half of a big index), and checks it, as a
+    # restore and verify do, before it first reads a tensor.
+    path = torchckpt.Checkpoint(a=torch.ones(2), b=torch.zeros(3)).write(tmp_path / "c")
+    index = json.loads(Path(path, "index.json").read_text())
+    edit(index)
+    write_index(path, index)
+    reader = torchckpt.load_checkpoint(path)
+    assert reader.get_variable_to_shape_map() == {"a": torch.Size([2]), "b": torch.Size([3])}
+    assert reader.get_variable_to_dtype_map() == {"a": torch.float32, "b": torch.float32}
+    for read in (reader.get_tensor, torchckpt.load_checkpoint(path).locate,
+                 lambda name: torchckpt.load_state(path)):
+        with pytest.raises(CorruptCheckpointError, match=match):
+            read("a")
+    with pytest.raises(CorruptCheckpointError, match=match):
+        torchckpt.Checkpoint(a=torch.zeros(2), b=torch.ones(3)).restore(path)
+    assert any(re.search(match, problem) for problem in tools_verify.verify(reader))
+
+
+def test_a_writers_weight_map_is_checked_without_reading_the_index_again(tmp_path, disk):
+    # Over 1,000 tensors the writer puts the map on one line: the inspector skips it, then checks
+    # its digest against the text the table encodes to. Another text is read again in full.
+    path = torchckpt.Checkpoint(**{f"t{i}": torch.full((2,), float(i)) for i in range(1500)}).write(tmp_path / "c")
+    index_reads = lambda: [a for point, a in disk.calls if point == "read_file" and a[0].endswith("index.json")]  # noqa: E731
+    reader = torchckpt.load_checkpoint(path)
+    assert torch.equal(reader.get_tensor("t7"), torch.full((2,), 7.0)) and len(index_reads()) == 1
+    index = json.loads(Path(path, "index.json").read_text())
+    Path(path, "index.json").write_bytes(sealed_json(index, lambda text: text.replace(b'"t0": ', b'"t0":  ')))
+    reader = torchckpt.load_checkpoint(path)  # the same map in another layout: right, but not as written
+    assert torch.equal(reader.get_tensor("t7"), torch.full((2,), 7.0)) and len(index_reads()) == 3
+
+
+def test_the_inspector_still_needs_a_weight_map(tmp_path):
+    path = torchckpt.Checkpoint(a=torch.ones(2)).write(tmp_path / "c")
+    index = json.loads(Path(path, "index.json").read_text())
+    index.pop("weight_map")
+    write_index(path, index)
+    with pytest.raises(CorruptCheckpointError, match="'weight_map' is missing") as info:
+        torchckpt.load_checkpoint(path)
+    assert info.value.path == path
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b'{\n "a": 1,\n "weight_map": {"x": "y", "z": "w"},\n "b": 2\n}', b'{\n "a": 1,\n "weight_map": {},\n "b": 2\n}'),
+        (b'{\n "weight_map": {"x": "y"}\n}', b'{\n "weight_map": {}\n}'),  # the last member: no comma
+        (b'{\n "weight_map": {\n  "x": "y"\n }\n}', None),  # laid out over lines (a small map): parsed
+        (b'{\n "weight_map": {"x": "y"', None),  # no line end
+        (b'{\n "weight_map": "x",\n "b": 2}', None),  # not an object
+        (b'{"a": "\\n \\"weight_map\\": {}"}', None),  # inside a string, escaped: no raw line break there
+        (b'{\n "weight_map": {"x": 1} ,\n "b": 2}', None),  # not as the writer lays it out
+    ],
+    ids=["middle", "last", "multi-line", "unterminated", "not-an-object", "in-a-string", "other-layout"],
+)
+def test_the_weight_map_is_cut_only_where_the_layout_is_the_writers(data, expected):
+    cut, value = format_document.cut_member_value(data, "weight_map")
+    assert cut == (data if expected is None else expected)
+    if expected is None:
+        assert value is None
+    else:
+        assert json.loads(cut) == {**json.loads(data), "weight_map": {}}
+        text = json.dumps(json.loads(data)["weight_map"]).encode()
+        assert value == xxhash.xxh3_64_intdigest(text) and text in data  # the digest of the value's text
+
+
+@pytest.mark.parametrize("top_level", [False, True], ids=["nested-only", "nested-first"])
+def test_a_nested_weight_map_key_at_line_start_is_read_as_a_restore_reads_it(tmp_path, top_level):
+    # A forged index with a "weight_map" key nested in "metadata" but laid out at a top-level line
+    # start, alone or before the real one: the inspector's cut empties the nested one, finds no
+    # empty top-level map, and reads the index in full, as a restore does.
+    path = torchckpt.Checkpoint(a=torch.ones(2)).write(tmp_path / "c")
+    index = json.loads(Path(path, "index.json").read_text())
+    files = index["weight_map"] if top_level else index.pop("weight_map")
+    index["metadata"]["weight_map"] = files
+    Path(path, "index.json").write_bytes(sealed_json(index, lambda text: text.replace(b'"metadata": {', b'"metadata": {\n ')))
+    if top_level:
+        assert torchckpt.load_checkpoint(path).get_variable_to_shape_map() == {"a": torch.Size([2])}
+        torchckpt.Checkpoint(a=torch.zeros(2)).restore(path).assert_consumed()
+        return
+    for read in (torchckpt.load_checkpoint, lambda p: torchckpt.Checkpoint(a=torch.zeros(2)).restore(p)):
+        with pytest.raises(CorruptCheckpointError, match="'weight_map' is missing"):
+            read(path)
+
+
+@pytest.mark.parametrize("dtypes", [",F32F32", "F32", "F32,F32,F32", "F32F32,"], ids=["empty-first", "one-short",
+                                                                                     "one-over", "empty-last"])
+def test_a_dtype_column_that_does_not_split_into_its_tensors_is_refused(tmp_path, dtypes):
+    path = torchckpt.Checkpoint(a=torch.ones(2), b=torch.ones(2)).write(tmp_path / "c")
+    index = json.loads(Path(path, "index.json").read_text())
+    index["torchckpt"]["tensors"]["dtypes"] = dtypes
+    write_index(path, index)
+    for read in (torchckpt.load_checkpoint, lambda p: torchckpt.Checkpoint(a=torch.zeros(2), b=torch.zeros(2)).restore(p)):
+        with pytest.raises(CorruptCheckpointError, match="do not all describe 2 tensors|dtype"):
+            read(path)
 
 
 def test_newer_format_version_says_upgrade(tmp_path):

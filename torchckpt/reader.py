@@ -95,7 +95,7 @@ class CheckpointReader:
     @classmethod
     def _from_torchckpt(cls, directory: str, storage: Storage) -> CheckpointReader:
         reader = cls(directory, "torchckpt", storage)
-        index = load_opened.load_index(directory, storage)
+        index = load_opened.load_index(directory, storage, check_weight_map=False)  # checked in _info
         reader._index = index
         reader._names, reader._dtypes, reader._shapes = index.names, index.dtypes, index.shapes
         reader._aliases = index.aliases
@@ -180,6 +180,10 @@ class CheckpointReader:
 
     def _by_name(self, column: list[str], known: dict[str, Any]) -> dict[str, Any]:
         """Every tensor name (aliases too) -> ``known`` of its entry in ``column`` (dtypes or shapes)."""
+        built = next((m for m in (self._shape_map, self._dtype_map, self._dims_map, self._dtype_name_map)
+                      if m is not None), None)
+        if built is not None and len(known) == 1:  # one value for every name (one dtype): keys copied, not hashed
+            return dict.fromkeys(built, next(iter(known.values())))
         values = dict(zip(self._names, map(known.__getitem__, column)))
         for alias, target in self._aliases.items():
             values[alias] = values[target]
@@ -272,7 +276,8 @@ class CheckpointReader:
         uses (every shard header checked against the index once); for plain safetensors, its
         validated header entry."""
         if self._index is not None:
-            if self._infos is None:
+            if self._infos is None:  # the first read of bytes: what the inspection did not need is checked now
+                load_opened.check_weight_map(self._index, self.storage)
                 with load_opened.OpenShards(self._index, self.storage) as shards:
                     self._infos = load_opened.read_shard_headers(self._index, shards)
             return self._infos[name]

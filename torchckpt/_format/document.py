@@ -120,6 +120,34 @@ def unseal(data: bytes, path: str, what: str) -> str:
     return recorded
 
 
+def cut_member_value(data: bytes, key: str) -> tuple[bytes, int | None]:
+    """``data`` with the value of its top-level member ``key`` emptied to ``{}``, and the xxh3-64 of
+    that value's bytes, where it is an object on one line, as :func:`sealed_pieces` lays out a big
+    one; else ``(data, None)``.
+
+    For a reader that needs the member later or not at all (the lazy inspector and the Hugging
+    Face ``weight_map``: half of a big index's bytes and most of its parsing): it then costs a
+    search, not a parse. Safe on any bytes: a JSON string holds no raw line break, so the marker,
+    a line break then one space then the key, starts a line of the layout; whatever is cut, the
+    rest is parsed and checked like any index (a cut that was not a whole object fails to parse,
+    or leaves no empty top-level ``key``, which the caller checks). The digest tells later whether
+    the value was the text a writer would encode (no copy of it is kept: a big index's bytes are
+    freed for what the reader builds next).
+    """
+    marker = b'\n "' + key.encode() + b'": {'
+    start = data.find(marker)
+    if start < 0:
+        return data, None
+    start += len(marker) - 1
+    end = data.find(b"\n", start)
+    if end < 0:
+        return data, None
+    end -= data[end - 1 : end] == b","
+    if end - start < 2 or data[end - 1 : end] != b"}":
+        return data, None
+    return b"".join((data[:start], b"{}", data[end:])), xxhash.xxh3_64_intdigest(memoryview(data)[start:end])
+
+
 def parse_json(data: bytes, path: str, what: str) -> Any:
     """Decode JSON from bytes, every failure a :class:`CorruptCheckpointError` naming ``path``.
 

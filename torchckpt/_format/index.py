@@ -14,11 +14,15 @@ and each tensor's location is one small tuple built by C-level calls.
 from __future__ import annotations
 
 import array
+import contextlib
 import itertools
+import json
 import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any
+
+import xxhash
 
 from torchckpt import _clock
 from torchckpt._format import blocks as format_blocks
@@ -26,7 +30,7 @@ from torchckpt._format import chunks as format_chunks
 from torchckpt._format import document as format_document
 from torchckpt._format import dtypes as format_dtypes
 from torchckpt._format import spec as format_spec
-from torchckpt._format.spec import INDEX_FILE, TORCHCKPT_KEY
+from torchckpt._format.spec import INDEX_FILE, TORCHCKPT_KEY, WEIGHT_MAP_KEY
 from torchckpt._paths import join
 from torchckpt._threads import gc_paused
 from torchckpt._version import __version__
@@ -42,7 +46,7 @@ def index_document(total_size: int, weight_map: Any, format_version: int, sectio
 
     return {
         "metadata": {"total_size": total_size},
-        "weight_map": weight_map,
+        WEIGHT_MAP_KEY: weight_map,
         TORCHCKPT_KEY: {
             "format_version": format_version,
             "created": _clock.now(),
@@ -87,6 +91,7 @@ class Index:
     layout: format_chunks.Layout = field(default_factory=format_chunks.Layout)  # format 2: chunks and per-rank names
     blocks: format_blocks.BlockSums | None = None  # format 3: block checksums (None: whole tensors only)
     seal: str = ""  # the seal it ends with: another index at the same path means another checkpoint
+    weight_map_digest: int | None = None  # the unparsed weight_map's xxh3-64 (see weight_map_as_written)
 
     @property
     def world_size(self) -> int:
@@ -119,9 +124,14 @@ def corrupt_index(directory: str, what: str) -> CorruptCheckpointError:
     return CorruptCheckpointError(f"{join(directory, INDEX_FILE)} is invalid: {what}.", directory)
 
 
-def parse_index(directory: str, data: bytes) -> Index:
+def parse_index(directory: str, data: bytes, check_weight_map: bool = True) -> Index:
     """Check and parse the bytes of ``DIRECTORY/index.json``, however they were read (a local file,
     a GET, a test).
+
+    ``check_weight_map=False`` is for a reader that may never need the Hugging Face ``weight_map``
+    (the lazy inspector answers from the tensor table): where the map is one line, as the writers
+    lay out a big one, it is not parsed; its digest is kept (``weight_map_digest``) for
+    :func:`weight_map_as_written`, before the reader first locates a tensor's bytes.
 
     Raises:
         CorruptCheckpointError: the index is damaged, malformed, hostile, or from an unknown format
@@ -129,6 +139,22 @@ def parse_index(directory: str, data: bytes) -> Index:
     """
     path = join(directory, INDEX_FILE)
     seal = format_document.unseal(data, path, "checkpoint index")
+    if not check_weight_map:
+        cut, deferred = format_document.cut_member_value(data, WEIGHT_MAP_KEY)
+        if deferred is not None:
+            with contextlib.suppress(CorruptCheckpointError):  # a forged layout: read as a restore reads it
+                index = _parsed(directory, path, seal, cut, deferred)
+                if index is not None:
+                    return index
+    index = _parsed(directory, path, seal, data, None)
+    assert index is not None
+    return index
+
+
+def _parsed(directory: str, path: str, seal: str, data: bytes, deferred: int | None) -> Index | None:
+    """:func:`parse_index` of the sealed bytes ``data``, in which the ``weight_map`` is either in
+    place (``deferred`` None) or cut out (the digest of its text ``deferred``): None when what was
+    cut was no top-level map."""
     with gc_paused():  # parsing allocates many small objects; collections in between only cost time
         raw = format_document.parse_json(data, path, "checkpoint index")
     del data
@@ -141,8 +167,8 @@ def parse_index(directory: str, data: bytes) -> Index:
     table, shards, aliases = section["tensors"], section["shards"], section["aliases"]
     names, dtypes, shapes, checksums = (table[k] for k in ("names", "dtypes", "shapes", "checksums"))
     n = len(names)
-    dtypes = _shared(dtypes.split(format_spec.DTYPE_SEP)) if n else []
-    shapes = _shared(shapes.split(format_spec.SHAPE_SEP)) if n else []
+    dtypes = _column(dtypes, format_spec.DTYPE_SEP, n)
+    shapes = _column(shapes, format_spec.SHAPE_SEP, n)
     if len(dtypes) != n or len(shapes) != n or len(checksums) != n * format_spec.CHECKSUM_CHARS:
         raise corrupt_index(directory, f"the tensor table's columns do not all describe {n} tensors")
     where = f"in {path}"
@@ -163,8 +189,28 @@ def parse_index(directory: str, data: bytes) -> Index:
             raise
     if aliases:
         _check_aliases(directory, aliases, set(names) | set(layout.chunked))
-    _check_weight_map(directory, raw, names, shards)
-    return Index(directory, raw, names, dtypes, shapes, checksums, shards, aliases, layout, blocks, seal)
+    if deferred is None:
+        _check_weight_map(directory, raw, names, shards)
+    elif raw.pop(WEIGHT_MAP_KEY, None) != {}:  # what was cut was no top-level map (a forged layout)
+        return None
+    return Index(directory, raw, names, dtypes, shapes, checksums, shards, aliases, layout, blocks, seal, deferred)
+
+
+def weight_map_as_written(index: Index) -> bool:
+    """Whether the ``weight_map`` :func:`parse_index` left unparsed is the text a writer encodes
+    from this tensor table (or none was left): then it maps exactly the table's tensors to their
+    shards. False: it is another text (another writer's layout, or a wrong map), which only a full
+    parse of the index can judge.
+    """
+    if index.weight_map_digest is None:
+        return True
+    files = itertools.chain.from_iterable(itertools.repeat(s["file"], s["tensors"]) for s in index.shards)
+    with gc_paused():
+        expected = json.dumps(dict(zip(index.names, files)), ensure_ascii=False).encode()
+    if xxhash.xxh3_64_intdigest(expected) != index.weight_map_digest:
+        return False
+    index.weight_map_digest = None
+    return True
 
 
 def _version_of(directory: str, section: dict[str, Any]) -> int:
@@ -188,13 +234,14 @@ def _check_section(directory: str, raw: dict[str, Any], section: dict[str, Any])
         raise corrupt_index(directory, "'tensors', 'shards' and 'aliases' must be present")
     section.setdefault("aliases", aliases)
     names = table.get("names")
-    if not isinstance(names, list) or not all(type(n) is str for n in names) or not all(
+    if not isinstance(names, list) or not set(map(type, names)) <= {str} or not all(  # C-level: 20,000 names
             isinstance(table.get(k), str) for k in ("dtypes", "shapes", "checksums")):
         raise corrupt_index(directory, "the tensor table needs a 'names' list of strings and 'dtypes', 'shapes', "
                                        "'checksums' strings")
     try:  # a lone surrogate ("\ud800" in the JSON) is no name a file system or terminal can take
-        "".join(names).encode()
-        "".join(aliases).encode()
+        for text in ("".join(names), "".join(aliases)):
+            if not text.isascii():  # O(1): CPython knows whether a string is ASCII
+                text.encode()
     except UnicodeEncodeError:
         raise corrupt_index(directory, "a tensor name is not valid Unicode") from None
     objects = section.get("objects", {})
@@ -252,9 +299,17 @@ def _is_hex(value: Any) -> bool:
 _HEX16 = re.compile(r"[0-9a-f]{16}")
 
 
-def _shared(parts: list[str]) -> list[str]:
-    """``parts`` with equal strings replaced by one object (20,000 tensors share a few dtypes and shapes)."""
+def _column(text: str, separator: str, n: int) -> list[str]:
+    """A column of the tensor table (``n`` entries joined by ``separator``), split, with equal
+    strings shared: 20,000 tensors have a few dtypes and shapes. A column of one value repeated
+    (every tensor of one dtype, the usual case) is told by one comparison, without 20,000 strings."""
+    if not n:
+        return [] if not text else [text]  # entries without tensors: the length check reports it
+    first = text.partition(separator)[0]
+    if len(text) == n * (len(first) + 1) - 1 and text == separator.join(itertools.repeat(first, n)):
+        return [first] * n
     seen: dict[str, str] = {}
+    parts = text.split(separator)
     return list(map(seen.setdefault, parts, parts))
 
 
@@ -264,9 +319,9 @@ def _check_weight_map(directory: str, raw: dict[str, Any], names: list[str], sha
     Once checked it is dropped from ``raw``: the tensor table says the same, and for 20,000 tensors
     the map's 40,000 strings would otherwise stay in memory for the whole restore.
     """
-    weight_map = raw.pop("weight_map", None)
+    weight_map = raw.pop(WEIGHT_MAP_KEY, None)
     if not isinstance(weight_map, dict):
-        raise corrupt_index(directory, "'weight_map' is missing")
+        raise corrupt_index(directory, f"{WEIGHT_MAP_KEY!r} is missing")
     expected = dict(zip(names, itertools.chain.from_iterable(itertools.repeat(s["file"], s["tensors"]) for s in shards)))
     if len(expected) == len(names) and weight_map == expected:  # compared in C; the walk below names a difference
         return

@@ -30,6 +30,7 @@ DELETING_FILE = ".torchckpt-deleting"  # on an object store: a checkpoint being 
 TMP_MARKER = ".torchckpt-tmp-"  # on a file system: ``<name>.torchckpt-tmp-<pid>-h<host>-<random>``, being written
 OLD_MARKER = ".torchckpt-old-"  # on a file system: ``<name>.torchckpt-old-...``, replaced or deleted, being removed
 TORCHCKPT_KEY = "torchckpt"  # the index's own section, beside Hugging Face's keys
+WEIGHT_MAP_KEY = "weight_map"  # the index's Hugging Face map of tensor names to shard files
 MANAGER_KEY = "manager"  # in a checkpoint's metadata: the checkpoint_name of the manager that wrote it
 REUSED_KEY = "reused"  # in the index's section: {"base": checkpoint, "files": {file here: file there}} of an incremental save
 SAVE_COUNTER = "save_counter"  # a Checkpoint's counter, a top-level key of the saved state tree

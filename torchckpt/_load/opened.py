@@ -46,8 +46,9 @@ from torchckpt.errors import (
 )
 
 
-def load_index(directory: str, storage: Storage) -> Index:
-    """Read and check ``DIRECTORY/index.json`` on ``storage``: its seal, then every field a reader uses.
+def load_index(directory: str, storage: Storage, check_weight_map: bool = True) -> Index:
+    """Read and check ``DIRECTORY/index.json`` on ``storage``: its seal, then every field a reader uses
+    (the Hugging Face ``weight_map`` only with ``check_weight_map``; see ``parse_index``).
 
     Raises:
         CheckpointNotFoundError: there is no committed checkpoint at ``directory``.
@@ -55,7 +56,7 @@ def load_index(directory: str, storage: Storage) -> Index:
             version; ``.path`` is the checkpoint directory.
     """
     try:
-        return format_index.parse_index(directory, _read_index(directory, storage))
+        return format_index.parse_index(directory, _read_index(directory, storage), check_weight_map)
     except CorruptCheckpointError as e:
         if e.path is None:
             e.path = directory
@@ -167,12 +168,7 @@ class OpenShards:
             return error
         if not self.seal or seal == self.seal:
             return error
-        replaced = CheckpointDeletedError(
-            f"Checkpoint {self.directory} was replaced while it was being read: a save under the same number (an "
-            f"explicit checkpoint_number) committed another checkpoint there, which the index read before does not "
-            f"describe ({error}). Neither checkpoint is damaged; read it again.",
-            self.directory,
-        )
+        replaced = replaced_meanwhile(self.directory, str(error))
         replaced.__cause__ = error
         return replaced
 
@@ -230,6 +226,34 @@ class _Sources(dict[str, Source]):
         self.clear()
         for source in sources:
             source.close()
+
+
+def replaced_meanwhile(directory: str, found: str) -> CheckpointDeletedError:
+    """The error for a checkpoint replaced by another under the same path since its index was read;
+    ``found`` says how that showed."""
+    return CheckpointDeletedError(
+        f"Checkpoint {directory} was replaced while it was being read: a save under the same number (an explicit "
+        f"checkpoint_number) committed another checkpoint there, which the index read before does not describe "
+        f"({found}). Neither checkpoint is damaged; read it again.",
+        directory,
+    )
+
+
+def check_weight_map(index: Index, storage: Storage) -> None:
+    """Before a reader that skipped it (``load_index(..., check_weight_map=False)``) first reads
+    tensor bytes: the ``weight_map`` is what the table encodes to, or the index, read again in full,
+    checks it.
+
+    Raises:
+        CorruptCheckpointError: the map does not map exactly the table's tensors to their shards.
+        CheckpointDeletedError: the checkpoint was replaced or deleted since its index was read.
+    """
+    if format_index.weight_map_as_written(index):
+        return
+    again = load_index(index.directory, storage)  # every entry checked against the table
+    if again.seal != index.seal:
+        raise replaced_meanwhile(index.directory, "its index changed")
+    index.weight_map_digest = None
 
 
 def distrust_damaged(storage: Storage, error: BaseException | None, paths: set[str] | None = None) -> None:
