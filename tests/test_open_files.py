@@ -85,8 +85,9 @@ def test_past_the_hard_limit_a_resume_raises_a_read_error_and_falls_back_to_noth
     (errno.EACCES, torchckpt.CheckpointReadError),
     (errno.ENOMEM, torchckpt.CheckpointReadError),
     (errno.ETIMEDOUT, torchckpt.CheckpointReadError),
+    (errno.ESTALE, torchckpt.CheckpointReadError),  # NFS: deleted or replaced by another client, not damaged
     (errno.EIO, torchckpt.CorruptCheckpointError),
-], ids=["emfile", "eacces", "enomem", "etimedout", "eio"])
+], ids=["emfile", "eacces", "enomem", "etimedout", "estale", "eio"])
 def test_an_error_of_the_process_is_a_read_error_and_one_of_the_disk_is_damage(tmp_path, disk, code, kind):
     """A shard the system will not read: out of a resource, no permission or a network that failed
     is the process's or the machine's (CheckpointReadError, an OSError with the errno); an I/O
@@ -99,6 +100,8 @@ def test_an_error_of_the_process_is_a_read_error_and_one_of_the_disk_is_damage(t
     assert caught.value.path.endswith(".safetensors")
     if kind is torchckpt.CheckpointReadError:
         assert caught.value.errno == code and "not treated as damaged" in str(caught.value)
+    if code == errno.ESTALE:
+        assert "deleted or replaced on the server" in str(caught.value)
 
 
 class _DataReadsFail:

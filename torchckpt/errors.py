@@ -295,13 +295,16 @@ def _is_local_cause(error: OSError) -> bool:
 
 _LOCAL_CAUSES = frozenset(getattr(errno, name) for name in (
     "EMFILE", "ENFILE", "ENOMEM", "ENOBUFS", "EACCES", "EPERM", "EAGAIN", "EINTR", "ETIMEDOUT", "ENOLCK",
-    "ECONNRESET", "ECONNREFUSED", "ECONNABORTED", "ENETDOWN", "ENETUNREACH", "EHOSTUNREACH", "ENOTCONN",
+    "ECONNRESET", "ECONNREFUSED", "ECONNABORTED", "ENETDOWN", "ENETUNREACH", "EHOSTUNREACH", "ENOTCONN", "ESTALE",
 ) if hasattr(errno, name))
 _HINTS = {
     errno.EMFILE: "A restore holds every shard of a checkpoint open at once, and this process may not open "
                   "that many files: raise its limit (`ulimit -n`, or its hard limit). ",
     errno.ENFILE: "The system's table of open files is full: close files elsewhere, or raise fs.file-max. ",
     errno.EACCES: "This process may not read it: check the file's permissions and owner. ",
+    errno.ESTALE: "A network file system's handle to it went stale: the file was deleted or replaced on the "
+                  "server (by another client's retention, or a save under the same number), or the server "
+                  "restarted; restore again (a newer checkpoint, if this one is gone). ",
 }
 
 
