@@ -332,6 +332,23 @@ def test_ls_lists_a_damaged_checkpoint_without_its_own_bytes(frozen_run, capsys)
     assert listed["ckpt-2"]["own_size"] == listed["ckpt-2"]["total_size"] - BACKBONE_BYTES  # its link is still shared
 
 
+def test_ls_marks_a_checkpoint_whose_weight_map_is_wrong_damaged(tmp_path, capsys):
+    # Over 1,000 tensors the map is one line, which opening a checkpoint skips; ls checks it.
+    manager = torchckpt.CheckpointManager(torchckpt.Checkpoint(**{f"t{i}": torch.ones(1) for i in range(1100)}),
+                                          tmp_path / "run")
+    first = manager.save()
+    manager.save()
+    manager.close()
+    index = read_index(first)
+    index["weight_map"]["t5"] = "model-00002-of-00002.safetensors"
+    write_index(first, index)
+    assert main(["ls", str(tmp_path / "run"), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert err.startswith("warning: ckpt-1 is damaged") and "weight_map puts 't5' in" in err
+    listed = {r["name"]: r for r in json.loads(out)["checkpoints"]}
+    assert "problem" in listed["ckpt-1"] and "problem" not in listed["ckpt-2"], listed
+
+
 @pytest.mark.parametrize("remote", ["memory"], indirect=True)
 def test_on_an_object_store_a_reused_shard_is_a_copy_of_its_own(remote, capsys):
     torch.manual_seed(0)

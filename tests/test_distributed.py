@@ -80,7 +80,7 @@ def test_a_process_error_at_a_lazy_open_is_a_read_error_on_every_rank_with_its_e
 def test_a_checkpoint_replaced_before_the_lazy_opens_is_not_called_damaged_on_any_rank(world2):
     """Another checkpoint takes the path (a save under the same number) between the ranks' read of
     the index and their opens of their shards: their checksums fail against the old index, and
-    every rank says it was replaced, not damaged (a resume would have recorded it damaged)."""
+    every rank says it was replaced, not damaged."""
     for result in ok(world2, "opens_its_own_shards", 2):
         error = result["replaced"]
         assert error["type"] == "CheckpointDeletedError", error

@@ -352,7 +352,7 @@ def test_the_inspector_still_needs_a_weight_map(tmp_path):
     ids=["middle", "last", "multi-line", "unterminated", "not-an-object", "in-a-string", "other-layout"],
 )
 def test_the_weight_map_is_cut_only_where_the_layout_is_the_writers(data, expected):
-    cut, value = format_document.cut_member_value(data, "weight_map")
+    cut, value = format_document.cut_member_value(data, "weight_map", b"{}")
     assert cut == (data if expected is None else expected)
     if expected is None:
         assert value is None
@@ -362,23 +362,45 @@ def test_the_weight_map_is_cut_only_where_the_layout_is_the_writers(data, expect
         assert value == xxhash.xxh3_64_intdigest(text) and text in data  # the digest of the value's text
 
 
-@pytest.mark.parametrize("top_level", [False, True], ids=["nested-only", "nested-first"])
-def test_a_nested_weight_map_key_at_line_start_is_read_as_a_restore_reads_it(tmp_path, top_level):
-    # A forged index with a "weight_map" key nested in "metadata" but laid out at a top-level line
-    # start, alone or before the real one: the inspector's cut empties the nested one, finds no
-    # empty top-level map, and reads the index in full, as a restore does.
+def _nested_map(index: dict, top_level: dict | None) -> bytes:
+    """The index with its right map nested in "metadata" at a line's start, and ``top_level`` (None:
+    no top-level map) as the top-level one: a forged layout."""
+    files = index.pop("weight_map")
+    index["metadata"] = {"weight_map": files, **index["metadata"]}  # first: the line it starts is "weight_map"'s
+    if top_level is not None:
+        index["weight_map"] = top_level
+    return sealed_json(index, lambda text: text.replace(b'"metadata": {', b'"metadata": {\n '))
+
+
+@pytest.mark.parametrize(
+    ("forge", "match"),
+    [
+        (lambda i: _nested_map(i, None), "'weight_map' is missing"),
+        (lambda i: _nested_map(i, {}), "weight_map has no entry for 'a'"),  # the cut one is right, the real one empty
+        (lambda i: sealed_json(i, lambda text: text + b',\n "weight_map": {}'), "weight_map has no entry for 'a'"),
+        (lambda i: sealed_json({**i, "torchckpt": {**i["torchckpt"], "tensors": {
+            **i["torchckpt"]["tensors"], "names": ["a", "a"]}}}), "lists it twice"),
+    ],
+    ids=["nested-only", "nested-and-empty", "a-second-empty-map", "a-name-twice"],
+)
+def test_a_forged_weight_map_layout_is_refused_by_the_inspector_as_by_a_restore(tmp_path, forge, match):
+    # The inspector's cut of the map is trusted only where what it cut was the one top-level map
+    # (parsed back as its random placeholder) and names are unique; else it reads the index in full.
+    path = torchckpt.Checkpoint(a=torch.ones(2), b=torch.ones(2)).write(tmp_path / "c")
+    index = json.loads(Path(path, "index.json").read_text())
+    Path(path, "index.json").write_bytes(forge(index))
+    for read in (torchckpt.load_checkpoint, lambda p: torchckpt.Checkpoint(a=torch.zeros(2), b=torch.zeros(2)).restore(p)):
+        with pytest.raises(CorruptCheckpointError, match=match):
+            read(path)
+
+
+def test_a_nested_weight_map_key_before_the_real_one_is_read_as_a_restore_reads_it(tmp_path):
     path = torchckpt.Checkpoint(a=torch.ones(2)).write(tmp_path / "c")
     index = json.loads(Path(path, "index.json").read_text())
-    files = index["weight_map"] if top_level else index.pop("weight_map")
-    index["metadata"]["weight_map"] = files
-    Path(path, "index.json").write_bytes(sealed_json(index, lambda text: text.replace(b'"metadata": {', b'"metadata": {\n ')))
-    if top_level:
-        assert torchckpt.load_checkpoint(path).get_variable_to_shape_map() == {"a": torch.Size([2])}
-        torchckpt.Checkpoint(a=torch.zeros(2)).restore(path).assert_consumed()
-        return
-    for read in (torchckpt.load_checkpoint, lambda p: torchckpt.Checkpoint(a=torch.zeros(2)).restore(p)):
-        with pytest.raises(CorruptCheckpointError, match="'weight_map' is missing"):
-            read(path)
+    Path(path, "index.json").write_bytes(_nested_map(index, dict(index["weight_map"])))
+    assert torchckpt.load_checkpoint(path).get_variable_to_shape_map() == {"a": torch.Size([2])}
+    assert torchckpt.load_checkpoint(path).metadata["format"] == "torchckpt"
+    torchckpt.Checkpoint(a=torch.zeros(2)).restore(path).assert_consumed()
 
 
 @pytest.mark.parametrize("dtypes", [",F32F32", "F32", "F32,F32,F32", "F32F32,"], ids=["empty-first", "one-short",

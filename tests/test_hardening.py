@@ -466,7 +466,7 @@ def test_a_restore_that_has_opened_its_shards_survives_the_deletion(tmp_path, di
 def test_a_checkpoint_replaced_before_its_shards_open_is_not_called_damaged(tmp_path, disk, new_value):
     # A save under the same number replaces ckpt-1 between the read of its index and the open of its
     # shard: the new shard fails the old index's checks (its checksum, or its header), yet neither
-    # checkpoint is damaged. The reader is told to read it again, and a resume would not record it.
+    # checkpoint is damaged. The reader (a follower, which holds no claim) is told to read it again.
     mgr = CheckpointManager(torchckpt.Checkpoint(w=torch.arange(5.0)), tmp_path, incremental=False)
     first = mgr.save()
 
@@ -483,6 +483,18 @@ def test_a_checkpoint_replaced_before_its_shards_open_is_not_called_damaged(tmp_
     w = torch.zeros(len(new_value))
     torchckpt.Checkpoint(w=w).read(first).assert_consumed()  # read again: the new one
     assert torch.equal(w, new_value)
+
+
+def test_a_checkpoint_replaced_by_one_of_other_shards_before_they_open_is_not_called_damaged(tmp_path, disk):
+    # The new checkpoint has two shards where the old one had one: the old index's shard is gone.
+    path = torchckpt.Checkpoint(a=torch.ones(1000), b=torch.ones(1000)).write(tmp_path / "c")
+    replace = lambda file, what: torchckpt.Checkpoint(a=torch.zeros(1000), b=torch.zeros(1000)).write(  # noqa: E731
+        path, max_shard_size=4096)
+    disk.before("open", replace, times=1)
+    with pytest.raises(torchckpt.CheckpointDeletedError, match="was replaced while it was being read") as info:
+        torchckpt.Checkpoint(a=torch.ones(1000), b=torch.ones(1000)).read(path)
+    assert "is missing" in str(info.value) and info.value.path == path
+    assert len([n for n in os.listdir(path) if n.endswith(".safetensors")]) == 2
 
 
 def test_a_shard_damaged_while_its_index_stays_is_still_damage(tmp_path, disk):

@@ -24,6 +24,7 @@ from torchckpt._format import dtypes as format_dtypes
 from torchckpt._format import spec
 from torchckpt._history import members as history_members
 from torchckpt._history import state as history_state
+from torchckpt._load import recheck
 from torchckpt._paths import is_url, join, name_of
 from torchckpt._progress import progress_bar
 from torchckpt._storage.base import Storage
@@ -171,6 +172,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
         problem = None
         try:
             reader = _load(args, join(directory, name))
+            if reader.index is not None:  # what opening deferred: a listing marks a wrong weight_map damaged
+                recheck.check_weight_map(reader.index, reader.storage)
             meta = reader.metadata
             sharing = tool_sharing.sharing_of(reader)
             own = sharing.own_bytes if sharing else None

@@ -32,7 +32,7 @@ from torchckpt._format import keypath
 from torchckpt._format import tree as format_tree
 from torchckpt._format.dtypes import TensorInfo
 from torchckpt._format.spec import INDEX_FILE
-from torchckpt._load import foreign, stream
+from torchckpt._load import foreign, recheck, stream
 from torchckpt._load import opened as load_opened
 from torchckpt._paths import as_path, join, name_of
 from torchckpt._storage.base import Source, Storage
@@ -95,7 +95,7 @@ class CheckpointReader:
     @classmethod
     def _from_torchckpt(cls, directory: str, storage: Storage) -> CheckpointReader:
         reader = cls(directory, "torchckpt", storage)
-        index = load_opened.load_index(directory, storage, check_weight_map=False)  # checked in _info
+        index = load_opened.load_index(directory, storage, defer_weight_map=True)  # checked in _info
         reader._index = index
         reader._names, reader._dtypes, reader._shapes = index.names, index.dtypes, index.shapes
         reader._aliases = index.aliases
@@ -277,8 +277,9 @@ class CheckpointReader:
         validated header entry."""
         if self._index is not None:
             if self._infos is None:  # the first read of bytes: what the inspection did not need is checked now
-                load_opened.check_weight_map(self._index, self.storage)
-                with load_opened.OpenShards(self._index, self.storage) as shards:
+                recheck.check_weight_map(self._index, self.storage)
+                with recheck.noticing(self.path, self._index.seal, self.storage), \
+                        load_opened.OpenShards(self._index, self.storage) as shards:
                     self._infos = load_opened.read_shard_headers(self._index, shards)
             return self._infos[name]
         file = self._files[name]

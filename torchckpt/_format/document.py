@@ -120,19 +120,19 @@ def unseal(data: bytes, path: str, what: str) -> str:
     return recorded
 
 
-def cut_member_value(data: bytes, key: str) -> tuple[bytes, int | None]:
-    """``data`` with the value of its top-level member ``key`` emptied to ``{}``, and the xxh3-64 of
-    that value's bytes, where it is an object on one line, as :func:`sealed_pieces` lays out a big
-    one; else ``(data, None)``.
+def cut_member_value(data: bytes, key: str, placeholder: bytes) -> tuple[bytes, int | None]:
+    """``data`` with the value of its top-level member ``key`` replaced by ``placeholder``, and the
+    xxh3-64 of that value's bytes, where it is an object on one line, as :func:`sealed_pieces` lays
+    out a big one; else ``(data, None)``.
 
     For a reader that needs the member later or not at all (the lazy inspector and the Hugging
     Face ``weight_map``: half of a big index's bytes and most of its parsing): it then costs a
-    search, not a parse. Safe on any bytes: a JSON string holds no raw line break, so the marker,
-    a line break then one space then the key, starts a line of the layout; whatever is cut, the
-    rest is parsed and checked like any index (a cut that was not a whole object fails to parse,
-    or leaves no empty top-level ``key``, which the caller checks). The digest tells later whether
-    the value was the text a writer would encode (no copy of it is kept: a big index's bytes are
-    freed for what the reader builds next).
+    search, not a parse. The marker, a line break then one space then the key, starts a line of
+    the layout (a JSON string holds no raw line break), but forged bytes can put it elsewhere (a
+    nested key at a line's start, the key twice): the caller parses the rest, and trusts the cut
+    only where the parsed top-level ``key`` is exactly its ``placeholder`` (an object of a random
+    key, which no forger can write in advance). The digest tells later whether the value was the
+    text a writer would encode, without keeping a copy of it.
     """
     marker = b'\n "' + key.encode() + b'": {'
     start = data.find(marker)
@@ -145,7 +145,7 @@ def cut_member_value(data: bytes, key: str) -> tuple[bytes, int | None]:
     end -= data[end - 1 : end] == b","
     if end - start < 2 or data[end - 1 : end] != b"}":
         return data, None
-    return b"".join((data[:start], b"{}", data[end:])), xxhash.xxh3_64_intdigest(memoryview(data)[start:end])
+    return b"".join((data[:start], placeholder, data[end:])), xxhash.xxh3_64_intdigest(memoryview(data)[start:end])
 
 
 def parse_json(data: bytes, path: str, what: str) -> Any:

@@ -17,6 +17,7 @@ import array
 import contextlib
 import itertools
 import json
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -124,14 +125,15 @@ def corrupt_index(directory: str, what: str) -> CorruptCheckpointError:
     return CorruptCheckpointError(f"{join(directory, INDEX_FILE)} is invalid: {what}.", directory)
 
 
-def parse_index(directory: str, data: bytes, check_weight_map: bool = True) -> Index:
+def parse_index(directory: str, data: bytes, defer_weight_map: bool = False) -> Index:
     """Check and parse the bytes of ``DIRECTORY/index.json``, however they were read (a local file,
     a GET, a test).
 
-    ``check_weight_map=False`` is for a reader that may never need the Hugging Face ``weight_map``
-    (the lazy inspector answers from the tensor table): where the map is one line, as the writers
-    lay out a big one, it is not parsed; its digest is kept (``weight_map_digest``) for
-    :func:`weight_map_as_written`, before the reader first locates a tensor's bytes.
+    ``defer_weight_map`` is for a reader that may never need the Hugging Face ``weight_map`` (the
+    lazy inspector answers from the tensor table): where the map is one line, as the writers lay
+    out a big one, it is not parsed; its digest is kept (``weight_map_digest``) for
+    :func:`weight_map_as_written`, before the reader first locates a tensor's bytes. Everything
+    else is checked as without it (tensor names are still unique).
 
     Raises:
         CorruptCheckpointError: the index is damaged, malformed, hostile, or from an unknown format
@@ -139,11 +141,12 @@ def parse_index(directory: str, data: bytes, check_weight_map: bool = True) -> I
     """
     path = join(directory, INDEX_FILE)
     seal = format_document.unseal(data, path, "checkpoint index")
-    if not check_weight_map:
-        cut, deferred = format_document.cut_member_value(data, WEIGHT_MAP_KEY)
-        if deferred is not None:
+    if defer_weight_map:
+        placeholder = os.urandom(8).hex()
+        cut, digest = format_document.cut_member_value(data, WEIGHT_MAP_KEY, b'{"%s": 0}' % placeholder.encode())
+        if digest is not None:
             with contextlib.suppress(CorruptCheckpointError):  # a forged layout: read as a restore reads it
-                index = _parsed(directory, path, seal, cut, deferred)
+                index = _parsed(directory, path, seal, cut, (digest, placeholder))
                 if index is not None:
                     return index
     index = _parsed(directory, path, seal, data, None)
@@ -151,10 +154,11 @@ def parse_index(directory: str, data: bytes, check_weight_map: bool = True) -> I
     return index
 
 
-def _parsed(directory: str, path: str, seal: str, data: bytes, deferred: int | None) -> Index | None:
+def _parsed(directory: str, path: str, seal: str, data: bytes, deferred: tuple[int, str] | None) -> Index | None:
     """:func:`parse_index` of the sealed bytes ``data``, in which the ``weight_map`` is either in
-    place (``deferred`` None) or cut out (the digest of its text ``deferred``): None when what was
-    cut was no top-level map."""
+    place (``deferred`` None) or was cut out (``deferred``: the digest of its text, and the key of
+    the placeholder object put in its place): None when what was cut was not the one top-level
+    map, or the cut skipped the check of unique names."""
     with gc_paused():  # parsing allocates many small objects; collections in between only cost time
         raw = format_document.parse_json(data, path, "checkpoint index")
     del data
@@ -190,17 +194,18 @@ def _parsed(directory: str, path: str, seal: str, data: bytes, deferred: int | N
     if aliases:
         _check_aliases(directory, aliases, set(names) | set(layout.chunked))
     if deferred is None:
-        _check_weight_map(directory, raw, names, shards)
-    elif raw.pop(WEIGHT_MAP_KEY, None) != {}:  # what was cut was no top-level map (a forged layout)
-        return None
-    return Index(directory, raw, names, dtypes, shapes, checksums, shards, aliases, layout, blocks, seal, deferred)
+        _check_weight_map(directory, raw, names, shards)  # also: no name twice
+    elif raw.pop(WEIGHT_MAP_KEY, None) != {deferred[1]: 0} or len(set(names)) != n:
+        return None  # not the writers' layout (a forged one), or a name twice: the full parse says what is wrong
+    return Index(directory, raw, names, dtypes, shapes, checksums, shards, aliases, layout, blocks, seal,
+                 None if deferred is None else deferred[0])
 
 
 def weight_map_as_written(index: Index) -> bool:
     """Whether the ``weight_map`` :func:`parse_index` left unparsed is the text a writer encodes
-    from this tensor table (or none was left): then it maps exactly the table's tensors to their
-    shards. False: it is another text (another writer's layout, or a wrong map), which only a full
-    parse of the index can judge.
+    from this tensor table (or none was left): then it maps exactly the table's tensors (unique, as
+    parsing checked) to their shards. False: it is another text (another writer's layout, or a
+    wrong map), which only a full parse of the index can judge.
     """
     if index.weight_map_digest is None:
         return True

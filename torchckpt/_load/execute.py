@@ -19,7 +19,7 @@ import torch
 from torchckpt._dist import dtensor as dist_dtensor
 from torchckpt._format import blocks as format_blocks
 from torchckpt._format.dtypes import TensorInfo as SavedTensor
-from torchckpt._load import boxes, mapped
+from torchckpt._load import boxes, mapped, recheck
 from torchckpt._load import reads as tensor_reads
 from torchckpt._load.opened import OpenShards, missing_member
 from torchckpt._load.plan import Plan
@@ -156,14 +156,18 @@ def _reading(shards: OpenShards, file: str) -> Iterator[None]:
     try:
         yield
     except CorruptCheckpointError as e:
-        raise shards.explain(e)  # noqa: B904 (explain chains it)
+        raise recheck.explain(e, shards.directory, shards.seal, shards.storage)  # noqa: B904 (explain chains it)
     except CheckpointError:  # already what it means (a lazy open's CheckpointReadError is an OSError too)
         raise
     except EOFError as e:
         raise CorruptCheckpointError(f"Shard {path} is truncated: {e}.", path) from e
     except FileNotFoundError:  # an object store has no pin on open files: deleted meanwhile
         error = missing_member(shards.directory, path, shards.storage)
-        raise (shards.explain(error) if isinstance(error, CorruptCheckpointError) else error) from None
+        if isinstance(error, CorruptCheckpointError):
+            explained = recheck.explain(error, shards.directory, shards.seal, shards.storage)
+            if explained is not error:
+                raise explained  # noqa: B904 (it chains the missing shard)
+        raise error from None
     except OSError as e:
         raise unreadable(path, e) from e
 
@@ -177,7 +181,8 @@ def _check_read(shards: OpenShards, file: str, bad: tuple[Any, int] | format_blo
     else:
         saved, digest = bad
         message = checksum_mismatch(saved.name, path, saved.checksum, digest)
-    raise shards.explain(CorruptCheckpointError(message + PARTLY_RESTORED, path))
+    raise recheck.explain(CorruptCheckpointError(message + PARTLY_RESTORED, path), shards.directory, shards.seal,
+                          shards.storage)
 
 
 def _file_offset(read: tuple[torch.Tensor, SavedTensor]) -> int:

@@ -23,7 +23,6 @@ from typing import Any, NamedTuple
 
 import xxhash
 
-from torchckpt._format import document as format_document
 from torchckpt._format import dtypes as format_dtypes
 from torchckpt._format import header as format_header
 from torchckpt._format import index as format_index
@@ -46,9 +45,9 @@ from torchckpt.errors import (
 )
 
 
-def load_index(directory: str, storage: Storage, check_weight_map: bool = True) -> Index:
+def load_index(directory: str, storage: Storage, defer_weight_map: bool = False) -> Index:
     """Read and check ``DIRECTORY/index.json`` on ``storage``: its seal, then every field a reader uses
-    (the Hugging Face ``weight_map`` only with ``check_weight_map``; see ``parse_index``).
+    (with ``defer_weight_map``, the Hugging Face ``weight_map`` later: see ``parse_index``).
 
     Raises:
         CheckpointNotFoundError: there is no committed checkpoint at ``directory``.
@@ -56,7 +55,7 @@ def load_index(directory: str, storage: Storage, check_weight_map: bool = True) 
             version; ``.path`` is the checkpoint directory.
     """
     try:
-        return format_index.parse_index(directory, _read_index(directory, storage), check_weight_map)
+        return format_index.parse_index(directory, _read_index(directory, storage), defer_weight_map)
     except CorruptCheckpointError as e:
         if e.path is None:
             e.path = directory
@@ -106,7 +105,7 @@ class OpenShards:
     def __init__(self, index: Index, storage: Storage, lazy: bool = False) -> None:
         self.directory = index.directory
         self.storage = storage
-        self.seal = index.seal  # which checkpoint at this path the plan was made for (see explain)
+        self.seal = index.seal  # which checkpoint at this path the plan was made for (_load.recheck)
         self.blocks = index.blocks  # format 3's block checksums, for reads of part of a tensor
         self.unchecked: dict[str, Callable[[], None]] = {}  # file -> the check of its header, not yet made
         self.files = [shard["file"] for shard in index.shards]
@@ -143,42 +142,6 @@ class OpenShards:
             if check is not None:
                 check()  # left in place when it fails: a later read of the shard fails again
                 del self.unchecked[file]
-
-    def explain(self, error: CorruptCheckpointError) -> CheckpointError:
-        """What a shard found damaged during this read means: ``error`` as it is, unless the
-        checkpoint is no longer the one whose index the read was planned from.
-
-        A save under the same number (an explicit ``checkpoint_number``) replaces a checkpoint, and
-        a shard opened after that (one of many ranks opens each shard it reads at the end of its
-        planning; an object store pins nothing) is the new checkpoint's, which the old index does
-        not describe. Neither checkpoint is damaged: a :class:`CheckpointDeletedError` then says so,
-        so that nothing records a good checkpoint as damaged. Costs one read of ``index.json``, on
-        the failure path only; never raises.
-        """
-        path = join(self.directory, INDEX_FILE)
-        try:
-            data = self.storage.read_file(path, MAX_INDEX_SIZE, "Index")
-        except FileNotFoundError:  # deleted meanwhile (CheckpointDeletedError is one too)
-            return missing_member(self.directory, path, self.storage) if error.path != path else error
-        except Exception:  # the index cannot be read now: the damage found stands
-            return error
-        try:
-            seal = format_document.unseal(data, path, "checkpoint index")
-        except CorruptCheckpointError:
-            return error
-        if not self.seal or seal == self.seal:
-            return error
-        replaced = replaced_meanwhile(self.directory, str(error))
-        replaced.__cause__ = error
-        return replaced
-
-    @contextlib.contextmanager
-    def explaining(self) -> Iterator[None]:
-        """A step of the read whose damaged shards mean what :meth:`explain` says."""
-        try:
-            yield
-        except CorruptCheckpointError as e:
-            raise self.explain(e)  # noqa: B904 (explain chains it)
 
     def close(self) -> None:
         self.sources.close()
@@ -228,34 +191,6 @@ class _Sources(dict[str, Source]):
             source.close()
 
 
-def replaced_meanwhile(directory: str, found: str) -> CheckpointDeletedError:
-    """The error for a checkpoint replaced by another under the same path since its index was read;
-    ``found`` says how that showed."""
-    return CheckpointDeletedError(
-        f"Checkpoint {directory} was replaced while it was being read: a save under the same number (an explicit "
-        f"checkpoint_number) committed another checkpoint there, which the index read before does not describe "
-        f"({found}). Neither checkpoint is damaged; read it again.",
-        directory,
-    )
-
-
-def check_weight_map(index: Index, storage: Storage) -> None:
-    """Before a reader that skipped it (``load_index(..., check_weight_map=False)``) first reads
-    tensor bytes: the ``weight_map`` is what the table encodes to, or the index, read again in full,
-    checks it.
-
-    Raises:
-        CorruptCheckpointError: the map does not map exactly the table's tensors to their shards.
-        CheckpointDeletedError: the checkpoint was replaced or deleted since its index was read.
-    """
-    if format_index.weight_map_as_written(index):
-        return
-    again = load_index(index.directory, storage)  # every entry checked against the table
-    if again.seal != index.seal:
-        raise replaced_meanwhile(index.directory, "its index changed")
-    index.weight_map_digest = None
-
-
 def distrust_damaged(storage: Storage, error: BaseException | None, paths: set[str] | None = None) -> None:
     """Stop trusting the stamp of each file that ``error`` reports damaged, among ``paths`` (None:
     any), so that a later save of this process reads it back before reusing it
@@ -299,12 +234,17 @@ def distrusting(storage: Storage, path: str | None = None) -> Iterator[None]:
 def missing_member(directory: str, path: str, storage: Storage) -> CheckpointError:
     """The error for a shard that is not there: the checkpoint was deleted, or is corrupt."""
     if not storage.exists(join(directory, INDEX_FILE)):
-        return CheckpointDeletedError(
-            f"Checkpoint {directory} was deleted while it was being read (a manager's max_to_keep, usually); "
-            "read a newer checkpoint.",
-            directory,
-        )
+        return deleted_meanwhile(directory)
     return CorruptCheckpointError(shard_missing(path, INDEX_FILE), path)
+
+
+def deleted_meanwhile(directory: str) -> CheckpointDeletedError:
+    """The error for a checkpoint deleted since its index was read."""
+    return CheckpointDeletedError(
+        f"Checkpoint {directory} was deleted while it was being read (a manager's max_to_keep, usually); "
+        "read a newer checkpoint.",
+        directory,
+    )
 
 
 def read_header(source: Source, file_name: str) -> tuple[list[TensorInfo], dict[str, str], int]:

@@ -27,7 +27,7 @@ from torchckpt._dist.coordinator import AnyCoordinator
 from torchckpt._format import index as format_index
 from torchckpt._format.spec import SAVE_COUNTER
 from torchckpt._history import members as history_members
-from torchckpt._load import opened, rename, spread
+from torchckpt._load import opened, recheck, rename, spread
 from torchckpt._load.execute import check_headers, execute, load, read
 from torchckpt._load.match import Matcher, Tracking
 from torchckpt._load.plan import MISSING, Plan, plan_value
@@ -91,10 +91,11 @@ def _restore_from(target: Target, storage: Storage, directory: str, plan: Plan, 
             # opened together (one of many ranks: each shard it reads, as it checks its header at
             # the end of planning): a deletion from then on cannot touch the read
             solo = isinstance(coord, dist_coordinator.Solo)
-            shards = stack.enter_context(opened.OpenShards(index, storage, lazy=not solo))
-            opened_shards.append(shards)
-            # One of many ranks checks only the headers of the shards it reads (plan_and_describe).
-            with shards.explaining():  # a header that is not the index's: replaced meanwhile, or damaged
+            # a shard missing, or a header not the index's: damaged, or replaced meanwhile
+            with recheck.noticing(directory, index.seal, storage):
+                shards = stack.enter_context(opened.OpenShards(index, storage, lazy=not solo))
+                opened_shards.append(shards)
+                # One of many ranks checks only the headers of the shards it reads (plan_and_describe).
                 _plan(target, index, shards, plan, deferred=not solo)
             # the index is dropped: only the plan stays in memory
 
