@@ -17,6 +17,7 @@ import torchckpt
 from torchckpt._paths import join
 from torchckpt.cli import main
 
+from . import damage
 from .conftest import TiedLM, make_mlp, read_index, write_index
 
 
@@ -83,6 +84,18 @@ def test_diff_values_streams_in_bounded_chunks(tmp_path, capsys):
     assert max(c.numel() for c in reader.iter_chunks("w", 64)) == 16
     assert main(["diff", a, b, "--values", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["max_abs_diff"] == {"w": 3.0}
+
+
+def test_diff_values_of_a_damaged_tensor_is_an_error_not_a_number(tmp_path, capsys):
+    a = torchckpt.Checkpoint(w=torch.arange(1000, dtype=torch.float32)).write(tmp_path / "a")
+    b = torchckpt.Checkpoint(w=torch.arange(1000, dtype=torch.float32)).write(tmp_path / "b")
+    shard = next(os.path.join(b, n) for n in os.listdir(b) if n.endswith(".safetensors"))
+    start, end = damage.tensor_span(shard, "w")
+    damage.flip_byte(shard, end - 2, 0x40)  # an exponent bit of w[999]: a large difference, were it believed
+    with pytest.raises(torchckpt.CorruptCheckpointError, match="checksum"):
+        list(torchckpt.load_checkpoint(b).iter_chunks("w", 64))
+    assert main(["diff", a, b, "--values", "--json"]) == 1
+    assert "checksum" in capsys.readouterr().err
 
 
 def test_verify_catches_a_single_flipped_byte(run_dir):

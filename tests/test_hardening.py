@@ -497,6 +497,18 @@ def test_a_checkpoint_replaced_by_one_of_other_shards_before_they_open_is_not_ca
     assert len([n for n in os.listdir(path) if n.endswith(".safetensors")]) == 2
 
 
+def test_an_inspector_that_read_a_tensor_says_a_later_replacement_is_one(tmp_path):
+    path = torchckpt.Checkpoint(a=torch.ones(4), b=torch.ones(4)).write(tmp_path / "c")
+    reader = torchckpt.load_checkpoint(path)
+    assert torch.equal(reader.get_tensor("a"), torch.ones(4))  # its headers checked, its locations known
+    torchckpt.Checkpoint(a=torch.zeros(4), b=torch.zeros(4)).write(path)  # the same layout, other bytes
+    for read in (reader.get_tensor, lambda name: list(reader.iter_bytes(name)), lambda name: list(reader.iter_chunks(name))):
+        with pytest.raises(torchckpt.CheckpointDeletedError, match="was replaced while it was being read") as info:
+            read("b")
+        assert isinstance(info.value.__cause__, torchckpt.CorruptCheckpointError)
+    assert torch.equal(torchckpt.load_checkpoint(path).get_tensor("b"), torch.zeros(4))  # read again: the new one
+
+
 def test_a_shard_damaged_while_its_index_stays_is_still_damage(tmp_path, disk):
     path = torchckpt.Checkpoint(w=torch.arange(5.0)).write(tmp_path / "c")
     shard = next(os.path.join(path, n) for n in os.listdir(path) if n.endswith(".safetensors"))

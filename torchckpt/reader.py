@@ -17,6 +17,7 @@ work. :meth:`CheckpointReader.get_variable_to_dims_map` and
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import fnmatch
 import math
@@ -285,6 +286,18 @@ class CheckpointReader:
         file = self._files[name]
         return self._headers[file][name]
 
+    @contextlib.contextmanager
+    def _reading(self, path: str | None) -> Iterator[None]:
+        """A read of tensor bytes from ``path`` (None: any shard): a file found damaged is no longer
+        trusted by later saves (``distrusting``), and a checkpoint replaced since its index was read
+        says so (``_load.recheck``) instead of failing a checksum."""
+        with load_opened.distrusting(self.storage, path):
+            if self._index is None:
+                yield
+                return
+            with recheck.noticing(self.path, self._index.seal, self.storage):
+                yield
+
     def _checksum(self, name: str) -> str | None:
         if self._index is None:
             return None
@@ -318,7 +331,7 @@ class CheckpointReader:
             return blocks[0] if blocks else torch.empty(self.get_variable_to_shape_map()[stored],
                                                         dtype=self.get_variable_to_dtype_map()[stored])
         info = self._info(stored)
-        with load_opened.distrusting(self.storage, self._file_path(info)):  # damage: later saves read it back
+        with self._reading(self._file_path(info)):
             return stream.read_tensor(self._open(info), info, self._file_path(info), stored, self._checksum(stored))
 
     def iter_bytes(self, name: str, chunk_bytes: int = stream.PIECE_BYTES) -> Iterator[bytes]:
@@ -339,12 +352,13 @@ class CheckpointReader:
                     yield bytes(view[offset : offset + chunk_bytes])
             return
         info = self._info(stored)
-        with load_opened.distrusting(self.storage, self._file_path(info)):
+        with self._reading(self._file_path(info)):
             yield from stream.tensor_bytes(self._open(info), info, self._file_path(info), stored,
                                            self._checksum(stored), chunk_bytes)
 
     def iter_chunks(self, name: str, chunk_bytes: int = stream.PIECE_BYTES) -> Iterator[torch.Tensor]:
-        """The tensor's elements as flat 1-D tensors of at most ``chunk_bytes``: bounded memory."""
+        """The tensor's elements as flat 1-D tensors of at most ``chunk_bytes``: bounded memory;
+        checked against the recorded checksum once the last one is read (see :meth:`iter_bytes`)."""
         stored = self._resolve(name)
         if stored in self._chunked:
             for block in self._blocks(stored, chunk_bytes):
@@ -353,8 +367,9 @@ class CheckpointReader:
                 yield from (flat[i : i + per].clone() for i in range(0, flat.numel(), per))
             return
         info = self._info(stored)
-        with load_opened.distrusting(self.storage, self._file_path(info)):
-            yield from stream.tensor_elements(self._open(info), info, self._file_path(info), chunk_bytes)
+        with self._reading(self._file_path(info)):
+            yield from stream.tensor_elements(self._open(info), info, self._file_path(info), stored,
+                                              self._checksum(stored), chunk_bytes)
 
     def _blocks(self, stored: str, block_bytes: int) -> Iterator[torch.Tensor]:
         """A chunked tensor assembled block of rows by block of rows, every chunk checksummed."""
@@ -362,7 +377,7 @@ class CheckpointReader:
 
         assert self._index is not None
         saved = self._index.layout.chunked_info(stored, self._info)
-        with load_opened.distrusting(self.storage):
+        with self._reading(None):
             yield from boxes.row_blocks(saved, self._open, block_bytes, self._file_path)
 
     # -- the rest of the checkpoint --------------------------------------------------------

@@ -71,20 +71,24 @@ def tensor_bytes(source: Source, info: TensorInfo, path: str, name: str, expecte
         raise CorruptCheckpointError(checksum_mismatch(name, path, expected, hasher.intdigest()), path)
 
 
-def tensor_elements(source: Source, info: TensorInfo, path: str, chunk_bytes: int) -> Iterator[torch.Tensor]:
-    """The elements of ``info`` as flat 1-D tensors of at most ``chunk_bytes`` (not checked
-    against the recorded checksum).
+def tensor_elements(source: Source, info: TensorInfo, path: str, name: str, expected: str | None,
+                    chunk_bytes: int) -> Iterator[torch.Tensor]:
+    """The elements of ``info`` as flat 1-D tensors of at most ``chunk_bytes``, checked against
+    ``expected`` once the last one is read (as :func:`tensor_bytes`: a consumer such as ``diff
+    --values`` fails at the end instead of reporting numbers from damaged bytes).
 
     Raises:
-        CorruptCheckpointError: the file ends early.
+        CorruptCheckpointError: the file ends early, or the bytes fail their checksum.
     """
     import torch
 
+    from torchckpt import _tensorio
     from torchckpt._load import reads
 
     item = itemsize(info.dtype_name)
     per = max(1, chunk_bytes // item)
     count = info.nbytes // item
+    hasher = xxhash.xxh3_64()
     try:
         for i in range(0, count, per):
             part = torch.empty(min(per, count - i), dtype=info.dtype)
@@ -92,6 +96,9 @@ def tensor_elements(source: Source, info: TensorInfo, path: str, chunk_bytes: in
                 reads.read_into(source, info.start + i * item, part, verify=False)
             except EOFError as e:
                 raise CorruptCheckpointError(f"{path} is truncated: {e}.", path) from e
+            hasher.update(_tensorio.byte_view(part))
             yield part
     finally:
         source.close()
+    if expected is not None and f"{hasher.intdigest():016x}" != expected:
+        raise CorruptCheckpointError(checksum_mismatch(name, path, expected, hasher.intdigest()), path)

@@ -74,7 +74,9 @@ def max_abs_diff(a: CheckpointReader, b: CheckpointReader, name: str, bar: Any) 
     import torch
 
     worst = 0.0
-    for x, y in zip(a.iter_chunks(name), b.iter_chunks(name)):
+    # strict: both streams run to their end, where each checks its checksum (zip would stop at the
+    # first one's end and leave the other's check unrun)
+    for x, y in zip(a.iter_chunks(name), b.iter_chunks(name), strict=True):
         if x.dtype == torch.bool:
             x, y = x.to(torch.uint8), y.to(torch.uint8)
         if x.dtype.is_complex:
