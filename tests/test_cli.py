@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,29 @@ def test_diff_values_of_a_damaged_tensor_is_an_error_not_a_number(tmp_path, caps
         list(torchckpt.load_checkpoint(b).iter_chunks("w", 64))
     assert main(["diff", a, b, "--values", "--json"]) == 1
     assert "checksum" in capsys.readouterr().err
+
+
+def test_diff_values_pairs_two_streams_cut_differently_and_runs_both_to_their_end():
+    # A chunked tensor streams in blocks of rows, a whole one in pieces of a size: the pieces are
+    # paired by elements, and each stream reaches its end, where a reader checks its checksum.
+    from torchckpt._tools import diff as tool_diff
+
+    class Stream:
+        def __init__(self, pieces):
+            self.pieces, self.finished = pieces, False
+
+        def iter_chunks(self, name):
+            yield from self.pieces
+            self.finished = True
+
+    whole = torch.arange(10.0)
+    other = whole.clone()
+    other[7] += 2.5
+    a, b = Stream(list(whole.split(4))), Stream(list(other.split(3)))  # 4+4+2 against 3+3+3+1
+    assert tool_diff.max_abs_diff(a, b, "w", types.SimpleNamespace(update=lambda n: None)) == 2.5
+    assert a.finished and b.finished
+    with pytest.raises(ValueError, match="different numbers of elements"):
+        tool_diff.max_abs_diff(Stream([whole]), Stream([whole[:9]]), "w", types.SimpleNamespace(update=lambda n: None))
 
 
 def test_verify_catches_a_single_flipped_byte(run_dir):

@@ -348,8 +348,12 @@ def test_the_inspector_still_needs_a_weight_map(tmp_path):
         (b'{\n "weight_map": "x",\n "b": 2}', None),  # not an object
         (b'{"a": "\\n \\"weight_map\\": {}"}', None),  # inside a string, escaped: no raw line break there
         (b'{\n "weight_map": {"x": 1} ,\n "b": 2}', None),  # not as the writer lays it out
+        (b'{\n "weight_map": {"x": "y"}, "b": {"c": 1},\n "d": 2}', None),  # another member on its line
+        (b'{\n "weight_map": {"x\\"}": "y"},\n "b": 2}', None),  # an escape: a brace a string may hide
+        (b'{\n "weight_map": {"x": "y"}, "b": [1],\n "d": 2}', None),
     ],
-    ids=["middle", "last", "multi-line", "unterminated", "not-an-object", "in-a-string", "other-layout"],
+    ids=["middle", "last", "multi-line", "unterminated", "not-an-object", "in-a-string", "other-layout",
+         "a-member-after-it", "an-escape", "a-list-after-it"],
 )
 def test_the_weight_map_is_cut_only_where_the_layout_is_the_writers(data, expected):
     cut, value = format_document.cut_member_value(data, "weight_map", b"{}")
@@ -392,6 +396,22 @@ def test_a_forged_weight_map_layout_is_refused_by_the_inspector_as_by_a_restore(
     for read in (torchckpt.load_checkpoint, lambda p: torchckpt.Checkpoint(a=torch.zeros(2), b=torch.zeros(2)).restore(p)):
         with pytest.raises(CorruptCheckpointError, match=match):
             read(path)
+
+
+def test_a_second_section_on_the_maps_line_is_read_as_a_restore_reads_it(tmp_path):
+    # A forged line '"weight_map": {...}, "torchckpt": A' after a decoy section B: a full parse keeps
+    # the last "torchckpt" (A). Cutting to the line's end would have hidden A and shown B's table.
+    path = torchckpt.Checkpoint(a=torch.ones(2)).write(tmp_path / "c")
+    index = json.loads(Path(path, "index.json").read_text())
+    real = index.pop("torchckpt")
+    decoy = {**real, "tensors": {**real["tensors"], "shapes": "1,2"}}  # the same bytes, another shape
+    files = index.pop("weight_map")
+    forged = {**index, "torchckpt": decoy, "weight_map": files}
+    line = b'"weight_map": ' + json.dumps(files).encode()
+    data = sealed_json(forged, lambda text: text.replace(line, line + b', "torchckpt": ' + json.dumps(real).encode()))
+    Path(path, "index.json").write_bytes(data)
+    assert torchckpt.load_checkpoint(path).get_variable_to_shape_map() == {"a": torch.Size([2])}  # A's, as restored
+    torchckpt.Checkpoint(a=torch.zeros(2)).restore(path).assert_consumed()
 
 
 def test_a_nested_weight_map_key_before_the_real_one_is_read_as_a_restore_reads_it(tmp_path):

@@ -286,17 +286,9 @@ class CheckpointReader:
         file = self._files[name]
         return self._headers[file][name]
 
-    @contextlib.contextmanager
-    def _reading(self, path: str | None) -> Iterator[None]:
-        """A read of tensor bytes from ``path`` (None: any shard): a file found damaged is no longer
-        trusted by later saves (``distrusting``), and a checkpoint replaced since its index was read
-        says so (``_load.recheck``) instead of failing a checksum."""
-        with load_opened.distrusting(self.storage, path):
-            if self._index is None:
-                yield
-                return
-            with recheck.noticing(self.path, self._index.seal, self.storage):
-                yield
+    def _reading(self, path: str | None) -> contextlib.AbstractContextManager[None]:
+        seal = self._index.seal if self._index is not None else None
+        return recheck.reading(self.path, seal, self.storage, path)
 
     def _checksum(self, name: str) -> str | None:
         if self._index is None:

@@ -143,9 +143,20 @@ def cut_member_value(data: bytes, key: str, placeholder: bytes) -> tuple[bytes, 
     if end < 0:
         return data, None
     end -= data[end - 1 : end] == b","
-    if end - start < 2 or data[end - 1 : end] != b"}":
+    if end - start < 2 or data[end - 1 : end] != b"}" or not _one_flat_object(data, start, end):
         return data, None
     return b"".join((data[:start], placeholder, data[end:])), xxhash.xxh3_64_intdigest(memoryview(data)[start:end])
+
+
+def _one_flat_object(data: bytes, start: int, end: int) -> bool:
+    """Whether ``data[start:end]`` can only be one object whose values hold no object or array:
+    its one ``{`` and one ``}`` are its ends, and there is no ``[``, ``]`` or backslash (so no
+    escape in a string, and no ``}`` that a string hides). Then nothing on the line outside the
+    member's value is cut with it: a forged line such as ``"weight_map": {...}, "torchckpt": {...}``
+    is read in full. A writer's map of plain names always passes; names with braces, brackets or
+    escapes only cost a full parse."""
+    return (data.count(b"{", start, end) == 1 and data.count(b"}", start, end) == 1
+            and all(data.find(c, start, end) < 0 for c in (b"[", b"]", b"\\")))
 
 
 def parse_json(data: bytes, path: str, what: str) -> Any:

@@ -17,10 +17,16 @@ from torchckpt._format import document as format_document
 from torchckpt._format import index as format_index
 from torchckpt._format.index import Index
 from torchckpt._format.spec import INDEX_FILE, MAX_INDEX_SIZE
-from torchckpt._load.opened import deleted_meanwhile, load_index
+from torchckpt._load.opened import deleted_meanwhile, distrusting, load_index
 from torchckpt._paths import join
 from torchckpt._storage.base import Storage
-from torchckpt.errors import PARTLY_RESTORED, CheckpointDeletedError, CheckpointError, CorruptCheckpointError
+from torchckpt.errors import (
+    PARTLY_RESTORED,
+    CheckpointDeletedError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+)
 
 
 def explain(error: CorruptCheckpointError, directory: str, seal: str, storage: Storage) -> CheckpointError:
@@ -52,6 +58,20 @@ def noticing(directory: str, seal: str, storage: Storage) -> Iterator[None]:
         raise explain(e, directory, seal, storage)  # noqa: B904 (explain chains it)
 
 
+@contextlib.contextmanager
+def reading(directory: str, seal: str | None, storage: Storage, path: str | None) -> Iterator[None]:
+    """A reader's read of tensor bytes from ``path`` (None: any shard): a file found damaged is no
+    longer trusted by later saves (``opened.distrusting``), and, for a checkpoint whose index
+    (sealed ``seal``; None: a plain safetensors file) was read before, one replaced since says so
+    (:func:`noticing`) instead of failing a checksum."""
+    with distrusting(storage, path):
+        if seal is None:
+            yield
+            return
+        with noticing(directory, seal, storage):
+            yield
+
+
 def replaced_meanwhile(directory: str, found: str) -> CheckpointDeletedError:
     """The error for a checkpoint that another took the place of since its index was read; ``found``
     is how that showed (the check that failed)."""
@@ -77,7 +97,12 @@ def check_weight_map(index: Index, storage: Storage) -> None:
     """
     if format_index.weight_map_as_written(index):
         return
-    again = load_index(index.directory, storage)  # every entry checked against the table
+    try:
+        again = load_index(index.directory, storage)  # every entry checked against the table
+    except CheckpointDeletedError:
+        raise
+    except CheckpointNotFoundError:
+        raise deleted_meanwhile(index.directory) from None
     if again.seal != index.seal:
         raise replaced_meanwhile(index.directory, "its index.json changed")
     index.weight_map_digest = None

@@ -12,11 +12,15 @@ index's state tree, read without it.
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from torchckpt._format import keypath
 from torchckpt._load import opened as load_opened
 from torchckpt.reader import CheckpointReader
+
+if TYPE_CHECKING:
+    import torch
 
 RENDER_LIMIT = 120  # a Mersenne Twister state is 625 ints: shown as its start and its length
 
@@ -74,9 +78,7 @@ def max_abs_diff(a: CheckpointReader, b: CheckpointReader, name: str, bar: Any) 
     import torch
 
     worst = 0.0
-    # strict: both streams run to their end, where each checks its checksum (zip would stop at the
-    # first one's end and leave the other's check unrun)
-    for x, y in zip(a.iter_chunks(name), b.iter_chunks(name), strict=True):
+    for x, y in _aligned(a.iter_chunks(name), b.iter_chunks(name)):
         if x.dtype == torch.bool:
             x, y = x.to(torch.uint8), y.to(torch.uint8)
         if x.dtype.is_complex:
@@ -89,3 +91,23 @@ def max_abs_diff(a: CheckpointReader, b: CheckpointReader, name: str, bar: Any) 
             worst = max(worst, float(d.max()))
         bar.update(2 * x.numel() * x.element_size())
     return worst
+
+
+def _aligned(a: Iterator[torch.Tensor], b: Iterator[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Pairs of equally long pieces of two streams of the same elements cut differently (a whole
+    tensor in pieces of a size, a chunked one in blocks of rows). Both streams run to their end,
+    where each checks its checksum (``zip`` would stop at the first one's end)."""
+    x = y = None
+    while True:
+        if x is None:
+            x = next(a, None)
+        if y is None:
+            y = next(b, None)
+        if x is None or y is None:
+            if x is not None or y is not None:
+                raise ValueError("the two tensors have different numbers of elements")
+            return
+        n = min(x.numel(), y.numel())
+        yield x[:n], y[:n]
+        x = x[n:] if x.numel() > n else None
+        y = y[n:] if y.numel() > n else None
