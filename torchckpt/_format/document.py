@@ -155,8 +155,8 @@ def _one_flat_object(data: bytes, start: int, end: int) -> bool:
     member's value is cut with it: a forged line such as ``"weight_map": {...}, "torchckpt": {...}``
     is read in full. A writer's map of plain names always passes; names with braces, brackets or
     escapes only cost a full parse."""
-    return (data.count(b"{", start, end) == 1 and data.count(b"}", start, end) == 1
-            and all(data.find(c, start, end) < 0 for c in (b"[", b"]", b"\\")))
+    inside = start + 1, end - 1  # searches (memchr), not counts: a 20,000-name map is a megabyte
+    return all(data.find(c, *inside) < 0 for c in (b"{", b"}", b"[", b"]", b"\\"))
 
 
 def parse_json(data: bytes, path: str, what: str) -> Any:
