@@ -65,9 +65,9 @@ class CheckpointDeletedError(CheckpointNotFoundError):
     every shard at once, right after the index; a rank of a collective restore opens each shard it
     reads at the end of its planning.
 
-    A restore also raises it when a save under the same number (an explicit ``checkpoint_number``)
-    replaced the checkpoint after its index was read: the shards opened then belong to the new
-    checkpoint, and neither is damaged. Read it again.
+    A restore, and a :class:`CheckpointReader`'s reads of tensors, also raise it when a save under
+    the same number (an explicit ``checkpoint_number``) replaced the checkpoint after its index was
+    read: the shards opened then belong to the new checkpoint, and neither is damaged. Read it again.
 
     Attributes:
         path: the checkpoint directory.
