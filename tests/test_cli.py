@@ -122,6 +122,31 @@ def test_diff_values_pairs_two_streams_cut_differently_and_runs_both_to_their_en
         tool_diff.max_abs_diff(Stream([whole]), Stream([whole[:9]]), "w", types.SimpleNamespace(update=lambda n: None))
 
 
+def test_diff_values_of_a_tensor_saved_by_two_ranks_against_it_saved_whole(tmp_path, capsys):
+    # Over 64 MiB a chunked tensor streams in blocks of whole rows (12-byte rows: not a divisor of
+    # 64 MiB) and a whole one in 64 MiB pieces: compared piece by piece they did not line up.
+    from torchckpt._format import spec
+    from torchckpt._save import write
+    from torchckpt._storage.registry import storage_for
+
+    rows = 5_600_000  # 67.2 MB of float32, 3 per row
+    weight = (torch.arange(rows * 3) % 1000).to(torch.float32).reshape(rows, 3)  # exact in float32, +1.5 too
+    half = rows // 2
+    chunked = str(tmp_path / "two-ranks")
+    section = {"format_version": spec.SHARDED_FORMAT_VERSION, "objects": {"model": "module"},
+               "state": {"model": {}, "save_counter": 0}, "world_size": 2,
+               "chunked": {"names": ["model/weight"], "dtypes": "F32", "shapes": f"{rows},3"}}
+    write.write_checkpoint(storage_for(chunked), chunked, {"model/weight~@0,0": weight[:half].clone(),
+                                                           f"model/weight~@{half},0": weight[half:].clone()},
+                           {}, section, max_shard_size=2**40)
+    changed = weight.clone()
+    changed[rows - 1, 2] += 1.5
+    whole = torchckpt.Checkpoint(model={"weight": changed}).write(tmp_path / "whole")
+    del weight, changed
+    assert main(["diff", chunked, whole, "--values", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["max_abs_diff"] == {"model/weight": 1.5}
+
+
 def test_verify_catches_a_single_flipped_byte(run_dir):
     path = run_dir.latest_checkpoint
     ok = run("verify", path)
