@@ -20,6 +20,7 @@ import json
 import os
 import re
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,13 +112,12 @@ class Index:
 
     def shard_of(self) -> dict[str, str]:
         """Stored tensor name -> shard file."""
-        out: dict[str, str] = {}
-        i = 0
-        for shard in self.shards:
-            for name in self.names[i : i + shard["tensors"]]:
-                out[name] = shard["file"]
-            i += shard["tensors"]
-        return out
+        return dict(zip(self.names, file_of_each(self.shards)))
+
+
+def file_of_each(shards: list[dict[str, Any]]) -> Iterator[str]:
+    """The shard file of each tensor of the table, in table order (the shards' records, in turn)."""
+    return itertools.chain.from_iterable(itertools.repeat(s["file"], s["tensors"]) for s in shards)
 
 
 def corrupt_index(directory: str, what: str) -> CorruptCheckpointError:
@@ -209,9 +209,8 @@ def weight_map_as_written(index: Index) -> bool:
     """
     if index.weight_map_digest is None:
         return True
-    files = itertools.chain.from_iterable(itertools.repeat(s["file"], s["tensors"]) for s in index.shards)
     with gc_paused():
-        expected = json.dumps(dict(zip(index.names, files)), ensure_ascii=False).encode()
+        expected = json.dumps(index.shard_of(), ensure_ascii=False).encode()
     if xxhash.xxh3_64_intdigest(expected) != index.weight_map_digest:
         return False
     index.weight_map_digest = None
@@ -327,7 +326,7 @@ def _check_weight_map(directory: str, raw: dict[str, Any], names: list[str], sha
     weight_map = raw.pop(WEIGHT_MAP_KEY, None)
     if not isinstance(weight_map, dict):
         raise corrupt_index(directory, f"{WEIGHT_MAP_KEY!r} is missing")
-    expected = dict(zip(names, itertools.chain.from_iterable(itertools.repeat(s["file"], s["tensors"]) for s in shards)))
+    expected = dict(zip(names, file_of_each(shards)))
     if len(expected) == len(names) and weight_map == expected:  # compared in C; the walk below names a difference
         return
     position = 0
