@@ -35,6 +35,18 @@ from torchckpt.integrations.transformers import TorchckptCallback, TrainerResume
 STEPS = 6
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Every run here computes on one thread, as the SIGKILLed job's subprocess does. With two, MKL
+    may choose how many threads a matrix product uses by the machine's load (``MKL_DYNAMIC``), and
+    a product with a long inner dimension (the tied embedding's gradient) then sums in another
+    order: one ulp apart between two processes that did the same work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def config(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -194,7 +206,7 @@ def test_a_stopped_run_resumed_in_a_new_trainer_ends_as_the_uninterrupted_one(tm
 def test_a_run_killed_with_sigkill_resumes_bit_exact_in_a_new_trainer(tmp_path, config, uninterrupted):
     """The job SIGKILLs itself after step 7 (ckpt-6 written, its claim on the directory left)."""
     proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "jobs" / "hf_trainer_job.py"), str(tmp_path), "7",
-                             str(torch.get_num_threads())], cwd=ROOT, stdout=subprocess.PIPE,
+                             "1"], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
     code, out = finish_session(proc, 120, "the HF Trainer job")

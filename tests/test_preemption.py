@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import signal
 import subprocess
@@ -33,22 +34,29 @@ def start(directory: Path, *args: str, env: dict[str, str] | None = None) -> sub
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})})
 
 
-def wait_for_line(proc: subprocess.Popen[str], text: str, timeout: float = 60) -> list[str]:
-    """Read ``proc``'s output until a line equal to ``text``; the lines read."""
-    lines: list[str] = []
-    deadline = time.monotonic() + timeout
+STEP_LINE = re.compile(rb"(?<![a-z] )step (\d+)$")  # "step 70", not "starting at step 50"
+
+
+def wait_for_step(proc: subprocess.Popen[str], step: int, timeout: float = 60) -> None:
+    """Read ``proc``'s output until it says ``step N`` for some N >= ``step``.
+
+    Reads the pipe's bytes itself: with several workers on one pipe (torchrun), a worker's line
+    may come in pieces between another's, and a text reader's buffer would hide lines from
+    ``select``."""
     assert proc.stdout is not None
+    fd, pending, seen = proc.stdout.fileno(), b"", []
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
-        if not ready:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        chunk = os.read(fd, 65536) if ready else b""
+        if not chunk:
             break
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line.rstrip("\n"))
-        if lines[-1] == text:
-            return lines
-    raise AssertionError(f"no line {text!r} within {timeout} s; output:\n" + "\n".join(lines[-40:]))
+        *lines, pending = (pending + chunk).split(b"\n")
+        seen += lines
+        if any(int(m.group(1)) >= step for line in lines if (m := STEP_LINE.search(line.strip()))):
+            return
+    tail = b"\n".join([*seen[-40:], pending]).decode(errors="replace")
+    raise AssertionError(f"no line 'step N' with N >= {step} within {timeout} s; output:\n{tail}")
 
 
 def result(directory: Path, rank: int = 0) -> dict:
@@ -73,7 +81,7 @@ def uninterrupted(tmp_path_factory) -> dict:
 def test_sigterm_mid_interval_saves_that_step_exits_0_and_the_resume_is_bit_exact(tmp_path, uninterrupted, mode):
     extra = ["--async"] if mode == "async" else []
     proc = start(tmp_path, *extra)
-    wait_for_line(proc, "step 70")  # between the saves at 50 and 100
+    wait_for_step(proc, 70)  # between the saves at 50 and 100
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.01)
     proc.send_signal(signal.SIGUSR1)  # a second signal, likely during the save: it must not interrupt it
@@ -157,7 +165,7 @@ def start_ranks(directory: Path, *args: str, world: int = 2) -> list[subprocess.
 def test_on_2_ranks_a_signal_to_one_rank_stops_both_at_the_same_step(tmp_path, uninterrupted):
     procs = start_ranks(tmp_path)
     try:
-        wait_for_line(procs[1], "step 70")
+        wait_for_step(procs[1], 70)
         procs[1].send_signal(signal.SIGTERM)  # rank 1 only
         start_time = time.monotonic()
         outcomes = [finish_session(p) for p in procs]
@@ -186,7 +194,7 @@ def test_under_torchrun_a_sigterm_to_the_agent_stops_every_worker_at_one_step(tm
     proc = subprocess.Popen(command, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     try:
-        wait_for_line(proc, "step 70", timeout=90)
+        wait_for_step(proc, 70, timeout=90)
         proc.send_signal(signal.SIGTERM)  # to the agent, which forwards it to its workers
         _, out = finish_session(proc, timeout=90)
     finally:

@@ -7,7 +7,7 @@ trains ``RESUME_STEPS`` steps saving every ``SAVE_EVERY`` into ``DIR/runs`` and 
 SIGKILL when ``global_step`` reaches KILL_AT, at the next step's ``on_step_begin``: after the
 callback wrote the save that step's hook writes, before the step runs. Nothing is cleaned up (the
 manager is not closed, its claim on the directory is left as a crash leaves it). THREADS is the
-test process's ``torch.get_num_threads()``, so both processes compute alike.
+test process's thread count (1), so both processes compute alike.
 """
 
 from __future__ import annotations
