@@ -118,6 +118,28 @@ def test_a_forged_index_is_a_checkpoint_error_everywhere(saved, case):
         assert code in (0, 1) and err.count("\n") <= 1 and "unexpected" not in err, (argv, err)
 
 
+NAME_TABLES = {
+    "a-name-not-a-string": (lambda names: names.__setitem__(0, 3), "needs a 'names' list of strings"),
+    "names-not-a-list": (lambda names: "model/weight", "needs a 'names' list of strings"),
+    "a-lone-surrogate": (lambda names: names.__setitem__(0, "model/\ud800"), "a tensor name is not valid Unicode"),
+}
+
+
+@pytest.mark.parametrize("case", list(NAME_TABLES), ids=list(NAME_TABLES))
+def test_a_forged_name_column_is_refused_by_name_by_a_restore_and_the_inspector(saved, case):
+    edit, message = NAME_TABLES[case]
+
+    def forged(index: dict) -> None:
+        table = index["torchckpt"]["tensors"]
+        table["names"] = edit(table["names"]) or table["names"]
+
+    forge(saved, forged)
+    for read in (restore, lambda path: torchckpt.load_checkpoint(path).get_variable_to_shape_map()):
+        with pytest.raises(torchckpt.CorruptCheckpointError, match=message) as info:
+            read(saved)
+        assert info.value.path == saved and "index.json is invalid" in str(info.value)
+
+
 def test_huge_integers_in_the_index_are_refused(saved):
     text = Path(saved, "index.json").read_text().replace('"epoch": 2', '"epoch": ' + "9" * 5000)
     index = json.loads(text.replace("9" * 5000, "0"))

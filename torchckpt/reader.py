@@ -78,6 +78,7 @@ class CheckpointReader:
         self.storage = storage
         self._index: format_index.Index | None = None
         self._names: list[str] = []
+        self._name_keys: dict[str, None] | None = None  # ``_names`` as a dict's keys, where the index gave them
         self._dtypes: list[str] = []
         self._shapes: list[str] = []
         self._checksums: dict[str, str] = {}
@@ -100,8 +101,10 @@ class CheckpointReader:
         reader._index = index
         reader._names, reader._dtypes, reader._shapes = index.names, index.dtypes, index.shapes
         reader._aliases = index.aliases
+        reader._name_keys = index.name_keys
         layout = index.layout
-        if layout.chunked:  # chunks are shown as the tensors they tile
+        if layout.chunked:
+            reader._name_keys = None  # chunks are shown as the tensors they tile
             reader._chunked = layout.pieces
             chunks = layout.chunk_names
             kept = [i for i, n in enumerate(index.names) if n not in chunks]
@@ -183,8 +186,12 @@ class CheckpointReader:
         """Every tensor name (aliases too) -> ``known`` of its entry in ``column`` (dtypes or shapes)."""
         built = next((m for m in (self._shape_map, self._dtype_map, self._dims_map, self._dtype_name_map)
                       if m is not None), None)
-        if built is not None and len(known) == 1:  # one value for every name (one dtype): keys copied, not hashed
-            return dict.fromkeys(built, next(iter(known.values())))
+        keys = built if built is not None else self._name_keys
+        if keys is not None and len(known) == 1:  # one value for every name (one dtype): keys copied, not hashed
+            values = dict.fromkeys(keys, next(iter(known.values())))
+            if built is None:
+                values.update((alias, values[target]) for alias, target in self._aliases.items())
+            return values
         values = dict(zip(self._names, map(known.__getitem__, column)))
         for alias, target in self._aliases.items():
             values[alias] = values[target]

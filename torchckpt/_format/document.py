@@ -145,7 +145,8 @@ def cut_member_value(data: bytes, key: str, placeholder: bytes) -> tuple[bytes, 
     end -= data[end - 1 : end] == b","
     if end - start < 2 or data[end - 1 : end] != b"}" or not _one_flat_object(data, start, end):
         return data, None
-    return b"".join((data[:start], placeholder, data[end:])), xxhash.xxh3_64_intdigest(memoryview(data)[start:end])
+    view = memoryview(data)  # slices of a view: the rest is copied once, by the join
+    return b"".join((view[:start], placeholder, view[end:])), xxhash.xxh3_64_intdigest(view[start:end])
 
 
 def _one_flat_object(data: bytes, start: int, end: int) -> bool:

@@ -94,6 +94,7 @@ class Index:
     blocks: format_blocks.BlockSums | None = None  # format 3: block checksums (None: whole tensors only)
     seal: str = ""  # the seal it ends with: another index at the same path means another checkpoint
     weight_map_digest: int | None = None  # the unparsed weight_map's xxh3-64 (see weight_map_as_written)
+    name_keys: dict[str, None] | None = None  # the names as a dict's keys, where parsing built one (deferred map)
 
     @property
     def world_size(self) -> int:
@@ -171,14 +172,14 @@ def _parsed(directory: str, path: str, seal: str, data: bytes, deferred: tuple[i
     table, shards, aliases = section["tensors"], section["shards"], section["aliases"]
     names, dtypes, shapes, checksums = (table[k] for k in ("names", "dtypes", "shapes", "checksums"))
     n = len(names)
-    dtypes = _column(dtypes, format_spec.DTYPE_SEP, n)
-    shapes = _column(shapes, format_spec.SHAPE_SEP, n)
+    dtypes, distinct_dtypes = _column(dtypes, format_spec.DTYPE_SEP, n)
+    shapes, distinct_shapes = _column(shapes, format_spec.SHAPE_SEP, n)
     if len(dtypes) != n or len(shapes) != n or len(checksums) != n * format_spec.CHECKSUM_CHARS:
         raise corrupt_index(directory, f"the tensor table's columns do not all describe {n} tensors")
     where = f"in {path}"
-    for dtype in set(dtypes):
+    for dtype in distinct_dtypes:
         format_dtypes.check_dtype(dtype, f" {where}", directory)
-    for shape in set(shapes):
+    for shape in distinct_shapes:
         format_dtypes.parse_shape_key(shape, where)
     _check_shards(directory, shards, n)
     layout = format_chunks.Layout()
@@ -193,12 +194,13 @@ def _parsed(directory: str, path: str, seal: str, data: bytes, deferred: tuple[i
             raise
     if aliases:
         _check_aliases(directory, aliases, set(names) | set(layout.chunked))
+    keys: dict[str, None] | None = None
     if deferred is None:
         _check_weight_map(directory, raw, names, shards)  # also: no name twice
-    elif raw.pop(WEIGHT_MAP_KEY, None) != {deferred[1]: 0} or len(set(names)) != n:
+    elif raw.pop(WEIGHT_MAP_KEY, None) != {deferred[1]: 0} or len(keys := dict.fromkeys(names)) != n:
         return None  # not the writers' layout (a forged one), or a name twice: the full parse says what is wrong
     return Index(directory, raw, names, dtypes, shapes, checksums, shards, aliases, layout, blocks, seal,
-                 None if deferred is None else deferred[0])
+                 None if deferred is None else deferred[0], keys)
 
 
 def weight_map_as_written(index: Index) -> bool:
@@ -238,12 +240,15 @@ def _check_section(directory: str, raw: dict[str, Any], section: dict[str, Any])
         raise corrupt_index(directory, "'tensors', 'shards' and 'aliases' must be present")
     section.setdefault("aliases", aliases)
     names = table.get("names")
-    if not isinstance(names, list) or not set(map(type, names)) <= {str} or not all(  # C-level: 20,000 names
-            isinstance(table.get(k), str) for k in ("dtypes", "shapes", "checksums")):
+    try:  # joined, the names are one C-level check: all strings (else TypeError), and valid Unicode
+        joined = "".join(names) if isinstance(names, list) else None
+    except TypeError:
+        joined = None
+    if joined is None or not all(isinstance(table.get(k), str) for k in ("dtypes", "shapes", "checksums")):
         raise corrupt_index(directory, "the tensor table needs a 'names' list of strings and 'dtypes', 'shapes', "
                                        "'checksums' strings")
     try:  # a lone surrogate ("\ud800" in the JSON) is no name a file system or terminal can take
-        for text in ("".join(names), "".join(aliases)):
+        for text in (joined, "".join(aliases)):
             if not text.isascii():  # O(1): CPython knows whether a string is ASCII
                 text.encode()
     except UnicodeEncodeError:
@@ -303,18 +308,19 @@ def _is_hex(value: Any) -> bool:
 _HEX16 = re.compile(r"[0-9a-f]{16}")
 
 
-def _column(text: str, separator: str, n: int) -> list[str]:
+def _column(text: str, separator: str, n: int) -> tuple[list[str], list[str]]:
     """A column of the tensor table (``n`` entries joined by ``separator``), split, with equal
-    strings shared: 20,000 tensors have a few dtypes and shapes. A column of one value repeated
-    (every tensor of one dtype, the usual case) is told by one comparison, without 20,000 strings."""
+    strings shared: 20,000 tensors have a few dtypes and shapes; and its distinct entries. A column
+    of one value repeated (every tensor of one dtype, the usual case) is told by one comparison,
+    without 20,000 strings."""
     if not n:
-        return [] if not text else [text]  # entries without tensors: the length check reports it
+        return ([], []) if not text else ([text], [text])  # entries without tensors: the length check reports it
     first = text.partition(separator)[0]
     if len(text) == n * (len(first) + 1) - 1 and text == separator.join(itertools.repeat(first, n)):
-        return [first] * n
+        return [first] * n, [first]
     seen: dict[str, str] = {}
     parts = text.split(separator)
-    return list(map(seen.setdefault, parts, parts))
+    return list(map(seen.setdefault, parts, parts)), list(seen)
 
 
 def _check_weight_map(directory: str, raw: dict[str, Any], names: list[str], shards: list[dict[str, Any]]) -> None:

