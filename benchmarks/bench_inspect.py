@@ -5,7 +5,8 @@ Each measurement runs in a fresh process with a cold page cache and times
 (the import is not timed). Usage: python benchmarks/bench_inspect.py [--rounds 5]
 
 ``--baseline DIR`` also measures the package of another source tree (a checkout of the previous
-commit) in the same interleaved rounds, for a before/after table.
+commit) in the same interleaved rounds, for a before/after table. ``--cases many`` measures only
+the listed checkpoints (big, tiny, many, varied; default all).
 
 ``--cli`` times the command line instead, as a user sees it: the wall time of a fresh ``python -m
 torchckpt inspect`` of 20,000 tensors, ``ls`` of a manager's directory of four checkpoints,
@@ -99,6 +100,7 @@ def main() -> None:
     parser.add_argument("--cli", action="store_true", help="time the command line (see above)")
     parser.add_argument("--baseline", metavar="DIR", help="also time the source tree DIR (a checkout of an earlier "
                                                           "commit), interleaved")
+    parser.add_argument("--cases", default="big,tiny,many,varied", help="the checkpoints to measure (default all)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--warm", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -124,6 +126,9 @@ def main() -> None:
         varied = torchckpt.Checkpoint(model=mixed).write(os.path.join(tmp, "varied"))
         cases = {"1.5 GB, 384 tensors": big, "3 KB, 384 tensors": tiny, "800 KB, 20,000 tensors": many,
                  "20,000 tensors, 1,000 shapes, 2 dtypes": varied}
+        wanted = args.cases.split(",")
+        cases = {label: path for (label, path), key in zip(cases.items(), ("big", "tiny", "many", "varied"))
+                 if key in wanted}
         trees = {"": None, **({" (baseline)": os.path.abspath(args.baseline)} if args.baseline else {})}
         cold: dict[str, list[float]] = {k + t: [] for k in cases for t in trees}
         warm: dict[str, list[float]] = {k + t: [] for k in cases for t in trees}
