@@ -1,8 +1,8 @@
 """Checkpoints of more shards than a process may hold open at once (one saved by 1,024 ranks has a
 shard per rank or more): a restore holds every shard open, so it raises the process's soft limit
-on open files toward its hard limit; where the hard limit is too low, the restore raises a
-``CheckpointReadError``, which says nothing about the checkpoint, and a resume does not fall back
-past it."""
+on open files toward its hard limit; where the hard limit is too low, it holds a few at a time.
+Any other error of the process is a ``CheckpointReadError``, which says nothing about the
+checkpoint, and a resume does not fall back past it."""
 
 from __future__ import annotations
 
@@ -58,26 +58,25 @@ def test_within_the_limit_the_soft_limit_is_left_alone(tmp_path, soft_limit):
     assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == 256
 
 
-def test_past_the_hard_limit_a_resume_raises_a_read_error_and_falls_back_to_nothing(tmp_path):
-    """Every checkpoint of the run needs more files open than the process may: before, each was
-    treated as damaged (a CorruptCheckpointError), the resume fell back from one to the next, and
-    the state file recorded them all damaged."""
+def test_past_the_hard_limit_a_resume_holds_a_few_shards_open_at_a_time_and_restores_bit_exact(tmp_path):
+    """Every checkpoint of the run has more shards than the process may hold open. Before, the
+    restore raised ``CheckpointReadError`` (and before that, each checkpoint was treated as damaged
+    and the resume fell back from one to the next); now it holds half as many shards open as it
+    could, opening each again when it reads it; the inspector and `torchckpt verify` read it too."""
     state = {f"t{i}": torch.full((256,), float(i)) for i in range(200)}
     manager = torchckpt.CheckpointManager(torchckpt.Checkpoint(state=state), tmp_path / "run", max_to_keep=3,
                                           max_shard_size=1024)
     manager.save()
-    manager.save()
+    latest = manager.save()
     manager.close()
+    assert len([n for n in os.listdir(latest) if n.endswith(".safetensors")]) == 200
     out = subprocess.run([sys.executable, os.path.join(JOBS, "open_file_limit.py"), str(tmp_path / "run"), "64"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     found = json.loads(out.stdout.strip().splitlines()[-1])
-    raised = found["raised"]
-    assert raised["type"] == "CheckpointReadError" and raised["errno"] == errno.EMFILE and raised["is_oserror"]
-    assert "Too many open files" in raised["message"] and "ulimit -n" in raised["message"]
-    assert "not treated as damaged" in raised["message"]
-    assert raised["path"].startswith(str(tmp_path / "run" / "ckpt-2")) and raised["path"].endswith(".safetensors")
+    assert found["raised"] == {} and found["restored"] == latest and found["equal"], found
     assert found["warnings"] == [] and not found["initialized"] and found["damaged"] == {}
+    assert found["inspected"] and found["verify"] == 0, found["verify_error"]
 
 
 @pytest.mark.parametrize(("code", "kind"), [

@@ -298,8 +298,8 @@ _LOCAL_CAUSES = frozenset(getattr(errno, name) for name in (
     "ECONNRESET", "ECONNREFUSED", "ECONNABORTED", "ENETDOWN", "ENETUNREACH", "EHOSTUNREACH", "ENOTCONN", "ESTALE",
 ) if hasattr(errno, name))
 _HINTS = {
-    errno.EMFILE: "A restore holds every shard of a checkpoint open at once, and this process may not open "
-                  "that many files: raise its limit (`ulimit -n`, or its hard limit). ",
+    errno.EMFILE: "This process has as many files open as it may: raise its limit (`ulimit -n`, or its hard "
+                  "limit), or close files it holds elsewhere. ",
     errno.ENFILE: "The system's table of open files is full: close files elsewhere, or raise fs.file-max. ",
     errno.EACCES: "This process may not read it: check the file's permissions and owner. ",
     errno.ESTALE: "A network file system's handle to it went stale: the file was deleted or replaced on the "

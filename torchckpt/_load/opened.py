@@ -16,6 +16,7 @@ asks a :class:`Storage` for those bytes and turns its failures into the checkpoi
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import itertools
 from collections.abc import Callable, Iterable, Iterator
@@ -37,6 +38,7 @@ from torchckpt.errors import (
     CheckpointDeletedError,
     CheckpointError,
     CheckpointNotFoundError,
+    CheckpointReadError,
     CorruptCheckpointError,
     format_keys,
     shard_missing,
@@ -100,6 +102,12 @@ class OpenShards:
 
     A shard found damaged while they are open (a :class:`CorruptCheckpointError` naming it leaves
     the block) is no longer trusted by its stamp (:func:`distrust_damaged`).
+
+    More shards than this process may hold open (past the hard limit on open files, which
+    ``_storage.files.allow_more_open_files`` raises the soft limit toward): the shards are then
+    held open a bounded number at a time, half as many as could be opened, each opened again when
+    read again (:class:`_Sources`), as a rank of many opens them. The restore still works, and a
+    deletion meanwhile is noticed when a shard is opened again, as on an object store.
     """
 
     def __init__(self, index: Index, storage: Storage, lazy: bool = False) -> None:
@@ -114,6 +122,12 @@ class OpenShards:
             return
         try:
             self.sources.open_all()
+        except CheckpointReadError as e:
+            opened = len(self.sources)
+            self.close()
+            if e.errno != errno.EMFILE or opened < 2:
+                raise
+            self.sources = _Sources(self._open, self.files, limit=opened // 2)  # room for the reads' own descriptors
         except BaseException:
             self.close()
             raise
@@ -160,19 +174,27 @@ class OpenShards:
 class _Sources(dict[str, Source]):
     """The shards opened so far, by file name; a shard of the checkpoint that is not open yet is
     opened when asked for (``[]`` and ``get``), and a name that is no shard of it is a KeyError.
-    Once closed, nothing is opened again."""
+    Once closed, nothing is opened again.
 
-    def __init__(self, open_one: Callable[[str], Source], files: list[str]) -> None:
+    With a ``limit``, at most that many are open at once: opening one more closes the one opened
+    first. Every reader of a shard asks for it, uses it and is done before it asks for another, so
+    the one closed is never in use.
+    """
+
+    def __init__(self, open_one: Callable[[str], Source], files: list[str], limit: int | None = None) -> None:
         super().__init__()
         self._open: Callable[[str], Source] | None = open_one
         self._files = list(files)
         self._known = frozenset(files)
+        self.limit = limit
 
     def __missing__(self, file: str) -> Source:
         if file not in self._known:
             raise KeyError(file)
         if self._open is None:
             raise RuntimeError(f"shard {file} asked for after the checkpoint's shards were closed")
+        while self.limit is not None and len(self) >= self.limit:
+            self.pop(next(iter(self))).close()
         source = self[file] = self._open(file)
         return source
 

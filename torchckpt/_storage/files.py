@@ -110,9 +110,9 @@ def allow_more_open_files() -> bool:
     """Raise this process's soft limit on open files toward its hard limit (double it, by 1,024
     at least); False when it is at the hard limit already, or cannot be changed here.
 
-    A restore holds every shard of a checkpoint open at once (``_load.opened.OpenShards``), and a
-    checkpoint saved by 1,024 ranks has 1,024 shards or more: the usual soft limit of 1,024 would
-    refuse it. A soft limit is there for a program that needs more to raise it, up to the hard
+    A restore holds every shard of a checkpoint open at once (``_load.opened.OpenShards``, which
+    holds a few at a time only past the hard limit), and a checkpoint saved by 1,024 ranks has
+    1,024 shards or more: the usual soft limit of 1,024 would refuse it. A soft limit is there for a program that needs more to raise it, up to the hard
     limit it was given, as Go's runtime and the JVM do when they start; this raises it only once a
     file would not open, and never lowers it.
     """
