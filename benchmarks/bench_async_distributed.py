@@ -34,7 +34,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import import_torchckpt, machine, median, round_order, run_ranks  # noqa: E402
+from _common import import_torchckpt, leave, machine, median, round_order, run_ranks  # noqa: E402
 
 METHODS = ("torchckpt-2", "dcp-2", "torchckpt-1", "copy-1")
 
@@ -107,6 +107,7 @@ def worker(args: argparse.Namespace) -> None:
         dist.destroy_process_group()
         if dist_rank() == 0:
             print(json.dumps(gathered))
+        leave()
     else:
         print(json.dumps([result]))
 

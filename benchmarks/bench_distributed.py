@@ -50,7 +50,16 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import drop_page_cache, import_torchckpt, machine, median, peak_rss_bytes, round_order, run_ranks  # noqa: E402
+from _common import (  # noqa: E402
+    drop_page_cache,
+    import_torchckpt,
+    leave,
+    machine,
+    median,
+    peak_rss_bytes,
+    round_order,
+    run_ranks,
+)
 
 METHODS = ("raw", "raw-all", "dcp", "torchckpt", "torchckpt-once")
 
@@ -291,6 +300,7 @@ def worker(args: argparse.Namespace) -> None:
     dist.destroy_process_group()
     if rank == 0:
         print(json.dumps(gathered))
+    leave()
 
 
 # -- the driver ----------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import import_torchckpt, machine, median, round_order, run_ranks  # noqa: E402
+from _common import import_torchckpt, leave, machine, median, round_order, run_ranks  # noqa: E402
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -63,6 +63,7 @@ def worker(args: argparse.Namespace) -> None:
     if dist.get_rank() == 0:
         print(json.dumps(gathered))
     dist.destroy_process_group()
+    leave()
 
 
 def job(method: str, path: str, calls: int, before: str | None) -> list[dict[str, float]]:
