@@ -478,11 +478,36 @@ def test_a_checkpoint_replaced_before_its_shards_open_is_not_called_damaged(tmp_
     disk.before("open", replace_meanwhile, times=1)
     with pytest.raises(torchckpt.CheckpointDeletedError, match="was replaced while it was being read") as info:
         torchckpt.Checkpoint(w=torch.zeros(5)).read(first)
-    assert info.value.path == first and isinstance(info.value.__cause__, torchckpt.CorruptCheckpointError)
-    assert "Neither checkpoint is damaged" in str(info.value)
+    assert info.value.path == first and "Neither checkpoint is damaged" in str(info.value)
+    if len(new_value) == 5:  # the header is the old index's: the index's seal tells, once the shard is open
+        assert info.value.__cause__ is None and "index.json changed after its shards were opened" in str(info.value)
+    else:  # the header is not
+        assert isinstance(info.value.__cause__, torchckpt.CorruptCheckpointError)
     w = torch.zeros(len(new_value))
     torchckpt.Checkpoint(w=w).read(first).assert_consumed()  # read again: the new one
     assert torch.equal(w, new_value)
+
+
+def test_without_checksums_a_checkpoint_replaced_before_its_shards_open_is_not_read_as_the_old_one(tmp_path, disk):
+    # The same replacement with verify=False: no checksum fails, and the shard's header is the old
+    # index's. The restore used to return normally with the new bytes under the old index; once
+    # its shards are open it checks that the index is still the one it planned from.
+    mgr = CheckpointManager(torchckpt.Checkpoint(w=torch.arange(5.0), step=1), tmp_path, incremental=False)
+    first = mgr.save()
+
+    def replace_meanwhile(path: str, what: str) -> None:
+        mgr.checkpoint.w, mgr.checkpoint.step = torch.arange(5.0) + 1, 2
+        assert mgr.save(checkpoint_number=1) == first
+
+    disk.before("open", replace_meanwhile, times=1)
+    w = torch.zeros(5)
+    with pytest.raises(torchckpt.CheckpointDeletedError, match=r"was replaced while it was being read: .*\(its "
+                       r"index.json changed after its shards were opened\)\. Neither checkpoint is damaged") as info:
+        torchckpt.Checkpoint(w=w, step=0).read(first, verify=False)
+    assert info.value.path == first and torch.equal(w, torch.zeros(5))  # nothing was read
+    again = torchckpt.Checkpoint(w=w, step=0)
+    again.read(first, verify=False).assert_consumed()
+    assert torch.equal(w, torch.arange(5.0) + 1) and again.step == 2
 
 
 def test_a_checkpoint_replaced_by_one_of_other_shards_before_they_open_is_not_called_damaged(tmp_path, disk):

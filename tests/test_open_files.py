@@ -19,7 +19,8 @@ import torchckpt
 
 resource = pytest.importorskip("resource")
 
-JOBS = os.path.join(os.path.dirname(__file__), "jobs")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+JOBS = os.path.join(ROOT, "tests", "jobs")
 
 
 @pytest.fixture
@@ -77,6 +78,27 @@ def test_past_the_hard_limit_a_resume_holds_a_few_shards_open_at_a_time_and_rest
     assert found["raised"] == {} and found["restored"] == latest and found["equal"], found
     assert found["warnings"] == [] and not found["initialized"] and found["damaged"] == {}
     assert found["inspected"] and found["verify"] == 0, found["verify_error"]
+
+
+@pytest.mark.parametrize("at", [2, 3], ids=["while-checking-headers", "while-reading"])
+def test_past_the_hard_limit_a_checkpoint_replaced_during_the_restore_is_a_deletion_not_two_checkpoints(tmp_path, at):
+    """Replaced while the headers are checked, the index no longer ends with the seal read before
+    (``recheck.confirm_unchanged``); replaced afterwards, a shard opened again is another file than
+    the one first opened (``Source.identity``). Without either check, a restore with
+    ``verify=False`` read the newer tensors under the older index and returned normally."""
+    state = {f"t{i}": torch.full((256,), float(i)) for i in range(200)}
+    path = torchckpt.Checkpoint(state=state).write(tmp_path / "c", max_shard_size=1024, progress=False)
+    other = torchckpt.Checkpoint(state={k: torch.full_like(v, -1.0) for k, v in state.items()}).write(
+        tmp_path / "other", max_shard_size=1024, progress=False)
+    assert sorted(os.listdir(path)) == sorted(os.listdir(other))  # the same shard names and sizes
+    out = subprocess.run([sys.executable, os.path.join(JOBS, "open_file_limit_replaced.py"), path, other, "64",
+                          str(at)],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+    assert out.returncode == 0, out.stderr[-3000:]
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    assert found["replaced"], found
+    assert found["raised"]["type"] == "CheckpointDeletedError", found
+    assert "was replaced while it was being read" in found["raised"]["message"]
 
 
 @pytest.mark.parametrize(("code", "kind"), [

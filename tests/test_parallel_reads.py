@@ -56,6 +56,8 @@ class SmallBatches(LocalStorage):
 
     def open(self, path: str, what: str) -> LocalSource:
         inner = super().open(path, what)
+        if what != "Shard":  # the index's seal, read again once the shards are open
+            return inner
         source = _SmallBatchSource(inner.path, inner.fd, self.readers)  # takes the descriptor over
         self.sources.append(source)
         if self.after_open is not None:
@@ -271,6 +273,8 @@ class _SmallPieces(_SmallBatchSource):
 class SmallPieces(SmallBatches):
     def open(self, path: str, what: str) -> LocalSource:
         source = super().open(path, what)
+        if what != "Shard":
+            return source
         pieces = _SmallPieces(source.path, source.fd, self.readers)  # takes the descriptor over
         self.sources[-1] = pieces
         return pieces

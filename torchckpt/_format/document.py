@@ -68,7 +68,15 @@ def json_string(text: str) -> str:
 # -- sealed JSON files ------------------------------------------------------------------------
 
 _SEAL = re.compile(rb',\n "' + SEAL_KEY.encode() + rb'": "([0-9a-f]{16})"\n}\n\Z')
-_SEAL_LENGTH = len(f',\n "{SEAL_KEY}": "{"0" * CHECKSUM_CHARS}"\n}}\n')
+SEAL_BYTES = len(f',\n "{SEAL_KEY}": "{"0" * CHECKSUM_CHARS}"\n}}\n')  # how many bytes the seal ends a file with
+
+
+def seal_at_end(tail: bytes) -> str | None:
+    """The seal a sealed file's last :data:`SEAL_BYTES` bytes (``tail``) hold, unchecked: to tell
+    whether the file at a path is still the one read before, without reading it all; None when
+    ``tail`` ends with no seal."""
+    match = _SEAL.search(tail)
+    return None if match is None else match.group(1).decode()
 
 
 def sealed_pieces(value: dict[str, Any], depth: int = 2) -> Iterator[bytes]:
@@ -101,7 +109,7 @@ def unseal(data: bytes, path: str, what: str) -> str:
     Raises:
         CorruptCheckpointError: there is no seal, or the bytes before it do not hash to it.
     """
-    match = _SEAL.search(data, max(0, len(data) - _SEAL_LENGTH))
+    match = _SEAL.search(data, max(0, len(data) - SEAL_BYTES))
     if match is None:
         raise CorruptCheckpointError(
             f"{path} is damaged or not a {what} written by torchckpt: it does not end with its "

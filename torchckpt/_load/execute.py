@@ -99,9 +99,9 @@ def _read_grouped(shards: OpenShards, by_file: dict[str, list[tuple[torch.Tensor
     """Read the grouped pairs file by file, in file order, checking each tensor's checksum with ``verify``."""
     for file, pairs in by_file.items():
         pairs.sort(key=_file_offset)
-        source = shards.sources[file]
-        source.prepare(sum(saved.nbytes for _, saved in pairs))
-        with _reading(shards, file):
+        with _reading(shards, file):  # opened here, where the shards are held open a few at a time
+            source = shards.sources[file]
+            source.prepare(sum(saved.nbytes for _, saved in pairs))
             bad = tensor_reads.read_many(source, pairs, verify, on_bytes)
         _check_read(shards, file, bad)
     for file, pieces in reads.by_file.items():

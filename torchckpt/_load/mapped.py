@@ -30,6 +30,7 @@ import xxhash
 
 from torchckpt._format.dtypes import TensorInfo
 from torchckpt._storage.base import Source
+from torchckpt.errors import CheckpointError
 
 _LITTLE_ENDIAN = sys.byteorder == "little"
 Mismatch = tuple[str, tuple[TensorInfo, int]]  # (file, (saved tensor, digest of its bytes)): a failed checksum
@@ -77,7 +78,10 @@ class ShardMaps:
         return out, None
 
     def _map(self, file: str, start: int, end: int) -> memoryview | None:
-        source = self._sources.get(file)
+        try:
+            source = self._sources.get(file)
+        except (OSError, CheckpointError):  # opened again (a few held open at a time) and failed: read
+            return None  # it instead, where its errors are explained
         mapped = source.mapped(start, end - start) if source is not None else None
         if mapped is None:
             return None

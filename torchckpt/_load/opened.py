@@ -105,9 +105,10 @@ class OpenShards:
 
     More shards than this process may hold open (past the hard limit on open files, which
     ``_storage.files.allow_more_open_files`` raises the soft limit toward): the shards are then
-    held open a bounded number at a time, half as many as could be opened, each opened again when
-    read again (:class:`_Sources`), as a rank of many opens them. The restore still works, and a
-    deletion meanwhile is noticed when a shard is opened again, as on an object store.
+    held open a bounded number at a time, a third as many as could be opened (the rest is left to
+    the reads' own descriptors and maps), each opened again when read again (:class:`_Sources`).
+    The restore still works; a deletion meanwhile is noticed when a shard is opened again (as on an
+    object store), and so is a shard that is another file than the one first opened and checked.
     """
 
     def __init__(self, index: Index, storage: Storage, lazy: bool = False) -> None:
@@ -127,7 +128,7 @@ class OpenShards:
             self.close()
             if e.errno != errno.EMFILE or opened < 2:
                 raise
-            self.sources = _Sources(self._open, self.files, limit=opened // 2)  # room for the reads' own descriptors
+            self.sources = _Sources(self._open, self.files, limit=max(1, opened // 3))
         except BaseException:
             self.close()
             raise
@@ -178,7 +179,9 @@ class _Sources(dict[str, Source]):
 
     With a ``limit``, at most that many are open at once: opening one more closes the one opened
     first. Every reader of a shard asks for it, uses it and is done before it asks for another, so
-    the one closed is never in use.
+    the one closed is never in use. A shard opened again must be the file opened first (the one
+    whose header was checked): else it was replaced meanwhile, a :class:`CorruptCheckpointError`
+    that the reads' error handling (``_load.recheck.explain``) tells from damage.
     """
 
     def __init__(self, open_one: Callable[[str], Source], files: list[str], limit: int | None = None) -> None:
@@ -187,6 +190,7 @@ class _Sources(dict[str, Source]):
         self._files = list(files)
         self._known = frozenset(files)
         self.limit = limit
+        self._identities: dict[str, Any] = {}  # file -> the identity of the file first opened there
 
     def __missing__(self, file: str) -> Source:
         if file not in self._known:
@@ -194,8 +198,15 @@ class _Sources(dict[str, Source]):
         if self._open is None:
             raise RuntimeError(f"shard {file} asked for after the checkpoint's shards were closed")
         while self.limit is not None and len(self) >= self.limit:
-            self.pop(next(iter(self))).close()
-        source = self[file] = self._open(file)
+            with contextlib.suppress(OSError):  # only a descriptor's release: its reads are done
+                self.pop(next(iter(self))).close()
+        source = self._open(file)
+        first = self._identities.setdefault(file, source.identity)
+        if source.identity != first:
+            source.close()
+            raise CorruptCheckpointError(f"Shard {source.path} is not the file this read opened before: it was replaced "
+                                         "while the checkpoint was being read.", source.path)
+        self[file] = source
         return source
 
     def get(self, file: str, default: Any = None) -> Any:

@@ -72,6 +72,34 @@ def reading(directory: str, seal: str | None, storage: Storage, path: str | None
             yield
 
 
+def confirm_unchanged(directory: str, seal: str, storage: Storage) -> None:
+    """Once a read has opened the shards it reads (and checked their headers): the index at
+    ``directory`` still ends with ``seal``, so the files opened are the ones of the index the read
+    was planned from, not those of a checkpoint committed there since (a save under the same
+    number replaces the whole directory at once). Without this, a restore with ``verify=False``
+    of a checkpoint replaced by one of the same structure read the newer tensors under the older
+    index. Reads the index's last bytes only. No index is no replacement: the checkpoint was
+    deleted since, which a local read, holding its shards open, survives (and an object store's
+    read reports); and a failure to read it is not this check's to report.
+
+    Raises:
+        CheckpointDeletedError: the checkpoint was replaced since its index was read.
+    """
+    if not seal:
+        return
+    path = join(directory, INDEX_FILE)
+    try:
+        source = storage.open(path, "Index")
+        try:
+            tail = source.read(max(0, source.size - format_document.SEAL_BYTES), format_document.SEAL_BYTES)
+        finally:
+            source.close()
+    except (OSError, CheckpointError):  # deleted (FileNotFoundError), or unreadable now
+        return
+    if format_document.seal_at_end(tail) != seal:
+        raise replaced_meanwhile(directory, "its index.json changed after its shards were opened")
+
+
 def replaced_meanwhile(directory: str, found: str) -> CheckpointDeletedError:
     """The error for a checkpoint that another took the place of since its index was read; ``found``
     is how that showed (the check that failed)."""

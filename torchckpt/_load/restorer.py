@@ -3,7 +3,8 @@
 1. resolve: the checkpoint to read (a directory of checkpoints names its latest; on several
    ranks rank 0 decides, once, for everyone);
 2. open: the index, and every shard at once, so that a deletion from then on cannot touch the read
-   (one of many ranks opens each shard it reads as it checks its header, at the end of planning);
+   (one of many ranks opens each shard it reads as it checks its header, at the end of planning;
+   past the process's hard limit on open files, a few are held open at a time: ``opened.OpenShards``);
 3. plan: rename the saved state tree's keys into the objects' (``rename``, when asked), then
    match the tracked objects to it (``match``); the tree is dropped before any tensor is read,
    and only the plan stays in memory;
@@ -84,12 +85,14 @@ def _restore_from(target: Target, storage: Storage, directory: str, plan: Plan, 
     replicated reads (``_load.spread``), a failed read before any broadcast."""
     with contextlib.ExitStack() as stack:
         opened_shards: list[opened.OpenShards] = []
+        seals: list[str] = []  # the seal of the index the plan was made from
         found: list[Any] = []  # the reads every rank makes alike (``spread.replicated``)
 
         def open_and_plan() -> None:
             index = opened.load_index(directory, storage)
             # opened together (one of many ranks: each shard it reads, as it checks its header at
-            # the end of planning): a deletion from then on cannot touch the read
+            # the end of planning): a deletion from then on cannot touch the read (past the hard
+            # limit on open files a few at a time, and a shard replaced meanwhile is noticed)
             solo = isinstance(coord, dist_coordinator.Solo)
             # a shard missing, or a header not the index's: damaged, or replaced meanwhile
             with recheck.noticing(directory, index.seal, storage):
@@ -97,6 +100,9 @@ def _restore_from(target: Target, storage: Storage, directory: str, plan: Plan, 
                 opened_shards.append(shards)
                 # One of many ranks checks only the headers of the shards it reads (plan_and_describe).
                 _plan(target, index, shards, plan, deferred=not solo)
+            if solo:  # every shard is open and checked: still this index's?
+                recheck.confirm_unchanged(directory, index.seal, storage)
+            seals.append(index.seal)
             # the index is dropped: only the plan stays in memory
 
         if isinstance(coord, dist_coordinator.Solo):
@@ -109,6 +115,7 @@ def _restore_from(target: Target, storage: Storage, directory: str, plan: Plan, 
             # Each rank checks the headers of the shards it reads, and every rank learns the outcome
             # before any reads: a damaged header fails the restore before any object changes.
             check_headers(plan, opened_shards[0])
+            recheck.confirm_unchanged(directory, seals[0], storage)  # the shards it opened: still this index's?
             if plan.read_once is False:
                 return None
             found.extend(spread.replicated(plan))

@@ -112,6 +112,7 @@ class Source(Protocol):
 
     path: str
     size: int
+    identity: Any  # tells this open file from another at its path later (None: the store cannot tell)
     batch_bytes: int  # how many contiguous bytes one ``readv`` should cover at most,
     batch_views: int  # and into how many buffers
     checked_bytes: int  # how many bytes a checked read lands before hashing them (``_load.reads``)

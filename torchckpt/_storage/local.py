@@ -59,7 +59,9 @@ class LocalSource:
     def __init__(self, path: str, fd: int) -> None:
         self.path = path
         self.fd = fd
-        self.size = os.fstat(fd).st_size
+        found = os.fstat(fd)
+        self.size = found.st_size
+        self.identity = found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns
         self._own = threading.local()  # .fd: the descriptor of a thread inside stream()
 
     @contextlib.contextmanager

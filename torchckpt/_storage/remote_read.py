@@ -47,6 +47,7 @@ class RemoteSource:
         self.fs = fs
         self.path = path
         self.size = size
+        self.identity = None  # an object opened again is read by its name: a replacement shows in its checks
         self.part_min, self.part_max = part_min, part_max  # the bounds of one ranged read
         self.part = part_min
         self.storage = storage

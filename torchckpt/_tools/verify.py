@@ -17,7 +17,13 @@ from torchckpt._format import index as format_index
 from torchckpt._format.dtypes import TensorInfo
 from torchckpt._load import opened as load_opened
 from torchckpt._progress import progress_bar
-from torchckpt.errors import CheckpointReadError, CorruptCheckpointError, checksum_mismatch, unreadable
+from torchckpt.errors import (
+    CheckpointDeletedError,
+    CheckpointReadError,
+    CorruptCheckpointError,
+    checksum_mismatch,
+    unreadable,
+)
 from torchckpt.reader import CheckpointReader
 
 
@@ -58,7 +64,14 @@ def _verify_data(index: format_index.Index, shards: load_opened.OpenShards, info
     position = 0
     with progress_bar(total, "verify", progress) as bar:
         for shard in index.shards:
-            path, source = shards.path(shard["file"]), shards.sources[shard["file"]]
+            path = shards.path(shard["file"])
+            try:  # opened again where the shards are held open a few at a time
+                source = shards.sources[shard["file"]]
+            except CheckpointDeletedError:
+                raise
+            except CorruptCheckpointError as e:
+                problems.append(str(e))
+                continue
             source.prepare(shard["size"])
             names = index.names[position : position + shard["tensors"]]
             position += shard["tensors"]
