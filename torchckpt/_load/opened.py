@@ -31,6 +31,7 @@ from torchckpt._format import tree as format_tree
 from torchckpt._format.dtypes import TensorInfo
 from torchckpt._format.index import Index
 from torchckpt._format.spec import HEADER_ALIGNMENT, INDEX_FILE, MAX_INDEX_SIZE, SHARDED_FORMAT_VERSION, TORCHCKPT_KEY
+from torchckpt._load.sources import ShardSources
 from torchckpt._paths import join
 from torchckpt._storage import trusted as storage_trusted
 from torchckpt._storage.base import Source, Storage
@@ -106,9 +107,10 @@ class OpenShards:
     More shards than this process may hold open (past the hard limit on open files, which
     ``_storage.files.allow_more_open_files`` raises the soft limit toward): the shards are then
     held open a bounded number at a time, a third as many as could be opened (the rest is left to
-    the reads' own descriptors and maps), each opened again when read again (:class:`_Sources`).
-    The restore still works; a deletion meanwhile is noticed when a shard is opened again (as on an
-    object store), and so is a shard that is another file than the one first opened and checked.
+    the reads' own descriptors and maps), each opened again when read again
+    (``_load.sources.ShardSources``). The restore still works; a deletion meanwhile is noticed when
+    a shard is opened again (as on an object store), and so is a shard that is another file than
+    the one first opened and checked.
     """
 
     def __init__(self, index: Index, storage: Storage, lazy: bool = False) -> None:
@@ -118,7 +120,7 @@ class OpenShards:
         self.blocks = index.blocks  # format 3's block checksums, for reads of part of a tensor
         self.unchecked: dict[str, Callable[[], None]] = {}  # file -> the check of its header, not yet made
         self.files = [shard["file"] for shard in index.shards]
-        self.sources = _Sources(self._open, self.files)
+        self.sources = ShardSources(self._open, self.files)
         if lazy:
             return
         try:
@@ -128,7 +130,7 @@ class OpenShards:
             self.close()
             if e.errno != errno.EMFILE or opened < 2:
                 raise
-            self.sources = _Sources(self._open, self.files, limit=max(1, opened // 3))
+            self.sources = ShardSources(self._open, self.files, limit=max(1, opened // 3))
         except BaseException:
             self.close()
             raise
@@ -170,58 +172,6 @@ class OpenShards:
                 distrust_damaged(self.storage, error, {self.path(f) for f in self.files})
         finally:
             self.close()
-
-
-class _Sources(dict[str, Source]):
-    """The shards opened so far, by file name; a shard of the checkpoint that is not open yet is
-    opened when asked for (``[]`` and ``get``), and a name that is no shard of it is a KeyError.
-    Once closed, nothing is opened again.
-
-    With a ``limit``, at most that many are open at once: opening one more closes the one opened
-    first. Every reader of a shard asks for it, uses it and is done before it asks for another, so
-    the one closed is never in use. A shard opened again must be the file opened first (the one
-    whose header was checked): else it was replaced meanwhile, a :class:`CorruptCheckpointError`
-    that the reads' error handling (``_load.recheck.explain``) tells from damage.
-    """
-
-    def __init__(self, open_one: Callable[[str], Source], files: list[str], limit: int | None = None) -> None:
-        super().__init__()
-        self._open: Callable[[str], Source] | None = open_one
-        self._files = list(files)
-        self._known = frozenset(files)
-        self.limit = limit
-        self._identities: dict[str, Any] = {}  # file -> the identity of the file first opened there
-
-    def __missing__(self, file: str) -> Source:
-        if file not in self._known:
-            raise KeyError(file)
-        if self._open is None:
-            raise RuntimeError(f"shard {file} asked for after the checkpoint's shards were closed")
-        while self.limit is not None and len(self) >= self.limit:
-            with contextlib.suppress(OSError):  # only a descriptor's release: its reads are done
-                self.pop(next(iter(self))).close()
-        source = self._open(file)
-        first = self._identities.setdefault(file, source.identity)
-        if source.identity != first:
-            source.close()
-            raise CorruptCheckpointError(f"Shard {source.path} is not the file this read opened before: it was replaced "
-                                         "while the checkpoint was being read.", source.path)
-        self[file] = source
-        return source
-
-    def get(self, file: str, default: Any = None) -> Any:
-        return self[file] if file in self._known else default
-
-    def open_all(self) -> None:
-        for file in self._files:
-            self[file]
-
-    def close(self) -> None:
-        self._open = None
-        sources = list(self.values())
-        self.clear()
-        for source in sources:
-            source.close()
 
 
 def distrust_damaged(storage: Storage, error: BaseException | None, paths: set[str] | None = None) -> None:
@@ -458,7 +408,7 @@ class _Columns(NamedTuple):
     shapes: list[str]
 
 
-def _check_deferred(columns: _Columns, shard: dict[str, Any], checksums: tuple[int, ...], sources: _Sources,
+def _check_deferred(columns: _Columns, shard: dict[str, Any], checksums: tuple[int, ...], sources: ShardSources,
                     file: str, path: str, assumed: list[TensorInfo], trust_header_checksums: bool,
                     damaged: Callable[[], None]) -> None:
     """The deferred check of a shard whose locations :func:`_recorded_infos` took from the table
