@@ -2,7 +2,9 @@
 
 Each measurement is a fresh job. In a job the state is saved ``--saves`` times in a row with
 ``async_save=True`` (the first lays out the reusable host buffers; the others reuse them, as a
-training run does), waiting for each save to be durable before the next. Reported per method:
+training run does), waiting for each save to be durable before the next, every parameter changed
+between two saves (outside the timed part), so that no save can reuse the one before's shards
+(incremental saves, the manager's default, would hard-link them instead). Reported per method:
 the time ``save()`` blocked (the slowest rank, median of the saves after the first, and the
 first on its own) and the time until the save was durable. Rounds are interleaved; the table
 gives medians over rounds.
@@ -62,6 +64,12 @@ def worker(args: argparse.Namespace) -> None:
         p.grad = torch.ones_like(p) * 1e-3
     opt.step()
     blocked, durable = [], []
+
+    def step(model: Any) -> None:  # every weight changes between saves, as training changes them
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1e-3)
+
     if args.method == "copy-1":
         tensors = [*model.parameters(), *(v for s in opt.state.values() for v in s.values() if v.dim())]
         copies = [torch.empty_like(t) for t in tensors]
@@ -77,6 +85,7 @@ def worker(args: argparse.Namespace) -> None:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         for i in range(args.saves):
+            step(model)
             model_sd, optim_sd = get_state_dict(model, opt)
             dist.barrier()
             start = time.perf_counter()
@@ -89,6 +98,7 @@ def worker(args: argparse.Namespace) -> None:
         manager = torchckpt.CheckpointManager(torchckpt.Checkpoint(model=model, opt=opt), args.path, max_to_keep=2,
                                               async_save=True, progress=False)
         for _ in range(args.saves):
+            step(model)
             if distributed:
                 dist.barrier()
             start = time.perf_counter()
