@@ -87,6 +87,17 @@ def test_a_checkpoint_replaced_before_the_lazy_opens_is_not_called_damaged_on_an
         assert "was replaced while it was being read" in error["message"] and "Neither checkpoint is damaged" in error["message"]
 
 
+def test_ranks_that_read_the_index_of_two_checkpoints_all_say_it_was_replaced(world2):
+    """Each rank reads index.json itself: a checkpoint replaced between two ranks' reads passed every
+    rank's own checks (the headers and checksums of its own checkpoint), and the job restored part
+    of one checkpoint and part of the other, silently. The ranks now compare the seals they read."""
+    for result in ok(world2, "opens_its_own_shards", 2):
+        error = result["split"]
+        assert error != "no error" and error["type"] == "CheckpointDeletedError", error
+        assert "was replaced while it was being read" in error["message"]
+        assert "the ranks read two different index.json files" in error["message"]
+
+
 def test_fsdp2_restores_on_the_same_4_ranks_and_resumes_bit_for_bit(world4):
     found = ok(world4, "restore_from_4", 4)
     assert all(r["differences"] == [] and r["resume_differences"] == [] for r in found)

@@ -62,7 +62,7 @@ def test_within_the_limit_the_soft_limit_is_left_alone(tmp_path, soft_limit):
 def test_past_the_hard_limit_a_resume_holds_a_few_shards_open_at_a_time_and_restores_bit_exact(tmp_path):
     """Every checkpoint of the run has more shards than the process may hold open. Before, the
     restore raised ``CheckpointReadError`` (and before that, each checkpoint was treated as damaged
-    and the resume fell back from one to the next); now it holds half as many shards open as it
+    and the resume fell back from one to the next); now it holds a third as many shards open as it
     could, opening each again when it reads it; the inspector and `torchckpt verify` read it too."""
     state = {f"t{i}": torch.full((256,), float(i)) for i in range(200)}
     manager = torchckpt.CheckpointManager(torchckpt.Checkpoint(state=state), tmp_path / "run", max_to_keep=3,
@@ -80,8 +80,10 @@ def test_past_the_hard_limit_a_resume_holds_a_few_shards_open_at_a_time_and_rest
     assert found["inspected"] and found["verify"] == 0, found["verify_error"]
 
 
-@pytest.mark.parametrize("at", [2, 3], ids=["while-checking-headers", "while-reading"])
-def test_past_the_hard_limit_a_checkpoint_replaced_during_the_restore_is_a_deletion_not_two_checkpoints(tmp_path, at):
+@pytest.mark.parametrize(("at", "nth"), [(2, 1), (3, 1), (3, 5)],
+                         ids=["while-checking-headers", "while-reading", "after-reading-four-shards"])
+def test_past_the_hard_limit_a_checkpoint_replaced_during_the_restore_is_a_deletion_not_two_checkpoints(tmp_path, at,
+                                                                                                        nth):
     """Replaced while the headers are checked, the index no longer ends with the seal read before
     (``recheck.confirm_unchanged``); replaced afterwards, a shard opened again is another file than
     the one first opened (``Source.identity``). Without either check, a restore with
@@ -92,13 +94,29 @@ def test_past_the_hard_limit_a_checkpoint_replaced_during_the_restore_is_a_delet
         tmp_path / "other", max_shard_size=1024, progress=False)
     assert sorted(os.listdir(path)) == sorted(os.listdir(other))  # the same shard names and sizes
     out = subprocess.run([sys.executable, os.path.join(JOBS, "open_file_limit_replaced.py"), path, other, "64",
-                          str(at)],
+                          str(at), str(nth)],
                          capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
     assert out.returncode == 0, out.stderr[-3000:]
     found = json.loads(out.stdout.strip().splitlines()[-1])
-    assert found["replaced"], found
+    assert found["replaced"] and not found["mixed"], found
     assert found["raised"]["type"] == "CheckpointDeletedError", found
-    assert "was replaced while it was being read" in found["raised"]["message"]
+    message = found["raised"]["message"]
+    assert "was replaced while it was being read" in message
+    assert ("partly restored" in message) == (nth > 1), message  # four shards' bytes were in place
+
+
+def test_past_the_hard_limit_verify_reports_a_shard_deleted_meanwhile_and_checks_the_rest(tmp_path):
+    """A shard gone when verify opens it again is one problem; the shards after it are checked with
+    their own tensors (verify had stopped advancing through the table at such a shard, and reported
+    every later shard against the wrong tensors)."""
+    state = {f"t{i}": torch.full((256,), float(i)) for i in range(200)}
+    path = torchckpt.Checkpoint(state=state).write(tmp_path / "c", max_shard_size=1024, progress=False)
+    out = subprocess.run([sys.executable, os.path.join(JOBS, "open_file_limit_verify.py"), path, "64"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+    assert out.returncode == 0, out.stderr[-3000:]
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(found["problems"]) == 1, found["problems"][:3]
+    assert os.path.basename(found["victim"]) in found["problems"][0] and "missing" in found["problems"][0]
 
 
 @pytest.mark.parametrize(("code", "kind"), [

@@ -975,6 +975,36 @@ def opens_its_own_shards(d: Path, rank: int, world: int) -> dict:
         out["replaced"] = "no error"
     except Exception as e:  # noqa: BLE001 - reported to the test
         out["replaced"] = {"type": type(e).__name__, "message": str(e)}
+    # A third checkpoint of the same structure takes the path once rank 0 has read the index, opened
+    # its shard and checked that the index is still the one it read; only then does rank 1 read the
+    # index: each rank's own checks pass, each against another checkpoint.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1)
+    third = torchckpt.Checkpoint(model=model).write(str(d / "own-shards-third"), timeout_secs=TIMEOUT)
+    go = d / "split-go"
+
+    def replace_after_confirming(file: str, what: str) -> None:
+        if what == "Index" and not go.exists():
+            os.rename(path, path + ".second")
+            os.rename(third, path)
+            go.touch()
+
+    def wait_for_the_replacement(*args: object) -> None:
+        deadline = time.monotonic() + TIMEOUT
+        while not go.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    disk.heal()
+    if rank == 0:
+        disk.after("open", replace_after_confirming)
+    else:
+        disk.before("read_file", wait_for_the_replacement, times=1)
+    try:
+        torchckpt.Checkpoint(model=fresh).read(path, timeout_secs=TIMEOUT)
+        out["split"] = "no error"
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        out["split"] = {"type": type(e).__name__, "message": str(e)}
     return out
 
 

@@ -2,10 +2,10 @@
 files is below that (so the restore holds a few shards open at a time), while another checkpoint
 of the same structure, other values, replaces it just before the restore opens a shard for the
 AT-th time (2: while it checks the headers, after its first try to open every shard; 3: while it
-reads, after the headers were checked). Prints one JSON line: what the restore raised, and whether
-any tensor took a value of the replacement.
+reads, after the headers were checked), the NTH shard to be opened that often. Prints one JSON
+line: what the restore raised, and whether any tensor took a value of the replacement.
 
-Usage: python open_file_limit_replaced.py CHECKPOINT REPLACEMENT LIMIT AT
+Usage: python open_file_limit_replaced.py CHECKPOINT REPLACEMENT LIMIT AT NTH
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torchckpt
 from tests.doubles import LocalDouble
 from torchckpt._storage import registry
 
-path, replacement, limit, at = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+path, replacement, limit, at, nth = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 state = {f"t{i}": torch.zeros(256) for i in range(200)}
 installed = contextlib.ExitStack()  # never closed: the double serves the directory until the process exits
 disk = installed.enter_context(registry.installed(os.path.dirname(path), LocalDouble()))
@@ -33,7 +33,7 @@ replaced: list[bool] = []
 def replace_on_an_open(name: str, *args: object) -> None:
     if name.endswith(".safetensors"):
         opens[name] = opens.get(name, 0) + 1
-        if opens[name] == at and not replaced:
+        if opens[name] == at and sum(count >= at for count in opens.values()) == nth and not replaced:
             os.rename(path, path + ".old")
             os.rename(replacement, path)
             replaced.append(True)

@@ -25,8 +25,10 @@ from torchckpt._load.opened import OpenShards, missing_member
 from torchckpt._load.plan import Plan
 from torchckpt._paths import name_of
 from torchckpt._progress import progress_bar
+from torchckpt._storage.base import Source
 from torchckpt.errors import (
     PARTLY_RESTORED,
+    CheckpointDeletedError,
     CheckpointError,
     CorruptCheckpointError,
     checksum_mismatch,
@@ -97,17 +99,36 @@ def _grouped(pairs: list[tuple[torch.Tensor, SavedTensor]]) -> tuple[
 def _read_grouped(shards: OpenShards, by_file: dict[str, list[tuple[torch.Tensor, SavedTensor]]],
                   reads: boxes.BoxedReads, verify: bool, on_bytes: Callable[[int], None]) -> None:
     """Read the grouped pairs file by file, in file order, checking each tensor's checksum with ``verify``."""
+    started = False  # some tensor bytes landed in their destinations
     for file, pairs in by_file.items():
         pairs.sort(key=_file_offset)
         with _reading(shards, file):  # opened here, where the shards are held open a few at a time
-            source = shards.sources[file]
+            source = _source(shards, file, started)
             source.prepare(sum(saved.nbytes for _, saved in pairs))
+            started = True
             bad = tensor_reads.read_many(source, pairs, verify, on_bytes)
         _check_read(shards, file, bad)
     for file, pieces in reads.by_file.items():
         with _reading(shards, file):
-            mismatch = boxes.read_file(shards.sources[file], pieces, verify, on_bytes, shards.blocks)
+            source = _source(shards, file, started)
+            started = True
+            mismatch = boxes.read_file(source, pieces, verify, on_bytes, shards.blocks)
         _check_read(shards, file, mismatch)
+
+
+def _source(shards: OpenShards, file: str, started: bool) -> Source:
+    """The shard ``file``, opened again where only a few are held open at a time: when that fails
+    once other shards' bytes are in place, the objects may be partly restored, and the error says so."""
+    try:
+        return shards.sources[file]
+    except CheckpointDeletedError as e:
+        if not started:
+            raise
+        raise CheckpointDeletedError(f"{e} The objects may be partly restored until then.", e.path) from e
+    except CorruptCheckpointError as e:
+        if not started or str(e).endswith(PARTLY_RESTORED):
+            raise
+        raise CorruptCheckpointError(str(e) + PARTLY_RESTORED, e.path) from e
 
 
 @contextlib.contextmanager

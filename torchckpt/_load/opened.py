@@ -147,6 +147,14 @@ class OpenShards:
     def path(self, file: str) -> str:
         return join(self.directory, file)
 
+    @property
+    def pinned(self) -> bool:
+        """Whether the shards open now are files this process holds (a local disk), which a
+        checkpoint committed at the same path since would not change: then a read checks, once they
+        are open, that they are the index's (``recheck.confirm_unchanged``). An object store reads
+        each object by its name, and a save's objects have names of their own there."""
+        return any(source.identity is not None for source in self.sources.values())
+
     def check(self, files: Iterable[str] | None = None) -> None:
         """Validate the headers of ``files`` (None: every shard) that :func:`read_shard_headers`
         left to check: call it before reading them.

@@ -94,9 +94,10 @@ def confirm_unchanged(directory: str, seal: str, storage: Storage) -> None:
             tail = source.read(max(0, source.size - format_document.SEAL_BYTES), format_document.SEAL_BYTES)
         finally:
             source.close()
-    except (OSError, CheckpointError):  # deleted (FileNotFoundError), or unreadable now
+    except Exception:  # deleted (FileNotFoundError), or unreadable now: not this check's to report
         return
-    if format_document.seal_at_end(tail) != seal:
+    found = format_document.seal_at_end(tail)
+    if found is not None and found != seal:  # no seal: damaged since, which the reads' checks report
         raise replaced_meanwhile(directory, "its index.json changed after its shards were opened")
 
 
@@ -104,7 +105,7 @@ def replaced_meanwhile(directory: str, found: str) -> CheckpointDeletedError:
     """The error for a checkpoint that another took the place of since its index was read; ``found``
     is how that showed (the check that failed)."""
     partly = found.endswith(PARTLY_RESTORED)
-    found = found.removesuffix(PARTLY_RESTORED)
+    found = found.removesuffix(PARTLY_RESTORED).removesuffix(".")
     return CheckpointDeletedError(
         f"Checkpoint {directory} was replaced while it was being read: a save under the same number (an explicit "
         f"checkpoint_number) committed another checkpoint there, which the index read before does not describe "

@@ -100,7 +100,7 @@ def _restore_from(target: Target, storage: Storage, directory: str, plan: Plan, 
                 opened_shards.append(shards)
                 # One of many ranks checks only the headers of the shards it reads (plan_and_describe).
                 _plan(target, index, shards, plan, deferred=not solo)
-            if solo:  # every shard is open and checked: still this index's?
+            if solo and shards.pinned:  # every shard is open and checked: still this index's?
                 recheck.confirm_unchanged(directory, index.seal, storage)
             seals.append(index.seal)
             # the index is dropped: only the plan stays in memory
@@ -110,18 +110,22 @@ def _restore_from(target: Target, storage: Storage, directory: str, plan: Plan, 
             execute(plan, opened_shards[0], verify, progress)
             return Restored(plan.report, directory)
 
-        def plan_and_describe() -> list[str] | None:
+        def plan_and_describe() -> dict[str, Any]:
             open_and_plan()
             # Each rank checks the headers of the shards it reads, and every rank learns the outcome
             # before any reads: a damaged header fails the restore before any object changes.
             check_headers(plan, opened_shards[0])
-            recheck.confirm_unchanged(directory, seals[0], storage)  # the shards it opened: still this index's?
+            if opened_shards[0].pinned:  # the shards it opened: still this index's?
+                recheck.confirm_unchanged(directory, seals[0], storage)
             if plan.read_once is False:
-                return None
+                return {"seal": seals[0], "described": None}
             found.extend(spread.replicated(plan))
-            return spread.describe(found, coord)
+            return {"seal": seals[0], "described": spread.describe(found, coord)}
 
-        described = dist_coordinator.agree_all(coord, coord.what, plan_and_describe)
+        planned = dist_coordinator.agree_all(coord, coord.what, plan_and_describe)
+        if len({p["seal"] for p in planned}) > 1:  # each rank read index.json itself: one read another checkpoint
+            raise recheck.replaced_meanwhile(directory, "the ranks read two different index.json files")
+        described = [p["described"] for p in planned]
         spreading = spread.assign(plan, found, described, coord)
         shards = opened_shards[0]
         dist_coordinator.agree(coord, coord.what, lambda: read(plan, shards, verify, progress))

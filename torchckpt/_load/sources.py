@@ -43,8 +43,8 @@ class ShardSources(dict[str, Source]):
         first = self._identities.setdefault(file, source.identity)
         if source.identity != first:
             source.close()
-            raise CorruptCheckpointError(f"Shard {source.path} is not the file this read opened before: it was replaced "
-                                         "while the checkpoint was being read.", source.path)
+            raise CorruptCheckpointError(f"Shard {source.path} is not the file this read opened before: another file "
+                                         "took its name while the checkpoint was being read.", source.path)
         self[file] = source
         return source
 

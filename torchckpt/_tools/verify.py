@@ -16,6 +16,7 @@ from torchckpt._format import blocks as format_blocks
 from torchckpt._format import index as format_index
 from torchckpt._format.dtypes import TensorInfo
 from torchckpt._load import opened as load_opened
+from torchckpt._load import recheck
 from torchckpt._progress import progress_bar
 from torchckpt.errors import (
     CheckpointDeletedError,
@@ -65,16 +66,18 @@ def _verify_data(index: format_index.Index, shards: load_opened.OpenShards, info
     with progress_bar(total, "verify", progress) as bar:
         for shard in index.shards:
             path = shards.path(shard["file"])
-            try:  # opened again where the shards are held open a few at a time
-                source = shards.sources[shard["file"]]
-            except CheckpointDeletedError:
-                raise
-            except CorruptCheckpointError as e:
-                problems.append(str(e))
-                continue
-            source.prepare(shard["size"])
             names = index.names[position : position + shard["tensors"]]
             position += shard["tensors"]
+            try:  # opened again where the shards are held open a few at a time
+                source = shards.sources[shard["file"]]
+            except CorruptCheckpointError as e:  # another file at its name: replaced meanwhile, or damage
+                explained = recheck.explain(e, index.directory, index.seal, shards.storage)
+                if isinstance(explained, CheckpointDeletedError):
+                    raise explained from e
+                problems.append(str(e))
+                bar.update(sum(infos[n].nbytes for n in names))
+                continue
+            source.prepare(shard["size"])
             first = min((infos[n].start for n in names), default=shard["size"])
             shard_hash = xxhash.xxh3_64(source.read(0, first))
             found = len(problems)
