@@ -921,6 +921,15 @@ def damaged_then_saved(d: Path, rank: int, world: int) -> dict:
     return out
 
 
+def read_outcome(model: torch.nn.Module, path: str) -> str | dict:
+    """What restoring ``model`` from ``path`` gave: "no error", or the error's type, message and errno."""
+    try:
+        torchckpt.Checkpoint(model=model).read(path, timeout_secs=TIMEOUT)
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        return {"type": type(e).__name__, "message": str(e), "errno": getattr(e, "errno", None)}
+    return "no error"
+
+
 def opens_its_own_shards(d: Path, rank: int, world: int) -> dict:
     """FSDP2 parameters alone, saved and restored by the same ranks: which shards each rank opens
     (it reads only its own part)."""
@@ -947,11 +956,7 @@ def opens_its_own_shards(d: Path, rank: int, world: int) -> dict:
     for failing, error in ((1, PermissionError("Access Denied")), (0, OSError(errno.EMFILE, os.strerror(errno.EMFILE)))):
         if rank == failing:
             disk.fail("open", error, times=1)
-        try:
-            torchckpt.Checkpoint(model=fresh).read(path, timeout_secs=TIMEOUT)
-            out[f"failing{failing}"] = "no error"
-        except Exception as e:  # noqa: BLE001 - reported to the test
-            out[f"failing{failing}"] = {"type": type(e).__name__, "message": str(e), "errno": getattr(e, "errno", None)}
+        out[f"failing{failing}"] = read_outcome(fresh, path)
     # Another checkpoint of the same structure takes the path (as a save under the same number does)
     # after the ranks read the index, before they open their shards: not damage, on every rank.
     with torch.no_grad():
@@ -970,11 +975,7 @@ def opens_its_own_shards(d: Path, rank: int, world: int) -> dict:
 
     disk.heal()  # the first case's recorder too
     disk.before("open", replace_before_opening, times=1)
-    try:
-        torchckpt.Checkpoint(model=fresh).read(path, timeout_secs=TIMEOUT)
-        out["replaced"] = "no error"
-    except Exception as e:  # noqa: BLE001 - reported to the test
-        out["replaced"] = {"type": type(e).__name__, "message": str(e)}
+    out["replaced"] = read_outcome(fresh, path)
     # A third checkpoint of the same structure takes the path once rank 0 has read the index, opened
     # its shard and checked that the index is still the one it read; only then does rank 1 read the
     # index: each rank's own checks pass, each against another checkpoint.
@@ -1000,11 +1001,7 @@ def opens_its_own_shards(d: Path, rank: int, world: int) -> dict:
         disk.after("open", replace_after_confirming)
     else:
         disk.before("read_file", wait_for_the_replacement, times=1)
-    try:
-        torchckpt.Checkpoint(model=fresh).read(path, timeout_secs=TIMEOUT)
-        out["split"] = "no error"
-    except Exception as e:  # noqa: BLE001 - reported to the test
-        out["split"] = {"type": type(e).__name__, "message": str(e)}
+    out["split"] = read_outcome(fresh, path)
     return out
 
 
