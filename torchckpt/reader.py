@@ -189,12 +189,11 @@ class CheckpointReader:
         keys = built if built is not None else self._name_keys
         if keys is not None and len(known) == 1:  # one value for every name (one dtype): keys copied, not hashed
             values = dict.fromkeys(keys, next(iter(known.values())))
-            if built is None:
-                values.update((alias, values[target]) for alias, target in self._aliases.items())
-            return values
-        values = dict(zip(self._names, map(known.__getitem__, column)))
-        for alias, target in self._aliases.items():
-            values[alias] = values[target]
+            if built is not None:
+                return values  # a built map's keys hold the aliases already
+        else:
+            values = dict(zip(self._names, map(known.__getitem__, column)))
+        values.update((alias, values[target]) for alias, target in self._aliases.items())
         return values
 
     @property
