@@ -70,6 +70,45 @@ def drop_page_cache(paths: list[str]) -> None:
                 os.close(fd)
 
 
+def cached_share(root: str) -> float | None:
+    """The share of the bytes of ``root`` (a file, or every file under a directory) that the page
+    cache holds now (``mincore`` of a read-only map); None where that cannot be asked."""
+    import ctypes
+    import mmap
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    except (OSError, AttributeError):
+        return None
+    files = [root] if os.path.isfile(root) else [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
+    page, held, total = mmap.PAGESIZE, 0, 0
+    for path in files:
+        size = os.path.getsize(path)
+        if not size:
+            continue
+        pages = (size + page - 1) // page
+        vector = ctypes.create_string_buffer(pages)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+            if address in (None, ctypes.c_void_p(-1).value):
+                return None
+            try:
+                if libc.mincore(address, size, vector) != 0:
+                    return None
+            finally:
+                libc.munmap(address, size)
+        finally:
+            os.close(fd)
+        held += sum(b & 1 for b in vector.raw) * page
+        total += pages * page
+    return held / total if total else None
+
+
 def run_fresh(script: str, args: list[str], python: str | None = None) -> dict[str, Any]:
     """Run ``script`` in a fresh interpreter (this one, or ``python``); it prints one JSON object as its last line."""
     out = subprocess.run([python or sys.executable, script, *args], capture_output=True, text=True)

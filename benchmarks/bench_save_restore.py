@@ -6,7 +6,10 @@ one equally often, not always after the same one: ``_common.round_order``),
 and the table reports medians with the fastest and slowest round, the ratio
 to the raw write/read of the same bytes in the same run, and peak extra RSS over the state size.
 Every save includes fsync of what it wrote; every restore reads into existing tensors from a
-cold page cache, except the "right after its save" rows.
+cold page cache, except the "right after its save" rows. Each process runs a full garbage
+collection before its clock starts: importing torch leaves one due, and whichever method allocates
+enough objects first would otherwise pay it (about 55 ms here), as ``timeit`` keeps collections
+out of what it times.
 
 Restore rows, each method at its best on this machine:
 
@@ -43,6 +46,7 @@ state size divided by that bandwidth (the least any snapshot can take).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -56,7 +60,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 RAW_READERS = 4
 
-from _common import drop_page_cache, import_torchckpt, machine, median, peak_rss_bytes, round_order, run_fresh  # noqa: E402
+from _common import (  # noqa: E402
+    cached_share,
+    drop_page_cache,
+    import_torchckpt,
+    machine,
+    median,
+    peak_rss_bytes,
+    round_order,
+    run_fresh,
+)
 
 SAVE_METHODS = ["raw", "torch", "safetensors", "dcp", "tf", "torchckpt", "torchckpt-async"]
 RESTORE_METHODS = ["raw", "raw-parallel", "torch", "safetensors", "dcp", "tf", "torchckpt", "torch-after-save",
@@ -307,14 +320,16 @@ def child(op: str, method: str, workload: str, path: str, device: str) -> None:
             drop_page_cache([path])
     if method != "tf":
         _sync(state)
+    gc.collect()  # the collection the imports left due: not any method's work (see the docstring)
+    cached = cached_share(path) if op == "restore-warm" else None  # what the save left in the page cache
     before = peak_rss_bytes()
     if op == "save":
         result = save(method, state, path)
     else:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         restore(method, state, path)
-        result = {"seconds": time.perf_counter() - start, "blocked": None}
-    result.update({"extra_rss": peak_rss_bytes() - before, "state_bytes": state_bytes})
+        result = {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu, "blocked": None}
+    result.update({"extra_rss": peak_rss_bytes() - before, "state_bytes": state_bytes, "cached_at_start": cached})
     if op != "save":
         reference = make_state(workload)
         restored = {k: torch.as_tensor(v.numpy()) if method == "tf" else v.cpu() for k, v in state.items()}
@@ -455,6 +470,12 @@ def _restore_summary(runs: dict) -> list[str]:  # type: ignore[type-arg]
                 lines.append(f"{LABELS[method]}: the restore {secs[method] / torch_restore:.2f}x torch.load(mmap=True) "
                              f"right after torch.save; save + restore {both:.3f} s against torch.save + torch.load "
                              f"{torch_both:.3f} s ({both / torch_both:.2f}x)")
+        for method in ("torch-after-save", "torchckpt-after-save", "torchckpt-warm-after-save"):
+            rounds = [r for r in runs.get(method, []) if r.get("cached_at_start") is not None]
+            if rounds:
+                lines.append(f"{LABELS[method]}: in the page cache as the restore began (and the restore), by round: "
+                             + ", ".join(f"{r['cached_at_start']:.0%} ({r['seconds']:.3f} s, CPU {r['cpu_seconds']:.3f} s)"
+                                        for r in rounds))
         lines.append("(the \"right after\" rows read what the save left in the page cache; their \"vs raw\" is "
                      "against the cold raw read)")
     return lines

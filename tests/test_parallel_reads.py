@@ -260,6 +260,7 @@ class _SmallPieces(_SmallBatchSource):
     """Checked reads land ``checked_bytes`` at a time (``LocalSource``'s is 4 MiB); records each readv's size."""
 
     checked_bytes = 1000  # smaller than the large tensors below, larger than the small ones together
+    cached_bytes = 0  # every byte read as from the disk (the test's files are in the page cache)
 
     def __init__(self, path: str, fd: int, readers: int) -> None:
         super().__init__(path, fd, readers)
@@ -308,3 +309,94 @@ def test_a_checked_read_lands_and_hashes_a_piece_at_a_time(tmp_path, install, no
     with pytest.raises(CorruptCheckpointError, match="fails its checksum") as caught:
         torchckpt.Checkpoint(state=_zeros_like(state)).read(path, progress=False)
     assert repr(name) in str(caught.value) and caught.value.path == shard
+
+
+class _CachedPieces(_SmallPieces):
+    """Checked reads try the page cache first, ``cached_bytes`` at a time; records each such read's
+    size and offset. ``cold_from``: the file offset from which the cache holds nothing."""
+
+    cached_bytes = 300
+
+    def __init__(self, path: str, fd: int, readers: int, cold_from: int | None) -> None:
+        super().__init__(path, fd, readers)
+        self.cold_from = cold_from
+        self.cached: list[tuple[int, int]] = []
+
+    def read_cached(self, view: memoryview, offset: int) -> int:
+        if self.cold_from is not None:
+            view = view[: max(0, self.cold_from - offset)]
+        n = super().read_cached(view, offset) if len(view) else 0
+        self.cached.append((offset, n))
+        return n
+
+
+class CachedPieces(SmallBatches):
+    def __init__(self, readers: int, cold_from: int | None = None) -> None:
+        super().__init__(readers)
+        self.cold_from = cold_from
+
+    def open(self, path: str, what: str) -> LocalSource:
+        source = super().open(path, what)
+        if what != "Shard":
+            return source
+        pieces = _CachedPieces(source.path, source.fd, self.readers, self.cold_from)  # takes the descriptor over
+        if self.cold_from is not None:
+            pieces.batch_bytes = 2**20  # the whole shard in one batch
+        self.sources[-1] = pieces
+        return pieces
+
+
+def _large_and_small() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    state = {f"w{i}": torch.randn(1000 + 37 * i, generator=gen) for i in range(8)}  # 4,000 to 5,036 bytes
+    state.update({f"b{i}": torch.randn(3, generator=gen) for i in range(10)})
+    return state
+
+
+@pytest.mark.skipif(not hasattr(os, "RWF_NOWAIT"), reason="no preadv2 RWF_NOWAIT on this platform")
+@pytest.mark.parametrize("readers", [1, 4], ids=["in-order", "four"])
+def test_bytes_in_the_page_cache_are_read_and_hashed_in_small_pieces(tmp_path, install, no_thread_left, readers):
+    """A large tensor's bytes that the page cache holds are copied ``cached_bytes`` at a time and
+    hashed as they land, and nothing is read from the disk for them; the values are exact, and a
+    flipped byte read that way is found and named."""
+    state = _large_and_small()
+    path = torchckpt.Checkpoint(state=state).write(tmp_path / "c", progress=False)
+    shard = _shard(path)
+    with open(shard, "rb") as f:  # every page of the shard in the page cache
+        f.read()
+    storage = install(tmp_path, CachedPieces(readers))
+    dest = _zeros_like(state)
+    torchckpt.Checkpoint(state=dest).read(path, progress=False).assert_consumed()
+    assert all(torch.equal(dest[k].view(torch.int32), state[k].view(torch.int32)) for k in state)
+    (source,) = storage.sources
+    large = sum(t.nbytes for k, t in state.items() if k.startswith("w"))
+    assert sum(n for _, n in source.cached) == large
+    assert max(n for _, n in source.cached) == 300
+    assert sum(source.sizes) == sum(t.nbytes for k, t in state.items() if k.startswith("b"))  # the small ones only
+
+    name = "state/w6"
+    flip_byte(shard, tensor_span(shard, name)[0] + 700, 0x10)  # in its third piece of 300 bytes
+    with open(shard, "rb") as f:
+        f.read()
+    with pytest.raises(CorruptCheckpointError, match="fails its checksum") as caught:
+        torchckpt.Checkpoint(state=_zeros_like(state)).read(path, progress=False)
+    assert repr(name) in str(caught.value) and caught.value.path == shard
+
+
+def test_a_read_that_leaves_the_page_cache_reads_the_rest_from_the_disk_in_large_requests(
+        tmp_path, install, no_thread_left):
+    """Where the page cache stops holding the file (a cold file, or one half read in), the rest of
+    the batch (here the whole shard) is read in ``checked_bytes`` requests, without asking the
+    cache again: values exact."""
+    state = _large_and_small()
+    path = torchckpt.Checkpoint(state=state).write(tmp_path / "c", progress=False)
+    shard = _shard(path)
+    start, end = tensor_span(shard, "state/w3")
+    cold_from = start + 650  # within w3's first part
+    storage = install(tmp_path, CachedPieces(1, cold_from))
+    dest = _zeros_like(state)
+    torchckpt.Checkpoint(state=dest).read(path, progress=False).assert_consumed()
+    assert all(torch.equal(dest[k].view(torch.int32), state[k].view(torch.int32)) for k in state)
+    (source,) = storage.sources
+    assert source.cached[-2:] == [(start + 600, 50), (cold_from, 0)]  # then none asked
+    assert 1000 - 650 in source.sizes and max(source.sizes) == 1000  # the rest of w3's part, then whole parts

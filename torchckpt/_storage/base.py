@@ -116,6 +116,7 @@ class Source(Protocol):
     batch_bytes: int  # how many contiguous bytes one ``readv`` should cover at most,
     batch_views: int  # and into how many buffers
     checked_bytes: int  # how many bytes a checked read lands before hashing them (``_load.reads``)
+    cached_bytes: int  # the same, for bytes already in memory (``read_cached``; 0: no such reads)
     readers: int  # how many threads may ``readv`` disjoint ranges of the file at once (1: one stream)
 
     def read(self, offset: int, count: int) -> bytes:
@@ -126,6 +127,11 @@ class Source(Protocol):
 
     def readv(self, views: list[memoryview], offset: int) -> None:
         """Fill ``views`` with the bytes from ``offset`` on, back to back; EOFError at the end."""
+
+    def read_cached(self, view: memoryview, offset: int) -> int:
+        """Fill ``view`` from ``offset`` on as far as the bytes are already in memory (a local
+        file's page cache), without waiting for the storage; the bytes filled (0: none, or the
+        source cannot tell)."""
 
     def stream(self) -> contextlib.AbstractContextManager[None]:
         """One of several threads reading this file at once (``readers``) reads inside this block:

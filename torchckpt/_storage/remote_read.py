@@ -41,6 +41,7 @@ class RemoteSource:
     batch_bytes = batch_views = 2**62  # one readv may span a whole shard: its requests are sized below
     checked_bytes = 2**62  # and is hashed after: each readv is a round of requests
     readers = 1  # its own requests already run in parallel
+    cached_bytes = 0  # no bytes are in memory before they are asked for
 
     def __init__(self, fs: Any, path: str, size: int, storage: Vanishing | None = None, *,
                  part_min: int = READ_PART_MIN, part_max: int = READ_PART_MAX) -> None:
@@ -84,6 +85,10 @@ class RemoteSource:
     def mapped(self, offset: int, count: int) -> None:
         """Never: an object is not a file to map. Its bytes are read into the caller's tensors instead."""
         del offset, count
+
+    def read_cached(self, view: memoryview, offset: int) -> int:
+        del view, offset  # nothing of an object is kept in memory between reads
+        return 0
 
     def readv(self, views: list[memoryview], offset: int) -> None:
         try:
