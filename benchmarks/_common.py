@@ -92,7 +92,10 @@ def cached_share(root: str) -> float | None:
             continue
         pages = (size + page - 1) // page
         vector = ctypes.create_string_buffer(pages)
-        fd = os.open(path, os.O_RDONLY)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
         try:
             address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
             if address in (None, ctypes.c_void_p(-1).value):

@@ -8,8 +8,9 @@ to the raw write/read of the same bytes in the same run, and peak extra RSS over
 Every save includes fsync of what it wrote; every restore reads into existing tensors from a
 cold page cache, except the "right after its save" rows. Each process runs a full garbage
 collection before its clock starts: importing torch leaves one due, and whichever method allocates
-enough objects first would otherwise pay it (about 55 ms here), as ``timeit`` keeps collections
-out of what it times.
+enough objects first would otherwise pay it (about 55 ms here). Collections a method causes
+itself still count. Restores also report their CPU time: the whole process's, every reader thread
+included, so it can exceed the wall time.
 
 Restore rows, each method at its best on this machine:
 
@@ -474,7 +475,7 @@ def _restore_summary(runs: dict) -> list[str]:  # type: ignore[type-arg]
             rounds = [r for r in runs.get(method, []) if r.get("cached_at_start") is not None]
             if rounds:
                 lines.append(f"{LABELS[method]}: in the page cache as the restore began (and the restore), by round: "
-                             + ", ".join(f"{r['cached_at_start']:.0%} ({r['seconds']:.3f} s, CPU {r['cpu_seconds']:.3f} s)"
+                             + ", ".join(f"{r['cached_at_start']:.0%} ({r['seconds']:.3f} s, CPU of all threads {r['cpu_seconds']:.3f} s)"
                                         for r in rounds))
         lines.append("(the \"right after\" rows read what the save left in the page cache; their \"vs raw\" is "
                      "against the cold raw read)")

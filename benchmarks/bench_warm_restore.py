@@ -12,13 +12,15 @@ with the checkpoint's files wholly in the page cache (read once before), into ex
   hashes each batch right after copying it, this hashes memory no copy touched just before);
 - torch.load(mmap=True) + copy_: the peer, from its own file, also wholly in the page cache.
 
-Rounds are interleaved (``_common.round_order``); medians. Usage:
+Each process runs a full garbage collection before its clock starts (importing torch leaves one
+due). Rounds are interleaved (``_common.round_order``); medians. Usage:
 python benchmarks/bench_warm_restore.py [--rounds 5] [--gib 1.0]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -84,6 +86,7 @@ def child(method: str, checkpoint: str, pt_file: str, gib: float) -> None:
         for view in group:
             xxhash.xxh3_64_intdigest(view)
 
+    gc.collect()  # the collection the imports left due: no method's work (as in bench_save_restore.py)
     start = time.perf_counter()
     if method == "torchckpt":
         torchckpt.Checkpoint(**dest).read(checkpoint, progress=False).assert_consumed()

@@ -8,6 +8,8 @@ small checkpoint makes many batches; ``readers=1`` is the in-order path the para
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import threading
 from collections.abc import Callable
 
@@ -346,6 +348,31 @@ class CachedPieces(SmallBatches):
         return pieces
 
 
+def _warm(path: str) -> None:
+    """Every page of ``path`` in the page cache."""
+    with open(path, "rb") as f:
+        f.read()
+
+
+@pytest.fixture
+def nowait(tmp_path):
+    """Skip where reads that never wait for the disk are refused (no ``RWF_NOWAIT``; tmpfs, some
+    network file systems): there ``LocalSource.read_cached`` reads nothing."""
+    if not hasattr(os, "RWF_NOWAIT"):
+        pytest.skip("no preadv2 RWF_NOWAIT on this platform")
+    probe = tmp_path / "probe"
+    probe.write_bytes(b"x" * 4096)
+    fd = os.open(probe, os.O_RDONLY)
+    try:
+        if os.preadv(fd, [bytearray(4096)], 0, os.RWF_NOWAIT) != 4096:
+            pytest.skip("the page cache did not hold a file just written")
+    except OSError as e:
+        pytest.skip(f"{tmp_path}'s file system refuses RWF_NOWAIT reads ({e})")
+    finally:
+        os.close(fd)
+        probe.unlink()
+
+
 def _large_and_small() -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(1)
     state = {f"w{i}": torch.randn(1000 + 37 * i, generator=gen) for i in range(8)}  # 4,000 to 5,036 bytes
@@ -353,17 +380,16 @@ def _large_and_small() -> dict[str, torch.Tensor]:
     return state
 
 
-@pytest.mark.skipif(not hasattr(os, "RWF_NOWAIT"), reason="no preadv2 RWF_NOWAIT on this platform")
 @pytest.mark.parametrize("readers", [1, 4], ids=["in-order", "four"])
-def test_bytes_in_the_page_cache_are_read_and_hashed_in_small_pieces(tmp_path, install, no_thread_left, readers):
+def test_bytes_in_the_page_cache_are_read_and_hashed_in_small_pieces(tmp_path, install, no_thread_left, nowait,
+                                                                     readers):
     """A large tensor's bytes that the page cache holds are copied ``cached_bytes`` at a time and
     hashed as they land, and nothing is read from the disk for them; the values are exact, and a
     flipped byte read that way is found and named."""
     state = _large_and_small()
     path = torchckpt.Checkpoint(state=state).write(tmp_path / "c", progress=False)
     shard = _shard(path)
-    with open(shard, "rb") as f:  # every page of the shard in the page cache
-        f.read()
+    _warm(shard)
     storage = install(tmp_path, CachedPieces(readers))
     dest = _zeros_like(state)
     torchckpt.Checkpoint(state=dest).read(path, progress=False).assert_consumed()
@@ -375,23 +401,25 @@ def test_bytes_in_the_page_cache_are_read_and_hashed_in_small_pieces(tmp_path, i
     assert sum(source.sizes) == sum(t.nbytes for k, t in state.items() if k.startswith("b"))  # the small ones only
 
     name = "state/w6"
-    flip_byte(shard, tensor_span(shard, name)[0] + 700, 0x10)  # in its third piece of 300 bytes
-    with open(shard, "rb") as f:
-        f.read()
+    start = tensor_span(shard, name)[0]
+    flip_byte(shard, start + 700, 0x10)  # in its third piece of 300 bytes
+    _warm(shard)
     with pytest.raises(CorruptCheckpointError, match="fails its checksum") as caught:
         torchckpt.Checkpoint(state=_zeros_like(state)).read(path, progress=False)
     assert repr(name) in str(caught.value) and caught.value.path == shard
+    assert (start + 600, 300) in storage.sources[-1].cached  # the flipped byte came through the cache
 
 
 def test_a_read_that_leaves_the_page_cache_reads_the_rest_from_the_disk_in_large_requests(
-        tmp_path, install, no_thread_left):
+        tmp_path, install, no_thread_left, nowait):
     """Where the page cache stops holding the file (a cold file, or one half read in), the rest of
     the batch (here the whole shard) is read in ``checked_bytes`` requests, without asking the
     cache again: values exact."""
     state = _large_and_small()
     path = torchckpt.Checkpoint(state=state).write(tmp_path / "c", progress=False)
     shard = _shard(path)
-    start, end = tensor_span(shard, "state/w3")
+    _warm(shard)
+    start = tensor_span(shard, "state/w3")[0]
     cold_from = start + 650  # within w3's first part
     storage = install(tmp_path, CachedPieces(1, cold_from))
     dest = _zeros_like(state)
@@ -400,3 +428,39 @@ def test_a_read_that_leaves_the_page_cache_reads_the_rest_from_the_disk_in_large
     (source,) = storage.sources
     assert source.cached[-2:] == [(start + 600, 50), (cold_from, 0)]  # then none asked
     assert 1000 - 650 in source.sizes and max(source.sizes) == 1000  # the rest of w3's part, then whole parts
+
+
+def _refuses_nowait(directory: str) -> bool:
+    probe = os.path.join(directory, "probe")
+    with open(probe, "wb") as f:
+        f.write(b"x" * 4096)
+    fd = os.open(probe, os.O_RDONLY)
+    try:
+        os.preadv(fd, [bytearray(4096)], 0, os.RWF_NOWAIT)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+
+
+def test_a_file_system_that_refuses_reads_that_never_wait_is_read_as_before(install, no_thread_left):
+    """On tmpfs (``EOPNOTSUPP`` for ``RWF_NOWAIT`` on recent kernels) the first refusal turns the
+    cache reads off for that file: one try, then every byte read as before, the values exact."""
+    if not hasattr(os, "RWF_NOWAIT") or not os.path.isdir("/dev/shm"):
+        pytest.skip("needs RWF_NOWAIT and a tmpfs at /dev/shm")
+    directory = tempfile.mkdtemp(dir="/dev/shm")
+    try:
+        if not _refuses_nowait(directory):
+            pytest.skip("this kernel's tmpfs accepts RWF_NOWAIT")
+        state = _large_and_small()
+        path = torchckpt.Checkpoint(state=state).write(os.path.join(directory, "c"), progress=False)
+        storage = install(directory, CachedPieces(1))
+        dest = _zeros_like(state)
+        torchckpt.Checkpoint(state=dest).read(path, progress=False).assert_consumed()
+        assert all(torch.equal(dest[k].view(torch.int32), state[k].view(torch.int32)) for k in state)
+        (source,) = storage.sources
+        assert source.cached == [(tensor_span(_shard(path), "state/w0")[0], 0)] and source.cached_bytes == 0
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

@@ -58,7 +58,8 @@ class LocalSource:
     batch_bytes = 64 * 2**20  # a scatter read this large keeps the disk busy; larger ones gain nothing
     batch_views = IOV_MAX  # preadv's limit
     checked_bytes = 4 * 2**20  # hashed while still in the CPU's cache; read ahead (8 MiB here) keeps the disk busy
-    cached_bytes = 2**20  # from the page cache, pieces this small (within a core's L2) are hashed faster
+    cached_bytes = 2**20  # from the page cache, pieces this small (within a core's L2) are hashed faster;
+    # 0 where the file system refuses reads that never wait (``read_cached``: tmpfs, some network ones)
     readers = 4  # threads that may read one file at once (``_load.reads.read_many``): one stream left the disk half idle
 
     def __init__(self, path: str, fd: int) -> None:
@@ -110,11 +111,14 @@ class LocalSource:
                 views[i] = views[i][n:]
 
     def read_cached(self, view: memoryview, offset: int) -> int:
-        if _NOWAIT is None:
+        if _NOWAIT is None or not self.cached_bytes:
             return 0
         try:
             return os.preadv(self.descriptor(), [view], offset, _NOWAIT)
-        except (BlockingIOError, OSError):  # not in the page cache; or a kernel without the flag (EOPNOTSUPP)
+        except BlockingIOError:  # not in the page cache
+            return 0
+        except OSError:  # a file system or kernel without the flag (tmpfs: EOPNOTSUPP), or a read error,
+            self.cached_bytes = 0  # which the ordinary read that follows raises: this file is not asked again
             return 0
 
     def views(self, offset: int, count: int) -> Iterator[memoryview]:
