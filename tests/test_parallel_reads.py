@@ -450,7 +450,7 @@ def test_a_file_system_that_refuses_reads_that_never_wait_is_read_as_before(inst
     cache reads off for that file: one try, then every byte read as before, the values exact."""
     if not hasattr(os, "RWF_NOWAIT") or not os.path.isdir("/dev/shm"):
         pytest.skip("needs RWF_NOWAIT and a tmpfs at /dev/shm")
-    directory = tempfile.mkdtemp(dir="/dev/shm")
+    directory = tempfile.mkdtemp(dir="/dev/shm")  # not tmp_path: the test needs a file system that refuses the flag
     try:
         if not _refuses_nowait(directory):
             pytest.skip("this kernel's tmpfs accepts RWF_NOWAIT")
