@@ -188,11 +188,11 @@ def save(method: str, state: dict, path: str) -> dict:  # type: ignore[type-arg]
         torchckpt.Checkpoint(state=state).write(path, progress=False)
     elif method == "torchckpt-warm":  # a run a validation process follows on this machine
         import torchckpt
-        from torchckpt._storage import local
+        from torchckpt._storage import warm
 
         torchckpt.CheckpointManager(torchckpt.Checkpoint(state=state), path, warm_page_cache=True, progress=False).save()
         seconds = time.perf_counter() - start
-        local.wait_for_warm_ups()  # the run would go on; this process stays for its warm-up
+        warm.wait_for_warm_ups()  # the run would go on; this process stays for its warm-up
         return {"seconds": seconds, "blocked": blocked, "warm_asked": time.perf_counter() - start}
     elif method == "torchckpt-async":
         import torchckpt

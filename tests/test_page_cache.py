@@ -20,7 +20,7 @@ import torch
 
 import torchckpt
 from tests.doubles import LocalDouble
-from torchckpt._storage import local
+from torchckpt._storage import warm as storage_warm
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore and fadvise are Linux's")
 
@@ -88,7 +88,7 @@ def test_a_new_checkpoint_is_read_into_the_page_cache_once_committed(tmp_path, d
     path = mgr.save()
     files = shards(path)
     assert len(files) == 2
-    local.wait_for_warm_ups()
+    storage_warm.wait_for_warm_ups()
     assert all(wait_resident(f, 0.99) >= 0.99 for f in files)  # all but the last page, at worst (above)
     restored = _state()
     for t in restored.values():
@@ -101,7 +101,7 @@ def test_without_it_a_direct_io_save_leaves_the_files_uncached(tmp_path, direct_
     mgr = torchckpt.CheckpointManager(torchckpt.Checkpoint(model=_state()), tmp_path / "run",
                                       max_shard_size=SHARD_BYTES // 2, incremental=False, progress=False)
     path = mgr.save()
-    local.wait_for_warm_ups()
+    storage_warm.wait_for_warm_ups()
     time.sleep(0.2)
     assert all(resident_fraction(f) < 0.5 for f in shards(path))
 
@@ -114,12 +114,12 @@ def test_reused_files_are_warmed_too(tmp_path, direct_disk, warm):
     mgr = torchckpt.CheckpointManager(torchckpt.Checkpoint(model=_state()), tmp_path / "run", warm_page_cache=warm,
                                       max_shard_size=SHARD_BYTES // 2, progress=False)
     mgr.save()
-    local.wait_for_warm_ups()
+    storage_warm.wait_for_warm_ups()
     final = tmp_path / "run" / "ckpt-2"
     direct_disk.before("stage.settle", lambda *args, **kwargs: [drop(f) for f in shards(str(final))], times=1)
     assert mgr.save() == str(final)  # nothing changed: every shard is placed from the first checkpoint
     assert len(direct_disk.called("stage.reuse")) == 2
-    local.wait_for_warm_ups()
+    storage_warm.wait_for_warm_ups()
     if warm:
         assert all(wait_resident(f, 0.99) >= 0.99 for f in shards(str(final)))
     else:
@@ -131,7 +131,7 @@ def test_the_warm_up_stays_within_its_budget(tmp_path, direct_disk):
     path = torchckpt.Checkpoint(model=_state()).write(tmp_path / "c", progress=False)
     (shard,) = shards(path)
     drop(shard)
-    local.warm_files([str(shard)], 4 * 2**20)
+    storage_warm.warm_files([str(shard)], 4 * 2**20)
     wait_resident(shard, 0.45, timeout_secs=5.0)
     time.sleep(0.2)
     assert 0.45 <= resident_fraction(shard) <= 0.6  # 4 of 8 MiB asked (the kernel may round up a little)

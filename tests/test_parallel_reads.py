@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import torchckpt
-from torchckpt._storage import local
+from torchckpt._storage import warm
 from torchckpt._storage.local import LocalSource, LocalStorage
 from torchckpt.errors import CorruptCheckpointError
 
@@ -134,7 +134,7 @@ def test_each_reader_thread_reads_through_its_own_descriptor_of_the_same_file(tm
     """Reads from several threads through one descriptor share its readahead (see ``LocalSource``):
     each helper gets a descriptor of its own, onto the same inode, closed once it is done."""
     storage = install(tmp_path, SmallBatches(4))
-    local.wait_for_warm_ups()  # an earlier test's warm-up opens descriptors while it runs
+    warm.wait_for_warm_ups()  # an earlier test's warm-up opens descriptors while it runs
     before = _open_descriptors()
     dest = _zeros_like(_state())
     torchckpt.Checkpoint(state=dest).read(written, progress=False).assert_consumed()
