@@ -354,23 +354,33 @@ def _warm(path: str) -> None:
         f.read()
 
 
-@pytest.fixture
-def nowait(tmp_path):
-    """Skip where reads that never wait for the disk are refused (no ``RWF_NOWAIT``; tmpfs, some
-    network file systems): there ``LocalSource.read_cached`` reads nothing."""
+def _nowait_refused(directory: str) -> str | None:
+    """Why a file in ``directory`` cannot be read with ``RWF_NOWAIT`` (a file just written, so in
+    the page cache), or None when it can."""
     if not hasattr(os, "RWF_NOWAIT"):
-        pytest.skip("no preadv2 RWF_NOWAIT on this platform")
-    probe = tmp_path / "probe"
-    probe.write_bytes(b"x" * 4096)
+        return "no preadv2 RWF_NOWAIT on this platform"
+    probe = os.path.join(directory, "probe")
+    with open(probe, "wb") as f:
+        f.write(b"x" * 4096)
     fd = os.open(probe, os.O_RDONLY)
     try:
         if os.preadv(fd, [bytearray(4096)], 0, os.RWF_NOWAIT) != 4096:
-            pytest.skip("the page cache did not hold a file just written")
+            return "the page cache did not hold a file just written"
     except OSError as e:
-        pytest.skip(f"{tmp_path}'s file system refuses RWF_NOWAIT reads ({e})")
+        return f"{directory}'s file system refuses RWF_NOWAIT reads ({e})"
     finally:
         os.close(fd)
-        probe.unlink()
+        os.unlink(probe)
+    return None
+
+
+@pytest.fixture
+def nowait(tmp_path):
+    """Skip where reads that never wait for the disk are refused (tmpfs, some network file
+    systems): there ``LocalSource.read_cached`` reads nothing."""
+    refused = _nowait_refused(str(tmp_path))
+    if refused is not None:
+        pytest.skip(refused)
 
 
 def _large_and_small() -> dict[str, torch.Tensor]:
@@ -430,21 +440,6 @@ def test_a_read_that_leaves_the_page_cache_reads_the_rest_from_the_disk_in_large
     assert 1000 - 650 in source.sizes and max(source.sizes) == 1000  # the rest of w3's part, then whole parts
 
 
-def _refuses_nowait(directory: str) -> bool:
-    probe = os.path.join(directory, "probe")
-    with open(probe, "wb") as f:
-        f.write(b"x" * 4096)
-    fd = os.open(probe, os.O_RDONLY)
-    try:
-        os.preadv(fd, [bytearray(4096)], 0, os.RWF_NOWAIT)
-        return False
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
-        os.unlink(probe)
-
-
 def test_a_file_system_that_refuses_reads_that_never_wait_is_read_as_before(install, no_thread_left):
     """On tmpfs (``EOPNOTSUPP`` for ``RWF_NOWAIT`` on recent kernels) the first refusal turns the
     cache reads off for that file: one try, then every byte read as before, the values exact."""
@@ -452,7 +447,7 @@ def test_a_file_system_that_refuses_reads_that_never_wait_is_read_as_before(inst
         pytest.skip("needs RWF_NOWAIT and a tmpfs at /dev/shm")
     directory = tempfile.mkdtemp(dir="/dev/shm")  # not tmp_path: the test needs a file system that refuses the flag
     try:
-        if not _refuses_nowait(directory):
+        if _nowait_refused(directory) is None:
             pytest.skip("this kernel's tmpfs accepts RWF_NOWAIT")
         state = _large_and_small()
         path = torchckpt.Checkpoint(state=state).write(os.path.join(directory, "c"), progress=False)
