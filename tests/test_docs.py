@@ -84,7 +84,7 @@ def test_public_names_are_curated():
         "MismatchReport", "PartialRestoreWarning", "RNGState", "RestoreMismatchError", "RestoreStatus",
         "UnsupportedStateError", "__version__", "latest_checkpoint", "PerRank", "RankTimeoutError",
         "DamagedCheckpointWarning", "TensorSpec", "save_state", "load_state", "convert", "RenameConflictError",
-        "UnsafePickleError",
+        "UnsafePickleError", "CheckpointTooLargeError",
     ])
     for name in torchckpt.__all__:
         assert hasattr(torchckpt, name)
@@ -97,6 +97,7 @@ def test_error_hierarchy():
     assert issubclass(torchckpt.RestoreMismatchError, AssertionError)
     assert issubclass(torchckpt.CheckpointDeletedError, torchckpt.CheckpointNotFoundError)
     assert issubclass(torchckpt.CheckpointWriteError, (torchckpt.CheckpointError, OSError))
+    assert issubclass(torchckpt.CheckpointTooLargeError, (torchckpt.CheckpointError, ValueError))
 
 
 def test_cli_entry_point_prints_help():

@@ -255,13 +255,23 @@ def test_what_needs_code_to_load_is_refused_by_key_and_type(how, value, value_ty
     ({"cfg": {"counts": collections.Counter({"a": "many"})}}, "cfg/counts/a",
      r"'cfg/counts/a': a Counter's counts must be numbers, and this one is str\. Store dict\(counter\)"),
     ({"cfg": _deep(100)}, "cfg" + "/0" * 99, r"containers are nested more than 100 deep"),
-], ids=["path-key-equal-to-str-key", "counter-of-str", "nested-too-deep"])
+    ({"cfg": {"seed": 10**4300}}, "cfg/seed", r"'cfg/seed': an int of 14,285 bits has more than the 4,300 decimal "
+                                              r"digits a JSON reader parses\. Store hex\(x\) instead"),
+    ({"cfg": [-(10**5000)]}, "cfg/0", r"'cfg/0': an int of 16,610 bits has more than the 4,300"),
+    ({"cfg": {10**4300: "id"}}, "cfg", r"'cfg': an int of 14,285 bits"),
+], ids=["path-key-equal-to-str-key", "counter-of-str", "nested-too-deep", "int-of-4301-digits", "negative-int",
+        "int-key"])
 @pytest.mark.parametrize("how", ["save_state", "Checkpoint"])
 def test_a_tree_that_would_not_load_back_is_refused(how, state, key, message, tmp_path):
     with pytest.raises(UnsupportedStateError, match=message) as info:
         save_with(how, state, tmp_path)
     assert info.value.key == key
     assert os.listdir(tmp_path) == []
+
+
+def test_the_longest_int_that_saves_also_loads(tmp_path):
+    state = {"cfg": {"big": 10**4300 - 1, "small": -(10**4300) + 1, 10**4300 - 1: "key"}}  # 4,300 digits each
+    assert torchckpt.load_state(torchckpt.save_state(state, tmp_path / "c")) == state
 
 
 def test_the_deepest_tree_that_saves_also_loads(tmp_path):

@@ -18,6 +18,7 @@ __all__ = [
     "CheckpointDeletedError",
     "CheckpointNotFoundError",
     "CheckpointReadError",
+    "CheckpointTooLargeError",
     "CheckpointWriteError",
     "CorruptCheckpointError",
     "UnsupportedStateError",
@@ -143,6 +144,33 @@ class UnsupportedStateError(CheckpointError, TypeError):
         super().__init__(message)
         self.key = key
         self.value_type = value_type
+
+
+class CheckpointTooLargeError(CheckpointError, ValueError):
+    """A save would write a file bigger than every reader accepts (``index.json``: 256 MiB; a shard's
+    safetensors header: 100,000,000 bytes), so the checkpoint could never be restored. Nothing was
+    committed, and the previous checkpoints are intact.
+
+    Why refuse rather than write it: readers bound these files to bound the memory a hostile one
+    can take (see ``docs/format.md``, "Limits"). Each stored tensor's name is in the index two to
+    four times, so a job that shards every tensor over very many ranks (each chunk is a stored
+    tensor), or keys with very long names, can reach the limit.
+
+    Attributes:
+        path: the checkpoint being saved (None where the file was being encoded on its own).
+        what: the file that would be too large (``"index.json"``, ``"shard header"``), or
+            ``"index.json containers"``: an index holding more JSON objects and arrays than a
+            reader parses for its size (very many empty containers in the state).
+        size: the bytes it would take (for ``"index.json containers"``, how many it would hold).
+        limit: the most a reader accepts, in the same unit.
+    """
+
+    def __init__(self, message: str, path: str | None, what: str, size: int, limit: int) -> None:
+        super().__init__(message)
+        self.path = path
+        self.what = what
+        self.size = size
+        self.limit = limit
 
 
 class RankTimeoutError(CheckpointError):

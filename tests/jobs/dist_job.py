@@ -30,7 +30,7 @@ from torch.distributed.fsdp import fully_shard
 import torchckpt
 from tests.damage import rot
 from tests.doubles import LocalDouble, StorageDouble, remote_double
-from tests.jobs import flips, read_once, renames
+from tests.jobs import flips, limits, read_once, renames
 from torchckpt._storage import registry
 
 TIMEOUT = 20.0  # every collective checkpoint call in these scenarios waits at most this long
@@ -1015,6 +1015,7 @@ SCENARIOS = {f.__name__: f for f in (save_fsdp_4, save_fsdp_2, restore_from_4, r
 SCENARIOS.update(flips.SCENARIOS)
 SCENARIOS.update(renames.SCENARIOS)
 SCENARIOS.update(read_once.SCENARIOS)
+SCENARIOS.update(limits.SCENARIOS)
 
 
 LOSES_A_RANK = {"killed_async"}

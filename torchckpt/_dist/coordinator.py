@@ -27,6 +27,7 @@ from torchckpt.errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CheckpointReadError,
+    CheckpointTooLargeError,
     CorruptCheckpointError,
     RankTimeoutError,
     RenameConflictError,
@@ -330,6 +331,8 @@ def failure_payload(error: BaseException) -> dict[str, Any]:
             out[attr] = value
     if isinstance(error, CheckpointReadError) and isinstance(error.errno, int):
         out["errno"] = error.errno
+    if isinstance(error, CheckpointTooLargeError):
+        out.update(what=error.what, size=error.size, limit=error.limit)
     checkpoint_keys = getattr(error, "checkpoint_keys", None)
     if isinstance(checkpoint_keys, list):
         out["checkpoint_keys"] = [str(k) for k in checkpoint_keys]
@@ -381,6 +384,9 @@ def collective_error(failures: dict[int, dict[str, Any]], what: str, note: str |
     elif kind == "CheckpointReadError":
         code = first.get("errno")
         error = CheckpointReadError(message, first.get("path"), code if isinstance(code, int) else None)
+    elif kind == "CheckpointTooLargeError":
+        error = CheckpointTooLargeError(message, first.get("path"), str(first.get("what", "")), int(first.get("size", 0)),
+                                        int(first.get("limit", 0)))
     elif kind in _BY_PATH:
         error = _BY_PATH[kind](message, first.get("path"))
     else:

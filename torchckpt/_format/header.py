@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from torchckpt._format.document import json_string, parse_json
 from torchckpt._format.dtypes import ITEMSIZES, NAME_OF, TensorInfo, check_dtype, check_shape, nbytes_of, shape_key
 from torchckpt._format.spec import HEADER_ALIGNMENT, MAX_DIM, MAX_HEADER_SIZE, SHARD_METADATA
-from torchckpt.errors import CorruptCheckpointError, short_repr
+from torchckpt.errors import CheckpointTooLargeError, CorruptCheckpointError, short_repr
 
 if TYPE_CHECKING:
     import torch
@@ -56,9 +56,10 @@ def encode_header_pieces(entries: Iterable[tuple[str, torch.dtype | str, Sequenc
     pieces[-1] += b" " * padding
     length += padding
     if length > MAX_HEADER_SIZE:
-        raise ValueError(
-            f"A shard header would be {length} bytes, over safetensors' limit of {MAX_HEADER_SIZE}; "
-            "use a smaller max_shard_size so that each shard holds fewer tensors."
+        raise CheckpointTooLargeError(
+            f"A shard header would be {length:,} bytes, over safetensors' limit of {MAX_HEADER_SIZE:,}; "
+            "use a smaller max_shard_size so that each shard holds fewer tensors. Nothing was committed.",
+            None, "shard header", length, MAX_HEADER_SIZE,
         )
     pieces.insert(0, struct.pack("<Q", length))
     return pieces

@@ -36,7 +36,7 @@ from torchckpt._format.spec import INDEX_FILE, TORCHCKPT_KEY, WEIGHT_MAP_KEY
 from torchckpt._paths import join
 from torchckpt._threads import gc_paused
 from torchckpt._version import __version__
-from torchckpt.errors import CorruptCheckpointError, format_keys, short_repr
+from torchckpt.errors import CheckpointTooLargeError, CorruptCheckpointError, format_keys, short_repr
 
 # -- writing ---------------------------------------------------------------------------------
 
@@ -61,6 +61,53 @@ def index_document(total_size: int, weight_map: Any, format_version: int, sectio
             "tensors": table,
         },
     }
+
+
+def sealed_index(document: dict[str, Any], path: str, tensors: int) -> Iterator[bytes]:
+    """The bytes of ``index.json`` for ``document`` (:func:`index_document`, sealed), as pieces to
+    write one after another; ``tensors``: how many stored tensors it lists, for the message.
+
+    The readers' limits are checked on the way (see docs/format.md, "Limits"): a writer that wrote
+    an index they refuse would commit a checkpoint nobody can restore. The seal, the last piece, is
+    held back until the whole index passed, so a caller that writes the pieces as they come never
+    has a complete index when it fails.
+
+    Raises:
+        CheckpointTooLargeError: the index would be bigger than ``MAX_INDEX_SIZE`` (``.size``: the
+            whole index's bytes; the pieces past the limit are encoded and counted, not kept), or
+            hold more JSON objects and arrays than a reader parses for its size (``.what`` is then
+            ``"index.json containers"``, ``.size`` and ``.limit`` counts of them).
+    """
+    size = containers = 0
+    pieces = format_document.sealed_pieces(document)
+    held: bytes | None = None
+    for piece in pieces:
+        size += len(piece)
+        if size > format_spec.MAX_INDEX_SIZE:
+            size += sum(map(len, pieces))
+            raise CheckpointTooLargeError(
+                f"Cannot save {path}: its {INDEX_FILE} would be {size:,} bytes, over the "
+                f"{format_spec.MAX_INDEX_SIZE:,} bytes every reader accepts, so nobody could restore it. It lists "
+                f"{tensors:,} stored tensors, {size // max(1, tensors):,} bytes of index each. Nothing was "
+                "committed. Store fewer tensors (on many ranks, shard each tensor over fewer of them: replicate "
+                "across hosts, shard within one), or use shorter key names.",
+                path, INDEX_FILE, size, format_spec.MAX_INDEX_SIZE,
+            )
+        containers += piece.count(b"{") + piece.count(b"[")  # as a reader counts them (format_document.parse_json)
+        if held is not None:
+            yield held
+        held = piece
+    allowed = int(format_spec.MAX_CONTAINERS_PER_BYTE * size + format_spec.MAX_CONTAINERS_FLOOR)
+    if containers > allowed:
+        raise CheckpointTooLargeError(
+            f"Cannot save {path}: its {INDEX_FILE} would hold {containers:,} JSON objects and arrays in {size:,} "
+            f"bytes, more than the {allowed:,} a reader parses in a file of that size (the bound on a hostile "
+            "file's parsing memory), so nobody could restore it. Nothing was committed. The state holds very many "
+            "small containers (empty lists, dicts or tuples); store such values packed, in a tensor or a string.",
+            path, f"{INDEX_FILE} containers", containers, allowed,
+        )
+    if held is not None:
+        yield held
 
 
 def big_endian(values: array.array[int]) -> bytes:

@@ -90,7 +90,9 @@ def encode(value: Any, path: str, tensors: dict[str, torch.Tensor], ordered: boo
         return value
     kind = type(value)
     if kind is int:
-        return value
+        if -_TOO_MANY_DIGITS < value < _TOO_MANY_DIGITS:
+            return value
+        raise _too_many_digits(value, path)
     if kind is float:
         if math.isfinite(value):
             return value
@@ -117,6 +119,21 @@ def encode(value: Any, path: str, tensors: dict[str, torch.Tensor], ordered: boo
     if kind in _DICT_TAGS:
         return _encode_pairs(_DICT_TAGS[kind], value, path, tensors, ordered)
     return encode(plain.nearest(value, path), path, tensors, ordered)  # a type of the tree, or the refusal
+
+
+# Ints of more digits than this are refused: JSON writes them in decimal, and Python parses at most
+# 4,300 digits unless told otherwise (``sys.int_info.default_max_str_digits``): a reader would refuse
+# the index. Fixed here, not read from this process's setting, which another reader need not share.
+_TOO_MANY_DIGITS = 10**4300
+
+
+def _too_many_digits(value: int, path: str) -> UnsupportedStateError:
+    return UnsupportedStateError(
+        f"Cannot save {display(path)!r}: an int of {value.bit_length():,} bits has more than the 4,300 decimal "
+        "digits a JSON reader parses. Store hex(x) instead (int(s, 16) reads it back), or its bytes in a tensor.",
+        key=path,
+        value_type=int,
+    )
 
 
 def _check_depth(value: Any, path: str) -> None:
@@ -181,6 +198,8 @@ def _encode_pairs(tag: str, value: Mapping[Any, Any], path: str, tensors: dict[s
     pairs = []
     decoded: list[Any] | None = None  # the keys as loaded, from the first one not stored as it is
     for i, (k, v) in enumerate(value.items()):
+        if type(k) is int and not -_TOO_MANY_DIGITS < k < _TOO_MANY_DIGITS:
+            raise _too_many_digits(k, path)
         child = join(path, key_part(k))
         key = _encode_key(k, child)
         if type(k) not in _PLAIN_KEYS:

@@ -40,12 +40,11 @@ from torchckpt._dist.coordinator import Coordinator
 from torchckpt._dist.dtensor import Layout
 from torchckpt._format import blocks as format_blocks
 from torchckpt._format import chunks, keypath
-from torchckpt._format import document as format_document
 from torchckpt._format import dtypes as format_dtypes
 from torchckpt._format import index as format_index
 from torchckpt._format import spec as format_spec
 from torchckpt._format import tree as format_tree
-from torchckpt._format.spec import INDEX_FILE
+from torchckpt._format.spec import INDEX_FILE, WEIGHT_MAP_KEY
 from torchckpt._paths import name_of
 from torchckpt._progress import progress_bar
 from torchckpt._save import capture as save_capture
@@ -339,7 +338,7 @@ def _commit(coord: Coordinator, stage: Any, path: str, plan: RankPlan, section: 
             _discard(stage)
             return {"failures": failures}
         index = _index_document(plan, section, captured, reports, coord.world)
-        stage.write_index(INDEX_FILE, format_document.sealed_pieces(index))
+        stage.write_index(INDEX_FILE, format_index.sealed_index(index, path, len(index[WEIGHT_MAP_KEY])))
         stage.commit({rec["file"]: rec["size"] for rep in reports for rec in rep["records"]})
     except Exception as e:
         _discard(stage)

@@ -101,7 +101,7 @@ def write_checkpoint(
             if reused is not None:
                 section = {**section, format_spec.REUSED_KEY: reused}
             index = _index_of(shards, files, stored, aliases, section, records, digests)
-            stage.write_index(INDEX_FILE, format_document.sealed_pieces(index))
+            stage.write_index(INDEX_FILE, format_index.sealed_index(index, path, len(stored)))
             stage.commit({r["file"]: r["size"] for r in records})
         except BaseException:
             stage.discard()

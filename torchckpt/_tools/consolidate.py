@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 
-from torchckpt._format import document as format_document
 from torchckpt._format import dtypes as format_dtypes
 from torchckpt._format import index as format_index
 from torchckpt._format import spec as format_spec
@@ -80,7 +79,7 @@ def consolidate(reader: CheckpointReader, out: str, storage: Storage, *, rank: i
         raise CheckpointError(f"{out} already exists; consolidate into a new path.")
     stage = storage.stage(out, False)
     try:
-        _write(reader, stage, tensors, source_of, shards, section, aliases, progress)
+        _write(reader, stage, out, tensors, source_of, shards, section, aliases, progress)
     except AlreadyCommitted:
         stage.discard()
         raise CheckpointError(f"{out} appeared while it was being written; nothing was replaced.") from None
@@ -92,10 +91,10 @@ def consolidate(reader: CheckpointReader, out: str, storage: Storage, *, rank: i
             "bytes": sum(n for _, _, n in tensors.values()), "shards": len(shards), "per_rank_values": per_rank}
 
 
-def _write(reader: CheckpointReader, stage: Stage, tensors: Tensors, source_of: dict[str, str],
+def _write(reader: CheckpointReader, stage: Stage, out: str, tensors: Tensors, source_of: dict[str, str],
            shards: list[list[str]], section: dict[str, Any], aliases: dict[str, str], progress: bool | None) -> None:
     """Stream every shard into ``stage`` (each tensor from its source in the reader), then write the
-    index and commit."""
+    index and commit ``out``."""
     files = [stage.member(format_spec.shard_name(i, len(shards))) for i in range(1, len(shards) + 1)]
     records, digests = [], []  # on an object store, ``files`` are names of this writer's own
     with progress_bar(sum(n for _, _, n in tensors.values()), "consolidate", progress) as bar:
@@ -113,5 +112,5 @@ def _write(reader: CheckpointReader, stage: Stage, tensors: Tensors, source_of: 
     weight_map = {n: file for file, names in zip(files, shards) for n in names}
     document = format_index.index_document(sum(n for _, _, n in tensors.values()), weight_map,
                                            format_spec.PLAIN_FORMAT_VERSION, section, aliases, records, table)
-    stage.write_index(INDEX_FILE, format_document.sealed_pieces(document))
+    stage.write_index(INDEX_FILE, format_index.sealed_index(document, out, len(order)))
     stage.commit({r["file"]: r["size"] for r in records})
