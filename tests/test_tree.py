@@ -12,7 +12,7 @@ from collections import Counter, OrderedDict
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as npst
 
@@ -185,7 +185,7 @@ def nearest(value):
     if isinstance(value, np.ndarray):
         return torch.from_numpy(np.array(value, dtype=value.dtype.newbyteorder("="), order="C"))
     if isinstance(value, np.str_):
-        return str(value)
+        return "".join(value)  # its characters: str() of one drops trailing NULs (np.str_("\x00") prints "")
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, argparse.Namespace):
@@ -198,6 +198,7 @@ def nearest(value):
 
 
 @given(foreign_trees)
+@example(np.str_("\x00"))  # found by a random run: its characters, not what str() prints
 @settings(max_examples=150, deadline=None)
 def test_foreign_types_come_back_as_the_nearest_type(value):
     back, _ = roundtrip({"v": value})  # a tensor is always below the root (saved state is a dict of names)
