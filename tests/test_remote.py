@@ -210,6 +210,18 @@ def test_a_large_shard_goes_up_in_parts_and_comes_back_in_ranges(remote):
     assert torch.equal(back.big, big) and torch.equal(back.small, torch.arange(5))
 
 
+def test_a_shard_that_would_need_more_parts_than_s3_takes_goes_up_in_larger_ones(remote):
+    remote.install(part_bytes=5 * 2**20, max_parts=2)  # S3 takes 10,000 parts: 16 MiB parts stop at 156 GiB
+    big = torch.randn(4 * 2**20)  # 16 MiB: two parts of 9 MiB, not four of 5 MiB
+    path = torchckpt.Checkpoint(big=big).write(remote.at("c"), storage_options=remote.options)
+    back = torchckpt.Checkpoint(big=torch.zeros_like(big))
+    back.read(path, storage_options=remote.options).assert_consumed()
+    assert torch.equal(back.big, big)
+    if remote.kind == "s3":  # a multipart object's ETag ends with its number of parts
+        shard = next(n for n in remote.names("c") if n.endswith(".safetensors"))
+        assert remote.fs.info(remote.at("c", shard))["ETag"].strip('"').endswith("-2")
+
+
 # -- two writers ----------------------------------------------------------------------------------
 
 

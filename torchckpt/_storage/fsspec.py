@@ -83,7 +83,9 @@ class FsspecStorage:
     Args:
         fs: the filesystem, made by fsspec for ``protocol``.
         protocol: the URL scheme (``s3``, ``memory``, ...).
-        part_bytes: the size of one part of an S3 multipart upload (S3's smallest is 5 MiB).
+        part_bytes: the size of one part of an S3 multipart upload (S3's smallest is 5 MiB); an
+            object that would need more than ``max_parts`` of them goes up in larger parts.
+        max_parts: the most parts of one multipart upload (S3's limit, 10,000).
         read_part_min, read_part_max: the bounds of one ranged read (see ``remote_read``).
         lease_secs: how long this storage's claim on a directory lives unrenewed (see ``lease``).
         warned: the schemes already warned about for their unconditional writes (by default the
@@ -91,12 +93,13 @@ class FsspecStorage:
     """
 
 
-    def __init__(self, fs: Any, protocol: str, *, part_bytes: int = upload.PART_BYTES,
+    def __init__(self, fs: Any, protocol: str, *, part_bytes: int = upload.PART_BYTES, max_parts: int = upload.MAX_PARTS,
                  read_part_min: int = READ_PART_MIN, read_part_max: int = READ_PART_MAX,
                  lease_secs: float = storage_lease.LEASE_SECS, warned: set[str] | None = None) -> None:
         self.fs = fs
         self.protocol = protocol
         self.part_bytes = part_bytes
+        self.max_parts = max_parts
         self.read_part_min, self.read_part_max = read_part_min, read_part_max
         self.lease_secs = lease_secs
         self.warned = _warned if warned is None else warned
@@ -248,7 +251,7 @@ class FsspecStorage:
 
     def output(self, path: str, size: int) -> Output:
         if self.is_s3 and size > self.part_bytes:
-            return upload.S3Upload(self.fs, path, self.part_bytes)
+            return upload.S3Upload(self.fs, path, upload.part_bytes_for(size, self.part_bytes, self.max_parts))
         return upload.StreamOutput(self.fs, path)
 
     def copy(self, source: str, target: str) -> bool:

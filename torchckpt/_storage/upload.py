@@ -17,6 +17,17 @@ from torchckpt import _threads
 
 PART_BYTES = 16 * 2**20  # S3 multipart parts: this big (S3's smallest is 5 MiB), PARTS in flight at most
 PARTS = 4
+MAX_PARTS = 10_000  # S3's most parts in one upload: 16 MiB parts alone would stop a shard at 156 GiB
+
+
+def part_bytes_for(size: int, preferred: int, max_parts: int = MAX_PARTS) -> int:
+    """The part size for an object of ``size`` bytes: ``preferred``, or, where that would take more
+    than ``max_parts`` parts, the fewest whole MiB that fit it in ``max_parts`` (an object of 1 TiB
+    goes up in 105 MiB parts, PARTS of them in memory)."""
+    if size <= preferred * max_parts:
+        return preferred
+    least = -(-size // max_parts)  # bytes a part must hold, rounded up
+    return -(-least // 2**20) * 2**20
 # Daemon workers, not a pool: an asynchronous save still finishing at interpreter exit may upload (see _threads).
 _uploaders = [_threads.Worker(f"torchckpt-upload-{i}") for i in range(PARTS)]
 
