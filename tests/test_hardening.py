@@ -624,6 +624,20 @@ def test_a_parent_that_is_a_file_is_named(tmp_path):
     assert info.value.path == str(tmp_path / "runs" / "gan" / "ckpt-1") and isinstance(info.value, OSError)
 
 
+def test_a_name_too_long_for_its_temporary_says_how_long_it_may_be(tmp_path):
+    longest = os.pathconf(tmp_path, "PC_NAME_MAX")
+    name = "a" * (longest - 15)  # a name the file system takes; its temporary (about 43 bytes more) it does not
+    with pytest.raises(torchckpt.CheckpointWriteError, match=r"the file name is too long: a checkpoint is first written "
+                       r"under a temporary name [0-9]+ bytes longer than its own, so its name may hold at most [0-9]+ "
+                       rf"bytes here, not {longest - 15}\. Choose a shorter name") as info:
+        torchckpt.Checkpoint(w=torch.ones(1)).write(tmp_path / name)
+    assert info.value.errno == errno.ENAMETOOLONG and info.value.path == str(tmp_path / name)
+    assert os.listdir(tmp_path) == []
+    short = longest - 60  # what the message allows, with room for a longer pid
+    path = torchckpt.Checkpoint(w=torch.ones(1)).write(tmp_path / ("a" * short))
+    assert torchckpt.load_checkpoint(path).has_tensor("w")
+
+
 def test_save_takes_write_options_and_refuses_unknown_ones(tmp_path):
     ckpt = torchckpt.Checkpoint(a=torch.ones(100), b=torch.ones(100))
     with pytest.raises(TypeError, match="asyncsave"):

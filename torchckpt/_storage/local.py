@@ -394,8 +394,26 @@ def write_failure(path: str, error: OSError) -> str:
         errno.EDQUOT: "the disk quota is exceeded. Free some space; the previous checkpoints are intact.",
         errno.EFBIG: "a file would exceed the largest size allowed (a ulimit, or the file system's limit). Use a "
                      "smaller max_shard_size.",
+        errno.ENAMETOOLONG: _name_too_long(path, error),
     }.get(error.errno or 0, f"{error.strerror or error}.")
     return f"Cannot write checkpoint {path}{where}: {advice}"
+
+
+def _name_too_long(path: str, error: OSError) -> str:
+    """Why a name was too long: a checkpoint is written under a temporary name longer than its own
+    (``<name>.torchckpt-tmp-<pid>-h<host>-<random>``), so a name the file system takes may still be
+    too long for the save; say how long it may be."""
+    name, written = os.path.basename(os.path.abspath(path)), os.path.basename(str(error.filename or ""))
+    try:
+        limit = os.pathconf(os.path.dirname(os.path.abspath(path)), "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    extra = len(os.fsencode(written)) - len(os.fsencode(name)) if written.startswith(name) else 0
+    if extra > 0 and len(os.fsencode(written)) > limit:
+        return (f"the file name is too long: a checkpoint is first written under a temporary name {extra} bytes longer "
+                f"than its own, so its name may hold at most {limit - extra} bytes here, not {len(os.fsencode(name))}. "
+                "Choose a shorter name (or checkpoint_name).")
+    return "a file name or the path is too long for the file system. Choose a shorter path."
 
 
 def _ancestors(path: str) -> list[str]:
