@@ -366,7 +366,8 @@ def test_infinities_never_rank_best_in_either_mode(tmp_path):
         assert mgr.best_checkpoint.endswith("ckpt-1"), mode
 
 
-@pytest.mark.parametrize("metrics", [{"m": torch.ones(3)}, {"m": object()}, {3: 1.0}], ids=["vector", "object", "int-key"])
+@pytest.mark.parametrize("metrics", [{"m": torch.ones(3)}, {"m": object()}, {3: 1.0}, {"m": "a" * 70_000}],
+                         ids=["vector", "object", "int-key", "over-64-kib"])
 def test_bad_metrics_are_refused_before_anything_is_written(tmp_path, metrics):
     mgr = CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), tmp_path, max_to_keep=1)
     mgr.save()
@@ -376,6 +377,19 @@ def test_bad_metrics_are_refused_before_anything_is_written(tmp_path, metrics):
     assert mgr.checkpoint.save_counter == 1
     mgr.save()
     assert [os.path.basename(p) for p in mgr.checkpoints] == ["ckpt-2"] and not (tmp_path / "ckpt-1").exists()
+
+
+def test_metrics_over_64_kib_are_refused_so_the_state_file_stays_readable(tmp_path):
+    mgr = CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), tmp_path, max_to_keep=None)
+    with pytest.raises(ValueError, match=r"metrics take 70,012 bytes as JSON; at most 65,536 are recorded per "
+                                         r"checkpoint .* save larger values in the checkpoint itself"):
+        mgr.save(metrics={"note": "a" * 70_000})
+    for _ in range(3):
+        mgr.save(metrics={"note": "a" * 65_000, "loss": 0.5})  # just under: recorded in full
+    mgr.close()
+    state = torchckpt.get_checkpoint_state(tmp_path)  # a new reader of the state file
+    assert [os.path.basename(p) for p in state.kept] == ["ckpt-1", "ckpt-2", "ckpt-3"]
+    assert state.metrics[state.latest] == {"note": "a" * 65_000, "loss": 0.5}
 
 
 def test_a_failed_state_write_is_mended_by_the_next_save(tmp_path, disk):

@@ -285,8 +285,8 @@ class CheckpointManager:
             check_interval: with ``checkpoint_interval``, skip the save unless the step counter
                 advanced enough. False always saves.
             metrics: str keys to numbers, bools, strings or None, recorded with the checkpoint
-                (``keep_best`` ranks by them). 0-dim tensors and NumPy scalars become floats;
-                NaN and infinities are kept, and never rank best.
+                (``keep_best`` ranks by them), at most 64 KiB of them as JSON. 0-dim tensors
+                and NumPy scalars become floats; NaN and infinities are kept, and never rank best.
 
         Returns:
             The checkpoint's path, or None when skipped by the interval.

@@ -4,6 +4,7 @@ numbers and metrics (recorded in the state file, so they must be plain JSON valu
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -25,7 +26,19 @@ def plain_metrics(metrics: Any) -> dict[str, Any] | None:
         if not isinstance(key, str):
             raise TypeError(f"metrics keys must be strings, got {key!r} ({type(key).__name__}).")
         out[key] = plain_metric(key, value)
+    size = len(json.dumps(out, ensure_ascii=False, default=repr).encode(errors="surrogatepass"))
+    if size > MAX_METRICS_BYTES:
+        raise ValueError(
+            f"metrics take {size:,} bytes as JSON; at most {MAX_METRICS_BYTES:,} are recorded per checkpoint (the state "
+            "file lists every kept checkpoint's, and readers take at most 64 MiB of it). Keep metrics to numbers and "
+            "short strings; save larger values in the checkpoint itself (ckpt.NAME = value)."
+        )
     return out
+
+
+# A save's metrics, as JSON: the state file lists every kept checkpoint's, and readers refuse one over
+# ``spec.MAX_STATE_FILE_SIZE``; a hundred-metric dict takes a few KiB.
+MAX_METRICS_BYTES = 64 * 2**10
 
 
 def plain_metric(key: str, value: Any) -> Any:
