@@ -131,6 +131,21 @@ def test_aliases_at_several_addresses_are_each_found():
     assert capture.prepare_tensors(plain) == (plain, {})
 
 
+def test_a_conjugate_or_negative_view_is_no_alias_of_its_tensor(tmp_path):
+    c = torch.tensor([1 + 2j, 3 - 4j], dtype=torch.complex64)
+    x = torch.tensor([1.0, -2.0])
+    views = {"c": c, "cc": c.conj(), "x": x, "nx": torch._neg_view(x)}  # each view: its tensor's memory and strides
+    assert capture.prepare_tensors(views)[1] == {}
+    back = torchckpt.load_state(torchckpt.save_state(views, tmp_path / "s"))
+    for name, t in views.items():
+        assert torch.equal(back[name], t.resolve_conj().resolve_neg()), name
+    path = torchckpt.Checkpoint(c=c, cc=c.conj()).write(tmp_path / "c")
+    assert torch.equal(torchckpt.load_checkpoint(path).get_tensor("cc"), c.conj().resolve_conj())
+    into = torch.zeros(2, dtype=torch.complex64)
+    torchckpt.Checkpoint(cc=into).read(path).expect_partial()
+    assert torch.equal(into, c.conj().resolve_conj())
+
+
 def test_shared_tensors_in_plain_containers_are_retied(tmp_path):
     t = torch.arange(4.0)
     path = torchckpt.Checkpoint(pair={"a": [t, t]}).write(tmp_path / "c")

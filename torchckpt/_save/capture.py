@@ -45,7 +45,9 @@ def check_tensor(name: str, t: torch.Tensor) -> None:
 
 
 def _alias_key(t: torch.Tensor) -> tuple[Any, ...]:
-    return (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+    """Tensors with equal keys hold the same values: a ``conj()`` or ``_neg_view()`` of a tensor has
+    its memory, shape and strides but not its values, hence the two bits."""
+    return (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride(), t.is_conj(), t.is_neg())
 
 
 def prepare_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
