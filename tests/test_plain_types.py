@@ -259,14 +259,27 @@ def test_what_needs_code_to_load_is_refused_by_key_and_type(how, value, value_ty
                                               r"digits a JSON reader parses\. Store hex\(x\) instead"),
     ({"cfg": [-(10**5000)]}, "cfg/0", r"'cfg/0': an int of 16,610 bits has more than the 4,300"),
     ({"cfg": {10**4300: "id"}}, "cfg", r"'cfg': an int of 14,285 bits"),
+    ({"cfg": {1: {"a": torch.ones(2)}, "1": {"b": torch.zeros(2)}}}, "cfg/1",
+     r"'cfg': its keys 1 and '1' both name the tensors below them 'cfg/1'/\.\.\., so a restore could not tell them "
+     r"apart\. Rename one of the keys"),
+    ({"cfg": {"None": {"a": torch.ones(2)}, None: [torch.zeros(2)]}}, "cfg/None", r"its keys 'None' and None"),
+    ({"cfg": {1: torch.ones(2), "1": {"b": torch.zeros(2)}}}, "cfg/1", r"its keys 1 and '1'"),
+    ({"": {"x": torch.ones(2)}, "x": 1}, "", r"the top-level key '': the tensors below it would be named as if they "
+                                             r"were at the top level"),
 ], ids=["path-key-equal-to-str-key", "counter-of-str", "nested-too-deep", "int-of-4301-digits", "negative-int",
-        "int-key"])
+        "int-key", "int-and-str-keys-over-tensors", "none-and-str-keys-over-tensors", "tensor-and-dict-of-one-name",
+        "empty-top-level-key"])
 @pytest.mark.parametrize("how", ["save_state", "Checkpoint"])
 def test_a_tree_that_would_not_load_back_is_refused(how, state, key, message, tmp_path):
     with pytest.raises(UnsupportedStateError, match=message) as info:
         save_with(how, state, tmp_path)
     assert info.value.key == key
     assert os.listdir(tmp_path) == []
+
+
+def test_keys_of_one_name_without_tensors_below_them_save_and_load(tmp_path):
+    state = {"cfg": {1: {"a": 1}, "1": {"a": 2}, None: [3], "None": "x"}, "": {"y": 4}, "t": torch.ones(2)}
+    assert_same(torchckpt.load_state(torchckpt.save_state(state, tmp_path / "c")), state)
 
 
 def test_the_longest_int_that_saves_also_loads(tmp_path):

@@ -183,7 +183,15 @@ def _encode_dict(value: dict[Any, Any], path: str, tensors: dict[str, torch.Tens
                 encode(v, child, tensors)  # raises the duplicate-name error
             tensors[child] = v
         else:
+            before = len(tensors)
             out[k] = encode(v, child, tensors, ordered)
+            if child == path and len(tensors) > before and not isinstance(v, torch.Tensor):
+                raise UnsupportedStateError(  # the key "" at the root: its tensors' names would be the root's own
+                    "Cannot save the top-level key '': the tensors below it would be named as if they were at "
+                    "the top level, where a restore could not tell them apart. Rename the key.",
+                    key="",
+                    value_type=type(v),
+                )
     return out
 
 
@@ -197,9 +205,11 @@ def _encode_pairs(tag: str, value: Mapping[Any, Any], path: str, tensors: dict[s
     _check_depth(value, path)
     pairs = []
     decoded: list[Any] | None = None  # the keys as loaded, from the first one not stored as it is
+    named: dict[str, tuple[Any, bool]] = {}  # key path -> the first key named so, and whether tensors are below it
     for i, (k, v) in enumerate(value.items()):
         if type(k) is int and not -_TOO_MANY_DIGITS < k < _TOO_MANY_DIGITS:
             raise _too_many_digits(k, path)
+        original = k
         child = join(path, key_part(k))
         key = _encode_key(k, child)
         if type(k) not in _PLAIN_KEYS:
@@ -208,7 +218,11 @@ def _encode_pairs(tag: str, value: Mapping[Any, Any], path: str, tensors: dict[s
             child = join(path, key_part(k))
         if decoded is not None:
             decoded.append(k)
+        before = len(tensors)
         node = encode(v, child, tensors, ordered)
+        first, below = named.setdefault(child, (original, len(tensors) > before))
+        if first is not original and (below or len(tensors) > before):
+            raise _same_name(path, first, original, child)
         if tag == "@counter" and not _is_count(node):
             raise UnsupportedStateError(
                 f"Cannot save {display(child)!r}: a Counter's counts must be numbers, and this one is "
@@ -220,6 +234,17 @@ def _encode_pairs(tag: str, value: Mapping[Any, Any], path: str, tensors: dict[s
     if decoded is not None and len(set(decoded)) < len(decoded):
         _refuse_equal_keys(value, decoded, path)
     return {tag: pairs}
+
+
+def _same_name(path: str, first: Any, second: Any, child: str) -> UnsupportedStateError:
+    """Two keys of one dict (``1`` and ``"1"``, ``None`` and ``"None"``) whose parts of tensor names are
+    the same: the tensors below them would be found under both on load."""
+    return UnsupportedStateError(
+        f"Cannot save {display(path)!r}: its keys {first!r} and {second!r} both name the tensors below them "
+        f"{display(child)!r}/..., so a restore could not tell them apart. Rename one of the keys.",
+        key=child,
+        value_type=type(second),
+    )
 
 
 def _is_count(node: Any) -> bool:
