@@ -165,6 +165,22 @@ def test_tracked_tensor_restores_in_place(tmp_path):
     assert step.item() == 41 and step.data_ptr() == ptr
 
 
+def test_an_expanded_destination_is_refused_before_anything_changes(tmp_path):
+    path = torchckpt.Checkpoint(a=torch.ones(3), b=torch.full((2, 3), 2.0), m=make_mlp(1)).write(tmp_path / "c")
+    a, b = torch.zeros(3), torch.zeros(1, 3).expand(2, 3)  # stride 0: both rows are one memory
+    with pytest.raises(torchckpt.UnsupportedStateError, match=r"Cannot restore into 'b': it is an expanded view .* "
+                                                              r"Restore into a tensor of its own \(clone\(\) it\)") as info:
+        torchckpt.Checkpoint(a=a, b=b).read(path)
+    assert info.value.key == "b" and a.tolist() == [0.0, 0.0, 0.0]  # a, planned first, was not written either
+    module = make_mlp(2)
+    module.register_buffer("rows", torch.zeros(1, 3).expand(2, 3))
+    with pytest.raises(torchckpt.UnsupportedStateError, match=r"Cannot restore into 'm/rows': it is an expanded view"):
+        torchckpt.Checkpoint(m=module).read(path)
+    ones = torch.zeros(1, 3).expand(1, 3)  # stride 0 along a dimension of size 1 shares nothing
+    torchckpt.Checkpoint(b=ones).read(torchckpt.Checkpoint(b=torch.full((1, 3), 5.0)).write(tmp_path / "d"))
+    assert ones.tolist() == [[5.0, 5.0, 5.0]]
+
+
 def test_missing_object_is_reported(tmp_path):
     path = torchckpt.Checkpoint(a=torch.ones(1)).write(tmp_path / "c")
     status = torchckpt.Checkpoint(a=torch.zeros(1), b=torch.zeros(2), n=3).read(path)

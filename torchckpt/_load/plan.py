@@ -89,6 +89,14 @@ def check_destination(key: str, dest: torch.Tensor) -> None:
 
 def _tensorio_check(key: str, dest: torch.Tensor) -> None:
     reason = _tensorio.unsupported_reason(dest, allow_meta=True)
+    if reason is None and any(stride == 0 and size > 1 for size, stride in zip(dest.shape, dest.stride())):
+        raise UnsupportedStateError(
+            f"Cannot restore into {key!r}: it is an expanded view (stride 0 along a dimension of size over 1), "
+            "whose elements share memory, so no value can be written into it element by element. Restore into a "
+            "tensor of its own (clone() it), and expand that.",
+            key=key,
+            value_type=type(dest),
+        )
     if reason is not None:
         raise UnsupportedStateError(
             f"Cannot restore into {key!r}: it is {reason}. DTensors (FSDP2, tensor parallel) are restored in "
