@@ -116,10 +116,37 @@ def test_diff_values_pairs_two_streams_cut_differently_and_runs_both_to_their_en
     other = whole.clone()
     other[7] += 2.5
     a, b = Stream(list(whole.split(4))), Stream(list(other.split(3)))  # 4+4+2 against 3+3+3+1
-    assert tool_diff.max_abs_diff(a, b, "w", types.SimpleNamespace(update=lambda n: None)) == 2.5
+    assert tool_diff.value_diff(a, b, "w", types.SimpleNamespace(update=lambda n: None)) == tool_diff.ValueDiff(1, 2.5)
     assert a.finished and b.finished
     with pytest.raises(ValueError, match="different numbers of elements"):
-        tool_diff.max_abs_diff(Stream([whole]), Stream([whole[:9]]), "w", types.SimpleNamespace(update=lambda n: None))
+        tool_diff.value_diff(Stream([whole]), Stream([whole[:9]]), "w", types.SimpleNamespace(update=lambda n: None))
+
+
+def test_diff_values_finds_every_element_whose_bits_differ(tmp_path, capsys):
+    nan = float("nan")
+    a = torchckpt.save_state({
+        "f64": torch.tensor([1.0, 2.0], dtype=torch.float64), "nan": torch.tensor([1.0, 2.0]),
+        "zero": torch.tensor([0.0]), "i64": torch.tensor([2**60]), "u64": torch.tensor([2**64 - 1], dtype=torch.uint64),
+        "c64": torch.tensor([1 + 1j], dtype=torch.complex64), "same": torch.tensor([nan, 1.0]),
+        "bf16": torch.tensor([1.0], dtype=torch.bfloat16),
+    }, tmp_path / "a")
+    b = torchckpt.save_state({
+        "f64": torch.tensor([1.0 + 1e-12, 2.0], dtype=torch.float64), "nan": torch.tensor([nan, 2.5]),
+        "zero": torch.tensor([-0.0]), "i64": torch.tensor([2**60 + 3]), "u64": torch.tensor([2**64 - 3], dtype=torch.uint64),
+        "c64": torch.tensor([1 + (1 + 1e-6) * 1j], dtype=torch.complex64), "same": torch.tensor([nan, 1.0]),
+        "bf16": torch.tensor([1.0], dtype=torch.bfloat16),
+    }, tmp_path / "b")
+    assert main(["diff", a, b, "--values", "--json", "--exit-code"]) == 1
+    data = json.loads(capsys.readouterr().out)  # strict JSON: no NaN in it
+    assert data["differing_elements"] == {"f64": 1, "nan": 2, "zero": 1, "i64": 1, "u64": 1, "c64": 1, "same": 0,
+                                          "bf16": 0}
+    found = data["max_abs_diff"]
+    assert found["f64"] == pytest.approx(1e-12, rel=1e-3) and found["nan"] == 0.5 and found["zero"] == 0.0
+    assert found["i64"] == 3.0 and found["u64"] == 2.0 and found["c64"] == 2.0**-20  # float32(1 + 1e-6) - 1
+    assert main(["diff", a, b, "--values"]) == 0
+    out = capsys.readouterr().out
+    assert "≠ nan  2 elements differ, max |a-b| = 0.5" in out and "≠ zero  1 element differs, max |a-b| = 0" in out
+    assert "6 of 8 comparable tensors differ in value" in out
 
 
 def test_diff_values_of_a_tensor_saved_by_two_ranks_against_it_saved_whole(tmp_path, capsys):

@@ -234,22 +234,23 @@ def cmd_diff(args: argparse.Namespace) -> int:
     retyped = [n for n in common if da[n] != db[n]]
     va, vb = tool_diff.plain_values(a), tool_diff.plain_values(b)
     changed = sorted(k for k in set(va) | set(vb) if not tool_diff.same(va.get(k, ABSENT), vb.get(k, ABSENT)))
-    values: dict[str, float] = {}
+    values: dict[str, tool_diff.ValueDiff] = {}
     if args.values:
         comparable = [n for n in common if n not in reshaped and n not in retyped]
         total = sum(a.nbytes(n) for n in comparable) * 2
         with progress_bar(total, "diff", args.progress) as bar:
             for name in comparable:
-                values[name] = tool_diff.max_abs_diff(a, b, name, bar)
+                values[name] = tool_diff.value_diff(a, b, name, bar)
+    differ = bool(added or removed or reshaped or retyped or changed or any(v.elements for v in values.values()))
     if args.json:
         print(json.dumps({
             "added": added, "removed": removed,
             "reshaped": {n: [list(sa[n]), list(sb[n])] for n in reshaped},
             "retyped": {n: [_dtype(da[n]), _dtype(db[n])] for n in retyped},
             "state_changed": {k: [tool_diff.jsonable(va.get(k, ABSENT)), tool_diff.jsonable(vb.get(k, ABSENT))] for k in changed},
-            "max_abs_diff": values if args.values else None,
+            "max_abs_diff": {n: v.max_abs for n, v in values.items()} if args.values else None,
+            "differing_elements": {n: v.elements for n, v in values.items()} if args.values else None,
         }, indent=1, default=str))
-        differ = bool(added or removed or reshaped or retyped or changed or any(values.values()))
         return 1 if args.exit_code and differ else 0
     for name in added:
         print(f"+ {name}  {_dtype(db[name])} {list(sb[name])}")
@@ -262,13 +263,13 @@ def cmd_diff(args: argparse.Namespace) -> int:
     for key in changed:
         print(f"~ {key}  {tool_diff.render(va.get(key, ABSENT))} -> {tool_diff.render(vb.get(key, ABSENT))}")
     if args.values:
-        differing = {n: v for n, v in values.items() if v != 0}
+        differing = {n: v for n, v in values.items() if v.elements}
         for name, value in sorted(differing.items()):
-            print(f"≠ {name}  max |a-b| = {value:.6g}")
+            verb = "differs" if value.elements == 1 else "differ"
+            print(f"≠ {name}  {plural(value.elements, 'element')} {verb}, max |a-b| = {value.max_abs:.6g}")
         print(f"{len(differing)} of {plural(len(values), 'comparable tensor')} differ in value")
     print(f"{len(added)} added, {len(removed)} removed, {len(reshaped)} reshaped, {len(retyped)} retyped, "
           f"{plural(len(changed), 'state value')} changed")
-    differ = bool(added or removed or reshaped or retyped or changed or any(values.values()))
     return 1 if args.exit_code and differ else 0
 
 
@@ -396,7 +397,7 @@ def _add_reading_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
                  "torchckpt diff runs/gan/ckpt-6 runs/gan/ckpt-7 --values --exit-code", [progress, remote])
     p.add_argument("a", help="the first checkpoint (any path inspect takes)")
     p.add_argument("b", help="the second checkpoint")
-    p.add_argument("--values", action="store_true", help="also compare values (max absolute difference per tensor)")
+    p.add_argument("--values", action="store_true", help="also compare values: per tensor, the elements whose bits differ and the largest |a-b|")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--exit-code", action="store_true", help="exit with 1 when the checkpoints differ (as git diff)")
     p.set_defaults(handler=cmd_diff)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from torchckpt._format import keypath
@@ -72,25 +73,53 @@ def jsonable(v: Any) -> Any:
     return None if v is ABSENT else v if isinstance(v, (int, str, bool)) or v is None else repr(v)
 
 
-def max_abs_diff(a: CheckpointReader, b: CheckpointReader, name: str, bar: Any) -> float:
-    """The largest absolute difference between the tensor ``name`` of two checkpoints (same shape
-    and dtype), streamed chunk by chunk; ``bar.update`` is told the bytes read."""
+@dataclass(frozen=True)
+class ValueDiff:
+    """How the values of one tensor in two checkpoints compare."""
+
+    elements: int  # elements whose bits differ: NaN against a number, -0.0 against 0.0 included
+    max_abs: float  # the largest |a - b| among those that are numbers in both (0.0 when none is)
+
+
+def value_diff(a: CheckpointReader, b: CheckpointReader, name: str, bar: Any) -> ValueDiff:
+    """How the tensor ``name`` of two checkpoints (same shape and dtype) differs, streamed chunk by
+    chunk; ``bar.update`` is told the bytes read.
+
+    Elements are compared by their bits, so nothing that differs is missed: not a NaN, nor a
+    difference below float32's or float64's precision, nor one between int64 or uint64 values past
+    2**53. The largest difference is exact for integers and computed in float64 (complex128) for
+    floating-point and complex types."""
     import torch
 
-    worst = 0.0
+    elements, worst = 0, 0.0
     for x, y in _aligned(a.iter_chunks(name), b.iter_chunks(name)):
-        if x.dtype == torch.bool:
-            x, y = x.to(torch.uint8), y.to(torch.uint8)
-        if x.dtype.is_complex:
-            d = (x - y).abs()
-        elif x.dtype.is_floating_point and x.element_size() < 2:
-            d = (x.float() - y.float()).abs()
+        bar.update(2 * x.numel() * x.element_size())
+        differs = _bits(x) != _bits(y)
+        count = int(differs.sum())
+        if not count:
+            continue
+        elements += count
+        xs, ys = x[differs], y[differs]
+        if xs.dtype.is_complex:
+            d = (xs.to(torch.complex128) - ys.to(torch.complex128)).abs()  # complex64, exactly
+        elif xs.dtype.is_floating_point:
+            d = (xs.double() - ys.double()).abs()
+        elif xs.dtype in (torch.int64, torch.uint64):  # past 2**53 only Python's ints are exact
+            d = torch.tensor([float(abs(p - q)) for p, q in zip(xs.tolist(), ys.tolist())], dtype=torch.float64)
         else:
-            d = (x.double() - y.double()).abs() if not x.dtype.is_floating_point else (x.float() - y.float()).abs()
+            d = (xs.to(torch.int64) - ys.to(torch.int64)).abs().double()
+        d = d[~d.isnan()]
         if d.numel():
             worst = max(worst, float(d.max()))
-        bar.update(2 * x.numel() * x.element_size())
-    return worst
+    return ValueDiff(elements, worst)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The bits of each element of a flat tensor, as integers of its width (every dtype a
+    checkpoint holds is 1, 2, 4 or 8 bytes wide): equal bits, equal elements."""
+    import torch
+
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
 def _aligned(a: Iterator[torch.Tensor], b: Iterator[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
