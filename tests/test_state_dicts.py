@@ -36,6 +36,7 @@ def test_a_dict_comes_back_as_torch_load_gives_it(trained, tmp_path):
         "history": [0.5, 0.25, (1, "a")], "keys": {7: "int key", (1, 2): {"tuple key": True}, None: 0.5},
         "bf16": torch.arange(6, dtype=torch.bfloat16).reshape(2, 3), "empty": torch.empty(0, 3),
         "scalar": torch.tensor(2.5, dtype=torch.float64), "save_counter": 11,  # a user's key of this name stays
+        "shape": torch.Size([2, 3]), "shaped": (torch.Size([1]), torch.ones(1)),  # a Size stays a Size
     }
     path = torchckpt.save_state(state, tmp_path / "c")
     assert path == str(tmp_path / "c")

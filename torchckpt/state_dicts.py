@@ -168,7 +168,8 @@ def _with_tensors(node: Any, tensor: Any) -> Any:
     if isinstance(node, list):
         return [_with_tensors(v, tensor) for v in node]
     if isinstance(node, tuple):
-        return tuple(_with_tensors(v, tensor) for v in node)
+        items = [_with_tensors(v, tensor) for v in node]
+        return node if all(a is b for a, b in zip(items, node)) else tuple(items)  # a torch.Size stays one
     return node
 
 
