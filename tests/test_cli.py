@@ -329,6 +329,28 @@ def backbone_shard(checkpoint: str) -> str:
     return torchckpt.load_checkpoint(checkpoint).shard_of("model/0.weight")
 
 
+def strict(text: str):
+    """``text`` parsed as strict JSON: a bare NaN or Infinity is an error, as for ``jq``."""
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_output_is_strict_with_nan_and_infinite_metrics(tmp_path, capsys):
+    mgr = torchckpt.CheckpointManager(torchckpt.Checkpoint(w=torch.ones(2)), tmp_path, keep_best=1, best_metric="loss")
+    mgr.save(metrics={"loss": float("nan"), "acc": float("inf"), "gap": float("-inf"), "lr": 0.5})
+    mgr.close()
+    assert main(["ls", str(tmp_path), "--json"]) == 0
+    assert strict(capsys.readouterr().out)["checkpoints"][0]["metrics"] == {
+        "loss": "NaN", "acc": "Infinity", "gap": "-Infinity", "lr": 0.5}
+    assert main(["inspect", str(tmp_path / "ckpt-1"), "--json"]) == 0
+    assert strict(capsys.readouterr().out)["metadata"]["metrics"]["loss"] == "NaN"
+    other = torchckpt.Checkpoint(w=torch.tensor([1.0, float("inf")])).write(tmp_path / "other")
+    assert main(["diff", str(tmp_path / "ckpt-1"), other, "--values", "--json"]) == 0
+    assert strict(capsys.readouterr().out)["max_abs_diff"] == {"w": "Infinity"}
+
+
 def test_ls_shows_own_bytes_until_the_checkpoint_sharing_them_is_deleted(frozen_run, capsys):
     directory = frozen_run.directory
     assert main(["ls", directory, "--json"]) == 0

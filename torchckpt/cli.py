@@ -47,6 +47,22 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def _json(value: Any) -> str:
+    """``--json`` output: strict JSON, so a NaN or infinite metric is the string ``"NaN"``,
+    ``"Infinity"`` or ``"-Infinity"`` (Python writes them bare, which ``jq`` and other parsers refuse)."""
+    return json.dumps(_finite(value), indent=1, default=str, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _dtype(name: str) -> str:
     """How the command line shows a dtype: ``"F32"`` as ``float32``, torch's name for it."""
     return format_dtypes.TORCH_NAMES[name]
@@ -113,7 +129,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         out = {"path": reader.path, "format": reader.kind, "world_size": reader.world_size,
                "metadata": reader.metadata, "tensors": rows, "total_tensors": len(rows), "total_bytes": total,
                **(sharing.as_json() if sharing else {})}
-        print(json.dumps(out, indent=1, default=str))
+        print(_json(out))
         return 0
     if reader.storage.real_path(reader.path) != reader.storage.real_path(args.path):
         print(f"checkpoint: {reader.path}\n")  # a manager's directory: say which of its checkpoints this is
@@ -197,7 +213,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         records.append({"number": number, "name": name, "timestamp": ts, "total_size": meta.get("total_size"),
                         "own_size": own, "metrics": metrics, "marks": marks, **({"problem": problem} if problem else {})})
     if args.json:
-        print(json.dumps({"directory": directory, "checkpoints": records}, indent=1, default=str))
+        print(_json({"directory": directory, "checkpoints": records}))
         return 0
     if not rows:
         print(f"no committed checkpoints in {directory}")
@@ -243,14 +259,14 @@ def cmd_diff(args: argparse.Namespace) -> int:
                 values[name] = tool_diff.value_diff(a, b, name, bar)
     differ = bool(added or removed or reshaped or retyped or changed or any(v.elements for v in values.values()))
     if args.json:
-        print(json.dumps({
+        print(_json({
             "added": added, "removed": removed,
             "reshaped": {n: [list(sa[n]), list(sb[n])] for n in reshaped},
             "retyped": {n: [_dtype(da[n]), _dtype(db[n])] for n in retyped},
             "state_changed": {k: [tool_diff.jsonable(va.get(k, ABSENT)), tool_diff.jsonable(vb.get(k, ABSENT))] for k in changed},
             "max_abs_diff": {n: v.max_abs for n, v in values.items()} if args.values else None,
             "differing_elements": {n: v.elements for n, v in values.items()} if args.values else None,
-        }, indent=1, default=str))
+        }))
         return 1 if args.exit_code and differ else 0
     for name in added:
         print(f"+ {name}  {_dtype(db[name])} {list(sb[name])}")
