@@ -112,6 +112,21 @@ def test_a_meta_model_is_reported_missing_or_materialised_with_assign(tmp_path):
         assert not target.state_dict()[key].is_meta and torch.equal(target.state_dict()[key], value)
 
 
+def test_meta_tensors_tracked_bare_or_in_a_dict_are_materialised_with_assign(tmp_path):
+    path = torchckpt.Checkpoint(a=torch.arange(3.0), d={"x": torch.ones(2, 2), "n": 4}).write(tmp_path / "c")
+    meta = {"x": torch.empty(2, 2, device="meta"), "n": 0}
+    ckpt = torchckpt.Checkpoint(a=torch.empty(3, device="meta"), d=meta)
+    status = ckpt.read(path)  # no memory to restore into: reported, left as they are
+    assert sorted(status.report.missing_keys) == ["a", "d/x"] and ckpt.a.is_meta and meta["x"].is_meta
+    assert "assign=True" in str(status.report)
+    ckpt.read(path, assign=True).assert_consumed()
+    assert torch.equal(ckpt.a, torch.arange(3.0)) and torch.equal(meta["x"], torch.ones(2, 2)) and meta["n"] == 4
+    half = torchckpt.Checkpoint(a=torch.empty(3, device="meta", dtype=torch.float16))
+    with pytest.raises(torchckpt.RestoreMismatchError, match="dtype"):  # a mismatch is still one
+        half.read(path, assign=True).assert_existing_objects_matched()
+    assert half.a.is_meta
+
+
 # -- C22: casting ------------------------------------------------------------------------------
 
 

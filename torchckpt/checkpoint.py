@@ -302,9 +302,9 @@ class Checkpoint:
             progress: show a progress bar (None: on a terminal, for restores over 256 MiB).
             cast: a tensor whose dtype differs from its destination's is cast to it (as
                 ``load_state_dict`` does) instead of being skipped and reported.
-            assign: a module's tensors on the meta device (a model built under
-                ``torch.device("meta")``) are replaced by the restored ones (as
-                ``load_state_dict(assign=True)``); without it they are reported missing.
+            assign: tensors on the meta device (a model built under ``torch.device("meta")``,
+                a tracked tensor or one in a tracked dict or list) are replaced by the restored
+                ones (as ``load_state_dict(assign=True)``); without it they are reported missing.
             rename: the checkpoint's keys mapped to the objects' keys before anything is matched
                 (a module whose ``encoder`` became ``backbone``, a checkpoint saved as
                 ``Checkpoint(net=...)`` restored into ``Checkpoint(model=...)``). Keys are full names

@@ -76,7 +76,7 @@ class Matcher:
         elif isinstance(value, torch.nn.Module):
             plan_module(key, value, saved, plan)
         elif isinstance(value, torch.Tensor):
-            plan_tensor(key, value, saved, plan)
+            plan_tensor(key, value, saved, plan, assign)
         elif loaders.is_data_state(value):
             loaders.plan_restore(key, value, saved, plan)
         elif is_stateful(value):
@@ -109,8 +109,8 @@ class Matcher:
             part = keypath.key_part(k)
             found = saved_items.get(part, MISSING)
             matched += found is not MISSING
-            if isinstance(v, torch.Tensor):  # the common leaf, planned without building a setter
-                plan_tensor(keypath.join(key, part), v, found, self.plan)
+            if isinstance(v, torch.Tensor):  # the common leaf, planned without building a setter (unless on meta)
+                plan_tensor(keypath.join(key, part), v, found, self.plan, _item_setter(value, k) if v.is_meta else None)
             else:
                 self.value(keypath.join(key, part), v, found, _item_setter(value, k))
         # Distinct items have distinct parts unless a dict mixes key types ({0: .., "0": ..}).

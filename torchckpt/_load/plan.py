@@ -107,17 +107,25 @@ def _tensorio_check(key: str, dest: torch.Tensor) -> None:
         )
 
 
-def plan_tensor(key: str, dest: torch.Tensor, saved: Any, plan: Plan) -> None:
-    """A tracked tensor is restored in place."""
+def plan_tensor(key: str, dest: torch.Tensor, saved: Any, plan: Plan,
+                assign: Callable[[torch.Tensor], None] | None = None) -> None:
+    """A tracked tensor is restored in place; one on the meta device has no memory to restore into,
+    and is replaced by a new tensor through ``assign`` (where it sits) when ``plan.assign`` allows."""
     check_destination(key, dest)
     if saved is _MISSING:
         plan.report.missing_keys.append(key)
     elif not _is_saved(saved):
         plan.report.missing_keys.append(key)
         plan.report.unexpected_keys.extend(_saved_leaf_keys(saved, key))
-    elif dest.is_meta:  # a bare tensor cannot be replaced in place: reported, never "restored"
-        plan.report.missing_keys.append(key)
+    elif dest.is_meta:
         plan.report.meta_keys.append(key)
+        if plan.assign and assign is not None and _compatible(key, saved, dest, plan.report, plan.cast):
+            fresh = torch.empty(saved.shape, dtype=dest.dtype)
+            _read_into(fresh, saved, plan)
+            plan.loads.append(lambda: assign(fresh))
+            plan.report.restored_keys.append(_shared_key(key, saved))
+        else:  # not replaced: reported, never "restored"
+            plan.report.missing_keys.append(key)
     elif _compatible(key, saved, dest, plan.report, plan.cast):
         _read_into(dest, saved, plan)
         plan.report.restored_keys.append(_shared_key(key, saved))
