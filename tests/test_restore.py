@@ -181,6 +181,34 @@ def test_an_expanded_destination_is_refused_before_anything_changes(tmp_path):
     assert ones.tolist() == [[5.0, 5.0, 5.0]]
 
 
+def test_an_object_that_refuses_the_saved_state_is_named_and_no_checkpoint_is_called_damaged(tmp_path):
+    model = make_mlp(1)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    train_step(model, sgd, 0)
+    mgr = torchckpt.CheckpointManager(torchckpt.Checkpoint(model=model, opt=sgd), tmp_path, max_to_keep=3)
+    mgr.save()
+    mgr.save()
+    mgr.close()
+    fresh = make_mlp(2)
+    adam = torch.optim.Adam(fresh.parameters())  # the code changed its optimizer: SGD's state does not fit Adam
+    called = []
+    mgr = torchckpt.CheckpointManager(torchckpt.Checkpoint(model=fresh, opt=adam), tmp_path, max_to_keep=3,
+                                      init_fn=lambda: called.append(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no DamagedCheckpointWarning: nothing falls back
+        with pytest.raises(torchckpt.CheckpointError, match=r"ckpt-2 failed while 'opt' loaded its state \(KeyError: "
+                                                            r"'step'\): the checkpoint's state for it does not fit this "
+                                                            r"object .* Objects may be partly restored") as info:
+            mgr.restore_or_initialize()
+    assert not isinstance(info.value, torchckpt.CorruptCheckpointError) and info.value.key == "opt"
+    assert called == [] and torchckpt.get_checkpoint_state(tmp_path).damaged == {}
+    mgr.close()
+    again = torch.optim.SGD(make_mlp(3).parameters(), lr=0.1, momentum=0.9)
+    mgr = torchckpt.CheckpointManager(torchckpt.Checkpoint(model=make_mlp(3), opt=again), tmp_path, max_to_keep=3)
+    assert mgr.restore_or_initialize().endswith("ckpt-2")  # the right objects restore the newest one
+    mgr.close()
+
+
 def test_missing_object_is_reported(tmp_path):
     path = torchckpt.Checkpoint(a=torch.ones(1)).write(tmp_path / "c")
     status = torchckpt.Checkpoint(a=torch.zeros(1), b=torch.zeros(2), n=3).read(path)

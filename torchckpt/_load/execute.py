@@ -19,6 +19,7 @@ import torch
 from torchckpt._dist import dtensor as dist_dtensor
 from torchckpt._format import blocks as format_blocks
 from torchckpt._format.dtypes import TensorInfo as SavedTensor
+from torchckpt._format.keypath import display
 from torchckpt._load import boxes, mapped, recheck
 from torchckpt._load import reads as tensor_reads
 from torchckpt._load.opened import OpenShards, missing_member
@@ -68,18 +69,26 @@ def load(plan: Plan, shards: OpenShards, verify: bool) -> None:
 
 
 def _run_loads(plan: Plan, directory: str) -> None:
-    for load in plan.loads:
+    """Run each object's load. One that refuses the checkpoint's state (an optimizer of another class,
+    a ``load_state_dict`` of its own that raises) is the objects' mismatch, not damage: every byte
+    was checked before, and an older checkpoint would be refused alike. So it is a plain
+    :class:`CheckpointError` naming the object, and a manager's ``restore_or_initialize`` neither
+    falls back past the checkpoint nor records it damaged."""
+    for key, load in plan.loads:
         try:
             load()
         except CheckpointError:
             raise
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError, OverflowError,
                 RecursionError) as e:
-            raise CorruptCheckpointError(
-                f"Restoring from {directory} failed while loading state ({type(e).__name__}: {e}); the values in "
-                "the checkpoint do not fit the objects. Objects may be partly restored.",
-                directory,
-            ) from e
+            error = CheckpointError(
+                f"Restoring from {directory} failed while {display(key)!r} loaded its state ({type(e).__name__}: "
+                f"{e}): the checkpoint's state for it does not fit this object (another class, or other options "
+                "than the ones it was saved with). Objects may be partly restored: restore again into objects "
+                "like the saved ones, or through a Checkpoint that does not track this one."
+            )
+            error.key = key  # type: ignore[attr-defined]
+            raise error from e
 
 
 def _grouped(pairs: list[tuple[torch.Tensor, SavedTensor]]) -> tuple[

@@ -135,7 +135,7 @@ def _plan_generator(key: str, generator: torch.Generator, saved: Any, plan: Plan
         def load() -> None:
             generator.set_state(dest)
 
-        plan.loads.append(load)
+        plan.loads.append((key, load))
 
 
 def load(loader: Any, saved: dict[str, Any]) -> None:

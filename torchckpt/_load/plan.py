@@ -38,7 +38,7 @@ class Plan:
     report: MismatchReport = field(default_factory=MismatchReport)
     reads: list[tuple[torch.Tensor, SavedTensor]] = field(default_factory=list)
     casts: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (destination, read buffer)
-    loads: list[Callable[[], None]] = field(default_factory=list)
+    loads: list[tuple[str, Callable[[], None]]] = field(default_factory=list)  # (key of the object, its load)
     cast: bool = False  # restore(..., cast=True): dtype mismatches are cast instead of skipped
     assign: bool = False  # restore(..., assign=True): modules' meta tensors are replaced by restored ones
     read_once: bool | None = None  # several ranks: replicated tensors read by one rank and broadcast (``_load.spread``)
@@ -122,7 +122,7 @@ def plan_tensor(key: str, dest: torch.Tensor, saved: Any, plan: Plan,
         if plan.assign and assign is not None and _compatible(key, saved, dest, plan.report, plan.cast):
             fresh = torch.empty(saved.shape, dtype=dest.dtype)
             _read_into(fresh, saved, plan)
-            plan.loads.append(lambda: assign(fresh))
+            plan.loads.append((key, lambda: assign(fresh)))
             plan.report.restored_keys.append(_shared_key(key, saved))
         else:  # not replaced: reported, never "restored"
             plan.report.missing_keys.append(key)
@@ -220,9 +220,9 @@ def plan_module(name: str, module: torch.nn.Module, saved: Any, plan: Plan) -> N
     matched = {k for k in pairs.values() if not _is_meta(current[k]) or k in via_assign} | found.kept
     plan.report.missing_keys.extend(keypath.join(name, keypath.escape_part(k)) for k in current if k not in matched)
     if via_load:
-        plan.loads.append(lambda: module.load_state_dict(via_load, strict=False))
+        plan.loads.append((name, lambda: module.load_state_dict(via_load, strict=False)))
     if via_assign:
-        plan.loads.append(lambda: module.load_state_dict(via_assign, strict=False, assign=True))
+        plan.loads.append((name, lambda: module.load_state_dict(via_assign, strict=False, assign=True)))
 
 
 def _plan_hooked(name: str, module: torch.nn.Module, saved: dict[str, Any], current: list[str], plan: Plan) -> None:
@@ -268,7 +268,7 @@ def _plan_hooked(name: str, module: torch.nn.Module, saved: dict[str, Any], curr
             raise RuntimeError("a hooked module's load ran outside execute()")
         load.finish(plan.fetch, name, plan.report)
 
-    plan.loads.append(finish)
+    plan.loads.append((name, finish))
 
 
 def _is_meta(value: Any) -> bool:
@@ -332,7 +332,7 @@ def plan_stateful(name: str, obj: Any, saved: Any, plan: Plan) -> None:
                                      for k, v in saved_leaves.items())
     if isinstance(obj, torch.optim.Optimizer):
         new_state = optimizer.with_param_ids(new_state)
-    plan.loads.append(lambda: obj.load_state_dict(new_state))
+    plan.loads.append((name, lambda: obj.load_state_dict(new_state)))
 
 
 def _unfilled(current: dict[str, Any], saved: dict[str, Any]) -> list[str]:
@@ -388,7 +388,7 @@ def plan_value(key: str, saved: Any, assign: Callable[[Any], None], plan: Plan) 
         return
 
     value = _rebuild(saved, key, _fresh_reader(plan))
-    plan.loads.append(lambda: assign(value))
+    plan.loads.append((key, lambda: assign(value)))
     plan.report.restored_keys.append(key)
 
 
