@@ -52,6 +52,18 @@ def _torch_saved(state, tmp_path) -> str:
     return path
 
 
+def test_per_rank_values_saved_by_one_process_come_back_as_their_values(tmp_path):
+    t = torch.arange(3.0)
+    state = {"n": torchckpt.PerRank(3), "t": torchckpt.PerRank(t), "nested": collections.OrderedDict(
+        cursor=torchckpt.PerRank([1, 2]), pair=(torchckpt.PerRank(4), 5)), "plain": {"k": 1}}
+    loaded = torchckpt.load_state(torchckpt.save_state(state, tmp_path / "s"))
+    assert_same(loaded, {"n": 3, "t": t, "nested": collections.OrderedDict(cursor=[1, 2], pair=(4, 5)), "plain": {"k": 1}})
+    assert type(state["n"]) is torchckpt.PerRank  # the caller's state is left as it was
+    path = torchckpt.Checkpoint(x=(torchckpt.PerRank(3), 1, t), y={"a": [torchckpt.PerRank(t)]}).write(tmp_path / "c")
+    assert_same(torchckpt.load_state(path), {"x": (3, 1, t), "y": {"a": [t]}})
+    assert torchckpt.load_checkpoint(path).get_value("x") == (3, 1, torchckpt.TensorSpec("x/2", t.dtype, t.shape))
+
+
 def test_tied_tensors_come_back_as_one_tensor(tmp_path):
     weight = torch.randn(4, 3)
     loaded = torchckpt.load_state(torchckpt.save_state({"embed": weight, "head": weight}, tmp_path / "c"))
