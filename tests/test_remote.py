@@ -222,6 +222,32 @@ def test_a_shard_that_would_need_more_parts_than_s3_takes_goes_up_in_larger_ones
         assert remote.fs.info(remote.at("c", shard))["ETag"].strip('"').endswith("-2")
 
 
+def test_no_credentials_or_no_endpoint_is_a_typed_error_that_says_what_to_set(monkeypatch, capsys):
+    pytest.importorskip("s3fs")
+    import errno
+    import socket
+
+    for name in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance metadata to ask either
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    endpoint = {"client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}}
+    with pytest.raises(torchckpt.CheckpointReadError, match=r"^No usable S3 credentials .* Set AWS_ACCESS_KEY_ID") as info:
+        torchckpt.load_state("s3://bucket/run", storage_options=endpoint)
+    assert info.value.errno == errno.EACCES  # the process's cause, not a missing or damaged checkpoint
+    assert main(["ls", "s3://bucket/run", "--storage-options", json.dumps(endpoint)]) == 1
+    assert capsys.readouterr().err.startswith("Error: No usable S3 credentials")
+    unreachable = {**endpoint, "key": "k", "secret": "s", "config_kwargs": {"retries": {"max_attempts": 1}}}
+    with pytest.raises(torchckpt.CheckpointReadError, match=r"^Cannot reach the object store .* Check the endpoint"):
+        torchckpt.latest_checkpoint("s3://bucket/run", storage_options=unreachable)
+    with pytest.raises(torchckpt.CheckpointWriteError, match=r"Cannot write checkpoint s3://bucket/c: Cannot reach"):
+        torchckpt.Checkpoint(w=torch.ones(1)).write("s3://bucket/c", storage_options=unreachable)
+
+
 # -- two writers ----------------------------------------------------------------------------------
 
 

@@ -35,11 +35,11 @@ from torchckpt._format.spec import DELETING_FILE, INDEX_FILE
 from torchckpt._paths import join, name_of, parent_of
 from torchckpt._storage import lease as storage_lease
 from torchckpt._storage import remote_commit as storage_remote_commit
-from torchckpt._storage import upload
+from torchckpt._storage import sdk_errors, upload
 from torchckpt._storage.base import ABSENT, ConflictError, LinkTarget, Output, oversize_file
 from torchckpt._storage.remote_commit import RemoteStage
 from torchckpt._storage.remote_read import READ_PART_MAX, READ_PART_MIN, RemoteSource, S3Source
-from torchckpt.errors import CheckpointDeletedError, CheckpointError, CorruptCheckpointError
+from torchckpt.errors import CheckpointDeletedError, CheckpointError, CheckpointReadError, CorruptCheckpointError
 
 _OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"}
 _memory_guard = threading.Lock()  # memory:// is per process: its compare-and-write is atomic under this
@@ -96,7 +96,7 @@ class FsspecStorage:
     def __init__(self, fs: Any, protocol: str, *, part_bytes: int = upload.PART_BYTES, max_parts: int = upload.MAX_PARTS,
                  read_part_min: int = READ_PART_MIN, read_part_max: int = READ_PART_MAX,
                  lease_secs: float = storage_lease.LEASE_SECS, warned: set[str] | None = None) -> None:
-        self.fs = fs
+        self.fs = sdk_errors.Translating(fs)  # missing credentials, an unreachable endpoint: OSErrors
         self.protocol = protocol
         self.part_bytes = part_bytes
         self.max_parts = max_parts
@@ -154,13 +154,17 @@ class FsspecStorage:
     def is_file(self, path: str) -> bool:
         try:
             return self._info(path).get("type") == "file"
-        except (FileNotFoundError, OSError, ValueError):
+        except CheckpointReadError:  # no credentials, no connection: not an answer
+            raise
+        except (OSError, ValueError):
             return False
 
     def is_dir(self, path: str) -> bool:
         self.fs.invalidate_cache(path)
         try:
             return bool(self.fs.isdir(path))
+        except CheckpointReadError:
+            raise
         except (OSError, ValueError):
             return False
 
@@ -173,12 +177,16 @@ class FsspecStorage:
         try:
             self._info(path)
             return True
-        except (FileNotFoundError, OSError, ValueError):
+        except CheckpointReadError:
+            raise
+        except (OSError, ValueError):
             return False
 
     def mtime(self, path: str) -> float:
         try:
             info = self._info(path)
+        except CheckpointReadError:
+            raise
         except (OSError, ValueError):
             return -1.0
         for key in ("LastModified", "mtime", "created", "updated", "last_modified"):

@@ -15,6 +15,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any, Protocol
 
+from torchckpt._storage import sdk_errors
 from torchckpt._storage.base import VIEW_BYTES
 from torchckpt.errors import CheckpointError
 
@@ -160,7 +161,8 @@ class S3Source(RemoteSource):
             segments.append((position, current))
         from fsspec.asyn import sync
 
-        sync(self.fs.loop, self._fetch_all, segments)
+        with sdk_errors.translating():  # the ranged GETs run on fsspec's loop: its SDK's errors come out here
+            sync(self.fs.loop, self._fetch_all, segments)
 
     async def _fetch_all(self, segments: list[tuple[int, list[memoryview]]]) -> None:
         import asyncio
