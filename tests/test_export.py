@@ -67,6 +67,16 @@ def test_a_folder_with_other_files_is_never_replaced(tmp_path, capsys):
     assert os.listdir(out) == ["notes.txt"]
 
 
+def test_a_folder_holding_only_someones_config_is_never_replaced(tmp_path, capsys):
+    path = torchckpt.Checkpoint(model=make_mlp(1)).write(tmp_path / "c")
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "config.json").write_text('{"hand": "written"}')  # a file an export writes, but no weights beside it
+    assert main(["export", path, "--object", "model", str(out)]) == 1
+    assert "holds config.json but no weights, so it is no earlier export" in capsys.readouterr().err
+    assert os.listdir(out) == ["config.json"] and json.loads((out / "config.json").read_text()) == {"hand": "written"}
+
+
 def test_config_is_copied(tmp_path):
     path = torchckpt.Checkpoint(model=make_mlp(1)).write(tmp_path / "c")
     (tmp_path / "config.json").write_text('{"model_type": "mlp"}')

@@ -122,15 +122,23 @@ def _local_names(reader: CheckpointReader, obj: str, names: list[str]) -> dict[s
 
 
 def _check_replaceable(out: str, storage: Storage) -> None:
-    """``out`` may be replaced: it is missing, empty, or holds only what an export writes."""
+    """``out`` may be replaced: it is missing, empty, or an earlier export (weights, and nothing an
+    export does not write: a lone ``config.json`` is someone's own, not an export's)."""
     if not storage.exists(out) and not storage.is_dir(out):
         return
     if not storage.is_dir(out):
         raise CheckpointError(f"Cannot export to {out}: it exists and is not a directory.")
-    others = [n for n in storage.list_names(out) if not (n in _EXPORT_FILES or n.startswith("model") and
-                                                        n.endswith(spec.SHARD_SUFFIX))]
+    names = storage.list_names(out)
+    weights = [n for n in names if n == HF_INDEX or n.startswith("model") and n.endswith(spec.SHARD_SUFFIX)]
+    others = [n for n in names if n not in weights and n not in _EXPORT_FILES]
     if others:
         raise CheckpointError(
             f"Cannot export to {out}: it holds files an export does not write ({', '.join(sorted(others)[:5])}), "
             "and the folder is replaced as a whole. Export to a new or empty folder."
+        )
+    if names and not weights:
+        raise CheckpointError(
+            f"Cannot export to {out}: it holds {', '.join(sorted(names)[:5])} but no weights, so it is no earlier "
+            "export, and the folder is replaced as a whole. Export to a new or empty folder (with --config to "
+            "write a config.json beside the weights)."
         )
