@@ -110,6 +110,19 @@ def test_module_renames_leave_the_optimizer_state_alone(saved, encoder_model, st
     assert_same_state(encoder_model.state_dict(), model.state_dict())
 
 
+def test_optimizer_state_renamed_to_a_parameter_the_optimizer_lacks_is_unexpected_not_kept(saved):
+    model = Tower("encoder", seed=5)
+    opt = adam(model)
+    count = sum(len(g["params"]) for g in opt.param_groups)
+    status = torchckpt.Checkpoint(net=model, opt=opt).read(saved, rename={"opt/state/0": f"opt/state/{count + 5}"})
+    assert sorted(k for k in status.report.unexpected_keys if k.startswith("opt/")) == [
+        "opt/state/0/exp_avg", "opt/state/0/exp_avg_sq", "opt/state/0/step"]  # named as the checkpoint names them
+    assert all(isinstance(k, torch.Tensor) for k in opt.state)  # nothing kept under a key no parameter has
+    assert opt.param_groups[0]["params"][0] not in opt.state and len(opt.state) == count - 1
+    with pytest.raises(RestoreMismatchError, match=r"unexpected in the checkpoint \(\d+\): .*opt/state/0/exp_avg"):
+        status.assert_consumed()
+
+
 def test_the_function_form_gets_every_key_but_the_save_counter(saved, encoder_model):
     seen = []
 

@@ -288,8 +288,10 @@ def plan_stateful(name: str, obj: Any, saved: Any, plan: Plan) -> None:
     if saved is _MISSING:
         plan.report.missing_keys.extend(current_leaves)
         return
-    saved_leaves = keypath.leaves(saved, name)
     reason = _structure_problem(obj, current, saved)
+    if isinstance(obj, torch.optim.Optimizer) and not reason:
+        saved = _without_stray_state(saved, obj, name, plan.report)
+    saved_leaves = keypath.leaves(saved, name)
     report = MismatchReport()
     reads: list[tuple[torch.Tensor, SavedTensor]] = []
     params = dist_dtensor.parameters_of(obj) if isinstance(obj, torch.optim.Optimizer) else None
@@ -333,6 +335,22 @@ def plan_stateful(name: str, obj: Any, saved: Any, plan: Plan) -> None:
     if isinstance(obj, torch.optim.Optimizer):
         new_state = optimizer.with_param_ids(new_state)
     plan.loads.append((name, lambda: obj.load_state_dict(new_state)))
+
+
+def _without_stray_state(saved: Any, optimizer: torch.optim.Optimizer, name: str, report: MismatchReport) -> Any:
+    """``saved`` less the state of parameters this optimizer does not have (a rename to
+    ``opt/state/7`` of an optimizer of two): ``load_state_dict`` would keep it under a key no
+    parameter has, and the parameter it was meant for would train on without it. Reported
+    unexpected instead."""
+    state = saved.get("state") if isinstance(saved, dict) else None
+    if not isinstance(state, dict):
+        return saved
+    count = sum(len(group["params"]) for group in optimizer.param_groups)
+    strays = {k: v for k, v in state.items() if not (type(k) is int and 0 <= k < count)}
+    if not strays:
+        return saved
+    report.unexpected_keys.extend(keypath.leaves(strays, keypath.join(name, "state")))
+    return {**saved, "state": {k: v for k, v in state.items() if k not in strays}}
 
 
 def _unfilled(current: dict[str, Any], saved: dict[str, Any]) -> list[str]:
