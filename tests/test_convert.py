@@ -231,6 +231,18 @@ def test_a_sharded_hugging_face_folder_converts(gpt2, tmp_path):
     assert_same(got, shards)  # shard by shard, each in its file's order
 
 
+def test_model_safetensors_beside_an_index_is_what_from_pretrained_reads(tmp_path):
+    folder = tmp_path / "both"
+    folder.mkdir()
+    safetensors.torch.save_file({"w": torch.ones(2)}, folder / "model.safetensors")  # from_pretrained reads this one
+    safetensors.torch.save_file({"w": torch.zeros(2)}, folder / "model-00001-of-00001.safetensors")
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"w": "model-00001-of-00001.safetensors"}}))
+    for got in (load_state(convert(folder, tmp_path / "out")), load_state(folder),
+                {"w": torchckpt.load_checkpoint(folder).get_tensor("w")}):
+        assert torch.equal(got["w"], torch.ones(2))
+
+
 @pytest.mark.parametrize("sharded", [False, True], ids=["pytorch_model.bin", "pytorch_model.bin.index.json"])
 def test_a_pytorch_model_bin_folder_converts_with_its_tied_weights(gpt2, tmp_path, sharded):
     model, _ = gpt2

@@ -21,6 +21,7 @@ from torchckpt._threads import gc_paused
 from torchckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, shard_missing, unreadable
 
 HF_INDEX_SUFFIX = ".safetensors.index.json"
+HF_SINGLE = "model.safetensors"  # what from_pretrained reads first, before any index beside it
 
 
 def classify_path(path: str, storage: Storage) -> tuple[str, str]:
@@ -45,6 +46,8 @@ def classify_path(path: str, storage: Storage) -> tuple[str, str]:
         raise CheckpointNotFoundError(f"{path} is neither a checkpoint directory, a .safetensors file nor an index.",
                                       path)
     if is_dir and not storage.exists(join(path, INDEX_FILE)):
+        if storage.exists(join(path, HF_SINGLE)):  # as from_pretrained: the single file wins over an index
+            return "safetensors", join(path, HF_SINGLE)
         hf = hf_index_in(path, storage)
         if hf is not None:
             return "huggingface", hf

@@ -49,10 +49,10 @@ import safetensors
 import torch
 
 from torchckpt._format import spec as format_spec
-from torchckpt._load.foreign import HF_INDEX_SUFFIX
+from torchckpt._load.foreign import HF_INDEX_SUFFIX, HF_SINGLE
 from torchckpt._paths import is_url, join
 from torchckpt._storage.base import REGULAR_FILE, Source, Storage
-from torchckpt._tools.export import HF_INDEX, HF_SINGLE
+from torchckpt._tools.export import HF_INDEX
 from torchckpt.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -171,12 +171,12 @@ def _find_in_folder(src: str, storage: Storage) -> Found:
                               "write it as a plain dict: torchckpt.save_state(torchckpt.load_state(src), out)).")
     indexes = sorted(n for n in names if n.endswith(HF_INDEX_SUFFIX))
     singles = sorted(n for n in names if n.endswith(format_spec.SHARD_SUFFIX))
-    if HF_INDEX in names or len(indexes) == 1:
-        return _shards(src, HF_INDEX if HF_INDEX in names else indexes[0], storage, SAFETENSORS_FILE)
-    if HF_SINGLE in names or (len(singles) == 1 and not indexes):
+    if HF_SINGLE in names or (len(singles) == 1 and not indexes):  # as from_pretrained: before an index
         member = _follow(join(src, HF_SINGLE if HF_SINGLE in names else singles[0]), storage)
         _sniff(member, storage, SAFETENSORS_FILE)
         return Found(src, HF_FOLDER, (member,), False)
+    if HF_INDEX in names or len(indexes) == 1:
+        return _shards(src, HF_INDEX if HF_INDEX in names else indexes[0], storage, SAFETENSORS_FILE)
     if HF_BIN_INDEX in names:
         return _shards(src, HF_BIN_INDEX, storage, TORCH_FILE)
     if HF_BIN in names:
