@@ -132,13 +132,14 @@ def test_a_lightning_shaped_checkpoint_keeps_its_plain_hyperparameters(tmp_path)
     """Without Lightning: what Lightning puts into hyper_parameters that weights_only alone refuses."""
     hparams = {"lr": 0.1, "data": pathlib.Path("/data/train"), "win": pathlib.PureWindowsPath("C:/runs"),
                "dropout": np.float32(0.5), "steps": np.int64(7), "flag": np.bool_(True),
-               "mean": np.arange(3, dtype=np.float32), "args": argparse.Namespace(seed=1, tags=["a"])}
+               "mean": np.arange(3, dtype=np.float32), "args": argparse.Namespace(seed=1, tags=["a"]),
+               "dtype": np.dtype("float16")}
     torch.save({"epoch": 1, "pytorch-lightning_version": "2.6.6", "state_dict": collections.OrderedDict(w=torch.ones(2)),
                 "hyper_parameters": hparams}, tmp_path / "last.ckpt")
     got = load_state(convert(tmp_path / "last.ckpt", tmp_path / "out"))["hyper_parameters"]
     assert_same({k: v for k, v in got.items() if k != "mean"},
                 {"lr": 0.1, "data": "/data/train", "win": "C:\\runs", "dropout": 0.5, "steps": 7, "flag": True,
-                 "args": {"seed": 1, "tags": ["a"]}})
+                 "args": {"seed": 1, "tags": ["a"]}, "dtype": "float16"})
     assert_same(got["mean"], torch.arange(3, dtype=torch.float32))
 
 

@@ -76,13 +76,15 @@ ACCEPTED = [
     (collections.Counter({"x": np.int64(2), "y": float("inf")}), collections.Counter({"x": 2, "y": float("inf")})),
     ({pathlib.Path("a"): 1, np.int64(2): "two", (np.int8(3), pathlib.Path("b")): 3}, {"a": 1, 2: "two", (3, "b"): 3}),
     ({np.str_("w"): np.ones(2, dtype=np.float32)}, {"w": torch.ones(2)}),  # a tensor under a converted key
+    (np.dtype("float32"), "float32"),  # a hyperparameter's dtype, by its name
+    (np.dtype([("x", "<i4"), ("y", "<f8")]), "[('x', '<i4'), ('y', '<f8')]"),
 ]
 ACCEPTED_IDS = [
     "path", "pure-posix-path", "pure-windows-path", "np-bool", "np-int8", "np-int64-min", "np-uint64-max",
     "np-float16", "np-float32", "np-float64-nan", "np-float64-inf", "np-str", "array-float32", "array-0d",
     "array-empty", "array-big-endian", "array-negative-strides", "array-transposed", "array-read-only",
     "namespace", "defaultdict", "attribute-dict", "ordered-dict-subclass", "ordered-dict", "counter",
-    "converted-keys", "array-under-converted-key",
+    "converted-keys", "array-under-converted-key", "np-dtype", "np-structured-dtype",
 ]
 
 

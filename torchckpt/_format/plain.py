@@ -11,6 +11,7 @@ saved                                           loaded
 ``pathlib.PurePath`` (``Path``, ...)            ``str(path)``
 NumPy ``bool_``, integer or floating scalar     ``bool``, ``int`` or ``float`` (``x.item()``)
 NumPy array (bool, int, uint, float, complex)   a CPU tensor of the same dtype and shape
+NumPy ``dtype`` (``np.dtype("float32")``)       ``str(dtype)`` (``"float32"``)
 ``argparse.Namespace``                          a ``dict`` of ``vars(ns)``
 a subclass of ``dict`` (``defaultdict``, ...)   a ``dict``, keys in the same order
 a subclass of ``str`` (not an ``Enum``)         a ``str``
@@ -72,6 +73,8 @@ def nearest(value: Any, path: str) -> Any:
             item = value.item()
             if type(item) in (bool, int, float):  # not a longdouble, which has no Python type
                 return item
+        if isinstance(value, numpy.dtype):  # a hyperparameter's dtype: np.dtype(name) makes it again
+            return str(value)
     argparse = sys.modules.get("argparse")
     if argparse is not None and isinstance(value, argparse.Namespace):
         return dict(vars(value))
