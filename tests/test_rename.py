@@ -307,7 +307,10 @@ def test_the_longest_matching_prefix_wins_and_the_rest_is_kept():
      r"'opt/param_groups': list items are matched by position"),
     (lambda k: None if k == "history/0" else k, "history/0", ["history/0"],
      r"drops checkpoint key 'history/0', an item of the list at 'history'"),
-], ids=["renamed-onto-a-kept-key", "two-keys-onto-one", "under-a-plain-value", "out-of-a-list", "dropped-from-a-list"])
+    ({"epoch": "cfg"}, "cfg", ["cfg", "epoch"],
+     r"cannot move checkpoint key 'epoch' to 'cfg': the checkpoint has its own value there, which stays"),
+], ids=["renamed-onto-a-kept-key", "two-keys-onto-one", "under-a-plain-value", "out-of-a-list", "dropped-from-a-list",
+        "a-value-onto-a-kept-one"])
 def test_a_conflicting_rename_is_refused_before_anything_changes(saved, rename, key, checkpoint_keys, message):
     model = Tower("encoder", seed=5)
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -266,6 +266,11 @@ class _Mover:
             elif child is not _GONE:
                 if k in rebuilt:  # a sibling was renamed to this name: merged if both are dicts
                     key = keypath.join(path, keypath.key_part(k))
+                    mover = next((m for m in here.values() if m.new == key), None)
+                    if mover is not None and not (isinstance(rebuilt[k], dict) and isinstance(child, dict)):
+                        raise RenameConflictError(  # named by the move, not by the value that stays
+                            f"The rename cannot move checkpoint key {mover.old!r} to {key!r}: the checkpoint has its "
+                            "own value there, which stays. Nothing was restored.", key, [mover.old, key])
                     self._place(rebuilt, keypath.key_part(k), Move(key, key, child, k))
                 else:
                     rebuilt[k] = child
