@@ -609,6 +609,7 @@ def record(out: dict, name: str, call) -> None:
     except torchckpt.CheckpointError as e:
         out[name] = f"{type(e).__name__}: {e}"
         out[f"{name}_ranks"] = getattr(e, "ranks", None)
+        out[f"{name}_key"] = getattr(e, "key", None)
     out[f"{name}_seconds"] = time.perf_counter() - start
 
 

@@ -391,6 +391,8 @@ def collective_error(failures: dict[int, dict[str, Any]], what: str, note: str |
         error = _BY_PATH[kind](message, first.get("path"))
     else:
         error = CheckpointError(message)
+        if isinstance(first.get("key"), str):  # an object that refused its state (``_load.execute``)
+            error.key = first["key"]  # type: ignore[attr-defined]
     error.ranks = ranks  # type: ignore[attr-defined]
     # Every file a rank found damaged, not only the first rank's: each process stops trusting them
     # (``_load.opened.distrust_damaged``).
