@@ -201,6 +201,7 @@ def test_an_object_that_refuses_the_saved_state_is_named_and_no_checkpoint_is_ca
                                                             r"object .* Objects may be partly restored") as info:
             mgr.restore_or_initialize()
     assert not isinstance(info.value, torchckpt.CorruptCheckpointError) and info.value.key == "opt"
+    assert info.value.path == str(tmp_path / "ckpt-2")
     assert called == [] and torchckpt.get_checkpoint_state(tmp_path).damaged == {}
     mgr.close()
     again = torch.optim.SGD(make_mlp(3).parameters(), lr=0.1, momentum=0.9)

@@ -391,8 +391,9 @@ def collective_error(failures: dict[int, dict[str, Any]], what: str, note: str |
         error = _BY_PATH[kind](message, first.get("path"))
     else:
         error = CheckpointError(message)
-        if isinstance(first.get("key"), str):  # an object that refused its state (``_load.execute``)
-            error.key = first["key"]  # type: ignore[attr-defined]
+        for attr in ("key", "path"):  # an object that refused its state names both (``_load.execute``)
+            if isinstance(first.get(attr), str):
+                setattr(error, attr, first[attr])
     error.ranks = ranks  # type: ignore[attr-defined]
     # Every file a rank found damaged, not only the first rank's: each process stops trusting them
     # (``_load.opened.distrust_damaged``).

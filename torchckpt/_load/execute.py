@@ -72,8 +72,8 @@ def _run_loads(plan: Plan, directory: str) -> None:
     """Run each object's load. One that refuses the checkpoint's state (an optimizer of another class,
     a ``load_state_dict`` of its own that raises) is the objects' mismatch, not damage: every byte
     was checked before, and an older checkpoint would be refused alike. So it is a plain
-    :class:`CheckpointError` naming the object, and a manager's ``restore_or_initialize`` neither
-    falls back past the checkpoint nor records it damaged."""
+    :class:`CheckpointError` naming the object (``.key``) and the checkpoint (``.path``), and a
+    manager's ``restore_or_initialize`` neither falls back past the checkpoint nor records it damaged."""
     for key, load in plan.loads:
         try:
             load()
@@ -88,6 +88,7 @@ def _run_loads(plan: Plan, directory: str) -> None:
                 "like the saved ones, or through a Checkpoint that does not track this one."
             )
             error.key = key  # type: ignore[attr-defined]
+            error.path = directory  # type: ignore[attr-defined]
             raise error from e
 
 
