@@ -242,6 +242,10 @@ def test_model_safetensors_beside_an_index_is_what_from_pretrained_reads(tmp_pat
     for got in (load_state(convert(folder, tmp_path / "out")), load_state(folder),
                 {"w": torchckpt.load_checkpoint(folder).get_tensor("w")}):
         assert torch.equal(got["w"], torch.ones(2))
+    run = tmp_path / "run"  # a manager's directory that also holds a model.safetensors: still a run
+    torchckpt.CheckpointManager(torchckpt.Checkpoint(w=torch.full((2,), 7.0)), run).save()
+    safetensors.torch.save_file({"w": torch.ones(2)}, run / "model.safetensors")
+    assert torch.equal(load_state(run)["w"], torch.full((2,), 7.0))
 
 
 @pytest.mark.parametrize("sharded", [False, True], ids=["pytorch_model.bin", "pytorch_model.bin.index.json"])

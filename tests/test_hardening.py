@@ -381,8 +381,8 @@ def test_infinities_never_rank_best_in_either_mode(tmp_path):
         assert mgr.best_checkpoint.endswith("ckpt-1"), mode
 
 
-@pytest.mark.parametrize("metrics", [{"m": torch.ones(3)}, {"m": object()}, {3: 1.0}, {"m": "a" * 70_000}],
-                         ids=["vector", "object", "int-key", "over-64-kib"])
+@pytest.mark.parametrize("metrics", [{"m": torch.ones(3)}, {"m": object()}, {3: 1.0}, {"m": "a" * 70_000},
+                                     {"m": 10**5000}], ids=["vector", "object", "int-key", "over-64-kib", "huge-int"])
 def test_bad_metrics_are_refused_before_anything_is_written(tmp_path, metrics):
     mgr = CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), tmp_path, max_to_keep=1)
     mgr.save()

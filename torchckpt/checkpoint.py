@@ -432,9 +432,7 @@ def _state_of(value: Any, distributed: bool = False) -> Any:
         return {k: _state_of(v, distributed) for k, v in value.items()}
     if isinstance(value, list) and _is_trackable(value):
         return [_state_of(v, distributed) for v in value]
-    if type(value) is tuple and _is_trackable(value):  # a PerRank in a tuple: unwrapped as in a list
-        return tuple(_state_of(v, distributed) for v in value)
-    return value
+    return value if distributed else format_tree.without_per_rank(value)  # a PerRank in a plain value (a tuple)
 
 
 def frozen_groups(tracked: dict[str, Any]) -> dict[int, int]:

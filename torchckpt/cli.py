@@ -56,10 +56,8 @@ def _json(value: Any) -> str:
 def _finite(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
+    if isinstance(value, (list, tuple, dict)):
+        return {k: _finite(v) for k, v in value.items()} if isinstance(value, dict) else [_finite(v) for v in value]
     return value
 
 
@@ -281,8 +279,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
     if args.values:
         differing = {n: v for n, v in values.items() if v.elements}
         for name, value in sorted(differing.items()):
-            verb = "differs" if value.elements == 1 else "differ"
-            print(f"≠ {name}  {plural(value.elements, 'element')} {verb}, max |a-b| = {value.max_abs:.6g}")
+            print(f"≠ {name}  {plural(value.elements, 'element')} {'differs' if value.elements == 1 else 'differ'}, "
+                  f"max |a-b| = {value.max_abs:.6g}")
         print(f"{len(differing)} of {plural(len(values), 'comparable tensor')} differ in value")
     print(f"{len(added)} added, {len(removed)} removed, {len(reshaped)} reshaped, {len(retyped)} retyped, "
           f"{plural(len(changed), 'state value')} changed")

@@ -13,7 +13,6 @@ names are what ``inspect``, ``diff`` and a ``Checkpoint``'s restore match on; a 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 from typing import Any
@@ -22,7 +21,7 @@ import torch
 
 from torchckpt._dist import coordinator as dist_coordinator
 from torchckpt._format import spec
-from torchckpt._format.tree import MAX_DEPTH, PerRank
+from torchckpt._format.tree import without_per_rank
 from torchckpt._paths import as_path, is_url
 from torchckpt._save import saver
 from torchckpt._save.background import AsyncWriter
@@ -104,31 +103,9 @@ def _save_plain(state: dict[str, Any], path: str, max_shard_size: int | str, pro
         options = dataclasses.replace(SaveOptions.checked(None, max_shard_size, progress, None, False), ordered=True,
                                       replace=replace)
         objects = {k: kind_of(v) for k, v in state.items()}
-        source = saver.Source(lambda distributed: dict(state) if distributed else _one_process(state), lambda: objects,
+        source = saver.Source(lambda distributed: dict(state) if distributed else without_per_rank(state), lambda: objects,
                               AsyncWriter, lambda: None)
         saver.save(source, storage, path, coord, options)
-
-
-def _one_process(value: Any, depth: int = 0) -> Any:
-    """``value`` as one process saves it: each ``PerRank`` as the value it wraps (as a ``Checkpoint``
-    saves its own); containers without one are returned as they are, not copied."""
-    if isinstance(value, PerRank):
-        return _one_process(value.value, depth)
-    if depth > MAX_DEPTH or isinstance(value, torch.Tensor):  # too deep: the encoder refuses it by name
-        return value
-    if isinstance(value, dict):
-        changed = {k: new for k, v in value.items() if (new := _one_process(v, depth + 1)) is not v}
-        if not changed:
-            return value
-        out = copy.copy(value)  # a dict subclass (an OrderedDict, a defaultdict) stays one
-        out.update(changed)
-        return out
-    if isinstance(value, (list, tuple)):
-        items = [_one_process(v, depth + 1) for v in value]
-        if all(a is b for a, b in zip(items, value)):
-            return value
-        return items if isinstance(value, list) else tuple(items)
-    return value
 
 
 def load_state(path: str | os.PathLike[str], *, map_location: str | torch.device | None = "cpu",

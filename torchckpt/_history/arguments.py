@@ -26,7 +26,10 @@ def plain_metrics(metrics: Any) -> dict[str, Any] | None:
         if not isinstance(key, str):
             raise TypeError(f"metrics keys must be strings, got {key!r} ({type(key).__name__}).")
         out[key] = plain_metric(key, value)
-    size = len(json.dumps(out, ensure_ascii=False, default=repr).encode(errors="surrogatepass"))
+    try:
+        size = len(json.dumps(out, ensure_ascii=False, default=repr).encode(errors="surrogatepass"))
+    except ValueError:  # an int past JSON's digits: the state's encoder refuses it, naming its key
+        size = 0
     if size > MAX_METRICS_BYTES:
         raise ValueError(
             f"metrics take {size:,} bytes as JSON; at most {MAX_METRICS_BYTES:,} are recorded per checkpoint (the state "

@@ -46,17 +46,21 @@ def classify_path(path: str, storage: Storage) -> tuple[str, str]:
         raise CheckpointNotFoundError(f"{path} is neither a checkpoint directory, a .safetensors file nor an index.",
                                       path)
     if is_dir and not storage.exists(join(path, INDEX_FILE)):
-        if storage.exists(join(path, HF_SINGLE)):  # as from_pretrained: the single file wins over an index
+        names = storage.list_names(path)
+        unfinished = history_members.unfinished_error(path, names)
+
+        def is_plain() -> bool:  # no save under way, no checkpoints: a folder of weights, not a run
+            return unfinished is None and not history_members.committed_members(path, None, storage)
+
+        if HF_SINGLE in names and is_plain():  # as from_pretrained: the single file wins over an index
             return "safetensors", join(path, HF_SINGLE)
         hf = hf_index_in(path, storage)
         if hf is not None:
             return "huggingface", hf
-        names = storage.list_names(path)
         singles = sorted(n for n in names if n.endswith(format_spec.SHARD_SUFFIX))
-        unfinished = history_members.unfinished_error(path, names)
         if unfinished is not None:  # a save's or a deletion's shard is no plain safetensors file
             raise unfinished
-        if len(singles) == 1 and not history_members.committed_members(path, None, storage):
+        if len(singles) == 1 and is_plain():
             return "safetensors", join(path, singles[0])
     return "torchckpt", history_members.resolve_checkpoint(path, storage)
 

@@ -40,7 +40,7 @@ class Plan:
     casts: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (destination, read buffer)
     loads: list[tuple[str, Callable[[], None]]] = field(default_factory=list)  # (key of the object, its load)
     cast: bool = False  # restore(..., cast=True): dtype mismatches are cast instead of skipped
-    assign: bool = False  # restore(..., assign=True): modules' meta tensors are replaced by restored ones
+    assign: bool = False  # restore(..., assign=True): meta tensors (modules', tracked ones) are replaced by restored ones
     read_once: bool | None = None  # several ranks: replicated tensors read by one rank and broadcast (``_load.spread``)
     rank: int = 0  # the rank restoring (which per-rank values it takes)
     fetch: hooked.Fetch | None = None  # while the loads run: a hooked subtree's tensors, checked as the others
@@ -89,7 +89,8 @@ def check_destination(key: str, dest: torch.Tensor) -> None:
 
 def _tensorio_check(key: str, dest: torch.Tensor) -> None:
     reason = _tensorio.unsupported_reason(dest, allow_meta=True)
-    if reason is None and any(stride == 0 and size > 1 for size, stride in zip(dest.shape, dest.stride())):
+    strides = dest.stride() if reason is None else ()
+    if 0 in strides and any(stride == 0 and size > 1 for size, stride in zip(dest.shape, strides)):
         raise UnsupportedStateError(
             f"Cannot restore into {key!r}: it is an expanded view (stride 0 along a dimension of size over 1), "
             "whose elements share memory, so no value can be written into it element by element. Restore into a "
@@ -122,7 +123,8 @@ def plan_tensor(key: str, dest: torch.Tensor, saved: Any, plan: Plan,
         if plan.assign and assign is not None and _compatible(key, saved, dest, plan.report, plan.cast):
             fresh = torch.empty(saved.shape, dtype=dest.dtype)
             _read_into(fresh, saved, plan)
-            plan.loads.append((key, lambda: assign(fresh)))
+            value = torch.nn.Parameter(fresh, dest.requires_grad) if isinstance(dest, torch.nn.Parameter) else fresh
+            plan.loads.append((key, lambda: assign(value)))
             plan.report.restored_keys.append(_shared_key(key, saved))
         else:  # not replaced: reported, never "restored"
             plan.report.missing_keys.append(key)
@@ -290,7 +292,7 @@ def plan_stateful(name: str, obj: Any, saved: Any, plan: Plan) -> None:
         return
     reason = _structure_problem(obj, current, saved)
     if isinstance(obj, torch.optim.Optimizer) and not reason:
-        saved = _without_stray_state(saved, obj, name, plan.report)
+        saved = _without_stray_state(saved, name, plan.report)
     saved_leaves = keypath.leaves(saved, name)
     report = MismatchReport()
     reads: list[tuple[torch.Tensor, SavedTensor]] = []
@@ -337,16 +339,15 @@ def plan_stateful(name: str, obj: Any, saved: Any, plan: Plan) -> None:
     plan.loads.append((name, lambda: obj.load_state_dict(new_state)))
 
 
-def _without_stray_state(saved: Any, optimizer: torch.optim.Optimizer, name: str, report: MismatchReport) -> Any:
-    """``saved`` less the state of parameters this optimizer does not have (a rename to
-    ``opt/state/7`` of an optimizer of two): ``load_state_dict`` would keep it under a key no
-    parameter has, and the parameter it was meant for would train on without it. Reported
-    unexpected instead."""
+def _without_stray_state(saved: Any, name: str, report: MismatchReport) -> Any:
+    """``saved`` less the state of parameters its groups do not list (a rename to ``opt/state/7``
+    of an optimizer of two): ``load_state_dict`` would keep it under a key no parameter has, and
+    the parameter it was meant for would train on without it. Reported unexpected instead."""
     state = saved.get("state") if isinstance(saved, dict) else None
     if not isinstance(state, dict):
         return saved
-    count = sum(len(group["params"]) for group in optimizer.param_groups)
-    strays = {k: v for k, v in state.items() if not (type(k) is int and 0 <= k < count)}
+    ids = {i for group in saved["param_groups"] for i in group["params"] if type(i) in (int, str)}  # checked: dicts
+    strays = {k: v for k, v in state.items() if k not in ids}  # load_state_dict maps state by these ids
     if not strays:
         return saved
     report.unexpected_keys.extend(keypath.leaves(strays, keypath.join(name, "state")))

@@ -67,6 +67,8 @@ class Translating:
         self.wrapped = fs
 
     def __getattr__(self, name: str) -> Any:
+        if name == "wrapped":  # not set yet (a copy or an unpickling in progress): no recursion
+            raise AttributeError(name)
         value = getattr(self.wrapped, name)
         if not callable(value):
             return value

@@ -104,14 +104,27 @@ def value_diff(a: CheckpointReader, b: CheckpointReader, name: str, bar: Any) ->
             d = (xs.to(torch.complex128) - ys.to(torch.complex128)).abs()  # complex64, exactly
         elif xs.dtype.is_floating_point:
             d = (xs.double() - ys.double()).abs()
-        elif xs.dtype in (torch.int64, torch.uint64):  # past 2**53 only Python's ints are exact
-            d = torch.tensor([float(abs(p - q)) for p, q in zip(xs.tolist(), ys.tolist())], dtype=torch.float64)
+        elif xs.dtype in (torch.int64, torch.uint64):
+            d = _wide_difference(xs, ys)
         else:
             d = (xs.to(torch.int64) - ys.to(torch.int64)).abs().double()
         d = d[~d.isnan()]
         if d.numel():
             worst = max(worst, float(d.max()))
     return ValueDiff(elements, worst)
+
+
+def _wide_difference(xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+    """|xs - ys| of int64 or uint64 elements, exact before it is made a float64: in int64 where no
+    difference can overflow (every value within 2**62), in Python's ints otherwise (the rare tensor
+    of values near the type's ends)."""
+    import torch
+
+    x, y = xs.view(torch.int64), ys.view(torch.int64)  # uint64 has no comparisons on the CPU: its bits as int64
+    low = 0 if xs.dtype == torch.uint64 else -(2**62)  # a uint64 past 2**63 has a negative int64 view
+    if bool(((x >= low) & (x < 2**62) & (y >= low) & (y < 2**62)).all()):
+        return (x - y).abs().double()
+    return torch.tensor([float(abs(p - q)) for p, q in zip(xs.tolist(), ys.tolist())], dtype=torch.float64)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
