@@ -121,6 +121,9 @@ def test_meta_tensors_tracked_bare_or_in_a_dict_are_materialised_with_assign(tmp
     assert "assign=True" in str(status.report)
     ckpt.read(path, assign=True).assert_consumed()
     assert torch.equal(ckpt.a, torch.arange(3.0)) and torch.equal(meta["x"], torch.ones(2, 2)) and meta["n"] == 4
+    weight = torchckpt.Checkpoint(a=torch.nn.Parameter(torch.empty(3, device="meta")))
+    weight.read(path, assign=True).expect_partial()
+    assert type(weight.a) is torch.nn.Parameter and weight.a.requires_grad and torch.equal(weight.a, torch.arange(3.0))
     half = torchckpt.Checkpoint(a=torch.empty(3, device="meta", dtype=torch.float16))
     with pytest.raises(torchckpt.RestoreMismatchError, match="dtype"):  # a mismatch is still one
         half.read(path, assign=True).assert_existing_objects_matched()
