@@ -20,6 +20,7 @@ from torchckpt._dist import dtensor as dist_dtensor
 from torchckpt._dist.coordinator import AnyCoordinator
 from torchckpt._format import keypath, spec
 from torchckpt._format import tree as format_tree
+from torchckpt._format.per_rank import without_per_rank
 from torchckpt._history import state as history_state
 from torchckpt._load import loaders, restorer
 from torchckpt._load.match import Tracking, is_stateful
@@ -432,7 +433,7 @@ def _state_of(value: Any, distributed: bool = False) -> Any:
         return {k: _state_of(v, distributed) for k, v in value.items()}
     if isinstance(value, list) and _is_trackable(value):
         return [_state_of(v, distributed) for v in value]
-    return value if distributed else format_tree.without_per_rank(value)  # a PerRank in a plain value (a tuple)
+    return value if distributed else without_per_rank(value)  # a PerRank in a plain value (a tuple)
 
 
 def frozen_groups(tracked: dict[str, Any]) -> dict[int, int]:

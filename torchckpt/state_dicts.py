@@ -21,7 +21,7 @@ import torch
 
 from torchckpt._dist import coordinator as dist_coordinator
 from torchckpt._format import spec
-from torchckpt._format.tree import without_per_rank
+from torchckpt._format.per_rank import without_per_rank
 from torchckpt._paths import as_path, is_url
 from torchckpt._save import saver
 from torchckpt._save.background import AsyncWriter

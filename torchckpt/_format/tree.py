@@ -18,7 +18,6 @@ keeps ``index.json`` small and fast to parse for checkpoints with tens of thousa
 
 from __future__ import annotations
 
-import copy
 import math
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Mapping
@@ -304,29 +303,6 @@ class PerRank:
 
     def __repr__(self) -> str:
         return f"PerRank({self.value!r})"
-
-
-def without_per_rank(value: Any, depth: int = 0) -> Any:
-    """``value`` as one process saves it: each ``PerRank`` in it as the value it wraps (a single
-    process has no ranks to keep apart); containers without one are returned as they are, not
-    copied. Anything else (a tensor, a module) is left for the encoder."""
-    if type(value) is PerRank:
-        return without_per_rank(value.value, depth)
-    if depth > MAX_DEPTH:  # too deep: the encoder refuses it by name
-        return value
-    if isinstance(value, dict):
-        changed = {k: new for k, v in value.items() if (new := without_per_rank(v, depth + 1)) is not v}
-        if not changed:
-            return value
-        out = copy.copy(value)  # a dict subclass (an OrderedDict, a defaultdict) stays one
-        out.update(changed)
-        return out
-    if type(value) in (list, tuple):
-        items = [without_per_rank(v, depth + 1) for v in value]
-        if all(a is b for a, b in zip(items, value)):
-            return value
-        return items if type(value) is list else tuple(items)
-    return value
 
 
 class MissingPerRank:
