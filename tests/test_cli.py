@@ -230,7 +230,7 @@ def test_export_sharded_with_tied_weights(tmp_path):
     [
         (["inspect", "/definitely/not/here"], 1, "Error: No checkpoint at /definitely/not/here"),
         (["export", "{ckpt}", "--object", "nope", "{tmp}/o"], 1, "Error: {ckpt} has no object 'nope'; it has: model, opt, epoch"),
-        (["export", "{ckpt}", "--object", "opt", "{tmp}/o"], 1, "is an optimizer, not a module"),
+        (["export", "{ckpt}", "--object", "opt", "{tmp}/o"], 1, "is an optimizer, not a module or a dict of tensors"),
         (["ls", "/definitely/not/here"], 1, "Error: /definitely/not/here is not a directory."),
         (["inspect"], 2, "usage: torchckpt inspect"),
         (["frobnicate"], 2, "invalid choice"),

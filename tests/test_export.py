@@ -77,6 +77,31 @@ def test_a_folder_holding_only_someones_config_is_never_replaced(tmp_path, capsy
     assert os.listdir(out) == ["config.json"] and json.loads((out / "config.json").read_text()) == {"hand": "written"}
 
 
+def test_a_converted_folder_exports_again_as_the_folder_it_was(tmp_path):
+    weights = {"transformer.wte.weight": torch.randn(5, 3), "transformer.h.0.mlp.bias": torch.randn(3)}
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    from safetensors.torch import save_file
+
+    save_file(weights, folder / "model.safetensors")
+    converted = torchckpt.convert(folder, tmp_path / "c")  # top-level names are the tensors: no module to name
+    assert main(["export", converted, str(tmp_path / "again")]) == 0  # no --object: every tensor, by its name
+    back = load_file(tmp_path / "again" / "model.safetensors")
+    assert back.keys() == weights.keys() and all(torch.equal(back[k], v) for k, v in weights.items())
+
+
+def test_a_dict_of_tensors_and_a_module_tracked_twice_export(tmp_path):
+    model = make_mlp(1)
+    state = torchckpt.save_state({"model": model.state_dict(), "epoch": 3}, tmp_path / "s")
+    assert main(["export", state, "--object", "model", str(tmp_path / "d")]) == 0
+    fresh = make_mlp(0)
+    fresh.load_state_dict(exported_state(tmp_path / "d"), strict=True)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+    twice = torchckpt.Checkpoint(a=model, b=model).write(tmp_path / "t")  # b's tensors are stored as a's
+    assert main(["export", twice, "--object", "b", str(tmp_path / "b")]) == 0
+    assert exported_state(tmp_path / "b").keys() == model.state_dict().keys()
+
+
 def test_config_is_copied(tmp_path):
     path = torchckpt.Checkpoint(model=make_mlp(1)).write(tmp_path / "c")
     (tmp_path / "config.json").write_text('{"model_type": "mlp"}')

@@ -428,7 +428,8 @@ def _add_writing_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
     p = _command(sub, "export", "write one module's weights as a Hugging Face safetensors folder",
                  "torchckpt export runs/gan --object generator exported/ --config config.json", [progress, remote])
     p.add_argument("path", help="the checkpoint to export from (any path inspect takes)")
-    p.add_argument("--object", required=True, metavar="NAME", help="the tracked module to export")
+    p.add_argument("--object", metavar="NAME", help="the tracked module (or dict of tensors) to export; without "
+                                                    "it, every tensor (a checkpoint of a state dict: convert's)")
     p.add_argument("out", help="output folder, a path or a URL (replaced as a whole; atomically on a local disk)")
     _add_max_shard_size(p)
     p.add_argument("--config", metavar="FILE", help="a config.json to copy into the folder (for from_pretrained)")

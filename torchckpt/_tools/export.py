@@ -1,10 +1,13 @@
-"""Export one tracked module's weights as a standard Hugging Face safetensors folder.
+"""Export one tracked module's weights (or a state dict's) as a standard Hugging Face safetensors folder.
 
 What ``from_pretrained`` needs, and ``save_pretrained`` writes: names relative to the module, with
 DDP's ``module.`` and ``torch.compile``'s ``_orig_mod.`` prefixes stripped (as a restore matches
 them); tied weights written once, under their first name (the model ties the others again when it
 loads); ``model.safetensors`` or shards plus ``model.safetensors.index.json``; and, given one, the
-model's ``config.json``.
+model's ``config.json``. A checkpoint that holds a state dict rather than a module (one written by
+``torchckpt convert`` or ``save_state``) exports a tracked dict of tensors by its name, or, with no
+object named, every tensor under its own name: a Hugging Face folder converted and exported again
+is the folder it was.
 
 On a local filesystem the folder is written as a temporary sibling and swapped into place in one
 step, so a re-export never leaves a stale shard or index of an earlier one behind; on an object
@@ -37,10 +40,11 @@ _EXPORT_FILES = (HF_INDEX, HF_CONFIG)  # with model*.safetensors: what an existi
 _CONFIG_LIMIT = 64 * 2**20  # the largest config.json copied into the folder
 
 
-def export_module(reader: CheckpointReader, obj: str, out: str, storage: Storage,
+def export_module(reader: CheckpointReader, obj: str | None, out: str, storage: Storage,
                   max_shard_size: int | str = spec.DEFAULT_MAX_SHARD_SIZE, progress: bool | None = None,
                   config: Callable[[int], bytes] | None = None) -> list[str]:
-    """Write the module ``obj`` of the checkpoint ``reader`` reads to the folder ``out``; returns the files written.
+    """Write the module ``obj`` of the checkpoint ``reader`` reads to the folder ``out`` (a tracked
+    dict of tensors too; None: every tensor of the checkpoint); returns the files written.
 
     ``module.load_state_dict(safetensors.torch.load_file(...), strict=False)`` and Hugging Face's
     ``from_pretrained(out)`` load the result (tied names are written once, as ``save_pretrained``
@@ -70,7 +74,7 @@ def export_module(reader: CheckpointReader, obj: str, out: str, storage: Storage
     try:
         sizes: dict[str, int] = {}
         weight_map: dict[str, str] = {}
-        with progress_bar(sum(reader.nbytes(n) for n in names), f"export {obj}", progress) as bar:
+        with progress_bar(sum(reader.nbytes(n) for n in names), f"export {obj or ''}".rstrip(), progress) as bar:
             for file, group in zip(files, groups):
                 entries = [(local[n], dtypes[n], tuple(shapes[n]), reader.nbytes(n)) for n in group]
                 record, _ = save_write.stream_shard(stage, file, entries, group, reader.iter_bytes, bar.update)
@@ -91,27 +95,33 @@ def export_module(reader: CheckpointReader, obj: str, out: str, storage: Storage
     return files
 
 
-def _module_tensors(reader: CheckpointReader, path: str, obj: str) -> list[str]:
-    """The stored tensors of module ``obj``, in the checkpoint's order; tied names only once."""
+def _module_tensors(reader: CheckpointReader, path: str, obj: str | None) -> list[str]:
+    """The stored tensors of ``obj`` (a module, or a dict of tensors; None: the whole checkpoint), in
+    the checkpoint's order; a name tied to another of them only once (the model ties it again), one
+    tied to a tensor outside them under its own name (a module tracked twice)."""
     if reader.kind != "torchckpt":
         raise CheckpointError(f"{path} is not a torchckpt checkpoint; it is already plain safetensors.")
-    objects = reader.metadata.get("objects", {})
-    if obj not in objects:
-        raise CheckpointError(f"{path} has no object {obj!r}; it has: {', '.join(objects) or 'nothing'}.")
-    if objects[obj] != "module":
-        raise CheckpointError(f"{obj!r} in {path} is {a_or_an(str(objects[obj]))}, not a module; only modules can "
-                              "be exported.")
-    prefix = keypath.escape_part(obj) + keypath.SEP
+    prefix = ""
+    if obj is not None:
+        objects = reader.metadata.get("objects", {})
+        if obj not in objects:
+            raise CheckpointError(f"{path} has no object {obj!r}; it has: {', '.join(objects) or 'nothing'}.")
+        if objects[obj] not in ("module", "container"):
+            raise CheckpointError(f"{obj!r} in {path} is {a_or_an(str(objects[obj]))}, not a module or a dict of "
+                                  "tensors; name one of those, or no object to export every tensor.")
+        prefix = keypath.escape_part(obj) + keypath.SEP
     aliases = reader.aliases
-    names = [n for n in reader.get_variable_to_shape_map() if n.startswith(prefix) and n not in aliases]
+    names = [n for n in reader.get_variable_to_shape_map()
+             if n.startswith(prefix) and not (n in aliases and aliases[n].startswith(prefix))]
     if not names:
-        raise CheckpointError(f"Module {obj!r} in {path} has no tensors to export.")
+        raise CheckpointError(f"{obj!r} in {path} has no tensors to export." if obj is not None else
+                              f"{path} has no tensors to export.")
     return names
 
 
-def _local_names(reader: CheckpointReader, obj: str, names: list[str]) -> dict[str, str]:
+def _local_names(reader: CheckpointReader, obj: str | None, names: list[str]) -> dict[str, str]:
     """Checkpoint name -> the module's own state-dict key, prefixes stripped; collisions refused."""
-    prefix = len(keypath.escape_part(obj) + keypath.SEP)
+    prefix = len(keypath.escape_part(obj) + keypath.SEP) if obj is not None else 0
     local = {n: keypath.canonical_module_key(keypath.unescape_part(n[prefix:])) for n in names}
     seen: dict[str, str] = {}
     for name, key in local.items():
