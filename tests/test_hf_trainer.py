@@ -72,6 +72,28 @@ def test_each_save_the_trainer_decides_is_a_managed_checkpoint_and_nothing_is_pi
     assert state["trainer_state"]["global_step"] == STEPS and state["trainer_state"]["max_steps"] == STEPS
 
 
+def test_the_trainers_save_total_limit_is_the_retention_unless_max_to_keep_is_given(tmp_path, config):
+    callback = TorchckptCallback(tmp_path / "runs")
+    trainer_for(tmp_path, config, 3 * SAVE_EVERY, [callback], save_total_limit=2).train()
+    assert [p.rsplit("/", 1)[1] for p in callback.manager.checkpoints] == [f"ckpt-{2 * SAVE_EVERY}",
+                                                                           f"ckpt-{3 * SAVE_EVERY}"]
+
+
+def test_load_best_model_at_end_without_the_trainers_folders_is_refused_before_training(tmp_path, config):
+    callback = TorchckptCallback(tmp_path / "runs")
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "hf"), max_steps=SAVE_EVERY, per_device_train_batch_size=4, save_steps=SAVE_EVERY,
+        eval_strategy="steps", eval_steps=SAVE_EVERY, load_best_model_at_end=True, metric_for_best_model="loss",
+        report_to=[], use_cpu=True, disable_tqdm=True)
+    trainer = transformers.Trainer(model=transformers.GPT2LMHeadModel(config), args=args,
+                                   train_dataset=hf_trainer_job.Tokens(), eval_dataset=hf_trainer_job.Tokens(),
+                                   callbacks=[callback])
+    with pytest.raises(ValueError, match=r"load_best_model_at_end=True needs the Trainer's own checkpoint folders.*"
+                                         r"Pass keep_hf_checkpoints=True"):
+        trainer.train()
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").glob("ckpt-*"))
+
+
 def test_keep_hf_checkpoints_lets_the_trainer_write_its_own_as_well(tmp_path, config):
     trained(tmp_path, config, SAVE_EVERY, keep_hf_checkpoints=True)
     assert (tmp_path / "hf" / f"checkpoint-{SAVE_EVERY}").is_dir()

@@ -121,7 +121,8 @@ class TorchckptCallback(TrainerCallback):
         directory: the manager's directory (a local path or an fsspec URL).
         keep_hf_checkpoints: also let the Trainer write its own ``checkpoint-N`` folders.
         **manager_options: passed to :class:`CheckpointManager` (``max_to_keep``, ``async_save``,
-            ``keep_checkpoint_every_n_hours``, ``storage_options``, ``timeout_secs``...).
+            ``keep_checkpoint_every_n_hours``, ``storage_options``, ``timeout_secs``...). Without
+            ``max_to_keep``, the Trainer's ``save_total_limit`` applies (None: every checkpoint kept).
 
     Example:
         >>> callback = TorchckptCallback("runs/gpt2", max_to_keep=3)  # doctest: +SKIP
@@ -228,11 +229,19 @@ class TorchckptCallback(TrainerCallback):
         if missing:
             raise ValueError(f"TorchckptCallback: the Trainer passed no {', '.join(missing)} to on_train_begin; this "
                              "callback needs transformers' Trainer (or a subclass that passes them to its callbacks).")
+        if args.load_best_model_at_end and not self.keep_hf_checkpoints:  # the Trainer finds it among its own folders
+            raise ValueError(
+                "TorchckptCallback: load_best_model_at_end=True needs the Trainer's own checkpoint folders, which this "
+                "callback replaces: the Trainer would end with the last weights and say nothing. Pass "
+                "keep_hf_checkpoints=True (the Trainer then writes its folders too), or set "
+                "load_best_model_at_end=False.")
         if self._resume is not None:
             self._check_position(state)
         ckpt = Checkpoint(model=kwargs["model"], optimizer=kwargs["optimizer"], lr_scheduler=kwargs["lr_scheduler"],
                           rng=RNGState(), trainer_state=_plain_state(state))
-        self.manager = CheckpointManager(ckpt, self.directory, **self._options)
+        options = dict(self._options)
+        options.setdefault("max_to_keep", args.save_total_limit)  # the Trainer's own retention, unless told otherwise
+        self.manager = CheckpointManager(ckpt, self.directory, **options)
         if self._resume is not None:
             try:
                 self._restore(args, state, kwargs.get("train_dataloader"))
