@@ -56,3 +56,24 @@ def test_a_run_killed_under_accelerate_launch_resumes_bit_exact(tmp_path):
         assert resumed_info["seen"] == tail  # the same batches, from mid-epoch on
         assert resumed_info["lr"] == whole_info["lr"] and resumed_info["step"] == whole_info["step"]
     assert result(tmp_path, "whole", 0)[1]["seen"] != result(tmp_path, "whole", 1)[1]["seen"]  # each rank its share
+
+
+@pytest.mark.slow  # 2 processes of 4-6 s; CI runs it with the slow set
+def test_a_run_with_gradient_accumulation_resumes_bit_exact(tmp_path):
+    def run(mode: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, str(ROOT / "tests" / "jobs" / "accelerate_job.py"), str(tmp_path), mode,
+                               "2"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+
+    first = run("first")
+    assert first.returncode == -9, first.stderr[-3000:]  # killed at step 9, between two saves
+    resumed = run("resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    whole, whole_info = result(tmp_path, "whole", 0)
+    back, back_info = result(tmp_path, "resumed", 0)
+    assert back_info["restored_step"] == 6  # saves only where a window of 2 batches ends: 2, 6 (interval 3)
+    assert whole.keys() == back.keys() and any(k.startswith("opt/") for k in whole)
+    for key in whole:
+        assert torch.equal(whole[key], back[key]), key
+    assert back_info["seen"] == whole_info["seen"][6:] and back_info["lr"] == whole_info["lr"]
+

@@ -10,7 +10,9 @@ the CPU with gloo. ``accelerate launch --cpu --num_processes 2`` starts only one
 ``mpirun``. MODE is ``first``: each rank trains the uninterrupted run into ``DIR/whole``, then the
 run to interrupt into ``DIR/run``, which SIGKILLs itself at step ``KILL_AT``, between two saves; or
 ``resume``: each rank resumes ``DIR/run`` from its latest checkpoint and trains to the end. Each run
-writes what it ends with to ``DIR/<whole|resumed>-rank<r>.safetensors`` and ``.json``.
+writes what it ends with to ``DIR/<whole|resumed>-rank<r>.safetensors`` and ``.json``. A third
+argument sets Accelerate's gradient accumulation (``accelerator.accumulate``); run as one process
+(``python tests/jobs/accelerate_job.py DIR MODE 2``) it needs no launcher.
 """
 
 from __future__ import annotations
@@ -60,17 +62,20 @@ def train(accelerator: Accelerator, directory: Path, kill_at: int | None = None)
     restored_step = int(step)
     seen: list[list[int]] = []
     epoch, done = divmod(int(step), len(loader))  # where the data stands
+    accelerator.step = done  # the batches of this epoch seen: where gradient accumulation stands
     while epoch < EPOCHS:
         loader.set_epoch(epoch)  # the shuffle of each epoch depends on the epoch alone (seedable sampler)
         for index, x, y in accelerator.skip_first_batches(loader, done):
-            loss = torch.nn.functional.mse_loss(model(x), y)
-            accelerator.backward(loss)
-            opt.step()
-            sched.step()
-            opt.zero_grad()
+            with accelerator.accumulate(model):
+                loss = torch.nn.functional.mse_loss(model(x), y)
+                accelerator.backward(loss)
+                opt.step()
+                sched.step()
+                opt.zero_grad()
             step += 1
             seen.append([int(step), *index.tolist()])
-            manager.save()
+            if accelerator.sync_gradients:  # at the end of an accumulation window: no gradient held
+                manager.save()
             if int(step) == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
         epoch, done = epoch + 1, 0
@@ -89,9 +94,9 @@ def record(directory: Path, name: str, rank: int, result: dict[str, Any]) -> Non
     (directory / f"{name}-rank{rank}.json").write_text(json.dumps(result))
 
 
-def main(directory: Path, mode: str) -> None:
-    accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
-                                                                                  data_seed=7))
+def main(directory: Path, mode: str, accumulation: int = 1) -> None:
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation,
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=7))
     rank = accelerator.process_index
     if mode == "first":
         record(directory, "whole", rank, train(accelerator, directory / "whole"))
@@ -102,4 +107,4 @@ def main(directory: Path, mode: str) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2])
+    main(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 1)
