@@ -102,11 +102,17 @@ def test_a_dict_of_tensors_and_a_module_tracked_twice_export(tmp_path):
     assert exported_state(tmp_path / "b").keys() == model.state_dict().keys()
 
 
-def test_config_is_copied(tmp_path):
+def test_config_is_copied_once_it_is_a_json_object(tmp_path, capsys):
     path = torchckpt.Checkpoint(model=make_mlp(1)).write(tmp_path / "c")
     (tmp_path / "config.json").write_text('{"model_type": "mlp"}')
     assert main(["export", path, "--object", "model", str(tmp_path / "out"), "--config", str(tmp_path / "config.json")]) == 0
     assert json.loads((tmp_path / "out" / "config.json").read_text()) == {"model_type": "mlp"}
+    for bad, message in (("{", "is not valid JSON"), ("[1, 2]", "holds a JSON list, not an object")):
+        (tmp_path / "bad.json").write_text(bad)
+        assert main(["export", path, "--object", "model", str(tmp_path / "out"), "--config",
+                     str(tmp_path / "bad.json")]) == 1
+        assert message in capsys.readouterr().err
+        assert json.loads((tmp_path / "out" / "config.json").read_text()) == {"model_type": "mlp"}  # left as it was
 
 
 @pytest.fixture

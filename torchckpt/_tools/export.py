@@ -69,7 +69,7 @@ def export_module(reader: CheckpointReader, obj: str | None, out: str, storage: 
     single = len(groups) == 1
     files = [HF_SINGLE] if single else [spec.shard_name(i, len(groups)) for i in range(1, len(groups) + 1)]
     _check_replaceable(out, storage)
-    config_bytes = config(_CONFIG_LIMIT) if config is not None else None
+    config_bytes = _checked_config(config(_CONFIG_LIMIT)) if config is not None else None
     stage = storage.stage(out, replace=True)
     try:
         sizes: dict[str, int] = {}
@@ -93,6 +93,19 @@ def export_module(reader: CheckpointReader, obj: str | None, out: str, storage: 
         stage.discard()
         raise
     return files
+
+
+def _checked_config(data: bytes) -> bytes:
+    """The ``config.json`` bytes, once they are a JSON object: ``from_pretrained`` reads nothing else,
+    and a wrong file (a tokenizer's, a truncated one) would otherwise surface only when it loads."""
+    try:
+        value = json.loads(data)
+    except ValueError as e:  # JSONDecodeError, and bytes that are not UTF-8
+        raise CheckpointError(f"The --config file is not valid JSON ({e}); pass the model's config.json.") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"The --config file holds a JSON {type(value).__name__}, not an object; pass the "
+                              "model's config.json.")
+    return data
 
 
 def _module_tensors(reader: CheckpointReader, path: str, obj: str | None) -> list[str]:
