@@ -9,6 +9,8 @@ other. The reader (``torchckpt.reader``) builds its view from what these return.
 
 from __future__ import annotations
 
+import functools
+
 from torchckpt._format import document as format_document
 from torchckpt._format import spec as format_spec
 from torchckpt._format.dtypes import TensorInfo
@@ -49,12 +51,13 @@ def classify_path(path: str, storage: Storage) -> tuple[str, str]:
         names = storage.list_names(path)
         unfinished = history_members.unfinished_error(path, names)
 
-        def is_plain() -> bool:  # no save under way, no checkpoints: a folder of weights, not a run
+        @functools.cache
+        def is_plain() -> bool:  # no save under way, no checkpoints: a folder of weights, not a run (asked once)
             return unfinished is None and not history_members.committed_members(path, None, storage)
 
         if HF_SINGLE in names and is_plain():  # as from_pretrained: the single file wins over an index
             return "safetensors", join(path, HF_SINGLE)
-        hf = hf_index_in(path, storage)
+        hf = hf_index_in(path, names)
         if hf is not None:
             return "huggingface", hf
         singles = sorted(n for n in names if n.endswith(format_spec.SHARD_SUFFIX))
@@ -80,9 +83,10 @@ def headers(storage: Storage, file: str) -> list[TensorInfo]:
     return sorted(infos, key=lambda t: t.start)
 
 
-def hf_index_in(directory: str, storage: Storage) -> str | None:
-    """The Hugging Face index of ``directory``, if it holds one (several are refused: which to read?)."""
-    found = sorted(n for n in storage.list_names(directory) if n.endswith(HF_INDEX_SUFFIX))
+def hf_index_in(directory: str, names: list[str]) -> str | None:
+    """The Hugging Face index among ``directory``'s ``names``, if it holds one (several are refused:
+    which to read?)."""
+    found = sorted(n for n in names if n.endswith(HF_INDEX_SUFFIX))
     if len(found) > 1:
         raise CorruptCheckpointError(
             f"{directory} holds several Hugging Face indexes ({', '.join(found)}); pass the one to read.", directory
