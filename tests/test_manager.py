@@ -211,6 +211,16 @@ def test_custom_numbering(tmp_path):
         manager.save(checkpoint_number=-1)
 
 
+def test_plain_save_after_a_higher_explicit_number_continues_past_it(tmp_path):
+    # numbers only grow: the README's example (TensorFlow would write ckpt-8, its counter)
+    manager = CheckpointManager(ckpt(), tmp_path, max_to_keep=None)
+    for _ in range(6):
+        manager.save()
+    assert manager.save(checkpoint_number=9).endswith("ckpt-9")
+    assert manager.save().endswith("ckpt-10")
+    assert manager.checkpoint.save_counter == 10
+
+
 def test_custom_checkpoint_name(tmp_path):
     checkpoint = ckpt()
     manager = CheckpointManager(checkpoint, tmp_path, max_to_keep=2, checkpoint_name="ckpt_name")
