@@ -192,6 +192,23 @@ def test_unmanaged_save_into_a_managed_directory_is_adopted_as_latest_but_never_
     assert exists(side)
 
 
+def test_a_state_file_listing_checkpoints_no_manager_wrote_never_gets_them_deleted(tmp_path):
+    # a state file is a file like any other (a downloaded run, a shared bucket): one that lists
+    # Checkpoint.save's checkpoints as kept must not make retention delete them
+    checkpoint = ckpt()
+    first, second = checkpoint.save(tmp_path / "ckpt"), checkpoint.save(tmp_path / "ckpt")
+    forged = history_state.State(latest="ckpt-2", checkpoints=[Entry("ckpt-1", 1.8e9), Entry("ckpt-2", 1.8e9 + 1)],
+                                 last_preserved_timestamp=1.0)
+    (tmp_path / "checkpoints.json").write_bytes(forged.to_bytes())
+    manager = CheckpointManager(ckpt(), tmp_path, max_to_keep=1)
+    with pytest.warns(UserWarning, match=r"ckpt-[12] was not deleted: the state file listed it as a kept checkpoint, "
+                                         r"but its index does not say that a manager with checkpoint_name='ckpt' "
+                                         r"wrote it") as record:
+        third = manager.save()
+    assert len([w for w in record if "was not deleted" in str(w.message)]) == 2
+    assert exists(first) and exists(second) and manager.checkpoints == [third]
+
+
 def test_custom_numbering(tmp_path):
     step = torch.tensor(0, dtype=torch.int64)
     checkpoint = torchckpt.Checkpoint(step=step)
@@ -467,3 +484,23 @@ def test_state_file_names_are_relative(tmp_path):
     state = state_of(tmp_path)
     assert state["latest"] == "ckpt-1" and state["checkpoints"][0]["name"] == "ckpt-1"
     assert history_state.read_state(str(tmp_path), LOCAL).latest == "ckpt-1"
+
+
+def test_a_state_file_that_cannot_be_written_is_a_write_error_saying_the_checkpoint_is_committed(tmp_path):
+    (tmp_path / "checkpoints.json").mkdir()  # the state file's name taken: its replacement fails
+    with pytest.warns(UserWarning, match="the state file is damaged"):
+        manager = CheckpointManager(ckpt(), tmp_path, max_to_keep=2)
+    message = (r"Checkpoint .*ckpt-1 is committed, but the directory's state file .*checkpoints.json could not be "
+               r"written \(a directory has its name\), so the history does not name it yet")
+    with pytest.raises(torchckpt.CheckpointWriteError, match=message) as info:
+        manager.save()
+    assert info.value.path == str(tmp_path) and info.value.errno is not None
+    torchckpt.Checkpoint(v=torch.tensor(0.0)).restore(tmp_path / "ckpt-1").assert_consumed()
+    (tmp_path / "plain" / "checkpoints.json").mkdir(parents=True)
+    with pytest.raises(torchckpt.CheckpointWriteError, match=message):  # Checkpoint.save records its latest too
+        torchckpt.Checkpoint(v=torch.tensor(1.0)).save(tmp_path / "plain" / "ckpt")
+    assert exists(str(tmp_path / "plain" / "ckpt-1"))
+    (tmp_path / "checkpoints.json").rmdir()
+    second = manager.save()  # the next save records both
+    assert manager.checkpoints == [str(tmp_path / "ckpt-1"), second]
+    assert [e["name"] for e in state_of(tmp_path)["checkpoints"]] == ["ckpt-1", "ckpt-2"]

@@ -34,14 +34,14 @@ from torchckpt._tools import sharing as tool_sharing
 from torchckpt._tools.diff import ABSENT
 from torchckpt._tools.verify import verify
 from torchckpt._version import __version__
-from torchckpt.errors import CheckpointDeletedError, CheckpointError, plural
+from torchckpt.errors import CheckpointDeletedError, CheckpointError, plural, printable
 from torchckpt.reader import CheckpointReader, load_checkpoint
 
 
 def human_bytes(n: float) -> str:
     """``1536`` -> ``"1.5 KiB"``."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
@@ -67,11 +67,10 @@ def _dtype(name: str) -> str:
 
 
 def _table(rows: list[list[str]], header: list[str], right: set[int]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = []
-    for row in [header, *rows]:
-        cells = [str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
-        lines.append("  ".join(cells).rstrip())
+    rows = [[printable(str(c)) for c in row] for row in [header, *rows]]  # names from the files: one line each
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+             for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -130,7 +129,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(_json(out))
         return 0
     if reader.storage.real_path(reader.path) != reader.storage.real_path(args.path):
-        print(f"checkpoint: {reader.path}\n")  # a manager's directory: say which of its checkpoints this is
+        print(f"checkpoint: {printable(reader.path)}\n")  # a manager's directory: say which of its checkpoints this is
     if sharded:
         table = [[r["name"], r["dtype"], str(r["shape"]), human_bytes(r["bytes"]), str(r["chunks"]), r["shard"]]
                  for r in rows]
@@ -152,7 +151,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         created = datetime.datetime.fromtimestamp(meta["created"]).isoformat(" ", "seconds") if meta.get("created") else "?"
         print(f"format {meta['format_version']}, written {created} by torchckpt {meta['torchckpt_version']}, "
               f"torch {meta['torch_version']}")
-        objects = ", ".join(f"{k} ({v})" for k, v in meta.get("objects", {}).items())
+        objects = printable(", ".join(f"{k} ({v})" for k, v in meta.get("objects", {}).items()))
         if objects:
             print(f"objects: {objects}")
         if meta.get("metrics"):
@@ -171,7 +170,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     try:
         state = history_state.read_state(directory, storage) or history_state.State()
     except history_state.StateFileError as e:
-        print(f"warning: {e}; listing the checkpoints on disk", file=sys.stderr)
+        print(f"warning: {printable(str(e))}; listing the checkpoints on disk", file=sys.stderr)
         state = history_state.State()
     members = history_members.committed_members(directory, None, storage)
     kept = {e.name: e for e in state.checkpoints}
@@ -195,7 +194,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
             continue  # deleted since the listing (a run's retention): no longer there to list
         except CheckpointError as e:  # one damaged checkpoint is shown as such; the others are still listed
             meta, own, problem = {}, None, str(e)
-            print(f"warning: {name} is damaged: {problem}", file=sys.stderr)
+            print(f"warning: {printable(name)} is damaged: {printable(problem)}", file=sys.stderr)
         else:
             problem = state.damaged.get(name)  # found damaged by a manager's restore (its data, not its index)
         ts = entry.timestamp if entry and entry.timestamp is not None else meta.get("created")
@@ -267,19 +266,19 @@ def cmd_diff(args: argparse.Namespace) -> int:
         }))
         return 1 if args.exit_code and differ else 0
     for name in added:
-        print(f"+ {name}  {_dtype(db[name])} {list(sb[name])}")
+        print(f"+ {printable(name)}  {_dtype(db[name])} {list(sb[name])}")
     for name in removed:
-        print(f"- {name}  {_dtype(da[name])} {list(sa[name])}")
+        print(f"- {printable(name)}  {_dtype(da[name])} {list(sa[name])}")
     for name in reshaped:
-        print(f"~ {name}  shape {list(sa[name])} -> {list(sb[name])}")
+        print(f"~ {printable(name)}  shape {list(sa[name])} -> {list(sb[name])}")
     for name in retyped:
-        print(f"~ {name}  dtype {_dtype(da[name])} -> {_dtype(db[name])}")
+        print(f"~ {printable(name)}  dtype {_dtype(da[name])} -> {_dtype(db[name])}")
     for key in changed:
-        print(f"~ {key}  {tool_diff.render(va.get(key, ABSENT))} -> {tool_diff.render(vb.get(key, ABSENT))}")
+        print(f"~ {printable(key)}  {tool_diff.render(va.get(key, ABSENT))} -> {tool_diff.render(vb.get(key, ABSENT))}")
     if args.values:
         differing = {n: v for n, v in values.items() if v.elements}
         for name, value in sorted(differing.items()):
-            print(f"≠ {name}  {plural(value.elements, 'element')} {'differs' if value.elements == 1 else 'differ'}, "
+            print(f"≠ {printable(name)}  {plural(value.elements, 'element')} {'differs' if value.elements == 1 else 'differ'}, "
                   f"max |a-b| = {value.max_abs:.6g}")
         print(f"{len(differing)} of {plural(len(values), 'comparable tensor')} differ in value")
     print(f"{len(added)} added, {len(removed)} removed, {len(reshaped)} reshaped, {len(retyped)} retyped, "
@@ -295,7 +294,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     problems = verify(reader, args.progress)
     if problems:
         for problem in problems[:20]:
-            print(f"Error: {problem}", file=sys.stderr)
+            print(f"Error: {printable(problem)}", file=sys.stderr)
         if len(problems) > 20:
             print(f"Error: ... and {len(problems) - 20} more problems", file=sys.stderr)
         return 1
@@ -485,7 +484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. piped into head
         return 0
     except (CheckpointError, OSError, ValueError) as e:
-        print(f"Error: {e}", file=sys.stderr)
+        print(f"Error: {printable(str(e))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("Error: interrupted", file=sys.stderr)

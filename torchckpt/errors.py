@@ -89,7 +89,9 @@ class CorruptCheckpointError(CheckpointError, ValueError):
 
 class CheckpointWriteError(CheckpointError, OSError):
     """A checkpoint could not be written: a read-only file system, a full disk, a parent path that
-    is a file. Nothing was committed, and the previous checkpoints are intact.
+    is a file. Nothing was committed, and the previous checkpoints are intact; except when only the
+    directory's state file could not be written once the checkpoint was committed: the message
+    then says that the checkpoint is committed (the next save, or a new manager, records it).
 
     It is an ``OSError`` too, with ``errno`` and ``filename`` (the file the system refused), so
     ``except OSError`` and ``e.errno == errno.ENOSPC`` keep working.
@@ -247,6 +249,16 @@ def short_repr(value: Any, limit: int = 80) -> str:
     """``repr(value)`` cut to ``limit`` characters: a value from an untrusted file, in a message."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def printable(text: str) -> str:
+    """``text`` with each character a terminal would act on (an escape sequence's ESC, a line break,
+    a carriage return, any other control or format character) written as its Python escape: a name
+    from an untrusted file, shown on one line as it is stored, never recolouring or clearing the
+    screen or forging a line of output."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def a_or_an(word: str) -> str:

@@ -340,7 +340,7 @@ class CheckpointManager:
         """Once the checkpoint is committed (rank 0): record it and apply retention; returns the
         history for the other ranks."""
         for old in self._ledger.record(name, metrics, _clock.now(), self._max_to_keep, self._keep_every_n_hours):
-            self._delete(old)
+            self._ledger.retire(old)
         return self._ledger.mirror(self._read_only) if self._coord.is_collective else None
 
     def _propose(self, checkpoint_number: Any, check_interval: bool, metrics: Any) -> dict[str, Any]:
@@ -390,12 +390,6 @@ class CheckpointManager:
                 stacklevel=6,  # save()'s caller: through _propose, agree_all's work and save
             )
         return out or None
-
-    def _delete(self, name: str) -> None:
-        path = join(self._directory, name)
-        if history_members.number_of(name, self._name) is None or not self._storage.is_dir(path):
-            return
-        self._storage.delete_checkpoint(path)  # un-committed at once (renamed, or its index deleted first)
 
     def wait_until_finished(self) -> None:
         """Block until the save in flight is durable; raise its failure, if any."""

@@ -242,9 +242,10 @@ def parse_shape_key(text: Any, where: str) -> tuple[int, ...]:
 
 def check_shape(shape: Sequence[int], where: str, itemsize: int = 16) -> None:
     """Refuse a shape whose dimensions, element count or byte size no real tensor has (they
-    would wrap around in ``torch.Size.numel()``)."""
+    would wrap around in ``torch.Size.numel()``). A zero dimension does not end the count: the
+    other dimensions still make the strides, which overflow as well (``[0, 2**62, 2**62]``)."""
     total = itemsize
     for d in shape:
-        total *= d
+        total *= d or 1
         if d > MAX_DIM or total > MAX_DIM:
             raise CorruptCheckpointError(f"Shape {list(shape)} {where} is larger than any tensor can be.")

@@ -137,7 +137,7 @@ def _tensor_info(path: str, file_name: str, name: str, entry: Any, data_start: i
     shape, offsets = entry.get("shape"), entry.get("data_offsets")
     if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
         raise CorruptCheckpointError(f"Malformed shape {short_repr(shape)}{where}.", path)
-    check_shape(shape, where, ITEMSIZES[dtype])
+    check_shape(shape, where.lstrip(), ITEMSIZES[dtype])
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and 0 <= o <= MAX_DIM for o in offsets)):
         raise CorruptCheckpointError(f"Malformed data_offsets {short_repr(offsets)}{where}.", path)
     begin, end = offsets

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from torchckpt._format import plain
@@ -376,7 +376,10 @@ def decode(node: Any, trie: Trie | str | None, resolve: Callable[[str], Any], pa
         raise _corrupt(path, "a tensor is stored where the state tree has a plain value")
     if isinstance(node, list):
         sub = trie or {}
-        return [decode(v, sub.get(str(i)), resolve, join(path, str(i)), depth) for i, v in enumerate(node)]
+        items = [decode(v, sub.get(str(i)), resolve, join(path, str(i)), depth) for i, v in enumerate(node)]
+        if sub:
+            _all_placed(sub, map(str, range(len(node))), path)
+        return items
     if trie:
         raise _corrupt(path, "tensors are stored under a plain value")
     if node is None or isinstance(node, (bool, int, float, str)):
@@ -444,10 +447,14 @@ def _decode_tagged(tag: str, payload: Any, trie: Trie | str | None, resolve: Cal
         return float(payload)
     if tag == "@tuple" and isinstance(payload, list):
         sub = trie or {}
-        return tuple(decode(v, sub.get(str(i)), resolve, join(path, str(i)), depth) for i, v in enumerate(payload))
+        items = tuple(decode(v, sub.get(str(i)), resolve, join(path, str(i)), depth) for i, v in enumerate(payload))
+        if sub:
+            _all_placed(sub, map(str, range(len(payload))), path)
+        return items
     if tag in _DICT_TYPES and isinstance(payload, list):
         sub = trie or {}
         out: dict[Any, Any] = _DICT_TYPES[tag]()
+        parts: list[str] = []
         for pair in payload:
             if not (isinstance(pair, list) and len(pair) == 2):
                 raise _corrupt(path, "@dict entries must be [key, value] pairs")
@@ -457,10 +464,13 @@ def _decode_tagged(tag: str, payload: Any, trie: Trie | str | None, resolve: Cal
             except TypeError:
                 raise _corrupt(path, f"a dict key of type {type(key).__name__} cannot be a key") from None
             part = key_part(key)
+            parts.append(part)
             item = decode(pair[1], sub.get(part), resolve, join(path, part), depth)
             if tag == "@counter" and type(item) not in (int, float, bool):
                 raise _corrupt(path, "a Counter's values must be numbers")
             out[key] = item
+        if sub:
+            _all_placed(sub, parts, path)
         return out
     if trie:
         raise _corrupt(path, "tensors are stored under a plain value")
@@ -480,6 +490,15 @@ def _decode_tagged(tag: str, payload: Any, trie: Trie | str | None, resolve: Cal
         except (RuntimeError, ValueError, TypeError):
             pass
     raise _corrupt(path, f"bad tagged value {tag!r}")
+
+
+def _all_placed(sub: Trie, parts: Iterable[str], path: str) -> None:
+    """Refuse tensors stored below ``path`` at a position its container lacks (an index past a
+    list's end, a key no ``@dict`` pair has): decoding would drop them without a word, where a plain
+    dict's missing key is refused as it is met."""
+    unplaced = set(sub).difference(parts)
+    if unplaced:
+        raise _corrupt(join(path, min(unplaced)), "tensors are stored under a key the state tree lacks")
 
 
 def _corrupt(path: str, what: str) -> CorruptCheckpointError:

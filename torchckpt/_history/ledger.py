@@ -11,10 +11,12 @@ the ledger records, and applies the pure retention policy to what it records.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
+from torchckpt._history import members as history_members
 from torchckpt._history import state as history_state
-from torchckpt._history.recover import Ranking, read_disk, recover
+from torchckpt._history.recover import Ranking, managed_entry, read_disk, recover
 from torchckpt._history.retention import best_entries, plan_retention
 from torchckpt._history.state import Entry, State
 from torchckpt._paths import join
@@ -40,6 +42,7 @@ class Ledger:
         self.last_preserved_timestamp = 0.0
         self.damaged: dict[str, str] = {}
         self._token: Any = None  # the state file's version, for a write conditional on it
+        self._recorded: set[str] = set()  # checkpoints this ledger recorded as committed: this manager's own
 
     def load(self, now: float, best_mode: str | None) -> list[str]:
         """Recover the history from the state file and the directory; returns the warnings about
@@ -111,6 +114,7 @@ class Ledger:
         self.kept = [e for e in self.kept if e.name != name]
         self.preserved = [e for e in self.preserved if e.name != name]
         self.kept.append(Entry(name, now, metrics))
+        self._recorded.add(name)
         self.latest = name
         r = self.ranking
         plan = plan_retention(self.kept, max_to_keep, keep_every_n_hours, self.last_preserved_timestamp,
@@ -121,3 +125,23 @@ class Ledger:
             self.last_preserved_timestamp = plan.last_preserved_timestamp
         self.write()
         return [entry.name for entry in plan.delete]
+
+    def retire(self, name: str) -> None:
+        """Delete ``name``, a checkpoint retention dropped from the history (the state file no longer
+        names it), if it is one a manager of this name wrote: recorded by this ledger, or marked so
+        in its index (see ``recover.managed_entry``). Anything else stays on disk, with a warning: a
+        state file is a file like any other, and one that lists a checkpoint written by
+        ``Checkpoint.save`` or copied in (or one whose index cannot be read) must not get it deleted."""
+        path = join(self.directory, name)
+        if history_members.number_of(name, self.name) is None or not self.storage.is_dir(path):
+            return
+        if name not in self._recorded and managed_entry(self.directory, name, self.name, self.storage) is None:
+            warnings.warn(
+                f"{path} was not deleted: the state file listed it as a kept checkpoint, but its index does not "
+                f"say that a manager with checkpoint_name={self.name!r} wrote it (it was written by Checkpoint.save "
+                "or write, copied in, or its index cannot be read). It is no longer in the manager's history; delete "
+                "it by hand if it is not wanted.",
+                stacklevel=2,
+            )
+            return
+        self.storage.delete_checkpoint(path)  # un-committed at once (renamed, or its index deleted first)

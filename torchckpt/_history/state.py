@@ -18,7 +18,7 @@ from torchckpt._format import document as format_document
 from torchckpt._format import spec, tree
 from torchckpt._paths import join
 from torchckpt._storage.base import ABSENT, Storage
-from torchckpt.errors import CorruptCheckpointError
+from torchckpt.errors import CheckpointError, CheckpointWriteError, CorruptCheckpointError
 
 STATE_FILE = spec.STATE_FILE
 
@@ -167,8 +167,28 @@ def parse_state(data: bytes, path: str) -> State:
 def write_state(directory: str, state: State, storage: Storage, token: Any = None) -> Any:
     """Replace the directory's state file atomically; with a ``token`` from
     :func:`read_state_versioned` (or the one this returned), only if no other writer replaced it
-    meanwhile (``ConflictError`` otherwise). Returns the new token."""
-    return storage.replace_file(join(directory, STATE_FILE), state.to_bytes(), token)
+    meanwhile (``ConflictError`` otherwise). Returns the new token.
+
+    Raises:
+        CheckpointWriteError: the system refused the write (the state file's name taken by a
+            directory, a full disk); the checkpoint it would name as the latest is committed all
+            the same, which the message says.
+    """
+    path = join(directory, STATE_FILE)
+    try:
+        return storage.replace_file(path, state.to_bytes(), token)
+    except OSError as e:
+        if isinstance(e, CheckpointError):
+            raise
+        try:
+            why = "a directory has its name" if storage.is_dir(path) else (e.strerror or str(e))
+        except Exception:  # noqa: BLE001 - only the wording depends on it
+            why = e.strerror or str(e)
+        latest = f"Checkpoint {join(directory, state.latest)} is committed, but" if state.latest else "But"
+        raise CheckpointWriteError(
+            f"{latest} the directory's state file {path} could not be written ({why}), so the history does not "
+            "name it yet. Fix that (move the directory away, free space) and save again: the next save, or a new "
+            "manager on the directory, records it.", directory, e) from e
 
 
 def record_latest(directory: str, name: str, storage: Storage) -> None:

@@ -36,7 +36,7 @@ from torchckpt._load.rename import Renamer
 from torchckpt._load.report import MismatchReport
 from torchckpt._storage.base import Storage
 from torchckpt._threads import gc_paused
-from torchckpt.errors import RESTORED_ON_THIS_RANK, CorruptCheckpointError
+from torchckpt.errors import RESTORED_ON_THIS_RANK, CorruptCheckpointError, short_repr
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,7 @@ def _plan(target: Target, index: format_index.Index, shards: opened.OpenShards, 
         counter = saved.get(SAVE_COUNTER, MISSING)
         if counter is not MISSING and not (type(counter) is int and 0 <= counter < 2**63):
             raise CorruptCheckpointError(
-                f"{index.directory}: save_counter is {counter!r}, not a non-negative integer.", index.directory
+                f"{index.directory}: save_counter is {short_repr(counter)}, not a non-negative integer.", index.directory
             )
         set_counter = target.set_counter
         plan_value(SAVE_COUNTER, counter, lambda v: set_counter(int(v)), plan)
