@@ -65,6 +65,68 @@ def test_loader_with_a_generator_saves_without_warning(tmp_path, recwarn):
     assert not [w for w in recwarn if "generator" in str(w.message)]
 
 
+def _samplers():
+    from torch.utils.data import BatchSampler, RandomSampler, SubsetRandomSampler, WeightedRandomSampler
+
+    data = list(range(12))
+    own = torch.Generator().manual_seed(1)
+    return {
+        "random-own-generator": (dict(sampler=RandomSampler(data, generator=own)), "RandomSampler", "a generator of its own"),
+        "random-global": (dict(sampler=RandomSampler(data)), "RandomSampler", "the global random generator"),
+        "weighted": (dict(sampler=WeightedRandomSampler([1.0] * 12, 12, generator=own)), "WeightedRandomSampler",
+                     "a generator of its own"),
+        "subset": (dict(sampler=SubsetRandomSampler(data, generator=own)), "SubsetRandomSampler", "a generator of its own"),
+        "in-a-batch-sampler": (dict(batch_sampler=BatchSampler(RandomSampler(data, generator=own), 3, False)),
+                               "RandomSampler", "a generator of its own"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_samplers()))
+def test_a_sampler_that_draws_its_order_without_state_warns_at_save(tmp_path, case):
+    # torchdata draws such a sampler's order again on resume: other samples for the rest of the epoch
+    kwargs, name, source = _samplers()[case]
+    data = StatefulDataLoader(list(range(12)), **({"batch_size": 3} if "sampler" in kwargs else {}), **kwargs,
+                              generator=torch.Generator())
+    with pytest.warns(UserWarning, match=rf"sampler \({name}\) draws its order from {source}.*keeps no state.*"
+                                         r"torchdata\.stateful_dataloader\.sampler\.RandomSampler"):
+        torchckpt.Checkpoint(loader=data).write(tmp_path / "c")
+
+
+def test_samplers_that_resume_exactly_save_without_a_warning(tmp_path, recwarn):
+    from torch.utils.data.distributed import DistributedSampler
+    from torchdata.stateful_dataloader.sampler import RandomSampler
+
+    data = list(range(12))
+    for i, kwargs in enumerate([dict(shuffle=True), dict(shuffle=False),
+                                dict(sampler=RandomSampler(data, generator=torch.Generator().manual_seed(1))),
+                                dict(sampler=DistributedSampler(data, num_replicas=2, rank=0))]):
+        loader = StatefulDataLoader(data, batch_size=3, generator=torch.Generator(), **kwargs)
+        torchckpt.Checkpoint(loader=loader).write(tmp_path / f"c{i}")
+    assert not [w for w in recwarn if "sampler" in str(w.message)]
+
+
+def test_torchdata_random_sampler_with_its_own_generator_resumes_mid_epoch_exactly(tmp_path):
+    # what the warning recommends: stopped in the middle of the third epoch, the same batches follow
+    from torchdata.stateful_dataloader.sampler import RandomSampler
+
+    def build():
+        data = list(range(12))
+        sampler = RandomSampler(data, generator=torch.Generator().manual_seed(42))
+        return StatefulDataLoader(data, batch_size=3, sampler=sampler, generator=torch.Generator().manual_seed(0))
+
+    reference = build()
+    whole = [b.tolist() for _ in range(4) for b in reference]
+    first = build()
+    seen = [b.tolist() for _ in range(2) for b in first]
+    it = iter(first)
+    seen += [next(it).tolist() for _ in range(2)]  # stopped in the middle of the third epoch
+    torchckpt.Checkpoint(loader=first).write(tmp_path / "c")
+    fresh = build()
+    torchckpt.Checkpoint(loader=fresh).read(tmp_path / "c").assert_consumed()
+    rest = [b.tolist() for b in fresh] + [b.tolist() for b in fresh]  # the rest of it, and the fourth
+    assert seen + rest == whole
+
+
 def test_loader_missing_from_the_checkpoint_is_reported(tmp_path):
     path = torchckpt.Checkpoint(step=1).write(tmp_path / "c")
     status = torchckpt.Checkpoint(step=0, loader=loader(list(range(6)), torch.Generator())).read(path)

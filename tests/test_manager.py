@@ -504,3 +504,34 @@ def test_a_state_file_that_cannot_be_written_is_a_write_error_saying_the_checkpo
     second = manager.save()  # the next save records both
     assert manager.checkpoints == [str(tmp_path / "ckpt-1"), second]
     assert [e["name"] for e in state_of(tmp_path)["checkpoints"]] == ["ckpt-1", "ckpt-2"]
+
+
+@pytest.mark.parametrize("restart_before", [None, 6], ids=["one-manager", "restarted"])
+def test_keep_best_with_hourly_preservation_keeps_its_best_across_a_restart(tmp_path, fake_time, restart_before):
+    # the best is older than the last checkpoint preserved hourly: a new manager must still rank it
+    options = dict(max_to_keep=1, keep_best=1, best_metric="loss", keep_checkpoint_every_n_hours=1.0)
+    manager = CheckpointManager(ckpt(), tmp_path, **options)
+    for number, loss in enumerate([0.1, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4], 1):
+        if number == restart_before:
+            manager.close()
+            manager = CheckpointManager(ckpt(), tmp_path, **options)
+        fake_time.now += 1000.0
+        manager.save(metrics={"loss": loss})
+    state = torchckpt.get_checkpoint_state(tmp_path)
+    assert os.path.basename(manager.best_checkpoint) == os.path.basename(state.best) == "ckpt-1"
+    assert [os.path.basename(p) for p in manager.checkpoints] == ["ckpt-1", "ckpt-7"]
+    assert [os.path.basename(p) for p in state.preserved] == ["ckpt-4"]
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith("ckpt")) == ["ckpt-1", "ckpt-4", "ckpt-7"]
+
+
+@pytest.mark.parametrize("restart_before", [None, 6], ids=["one-manager", "restarted"])
+def test_a_clock_stepped_back_between_saves_keeps_the_last_saves_across_a_restart(tmp_path, fake_time, restart_before):
+    manager = CheckpointManager(ckpt(), tmp_path, max_to_keep=3)
+    for number, when in enumerate([1000.0, 1010.0, 1020.0, 1005.0, 1015.0, 1025.0], 1):  # back 15 s after the third
+        if number == restart_before:
+            manager.close()
+            manager = CheckpointManager(ckpt(), tmp_path, max_to_keep=3)
+        fake_time.now = when
+        manager.save()
+    assert [os.path.basename(p) for p in manager.checkpoints] == ["ckpt-4", "ckpt-5", "ckpt-6"]
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith("ckpt")) == ["ckpt-4", "ckpt-5", "ckpt-6"]

@@ -101,6 +101,21 @@ def test_sigterm_mid_interval_saves_that_step_exits_0_and_the_resume_is_bit_exac
     assert resumed["step"] == STEPS and resumed["state"] == uninterrupted  # bit for bit
 
 
+def test_sigterm_to_the_whole_process_group_with_data_workers_still_saves_and_stops(tmp_path, uninterrupted):
+    # torchrun's agent and SLURM signal every process: workers given torchckpt.IgnoreSignals do not
+    # die of it, so the training process reaches its preempted save (unshielded, PyTorch raises
+    # "DataLoader worker ... is killed by signal: Terminated" mid-step, and nothing is saved)
+    proc = start(tmp_path, "--workers", "2")
+    wait_for_step(proc, 70)
+    os.killpg(proc.pid, signal.SIGTERM)  # the training process and its two workers
+    code, out = finish_session(proc)
+    assert code == 0, out[-3000:]
+    stopped = result(tmp_path)
+    assert stopped["preempted"] and 70 < stopped["step"] < 100, stopped["step"]
+    assert saved_step(stopped["latest"]) == stopped["step"]
+    assert repr(torchckpt.IgnoreSignals(signal.SIGTERM)) == "IgnoreSignals(SIGTERM)"
+
+
 def test_handlers_are_installed_and_put_back_on_close(tmp_path):
     def mine(signum, frame):
         pass

@@ -121,6 +121,28 @@ CASES = {
                   ["time.time() returned a value 1000.000000 seconds behind the last preserved checkpoint timestamp; "
                    "keeping every checkpoint whose preservation is in doubt."]),
     ),
+    "kept-best-older-than-the-last-preserved-stays-kept": (  # keep_best kept it; the file says so
+        OnDisk(DIR, history(Entry("ckpt-1", 100.0, {"loss": 0.1}), Entry("ckpt-7", 700.0, {"loss": 0.4}),
+                            latest="ckpt-7", lpt=400.0, preserved=[Entry("ckpt-4", 400.0)], **RANKED),
+               ["ckpt-1", "ckpt-4", "ckpt-7"]),
+        (None, None, None),
+        Recovered("ckpt-7", [Entry("ckpt-1", 100.0, {"loss": 0.1}), Entry("ckpt-7", 700.0, {"loss": 0.4})],
+                  [Entry("ckpt-4", 400.0)], 400.0, {}, Ranking(2, "loss", "max"), []),
+    ),
+    "clock-stepped-back-between-saves-keeps-the-files-order": (  # retention deletes the oldest save, not time
+        OnDisk(DIR, history(Entry("ckpt-3", 900.0), Entry("ckpt-4", 850.0), Entry("ckpt-5", 880.0), latest="ckpt-5"),
+               ["ckpt-3", "ckpt-4", "ckpt-5"]),
+        (None, None, None),
+        Recovered("ckpt-5", [Entry("ckpt-3", 900.0), Entry("ckpt-4", 850.0), Entry("ckpt-5", 880.0)], [], 50.0, {},
+                  DEFAULT, []),
+    ),
+    "unrecorded-retention-victim-adopted-at-its-old-place": (  # dropped from the file, the crash before deleting
+        OnDisk(DIR, history(Entry("ckpt-3", 300.0), Entry("ckpt-4", 400.0), latest="ckpt-4"),
+               ["ckpt-2", "ckpt-3", "ckpt-4"], {"ckpt-2": Entry("ckpt-2", 200.0)}),
+        (None, None, None),
+        Recovered("ckpt-4", [Entry("ckpt-2", 200.0), Entry("ckpt-3", 300.0), Entry("ckpt-4", 400.0)], [], 50.0, {},
+                  DEFAULT, []),
+    ),
     "timestamp-in-the-future-capped-at-now": (
         OnDisk(DIR, history(Entry("ckpt-1", 1500.0), Entry("ckpt-2"), latest="ckpt-1"), ["ckpt-1", "ckpt-2"]),
         (None, None, None),

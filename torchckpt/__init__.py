@@ -38,6 +38,7 @@ from torchckpt.errors import (
 )
 
 if TYPE_CHECKING:
+    from torchckpt._dist.preemption import IgnoreSignals
     from torchckpt._format.tree import PerRank
     from torchckpt.checkpoint import Checkpoint
     from torchckpt.manager import CheckpointManager
@@ -66,6 +67,7 @@ __all__ = [
     "CheckpointWriteError",
     "CorruptCheckpointError",
     "DamagedCheckpointWarning",
+    "IgnoreSignals",
     "MismatchReport",
     "PartialRestoreWarning",
     "PerRank",
@@ -94,6 +96,7 @@ __all__ = [
 # Each lazily imported public name -> the module that defines it.
 _LAZY = {
     "PerRank": "torchckpt._format.tree",
+    "IgnoreSignals": "torchckpt._dist.preemption",
     "Checkpoint": "torchckpt.checkpoint",
     "CheckpointManager": "torchckpt.manager",
     **dict.fromkeys(["CheckpointReader", "TensorSpec", "list_variables", "load_checkpoint", "load_variable"],

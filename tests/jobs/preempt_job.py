@@ -35,6 +35,8 @@ def main() -> None:
     parser.add_argument("--interval", type=int, default=50)
     parser.add_argument("--async", dest="async_save", action="store_true")
     parser.add_argument("--sleep", type=float, default=0.02)
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes that run along")
+    parser.add_argument("--unshielded", action="store_true", help="workers without torchckpt.IgnoreSignals")
     args = parser.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
@@ -50,7 +52,11 @@ def main() -> None:
                                           preemption_signals=(signal.SIGTERM, signal.SIGUSR1), timeout_secs=30)
     manager.restore_or_initialize()
     print(f"rank {rank}: starting at step {int(step)}", flush=True)
+    shield = None if args.unshielded else torchckpt.IgnoreSignals(signal.SIGTERM, signal.SIGUSR1)
+    loader = torch.utils.data.DataLoader(range(10**6), num_workers=args.workers, worker_init_fn=shield)
+    fed = iter(loader)  # workers that live through the run, as a training loop's do
     while int(step) < args.steps:
+        next(fed)
         x, y = batch(int(step))
         loss = torch.nn.functional.mse_loss(model(x), y)
         opt.zero_grad()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import signal
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import Any
 
@@ -85,3 +85,37 @@ def _handler_for(watch_ref: weakref.ref[PreemptionWatch], previous: dict[signal.
             signal.raise_signal(sig)
 
     return handle
+
+
+class IgnoreSignals:
+    """A ``worker_init_fn`` for a ``DataLoader`` (or torchdata's ``StatefulDataLoader``): its worker
+    processes ignore ``signals``, then run ``worker_init_fn`` (the loader's own, if any).
+
+    Why: a preemption signal often reaches every process of the job, not the training process
+    alone (``torchrun``'s agent forwards SIGTERM to each worker's process group, SLURM signals
+    every process of a step). PyTorch's data workers die of a SIGTERM their parent did not send,
+    and the training process then fails in the middle of a step ("DataLoader worker ... is killed
+    by signal: Terminated") before its manager's next ``save()``: no preempted checkpoint. Workers
+    that ignore it keep serving batches until that save; they still stop when the loader shuts
+    them down, and on their own once the training process has exited.
+
+    Example::
+
+        loader = StatefulDataLoader(data, batch_size=32, num_workers=4, generator=g,
+                                    worker_init_fn=torchckpt.IgnoreSignals(signal.SIGTERM))
+        manager = torchckpt.CheckpointManager(ckpt, "runs/a", preemption_signals=(signal.SIGTERM,))
+    """
+
+    def __init__(self, *signals: int | signal.Signals, worker_init_fn: Callable[[int], Any] | None = None) -> None:
+        self.signals = tuple(signal.Signals(s) for s in signals)
+        self.worker_init_fn = worker_init_fn
+
+    def __call__(self, worker_id: int) -> None:
+        for sig in self.signals:
+            signal.signal(sig, signal.SIG_IGN)
+        if self.worker_init_fn is not None:
+            self.worker_init_fn(worker_id)
+
+    def __repr__(self) -> str:
+        names = ", ".join(s.name for s in self.signals)
+        return f"IgnoreSignals({names}{', worker_init_fn=' + repr(self.worker_init_fn) if self.worker_init_fn else ''})"

@@ -159,20 +159,26 @@ def recover(disk: OnDisk, now: float, checkpoint_name: str, keep_best: int | Non
         return Recovered(None, [], [], now - 1.0, {}, Ranking(keep_best, best_metric, best_mode or "min"), notes)
     ranking = resolve_ranking(state, keep_best, best_metric, best_mode)
     lpt = state.last_preserved_timestamp
-    if now < lpt:
+    clock_behind = now < lpt
+    if clock_behind:
         notes.append(f"time.time() returned a value {lpt - now:f} seconds behind the last preserved checkpoint "
                      "timestamp; keeping every checkpoint whose preservation is in doubt.")
         lpt = now
     adopted = [e for n in unrecorded(state, disk.members, checkpoint_name) if (e := disk.managed.get(n)) is not None]
     kept: list[Entry] = []
     preserved = list(state.preserved)
-    for entry in [*state.checkpoints, *adopted]:
+    unrecorded_names = {e.name for e in adopted}
+    for entry in [*state.checkpoints, *sorted(adopted, key=lambda e: e.timestamp or 0.0)]:
         ts = min(entry.timestamp if entry.timestamp is not None else lpt, now)
-        if ts > lpt:
-            kept.append(Entry(entry.name, ts, entry.metrics))
+        # A kept entry of the state file older than the last preserved checkpoint is one that
+        # ``keep_best`` kept, or a clock stepped back between saves: still kept, as recorded. Only a
+        # clock behind that checkpoint, a missing time, a rebuilt history or a commit never
+        # recorded puts it in doubt.
+        recorded = from_file and entry.timestamp is not None and not clock_behind and entry.name not in unrecorded_names
+        if ts > lpt or recorded:
+            _place(kept, Entry(entry.name, ts, entry.metrics), by_time=entry.name in unrecorded_names)
         else:  # in doubt: kept forever, never deleted
             preserved.append(entry)
-    kept.sort(key=lambda e: e.timestamp or 0.0)  # adopted ones take their place by time
     latest, committed = state.latest, disk.latest_committed or not from_file  # a rebuilt latest is a member
     known = {e.name for e in [*state.checkpoints, *state.preserved]}
     newest = _newest_unknown({*known, latest} - {None}, disk.members, checkpoint_name)
@@ -181,6 +187,17 @@ def recover(disk: OnDisk, now: float, checkpoint_name: str, keep_best: int | Non
     if latest is not None and not committed:  # deleted by hand: the newest member
         latest = disk.members[-1] if disk.members else None
     return Recovered(latest, kept, preserved, lpt, dict(state.damaged), ranking, notes)
+
+
+def _place(kept: list[Entry], entry: Entry, by_time: bool) -> None:
+    """Add ``entry`` to ``kept``, oldest first: the state file's in its own order (what retention
+    deletes first, whatever a clock stepped back did to the times), a commit it never recorded by
+    its time among them (the newest at the end; one that retention had dropped, at its old place)."""
+    if by_time:
+        later = next((i for i, e in enumerate(kept) if (e.timestamp or 0.0) > (entry.timestamp or 0.0)), len(kept))
+        kept.insert(later, entry)
+    else:
+        kept.append(entry)
 
 
 def _rebuilt(disk: OnDisk, now: float, checkpoint_name: str, why: str, adopt: bool, notes: list[str]) -> State:

@@ -64,6 +64,9 @@ def state_of(value: Any) -> Any:
         )
     else:
         state[GENERATOR] = value.generator.get_state()
+    problem = _sampler_problem(value)
+    if problem:
+        warnings.warn(problem, UserWarning, stacklevel=4)
     epoch = _sampler_epoch(value)
     if epoch is not None:
         state[SAMPLER_EPOCH] = epoch
@@ -71,6 +74,33 @@ def state_of(value: Any) -> Any:
     if split is not None:
         state[SAMPLER_SPLIT] = split
     return state
+
+
+def _sampler_problem(loader: Any) -> str:
+    """Why ``loader``'s sampler cannot resume in the middle of an epoch, or ''.
+
+    torchdata resumes a sampler that keeps no state (torch's ``RandomSampler``,
+    ``WeightedRandomSampler``, ``SubsetRandomSampler``) by iterating it again and skipping what
+    the epoch had yielded: the order is drawn anew, from the global generator (a sampler without a
+    generator) or from where the sampler's own generator is now, which is past the draw of the
+    epoch's order. Either way the rest of the epoch repeats some samples and skips others.
+    torchdata's own samplers (the loader's ``shuffle=True``) and samplers with
+    ``state_dict``/``load_state_dict`` resume exactly; so do samplers that draw nothing, such as
+    ``DistributedSampler`` (its order is a function of its seed and epoch, which are saved).
+    """
+    samplers: tuple[Any, ...] = (loader.sampler, getattr(loader.batch_sampler, "sampler", None))
+    for sampler in samplers:
+        if (not hasattr(sampler, "generator") or type(sampler).__module__.startswith("torchdata.")
+                or callable(getattr(sampler, "state_dict", None)) and callable(getattr(sampler, "load_state_dict", None))):
+            continue
+        source = "the global random generator" if sampler.generator is None else "a generator of its own"
+        return (f"Saving a StatefulDataLoader whose sampler ({type(sampler).__name__}) draws its order from {source} "
+                "and keeps no state: torchdata resumes an epoch by drawing the order again, so a restore in the middle "
+                "of an epoch goes on with other samples (some twice, some never) than an uninterrupted run. Shuffle "
+                "with the loader's own generator instead (StatefulDataLoader(..., shuffle=True, generator=g)), or use "
+                "torchdata's stateful sampler (torchdata.stateful_dataloader.sampler.RandomSampler(dataset, "
+                "generator=g)), which resume exactly.")
+    return ""
 
 
 def _sampler_split(loader: Any) -> list[int] | None:
