@@ -491,7 +491,7 @@ def test_a_state_file_that_cannot_be_written_is_a_write_error_saying_the_checkpo
     with pytest.warns(UserWarning, match="the state file is damaged"):
         manager = CheckpointManager(ckpt(), tmp_path, max_to_keep=2)
     message = (r"Checkpoint .*ckpt-1 is committed, but the directory's state file .*checkpoints.json could not be "
-               r"written \(a directory has its name\), so the history does not name it yet")
+               r"written \(a directory has its name: move it away\), so the history does not name it yet")
     with pytest.raises(torchckpt.CheckpointWriteError, match=message) as info:
         manager.save()
     assert info.value.path == str(tmp_path) and info.value.errno is not None

@@ -181,14 +181,14 @@ def write_state(directory: str, state: State, storage: Storage, token: Any = Non
         if isinstance(e, CheckpointError):
             raise
         try:
-            why = "a directory has its name" if storage.is_dir(path) else (e.strerror or str(e))
+            why = "a directory has its name: move it away" if storage.is_dir(path) else (e.strerror or str(e))
         except Exception:  # noqa: BLE001 - only the wording depends on it
             why = e.strerror or str(e)
         latest = f"Checkpoint {join(directory, state.latest)} is committed, but" if state.latest else "But"
         raise CheckpointWriteError(
             f"{latest} the directory's state file {path} could not be written ({why}), so the history does not "
-            "name it yet. Fix that (move the directory away, free space) and save again: the next save, or a new "
-            "manager on the directory, records it.", directory, e) from e
+            "name it yet. Once the state file can be written, the next save (or a new manager on the directory) "
+            "records it.", directory, e) from e
 
 
 def record_latest(directory: str, name: str, storage: Storage) -> None:
