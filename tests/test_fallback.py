@@ -103,6 +103,39 @@ def test_a_damaged_latest_checkpoint_warns_and_restores_the_one_before(tmp_path,
     assert cli.main(["ls", str(tmp_path), "--json"]) == 0
 
 
+def test_after_a_fallback_retention_keeps_the_intact_checkpoint_it_resumed_from(tmp_path):
+    # the last max_to_keep are the last intact ones: the save after the fallback must not delete
+    # ckpt-2 (what the run resumed from) and keep the damaged ckpt-3 in its place
+    make_run(tmp_path)
+    flip_data_byte(tmp_path / "ckpt-3")
+    fresh = Fresh(tmp_path, max_to_keep=2)
+    with pytest.warns(torchckpt.DamagedCheckpointWarning):
+        assert fresh.manager.restore_or_initialize() == str(tmp_path / "ckpt-2")
+    fresh.manager.save()
+    assert fresh.manager.checkpoints == [str(tmp_path / f"ckpt-{i}") for i in (2, 3, 4)]  # ckpt-3 left for a look
+    fresh.manager.save()
+    assert fresh.manager.checkpoints == [str(tmp_path / f"ckpt-{i}") for i in (4, 5)]  # then it goes, oldest first
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-4", "ckpt-5"]
+    fresh.manager.close()
+
+
+def test_a_damaged_checkpoint_is_never_best(tmp_path):
+    options = dict(max_to_keep=2, keep_best=1, best_metric="loss")
+    weights = torch.zeros(4096)
+    manager = torchckpt.CheckpointManager(torchckpt.Checkpoint(weights=weights), tmp_path, **options)
+    for loss in (0.5, 0.9, 0.1):
+        weights.fill_(loss)  # other bytes each time: no shard shared by an incremental save
+        manager.save(metrics={"loss": loss})
+    assert manager.best_checkpoint == str(tmp_path / "ckpt-3")
+    manager.close()
+    flip_data_byte(tmp_path / "ckpt-3")
+    fresh = torchckpt.CheckpointManager(torchckpt.Checkpoint(weights=torch.zeros(4096)), tmp_path, **options)
+    with pytest.warns(torchckpt.DamagedCheckpointWarning):
+        assert fresh.restore_or_initialize() == str(tmp_path / "ckpt-2")
+    assert fresh.best_checkpoint == torchckpt.get_checkpoint_state(tmp_path).best == str(tmp_path / "ckpt-2")
+    fresh.close()
+
+
 def test_ls_marks_a_checkpoint_found_damaged(tmp_path, capsys):
     make_run(tmp_path)
     flip_data_byte(tmp_path / "ckpt-3")

@@ -535,3 +535,26 @@ def test_a_clock_stepped_back_between_saves_keeps_the_last_saves_across_a_restar
         manager.save()
     assert [os.path.basename(p) for p in manager.checkpoints] == ["ckpt-4", "ckpt-5", "ckpt-6"]
     assert sorted(n for n in os.listdir(tmp_path) if n.startswith("ckpt")) == ["ckpt-4", "ckpt-5", "ckpt-6"]
+
+
+@pytest.mark.parametrize(
+    ("max_to_keep", "hours", "keep_best", "metrics", "damaged", "kept", "deleted", "preserved"),
+    [
+        (2, None, None, [None] * 4, {3}, [2, 3, 4], [1], []),
+        (2, None, None, [None] * 5, {3}, [4, 5], [1, 2, 3], []),
+        (1, 1.5, None, [None] * 4, {2}, [4], [1, 2], [3]),
+        (1, None, 1, [0.5, 0.1, 0.9, 0.8], {2}, [1, 4], [2, 3], []),
+        (2, None, None, [None] * 3, {1, 2, 3}, [1, 2, 3], [], []),
+    ],
+    ids=["damaged-among-the-last-intact", "damaged-older-than-them", "damaged-never-preserved",
+         "damaged-never-best", "all-damaged-none-deleted"],
+)
+def test_retention_table_with_damaged_checkpoints(max_to_keep, hours, keep_best, metrics, damaged, kept, deleted,
+                                                  preserved):
+    # a checkpoint a restore passed over counts for nothing: the last max_to_keep are the last intact
+    entries = [Entry(f"ckpt-{i}", 3600.0 * i, None if m is None else {"loss": m}) for i, m in enumerate(metrics, 1)]
+    plan = retention.plan_retention(entries, max_to_keep, hours, 0.0, keep_best, "loss", "min",
+                                    damaged={f"ckpt-{i}" for i in damaged})
+    assert [e.name for e in plan.kept] == [f"ckpt-{i}" for i in kept]
+    assert [e.name for e in plan.delete] == [f"ckpt-{i}" for i in deleted]
+    assert [e.name for e in plan.preserve] == [f"ckpt-{i}" for i in preserved]

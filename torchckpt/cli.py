@@ -177,7 +177,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     preserved = {e.name: e for e in state.preserved}
     latest = history_members.latest_in(directory, storage)
     latest_name = name_of(latest) if latest else None
-    best = _best_name(state.checkpoints, args.metric or state.best_metric,
+    best = _best_name([e for e in state.checkpoints if e.name not in state.damaged], args.metric or state.best_metric,
                       args.mode or state.best_mode)
     rows, records = [], []
     for name in members:

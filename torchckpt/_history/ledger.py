@@ -68,7 +68,8 @@ class Ledger:
 
     def best(self) -> str | None:
         """The name of the kept checkpoint with the best metric, or None."""
-        best = best_entries(self.kept, 1, self.ranking.best_metric, self.ranking.best_mode)
+        intact = [e for e in self.kept if e.name not in self.damaged]
+        best = best_entries(intact, 1, self.ranking.best_metric, self.ranking.best_mode)
         return best[0].name if best else None
 
     def state(self) -> State:
@@ -118,7 +119,7 @@ class Ledger:
         self.latest = name
         r = self.ranking
         plan = plan_retention(self.kept, max_to_keep, keep_every_n_hours, self.last_preserved_timestamp,
-                              r.keep_best, r.best_metric, r.best_mode)
+                              r.keep_best, r.best_metric, r.best_mode, self.damaged)
         if plan.delete or plan.preserve:
             self.kept = plan.kept
             self.preserved.extend(plan.preserve)

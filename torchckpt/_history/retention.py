@@ -4,12 +4,17 @@ TensorFlow's rule, extended with keep-best: the last ``max_to_keep`` checkpoints
 (``keep_best``) the ``k`` best by a metric. A checkpoint that falls out of both, oldest first, is
 preserved forever when ``keep_checkpoint_every_n_hours`` is set and it was written at least that
 long after the last preserved one; otherwise it is deleted.
+
+A checkpoint a restore found damaged (and passed over) counts for none of these: the last
+``max_to_keep`` are the last intact ones, a damaged one is never best and never preserved, and it
+is deleted once it is older than every one of those. Otherwise the save after a fallback would
+keep the damaged checkpoint and delete the intact one the run had just resumed from.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,8 +62,10 @@ def plan_retention(
     keep_best: int | None = None,
     best_metric: str | MetricFn | None = None,
     best_mode: str = "min",
+    damaged: Collection[str] = (),
 ) -> Retention:
-    """Split ``entries`` (oldest first) into kept, deleted and preserved.
+    """Split ``entries`` (oldest first) into kept, deleted and preserved; ``damaged`` names the
+    checkpoints a restore found damaged (see the module).
 
     Example:
         >>> e = [Entry(f"ckpt-{i}", float(i)) for i in range(1, 5)]
@@ -68,9 +75,14 @@ def plan_retention(
     """
     if max_to_keep is None:
         return Retention(list(entries), [], [], last_preserved_timestamp)
-    keep = {id(e) for e in entries[max(0, len(entries) - max_to_keep):]}
+    intact = [e for e in entries if e.name not in damaged]
+    last = intact[max(0, len(intact) - max_to_keep):]
+    keep = {id(e) for e in last}
+    if damaged:  # a damaged one among (or after) the last intact ones stays, for a look; older ones go
+        start = next((i for i, e in enumerate(entries) if e is last[0]), 0) if last else 0  # none intact: all stay
+        keep |= {id(e) for e in entries[start:]}
     if keep_best:
-        keep |= {id(e) for e in best_entries(entries, keep_best, best_metric, best_mode)}
+        keep |= {id(e) for e in best_entries(intact, keep_best, best_metric, best_mode)}
     kept, delete, preserve = [], [], []
     lpt = last_preserved_timestamp
     for entry in entries:
@@ -78,7 +90,8 @@ def plan_retention(
             kept.append(entry)
             continue
         ts = entry.timestamp if entry.timestamp is not None else lpt
-        if keep_checkpoint_every_n_hours and ts - keep_checkpoint_every_n_hours * 3600.0 >= lpt:
+        if (keep_checkpoint_every_n_hours and entry.name not in damaged
+                and ts - keep_checkpoint_every_n_hours * 3600.0 >= lpt):
             preserve.append(entry)
             lpt = ts
         else:
