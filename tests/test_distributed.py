@@ -120,9 +120,10 @@ def test_fsdp2_saved_on_4_restores_into_a_plain_model_without_a_process_group(wo
     model = MLP(5)
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     cursor = torchckpt.PerRank(0)
-    torchckpt.Checkpoint(model=model, opt=opt, rng=torchckpt.RNGState(), cursor=cursor,
-                         loaders=torchckpt.PerRank({0: torch.tensor([0]), 1: ""})).restore(
-        world4 / "fsdp4").assert_consumed()
+    ckpt = torchckpt.Checkpoint(model=model, opt=opt, rng=torchckpt.RNGState(), cursor=cursor,
+                                loaders=torchckpt.PerRank({0: torch.tensor([0]), 1: ""}), cfg={})
+    ckpt.restore(world4 / "fsdp4").assert_consumed()
+    assert ckpt.cfg == {"pos": 0, "lr": 5}
     reference = safetensors.torch.load_file(str(world4 / "fsdp4-reference.safetensors"))
     found = {f"model/{k}": v for k, v in model.state_dict().items()}
     for index, fields in opt.state_dict()["state"].items():
@@ -137,7 +138,9 @@ def test_fsdp2_saved_on_2_restores_on_4_and_reports_the_ranks_it_has_no_values_f
     assert all(r["differences"] == [] for r in found)
     assert [r["cursor"] for r in found] == [100, 101, -1, -1]
     assert found[0]["missing"] == found[1]["missing"] == []
-    assert found[2]["missing"] == found[3]["missing"] == ["cursor", "loaders", "rng"]
+    assert found[2]["missing"] == found[3]["missing"] == ["cfg/pos", "cursor", "loaders", "rng"]
+    # a per-rank value within a plain one: rank 2 and 3 leave the whole value as it was
+    assert [r["cfg"] for r in found] == [{"pos": 0, "lr": 5}, {"pos": 1, "lr": 5}] + [{"pos": None, "lr": 0}] * 2
 
 
 def test_a_plain_checkpoint_restores_into_fsdp2(world2):
@@ -188,7 +191,8 @@ def test_a_value_that_differs_across_ranks_is_refused_on_every_rank(world4):
     for r in found:
         assert r["epoch"].startswith("CheckpointError: Values differ across ranks: epoch (ranks 0, 1, 2, 3)")
         assert "torchckpt.PerRank" in r["epoch"]
-        assert r["cursor"].startswith("CheckpointError: Values differ across ranks: cursor")
+        for name in ("cursor", "buffer", "noise"):
+            assert r[name].startswith(f"CheckpointError: Values differ across ranks: {name} (ranks 0, 1, 2, 3)")
         assert r["exists"] == []
 
 

@@ -221,3 +221,26 @@ def digest_tensor(t: torch.Tensor) -> int:
     for chunk in host_chunks(t):
         hasher.update(byte_view(chunk))
     return hasher.intdigest()
+
+
+_SAME_SIZE_INTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def sampled_digest(t: torch.Tensor, pieces: int = 16, piece_bytes: int = 4096) -> int:
+    """xxh3-64 of ``pieces`` runs of about ``piece_bytes`` spread evenly over a tensor's elements in
+    row-major order (its first and last bytes among them); :func:`digest_tensor` of a smaller one.
+
+    What ranks compare of a large tensor they should all hold alike: a few small reads wherever
+    it lives (gathered on its device, then one copy), not a pass over all of it. A difference
+    outside the runs goes unseen; a tensor that differs by rank throughout (a rank's own buffer,
+    its own random draws) does not.
+    """
+    per = max(1, piece_bytes // max(1, t.element_size()))
+    n = t.numel()
+    if n <= pieces * per:
+        return digest_tensor(t)
+    starts = torch.linspace(0, n - per, pieces, dtype=torch.float64).round().long()
+    index = (starts[:, None] + torch.arange(per)).reshape(-1).to(t.device)
+    kind = _SAME_SIZE_INTS.get(t.element_size())  # take() has no kernel for some dtypes (float8, uint16)
+    flat = t.detach().resolve_conj().resolve_neg() if t.is_conj() or t.is_neg() else t.detach()
+    return digest_tensor(torch.take(flat.view(kind) if kind is not None else flat, index))

@@ -107,7 +107,8 @@ def save_fsdp(d: Path, rank: int, world: int) -> dict:
     for _ in range(2):
         step(model, opt)
     ckpt = torchckpt.Checkpoint(model=model, opt=opt, rng=torchckpt.RNGState(), cursor=torchckpt.PerRank(100 + rank),
-                                loaders=torchckpt.PerRank({0: torch.tensor([10 + rank]), 1: "epoch"}))
+                                loaders=torchckpt.PerRank({0: torch.tensor([10 + rank]), 1: "epoch"}),
+                                cfg={"pos": torchckpt.PerRank(rank), "lr": 5})  # per rank within a plain value
     path = ckpt.save(str(d / f"fsdp{world}" / "ckpt"), timeout_secs=TIMEOUT)
     reference = full_state(model, opt)
     step(model, opt)  # what an uninterrupted run does next
@@ -127,12 +128,13 @@ def restore_fsdp(d: Path, rank: int, world: int, saved_world: int) -> dict:
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     cursor = torchckpt.PerRank(-1)
     loaders = torchckpt.PerRank({0: torch.tensor([-1]), 1: ""})
-    ckpt = torchckpt.Checkpoint(model=model, opt=opt, rng=torchckpt.RNGState(), cursor=cursor, loaders=loaders)
+    ckpt = torchckpt.Checkpoint(model=model, opt=opt, rng=torchckpt.RNGState(), cursor=cursor, loaders=loaders,
+                                cfg={"pos": None, "lr": 0})
     status = ckpt.restore(str(d / f"fsdp{saved_world}"), timeout_secs=TIMEOUT)
     reference = safetensors.torch.load_file(str(d / f"fsdp{saved_world}-reference.safetensors"))
     out = {"differences": differences(full_state(model, opt), reference), "cursor": cursor.value,
            "loaders": [int(loaders.value[0]), loaders.value[1]],
-           "missing": sorted(status.report.missing_keys), "save_counter": ckpt.save_counter}
+           "missing": sorted(status.report.missing_keys), "save_counter": ckpt.save_counter, "cfg": ckpt.cfg}
     if world == saved_world:
         step(model, opt)
         after = safetensors.torch.load_file(str(d / f"fsdp{saved_world}-after-rank{rank}.safetensors"))
@@ -167,9 +169,12 @@ def plain_into_fsdp(d: Path, rank: int, world: int) -> dict:
 
 
 def differing_value(d: Path, rank: int, world: int) -> dict:
-    """A plain value and a small tensor that differ by rank are refused on every rank, naming them."""
+    """A plain value and tensors that differ by rank are refused on every rank, naming them: a
+    small one (compared whole), one over 1 MiB (by a sample of its bytes, once kept as rank 0's)
+    and one over 8 MiB (once written as row blocks of several ranks)."""
     out = {}
-    for name, value in (("epoch", rank), ("cursor", torch.tensor([100 + rank]))):
+    for name, value in (("epoch", rank), ("cursor", torch.tensor([100 + rank])),
+                        ("buffer", torch.full((512, 1024), float(rank))), ("noise", torch.full((2600, 2000), float(rank)))):
         try:
             torchckpt.Checkpoint(**{name: value, "same": 1}).write(str(d / f"differ-{name}"), timeout_secs=TIMEOUT)
             out[name] = "saved"

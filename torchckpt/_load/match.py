@@ -65,6 +65,12 @@ class Matcher:
             plan.report.missing_keys.append(key)
             plan.report.skipped_objects[key] = saved.reason
             return
+        inside = _missing_inside(saved, key) if type(saved) in (dict, list, tuple) else None
+        if inside is not None:  # a per-rank value within a plain one: the whole value is assigned, or none
+            where, missing = inside
+            plan.report.missing_keys.append(where)
+            plan.report.skipped_objects[key] = f"{where}: {missing.reason}; {key} was left as it is, as a whole"
+            return
         nested = self.tracking.nested(value)
         if isinstance(value, tree.PerRank):
             self.value(key, value.value, saved, lambda v: setattr(value, "value", v))
@@ -130,3 +136,16 @@ def _item_setter(container: Any, key: Any) -> Callable[[Any], None]:
 def _is_plain_part(key: Any) -> bool:
     """Whether a saved dict key is its own key part (a str that needs no escaping)."""
     return type(key) is str and "~" not in key and keypath.SEP not in key
+
+
+def _missing_inside(saved: Any, key: str) -> tuple[str, tree.MissingPerRank] | None:
+    """The key path and marker of a per-rank value within ``saved`` that this rank has no copy of
+    (``tree.select_rank`` on more ranks than saved), or None."""
+    if isinstance(saved, tree.MissingPerRank):
+        return key, saved
+    items = saved.items() if isinstance(saved, dict) else enumerate(saved) if isinstance(saved, (list, tuple)) else ()
+    for k, v in items:
+        found = _missing_inside(v, keypath.join(key, keypath.key_part(k)))
+        if found is not None:
+            return found
+    return None

@@ -6,9 +6,9 @@ The steps, every rank in the same order:
    (replicated: the same on every rank), and per-rank values (``PerRank``, ``RNGState``), whose
    tensors get a ``~r<rank>`` name.
 2. **Exchange** one small record per rank (every tensor's name, dtype, shape and box, a digest of
-   each small plain tensor and of the non-tensor tree). A plain value or small tensor that differs
-   across ranks is refused on every rank, naming the key: nothing is silently collapsed to one
-   rank's copy.
+   each plain tensor, whole up to ``DIGEST_LIMIT`` and of a sample of its bytes beyond, and of the
+   non-tensor tree). A plain value or tensor that differs across ranks is refused on every rank,
+   naming the key: nothing is silently collapsed to one rank's copy, or to rows of several.
 3. **Plan** (``_save.plan``), identically on every rank from the gathered records: each chunk
    is written by one of the ranks that hold it, replicated bytes spread over the ranks largest
    first onto the least loaded (big replicated tensors split into row blocks), files numbered
@@ -56,7 +56,7 @@ from torchckpt._save.plan import RankPlan, global_plan, local_bytes, rank_plan
 from torchckpt._storage.base import Storage
 from torchckpt.errors import CheckpointError, CheckpointWriteError, format_keys
 
-DIGEST_LIMIT = 2**20  # plain tensors up to this size are compared across ranks; larger ones are trusted
+DIGEST_LIMIT = 2**20  # plain tensors up to this size are compared across ranks whole; larger ones by a sample
 
 
 # -- 1. capture --------------------------------------------------------------------------------
@@ -105,7 +105,8 @@ def capture(tensors: dict[str, Any], section: dict[str, Any], rank: int, groups:
             plain[name] = t
     stored, out.aliases = save_capture.prepare_tensors(plain)
     for name, t in stored.items():
-        digest = f"{_tensorio.digest_tensor(t):016x}" if t.nbytes <= DIGEST_LIMIT else None
+        whole = t.nbytes <= DIGEST_LIMIT
+        digest = f"{_tensorio.digest_tensor(t) if whole else _tensorio.sampled_digest(t):016x}"
         out.local[name] = t
         out.entries.append([name, format_dtypes.DTYPE_NAMES[t.dtype], list(t.shape), None, None, digest,
                             groups.get(name, 0)])

@@ -16,7 +16,7 @@ work out alone what it writes:
 - per-rank tensors (``PerRank``, ``RNGState``) are this rank's own.
 
 So each rank sends a digest of its *structure* (names, dtypes, global shapes, layouts, the digests
-of small plain tensors) and the number of files it will write; when every digest is equal, each
+of plain tensors) and the number of files it will write; when every digest is equal, each
 rank numbers its files after those of the ranks before it and writes, and nothing else is
 exchanged. When they differ (another layout on some rank, a strided shard, a value that differs),
 the save falls back to the general plan, which also names what differs. The plan of a structure is
@@ -67,7 +67,7 @@ def draft(entries: Sequence[list[Any]], layouts: dict[str, Layout | None], per_r
     ``layouts`` each DTensor's (``_dist.dtensor.simple_layout``), ``per_rank`` the names of per-rank
     tensors."""
     shared: list[list[Any]] = []  # what every rank must hold alike, but for the small values
-    values: list[str | None] = []  # the digests of small plain tensors (an optimizer's step changes every save)
+    values: list[str | None] = []  # the digests of plain tensors (an optimizer's step changes every save)
     own: list[list[Any]] = []
     for entry in entries:
         name, dtype, shape, offsets, sizes, digest, group = entry
