@@ -15,7 +15,17 @@ from hypothesis import settings
 from torchckpt._format import spec
 from torchckpt._storage import registry
 
-from .distributed import job_dir, killed, killed_async, s3_run, world2, world3, world4, world4_from_2  # noqa: F401
+from .distributed import (  # noqa: F401
+    job_dir,
+    killed,
+    killed_after_commit,
+    killed_async,
+    s3_run,
+    world2,
+    world3,
+    world4,
+    world4_from_2,
+)
 from .doubles import LocalDouble, RemoteDouble
 
 # CI runs the property tests with fixed seeds: a run passes or fails for the code alone, never for

@@ -164,6 +164,12 @@ def killed(job_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def killed_after_commit(job_dir) -> Path:
+    run_ranks(2, job_dir, ["killed_after_commit"], timeout=90)
+    return job_dir
+
+
+@pytest.fixture(scope="session")
 def killed_async(job_dir) -> Path:
     run_ranks(2, job_dir, ["killed_async"], timeout=90)
     return job_dir

@@ -183,12 +183,13 @@ class RankTimeoutError(CheckpointError):
     """
 
     def __init__(self, what: str, ranks: list[int], timeout_secs: float,
-                 consequence: str = "Nothing was committed.") -> None:
+                 consequence: str = "Nothing was committed.", *, message: str | None = None) -> None:
+        """``message`` replaces the one made of the others: the same error relayed by another rank."""
         names = ", ".join(map(str, ranks)) if len(ranks) < 20 else f"{len(ranks)} ranks"
-        super().__init__(
+        super().__init__(message or (
             f"Rank{'s' if len(ranks) > 1 else ''} {names} did not reach {what} within {timeout_secs:g} s (a rank "
             f"died, hangs, or is not making the same call). {consequence} Pass timeout_secs= to wait longer."
-        )
+        ))
         self.ranks = ranks
 
 

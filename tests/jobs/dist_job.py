@@ -285,6 +285,20 @@ def killed_mid_save(d: Path, rank: int, world: int) -> dict:
             "entries": sorted(p.name for p in (d / "killed").iterdir())}
 
 
+def killed_after_commit(d: Path, rank: int, world: int) -> dict:
+    """Rank 0 (which serves the c10d store) is SIGKILLed right after it committed, before it tells
+    the others: they cannot know the outcome, and must not say that nothing was committed."""
+    disk = install(d / "committed", LocalDouble())
+    ckpt = torchckpt.Checkpoint(model=fsdp_mlp(0))
+    if rank == 0:
+        disk.after("stage.commit", lambda *args: os.kill(os.getpid(), signal.SIGKILL))
+    try:
+        result = ckpt.save(str(d / "committed" / "ckpt"), timeout_secs=3)
+    except torchckpt.CheckpointError as e:
+        result = f"{type(e).__name__}: {e}"
+    return {"second": result, "committed": torchckpt.latest_checkpoint(str(d / "committed"))}
+
+
 def s3_fsdp(d: Path, rank: int, world: int) -> dict:
     """The FSDP2 save and a resharding restore through the moto S3 server."""
     url = os.environ["TORCHCKPT_TEST_S3"]
@@ -1017,14 +1031,14 @@ SCENARIOS = {f.__name__: f for f in (save_fsdp_4, save_fsdp_2, restore_from_4, r
                                       async_loops, async_failure, killed_async, manager_s3, tools_save,
                                       one_rank_fails_capture, mismatched_calls, restore_failures,
                                       damaged_on_one_rank, calls_stay_paired, incremental_fsdp,
-                                      damaged_then_saved, opens_its_own_shards)}
+                                      damaged_then_saved, opens_its_own_shards, killed_after_commit)}
 SCENARIOS.update(flips.SCENARIOS)
 SCENARIOS.update(renames.SCENARIOS)
 SCENARIOS.update(read_once.SCENARIOS)
 SCENARIOS.update(limits.SCENARIOS)
 
 
-LOSES_A_RANK = {"killed_async"}
+LOSES_A_RANK = {"killed_async", "killed_after_commit"}
 
 
 def main() -> None:

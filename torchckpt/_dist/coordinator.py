@@ -337,7 +337,9 @@ def failure_payload(error: BaseException) -> dict[str, Any]:
     if isinstance(checkpoint_keys, list):
         out["checkpoint_keys"] = [str(k) for k in checkpoint_keys]
     ranks = getattr(error, "ranks", None)
-    if isinstance(error, CheckpointError) and not isinstance(error, RankTimeoutError) and isinstance(ranks, list):
+    if isinstance(error, RankTimeoutError):
+        out["late"] = list(error.ranks)
+    elif isinstance(error, CheckpointError) and isinstance(ranks, list):
         # a failure of an exchange every rank made (a background save's outcome): already the same everywhere
         out["ranks"] = ranks
     return out
@@ -379,6 +381,9 @@ def collective_error(failures: dict[int, dict[str, Any]], what: str, note: str |
     error: CheckpointError
     if kind == "UnsupportedStateError":
         error = UnsupportedStateError(message, key=first.get("key", ""))
+    elif kind == "RankTimeoutError":  # still the type a caller catches: whoever noticed, the same error
+        late = [r for r in first.get("late", []) if isinstance(r, int)]
+        error = RankTimeoutError("", late, 0, message=message)
     elif kind == "RenameConflictError":
         error = RenameConflictError(message, first.get("key", ""), list(first.get("checkpoint_keys", [])))
     elif kind == "CheckpointReadError":
@@ -394,7 +399,8 @@ def collective_error(failures: dict[int, dict[str, Any]], what: str, note: str |
         for attr in ("key", "path"):  # an object that refused its state names both (``_load.execute``)
             if isinstance(first.get(attr), str):
                 setattr(error, attr, first[attr])
-    error.ranks = ranks  # type: ignore[attr-defined]
+    if not isinstance(error, RankTimeoutError):  # its ranks are the late ones
+        error.ranks = ranks  # type: ignore[attr-defined]
     # Every file a rank found damaged, not only the first rank's: each process stops trusting them
     # (``_load.opened.distrust_damaged``).
     error.damaged_paths = sorted({f["path"] for f in failures.values()  # type: ignore[attr-defined]

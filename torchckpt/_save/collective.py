@@ -273,7 +273,9 @@ def finish(coord: Coordinator, storage: Storage, prepared: Prepared, progress: b
         assert stage is not None
         outcome = _commit(coord, stage, path, plan, prepared.section, captured, reports, after, warm_page_cache)
         coord.broadcast("outcome", dist_coordinator.encode(outcome))
-    else:
+    else:  # rank 0 commits meanwhile: lost now, the checkpoint may be committed or not
+        coord.consequence = (f"Rank 0 was committing {path} when it was lost, so it may be committed or not: "
+                             "latest_checkpoint() (or whether its index.json exists) says which.")
         outcome = dist_coordinator.decode(coord.broadcast("outcome", None, coord.outcome_timeout_secs))
     if "failures" in outcome:
         failures = {int(r): f for r, f in outcome["failures"].items()}
