@@ -7,6 +7,8 @@ a half-deleted one visible, a second writer is refused or detected, and every by
 
 from __future__ import annotations
 
+import errno
+import http.server
 import json
 import os
 import re
@@ -224,7 +226,6 @@ def test_a_shard_that_would_need_more_parts_than_s3_takes_goes_up_in_larger_ones
 
 def test_no_credentials_or_no_endpoint_is_a_typed_error_that_says_what_to_set(monkeypatch, capsys):
     pytest.importorskip("s3fs")
-    import errno
     import socket
 
     for name in [k for k in os.environ if k.startswith("AWS_")]:
@@ -246,6 +247,88 @@ def test_no_credentials_or_no_endpoint_is_a_typed_error_that_says_what_to_set(mo
         torchckpt.latest_checkpoint("s3://bucket/run", storage_options=unreachable)
     with pytest.raises(torchckpt.CheckpointWriteError, match=r"Cannot write checkpoint s3://bucket/c: Cannot reach"):
         torchckpt.Checkpoint(w=torch.ones(1)).write("s3://bucket/c", storage_options=unreachable)
+    with pytest.raises(torchckpt.CheckpointReadError, match=r"^No usable S3 credentials"):  # its claim's upload too
+        torchckpt.CheckpointManager(torchckpt.Checkpoint(w=torch.ones(1)), "s3://bucket/run", storage_options=endpoint)
+
+
+class DenyingS3(http.server.BaseHTTPRequestHandler):
+    """An S3 endpoint that answers every request 403, as for wrong credentials or a policy."""
+
+    def _answer(self) -> None:
+        self.close_connection = True  # a body the client sends is never read: each request on its own connection
+        body = b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
+        self.send_response(403)
+        self.send_header("Content-Length", str(0 if self.command == "HEAD" else len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _answer
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def denying_s3(monkeypatch):
+    """``storage_options`` for a :class:`DenyingS3` on a free port, stopped afterwards."""
+    pytest.importorskip("s3fs")
+    for name, value in {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_EC2_METADATA_DISABLED": "true",
+                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), DenyingS3)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield {"client_kwargs": {"endpoint_url": f"http://127.0.0.1:{server.server_address[1]}"},
+               "config_kwargs": {"retries": {"max_attempts": 1}}, "skip_instance_cache": True}
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def test_a_store_that_refuses_access_is_never_taken_for_no_checkpoint(denying_s3):
+    # wrong credentials (403): a caller that starts afresh on CheckpointNotFoundError must not
+    options = denying_s3
+    message = r"^The object store refused access to s3://bucket/run.*: the credentials in use may not read or write it"
+    for attempt in (lambda: torchckpt.latest_checkpoint("s3://bucket/run", storage_options=options),
+                    lambda: torchckpt.Checkpoint(w=torch.zeros(1)).restore("s3://bucket/run", storage_options=options),
+                    lambda: torchckpt.load_checkpoint("s3://bucket/run/ckpt-1", storage_options=options),
+                    lambda: torchckpt.CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), "s3://bucket/run",
+                                                        storage_options=options)):
+        with pytest.raises(torchckpt.CheckpointReadError, match=message) as info:
+            attempt()
+        assert info.value.errno == errno.EACCES and not isinstance(info.value, torchckpt.CheckpointNotFoundError)
+
+
+def test_a_connection_lost_while_a_file_object_uploads_is_a_typed_write_error():
+    # small objects (the index, a claim) go up through the filesystem's own file objects: their
+    # close() raises the SDK's error, which must come out typed like the filesystem's own calls
+    botocore = pytest.importorskip("botocore.exceptions")
+    fsspec = pytest.importorskip("fsspec")
+    from fsspec.implementations.memory import MemoryFile, MemoryFileSystem
+
+    class DroppedFile(MemoryFile):
+        def close(self) -> None:
+            raise botocore.ConnectionClosedError(endpoint_url=f"http://127.0.0.1/{self.path}")
+
+    class DroppingFileSystem(MemoryFileSystem):
+        protocol = "droptest"
+        store: dict = {}
+        pseudo_dirs = [""]
+
+        def _open(self, path, mode="rb", **kwargs):
+            if "b" in mode and mode[0] in "wx":
+                return DroppedFile(self, path)
+            return super()._open(path, mode, **kwargs)
+
+    fsspec.register_implementation("droptest", DroppingFileSystem, clobber=True)
+    with pytest.raises(torchckpt.CheckpointWriteError, match=r"^Cannot write checkpoint droptest://run/c: Cannot reach "
+                                                              r"the object store .*Check the endpoint"):
+        torchckpt.Checkpoint(w=torch.ones(1)).write("droptest://run/c")
+    with pytest.raises(torchckpt.CheckpointWriteError, match=r"Cannot reach the object store"):
+        torchckpt.CheckpointManager(torchckpt.Checkpoint(w=torch.ones(1)), "droptest://run/m")
 
 
 # -- two writers ----------------------------------------------------------------------------------

@@ -96,8 +96,9 @@ class FsspecStorage:
     def __init__(self, fs: Any, protocol: str, *, part_bytes: int = upload.PART_BYTES, max_parts: int = upload.MAX_PARTS,
                  read_part_min: int = READ_PART_MIN, read_part_max: int = READ_PART_MAX,
                  lease_secs: float = storage_lease.LEASE_SECS, warned: set[str] | None = None) -> None:
-        self.fs = sdk_errors.Translating(fs)  # missing credentials, an unreachable endpoint: OSErrors
         self.protocol = protocol
+        # missing credentials, an unreachable endpoint, a refused request: OSErrors, never "absent"
+        self.fs = sdk_errors.Translating(fs, object_store=protocol in _OBJECT_STORES)
         self.part_bytes = part_bytes
         self.max_parts = max_parts
         self.read_part_min, self.read_part_max = read_part_min, read_part_max

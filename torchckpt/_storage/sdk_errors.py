@@ -7,7 +7,10 @@ is a ``PermissionError``, a missing key a ``FileNotFoundError``), but not all: m
 machine, not with a checkpoint, so they become a :class:`CheckpointReadError` (an ``OSError``
 with ``EACCES`` or ``ECONNREFUSED``) saying what to set: never "not found" (the storage's
 predicates let it through), never "damage" (which a manager would record and fall back past); a
-save reports it as a ``CheckpointWriteError``.
+save reports it as a ``CheckpointWriteError``. On an object store a refused request (wrong
+credentials, a policy that does not allow it: s3fs's ``PermissionError``) is such a cause too,
+and is never taken for an absent object. Files a filesystem opens (a small object's upload)
+raise through the same translation as its own methods.
 """
 
 from __future__ import annotations
@@ -24,9 +27,19 @@ _CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError", "CredentialRetr
                 "NoAuthTokenError", "UnauthorizedSSOTokenError", "TokenRetrievalError")
 
 
-def store_error(error: BaseException) -> CheckpointReadError | None:
-    """``error`` as a :class:`CheckpointReadError` when it is botocore's missing credentials or a
-    connection that failed; None for anything else (raised as it is)."""
+def store_error(error: BaseException, object_store: bool = True, path: str | None = None) -> CheckpointReadError | None:
+    """``error`` as a :class:`CheckpointReadError` when it is botocore's missing credentials, a
+    connection that failed, or (``object_store``) a request the store refused (to ``path``, where
+    the error does not say); None for anything else (raised as it is)."""
+    if isinstance(error, CheckpointReadError):
+        return None
+    if isinstance(error, PermissionError) and object_store:
+        path = error.filename or path
+        return CheckpointReadError(
+            f"The object store refused access{f' to {path}' if path else ''} ({error.strerror or error}): the "
+            "credentials in use may not read or write it. Check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
+            "AWS_PROFILE), or pass storage_options={'key': ..., 'secret': ...}; for a public bucket, {'anon': True}.",
+            path, errno.EACCES)
     if isinstance(error, OSError):
         return None
     try:
@@ -48,34 +61,48 @@ def store_error(error: BaseException) -> CheckpointReadError | None:
 
 
 @contextlib.contextmanager
-def translating() -> Iterator[None]:
-    """Around calls into a filesystem: :func:`store_error` of what they raise, chained to it."""
+def translating(object_store: bool = True, path: str | None = None) -> Iterator[None]:
+    """Around calls into a filesystem (on ``path``): :func:`store_error` of what they raise, chained to it."""
     try:
         yield
     except Exception as e:
-        translated = store_error(e)
+        translated = store_error(e, object_store, path)
         if translated is None:
             raise
         raise translated from e
 
 
 class Translating:
-    """A filesystem whose methods raise :func:`store_error` of its SDK's errors (its other attributes,
-    its event loop for one, pass through as they are)."""
+    """A filesystem (or a file it opened) whose methods raise :func:`store_error` of its SDK's
+    errors; what ``open`` returns is translated too (its other attributes, the filesystem's event
+    loop for one, pass through as they are). ``object_store``: a refused request is the store's
+    refusal (credentials, policy), not a file's permissions."""
 
-    def __init__(self, fs: Any) -> None:
+    def __init__(self, fs: Any, object_store: bool = True) -> None:
         self.wrapped = fs
+        self.object_store = object_store
 
     def __getattr__(self, name: str) -> Any:
-        if name == "wrapped":  # not set yet (a copy or an unpickling in progress): no recursion
+        if name in ("wrapped", "object_store"):  # not set yet (a copy or an unpickling in progress): no recursion
             raise AttributeError(name)
         value = getattr(self.wrapped, name)
         if not callable(value):
             return value
+        object_store = self.object_store
 
         @functools.wraps(value)
         def call(*args: Any, **kwargs: Any) -> Any:
-            with translating():
-                return value(*args, **kwargs)
+            with translating(object_store, args[0] if args and isinstance(args[0], str) else None):
+                result = value(*args, **kwargs)
+            return Translating(result, object_store) if name == "open" else result
 
         return call
+
+    def __enter__(self) -> Translating:  # a file opened by ``open``
+        with translating(self.object_store):
+            self.wrapped.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> Any:  # closing a file uploads it
+        with translating(self.object_store):
+            return self.wrapped.__exit__(*exc)
