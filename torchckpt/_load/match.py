@@ -65,12 +65,6 @@ class Matcher:
             plan.report.missing_keys.append(key)
             plan.report.skipped_objects[key] = saved.reason
             return
-        inside = _missing_inside(saved, key) if type(saved) in (dict, list, tuple) else None
-        if inside is not None:  # a per-rank value within a plain one: the whole value is assigned, or none
-            where, missing = inside
-            plan.report.missing_keys.append(where)
-            plan.report.skipped_objects[key] = f"{where}: {missing.reason}; {key} was left as it is, as a whole"
-            return
         nested = self.tracking.nested(value)
         if isinstance(value, tree.PerRank):
             self.value(key, value.value, saved, lambda v: setattr(value, "value", v))
@@ -89,6 +83,12 @@ class Matcher:
             plan_stateful(key, value, saved, plan)
         elif self.tracking.is_trackable(value) and isinstance(value, (dict, list)):
             self._container(key, value, saved)
+        elif (inside := _missing_inside(saved)) is not None:  # a per-rank value within a plain one: all or none
+            where = key
+            for part in reversed(inside[0]):
+                where = keypath.join(where, keypath.key_part(part))
+            plan.report.missing_keys.append(where)
+            plan.report.skipped_objects[key] = f"{where}: {inside[1].reason}; {key} was left as it is, as a whole"
         else:
             plan_value(key, saved, assign, plan)
 
@@ -138,14 +138,15 @@ def _is_plain_part(key: Any) -> bool:
     return type(key) is str and "~" not in key and keypath.SEP not in key
 
 
-def _missing_inside(saved: Any, key: str) -> tuple[str, tree.MissingPerRank] | None:
-    """The key path and marker of a per-rank value within ``saved`` that this rank has no copy of
-    (``tree.select_rank`` on more ranks than saved), or None."""
+def _missing_inside(saved: Any) -> tuple[list[Any], tree.MissingPerRank] | None:
+    """The keys (innermost first) and marker of a per-rank value within the plain value ``saved``
+    that this rank has no copy of (``tree.select_rank`` on more ranks than saved), or None."""
     if isinstance(saved, tree.MissingPerRank):
-        return key, saved
+        return [], saved
     items = saved.items() if isinstance(saved, dict) else enumerate(saved) if isinstance(saved, (list, tuple)) else ()
     for k, v in items:
-        found = _missing_inside(v, keypath.join(key, keypath.key_part(k)))
+        found = _missing_inside(v)
         if found is not None:
+            found[0].append(k)
             return found
     return None
