@@ -421,3 +421,84 @@ def info(start: int, dtype: torch.dtype = torch.float32, shape: tuple[int, ...] 
 ], ids=["aligned", "misaligned", "aligned bf16", "empty", "chunked"])
 def test_which_saved_tensors_can_be_views(saved, expected):
     assert mapped.viewable(saved) is (expected and sys.byteorder == "little")
+
+
+# -- what the report says is what happened (found by a probe of unusual modules) -----------------
+
+
+class ExportsCalibration(torch.nn.Module):
+    """A state-dict hook adds a key no parameter holds and no loader reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 2)
+        self.calib = torch.zeros(2)
+        self._register_state_dict_hook(ExportsCalibration.export)
+
+    @staticmethod
+    def export(module, state, prefix, local_metadata):
+        state[prefix + "calib"] = module.calib.clone()
+
+
+def test_a_key_a_state_dict_hook_adds_that_no_loader_takes_is_unexpected_not_restored(tmp_path):
+    saved = ExportsCalibration()
+    saved.calib = torch.tensor([3.0, 4.0])
+    path = torchckpt.Checkpoint(model=saved).write(tmp_path / "c")
+    target, twin = ExportsCalibration(), ExportsCalibration()
+    report = restore(target, path)
+    assert twin.load_state_dict(torchckpt.load_state(path)["model"], strict=False).unexpected_keys == ["calib"]
+    assert report.unexpected_keys == ["model/calib"] and "model/calib" not in report.restored_keys
+    assert sorted(report.restored_keys) == ["model/lin.bias", "model/lin.weight"]
+
+
+def test_a_meta_module_with_its_own_loader_restored_without_assign_is_reported_missing(tmp_path):
+    # a batch norm's loader copies into meta tensors without a word (torch only warns): not restored
+    path = torchckpt.Checkpoint(model=torch.nn.BatchNorm1d(3)).write(tmp_path / "c")
+    with torch.device("meta"):
+        target = torch.nn.BatchNorm1d(3)
+    status = torchckpt.Checkpoint(model=target).read(path).expect_partial()
+    keys = ["model/bias", "model/num_batches_tracked", "model/running_mean", "model/running_var", "model/weight"]
+    assert sorted(status.report.meta_keys) == keys and sorted(status.report.missing_keys) == keys
+    assert status.report.restored_keys == []
+    with pytest.raises(torchckpt.RestoreMismatchError, match="on the meta device"):
+        status.assert_consumed()
+    with torch.device("meta"):
+        assigned = torch.nn.BatchNorm1d(3)
+    torchckpt.Checkpoint(model=assigned).read(path, assign=True).assert_consumed()
+    assert not assigned.weight.is_meta
+
+
+def test_a_child_named_module_is_not_taken_for_a_ddp_wrapper(tmp_path):
+    class Saved(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.module = torch.nn.Linear(3, 3)
+
+    class Target(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.module = torch.nn.Linear(3, 3, bias=False)
+            self.bias = torch.nn.Parameter(torch.zeros(3))  # its own offset, not the Linear's bias
+
+    path = torchckpt.Checkpoint(model=Saved()).write(tmp_path / "c")
+    target = Target()
+    report = restore(target, path)
+    assert report.missing_keys == ["model/bias"] and report.unexpected_keys == ["model/module.bias"]
+    assert not report.remapped_keys and torch.equal(target.bias, torch.zeros(3))
+    wrapped = torch.nn.Sequential()  # a real wrapper's keys still pair: every key under module.
+    wrapped.module = Target()
+    assert not restore(Target(), torchckpt.Checkpoint(model=wrapped).write(tmp_path / "ddp"))
+
+
+def test_a_lazy_module_restores_from_a_materialised_checkpoint_and_an_unmaterialised_one_is_refused(tmp_path):
+    torch.manual_seed(0)
+    trained = torch.nn.LazyLinear(3)
+    trained(torch.ones(1, 4))
+    path = torchckpt.Checkpoint(model=trained).write(tmp_path / "c")
+    fresh = torch.nn.LazyLinear(3)
+    torchckpt.Checkpoint(model=fresh).read(path).assert_consumed()
+    assert_same_state(fresh, trained)
+    with pytest.raises(torchckpt.UnsupportedStateError, match=r"'model/weight': it is an uninitialized parameter of a "
+                                                              r"lazy module .* run one forward pass first\.$") as info:
+        torchckpt.Checkpoint(model=torch.nn.LazyLinear(3)).write(tmp_path / "lazy")
+    assert info.value.key == "model/weight"

@@ -41,6 +41,9 @@ def unsupported_reason(t: torch.Tensor, allow_meta: bool = False) -> str | None:
     one gives an address that holds nothing (DTensor's is 0) or raises.
     """
     plain = type(t) is torch.Tensor or type(t) is torch.nn.Parameter and not getattr(t, "_is_flat_param", False)
+    if not plain and torch.nn.parameter.is_lazy(t):  # most methods raise on one
+        return ("an uninitialized parameter of a lazy module (nn.LazyLinear and the like), with no shape or data "
+                "yet: run one forward pass first")
     if plain and t.layout is _STRIDED and not t.is_meta:  # the common case, in a few calls
         try:
             if t.data_ptr() or not t.numel():

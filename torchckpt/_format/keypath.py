@@ -55,13 +55,14 @@ def split(name: str) -> list[str]:
     return name.split(SEP)
 
 
-def canonical_module_key(key: str) -> str:
-    """A module's state-dict key without DDP's leading ``module.`` and ``torch.compile``'s
-    ``_orig_mod.`` parts: ``module._orig_mod.net.0.weight`` -> ``net.0.weight``."""
+def canonical_module_key(key: str, ddp: bool = True) -> str:
+    """A module's state-dict key without ``torch.compile``'s ``_orig_mod.`` parts and (``ddp``)
+    DDP's leading ``module.``: ``module._orig_mod.net.0.weight`` -> ``net.0.weight``."""
     parts = [p for p in key.split(".") if p != "_orig_mod"]
-    while len(parts) > 1 and parts[0] == "module":
+    while ddp and len(parts) > 1 and parts[0] == "module":
         parts.pop(0)
     return ".".join(parts)
+
 
 
 def display(path: str) -> str:

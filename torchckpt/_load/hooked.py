@@ -206,9 +206,14 @@ class HookedLoad:
         if other:
             raise CheckpointError(f"load_state_dict of {name!r} reported: {' '.join(other)} The checkpoint does not "
                                   "fit this model's loaders; nothing in it is damaged.")
-        report.missing_keys.extend(keypath.join(name, keypath.escape_part(k)) for k in missing)
+        # A loader that copied into a meta tensor (no assign) wrote nothing: torch only warns. Such a
+        # key is missing, as on the in-place path, and on the meta device.
+        on_meta = {prefix + k for prefix, m in _walk(self.module, "") for k, t in _own_tensors(m).items() if t.is_meta}
+        empty = [k for k in self.consumed if k in on_meta and k not in missing]
+        report.meta_keys.extend(keypath.join(name, keypath.escape_part(k)) for k in empty)
+        report.missing_keys.extend(keypath.join(name, keypath.escape_part(k)) for k in [*missing, *empty])
         report.unexpected_keys.extend(keypath.join(name, keypath.escape_part(k)) for k in unexpected)
-        unused = set(unexpected)
+        unused = set(unexpected) | set(empty)
         report.restored_keys.extend(full for key, full in self.consumed.items() if key not in unused)
 
     def _metadata(self) -> dict[str, Any]:

@@ -79,7 +79,11 @@ def _read_into(dest: torch.Tensor, saved: SavedTensor, plan: Plan) -> None:
 
 
 def check_destination(key: str, dest: torch.Tensor) -> None:
-    """Refuse, before anything changes, a destination the library cannot write as plain memory."""
+    """Refuse, before anything changes, a destination the library cannot write as plain memory. A
+    lazy module's uninitialized parameter is no destination: its load hook makes one of the saved
+    tensor (the module is restored as ``load_state_dict`` does, ``_load.hooked``)."""
+    if torch.nn.parameter.is_lazy(dest):
+        return
     if dist_dtensor.is_dtensor(dest):
         dist_dtensor.dtensor_box(dest, key)  # refuses a Partial placement
         _tensorio_check(key, dist_dtensor.local_of(dest))
@@ -140,24 +144,44 @@ def _shared_key(key: str, saved: SavedTensor) -> str:
 
 
 def _match_keys(saved_keys: Iterable[str], object_keys: Iterable[str]) -> dict[str, str]:
-    """Pair checkpoint keys with object keys: exactly, or through DDP / compile prefixes."""
-    object_keys = list(object_keys)
+    """Pair checkpoint keys with object keys: exactly, or through ``torch.compile``'s ``_orig_mod.``
+    parts and, where one side is DDP-wrapped and the other is not, DDP's leading ``module.`` (a
+    child named ``module`` is no wrapper: its keys pair only as they are)."""
+    saved_keys, object_keys = list(saved_keys), list(object_keys)
     known = set(object_keys)
     pairs = {k: k for k in saved_keys if k in known}
     left_saved = [k for k in saved_keys if k not in pairs]
     taken = set(pairs.values())
     left_object = [k for k in object_keys if k not in taken]
+    saved_ddp, object_ddp = _ddp_wrapped(saved_keys, object_keys), _ddp_wrapped(object_keys, saved_keys)
     by_canon: dict[str, list[str]] = {}
     for k in left_object:
-        by_canon.setdefault(keypath.canonical_module_key(k), []).append(k)
+        by_canon.setdefault(_unwrapped(k, object_ddp), []).append(k)
     saved_canon: dict[str, list[str]] = {}
     for k in left_saved:
-        saved_canon.setdefault(keypath.canonical_module_key(k), []).append(k)
+        saved_canon.setdefault(_unwrapped(k, saved_ddp), []).append(k)
     for canon, keys in saved_canon.items():
         candidates = by_canon.get(canon, [])
         if len(keys) == 1 and len(candidates) == 1:
             pairs[keys[0]] = candidates[0]
     return pairs
+
+
+def _unwrapped(key: str, ddp: bool) -> str:
+    """``key`` without ``torch.compile``'s ``_orig_mod.`` parts and (``ddp``) one leading ``module.``."""
+    key = keypath.canonical_module_key(key, ddp=False)
+    return key[len("module."):] if ddp and key.startswith("module.") else key
+
+
+def _ddp_wrapped(keys: list[str], other: list[str]) -> bool:
+    """Whether ``keys`` are a DDP wrapper's against ``other``: every one under a leading ``module.``,
+    and more of them name an ``other`` key without it than with it (a child named ``module`` is no
+    wrapper: its keys already name the other side's as they are)."""
+    keys = [keypath.canonical_module_key(k, ddp=False) for k in keys]
+    if not keys or not all(k.startswith("module.") for k in keys):
+        return False
+    known = {keypath.canonical_module_key(k, ddp=False) for k in other}
+    return sum(k[len("module."):] in known for k in keys) > sum(k in known for k in keys)
 
 
 def plan_module(name: str, module: torch.nn.Module, saved: Any, plan: Plan) -> None:
@@ -187,6 +211,7 @@ def plan_module(name: str, module: torch.nn.Module, saved: Any, plan: Plan) -> N
     pairs = _match_keys(list(saved), list(current))
     via_load: dict[str, Any] = {}
     via_assign: dict[str, Any] = {}
+    restored_as: dict[str, tuple[str, str]] = {}  # a key of via_load -> its checkpoint key, and as reported restored
     for saved_key, value in saved.items():
         full = keypath.join(name, keypath.escape_part(saved_key))
         object_key = pairs.get(saved_key)
@@ -219,12 +244,27 @@ def plan_module(name: str, module: torch.nn.Module, saved: Any, plan: Plan) -> N
         else:
             via_load[object_key] = _rebuild(value, full, _fresh_reader(plan))
         plan.report.restored_keys.append(_shared_key(full, value) if _is_saved(value) else full)
+        if object_key in via_load:
+            restored_as[object_key] = (full, plan.report.restored_keys[-1])
     matched = {k for k in pairs.values() if not _is_meta(current[k]) or k in via_assign} | found.kept
     plan.report.missing_keys.extend(keypath.join(name, keypath.escape_part(k)) for k in current if k not in matched)
     if via_load:
-        plan.loads.append((name, lambda: module.load_state_dict(via_load, strict=False)))
+        plan.loads.append((name, lambda: _load_the_rest(module, via_load, restored_as, plan.report)))
     if via_assign:
         plan.loads.append((name, lambda: module.load_state_dict(via_assign, strict=False, assign=True)))
+
+
+def _load_the_rest(module: torch.nn.Module, via_load: dict[str, Any], restored_as: dict[str, tuple[str, str]],
+                   report: MismatchReport) -> None:
+    """``load_state_dict`` of the entries that alias no parameter or buffer (extra state, what a
+    state-dict hook adds); one it does not take (a hook's key no loader reads) is unexpected, as in
+    torch, not restored."""
+    result = module.load_state_dict(via_load, strict=False)
+    for key in result.unexpected_keys:
+        full, reported = restored_as.get(key, (key, key))
+        if reported in report.restored_keys:
+            report.restored_keys.remove(reported)
+        report.unexpected_keys.append(full)
 
 
 def _plan_hooked(name: str, module: torch.nn.Module, saved: dict[str, Any], current: list[str], plan: Plan) -> None:

@@ -21,13 +21,12 @@ from torchckpt.errors import UnsupportedStateError
 def check_tensor(name: str, t: torch.Tensor) -> None:
     reason = _tensorio.unsupported_reason(t)
     if reason is not None:
-        raise UnsupportedStateError(
-            f"Cannot save tensor {name!r}: it is {reason}. torchckpt saves plain tensors and DTensors (FSDP2, "
-            "tensor parallel; on several ranks, by a collective save); convert this one to either first (for "
-            "FSDP1, switch to FSDP2's fully_shard, or save a full state dict).",
-            key=name,
-            value_type=type(t),
-        )
+        advice = "" if torch.nn.parameter.is_lazy(t) else (
+            " torchckpt saves plain tensors and DTensors (FSDP2, tensor parallel; on several ranks, by a collective "
+            "save); convert this one to either first (for FSDP1, switch to FSDP2's fully_shard, or save a full "
+            "state dict).")
+        raise UnsupportedStateError(f"Cannot save tensor {name!r}: it is {reason}.{advice}", key=name,
+                                    value_type=type(t))
     if t.layout != torch.strided or t.is_meta or t.is_nested or t.is_quantized:
         raise UnsupportedStateError(
             f"Cannot save tensor {name!r}: {t.layout} / meta / nested / quantized tensors are not "
