@@ -30,6 +30,9 @@ from torchckpt import _threads
 from torchckpt._save import capture
 
 _writers: weakref.WeakSet[AsyncWriter] = weakref.WeakSet()
+# A writer with a save in flight is held here until it ends, though its checkpoint was dropped (a
+# Checkpoint local to a function that returned): interpreter exit finds it in ``_writers`` and waits.
+_in_flight: set[AsyncWriter] = set()
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # anything else is laid out anew, and checked
 _ALIGNMENT = 64  # every group's region starts on a cache line (and so on any element size)
@@ -58,8 +61,9 @@ class Staging:
         group_of: dict[Any, int] = {}
         members: list[list[str]] = []
         # Per tensor, what a later save must match to reuse this layout: name, dtype, shape, off the
-        # CPU, address (so that aliases are the same ones), and its group (-1 for an alias: not copied).
-        self.plan: list[tuple[str, torch.dtype, torch.Size, bool, int, int]] = []
+        # CPU, address, strides and conj/neg flags (what decided which ones are aliases: ``w.t()`` at
+        # ``w``'s address is no alias of ``w``), and its group (-1 for an alias: not copied).
+        self.plan: list[tuple[str, torch.dtype, torch.Size, bool, int, tuple[int, ...], tuple[bool, bool], int]] = []
         for name, t in tensors.items():
             on_device = not t.is_cpu
             g = -1
@@ -69,7 +73,8 @@ class Staging:
                 if g == len(members):
                     members.append([])
                 members[g].append(name)
-            self.plan.append((name, t.dtype, t.shape, on_device, t.data_ptr(), g))
+            self.plan.append((name, t.dtype, t.shape, on_device, t.data_ptr(), t.stride(), (t.is_conj(), t.is_neg()),
+                              g))
         sizes = [sum(stored[n].nbytes for n in names) for names in members]
         total = sum(-(-size // _ALIGNMENT) * _ALIGNMENT for size in sizes)
         pin = any(t.is_cuda for t in stored.values())
@@ -97,19 +102,20 @@ class Staging:
     def copy_from(self, tensors: dict[str, torch.Tensor]) -> bool:
         """Copy ``tensors`` into the views, or return False if they do not fit this layout.
 
-        Fitting means the same names in the same order, each with the same dtype, shape, device
-        and address as when the layout was made: then the same tensors are stored and the same
-        ones are aliases, and every check ``prepare_tensors`` made still holds.
+        Fitting means the same names in the same order, each with the same dtype, shape, device,
+        address, strides and conj/neg flags as when the layout was made: then the same tensors are
+        stored and the same ones are aliases, and every check ``prepare_tensors`` made still holds.
         """
         if len(tensors) != len(self.plan):
             return False
         sources: list[list[torch.Tensor]] = [[] for _ in self.groups]
         strided = torch.strided
         try:
-            for (name, dtype, shape, on_device, address, index), (key, src) in zip(self.plan, tensors.items()):
+            for (name, dtype, shape, on_device, address, strides, flagged, index), (key, src) in zip(self.plan,
+                                                                                                  tensors.items()):
                 if (key != name or type(src) not in _PLAIN or src.dtype is not dtype or src.layout is not strided
-                        or src.shape != shape
-                        or src.is_cpu == on_device or src.data_ptr() != address):
+                        or src.shape != shape or src.is_cpu == on_device or src.data_ptr() != address
+                        or src.stride() != strides or (src.is_conj(), src.is_neg()) != flagged):
                     return False
                 if index >= 0:
                     sources[index].append(src)
@@ -227,8 +233,11 @@ class AsyncWriter:
         self.wait()
         self._done.clear()
         self._path = path
-        self._worker.submit(functools.partial(_run, job, self._done, self._failure))  # no reference to self
-        if _exiting:  # nothing will wait for it later: the process is going away
+        _in_flight.add(self)
+        # The job and this writer travel in a list the run empties: once the save ends, the worker
+        # thread holds neither (the writer may then be collected, and its thread end with it).
+        self._worker.submit(functools.partial(_run, [job, self], self._done, self._failure))
+        if _exiting or not threading.main_thread().is_alive():  # exiting: nothing will wait for it later
             self.wait()
 
     def wait(self) -> None:
@@ -238,19 +247,27 @@ class AsyncWriter:
             raise self._failure.pop()
 
 
-def _run(job: Callable[[], None], done: threading.Event, failure: list[BaseException]) -> None:
-    """Run ``job`` on the worker, record its failure, signal completion."""
+def _run(held: list[Any], done: threading.Event, failure: list[BaseException]) -> None:
+    """Run the job of ``held`` (``[job, writer]``) on the worker, record its failure, let go of
+    both, then signal completion: whatever the job held (a dropped manager, its tensors) is freed
+    here before anyone waiting (interpreter exit) goes on."""
+    job, writer = held
+    held.clear()
     try:
         job()
     except BaseException as e:  # noqa: BLE001 - kept and re-raised on the caller's thread
         failure[:] = [e]
     finally:
+        del job
+        _in_flight.discard(writer)
+        del writer
         done.set()
 
 
 def _after_fork_in_child() -> None:
     """A forked child does not wait for a save the parent had in flight (the parent's threads do
     not exist in the child; the child's own start on first use)."""
+    _in_flight.clear()
     for writer in list(_writers):
         writer._done.set()
 
