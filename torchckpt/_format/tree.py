@@ -376,10 +376,8 @@ def decode(node: Any, trie: Trie | str | None, resolve: Callable[[str], Any], pa
         raise _corrupt(path, "a tensor is stored where the state tree has a plain value")
     if isinstance(node, list):
         sub = trie or {}
-        items = [decode(v, sub.get(str(i)), resolve, join(path, str(i)), depth) for i, v in enumerate(node)]
-        if sub:
-            _all_placed(sub, map(str, range(len(node))), path)
-        return items
+        return _all_placed([decode(v, sub.get(str(i)), resolve, join(path, str(i)), depth) for i, v in enumerate(node)],
+                           sub, map(str, range(len(node))), path)
     if trie:
         raise _corrupt(path, "tensors are stored under a plain value")
     if node is None or isinstance(node, (bool, int, float, str)):
@@ -447,10 +445,8 @@ def _decode_tagged(tag: str, payload: Any, trie: Trie | str | None, resolve: Cal
         return float(payload)
     if tag == "@tuple" and isinstance(payload, list):
         sub = trie or {}
-        items = tuple(decode(v, sub.get(str(i)), resolve, join(path, str(i)), depth) for i, v in enumerate(payload))
-        if sub:
-            _all_placed(sub, map(str, range(len(payload))), path)
-        return items
+        return _all_placed(tuple(decode(v, sub.get(str(i)), resolve, join(path, str(i)), depth)
+                                 for i, v in enumerate(payload)), sub, map(str, range(len(payload))), path)
     if tag in _DICT_TYPES and isinstance(payload, list):
         sub = trie or {}
         out: dict[Any, Any] = _DICT_TYPES[tag]()
@@ -469,9 +465,7 @@ def _decode_tagged(tag: str, payload: Any, trie: Trie | str | None, resolve: Cal
             if tag == "@counter" and type(item) not in (int, float, bool):
                 raise _corrupt(path, "a Counter's values must be numbers")
             out[key] = item
-        if sub:
-            _all_placed(sub, parts, path)
-        return out
+        return _all_placed(out, sub, parts, path)
     if trie:
         raise _corrupt(path, "tensors are stored under a plain value")
     if tag == "@size" and isinstance(payload, list) and all(type(d) is int and -MAX_INT <= d < MAX_INT for d in payload):
@@ -492,13 +486,14 @@ def _decode_tagged(tag: str, payload: Any, trie: Trie | str | None, resolve: Cal
     raise _corrupt(path, f"bad tagged value {tag!r}")
 
 
-def _all_placed(sub: Trie, parts: Iterable[str], path: str) -> None:
-    """Refuse tensors stored below ``path`` at a position its container lacks (an index past a
-    list's end, a key no ``@dict`` pair has): decoding would drop them without a word, where a plain
-    dict's missing key is refused as it is met."""
-    unplaced = set(sub).difference(parts)
+def _all_placed(value: Any, sub: Trie, parts: Iterable[str], path: str) -> Any:
+    """``value``, the container decoded at ``path`` from positions ``parts``, once no tensor is
+    stored below it at a position it lacks (an index past a list's end, a key no ``@dict`` pair has):
+    decoding would drop those without a word, where a plain dict's missing key is refused as met."""
+    unplaced = set(sub).difference(parts) if sub else ()
     if unplaced:
         raise _corrupt(join(path, min(unplaced)), "tensors are stored under a key the state tree lacks")
+    return value
 
 
 def _corrupt(path: str, what: str) -> CorruptCheckpointError:
