@@ -37,8 +37,9 @@ def store_error(error: BaseException, object_store: bool = True, path: str | Non
         path = error.filename or path
         return CheckpointReadError(
             f"The object store refused access{f' to {path}' if path else ''} ({error.strerror or error}): the "
-            "credentials in use may not read or write it. Check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
-            "AWS_PROFILE), or pass storage_options={'key': ..., 'secret': ...}; for a public bucket, {'anon': True}.",
+            "credentials in use may not read or write it. Check them (for S3: AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or storage_options={'key': ..., 'secret': ...}; for a public "
+            "bucket, {'anon': True}).",
             path, errno.EACCES)
     if isinstance(error, OSError):
         return None
