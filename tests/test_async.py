@@ -388,3 +388,24 @@ def test_an_async_save_whose_checkpoint_was_dropped_still_lands_before_exit(tmp_
         torchckpt.Checkpoint(w=target).read(path).assert_consumed()
         assert torch.all(target == 3.0)
         shutil.rmtree(path)
+
+
+def test_an_async_save_in_a_multiprocessing_child_lands_before_the_child_exits(tmp_path):
+    # a fork-context child ends with os._exit once its target returns: no atexit hook runs there
+    code = (
+        "import multiprocessing, sys, torch, torchckpt\n"
+        "def target(directory):\n"
+        "    m = torchckpt.CheckpointManager(torchckpt.Checkpoint(w=torch.full((2_000_000,), 3.0)), directory,\n"
+        "                                    async_save=True)\n"
+        "    m.save()\n"
+        "if __name__ == '__main__':\n"
+        "    child = multiprocessing.get_context('fork').Process(target=target, args=(sys.argv[1],))\n"
+        "    child.start()\n"
+        "    child.join(100)\n"
+        "    sys.exit(child.exitcode)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and not out.stderr, (out.returncode, out.stderr)
+    target = torch.zeros(2_000_000)
+    torchckpt.Checkpoint(w=target).restore(torchckpt.latest_checkpoint(tmp_path)).assert_consumed()
+    assert torch.all(target == 3.0)

@@ -234,6 +234,7 @@ class AsyncWriter:
         self._done.clear()
         self._path = path
         _in_flight.add(self)
+        _wait_in_a_multiprocessing_child()
         # The job and this writer travel in a list the run empties: once the save ends, the worker
         # thread holds neither (the writer may then be collected, and its thread end with it).
         self._worker.submit(functools.partial(_run, [job, self], self._done, self._failure))
@@ -262,6 +263,26 @@ def _run(held: list[Any], done: threading.Event, failure: list[BaseException]) -
         _in_flight.discard(writer)
         del writer
         done.set()
+
+
+_finalized_in: int | None = None  # the process whose multiprocessing finalizers wait for its saves
+
+
+def _wait_in_a_multiprocessing_child() -> None:
+    """In a ``multiprocessing`` child, have its exit wait for the saves in flight: the fork and
+    forkserver methods end a child with ``os._exit`` once its target returns, which runs no
+    ``atexit`` hook, only multiprocessing's own finalizers (``multiprocessing.util.Finalize``)."""
+    global _finalized_in
+    pid = os.getpid()
+    if _finalized_in == pid:
+        return
+    mp = sys.modules.get("multiprocessing")  # never imported: this is no multiprocessing child
+    if mp is None or mp.parent_process() is None:
+        return
+    from multiprocessing import util
+
+    util.Finalize(None, _wait_for_all, exitpriority=0)
+    _finalized_in = pid
 
 
 def _after_fork_in_child() -> None:
