@@ -77,8 +77,7 @@ def get_checkpoint_state(directory: str | os.PathLike[str], *,
         return [join(root, e.name) for e in entries if history_members.is_member(root, e.name, storage)]
 
     kept = [e for e in state.checkpoints if history_members.is_member(root, e.name, storage)]
-    intact = [e for e in kept if e.name not in state.damaged]  # a damaged checkpoint is never best
-    best = best_entries(intact, 1, state.best_metric, state.best_mode) if state.best_metric else []
+    best = best_entries(kept, 1, state.best_metric, state.best_mode, state.damaged) if state.best_metric else []
     metrics = {join(root, e.name): dict(e.metrics) for e in [*state.checkpoints, *state.preserved]
                if e.metrics and history_members.is_member(root, e.name, storage)}
     return CheckpointState(

@@ -68,8 +68,7 @@ class Ledger:
 
     def best(self) -> str | None:
         """The name of the kept checkpoint with the best metric, or None."""
-        intact = [e for e in self.kept if e.name not in self.damaged]
-        best = best_entries(intact, 1, self.ranking.best_metric, self.ranking.best_mode)
+        best = best_entries(self.kept, 1, self.ranking.best_metric, self.ranking.best_mode, self.damaged)
         return best[0].name if best else None
 
     def state(self) -> State:

@@ -46,9 +46,12 @@ def metric_value(entry: Entry, metric: str | MetricFn | None) -> float | None:
     return None if value is None or not math.isfinite(value) else value
 
 
-def best_entries(entries: Sequence[Entry], k: int, metric: str | MetricFn | None, mode: str) -> list[Entry]:
-    """The ``k`` best entries by metric (ties: the newer one wins), best first."""
-    scored = [(v, i, e) for i, e in enumerate(entries) if (v := metric_value(e, metric)) is not None]
+def best_entries(entries: Sequence[Entry], k: int, metric: str | MetricFn | None, mode: str,
+                 damaged: Collection[str] = ()) -> list[Entry]:
+    """The ``k`` best entries by metric (ties: the newer one wins), best first; one ``damaged``
+    names (a restore found it damaged) is never best."""
+    scored = [(v, i, e) for i, e in enumerate(entries)
+              if e.name not in damaged and (v := metric_value(e, metric)) is not None]
     sign = 1.0 if mode == "min" else -1.0
     scored.sort(key=lambda item: (sign * item[0], -item[1]))
     return [e for _, _, e in scored[:k]]
@@ -82,7 +85,7 @@ def plan_retention(
         start = next((i for i, e in enumerate(entries) if e is last[0]), 0) if last else 0  # none intact: all stay
         keep |= {id(e) for e in entries[start:]}
     if keep_best:
-        keep |= {id(e) for e in best_entries(intact, keep_best, best_metric, best_mode)}
+        keep |= {id(e) for e in best_entries(entries, keep_best, best_metric, best_mode, damaged)}
     kept, delete, preserve = [], [], []
     lpt = last_preserved_timestamp
     for entry in entries:
