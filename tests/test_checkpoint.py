@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,18 @@ def test_unsupported_dtype_is_refused(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("make, says", [
+    (lambda: torch.zeros(2).to_sparse(), r"torch\.sparse_coo tensor.*`\.to_dense\(\)`"),
+    (lambda: torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.qint8), r"quantized tensor.*`\.dequantize\(\)`"),
+    (lambda: torch.nested.nested_tensor([torch.ones(2), torch.ones(3)]), r"nested tensor.*`\.to_padded_tensor\(0\)`"),
+    (lambda: torch.empty(2, device="meta"), r"on the meta device \(it has no data\)\. Materialise it first"),
+], ids=["sparse", "quantized", "nested", "meta"])
+def test_a_tensor_safetensors_cannot_store_is_refused_saying_what_it_is_and_how_to_convert_it(tmp_path, make, says):
+    with pytest.raises(UnsupportedStateError, match=r"^Cannot save tensor 'w': it is (a )?" + says) as info:
+        torchckpt.Checkpoint(w=make()).write(tmp_path / "c")
+    assert info.value.key == "w" and not os.listdir(tmp_path)
+
+
 def test_tensor_kinds_zero_dim_empty_noncontiguous_views(tmp_path):
     base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
     values = {
@@ -169,6 +182,34 @@ def test_nested_checkpoints_dicts_and_lists(tmp_path):
     assert fresh.models["b"][1] == 7
     for x, y in zip(outer.models["b"][0].parameters(), fresh.models["b"][0].parameters()):
         assert torch.equal(x, y)
+
+
+def test_tuples_of_tensors_and_modules_are_restored_in_place_as_lists_are(tmp_path):
+    ema = (torch.ones(2), torch.nn.Parameter(torch.full((1,), 2.0)))  # e.g. EMA shadows the training code also holds
+    path = torchckpt.Checkpoint(ema=ema, pair=(make_mlp(1), 7), nested={"t": (torch.ones(1), "a")}).write(tmp_path / "c")
+    w, p, model, t = torch.zeros(2), torch.nn.Parameter(torch.zeros(1)), make_mlp(2), torch.zeros(1)
+    fresh = torchckpt.Checkpoint(ema=(w, p), pair=(model, 0), nested={"t": (t, "b")})
+    fresh.read(path).assert_consumed()
+    assert fresh.ema[0] is w and fresh.ema[1] is p and type(fresh.ema) is tuple
+    assert torch.equal(w, ema[0]) and torch.equal(p, ema[1]) and p.requires_grad
+    assert fresh.pair[0] is model and fresh.pair[1] == 7 and type(fresh.pair) is tuple  # the plain item: a new tuple
+    assert fresh.nested["t"][0] is t and torch.equal(t, torch.ones(1)) and fresh.nested["t"][1] == "a"
+    for x, y in zip(make_mlp(1).parameters(), model.parameters()):
+        assert torch.equal(x, y)
+    on_meta = (torch.empty(2, device="meta"), torch.zeros(1))
+    fresh = torchckpt.Checkpoint(ema=on_meta)
+    fresh.read(path, assign=True).expect_partial()
+    assert torch.equal(fresh.ema[0], ema[0]) and fresh.ema[1] is on_meta[1] and torch.equal(on_meta[1], ema[1])
+
+
+def test_an_ordered_dict_holding_tensors_comes_back_an_ordered_dict_in_its_order(tmp_path):
+    cfg = OrderedDict(a=1, w=torch.ones(2), b=2)
+    path = torchckpt.Checkpoint(cfg=cfg).write(tmp_path / "c")
+    fresh = torchckpt.Checkpoint(cfg=None)
+    fresh.read(path).expect_partial()
+    assert type(fresh.cfg) is OrderedDict and list(fresh.cfg) == ["a", "w", "b"] and torch.equal(fresh.cfg["w"], cfg["w"])
+    loaded = torchckpt.load_state(path)["cfg"]
+    assert type(loaded) is OrderedDict and list(loaded) == ["a", "w", "b"]
 
 
 def test_optimizer_names_follow_the_contract(tmp_path, mlp, stepped_optimizer):

@@ -89,6 +89,8 @@ CASES = {
     "metadata-not-a-dict": lambda i: i["torchckpt"].update(metadata=[1, 2]),
     "optimizer-groups-not-dicts": lambda i: state(i)["opt"].update(param_groups=[1, 2]),
     "shard-size-string": lambda i: i["torchckpt"]["shards"][0].update(size="12"),
+    "module-versions-not-ints": lambda i: i["torchckpt"].update(module_versions={"model": {"0": "2"}}),
+    "module-versions-not-a-map": lambda i: i["torchckpt"].update(module_versions={"model": [2]}),
     "two-shards-one-file": lambda i: i["torchckpt"]["shards"].append(dict(i["torchckpt"]["shards"][0], tensors=0)),
 }
 

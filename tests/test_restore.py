@@ -279,3 +279,94 @@ def test_param_ids_with_an_unhashable_element_scan_as_a_list():
 
     ids = ParamIds([1, [2]])
     assert [2] in ids and 1 in ids and 3 not in ids
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: torch.optim.AdamW(p, lr=0.01, fused=True),
+    lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9, fused=True),
+    lambda p: torch.optim.Adam(p, lr=0.01, foreach=True),
+], ids=["adamw-fused", "sgd-fused", "adam-foreach"])
+def test_a_channels_last_model_resumes_bit_exact_into_a_fresh_optimizer(tmp_path, make):
+    """Fused kernels read a parameter and its state as flat buffers of one layout: the state of a
+    channels_last weight, which the optimizer never made (it never stepped), must be channels_last."""
+    def build(seed):
+        torch.manual_seed(seed)
+        model = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+        return model, make(model.parameters())
+
+    def step(model, opt, i):
+        x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(i)).to(memory_format=torch.channels_last)
+        opt.zero_grad()
+        (model(x) ** 2).mean().backward()
+        opt.step()
+
+    model, opt = build(0)
+    for i in range(3):
+        step(model, opt, i)
+    path = torchckpt.Checkpoint(model=model, opt=opt).write(tmp_path / "c")
+    fresh, fresh_opt = build(1)
+    torchckpt.Checkpoint(model=fresh, opt=fresh_opt).read(path).assert_consumed()
+    assert all(v.stride() == fresh.weight.stride() for v in fresh_opt.state[fresh.weight].values() if v.dim() == 4)
+    for i in range(3, 6):
+        step(model, opt, i)
+        step(fresh, fresh_opt, i)
+    for a, b in zip(model.parameters(), fresh.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_an_optimizer_that_stepped_restored_from_one_that_did_not_is_exact_and_reports_nothing_missing(tmp_path):
+    """``load_state_dict`` replaces an optimizer's state whole: after the restore it has state for
+    exactly the parameters the checkpoint has state for, as torch's own round trip gives."""
+    model = make_mlp(0)
+    never_stepped = torch.optim.Adam(model.parameters())
+    path = torchckpt.Checkpoint(opt=never_stepped).write(tmp_path / "c")
+    stepped = torch.optim.Adam(make_mlp(1).parameters())
+    stepped.param_groups[0]["params"][0].grad = torch.ones_like(stepped.param_groups[0]["params"][0])
+    stepped.step()
+    status = torchckpt.Checkpoint(opt=stepped).read(path).assert_consumed()
+    assert not status.report.missing_keys and not stepped.state
+
+
+class _Untied(torch.nn.Module):
+    def __init__(self, seed: int, tie: bool = False, own_loader: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.head = (_OwnLoader if own_loader else torch.nn.Linear)(4, 5, bias=False)  # registered first
+        self.emb = torch.nn.Embedding(5, 4)
+        if tie:
+            self.head.weight = self.emb.weight
+
+
+class _OwnLoader(torch.nn.Linear):
+    def _load_from_state_dict(self, *args):  # restored through load_state_dict semantics (_load.hooked)
+        super()._load_from_state_dict(*args)
+
+
+@pytest.mark.parametrize("own_loader", [False, True], ids=["in-place", "hooked"])
+def test_an_untied_checkpoint_into_tied_weights_keeps_the_value_load_state_dict_keeps(tmp_path, own_loader):
+    saved = _Untied(0, own_loader=own_loader)
+    path = torchckpt.Checkpoint(model=saved).write(tmp_path / "c")
+    target, twin = _Untied(1, tie=True, own_loader=own_loader), _Untied(1, tie=True, own_loader=own_loader)
+    twin.load_state_dict(torchckpt.load_state(path)["model"])  # copies head.weight, then emb.weight: emb's wins
+    report = torchckpt.Checkpoint(model=target).read(path).expect_partial().report
+    assert torch.equal(target.emb.weight, saved.emb.weight) and torch.equal(target.emb.weight, twin.emb.weight)
+    assert target.head.weight is target.emb.weight
+    if not own_loader:  # the value that was not used is reported (load_state_dict's own semantics say nothing)
+        assert report.unexpected_keys == ["model/head.weight"] and report.restored_keys == ["model/emb.weight"]
+
+
+def test_tied_weights_from_a_tied_checkpoint_and_parameters_of_one_buffer_restore_every_key(tmp_path):
+    saved = _Untied(0, tie=True)
+    path = torchckpt.Checkpoint(model=saved).write(tmp_path / "c")
+    target = _Untied(1, tie=True)
+    torchckpt.Checkpoint(model=target).read(path).assert_consumed()
+    assert torch.equal(target.emb.weight, saved.emb.weight) and target.head.weight is target.emb.weight
+    flat = torch.arange(8.0)
+    layer = torch.nn.Module()
+    layer.a, layer.b = torch.nn.Parameter(flat[:4]), torch.nn.Parameter(flat[4:])  # one storage, two tensors
+    path = torchckpt.Checkpoint(model=layer).write(tmp_path / "flat")
+    buffer = torch.zeros(8)
+    fresh = torch.nn.Module()
+    fresh.a, fresh.b = torch.nn.Parameter(buffer[:4]), torch.nn.Parameter(buffer[4:])
+    torchckpt.Checkpoint(model=fresh).read(path).assert_consumed()
+    assert torch.equal(buffer, flat)

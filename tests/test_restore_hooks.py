@@ -9,6 +9,7 @@ import hashlib
 import os
 import sys
 import uuid
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from torchckpt._format.chunks import ChunkedInfo
 from torchckpt._format.dtypes import TensorInfo
 from torchckpt._load import hooked, mapped
 
-from .conftest import train_step
+from .conftest import read_index, train_step, write_index
 
 
 def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -502,3 +503,100 @@ def test_a_lazy_module_restores_from_a_materialised_checkpoint_and_an_unmaterial
                                                               r"lazy module .* run one forward pass first\.$") as info:
         torchckpt.Checkpoint(model=torch.nn.LazyLinear(3)).write(tmp_path / "lazy")
     assert info.value.key == "model/weight"
+
+
+# -- module versions: a loader that migrates old checkpoints by ``_version`` ---------------------------------
+
+
+class MigratesByVersion(torch.nn.Linear):
+    """A layer whose version 1 stored ``weight`` transposed; its loader migrates such checkpoints, as
+    torch's own versioned modules do (``local_metadata["version"]``, from ``state_dict()``'s ``_metadata``)."""
+
+    _version = 2
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args):
+        self.seen = local_metadata.get("version")
+        if self.seen is None or self.seen < 2:
+            state_dict[prefix + "weight"] = state_dict[prefix + "weight"].t()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+
+def versioned_model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(MigratesByVersion(3, 3), torch.nn.BatchNorm1d(3))
+
+
+def test_a_versioned_loader_sees_the_version_the_checkpoint_was_saved_with(tmp_path):
+    saved = versioned_model(0)
+    path = torchckpt.Checkpoint(model=saved).write(tmp_path / "c")
+    assert read_index(path)["torchckpt"]["module_versions"] == {"model": {"0": 2, "1": 2}}
+    target, twin = versioned_model(1), versioned_model(1)
+    twin.load_state_dict(saved.state_dict())  # torch: the state dict's _metadata says version 2, nothing migrates
+    torchckpt.Checkpoint(model=target).read(path).assert_consumed()
+    assert target[0].seen == twin[0].seen == 2
+    assert_same_state(target, saved) and assert_same_state(twin, saved)
+
+
+def test_versions_follow_a_rename_and_a_ddp_prefix(tmp_path):
+    wrapped = torch.nn.Sequential()
+    wrapped.module = versioned_model(0)  # saved as DDP saves: module.0.weight
+    path = torchckpt.Checkpoint(net=wrapped).write(tmp_path / "c")
+    target = versioned_model(1)
+    status = torchckpt.Checkpoint(model=target).read(path, rename={"net": "model"})
+    status.assert_consumed()
+    assert target[0].seen == 2
+    assert_same_state(target, wrapped.module)
+
+
+def test_a_checkpoint_without_versions_hands_loaders_none_as_a_state_dict_without_metadata(tmp_path):
+    saved = versioned_model(0)
+    path = torchckpt.Checkpoint(model=saved).write(tmp_path / "c")
+    index = read_index(path)
+    del index["torchckpt"]["module_versions"]  # as torchckpt 0.1.0 wrote it
+    write_index(path, index)
+    target = versioned_model(1)
+    torchckpt.Checkpoint(model=target).read(path).assert_consumed()
+    assert target[0].seen is None and torch.equal(target[0].weight, saved[0].weight.t())  # migrated, as torch would
+
+
+def test_save_state_and_load_state_keep_a_state_dicts_versions(tmp_path):
+    saved = versioned_model(0)
+    for i, state in enumerate([{"model": saved.state_dict(), "step": 3}, saved.state_dict()]):
+        loaded = torchckpt.load_state(torchckpt.save_state(state, tmp_path / str(i)))
+        model_state = loaded.get("model", loaded)
+        assert model_state._metadata == {"": {"version": 1}, "0": {"version": 2}, "1": {"version": 2}}
+        target = versioned_model(1)
+        target.load_state_dict(model_state)
+        assert target[0].seen == 2
+        assert_same_state(target, saved)
+    loaded = torchckpt.load_state(torchckpt.Checkpoint(model=saved).write(tmp_path / "ckpt"))
+    assert type(loaded["model"]) is OrderedDict and loaded["model"]._metadata["0"] == {"version": 2}
+
+
+def test_a_batch_norm_saved_at_version_2_without_its_count_reports_it_missing_as_torch(tmp_path):
+    saved = torch.nn.Sequential(torch.nn.BatchNorm1d(3))
+    state = saved.state_dict()
+    del state["0.num_batches_tracked"]  # the OrderedDict keeps its _metadata: version 2
+    path = torchckpt.save_state({"model": state}, tmp_path / "c")
+    twin = torch.nn.Sequential(torch.nn.BatchNorm1d(3))
+    expected = twin.load_state_dict(state, strict=False)
+    report = restore(torch.nn.Sequential(torch.nn.BatchNorm1d(3)), path)
+    assert expected.missing_keys == ["0.num_batches_tracked"] and report.missing_keys == ["model/0.num_batches_tracked"]
+
+
+def test_a_ddp_wrapped_checkpoint_of_a_model_with_a_child_named_module_pairs_every_key_unwrapped(tmp_path):
+    class Model(torch.nn.Module):  # a parameter beside a child named ``module`` (as AveragedModel has)
+        def __init__(self, seed: int) -> None:
+            super().__init__()
+            torch.manual_seed(seed)
+            self.weight = torch.nn.Parameter(torch.randn(3, 3))
+            self.module = torch.nn.Linear(3, 3)
+
+    saved = Model(0)
+    wrapper = torch.nn.Sequential()
+    wrapper.module = saved  # as DDP wraps it: module.weight, module.module.weight, module.module.bias
+    target = Model(1)
+    report = torchckpt.Checkpoint(model=target).read(torchckpt.Checkpoint(model=wrapper).write(tmp_path / "c"))\
+        .assert_consumed().report
+    assert_same_state(target, saved)
+    assert report.remapped_keys["model/module.weight"] == "model/weight"

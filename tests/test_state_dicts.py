@@ -62,9 +62,9 @@ def test_per_rank_values_saved_by_one_process_come_back_as_their_values(tmp_path
     path = torchckpt.Checkpoint(x=(torchckpt.PerRank(3), 1, t), y={"a": [torchckpt.PerRank(t)]}).write(tmp_path / "c")
     assert_same(torchckpt.load_state(path), {"x": (3, 1, t), "y": {"a": [t]}})
     assert torchckpt.load_checkpoint(path).get_value("x") == (3, 1, torchckpt.TensorSpec("x/2", t.dtype, t.shape))
-    with pytest.raises(torchckpt.UnsupportedStateError, match="Cannot save 'pair/0'") as info:  # an object in a tuple:
-        torchckpt.Checkpoint(pair=(torch.nn.Linear(2, 2), 1)).write(tmp_path / "m")  # still refused, not unwrapped
-    assert info.value.key == "pair/0"
+    linear = torch.nn.Linear(2, 2)  # an object in a tuple is tracked, as in a list: its state dict is saved
+    pair = torchckpt.load_state(torchckpt.Checkpoint(pair=(linear, 1)).write(tmp_path / "m"))["pair"]
+    assert type(pair) is tuple and pair[1] == 1 and torch.equal(pair[0]["weight"], linear.weight)
 
 
 def test_tied_tensors_come_back_as_one_tensor(tmp_path):

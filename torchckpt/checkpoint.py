@@ -10,6 +10,7 @@ with its full key path, before anything is written.
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +29,7 @@ from torchckpt._load.plan import Plan
 from torchckpt._load.rename import Rename, Renamer, call_argument
 from torchckpt._load.report import MismatchReport
 from torchckpt._paths import as_path, join, name_of, parent_of
+from torchckpt._save import capture as save_capture
 from torchckpt._save import plan as save_plan
 from torchckpt._save import saver
 from torchckpt._save.background import AsyncWriter  # imported with the package: its exit hook must be registered early
@@ -231,7 +233,7 @@ class Checkpoint:
 
     def _source(self) -> saver.Source:
         return saver.Source(self._state, self._objects, self._async_writer, self.wait_until_finished,
-                            lambda: frozen_groups(self._tracked))
+                            lambda: frozen_groups(self._tracked), lambda: save_capture.module_versions(_modules(self._tracked)))
 
     def _async_writer(self) -> AsyncWriter:
         writer: AsyncWriter | None = self._writer
@@ -430,9 +432,11 @@ def _state_of(value: Any, distributed: bool = False) -> Any:
     if is_stateful(value):
         return value.state_dict()
     if isinstance(value, dict) and _is_trackable(value):
-        return {k: _state_of(v, distributed) for k, v in value.items()}
-    if isinstance(value, list) and _is_trackable(value):
-        return [_state_of(v, distributed) for v in value]
+        pairs = ((k, _state_of(v, distributed)) for k, v in value.items())
+        return OrderedDict(pairs) if type(value) is OrderedDict else dict(pairs)
+    if (isinstance(value, list) or type(value) is tuple) and _is_trackable(value):
+        items = [_state_of(v, distributed) for v in value]
+        return items if isinstance(value, list) else tuple(items)
     return value if distributed else without_per_rank(value)  # a PerRank in a plain value (a tuple)
 
 
@@ -444,7 +448,7 @@ def frozen_groups(tracked: dict[str, Any]) -> dict[int, int]:
     own). Shards of them are reused by an incremental save; a tensor that changes anyway costs
     its shard."""
     found: dict[int, int] = {}
-    for module in _modules(tracked):
+    for _, module in _modules(tracked):
         for sub in module.modules():
             params = list(sub.parameters(recurse=False))
             frozen = [p for p in params if not p.requires_grad]
@@ -455,17 +459,20 @@ def frozen_groups(tracked: dict[str, Any]) -> dict[int, int]:
     return found
 
 
-def _modules(value: Any) -> list[torch.nn.Module]:
-    """The modules among tracked values (in nested checkpoints, dicts and lists too)."""
+def _modules(value: Any, key: str = "") -> list[tuple[str, torch.nn.Module]]:
+    """The modules among tracked values (in nested checkpoints, dicts, lists and tuples too), with
+    the key each is matched by on restore (``_load.match``); other leaves cost one check each."""
     if isinstance(value, torch.nn.Module):
-        return [value]
+        return [(key, value)]
+    if isinstance(value, format_tree.PerRank):
+        return _modules(value.value, key)
     if isinstance(value, Checkpoint):
         value = value._tracked
-    if isinstance(value, dict):
-        return [m for v in value.values() for m in _modules(v)]
-    if isinstance(value, list):
-        return [m for v in value for m in _modules(v)]
-    return []
+    items: Any = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    return [m for k, v in items if isinstance(v, _HOLDERS) for m in _modules(v, keypath.join(key, keypath.key_part(k)))]
+
+
+_HOLDERS = (torch.nn.Module, Checkpoint, format_tree.PerRank, dict, list, tuple)  # what may hold a module
 
 
 def _nested(value: Any) -> dict[str, Any] | None:

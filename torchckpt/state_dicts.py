@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections import OrderedDict
 from typing import Any
 
 import torch
 
 from torchckpt._dist import coordinator as dist_coordinator
-from torchckpt._format import spec
+from torchckpt._format import keypath, spec
 from torchckpt._format.per_rank import without_per_rank
 from torchckpt._paths import as_path, is_url
+from torchckpt._save import capture as save_capture
 from torchckpt._save import saver
 from torchckpt._save.background import AsyncWriter
 from torchckpt._save.options import SaveOptions, save_arguments
@@ -104,7 +106,7 @@ def _save_plain(state: dict[str, Any], path: str, max_shard_size: int | str, pro
                                       replace=replace)
         objects = {k: kind_of(v) for k, v in state.items()}
         source = saver.Source(lambda distributed: dict(state) if distributed else without_per_rank(state), lambda: objects,
-                              AsyncWriter, lambda: None)
+                              AsyncWriter, lambda: None, versions=lambda: save_capture.state_dict_versions(state) or None)
         saver.save(source, storage, path, coord, options)
 
 
@@ -120,8 +122,14 @@ def load_state(path: str | os.PathLike[str], *, map_location: str | torch.device
     - a ``.safetensors`` file or a Hugging Face folder: tensor name -> tensor.
 
     ``path`` may also be a manager's directory (its latest checkpoint). Every tensor is checked
-    against its checksum as it is read; tensors that were tied when saved (one storage under two
-    names) come back as one tensor under both names.
+    against its checksum as it is read; tensors that were tied when saved (the same view of one
+    storage under two names) come back as one tensor under both names. A module's state dict
+    (one a ``Checkpoint`` saved, or a ``state_dict()`` given to :func:`save_state`) comes back as
+    an ``OrderedDict`` with the ``_metadata`` ``load_state_dict`` reads its modules' versions
+    from. Tensors come back as plain, contiguous tensors without ``requires_grad``, as
+    ``safetensors.torch.load_file`` gives them: an ``nn.Parameter`` or another subclass comes
+    back as a ``torch.Tensor``, and views of one storage at other offsets or shapes as separate
+    tensors.
 
     Args:
         path: a checkpoint, a directory of checkpoints, a ``.safetensors`` file or a Hugging Face
@@ -150,7 +158,46 @@ def load_state(path: str | os.PathLike[str], *, map_location: str | torch.device
     state = _with_tensors(reader.get_state(), tensor)
     if isinstance(state, dict) and spec.SAVE_COUNTER not in _objects(reader):
         state.pop(spec.SAVE_COUNTER, None)
-    return state  # type: ignore[no-any-return]
+    versions = reader.index.module_versions() if reader.index is not None else None
+    return _with_metadata(state, versions) if versions else state
+
+
+def _with_metadata(state: dict[str, Any], versions: dict[str, dict[str, int | None]]) -> dict[str, Any]:
+    """``state`` with each module's state dict as ``state_dict()`` made it: an ``OrderedDict`` whose
+    ``_metadata`` gives every module its saved ``_version`` (``Index.module_versions``; the
+    modules' prefixes are found from the keys, with version 1 where none is recorded), which
+    ``load_state_dict`` hands to each module's loader."""
+    for key, recorded in versions.items():
+        parent, part, node = None, "", state
+        for part in (keypath.split(key) if key else []):
+            parent = node
+            node = _child(node, part)
+        if not isinstance(node, dict) or not all(type(k) is str for k in node):
+            continue  # not a state dict here (a damaged or renamed record): nothing to attach
+        out: OrderedDict[str, Any] = OrderedDict(node)
+        prefixes = {k.rsplit(".", n)[0] for k in node for n in range(1, k.count(".") + 1)} | {""} | set(recorded)
+        out._metadata = {p: {"version": recorded.get(p, 1)} for p in sorted(prefixes)}  # type: ignore[attr-defined]
+        if parent is None:
+            state = out
+        else:
+            _set_child(parent, part, out)
+    return state
+
+
+def _child(node: Any, part: str) -> Any:
+    """The value of ``node`` under the key path part ``part`` (None where there is none)."""
+    if isinstance(node, dict):
+        return next((v for k, v in node.items() if keypath.key_part(k) == part), None)
+    if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+        return node[int(part)]
+    return None
+
+
+def _set_child(node: Any, part: str, value: Any) -> None:
+    if isinstance(node, dict):
+        node[next(k for k in node if keypath.key_part(k) == part)] = value
+    elif isinstance(node, list):
+        node[int(part)] = value
 
 
 def _objects(reader: CheckpointReader) -> dict[str, str]:

@@ -142,19 +142,25 @@ def local_storage(t: torch.Tensor) -> int:
 
 def optimizer_destination(params: list[torch.Tensor], key: str, prefix: str,
                           saved: TensorInfo | ChunkedInfo) -> torch.Tensor | None:
-    """For optimizer state the optimizer does not have yet (it never stepped): a DTensor laid out
-    like its parameter (``params``: :func:`parameters_of`) when the parameter is one, so that each
-    rank reads only its part. None for plain parameters (a plain tensor is allocated, as in a
-    single process)."""
+    """For optimizer state the optimizer does not have yet (it never stepped): a tensor laid out
+    like its parameter (``params``: :func:`parameters_of`), where it has the parameter's shape.
+    For a DTensor parameter, a DTensor, so that each rank reads only its part. For a plain one
+    that is not contiguous (``channels_last``, a transposed view), a CPU tensor of its strides,
+    as ``torch.zeros_like(p)`` makes it when the optimizer steps: fused optimizers read a
+    parameter, its gradient and its state as flat buffers of one layout, and a contiguous
+    ``exp_avg`` of a ``channels_last`` weight would pair each element with another's moments.
+    None for other plain parameters (a contiguous tensor is allocated, as in a single process)."""
     parts = key[len(prefix) + 1:].split("/")
     if len(parts) != 3 or parts[0] != "state" or not parts[1].isdigit():
         return None
     index = int(parts[1])
-    if index >= len(params) or not is_dtensor(params[index]):
+    if index >= len(params):
         return None
     p: Any = params[index]
     if tuple(p.shape) != tuple(saved.shape):
         return None
+    if not is_dtensor(p):
+        return None if p.is_contiguous() else torch.empty_like(p, dtype=saved.dtype, device="cpu")
     from torch.distributed.tensor import DTensor
 
     box = dtensor_box(p, key)

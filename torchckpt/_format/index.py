@@ -162,6 +162,24 @@ class Index:
         """Stored tensor name -> shard file."""
         return dict(zip(self.names, file_of_each(self.shards)))
 
+    def module_versions(self) -> dict[str, dict[str, int | None]] | None:
+        """The saved modules' ``_version``s where not 1, by state dict's key and module prefix
+        (``_save.capture.module_versions``); None where the writer recorded none (no module, or
+        torchckpt 0.1.0 before the record existed).
+
+        Raises:
+            CorruptCheckpointError: the record is not a map of keys to maps of prefixes to
+                integers or null.
+        """
+        found = self.section.get(format_spec.MODULE_VERSIONS_KEY)
+        if found is None:
+            return None
+        if not (isinstance(found, dict) and all(isinstance(inner, dict) and all(
+                v is None or type(v) is int and -2**63 <= v < 2**63 for v in inner.values()) for inner in found.values())):
+            raise corrupt_index(self.directory, f"{format_spec.MODULE_VERSIONS_KEY!r} must map each key to a map of "
+                                                "module prefixes to integers or null")
+        return found
+
 
 def file_of_each(shards: list[dict[str, Any]]) -> Iterator[str]:
     """The shard file of each tensor of the table, in table order (the shards' records, in turn)."""

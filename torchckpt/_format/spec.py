@@ -32,6 +32,7 @@ OLD_MARKER = ".torchckpt-old-"  # on a file system: ``<name>.torchckpt-old-...``
 TORCHCKPT_KEY = "torchckpt"  # the index's own section, beside Hugging Face's keys
 WEIGHT_MAP_KEY = "weight_map"  # the index's Hugging Face map of tensor names to shard files
 MANAGER_KEY = "manager"  # in a checkpoint's metadata: the checkpoint_name of the manager that wrote it
+MODULE_VERSIONS_KEY = "module_versions"  # in the index's section: {state dict's key: {module prefix: _version}}, not 1s
 REUSED_KEY = "reused"  # in the index's section: {"base": checkpoint, "files": {file here: file there}} of an incremental save
 SAVE_COUNTER = "save_counter"  # a Checkpoint's counter, a top-level key of the saved state tree
 SHARD_SUFFIX = ".safetensors"

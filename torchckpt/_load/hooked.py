@@ -19,8 +19,11 @@ the tree exactly as ``Module.load_state_dict`` does (:class:`HookedLoad`), with 
 
 ``BatchNorm``'s own loader only fills a missing ``num_batches_tracked`` with the module's current
 value, so plain batch norms keep the in-place path with that rule reproduced (:attr:`Survey.kept`).
-The state dict handed to torch has no ``_metadata``, as after ``torch.load`` of a plain dict: each
-module sees ``local_metadata`` without a ``version``, exactly as ``model.load_state_dict(load_state(path)[name])``.
+Each module's loader sees the ``local_metadata`` ``load_state_dict`` would give it from the state
+dict ``state_dict()`` made at the save: ``{"version": v}``, ``v`` the ``_version`` its class had then
+(recorded in the index, ``_save.capture.module_versions``), so a class that migrates older
+checkpoints by version migrates only those. A checkpoint written before the record existed gives no
+``version``, as ``torch.load`` of a state dict that lost its ``_metadata`` does.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -75,15 +79,44 @@ class Survey:
     kept: frozenset[str]
 
 
-def survey(module: torch.nn.Module) -> Survey:
+Versions = dict[str, "int | None"]  # saved ``_version`` by state-dict prefix ("" the module itself), where not 1
+
+
+def survey(module: torch.nn.Module, versions: Versions | None = None) -> Survey:
     """Whether ``module`` must be restored with load_state_dict semantics, and what the in-place path
-    must reproduce when it is not."""
+    must reproduce when it is not (``versions``: as saved, None where not recorded)."""
     needs, kept = False, []
     for prefix, m in _walk(module, ""):
         needs = needs or _skipped_by_in_place(m)
         if type(m)._load_from_state_dict is _BATCH_NORM_LOAD and _tracks_batches(m):
-            kept.append(prefix + "num_batches_tracked")
+            version = _version_at(versions, prefix)
+            if version is None or version < 2:  # _NormBase fills it in for checkpoints before its version 2
+                kept.append(prefix + "num_batches_tracked")
     return Survey(needs, frozenset(kept))
+
+
+def _version_at(versions: Versions | None, prefix: str) -> int | None:
+    """The saved ``_version`` of the module at ``prefix`` (``"0.bn."``); None where not recorded."""
+    if versions is None:
+        return None
+    return versions.get(keypath.canonical_module_key(prefix[:-1]), 1)  # the keys are canonical (Plan.versions_of)
+
+
+def local_metadata(versions: Versions | None, prefix: str) -> dict[str, Any]:
+    """What ``load_state_dict`` hands the loader of the module at ``prefix`` from the saved state
+    dict's ``_metadata``: its saved version, where the checkpoint recorded versions."""
+    return {} if versions is None else {"version": _version_at(versions, prefix)}
+
+
+def versioned(state: dict[str, Any], module: torch.nn.Module, versions: Versions | None) -> dict[str, Any]:
+    """``state`` as ``load_state_dict(state)`` of ``module`` should see it: with the ``_metadata``
+    of the saved state dict, where the checkpoint recorded versions."""
+    if versions is None:
+        return state
+    out: OrderedDict[str, Any] = OrderedDict(state)
+    out._metadata = {prefix[:-1]: local_metadata(versions, prefix)  # type: ignore[attr-defined]
+                     for prefix, _ in _walk(module, "")}
+    return out
 
 
 def _walk(module: torch.nn.Module, prefix: str) -> Iterator[tuple[str, torch.nn.Module]]:
@@ -150,6 +183,7 @@ class HookedLoad:
 
     module: torch.nn.Module
     assign: bool = False
+    versions: Versions | None = None  # the saved ``_version``s (``survey``); None: not recorded
     entries: dict[str, Any] = field(default_factory=dict)
     consumed: dict[str, str] = field(default_factory=dict)
     own_keys: dict[str, tuple[str, torch.Tensor | None]] = field(default_factory=dict)
@@ -157,7 +191,7 @@ class HookedLoad:
     _kept: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
-        self._kept = survey(self.module).kept
+        self._kept = survey(self.module, self.versions).kept
         self.own_keys = dict(self._plain_region(self.module, ""))
 
     def _plain_region(self, m: torch.nn.Module, prefix: str) -> Iterator[tuple[str, tuple[str, torch.Tensor | None]]]:
@@ -216,8 +250,11 @@ class HookedLoad:
         unused = set(unexpected) | set(empty)
         report.restored_keys.extend(full for key, full in self.consumed.items() if key not in unused)
 
-    def _metadata(self) -> dict[str, Any]:
-        return {"assign_to_params_buffers": True} if self.assign else {}
+    def _metadata(self, prefix: str) -> dict[str, Any]:
+        metadata = local_metadata(self.versions, prefix)
+        if self.assign:
+            metadata["assign_to_params_buffers"] = True
+        return metadata
 
     def _load(self, m: torch.nn.Module, local: dict[str, Any], prefix: str,
               out: tuple[list[str], list[str], list[str]], fetch: Fetch) -> None:
@@ -229,7 +266,7 @@ class HookedLoad:
         missing, unexpected, errors = out
         late = self._later.get(prefix)
         if late:
-            m._load_from_state_dict(late, prefix, self._metadata(), True, [], [], errors)
+            m._load_from_state_dict(late, prefix, self._metadata(prefix), True, [], [], errors)
         own = _own_tensors(m)
         missing.extend(prefix + k for k in own if prefix + k not in local and prefix + k not in self._kept)
         extra = prefix + EXTRA_STATE
@@ -258,7 +295,7 @@ class HookedLoad:
                     out: tuple[list[str], list[str], list[str]]) -> None:
         """``Module.load_state_dict``'s inner ``load``, line for line."""
         missing, unexpected, errors = out
-        m._load_from_state_dict(local, prefix, self._metadata(), True, missing, unexpected, errors)
+        m._load_from_state_dict(local, prefix, self._metadata(prefix), True, missing, unexpected, errors)
         for name, child in m._modules.items():
             if child is not None:
                 child_prefix = prefix + name + "."

@@ -81,8 +81,8 @@ class Matcher:
             loaders.plan_restore(key, value, saved, plan)
         elif is_stateful(value):
             plan_stateful(key, value, saved, plan)
-        elif self.tracking.is_trackable(value) and isinstance(value, (dict, list)):
-            self._container(key, value, saved)
+        elif self.tracking.is_trackable(value) and (isinstance(value, (dict, list)) or type(value) is tuple):
+            self._container(key, value, saved, assign)
         elif (inside := _missing_inside(saved)) is not None:  # a per-rank value within a plain one: all or none
             where = key
             for part in reversed(inside[0]):
@@ -99,9 +99,13 @@ class Matcher:
         if saved is not MISSING:
             self.plan.report.unexpected_keys.extend(keypath.leaves(saved, key))
 
-    def _container(self, key: str, value: dict[Any, Any] | list[Any], saved: Any) -> None:
-        """Match a dict or list item by item, by key part (so an int key matches its saved digits)."""
+    def _container(self, key: str, value: dict[Any, Any] | list[Any] | tuple[Any, ...], saved: Any,
+                   assign: Callable[[Any], None]) -> None:
+        """Match a dict, list or tuple item by item, by key part (so an int key matches its saved
+        digits). A tuple's tensors and objects are restored in place, as a list's; an item it must
+        replace (a plain value, a tensor on the meta device) replaces the tuple through ``assign``."""
         report = self.plan.report
+        setter = _tuple_setter([value], assign) if type(value) is tuple else _item_setter
         saved_items: dict[str, Any] = {}
         if isinstance(saved, dict):
             saved_items = saved if all(map(_is_plain_part, saved)) else {keypath.key_part(k): v for k, v in saved.items()}
@@ -116,9 +120,9 @@ class Matcher:
             found = saved_items.get(part, MISSING)
             matched += found is not MISSING
             if isinstance(v, torch.Tensor):  # the common leaf, planned without building a setter (unless on meta)
-                plan_tensor(keypath.join(key, part), v, found, self.plan, _item_setter(value, k) if v.is_meta else None)
+                plan_tensor(keypath.join(key, part), v, found, self.plan, setter(value, k) if v.is_meta else None)
             else:
-                self.value(keypath.join(key, part), v, found, _item_setter(value, k))
+                self.value(keypath.join(key, part), v, found, setter(value, k))
         # Distinct items have distinct parts unless a dict mixes key types ({0: .., "0": ..}).
         is_dict = isinstance(value, dict)
         distinct = not is_dict or all(type(k) is str for k in value)
@@ -131,6 +135,19 @@ class Matcher:
 
 def _item_setter(container: Any, key: Any) -> Callable[[Any], None]:
     return lambda v: container.__setitem__(key, v)
+
+
+def _tuple_setter(current: list[tuple[Any, ...]], assign: Callable[[Any], None]) -> Callable[[Any, int], Callable[[Any], None]]:
+    """Setters for a tuple's items: each replaces the tuple (``current[0]``, shared by all of them,
+    so that several replacements compose) with one holding the new item, through ``assign``."""
+    def setter(_: Any, index: int) -> Callable[[Any], None]:
+        def set_item(v: Any) -> None:
+            items = list(current[0])
+            items[index] = v
+            current[0] = tuple(items)
+            assign(current[0])
+        return set_item
+    return setter
 
 
 def _is_plain_part(key: Any) -> bool:

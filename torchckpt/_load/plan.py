@@ -10,7 +10,7 @@ the planned tensors and runs the planned loads (``_load.execute``).
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +22,7 @@ from torchckpt._format import dtypes as format_dtypes
 from torchckpt._format import keypath
 from torchckpt._format.chunks import ChunkedInfo
 from torchckpt._format.dtypes import TensorInfo as SavedTensor  # where a saved tensor is: dtype, shape, checksum
-from torchckpt._load import hooked, optimizer
+from torchckpt._load import hooked, module_keys, optimizer, tied
 from torchckpt._load.report import MismatchReport
 from torchckpt.errors import (
     UnsupportedStateError,
@@ -45,6 +45,14 @@ class Plan:
     rank: int = 0  # the rank restoring (which per-rank values it takes)
     fetch: hooked.Fetch | None = None  # while the loads run: a hooked subtree's tensors, checked as the others
     fetches: bool = False  # a hooked module's load will fetch tensors (so every shard header is checked before reads)
+    versions: dict[str, dict[str, int | None]] | None = None  # saved ``_version``s (``Index.module_versions``)
+
+    def versions_of(self, name: str) -> dict[str, int | None] | None:
+        """The saved ``_version``s of the module matched as ``name`` and its submodules, where not 1,
+        by state-dict prefix without DDP's and ``torch.compile``'s parts (``_load.hooked``); None
+        where the checkpoint recorded none for it."""
+        found = None if self.versions is None else self.versions.get(name)
+        return None if found is None else {keypath.canonical_module_key(p): v for p, v in found.items()}
 
 
 SAVED = (SavedTensor, ChunkedInfo)  # what a tensor of the checkpoint resolves to: stored whole, or as chunks
@@ -143,47 +151,6 @@ def _shared_key(key: str, saved: SavedTensor) -> str:
     return saved.name if saved.name == key else key
 
 
-def _match_keys(saved_keys: Iterable[str], object_keys: Iterable[str]) -> dict[str, str]:
-    """Pair checkpoint keys with object keys: exactly, or through ``torch.compile``'s ``_orig_mod.``
-    parts and, where one side is DDP-wrapped and the other is not, DDP's leading ``module.`` (a
-    child named ``module`` is no wrapper: its keys pair only as they are)."""
-    saved_keys, object_keys = list(saved_keys), list(object_keys)
-    known = set(object_keys)
-    pairs = {k: k for k in saved_keys if k in known}
-    left_saved = [k for k in saved_keys if k not in pairs]
-    taken = set(pairs.values())
-    left_object = [k for k in object_keys if k not in taken]
-    saved_ddp, object_ddp = _ddp_wrapped(saved_keys, object_keys), _ddp_wrapped(object_keys, saved_keys)
-    by_canon: dict[str, list[str]] = {}
-    for k in left_object:
-        by_canon.setdefault(_unwrapped(k, object_ddp), []).append(k)
-    saved_canon: dict[str, list[str]] = {}
-    for k in left_saved:
-        saved_canon.setdefault(_unwrapped(k, saved_ddp), []).append(k)
-    for canon, keys in saved_canon.items():
-        candidates = by_canon.get(canon, [])
-        if len(keys) == 1 and len(candidates) == 1:
-            pairs[keys[0]] = candidates[0]
-    return pairs
-
-
-def _unwrapped(key: str, ddp: bool) -> str:
-    """``key`` without ``torch.compile``'s ``_orig_mod.`` parts and (``ddp``) one leading ``module.``."""
-    key = keypath.canonical_module_key(key, ddp=False)
-    return key[len("module."):] if ddp and key.startswith("module.") else key
-
-
-def _ddp_wrapped(keys: list[str], other: list[str]) -> bool:
-    """Whether ``keys`` are a DDP wrapper's against ``other``: every one under a leading ``module.``,
-    and more of them name an ``other`` key without it than with it (a child named ``module`` is no
-    wrapper: its keys already name the other side's as they are)."""
-    keys = [keypath.canonical_module_key(k, ddp=False) for k in keys]
-    if not keys or not all(k.startswith("module.") for k in keys):
-        return False
-    known = {keypath.canonical_module_key(k, ddp=False) for k in other}
-    return sum(k[len("module."):] in known for k in keys) > sum(k in known for k in keys)
-
-
 def plan_module(name: str, module: torch.nn.Module, saved: Any, plan: Plan) -> None:
     """Write matching tensors straight into the module's parameters and buffers.
 
@@ -202,15 +169,17 @@ def plan_module(name: str, module: torch.nn.Module, saved: Any, plan: Plan) -> N
     for key, tensor in current.items():
         if isinstance(tensor, torch.Tensor):
             check_destination(keypath.join(name, keypath.escape_part(key)), tensor)
-    found = hooked.survey(module)
+    found = hooked.survey(module, plan.versions_of(name))
     if found.needs_load_semantics:
-        _plan_hooked(name, module, saved, list(current), plan)
+        _plan_hooked(name, module, saved, current, plan)
         return
     storages = {dist_dtensor.local_storage(t) for t in [*module.parameters(), *module.buffers()]
                 if t.numel() and not t.is_meta}
-    pairs = _match_keys(list(saved), list(current))
+    pairs = module_keys.pair(list(saved), list(current))
     via_load: dict[str, Any] = {}
     via_assign: dict[str, Any] = {}
+    fed: dict[int, tied.Fed] = {}  # storage -> the first in-place read into it
+    shared: list[tied.Fed] = []  # reads into storages read into before
     restored_as: dict[str, tuple[str, str]] = {}  # a key of via_load -> its checkpoint key, and as reported restored
     for saved_key, value in saved.items():
         full = keypath.join(name, keypath.escape_part(saved_key))
@@ -231,8 +200,14 @@ def plan_module(name: str, module: torch.nn.Module, saved: Any, plan: Plan) -> N
         elif _is_saved(value) and isinstance(dest, torch.Tensor):
             if not _compatible(full, value, dest, plan.report, plan.cast):
                 continue
-            if dist_dtensor.is_dtensor(dest) or dest.numel() and dest.untyped_storage().data_ptr() in storages:
+            if dist_dtensor.is_dtensor(dest):
                 _read_into(dest, value, plan)
+            elif dest.numel() and (address := dest.untyped_storage().data_ptr()) in storages:
+                _read_into(dest, value, plan)
+                read = tied.Fed(object_key, full, value, dest)
+                first = fed.setdefault(address, read)
+                if first is not read:  # a storage read into twice: tied weights, or parameters of one buffer
+                    shared += [first, read]
             else:
                 fresh = torch.empty(value.shape, dtype=dest.dtype, device=dest.device)
                 _read_into(fresh, value, plan)
@@ -246,12 +221,27 @@ def plan_module(name: str, module: torch.nn.Module, saved: Any, plan: Plan) -> N
         plan.report.restored_keys.append(_shared_key(full, value) if _is_saved(value) else full)
         if object_key in via_load:
             restored_as[object_key] = (full, plan.report.restored_keys[-1])
+    if shared:
+        _drop_overwritten(tied.overwritten(shared, list(current)), plan)
     matched = {k for k in pairs.values() if not _is_meta(current[k]) or k in via_assign} | found.kept
     plan.report.missing_keys.extend(keypath.join(name, keypath.escape_part(k)) for k in current if k not in matched)
+    versions = plan.versions_of(name)
     if via_load:
-        plan.loads.append((name, lambda: _load_the_rest(module, via_load, restored_as, plan.report)))
+        plan.loads.append((name, lambda: _load_the_rest(module, hooked.versioned(via_load, module, versions),
+                                                        restored_as, plan.report)))
     if via_assign:
-        plan.loads.append((name, lambda: module.load_state_dict(via_assign, strict=False, assign=True)))
+        plan.loads.append((name, lambda: module.load_state_dict(hooked.versioned(via_assign, module, versions),
+                                                                strict=False, assign=True)))
+
+
+def _drop_overwritten(reads: list[tied.Fed], plan: Plan) -> None:
+    """Unschedule the reads ``tied.overwritten`` found: each key is unexpected, not restored."""
+    for read in reads:
+        buffers = {id(b) for d, b in plan.casts if d is read.dest}  # cast: read into a buffer, then copied
+        plan.reads[:] = [(d, v) for d, v in plan.reads if v is not read.saved or d is not read.dest and id(d) not in buffers]
+        plan.casts[:] = [(d, b) for d, b in plan.casts if d is not read.dest or id(b) not in buffers]
+        plan.report.restored_keys.remove(_shared_key(read.key, read.saved))
+        plan.report.unexpected_keys.append(read.key)
 
 
 def _load_the_rest(module: torch.nn.Module, via_load: dict[str, Any], restored_as: dict[str, tuple[str, str]],
@@ -267,14 +257,17 @@ def _load_the_rest(module: torch.nn.Module, via_load: dict[str, Any], restored_a
         report.unexpected_keys.append(full)
 
 
-def _plan_hooked(name: str, module: torch.nn.Module, saved: dict[str, Any], current: list[str], plan: Plan) -> None:
+def _plan_hooked(name: str, module: torch.nn.Module, saved: dict[str, Any], current: dict[str, Any], plan: Plan) -> None:
     """Plan ``module``'s restore through load_state_dict semantics (``_load.hooked``). Keys outside
     every hooked subtree keep :func:`plan_module`'s rules (in place; mismatches reported, left as they
-    are); the others go to torch's loaders, read when the walk reaches them. Missing and unexpected
-    keys are torch's, known once the hooks have run."""
-    load = hooked.HookedLoad(module, plan.assign)
+    are), except a tensor tied to another (one tensor under two keys), which torch's default loader
+    fills when the walk reaches its module, so that the key torch reaches last wins, as in
+    ``load_state_dict``; the others go to torch's loaders, read when the walk reaches them. Missing
+    and unexpected keys are torch's, known once the hooks have run."""
+    load = hooked.HookedLoad(module, plan.assign, plan.versions_of(name))
     plan.fetches = True
-    pairs = _match_keys(list(saved), current)
+    pairs = module_keys.pair(list(saved), list(current))
+    tied_views = tied.repeated_views(current.values())
     for saved_key, value in saved.items():
         full = keypath.join(name, keypath.escape_part(saved_key))
         key = pairs.get(saved_key, saved_key)  # unmatched keys keep their name: a pre-hook may rename them
@@ -290,9 +283,10 @@ def _plan_hooked(name: str, module: torch.nn.Module, saved: dict[str, Any], curr
         elif not _is_saved(value):  # a plain value where a tensor belongs: left out, so also missing
             plan.report.unexpected_keys.extend(_saved_leaf_keys(value, full))
             restored = False
-        elif owner[1].is_meta:
-            plan.report.meta_keys.append(target)
-            restored = plan.assign and _compatible(full, value, owner[1], plan.report, plan.cast)
+        elif owner[1].is_meta or tied_views and tied.view_of(owner[1]) in tied_views:
+            if owner[1].is_meta:
+                plan.report.meta_keys.append(target)
+            restored = (plan.assign or not owner[1].is_meta) and _compatible(full, value, owner[1], plan.report, plan.cast)
             if restored:
                 fresh = torch.empty(value.shape, dtype=owner[1].dtype)
                 _read_into(fresh, value, plan)
@@ -371,7 +365,11 @@ def plan_stateful(name: str, obj: Any, saved: Any, plan: Plan) -> None:
         return
     new_state = _rebuild(saved, name, destination)
     plan.reads.extend(reads)
-    plan.report.missing_keys.extend(_unfilled(current_leaves, saved_leaves))
+    unfilled = _unfilled(current_leaves, saved_leaves)
+    if isinstance(obj, torch.optim.Optimizer):  # load_state_dict replaces its state whole: what the checkpoint
+        state = keypath.join(name, "state") + keypath.SEP  # has no state for, it has none for after the restore
+        unfilled = [k for k in unfilled if not k.startswith(state)]
+    plan.report.missing_keys.extend(unfilled)
     plan.report.restored_keys.extend(_shared_key(k, v) if _is_saved(v) else k
                                      for k, v in saved_leaves.items())
     if isinstance(obj, torch.optim.Optimizer):

@@ -23,7 +23,8 @@ from torchckpt._format import keypath
 from torchckpt._load.report import MismatchReport
 from torchckpt.errors import RenameConflictError, format_keys
 
-__all__ = ["Rename", "RenameConflictError", "Renamed", "Renamer", "apply", "call_argument", "prefix_matches"]
+__all__ = ["Rename", "RenameConflictError", "Renamed", "Renamer", "apply", "call_argument", "module_versions",
+           "prefix_matches"]
 
 Rename = Mapping[str, str] | Callable[[str], "str | None"]
 """What ``restore(..., rename=...)`` takes: ``{checkpoint prefix: object prefix}``, or a function from
@@ -165,6 +166,29 @@ def apply(renamer: Renamer, saved: dict[str, Any], keep: str) -> Renamed:
         out.state = _Mover(targets, out).run(saved)
         if out.moved:
             out.kept = {k for k in leaves if k not in targets}
+    return out
+
+
+def module_versions(renamer: Renamer, versions: dict[str, dict[str, int | None]] | None,
+                    ) -> dict[str, dict[str, int | None]] | None:
+    """The saved modules' ``_version``s (``Index.module_versions``) under the renamed keys: a
+    module's key and each submodule's key (``model/encoder.layer``) are renamed as a value's key
+    would be. A rename function names leaf keys only, so it cannot be asked about a module's key:
+    then None, as for a checkpoint without the record."""
+    if versions is None or renamer.function is not None:
+        return None
+    out: dict[str, dict[str, int | None]] = {}
+    for key, inner in versions.items():
+        new, _ = renamer.match(key)
+        if new is None:
+            continue
+        moved = out.setdefault(new, {})
+        for prefix, version in inner.items():
+            full, _ = renamer.match(keypath.join(key, keypath.escape_part(prefix)) if prefix else key)
+            if full == new:
+                moved[""] = version
+            elif full is not None and full.startswith(new + keypath.SEP) and keypath.SEP not in full[len(new) + 1:]:
+                moved[keypath.unescape_part(full[len(new) + 1:])] = version
     return out
 
 

@@ -142,10 +142,12 @@ def _plan(target: Target, index: format_index.Index, shards: opened.OpenShards, 
     infos = opened.read_shard_headers(index, shards, deferred=deferred)
     saved = opened.state_tree(index, infos.__getitem__, plan.rank)
     del infos
+    plan.versions = index.module_versions()
     renamed = None
     if target.rename is not None:  # the same on every rank: each renames the tree it restores from
         renamed = rename.apply(target.rename, saved, SAVE_COUNTER)
         saved = renamed.state
+        plan.versions = rename.module_versions(target.rename, plan.versions)
     Matcher(plan, target.tracking).checkpoint(target.tracked, saved, "", SAVE_COUNTER)
     if renamed is not None:
         renamed.annotate(plan.report)

@@ -6,6 +6,7 @@ that are views of one stored tensor (tied weights) are recorded as aliases of it
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +15,7 @@ import torch
 
 from torchckpt import _tensorio
 from torchckpt._format import dtypes as format_dtypes
+from torchckpt._format import keypath
 from torchckpt._format import tree as format_tree
 from torchckpt.errors import UnsupportedStateError
 
@@ -22,15 +24,20 @@ def check_tensor(name: str, t: torch.Tensor) -> None:
     reason = _tensorio.unsupported_reason(t)
     if reason is not None:
         advice = "" if torch.nn.parameter.is_lazy(t) else (
+            " Materialise it first (for a module built on the meta device: `to_empty(device=...)`, then initialise "
+            "or load its weights).") if t.is_meta else (
             " torchckpt saves plain tensors and DTensors (FSDP2, tensor parallel; on several ranks, by a collective "
             "save); convert this one to either first (for FSDP1, switch to FSDP2's fully_shard, or save a full "
             "state dict).")
         raise UnsupportedStateError(f"Cannot save tensor {name!r}: it is {reason}.{advice}", key=name,
                                     value_type=type(t))
-    if t.layout != torch.strided or t.is_meta or t.is_nested or t.is_quantized:
+    if t.layout != torch.strided or t.is_nested or t.is_quantized:  # (meta: refused above)
+        kind, fix = ((f"a {t.layout} tensor", "`.to_dense()`") if t.layout != torch.strided else
+                     ("a nested tensor", "`.to_padded_tensor(0)` or `.unbind()`") if t.is_nested else
+                     ("a quantized tensor", "`.dequantize()`, or save its `int_repr()`, scale and zero point"))
         raise UnsupportedStateError(
-            f"Cannot save tensor {name!r}: {t.layout} / meta / nested / quantized tensors are not "
-            "supported; convert it to a dense tensor first (for example `.to_dense()`).",
+            f"Cannot save tensor {name!r}: it is {kind}, which safetensors cannot store; convert it first "
+            f"({fix}).",
             key=name,
             value_type=type(t),
         )
@@ -117,6 +124,45 @@ def capture(state: dict[str, Any], objects: dict[str, str], metadata: dict[str, 
         return WriteJob(tensors, {}, section)
     stored, aliases = prepare_tensors(localize(tensors))
     return WriteJob(stored, aliases, section)
+
+
+Versions = dict[str, dict[str, "int | None"]]  # state dict's key -> {module prefix: its _version, where not 1}
+
+
+def module_versions(modules: list[tuple[str, torch.nn.Module]]) -> Versions | None:
+    """What ``state_dict()`` records in its ``_metadata`` for each tracked module, by the key it is
+    matched by: the ``_version`` of every submodule (by state-dict prefix, ``""`` the module
+    itself) that is not 1, ``nn.Module``'s. ``load_state_dict`` hands each loader its version, so
+    that a class that migrates older checkpoints by version migrates only those. None: no modules."""
+    if not modules:
+        return None
+    return {key: _not_one({prefix: getattr(m, "_version", 1) for prefix, m in module.named_modules(remove_duplicate=False)})
+            for key, module in modules}
+
+
+def state_dict_versions(value: Any, path: str = "", out: Versions | None = None) -> Versions:
+    """The same record for the state dicts in a plain state (``save_state``): every dict that
+    carries the ``_metadata`` of ``state_dict()``, by its key."""
+    out = {} if out is None else out
+    if isinstance(value, dict):
+        metadata = vars(value).get("_metadata") if type(value) is OrderedDict else None  # what state_dict() returns
+        if isinstance(metadata, dict):
+            out[path] = _not_one({p: m.get("version") for p, m in metadata.items() if type(p) is str and isinstance(m, dict)})
+        items: Any = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return out
+    for k, v in items:
+        if isinstance(v, (dict, list, tuple)):
+            state_dict_versions(v, keypath.join(path, keypath.key_part(k)), out)
+    return out
+
+
+def _not_one(versions: dict[str, Any]) -> dict[str, int | None]:
+    """The versions that differ from 1 and JSON stores exactly (an int of 64 bits, or None)."""
+    return {p: v for p, v in versions.items()
+            if v != 1 and (v is None or type(v) is int and -2**63 <= v < 2**63)}
 
 
 def _encode_metadata(metadata: dict[str, Any]) -> Any:

@@ -43,7 +43,8 @@ class Source:
     of each; ``writer()`` is the checkpoint's own background writer (made on first use); ``wait()``
     waits for its write in flight and raises that write's failure; ``groups()`` maps the
     address of each tensor likely unchanged since the last save (a frozen parameter, a buffer of
-    a module that trains nothing) to its group of ``_save.plan.plan_shards``.
+    a module that trains nothing) to its group of ``_save.plan.plan_shards``; ``versions()`` is
+    the ``_version``s of the modules whose state it saves (``capture.module_versions``; None: none).
     """
 
     state: Callable[[bool], dict[str, Any]]
@@ -51,6 +52,7 @@ class Source:
     writer: Callable[[], AsyncWriter]
     wait: Callable[[], None]
     groups: Callable[[], Mapping[int, int]] = dict
+    versions: Callable[[], dict[str, dict[str, int | None]] | None] = lambda: None
 
 
 def save(source: Source, storage: Storage, path: str, coord: AnyCoordinator, options: SaveOptions,
@@ -92,6 +94,9 @@ def _capture(source: Source, options: SaveOptions, distributed: bool) -> WriteJo
     prepare = not options.async_save and not distributed
     job = capture(state, source.objects(), options.metadata, dist_dtensor.localize if prepare else None,
                   options.ordered)
+    versions = source.versions()
+    if versions is not None:
+        job.section[spec.MODULE_VERSIONS_KEY] = versions
     by_address = source.groups()
     if by_address:  # by address: what state_dict() returns are new tensors over the parameters' memory
         found = ((n, by_address.get(dist_dtensor.address_of(t))) for n, t in job.stored.items())

@@ -40,6 +40,7 @@ import json
 import pathlib
 import pickle
 import re
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -254,6 +255,9 @@ def read_source(found: Found, storage: Storage, storage_options: dict[str, Any] 
     state: dict[str, Any] = {}
     for member in found.files:  # one file's dict, or a Hugging Face index's shards one after another
         part = _torch_dict(member, storage, found.zipped) if found.pickled else _tensors(member, storage_options)
+        if type(part) is OrderedDict and "_metadata" in vars(part) and len(found.files) == 1:
+            state = OrderedDict()  # a saved ``state_dict()``: its modules' versions are kept (``save_state``)
+            state._metadata = part._metadata  # type: ignore[attr-defined]
         twice = [name for name in part if name in state]
         if twice:
             raise CorruptCheckpointError(f"{member} holds {', '.join(twice[:5])}, which another shard of {found.path} "

@@ -1,0 +1,78 @@
+"""Tied weights fed two different saved values: which one a restore keeps, as ``load_state_dict`` does.
+
+A model whose ``head.weight`` is its ``emb.weight`` (one tensor under two state-dict keys), restored
+from a checkpoint of an untied model, gets two saved values for one tensor. ``load_state_dict``
+copies them in the model's order, so the key it reaches last wins. A restore that reads in place
+does not run in that order (reads go in file order, on several threads), so it decides here, before
+any read: the read of every key that a later key of the same tensor overwrites is dropped, and the
+key is reported unexpected (in the checkpoint, not used), since its value is not what the tensor
+holds. Two keys whose saved values are one stored tensor (a checkpoint of a tied model: an alias) or
+have equal checksums agree, and both are restored. A module restored through its own loaders
+(``_load.hooked``) has its tied tensors filled by torch's loader in the walk, in torch's order.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+from torchckpt._format.dtypes import TensorInfo
+
+
+class Fed(NamedTuple):
+    """One in-place read into a module's tensor: its state-dict key, its checkpoint key, the saved
+    tensor, and the destination."""
+
+    object_key: str
+    key: str
+    saved: Any
+    dest: torch.Tensor
+
+
+def view_of(t: torch.Tensor) -> tuple[Any, ...] | None:
+    """What makes two tensors one: the same memory seen the same way (None: no memory yet, as a
+    lazy module's parameter before its first forward pass, or a tensor on the meta device)."""
+    if torch.nn.parameter.is_lazy(t) or t.is_meta or not t.numel():
+        return None
+    return t.data_ptr(), t.dtype, tuple(t.shape), t.stride()
+
+
+def repeated_views(tensors: Any) -> set[tuple[Any, ...]]:
+    """The views (:func:`view_of`) that more than one of ``tensors`` (a state dict's values) has."""
+    seen: set[tuple[Any, ...]] = set()
+    repeated: set[tuple[Any, ...]] = set()
+    for t in tensors:
+        view = view_of(t) if isinstance(t, torch.Tensor) else None
+        if view is not None:
+            (repeated if view in seen else seen).add(view)
+    return repeated
+
+
+def overwritten(fed: list[Fed], order: list[str]) -> list[Fed]:
+    """The reads of ``fed`` (reads into storages read into more than once) whose value a later key
+    of the same tensor replaces, by the module's state-dict ``order``; tensors that only share a
+    storage (parameters in one flat buffer) are not one tensor and keep their reads."""
+    groups: dict[tuple[Any, ...] | None, dict[str, Fed]] = {}
+    for read in fed:
+        groups.setdefault(view_of(read.dest), {})[read.object_key] = read
+    tied = [group for group in groups.values() if len(group) > 1]
+    if not tied:
+        return []
+    position = {k: i for i, k in enumerate(order)}
+    out: list[Fed] = []
+    for group in tied:
+        ranked = sorted(group.values(), key=lambda read: position[read.object_key])
+        out.extend(read for read in ranked[:-1] if not _same_values(read.saved, ranked[-1].saved))
+    return out
+
+
+def _same_values(a: Any, b: Any) -> bool:
+    """Whether two saved tensors hold the same bytes, from the index alone: one stored tensor, or
+    equal checksums over equal shapes and dtypes."""
+    if a is b or a == b:
+        return True
+    if isinstance(a, TensorInfo) and isinstance(b, TensorInfo):
+        return ((a.file, a.start) == (b.file, b.start)
+                or a.checksum is not None and a.checksum == b.checksum and (a.dims, a.dtype_name) == (b.dims, b.dtype_name))
+    return False
