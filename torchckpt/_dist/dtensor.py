@@ -157,10 +157,12 @@ def optimizer_destination(params: list[torch.Tensor], key: str, prefix: str,
     if index >= len(params):
         return None
     p: Any = params[index]
+    if not is_dtensor(p):
+        if p.is_contiguous() or tuple(p.shape) != tuple(saved.shape):
+            return None
+        return torch.empty_like(p, dtype=saved.dtype, device="cpu")
     if tuple(p.shape) != tuple(saved.shape):
         return None
-    if not is_dtensor(p):
-        return None if p.is_contiguous() else torch.empty_like(p, dtype=saved.dtype, device="cpu")
     from torch.distributed.tensor import DTensor
 
     box = dtensor_box(p, key)

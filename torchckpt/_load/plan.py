@@ -178,7 +178,7 @@ def plan_module(name: str, module: torch.nn.Module, saved: Any, plan: Plan) -> N
     pairs = module_keys.pair(list(saved), list(current))
     via_load: dict[str, Any] = {}
     via_assign: dict[str, Any] = {}
-    fed: dict[int, tied.Fed] = {}  # storage -> the first in-place read into it
+    fed: dict[int, tuple[str, str, Any, torch.Tensor]] = {}  # storage -> the first in-place read into it (a Fed)
     shared: list[tied.Fed] = []  # reads into storages read into before
     restored_as: dict[str, tuple[str, str]] = {}  # a key of via_load -> its checkpoint key, and as reported restored
     for saved_key, value in saved.items():
@@ -204,10 +204,10 @@ def plan_module(name: str, module: torch.nn.Module, saved: Any, plan: Plan) -> N
                 _read_into(dest, value, plan)
             elif dest.numel() and (address := dest.untyped_storage().data_ptr()) in storages:
                 _read_into(dest, value, plan)
-                read = tied.Fed(object_key, full, value, dest)
+                read = (object_key, full, value, dest)
                 first = fed.setdefault(address, read)
                 if first is not read:  # a storage read into twice: tied weights, or parameters of one buffer
-                    shared += [first, read]
+                    shared += [tied.Fed(*first), tied.Fed(*read)]
             else:
                 fresh = torch.empty(value.shape, dtype=dest.dtype, device=dest.device)
                 _read_into(fresh, value, plan)
