@@ -234,8 +234,12 @@ def test_export_sharded_with_tied_weights(tmp_path):
         (["ls", "/definitely/not/here"], 1, "Error: /definitely/not/here is not a directory."),
         (["inspect"], 2, "usage: torchckpt inspect"),
         (["frobnicate"], 2, "invalid choice"),
+        (["convert", "{ckpt}/index.json", "memory://out"], 2, "OUT memory://out is in this process's memory, which "
+                                                               "is gone when the command exits"),
+        (["consolidate", "{ckpt}", "memory://out"], 2, "write to a path or a storage URL"),
     ],
-    ids=["missing", "export-unknown", "export-not-module", "ls-missing", "usage", "unknown-command"],
+    ids=["missing", "export-unknown", "export-not-module", "ls-missing", "usage", "unknown-command", "convert-to-memory",
+         "consolidate-to-memory"],
 )
 def test_errors_are_one_line_without_traceback(run_dir, tmp_path, args, code, message):
     ckpt = run_dir.latest_checkpoint
