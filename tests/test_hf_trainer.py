@@ -224,6 +224,22 @@ def test_a_stopped_run_resumed_in_a_new_trainer_ends_as_the_uninterrupted_one(tm
     assert not any(name.startswith("checkpoint-") or name.endswith((".pt", ".pth", ".bin")) for name in written)
 
 
+def test_resume_from_passes_a_damaged_latest_checkpoint_for_the_one_before_it(tmp_path, config, uninterrupted):
+    first = trainer_for(tmp_path, config, RESUME_STEPS, [TorchckptCallback(tmp_path / "runs"), StopAfter(9)],
+                        **RESUME_OPTIONS)
+    first.train()
+    shard = sorted((tmp_path / "runs" / "ckpt-8").glob("*.safetensors"))[-1]
+    with open(shard, "r+b") as f:  # one bit flips in the latest checkpoint's data
+        f.seek(-1, os.SEEK_END)
+        byte = f.read(1)[0]
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([byte ^ 1]))
+    with pytest.warns(torchckpt.DamagedCheckpointWarning, match=r"ckpt-8 is damaged.*Restoring .*ckpt-6 instead") as w:
+        trainer = resumed(tmp_path, config, 6)
+    assert w[0].message.path.endswith("ckpt-8")
+    assert_same_end(finished(trainer), uninterrupted)
+
+
 @pytest.mark.slow  # a subprocess imports transformers and trains: 6-9 s on 2 cores
 def test_a_run_killed_with_sigkill_resumes_bit_exact_in_a_new_trainer(tmp_path, config, uninterrupted):
     """The job SIGKILLs itself after step 7 (ckpt-6 written, its claim on the directory left)."""

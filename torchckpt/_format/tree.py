@@ -211,7 +211,7 @@ def _encode_pairs(tag: str, value: Mapping[Any, Any], path: str, tensors: dict[s
             raise _too_many_digits(k, path)
         original = k
         child = join(path, key_part(k))
-        key = _encode_key(k, child)
+        key = k if type(k) is int else _encode_key(k, child)  # an int (an optimizer's state) is its own JSON
         if type(k) not in _PLAIN_KEYS:
             decoded = list(value)[:i] if decoded is None else decoded
             k = decode(key, None, lambda name: None, path)

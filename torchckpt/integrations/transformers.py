@@ -40,6 +40,7 @@ import json
 import logging
 import os
 import tempfile
+import warnings
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -48,12 +49,13 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
 
 from torchckpt._paths import as_path, join
 from torchckpt._storage.registry import storage_for
+from torchckpt._tools import verify as verify_tool
 from torchckpt.checkpoint import Checkpoint
-from torchckpt.errors import CheckpointError
+from torchckpt.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, DamagedCheckpointWarning
 from torchckpt.manager import CheckpointManager
 from torchckpt.reader import load_checkpoint
 from torchckpt.rng import RNGState
-from torchckpt.run_state import latest_checkpoint
+from torchckpt.run_state import get_checkpoint_state, latest_checkpoint
 
 __all__ = ["TorchckptCallback", "TrainerResumeError"]
 
@@ -143,7 +145,7 @@ class TorchckptCallback(TrainerCallback):
 
     # -- resuming ------------------------------------------------------------------------
 
-    def resume_from(self, checkpoint: str | os.PathLike[str] | None = None) -> str | None:
+    def resume_from(self, checkpoint: str | os.PathLike[str] | None = None, *, verify: bool = True) -> str | None:
         """A folder for ``Trainer.train(resume_from_checkpoint=...)`` that resumes from a checkpoint.
 
         The folder is a new temporary one (removed when training begins), holding the
@@ -152,19 +154,32 @@ class TorchckptCallback(TrainerCallback):
         The Trainer reads its position from it; this callback, when training begins, restores
         everything else from the checkpoint. Pass the folder to the Trainer this callback is in.
 
+        Without ``checkpoint``, the newest intact checkpoint of ``directory``, as the manager's
+        ``restore_or_initialize`` picks it: the Trainer takes its position from the folder before
+        the callback restores anything, so the checkpoint is checked here, every byte against its
+        checksums (one more read of it; the restore then mostly finds it in the page cache), and
+        a damaged one is passed with a :class:`~torchckpt.DamagedCheckpointWarning`.
+
         Args:
-            checkpoint: a checkpoint this callback saved; None: the latest in ``directory``.
+            checkpoint: a checkpoint this callback saved; None: the newest intact one in ``directory``.
+            verify: check the checkpoint chosen without ``checkpoint`` (False: take the latest
+                unchecked; a damaged one then fails the restore when training begins).
 
         Returns:
             The folder, or None when ``directory`` holds no checkpoint (a first run).
 
         Raises:
             CheckpointNotFoundError: ``checkpoint`` is not a committed checkpoint.
+            CorruptCheckpointError: every checkpoint of ``directory`` is damaged.
             TrainerResumeError: the checkpoint holds no Trainer state (another writer saved it).
         """
         storage_options = self._options.get("storage_options")
-        path = as_path(checkpoint) if checkpoint is not None else \
-            latest_checkpoint(self.directory, storage_options=storage_options)
+        if checkpoint is not None:
+            path: str | None = as_path(checkpoint)
+        elif verify:
+            path = self._newest_intact(storage_options)
+        else:
+            path = latest_checkpoint(self.directory, storage_options=storage_options)
         if path is None:
             return None
         if self._resume is not None:  # prepared twice: the first folder is not needed
@@ -215,6 +230,25 @@ class TorchckptCallback(TrainerCallback):
         resume.mid_epoch = _skips_batches(args, state, train_dataloader)
 
     # -- the Trainer's hooks --------------------------------------------------------------
+
+    def _newest_intact(self, storage_options: dict[str, Any] | None) -> str | None:
+        """The latest checkpoint of ``directory``, or the newest before it whose every byte checks."""
+        found = get_checkpoint_state(self.directory, storage_options=storage_options)
+        if found is None or found.latest is None:
+            return None
+        candidates = list(dict.fromkeys([found.latest, *reversed(found.all)]))
+        for i, path in enumerate(candidates):
+            try:
+                problems = verify_tool.verify(load_checkpoint(path, storage_options=storage_options))
+            except (CheckpointNotFoundError, CorruptCheckpointError) as e:
+                problems = [str(e)]
+            if not problems:
+                return path
+            warnings.warn(DamagedCheckpointWarning(path, problems[0], candidates[i + 1] if i + 1 < len(candidates)
+                                                   else None), stacklevel=3)
+        raise CorruptCheckpointError(f"Every checkpoint of {self.directory} is damaged ({', '.join(candidates)}), so "
+                                     "there is nothing to resume from: see the warnings for what is wrong with each; "
+                                     "restore an older copy, or move them away to start afresh.", self.directory)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:
