@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pathlib
@@ -242,7 +243,10 @@ def test_custom_checkpoint_name(tmp_path):
     checkpoint = ckpt()
     manager = CheckpointManager(checkpoint, tmp_path, max_to_keep=2, checkpoint_name="ckpt_name")
     assert os.path.basename(manager.save(checkpoint_number=5)) == "ckpt_name-5"
-    manager = CheckpointManager(checkpoint, tmp_path, max_to_keep=2)
+    manager.close()
+    # TensorFlow's test then opens a manager named "ckpt" on the same directory; here that is refused
+    # (test_a_manager_of_another_name_is_refused_where_one_keeps_its_history): a directory of its own
+    manager = CheckpointManager(checkpoint, tmp_path / "other", max_to_keep=2)
     assert os.path.basename(manager.save(checkpoint_number=5)) == "ckpt-5"
 
 
@@ -343,11 +347,69 @@ def test_interval_seeded_by_restore_in_a_new_manager(tmp_path):
         ({"keep_best": 2}, "keep_best needs best_metric"),
         ({"keep_best": 1, "best_metric": "loss", "best_mode": "lowest"}, "best_mode must be"),
         ({"max_shard_size": "lots"}, "Cannot parse size"),
+        ({"keep_checkpoint_every_n_hours": "2"}, "keep_checkpoint_every_n_hours must be a number of hours, not "
+                                                 "negative, or None; got '2'"),
+        ({"keep_checkpoint_every_n_hours": -1.0}, "got -1.0"),
+        ({"keep_checkpoint_every_n_hours": float("nan")}, "got nan"),
+        ({"step_counter": 0, "checkpoint_interval": "10"}, "checkpoint_interval must be a number of steps"),
+        ({"step_counter": 0, "checkpoint_interval": -5}, "got -5"),
     ],
 )
 def test_bad_arguments(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         CheckpointManager(ckpt(), tmp_path, **kwargs)
+    assert not os.listdir(tmp_path)
+
+
+def test_a_best_metric_that_cannot_rank_a_save_warns_and_retention_goes_on(tmp_path):
+    manager = CheckpointManager(ckpt(), tmp_path, max_to_keep=1, keep_best=1,
+                                best_metric=lambda m: m["correct"] / m["total"], best_mode="max")
+    manager.save(metrics={"correct": 1, "total": 2})
+    with pytest.warns(UserWarning, match=r"best_metric cannot rank the metrics passed to save\(\) \(ZeroDivisionError: "
+                                         r"division by zero\)"):
+        manager.save(metrics={"correct": 0, "total": 0})  # an empty validation batch
+    manager.save(metrics={"correct": 1, "total": 4})
+    assert manager.best_checkpoint.endswith("ckpt-1")
+    assert [os.path.basename(p) for p in manager.checkpoints] == ["ckpt-1", "ckpt-3"]
+    assert not (tmp_path / "ckpt-2").exists()  # deleted by retention, as the save after it was kept last
+
+
+def test_a_checkpoint_saved_again_under_a_damaged_ones_name_is_intact_and_may_be_best(tmp_path):
+    options = {"max_to_keep": 2, "keep_best": 1, "best_metric": "loss"}
+    checkpoint = ckpt()
+    manager = CheckpointManager(checkpoint, tmp_path, **options)
+    for step, loss in ((100, 0.5), (200, 0.4), (300, 0.3)):
+        checkpoint.v.fill_(step)  # another shard each time (an unchanged one would be shared by hard links)
+        manager.save(checkpoint_number=step, metrics={"loss": loss})
+    manager.close()
+    shard = next((tmp_path / "ckpt-300").glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-1])  # truncated: the resume falls back to ckpt-200
+    manager = CheckpointManager(ckpt(), tmp_path, **options)
+    with pytest.warns(torchckpt.DamagedCheckpointWarning):
+        assert manager.restore_or_initialize().endswith("ckpt-200")
+    manager.save(checkpoint_number=300, metrics={"loss": 0.1})  # step 300 done again, intact
+    assert manager.best_checkpoint.endswith("ckpt-300")
+    assert not torchckpt.get_checkpoint_state(tmp_path).damaged
+    manager.save(checkpoint_number=400, metrics={"loss": 0.2})
+    manager.save(checkpoint_number=500, metrics={"loss": 0.3})
+    assert (tmp_path / "ckpt-300").is_dir() and manager.best_checkpoint.endswith("ckpt-300")
+
+
+def test_an_explicit_number_replaces_only_a_checkpoint(tmp_path):
+    (tmp_path / "ckpt-1000").mkdir()
+    (tmp_path / "ckpt-1000" / "eval_predictions.csv").write_text("id,label\n")
+    (tmp_path / "ckpt-2000").write_text("notes")
+    manager = CheckpointManager(ckpt(), tmp_path)
+    for number, kind in ((1000, r"a folder of other files \(eval_predictions\.csv\)"), (2000, "a file")):
+        with pytest.raises(torchckpt.CheckpointWriteError, match=rf"ckpt-{number} is {kind}, not a checkpoint, so "
+                           rf"save\(checkpoint_number={number}\) did not replace it and nothing was written") as info:
+            manager.save(checkpoint_number=number)
+        assert info.value.errno == errno.EEXIST and info.value.path.endswith(f"ckpt-{number}")
+    assert (tmp_path / "ckpt-1000" / "eval_predictions.csv").read_text() == "id,label\n"
+    assert (tmp_path / "ckpt-2000").read_text() == "notes" and manager.latest_checkpoint is None
+    saved = manager.save(checkpoint_number=7)
+    (pathlib.Path(saved) / spec.INDEX_FILE).unlink()  # a replacement that stopped after deleting the index
+    assert manager.save(checkpoint_number=7) == saved and torchckpt.load_checkpoint(saved).names
 
 
 def test_checkpoints_iterator_empty_single_and_fspath(tmp_path):
@@ -558,3 +620,22 @@ def test_retention_table_with_damaged_checkpoints(max_to_keep, hours, keep_best,
     assert [e.name for e in plan.kept] == [f"ckpt-{i}" for i in kept]
     assert [e.name for e in plan.delete] == [f"ckpt-{i}" for i in deleted]
     assert [e.name for e in plan.preserve] == [f"ckpt-{i}" for i in preserved]
+
+
+def test_a_manager_of_another_name_is_refused_where_one_keeps_its_history(tmp_path):
+    generator = CheckpointManager(ckpt(), tmp_path, max_to_keep=2, checkpoint_name="gen")
+    for _ in range(3):
+        generator.save()
+    generator.close()
+    with pytest.raises(torchckpt.CheckpointError, match=r"holds the history of a CheckpointManager named 'gen' "
+                       r"\(gen-2, gen-3\), not 'disc': one directory holds one manager's history") as info:
+        CheckpointManager(ckpt(), tmp_path, checkpoint_name="disc")
+    assert "Give each manager a directory of its own" in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["checkpoints.json", "gen-2",
+                                                                                         "gen-3"]
+    again = CheckpointManager(ckpt(), tmp_path, max_to_keep=2, checkpoint_name="gen")  # the claim was released
+    assert again.latest_checkpoint.endswith("gen-3")
+    again.close()
+    checkpoint = ckpt()
+    checkpoint.save(tmp_path / "other" / "model")  # Checkpoint.save records model-1: no manager's, not refused
+    CheckpointManager(ckpt(), tmp_path / "other").close()

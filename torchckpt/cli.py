@@ -472,7 +472,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     try:
         args = parser.parse_args(argv)
-        if str(getattr(args, "out", "")).startswith("memory://"):  # this process's memory, gone when it exits
+        if argv is None and str(getattr(args, "out", "")).startswith("memory://"):  # a program's memory: gone at exit
             parser.error(f"OUT {args.out} is in this process's memory, which is gone when the command exits; write "
                          "to a path or a storage URL (s3://, gs://, az://)")
     except SystemExit as e:

@@ -29,7 +29,7 @@ from torchckpt._history.arguments import check_arguments, number_argument, plain
 from torchckpt._history.arguments import checkpoint_number as checkpoint_number_of
 from torchckpt._history.ledger import Ledger
 from torchckpt._history.recover import Ranking, resolve_ranking
-from torchckpt._history.retention import MetricFn
+from torchckpt._history.retention import MetricFn, metric_failure
 from torchckpt._history.state import State
 from torchckpt._load.rename import Rename, call_argument
 from torchckpt._load.resume import assert_consumed_on_every_rank, restore_newest_intact, restore_order
@@ -123,7 +123,8 @@ class CheckpointManager:
     ) -> None:
         _check_arguments(checkpoint, max_shard_size, max_to_keep=max_to_keep, checkpoint_name=checkpoint_name,
                          step_counter=step_counter, checkpoint_interval=checkpoint_interval, keep_best=keep_best,
-                         best_metric=best_metric, best_mode=best_mode)
+                         best_metric=best_metric, best_mode=best_mode,
+                         keep_checkpoint_every_n_hours=keep_checkpoint_every_n_hours)
         self._checkpoint = checkpoint
         self._directory = as_path(directory)
         self._storage = storage_for(self._directory, storage_options)
@@ -373,6 +374,9 @@ class CheckpointManager:
         decision["counter"] = self._checkpoint.save_counter + 1
         if decision["number"] is None:
             decision["number"] = decision["counter"] = self._next_number(decision["counter"])
+        else:
+            history_members.refuse_replacing_other(join(self._directory, f"{self._name}-{decision['number']}"),
+                                                   self._storage, f"save(checkpoint_number={decision['number']})")
         decision["base"] = self._ledger.latest if self._incremental else None  # the same on every rank
         return decision
 
@@ -382,6 +386,10 @@ class CheckpointManager:
         if out is None:
             return None
         best_metric = self._ledger.ranking.best_metric
+        if callable(best_metric) and not self._warned_metric and (failure := metric_failure(best_metric, out)):
+            self._warned_metric = True
+            warnings.warn(f"best_metric cannot rank the metrics passed to save() ({failure}); a checkpoint whose "
+                          "metrics it cannot rank never counts as best.", stacklevel=6)
         if isinstance(best_metric, str) and best_metric not in out and not self._warned_metric:
             self._warned_metric = True
             warnings.warn(

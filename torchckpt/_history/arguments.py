@@ -86,12 +86,19 @@ def checkpoint_number(value: Any) -> int:
 
 
 def check_arguments(max_to_keep: Any, checkpoint_name: Any, step_counter: Any, checkpoint_interval: Any,
-                    keep_best: Any, best_metric: Any, best_mode: Any) -> None:
-    """A manager's options checked before anything is touched."""
+                    keep_best: Any, best_metric: Any, best_mode: Any, keep_checkpoint_every_n_hours: Any = None) -> None:
+    """A manager's options checked before anything is touched (a bad one found at the first
+    retention would fail every save after its commit)."""
     if max_to_keep is not None and (isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep <= 0):
         raise ValueError(f"Expected a positive integer or `None` for `max_to_keep`, got {max_to_keep!r}.")
     if checkpoint_interval is not None and step_counter is None:
         raise ValueError("`step_counter` should be passed if `checkpoint_interval` is not None.")
+    if checkpoint_interval is not None and not _is_number(checkpoint_interval, 0):
+        raise ValueError(f"checkpoint_interval must be a number of steps, not negative, or None; got "
+                         f"{checkpoint_interval!r}.")
+    if keep_checkpoint_every_n_hours is not None and not _is_number(keep_checkpoint_every_n_hours, 0):
+        raise ValueError(f"keep_checkpoint_every_n_hours must be a number of hours, not negative, or None; got "
+                         f"{keep_checkpoint_every_n_hours!r}.")
     if keep_best is not None and (isinstance(keep_best, bool) or not isinstance(keep_best, int) or keep_best <= 0):
         raise ValueError(f"keep_best must be a positive integer or None, got {keep_best!r}.")
     if keep_best and best_metric is None:
@@ -101,3 +108,8 @@ def check_arguments(max_to_keep: Any, checkpoint_name: Any, step_counter: Any, c
     if (not isinstance(checkpoint_name, str) or not checkpoint_name or os.sep in checkpoint_name
             or spec.is_temporary_name(checkpoint_name) or checkpoint_name.startswith(".")):
         raise ValueError(f"checkpoint_name must be a plain name, got {checkpoint_name!r}.")
+
+
+def _is_number(value: Any, minimum: float) -> bool:
+    """Whether ``value`` is a real number (not a bool, not NaN) of at least ``minimum``."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and value >= minimum

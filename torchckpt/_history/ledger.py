@@ -114,6 +114,7 @@ class Ledger:
         self.kept = [e for e in self.kept if e.name != name]
         self.preserved = [e for e in self.preserved if e.name != name]
         self.kept.append(Entry(name, now, metrics))
+        self.damaged.pop(name, None)  # a damaged checkpoint saved again under its name: this one is intact
         self._recorded.add(name)
         self.latest = name
         r = self.ranking

@@ -8,6 +8,7 @@ they are answered here once, from what the storage lists, without reading any ch
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 
@@ -15,7 +16,7 @@ from torchckpt._format import spec
 from torchckpt._history import state as history_state
 from torchckpt._paths import is_url, join, name_of, parent_of
 from torchckpt._storage.base import Storage
-from torchckpt.errors import CheckpointDeletedError, CheckpointNotFoundError
+from torchckpt.errors import CheckpointDeletedError, CheckpointNotFoundError, CheckpointWriteError
 
 _NUMBERED = re.compile(r"^(?P<prefix>.+)-(?P<number>0|[1-9][0-9]*)$")
 
@@ -50,6 +51,28 @@ def is_committed(path: str, storage: Storage) -> bool:
     """Whether ``path`` is a committed checkpoint (not a temporary or a leftover): its
     ``index.json`` is a regular file, not a link. On every backend the index is what commits."""
     return not spec.is_temporary_name(name_of(path)) and storage.is_file(join(path, spec.INDEX_FILE))
+
+
+def refuse_replacing_other(path: str, storage: Storage, what: str) -> None:
+    """Before ``what`` replaces the checkpoint at ``path``: refuse anything there that is not one
+    (a folder of other files, a plain file). A checkpoint whose index is missing (an object-store
+    replacement that stopped between deleting the index and writing the new one) holds only shards,
+    and is replaced.
+
+    Raises:
+        CheckpointWriteError: something other than a checkpoint is at ``path`` (``errno`` EEXIST);
+            nothing was written.
+    """
+    if not storage.exists(path) or is_committed(path, storage):
+        return
+    names = storage.list_names(path) if storage.is_dir(path) else None
+    if names is not None and all(n == spec.INDEX_FILE or n.endswith(".safetensors") for n in names):
+        return
+    kind = f"a folder of other files ({', '.join(sorted(names)[:3])}{', ...' if len(names) > 3 else ''})" \
+        if names is not None else "a file"
+    raise CheckpointWriteError(f"{path} is {kind}, not a checkpoint, so {what} did not replace it and nothing was "
+                               "written: it replaces only a checkpoint. Move it away, or save under another number.",
+                               path, FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path))
 
 
 def latest_in(directory: str, storage: Storage) -> str | None:

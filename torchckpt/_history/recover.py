@@ -25,7 +25,7 @@ from torchckpt._history.retention import MetricFn
 from torchckpt._history.state import Entry, State, StateFileError
 from torchckpt._paths import join, name_of
 from torchckpt._storage.base import Storage
-from torchckpt.errors import CorruptCheckpointError
+from torchckpt.errors import CheckpointError, CorruptCheckpointError
 
 
 @dataclass(frozen=True)
@@ -95,11 +95,57 @@ def read_disk(directory: str, storage: Storage, checkpoint_name: str) -> tuple[O
     if not isinstance(state, State) and members:
         path = history_members.latest_in(directory, storage)
         written_last = name_of(path) if path else None
+    refuse_another_managers(directory, state, checkpoint_name, storage)
     managed = {n: managed_entry(directory, n, checkpoint_name, storage)
                for n in unrecorded(state, members, checkpoint_name)}
     latest_committed = (isinstance(state, State) and state.latest is not None
                         and history_members.is_member(directory, state.latest, storage))
     return OnDisk(directory, state, members, managed, written_last, latest_committed), token
+
+
+def refuse_another_managers(directory: str, state: State | DamagedStateFile | None, checkpoint_name: str,
+                            storage: Storage) -> None:
+    """Refuse to open a directory whose state file holds the history of a manager of another name.
+
+    One directory holds one manager's history, as with TensorFlow (one state file): a manager
+    ``"gen"`` opened where a manager ``"disc"`` kept its checkpoints would take ``disc``'s latest
+    for its own, restore it into the wrong objects, and spend its ``max_to_keep`` on checkpoints it
+    may never delete. Names of another prefix are looked up in their index (a checkpoint
+    ``Checkpoint.save`` wrote, which has no manager's mark, is no other manager's).
+
+    Raises:
+        CheckpointError: the state file names checkpoints a manager of another name wrote.
+    """
+    if not isinstance(state, State):
+        return
+    names = dict.fromkeys([e.name for e in (*state.checkpoints, *state.preserved)] + [state.latest or ""])
+    others: dict[str, list[str]] = {}
+    for name in names:
+        if name and history_members.number_of(name, checkpoint_name) is None:
+            metadata, _ = _index_metadata(directory, name, storage)
+            owner = metadata.get(spec.MANAGER_KEY) if isinstance(metadata, dict) else None
+            if isinstance(owner, str) and owner != checkpoint_name:
+                others.setdefault(owner, []).append(name)
+    if others:
+        owner, written = next(iter(others.items()))
+        raise CheckpointError(
+            f"{directory} holds the history of a CheckpointManager named {owner!r} ({', '.join(written[:3])}), not "
+            f"{checkpoint_name!r}: one directory holds one manager's history (its state file), so this manager would "
+            f"take the checkpoints of {owner!r} for its own. Give each manager a directory of its own "
+            f"(runs/gan/{owner} and runs/gan/{checkpoint_name}), or open it with checkpoint_name={owner!r}. Nothing was "
+            "saved or deleted.")
+
+
+def _index_metadata(directory: str, name: str, storage: Storage) -> Any:
+    """The decoded ``metadata`` of checkpoint ``name``'s index, and the index; (None, None) when it
+    cannot be read."""
+    path = join(directory, name)
+    try:
+        index = format_index.parse_index(path, storage.read_file(join(path, spec.INDEX_FILE), spec.MAX_INDEX_SIZE,
+                                                                 "Index"))
+        return tree.decode(index.section.get("metadata", {}), None, history_state.no_tensor, "metadata"), index
+    except (CorruptCheckpointError, OSError):
+        return None, None
 
 
 def managed_entry(directory: str, name: str, checkpoint_name: str, storage: Storage) -> Entry | None:
@@ -110,14 +156,8 @@ def managed_entry(directory: str, name: str, checkpoint_name: str, storage: Stor
     between the commit and the state-file write): they carry the mark, so they are adopted,
     while checkpoints written by ``Checkpoint.save`` or copied in are never deleted.
     """
-    path = join(directory, name)
-    try:
-        index = format_index.parse_index(path, storage.read_file(join(path, spec.INDEX_FILE), spec.MAX_INDEX_SIZE,
-                                                                 "Index"))
-        metadata = tree.decode(index.section.get("metadata", {}), None, history_state.no_tensor, "metadata")
-    except (CorruptCheckpointError, OSError):
-        return None
-    if not isinstance(metadata, dict) or metadata.get(spec.MANAGER_KEY) != checkpoint_name:
+    metadata, index = _index_metadata(directory, name, storage)
+    if index is None or not isinstance(metadata, dict) or metadata.get(spec.MANAGER_KEY) != checkpoint_name:
         return None
     metrics = metadata.get("metrics")
     created = index.section.get("created")

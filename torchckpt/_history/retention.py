@@ -41,9 +41,21 @@ def metric_value(entry: Entry, metric: str | MetricFn | None) -> float | None:
     try:
         raw = metric(entry.metrics) if callable(metric) else entry.metrics.get(metric)
         value = float(raw) if raw is not None else None
-    except (TypeError, ValueError, KeyError):
-        return None
+    except Exception:  # noqa: BLE001 - a caller's callable that cannot rank these metrics (0 / 0): never best
+        return None  # (raising here, after the commit, would fail every save from this one on)
     return None if value is None or not math.isfinite(value) else value
+
+
+def metric_failure(metric: MetricFn, metrics: dict[str, Any]) -> str | None:
+    """What a callable ``best_metric`` raises on ``metrics`` (``"ZeroDivisionError: division by
+    zero"``), for the manager's warning; None when it ranks them."""
+    try:
+        raw = metric(metrics)
+        if raw is not None:  # None: no value for these metrics, as metric_value takes it
+            float(raw)
+    except Exception as e:  # noqa: BLE001 - whatever the caller's callable raises
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def best_entries(entries: Sequence[Entry], k: int, metric: str | MetricFn | None, mode: str,
