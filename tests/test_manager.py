@@ -7,6 +7,8 @@ import json
 import os
 import pathlib
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -639,3 +641,19 @@ def test_a_manager_of_another_name_is_refused_where_one_keeps_its_history(tmp_pa
     checkpoint = ckpt()
     checkpoint.save(tmp_path / "other" / "model")  # Checkpoint.save records model-1: no manager's, not refused
     CheckpointManager(ckpt(), tmp_path / "other").close()
+
+
+def test_closing_one_of_two_managers_on_a_directory_keeps_the_claim_for_the_other(tmp_path):
+    first = CheckpointManager(ckpt(), tmp_path)
+    second = CheckpointManager(ckpt(), tmp_path)  # one process: the claim is shared (as TensorFlow's tests expect)
+    first.close()
+    other = subprocess.run([sys.executable, "-c", "import sys, torch, torchckpt; torchckpt.CheckpointManager("
+                            "torchckpt.Checkpoint(w=torch.zeros(1)), sys.argv[1])", str(tmp_path)],
+                           capture_output=True, text=True, timeout=120)
+    assert other.returncode == 1 and "is managed by another live process" in other.stderr
+    assert second.save() is not None
+    second.close()  # the last one releases it
+    other = subprocess.run([sys.executable, "-c", "import sys, torch, torchckpt; torchckpt.CheckpointManager("
+                            "torchckpt.Checkpoint(w=torch.zeros(1)), sys.argv[1]).save()", str(tmp_path)],
+                           capture_output=True, text=True, timeout=120)
+    assert other.returncode == 0, other.stderr

@@ -35,6 +35,7 @@ from torchckpt._load.rename import Rename, call_argument
 from torchckpt._load.resume import assert_consumed_on_every_rank, restore_newest_intact, restore_order
 from torchckpt._paths import as_path, join, name_of
 from torchckpt._save.options import SaveHooks, SaveOptions, parse_size, save_arguments
+from torchckpt._storage import claims
 from torchckpt._storage.base import AlreadyCommitted
 from torchckpt._storage.files import is_read_only_error
 from torchckpt._storage.registry import storage_for
@@ -144,6 +145,7 @@ class CheckpointManager:
         self._warm_page_cache = bool(warm_page_cache)
         self._warned_metric = False
         self._read_only = False
+        self._closed = False  # close() was called: this manager no longer counts among the claim's holders
         self._coord = dist_coordinator.coordinator_for(process_group, timeout_secs)
         self._preempted = False
         self.last_restore: RestoreStatus | None = None  # the status of the last restore_or_initialize's restore
@@ -159,7 +161,7 @@ class CheckpointManager:
             self._preemption = PreemptionWatch(preemption_signals)
         except BaseException:
             if not self._read_only and self._is_primary:
-                self._storage.release(self._directory)
+                claims.let_go(self._storage, self._directory)
             raise
 
     def _open(self, arguments: dict[str, Any]) -> list[str]:
@@ -188,7 +190,7 @@ class CheckpointManager:
             return self._ledger.load(_clock.now(), best_mode)
         except BaseException:
             if not self._read_only:
-                self._storage.release(self._directory)  # a failed construction holds nothing
+                claims.let_go(self._storage, self._directory)  # a failed construction holds nothing
             raise
 
     @property
@@ -202,6 +204,7 @@ class CheckpointManager:
         try:
             self._storage.make_dirs(self._directory)
             self._storage.claim(self._directory)
+            claims.hold(self._storage, self._directory)
         except OSError as e:
             if not is_read_only_error(e) or not self._storage.follows_to_dir(self._directory):
                 raise CheckpointWriteError(
@@ -212,7 +215,7 @@ class CheckpointManager:
             for prefix in (f"{self._name}-", history_state.STATE_FILE):
                 self._storage.remove_leftovers(self._directory, prefix)
         except BaseException:
-            self._storage.release(self._directory)
+            claims.let_go(self._storage, self._directory)
             raise
         return False
 
@@ -495,8 +498,9 @@ class CheckpointManager:
             self.wait_until_finished()
         finally:
             self._preemption.close()
-            if not self._read_only and self._is_primary:
-                self._storage.release(self._directory)
+            if not self._read_only and self._is_primary and not self._closed:
+                claims.let_go(self._storage, self._directory)  # the claim goes with the last manager of the process
+            self._closed = True
 
     def __repr__(self) -> str:
         return f"CheckpointManager({self._directory!r}, latest={self._ledger.latest!r}, kept={len(self._ledger.kept)})"
