@@ -9,6 +9,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -428,8 +429,10 @@ def test_checkpoints_iterator_timeout_fn_calls():
         calls[0] += 1
         return calls[0] > 3
 
+    start = time.monotonic()
     assert list(torchckpt.checkpoints_iterator("/non-existent-dir", timeout=0.1, timeout_fn=timeout_fn)) == []
     assert calls[0] == 4
+    assert time.monotonic() - start >= 0.4  # each timeout waited out, though shorter than the 1 s poll: no spinning
 
 
 def test_iterator_ignores_uncommitted_directories(tmp_path):

@@ -133,9 +133,11 @@ def wait_for_new_checkpoint(
         path = history_members.latest_in(root, storage)
         if path is not None and path != last_checkpoint:
             return path
-        if stop is not None and time.time() + seconds_to_sleep > stop:
+        if stop is not None and time.time() >= stop:
             return None
-        time.sleep(seconds_to_sleep)
+        # the timeout is waited out, never cut short (TensorFlow returns as soon as the next poll
+        # would pass it, so that checkpoints_iterator with a timeout_fn spins when it is shorter)
+        time.sleep(seconds_to_sleep if stop is None else max(0.0, min(seconds_to_sleep, stop - time.time())))
 
 
 def checkpoints_iterator(
