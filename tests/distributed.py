@@ -145,7 +145,7 @@ def world2(world4) -> Path:
                               "second_job", "async_loops", "async_failure", "one_rank_fails_capture",
                               "mismatched_calls", "restore_failures", "damaged_on_one_rank",
                               "calls_stay_paired", "save_flips_2", "incremental_fsdp", "damaged_then_saved", "opens_its_own_shards", "rename",
-                              "read_once", "index_too_large"])
+                              "read_once", "index_too_large", "hooked_and_tied"])
     finally:
         holder.close()
     return world4

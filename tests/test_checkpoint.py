@@ -302,3 +302,18 @@ def test_distinct_tensors_sharing_a_start_address_are_each_restored(tmp_path):
     assert sorted(status.report.restored_keys) == ["a", "b"]
     assert torch.equal(b, torch.full((2,), 9.0))  # b is stored after a, so its bytes land last
     assert torch.equal(base, torch.tensor([9.0, 9.0, 2.0, 3.0]))
+
+
+def test_a_state_with_a_value_after_a_tensor_comes_back_in_its_key_order(tmp_path):
+    class Extra(torch.nn.Linear):
+        def get_extra_state(self):
+            return {"t": torch.ones(2), "n": 3}
+
+        def set_extra_state(self, state):
+            self.received = list(state)
+
+    path = torchckpt.Checkpoint(model=Extra(2, 2), w=torch.zeros(1), epoch=4).write(tmp_path / "c")
+    target = Extra(2, 2)
+    torchckpt.Checkpoint(model=target, w=torch.zeros(1), epoch=0).read(path).assert_consumed()
+    assert target.received == ["t", "n"]  # as torch.load gives the state dict to load_state_dict
+    assert list(torchckpt.load_state(path)) == ["model", "w", "epoch"]

@@ -222,7 +222,7 @@ def test_a_dp_by_tp_checkpoint_restores_on_fsdp_2_and_on_a_plain_model(world2):
 def test_a_write_failure_on_one_rank_fails_every_rank_and_commits_nothing(world4):
     found = ok(world4, "write_fails_on_one_rank", 4)
     for r in found:
-        assert r["second"].startswith("CheckpointError: Saving ") and "failed on rank 1" in r["second"]
+        assert r["second"].startswith("CheckpointWriteError: Saving ") and "failed on rank 1" in r["second"]
         assert "exceed the largest size" in r["second"] and r["ranks"] == [1]
         assert r["save_counter"] == 1 and r["latest"].endswith("ckpt-1")
         assert r["entries"] == ["checkpoints.json", "ckpt-1"]  # the stage was discarded
@@ -382,3 +382,14 @@ def test_a_flipped_bit_in_a_block_is_reported_by_verify_and_refused_by_the_tools
     assert f"Tensor {chunk!r}" in capsys.readouterr().err
     assert cli.main(["consolidate", str(path), str(tmp_path / "one")]) == 1
     assert f"Tensor {chunk!r}" in capsys.readouterr().err
+
+
+def test_fsdp2_restores_through_torchs_loaders_tied_weights_and_typed_refusals_on_2_ranks(world2):
+    """A module with a loader of its own beside same-shaped DTensor parameters (none of them tied),
+    an untied checkpoint into tied FSDP2 weights (both saved values would land in one local shard),
+    and a manager's refusal to replace what is not a checkpoint: the same on every rank."""
+    for found in results(world2, "hooked_and_tied", 2):
+        assert found["hooked"] == "ok" and found["hooked_equal"] and found["hooked_version"] == 3, found
+        assert found["tied"] == "ok" and found["tied_value"], found
+        assert found["tied_unexpected"] == ["model/head.weight"], found
+        assert found["refused"] == ["CheckpointWriteError", True] and found["notes_kept"], found

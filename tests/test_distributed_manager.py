@@ -112,7 +112,7 @@ def test_a_background_failure_on_one_rank_is_raised_on_every_rank(world2):
     result = found[0]
     for when, number in (("save", 2), ("wait_until_finished", 3)):
         assert result[f"{when}_returned"] == f"ckpt-{number}"
-        assert result[when] == (f"CheckpointError: Saving {world2}/async-fault/ckpt-{number} failed on rank 1: "
+        assert result[when] == (f"CheckpointWriteError: Saving {world2}/async-fault/ckpt-{number} failed on rank 1: "
                                 f"Cannot write checkpoint {world2}/async-fault/ckpt-{number}: no space left on the "
                                 "device. Free some space (or keep fewer checkpoints with max_to_keep); the previous "
                                 "checkpoints are intact.")

@@ -46,7 +46,7 @@ GOLDEN_INDEX = """{
   "torchckpt_version": "0.1.0",
   "checksum_algorithm": "xxh3-64",
   "objects": {"a": "tensor", "b": "tensor", "n": "value"},
-  "state": {"n": {"@tuple": [1, {"@float": "inf"}]}, "save_counter": 0},
+  "state": {"a": {"@tensor": null}, "b": {"@tensor": null}, "n": {"@tuple": [1, {"@float": "inf"}]}, "save_counter": 0},
   "aliases": {},
   "shards": [{"file": "model-00001-of-00001.safetensors", "size": 153, "checksum": "%s", "header_checksum": "%s", "tensors": 2}],
   "tensors": {"names": ["a", "b"], "dtypes": "F32,I8", "shapes": "2;", "checksums": "%s%s"}

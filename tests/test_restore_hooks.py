@@ -548,6 +548,19 @@ def test_versions_follow_a_rename_and_a_ddp_prefix(tmp_path):
     assert_same_state(target, wrapped.module)
 
 
+def test_the_version_of_a_model_a_ddp_wrapper_held_reaches_its_root_loader_both_ways(tmp_path):
+    saved = MigratesByVersion(3, 3)  # the model itself is versioned: under a wrapper its prefix is "module"
+    wrapper = torch.nn.Module()
+    wrapper.module = saved
+    target = MigratesByVersion(3, 3)
+    torchckpt.Checkpoint(model=target).read(torchckpt.Checkpoint(model=wrapper).write(tmp_path / "a")).assert_consumed()
+    assert target.seen == 2 and torch.equal(target.weight, saved.weight)
+    into = torch.nn.Module()
+    into.module = MigratesByVersion(3, 3)
+    torchckpt.Checkpoint(model=into).read(torchckpt.Checkpoint(model=saved).write(tmp_path / "b")).assert_consumed()
+    assert into.module.seen == 2 and torch.equal(into.module.weight, saved.weight)
+
+
 def test_a_checkpoint_without_versions_hands_loaders_none_as_a_state_dict_without_metadata(tmp_path):
     saved = versioned_model(0)
     path = torchckpt.Checkpoint(model=saved).write(tmp_path / "c")
@@ -571,6 +584,10 @@ def test_save_state_and_load_state_keep_a_state_dicts_versions(tmp_path):
         assert_same_state(target, saved)
     loaded = torchckpt.load_state(torchckpt.Checkpoint(model=saved).write(tmp_path / "ckpt"))
     assert type(loaded["model"]) is OrderedDict and loaded["model"]._metadata["0"] == {"version": 2}
+    pair = torchckpt.load_state(torchckpt.Checkpoint(pair=(saved, versioned_model(2))).write(tmp_path / "tuple"))["pair"]
+    assert type(pair) is tuple and all(m._metadata["0"] == {"version": 2} for m in pair)
+    pair = torchckpt.load_state(torchckpt.save_state({"pair": (saved.state_dict(), 1)}, tmp_path / "plain"))["pair"]
+    assert pair[0]._metadata["1"] == {"version": 2} and pair[1] == 1
 
 
 def test_a_batch_norm_saved_at_version_2_without_its_count_reports_it_missing_as_torch(tmp_path):

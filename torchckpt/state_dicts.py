@@ -168,36 +168,37 @@ def _with_metadata(state: dict[str, Any], versions: dict[str, dict[str, int | No
     modules' prefixes are found from the keys, with version 1 where none is recorded), which
     ``load_state_dict`` hands to each module's loader."""
     for key, recorded in versions.items():
-        parent, part, node = None, "", state
-        for part in (keypath.split(key) if key else []):
-            parent = node
-            node = _child(node, part)
-        if not isinstance(node, dict) or not all(type(k) is str for k in node):
-            continue  # not a state dict here (a damaged or renamed record): nothing to attach
-        out: OrderedDict[str, Any] = OrderedDict(node)
-        prefixes = {k.rsplit(".", n)[0] for k in node for n in range(1, k.count(".") + 1)} | {""} | set(recorded)
-        out._metadata = {p: {"version": recorded.get(p, 1)} for p in sorted(prefixes)}  # type: ignore[attr-defined]
-        if parent is None:
-            state = out
-        else:
-            _set_child(parent, part, out)
+        state = _replaced(state, keypath.split(key) if key else [], lambda node, r=recorded: _versioned(node, r))
     return state
 
 
-def _child(node: Any, part: str) -> Any:
-    """The value of ``node`` under the key path part ``part`` (None where there is none)."""
-    if isinstance(node, dict):
-        return next((v for k, v in node.items() if keypath.key_part(k) == part), None)
-    if isinstance(node, list) and part.isdigit() and int(part) < len(node):
-        return node[int(part)]
-    return None
+def _versioned(node: Any, recorded: dict[str, int | None]) -> Any:
+    if not isinstance(node, dict) or not all(type(k) is str for k in node):
+        return node  # not a state dict here (a damaged or renamed record): nothing to attach
+    out: OrderedDict[str, Any] = OrderedDict(node)
+    prefixes = {k.rsplit(".", n)[0] for k in node for n in range(1, k.count(".") + 1)} | {""} | set(recorded)
+    out._metadata = {p: {"version": recorded.get(p, 1)} for p in sorted(prefixes)}  # type: ignore[attr-defined]
+    return out
 
 
-def _set_child(node: Any, part: str, value: Any) -> None:
+def _replaced(node: Any, parts: list[str], change: Any) -> Any:
+    """``node`` with ``change`` applied to its value at the key path ``parts`` (dicts and lists
+    changed in place, a tuple on the way rebuilt); as it is where the path leads nowhere."""
+    if not parts:
+        return change(node)
+    part, rest = parts[0], parts[1:]
     if isinstance(node, dict):
-        node[next(k for k in node if keypath.key_part(k) == part)] = value
-    elif isinstance(node, list):
-        node[int(part)] = value
+        key = next((k for k in node if keypath.key_part(k) == part), _NONE)
+        if key is not _NONE:
+            node[key] = _replaced(node[key], rest, change)
+    elif isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
+        items = node if isinstance(node, list) else list(node)
+        items[int(part)] = _replaced(node[int(part)], rest, change)
+        return items if isinstance(node, list) else tuple(items)
+    return node
+
+
+_NONE = object()
 
 
 def _objects(reader: CheckpointReader) -> dict[str, str]:

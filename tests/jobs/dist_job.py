@@ -30,7 +30,7 @@ from torch.distributed.fsdp import fully_shard
 import torchckpt
 from tests.damage import rot
 from tests.doubles import LocalDouble, StorageDouble, remote_double
-from tests.jobs import flips, limits, read_once, renames
+from tests.jobs import flips, limits, loads, read_once, renames
 from torchckpt._storage import registry
 
 TIMEOUT = 20.0  # every collective checkpoint call in these scenarios waits at most this long
@@ -1034,6 +1034,7 @@ SCENARIOS = {f.__name__: f for f in (save_fsdp_4, save_fsdp_2, restore_from_4, r
                                       damaged_then_saved, opens_its_own_shards, killed_after_commit)}
 SCENARIOS.update(flips.SCENARIOS)
 SCENARIOS.update(renames.SCENARIOS)
+SCENARIOS.update(loads.SCENARIOS)
 SCENARIOS.update(read_once.SCENARIOS)
 SCENARIOS.update(limits.SCENARIOS)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import os
 import threading
 import zlib
 from collections.abc import Callable, Iterator
@@ -28,6 +29,7 @@ from torchckpt.errors import (
     CheckpointNotFoundError,
     CheckpointReadError,
     CheckpointTooLargeError,
+    CheckpointWriteError,
     CorruptCheckpointError,
     RankTimeoutError,
     RenameConflictError,
@@ -329,7 +331,7 @@ def failure_payload(error: BaseException) -> dict[str, Any]:
         value = getattr(error, attr, None)
         if isinstance(value, str):
             out[attr] = value
-    if isinstance(error, CheckpointReadError) and isinstance(error.errno, int):
+    if isinstance(error, (CheckpointReadError, CheckpointWriteError)) and isinstance(error.errno, int):
         out["errno"] = error.errno
     if isinstance(error, CheckpointTooLargeError):
         out.update(what=error.what, size=error.size, limit=error.limit)
@@ -389,6 +391,10 @@ def collective_error(failures: dict[int, dict[str, Any]], what: str, note: str |
     elif kind == "CheckpointReadError":
         code = first.get("errno")
         error = CheckpointReadError(message, first.get("path"), code if isinstance(code, int) else None)
+    elif kind == "CheckpointWriteError":
+        code, path = first.get("errno"), first.get("path") or ""
+        cause = OSError(code, os.strerror(code), path) if isinstance(code, int) else OSError(message)
+        error = CheckpointWriteError(message, path, cause)
     elif kind == "CheckpointTooLargeError":
         error = CheckpointTooLargeError(message, first.get("path"), str(first.get("what", "")), int(first.get("size", 0)),
                                         int(first.get("limit", 0)))

@@ -175,6 +175,7 @@ def _encode_dict(value: dict[Any, Any], path: str, tensors: dict[str, torch.Tens
     if not all(type(k) is str and not k.startswith(TAG) for k in value):
         return _encode_pairs("@dict", value, path, tensors, ordered)
     out: dict[str, Any] = {}
+    left_out = mixed = False  # mixed: a value follows a tensor left out, which would decode after it
     for k, v in value.items():
         _check_text(k, path)
         child = join(path, escape_part(k))
@@ -182,7 +183,9 @@ def _encode_dict(value: dict[Any, Any], path: str, tensors: dict[str, torch.Tens
             if child in tensors:
                 encode(v, child, tensors)  # raises the duplicate-name error
             tensors[child] = v
+            left_out = True
         else:
+            mixed = mixed or left_out
             before = len(tensors)
             out[k] = encode(v, child, tensors, ordered)
             if child == path and len(tensors) > before and not isinstance(v, torch.Tensor):
@@ -192,7 +195,10 @@ def _encode_dict(value: dict[Any, Any], path: str, tensors: dict[str, torch.Tens
                     key="",
                     value_type=type(v),
                 )
-    return out
+    return {k: out.get(k, _PLACED) for k in value} if mixed else out  # every key in its place, as torch.load
+
+
+_PLACED = {TENSOR_TAG: None}  # a tensor's place among its dict's keys (shared: JSON only reads it)
 
 
 # Keys stored as they are: any other key (a tuple, a path, a NumPy scalar) is named by the key it

@@ -44,6 +44,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 from torchckpt._format import keypath
 from torchckpt._format.chunks import ChunkedInfo
 from torchckpt._format.dtypes import TensorInfo
+from torchckpt._load import module_keys
 from torchckpt._load.report import MismatchReport
 from torchckpt.errors import CheckpointError
 
@@ -79,7 +80,22 @@ class Survey:
     kept: frozenset[str]
 
 
-Versions = dict[str, "int | None"]  # saved ``_version`` by state-dict prefix ("" the module itself), where not 1
+@dataclass(frozen=True)
+class Versions:
+    """A module's saved ``_version``s (where not 1), as its loaders are handed them.
+
+    Attributes:
+        saved: by state-dict prefix without DDP's and ``torch.compile``'s parts (``""``: the module).
+        wrapped: the destination is a DDP wrapper of the model that was saved (or of one whose
+            checkpoint was saved by a wrapper), so its prefixes lose their leading ``module``.
+    """
+
+    saved: dict[str, int | None]
+    wrapped: bool = False
+
+    def at(self, prefix: str) -> int | None:
+        """The saved version of the destination's module at ``prefix`` (``"0.bn."``, ``""``)."""
+        return self.saved.get(module_keys.prefix_unwrapped(prefix[:-1], self.wrapped), 1)
 
 
 def survey(module: torch.nn.Module, versions: Versions | None = None) -> Survey:
@@ -97,9 +113,7 @@ def survey(module: torch.nn.Module, versions: Versions | None = None) -> Survey:
 
 def _version_at(versions: Versions | None, prefix: str) -> int | None:
     """The saved ``_version`` of the module at ``prefix`` (``"0.bn."``); None where not recorded."""
-    if versions is None:
-        return None
-    return versions.get(keypath.canonical_module_key(prefix[:-1]), 1)  # the keys are canonical (Plan.versions_of)
+    return None if versions is None else versions.at(prefix)
 
 
 def local_metadata(versions: Versions | None, prefix: str) -> dict[str, Any]:

@@ -13,14 +13,30 @@ from collections.abc import Iterable
 from torchckpt._format import keypath
 
 
-def pair(saved_keys: Iterable[str], object_keys: Iterable[str]) -> dict[str, str]:
+def wrappers(saved_keys: list[str], object_keys: list[str]) -> tuple[bool, bool]:
+    """Whether the checkpoint's keys, and the model's, are a DDP wrapper's against the other side's."""
+    return _ddp_wrapped(saved_keys, object_keys), _ddp_wrapped(object_keys, saved_keys)
+
+
+def prefix_unwrapped(prefix: str, ddp: bool) -> str:
+    """A module's state-dict prefix (``"module.0.bn"``, no trailing dot) without ``torch.compile``'s
+    ``_orig_mod`` parts and (``ddp``) the wrapper's ``module``: the wrapped model itself is ``""``."""
+    prefix = keypath.canonical_module_key(prefix, ddp=False)
+    if not ddp or not (prefix == "module" or prefix.startswith("module.")):
+        return prefix
+    return prefix[len("module."):]
+
+
+def pair(saved_keys: Iterable[str], object_keys: Iterable[str], wrapping: tuple[bool, bool] | None = None,
+         ) -> dict[str, str]:
     """Pair checkpoint keys with object keys: exactly, or through ``torch.compile``'s ``_orig_mod.``
     parts and, where one side is DDP-wrapped and the other is not, DDP's leading ``module.`` (a
     child named ``module`` is no wrapper: its keys pair only as they are). Once one side is a
     wrapper, every key pairs through the unwrapping, also one that names a key of the other side
-    as it is (the wrapper's ``module.weight`` is the model's ``weight``, not its child ``module``'s)."""
+    as it is (the wrapper's ``module.weight`` is the model's ``weight``, not its child ``module``'s).
+    ``wrapping``: :func:`wrappers` of the same keys, where the caller has it."""
     saved_keys, object_keys = list(saved_keys), list(object_keys)
-    saved_ddp, object_ddp = _ddp_wrapped(saved_keys, object_keys), _ddp_wrapped(object_keys, saved_keys)
+    saved_ddp, object_ddp = wrapping if wrapping is not None else wrappers(saved_keys, object_keys)
     known = set() if saved_ddp or object_ddp else set(object_keys)
     pairs = {k: k for k in saved_keys if k in known}
     left_saved = [k for k in saved_keys if k not in pairs]

@@ -47,12 +47,14 @@ class Plan:
     fetches: bool = False  # a hooked module's load will fetch tensors (so every shard header is checked before reads)
     versions: dict[str, dict[str, int | None]] | None = None  # saved ``_version``s (``Index.module_versions``)
 
-    def versions_of(self, name: str) -> dict[str, int | None] | None:
+    def versions_of(self, name: str, wrapping: tuple[bool, bool] = (False, False)) -> hooked.Versions | None:
         """The saved ``_version``s of the module matched as ``name`` and its submodules, where not 1,
-        by state-dict prefix without DDP's and ``torch.compile``'s parts (``_load.hooked``); None
-        where the checkpoint recorded none for it."""
+        for ``_load.hooked``; None where the checkpoint recorded none for it. ``wrapping``: whether
+        the checkpoint's keys, and the module's, are a DDP wrapper's (``module_keys.wrappers``)."""
         found = None if self.versions is None else self.versions.get(name)
-        return None if found is None else {keypath.canonical_module_key(p): v for p, v in found.items()}
+        if found is None:
+            return None
+        return hooked.Versions({module_keys.prefix_unwrapped(p, wrapping[0]): v for p, v in found.items()}, wrapping[1])
 
 
 SAVED = (SavedTensor, ChunkedInfo)  # what a tensor of the checkpoint resolves to: stored whole, or as chunks
@@ -169,13 +171,15 @@ def plan_module(name: str, module: torch.nn.Module, saved: Any, plan: Plan) -> N
     for key, tensor in current.items():
         if isinstance(tensor, torch.Tensor):
             check_destination(keypath.join(name, keypath.escape_part(key)), tensor)
-    found = hooked.survey(module, plan.versions_of(name))
+    wrapping = module_keys.wrappers(list(saved), list(current))
+    versions = plan.versions_of(name, wrapping)
+    found = hooked.survey(module, versions)
     if found.needs_load_semantics:
-        _plan_hooked(name, module, saved, current, plan)
+        _plan_hooked(name, module, saved, current, plan, wrapping)
         return
     storages = {dist_dtensor.local_storage(t) for t in [*module.parameters(), *module.buffers()]
                 if t.numel() and not t.is_meta}
-    pairs = module_keys.pair(list(saved), list(current))
+    pairs = module_keys.pair(list(saved), list(current), wrapping)
     via_load: dict[str, Any] = {}
     via_assign: dict[str, Any] = {}
     fed: dict[int, tuple[str, str, Any, torch.Tensor]] = {}  # storage -> the first in-place read into it (a Fed)
@@ -200,18 +204,22 @@ def plan_module(name: str, module: torch.nn.Module, saved: Any, plan: Plan) -> N
         elif _is_saved(value) and isinstance(dest, torch.Tensor):
             if not _compatible(full, value, dest, plan.report, plan.cast):
                 continue
+            address = 0
             if dist_dtensor.is_dtensor(dest):
                 _read_into(dest, value, plan)
+                address = dist_dtensor.local_storage(dest) if dist_dtensor.local_of(dest).numel() else 0
             elif dest.numel() and (address := dest.untyped_storage().data_ptr()) in storages:
                 _read_into(dest, value, plan)
-                read = (object_key, full, value, dest)
-                first = fed.setdefault(address, read)
-                if first is not read:  # a storage read into twice: tied weights, or parameters of one buffer
-                    shared += [tied.Fed(*first), tied.Fed(*read)]
             else:
+                address = 0
                 fresh = torch.empty(value.shape, dtype=dest.dtype, device=dest.device)
                 _read_into(fresh, value, plan)
                 via_load[object_key] = fresh
+            if address:  # read in place: a storage read into twice is tied weights, or parameters of one buffer
+                read = (object_key, full, value, dest)
+                first = fed.setdefault(address, read)
+                if first is not read:
+                    shared += [tied.Fed(*first), tied.Fed(*read)]
         elif _is_saved(value) or isinstance(dest, torch.Tensor):
             plan.report.unexpected_keys.append(full)
             plan.report.missing_keys.append(keypath.join(name, keypath.escape_part(object_key)))
@@ -225,7 +233,6 @@ def plan_module(name: str, module: torch.nn.Module, saved: Any, plan: Plan) -> N
         _drop_overwritten(tied.overwritten(shared, list(current)), plan)
     matched = {k for k in pairs.values() if not _is_meta(current[k]) or k in via_assign} | found.kept
     plan.report.missing_keys.extend(keypath.join(name, keypath.escape_part(k)) for k in current if k not in matched)
-    versions = plan.versions_of(name)
     if via_load:
         plan.loads.append((name, lambda: _load_the_rest(module, hooked.versioned(via_load, module, versions),
                                                         restored_as, plan.report)))
@@ -257,16 +264,17 @@ def _load_the_rest(module: torch.nn.Module, via_load: dict[str, Any], restored_a
         report.unexpected_keys.append(full)
 
 
-def _plan_hooked(name: str, module: torch.nn.Module, saved: dict[str, Any], current: dict[str, Any], plan: Plan) -> None:
+def _plan_hooked(name: str, module: torch.nn.Module, saved: dict[str, Any], current: dict[str, Any], plan: Plan,
+                 wrapping: tuple[bool, bool]) -> None:
     """Plan ``module``'s restore through load_state_dict semantics (``_load.hooked``). Keys outside
     every hooked subtree keep :func:`plan_module`'s rules (in place; mismatches reported, left as they
     are), except a tensor tied to another (one tensor under two keys), which torch's default loader
     fills when the walk reaches its module, so that the key torch reaches last wins, as in
     ``load_state_dict``; the others go to torch's loaders, read when the walk reaches them. Missing
     and unexpected keys are torch's, known once the hooks have run."""
-    load = hooked.HookedLoad(module, plan.assign, plan.versions_of(name))
+    load = hooked.HookedLoad(module, plan.assign, plan.versions_of(name, wrapping))
     plan.fetches = True
-    pairs = module_keys.pair(list(saved), list(current))
+    pairs = module_keys.pair(list(saved), list(current), wrapping)
     tied_views = tied.repeated_views(current.values())
     for saved_key, value in saved.items():
         full = keypath.join(name, keypath.escape_part(saved_key))

@@ -17,6 +17,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from torchckpt._dist import dtensor as dist_dtensor
+from torchckpt._format.chunks import ChunkedInfo
 from torchckpt._format.dtypes import TensorInfo
 
 
@@ -31,11 +33,18 @@ class Fed(NamedTuple):
 
 
 def view_of(t: torch.Tensor) -> tuple[Any, ...] | None:
-    """What makes two tensors one: the same memory seen the same way (None: no memory yet, as a
-    lazy module's parameter before its first forward pass, or a tensor on the meta device)."""
-    if torch.nn.parameter.is_lazy(t) or t.is_meta or not t.numel():
+    """What makes two tensors one: the same memory seen the same way; a DTensor's, its local
+    shard's with its placements (None: no memory yet, as a lazy module's parameter before its
+    first forward pass, or a tensor on the meta device; or none on this rank)."""
+    if torch.nn.parameter.is_lazy(t) or t.is_meta:
         return None
-    return t.data_ptr(), t.dtype, tuple(t.shape), t.stride()
+    placements: Any = None
+    if dist_dtensor.is_dtensor(t):
+        placements = tuple(getattr(t, "placements", ()))
+        t = dist_dtensor.local_of(t)
+    if not t.numel():
+        return None
+    return t.data_ptr(), t.dtype, tuple(t.shape), t.stride(), placements
 
 
 def repeated_views(tensors: Any) -> set[tuple[Any, ...]]:
@@ -56,7 +65,7 @@ def overwritten(fed: list[Fed], order: list[str]) -> list[Fed]:
     groups: dict[tuple[Any, ...] | None, dict[str, Fed]] = {}
     for read in fed:
         groups.setdefault(view_of(read.dest), {})[read.object_key] = read
-    tied = [group for group in groups.values() if len(group) > 1]
+    tied = [group for view, group in groups.items() if view is not None and len(group) > 1]
     if not tied:
         return []
     position = {k: i for i, k in enumerate(order)}
@@ -75,4 +84,7 @@ def _same_values(a: Any, b: Any) -> bool:
     if isinstance(a, TensorInfo) and isinstance(b, TensorInfo):
         return ((a.file, a.start) == (b.file, b.start)
                 or a.checksum is not None and a.checksum == b.checksum and (a.dims, a.dtype_name) == (b.dims, b.dtype_name))
+    if isinstance(a, ChunkedInfo) and isinstance(b, ChunkedInfo):  # saved by several ranks: chunk by chunk
+        return (a.shape, a.dtype) == (b.shape, b.dtype) and len(a.pieces) == len(b.pieces) and all(
+            box_a == box_b and _same_values(x, y) for (box_a, x), (box_b, y) in zip(a.pieces, b.pieces))
     return False

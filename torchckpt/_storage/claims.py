@@ -15,12 +15,13 @@ import threading
 
 from torchckpt._storage.base import Storage
 
-_holders: collections.Counter[tuple[str, str]] = collections.Counter()
+_holders: collections.Counter[tuple[int, str, str]] = collections.Counter()
 _guard = threading.Lock()
 
 
-def _key(storage: Storage, directory: str) -> tuple[str, str]:
-    return type(storage).__name__, storage.real_path(directory)
+def _key(storage: Storage, directory: str) -> tuple[int, str, str]:
+    """Whose count: this process's (a forked child holds no claim of its parent's, ``_storage.lock``)."""
+    return os.getpid(), type(storage).__name__, storage.real_path(directory)
 
 
 def hold(storage: Storage, directory: str) -> None:
@@ -39,14 +40,3 @@ def let_go(storage: Storage, directory: str) -> None:
             del _holders[key]
     if last:
         storage.release(directory)
-
-
-def _forget_after_fork() -> None:
-    """A forked child holds no claim of its parent's (``_storage.lock``), so no count either."""
-    global _guard
-    _guard = threading.Lock()
-    _holders.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_after_fork)
