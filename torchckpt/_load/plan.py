@@ -204,7 +204,6 @@ def plan_module(name: str, module: torch.nn.Module, saved: Any, plan: Plan) -> N
         elif _is_saved(value) and isinstance(dest, torch.Tensor):
             if not _compatible(full, value, dest, plan.report, plan.cast):
                 continue
-            address = 0
             if dist_dtensor.is_dtensor(dest):
                 _read_into(dest, value, plan)
                 address = dist_dtensor.local_storage(dest) if dist_dtensor.local_of(dest).numel() else 0
@@ -291,7 +290,8 @@ def _plan_hooked(name: str, module: torch.nn.Module, saved: dict[str, Any], curr
         elif not _is_saved(value):  # a plain value where a tensor belongs: left out, so also missing
             plan.report.unexpected_keys.extend(_saved_leaf_keys(value, full))
             restored = False
-        elif owner[1].is_meta or tied_views and tied.view_of(owner[1]) in tied_views:
+        elif owner[1].is_meta or tied_views and not dist_dtensor.is_dtensor(owner[1]) and \
+                tied.view_of(owner[1]) in tied_views:  # (a DTensor stays in place: torch's loader cannot copy into it)
             if owner[1].is_meta:
                 plan.report.meta_keys.append(target)
             restored = (plan.assign or not owner[1].is_meta) and _compatible(full, value, owner[1], plan.report, plan.cast)
