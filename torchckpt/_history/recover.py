@@ -132,8 +132,8 @@ def refuse_another_managers(directory: str, state: State | DamagedStateFile | No
             f"{directory} holds the history of a CheckpointManager named {owner!r} ({', '.join(written[:3])}), not "
             f"{checkpoint_name!r}: one directory holds one manager's history (its state file), so this manager would "
             f"take the checkpoints of {owner!r} for its own. Give each manager a directory of its own "
-            f"(runs/gan/{owner} and runs/gan/{checkpoint_name}), or open it with checkpoint_name={owner!r}. Nothing was "
-            "saved or deleted.")
+            f"({join(directory, owner)} and {join(directory, checkpoint_name)}, say), or open it with "
+            f"checkpoint_name={owner!r}. Nothing was saved or deleted.")
 
 
 def _index_metadata(directory: str, name: str, storage: Storage) -> Any:
