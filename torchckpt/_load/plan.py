@@ -10,6 +10,7 @@ the planned tensors and runs the planned loads (``_load.execute``).
 from __future__ import annotations
 
 import bisect
+import collections
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -182,8 +183,7 @@ def plan_module(name: str, module: torch.nn.Module, saved: Any, plan: Plan) -> N
     pairs = module_keys.pair(list(saved), list(current), wrapping)
     via_load: dict[str, Any] = {}
     via_assign: dict[str, Any] = {}
-    fed: dict[int, tuple[str, str, Any, torch.Tensor]] = {}  # storage -> the first in-place read into it (a Fed)
-    shared: list[tied.Fed] = []  # reads into storages read into before
+    fed: list[tuple[int, str]] = []  # (storage, saved key) of each in-place read
     restored_as: dict[str, tuple[str, str]] = {}  # a key of via_load -> its checkpoint key, and as reported restored
     for saved_key, value in saved.items():
         full = keypath.join(name, keypath.escape_part(saved_key))
@@ -215,10 +215,7 @@ def plan_module(name: str, module: torch.nn.Module, saved: Any, plan: Plan) -> N
                 _read_into(fresh, value, plan)
                 via_load[object_key] = fresh
             if address:  # read in place: a storage read into twice is tied weights, or parameters of one buffer
-                read = (object_key, full, value, dest)
-                first = fed.setdefault(address, read)
-                if first is not read:
-                    shared += [tied.Fed(*first), tied.Fed(*read)]
+                fed.append((address, saved_key))
         elif _is_saved(value) or isinstance(dest, torch.Tensor):
             plan.report.unexpected_keys.append(full)
             plan.report.missing_keys.append(keypath.join(name, keypath.escape_part(object_key)))
@@ -228,8 +225,8 @@ def plan_module(name: str, module: torch.nn.Module, saved: Any, plan: Plan) -> N
         plan.report.restored_keys.append(_shared_key(full, value) if _is_saved(value) else full)
         if object_key in via_load:
             restored_as[object_key] = (full, plan.report.restored_keys[-1])
-    if shared:
-        _drop_overwritten(tied.overwritten(shared, list(current)), plan)
+    if len({address for address, _ in fed}) < len(fed):  # a storage read into twice
+        _drop_overwritten(tied.overwritten(_reads_into_shared(fed, name, pairs, saved, current), list(current)), plan)
     matched = {k for k in pairs.values() if not _is_meta(current[k]) or k in via_assign} | found.kept
     plan.report.missing_keys.extend(keypath.join(name, keypath.escape_part(k)) for k in current if k not in matched)
     if via_load:
@@ -238,6 +235,14 @@ def plan_module(name: str, module: torch.nn.Module, saved: Any, plan: Plan) -> N
     if via_assign:
         plan.loads.append((name, lambda: module.load_state_dict(hooked.versioned(via_assign, module, versions),
                                                                 strict=False, assign=True)))
+
+
+def _reads_into_shared(fed: list[tuple[int, str]], name: str, pairs: dict[str, str], saved: dict[str, Any],
+                       current: dict[str, Any]) -> list[tied.Fed]:
+    """The in-place reads (``fed``) into storages that more than one of them reads into."""
+    count = collections.Counter(address for address, _ in fed)
+    return [tied.Fed(pairs[key], keypath.join(name, keypath.escape_part(key)), saved[key], current[pairs[key]])
+            for address, key in fed if count[address] > 1]
 
 
 def _drop_overwritten(reads: list[tied.Fed], plan: Plan) -> None:
