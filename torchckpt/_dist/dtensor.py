@@ -140,29 +140,22 @@ def local_storage(t: torch.Tensor) -> int:
     return int(local.untyped_storage().data_ptr())
 
 
-def optimizer_destination(params: list[torch.Tensor], key: str, prefix: str,
+def optimizer_destination(templates: list[torch.Tensor | None], key: str, prefix: str,
                           saved: TensorInfo | ChunkedInfo) -> torch.Tensor | None:
     """For optimizer state the optimizer does not have yet (it never stepped): a tensor laid out
-    like its parameter (``params``: :func:`parameters_of`), where it has the parameter's shape.
-    For a DTensor parameter, a DTensor, so that each rank reads only its part. For a plain one
-    that is not contiguous (``channels_last``, a transposed view), a CPU tensor of its strides,
-    as ``torch.zeros_like(p)`` makes it when the optimizer steps: fused optimizers read a
-    parameter, its gradient and its state as flat buffers of one layout, and a contiguous
-    ``exp_avg`` of a ``channels_last`` weight would pair each element with another's moments.
-    None for other plain parameters (a contiguous tensor is allocated, as in a single process)."""
+    like its parameter (``templates``: :func:`layout_templates`), where it has the parameter's
+    shape. For a DTensor parameter, a DTensor, so that each rank reads only its part. For a plain
+    one that is not contiguous, a CPU tensor of its strides. None for other plain parameters (a
+    contiguous tensor is allocated, as in a single process)."""
     parts = key[len(prefix) + 1:].split("/")
     if len(parts) != 3 or parts[0] != "state" or not parts[1].isdigit():
         return None
     index = int(parts[1])
-    if index >= len(params):
+    p: Any = templates[index] if index < len(templates) else None
+    if p is None or tuple(p.shape) != tuple(saved.shape):
         return None
-    p: Any = params[index]
     if not is_dtensor(p):
-        if p.is_contiguous() or tuple(p.shape) != tuple(saved.shape):
-            return None
         return torch.empty_like(p, dtype=saved.dtype, device="cpu")
-    if tuple(p.shape) != tuple(saved.shape):
-        return None
     from torch.distributed.tensor import DTensor
 
     box = dtensor_box(p, key)
@@ -175,6 +168,13 @@ def optimizer_destination(params: list[torch.Tensor], key: str, prefix: str,
                               run_check=False)
 
 
-def parameters_of(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """The optimizer's parameters, in the order its state dict numbers them."""
-    return [p for group in optimizer.param_groups for p in group["params"]]
+def layout_templates(optimizer: torch.optim.Optimizer) -> list[torch.Tensor | None]:
+    """The optimizer's parameters, in the order its state dict numbers them, where state made for
+    them must have their layout (:func:`optimizer_destination`), else None: a DTensor, or a plain
+    tensor that is not contiguous (``channels_last``, a transposed view), whose state
+    ``torch.zeros_like(p)`` makes of its strides when the optimizer steps. Fused optimizers read a
+    parameter, its gradient and its state as flat buffers of one layout: a contiguous ``exp_avg``
+    of a ``channels_last`` weight would pair each element with another's moments. One pass over
+    the parameters, not one per state tensor."""
+    return [p if is_dtensor(p) or not p.is_contiguous() else None
+            for group in optimizer.param_groups for p in group["params"]]

@@ -343,7 +343,7 @@ def plan_stateful(name: str, obj: Any, saved: Any, plan: Plan) -> None:
     saved_leaves = keypath.leaves(saved, name)
     report = MismatchReport()
     reads: list[tuple[torch.Tensor, SavedTensor]] = []
-    params = dist_dtensor.parameters_of(obj) if isinstance(obj, torch.optim.Optimizer) else None
+    params = dist_dtensor.layout_templates(obj) if isinstance(obj, torch.optim.Optimizer) else None
 
     def destination(key: str, value: SavedTensor) -> torch.Tensor:
         dest = current_leaves.get(key)
@@ -357,7 +357,7 @@ def plan_stateful(name: str, obj: Any, saved: Any, plan: Plan) -> None:
             plan.casts.append((fresh, buffer))
             return fresh
         laid_out = None
-        if params is not None:  # an optimizer that never stepped: laid out like its (DTensor) parameter
+        if params is not None:  # an optimizer that never stepped: laid out like its parameter, where that matters
             laid_out = dist_dtensor.optimizer_destination(params, key, name, value)
         new = torch.empty(value.shape, dtype=value.dtype) if laid_out is None else laid_out
         reads.append((new, value))

@@ -126,10 +126,10 @@ def capture(state: dict[str, Any], objects: dict[str, str], metadata: dict[str, 
     return WriteJob(stored, aliases, section)
 
 
-Versions = dict[str, dict[str, "int | None"]]  # state dict's key -> {module prefix: its _version, where not 1}
+VersionRecord = dict[str, dict[str, "int | None"]]  # state dict's key -> {module prefix: its _version, where not 1}
 
 
-def module_versions(modules: list[tuple[str, torch.nn.Module]]) -> Versions | None:
+def module_versions(modules: list[tuple[str, torch.nn.Module]]) -> VersionRecord | None:
     """What ``state_dict()`` records in its ``_metadata`` for each tracked module, by the key it is
     matched by: the ``_version`` of every submodule (by state-dict prefix, ``""`` the module
     itself) that is not 1, ``nn.Module``'s. ``load_state_dict`` hands each loader its version, so
@@ -140,7 +140,7 @@ def module_versions(modules: list[tuple[str, torch.nn.Module]]) -> Versions | No
             for key, module in modules}
 
 
-def state_dict_versions(value: Any, path: str = "", out: Versions | None = None) -> Versions:
+def state_dict_versions(value: Any, path: str = "", out: VersionRecord | None = None) -> VersionRecord:
     """The same record for the state dicts in a plain state (``save_state``): every dict that
     carries the ``_metadata`` of ``state_dict()``, by its key."""
     out = {} if out is None else out
