@@ -426,7 +426,7 @@ def _state_of(value: Any, distributed: bool = False) -> Any:
     if isinstance(value, Checkpoint):
         return value._state(distributed)
     if isinstance(value, torch.nn.Module):
-        return dict(value.state_dict())
+        return dict(dist_dtensor.module_state(value))
     if isinstance(value, torch.Tensor):
         return value  # bytes are read through data_ptr(): autograd is not involved
     if is_stateful(value):

@@ -34,6 +34,21 @@ def local_of(t: Any) -> torch.Tensor:
     return local if isinstance(local, torch.Tensor) else t.to_local()
 
 
+def module_state(module: torch.nn.Module) -> dict[str, Any]:
+    """``module.state_dict()`` (its ``_metadata`` included), without ``DTensor.detach()``: about 7 us
+    a parameter through DTensor's dispatch, most of a 1,000-parameter FSDP2 model's ``state_dict()``.
+    Taken with ``keep_vars=True``, then every plain tensor that is a ``Parameter`` or requires grad is
+    detached (under a microsecond) as ``state_dict()`` detaches it; a DTensor is kept as it is, its
+    local tensor (all that is read or written) never requiring grad, and so is a lazy module's
+    uninitialised parameter, as its own ``_save_to_state_dict`` keeps it."""
+    state = module.state_dict(keep_vars=True)
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and (value.requires_grad or type(value) is torch.nn.Parameter) \
+                and not is_dtensor(value) and not torch.nn.parameter.is_lazy(value):
+            state[key] = value.detach()
+    return state
+
+
 def address_of(t: Any) -> int:
     """Where a tensor's bytes are (a DTensor's: its local tensor's); 0 for none. A module's
     ``state_dict()`` holds new tensors over its parameters' memory: the address finds them."""

@@ -161,7 +161,7 @@ def plan_module(name: str, module: torch.nn.Module, saved: Any, plan: Plan) -> N
     ``_extra_state``) go through ``load_state_dict(strict=False)`` instead. A module with load_state_dict
     hooks or a loader of its own anywhere in its tree is restored as ``load_state_dict`` would (:func:`_plan_hooked`).
     """
-    current = module.state_dict()
+    current = dist_dtensor.module_state(module)
     if saved is _MISSING:
         plan.report.missing_keys.extend(keypath.join(name, keypath.escape_part(k)) for k in current)
         return
