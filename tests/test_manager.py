@@ -660,3 +660,35 @@ def test_closing_one_of_two_managers_on_a_directory_keeps_the_claim_for_the_othe
                             "torchckpt.Checkpoint(w=torch.zeros(1)), sys.argv[1]).save()", str(tmp_path)],
                            capture_output=True, text=True, timeout=120)
     assert other.returncode == 0, other.stderr
+
+
+def test_a_commit_the_state_file_never_recorded_is_the_latest_for_every_reader(tmp_path):
+    """A crash between a checkpoint's commit and the state file's write (a SIGTERM save, say)
+    leaves the state file naming the checkpoint before it. A new manager adopts the newer commit;
+    the module functions, an evaluator's follower and a plain restore agree with it."""
+    manager = CheckpointManager(ckpt(), tmp_path, max_to_keep=None)
+    paths = [manager.save() for _ in range(2)]
+    lagging = (tmp_path / "checkpoints.json").read_bytes()
+    paths += [manager.save() for _ in range(2)]
+    (tmp_path / "checkpoints.json").write_bytes(lagging)  # as after ckpt-2: ckpt-3 and ckpt-4 unrecorded
+    (tmp_path / "ckpt-9").mkdir()  # a folder that is not a checkpoint (no index.json) is never the latest
+    (tmp_path / "other-7").mkdir()
+    torchckpt.Checkpoint(w=torch.zeros(1)).write(str(tmp_path / "other-7"))  # another prefix: not this history
+    assert torchckpt.latest_checkpoint(tmp_path) == paths[-1]
+    assert torchckpt.get_checkpoint_state(tmp_path).latest == paths[-1]
+    assert torchckpt.wait_for_new_checkpoint(tmp_path, paths[1], timeout=0) == paths[-1]
+    assert next(iter(torchckpt.checkpoints_iterator(tmp_path, timeout=0))) == paths[-1]
+    assert CheckpointManager(ckpt(), tmp_path).latest_checkpoint == paths[-1]
+    restored = ckpt()
+    assert restored.restore(str(tmp_path)).path == paths[-1]
+
+
+def test_a_checkpoint_saved_with_a_lower_number_after_a_higher_one_stays_the_latest(tmp_path):
+    """Numbers are not times: when the state file records a higher number than its latest (an
+    explicit ``checkpoint_number``), the recorded latest stands, as a new manager keeps it."""
+    manager = CheckpointManager(ckpt(), tmp_path, max_to_keep=None)
+    manager.save(checkpoint_number=10)
+    low = manager.save(checkpoint_number=3)
+    assert manager.latest_checkpoint == low
+    assert torchckpt.latest_checkpoint(tmp_path) == low
+    assert CheckpointManager(ckpt(), tmp_path).latest_checkpoint == low

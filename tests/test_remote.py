@@ -391,6 +391,25 @@ def test_a_state_file_replaced_by_another_writer_is_detected_not_overwritten(rem
     mgr.close()
 
 
+def test_a_commit_the_state_file_never_recorded_is_the_latest_on_an_object_store(remote):
+    """As on a disk (``test_manager``): the state file put back as before the last two saves, as
+    after a crash between commit and state write; the readers see the newest commit."""
+    mgr = CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), remote.url, max_to_keep=None,
+                            storage_options=remote.options)
+    first = mgr.save()
+    lagging = remote.fs.cat_file(remote.at("checkpoints.json"))
+    mgr.save()
+    last = mgr.save()
+    mgr.close()
+    remote.fs.pipe_file(remote.at("checkpoints.json"), lagging)
+    remote.fs.pipe_file(remote.at("ckpt-9", "notes.txt"), b"not a checkpoint")  # no index.json: never the latest
+    assert torchckpt.latest_checkpoint(remote.url, storage_options=remote.options) == last
+    assert torchckpt.wait_for_new_checkpoint(remote.url, first, timeout=0, storage_options=remote.options) == last
+    again = CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), remote.url, storage_options=remote.options)
+    assert again.latest_checkpoint == last
+    again.close()
+
+
 # -- crashes ---------------------------------------------------------------------------------------
 
 

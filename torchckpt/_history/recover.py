@@ -221,7 +221,8 @@ def recover(disk: OnDisk, now: float, checkpoint_name: str, keep_best: int | Non
             preserved.append(entry)
     latest, committed = state.latest, disk.latest_committed or not from_file  # a rebuilt latest is a member
     known = {e.name for e in [*state.checkpoints, *state.preserved]}
-    newest = _newest_unknown({*known, latest} - {None}, disk.members, checkpoint_name)
+    newest = history_members.newest_unknown({n for n in {*known, latest} if n is not None}, list(disk.members),
+                                            checkpoint_name)
     if newest is not None:
         latest, committed = newest, True
     if latest is not None and not committed:  # deleted by hand: the newest member
@@ -256,14 +257,3 @@ def _rebuilt(disk: OnDisk, now: float, checkpoint_name: str, why: str, adopt: bo
         preserved=[Entry(n) for n in disk.members if n not in managed],
         last_preserved_timestamp=now - 1.0,
     )
-
-
-def _newest_unknown(recorded: set[str | None], members: Sequence[str], checkpoint_name: str) -> str | None:
-    """A committed checkpoint newer than all recorded ones (a crash between commit and state write)."""
-    numbers = [history_members.number_of(n, checkpoint_name) for n in recorded if n is not None]
-    top = max((n for n in numbers if n is not None), default=None)
-    if top is None:
-        return None
-    newer = [n for n in members if history_members.number_of(n, checkpoint_name) is not None
-             and (history_members.number_of(n, checkpoint_name) or -1) > top]
-    return newer[-1] if newer else None
