@@ -692,3 +692,16 @@ def test_a_checkpoint_saved_with_a_lower_number_after_a_higher_one_stays_the_lat
     assert manager.latest_checkpoint == low
     assert torchckpt.latest_checkpoint(tmp_path) == low
     assert CheckpointManager(ckpt(), tmp_path).latest_checkpoint == low
+
+
+def test_a_manager_used_as_a_context_manager_is_closed_when_the_block_ends(tmp_path):
+    """The save in flight is durable and the directory released at the end of the block, and
+    the block's exception is what propagates."""
+    with CheckpointManager(ckpt(), tmp_path, async_save=True) as manager:
+        path = manager.save()
+    assert not LOCAL.holds(str(tmp_path)) and os.path.exists(os.path.join(path, spec.INDEX_FILE))
+    with pytest.raises(KeyError, match="inside"), CheckpointManager(ckpt(), tmp_path) as again:
+        again.save()
+        raise KeyError("inside")
+    assert not LOCAL.holds(str(tmp_path))
+    assert torchckpt.latest_checkpoint(tmp_path).endswith("ckpt-2")

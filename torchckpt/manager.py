@@ -502,6 +502,13 @@ class CheckpointManager:
                 claims.let_go(self._storage, self._directory)  # the claim goes with the last manager of the process
             self._closed = True
 
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """:meth:`close`: the save in flight finishes (its failure is raised), the directory is released."""
+        self.close()
+
     def __repr__(self) -> str:
         return f"CheckpointManager({self._directory!r}, latest={self._ledger.latest!r}, kept={len(self._ledger.kept)})"
 
