@@ -705,3 +705,25 @@ def test_a_manager_used_as_a_context_manager_is_closed_when_the_block_ends(tmp_p
         raise KeyError("inside")
     assert not LOCAL.holds(str(tmp_path))
     assert torchckpt.latest_checkpoint(tmp_path).endswith("ckpt-2")
+
+
+def test_numpy_numbers_are_taken_as_the_python_numbers_they_hold(tmp_path):
+    """``np.int64`` from ``np.arange`` or a config, as TensorFlow's manager takes them; the state
+    file records plain JSON numbers. A NumPy bool is still no count."""
+    np = pytest.importorskip("numpy")
+    step = torch.tensor(0)
+    manager = CheckpointManager(ckpt(), tmp_path, max_to_keep=np.int64(2), keep_best=np.int32(1), best_metric="loss",
+                                step_counter=step, checkpoint_interval=np.int64(5),
+                                keep_checkpoint_every_n_hours=np.float32(1.5))
+    paths = [manager.save(checkpoint_number=number, metrics={"loss": float(number)}, check_interval=False)
+             for number in np.arange(1, 5)]
+    assert [os.path.basename(p) for p in paths] == ["ckpt-1", "ckpt-2", "ckpt-3", "ckpt-4"]
+    assert [os.path.basename(p) for p in manager.checkpoints] == ["ckpt-1", "ckpt-3", "ckpt-4"]  # 2 kept + the best
+    step += 3
+    assert manager.save() is None  # 3 steps of an interval of 5
+    manager.close()
+    assert json.loads((tmp_path / "checkpoints.json").read_text())["keep_best"] == 1
+    with pytest.raises(ValueError, match="max_to_keep"):
+        CheckpointManager(ckpt(), tmp_path / "b", max_to_keep=np.bool_(True))
+    with pytest.raises(ValueError, match="checkpoint_number must be non-negative"):
+        CheckpointManager(ckpt(), tmp_path / "c").save(checkpoint_number=np.int64(-1))

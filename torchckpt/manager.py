@@ -25,7 +25,7 @@ from torchckpt._dist.preemption import PreemptionWatch
 from torchckpt._format import spec
 from torchckpt._history import members as history_members
 from torchckpt._history import state as history_state
-from torchckpt._history.arguments import check_arguments, number_argument, plain_metrics
+from torchckpt._history.arguments import check_arguments, number_argument, plain_metrics, plain_number
 from torchckpt._history.arguments import checkpoint_number as checkpoint_number_of
 from torchckpt._history.ledger import Ledger
 from torchckpt._history.recover import Ranking, resolve_ranking
@@ -122,6 +122,8 @@ class CheckpointManager:
         incremental: bool = True,
         warm_page_cache: bool = False,
     ) -> None:
+        max_to_keep, keep_best, checkpoint_interval, keep_checkpoint_every_n_hours = map(
+            plain_number, (max_to_keep, keep_best, checkpoint_interval, keep_checkpoint_every_n_hours))
         _check_arguments(checkpoint, max_shard_size, max_to_keep=max_to_keep, checkpoint_name=checkpoint_name,
                          step_counter=step_counter, checkpoint_interval=checkpoint_interval, keep_best=keep_best,
                          best_metric=best_metric, best_mode=best_mode,

@@ -64,6 +64,16 @@ def plain_metric(key: str, value: Any) -> Any:
                     "or None.")
 
 
+def plain_number(value: Any) -> Any:
+    """A NumPy scalar number (``numpy.int64(3)``, ``numpy.float32(0.5)``: from ``np.arange``, a
+    config loaded with NumPy) as the Python number it holds, as TensorFlow's manager takes it;
+    anything else as it is, for the checks to judge (a NumPy bool stays a bool: refused)."""
+    if type(value).__module__ == "numpy" and getattr(value, "shape", None) == () and callable(getattr(value, "item", None)):
+        item = value.item()
+        return item if isinstance(item, (int, float)) else value
+    return value
+
+
 def number_argument(value: Any) -> Any:
     """``checkpoint_number`` as JSON, to compare across ranks (a bad one is refused inside the call)."""
     try:
@@ -73,7 +83,8 @@ def number_argument(value: Any) -> Any:
 
 
 def checkpoint_number(value: Any) -> int:
-    """``checkpoint_number`` as an int: an int or a 0-dim integer tensor, not negative."""
+    """``checkpoint_number`` as an int: an int (a NumPy one too) or a 0-dim integer tensor, not negative."""
+    value = plain_number(value)
     if isinstance(value, torch.Tensor):
         if value.dim() != 0 or value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
             raise ValueError(f"checkpoint_number must be an int or a 0-dim integer tensor, got {value!r}.")
