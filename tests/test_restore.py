@@ -370,3 +370,33 @@ def test_tied_weights_from_a_tied_checkpoint_and_parameters_of_one_buffer_restor
     fresh.a, fresh.b = torch.nn.Parameter(buffer[:4]), torch.nn.Parameter(buffer[4:])
     torchckpt.Checkpoint(model=fresh).read(path).assert_consumed()
     assert torch.equal(buffer, flat)
+
+
+@pytest.mark.parametrize("own_loader", [False, True], ids=["in-place", "hooked"])
+@pytest.mark.parametrize("tied_checkpoint", [True, False], ids=["tied", "untied"])
+def test_assign_into_a_tied_meta_model_shares_memory_as_torch_load_does(tmp_path, own_loader, tied_checkpoint):
+    """``load_state_dict(torch.load(f), assign=True)`` into a model built on the meta device: the
+    keys of one saved tensor (tied weights) get parameters over one memory, so the weights stay
+    tied for the training that follows; an untied checkpoint gives each key its own value."""
+    saved = _Untied(0, tie=tied_checkpoint, own_loader=own_loader)
+    path = torchckpt.Checkpoint(model=saved).write(tmp_path / "c")
+    torch.save(saved.state_dict(), tmp_path / "c.pt")
+    with torch.device("meta"):
+        target, twin = (_Untied(1, tie=True, own_loader=own_loader) for _ in range(2))
+    twin.load_state_dict(torch.load(tmp_path / "c.pt"), assign=True)
+    torchckpt.Checkpoint(model=target).read(path, assign=True).assert_consumed()
+    for model in (target, twin):
+        assert torch.equal(model.emb.weight, saved.emb.weight) and torch.equal(model.head.weight, saved.head.weight)
+    shared = twin.head.weight.data_ptr() == twin.emb.weight.data_ptr()
+    assert shared is tied_checkpoint
+    assert (target.head.weight.data_ptr() == target.emb.weight.data_ptr()) is shared
+
+
+def test_tracked_meta_tensors_saved_as_one_come_back_as_one_memory_with_assign(tmp_path):
+    shared = torch.arange(4.0)
+    path = torchckpt.Checkpoint(a=shared, b=shared, c=torch.arange(4.0)).write(tmp_path / "c")
+    meta = [torch.empty(4, device="meta") for _ in range(3)]
+    ckpt = torchckpt.Checkpoint(a=meta[0], b=meta[1], c=meta[2])
+    ckpt.read(path, assign=True).assert_consumed()
+    assert ckpt.a.data_ptr() == ckpt.b.data_ptr() != ckpt.c.data_ptr()
+    assert all(torch.equal(t, torch.arange(4.0)) for t in (ckpt.a, ckpt.b, ckpt.c))

@@ -169,7 +169,8 @@ def test_batch_norm_without_num_batches_tracked_keeps_its_count_and_reports_noth
     assert_same_state(target, twin)
     assert target.num_batches_tracked.item() == 3
     assert not report.missing_keys and not report
-    assert hooked.survey(target) == hooked.Survey(False, frozenset({"num_batches_tracked"}))  # the in-place path
+    found = hooked.survey(target)  # the in-place path
+    assert not found.needs_load_semantics and found.kept == frozenset({"num_batches_tracked"})
 
 
 def test_plain_models_keep_the_in_place_path(mlp):
@@ -617,3 +618,51 @@ def test_a_ddp_wrapped_checkpoint_of_a_model_with_a_child_named_module_pairs_eve
         .assert_consumed().report
     assert_same_state(target, saved)
     assert report.remapped_keys["model/module.weight"] == "model/weight"
+
+
+class _ScaledByExtraState(torch.nn.Module):
+    """Extra state that is a tensor over the module's own (non-persistent) buffer, from which
+    ``set_extra_state`` derives another value: fp8 scaling keeps its amax this way."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("amax", torch.ones(4), persistent=False)
+        self.scale = 1.0
+
+    def get_extra_state(self) -> torch.Tensor:
+        return self.amax
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        self.amax.copy_(state)
+        self.scale = float(448.0 / state.max())
+
+
+class _AddsATransposedView(torch.nn.Module):
+    """A state-dict hook adds a view of a parameter under a key of its own; no loader takes it."""
+
+    def __init__(self, fill: float) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.full((2, 3), fill))
+        self._register_state_dict_hook(lambda m, state, prefix, local: state.__setitem__(prefix + "w_t", m.w.detach().T))
+
+
+def test_extra_state_over_a_buffers_memory_is_handed_to_set_extra_state(tmp_path):
+    saved = _ScaledByExtraState()
+    saved.amax.fill_(8.0)
+    path = torchckpt.Checkpoint(model=saved).write(tmp_path / "c")
+    target, twin = _ScaledByExtraState(), _ScaledByExtraState()
+    twin.load_state_dict(saved.state_dict())
+    torchckpt.Checkpoint(model=target).read(path).assert_consumed()
+    assert target.scale == twin.scale == 56.0 and torch.equal(target.amax, twin.amax)
+
+
+def test_a_key_a_state_dict_hook_adds_over_a_parameter_is_not_read_into_it(tmp_path):
+    saved = _AddsATransposedView(7.0)
+    state = saved.state_dict()
+    state["w"] = torch.ones(2, 3)  # w_t, over w's memory in the model, now says something else
+    path = torchckpt.save_state({"model": state}, tmp_path / "c")
+    target, twin = _AddsATransposedView(0.0), _AddsATransposedView(0.0)
+    result = twin.load_state_dict(state, strict=False)
+    report = torchckpt.Checkpoint(model=target).read(path).expect_partial().report
+    assert torch.equal(target.w, twin.w) and torch.equal(target.w, torch.ones(2, 3))
+    assert result.unexpected_keys == ["w_t"] and report.unexpected_keys == ["model/w_t"]

@@ -61,7 +61,8 @@ def load(plan: Plan, shards: OpenShards, verify: bool) -> None:
     with torch.no_grad():
         for dest, buffer in plan.casts:
             dest.copy_(buffer)
-    plan.fetch = functools.partial(_fetch, shards, verify)  # a hooked module's tensors, read as its load needs them
+    # a hooked module's tensors, read as its load needs them (with assign, each saved tensor once: tied weights)
+    plan.fetch = functools.partial(_fetch, shards, verify, plan.assigned if plan.assign else None)
     try:
         _run_loads(plan, directory)
     finally:
@@ -142,9 +143,12 @@ def _source(shards: OpenShards, file: str, started: bool) -> Source:
 
 
 @contextlib.contextmanager
-def _fetch(shards: OpenShards, verify: bool, saved: list[Any], may_view: bool) -> Iterator[list[torch.Tensor]]:
+def _fetch(shards: OpenShards, verify: bool, assigned: dict[tuple[int, torch.dtype], torch.Tensor] | None,
+           saved: list[Any], may_view: bool) -> Iterator[list[torch.Tensor]]:
     """A hooked subtree's tensors while its load runs, checked as the planned reads: views of the mapped
-    shards where ``may_view`` and they can be (``_load.mapped``), else read now; the maps close after."""
+    shards where ``may_view`` and they can be (``_load.mapped``), else read now; the maps close after.
+    ``assigned`` (``Plan.assigned``, with ``assign``): tensors already made for saved tensors, taken
+    again and added to, so that one saved tensor under several keys is one memory."""
     _check_headers(shards, None)  # read() checked them all already, where the plan fetches
     maps = mapped.ShardMaps(shards.sources if may_view else {})
     views: list[torch.Tensor | None] = []
@@ -153,13 +157,20 @@ def _fetch(shards: OpenShards, verify: bool, saved: list[Any], may_view: bool) -
         views, bad = maps.views(saved, verify)
         if bad is not None:
             _check_read(shards, *bad)
-        pairs = [(torch.empty(s.shape, dtype=s.dtype), s) for s, v in zip(saved, views) if v is None]
+        made = {} if assigned is None else assigned
+        known = {(id(s), s.dtype): t for s in saved if (t := made.get((id(s), s.dtype))) is not None}
+        pairs = []
+        for s, v in zip(saved, views):
+            if v is None and (id(s), s.dtype) not in known:
+                known[(id(s), s.dtype)] = t = torch.empty(s.shape, dtype=s.dtype)
+                pairs.append((t, s))
         by_file, reads = _grouped(pairs)
         with torch.no_grad():
             _read_grouped(shards, by_file, reads, verify, lambda _: None)
         boxes.finish(reads)
-        fresh = iter([t for t, _ in pairs])
-        out = [v if v is not None else next(fresh) for v in views]
+        if assigned is not None:
+            assigned.update(known)
+        out = [v if v is not None else known[(id(s), s.dtype)] for s, v in zip(saved, views)]
         yield out
     finally:
         views.clear()

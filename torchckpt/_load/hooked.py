@@ -74,10 +74,15 @@ class Survey:
             in-place path would skip.
         kept: keys ``load_state_dict`` does not report missing when absent (a batch norm's
             ``num_batches_tracked``: its loader keeps the current value).
+        own: the keys of the parameters and persistent buffers, the only ones torch's default
+            loader copies into; any other key of ``state_dict()`` (``_extra_state``, one a
+            state-dict hook adds) goes through ``load_state_dict``, even where its tensor is a view
+            of a parameter's memory.
     """
 
     needs_load_semantics: bool
     kept: frozenset[str]
+    own: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -101,14 +106,17 @@ class Versions:
 def survey(module: torch.nn.Module, versions: Versions | None = None) -> Survey:
     """Whether ``module`` must be restored with load_state_dict semantics, and what the in-place path
     must reproduce when it is not (``versions``: as saved, None where not recorded)."""
-    needs, kept = False, []
+    needs = False
+    kept: list[str] = []
+    own: list[str] = []
     for prefix, m in _walk(module, ""):
         needs = needs or _skipped_by_in_place(m)
+        own.extend(prefix + k for k in _own_tensors(m))
         if type(m)._load_from_state_dict is _BATCH_NORM_LOAD and _tracks_batches(m):
             version = _version_at(versions, prefix)
             if version is None or version < 2:  # _NormBase fills it in for checkpoints before its version 2
                 kept.append(prefix + "num_batches_tracked")
-    return Survey(needs, frozenset(kept))
+    return Survey(needs, frozenset(kept), frozenset(own))
 
 
 def _version_at(versions: Versions | None, prefix: str) -> int | None:

@@ -47,6 +47,17 @@ class Plan:
     fetch: hooked.Fetch | None = None  # while the loads run: a hooked subtree's tensors, checked as the others
     fetches: bool = False  # a hooked module's load will fetch tensors (so every shard header is checked before reads)
     versions: dict[str, dict[str, int | None]] | None = None  # saved ``_version``s (``Index.module_versions``)
+    # With ``assign``: the new tensor of each saved tensor (by its id and the dtype made), so that the keys of
+    # one saved tensor (tied weights) are assigned one memory, as from ``torch.load`` (``fresh_for``)
+    assigned: dict[tuple[int, torch.dtype], torch.Tensor] = field(default_factory=dict)
+
+    def fresh_for(self, saved: SavedTensor, dtype: torch.dtype) -> torch.Tensor:
+        """The tensor a meta destination is assigned for ``saved`` (read once, however many keys it has)."""
+        fresh = self.assigned.get((id(saved), dtype))
+        if fresh is None:
+            fresh = self.assigned[(id(saved), dtype)] = torch.empty(saved.shape, dtype=dtype)
+            _read_into(fresh, saved, self)
+        return fresh
 
     def versions_of(self, name: str, wrapping: tuple[bool, bool] = (False, False)) -> hooked.Versions | None:
         """The saved ``_version``s of the module matched as ``name`` and its submodules, where not 1,
@@ -136,8 +147,7 @@ def plan_tensor(key: str, dest: torch.Tensor, saved: Any, plan: Plan,
     elif dest.is_meta:
         plan.report.meta_keys.append(key)
         if plan.assign and assign is not None and _compatible(key, saved, dest, plan.report, plan.cast):
-            fresh = torch.empty(saved.shape, dtype=dest.dtype)
-            _read_into(fresh, saved, plan)
+            fresh = plan.fresh_for(saved, dest.dtype)  # tensors saved as one come back as one memory
             value = torch.nn.Parameter(fresh, dest.requires_grad) if isinstance(dest, torch.nn.Parameter) else fresh
             plan.loads.append((key, lambda: assign(value)))
             plan.report.restored_keys.append(_shared_key(key, saved))
@@ -157,8 +167,9 @@ def _shared_key(key: str, saved: SavedTensor) -> str:
 def plan_module(name: str, module: torch.nn.Module, saved: Any, plan: Plan) -> None:
     """Write matching tensors straight into the module's parameters and buffers.
 
-    Entries of the state dict that do not alias a parameter or buffer (state-dict hooks,
-    ``_extra_state``) go through ``load_state_dict(strict=False)`` instead. A module with load_state_dict
+    Entries of the state dict that are not a parameter or a persistent buffer (``_extra_state``,
+    a key a state-dict hook adds), even where their tensor is a view of one's memory, go through
+    ``load_state_dict(strict=False)`` instead, as torch's loader treats them. A module with load_state_dict
     hooks or a loader of its own anywhere in its tree is restored as ``load_state_dict`` would (:func:`_plan_hooked`).
     """
     current = dist_dtensor.module_state(module)
@@ -198,16 +209,14 @@ def plan_module(name: str, module: torch.nn.Module, saved: Any, plan: Plan) -> N
             plan.report.meta_keys.append(keypath.join(name, keypath.escape_part(object_key)))
             if not plan.assign or not _compatible(full, value, dest, plan.report, plan.cast):
                 continue  # reported missing below: not matched
-            fresh = torch.empty(value.shape, dtype=dest.dtype)
-            _read_into(fresh, value, plan)
-            via_assign[object_key] = fresh
+            via_assign[object_key] = plan.fresh_for(value, dest.dtype)
         elif _is_saved(value) and isinstance(dest, torch.Tensor):
             if not _compatible(full, value, dest, plan.report, plan.cast):
                 continue
             if dist_dtensor.is_dtensor(dest):
                 _read_into(dest, value, plan)
                 address = dist_dtensor.local_storage(dest) if dist_dtensor.local_of(dest).numel() else 0
-            elif dest.numel() and (address := dest.untyped_storage().data_ptr()) in storages:
+            elif dest.numel() and object_key in found.own and (address := dest.untyped_storage().data_ptr()) in storages:
                 _read_into(dest, value, plan)
             else:
                 address = 0
@@ -300,7 +309,9 @@ def _plan_hooked(name: str, module: torch.nn.Module, saved: dict[str, Any], curr
             if owner[1].is_meta:
                 plan.report.meta_keys.append(target)
             restored = (plan.assign or not owner[1].is_meta) and _compatible(full, value, owner[1], plan.report, plan.cast)
-            if restored:
+            if restored and owner[1].is_meta:
+                load.later(owner[0], key, plan.fresh_for(value, owner[1].dtype))
+            elif restored:
                 fresh = torch.empty(value.shape, dtype=owner[1].dtype)
                 _read_into(fresh, value, plan)
                 load.later(owner[0], key, fresh)
