@@ -13,6 +13,8 @@ import pytest
 import safetensors.torch
 import torch
 
+import torchckpt
+
 from .distributed import ROOT, finish_session, free_port
 
 pytest.importorskip("accelerate")
@@ -77,3 +79,27 @@ def test_a_run_with_gradient_accumulation_resumes_bit_exact(tmp_path):
         assert torch.equal(whole[key], back[key]), key
     assert back_info["seen"] == whole_info["seen"][6:] and back_info["lr"] == whole_info["lr"]
 
+
+
+def test_a_prepared_plain_dataloader_is_refused_by_key_and_a_prepared_stateful_one_saves(tmp_path):
+    """``accelerator.prepare(DataLoader(...))`` has ``state_dict()`` methods that need a
+    ``StatefulDataLoader`` underneath: refused with the fix, not an AttributeError from inside."""
+    pytest.importorskip("torchdata.stateful_dataloader")
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    data = torch.utils.data.TensorDataset(torch.arange(24.0))
+    plain = Accelerator(cpu=True).prepare(torch.utils.data.DataLoader(data, batch_size=4))
+    with pytest.raises(torchckpt.UnsupportedStateError, match=r"'loader'.*use_stateful_dataloader=True") as info:
+        torchckpt.Checkpoint(loader=plain).write(tmp_path / "plain")
+    assert info.value.key == "loader" and not (tmp_path / "plain").exists()
+    stateful = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(use_stateful_dataloader=True)).prepare(
+        torch.utils.data.DataLoader(data, batch_size=4))
+    it = iter(stateful)
+    next(it)
+    path = torchckpt.Checkpoint(loader=stateful).write(tmp_path / "stateful")
+    rest = [b[0].tolist() for b in it]
+    fresh = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(use_stateful_dataloader=True)).prepare(
+        torch.utils.data.DataLoader(data, batch_size=4))
+    torchckpt.Checkpoint(loader=fresh).read(path).assert_consumed()
+    assert [b[0].tolist() for b in fresh] == rest

@@ -78,7 +78,22 @@ def _samplers():
         "subset": (dict(sampler=SubsetRandomSampler(data, generator=own)), "SubsetRandomSampler", "a generator of its own"),
         "in-a-batch-sampler": (dict(batch_sampler=BatchSampler(RandomSampler(data, generator=own), 3, False)),
                                "RandomSampler", "a generator of its own"),
+        "own-generator-under-another-name": (dict(sampler=_ShufflesWithItsRng(data, own)), "_ShufflesWithItsRng",
+                                             "a generator of its own"),
     }
+
+
+class _ShufflesWithItsRng(torch.utils.data.Sampler):
+    """A user's sampler whose generator is not called ``generator``."""
+
+    def __init__(self, data, rng: torch.Generator) -> None:
+        self.data, self.rng = data, rng
+
+    def __iter__(self):
+        return iter(torch.randperm(len(self.data), generator=self.rng).tolist())
+
+    def __len__(self) -> int:
+        return len(self.data)
 
 
 @pytest.mark.parametrize("case", list(_samplers()))
@@ -217,3 +232,76 @@ def test_class_in_state_is_refused_by_key(tmp_path, state):
 def test_torchdata_is_not_imported_with_torchckpt():
     code = "import sys, torchckpt; sys.exit('torchdata' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_distributed_sampler_inside_a_batch_sampler_keeps_its_epoch_and_split(tmp_path, num_workers):
+    """``batch_sampler=BatchSampler(DistributedSampler(...))``: the loader's ``sampler`` is a
+    stand-in, so the epoch and the split are the inner sampler's. A resume in the middle of the
+    second epoch goes on with that epoch's order (with workers, the resumed iterator fetches its
+    indices during the restore, before the training loop's own ``set_epoch``)."""
+    from torch.utils.data import BatchSampler
+    from torch.utils.data.distributed import DistributedSampler
+
+    data = list(range(12))
+
+    def build(replicas: int = 1, rank: int = 0):
+        sampler = DistributedSampler(data, num_replicas=replicas, rank=rank, shuffle=True, seed=7)
+        loader = StatefulDataLoader(data, batch_sampler=BatchSampler(sampler, 3, False), num_workers=num_workers,
+                                    generator=torch.Generator().manual_seed(0))
+        return sampler, loader
+
+    sampler, saving = build()
+    sampler.set_epoch(0)
+    list(saving)
+    sampler.set_epoch(1)
+    it = iter(saving)
+    next(it)
+    path = torchckpt.Checkpoint(loader=saving, epoch=1).write(tmp_path / "c")
+    rest = [b.tolist() for b in it]
+    sampler, resumed = build()
+    ckpt = torchckpt.Checkpoint(loader=resumed, epoch=0)
+    ckpt.read(path).assert_consumed()
+    sampler.set_epoch(ckpt.epoch)  # as a training loop does
+    assert [b.tolist() for b in resumed] == rest
+    _, elsewhere = build(replicas=2, rank=1)
+    report = torchckpt.Checkpoint(loader=elsewhere, epoch=0).read(path).report
+    assert "saved by rank 0 of a sampler split 1 ways" in report.skipped_objects["loader"]
+
+
+def test_rng_state_is_set_after_a_loader_that_draws_while_it_resumes(tmp_path):
+    """torchdata fast-forwards a dataset without ``state_dict`` by iterating it, and the dataset
+    draws from the global generator: ``RNGState`` is set after that, whatever order the names
+    were given in, so the run's next draws are the uninterrupted run's."""
+
+    class Noisy(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            for i in range(12):
+                yield torch.tensor(float(i)) + torch.rand(())
+
+    for order in (("rng", "loader"), ("loader", "rng")):
+        torch.manual_seed(0)
+        saving = StatefulDataLoader(Noisy(), batch_size=3, generator=torch.Generator().manual_seed(0))
+        it = iter(saving)
+        next(it), next(it)
+        tracked = {"rng": torchckpt.RNGState(), "loader": saving}
+        path = torchckpt.Checkpoint(**{k: tracked[k] for k in order}).write(tmp_path / "-".join(order))
+        expected = torch.rand(3)
+        torch.manual_seed(999)
+        tracked = {"rng": torchckpt.RNGState(),
+                   "loader": StatefulDataLoader(Noisy(), batch_size=3, generator=torch.Generator().manual_seed(0))}
+        torchckpt.Checkpoint(**{k: tracked[k] for k in order}).read(path).assert_consumed()
+        assert torch.equal(torch.rand(3), expected), order
+
+
+def test_a_loader_whose_options_torchdata_refuses_is_a_checkpoint_error_naming_it(tmp_path):
+    """torchdata asserts that the sampler is of the saved kind (``shuffle`` changed): a
+    ``CheckpointError`` naming the loader, not a bare ``AssertionError``."""
+    data = list(range(20))
+    saving = StatefulDataLoader(data, batch_size=3, shuffle=True, generator=torch.Generator().manual_seed(0))
+    next(iter(saving))
+    path = torchckpt.Checkpoint(loader=saving).write(tmp_path / "c")
+    restoring = StatefulDataLoader(data, batch_size=3, shuffle=False, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(torchckpt.CheckpointError, match=r"'loader' loaded its state \(AssertionError") as info:
+        torchckpt.Checkpoint(loader=restoring).read(path)
+    assert info.value.key == "loader" and not isinstance(info.value, torchckpt.RestoreMismatchError)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import os
 import pathlib
@@ -10,6 +11,7 @@ import re
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -727,3 +729,19 @@ def test_numpy_numbers_are_taken_as_the_python_numbers_they_hold(tmp_path):
         CheckpointManager(ckpt(), tmp_path / "b", max_to_keep=np.bool_(True))
     with pytest.raises(ValueError, match="checkpoint_number must be non-negative"):
         CheckpointManager(ckpt(), tmp_path / "c").save(checkpoint_number=np.int64(-1))
+
+
+def test_a_partial_restore_or_initialize_warns_at_once_not_when_the_manager_is_dropped(tmp_path):
+    """The manager keeps the status in ``last_restore``: its warning, if left to the status, would
+    come at the end of the run. It comes from ``restore_or_initialize``, once."""
+    CheckpointManager(torchckpt.Checkpoint(v=torch.tensor(1.0), extra=torch.ones(2)), tmp_path).save()
+    manager = CheckpointManager(ckpt(), tmp_path)
+    with pytest.warns(torchckpt.PartialRestoreWarning, match="unexpected in the checkpoint.*extra") as caught:
+        manager.restore_or_initialize()
+    assert caught[0].filename == __file__  # pointing at the caller's line
+    assert manager.last_restore.report.unexpected_keys == ["extra"]
+    with warnings.catch_warnings(record=True) as later:
+        warnings.simplefilter("always")
+        del manager
+        gc.collect()
+    assert not [w for w in later if issubclass(w.category, torchckpt.PartialRestoreWarning)]  # once

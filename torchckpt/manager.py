@@ -462,6 +462,8 @@ class CheckpointManager:
             self.last_restore = status
             if strict:  # one rank's mismatch fails the call on every rank, each with its own report
                 assert_consumed_on_every_rank(call, status)
+            else:  # now: the status stays in last_restore, and its own warning would wait for the manager's end
+                status.warn_if_partial(stacklevel=3)
             if self._checkpoint_interval is not None:
                 self._last_checkpoint_step = int(self._step_counter)
             return path

@@ -10,6 +10,7 @@ applied, and nothing is silently ignored: either an assertion looks at the repor
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Iterable
 
@@ -81,14 +82,20 @@ class RestoreStatus:
         self._acknowledged = True
         return self
 
+    def warn_if_partial(self, stacklevel: int = 2) -> RestoreStatus:
+        """Warn with :class:`PartialRestoreWarning` now if anything did not match, instead of when
+        the status is dropped (a manager keeps its last one, so that would be at the end of the
+        run); the warning is given once."""
+        if not self._acknowledged and self.path is not None and self.report:
+            self._acknowledged = True
+            warnings.warn(
+                f"Checkpoint {self.path} was restored with mismatches: {'; '.join(self.report.lines())}. "
+                "Call status.expect_partial() to silence this warning, or an assert_* method to make it an error.",
+                PartialRestoreWarning,
+                stacklevel=stacklevel + 1,
+            )
+        return self
+
     def __del__(self) -> None:
-        try:
-            if not self._acknowledged and self.path is not None and self.report:
-                warnings.warn(
-                    f"Checkpoint {self.path} was restored with mismatches: {'; '.join(self.report.lines())}. "
-                    "Call status.expect_partial() to silence this warning, or an assert_* method to make it an error.",
-                    PartialRestoreWarning,
-                    stacklevel=2,
-                )
-        except Exception:  # noqa: BLE001 - interpreter shutdown; never raise from __del__
-            pass
+        with contextlib.suppress(Exception):  # interpreter shutdown: never raise from __del__
+            self.warn_if_partial()

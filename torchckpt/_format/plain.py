@@ -143,6 +143,9 @@ def _what(value: Any) -> str:
     import torch
 
     kind = type(value)
+    if isinstance(value, torch.utils.data.DataLoader) and hasattr(value, "base_dataloader"):
+        return (f"{a_or_an(_qualname(kind))} over a plain torch.utils.data.DataLoader cannot resume mid-epoch (its "
+                "state_dict() needs a StatefulDataLoader underneath)")
     if isinstance(value, torch.utils.data.DataLoader):
         return "a torch.utils.data.DataLoader cannot resume mid-epoch (it has no state_dict())"
     if isinstance(value, (set, frozenset)):
@@ -157,6 +160,10 @@ def _fix(value: Any) -> str:
     """What to store instead of ``value``."""
     import torch
 
+    if isinstance(value, torch.utils.data.DataLoader) and hasattr(value, "base_dataloader"):
+        return ("It is Accelerate's prepared DataLoader over a plain one: prepare a StatefulDataLoader instead "
+                "(Accelerator(dataloader_config=DataLoaderConfiguration(use_stateful_dataloader=True)), pip install "
+                "torchdata), or leave the loader out of the Checkpoint.")
     if isinstance(value, torch.utils.data.DataLoader):
         return ("Use torchdata's drop-in StatefulDataLoader (`from torchdata.stateful_dataloader import "
                 "StatefulDataLoader`, pip install torchckpt[data]) with generator=torch.Generator().manual_seed(0), "

@@ -75,13 +75,13 @@ def _run_loads(plan: Plan, directory: str) -> None:
     was checked before, and an older checkpoint would be refused alike. So it is a plain
     :class:`CheckpointError` naming the object (``.key``) and the checkpoint (``.path``), and a
     manager's ``restore_or_initialize`` neither falls back past the checkpoint nor records it damaged."""
-    for key, load in plan.loads:
+    for key, load in [*plan.loads, *plan.rng_loads]:
         try:
             load()
         except CheckpointError:
             raise
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError, OverflowError,
-                RecursionError) as e:
+                RecursionError, AssertionError) as e:  # (torchdata asserts that a loader's options match)
             error = CheckpointError(
                 f"Restoring from {directory} failed while {display(key)!r} loaded its state ({type(e).__name__}: "
                 f"{e}): the checkpoint's state for it does not fit this object (another class, or other options "

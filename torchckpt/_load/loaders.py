@@ -39,6 +39,15 @@ def is_stateful_loader(value: Any) -> bool:
     return isinstance(cls, type) and isinstance(value, cls)
 
 
+def is_plain_loader_adapter(value: Any) -> bool:
+    """Whether ``value`` wraps a plain ``DataLoader`` behind ``state_dict()`` methods that cannot
+    work (Accelerate's prepared loader without ``use_stateful_dataloader``: its ``state_dict()``
+    raises AttributeError): refused as the plain loader is, not called."""
+    base = getattr(value, "base_dataloader", None)
+    return (isinstance(value, torch.utils.data.DataLoader) and isinstance(base, torch.utils.data.DataLoader)
+            and not is_stateful_loader(value) and not is_stateful_loader(base))
+
+
 def is_data_state(value: Any) -> bool:
     """Whether ``value`` is saved by this module: a ``torch.Generator`` or a ``StatefulDataLoader``."""
     return isinstance(value, torch.Generator) or is_stateful_loader(value)
@@ -90,10 +99,15 @@ def _sampler_problem(loader: Any) -> str:
     """
     samplers: tuple[Any, ...] = (loader.sampler, getattr(loader.batch_sampler, "sampler", None))
     for sampler in samplers:
-        if (not hasattr(sampler, "generator") or type(sampler).__module__.startswith("torchdata.")
+        if (type(sampler).__module__.startswith("torchdata.")
                 or callable(getattr(sampler, "state_dict", None)) and callable(getattr(sampler, "load_state_dict", None))):
             continue
-        source = "the global random generator" if sampler.generator is None else "a generator of its own"
+        if hasattr(sampler, "generator"):
+            source = "the global random generator" if sampler.generator is None else "a generator of its own"
+        elif any(isinstance(v, torch.Generator) for v in getattr(sampler, "__dict__", {}).values()):
+            source = "a generator of its own"  # under another name (self.rng): drawn from, never saved
+        else:
+            continue
         return (f"Saving a StatefulDataLoader whose sampler ({type(sampler).__name__}) draws its order from {source} "
                 "and keeps no state: torchdata resumes an epoch by drawing the order again, so a restore in the middle "
                 "of an epoch goes on with other samples (some twice, some never) than an uninterrupted run. Shuffle "
@@ -103,16 +117,34 @@ def _sampler_problem(loader: Any) -> str:
     return ""
 
 
+def _samplers(loader: Any) -> list[Any]:
+    """Where the loader's order comes from: its ``sampler``, and where a ``batch_sampler`` was given
+    (``loader.sampler`` is then a stand-in), the batch sampler and the sampler inside it
+    (``BatchSampler(DistributedSampler(...))``)."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    return [getattr(loader, "sampler", None), batch_sampler, getattr(batch_sampler, "sampler", None)]
+
+
+def _split_sampler(loader: Any) -> Any:
+    """The sampler that splits the data over ranks (a ``DistributedSampler``), or None."""
+    return next((s for s in _samplers(loader)
+                 if type(getattr(s, "num_replicas", None)) is int and type(getattr(s, "rank", None)) is int), None)
+
+
+def _epoch_sampler(loader: Any) -> Any:
+    """The sampler whose order depends on ``set_epoch()`` (a ``DistributedSampler``), or None."""
+    return next((s for s in _samplers(loader)
+                 if callable(getattr(s, "set_epoch", None)) and type(getattr(s, "epoch", None)) is int), None)
+
+
 def _sampler_split(loader: Any) -> list[int] | None:
-    sampler = getattr(loader, "sampler", None)
-    replicas, rank = getattr(sampler, "num_replicas", None), getattr(sampler, "rank", None)
-    return [replicas, rank] if type(replicas) is int and type(rank) is int else None
+    sampler = _split_sampler(loader)
+    return None if sampler is None else [sampler.num_replicas, sampler.rank]
 
 
 def _sampler_epoch(loader: Any) -> int | None:
-    sampler = getattr(loader, "sampler", None)
-    epoch = getattr(sampler, "epoch", None)
-    return epoch if callable(getattr(sampler, "set_epoch", None)) and type(epoch) is int else None
+    sampler = _epoch_sampler(loader)
+    return None if sampler is None else sampler.epoch
 
 
 def plan_restore(key: str, value: Any, saved: Any, plan: Plan) -> None:
@@ -165,7 +197,7 @@ def _plan_generator(key: str, generator: torch.Generator, saved: Any, plan: Plan
         def load() -> None:
             generator.set_state(dest)
 
-        plan.loads.append((key, load))
+        plan.rng_loads.append((key, load))  # after the loads that may draw from it (a loader fast-forwarding)
 
 
 def load(loader: Any, saved: dict[str, Any]) -> None:
@@ -173,9 +205,9 @@ def load(loader: Any, saved: dict[str, Any]) -> None:
     if STATE not in saved:
         loader.load_state_dict(saved)
         return
-    epoch = saved.get(SAMPLER_EPOCH)
-    if epoch is not None and _sampler_epoch(loader) is not None:
-        loader.sampler.set_epoch(epoch)  # the resumed iterator lays the epoch out now
+    epoch, sampler = saved.get(SAMPLER_EPOCH), _epoch_sampler(loader)
+    if epoch is not None and sampler is not None:
+        sampler.set_epoch(epoch)  # the resumed iterator lays the epoch out now
     loader.load_state_dict(saved[STATE])
     loader.state_dict()  # builds the resumed iterator, which the next iter(loader) takes over
     state = saved.get(GENERATOR)

@@ -18,6 +18,7 @@ import torch
 from torchckpt._format import keypath, tree
 from torchckpt._load import loaders
 from torchckpt._load.plan import MISSING, Plan, plan_module, plan_stateful, plan_tensor, plan_value
+from torchckpt.rng import RNGState
 
 
 def is_stateful(value: Any) -> bool:
@@ -25,7 +26,7 @@ def is_stateful(value: Any) -> bool:
     a class (``nn.ReLU``) has them as plain functions, and is not."""
     kind = type(value)  # looked up on the class: an attribute-dict's __getattr__ may raise anything
     return (not isinstance(value, type) and callable(getattr(kind, "state_dict", None))
-            and callable(getattr(kind, "load_state_dict", None)))
+            and callable(getattr(kind, "load_state_dict", None)) and not loaders.is_plain_loader_adapter(value))
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,11 @@ class Matcher:
         elif loaders.is_data_state(value):
             loaders.plan_restore(key, value, saved, plan)
         elif is_stateful(value):
+            loads = len(plan.loads)
             plan_stateful(key, value, saved, plan)
+            if isinstance(value, RNGState):  # set last (see ``Plan.rng_loads``)
+                plan.rng_loads.extend(plan.loads[loads:])
+                del plan.loads[loads:]
         elif self.tracking.is_trackable(value) and (isinstance(value, (dict, list)) or type(value) is tuple):
             self._container(key, value, saved, assign)
         elif (inside := _missing_inside(saved)) is not None:  # a per-rank value within a plain one: all or none

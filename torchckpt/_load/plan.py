@@ -40,6 +40,9 @@ class Plan:
     reads: list[tuple[torch.Tensor, SavedTensor]] = field(default_factory=list)
     casts: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (destination, read buffer)
     loads: list[tuple[str, Callable[[], None]]] = field(default_factory=list)  # (key of the object, its load)
+    # Random generators' states, set after every other load: restoring a loader may draw from them (torchdata
+    # fast-forwards a dataset without state by iterating it), and its draws must not move them past the saved state
+    rng_loads: list[tuple[str, Callable[[], None]]] = field(default_factory=list)
     cast: bool = False  # restore(..., cast=True): dtype mismatches are cast instead of skipped
     assign: bool = False  # restore(..., assign=True): meta tensors (modules', tracked ones) are replaced by restored ones
     read_once: bool | None = None  # several ranks: replicated tensors read by one rank and broadcast (``_load.spread``)
