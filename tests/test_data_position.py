@@ -305,3 +305,25 @@ def test_a_loader_whose_options_torchdata_refuses_is_a_checkpoint_error_naming_i
     with pytest.raises(torchckpt.CheckpointError, match=r"'loader' loaded its state \(AssertionError") as info:
         torchckpt.Checkpoint(loader=restoring).read(path)
     assert info.value.key == "loader" and not isinstance(info.value, torchckpt.RestoreMismatchError)
+
+
+@pytest.mark.parametrize(("changed", "message"), [
+    (dict(batch_size=4), "saved with batch_size=3, this loader has batch_size=4"),
+    (dict(data=list(range(30))), "saved over a dataset of 20 samples, this loader's has 30"),
+])
+def test_a_position_saved_with_another_batch_size_or_dataset_is_skipped_and_reported(tmp_path, changed, message):
+    """A position counts batches of a permutation of the dataset: with another batch size or
+    dataset length it would go on from other samples, silently. Left as it is, and reported."""
+    def build(data=tuple(range(20)), batch_size=3):
+        return StatefulDataLoader(list(data), batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
+
+    saving = build()
+    next(iter(saving))
+    path = torchckpt.Checkpoint(loader=saving, step=1).write(tmp_path / "c")
+    restoring = build(**changed)
+    ckpt = torchckpt.Checkpoint(loader=restoring, step=0)
+    report = ckpt.read(path).report
+    assert report.missing_keys == ["loader"] and message in report.skipped_objects["loader"]
+    assert ckpt.step == 1 and len([b for b in restoring]) == len(build(**changed))  # a whole epoch, from its start
+    same = build()
+    assert not torchckpt.Checkpoint(loader=same, step=0).read(path).report

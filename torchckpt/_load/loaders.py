@@ -29,6 +29,8 @@ STATE = "state_dict"  # torchdata's own state of the loader
 GENERATOR = "generator"  # the loader's generator now, after torchdata's state_dict()
 SAMPLER_EPOCH = "sampler_epoch"  # a DistributedSampler's set_epoch(), which the resumed iterator needs
 SAMPLER_SPLIT = "sampler_split"  # a DistributedSampler's [num_replicas, rank]: a position means nothing in another split
+BATCH_SIZE = "batch_size"  # the loader's batch_size (None with a batch_sampler): a position counts batches
+DATASET_LENGTH = "dataset_length"  # len(dataset) where it has one: another length is another order
 MODULE = "torchdata.stateful_dataloader"
 
 
@@ -82,7 +84,20 @@ def state_of(value: Any) -> Any:
     split = _sampler_split(value)
     if split is not None:
         state[SAMPLER_SPLIT] = split
+    state[BATCH_SIZE] = value.batch_size if type(value.batch_size) is int else None
+    length = _dataset_length(value)
+    if length is not None:
+        state[DATASET_LENGTH] = length
     return state
+
+
+def _dataset_length(loader: Any) -> int | None:
+    """``len(loader.dataset)``, or None for a dataset without one (an ``IterableDataset``)."""
+    try:
+        length = len(loader.dataset)
+    except TypeError:
+        return None
+    return length if type(length) is int else None
 
 
 def _sampler_problem(loader: Any) -> str:
@@ -154,7 +169,8 @@ def plan_restore(key: str, value: Any, saved: Any, plan: Plan) -> None:
         return
     problem = f"the checkpoint holds {type(saved).__name__}, not a data loader's state"
     if isinstance(saved, dict):
-        problem = _split_problem(value, saved) or _workers_problem(value, saved.get(STATE, saved))
+        problem = (_split_problem(value, saved) or _workers_problem(value, saved.get(STATE, saved))
+                   or _options_problem(value, saved))
     if saved is MISSING or not problem:
         plan_value(key, saved, lambda state: load(value, state), plan)
         return
@@ -170,6 +186,19 @@ def _split_problem(loader: Any, saved: dict[str, Any]) -> str:
     return (f"it was saved by rank {split[1]} of a sampler split {split[0]} ways, and this loader's sampler is rank "
             f"{mine[1]} of {mine[0]}: its position in the epoch means other samples here, so the loader was left "
             "as it is (it starts its epoch afresh)")
+
+
+def _options_problem(loader: Any, saved: dict[str, Any]) -> str:
+    """Why a position saved with another ``batch_size`` or dataset length would mean other samples
+    here, or '' (a checkpoint that recorded neither is not checked)."""
+    if BATCH_SIZE in saved and saved[BATCH_SIZE] != (loader.batch_size if type(loader.batch_size) is int else None):
+        return (f"it was saved with batch_size={saved[BATCH_SIZE]}, this loader has batch_size={loader.batch_size}: "
+                "its position counts batches, so it would go on from another sample; the loader was left as it is")
+    length = _dataset_length(loader)
+    if DATASET_LENGTH in saved and length is not None and saved[DATASET_LENGTH] != length:
+        return (f"it was saved over a dataset of {saved[DATASET_LENGTH]} samples, this loader's has {length}: the "
+                "epoch's order and position mean other samples; the loader was left as it is")
+    return ""
 
 
 def _workers_problem(loader: Any, state: Any) -> str:
