@@ -92,10 +92,11 @@ def state_of(value: Any) -> Any:
 
 
 def _dataset_length(loader: Any) -> int | None:
-    """``len(loader.dataset)``, or None for a dataset without one (an ``IterableDataset``)."""
+    """``len(loader.dataset)``, or None for a dataset without one (an ``IterableDataset``; one whose
+    ``__len__`` raises anything is taken as having none: the save does not fail for it)."""
     try:
         length = len(loader.dataset)
-    except TypeError:
+    except Exception:  # noqa: BLE001 - a user's __len__ (NotImplementedError, ...)
         return None
     return length if type(length) is int else None
 
