@@ -327,3 +327,28 @@ def test_a_position_saved_with_another_batch_size_or_dataset_is_skipped_and_repo
     assert ckpt.step == 1 and len([b for b in restoring]) == len(build(**changed))  # a whole epoch, from its start
     same = build()
     assert not torchckpt.Checkpoint(loader=same, step=0).read(path).report
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_stateful_distributed_sampler_saved_after_its_epoch_goes_on_with_the_next(tmp_path, num_workers):
+    """torchdata 0.11 alone carries the finished epoch's count into the next epoch, which then
+    yields nothing; the restore gives the next epoch whole, as an uninterrupted run has it."""
+    from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
+
+    data = list(range(6))
+
+    def build():
+        sampler = StatefulDistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=7)
+        return sampler, StatefulDataLoader(data, batch_size=2, sampler=sampler, num_workers=num_workers,
+                                           generator=torch.Generator().manual_seed(0))
+
+    sampler, saving = build()
+    sampler.set_epoch(0)
+    list(saving)  # the loop ended, then the save
+    path = torchckpt.Checkpoint(loader=saving).write(tmp_path / "c")
+    sampler.set_epoch(1)
+    expected = [b.tolist() for b in saving]
+    sampler, resumed = build()
+    torchckpt.Checkpoint(loader=resumed).read(path).assert_consumed()
+    sampler.set_epoch(1)
+    assert [b.tolist() for b in resumed] == expected and expected

@@ -230,6 +230,16 @@ def _plan_generator(key: str, generator: torch.Generator, saved: Any, plan: Plan
         plan.rng_loads.append((key, load))  # after the loads that may draw from it (a loader fast-forwarding)
 
 
+def _forget_finished_count(loader: Any) -> None:
+    """After a position saved once the epoch's loop had ended: torchdata 0.11's
+    ``StatefulDistributedSampler`` hands its count of the finished epoch (``next_yielded``) to the
+    next epoch's iterator, which then skips every sample, so the whole next epoch would yield
+    nothing. An uninterrupted run's sampler holds no such count there."""
+    for sampler in _samplers(loader):
+        if getattr(sampler, "next_yielded", None) is not None:
+            sampler.next_yielded = None
+
+
 def load(loader: Any, saved: dict[str, Any]) -> None:
     """Restore ``loader`` (see the module); a state saved as torchdata's alone is taken as it is."""
     if STATE not in saved:
@@ -240,6 +250,8 @@ def load(loader: Any, saved: dict[str, Any]) -> None:
         sampler.set_epoch(epoch)  # the resumed iterator lays the epoch out now
     loader.load_state_dict(saved[STATE])
     loader.state_dict()  # builds the resumed iterator, which the next iter(loader) takes over
+    if isinstance(saved[STATE], dict) and saved[STATE].get("_iterator_finished") is True:
+        _forget_finished_count(loader)
     state = saved.get(GENERATOR)
     if state is not None and loader.generator is not None:
         loader.generator.set_state(state)
