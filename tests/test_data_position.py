@@ -352,3 +352,25 @@ def test_a_stateful_distributed_sampler_saved_after_its_epoch_goes_on_with_the_n
     torchckpt.Checkpoint(loader=resumed).read(path).assert_consumed()
     sampler.set_epoch(1)
     assert [b.tolist() for b in resumed] == expected and expected
+
+
+def test_an_iterable_dataset_of_another_length_still_resumes(tmp_path):
+    """An iterable dataset has no sampler's order: its position does not depend on its length."""
+
+    class Counting(torch.utils.data.IterableDataset):
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def __iter__(self):
+            return iter(range(40))
+
+        def __len__(self) -> int:
+            return self.n
+
+    saving = StatefulDataLoader(Counting(20), batch_size=2, generator=torch.Generator().manual_seed(0))
+    it = iter(saving)
+    next(it), next(it)
+    path = torchckpt.Checkpoint(loader=saving).write(tmp_path / "c")
+    resumed = StatefulDataLoader(Counting(25), batch_size=2, generator=torch.Generator().manual_seed(0))
+    torchckpt.Checkpoint(loader=resumed).read(path).assert_consumed()
+    assert next(iter(resumed)).tolist() == [4, 5]

@@ -8,6 +8,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -664,25 +665,56 @@ def test_closing_one_of_two_managers_on_a_directory_keeps_the_claim_for_the_othe
     assert other.returncode == 0, other.stderr
 
 
-def test_a_commit_the_state_file_never_recorded_is_the_latest_for_every_reader(tmp_path):
+def test_a_commit_the_state_file_never_recorded_is_recorded_by_the_next_manager(tmp_path):
     """A crash between a checkpoint's commit and the state file's write (a SIGTERM save, say)
-    leaves the state file naming the checkpoint before it. A new manager adopts the newer commit;
-    the module functions, an evaluator's follower and a plain restore agree with it."""
+    leaves the state file naming the checkpoint before it; the readers of the directory go by the
+    state file, as TensorFlow's do. The next manager adopts the commit and records it at once, so
+    that from then on an evaluator's follower and a plain restore see it too."""
     manager = CheckpointManager(ckpt(), tmp_path, max_to_keep=None)
     paths = [manager.save() for _ in range(2)]
     lagging = (tmp_path / "checkpoints.json").read_bytes()
     paths += [manager.save() for _ in range(2)]
+    manager.close()
     (tmp_path / "checkpoints.json").write_bytes(lagging)  # as after ckpt-2: ckpt-3 and ckpt-4 unrecorded
     (tmp_path / "ckpt-9").mkdir()  # a folder that is not a checkpoint (no index.json) is never the latest
-    (tmp_path / "other-7").mkdir()
     torchckpt.Checkpoint(w=torch.zeros(1)).write(str(tmp_path / "other-7"))  # another prefix: not this history
+    assert torchckpt.latest_checkpoint(tmp_path) == paths[1]
+    again = CheckpointManager(ckpt(), tmp_path)
+    assert again.latest_checkpoint == paths[-1]
     assert torchckpt.latest_checkpoint(tmp_path) == paths[-1]
     assert torchckpt.get_checkpoint_state(tmp_path).latest == paths[-1]
     assert torchckpt.wait_for_new_checkpoint(tmp_path, paths[1], timeout=0) == paths[-1]
-    assert next(iter(torchckpt.checkpoints_iterator(tmp_path, timeout=0))) == paths[-1]
-    assert CheckpointManager(ckpt(), tmp_path).latest_checkpoint == paths[-1]
-    restored = ckpt()
-    assert restored.restore(str(tmp_path)).path == paths[-1]
+    assert ckpt().restore(str(tmp_path)).path == paths[-1]
+    again.close()
+
+
+def test_rollback_leftovers_and_retired_checkpoints_never_become_the_latest(tmp_path):
+    """Numbered above the state file's latest but created before it: a rollback's abandoned
+    checkpoints (``Checkpoint.save`` after restoring an older one) and a checkpoint retention was
+    deleting when the process stopped. The record stands, for a new manager as for every reader."""
+    checkpoint = torchckpt.Checkpoint(step=torch.tensor(0))
+    for step in range(1, 6):
+        checkpoint.step.fill_(step)
+        checkpoint.save(str(tmp_path / "plain" / "ckpt"))
+    checkpoint.restore(str(tmp_path / "plain" / "ckpt-2")).assert_consumed()
+    checkpoint.step.fill_(1000)
+    rolled = checkpoint.save(str(tmp_path / "plain" / "ckpt"))
+    assert rolled.endswith("ckpt-3") and os.path.isdir(tmp_path / "plain" / "ckpt-5")
+    assert torchckpt.latest_checkpoint(tmp_path / "plain") == rolled
+    manager = CheckpointManager(torchckpt.Checkpoint(step=torch.tensor(0)), tmp_path / "plain")
+    assert manager.latest_checkpoint == rolled
+    manager.close()
+    assert torchckpt.latest_checkpoint(tmp_path / "plain") == rolled
+    manager = CheckpointManager(ckpt(), tmp_path / "managed", max_to_keep=1)
+    high = manager.save(checkpoint_number=5)
+    shutil.copytree(high, tmp_path / "copy")
+    low = manager.save(checkpoint_number=3)  # records ckpt-3, then retention deletes ckpt-5
+    manager.close()
+    os.rename(tmp_path / "copy", high)  # as if the process had stopped before the deletion
+    assert torchckpt.latest_checkpoint(tmp_path / "managed") == low
+    manager = CheckpointManager(ckpt(), tmp_path / "managed", max_to_keep=1)
+    assert manager.latest_checkpoint == low
+    manager.close()
 
 
 def test_a_checkpoint_saved_with_a_lower_number_after_a_higher_one_stays_the_latest(tmp_path):
@@ -745,3 +777,20 @@ def test_a_partial_restore_or_initialize_warns_at_once_not_when_the_manager_is_d
         del manager
         gc.collect()
     assert not [w for w in later if issubclass(w.category, torchckpt.PartialRestoreWarning)]  # once
+
+
+def test_a_partial_restore_warning_made_an_error_leaves_the_manager_as_restored(tmp_path):
+    """Under ``-W error``, the warning is raised after the manager has taken in the restore: the
+    step it resumed at is known, so a save at that step is still skipped by the interval."""
+    step = torch.tensor(10)
+    CheckpointManager(torchckpt.Checkpoint(v=torch.tensor(1.0), step=step, extra=torch.ones(2)), tmp_path,
+                      step_counter=step, checkpoint_interval=5).save()
+    step = torch.tensor(0)
+    manager = CheckpointManager(torchckpt.Checkpoint(v=torch.tensor(0.0), step=step), tmp_path, step_counter=step,
+                                checkpoint_interval=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", torchckpt.PartialRestoreWarning)
+        with pytest.raises(torchckpt.PartialRestoreWarning):
+            manager.restore_or_initialize()
+    assert int(step) == 10 and manager.save() is None  # at the step it resumed at: nothing to write
+    manager.close()

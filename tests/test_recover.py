@@ -90,9 +90,27 @@ CASES = {
     ),
     "unrecorded-unmanaged-commit-is-latest-not-kept": (  # Checkpoint.save, or copied in: never deleted
         OnDisk(DIR, history(Entry("ckpt-1", 100.0), latest="ckpt-1"), ["ckpt-1", "ckpt-2", "other-9"],
-               {"ckpt-2": None}),
+               {"ckpt-2": None}, created={"ckpt-2": 150.0}),
         (None, None, None),
         Recovered("ckpt-2", [Entry("ckpt-1", 100.0)], [], 50.0, {}, DEFAULT, []),
+    ),
+    "unrecorded-commit-created-before-the-latest-is-not-latest": (  # retention was deleting it at the crash
+        OnDisk(DIR, history(Entry("ckpt-3", 300.0), latest="ckpt-3"), ["ckpt-3", "ckpt-5"],
+               {"ckpt-5": Entry("ckpt-5", 250.0)}),
+        (None, None, None),
+        Recovered("ckpt-3", [Entry("ckpt-5", 250.0), Entry("ckpt-3", 300.0)], [], 50.0, {}, DEFAULT, []),
+    ),
+    "rollback-leftovers-are-not-latest": (  # Checkpoint.save of ckpt-3 after restoring ckpt-2 of ckpt-1..5
+        OnDisk(DIR, history(latest="ckpt-3"), ["ckpt-1", "ckpt-2", "ckpt-3", "ckpt-4", "ckpt-5"],
+               dict.fromkeys(["ckpt-1", "ckpt-2", "ckpt-3", "ckpt-4", "ckpt-5"]),
+               created={"ckpt-3": 500.0, "ckpt-4": 400.0, "ckpt-5": 450.0}),
+        (None, None, None),
+        Recovered("ckpt-3", [], [], 50.0, {}, DEFAULT, []),
+    ),
+    "unrecorded-commit-of-unknown-time-is-not-latest": (  # its index gave no time: the record stands
+        OnDisk(DIR, history(Entry("ckpt-1", 100.0), latest="ckpt-1"), ["ckpt-1", "ckpt-2"], {"ckpt-2": None}),
+        (None, None, None),
+        Recovered("ckpt-1", [Entry("ckpt-1", 100.0)], [], 50.0, {}, DEFAULT, []),
     ),
     "unrecorded-commit-of-another-name-ignored": (
         OnDisk(DIR, history(Entry("ckpt-1", 100.0), latest="ckpt-1"), ["ckpt-1", "other-9"]),

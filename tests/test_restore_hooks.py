@@ -11,6 +11,7 @@ import sys
 import uuid
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -667,3 +668,27 @@ def test_a_key_a_state_dict_hook_adds_over_a_parameter_is_not_read_into_it(tmp_p
     report = torchckpt.Checkpoint(model=target).read(path).expect_partial().report
     assert torch.equal(target.w, twin.w) and torch.equal(target.w, torch.ones(2, 3))
     assert result.unexpected_keys == ["w_t"] and report.unexpected_keys == ["model/w_t"]
+
+
+class _OwnStateDict(torch.nn.Linear):
+    """A ``state_dict`` override without ``keep_vars``, and a hook that calls ``.numpy()``."""
+
+    def __init__(self) -> None:
+        super().__init__(3, 2)
+        self.seen: list[Any] = []
+        self._register_state_dict_hook(lambda m, state, prefix, local: m.seen.append(state[prefix + "weight"].numpy()))
+
+    def state_dict(self):  # type: ignore[override]
+        return super().state_dict()
+
+
+def test_a_state_dict_override_and_a_hook_that_needs_plain_tensors_save_and_restore(tmp_path):
+    """What ``state_dict()`` hands them is what they get: no ``keep_vars`` argument, tensors that
+    do not require grad."""
+    torch.manual_seed(0)
+    saved = _OwnStateDict()
+    path = torchckpt.Checkpoint(model=saved).write(tmp_path / "c")
+    target = _OwnStateDict()
+    torchckpt.Checkpoint(model=target).read(path).assert_consumed()
+    assert torch.equal(target.weight, saved.weight) and torch.equal(target.bias, saved.bias)
+    assert saved.seen and target.seen

@@ -189,7 +189,10 @@ class CheckpointManager:
     def _open_and_load(self, best_mode: str | None) -> list[str]:
         self._read_only = self._open_directory()
         try:
-            return self._ledger.load(_clock.now(), best_mode)
+            notes = self._ledger.load(_clock.now(), best_mode)
+            if self._ledger.stale_latest and not self._read_only:  # latest_checkpoint(dir) and followers see it now
+                self._record_state("the latest checkpoint it adopted")
+            return notes
         except BaseException:
             if not self._read_only:
                 claims.let_go(self._storage, self._directory)  # a failed construction holds nothing
@@ -462,10 +465,10 @@ class CheckpointManager:
             self.last_restore = status
             if strict:  # one rank's mismatch fails the call on every rank, each with its own report
                 assert_consumed_on_every_rank(call, status)
-            else:  # now: the status stays in last_restore, and its own warning would wait for the manager's end
-                status.warn_if_partial(stacklevel=3)
             if self._checkpoint_interval is not None:
                 self._last_checkpoint_step = int(self._step_counter)
+            if not strict:  # now: the status stays in last_restore, and its own warning would wait for the manager's end
+                status.warn_if_partial(stacklevel=3)  # last: a warning turned error leaves the manager as restored
             return path
         if self._init_fn is not None:  # on every rank; a failure on one is raised on all
             dist_coordinator.agree(call, "init_fn", self._init_fn)
@@ -477,11 +480,14 @@ class CheckpointManager:
         """Note the damaged checkpoints in the state file (rank 0), for ``ls`` and ``get_checkpoint_state``."""
         if self._read_only or not self._is_primary:
             return
+        self._record_state("the damaged checkpoints")
+
+    def _record_state(self, what: str) -> None:
+        """Write the state file now; a failure is a warning (the next save writes it again)."""
         try:
             self._ledger.write()
         except (CheckpointError, OSError) as e:
-            warnings.warn(f"Could not record the damaged checkpoints in {self._directory}'s state file: {e}",
-                          stacklevel=4)
+            warnings.warn(f"Could not record {what} in {self._directory}'s state file: {e}", stacklevel=5)
 
     @property
     def preempted(self) -> bool:

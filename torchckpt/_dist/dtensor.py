@@ -34,13 +34,25 @@ def local_of(t: Any) -> torch.Tensor:
     return local if isinstance(local, torch.Tensor) else t.to_local()
 
 
+_SAVE_TO_STATE_DICT = torch.nn.Module._save_to_state_dict
+
+
 def module_state(module: torch.nn.Module) -> dict[str, Any]:
     """``module.state_dict()`` (its ``_metadata`` included), without ``DTensor.detach()``: about 7 us
     a parameter through DTensor's dispatch, most of a 1,000-parameter FSDP2 model's ``state_dict()``.
     Taken with ``keep_vars=True``, then every plain tensor that is a ``Parameter`` or requires grad is
     detached (under a microsecond) as ``state_dict()`` detaches it; a DTensor is kept as it is, its
     local tensor (all that is read or written) never requiring grad, and so is a lazy module's
-    uninitialised parameter, as its own ``_save_to_state_dict`` keeps it."""
+    uninitialised parameter, as its own ``_save_to_state_dict`` keeps it.
+
+    Only where nothing but torch's own code sees the live parameters: a ``state_dict`` of the
+    module's class, a ``_save_to_state_dict`` of any module's class, or a state-dict hook anywhere
+    may expect what ``state_dict()`` hands it (no ``keep_vars`` argument; tensors without grad, on
+    which ``.numpy()`` works), so such a module is asked ``state_dict()`` as it is."""
+    if type(module).state_dict is not torch.nn.Module.state_dict or any(
+            m._state_dict_hooks or m._state_dict_pre_hooks or type(m)._save_to_state_dict is not _SAVE_TO_STATE_DICT
+            for m in module.modules()):
+        return module.state_dict()
     state = module.state_dict(keep_vars=True)
     for key, value in state.items():
         if isinstance(value, torch.Tensor) and (value.requires_grad or type(value) is torch.nn.Parameter) \

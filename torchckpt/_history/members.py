@@ -78,19 +78,18 @@ def refuse_replacing_other(path: str, storage: Storage, what: str) -> None:
 def latest_in(directory: str, storage: Storage) -> str | None:
     """The newest committed checkpoint of ``directory`` on ``storage``, or None.
 
-    The state file's ``latest`` wins when it names a committed checkpoint, unless a checkpoint of
-    its name numbered after every one it records is committed (a crash between that commit and the
-    state file's write: a new manager adopts it too, ``_history.recover``); otherwise (no state
-    file, a damaged one, or one naming a checkpoint that is gone) the committed numbered
-    checkpoint written last is returned.
+    The state file's ``latest`` wins when it names a committed checkpoint, as TensorFlow's
+    ``latest_checkpoint`` reads its state file; otherwise (no state file, a damaged one, or one
+    naming a checkpoint that is gone) the committed numbered checkpoint written last is returned.
+    A checkpoint committed just before a crash that kept its manager from recording it is the
+    latest once the next manager opens the directory (``_history.recover`` adopts and records it).
     """
     try:
         state = history_state.read_state(directory, storage)
     except history_state.StateFileError:
         state = None
     if state is not None and state.latest is not None and is_member(directory, state.latest, storage):
-        recorded = {state.latest, *(e.name for e in [*state.checkpoints, *state.preserved])}
-        return join(directory, _newest_unrecorded(directory, recorded, storage) or state.latest)
+        return join(directory, state.latest)
     members = committed_members(directory, None, storage)
     if not members:
         return None
@@ -100,8 +99,7 @@ def latest_in(directory: str, storage: Storage) -> str | None:
 
 def newest_unknown(recorded: set[str], members: list[str], prefix: str | None = None) -> str | None:
     """The member numbered after every recorded checkpoint (of ``prefix``; by default the prefix of
-    the highest recorded one): a checkpoint committed whose state write never happened, a crash
-    between the two. None when there is none, or nothing recorded is numbered."""
+    the highest recorded one), or None when there is none, or nothing recorded is numbered."""
     numbered = [(number, name) for name in recorded if (number := number_of(name, prefix)) is not None]
     if not numbered:
         return None
@@ -109,19 +107,6 @@ def newest_unknown(recorded: set[str], members: list[str], prefix: str | None = 
     prefix = prefix if prefix is not None else highest[: highest.rindex("-")]
     newer = [n for n in members if (number_of(n, prefix) or -1) > top]
     return max(newer, key=lambda n: number_of(n, prefix) or 0) if newer else None
-
-
-def _newest_unrecorded(directory: str, recorded: set[str], storage: Storage) -> str | None:
-    """:func:`newest_unknown` among the committed checkpoints of ``directory``, in one listing of
-    its names (a follower polls this every second: no listing of every shard of every checkpoint
-    on an object store) and a check of each candidate, newest first."""
-    names = [n for n in storage.list_names(directory) if number_of(n) is not None and not spec.is_temporary_name(n)]
-    while names:
-        found = newest_unknown(recorded, names)
-        if found is None or is_member(directory, found, storage):
-            return found
-        names.remove(found)  # a folder that is not (yet) a checkpoint: the next one down
-    return None
 
 
 def resolve_checkpoint(path: str, storage: Storage) -> str:

@@ -45,6 +45,9 @@ class OnDisk:
     managed: Mapping[str, Entry | None] = field(default_factory=dict)  # unrecorded members' managed entries
     written_last: str | None = None  # the member committed last (read only without a usable state file)
     latest_committed: bool = True  # whether the state file's latest is a committed checkpoint
+    # When the unrecorded members and the state file's latest were created (their index's ``created``;
+    # None where unknown): an unrecorded member is the latest only if created after the recorded latest
+    created: Mapping[str, float | None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -96,11 +99,15 @@ def read_disk(directory: str, storage: Storage, checkpoint_name: str) -> tuple[O
         path = history_members.latest_in(directory, storage)
         written_last = name_of(path) if path else None
     refuse_another_managers(directory, state, checkpoint_name, storage)
-    managed = {n: managed_entry(directory, n, checkpoint_name, storage)
-               for n in unrecorded(state, members, checkpoint_name)}
+    found = {n: _entry_and_created(directory, n, checkpoint_name, storage)
+             for n in unrecorded(state, members, checkpoint_name)}
+    managed = {n: entry for n, (entry, _) in found.items()}
+    created = {n: time for n, (_, time) in found.items()}
     latest_committed = (isinstance(state, State) and state.latest is not None
                         and history_members.is_member(directory, state.latest, storage))
-    return OnDisk(directory, state, members, managed, written_last, latest_committed), token
+    if found and isinstance(state, State) and state.latest is not None and latest_committed:
+        created[state.latest] = _entry_and_created(directory, state.latest, checkpoint_name, storage)[1]
+    return OnDisk(directory, state, members, managed, written_last, latest_committed, created), token
 
 
 def refuse_another_managers(directory: str, state: State | DamagedStateFile | None, checkpoint_name: str,
@@ -148,6 +155,18 @@ def _index_metadata(directory: str, name: str, storage: Storage) -> Any:
         return None, None
 
 
+def _entry_and_created(directory: str, name: str, checkpoint_name: str,
+                       storage: Storage) -> tuple[Entry | None, float | None]:
+    """:func:`managed_entry`, and when the checkpoint was created (None where unknown), from one
+    read of its index."""
+    metadata, index = _index_metadata(directory, name, storage)
+    if index is None:
+        return None, None
+    created = index.section.get("created")
+    return _managed(name, checkpoint_name, metadata, index), (
+        float(created) if created is not None and history_state.is_timestamp(created) else None)
+
+
 def managed_entry(directory: str, name: str, checkpoint_name: str, storage: Storage) -> Entry | None:
     """The history entry of ``name`` when a manager with ``checkpoint_name`` wrote it (its index
     says so), else None: a checkpoint written any other way, or one that cannot be read.
@@ -157,7 +176,11 @@ def managed_entry(directory: str, name: str, checkpoint_name: str, storage: Stor
     while checkpoints written by ``Checkpoint.save`` or copied in are never deleted.
     """
     metadata, index = _index_metadata(directory, name, storage)
-    if index is None or not isinstance(metadata, dict) or metadata.get(spec.MANAGER_KEY) != checkpoint_name:
+    return None if index is None else _managed(name, checkpoint_name, metadata, index)
+
+
+def _managed(name: str, checkpoint_name: str, metadata: Any, index: format_index.Index) -> Entry | None:
+    if not isinstance(metadata, dict) or metadata.get(spec.MANAGER_KEY) != checkpoint_name:
         return None
     metrics = metadata.get("metrics")
     created = index.section.get("created")
@@ -220,14 +243,32 @@ def recover(disk: OnDisk, now: float, checkpoint_name: str, keep_best: int | Non
         else:  # in doubt: kept forever, never deleted
             preserved.append(entry)
     latest, committed = state.latest, disk.latest_committed or not from_file  # a rebuilt latest is a member
-    known = {e.name for e in [*state.checkpoints, *state.preserved]}
-    newest = history_members.newest_unknown({n for n in {*known, latest} if n is not None}, list(disk.members),
-                                            checkpoint_name)
+    newest = _newest_unrecorded(state, disk, checkpoint_name)
     if newest is not None:
         latest, committed = newest, True
     if latest is not None and not committed:  # deleted by hand: the newest member
         latest = disk.members[-1] if disk.members else None
     return Recovered(latest, kept, preserved, lpt, dict(state.damaged), ranking, notes)
+
+
+def _newest_unrecorded(state: State, disk: OnDisk, checkpoint_name: str) -> str | None:
+    """The checkpoint of this manager's name that a crash kept from the state file (between its commit
+    and the state write), to be the latest: numbered above every recorded one, and created after the
+    recorded latest. Not one created before it: a checkpoint retention was deleting when the process
+    stopped (after ``save(checkpoint_number=...)`` under an older one's number), nor one a rollback
+    left behind (``Checkpoint.save`` after restoring an older checkpoint)."""
+    entries = [*state.checkpoints, *state.preserved]
+    latest_time = next((e.timestamp for e in entries if e.name == state.latest and e.timestamp is not None),
+                       disk.created.get(state.latest) if state.latest is not None else None)
+
+    def created(name: str) -> float | None:
+        entry = disk.managed.get(name)
+        return entry.timestamp if entry is not None and entry.timestamp is not None else disk.created.get(name)
+
+    candidates = [n for n in unrecorded(state, disk.members, checkpoint_name)
+                  if latest_time is None or (t := created(n)) is not None and t > latest_time]
+    recorded = {e.name for e in entries} | ({state.latest} if state.latest is not None else set())
+    return history_members.newest_unknown(recorded, candidates, checkpoint_name)
 
 
 def _place(kept: list[Entry], entry: Entry, by_time: bool) -> None:

@@ -92,8 +92,11 @@ def state_of(value: Any) -> Any:
 
 
 def _dataset_length(loader: Any) -> int | None:
-    """``len(loader.dataset)``, or None for a dataset without one (an ``IterableDataset``; one whose
-    ``__len__`` raises anything is taken as having none: the save does not fail for it)."""
+    """``len(loader.dataset)`` of a map-style dataset, or None: an ``IterableDataset``'s position
+    does not depend on its length (it has no sampler's order), and one whose ``__len__`` raises
+    anything is taken as having none (the save does not fail for it)."""
+    if isinstance(loader.dataset, torch.utils.data.IterableDataset):
+        return None
     try:
         length = len(loader.dataset)
     except Exception:  # noqa: BLE001 - a user's __len__ (NotImplementedError, ...)
