@@ -665,27 +665,32 @@ def test_closing_one_of_two_managers_on_a_directory_keeps_the_claim_for_the_othe
     assert other.returncode == 0, other.stderr
 
 
-def test_a_commit_the_state_file_never_recorded_is_recorded_by_the_next_manager(tmp_path):
+def test_a_commit_the_state_file_never_recorded_is_adopted_by_the_next_manager(tmp_path, fake_time):
     """A crash between a checkpoint's commit and the state file's write (a SIGTERM save, say)
-    leaves the state file naming the checkpoint before it; the readers of the directory go by the
-    state file, as TensorFlow's do. The next manager adopts the commit and records it at once, so
-    that from then on an evaluator's follower and a plain restore see it too."""
-    manager = CheckpointManager(ckpt(), tmp_path, max_to_keep=None)
-    paths = [manager.save() for _ in range(2)]
-    lagging = (tmp_path / "checkpoints.json").read_bytes()
-    paths += [manager.save() for _ in range(2)]
-    manager.close()
-    (tmp_path / "checkpoints.json").write_bytes(lagging)  # as after ckpt-2: ckpt-3 and ckpt-4 unrecorded
-    (tmp_path / "ckpt-9").mkdir()  # a folder that is not a checkpoint (no index.json) is never the latest
-    torchckpt.Checkpoint(w=torch.zeros(1)).write(str(tmp_path / "other-7"))  # another prefix: not this history
-    assert torchckpt.latest_checkpoint(tmp_path) == paths[1]
-    again = CheckpointManager(ckpt(), tmp_path)
-    assert again.latest_checkpoint == paths[-1]
-    assert torchckpt.latest_checkpoint(tmp_path) == paths[-1]
-    assert torchckpt.get_checkpoint_state(tmp_path).latest == paths[-1]
-    assert torchckpt.wait_for_new_checkpoint(tmp_path, paths[1], timeout=0) == paths[-1]
-    assert ckpt().restore(str(tmp_path)).path == paths[-1]
-    again.close()
+    leaves the state file naming the checkpoint before it. The next manager adopts the commit as
+    its latest, also after the clock was set back (the recorded latest stamped in the future); the
+    directory's readers go by the state file, as TensorFlow's do, until that manager's next save."""
+    for set_back in (False, True):
+        directory = tmp_path / f"set-back-{set_back}"
+        fake_time.now = 10_000.0
+        manager = CheckpointManager(ckpt(), directory, max_to_keep=None)
+        paths = [manager.save()]
+        fake_time.now += 60.0
+        paths.append(manager.save())
+        lagging = (directory / "checkpoints.json").read_bytes()
+        fake_time.now += 60.0
+        if set_back:
+            fake_time.now = 5_000.0  # the last checkpoint is stamped before the recorded latest
+        paths.append(manager.save())
+        manager.close()
+        (directory / "checkpoints.json").write_bytes(lagging)  # as after ckpt-2: ckpt-3 unrecorded
+        (directory / "ckpt-9").mkdir()  # a folder that is not a checkpoint (no index.json) is never the latest
+        assert torchckpt.latest_checkpoint(directory) == paths[1]
+        again = CheckpointManager(ckpt(), directory)
+        assert again.latest_checkpoint == paths[-1], set_back
+        restored = again.save()
+        assert torchckpt.latest_checkpoint(directory) == restored
+        again.close()
 
 
 def test_rollback_leftovers_and_retired_checkpoints_never_become_the_latest(tmp_path):

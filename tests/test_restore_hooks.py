@@ -692,3 +692,23 @@ def test_a_state_dict_override_and_a_hook_that_needs_plain_tensors_save_and_rest
     torchckpt.Checkpoint(model=target).read(path).assert_consumed()
     assert torch.equal(target.weight, saved.weight) and torch.equal(target.bias, saved.bias)
     assert saved.seen and target.seen
+
+
+class _ChildReadsNumpy(torch.nn.Linear):
+    """A submodule's ``state_dict`` override that reads what it is handed as NumPy arrays."""
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        state = super().state_dict(*args, **kwargs)
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                value.numpy()
+        return state
+
+
+def test_a_submodules_state_dict_override_gets_what_state_dict_hands_it(tmp_path):
+    torch.manual_seed(0)
+    saved = torch.nn.Sequential(_ChildReadsNumpy(3, 2), torch.nn.ReLU())
+    path = torchckpt.Checkpoint(model=saved).write(tmp_path / "c")
+    target = torch.nn.Sequential(_ChildReadsNumpy(3, 2), torch.nn.ReLU())
+    torchckpt.Checkpoint(model=target).read(path).assert_consumed()
+    assert torch.equal(target[0].weight, saved[0].weight)

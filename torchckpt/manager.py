@@ -189,10 +189,7 @@ class CheckpointManager:
     def _open_and_load(self, best_mode: str | None) -> list[str]:
         self._read_only = self._open_directory()
         try:
-            notes = self._ledger.load(_clock.now(), best_mode)
-            if self._ledger.stale_latest and not self._read_only:  # latest_checkpoint(dir) and followers see it now
-                self._record_state("the latest checkpoint it adopted")
-            return notes
+            return self._ledger.load(_clock.now(), best_mode)
         except BaseException:
             if not self._read_only:
                 claims.let_go(self._storage, self._directory)  # a failed construction holds nothing
@@ -480,14 +477,11 @@ class CheckpointManager:
         """Note the damaged checkpoints in the state file (rank 0), for ``ls`` and ``get_checkpoint_state``."""
         if self._read_only or not self._is_primary:
             return
-        self._record_state("the damaged checkpoints")
-
-    def _record_state(self, what: str) -> None:
-        """Write the state file now; a failure is a warning (the next save writes it again)."""
         try:
             self._ledger.write()
         except (CheckpointError, OSError) as e:
-            warnings.warn(f"Could not record {what} in {self._directory}'s state file: {e}", stacklevel=5)
+            warnings.warn(f"Could not record the damaged checkpoints in {self._directory}'s state file: {e}",
+                          stacklevel=4)
 
     @property
     def preempted(self) -> bool:

@@ -34,7 +34,7 @@ def local_of(t: Any) -> torch.Tensor:
     return local if isinstance(local, torch.Tensor) else t.to_local()
 
 
-_SAVE_TO_STATE_DICT = torch.nn.Module._save_to_state_dict
+_STATE_DICT, _SAVE_TO_STATE_DICT = torch.nn.Module.state_dict, torch.nn.Module._save_to_state_dict
 
 
 def module_state(module: torch.nn.Module) -> dict[str, Any]:
@@ -45,13 +45,12 @@ def module_state(module: torch.nn.Module) -> dict[str, Any]:
     local tensor (all that is read or written) never requiring grad, and so is a lazy module's
     uninitialised parameter, as its own ``_save_to_state_dict`` keeps it.
 
-    Only where nothing but torch's own code sees the live parameters: a ``state_dict`` of the
-    module's class, a ``_save_to_state_dict`` of any module's class, or a state-dict hook anywhere
-    may expect what ``state_dict()`` hands it (no ``keep_vars`` argument; tensors without grad, on
+    Only where nothing but torch's own code sees the live parameters: a ``state_dict`` or a
+    ``_save_to_state_dict`` of any module's class in the tree, or a state-dict hook anywhere, may
+    expect what ``state_dict()`` hands it (no ``keep_vars`` argument; tensors without grad, on
     which ``.numpy()`` works), so such a module is asked ``state_dict()`` as it is."""
-    if type(module).state_dict is not torch.nn.Module.state_dict or any(
-            m._state_dict_hooks or m._state_dict_pre_hooks or type(m)._save_to_state_dict is not _SAVE_TO_STATE_DICT
-            for m in module.modules()):
+    if any(m._state_dict_hooks or m._state_dict_pre_hooks or type(m).state_dict is not _STATE_DICT
+           or type(m)._save_to_state_dict is not _SAVE_TO_STATE_DICT for m in module.modules()):
         return module.state_dict()
     state = module.state_dict(keep_vars=True)
     for key, value in state.items():

@@ -43,16 +43,12 @@ class Ledger:
         self.damaged: dict[str, str] = {}
         self._token: Any = None  # the state file's version, for a write conditional on it
         self._recorded: set[str] = set()  # checkpoints this ledger recorded as committed: this manager's own
-        self.stale_latest = False  # see load()
 
     def load(self, now: float, best_mode: str | None) -> list[str]:
         """Recover the history from the state file and the directory; returns the warnings about
         what was rebuilt. ``best_mode`` is the manager's argument (None: the directory's)."""
         disk, self._token = read_disk(self.directory, self.storage, self.name)
         history = recover(disk, now, self.name, self.ranking.keep_best, self.ranking.best_metric, best_mode)
-        # the state file names another latest than the history recovered (a commit a crash kept from it,
-        # or a latest deleted by hand): the manager records it at once, for the directory's other readers
-        self.stale_latest = isinstance(disk.state, State) and history.latest != disk.state.latest
         self.latest = history.latest
         self.kept = list(history.kept)
         self.preserved = list(history.preserved)

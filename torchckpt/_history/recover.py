@@ -243,7 +243,7 @@ def recover(disk: OnDisk, now: float, checkpoint_name: str, keep_best: int | Non
         else:  # in doubt: kept forever, never deleted
             preserved.append(entry)
     latest, committed = state.latest, disk.latest_committed or not from_file  # a rebuilt latest is a member
-    newest = _newest_unrecorded(state, disk, checkpoint_name)
+    newest = _newest_unrecorded(state, disk, checkpoint_name, now)
     if newest is not None:
         latest, committed = newest, True
     if latest is not None and not committed:  # deleted by hand: the newest member
@@ -251,22 +251,25 @@ def recover(disk: OnDisk, now: float, checkpoint_name: str, keep_best: int | Non
     return Recovered(latest, kept, preserved, lpt, dict(state.damaged), ranking, notes)
 
 
-def _newest_unrecorded(state: State, disk: OnDisk, checkpoint_name: str) -> str | None:
+def _newest_unrecorded(state: State, disk: OnDisk, checkpoint_name: str, now: float) -> str | None:
     """The checkpoint of this manager's name that a crash kept from the state file (between its commit
     and the state write), to be the latest: numbered above every recorded one, and created after the
-    recorded latest. Not one created before it: a checkpoint retention was deleting when the process
+    recorded latest (or at the same time). Not one created before it: a checkpoint retention was deleting when the process
     stopped (after ``save(checkpoint_number=...)`` under an older one's number), nor one a rollback
-    left behind (``Checkpoint.save`` after restoring an older checkpoint)."""
+    left behind (``Checkpoint.save`` after restoring an older checkpoint). With the recorded latest
+    stamped after ``now`` (a clock set back since), times cannot tell: the number alone decides."""
     entries = [*state.checkpoints, *state.preserved]
     latest_time = next((e.timestamp for e in entries if e.name == state.latest and e.timestamp is not None),
                        disk.created.get(state.latest) if state.latest is not None else None)
+    if latest_time is not None and latest_time > now:
+        latest_time = None
 
     def created(name: str) -> float | None:
         entry = disk.managed.get(name)
         return entry.timestamp if entry is not None and entry.timestamp is not None else disk.created.get(name)
 
     candidates = [n for n in unrecorded(state, disk.members, checkpoint_name)
-                  if latest_time is None or (t := created(n)) is not None and t > latest_time]
+                  if latest_time is None or (t := created(n)) is not None and t >= latest_time]
     recorded = {e.name for e in entries} | ({state.latest} if state.latest is not None else set())
     return history_members.newest_unknown(recorded, candidates, checkpoint_name)
 
