@@ -82,7 +82,8 @@ def latest_in(directory: str, storage: Storage) -> str | None:
     ``latest_checkpoint`` reads its state file; otherwise (no state file, a damaged one, or one
     naming a checkpoint that is gone) the committed numbered checkpoint written last is returned.
     A checkpoint committed just before a crash that kept its manager from recording it is the
-    latest once the next manager opens the directory (``_history.recover`` adopts and records it).
+    next manager's latest (``_history.recover`` adopts it), and the state file's from that
+    manager's next save.
     """
     try:
         state = history_state.read_state(directory, storage)

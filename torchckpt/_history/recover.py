@@ -252,12 +252,13 @@ def recover(disk: OnDisk, now: float, checkpoint_name: str, keep_best: int | Non
 
 
 def _newest_unrecorded(state: State, disk: OnDisk, checkpoint_name: str, now: float) -> str | None:
-    """The checkpoint of this manager's name that a crash kept from the state file (between its commit
-    and the state write), to be the latest: numbered above every recorded one, and created after the
-    recorded latest (or at the same time). Not one created before it: a checkpoint retention was deleting when the process
-    stopped (after ``save(checkpoint_number=...)`` under an older one's number), nor one a rollback
-    left behind (``Checkpoint.save`` after restoring an older checkpoint). With the recorded latest
-    stamped after ``now`` (a clock set back since), times cannot tell: the number alone decides."""
+    """The checkpoint of this manager's name that a crash kept from the state file (between its
+    commit and the state write), to be the latest: numbered above every recorded one, and created
+    after the recorded latest (or at the same time). Not one created before it: a checkpoint
+    retention was deleting when the process stopped (after ``save(checkpoint_number=...)`` under an
+    older one's number), nor one a rollback left behind (``Checkpoint.save`` after restoring an
+    older checkpoint). With the recorded latest stamped after ``now`` (a clock set back since),
+    times cannot tell: the number alone decides."""
     entries = [*state.checkpoints, *state.preserved]
     latest_time = next((e.timestamp for e in entries if e.name == state.latest and e.timestamp is not None),
                        disk.created.get(state.latest) if state.latest is not None else None)
