@@ -124,6 +124,12 @@ CASES = {
         Recovered("ckpt-2", [Entry("ckpt-1", 100.0), Entry("ckpt-2", 200.0), Entry("ckpt-3", 300.0)], [], 50.0, {},
                   DEFAULT, []),
     ),
+    "latest-deleted-by-hand-falls-back-to-this-managers-newest": (  # not an export of another name
+        OnDisk(DIR, history(Entry("ckpt-1", 100.0), Entry("ckpt-2", 200.0), latest="ckpt-2"),
+               ["ckpt-1", "model-70"], latest_committed=False),
+        (None, None, None),
+        Recovered("ckpt-1", [Entry("ckpt-1", 100.0), Entry("ckpt-2", 200.0)], [], 50.0, {}, DEFAULT, []),
+    ),
     "latest-deleted-by-hand-nothing-left": (
         OnDisk(DIR, history(Entry("ckpt-1", 100.0), latest="ckpt-1"), [], latest_committed=False),
         (None, None, None),

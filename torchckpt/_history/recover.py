@@ -246,8 +246,9 @@ def recover(disk: OnDisk, now: float, checkpoint_name: str, keep_best: int | Non
     newest = _newest_unrecorded(state, disk, checkpoint_name, now)
     if newest is not None:
         latest, committed = newest, True
-    if latest is not None and not committed:  # deleted by hand: the newest member
-        latest = disk.members[-1] if disk.members else None
+    if latest is not None and not committed:  # deleted by hand: the newest member, of this manager's name if any
+        own = [n for n in disk.members if history_members.number_of(n, checkpoint_name) is not None]
+        latest = (own or list(disk.members))[-1] if disk.members else None
     return Recovered(latest, kept, preserved, lpt, dict(state.damaged), ranking, notes)
 
 
