@@ -116,8 +116,7 @@ def _sampler_problem(loader: Any) -> str:
     ``state_dict``/``load_state_dict`` resume exactly; so do samplers that draw nothing, such as
     ``DistributedSampler`` (its order is a function of its seed and epoch, which are saved).
     """
-    samplers: tuple[Any, ...] = (loader.sampler, getattr(loader.batch_sampler, "sampler", None))
-    for sampler in samplers:
+    for sampler in _samplers(loader):
         if (type(sampler).__module__.startswith("torchdata.")
                 or callable(getattr(sampler, "state_dict", None)) and callable(getattr(sampler, "load_state_dict", None))):
             continue
