@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import math
 import pathlib
+import struct
 from collections import Counter, OrderedDict
 
 import numpy as np
@@ -30,11 +30,12 @@ def roundtrip(value):
 
 
 def same(a, b):
-    """Equality that also checks exact types and treats nan as equal to nan."""
+    """Equality that also checks exact types and compares floats bit for bit (a NaN's sign and
+    payload, the sign of zero)."""
     if type(a) is not type(b):
         return False
     if isinstance(a, float):
-        return (math.isnan(a) and math.isnan(b)) or (a == b and math.copysign(1, a) == math.copysign(1, b))
+        return struct.pack("<d", a) == struct.pack("<d", b)
     if isinstance(a, (list, tuple)):
         return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
     if isinstance(a, dict):
@@ -91,6 +92,20 @@ def test_exact_types_survive():
     assert type(back["size"]) is torch.Size
 
 
+def _bits(hex_digits: str) -> float:
+    return struct.unpack(">d", bytes.fromhex(hex_digits))[0]
+
+
+@pytest.mark.parametrize("value", [
+    float("inf") - float("inf"),  # x86's default NaN: the sign bit set
+    -float("nan"), _bits("7ff8000000000123"), _bits("7ff0000000000001"), _bits("fff4000000abcdef"),
+], ids=["inf-minus-inf", "negative", "quiet-payload", "signalling", "negative-signalling-payload"])
+def test_a_nan_comes_back_bit_for_bit(value):
+    back, _ = roundtrip({"metric": value, "pair": (value, 1)})
+    assert struct.pack("<d", back["metric"]) == struct.pack("<d", value)
+    assert same(back, {"metric": value, "pair": (value, 1)})
+
+
 def test_tensors_leave_the_json_and_come_back_in_place():
     t1, t2, t3 = torch.ones(2), torch.zeros(3), torch.arange(4)
     value = {"a": t1, "nested": {"b/c": t2}, "lst": [1, t3], 0: {"x": t1}}
@@ -124,7 +139,10 @@ def test_unsupported_values_name_their_key_path(value, key):
     ([1], r"at 'c': a Counter's values must be numbers"),
     ({"@tensor": None}, r"at 'c/a': the state tree expects a tensor here but no tensor has this name"),
     ({"@float": "1.0"}, r"at 'c/a': bad @float '1.0'"),
-], ids=["str", "list", "tensor", "bad-float"])
+    ({"@float": "nan:3ff0000000000000"}, r"at 'c/a': bad @float 'nan:3ff0000000000000'"),  # 1.0's bits
+    ({"@float": "nan:7ff00000000000zz"}, r"at 'c/a': bad @float 'nan:7ff00000000000zz'"),
+    ({"@float": "nan:7ff8"}, r"at 'c/a': bad @float 'nan:7ff8'"),
+], ids=["str", "list", "tensor", "bad-float", "nan-bits-of-a-number", "nan-bits-not-hex", "nan-bits-short"])
 def test_a_counter_of_other_than_numbers_is_corrupt(count, message):
     with pytest.raises(CorruptCheckpointError, match=f"^Invalid state tree {message}"):
         format_tree.decode({"c": {"@counter": [["a", count]]}}, None, lambda name: None)
