@@ -472,6 +472,26 @@ def test_a_meta_module_with_its_own_loader_restored_without_assign_is_reported_m
     assert not assigned.weight.is_meta
 
 
+@pytest.mark.parametrize("assign", [True, False], ids=["assign onto meta", "in place"])
+def test_cast_gives_a_hooked_module_the_models_dtype_as_the_plain_modules_get_it(tmp_path, assign):
+    # a batch norm has a loader of its own: restored through load_state_dict, whose assign keeps the
+    # saved dtype, where cast=True promises the model's (the plain Linear beside it gets bfloat16)
+    torch.manual_seed(0)
+    saved = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    saved[1].running_mean.normal_()
+    path = torchckpt.Checkpoint(model=saved).write(tmp_path / "c")
+    with torch.device("meta" if assign else "cpu"):
+        target = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3)).to(torch.bfloat16)
+    report = torchckpt.Checkpoint(model=target).read(path, assign=assign, cast=True).assert_consumed().report
+    expected = saved.to(torch.bfloat16).state_dict()
+    for key, value in target.state_dict().items():
+        assert not value.is_meta and value.dtype == expected[key].dtype, key
+        assert torch.equal(value, expected[key]), key
+    floating = sorted(f"model/{k}" for k, v in expected.items() if v.is_floating_point())
+    assert sorted(report.cast_keys) == floating
+    assert report.cast_keys["model/1.running_mean"] == (torch.float32, torch.bfloat16)
+
+
 def test_a_child_named_module_is_not_taken_for_a_ddp_wrapper(tmp_path):
     class Saved(torch.nn.Module):
         def __init__(self) -> None:

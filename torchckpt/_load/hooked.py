@@ -209,6 +209,9 @@ class HookedLoad:
     entries: dict[str, Any] = field(default_factory=dict)
     consumed: dict[str, str] = field(default_factory=dict)
     own_keys: dict[str, tuple[str, torch.Tensor | None]] = field(default_factory=dict)
+    # restore(cast=True, assign=True): the dtype a saved tensor under a hooked module is cast to
+    # before its loader assigns it (the model's, as on the in-place path), by state-dict key
+    casts: dict[str, torch.dtype] = field(default_factory=dict)
     _later: dict[str, dict[str, Any]] = field(default_factory=dict)
     _kept: frozenset[str] = frozenset()
 
@@ -283,7 +286,7 @@ class HookedLoad:
         """torch's ``load`` for a module outside any hooked subtree; a hooked one is handed to :meth:`_torch_load`."""
         if _transforms(m):
             with fetch([v for v in local.values() if isinstance(v, SAVED)], self._may_view(m)) as tensors:
-                self._torch_load(m, _filled(local, tensors), prefix, out)
+                self._torch_load(m, _filled(local, tensors, self.casts), prefix, out)
             return
         missing, unexpected, errors = out
         late = self._later.get(prefix)
@@ -334,7 +337,11 @@ def _post_hooks(m: torch.nn.Module, missing: list[str], unexpected: list[str]) -
                              "post-hooks to return None and change incompatible_keys in place.")
 
 
-def _filled(local: dict[str, Any], tensors: list[torch.Tensor]) -> dict[str, Any]:
-    """``local`` with its saved tensors replaced, in order, by ``tensors`` (what the fetch gave)."""
+def _filled(local: dict[str, Any], tensors: list[torch.Tensor], casts: dict[str, torch.dtype]) -> dict[str, Any]:
+    """``local`` with its saved tensors replaced, in order, by ``tensors`` (what the fetch gave),
+    each cast where ``casts`` says."""
     fetched = iter(tensors)
-    return {k: next(fetched) if isinstance(v, SAVED) else v for k, v in local.items()}
+    out = {k: next(fetched) if isinstance(v, SAVED) else v for k, v in local.items()}
+    for key in casts.keys() & out.keys():
+        out[key] = out[key].to(casts[key])
+    return out
