@@ -148,6 +148,23 @@ def test_loader_missing_from_the_checkpoint_is_reported(tmp_path):
     assert status.report.missing_keys == ["loader"]
 
 
+@pytest.mark.parametrize(("saved_generator", "restored_generator", "field"),
+                         [(True, False, "unexpected_keys"), (False, True, "missing_keys")],
+                         ids=["saved-with-restored-without", "saved-without-restored-with"])
+def test_a_generator_on_one_side_only_is_reported(tmp_path, recwarn, saved_generator, restored_generator, field):
+    """The position is restored, but the next epochs' order comes from elsewhere than the saved
+    run's: the generator's state is reported, not silently dropped (or silently absent)."""
+    saving = loader(list(range(6)), torch.Generator().manual_seed(3) if saved_generator else None)
+    next(iter(saving))
+    path = torchckpt.Checkpoint(loader=saving).write(tmp_path / "c")
+    restoring = loader(list(range(6)), torch.Generator().manual_seed(4) if restored_generator else None)
+    status = torchckpt.Checkpoint(loader=restoring).read(path)
+    assert getattr(status.report, field) == ["loader/generator"]
+    assert "loader" in status.report.restored_keys
+    with pytest.raises(torchckpt.RestoreMismatchError, match="loader/generator"):
+        status.assert_consumed()
+
+
 @pytest.mark.parametrize(("saved_with", "restored_with"), [(0, 2), (2, 0), (2, 1)])
 def test_loader_saved_with_other_workers_is_skipped_and_reported(tmp_path, saved_with, restored_with):
     """torchdata cannot resume across worker counts: the loader is left as it is, and reported."""

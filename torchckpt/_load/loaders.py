@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from torchckpt._format import keypath
 from torchckpt._load.plan import MISSING, Plan, plan_tensor, plan_value
 
 STATE = "state_dict"  # torchdata's own state of the loader
@@ -176,9 +177,22 @@ def plan_restore(key: str, value: Any, saved: Any, plan: Plan) -> None:
                    or _options_problem(value, saved))
     if saved is MISSING or not problem:
         plan_value(key, saved, lambda state: load(value, state), plan)
+        if isinstance(saved, dict) and STATE in saved:
+            _report_generator(key, value, saved, plan)
         return
     plan.report.missing_keys.append(key)
     plan.report.skipped_objects[key] = problem
+
+
+def _report_generator(key: str, loader: Any, saved: dict[str, Any], plan: Plan) -> None:
+    """The loader's generator, where only one side has it: the saved state with no generator to
+    take it is unexpected, a generator with no saved state missing. Either way the epochs after
+    this one draw their order from elsewhere than the uninterrupted run did."""
+    where = keypath.join(key, GENERATOR)
+    if saved.get(GENERATOR) is not None and loader.generator is None:
+        plan.report.unexpected_keys.append(where)
+    elif saved.get(GENERATOR) is None and loader.generator is not None:
+        plan.report.missing_keys.append(where)
 
 
 def _split_problem(loader: Any, saved: dict[str, Any]) -> str:
