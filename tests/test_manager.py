@@ -776,6 +776,10 @@ def test_a_partial_restore_or_initialize_warns_at_once_not_when_the_manager_is_d
     with pytest.warns(torchckpt.PartialRestoreWarning, match="unexpected in the checkpoint.*extra") as caught:
         manager.restore_or_initialize()
     assert caught[0].filename == __file__  # pointing at the caller's line
+    # advice that still helps once the warning is given: expect_partial() would come too late
+    assert "expect_partial" not in str(caught[0].message)
+    assert re.search(r"restore_or_initialize\(strict=True\) makes this an error; to accept a partial restore, "
+                     r"filter the warning", str(caught[0].message))
     assert manager.last_restore.report.unexpected_keys == ["extra"]
     with warnings.catch_warnings(record=True) as later:
         warnings.simplefilter("always")

@@ -53,6 +53,10 @@ def _check_arguments(checkpoint: Any, max_shard_size: Any, **arguments: Any) -> 
     parse_size(max_shard_size)
 
 
+_PARTIAL_ADVICE = ("restore_or_initialize(strict=True) makes this an error; to accept a partial restore, filter the "
+                   "warning: warnings.filterwarnings('ignore', category=torchckpt.PartialRestoreWarning).")
+
+
 class CheckpointManager:
     """Saves numbered checkpoints into a directory and keeps the last N (and more).
 
@@ -465,7 +469,8 @@ class CheckpointManager:
             if self._checkpoint_interval is not None:
                 self._last_checkpoint_step = int(self._step_counter)
             if not strict:  # now: the status stays in last_restore, and its own warning would wait for the manager's end
-                status.warn_if_partial(stacklevel=3)  # last: a warning turned error leaves the manager as restored
+                # last: a warning turned error leaves the manager as restored
+                status.warn_if_partial(stacklevel=3, advice=_PARTIAL_ADVICE)
             return path
         if self._init_fn is not None:  # on every rank; a failure on one is raised on all
             dist_coordinator.agree(call, "init_fn", self._init_fn)

@@ -82,15 +82,23 @@ class RestoreStatus:
         self._acknowledged = True
         return self
 
-    def warn_if_partial(self, stacklevel: int = 2) -> RestoreStatus:
+    def warn_if_partial(self, stacklevel: int = 2, advice: str | None = None) -> RestoreStatus:
         """Warn with :class:`PartialRestoreWarning` now if anything did not match, instead of when
         the status is dropped (a manager keeps its last one, so that would be at the end of the
-        run); the warning is given once."""
+        run); the warning is given once.
+
+        Args:
+            stacklevel: as for :func:`warnings.warn`, counted from the caller of this method.
+            advice: the warning's last sentence, how to silence it or make it an error; by default
+                ``expect_partial()`` and the ``assert_*`` methods, which a caller that warns on the
+                user's behalf (``CheckpointManager.restore_or_initialize``) replaces with its own.
+        """
         if not self._acknowledged and self.path is not None and self.report:
             self._acknowledged = True
+            advice = advice or ("Call status.expect_partial() to silence this warning, or an assert_* method to make "
+                                "it an error.")
             warnings.warn(
-                f"Checkpoint {self.path} was restored with mismatches: {'; '.join(self.report.lines())}. "
-                "Call status.expect_partial() to silence this warning, or an assert_* method to make it an error.",
+                f"Checkpoint {self.path} was restored with mismatches: {'; '.join(self.report.lines())}. {advice}",
                 PartialRestoreWarning,
                 stacklevel=stacklevel + 1,
             )
