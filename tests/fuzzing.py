@@ -121,6 +121,7 @@ HOSTILE: list[Any] = [
     {"@dict": [[{"@tuple": [[1]]}, 2]]}, {"@dict": [[1, 2, 3]]}, {"@counter": [["a", "b"]]}, {"@tuple": 5},
     {"@ordered_dict": [[None, {"@tensor": None}]]}, {"@unknown": 1}, {"@tensor": None, "x": 1}, [0] * 50,
     {"@dict": [[1, 2], [None, 3], [{"@tuple": [1, "a"]}, {}]]}, {"@tuple": [{"@float": "nan"}, 2**70]},
+    {"@float": "nan:fff8000000000000"}, {"@float": "nan:3ff0000000000000"}, {"@float": "nan:7ff8 0000 000001"},
     "F32", "I64", "BOGUS", "1,2,3", "99999999999999999999", "-1", ";;", "0123456789abcdef", "zz",
 ]
 

@@ -142,7 +142,10 @@ def test_unsupported_values_name_their_key_path(value, key):
     ({"@float": "nan:3ff0000000000000"}, r"at 'c/a': bad @float 'nan:3ff0000000000000'"),  # 1.0's bits
     ({"@float": "nan:7ff00000000000zz"}, r"at 'c/a': bad @float 'nan:7ff00000000000zz'"),
     ({"@float": "nan:7ff8"}, r"at 'c/a': bad @float 'nan:7ff8'"),
-], ids=["str", "list", "tensor", "bad-float", "nan-bits-of-a-number", "nan-bits-not-hex", "nan-bits-short"])
+    ({"@float": "nan:7ff8 0000 000001"}, r"at 'c/a': bad @float 'nan:7ff8 0000 000001'"),  # 7 bytes, spaced
+    ({"@float": "nan:7FF8000000000001"}, r"at 'c/a': bad @float 'nan:7FF8000000000001'"),  # one spelling only
+], ids=["str", "list", "tensor", "bad-float", "nan-bits-of-a-number", "nan-bits-not-hex", "nan-bits-short",
+        "nan-bits-spaced", "nan-bits-upper-case"])
 def test_a_counter_of_other_than_numbers_is_corrupt(count, message):
     with pytest.raises(CorruptCheckpointError, match=f"^Invalid state tree {message}"):
         format_tree.decode({"c": {"@counter": [["a", count]]}}, None, lambda name: None)

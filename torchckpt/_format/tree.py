@@ -19,12 +19,11 @@ keeps ``index.json`` small and fast to parse for checkpoints with tens of thousa
 from __future__ import annotations
 
 import math
-import struct
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from torchckpt._format import plain
+from torchckpt._format import floats, plain
 from torchckpt._format.keypath import SEP, display, escape_part, join, key_part, split, unescape_part
 from torchckpt.errors import CorruptCheckpointError, UnsupportedStateError
 
@@ -97,7 +96,7 @@ def encode(value: Any, path: str, tensors: dict[str, torch.Tensor], ordered: boo
     if kind is float:
         if math.isfinite(value):
             return value
-        return {"@float": _nonfinite_text(value)}
+        return {"@float": floats.nonfinite_text(value)}
     if kind is tuple:
         _check_depth(value, path)
         return {"@tuple": [encode(v, join(path, str(i)), tensors, ordered) for i, v in enumerate(value)]}
@@ -438,32 +437,6 @@ def per_rank_paths(node: Any, path: str = "", depth: int = 0) -> Iterator[str]:
             yield from per_rank_paths(v, path, depth + 1)
 
 
-_CANONICAL_NAN = struct.pack("<d", math.nan)
-
-
-def _nonfinite_text(value: float) -> str:
-    """``"inf"``, ``"-inf"`` or ``"nan"``; a NaN of any other bits (its sign: x86's ``inf - inf``
-    is negative; a payload) as ``"nan:"`` and its 16 hex digits, big-endian, so that it comes back
-    bit for bit, as ``torch.save`` keeps it."""
-    bits = struct.pack("<d", value)
-    if value == value or bits == _CANONICAL_NAN:
-        return repr(value)
-    return f"nan:{bits[::-1].hex()}"
-
-
-def _nonfinite_value(text: Any) -> float | None:
-    """The float :func:`_nonfinite_text` wrote, or None for anything else."""
-    if text in ("inf", "-inf", "nan"):
-        return float(text)
-    if type(text) is not str or len(text) != 20 or not text.startswith("nan:"):
-        return None
-    try:
-        value: float = struct.unpack(">d", bytes.fromhex(text[4:]))[0]
-    except ValueError:
-        return None
-    return value if value != value else None  # the bits of a NaN, and only those
-
-
 def _decode_tagged(tag: str, payload: Any, trie: Trie | str | None, resolve: Callable[[str], Any], path: str,
                    depth: int) -> Any:
     if tag == TENSOR_TAG:
@@ -473,7 +446,7 @@ def _decode_tagged(tag: str, payload: Any, trie: Trie | str | None, resolve: Cal
     if isinstance(trie, str):
         raise _corrupt(path, "a tensor is stored where the state tree has a value")
     if tag == "@float":
-        value = _nonfinite_value(payload)
+        value = floats.nonfinite_value(payload)
         if value is None:
             raise _corrupt(path, f"bad @float {payload!r}")
         return value
