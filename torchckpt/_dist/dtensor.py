@@ -166,41 +166,49 @@ def local_storage(t: torch.Tensor) -> int:
     return int(local.untyped_storage().data_ptr())
 
 
-def optimizer_destination(templates: list[torch.Tensor | None], key: str, prefix: str,
-                          saved: TensorInfo | ChunkedInfo) -> torch.Tensor | None:
-    """For optimizer state the optimizer does not have yet (it never stepped): a tensor laid out
-    like its parameter (``templates``: :func:`layout_templates`), where it has the parameter's
-    shape. For a DTensor parameter, a DTensor, so that each rank reads only its part. For a plain
-    one that is not contiguous, a CPU tensor of its strides. None for other plain parameters (a
-    contiguous tensor is allocated, as in a single process)."""
-    parts = key[len(prefix) + 1:].split("/")
-    if len(parts) != 3 or parts[0] != "state" or not parts[1].isdigit():
-        return None
-    index = int(parts[1])
-    p: Any = templates[index] if index < len(templates) else None
-    if p is None or tuple(p.shape) != tuple(saved.shape):
-        return None
-    if not is_dtensor(p):
-        return torch.empty_like(p, dtype=saved.dtype, device="cpu")
-    from torch.distributed.tensor import DTensor
-
-    box = dtensor_box(p, key)
-    template = local_of(p)
-    local = torch.empty(box[1] if box is not None else template.shape, dtype=saved.dtype, device=template.device)
-    spec = getattr(p, "_spec", None)
-    if spec is not None and saved.dtype == p.dtype:  # the parameter's own layout: no checks, no autograd
-        return DTensor(local, spec, requires_grad=False)  # type: ignore[no-untyped-call]
-    return DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(),
-                              run_check=False)
-
-
-def layout_templates(optimizer: torch.optim.Optimizer) -> list[torch.Tensor | None]:
+class LayoutTemplates:
     """The optimizer's parameters, in the order its state dict numbers them, where state made for
-    them must have their layout (:func:`optimizer_destination`), else None: a DTensor, or a plain
-    tensor that is not contiguous (``channels_last``, a transposed view), whose state
-    ``torch.zeros_like(p)`` makes of its strides when the optimizer steps. Fused optimizers read a
-    parameter, its gradient and its state as flat buffers of one layout: a contiguous ``exp_avg``
-    of a ``channels_last`` weight would pair each element with another's moments. One pass over
-    the parameters, not one per state tensor."""
-    return [p if is_dtensor(p) or not p.is_contiguous() else None
+    them must have their layout (:meth:`destination`), else None: a DTensor, or a plain tensor that
+    is not contiguous (``channels_last``, a transposed view), whose state ``torch.zeros_like(p)``
+    makes of its strides when the optimizer steps. Fused optimizers read a parameter, its gradient
+    and its state as flat buffers of one layout: a contiguous ``exp_avg`` of a ``channels_last``
+    weight would pair each element with another's moments. One pass over the parameters, not one
+    per state tensor; what a DTensor parameter's state needs (its local box, device and spec) is
+    worked out once per parameter, not once per state tensor (Adam has two of each)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self._params: list[torch.Tensor | None] = [
+            p if is_dtensor(p) or not p.is_contiguous() else None
             for group in optimizer.param_groups for p in group["params"]]
+        self._local: dict[int, tuple[tuple[int, ...], torch.device, Any]] = {}
+
+    def destination(self, key: str, prefix: str, saved: TensorInfo | ChunkedInfo) -> torch.Tensor | None:
+        """For optimizer state the optimizer does not have yet (it never stepped): a tensor laid
+        out like its parameter, where it has the parameter's shape. For a DTensor parameter, a
+        DTensor, so that each rank reads only its part. For a plain one that is not contiguous, a
+        CPU tensor of its strides. None for other plain parameters (a contiguous tensor is
+        allocated, as in a single process)."""
+        parts = key[len(prefix) + 1:].split("/")
+        if len(parts) != 3 or parts[0] != "state" or not parts[1].isdigit():
+            return None
+        index = int(parts[1])
+        p: Any = self._params[index] if index < len(self._params) else None
+        if p is None or tuple(p.shape) != tuple(saved.shape):
+            return None
+        if not is_dtensor(p):
+            return torch.empty_like(p, dtype=saved.dtype, device="cpu")
+        from torch.distributed.tensor import DTensor
+
+        local_shape, device, spec = self._local.get(index) or self._local_of(index, p, key)
+        local = torch.empty(local_shape, dtype=saved.dtype, device=device)
+        if spec is not None and saved.dtype == p.dtype:  # the parameter's own layout: no checks, no autograd
+            return DTensor(local, spec, requires_grad=False)  # type: ignore[no-untyped-call]
+        return DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(),
+                                  run_check=False)
+
+    def _local_of(self, index: int, p: Any, key: str) -> tuple[tuple[int, ...], torch.device, Any]:
+        box = dtensor_box(p, key)
+        template = local_of(p)
+        found = self._local[index] = (box[1] if box is not None else tuple(template.shape), template.device,
+                                      getattr(p, "_spec", None))
+        return found

@@ -366,7 +366,7 @@ def plan_stateful(name: str, obj: Any, saved: Any, plan: Plan) -> None:
     saved_leaves = keypath.leaves(saved, name)
     report = MismatchReport()
     reads: list[tuple[torch.Tensor, SavedTensor]] = []
-    params = dist_dtensor.layout_templates(obj) if isinstance(obj, torch.optim.Optimizer) else None
+    params = dist_dtensor.LayoutTemplates(obj) if isinstance(obj, torch.optim.Optimizer) else None
 
     def destination(key: str, value: SavedTensor) -> torch.Tensor:
         dest = current_leaves.get(key)
@@ -381,7 +381,7 @@ def plan_stateful(name: str, obj: Any, saved: Any, plan: Plan) -> None:
             return fresh
         laid_out = None
         if params is not None:  # an optimizer that never stepped: laid out like its parameter, where that matters
-            laid_out = dist_dtensor.optimizer_destination(params, key, name, value)
+            laid_out = params.destination(key, name, value)
         new = torch.empty(value.shape, dtype=value.dtype) if laid_out is None else laid_out
         reads.append((new, value))
         return new
