@@ -302,6 +302,78 @@ def test_a_store_that_refuses_access_is_never_taken_for_no_checkpoint(denying_s3
         assert info.value.errno == errno.EACCES and not isinstance(info.value, torchckpt.CheckpointNotFoundError)
 
 
+def _sdk_error(module: str, names: list[str], *args: object) -> Exception:
+    """An error of a cloud SDK that is not installed here: classes of its names (the first derived
+    from the next), in its module, as torchckpt recognises them."""
+    base: type = Exception
+    for name in reversed(names):
+        base = type(name, (base,), {"__module__": module})
+    return base(*args)
+
+
+def _gcsfs_http_error(code: int) -> Exception:
+    error = _sdk_error("gcsfs.retry", ["HttpError"], f"Service Unavailable, {code}")
+    error.code = code  # type: ignore[attr-defined]
+    return error
+
+
+def _aiohttp_lost() -> Exception:
+    import aiohttp
+
+    return aiohttp.ServerDisconnectedError()
+
+
+_CLOUD_ERRORS = {
+    "gcs-no-credentials": (lambda: _sdk_error("google.auth.exceptions", ["DefaultCredentialsError", "GoogleAuthError"],
+                                              "Your default credentials were not found."),
+                           r"^No usable Google Cloud credentials .*GOOGLE_APPLICATION_CREDENTIALS", errno.EACCES),
+    "gcs-forbidden": (lambda: OSError("Forbidden: https://storage.googleapis.com/b/bucket/o/run\nAccess denied."),
+                      r"^The object store refused access to .*\(Forbidden: .*\): the credentials in use", errno.EACCES),
+    "gcs-401": (lambda: _gcsfs_http_error(401), r"^The object store refused access", errno.EACCES),
+    "gcs-503": (lambda: _gcsfs_http_error(503), r"^The object store failed the request .*HTTP 503.*nothing here is "
+                                                r"damaged", errno.EIO),
+    "azure-auth": (lambda: _sdk_error("azure.core.exceptions", ["ClientAuthenticationError", "HttpResponseError",
+                                                                "AzureError"], "Server failed to authenticate"),
+                   r"^The object store refused access .*AZURE_STORAGE_CONNECTION_STRING", errno.EACCES),
+    "azure-unreachable": (lambda: _sdk_error("azure.core.exceptions", ["ServiceRequestError", "AzureError"],
+                                             "Failed to establish a new connection"),
+                          r"^Cannot reach the object store \(Failed to establish", errno.ECONNREFUSED),
+    "aiohttp-disconnected": (_aiohttp_lost, r"^Cannot reach the object store", errno.ECONNREFUSED),
+}
+
+
+@pytest.mark.parametrize("case", list(_CLOUD_ERRORS))
+def test_google_and_azure_sdk_errors_are_typed_and_never_taken_for_no_checkpoint(monkeypatch, case):
+    """gcsfs raises a 403 as a plain OSError, which the storage's existence checks took for "no such
+    object" (a restore_or_initialize would start afresh); its other errors, google-auth's and
+    azure-core's, came out untyped."""
+    pytest.importorskip("fsspec")
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    make, message, code = _CLOUD_ERRORS[case]
+
+    class FailingStore(MemoryFileSystem):
+        protocol = ("gs", "gcs")
+        store: dict = {}
+        pseudo_dirs = [""]
+
+        def info(self, path, **kwargs):
+            raise make()
+
+        def ls(self, path, detail=True, **kwargs):
+            raise make()
+
+    registry = sys.modules["fsspec.registry"]  # the module (fsspec.registry is its read-only view)
+    monkeypatch.setitem(registry._registry, "gs", FailingStore)  # undone when the test ends
+    for attempt in (lambda: torchckpt.latest_checkpoint("gs://bucket/run"),
+                    lambda: torchckpt.Checkpoint(w=torch.zeros(1)).restore("gs://bucket/run"),
+                    lambda: torchckpt.load_checkpoint("gs://bucket/run/ckpt-1"),
+                    lambda: CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), "gs://bucket/run")):
+        with pytest.raises(torchckpt.CheckpointReadError, match=message) as info:
+            attempt()
+        assert info.value.errno == code and not isinstance(info.value, torchckpt.CheckpointNotFoundError)
+
+
 def test_a_connection_lost_while_a_file_object_uploads_is_a_typed_write_error():
     # small objects (the index, a claim) go up through the filesystem's own file objects: their
     # close() raises the SDK's error, which must come out typed like the filesystem's own calls

@@ -18,7 +18,7 @@ from torchckpt._format import document as format_document
 from torchckpt._format import spec, tree
 from torchckpt._paths import join
 from torchckpt._storage.base import ABSENT, Storage
-from torchckpt.errors import CheckpointError, CheckpointWriteError, CorruptCheckpointError
+from torchckpt.errors import CheckpointError, CheckpointReadError, CheckpointWriteError, CorruptCheckpointError
 
 STATE_FILE = spec.STATE_FILE
 
@@ -115,6 +115,8 @@ def read_state(directory: str, storage: Storage) -> State | None:
 
     Raises:
         StateFileError: the file exists but is damaged (its seal fails) or malformed.
+        CheckpointReadError: the storage could not be asked (no credentials, no connection, access
+            refused): not an answer about the file, so never taken for a damaged one.
     """
     return read_state_versioned(directory, storage)[0]
 
@@ -127,6 +129,8 @@ def read_state_versioned(directory: str, storage: Storage) -> tuple[State | None
         data, token = storage.read_versioned(path, spec.MAX_STATE_FILE_SIZE, "State file")
     except FileNotFoundError:
         return None, ABSENT
+    except CheckpointReadError:  # no credentials, no connection, access refused: not a damaged file
+        raise
     except (OSError, CorruptCheckpointError) as e:
         raise StateFileError(f"{path} cannot be used: {e}") from e
     return parse_state(data, path), token

@@ -11,6 +11,13 @@ save reports it as a ``CheckpointWriteError``. On an object store a refused requ
 credentials, a policy that does not allow it: s3fs's ``PermissionError``) is such a cause too,
 and is never taken for an absent object. Files a filesystem opens (a small object's upload)
 raise through the same translation as its own methods.
+
+gcsfs and adlfs are read the same way, by their SDKs' class names (nothing is imported for it):
+google-auth's errors (no credentials, a token that cannot be refreshed), gcsfs's ``HttpError``
+(401/403 a refusal, any other status the store's failure), and its 403, which gcsfs raises as a
+plain ``OSError("Forbidden: ...")`` that the storage's predicates would otherwise take for "no
+such object"; azure-core's ``ClientAuthenticationError`` and its ``ServiceRequestError``/
+``ServiceResponseError``; and aiohttp's lost connections (an ``OSError`` too), on which both ride.
 """
 
 from __future__ import annotations
@@ -41,6 +48,9 @@ def store_error(error: BaseException, object_store: bool = True, path: str | Non
             "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or storage_options={'key': ..., 'secret': ...}; for a public "
             "bucket, {'anon': True}).",
             path, errno.EACCES)
+    cloud = _cloud_error(error, path)
+    if cloud is not None:
+        return cloud
     if isinstance(error, OSError):
         return None
     try:
@@ -59,6 +69,51 @@ def store_error(error: BaseException, object_store: bool = True, path: str | Non
             f"Cannot reach the object store ({error}). Check the endpoint (AWS_ENDPOINT_URL, or storage_options="
             "{'client_kwargs': {'endpoint_url': ...}}) and the network.", None, errno.ECONNREFUSED)
     return None
+
+
+def _classes(error: BaseException) -> set[tuple[str, str]]:
+    """(module, name) of ``error``'s class and every class it derives from."""
+    return {(c.__module__, c.__name__) for c in type(error).__mro__}
+
+
+_GOOGLE_AUTH = ("google.auth.exceptions", "GoogleAuthError")
+_GCSFS_HTTP = ("gcsfs.retry", "HttpError")
+_AZURE_AUTH = ("azure.core.exceptions", "ClientAuthenticationError")
+_AZURE_CONNECTION = {("azure.core.exceptions", "ServiceRequestError"), ("azure.core.exceptions", "ServiceResponseError")}
+_AIOHTTP_CONNECTION = {("aiohttp.client_exceptions", "ClientConnectionError")}
+
+
+def _cloud_error(error: BaseException, path: str | None) -> CheckpointReadError | None:
+    """Google Cloud Storage's and Azure's errors (see the module) as :func:`store_error` gives S3's."""
+    classes = _classes(error)
+    if _GOOGLE_AUTH in classes:
+        return CheckpointReadError(
+            f"No usable Google Cloud credentials ({error}). Set GOOGLE_APPLICATION_CREDENTIALS to a service account "
+            "key file, or run `gcloud auth application-default login`, or pass storage_options={'token': ...} "
+            "({'token': 'anon'} for a public bucket).", path, errno.EACCES)
+    status = getattr(error, "code", None) if _GCSFS_HTTP in classes else None
+    forbidden = type(error) is OSError and error.errno is None and str(error).startswith("Forbidden: ")  # gcsfs's 403
+    if forbidden or _AZURE_AUTH in classes or status in (401, 403):
+        return CheckpointReadError(
+            f"The object store refused access{f' to {path}' if path else ''} ({_first_line(error)}): the credentials "
+            "in use may not read or write it. Check them (Google Cloud Storage: GOOGLE_APPLICATION_CREDENTIALS or "
+            "storage_options={'token': ...}; Azure: AZURE_STORAGE_CONNECTION_STRING, or storage_options="
+            "{'account_name': ..., 'account_key': ...} or {'sas_token': ...}).", path, errno.EACCES)
+    if _GCSFS_HTTP in classes:  # a status gcsfs gave up retrying (a 5xx, 429): the store's failure, not the checkpoint's
+        return CheckpointReadError(
+            f"The object store failed the request{f' for {path}' if path else ''} (HTTP {status}: "
+            f"{_first_line(error)}); nothing here is damaged. Try again later.", path, errno.EIO)
+    if classes & (_AZURE_CONNECTION | _AIOHTTP_CONNECTION):
+        return CheckpointReadError(
+            f"Cannot reach the object store ({_first_line(error)}). Check the endpoint (the account or bucket name, "
+            "storage_options) and the network.", path, errno.ECONNREFUSED)
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message (gcsfs appends the whole response body)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 @contextlib.contextmanager
