@@ -48,7 +48,7 @@ def store_error(error: BaseException, object_store: bool = True, path: str | Non
             "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or storage_options={'key': ..., 'secret': ...}; for a public "
             "bucket, {'anon': True}).",
             path, errno.EACCES)
-    cloud = _cloud_error(error, path)
+    cloud = _cloud_error(error, object_store, path)
     if cloud is not None:
         return cloud
     if isinstance(error, OSError):
@@ -83,17 +83,17 @@ _AZURE_CONNECTION = {("azure.core.exceptions", "ServiceRequestError"), ("azure.c
 _AIOHTTP_CONNECTION = {("aiohttp.client_exceptions", "ClientConnectionError")}
 
 
-def _cloud_error(error: BaseException, path: str | None) -> CheckpointReadError | None:
+def _cloud_error(error: BaseException, object_store: bool, path: str | None) -> CheckpointReadError | None:
     """Google Cloud Storage's and Azure's errors (see the module) as :func:`store_error` gives S3's."""
     classes = _classes(error)
     if _GOOGLE_AUTH in classes:
         return CheckpointReadError(
-            f"No usable Google Cloud credentials ({error}). Set GOOGLE_APPLICATION_CREDENTIALS to a service account "
+            f"No usable Google Cloud credentials ({_first_line(error)}). Set GOOGLE_APPLICATION_CREDENTIALS to a service account "
             "key file, or run `gcloud auth application-default login`, or pass storage_options={'token': ...} "
             "({'token': 'anon'} for a public bucket).", path, errno.EACCES)
     status = getattr(error, "code", None) if _GCSFS_HTTP in classes else None
-    forbidden = type(error) is OSError and error.errno is None and str(error).startswith("Forbidden: ")  # gcsfs's 403
-    if forbidden or _AZURE_AUTH in classes or status in (401, 403):
+    forbidden = object_store and type(error) is OSError and error.errno is None and str(error).startswith("Forbidden: ")
+    if forbidden or _AZURE_AUTH in classes or status in (401, 403):  # (``forbidden``: gcsfs's 403)
         return CheckpointReadError(
             f"The object store refused access{f' to {path}' if path else ''} ({_first_line(error)}): the credentials "
             "in use may not read or write it. Check them (Google Cloud Storage: GOOGLE_APPLICATION_CREDENTIALS or "
