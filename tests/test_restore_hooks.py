@@ -249,6 +249,18 @@ def test_a_size_mismatch_inside_a_hooked_module_is_a_reported_shape_mismatch_not
         status.assert_consumed()
 
 
+def test_a_size_mismatch_inside_a_hooked_module_is_not_reported_restored(tmp_path):
+    class OwnLoader(torch.nn.Linear):
+        def _load_from_state_dict(self, *args) -> None:
+            super()._load_from_state_dict(*args)
+
+    path = torchckpt.Checkpoint(model=torch.nn.Sequential(OwnLoader(4, 4))).write(tmp_path / "c")
+    target = torch.nn.Sequential(OwnLoader(4, 6))
+    report = torchckpt.Checkpoint(model=target).read(path).expect_partial().report
+    assert sorted(report.shape_mismatches) == ["model/0.bias", "model/0.weight"]
+    assert report.restored_keys == []  # both left as they were, as on the in-place path
+
+
 def test_a_model_that_no_longer_fits_never_marks_a_managers_checkpoints_damaged(tmp_path):
     saved = torch.nn.Sequential(torch.nn.Linear(4, 4))
     manager = torchckpt.CheckpointManager(torchckpt.Checkpoint(model=saved), tmp_path, max_to_keep=3)
@@ -489,7 +501,38 @@ def test_cast_gives_a_hooked_module_the_models_dtype_as_the_plain_modules_get_it
         assert torch.equal(value, expected[key]), key
     floating = sorted(f"model/{k}" for k, v in expected.items() if v.is_floating_point())
     assert sorted(report.cast_keys) == floating
-    assert report.cast_keys["model/1.running_mean"] == (torch.float32, torch.bfloat16)
+    if assign:
+        assert report.cast_keys["model/1.running_mean"] == (torch.float32, torch.bfloat16)
+        assert target[1].weight.requires_grad and isinstance(target[1].weight, torch.nn.Parameter)
+
+
+class QuantizingLinear(torch.nn.Module):
+    """int8 weights at a fixed scale, whose loader quantizes a float checkpoint's weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.zeros(4, 4, dtype=torch.int8))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        w = state_dict.get(prefix + "weight")
+        if w is not None and w.is_floating_point():
+            state_dict[prefix + "weight"] = torch.round(w.clamp(-1, 1) * 127).to(torch.int8)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+
+@pytest.mark.parametrize("assign", [True, False], ids=["assign", "in place"])
+def test_cast_leaves_a_loader_that_converts_its_tensors_what_it_made(tmp_path, assign):
+    # cast=True must not hand a module's own loader the model's dtype: it quantizes the float it is
+    # given, and a float32 weight cast to int8 first truncates every value below 1 to 0
+    torch.manual_seed(0)
+    saved = torch.nn.Sequential(torch.nn.Linear(4, 4, bias=False))
+    path = torchckpt.Checkpoint(model=saved).write(tmp_path / "c")
+    twin = torch.nn.Sequential(QuantizingLinear())
+    twin.load_state_dict(saved.state_dict(), assign=assign)
+    target = torch.nn.Sequential(QuantizingLinear())
+    report = torchckpt.Checkpoint(model=target).read(path, assign=assign, cast=True).assert_consumed().report
+    assert torch.equal(target[0].weight, twin[0].weight) and target[0].weight.abs().sum() > 0
+    assert report.cast_keys == {}  # its loader converted it: nothing was cast
 
 
 def test_a_child_named_module_is_not_taken_for_a_ddp_wrapper(tmp_path):

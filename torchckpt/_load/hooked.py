@@ -209,9 +209,9 @@ class HookedLoad:
     entries: dict[str, Any] = field(default_factory=dict)
     consumed: dict[str, str] = field(default_factory=dict)
     own_keys: dict[str, tuple[str, torch.Tensor | None]] = field(default_factory=dict)
-    # restore(cast=True, assign=True): the dtype a saved tensor under a hooked module is cast to
-    # before its loader assigns it (the model's, as on the in-place path), by state-dict key
-    casts: dict[str, torch.dtype] = field(default_factory=dict)
+    # restore(cast=True, assign=True): by state-dict key, (saved dtype, the model's dtype) of a saved
+    # tensor under a hooked module, cast once its loader has assigned it as it was handed (:meth:`_cast_assigned`)
+    casts: dict[str, tuple[torch.dtype, torch.dtype]] = field(default_factory=dict)
     _later: dict[str, dict[str, Any]] = field(default_factory=dict)
     _kept: frozenset[str] = frozenset()
 
@@ -254,12 +254,15 @@ class HookedLoad:
         errors: list[str] = []
         self._load(self.module, entries, "", (missing, unexpected, errors), fetch)
         del entries
+        self._cast_assigned(name, report)
         other = []
+        mismatched: set[str] = set()
         for error in errors:
             found = _SIZE_MISMATCH.match(error)
             if found is None:
                 other.append(error)
                 continue
+            mismatched.add(found["key"])
             saved, current = (torch.Size(json.loads(found[g])) for g in ("saved", "current"))
             report.shape_mismatches[keypath.join(name, keypath.escape_part(found["key"]))] = (saved, current)
         if other:
@@ -272,8 +275,31 @@ class HookedLoad:
         report.meta_keys.extend(keypath.join(name, keypath.escape_part(k)) for k in empty)
         report.missing_keys.extend(keypath.join(name, keypath.escape_part(k)) for k in [*missing, *empty])
         report.unexpected_keys.extend(keypath.join(name, keypath.escape_part(k)) for k in unexpected)
-        unused = set(unexpected) | set(empty)
+        unused = set(unexpected) | set(empty) | mismatched  # a size mismatch was left as it is: not restored
         report.restored_keys.extend(full for key, full in self.consumed.items() if key not in unused)
+
+    def _cast_assigned(self, name: str, report: MismatchReport) -> None:
+        """``restore(assign=True, cast=True)``: a tensor a loader assigned as it was handed (still of
+        the saved dtype, where the model's was another) is cast to the model's dtype, as the in-place
+        path casts. A loader hands torch's ``assign`` what it is given, so the cast comes after it:
+        one that made the tensor into something else (a quantizing loader's int8) made its choice,
+        and is left as it is."""
+        for key, (saved_dtype, dtype) in self.casts.items():
+            prefix, _, attr = key.rpartition(".")
+            try:
+                owner = self.module.get_submodule(prefix) if prefix else self.module
+            except AttributeError:  # a key a state-dict hook made: no tensor of the module's own
+                continue
+            params, buffers = owner._parameters, owner._buffers
+            t = params.get(attr) if attr in params else buffers.get(attr)
+            if t is None or t.is_meta or t.dtype != saved_dtype:
+                continue
+            cast = t.detach().to(dtype)
+            if attr in params:
+                params[attr] = torch.nn.Parameter(cast, requires_grad=t.requires_grad)
+            else:
+                buffers[attr] = cast
+            report.cast_keys[keypath.join(name, keypath.escape_part(key))] = (saved_dtype, dtype)
 
     def _metadata(self, prefix: str) -> dict[str, Any]:
         metadata = local_metadata(self.versions, prefix)
@@ -286,7 +312,7 @@ class HookedLoad:
         """torch's ``load`` for a module outside any hooked subtree; a hooked one is handed to :meth:`_torch_load`."""
         if _transforms(m):
             with fetch([v for v in local.values() if isinstance(v, SAVED)], self._may_view(m)) as tensors:
-                self._torch_load(m, _filled(local, tensors, self.casts), prefix, out)
+                self._torch_load(m, _filled(local, tensors), prefix, out)
             return
         missing, unexpected, errors = out
         late = self._later.get(prefix)
@@ -337,11 +363,7 @@ def _post_hooks(m: torch.nn.Module, missing: list[str], unexpected: list[str]) -
                              "post-hooks to return None and change incompatible_keys in place.")
 
 
-def _filled(local: dict[str, Any], tensors: list[torch.Tensor], casts: dict[str, torch.dtype]) -> dict[str, Any]:
-    """``local`` with its saved tensors replaced, in order, by ``tensors`` (what the fetch gave),
-    each cast where ``casts`` says."""
+def _filled(local: dict[str, Any], tensors: list[torch.Tensor]) -> dict[str, Any]:
+    """``local`` with its saved tensors replaced, in order, by ``tensors`` (what the fetch gave)."""
     fetched = iter(tensors)
-    out = {k: next(fetched) if isinstance(v, SAVED) else v for k, v in local.items()}
-    for key in casts.keys() & out.keys():
-        out[key] = out[key].to(casts[key])
-    return out
+    return {k: next(fetched) if isinstance(v, SAVED) else v for k, v in local.items()}

@@ -302,10 +302,9 @@ def _plan_hooked(name: str, module: torch.nn.Module, saved: dict[str, Any], curr
         restored = True
         if owner is None:  # under a hooked module, or not this module's: torch's loaders decide
             load.entries[key] = value if _is_saved(value) else _rebuild(value, full, _fresh_reader(plan))
-            if plan.cast and _is_saved(value) and _casts_to(current.get(key), value):
-                plan.report.cast_keys[full] = (value.dtype, current[key].dtype)
-                if plan.assign:  # assigned as it is read, it would keep the saved dtype: cast as in place
-                    load.casts[key] = current[key].dtype
+            if plan.cast and plan.assign and _is_saved(value) and _casts_to(current.get(key), value):
+                # assigned as its loader is handed it, it would keep the saved dtype: cast after the loader
+                load.casts[key] = (value.dtype, current[key].dtype)
         elif owner[1] is None:  # extra state, for set_extra_state
             load.later(owner[0], key, _rebuild(value, full, _fresh_reader(plan)))
         elif not _is_saved(value):  # a plain value where a tensor belongs: left out, so also missing
