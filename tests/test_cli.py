@@ -464,6 +464,23 @@ def test_ls_marks_a_checkpoint_whose_weight_map_is_wrong_damaged(tmp_path, capsy
     assert "problem" in listed["ckpt-1"] and "problem" not in listed["ckpt-2"], listed
 
 
+def test_ls_marks_a_newer_torchckpts_checkpoint_as_such_not_damaged(tmp_path, capsys):
+    manager = torchckpt.CheckpointManager(torchckpt.Checkpoint(w=torch.ones(1)), tmp_path / "run")
+    first = manager.save()
+    manager.save()
+    manager.close()
+    index = read_index(first)
+    index["torchckpt"]["format_version"] = 99
+    write_index(first, index)
+    assert main(["ls", str(tmp_path / "run"), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert err.startswith("warning: ckpt-1 needs a newer torchckpt: ") and "damaged" not in err
+    listed = {r["name"]: r for r in json.loads(out)["checkpoints"]}
+    assert listed["ckpt-1"]["marks"] == ["kept", "newer-format"] and "problem" not in listed["ckpt-1"], listed
+    assert main(["verify", first]) == 1
+    assert capsys.readouterr().err.startswith("Error: ")
+
+
 @pytest.mark.parametrize("remote", ["memory"], indirect=True)
 def test_on_an_object_store_a_reused_shard_is_a_copy_of_its_own(remote, capsys):
     torch.manual_seed(0)

@@ -84,7 +84,7 @@ def test_public_names_are_curated():
         "MismatchReport", "PartialRestoreWarning", "RNGState", "RestoreMismatchError", "RestoreStatus",
         "UnsupportedStateError", "__version__", "latest_checkpoint", "PerRank", "RankTimeoutError",
         "DamagedCheckpointWarning", "TensorSpec", "save_state", "load_state", "convert", "RenameConflictError",
-        "UnsafePickleError", "CheckpointTooLargeError", "IgnoreSignals",
+        "UnsafePickleError", "CheckpointTooLargeError", "IgnoreSignals", "UnsupportedFormatError",
     ])
     for name in torchckpt.__all__:
         assert hasattr(torchckpt, name)

@@ -438,13 +438,31 @@ def test_a_dtype_column_that_does_not_split_into_its_tensors_is_refused(tmp_path
             read(path)
 
 
-def test_newer_format_version_says_upgrade(tmp_path):
+@pytest.mark.parametrize(("change", "found", "message"), [
+    (dict(format_version=99), 99, r"uses format version 99, newer than this torchckpt understands \(3\); upgrade"),
+    (dict(features=["zstd", "sparse"]), ["sparse", "zstd"], r"uses format features this torchckpt does not know "
+                                                            r"\('sparse', 'zstd'\): it was written by a newer"),
+], ids=["version", "features"])
+def test_a_newer_format_says_upgrade_and_is_not_called_damaged(tmp_path, change, found, message):
     path = torchckpt.Checkpoint(w=torch.ones(2)).write(tmp_path / "c")
     index = json.loads(Path(os.path.join(path, "index.json")).read_text())
-    index["torchckpt"]["format_version"] = 99
+    index["torchckpt"].update(change)
     write_index(tmp_path / "c", index)
-    with pytest.raises(CorruptCheckpointError, match="upgrade torchckpt"):
-        torchckpt.Checkpoint(w=torch.zeros(2)).restore(path)
+    for read in (lambda: torchckpt.Checkpoint(w=torch.zeros(2)).restore(path), lambda: torchckpt.load_checkpoint(path)):
+        with pytest.raises(torchckpt.UnsupportedFormatError, match=message) as info:
+            read()
+        assert not isinstance(info.value, CorruptCheckpointError)  # nothing is wrong with it
+        assert info.value.found == found and info.value.path == os.path.join(path, "index.json")
+
+
+@pytest.mark.parametrize("features", ["zstd", [1], {"a": 1}], ids=["str", "list-of-int", "object"])
+def test_a_features_list_of_another_type_is_corrupt(tmp_path, features):
+    path = torchckpt.Checkpoint(w=torch.ones(2)).write(tmp_path / "c")
+    index = json.loads(Path(os.path.join(path, "index.json")).read_text())
+    index["torchckpt"]["features"] = features
+    write_index(tmp_path / "c", index)
+    with pytest.raises(CorruptCheckpointError, match="is invalid: bad features"):
+        torchckpt.load_checkpoint(path)
 
 
 def test_truncated_shard_is_caught_before_any_object_changes(tmp_path, mlp):

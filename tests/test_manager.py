@@ -803,3 +803,42 @@ def test_a_partial_restore_warning_made_an_error_leaves_the_manager_as_restored(
             manager.restore_or_initialize()
     assert int(step) == 10 and manager.save() is None  # at the step it resumed at: nothing to write
     manager.close()
+
+
+def test_a_newer_torchckpts_checkpoint_is_neither_fallen_back_past_nor_marked_damaged(tmp_path):
+    """An older torchckpt meeting a newer format must say so and stop: falling back to the checkpoint
+    before would resume steps back, and recording the latest damaged would outlast the upgrade."""
+    from .conftest import read_index, write_index
+
+    manager = CheckpointManager(ckpt(), tmp_path, max_to_keep=3)
+    manager.save(), manager.save()
+    manager.close()
+    index = read_index(tmp_path / "ckpt-2")
+    index["torchckpt"]["format_version"] = 99
+    write_index(tmp_path / "ckpt-2", index)
+    state_before = (tmp_path / history_state.STATE_FILE).read_bytes()
+    manager = CheckpointManager(ckpt(), tmp_path, max_to_keep=3)
+    with pytest.raises(torchckpt.UnsupportedFormatError, match="ckpt-2.*newer than this torchckpt"):
+        manager.restore_or_initialize()
+    manager.close()
+    assert (tmp_path / history_state.STATE_FILE).read_bytes() == state_before  # nothing recorded damaged
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-1", "ckpt-2"]
+
+
+def test_a_newer_torchckpts_state_file_is_neither_rebuilt_nor_overwritten(tmp_path):
+    from .conftest import sealed_json
+
+    manager = CheckpointManager(ckpt(), tmp_path, max_to_keep=2)
+    manager.save(), manager.save()
+    manager.close()
+    state_file = tmp_path / history_state.STATE_FILE
+    raw = json.loads(state_file.read_text())
+    raw["version"] = 2
+    state_file.write_bytes(sealed_json(raw))
+    before = state_file.read_bytes()
+    for attempt in (lambda: CheckpointManager(ckpt(), tmp_path, max_to_keep=2),
+                    lambda: torchckpt.latest_checkpoint(tmp_path)):
+        with pytest.raises(torchckpt.UnsupportedFormatError, match=r"state file of version 2, newer .* upgrade") as info:
+            attempt()
+        assert info.value.found == 2
+    assert state_file.read_bytes() == before

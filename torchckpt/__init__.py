@@ -33,6 +33,7 @@ from torchckpt.errors import (
     RenameConflictError,
     RestoreMismatchError,
     UnsafePickleError,
+    UnsupportedFormatError,
     UnsupportedStateError,
     VariableNotFoundError,
 )
@@ -78,6 +79,7 @@ __all__ = [
     "RestoreStatus",
     "TensorSpec",
     "UnsafePickleError",
+    "UnsupportedFormatError",
     "UnsupportedStateError",
     "VariableNotFoundError",
     "__version__",

@@ -34,7 +34,7 @@ from torchckpt._tools import sharing as tool_sharing
 from torchckpt._tools.diff import ABSENT
 from torchckpt._tools.verify import verify
 from torchckpt._version import __version__
-from torchckpt.errors import CheckpointDeletedError, CheckpointError, plural, printable
+from torchckpt.errors import CheckpointDeletedError, CheckpointError, UnsupportedFormatError, plural, printable
 from torchckpt.reader import CheckpointReader, load_checkpoint
 
 
@@ -181,7 +181,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     rows, records = [], []
     for name in members:
         entry = kept.get(name) or preserved.get(name)
-        problem = None
+        problem, newer = None, False
         try:
             reader = _load(args, join(directory, name))
             if reader.index is not None:  # what opening deferred: a listing marks a wrong weight_map damaged
@@ -191,6 +191,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
             own = sharing.own_bytes if sharing else None
         except CheckpointDeletedError:
             continue  # deleted since the listing (a run's retention): no longer there to list
+        except UnsupportedFormatError as e:  # nothing wrong with it: shown as a newer torchckpt's, not damaged
+            meta, own, problem, newer = {}, None, None, True
+            print(f"warning: {printable(name)} needs a newer torchckpt: {printable(str(e))}", file=sys.stderr)
         except CheckpointError as e:  # one damaged checkpoint is shown as such; the others are still listed
             meta, own, problem = {}, None, str(e)
             print(f"warning: {printable(name)} is damaged: {printable(problem)}", file=sys.stderr)
@@ -200,7 +203,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         metrics = (entry.metrics if entry else None) or meta.get("metrics") or {}
         marks = [m for m, on in (("latest", name == latest_name), ("kept", name in kept),
                                  ("preserved", name in preserved), ("best", name == best),
-                                 ("damaged", problem is not None)) if on]
+                                 ("damaged", problem is not None), ("newer-format", newer)) if on]
         number = history_members.number_of(name)
         when = datetime.datetime.fromtimestamp(ts).isoformat(" ", "seconds") if ts else "?"
         rows.append([str(number), name, when, human_bytes(meta.get("total_size") or 0) if meta else "?",

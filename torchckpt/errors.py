@@ -21,6 +21,7 @@ __all__ = [
     "CheckpointTooLargeError",
     "CheckpointWriteError",
     "CorruptCheckpointError",
+    "UnsupportedFormatError",
     "UnsupportedStateError",
     "RankTimeoutError",
     "RenameConflictError",
@@ -85,6 +86,24 @@ class CorruptCheckpointError(CheckpointError, ValueError):
     def __init__(self, message: str, path: str | os.PathLike[str] | None = None) -> None:
         super().__init__(message)
         self.path = os.fspath(path) if path is not None else None
+
+
+class UnsupportedFormatError(CheckpointError, ValueError):
+    """A checkpoint's index or a directory's state file was written by a newer torchckpt, in a
+    format version (or with a format feature) this version does not read. Nothing is wrong with
+    the file, so it is never called damaged: a manager neither falls back past such a checkpoint
+    nor marks it damaged, nor rebuilds and overwrites such a state file. Upgrade torchckpt.
+
+    Attributes:
+        path: the file at fault.
+        found: the version (an int) or the features (a list of str) the file declares that this
+            version does not know.
+    """
+
+    def __init__(self, message: str, path: str | os.PathLike[str], found: Any) -> None:
+        super().__init__(message)
+        self.path = os.fspath(path)
+        self.found = found
 
 
 class CheckpointWriteError(CheckpointError, OSError):

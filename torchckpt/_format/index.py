@@ -36,7 +36,13 @@ from torchckpt._format.spec import INDEX_FILE, TORCHCKPT_KEY, WEIGHT_MAP_KEY
 from torchckpt._paths import join
 from torchckpt._threads import gc_paused
 from torchckpt._version import __version__
-from torchckpt.errors import CheckpointTooLargeError, CorruptCheckpointError, format_keys, short_repr
+from torchckpt.errors import (
+    CheckpointTooLargeError,
+    CorruptCheckpointError,
+    UnsupportedFormatError,
+    format_keys,
+    short_repr,
+)
 
 # -- writing ---------------------------------------------------------------------------------
 
@@ -290,11 +296,19 @@ def _version_of(directory: str, section: dict[str, Any]) -> int:
     if type(version) is not int or version < 1:
         raise corrupt_index(directory, f"bad format_version {short_repr(version)}")
     if version > format_spec.FORMAT_VERSION:
-        raise CorruptCheckpointError(
+        raise UnsupportedFormatError(
             f"{join(directory, INDEX_FILE)} uses format version {version}, newer than this torchckpt understands "
-            f"({format_spec.FORMAT_VERSION}); upgrade torchckpt to read it.",
-            directory,
-        )
+            f"({format_spec.FORMAT_VERSION}); upgrade torchckpt to read it. Nothing is wrong with the checkpoint.",
+            join(directory, INDEX_FILE), version)
+    features = section.get(format_spec.FEATURES_KEY, [])
+    if not isinstance(features, list) or not all(type(f) is str for f in features):
+        raise corrupt_index(directory, f"bad {format_spec.FEATURES_KEY} {short_repr(features)}")
+    unknown = sorted(set(features) - format_spec.KNOWN_FEATURES)
+    if unknown:
+        raise UnsupportedFormatError(
+            f"{join(directory, INDEX_FILE)} uses format features this torchckpt does not know "
+            f"({', '.join(map(repr, unknown[:10]))}): it was written by a newer torchckpt; upgrade torchckpt to read it. "
+            "Nothing is wrong with the checkpoint.", join(directory, INDEX_FILE), unknown)
     return version
 
 

@@ -41,6 +41,13 @@ FORMAT_VERSION = 3  # the newest version this package reads
 PLAIN_FORMAT_VERSION = 1  # what a single process writes: no chunks, nothing per rank
 SHARDED_FORMAT_VERSION = 2  # from this version on: ``~@`` chunks, ``@per_rank`` values (a save by several ranks)
 BLOCKS_FORMAT_VERSION = 3  # what several ranks write: version 2 plus block checksums (``blocks``)
+# An index may list, under this key of its torchckpt section, the format features its contents use
+# that a reader of its ``format_version`` may not know; a reader refuses one it does not know
+# (``UnsupportedFormatError``: upgrade), rather than misread the checkpoint or call it damaged.
+# This version writes none: every feature added since ``format_version`` 3 is read by every reader
+# that knows version 3 (a NaN of other bits, ``{"@float": "nan:<hex>"}``, was added before a release).
+FEATURES_KEY = "features"
+KNOWN_FEATURES: frozenset[str] = frozenset()
 CHECKSUM_ALGORITHM = "xxh3-64"
 MAX_HEADER_SIZE = 100_000_000
 MAX_INDEX_SIZE = 256 * 2**20

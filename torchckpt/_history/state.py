@@ -18,7 +18,13 @@ from torchckpt._format import document as format_document
 from torchckpt._format import spec, tree
 from torchckpt._paths import join
 from torchckpt._storage.base import ABSENT, Storage
-from torchckpt.errors import CheckpointError, CheckpointReadError, CheckpointWriteError, CorruptCheckpointError
+from torchckpt.errors import (
+    CheckpointError,
+    CheckpointReadError,
+    CheckpointWriteError,
+    CorruptCheckpointError,
+    UnsupportedFormatError,
+)
 
 STATE_FILE = spec.STATE_FILE
 
@@ -117,6 +123,7 @@ def read_state(directory: str, storage: Storage) -> State | None:
         StateFileError: the file exists but is damaged (its seal fails) or malformed.
         CheckpointReadError: the storage could not be asked (no credentials, no connection, access
             refused): not an answer about the file, so never taken for a damaged one.
+        UnsupportedFormatError: a newer torchckpt's state file (a higher ``version``).
     """
     return read_state_versioned(directory, storage)[0]
 
@@ -145,6 +152,12 @@ def parse_state(data: bytes, path: str) -> State:
         raise StateFileError(f"{path} cannot be used: {e}") from e
     if not isinstance(raw, dict) or raw.get("format") != spec.STATE_FORMAT:
         raise StateFileError(f"{path} is not a torchckpt state file")
+    version = raw.get("version")
+    if type(version) is int and version > spec.STATE_VERSION:  # a newer manager's: neither damaged nor to rebuild
+        raise UnsupportedFormatError(
+            f"{path} is a state file of version {version}, newer than this torchckpt understands "
+            f"({spec.STATE_VERSION}): the directory is managed by a newer torchckpt; upgrade torchckpt to use it. "
+            "Nothing was changed.", path, version)
     latest = raw.get("latest")
     lpt = raw.get("last_preserved_timestamp", 0.0)
     if not is_timestamp(lpt):
