@@ -1025,13 +1025,42 @@ def opens_its_own_shards(d: Path, rank: int, world: int) -> dict:
     return out
 
 
+def strided_shards(d: Path, rank: int, world: int) -> dict:
+    """On a 2 x 2 mesh: a strided shard whose local rows are one block (FSDP2 over tensor
+    parallelism) saves and restores exactly; one whose rows are spread out is refused by key, at
+    save and as a restore's destination (it was read as one block: the wrong rows)."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    mesh = init_device_mesh("cpu", (2, 2))
+    t = torch.arange(24, dtype=torch.float32).reshape(8, 3)
+    blocks = distribute_tensor(t, mesh, [_StridedShard(0, split_factor=2), Shard(0)])
+    spread = distribute_tensor(t, mesh, [Shard(0), _StridedShard(0, split_factor=2)])
+    out: dict = {}
+    path = str(d / "strided-blocks")
+    torchckpt.Checkpoint(st={"t": blocks}).write(path, timeout_secs=TIMEOUT)
+    into = distribute_tensor(torch.zeros(8, 3), mesh, [_StridedShard(0, split_factor=2), Shard(0)])
+    torchckpt.Checkpoint(st={"t": into}).read(path, timeout_secs=TIMEOUT).assert_consumed()
+    out["blocks_exact"] = torch.equal(into.full_tensor(), t)
+    for what, call in (("save", lambda: torchckpt.Checkpoint(st={"t": spread}).write(str(d / "strided-spread"),
+                                                                                     timeout_secs=TIMEOUT)),
+                       ("restore", lambda: torchckpt.Checkpoint(st={"t": spread}).read(path, timeout_secs=TIMEOUT))):
+        try:
+            call()
+            out[what] = "no error"
+        except torchckpt.CheckpointError as e:
+            out[what] = {"type": type(e).__name__, "message": str(e), "key": getattr(e, "key", None)}
+    out["spread_untouched"] = torch.equal(spread.full_tensor(), t)
+    return out
+
+
 SCENARIOS = {f.__name__: f for f in (save_fsdp_4, save_fsdp_2, restore_from_4, restore_from_2, plain_into_fsdp,
                                       differing_value, ddp, tp_mesh, restore_tp, write_fails_on_one_rank,
                                       killed_mid_save, s3_fsdp, manager_2, manager_resume, second_job,
                                       async_loops, async_failure, killed_async, manager_s3, tools_save,
                                       one_rank_fails_capture, mismatched_calls, restore_failures,
                                       damaged_on_one_rank, calls_stay_paired, incremental_fsdp,
-                                      damaged_then_saved, opens_its_own_shards, killed_after_commit)}
+                                      damaged_then_saved, opens_its_own_shards, killed_after_commit, strided_shards)}
 SCENARIOS.update(flips.SCENARIOS)
 SCENARIOS.update(renames.SCENARIOS)
 SCENARIOS.update(loads.SCENARIOS)

@@ -70,7 +70,8 @@ def address_of(t: Any) -> int:
 
 def dtensor_box(t: Any, key: str) -> Box | None:
     """The global box of this rank's local chunk of DTensor ``t``, or None when this rank is
-    outside its mesh. Partial placements (a pending reduction) are refused."""
+    outside its mesh. Partial placements (a pending reduction) are refused, and so are strided
+    shards whose local chunk is not one box of the global tensor."""
     box = _box(t.shape, t.device_mesh, tuple(t.placements))
     if box is _PARTIAL:
         raise UnsupportedStateError(
@@ -79,10 +80,20 @@ def dtensor_box(t: Any, key: str) -> Box | None:
             key=key,
             value_type=type(t),
         )
+    if box is _SPREAD:
+        raise UnsupportedStateError(
+            f"Cannot checkpoint {key!r}: it is a DTensor whose placements ({t.placements}) give this rank rows that "
+            "are not one block of the global tensor (a _StridedShard whose pieces no later Shard keeps together), "
+            "which a checkpoint can neither store as one chunk nor read into. Redistribute it to Shard or Replicate "
+            "placements first (FSDP2 over tensor parallelism gives blocks, and is supported).",
+            key=key,
+            value_type=type(t),
+        )
     return box
 
 
 _PARTIAL: Box = ((-1,), (-1,))  # what _box answers for a Partial placement (no chunk has a negative size)
+_SPREAD: Box = ((-2,), (-2,))  # and for a strided shard whose local rows are not one block
 
 
 @functools.lru_cache(maxsize=4096)  # a model repeats a few (shape, mesh, placements): 100 us each otherwise
@@ -94,7 +105,29 @@ def _box(shape: tuple[int, ...], mesh: Any, placements: tuple[Any, ...]) -> Box 
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     sizes, offsets = compute_local_shape_and_global_offset(shape, mesh, placements)
-    return tuple(int(o) for o in offsets), tuple(int(s) for s in sizes)
+    box = tuple(int(o) for o in offsets), tuple(int(s) for s in sizes)
+    if any(type(p).__name__ == "_StridedShard" for p in placements) and not _is_one_block(shape, mesh, placements, box):
+        return _SPREAD
+    return box
+
+
+def _is_one_block(shape: tuple[int, ...], mesh: Any, placements: tuple[Any, ...], box: Box) -> bool:
+    """Whether this rank's local chunk, under placements that include a ``_StridedShard``, is the
+    box torch's ``compute_local_shape_and_global_offset`` gives (it gives only the first offset of
+    rows that a strided shard spreads out). Each sharded dimension's global indices are split as
+    ``distribute_tensor`` splits the tensor, one mesh dimension after another."""
+    coordinate = mesh.get_coordinate()
+    ndim = max(1, len(shape))
+    for dim in {p.dim % ndim for p in placements if hasattr(p, "dim") and hasattr(p, "_split_tensor")}:
+        held = torch.arange(shape[dim])
+        for mesh_dim, p in enumerate(placements):
+            if hasattr(p, "_split_tensor") and hasattr(p, "dim") and p.dim % ndim == dim:
+                chunks, _ = p._split_tensor(held, mesh.size(mesh_dim), with_padding=False, contiguous=True)
+                held = chunks[coordinate[mesh_dim]] if coordinate[mesh_dim] < len(chunks) else held[:0]
+        offset, size = box[0][dim], box[1][dim]
+        if held.numel() != size or (size and not torch.equal(held, torch.arange(offset, offset + size))):
+            return False
+    return True
 
 
 Layout = tuple[tuple[int, ...], tuple[str, ...], tuple[int, ...]]  # mesh shape, placements, this rank's coordinate
