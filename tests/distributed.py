@@ -116,7 +116,7 @@ def s3_run(s3_endpoint) -> str:
 @pytest.fixture(scope="session")
 def world4(job_dir, s3_endpoint, s3_run) -> Path:
     scenarios = ["save_fsdp_4", "restore_from_4", "differing_value", "ddp", "tp_mesh", "write_fails_on_one_rank",
-                 "s3_fsdp", "manager_s3", "async_loops", "tools_save", "strided_shards"]
+                 "s3_fsdp", "manager_s3", "async_loops", "tools_save", "strided_shards", "empty_dtensors"]
     run_ranks(4, job_dir, scenarios, env={"AWS_ENDPOINT_URL": s3_endpoint, "TORCHCKPT_TEST_S3": s3_run})
     return job_dir
 

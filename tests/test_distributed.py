@@ -229,6 +229,14 @@ def test_a_strided_shard_restores_exactly_where_it_is_one_block_and_is_refused_w
     assert not (world4 / "strided-spread").exists()
 
 
+def test_empty_dtensors_sharded_along_a_dimension_that_is_not_empty_save_and_restore(world4):
+    for result in ok(world4, "empty_dtensors", 4):
+        assert result == {"same": True, "shape": [0, 4]}
+    state = torchckpt.load_state(world4 / "empty-dtensors")  # stored whole, as one process stores them
+    assert state["model"]["1.weight"].shape == (4, 0) and state["st"]["e"].shape == (0, 4)
+    assert "model/1.weight" in read_index(world4 / "empty-dtensors")["torchckpt"]["tensors"]["names"]
+
+
 def test_a_write_failure_on_one_rank_fails_every_rank_and_commits_nothing(world4):
     found = ok(world4, "write_fails_on_one_rank", 4)
     for r in found:

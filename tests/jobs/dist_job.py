@@ -1054,13 +1054,36 @@ def strided_shards(d: Path, rank: int, world: int) -> dict:
     return out
 
 
+def empty_dtensors(d: Path, rank: int, world: int) -> dict:
+    """Empty DTensors sharded along a dimension that is not empty (a frozen Linear(0, 4) under
+    FSDP2: its weight is (4, 0), each rank's chunk a different empty box) save as one process saves
+    them, whole, and restore."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(0, 4))
+    model[1].requires_grad_(False)
+    fully_shard(model, mesh=mesh)
+    empty = distribute_tensor(torch.zeros(0, 4), mesh, [Shard(1)])
+    path = str(d / "empty-dtensors")
+    torchckpt.Checkpoint(model=model, st={"e": empty}).write(path, timeout_secs=TIMEOUT)
+    target = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(0, 4))
+    fully_shard(target, mesh=mesh)
+    into = distribute_tensor(torch.ones(0, 4), mesh, [Shard(1)])
+    torchckpt.Checkpoint(model=target, st={"e": into}).read(path, timeout_secs=TIMEOUT).assert_consumed()
+    local = [(a.to_local(), b.to_local()) for a, b in zip(model.state_dict().values(), target.state_dict().values())]
+    same = all(a.shape == b.shape and torch.equal(a, b) for a, b in local)  # (torch's full_tensor fails on (4, 0))
+    return {"same": same, "shape": list(into.shape)}
+
+
 SCENARIOS = {f.__name__: f for f in (save_fsdp_4, save_fsdp_2, restore_from_4, restore_from_2, plain_into_fsdp,
                                       differing_value, ddp, tp_mesh, restore_tp, write_fails_on_one_rank,
                                       killed_mid_save, s3_fsdp, manager_2, manager_resume, second_job,
                                       async_loops, async_failure, killed_async, manager_s3, tools_save,
                                       one_rank_fails_capture, mismatched_calls, restore_failures,
                                       damaged_on_one_rank, calls_stay_paired, incremental_fsdp,
-                                      damaged_then_saved, opens_its_own_shards, killed_after_commit, strided_shards)}
+                                      damaged_then_saved, opens_its_own_shards, killed_after_commit, strided_shards,
+                                      empty_dtensors)}
 SCENARIOS.update(flips.SCENARIOS)
 SCENARIOS.update(renames.SCENARIOS)
 SCENARIOS.update(loads.SCENARIOS)

@@ -134,7 +134,9 @@ def global_plan(records: list[dict[str, Any]], max_shard_size: int) -> GlobalPla
             else:
                 logical.setdefault(name, (dtype, shape))
                 box = (tuple(offsets), tuple(sizes))
-                if format_chunks.volume(box[1]) == 0 and format_chunks.volume(shape) != 0:
+                if format_chunks.volume(shape) == 0:  # an empty tensor: stored whole, as one process stores it
+                    box = (tuple(0 for _ in shape), shape)
+                elif format_chunks.volume(box[1]) == 0:
                     continue
                 key = (name, box)
                 if key not in units:
@@ -222,9 +224,11 @@ def _files(units: list[Unit], world: int, max_shard_size: int) -> list[list[tupl
 
 
 def local_bytes(unit: Unit, local: dict[str, torch.Tensor]) -> torch.Tensor:
-    """What this rank writes for ``unit``: its tensor, its DTensor chunk, or a row block."""
+    """What this rank writes for ``unit``: its tensor, its DTensor chunk, or a row block (an empty
+    tensor's chunk, whatever its box, is the empty whole tensor: :func:`global_plan`)."""
     if unit.stored in local:
-        return local[unit.stored]
+        t = local[unit.stored]
+        return t if t.numel() or tuple(t.shape) == unit.shape else t.new_empty(unit.shape)
     t = local[unit.logical]
     if unit.box is None or dist_dtensor.is_dtensor(t) or tuple(t.shape) == unit.shape:
         return t
