@@ -91,6 +91,15 @@ def read_once(d: Path, rank: int, world: int) -> dict[str, Any]:
         torchckpt.Checkpoint(a=u, b=u).read(twice, read_once=mode, timeout_secs=TIMEOUT)
         restored[mode] = u
     out["twice equal"] = torch.equal(restored[True], restored[False]) and bool(restored[False].abs().sum() > 0)
+    # Two tracked tensors over one memory (a buffer and a view of it): the same, by memory, not by object.
+    shaped = torchckpt.Checkpoint(a=torch.randn(2**18), b=torch.randn(2**9, 2**9)).write(d / "read-views",
+                                                                                         timeout_secs=TIMEOUT)
+    views = {}
+    for mode in (True, False):
+        u = torch.zeros(2**18)
+        torchckpt.Checkpoint(a=u, b=u.view(2**9, 2**9)).read(shaped, read_once=mode, timeout_secs=TIMEOUT)
+        views[mode] = u
+    out["views equal"] = torch.equal(views[True], views[False]) and bool(views[False].abs().sum() > 0)
     # A flipped byte in the tensor the last rank reads: every rank raises, none hangs.
     damaged = d / "read-once-damaged"
     if rank == 0:

@@ -92,16 +92,27 @@ def assign(plan: Plan, found: list[tuple[torch.Tensor, Any]], described: Sequenc
         return None
     world = len(described)
     spread = Spread(getattr(coord, "group", None), coord.rank, [[] for _ in range(world)])
-    readers: dict[int, int] = {}  # destination -> its one reader: a destination read twice is read by one rank
+    # A memory's one reader: destinations over one memory (a tensor read twice, two tracked views of
+    # one buffer) are read by one rank, in the plan's order, and sent in that order, so the last read
+    # wins as without spreading.
+    readers: dict[int, int] = {}
+    sent: set[int] = set()
     before = 0
     for dest, saved in candidates:
         reader = min(world - 1, (2 * before + saved.nbytes) * world // (2 * total))  # the rank its middle byte falls to
         before += saved.nbytes
-        if id(dest) not in readers:
-            readers[id(dest)] = reader
+        reader = readers.setdefault(_memory(dest), reader)
+        if id(dest) not in sent:
+            sent.add(id(dest))
             spread.runs[reader].append(dest)
-    plan.reads = [pair for pair in plan.reads if readers.get(id(pair[0]), coord.rank) == coord.rank]
+    plan.reads = [pair for pair in plan.reads
+                  if id(pair[0]) not in sent or readers[_memory(pair[0])] == coord.rank]
     return spread
+
+
+def _memory(t: torch.Tensor) -> int:
+    """The memory a destination is part of (its storage's address)."""
+    return int(t.untyped_storage().data_ptr())
 
 
 def broadcast(spread: Spread) -> None:
