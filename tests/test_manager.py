@@ -842,3 +842,58 @@ def test_a_newer_torchckpts_state_file_is_neither_rebuilt_nor_overwritten(tmp_pa
             attempt()
         assert info.value.found == 2
     assert state_file.read_bytes() == before
+
+
+def test_a_replacing_save_cut_short_after_its_commit_is_adopted_with_its_own_metrics(tmp_path, disk, fake_time):
+    """save(checkpoint_number=n) of a recorded n, the process stopping between the commit and the
+    state write: the next manager must rank the new checkpoint by its own metrics, not keep the
+    replaced one's (keep_best then kept it as best and deleted the true best)."""
+    def ranked():
+        return CheckpointManager(ckpt(), tmp_path, max_to_keep=1, keep_best=1, best_metric="loss")
+
+    manager = ranked()
+    for loss in (0.5, 0.1, 0.3):  # ckpt-2 is the best
+        manager.save(metrics={"loss": loss})
+        fake_time.now += 10
+    # the process stops at the state write after the commit: armed as the commit begins
+    disk.before("stage.commit", lambda *args: disk.fail("replace_file", KeyboardInterrupt(), times=1))
+    with pytest.raises(KeyboardInterrupt):
+        manager.save(checkpoint_number=2, metrics={"loss": 0.9})
+    disk.heal()
+    disk.release(str(tmp_path))  # the process is gone: its claim with it
+    resumed = ranked()
+    assert resumed.metrics_of(str(tmp_path / "ckpt-2")) == {"loss": 0.9}
+    for loss in (0.2, 0.6, 0.7):
+        fake_time.now += 10
+        resumed.save(metrics={"loss": loss})
+    assert resumed.best_checkpoint == str(tmp_path / "ckpt-4")  # loss 0.2, kept
+    assert (tmp_path / "ckpt-4").is_dir()
+    resumed.close()
+
+
+@pytest.mark.parametrize("ranking", [dict(best_metric="acc", best_mode="max"), dict(best_metric=lambda m: m["loss"])],
+                         ids=["another-metric", "a-callable"])
+def test_an_evaluator_that_records_damage_leaves_the_runs_ranking(tmp_path, ranking):
+    """An evaluation script opening a finished run with a ranking of its own, whose restore falls
+    back past a damaged checkpoint, records the damage: its own ranking must not go into the run's
+    state file, which the resumed run (omitting its ranking) would take, deleting its best."""
+    from .damage import rot
+
+    state = torchckpt.Checkpoint(v=torch.tensor(0.0))
+    run = CheckpointManager(state, tmp_path, max_to_keep=2, keep_best=1, best_metric="loss")
+    for loss in (0.5, 0.1, 0.3, 0.4):
+        state.v = torch.tensor(loss)  # a new value each save: no shard shared with the one before
+        run.save(metrics={"loss": loss, "acc": 1 - loss})
+    run.close()
+    shard = next((tmp_path / "ckpt-4").glob("*.safetensors"))
+    rot(str(shard))
+    evaluator = CheckpointManager(ckpt(), tmp_path, max_to_keep=1, keep_best=1, **ranking)
+    with pytest.warns(torchckpt.DamagedCheckpointWarning):
+        assert evaluator.restore_or_initialize() == str(tmp_path / "ckpt-3")
+    evaluator.close()
+    recorded = history_state.read_state(str(tmp_path), LOCAL)
+    assert (recorded.best_metric, recorded.best_mode, recorded.keep_best) == ("loss", "min", 1)
+    assert "ckpt-4" in recorded.damaged
+    resumed = CheckpointManager(ckpt(), tmp_path, max_to_keep=2)  # the ranking from the directory
+    assert resumed.best_checkpoint == str(tmp_path / "ckpt-2")
+    resumed.close()

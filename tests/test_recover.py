@@ -21,6 +21,8 @@ from torchckpt._storage.registry import storage_for
 
 NOW = 1000.0
 DIR = "run"
+GONE = ("The state file of run names {} as the latest checkpoint, but it is not there (deleted, or its "
+        "replacement was cut short): ")
 DEFAULT = Ranking(None, None, "min")
 DAMAGED = "run/checkpoints.json cannot be used: its seal does not match its content"
 
@@ -122,18 +124,21 @@ CASES = {
                ["ckpt-1", "ckpt-2"], latest_committed=False),
         (None, None, None),
         Recovered("ckpt-2", [Entry("ckpt-1", 100.0), Entry("ckpt-2", 200.0), Entry("ckpt-3", 300.0)], [], 50.0, {},
-                  DEFAULT, []),
+                  DEFAULT, [GONE.format("ckpt-3") + "ckpt-2 is the latest now."]),
     ),
     "latest-deleted-by-hand-falls-back-to-this-managers-newest": (  # not an export of another name
         OnDisk(DIR, history(Entry("ckpt-1", 100.0), Entry("ckpt-2", 200.0), latest="ckpt-2"),
                ["ckpt-1", "model-70"], latest_committed=False),
         (None, None, None),
-        Recovered("ckpt-1", [Entry("ckpt-1", 100.0), Entry("ckpt-2", 200.0)], [], 50.0, {}, DEFAULT, []),
+        Recovered("ckpt-1", [Entry("ckpt-1", 100.0), Entry("ckpt-2", 200.0)], [], 50.0, {}, DEFAULT,
+                  [GONE.format("ckpt-2") + "ckpt-1 is the latest now."]),
     ),
-    "latest-deleted-by-hand-nothing-left": (
+    "latest-deleted-by-hand-nothing-left": (  # said, not silent: the run starts afresh
         OnDisk(DIR, history(Entry("ckpt-1", 100.0), latest="ckpt-1"), [], latest_committed=False),
         (None, None, None),
-        Recovered(None, [Entry("ckpt-1", 100.0)], [], 50.0, {}, DEFAULT, []),
+        Recovered(None, [Entry("ckpt-1", 100.0)], [], 50.0, {}, DEFAULT,
+                  [GONE.format("ckpt-1") + "no committed checkpoint is left, so restore_or_initialize() starts afresh "
+                   "(init_fn)."]),
     ),
     "clock-behind-last-preserved-timestamp": (  # every entry in doubt is preserved
         OnDisk(DIR, history(Entry("ckpt-1", 900.0), Entry("ckpt-2"), Entry("ckpt-3", 1500.0), latest="ckpt-3",

@@ -517,6 +517,34 @@ def test_a_save_that_dies_in_process_leaves_no_visible_checkpoint(remote):
     check_after_crash(remote, lease_secs=2)
 
 
+@pytest.mark.parametrize("failure", ["upload", "commit"])
+def test_a_save_replacing_a_number_that_fails_keeps_the_checkpoint_it_was_replacing(remote, failure):
+    """An object store has no rename: the replaced checkpoint stays whole until the new one's objects
+    are all uploaded (it was deleted when the save began, so any failure or kill during the upload
+    lost it, and a resume started over)."""
+    storage = remote.install()
+    ckpt = torchckpt.Checkpoint(w=torch.ones(4), step=1)
+    manager = CheckpointManager(ckpt, remote.url, storage_options=remote.options, max_to_keep=1)
+    manager.save()
+    ckpt.step, ckpt.w = 2, torch.full((4,), 2.0)
+    second = manager.save()
+    ckpt.step, ckpt.w = 3, torch.full((4,), 3.0)
+    if failure == "upload":
+        storage.fail("stage.create", OSError(errno.ECONNRESET, "Connection reset by peer"))
+    else:
+        storage.fail("stage.commit", RuntimeError("killed"))
+    with pytest.raises((torchckpt.CheckpointWriteError, RuntimeError)):
+        manager.save(checkpoint_number=2)
+    storage.heal()
+    manager.close()
+    assert torchckpt.latest_checkpoint(remote.url, storage_options=remote.options) == second
+    back = torchckpt.Checkpoint(w=torch.zeros(4), step=0)
+    resumed = CheckpointManager(back, remote.url, storage_options=remote.options, max_to_keep=1)
+    assert resumed.restore_or_initialize() == second
+    assert back.step == 2 and torch.equal(back.w, torch.full((4,), 2.0))
+    resumed.close()
+
+
 def job_checkpoint(shift: int) -> torchckpt.Checkpoint:
     """The job's state: 64 MB in two tensors plus a step (tests/jobs/remote_writer.py builds the same)."""
     g = torch.Generator().manual_seed(7)

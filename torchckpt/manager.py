@@ -386,6 +386,7 @@ class CheckpointManager:
         else:
             history_members.refuse_replacing_other(join(self._directory, f"{self._name}-{decision['number']}"),
                                                    self._storage, f"save(checkpoint_number={decision['number']})")
+            self._ledger.forget(f"{self._name}-{decision['number']}")  # a crash after the commit: adopted anew
         decision["base"] = self._ledger.latest if self._incremental else None  # the same on every rank
         return decision
 

@@ -43,11 +43,17 @@ class Ledger:
         self.damaged: dict[str, str] = {}
         self._token: Any = None  # the state file's version, for a write conditional on it
         self._recorded: set[str] = set()  # checkpoints this ledger recorded as committed: this manager's own
+        # The state file's ranking (best_metric, best_mode, keep_best) when this ledger read it: what a
+        # manager that has not saved writes back (an evaluation script recording a damaged checkpoint
+        # must not put its own ranking in the run's file: the resumed run would take it, and delete its best).
+        self._file_ranking: tuple[str | None, str, int | None] | None = None
 
     def load(self, now: float, best_mode: str | None) -> list[str]:
         """Recover the history from the state file and the directory; returns the warnings about
         what was rebuilt. ``best_mode`` is the manager's argument (None: the directory's)."""
         disk, self._token = read_disk(self.directory, self.storage, self.name)
+        if isinstance(disk.state, State):
+            self._file_ranking = (disk.state.best_metric, disk.state.best_mode, disk.state.keep_best)
         history = recover(disk, now, self.name, self.ranking.keep_best, self.ranking.best_metric, best_mode)
         self.latest = history.latest
         self.kept = list(history.kept)
@@ -74,10 +80,13 @@ class Ledger:
     def state(self) -> State:
         """The ledger as the state file records it."""
         metric = self.ranking.best_metric if isinstance(self.ranking.best_metric, str) else None
+        mode, keep_best = self.ranking.best_mode, self.ranking.keep_best if metric else None
+        if not self._recorded and self._file_ranking is not None:  # it has not saved: the directory's ranking stays
+            metric, mode, keep_best = self._file_ranking
         known = {e.name for e in self.entries()} | {self.latest}
         damaged = {name: why for name, why in self.damaged.items() if name in known}
         return State(self.latest, list(self.kept), list(self.preserved), self.last_preserved_timestamp,
-                     metric, self.ranking.best_mode, self.ranking.keep_best if metric else None, damaged)
+                     metric, mode, keep_best, damaged)
 
     def mirror(self, read_only: bool) -> dict[str, Any]:
         """Rank 0's ledger, for the other ranks (the state file's own encoding)."""
@@ -126,6 +135,18 @@ class Ledger:
             self.last_preserved_timestamp = plan.last_preserved_timestamp
         self.write()
         return [entry.name for entry in plan.delete]
+
+    def forget(self, name: str) -> None:
+        """Before a save replaces checkpoint ``name`` (an explicit number): drop its entry from the
+        state file, so that a crash between the commit and :meth:`record` leaves the new checkpoint
+        unrecorded, to be adopted with its own metrics and time (``recover``), not recorded under
+        the metrics of the one it replaced (which ``keep_best`` would rank). A save that fails
+        before its commit leaves the old checkpoint unrecorded alike: the next manager adopts it."""
+        if not any(e.name == name for e in self.entries()):
+            return
+        self.kept = [e for e in self.kept if e.name != name]
+        self.preserved = [e for e in self.preserved if e.name != name]
+        self.write()
 
     def retire(self, name: str) -> None:
         """Delete ``name``, a checkpoint retention dropped from the history (the state file no longer

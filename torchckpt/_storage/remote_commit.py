@@ -65,6 +65,11 @@ class RemoteStage:
         self.created: list[str] = []
         self.index: tuple[str, bytes] | None = None
         self.committed = self.discarded = False
+        # A checkpoint committed at this name that this save replaces: it stays whole, and restores,
+        # until this save's objects are all uploaded; ``commit`` deletes it just before it creates the
+        # new index (this save's objects carry its tag, so the two never share a name). A save that
+        # fails or is killed before then leaves it as it was.
+        self.replacing = False
         if joined:  # another rank's stage: this process only uploads files into it, under its own tag
             return
         storage.fence(final)  # a manager that lost its lease (paused past it) finds out before it uploads
@@ -72,7 +77,7 @@ class RemoteStage:
         if INDEX_FILE in names:
             if not replace:
                 raise AlreadyCommitted(17, "a checkpoint is already committed there", final)
-            delete_checkpoint(storage, final)  # un-commit first: never a mix of old and new shards
+            self.replacing = True
         elif names and not any(is_pending_marker(n) or n == DELETING_FILE for n in names):
             # Uncommitted objects that no writer is writing (a writer puts its marker before any object):
             # a previous export's files, or junk. Another writer's upload in flight is left alone (it has
@@ -134,6 +139,8 @@ class RemoteStage:
                 )
         if self.index is not None:
             name, data = self.index
+            if self.replacing:  # un-commit the old one last: never a mix of old and new shards
+                delete_checkpoint(self.storage, self.path)
             try:
                 self.storage.create_new(join(self.path, name), data)
             except FileExistsError:
