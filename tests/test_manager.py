@@ -897,3 +897,19 @@ def test_an_evaluator_that_records_damage_leaves_the_runs_ranking(tmp_path, rank
     resumed = CheckpointManager(ckpt(), tmp_path, max_to_keep=2)  # the ranking from the directory
     assert resumed.best_checkpoint == str(tmp_path / "ckpt-2")
     resumed.close()
+
+
+def test_a_checkpoint_retention_deleted_is_checkpoint_deleted_error_naming_the_newer_one(tmp_path):
+    # a follower handed ckpt-1 by checkpoints_iterator, which the run deleted before it opened it
+    manager = CheckpointManager(ckpt(), tmp_path, max_to_keep=1)
+    first, second = manager.save(), manager.save()
+    manager.close()
+    for read in (torchckpt.load_state, torchckpt.load_checkpoint, lambda p: ckpt().restore(p)):
+        with pytest.raises(torchckpt.CheckpointDeletedError, match=r"ckpt-1 was deleted: the run writing .* keeps only "
+                                                                 r"its latest checkpoints \(max_to_keep\), and has "
+                                                                 r"written .*ckpt-2 since") as info:
+            read(first)
+        assert info.value.path == first and second in str(info.value)
+    with pytest.raises(torchckpt.CheckpointNotFoundError, match=r"does not exist\. Did you mean") as info:
+        torchckpt.load_state(tmp_path / "ckpt_2")  # a typo, not a deletion
+    assert not isinstance(info.value, torchckpt.CheckpointDeletedError)

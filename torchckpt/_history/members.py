@@ -110,6 +110,17 @@ def newest_unknown(recorded: set[str], members: list[str], prefix: str | None = 
     return max(newer, key=lambda n: number_of(n, prefix) or 0) if newer else None
 
 
+def _newer_of_its_run(name: str, names: list[str]) -> str | None:
+    """For a numbered checkpoint ``name`` that is gone from a directory a manager keeps (its state
+    file is there): the newest checkpoint of the same prefix numbered above it, else None."""
+    number = number_of(name)
+    if number is None or spec.STATE_FILE not in names:
+        return None
+    prefix = name[: name.rindex("-")]
+    newer = [(n, other) for other in names if (n := number_of(other, prefix)) is not None and n > number]
+    return max(newer)[1] if newer else None
+
+
 def resolve_checkpoint(path: str, storage: Storage) -> str:
     """A checkpoint directory for ``path``: itself, or the latest checkpoint of a directory of them.
 
@@ -121,9 +132,16 @@ def resolve_checkpoint(path: str, storage: Storage) -> str:
         hint = ""
         parent = parent_of(path)
         if storage.follows_to_dir(parent):
+            names = storage.list_names(parent)
+            newer = _newer_of_its_run(name_of(path), names)
+            if newer is not None:  # a run's retention deleted it: a follower reads the newer one
+                raise CheckpointDeletedError(
+                    f"{path} was deleted: the run writing {parent} keeps only its latest checkpoints (max_to_keep), "
+                    f"and has written {sibling(path, newer)} since. Read that one (latest_checkpoint, "
+                    "checkpoints_iterator).", path)
             import difflib
 
-            close = difflib.get_close_matches(name_of(path), storage.list_names(parent), n=1)
+            close = difflib.get_close_matches(name_of(path), names, n=1)
             if close:
                 hint = f" Did you mean {sibling(path, close[0])!r}?"
         raise CheckpointNotFoundError(f"No checkpoint at {path}: the path does not exist.{hint}", path)
