@@ -388,6 +388,7 @@ def test_an_async_save_whose_checkpoint_was_dropped_still_lands_before_exit(tmp_
         torchckpt.Checkpoint(w=target).read(path).assert_consumed()
         assert torch.all(target == 3.0)
         shutil.rmtree(path)
+        (tmp_path / "checkpoints.json").unlink(missing_ok=True)  # a clean directory again, history and all
 
 
 def test_an_async_save_in_a_multiprocessing_child_lands_before_the_child_exits(tmp_path):
