@@ -227,6 +227,10 @@ def test_a_strided_shard_restores_exactly_where_it_is_one_block_and_is_refused_w
             assert "Cannot checkpoint 'st/t': it is a DTensor whose placements" in result[what]["message"]
             assert "not one block of the global tensor" in result[what]["message"]
     assert not (world4 / "strided-spread").exists()
+    for result in ok(world4, "strided_shards", 4):
+        assert result["per_rank"].startswith("UnsupportedStateError: "), result["per_rank"]
+        assert "it is a DTensor inside a per-rank value (PerRank)" in result["per_rank"]
+        assert "`.to_local()`" in result["per_rank"]
 
 
 def test_empty_dtensors_sharded_along_a_dimension_that_is_not_empty_save_and_restore(world4):

@@ -1051,6 +1051,12 @@ def strided_shards(d: Path, rank: int, world: int) -> dict:
         except torchckpt.CheckpointError as e:
             out[what] = {"type": type(e).__name__, "message": str(e), "key": getattr(e, "key", None)}
     out["spread_untouched"] = torch.equal(spread.full_tensor(), t)
+    try:  # a DTensor in a per-rank value: refused with what to pass instead
+        torchckpt.Checkpoint(st={"a": torchckpt.PerRank(blocks)}).write(str(d / "strided-per-rank"),
+                                                                          timeout_secs=TIMEOUT)
+        out["per_rank"] = "no error"
+    except torchckpt.CheckpointError as e:
+        out["per_rank"] = f"{type(e).__name__}: {e}"
     return out
 
 

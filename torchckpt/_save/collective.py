@@ -54,7 +54,7 @@ from torchckpt._save import reuse as save_reuse
 from torchckpt._save import write as save_write
 from torchckpt._save.plan import RankPlan, global_plan, local_bytes, rank_plan
 from torchckpt._storage.base import Storage
-from torchckpt.errors import CheckpointError, CheckpointWriteError, format_keys
+from torchckpt.errors import CheckpointError, CheckpointWriteError, UnsupportedStateError, format_keys
 
 DIGEST_LIMIT = 2**20  # plain tensors up to this size are compared across ranks whole; larger ones by a sample
 
@@ -86,6 +86,12 @@ def capture(tensors: dict[str, Any], section: dict[str, Any], rank: int, groups:
     for name, t in tensors.items():
         if type(t) is format_tree.PerRank:  # a tensor of a per-rank value (see format_tree.encode)
             t = t.value
+            if dist_dtensor.is_dtensor(t):
+                raise UnsupportedStateError(
+                    f"Cannot save tensor {name!r}: it is a DTensor inside a per-rank value (PerRank), which holds "
+                    "this rank's own plain tensors. Pass this rank's chunk (`.to_local()`) or the whole tensor "
+                    "(`.full_tensor()`) to PerRank, or track the DTensor itself, outside PerRank (saved once, "
+                    "sharded).", key=name, value_type=type(t))
             save_capture.check_tensor(name, t)
             ranked = chunks.rank_name(name, rank)
             out.local[ranked] = t
