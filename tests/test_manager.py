@@ -913,3 +913,31 @@ def test_a_checkpoint_retention_deleted_is_checkpoint_deleted_error_naming_the_n
     with pytest.raises(torchckpt.CheckpointNotFoundError, match=r"does not exist\. Did you mean") as info:
         torchckpt.load_state(tmp_path / "ckpt_2")  # a typo, not a deletion
     assert not isinstance(info.value, torchckpt.CheckpointDeletedError)
+
+
+def test_a_replacing_save_that_fails_leaves_the_history_as_it_was(tmp_path):
+    state = torchckpt.Checkpoint(v=torch.tensor(0.0))
+    manager = CheckpointManager(state, tmp_path, max_to_keep=1, keep_best=1, best_metric="loss")
+    for loss in (0.5, 0.1, 0.3):  # ckpt-2 is the best
+        state.v = torch.tensor(loss)
+        manager.save(metrics={"loss": loss})
+    state.junk = [[] for _ in range(400_000)]  # more JSON containers than readers parse: refused before the commit
+    with pytest.raises(torchckpt.CheckpointTooLargeError):
+        manager.save(checkpoint_number=2, metrics={"loss": 0.9})
+    del state.junk
+    assert manager.best_checkpoint == str(tmp_path / "ckpt-2")
+    assert manager.metrics_of(str(tmp_path / "ckpt-2")) == {"loss": 0.1}
+    assert str(tmp_path / "ckpt-2") in manager.checkpoints
+    manager.save(metrics={"loss": 0.7})  # its next write records ckpt-2 again
+    assert torchckpt.get_checkpoint_state(tmp_path).best == str(tmp_path / "ckpt-2")
+    manager.close()
+
+
+def test_a_number_a_run_numbering_by_step_never_wrote_is_not_called_deleted(tmp_path):
+    manager = CheckpointManager(ckpt(), tmp_path, max_to_keep=None)
+    for step in (10, 20):
+        manager.save(checkpoint_number=step)
+    manager.close()
+    with pytest.raises(torchckpt.CheckpointNotFoundError, match=r"does not exist\. Did you mean .*ckpt-20") as info:
+        torchckpt.load_state(tmp_path / "ckpt-2")  # a typo for ckpt-20, not a deletion
+    assert not isinstance(info.value, torchckpt.CheckpointDeletedError)

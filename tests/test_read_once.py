@@ -37,6 +37,13 @@ def test_with_read_once_each_rank_reads_about_half_and_the_job_reads_it_once(wor
 def test_a_destination_read_twice_ends_as_without_spreading(world2: Path) -> None:
     assert all(r["twice equal"] is True for r in found(world2))
     assert all(r["views equal"] is True for r in found(world2))  # two tracked views of one buffer
+    assert all(r["aliasing differs"] == "done" for r in found(world2))  # not a hang
+
+
+def test_views_of_one_flat_buffer_are_spread_as_any_tensors(world2: Path) -> None:
+    for r in found(world2):
+        assert r["flat equal True"] and r["flat equal False"]
+        assert r["flat read True"] < 0.75 * r["flat read False"]  # about half each, not one rank reading it all
 
 
 def test_on_one_host_the_default_reads_as_every_rank_would(world2: Path) -> None:

@@ -545,6 +545,18 @@ def test_a_save_replacing_a_number_that_fails_keeps_the_checkpoint_it_was_replac
     resumed.close()
 
 
+def test_a_replacement_leaves_only_the_new_checkpoints_objects(remote):
+    manager = CheckpointManager(torchckpt.Checkpoint(w=torch.ones(4)), remote.url, storage_options=remote.options)
+    manager.save()
+    remote.fs.pipe(remote.at("ckpt-1", "model-00001-of-00001.safetensors"), b"a crashed writer's")  # a stray
+    manager.save(checkpoint_number=1)
+    manager.close()
+    names = remote.names("ckpt-1")
+    assert "model-00001-of-00001.safetensors" not in names and "index.json" in names
+    index = json.loads(remote.fs.cat(remote.at("ckpt-1", "index.json")))
+    assert sorted(n for n in names if n != "index.json") == sorted({s["file"] for s in index["torchckpt"]["shards"]})
+
+
 def job_checkpoint(shift: int) -> torchckpt.Checkpoint:
     """The job's state: 64 MB in two tensors plus a step (tests/jobs/remote_writer.py builds the same)."""
     g = torch.Generator().manual_seed(7)

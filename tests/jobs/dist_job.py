@@ -1042,6 +1042,13 @@ def strided_shards(d: Path, rank: int, world: int) -> dict:
     into = distribute_tensor(torch.zeros(8, 3), mesh, [_StridedShard(0, split_factor=2), Shard(0)])
     torchckpt.Checkpoint(st={"t": into}).read(path, timeout_secs=TIMEOUT).assert_consumed()
     out["blocks_exact"] = torch.equal(into.full_tensor(), t)
+    # the same along dimension 1 (FSDP2 with Shard(1) over RowwiseParallel)
+    wide = t.T.contiguous()
+    columns = distribute_tensor(wide, mesh, [_StridedShard(1, split_factor=2), Shard(1)])
+    torchckpt.Checkpoint(st={"t": columns}).write(str(d / "strided-columns"), timeout_secs=TIMEOUT)
+    back = distribute_tensor(torch.zeros(3, 8), mesh, [_StridedShard(1, split_factor=2), Shard(1)])
+    torchckpt.Checkpoint(st={"t": back}).read(str(d / "strided-columns"), timeout_secs=TIMEOUT).assert_consumed()
+    out["columns_exact"] = torch.equal(back.full_tensor(), wide)
     for what, call in (("save", lambda: torchckpt.Checkpoint(st={"t": spread}).write(str(d / "strided-spread"),
                                                                                      timeout_secs=TIMEOUT)),
                        ("restore", lambda: torchckpt.Checkpoint(st={"t": spread}).read(path, timeout_secs=TIMEOUT))):

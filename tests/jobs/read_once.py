@@ -100,6 +100,23 @@ def read_once(d: Path, rank: int, world: int) -> dict[str, Any]:
         torchckpt.Checkpoint(a=u, b=u.view(2**9, 2**9)).read(shaped, read_once=mode, timeout_secs=TIMEOUT)
         views[mode] = u
     out["views equal"] = torch.equal(views[True], views[False]) and bool(views[False].abs().sum() > 0)
+    # Aliasing that differs by rank (rank 0 tracks a buffer and a view of it, rank 1 two tensors):
+    # no spreading (the ranks would cut the reads into other runs and wait on each other), each reads its own.
+    u = torch.zeros(2**18)
+    aliased = (u, u.view(2**9, 2**9)) if rank == 0 else (torch.zeros(2**18), torch.zeros(2**9, 2**9))
+    torchckpt.Checkpoint(a=aliased[0], b=aliased[1]).read(shaped, read_once=True, timeout_secs=TIMEOUT)
+    out["aliasing differs"] = "done"
+    # Parameters that are views of one flat buffer, not overlapping (Megatron's, apex's): spread as any.
+    flat = torch.randn(8 * 2**17, generator=torch.Generator().manual_seed(5))
+    pieces = {f"p{i}": flat[i * 2**17:(i + 1) * 2**17] for i in range(8)}
+    flat_path = torchckpt.Checkpoint(**pieces).write(d / "read-flat", timeout_secs=TIMEOUT)
+    for mode in (True, False):
+        into = torch.zeros(8 * 2**17)
+        before = rchar()
+        torchckpt.Checkpoint(**{f"p{i}": into[i * 2**17:(i + 1) * 2**17] for i in range(8)}).read(
+            flat_path, read_once=mode, timeout_secs=TIMEOUT)
+        out[f"flat read {mode}"] = rchar() - before
+        out[f"flat equal {mode}"] = torch.equal(into, flat)
     # A flipped byte in the tensor the last rank reads: every rank raises, none hangs.
     damaged = d / "read-once-damaged"
     if rank == 0:

@@ -119,11 +119,14 @@ def _is_one_block(shape: tuple[int, ...], mesh: Any, placements: tuple[Any, ...]
     coordinate = mesh.get_coordinate()
     ndim = max(1, len(shape))
     for dim in {p.dim % ndim for p in placements if hasattr(p, "dim") and hasattr(p, "_split_tensor")}:
-        held = torch.arange(shape[dim])
+        # the indices along ``dim``, in a tensor of the DTensor's rank (size 1 elsewhere): the
+        # placements split it along their own dimension, as they split the DTensor
+        held = torch.arange(shape[dim]).reshape([shape[dim] if d == dim else 1 for d in range(ndim)])
         for mesh_dim, p in enumerate(placements):
             if hasattr(p, "_split_tensor") and hasattr(p, "dim") and p.dim % ndim == dim:
                 chunks, _ = p._split_tensor(held, mesh.size(mesh_dim), with_padding=False, contiguous=True)
                 held = chunks[coordinate[mesh_dim]] if coordinate[mesh_dim] < len(chunks) else held[:0]
+        held = held.reshape(-1)
         offset, size = box[0][dim], box[1][dim]
         if held.numel() != size or (size and not torch.equal(held, torch.arange(offset, offset + size))):
             return False

@@ -137,16 +137,22 @@ class Ledger:
         return [entry.name for entry in plan.delete]
 
     def forget(self, name: str) -> None:
-        """Before a save replaces checkpoint ``name`` (an explicit number): drop its entry from the
-        state file, so that a crash between the commit and :meth:`record` leaves the new checkpoint
-        unrecorded, to be adopted with its own metrics and time (``recover``), not recorded under
-        the metrics of the one it replaced (which ``keep_best`` would rank). A save that fails
-        before its commit leaves the old checkpoint unrecorded alike: the next manager adopts it."""
+        """Before a save replaces checkpoint ``name`` (an explicit number): write the state file
+        without its entry, so that a crash between the commit and :meth:`record` leaves the new
+        checkpoint unrecorded, to be adopted with its own metrics and time (``recover``), not
+        recorded under the metrics of the one it replaced (which ``keep_best`` would rank). The
+        ledger in memory keeps the entry: a save that fails before its commit leaves the old
+        checkpoint as it was, and this manager's next write records it again (a manager opened
+        before then adopts it from its index)."""
         if not any(e.name == name for e in self.entries()):
             return
-        self.kept = [e for e in self.kept if e.name != name]
-        self.preserved = [e for e in self.preserved if e.name != name]
-        self.write()
+        kept, preserved = self.kept, self.preserved
+        self.kept = [e for e in kept if e.name != name]
+        self.preserved = [e for e in preserved if e.name != name]
+        try:
+            self.write()
+        finally:
+            self.kept, self.preserved = kept, preserved
 
     def retire(self, name: str) -> None:
         """Delete ``name``, a checkpoint retention dropped from the history (the state file no longer

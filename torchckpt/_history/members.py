@@ -16,7 +16,7 @@ from torchckpt._format import spec
 from torchckpt._history import state as history_state
 from torchckpt._paths import is_url, join, name_of, parent_of
 from torchckpt._storage.base import Storage
-from torchckpt.errors import CheckpointDeletedError, CheckpointNotFoundError, CheckpointWriteError
+from torchckpt.errors import CheckpointDeletedError, CheckpointError, CheckpointNotFoundError, CheckpointWriteError
 
 _NUMBERED = re.compile(r"^(?P<prefix>.+)-(?P<number>0|[1-9][0-9]*)$")
 
@@ -110,13 +110,24 @@ def newest_unknown(recorded: set[str], members: list[str], prefix: str | None = 
     return max(newer, key=lambda n: number_of(n, prefix) or 0) if newer else None
 
 
-def _newer_of_its_run(name: str, names: list[str]) -> str | None:
-    """For a numbered checkpoint ``name`` that is gone from a directory a manager keeps (its state
-    file is there): the newest checkpoint of the same prefix numbered above it, else None."""
+def _newer_of_its_run(name: str, names: list[str], directory: str, storage: Storage) -> str | None:
+    """For a numbered checkpoint ``name`` that is gone from a directory a manager keeps: the newest
+    checkpoint of its prefix, where retention explains the gap, else None. Retention deletes the
+    oldest first, so ``name`` must be numbered below every checkpoint the state file keeps, and the
+    kept ones numbered one after another, as a run numbers its saves: a number in the middle of
+    them or past them, or below a run that numbers by step (``checkpoint_number=step``), may never
+    have been written (a typo), and is not called deleted."""
     number = number_of(name)
     if number is None or spec.STATE_FILE not in names:
         return None
+    try:
+        state = history_state.read_state(directory, storage)
+    except (history_state.StateFileError, CheckpointError):
+        return None
     prefix = name[: name.rindex("-")]
+    kept = sorted(n for e in state.checkpoints if (n := number_of(e.name, prefix)) is not None) if state else []
+    if not kept or number >= kept[0] or kept[-1] - kept[0] != len(kept) - 1:
+        return None
     newer = [(n, other) for other in names if (n := number_of(other, prefix)) is not None and n > number]
     return max(newer)[1] if newer else None
 
@@ -133,7 +144,7 @@ def resolve_checkpoint(path: str, storage: Storage) -> str:
         parent = parent_of(path)
         if storage.follows_to_dir(parent):
             names = storage.list_names(parent)
-            newer = _newer_of_its_run(name_of(path), names)
+            newer = _newer_of_its_run(name_of(path), names, parent, storage)
             if newer is not None:  # a run's retention deleted it: a follower reads the newer one
                 raise CheckpointDeletedError(
                     f"{path} was deleted: the run writing {parent} keeps only its latest checkpoints (max_to_keep), "

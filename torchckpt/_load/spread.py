@@ -73,7 +73,10 @@ def describe(found: list[tuple[torch.Tensor, Any]], coord: AnyCoordinator) -> li
         return None
     listed = [[saved.name, format_dtypes.DTYPE_NAMES[saved.dtype], str(dest.dtype), list(saved.shape)]
               for dest, saved in found]
-    digest = xxhash.xxh3_128_hexdigest(json.dumps([coord.world, listed], separators=(",", ":")).encode())
+    # which destinations share memory here: ranks whose tensors alias otherwise would cut the reads
+    # into other runs, and their broadcasts would not pair up
+    digest = xxhash.xxh3_128_hexdigest(json.dumps([coord.world, listed, _overlaps(found)],
+                                                  separators=(",", ":")).encode())
     return [digest, socket.gethostname()]
 
 
@@ -92,27 +95,42 @@ def assign(plan: Plan, found: list[tuple[torch.Tensor, Any]], described: Sequenc
         return None
     world = len(described)
     spread = Spread(getattr(coord, "group", None), coord.rank, [[] for _ in range(world)])
-    # A memory's one reader: destinations over one memory (a tensor read twice, two tracked views of
-    # one buffer) are read by one rank, in the plan's order, and sent in that order, so the last read
-    # wins as without spreading.
-    readers: dict[int, int] = {}
-    sent: set[int] = set()
+    # One reader for destinations whose bytes overlap (a tensor read twice, a buffer and a view of
+    # it): it reads them in the plan's order and sends them in that order, so the last read wins as
+    # without spreading. Views of one flat buffer that do not overlap are spread as any tensors.
+    first = _overlaps(candidates)
+    readers: dict[int, int] = {}  # the first candidate of each overlapping group -> its one reader
+    reader_of: dict[int, int] = {}  # id(destination) -> its reader
     before = 0
-    for dest, saved in candidates:
+    for position, (dest, saved) in enumerate(candidates):
         reader = min(world - 1, (2 * before + saved.nbytes) * world // (2 * total))  # the rank its middle byte falls to
         before += saved.nbytes
-        reader = readers.setdefault(_memory(dest), reader)
-        if id(dest) not in sent:
-            sent.add(id(dest))
+        reader = readers.setdefault(first[position], reader)
+        if id(dest) not in reader_of:
+            reader_of[id(dest)] = reader
             spread.runs[reader].append(dest)
-    plan.reads = [pair for pair in plan.reads
-                  if id(pair[0]) not in sent or readers[_memory(pair[0])] == coord.rank]
+    plan.reads = [pair for pair in plan.reads if reader_of.get(id(pair[0]), coord.rank) == coord.rank]
     return spread
 
 
-def _memory(t: torch.Tensor) -> int:
-    """The memory a destination is part of (its storage's address)."""
-    return int(t.untyped_storage().data_ptr())
+def _overlaps(found: list[tuple[torch.Tensor, Any]]) -> list[int]:
+    """For each destination of ``found``, the position of the first one whose bytes overlap it
+    (through others too); its own position where it overlaps none."""
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), i) for i, (t, _) in enumerate(found))
+    groups: list[list[int]] = []
+    end = -1
+    for start, stop, i in spans:
+        if groups and start < end:
+            groups[-1].append(i)
+            end = max(end, stop)
+        else:
+            groups.append([i])
+            end = stop
+    first = list(range(len(found)))
+    for group in groups:
+        for i in group:
+            first[i] = min(group)
+    return first
 
 
 def broadcast(spread: Spread) -> None:

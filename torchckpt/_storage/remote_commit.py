@@ -151,6 +151,19 @@ class RemoteStage:
                     "save's own objects were removed; the other checkpoint is untouched)", self.path) from None
         self.committed = True
         self.storage.remove_quietly(join(self.path, self.marker))
+        if self.replacing:
+            self._remove_strays(sizes)
+
+    def _remove_strays(self, sizes: dict[str, int]) -> None:
+        """After a replacement: what else the prefix held that the new index does not name (objects
+        of the replaced checkpoint's crashed writers, which its deletion kept while this save's
+        marker was there), unless another writer's upload is in flight."""
+        names = self.storage.list_names(self.path)
+        if any(is_pending_marker(n) for n in names) or DELETING_FILE in names:
+            return  # another writer's upload, or a deletion: its objects are not this save's to judge
+        strays = [n for n in names if n != INDEX_FILE and n not in sizes]
+        if strays:
+            self.storage.remove_names(self.path, strays)
 
     def settle(self, known: Collection[str] = (), *, every_file: bool = False) -> None:
         del known, every_file  # nothing to do in the background: a reused object is a copy the server made
