@@ -928,7 +928,10 @@ def test_a_replacing_save_that_fails_leaves_the_history_as_it_was(tmp_path):
     assert manager.best_checkpoint == str(tmp_path / "ckpt-2")
     assert manager.metrics_of(str(tmp_path / "ckpt-2")) == {"loss": 0.1}
     assert str(tmp_path / "ckpt-2") in manager.checkpoints
-    manager.save(metrics={"loss": 0.7})  # its next write records ckpt-2 again
+    # and so does the state file, which the save wrote without ckpt-2 before it began: a run that
+    # ends on this exception leaves the file naming the true best
+    assert torchckpt.get_checkpoint_state(tmp_path).best == str(tmp_path / "ckpt-2")
+    manager.save(metrics={"loss": 0.7})
     assert torchckpt.get_checkpoint_state(tmp_path).best == str(tmp_path / "ckpt-2")
     manager.close()
 

@@ -11,6 +11,7 @@ background.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections.abc import Callable, Iterable
@@ -28,7 +29,7 @@ from torchckpt._history import state as history_state
 from torchckpt._history.arguments import check_arguments, number_argument, plain_metrics, plain_number
 from torchckpt._history.arguments import checkpoint_number as checkpoint_number_of
 from torchckpt._history.ledger import Ledger
-from torchckpt._history.recover import Ranking, resolve_ranking
+from torchckpt._history.recover import Ranking, managed_entry, resolve_ranking
 from torchckpt._history.retention import MetricFn, metric_failure
 from torchckpt._history.state import State
 from torchckpt._load.rename import Rename, call_argument
@@ -154,6 +155,9 @@ class CheckpointManager:
         self._closed = False  # close() was called: this manager no longer counts among the claim's holders
         self._coord = dist_coordinator.coordinator_for(process_group, timeout_secs)
         self._preempted = False
+        # A replaced number Ledger.forget wrote out of the state file, and when (until its save records
+        # it or fails: ``_put_back_forgotten``)
+        self._forgotten: tuple[str, float] | None = None
         self.last_restore: RestoreStatus | None = None  # the status of the last restore_or_initialize's restore
         rebuilt = self._open({
             "call": "CheckpointManager", "directory": self._directory, "checkpoint_name": checkpoint_name,
@@ -329,11 +333,15 @@ class CheckpointManager:
             commit(self._checkpoint, self._storage, path, call, self._save_options(decision),
                    SaveHooks(after=lambda: self._after_save(name_of(path), decision["metrics"]), adopt=self._adopt))
         except AlreadyCommitted:
+            self._put_back_forgotten()
             raise CheckpointError(
                 f"{path} appeared while it was being written: another process writes numbered checkpoints into "
                 f"{self._directory} without holding its claim. Nothing was committed or replaced; save again for "
                 "the next number."
             ) from None
+        except BaseException:
+            self._put_back_forgotten()
+            raise
         return path
 
     def _save_options(self, decision: dict[str, Any]) -> SaveOptions:
@@ -349,6 +357,7 @@ class CheckpointManager:
     def _after_save(self, name: str, metrics: dict[str, Any] | None) -> dict[str, Any] | None:
         """Once the checkpoint is committed (rank 0): record it and apply retention; returns the
         history for the other ranks."""
+        self._forgotten = None  # recorded now, with the new checkpoint's metrics
         for old in self._ledger.record(name, metrics, _clock.now(), self._max_to_keep, self._keep_every_n_hours):
             self._ledger.retire(old)
         return self._ledger.mirror(self._read_only) if self._coord.is_collective else None
@@ -356,7 +365,7 @@ class CheckpointManager:
     def _propose(self, checkpoint_number: Any, check_interval: bool, metrics: Any) -> dict[str, Any]:
         """The arguments of one ``save`` checked, and the interval applied, before anything is written;
         a previous background failure and a read-only directory are raised here too."""
-        self._checkpoint.wait_until_finished()
+        self.wait_until_finished()
         if self._read_only:
             raise CheckpointError(
                 f"Cannot save into {self._directory}: it is read-only, so this manager only reads it "
@@ -386,7 +395,8 @@ class CheckpointManager:
         else:
             history_members.refuse_replacing_other(join(self._directory, f"{self._name}-{decision['number']}"),
                                                    self._storage, f"save(checkpoint_number={decision['number']})")
-            self._ledger.forget(f"{self._name}-{decision['number']}")  # a crash after the commit: adopted anew
+            if self._ledger.forget(f"{self._name}-{decision['number']}"):  # a crash after the commit: adopted anew
+                self._forgotten = (f"{self._name}-{decision['number']}", _clock.now())
         decision["base"] = self._ledger.latest if self._incremental else None  # the same on every rank
         return decision
 
@@ -411,7 +421,24 @@ class CheckpointManager:
 
     def wait_until_finished(self) -> None:
         """Block until the save in flight is durable; raise its failure, if any."""
-        self._checkpoint.wait_until_finished()
+        try:
+            self._checkpoint.wait_until_finished()
+        except BaseException:
+            self._put_back_forgotten()
+            raise
+
+    def _put_back_forgotten(self) -> None:
+        """After a replacing save failed (rank 0): write the state file with the replaced
+        checkpoint's entry again (``Ledger.forget`` wrote it without), unless the new checkpoint was
+        committed before the failure, which the next manager adopts with its own metrics."""
+        forgotten, self._forgotten = self._forgotten, None
+        if forgotten is None or self._read_only or not self._is_primary:
+            return
+        name, since = forgotten
+        with contextlib.suppress(CheckpointError, OSError):
+            entry = managed_entry(self._directory, name, self._name, self._storage)
+            if entry is None or entry.timestamp is None or entry.timestamp < since:  # the old one is still there
+                self._ledger.write()
 
     def sync(self) -> None:
         """Alias of :meth:`wait_until_finished` (TensorFlow's name)."""

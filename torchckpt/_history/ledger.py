@@ -136,16 +136,16 @@ class Ledger:
         self.write()
         return [entry.name for entry in plan.delete]
 
-    def forget(self, name: str) -> None:
+    def forget(self, name: str) -> bool:
         """Before a save replaces checkpoint ``name`` (an explicit number): write the state file
         without its entry, so that a crash between the commit and :meth:`record` leaves the new
         checkpoint unrecorded, to be adopted with its own metrics and time (``recover``), not
         recorded under the metrics of the one it replaced (which ``keep_best`` would rank). The
         ledger in memory keeps the entry: a save that fails before its commit leaves the old
         checkpoint as it was, and this manager's next write records it again (a manager opened
-        before then adopts it from its index)."""
+        before then adopts it from its index). Returns whether it wrote."""
         if not any(e.name == name for e in self.entries()):
-            return
+            return False
         kept, preserved = self.kept, self.preserved
         self.kept = [e for e in kept if e.name != name]
         self.preserved = [e for e in preserved if e.name != name]
@@ -153,6 +153,7 @@ class Ledger:
             self.write()
         finally:
             self.kept, self.preserved = kept, preserved
+        return True
 
     def retire(self, name: str) -> None:
         """Delete ``name``, a checkpoint retention dropped from the history (the state file no longer
