@@ -29,7 +29,7 @@ from torchckpt._history import state as history_state
 from torchckpt._history.arguments import check_arguments, number_argument, plain_metrics, plain_number
 from torchckpt._history.arguments import checkpoint_number as checkpoint_number_of
 from torchckpt._history.ledger import Ledger
-from torchckpt._history.recover import Ranking, managed_entry, resolve_ranking
+from torchckpt._history.recover import Ranking, resolve_ranking
 from torchckpt._history.retention import MetricFn, metric_failure
 from torchckpt._history.state import State
 from torchckpt._load.rename import Rename, call_argument
@@ -155,9 +155,6 @@ class CheckpointManager:
         self._closed = False  # close() was called: this manager no longer counts among the claim's holders
         self._coord = dist_coordinator.coordinator_for(process_group, timeout_secs)
         self._preempted = False
-        # A replaced number Ledger.forget wrote out of the state file, and when (until its save records
-        # it or fails: ``_put_back_forgotten``)
-        self._forgotten: tuple[str, float] | None = None
         self.last_restore: RestoreStatus | None = None  # the status of the last restore_or_initialize's restore
         rebuilt = self._open({
             "call": "CheckpointManager", "directory": self._directory, "checkpoint_name": checkpoint_name,
@@ -357,7 +354,6 @@ class CheckpointManager:
     def _after_save(self, name: str, metrics: dict[str, Any] | None) -> dict[str, Any] | None:
         """Once the checkpoint is committed (rank 0): record it and apply retention; returns the
         history for the other ranks."""
-        self._forgotten = None  # recorded now, with the new checkpoint's metrics
         for old in self._ledger.record(name, metrics, _clock.now(), self._max_to_keep, self._keep_every_n_hours):
             self._ledger.retire(old)
         return self._ledger.mirror(self._read_only) if self._coord.is_collective else None
@@ -395,8 +391,7 @@ class CheckpointManager:
         else:
             history_members.refuse_replacing_other(join(self._directory, f"{self._name}-{decision['number']}"),
                                                    self._storage, f"save(checkpoint_number={decision['number']})")
-            if self._ledger.forget(f"{self._name}-{decision['number']}"):  # a crash after the commit: adopted anew
-                self._forgotten = (f"{self._name}-{decision['number']}", _clock.now())
+            self._ledger.forget(f"{self._name}-{decision['number']}", _clock.now())  # a crash after the commit: adopted anew
         decision["base"] = self._ledger.latest if self._incremental else None  # the same on every rank
         return decision
 
@@ -428,17 +423,10 @@ class CheckpointManager:
             raise
 
     def _put_back_forgotten(self) -> None:
-        """After a replacing save failed (rank 0): write the state file with the replaced
-        checkpoint's entry again (``Ledger.forget`` wrote it without), unless the new checkpoint was
-        committed before the failure, which the next manager adopts with its own metrics."""
-        forgotten, self._forgotten = self._forgotten, None
-        if forgotten is None or self._read_only or not self._is_primary:
-            return
-        name, since = forgotten
-        with contextlib.suppress(CheckpointError, OSError):
-            entry = managed_entry(self._directory, name, self._name, self._storage)
-            if entry is None or entry.timestamp is None or entry.timestamp < since:  # the old one is still there
-                self._ledger.write()
+        """After a save failed: the replaced checkpoint's entry back into the state file (rank 0)."""
+        if not self._read_only and self._is_primary:
+            with contextlib.suppress(CheckpointError, OSError):  # the save's own failure is what is raised
+                self._ledger.put_back()
 
     def sync(self) -> None:
         """Alias of :meth:`wait_until_finished` (TensorFlow's name)."""

@@ -47,6 +47,7 @@ class Ledger:
         # manager that has not saved writes back (an evaluation script recording a damaged checkpoint
         # must not put its own ranking in the run's file: the resumed run would take it, and delete its best).
         self._file_ranking: tuple[str | None, str, int | None] | None = None
+        self._forgotten: tuple[str, float] | None = None  # (name, when) :meth:`forget` wrote out, until recorded
 
     def load(self, now: float, best_mode: str | None) -> list[str]:
         """Recover the history from the state file and the directory; returns the warnings about
@@ -120,6 +121,7 @@ class Ledger:
         state file; returns the names to delete, which the state file no longer names by then (a
         crash before they are deleted leaves them on disk unnamed: the next manager adopts them, as
         any commit the state file missed, and its retention deletes them in turn)."""
+        self._forgotten = None  # recorded now, with the new checkpoint's metrics
         self.kept = [e for e in self.kept if e.name != name]
         self.preserved = [e for e in self.preserved if e.name != name]
         self.kept.append(Entry(name, now, metrics))
@@ -136,16 +138,16 @@ class Ledger:
         self.write()
         return [entry.name for entry in plan.delete]
 
-    def forget(self, name: str) -> bool:
+    def forget(self, name: str, now: float) -> None:
         """Before a save replaces checkpoint ``name`` (an explicit number): write the state file
         without its entry, so that a crash between the commit and :meth:`record` leaves the new
         checkpoint unrecorded, to be adopted with its own metrics and time (``recover``), not
         recorded under the metrics of the one it replaced (which ``keep_best`` would rank). The
         ledger in memory keeps the entry: a save that fails before its commit leaves the old
         checkpoint as it was, and this manager's next write records it again (a manager opened
-        before then adopts it from its index). Returns whether it wrote."""
+        before then adopts it from its index), and :meth:`put_back` writes it back if the save fails."""
         if not any(e.name == name for e in self.entries()):
-            return False
+            return
         kept, preserved = self.kept, self.preserved
         self.kept = [e for e in kept if e.name != name]
         self.preserved = [e for e in preserved if e.name != name]
@@ -153,7 +155,19 @@ class Ledger:
             self.write()
         finally:
             self.kept, self.preserved = kept, preserved
-        return True
+        self._forgotten = (name, now)
+
+    def put_back(self) -> None:
+        """After the save that :meth:`forget` prepared failed: write the state file with the
+        replaced checkpoint's entry again, unless the new checkpoint was committed before the
+        failure (its index created since), which the next manager adopts with its own metrics."""
+        forgotten, self._forgotten = self._forgotten, None
+        if forgotten is None:
+            return
+        name, since = forgotten
+        entry = managed_entry(self.directory, name, self.name, self.storage)
+        if entry is None or entry.timestamp is None or entry.timestamp < since:  # the old one is still there
+            self.write()
 
     def retire(self, name: str) -> None:
         """Delete ``name``, a checkpoint retention dropped from the history (the state file no longer
