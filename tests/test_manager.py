@@ -915,16 +915,16 @@ def test_a_checkpoint_retention_deleted_is_checkpoint_deleted_error_naming_the_n
     assert not isinstance(info.value, torchckpt.CheckpointDeletedError)
 
 
-def test_a_replacing_save_that_fails_leaves_the_history_as_it_was(tmp_path):
+def test_a_replacing_save_that_fails_leaves_the_history_as_it_was(tmp_path, disk):
     state = torchckpt.Checkpoint(v=torch.tensor(0.0))
     manager = CheckpointManager(state, tmp_path, max_to_keep=1, keep_best=1, best_metric="loss")
     for loss in (0.5, 0.1, 0.3):  # ckpt-2 is the best
         state.v = torch.tensor(loss)
         manager.save(metrics={"loss": loss})
-    state.junk = [[] for _ in range(400_000)]  # more JSON containers than readers parse: refused before the commit
-    with pytest.raises(torchckpt.CheckpointTooLargeError):
+    disk.fail("stage.commit", OSError(errno.ENOSPC, "No space left on device"))  # before the commit
+    with pytest.raises(torchckpt.CheckpointWriteError):
         manager.save(checkpoint_number=2, metrics={"loss": 0.9})
-    del state.junk
+    disk.heal()
     assert manager.best_checkpoint == str(tmp_path / "ckpt-2")
     assert manager.metrics_of(str(tmp_path / "ckpt-2")) == {"loss": 0.1}
     assert str(tmp_path / "ckpt-2") in manager.checkpoints
