@@ -37,7 +37,7 @@ def test_with_read_once_each_rank_reads_about_half_and_the_job_reads_it_once(wor
 def test_a_destination_read_twice_ends_as_without_spreading(world2: Path) -> None:
     assert all(r["twice equal"] is True for r in found(world2))
     assert all(r["views equal"] is True for r in found(world2))  # two tracked views of one buffer
-    assert all(r["aliasing differs"] == "done" for r in found(world2))  # not a hang
+    assert all(r["aliasing differs"] is True for r in found(world2))  # no hang, and each rank's sequential result
 
 
 def test_views_of_one_flat_buffer_are_spread_as_any_tensors(world2: Path) -> None:

@@ -329,15 +329,14 @@ class CheckpointManager:
         try:
             commit(self._checkpoint, self._storage, path, call, self._save_options(decision),
                    SaveHooks(after=lambda: self._after_save(name_of(path), decision["metrics"]), adopt=self._adopt))
-        except AlreadyCommitted:
+        except BaseException as e:
             self._put_back_forgotten()
-            raise CheckpointError(
-                f"{path} appeared while it was being written: another process writes numbered checkpoints into "
-                f"{self._directory} without holding its claim. Nothing was committed or replaced; save again for "
-                "the next number."
-            ) from None
-        except BaseException:
-            self._put_back_forgotten()
+            if isinstance(e, AlreadyCommitted):
+                raise CheckpointError(
+                    f"{path} appeared while it was being written: another process writes numbered checkpoints into "
+                    f"{self._directory} without holding its claim. Nothing was committed or replaced; save again for "
+                    "the next number."
+                ) from None
             raise
         return path
 
