@@ -305,6 +305,15 @@ def _make(tmp_path, what: str) -> pathlib.Path:
     if what == "truncated":
         torch.save({"w": torch.ones(100)}, src)
         src.write_bytes(src.read_bytes()[:300])
+    elif what == "cut-short":  # the archive's last byte missing
+        torch.save({"w": torch.ones(100)}, src)
+        src.write_bytes(src.read_bytes()[:-1])
+    elif what == "bit-flipped":  # one bit of a tensor's bytes: torch.load reads it as 10.000001 without a word
+        torch.save({"w": torch.arange(100, dtype=torch.float32)}, src)
+        raw = bytearray(src.read_bytes())
+        at = raw.index(torch.tensor([10.0, 11.0]).numpy().tobytes())
+        raw[at] ^= 1
+        src.write_bytes(bytes(raw))
     elif what == "junk":
         src.write_bytes(b"hello world, not a checkpoint")
     elif what == "empty":
@@ -328,7 +337,10 @@ REFUSALS = [  # what, error type, message, attributes
     ("missing", CheckpointNotFoundError, r"No file or folder at .*missing\.pt; convert reads", {}),
     ("folder", CheckpointNotFoundError, r"is a folder but not a Hugging Face folder.*it holds config\.json", {}),
     ("checkpoint", CheckpointError, r"is a torchckpt checkpoint already", {}),
-    ("truncated", CorruptCheckpointError, r"cannot be read by torch\.load: RuntimeError: .*truncated or damaged", {}),
+    ("truncated", CorruptCheckpointError, r"is damaged: its zip archive does not check \(BadZipFile: .*truncated or "
+     r"damaged .*nothing was written", {}),
+    ("cut-short", CorruptCheckpointError, r"is damaged: its zip archive does not check \(BadZipFile", {}),
+    ("bit-flipped", CorruptCheckpointError, r"does not check \(BadZipFile: Bad CRC-32 for file '.*data/0'\)", {}),
     ("junk", CorruptCheckpointError, r"it starts with b'hello wo', which is neither a torch\.save file", {}),
     ("empty", CorruptCheckpointError, r"not a file convert reads: it is empty", {}),
     ("tensor", UnsupportedStateError, r"holds torch\.Tensor, not a dict", {"key": ""}),
@@ -560,6 +572,7 @@ def _damaged_folder(tmp_path: pathlib.Path, damage: str) -> pathlib.Path:
     folder = tmp_path / "hf"
     folder.mkdir()
     weight_map = {"a": "s1.safetensors", "b": "s2.safetensors"} | ({"c": "s1.safetensors"} if damage == "unheld" else {})
+    weight_map = {} if damage == "empty-map" else weight_map  # from_pretrained would load nothing
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     safetensors.torch.save_file({"a": torch.ones(1)}, folder / "s1.safetensors")
     s2 = {"a": torch.zeros(1), "b": torch.ones(2)} if damage == "twice" else {"b": torch.ones(2)}
@@ -575,6 +588,8 @@ DAMAGED = [  # damage, message, the file named
     ("unheld", r"index\.json lists tensors its shards do not hold: c\.", "model.safetensors.index.json"),
     ("twice", r"s2\.safetensors holds a, which another shard of .*/hf holds too", "s2.safetensors"),
     ("wrong-kind", r"s2\.safetensors is a torch\.save file, not a \.safetensors file as its name", "s2.safetensors"),
+    ("empty-map", r"index\.json names no tensor \(its 'weight_map' is empty\), so from_pretrained would load nothing",
+     "model.safetensors.index.json"),
 ]
 
 

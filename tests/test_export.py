@@ -90,6 +90,43 @@ def test_a_converted_folder_exports_again_as_the_folder_it_was(tmp_path):
     assert back.keys() == weights.keys() and all(torch.equal(back[k], v) for k, v in weights.items())
 
 
+class Averaged(torch.nn.Module):
+    """A model average that keeps its copy as a child named ``module`` (timm's ``ModelEmaV2``): no wrapper."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.module = make_mlp(seed)
+        self.register_buffer("num_updates", torch.tensor(seed))
+
+
+def test_a_child_named_module_beside_other_keys_is_no_wrapper_and_keeps_its_prefix(tmp_path):
+    path = torchckpt.Checkpoint(ema=Averaged(3)).write(tmp_path / "c")
+    assert main(["export", path, "--object", "ema", str(tmp_path / "out")]) == 0
+    exported = exported_state(tmp_path / "out")
+    assert set(exported) == set(Averaged(0).state_dict())
+    fresh = Averaged(0)
+    fresh.load_state_dict(exported, strict=True)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), Averaged(3).state_dict().values()))
+    from safetensors.torch import save_file
+
+    names = {"module.weight": torch.ones(2, 2), "module.bias": torch.zeros(2), "step": torch.tensor(3)}
+    save_file(names, tmp_path / "saved.safetensors")  # a wrapper's keys beside its own: exported back as they were
+    converted = torchckpt.convert(tmp_path / "saved.safetensors", tmp_path / "d")
+    assert main(["export", converted, str(tmp_path / "back")]) == 0
+    assert set(load_file(tmp_path / "back" / "model.safetensors")) == set(names)
+
+
+def test_a_re_export_without_config_keeps_the_folders_own(tmp_path, gpt2):
+    _, _, model = gpt2
+    model.save_pretrained(tmp_path / "hf")  # model.safetensors and config.json, as a user has them
+    (tmp_path / "hf" / "generation_config.json").unlink()  # (a file an export does not write: refused, as tested above)
+    config = (tmp_path / "hf" / "config.json").read_text()
+    path = torchckpt.Checkpoint(model=model).write(tmp_path / "c")
+    assert main(["export", path, "--object", "model", str(tmp_path / "hf")]) == 0
+    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "model.safetensors"]
+    assert (tmp_path / "hf" / "config.json").read_text() == config
+
+
 def test_a_dict_of_tensors_and_a_module_tracked_twice_export(tmp_path):
     model = make_mlp(1)
     state = torchckpt.save_state({"model": model.state_dict(), "epoch": 3}, tmp_path / "s")

@@ -127,6 +127,60 @@ def test_export_gives_a_folder_from_pretrained_loads_exactly(tmp_path, config):
         assert torch.equal(loaded(tokens).logits, trainer.model.eval()(tokens).logits)
 
 
+def evaluating_trainer(output, config, max_steps: int, callbacks: list, **options):
+    """A Trainer as :func:`trainer_for`'s that evaluates every ``eval_steps`` on :class:`Tokens`."""
+    torch.manual_seed(0)
+    arguments = {"max_steps": max_steps, "per_device_train_batch_size": 4, "eval_strategy": "steps",
+                 "report_to": [], "use_cpu": True, "disable_tqdm": True, "logging_strategy": "no", "seed": 0,
+                 **options}
+    args = transformers.TrainingArguments(output_dir=str(output / "hf"), **arguments)
+    return transformers.Trainer(model=transformers.GPT2LMHeadModel(config), args=args,
+                                train_dataset=hf_trainer_job.Tokens(), eval_dataset=hf_trainer_job.Tokens(),
+                                callbacks=callbacks, compute_metrics=lambda _: {"acc": 0.5})  # never improves
+
+
+def test_save_strategy_best_is_refused_before_training_unless_the_trainer_keeps_its_folders(tmp_path, config):
+    # the Trainer decides such a save after its evaluation and writes its folder at once: no hook between
+    best = {"save_strategy": "best", "eval_steps": 2, "metric_for_best_model": "eval_loss", "learning_rate": 1e-2}
+    trainer = evaluating_trainer(tmp_path, config, 6, [TorchckptCallback(tmp_path / "runs")], **best)
+    with pytest.raises(ValueError, match=r"save_strategy='best' makes the Trainer decide a save after its "
+                                         r"evaluation.*pass keep_hf_checkpoints=True"):
+        trainer.train()
+    assert not (tmp_path / "hf").exists() or not any((tmp_path / "hf").glob("checkpoint-*"))
+    callback = TorchckptCallback(tmp_path / "kept" / "runs", keep_hf_checkpoints=True)
+    trainer = evaluating_trainer(tmp_path / "kept", config, 6, [callback], **best)
+    trainer.train()
+    theirs = sorted(p.name.split("-")[1] for p in (tmp_path / "kept" / "hf").glob("checkpoint-*"))
+    assert theirs and [os.path.basename(p).split("-")[1] for p in callback.manager.checkpoints] == theirs
+
+
+def test_the_trainers_stateful_callbacks_are_saved_as_they_stand_and_a_resume_stops_early_as_the_whole_run(
+        tmp_path, config):
+    # EarlyStoppingCallback counts evaluations without improvement (every one after the first here):
+    # with patience 5 the whole run stops at step 6. Stopped at 5, resumed from ckpt-4 (counter 3).
+    options = {"eval_steps": 1, "metric_for_best_model": "acc", "save_strategy": "steps", "save_steps": 2,
+               "restore_callback_states_from_checkpoint": True}
+
+    def run(output, *callbacks):
+        early = transformers.EarlyStoppingCallback(early_stopping_patience=5)
+        trainer = evaluating_trainer(output, config, 12, [early, *callbacks], **options)
+        return trainer, early
+
+    whole, _ = run(tmp_path / "whole")
+    whole.train()
+    assert whole.state.global_step == 6
+    first, early = run(tmp_path, TorchckptCallback(tmp_path / "runs"), StopAfter(5))
+    first.train()
+    assert early.early_stopping_patience_counter == 4
+    saved = torchckpt.load_state(tmp_path / "runs" / "ckpt-4")["trainer_state"]["stateful_callbacks"]
+    assert saved["EarlyStoppingCallback"]["attributes"] == {"early_stopping_patience_counter": 3}
+    assert saved["TrainerControl"]["args"]["should_training_stop"] is False
+    callback = TorchckptCallback(tmp_path / "runs")
+    again, _ = run(tmp_path, callback)
+    again.train(resume_from_checkpoint=callback.resume_from())
+    assert again.state.global_step == whole.state.global_step
+
+
 def test_a_trainer_that_passes_no_optimizer_is_refused_by_name(tmp_path):
     callback = TorchckptCallback(tmp_path / "runs")
     with pytest.raises(ValueError, match=r"passed no optimizer, lr_scheduler to on_train_begin") as caught:

@@ -594,6 +594,29 @@ def test_keep_best_with_hourly_preservation_keeps_its_best_across_a_restart(tmp_
     assert sorted(n for n in os.listdir(tmp_path) if n.startswith("ckpt")) == ["ckpt-1", "ckpt-4", "ckpt-7"]
 
 
+def test_a_best_checkpoint_preserved_by_a_rebuilt_history_is_still_best(tmp_path, fake_time, capsys):
+    # killed between the first commit and the first state write: relaunched later, the manager keeps
+    # that checkpoint forever (its history is in doubt); it is still the run's best, everywhere
+    from torchckpt.cli import main
+
+    options = dict(max_to_keep=1, keep_best=1, best_metric="val_loss")
+    CheckpointManager(ckpt(), tmp_path, **options).save(metrics={"val_loss": 0.1})
+    os.remove(tmp_path / "checkpoints.json")
+    fake_time.now += 3600.0
+    with pytest.warns(UserWarning, match="there is no state file.*They are kept and will never be deleted"):
+        manager = CheckpointManager(ckpt(), tmp_path, **options)
+    for loss in (0.9, 0.8, 0.7):
+        fake_time.now += 10.0
+        manager.save(metrics={"val_loss": loss})
+    state = torchckpt.get_checkpoint_state(tmp_path)
+    assert os.path.basename(manager.best_checkpoint) == os.path.basename(state.best) == "ckpt-1"
+    assert [os.path.basename(p) for p in state.preserved] == ["ckpt-1"]
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith("ckpt")) == ["ckpt-1", "ckpt-4"]
+    assert main(["ls", str(tmp_path), "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["checkpoints"]}
+    assert "best" in rows["ckpt-1"]["marks"] and "best" not in rows["ckpt-4"]["marks"]
+
+
 @pytest.mark.parametrize("restart_before", [None, 6], ids=["one-manager", "restarted"])
 def test_a_clock_stepped_back_between_saves_keeps_the_last_saves_across_a_restart(tmp_path, fake_time, restart_before):
     manager = CheckpointManager(ckpt(), tmp_path, max_to_keep=3)

@@ -28,8 +28,8 @@ DAMAGED = "run/checkpoints.json cannot be used: its seal does not match its cont
 
 
 def rebuilt_note(why: str, members: int, latest: str | None, adopted: int | None) -> str:
-    fate = "They" if adopted is None else (
-        f"The {adopted} written by a manager named 'ckpt' are managed again; the others")
+    fate = "They" if not adopted else (
+        f"The {adopted} written by a manager named 'ckpt' in the last second are managed again; the others")
     return (f"{DIR}: {why}; rebuilt from the {members} committed checkpoints on disk (latest: {latest}). {fate} are "
             "kept and will never be deleted by this manager, since it cannot know which of them it managed.")
 
@@ -51,7 +51,7 @@ CASES = {
                {"ckpt-1": Entry("ckpt-1", 500.0, {"loss": 0.5}), "ckpt-2": Entry("ckpt-2", 999.5)}, "ckpt-2"),
         (None, None, None),
         Recovered("ckpt-2", [Entry("ckpt-2", 999.5)], [Entry("ckpt-1", 500.0, {"loss": 0.5})], NOW - 1.0, {},
-                  DEFAULT, [rebuilt_note("there is no state file", 2, "ckpt-2", adopted=2)]),
+                  DEFAULT, [rebuilt_note("there is no state file", 2, "ckpt-2", adopted=1)]),
     ),
     "no-state-file-members-of-another-manager-or-none": (  # latest: the one written last, not the highest number
         OnDisk(DIR, None, ["other-1", "ckpt-2"], {"other-1": None, "ckpt-2": None}, "other-1"),

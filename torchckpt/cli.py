@@ -177,7 +177,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
     preserved = {e.name: e for e in state.preserved}
     latest = history_members.latest_in(directory, storage)
     latest_name = name_of(latest) if latest else None
-    best = _best_name(state.checkpoints, args.metric or state.best_metric, args.mode or state.best_mode, state.damaged)
+    best = _best_name(state.checkpoints, state.preserved, args.metric or state.best_metric,
+                      args.mode or state.best_mode, state.damaged)
     rows, records = [], []
     for name in members:
         entry = kept.get(name) or preserved.get(name)
@@ -225,14 +226,15 @@ def _short(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def _best_name(entries: list[history_state.Entry], metric: str | None, mode: str, damaged: dict[str, str]) -> str | None:
-    from torchckpt._history.retention import best_entries
+def _best_name(kept: list[history_state.Entry], preserved: list[history_state.Entry], metric: str | None, mode: str,
+               damaged: dict[str, str]) -> str | None:
+    from torchckpt._history.retention import best_of_history
 
     if metric is None:
-        keys = {k for e in entries if e.metrics for k in e.metrics}
+        keys = {k for e in [*kept, *preserved] if e.metrics for k in e.metrics}
         metric = next(iter(sorted(keys)), None) if len(keys) == 1 else None
-    best = best_entries(entries, 1, metric, mode, damaged) if metric else []
-    return best[0].name if best else None
+    best = best_of_history(kept, preserved, metric, mode, damaged) if metric else None
+    return best.name if best is not None else None
 
 
 # -- diff --------------------------------------------------------------------------------------

@@ -260,7 +260,7 @@ class CheckpointManager:
 
     @property
     def best_checkpoint(self) -> str | None:
-        """The kept checkpoint with the best ``best_metric``, or None."""
+        """The checkpoint with the best ``best_metric``, kept or preserved, or None."""
         best = self._ledger.best()
         return join(self._directory, best) if best else None
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from torchckpt._history import members as history_members
 from torchckpt._history import state as history_state
-from torchckpt._history.retention import best_entries
+from torchckpt._history.retention import best_of_history
 from torchckpt._paths import as_path, join
 from torchckpt._storage.registry import storage_for
 
@@ -31,7 +31,7 @@ class CheckpointState:
         all: every committed numbered checkpoint on disk, oldest (lowest number) first.
         kept: those a manager keeps and may delete later, oldest first.
         preserved: those kept forever (``keep_checkpoint_every_n_hours``, or in doubt).
-        best: the kept checkpoint with the best ``best_metric`` the manager recorded, or None.
+        best: the checkpoint (kept or preserved) with the best ``best_metric`` the manager recorded, or None.
         metrics: path -> the metrics recorded with it by the manager.
         damaged: path -> why a manager's ``restore_or_initialize`` found it damaged and fell back.
     """
@@ -77,7 +77,9 @@ def get_checkpoint_state(directory: str | os.PathLike[str], *,
         return [join(root, e.name) for e in entries if history_members.is_member(root, e.name, storage)]
 
     kept = [e for e in state.checkpoints if history_members.is_member(root, e.name, storage)]
-    best = best_entries(kept, 1, state.best_metric, state.best_mode, state.damaged) if state.best_metric else []
+    preserved = [e for e in state.preserved if history_members.is_member(root, e.name, storage)]
+    best = best_of_history(kept, preserved, state.best_metric, state.best_mode, state.damaged) \
+        if state.best_metric else None
     metrics = {join(root, e.name): dict(e.metrics) for e in [*state.checkpoints, *state.preserved]
                if e.metrics and history_members.is_member(root, e.name, storage)}
     return CheckpointState(
@@ -85,7 +87,7 @@ def get_checkpoint_state(directory: str | os.PathLike[str], *,
         all=[join(root, n) for n in members],
         kept=paths(kept),
         preserved=paths(state.preserved),
-        best=join(root, best[0].name) if best else None,
+        best=join(root, best.name) if best is not None else None,
         metrics=metrics,
         damaged={join(root, n): why for n, why in state.damaged.items() if history_members.is_member(root, n, storage)},
     )

@@ -292,10 +292,13 @@ def _place(kept: list[Entry], entry: Entry, by_time: bool) -> None:
 
 
 def _rebuilt(disk: OnDisk, now: float, checkpoint_name: str, why: str, adopt: bool, notes: list[str]) -> State:
-    """A state rebuilt from the members alone; with ``adopt``, the ones this manager wrote are managed."""
+    """A state rebuilt from the members alone; with ``adopt``, the ones this manager wrote are
+    recorded, and those it wrote in the last second (the save a crash kept from the state file)
+    are managed again: any older one may be one the lost history preserved, so it is kept."""
     managed = {n: e for n in disk.members if adopt and (e := disk.managed.get(n)) is not None}
-    fate = (f"The {len(managed)} written by a manager named {checkpoint_name!r} are managed again; the others"
-            if adopt else "They")
+    recent = [n for n, e in managed.items() if e.timestamp is not None and min(e.timestamp, now) > now - 1.0]
+    fate = (f"The {len(recent)} written by a manager named {checkpoint_name!r} in the last second are managed "
+            "again; the others" if recent else "They")
     notes.append(
         f"{disk.directory}: {why}; rebuilt from the {len(disk.members)} committed checkpoints on disk "
         f"(latest: {disk.written_last}). {fate} are kept and will never be deleted "

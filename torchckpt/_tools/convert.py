@@ -35,11 +35,15 @@ socket or nothing is refused by name, with what it points to.
 from __future__ import annotations
 
 import argparse
+import errno
 import io
 import json
 import pathlib
 import pickle
 import re
+import struct
+import zipfile
+import zlib
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -200,6 +204,10 @@ def _shards(src: str, name: str, storage: Storage, kind: str) -> Found:
     weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CorruptCheckpointError(f"{index} has no 'weight_map' of tensor names to shard files.", index.path)
+    if not weight_map:
+        raise CorruptCheckpointError(f"{index} names no tensor (its 'weight_map' is empty), so from_pretrained would "
+                                     "load nothing from this folder; it is damaged, or was not written by "
+                                     "save_pretrained. Pass the weights file itself.", index.path)
     names = sorted({_plain_name(index, f) for f in weight_map.values()})
     missing = [f for f in names if not storage.exists(join(src, f))]
     if missing:
@@ -305,6 +313,8 @@ def _torch_load(member: Member, storage: Storage, zipped: bool) -> Any:
     """``torch.load(weights_only=True)``, mapped from the file when it is a local zip archive (and
     read through the storage from a URL, or from a file torch would take for safetensors by its name)."""
     path = member.real
+    if zipped:
+        _check_archive(member, storage)
     try:
         with plain_types():
             if is_url(path) or path.endswith(format_spec.SHARD_SUFFIX):
@@ -314,14 +324,40 @@ def _torch_load(member: Member, storage: Storage, zipped: bool) -> Any:
                 finally:
                     source.close()
             return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
-    except OSError:
-        raise
+    except OSError as e:
+        if e.errno == errno.EINVAL:  # torch.load's own word for bytes it cannot map (an archive cut short)
+            raise _corrupt(member, e) from None
+        raise  # the storage's: not found, no access, an I/O error
     except pickle.UnpicklingError as e:
         if "weights only" not in str(e).lower():
             raise _corrupt(member, e) from None
         raise _unsafe(member, e) from None
     except Exception as e:  # noqa: BLE001 - torch.load's failures on damaged bytes are many and undocumented
         raise _corrupt(member, e) from None
+
+
+_CHECK_BYTES = 1 << 20  # read at a time while checking an archive
+
+
+def _check_archive(member: Member, storage: Storage) -> None:
+    """Every entry of a ``torch.save`` zip archive read once against its CRC-32 (``torch.load``
+    checks none: a flipped bit in a tensor's bytes would be converted, under new checksums that
+    ``verify`` then finds intact). One more read of the file; from a local one, the load that
+    follows finds it in the page cache."""
+    source = storage.open(member.real, _SOURCE)
+    try:
+        with zipfile.ZipFile(io.BufferedReader(_SourceFile(source), _CHECK_BYTES)) as archive:
+            for info in archive.infolist():
+                with archive.open(info) as entry:
+                    while entry.read(_CHECK_BYTES):
+                        pass
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, struct.error, OverflowError,
+            zlib.error, NotImplementedError) as e:
+        raise CorruptCheckpointError(
+            f"{member} is damaged: its zip archive does not check ({type(e).__name__}: {e}). The file is truncated "
+            "or damaged (copy or download it again); nothing was written.", member.path) from None
+    finally:
+        source.close()
 
 
 def _unsafe(member: Member, error: Exception) -> UnsafePickleError:

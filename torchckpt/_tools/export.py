@@ -25,7 +25,7 @@ from collections.abc import Callable
 from torchckpt._format import dtypes as format_dtypes
 from torchckpt._format import keypath, spec
 from torchckpt._load.foreign import HF_SINGLE
-from torchckpt._paths import as_path
+from torchckpt._paths import as_path, join
 from torchckpt._progress import progress_bar
 from torchckpt._save import plan as save_plan
 from torchckpt._save import write as save_write
@@ -54,7 +54,8 @@ def export_module(reader: CheckpointReader, obj: str | None, out: str, storage: 
         reader: the checkpoint (``load_checkpoint`` of any path it takes).
         storage: the storage that holds ``out`` (the command line resolves it from the path).
         config: reads the ``config.json`` to copy into the folder, given a size limit; called once
-            the export is known to be possible, before anything is written.
+            the export is known to be possible, before anything is written. None: the folder's own
+            ``config.json``, if it has one (an earlier export, or ``save_pretrained``'s), is kept.
 
     Raises:
         CheckpointError: no such module, names that collide once prefixes are stripped, or an
@@ -69,6 +70,9 @@ def export_module(reader: CheckpointReader, obj: str | None, out: str, storage: 
     single = len(groups) == 1
     files = [HF_SINGLE] if single else [spec.shard_name(i, len(groups)) for i in range(1, len(groups) + 1)]
     _check_replaceable(out, storage)
+    kept = join(out, HF_CONFIG)
+    if config is None and storage.exists(kept):  # an earlier folder's (save_pretrained's): the weights are replaced
+        config = lambda limit: storage.read_file(kept, limit, "config.json")  # noqa: E731 - and it is kept
     config_bytes = _checked_config(config(_CONFIG_LIMIT)) if config is not None else None
     stage = storage.stage(out, replace=True)
     try:
@@ -132,10 +136,15 @@ def _module_tensors(reader: CheckpointReader, path: str, obj: str | None) -> lis
     return names
 
 
+_WRAPPER = "module."  # DDP's only child
+
+
 def _local_names(reader: CheckpointReader, obj: str | None, names: list[str]) -> dict[str, str]:
     """Checkpoint name -> the module's own state-dict key, prefixes stripped; collisions refused."""
     prefix = len(keypath.escape_part(obj) + keypath.SEP) if obj is not None else 0
-    local = {n: keypath.canonical_module_key(keypath.unescape_part(n[prefix:])) for n in names}
+    local = {n: keypath.canonical_module_key(keypath.unescape_part(n[prefix:]), ddp=False) for n in names}
+    if all(key.startswith(_WRAPPER) for key in local.values()):  # a DDP wrapper's keys: all under its module
+        local = {n: key[len(_WRAPPER):] for n, key in local.items()}  # (a child named module has siblings)
     seen: dict[str, str] = {}
     for name, key in local.items():
         if key in seen:

@@ -27,6 +27,15 @@ or the end of training), after the Trainer has logged and evaluated that step, a
 own checkpoints are, so the saved log history includes the step's loss and the saved random
 state is the one the next step draws from.
 
+The Trainer's stateful callbacks (``EarlyStoppingCallback``'s patience counter, ``TrainerControl``)
+are saved as the Trainer saves them, in ``trainer_state``'s ``stateful_callbacks``, taken when the
+checkpoint is written; with ``restore_callback_states_from_checkpoint=True`` the resumed Trainer sets
+them back from there, as from its own checkpoints (its default, False, starts them afresh).
+
+``save_strategy="best"`` is refused unless the Trainer keeps its own folders
+(``keep_hf_checkpoints=True``): the Trainer decides such a save after its evaluation and writes its
+folder at once, with no hook in between where a callback could take the save over.
+
 Not covered: an fp16 ``GradScaler`` (callbacks are not given it), DeepSpeed and FSDP (the Trainer
 loads their states itself from the folder).
 
@@ -36,6 +45,7 @@ transformers is optional and imported here only (``pip install "torchckpt[transf
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import logging
 import os
@@ -45,6 +55,7 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import CallbackHandler
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
 
 from torchckpt._paths import as_path, join
@@ -58,6 +69,13 @@ from torchckpt.rng import RNGState
 from torchckpt.run_state import get_checkpoint_state, latest_checkpoint
 
 __all__ = ["TorchckptCallback", "TrainerResumeError"]
+
+try:  # transformers 4.41 and later: callbacks whose state the Trainer saves
+    from transformers.trainer_callback import ExportableState
+
+    _EXPORTABLE: tuple[type, ...] = (ExportableState,)
+except ImportError:  # pragma: no cover - earlier versions save no callback state
+    _EXPORTABLE = ()
 
 TRAINER_STATE = "trainer_state"  # the checkpoint's entry holding the Trainer's state as plain values
 STUB_PREFIX = "torchckpt-hf-resume-"  # the resume folder's name starts with this (a temporary folder)
@@ -142,6 +160,7 @@ class TorchckptCallback(TrainerCallback):
         self._quiet = _QuietStubLoad()  # on the Trainer's logger from resume_from() to on_train_begin
         self._pending: int | None = None  # the global step the Trainer decided to save and the callback has not
         self._written: int | None = None  # the global step last saved
+        self._handler: CallbackHandler | None = None  # the Trainer's, calling this callback: its stateful callbacks
 
     # -- resuming ------------------------------------------------------------------------
 
@@ -269,6 +288,19 @@ class TorchckptCallback(TrainerCallback):
                 "callback replaces: the Trainer would end with the last weights and say nothing. Pass "
                 "keep_hf_checkpoints=True (the Trainer then writes its folders too), or set "
                 "load_best_model_at_end=False.")
+        if args.save_strategy == "best" and not self.keep_hf_checkpoints:
+            raise ValueError(
+                "TorchckptCallback: save_strategy='best' makes the Trainer decide a save after its evaluation and write "
+                "its own (pickled) checkpoint-N folder at once, with no hook in between where this callback could take "
+                "the save over: the run would save nothing here. Use save_strategy='steps' or 'epoch', or pass "
+                "keep_hf_checkpoints=True (the Trainer writes its folders, and this callback saves at each of them too).")
+        self._handler = _calling_handler(self)
+        others = sorted(set(_recorded_callbacks(state)) - {"TrainerControl"})
+        if self._handler is None and others:
+            warnings.warn(
+                "TorchckptCallback was not called by transformers' CallbackHandler, so it cannot reach the Trainer's "
+                f"stateful callbacks ({', '.join(others)}): their state is saved as it was when training began.",
+                stacklevel=2)
         if self._resume is not None:
             self._check_position(state)
         ckpt = Checkpoint(model=kwargs["model"], optimizer=kwargs["optimizer"], lr_scheduler=kwargs["lr_scheduler"],
@@ -292,7 +324,7 @@ class TorchckptCallback(TrainerCallback):
         uninterrupted run saved at an epoch's end stands. A run saved mid-epoch stood after that
         draw: the Trainer skips to it, and the state is set back again at the first step.
         """
-        self._write_pending(state)
+        self._write_pending(state, control)
         resume = self._resume
         if resume is not None and resume.rng is not None:
             RNGState().load_state_dict(resume.rng)
@@ -303,7 +335,7 @@ class TorchckptCallback(TrainerCallback):
                       **kwargs: Any) -> None:
         """Write a save due from the last step; on a mid-epoch resume, set the random state back
         (the batches are skipped and the next one fetched: the saving run stood here)."""
-        self._write_pending(state)
+        self._write_pending(state, control)
         resume = self._resume
         if resume is not None and resume.rng is not None:
             RNGState().load_state_dict(resume.rng)
@@ -316,14 +348,22 @@ class TorchckptCallback(TrainerCallback):
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> TrainerControl:
         if control.should_training_stop:  # no step follows: the step's log and evaluation are done
-            self._write_pending(state)
+            self._write_pending(state, control)
         return self._take_save(state, control)
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                **kwargs: Any) -> None:
+        """The Trainer saved its own folder (``keep_hf_checkpoints=True``): a save decided after its
+        evaluation (``save_strategy="best"``) is taken here, and written at the next hook."""
+        if self.keep_hf_checkpoints and self.manager is not None and self._pending is None \
+                and state.global_step != self._written:
+            self._pending = state.global_step
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
         """Write a save still due, wait for a background save, and release the directory."""
         if self.manager is not None:
-            self._write_pending(state)
+            self._write_pending(state, control)
             self.manager.wait_until_finished()
             self.manager.close()
 
@@ -337,11 +377,11 @@ class TorchckptCallback(TrainerCallback):
             control.should_save = False
         return control
 
-    def _write_pending(self, state: TrainerState) -> None:
+    def _write_pending(self, state: TrainerState, control: TrainerControl) -> None:
         if self._pending is None or self.manager is None:
             return
         self._pending, self._written = None, state.global_step
-        self.manager.checkpoint.trainer_state = _plain_state(state)
+        self.manager.checkpoint.trainer_state = _plain_state(state, _callback_states(self._handler, control, state))
         self.manager.save(checkpoint_number=state.global_step, check_interval=False)
 
 
@@ -359,7 +399,58 @@ def _skips_batches(args: TrainingArguments, state: TrainerState, train_dataloade
     return state.global_step % per_epoch != 0
 
 
-def _plain_state(state: TrainerState) -> dict[str, Any]:
-    """The Trainer's state as plain values: the JSON ``TrainerState.save_to_json`` writes, parsed."""
-    plain: dict[str, Any] = json.loads(json.dumps(dataclasses.asdict(state)))
+def _plain_state(state: TrainerState, callbacks: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The Trainer's state as plain values: the JSON ``TrainerState.save_to_json`` writes, parsed;
+    ``callbacks``: the stateful callbacks' state as of now, in place of ``stateful_callbacks``."""
+    fields = dataclasses.asdict(state)
+    if callbacks is not None:
+        fields["stateful_callbacks"] = callbacks
+    plain: dict[str, Any] = json.loads(json.dumps(fields))
     return plain
+
+
+def _is_exportable(callback: Any) -> bool:
+    """Whether the Trainer saves ``callback``'s state (``ExportableState``: ``EarlyStoppingCallback``, ``TrainerControl``)."""
+    return isinstance(callback, _EXPORTABLE)
+
+
+def _recorded_callbacks(state: TrainerState) -> dict[str, Any]:
+    """``state.stateful_callbacks``: a dict once the state is built (its annotation says list)."""
+    recorded: Any = state.stateful_callbacks
+    return recorded if isinstance(recorded, dict) else {}
+
+
+def _calling_handler(callback: TrainerCallback) -> CallbackHandler | None:
+    """The Trainer's ``CallbackHandler`` calling ``callback``'s hook now (a frame or two up), or None.
+
+    The Trainer hands its callbacks neither itself nor the other callbacks, and it refreshes the
+    stateful ones' state (``ExportableState``) only inside its own save, which this callback
+    replaces: the handler is where they are."""
+    frame = inspect.currentframe()
+    try:
+        caller = frame.f_back.f_back if frame is not None and frame.f_back is not None else None
+        for _ in range(4):  # call_event, under a subclass's wrapper or two
+            if caller is None:
+                return None
+            owner = caller.f_locals.get("self")
+            if isinstance(owner, CallbackHandler) and any(cb is callback for cb in owner.callbacks):
+                return owner
+            caller = caller.f_back
+        return None
+    finally:
+        del frame
+
+
+def _callback_states(handler: CallbackHandler | None, control: TrainerControl, state: TrainerState) -> dict[str, Any]:
+    """The stateful callbacks' state now, as ``TrainerState`` records it (a list for several of one
+    class); without the handler, ``TrainerControl``'s now and the others' as the state holds them."""
+    out: dict[str, Any] = {} if handler is not None else dict(_recorded_callbacks(state))
+    if handler is not None:
+        callbacks: list[Any] = [*handler.callbacks, control]
+        for cb in callbacks:
+            if _is_exportable(cb):
+                name, now = type(cb).__name__, cb.state()
+                out[name] = [*(out[name] if isinstance(out[name], list) else [out[name]]), now] if name in out else now
+    elif hasattr(control, "state"):
+        out["TrainerControl"] = control.state()
+    return out
