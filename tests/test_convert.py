@@ -361,6 +361,17 @@ def test_what_convert_refuses(tmp_path, what, error, match, attrs):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_file_saved_without_crc32s_converts(tmp_path):
+    # torch.serialization.set_crc32_options(False) records 0: nothing to check, as torch.load checks nothing
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save({"w": torch.arange(6.0)}, tmp_path / "m.pt")
+    finally:
+        torch.serialization.set_crc32_options(True)
+    torchckpt.convert(tmp_path / "m.pt", tmp_path / "out")
+    assert torch.equal(torchckpt.load_state(tmp_path / "out")["w"], torch.arange(6.0))
+
+
 def test_an_out_that_appears_while_converting_is_left_alone(nested_state, tmp_path, disk):
     """OUT is checked before reading; one that appears between that check and the commit (another
     conversion, a user's folder) is never replaced."""

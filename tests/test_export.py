@@ -116,7 +116,7 @@ def test_a_child_named_module_beside_other_keys_is_no_wrapper_and_keeps_its_pref
     assert set(load_file(tmp_path / "back" / "model.safetensors")) == set(names)
 
 
-def test_a_re_export_without_config_keeps_the_folders_own(tmp_path, gpt2):
+def test_a_re_export_without_config_keeps_the_folders_own(tmp_path, gpt2, capsys):
     _, _, model = gpt2
     model.save_pretrained(tmp_path / "hf")  # model.safetensors and config.json, as a user has them
     (tmp_path / "hf" / "generation_config.json").unlink()  # (a file an export does not write: refused, as tested above)
@@ -125,6 +125,9 @@ def test_a_re_export_without_config_keeps_the_folders_own(tmp_path, gpt2):
     assert main(["export", path, "--object", "model", str(tmp_path / "hf")]) == 0
     assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "model.safetensors"]
     assert (tmp_path / "hf" / "config.json").read_text() == config
+    (tmp_path / "hf" / "config.json").write_text("{ not json")  # refused, and named for what it is
+    assert main(["export", path, "--object", "model", str(tmp_path / "hf")]) == 1
+    assert "config.json, kept as no --config was given, is not valid JSON" in capsys.readouterr().err
 
 
 def test_a_dict_of_tensors_and_a_module_tracked_twice_export(tmp_path):

@@ -594,6 +594,23 @@ def test_keep_best_with_hourly_preservation_keeps_its_best_across_a_restart(tmp_
     assert sorted(n for n in os.listdir(tmp_path) if n.startswith("ckpt")) == ["ckpt-1", "ckpt-4", "ckpt-7"]
 
 
+def test_a_copy_whose_name_ends_in_a_line_break_is_no_member(tmp_path):
+    # "ckpt-9\n" is not checkpoint 9: adopted, it was written into a state file the next manager
+    # read as damaged (the run's history lost, every checkpoint preserved forever)
+    manager = CheckpointManager(ckpt(), tmp_path, max_to_keep=None)
+    first = manager.save()
+    manager.close()
+    shutil.copytree(first, tmp_path / "ckpt-9\n")
+    manager = CheckpointManager(ckpt(), tmp_path, max_to_keep=None)
+    assert manager.save() == str(tmp_path / "ckpt-2")  # numbered after its own, not after the copy
+    manager.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "damaged state file" rebuild
+        again = CheckpointManager(ckpt(), tmp_path, max_to_keep=None)
+    assert [os.path.basename(p) for p in again.checkpoints] == ["ckpt-1", "ckpt-2"]
+    assert (tmp_path / "ckpt-9\n").is_dir()  # not ours: left alone
+
+
 def test_a_best_checkpoint_preserved_by_a_rebuilt_history_is_still_best(tmp_path, fake_time, capsys):
     # killed between the first commit and the first state write: relaunched later, the manager keeps
     # that checkpoint forever (its history is in doubt); it is still the run's best, everywhere
@@ -615,6 +632,12 @@ def test_a_best_checkpoint_preserved_by_a_rebuilt_history_is_still_best(tmp_path
     assert main(["ls", str(tmp_path), "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["checkpoints"]}
     assert "best" in rows["ckpt-1"]["marks"] and "best" not in rows["ckpt-4"]["marks"]
+    shutil.rmtree(tmp_path / "ckpt-1")  # deleted by hand: the best of what is left
+    assert os.path.basename(manager.best_checkpoint) == os.path.basename(torchckpt.get_checkpoint_state(tmp_path).best)
+    assert os.path.basename(manager.best_checkpoint) == "ckpt-4"
+    assert main(["ls", str(tmp_path), "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["checkpoints"]}
+    assert "best" in rows["ckpt-4"]["marks"]
 
 
 @pytest.mark.parametrize("restart_before", [None, 6], ids=["one-manager", "restarted"])

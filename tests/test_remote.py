@@ -22,6 +22,7 @@ import torch
 
 import torchckpt
 from torchckpt import CheckpointManager
+from torchckpt._format.spec import INDEX_FILE
 from torchckpt._storage import lease as storage_lease
 from torchckpt._tools.verify import verify
 from torchckpt.cli import main
@@ -448,6 +449,86 @@ def test_a_manager_that_lost_its_lease_is_stopped_at_its_next_save(remote):
     with pytest.raises(torchckpt.CheckpointError, match="lost its claim"):
         mgr.save()
     assert [n for n in remote.names() if n.startswith("ckpt-")] == ["ckpt-1"]
+
+
+@pytest.mark.parametrize("removed", [True, False], ids=["its-upload-removed", "its-upload-left"])
+def test_a_writer_paused_past_its_lease_while_committing_takes_its_index_back(remote, removed):
+    # paused between its commit's checks and the index's creation; meanwhile the next job took the
+    # lease over (and removed the upload as a crashed writer's leftovers): it must not commit, nor delete
+    storage = remote.install(lease_secs=0.6)
+    mgr = CheckpointManager(torchckpt.Checkpoint(w=torch.ones(2)), remote.url, max_to_keep=1,
+                            storage_options=remote.options)
+    mgr.save()
+
+    def taken_over(path, data):
+        if not path.endswith("ckpt-2/" + INDEX_FILE):
+            return
+        thief = {"holder": "pid 1 on elsewhere", "session": "other", "expires": time.time() + 3600}
+        remote.fs.pipe_file(remote.at(storage_lease.LEASE_FILE), json.dumps(thief).encode())
+        if removed:
+            remote.fs.rm([remote.at("ckpt-2", n) for n in remote.names("ckpt-2") if n.endswith(".safetensors")])
+        time.sleep(1.0)  # past the lease's term
+
+    storage.before("create_new", taken_over)
+    with pytest.raises(torchckpt.CheckpointWriteError, match=r"Cannot commit .*ckpt-2: this writer was paused past "
+                                                             r"its lease while committing.*nothing was committed") as info:
+        mgr.save()
+    assert info.value.path == remote.at("ckpt-2")
+    assert [n for n in remote.names() if n.startswith("ckpt-")] == ["ckpt-1"]  # retention deleted nothing
+    assert torchckpt.latest_checkpoint(remote.url, storage_options=remote.options) == remote.at("ckpt-1")
+    w = torch.zeros(2)
+    torchckpt.Checkpoint(w=w).read(remote.at("ckpt-1"), storage_options=remote.options).assert_consumed()
+    assert torch.equal(w, torch.ones(2))
+
+
+def test_a_listing_that_fails_after_the_index_is_created_leaves_the_commit_standing(remote):
+    # the check after the commit cannot tell (a 503): the checkpoint it committed stays whole
+    storage = remote.install()
+    mgr = CheckpointManager(torchckpt.Checkpoint(w=torch.ones(2)), remote.url, max_to_keep=1,
+                            storage_options=remote.options)
+    mgr.save()
+    storage.fail("sizes", OSError(5, "Service Unavailable"), skip=1, times=1)  # the second listing of the commit
+    assert mgr.save() == remote.at("ckpt-2")
+    w = torch.zeros(2)
+    torchckpt.Checkpoint(w=w).read(remote.at("ckpt-2"), storage_options=remote.options).assert_consumed()
+    assert torch.equal(w, torch.ones(2)) and [n for n in remote.names() if n.startswith("ckpt-")] == ["ckpt-2"]
+    mgr.close()
+
+
+@pytest.mark.parametrize("age", [10.0, 7200.0], ids=["in-flight", "crashed-long-ago"])
+def test_a_follower_waits_out_a_replacement_in_flight_not_a_crashed_one(remote, age):
+    mgr = CheckpointManager(torchckpt.Checkpoint(w=torch.ones(1)), remote.url, max_to_keep=None,
+                            storage_options=remote.options)
+    mgr.save(), mgr.save()
+    mgr.close()
+    remote.fs.rm(remote.at("ckpt-2", INDEX_FILE))  # its replacement's upload: a marker, no index
+    marker = {"writer": "pid 1 on elsewhere", "time": time.time() - age, "session": "other", "tag": "0" * 12}
+    remote.fs.pipe_file(remote.at("ckpt-2", ".torchckpt-pending-" + "0" * 12), json.dumps(marker).encode())
+    found = torchckpt.wait_for_new_checkpoint(remote.url, remote.at("ckpt-2"), seconds_to_sleep=0.05, timeout=0.3,
+                                              storage_options=remote.options)
+    assert found == (None if age < 3600 else remote.at("ckpt-1"))
+
+
+def test_a_follower_is_not_sent_back_to_an_older_checkpoint_while_its_last_is_replaced(remote):
+    # between the old index's deletion and the new one's creation, ckpt-2 is the latest for a moment
+    storage = remote.install()
+    mgr = CheckpointManager(torchckpt.Checkpoint(w=torch.ones(1)), remote.url, max_to_keep=None,
+                            storage_options=remote.options)
+    mgr.save(), mgr.save(), mgr.save()
+    seen = []
+
+    def follower_looks(path, data):
+        if path.endswith("ckpt-3/" + INDEX_FILE):
+            assert torchckpt.latest_checkpoint(remote.url, storage_options=remote.options) == remote.at("ckpt-2")
+            seen.append(torchckpt.wait_for_new_checkpoint(remote.url, remote.at("ckpt-3"), seconds_to_sleep=0.05,
+                                                          timeout=0.2, storage_options=remote.options))
+
+    storage.before("create_new", follower_looks)
+    mgr.save(checkpoint_number=3)
+    assert seen == [None]  # it waited for the replacement, not for ckpt-2
+    nxt = torchckpt.wait_for_new_checkpoint(remote.url, remote.at("ckpt-2"), timeout=5, storage_options=remote.options)
+    assert nxt == remote.at("ckpt-3")  # an older last: what is newer is handed over as before
+    mgr.close()
 
 
 def test_a_state_file_replaced_by_another_writer_is_detected_not_overwritten(remote):

@@ -392,6 +392,37 @@ def test_assign_into_a_tied_meta_model_shares_memory_as_torch_load_does(tmp_path
     assert (target.head.weight.data_ptr() == target.emb.weight.data_ptr()) is shared
 
 
+@pytest.mark.parametrize("hook", ["own-loader", "post-hook"])
+def test_assign_into_a_tied_model_with_a_loader_of_its_own_keeps_the_tie_as_torch_load_does(tmp_path, hook):
+    """Not on the meta device, a model with any load hook goes through load_state_dict's semantics,
+    where assign replaces the parameters: the two keys of one saved tensor get one memory."""
+    saved = _Untied(0, tie=True, own_loader=hook == "own-loader")
+    path = torchckpt.Checkpoint(model=saved).write(tmp_path / "c")
+    torch.save(saved.state_dict(), tmp_path / "c.pt")
+    target, twin = (_Untied(1, tie=True, own_loader=hook == "own-loader") for _ in range(2))
+    if hook == "post-hook":
+        for model in (target, twin):
+            model.register_load_state_dict_post_hook(lambda module, incompatible: None)
+    twin.load_state_dict(torch.load(tmp_path / "c.pt"), assign=True)
+    torchckpt.Checkpoint(model=target).read(path, assign=True).assert_consumed()
+    for model in (target, twin):
+        assert torch.equal(model.emb.weight, saved.emb.weight)
+        assert model.head.weight.data_ptr() == model.emb.weight.data_ptr()
+
+
+def test_a_restore_moves_the_version_counters_as_load_state_dict_does(tmp_path):
+    """Read in place behind autograd's back, a graph built before the restore would back-propagate
+    the restored weights through the old activations; load_state_dict's copy_ makes backward() raise."""
+    path = torchckpt.Checkpoint(model=make_mlp(0), t=torch.ones(3)).write(tmp_path / "c")
+    model, tracked = make_mlp(1), torch.zeros(3, requires_grad=True)
+    loss = model(torch.randn(2, 4)).pow(2).sum() + (tracked * tracked).sum()
+    versions = [p._version for p in model.parameters()]
+    torchckpt.Checkpoint(model=model, t=tracked).read(path).assert_consumed()
+    assert all(p._version > v for p, v in zip(model.parameters(), versions)) and tracked._version > 0
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_tracked_meta_tensors_saved_as_one_come_back_as_one_memory_with_assign(tmp_path):
     shared = torch.arange(4.0)
     path = torchckpt.Checkpoint(a=shared, b=shared, c=torch.arange(4.0)).write(tmp_path / "c")

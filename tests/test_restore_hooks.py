@@ -775,3 +775,92 @@ def test_a_submodules_state_dict_override_gets_what_state_dict_hands_it(tmp_path
     target = torch.nn.Sequential(_ChildReadsNumpy(3, 2), torch.nn.ReLU())
     torchckpt.Checkpoint(model=target).read(path).assert_consumed()
     assert torch.equal(target[0].weight, saved[0].weight)
+
+
+class Migrating(torch.nn.Module):
+    """A model whose own ``load_state_dict`` migrates checkpoints of its first layout (``proj``
+    became ``lin``, and the bias was stored doubled): ``model.load_state_dict(torch.load(f))``
+    runs it, and so must a restore."""
+
+    def __init__(self, old: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(7)
+        self.lin = torch.nn.Linear(4, 3)
+        self.old = old
+        self.calls = 0
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        state = super().state_dict(*args, **kwargs)
+        if self.old:  # the first layout
+            state = OrderedDict((k.replace("lin.", "proj."), v * 2.0 if k.endswith("bias") else v)
+                                for k, v in state.items())
+        return state
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        self.calls += 1
+        state = OrderedDict((k.replace("proj.", "lin."), v / 2.0 if k.startswith("proj.") and k.endswith("bias") else v)
+                            for k, v in state_dict.items())
+        return super().load_state_dict(state, strict=strict, assign=assign)
+
+
+@pytest.mark.parametrize("old", [False, True], ids=["current-layout", "first-layout"])
+def test_a_module_with_a_load_state_dict_of_its_own_is_restored_through_it(tmp_path, old):
+    saved = Migrating(old)
+    with torch.no_grad():
+        saved.lin.weight.mul_(3.0)
+    path = torchckpt.Checkpoint(model=saved).write(tmp_path / "c")
+    target, twin = Migrating(), Migrating()
+    with torch.no_grad():
+        target.lin.bias.fill_(9.0), twin.lin.bias.fill_(9.0)
+    twin.load_state_dict(torchckpt.load_state(path)["model"])
+    status = torchckpt.Checkpoint(model=target).read(path).assert_consumed()
+    assert target.calls == 1
+    assert_same_state(target, twin)
+    assert torch.equal(target.lin.bias, Migrating().lin.bias) and torch.equal(target.lin.weight, saved.lin.weight)
+    prefix = "model/proj." if old else "model/lin."
+    assert sorted(status.report.restored_keys) == [prefix + "bias", prefix + "weight"]
+
+
+def test_a_module_with_a_load_state_dict_of_its_own_reports_what_it_answers(tmp_path):
+    saved = torch.nn.Module()
+    saved.lin = torch.nn.Linear(4, 3)
+    saved.extra = torch.nn.Parameter(torch.ones(2))
+    path = torchckpt.Checkpoint(model=saved).write(tmp_path / "c")
+    target = Migrating()
+    double = Migrating().to(torch.float64)
+    report = torchckpt.Checkpoint(model=target).read(path).expect_partial().report
+    assert report.unexpected_keys == ["model/extra"] and report.missing_keys == []
+    assert sorted(report.restored_keys) == ["model/lin.bias", "model/lin.weight"]
+    assert torch.equal(target.lin.weight, saved.lin.weight)
+    report = torchckpt.Checkpoint(model=double).read(path).expect_partial().report  # another dtype: not cast
+    assert set(report.dtype_mismatches) == {"model/lin.bias", "model/lin.weight"}
+    assert sorted(report.missing_keys) == ["model/lin.bias", "model/lin.weight"] and double.calls == 1
+
+
+class Plain(torch.nn.Module):
+    """A model whose own ``load_state_dict`` takes the state dict only (no ``strict``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 3)
+
+    def load_state_dict(self, state_dict: Any) -> Any:  # type: ignore[override]
+        return super().load_state_dict(state_dict)
+
+
+def test_a_module_with_a_load_state_dict_of_its_own_pairs_wrapper_prefixes_and_its_signature(tmp_path):
+    wrapper = torch.nn.Module()
+    wrapper.module = Migrating()  # a DDP wrapper's keys: module.lin.weight
+    with torch.no_grad():
+        wrapper.module.lin.weight.mul_(3.0)
+    path = torchckpt.Checkpoint(model=wrapper).write(tmp_path / "c")
+    target = Migrating()
+    status = torchckpt.Checkpoint(model=target).read(path).assert_consumed()
+    assert target.calls == 1 and torch.equal(target.lin.weight, wrapper.module.lin.weight)
+    assert sorted(status.report.restored_keys) == ["model/module.lin.bias", "model/module.lin.weight"]
+    saved = Plain()
+    path = torchckpt.Checkpoint(model=saved).write(tmp_path / "plain")
+    torch.manual_seed(3)
+    target = Plain()
+    torchckpt.Checkpoint(model=target).read(path).assert_consumed()
+    assert_same_state(target, saved)

@@ -177,8 +177,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
     preserved = {e.name: e for e in state.preserved}
     latest = history_members.latest_in(directory, storage)
     latest_name = name_of(latest) if latest else None
-    best = _best_name(state.checkpoints, state.preserved, args.metric or state.best_metric,
-                      args.mode or state.best_mode, state.damaged)
+    on_disk = set(members)  # a checkpoint deleted by hand is no longer best
+    best = _best_name([e for e in state.checkpoints if e.name in on_disk],
+                      [e for e in state.preserved if e.name in on_disk],
+                      args.metric or state.best_metric, args.mode or state.best_mode, state.damaged)
     rows, records = [], []
     for name in members:
         entry = kept.get(name) or preserved.get(name)
@@ -228,13 +230,13 @@ def _short(v: Any) -> str:
 
 def _best_name(kept: list[history_state.Entry], preserved: list[history_state.Entry], metric: str | None, mode: str,
                damaged: dict[str, str]) -> str | None:
-    from torchckpt._history.retention import best_of_history
+    from torchckpt._history.retention import ranked_history
 
     if metric is None:
         keys = {k for e in [*kept, *preserved] if e.metrics for k in e.metrics}
         metric = next(iter(sorted(keys)), None) if len(keys) == 1 else None
-    best = best_of_history(kept, preserved, metric, mode, damaged) if metric else None
-    return best.name if best is not None else None
+    ranked = ranked_history(kept, preserved, metric, mode, damaged) if metric else []
+    return ranked[0].name if ranked else None
 
 
 # -- diff --------------------------------------------------------------------------------------

@@ -10,13 +10,14 @@ read-only mount.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from torchckpt._history import members as history_members
 from torchckpt._history import state as history_state
-from torchckpt._history.retention import best_of_history
-from torchckpt._paths import as_path, join
+from torchckpt._history.retention import ranked_history
+from torchckpt._paths import as_path, join, name_of, parent_of
 from torchckpt._storage.registry import storage_for
 
 __all__ = ["CheckpointState", "checkpoints_iterator", "get_checkpoint_state", "latest_checkpoint", "wait_for_new_checkpoint"]
@@ -78,8 +79,9 @@ def get_checkpoint_state(directory: str | os.PathLike[str], *,
 
     kept = [e for e in state.checkpoints if history_members.is_member(root, e.name, storage)]
     preserved = [e for e in state.preserved if history_members.is_member(root, e.name, storage)]
-    best = best_of_history(kept, preserved, state.best_metric, state.best_mode, state.damaged) \
-        if state.best_metric else None
+    ranked = ranked_history(kept, preserved, state.best_metric, state.best_mode, state.damaged) \
+        if state.best_metric else []
+    best = ranked[0] if ranked else None
     metrics = {join(root, e.name): dict(e.metrics) for e in [*state.checkpoints, *state.preserved]
                if e.metrics and history_members.is_member(root, e.name, storage)}
     return CheckpointState(
@@ -123,23 +125,40 @@ def wait_for_new_checkpoint(
 ) -> str | None:
     """Wait until ``latest_checkpoint(checkpoint_dir)`` differs from ``last_checkpoint``.
 
+    Not for an older checkpoint of the same name while ``last_checkpoint`` is being replaced on
+    an object store (``save(checkpoint_number=n)``: its index is gone for a moment before the new
+    one is created): the replacement is waited for instead. A replacement under the same path is
+    not new (as in TensorFlow, paths are compared).
+
     Returns:
         The new checkpoint's path, or None if ``timeout`` seconds passed first.
     """
-    import time
 
     root = as_path(checkpoint_dir)
     storage = storage_for(root, storage_options)
     stop = time.time() + timeout if timeout is not None else None
     while True:
         path = history_members.latest_in(root, storage)
-        if path is not None and path != last_checkpoint:
+        if path is not None and path != last_checkpoint and not _back_in_a_replacement(path, last_checkpoint, storage):
             return path
         if stop is not None and time.time() >= stop:
             return None
         # the timeout is waited out, never cut short (TensorFlow returns as soon as the next poll
         # would pass it, so that checkpoints_iterator with a timeout_fn spins when it is shorter)
         time.sleep(seconds_to_sleep if stop is None else max(0.0, min(seconds_to_sleep, stop - time.time())))
+
+
+def _back_in_a_replacement(path: str, last: str | None, storage: Any) -> bool:
+    """Whether ``path`` is an older checkpoint than ``last`` (a lower number of the same name) that
+    is the latest only because ``last`` is being replaced right now."""
+    if last is None:
+        return False
+    new, old = name_of(path), name_of(last)
+    number, last_number = history_members.number_of(new), history_members.number_of(old)
+    if number is None or last_number is None or number >= last_number \
+            or new[: new.rindex("-")] != old[: old.rindex("-")]:
+        return False
+    return history_members.is_being_replaced(join(parent_of(path), old), storage, time.time())
 
 
 def checkpoints_iterator(
@@ -170,7 +189,6 @@ def checkpoints_iterator(
         >>> list(torchckpt.checkpoints_iterator(tempfile.mkdtemp(), timeout=0))
         []
     """
-    import time
 
     path = None
     while True:

@@ -17,7 +17,7 @@ from typing import Any
 from torchckpt._history import members as history_members
 from torchckpt._history import state as history_state
 from torchckpt._history.recover import Ranking, managed_entry, read_disk, recover
-from torchckpt._history.retention import best_of_history, plan_retention
+from torchckpt._history.retention import plan_retention, ranked_history
 from torchckpt._history.state import Entry, State
 from torchckpt._paths import join
 from torchckpt._storage.base import ConflictError, Storage
@@ -74,10 +74,13 @@ class Ledger:
         return None
 
     def best(self) -> str | None:
-        """The name of the checkpoint with the best metric, kept or preserved, or None."""
-        best = best_of_history(self.kept, self.preserved, self.ranking.best_metric, self.ranking.best_mode,
-                               self.damaged)
-        return best.name if best is not None else None
+        """The name of the checkpoint with the best metric, kept or preserved and still on disk (one
+        deleted by hand is passed over), or None."""
+        for entry in ranked_history(self.kept, self.preserved, self.ranking.best_metric, self.ranking.best_mode,
+                                    self.damaged):
+            if history_members.is_member(self.directory, entry.name, self.storage):
+                return entry.name
+        return None
 
     def state(self) -> State:
         """The ledger as the state file records it."""

@@ -9,16 +9,17 @@ they are answered here once, from what the storage lists, without reading any ch
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 
 from torchckpt._format import spec
 from torchckpt._history import state as history_state
 from torchckpt._paths import is_url, join, name_of, parent_of
-from torchckpt._storage.base import Storage
+from torchckpt._storage.base import LEFTOVER_GRACE_SECS, Storage
 from torchckpt.errors import CheckpointDeletedError, CheckpointError, CheckpointNotFoundError, CheckpointWriteError
 
-_NUMBERED = re.compile(r"^(?P<prefix>.+)-(?P<number>0|[1-9][0-9]*)$")
+_NUMBERED = re.compile(r"(?P<prefix>.+)-(?P<number>0|[1-9][0-9]*)\Z")  # \Z: no name ending in a line break
 
 
 def number_of(name: str, prefix: str | None = None) -> int | None:
@@ -202,6 +203,25 @@ def unfinished_error(path: str, names: list[str]) -> CheckpointNotFoundError | N
             "checkpoint until its save commits it (a crashed save's leftovers are removed by the next manager on its "
             "directory). Read it once its save has finished, or read its directory's latest checkpoint.", path)
     return None
+
+
+def is_being_replaced(path: str, storage: Storage, now: float) -> bool:
+    """Whether the checkpoint ``path`` is between the deletion of its index and the creation of
+    its replacement's (an object store's ``save(checkpoint_number=n)`` of an existing ``n``): no
+    index, and a pending marker that a writer put there within ``LEFTOVER_GRACE_SECS`` (an older
+    one is a crashed writer's)."""
+    names = storage.list_names(path)
+    if spec.INDEX_FILE in names:
+        return False
+    for name in names:
+        if spec.is_pending_marker(name):
+            try:
+                written = json.loads(storage.read_file(join(path, name), 2**16, "Pending marker")).get("time")
+            except (OSError, ValueError, AttributeError, CheckpointError):
+                continue
+            if isinstance(written, (int, float)) and now - written < LEFTOVER_GRACE_SECS:
+                return True
+    return False
 
 
 def sibling(path: str, name: str) -> str:

@@ -69,14 +69,14 @@ def best_entries(entries: Sequence[Entry], k: int, metric: str | MetricFn | None
     return [e for _, _, e in scored[:k]]
 
 
-def best_of_history(kept: Sequence[Entry], preserved: Sequence[Entry], metric: str | MetricFn | None, mode: str,
-                    damaged: Collection[str] = ()) -> Entry | None:
-    """The best checkpoint a manager has, kept or preserved (``best_checkpoint``): retention keeps
-    the best ones among the kept, but a preserved one (kept forever: every n hours, or a history
-    rebuilt after a crash) can be better, and is on disk as long as any. Ties: the newer wins."""
+def ranked_history(kept: Sequence[Entry], preserved: Sequence[Entry], metric: str | MetricFn | None, mode: str,
+                   damaged: Collection[str] = ()) -> list[Entry]:
+    """Every checkpoint a manager has, kept or preserved, with a metric, best first: the candidates
+    for ``best_checkpoint``. Retention keeps the best among the kept, but a preserved one (kept
+    forever: every n hours, or a history rebuilt after a crash) can be better, and is on disk as
+    long as any. Ties: the newer wins."""
     ordered = sorted([*preserved, *kept], key=lambda e: e.timestamp if e.timestamp is not None else -math.inf)
-    best = best_entries(ordered, 1, metric, mode, damaged)
-    return best[0] if best else None
+    return best_entries(ordered, len(ordered), metric, mode, damaged)
 
 
 def plan_retention(

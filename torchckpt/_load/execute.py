@@ -53,6 +53,22 @@ def read(plan: Plan, shards: OpenShards, verify: bool, progress: bool | None) ->
     with progress_bar(total, f"restore {name_of(shards.directory)}", progress) as bar, torch.no_grad():
         _read_grouped(shards, by_file, reads, verify, bar.update)
     boxes.finish(reads)
+    mark_written([dest for dest, _ in plan.reads])
+
+
+def mark_written(tensors: list[torch.Tensor]) -> None:
+    """Tell autograd that ``tensors`` changed in place (their version counters move on, as ``copy_``
+    moves them): the reads wrote their memory behind its back, and a graph built before the restore
+    would otherwise back-propagate the restored weights through the old activations, where
+    ``load_state_dict`` makes ``backward()`` raise. A DTensor's local tensor counts as well."""
+    if not tensors:
+        return
+    touched = [*tensors, *(dist_dtensor.local_of(t) for t in tensors if dist_dtensor.is_dtensor(t))]
+    try:
+        torch.autograd.graph.increment_version(touched)
+    except TypeError:  # torch before 2.5 takes one tensor at a time
+        for t in touched:
+            torch.autograd.graph.increment_version(t)
 
 
 def load(plan: Plan, shards: OpenShards, verify: bool) -> None:

@@ -312,7 +312,7 @@ class HookedLoad:
         """torch's ``load`` for a module outside any hooked subtree; a hooked one is handed to :meth:`_torch_load`."""
         if _transforms(m):
             with fetch([v for v in local.values() if isinstance(v, SAVED)], self._may_view(m)) as tensors:
-                self._torch_load(m, _filled(local, tensors), prefix, out)
+                self._torch_load(m, filled(local, tensors), prefix, out)
             return
         missing, unexpected, errors = out
         late = self._later.get(prefix)
@@ -363,7 +363,7 @@ def _post_hooks(m: torch.nn.Module, missing: list[str], unexpected: list[str]) -
                              "post-hooks to return None and change incompatible_keys in place.")
 
 
-def _filled(local: dict[str, Any], tensors: list[torch.Tensor]) -> dict[str, Any]:
+def filled(local: dict[str, Any], tensors: list[torch.Tensor]) -> dict[str, Any]:
     """``local`` with its saved tensors replaced, in order, by ``tensors`` (what the fetch gave)."""
     fetched = iter(tensors)
     return {k: next(fetched) if isinstance(v, SAVED) else v for k, v in local.items()}

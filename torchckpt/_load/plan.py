@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -186,6 +187,9 @@ def plan_module(name: str, module: torch.nn.Module, saved: Any, plan: Plan) -> N
     for key, tensor in current.items():
         if isinstance(tensor, torch.Tensor):
             check_destination(keypath.join(name, keypath.escape_part(key)), tensor)
+    if _loads_through_its_own(module, current, plan.assign):
+        _plan_own_load_state_dict(name, module, saved, current, plan)
+        return
     wrapping = module_keys.wrappers(list(saved), list(current))
     versions = plan.versions_of(name, wrapping)
     found = hooked.survey(module, versions)
@@ -247,6 +251,75 @@ def plan_module(name: str, module: torch.nn.Module, saved: Any, plan: Plan) -> N
     if via_assign:
         plan.loads.append((name, lambda: module.load_state_dict(hooked.versioned(via_assign, module, versions),
                                                                 strict=False, assign=True)))
+
+
+_LOAD_STATE_DICT = torch.nn.Module.load_state_dict
+
+
+def _loads_through_its_own(module: torch.nn.Module, current: dict[str, Any], assign: bool) -> bool:
+    """Whether ``module``'s class overrides ``load_state_dict`` (a migration of older checkpoints, a
+    dequantisation), which ``model.load_state_dict(torch.load(f))`` runs and an in-place read would
+    bypass; not for DTensor state (each rank holds only its part), nor meta tensors unless
+    ``assign`` and the override takes it."""
+    if type(module).load_state_dict is _LOAD_STATE_DICT:
+        return False
+    tensors = [t for t in current.values() if isinstance(t, torch.Tensor)]
+    if any(dist_dtensor.is_dtensor(t) for t in tensors):
+        return False
+    return not any(t.is_meta for t in tensors) or assign and _takes(module.load_state_dict, "assign")
+
+
+def _takes(method: Callable[..., Any], keyword: str) -> bool:
+    """Whether ``method`` accepts ``keyword`` (an override may have a signature of its own)."""
+    try:
+        parameters = inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
+    return keyword in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
+def _plan_own_load_state_dict(name: str, module: torch.nn.Module, saved: dict[str, Any], current: dict[str, Any],
+                              plan: Plan) -> None:
+    """Restore ``module`` through its own ``load_state_dict``, handed the saved state as
+    ``torch.load`` gives it: each key as saved, but under the module's own name where a DDP or
+    ``torch.compile`` prefix is all that differs (as every restore matches them), each tensor of
+    the saved dtype, fetched when the load runs as a hooked module's are (views of the mapped
+    shard where they can be: no second copy). A tensor whose dtype differs from the module's is
+    reported and left out unless ``cast``. The override is called with ``strict=False`` (and
+    ``assign=True``) where its signature takes them; what it answers (missing and unexpected
+    keys) is the report's, and what it raises fails the restore, as its call would."""
+    pairs = module_keys.pair(list(saved), list(current))
+    state: dict[str, Any] = {}
+    as_saved: dict[str, str] = {}  # the module's key -> the checkpoint's name for it
+    for key, value in saved.items():
+        own = pairs.get(key, key)
+        full = keypath.join(name, keypath.escape_part(key))
+        dest = current.get(own)
+        if _is_saved(value) and isinstance(dest, torch.Tensor) and value.dtype != dest.dtype \
+                and value.shape == dest.shape and not _compatible(full, value, dest, plan.report, plan.cast):
+            continue
+        state[own] = value if _is_saved(value) else _rebuild(value, full, _fresh_reader(plan))
+        as_saved[own] = full
+    plan.fetches = True
+    versions, report = plan.versions_of(name), plan.report
+    may_view = not plan.assign and all(t.device.type == "cpu" for t in current.values() if isinstance(t, torch.Tensor))
+
+    def load() -> None:
+        if plan.fetch is None:
+            raise RuntimeError("a module's own load_state_dict ran outside execute()")
+        method = module.load_state_dict
+        options = {"strict": False, **({"assign": True} if plan.assign else {})}
+        options = {k: v for k, v in options.items() if _takes(method, k)}
+        with plan.fetch([v for v in state.values() if _is_saved(v)], may_view) as tensors:
+            result = method(hooked.versioned(hooked.filled(state, tensors), module, versions), **options)
+        unexpected = list(getattr(result, "unexpected_keys", None) or [])
+        missing = getattr(result, "missing_keys", None)
+        missing = [k for k in current if k not in state] if missing is None else list(missing)
+        report.unexpected_keys.extend(as_saved.get(k, keypath.join(name, keypath.escape_part(k))) for k in unexpected)
+        report.missing_keys.extend(keypath.join(name, keypath.escape_part(k)) for k in missing)
+        report.restored_keys.extend(full for own, full in as_saved.items() if own not in unexpected)
+
+    plan.loads.append((name, load))
 
 
 def _reads_into_shared(fed: list[tuple[int, str]], name: str, pairs: dict[str, str], saved: dict[str, Any],
@@ -315,12 +388,8 @@ def _plan_hooked(name: str, module: torch.nn.Module, saved: dict[str, Any], curr
             if owner[1].is_meta:
                 plan.report.meta_keys.append(target)
             restored = (plan.assign or not owner[1].is_meta) and _compatible(full, value, owner[1], plan.report, plan.cast)
-            if restored and owner[1].is_meta:
+            if restored:  # one tensor for every key of one saved tensor: assigned, tied weights stay tied
                 load.later(owner[0], key, plan.fresh_for(value, owner[1].dtype))
-            elif restored:
-                fresh = torch.empty(value.shape, dtype=owner[1].dtype)
-                _read_into(fresh, value, plan)
-                load.later(owner[0], key, fresh)
         else:
             load.entries[key] = owner[1]  # present, so neither missing nor unexpected
             restored = _compatible(full, value, owner[1], plan.report, plan.cast)

@@ -361,8 +361,12 @@ class FsspecStorage:
         """Delete the files ``names`` directly inside ``directory`` (in batches; absent ones are fine)."""
         paths = sorted({join(directory, n) for n in names})
         if paths:
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 self.fs.rm(paths)
+            except FileNotFoundError:  # one was gone: some filesystems stop at it, so the rest one by one
+                for path in paths:
+                    with contextlib.suppress(FileNotFoundError):
+                        self.fs.rm(path)
         self.fs.invalidate_cache(directory)
 
     def vanished(self, path: str) -> CheckpointError | FileNotFoundError:

@@ -17,6 +17,7 @@ next manager that opens the directory finishes the deletion (see :func:`remove_l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -36,7 +37,7 @@ from torchckpt._format.spec import (
 )
 from torchckpt._paths import join
 from torchckpt._storage.base import LEFTOVER_GRACE_SECS, AlreadyCommitted, Output
-from torchckpt.errors import CheckpointWriteError, CorruptCheckpointError
+from torchckpt.errors import CheckpointError, CheckpointWriteError, CorruptCheckpointError
 
 # ``storage`` below is an ``_storage.fsspec.FsspecStorage`` (not imported: it imports this module).
 FsspecStorage = Any
@@ -140,7 +141,7 @@ class RemoteStage:
         if self.index is not None:
             name, data = self.index
             if self.replacing:  # un-commit the old one last: never a mix of old and new shards
-                delete_checkpoint(self.storage, self.path)
+                delete_checkpoint(self.storage, self.path)  # (fenced: never by a writer that lost its lease)
             try:
                 self.storage.create_new(join(self.path, name), data)
             except FileExistsError:
@@ -149,10 +150,43 @@ class RemoteStage:
                 raise AlreadyCommitted(
                     17, "another writer committed a checkpoint there while this one was being uploaded (this "
                     "save's own objects were removed; the other checkpoint is untouched)", self.path) from None
+            self._confirm_commit(name, data, sizes)
         self.committed = True
         self.storage.remove_quietly(join(self.path, self.marker))
         if self.replacing:
             self._remove_strays(sizes)
+
+    def _confirm_commit(self, name: str, data: bytes, sizes: dict[str, int]) -> None:
+        """Once the index is created: this writer still holds its lease, and every object the index
+        names is still there. A writer paused between its checks and the index's creation, past its
+        lease, finds here that the next holder took the directory over (and may have removed this
+        upload as a crashed writer's leftovers): its index is taken back and the save fails, so a
+        late writer never leaves a committed checkpoint, let alone one whose shards are gone."""
+        try:
+            self.storage.fence(self.path)
+        except CheckpointError as e:  # the lease went to another writer
+            problem: str | None = str(e)
+        else:
+            try:
+                found = self.storage.sizes(self.path)
+            except Exception:  # noqa: BLE001 - a listing that failed (a 503) proves nothing: the commit stands
+                return
+            lost = sorted(n for n, size in sizes.items() if found.get(n) != size)
+            problem = f"{lost[0]} was removed from the store meanwhile" if lost else None
+        if problem is None:
+            return
+        index = join(self.path, name)
+        with contextlib.suppress(OSError, CorruptCheckpointError):  # (gone already)
+            if self.storage.read_file(index, MAX_INDEX_SIZE, "Index") == data:  # still this save's own index
+                self.storage.remove_quietly(index)
+        self.discarded = True
+        self.storage.remove_names(self.path, [*sizes, *self.created, self.marker])
+        self.storage.drop_if_empty(self.path)
+        raise CheckpointWriteError(
+            f"Cannot commit {self.path}: this writer was paused past its lease while committing, and another "
+            f"process took the directory over ({problem}). Its index was taken back: nothing was committed, and "
+            "the other process's checkpoints are untouched. Stop this job; the other one writes the run now.",
+            self.path, OSError(5, "lease lost during commit", index))
 
     def _remove_strays(self, sizes: dict[str, int]) -> None:
         """After a replacement: what else the prefix held that the new index does not name (objects
@@ -193,6 +227,7 @@ def delete_checkpoint(storage: FsspecStorage, path: str) -> None:
     the files it names) is written first, then the index is deleted (the checkpoint stops
     being committed at once), then those files, then the marker. Only the files the index
     names are deleted (and leftovers of crashed writers): never another writer's upload in flight."""
+    storage.fence(path)  # retention by a writer paused past its lease: it finds out before it deletes
     files, token = _named_by_index(storage, path)
     marker = {"time": time.time(), "index": token, "files": sorted(files) if files is not None else None}
     storage.put(join(path, DELETING_FILE), json.dumps(marker).encode())

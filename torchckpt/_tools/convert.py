@@ -340,14 +340,16 @@ _CHECK_BYTES = 1 << 20  # read at a time while checking an archive
 
 
 def _check_archive(member: Member, storage: Storage) -> None:
-    """Every entry of a ``torch.save`` zip archive read once against its CRC-32 (``torch.load``
-    checks none: a flipped bit in a tensor's bytes would be converted, under new checksums that
+    """Every entry of a ``torch.save`` zip archive read once against its CRC-32, where it has one
+    (``set_crc32_options(False)`` writes 0; ``torch.load`` checks none: a flipped bit in a tensor's bytes would be converted, under new checksums that
     ``verify`` then finds intact). One more read of the file; from a local one, the load that
     follows finds it in the page cache."""
     source = storage.open(member.real, _SOURCE)
     try:
         with zipfile.ZipFile(io.BufferedReader(_SourceFile(source), _CHECK_BYTES)) as archive:
             for info in archive.infolist():
+                if info.CRC == 0 and info.file_size:  # saved with torch.serialization.set_crc32_options(False)
+                    continue
                 with archive.open(info) as entry:
                     while entry.read(_CHECK_BYTES):
                         pass

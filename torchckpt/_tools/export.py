@@ -70,10 +70,11 @@ def export_module(reader: CheckpointReader, obj: str | None, out: str, storage: 
     single = len(groups) == 1
     files = [HF_SINGLE] if single else [spec.shard_name(i, len(groups)) for i in range(1, len(groups) + 1)]
     _check_replaceable(out, storage)
-    kept = join(out, HF_CONFIG)
+    kept, given = join(out, HF_CONFIG), config is not None
     if config is None and storage.exists(kept):  # an earlier folder's (save_pretrained's): the weights are replaced
         config = lambda limit: storage.read_file(kept, limit, "config.json")  # noqa: E731 - and it is kept
-    config_bytes = _checked_config(config(_CONFIG_LIMIT)) if config is not None else None
+    config_bytes = _checked_config(config(_CONFIG_LIMIT), "The --config file" if given else f"{kept}, kept as no "
+                                   "--config was given,") if config is not None else None
     stage = storage.stage(out, replace=True)
     try:
         sizes: dict[str, int] = {}
@@ -99,16 +100,16 @@ def export_module(reader: CheckpointReader, obj: str | None, out: str, storage: 
     return files
 
 
-def _checked_config(data: bytes) -> bytes:
+def _checked_config(data: bytes, what: str = "The --config file") -> bytes:
     """The ``config.json`` bytes, once they are a JSON object: ``from_pretrained`` reads nothing else,
     and a wrong file (a tokenizer's, a truncated one) would otherwise surface only when it loads."""
     try:
         value = json.loads(data)
     except ValueError as e:  # JSONDecodeError, and bytes that are not UTF-8
-        raise CheckpointError(f"The --config file is not valid JSON ({e}); pass the model's config.json.") from None
+        raise CheckpointError(f"{what} is not valid JSON ({e}); pass the model's config.json (--config).") from None
     if not isinstance(value, dict):
-        raise CheckpointError(f"The --config file holds a JSON {type(value).__name__}, not an object; pass the "
-                              "model's config.json.")
+        raise CheckpointError(f"{what} holds a JSON {type(value).__name__}, not an object; pass the model's "
+                              "config.json (--config).")
     return data
 
 
