@@ -62,7 +62,8 @@ def test_links_into_docs_land_on_a_heading(document):
 def test_readme_commands_are_what_ci_runs():
     ci = Path(os.path.join(ROOT, ".ci", "run")).read_text()
     assert 'pip install -e ".[dev]"' in README and 'pip install -q -e ".[dev]"' in ci
-    assert "python -m pytest -q" in README and "python -m pytest -q" in ci
+    command = "python -m pytest -q -n 2 --dist loadfile"  # the README's test command, as CI runs it
+    assert f"```bash\n{command}\n```" in README and f"\n{command}\n" in ci
     assert "python examples/quickstart.py" in README
     # what test_distributed_manager.py::test_the_fsdp_example_is_killed_on_2_ranks_and_resumes_on_1 runs
     assert "torchrun --standalone --nproc-per-node 2 examples/train_fsdp.py --dir runs/fsdp --crash-at 27" in README

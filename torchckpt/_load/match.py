@@ -17,7 +17,8 @@ import torch
 
 from torchckpt._format import keypath, tree
 from torchckpt._load import loaders
-from torchckpt._load.plan import MISSING, Plan, plan_module, plan_stateful, plan_tensor, plan_value
+from torchckpt._load.plan import MISSING, Plan, plan_module, plan_tensor, plan_value
+from torchckpt._load.stateful import plan_stateful
 from torchckpt.rng import RNGState
 
 

@@ -1,15 +1,14 @@
 """The load path after the index is open: plan the restore, then execute it.
 
 Planning matches every value of the checkpoint against a destination (modules' tensors in
-place, stateful objects through ``load_state_dict``, plain values by assignment; a module with
-load_state_dict hooks or its own loader through torch's semantics, see ``_load.hooked``) and records
-every mismatch in a :class:`~torchckpt.MismatchReport`, before anything changes. Executing reads
-the planned tensors and runs the planned loads (``_load.execute``).
+place, plain values by assignment; a module with load_state_dict hooks or its own loader through
+torch's semantics, see ``_load.hooked``; stateful objects through ``load_state_dict``, see
+``_load.stateful``) and records every mismatch in a :class:`~torchckpt.MismatchReport`, before
+anything changes. Executing reads the planned tensors and runs the planned loads (``_load.execute``).
 """
 
 from __future__ import annotations
 
-import bisect
 import collections
 import inspect
 from collections.abc import Callable
@@ -24,7 +23,7 @@ from torchckpt._format import dtypes as format_dtypes
 from torchckpt._format import keypath
 from torchckpt._format.chunks import ChunkedInfo
 from torchckpt._format.dtypes import TensorInfo as SavedTensor  # where a saved tensor is: dtype, shape, checksum
-from torchckpt._load import hooked, module_keys, optimizer, tied
+from torchckpt._load import hooked, module_keys, tied
 from torchckpt._load.report import MismatchReport
 from torchckpt.errors import (
     UnsupportedStateError,
@@ -76,11 +75,11 @@ class Plan:
 SAVED = (SavedTensor, ChunkedInfo)  # what a tensor of the checkpoint resolves to: stored whole, or as chunks
 
 
-def _is_saved(value: Any) -> bool:
+def is_saved(value: Any) -> bool:
     return isinstance(value, SAVED)
 
 
-def _compatible(key: str, saved: SavedTensor, dest: torch.Tensor, report: MismatchReport, cast: bool = False) -> bool:
+def compatible(key: str, saved: SavedTensor, dest: torch.Tensor, report: MismatchReport, cast: bool = False) -> bool:
     """Whether ``saved`` can go into ``dest``; records the mismatch (or, with ``cast``, the cast)."""
     if saved.shape != dest.shape:
         report.shape_mismatches[key] = (saved.shape, dest.shape)
@@ -145,24 +144,24 @@ def plan_tensor(key: str, dest: torch.Tensor, saved: Any, plan: Plan,
     check_destination(key, dest)
     if saved is _MISSING:
         plan.report.missing_keys.append(key)
-    elif not _is_saved(saved):
+    elif not is_saved(saved):
         plan.report.missing_keys.append(key)
         plan.report.unexpected_keys.extend(_saved_leaf_keys(saved, key))
     elif dest.is_meta:
         plan.report.meta_keys.append(key)
-        if plan.assign and assign is not None and _compatible(key, saved, dest, plan.report, plan.cast):
+        if plan.assign and assign is not None and compatible(key, saved, dest, plan.report, plan.cast):
             fresh = plan.fresh_for(saved, dest.dtype)  # tensors saved as one come back as one memory
             value = torch.nn.Parameter(fresh, dest.requires_grad) if isinstance(dest, torch.nn.Parameter) else fresh
             plan.loads.append((key, lambda: assign(value)))
-            plan.report.restored_keys.append(_shared_key(key, saved))
+            plan.report.restored_keys.append(shared_key(key, saved))
         else:  # not replaced: reported, never "restored"
             plan.report.missing_keys.append(key)
-    elif _compatible(key, saved, dest, plan.report, plan.cast):
+    elif compatible(key, saved, dest, plan.report, plan.cast):
         _read_into(dest, saved, plan)
-        plan.report.restored_keys.append(_shared_key(key, saved))
+        plan.report.restored_keys.append(shared_key(key, saved))
 
 
-def _shared_key(key: str, saved: SavedTensor) -> str:
+def shared_key(key: str, saved: SavedTensor) -> str:
     """``key``, as the saved tensor's own name string when they are equal: a report of 20,000
     restored keys then holds no second copy of every name."""
     return saved.name if saved.name == key else key
@@ -212,13 +211,13 @@ def plan_module(name: str, module: torch.nn.Module, saved: Any, plan: Plan) -> N
         if object_key != saved_key:
             plan.report.remapped_keys[full] = keypath.join(name, keypath.escape_part(object_key))
         dest = current[object_key]
-        if _is_saved(value) and isinstance(dest, torch.Tensor) and dest.is_meta:
+        if is_saved(value) and isinstance(dest, torch.Tensor) and dest.is_meta:
             plan.report.meta_keys.append(keypath.join(name, keypath.escape_part(object_key)))
-            if not plan.assign or not _compatible(full, value, dest, plan.report, plan.cast):
+            if not plan.assign or not compatible(full, value, dest, plan.report, plan.cast):
                 continue  # reported missing below: not matched
             via_assign[object_key] = plan.fresh_for(value, dest.dtype)
-        elif _is_saved(value) and isinstance(dest, torch.Tensor):
-            if not _compatible(full, value, dest, plan.report, plan.cast):
+        elif is_saved(value) and isinstance(dest, torch.Tensor):
+            if not compatible(full, value, dest, plan.report, plan.cast):
                 continue
             if dist_dtensor.is_dtensor(dest):
                 _read_into(dest, value, plan)
@@ -232,13 +231,13 @@ def plan_module(name: str, module: torch.nn.Module, saved: Any, plan: Plan) -> N
                 via_load[object_key] = fresh
             if address:  # read in place: a storage read into twice is tied weights, or parameters of one buffer
                 fed.append((address, saved_key))
-        elif _is_saved(value) or isinstance(dest, torch.Tensor):
+        elif is_saved(value) or isinstance(dest, torch.Tensor):
             plan.report.unexpected_keys.append(full)
             plan.report.missing_keys.append(keypath.join(name, keypath.escape_part(object_key)))
             continue
         else:
-            via_load[object_key] = _rebuild(value, full, _fresh_reader(plan))
-        plan.report.restored_keys.append(_shared_key(full, value) if _is_saved(value) else full)
+            via_load[object_key] = rebuild(value, full, _fresh_reader(plan))
+        plan.report.restored_keys.append(shared_key(full, value) if is_saved(value) else full)
         if object_key in via_load:
             restored_as[object_key] = (full, plan.report.restored_keys[-1])
     if len({address for address, _ in fed}) < len(fed):  # a storage read into twice
@@ -295,10 +294,10 @@ def _plan_own_load_state_dict(name: str, module: torch.nn.Module, saved: dict[st
         own = pairs.get(key, key)
         full = keypath.join(name, keypath.escape_part(key))
         dest = current.get(own)
-        if _is_saved(value) and isinstance(dest, torch.Tensor) and value.dtype != dest.dtype \
-                and value.shape == dest.shape and not _compatible(full, value, dest, plan.report, plan.cast):
+        if is_saved(value) and isinstance(dest, torch.Tensor) and value.dtype != dest.dtype \
+                and value.shape == dest.shape and not compatible(full, value, dest, plan.report, plan.cast):
             continue
-        state[own] = value if _is_saved(value) else _rebuild(value, full, _fresh_reader(plan))
+        state[own] = value if is_saved(value) else rebuild(value, full, _fresh_reader(plan))
         as_saved[own] = full
     plan.fetches = True
     versions, report = plan.versions_of(name), plan.report
@@ -310,7 +309,7 @@ def _plan_own_load_state_dict(name: str, module: torch.nn.Module, saved: dict[st
         method = module.load_state_dict
         options = {"strict": False, **({"assign": True} if plan.assign else {})}
         options = {k: v for k, v in options.items() if _takes(method, k)}
-        with plan.fetch([v for v in state.values() if _is_saved(v)], may_view) as tensors:
+        with plan.fetch([v for v in state.values() if is_saved(v)], may_view) as tensors:
             result = method(hooked.versioned(hooked.filled(state, tensors), module, versions), **options)
         unexpected = list(getattr(result, "unexpected_keys", None) or [])
         missing = getattr(result, "missing_keys", None)
@@ -336,7 +335,7 @@ def _drop_overwritten(reads: list[tied.Fed], plan: Plan) -> None:
         buffers = {id(b) for d, b in plan.casts if d is read.dest}  # cast: read into a buffer, then copied
         plan.reads[:] = [(d, v) for d, v in plan.reads if v is not read.saved or d is not read.dest and id(d) not in buffers]
         plan.casts[:] = [(d, b) for d, b in plan.casts if d is not read.dest or id(b) not in buffers]
-        plan.report.restored_keys.remove(_shared_key(read.key, read.saved))
+        plan.report.restored_keys.remove(shared_key(read.key, read.saved))
         plan.report.unexpected_keys.append(read.key)
 
 
@@ -374,29 +373,29 @@ def _plan_hooked(name: str, module: torch.nn.Module, saved: dict[str, Any], curr
         owner = load.own_keys.get(key)
         restored = True
         if owner is None:  # under a hooked module, or not this module's: torch's loaders decide
-            load.entries[key] = value if _is_saved(value) else _rebuild(value, full, _fresh_reader(plan))
-            if plan.cast and plan.assign and _is_saved(value) and _casts_to(current.get(key), value):
+            load.entries[key] = value if is_saved(value) else rebuild(value, full, _fresh_reader(plan))
+            if plan.cast and plan.assign and is_saved(value) and _casts_to(current.get(key), value):
                 # assigned as its loader is handed it, it would keep the saved dtype: cast after the loader
                 load.casts[key] = (value.dtype, current[key].dtype)
         elif owner[1] is None:  # extra state, for set_extra_state
-            load.later(owner[0], key, _rebuild(value, full, _fresh_reader(plan)))
-        elif not _is_saved(value):  # a plain value where a tensor belongs: left out, so also missing
+            load.later(owner[0], key, rebuild(value, full, _fresh_reader(plan)))
+        elif not is_saved(value):  # a plain value where a tensor belongs: left out, so also missing
             plan.report.unexpected_keys.extend(_saved_leaf_keys(value, full))
             restored = False
         elif owner[1].is_meta or tied_views and not dist_dtensor.is_dtensor(owner[1]) and \
                 tied.view_of(owner[1]) in tied_views:  # (a DTensor stays in place: torch's loader cannot copy into it)
             if owner[1].is_meta:
                 plan.report.meta_keys.append(target)
-            restored = (plan.assign or not owner[1].is_meta) and _compatible(full, value, owner[1], plan.report, plan.cast)
+            restored = (plan.assign or not owner[1].is_meta) and compatible(full, value, owner[1], plan.report, plan.cast)
             if restored:  # one tensor for every key of one saved tensor: assigned, tied weights stay tied
                 load.later(owner[0], key, plan.fresh_for(value, owner[1].dtype))
         else:
             load.entries[key] = owner[1]  # present, so neither missing nor unexpected
-            restored = _compatible(full, value, owner[1], plan.report, plan.cast)
+            restored = compatible(full, value, owner[1], plan.report, plan.cast)
             if restored:
                 _read_into(owner[1], value, plan)
         if restored:
-            load.consumed[key] = _shared_key(full, value) if _is_saved(value) else full
+            load.consumed[key] = shared_key(full, value) if is_saved(value) else full
 
     def finish() -> None:
         if plan.fetch is None:
@@ -415,127 +414,16 @@ def _is_meta(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.is_meta
 
 
-def plan_stateful(name: str, obj: Any, saved: Any, plan: Plan) -> None:
-    """Rebuild the object's state dict from the checkpoint and hand it to ``load_state_dict``.
-
-    Tensors that already exist in the object with the same shape and dtype are read into in
-    place; others are allocated once. An object with any shape or dtype mismatch, or whose
-    structure cannot take the checkpoint's state (an optimizer with different parameter groups),
-    is left untouched as a whole and reported.
-    """
-    current = obj.state_dict()
-    current_leaves = keypath.leaves(current, name)
-    if saved is _MISSING:
-        plan.report.missing_keys.extend(current_leaves)
-        return
-    reason = _structure_problem(obj, current, saved)
-    if isinstance(obj, torch.optim.Optimizer) and not reason:
-        saved = _without_stray_state(saved, name, plan.report)
-    saved_leaves = keypath.leaves(saved, name)
-    report = MismatchReport()
-    reads: list[tuple[torch.Tensor, SavedTensor]] = []
-    params = dist_dtensor.LayoutTemplates(obj) if isinstance(obj, torch.optim.Optimizer) else None
-
-    def destination(key: str, value: SavedTensor) -> torch.Tensor:
-        dest = current_leaves.get(key)
-        if isinstance(dest, torch.Tensor) and not dest.is_meta:  # compatibility was checked above
-            if dest.dtype == value.dtype:
-                reads.append((dest, value))
-                return dest
-            fresh = torch.empty(value.shape, dtype=dest.dtype)  # cast=True: the object's dtype
-            buffer = torch.empty(value.shape, dtype=value.dtype)
-            reads.append((buffer, value))
-            plan.casts.append((fresh, buffer))
-            return fresh
-        laid_out = None
-        if params is not None:  # an optimizer that never stepped: laid out like its parameter, where that matters
-            laid_out = params.destination(key, name, value)
-        new = torch.empty(value.shape, dtype=value.dtype) if laid_out is None else laid_out
-        reads.append((new, value))
-        return new
-
-    for key, dest in current_leaves.items():
-        if isinstance(dest, torch.Tensor):
-            check_destination(key, dest)
-    for key, value in saved_leaves.items():
-        dest = current_leaves.get(key)
-        if _is_saved(value) and isinstance(dest, torch.Tensor):
-            _compatible(key, value, dest, report, plan.cast)
-    plan.report.cast_keys.update(report.cast_keys)
-    if report.shape_mismatches or report.dtype_mismatches or reason:
-        plan.report.shape_mismatches.update(report.shape_mismatches)
-        plan.report.dtype_mismatches.update(report.dtype_mismatches)
-        plan.report.skipped_objects[name] = reason or "some of its tensors differ in shape or dtype"
-        return
-    new_state = _rebuild(saved, name, destination)
-    plan.reads.extend(reads)
-    unfilled = _unfilled(current_leaves, saved_leaves)
-    if isinstance(obj, torch.optim.Optimizer):  # load_state_dict replaces its state whole: what the checkpoint
-        state = keypath.join(name, "state") + keypath.SEP  # has no state for, it has none for after the restore
-        unfilled = [k for k in unfilled if not k.startswith(state)]
-    plan.report.missing_keys.extend(unfilled)
-    plan.report.restored_keys.extend(_shared_key(k, v) if _is_saved(v) else k
-                                     for k, v in saved_leaves.items())
-    if isinstance(obj, torch.optim.Optimizer):
-        new_state = optimizer.with_param_ids(new_state)
-    plan.loads.append((name, lambda: obj.load_state_dict(new_state)))
-
-
-def _without_stray_state(saved: Any, name: str, report: MismatchReport) -> Any:
-    """``saved`` less the state of parameters its groups do not list (a rename to ``opt/state/7``
-    of an optimizer of two): ``load_state_dict`` would keep it under a key no parameter has, and
-    the parameter it was meant for would train on without it. Reported unexpected instead."""
-    state = saved.get("state") if isinstance(saved, dict) else None
-    if not isinstance(state, dict):
-        return saved
-    ids = {i for group in saved["param_groups"] for i in group["params"] if type(i) in (int, str)}  # checked: dicts
-    strays = {k: v for k, v in state.items() if k not in ids}  # load_state_dict maps state by these ids
-    if not strays:
-        return saved
-    report.unexpected_keys.extend(keypath.leaves(strays, keypath.join(name, "state")))
-    return {**saved, "state": {k: v for k, v in state.items() if k not in strays}}
-
-
-def _unfilled(current: dict[str, Any], saved: dict[str, Any]) -> list[str]:
-    """The object's leaves the checkpoint does not fill: absent from it, and no saved key below
-    them (an empty container now, such as a never-stepped optimizer's state, is filled then)."""
-    absent = [k for k in current if k not in saved]
-    if not absent:
-        return []
-    ordered = sorted(saved)
-    return [k for k in absent if not _starts_one(k + keypath.SEP, ordered)]
-
-
-def _starts_one(prefix: str, ordered: list[str]) -> bool:
-    """Whether one of the sorted strings ``ordered`` starts with ``prefix`` (those that do come
-    together, from where ``prefix`` would be inserted)."""
-    i = bisect.bisect_left(ordered, prefix)
-    return i < len(ordered) and ordered[i].startswith(prefix)
-
-
-def _structure_problem(obj: Any, current: Any, saved: Any) -> str | None:
-    if isinstance(obj, torch.optim.Optimizer):
-        mine = [len(g["params"]) for g in current.get("param_groups", [])]
-        groups = saved.get("param_groups") if isinstance(saved, dict) else None
-        if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
-                                                   for g in groups):
-            return "the checkpoint's state has no parameter groups"
-        theirs = [len(g["params"]) for g in groups]
-        if mine != theirs:
-            return f"the checkpoint's parameter groups have sizes {theirs}, this optimizer's have {mine}"
-    return None
-
-
-def _rebuild(saved: Any, path: str, destination: Callable[[str, SavedTensor], torch.Tensor]) -> Any:
+def rebuild(saved: Any, path: str, destination: Callable[[str, SavedTensor], torch.Tensor]) -> Any:
     """``saved`` with each saved tensor replaced by ``destination(key, saved)``. Containers without
     a tensor below them are returned as they are: a large plain value is not copied again."""
-    if _is_saved(saved):
+    if is_saved(saved):
         return destination(path, saved)
     if isinstance(saved, dict):
-        items = {k: _rebuild(v, keypath.join(path, keypath.key_part(k)), destination) for k, v in saved.items()}
+        items = {k: rebuild(v, keypath.join(path, keypath.key_part(k)), destination) for k, v in saved.items()}
         return saved if all(items[k] is v for k, v in saved.items()) else type(saved)(items)
     if isinstance(saved, (list, tuple)) and not isinstance(saved, torch.Size):
-        parts = [_rebuild(v, keypath.join(path, str(i)), destination) for i, v in enumerate(saved)]
+        parts = [rebuild(v, keypath.join(path, str(i)), destination) for i, v in enumerate(saved)]
         if all(a is b for a, b in zip(parts, saved)):
             return saved
         return parts if isinstance(saved, list) else tuple(parts)
@@ -548,7 +436,7 @@ def plan_value(key: str, saved: Any, assign: Callable[[Any], None], plan: Plan) 
         plan.report.missing_keys.append(key)
         return
 
-    value = _rebuild(saved, key, _fresh_reader(plan))
+    value = rebuild(saved, key, _fresh_reader(plan))
     plan.loads.append((key, lambda: assign(value)))
     plan.report.restored_keys.append(key)
 

@@ -1,0 +1,134 @@
+"""Planning a stateful object's restore: an optimizer, a scheduler, a scaler, anything with
+``state_dict()`` and ``load_state_dict()``.
+
+Its state dict is rebuilt from the checkpoint (tensors it already has with the same shape and dtype
+are read into in place, the others allocated once) and handed to its ``load_state_dict`` when the
+reads are done. Unlike a module's, such an object is restored whole or not at all: any shape or
+dtype mismatch, or a structure that cannot take the saved state (an optimizer with other parameter
+groups), leaves it untouched and is reported.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Any
+
+import torch
+
+from torchckpt._dist import dtensor as dist_dtensor
+from torchckpt._format import keypath
+from torchckpt._format.dtypes import TensorInfo as SavedTensor
+from torchckpt._load import optimizer
+from torchckpt._load.plan import MISSING, Plan, check_destination, compatible, is_saved, rebuild, shared_key
+from torchckpt._load.report import MismatchReport
+
+
+def plan_stateful(name: str, obj: Any, saved: Any, plan: Plan) -> None:
+    """Rebuild the object's state dict from the checkpoint and hand it to ``load_state_dict``.
+
+    Tensors that already exist in the object with the same shape and dtype are read into in
+    place; others are allocated once. An object with any shape or dtype mismatch, or whose
+    structure cannot take the checkpoint's state (an optimizer with different parameter groups),
+    is left untouched as a whole and reported.
+    """
+    current = obj.state_dict()
+    current_leaves = keypath.leaves(current, name)
+    if saved is MISSING:
+        plan.report.missing_keys.extend(current_leaves)
+        return
+    reason = _structure_problem(obj, current, saved)
+    if isinstance(obj, torch.optim.Optimizer) and not reason:
+        saved = _without_stray_state(saved, name, plan.report)
+    saved_leaves = keypath.leaves(saved, name)
+    report = MismatchReport()
+    reads: list[tuple[torch.Tensor, SavedTensor]] = []
+    params = dist_dtensor.LayoutTemplates(obj) if isinstance(obj, torch.optim.Optimizer) else None
+
+    def destination(key: str, value: SavedTensor) -> torch.Tensor:
+        dest = current_leaves.get(key)
+        if isinstance(dest, torch.Tensor) and not dest.is_meta:  # compatibility was checked above
+            if dest.dtype == value.dtype:
+                reads.append((dest, value))
+                return dest
+            fresh = torch.empty(value.shape, dtype=dest.dtype)  # cast=True: the object's dtype
+            buffer = torch.empty(value.shape, dtype=value.dtype)
+            reads.append((buffer, value))
+            plan.casts.append((fresh, buffer))
+            return fresh
+        laid_out = None
+        if params is not None:  # an optimizer that never stepped: laid out like its parameter, where that matters
+            laid_out = params.destination(key, name, value)
+        new = torch.empty(value.shape, dtype=value.dtype) if laid_out is None else laid_out
+        reads.append((new, value))
+        return new
+
+    for key, dest in current_leaves.items():
+        if isinstance(dest, torch.Tensor):
+            check_destination(key, dest)
+    for key, value in saved_leaves.items():
+        dest = current_leaves.get(key)
+        if is_saved(value) and isinstance(dest, torch.Tensor):
+            compatible(key, value, dest, report, plan.cast)
+    plan.report.cast_keys.update(report.cast_keys)
+    if report.shape_mismatches or report.dtype_mismatches or reason:
+        plan.report.shape_mismatches.update(report.shape_mismatches)
+        plan.report.dtype_mismatches.update(report.dtype_mismatches)
+        plan.report.skipped_objects[name] = reason or "some of its tensors differ in shape or dtype"
+        return
+    new_state = rebuild(saved, name, destination)
+    plan.reads.extend(reads)
+    unfilled = _unfilled(current_leaves, saved_leaves)
+    if isinstance(obj, torch.optim.Optimizer):  # load_state_dict replaces its state whole: what the checkpoint
+        state = keypath.join(name, "state") + keypath.SEP  # has no state for, it has none for after the restore
+        unfilled = [k for k in unfilled if not k.startswith(state)]
+    plan.report.missing_keys.extend(unfilled)
+    plan.report.restored_keys.extend(shared_key(k, v) if is_saved(v) else k
+                                     for k, v in saved_leaves.items())
+    if isinstance(obj, torch.optim.Optimizer):
+        new_state = optimizer.with_param_ids(new_state)
+    plan.loads.append((name, lambda: obj.load_state_dict(new_state)))
+
+
+def _without_stray_state(saved: Any, name: str, report: MismatchReport) -> Any:
+    """``saved`` less the state of parameters its groups do not list (a rename to ``opt/state/7``
+    of an optimizer of two): ``load_state_dict`` would keep it under a key no parameter has, and
+    the parameter it was meant for would train on without it. Reported unexpected instead."""
+    state = saved.get("state") if isinstance(saved, dict) else None
+    if not isinstance(state, dict):
+        return saved
+    ids = {i for group in saved["param_groups"] for i in group["params"] if type(i) in (int, str)}  # checked: dicts
+    strays = {k: v for k, v in state.items() if k not in ids}  # load_state_dict maps state by these ids
+    if not strays:
+        return saved
+    report.unexpected_keys.extend(keypath.leaves(strays, keypath.join(name, "state")))
+    return {**saved, "state": {k: v for k, v in state.items() if k not in strays}}
+
+
+def _unfilled(current: dict[str, Any], saved: dict[str, Any]) -> list[str]:
+    """The object's leaves the checkpoint does not fill: absent from it, and no saved key below
+    them (an empty container now, such as a never-stepped optimizer's state, is filled then)."""
+    absent = [k for k in current if k not in saved]
+    if not absent:
+        return []
+    ordered = sorted(saved)
+    return [k for k in absent if not _starts_one(k + keypath.SEP, ordered)]
+
+
+def _starts_one(prefix: str, ordered: list[str]) -> bool:
+    """Whether one of the sorted strings ``ordered`` starts with ``prefix`` (those that do come
+    together, from where ``prefix`` would be inserted)."""
+    i = bisect.bisect_left(ordered, prefix)
+    return i < len(ordered) and ordered[i].startswith(prefix)
+
+
+def _structure_problem(obj: Any, current: Any, saved: Any) -> str | None:
+    if isinstance(obj, torch.optim.Optimizer):
+        mine = [len(g["params"]) for g in current.get("param_groups", [])]
+        groups = saved.get("param_groups") if isinstance(saved, dict) else None
+        if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                                                   for g in groups):
+            return "the checkpoint's state has no parameter groups"
+        theirs = [len(g["params"]) for g in groups]
+        if mine != theirs:
+            return f"the checkpoint's parameter groups have sizes {theirs}, this optimizer's have {mine}"
+    return None
