@@ -163,6 +163,17 @@ def grid(shape: tuple[int, ...], block: tuple[int, ...]) -> list:
     return [(o, tuple(min(b, d - x) for x, b, d in zip(o, block, shape))) for o in itertools.product(*starts)]
 
 
+def best_of_three(check) -> float:
+    """The fastest of three runs of ``check``: one run can be slowed several times by another
+    worker's job on the same cores, and a quadratic check would be slow every time."""
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        check()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 @pytest.mark.parametrize("case, shape, boxes", [
     ("40,000 column chunks", (8, 40_000), column_chunks(40_000)),
     ("200 x 200 blocks", (400, 400), grid((400, 400), (2, 2))),
@@ -173,9 +184,8 @@ def grid(shape: tuple[int, ...], block: tuple[int, ...]) -> list:
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_tens_of_thousands_of_chunks_are_checked_in_well_under_a_second(case, shape, boxes):
     assert len(boxes) >= 10_000
-    start = time.perf_counter()
-    format_chunks.check_tiling("w", shape, boxes, "here")
-    assert time.perf_counter() - start < 1.0  # was 0.66 s for 1,000 column chunks and 10 s for 4,000
+    seconds = best_of_three(lambda: format_chunks.check_tiling("w", shape, boxes, "here"))
+    assert seconds < 1.0  # was 0.66 s for 1,000 column chunks and 10 s for 4,000
 
 
 def shifted(boxes: list, i: int, dim: int, by: int) -> list:
@@ -194,10 +204,11 @@ def shifted(boxes: list, i: int, dim: int, by: int) -> list:
     ("a column twice", (8, 40_000), [*column_chunks(40_000), ((0, 7), (8, 1))], "overlap"),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_an_overlap_hidden_among_tens_of_thousands_of_chunks_is_caught(case, shape, boxes, message):
-    start = time.perf_counter()
-    with pytest.raises(torchckpt.CorruptCheckpointError, match=message):
-        format_chunks.check_tiling("w", shape, boxes, "here")
-    assert time.perf_counter() - start < 1.0
+    def check() -> None:
+        with pytest.raises(torchckpt.CorruptCheckpointError, match=message):
+            format_chunks.check_tiling("w", shape, boxes, "here")
+
+    assert best_of_three(check) < 1.0
 
 
 @st.composite

@@ -65,10 +65,14 @@ def read_once(d: Path, rank: int, world: int) -> dict[str, Any]:
     for mode in (True, False, None):
         fresh = model_of(1)
         fresh_opt = torch.optim.Adam(fresh.parameters())
+        versions = [t._version for t in [*fresh.parameters(), *fresh.buffers()]]
         before = rchar()
         status = torchckpt.Checkpoint(model=fresh, opt=fresh_opt, rng=torchckpt.RNGState()).read(
             path, read_once=mode, timeout_secs=TIMEOUT)
         out[f"read {mode}"] = rchar() - before
+        # written behind autograd's back (read, or broadcast by the rank that read it): the counters move
+        out[f"versions moved {mode}"] = all(t._version > v for t, v in zip([*fresh.parameters(), *fresh.buffers()],
+                                                                          versions))
         record(out, f"consumed {mode}", status.assert_consumed)
         got = state(fresh, fresh_opt)
         out[f"equal {mode}"] = sorted(got) == sorted(saved) and all(torch.equal(got[k], v) for k, v in saved.items())

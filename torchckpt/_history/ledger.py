@@ -74,13 +74,12 @@ class Ledger:
         return None
 
     def best(self) -> str | None:
-        """The name of the checkpoint with the best metric, kept or preserved and still on disk (one
-        deleted by hand is passed over), or None."""
-        for entry in ranked_history(self.kept, self.preserved, self.ranking.best_metric, self.ranking.best_mode,
-                                    self.damaged):
-            if history_members.is_member(self.directory, entry.name, self.storage):
-                return entry.name
-        return None
+        """The name of the checkpoint with the best metric, kept or preserved, or None. From the
+        history alone (no request, the same on every rank: rank 0's), so a checkpoint deleted by hand
+        can be named; ``get_checkpoint_state`` and ``ls`` look at the disk."""
+        ranked = ranked_history(self.kept, self.preserved, self.ranking.best_metric, self.ranking.best_mode,
+                                self.damaged)
+        return ranked[0].name if ranked else None
 
     def state(self) -> State:
         """The ledger as the state file records it."""

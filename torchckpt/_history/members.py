@@ -209,7 +209,7 @@ def is_being_replaced(path: str, storage: Storage, now: float) -> bool:
     """Whether the checkpoint ``path`` is between the deletion of its index and the creation of
     its replacement's (an object store's ``save(checkpoint_number=n)`` of an existing ``n``): no
     index, and a pending marker that a writer put there within ``LEFTOVER_GRACE_SECS`` (an older
-    one is a crashed writer's)."""
+    one is a crashed writer's; one from the future, or not a marker at all, counts for nothing)."""
     names = storage.list_names(path)
     if spec.INDEX_FILE in names:
         return False
@@ -217,9 +217,9 @@ def is_being_replaced(path: str, storage: Storage, now: float) -> bool:
         if spec.is_pending_marker(name):
             try:
                 written = json.loads(storage.read_file(join(path, name), 2**16, "Pending marker")).get("time")
-            except (OSError, ValueError, AttributeError, CheckpointError):
-                continue
-            if isinstance(written, (int, float)) and now - written < LEFTOVER_GRACE_SECS:
+            except (OSError, ValueError, AttributeError, RecursionError, CheckpointError):
+                continue  # (a marker is anyone's file: what is not a writer's marker counts for nothing)
+            if isinstance(written, (int, float)) and 0 <= now - written < LEFTOVER_GRACE_SECS:
                 return True
     return False
 

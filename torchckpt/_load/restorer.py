@@ -29,7 +29,7 @@ from torchckpt._format import index as format_index
 from torchckpt._format.spec import SAVE_COUNTER
 from torchckpt._history import members as history_members
 from torchckpt._load import opened, recheck, rename, spread
-from torchckpt._load.execute import check_headers, execute, load, read
+from torchckpt._load.execute import check_headers, execute, load, mark_written, read
 from torchckpt._load.match import Matcher, Tracking
 from torchckpt._load.plan import MISSING, Plan, plan_value
 from torchckpt._load.rename import Renamer
@@ -131,6 +131,7 @@ def _restore_from(target: Target, storage: Storage, directory: str, plan: Plan, 
         dist_coordinator.agree(coord, coord.what, lambda: read(plan, shards, verify, progress))
         if spreading is not None:
             spread.broadcast(spreading)
+            mark_written([t for run in spreading.runs for t in run])  # gloo wrote them behind autograd's back
         load(plan, shards, verify)
     return Restored(plan.report, directory)
 
