@@ -71,10 +71,38 @@ def test_extra_checkpoint_values_pass_existing_objects_matched(saved, mlp):
         status.assert_consumed()
 
 
-def test_nothing_matching_fails_nontrivial_match(saved):
+def test_nothing_matching_fails_nontrivial_match(saved, tmp_path):
     status = torchckpt.Checkpoint(other=torch.nn.Linear(2, 2)).read(saved)
     with pytest.raises(RestoreMismatchError, match="Nothing in .* matched"):
         status.assert_nontrivial_match()
+    counted = torchckpt.Checkpoint(model=make_mlp(0)).save(tmp_path / "counted")  # a save_counter every one has
+    status = torchckpt.Checkpoint(other=torch.nn.Linear(2, 2)).restore(counted)
+    with pytest.raises(RestoreMismatchError, match="Nothing in .* matched"):
+        status.assert_nontrivial_match()
+
+
+class Count:
+    """A stateful object of plain state (no tensor below it)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def state_dict(self) -> dict:
+        return {"n": self.n}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.n = state["n"]
+
+
+def test_a_tracked_dict_whose_keys_differ_only_in_type_restores_each_by_key_and_type(tmp_path):
+    path = torchckpt.Checkpoint(d={0: Count(1), "0": Count(2)}, e={None: 5, "None": Count(111)}).write(tmp_path / "c")
+    d, e = {0: Count(0), "0": Count(0)}, {None: 0, "None": Count(0)}
+    ckpt = torchckpt.Checkpoint(d=d, e=e)
+    ckpt.read(path).assert_consumed()
+    assert (d[0].n, d["0"].n) == (1, 2) and ckpt.e[None] == 5 and ckpt.e["None"].n == 111
+    fewer = {0: Count(0)}  # the saved "0" is no key of the same type: unexpected, not given to 0
+    report = torchckpt.Checkpoint(d=fewer, e={None: 0, "None": Count(0)}).read(path).expect_partial().report
+    assert fewer[0].n == 1 and report.unexpected_keys == ["d/0/n"] and not report.missing_keys
 
 
 def test_unacknowledged_mismatch_warns_naming_keys(saved):

@@ -14,6 +14,7 @@ import contextlib
 import warnings
 from collections.abc import Iterable
 
+from torchckpt._format.spec import SAVE_COUNTER
 from torchckpt._load.rename import Rename, RenameConflictError
 from torchckpt._load.report import MismatchReport
 from torchckpt.errors import RestoreMismatchError
@@ -65,9 +66,10 @@ class RestoreStatus:
         return self
 
     def assert_nontrivial_match(self) -> RestoreStatus:
-        """Something was restored."""
+        """Something was restored (besides ``save_counter``, which every checkpoint of a
+        ``Checkpoint.save`` has)."""
         self._acknowledged = True
-        if self.path is None or not self.report.restored_keys:
+        if self.path is None or not any(k != SAVE_COUNTER for k in self.report.restored_keys):
             if self.path is not None:
                 raise RestoreMismatchError(
                     f"Nothing in {self.path} matched the objects being restored; the checkpoint probably does "

@@ -67,7 +67,7 @@ def mark_written(tensors: list[torch.Tensor]) -> None:
     if not tensors:
         return
     touched = tensors
-    if not set(map(type, tensors)) <= _PLAIN_TENSORS:  # (one pass in C: 20,000 tensors cost 0.1 ms, not 3)
+    if not set(map(type, tensors)) <= _PLAIN_TENSORS:  # (one pass in C: 0.4 ms for 20,000 tensors, not 3)
         touched = [*tensors, *(dist_dtensor.local_of(t) for t in tensors if dist_dtensor.is_dtensor(t))]
     try:
         torch.autograd.graph.increment_version(touched)

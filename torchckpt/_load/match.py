@@ -109,12 +109,18 @@ class Matcher:
                    assign: Callable[[Any], None]) -> None:
         """Match a dict, list or tuple item by item, by key part (so an int key matches its saved
         digits). A tuple's tensors and objects are restored in place, as a list's; an item it must
-        replace (a plain value, a tensor on the meta device) replaces the tuple through ``assign``."""
+        replace (a plain value, a tensor on the meta device) replaces the tuple through ``assign``.
+        A dict whose keys differ only in type (``{0: .., "0": ..}``, on either side) is matched by
+        key and type: by part, both would take one saved value."""
         report = self.plan.report
         setter = _tuple_setter([value], assign) if type(value) is tuple else _item_setter
+        is_dict = isinstance(value, dict)
         saved_items: dict[str, Any] = {}
+        typed: dict[tuple[type, Any], Any] | None = None  # saved items by (key type, key), where parts collide
         if isinstance(saved, dict):
             saved_items = saved if all(map(_is_plain_part, saved)) else {keypath.key_part(k): v for k, v in saved.items()}
+            if len(saved_items) < len(saved) or isinstance(value, dict) and not _distinct_parts(value):
+                typed = {(type(k), k): v for k, v in saved.items()}
         elif isinstance(saved, (list, tuple)):
             saved_items = {str(i): v for i, v in enumerate(saved)}
         elif saved is not MISSING:
@@ -123,20 +129,25 @@ class Matcher:
         items = value.items() if isinstance(value, dict) else enumerate(value)
         for k, v in items:
             part = keypath.key_part(k)
-            found = saved_items.get(part, MISSING)
+            found = typed.pop((type(k), k), MISSING) if typed is not None else saved_items.get(part, MISSING)
             matched += found is not MISSING
             if isinstance(v, torch.Tensor):  # the common leaf, planned without building a setter (unless on meta)
                 plan_tensor(keypath.join(key, part), v, found, self.plan, setter(value, k) if v.is_meta else None)
             else:
                 self.value(keypath.join(key, part), v, found, setter(value, k))
-        # Distinct items have distinct parts unless a dict mixes key types ({0: .., "0": ..}).
-        is_dict = isinstance(value, dict)
-        distinct = not is_dict or all(type(k) is str for k in value)
-        if matched < len(saved_items) or not distinct:
+        if typed is not None:  # what no key of the same type took
+            for (_, k), v in typed.items():
+                report.unexpected_keys.extend(keypath.leaves(v, keypath.join(key, keypath.key_part(k))))
+        elif matched < len(saved_items):
             used = {keypath.key_part(k) for k in (value if is_dict else range(len(value)))}
             for part, v in saved_items.items():
                 if part not in used:
                     report.unexpected_keys.extend(keypath.leaves(v, keypath.join(key, part)))
+
+
+def _distinct_parts(value: dict[Any, Any]) -> bool:
+    """Whether a dict's keys have distinct key parts (they may not where it mixes key types)."""
+    return all(type(k) is str for k in value) or len({keypath.key_part(k) for k in value}) == len(value)
 
 
 def _item_setter(container: Any, key: Any) -> Callable[[Any], None]:
