@@ -81,6 +81,27 @@ def test_nothing_matching_fails_nontrivial_match(saved, tmp_path):
         status.assert_nontrivial_match()
 
 
+def test_one_object_under_two_names_takes_the_last_and_reports_the_other_unused(tmp_path):
+    # as tied weights inside one module: one memory holds one value, so the other name is unexpected
+    path = torchckpt.Checkpoint(a=torch.ones(3), b=torch.full((3,), 2.0), gen=make_mlp(1), disc=make_mlp(2),
+                                items=[torch.ones(2), torch.zeros(2)]).write(tmp_path / "c")
+    shared, module, item = torch.zeros(3), make_mlp(0), torch.full((2,), 5.0)
+    status = torchckpt.Checkpoint(a=shared, b=shared, gen=module, disc=module, items=[item, item]).read(path)
+    report = status.expect_partial().report
+    assert torch.equal(shared, torch.full((3,), 2.0)) and torch.equal(item, torch.zeros(2))
+    assert torch.equal(module[0].weight, make_mlp(2)[0].weight)
+    assert sorted(report.unexpected_keys) == ["a", "gen/0.bias", "gen/0.weight", "gen/2.bias", "gen/2.weight",
+                                             "items/0"]
+    assert not any(k.startswith("gen/") or k in ("a", "items/0") for k in report.restored_keys)
+    with pytest.raises(RestoreMismatchError, match="unexpected in the checkpoint"):
+        status.assert_consumed()
+    same = torch.arange(3.0)  # saved as one (tied), restored as one: both names restored, nothing unused
+    path = torchckpt.Checkpoint(a=same, b=same, m=module, n=module).write(tmp_path / "tied")
+    again, twin = torch.zeros(3), make_mlp(5)
+    torchckpt.Checkpoint(a=again, b=again, m=twin, n=twin).read(path).assert_consumed()
+    assert torch.equal(again, same) and torch.equal(twin[0].weight, module[0].weight)
+
+
 class Count:
     """A stateful object of plain state (no tensor below it)."""
 

@@ -9,7 +9,8 @@ imports the face, and a nested ``Checkpoint`` is matched through ``Tracking.nest
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch
 
 from torchckpt._format import keypath, tree
 from torchckpt._load import loaders
-from torchckpt._load.plan import MISSING, Plan, plan_module, plan_tensor, plan_value
+from torchckpt._load.plan import MISSING, Plan, is_saved, plan_module, plan_tensor, plan_value
 from torchckpt._load.stateful import plan_stateful
 from torchckpt.rng import RNGState
 
@@ -45,12 +46,52 @@ class Tracking:
     is_trackable: Callable[[Any], bool]
 
 
+@dataclass
+class _Planned:
+    """What planning one tracked object under ``key`` added to the plan, to take it back."""
+
+    obj: Any
+    key: str
+    saved: Any
+    reads: list[Any]
+    casts: list[Any]
+    loads: list[Any]
+    restored: list[str]
+
+
 class Matcher:
     """One walk: every tracked object matched into ``plan``, every saved value not matched reported."""
 
     def __init__(self, plan: Plan, tracking: Tracking) -> None:
         self.plan = plan
         self.tracking = tracking
+        self._planned: dict[int, _Planned] = {}  # id of a tensor, module or stateful object -> its planning
+
+    @contextlib.contextmanager
+    def _once(self, key: str, obj: Any, saved: Any) -> Iterator[None]:
+        """Plan ``obj`` (a tensor, a module, a stateful object) under ``key``. One object tracked
+        under two names (``Checkpoint(a=t, b=t)``, ``[t, t]``) holds one value: where the checkpoint
+        has two different ones, the name planned last wins and the earlier one is taken back and
+        reported unexpected, its value unused (as for tied weights inside a module)."""
+        plan = self.plan
+        earlier = self._planned.get(id(obj))
+        if earlier is not None and earlier.obj is obj and saved is not MISSING and not _same_saved(earlier.saved, saved):
+            self._take_back(earlier)
+        marks = (len(plan.reads), len(plan.casts), len(plan.loads), len(plan.report.restored_keys))
+        yield
+        if saved is not MISSING:
+            self._planned[id(obj)] = _Planned(obj, key, saved, plan.reads[marks[0]:], plan.casts[marks[1]:],
+                                              plan.loads[marks[2]:], plan.report.restored_keys[marks[3]:])
+
+    def _take_back(self, earlier: _Planned) -> None:
+        plan = self.plan
+        plan.reads[:] = _without(plan.reads, earlier.reads)
+        plan.casts[:] = _without(plan.casts, earlier.casts)
+        plan.loads[:] = _without(plan.loads, earlier.loads)
+        for key in earlier.restored:
+            if key in plan.report.restored_keys:
+                plan.report.restored_keys.remove(key)
+                plan.report.unexpected_keys.append(key)
 
     def checkpoint(self, tracked: dict[str, Any], saved: dict[str, Any], prefix: str, ignored: str | None) -> None:
         """Match a checkpoint's ``tracked`` objects; ``ignored`` names a saved key the caller plans itself."""
@@ -76,17 +117,21 @@ class Matcher:
                 return
             self.checkpoint(nested, saved, key, None)
         elif isinstance(value, torch.nn.Module):
-            plan_module(key, value, saved, plan)
+            with self._once(key, value, saved):
+                plan_module(key, value, saved, plan)
         elif isinstance(value, torch.Tensor):
-            plan_tensor(key, value, saved, plan, assign)
+            with self._once(key, value, saved):
+                plan_tensor(key, value, saved, plan, assign)
         elif loaders.is_data_state(value):
             loaders.plan_restore(key, value, saved, plan)
-        elif is_stateful(value):
+        elif isinstance(value, RNGState):  # set last (see ``Plan.rng_loads``)
             loads = len(plan.loads)
             plan_stateful(key, value, saved, plan)
-            if isinstance(value, RNGState):  # set last (see ``Plan.rng_loads``)
-                plan.rng_loads.extend(plan.loads[loads:])
-                del plan.loads[loads:]
+            plan.rng_loads.extend(plan.loads[loads:])
+            del plan.loads[loads:]
+        elif is_stateful(value):
+            with self._once(key, value, saved):
+                plan_stateful(key, value, saved, plan)
         elif self.tracking.is_trackable(value) and (isinstance(value, (dict, list)) or type(value) is tuple):
             self._container(key, value, saved, assign)
         elif (inside := _missing_inside(saved)) is not None:  # a per-rank value within a plain one: all or none
@@ -132,7 +177,8 @@ class Matcher:
             found = typed.pop((type(k), k), MISSING) if typed is not None else saved_items.get(part, MISSING)
             matched += found is not MISSING
             if isinstance(v, torch.Tensor):  # the common leaf, planned without building a setter (unless on meta)
-                plan_tensor(keypath.join(key, part), v, found, self.plan, setter(value, k) if v.is_meta else None)
+                with self._once(keypath.join(key, part), v, found):
+                    plan_tensor(keypath.join(key, part), v, found, self.plan, setter(value, k) if v.is_meta else None)
             else:
                 self.value(keypath.join(key, part), v, found, setter(value, k))
         if typed is not None:  # what no key of the same type took
@@ -148,6 +194,34 @@ class Matcher:
 def _distinct_parts(value: dict[Any, Any]) -> bool:
     """Whether a dict's keys have distinct key parts (they may not where it mixes key types)."""
     return all(type(k) is str for k in value) or len({keypath.key_part(k) for k in value}) == len(value)
+
+
+def _without(items: list[Any], taken: list[Any]) -> list[Any]:
+    """``items`` less the very entries ``taken`` (by identity)."""
+    ids = {id(x) for x in taken}
+    return [x for x in items if id(x) not in ids]
+
+
+def _same_saved(a: Any, b: Any) -> bool:
+    """Whether two saved values are one: the same saved tensors (a tensor tracked under two names
+    is stored once) and equal plain values, key for key."""
+    if a is b:
+        return True
+    left, right = keypath.leaves(a, ""), keypath.leaves(b, "")
+    if left.keys() != right.keys():
+        return False
+    for k, x in left.items():
+        y = right[k]
+        if x is y:
+            continue
+        if is_saved(x) or is_saved(y) or type(x) is not type(y):
+            return False
+        try:
+            if not (x == y or x != x and y != y):  # (NaN equals NaN here)
+                return False
+        except Exception:  # noqa: BLE001 - values that cannot say: not known to be one
+            return False
+    return True
 
 
 def _item_setter(container: Any, key: Any) -> Callable[[Any], None]:
