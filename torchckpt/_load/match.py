@@ -9,8 +9,7 @@ imports the face, and a nested ``Checkpoint`` is matched through ``Tracking.nest
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,52 +45,40 @@ class Tracking:
     is_trackable: Callable[[Any], bool]
 
 
-@dataclass
-class _Planned:
-    """What planning one tracked object under ``key`` added to the plan, to take it back."""
-
-    obj: Any
-    key: str
-    saved: Any
-    reads: list[Any]
-    casts: list[Any]
-    loads: list[Any]
-    restored: list[str]
-
-
 class Matcher:
     """One walk: every tracked object matched into ``plan``, every saved value not matched reported."""
 
     def __init__(self, plan: Plan, tracking: Tracking) -> None:
         self.plan = plan
         self.tracking = tracking
-        self._planned: dict[int, _Planned] = {}  # id of a tensor, module or stateful object -> its planning
+        self._planned: dict[int, tuple[Any, str, Any]] = {}  # id of a tracked object -> (it, its key, its saved value)
 
-    @contextlib.contextmanager
-    def _once(self, key: str, obj: Any, saved: Any) -> Iterator[None]:
-        """Plan ``obj`` (a tensor, a module, a stateful object) under ``key``. One object tracked
-        under two names (``Checkpoint(a=t, b=t)``, ``[t, t]``) holds one value: where the checkpoint
-        has two different ones, the name planned last wins and the earlier one is taken back and
-        reported unexpected, its value unused (as for tied weights inside a module)."""
-        plan = self.plan
+    def _once(self, key: str, obj: Any, saved: Any) -> None:
+        """Before ``obj`` (a tensor, a module, a stateful object) is planned under ``key``. One
+        object tracked under two names (``Checkpoint(a=t, b=t)``, ``[t, t]``) holds one value: where
+        the checkpoint has two different ones, the name planned last wins, and the earlier
+        planning is taken back and reported unexpected, its value unused (as for tied weights
+        inside a module). A dict entry per object: the common case costs nothing more."""
+        if saved is MISSING:
+            return
         earlier = self._planned.get(id(obj))
-        if earlier is not None and earlier.obj is obj and saved is not MISSING and not _same_saved(earlier.saved, saved):
-            self._take_back(earlier)
-        marks = (len(plan.reads), len(plan.casts), len(plan.loads), len(plan.report.restored_keys))
-        yield
-        if saved is not MISSING:
-            self._planned[id(obj)] = _Planned(obj, key, saved, plan.reads[marks[0]:], plan.casts[marks[1]:],
-                                              plan.loads[marks[2]:], plan.report.restored_keys[marks[3]:])
+        if earlier is not None and earlier[0] is obj and not _same_saved(earlier[2], saved):
+            self._take_back(earlier[1], earlier[2])
+        self._planned[id(obj)] = (obj, key, saved)
 
-    def _take_back(self, earlier: _Planned) -> None:
+    def _take_back(self, key: str, saved: Any) -> None:
+        """Unplan what was planned under ``key`` from ``saved``: its reads, casts and loads; its
+        restored keys become unexpected."""
         plan = self.plan
-        plan.reads[:] = _without(plan.reads, earlier.reads)
-        plan.casts[:] = _without(plan.casts, earlier.casts)
-        plan.loads[:] = _without(plan.loads, earlier.loads)
-        for key in earlier.restored:
-            if key in plan.report.restored_keys:
-                plan.report.restored_keys.remove(key)
-                plan.report.unexpected_keys.append(key)
+        tensors = {id(v) for v in keypath.leaves(saved, key).values() if is_saved(v)}
+        buffers = {id(d) for d, v in plan.reads if id(v) in tensors}
+        plan.reads[:] = [(d, v) for d, v in plan.reads if id(v) not in tensors]
+        plan.casts[:] = [(d, b) for d, b in plan.casts if id(b) not in buffers]
+        plan.loads[:] = [(k, load) for k, load in plan.loads if k != key]
+        below = key + keypath.SEP
+        taken = [k for k in plan.report.restored_keys if k == key or k.startswith(below)]
+        plan.report.restored_keys[:] = [k for k in plan.report.restored_keys if not (k == key or k.startswith(below))]
+        plan.report.unexpected_keys.extend(taken)
 
     def checkpoint(self, tracked: dict[str, Any], saved: dict[str, Any], prefix: str, ignored: str | None) -> None:
         """Match a checkpoint's ``tracked`` objects; ``ignored`` names a saved key the caller plans itself."""
@@ -117,11 +104,11 @@ class Matcher:
                 return
             self.checkpoint(nested, saved, key, None)
         elif isinstance(value, torch.nn.Module):
-            with self._once(key, value, saved):
-                plan_module(key, value, saved, plan)
+            self._once(key, value, saved)
+            plan_module(key, value, saved, plan)
         elif isinstance(value, torch.Tensor):
-            with self._once(key, value, saved):
-                plan_tensor(key, value, saved, plan, assign)
+            self._once(key, value, saved)
+            plan_tensor(key, value, saved, plan, assign)
         elif loaders.is_data_state(value):
             loaders.plan_restore(key, value, saved, plan)
         elif isinstance(value, RNGState):  # set last (see ``Plan.rng_loads``)
@@ -130,8 +117,8 @@ class Matcher:
             plan.rng_loads.extend(plan.loads[loads:])
             del plan.loads[loads:]
         elif is_stateful(value):
-            with self._once(key, value, saved):
-                plan_stateful(key, value, saved, plan)
+            self._once(key, value, saved)
+            plan_stateful(key, value, saved, plan)
         elif self.tracking.is_trackable(value) and (isinstance(value, (dict, list)) or type(value) is tuple):
             self._container(key, value, saved, assign)
         elif (inside := _missing_inside(saved)) is not None:  # a per-rank value within a plain one: all or none
@@ -172,13 +159,18 @@ class Matcher:
             report.unexpected_keys.extend(keypath.leaves(saved, key))
         matched = 0
         items = value.items() if isinstance(value, dict) else enumerate(value)
+        planned = self._planned
         for k, v in items:
             part = keypath.key_part(k)
             found = typed.pop((type(k), k), MISSING) if typed is not None else saved_items.get(part, MISSING)
             matched += found is not MISSING
             if isinstance(v, torch.Tensor):  # the common leaf, planned without building a setter (unless on meta)
-                with self._once(keypath.join(key, part), v, found):
-                    plan_tensor(keypath.join(key, part), v, found, self.plan, setter(value, k) if v.is_meta else None)
+                path = keypath.join(key, part)
+                if id(v) in planned:  # (``_once``, inline: thousands of tensors pay one dict entry each)
+                    self._once(path, v, found)
+                elif found is not MISSING:
+                    planned[id(v)] = (v, path, found)
+                plan_tensor(path, v, found, self.plan, setter(value, k) if v.is_meta else None)
             else:
                 self.value(keypath.join(key, part), v, found, setter(value, k))
         if typed is not None:  # what no key of the same type took
@@ -194,12 +186,6 @@ class Matcher:
 def _distinct_parts(value: dict[Any, Any]) -> bool:
     """Whether a dict's keys have distinct key parts (they may not where it mixes key types)."""
     return all(type(k) is str for k in value) or len({keypath.key_part(k) for k in value}) == len(value)
-
-
-def _without(items: list[Any], taken: list[Any]) -> list[Any]:
-    """``items`` less the very entries ``taken`` (by identity)."""
-    ids = {id(x) for x in taken}
-    return [x for x in items if id(x) not in ids]
 
 
 def _same_saved(a: Any, b: Any) -> bool:
