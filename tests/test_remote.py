@@ -488,7 +488,9 @@ def test_a_listing_that_fails_after_the_index_is_created_leaves_the_commit_stand
                             storage_options=remote.options)
     mgr.save()
     storage.fail("sizes", OSError(5, "Service Unavailable"), skip=1, times=1)  # the second listing of the commit
+    listed = len(storage.called("sizes"))
     assert mgr.save() == remote.at("ckpt-2")
+    assert len(storage.called("sizes")) == listed + 2  # the check before the index, and the failed one after it
     w = torch.zeros(2)
     torchckpt.Checkpoint(w=w).read(remote.at("ckpt-2"), storage_options=remote.options).assert_consumed()
     assert torch.equal(w, torch.ones(2)) and [n for n in remote.names() if n.startswith("ckpt-")] == ["ckpt-2"]
