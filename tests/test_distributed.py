@@ -100,7 +100,7 @@ def test_ranks_that_read_the_index_of_two_checkpoints_all_say_it_was_replaced(wo
 
 def test_fsdp2_restores_on_the_same_4_ranks_and_resumes_bit_for_bit(world4):
     found = ok(world4, "restore_from_4", 4)
-    assert all(r["differences"] == [] and r["resume_differences"] == [] for r in found)
+    assert all(r["differences"] == [] and r["resume_differences"] == [] and r["unexpected"] == [] for r in found)
     assert [r["cursor"] for r in found] == [100, 101, 102, 103]  # PerRank: each rank its own
     assert [r["loaders"] for r in found] == [[10 + r, "epoch"] for r in range(4)]  # tensors inside too
     assert all(r["save_counter"] == 1 and r["missing"] == [] for r in found)
@@ -112,6 +112,8 @@ def test_fsdp2_saved_on_4_restores_on_3_and_2(world3, world2):
         assert all(r["differences"] == [] for r in found), found
         assert [r["cursor"] for r in found] == [100 + r for r in range(world)]
         assert all(r["missing"] == [] for r in found)
+        beyond = sorted(f"{k}~r{r}" for k in ("rng", "cursor", "loaders", "cfg/pos") for r in range(world, 4))
+        assert all(r["unexpected"] == beyond for r in found)  # the saving ranks no rank here takes, on every rank
 
 
 def test_fsdp2_saved_on_4_restores_into_a_plain_model_without_a_process_group(world4):
@@ -122,7 +124,9 @@ def test_fsdp2_saved_on_4_restores_into_a_plain_model_without_a_process_group(wo
     cursor = torchckpt.PerRank(0)
     ckpt = torchckpt.Checkpoint(model=model, opt=opt, rng=torchckpt.RNGState(), cursor=cursor,
                                 loaders=torchckpt.PerRank({0: torch.tensor([0]), 1: ""}), cfg={})
-    ckpt.restore(world4 / "fsdp4").assert_consumed()
+    status = ckpt.restore(world4 / "fsdp4").assert_existing_objects_matched()
+    per_rank = ["rng", "cursor", "loaders", "cfg/pos"]  # ranks 1 to 3's values: unused here, and reported so
+    assert sorted(status.report.unexpected_keys) == sorted(f"{k}~r{r}" for k in per_rank for r in (1, 2, 3))
     assert ckpt.cfg == {"pos": 0, "lr": 5}
     reference = safetensors.torch.load_file(str(world4 / "fsdp4-reference.safetensors"))
     found = {f"model/{k}": v for k, v in model.state_dict().items()}

@@ -4,6 +4,7 @@ was renamed."""
 
 from __future__ import annotations
 
+import collections
 import gc
 import warnings
 from pathlib import Path
@@ -164,6 +165,23 @@ def test_the_tracked_name_and_plain_values_are_renamed_whole_keeping_their_types
     assert_same_state(encoder_model.state_dict(), model.state_dict())
     assert ckpt.step == 7
     assert ckpt.info == meta and list(ckpt.info) == [1, (2, 3)]
+
+
+def test_a_value_moved_into_a_dict_takes_that_dicts_key_type_and_the_dict_keeps_its_own_type(tmp_path):
+    path = torchckpt.Checkpoint(extra=5, d={0: 1, 1: 2}).write(tmp_path / "a")
+    ckpt = torchckpt.Checkpoint(d={0: 0, 1: 0, 2: 0})
+    ckpt.read(path, rename={"extra": "d/2"}).assert_consumed()
+    assert ckpt.d == {0: 1, 1: 2, 2: 5} and all(type(k) is int for k in ckpt.d)  # not a str key '2'
+
+    path = torchckpt.Checkpoint(a={"q": 3}, d=collections.Counter(x=1)).write(tmp_path / "b")
+    ckpt = torchckpt.Checkpoint(d=collections.Counter())
+    ckpt.read(path, rename={"a": "d"}).assert_consumed()
+    assert type(ckpt.d) is collections.Counter and ckpt.d == {"x": 1, "q": 3}
+
+    path = torchckpt.Checkpoint(extra=5, d={True: "yes"}).write(tmp_path / "c")
+    ckpt = torchckpt.Checkpoint(d={})
+    ckpt.read(path, rename={"extra": "d/1"}).expect_partial()
+    assert ckpt.d == {True: "yes", "1": 5} and list(map(type, ckpt.d)) == [bool, str]  # not merged into True
 
 
 def test_a_key_renamed_within_its_dict_keeps_its_place(saved):

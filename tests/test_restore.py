@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import random
 import warnings
 
 import pytest
@@ -184,6 +185,71 @@ def test_optimizer_with_different_groups_is_left_untouched(saved):
     assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], before["state"][0]["exp_avg"])
     with pytest.raises(RestoreMismatchError, match="objects left untouched"):
         status.assert_existing_objects_matched()
+
+
+class _Counter:  # a user's Stateful
+    def __init__(self, v: int = 0) -> None:
+        self.v = v
+
+    def state_dict(self) -> dict:
+        return {"v": self.v}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.v = state["v"]
+
+
+def _step_lr() -> torch.optim.lr_scheduler.StepLR:
+    return torch.optim.lr_scheduler.StepLR(torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1), 3)
+
+
+@pytest.mark.parametrize(("saved_as", "tracked_as", "reason"), [
+    (lambda: torch.Generator().manual_seed(3), torchckpt.RNGState, "a uint8 tensor of shape (5056,) under this name"),
+    (lambda: torch.nn.Linear(2, 2), torchckpt.RNGState, "('weight', 'bias') shares no key with this RNGState's"),
+    (lambda: torch.nn.Linear(2, 2), _step_lr, "shares no key with this StepLR's"),
+    (lambda: 7, lambda: torch.amp.GradScaler("cpu"), "the value 7 under this name, not a state dict for GradScaler"),
+    (lambda: torch.amp.GradScaler("cpu", enabled=False), lambda: torch.amp.GradScaler("cpu"), "shares no key"),
+    (lambda: {"scale": 2.0}, lambda: torch.amp.GradScaler("cpu"),
+     "lacks 'growth_factor', 'backoff_factor', 'growth_interval', '_growth_tracker', which GradScaler"),
+    (lambda: {"python": (3, (1, 2), None), "torch": 0}, torchckpt.RNGState, "its Python random state cannot be set"),
+    (_Counter, torchckpt.RNGState, "('v') shares no key with this RNGState's"),
+    (torchckpt.RNGState, _Counter, "shares no key with this _Counter's ('v')"),
+])
+def test_a_stateful_saved_as_another_kind_is_refused_before_anything_changes(tmp_path, saved_as, tracked_as, reason):
+    """Found while planning: before, ``load_state_dict`` failed after the reads (the model already
+    overwritten, "Objects may be partly restored"), or a scheduler took a module's tensors as its
+    attributes and the report listed them restored."""
+    path = torchckpt.Checkpoint(model=torch.nn.Linear(2, 2), x=saved_as()).write(tmp_path / "c")
+    model = torch.nn.Linear(2, 2)
+    before = copy.deepcopy(model.state_dict())
+    obj = tracked_as()
+    state = obj.state_dict()
+    status = torchckpt.Checkpoint(model=model, x=obj).read(path)
+    assert reason in status.report.skipped_objects["x"]
+    assert "x/weight" not in status.report.restored_keys
+    with pytest.raises(RestoreMismatchError, match="objects left untouched"):
+        status.assert_existing_objects_matched()
+    assert not torch.equal(model.weight, before["weight"])  # the rest was restored, as with a skipped optimizer
+    assert str(obj.state_dict()) == str(state)  # this one untouched
+    same = torchckpt.Checkpoint(x=tracked_as()).write(tmp_path / "same")  # the same kind still restores
+    assert not torchckpt.Checkpoint(x=tracked_as()).read(same).report.skipped_objects
+
+
+def test_rng_state_of_the_same_kind_restores_and_a_malformed_one_is_refused(tmp_path):
+    rng = torchckpt.RNGState()
+    torch.manual_seed(5)
+    path = torchckpt.Checkpoint(rng=rng).write(tmp_path / "ok")
+    expected = torch.rand(3)
+    torchckpt.Checkpoint(rng=torchckpt.RNGState()).read(path).assert_consumed()
+    assert torch.equal(torch.rand(3), expected)
+    bad = torchckpt.Checkpoint(rng={"python": random.getstate(), "torch": torch.zeros(7, dtype=torch.uint8)})
+    path = bad.write(tmp_path / "bad")
+    torch.manual_seed(6)
+    status = torchckpt.Checkpoint(rng=torchckpt.RNGState()).read(path)
+    assert ("its torch random state is a uint8 tensor of shape (7,), where this process's is a uint8 tensor of shape "
+            "(5056,)") in status.report.skipped_objects["rng"]
+    after = torch.rand(3)  # the process's generator was left as it was
+    torch.manual_seed(6)
+    assert torch.equal(after, torch.rand(3))
 
 
 def test_module_extra_state_and_non_aliasing_entries_go_through_load_state_dict(tmp_path):

@@ -71,7 +71,11 @@ def nest(depth: int, leaf: object = 0) -> object:
 
 def test_the_helper_checkpoint_is_a_valid_two_rank_checkpoint(saved):
     target = format2.target()
-    target.restore(saved).assert_consumed()
+    status = target.restore(saved).assert_existing_objects_matched()
+    assert status.report.unexpected_keys == ["cursor~r1"]  # rank 1's value: no rank of one process takes it
+    assert "rank n's per-rank value, which no rank of this job takes" in str(status.report)
+    with pytest.raises(torchckpt.RestoreMismatchError, match=r"unexpected in the checkpoint \(1\): cursor~r1"):
+        status.assert_consumed()
     weight, bias = format2.weights()
     assert torch.equal(target.model.weight, weight) and torch.equal(target.model.bias, bias)
     assert target.cursor.value["pos"] == 3 and torch.equal(target.cursor.value["seen"], format2.seen(0))

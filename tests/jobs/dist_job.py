@@ -134,7 +134,8 @@ def restore_fsdp(d: Path, rank: int, world: int, saved_world: int) -> dict:
     reference = safetensors.torch.load_file(str(d / f"fsdp{saved_world}-reference.safetensors"))
     out = {"differences": differences(full_state(model, opt), reference), "cursor": cursor.value,
            "loaders": [int(loaders.value[0]), loaders.value[1]],
-           "missing": sorted(status.report.missing_keys), "save_counter": ckpt.save_counter, "cfg": ckpt.cfg}
+           "missing": sorted(status.report.missing_keys), "unexpected": sorted(status.report.unexpected_keys),
+           "save_counter": ckpt.save_counter, "cfg": ckpt.cfg}
     if world == saved_world:
         step(model, opt)
         after = safetensors.torch.load_file(str(d / f"fsdp{saved_world}-after-rank{rank}.safetensors"))

@@ -460,6 +460,16 @@ def state_tree(index: Index, resolve: Callable[[str], Any], rank: int = 0,
         raise CorruptCheckpointError(f"{join(index.directory, INDEX_FILE)}: {e}", index.directory) from None
 
 
+def beyond_world(index: Index, world: int) -> list[str]:
+    """The per-rank values no rank of a job of ``world`` ranks takes (a checkpoint of 4 ranks
+    restored on 2, or read in one process): ``<key path>~r<rank>`` for each, in checkpoint terms,
+    so that a report lists them unexpected instead of leaving them silently unused."""
+    if index.raw[TORCHCKPT_KEY]["format_version"] < SHARDED_FORMAT_VERSION or index.world_size <= world:
+        return []
+    paths = list(format_tree.per_rank_paths(index.section.get("state", {})))
+    return [f"{path}~r{rank}" for path in paths for rank in range(world, index.world_size)]
+
+
 def rank_view(index: Index, rank: int) -> tuple[Any, dict[str, str], dict[str, str]]:
     """A format-2 checkpoint as one rank's single-process checkpoint: the state tree with that
     rank's per-rank values, each tensor name it then holds -> the name a reader knows the tensor

@@ -295,7 +295,9 @@ class _Mover:
                         raise RenameConflictError(  # named by the move, not by the value that stays
                             f"The rename cannot move checkpoint key {mover.old!r} to {key!r}: the checkpoint has its "
                             "own value there, which stays. Nothing was restored.", key, [mover.old, key])
-                    self._place(rebuilt, keypath.key_part(k), Move(key, key, child, k))
+                    moved = rebuilt[k]  # merged into the value that stays, which keeps its type (a Counter)
+                    rebuilt[k] = copy.copy(child)
+                    self._place(rebuilt, keypath.key_part(k), Move(mover.old if mover else key, key, moved, k))
                 else:
                     rebuilt[k] = child
         rest = [m for m in moves if m.old not in here]
@@ -313,7 +315,7 @@ class _Mover:
         for i, part in enumerate(parts[:-1]):
             key = _find_key(node, part)
             if key is None:
-                key = keypath.unescape_part(part)
+                key = _new_key(node, part, None)
                 node[key] = {}
             node = node[key]
             if not isinstance(node, dict):
@@ -325,7 +327,7 @@ class _Mover:
         """Set ``node``'s child named ``part`` to the move's value; dicts that meet there are merged."""
         key = _find_key(node, part)
         if key is None:
-            key = int(part) if type(move.dict_key) is int and part.isdigit() else keypath.unescape_part(part)
+            key = _new_key(node, part, move.dict_key)
             node[key] = move.value
             return
         present = node[key]
@@ -379,6 +381,16 @@ def _find_key(node: dict[Any, Any], part: str) -> Any:
     key = keypath.unescape_part(part)
     if key in node and type(key) is str:
         return key
-    if part.isdigit() and int(part) in node:
-        return int(part)
+    if part.isdigit() and int(part) in node:  # the int key itself, not True or 1.0, which hash alike
+        number = int(part)
+        return next((k for k in node if type(k) is int and k == number), None)
     return None
+
+
+def _new_key(node: dict[Any, Any], part: str, dict_key: Any) -> Any:
+    """The key a value moved to ``part`` gets in ``node``: an int where ``part`` is digits and
+    either the value had an int key or the dict it goes into has only int keys (a rename to
+    ``"steps/3"`` of a dict ``{1: .., 2: ..}``), else the name."""
+    if part.isdigit() and (type(dict_key) is int or (node and all(type(k) is int for k in node))):
+        return int(part)
+    return keypath.unescape_part(part)

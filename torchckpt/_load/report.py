@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 
 from torchckpt.errors import format_keys, plural
+
+_RANK_SUFFIX = re.compile(r"~r[0-9]+\Z")  # ``_load.opened.beyond_world``'s names
 
 
 @dataclass
@@ -70,8 +73,11 @@ class MismatchReport:
         if "missing" in wanted and self.missing_keys:
             out.append(f"missing from the checkpoint ({len(self.missing_keys)}): {format_keys(self.missing_keys)}")
         if "unexpected" in wanted and self.unexpected_keys:
+            beyond = any(_RANK_SUFFIX.search(k) for k in self.unexpected_keys)
             out.append(
                 f"unexpected in the checkpoint ({len(self.unexpected_keys)}): {format_keys(self.unexpected_keys)}"
+                + (" (key~r<n>: rank n's per-rank value, which no rank of this job takes: the checkpoint was saved "
+                   "by more ranks)" if beyond else "")
             )
         if "shape" in wanted and self.shape_mismatches:
             items = [f"{k} (checkpoint {list(a)} vs object {list(b)})" for k, (a, b) in self.shape_mismatches.items()]

@@ -63,6 +63,7 @@ def restore(target: Target, storage: Storage, path: str, coord: AnyCoordinator, 
             progress: bool | None) -> Restored:
     """Restore ``target`` from ``path`` (a checkpoint, or a directory of them: its latest)."""
     plan.rank = coord.rank
+    plan.world = coord.world
     coord.consequence = "Nothing was restored."
 
     def choose() -> str:  # on rank 0, for everyone
@@ -152,6 +153,7 @@ def _plan(target: Target, index: format_index.Index, shards: opened.OpenShards, 
     Matcher(plan, target.tracking).checkpoint(target.tracked, saved, "", SAVE_COUNTER)
     if renamed is not None:
         renamed.annotate(plan.report)
+    plan.report.unexpected_keys.extend(opened.beyond_world(index, plan.world))
     if target.set_counter is not None:
         counter = saved.get(SAVE_COUNTER, MISSING)
         if counter is not MISSING and not (type(counter) is int and 0 <= counter < 2**63):

@@ -11,6 +11,7 @@ groups), leaves it untouched and is reported.
 from __future__ import annotations
 
 import bisect
+import random
 from typing import Any
 
 import torch
@@ -21,6 +22,8 @@ from torchckpt._format.dtypes import TensorInfo as SavedTensor
 from torchckpt._load import optimizer
 from torchckpt._load.plan import MISSING, Plan, check_destination, compatible, is_saved, rebuild, shared_key
 from torchckpt._load.report import MismatchReport
+from torchckpt.errors import short_repr
+from torchckpt.rng import RNGState
 
 
 def plan_stateful(name: str, obj: Any, saved: Any, plan: Plan) -> None:
@@ -122,6 +125,11 @@ def _starts_one(prefix: str, ordered: list[str]) -> bool:
 
 
 def _structure_problem(obj: Any, current: Any, saved: Any) -> str | None:
+    """Why ``saved`` cannot be handed to ``obj.load_state_dict``, or None. Found while planning,
+    before any object changes: a ``load_state_dict`` that fails after the reads leaves the other
+    objects restored and this one not. Checked: an optimizer's parameter groups; a state dict saved
+    from another kind of object (a tensor, a plain value, or a dict sharing none of its keys); and
+    the keys and forms the library's own kinds need (``RNGState``, an enabled ``GradScaler``)."""
     if isinstance(obj, torch.optim.Optimizer):
         mine = [len(g["params"]) for g in current.get("param_groups", [])]
         groups = saved.get("param_groups") if isinstance(saved, dict) else None
@@ -131,4 +139,66 @@ def _structure_problem(obj: Any, current: Any, saved: Any) -> str | None:
         theirs = [len(g["params"]) for g in groups]
         if mine != theirs:
             return f"the checkpoint's parameter groups have sizes {theirs}, this optimizer's have {mine}"
+        return None
+    if not isinstance(current, dict):  # an object of its own kind of state: it alone knows what it takes
+        return None
+    kind = type(obj).__name__
+    if not isinstance(saved, dict):
+        return f"the checkpoint holds {_described(saved)} under this name, not a state dict for {kind}.load_state_dict"
+    if current and not any(k in saved for k in current):
+        listed = ", ".join(short_repr(k, 30) for k in list(saved)[:4]) + (", ..." if len(saved) > 4 else "")
+        return (f"the checkpoint's state under this name ({listed or 'empty'}) shares no key with this {kind}'s "
+                f"({', '.join(short_repr(k, 30) for k in list(current)[:4])}): it was saved from another kind of object")
+    needed = _needed_keys(obj, current)
+    lacking = [k for k in needed if k not in saved]
+    if lacking:
+        return f"the checkpoint's state lacks {', '.join(map(repr, lacking))}, which {kind}.load_state_dict needs"
+    if isinstance(obj, RNGState):
+        return _rng_problem(current, saved)
     return None
+
+
+def _needed_keys(obj: Any, current: dict[Any, Any]) -> list[str]:
+    """The keys the library's own kinds read unconditionally in ``load_state_dict``."""
+    if isinstance(obj, RNGState):
+        return ["python", "torch"]
+    if isinstance(obj, torch.amp.GradScaler) and current:  # a disabled one loads nothing
+        return [k for k in current if isinstance(k, str)]
+    return []
+
+
+def _rng_problem(current: dict[str, Any], saved: dict[str, Any]) -> str | None:
+    """Why ``RNGState.load_state_dict`` would refuse ``saved``: each generator's state must have
+    the form this process's has (checked on a scratch ``random.Random`` for Python's)."""
+    try:
+        random.Random().setstate(saved["python"])
+    except (TypeError, ValueError, OverflowError) as e:
+        return f"its Python random state cannot be set ({e})"
+    mine = current["torch"]
+    theirs = saved["torch"]
+    if not (is_saved(theirs) and theirs.dtype == mine.dtype and tuple(theirs.shape) == tuple(mine.shape)):
+        return (f"its torch random state is {_described(theirs)}, where this process's is a "
+                f"{_dtype(mine.dtype)} tensor of shape {tuple(mine.shape)}")
+    cuda = saved.get("cuda", [])
+    if not isinstance(cuda, list) or not all(is_saved(s) for s in cuda):
+        return f"its CUDA random states are {_described(cuda)}, not a list of tensors"
+    numpy = saved.get("numpy")
+    if numpy is not None and "numpy" in current:
+        forms = {"algorithm": str, "pos": int, "has_gauss": int, "cached_gaussian": float}
+        keys: Any = numpy.get("keys") if isinstance(numpy, dict) else None
+        if not (isinstance(numpy, dict) and all(type(numpy.get(f)) is t for f, t in forms.items()) and is_saved(keys)
+                and tuple(keys.shape) == tuple(current["numpy"]["keys"].shape)):
+            return f"its NumPy random state is {_described(numpy)}, not the form NumPy's get_state() gives"
+    return None
+
+
+def _described(value: Any) -> str:
+    if is_saved(value):
+        return f"a {_dtype(value.dtype)} tensor of shape {tuple(value.shape)}"
+    if isinstance(value, (dict, list, tuple)):
+        return f"a {type(value).__name__} of {len(value)} items"
+    return f"the value {short_repr(value, 40)}"
+
+
+def _dtype(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
