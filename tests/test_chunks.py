@@ -101,6 +101,24 @@ def test_replicated_bytes_are_spread_within_1_15x_of_the_mean(world):
     assert files == [spec.shard_name(i, len(files)) for i in range(1, len(files) + 1)]
 
 
+@pytest.mark.parametrize("rank_1, message", [
+    (([0, 0], [8, 2]), "overlap"),  # rank 1 holds it replicated, rank 0 its Shard(0) half
+    (([5, 0], [3, 2]), "cover 14 of its 16"),  # rows 4 to 5 held by no rank
+])
+def test_ranks_whose_layouts_of_one_dtensor_disagree_are_refused_naming_them_not_as_damage(rank_1, message):
+    """probe30 F2: the reader's tiling check raised CorruptCheckpointError at save, which means a
+    damaged checkpoint on disk, and named neither the ranks nor their chunks."""
+    offsets, sizes = rank_1
+    records = [{"entries": [["g", "F32", [8, 2], [0, 0], [4, 2], None, 0]]},
+               {"entries": [["g", "F32", [8, 2], offsets, sizes, None, 0]]}]
+    with pytest.raises(torchckpt.CheckpointError, match=message) as info:
+        save_plan.global_plan(records, 10**6)
+    assert not isinstance(info.value, torchckpt.CorruptCheckpointError)
+    assert f"layouts that do not fit together (rank 0: [0:4, 0:2]; rank 1: [{offsets[0]}:{offsets[0] + sizes[0]}, 0:2])" \
+        in str(info.value)
+    assert "same mesh and placements" in str(info.value)
+
+
 def test_the_plan_is_the_same_whatever_the_rank_and_each_unit_written_once():
     records = ddp_records(4, [512, 256, 1024, 128, 768, 64, 384, 896])
     first = save_plan.global_plan(records, 10**6)

@@ -141,14 +141,23 @@ def test_fsdp2_saved_on_2_restores_on_4_and_reports_the_ranks_it_has_no_values_f
     found = ok(world4_from_2, "restore_from_2", 4)
     assert all(r["differences"] == [] for r in found)
     assert [r["cursor"] for r in found] == [100, 101, -1, -1]
-    assert found[0]["missing"] == found[1]["missing"] == []
-    assert found[2]["missing"] == found[3]["missing"] == ["cfg/pos", "cursor", "loaders", "rng"]
+    # every rank lists the values ranks 2 and 3 have none of, and on which ranks they are missing
+    assert all(r["missing"] == ["cfg/pos", "cursor", "loaders", "rng"] for r in found)
+    assert all(r["ranks"] == {k: [2, 3] for k in ("rng", "cursor", "loaders", "cfg", "cfg/pos")} for r in found), found
     # a per-rank value within a plain one: rank 2 and 3 leave the whole value as it was
     assert [r["cfg"] for r in found] == [{"pos": 0, "lr": 5}, {"pos": 1, "lr": 5}] + [{"pos": None, "lr": 0}] * 2
 
 
 def test_a_plain_checkpoint_restores_into_fsdp2(world2):
     assert all(r["differences"] == [] for r in ok(world2, "plain_into_fsdp", 2))
+
+
+def test_a_mismatch_on_one_rank_is_in_every_ranks_report_so_assertions_raise_on_every_rank(world2):
+    found = ok(world2, "plain_into_fsdp", 2)
+    expected = "shape mismatches (1): t (on rank 1) (checkpoint [6] vs object [7])"
+    assert [r["divergent"] for r in found] == [f"restored 2 values; {expected}", f"restored 1 value; {expected}"]
+    assert [r["ranks"] for r in found] == [{"t": [1]}] * 2
+    assert all(r["asserted"].startswith("Some tracked objects were not fully matched") for r in found)
 
 
 def test_fsdp2_save_and_resharding_restore_on_s3(world4, s3_run, s3_endpoint):

@@ -121,12 +121,14 @@ def test_index_pointing_outside_or_at_non_safetensors_is_refused(saved, name):
         torchckpt.load_checkpoint(saved)
 
 
-def test_hf_index_pointing_outside_is_refused(tmp_path):
+@pytest.mark.parametrize("file", ["../x.safetensors", "\ud800.safetensors"])  # a lone surrogate: no file system has it
+def test_hf_index_pointing_outside_is_refused(tmp_path, file):
     hf = tmp_path / "hf"
     hf.mkdir()
-    (hf / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "../x.safetensors"}}))
-    with pytest.raises(CorruptCheckpointError, match="refusing to follow"):
+    (hf / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": file}}))
+    with pytest.raises(CorruptCheckpointError, match="refusing to follow") as info:
         torchckpt.load_checkpoint(hf)
+    assert "hf/model.safetensors.index.json names shard" in str(info.value)
 
 
 def test_oversized_header_length_is_refused(tmp_path):

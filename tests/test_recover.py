@@ -21,8 +21,8 @@ from torchckpt._storage.registry import storage_for
 
 NOW = 1000.0
 DIR = "run"
-GONE = ("The state file of run names {} as the latest checkpoint, but it is not there (deleted, or its "
-        "replacement was cut short): ")
+GONE = ("The state file of run names {} as the latest checkpoint, but it is not a committed checkpoint there "
+        "(deleted, its index.json gone or not a regular file, or its replacement cut short): ")
 DEFAULT = Ranking(None, None, "min")
 DAMAGED = "run/checkpoints.json cannot be used: its seal does not match its content"
 

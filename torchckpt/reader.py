@@ -30,9 +30,7 @@ from torchckpt._format import chunks as format_chunks
 from torchckpt._format import dtypes as format_dtypes
 from torchckpt._format import index as format_index
 from torchckpt._format import keypath
-from torchckpt._format import tree as format_tree
 from torchckpt._format.dtypes import TensorInfo
-from torchckpt._format.spec import INDEX_FILE
 from torchckpt._load import foreign, recheck, stream
 from torchckpt._load import opened as load_opened
 from torchckpt._paths import as_path, join, name_of
@@ -386,10 +384,7 @@ class CheckpointReader:
         if self._index is None:
             return {"format": self.kind, "tensors": len(self._names)}
         section = self._index.section
-        try:
-            extra = format_tree.decode(section.get("metadata", {}), None, lambda n: None) if section.get("metadata") else {}
-        except CorruptCheckpointError as e:
-            raise CorruptCheckpointError(f"{join(self.path, INDEX_FILE)}: its metadata is invalid: {e}", self.path) from None
+        extra = load_opened.metadata_of(self._index)
         return {
             "format": "torchckpt",
             "format_version": section.get("format_version"),

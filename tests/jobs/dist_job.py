@@ -135,6 +135,7 @@ def restore_fsdp(d: Path, rank: int, world: int, saved_world: int) -> dict:
     out = {"differences": differences(full_state(model, opt), reference), "cursor": cursor.value,
            "loaders": [int(loaders.value[0]), loaders.value[1]],
            "missing": sorted(status.report.missing_keys), "unexpected": sorted(status.report.unexpected_keys),
+           "ranks": status.report.ranks,
            "save_counter": ckpt.save_counter, "cfg": ckpt.cfg}
     if world == saved_world:
         step(model, opt)
@@ -166,7 +167,17 @@ def plain_into_fsdp(d: Path, rank: int, world: int) -> dict:
     torchckpt.Checkpoint(model=model).read(str(d / "plain-mlp"), timeout_secs=TIMEOUT).assert_consumed()
     reference = safetensors.torch.load_file(str(d / "plain-mlp-reference.safetensors"))
     found = {f"model/{k}": full(v) for k, v in model.state_dict().items()}
-    return {"differences": differences(found, reference)}
+    # objects that differ on one rank: every rank's report lists the mismatch (probe30 F1: before,
+    # rank 0 said "everything matched" and only rank 1's assertion raised, the others went on)
+    path = torchckpt.Checkpoint(t=torch.arange(6.0), n=1).write(str(d / "divergent"), timeout_secs=TIMEOUT)
+    status = torchckpt.Checkpoint(t=torch.zeros(6 + rank), n=0).read(path, timeout_secs=TIMEOUT)
+    try:
+        status.assert_existing_objects_matched()
+        asserted = "passed"
+    except torchckpt.RestoreMismatchError as e:
+        asserted = str(e)
+    return {"differences": differences(found, reference), "divergent": str(status.report),
+            "ranks": status.report.ranks, "asserted": asserted}
 
 
 def differing_value(d: Path, rank: int, world: int) -> dict:
@@ -812,6 +823,7 @@ def calls_stay_paired(d: Path, rank: int, world: int) -> dict:
         out["strict"] = f"{type(e).__name__}: {e}"
         out["strict_ranks"] = getattr(e, "ranks", None)
         out["strict_report_mine"] = bool(e.report)
+        out["strict_report_ranks"] = {k: tuple(v) for k, v in e.report.ranks.items()}
     mgr.close()
     return out
 

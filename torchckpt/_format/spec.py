@@ -96,8 +96,18 @@ def final_name(name: str) -> str:
     return name.split(TMP_MARKER)[0].split(OLD_MARKER)[0]
 
 
-def check_member_name(directory: str, name: Any, what: str) -> str:
-    """Refuse a file name from an index that could escape the checkpoint directory."""
+def _encodable(name: str) -> bool:
+    """Whether ``name`` is valid Unicode (no lone surrogate, which no file system or URL encodes)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_member_name(directory: str, name: Any, what: str, index_file: str = INDEX_FILE) -> str:
+    """Refuse a file name from an index (``index_file`` in ``directory``) that could escape the
+    checkpoint directory, or that no file system can hold."""
     if (
         not isinstance(name, str)
         or not name
@@ -105,15 +115,16 @@ def check_member_name(directory: str, name: Any, what: str) -> str:
         or "\\" in name
         or name in (".", "..")
         or "\0" in name
+        or not _encodable(name)
     ):
         raise CorruptCheckpointError(
-            f"{directory}/{INDEX_FILE} names {what} {name!r}, which is not a plain file name "
+            f"{directory}/{index_file} names {what} {name!r}, which is not a plain file name "
             "inside the checkpoint directory; refusing to follow it.",
             directory,
         )
     if not name.endswith(SHARD_SUFFIX):
         raise CorruptCheckpointError(
-            f"{directory}/{INDEX_FILE} names {what} {name!r}, which is not a .safetensors file.",
+            f"{directory}/{index_file} names {what} {name!r}, which is not a .safetensors file.",
             directory,
         )
     return name

@@ -249,8 +249,9 @@ def recover(disk: OnDisk, now: float, checkpoint_name: str, keep_best: int | Non
     if latest is not None and not committed:  # deleted by hand: the newest member, of this manager's name if any
         own = [n for n in disk.members if history_members.number_of(n, checkpoint_name) is not None]
         gone, latest = latest, (own or list(disk.members))[-1] if disk.members else None
-        notes.append(f"The state file of {disk.directory} names {gone} as the latest checkpoint, but it is not there "
-                     "(deleted, or its replacement was cut short): "
+        notes.append(f"The state file of {disk.directory} names {gone} as the latest checkpoint, but it is not a "
+                     "committed checkpoint there (deleted, its index.json gone or not a regular file, or its "
+                     "replacement cut short): "
                      + (f"{latest} is the latest now." if latest is not None else
                         "no committed checkpoint is left, so restore_or_initialize() starts afresh (init_fn)."))
     return Recovered(latest, kept, preserved, lpt, dict(state.damaged), ranking, notes)

@@ -106,5 +106,5 @@ def hf_shards(path: str, storage: Storage) -> tuple[list[str], set[str]]:
     weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CorruptCheckpointError(f"{path} has no 'weight_map' of tensor names to shard files.", path)
-    files = sorted({format_spec.check_member_name(directory, f, "shard") for f in weight_map.values()})
+    files = sorted({format_spec.check_member_name(directory, f, "shard", name_of(path)) for f in weight_map.values()})
     return [join(directory, f) for f in files], set(weight_map)

@@ -30,7 +30,14 @@ from torchckpt._format import index as format_index
 from torchckpt._format import tree as format_tree
 from torchckpt._format.dtypes import TensorInfo
 from torchckpt._format.index import Index
-from torchckpt._format.spec import HEADER_ALIGNMENT, INDEX_FILE, MAX_INDEX_SIZE, SHARDED_FORMAT_VERSION, TORCHCKPT_KEY
+from torchckpt._format.spec import (
+    HEADER_ALIGNMENT,
+    INDEX_FILE,
+    MAX_INDEX_SIZE,
+    SAVE_COUNTER,
+    SHARDED_FORMAT_VERSION,
+    TORCHCKPT_KEY,
+)
 from torchckpt._load.sources import ShardSources
 from torchckpt._paths import join
 from torchckpt._storage import trusted as storage_trusted
@@ -44,6 +51,7 @@ from torchckpt.errors import (
     format_keys,
     shard_missing,
     shard_size_mismatch,
+    short_repr,
     unreadable,
 )
 
@@ -458,6 +466,50 @@ def state_tree(index: Index, resolve: Callable[[str], Any], rank: int = 0,
         if e.path is not None:
             raise
         raise CorruptCheckpointError(f"{join(index.directory, INDEX_FILE)}: {e}", index.directory) from None
+
+
+def save_counter_of(tree: dict[str, Any], directory: str) -> int | None:
+    """The state tree's ``save_counter`` (None where it has none).
+
+    Raises:
+        CorruptCheckpointError: it is not a non-negative integer (a restore sets the counter from it).
+    """
+    if SAVE_COUNTER not in tree:
+        return None
+    counter = tree[SAVE_COUNTER]
+    if not (type(counter) is int and 0 <= counter < 2**63):
+        raise CorruptCheckpointError(f"{directory}: save_counter is {short_repr(counter)}, not a non-negative integer.",
+                                     directory)
+    return counter
+
+
+def metadata_of(index: Index) -> Any:
+    """The index's user metadata (metrics and the like), decoded from typed JSON.
+
+    Raises:
+        CorruptCheckpointError: it is not a tree the writer makes.
+    """
+    found = index.section.get("metadata")
+    if not found:
+        return {}
+    try:
+        return format_tree.decode(found, None, lambda n: None)
+    except CorruptCheckpointError as e:
+        raise CorruptCheckpointError(f"{join(index.directory, INDEX_FILE)}: its metadata is invalid: {e}",
+                                     index.directory) from None
+
+
+def check_sections(index: Index, tree: dict[str, Any]) -> None:
+    """What a restore or the reader refuses beyond the state tree's form (``tree``, decoded): the
+    modules' versions, the save counter and the metadata. ``verify`` and ``consolidate`` check
+    them too, so that neither passes an index that a reader then refuses.
+
+    Raises:
+        CorruptCheckpointError: naming the index and the field.
+    """
+    index.module_versions()
+    save_counter_of(tree, index.directory)
+    metadata_of(index)
 
 
 def beyond_world(index: Index, world: int) -> list[str]:

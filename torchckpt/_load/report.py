@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -38,6 +39,10 @@ class MismatchReport:
         unused_renames: prefixes of a ``rename`` mapping that renamed no key of the checkpoint (a
             typo, or a rename this checkpoint does not need). Not a mismatch, but shown with the
             mismatches: it usually explains them.
+        ranks: on several ranks, ``{key: [ranks]}`` for a mismatch found on some ranks and not
+            on others (a model built differently on one rank, a per-rank value that ranks beyond
+            the saving job's have none of). Every rank's report lists the mismatches of all ranks,
+            so that its assertions raise on every rank alike.
 
     Example:
         >>> report = MismatchReport(missing_keys=["model/head.bias"])
@@ -56,12 +61,50 @@ class MismatchReport:
     meta_keys: list[str] = field(default_factory=list)
     renamed: dict[str, str] = field(default_factory=dict)
     unused_renames: list[str] = field(default_factory=list)
+    ranks: dict[str, list[int]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(
             self.missing_keys or self.unexpected_keys or self.shape_mismatches or self.dtype_mismatches
             or self.skipped_objects
         )
+
+    def shared(self) -> dict[str, Any] | None:
+        """This rank's mismatches as JSON, for :meth:`merge` on the other ranks (None: none)."""
+        if not self:
+            return None
+        return {"missing": self.missing_keys, "unexpected": self.unexpected_keys,
+                "shape": {k: [list(a), list(b)] for k, (a, b) in self.shape_mismatches.items()},
+                "dtype": {k: [_dtype_name(a), _dtype_name(b)] for k, (a, b) in self.dtype_mismatches.items()},
+                "skipped": self.skipped_objects}
+
+    def merge(self, shared: list[dict[str, Any] | None]) -> None:
+        """Add every rank's mismatches (``shared``, in rank order, this rank's among them) to this
+        report, and name in ``ranks`` those not found on every rank."""
+        if not any(shared):
+            return
+        found: dict[str, list[int]] = {}
+        for rank, theirs in enumerate(shared):
+            if theirs is None:
+                continue
+            keys = [*theirs["missing"], *theirs["unexpected"], *theirs["shape"], *theirs["dtype"], *theirs["skipped"]]
+            for key in dict.fromkeys(keys):
+                found.setdefault(key, []).append(rank)
+            _extend_new(self.missing_keys, theirs["missing"])
+            _extend_new(self.unexpected_keys, theirs["unexpected"])
+            for k, (a, b) in theirs["shape"].items():
+                self.shape_mismatches.setdefault(k, (torch.Size(a), torch.Size(b)))
+            for k, (a, b) in theirs["dtype"].items():
+                self.dtype_mismatches.setdefault(k, (_dtype_of(a), _dtype_of(b)))
+            for k, reason in theirs["skipped"].items():
+                self.skipped_objects.setdefault(k, reason)
+        self.ranks = {k: ranks for k, ranks in found.items() if len(ranks) < len(shared)}
+
+    def mismatched_on(self, world: int) -> set[int]:
+        """The ranks of a job of ``world`` ranks where a mismatch of this report was found."""
+        keys = [*self.missing_keys, *self.unexpected_keys, *self.shape_mismatches, *self.dtype_mismatches,
+                *self.skipped_objects]
+        return {rank for key in keys for rank in self.ranks.get(key, range(world))}
 
     def unused_keys(self) -> list[str]:
         """Checkpoint values that were not applied: unexpected plus mismatched."""
@@ -71,31 +114,40 @@ class MismatchReport:
         wanted = set(include)
         out = []
         if "missing" in wanted and self.missing_keys:
-            out.append(f"missing from the checkpoint ({len(self.missing_keys)}): {format_keys(self.missing_keys)}")
+            out.append(f"missing from the checkpoint ({len(self.missing_keys)}): {format_keys(self._on(self.missing_keys))}")
         if "unexpected" in wanted and self.unexpected_keys:
             beyond = any(_RANK_SUFFIX.search(k) for k in self.unexpected_keys)
             out.append(
-                f"unexpected in the checkpoint ({len(self.unexpected_keys)}): {format_keys(self.unexpected_keys)}"
+                f"unexpected in the checkpoint ({len(self.unexpected_keys)}): "
+                f"{format_keys(self._on(self.unexpected_keys))}"
                 + (" (key~r<n>: rank n's per-rank value, which no rank of this job takes: the checkpoint was saved "
                    "by more ranks)" if beyond else "")
             )
         if "shape" in wanted and self.shape_mismatches:
-            items = [f"{k} (checkpoint {list(a)} vs object {list(b)})" for k, (a, b) in self.shape_mismatches.items()]
+            items = [f"{k}{self._ranks_of(k)} (checkpoint {list(a)} vs object {list(b)})"
+                     for k, (a, b) in self.shape_mismatches.items()]
             out.append(f"shape mismatches ({len(items)}): {format_keys(items)}")
         if "dtype" in wanted and self.dtype_mismatches:
-            items = [f"{k} (checkpoint {a} vs object {b})" for k, (a, b) in self.dtype_mismatches.items()]
+            items = [f"{k}{self._ranks_of(k)} (checkpoint {a} vs object {b})" for k, (a, b) in self.dtype_mismatches.items()]
             out.append(f"dtype mismatches ({len(items)}): {format_keys(items)} (restore(..., cast=True) casts them, "
                        "as load_state_dict does)")
         if "missing" in wanted and self.meta_keys and set(self.meta_keys) & set(self.missing_keys):
             out.append(f"on the meta device, so not restored ({len(self.meta_keys)}): {format_keys(self.meta_keys)} "
                        "(restore(..., assign=True) materialises them, as load_state_dict(assign=True) does)")
         if "skipped" in wanted and self.skipped_objects:
-            items = [f"{k}: {v}" for k, v in sorted(self.skipped_objects.items())]
+            items = [f"{k}{self._ranks_of(k)}: {v}" for k, v in sorted(self.skipped_objects.items())]
             out.append(f"objects left untouched ({len(items)}): " + "; ".join(items))
         if wanted & {"missing", "unexpected"} and self.unused_renames:
             out.append(f"rename prefixes that renamed no checkpoint key ({len(self.unused_renames)}): "
                        f"{format_keys(self.unused_renames)}")
         return out
+
+    def _ranks_of(self, key: str) -> str:
+        ranks = self.ranks.get(key)
+        return "" if not ranks else f" (on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))})"
+
+    def _on(self, keys: list[str]) -> Iterable[str]:
+        return (k + self._ranks_of(k) for k in keys) if self.ranks else keys
 
     def __str__(self) -> str:
         lines = self.lines()
@@ -109,3 +161,19 @@ class MismatchReport:
                          + format_keys(f"{a} -> {b}" for a, b in self.renamed.items()))
         head = f"restored {plural(len(self.restored_keys), 'value')}"
         return head + ("; " + "; ".join(lines) if lines else "; everything matched")
+
+
+def _extend_new(keys: list[str], more: list[str]) -> None:
+    present = set(keys)
+    keys.extend(k for k in dict.fromkeys(more) if k not in present)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dtype_of(name: Any) -> torch.dtype:
+    found = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(found, torch.dtype):
+        raise ValueError(f"not a dtype: {name!r}")  # another rank of this job sent it: never a checkpoint's
+    return found

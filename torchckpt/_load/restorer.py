@@ -36,7 +36,7 @@ from torchckpt._load.rename import Renamer
 from torchckpt._load.report import MismatchReport
 from torchckpt._storage.base import Storage
 from torchckpt._threads import gc_paused
-from torchckpt.errors import RESTORED_ON_THIS_RANK, CorruptCheckpointError, short_repr
+from torchckpt.errors import RESTORED_ON_THIS_RANK
 
 
 @dataclass(frozen=True)
@@ -118,14 +118,16 @@ def _restore_from(target: Target, storage: Storage, directory: str, plan: Plan, 
             check_headers(plan, opened_shards[0])
             if opened_shards[0].pinned:  # the shards it opened: still this index's?
                 recheck.confirm_unchanged(directory, seals[0], storage)
+            mismatches = plan.report.shared()  # every rank's report lists every rank's mismatches
             if plan.read_once is False:
-                return {"seal": seals[0], "described": None}
+                return {"seal": seals[0], "described": None, "mismatches": mismatches}
             found.extend(spread.replicated(plan))
-            return {"seal": seals[0], "described": spread.describe(found, coord)}
+            return {"seal": seals[0], "described": spread.describe(found, coord), "mismatches": mismatches}
 
         planned = dist_coordinator.agree_all(coord, coord.what, plan_and_describe)
         if len({p["seal"] for p in planned}) > 1:  # each rank read index.json itself: one read another checkpoint
             raise recheck.replaced_meanwhile(directory, "the ranks read two different index.json files")
+        plan.report.merge([p["mismatches"] for p in planned])
         described = [p["described"] for p in planned]
         spreading = spread.assign(plan, found, described, coord)
         shards = opened_shards[0]
@@ -156,9 +158,7 @@ def _plan(target: Target, index: format_index.Index, shards: opened.OpenShards, 
     plan.report.unexpected_keys.extend(opened.beyond_world(index, plan.world))
     if target.set_counter is not None:
         counter = saved.get(SAVE_COUNTER, MISSING)
-        if counter is not MISSING and not (type(counter) is int and 0 <= counter < 2**63):
-            raise CorruptCheckpointError(
-                f"{index.directory}: save_counter is {short_repr(counter)}, not a non-negative integer.", index.directory
-            )
+        if counter is not MISSING:
+            opened.save_counter_of(saved, index.directory)
         set_counter = target.set_counter
         plan_value(SAVE_COUNTER, counter, lambda v: set_counter(int(v)), plan)

@@ -82,7 +82,8 @@ def assert_consumed_on_every_rank(call: coordinator.AnyCoordinator, status: Any)
 
     found = coordinator.agree_all(call, f"Restoring {status.path}", mismatch)
     ranks = [rank for rank, message in enumerate(found) if message is not None]
-    if ranks:
+    if ranks:  # every rank's report lists every rank's mismatches: name the ranks they were found on
+        ranks = [r for r in ranks if r in status.report.mismatched_on(len(found))] or ranks
         error = RestoreMismatchError(
             f"The restore of {status.path} did not match on rank{'s' if len(ranks) > 1 else ''} "
             f"{', '.join(map(str, ranks))} (strict=True). On rank {ranks[0]}: {found[ranks[0]]}", status.report)

@@ -172,8 +172,8 @@ def _rng_problem(current: dict[str, Any], saved: dict[str, Any]) -> str | None:
     the form this process's has (checked on a scratch ``random.Random`` for Python's)."""
     try:
         random.Random().setstate(saved["python"])
-    except (TypeError, ValueError, OverflowError) as e:
-        return f"its Python random state cannot be set ({e})"
+    except Exception as e:  # noqa: BLE001 - any form setstate refuses (a scratch generator: nothing changes)
+        return f"its Python random state cannot be set ({type(e).__name__}: {short_repr(str(e), 60)})"
     mine = current["torch"]
     theirs = saved["torch"]
     if not (is_saved(theirs) and theirs.dtype == mine.dtype and tuple(theirs.shape) == tuple(mine.shape)):

@@ -27,6 +27,7 @@ from torchckpt._format import chunks as format_chunks
 from torchckpt._format import dtypes as format_dtypes
 from torchckpt._format import spec
 from torchckpt._format.chunks import Box
+from torchckpt.errors import CheckpointError, CorruptCheckpointError
 
 MIN_BLOCK_BYTES = 8 * 2**20  # a replicated tensor is split into row blocks of about this much or more
 
@@ -154,14 +155,41 @@ def global_plan(records: list[dict[str, Any]], max_shard_size: int) -> GlobalPla
     for unit in ordered:
         if unit.box is not None:
             chunked.setdefault(unit.logical, logical[unit.logical])
-    boxes: dict[str, list[Box]] = {}
+    boxes: dict[str, list[Unit]] = {}
     for unit in ordered:
         if unit.box is not None:
-            boxes.setdefault(unit.logical, []).append(unit.box)
+            boxes.setdefault(unit.logical, []).append(unit)
     for name, (_, shape) in chunked.items():
-        format_chunks.check_tiling(name, shape, boxes[name], "in this save (the DTensor layouts do not tile it)")
+        _check_layouts(name, shape, boxes[name])
     _assign(ordered, world)
     return GlobalPlan(ordered, chunked, _files(ordered, world, max_shard_size))
+
+
+def _check_layouts(name: str, shape: tuple[int, ...], units: list[Unit]) -> None:
+    """The ranks' chunks of ``name`` tile its global ``shape`` exactly once.
+
+    Raises:
+        CheckpointError: they overlap or leave a gap: the ranks hold the tensor under different
+            layouts (another mesh or placements on some rank), naming each rank's chunks.
+    """
+    try:
+        format_chunks.check_tiling(name, shape, [u.box for u in units if u.box is not None], "in this save")
+    except CorruptCheckpointError as e:  # the reader's check, of what this save's ranks hold: no damage
+        held: dict[int, list[str]] = {}
+        for unit in units:
+            assert unit.box is not None
+            for rank in unit.holders:
+                held.setdefault(rank, []).append(_box_text(unit.box))
+        ranks = "; ".join(f"rank {r}: {', '.join(b[:3])}{', ...' if len(b) > 3 else ''}" for r, b in sorted(held.items()))
+        raise CheckpointError(
+            f"The ranks hold {name!r} (global shape {list(shape)}) under layouts that do not fit together ({ranks}): "
+            f"{e} Every rank must hold each DTensor with the same mesh and placements."
+        ) from None
+
+
+def _box_text(box: Box) -> str:
+    offsets, sizes = box
+    return "[" + ", ".join(f"{o}:{o + n}" for o, n in zip(offsets, sizes)) + "]"
 
 
 def _split_replicated(units: list[Unit], world: int,

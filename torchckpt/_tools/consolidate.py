@@ -66,7 +66,8 @@ def consolidate(reader: CheckpointReader, out: str, storage: Storage, *, rank: i
         raise CheckpointError(f"rank must be one of the {world} ranks that saved {reader.path} (0 to {world - 1}), "
                               f"not {rank!r}.")
     index = load_opened.load_index(path, reader.storage)
-    load_opened.state_tree(index, lambda name: None, rank)  # refuses, naming the index, a tree a restore would refuse
+    # refuses, naming the index, what a restore or the reader would refuse (the new seal must not launder it)
+    load_opened.check_sections(index, load_opened.state_tree(index, lambda name: None, rank))
     state, source_of, aliases = load_opened.rank_view(index, rank)
     section = {k: v for k, v in index.section.items() if k in ("objects", "metadata")}
     section["state"] = state

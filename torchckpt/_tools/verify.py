@@ -50,7 +50,7 @@ def verify(reader: CheckpointReader, progress: bool | None = None) -> list[str]:
             return [str(e)]
         problems = _verify_data(index, shards, infos, progress)
     try:
-        load_opened.state_tree(index, lambda name: None, chunked=lambda name: None)
+        load_opened.check_sections(index, load_opened.state_tree(index, lambda name: None, chunked=lambda name: None))
     except CorruptCheckpointError as e:
         problems.append(str(e))
     return problems
