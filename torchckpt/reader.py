@@ -31,7 +31,7 @@ from torchckpt._format import dtypes as format_dtypes
 from torchckpt._format import index as format_index
 from torchckpt._format import keypath
 from torchckpt._format.dtypes import TensorInfo
-from torchckpt._load import foreign, recheck, stream
+from torchckpt._load import foreign, index_fields, recheck, stream
 from torchckpt._load import opened as load_opened
 from torchckpt._paths import as_path, join, name_of
 from torchckpt._storage.base import Source, Storage
@@ -384,7 +384,7 @@ class CheckpointReader:
         if self._index is None:
             return {"format": self.kind, "tensors": len(self._names)}
         section = self._index.section
-        extra = load_opened.metadata_of(self._index)
+        extra = index_fields.metadata_of(self._index)
         return {
             "format": "torchckpt",
             "format_version": section.get("format_version"),

@@ -34,7 +34,6 @@ from torchckpt._format.spec import (
     HEADER_ALIGNMENT,
     INDEX_FILE,
     MAX_INDEX_SIZE,
-    SAVE_COUNTER,
     SHARDED_FORMAT_VERSION,
     TORCHCKPT_KEY,
 )
@@ -51,7 +50,6 @@ from torchckpt.errors import (
     format_keys,
     shard_missing,
     shard_size_mismatch,
-    short_repr,
     unreadable,
 )
 
@@ -466,60 +464,6 @@ def state_tree(index: Index, resolve: Callable[[str], Any], rank: int = 0,
         if e.path is not None:
             raise
         raise CorruptCheckpointError(f"{join(index.directory, INDEX_FILE)}: {e}", index.directory) from None
-
-
-def save_counter_of(tree: dict[str, Any], directory: str) -> int | None:
-    """The state tree's ``save_counter`` (None where it has none).
-
-    Raises:
-        CorruptCheckpointError: it is not a non-negative integer (a restore sets the counter from it).
-    """
-    if SAVE_COUNTER not in tree:
-        return None
-    counter = tree[SAVE_COUNTER]
-    if not (type(counter) is int and 0 <= counter < 2**63):
-        raise CorruptCheckpointError(f"{directory}: save_counter is {short_repr(counter)}, not a non-negative integer.",
-                                     directory)
-    return counter
-
-
-def metadata_of(index: Index) -> Any:
-    """The index's user metadata (metrics and the like), decoded from typed JSON.
-
-    Raises:
-        CorruptCheckpointError: it is not a tree the writer makes.
-    """
-    found = index.section.get("metadata")
-    if not found:
-        return {}
-    try:
-        return format_tree.decode(found, None, lambda n: None)
-    except CorruptCheckpointError as e:
-        raise CorruptCheckpointError(f"{join(index.directory, INDEX_FILE)}: its metadata is invalid: {e}",
-                                     index.directory) from None
-
-
-def check_sections(index: Index, tree: dict[str, Any]) -> None:
-    """What a restore or the reader refuses beyond the state tree's form (``tree``, decoded): the
-    modules' versions, the save counter and the metadata. ``verify`` and ``consolidate`` check
-    them too, so that neither passes an index that a reader then refuses.
-
-    Raises:
-        CorruptCheckpointError: naming the index and the field.
-    """
-    index.module_versions()
-    save_counter_of(tree, index.directory)
-    metadata_of(index)
-
-
-def beyond_world(index: Index, world: int) -> list[str]:
-    """The per-rank values no rank of a job of ``world`` ranks takes (a checkpoint of 4 ranks
-    restored on 2, or read in one process): ``<key path>~r<rank>`` for each, in checkpoint terms,
-    so that a report lists them unexpected instead of leaving them silently unused."""
-    if index.raw[TORCHCKPT_KEY]["format_version"] < SHARDED_FORMAT_VERSION or index.world_size <= world:
-        return []
-    paths = list(format_tree.per_rank_paths(index.section.get("state", {})))
-    return [f"{path}~r{rank}" for path in paths for rank in range(world, index.world_size)]
 
 
 def rank_view(index: Index, rank: int) -> tuple[Any, dict[str, str], dict[str, str]]:

@@ -28,7 +28,7 @@ from torchckpt._dist.coordinator import AnyCoordinator
 from torchckpt._format import index as format_index
 from torchckpt._format.spec import SAVE_COUNTER
 from torchckpt._history import members as history_members
-from torchckpt._load import opened, recheck, rename, spread
+from torchckpt._load import index_fields, opened, recheck, rename, spread
 from torchckpt._load.execute import check_headers, execute, load, mark_written, read
 from torchckpt._load.match import Matcher, Tracking
 from torchckpt._load.plan import MISSING, Plan, plan_value
@@ -155,10 +155,10 @@ def _plan(target: Target, index: format_index.Index, shards: opened.OpenShards, 
     Matcher(plan, target.tracking).checkpoint(target.tracked, saved, "", SAVE_COUNTER)
     if renamed is not None:
         renamed.annotate(plan.report)
-    plan.report.unexpected_keys.extend(opened.beyond_world(index, plan.world))
+    plan.report.unexpected_keys.extend(index_fields.beyond_world(index, plan.world))
     if target.set_counter is not None:
         counter = saved.get(SAVE_COUNTER, MISSING)
         if counter is not MISSING:
-            opened.save_counter_of(saved, index.directory)
+            index_fields.save_counter_of(saved, index.directory)
         set_counter = target.set_counter
         plan_value(SAVE_COUNTER, counter, lambda v: set_counter(int(v)), plan)

@@ -24,6 +24,7 @@ from torchckpt._format import index as format_index
 from torchckpt._format import spec as format_spec
 from torchckpt._format import tree as format_tree
 from torchckpt._format.spec import INDEX_FILE
+from torchckpt._load import index_fields
 from torchckpt._load import opened as load_opened
 from torchckpt._paths import as_path
 from torchckpt._progress import progress_bar
@@ -67,7 +68,7 @@ def consolidate(reader: CheckpointReader, out: str, storage: Storage, *, rank: i
                               f"not {rank!r}.")
     index = load_opened.load_index(path, reader.storage)
     # refuses, naming the index, what a restore or the reader would refuse (the new seal must not launder it)
-    load_opened.check_sections(index, load_opened.state_tree(index, lambda name: None, rank))
+    index_fields.check_sections(index, load_opened.state_tree(index, lambda name: None, rank))
     state, source_of, aliases = load_opened.rank_view(index, rank)
     section = {k: v for k, v in index.section.items() if k in ("objects", "metadata")}
     section["state"] = state

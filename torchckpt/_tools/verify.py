@@ -15,8 +15,8 @@ import xxhash
 from torchckpt._format import blocks as format_blocks
 from torchckpt._format import index as format_index
 from torchckpt._format.dtypes import TensorInfo
+from torchckpt._load import index_fields, recheck
 from torchckpt._load import opened as load_opened
-from torchckpt._load import recheck
 from torchckpt._progress import progress_bar
 from torchckpt.errors import (
     CheckpointDeletedError,
@@ -50,7 +50,7 @@ def verify(reader: CheckpointReader, progress: bool | None = None) -> list[str]:
             return [str(e)]
         problems = _verify_data(index, shards, infos, progress)
     try:
-        load_opened.check_sections(index, load_opened.state_tree(index, lambda name: None, chunked=lambda name: None))
+        index_fields.check_sections(index, load_opened.state_tree(index, lambda name: None, chunked=lambda name: None))
     except CorruptCheckpointError as e:
         problems.append(str(e))
     return problems
