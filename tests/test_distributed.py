@@ -158,6 +158,7 @@ def test_a_mismatch_on_one_rank_is_in_every_ranks_report_so_assertions_raise_on_
     assert [r["divergent"] for r in found] == [f"restored 2 values; {expected}", f"restored 1 value; {expected}"]
     assert [r["ranks"] for r in found] == [{"t": [1]}] * 2
     assert all(r["asserted"].startswith("Some tracked objects were not fully matched") for r in found)
+    assert [r["late"] for r in found] == ["restored 2 values; missing from the checkpoint (1): m/extra (on rank 1)"] * 2
 
 
 def test_fsdp2_save_and_resharding_restore_on_s3(world4, s3_run, s3_endpoint):

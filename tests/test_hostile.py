@@ -144,6 +144,14 @@ def test_verify_fails_and_consolidate_refuses_an_index_that_a_reader_refuses(sav
     assert code == 1 and message in err and not (tmp_path / "one").exists(), (out, err)
 
 
+def test_verify_and_consolidate_take_a_save_counter_that_is_the_states_own_name(tmp_path):
+    """probe32 F1: ``save_state`` stores a key named ``save_counter`` as any other: not a counter."""
+    path = torchckpt.save_state({"save_counter": "x", "w": torch.ones(2)}, tmp_path / "c")
+    assert cli_in_process(["verify", str(path)])[0] == 0
+    assert cli_in_process(["consolidate", str(path), str(tmp_path / "one")])[0] == 0
+    assert torchckpt.load_state(tmp_path / "one")["save_counter"] == "x"
+
+
 NAME_TABLES = {
     "a-name-not-a-string": (lambda names: names.__setitem__(0, 3), "needs a 'names' list of strings"),
     "names-not-a-list": (lambda names: "model/weight", "needs a 'names' list of strings"),

@@ -131,6 +131,17 @@ def test_hf_index_pointing_outside_is_refused(tmp_path, file):
     assert "hf/model.safetensors.index.json names shard" in str(info.value)
 
 
+def test_an_hf_shard_named_in_latin_1_on_disk_is_read(tmp_path):
+    """A name that is bytes, not UTF-8 (Python's U+DCxx escapes), names a file; only other lone
+    surrogates are refused (probe32 F7)."""
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    name = "mod\udce9le.safetensors"
+    save_file({"a": torch.ones(2)}, os.fsdecode(os.fsencode(hf) + b"/" + os.fsencode(name)))
+    (hf / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": name}}))
+    assert torch.equal(torchckpt.load_checkpoint(hf).get_tensor("a"), torch.ones(2))
+
+
 def test_oversized_header_length_is_refused(tmp_path):
     path = tmp_path / "evil.safetensors"
     path.write_bytes(struct.pack("<Q", 2**62) + b"{}")

@@ -212,7 +212,10 @@ def _step_lr() -> torch.optim.lr_scheduler.StepLR:
      "lacks 'growth_factor', 'backoff_factor', 'growth_interval', '_growth_tracker', which GradScaler"),
     (lambda: {"python": (3, (1, 2), None), "torch": 0}, torchckpt.RNGState, "its Python random state cannot be set"),
     (_Counter, torchckpt.RNGState, "('v') shares no key with this RNGState's"),
-    (torchckpt.RNGState, _Counter, "shares no key with this _Counter's ('v')"),
+    (_step_lr, lambda: torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.zeros(1)]), lambda e: 1.0),
+     "lacks 'lr_lambdas', which LambdaLR.load_state_dict reads"),
+    (lambda: {"_schedulers": []}, lambda: torch.optim.lr_scheduler.ChainedScheduler([_step_lr()]),
+     "'_schedulers' are a list of 0 items, where this ChainedScheduler chains 1"),
 ])
 def test_a_stateful_saved_as_another_kind_is_refused_before_anything_changes(tmp_path, saved_as, tracked_as, reason):
     """Found while planning: before, ``load_state_dict`` failed after the reads (the model already
@@ -232,6 +235,27 @@ def test_a_stateful_saved_as_another_kind_is_refused_before_anything_changes(tmp
     assert str(obj.state_dict()) == str(state)  # this one untouched
     same = torchckpt.Checkpoint(x=tracked_as()).write(tmp_path / "same")  # the same kind still restores
     assert not torchckpt.Checkpoint(x=tracked_as()).read(same).report.skipped_objects
+
+
+def test_a_users_stateful_object_is_handed_any_state_dict_and_a_subclass_loader_its_own(tmp_path):
+    """A user's class may read a key its state no longer has (a renamed one, for older checkpoints),
+    or hold a placeholder until it loads: only torch's and torchckpt's own loaders are checked."""
+    class Renamed(_Counter):
+        def state_dict(self) -> dict:
+            return {"value": self.v}
+
+        def load_state_dict(self, state: dict) -> None:
+            self.v = state["value"] if "value" in state else state["v"]  # an older checkpoint's name
+
+    class Scaler(torch.amp.GradScaler):  # an extra key, defaulted when absent
+        def state_dict(self) -> dict:
+            return {**super().state_dict(), "extra": 1}
+
+    path = torchckpt.Checkpoint(c=_Counter(7), s=torch.amp.GradScaler("cpu", init_scale=8.0)).write(tmp_path / "c")
+    c, scaler = Renamed(), Scaler("cpu")
+    status = torchckpt.Checkpoint(c=c, s=scaler).read(path)
+    assert c.v == 7 and scaler.get_scale() == 8.0 and not status.report.skipped_objects
+    assert status.report.missing_keys == ["c/value", "s/extra"]  # reported, as for any object
 
 
 def test_rng_state_of_the_same_kind_restores_and_a_malformed_one_is_refused(tmp_path):
@@ -294,6 +318,34 @@ def test_an_expanded_destination_is_refused_before_anything_changes(tmp_path):
     ones = torch.zeros(1, 3).expand(1, 3)  # stride 0 along a dimension of size 1 shares nothing
     torchckpt.Checkpoint(b=ones).read(torchckpt.Checkpoint(b=torch.full((1, 3), 5.0)).write(tmp_path / "d"))
     assert ones.tolist() == [[5.0, 5.0, 5.0]]
+
+
+@pytest.mark.parametrize("strides", [(1, 1), (2, 1), (1, 3)])  # element (1, 0) is element (0, 1), (0, 2), (0, 1)
+def test_a_destination_whose_elements_overlap_is_refused_before_anything_changes(tmp_path, strides):
+    """probe33 F1: only stride 0 was refused; these restored with a clean report and wrong values."""
+    path = torchckpt.Checkpoint(a=torch.ones(3), b=torch.arange(12.0).view(4, 3)).write(tmp_path / "c")
+    a, b = torch.zeros(3), torch.zeros(64).as_strided((4, 3), strides)
+    with pytest.raises(torchckpt.UnsupportedStateError, match=rf"'b': it is a view whose strides \[{strides[0]}, "
+                                                              rf"{strides[1]}\] make elements of shape \[4, 3\] overlap"):
+        torchckpt.Checkpoint(a=a, b=b).read(path)
+    assert a.tolist() == [0.0, 0.0, 0.0]
+    for view in (torch.zeros(12).as_strided((4, 3), (3, 1)), torch.zeros(64).as_strided((4, 3), (1, 4)),
+                 torch.zeros(64).as_strided((4, 3), (6, 2)), torch.zeros(8, 6)[::2, ::2]):  # no two elements share
+        torchckpt.Checkpoint(a=torch.zeros(3), b=view).read(path).assert_consumed()
+        assert torch.equal(view, torch.arange(12.0).view(4, 3))
+
+
+def test_an_inference_tensor_destination_is_refused_before_anything_changes(tmp_path):
+    """probe33 F2: a non-contiguous one failed with torch's bare RuntimeError during the reads (other
+    tensors already written); a contiguous one was written behind torch's back."""
+    path = torchckpt.Checkpoint(a=torch.ones(3), b=torch.ones(2, 2)).write(tmp_path / "c")
+    with torch.inference_mode():
+        made = torch.zeros(2, 2)
+    a = torch.zeros(3)
+    for b in (made, made.t()):
+        with pytest.raises(torchckpt.UnsupportedStateError, match="'b': it is an inference tensor"):
+            torchckpt.Checkpoint(a=a, b=b).read(path)
+        assert a.tolist() == [0.0, 0.0, 0.0] and made.tolist() == [[0.0, 0.0], [0.0, 0.0]]
 
 
 def test_an_object_that_refuses_the_saved_state_is_named_and_no_checkpoint_is_called_damaged(tmp_path):

@@ -176,8 +176,19 @@ def plain_into_fsdp(d: Path, rank: int, world: int) -> dict:
         asserted = "passed"
     except torchckpt.RestoreMismatchError as e:
         asserted = str(e)
+    # one found while a module's own loader runs, after the reads (a pre-hook: Hugging Face, lazy modules)
+    class Hooked(torch.nn.Module):
+        def __init__(self, extra: bool) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 2)
+            if extra:
+                self.extra = torch.nn.Parameter(torch.zeros(2))
+            self._register_load_state_dict_pre_hook(lambda *args, **kwargs: None)
+
+    path = torchckpt.Checkpoint(m=Hooked(False)).write(str(d / "divergent-late"), timeout_secs=TIMEOUT)
+    late = torchckpt.Checkpoint(m=Hooked(rank == 1)).read(path, timeout_secs=TIMEOUT).expect_partial()
     return {"differences": differences(found, reference), "divergent": str(status.report),
-            "ranks": status.report.ranks, "asserted": asserted}
+            "ranks": status.report.ranks, "asserted": asserted, "late": str(late.report)}
 
 
 def differing_value(d: Path, rank: int, world: int) -> dict:

@@ -456,9 +456,10 @@ def agree(coord: AnyCoordinator, what: str, work: Callable[[], T], done: str | N
     return result  # type: ignore[return-value]
 
 
-def agree_all(coord: AnyCoordinator, what: str, work: Callable[[], T]) -> list[T]:
+def agree_all(coord: AnyCoordinator, what: str, work: Callable[[], T], done: str | None = None) -> list[T]:
     """Every rank runs ``work`` (returning JSON) and gets every rank's result, in rank order; a
-    failure on any rank is raised on every rank (the same error)."""
+    failure on any rank is raised on every rank (the same error, with ``done`` added on the ranks
+    whose own work had succeeded)."""
     if isinstance(coord, Solo):
         return [work()]
     error: Exception | None = None
@@ -470,7 +471,7 @@ def agree_all(coord: AnyCoordinator, what: str, work: Callable[[], T]) -> list[T
     outcomes = [decode(o) for o in coord.all_gather("agree", encode(mine))]
     failures = {r: o["error"] for r, o in enumerate(outcomes) if "error" in o}
     if failures:
-        raise collective_error(failures, what) from error
+        raise collective_error(failures, what, done if error is None else None) from error
     return [o["result"] for o in outcomes]
 
 

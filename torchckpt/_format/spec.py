@@ -97,9 +97,10 @@ def final_name(name: str) -> str:
 
 
 def _encodable(name: str) -> bool:
-    """Whether ``name`` is valid Unicode (no lone surrogate, which no file system or URL encodes)."""
+    """Whether ``name`` can name a file: valid Unicode, or bytes that are not (a file named in
+    Latin-1, which Python carries as U+DC80-U+DCFF); no other lone surrogate encodes."""
     try:
-        name.encode("utf-8")
+        name.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:
         return False
     return True

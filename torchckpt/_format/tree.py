@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from torchckpt._format import floats, plain
 from torchckpt._format.keypath import SEP, display, escape_part, join, key_part, split, unescape_part
-from torchckpt.errors import CorruptCheckpointError, UnsupportedStateError
+from torchckpt.errors import CorruptCheckpointError, UnsupportedStateError, short_repr
 
 if TYPE_CHECKING:
     import torch
@@ -104,7 +104,12 @@ def encode(value: Any, path: str, tensors: dict[str, torch.Tensor], ordered: boo
         _check_depth(value, path)
         return [encode(v, join(path, str(i)), tensors, ordered) for i, v in enumerate(value)]
     if kind is torch.Size:
-        return {"@size": list(value)}
+        if all(-MAX_INT <= d < MAX_INT for d in value):
+            return {"@size": list(value)}
+        raise UnsupportedStateError(
+            f"Cannot save {display(path)!r}: the torch.Size {short_repr(tuple(value))} has a dimension outside 64 "
+            "bits, which no tensor has and readers refuse. Store it as a tuple of ints instead.",
+            key=path, value_type=torch.Size)
     if kind is torch.dtype:
         return {"@dtype": str(value).removeprefix("torch.")}
     if kind is torch.device:

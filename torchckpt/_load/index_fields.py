@@ -56,7 +56,9 @@ def check_sections(index: Index, tree: dict[str, Any]) -> None:
         CorruptCheckpointError: naming the index and the field.
     """
     index.module_versions()
-    save_counter_of(tree, index.directory)
+    objects = index.section.get("objects")
+    if not (isinstance(objects, dict) and SAVE_COUNTER in objects):  # else one of the state's own names (save_state)
+        save_counter_of(tree, index.directory)
     metadata_of(index)
 
 

@@ -104,6 +104,18 @@ def _read_into(dest: torch.Tensor, saved: SavedTensor, plan: Plan) -> None:
     plan.casts.append((dest, buffer))
 
 
+def _overlaps(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
+    """Whether two elements of a view of ``shape`` and ``strides`` may share memory: taken by
+    stride, each dimension of size over 1 must step past everything the smaller ones reach. (A
+    layout whose strides interleave without sharing, rare as it is, is refused with them.)"""
+    reach = 0
+    for stride, size in sorted((st, n) for n, st in zip(shape, strides) if n > 1):
+        if stride <= reach:
+            return True
+        reach += stride * (size - 1)
+    return False
+
+
 def check_destination(key: str, dest: torch.Tensor) -> None:
     """Refuse, before anything changes, a destination the library cannot write as plain memory. A
     lazy module's uninitialized parameter is no destination: its load hook makes one of the saved
@@ -119,12 +131,22 @@ def check_destination(key: str, dest: torch.Tensor) -> None:
 
 def _tensorio_check(key: str, dest: torch.Tensor) -> None:
     reason = _tensorio.unsupported_reason(dest, allow_meta=True)
-    strides = dest.stride() if reason is None else ()
-    if 0 in strides and any(stride == 0 and size > 1 for size, stride in zip(dest.shape, strides)):
+    if reason is None and not dest.is_contiguous() and _overlaps(dest.shape, dest.stride()):
+        expanded = any(stride == 0 and size > 1 for size, stride in zip(dest.shape, dest.stride()))
         raise UnsupportedStateError(
-            f"Cannot restore into {key!r}: it is an expanded view (stride 0 along a dimension of size over 1), "
-            "whose elements share memory, so no value can be written into it element by element. Restore into a "
-            "tensor of its own (clone() it), and expand that.",
+            f"Cannot restore into {key!r}: it is "
+            + ("an expanded view (stride 0 along a dimension of size over 1)" if expanded else
+               f"a view whose strides {list(dest.stride())} make elements of shape {list(dest.shape)} overlap")
+            + ", whose elements share memory, so no value can be written into it element by element. Restore into "
+            "a tensor of its own (clone() it), and make the view of that.",
+            key=key,
+            value_type=type(dest),
+        )
+    if reason is None and dest.is_inference():
+        raise UnsupportedStateError(
+            f"Cannot restore into {key!r}: it is an inference tensor (made under torch.inference_mode()), which torch "
+            "lets no one write in place outside that mode. Build the model outside torch.inference_mode() (under "
+            "torch.no_grad() if you like), restore, then run it in inference mode.",
             key=key,
             value_type=type(dest),
         )

@@ -381,7 +381,7 @@ def _find_key(node: dict[Any, Any], part: str) -> Any:
     key = keypath.unescape_part(part)
     if key in node and type(key) is str:
         return key
-    if part.isdigit() and int(part) in node:  # the int key itself, not True or 1.0, which hash alike
+    if _is_number(part) and int(part) in node:  # the int key itself, not True or 1.0, which hash alike
         number = int(part)
         return next((k for k in node if type(k) is int and k == number), None)
     return None
@@ -391,6 +391,11 @@ def _new_key(node: dict[Any, Any], part: str, dict_key: Any) -> Any:
     """The key a value moved to ``part`` gets in ``node``: an int where ``part`` is digits and
     either the value had an int key or the dict it goes into has only int keys (a rename to
     ``"steps/3"`` of a dict ``{1: .., 2: ..}``), else the name."""
-    if part.isdigit() and (type(dict_key) is int or (node and all(type(k) is int for k in node))):
+    if _is_number(part) and (type(dict_key) is int or (node and all(type(k) is int for k in node))):
         return int(part)
     return keypath.unescape_part(part)
+
+
+def _is_number(part: str) -> bool:
+    """Whether ``part`` is an int key's name: ASCII digits (``str.isdigit`` also takes "²")."""
+    return part.isascii() and part.isdigit()

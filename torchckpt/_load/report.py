@@ -79,25 +79,33 @@ class MismatchReport:
                 "skipped": self.skipped_objects}
 
     def merge(self, shared: list[dict[str, Any] | None]) -> None:
-        """Add every rank's mismatches (``shared``, in rank order, this rank's among them) to this
-        report, and name in ``ranks`` those not found on every rank."""
+        """Make this report the job's: every rank's mismatches (``shared``, in rank order, this
+        rank's among them), listed in rank order so that every rank's report reads the same, and
+        in ``ranks`` the ranks each one not found on every rank was found on."""
         if not any(shared):
             return
         found: dict[str, list[int]] = {}
+        missing: dict[str, None] = {}
+        unexpected: dict[str, None] = {}
+        shape: dict[str, tuple[torch.Size, torch.Size]] = {}
+        dtype: dict[str, tuple[torch.dtype, torch.dtype]] = {}
+        skipped: dict[str, str] = {}
         for rank, theirs in enumerate(shared):
             if theirs is None:
                 continue
             keys = [*theirs["missing"], *theirs["unexpected"], *theirs["shape"], *theirs["dtype"], *theirs["skipped"]]
             for key in dict.fromkeys(keys):
                 found.setdefault(key, []).append(rank)
-            _extend_new(self.missing_keys, theirs["missing"])
-            _extend_new(self.unexpected_keys, theirs["unexpected"])
+            missing.update(dict.fromkeys(theirs["missing"]))
+            unexpected.update(dict.fromkeys(theirs["unexpected"]))
             for k, (a, b) in theirs["shape"].items():
-                self.shape_mismatches.setdefault(k, (torch.Size(a), torch.Size(b)))
+                shape.setdefault(k, (torch.Size(a), torch.Size(b)))
             for k, (a, b) in theirs["dtype"].items():
-                self.dtype_mismatches.setdefault(k, (_dtype_of(a), _dtype_of(b)))
+                dtype.setdefault(k, (_dtype_of(a), _dtype_of(b)))
             for k, reason in theirs["skipped"].items():
-                self.skipped_objects.setdefault(k, reason)
+                skipped.setdefault(k, reason)
+        self.missing_keys, self.unexpected_keys = list(missing), list(unexpected)
+        self.shape_mismatches, self.dtype_mismatches, self.skipped_objects = shape, dtype, skipped
         self.ranks = {k: ranks for k, ranks in found.items() if len(ranks) < len(shared)}
 
     def mismatched_on(self, world: int) -> set[int]:
@@ -161,11 +169,6 @@ class MismatchReport:
                          + format_keys(f"{a} -> {b}" for a, b in self.renamed.items()))
         head = f"restored {plural(len(self.restored_keys), 'value')}"
         return head + ("; " + "; ".join(lines) if lines else "; everything matched")
-
-
-def _extend_new(keys: list[str], more: list[str]) -> None:
-    present = set(keys)
-    keys.extend(k for k in dict.fromkeys(more) if k not in present)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -75,7 +75,21 @@ def restore(target: Target, storage: Storage, path: str, coord: AnyCoordinator, 
             return _restore_from(target, storage, directory, plan, verify, progress if coord.rank == 0 else False,
                                  coord)
 
-    return dist_coordinator.run_collectively(coord, f"Restoring {path}", choose, restore_mine, RESTORED_ON_THIS_RANK)
+    what = f"Restoring {path}"
+    chosen = dist_coordinator.decided(coord, what, choose)
+    mine: list[Restored] = []
+
+    def run() -> dict[str, Any] | None:
+        mine.append(restore_mine(chosen))
+        coord.consequence = RESTORED_ON_THIS_RANK
+        return mine[0].report.shared()
+
+    # the outcome's exchange carries each rank's mismatches, those the loads found too: every
+    # rank's report lists the job's, so assertions raise on every rank alike
+    shared = dist_coordinator.agree_all(coord, what, run, RESTORED_ON_THIS_RANK)
+    if coord.is_collective:
+        mine[0].report.merge(shared)
+    return mine[0]
 
 
 def _restore_from(target: Target, storage: Storage, directory: str, plan: Plan, verify: bool,
@@ -118,16 +132,14 @@ def _restore_from(target: Target, storage: Storage, directory: str, plan: Plan, 
             check_headers(plan, opened_shards[0])
             if opened_shards[0].pinned:  # the shards it opened: still this index's?
                 recheck.confirm_unchanged(directory, seals[0], storage)
-            mismatches = plan.report.shared()  # every rank's report lists every rank's mismatches
             if plan.read_once is False:
-                return {"seal": seals[0], "described": None, "mismatches": mismatches}
+                return {"seal": seals[0], "described": None}
             found.extend(spread.replicated(plan))
-            return {"seal": seals[0], "described": spread.describe(found, coord), "mismatches": mismatches}
+            return {"seal": seals[0], "described": spread.describe(found, coord)}
 
         planned = dist_coordinator.agree_all(coord, coord.what, plan_and_describe)
         if len({p["seal"] for p in planned}) > 1:  # each rank read index.json itself: one read another checkpoint
             raise recheck.replaced_meanwhile(directory, "the ranks read two different index.json files")
-        plan.report.merge([p["mismatches"] for p in planned])
         described = [p["described"] for p in planned]
         spreading = spread.assign(plan, found, described, coord)
         shards = opened_shards[0]

@@ -127,9 +127,10 @@ def _starts_one(prefix: str, ordered: list[str]) -> bool:
 def _structure_problem(obj: Any, current: Any, saved: Any) -> str | None:
     """Why ``saved`` cannot be handed to ``obj.load_state_dict``, or None. Found while planning,
     before any object changes: a ``load_state_dict`` that fails after the reads leaves the other
-    objects restored and this one not. Checked: an optimizer's parameter groups; a state dict saved
-    from another kind of object (a tensor, a plain value, or a dict sharing none of its keys); and
-    the keys and forms the library's own kinds need (``RNGState``, an enabled ``GradScaler``)."""
+    objects restored and this one not. Checked: an optimizer's parameter groups; a value that is
+    no state dict where the object's is one; and, for torch's and torchckpt's own loaders (a
+    user's class may read keys its state no longer has, or take any), a state dict saved from
+    another kind of object (sharing none of its keys) and the keys and forms they read."""
     if isinstance(obj, torch.optim.Optimizer):
         mine = [len(g["params"]) for g in current.get("param_groups", [])]
         groups = saved.get("param_groups") if isinstance(saved, dict) else None
@@ -145,26 +146,51 @@ def _structure_problem(obj: Any, current: Any, saved: Any) -> str | None:
     kind = type(obj).__name__
     if not isinstance(saved, dict):
         return f"the checkpoint holds {_described(saved)} under this name, not a state dict for {kind}.load_state_dict"
+    loader = getattr(type(obj).load_state_dict, "__module__", None) or ""
+    if not (loader == "torch" or loader.startswith(("torch.", "torchckpt."))):
+        return None
     if current and not any(k in saved for k in current):
         listed = ", ".join(short_repr(k, 30) for k in list(saved)[:4]) + (", ..." if len(saved) > 4 else "")
         return (f"the checkpoint's state under this name ({listed or 'empty'}) shares no key with this {kind}'s "
                 f"({', '.join(short_repr(k, 30) for k in list(current)[:4])}): it was saved from another kind of object")
-    needed = _needed_keys(obj, current)
-    lacking = [k for k in needed if k not in saved]
+    lacking = [k for k in _needed_keys(obj, current) if k not in saved]
     if lacking:
-        return f"the checkpoint's state lacks {', '.join(map(repr, lacking))}, which {kind}.load_state_dict needs"
-    if isinstance(obj, RNGState):
+        return f"the checkpoint's state lacks {', '.join(map(repr, lacking))}, which {kind}.load_state_dict reads"
+    if _loads(obj, *_CHAINS):  # each of its schedulers loads one saved state, in order
+        schedulers = saved["_schedulers"]
+        if not (isinstance(schedulers, list) and len(schedulers) == len(current["_schedulers"])):
+            return (f"the checkpoint's '_schedulers' are {_described(schedulers)}, where this {kind} chains "
+                    f"{len(current['_schedulers'])}")
+    if _loads(obj, RNGState):
         return _rng_problem(current, saved)
     return None
 
 
-def _needed_keys(obj: Any, current: dict[Any, Any]) -> list[str]:
-    """The keys the library's own kinds read unconditionally in ``load_state_dict``."""
-    if isinstance(obj, RNGState):
-        return ["python", "torch"]
-    if isinstance(obj, torch.amp.GradScaler) and current:  # a disabled one loads nothing
-        return [k for k in current if isinstance(k, str)]
-    return []
+_SCHEDULERS = torch.optim.lr_scheduler
+_CHAINS = (_SCHEDULERS.SequentialLR, _SCHEDULERS.ChainedScheduler)
+_NEEDED = [  # what torch's and torchckpt's own loaders read unconditionally, by the class that defines them
+    ((RNGState,), ("python", "torch")),
+    ((_SCHEDULERS.LambdaLR, _SCHEDULERS.MultiplicativeLR), ("lr_lambdas",)),
+    (_CHAINS, ("_schedulers",)),
+    ((_SCHEDULERS.CyclicLR,), ("_scale_fn_custom",)),
+]
+_SCALER_KEYS = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
+
+
+def _loads(obj: Any, *classes: type) -> bool:
+    """Whether ``obj``'s ``load_state_dict`` is the one one of ``classes`` defines (not a subclass's own)."""
+    mine = type(obj).load_state_dict
+    return any(mine is cls.__dict__.get("load_state_dict") for cls in classes)
+
+
+def _needed_keys(obj: Any, current: dict[Any, Any]) -> tuple[str, ...]:
+    """The keys ``obj``'s loader reads unconditionally, where it is torch's or torchckpt's own."""
+    for classes, keys in _NEEDED:
+        if _loads(obj, *classes):
+            return keys
+    if _loads(obj, torch.amp.GradScaler) and current:  # a disabled one (an empty state) loads nothing
+        return _SCALER_KEYS
+    return ()
 
 
 def _rng_problem(current: dict[str, Any], saved: dict[str, Any]) -> str | None:

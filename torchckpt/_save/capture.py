@@ -17,7 +17,7 @@ from torchckpt import _tensorio
 from torchckpt._format import dtypes as format_dtypes
 from torchckpt._format import keypath
 from torchckpt._format import tree as format_tree
-from torchckpt.errors import UnsupportedStateError
+from torchckpt.errors import CorruptCheckpointError, UnsupportedStateError
 
 
 def check_tensor(name: str, t: torch.Tensor) -> None:
@@ -41,6 +41,7 @@ def check_tensor(name: str, t: torch.Tensor) -> None:
             key=name,
             value_type=type(t),
         )
+    check_shape(name, t)
     if t.dtype not in format_dtypes.SUPPORTED_DTYPES:
         raise UnsupportedStateError(
             f"Cannot save tensor {name!r}: dtype {t.dtype} is not one safetensors can store "
@@ -48,6 +49,22 @@ def check_tensor(name: str, t: torch.Tensor) -> None:
             key=name,
             value_type=type(t),
         )
+
+
+def check_shape(name: str, t: torch.Tensor) -> None:
+    """Refuse a shape the readers refuse (``_format.dtypes.check_shape``), so that no save commits a
+    checkpoint they cannot read. Only an empty tensor or an expanded view can have one: memory
+    bounds every other."""
+    numel = t.numel()
+    if numel != 0 and numel <= 2**40:
+        return
+    try:
+        format_dtypes.check_shape(t.shape, "")
+    except CorruptCheckpointError:
+        raise UnsupportedStateError(
+            f"Cannot save tensor {name!r}: its shape {list(t.shape)} is larger than readers accept (the product of "
+            "its dimensions, a zero counted as one, times 16 must stay under 2**62), so the checkpoint could never "
+            "be read back. Save a tensor of a smaller shape.", key=name, value_type=type(t)) from None
 
 
 def _alias_key(t: torch.Tensor) -> tuple[Any, ...]:
@@ -76,7 +93,8 @@ def prepare_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.T
                 or t.layout is not strided or t.dtype not in supported or t.is_meta or t.is_nested):
             check_tensor(name, t)
         address = t.data_ptr()
-        if not address:
+        if not address:  # empty (or a huge expanded view of nothing)
+            check_shape(name, t)
             continue
         first = first_at.setdefault(address, name)
         if first is not name and t.nbytes:  # views at one address are aliases only if identical views

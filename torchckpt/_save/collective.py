@@ -101,6 +101,7 @@ def capture(tensors: dict[str, Any], section: dict[str, Any], rank: int, groups:
             box = dist_dtensor.dtensor_box(t, name)
             local = dist_dtensor.local_of(t)
             save_capture.check_tensor(name, local)
+            save_capture.check_shape(name, t)  # the global shape, which the index records
             if box is None:
                 continue
             out.local[name] = local
