@@ -198,6 +198,12 @@ class _Counter:  # a user's Stateful
         self.v = state["v"]
 
 
+def _sequential(second, **arguments) -> torch.optim.lr_scheduler.SequentialLR:
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    schedulers = [torch.optim.lr_scheduler.StepLR(opt, 2), second(opt, **arguments)]
+    return torch.optim.lr_scheduler.SequentialLR(opt, schedulers, [2])
+
+
 def _step_lr() -> torch.optim.lr_scheduler.StepLR:
     return torch.optim.lr_scheduler.StepLR(torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1), 3)
 
@@ -207,7 +213,11 @@ def _step_lr() -> torch.optim.lr_scheduler.StepLR:
     (lambda: torch.nn.Linear(2, 2), torchckpt.RNGState, "('weight', 'bias') shares no key with this RNGState's"),
     (lambda: torch.nn.Linear(2, 2), _step_lr, "shares no key with this StepLR's"),
     (lambda: 7, lambda: torch.amp.GradScaler("cpu"), "the value 7 under this name, not a state dict for GradScaler"),
-    (lambda: torch.amp.GradScaler("cpu", enabled=False), lambda: torch.amp.GradScaler("cpu"), "shares no key"),
+    (lambda: torch.amp.GradScaler("cpu", enabled=False), lambda: torch.amp.GradScaler("cpu"),
+     "is empty, where this GradScaler's has keys (saved by an object with nothing to save, such as a disabled"),
+    (lambda: _sequential(torch.optim.lr_scheduler.StepLR, step_size=3),
+     lambda: _sequential(torch.optim.lr_scheduler.LambdaLR, lr_lambda=lambda e: 1.0),
+     "its scheduler 1 (LambdaLR): the checkpoint's state lacks 'lr_lambdas'"),
     (lambda: {"scale": 2.0}, lambda: torch.amp.GradScaler("cpu"),
      "lacks 'growth_factor', 'backoff_factor', 'growth_interval', '_growth_tracker', which GradScaler"),
     (lambda: {"python": (3, (1, 2), None), "torch": 0}, torchckpt.RNGState, "its Python random state cannot be set"),
@@ -335,17 +345,42 @@ def test_a_destination_whose_elements_overlap_is_refused_before_anything_changes
         assert torch.equal(view, torch.arange(12.0).view(4, 3))
 
 
-def test_an_inference_tensor_destination_is_refused_before_anything_changes(tmp_path):
-    """probe33 F2: a non-contiguous one failed with torch's bare RuntimeError during the reads (other
-    tensors already written); a contiguous one was written behind torch's back."""
+def test_an_inference_tensor_that_torch_copies_would_fill_is_refused_before_anything_changes(tmp_path):
+    """probe33 F2: a non-contiguous one (or one cast) failed with torch's bare RuntimeError during
+    the reads or the casts, other tensors already written. A contiguous one is read into as plain
+    memory, as before, and under inference mode a cast is made too (probe34 F1)."""
     path = torchckpt.Checkpoint(a=torch.ones(3), b=torch.ones(2, 2)).write(tmp_path / "c")
     with torch.inference_mode():
         made = torch.zeros(2, 2)
+        wide = torch.zeros(2, 2, dtype=torch.float64)
     a = torch.zeros(3)
-    for b in (made, made.t()):
-        with pytest.raises(torchckpt.UnsupportedStateError, match="'b': it is an inference tensor"):
-            torchckpt.Checkpoint(a=a, b=b).read(path)
-        assert a.tolist() == [0.0, 0.0, 0.0] and made.tolist() == [[0.0, 0.0], [0.0, 0.0]]
+    with pytest.raises(torchckpt.UnsupportedStateError, match="'b': it is an inference tensor .* that is not contiguous"):
+        torchckpt.Checkpoint(a=a, b=made.t()).read(path)
+    with pytest.raises(torchckpt.UnsupportedStateError, match="'b' with a cast: its destination is an inference tensor"):
+        torchckpt.Checkpoint(a=a, b=wide).read(path, cast=True)
+    assert a.tolist() == [0.0, 0.0, 0.0] and made.tolist() == [[0.0, 0.0], [0.0, 0.0]] and not wide.any()
+    torchckpt.Checkpoint(a=a, b=made).read(path).assert_consumed()
+    with torch.inference_mode():
+        torchckpt.Checkpoint(a=a, b=wide, rng=torchckpt.RNGState()).read(path, cast=True).expect_partial()
+    assert made.tolist() == wide.tolist() == [[1.0, 1.0], [1.0, 1.0]] and a.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_a_users_loader_takes_what_an_older_version_saved(tmp_path):
+    """probe34 F2: an object whose older version saved a list (or an int) and whose loader reads it."""
+    class Ema:
+        def __init__(self) -> None:
+            self.v = [0.0]
+
+        def state_dict(self) -> dict:
+            return {"values": self.v}
+
+        def load_state_dict(self, state) -> None:
+            self.v = list(state) if isinstance(state, list) else state["values"]
+
+    path = torchckpt.Checkpoint(e=[5.0, 6.0]).write(tmp_path / "c")
+    ema = Ema()
+    status = torchckpt.Checkpoint(e=ema).read(path)
+    assert ema.v == [5.0, 6.0] and not status.report.skipped_objects
 
 
 def test_an_object_that_refuses_the_saved_state_is_named_and_no_checkpoint_is_called_damaged(tmp_path):

@@ -99,6 +99,14 @@ def _read_into(dest: torch.Tensor, saved: SavedTensor, plan: Plan) -> None:
     if saved.dtype == dest.dtype or dist_dtensor.is_dtensor(dest) or isinstance(saved, ChunkedInfo):
         plan.reads.append((dest, saved))
         return
+    if dest.is_inference() and not torch.is_inference_mode_enabled():  # cast by a torch copy, refused then
+        raise UnsupportedStateError(
+            f"Cannot restore checkpoint tensor {saved.name!r} with a cast: its destination is an inference tensor (made "
+            "under torch.inference_mode()), which torch lets no one write in place outside that mode. Restore under "
+            "torch.inference_mode(), or build the model outside it.",
+            key=saved.name,
+            value_type=type(dest),
+        )
     buffer = torch.empty(saved.shape, dtype=saved.dtype)
     plan.reads.append((buffer, saved))
     plan.casts.append((dest, buffer))
@@ -142,11 +150,11 @@ def _tensorio_check(key: str, dest: torch.Tensor) -> None:
             key=key,
             value_type=type(dest),
         )
-    if reason is None and dest.is_inference():
-        raise UnsupportedStateError(
-            f"Cannot restore into {key!r}: it is an inference tensor (made under torch.inference_mode()), which torch "
-            "lets no one write in place outside that mode. Build the model outside torch.inference_mode() (under "
-            "torch.no_grad() if you like), restore, then run it in inference mode.",
+    if reason is None and dest.is_inference() and not dest.is_contiguous():
+        raise UnsupportedStateError(  # filled through torch copies, perhaps in a reading thread, where torch refuses
+            f"Cannot restore into {key!r}: it is an inference tensor (made under torch.inference_mode()) that is not "
+            "contiguous, which torch lets no one write in place outside that mode. Build the model outside "
+            "torch.inference_mode() (under torch.no_grad() if you like), restore, then run it in inference mode.",
             key=key,
             value_type=type(dest),
         )

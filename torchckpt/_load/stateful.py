@@ -144,11 +144,14 @@ def _structure_problem(obj: Any, current: Any, saved: Any) -> str | None:
     if not isinstance(current, dict):  # an object of its own kind of state: it alone knows what it takes
         return None
     kind = type(obj).__name__
-    if not isinstance(saved, dict):
-        return f"the checkpoint holds {_described(saved)} under this name, not a state dict for {kind}.load_state_dict"
     loader = getattr(type(obj).load_state_dict, "__module__", None) or ""
     if not (loader == "torch" or loader.startswith(("torch.", "torchckpt."))):
-        return None
+        return None  # a user's loader may take what an older version saved (a list, an int, renamed keys)
+    if not isinstance(saved, dict):
+        return f"the checkpoint holds {_described(saved)} under this name, not a state dict for {kind}.load_state_dict"
+    if current and not saved:
+        return (f"the checkpoint's state under this name is empty, where this {kind}'s has keys (saved by an object "
+                "with nothing to save, such as a disabled GradScaler, or by another kind of object)")
     if current and not any(k in saved for k in current):
         listed = ", ".join(short_repr(k, 30) for k in list(saved)[:4]) + (", ..." if len(saved) > 4 else "")
         return (f"the checkpoint's state under this name ({listed or 'empty'}) shares no key with this {kind}'s "
@@ -161,6 +164,10 @@ def _structure_problem(obj: Any, current: Any, saved: Any) -> str | None:
         if not (isinstance(schedulers, list) and len(schedulers) == len(current["_schedulers"])):
             return (f"the checkpoint's '_schedulers' are {_described(schedulers)}, where this {kind} chains "
                     f"{len(current['_schedulers'])}")
+        for i, (inner, theirs) in enumerate(zip(obj._schedulers, schedulers)):
+            problem = _structure_problem(inner, current["_schedulers"][i], theirs)
+            if problem:
+                return f"its scheduler {i} ({type(inner).__name__}): {problem}"
     if _loads(obj, RNGState):
         return _rng_problem(current, saved)
     return None
