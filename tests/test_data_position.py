@@ -142,6 +142,33 @@ def test_torchdata_random_sampler_with_its_own_generator_resumes_mid_epoch_exact
     assert seen + rest == whole
 
 
+@pytest.mark.parametrize(("num_workers", "persistent"), [(0, False), (2, False), (2, True)])
+def test_an_epoch_left_early_is_not_resumed_the_next_iteration_starts_a_new_one(tmp_path, num_workers, persistent):
+    """A loop left with ``break`` (a validation of a few batches, a fixed number of steps per epoch)
+    and saved after it: an uninterrupted run's next ``for batch in loader`` starts a new epoch, and
+    so does the resumed one's (probe35 F1: it went on with the rest of the epoch left)."""
+    def build():
+        return StatefulDataLoader(list(range(12)), batch_size=3, shuffle=True, num_workers=num_workers,
+                                  persistent_workers=persistent, generator=torch.Generator().manual_seed(0))
+
+    def epoch(loader, limit=2):
+        out = []
+        for i, batch in enumerate(loader):
+            out.append(batch.tolist())
+            if i + 1 == limit:
+                break
+        return out
+
+    reference = build()
+    whole = [epoch(reference) for _ in range(2)] + [epoch(reference, 4), epoch(reference)]
+    first = build()
+    seen = [epoch(first)]
+    torchckpt.Checkpoint(loader=first).write(tmp_path / "c")
+    fresh = build()
+    torchckpt.Checkpoint(loader=fresh).read(tmp_path / "c").assert_consumed()
+    assert seen + [epoch(fresh), epoch(fresh, 4), epoch(fresh)] == whole
+
+
 def test_loader_missing_from_the_checkpoint_is_reported(tmp_path):
     path = torchckpt.Checkpoint(step=1).write(tmp_path / "c")
     status = torchckpt.Checkpoint(step=0, loader=loader(list(range(6)), torch.Generator())).read(path)
@@ -155,7 +182,8 @@ def test_a_generator_on_one_side_only_is_reported(tmp_path, recwarn, saved_gener
     """The position is restored, but the next epochs' order comes from elsewhere than the saved
     run's: the generator's state is reported, not silently dropped (or silently absent)."""
     saving = loader(list(range(6)), torch.Generator().manual_seed(3) if saved_generator else None)
-    next(iter(saving))
+    running = iter(saving)  # its loop still running at the save: the position is the one to resume
+    next(running)
     path = torchckpt.Checkpoint(loader=saving).write(tmp_path / "c")
     restoring = loader(list(range(6)), torch.Generator().manual_seed(4) if restored_generator else None)
     status = torchckpt.Checkpoint(loader=restoring).read(path)
@@ -169,7 +197,8 @@ def test_a_generator_on_one_side_only_is_reported(tmp_path, recwarn, saved_gener
 def test_loader_saved_with_other_workers_is_skipped_and_reported(tmp_path, saved_with, restored_with):
     """torchdata cannot resume across worker counts: the loader is left as it is, and reported."""
     saving = StatefulDataLoader(list(range(8)), batch_size=2, num_workers=saved_with, generator=torch.Generator())
-    next(iter(saving))
+    running = iter(saving)  # its loop still running at the save: the position is the one to resume
+    next(running)
     path = torchckpt.Checkpoint(loader=saving, step=1).write(tmp_path / "c")
     restoring = StatefulDataLoader(list(range(8)), batch_size=2, num_workers=restored_with, generator=torch.Generator())
     ckpt = torchckpt.Checkpoint(loader=restoring, step=0)
@@ -191,7 +220,8 @@ def test_a_position_saved_in_another_sampler_split_is_skipped_and_reported(tmp_p
         return StatefulDataLoader(list(range(16)), batch_size=2, sampler=sampler, generator=torch.Generator())
 
     saving = loader(4)
-    next(iter(saving))
+    running = iter(saving)  # its loop still running at the save: the position is the one to resume
+    next(running)
     path = torchckpt.Checkpoint(loader=saving).write(tmp_path / "c")
     restoring = loader(2)
     report = torchckpt.Checkpoint(loader=restoring).read(path).report
@@ -316,7 +346,8 @@ def test_a_loader_whose_options_torchdata_refuses_is_a_checkpoint_error_naming_i
     ``CheckpointError`` naming the loader, not a bare ``AssertionError``."""
     data = list(range(20))
     saving = StatefulDataLoader(data, batch_size=3, shuffle=True, generator=torch.Generator().manual_seed(0))
-    next(iter(saving))
+    running = iter(saving)  # its loop still running at the save: the position is the one to resume
+    next(running)
     path = torchckpt.Checkpoint(loader=saving).write(tmp_path / "c")
     restoring = StatefulDataLoader(data, batch_size=3, shuffle=False, generator=torch.Generator().manual_seed(0))
     with pytest.raises(torchckpt.CheckpointError, match=r"'loader' loaded its state \(AssertionError") as info:
@@ -335,7 +366,8 @@ def test_a_position_saved_with_another_batch_size_or_dataset_is_skipped_and_repo
         return StatefulDataLoader(list(data), batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
 
     saving = build()
-    next(iter(saving))
+    running = iter(saving)  # its loop still running at the save: the position is the one to resume
+    next(running)
     path = torchckpt.Checkpoint(loader=saving, step=1).write(tmp_path / "c")
     restoring = build(**changed)
     ckpt = torchckpt.Checkpoint(loader=restoring, step=0)

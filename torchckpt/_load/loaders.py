@@ -32,6 +32,7 @@ SAMPLER_EPOCH = "sampler_epoch"  # a DistributedSampler's set_epoch(), which the
 SAMPLER_SPLIT = "sampler_split"  # a DistributedSampler's [num_replicas, rank]: a position means nothing in another split
 BATCH_SIZE = "batch_size"  # the loader's batch_size (None with a batch_sampler): a position counts batches
 DATASET_LENGTH = "dataset_length"  # len(dataset) where it has one: another length is another order
+EPOCH_LEFT = "epoch_left"  # True: the epoch's loop was left early (a break), so the next iter(loader) starts a new one
 MODULE = "torchdata.stateful_dataloader"
 
 
@@ -64,7 +65,10 @@ def state_of(value: Any) -> Any:
     """What is saved: a generator's state (a uint8 tensor), or a loader's state (see the module)."""
     if isinstance(value, torch.Generator):
         return value.get_state()
+    left = _epoch_left(value)  # before state_dict(), which may build an iterator
     state: dict[str, Any] = {STATE: value.state_dict()}  # first: before any iterator it builds one
+    if left:
+        state[EPOCH_LEFT] = True
     if value.generator is None:
         warnings.warn(
             f"Saving a StatefulDataLoader over {type(value.dataset).__name__} that has no generator: each new "
@@ -90,6 +94,19 @@ def state_of(value: Any) -> Any:
     if length is not None:
         state[DATASET_LENGTH] = length
     return state
+
+
+def _epoch_left(loader: Any) -> bool:
+    """Whether the loader's epoch was left before its end (``break`` out of ``for batch in loader``,
+    as a validation limited to a few batches or a fixed number of steps per epoch does): its
+    iterator began, has not finished, and nothing but the loader holds it. An uninterrupted run's
+    next ``iter(loader)`` then starts a new epoch, where torchdata's saved position would go on with
+    the rest of the one left (``load``). A loop or ``iter(loader)`` still running holds it, and its
+    position is the one to resume."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is None or getattr(iterator, "_finished", True) or not getattr(iterator, "_num_yielded", 0):
+        return False
+    return sys.getrefcount(iterator) <= 3  # the loader's attribute, this name and the call's own argument
 
 
 def _dataset_length(loader: Any) -> int | None:
@@ -264,10 +281,20 @@ def load(loader: Any, saved: dict[str, Any]) -> None:
     epoch, sampler = saved.get(SAMPLER_EPOCH), _epoch_sampler(loader)
     if epoch is not None and sampler is not None:
         sampler.set_epoch(epoch)  # the resumed iterator lays the epoch out now
-    loader.load_state_dict(saved[STATE])
+    state = saved[STATE]
+    if saved.get(EPOCH_LEFT) is True and isinstance(state, dict):  # the next iter(loader) starts a new epoch
+        if loader.num_workers == 0:  # a new single-process iterator draws from the loader's generator alone
+            _set_generator(loader, saved)
+            return
+        state = {**state, "_iterator_finished": True}  # the workers' iterator is made anew, or reset
+    loader.load_state_dict(state)
     loader.state_dict()  # builds the resumed iterator, which the next iter(loader) takes over
-    if isinstance(saved[STATE], dict) and saved[STATE].get("_iterator_finished") is True:
+    if isinstance(state, dict) and state.get("_iterator_finished") is True:
         _forget_finished_count(loader)
+    _set_generator(loader, saved)
+
+
+def _set_generator(loader: Any, saved: dict[str, Any]) -> None:
     state = saved.get(GENERATOR)
     if state is not None and loader.generator is not None:
         loader.generator.set_state(state)
