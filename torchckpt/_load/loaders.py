@@ -25,6 +25,7 @@ import torch
 
 from torchckpt._format import keypath
 from torchckpt._load.plan import MISSING, Plan, plan_tensor, plan_value
+from torchckpt.errors import short_repr
 
 STATE = "state_dict"  # torchdata's own state of the loader
 GENERATOR = "generator"  # the loader's generator now, after torchdata's state_dict()
@@ -32,6 +33,7 @@ SAMPLER_EPOCH = "sampler_epoch"  # a DistributedSampler's set_epoch(), which the
 SAMPLER_SPLIT = "sampler_split"  # a DistributedSampler's [num_replicas, rank]: a position means nothing in another split
 BATCH_SIZE = "batch_size"  # the loader's batch_size (None with a batch_sampler): a position counts batches
 DATASET_LENGTH = "dataset_length"  # len(dataset) where it has one: another length is another order
+ORDER = "order"  # each sampler's class and shuffle option: another order makes the position mean other samples
 EPOCH_LEFT = "epoch_left"  # True: the epoch's loop was left early (a break), so the next iter(loader) starts a new one
 MODULE = "torchdata.stateful_dataloader"
 
@@ -89,6 +91,7 @@ def state_of(value: Any) -> Any:
     split = _sampler_split(value)
     if split is not None:
         state[SAMPLER_SPLIT] = split
+    state[ORDER] = _order(value)
     state[BATCH_SIZE] = value.batch_size if type(value.batch_size) is int else None
     length = _dataset_length(value)
     if length is not None:
@@ -161,6 +164,18 @@ def _samplers(loader: Any) -> list[Any]:
     return [getattr(loader, "sampler", None), batch_sampler, getattr(batch_sampler, "sampler", None)]
 
 
+def _order(loader: Any) -> list[list[Any]]:
+    """Where the loader's order comes from, as JSON: each sampler's class, and its ``shuffle`` where
+    it has one (a ``DistributedSampler``'s)."""
+    out: list[list[Any]] = []
+    for sampler in _samplers(loader):
+        if sampler is not None:
+            shuffle = getattr(sampler, "shuffle", None)
+            out.append([f"{type(sampler).__module__}.{type(sampler).__qualname__}",
+                        shuffle if type(shuffle) is bool else None])
+    return out
+
+
 def _split_sampler(loader: Any) -> Any:
     """The sampler that splits the data over ranks (a ``DistributedSampler``), or None."""
     return next((s for s in _samplers(loader)
@@ -228,11 +243,24 @@ def _options_problem(loader: Any, saved: dict[str, Any]) -> str:
     if BATCH_SIZE in saved and saved[BATCH_SIZE] != (loader.batch_size if type(loader.batch_size) is int else None):
         return (f"it was saved with batch_size={saved[BATCH_SIZE]}, this loader has batch_size={loader.batch_size}: "
                 "its position counts batches, so it would go on from another sample; the loader was left as it is")
+    if ORDER in saved and saved[ORDER] != _order(loader):
+        theirs = ", ".join(_sampler_text(s) for s in saved[ORDER]) if isinstance(saved[ORDER], list) else "?"
+        return (f"it was saved with samplers {theirs}, this loader's are "
+                f"{', '.join(_sampler_text(s) for s in _order(loader))}: its position in another order means other "
+                "samples; the loader was left as it is")
     length = _dataset_length(loader)
     if DATASET_LENGTH in saved and length is not None and saved[DATASET_LENGTH] != length:
         return (f"it was saved over a dataset of {saved[DATASET_LENGTH]} samples, this loader's has {length}: the "
                 "epoch's order and position mean other samples; the loader was left as it is")
     return ""
+
+
+def _sampler_text(sampler: Any) -> str:
+    if not (isinstance(sampler, list) and len(sampler) == 2):
+        return short_repr(sampler, 60)
+    name, shuffle = sampler
+    return f"{short_repr(name, 80)[1:-1] if isinstance(name, str) else short_repr(name, 60)}" + (
+        f" (shuffle={shuffle})" if shuffle is not None else "")
 
 
 def _workers_problem(loader: Any, state: Any) -> str:
