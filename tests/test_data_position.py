@@ -142,14 +142,42 @@ def test_torchdata_random_sampler_with_its_own_generator_resumes_mid_epoch_exact
     assert seen + rest == whole
 
 
-@pytest.mark.parametrize(("num_workers", "persistent"), [(0, False), (2, False), (2, True)])
-def test_an_epoch_left_early_is_not_resumed_the_next_iteration_starts_a_new_one(tmp_path, num_workers, persistent):
+class _Stream(torch.utils.data.IterableDataset):
+    """Six items an epoch from a counter that goes on across epochs (a stream with its own state)."""
+
+    def __init__(self) -> None:
+        self.pos = 0
+
+    def __iter__(self):
+        for _ in range(6):
+            self.pos += 1
+            yield self.pos
+
+    def state_dict(self) -> dict:
+        return {"pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pos = state["pos"]
+
+
+@pytest.mark.parametrize(("num_workers", "persistent", "source"), [
+    (0, False, "shuffle"), (2, False, "shuffle"), (2, True, "shuffle"),
+    (0, False, "sampler"), (0, False, "stream"), (2, False, "stream"),  # probe36 F1, F2
+])
+def test_an_epoch_left_early_is_not_resumed_the_next_iteration_starts_a_new_one(tmp_path, num_workers, persistent,
+                                                                                 source):
     """A loop left with ``break`` (a validation of a few batches, a fixed number of steps per epoch)
     and saved after it: an uninterrupted run's next ``for batch in loader`` starts a new epoch, and
-    so does the resumed one's (probe35 F1: it went on with the rest of the epoch left)."""
+    so does the resumed one's (probe35 F1: it went on with the rest of the epoch left), with its
+    sampler's and its dataset's own state (probe36: a first fix dropped them with no workers)."""
+    from torchdata.stateful_dataloader.sampler import RandomSampler
+
     def build():
-        return StatefulDataLoader(list(range(12)), batch_size=3, shuffle=True, num_workers=num_workers,
-                                  persistent_workers=persistent, generator=torch.Generator().manual_seed(0))
+        data = _Stream() if source == "stream" else list(range(12))
+        options = {"shuffle": True} if source == "shuffle" else {} if source == "stream" else {
+            "sampler": RandomSampler(data, generator=torch.Generator().manual_seed(7))}
+        return StatefulDataLoader(data, batch_size=3, num_workers=num_workers, persistent_workers=persistent,
+                                  generator=torch.Generator().manual_seed(0), **options)
 
     def epoch(loader, limit=2):
         out = []
@@ -339,6 +367,30 @@ def test_rng_state_is_set_after_a_loader_that_draws_while_it_resumes(tmp_path):
                    "loader": StatefulDataLoader(Noisy(), batch_size=3, generator=torch.Generator().manual_seed(0))}
         torchckpt.Checkpoint(**{k: tracked[k] for k in order}).read(path).assert_consumed()
         assert torch.equal(torch.rand(3), expected), order
+
+
+def test_a_sampler_class_of_the_script_run_as_main_matches_the_same_class_imported(tmp_path):
+    """A resume script, or ``python -m``, imports the training script's sampler from its module
+    (probe36 F4: refused as another order)."""
+    class EvenFirst(torch.utils.data.Sampler):
+        def __init__(self, data) -> None:
+            self.n = len(data)
+
+        def __iter__(self):
+            return iter([*range(0, self.n, 2), *range(1, self.n, 2)])
+
+        def __len__(self) -> int:
+            return self.n
+
+    as_main = type(EvenFirst.__name__, (EvenFirst,), {"__module__": "__main__", "__qualname__": EvenFirst.__qualname__})
+    data = list(range(12))
+    saving = StatefulDataLoader(data, batch_size=3, sampler=as_main(data))
+    running = iter(saving)
+    next(running)
+    path = torchckpt.Checkpoint(loader=saving).write(tmp_path / "c")
+    resumed = StatefulDataLoader(data, batch_size=3, sampler=EvenFirst(data))
+    torchckpt.Checkpoint(loader=resumed).read(path).assert_consumed()
+    assert [b.tolist() for b in resumed] == [[6, 8, 10], [1, 3, 5], [7, 9, 11]]
 
 
 @pytest.mark.parametrize(("saved", "restored", "message"), [

@@ -109,7 +109,9 @@ def _epoch_left(loader: Any) -> bool:
     iterator = getattr(loader, "_iterator", None)
     if iterator is None or getattr(iterator, "_finished", True) or not getattr(iterator, "_num_yielded", 0):
         return False
-    return sys.getrefcount(iterator) <= 3  # the loader's attribute, this name and the call's own argument
+    alone = object()
+    held_once = [alone]  # one reference, counted as the iterator's is (how locals count differs by version)
+    return sys.getrefcount(iterator) <= sys.getrefcount(alone) and held_once[0] is alone
 
 
 def _dataset_length(loader: Any) -> int | None:
@@ -165,15 +167,27 @@ def _samplers(loader: Any) -> list[Any]:
 
 
 def _order(loader: Any) -> list[list[Any]]:
-    """Where the loader's order comes from, as JSON: each sampler's class, and its ``shuffle`` where
-    it has one (a ``DistributedSampler``'s)."""
+    """Where the loader's order comes from, as JSON: each sampler's module, class, and ``shuffle``
+    where it has one (a ``DistributedSampler``'s)."""
     out: list[list[Any]] = []
     for sampler in _samplers(loader):
         if sampler is not None:
             shuffle = getattr(sampler, "shuffle", None)
-            out.append([f"{type(sampler).__module__}.{type(sampler).__qualname__}",
-                        shuffle if type(shuffle) is bool else None])
+            out.append([type(sampler).__module__, type(sampler).__qualname__, shuffle if type(shuffle) is bool else None])
     return out
+
+
+def _same_order(saved: Any, mine: list[list[Any]]) -> bool:
+    """Whether ``saved`` (an ``_order``) is ``mine``; a class of the script run as ``__main__``
+    matches the same class imported from its module (a resume script, ``python -m``)."""
+    if not (isinstance(saved, list) and len(saved) == len(mine)):
+        return False
+    for theirs, ours in zip(saved, mine):
+        if not (isinstance(theirs, list) and len(theirs) == 3 and theirs[1:] == ours[1:]):
+            return False
+        if theirs[0] != ours[0] and "__main__" not in (theirs[0], ours[0]):
+            return False
+    return True
 
 
 def _split_sampler(loader: Any) -> Any:
@@ -243,7 +257,7 @@ def _options_problem(loader: Any, saved: dict[str, Any]) -> str:
     if BATCH_SIZE in saved and saved[BATCH_SIZE] != (loader.batch_size if type(loader.batch_size) is int else None):
         return (f"it was saved with batch_size={saved[BATCH_SIZE]}, this loader has batch_size={loader.batch_size}: "
                 "its position counts batches, so it would go on from another sample; the loader was left as it is")
-    if ORDER in saved and saved[ORDER] != _order(loader):
+    if ORDER in saved and not _same_order(saved[ORDER], _order(loader)):
         theirs = ", ".join(_sampler_text(s) for s in saved[ORDER]) if isinstance(saved[ORDER], list) else "?"
         return (f"it was saved with samplers {theirs}, this loader's are "
                 f"{', '.join(_sampler_text(s) for s in _order(loader))}: its position in another order means other "
@@ -256,11 +270,10 @@ def _options_problem(loader: Any, saved: dict[str, Any]) -> str:
 
 
 def _sampler_text(sampler: Any) -> str:
-    if not (isinstance(sampler, list) and len(sampler) == 2):
+    if not (isinstance(sampler, list) and len(sampler) == 3 and all(isinstance(p, str) for p in sampler[:2])):
         return short_repr(sampler, 60)
-    name, shuffle = sampler
-    return f"{short_repr(name, 80)[1:-1] if isinstance(name, str) else short_repr(name, 60)}" + (
-        f" (shuffle={shuffle})" if shuffle is not None else "")
+    module, name, shuffle = sampler
+    return short_repr(f"{module}.{name}", 100)[1:-1] + (f" (shuffle={shuffle})" if shuffle is not None else "")
 
 
 def _workers_problem(loader: Any, state: Any) -> str:
@@ -310,11 +323,8 @@ def load(loader: Any, saved: dict[str, Any]) -> None:
     if epoch is not None and sampler is not None:
         sampler.set_epoch(epoch)  # the resumed iterator lays the epoch out now
     state = saved[STATE]
-    if saved.get(EPOCH_LEFT) is True and isinstance(state, dict):  # the next iter(loader) starts a new epoch
-        if loader.num_workers == 0:  # a new single-process iterator draws from the loader's generator alone
-            _set_generator(loader, saved)
-            return
-        state = {**state, "_iterator_finished": True}  # the workers' iterator is made anew, or reset
+    if saved.get(EPOCH_LEFT) is True and isinstance(state, dict):  # the next iter(loader) starts a new epoch:
+        state = {**state, "_iterator_finished": True}  # torchdata's finished iterator, its dataset and samplers kept
     loader.load_state_dict(state)
     loader.state_dict()  # builds the resumed iterator, which the next iter(loader) takes over
     if isinstance(state, dict) and state.get("_iterator_finished") is True:
