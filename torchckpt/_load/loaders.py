@@ -9,7 +9,9 @@ and every later epoch shuffles and seeds its workers differently. So a loader is
 generator's state now (and a ``DistributedSampler``'s epoch); a restore hands torchdata its state,
 builds the resumed iterator at once (``state_dict()`` builds it, and the next ``iter(loader)``
 takes it over), and only then puts the generator back. The user's next ``for batch in loader``
-continues mid-epoch, and every later epoch draws what it would have drawn.
+continues mid-epoch, and every later epoch draws what it would have drawn. An epoch whose loop
+was left early (``break``) is saved as such, and restored as torchdata's finished iterator: the
+next ``iter(loader)`` starts a new epoch, as it does in an uninterrupted run.
 
 torchdata is optional (``torchckpt[data]``) and never imported here: a loader is recognised by
 its class, once the user's program has imported torchdata itself.
@@ -33,7 +35,7 @@ SAMPLER_EPOCH = "sampler_epoch"  # a DistributedSampler's set_epoch(), which the
 SAMPLER_SPLIT = "sampler_split"  # a DistributedSampler's [num_replicas, rank]: a position means nothing in another split
 BATCH_SIZE = "batch_size"  # the loader's batch_size (None with a batch_sampler): a position counts batches
 DATASET_LENGTH = "dataset_length"  # len(dataset) where it has one: another length is another order
-ORDER = "order"  # each sampler's class and shuffle option: another order makes the position mean other samples
+ORDER = "order"  # each sampler's module, class and shuffle: another order makes the position mean other samples
 EPOCH_LEFT = "epoch_left"  # True: the epoch's loop was left early (a break), so the next iter(loader) starts a new one
 MODULE = "torchdata.stateful_dataloader"
 
@@ -109,9 +111,17 @@ def _epoch_left(loader: Any) -> bool:
     iterator = getattr(loader, "_iterator", None)
     if iterator is None or getattr(iterator, "_finished", True) or not getattr(iterator, "_num_yielded", 0):
         return False
+    return sys.getrefcount(iterator) <= _held_once()  # the loader's attribute alone holds it
+
+
+def _held_once() -> int:
+    """What ``sys.getrefcount`` says of an object that one container holds and one local name
+    names, as the loader holds its iterator above: how a local name counts differs by version."""
     alone = object()
-    held_once = [alone]  # one reference, counted as the iterator's is (how locals count differs by version)
-    return sys.getrefcount(iterator) <= sys.getrefcount(alone) and held_once[0] is alone
+    holder = [alone]
+    count = sys.getrefcount(alone)
+    holder.clear()
+    return count
 
 
 def _dataset_length(loader: Any) -> int | None:
@@ -333,6 +343,7 @@ def load(loader: Any, saved: dict[str, Any]) -> None:
 
 
 def _set_generator(loader: Any, saved: dict[str, Any]) -> None:
+    """The loader's generator as it was at the save, once the resumed iterator is built."""
     state = saved.get(GENERATOR)
     if state is not None and loader.generator is not None:
         loader.generator.set_state(state)

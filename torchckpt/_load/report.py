@@ -11,7 +11,7 @@ import torch
 
 from torchckpt.errors import format_keys, plural
 
-_RANK_SUFFIX = re.compile(r"~r[0-9]+\Z")  # ``_load.opened.beyond_world``'s names
+_RANK_SUFFIX = re.compile(r"~r[0-9]+\Z")  # ``_load.index_fields.beyond_world``'s names
 
 
 @dataclass
