@@ -369,6 +369,26 @@ def test_rng_state_is_set_after_a_loader_that_draws_while_it_resumes(tmp_path):
         assert torch.equal(torch.rand(3), expected), order
 
 
+def test_a_loop_an_exception_ended_saved_from_its_handler_resumes_mid_epoch(tmp_path):
+    """``except KeyboardInterrupt: save()``: the exception took the loop's iterator with it, as a
+    break does, but the epoch was interrupted, not left (probe37 F1: the rest of it was skipped)."""
+    def build():
+        return StatefulDataLoader(list(range(12)), batch_size=3, shuffle=True, generator=torch.Generator().manual_seed(0))
+
+    whole = [b.tolist() for b in build()]
+    first, seen = build(), []
+    try:
+        for batch in first:
+            seen.append(batch.tolist())
+            if len(seen) == 2:
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        torchckpt.Checkpoint(loader=first).write(tmp_path / "c")
+    fresh = build()
+    torchckpt.Checkpoint(loader=fresh).read(tmp_path / "c").assert_consumed()
+    assert seen + [b.tolist() for b in fresh] == whole
+
+
 def test_a_sampler_class_of_the_script_run_as_main_matches_the_same_class_imported(tmp_path):
     """A resume script, or ``python -m``, imports the training script's sampler from its module
     (probe36 F4: refused as another order)."""

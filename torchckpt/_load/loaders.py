@@ -107,10 +107,12 @@ def _epoch_left(loader: Any) -> bool:
     iterator began, has not finished, and nothing but the loader holds it. An uninterrupted run's
     next ``iter(loader)`` then starts a new epoch, where torchdata's saved position would go on with
     the rest of the one left (``load``). A loop or ``iter(loader)`` still running holds it, and its
-    position is the one to resume."""
+    position is the one to resume; so is a loop an exception ended, saved from its handler."""
     iterator = getattr(loader, "_iterator", None)
     if iterator is None or getattr(iterator, "_finished", True) or not getattr(iterator, "_num_yielded", 0):
         return False
+    if sys.exc_info()[0] is not None:  # saved while an exception is handled (``except KeyboardInterrupt: save()``):
+        return False  # the loop it ended was interrupted, not left, and resumes where it was
     return sys.getrefcount(iterator) <= _held_once()  # the loader's attribute alone holds it
 
 

@@ -93,7 +93,7 @@ def prepare_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.T
                 or t.layout is not strided or t.dtype not in supported or t.is_meta or t.is_nested):
             check_tensor(name, t)
         address = t.data_ptr()
-        if not address:  # empty (or a huge expanded view of nothing)
+        if not address:  # empty: its shape alone could fail the readers' check
             check_shape(name, t)
             continue
         first = first_at.setdefault(address, name)
