@@ -422,22 +422,6 @@ _BY_PATH: dict[str, type[CorruptCheckpointError] | type[CheckpointNotFoundError]
 
 
 
-def run_collectively(coord: AnyCoordinator, what: str, choose: Callable[[], str], work: Callable[[str], T],
-                     done: str | None = None) -> T:
-    """Rank 0 runs ``choose`` and every rank runs ``work`` on its answer; a failure of either, on
-    any rank, is raised on every rank (the same error, naming the rank). ``done`` says what it
-    means for a rank whose own work had finished when another rank failed (or timed out)."""
-    chosen = decided(coord, what, choose)
-
-    def run() -> T:
-        result = work(chosen)
-        if done is not None:
-            coord.consequence = done
-        return result
-
-    return agree(coord, what, run, done)
-
-
 def agree(coord: AnyCoordinator, what: str, work: Callable[[], T], done: str | None = None) -> T:
     """Every rank runs ``work``; a failure on any rank is raised on every rank (the same error, with
     ``done`` added on the ranks whose own work had succeeded)."""
