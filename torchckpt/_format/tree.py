@@ -43,12 +43,18 @@ MAX_INT = 2**63  # dimensions of a torch.Size fit in 64 bits, sign included
 _DTYPES: dict[str, torch.dtype] = {}
 
 
-def _dtype_named(name: str) -> torch.dtype | None:
+def dtype_named(name: str) -> torch.dtype | None:
+    """The torch dtype of a short name (``"float32"``), or None: the inverse of :func:`dtype_name`."""
     if not _DTYPES:
         import torch
 
-        _DTYPES.update((str(v).removeprefix("torch."), v) for v in vars(torch).values() if isinstance(v, torch.dtype))
+        _DTYPES.update((dtype_name(v), v) for v in vars(torch).values() if isinstance(v, torch.dtype))
     return _DTYPES.get(name)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """A torch dtype's short name, as typed JSON and messages write it (``torch.float32`` -> ``"float32"``)."""
+    return str(dtype).removeprefix("torch.")
 
 # A leaf of the name trie: the full tensor name.
 Trie = dict[str, "Trie | str"]
@@ -111,7 +117,7 @@ def encode(value: Any, path: str, tensors: dict[str, torch.Tensor], ordered: boo
             "bits, which no tensor has and readers refuse. Store it as a tuple of ints instead.",
             key=path, value_type=torch.Size)
     if kind is torch.dtype:
-        return {"@dtype": str(value).removeprefix("torch.")}
+        return {"@dtype": dtype_name(value)}
     if kind is torch.device:
         return {"@device": str(value)}
     if kind is dict:
@@ -485,7 +491,7 @@ def _decode_tagged(tag: str, payload: Any, trie: Trie | str | None, resolve: Cal
 
         return torch.Size(payload)
     if tag == "@dtype" and isinstance(payload, str):
-        dtype = _dtype_named(payload)
+        dtype = dtype_named(payload)
         if dtype is not None:
             return dtype
     if tag == "@device" and isinstance(payload, str) and len(payload) < 64:

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from torchckpt._format import tree as format_tree
 from torchckpt.errors import format_keys, plural
 
 _RANK_SUFFIX = re.compile(r"~r[0-9]+\Z")  # ``_load.index_fields.beyond_world``'s names
@@ -75,7 +76,7 @@ class MismatchReport:
             return None
         return {"missing": self.missing_keys, "unexpected": self.unexpected_keys,
                 "shape": {k: [list(a), list(b)] for k, (a, b) in self.shape_mismatches.items()},
-                "dtype": {k: [_dtype_name(a), _dtype_name(b)] for k, (a, b) in self.dtype_mismatches.items()},
+                "dtype": {k: [format_tree.dtype_name(a), format_tree.dtype_name(b)] for k, (a, b) in self.dtype_mismatches.items()},
                 "skipped": self.skipped_objects}
 
     def merge(self, shared: list[dict[str, Any] | None]) -> None:
@@ -171,12 +172,8 @@ class MismatchReport:
         return head + ("; " + "; ".join(lines) if lines else "; everything matched")
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _dtype_of(name: Any) -> torch.dtype:
-    found = getattr(torch, name, None) if isinstance(name, str) else None
-    if not isinstance(found, torch.dtype):
+    found = format_tree.dtype_named(name) if isinstance(name, str) else None
+    if found is None:
         raise ValueError(f"not a dtype: {name!r}")  # another rank of this job sent it: never a checkpoint's
     return found

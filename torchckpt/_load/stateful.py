@@ -18,6 +18,7 @@ import torch
 
 from torchckpt._dist import dtensor as dist_dtensor
 from torchckpt._format import keypath
+from torchckpt._format import tree as format_tree
 from torchckpt._format.dtypes import TensorInfo as SavedTensor
 from torchckpt._load import optimizer
 from torchckpt._load.plan import MISSING, Plan, check_destination, compatible, is_saved, rebuild, shared_key
@@ -211,7 +212,7 @@ def _rng_problem(current: dict[str, Any], saved: dict[str, Any]) -> str | None:
     theirs = saved["torch"]
     if not (is_saved(theirs) and theirs.dtype == mine.dtype and tuple(theirs.shape) == tuple(mine.shape)):
         return (f"its torch random state is {_described(theirs)}, where this process's is a "
-                f"{_dtype(mine.dtype)} tensor of shape {tuple(mine.shape)}")
+                f"{format_tree.dtype_name(mine.dtype)} tensor of shape {tuple(mine.shape)}")
     cuda = saved.get("cuda", [])
     if not isinstance(cuda, list) or not all(is_saved(s) for s in cuda):
         return f"its CUDA random states are {_described(cuda)}, not a list of tensors"
@@ -227,11 +228,8 @@ def _rng_problem(current: dict[str, Any], saved: dict[str, Any]) -> str | None:
 
 def _described(value: Any) -> str:
     if is_saved(value):
-        return f"a {_dtype(value.dtype)} tensor of shape {tuple(value.shape)}"
+        return f"a {format_tree.dtype_name(value.dtype)} tensor of shape {tuple(value.shape)}"
     if isinstance(value, (dict, list, tuple)):
         return f"a {type(value).__name__} of {len(value)} items"
     return f"the value {short_repr(value, 40)}"
 
-
-def _dtype(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
