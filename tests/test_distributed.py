@@ -161,6 +161,13 @@ def test_a_mismatch_on_one_rank_is_in_every_ranks_report_so_assertions_raise_on_
     assert [r["late"] for r in found] == ["restored 2 values; missing from the checkpoint (1): m/extra (on rank 1)"] * 2
 
 
+def test_nothing_restored_on_one_rank_fails_assert_nontrivial_match_on_every_rank(world2):
+    found = ok(world2, "plain_into_fsdp", 2)
+    assert [r["restored_nothing_on"] for r in found] == [[1], [1]]
+    assert all(r["nontrivial"].startswith("Nothing in ") and "matched the objects being restored on rank 1;" in r["nontrivial"]
+               for r in found), found
+
+
 def test_fsdp2_save_and_resharding_restore_on_s3(world4, s3_run, s3_endpoint):
     found = ok(world4, "s3_fsdp", 4)
     assert {r["path"] for r in found} == {s3_run + "/ckpt-1"}

@@ -153,6 +153,25 @@ def test_dtype_mismatches_are_reported_by_default_and_cast_on_request(tmp_path):
     assert target_opt.state_dict()["state"][0]["exp_avg"].dtype == torch.float64
 
 
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
+@pytest.mark.parametrize("dtype", [torch.complex128, torch.complex32], ids=["complex128", "complex32"])
+def test_cast_fills_a_destination_of_a_dtype_no_checkpoint_holds(tmp_path, dtype):
+    # probe33 F3: only dtypes a checkpoint can hold were cast targets, and the report said to pass cast=True
+    path = torchckpt.Checkpoint(w=torch.tensor([1.5, -2.0, 0.25])).write(tmp_path / "c")
+    w = torch.zeros(3, dtype=dtype)
+    torchckpt.Checkpoint(w=w).read(path, cast=True).assert_consumed()
+    assert w.dtype == dtype and torch.equal(w.to(torch.complex128), torch.tensor([1.5, -2.0, 0.25], dtype=torch.complex128))
+
+
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor")
+def test_a_quantized_destination_is_reported_not_cast(tmp_path):
+    path = torchckpt.Checkpoint(w=torch.ones(2, dtype=torch.float16)).write(tmp_path / "c")
+    w = torch.quantize_per_tensor(torch.zeros(2), 0.1, 0, torch.quint8)
+    status = torchckpt.Checkpoint(w=w).read(path, cast=True).expect_partial()
+    assert status.report.dtype_mismatches == {"w": (torch.float16, torch.quint8)}
+    assert "into any dtype but a quantized one" in str(status.report)
+
+
 # -- A3, B13: links --------------------------------------------------------------------------
 
 

@@ -14,7 +14,6 @@ import contextlib
 import warnings
 from collections.abc import Iterable
 
-from torchckpt._format.spec import SAVE_COUNTER
 from torchckpt._load.rename import Rename, RenameConflictError
 from torchckpt._load.report import MismatchReport
 from torchckpt.errors import RestoreMismatchError
@@ -67,16 +66,18 @@ class RestoreStatus:
 
     def assert_nontrivial_match(self) -> RestoreStatus:
         """Something was restored (besides ``save_counter``, which every checkpoint of a
-        ``Checkpoint.save`` has)."""
+        ``Checkpoint.save`` has); on several ranks, on every rank."""
         self._acknowledged = True
-        if self.path is None or not any(k != SAVE_COUNTER for k in self.report.restored_keys):
-            if self.path is not None:
-                raise RestoreMismatchError(
-                    f"Nothing in {self.path} matched the objects being restored; the checkpoint probably does "
-                    "not belong to this program. " + "; ".join(self.report.lines()),
-                    self.report,
-                )
+        if self.path is None:
             self._fail("", ())
+        ranks = self.report.restored_nothing_on
+        if self.report.restored_nothing() or ranks:
+            where = f" on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}" if ranks else ""
+            raise RestoreMismatchError(
+                f"Nothing in {self.path} matched the objects being restored{where}; the checkpoint probably does "
+                "not belong to this program. " + "; ".join(self.report.lines()),
+                self.report,
+            )
         return self
 
     def expect_partial(self) -> RestoreStatus:

@@ -187,8 +187,18 @@ def plain_into_fsdp(d: Path, rank: int, world: int) -> dict:
 
     path = torchckpt.Checkpoint(m=Hooked(False)).write(str(d / "divergent-late"), timeout_secs=TIMEOUT)
     late = torchckpt.Checkpoint(m=Hooked(rank == 1)).read(path, timeout_secs=TIMEOUT).expect_partial()
+    # nothing restored on rank 1 alone (probe34 F4: only rank 1's assert_nontrivial_match raised)
+    path = torchckpt.Checkpoint(t=torch.arange(6.0)).write(str(d / "nothing-on-one"), timeout_secs=TIMEOUT)
+    objects = {"u": torch.zeros(6)} if rank == 1 else {"t": torch.zeros(6)}
+    lone = torchckpt.Checkpoint(**objects).read(path, timeout_secs=TIMEOUT).expect_partial()
+    try:
+        lone.assert_nontrivial_match()
+        nontrivial = "passed"
+    except torchckpt.RestoreMismatchError as e:
+        nontrivial = str(e)
     return {"differences": differences(found, reference), "divergent": str(status.report),
-            "ranks": status.report.ranks, "asserted": asserted, "late": str(late.report)}
+            "ranks": status.report.ranks, "asserted": asserted, "late": str(late.report),
+            "nontrivial": nontrivial, "restored_nothing_on": lone.report.restored_nothing_on}
 
 
 def differing_value(d: Path, rank: int, world: int) -> dict:

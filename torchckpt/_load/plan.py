@@ -10,7 +10,9 @@ anything changes. Executing reads the planned tensors and runs the planned loads
 from __future__ import annotations
 
 import collections
+import functools
 import inspect
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +21,6 @@ import torch
 
 from torchckpt import _tensorio
 from torchckpt._dist import dtensor as dist_dtensor
-from torchckpt._format import dtypes as format_dtypes
 from torchckpt._format import keypath
 from torchckpt._format.chunks import ChunkedInfo
 from torchckpt._format.dtypes import TensorInfo as SavedTensor  # where a saved tensor is: dtype, shape, checksum
@@ -86,7 +87,7 @@ def compatible(key: str, saved: SavedTensor, dest: torch.Tensor, report: Mismatc
         report.shape_mismatches[key] = (saved.shape, dest.shape)
         return False
     if saved.dtype != dest.dtype:
-        if cast and dest.dtype in format_dtypes.SUPPORTED_DTYPES:
+        if cast and can_cast(saved.dtype, dest.dtype):
             report.cast_keys[key] = (saved.dtype, dest.dtype)
             return True
         report.dtype_mismatches[key] = (saved.dtype, dest.dtype)
@@ -437,8 +438,21 @@ def _plan_hooked(name: str, module: torch.nn.Module, saved: dict[str, Any], curr
 
 
 def _casts_to(dest: Any, saved: SavedTensor | ChunkedInfo) -> bool:
-    """Whether ``restore(cast=True)`` casts ``saved`` to ``dest``'s dtype: another dtype a checkpoint can hold."""
-    return isinstance(dest, torch.Tensor) and dest.dtype != saved.dtype and dest.dtype in format_dtypes.SUPPORTED_DTYPES
+    """Whether ``restore(cast=True)`` casts ``saved`` to ``dest``'s dtype."""
+    return isinstance(dest, torch.Tensor) and dest.dtype != saved.dtype and can_cast(saved.dtype, dest.dtype)
+
+
+@functools.cache
+def can_cast(saved: torch.dtype, dest: torch.dtype) -> bool:
+    """Whether torch copies ``saved``'s dtype into ``dest``'s, as ``load_state_dict`` does, tried once per pair.
+    ``dest`` need not be a dtype a checkpoint holds (``complex128``); a quantized one is never filled by a copy."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # complex into real, the experimental complex32: copied all the same
+            torch.empty(1, dtype=dest).copy_(torch.zeros(1, dtype=saved))
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    return True
 
 
 def _is_meta(value: Any) -> bool:

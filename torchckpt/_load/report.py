@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from torchckpt._format import tree as format_tree
+from torchckpt._format.spec import SAVE_COUNTER
 from torchckpt.errors import format_keys, plural
 
 _RANK_SUFFIX = re.compile(r"~r[0-9]+\Z")  # ``_load.index_fields.beyond_world``'s names
@@ -44,6 +45,8 @@ class MismatchReport:
             on others (a model built differently on one rank, a per-rank value that ranks beyond
             the saving job's have none of). Every rank's report lists the mismatches of all ranks,
             so that its assertions raise on every rank alike.
+        restored_nothing_on: on several ranks, the ranks where nothing (besides ``save_counter``)
+            was restored, so that ``assert_nontrivial_match()`` raises on every rank alike.
 
     Example:
         >>> report = MismatchReport(missing_keys=["model/head.bias"])
@@ -63,6 +66,7 @@ class MismatchReport:
     renamed: dict[str, str] = field(default_factory=dict)
     unused_renames: list[str] = field(default_factory=list)
     ranks: dict[str, list[int]] = field(default_factory=dict)
+    restored_nothing_on: list[int] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(
@@ -70,11 +74,17 @@ class MismatchReport:
             or self.skipped_objects
         )
 
+    def restored_nothing(self) -> bool:
+        """Nothing was restored here besides ``save_counter``, which every ``Checkpoint.save`` has."""
+        return not any(k != SAVE_COUNTER for k in self.restored_keys)
+
     def shared(self) -> dict[str, Any] | None:
-        """This rank's mismatches as JSON, for :meth:`merge` on the other ranks (None: none)."""
-        if not self:
+        """This rank's mismatches as JSON, for :meth:`merge` on the other ranks (None: none, and
+        something was restored)."""
+        nothing = self.restored_nothing()
+        if not self and not nothing:
             return None
-        return {"missing": self.missing_keys, "unexpected": self.unexpected_keys,
+        return {"nothing": nothing, "missing": self.missing_keys, "unexpected": self.unexpected_keys,
                 "shape": {k: [list(a), list(b)] for k, (a, b) in self.shape_mismatches.items()},
                 "dtype": {k: [format_tree.dtype_name(a), format_tree.dtype_name(b)] for k, (a, b) in self.dtype_mismatches.items()},
                 "skipped": self.skipped_objects}
@@ -91,9 +101,12 @@ class MismatchReport:
         shape: dict[str, tuple[torch.Size, torch.Size]] = {}
         dtype: dict[str, tuple[torch.dtype, torch.dtype]] = {}
         skipped: dict[str, str] = {}
+        nothing: list[int] = []
         for rank, theirs in enumerate(shared):
             if theirs is None:
                 continue
+            if theirs["nothing"]:
+                nothing.append(rank)
             keys = [*theirs["missing"], *theirs["unexpected"], *theirs["shape"], *theirs["dtype"], *theirs["skipped"]]
             for key in dict.fromkeys(keys):
                 found.setdefault(key, []).append(rank)
@@ -108,6 +121,7 @@ class MismatchReport:
         self.missing_keys, self.unexpected_keys = list(missing), list(unexpected)
         self.shape_mismatches, self.dtype_mismatches, self.skipped_objects = shape, dtype, skipped
         self.ranks = {k: ranks for k, ranks in found.items() if len(ranks) < len(shared)}
+        self.restored_nothing_on = nothing
 
     def mismatched_on(self, world: int) -> set[int]:
         """The ranks of a job of ``world`` ranks where a mismatch of this report was found."""
@@ -139,7 +153,7 @@ class MismatchReport:
         if "dtype" in wanted and self.dtype_mismatches:
             items = [f"{k}{self._ranks_of(k)} (checkpoint {a} vs object {b})" for k, (a, b) in self.dtype_mismatches.items()]
             out.append(f"dtype mismatches ({len(items)}): {format_keys(items)} (restore(..., cast=True) casts them, "
-                       "as load_state_dict does)")
+                       "as load_state_dict does, into any dtype but a quantized one)")
         if "missing" in wanted and self.meta_keys and set(self.meta_keys) & set(self.missing_keys):
             out.append(f"on the meta device, so not restored ({len(self.meta_keys)}): {format_keys(self.meta_keys)} "
                        "(restore(..., assign=True) materialises them, as load_state_dict(assign=True) does)")
