@@ -161,6 +161,15 @@ def test_a_mismatch_on_one_rank_is_in_every_ranks_report_so_assertions_raise_on_
     assert [r["late"] for r in found] == ["restored 2 values; missing from the checkpoint (1): m/extra (on rank 1)"] * 2
 
 
+def test_a_key_mismatched_in_two_ways_on_two_ranks_names_the_rank_of_each(world2):
+    found = ok(world2, "plain_into_fsdp", 2)
+    assert [r["kinds"] for r in found] == [
+        "restored 1 value; missing from the checkpoint (1): d/x (on rank 0); unexpected in the checkpoint (1): d/x (on rank 1); "
+        "shape mismatches (1): w (on rank 0) (checkpoint [4] vs object [5]); "
+        "dtype mismatches (1): w (on rank 1) (checkpoint torch.float32 vs object torch.float64) (restore(..., cast=True) casts them, "
+        "as load_state_dict does, into any dtype but a quantized one)"] * 2, found
+    assert [r["kinds_ranks"] for r in found] == [{}] * 2
+
 def test_nothing_restored_on_one_rank_fails_assert_nontrivial_match_on_every_rank(world2):
     found = ok(world2, "plain_into_fsdp", 2)
     assert [r["restored_nothing_on"] for r in found] == [[1], [1]]

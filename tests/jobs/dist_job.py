@@ -196,7 +196,15 @@ def plain_into_fsdp(d: Path, rank: int, world: int) -> dict:
         nontrivial = "passed"
     except torchckpt.RestoreMismatchError as e:
         nontrivial = str(e)
-    return {"differences": differences(found, reference), "divergent": str(status.report),
+    # one key, two kinds of mismatch on two ranks (probe32 F5): each kind names its rank
+    path = torchckpt.Checkpoint(w=torch.zeros(4), d=torchckpt.PerRank({"a": torch.ones(1)} if rank == 0 else {
+        "a": torch.ones(1), "x": torch.ones(1)})).write(str(d / "kinds"), timeout_secs=TIMEOUT)
+    kinds = torchckpt.Checkpoint(
+        w=torch.zeros(5) if rank == 0 else torch.zeros(4, dtype=torch.float64),
+        d=torchckpt.PerRank({"a": torch.zeros(1), "x": torch.zeros(1)} if rank == 0 else {"a": torch.zeros(1)}),
+    ).read(path, timeout_secs=TIMEOUT).expect_partial()
+    return {"differences": differences(found, reference), "divergent": str(status.report), "kinds": str(kinds.report),
+            "kinds_ranks": kinds.report.ranks,
             "ranks": status.report.ranks, "asserted": asserted, "late": str(late.report),
             "nontrivial": nontrivial, "restored_nothing_on": lone.report.restored_nothing_on}
 

@@ -13,6 +13,7 @@ from torchckpt._format import tree as format_tree
 from torchckpt._format.spec import SAVE_COUNTER
 from torchckpt.errors import format_keys, plural
 
+_KINDS = ("missing", "unexpected", "shape", "dtype", "skipped")  # the mismatches :meth:`MismatchReport.shared` sends
 _RANK_SUFFIX = re.compile(r"~r[0-9]+\Z")  # ``_load.index_fields.beyond_world``'s names
 
 
@@ -67,6 +68,7 @@ class MismatchReport:
     unused_renames: list[str] = field(default_factory=list)
     ranks: dict[str, list[int]] = field(default_factory=dict)
     restored_nothing_on: list[int] = field(default_factory=list)
+    _found_on: dict[tuple[str, str], list[int]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __bool__(self) -> bool:
         return bool(
@@ -95,7 +97,7 @@ class MismatchReport:
         in ``ranks`` the ranks each one not found on every rank was found on."""
         if not any(shared):
             return
-        found: dict[str, list[int]] = {}
+        found: dict[tuple[str, str], list[int]] = {}  # (kind, key): a key can be a shape mismatch here, a dtype one there
         missing: dict[str, None] = {}
         unexpected: dict[str, None] = {}
         shape: dict[str, tuple[torch.Size, torch.Size]] = {}
@@ -107,9 +109,9 @@ class MismatchReport:
                 continue
             if theirs["nothing"]:
                 nothing.append(rank)
-            keys = [*theirs["missing"], *theirs["unexpected"], *theirs["shape"], *theirs["dtype"], *theirs["skipped"]]
-            for key in dict.fromkeys(keys):
-                found.setdefault(key, []).append(rank)
+            for kind in _KINDS:
+                for key in theirs[kind]:
+                    found.setdefault((kind, key), []).append(rank)
             missing.update(dict.fromkeys(theirs["missing"]))
             unexpected.update(dict.fromkeys(theirs["unexpected"]))
             for k, (a, b) in theirs["shape"].items():
@@ -120,14 +122,18 @@ class MismatchReport:
                 skipped.setdefault(k, reason)
         self.missing_keys, self.unexpected_keys = list(missing), list(unexpected)
         self.shape_mismatches, self.dtype_mismatches, self.skipped_objects = shape, dtype, skipped
-        self.ranks = {k: ranks for k, ranks in found.items() if len(ranks) < len(shared)}
+        self._found_on = {kk: ranks for kk, ranks in found.items() if len(ranks) < len(shared)}
+        by_key: dict[str, set[int]] = {}
+        for (_, key), ranks in found.items():
+            by_key.setdefault(key, set()).update(ranks)
+        self.ranks = {k: sorted(ranks) for k, ranks in by_key.items() if len(ranks) < len(shared)}
         self.restored_nothing_on = nothing
 
     def mismatched_on(self, world: int) -> set[int]:
         """The ranks of a job of ``world`` ranks where a mismatch of this report was found."""
-        keys = [*self.missing_keys, *self.unexpected_keys, *self.shape_mismatches, *self.dtype_mismatches,
-                *self.skipped_objects]
-        return {rank for key in keys for rank in self.ranks.get(key, range(world))}
+        kinds: zip[tuple[str, Iterable[str]]] = zip(_KINDS, (
+            self.missing_keys, self.unexpected_keys, self.shape_mismatches, self.dtype_mismatches, self.skipped_objects))
+        return {rank for kind, keys in kinds for key in keys for rank in self._found_on.get((kind, key), range(world))}
 
     def unused_keys(self) -> list[str]:
         """Checkpoint values that were not applied: unexpected plus mismatched."""
@@ -137,40 +143,40 @@ class MismatchReport:
         wanted = set(include)
         out = []
         if "missing" in wanted and self.missing_keys:
-            out.append(f"missing from the checkpoint ({len(self.missing_keys)}): {format_keys(self._on(self.missing_keys))}")
+            out.append(f"missing from the checkpoint ({len(self.missing_keys)}): {format_keys(self._on('missing', self.missing_keys))}")
         if "unexpected" in wanted and self.unexpected_keys:
             beyond = any(_RANK_SUFFIX.search(k) for k in self.unexpected_keys)
             out.append(
                 f"unexpected in the checkpoint ({len(self.unexpected_keys)}): "
-                f"{format_keys(self._on(self.unexpected_keys))}"
+                f"{format_keys(self._on('unexpected', self.unexpected_keys))}"
                 + (" (key~r<n>: rank n's per-rank value, which no rank of this job takes: the checkpoint was saved "
                    "by more ranks)" if beyond else "")
             )
         if "shape" in wanted and self.shape_mismatches:
-            items = [f"{k}{self._ranks_of(k)} (checkpoint {list(a)} vs object {list(b)})"
+            items = [f"{k}{self._ranks_of('shape', k)} (checkpoint {list(a)} vs object {list(b)})"
                      for k, (a, b) in self.shape_mismatches.items()]
             out.append(f"shape mismatches ({len(items)}): {format_keys(items)}")
         if "dtype" in wanted and self.dtype_mismatches:
-            items = [f"{k}{self._ranks_of(k)} (checkpoint {a} vs object {b})" for k, (a, b) in self.dtype_mismatches.items()]
+            items = [f"{k}{self._ranks_of('dtype', k)} (checkpoint {a} vs object {b})" for k, (a, b) in self.dtype_mismatches.items()]
             out.append(f"dtype mismatches ({len(items)}): {format_keys(items)} (restore(..., cast=True) casts them, "
                        "as load_state_dict does, into any dtype but a quantized one)")
         if "missing" in wanted and self.meta_keys and set(self.meta_keys) & set(self.missing_keys):
             out.append(f"on the meta device, so not restored ({len(self.meta_keys)}): {format_keys(self.meta_keys)} "
                        "(restore(..., assign=True) materialises them, as load_state_dict(assign=True) does)")
         if "skipped" in wanted and self.skipped_objects:
-            items = [f"{k}{self._ranks_of(k)}: {v}" for k, v in sorted(self.skipped_objects.items())]
+            items = [f"{k}{self._ranks_of('skipped', k)}: {v}" for k, v in sorted(self.skipped_objects.items())]
             out.append(f"objects left untouched ({len(items)}): " + "; ".join(items))
         if wanted & {"missing", "unexpected"} and self.unused_renames:
             out.append(f"rename prefixes that renamed no checkpoint key ({len(self.unused_renames)}): "
                        f"{format_keys(self.unused_renames)}")
         return out
 
-    def _ranks_of(self, key: str) -> str:
-        ranks = self.ranks.get(key)
+    def _ranks_of(self, kind: str, key: str) -> str:
+        ranks = self._found_on.get((kind, key))
         return "" if not ranks else f" (on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))})"
 
-    def _on(self, keys: list[str]) -> Iterable[str]:
-        return (k + self._ranks_of(k) for k in keys) if self.ranks else keys
+    def _on(self, kind: str, keys: list[str]) -> Iterable[str]:
+        return (k + self._ranks_of(kind, k) for k in keys) if self._found_on else keys
 
     def __str__(self) -> str:
         lines = self.lines()
