@@ -106,6 +106,8 @@ def test_damage_seen_by_one_rank_makes_every_rank_fall_back_to_the_same_checkpoi
         ckpt2 = [w for w in r["header_warnings"] if "ckpt-2 is damaged, so it was not used: " in w]
         assert len(ckpt2) == 1 and "failed on rank 1" in ckpt2[0] and "failed too" not in ckpt2[0], ckpt2
         assert "holds I32" in ckpt2[0], ckpt2
+        assert r["left"] == r["header_left"] == {}  # the checkpoint fallen back to restored every key
+        assert r["grown_restored"] == str(world2 / "grown-damaged" / "ckpt-1") and r["grown_left"] == {"ema": "ckpt-2"}
         assert r["header_read"].startswith("CorruptCheckpointError: ") and "holds I32" in r["header_read"], r
         assert "already restored its own part" not in r["header_read"] and r["header_read_untouched"], r
 

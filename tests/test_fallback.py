@@ -92,6 +92,7 @@ def test_a_damaged_latest_checkpoint_warns_and_restores_the_one_before(tmp_path,
         restored = fresh.manager.restore_or_initialize()
     assert restored == str(tmp_path / "ckpt-2")
     assert fresh.holds(2.0) and not fresh.initialized  # every value the failed attempt may have written is overwritten
+    assert fresh.manager.last_restore.report.left_from_damaged == {}
     warning = caught[0].message
     assert warning.path == str(tmp_path / "ckpt-3") and warning.fallback == str(tmp_path / "ckpt-2")
     assert warning.reason and warning.reason in str(warning)
@@ -101,6 +102,50 @@ def test_a_damaged_latest_checkpoint_warns_and_restores_the_one_before(tmp_path,
     state = torchckpt.get_checkpoint_state(tmp_path)
     assert list(state.damaged) == [str(tmp_path / "ckpt-3")]
     assert cli.main(["ls", str(tmp_path), "--json"]) == 0
+
+
+def run_that_grew(directory: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """ckpt-1 holds ``weights``; an ``ema`` tracked after it is in ckpt-2 too."""
+    weights = torch.zeros(4096)
+    ckpt = torchckpt.Checkpoint(weights=weights)
+    with torchckpt.CheckpointManager(ckpt, directory) as manager:
+        manager.save()
+        ckpt.ema = torch.full((4096,), 5.0)
+        weights.add_(1)
+        manager.save()
+    return torch.zeros(4096), torch.zeros(4096)
+
+
+def test_a_value_the_damaged_checkpoint_wrote_and_the_older_one_lacks_is_reported(tmp_path):
+    # probe38 F1: its restore reads ema in place, then finds its checksum wrong; ckpt-1 has no ema,
+    # so ema held ckpt-2's damaged bytes while the report only called it missing
+    weights, ema = run_that_grew(tmp_path)
+    flip_tensor_byte(tmp_path / "ckpt-2", "ema")
+    manager = torchckpt.CheckpointManager(torchckpt.Checkpoint(weights=weights, ema=ema), tmp_path)
+    with pytest.warns(torchckpt.DamagedCheckpointWarning), \
+            pytest.warns(torchckpt.PartialRestoreWarning, match=r"written from a damaged checkpoint before its damage "
+                         r"was found, and not restored from this one \(1\): ema \(ckpt-2\); they may hold"):
+        assert manager.restore_or_initialize() == str(tmp_path / "ckpt-1")
+    report = manager.last_restore.report
+    assert report.left_from_damaged == {"ema": "ckpt-2"} and report.missing_keys == ["ema"]
+    assert torch.equal(weights, torch.zeros(4096)) and not torch.equal(ema, torch.zeros(4096))  # as reported
+    with pytest.warns(torchckpt.DamagedCheckpointWarning), \
+            pytest.raises(torchckpt.RestoreMismatchError, match=r"ema \(ckpt-2\)") as caught:
+        manager.restore_or_initialize(strict=True)
+    assert caught.value.report.left_from_damaged == {"ema": "ckpt-2"}
+    with pytest.raises(torchckpt.RestoreMismatchError, match="written from a damaged checkpoint"):
+        manager.last_restore.assert_existing_objects_matched()
+    manager.close()
+
+
+def test_damage_found_before_any_byte_is_read_leaves_nothing_to_report(tmp_path):
+    weights, ema = run_that_grew(tmp_path)
+    flip_index_byte(tmp_path / "ckpt-2")
+    manager = torchckpt.CheckpointManager(torchckpt.Checkpoint(weights=weights, ema=ema), tmp_path)
+    with pytest.warns(torchckpt.DamagedCheckpointWarning), pytest.warns(torchckpt.PartialRestoreWarning):
+        assert manager.restore_or_initialize() == str(tmp_path / "ckpt-1")
+    assert manager.last_restore.report.left_from_damaged == {} and torch.equal(ema, torch.zeros(4096))
+    manager.close()
 
 
 def test_after_a_fallback_retention_keeps_the_intact_checkpoint_it_resumed_from(tmp_path):

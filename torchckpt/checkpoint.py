@@ -495,8 +495,9 @@ def commit(ckpt: Checkpoint, storage: Storage, path: str, coord: AnyCoordinator,
     ckpt._set_save_counter(options.save_counter)
 
 
-def restore_from(ckpt: Checkpoint, storage: Storage, path: str, coord: AnyCoordinator,
-                 rename: Rename | None = None, read_once: bool | None = None) -> RestoreStatus:
-    """:meth:`Checkpoint.restore` of ``path`` on ``storage`` (a manager's own), within the manager's call."""
-    return ckpt._restore_from(storage, path, coord, Plan(read_once=read_once), True, None, ckpt._set_save_counter,
-                              Renamer.of(rename))
+def restore_from(ckpt: Checkpoint, storage: Storage, path: str, coord: AnyCoordinator, rename: Rename | None = None,
+                 read_once: bool | None = None, earlier: dict[str, str] | None = None) -> RestoreStatus:
+    """:meth:`Checkpoint.restore` of ``path`` on ``storage`` (a manager's own), within the manager's call.
+    ``earlier``: one dict for every candidate a resume tries (``Plan.earlier_writes``)."""
+    plan = Plan(read_once=read_once, earlier_writes={} if earlier is None else earlier)
+    return ckpt._restore_from(storage, path, coord, plan, True, None, ckpt._set_save_counter, Renamer.of(rename))

@@ -470,9 +470,10 @@ class CheckpointManager:
         if ledger.latest is not None:  # the same on every rank: rank 0's
             paths = [join(self._directory, n) for n in restore_order(ledger.latest, ledger.entries())]
             found: dict[str, str] = {}
+            written: dict[str, str] = {}  # what a damaged candidate's restore may have written: reported if left
             try:
                 path, status = restore_newest_intact(
-                    paths, lambda p: restore_from(self._checkpoint, self._storage, p, call, rename, read_once),
+                    paths, lambda p: restore_from(self._checkpoint, self._storage, p, call, rename, read_once, written),
                     fallback, self._directory, lambda p, why: found.__setitem__(name_of(p), why))
             finally:
                 if found:

@@ -60,7 +60,8 @@ class RestoreStatus:
         """Every tracked object was fully matched; extra checkpoint values are fine."""
         self._acknowledged = True
         r = self.report
-        if self.path is None or r.missing_keys or r.shape_mismatches or r.dtype_mismatches or r.skipped_objects:
+        if (self.path is None or r.missing_keys or r.shape_mismatches or r.dtype_mismatches or r.skipped_objects
+                or r.left_from_damaged):
             self._fail("Some tracked objects were not fully matched", ("missing", "shape", "dtype", "skipped"))
         return self
 

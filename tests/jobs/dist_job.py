@@ -19,6 +19,7 @@ import signal
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import safetensors.torch
@@ -761,8 +762,6 @@ def damage_header_of_rank(checkpoint: Path, writer: int) -> None:
 def resumed_with_fallback(base: Path) -> dict:
     """A fresh model resumed by a manager from ``base``: the checkpoint it restored, the step, the
     DamagedCheckpointWarnings it gave, and the distinct values of the parameters."""
-    import warnings
-
     fresh = fsdp_mlp(1)
     resumed = torchckpt.Checkpoint(model=fresh, step=0)
     mgr = torchckpt.CheckpointManager(resumed, str(base), timeout_secs=TIMEOUT)
@@ -770,7 +769,7 @@ def resumed_with_fallback(base: Path) -> dict:
         warnings.simplefilter("always")
         restored = mgr.restore_or_initialize()
     mgr.close()
-    return {"restored": restored, "step": resumed.step,
+    return {"restored": restored, "step": resumed.step, "left": mgr.last_restore.report.left_from_damaged,
             "warnings": [str(w.message) for w in caught if w.category is torchckpt.DamagedCheckpointWarning],
             "values": sorted({v for p in fresh.parameters() for v in full(p).flatten().tolist()})}
 
@@ -808,6 +807,22 @@ def damaged_on_one_rank(d: Path, rank: int, world: int) -> dict:
     record(out, "header_read", lambda: torchckpt.Checkpoint(model=untouched).read(str(base / "ckpt-2"),
                                                                                   timeout_secs=TIMEOUT))
     out["header_read_untouched"] = all(torch.equal(full(v), before[k]) for k, v in untouched.state_dict().items())
+    # a tensor tracked after ckpt-1 and damaged in ckpt-2: read in place, then the fallback has none (probe38 F1)
+    grown = d / "grown-damaged"
+    ckpt = torchckpt.Checkpoint(w=torch.zeros(64))
+    with torchckpt.CheckpointManager(ckpt, str(grown), timeout_secs=TIMEOUT) as mgr:
+        mgr.save()
+        ckpt.ema = torch.full((64,), 5.0)
+        mgr.save()
+    dist.barrier()
+    if rank == 0:
+        flip_tensor_byte(grown / "ckpt-2", "ema")
+    dist.barrier()
+    with torchckpt.CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(64), ema=torch.zeros(64)), str(grown),
+                                     timeout_secs=TIMEOUT) as mgr, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out["grown_restored"] = mgr.restore_or_initialize()
+        out["grown_left"] = mgr.last_restore.report.left_from_damaged
     return out
 
 

@@ -50,6 +50,7 @@ def read(plan: Plan, shards: OpenShards, verify: bool, progress: bool | None) ->
     # the shards read now, and, where a hooked module fetches its tensors later, all of them.
     _check_headers(shards, None if plan.fetches else [*by_file, *reads.by_file])
     total = sum(saved.nbytes for pairs in by_file.values() for _, saved in pairs) + reads.nbytes
+    plan.stage = "reading"
     with progress_bar(total, f"restore {name_of(shards.directory)}", progress) as bar, torch.no_grad():
         _read_grouped(shards, by_file, reads, verify, bar.update)
     boxes.finish(reads)
@@ -79,6 +80,7 @@ def mark_written(tensors: list[torch.Tensor]) -> None:
 def load(plan: Plan, shards: OpenShards, verify: bool) -> None:
     """Once every tensor is in place: the casts, then the planned loads."""
     directory = shards.directory
+    plan.stage = "loading"
     with torch.no_grad():
         for dest, buffer in plan.casts:
             dest.copy_(buffer)

@@ -55,6 +55,26 @@ class Plan:
     # With ``assign``: the new tensor of each saved tensor (by its id and the dtype made), so that the keys of
     # one saved tensor (tied weights) are assigned one memory, as from ``torch.load`` (``fresh_for``)
     assigned: dict[tuple[int, torch.dtype], torch.Tensor] = field(default_factory=dict)
+    in_place: list[str] = field(default_factory=list)  # keys read straight into their objects' own tensors
+    stage: str = "planned"  # then "reading" as bytes reach destinations, "loading" as the loads run
+    # ``restore_or_initialize``: what candidates found damaged before this one may have written, ``{key: name}``
+    # (one dict for every candidate: a failed restore adds its own, ``note_failed``)
+    earlier_writes: dict[str, str] = field(default_factory=dict)
+
+    def note_failed(self, name: str) -> None:
+        """This restore of the checkpoint ``name`` failed: add to ``earlier_writes`` the keys whose
+        objects it may have changed (none before a byte was read; the tensors read in place; once
+        the loads ran, everything it planned)."""
+        if self.stage != "planned":
+            written = self.in_place if self.stage == "reading" else [*self.in_place, *self.report.restored_keys]
+            self.earlier_writes.update(dict.fromkeys(written, name))
+
+    def note_left(self) -> None:
+        """This restore succeeded: report what an earlier, damaged candidate may have written that
+        it did not restore (``MismatchReport.left_from_damaged``)."""
+        if self.earlier_writes:
+            restored = set(self.report.restored_keys)
+            self.report.left_from_damaged = {k: n for k, n in self.earlier_writes.items() if k not in restored}
 
     def fresh_for(self, saved: SavedTensor, dtype: torch.dtype) -> torch.Tensor:
         """The tensor a meta destination is assigned for ``saved`` (read once, however many keys it has)."""
@@ -95,10 +115,13 @@ def compatible(key: str, saved: SavedTensor, dest: torch.Tensor, report: Mismatc
     return True
 
 
-def _read_into(dest: torch.Tensor, saved: SavedTensor, plan: Plan) -> None:
-    """Schedule the read of ``saved`` into ``dest``, through a buffer of the saved dtype when it is cast."""
+def _read_into(dest: torch.Tensor, saved: SavedTensor, plan: Plan, key: str | None = None) -> None:
+    """Schedule the read of ``saved`` into ``dest``, through a buffer of the saved dtype when it is cast.
+    ``key``: where ``dest`` is an object's own tensor, its key (``Plan.in_place``)."""
     if saved.dtype == dest.dtype or dist_dtensor.is_dtensor(dest) or isinstance(saved, ChunkedInfo):
         plan.reads.append((dest, saved))
+        if key is not None:
+            plan.in_place.append(key)
         return
     if dest.is_inference() and not torch.is_inference_mode_enabled():  # cast by a torch copy, refused then
         raise UnsupportedStateError(
@@ -189,7 +212,7 @@ def plan_tensor(key: str, dest: torch.Tensor, saved: Any, plan: Plan,
         else:  # not replaced: reported, never "restored"
             plan.report.missing_keys.append(key)
     elif compatible(key, saved, dest, plan.report, plan.cast):
-        _read_into(dest, saved, plan)
+        _read_into(dest, saved, plan, key)
         plan.report.restored_keys.append(shared_key(key, saved))
 
 
@@ -252,10 +275,10 @@ def plan_module(name: str, module: torch.nn.Module, saved: Any, plan: Plan) -> N
             if not compatible(full, value, dest, plan.report, plan.cast):
                 continue
             if dist_dtensor.is_dtensor(dest):
-                _read_into(dest, value, plan)
+                _read_into(dest, value, plan, full)
                 address = dist_dtensor.local_storage(dest) if dist_dtensor.local_of(dest).numel() else 0
             elif dest.numel() and object_key in found.own and (address := dest.untyped_storage().data_ptr()) in storages:
-                _read_into(dest, value, plan)
+                _read_into(dest, value, plan, full)
             else:
                 address = 0
                 fresh = torch.empty(value.shape, dtype=dest.dtype, device=dest.device)
@@ -425,7 +448,7 @@ def _plan_hooked(name: str, module: torch.nn.Module, saved: dict[str, Any], curr
             load.entries[key] = owner[1]  # present, so neither missing nor unexpected
             restored = compatible(full, value, owner[1], plan.report, plan.cast)
             if restored:
-                _read_into(owner[1], value, plan)
+                _read_into(owner[1], value, plan, full)
         if restored:
             load.consumed[key] = shared_key(full, value) if is_saved(value) else full
 

@@ -13,7 +13,7 @@ from torchckpt._format import tree as format_tree
 from torchckpt._format.spec import SAVE_COUNTER
 from torchckpt.errors import format_keys, plural
 
-_KINDS = ("missing", "unexpected", "shape", "dtype", "skipped")  # the mismatches :meth:`MismatchReport.shared` sends
+_KINDS = ("missing", "unexpected", "shape", "dtype", "skipped", "left")  # the mismatches :meth:`MismatchReport.shared` sends
 _RANK_SUFFIX = re.compile(r"~r[0-9]+\Z")  # ``_load.index_fields.beyond_world``'s names
 
 
@@ -46,6 +46,11 @@ class MismatchReport:
             on others (a model built differently on one rank, a per-rank value that ranks beyond
             the saving job's have none of). Every rank's report lists the mismatches of all ranks,
             so that its assertions raise on every rank alike.
+        left_from_damaged: after ``restore_or_initialize`` passed over a damaged checkpoint,
+            ``{key: that checkpoint's name}`` for each value its restore may have written before the
+            damage was found (tensors are read straight into place) and that the checkpoint restored
+            did not restore: it may hold the damaged checkpoint's value, not its initial one. Every
+            such key is also missing or mismatched.
         restored_nothing_on: on several ranks, the ranks where nothing (besides ``save_counter``)
             was restored, so that ``assert_nontrivial_match()`` raises on every rank alike.
 
@@ -67,13 +72,14 @@ class MismatchReport:
     renamed: dict[str, str] = field(default_factory=dict)
     unused_renames: list[str] = field(default_factory=list)
     ranks: dict[str, list[int]] = field(default_factory=dict)
+    left_from_damaged: dict[str, str] = field(default_factory=dict)
     restored_nothing_on: list[int] = field(default_factory=list)
     _found_on: dict[tuple[str, str], list[int]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __bool__(self) -> bool:
         return bool(
             self.missing_keys or self.unexpected_keys or self.shape_mismatches or self.dtype_mismatches
-            or self.skipped_objects
+            or self.skipped_objects or self.left_from_damaged
         )
 
     def restored_nothing(self) -> bool:
@@ -89,7 +95,7 @@ class MismatchReport:
         return {"nothing": nothing, "missing": self.missing_keys, "unexpected": self.unexpected_keys,
                 "shape": {k: [list(a), list(b)] for k, (a, b) in self.shape_mismatches.items()},
                 "dtype": {k: [format_tree.dtype_name(a), format_tree.dtype_name(b)] for k, (a, b) in self.dtype_mismatches.items()},
-                "skipped": self.skipped_objects}
+                "skipped": self.skipped_objects, "left": self.left_from_damaged}
 
     def merge(self, shared: list[dict[str, Any] | None]) -> None:
         """Make this report the job's: every rank's mismatches (``shared``, in rank order, this
@@ -103,6 +109,7 @@ class MismatchReport:
         shape: dict[str, tuple[torch.Size, torch.Size]] = {}
         dtype: dict[str, tuple[torch.dtype, torch.dtype]] = {}
         skipped: dict[str, str] = {}
+        left: dict[str, str] = {}
         nothing: list[int] = []
         for rank, theirs in enumerate(shared):
             if theirs is None:
@@ -120,8 +127,11 @@ class MismatchReport:
                 dtype.setdefault(k, (_dtype_of(a), _dtype_of(b)))
             for k, reason in theirs["skipped"].items():
                 skipped.setdefault(k, reason)
+            for k, name in theirs["left"].items():
+                left.setdefault(k, name)
         self.missing_keys, self.unexpected_keys = list(missing), list(unexpected)
         self.shape_mismatches, self.dtype_mismatches, self.skipped_objects = shape, dtype, skipped
+        self.left_from_damaged = left
         self._found_on = {kk: ranks for kk, ranks in found.items() if len(ranks) < len(shared)}
         by_key: dict[str, set[int]] = {}
         for (_, key), ranks in found.items():
@@ -132,7 +142,8 @@ class MismatchReport:
     def mismatched_on(self, world: int) -> set[int]:
         """The ranks of a job of ``world`` ranks where a mismatch of this report was found."""
         kinds: zip[tuple[str, Iterable[str]]] = zip(_KINDS, (
-            self.missing_keys, self.unexpected_keys, self.shape_mismatches, self.dtype_mismatches, self.skipped_objects))
+            self.missing_keys, self.unexpected_keys, self.shape_mismatches, self.dtype_mismatches, self.skipped_objects,
+            self.left_from_damaged))
         return {rank for kind, keys in kinds for key in keys for rank in self._found_on.get((kind, key), range(world))}
 
     def unused_keys(self) -> list[str]:
@@ -163,6 +174,11 @@ class MismatchReport:
         if "missing" in wanted and self.meta_keys and set(self.meta_keys) & set(self.missing_keys):
             out.append(f"on the meta device, so not restored ({len(self.meta_keys)}): {format_keys(self.meta_keys)} "
                        "(restore(..., assign=True) materialises them, as load_state_dict(assign=True) does)")
+        if "missing" in wanted and self.left_from_damaged:
+            items = [f"{k}{self._ranks_of('left', k)} ({n})" for k, n in self.left_from_damaged.items()]
+            out.append(f"written from a damaged checkpoint before its damage was found, and not restored from this "
+                       f"one ({len(items)}): {format_keys(items)}; they may hold the damaged checkpoint's values, not "
+                       "their initial ones")
         if "skipped" in wanted and self.skipped_objects:
             items = [f"{k}{self._ranks_of('skipped', k)}: {v}" for k, v in sorted(self.skipped_objects.items())]
             out.append(f"objects left untouched ({len(items)}): " + "; ".join(items))

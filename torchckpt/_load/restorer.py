@@ -34,9 +34,10 @@ from torchckpt._load.match import Matcher, Tracking
 from torchckpt._load.plan import MISSING, Plan, plan_value
 from torchckpt._load.rename import Renamer
 from torchckpt._load.report import MismatchReport
+from torchckpt._paths import name_of
 from torchckpt._storage.base import Storage
 from torchckpt._threads import gc_paused
-from torchckpt.errors import RESTORED_ON_THIS_RANK
+from torchckpt.errors import RESTORED_ON_THIS_RANK, CheckpointNotFoundError, CorruptCheckpointError
 
 
 @dataclass(frozen=True)
@@ -82,11 +83,16 @@ def restore(target: Target, storage: Storage, path: str, coord: AnyCoordinator, 
     def run() -> dict[str, Any] | None:
         mine.append(restore_mine(chosen))
         coord.consequence = RESTORED_ON_THIS_RANK
+        plan.note_left()
         return mine[0].report.shared()
 
     # the outcome's exchange carries each rank's mismatches, those the loads found too: every
     # rank's report lists the job's, so assertions raise on every rank alike
-    shared = dist_coordinator.agree_all(coord, what, run, RESTORED_ON_THIS_RANK)
+    try:
+        shared = dist_coordinator.agree_all(coord, what, run, RESTORED_ON_THIS_RANK)
+    except (CorruptCheckpointError, CheckpointNotFoundError):
+        plan.note_failed(name_of(chosen))  # for the next candidate of restore_or_initialize
+        raise
     if coord.is_collective:
         mine[0].report.merge(shared)
     return mine[0]
