@@ -639,6 +639,27 @@ def test_a_best_checkpoint_preserved_by_a_rebuilt_history_is_still_best(tmp_path
     assert "best" in rows["ckpt-4"]["marks"]
 
 
+def test_with_the_latest_deleted_by_hand_every_reader_takes_the_checkpoint_written_last(tmp_path):
+    # probe38 F2: the manager took the highest number (ckpt-3), latest_checkpoint() the one written last
+    x = torch.zeros(1)
+    with CheckpointManager(torchckpt.Checkpoint(x=x), tmp_path, max_to_keep=5) as manager:
+        for value in (1.0, 2.0, 3.0):
+            x.fill_(value)
+            manager.save()
+        x.fill_(10.0)
+        manager.save(checkpoint_number=1)  # ckpt-1 replaced: written after ckpt-3
+        x.fill_(11.0)
+        last = manager.save()
+    shutil.rmtree(last)
+    newest = str(tmp_path / "ckpt-1")
+    assert torchckpt.latest_checkpoint(tmp_path) == torchckpt.get_checkpoint_state(tmp_path).latest == newest
+    resumed = torch.zeros(1)
+    with pytest.warns(UserWarning, match=r"names ckpt-5 as the latest checkpoint, but .* ckpt-1 is the latest now"), \
+            CheckpointManager(torchckpt.Checkpoint(x=resumed), tmp_path, max_to_keep=5) as manager:
+        assert manager.latest_checkpoint == newest
+        assert manager.restore_or_initialize() == newest and float(resumed) == 10.0
+
+
 @pytest.mark.parametrize("restart_before", [None, 6], ids=["one-manager", "restarted"])
 def test_a_clock_stepped_back_between_saves_keeps_the_last_saves_across_a_restart(tmp_path, fake_time, restart_before):
     manager = CheckpointManager(ckpt(), tmp_path, max_to_keep=3)

@@ -119,16 +119,23 @@ CASES = {
         (None, None, None),
         Recovered("ckpt-1", [Entry("ckpt-1", 100.0)], [], 50.0, {}, DEFAULT, []),
     ),
-    "latest-deleted-by-hand-falls-back-to-newest-member": (
+    "latest-deleted-by-hand-falls-back-to-the-member-written-last": (  # read_disk: of this manager's name
         OnDisk(DIR, history(Entry("ckpt-1", 100.0), Entry("ckpt-2", 200.0), Entry("ckpt-3", 300.0), latest="ckpt-3"),
-               ["ckpt-1", "ckpt-2"], latest_committed=False),
+               ["ckpt-1", "ckpt-2"], written_last="ckpt-2", latest_committed=False),
         (None, None, None),
         Recovered("ckpt-2", [Entry("ckpt-1", 100.0), Entry("ckpt-2", 200.0), Entry("ckpt-3", 300.0)], [], 50.0, {},
                   DEFAULT, [GONE.format("ckpt-3") + "ckpt-2 is the latest now."]),
     ),
+    "latest-deleted-by-hand-a-replaced-number-written-last": (  # probe38 F2: not the highest number
+        OnDisk(DIR, history(Entry("ckpt-2", 200.0), Entry("ckpt-1", 250.0), Entry("ckpt-3", 300.0), latest="ckpt-3"),
+               ["ckpt-1", "ckpt-2"], written_last="ckpt-1", latest_committed=False),
+        (None, None, None),
+        Recovered("ckpt-1", [Entry("ckpt-2", 200.0), Entry("ckpt-1", 250.0), Entry("ckpt-3", 300.0)], [], 50.0, {},
+                  DEFAULT, [GONE.format("ckpt-3") + "ckpt-1 is the latest now."]),
+    ),
     "latest-deleted-by-hand-falls-back-to-this-managers-newest": (  # not an export of another name
         OnDisk(DIR, history(Entry("ckpt-1", 100.0), Entry("ckpt-2", 200.0), latest="ckpt-2"),
-               ["ckpt-1", "model-70"], latest_committed=False),
+               ["ckpt-1", "model-70"], written_last="ckpt-1", latest_committed=False),
         (None, None, None),
         Recovered("ckpt-1", [Entry("ckpt-1", 100.0), Entry("ckpt-2", 200.0)], [], 50.0, {}, DEFAULT,
                   [GONE.format("ckpt-2") + "ckpt-1 is the latest now."]),

@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import re
+from collections.abc import Sequence
 
 from torchckpt._format import spec
 from torchckpt._history import state as history_state
@@ -93,10 +94,13 @@ def latest_in(directory: str, storage: Storage) -> str | None:
     if state is not None and state.latest is not None and is_member(directory, state.latest, storage):
         return join(directory, state.latest)
     members = committed_members(directory, None, storage)
-    if not members:
-        return None
-    newest = max(members, key=lambda n: (storage.mtime(join(directory, n, spec.INDEX_FILE)), number_of(n) or 0))
-    return join(directory, newest)
+    return join(directory, written_last(directory, members, storage)) if members else None
+
+
+def written_last(directory: str, members: Sequence[str], storage: Storage) -> str:
+    """Of ``members`` (committed checkpoints of ``directory``; at least one), the one committed
+    last: by its index's time, then number (a replaced number is not the highest)."""
+    return max(members, key=lambda n: (storage.mtime(join(directory, n, spec.INDEX_FILE)), number_of(n) or 0))
 
 
 def newest_unknown(recorded: set[str], members: list[str], prefix: str | None = None) -> str | None:

@@ -23,7 +23,7 @@ from torchckpt._history import members as history_members
 from torchckpt._history import state as history_state
 from torchckpt._history.retention import MetricFn
 from torchckpt._history.state import Entry, State, StateFileError
-from torchckpt._paths import join, name_of
+from torchckpt._paths import join
 from torchckpt._storage.base import Storage
 from torchckpt.errors import CheckpointError, CorruptCheckpointError
 
@@ -43,7 +43,7 @@ class OnDisk:
     state: State | DamagedStateFile | None  # None: there is no state file
     members: Sequence[str] = ()  # committed numbered checkpoints of any prefix, by number then name
     managed: Mapping[str, Entry | None] = field(default_factory=dict)  # unrecorded members' managed entries
-    written_last: str | None = None  # the member committed last (read only without a usable state file)
+    written_last: str | None = None  # the member committed last (read only where the state file has no committed latest)
     latest_committed: bool = True  # whether the state file's latest is a committed checkpoint
     # When the unrecorded members and the state file's latest were created (their index's ``created``;
     # None where unknown): an unrecorded member is the latest only if created after the recorded latest
@@ -94,17 +94,18 @@ def read_disk(directory: str, storage: Storage, checkpoint_name: str) -> tuple[O
     except StateFileError as e:
         state = DamagedStateFile(str(e))
     members = history_members.committed_members(directory, None, storage)
+    latest_committed = (isinstance(state, State) and state.latest is not None
+                        and history_members.is_member(directory, state.latest, storage))
     written_last = None
-    if not isinstance(state, State) and members:
-        path = history_members.latest_in(directory, storage)
-        written_last = name_of(path) if path else None
+    if members and not latest_committed:  # no usable state file, or its latest is gone: the one written last
+        own = [n for n in members if history_members.number_of(n, checkpoint_name) is not None]
+        written_last = history_members.written_last(directory, own if isinstance(state, State) and own else members,
+                                                    storage)
     refuse_another_managers(directory, state, checkpoint_name, storage)
     found = {n: _entry_and_created(directory, n, checkpoint_name, storage)
              for n in unrecorded(state, members, checkpoint_name)}
     managed = {n: entry for n, (entry, _) in found.items()}
     created = {n: time for n, (_, time) in found.items()}
-    latest_committed = (isinstance(state, State) and state.latest is not None
-                        and history_members.is_member(directory, state.latest, storage))
     if found and isinstance(state, State) and state.latest is not None and latest_committed:
         created[state.latest] = _entry_and_created(directory, state.latest, checkpoint_name, storage)[1]
     return OnDisk(directory, state, members, managed, written_last, latest_committed, created), token
@@ -246,9 +247,8 @@ def recover(disk: OnDisk, now: float, checkpoint_name: str, keep_best: int | Non
     newest = _newest_unrecorded(state, disk, checkpoint_name, now)
     if newest is not None:
         latest, committed = newest, True
-    if latest is not None and not committed:  # deleted by hand: the newest member, of this manager's name if any
-        own = [n for n in disk.members if history_members.number_of(n, checkpoint_name) is not None]
-        gone, latest = latest, (own or list(disk.members))[-1] if disk.members else None
+    if latest is not None and not committed:  # deleted by hand: the member written last, of this manager's name if any
+        gone, latest = latest, disk.written_last
         notes.append(f"The state file of {disk.directory} names {gone} as the latest checkpoint, but it is not a "
                      "committed checkpoint there (deleted, its index.json gone or not a regular file, or its "
                      "replacement cut short): "
