@@ -141,7 +141,8 @@ def _structure_problem(obj: Any, current: Any, saved: Any) -> str | None:
         theirs = [len(g["params"]) for g in groups]
         if mine != theirs:
             return f"the checkpoint's parameter groups have sizes {theirs}, this optimizer's have {mine}"
-        return None
+        return _optimizer_problem(obj, current, saved) if _loads(obj, torch.optim.Optimizer) and \
+            type(obj).__module__.startswith("torch.optim") else None
     if not isinstance(current, dict):  # an object of its own kind of state: it alone knows what it takes
         return None
     kind = type(obj).__name__
@@ -183,6 +184,44 @@ _NEEDED = [  # what torch's and torchckpt's own loaders read unconditionally, by
     ((_SCHEDULERS.CyclicLR,), ("_scale_fn_custom",)),
 ]
 _SCALER_KEYS = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
+
+
+# Per-parameter state that torch's optimizers keep element by element: of the parameter's shape
+_ELEMENTWISE = frozenset({"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "acc_delta",
+                          "grad_avg", "sum", "exp_inf", "ax", "prev", "step_size"})
+
+
+def _optimizer_problem(obj: torch.optim.Optimizer, current: dict[str, Any], saved: dict[str, Any]) -> str | None:
+    """Why one of torch's own optimizers cannot take ``saved`` (groups of its sizes), or None. A
+    never-stepped optimizer has no state to compare, so: each parameter's element-wise state must
+    have the parameter's shape (parameters listed in another order), and the groups, as the
+    optimizer's own ``__setstate__`` completes them on load, must hold every key its groups have
+    (an Adam's state into an SGD lacks ``momentum``: its next ``step()`` would fail)."""
+    state = saved.get("state")
+    if isinstance(state, dict):
+        param_of = {pid: p for group, mine in zip(saved["param_groups"], obj.param_groups)
+                    for pid, p in zip(group["params"], mine["params"]) if type(pid) in (int, str)}
+        for pid, entry in state.items():
+            param = param_of.get(pid)
+            if param is None or not isinstance(entry, dict):
+                continue
+            for key, value in entry.items():
+                if key in _ELEMENTWISE and is_saved(value) and tuple(value.shape) != tuple(param.shape):
+                    return (f"the checkpoint's {key!r} of its parameter {pid} has shape {list(value.shape)}, where "
+                            f"this optimizer's parameter there has shape {list(param.shape)} (its parameters are "
+                            "listed in another order, or belong to another model)")
+    scratch = object.__new__(type(obj))
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": []} for g in saved["param_groups"]]
+    try:  # torch's own completion of older groups (flags added since), on a scratch optimizer: nothing changes
+        type(obj).__setstate__(scratch, {"defaults": dict(obj.defaults), "state": {}, "param_groups": groups})
+    except Exception:  # noqa: BLE001 - a form this check cannot judge: load_state_dict will
+        return None
+    for i, (mine, theirs) in enumerate(zip(current["param_groups"], groups)):
+        lacking = [k for k in mine if k not in theirs and k != "params"]
+        if lacking:
+            return (f"the checkpoint's parameter group {i} lacks {', '.join(map(repr, lacking))}, which this "
+                    f"{type(obj).__name__} steps with: it was saved from another kind of optimizer")
+    return None
 
 
 def _loads(obj: Any, *classes: type) -> bool:
