@@ -229,6 +229,37 @@ def test_a_never_stepped_optimizer_takes_its_own_kinds_state(tmp_path, optimizer
     assert opt.state_dict()["state"].keys() == {0, 1, 2, 3}
 
 
+def test_a_disabled_scalers_restore_reports_the_saved_scale_unused(tmp_path):
+    # probe39 F3: its loader returns at once; the report said everything matched
+    scaler = torch.amp.GradScaler("cpu", init_scale=512.0)
+    path = torchckpt.Checkpoint(scaler=scaler).write(tmp_path / "c")
+    off = torch.amp.GradScaler("cpu", enabled=False)
+    status = torchckpt.Checkpoint(scaler=off).read(path).expect_partial()
+    assert status.report.unexpected_keys == [f"scaler/{k}" for k in scaler.state_dict()]
+    assert off.state_dict() == {} and not off.is_enabled()
+
+
+class _Warmup:
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def __call__(self, epoch: int) -> float:
+        return min(1.0, (epoch + 1) / self.steps)
+
+
+def test_a_lambda_objects_saved_attributes_are_not_set_on_a_function(tmp_path):
+    # probe39 F3: LambdaLR saves a callable object's __dict__; restored where the lambda is now a
+    # function, it set them on the function and reported everything matched
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    path = torchckpt.Checkpoint(sched=torch.optim.lr_scheduler.LambdaLR(opt, _Warmup(5))).write(tmp_path / "c")
+    function = lambda epoch: 0.9 ** epoch  # noqa: E731
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, function)
+    status = torchckpt.Checkpoint(sched=sched).read(path).expect_partial()
+    assert status.report.unexpected_keys == ["sched/lr_lambdas/0/steps"] and vars(function) == {}
+    assert sched.lr_lambdas == [function]
+
+
 class _Counter:  # a user's Stateful
     def __init__(self, v: int = 0) -> None:
         self.v = v

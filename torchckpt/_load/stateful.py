@@ -43,6 +43,8 @@ def plan_stateful(name: str, obj: Any, saved: Any, plan: Plan) -> None:
     reason = _structure_problem(obj, current, saved)
     if isinstance(obj, torch.optim.Optimizer) and not reason:
         saved = _without_stray_state(saved, name, plan.report)
+    if not reason:
+        saved = _without_discarded(obj, current, saved, name, plan.report)
     saved_leaves = keypath.leaves(saved, name)
     report = MismatchReport()
     reads: list[tuple[torch.Tensor, SavedTensor]] = []
@@ -106,6 +108,25 @@ def _without_stray_state(saved: Any, name: str, report: MismatchReport) -> Any:
         return saved
     report.unexpected_keys.extend(keypath.leaves(strays, keypath.join(name, "state")))
     return {**saved, "state": {k: v for k, v in state.items() if k not in strays}}
+
+
+def _without_discarded(obj: Any, current: Any, saved: Any, name: str, report: MismatchReport) -> Any:
+    """``saved`` less what torch's own loader would take and not use, reported unexpected: a disabled
+    ``GradScaler``'s loader returns at once (its state is empty), and ``LambdaLR`` saves a callable
+    object's attributes, which it would set on what is now a function (``None`` in its state)."""
+    if _loads(obj, torch.amp.GradScaler) and current == {} and isinstance(saved, dict) and saved:
+        report.unexpected_keys.extend(keypath.leaves(saved, name))
+        return {}
+    if not (_loads(obj, _SCHEDULERS.LambdaLR, _SCHEDULERS.MultiplicativeLR) and isinstance(saved, dict)):
+        return saved
+    mine, theirs = current.get("lr_lambdas"), saved.get("lr_lambdas")
+    if not (isinstance(mine, list) and isinstance(theirs, list)):
+        return saved
+    lambdas = keypath.join(name, "lr_lambdas")
+    for i, (now, then) in enumerate(zip(mine, theirs)):
+        if now is None and then is not None:
+            report.unexpected_keys.extend(keypath.leaves(then, keypath.join(lambdas, str(i))))
+    return {**saved, "lr_lambdas": [None if now is None else then for now, then in zip(mine, theirs)]}
 
 
 def _unfilled(current: dict[str, Any], saved: dict[str, Any]) -> list[str]:
