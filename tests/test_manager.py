@@ -639,6 +639,17 @@ def test_a_best_checkpoint_preserved_by_a_rebuilt_history_is_still_best(tmp_path
     assert "best" in rows["ckpt-4"]["marks"]
 
 
+def test_a_background_saves_timestamp_is_the_save_calls_time(tmp_path, fake_time):
+    # API.md: read at call time; probe38 F3: an async save's was read once its write finished
+    manager = CheckpointManager(torchckpt.Checkpoint(w=torch.randn(4 * 2**20)), tmp_path, async_save=True)
+    fake_time.now = 1000.0
+    manager.save()
+    fake_time.now = 5000.0  # the 16 MiB write is still going on
+    manager.wait_until_finished()
+    manager.close()
+    assert [c["timestamp"] for c in state_of(tmp_path)["checkpoints"]] == [1000.0]
+
+
 def test_with_the_latest_deleted_by_hand_every_reader_takes_the_checkpoint_written_last(tmp_path):
     # probe38 F2: the manager took the highest number (ckpt-3), latest_checkpoint() the one written last
     x = torch.zeros(1)

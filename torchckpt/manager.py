@@ -328,7 +328,8 @@ class CheckpointManager:
         path = join(self._directory, f"{self._name}-{decision['number']}")
         try:
             commit(self._checkpoint, self._storage, path, call, self._save_options(decision),
-                   SaveHooks(after=lambda: self._after_save(name_of(path), decision["metrics"]), adopt=self._adopt))
+                   SaveHooks(after=lambda: self._after_save(name_of(path), decision["metrics"], decision["time"]),
+                             adopt=self._adopt))
         except BaseException as e:
             self._put_back_forgotten()
             if isinstance(e, AlreadyCommitted):
@@ -350,10 +351,11 @@ class CheckpointManager:
                                    incremental=self._incremental,
                                    warm_page_cache=self._warm_page_cache and not self._preempted)
 
-    def _after_save(self, name: str, metrics: dict[str, Any] | None) -> dict[str, Any] | None:
-        """Once the checkpoint is committed (rank 0): record it and apply retention; returns the
-        history for the other ranks."""
-        for old in self._ledger.record(name, metrics, _clock.now(), self._max_to_keep, self._keep_every_n_hours):
+    def _after_save(self, name: str, metrics: dict[str, Any] | None, when: float) -> dict[str, Any] | None:
+        """Once the checkpoint is committed (rank 0): record it, stamped ``when`` (the ``save()`` call's
+        time, also for a save in the background), and apply retention; returns the history for the
+        other ranks."""
+        for old in self._ledger.record(name, metrics, when, self._max_to_keep, self._keep_every_n_hours):
             self._ledger.retire(old)
         return self._ledger.mirror(self._read_only) if self._coord.is_collective else None
 
@@ -381,7 +383,8 @@ class CheckpointManager:
         """What this save does (on rank 0 for a job): skip it, or the number it writes and the
         ``save_counter`` it records (the checkpoint takes it once the write is accepted)."""
         self._storage.claim(self._directory)  # a no-op unless this is a forked child (or lost its lease)
-        decision = {**proposal, "explicit": proposal["number"] is not None, "counter": self._checkpoint.save_counter}
+        decision = {**proposal, "explicit": proposal["number"] is not None, "counter": self._checkpoint.save_counter,
+                    "time": _clock.now()}  # the call's time, also for a save finished in the background
         if proposal["skip"]:
             return decision
         decision["counter"] = self._checkpoint.save_counter + 1
