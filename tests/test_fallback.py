@@ -148,6 +148,42 @@ def test_damage_found_before_any_byte_is_read_leaves_nothing_to_report(tmp_path)
     manager.close()
 
 
+class _DDPLike(torch.nn.Module):  # DistributedDataParallel's keys: "module.*"
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+
+def test_a_damaged_checkpoint_of_a_wrapped_model_leaves_nothing_the_older_one_restores(tmp_path):
+    # probe40 F2: the two checkpoints name each parameter differently ("module." prefix): every key
+    # was reported left although the older checkpoint restored every one
+    with torchckpt.CheckpointManager(torchckpt.Checkpoint(model=torch.nn.Linear(64, 64)), tmp_path) as manager:
+        manager.save()
+    with torchckpt.CheckpointManager(torchckpt.Checkpoint(model=_DDPLike(torch.nn.Linear(64, 64))), tmp_path) as manager:
+        manager.save()
+    flip_tensor_byte(tmp_path / "ckpt-2", "model/module.weight")
+    with torchckpt.CheckpointManager(torchckpt.Checkpoint(model=torch.nn.Linear(64, 64)), tmp_path) as manager, \
+            pytest.warns(torchckpt.DamagedCheckpointWarning):
+        assert manager.restore_or_initialize(strict=True) == str(tmp_path / "ckpt-1")
+        assert manager.last_restore.report.left_from_damaged == {}
+
+
+def test_an_objects_own_tensors_a_damaged_checkpoint_wrote_are_reported(tmp_path):
+    # probe40 F3: an optimizer that stepped is read into in place too (a roll-back mid-run)
+    model = torch.nn.Linear(4, 4)
+    ckpt = torchckpt.Checkpoint(model=model)
+    with torchckpt.CheckpointManager(ckpt, tmp_path) as manager:
+        manager.save()
+        ckpt.opt = torch.optim.Adam(model.parameters())
+        model(torch.ones(2, 4)).sum().backward()
+        ckpt.opt.step()
+        manager.save()
+        flip_tensor_byte(tmp_path / "ckpt-2", "opt/state/0/exp_avg")
+        with pytest.warns(torchckpt.DamagedCheckpointWarning), pytest.warns(torchckpt.PartialRestoreWarning):
+            assert manager.restore_or_initialize() == str(tmp_path / "ckpt-1")
+        assert set(manager.last_restore.report.left_from_damaged) >= {"opt/state/0/exp_avg", "opt/state/1/exp_avg"}
+
+
 def test_after_a_fallback_retention_keeps_the_intact_checkpoint_it_resumed_from(tmp_path):
     # the last max_to_keep are the last intact ones: the save after the fallback must not delete
     # ckpt-2 (what the run resumed from) and keep the damaged ckpt-3 in its place

@@ -219,6 +219,21 @@ def test_a_never_stepped_optimizer_is_left_untouched_by_state_that_cannot_be_its
     train_step(model, opt, 1)  # untouched: it steps as a fresh optimizer
 
 
+@pytest.mark.parametrize("change", ["named-parameters", "scheduler-made-since", "users-group-key"])
+def test_an_optimizer_whose_groups_gained_keys_it_does_not_step_with_is_restored(tmp_path, change):
+    # probe40 F1: refused as "saved from another kind of optimizer"; torch's load_state_dict takes it
+    path = _saved_run(tmp_path, "Adam")
+    model = make_mlp(1)
+    opt = torch.optim.Adam(model.named_parameters() if change == "named-parameters" else model.parameters(), lr=0.01)
+    if change == "scheduler-made-since":
+        torch.optim.lr_scheduler.StepLR(opt, 2)
+    if change == "users-group-key":
+        opt.param_groups[0]["lr_scale"] = 0.5
+    status = torchckpt.Checkpoint(model=model, opt=opt).read(path).expect_partial()
+    assert not status.report.skipped_objects and len(opt.state_dict()["state"]) == 4
+    train_step(model, opt, 1)
+
+
 @pytest.mark.parametrize("optimizer", ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta", "Adamax", "NAdam",
                                        "RAdam", "ASGD", "Rprop", "Adafactor"])
 def test_a_never_stepped_optimizer_takes_its_own_kinds_state(tmp_path, optimizer):

@@ -67,14 +67,20 @@ class Plan:
         the loads ran, everything it planned)."""
         if self.stage != "planned":
             written = self.in_place if self.stage == "reading" else [*self.in_place, *self.report.restored_keys]
-            self.earlier_writes.update(dict.fromkeys(written, name))
+            self.earlier_writes.update(dict.fromkeys(self._objects_keys(written), name))
 
     def note_left(self) -> None:
         """This restore succeeded: report what an earlier, damaged candidate may have written that
         it did not restore (``MismatchReport.left_from_damaged``)."""
         if self.earlier_writes:
-            restored = set(self.report.restored_keys)
+            restored = set(self._objects_keys([*self.report.restored_keys, *self.in_place]))
             self.report.left_from_damaged = {k: n for k, n in self.earlier_writes.items() if k not in restored}
+
+    def _objects_keys(self, keys: list[str]) -> list[str]:
+        """``keys`` as the objects name them: two checkpoints may name one parameter differently (a
+        DDP ``module.`` or ``torch.compile`` ``_orig_mod.`` prefix, ``MismatchReport.remapped_keys``)."""
+        remapped = self.report.remapped_keys
+        return [remapped.get(k, k) for k in keys] if remapped else keys
 
     def fresh_for(self, saved: SavedTensor, dtype: torch.dtype) -> torch.Tensor:
         """The tensor a meta destination is assigned for ``saved`` (read once, however many keys it has)."""

@@ -55,6 +55,7 @@ def plan_stateful(name: str, obj: Any, saved: Any, plan: Plan) -> None:
         if isinstance(dest, torch.Tensor) and not dest.is_meta:  # compatibility was checked above
             if dest.dtype == value.dtype:
                 reads.append((dest, value))
+                plan.in_place.append(key)
                 return dest
             fresh = torch.empty(value.shape, dtype=dest.dtype)  # cast=True: the object's dtype
             buffer = torch.empty(value.shape, dtype=value.dtype)
@@ -237,8 +238,8 @@ def _optimizer_problem(obj: torch.optim.Optimizer, current: dict[str, Any], save
         type(obj).__setstate__(scratch, {"defaults": dict(obj.defaults), "state": {}, "param_groups": groups})
     except Exception:  # noqa: BLE001 - a form this check cannot judge: load_state_dict will
         return None
-    for i, (mine, theirs) in enumerate(zip(current["param_groups"], groups)):
-        lacking = [k for k in mine if k not in theirs and k != "params"]
+    for i, (mine, theirs) in enumerate(zip(current["param_groups"], groups)):  # its hyperparameters: not a
+        lacking = [k for k in mine if k in obj.defaults and k not in theirs]  # scheduler's, a user's, param_names
         if lacking:
             return (f"the checkpoint's parameter group {i} lacks {', '.join(map(repr, lacking))}, which this "
                     f"{type(obj).__name__} steps with: it was saved from another kind of optimizer")
