@@ -184,6 +184,56 @@ def test_an_objects_own_tensors_a_damaged_checkpoint_wrote_are_reported(tmp_path
         assert set(manager.last_restore.report.left_from_damaged) >= {"opt/state/0/exp_avg", "opt/state/1/exp_avg"}
 
 
+def test_optimizer_state_the_older_checkpoint_replaces_whole_is_not_reported_left(tmp_path):
+    # probe41 F1: a roll-back mid-run; ckpt-1 has no Adam state for a layer frozen then, and
+    # load_state_dict replaces the state whole, so nothing the damaged ckpt-2 wrote stays
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+
+    def train() -> None:
+        opt.zero_grad()
+        model(torch.ones(4, 8)).sum().backward()
+        opt.step()
+
+    with torchckpt.CheckpointManager(torchckpt.Checkpoint(model=model, opt=opt), tmp_path) as manager:
+        model[1].requires_grad_(False)
+        train()
+        manager.save()
+        model[1].requires_grad_(True)
+        train()
+        manager.save()
+        flip_tensor_byte(tmp_path / "ckpt-2", "opt/state/3/exp_avg_sq")
+        train()
+        with pytest.warns(torchckpt.DamagedCheckpointWarning):
+            assert manager.restore_or_initialize(strict=True) == str(tmp_path / "ckpt-1")
+        assert manager.last_restore.report.left_from_damaged == {} and sorted(opt.state_dict()["state"]) == [0, 1]
+
+
+def test_a_renamed_restore_across_a_wrapper_prefix_leaves_nothing_reported(tmp_path):
+    # probe41 F2: rename= and a "module." prefix that differs between the two checkpoints; the
+    # damage is in the tensor read last, so the renamed ones were read in place first
+    def net(value: float, encoder: str) -> torch.nn.Module:
+        model = torch.nn.Module()
+        setattr(model, encoder, torch.nn.Linear(16, 16))
+        model.head = torch.nn.Linear(16, 16)
+        for p in model.parameters():
+            torch.nn.init.constant_(p, value)
+        return model
+
+    with torchckpt.CheckpointManager(torchckpt.Checkpoint(model=net(1.0, "enc")), tmp_path) as manager:
+        manager.save()
+    with torchckpt.CheckpointManager(torchckpt.Checkpoint(model=_DDPLike(net(2.0, "enc"))), tmp_path) as manager:
+        manager.save()
+    flip_tensor_byte(tmp_path / "ckpt-2", "model/module.head.bias")
+    renamed = net(0.0, "encoder")
+    with torchckpt.CheckpointManager(torchckpt.Checkpoint(model=renamed), tmp_path) as manager, \
+            pytest.warns(torchckpt.DamagedCheckpointWarning):
+        assert manager.restore_or_initialize(strict=True, rename={"model/enc": "model/encoder",
+                                                                  "model/module.enc": "model/module.encoder"})
+        assert manager.last_restore.report.left_from_damaged == {}
+        assert all(bool((p == 1.0).all()) for p in renamed.parameters())
+
+
 def test_after_a_fallback_retention_keeps_the_intact_checkpoint_it_resumed_from(tmp_path):
     # the last max_to_keep are the last intact ones: the save after the fallback must not delete
     # ckpt-2 (what the run resumed from) and keep the damaged ckpt-3 in its place

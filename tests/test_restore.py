@@ -203,7 +203,11 @@ def _saved_run(tmp_path, optimizer: str) -> str:
      "another kind of optimizer"),
     ("SGD", lambda params: torch.optim.Adam(params, lr=0.01), "lacks 'betas', 'eps'"),
     ("Adam", lambda params: torch.optim.RMSprop(params, lr=0.01), "lacks 'alpha', which this RMSprop steps with"),
-], ids=["params-in-another-order", "adam-into-sgd", "sgd-into-adam", "adam-into-rmsprop"])
+    ("Adam", lambda params: torch.optim.Adamax(params, lr=0.01),  # probe41 F5: the groups look alike
+     "the checkpoint's state of its parameter 0 lacks 'exp_inf', which this Adamax steps with"),
+    ("Adamax", lambda params: torch.optim.Adam(params, lr=0.01), "lacks 'exp_avg_sq', which this Adam steps with"),
+], ids=["params-in-another-order", "adam-into-sgd", "sgd-into-adam", "adam-into-rmsprop", "adam-into-adamax",
+        "adamax-into-adam"])
 def test_a_never_stepped_optimizer_is_left_untouched_by_state_that_cannot_be_its_own(tmp_path, saved_by,
                                                                                      restored_into, reason):
     # probe39 F2: it reported "everything matched" or a few missing keys, and its next step() failed;
@@ -273,6 +277,31 @@ def test_a_lambda_objects_saved_attributes_are_not_set_on_a_function(tmp_path):
     status = torchckpt.Checkpoint(sched=sched).read(path).expect_partial()
     assert status.report.unexpected_keys == ["sched/lr_lambdas/0/steps"] and vars(function) == {}
     assert sched.lr_lambdas == [function]
+
+
+def test_a_lambda_scheduler_of_more_saved_lambdas_than_groups_is_left_untouched(tmp_path):
+    # probe41 F3: the extra lambda was cut off silently (torch's loader raises IndexError)
+    params = [torch.nn.Parameter(torch.zeros(2)) for _ in range(3)]
+    opt = torch.optim.SGD([{"params": [p]} for p in params], lr=0.1)
+    path = torchckpt.Checkpoint(sched=torch.optim.lr_scheduler.LambdaLR(opt, [_Warmup(5)] * 3)).write(tmp_path / "c")
+    opt = torch.optim.SGD([{"params": [p]} for p in params[:2]], lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [_Warmup(5)] * 2)
+    status = torchckpt.Checkpoint(sched=sched).read(path).expect_partial()
+    assert "'lr_lambdas' are a list of 3 items, where this LambdaLR has 2" in status.report.skipped_objects["sched"]
+    assert len(sched.base_lrs) == 2
+
+
+def test_a_chained_lambdas_saved_attributes_are_not_set_on_a_function(tmp_path):
+    # probe41 F4: the LambdaLR inside a ChainedScheduler was not checked
+    def chain(lr_lambda):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+        return torch.optim.lr_scheduler.ChainedScheduler([torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda),
+                                                          torch.optim.lr_scheduler.StepLR(opt, 2)])
+
+    path = torchckpt.Checkpoint(sched=chain(_Warmup(5))).write(tmp_path / "c")
+    function = lambda epoch: 0.9 ** epoch  # noqa: E731
+    status = torchckpt.Checkpoint(sched=chain(function)).read(path).expect_partial()
+    assert status.report.unexpected_keys == ["sched/_schedulers/0/lr_lambdas/0/steps"] and vars(function) == {}
 
 
 class _Counter:  # a user's Stateful

@@ -55,7 +55,8 @@ class Plan:
     # With ``assign``: the new tensor of each saved tensor (by its id and the dtype made), so that the keys of
     # one saved tensor (tied weights) are assigned one memory, as from ``torch.load`` (``fresh_for``)
     assigned: dict[tuple[int, torch.dtype], torch.Tensor] = field(default_factory=dict)
-    in_place: list[str] = field(default_factory=list)  # keys read straight into their objects' own tensors
+    in_place: list[str] = field(default_factory=list)  # keys (the objects') read straight into their own tensors
+    replaced: list[str] = field(default_factory=list)  # key prefixes a load replaces whole (an optimizer's state)
     stage: str = "planned"  # then "reading" as bytes reach destinations, "loading" as the loads run
     # ``restore_or_initialize``: what candidates found damaged before this one may have written, ``{key: name}``
     # (one dict for every candidate: a failed restore adds its own, ``note_failed``)
@@ -66,15 +67,18 @@ class Plan:
         objects it may have changed (none before a byte was read; the tensors read in place; once
         the loads ran, everything it planned)."""
         if self.stage != "planned":
-            written = self.in_place if self.stage == "reading" else [*self.in_place, *self.report.restored_keys]
-            self.earlier_writes.update(dict.fromkeys(self._objects_keys(written), name))
+            written = self.in_place if self.stage == "reading" else [
+                *self.in_place, *self._objects_keys(self.report.restored_keys)]
+            self.earlier_writes.update(dict.fromkeys(written, name))
 
     def note_left(self) -> None:
         """This restore succeeded: report what an earlier, damaged candidate may have written that
         it did not restore (``MismatchReport.left_from_damaged``)."""
         if self.earlier_writes:
-            restored = set(self._objects_keys([*self.report.restored_keys, *self.in_place]))
-            self.report.left_from_damaged = {k: n for k, n in self.earlier_writes.items() if k not in restored}
+            restored = {*self._objects_keys(self.report.restored_keys), *self.in_place}
+            replaced = tuple(self.replaced)  # the tensors read into before are no longer the object's
+            self.report.left_from_damaged = {k: n for k, n in self.earlier_writes.items()
+                                             if k not in restored and not k.startswith(replaced)}
 
     def _objects_keys(self, keys: list[str]) -> list[str]:
         """``keys`` as the objects name them: two checkpoints may name one parameter differently (a
@@ -280,11 +284,12 @@ def plan_module(name: str, module: torch.nn.Module, saved: Any, plan: Plan) -> N
         elif is_saved(value) and isinstance(dest, torch.Tensor):
             if not compatible(full, value, dest, plan.report, plan.cast):
                 continue
+            own = keypath.join(name, keypath.escape_part(object_key))  # as the object names it (Plan.in_place)
             if dist_dtensor.is_dtensor(dest):
-                _read_into(dest, value, plan, full)
+                _read_into(dest, value, plan, own)
                 address = dist_dtensor.local_storage(dest) if dist_dtensor.local_of(dest).numel() else 0
             elif dest.numel() and object_key in found.own and (address := dest.untyped_storage().data_ptr()) in storages:
-                _read_into(dest, value, plan, full)
+                _read_into(dest, value, plan, own)
             else:
                 address = 0
                 fresh = torch.empty(value.shape, dtype=dest.dtype, device=dest.device)
@@ -454,7 +459,7 @@ def _plan_hooked(name: str, module: torch.nn.Module, saved: dict[str, Any], curr
             load.entries[key] = owner[1]  # present, so neither missing nor unexpected
             restored = compatible(full, value, owner[1], plan.report, plan.cast)
             if restored:
-                _read_into(owner[1], value, plan, full)
+                _read_into(owner[1], value, plan, target)
         if restored:
             load.consumed[key] = shared_key(full, value) if is_saved(value) else full
 

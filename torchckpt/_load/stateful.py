@@ -20,7 +20,7 @@ from torchckpt._dist import dtensor as dist_dtensor
 from torchckpt._format import keypath
 from torchckpt._format import tree as format_tree
 from torchckpt._format.dtypes import TensorInfo as SavedTensor
-from torchckpt._load import optimizer
+from torchckpt._load import optimizer, optimizer_fit
 from torchckpt._load.plan import MISSING, Plan, check_destination, compatible, is_saved, rebuild, shared_key
 from torchckpt._load.report import MismatchReport
 from torchckpt.errors import short_repr
@@ -88,6 +88,7 @@ def plan_stateful(name: str, obj: Any, saved: Any, plan: Plan) -> None:
     if isinstance(obj, torch.optim.Optimizer):  # load_state_dict replaces its state whole: what the checkpoint
         state = keypath.join(name, "state") + keypath.SEP  # has no state for, it has none for after the restore
         unfilled = [k for k in unfilled if not k.startswith(state)]
+        plan.replaced.append(state)
     plan.report.missing_keys.extend(unfilled)
     plan.report.restored_keys.extend(shared_key(k, v) if is_saved(v) else k
                                      for k, v in saved_leaves.items())
@@ -118,10 +119,14 @@ def _without_discarded(obj: Any, current: Any, saved: Any, name: str, report: Mi
     if _loads(obj, torch.amp.GradScaler) and current == {} and isinstance(saved, dict) and saved:
         report.unexpected_keys.extend(keypath.leaves(saved, name))
         return {}
+    if _loads(obj, *_CHAINS) and isinstance(saved, dict):  # its schedulers' states, each checked as its own
+        inner = [_without_discarded(s, c, t, keypath.join(keypath.join(name, "_schedulers"), str(i)), report)
+                 for i, (s, c, t) in enumerate(zip(obj._schedulers, current["_schedulers"], saved["_schedulers"]))]
+        return {**saved, "_schedulers": inner}
     if not (_loads(obj, _SCHEDULERS.LambdaLR, _SCHEDULERS.MultiplicativeLR) and isinstance(saved, dict)):
         return saved
     mine, theirs = current.get("lr_lambdas"), saved.get("lr_lambdas")
-    if not (isinstance(mine, list) and isinstance(theirs, list)):
+    if not (isinstance(mine, list) and isinstance(theirs, list) and len(mine) == len(theirs)):
         return saved
     lambdas = keypath.join(name, "lr_lambdas")
     for i, (now, then) in enumerate(zip(mine, theirs)):
@@ -163,7 +168,7 @@ def _structure_problem(obj: Any, current: Any, saved: Any) -> str | None:
         theirs = [len(g["params"]) for g in groups]
         if mine != theirs:
             return f"the checkpoint's parameter groups have sizes {theirs}, this optimizer's have {mine}"
-        return _optimizer_problem(obj, current, saved) if _loads(obj, torch.optim.Optimizer) and \
+        return optimizer_fit.problem(obj, current, saved) if _loads(obj, torch.optim.Optimizer) and \
             type(obj).__module__.startswith("torch.optim") else None
     if not isinstance(current, dict):  # an object of its own kind of state: it alone knows what it takes
         return None
@@ -183,6 +188,10 @@ def _structure_problem(obj: Any, current: Any, saved: Any) -> str | None:
     lacking = [k for k in _needed_keys(obj, current) if k not in saved]
     if lacking:
         return f"the checkpoint's state lacks {', '.join(map(repr, lacking))}, which {kind}.load_state_dict reads"
+    if _loads(obj, _SCHEDULERS.LambdaLR, _SCHEDULERS.MultiplicativeLR) and not (
+            isinstance(saved["lr_lambdas"], list) and len(saved["lr_lambdas"]) == len(current["lr_lambdas"])):
+        return (f"the checkpoint's 'lr_lambdas' are {_described(saved['lr_lambdas'])}, where this {kind} has "
+                f"{len(current['lr_lambdas'])}, one for each parameter group")
     if _loads(obj, *_CHAINS):  # each of its schedulers loads one saved state, in order
         schedulers = saved["_schedulers"]
         if not (isinstance(schedulers, list) and len(schedulers) == len(current["_schedulers"])):
@@ -206,44 +215,6 @@ _NEEDED = [  # what torch's and torchckpt's own loaders read unconditionally, by
     ((_SCHEDULERS.CyclicLR,), ("_scale_fn_custom",)),
 ]
 _SCALER_KEYS = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
-
-
-# Per-parameter state that torch's optimizers keep element by element: of the parameter's shape
-_ELEMENTWISE = frozenset({"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "acc_delta",
-                          "grad_avg", "sum", "exp_inf", "ax", "prev", "step_size"})
-
-
-def _optimizer_problem(obj: torch.optim.Optimizer, current: dict[str, Any], saved: dict[str, Any]) -> str | None:
-    """Why one of torch's own optimizers cannot take ``saved`` (groups of its sizes), or None. A
-    never-stepped optimizer has no state to compare, so: each parameter's element-wise state must
-    have the parameter's shape (parameters listed in another order), and the groups, as the
-    optimizer's own ``__setstate__`` completes them on load, must hold every key its groups have
-    (an Adam's state into an SGD lacks ``momentum``: its next ``step()`` would fail)."""
-    state = saved.get("state")
-    if isinstance(state, dict):
-        param_of = {pid: p for group, mine in zip(saved["param_groups"], obj.param_groups)
-                    for pid, p in zip(group["params"], mine["params"]) if type(pid) in (int, str)}
-        for pid, entry in state.items():
-            param = param_of.get(pid)
-            if param is None or not isinstance(entry, dict):
-                continue
-            for key, value in entry.items():
-                if key in _ELEMENTWISE and is_saved(value) and tuple(value.shape) != tuple(param.shape):
-                    return (f"the checkpoint's {key!r} of its parameter {pid} has shape {list(value.shape)}, where "
-                            f"this optimizer's parameter there has shape {list(param.shape)} (its parameters are "
-                            "listed in another order, or belong to another model)")
-    scratch = object.__new__(type(obj))
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": []} for g in saved["param_groups"]]
-    try:  # torch's own completion of older groups (flags added since), on a scratch optimizer: nothing changes
-        type(obj).__setstate__(scratch, {"defaults": dict(obj.defaults), "state": {}, "param_groups": groups})
-    except Exception:  # noqa: BLE001 - a form this check cannot judge: load_state_dict will
-        return None
-    for i, (mine, theirs) in enumerate(zip(current["param_groups"], groups)):  # its hyperparameters: not a
-        lacking = [k for k in mine if k in obj.defaults and k not in theirs]  # scheduler's, a user's, param_names
-        if lacking:
-            return (f"the checkpoint's parameter group {i} lacks {', '.join(map(repr, lacking))}, which this "
-                    f"{type(obj).__name__} steps with: it was saved from another kind of optimizer")
-    return None
 
 
 def _loads(obj: Any, *classes: type) -> bool:
