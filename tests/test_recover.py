@@ -246,3 +246,21 @@ def test_read_disk_reads_what_recover_needs(tmp_path):
     again.close()
     assert [str(w.message) for w in caught] == recover(disk, 0.0, "ckpt").warnings
     assert again.latest_checkpoint == second
+
+
+def test_a_save_the_state_file_has_no_room_for_is_refused_before_anything_is_written(tmp_path):
+    # a state file past the 64 MiB readers take was written, then read as damaged and rebuilt,
+    # its retention and ranking lost (1,200 saves of 60 KB metrics with max_to_keep=None)
+    from torchckpt._format import spec
+    from torchckpt._history.ledger import Ledger
+
+    ledger = Ledger(str(tmp_path), storage_for(str(tmp_path)), "ckpt", DEFAULT)
+    metrics = {f"m{i}": "x" * 1000 for i in range(60)}
+    entry_size = len(State(None, [Entry("ckpt-1", 1.0, metrics)]).to_bytes()) - len(State(None, []).to_bytes())
+    room = spec.MAX_STATE_FILE_SIZE // entry_size
+    ledger.kept = [Entry(f"ckpt-{i}", float(i), metrics) for i in range(room - 2)]
+    ledger.check_room(metrics)  # one more fits
+    ledger.kept += [Entry(f"ckpt-{i}", float(i), metrics) for i in range(room - 2, room)]
+    with pytest.raises(ValueError, match=r"Recording another checkpoint would take .*checkpoints.json to about "
+                                         r"[0-9,]+ bytes, past the 67,108,864 its readers take .* Nothing was written"):
+        ledger.check_room(metrics)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+from torchckpt._format import spec
 from torchckpt._history import members as history_members
 from torchckpt._history import state as history_state
 from torchckpt._history.recover import Ranking, managed_entry, read_disk, recover
@@ -117,6 +118,24 @@ class Ledger:
                 f"last wrote it: two managers are writing to {self.directory}. Its history was not overwritten and "
                 "nothing was deleted; stop the other process (or use another directory) and create the manager again."
             ) from None
+
+    def check_room(self, metrics: dict[str, Any] | None) -> None:
+        """Before a save writes anything: refuse it when recording it (with ``metrics``) could take the
+        state file past the size its readers take, which would leave the history unreadable and
+        rebuilt from the directory, its retention and ranking lost.
+
+        Raises:
+            ValueError: the state file has no room for one more entry.
+        """
+        state = self.state()
+        state.checkpoints = [*state.checkpoints, Entry(f"{self.name}-{2**63}", 2.0**62, metrics)]  # the longest
+        size = len(state.to_bytes())
+        if size > spec.MAX_STATE_FILE_SIZE:
+            raise ValueError(
+                f"Recording another checkpoint would take {join(self.directory, history_state.STATE_FILE)} to about "
+                f"{size:,} bytes, past the {spec.MAX_STATE_FILE_SIZE:,} its readers take (it lists every checkpoint "
+                f"kept, {len(self.kept) + len(self.preserved)} now, with its metrics). Nothing was written. Keep fewer "
+                "checkpoints (max_to_keep, keep_best) or pass smaller metrics.")
 
     def record(self, name: str, metrics: dict[str, Any] | None, now: float, max_to_keep: int | None,
                keep_every_n_hours: float | None) -> list[str]:
