@@ -116,6 +116,35 @@ def test_sigterm_to_the_whole_process_group_with_data_workers_still_saves_and_st
     assert repr(torchckpt.IgnoreSignals(signal.SIGTERM)) == "IgnoreSignals(SIGTERM)"
 
 
+LEFT_LOOP = """
+import os, signal, subprocess, sys, torch, torchckpt
+from torchdata.stateful_dataloader import StatefulDataLoader
+signal.signal(signal.SIGTERM, lambda signum, frame: print("notice", flush=True))  # a manager's handler does more
+loader = StatefulDataLoader(list(range(400)), batch_size=4, num_workers=2, persistent_workers=True,
+                            worker_init_fn=torchckpt.IgnoreSignals(signal.SIGTERM))
+for i, batch in enumerate(loader):
+    if i == 0:
+        if sys.argv[1] == "group":  # a scheduler's notice to every process (sent by another one): the workers go on
+            assert os.getpgid(0) == os.getpid()  # its own group (start_new_session): the notice reaches no other
+            notice = f"import os, signal; os.killpg({os.getpgid(0)}, signal.SIGTERM)"
+            subprocess.run([sys.executable, "-c", notice], check=False)  # it ends by its own notice
+    if i == 5:
+        break  # the workers stay alive: Python's multiprocessing SIGTERMs and joins them as it exits
+print("left the loop", flush=True)
+"""
+
+
+@pytest.mark.parametrize("notice", ["none", "group"])
+def test_a_process_whose_shielded_workers_are_alive_at_exit_still_exits(tmp_path, notice):
+    # probe42 F1: its workers ignored the SIGTERM Python's exit sends them, and it hung forever
+    proc = subprocess.Popen([sys.executable, "-c", LEFT_LOOP, notice], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    code, out = finish_session(proc, timeout=60, what="the process")
+    assert code == 0 and "left the loop" in out, out[-3000:]
+    assert ("notice" in out) == (notice == "group")
+
+
 def test_handlers_are_installed_and_put_back_on_close(tmp_path):
     def mine(signum, frame):
         pass

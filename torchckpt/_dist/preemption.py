@@ -14,6 +14,8 @@ is gone instead of being swallowed.
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import signal
 import threading
 import weakref
@@ -97,7 +99,12 @@ class IgnoreSignals:
     and the training process then fails in the middle of a step ("DataLoader worker ... is killed
     by signal: Terminated") before its manager's next ``save()``: no preempted checkpoint. Workers
     that ignore it keep serving batches until that save; they still stop when the loader shuts
-    them down, and on their own once the training process has exited.
+    them down, when their parent (the training process) sends them one of ``signals`` (Python's
+    ``multiprocessing`` terminates a loader's workers with SIGTERM as the interpreter exits, and
+    waits for them), and on their own once the training process has exited. Telling who sent a
+    signal needs ``signal.sigwaitinfo`` (Linux); elsewhere the workers ignore ``signals`` from
+    anyone, and a loader whose workers are alive at exit (``persistent_workers``, a loop left with
+    ``break``) must be shut down first (``del loader``).
 
     Example::
 
@@ -111,11 +118,35 @@ class IgnoreSignals:
         self.worker_init_fn = worker_init_fn
 
     def __call__(self, worker_id: int) -> None:
-        for sig in self.signals:
-            signal.signal(sig, signal.SIG_IGN)
+        if self.signals and hasattr(signal, "sigwaitinfo"):
+            # Blocked in this thread and every thread started from it; one thread takes them, each
+            # with its sender: the parent's stops the worker as the signal would, any other's is dropped
+            signal.pthread_sigmask(signal.SIG_BLOCK, self.signals)
+            for sig in self.signals:
+                signal.signal(sig, signal.SIG_DFL)
+            owner = multiprocessing.parent_process()  # the training process, also through a forkserver
+            threading.Thread(target=_obey_parent_only, args=(self.signals, owner.pid if owner else os.getppid()),
+                             daemon=True, name="torchckpt-ignore-signals").start()
+        else:
+            for sig in self.signals:
+                signal.signal(sig, signal.SIG_IGN)
         if self.worker_init_fn is not None:
             self.worker_init_fn(worker_id)
 
     def __repr__(self) -> str:
         names = ", ".join(s.name for s in self.signals)
         return f"IgnoreSignals({names}{', worker_init_fn=' + repr(self.worker_init_fn) if self.worker_init_fn else ''})"
+
+
+
+def _obey_parent_only(signals: tuple[signal.Signals, ...], parent: int | None) -> None:
+    """In a worker of :class:`IgnoreSignals`: wait for ``signals`` (blocked in every other thread);
+    one the process that started it sent (or any, once its own parent is gone) ends the worker as
+    it would have, by that signal; any other is dropped."""
+    ppid = os.getppid()
+    while True:
+        info = signal.sigwaitinfo(signals)
+        if info.si_pid == parent or os.getppid() != ppid:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [info.si_signo])
+            signal.raise_signal(info.si_signo)  # SIG_DFL: the process ends, as by the parent's signal
+            os._exit(128 + info.si_signo)  # a signal whose default is not to end the process
