@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 import torchckpt
 from torchckpt import PartialRestoreWarning, RestoreMismatchError
@@ -196,13 +197,13 @@ def _saved_run(tmp_path, optimizer: str) -> str:
 
 @pytest.mark.parametrize(("saved_by", "restored_into", "reason"), [
     ("Adam", lambda params: torch.optim.Adam(params[::-1], lr=0.01),
-     "the checkpoint's 'exp_avg' of its parameter 0 has shape [8, 4], where this optimizer's parameter there has "
-     "shape [3] (its parameters are listed in another order, or belong to another model)"),
+     "the checkpoint's 'exp_avg' of its parameter 0 has shape [8, 4], where this optimizer's parameter there, of "
+     "shape [3], needs [3] (its parameters are listed in another order, or belong to another model)"),
     ("Adam", lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9),
-     "the checkpoint's parameter group 0 lacks 'momentum', 'dampening', which this SGD steps with: it was saved from "
-     "another kind of optimizer"),
-    ("SGD", lambda params: torch.optim.Adam(params, lr=0.01), "lacks 'betas', 'eps'"),
-    ("Adam", lambda params: torch.optim.RMSprop(params, lr=0.01), "lacks 'alpha', which this RMSprop steps with"),
+     "the checkpoint's parameter group 0 lacks 'momentum', which this SGD steps with: it was saved from another kind "
+     "of optimizer"),
+    ("SGD", lambda params: torch.optim.Adam(params, lr=0.01), "state of its parameter 0 lacks 'step', which this Adam"),
+    ("Adam", lambda params: torch.optim.RMSprop(params, lr=0.01), "lacks 'square_avg', which this RMSprop steps with"),
     ("Adam", lambda params: torch.optim.Adamax(params, lr=0.01),  # probe41 F5: the groups look alike
      "the checkpoint's state of its parameter 0 lacks 'exp_inf', which this Adamax steps with"),
     ("Adamax", lambda params: torch.optim.Adam(params, lr=0.01), "lacks 'exp_avg_sq', which this Adam steps with"),
@@ -236,6 +237,66 @@ def test_an_optimizer_whose_groups_gained_keys_it_does_not_step_with_is_restored
     status = torchckpt.Checkpoint(model=model, opt=opt).read(path).expect_partial()
     assert not status.report.skipped_objects and len(opt.state_dict()["state"]) == 4
     train_step(model, opt, 1)
+
+
+def test_optimizer_states_torchs_own_step_takes_are_restored(tmp_path):
+    # probe43 F1, F2: an older SparseAdam's groups without 'maximize' (read with a default); an SGD
+    # whose momentum was switched on after a warm-up, its state holding a value of the user's own
+    embedding = torch.nn.Embedding(10, 4, sparse=True)
+    sparse = torch.optim.SparseAdam(embedding.parameters())
+    embedding(torch.tensor([1, 2])).sum().backward()
+    sparse.step()
+    model = make_mlp(0)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.0)
+    train_step(model, sgd, 0)
+    for p in model.parameters():
+        sgd.state[p]["grad_norm"] = p.grad.norm()
+    sgd.param_groups[0]["momentum"] = 0.9
+    state = {"sparse": sparse.state_dict(), "sgd": sgd.state_dict()}
+    del state["sparse"]["param_groups"][0]["maximize"]  # as an older torch wrote it
+    path = torchckpt.save_state(state, tmp_path / "c")
+    sparse_again = torch.optim.SparseAdam(torch.nn.Embedding(10, 4, sparse=True).parameters())
+    sgd_again = torch.optim.SGD(make_mlp(1).parameters(), lr=0.1, momentum=0.9)
+    status = torchckpt.Checkpoint(sparse=sparse_again, sgd=sgd_again).read(path).expect_partial()
+    assert not status.report.skipped_objects and len(sgd_again.state_dict()["state"]) == 4
+
+
+def test_the_optimizer_checks_run_no_step_hook(tmp_path):
+    # probe43 F3: the scratch optimizer's step ran the user's global step hooks
+    path = _saved_run(tmp_path, "Adam")
+    calls = []
+    pre = register_optimizer_step_pre_hook(lambda *args: calls.append("pre"))
+    post = register_optimizer_step_post_hook(lambda *args: calls.append("post"))
+    try:
+        model = make_mlp(1)
+        torchckpt.Checkpoint(model=model, opt=torch.optim.Adamax(model.parameters())).read(path).expect_partial()
+        torchckpt.Checkpoint(model=model, opt=torch.optim.Adam(model.parameters())).read(path).assert_consumed()
+    finally:
+        pre.remove()
+        post.remove()
+    assert calls == []
+
+
+@pytest.mark.parametrize("optimizer", ["Adafactor", "LBFGS"])
+def test_state_of_other_shapes_is_refused_for_optimizers_that_keep_it_otherwise(tmp_path, optimizer):
+    # probe43 F4: Adafactor's factored state of a matrix, LBFGS's flat state over every parameter
+    model = make_mlp(0)
+    opt = getattr(torch.optim, optimizer)(model.parameters())
+    if optimizer == "LBFGS":
+        def closure():
+            opt.zero_grad()
+            loss = model(torch.ones(2, 4)).sum()
+            loss.backward()
+            return loss
+        opt.step(closure)
+    else:
+        train_step(model, opt, 0)
+    path = torchckpt.Checkpoint(opt=opt).write(tmp_path / "c")
+    other = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    params = list(other.parameters())
+    again = getattr(torch.optim, optimizer)(params[::-1] if optimizer == "Adafactor" else params)
+    status = torchckpt.Checkpoint(opt=again).read(path).expect_partial()
+    assert "(its parameters are listed in another order, or belong to another model)" in status.report.skipped_objects["opt"]
 
 
 @pytest.mark.parametrize("optimizer", ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta", "Adamax", "NAdam",

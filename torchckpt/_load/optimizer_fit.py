@@ -4,12 +4,14 @@ A resumed process's optimizer has never stepped: it has no state to compare the 
 with, and ``load_state_dict`` takes almost anything of the right group sizes, so that a state of
 another kind fails only at the next ``step()`` (a ``KeyError``, a shape error), or in
 ``load_state_dict`` after other objects were restored. These checks find it while planning, from
-what torch's own code says the optimizer needs: its ``__setstate__`` completes older groups, and
-one step of a scratch optimizer on a one-element parameter names the state its step keeps.
+what torch's own code says the optimizer needs: one step of a scratch optimizer of its class, on
+a one-element parameter, given the saved groups (completed by the class's ``__setstate__``, as a
+load completes them) and state, fails with the ``KeyError`` the real one would.
 """
 
 from __future__ import annotations
 
+import collections
 import warnings
 from typing import Any
 
@@ -28,7 +30,7 @@ def problem(obj: torch.optim.Optimizer, current: dict[str, Any], saved: dict[str
     have the parameter's shape (parameters listed in another order), and the groups, as the
     optimizer's own ``__setstate__`` completes them on load, must hold every hyperparameter its
     groups have (an Adam's state into an SGD lacks ``momentum``: its next ``step()`` would fail),
-    and each parameter's state every key its step reads (``_lacking_state``)."""
+    and each parameter's state every key its step reads (``_step_problem``)."""
     state = saved.get("state")
     if isinstance(state, dict):
         param_of = {pid: p for group, mine in zip(saved["param_groups"], obj.param_groups)
@@ -38,66 +40,86 @@ def problem(obj: torch.optim.Optimizer, current: dict[str, Any], saved: dict[str
             if param is None or not isinstance(entry, dict):
                 continue
             for key, value in entry.items():
-                if key in _ELEMENTWISE and is_saved(value) and tuple(value.shape) != tuple(param.shape):
+                expected = _expected_shape(key, tuple(param.shape)) if not isinstance(obj, torch.optim.LBFGS) else \
+                    _lbfgs_shape(key, obj)
+                if expected is not None and is_saved(value) and tuple(value.shape) != expected:
                     return (f"the checkpoint's {key!r} of its parameter {pid} has shape {list(value.shape)}, where "
-                            f"this optimizer's parameter there has shape {list(param.shape)} (its parameters are "
-                            "listed in another order, or belong to another model)")
-    scratch = object.__new__(type(obj))
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": []} for g in saved["param_groups"]]
-    try:  # torch's own completion of older groups (flags added since), on a scratch optimizer: nothing changes
-        type(obj).__setstate__(scratch, {"defaults": dict(obj.defaults), "state": {}, "param_groups": groups})
-    except Exception:  # noqa: BLE001 - a form this check cannot judge: load_state_dict will
-        return None
-    for i, (mine, theirs) in enumerate(zip(current["param_groups"], groups)):  # its hyperparameters: not a
-        lacking = [k for k in mine if k in obj.defaults and k not in theirs]  # scheduler's, a user's, param_names
-        if lacking:
-            return (f"the checkpoint's parameter group {i} lacks {', '.join(map(repr, lacking))}, which this "
-                    f"{type(obj).__name__} steps with: it was saved from another kind of optimizer")
-    return _lacking_state(obj, saved)
+                            f"this optimizer's parameter there, of shape {list(param.shape)}, needs {list(expected)} "
+                            "(its parameters are listed in another order, or belong to another model)")
+    return _step_problem(obj, saved)
 
 
-def _lacking_state(obj: torch.optim.Optimizer, saved: dict[str, Any]) -> str | None:
-    """Why a parameter's saved state lacks what ``obj``'s step reads (an Adam's state into an
-    Adamax lacks ``exp_inf``), or None: compared with the state one step of a scratch optimizer
-    of its class keeps, with the saved group's hyperparameters, for a parameter of as many
-    dimensions (Adafactor factors matrices)."""
-    state = saved.get("state")
-    if not isinstance(state, dict) or not state:
-        return None
-    ids = [(group, pid, p) for group, mine in zip(saved["param_groups"], obj.param_groups)
-           for pid, p in zip(group["params"], mine["params"])]
-    expected: dict[tuple[int, int], frozenset[str] | None] = {}
-    for group, pid, param in ids:
-        entry = state.get(pid) if type(pid) in (int, str) else None
-        if not isinstance(entry, dict) or not entry:
-            continue
-        kind = (id(group), param.dim())
-        if kind not in expected:
-            expected[kind] = _kept_by_step(obj, group, param.dim())
-        lacking = sorted((expected[kind] or frozenset()) - entry.keys())
-        if lacking:
-            return (f"the checkpoint's state of its parameter {pid} lacks {', '.join(map(repr, lacking))}, which this "
-                    f"{type(obj).__name__} steps with: it was saved from another kind of optimizer")
+def _expected_shape(key: str, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The shape torch's optimizers keep ``key`` in for a parameter of ``shape``, where known."""
+    if key in _ELEMENTWISE or key == "variance":  # Adafactor's, for a vector
+        return shape
+    if key == "row_var" and len(shape) >= 2:  # Adafactor's factors of a matrix
+        return (*shape[:-1], 1)
+    if key == "col_var" and len(shape) >= 2:
+        return (*shape[:-2], 1, shape[-1])
     return None
 
 
-_FLAGS = frozenset({"foreach", "fused", "capturable", "differentiable"})  # how it computes, not what it keeps
+def _lbfgs_shape(key: str, obj: torch.optim.Optimizer) -> tuple[int, ...] | None:
+    """LBFGS keeps its directions flat, over every parameter of its one group."""
+    if key in ("d", "prev_flat_grad"):
+        return (sum(p.numel() for p in obj.param_groups[0]["params"]),)
+    return None
 
 
-def _kept_by_step(obj: torch.optim.Optimizer, group: dict[str, Any], ndim: int) -> frozenset[str] | None:
-    """The state keys one step of ``obj``'s class keeps for a parameter of ``ndim`` dimensions, with
-    ``group``'s hyperparameters; None where a scratch step cannot tell (LBFGS needs a closure,
-    SparseAdam sparse gradients, a hyperparameter held as a tensor)."""
-    hyper = {k: v for k, v in group.items() if k in obj.defaults and k not in _FLAGS}
-    if any(is_saved(v) for v in hyper.values()):
+def _step_problem(obj: torch.optim.Optimizer, saved: dict[str, Any]) -> str | None:
+    """Why ``obj``'s step would fail on the saved groups and state (a ``KeyError``: a hyperparameter
+    or a state its step reads and the checkpoint lacks), or None: one step of a scratch optimizer
+    of its class, given each saved group (completed by the class's own ``__setstate__``, as
+    ``load_state_dict`` does) and a parameter's saved state, on a one-element parameter of as
+    many dimensions. Without the optimizers' step hooks: nothing of the user's runs. Any other
+    failure is one this check cannot judge (LBFGS needs a closure): ``load_state_dict`` will."""
+    step = getattr(type(obj).step, "__wrapped__", None)  # the step without torch's hooks and profiling
+    if step is None:
         return None
+    raw = saved.get("state")
+    state: dict[Any, Any] = raw if isinstance(raw, dict) else {}
+    tried: set[tuple[int, int, frozenset[str]]] = set()
+    for i, (group, mine) in enumerate(zip(saved["param_groups"], obj.param_groups)):
+        for pid, param in [*zip(group["params"], mine["params"])][:64] or [(None, None)]:
+            entry = state.get(pid) if type(pid) in (int, str) else None
+            entry = entry if isinstance(entry, dict) else {}
+            ndim = param.dim() if param is not None else 1
+            kind = (i, ndim, frozenset(entry))
+            if kind in tried:
+                continue
+            tried.add(kind)
+            missing = _scratch_step(obj, step, group, entry, ndim)
+            if missing is not None:
+                where = f"parameter group {i}" if missing in obj.defaults else f"state of its parameter {pid}"
+                return (f"the checkpoint's {where} lacks {missing!r}, which this {type(obj).__name__} steps with: it "
+                        "was saved from another kind of optimizer")
+    return None
+
+
+def _scratch_step(obj: torch.optim.Optimizer, step: Any, group: dict[str, Any], entry: dict[str, Any],
+                  ndim: int) -> str | None:
+    """The key one step of a scratch optimizer of ``obj``'s class misses, given ``group`` and the
+    state ``entry`` (tensors in place of the saved ones, of a one-element parameter's shapes), or None."""
     param = torch.nn.Parameter(torch.zeros((1,) * ndim))
     param.grad = torch.zeros_like(param)
+    scratch = object.__new__(type(obj))
+    hyper = {k: v for k, v in group.items() if k != "params"}
+    if any(is_saved(v) for v in hyper.values()):
+        return None  # a hyperparameter held as a tensor (a capturable lr): not judged here
+    values = {k: torch.zeros((1,) * len(v.shape) if len(v.shape) else (), dtype=v.dtype) if is_saved(v) else v
+              for k, v in entry.items()}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            scratch = type(obj)([param], **hyper)
-            scratch.step()
-    except Exception:  # noqa: BLE001 - any refusal: this check cannot judge, load_state_dict will
+            state: collections.defaultdict[Any, dict[str, Any]] = collections.defaultdict(dict)  # an optimizer's own
+            if values:
+                state[param] = values
+            type(obj).__setstate__(scratch, {"defaults": dict(obj.defaults), "state": state,
+                                             "param_groups": [{**hyper, "params": [param]}]})
+            step(scratch)
+    except KeyError as e:
+        return str(e.args[0]) if e.args else "a key"
+    except Exception:  # noqa: BLE001 - a failure this check cannot judge: load_state_dict will
         return None
-    return frozenset(scratch.state[param])
+    return None
