@@ -10,9 +10,7 @@ anything changes. Executing reads the planned tensors and runs the planned loads
 from __future__ import annotations
 
 import collections
-import functools
 import inspect
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +23,7 @@ from torchckpt._format import keypath
 from torchckpt._format.chunks import ChunkedInfo
 from torchckpt._format.dtypes import TensorInfo as SavedTensor  # where a saved tensor is: dtype, shape, checksum
 from torchckpt._load import hooked, module_keys, tied
+from torchckpt._load.compat import casts_to, compatible
 from torchckpt._load.report import MismatchReport
 from torchckpt.errors import (
     UnsupportedStateError,
@@ -59,32 +58,8 @@ class Plan:
     replaced: list[str] = field(default_factory=list)  # key prefixes a load replaces whole (an optimizer's state)
     stage: str = "planned"  # then "reading" as bytes reach destinations, "loading" as the loads run
     # ``restore_or_initialize``: what candidates found damaged before this one may have written, ``{key: name}``
-    # (one dict for every candidate: a failed restore adds its own, ``note_failed``)
+    # (one dict for every candidate: a failed restore adds its own, ``_load.resume.note_failed``)
     earlier_writes: dict[str, str] = field(default_factory=dict)
-
-    def note_failed(self, name: str) -> None:
-        """This restore of the checkpoint ``name`` failed: add to ``earlier_writes`` the keys whose
-        objects it may have changed (none before a byte was read; the tensors read in place; once
-        the loads ran, everything it planned)."""
-        if self.stage != "planned":
-            written = self.in_place if self.stage == "reading" else [
-                *self.in_place, *self._objects_keys(self.report.restored_keys)]
-            self.earlier_writes.update(dict.fromkeys(written, name))
-
-    def note_left(self) -> None:
-        """This restore succeeded: report what an earlier, damaged candidate may have written that
-        it did not restore (``MismatchReport.left_from_damaged``)."""
-        if self.earlier_writes:
-            restored = {*self._objects_keys(self.report.restored_keys), *self.in_place}
-            replaced = tuple(self.replaced)  # the tensors read into before are no longer the object's
-            self.report.left_from_damaged = {k: n for k, n in self.earlier_writes.items()
-                                             if k not in restored and not k.startswith(replaced)}
-
-    def _objects_keys(self, keys: list[str]) -> list[str]:
-        """``keys`` as the objects name them: two checkpoints may name one parameter differently (a
-        DDP ``module.`` or ``torch.compile`` ``_orig_mod.`` prefix, ``MismatchReport.remapped_keys``)."""
-        remapped = self.report.remapped_keys
-        return [remapped.get(k, k) for k in keys] if remapped else keys
 
     def fresh_for(self, saved: SavedTensor, dtype: torch.dtype) -> torch.Tensor:
         """The tensor a meta destination is assigned for ``saved`` (read once, however many keys it has)."""
@@ -109,20 +84,6 @@ SAVED = (SavedTensor, ChunkedInfo)  # what a tensor of the checkpoint resolves t
 
 def is_saved(value: Any) -> bool:
     return isinstance(value, SAVED)
-
-
-def compatible(key: str, saved: SavedTensor, dest: torch.Tensor, report: MismatchReport, cast: bool = False) -> bool:
-    """Whether ``saved`` can go into ``dest``; records the mismatch (or, with ``cast``, the cast)."""
-    if saved.shape != dest.shape:
-        report.shape_mismatches[key] = (saved.shape, dest.shape)
-        return False
-    if saved.dtype != dest.dtype:
-        if cast and can_cast(saved.dtype, dest.dtype):
-            report.cast_keys[key] = (saved.dtype, dest.dtype)
-            return True
-        report.dtype_mismatches[key] = (saved.dtype, dest.dtype)
-        return False
-    return True
 
 
 def _read_into(dest: torch.Tensor, saved: SavedTensor, plan: Plan, key: str | None = None) -> None:
@@ -440,7 +401,7 @@ def _plan_hooked(name: str, module: torch.nn.Module, saved: dict[str, Any], curr
         restored = True
         if owner is None:  # under a hooked module, or not this module's: torch's loaders decide
             load.entries[key] = value if is_saved(value) else rebuild(value, full, _fresh_reader(plan))
-            if plan.cast and plan.assign and is_saved(value) and _casts_to(current.get(key), value):
+            if plan.cast and plan.assign and is_saved(value) and casts_to(current.get(key), value):
                 # assigned as its loader is handed it, it would keep the saved dtype: cast after the loader
                 load.casts[key] = (value.dtype, current[key].dtype)
         elif owner[1] is None:  # extra state, for set_extra_state
@@ -469,24 +430,6 @@ def _plan_hooked(name: str, module: torch.nn.Module, saved: dict[str, Any], curr
         load.finish(plan.fetch, name, plan.report)
 
     plan.loads.append((name, finish))
-
-
-def _casts_to(dest: Any, saved: SavedTensor | ChunkedInfo) -> bool:
-    """Whether ``restore(cast=True)`` casts ``saved`` to ``dest``'s dtype."""
-    return isinstance(dest, torch.Tensor) and dest.dtype != saved.dtype and can_cast(saved.dtype, dest.dtype)
-
-
-@functools.cache
-def can_cast(saved: torch.dtype, dest: torch.dtype) -> bool:
-    """Whether torch copies ``saved``'s dtype into ``dest``'s, as ``load_state_dict`` does, tried once per pair.
-    ``dest`` need not be a dtype a checkpoint holds (``complex128``); a quantized one is never filled by a copy."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # complex into real, the experimental complex32: copied all the same
-            torch.empty(1, dtype=dest).copy_(torch.zeros(1, dtype=saved))
-    except (RuntimeError, TypeError, NotImplementedError):
-        return False
-    return True
 
 
 def _is_meta(value: Any) -> bool:

@@ -28,7 +28,7 @@ from torchckpt._dist.coordinator import AnyCoordinator
 from torchckpt._format import index as format_index
 from torchckpt._format.spec import SAVE_COUNTER
 from torchckpt._history import members as history_members
-from torchckpt._load import index_fields, opened, recheck, rename, spread
+from torchckpt._load import index_fields, opened, recheck, rename, resume, spread
 from torchckpt._load.execute import check_headers, execute, load, mark_written, read
 from torchckpt._load.match import Matcher, Tracking
 from torchckpt._load.plan import MISSING, Plan, plan_value
@@ -83,7 +83,7 @@ def restore(target: Target, storage: Storage, path: str, coord: AnyCoordinator, 
     def run() -> dict[str, Any] | None:
         mine.append(restore_mine(chosen))
         coord.consequence = RESTORED_ON_THIS_RANK
-        plan.note_left()
+        resume.note_left(plan)
         return mine[0].report.shared()
 
     # the outcome's exchange carries each rank's mismatches, those the loads found too: every
@@ -91,7 +91,7 @@ def restore(target: Target, storage: Storage, path: str, coord: AnyCoordinator, 
     try:
         shared = dist_coordinator.agree_all(coord, what, run, RESTORED_ON_THIS_RANK)
     except (CorruptCheckpointError, CheckpointNotFoundError):
-        plan.note_failed(name_of(chosen))  # for the next candidate of restore_or_initialize
+        resume.note_failed(plan, name_of(chosen))  # for the next candidate of restore_or_initialize
         raise
     if coord.is_collective:
         mine[0].report.merge(shared)

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from torchckpt._dist import coordinator
 from torchckpt._history import members as history_members
 from torchckpt._history.state import Entry
+from torchckpt._load.plan import Plan
 from torchckpt._paths import name_of
 from torchckpt.errors import (
     CheckpointNotFoundError,
@@ -89,3 +90,29 @@ def assert_consumed_on_every_rank(call: coordinator.AnyCoordinator, status: Any)
             f"{', '.join(map(str, ranks))} (strict=True). On rank {ranks[0]}: {found[ranks[0]]}", status.report)
         error.ranks = ranks  # type: ignore[attr-defined]
         raise error
+
+
+def note_failed(plan: Plan, name: str) -> None:
+    """The restore of the checkpoint ``name`` planned as ``plan`` failed: add to its ``earlier_writes``
+    (shared by every candidate of one resume) the keys whose objects it may have changed: none
+    before a byte was read; the tensors read in place; once the loads ran, everything it planned."""
+    if plan.stage != "planned":
+        written = plan.in_place if plan.stage == "reading" else [*plan.in_place, *_objects_keys(plan, plan.report.restored_keys)]
+        plan.earlier_writes.update(dict.fromkeys(written, name))
+
+
+def note_left(plan: Plan) -> None:
+    """The restore planned as ``plan`` succeeded: report what an earlier, damaged candidate may have
+    written that it did not restore (``MismatchReport.left_from_damaged``)."""
+    if plan.earlier_writes:
+        restored = {*_objects_keys(plan, plan.report.restored_keys), *plan.in_place}
+        replaced = tuple(plan.replaced)  # the tensors read into before are no longer the object's
+        plan.report.left_from_damaged = {k: n for k, n in plan.earlier_writes.items()
+                                         if k not in restored and not k.startswith(replaced)}
+
+
+def _objects_keys(plan: Plan, keys: list[str]) -> list[str]:
+    """``keys`` as the objects name them: two checkpoints may name one parameter differently (a
+    DDP ``module.`` or ``torch.compile`` ``_orig_mod.`` prefix, ``MismatchReport.remapped_keys``)."""
+    remapped = plan.report.remapped_keys
+    return [remapped.get(k, k) for k in keys] if remapped else keys
