@@ -259,8 +259,9 @@ def test_a_save_the_state_file_has_no_room_for_is_refused_before_anything_is_wri
     entry_size = len(State(None, [Entry("ckpt-1", 1.0, metrics)]).to_bytes()) - len(State(None, []).to_bytes())
     room = spec.MAX_STATE_FILE_SIZE // entry_size
     ledger.kept = [Entry(f"ckpt-{i}", float(i), metrics) for i in range(room - 2)]
-    ledger.check_room(metrics)  # one more fits
+    ledger.check_room(metrics, 1e6, None, None)  # one more fits
     ledger.kept += [Entry(f"ckpt-{i}", float(i), metrics) for i in range(room - 2, room)]
     with pytest.raises(ValueError, match=r"Recording another checkpoint would take .*checkpoints.json to about "
                                          r"[0-9,]+ bytes, past the 67,108,864 its readers take .* Nothing was written"):
-        ledger.check_room(metrics)
+        ledger.check_room(metrics, 1e6, None, None)
+    ledger.check_room(metrics, 1e6, len(ledger.kept), None)  # probe44 F4: retention drops the oldest as it records

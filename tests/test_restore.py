@@ -277,6 +277,30 @@ def test_the_optimizer_checks_run_no_step_hook(tmp_path):
     assert calls == []
 
 
+def test_state_named_as_another_optimizers_or_of_complex_parameters_is_restored(tmp_path):
+    # probe44 F1, F2: an LBFGS over complex parameters keeps twice their elements; a user's own
+    # per-parameter "variance" in an Adam is not Adafactor's
+    complex_param = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))
+    lbfgs = torch.optim.LBFGS([complex_param])
+
+    def closure():
+        lbfgs.zero_grad()
+        loss = complex_param.abs().sum()
+        loss.backward()
+        return loss
+
+    lbfgs.step(closure)
+    model = make_mlp(0)
+    adam = torch.optim.Adam(model.parameters())
+    train_step(model, adam, 0)
+    for p in model.parameters():
+        adam.state[p]["variance"] = torch.tensor(1.0)
+    path = torchckpt.Checkpoint(lbfgs=lbfgs, adam=adam).write(tmp_path / "c")
+    lbfgs_again = torch.optim.LBFGS([torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))])
+    adam_again = torch.optim.Adam(make_mlp(1).parameters())
+    torchckpt.Checkpoint(lbfgs=lbfgs_again, adam=adam_again).read(path).assert_consumed()
+
+
 @pytest.mark.parametrize("optimizer", ["Adafactor", "LBFGS"])
 def test_state_of_other_shapes_is_refused_for_optimizers_that_keep_it_otherwise(tmp_path, optimizer):
     # probe43 F4: Adafactor's factored state of a matrix, LBFGS's flat state over every parameter

@@ -369,7 +369,7 @@ class CheckpointManager:
                 "(restore_or_initialize, latest_checkpoint, checkpoints). Save to a writable directory."
             )
         metrics_copy = self._checked_metrics(metrics)
-        self._ledger.check_room(metrics_copy)
+        self._ledger.check_room(metrics_copy, _clock.now(), self._max_to_keep, self._keep_every_n_hours)
         number = checkpoint_number_of(checkpoint_number) if checkpoint_number is not None else None
         skip, step = False, None
         if self._checkpoint_interval is not None:

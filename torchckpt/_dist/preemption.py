@@ -14,6 +14,8 @@ is gone instead of being swallowed.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -99,12 +101,12 @@ class IgnoreSignals:
     and the training process then fails in the middle of a step ("DataLoader worker ... is killed
     by signal: Terminated") before its manager's next ``save()``: no preempted checkpoint. Workers
     that ignore it keep serving batches until that save; they still stop when the loader shuts
-    them down, when their parent (the training process) sends them one of ``signals`` (Python's
-    ``multiprocessing`` terminates a loader's workers with SIGTERM as the interpreter exits, and
-    waits for them), and on their own once the training process has exited. Telling who sent a
-    signal needs ``signal.sigwaitinfo`` (Linux); elsewhere the workers ignore ``signals`` from
-    anyone, and a loader whose workers are alive at exit (``persistent_workers``, a loop left with
-    ``break``) must be shut down first (``del loader``).
+    them down, and on their own once the training process has exited. Workers still alive as the
+    training process exits (``persistent_workers``, a loop left with ``break``: a preempted run's
+    usual end) are another matter: Python's ``multiprocessing`` terminates them with SIGTERM and
+    waits for them, forever where they ignore it. So, on Linux, the training process ends such
+    workers (those that ignore SIGTERM, read from ``/proc``) with SIGKILL just before that wait;
+    elsewhere shut the loader down first (``del loader``).
 
     Example::
 
@@ -116,20 +118,12 @@ class IgnoreSignals:
     def __init__(self, *signals: int | signal.Signals, worker_init_fn: Callable[[int], Any] | None = None) -> None:
         self.signals = tuple(signal.Signals(s) for s in signals)
         self.worker_init_fn = worker_init_fn
+        if signal.SIGTERM in self.signals:  # made in the training process (a worker unpickles it: no __init__)
+            _end_workers_that_ignore_sigterm_at_exit()
 
     def __call__(self, worker_id: int) -> None:
-        if self.signals and hasattr(signal, "sigwaitinfo"):
-            # Blocked in this thread and every thread started from it; one thread takes them, each
-            # with its sender: the parent's stops the worker as the signal would, any other's is dropped
-            signal.pthread_sigmask(signal.SIG_BLOCK, self.signals)
-            for sig in self.signals:
-                signal.signal(sig, signal.SIG_DFL)
-            owner = multiprocessing.parent_process()  # the training process, also through a forkserver
-            threading.Thread(target=_obey_parent_only, args=(self.signals, owner.pid if owner else os.getppid()),
-                             daemon=True, name="torchckpt-ignore-signals").start()
-        else:
-            for sig in self.signals:
-                signal.signal(sig, signal.SIG_IGN)
+        for sig in self.signals:
+            signal.signal(sig, signal.SIG_IGN)
         if self.worker_init_fn is not None:
             self.worker_init_fn(worker_id)
 
@@ -138,15 +132,34 @@ class IgnoreSignals:
         return f"IgnoreSignals({names}{', worker_init_fn=' + repr(self.worker_init_fn) if self.worker_init_fn else ''})"
 
 
+_registered = False
 
-def _obey_parent_only(signals: tuple[signal.Signals, ...], parent: int | None) -> None:
-    """In a worker of :class:`IgnoreSignals`: wait for ``signals`` (blocked in every other thread);
-    one the process that started it sent (or any, once its own parent is gone) ends the worker as
-    it would have, by that signal; any other is dropped."""
-    ppid = os.getppid()
-    while True:
-        info = signal.sigwaitinfo(signals)
-        if info.si_pid == parent or os.getppid() != ppid:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, [info.si_signo])
-            signal.raise_signal(info.si_signo)  # SIG_DFL: the process ends, as by the parent's signal
-            os._exit(128 + info.si_signo)  # a signal whose default is not to end the process
+
+def _end_workers_that_ignore_sigterm_at_exit() -> None:
+    """Register (once) :func:`_end_ignoring_workers` to run at exit before ``multiprocessing``'s own
+    exit handler, which is registered first (at exit, handlers run last registered first)."""
+    global _registered
+    if not _registered:
+        import multiprocessing.util  # noqa: F401 - registers its exit handler now, if not yet
+
+        atexit.register(_end_ignoring_workers)
+        _registered = True
+
+
+def _end_ignoring_workers() -> None:
+    """At interpreter exit: end with SIGKILL the daemonic children (a loader's workers) that ignore
+    SIGTERM, which ``multiprocessing`` is about to send them before waiting for them to end."""
+    for child in multiprocessing.active_children():
+        if child.daemon and child.pid is not None and _ignores_sigterm(child.pid):
+            with contextlib.suppress(OSError):
+                os.kill(child.pid, signal.SIGKILL)
+
+
+def _ignores_sigterm(pid: int) -> bool:
+    """Whether process ``pid`` ignores SIGTERM (its ``SigIgn`` mask in ``/proc``; False where unknown)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            mask = next((line.split()[1] for line in status if line.startswith("SigIgn:")), "0")
+    except OSError:
+        return False
+    return bool(int(mask, 16) >> (signal.SIGTERM - 1) & 1)

@@ -11,6 +11,7 @@ the ledger records, and applies the pure retention policy to what it records.
 
 from __future__ import annotations
 
+import json
 import warnings
 from typing import Any
 
@@ -49,6 +50,7 @@ class Ledger:
         # must not put its own ranking in the run's file: the resumed run would take it, and delete its best).
         self._file_ranking: tuple[str | None, str, int | None] | None = None
         self._forgotten: tuple[str, float] | None = None  # (name, when) :meth:`forget` wrote out, until recorded
+        self._size: int | None = None  # the state file's bytes as last written or adopted (:meth:`check_room`)
 
     def load(self, now: float, best_mode: str | None) -> list[str]:
         """Recover the history from the state file and the directory; returns the warnings about
@@ -106,12 +108,16 @@ class Ledger:
         self.preserved = list(state.preserved)
         self.last_preserved_timestamp = state.last_preserved_timestamp
         self.damaged = dict(state.damaged)
+        self._size = len(mirror["state"])
         return state, bool(mirror["read_only"])
 
     def write(self) -> None:
         """Write the state file, unless another writer replaced it since this ledger read or wrote it."""
+        state = self.state()
+        data = state.to_bytes()
         try:
-            self._token = history_state.write_state(self.directory, self.state(), self.storage, self._token)
+            self._token = history_state.write_state(self.directory, state, self.storage, self._token, data)
+            self._size = len(data)
         except ConflictError:
             raise CheckpointError(
                 f"{join(self.directory, history_state.STATE_FILE)} was replaced by another writer since this manager "
@@ -119,16 +125,25 @@ class Ledger:
                 "nothing was deleted; stop the other process (or use another directory) and create the manager again."
             ) from None
 
-    def check_room(self, metrics: dict[str, Any] | None) -> None:
-        """Before a save writes anything: refuse it when recording it (with ``metrics``) could take the
-        state file past the size its readers take, which would leave the history unreadable and
-        rebuilt from the directory, its retention and ranking lost.
+    def check_room(self, metrics: dict[str, Any] | None, now: float, max_to_keep: int | None,
+                   keep_every_n_hours: float | None) -> None:
+        """Before a save writes anything: refuse it when recording it (with ``metrics``, at ``now``,
+        retention applied as :meth:`record` applies it) would take the state file past the size its
+        readers take, which would leave the history unreadable and rebuilt from the directory, its
+        retention and ranking lost. Far from that size, a bound on the entry's size answers.
 
         Raises:
             ValueError: the state file has no room for one more entry.
         """
+        entry = Entry(f"{self.name}-{2**63}", now, metrics)  # the longest name
+        bound = 2 * len(json.dumps(entry.to_json(), ensure_ascii=False, default=repr)) + 1024  # laid out, escaped
+        if self._size is not None and self._size + bound <= spec.MAX_STATE_FILE_SIZE:
+            return
+        r = self.ranking
+        plan = plan_retention([*self.kept, entry], max_to_keep, keep_every_n_hours, self.last_preserved_timestamp,
+                              r.keep_best, r.best_metric, r.best_mode, self.damaged)
         state = self.state()
-        state.checkpoints = [*state.checkpoints, Entry(f"{self.name}-{2**63}", 2.0**62, metrics)]  # the longest
+        state.checkpoints, state.preserved = plan.kept, [*state.preserved, *plan.preserve]
         size = len(state.to_bytes())
         if size > spec.MAX_STATE_FILE_SIZE:
             raise ValueError(

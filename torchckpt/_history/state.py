@@ -181,10 +181,11 @@ def parse_state(data: bytes, path: str) -> State:
         raise StateFileError(f"{path}: {e}") from None
 
 
-def write_state(directory: str, state: State, storage: Storage, token: Any = None) -> Any:
+def write_state(directory: str, state: State, storage: Storage, token: Any = None, data: bytes | None = None) -> Any:
     """Replace the directory's state file atomically; with a ``token`` from
     :func:`read_state_versioned` (or the one this returned), only if no other writer replaced it
-    meanwhile (``ConflictError`` otherwise). Returns the new token.
+    meanwhile (``ConflictError`` otherwise). Returns the new token. ``data``: ``state.to_bytes()``,
+    when the caller has it already.
 
     Raises:
         CheckpointWriteError: the system refused the write (the state file's name taken by a
@@ -193,7 +194,7 @@ def write_state(directory: str, state: State, storage: Storage, token: Any = Non
     """
     path = join(directory, STATE_FILE)
     try:
-        return storage.replace_file(path, state.to_bytes(), token)
+        return storage.replace_file(path, state.to_bytes() if data is None else data, token)
     except OSError as e:
         if isinstance(e, CheckpointError):
             raise

@@ -19,9 +19,15 @@ import torch
 
 from torchckpt._load.plan import is_saved
 
-# Per-parameter state that torch's optimizers keep element by element: of the parameter's shape
-_ELEMENTWISE = frozenset({"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "acc_delta",
-                          "grad_avg", "sum", "exp_inf", "ax", "prev", "step_size"})
+# The per-parameter state each of torch's optimizers keeps element by element, of its parameter's shape
+# (a key of another's, in this one's state, is the user's own: of any shape)
+_ELEMENTWISE = {
+    "SGD": {"momentum_buffer"}, "Adam": {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"},
+    "AdamW": {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"}, "NAdam": {"exp_avg", "exp_avg_sq"},
+    "RAdam": {"exp_avg", "exp_avg_sq"}, "Adamax": {"exp_avg", "exp_inf"}, "SparseAdam": {"exp_avg", "exp_avg_sq"},
+    "RMSprop": {"square_avg", "momentum_buffer", "grad_avg"}, "Adagrad": {"sum"}, "Adadelta": {"square_avg", "acc_delta"},
+    "ASGD": {"ax"}, "Rprop": {"prev", "step_size"}, "Adafactor": {"variance"},
+}
 
 
 def problem(obj: torch.optim.Optimizer, current: dict[str, Any], saved: dict[str, Any]) -> str | None:
@@ -40,8 +46,8 @@ def problem(obj: torch.optim.Optimizer, current: dict[str, Any], saved: dict[str
             if param is None or not isinstance(entry, dict):
                 continue
             for key, value in entry.items():
-                expected = _expected_shape(key, tuple(param.shape)) if not isinstance(obj, torch.optim.LBFGS) else \
-                    _lbfgs_shape(key, obj)
+                expected = _expected_shape(type(obj).__name__, key, tuple(param.shape)) \
+                    if not isinstance(obj, torch.optim.LBFGS) else _lbfgs_shape(key, obj)
                 if expected is not None and is_saved(value) and tuple(value.shape) != expected:
                     return (f"the checkpoint's {key!r} of its parameter {pid} has shape {list(value.shape)}, where "
                             f"this optimizer's parameter there, of shape {list(param.shape)}, needs {list(expected)} "
@@ -49,21 +55,21 @@ def problem(obj: torch.optim.Optimizer, current: dict[str, Any], saved: dict[str
     return _step_problem(obj, saved)
 
 
-def _expected_shape(key: str, shape: tuple[int, ...]) -> tuple[int, ...] | None:
-    """The shape torch's optimizers keep ``key`` in for a parameter of ``shape``, where known."""
-    if key in _ELEMENTWISE or key == "variance":  # Adafactor's, for a vector
+def _expected_shape(kind: str, key: str, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The shape torch's optimizer ``kind`` (its class name) keeps ``key`` in for a parameter of
+    ``shape``; None where it keeps no such state (the user's own key)."""
+    if key in _ELEMENTWISE.get(kind, ()):
         return shape
-    if key == "row_var" and len(shape) >= 2:  # Adafactor's factors of a matrix
-        return (*shape[:-1], 1)
-    if key == "col_var" and len(shape) >= 2:
-        return (*shape[:-2], 1, shape[-1])
+    if kind == "Adafactor" and key in ("row_var", "col_var") and len(shape) >= 2:  # the factors of a matrix
+        return (*shape[:-1], 1) if key == "row_var" else (*shape[:-2], 1, shape[-1])
     return None
 
 
 def _lbfgs_shape(key: str, obj: torch.optim.Optimizer) -> tuple[int, ...] | None:
-    """LBFGS keeps its directions flat, over every parameter of its one group."""
+    """LBFGS keeps its directions flat, over every parameter of its one group (a complex one as
+    twice as many reals)."""
     if key in ("d", "prev_flat_grad"):
-        return (sum(p.numel() for p in obj.param_groups[0]["params"]),)
+        return (sum(p.numel() * (2 if p.is_complex() else 1) for p in obj.param_groups[0]["params"]),)
     return None
 
 
