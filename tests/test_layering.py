@@ -47,7 +47,9 @@ OS_PATH_CALLS = {"exists", "lexists", "isdir", "isfile", "islink", "getsize", "g
 STORAGE_ONLY_IMPORTS = {"fsspec", "s3fs", "gcsfs", "adlfs", "fcntl", "shutil", "mmap"}
 # The one exception: Lightning's ModelCheckpoint makes its ``last`` link itself (os.symlink), so the
 # Lightning plugin reads and removes that link, and nothing else, itself.
-FRAMEWORK_FILE_CALLS = {"integrations.lightning": ["os.path.islink", "os.readlink", "os.unlink"]}
+FRAMEWORK_FILE_CALLS = {"integrations.lightning": ["os.path.islink", "os.readlink", "os.unlink"],
+                        # not a checkpoint's bytes: /proc/<pid>/status, whether a data worker ignores SIGTERM
+                        "_dist.preemption": ["open()"]}
 
 
 def module_name(path: Path) -> str:
