@@ -117,27 +117,42 @@ def test_sigterm_to_the_whole_process_group_with_data_workers_still_saves_and_st
 
 
 LEFT_LOOP = """
-import os, signal, subprocess, sys, torch, torchckpt
+import multiprocessing, os, signal, subprocess, sys, torch, torchckpt
 from torchdata.stateful_dataloader import StatefulDataLoader
-signal.signal(signal.SIGTERM, lambda signum, frame: print("notice", flush=True))  # a manager's handler does more
-loader = StatefulDataLoader(list(range(400)), batch_size=4, num_workers=2, persistent_workers=True,
-                            worker_init_fn=torchckpt.IgnoreSignals(signal.SIGTERM))
-for i, batch in enumerate(loader):
-    if i == 0:
-        if sys.argv[1] == "group":  # a scheduler's notice to every process (sent by another one): the workers go on
-            assert os.getpgid(0) == os.getpid()  # its own group (start_new_session): the notice reaches no other
+
+HELD = []
+
+
+def train():
+    signal.signal(signal.SIGTERM, lambda signum, frame: print("notice", flush=True))  # a manager's handler does more
+    loader = StatefulDataLoader(list(range(400)), batch_size=4, num_workers=2, persistent_workers=True,
+                                worker_init_fn=torchckpt.IgnoreSignals(signal.SIGTERM))
+    HELD.append(loader)  # alive at exit, as in a loop an exception left (its traceback holds the frame)
+    for i, batch in enumerate(loader):
+        if i == 0 and sys.argv[1] == "group":  # a scheduler's notice to every process (sent by another): workers go on
+            assert os.getpgid(0) == os.getppid() if sys.argv[2] == "child" else os.getpid()  # this test's own group
             notice = f"import os, signal; os.killpg({os.getpgid(0)}, signal.SIGTERM)"
             subprocess.run([sys.executable, "-c", notice], check=False)  # it ends by its own notice
-    if i == 5:
-        break  # the workers stay alive: Python's multiprocessing SIGTERMs and joins them as it exits
-print("left the loop", flush=True)
+        if i == 5:
+            break  # the workers stay alive: Python's multiprocessing SIGTERMs and joins them as it exits
+    print("left the loop", flush=True)
+
+if sys.argv[2] == "child":  # the training process started by multiprocessing (torch.multiprocessing.spawn does)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the launcher lets its child handle the notice
+    child = multiprocessing.get_context("fork").Process(target=train)
+    child.start()
+    child.join()
+    sys.exit(child.exitcode)
+train()
 """
 
 
+@pytest.mark.parametrize("process", ["main", "child"])
 @pytest.mark.parametrize("notice", ["none", "group"])
-def test_a_process_whose_shielded_workers_are_alive_at_exit_still_exits(tmp_path, notice):
-    # probe42 F1: its workers ignored the SIGTERM Python's exit sends them, and it hung forever
-    proc = subprocess.Popen([sys.executable, "-c", LEFT_LOOP, notice], cwd=ROOT, stdout=subprocess.PIPE,
+def test_a_process_whose_shielded_workers_are_alive_at_exit_still_exits(tmp_path, notice, process):
+    # probe42 F1: its workers ignored the SIGTERM Python's exit sends them, and it hung forever;
+    # probe45 F1: also in a training process started by multiprocessing, which runs no atexit hook
+    proc = subprocess.Popen([sys.executable, "-c", LEFT_LOOP, notice, process], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     code, out = finish_session(proc, timeout=60, what="the process")

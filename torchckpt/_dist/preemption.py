@@ -14,9 +14,10 @@ is gone instead of being swallowed.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
+import gc
 import multiprocessing
+import multiprocessing.util
 import os
 import signal
 import threading
@@ -104,9 +105,10 @@ class IgnoreSignals:
     them down, and on their own once the training process has exited. Workers still alive as the
     training process exits (``persistent_workers``, a loop left with ``break``: a preempted run's
     usual end) are another matter: Python's ``multiprocessing`` terminates them with SIGTERM and
-    waits for them, forever where they ignore it. So, on Linux, the training process ends such
-    workers (those that ignore SIGTERM, read from ``/proc``) with SIGKILL just before that wait;
-    elsewhere shut the loader down first (``del loader``).
+    waits for them, forever where they ignore it. So, on Linux, the training process shuts such
+    workers' loader down just before that wait, as torch does when a loader is deleted, and kills
+    a worker still alive after that (only a loader's workers that ignore SIGTERM, read from
+    ``/proc``); elsewhere shut the loader down first (``del loader``).
 
     Example::
 
@@ -136,23 +138,38 @@ _registered = False
 
 
 def _end_workers_that_ignore_sigterm_at_exit() -> None:
-    """Register (once) :func:`_end_ignoring_workers` to run at exit before ``multiprocessing``'s own
-    exit handler, which is registered first (at exit, handlers run last registered first)."""
+    """Register (once) :func:`_end_ignoring_workers` as a ``multiprocessing`` finalizer: its exit
+    handler runs those (of priority 0 and more, highest first) just before it terminates the
+    daemonic children and waits for them, both in a main process (at exit) and in one
+    ``multiprocessing`` started."""
     global _registered
     if not _registered:
-        import multiprocessing.util  # noqa: F401 - registers its exit handler now, if not yet
-
-        atexit.register(_end_ignoring_workers)
+        # before the finalizers of multiprocessing's queues (priority 10), which the shutdown needs
+        multiprocessing.util.Finalize(None, _end_ignoring_workers, exitpriority=100)
         _registered = True
 
 
 def _end_ignoring_workers() -> None:
-    """At interpreter exit: end with SIGKILL the daemonic children (a loader's workers) that ignore
-    SIGTERM, which ``multiprocessing`` is about to send them before waiting for them to end."""
-    for child in multiprocessing.active_children():
-        if child.daemon and child.pid is not None and _ignores_sigterm(child.pid):
-            with contextlib.suppress(OSError):
-                os.kill(child.pid, signal.SIGKILL)
+    """At exit: end the data loader workers that ignore SIGTERM, which ``multiprocessing`` is about
+    to send them before waiting for them to end (forever). Their iterator, still alive (found by
+    the garbage collector, only when a child ignores SIGTERM), shuts them down as torch does when
+    it is deleted (they leave their loop; torch stops watching them), and one still alive after
+    that is killed. A process of the user's own is left to ``multiprocessing``."""
+    stubborn = {c.pid for c in multiprocessing.active_children()
+                if c.daemon and c.pid is not None and _ignores_sigterm(c.pid)}
+    if not stubborn:
+        return
+    for it in gc.get_objects():
+        workers = getattr(it, "_workers", None) if type(it).__name__.endswith("MultiProcessingDataLoaderIter") else None
+        mine = [w for w in workers or () if isinstance(w, multiprocessing.process.BaseProcess) and w.pid in stubborn]
+        if not mine:
+            continue
+        with contextlib.suppress(Exception):  # torch's own shutdown of its workers, as at the iterator's deletion
+            it._shutdown_workers()
+        for worker in mine:
+            if worker.is_alive() and worker.pid is not None:  # not yet reaped: its pid is still this child's
+                with contextlib.suppress(OSError):
+                    os.kill(worker.pid, signal.SIGKILL)
 
 
 def _ignores_sigterm(pid: int) -> bool:

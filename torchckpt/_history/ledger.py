@@ -108,7 +108,7 @@ class Ledger:
         self.preserved = list(state.preserved)
         self.last_preserved_timestamp = state.last_preserved_timestamp
         self.damaged = dict(state.damaged)
-        self._size = len(mirror["state"])
+        self._size = len(mirror["state"].encode())
         return state, bool(mirror["read_only"])
 
     def write(self) -> None:
@@ -136,7 +136,8 @@ class Ledger:
             ValueError: the state file has no room for one more entry.
         """
         entry = Entry(f"{self.name}-{2**63}", now, metrics)  # the longest name
-        bound = 2 * len(json.dumps(entry.to_json(), ensure_ascii=False, default=repr)) + 1024  # laid out, escaped
+        # as ASCII, every character escaped as the file may escape it: at least its bytes, laid out
+        bound = 2 * len(json.dumps(entry.to_json(), ensure_ascii=True, default=repr)) + 1024
         if self._size is not None and self._size + bound <= spec.MAX_STATE_FILE_SIZE:
             return
         r = self.ranking

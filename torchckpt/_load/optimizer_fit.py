@@ -26,7 +26,7 @@ _ELEMENTWISE = {
     "AdamW": {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"}, "NAdam": {"exp_avg", "exp_avg_sq"},
     "RAdam": {"exp_avg", "exp_avg_sq"}, "Adamax": {"exp_avg", "exp_inf"}, "SparseAdam": {"exp_avg", "exp_avg_sq"},
     "RMSprop": {"square_avg", "momentum_buffer", "grad_avg"}, "Adagrad": {"sum"}, "Adadelta": {"square_avg", "acc_delta"},
-    "ASGD": {"ax"}, "Rprop": {"prev", "step_size"}, "Adafactor": {"variance"},
+    "ASGD": {"ax"}, "Rprop": {"prev", "step_size"}, "Adafactor": {"variance"}, "Muon": {"momentum_buffer"},
 }
 
 
