@@ -160,6 +160,38 @@ def test_a_process_whose_shielded_workers_are_alive_at_exit_still_exits(tmp_path
     assert ("notice" in out) == (notice == "group")
 
 
+OWN_DAEMON = """
+import multiprocessing, signal, sys, time, torchckpt
+
+def writer(queue, path):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # outlives a preemption notice, as the data workers do
+    with open(path, "w") as f:
+        while (item := queue.get()) is not None:
+            time.sleep(0.002)
+            f.write(f"{item}\\n")
+        f.write("END\\n")
+
+if __name__ == "__main__":
+    shield = torchckpt.IgnoreSignals(signal.SIGTERM)  # the run's loader's (its hook is registered)
+    queue = multiprocessing.Queue()
+    multiprocessing.Process(target=writer, args=(queue, sys.argv[1]), daemon=True).start()
+    for i in range(200):
+        queue.put(i)
+    queue.put(None)  # the writer ends on its own; the script ends without joining it
+"""
+
+
+def test_a_daemon_of_the_users_own_that_ignores_sigterm_is_left_to_finish(tmp_path):
+    # probe45 F4: the exit hook killed every daemonic child that ignores SIGTERM, not only a loader's
+    script, log = tmp_path / "train.py", tmp_path / "log.txt"
+    script.write_text(OWN_DAEMON)
+    proc = subprocess.Popen([sys.executable, str(script), str(log)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    code, out = finish_session(proc, timeout=60, what="the process")
+    assert code == 0 and log.read_text().splitlines()[-1] == "END", out[-3000:]
+
+
 def test_handlers_are_installed_and_put_back_on_close(tmp_path):
     def mine(signum, frame):
         pass

@@ -301,10 +301,13 @@ def test_state_named_as_another_optimizers_or_of_complex_parameters_is_restored(
     torchckpt.Checkpoint(lbfgs=lbfgs_again, adam=adam_again).read(path).assert_consumed()
 
 
-@pytest.mark.parametrize("optimizer", ["Adafactor", "LBFGS"])
+@pytest.mark.parametrize("optimizer", ["Adafactor", "LBFGS", "Muon"])
 def test_state_of_other_shapes_is_refused_for_optimizers_that_keep_it_otherwise(tmp_path, optimizer):
-    # probe43 F4: Adafactor's factored state of a matrix, LBFGS's flat state over every parameter
+    # probe43 F4: Adafactor's factored state of a matrix, LBFGS's flat state over every parameter;
+    # probe45 F3: Muon's momentum (of matrices only)
     model = make_mlp(0)
+    if optimizer == "Muon":
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8, bias=False), torch.nn.ReLU(), torch.nn.Linear(8, 3, bias=False))
     opt = getattr(torch.optim, optimizer)(model.parameters())
     if optimizer == "LBFGS":
         def closure():
@@ -316,9 +319,10 @@ def test_state_of_other_shapes_is_refused_for_optimizers_that_keep_it_otherwise(
     else:
         train_step(model, opt, 0)
     path = torchckpt.Checkpoint(opt=opt).write(tmp_path / "c")
-    other = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    other = torch.nn.Sequential(torch.nn.Linear(4, 5, bias=optimizer != "Muon"), torch.nn.ReLU(),
+                                torch.nn.Linear(5, 3, bias=optimizer != "Muon"))
     params = list(other.parameters())
-    again = getattr(torch.optim, optimizer)(params[::-1] if optimizer == "Adafactor" else params)
+    again = getattr(torch.optim, optimizer)(params if optimizer == "LBFGS" else params[::-1])
     status = torchckpt.Checkpoint(opt=again).read(path).expect_partial()
     assert "(its parameters are listed in another order, or belong to another model)" in status.report.skipped_objects["opt"]
 
