@@ -123,23 +123,24 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 HELD = []
 
 
-def train():
+def train(shield=None):
     signal.signal(signal.SIGTERM, lambda signum, frame: print("notice", flush=True))  # a manager's handler does more
     loader = StatefulDataLoader(list(range(400)), batch_size=4, num_workers=2, persistent_workers=True,
-                                worker_init_fn=torchckpt.IgnoreSignals(signal.SIGTERM))
+                                worker_init_fn=shield or torchckpt.IgnoreSignals(signal.SIGTERM))
     HELD.append(loader)  # alive at exit, as in a loop an exception left (its traceback holds the frame)
     for i, batch in enumerate(loader):
         if i == 0 and sys.argv[1] == "group":  # a scheduler's notice to every process (sent by another): workers go on
-            assert os.getpgid(0) == os.getppid() if sys.argv[2] == "child" else os.getpid()  # this test's own group
+            assert os.getpgid(0) == (os.getpid() if sys.argv[2] == "main" else os.getppid())  # this test's own group
             notice = f"import os, signal; os.killpg({os.getpgid(0)}, signal.SIGTERM)"
             subprocess.run([sys.executable, "-c", notice], check=False)  # it ends by its own notice
         if i == 5:
             break  # the workers stay alive: Python's multiprocessing SIGTERMs and joins them as it exits
     print("left the loop", flush=True)
 
-if sys.argv[2] == "child":  # the training process started by multiprocessing (torch.multiprocessing.spawn does)
+if sys.argv[2] != "main":  # the training process started by multiprocessing (torch.multiprocessing.spawn does)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the launcher lets its child handle the notice
-    child = multiprocessing.get_context("fork").Process(target=train)
+    shield = torchckpt.IgnoreSignals(signal.SIGTERM) if sys.argv[2] == "child-given" else None  # made before the fork
+    child = multiprocessing.get_context("fork").Process(target=train, args=(shield,))
     child.start()
     child.join()
     sys.exit(child.exitcode)
@@ -147,11 +148,12 @@ train()
 """
 
 
-@pytest.mark.parametrize("process", ["main", "child"])
+@pytest.mark.parametrize("process", ["main", "child", "child-given"])
 @pytest.mark.parametrize("notice", ["none", "group"])
 def test_a_process_whose_shielded_workers_are_alive_at_exit_still_exits(tmp_path, notice, process):
     # probe42 F1: its workers ignored the SIGTERM Python's exit sends them, and it hung forever;
-    # probe45 F1: also in a training process started by multiprocessing, which runs no atexit hook
+    # probe45 F1: also in a training process started by multiprocessing, which runs no atexit hook;
+    # probe46 F1: one given the launcher's IgnoreSignals (the hook is the launcher's, not inherited)
     proc = subprocess.Popen([sys.executable, "-c", LEFT_LOOP, notice, process], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})

@@ -105,10 +105,9 @@ class IgnoreSignals:
     them down, and on their own once the training process has exited. Workers still alive as the
     training process exits (``persistent_workers``, a loop left with ``break``: a preempted run's
     usual end) are another matter: Python's ``multiprocessing`` terminates them with SIGTERM and
-    waits for them, forever where they ignore it. So, on Linux, the training process shuts such
-    workers' loader down just before that wait, as torch does when a loader is deleted, and kills
-    a worker still alive after that (only a loader's workers that ignore SIGTERM, read from
-    ``/proc``); elsewhere shut the loader down first (``del loader``).
+    waits for them, forever where they ignore it. So, on Linux, the training process ends such
+    workers just before that wait, once torch has stopped watching them (only a loader's workers
+    that ignore SIGTERM, read from ``/proc``); elsewhere shut the loader down first (``del loader``).
 
     Example::
 
@@ -122,6 +121,13 @@ class IgnoreSignals:
         self.worker_init_fn = worker_init_fn
         if signal.SIGTERM in self.signals:  # made in the training process (a worker unpickles it: no __init__)
             _end_workers_that_ignore_sigterm_at_exit()
+            # a training process multiprocessing forks from this one is given it (its finalizers are cleared)
+            multiprocessing.util.register_after_fork(self, _register_in_child)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:  # unpickled in a process spawned with it
+        self.__dict__.update(state)
+        if signal.SIGTERM in self.signals:
+            _end_workers_that_ignore_sigterm_at_exit()
 
     def __call__(self, worker_id: int) -> None:
         for sig in self.signals:
@@ -134,27 +140,32 @@ class IgnoreSignals:
         return f"IgnoreSignals({names}{', worker_init_fn=' + repr(self.worker_init_fn) if self.worker_init_fn else ''})"
 
 
-_registered = False
+_registered_in: int | None = None  # the process whose finalizers hold the hook (a child inherits the flag, not the hook)
 
 
 def _end_workers_that_ignore_sigterm_at_exit() -> None:
-    """Register (once) :func:`_end_ignoring_workers` as a ``multiprocessing`` finalizer: its exit
-    handler runs those (of priority 0 and more, highest first) just before it terminates the
-    daemonic children and waits for them, both in a main process (at exit) and in one
+    """Register (once per process) :func:`_end_ignoring_workers` as a ``multiprocessing`` finalizer:
+    its exit handler runs those (of priority 0 and more, highest first) just before it terminates
+    the daemonic children and waits for them, both in a main process (at exit) and in one
     ``multiprocessing`` started."""
-    global _registered
-    if not _registered:
-        # before the finalizers of multiprocessing's queues (priority 10), which the shutdown needs
+    global _registered_in
+    if _registered_in != os.getpid():
+        # before the finalizers of multiprocessing's queues (priority 10)
         multiprocessing.util.Finalize(None, _end_ignoring_workers, exitpriority=100)
-        _registered = True
+        _registered_in = os.getpid()
+
+
+def _register_in_child(_: object) -> None:
+    _end_workers_that_ignore_sigterm_at_exit()
 
 
 def _end_ignoring_workers() -> None:
     """At exit: end the data loader workers that ignore SIGTERM, which ``multiprocessing`` is about
-    to send them before waiting for them to end (forever). Their iterator, still alive (found by
-    the garbage collector, only when a child ignores SIGTERM), shuts them down as torch does when
-    it is deleted (they leave their loop; torch stops watching them), and one still alive after
-    that is killed. A process of the user's own is left to ``multiprocessing``."""
+    to send them before waiting for them to end (forever). They are found through their iterator,
+    still alive (by the garbage collector, only when a child ignores SIGTERM); torch stops watching
+    them (as when it shuts them down: their end is no worker failure), and they are killed, as
+    Python's SIGTERM would have ended them. A process of the user's own is left to
+    ``multiprocessing``."""
     stubborn = {c.pid for c in multiprocessing.active_children()
                 if c.daemon and c.pid is not None and _ignores_sigterm(c.pid)}
     if not stubborn:
@@ -164,8 +175,12 @@ def _end_ignoring_workers() -> None:
         mine = [w for w in workers or () if isinstance(w, multiprocessing.process.BaseProcess) and w.pid in stubborn]
         if not mine:
             continue
-        with contextlib.suppress(Exception):  # torch's own shutdown of its workers, as at the iterator's deletion
-            it._shutdown_workers()
+        if getattr(it, "_worker_pids_set", False):  # torch's SIGCHLD watch of them, as its shutdown lifts it
+            with contextlib.suppress(Exception):
+                from torch.utils.data._utils import signal_handling
+
+                signal_handling._remove_worker_pids(id(it))  # type: ignore[attr-defined]
+                it._worker_pids_set = False
         for worker in mine:
             if worker.is_alive() and worker.pid is not None:  # not yet reaped: its pid is still this child's
                 with contextlib.suppress(OSError):
