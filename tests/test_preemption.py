@@ -165,8 +165,9 @@ def test_a_process_whose_shielded_workers_are_alive_at_exit_still_exits(tmp_path
 OWN_DAEMON = """
 import multiprocessing, signal, sys, time, torchckpt
 
-def writer(queue, path):
+def writer(queue, path, ready):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # outlives a preemption notice, as the data workers do
+    ready.set()
     with open(path, "w") as f:
         while (item := queue.get()) is not None:
             time.sleep(0.002)
@@ -175,8 +176,9 @@ def writer(queue, path):
 
 if __name__ == "__main__":
     shield = torchckpt.IgnoreSignals(signal.SIGTERM)  # the run's loader's (its hook is registered)
-    queue = multiprocessing.Queue()
-    multiprocessing.Process(target=writer, args=(queue, sys.argv[1]), daemon=True).start()
+    queue, ready = multiprocessing.Queue(), multiprocessing.Event()
+    multiprocessing.Process(target=writer, args=(queue, sys.argv[1], ready), daemon=True).start()
+    assert ready.wait(60)  # it ignores SIGTERM from now on
     for i in range(200):
         queue.put(i)
     queue.put(None)  # the writer ends on its own; the script ends without joining it
