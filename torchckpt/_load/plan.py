@@ -245,7 +245,7 @@ def plan_module(name: str, module: torch.nn.Module, saved: Any, plan: Plan) -> N
         elif is_saved(value) and isinstance(dest, torch.Tensor):
             if not compatible(full, value, dest, plan.report, plan.cast):
                 continue
-            own = keypath.join(name, keypath.escape_part(object_key))  # as the object names it (Plan.in_place)
+            own = plan.report.remapped_keys.get(full, full) if object_key != saved_key else full  # the object's name
             if dist_dtensor.is_dtensor(dest):
                 _read_into(dest, value, plan, own)
                 address = dist_dtensor.local_storage(dest) if dist_dtensor.local_of(dest).numel() else 0
