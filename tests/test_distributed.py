@@ -211,6 +211,10 @@ def test_ddp_state_is_stored_once_with_bytes_spread_over_the_ranks(world4, world
     assert "model/module.0.weight" in status.report.remapped_keys
     reference = safetensors.torch.load_file(str(world4 / f"ddp{world}-reference.safetensors"))
     assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items())
+    # the ranks stored the tensors largest first, each its own: every dict still comes back in its order
+    state = torchckpt.load_state(path)
+    assert list(state["model"]) == [f"module.{i}.weight" for i in range(len(DDP_SIZES))]
+    assert [list(s) for s in state["opt"]["state"].values()] == [["step", "exp_avg", "exp_avg_sq"]] * len(DDP_SIZES)
 
 
 # -- values that differ by rank --------------------------------------------------------------

@@ -123,6 +123,10 @@ def test_consolidate_writes_a_single_process_checkpoint_that_restores_with_asser
     found.update(tensors)
     assert differences(found, reference) == []
     assert ckpt.cursor == 100  # rank 0's
+    for written in (tools, out):  # sharded parameters, a plain buffer: every dict in its order, also consolidated
+        state = torchckpt.load_state(written)
+        assert list(state["model"]) == list(MLP(0).state_dict())
+        assert [list(s) for s in state["opt"]["state"].values()] == [["step", "exp_avg", "exp_avg_sq"]] * 6
     assert cli.main(["consolidate", str(tools), str(tmp_path / "rank2"), "--rank", "2"]) == 0
     assert torchckpt.load_checkpoint(tmp_path / "rank2").get_value("cursor") == 102
     assert cli.main(["consolidate", str(tools), str(out)]) == 1

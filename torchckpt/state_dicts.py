@@ -117,8 +117,8 @@ def load_state(path: str | os.PathLike[str], *, map_location: str | torch.device
     - written by :func:`save_state`: the dict that was saved, with the same types;
     - written by a :class:`Checkpoint` (or a manager): each tracked name holding its
       ``state_dict()``-shaped value (``save_counter`` is left out: it is the checkpoint's own); a
-      module's tensors come as a dict in the order they are stored, which ``load_state_dict``
-      takes as well as its own order;
+      module's tensors come as a dict in ``state_dict()``'s order, and every other dict in the
+      order saved too;
     - a ``.safetensors`` file or a Hugging Face folder: tensor name -> tensor.
 
     ``path`` may also be a manager's directory (its latest checkpoint). Every tensor is checked

@@ -67,8 +67,9 @@ def encode(value: Any, path: str, tensors: dict[str, torch.Tensor], ordered: boo
     """Encode ``value`` as typed JSON, moving every tensor into ``tensors`` under its name.
 
     A tensor in a dict of str keys is left out of the JSON (its name says where it goes), so it
-    decodes after the dict's other keys; with ``ordered`` it keeps its place (``{"@tensor": null}``),
-    for ``save_state``, whose dicts come back in ``torch.load``'s key order.
+    decodes after the dict's other keys, in the order of the index's tensor names; a writer whose
+    layout reorders a dict's tensors marks their places once it knows the layout
+    (``_format.dict_order``). With ``ordered`` every tensor keeps its place (``{"@tensor": null}``).
 
     A value of a type without a tag of its own (a path, a NumPy scalar or array, a dict subclass)
     is encoded as the nearest type that has one (``_format.plain.nearest``).
@@ -161,7 +162,7 @@ def _check_depth(value: Any, path: str) -> None:
 
 
 _DICT_TAGS: dict[type, str] = {dict: "@dict", OrderedDict: "@ordered_dict", Counter: "@counter"}
-_DICT_TYPES: dict[str, type] = {tag: kind for kind, tag in _DICT_TAGS.items()}
+DICT_TYPES: dict[str, type] = {tag: kind for kind, tag in _DICT_TAGS.items()}
 
 
 def _check_text(text: str, path: str) -> None:
@@ -465,9 +466,9 @@ def _decode_tagged(tag: str, payload: Any, trie: Trie | str | None, resolve: Cal
         sub = trie or {}
         return _all_placed(tuple(decode(v, sub.get(str(i)), resolve, join(path, str(i)), depth)
                                  for i, v in enumerate(payload)), sub, map(str, range(len(payload))), path)
-    if tag in _DICT_TYPES and isinstance(payload, list):
+    if tag in DICT_TYPES and isinstance(payload, list):
         sub = trie or {}
-        out: dict[Any, Any] = _DICT_TYPES[tag]()
+        out: dict[Any, Any] = DICT_TYPES[tag]()
         parts: list[str] = []
         for pair in payload:
             if not (isinstance(pair, list) and len(pair) == 2):

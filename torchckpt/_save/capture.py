@@ -120,6 +120,7 @@ class WriteJob:
     aliases: dict[str, str]
     section: dict[str, Any]
     groups: dict[str, int] = field(default_factory=dict)
+    order: list[str] = field(default_factory=list)  # every tensor name, aliases too, in the tree's order
 
 
 def capture(state: dict[str, Any], objects: dict[str, str], metadata: dict[str, Any] | None,
@@ -139,9 +140,9 @@ def capture(state: dict[str, Any], objects: dict[str, str], metadata: dict[str, 
     if metadata:
         section["metadata"] = _encode_metadata(metadata)
     if localize is None:
-        return WriteJob(tensors, {}, section)
+        return WriteJob(tensors, {}, section, order=list(tensors))
     stored, aliases = prepare_tensors(localize(tensors))
-    return WriteJob(stored, aliases, section)
+    return WriteJob(stored, aliases, section, order=list(tensors))
 
 
 VersionRecord = dict[str, dict[str, "int | None"]]  # state dict's key -> {module prefix: its _version, where not 1}

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import itertools
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from torchckpt._format import dtypes as format_dtypes
 from torchckpt._format import index as format_index
 from torchckpt._format import spec as format_spec
 from torchckpt._format import tree as format_tree
+from torchckpt._format.dict_order import keep_dict_order
 from torchckpt._format.spec import INDEX_FILE, WEIGHT_MAP_KEY
 from torchckpt._paths import name_of
 from torchckpt._progress import progress_bar
@@ -73,6 +75,7 @@ class Captured:
     tree_digest: str = ""
     layouts: dict[str, Layout | None] = field(default_factory=dict)  # DTensor name -> its layout, if simple
     ranked: set[str] = field(default_factory=set)  # names of per-rank tensors
+    order: list[str] = field(default_factory=list)  # every tensor name in the tree's order (``_format.dict_order``)
 
 
 def capture(tensors: dict[str, Any], section: dict[str, Any], rank: int, groups: Mapping[str, int] | None = None,
@@ -80,7 +83,7 @@ def capture(tensors: dict[str, Any], section: dict[str, Any], rank: int, groups:
     """Classify every tensor of this rank's state and record what the other ranks must agree on
     (``groups``: how likely each tensor changes before the next save, see ``_save.plan.plan_shards``)."""
     groups = groups or {}
-    out = Captured()
+    out = Captured(order=list(tensors))
     _per_rank_nodes(section["state"], [], out.per_rank)
     plain: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
@@ -391,6 +394,7 @@ def _index_document(plan: RankPlan, section: dict[str, Any], captured: Captured,
         shapes += rep_shapes
         checksums.append(rep_checksums)
         records += report["records"]
+    keep_dict_order(section["state"], captured.order, itertools.chain(names, plan.chunked, captured.aliases))
     state = _with_per_rank(section["state"], [rep["per_rank"] for rep in reports])
     body = {**section, "state": state, "world_size": world, "chunked": {
         "names": list(plan.chunked),

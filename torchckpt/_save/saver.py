@@ -73,7 +73,7 @@ def save(source: Source, storage: Storage, path: str, coord: AnyCoordinator, opt
         with gc_paused():
             write.write_checkpoint(storage, path, job.stored, job.aliases, job.section, options.max_shard_size,
                                    options.progress, options.replace, options.base, job.groups,
-                                   options.incremental, hooks.after, options.warm_page_cache)
+                                   options.incremental, hooks.after, options.warm_page_cache, job.order)
 
     # One pause over capture and write: re-enabling the collector in between would make it sweep
     # the tens of thousands of small objects the capture has just made.

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -28,6 +29,7 @@ from torchckpt._format import dtypes as format_dtypes
 from torchckpt._format import header as format_header
 from torchckpt._format import index as format_index
 from torchckpt._format import spec as format_spec
+from torchckpt._format.dict_order import keep_dict_order
 from torchckpt._format.spec import INDEX_FILE
 from torchckpt._paths import name_of
 from torchckpt._progress import progress_bar
@@ -53,6 +55,7 @@ def write_checkpoint(
     incremental: bool = False,
     after: Callable[[], Any] | None = None,
     warm_page_cache: bool = False,
+    order: list[str] | None = None,
 ) -> str:
     """Write tensors and the ``torchckpt`` index section to the directory ``path``, atomically.
 
@@ -79,6 +82,9 @@ def write_checkpoint(
             stage settles (``Stage.settle``: background work for the next save).
         warm_page_cache: another process restores the checkpoint next: the stage settles by
             reading every file into the page cache (``Stage.settle(every_file=True)``).
+        order: every tensor name (aliases too) in the order the tree was encoded: a dict whose
+            tensors the shards store in another order gets their places marked
+            (``_format.dict_order``); ``section["state"]`` is changed in place.
 
     Returns:
         ``path``.
@@ -88,6 +94,8 @@ def write_checkpoint(
     """
     shards = save_plan.plan_shards(((n, t.numel() * t.element_size(), t.element_size()) for n, t in stored.items()),
                                    max_shard_size, groups)
+    if order is not None:
+        keep_dict_order(section["state"], order, itertools.chain((n for s in shards for n in s.names), aliases))
     try:
         reference = save_reuse.open_base(storage, base, 1) if base is not None else None
         stage = storage.stage(path, replace)

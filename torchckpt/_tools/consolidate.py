@@ -23,6 +23,7 @@ from torchckpt._format import dtypes as format_dtypes
 from torchckpt._format import index as format_index
 from torchckpt._format import spec as format_spec
 from torchckpt._format import tree as format_tree
+from torchckpt._format.dict_order import keep_dict_order
 from torchckpt._format.spec import INDEX_FILE
 from torchckpt._load import index_fields
 from torchckpt._load import opened as load_opened
@@ -112,6 +113,8 @@ def _write(reader: CheckpointReader, stage: Stage, out: str, tensors: Tensors, s
              "shapes": format_spec.SHAPE_SEP.join(format_dtypes.shape_key(tensors[n][1]) for n in order),
              "checksums": "".join(format_index.big_endian(d).hex() for d in digests)}
     weight_map = {n: file for file, names in zip(files, shards) for n in names}
+    # the tree came back in the source's order; this layout may store a dict's tensors in another
+    keep_dict_order(section["state"], [*source_of, *aliases], [*order, *aliases])
     document = format_index.index_document(sum(n for _, _, n in tensors.values()), weight_map,
                                            format_spec.PLAIN_FORMAT_VERSION, section, aliases, records, table)
     stage.write_index(INDEX_FILE, format_index.sealed_index(document, out, len(order)))

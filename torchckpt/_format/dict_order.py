@@ -1,0 +1,97 @@
+"""A dict's key order, kept across a layout that stores its tensors in another order.
+
+Why this exists: a tensor inside a string-keyed dict is left out of the JSON tree (its name says
+where it goes, ``_format.tree``), and the decoder inserts such tensors after the dict's other
+keys, in the order of the index's tensor names. That order is the layout's, not the dict's: a
+shard puts its widest elements first (so every tensor is aligned to its element size), frozen
+tensors get shards of their own, several ranks write theirs one after another. A dict is ordered,
+and code pairs entries by position (an EMA that zips its shadow with ``state_dict().items()``), so
+coming back in another order is silently wrong.
+
+:func:`keep_dict_order` runs once the layout is known, on the tree every writer writes: a dict
+whose tensors the layout keeps in order costs nothing (the common case, and the one that keeps
+the index small for tens of thousands of tensors); a dict whose tensors it reorders gets each
+tensor's place, ``{"@tensor": null}``, which the decoder has always read (readers of earlier
+versions too).
+"""
+
+from __future__ import annotations
+
+import itertools
+import operator
+from collections.abc import Iterable
+from typing import Any
+
+from torchckpt._format.keypath import SEP, key_part, split, unescape_part
+from torchckpt._format.tree import DICT_TYPES, TAG, TENSOR_TAG, decode
+
+
+def keep_dict_order(tree: Any, saved: Iterable[str], stored: Iterable[str]) -> None:
+    """Mark, in place, the tensors of each string-keyed dict of ``tree`` that the decoder would put
+    in another order than the dict held them.
+
+    Args:
+        tree: an encoded state tree (``_format.tree.encode``), before it is written.
+        saved: every tensor name of the tree in the order the encoder met them (the dict's order).
+        stored: the order the decoder meets them in: the index's tensor names as laid out, then
+            the aliases (``_load.opened.state_tree``). Names in one and not the other (a chunk, a
+            per-rank value) are ignored.
+    """
+    saved, stored = list(saved), list(stored)
+    if saved == stored:  # the layout kept the tree's order (one process, one element size): nothing to mark
+        return
+    where = dict(zip(stored, itertools.count()))
+    positions = [p for p in map(where.get, saved) if p is not None]
+    if all(map(operator.lt, positions, positions[1:])):
+        return
+    order = [(name, where[name]) for name in saved if name in where]
+    last: dict[str, int] = {}
+    reordered: set[str] = set()
+    for name, position in order:
+        parent = name.rpartition(SEP)[0]
+        if position < last.get(parent, -1):
+            reordered.add(parent)
+        last[parent] = position
+    children: dict[str, list[tuple[str, int]]] = {p: [] for p in reordered}
+    for name, position in order:
+        parent, _, part = name.rpartition(SEP)
+        if parent in children:
+            children[parent].append((part, position))
+    pairs: dict[int, dict[str, Any]] = {}  # id of a tagged dict's pairs -> its values by name part
+    for parent, found in children.items():
+        node = _node_at(tree, split(parent) if parent else [], pairs)
+        if not isinstance(node, dict) or _is_tagged(node):
+            continue  # a list, a tuple or a tagged dict holds each tensor's place already
+        left_out = [(unescape_part(part), position) for part, position in found if unescape_part(part) not in node]
+        if any(a[1] > b[1] for a, b in zip(left_out, left_out[1:])):
+            node.update((key, {TENSOR_TAG: None}) for key, _ in left_out)  # after the dict's other keys, as saved
+
+
+def _is_tagged(node: dict[str, Any]) -> bool:
+    return len(node) == 1 and next(iter(node)).startswith(TAG)
+
+
+def _node_at(node: Any, parts: list[str], pairs: dict[int, dict[str, Any]]) -> Any:
+    """The JSON node at the key path ``parts`` (escaped, as in tensor names), or None where the
+    path leads nowhere the decoder would place a dict's tensors (a per-rank value, a plain value)."""
+    for part in parts:
+        if isinstance(node, dict) and _is_tagged(node):
+            tag, payload = next(iter(node.items()))
+            if tag == "@tuple":
+                node = payload
+            elif tag in DICT_TYPES and isinstance(payload, list):
+                by_part = pairs.get(id(payload))
+                if by_part is None:
+                    by_part = pairs[id(payload)] = {
+                        key_part(decode(pair[0], None, lambda name: None)): pair[1] for pair in payload}
+                node = by_part.get(part)
+                continue
+            else:
+                return None
+        if isinstance(node, list):
+            node = node[int(part)] if part.isdigit() and int(part) < len(node) else None
+        elif isinstance(node, dict):
+            node = node.get(unescape_part(part))
+        else:
+            return None
+    return node
