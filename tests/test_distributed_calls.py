@@ -7,11 +7,14 @@ a checkpoint never holds one step on some ranks' rows and another step on the ot
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 import torchckpt
 
+from .distributed import run_ranks
 from .test_distributed import ok
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
@@ -129,3 +132,14 @@ def test_calls_stay_paired_after_an_async_save_a_skipped_call_and_per_rank_order
         assert "did not match on rank 1 (strict=True)" in r["strict"]
     for r in (rank0, rank1):  # every rank's report lists rank 1's mismatches, and where they were found
         assert r["strict_report_mine"] and {tuple(v) for v in r["strict_report_ranks"].values()} == {(1,)}, r
+
+
+@pytest.mark.parametrize("call", ["write", "skipped_save", "restore"])
+def test_a_call_that_returned_on_rank_0_has_returned_on_every_rank_even_if_rank_0_then_exits(tmp_path, call):
+    """Rank 0 serves the c10d store and ends its process as soon as its last call returns (a
+    preempted run's exit): rank 1's same call still returns the same, instead of "Lost contact"."""
+    codes = run_ranks(2, tmp_path, [call], timeout=120, module="tests.jobs.rank0_exits")
+    outcome = json.loads((tmp_path / f"rank1-{call}.json").read_text())
+    expected = {"write": str(tmp_path / "written"), "skipped_save": None, "restore": str(tmp_path / "run" / "ckpt-1")}
+    assert outcome == {"returned": expected[call]}
+    assert codes == [0, 0]

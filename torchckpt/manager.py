@@ -184,7 +184,8 @@ class CheckpointManager:
         what = f"Opening {self._directory}"
         call = self._coord.call(what, arguments)
         call.consequence = "Nothing was claimed or changed."
-        mirror = dist_coordinator.decided(call, what, open_on_rank_0)
+        with call.failures_shared():
+            mirror = dist_coordinator.decided(call, what, open_on_rank_0)
         if self._coord.rank != 0:
             state = self._adopt(mirror)
             ranking = self._ledger.ranking
@@ -313,6 +314,11 @@ class CheckpointManager:
                                        "checkpoint_number": number_argument(checkpoint_number),
                                        "check_interval": bool(check_interval),
                                        "save_counter": self._checkpoint.save_counter})
+        with call.failures_shared():
+            return self._save(call, what, checkpoint_number, check_interval, metrics)
+
+    def _save(self, call: AnyCoordinator, what: str, checkpoint_number: Any, check_interval: bool,
+              metrics: dict[str, Any] | None) -> str | None:
         proposals = dist_coordinator.agree_all(call, what, lambda: self._propose(checkpoint_number, check_interval,
                                                                                 metrics))
         proposal = {**proposals[call.rank], "signalled": any(p["signalled"] for p in proposals)}

@@ -17,6 +17,7 @@ import datetime
 import json
 import os
 import threading
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -41,6 +42,10 @@ DEFAULT_TIMEOUT_SECS = 1800.0  # as torch.distributed's own default: a slow shar
 _KEY_ROOT = "torchckpt"
 T = TypeVar("T")
 
+# How long rank 0 waits at the end of a call for the others to have read it (``Coordinator.end_call``):
+# they are waiting for its last exchange already, and read it at once unless they have gone.
+_END_WAIT_SECS = 60.0
+_END_WAIT_AFTER_FAILURE_SECS = 10.0
 _GAVE_UP = b"\x00torchckpt: given up: "  # a slot a waiting rank filled in place of a rank that never came
 _calls: dict[str, int] = {}  # group name -> collective calls begun by this process; every rank begins the same ones
 _calls_lock = threading.Lock()
@@ -81,6 +86,7 @@ class Coordinator:
         self._prefix = ""  # the call's key prefix; empty outside a call
         self._arguments: bytes | None = None  # sent with the call's first exchange, then None
         self._exchanges = 0
+        self._ended = False  # see ``end_call``
 
     def call(self, what: str, arguments: dict[str, Any]) -> Coordinator:
         """Begin one collective call on every rank: a coordinator whose exchanges are keyed by the
@@ -100,6 +106,7 @@ class Coordinator:
         child._prefix = f"{_KEY_ROOT}/{self.name}/call{number}"
         child._arguments = json.dumps(arguments, sort_keys=True, separators=(",", ":")).encode()
         child._exchanges = 0
+        child._ended = False
         return child
 
     def scope(self) -> Coordinator:
@@ -111,6 +118,7 @@ class Coordinator:
         child.__dict__.update(self.__dict__)
         child._prefix = f"{self._prefix}/background"
         child._exchanges = 0
+        child._ended = False
         return child
 
     def _key(self, tag: str) -> str:
@@ -197,14 +205,52 @@ class Coordinator:
     def failures_shared(self) -> Iterator[None]:
         """Around the work of a call on this rank: a failure before the call's first exchange is
         sent through it, so that every rank raises it at once (the same error), instead of the
-        others waiting for an exchange this rank will never make."""
+        others waiting for an exchange this rank will never make. The call ends with
+        :meth:`end_call`, also when it fails."""
         try:
             yield
         except Exception as e:
-            if self._exchanges:  # an exchange was made or tried: it carries failures, or failed itself
+            try:
+                if not self._exchanges:  # once an exchange was made or tried, it carries failures or failed itself
+                    self.all_gather("call", encode(failure_payload(e)), failed=True)  # raises: this rank's failure is in it
                 raise
-            self.all_gather("call", encode(failure_payload(e)), failed=True)  # raises: this rank's failure is in it
-            raise
+            except Exception as shared:
+                self.end_call(shared)
+                raise
+        self.end_call()
+
+    def end_call(self, failure: BaseException | None = None) -> None:
+        """The last step of a call, on every rank: rank 0 returns only once the others have read
+        every exchange of the call.
+
+        Why: rank 0 serves the c10d store in most launches (``init_process_group`` with
+        ``MASTER_ADDR``, ``mp.spawn``), and a broadcast's sender does not wait for its readers. A
+        job whose rank 0 ended right after its last save (a preempted run's exit) took the store
+        away from ranks still reading rank 0's verdict: they raised "Lost contact ... Nothing was
+        committed" after a save that was committed. The others add one to a counter and go on;
+        rank 0 polls it (never a blocking wait: a background save's exchanges share this process's
+        store client). A rank that does not come has gone and reads nothing more: rank 0 gives up
+        after ``_END_WAIT_SECS`` (after a failure ``_END_WAIT_AFTER_FAILURE_SECS``, and not at all
+        for the ranks a timeout named), never turning the call's outcome into another. A call
+        ends once: an asynchronous save ends its own before its background part (:meth:`scope`)
+        begins, and that part ends separately."""
+        if not self._prefix or self.world == 1 or self._ended:
+            return
+        self._ended = True
+        key = f"{self._prefix}/ended"
+        with contextlib.suppress(RuntimeError, dist.DistError):  # the store gone: nobody is left to read it
+            if self.rank:
+                self.store.add(key, 1)
+                return
+            gone = set(failure.ranks) - {0} if isinstance(failure, RankTimeoutError) else set()
+            expected = self.world - 1 - len(gone)
+            limit = _END_WAIT_SECS if failure is None else _END_WAIT_AFTER_FAILURE_SECS
+            deadline = time.monotonic() + min(self.timeout_secs, limit)
+            delay = 1e-4
+            while self.store.add(key, 0) < expected and time.monotonic() < deadline:
+                time.sleep(delay)
+                delay = min(2 * delay, 0.02)
+            self.store.delete_key(key)
 
     def check_call(self) -> None:
         """Compare the call's arguments across ranks now, unless an exchange already did: before
