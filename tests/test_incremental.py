@@ -27,7 +27,7 @@ import torch
 
 import torchckpt
 from torchckpt import CheckpointManager
-from torchckpt._dist import coordinator as dist_coordinator
+from torchckpt._dist import payloads as dist_payloads
 from torchckpt._format import spec
 from torchckpt._load import opened as load_opened
 from torchckpt._save import reuse as save_reuse
@@ -729,7 +729,7 @@ def test_each_rank_distrusts_the_damage_it_found_and_the_damage_any_rank_reports
         try:
             raise torchckpt.CorruptCheckpointError("this rank's damage", files["a"][0])
         except torchckpt.CorruptCheckpointError as mine:
-            raise dist_coordinator.collective_error(failures, "Restoring") from mine
+            raise dist_payloads.collective_error(failures, "Restoring") from mine
     except torchckpt.CorruptCheckpointError as every:
         assert every.path == files["b"][0] and every.ranks == [1, 2, 3]
         load_opened.distrust_damaged(storage, every, {path for path, _ in files.values()})

@@ -35,8 +35,8 @@ import torch
 import xxhash
 
 from torchckpt import _tensorio
-from torchckpt._dist import coordinator as dist_coordinator
 from torchckpt._dist import dtensor as dist_dtensor
+from torchckpt._dist import payloads as dist_payloads
 from torchckpt._dist.coordinator import Coordinator
 from torchckpt._dist.dtensor import Layout
 from torchckpt._format import blocks as format_blocks
@@ -237,9 +237,9 @@ def prepare(coord: Coordinator, path: str,
         else:
             mine.update(structure=drafted.structure, files=len(drafted.shards))
     except Exception as e:
-        mine = {"error": dist_coordinator.failure_payload(e)}
+        mine = {"error": dist_payloads.failure_payload(e)}
         failed = e
-    records = [dist_coordinator.decode(r) for r in coord.all_gather("plan", dist_coordinator.encode(mine))]
+    records = [dist_payloads.decode(r) for r in coord.all_gather("plan", dist_payloads.encode(mine))]
     _raise_failures(records, "Saving " + path, failed)
     assert captured is not None
     if len({r["tree"] for r in records}) > 1:
@@ -250,8 +250,8 @@ def prepare(coord: Coordinator, path: str,
         plan = save_layouts.numbered(drafted, [r["files"] for r in records], coord.rank)
         return Prepared(path, captured, section, plan, base, incremental)
     if any("entries" not in r for r in records):  # every rank sends its full list, as the general plan needs
-        full = dist_coordinator.encode({"entries": captured.entries})
-        records = [dist_coordinator.decode(r) for r in coord.all_gather("entries", full)]
+        full = dist_payloads.encode({"entries": captured.entries})
+        records = [dist_payloads.decode(r) for r in coord.all_gather("entries", full)]
     differing = differing_values(records)
     if differing:
         raise refusal(differing)
@@ -270,26 +270,26 @@ def finish(coord: Coordinator, storage: Storage, prepared: Prepared, progress: b
             stage = storage.stage(path, replace)
             opened: dict[str, Any] = {"stage": stage.path}
         except Exception as e:
-            opened, stage_error = {"error": dist_coordinator.failure_payload(e)}, e
-        coord.broadcast("stage", dist_coordinator.encode(opened))
+            opened, stage_error = {"error": dist_payloads.failure_payload(e)}, e
+        coord.broadcast("stage", dist_payloads.encode(opened))
     else:
-        opened = dist_coordinator.decode(coord.broadcast("stage", None, coord.outcome_timeout_secs))
+        opened = dist_payloads.decode(coord.broadcast("stage", None, coord.outcome_timeout_secs))
     if "error" in opened:
-        raise dist_coordinator.collective_error({0: opened["error"]}, "Saving " + path) from stage_error
+        raise dist_payloads.collective_error({0: opened["error"]}, "Saving " + path) from stage_error
     checked = save_reuse.Checked() if prepared.incremental else None
     report, write_error = _write_mine(coord, storage, prepared, opened["stage"], progress, checked)
     reports = _gather_reports(coord, report)
     if coord.rank == 0:
         assert stage is not None
         outcome = _commit(coord, stage, path, plan, prepared.section, captured, reports, after, warm_page_cache)
-        coord.broadcast("outcome", dist_coordinator.encode(outcome))
+        coord.broadcast("outcome", dist_payloads.encode(outcome))
     else:  # rank 0 commits meanwhile: lost now, the checkpoint may be committed or not
         coord.consequence = (f"Rank 0 was committing {path} when it was lost, so it may be committed or not: "
                              "latest_checkpoint() (or whether its index.json exists) says which.")
-        outcome = dist_coordinator.decode(coord.broadcast("outcome", None, coord.outcome_timeout_secs))
+        outcome = dist_payloads.decode(coord.broadcast("outcome", None, coord.outcome_timeout_secs))
     if "failures" in outcome:
         failures = {int(r): f for r, f in outcome["failures"].items()}
-        raise dist_coordinator.collective_error(failures, "Saving " + path) from write_error
+        raise dist_payloads.collective_error(failures, "Saving " + path) from write_error
     if checked is not None:
         with contextlib.suppress(OSError):  # a file not remembered is read back next time: never this save's outcome
             checked.keep(storage, path)
@@ -299,10 +299,10 @@ def finish(coord: Coordinator, storage: Storage, prepared: Prepared, progress: b
 def _gather_reports(coord: Coordinator, report: dict[str, Any]) -> list[dict[str, Any]] | Exception:
     """Every rank's write report on rank 0; a rank that never reports is a failure, not a hang."""
     try:
-        gathered = coord.gather("report", dist_coordinator.encode(report))
+        gathered = coord.gather("report", dist_payloads.encode(report))
     except CheckpointError as e:
         return e
-    return [] if gathered is None else [dist_coordinator.decode(g) for g in gathered]
+    return [] if gathered is None else [dist_payloads.decode(g) for g in gathered]
 
 
 def _write_mine(coord: Coordinator, storage: Storage, prepared: Prepared, stage_path: str,
@@ -336,7 +336,7 @@ def _write_mine(coord: Coordinator, storage: Storage, prepared: Prepared, stage_
         return {"records": records, "rows": rows, "nbytes": total, "blocks": format_index.big_endian(blocks).hex(),
                 "per_rank": captured.per_rank, "reused": reused}, None
     except Exception as e:
-        return {"error": dist_coordinator.failure_payload(e)}, e
+        return {"error": dist_payloads.failure_payload(e)}, e
 
 
 def _commit(coord: Coordinator, stage: Any, path: str, plan: RankPlan, section: dict[str, Any], captured: Captured,
@@ -355,11 +355,11 @@ def _commit(coord: Coordinator, stage: Any, path: str, plan: RankPlan, section: 
         stage.commit({rec["file"]: rec["size"] for rep in reports for rec in rep["records"]})
     except Exception as e:
         _discard(stage)
-        return {"failures": {0: dist_coordinator.failure_payload(e)}}
+        return {"failures": {0: dist_payloads.failure_payload(e)}}
     try:
         result = after() if after is not None else None
     except Exception as e:
-        return {"failures": {0: dist_coordinator.failure_payload(e)}}
+        return {"failures": {0: dist_payloads.failure_payload(e)}}
     finally:
         with contextlib.suppress(Exception):  # background work for the next save: never this one's outcome
             stage.settle(every_file=warm_page_cache)  # rank 0: every rank's files, into its host's page cache
@@ -435,7 +435,7 @@ def _differing_leaves(coord: Coordinator, section: dict[str, Any]) -> list[str]:
     shared = {"state": _without_per_rank(section["state"]),
               **{k: v for k, v in section.items() if k not in ("state",)}}
     mine = _leaf_digests(shared, "", {})
-    theirs = [dist_coordinator.decode(r) for r in coord.all_gather("values", dist_coordinator.encode(mine))]
+    theirs = [dist_payloads.decode(r) for r in coord.all_gather("values", dist_payloads.encode(mine))]
     keys: dict[str, list[int]] = {}
     for rank, digests in enumerate(theirs):
         for key in set(digests) | set(theirs[0]):
@@ -448,4 +448,4 @@ def _differing_leaves(coord: Coordinator, section: dict[str, Any]) -> list[str]:
 def _raise_failures(records: list[dict[str, Any]], what: str, mine: BaseException | None) -> None:
     failures = {r: rec["error"] for r, rec in enumerate(records) if "error" in rec}
     if failures:
-        raise dist_coordinator.collective_error(failures, what) from mine
+        raise dist_payloads.collective_error(failures, what) from mine
