@@ -446,11 +446,17 @@ def test_a_failed_state_write_is_mended_by_the_next_save(tmp_path, disk):
 
 def test_a_warning_when_best_metric_is_never_passed(tmp_path):
     mgr = CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), tmp_path, keep_best=1, best_metric="val_loss")
-    with pytest.warns(UserWarning, match="best_metric 'val_loss' is not among the metrics"):
+    with pytest.warns(UserWarning, match="best_metric 'val_loss' is not among the metrics") as caught:
         mgr.save(metrics={"loss": 1.0})
+    assert caught[0].filename == __file__  # at the caller's line, not inside torchckpt
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         mgr.save(metrics={"loss": 2.0})  # once
+    ranked_by_fn = CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), tmp_path / "fn", keep_best=1,
+                                     best_metric=lambda m: m["val_loss"])
+    with pytest.warns(UserWarning, match="best_metric cannot rank the metrics passed to save") as caught:
+        ranked_by_fn.save(metrics={"loss": 1.0})
+    assert caught[0].filename == __file__
 
 
 # -- A8: orphans ---------------------------------------------------------------------------------

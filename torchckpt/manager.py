@@ -26,11 +26,11 @@ from torchckpt._dist.preemption import PreemptionWatch
 from torchckpt._format import spec
 from torchckpt._history import members as history_members
 from torchckpt._history import state as history_state
-from torchckpt._history.arguments import check_arguments, number_argument, plain_metrics, plain_number
+from torchckpt._history.arguments import check_arguments, number_argument, plain_metrics, plain_number, unranked_metrics
 from torchckpt._history.arguments import checkpoint_number as checkpoint_number_of
 from torchckpt._history.ledger import Ledger
 from torchckpt._history.recover import Ranking, resolve_ranking
-from torchckpt._history.retention import MetricFn, metric_failure
+from torchckpt._history.retention import MetricFn
 from torchckpt._history.state import State
 from torchckpt._load.rename import Rename, call_argument
 from torchckpt._load.resume import assert_consumed_on_every_rank, restore_newest_intact, restore_order
@@ -38,10 +38,9 @@ from torchckpt._paths import as_path, join, name_of
 from torchckpt._save.options import SaveHooks, SaveOptions, parse_size, save_arguments
 from torchckpt._storage import claims
 from torchckpt._storage.base import AlreadyCommitted
-from torchckpt._storage.files import is_read_only_error
 from torchckpt._storage.registry import storage_for
 from torchckpt.checkpoint import Checkpoint, commit, restore_from
-from torchckpt.errors import CheckpointError, CheckpointWriteError
+from torchckpt.errors import CheckpointError
 from torchckpt.restore import RestoreStatus
 
 __all__ = ["CheckpointManager"]
@@ -193,7 +192,7 @@ class CheckpointManager:
         return rebuilt
 
     def _open_and_load(self, best_mode: str | None) -> list[str]:
-        self._read_only = self._open_directory()
+        self._read_only = claims.take(self._storage, self._directory, (f"{self._name}-", history_state.STATE_FILE))
         try:
             return self._ledger.load(_clock.now(), best_mode)
         except BaseException:
@@ -205,27 +204,6 @@ class CheckpointManager:
     def _is_primary(self) -> bool:
         """Whether this process decides for the job: a single process, or rank 0."""
         return self._coord.rank == 0
-
-    def _open_directory(self) -> bool:
-        """Create and claim the directory and clear crashed writers' leftovers; True when it is
-        read-only (an evaluation job on a read-only snapshot of a run): then nothing is written."""
-        try:
-            self._storage.make_dirs(self._directory)
-            self._storage.claim(self._directory)
-            claims.hold(self._storage, self._directory)
-        except OSError as e:
-            if not is_read_only_error(e) or not self._storage.follows_to_dir(self._directory):
-                raise CheckpointWriteError(
-                    f"Cannot use {self._directory} as a checkpoint directory: {e.strerror or e}.", self._directory, e
-                ) from e
-            return True
-        try:
-            for prefix in (f"{self._name}-", history_state.STATE_FILE):
-                self._storage.remove_leftovers(self._directory, prefix)
-        except BaseException:
-            claims.let_go(self._storage, self._directory)
-            raise
-        return False
 
     # -- state ---------------------------------------------------------------------------
 
@@ -270,16 +248,6 @@ class CheckpointManager:
         return self._ledger.metrics_of(name_of(as_path(path)))
 
     # -- saving --------------------------------------------------------------------------
-
-    def _next_number(self, counter: int) -> int:
-        """``counter``, moved past every number the directory has or had."""
-        names = {*self._storage.list_names(self._directory), *(e.name for e in self._ledger.entries())}
-        if self._ledger.latest:
-            names.add(self._ledger.latest)
-        numbers = [history_members.number_of(spec.final_name(n), self._name)
-                    for n in names]
-        top = max((n for n in numbers if n is not None), default=-1)
-        return max(counter, top + 1)
 
     def save(
         self,
@@ -396,7 +364,8 @@ class CheckpointManager:
             return decision
         decision["counter"] = self._checkpoint.save_counter + 1
         if decision["number"] is None:
-            decision["number"] = decision["counter"] = self._next_number(decision["counter"])
+            decision["number"] = decision["counter"] = self._ledger.next_number(
+                decision["counter"], self._storage.list_names(self._directory))
         else:
             history_members.refuse_replacing_other(join(self._directory, f"{self._name}-{decision['number']}"),
                                                    self._storage, f"save(checkpoint_number={decision['number']})")
@@ -409,18 +378,10 @@ class CheckpointManager:
         out = plain_metrics(metrics)
         if out is None:
             return None
-        best_metric = self._ledger.ranking.best_metric
-        if callable(best_metric) and not self._warned_metric and (failure := metric_failure(best_metric, out)):
+        warning = None if self._warned_metric else unranked_metrics(self._ledger.ranking.best_metric, out)
+        if warning:
             self._warned_metric = True
-            warnings.warn(f"best_metric cannot rank the metrics passed to save() ({failure}); a checkpoint whose "
-                          "metrics it cannot rank never counts as best.", stacklevel=6)
-        if isinstance(best_metric, str) and best_metric not in out and not self._warned_metric:
-            self._warned_metric = True
-            warnings.warn(
-                f"best_metric {best_metric!r} is not among the metrics passed to save() "
-                f"({', '.join(sorted(out)) or 'none'}); checkpoints without it never count as best.",
-                stacklevel=6,  # save()'s caller: through _propose, agree_all's work and save
-            )
+            warnings.warn(warning, stacklevel=7)  # save()'s caller: through _propose, agree_all's work, _save, save
         return out or None
 
     def wait_until_finished(self) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from torchckpt._format import spec
+from torchckpt._history.retention import MetricFn, metric_failure
 from torchckpt.errors import a_or_an
 
 
@@ -124,3 +125,14 @@ def check_arguments(max_to_keep: Any, checkpoint_name: Any, step_counter: Any, c
 def _is_number(value: Any, minimum: float) -> bool:
     """Whether ``value`` is a real number (not a bool, not NaN) of at least ``minimum``."""
     return not isinstance(value, bool) and isinstance(value, (int, float)) and value >= minimum
+
+
+def unranked_metrics(best_metric: str | MetricFn | None, metrics: dict[str, Any]) -> str | None:
+    """Why ``best_metric`` cannot rank the ``metrics`` a save was given (a warning's text), or None."""
+    if callable(best_metric) and (failure := metric_failure(best_metric, metrics)):
+        return (f"best_metric cannot rank the metrics passed to save() ({failure}); a checkpoint whose metrics it "
+                "cannot rank never counts as best.")
+    if isinstance(best_metric, str) and best_metric not in metrics:
+        return (f"best_metric {best_metric!r} is not among the metrics passed to save() "
+                f"({', '.join(sorted(metrics)) or 'none'}); checkpoints without it never count as best.")
+    return None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Iterable
 from typing import Any
 
 from torchckpt._format import spec
@@ -69,6 +70,14 @@ class Ledger:
 
     def entries(self) -> list[Entry]:
         return [*self.kept, *self.preserved]
+
+    def next_number(self, counter: int, listed: Iterable[str]) -> int:
+        """``counter``, moved past every number the directory has (``listed``: its names) or had."""
+        names = {*listed, *(e.name for e in self.entries())}
+        if self.latest:
+            names.add(self.latest)
+        numbers = [history_members.number_of(spec.final_name(n), self.name) for n in names]
+        return max(counter, max((n for n in numbers if n is not None), default=-1) + 1)
 
     def metrics_of(self, name: str) -> dict[str, Any] | None:
         for entry in self.entries():

@@ -12,8 +12,11 @@ from __future__ import annotations
 import collections
 import os
 import threading
+from collections.abc import Iterable
 
 from torchckpt._storage.base import Storage
+from torchckpt._storage.files import is_read_only_error
+from torchckpt.errors import CheckpointWriteError
 
 _holders: collections.Counter[tuple[int, str, str]] = collections.Counter()
 _guard = threading.Lock()
@@ -40,3 +43,29 @@ def let_go(storage: Storage, directory: str) -> None:
             del _holders[key]
     if last:
         storage.release(directory)
+
+
+def take(storage: Storage, directory: str, leftovers: Iterable[str]) -> bool:
+    """Create and claim ``directory`` for a manager of this process, and clear crashed writers'
+    leftovers (temporary names starting with one of ``leftovers``). Returns True when the directory
+    is read-only (an evaluation job on a read-only snapshot of a run): then nothing is claimed.
+
+    Raises:
+        CheckpointWriteError: the directory cannot be created or claimed for another reason.
+    """
+    try:
+        storage.make_dirs(directory)
+        storage.claim(directory)
+        hold(storage, directory)
+    except OSError as e:
+        if not is_read_only_error(e) or not storage.follows_to_dir(directory):
+            raise CheckpointWriteError(f"Cannot use {directory} as a checkpoint directory: {e.strerror or e}.",
+                                       directory, e) from e
+        return True
+    try:
+        for prefix in leftovers:
+            storage.remove_leftovers(directory, prefix)
+    except BaseException:
+        let_go(storage, directory)
+        raise
+    return False
