@@ -1021,3 +1021,15 @@ def test_a_number_a_run_numbering_by_step_never_wrote_is_not_called_deleted(tmp_
     with pytest.raises(torchckpt.CheckpointNotFoundError, match=r"does not exist\. Did you mean .*ckpt-20") as info:
         torchckpt.load_state(tmp_path / "ckpt-2")  # a typo for ckpt-20, not a deletion
     assert not isinstance(info.value, torchckpt.CheckpointDeletedError)
+
+
+def test_a_checkpoint_deleted_while_a_reader_resolves_it_is_checkpoint_deleted_error(tmp_path, disk):
+    # found (the path exists), then the run's retention deletes it before the reader looks for its index
+    manager = CheckpointManager(ckpt(), tmp_path, max_to_keep=1)
+    first = manager.save()
+    disk.after("follows_to_dir", lambda path: manager.save() if path == first else None, skip=1, times=1)
+    with pytest.raises(torchckpt.CheckpointDeletedError, match="was deleted while it was being read") as info:
+        torchckpt.load_state(first)
+    assert info.value.path == first and "ckpt-2 was written since" in str(info.value)
+    assert disk.called("delete_checkpoint")
+    manager.close()

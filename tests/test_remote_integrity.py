@@ -149,7 +149,8 @@ def test_an_export_onto_an_earlier_one_leaves_only_its_own_files(remote, capsys)
     ("cat_file", "index.json", 1),  # the index was there at its HEAD, gone at its GET
     ("cat_file", ".safetensors", 1),  # a shard was there when it was opened, gone at the header read
     ("info", "index.json", 2),  # the index was there when the path was resolved, gone at its HEAD
-], ids=["index-get", "shard-read", "index-head"])
+    ("info", "index.json", 1),  # the checkpoint was there, its deletion finished before its index was looked for
+], ids=["index-get", "shard-read", "index-head", "while-resolved"])
 def test_a_reader_racing_retention_gets_checkpoint_deleted_error(remote, monkeypatch, method, vanishing, calls):
     ckpt = torchckpt.Checkpoint(w=torch.full((1000,), 1.0))
     mgr = CheckpointManager(ckpt, remote.url, max_to_keep=1, storage_options=remote.options)

@@ -144,24 +144,10 @@ def resolve_checkpoint(path: str, storage: Storage) -> str:
         CheckpointNotFoundError: nothing committed is there (or a save is writing it).
         CheckpointDeletedError: a deletion is removing it.
     """
-    if not storage.exists(path) and not storage.follows_to_dir(path):
-        hint = ""
-        parent = parent_of(path)
-        if storage.follows_to_dir(parent):
-            names = storage.list_names(parent)
-            newer = _newer_of_its_run(name_of(path), names, parent, storage)
-            if newer is not None:  # a run's retention deleted it: a follower reads the newer one
-                raise CheckpointDeletedError(
-                    f"{path} was deleted: the run writing {parent} keeps only its latest checkpoints (max_to_keep), "
-                    f"and has written {sibling(path, newer)} since. Read that one (latest_checkpoint, "
-                    "checkpoints_iterator).", path)
-            import difflib
-
-            close = difflib.get_close_matches(name_of(path), names, n=1)
-            if close:
-                hint = f" Did you mean {sibling(path, close[0])!r}?"
-        raise CheckpointNotFoundError(f"No checkpoint at {path}: the path does not exist.{hint}", path)
-    if not storage.follows_to_dir(path):
+    is_dir = storage.follows_to_dir(path)  # asked once: a deletion may finish between two questions
+    if not is_dir and not storage.exists(path):
+        raise _absent(path, storage)
+    if not is_dir:
         if name_of(path) == spec.INDEX_FILE:
             return parent_of(path)
         raise CheckpointNotFoundError(
@@ -171,15 +157,44 @@ def resolve_checkpoint(path: str, storage: Storage) -> str:
         return path
     latest = latest_in(path, storage)
     if latest is None:
-        unfinished = unfinished_error(path, storage.list_names(path))
+        names = storage.list_names(path)
+        unfinished = unfinished_error(path, names)
         if unfinished is not None:
             raise unfinished
+        if not names and not storage.follows_to_dir(path):  # there a moment ago: a deletion finished meanwhile
+            raise _absent(path, storage, meanwhile=True)
         raise CheckpointNotFoundError(
             f"No committed checkpoint in {path}: it has no {spec.INDEX_FILE} and no checkpoint directories. "
             "A save that was interrupted leaves nothing behind; check the path.",
             path,
         )
     return latest
+
+
+def _absent(path: str, storage: Storage, meanwhile: bool = False) -> CheckpointNotFoundError:
+    """The error for a checkpoint path that is not there: never was (a typo: the closest name), or
+    deleted by its run's retention (a newer checkpoint of its run is there), or (``meanwhile``)
+    deleted while this reader was resolving it, a moment after it found it."""
+    parent, newer, close = parent_of(path), None, []
+    if storage.follows_to_dir(parent):
+        names = storage.list_names(parent)
+        newer = _newer_of_its_run(name_of(path), names, parent, storage)
+        if newer is None and not meanwhile:
+            import difflib
+
+            close = difflib.get_close_matches(name_of(path), names, n=1)
+    if meanwhile:
+        since = f"; {sibling(path, newer)} was written since" if newer is not None else ""
+        return CheckpointDeletedError(
+            f"Checkpoint {path} was deleted while it was being read (a manager's max_to_keep, usually{since}); "
+            "read a newer checkpoint (latest_checkpoint, checkpoints_iterator).", path)
+    if newer is not None:  # a run's retention deleted it: a follower reads the newer one
+        return CheckpointDeletedError(
+            f"{path} was deleted: the run writing {parent} keeps only its latest checkpoints (max_to_keep), "
+            f"and has written {sibling(path, newer)} since. Read that one (latest_checkpoint, "
+            "checkpoints_iterator).", path)
+    hint = f" Did you mean {sibling(path, close[0])!r}?" if close else ""
+    return CheckpointNotFoundError(f"No checkpoint at {path}: the path does not exist.{hint}", path)
 
 
 def unfinished_error(path: str, names: list[str]) -> CheckpointNotFoundError | None:
