@@ -18,6 +18,7 @@ import safetensors.torch
 import torch
 
 import torchckpt
+from torchckpt import cli
 from torchckpt._format import spec
 from torchckpt._load import opened as load_opened
 from torchckpt._storage.local import LOCAL
@@ -194,7 +195,7 @@ def test_fsdp2_save_and_resharding_restore_on_s3(world4, s3_run, s3_endpoint):
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_ddp_state_is_stored_once_with_bytes_spread_over_the_ranks(world4, world2, world):
+def test_ddp_state_is_stored_once_with_bytes_spread_over_the_ranks(world4, world2, world, tmp_path):
     found = ok(world4, "ddp", world)
     path = world4 / f"ddp{world}"
     index = read_index(path)
@@ -215,6 +216,11 @@ def test_ddp_state_is_stored_once_with_bytes_spread_over_the_ranks(world4, world
     state = torchckpt.load_state(path)
     assert list(state["model"]) == [f"module.{i}.weight" for i in range(len(DDP_SIZES))]
     assert [list(s) for s in state["opt"]["state"].values()] == [["step", "exp_avg", "exp_avg_sq"]] * len(DDP_SIZES)
+    assert list(state["cursor"]) == ["small", "big"]  # rank 0's per-rank value; each rank stores its own
+    last = tmp_path / "last-rank"
+    assert cli.main(["consolidate", str(path), str(last), "--rank", str(world - 1)]) == 0
+    cursor = torchckpt.load_state(last)["cursor"]
+    assert list(cursor) == ["small", "big"] and int(cursor["small"][0]) == world - 1
 
 
 # -- values that differ by rank --------------------------------------------------------------

@@ -240,7 +240,10 @@ def ddp(d: Path, rank: int, world: int) -> dict:
     opt.step()
     dist.barrier()
     before = io_written()
-    path = torchckpt.Checkpoint(model=wrapped, opt=opt).write(str(d / f"ddp{world}"), timeout_secs=TIMEOUT)
+    cursor = torchckpt.PerRank({"small": torch.full((3,), rank, dtype=torch.int8),  # stored after "big" by its rank
+                                "big": torch.full((2,), rank, dtype=torch.float64)})
+    path = torchckpt.Checkpoint(model=wrapped, opt=opt, cursor=cursor).write(str(d / f"ddp{world}"),
+                                                                            timeout_secs=TIMEOUT)
     written = io_written() - before
     if rank == 0:
         safetensors.torch.save_file({k: v.clone() for k, v in model.state_dict().items()},

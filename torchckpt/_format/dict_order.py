@@ -23,10 +23,10 @@ from collections.abc import Iterable
 from typing import Any
 
 from torchckpt._format.keypath import SEP, key_part, split, unescape_part
-from torchckpt._format.tree import DICT_TYPES, TAG, TENSOR_TAG, decode
+from torchckpt._format.tree import DICT_TYPES, PER_RANK_TAG, TAG, TENSOR_TAG, decode
 
 
-def keep_dict_order(tree: Any, saved: Iterable[str], stored: Iterable[str]) -> None:
+def keep_dict_order(tree: Any, saved: Iterable[str], stored: Iterable[str], per_rank: bool = False) -> None:
     """Mark, in place, the tensors of each string-keyed dict of ``tree`` that the decoder would put
     in another order than the dict held them.
 
@@ -36,6 +36,8 @@ def keep_dict_order(tree: Any, saved: Iterable[str], stored: Iterable[str]) -> N
         stored: the order the decoder meets them in: the index's tensor names as laid out, then
             the aliases (``_load.opened.state_tree``). Names in one and not the other (a chunk, a
             per-rank value) are ignored.
+        per_rank: look inside per-rank values (``@per_rank``) too: a rank of a save by several
+            ranks marks its own, whose tensors only it stores (``stored``: those, in its order).
     """
     saved, stored = list(saved), list(stored)
     if saved == stored:  # the layout kept the tree's order (one process, one element size): nothing to mark
@@ -59,7 +61,7 @@ def keep_dict_order(tree: Any, saved: Iterable[str], stored: Iterable[str]) -> N
             children[parent].append((part, position))
     pairs: dict[int, dict[str, Any]] = {}  # id of a tagged dict's pairs -> its values by name part
     for parent, found in children.items():
-        node = _node_at(tree, split(parent) if parent else [], pairs)
+        node = _node_at(tree, split(parent) if parent else [], pairs, per_rank)
         if not isinstance(node, dict) or _is_tagged(node):
             continue  # a list, a tuple or a tagged dict holds each tensor's place already
         left_out = [(unescape_part(part), position) for part, position in found if unescape_part(part) not in node]
@@ -71,10 +73,12 @@ def _is_tagged(node: dict[str, Any]) -> bool:
     return len(node) == 1 and next(iter(node)).startswith(TAG)
 
 
-def _node_at(node: Any, parts: list[str], pairs: dict[int, dict[str, Any]]) -> Any:
+def _node_at(node: Any, parts: list[str], pairs: dict[int, dict[str, Any]], per_rank: bool) -> Any:
     """The JSON node at the key path ``parts`` (escaped, as in tensor names), or None where the
-    path leads nowhere the decoder would place a dict's tensors (a per-rank value, a plain value)."""
+    path leads nowhere the decoder would place a dict's tensors (a plain value; a per-rank value
+    unless ``per_rank``)."""
     for part in parts:
+        node = _inside(node, per_rank)
         if isinstance(node, dict) and _is_tagged(node):
             tag, payload = next(iter(node.items()))
             if tag == "@tuple":
@@ -94,4 +98,11 @@ def _node_at(node: Any, parts: list[str], pairs: dict[int, dict[str, Any]]) -> A
             node = node.get(unescape_part(part))
         else:
             return None
+    return _inside(node, per_rank)
+
+
+def _inside(node: Any, per_rank: bool) -> Any:
+    """A per-rank value's own node (it sits at its wrapper's key path), when ``per_rank``."""
+    if per_rank and isinstance(node, dict) and len(node) == 1 and PER_RANK_TAG in node:
+        return node[PER_RANK_TAG]
     return node

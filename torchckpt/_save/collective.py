@@ -332,6 +332,10 @@ def _write_mine(coord: Coordinator, storage: Storage, prepared: Prepared, stage_
                 "".join(format_index.big_endian(d).hex() for d in digests)]
         for record in records:
             record["rank"] = coord.rank
+        if captured.ranked:  # this rank's per-rank values: only it stores their tensors, in its order
+            mark = chunks.rank_name("", coord.rank)
+            mine = [n[: -len(mark)] for n in rows[0] if n in captured.ranked]
+            keep_dict_order(prepared.section["state"], captured.order, mine, per_rank=True)
         reused = base.section(path) if base is not None else None
         return {"records": records, "rows": rows, "nbytes": total, "blocks": format_index.big_endian(blocks).hex(),
                 "per_rank": captured.per_rank, "reused": reused}, None
