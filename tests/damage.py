@@ -1,10 +1,14 @@
 """Damage to a file on disk, as tests inflict it: one bit flipped in place, or a bit rotting under
-the filesystem (the file's size and modification time kept, so its stamp does not change)."""
+the filesystem (the file's size and modification time kept; with the test's storage double, its
+whole stamp, the change time too, which no program can set back)."""
 
 from __future__ import annotations
 
 import json
 import os
+from typing import Any
+
+from torchckpt._storage.local import LocalStorage
 
 
 def flip_byte(file: str, offset: int, mask: int = 0x20) -> None:
@@ -17,14 +21,25 @@ def flip_byte(file: str, offset: int, mask: int = 0x20) -> None:
         f.write(bytes([byte ^ mask]))
 
 
-def rot(file: str, offset: int | None = None) -> None:
+def rot(file: str, offset: int | None = None, disk: Any = None) -> None:
     """Damage under the filesystem, a bit rotting on the disk: a byte changes (at ``offset``, else in
-    the middle of the file), and the stamp (size, modification time) stays as it was."""
+    the middle of the file), and the size and modification time stay as they were. The change time
+    moves (a program cannot set it back), as when a tool rewrites a file and puts its time back;
+    with ``disk`` (the test's local storage double) the file's stamp is reported as it was before,
+    as a bit rotting on the disk leaves it."""
     before = os.stat(file)
     flip_byte(file, os.path.getsize(file) // 2 if offset is None else offset)
     os.utime(file, ns=(before.st_atime_ns, before.st_mtime_ns))
     after = os.stat(file)
     assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    if disk is not None:
+        kept = (before.st_dev, before.st_ino, before.st_size, before.st_mtime_ns, before.st_ctime_ns)
+
+        def stamp(path: str) -> Any:
+            found = LocalStorage.stamp(disk, path)  # the real stamp, past the double's points
+            return kept if found is not None and found[:2] == kept[:2] and found[:4] == kept[:4] else found
+
+        disk.instead("stamp", stamp)
 
 
 def tensor_span(shard: str, name: str) -> tuple[int, int]:

@@ -707,7 +707,7 @@ def assert_next_save_reads_it_back_and_writes_it_afresh(mgr: CheckpointManager, 
 def test_a_file_found_damaged_is_read_back_by_the_next_save_and_written_afresh(backbone1, disk, tmp_path, capsys,
                                                                                   find):
     mgr, latest, frozen = trusted_frozen_shard(backbone1, disk, str(tmp_path / "run"))
-    rot(os.path.join(latest, frozen))
+    rot(os.path.join(latest, frozen), disk=disk)  # under the filesystem: no stamp moves, only the drop tells
     find(backbone1, latest, capsys)
     assert_next_save_reads_it_back_and_writes_it_afresh(mgr, backbone1, disk, frozen, capsys)
     mgr.close()
@@ -744,7 +744,7 @@ def test_a_header_changed_after_its_save_is_read_back_even_where_a_restore_accep
     shard = os.path.join(latest, frozen)
     data = Path(shard).read_bytes()
     assert data.count(b'"format":"pt"') == 1
-    rot(shard, data.index(b'"format":"pt"') + len(b'"format":"'))  # in the header's metadata: "Pt"
+    rot(shard, data.index(b'"format":"pt"') + len(b'"format":"'), disk=disk)  # in the header's metadata: "Pt"
     assert_bit_exact(backbone1.restored(latest), backbone1.state())  # the full parse accepts the header
     assert_next_save_reads_it_back_and_writes_it_afresh(mgr, backbone1, disk, frozen, capsys)
     mgr.close()
@@ -770,12 +770,39 @@ def test_damage_found_while_a_save_checks_a_file_keeps_that_save_from_trusting_i
 def test_a_file_whose_damage_went_unseen_is_still_trusted_by_its_stamp(backbone1, disk, tmp_path, capsys):
     """The control for the tests above: the same damage, unseen, is linked again (what the drop prevents)."""
     mgr, latest, frozen = trusted_frozen_shard(backbone1, disk, str(tmp_path / "run"))
-    rot(os.path.join(latest, frozen))
+    rot(os.path.join(latest, frozen), disk=disk)
     backbone1.step()
     since = len(disk.calls)
     third = mgr.save()
     assert shard_reads(disk, since) == [] and reused(third)["files"] == {frozen: frozen}
     assert not verified(third, capsys)  # a restore would report it; the drop above spares the new checkpoint
+    mgr.close()
+
+
+def test_a_file_rewritten_with_its_time_put_back_is_read_back_before_it_is_reused(backbone1, disk, tmp_path, capsys):
+    """A tool that rewrites a file and puts its modification time back (``rsync --inplace -t``,
+    ``touch -r``; ``cp -p`` of a damaged backup onto a freed inode number): size, inode and time
+    are as this process saw them, but the change time moved, so the file is read back, found
+    damaged and written afresh, instead of being linked into every later checkpoint."""
+    mgr, latest, frozen = trusted_frozen_shard(backbone1, disk, str(tmp_path / "run"))
+    rot(os.path.join(latest, frozen))  # no double: the change time moves, as it does for such a tool
+    assert_next_save_reads_it_back_and_writes_it_afresh(mgr, backbone1, disk, frozen, capsys)
+    mgr.close()
+
+
+def test_retention_and_the_saves_own_links_keep_a_frozen_file_trusted(backbone1, disk, tmp_path, capsys):
+    """Each save links the frozen shard again and retention deletes the oldest link: both move the
+    file's change time, and neither makes the next save read the file back."""
+    mgr = CheckpointManager(backbone1.checkpoint(), str(tmp_path / "run"), max_to_keep=1)
+    frozen = shard_of(mgr.save(), FROZEN)
+    for _ in range(3):
+        time.sleep(0.05)  # the filesystem's clock ticks between a file's last write and the next index
+        backbone1.step()
+        since = len(disk.calls)
+        latest = mgr.save()
+        assert reused(latest)["files"] == {frozen: frozen} and shard_reads(disk, since) == []
+        assert len(mgr.checkpoints) == 1 and os.stat(os.path.join(latest, frozen)).st_nlink == 1
+    assert verified(latest, capsys)
     mgr.close()
 
 
@@ -837,15 +864,18 @@ def test_a_save_of_more_files_than_a_process_remembers_names_only_those_it_kept(
     storage = LocalStorage()
     checkpoint = tmp_path / "ckpt"
     checkpoint.mkdir()
-    (checkpoint / spec.INDEX_FILE).write_bytes(b"{}")
-    device, mtime = os.stat(checkpoint / spec.INDEX_FILE).st_dev, 1  # long before the index
     checked = save_reuse.Checked()
-    for i in range(storage_trusted.KNOWN_FILES + 1):  # stamps of no real file (negative inodes): the oldest is forgotten
-        checked.add(f"f{i}", (device, -1 - i, 8, mtime), "h", (i,))
+    stamps = []
+    for i in range(storage_trusted.KNOWN_FILES + 1):  # one file more than a process remembers: the oldest is forgotten
+        (checkpoint / f"f{i}").write_bytes(b"x" * 8)
+        os.utime(checkpoint / f"f{i}", ns=(1, 1))  # long before the index
+        stamps.append(storage.stamp(str(checkpoint / f"f{i}")))
+        checked.add(f"f{i}", stamps[-1], "h", (i,))
+    (checkpoint / spec.INDEX_FILE).write_bytes(b"{}")
     kept = checked.keep(storage, str(checkpoint))
     assert kept == {f"f{i}" for i in range(1, storage_trusted.KNOWN_FILES + 1)}
-    assert not storage_trusted.vouches((device, -1, 8, mtime), "h", (0,))
-    assert storage_trusted.vouches((device, -2, 8, mtime), "h", (1,))
+    assert not storage_trusted.vouches(stamps[0], "h", (0,))
+    assert storage_trusted.vouches(stamps[1], "h", (1,))
 
 
 # -- object stores: the server copies what did not change ------------------------------------------

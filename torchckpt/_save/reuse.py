@@ -19,10 +19,13 @@ as much as reading it when it is not, and a download on an object store.
 
 Why a file this process wrote or already checked is not read back again: reading back costs
 as much memory bandwidth as hashing the state, and a run saves the same frozen files again and
-again. A local file's stamp (device, inode, size, modification time; ``Storage.stamp``) changes
-with every write, truncation or replacement made through the filesystem, so where the stamp of the
-placed file is the one this process saw when it wrote the file, or when it last read it back, the
-file still holds those bytes. Two limits, the ones git's index lives with (its "racily clean"
+again. A local file's stamp (device, inode, size, modification and change times;
+``Storage.stamp``) changes with every write, truncation or replacement made through the
+filesystem: the change time also where a tool sets the modification time back (``cp -p``,
+``rsync -t``, ``touch -r``) and where a new file gets a freed inode number. So where the stamp of
+the base's file, taken before it is linked (a link moves the change time), is the one this process
+recorded when it wrote the file or last read it back (after that save's own link and its
+retention's deletions), the file still holds those bytes. Two limits, the ones git's index lives with (its "racily clean"
 entries): a change made within the same timestamp tick as that stamp leaves the time as it was, so
 a stamp counts only once the checkpoint's index, written after it, carries a later time
 (:meth:`Checked.keep`), and the race left is a writer changing the file within one tick of our own
@@ -77,13 +80,20 @@ class Checked:
             self.files.append((name, stamp, header_checksum, tuple(digests), when))
 
     def keep(self, storage: Storage, path: str) -> set[str]:
-        """Trust the files (``_storage.trusted``), once the checkpoint ``path`` is committed: those
-        whose time is earlier than its index's (a change made after that always moves the time); the
-        rest are read back when next reused. Returns the names of those trusted."""
+        """Trust the files (``_storage.trusted``), once the checkpoint ``path`` is committed and its
+        manager's retention has run: those whose modification time is earlier than its index's (a
+        change made after that always moves the time), by their stamps as they are now, which is
+        what the next save finds before it links them again. Only the change time may have moved
+        since the check: this save's own link and retention's deletions of other links move it.
+        The rest are read back when next reused. Returns the names of those trusted."""
         marker = storage.stamp(join(path, INDEX_FILE)) if self.files else None
         if marker is None:
             return set()
-        earlier = [file for file in self.files if file[1][0] == marker[0] and file[1][3] < marker[3]]
+        earlier = []
+        for name, stamp, header_checksum, digests, checked_at in self.files:
+            now = storage.stamp(join(path, name))
+            if now is not None and now[:4] == stamp[:4] and stamp[0] == marker[0] and stamp[3] < marker[3]:
+                earlier.append((name, now, header_checksum, digests, checked_at))
         trusted = storage_trusted.remember(file[1:] for file in earlier)
         self.files.clear()
         return {name for name, stamp, *_ in earlier if (stamp[0], stamp[1]) in trusted}
@@ -167,14 +177,18 @@ def reuse_shard(stage: Stage, base: Base, file: str, names: list[str], tensors: 
     first = _digests_if_equal(tensors[:1], found.digests[:1], block_bytes)  # a changed shard stops here, usually
     if first is None:
         return None
-    placed = stage.reuse(file, join(base.path, found.file))
+    source = join(base.path, found.file)
+    before = base.storage.stamp(source)  # before the link, which moves the file's change time
+    placed = stage.reuse(file, source)
     if placed is None:
         return None
     # The stamp is taken before the read-back: a change made after it moves the time, and damage
     # found after it keeps the file out of the trusted ones (``_storage.trusted.now``).
     checked_at = storage_trusted.now()
     stamp = stage.stamp(file)
-    if storage_trusted.vouches(stamp, found.header_checksum, found.digests):
+    # The file stat() saw, unchanged but for the change time the link itself moved
+    linked = before is not None and stamp is not None and before[:4] == stamp[:4]
+    if linked and storage_trusted.vouches(before, found.header_checksum, found.digests):
         # Nothing to read back: the rest of the tensors are hashed on two threads.
         half = _half(tensors, 1)
         later = _aside.call(_digests_if_equal, tensors[half:], found.digests[half:], block_bytes)

@@ -118,11 +118,14 @@ def write_checkpoint(
         if isinstance(e, (CheckpointWriteError, AlreadyCommitted)):
             raise
         raise CheckpointWriteError(storage.describe_write_failure(path, e), path, e) from e
-    known = checked.keep(storage, path) if checked is not None else set()
+    known: set[str] = set()
     try:
         if after is not None:
             after()
     finally:
+        if checked is not None:  # after retention, whose deletions of other links move the files' change time
+            with contextlib.suppress(OSError):  # a file not remembered is read back next time: never this save's outcome
+                known = checked.keep(storage, path)
         with contextlib.suppress(Exception):  # background work for the next save: never this one's outcome
             stage.settle(() if warm_page_cache else known, every_file=warm_page_cache)
     return path

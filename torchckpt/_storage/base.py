@@ -172,7 +172,7 @@ class Output(Protocol):
     def __exit__(self, *exc: object) -> None: ...
 
 
-Stamp = tuple[int, int, int, int]  # Storage.stamp: (device, inode, size, modification time in ns)
+Stamp = tuple[int, int, int, int, int]  # Storage.stamp: (device, inode, size, modification and change times in ns)
 
 
 class Stage(Protocol):
@@ -285,8 +285,10 @@ class Storage(Protocol):
 
     def stamp(self, path: str) -> Stamp | None:
         """What tells this version of the file ``path`` from any other without reading it: on a
-        local filesystem its device, inode, size and modification time in nanoseconds, which any
-        write, truncation or replacement changes; None where the storage has nothing as cheap to
+        local filesystem its device, inode, size, and modification and change times in
+        nanoseconds, which any write, truncation or replacement changes (the change time also
+        where a tool puts the modification time back, and a new file reuses a freed inode number,
+        as ``cp -p`` and ``rsync -t`` may; a link made or removed moves it too); None where the storage has nothing as cheap to
         trust (an object store) or ``path`` is not a regular file. See ``_save.reuse`` for what a
         stamp may be trusted for."""
 

@@ -315,7 +315,7 @@ class LocalStorage:
             return None
         if not stat.S_ISREG(found.st_mode):
             return None
-        return found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns
+        return found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns, found.st_ctime_ns
 
     def is_shared(self, path: str) -> bool:
         try:

@@ -2,8 +2,9 @@
 
 An incremental save places a shard of the previous checkpoint (a hard link) instead of writing it,
 once it knows the file holds exactly the bytes it would write: by reading it back, or, for a file
-this process wrote or read back itself, by its stamp (device, inode, size, modification time),
-which every write through the filesystem changes (see ``_save.reuse`` for why, and its limits).
+this process wrote or read back itself, by its stamp (device, inode, size, modification and
+change times), which every write or replacement through the filesystem changes (see
+``_save.reuse`` for why, and its limits).
 
 Why here, below both paths: saves add to the table (``_save.reuse``), and a restore or a reader
 that finds a file damaged drops it (``_load.opened``). Damage under the filesystem, a bit rotting
@@ -26,8 +27,8 @@ from torchckpt._storage.base import Stamp
 
 KNOWN_FILES = 4096  # how many files' stamps a process remembers (oldest forgotten first)
 
-# (device, inode) -> (size, modification time, header checksum, tensor digests)
-_known: dict[tuple[int, int], tuple[int, int, str, tuple[int, ...]]] = {}
+# (device, inode) -> (size, modification time, change time, header checksum, tensor digests)
+_known: dict[tuple[int, int], tuple[int, int, int, str, tuple[int, ...]]] = {}
 _dropped: dict[tuple[int, int], int] = {}  # (device, inode) -> when it was found damaged (see now())
 _clock = itertools.count(1)
 _last = 0
@@ -48,11 +49,11 @@ def remember(files: Iterable[tuple[Stamp, str, tuple[int, ...], int]]) -> set[tu
     trusted on return."""
     keys, files = [], list(files)  # taken before the lock: the iterable may call now()
     with _lock:
-        for (device, inode, size, mtime), header_checksum, digests, checked_at in files:
+        for (device, inode, size, mtime, ctime), header_checksum, digests, checked_at in files:
             if _dropped.get((device, inode), -1) > checked_at:
                 continue
             _known.pop((device, inode), None)  # the newest last: forgotten last
-            _known[device, inode] = (size, mtime, header_checksum, digests)
+            _known[device, inode] = (size, mtime, ctime, header_checksum, digests)
             keys.append((device, inode))
         while len(_known) > KNOWN_FILES:
             del _known[next(iter(_known))]
@@ -63,9 +64,9 @@ def vouches(stamp: Stamp | None, header_checksum: str, digests: tuple[int, ...])
     """Whether the file with ``stamp`` is one this process wrote or checked holding exactly that."""
     if stamp is None:
         return False
-    device, inode, size, mtime = stamp
+    device, inode, size, mtime, ctime = stamp
     with _lock:
-        return _known.get((device, inode)) == (size, mtime, header_checksum, digests)
+        return _known.get((device, inode)) == (size, mtime, ctime, header_checksum, digests)
 
 
 def forget(stamp: Stamp | None) -> None:
