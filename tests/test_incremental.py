@@ -790,16 +790,20 @@ def test_a_file_rewritten_with_its_time_put_back_is_read_back_before_it_is_reuse
     mgr.close()
 
 
-def test_retention_and_the_saves_own_links_keep_a_frozen_file_trusted(backbone1, disk, tmp_path, capsys):
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_retention_and_the_saves_own_links_keep_a_frozen_file_trusted(backbone1, disk, tmp_path, capsys, async_save):
     """Each save links the frozen shard again and retention deletes the oldest link: both move the
     file's change time, and neither makes the next save read the file back."""
-    mgr = CheckpointManager(backbone1.checkpoint(), str(tmp_path / "run"), max_to_keep=1)
-    frozen = shard_of(mgr.save(), FROZEN)
+    mgr = CheckpointManager(backbone1.checkpoint(), str(tmp_path / "run"), max_to_keep=1, async_save=async_save)
+    first = mgr.save()
+    mgr.wait_until_finished()
+    frozen = shard_of(first, FROZEN)
     for _ in range(3):
         time.sleep(0.05)  # the filesystem's clock ticks between a file's last write and the next index
         backbone1.step()
         since = len(disk.calls)
         latest = mgr.save()
+        mgr.wait_until_finished()
         assert reused(latest)["files"] == {frozen: frozen} and shard_reads(disk, since) == []
         assert len(mgr.checkpoints) == 1 and os.stat(os.path.join(latest, frozen)).st_nlink == 1
     assert verified(latest, capsys)
