@@ -158,7 +158,7 @@ def test_only_the_dicts_the_layout_reorders_are_marked_in_the_index(tmp_path):
     path = torchckpt.Checkpoint(model=model, stats=mixed).write(tmp_path / "c")
     state = read_index(Path(path))["torchckpt"]["state"]
     assert "model" not in state or state["model"] == {}  # the model's 40 tensors: no mark, a small index
-    assert state["stats"] == {"loss_sum": {"@tensor": None}, "count": {"@tensor": None}}
+    assert state["stats"] == {"loss_sum": {"@tensor": None}}  # the first placed; "count" follows as stored
 
 
 def test_a_consolidated_or_a_rewritten_tree_keeps_the_marks_it_has():
@@ -168,9 +168,16 @@ def test_a_consolidated_or_a_rewritten_tree_keeps_the_marks_it_has():
     keep_dict_order(tree, list(tensors), list(tensors))  # stored in the tree's order: nothing to mark
     assert tree == before
     keep_dict_order(tree, list(tensors), ["e/x", "d/b", "d/a"])
-    assert tree == {"d": {"a": {"@tensor": None}, "b": {"@tensor": None}}, "e": {}}  # "e": one tensor, no order
+    assert tree == {"d": {"a": {"@tensor": None}}, "e": {}}  # "a" placed first, "b" after it; "e": one tensor
     keep_dict_order(tree, list(tensors), ["d/b", "d/a", "e/x"])  # marked already: unchanged
-    assert tree == {"d": {"a": {"@tensor": None}, "b": {"@tensor": None}}, "e": {}}
+    assert tree == {"d": {"a": {"@tensor": None}}, "e": {}}
+    three: dict[str, torch.Tensor] = {}
+    tree = format_tree.encode({"d": {"a": torch.ones(1), "b": torch.ones(1), "c": torch.ones(1)}}, "", three)
+    keep_dict_order(tree, list(three), ["d/b", "d/c", "d/a"])
+    assert tree == {"d": {"a": {"@tensor": None}}}  # the shortest run from the first that leaves the rest in order
+    tree = format_tree.encode({"d": {"a": torch.ones(1), "b": torch.ones(1), "c": torch.ones(1)}}, "", {})
+    keep_dict_order(tree, list(three), ["d/a", "d/c", "d/b"])
+    assert tree == {"d": {"a": {"@tensor": None}, "b": {"@tensor": None}}}
 
 
 def test_a_per_rank_value_in_one_process_keeps_its_order(tmp_path):
@@ -206,3 +213,24 @@ def test_any_nested_state_comes_back_in_its_order(state, shard):
         assert {k: orders(loaded[k]) for k in state} == {k: orders(v) for k, v in state.items()}
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_a_model_whose_tensors_align_in_save_order_is_stored_in_it_and_needs_no_marks(tmp_path):
+    model = bn_net(0)  # float32 weights of even sizes and an int64 counter: aligned in save order
+    path = torchckpt.Checkpoint(model=model).write(tmp_path / "c")
+    index = read_index(Path(path))
+    assert index["torchckpt"]["tensors"]["names"] == [f"model/{k}" for k in model.state_dict()]
+    assert "@tensor" not in json.dumps(index["torchckpt"]["state"])
+
+
+def test_a_save_order_that_would_misalign_a_tensor_is_stored_widest_first_every_tensor_aligned(tmp_path):
+    from .damage import tensor_span
+
+    state = {"odd": torch.ones(3, dtype=torch.int8), "half": torch.ones(3, dtype=torch.float16),
+             "wide": torch.ones(2, dtype=torch.float64), "word": torch.ones(1, dtype=torch.int32)}
+    path = torchckpt.Checkpoint(d=state).write(tmp_path / "c")
+    shard = str(next(Path(path).glob("*.safetensors")))
+    starts = {name: tensor_span(shard, f"d/{name}")[0] for name in state}
+    assert all(starts[name] % t.element_size() == 0 for name, t in state.items())  # the data starts 8-aligned
+    assert sorted(starts, key=starts.get) == ["wide", "word", "half", "odd"]
+    assert list(torchckpt.load_state(path)["d"]) == list(state)

@@ -38,6 +38,7 @@ class Shard:
     nbytes: int = 0
     stable: bool = False  # of tensors likely unchanged since the last save (see ``plan_shards``)
     widths: array.array[int] = field(default_factory=lambda: array.array("B"), repr=False)  # element sizes
+    sizes: array.array[int] = field(default_factory=lambda: array.array("Q"), repr=False)  # bytes
 
 
 CHANGING, FROZEN_PARAMETER, FROZEN_BUFFER = 0, 1, 2  # the groups of ``plan_shards``, by how likely a tensor changes
@@ -69,15 +70,29 @@ def plan_shards(rows: Iterable[tuple[str, int, int]], max_shard_size: int,
             shard = current[g] = Shard(stable=g != CHANGING)
         shard.names.append(name)
         shard.widths.append(width)
+        shard.sizes.append(n)
         shard.nbytes += n
     shards = [s for g in _GROUP_ORDER for s in (*done[g], current[g]) if s.names] or [Shard()]
-    for shard in shards:  # widest elements first keeps every tensor aligned to its element size
+    for shard in shards:  # every tensor aligned to its element size: in save order where it is, else widest first
         widths = shard.widths
-        if widths and min(widths) != max(widths):
+        if widths and min(widths) != max(widths) and not _aligned(shard.sizes, widths):
             order = sorted(range(len(widths)), key=lambda i: -widths[i])
             shard.names = [shard.names[i] for i in order]
-        shard.widths = array.array("B")
+        shard.widths, shard.sizes = array.array("B"), array.array("Q")
     return shards
+
+
+def _aligned(sizes: array.array[int], widths: array.array[int]) -> bool:
+    """Whether tensors of ``sizes`` bytes laid out one after another, in this order, each start at
+    a multiple of their element size (``widths``): then the save's order, which a dict's keys
+    keep without marks (``_format.dict_order``), needs no sorting. Float32 weights and an int64
+    counter of even-sized layers are, as a BatchNorm model's state dict is."""
+    offset = 0
+    for size, width in zip(sizes, widths):
+        if offset % width:
+            return False
+        offset += size
+    return True
 
 
 @dataclass
