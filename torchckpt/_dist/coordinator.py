@@ -35,8 +35,8 @@ T = TypeVar("T")
 
 # How long rank 0 waits at the end of a call for the others to have read it (``Coordinator.end_call``):
 # they are waiting for its last exchange already, and read it at once unless they have gone.
-_END_WAIT_SECS = 60.0
-_END_WAIT_AFTER_FAILURE_SECS = 10.0
+_END_WAIT_SECS = 15.0
+_END_WAIT_AFTER_FAILURE_SECS = 5.0
 _GAVE_UP = b"\x00torchckpt: given up: "  # a slot a waiting rank filled in place of a rank that never came
 _calls: dict[str, int] = {}  # group name -> collective calls begun by this process; every rank begins the same ones
 _calls_lock = threading.Lock()
@@ -200,7 +200,10 @@ class Coordinator:
         :meth:`end_call`, also when it fails."""
         try:
             yield
-        except Exception as e:
+        except BaseException as e:
+            if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: this process stops now
+                self.end_call(e)
+                raise
             try:
                 if not self._exchanges:  # once an exchange was made or tried, it carries failures or failed itself
                     self.all_gather("call", encode(failure_payload(e)), failed=True)  # raises: this rank's failure is in it
@@ -221,8 +224,9 @@ class Coordinator:
         committed" after a save that was committed. The others add one to a counter and go on;
         rank 0 polls it (never a blocking wait: a background save's exchanges share this process's
         store client). A rank that does not come has gone and reads nothing more: rank 0 gives up
-        after ``_END_WAIT_SECS`` (after a failure ``_END_WAIT_AFTER_FAILURE_SECS``, and not at all
-        for the ranks a timeout named), never turning the call's outcome into another. A call
+        after ``_END_WAIT_SECS`` (after a failure ``_END_WAIT_AFTER_FAILURE_SECS``; not at all for
+        the ranks a timeout named, nor when this rank was interrupted), never turning the call's
+        outcome into another. A call
         ends once: an asynchronous save ends its own before its background part (:meth:`scope`)
         begins, and that part ends separately."""
         if not self._prefix or self.world == 1 or self._ended:
@@ -232,6 +236,8 @@ class Coordinator:
         with contextlib.suppress(RuntimeError, dist.DistError):  # the store gone: nobody is left to read it
             if self.rank:
                 self.store.add(key, 1)
+                return
+            if failure is not None and not isinstance(failure, Exception):  # interrupted: no wait
                 return
             gone = set(failure.ranks) - {0} if isinstance(failure, RankTimeoutError) else set()
             expected = self.world - 1 - len(gone)
