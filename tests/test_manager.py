@@ -1033,3 +1033,18 @@ def test_a_checkpoint_deleted_while_a_reader_resolves_it_is_checkpoint_deleted_e
     assert info.value.path == first and "ckpt-2 was written since" in str(info.value)
     assert disk.called("delete_checkpoint")
     manager.close()
+
+
+def test_an_empty_folder_retention_is_about_to_remove_is_checkpoint_deleted_error(tmp_path):
+    # on a store with real folders a deletion removes its marker, then the empty folder: in between
+    manager = CheckpointManager(ckpt(), tmp_path, max_to_keep=1)
+    first, second = manager.save(), manager.save()
+    manager.close()
+    os.mkdir(first)  # the folder's last moment, after its files and marker are gone
+    with pytest.raises(torchckpt.CheckpointDeletedError, match="was deleted: the run writing") as info:
+        torchckpt.load_state(first)
+    assert info.value.path == first and second in str(info.value)
+    os.mkdir(tmp_path / "mine")  # a user's empty folder stays what it is
+    with pytest.raises(torchckpt.CheckpointNotFoundError, match="No committed checkpoint in") as found:
+        torchckpt.load_state(tmp_path / "mine")
+    assert not isinstance(found.value, torchckpt.CheckpointDeletedError)

@@ -163,6 +163,10 @@ def resolve_checkpoint(path: str, storage: Storage) -> str:
             raise unfinished
         if not names and not storage.follows_to_dir(path):  # there a moment ago: a deletion finished meanwhile
             raise _absent(path, storage, meanwhile=True)
+        if not names:  # an empty directory: a deletion's last step (the folder, after its marker), or a user's
+            deleted = _absent(path, storage)
+            if isinstance(deleted, CheckpointDeletedError):  # its run's retention explains the name
+                raise deleted
         raise CheckpointNotFoundError(
             f"No committed checkpoint in {path}: it has no {spec.INDEX_FILE} and no checkpoint directories. "
             "A save that was interrupted leaves nothing behind; check the path.",
