@@ -359,3 +359,28 @@ def test_a_checkpoint_of_another_model_is_refused_and_the_directory_left_free(tm
     assert "model/transformer.h.1.attn.c_attn.weight" in caught.value.report.missing_keys
     runs = str(tmp_path / "runs")
     assert callback.manager is None and not storage_for(runs).holds(runs)  # the manager closed: nothing claimed
+
+
+def test_a_resume_folder_given_to_a_trainer_without_the_callback_that_made_it_is_refused_or_heard(tmp_path, config):
+    """Only the callback whose resume_from() made the folder restores the weights: another callback
+    on the directory refuses the run before it trains (and saves) from fresh weights, and a Trainer
+    with no callback at all gets the Trainer's own warning that every key is missing."""
+    trained(tmp_path, config, SAVE_EVERY)
+    before = sorted(os.listdir(tmp_path / "runs"))
+    preparing = TorchckptCallback(tmp_path / "runs")
+    folder = preparing.resume_from()
+    other = TorchckptCallback(tmp_path / "runs")
+    trainer = trainer_for(tmp_path / "other", config, STEPS, [other])
+    with pytest.raises(TrainerResumeError, match=r"resumed at global step 2 from a folder another TorchckptCallback "
+                       r"prepared .*Give the Trainer that same callback") as caught:
+        trainer.train(resume_from_checkpoint=folder)
+    assert (caught.value.checkpoint_step, caught.value.trainer_step) == (SAVE_EVERY, SAVE_EVERY)
+    assert sorted(os.listdir(tmp_path / "runs")) == before and other.manager is None  # nothing saved from it
+    bare = trainer_for(tmp_path / "bare", config, SAVE_EVERY + 1, [])
+    records = Records()
+    logging.getLogger("transformers.trainer").addHandler(records)
+    try:
+        bare.train(resume_from_checkpoint=folder)
+    finally:
+        logging.getLogger("transformers.trainer").removeHandler(records)
+    assert any(m.startswith("There were missing keys in the checkpoint model loaded") for m in records.messages)

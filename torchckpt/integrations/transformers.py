@@ -51,6 +51,7 @@ import logging
 import os
 import tempfile
 import warnings
+import weakref
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -104,13 +105,23 @@ class TrainerResumeError(CheckpointError, ValueError):
 
 class _QuietStubLoad(logging.Filter):
     """Drops the Trainer's "missing keys" warning while it loads the resume folder's empty index:
-    every key is missing there by design, and the callback restores them all at ``on_train_begin``."""
+    every key is missing there by design, and the callback restores them all at ``on_train_begin``.
+    Only once the callback that prepared the folder is in a Trainer: given to a Trainer without it,
+    the folder would resume from fresh weights, and the Trainer's warning is all that says so."""
+
+    def __init__(self, callback: TorchckptCallback) -> None:
+        super().__init__()
+        self.callback = weakref.ref(callback)  # the logger outlives it
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(MISSING_KEYS_WARNING)
+        callback = self.callback()
+        in_trainer = callback is not None and callback._in_trainer
+        return not (in_trainer and record.getMessage().startswith(MISSING_KEYS_WARNING))
 
 
 _TRAINER_LOGGER = logging.getLogger("transformers.trainer")  # the logger Trainer._load_from_checkpoint warns on
+# A callback -> the resume it prepared, until its training begins (or it is gone).
+_PREPARED: weakref.WeakKeyDictionary[TorchckptCallback, _Resume] = weakref.WeakKeyDictionary()
 
 
 @dataclasses.dataclass
@@ -157,7 +168,9 @@ class TorchckptCallback(TrainerCallback):
         self._options = manager_options
         self.manager: CheckpointManager | None = None  # built at on_train_begin, when the optimizer exists
         self._resume: _Resume | None = None
-        self._quiet = _QuietStubLoad()  # on the Trainer's logger from resume_from() to on_train_begin
+        self._in_trainer = False  # a Trainer was built with this callback (on_init_end)
+        self._quiet = _QuietStubLoad(self)  # on the Trainer's logger from resume_from() to on_train_begin
+        weakref.finalize(self, _TRAINER_LOGGER.removeFilter, self._quiet)  # a resume prepared and never used
         self._pending: int | None = None  # the global step the Trainer decided to save and the callback has not
         self._written: int | None = None  # the global step last saved
         self._handler: CallbackHandler | None = None  # the Trainer's, calling this callback: its stateful callbacks
@@ -217,7 +230,7 @@ class TorchckptCallback(TrainerCallback):
                              (json.dumps(state, indent=2, sort_keys=True) + "\n").encode(), None)
         index = {"metadata": {"torchckpt": STUB_NOTE.format(checkpoint=path)}, "weight_map": {}}
         storage.replace_file(join(folder, SAFE_WEIGHTS_INDEX_NAME), json.dumps(index, indent=2).encode(), None)
-        self._resume = _Resume(path, folder, int(state["global_step"]))
+        self._resume = _PREPARED[self] = _Resume(path, folder, int(state["global_step"]))
         _TRAINER_LOGGER.addFilter(self._quiet)
         return folder
 
@@ -225,7 +238,27 @@ class TorchckptCallback(TrainerCallback):
         """Remove the prepared folder (the Trainer has read it) and stop quieting the Trainer's logger."""
         assert self._resume is not None
         _TRAINER_LOGGER.removeFilter(self._quiet)
+        _PREPARED.pop(self, None)
         storage_for(self._resume.folder).delete_checkpoint(self._resume.folder)
+
+    def _refuse_anothers_resume(self, state: TrainerState) -> None:
+        """A Trainer that resumed from a folder another callback prepared would train on from the
+        weights it was built with: the folder holds none, and only the callback that prepared it
+        restores them. Refused before anything is restored or saved into the directory."""
+        theirs = [r for owner, r in _PREPARED.items() if owner is not self and r.global_step == state.global_step]
+        if theirs:
+            raise TrainerResumeError(
+                f"This Trainer resumed at global step {state.global_step} from a folder another TorchckptCallback "
+                f"prepared ({theirs[0].folder}, for {theirs[0].checkpoint}): only the callback whose resume_from() "
+                "made the folder restores the model, optimizer, scheduler and random state, so this run would go on "
+                "from fresh weights. Give the Trainer that same callback: cb = TorchckptCallback(dir); "
+                "Trainer(..., callbacks=[cb]).train(resume_from_checkpoint=cb.resume_from()).",
+                theirs[0].checkpoint, theirs[0].global_step, state.global_step)
+
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> None:
+        """A Trainer holds this callback: its load of a folder :meth:`resume_from` prepared is quiet."""
+        self._in_trainer = True
 
     def _check_position(self, state: TrainerState) -> None:
         """The Trainer starts where the prepared checkpoint stood, or the resume is refused."""
@@ -303,6 +336,8 @@ class TorchckptCallback(TrainerCallback):
                 stacklevel=2)
         if self._resume is not None:
             self._check_position(state)
+        elif state.global_step:
+            self._refuse_anothers_resume(state)
         ckpt = Checkpoint(model=kwargs["model"], optimizer=kwargs["optimizer"], lr_scheduler=kwargs["lr_scheduler"],
                           rng=RNGState(), trainer_state=_plain_state(state))
         options = dict(self._options)
