@@ -234,6 +234,17 @@ class Records(logging.Handler):
         self.messages.append(record.getMessage())
 
 
+def train_logged(trainer, folder: str | None) -> list[str]:
+    """``trainer.train(resume_from_checkpoint=folder)``; returns what the Trainer's logger emitted."""
+    records = Records()
+    logging.getLogger("transformers.trainer").addHandler(records)
+    try:
+        trainer.train(resume_from_checkpoint=folder)
+    finally:
+        logging.getLogger("transformers.trainer").removeHandler(records)
+    return records.messages
+
+
 def resumed(tmp_path, config, expected_step: int):
     """A new Trainer and callback on ``tmp_path/runs``, resumed from its latest checkpoint and
     trained to the end; the Trainer warned of no missing key, and the resume folder is gone."""
@@ -241,13 +252,7 @@ def resumed(tmp_path, config, expected_step: int):
     trainer = trainer_for(tmp_path, config, RESUME_STEPS, [callback], **RESUME_OPTIONS)
     folder = callback.resume_from()
     assert json.loads(Path(folder, "trainer_state.json").read_text())["global_step"] == expected_step
-    records = Records()
-    logging.getLogger("transformers.trainer").addHandler(records)
-    try:
-        trainer.train(resume_from_checkpoint=folder)
-    finally:
-        logging.getLogger("transformers.trainer").removeHandler(records)
-    assert not any("missing keys" in m for m in records.messages)  # the empty index's warning, dropped
+    assert not any("missing keys" in m for m in train_logged(trainer, folder))  # the empty index's warning, dropped
     assert not os.path.exists(folder)
     assert trainer.state.global_step == RESUME_STEPS
     return trainer
@@ -377,10 +382,5 @@ def test_a_resume_folder_given_to_a_trainer_without_the_callback_that_made_it_is
     assert (caught.value.checkpoint_step, caught.value.trainer_step) == (SAVE_EVERY, SAVE_EVERY)
     assert sorted(os.listdir(tmp_path / "runs")) == before and other.manager is None  # nothing saved from it
     bare = trainer_for(tmp_path / "bare", config, SAVE_EVERY + 1, [])
-    records = Records()
-    logging.getLogger("transformers.trainer").addHandler(records)
-    try:
-        bare.train(resume_from_checkpoint=folder)
-    finally:
-        logging.getLogger("transformers.trainer").removeHandler(records)
-    assert any(m.startswith("There were missing keys in the checkpoint model loaded") for m in records.messages)
+    heard = train_logged(bare, folder)
+    assert any(m.startswith("There were missing keys in the checkpoint model loaded") for m in heard)
