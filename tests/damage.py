@@ -37,7 +37,7 @@ def rot(file: str, offset: int | None = None, disk: Any = None) -> None:
 
         def stamp(path: str) -> Any:
             found = LocalStorage.stamp(disk, path)  # the real stamp, past the double's points
-            return kept if found is not None and found[:2] == kept[:2] and found[:4] == kept[:4] else found
+            return kept if found is not None and found[:4] == kept[:4] else found  # the same file, its data rotted
 
         disk.instead("stamp", stamp)
 

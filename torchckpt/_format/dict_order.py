@@ -45,8 +45,8 @@ def keep_dict_order(tree: Any, saved: Iterable[str], stored: Iterable[str], per_
     if saved == stored:  # the layout kept the tree's order (one process, one element size): nothing to mark
         return
     where = dict(zip(stored, itertools.count()))
-    positions = [p for p in map(where.get, saved) if p is not None]
-    if all(map(operator.lt, positions, positions[1:])):
+    positions = [p for p in map(where.get, saved) if p is not None]  # map, not a comprehension: the common case stays cheap
+    if all(map(operator.lt, positions, positions[1:])):  # the layout kept the tree's order
         return
     order = [(name, where[name]) for name in saved if name in where]
     last: dict[str, int] = {}
@@ -67,8 +67,8 @@ def keep_dict_order(tree: Any, saved: Iterable[str], stored: Iterable[str], per_
         node = _node_at(tree, parent, nodes, pairs, per_rank)
         if not isinstance(node, dict) or _is_tagged(node):
             continue  # a list, a tuple or a tagged dict holds each tensor's place already
-        left_out = [(key, position) for key, position in ((unescape_part(part), position) for part, position in found)
-                    if key not in node]
+        keys = [(unescape_part(part), position) for part, position in found]
+        left_out = [(key, position) for key, position in keys if key not in node]
         # The decoder puts the tensors left out after the dict's other keys, in stored order: mark the
         # shortest run of them from the first on that leaves the rest in that order.
         start = len(left_out) - 1
