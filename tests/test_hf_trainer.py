@@ -209,7 +209,8 @@ def finished(trainer) -> dict:
     ``train``) and the log of every step (loss, gradient norm, learning rate, epoch)."""
     return {"model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
             "lr_scheduler": trainer.lr_scheduler.state_dict(), "rng": torch.get_rng_state(),
-            "log": [entry for entry in trainer.state.log_history if "loss" in entry]}
+            "log": [entry for entry in trainer.state.log_history if "loss" in entry],
+            "total_flos": trainer.state.total_flos}
 
 
 @pytest.fixture(scope="module")
@@ -265,6 +266,23 @@ def assert_same_end(run: dict, whole: dict) -> None:
     assert torch.equal(run["rng"], whole["rng"])
     assert [e["step"] for e in run["log"]] == list(range(1, RESUME_STEPS + 1))
     assert run["log"] == whole["log"]  # every step's loss, gradient norm and learning rate, bit for bit
+    assert run["total_flos"] == whole["total_flos"]
+
+
+def test_the_flop_count_resumes_whole_when_no_log_ran_before_the_save(tmp_path, config, uninterrupted):
+    """The Trainer folds the flops it counted since its last log into ``state.total_flos`` at a log
+    or at its own save; with no log each step, the callback's save must do the same, or the resumed
+    run reports fewer (``train_output.metrics["total_flos"]``)."""
+    options = {**RESUME_OPTIONS, "logging_strategy": "no"}
+    first = trainer_for(tmp_path, config, RESUME_STEPS, [TorchckptCallback(tmp_path / "runs"), StopAfter(7)],
+                        **options)
+    first.train()
+    saved = torchckpt.load_state(tmp_path / "runs" / "ckpt-6")["trainer_state"]
+    assert saved["total_flos"] == uninterrupted["total_flos"] * 6 / RESUME_STEPS
+    callback = TorchckptCallback(tmp_path / "runs")
+    trainer = trainer_for(tmp_path, config, RESUME_STEPS, [callback], **options)
+    trainer.train(resume_from_checkpoint=callback.resume_from())
+    assert trainer.state.total_flos == uninterrupted["total_flos"]
 
 
 @pytest.mark.parametrize(("stop_after", "saved_at"), [pytest.param(7, 6, id="mid-epoch"),

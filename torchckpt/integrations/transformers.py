@@ -55,7 +55,7 @@ import weakref
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer import TRAINER_STATE_NAME, Trainer
 from transformers.trainer_callback import CallbackHandler
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
 
@@ -174,6 +174,7 @@ class TorchckptCallback(TrainerCallback):
         self._pending: int | None = None  # the global step the Trainer decided to save and the callback has not
         self._written: int | None = None  # the global step last saved
         self._handler: CallbackHandler | None = None  # the Trainer's, calling this callback: its stateful callbacks
+        self._trainer: weakref.ref[Any] | None = None  # the Trainer calling the handler: its pending flop count
 
     # -- resuming ------------------------------------------------------------------------
 
@@ -327,7 +328,8 @@ class TorchckptCallback(TrainerCallback):
                 "its own (pickled) checkpoint-N folder at once, with no hook in between where this callback could take "
                 "the save over: the run would save nothing here. Use save_strategy='steps' or 'epoch', or pass "
                 "keep_hf_checkpoints=True (the Trainer writes its folders, and this callback saves at each of them too).")
-        self._handler = _calling_handler(self)
+        self._handler, trainer = _calling_handler(self)
+        self._trainer = weakref.ref(trainer) if trainer is not None else None
         others = sorted(set(_recorded_callbacks(state)) - {"TrainerControl"})
         if self._handler is None and others:
             warnings.warn(
@@ -416,6 +418,9 @@ class TorchckptCallback(TrainerCallback):
         if self._pending is None or self.manager is None:
             return
         self._pending, self._written = None, state.global_step
+        trainer = self._trainer() if self._trainer is not None else None
+        if trainer is not None:  # the Trainer's own save folds the flops counted since its last log in, as here
+            trainer.store_flos()
         self.manager.checkpoint.trainer_state = _plain_state(state, _callback_states(self._handler, control, state))
         self.manager.save(checkpoint_number=state.global_step, check_interval=False)
 
@@ -455,23 +460,28 @@ def _recorded_callbacks(state: TrainerState) -> dict[str, Any]:
     return recorded if isinstance(recorded, dict) else {}
 
 
-def _calling_handler(callback: TrainerCallback) -> CallbackHandler | None:
-    """The Trainer's ``CallbackHandler`` calling ``callback``'s hook now (a frame or two up), or None.
+def _calling_handler(callback: TrainerCallback) -> tuple[CallbackHandler | None, Any]:
+    """The Trainer's ``CallbackHandler`` calling ``callback``'s hook now (a frame or two up), and the
+    ``Trainer`` calling that handler (a frame or two further up); None for either not found.
 
     The Trainer hands its callbacks neither itself nor the other callbacks, and it refreshes the
-    stateful ones' state (``ExportableState``) only inside its own save, which this callback
-    replaces: the handler is where they are."""
+    stateful ones' state (``ExportableState``) and folds its pending flop count into
+    ``state.total_flos`` only inside its own save, which this callback replaces: the handler and
+    the Trainer are where they are."""
     frame = inspect.currentframe()
+    handler: CallbackHandler | None = None
     try:
         caller = frame.f_back.f_back if frame is not None and frame.f_back is not None else None
-        for _ in range(4):  # call_event, under a subclass's wrapper or two
+        for _ in range(8):  # call_event and the Trainer's loop, under a subclass's wrapper or two
             if caller is None:
-                return None
+                break
             owner = caller.f_locals.get("self")
-            if isinstance(owner, CallbackHandler) and any(cb is callback for cb in owner.callbacks):
-                return owner
+            if handler is None and isinstance(owner, CallbackHandler) and any(cb is callback for cb in owner.callbacks):
+                handler = owner
+            elif handler is not None and isinstance(owner, Trainer) and owner.callback_handler is handler:
+                return handler, owner
             caller = caller.f_back
-        return None
+        return handler, None
     finally:
         del frame
 
