@@ -125,6 +125,31 @@ def test_a_background_failure_on_one_rank_is_raised_on_every_rank(world2):
     assert result["on_disk"] == [".torchckpt.lock", "checkpoints.json", "ckpt-1", "ckpt-4"]  # no stage is left
 
 
+def test_a_failure_after_the_commit_leaves_every_rank_with_the_same_history(world2):
+    """Rank 0 alone records and deletes; what fails there once a checkpoint is committed must not
+    split the ranks' views (before: an undeletable ckpt-1 failed the save that committed ckpt-2,
+    and only rank 0's history named it, so restore_or_initialize chose another checkpoint on rank 1)."""
+    found = ok(world2, "after_commit_fails", 2)
+    run = world2 / "after-commit"
+    for rank, result in enumerate(found):
+        assert result["undeletable"] == "ckpt-2"  # committed and recorded: the save stands
+        assert result["warned"] == ([f"{run}/ckpt-1 was not deleted ([Errno 1] Operation not permitted): retention "
+                                     f"dropped it when {run}/ckpt-2 was committed and recorded, which stands. It stays "
+                                     "on disk, out of the manager's history; a new manager on the directory adopts it "
+                                     "and its retention deletes it, or delete it by hand."] if rank == 0 else [])
+        assert result["view_undeletable"] == ["ckpt-2", ["ckpt-2"], ""]
+        assert result["unrecorded"] == (
+            f"CheckpointWriteError: Saving {run}/ckpt-3 failed on rank 0: Checkpoint {run}/ckpt-3 is committed, but "
+            f"the directory's state file {run}/checkpoints.json could not be written (No space left on device), so the "
+            "history does not name it yet. Once the state file can be written, the next save (or a new manager on the "
+            "directory) records it.")
+        assert result["view_unrecorded"] == ["ckpt-3", ["ckpt-3"], ""]  # on every rank: it is committed
+        assert result["restored"] == "ckpt-3"
+        assert result["view_next"] == ["ckpt-4", ["ckpt-4"], ""]
+        assert result["on_disk"] == [".torchckpt.lock", "checkpoints.json", "ckpt-1", "ckpt-2", "ckpt-4"]
+    assert cli.main(["verify", str(run / "ckpt-4")]) == 0
+
+
 def test_a_rank_killed_during_an_async_save_fails_the_others_and_the_next_job_cleans_up(killed_async):
     assert not (killed_async / "killed_async-w2-rank0.json").exists()  # rank 0 died
     survivor = results(killed_async, "killed_async", 2, ranks=[1])[0]

@@ -1035,6 +1035,23 @@ def test_a_checkpoint_deleted_while_a_reader_resolves_it_is_checkpoint_deleted_e
     manager.close()
 
 
+def test_a_checkpoint_retention_cannot_delete_is_warned_about_and_the_save_stands(tmp_path, disk):
+    manager = CheckpointManager(ckpt(), tmp_path, max_to_keep=1)
+    manager.save()
+    disk.fail("delete_checkpoint", PermissionError(errno.EPERM, "Operation not permitted"), times=1)
+    with pytest.warns(UserWarning, match=r"ckpt-1 was not deleted \(\[Errno 1\] Operation not permitted\): retention "
+                                         r"dropped it when .*ckpt-2 was committed and recorded, which stands") as caught:
+        assert manager.save() == os.path.join(tmp_path, "ckpt-2")
+    assert len(caught) == 1
+    assert manager.checkpoints == [os.path.join(tmp_path, "ckpt-2")]
+    assert torchckpt.latest_checkpoint(tmp_path) == os.path.join(tmp_path, "ckpt-2")
+    manager.close()
+    again = CheckpointManager(ckpt(), tmp_path, max_to_keep=1)  # adopts the one left, and retention deletes it
+    again.save()
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-3"]
+    again.close()
+
+
 def test_an_empty_folder_retention_is_about_to_remove_is_checkpoint_deleted_error(tmp_path):
     # on a store with real folders a deletion removes its marker, then the empty folder: in between
     manager = CheckpointManager(ckpt(), tmp_path, max_to_keep=1)

@@ -35,7 +35,7 @@ from torchckpt._history.state import State
 from torchckpt._load.rename import Rename, call_argument
 from torchckpt._load.resume import assert_consumed_on_every_rank, restore_newest_intact, restore_order
 from torchckpt._paths import as_path, join, name_of
-from torchckpt._save.options import SaveHooks, SaveOptions, parse_size, save_arguments
+from torchckpt._save.options import FailedAfterCommit, SaveHooks, SaveOptions, parse_size, save_arguments
 from torchckpt._storage import claims
 from torchckpt._storage.base import AlreadyCommitted
 from torchckpt._storage.registry import storage_for
@@ -328,10 +328,28 @@ class CheckpointManager:
     def _after_save(self, name: str, metrics: dict[str, Any] | None, when: float) -> dict[str, Any] | None:
         """Once the checkpoint is committed (rank 0): record it, stamped ``when`` (the ``save()`` call's
         time, also for a save in the background), and apply retention; returns the history for the
-        other ranks."""
-        for old in self._ledger.record(name, metrics, when, self._max_to_keep, self._keep_every_n_hours):
-            self._ledger.retire(old)
+        other ranks. A checkpoint retention cannot delete is a warning, not this save's failure (the
+        save is committed and recorded). Where the state file cannot be written the save fails, and
+        on several ranks every rank still takes the history rank 0 holds, the new checkpoint in it."""
+        try:
+            for old in self._ledger.record(name, metrics, when, self._max_to_keep, self._keep_every_n_hours):
+                self._retire(old, name)
+        except Exception as e:
+            if self._coord.is_collective:
+                raise FailedAfterCommit(e, self._ledger.mirror(self._read_only)) from e
+            raise
         return self._ledger.mirror(self._read_only) if self._coord.is_collective else None
+
+    def _retire(self, old: str, new: str) -> None:
+        """Delete ``old``, which retention dropped when ``new`` was recorded; a failure is warned."""
+        try:
+            self._ledger.retire(old)
+        except OSError as e:
+            warnings.warn(
+                f"{join(self._directory, old)} was not deleted ({e}): retention dropped it when "
+                f"{join(self._directory, new)} was committed and recorded, which stands. It stays on disk, out of the "
+                "manager's history; a new manager on the directory adopts it and its retention deletes it, or delete it by hand.",
+                stacklevel=2)
 
     def _propose(self, checkpoint_number: Any, check_interval: bool, metrics: Any) -> dict[str, Any]:
         """The arguments of one ``save`` checked, and the interval applied, before anything is written;

@@ -528,6 +528,42 @@ def async_failure(d: Path, rank: int, world: int) -> dict:
     return out
 
 
+def after_commit_fails(d: Path, rank: int, world: int) -> dict:
+    """Rank 0's bookkeeping fails once a checkpoint is committed: an old checkpoint that retention
+    cannot delete is warned about and the save stands; a state file that cannot be written fails
+    the save on every rank, and every rank's history still names what was committed."""
+    import errno
+    import warnings
+
+    directory = d / "after-commit"
+    disk = install(directory, LocalDouble())
+    model = fsdp_mlp(0)
+    mgr = torchckpt.CheckpointManager(torchckpt.Checkpoint(model=model), str(directory), max_to_keep=1,
+                                      timeout_secs=TIMEOUT)
+    out: dict = {"first": os.path.basename(mgr.save())}
+    if rank == 0:
+        disk.fail("delete_checkpoint", PermissionError(errno.EPERM, "Operation not permitted"), times=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out["undeletable"] = os.path.basename(mgr.save())
+    out["warned"] = [str(w.message) for w in caught if "was not deleted" in str(w.message)]
+    out["view_undeletable"] = view(mgr)
+    if rank == 0:
+        disk.fail("replace_file", OSError(errno.ENOSPC, "No space left on device"), times=1)
+    try:
+        mgr.save()
+        out["unrecorded"] = "no error"
+    except torchckpt.CheckpointError as e:
+        out["unrecorded"] = f"{type(e).__name__}: {e}"
+    out["view_unrecorded"] = view(mgr)
+    out["restored"] = os.path.basename(mgr.restore_or_initialize())
+    out["next"] = os.path.basename(mgr.save())
+    out["view_next"] = view(mgr)
+    mgr.close()
+    out["on_disk"] = sorted(p.name for p in directory.iterdir())
+    return out
+
+
 def killed_async(d: Path, rank: int, world: int) -> dict:
     """Rank 0 is SIGKILLed in a background save once its files are written: rank 1 raises within
     the timeout, and the stage rank 0 left is for the next job to clean up."""
@@ -1152,7 +1188,7 @@ def empty_dtensors(d: Path, rank: int, world: int) -> dict:
 SCENARIOS = {f.__name__: f for f in (save_fsdp_4, save_fsdp_2, restore_from_4, restore_from_2, plain_into_fsdp,
                                       differing_value, ddp, tp_mesh, restore_tp, write_fails_on_one_rank,
                                       killed_mid_save, s3_fsdp, manager_2, manager_resume, second_job,
-                                      async_loops, async_failure, killed_async, manager_s3, tools_save,
+                                      async_loops, async_failure, after_commit_fails, killed_async, manager_s3, tools_save,
                                       one_rank_fails_capture, mismatched_calls, restore_failures,
                                       damaged_on_one_rank, calls_stay_paired, incremental_fsdp,
                                       damaged_then_saved, opens_its_own_shards, killed_after_commit, strided_shards,

@@ -54,6 +54,7 @@ from torchckpt._save import layouts as save_layouts
 from torchckpt._save import plan as save_plan
 from torchckpt._save import reuse as save_reuse
 from torchckpt._save import write as save_write
+from torchckpt._save.options import FailedAfterCommit, SaveHooks
 from torchckpt._save.plan import RankPlan, global_plan, local_bytes, rank_plan
 from torchckpt._storage.base import Storage
 from torchckpt.errors import CheckpointError, CheckpointWriteError, UnsupportedStateError, format_keys
@@ -260,9 +261,10 @@ def prepare(coord: Coordinator, path: str,
 
 
 def finish(coord: Coordinator, storage: Storage, prepared: Prepared, progress: bool | None,
-           replace: bool, after: Callable[[], Any] | None, warm_page_cache: bool = False) -> Any:
-    """Steps 4 and 5: write every rank's files and commit on rank 0. ``after`` runs on rank 0 once
-    the checkpoint is committed; what it returns (JSON) is returned on every rank."""
+           replace: bool, hooks: SaveHooks, warm_page_cache: bool = False) -> None:
+    """Steps 4 and 5: write every rank's files and commit on rank 0. ``hooks.after`` runs on rank 0
+    once the checkpoint is committed; what it returns (JSON) goes to ``hooks.adopt`` on every other
+    rank, before the save's failure is raised where ``after`` failed with ``FailedAfterCommit``."""
     path, plan, captured = prepared.path, prepared.plan, prepared.captured
     stage, stage_error = None, None
     if coord.rank == 0:
@@ -281,19 +283,20 @@ def finish(coord: Coordinator, storage: Storage, prepared: Prepared, progress: b
     reports = _gather_reports(coord, report)
     if coord.rank == 0:
         assert stage is not None
-        outcome = _commit(coord, stage, path, plan, prepared.section, captured, reports, after, warm_page_cache)
+        outcome = _commit(coord, stage, path, plan, prepared.section, captured, reports, hooks.after, warm_page_cache)
         coord.broadcast("outcome", dist_payloads.encode(outcome))
     else:  # rank 0 commits meanwhile: lost now, the checkpoint may be committed or not
         coord.consequence = (f"Rank 0 was committing {path} when it was lost, so it may be committed or not: "
                              "latest_checkpoint() (or whether its index.json exists) says which.")
         outcome = dist_payloads.decode(coord.broadcast("outcome", None, coord.outcome_timeout_secs))
+    if coord.rank != 0 and hooks.adopt is not None and outcome.get("after") is not None:
+        hooks.adopt(outcome["after"])
     if "failures" in outcome:
         failures = {int(r): f for r, f in outcome["failures"].items()}
         raise dist_payloads.collective_error(failures, "Saving " + path) from write_error
     if checked is not None:
         with contextlib.suppress(OSError):  # a file not remembered is read back next time: never this save's outcome
             checked.keep(storage, path)
-    return outcome.get("after")
 
 
 def _gather_reports(coord: Coordinator, report: dict[str, Any]) -> list[dict[str, Any]] | Exception:
@@ -362,6 +365,8 @@ def _commit(coord: Coordinator, stage: Any, path: str, plan: RankPlan, section: 
         return {"failures": {0: dist_payloads.failure_payload(e)}}
     try:
         result = after() if after is not None else None
+    except FailedAfterCommit as e:  # committed: the other ranks take what rank 0 now holds all the same
+        return {"failures": {0: dist_payloads.failure_payload(e.cause)}, "after": e.result}
     except Exception as e:
         return {"failures": {0: dist_payloads.failure_payload(e)}}
     finally:

@@ -85,11 +85,23 @@ class SaveOptions:
                    incremental or base is not None, warm_page_cache=bool(warm_page_cache))
 
 
+class FailedAfterCommit(Exception):
+    """What a :class:`SaveHooks` ``after`` raises on rank 0 of a job when it failed once the
+    checkpoint was committed: the save fails on every rank with ``cause``, and ``result`` (what
+    ``after`` would have returned: a manager's history, which holds the new checkpoint) still
+    reaches every other rank's ``adopt``, so that no rank's view of the directory differs."""
+
+    def __init__(self, cause: Exception, result: Any) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.result = result
+
+
 @dataclass(frozen=True)
 class SaveHooks:
     """What a caller runs once the checkpoint is committed: ``after`` (on the background thread for
     an asynchronous save; on rank 0 for a save by several ranks, where ``adopt`` then gets what it
-    returned on every other rank)."""
+    returned on every other rank, also when it raised :class:`FailedAfterCommit`)."""
 
     after: Callable[[], Any] | None = None
     adopt: Callable[[Any], object] | None = None

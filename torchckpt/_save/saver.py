@@ -129,16 +129,14 @@ def _save_by_every_rank(source: Source, storage: Storage, path: str, coord: AnyC
     def run() -> None:
         try:
             with gc_paused():
-                result = collective.finish(scope, storage, prepared, False if options.async_save else options.progress,
-                                           options.replace, hooks.after, options.warm_page_cache)
+                collective.finish(scope, storage, prepared, False if options.async_save else options.progress,
+                                  options.replace, hooks, options.warm_page_cache)
         except Exception as e:
             if options.async_save:  # the background part's exchanges end here (Coordinator.end_call)
                 scope.end_call(e)
             raise
         if options.async_save:
             scope.end_call()
-        if hooks.adopt is not None and coord.rank != 0:
-            hooks.adopt(result)
 
     if not options.async_save:
         run()
