@@ -18,6 +18,7 @@ import torch
 from torch.nn.utils import parametrize
 
 import torchckpt
+import torchckpt.cli
 from torchckpt._format.chunks import ChunkedInfo
 from torchckpt._format.dtypes import TensorInfo
 from torchckpt._load import hooked, mapped
@@ -654,6 +655,18 @@ def test_save_state_and_load_state_keep_a_state_dicts_versions(tmp_path):
     assert type(pair) is tuple and all(m._metadata["0"] == {"version": 2} for m in pair)
     pair = torchckpt.load_state(torchckpt.save_state({"pair": (saved.state_dict(), 1)}, tmp_path / "plain"))["pair"]
     assert pair[0]._metadata["1"] == {"version": 2} and pair[1] == 1
+
+
+def test_a_consolidated_checkpoint_keeps_the_versions_its_loaders_migrate_by(tmp_path):
+    saved = versioned_model(0)
+    path = torchckpt.Checkpoint(model=saved).write(tmp_path / "c")
+    assert torchckpt.cli.main(["consolidate", path, str(tmp_path / "one")]) == 0
+    assert read_index(tmp_path / "one")["torchckpt"]["module_versions"] == {"model": {"0": 2, "1": 2}}
+    target = versioned_model(1)
+    torchckpt.Checkpoint(model=target).read(tmp_path / "one").assert_consumed()
+    assert target[0].seen == 2  # not migrated again: before, the weight came back transposed
+    assert_same_state(target, saved)
+    assert torchckpt.load_state(tmp_path / "one")["model"]._metadata["0"] == {"version": 2}
 
 
 def test_a_batch_norm_saved_at_version_2_without_its_count_reports_it_missing_as_torch(tmp_path):

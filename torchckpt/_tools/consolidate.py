@@ -71,7 +71,8 @@ def consolidate(reader: CheckpointReader, out: str, storage: Storage, *, rank: i
     # refuses, naming the index, what a restore or the reader would refuse (the new seal must not launder it)
     index_fields.check_sections(index, load_opened.state_tree(index, lambda name: None, rank))
     state, source_of, aliases = load_opened.rank_view(index, rank)
-    section = {k: v for k, v in index.section.items() if k in ("objects", "metadata")}
+    # what describes the state (a versioned module's loader migrates by its version), not how the job stored it
+    section = {k: v for k, v in index.section.items() if k in ("objects", "metadata", format_spec.MODULE_VERSIONS_KEY)}
     section["state"] = state
     dtypes, shapes = reader.get_variable_to_dtype_map(), reader.get_variable_to_shape_map()
     tensors = {name: (dtypes[source], tuple(shapes[source]), reader.nbytes(source))
