@@ -125,6 +125,16 @@ def test_a_background_failure_on_one_rank_is_raised_on_every_rank(world2):
     assert result["on_disk"] == [".torchckpt.lock", "checkpoints.json", "ckpt-1", "ckpt-4"]  # no stage is left
 
 
+def test_other_calls_made_while_an_async_save_is_in_flight_wait_for_it_instead_of_deadlocking(world2):
+    found = ok(world2, "async_next_to_other_calls", 2)
+    for result in found:
+        assert result["ema_0"] and result["ema_1"]
+        assert max(result["seconds"]) < 10  # the deadlock lasted timeout_secs (20 s here), then failed the save
+        assert result["checkpoints"] == ["ckpt-1", "ckpt-2"]
+    for i in (1, 2):
+        assert cli.main(["verify", str(world2 / "async-next" / f"ckpt-{i}")]) == 0
+
+
 def test_a_failure_after_the_commit_leaves_every_rank_with_the_same_history(world2):
     """Rank 0 alone records and deletes; what fails there once a checkpoint is committed must not
     split the ranks' views (before: an undeletable ckpt-1 failed the save that committed ckpt-2,

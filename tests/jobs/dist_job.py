@@ -528,6 +528,29 @@ def async_failure(d: Path, rank: int, world: int) -> dict:
     return out
 
 
+def async_next_to_other_calls(d: Path, rank: int, world: int) -> dict:
+    """An EMA written and read back while the run's async save is in flight: each call waits for it
+    instead of deadlocking against it in the c10d store (before: both waited out timeout_secs)."""
+    torch.manual_seed(rank)
+    ckpt = torchckpt.Checkpoint(model=fsdp_mlp(0), big=torchckpt.PerRank(torch.randn(8 * 2**20)))  # 32 MB a rank
+    mgr = torchckpt.CheckpointManager(ckpt, str(d / "async-next"), async_save=True, incremental=False,
+                                      timeout_secs=TIMEOUT)
+    ema = torch.nn.Linear(4, 4)
+    out: dict = {"seconds": []}
+    for i in range(2):
+        started = time.monotonic()
+        mgr.save()
+        torchckpt.Checkpoint(ema=ema).write(d / "async-next-ema" / str(i), timeout_secs=TIMEOUT)
+        back = torch.nn.Linear(4, 4)
+        torchckpt.Checkpoint(ema=back).restore(d / "async-next-ema" / str(i), timeout_secs=TIMEOUT).assert_consumed()
+        out["seconds"].append(time.monotonic() - started)
+        out[f"ema_{i}"] = torch.equal(back.weight, ema.weight)
+    mgr.wait_until_finished()
+    out["checkpoints"] = [os.path.basename(p) for p in mgr.checkpoints]
+    mgr.close()
+    return out
+
+
 def after_commit_fails(d: Path, rank: int, world: int) -> dict:
     """Rank 0's bookkeeping fails once a checkpoint is committed: an old checkpoint that retention
     cannot delete is warned about and the save stands; a state file that cannot be written fails
@@ -1188,7 +1211,8 @@ def empty_dtensors(d: Path, rank: int, world: int) -> dict:
 SCENARIOS = {f.__name__: f for f in (save_fsdp_4, save_fsdp_2, restore_from_4, restore_from_2, plain_into_fsdp,
                                       differing_value, ddp, tp_mesh, restore_tp, write_fails_on_one_rank,
                                       killed_mid_save, s3_fsdp, manager_2, manager_resume, second_job,
-                                      async_loops, async_failure, after_commit_fails, killed_async, manager_s3, tools_save,
+                                      async_loops, async_failure, after_commit_fails, async_next_to_other_calls,
+                                      killed_async, manager_s3, tools_save,
                                       one_rank_fails_capture, mismatched_calls, restore_failures,
                                       damaged_on_one_rank, calls_stay_paired, incremental_fsdp,
                                       damaged_then_saved, opens_its_own_shards, killed_after_commit, strided_shards,

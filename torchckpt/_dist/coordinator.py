@@ -40,6 +40,13 @@ _END_WAIT_AFTER_FAILURE_SECS = 5.0
 _GAVE_UP = b"\x00torchckpt: given up: "  # a slot a waiting rank filled in place of a rank that never came
 _calls: dict[str, int] = {}  # group name -> collective calls begun by this process; every rank begins the same ones
 _calls_lock = threading.Lock()
+_before_calls: list[Callable[[], None]] = []  # run as each call begins (see ``before_each_call``)
+
+
+def before_each_call(hook: Callable[[], None]) -> None:
+    """Have ``hook`` run as every collective call of this process begins, before its number is
+    taken (``_save.background``: wait for the saves in flight)."""
+    _before_calls.append(hook)
 
 
 
@@ -89,6 +96,8 @@ class Coordinator:
         first exchange is sent through that exchange, see :meth:`failures_shared`), so the ranks'
         numbers agree as long as they make the same calls, and a call that times out on one rank
         keeps its number there too."""
+        for hook in _before_calls:
+            hook()
         with _calls_lock:
             number = _calls[self.name] = _calls.get(self.name, 0) + 1
         child = object.__new__(Coordinator)

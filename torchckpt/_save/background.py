@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from torchckpt import _threads
+from torchckpt._dist import coordinator as dist_coordinator
 from torchckpt._save import capture
 
 _writers: weakref.WeakSet[AsyncWriter] = weakref.WeakSet()
@@ -192,6 +193,9 @@ def _lanes() -> int:
     return min(os.cpu_count() or 1, len(_COPIERS) + 1)
 
 
+_WORKER_NAME = "torchckpt-async-save"  # the thread each writer runs its saves on
+
+
 class AsyncWriter:
     """Runs one background job at a time on a long-lived worker thread and remembers its failure.
 
@@ -203,7 +207,7 @@ class AsyncWriter:
         self._done = threading.Event()
         self._done.set()
         self._failure: list[BaseException] = []
-        self._worker = _threads.Worker("torchckpt-async-save")
+        self._worker = _threads.Worker(_WORKER_NAME)
         weakref.finalize(self, self._worker.close)  # the thread ends with its writer
         self._staging: Staging | None = None
         self._path = ""
@@ -263,6 +267,22 @@ def _run(held: list[Any], done: threading.Event, failure: list[BaseException]) -
         _in_flight.discard(writer)
         del writer
         done.set()
+
+
+def _settle_in_flight() -> None:
+    """Before a collective call begins: wait for this process's saves in flight (not raising their
+    failures, which their own managers raise). Why: c10d's TCPStore client runs one operation at
+    a time, and the exchanges of a call block in ``store.wait``. A call on another ``Checkpoint``
+    (an EMA's export next to the run's async save) blocked this process's background save from
+    posting, while the other ranks' background saves, holding their clients, blocked their calls
+    from posting: both waited until ``timeout_secs`` ran out. One job's calls run one at a time."""
+    if threading.current_thread().name == _WORKER_NAME:  # a background save's own part begins no call
+        return
+    for writer in list(_in_flight):
+        writer._done.wait()
+
+
+dist_coordinator.before_each_call(_settle_in_flight)
 
 
 _finalized_in: int | None = None  # the process whose multiprocessing finalizers wait for its saves
