@@ -135,6 +135,17 @@ def test_other_calls_made_while_an_async_save_is_in_flight_wait_for_it_instead_o
         assert cli.main(["verify", str(world2 / "async-next" / f"ckpt-{i}")]) == 0
 
 
+def test_a_rank_interrupted_in_a_save_fails_the_call_on_the_others_at_once_and_the_next_save_pairs(world2):
+    found = ok(world2, "interrupted_on_one_rank", 2)
+    assert found[1]["interrupted"] == "KeyboardInterrupt"  # raised where it happened, as it was
+    assert found[0]["interrupted"] == (
+        f"CheckpointError: Rank 1 stopped during the plan step of saving into {world2}/interrupted "
+        "(KeyboardInterrupt on rank 1), so the call cannot complete. Nothing was committed.")
+    for result in found:
+        assert result["seconds"] < 10  # before: rank 0 waited out timeout_secs (20 s here)
+        assert result["last"] == "ckpt-2" and result["checkpoints"] == ["ckpt-1", "ckpt-2"]
+
+
 def test_a_failure_after_the_commit_leaves_every_rank_with_the_same_history(world2):
     """Rank 0 alone records and deletes; what fails there once a checkpoint is committed must not
     split the ranks' views (before: an undeletable ckpt-1 failed the save that committed ckpt-2,

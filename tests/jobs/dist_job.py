@@ -551,6 +551,46 @@ def async_next_to_other_calls(d: Path, rank: int, world: int) -> dict:
     return out
 
 
+class Interrupts:
+    """A tracked object whose ``state_dict()`` raises ``KeyboardInterrupt`` once armed (Ctrl-C mid-save)."""
+
+    def __init__(self) -> None:
+        self.armed = False
+
+    def state_dict(self) -> dict:
+        if self.armed:
+            self.armed = False
+            raise KeyboardInterrupt
+        return {"v": torch.zeros(2)}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def interrupted_on_one_rank(d: Path, rank: int, world: int) -> dict:
+    """Rank 1 is interrupted in the middle of a save and catches it to save a last time, as a
+    training loop's ``except KeyboardInterrupt`` does: the other ranks learn at once that the call
+    cannot complete (before: they waited out timeout_secs), and the last save pairs on every rank."""
+    interrupts = Interrupts()
+    mgr = torchckpt.CheckpointManager(torchckpt.Checkpoint(model=fsdp_mlp(0), interrupts=interrupts),
+                                      str(d / "interrupted"), timeout_secs=TIMEOUT)
+    out: dict = {"first": os.path.basename(mgr.save())}
+    interrupts.armed = rank == 1
+    started = time.monotonic()
+    try:
+        mgr.save()
+        out["interrupted"] = "no error"
+    except KeyboardInterrupt:
+        out["interrupted"] = "KeyboardInterrupt"
+    except torchckpt.CheckpointError as e:
+        out["interrupted"] = f"{type(e).__name__}: {e}"
+    out["seconds"] = time.monotonic() - started
+    out["last"] = os.path.basename(mgr.save())
+    out["checkpoints"] = [os.path.basename(p) for p in mgr.checkpoints]
+    mgr.close()
+    return out
+
+
 def after_commit_fails(d: Path, rank: int, world: int) -> dict:
     """Rank 0's bookkeeping fails once a checkpoint is committed: an old checkpoint that retention
     cannot delete is warned about and the save stands; a state file that cannot be written fails
@@ -1212,6 +1252,7 @@ SCENARIOS = {f.__name__: f for f in (save_fsdp_4, save_fsdp_2, restore_from_4, r
                                       differing_value, ddp, tp_mesh, restore_tp, write_fails_on_one_rank,
                                       killed_mid_save, s3_fsdp, manager_2, manager_resume, second_job,
                                       async_loops, async_failure, after_commit_fails, async_next_to_other_calls,
+                                      interrupted_on_one_rank,
                                       killed_async, manager_s3, tools_save,
                                       one_rank_fails_capture, mismatched_calls, restore_failures,
                                       damaged_on_one_rank, calls_stay_paired, incremental_fsdp,

@@ -38,6 +38,8 @@ T = TypeVar("T")
 _END_WAIT_SECS = 15.0
 _END_WAIT_AFTER_FAILURE_SECS = 5.0
 _GAVE_UP = b"\x00torchckpt: given up: "  # a slot a waiting rank filled in place of a rank that never came
+_STOPPED = b"\x00torchckpt: stopped: "  # a slot a rank filled as it stopped in a call (KeyboardInterrupt, SystemExit)
+_STOP_AHEAD = 32  # the exchanges past the last one it made that a stopping rank marks (a call makes fewer)
 _calls: dict[str, int] = {}  # group name -> collective calls begun by this process; every rank begins the same ones
 _calls_lock = threading.Lock()
 _before_calls: list[Callable[[], None]] = []  # run as each call begins (see ``before_each_call``)
@@ -140,7 +142,13 @@ class Coordinator:
             )
 
     def _check_arrived(self, values: list[bytes], tag: str) -> None:
-        """Raise when a rank's slot holds another rank's mark: that rank was given up on."""
+        """Raise when a rank's slot holds a mark: the rank stopped, or another rank gave up on it."""
+        stopped = [r for r, v in enumerate(values) if v.startswith(_STOPPED)]
+        if stopped:
+            why = values[stopped[0]][len(_STOPPED):].decode(errors="replace")
+            raise CheckpointError(
+                f"Rank{'s' if len(stopped) > 1 else ''} {', '.join(map(str, stopped))} stopped during "
+                f"{self._during(tag)} ({why}), so the call cannot complete. {self.consequence}")
         late = [r for r, v in enumerate(values) if v.startswith(_GAVE_UP)]
         if late:
             raise RankTimeoutError(self._during(tag), late, self.timeout_secs, self.consequence)
@@ -211,6 +219,7 @@ class Coordinator:
             yield
         except BaseException as e:
             if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: this process stops now
+                self._mark_stopped(e)
                 self.end_call(e)
                 raise
             try:
@@ -221,6 +230,19 @@ class Coordinator:
                 self.end_call(shared)
                 raise
         self.end_call()
+
+    def _mark_stopped(self, error: BaseException) -> None:
+        """As this rank stops in the middle of a call: its slots of the exchange it was in and of the
+        ones after it hold a mark, so that the ranks waiting there raise now instead of waiting out
+        ``timeout_secs``; a slot it filled already keeps its part (a compare-and-set, as ``_post``)."""
+        if not self._prefix or self.world == 1:
+            return
+        mark = _STOPPED + f"{type(error).__name__} on rank {self.rank}".encode()
+        with contextlib.suppress(RuntimeError, dist.DistError):  # the store gone: nobody waits any more
+            for n in range(max(1, self._exchanges), self._exchanges + _STOP_AHEAD + 1):
+                self.store.compare_set(f"{self._prefix}/{n}/{self.rank}", "", mark)  # type: ignore[arg-type]
+                if self.rank == 0:  # rank 0's broadcasts have one key
+                    self.store.compare_set(f"{self._prefix}/{n}", "", mark)  # type: ignore[arg-type]
 
     def end_call(self, failure: BaseException | None = None) -> None:
         """The last step of a call, on every rank: rank 0 returns only once the others have read
