@@ -146,6 +146,22 @@ def test_a_rank_interrupted_in_a_save_fails_the_call_on_the_others_at_once_and_t
         assert result["last"] == "ckpt-2" and result["checkpoints"] == ["ckpt-1", "ckpt-2"]
 
 
+def test_a_manager_argument_one_rank_alone_refuses_or_passes_fails_every_rank_at_once(world2):
+    found = ok(world2, "arguments_on_one_rank", 2)
+    assert found[0] == {**found[1], **{k: v for k, v in found[0].items() if k.endswith("_seconds")}}
+    refused = ("CheckpointError: CheckpointManager was refused on every rank: the ranks did not make the same call "
+               "({}). Every rank must call it with the same arguments, in the same order. Nothing was written or "
+               "changed.")
+    result = found[0]
+    assert result["max_to_keep"] == refused.format("max_to_keep: 3 on rank 0; 0 on rank 1")
+    assert result["init_fn"] == refused.format("init_fn: true on rank 0; false on rank 1")
+    assert result["step_counter"] == (f"CheckpointError: Opening {world2}/arguments failed on rank 1: `step_counter` "
+                                      "should be passed if `checkpoint_interval` is not None.")
+    for rank_result in found:
+        assert max(v for k, v in rank_result.items() if k.endswith("_seconds")) < 10  # before: timeout_secs (20 s)
+    assert result["saved"] == "ckpt-1"  # the calls stayed paired
+
+
 def test_a_failure_after_the_commit_leaves_every_rank_with_the_same_history(world2):
     """Rank 0 alone records and deletes; what fails there once a checkpoint is committed must not
     split the ranks' views (before: an undeletable ckpt-1 failed the save that committed ckpt-2,

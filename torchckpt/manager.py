@@ -46,6 +46,17 @@ from torchckpt.restore import RestoreStatus
 __all__ = ["CheckpointManager"]
 
 
+def _comparable(value: Any, convert: Callable[[Any], Any] | None = None) -> Any:
+    """An argument as JSON, to compare across ranks before it is checked (a bad one is refused
+    inside the call, on every rank): ``convert(value)`` where given and it succeeds."""
+    if convert is not None:
+        try:
+            value = convert(value)
+        except Exception:  # noqa: BLE001 - refused inside the call
+            return repr(value)[:200]
+    return value if value is None or isinstance(value, (bool, int, float, str)) else repr(value)[:200]
+
+
 def _check_arguments(checkpoint: Any, max_shard_size: Any, **arguments: Any) -> None:
     if not isinstance(checkpoint, Checkpoint):
         raise TypeError(f"CheckpointManager needs a torchckpt.Checkpoint, got {type(checkpoint).__name__}.")
@@ -128,21 +139,33 @@ class CheckpointManager:
     ) -> None:
         max_to_keep, keep_best, checkpoint_interval, keep_checkpoint_every_n_hours = map(
             plain_number, (max_to_keep, keep_best, checkpoint_interval, keep_checkpoint_every_n_hours))
-        _check_arguments(checkpoint, max_shard_size, max_to_keep=max_to_keep, checkpoint_name=checkpoint_name,
-                         step_counter=step_counter, checkpoint_interval=checkpoint_interval, keep_best=keep_best,
-                         best_metric=best_metric, best_mode=best_mode,
-                         keep_checkpoint_every_n_hours=keep_checkpoint_every_n_hours)
+        self._coord = dist_coordinator.coordinator_for(process_group, timeout_secs)
+        arguments = {
+            "call": "CheckpointManager", "directory": _comparable(directory, as_path),
+            "checkpoint_name": _comparable(checkpoint_name), "max_to_keep": _comparable(max_to_keep),
+            "keep_checkpoint_every_n_hours": _comparable(keep_checkpoint_every_n_hours),
+            "checkpoint_interval": _comparable(checkpoint_interval), "keep_best": _comparable(keep_best),
+            "best_metric": best_metric if isinstance(best_metric, str) else None, "best_mode": _comparable(best_mode),
+            "init_fn": init_fn is not None, "save_counter": _comparable(getattr(checkpoint, "save_counter", None)),
+            **save_arguments(max_shard_size, async_save)}
+
+        def configure() -> None:  # what may fail on one rank alone: inside the call, so that it fails on every rank
+            _check_arguments(checkpoint, max_shard_size, max_to_keep=max_to_keep, checkpoint_name=checkpoint_name,
+                             step_counter=step_counter, checkpoint_interval=checkpoint_interval, keep_best=keep_best,
+                             best_metric=best_metric, best_mode=best_mode,
+                             keep_checkpoint_every_n_hours=keep_checkpoint_every_n_hours)
+            self._directory = as_path(directory)
+            self._storage = storage_for(self._directory, storage_options)
+            self._ledger = Ledger(self._directory, self._storage, checkpoint_name,
+                                  Ranking(keep_best, best_metric, best_mode or "min"))
+
         self._checkpoint = checkpoint
-        self._directory = as_path(directory)
-        self._storage = storage_for(self._directory, storage_options)
         self._max_to_keep = max_to_keep
         self._keep_every_n_hours = keep_checkpoint_every_n_hours
         self._name = checkpoint_name
         self._step_counter = step_counter
         self._checkpoint_interval = checkpoint_interval
         self._init_fn = init_fn
-        self._ledger = Ledger(self._directory, self._storage, checkpoint_name,
-                              Ranking(keep_best, best_metric, best_mode or "min"))
         self._max_shard_size = max_shard_size
         self._progress = progress
         self._last_checkpoint_step: int | None = None
@@ -152,15 +175,9 @@ class CheckpointManager:
         self._warned_metric = False
         self._read_only = False
         self._closed = False  # close() was called: this manager no longer counts among the claim's holders
-        self._coord = dist_coordinator.coordinator_for(process_group, timeout_secs)
         self._preempted = False
         self.last_restore: RestoreStatus | None = None  # the status of the last restore_or_initialize's restore
-        rebuilt = self._open({
-            "call": "CheckpointManager", "directory": self._directory, "checkpoint_name": checkpoint_name,
-            "max_to_keep": max_to_keep, "keep_checkpoint_every_n_hours": keep_checkpoint_every_n_hours,
-            "checkpoint_interval": checkpoint_interval, "keep_best": keep_best,
-            "best_metric": best_metric if isinstance(best_metric, str) else None, "best_mode": best_mode,
-            "save_counter": checkpoint.save_counter, **save_arguments(max_shard_size, async_save)})
+        rebuilt = self._open(arguments, configure)
         for message in rebuilt:  # what recovering the history rebuilt (rank 0), at the caller's line
             warnings.warn(message, stacklevel=2)
         try:
@@ -170,20 +187,21 @@ class CheckpointManager:
                 claims.let_go(self._storage, self._directory)
             raise
 
-    def _open(self, arguments: dict[str, Any]) -> list[str]:
-        """Claim the directory and load its history: rank 0 alone touches the directory, and the
-        other ranks take its view of the history (the same call on every rank, compared first).
-        Returns the warnings of the recovery (rank 0's)."""
+    def _open(self, arguments: dict[str, Any], configure: Callable[[], None]) -> list[str]:
+        """Check the arguments (``configure``), claim the directory and load its history: rank 0
+        alone touches the directory, and the other ranks take its view of the history (the same
+        call on every rank, compared first). Returns the warnings of the recovery (rank 0's)."""
         rebuilt: list[str] = []
 
         def open_on_rank_0() -> dict[str, Any] | None:
             rebuilt.extend(self._open_and_load(arguments["best_mode"]))
             return self._ledger.mirror(self._read_only) if self._coord.is_collective else None
 
-        what = f"Opening {self._directory}"
+        what = f"Opening {arguments['directory']}"
         call = self._coord.call(what, arguments)
         call.consequence = "Nothing was claimed or changed."
         with call.failures_shared():
+            configure()
             mirror = dist_coordinator.decided(call, what, open_on_rank_0)
         if self._coord.rank != 0:
             state = self._adopt(mirror)

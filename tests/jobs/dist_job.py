@@ -591,6 +591,30 @@ def interrupted_on_one_rank(d: Path, rank: int, world: int) -> dict:
     return out
 
 
+def arguments_on_one_rank(d: Path, rank: int, world: int) -> dict:
+    """A manager constructed with an argument one rank alone refuses, or one rank alone passes: the
+    same error on every rank at once (before: the refusing rank raised, the others waited out
+    timeout_secs, and the next calls were out of step); the next construction pairs."""
+    ckpt = torchckpt.Checkpoint(model=fsdp_mlp(0))
+    directory = str(d / "arguments")
+    cases = {"max_to_keep": {"max_to_keep": 0 if rank == 1 else 3},
+             "init_fn": {"init_fn": (lambda: None) if rank == 0 else None},
+             "step_counter": {"checkpoint_interval": 5, "step_counter": torch.tensor(0) if rank == 0 else None}}
+    out: dict = {}
+    for case, options in cases.items():
+        started = time.monotonic()
+        try:
+            torchckpt.CheckpointManager(ckpt, directory, timeout_secs=TIMEOUT, **options).close()
+            out[case] = "no error"
+        except (torchckpt.CheckpointError, ValueError) as e:
+            out[case] = f"{type(e).__name__}: {e}"
+        out[f"{case}_seconds"] = time.monotonic() - started
+    mgr = torchckpt.CheckpointManager(ckpt, directory, timeout_secs=TIMEOUT)
+    out["saved"] = os.path.basename(mgr.save())
+    mgr.close()
+    return out
+
+
 def after_commit_fails(d: Path, rank: int, world: int) -> dict:
     """Rank 0's bookkeeping fails once a checkpoint is committed: an old checkpoint that retention
     cannot delete is warned about and the save stands; a state file that cannot be written fails
@@ -1252,7 +1276,7 @@ SCENARIOS = {f.__name__: f for f in (save_fsdp_4, save_fsdp_2, restore_from_4, r
                                       differing_value, ddp, tp_mesh, restore_tp, write_fails_on_one_rank,
                                       killed_mid_save, s3_fsdp, manager_2, manager_resume, second_job,
                                       async_loops, async_failure, after_commit_fails, async_next_to_other_calls,
-                                      interrupted_on_one_rank,
+                                      interrupted_on_one_rank, arguments_on_one_rank,
                                       killed_async, manager_s3, tools_save,
                                       one_rank_fails_capture, mismatched_calls, restore_failures,
                                       damaged_on_one_rank, calls_stay_paired, incremental_fsdp,
