@@ -28,6 +28,7 @@ from torchckpt._history import members as history_members
 from torchckpt._history import state as history_state
 from torchckpt._history.arguments import check_arguments, number_argument, plain_metrics, plain_number, unranked_metrics
 from torchckpt._history.arguments import checkpoint_number as checkpoint_number_of
+from torchckpt._history.arguments import comparable as comparable_argument
 from torchckpt._history.ledger import Ledger
 from torchckpt._history.recover import Ranking, resolve_ranking
 from torchckpt._history.retention import MetricFn
@@ -44,17 +45,6 @@ from torchckpt.errors import CheckpointError
 from torchckpt.restore import RestoreStatus
 
 __all__ = ["CheckpointManager"]
-
-
-def _comparable(value: Any, convert: Callable[[Any], Any] | None = None) -> Any:
-    """An argument as JSON, to compare across ranks before it is checked (a bad one is refused
-    inside the call, on every rank): ``convert(value)`` where given and it succeeds."""
-    if convert is not None:
-        try:
-            value = convert(value)
-        except Exception:  # noqa: BLE001 - refused inside the call
-            return repr(value)[:200]
-    return value if value is None or isinstance(value, (bool, int, float, str)) else repr(value)[:200]
 
 
 def _check_arguments(checkpoint: Any, max_shard_size: Any, **arguments: Any) -> None:
@@ -140,14 +130,14 @@ class CheckpointManager:
         max_to_keep, keep_best, checkpoint_interval, keep_checkpoint_every_n_hours = map(
             plain_number, (max_to_keep, keep_best, checkpoint_interval, keep_checkpoint_every_n_hours))
         self._coord = dist_coordinator.coordinator_for(process_group, timeout_secs)
-        arguments = {
-            "call": "CheckpointManager", "directory": _comparable(directory, as_path),
-            "checkpoint_name": _comparable(checkpoint_name), "max_to_keep": _comparable(max_to_keep),
-            "keep_checkpoint_every_n_hours": _comparable(keep_checkpoint_every_n_hours),
-            "checkpoint_interval": _comparable(checkpoint_interval), "keep_best": _comparable(keep_best),
-            "best_metric": best_metric if isinstance(best_metric, str) else None, "best_mode": _comparable(best_mode),
-            "init_fn": init_fn is not None, "save_counter": _comparable(getattr(checkpoint, "save_counter", None)),
-            **save_arguments(max_shard_size, async_save)}
+        arguments = {"call": "CheckpointManager", "directory": comparable_argument(directory, as_path),
+                     **{k: comparable_argument(v) for k, v in (
+                         ("checkpoint_name", checkpoint_name), ("max_to_keep", max_to_keep),
+                         ("keep_checkpoint_every_n_hours", keep_checkpoint_every_n_hours),
+                         ("checkpoint_interval", checkpoint_interval), ("keep_best", keep_best),
+                         ("best_metric", best_metric if isinstance(best_metric, str) else None),
+                         ("best_mode", best_mode), ("save_counter", getattr(checkpoint, "save_counter", None)))},
+                     "init_fn": init_fn is not None, **save_arguments(max_shard_size, async_save)}
 
         def configure() -> None:  # what may fail on one rank alone: inside the call, so that it fails on every rank
             _check_arguments(checkpoint, max_shard_size, max_to_keep=max_to_keep, checkpoint_name=checkpoint_name,
@@ -178,9 +168,9 @@ class CheckpointManager:
         self._preempted = False
         self.last_restore: RestoreStatus | None = None  # the status of the last restore_or_initialize's restore
         rebuilt = self._open(arguments, configure)
-        for message in rebuilt:  # what recovering the history rebuilt (rank 0), at the caller's line
-            warnings.warn(message, stacklevel=2)
         try:
+            for message in rebuilt:  # what recovering the history rebuilt, at the caller's line, on every rank
+                warnings.warn(message, stacklevel=2)  # (an error where warnings are: then on every rank alike)
             self._preemption = PreemptionWatch(preemption_signals)
         except BaseException:
             if not self._read_only and self._is_primary:
@@ -190,23 +180,25 @@ class CheckpointManager:
     def _open(self, arguments: dict[str, Any], configure: Callable[[], None]) -> list[str]:
         """Check the arguments (``configure``), claim the directory and load its history: rank 0
         alone touches the directory, and the other ranks take its view of the history (the same
-        call on every rank, compared first). Returns the warnings of the recovery (rank 0's)."""
-        rebuilt: list[str] = []
+        call on every rank, compared first). Returns the warnings of the recovery (rank 0's, on
+        every rank)."""
 
-        def open_on_rank_0() -> dict[str, Any] | None:
-            rebuilt.extend(self._open_and_load(arguments["best_mode"]))
-            return self._ledger.mirror(self._read_only) if self._coord.is_collective else None
+        def open_on_rank_0() -> dict[str, Any]:
+            rebuilt = self._open_and_load(arguments["best_mode"])
+            return {"history": self._ledger.mirror(self._read_only) if self._coord.is_collective else None,
+                    "rebuilt": rebuilt}
 
         what = f"Opening {arguments['directory']}"
         call = self._coord.call(what, arguments)
         call.consequence = "Nothing was claimed or changed."
         with call.failures_shared():
             configure()
-            mirror = dist_coordinator.decided(call, what, open_on_rank_0)
+            opened = dist_coordinator.decided(call, what, open_on_rank_0)
         if self._coord.rank != 0:
-            state = self._adopt(mirror)
+            state = self._adopt(opened["history"])
             ranking = self._ledger.ranking
             self._ledger.ranking = resolve_ranking(state, ranking.keep_best, ranking.best_metric, arguments["best_mode"])
+        rebuilt: list[str] = opened["rebuilt"]
         return rebuilt
 
     def _open_and_load(self, best_mode: str | None) -> list[str]:
@@ -351,23 +343,12 @@ class CheckpointManager:
         on several ranks every rank still takes the history rank 0 holds, the new checkpoint in it."""
         try:
             for old in self._ledger.record(name, metrics, when, self._max_to_keep, self._keep_every_n_hours):
-                self._retire(old, name)
+                self._ledger.retire(old)
         except Exception as e:
             if self._coord.is_collective:
                 raise FailedAfterCommit(e, self._ledger.mirror(self._read_only)) from e
             raise
         return self._ledger.mirror(self._read_only) if self._coord.is_collective else None
-
-    def _retire(self, old: str, new: str) -> None:
-        """Delete ``old``, which retention dropped when ``new`` was recorded; a failure is warned."""
-        try:
-            self._ledger.retire(old)
-        except OSError as e:
-            warnings.warn(
-                f"{join(self._directory, old)} was not deleted ({e}): retention dropped it when "
-                f"{join(self._directory, new)} was committed and recorded, which stands. It stays on disk, out of the "
-                "manager's history; a new manager on the directory adopts it and its retention deletes it, or delete it by hand.",
-                stacklevel=2)
 
     def _propose(self, checkpoint_number: Any, check_interval: bool, metrics: Any) -> dict[str, Any]:
         """The arguments of one ``save`` checked, and the interval applied, before anything is written;

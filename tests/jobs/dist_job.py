@@ -612,6 +612,18 @@ def arguments_on_one_rank(d: Path, rank: int, world: int) -> dict:
     mgr = torchckpt.CheckpointManager(ckpt, directory, timeout_secs=TIMEOUT)
     out["saved"] = os.path.basename(mgr.save())
     mgr.close()
+    if rank == 0:  # the history is rebuilt, with a warning: an error where warnings are errors, on every rank
+        (d / "arguments" / "checkpoints.json").write_text("{damaged")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        try:
+            torchckpt.CheckpointManager(ckpt, directory, timeout_secs=TIMEOUT)
+            out["warned"] = "no error"
+        except UserWarning as e:
+            out["warned"] = f"{type(e).__name__}: {e}"
+    mgr = torchckpt.CheckpointManager(ckpt, directory, timeout_secs=TIMEOUT)  # the failed one let go of its claim
+    out["reopened"] = os.path.basename(mgr.latest_checkpoint or "")  # rebuilt: kept, never deleted
+    mgr.close()
     return out
 
 

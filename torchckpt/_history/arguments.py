@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -73,6 +74,17 @@ def plain_number(value: Any) -> Any:
         item = value.item()
         return item if isinstance(item, (int, float)) else value
     return value
+
+
+def comparable(value: Any, convert: Callable[[Any], Any] | None = None) -> Any:
+    """An argument as JSON, to compare across ranks before it is checked (a bad one is refused
+    inside the call, on every rank): ``convert(value)`` where given and it succeeds."""
+    if convert is not None:
+        try:
+            value = convert(value)
+        except Exception:  # noqa: BLE001 - refused inside the call
+            return repr(value)[:200]
+    return value if value is None or isinstance(value, (bool, int, float, str)) else repr(value)[:200]
 
 
 def number_argument(value: Any) -> Any:

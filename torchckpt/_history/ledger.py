@@ -234,4 +234,11 @@ class Ledger:
                 stacklevel=2,
             )
             return
-        self.storage.delete_checkpoint(path)  # un-committed at once (renamed, or its index deleted first)
+        try:
+            self.storage.delete_checkpoint(path)  # un-committed at once (renamed, or its index deleted first)
+        except OSError as e:  # the checkpoint just recorded stands: this is no failure of its save
+            warnings.warn(
+                f"{path} was not deleted ({e}): retention dropped it when {join(self.directory, str(self.latest))} "
+                "was committed and recorded, which stands. It stays on disk, out of the manager's history; a new "
+                "manager on the directory adopts it and its retention deletes it, or delete it by hand.",
+                stacklevel=2)
