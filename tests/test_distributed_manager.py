@@ -160,6 +160,11 @@ def test_a_manager_argument_one_rank_alone_refuses_or_passes_fails_every_rank_at
     for rank_result in found:
         assert max(v for k, v in rank_result.items() if k.endswith("_seconds")) < 10  # before: timeout_secs (20 s)
     assert result["saved"] == "ckpt-1"  # the calls stayed paired
+    assert result["metrics_warned"] == [  # on every rank, once; metrics passed on rank 0 alone are no difference
+        "The ranks passed different metrics to save() ({'loss': 0.0} on rank 0, {'loss': 1.0} on rank 1): the "
+        "checkpoint records rank 0's, and keep_best ranks by them. Reduce them over the ranks first "
+        "(torch.distributed.all_reduce), or pass them on rank 0 alone."]
+    assert result["metrics"] == [None, {"loss": 1.0}, {"loss": 0.0}, {"loss": -0.0}]
     # the warning of a rebuilt history is given on every rank: where warnings are errors, every rank raises
     assert result["warned"].startswith(f"UserWarning: {world2}/arguments: the state file is damaged (")
     assert "; rebuilt from the 1 committed checkpoints on disk (latest: ckpt-1)." in result["warned"]

@@ -24,11 +24,11 @@ from torchckpt._dist import coordinator as dist_coordinator
 from torchckpt._dist.coordinator import AnyCoordinator
 from torchckpt._dist.preemption import PreemptionWatch
 from torchckpt._format import spec
+from torchckpt._history import arguments as history_arguments
 from torchckpt._history import members as history_members
 from torchckpt._history import state as history_state
 from torchckpt._history.arguments import check_arguments, number_argument, plain_metrics, plain_number, unranked_metrics
 from torchckpt._history.arguments import checkpoint_number as checkpoint_number_of
-from torchckpt._history.arguments import comparable as comparable_argument
 from torchckpt._history.ledger import Ledger
 from torchckpt._history.recover import Ranking, resolve_ranking
 from torchckpt._history.retention import MetricFn
@@ -130,8 +130,8 @@ class CheckpointManager:
         max_to_keep, keep_best, checkpoint_interval, keep_checkpoint_every_n_hours = map(
             plain_number, (max_to_keep, keep_best, checkpoint_interval, keep_checkpoint_every_n_hours))
         self._coord = dist_coordinator.coordinator_for(process_group, timeout_secs)
-        arguments = {"call": "CheckpointManager", "directory": comparable_argument(directory, as_path),
-                     **{k: comparable_argument(v) for k, v in (
+        arguments = {"call": "CheckpointManager", "directory": history_arguments.comparable(directory, as_path),
+                     **{k: history_arguments.comparable(v) for k, v in (
                          ("checkpoint_name", checkpoint_name), ("max_to_keep", max_to_keep),
                          ("keep_checkpoint_every_n_hours", keep_checkpoint_every_n_hours),
                          ("checkpoint_interval", checkpoint_interval), ("keep_best", keep_best),
@@ -163,6 +163,7 @@ class CheckpointManager:
         self._incremental = bool(incremental)
         self._warm_page_cache = bool(warm_page_cache)
         self._warned_metric = False
+        self._warned_differing = False  # once per manager: the ranks' metrics differed (rank 0's are recorded)
         self._read_only = False
         self._closed = False  # close() was called: this manager no longer counts among the claim's holders
         self._preempted = False
@@ -300,6 +301,10 @@ class CheckpointManager:
         proposals = dist_coordinator.agree_all(call, what, lambda: self._propose(checkpoint_number, check_interval,
                                                                                 metrics))
         proposal = {**proposals[call.rank], "signalled": any(p["signalled"] for p in proposals)}
+        differing = None if self._warned_differing else history_arguments.differing_metrics([p["metrics"] for p in proposals])
+        if differing:
+            self._warned_differing = True
+            warnings.warn(differing, stacklevel=3)  # save()'s caller
         if proposal["signalled"]:  # once any rank was signalled, this save is written, durably, whatever the interval
             self._preempted = True
             proposal["skip"] = False

@@ -609,8 +609,15 @@ def arguments_on_one_rank(d: Path, rank: int, world: int) -> dict:
         except (torchckpt.CheckpointError, ValueError) as e:
             out[case] = f"{type(e).__name__}: {e}"
         out[f"{case}_seconds"] = time.monotonic() - started
-    mgr = torchckpt.CheckpointManager(ckpt, directory, timeout_secs=TIMEOUT)
+    mgr = torchckpt.CheckpointManager(ckpt, directory, timeout_secs=TIMEOUT, keep_best=1, best_metric="loss")
     out["saved"] = os.path.basename(mgr.save())
+    with warnings.catch_warnings(record=True) as caught:  # metrics on rank 0 alone are fine; differing ones are heard
+        warnings.simplefilter("always")
+        mgr.save(metrics={"loss": 1.0} if rank == 0 else None)
+        mgr.save(metrics={"loss": float(rank)})
+        mgr.save(metrics={"loss": float(-rank)})  # said once
+    out["metrics_warned"] = [str(w.message) for w in caught]
+    out["metrics"] = [mgr.metrics_of(p) for p in mgr.checkpoints]
     mgr.close()
     if rank == 0:  # the history is rebuilt, with a warning: an error where warnings are errors, on every rank
         (d / "arguments" / "checkpoints.json").write_text("{damaged")

@@ -13,7 +13,7 @@ import torch
 
 from torchckpt._format import spec
 from torchckpt._history.retention import MetricFn, metric_failure
-from torchckpt.errors import a_or_an
+from torchckpt.errors import a_or_an, short_repr
 
 
 def plain_metrics(metrics: Any) -> dict[str, Any] | None:
@@ -137,6 +137,20 @@ def check_arguments(max_to_keep: Any, checkpoint_name: Any, step_counter: Any, c
 def _is_number(value: Any, minimum: float) -> bool:
     """Whether ``value`` is a real number (not a bool, not NaN) of at least ``minimum``."""
     return not isinstance(value, bool) and isinstance(value, (int, float)) and value >= minimum
+
+
+def differing_metrics(by_rank: list[dict[str, Any] | None]) -> str | None:
+    """Why the ``metrics`` the ranks passed to one ``save()`` (in rank order) are not all recorded
+    (a warning's text): rank 0's are the checkpoint's; None where every rank that passed some passed
+    rank 0's (passing them on rank 0 alone is fine)."""
+    mine = json.dumps(by_rank[0], sort_keys=True, default=repr)
+    others = [r for r, m in enumerate(by_rank) if m is not None and json.dumps(m, sort_keys=True, default=repr) != mine]
+    if not others:
+        return None
+    shown = ", ".join(f"{short_repr(by_rank[r], 60)} on rank {r}" for r in [0, *others[:3]])
+    return (f"The ranks passed different metrics to save() ({shown}{', ...' if len(others) > 3 else ''}): the "
+            "checkpoint records rank 0's, and keep_best ranks by them. Reduce them over the ranks first "
+            "(torch.distributed.all_reduce), or pass them on rank 0 alone.")
 
 
 def unranked_metrics(best_metric: str | MetricFn | None, metrics: dict[str, Any]) -> str | None:
