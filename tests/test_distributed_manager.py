@@ -167,8 +167,8 @@ def test_a_manager_argument_one_rank_alone_refuses_or_passes_fails_every_rank_at
     assert result["metrics"] == [None, {"loss": 1.0}, {"loss": 0.0}, {"loss": -0.0}]
     # the warning of a rebuilt history is given on every rank: where warnings are errors, every rank raises
     assert result["warned"].startswith(f"UserWarning: {world2}/arguments: the state file is damaged (")
-    assert "; rebuilt from the 1 committed checkpoints on disk (latest: ckpt-1)." in result["warned"]
-    assert result["reopened"] == "ckpt-1"  # the failed construction let go of the directory's claim
+    assert "; rebuilt from the 4 committed checkpoints on disk (latest: ckpt-4)." in result["warned"]
+    assert result["reopened"] == "ckpt-4"  # the failed construction let go of the directory's claim
 
 
 def test_a_failure_after_the_commit_leaves_every_rank_with_the_same_history(world2):
