@@ -23,7 +23,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from torchckpt._format import floats, plain
+from torchckpt._format import clashes, floats, plain
 from torchckpt._format.keypath import SEP, display, escape_part, join, key_part, split, unescape_part
 from torchckpt.errors import CorruptCheckpointError, UnsupportedStateError, short_repr
 
@@ -240,7 +240,7 @@ def _encode_pairs(tag: str, value: Mapping[Any, Any], path: str, tensors: dict[s
         node = encode(v, child, tensors, ordered)
         first, below = named.setdefault(child, (original, len(tensors) > before))
         if first is not original and (below or len(tensors) > before):
-            raise _same_name(path, first, original, child)
+            raise clashes.same_name(path, first, original, child)
         if tag == "@counter" and not _is_count(node):
             raise UnsupportedStateError(
                 f"Cannot save {display(child)!r}: a Counter's counts must be numbers, and this one is "
@@ -250,39 +250,13 @@ def _encode_pairs(tag: str, value: Mapping[Any, Any], path: str, tensors: dict[s
             )
         pairs.append([key, node])
     if decoded is not None and len(set(decoded)) < len(decoded):
-        _refuse_equal_keys(value, decoded, path)
+        clashes.refuse_equal_keys(value, decoded, path)
     return {tag: pairs}
-
-
-def _same_name(path: str, first: Any, second: Any, child: str) -> UnsupportedStateError:
-    """Two keys of one dict (``1`` and ``"1"``, ``None`` and ``"None"``) whose parts of tensor names are
-    the same: the tensors below them would be found under both on load."""
-    return UnsupportedStateError(
-        f"Cannot save {display(path)!r}: its keys {first!r} and {second!r} both name the tensors below them "
-        f"{display(child)!r}/..., so a restore could not tell them apart. Rename one of the keys.",
-        key=child,
-        value_type=type(second),
-    )
 
 
 def _is_count(node: Any) -> bool:
     """Whether an encoded value decodes to a number (what a Counter holds)."""
     return type(node) in (int, float, bool) or type(node) is dict and "@float" in node
-
-
-def _refuse_equal_keys(value: Mapping[Any, Any], decoded: list[Any], path: str) -> None:
-    """Two keys that are stored as one (``Path("a")`` and ``"a"``) would lose a value: refused."""
-    first: dict[Any, Any] = {}
-    for original, key in zip(value, decoded):
-        if key in first:
-            raise UnsupportedStateError(
-                f"Cannot save {display(path)!r}: its keys {first[key]!r} and {original!r} are both stored as "
-                f"{key!r} (a path, a NumPy scalar or a str subclass is stored as its plain value), so one value "
-                "would be lost. Rename one of the keys.",
-                key=join(path, key_part(key)),
-                value_type=type(original),
-            )
-        first[key] = original
 
 
 def _encode_key(key: Any, path: str) -> Any:
@@ -340,9 +314,16 @@ class MissingPerRank:
 
 
 def build_trie(names: Iterator[str] | list[str]) -> Trie:
-    """Nest tensor names by their parts: ``{"a": {"b": "a/b"}}``."""
+    """Nest tensor names by their parts: ``{"a": {"b": "a/b"}}``.
+
+    Raises:
+        CorruptCheckpointError: a name is listed twice, or is a prefix of another, or a part of it is
+            not spelled as a writer escapes its key (``clashes.misspelled``).
+    """
     root: Trie = {}
     for name in names:
+        if "~" in name and (misspelled := clashes.misspelled(name)):
+            raise _corrupt(*misspelled)
         node = root
         parts = split(name)
         for part in parts[:-1]:
@@ -351,7 +332,7 @@ def build_trie(names: Iterator[str] | list[str]) -> Trie:
                 raise CorruptCheckpointError(f"Tensor name {child!r} is also used as a prefix of {name!r}.")
             node = child
         if parts[-1] in node:
-            raise CorruptCheckpointError(f"Tensor name {name!r} is listed twice.")
+            raise CorruptCheckpointError(clashes.listed_again(name, node[parts[-1]]))
         node[parts[-1]] = name
     return root
 
@@ -452,6 +433,9 @@ def per_rank_paths(node: Any, path: str = "", depth: int = 0) -> Iterator[str]:
 def _decode_tagged(tag: str, payload: Any, trie: Trie | str | None, resolve: Callable[[str], Any], path: str,
                    depth: int) -> Any:
     if tag == TENSOR_TAG:
+        if payload is not None:
+            raise _corrupt(path, f'a tensor\'s marker is {{"{TENSOR_TAG}": null}}, and this one holds '
+                                 f"{short_repr(payload)} in place of null")
         if not isinstance(trie, str):
             raise _corrupt(path, "the state tree expects a tensor here but no tensor has this name")
         return resolve(trie)
@@ -467,24 +451,7 @@ def _decode_tagged(tag: str, payload: Any, trie: Trie | str | None, resolve: Cal
         return _all_placed(tuple(decode(v, sub.get(str(i)), resolve, join(path, str(i)), depth)
                                  for i, v in enumerate(payload)), sub, map(str, range(len(payload))), path)
     if tag in DICT_TYPES and isinstance(payload, list):
-        sub = trie or {}
-        out: dict[Any, Any] = DICT_TYPES[tag]()
-        parts: list[str] = []
-        for pair in payload:
-            if not (isinstance(pair, list) and len(pair) == 2):
-                raise _corrupt(path, "@dict entries must be [key, value] pairs")
-            key = decode(pair[0], None, resolve, path, depth)
-            try:
-                hash(key)
-            except TypeError:
-                raise _corrupt(path, f"a dict key of type {type(key).__name__} cannot be a key") from None
-            part = key_part(key)
-            parts.append(part)
-            item = decode(pair[1], sub.get(part), resolve, join(path, part), depth)
-            if tag == "@counter" and type(item) not in (int, float, bool):
-                raise _corrupt(path, "a Counter's values must be numbers")
-            out[key] = item
-        return _all_placed(out, sub, parts, path)
+        return _decode_pairs(tag, payload, trie or {}, resolve, path, depth)
     if trie:
         raise _corrupt(path, "tensors are stored under a plain value")
     if tag == "@size" and isinstance(payload, list) and all(type(d) is int and -MAX_INT <= d < MAX_INT for d in payload):
@@ -503,6 +470,31 @@ def _decode_tagged(tag: str, payload: Any, trie: Trie | str | None, resolve: Cal
         except (RuntimeError, ValueError, TypeError):
             pass
     raise _corrupt(path, f"bad tagged value {tag!r}")
+
+
+def _decode_pairs(tag: str, payload: list[Any], sub: Trie, resolve: Callable[[str], Any], path: str,
+                  depth: int) -> Any:
+    """A pairs-encoded dict (``@dict``, ``@ordered_dict``, ``@counter``), refused where two keys are
+    equal in Python or share the name part that tensors are stored under (``clashes.pair_clash``)."""
+    out: dict[Any, Any] = DICT_TYPES[tag]()
+    parts: set[str] = set()
+    for pair in payload:
+        if not (isinstance(pair, list) and len(pair) == 2):
+            raise _corrupt(path, "@dict entries must be [key, value] pairs")
+        key = decode(pair[0], None, resolve, path, depth)
+        try:
+            hash(key)
+        except TypeError:
+            raise _corrupt(path, f"a dict key of type {type(key).__name__} cannot be a key") from None
+        part = key_part(key)
+        if key in out or part in parts and part in sub:
+            raise _corrupt(path, clashes.pair_clash(out, key, part, path))
+        parts.add(part)
+        item = decode(pair[1], sub.get(part), resolve, join(path, part), depth)
+        if tag == "@counter" and type(item) not in (int, float, bool):
+            raise _corrupt(path, "a Counter's values must be numbers")
+        out[key] = item
+    return _all_placed(out, sub, parts, path)
 
 
 def _all_placed(value: Any, sub: Trie, parts: Iterable[str], path: str) -> Any:

@@ -1,7 +1,8 @@
 """``torchckpt diff``: how two checkpoints' plain values and tensor values compare.
 
 The command line prints what these find. Plain values are compared by type and value (an int 1
-differs from a float 1.0, as a restore would see them; two NaNs are the same value), and shown
+differs from a float 1.0, as a restore would see them; two NaNs are the same value), under key
+paths that tell apart keys of one spelling (``1`` and ``"1"``, shown ``1`` and ``'1'``), and shown
 shortened when long (a Mersenne Twister state is 625 ints). Tensor values are compared chunk by
 chunk as they stream from both checkpoints, so memory stays bounded whatever their size.
 
@@ -12,7 +13,8 @@ index's state tree, read without it.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -43,11 +45,42 @@ _TENSOR = _Tensor()
 
 def plain_values(reader: CheckpointReader) -> dict[str, Any]:
     """Every plain value of the checkpoint's state tree by its ``/`` key path (tensors left out),
-    as :meth:`CheckpointReader.get_state` decodes it, without building a spec of each tensor."""
+    as :meth:`CheckpointReader.get_state` decodes it, without building a spec of each tensor.
+
+    The key path is written as a tensor's name is (``keypath.leaves``), except that a str key
+    spelled as a key of another type could be (``"1"`` as ``1``, ``"None"``, ``"(1,)"``) is quoted
+    (``'1'``), and a key after one of the same spelling (a second NaN) gets ``#2``: one path for
+    each value, so that no change hides behind a key of the same spelling."""
     if reader.index is None:
         return {}
     state = load_opened.state_tree(reader.index, lambda name: _TENSOR, chunked=lambda name: _TENSOR)
-    return {k: v for k, v in keypath.leaves(state, "").items() if v is not _TENSOR}
+    return {k: v for k, v in _leaves(state, "", {}).items() if v is not _TENSOR}
+
+
+# What the part of a key other than a str starts with or is (``keypath.key_part``: an int's or a
+# float's digits, ``None``, a bool, a tuple, a torch.Size, dtype or device; a ``#2`` after it), and
+# a quote (a str key that starts with one is quoted too, so that it is never read as a quoted key).
+_TYPED_PART = re.compile(r"-?(?:[0-9]|inf(?:#|\Z))|[(<'\"]|(?:None|True|False|nan)(?:#|\Z)|torch\.|device\(")
+
+
+def _leaves(value: Any, prefix: str, out: dict[str, Any]) -> dict[str, Any]:
+    """``keypath.leaves``, with the parts of :func:`plain_values`."""
+    if isinstance(value, Mapping) and value:
+        seen: dict[str, int] = {}
+        for k, v in value.items():
+            part = keypath.escape_part(repr(k)) if type(k) is str and _TYPED_PART.match(k) else keypath.key_part(k)
+            seen[part] = count = seen.get(part, 0) + 1
+            _leaves(v, keypath.join(prefix, part if count == 1 else f"{part}#{count}"), out)
+    elif isinstance(value, list) and value or type(value) is tuple and not all(map(_is_scalar, value)):
+        for i, v in enumerate(value):
+            _leaves(v, keypath.join(prefix, str(i)), out)
+    else:
+        out[prefix] = value
+    return out
+
+
+def _is_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str))
 
 
 def same(x: Any, y: Any) -> bool:
