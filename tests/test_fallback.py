@@ -19,6 +19,7 @@ import torch
 import torchckpt
 from torchckpt import cli
 
+from .conftest import read_index, write_index
 from .jobs.dist_job import flip_tensor_byte
 
 
@@ -62,8 +63,16 @@ def flip_index_byte(checkpoint: Path) -> None:
     index.write_bytes(bytes(data))
 
 
+def forge_metadata(checkpoint: Path) -> None:
+    """Metadata no writer makes, sealed anew (a forger, another tool): what ``verify`` and ``ls``
+    call damaged is not restored either."""
+    index = read_index(checkpoint)
+    index["torchckpt"]["metadata"]["note"] = {"@float": "bogus"}
+    write_index(checkpoint, index)
+
+
 DAMAGE = {"flipped data byte": flip_data_byte, "truncated shard": truncate_shard, "missing shard": remove_shard,
-          "flipped index byte": flip_index_byte}
+          "flipped index byte": flip_index_byte, "forged metadata": forge_metadata}
 
 
 class Fresh:
