@@ -45,6 +45,17 @@ def test_maps_tensors_and_state(saved, mlp):
     assert meta["shards"] > 1
 
 
+def test_get_value_tells_apart_keys_of_one_spelling_as_diff_shows_them(tmp_path):
+    path = torchckpt.Checkpoint(cfg={1: "int", "1": "str", None: "none", "None": "word", "'q'": "quoted"}).write(
+        tmp_path / "c")
+    reader = torchckpt.load_checkpoint(path)
+    assert reader.get_value("cfg/1") == "int" and reader.get_value("cfg/'1'") == "str"  # before: the first, for both
+    assert reader.get_value("cfg/None") == "none" and reader.get_value("cfg/'None'") == "word"
+    assert reader.get_value("cfg/'q'") == "quoted"  # a key spelled with quotes is its own part
+    with pytest.raises(KeyError, match=r"'cfg/2' is not in the state of "):
+        reader.get_value("cfg/2")
+
+
 def test_module_functions(saved, mlp):
     pairs = torchckpt.list_variables(saved)
     assert pairs == sorted(pairs) and ("model/0.bias", torch.Size([8])) in pairs

@@ -408,13 +408,19 @@ class CheckpointReader:
         return _specs(load_opened.state_tree(self._index, _Ref), shapes, dtypes)
 
     def get_value(self, key: str) -> Any:
-        """A value of the state tree by its ``/`` key path (``"epoch"``, ``"g_sched/last_epoch"``)."""
+        """A value of the state tree by its ``/`` key path (``"epoch"``, ``"g_sched/last_epoch"``; a str key
+        spelled as another key of its dict, ``"1"`` beside ``1``, quoted: ``"cfg/'1'"``, as ``diff`` shows it)."""
         node = self.get_state()
         for part in key.split(keypath.SEP) if key else []:
             if isinstance(node, dict):
+                # 1 and "1" share a part: the str key is then asked for quoted ('1'), as diff shows it
                 matches = [k for k in node if keypath.key_part(k) == part]
-                if not matches:
-                    raise KeyError(f"{key!r} is not in the state of {self.path}")
+                matches = ([k for k in matches if type(k) is not str] if len(matches) > 1 else matches) or \
+                    [k for k in node if type(k) is str and repr(k) == part]
+                if len(matches) != 1:
+                    raise KeyError(f"{key!r} is not in the state of {self.path}" if not matches else
+                                   f"{key!r} is ambiguous in the state of {self.path}: {part!r} names its keys "
+                                   f"{', '.join(map(repr, matches))}.")
                 node = node[matches[0]]
             elif isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
                 node = node[int(part)]
