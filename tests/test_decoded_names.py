@@ -164,3 +164,26 @@ def test_diff_reports_a_change_under_one_of_two_keys_that_share_a_name_part(tmp_
     assert sorted(line for line in out if line.startswith("~ cfg")) == sorted(lines)
     assert "~ epoch  3 -> 4" in out  # an ordinary key is written as before
     assert out[-1].endswith(f"{len(lines) + 1} state values changed")
+
+
+def test_diff_writes_keys_that_look_like_numbers_as_before_where_nothing_shares_their_spelling(tmp_path, capsys):
+    cfg = {"0": 1, "1e-3": 2, "nan": 3, "steps": {"100": 0.1}}
+    a = torchckpt.Checkpoint(cfg=cfg, w=ones(1)).write(tmp_path / "a")
+    b = torchckpt.Checkpoint(cfg={**cfg, "0": 5, "steps": {"100": 0.2}}, w=ones(1)).write(tmp_path / "b")
+    assert main(["diff", a, b]) == 0
+    assert capsys.readouterr().out.splitlines()[:2] == ["~ cfg/0  1 -> 5", "~ cfg/steps/100  0.1 -> 0.2"]
+
+
+@pytest.mark.parametrize(("before", "after", "changed"), [
+    pytest.param((float("nan"), 1), (float("nan"), 1), False, id="nan-in-a-tuple-unchanged"),
+    pytest.param(0.0, -0.0, True, id="zero-changes-sign"),
+    pytest.param((0.0, 1), (-0.0, 1), True, id="zero-changes-sign-in-a-tuple"),
+    pytest.param(1, True, True, id="int-to-bool"),
+])
+def test_diff_compares_plain_values_as_tensors_are_compared(tmp_path, capsys, before, after, changed):
+    """Before, an unchanged tuple holding a NaN was reported changed, and 0.0 -> -0.0 was not."""
+    a = torchckpt.Checkpoint(v=before, w=ones(1)).write(tmp_path / "a")
+    b = torchckpt.Checkpoint(v=after, w=ones(1)).write(tmp_path / "b")
+    assert main(["diff", a, b, "--exit-code"]) == int(changed)
+    assert capsys.readouterr().out.splitlines()[-1].endswith("1 state value changed" if changed else
+                                                             "0 state values changed")

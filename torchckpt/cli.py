@@ -251,7 +251,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     common = sorted(set(sa) & set(sb))
     reshaped = [n for n in common if sa[n] != sb[n]]
     retyped = [n for n in common if da[n] != db[n]]
-    va, vb = tool_diff.plain_values(a), tool_diff.plain_values(b)
+    va, vb = tool_diff.plain_values(a, b)
     changed = sorted(k for k in set(va) | set(vb) if not tool_diff.same(va.get(k, ABSENT), vb.get(k, ABSENT)))
     values: dict[str, tool_diff.ValueDiff] = {}
     if args.values:

@@ -2,7 +2,8 @@
 
 The command line prints what these find. Plain values are compared by type and value (an int 1
 differs from a float 1.0, as a restore would see them; two NaNs are the same value), under key
-paths that tell apart keys of one spelling (``1`` and ``"1"``, shown ``1`` and ``'1'``), and shown
+paths that tell apart keys of one spelling (``1`` and ``"1"`` of one dict, in either checkpoint,
+shown ``1`` and ``'1'``), and shown
 shortened when long (a Mersenne Twister state is 625 ints). Tensor values are compared chunk by
 chunk as they stream from both checkpoints, so memory stays bounded whatever their size.
 
@@ -13,7 +14,6 @@ index's state tree, read without it.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -43,37 +43,50 @@ class _Tensor:
 _TENSOR = _Tensor()
 
 
-def plain_values(reader: CheckpointReader) -> dict[str, Any]:
-    """Every plain value of the checkpoint's state tree by its ``/`` key path (tensors left out),
+def plain_values(a: CheckpointReader, b: CheckpointReader) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every plain value of each checkpoint's state tree by its ``/`` key path (tensors left out),
     as :meth:`CheckpointReader.get_state` decodes it, without building a spec of each tensor.
 
-    The key path is written as a tensor's name is (``keypath.leaves``), except that a str key
-    spelled as a key of another type could be (``"1"`` as ``1``, ``"None"``, ``"(1,)"``) is quoted
-    (``'1'``), and a key after one of the same spelling (a second NaN) gets ``#2``: one path for
-    each value, so that no change hides behind a key of the same spelling."""
-    if reader.index is None:
-        return {}
-    state = load_opened.state_tree(reader.index, lambda name: _TENSOR, chunked=lambda name: _TENSOR)
-    return {k: v for k, v in _leaves(state, "", {}).items() if v is not _TENSOR}
+    The key path is written as a tensor's name is (``keypath.leaves``), except where a dict holds,
+    in either checkpoint, a str key and a key of another type of one spelling (``"1"`` and ``1``,
+    ``"None"`` and ``None``): the str key is then quoted (``'1'``), and a key after one of the same
+    spelling (a second NaN) gets ``#2``. One path for each value, so that no change hides behind a
+    key of the same spelling, and the paths of other checkpoints are the names as they were."""
+    states = [load_opened.state_tree(r.index, lambda name: _TENSOR, chunked=lambda name: _TENSOR)
+              if r.index is not None else {} for r in (a, b)]
+    kinds: dict[tuple[str, str], set[bool]] = {}  # (dict's path, key's part) -> whether a str, for each key
+    for state in states:
+        _key_kinds(state, "", kinds)
+    quoted = {where for where, found in kinds.items() if len(found) > 1}
+    va, vb = ({k: v for k, v in _leaves(state, "", "", quoted, {}).items() if v is not _TENSOR} for state in states)
+    return va, vb
 
 
-# What the part of a key other than a str starts with or is (``keypath.key_part``: an int's or a
-# float's digits, ``None``, a bool, a tuple, a torch.Size, dtype or device; a ``#2`` after it), and
-# a quote (a str key that starts with one is quoted too, so that it is never read as a quoted key).
-_TYPED_PART = re.compile(r"-?(?:[0-9]|inf(?:#|\Z))|[(<'\"]|(?:None|True|False|nan)(?:#|\Z)|torch\.|device\(")
+def _key_kinds(value: Any, path: str, out: dict[tuple[str, str], set[bool]]) -> None:
+    """Whether each key of each dict below ``value`` is a str, by the dict's path and the key's part."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            part = keypath.key_part(k)
+            out.setdefault((path, part), set()).add(type(k) is str)
+            _key_kinds(v, keypath.join(path, part), out)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _key_kinds(v, keypath.join(path, str(i)), out)
 
 
-def _leaves(value: Any, prefix: str, out: dict[str, Any]) -> dict[str, Any]:
-    """``keypath.leaves``, with the parts of :func:`plain_values`."""
+def _leaves(value: Any, prefix: str, path: str, quoted: set[tuple[str, str]], out: dict[str, Any]) -> dict[str, Any]:
+    """``keypath.leaves``, with the parts of :func:`plain_values` (``path``: ``prefix`` unquoted)."""
     if isinstance(value, Mapping) and value:
         seen: dict[str, int] = {}
         for k, v in value.items():
-            part = keypath.escape_part(repr(k)) if type(k) is str and _TYPED_PART.match(k) else keypath.key_part(k)
+            plain = keypath.key_part(k)
+            part = keypath.escape_part(repr(k)) if type(k) is str and (path, plain) in quoted else plain
             seen[part] = count = seen.get(part, 0) + 1
-            _leaves(v, keypath.join(prefix, part if count == 1 else f"{part}#{count}"), out)
+            _leaves(v, keypath.join(prefix, part if count == 1 else f"{part}#{count}"), keypath.join(path, plain),
+                    quoted, out)
     elif isinstance(value, list) and value or type(value) is tuple and not all(map(_is_scalar, value)):
         for i, v in enumerate(value):
-            _leaves(v, keypath.join(prefix, str(i)), out)
+            _leaves(v, keypath.join(prefix, str(i)), keypath.join(path, str(i)), quoted, out)
     else:
         out[prefix] = value
     return out
@@ -84,10 +97,15 @@ def _is_scalar(value: Any) -> bool:
 
 
 def same(x: Any, y: Any) -> bool:
-    """Whether two plain values are the same: same type and equal, or both NaN."""
-    if isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y):
-        return True
-    return type(x) is type(y) and x == y
+    """Whether two plain values are the same: same type and equal, or both NaN (also inside a
+    tuple), and a float zero only of its own sign (as tensors are compared, bit for bit)."""
+    if type(x) is not type(y):
+        return False
+    if type(x) is float:
+        return (math.isnan(x) and math.isnan(y)) or (x == y and math.copysign(1.0, x) == math.copysign(1.0, y))
+    if type(x) is tuple:
+        return len(x) == len(y) and all(map(same, x, y))
+    return bool(x == y)
 
 
 def render(v: Any) -> str:
