@@ -93,9 +93,9 @@ def pair_clash(keys: Iterable[Any], key: Any, part: str, path: str) -> str:
     found = _first_equal([*keys, key], [*keys, key])
     if found is not None:
         return (f"its keys {found[0]!r} and {found[1]!r} are equal in Python, so a dict would keep one of "
-                "them and lose the other's value (a writer stores neither)")
+                "them and lose the other's value (torchckpt refuses to save such keys)")
     first = next(k for k in keys if key_part(k) == part)
-    return f"{_shared_name(first, key, join(path, part))} (a writer stores neither)"
+    return f"{_shared_name(first, key, join(path, part))} (torchckpt refuses to save such keys)"
 
 
 def listed_again(name: str, found: Mapping[str, Any] | str) -> str:
