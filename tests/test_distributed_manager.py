@@ -144,6 +144,14 @@ def test_a_rank_interrupted_in_a_save_fails_the_call_on_the_others_at_once_and_t
     for result in found:
         assert result["seconds"] < 10  # before: rank 0 waited out timeout_secs (20 s here)
         assert result["last"] == "ckpt-2" and result["checkpoints"] == ["ckpt-1", "ckpt-2"]
+    # interrupted while the call waited for the run's async save in flight: a stop in that call too
+    assert found[1]["waiting"] == "KeyboardInterrupt"
+    assert found[0]["waiting"] == (
+        f"CheckpointError: Rank 1 stopped during the plan step of saving {world2}/interrupted-ema "
+        "(KeyboardInterrupt on rank 1), so the call cannot complete. Nothing was committed.")
+    for result in found:
+        assert result["waiting_seconds"] < 10  # the save in flight took 2 s; before: timeout_secs
+        assert result["async_checkpoints"] == ["ckpt-1"]
 
 
 def test_a_manager_argument_one_rank_alone_refuses_or_passes_fails_every_rank_at_once(world2):

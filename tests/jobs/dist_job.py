@@ -17,6 +17,7 @@ import resource
 import shutil
 import signal
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -587,6 +588,27 @@ def interrupted_on_one_rank(d: Path, rank: int, world: int) -> dict:
     out["seconds"] = time.monotonic() - started
     out["last"] = os.path.basename(mgr.save())
     out["checkpoints"] = [os.path.basename(p) for p in mgr.checkpoints]
+    mgr.close()
+    # interrupted while the next call waits for an async save in flight (rank 0's commit is slow)
+    disk = install(d / "interrupted-async", LocalDouble())
+    mgr = torchckpt.CheckpointManager(torchckpt.Checkpoint(model=fsdp_mlp(0)), str(d / "interrupted-async"),
+                                      async_save=True, timeout_secs=TIMEOUT)
+    if rank == 0:
+        disk.before("stage.commit", lambda *args: time.sleep(2), times=1)
+    mgr.save()
+    if rank == 1:
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+    started = time.monotonic()
+    try:
+        torchckpt.Checkpoint(ema=torch.nn.Linear(2, 2)).write(d / "interrupted-ema", timeout_secs=TIMEOUT)
+        out["waiting"] = "no error"
+    except KeyboardInterrupt:
+        out["waiting"] = "KeyboardInterrupt"
+    except torchckpt.CheckpointError as e:
+        out["waiting"] = f"{type(e).__name__}: {e}"
+    out["waiting_seconds"] = time.monotonic() - started
+    mgr.wait_until_finished()
+    out["async_checkpoints"] = [os.path.basename(p) for p in mgr.checkpoints]
     mgr.close()
     return out
 

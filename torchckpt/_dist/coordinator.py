@@ -46,8 +46,9 @@ _before_calls: list[Callable[[], None]] = []  # run as each call begins (see ``b
 
 
 def before_each_call(hook: Callable[[], None]) -> None:
-    """Have ``hook`` run as every collective call of this process begins, before its number is
-    taken (``_save.background``: wait for the saves in flight)."""
+    """Have ``hook`` run before the first exchange of every collective call of this process
+    (``_save.background``: wait for the saves in flight), inside the call: an interrupt there is
+    a stop in the call (see ``Coordinator.failures_shared``)."""
     _before_calls.append(hook)
 
 
@@ -98,8 +99,6 @@ class Coordinator:
         first exchange is sent through that exchange, see :meth:`failures_shared`), so the ranks'
         numbers agree as long as they make the same calls, and a call that times out on one rank
         keeps its number there too."""
-        for hook in _before_calls:
-            hook()
         with _calls_lock:
             number = _calls[self.name] = _calls.get(self.name, 0) + 1
         child = object.__new__(Coordinator)
@@ -126,6 +125,9 @@ class Coordinator:
     def _key(self, tag: str) -> str:
         if not self._prefix:
             raise RuntimeError("torchckpt: an exchange outside a collective call (Coordinator.call) is a bug")
+        if self._arguments is not None:  # the call's first exchange
+            for hook in _before_calls:
+                hook()
         self._exchanges += 1
         return f"{self._prefix}/{self._exchanges}"  # the n-th exchange of a call is the same on every rank
 

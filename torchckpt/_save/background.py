@@ -34,6 +34,7 @@ _writers: weakref.WeakSet[AsyncWriter] = weakref.WeakSet()
 # A writer with a save in flight is held here until it ends, though its checkpoint was dropped (a
 # Checkpoint local to a function that returned): interpreter exit finds it in ``_writers`` and waits.
 _in_flight: set[AsyncWriter] = set()
+_collective_in_flight: set[AsyncWriter] = set()  # those of saves by several ranks (``_settle_in_flight``)
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # anything else is laid out anew, and checked
 _ALIGNMENT = 64  # every group's region starts on a cache line (and so on any element size)
@@ -232,12 +233,15 @@ class AsyncWriter:
                 raise AssertionError("a fresh snapshot layout must fit its own tensors")
         return staging.views, staging.aliases
 
-    def submit(self, job: Callable[[], None], path: str = "") -> None:
-        """Start ``job``, the save of ``path``, in the background after the previous one finished."""
+    def submit(self, job: Callable[[], None], path: str = "", collective: bool = False) -> None:
+        """Start ``job``, the save of ``path``, in the background after the previous one finished;
+        ``collective``: a save by several ranks, which the process's next collective call waits for."""
         self.wait()
         self._done.clear()
         self._path = path
         _in_flight.add(self)
+        if collective:
+            _collective_in_flight.add(self)
         _wait_in_a_multiprocessing_child()
         # The job and this writer travel in a list the run empties: once the save ends, the worker
         # thread holds neither (the writer may then be collected, and its thread end with it).
@@ -265,6 +269,7 @@ def _run(held: list[Any], done: threading.Event, failure: list[BaseException]) -
     finally:
         del job
         _in_flight.discard(writer)
+        _collective_in_flight.discard(writer)
         del writer
         done.set()
 
@@ -278,7 +283,7 @@ def _settle_in_flight() -> None:
     from posting: both waited until ``timeout_secs`` ran out. One job's calls run one at a time."""
     if threading.current_thread().name == _WORKER_NAME:  # a background save's own part begins no call
         return
-    for writer in list(_in_flight):
+    for writer in list(_collective_in_flight):  # a single process's save uses no store: not waited for
         writer._done.wait()
 
 
@@ -309,6 +314,7 @@ def _after_fork_in_child() -> None:
     """A forked child does not wait for a save the parent had in flight (the parent's threads do
     not exist in the child; the child's own start on first use)."""
     _in_flight.clear()
+    _collective_in_flight.clear()
     for writer in list(_writers):
         writer._done.set()
 

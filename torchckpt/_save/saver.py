@@ -142,7 +142,7 @@ def _save_by_every_rank(source: Source, storage: Storage, path: str, coord: AnyC
         run()
         return
     coord.end_call()  # before the background part exchanges: a wait of this call must not hold its store client
-    source.writer().submit(run, path)
+    source.writer().submit(run, path, collective=True)
 
 
 def _snapshot(writer: AsyncWriter, prepared: collective.Prepared) -> None:
