@@ -143,7 +143,8 @@ def world2(world4) -> Path:
     try:
         run_ranks(2, world4, ["restore_from_4", "restore_tp", "plain_into_fsdp", "ddp", "save_fsdp_2", "manager_2",
                               "second_job", "async_loops", "async_failure", "after_commit_fails", "async_next_to_other_calls",
-                              "interrupted_on_one_rank", "arguments_on_one_rank", "one_rank_fails_capture",
+                              "interrupted_on_one_rank", "arguments_on_one_rank", "claim_after_a_rank_gave_up",
+                              "one_rank_fails_capture",
                               "mismatched_calls", "restore_failures", "damaged_on_one_rank",
                               "calls_stay_paired", "save_flips_2", "incremental_fsdp", "damaged_then_saved", "opens_its_own_shards", "rename",
                               "read_once", "index_too_large", "hooked_and_tied"])

@@ -179,6 +179,12 @@ def test_a_manager_argument_one_rank_alone_refuses_or_passes_fails_every_rank_at
     assert result["reopened"] == "ckpt-4"  # the failed construction let go of the directory's claim
 
 
+def test_a_construction_a_rank_gave_up_on_lets_go_of_the_claim_rank_0_took_meanwhile(world2):
+    found = results(world2, "claim_after_a_rank_gave_up", 2)
+    assert [r["opened"] for r in found] == ["CheckpointError", "RankTimeoutError"]  # both failed, neither hangs
+    assert found[0]["claim_free"]  # before: held by rank 0's process until it exited
+
+
 def test_a_failure_after_the_commit_leaves_every_rank_with_the_same_history(world2):
     """Rank 0 alone records and deletes; what fails there once a checkpoint is committed must not
     split the ranks' views (before: an undeletable ckpt-1 failed the save that committed ckpt-2,

@@ -168,13 +168,13 @@ class CheckpointManager:
         self._closed = False  # close() was called: this manager no longer counts among the claim's holders
         self._preempted = False
         self.last_restore: RestoreStatus | None = None  # the status of the last restore_or_initialize's restore
-        rebuilt = self._open(arguments, configure)
+        self._claimed = False  # this construction took the directory's claim (rank 0): let go if it fails
         try:
-            for message in rebuilt:  # what recovering the history rebuilt, at the caller's line, on every rank
-                warnings.warn(message, stacklevel=2)  # (an error where warnings are: then on every rank alike)
+            for message in self._open(arguments, configure):  # what recovering the history rebuilt, on every rank,
+                warnings.warn(message, stacklevel=2)  # at the caller's line (an error where warnings are: everywhere)
             self._preemption = PreemptionWatch(preemption_signals)
         except BaseException:
-            if not self._read_only and self._is_primary:
+            if self._claimed:  # also after the claim, when a rank gave up on this one meanwhile
                 claims.let_go(self._storage, self._directory)
             raise
 
@@ -204,12 +204,8 @@ class CheckpointManager:
 
     def _open_and_load(self, best_mode: str | None) -> list[str]:
         self._read_only = claims.take(self._storage, self._directory, (f"{self._name}-", history_state.STATE_FILE))
-        try:
-            return self._ledger.load(_clock.now(), best_mode)
-        except BaseException:
-            if not self._read_only:
-                claims.let_go(self._storage, self._directory)  # a failed construction holds nothing
-            raise
+        self._claimed = not self._read_only  # a failed construction holds nothing (see __init__)
+        return self._ledger.load(_clock.now(), best_mode)
 
     @property
     def _is_primary(self) -> bool:

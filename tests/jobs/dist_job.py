@@ -656,6 +656,31 @@ def arguments_on_one_rank(d: Path, rank: int, world: int) -> dict:
     return out
 
 
+def claim_after_a_rank_gave_up(d: Path, rank: int, world: int) -> dict:
+    """Rank 0 claims the directory after rank 1 gave up on the construction (its claim is slow): the
+    construction fails on both, and rank 0 lets go of the claim it took (before: held until exit)."""
+    import fcntl
+
+    directory = d / "gave-up"
+    disk = install(directory, LocalDouble())
+    if rank == 0:
+        disk.before("claim", lambda *args: time.sleep(7), times=1)  # past rank 1's wait for the outcome: 6 s
+    out: dict = {}
+    try:
+        torchckpt.CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(1)), str(directory), timeout_secs=0.5)
+        out["opened"] = "no error"
+    except torchckpt.CheckpointError as e:
+        out["opened"] = type(e).__name__
+    if rank == 0:  # another open file description: its flock fails while this process holds the claim
+        with open(directory / ".torchckpt.lock", "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                out["claim_free"] = True
+            except BlockingIOError:
+                out["claim_free"] = False
+    return out
+
+
 def after_commit_fails(d: Path, rank: int, world: int) -> dict:
     """Rank 0's bookkeeping fails once a checkpoint is committed: an old checkpoint that retention
     cannot delete is warned about and the save stands; a state file that cannot be written fails
@@ -1317,7 +1342,7 @@ SCENARIOS = {f.__name__: f for f in (save_fsdp_4, save_fsdp_2, restore_from_4, r
                                       differing_value, ddp, tp_mesh, restore_tp, write_fails_on_one_rank,
                                       killed_mid_save, s3_fsdp, manager_2, manager_resume, second_job,
                                       async_loops, async_failure, after_commit_fails, async_next_to_other_calls,
-                                      interrupted_on_one_rank, arguments_on_one_rank,
+                                      interrupted_on_one_rank, arguments_on_one_rank, claim_after_a_rank_gave_up,
                                       killed_async, manager_s3, tools_save,
                                       one_rank_fails_capture, mismatched_calls, restore_failures,
                                       damaged_on_one_rank, calls_stay_paired, incremental_fsdp,
