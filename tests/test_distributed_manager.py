@@ -165,6 +165,10 @@ def test_a_manager_argument_one_rank_alone_refuses_or_passes_fails_every_rank_at
     assert result["init_fn"] == refused.format("init_fn: true on rank 0; false on rank 1")
     assert result["step_counter"] == (f"CheckpointError: Opening {world2}/arguments failed on rank 1: `step_counter` "
                                       "should be passed if `checkpoint_interval` is not None.")
+    assert result["timeout_secs"] == (f"CheckpointError: Opening {world2}/arguments failed on rank 1: timeout_secs "
+                                      "must be a positive number of seconds, not -1.")
+    assert result["preemption_signals"] == (f"CheckpointError: Opening {world2}/arguments failed on rank 1: "
+                                            "preemption_signals cannot include SIGKILL: no handler can catch it.")
     for rank_result in found:
         assert max(v for k, v in rank_result.items() if k.endswith("_seconds")) < 10  # before: timeout_secs (20 s)
     assert result["saved"] == "ckpt-1"  # the calls stayed paired

@@ -129,7 +129,8 @@ class CheckpointManager:
     ) -> None:
         max_to_keep, keep_best, checkpoint_interval, keep_checkpoint_every_n_hours = map(
             plain_number, (max_to_keep, keep_best, checkpoint_interval, keep_checkpoint_every_n_hours))
-        self._coord = dist_coordinator.coordinator_for(process_group, timeout_secs)
+        timeout_ok = timeout_secs is None or isinstance(timeout_secs, (int, float)) and timeout_secs > 0
+        self._coord = dist_coordinator.coordinator_for(process_group, timeout_secs if timeout_ok else None)
         arguments = {"call": "CheckpointManager", "directory": history_arguments.comparable(directory, as_path),
                      **{k: history_arguments.comparable(v) for k, v in (
                          ("checkpoint_name", checkpoint_name), ("max_to_keep", max_to_keep),
@@ -139,7 +140,12 @@ class CheckpointManager:
                          ("best_mode", best_mode), ("save_counter", getattr(checkpoint, "save_counter", None)))},
                      "init_fn": init_fn is not None, **save_arguments(max_shard_size, async_save)}
 
+        signals: list[int] = []  # preemption_signals, checked (an iterator is read once)
+
         def configure() -> None:  # what may fail on one rank alone: inside the call, so that it fails on every rank
+            if not timeout_ok:
+                raise ValueError(f"timeout_secs must be a positive number of seconds, not {timeout_secs!r}.")
+            signals.extend(PreemptionWatch.checked(preemption_signals))
             _check_arguments(checkpoint, max_shard_size, max_to_keep=max_to_keep, checkpoint_name=checkpoint_name,
                              step_counter=step_counter, checkpoint_interval=checkpoint_interval, keep_best=keep_best,
                              best_metric=best_metric, best_mode=best_mode,
@@ -172,7 +178,7 @@ class CheckpointManager:
         try:
             for message in self._open(arguments, configure):  # what recovering the history rebuilt, on every rank,
                 warnings.warn(message, stacklevel=2)  # at the caller's line (an error where warnings are: everywhere)
-            self._preemption = PreemptionWatch(preemption_signals)
+            self._preemption = PreemptionWatch(signals)
         except BaseException:
             if self._claimed:  # also after the claim, when a rank gave up on this one meanwhile
                 claims.let_go(self._storage, self._directory)

@@ -621,12 +621,14 @@ def arguments_on_one_rank(d: Path, rank: int, world: int) -> dict:
     directory = str(d / "arguments")
     cases = {"max_to_keep": {"max_to_keep": 0 if rank == 1 else 3},
              "init_fn": {"init_fn": (lambda: None) if rank == 0 else None},
-             "step_counter": {"checkpoint_interval": 5, "step_counter": torch.tensor(0) if rank == 0 else None}}
+             "step_counter": {"checkpoint_interval": 5, "step_counter": torch.tensor(0) if rank == 0 else None},
+             "timeout_secs": {"timeout_secs": -1 if rank == 1 else TIMEOUT},
+             "preemption_signals": {"preemption_signals": (signal.SIGKILL,) if rank == 1 else ()}}
     out: dict = {}
     for case, options in cases.items():
         started = time.monotonic()
         try:
-            torchckpt.CheckpointManager(ckpt, directory, timeout_secs=TIMEOUT, **options).close()
+            torchckpt.CheckpointManager(ckpt, directory, **{"timeout_secs": TIMEOUT, **options}).close()
             out[case] = "no error"
         except (torchckpt.CheckpointError, ValueError) as e:
             out[case] = f"{type(e).__name__}: {e}"

@@ -38,18 +38,13 @@ class PreemptionWatch:
     """
 
     def __init__(self, signals: Iterable[int | signal.Signals]) -> None:
-        wanted = [signal.Signals(s) for s in signals]
+        wanted = self.checked(signals)
         self.received: signal.Signals | None = None
         self.closed = False
         self._previous: dict[signal.Signals, Any] = {}
         self._handler: Any = None
         if not wanted:
             return
-        if threading.current_thread() is not threading.main_thread():
-            raise ValueError(
-                "preemption_signals can only be installed from the main thread (Python runs signal handlers "
-                "there); create the CheckpointManager in the main thread, or pass preemption_signals=()."
-            )
         self._handler = handler = _handler_for(weakref.ref(self), self._previous)
         try:
             for sig in dict.fromkeys(wanted):
@@ -57,6 +52,24 @@ class PreemptionWatch:
         except BaseException:
             self.close()
             raise
+
+    @staticmethod
+    def checked(signals: Iterable[int | signal.Signals]) -> list[signal.Signals]:
+        """``signals`` as ``signal.Signals``, once they are signals this thread can install handlers for.
+
+        Raises:
+            ValueError: not a signal number, one no handler can catch, or not the main thread.
+        """
+        wanted = [signal.Signals(s) for s in signals]
+        uncatchable = [s.name for s in wanted if s in (signal.SIGKILL, signal.SIGSTOP)]
+        if uncatchable:
+            raise ValueError(f"preemption_signals cannot include {', '.join(uncatchable)}: no handler can catch it.")
+        if wanted and threading.current_thread() is not threading.main_thread():
+            raise ValueError(
+                "preemption_signals can only be installed from the main thread (Python runs signal handlers "
+                "there); create the CheckpointManager in the main thread, or pass preemption_signals=()."
+            )
+        return wanted
 
     def close(self) -> None:
         """Put back the handlers that were there before (idempotent). Where another handler was
