@@ -1052,6 +1052,18 @@ def test_a_checkpoint_retention_cannot_delete_is_warned_about_and_the_save_stand
     again.close()
 
 
+def test_what_retention_dropped_when_the_state_file_could_not_be_written_is_deleted_at_the_next_save(tmp_path,
+                                                                                                      disk):
+    manager = CheckpointManager(ckpt(), tmp_path, max_to_keep=1)
+    manager.save()
+    disk.fail("replace_file", OSError(errno.ENOSPC, "No space left on device"), times=1)
+    with pytest.raises(torchckpt.CheckpointWriteError, match=r"ckpt-2 is committed, but the directory's state file"):
+        manager.save()
+    assert manager.save() == os.path.join(tmp_path, "ckpt-3")
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-3"]  # before: ckpt-1 stayed, out of the history
+    manager.close()
+
+
 def test_an_empty_folder_retention_is_about_to_remove_is_checkpoint_deleted_error(tmp_path):
     # on a store with real folders a deletion removes its marker, then the empty folder: in between
     manager = CheckpointManager(ckpt(), tmp_path, max_to_keep=1)

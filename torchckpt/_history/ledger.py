@@ -51,6 +51,7 @@ class Ledger:
         # must not put its own ranking in the run's file: the resumed run would take it, and delete its best).
         self._file_ranking: tuple[str | None, str, int | None] | None = None
         self._forgotten: tuple[str, float] | None = None  # (name, when) :meth:`forget` wrote out, until recorded
+        self._undeleted: list[str] = []  # dropped by a record whose write failed: deleted after the next one
         self._size: int | None = None  # the state file's bytes as last written or adopted (:meth:`check_room`)
 
     def load(self, now: float, best_mode: str | None) -> list[str]:
@@ -167,7 +168,8 @@ class Ledger:
         """Record a committed checkpoint as the latest and apply retention, in one write of the
         state file; returns the names to delete, which the state file no longer names by then (a
         crash before they are deleted leaves them on disk unnamed: the next manager adopts them, as
-        any commit the state file missed, and its retention deletes them in turn)."""
+        any commit the state file missed, and its retention deletes them in turn). Where the write
+        fails, the names it dropped are returned by the next record instead."""
         self._forgotten = None  # recorded now, with the new checkpoint's metrics
         self.kept = [e for e in self.kept if e.name != name]
         self.preserved = [e for e in self.preserved if e.name != name]
@@ -182,8 +184,15 @@ class Ledger:
             self.kept = plan.kept
             self.preserved.extend(plan.preserve)
             self.last_preserved_timestamp = plan.last_preserved_timestamp
-        self.write()
-        return [entry.name for entry in plan.delete]
+        doomed = [*self._undeleted, *(entry.name for entry in plan.delete)]
+        try:
+            self.write()
+        except BaseException:  # out of the history in memory already: deleted after the next record
+            self._undeleted = doomed
+            raise
+        self._undeleted = []
+        held = {e.name for e in self.entries()}  # one recorded again since (an explicit number) stays
+        return [name for name in dict.fromkeys(doomed) if name not in held]
 
     def forget(self, name: str, now: float) -> None:
         """Before a save replaces checkpoint ``name`` (an explicit number): write the state file
