@@ -48,7 +48,8 @@ def mismatched_calls(arguments: list[dict[str, Any]]) -> CheckpointError:
         f"({'; '.join(differing[:4])}{' ...' if len(differing) > 4 else ''}). Every rank must call it with "
         "the same arguments, in the same order. Nothing was written or changed."
     )
-    error.ranks = sorted({r for r, a in enumerate(arguments) if a != arguments[0]})  # type: ignore[attr-defined]
+    first = json.dumps(arguments[0], sort_keys=True)  # as compared above: 5 and 5.0 differ, as they did there
+    error.ranks = [r for r, a in enumerate(arguments) if json.dumps(a, sort_keys=True) != first]  # type: ignore[attr-defined]
     return error
 
 

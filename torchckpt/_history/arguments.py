@@ -84,6 +84,8 @@ def comparable(value: Any, convert: Callable[[Any], Any] | None = None) -> Any:
             value = convert(value)
         except Exception:  # noqa: BLE001 - refused inside the call
             return repr(value)[:200]
+    if type(value) is float and value.is_integer():  # 5.0 where another rank passed 5: the same argument
+        return int(value)
     return value if value is None or isinstance(value, (bool, int, float, str)) else repr(value)[:200]
 
 
