@@ -89,6 +89,17 @@ def test_verify_catches_chunks_that_do_not_tile(tools, tmp_path, capsys, case, e
     assert message in capsys.readouterr().err
 
 
+def test_verify_decodes_every_ranks_per_rank_values_as_that_ranks_restore_does(tools, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    shutil.copytree(tools, bad)
+    index = read_index(bad)
+    assert index["torchckpt"]["state"]["cursor"] == {"@per_rank": [100, 101, 102, 103]}
+    index["torchckpt"]["state"]["cursor"]["@per_rank"][2] = {"@float": "bogus"}  # rank 2's alone
+    write_index(bad, index)
+    assert cli.main(["verify", str(bad)]) == 1  # before: verified, where rank 2's restore refused it
+    assert "Invalid state tree at 'cursor'" in capsys.readouterr().err
+
+
 def test_export_of_a_4_rank_fsdp2_checkpoint_loads_into_a_plain_model_strictly(tools, reference, tmp_path, capsys):
     from tests.jobs.dist_job import MLP
 

@@ -62,6 +62,13 @@ def check_sections(index: Index, tree: dict[str, Any]) -> None:
     metadata_of(index)
 
 
+def per_rank_count(index: Index) -> int:
+    """How many per-rank values the checkpoint's state tree holds (0 before format 2)."""
+    if index.raw[TORCHCKPT_KEY]["format_version"] < SHARDED_FORMAT_VERSION:
+        return 0
+    return sum(1 for _ in format_tree.per_rank_paths(index.section.get("state", {})))
+
+
 def beyond_world(index: Index, world: int) -> list[str]:
     """The per-rank values no rank of a job of ``world`` ranks takes (a checkpoint of 4 ranks
     restored on 2, or read in one process): ``<key path>~r<rank>`` for each, in checkpoint terms,

@@ -22,7 +22,6 @@ import torch
 from torchckpt._format import dtypes as format_dtypes
 from torchckpt._format import index as format_index
 from torchckpt._format import spec as format_spec
-from torchckpt._format import tree as format_tree
 from torchckpt._format.dict_order import keep_dict_order
 from torchckpt._format.spec import INDEX_FILE
 from torchckpt._load import index_fields
@@ -90,7 +89,7 @@ def consolidate(reader: CheckpointReader, out: str, storage: Storage, *, rank: i
     except BaseException:
         stage.discard()
         raise
-    per_rank = sum(1 for _ in format_tree.per_rank_paths(index.section.get("state", {})))
+    per_rank = index_fields.per_rank_count(index)
     return {"path": reader.path, "out": out, "world_size": world, "rank": rank, "tensors": len(tensors),
             "bytes": sum(n for _, _, n in tensors.values()), "shards": len(shards), "per_rank_values": per_rank}
 

@@ -51,6 +51,9 @@ def verify(reader: CheckpointReader, progress: bool | None = None) -> list[str]:
         problems = _verify_data(index, shards, infos, progress)
     try:
         index_fields.check_sections(index, load_opened.state_tree(index, lambda name: None, chunked=lambda name: None))
+        if index_fields.per_rank_count(index):  # each rank's view decoded as that rank's restore decodes it
+            for rank in range(1, index.world_size):
+                load_opened.state_tree(index, lambda name: None, rank, chunked=lambda name: None)
     except CorruptCheckpointError as e:
         problems.append(str(e))
     return problems
