@@ -275,8 +275,8 @@ def _run(held: list[Any], done: threading.Event, failure: list[BaseException]) -
 
 
 def _settle_in_flight() -> None:
-    """Before a collective call begins: wait for this process's saves in flight (not raising their
-    failures, which their own managers raise). Why: c10d's TCPStore client runs one operation at
+    """Before a collective call's first exchange: wait for this process's saves by several ranks in
+    flight (not raising their failures, which their own managers raise). Why: c10d's TCPStore client runs one operation at
     a time, and the exchanges of a call block in ``store.wait``. A call on another ``Checkpoint``
     (an EMA's export next to the run's async save) blocked this process's background save from
     posting, while the other ranks' background saves, holding their clients, blocked their calls
