@@ -9,6 +9,7 @@ tells apart plain values under keys that share a name part (``1`` and ``"1"``).
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -187,3 +188,19 @@ def test_diff_compares_plain_values_as_tensors_are_compared(tmp_path, capsys, be
     assert main(["diff", a, b, "--exit-code"]) == int(changed)
     assert capsys.readouterr().out.splitlines()[-1].endswith("1 state value changed" if changed else
                                                              "0 state values changed")
+
+
+@pytest.mark.parametrize(("before", "after", "lines"), [
+    pytest.param([[1], [2]], ([1], [2]), ["~ v  (list) -> (tuple)"], id="list-to-tuple"),
+    pytest.param({"a": 1}, OrderedDict(a=1), ["~ v  (dict) -> (OrderedDict)"], id="dict-to-ordered-dict"),
+    pytest.param([5, 6], {0: 5, 1: 6}, ["~ v  (list) -> (dict)"], id="list-to-int-keyed-dict"),
+    pytest.param({1: {"w": ones(1)}}, {"1": {"w": ones(1)}}, ["~ v/1  (dict) -> (absent)", "~ v/'1'  (absent) -> (dict)"],
+                 id="key-type-with-tensors-below"),
+])
+def test_diff_reports_a_container_that_changed_kind_with_the_same_items(tmp_path, capsys, before, after, lines):
+    """Before, each was "0 state values changed": items are compared by path, and the paths are the same."""
+    a = torchckpt.Checkpoint(v=before, w=ones(1)).write(tmp_path / "a")
+    b = torchckpt.Checkpoint(v=after, w=ones(1)).write(tmp_path / "b")
+    assert main(["diff", a, b, "--exit-code"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert sorted(out[:-1]) == sorted(lines)

@@ -43,6 +43,18 @@ class _Tensor:
 _TENSOR = _Tensor()
 
 
+@dataclass(frozen=True)
+class _Container:
+    """Where the state tree holds a dict, list or tuple whose items are compared one by one: its
+    kind is compared too, so that a list that became a tuple (or a dict an OrderedDict, or a key
+    that became another type, tensors below it) is a change although every item is the same."""
+
+    kind: str
+
+    def __repr__(self) -> str:
+        return f"({self.kind})"
+
+
 def plain_values(a: CheckpointReader, b: CheckpointReader) -> tuple[dict[str, Any], dict[str, Any]]:
     """Every plain value of each checkpoint's state tree by its ``/`` key path (tensors left out),
     as :meth:`CheckpointReader.get_state` decodes it, without building a spec of each tensor.
@@ -76,6 +88,9 @@ def _key_kinds(value: Any, path: str, out: dict[tuple[str, str], set[bool]]) -> 
 
 def _leaves(value: Any, prefix: str, path: str, quoted: set[tuple[str, str]], out: dict[str, Any]) -> dict[str, Any]:
     """``keypath.leaves``, with the parts of :func:`plain_values` (``path``: ``prefix`` unquoted)."""
+    if prefix and (isinstance(value, Mapping) and value or isinstance(value, list) and value
+                   or type(value) is tuple and not all(map(_is_scalar, value))):
+        out[prefix] = _Container(type(value).__name__)
     if isinstance(value, Mapping) and value:
         seen: dict[str, int] = {}
         for k, v in value.items():
