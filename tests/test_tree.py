@@ -228,3 +228,12 @@ def test_foreign_types_come_back_as_the_nearest_type(value):
 
 def test_leaves_flatten_to_names():
     assert keypath.leaves({"a": {0: 1, "b": []}, "t": (1, 2)}, "p") == {"p/a/0": 1, "p/a/b": [], "p/t": (1, 2)}
+
+
+def test_per_rank_paths_are_spelled_as_the_decoder_names_the_values():
+    """The key paths a restore on fewer ranks reports unexpected (``<path>~r<rank>``): escaped parts,
+    a pairs-encoded dict's keys by their parts and list positions, not the raw JSON's keys and tags."""
+    per_rank = {"@per_rank": [1, 2]}
+    tree = {"nested": {"~r0": per_rank, "a/b": per_rank}, "p": {"@dict": [[1, per_rank], [{"@tuple": [2]}, per_rank]]},
+            "l": [per_rank, per_rank], "t": {"@tuple": [0, per_rank]}}
+    assert list(format_tree.per_rank_paths(tree)) == ["nested/~0r0", "nested/a~1b", "p/1", "p/(2,)", "l/0", "l/1", "t/1"]

@@ -420,14 +420,22 @@ def per_rank_paths(node: Any, path: str = "", depth: int = 0) -> Iterator[str]:
     if depth > _RAW_DEPTH:
         raise _corrupt(path, f"containers are nested more than {MAX_DEPTH} deep")
     if isinstance(node, dict):
-        if len(node) == 1 and PER_RANK_TAG in node:
+        (tag, payload), = node.items() if len(node) == 1 and next(iter(node)).startswith(TAG) else ((None, None),)
+        if tag == PER_RANK_TAG:
             yield path
-            return
-        for k, v in node.items():
-            yield from per_rank_paths(v, join(path, k), depth + 1)
+        elif tag in DICT_TYPES and isinstance(payload, list):  # named as decode names them: by the key's part
+            for pair in payload:
+                if isinstance(pair, list) and len(pair) == 2:
+                    part = key_part(decode(pair[0], None, lambda name: None, path, depth))
+                    yield from per_rank_paths(pair[1], join(path, part), depth + 1)
+        elif tag == "@tuple":
+            yield from per_rank_paths(payload, path, depth + 1)
+        elif tag is None:
+            for k, v in node.items():
+                yield from per_rank_paths(v, join(path, escape_part(k)), depth + 1)
     elif isinstance(node, list):
-        for v in node:
-            yield from per_rank_paths(v, path, depth + 1)
+        for i, v in enumerate(node):
+            yield from per_rank_paths(v, join(path, str(i)), depth + 1)
 
 
 def _decode_tagged(tag: str, payload: Any, trie: Trie | str | None, resolve: Callable[[str], Any], path: str,
