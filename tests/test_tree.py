@@ -18,6 +18,7 @@ from hypothesis.extra import numpy as npst
 
 from torchckpt import CorruptCheckpointError, UnsupportedStateError
 from torchckpt._format import keypath
+from torchckpt._format import per_rank as format_per_rank
 from torchckpt._format import tree as format_tree
 
 
@@ -236,4 +237,4 @@ def test_per_rank_paths_are_spelled_as_the_decoder_names_the_values():
     per_rank = {"@per_rank": [1, 2]}
     tree = {"nested": {"~r0": per_rank, "a/b": per_rank}, "p": {"@dict": [[1, per_rank], [{"@tuple": [2]}, per_rank]]},
             "l": [per_rank, per_rank], "t": {"@tuple": [0, per_rank]}}
-    assert list(format_tree.per_rank_paths(tree)) == ["nested/~0r0", "nested/a~1b", "p/1", "p/(2,)", "l/0", "l/1", "t/1"]
+    assert list(format_per_rank.per_rank_paths(tree)) == ["nested/~0r0", "nested/a~1b", "p/1", "p/(2,)", "l/0", "l/1", "t/1"]

@@ -1,17 +1,22 @@
-"""Per-rank values in a single process's save: each ``PerRank`` saved as the value it wraps.
+"""Per-rank values (``PerRank``) around the state tree's codec (``_format.tree``).
 
 A ``PerRank`` marks a value that differs from rank to rank, so that a save by several ranks keeps
-every rank's own (format 2, ``_format.tree``). A single process has no ranks to keep apart, and a
-single-process checkpoint (format 1) has no place for per-rank values: readers refuse the tag there.
-So a one-process save unwraps them first, wherever they sit in the state.
+every rank's own (format 2: ``{"@per_rank": [one value per rank]}``). A single process has no
+ranks to keep apart, and a single-process checkpoint (format 1) has no place for per-rank values:
+readers refuse the tag there. So a one-process save unwraps them first, wherever they sit in the
+state (:func:`without_per_rank`). A reader of format 2 walks the JSON as it was read: a rank's view
+of the tree (:func:`select_rank`), and the key paths of the per-rank values
+(:func:`per_rank_paths`), named as the decoder names values.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from typing import Any
 
-from torchckpt._format.tree import MAX_DEPTH, PerRank
+from torchckpt._format.keypath import escape_part, join, key_part
+from torchckpt._format.tree import DICT_TYPES, MAX_DEPTH, PER_RANK_TAG, TAG, MissingPerRank, PerRank, corrupt_at, decode
 
 
 def without_per_rank(value: Any, depth: int = 0) -> Any:
@@ -35,3 +40,57 @@ def without_per_rank(value: Any, depth: int = 0) -> Any:
             return value
         return items if type(value) is list else tuple(items)
     return value
+
+
+# The walks over raw JSON below count every dict and list (a tagged value's payload and each
+# ``@dict`` pair too), so a tree the decoder accepts is at most this deep for them.
+_RAW_DEPTH = 2 * MAX_DEPTH + 2
+
+
+def select_rank(node: Any, rank: int, saved_world: int, path: str = "", depth: int = 0) -> Any:
+    """A format-2 state tree as rank ``rank`` sees it: each ``@per_rank`` value replaced by that
+    rank's element, or by :class:`MissingPerRank` when the checkpoint has none for it.
+
+    Raises:
+        CorruptCheckpointError: a per-rank value without one element per rank, or containers
+            nested deeper than the decoder takes (before they could exhaust the stack).
+    """
+    if depth > _RAW_DEPTH:
+        raise corrupt_at(path, f"containers are nested more than {MAX_DEPTH} deep")
+    if isinstance(node, dict):
+        if len(node) == 1 and PER_RANK_TAG in node:
+            values = node[PER_RANK_TAG]
+            if not isinstance(values, list) or len(values) != saved_world:
+                raise corrupt_at(path, f"a per-rank value must list one value for each of the {saved_world} ranks")
+            return values[rank] if rank < saved_world else MissingPerRank(rank, saved_world)
+        return {k: select_rank(v, rank, saved_world, join(path, k), depth + 1) for k, v in node.items()}
+    if isinstance(node, list):
+        return [select_rank(v, rank, saved_world, path, depth + 1) for v in node]
+    return node
+
+
+def per_rank_paths(node: Any, path: str = "", depth: int = 0) -> Iterator[str]:
+    """The key paths of a format-2 state tree's per-rank values.
+
+    Raises:
+        CorruptCheckpointError: containers nested deeper than the decoder takes.
+    """
+    if depth > _RAW_DEPTH:
+        raise corrupt_at(path, f"containers are nested more than {MAX_DEPTH} deep")
+    if isinstance(node, dict):
+        (tag, payload), = node.items() if len(node) == 1 and next(iter(node)).startswith(TAG) else ((None, None),)
+        if tag == PER_RANK_TAG:
+            yield path
+        elif tag in DICT_TYPES and isinstance(payload, list):  # named as decode names them: by the key's part
+            for pair in payload:
+                if isinstance(pair, list) and len(pair) == 2:
+                    part = key_part(decode(pair[0], None, lambda name: None, path, depth))
+                    yield from per_rank_paths(pair[1], join(path, part), depth + 1)
+        elif tag == "@tuple":
+            yield from per_rank_paths(payload, path, depth + 1)
+        elif tag is None:
+            for k, v in node.items():
+                yield from per_rank_paths(v, join(path, escape_part(k)), depth + 1)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from per_rank_paths(v, join(path, str(i)), depth + 1)

@@ -323,7 +323,7 @@ def build_trie(names: Iterator[str] | list[str]) -> Trie:
     root: Trie = {}
     for name in names:
         if "~" in name and (misspelled := clashes.misspelled(name)):
-            raise _corrupt(*misspelled)
+            raise corrupt_at(*misspelled)
         node = root
         parts = split(name)
         for part in parts[:-1]:
@@ -345,11 +345,11 @@ def decode(node: Any, trie: Trie | str | None, resolve: Callable[[str], Any], pa
             the tensor names.
     """
     if depth > MAX_DEPTH:
-        raise _corrupt(path, f"containers are nested more than {MAX_DEPTH} deep")
+        raise corrupt_at(path, f"containers are nested more than {MAX_DEPTH} deep")
     depth += 1
     if isinstance(node, MissingPerRank):  # put there by select_rank, never by JSON
         if trie:
-            raise _corrupt(path, "tensors are stored for a rank that has no per-rank value")
+            raise corrupt_at(path, "tensors are stored for a rank that has no per-rank value")
         return node
     if isinstance(node, dict):
         if len(node) == 1:
@@ -357,102 +357,48 @@ def decode(node: Any, trie: Trie | str | None, resolve: Callable[[str], Any], pa
             if tag.startswith(TAG):
                 return _decode_tagged(tag, payload, trie, resolve, path, depth)
         if isinstance(trie, str):
-            raise _corrupt(path, "a tensor is stored where the state tree has a dict")
+            raise corrupt_at(path, "a tensor is stored where the state tree has a dict")
         sub = trie or {}
         out: dict[str, Any] = {}
         for k, v in node.items():
             if k.startswith(TAG):
-                raise _corrupt(path, f"unknown tag {k!r}")
+                raise corrupt_at(path, f"unknown tag {k!r}")
             out[k] = decode(v, sub.get(escape_part(k)), resolve, join(path, escape_part(k)), depth)
         for part, child in sub.items():
             key = unescape_part(part)
             if key not in out:
                 if not isinstance(child, str):
-                    raise _corrupt(join(path, part), "tensors are stored under a key the state tree lacks")
+                    raise corrupt_at(join(path, part), "tensors are stored under a key the state tree lacks")
                 out[key] = resolve(child)
         return out
     if isinstance(trie, str):
-        raise _corrupt(path, "a tensor is stored where the state tree has a plain value")
+        raise corrupt_at(path, "a tensor is stored where the state tree has a plain value")
     if isinstance(node, list):
         sub = trie or {}
         return _all_placed([decode(v, sub.get(str(i)), resolve, join(path, str(i)), depth) for i, v in enumerate(node)],
                            sub, map(str, range(len(node))), path)
     if trie:
-        raise _corrupt(path, "tensors are stored under a plain value")
+        raise corrupt_at(path, "tensors are stored under a plain value")
     if node is None or isinstance(node, (bool, int, float, str)):
         return node
-    raise _corrupt(path, f"unexpected JSON value of type {type(node).__name__}")
-
-
-# The walks over raw JSON below count every dict and list (a tagged value's payload and each
-# ``@dict`` pair too), so a tree the decoder accepts is at most this deep for them.
-_RAW_DEPTH = 2 * MAX_DEPTH + 2
-
-
-def select_rank(node: Any, rank: int, saved_world: int, path: str = "", depth: int = 0) -> Any:
-    """A format-2 state tree as rank ``rank`` sees it: each ``@per_rank`` value replaced by that
-    rank's element, or by :class:`MissingPerRank` when the checkpoint has none for it.
-
-    Raises:
-        CorruptCheckpointError: a per-rank value without one element per rank, or containers
-            nested deeper than the decoder takes (before they could exhaust the stack).
-    """
-    if depth > _RAW_DEPTH:
-        raise _corrupt(path, f"containers are nested more than {MAX_DEPTH} deep")
-    if isinstance(node, dict):
-        if len(node) == 1 and PER_RANK_TAG in node:
-            values = node[PER_RANK_TAG]
-            if not isinstance(values, list) or len(values) != saved_world:
-                raise _corrupt(path, f"a per-rank value must list one value for each of the {saved_world} ranks")
-            return values[rank] if rank < saved_world else MissingPerRank(rank, saved_world)
-        return {k: select_rank(v, rank, saved_world, join(path, k), depth + 1) for k, v in node.items()}
-    if isinstance(node, list):
-        return [select_rank(v, rank, saved_world, path, depth + 1) for v in node]
-    return node
-
-
-def per_rank_paths(node: Any, path: str = "", depth: int = 0) -> Iterator[str]:
-    """The key paths of a format-2 state tree's per-rank values.
-
-    Raises:
-        CorruptCheckpointError: containers nested deeper than the decoder takes.
-    """
-    if depth > _RAW_DEPTH:
-        raise _corrupt(path, f"containers are nested more than {MAX_DEPTH} deep")
-    if isinstance(node, dict):
-        (tag, payload), = node.items() if len(node) == 1 and next(iter(node)).startswith(TAG) else ((None, None),)
-        if tag == PER_RANK_TAG:
-            yield path
-        elif tag in DICT_TYPES and isinstance(payload, list):  # named as decode names them: by the key's part
-            for pair in payload:
-                if isinstance(pair, list) and len(pair) == 2:
-                    part = key_part(decode(pair[0], None, lambda name: None, path, depth))
-                    yield from per_rank_paths(pair[1], join(path, part), depth + 1)
-        elif tag == "@tuple":
-            yield from per_rank_paths(payload, path, depth + 1)
-        elif tag is None:
-            for k, v in node.items():
-                yield from per_rank_paths(v, join(path, escape_part(k)), depth + 1)
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            yield from per_rank_paths(v, join(path, str(i)), depth + 1)
+    raise corrupt_at(path, f"unexpected JSON value of type {type(node).__name__}")
 
 
 def _decode_tagged(tag: str, payload: Any, trie: Trie | str | None, resolve: Callable[[str], Any], path: str,
                    depth: int) -> Any:
     if tag == TENSOR_TAG:
         if payload is not None:
-            raise _corrupt(path, f'a tensor\'s marker is {{"{TENSOR_TAG}": null}}, and this one holds '
+            raise corrupt_at(path, f'a tensor\'s marker is {{"{TENSOR_TAG}": null}}, and this one holds '
                                  f"{short_repr(payload)} in place of null")
         if not isinstance(trie, str):
-            raise _corrupt(path, "the state tree expects a tensor here but no tensor has this name")
+            raise corrupt_at(path, "the state tree expects a tensor here but no tensor has this name")
         return resolve(trie)
     if isinstance(trie, str):
-        raise _corrupt(path, "a tensor is stored where the state tree has a value")
+        raise corrupt_at(path, "a tensor is stored where the state tree has a value")
     if tag == "@float":
         value = floats.nonfinite_value(payload)
         if value is None:
-            raise _corrupt(path, f"bad @float {payload!r}")
+            raise corrupt_at(path, f"bad @float {payload!r}")
         return value
     if tag == "@tuple" and isinstance(payload, list):
         sub = trie or {}
@@ -461,7 +407,7 @@ def _decode_tagged(tag: str, payload: Any, trie: Trie | str | None, resolve: Cal
     if tag in DICT_TYPES and isinstance(payload, list):
         return _decode_pairs(tag, payload, trie or {}, resolve, path, depth)
     if trie:
-        raise _corrupt(path, "tensors are stored under a plain value")
+        raise corrupt_at(path, "tensors are stored under a plain value")
     if tag == "@size" and isinstance(payload, list) and all(type(d) is int and -MAX_INT <= d < MAX_INT for d in payload):
         import torch
 
@@ -477,7 +423,7 @@ def _decode_tagged(tag: str, payload: Any, trie: Trie | str | None, resolve: Cal
             return torch.device(payload)
         except (RuntimeError, ValueError, TypeError):
             pass
-    raise _corrupt(path, f"bad tagged value {tag!r}")
+    raise corrupt_at(path, f"bad tagged value {tag!r}")
 
 
 def _decode_pairs(tag: str, payload: list[Any], sub: Trie, resolve: Callable[[str], Any], path: str,
@@ -488,19 +434,19 @@ def _decode_pairs(tag: str, payload: list[Any], sub: Trie, resolve: Callable[[st
     parts: set[str] = set()
     for pair in payload:
         if not (isinstance(pair, list) and len(pair) == 2):
-            raise _corrupt(path, "@dict entries must be [key, value] pairs")
+            raise corrupt_at(path, "@dict entries must be [key, value] pairs")
         key = decode(pair[0], None, resolve, path, depth)
         try:
             hash(key)
         except TypeError:
-            raise _corrupt(path, f"a dict key of type {type(key).__name__} cannot be a key") from None
+            raise corrupt_at(path, f"a dict key of type {type(key).__name__} cannot be a key") from None
         part = key_part(key)
         if key in out or part in parts and part in sub:
-            raise _corrupt(path, clashes.pair_clash(out, key, part, path))
+            raise corrupt_at(path, clashes.pair_clash(out, key, part, path))
         parts.add(part)
         item = decode(pair[1], sub.get(part), resolve, join(path, part), depth)
         if tag == "@counter" and type(item) not in (int, float, bool):
-            raise _corrupt(path, "a Counter's values must be numbers")
+            raise corrupt_at(path, "a Counter's values must be numbers")
         out[key] = item
     return _all_placed(out, sub, parts, path)
 
@@ -511,9 +457,10 @@ def _all_placed(value: Any, sub: Trie, parts: Iterable[str], path: str) -> Any:
     decoding would drop those without a word, where a plain dict's missing key is refused as met."""
     unplaced = set(sub).difference(parts) if sub else ()
     if unplaced:
-        raise _corrupt(join(path, min(unplaced)), "tensors are stored under a key the state tree lacks")
+        raise corrupt_at(join(path, min(unplaced)), "tensors are stored under a key the state tree lacks")
     return value
 
 
-def _corrupt(path: str, what: str) -> CorruptCheckpointError:
+def corrupt_at(path: str, what: str) -> CorruptCheckpointError:
+    """The error of a state tree that is not one this module writes, naming the key path."""
     return CorruptCheckpointError(f"Invalid state tree at {display(path)[:200]!r}: {what}.")

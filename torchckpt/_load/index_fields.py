@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from torchckpt._format import per_rank as format_per_rank
 from torchckpt._format import tree as format_tree
 from torchckpt._format.index import Index
 from torchckpt._format.spec import INDEX_FILE, SAVE_COUNTER, SHARDED_FORMAT_VERSION, TORCHCKPT_KEY
@@ -66,7 +67,7 @@ def per_rank_count(index: Index) -> int:
     """How many per-rank values the checkpoint's state tree holds (0 before format 2)."""
     if index.raw[TORCHCKPT_KEY]["format_version"] < SHARDED_FORMAT_VERSION:
         return 0
-    return sum(1 for _ in format_tree.per_rank_paths(index.section.get("state", {})))
+    return sum(1 for _ in format_per_rank.per_rank_paths(index.section.get("state", {})))
 
 
 def beyond_world(index: Index, world: int) -> list[str]:
@@ -75,5 +76,5 @@ def beyond_world(index: Index, world: int) -> list[str]:
     so that a report lists them unexpected instead of leaving them silently unused."""
     if index.raw[TORCHCKPT_KEY]["format_version"] < SHARDED_FORMAT_VERSION or index.world_size <= world:
         return []
-    paths = list(format_tree.per_rank_paths(index.section.get("state", {})))
+    paths = list(format_per_rank.per_rank_paths(index.section.get("state", {})))
     return [f"{path}~r{rank}" for path in paths for rank in range(world, index.world_size)]

@@ -234,7 +234,7 @@ def _is_plain_part(key: Any) -> bool:
 
 def _missing_inside(saved: Any) -> tuple[list[Any], tree.MissingPerRank] | None:
     """The keys (innermost first) and marker of a per-rank value within the plain value ``saved``
-    that this rank has no copy of (``tree.select_rank`` on more ranks than saved), or None."""
+    that this rank has no copy of (``_format.per_rank.select_rank`` on more ranks than saved), or None."""
     if isinstance(saved, tree.MissingPerRank):
         return [], saved
     items = saved.items() if isinstance(saved, dict) else enumerate(saved) if isinstance(saved, (list, tuple)) else ()

@@ -27,6 +27,7 @@ import xxhash
 from torchckpt._format import dtypes as format_dtypes
 from torchckpt._format import header as format_header
 from torchckpt._format import index as format_index
+from torchckpt._format import per_rank as format_per_rank
 from torchckpt._format import tree as format_tree
 from torchckpt._format.dtypes import TensorInfo
 from torchckpt._format.index import Index
@@ -453,7 +454,7 @@ def state_tree(index: Index, resolve: Callable[[str], Any], rank: int = 0,
         state = index.section.get("state", {})
         names: Any = itertools.chain(index.names, index.aliases)
         if index.raw[TORCHCKPT_KEY]["format_version"] >= SHARDED_FORMAT_VERSION:
-            state = format_tree.select_rank(state, rank, index.world_size)
+            state = format_per_rank.select_rank(state, rank, index.world_size)
             names, resolve = index.layout.view(index.names, index.aliases, rank, resolve, chunked)
         trie = format_tree.build_trie(names)
         tree = format_tree.decode(state, trie, resolve)
@@ -475,4 +476,4 @@ def rank_view(index: Index, rank: int) -> tuple[Any, dict[str, str], dict[str, s
     if index.raw[TORCHCKPT_KEY]["format_version"] < SHARDED_FORMAT_VERSION:
         return state, {n: n for n in index.names}, dict(index.aliases)
     names = index.layout.rank_names(index.names, rank)
-    return format_tree.select_rank(state, rank, index.world_size), names, dict(index.aliases)
+    return format_per_rank.select_rank(state, rank, index.world_size), names, dict(index.aliases)
