@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections import OrderedDict
@@ -40,6 +41,18 @@ def test_save_numbers_and_never_deletes(tmp_path):
     assert all(isinstance(p, str) and os.path.isdir(p) for p in paths)
     assert ckpt.save_counter == 3
     assert torchckpt.latest_checkpoint(tmp_path) == paths[-1]
+
+
+def test_a_save_whose_record_failed_after_its_commit_takes_its_number(tmp_path, disk):
+    ckpt = torchckpt.Checkpoint(w=torch.ones(2))
+    disk.fail("replace_file", OSError(errno.ENOSPC, "No space left on device"), times=1)
+    with pytest.raises(torchckpt.CheckpointWriteError, match=r"ckpt-1 is committed, but the directory's state file"):
+        ckpt.save(tmp_path / "ckpt")
+    assert ckpt.save_counter == 1  # before: 0, and the next save wrote over the committed ckpt-1
+    with torch.no_grad():
+        ckpt.w.fill_(2.0)
+    assert ckpt.save(tmp_path / "ckpt") == os.path.join(tmp_path, "ckpt-2")
+    assert torch.equal(torchckpt.load_state(tmp_path / "ckpt-1")["w"], torch.ones(2))
 
 
 def test_write_leaves_save_counter_alone_and_read_does_not_expect_it(tmp_path):

@@ -33,7 +33,7 @@ from torchckpt._save import capture as save_capture
 from torchckpt._save import plan as save_plan
 from torchckpt._save import saver
 from torchckpt._save.background import AsyncWriter  # imported with the package: its exit hook must be registered early
-from torchckpt._save.options import SaveHooks, SaveOptions, save_arguments
+from torchckpt._save.options import FailedAfterCommit, SaveHooks, SaveOptions, save_arguments
 from torchckpt._storage.base import Storage
 from torchckpt._storage.registry import storage_for
 from torchckpt.errors import CheckpointNotFoundError
@@ -280,10 +280,24 @@ class Checkpoint:
             self.wait_until_finished()  # one write in flight; raises a previous background failure
             options = SaveOptions.checked(number, max_shard_size, progress, metadata, async_save)
 
-            def record() -> None:
-                history_state.record_latest(storage.real_path(parent_of(path)), name_of(path), storage)
+            committed: list[bool] = []  # the write was committed (its record may fail): the number is taken
 
-            saver.save(self._source(), storage, path, coord, options, SaveHooks(after=record))
+            def record() -> bool:
+                try:
+                    history_state.record_latest(storage.real_path(parent_of(path)), name_of(path), storage)
+                except Exception as e:
+                    committed.append(True)
+                    if coord.is_collective:  # every rank learns it was committed (``adopt``)
+                        raise FailedAfterCommit(e, True) from e
+                    raise
+                return True
+
+            try:
+                saver.save(self._source(), storage, path, coord, options, SaveHooks(after=record, adopt=committed.append))
+            except BaseException:
+                if committed:  # a retry must not write over the committed one
+                    object.__setattr__(self, "_save_counter", number)
+                raise
         object.__setattr__(self, "_save_counter", number)  # the write was accepted
         return path
 
