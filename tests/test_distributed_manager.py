@@ -149,9 +149,14 @@ def test_a_rank_interrupted_in_a_save_fails_the_call_on_the_others_at_once_and_t
     assert found[0]["waiting"] == (
         f"CheckpointError: Rank 1 stopped during the plan step of saving {world2}/interrupted-ema "
         "(KeyboardInterrupt on rank 1), so the call cannot complete. Nothing was committed.")
+    # and while it waited to send a failure it met before the call's first exchange
+    assert found[1]["sending"] == "KeyboardInterrupt"
+    assert found[0]["sending"] == (
+        f"CheckpointError: Rank 1 stopped during the call step of restoring {world2}/interrupted-ema "
+        "(KeyboardInterrupt on rank 1), so the call cannot complete. Nothing was restored.")
     for result in found:
-        assert result["waiting_seconds"] < 10  # the save in flight took 2 s; before: timeout_secs
-        assert result["async_checkpoints"] == ["ckpt-1"]
+        assert result["waiting_seconds"] < 10 and result["sending_seconds"] < 10  # 2 s saves; before: timeout_secs
+        assert result["async_checkpoints"] == ["ckpt-1", "ckpt-2"]
 
 
 def test_a_manager_argument_one_rank_alone_refuses_or_passes_fails_every_rank_at_once(world2):
@@ -166,7 +171,7 @@ def test_a_manager_argument_one_rank_alone_refuses_or_passes_fails_every_rank_at
     assert result["step_counter"] == (f"CheckpointError: Opening {world2}/arguments failed on rank 1: `step_counter` "
                                       "should be passed if `checkpoint_interval` is not None.")
     assert result["timeout_secs"] == (f"CheckpointError: Opening {world2}/arguments failed on rank 1: timeout_secs "
-                                      "must be a positive number of seconds, not -1.")
+                                      "must be a positive, finite number of seconds, not -1.")
     assert result["preemption_signals"] == (f"CheckpointError: Opening {world2}/arguments failed on rank 1: "
                                             "preemption_signals cannot include SIGKILL: no handler can catch it.")
     for rank_result in found:

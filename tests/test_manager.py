@@ -14,6 +14,7 @@ import sys
 import time
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -1062,6 +1063,18 @@ def test_what_retention_dropped_when_the_state_file_could_not_be_written_is_dele
     assert manager.save() == os.path.join(tmp_path, "ckpt-3")
     assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-3"]  # before: ckpt-1 stayed, out of the history
     manager.close()
+
+
+@pytest.mark.parametrize("timeout", [60, 60.5, "60", np.int64(60), torch.tensor(60)], ids=repr)
+def test_timeout_secs_is_any_positive_number_float_takes(tmp_path, timeout):
+    CheckpointManager(ckpt(), tmp_path, timeout_secs=timeout).close()
+
+
+@pytest.mark.parametrize("timeout", [0, -1, True, float("inf"), float("nan"), "soon"], ids=repr)
+def test_a_timeout_secs_that_is_no_positive_finite_number_is_refused(tmp_path, timeout):
+    with pytest.raises(ValueError, match=r"timeout_secs must be a positive, finite number of seconds, not "):
+        CheckpointManager(ckpt(), tmp_path, timeout_secs=timeout)
+    CheckpointManager(ckpt(), tmp_path).close()  # the refused one holds no claim
 
 
 def test_an_empty_folder_retention_is_about_to_remove_is_checkpoint_deleted_error(tmp_path):

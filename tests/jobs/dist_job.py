@@ -607,6 +607,22 @@ def interrupted_on_one_rank(d: Path, rank: int, world: int) -> dict:
     except torchckpt.CheckpointError as e:
         out["waiting"] = f"{type(e).__name__}: {e}"
     out["waiting_seconds"] = time.monotonic() - started
+    # again, rank 1 interrupted while it waits to send a failure it met before the call's first exchange
+    if rank == 0:
+        disk.before("stage.commit", lambda *args: time.sleep(2), times=1)
+    mgr.save()
+    if rank == 1:
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+    started = time.monotonic()
+    try:
+        torchckpt.Checkpoint(ema=torch.nn.Linear(2, 2)).read(d / "interrupted-ema", timeout_secs=TIMEOUT,
+                                                            storage_options={"anon": True} if rank == 1 else None)
+        out["sending"] = "no error"
+    except KeyboardInterrupt:
+        out["sending"] = "KeyboardInterrupt"
+    except torchckpt.CheckpointError as e:
+        out["sending"] = f"{type(e).__name__}: {e}"
+    out["sending_seconds"] = time.monotonic() - started
     mgr.wait_until_finished()
     out["async_checkpoints"] = [os.path.basename(p) for p in mgr.checkpoints]
     mgr.close()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -43,6 +44,24 @@ _STOP_AHEAD = 32  # the exchanges past the last one it made that a stopping rank
 _calls: dict[str, int] = {}  # group name -> collective calls begun by this process; every rank begins the same ones
 _calls_lock = threading.Lock()
 _before_calls: list[Callable[[], None]] = []  # run as each call begins (see ``before_each_call``)
+
+
+def checked_timeout(timeout_secs: Any) -> float:
+    """``timeout_secs`` as seconds (``DEFAULT_TIMEOUT_SECS`` for None): anything ``float()`` takes
+    that is positive and finite (a NumPy or 0-dim tensor number too, not a bool).
+
+    Raises:
+        ValueError: it is not such a number.
+    """
+    if timeout_secs is None:
+        return DEFAULT_TIMEOUT_SECS
+    try:
+        seconds = float(timeout_secs) if not isinstance(timeout_secs, bool) else math.nan
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise ValueError(f"timeout_secs must be a positive, finite number of seconds, not {timeout_secs!r}.")
+    return seconds
 
 
 def before_each_call(hook: Callable[[], None]) -> None:
@@ -76,9 +95,7 @@ class Coordinator:
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
-        self.timeout_secs = float(DEFAULT_TIMEOUT_SECS if timeout_secs is None else timeout_secs)
-        if self.timeout_secs <= 0:
-            raise ValueError(f"timeout_secs must be positive, not {timeout_secs!r}.")
+        self.timeout_secs = checked_timeout(timeout_secs)
         pg = group if group is not None else dist.distributed_c10d._get_default_group()
         self.store = dist.distributed_c10d._get_process_group_store(pg)
         self.name = dist.distributed_c10d._get_process_group_name(pg)
@@ -230,6 +247,10 @@ class Coordinator:
                 raise
             except Exception as shared:
                 self.end_call(shared)
+                raise
+            except BaseException as stop:  # interrupted while sending its failure (waiting for a save in flight)
+                self._mark_stopped(stop)
+                self.end_call(stop)
                 raise
         self.end_call()
 
