@@ -1077,6 +1077,18 @@ def test_a_timeout_secs_that_is_no_positive_finite_number_is_refused(tmp_path, t
     CheckpointManager(ckpt(), tmp_path).close()  # the refused one holds no claim
 
 
+def test_a_replacement_whose_state_file_cannot_be_written_first_says_nothing_was_replaced(tmp_path, disk):
+    manager = CheckpointManager(ckpt(), tmp_path, max_to_keep=3)
+    manager.save(checkpoint_number=5)
+    disk.fail("replace_file", OSError(errno.ENOSPC, "No space left on device"), times=1)
+    with pytest.raises(torchckpt.CheckpointWriteError, match=r"Cannot replace .*ckpt-5: the directory's state file "
+                       r"could not be written \(No space left on device\)\. Nothing was written or replaced") as info:
+        manager.save(checkpoint_number=5)  # before: "ckpt-5 is committed, but ... the history does not name it yet"
+    assert info.value.errno == errno.ENOSPC
+    assert manager.checkpoints == [os.path.join(tmp_path, "ckpt-5")]
+    manager.close()
+
+
 def test_an_empty_folder_retention_is_about_to_remove_is_checkpoint_deleted_error(tmp_path):
     # on a store with real folders a deletion removes its marker, then the empty folder: in between
     manager = CheckpointManager(ckpt(), tmp_path, max_to_keep=1)

@@ -24,7 +24,7 @@ from torchckpt._history.retention import plan_retention, ranked_history
 from torchckpt._history.state import Entry, State
 from torchckpt._paths import join
 from torchckpt._storage.base import ConflictError, Storage
-from torchckpt.errors import CheckpointError
+from torchckpt.errors import CheckpointError, CheckpointWriteError
 
 
 class Ledger:
@@ -209,6 +209,12 @@ class Ledger:
         self.preserved = [e for e in preserved if e.name != name]
         try:
             self.write()
+        except CheckpointWriteError as e:  # its message speaks of a commit: here nothing was written yet
+            why = e.strerror or str(e.__cause__ or e)
+            raise CheckpointWriteError(
+                f"Cannot replace {join(self.directory, name)}: the directory's state file could not be written "
+                f"({why}). Nothing was written or replaced; {name} and the history are as they were.",
+                self.directory, OSError(e.errno, why, e.filename)) from e
         finally:
             self.kept, self.preserved = kept, preserved
         self._forgotten = (name, now)
