@@ -21,6 +21,7 @@ import threading
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import safetensors.torch
@@ -568,61 +569,49 @@ class Interrupts:
         pass
 
 
+def ended(call: Callable[[], object]) -> tuple[str, float]:
+    """What ``call`` ended with (a line: "no error", "KeyboardInterrupt" or the CheckpointError), and
+    how long it took."""
+    started = time.monotonic()
+    try:
+        call()
+        result = "no error"
+    except KeyboardInterrupt:
+        result = "KeyboardInterrupt"
+    except torchckpt.CheckpointError as e:
+        result = f"{type(e).__name__}: {e}"
+    return result, time.monotonic() - started
+
+
 def interrupted_on_one_rank(d: Path, rank: int, world: int) -> dict:
     """Rank 1 is interrupted in the middle of a save and catches it to save a last time, as a
     training loop's ``except KeyboardInterrupt`` does: the other ranks learn at once that the call
-    cannot complete (before: they waited out timeout_secs), and the last save pairs on every rank."""
+    cannot complete (before: they waited out timeout_secs), and the last save pairs on every rank.
+    Then rank 1 is interrupted while a call waits for the run's async save in flight, first in a
+    call of its own, then while it sends a failure it met before the call's first exchange."""
     interrupts = Interrupts()
     mgr = torchckpt.CheckpointManager(torchckpt.Checkpoint(model=fsdp_mlp(0), interrupts=interrupts),
                                       str(d / "interrupted"), timeout_secs=TIMEOUT)
     out: dict = {"first": os.path.basename(mgr.save())}
     interrupts.armed = rank == 1
-    started = time.monotonic()
-    try:
-        mgr.save()
-        out["interrupted"] = "no error"
-    except KeyboardInterrupt:
-        out["interrupted"] = "KeyboardInterrupt"
-    except torchckpt.CheckpointError as e:
-        out["interrupted"] = f"{type(e).__name__}: {e}"
-    out["seconds"] = time.monotonic() - started
+    out["interrupted"], out["seconds"] = ended(mgr.save)
     out["last"] = os.path.basename(mgr.save())
     out["checkpoints"] = [os.path.basename(p) for p in mgr.checkpoints]
     mgr.close()
-    # interrupted while the next call waits for an async save in flight (rank 0's commit is slow)
     disk = install(d / "interrupted-async", LocalDouble())
     mgr = torchckpt.CheckpointManager(torchckpt.Checkpoint(model=fsdp_mlp(0)), str(d / "interrupted-async"),
                                       async_save=True, timeout_secs=TIMEOUT)
-    if rank == 0:
-        disk.before("stage.commit", lambda *args: time.sleep(2), times=1)
-    mgr.save()
-    if rank == 1:
-        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
-    started = time.monotonic()
-    try:
-        torchckpt.Checkpoint(ema=torch.nn.Linear(2, 2)).write(d / "interrupted-ema", timeout_secs=TIMEOUT)
-        out["waiting"] = "no error"
-    except KeyboardInterrupt:
-        out["waiting"] = "KeyboardInterrupt"
-    except torchckpt.CheckpointError as e:
-        out["waiting"] = f"{type(e).__name__}: {e}"
-    out["waiting_seconds"] = time.monotonic() - started
-    # again, rank 1 interrupted while it waits to send a failure it met before the call's first exchange
-    if rank == 0:
-        disk.before("stage.commit", lambda *args: time.sleep(2), times=1)
-    mgr.save()
-    if rank == 1:
-        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
-    started = time.monotonic()
-    try:
-        torchckpt.Checkpoint(ema=torch.nn.Linear(2, 2)).read(d / "interrupted-ema", timeout_secs=TIMEOUT,
-                                                            storage_options={"anon": True} if rank == 1 else None)
-        out["sending"] = "no error"
-    except KeyboardInterrupt:
-        out["sending"] = "KeyboardInterrupt"
-    except torchckpt.CheckpointError as e:
-        out["sending"] = f"{type(e).__name__}: {e}"
-    out["sending_seconds"] = time.monotonic() - started
+    ema = torchckpt.Checkpoint(ema=torch.nn.Linear(2, 2))
+    calls = {"waiting": lambda: ema.write(d / "interrupted-ema", timeout_secs=TIMEOUT),
+             "sending": lambda: ema.read(d / "interrupted-ema", timeout_secs=TIMEOUT,  # refused on rank 1 alone
+                                         storage_options={"anon": True} if rank == 1 else None)}
+    for name, call in calls.items():
+        if rank == 0:  # the async save stays in flight for 2 s
+            disk.before("stage.commit", lambda *args: time.sleep(2), times=1)
+        mgr.save()
+        if rank == 1:
+            threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+        out[name], out[f"{name}_seconds"] = ended(call)
     mgr.wait_until_finished()
     out["async_checkpoints"] = [os.path.basename(p) for p in mgr.checkpoints]
     mgr.close()
@@ -642,13 +631,9 @@ def arguments_on_one_rank(d: Path, rank: int, world: int) -> dict:
              "preemption_signals": {"preemption_signals": (signal.SIGKILL,) if rank == 1 else ()}}
     out: dict = {}
     for case, options in cases.items():
-        started = time.monotonic()
-        try:
-            torchckpt.CheckpointManager(ckpt, directory, **{"timeout_secs": TIMEOUT, **options}).close()
-            out[case] = "no error"
-        except (torchckpt.CheckpointError, ValueError) as e:
-            out[case] = f"{type(e).__name__}: {e}"
-        out[f"{case}_seconds"] = time.monotonic() - started
+        out[case], out[f"{case}_seconds"] = ended(
+            lambda options=options: torchckpt.CheckpointManager(ckpt, directory, **{"timeout_secs": TIMEOUT,
+                                                                                   **options}).close())
     mgr = torchckpt.CheckpointManager(ckpt, directory, timeout_secs=TIMEOUT, keep_best=1, best_metric="loss")
     out["saved"] = os.path.basename(mgr.save())
     with warnings.catch_warnings(record=True) as caught:  # metrics on rank 0 alone are fine; differing ones are heard
