@@ -53,6 +53,10 @@ def test_a_save_whose_record_failed_after_its_commit_takes_its_number(tmp_path, 
         ckpt.w.fill_(2.0)
     assert ckpt.save(tmp_path / "ckpt") == os.path.join(tmp_path, "ckpt-2")
     assert torch.equal(torchckpt.load_state(tmp_path / "ckpt-1")["w"], torch.ones(2))
+    disk.fail("replace_file", KeyboardInterrupt(), times=1)  # interrupted while it records: committed all the same
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save(tmp_path / "ckpt")
+    assert ckpt.save_counter == 3 and ckpt.save(tmp_path / "ckpt") == os.path.join(tmp_path, "ckpt-4")
 
 
 def test_write_leaves_save_counter_alone_and_read_does_not_expect_it(tmp_path):

@@ -194,8 +194,10 @@ def test_diff_compares_plain_values_as_tensors_are_compared(tmp_path, capsys, be
     pytest.param([[1], [2]], ([1], [2]), ["~ v  (list) -> (tuple)"], id="list-to-tuple"),
     pytest.param({"a": 1}, OrderedDict(a=1), ["~ v  (dict) -> (OrderedDict)"], id="dict-to-ordered-dict"),
     pytest.param([5, 6], {0: 5, 1: 6}, ["~ v  (list) -> (dict)"], id="list-to-int-keyed-dict"),
-    pytest.param({1: {"w": ones(1)}}, {"1": {"w": ones(1)}}, ["~ v/1  (dict) -> (absent)", "~ v/'1'  (absent) -> (dict)"],
+    pytest.param({1: {"w": ones(1)}}, {"1": {"w": ones(1)}}, ["~ v/1  (dict) -> (absent)", "~ v/'1'  (absent) -> (dict)",
+                                                     "~ v/'1'/w  (absent) -> (tensor)"],
                  id="key-type-with-tensors-below"),
+    pytest.param({1: ones(1)}, {"1": ones(1)}, ["~ v/'1'  (absent) -> (tensor)"], id="key-type-of-a-tensor"),
 ])
 def test_diff_reports_a_container_that_changed_kind_with_the_same_items(tmp_path, capsys, before, after, lines):
     """Before, each was "0 state values changed": items are compared by path, and the paths are the same."""

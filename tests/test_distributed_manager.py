@@ -174,6 +174,8 @@ def test_a_manager_argument_one_rank_alone_refuses_or_passes_fails_every_rank_at
                                       "must be a positive, finite number of seconds, not -1.")
     assert result["preemption_signals"] == (f"CheckpointError: Opening {world2}/arguments failed on rank 1: "
                                             "preemption_signals cannot include SIGKILL: no handler can catch it.")
+    assert result["write_timeout"] == (f"CheckpointError: Saving {world2}/arguments-write failed on rank 1: "
+                                       "timeout_secs must be a positive, finite number of seconds, not True.")
     for rank_result in found:
         assert max(v for k, v in rank_result.items() if k.endswith("_seconds")) < 10  # before: timeout_secs (20 s)
     assert result["saved"] == "ckpt-1"  # the calls stayed paired

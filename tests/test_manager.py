@@ -1070,11 +1070,14 @@ def test_timeout_secs_is_any_positive_number_float_takes(tmp_path, timeout):
     CheckpointManager(ckpt(), tmp_path, timeout_secs=timeout).close()
 
 
-@pytest.mark.parametrize("timeout", [0, -1, True, float("inf"), float("nan"), "soon"], ids=repr)
+@pytest.mark.parametrize("timeout", [0, -1, True, np.bool_(True), torch.tensor(True), float("inf"), float("nan"),
+                                     "soon", torch.ones(2)], ids=repr)
 def test_a_timeout_secs_that_is_no_positive_finite_number_is_refused(tmp_path, timeout):
     with pytest.raises(ValueError, match=r"timeout_secs must be a positive, finite number of seconds, not "):
         CheckpointManager(ckpt(), tmp_path, timeout_secs=timeout)
     CheckpointManager(ckpt(), tmp_path).close()  # the refused one holds no claim
+    with pytest.raises(ValueError, match=r"timeout_secs must be a positive, finite number of seconds, not "):
+        ckpt().write(tmp_path / "c", timeout_secs=timeout)  # one process too, as on several ranks
 
 
 def test_a_replacement_whose_state_file_cannot_be_written_first_says_nothing_was_replaced(tmp_path, disk):
@@ -1082,7 +1085,7 @@ def test_a_replacement_whose_state_file_cannot_be_written_first_says_nothing_was
     manager.save(checkpoint_number=5)
     disk.fail("replace_file", OSError(errno.ENOSPC, "No space left on device"), times=1)
     with pytest.raises(torchckpt.CheckpointWriteError, match=r"Cannot replace .*ckpt-5: the directory's state file "
-                       r"could not be written \(No space left on device\)\. Nothing was written or replaced") as info:
+                       r"could not be written \(No space left on device\)\. Nothing was written into ckpt-5") as info:
         manager.save(checkpoint_number=5)  # before: "ckpt-5 is committed, but ... the history does not name it yet"
     assert info.value.errno == errno.ENOSPC
     assert manager.checkpoints == [os.path.join(tmp_path, "ckpt-5")]

@@ -285,9 +285,9 @@ class Checkpoint:
             def record() -> bool:
                 try:
                     history_state.record_latest(storage.real_path(parent_of(path)), name_of(path), storage)
-                except Exception as e:
+                except BaseException as e:  # an interrupt too: the write is committed all the same
                     committed.append(True)
-                    if coord.is_collective:  # every rank learns it was committed (``adopt``)
+                    if coord.is_collective and isinstance(e, Exception):  # every rank learns it (``adopt``)
                         raise FailedAfterCommit(e, True) from e
                     raise
                 return True

@@ -129,11 +129,7 @@ class CheckpointManager:
     ) -> None:
         max_to_keep, keep_best, checkpoint_interval, keep_checkpoint_every_n_hours = map(
             plain_number, (max_to_keep, keep_best, checkpoint_interval, keep_checkpoint_every_n_hours))
-        try:  # checked inside the call, on every rank (``configure``)
-            timeout: float | None = dist_coordinator.checked_timeout(timeout_secs)
-        except ValueError:
-            timeout = None
-        self._coord = dist_coordinator.coordinator_for(process_group, timeout)
+        self._coord = dist_coordinator.coordinator_for(process_group, timeout_secs)  # one bad on one rank: refused in the call
         arguments = {"call": "CheckpointManager", "directory": history_arguments.comparable(directory, as_path),
                      **{k: history_arguments.comparable(v) for k, v in (
                          ("checkpoint_name", checkpoint_name), ("max_to_keep", max_to_keep),
@@ -146,7 +142,6 @@ class CheckpointManager:
         signals: list[int] = []  # preemption_signals, checked (an iterator is read once)
 
         def configure() -> None:  # what may fail on one rank alone: inside the call, so that it fails on every rank
-            dist_coordinator.checked_timeout(timeout_secs)
             signals.extend(PreemptionWatch.checked(preemption_signals))
             _check_arguments(checkpoint, max_shard_size, max_to_keep=max_to_keep, checkpoint_name=checkpoint_name,
                              step_counter=step_counter, checkpoint_interval=checkpoint_interval, keep_best=keep_best,

@@ -634,6 +634,8 @@ def arguments_on_one_rank(d: Path, rank: int, world: int) -> dict:
         out[case], out[f"{case}_seconds"] = ended(
             lambda options=options: torchckpt.CheckpointManager(ckpt, directory, **{"timeout_secs": TIMEOUT,
                                                                                    **options}).close())
+    out["write_timeout"], out["write_timeout_seconds"] = ended(  # a call's own coordinator: refused in the call
+        lambda: ckpt.write(d / "arguments-write", timeout_secs=True if rank == 1 else TIMEOUT))
     mgr = torchckpt.CheckpointManager(ckpt, directory, timeout_secs=TIMEOUT, keep_best=1, best_metric="loss")
     out["saved"] = os.path.basename(mgr.save())
     with warnings.catch_warnings(record=True) as caught:  # metrics on rank 0 alone are fine; differing ones are heard

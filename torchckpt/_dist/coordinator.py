@@ -55,9 +55,10 @@ def checked_timeout(timeout_secs: Any) -> float:
     """
     if timeout_secs is None:
         return DEFAULT_TIMEOUT_SECS
+    is_bool = isinstance(timeout_secs, bool) or str(getattr(timeout_secs, "dtype", "")) in ("bool", "torch.bool")
     try:
-        seconds = float(timeout_secs) if not isinstance(timeout_secs, bool) else math.nan
-    except (TypeError, ValueError):
+        seconds = math.nan if is_bool else float(timeout_secs)
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several elements
         seconds = math.nan
     if not 0 < seconds < math.inf:
         raise ValueError(f"timeout_secs must be a positive, finite number of seconds, not {timeout_secs!r}.")
@@ -95,7 +96,11 @@ class Coordinator:
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
-        self.timeout_secs = checked_timeout(timeout_secs)
+        try:  # a bad one on one rank alone is refused inside the call, on every rank (``failures_shared``)
+            self.timeout_secs = checked_timeout(timeout_secs)
+            self._refused: ValueError | None = None
+        except ValueError as e:
+            self.timeout_secs, self._refused = DEFAULT_TIMEOUT_SECS, e
         pg = group if group is not None else dist.distributed_c10d._get_default_group()
         self.store = dist.distributed_c10d._get_process_group_store(pg)
         self.name = dist.distributed_c10d._get_process_group_name(pg)
@@ -235,6 +240,8 @@ class Coordinator:
         others waiting for an exchange this rank will never make. The call ends with
         :meth:`end_call`, also when it fails."""
         try:
+            if self._refused is not None:  # an argument of the call's coordinator (timeout_secs)
+                raise self._refused
             yield
         except BaseException as e:
             if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: this process stops now
@@ -458,5 +465,6 @@ def coordinator_for(process_group: Any, timeout_secs: float | None) -> AnyCoordi
     the call is a single process's: no process group, a group of one, or ``process_group=False``
     (this process alone although others run: a rank-0-only save, as Lightning's on DDP)."""
     if process_group is False or not dist.is_available() or not dist.is_initialized() or dist.get_world_size(process_group) <= 1:
+        checked_timeout(timeout_secs)  # refused alike in one process
         return Solo()
     return Coordinator(process_group, timeout_secs)

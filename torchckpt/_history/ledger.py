@@ -213,7 +213,8 @@ class Ledger:
             why = e.strerror or str(e.__cause__ or e)
             raise CheckpointWriteError(
                 f"Cannot replace {join(self.directory, name)}: the directory's state file could not be written "
-                f"({why}). Nothing was written or replaced; {name} and the history are as they were.",
+                f"({why}). Nothing was written into {name}, which holds what it held; the next save that "
+                "writes the state file records the history as this manager holds it.",
                 self.directory, OSError(e.errno, why, e.filename)) from e
         finally:
             self.kept, self.preserved = kept, preserved

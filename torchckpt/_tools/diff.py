@@ -37,7 +37,11 @@ ABSENT: Any = _Absent()  # the value of a key one checkpoint does not have
 
 
 class _Tensor:
-    """Where the state tree holds a tensor (left out of the plain values)."""
+    """Where the state tree holds a tensor: left out of the plain values (the tensor pass compares it
+    by its stored name), but where its path is not that name (a quoted key above it)."""
+
+    def __repr__(self) -> str:
+        return "(tensor)"
 
 
 _TENSOR = _Tensor()
@@ -70,7 +74,7 @@ def plain_values(a: CheckpointReader, b: CheckpointReader) -> tuple[dict[str, An
     for state in states:
         _key_kinds(state, "", kinds)
     quoted = {where for where, found in kinds.items() if len(found) > 1}
-    va, vb = ({k: v for k, v in _leaves(state, "", "", quoted, {}).items() if v is not _TENSOR} for state in states)
+    va, vb = (_leaves(state, "", "", quoted, {}) for state in states)
     return va, vb
 
 
@@ -102,7 +106,7 @@ def _leaves(value: Any, prefix: str, path: str, quoted: set[tuple[str, str]], ou
     elif isinstance(value, list) and value or type(value) is tuple and not all(map(_is_scalar, value)):
         for i, v in enumerate(value):
             _leaves(v, keypath.join(prefix, str(i)), keypath.join(path, str(i)), quoted, out)
-    else:
+    elif value is not _TENSOR or prefix != path:  # a tensor under a key quoted in this checkpoint: its key changed
         out[prefix] = value
     return out
 
