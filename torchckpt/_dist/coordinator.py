@@ -237,8 +237,10 @@ class Coordinator:
     def failures_shared(self) -> Iterator[None]:
         """Around the work of a call on this rank: a failure before the call's first exchange is
         sent through it, so that every rank raises it at once (the same error), instead of the
-        others waiting for an exchange this rank will never make. The call ends with
-        :meth:`end_call`, also when it fails."""
+        others waiting for an exchange this rank will never make (a ``timeout_secs`` refused on this
+        rank alone is one). A rank interrupted (``KeyboardInterrupt``, ``SystemExit``) marks the
+        call's exchanges (:meth:`_mark_stopped`). The call ends with :meth:`end_call`, also when it
+        fails."""
         try:
             if self._refused is not None:  # an argument of the call's coordinator (timeout_secs)
                 raise self._refused
