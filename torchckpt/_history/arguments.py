@@ -91,10 +91,7 @@ def comparable(value: Any, convert: Callable[[Any], Any] | None = None) -> Any:
 
 def number_argument(value: Any) -> Any:
     """``checkpoint_number`` as JSON, to compare across ranks (a bad one is refused inside the call)."""
-    try:
-        return None if value is None else checkpoint_number(value)
-    except (TypeError, ValueError):
-        return repr(value)
+    return None if value is None else comparable(value, checkpoint_number)
 
 
 def checkpoint_number(value: Any) -> int:
