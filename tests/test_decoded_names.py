@@ -198,9 +198,16 @@ def test_diff_compares_plain_values_as_tensors_are_compared(tmp_path, capsys, be
                                                      "~ v/'1'/w  (absent) -> (tensor)"],
                  id="key-type-with-tensors-below"),
     pytest.param({1: ones(1)}, {"1": ones(1)}, ["~ v/'1'  (absent) -> (tensor)"], id="key-type-of-a-tensor"),
+    pytest.param({}, OrderedDict(), ["~ v  {} -> OrderedDict()"], id="empty-dict-to-empty-ordered-dict"),
+    pytest.param([], {}, ["~ v  [] -> {}"], id="empty-list-to-empty-dict"),
+    pytest.param({}, None, ["~ v  {} -> None"], id="empty-dict-to-none"),
+    # an empty container that filled up keeps its kind: only its new items (before: also "{} -> (dict)")
+    pytest.param({}, {"a": 1}, ["~ v/a  (absent) -> 1"], id="empty-dict-filled"),
+    pytest.param([3], [], ["~ v/0  3 -> (absent)"], id="list-emptied"),
 ])
-def test_diff_reports_a_container_that_changed_kind_with_the_same_items(tmp_path, capsys, before, after, lines):
-    """Before, each was "0 state values changed": items are compared by path, and the paths are the same."""
+def test_diff_reports_a_container_by_its_kind_and_its_items(tmp_path, capsys, before, after, lines):
+    """A kind that changed with the same items is a change (before: "0 state values changed", as
+    items are compared by path, and the paths are the same); an empty one that filled up is not."""
     a = torchckpt.Checkpoint(v=before, w=ones(1)).write(tmp_path / "a")
     b = torchckpt.Checkpoint(v=after, w=ones(1)).write(tmp_path / "b")
     assert main(["diff", a, b, "--exit-code"]) == 1

@@ -144,6 +144,14 @@ def test_a_rank_interrupted_in_a_save_fails_the_call_on_the_others_at_once_and_t
     for result in found:
         assert result["seconds"] < 10  # before: rank 0 waited out timeout_secs (20 s here)
         assert result["last"] == "ckpt-2" and result["checkpoints"] == ["ckpt-1", "ckpt-2"]
+        assert result["stages_left"] == []  # before: rank 0's stage stayed until a later manager opened
+    # rank 0 interrupted as it wrote its shard says so in its mark: nothing was committed (before:
+    # "Rank 0 was committing ... so it may be committed or not")
+    assert found[0]["interrupted_writing"] == "KeyboardInterrupt"
+    assert found[1]["interrupted_writing"] == (
+        f"CheckpointError: Rank 0 stopped during the outcome step of saving into {world2}/interrupted "
+        "(KeyboardInterrupt on rank 0), so the call cannot complete. Rank 0 stopped before the commit: nothing was "
+        "committed.")
     # interrupted while the call waited for the run's async save in flight: a stop in that call too
     assert found[1]["waiting"] == "KeyboardInterrupt"
     assert found[0]["waiting"] == (
@@ -217,8 +225,18 @@ def test_a_failure_after_the_commit_leaves_every_rank_with_the_same_history(worl
         assert result["view_unrecorded"] == ["ckpt-3", ["ckpt-3"], ""]  # on every rank: it is committed
         assert result["restored"] == "ckpt-3"
         assert result["view_next"] == ["ckpt-4", ["ckpt-4"], ""]
-        assert result["on_disk"] == [".torchckpt.lock", "checkpoints.json", "ckpt-1", "ckpt-4"]  # ckpt-1: undeletable
-    assert cli.main(["verify", str(run / "ckpt-4")]) == 0
+        # Ctrl-C on rank 0 once its state file names ckpt-5: it raises the interrupt, the others a
+        # typed error, and every rank holds rank 0's history (before: rank 1 still named ckpt-4)
+        assert result["interrupted"] == ("KeyboardInterrupt" if rank == 0 else (
+            f"CheckpointError: Saving {run}/ckpt-5 failed on rank 0: it was interrupted (KeyboardInterrupt) once "
+            f"{run}/ckpt-5 was committed, while it recorded it in the directory's history. Every rank holds the "
+            "history as rank 0 held it then: latest_checkpoint() says whether it names the new checkpoint (a new "
+            "manager on the directory adopts one it does not)."))
+        assert result["view_interrupted"] == ["ckpt-5", ["ckpt-5"], ""]
+        assert result["restored_after_interrupt"] == "ckpt-5"
+        assert result["view_after_interrupt"] == ["ckpt-6", ["ckpt-6"], ""]
+        assert result["on_disk"] == [".torchckpt.lock", "checkpoints.json", "ckpt-1", "ckpt-6"]  # ckpt-1: undeletable
+    assert cli.main(["verify", str(run / "ckpt-6")]) == 0
 
 
 def test_a_rank_killed_during_an_async_save_fails_the_others_and_the_next_job_cleans_up(killed_async):

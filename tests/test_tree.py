@@ -238,3 +238,12 @@ def test_per_rank_paths_are_spelled_as_the_decoder_names_the_values():
     tree = {"nested": {"~r0": per_rank, "a/b": per_rank}, "p": {"@dict": [[1, per_rank], [{"@tuple": [2]}, per_rank]]},
             "l": [per_rank, per_rank], "t": {"@tuple": [0, per_rank]}}
     assert list(format_per_rank.per_rank_paths(tree)) == ["nested/~0r0", "nested/a~1b", "p/1", "p/(2,)", "l/0", "l/1", "t/1"]
+
+
+def test_per_rank_paths_tell_apart_keys_of_one_spelling():
+    """An int key and a str key of one spelling (and two NaN keys) in one dict get one path each,
+    as ``diff`` spells them (before: ``v/1`` twice)."""
+    per_rank = {"@per_rank": [1, 2]}
+    nan = {"@float": "nan"}
+    tree = {"v": {"@dict": [[1, per_rank], ["1", per_rank], [nan, per_rank], [nan, per_rank], ["x", per_rank]]}}
+    assert list(format_per_rank.per_rank_paths(tree)) == ["v/1", "v/'1'", "v/nan", "v/nan#2", "v/x"]

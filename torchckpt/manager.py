@@ -348,7 +348,7 @@ class CheckpointManager:
         try:
             for old in self._ledger.record(name, metrics, when, self._max_to_keep, self._keep_every_n_hours):
                 self._ledger.retire(old)
-        except Exception as e:
+        except BaseException as e:  # an interrupt too: the other ranks still take what this one holds
             if self._coord.is_collective:
                 raise FailedAfterCommit(e, self._ledger.mirror(self._read_only)) from e
             raise

@@ -590,13 +590,21 @@ def interrupted_on_one_rank(d: Path, rank: int, world: int) -> dict:
     Then rank 1 is interrupted while a call waits for the run's async save in flight, first in a
     call of its own, then while it sends a failure it met before the call's first exchange."""
     interrupts = Interrupts()
+    disk = install(d / "interrupted", LocalDouble())
     mgr = torchckpt.CheckpointManager(torchckpt.Checkpoint(model=fsdp_mlp(0), interrupts=interrupts),
-                                      str(d / "interrupted"), timeout_secs=TIMEOUT)
+                                      str(d / "interrupted"), timeout_secs=TIMEOUT, incremental=False)
     out: dict = {"first": os.path.basename(mgr.save())}
     interrupts.armed = rank == 1
     out["interrupted"], out["seconds"] = ended(mgr.save)
     out["last"] = os.path.basename(mgr.save())
     out["checkpoints"] = [os.path.basename(p) for p in mgr.checkpoints]
+    if rank == 0:  # Ctrl-C on rank 0 as it writes its shard: it removes its stage before it goes on
+        def interrupt(*args: object) -> None:
+            raise KeyboardInterrupt
+
+        disk.before("output.finish", interrupt, times=1)
+    out["interrupted_writing"], _ = ended(lambda: mgr.save(checkpoint_number=9))
+    out["stages_left"] = [n for n in os.listdir(d / "interrupted") if ".torchckpt-tmp-" in n]
     mgr.close()
     disk = install(d / "interrupted-async", LocalDouble())
     mgr = torchckpt.CheckpointManager(torchckpt.Checkpoint(model=fsdp_mlp(0)), str(d / "interrupted-async"),
@@ -708,15 +716,21 @@ def after_commit_fails(d: Path, rank: int, world: int) -> dict:
     out["view_undeletable"] = view(mgr)
     if rank == 0:
         disk.fail("replace_file", OSError(errno.ENOSPC, "No space left on device"), times=1)
-    try:
-        mgr.save()
-        out["unrecorded"] = "no error"
-    except torchckpt.CheckpointError as e:
-        out["unrecorded"] = f"{type(e).__name__}: {e}"
+    out["unrecorded"], _ = ended(mgr.save)
     out["view_unrecorded"] = view(mgr)
     out["restored"] = os.path.basename(mgr.restore_or_initialize())
     out["next"] = os.path.basename(mgr.save())
     out["view_next"] = view(mgr)
+    if rank == 0:  # Ctrl-C once the state file names the new checkpoint, before retention ran
+        def interrupt(*args: object) -> None:
+            raise KeyboardInterrupt
+
+        disk.after("replace_file", interrupt, times=1)
+    out["interrupted"], _ = ended(mgr.save)
+    out["view_interrupted"] = view(mgr)
+    out["restored_after_interrupt"] = os.path.basename(mgr.restore_or_initialize())
+    out["after_interrupt"] = os.path.basename(mgr.save())
+    out["view_after_interrupt"] = view(mgr)
     mgr.close()
     out["on_disk"] = sorted(p.name for p in directory.iterdir())
     return out

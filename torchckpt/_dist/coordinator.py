@@ -106,6 +106,7 @@ class Coordinator:
         self.name = dist.distributed_c10d._get_process_group_name(pg)
         self.what = ""  # the call's description, for messages
         self.consequence = "Nothing was committed."  # what a failure of the call means; a restore updates it
+        self.stop_consequence: str | None = None  # what this rank's stop means, when it knows better (see _mark_stopped)
         self._prefix = ""  # the call's key prefix; empty outside a call
         self._arguments: bytes | None = None  # sent with the call's first exchange, then None
         self._exchanges = 0
@@ -130,6 +131,7 @@ class Coordinator:
         child._arguments = json.dumps(arguments, sort_keys=True, separators=(",", ":")).encode()
         child._exchanges = 0
         child._ended = False
+        child.stop_consequence = None
         return child
 
     def scope(self) -> Coordinator:
@@ -169,10 +171,10 @@ class Coordinator:
         """Raise when a rank's slot holds a mark: the rank stopped, or another rank gave up on it."""
         stopped = [r for r, v in enumerate(values) if v.startswith(_STOPPED)]
         if stopped:
-            why = values[stopped[0]][len(_STOPPED):].decode(errors="replace")
+            why, _, known = values[stopped[0]][len(_STOPPED):].decode(errors="replace").partition("\x00")
             raise CheckpointError(
                 f"Rank{'s' if len(stopped) > 1 else ''} {', '.join(map(str, stopped))} stopped during "
-                f"{self._during(tag)} ({why}), so the call cannot complete. {self.consequence}")
+                f"{self._during(tag)} ({why}), so the call cannot complete. {known or self.consequence}")
         late = [r for r, v in enumerate(values) if v.startswith(_GAVE_UP)]
         if late:
             raise RankTimeoutError(self._during(tag), late, self.timeout_secs, self.consequence)
@@ -266,10 +268,14 @@ class Coordinator:
     def _mark_stopped(self, error: BaseException) -> None:
         """As this rank stops in the middle of a call: its slots of the exchange it was in and of the
         ones after it hold a mark, so that the ranks waiting there raise now instead of waiting out
-        ``timeout_secs``; a slot it filled already keeps its part (a compare-and-set, as ``_post``)."""
+        ``timeout_secs``; a slot it filled already keeps its part (a compare-and-set, as ``_post``).
+        The mark carries ``stop_consequence`` when set (rank 0 knows it stopped before the commit,
+        where the others can only say that it may have committed)."""
         if not self._prefix or self.world == 1:
             return
         mark = _STOPPED + f"{type(error).__name__} on rank {self.rank}".encode()
+        if self.stop_consequence:
+            mark += b"\x00" + self.stop_consequence.encode()
         with contextlib.suppress(RuntimeError, dist.DistError):  # the store gone: nobody waits any more
             for n in range(max(1, self._exchanges), self._exchanges + _STOP_AHEAD + 1):
                 self.store.compare_set(f"{self._prefix}/{n}/{self.rank}", "", mark)  # type: ignore[arg-type]

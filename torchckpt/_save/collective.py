@@ -279,12 +279,21 @@ def finish(coord: Coordinator, storage: Storage, prepared: Prepared, progress: b
     if "error" in opened:
         raise dist_payloads.collective_error({0: opened["error"]}, "Saving " + path) from stage_error
     checked = save_reuse.Checked() if prepared.incremental else None
-    report, write_error = _write_mine(coord, storage, prepared, opened["stage"], progress, checked)
-    reports = _gather_reports(coord, report)
+    try:
+        report, write_error = _write_mine(coord, storage, prepared, opened["stage"], progress, checked)
+        reports = _gather_reports(coord, report)
+    except BaseException:  # interrupted before the commit: rank 0 removes the stage now, not a later manager
+        if stage is not None:
+            _discard(stage)
+            coord.stop_consequence = "Rank 0 stopped before the commit: nothing was committed."
+        raise
     if coord.rank == 0:
         assert stage is not None
-        outcome = _commit(coord, stage, path, plan, prepared.section, captured, reports, hooks.after, warm_page_cache)
+        outcome, stop = _commit(coord, stage, path, plan, prepared.section, captured, reports, hooks.after,
+                                warm_page_cache)
         coord.broadcast("outcome", dist_payloads.encode(outcome))
+        if stop is not None:  # interrupted once committed: the others hold what it holds, then it stops
+            raise stop
     else:  # rank 0 commits meanwhile: lost now, the checkpoint may be committed or not
         coord.consequence = (f"Rank 0 was committing {path} when it was lost, so it may be committed or not: "
                              "latest_checkpoint() (or whether its index.json exists) says which.")
@@ -348,31 +357,41 @@ def _write_mine(coord: Coordinator, storage: Storage, prepared: Prepared, stage_
 
 def _commit(coord: Coordinator, stage: Any, path: str, plan: RankPlan, section: dict[str, Any], captured: Captured,
             reports: list[dict[str, Any]] | Exception,
-            after: Callable[[], Any] | None, warm_page_cache: bool = False) -> dict[str, Any]:
-    """Rank 0: write the index and commit once every rank has reported success; else discard."""
+            after: Callable[[], Any] | None, warm_page_cache: bool = False,
+            ) -> tuple[dict[str, Any], BaseException | None]:
+    """Rank 0: write the index and commit once every rank has reported success; else discard.
+    Returns the outcome for every rank, and the interrupt (``KeyboardInterrupt``, ``SystemExit``)
+    that stopped ``after`` once the checkpoint was committed, for rank 0 to raise once the others
+    have the outcome."""
     try:
         if isinstance(reports, Exception):
             raise reports
         failures = {r: rep["error"] for r, rep in enumerate(reports) if "error" in rep}
         if failures:
             _discard(stage)
-            return {"failures": failures}
+            return {"failures": failures}, None
         index = _index_document(plan, section, captured, reports, coord.world)
         stage.write_index(INDEX_FILE, format_index.sealed_index(index, path, len(index[WEIGHT_MAP_KEY])))
         stage.commit({rec["file"]: rec["size"] for rep in reports for rec in rep["records"]})
     except Exception as e:
         _discard(stage)
-        return {"failures": {0: dist_payloads.failure_payload(e)}}
+        return {"failures": {0: dist_payloads.failure_payload(e)}}, None
     try:
         result = after() if after is not None else None
     except FailedAfterCommit as e:  # committed: the other ranks take what rank 0 now holds all the same
-        return {"failures": {0: dist_payloads.failure_payload(e.cause)}, "after": e.result}
+        if isinstance(e.cause, Exception):
+            return {"failures": {0: dist_payloads.failure_payload(e.cause)}, "after": e.result}, None
+        interrupted = {"type": "CheckpointError", "message": (
+            f"it was interrupted ({type(e.cause).__name__}) once {path} was committed, while it recorded it in the "
+            "directory's history. Every rank holds the history as rank 0 held it then: latest_checkpoint() says "
+            "whether it names the new checkpoint (a new manager on the directory adopts one it does not).")}
+        return {"failures": {0: interrupted}, "after": e.result}, e.cause
     except Exception as e:
-        return {"failures": {0: dist_payloads.failure_payload(e)}}
+        return {"failures": {0: dist_payloads.failure_payload(e)}}, None
     finally:
         with contextlib.suppress(Exception):  # background work for the next save: never this one's outcome
             stage.settle(every_file=warm_page_cache)  # rank 0: every rank's files, into its host's page cache
-    return {"ok": path, "after": result}
+    return {"ok": path, "after": result}, None
 
 
 def _discard(stage: Any) -> None:

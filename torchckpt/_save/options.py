@@ -89,9 +89,11 @@ class FailedAfterCommit(Exception):
     """What a :class:`SaveHooks` ``after`` raises on rank 0 of a job when it failed once the
     checkpoint was committed: the save fails on every rank with ``cause``, and ``result`` (what
     ``after`` would have returned: a manager's history, which holds the new checkpoint) still
-    reaches every other rank's ``adopt``, so that no rank's view of the directory differs."""
+    reaches every other rank's ``adopt``, so that no rank's view of the directory differs. A
+    ``cause`` that is an interrupt (``KeyboardInterrupt``, ``SystemExit``) is raised again on rank 0
+    once the others have ``result``."""
 
-    def __init__(self, cause: Exception, result: Any) -> None:
+    def __init__(self, cause: BaseException, result: Any) -> None:
         super().__init__(str(cause))
         self.cause = cause
         self.result = result

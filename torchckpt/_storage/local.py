@@ -236,7 +236,15 @@ class LocalStage:
             storage_warm.submit([os.path.join(self.final, n) for n in warm], budget)
 
     def discard(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        # Renamed away first: another rank of the job may still be creating files in the stage (rank 0
+        # was interrupted before the others reported), and a file made between rmtree's listing and
+        # its rmdir would keep the directory. Once renamed, their creates fail instead.
+        trash = atomic.temporary_sibling(self.final, OLD_MARKER)
+        try:
+            os.rename(self.path, trash)
+        except OSError:
+            trash = self.path
+        shutil.rmtree(trash, ignore_errors=True)
 
     def reuse(self, name: str, source: str) -> str | None:
         # A hard link: no byte is written, and the committed file's inode outlives the checkpoint

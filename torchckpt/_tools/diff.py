@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from torchckpt._format import keypath
@@ -54,8 +54,11 @@ class _Container:
     that became another type, tensors below it) is a change although every item is the same."""
 
     kind: str
+    empty: bool = field(default=False, compare=False)  # shown as it is (``{}``), compared by its kind alone
 
     def __repr__(self) -> str:
+        if self.empty:
+            return {"dict": "{}", "list": "[]"}.get(self.kind, f"{self.kind}()")
         return f"({self.kind})"
 
 
@@ -92,9 +95,8 @@ def _key_kinds(value: Any, path: str, out: dict[tuple[str, str], set[bool]]) -> 
 
 def _leaves(value: Any, prefix: str, path: str, quoted: set[tuple[str, str]], out: dict[str, Any]) -> dict[str, Any]:
     """``keypath.leaves``, with the parts of :func:`plain_values` (``path``: ``prefix`` unquoted)."""
-    if prefix and (isinstance(value, Mapping) and value or isinstance(value, list) and value
-                   or type(value) is tuple and not all(map(_is_scalar, value))):
-        out[prefix] = _Container(type(value).__name__)
+    if prefix and (isinstance(value, (Mapping, list)) or type(value) is tuple and not all(map(_is_scalar, value))):
+        out[prefix] = _Container(type(value).__name__, empty=not value)  # an empty one that fills up is no change
     if isinstance(value, Mapping) and value:
         seen: dict[str, int] = {}
         for k, v in value.items():
@@ -106,6 +108,8 @@ def _leaves(value: Any, prefix: str, path: str, quoted: set[tuple[str, str]], ou
     elif isinstance(value, list) and value or type(value) is tuple and not all(map(_is_scalar, value)):
         for i, v in enumerate(value):
             _leaves(v, keypath.join(prefix, str(i)), keypath.join(path, str(i)), quoted, out)
+    elif isinstance(value, (Mapping, list)):
+        pass  # empty: its kind is above
     elif value is not _TENSOR or prefix != path:  # a tensor under a key quoted in this checkpoint: its key changed
         out[prefix] = value
     return out
