@@ -640,6 +640,25 @@ def test_a_best_checkpoint_preserved_by_a_rebuilt_history_is_still_best(tmp_path
     assert "best" in rows["ckpt-4"]["marks"]
 
 
+def test_a_best_checkpoint_deleted_by_hand_no_longer_holds_its_place(tmp_path):
+    """Before, the next manager kept the deleted ckpt-1 in its history as the best: `best_checkpoint`
+    named a missing path, and the next save deleted ckpt-3, the best that existed."""
+    options = dict(max_to_keep=1, keep_best=1, best_metric="loss")
+    with CheckpointManager(ckpt(), tmp_path, **options) as manager:
+        for loss in (1.0, 5.0, 6.0):
+            manager.save(metrics={"loss": loss})
+    shutil.rmtree(tmp_path / "ckpt-1")
+    with pytest.warns(UserWarning, match=r"names ckpt-1, which is not a committed checkpoint there \(deleted, or the "
+                                         r"index\.json gone or not a regular file\): dropped from the history"), \
+            CheckpointManager(ckpt(), tmp_path, **options) as manager:
+        assert [os.path.basename(p) for p in manager.checkpoints] == ["ckpt-3"]
+        assert manager.best_checkpoint == str(tmp_path / "ckpt-3")
+        manager.save(metrics={"loss": 7.0})
+        assert [os.path.basename(p) for p in manager.checkpoints] == ["ckpt-3", "ckpt-4"]
+        assert manager.best_checkpoint == str(tmp_path / "ckpt-3")
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith("ckpt")) == ["ckpt-3", "ckpt-4"]
+
+
 def test_a_background_saves_timestamp_is_the_save_calls_time(tmp_path, fake_time):
     # API.md: read at call time; probe38 F3: an async save's was read once its write finished
     manager = CheckpointManager(torchckpt.Checkpoint(w=torch.randn(4 * 2**20)), tmp_path, async_save=True)

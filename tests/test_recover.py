@@ -123,27 +123,27 @@ CASES = {
         OnDisk(DIR, history(Entry("ckpt-1", 100.0), Entry("ckpt-2", 200.0), Entry("ckpt-3", 300.0), latest="ckpt-3"),
                ["ckpt-1", "ckpt-2"], written_last="ckpt-2", latest_committed=False),
         (None, None, None),
-        Recovered("ckpt-2", [Entry("ckpt-1", 100.0), Entry("ckpt-2", 200.0), Entry("ckpt-3", 300.0)], [], 50.0, {},
+        Recovered("ckpt-2", [Entry("ckpt-1", 100.0), Entry("ckpt-2", 200.0)], [], 50.0, {},
                   DEFAULT, [GONE.format("ckpt-3") + "ckpt-2 is the latest now."]),
     ),
     "latest-deleted-by-hand-a-replaced-number-written-last": (  # probe38 F2: not the highest number
         OnDisk(DIR, history(Entry("ckpt-2", 200.0), Entry("ckpt-1", 250.0), Entry("ckpt-3", 300.0), latest="ckpt-3"),
                ["ckpt-1", "ckpt-2"], written_last="ckpt-1", latest_committed=False),
         (None, None, None),
-        Recovered("ckpt-1", [Entry("ckpt-2", 200.0), Entry("ckpt-1", 250.0), Entry("ckpt-3", 300.0)], [], 50.0, {},
+        Recovered("ckpt-1", [Entry("ckpt-2", 200.0), Entry("ckpt-1", 250.0)], [], 50.0, {},
                   DEFAULT, [GONE.format("ckpt-3") + "ckpt-1 is the latest now."]),
     ),
     "latest-deleted-by-hand-falls-back-to-this-managers-newest": (  # not an export of another name
         OnDisk(DIR, history(Entry("ckpt-1", 100.0), Entry("ckpt-2", 200.0), latest="ckpt-2"),
                ["ckpt-1", "model-70"], written_last="ckpt-1", latest_committed=False),
         (None, None, None),
-        Recovered("ckpt-1", [Entry("ckpt-1", 100.0), Entry("ckpt-2", 200.0)], [], 50.0, {}, DEFAULT,
+        Recovered("ckpt-1", [Entry("ckpt-1", 100.0)], [], 50.0, {}, DEFAULT,
                   [GONE.format("ckpt-2") + "ckpt-1 is the latest now."]),
     ),
     "latest-deleted-by-hand-nothing-left": (  # said, not silent: the run starts afresh
         OnDisk(DIR, history(Entry("ckpt-1", 100.0), latest="ckpt-1"), [], latest_committed=False),
         (None, None, None),
-        Recovered(None, [Entry("ckpt-1", 100.0)], [], 50.0, {}, DEFAULT,
+        Recovered(None, [], [], 50.0, {}, DEFAULT,
                   [GONE.format("ckpt-1") + "no committed checkpoint is left, so restore_or_initialize() starts afresh "
                    "(init_fn)."]),
     ),
@@ -199,6 +199,16 @@ CASES = {
     "another-metric-keeps-its-own-ranking": (
         OnDisk(DIR, history(latest=None, **RANKED)), (1, "acc", None),
         Recovered(None, [], [], 50.0, {}, Ranking(1, "acc", "min"), []),
+    ),
+    "kept-and-preserved-deleted-by-hand-dropped": (  # before: a phantom best kept its place, a real one went
+        OnDisk(DIR, history(Entry("ckpt-1", 100.0, {"loss": 1.0}), Entry("ckpt-3", 300.0), Entry("ckpt-4", 400.0),
+                            latest="ckpt-4", preserved=[Entry("ckpt-0", 10.0)], best_metric="loss", keep_best=1),
+               ["ckpt-3", "ckpt-4"]),
+        (None, None, None),
+        Recovered("ckpt-4", [Entry("ckpt-3", 300.0), Entry("ckpt-4", 400.0)], [], 50.0, {}, Ranking(1, "loss", "min"),
+                  [f"The state file of {DIR} names ckpt-0, ckpt-1, which are not committed checkpoints there "
+                   "(deleted, or the index.json gone or not a regular file): dropped from the history, so that "
+                   "retention and keep_best count only the checkpoints that exist."]),
     ),
     "damaged-records-kept": (
         OnDisk(DIR, history(Entry("ckpt-1", 100.0), Entry("ckpt-2", 200.0), latest="ckpt-2",

@@ -25,7 +25,7 @@ from torchckpt._history.retention import MetricFn
 from torchckpt._history.state import Entry, State, StateFileError
 from torchckpt._paths import join
 from torchckpt._storage.base import Storage
-from torchckpt.errors import CheckpointError, CorruptCheckpointError
+from torchckpt.errors import CheckpointError, CorruptCheckpointError, format_keys
 
 
 @dataclass(frozen=True)
@@ -243,6 +243,8 @@ def recover(disk: OnDisk, now: float, checkpoint_name: str, keep_best: int | Non
             _place(kept, Entry(entry.name, ts, entry.metrics), by_time=entry.name in unrecorded_names)
         else:  # in doubt: kept forever, never deleted
             preserved.append(entry)
+    if from_file:
+        kept, preserved = _present(kept, preserved, disk, state.latest, notes)
     latest, committed = state.latest, disk.latest_committed or not from_file  # a rebuilt latest is a member
     newest = _newest_unrecorded(state, disk, checkpoint_name, now)
     if newest is not None:
@@ -255,6 +257,25 @@ def recover(disk: OnDisk, now: float, checkpoint_name: str, keep_best: int | Non
                      + (f"{latest} is the latest now." if latest is not None else
                         "no committed checkpoint is left, so restore_or_initialize() starts afresh (init_fn)."))
     return Recovered(latest, kept, preserved, lpt, dict(state.damaged), ranking, notes)
+
+
+def _present(kept: list[Entry], preserved: list[Entry], disk: OnDisk, latest: str | None,
+             notes: list[str]) -> tuple[list[Entry], list[Entry]]:
+    """The kept and preserved entries of the state file that are committed checkpoints on disk. One
+    deleted by hand (or whose index.json is gone) is dropped from the history, with a note (the
+    latest has its own): left in it, it would hold a place of ``max_to_keep`` or ``keep_best``, and
+    retention would delete a checkpoint that exists to keep one that does not."""
+    members = set(disk.members)
+    gone = [e.name for e in [*kept, *preserved] if e.name not in members]
+    if not gone:
+        return kept, preserved
+    named = [n for n in gone if n != latest]
+    if named:
+        notes.append(f"The state file of {disk.directory} names {format_keys(named)}, which "
+                     f"{'is not a committed checkpoint' if len(named) == 1 else 'are not committed checkpoints'} there "
+                     "(deleted, or the index.json gone or not a regular file): dropped from the history, so that retention and "
+                     "keep_best count only the checkpoints that exist.")
+    return [e for e in kept if e.name in members], [e for e in preserved if e.name in members]
 
 
 def _newest_unrecorded(state: State, disk: OnDisk, checkpoint_name: str, now: float) -> str | None:
