@@ -439,6 +439,21 @@ def test_checkpoints_iterator_timeout_fn_calls():
     assert time.monotonic() - start >= 0.4  # each timeout waited out, though shorter than the 1 s poll: no spinning
 
 
+def test_a_follower_whose_last_checkpoint_was_deleted_waits_for_the_next_one(tmp_path):
+    """probe58 R5: before, it yielded ckpt-2, older than the ckpt-3 it had, as if new."""
+    with CheckpointManager(ckpt(), tmp_path, max_to_keep=None) as manager:
+        for _ in range(3):
+            manager.save()
+        last = str(tmp_path / "ckpt-3")
+        assert torchckpt.wait_for_new_checkpoint(tmp_path, timeout=0) == last
+        shutil.rmtree(last)
+        assert torchckpt.latest_checkpoint(tmp_path) == str(tmp_path / "ckpt-2")
+        assert torchckpt.wait_for_new_checkpoint(tmp_path, last, timeout=0) is None  # nothing newer than ckpt-3
+        with pytest.warns(UserWarning, match="ckpt-3 is no longer a committed checkpoint"):
+            assert manager.save() == torchckpt.wait_for_new_checkpoint(tmp_path, last, timeout=0) == str(
+                tmp_path / "ckpt-4")
+
+
 def test_iterator_ignores_uncommitted_directories(tmp_path):
     (tmp_path / f"ckpt-9{spec.TMP_MARKER}123-abc").mkdir()
     (tmp_path / "ckpt-8").mkdir()  # no index.json: not committed
@@ -657,6 +672,35 @@ def test_a_best_checkpoint_deleted_by_hand_no_longer_holds_its_place(tmp_path):
         assert [os.path.basename(p) for p in manager.checkpoints] == ["ckpt-3", "ckpt-4"]
         assert manager.best_checkpoint == str(tmp_path / "ckpt-3")
     assert sorted(n for n in os.listdir(tmp_path) if n.startswith("ckpt")) == ["ckpt-3", "ckpt-4"]
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_a_checkpoint_deleted_by_hand_during_the_run_no_longer_holds_its_place(tmp_path, async_save):
+    """probe58 R1: before, the running manager kept the deleted ckpt-2 in its history, and the next
+    save deleted ckpt-1, leaving two checkpoints where max_to_keep=3 asked for three."""
+    with CheckpointManager(ckpt(), tmp_path, max_to_keep=3, async_save=async_save) as manager:
+        for _ in range(3):
+            manager.save()
+        manager.wait_until_finished()
+        shutil.rmtree(tmp_path / "ckpt-2")
+        with pytest.warns(UserWarning, match=r"ckpt-2 is no longer a committed checkpoint \(deleted, or the index\.json "
+                                             r"gone\): dropped from the history of .* as .*ckpt-4 is recorded"):
+            manager.save()
+            manager.wait_until_finished()
+        assert [os.path.basename(p) for p in manager.checkpoints] == ["ckpt-1", "ckpt-3", "ckpt-4"]
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith("ckpt")) == ["ckpt-1", "ckpt-3", "ckpt-4"]
+
+
+def test_the_number_of_a_latest_deleted_by_hand_is_not_given_to_another_checkpoint(tmp_path):
+    """probe58 R4: a follower that read ckpt-3 before it was deleted would never see a new ckpt-3."""
+    with CheckpointManager(ckpt(), tmp_path) as manager:
+        for _ in range(3):
+            manager.save()
+    shutil.rmtree(tmp_path / "ckpt-3")
+    with pytest.warns(UserWarning, match="names ckpt-3 as the latest checkpoint"), \
+            CheckpointManager(ckpt(), tmp_path) as manager:
+        assert manager.restore_or_initialize() == str(tmp_path / "ckpt-2")
+        assert manager.save() == str(tmp_path / "ckpt-4")
 
 
 def test_a_background_saves_timestamp_is_the_save_calls_time(tmp_path, fake_time):

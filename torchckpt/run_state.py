@@ -138,14 +138,26 @@ def wait_for_new_checkpoint(
     storage = storage_for(root, storage_options)
     stop = time.time() + timeout if timeout is not None else None
     while True:
-        path = history_members.latest_in(root, storage)
-        if path is not None and path != last_checkpoint and not _back_in_a_replacement(path, last_checkpoint, storage):
+        path, recorded = history_members.latest_and_recorded(root, storage)
+        if (path is not None and path != last_checkpoint and not _back_in_a_replacement(path, last_checkpoint, storage)
+                and not _gone_since(last_checkpoint, recorded, path)):
             return path
         if stop is not None and time.time() >= stop:
             return None
         # the timeout is waited out, never cut short (TensorFlow returns as soon as the next poll
         # would pass it, so that checkpoints_iterator with a timeout_fn spins when it is shorter)
         time.sleep(seconds_to_sleep if stop is None else max(0.0, min(seconds_to_sleep, stop - time.time())))
+
+
+def _gone_since(last: str | None, recorded: str | None, path: str) -> bool:
+    """Whether ``last`` (yielded before) is the latest the state file still records, deleted since:
+    ``path``, the checkpoint written before it, is not new (TensorFlow's ``latest_checkpoint`` is
+    None then). A checkpoint the state file has not recorded yet (its writer died between the
+    commit and the record) and is numbered after ``last`` is new."""
+    if last is None or recorded is None or name_of(last) != recorded or parent_of(last) != parent_of(path):
+        return False
+    number, last_number = history_members.number_of(name_of(path)), history_members.number_of(recorded)
+    return number is None or last_number is None or number <= last_number
 
 
 def _back_in_a_replacement(path: str, last: str | None, storage: Any) -> bool:

@@ -24,7 +24,7 @@ from torchckpt._history.retention import plan_retention, ranked_history
 from torchckpt._history.state import Entry, State
 from torchckpt._paths import join
 from torchckpt._storage.base import ConflictError, Storage
-from torchckpt.errors import CheckpointError, CheckpointWriteError
+from torchckpt.errors import CheckpointError, CheckpointWriteError, format_keys
 
 
 class Ledger:
@@ -53,6 +53,7 @@ class Ledger:
         self._forgotten: tuple[str, float] | None = None  # (name, when) :meth:`forget` wrote out, until recorded
         self._undeleted: list[str] = []  # dropped by a record whose write failed: deleted after the next one
         self._size: int | None = None  # the state file's bytes as last written or adopted (:meth:`check_room`)
+        self._had: set[str] = set()  # names the history held before it dropped them as gone: never numbered again
 
     def load(self, now: float, best_mode: str | None) -> list[str]:
         """Recover the history from the state file and the directory; returns the warnings about
@@ -61,6 +62,9 @@ class Ledger:
         if isinstance(disk.state, State):
             self._file_ranking = (disk.state.best_metric, disk.state.best_mode, disk.state.keep_best)
         history = recover(disk, now, self.name, self.ranking.keep_best, self.ranking.best_metric, best_mode)
+        if isinstance(disk.state, State):  # a checkpoint deleted by hand leaves the history, not its number
+            self._had = {e.name for e in [*disk.state.checkpoints, *disk.state.preserved]}
+            self._had.update([disk.state.latest] if disk.state.latest else [])
         self.latest = history.latest
         self.kept = list(history.kept)
         self.preserved = list(history.preserved)
@@ -74,7 +78,7 @@ class Ledger:
 
     def next_number(self, counter: int, listed: Iterable[str]) -> int:
         """``counter``, moved past every number the directory has (``listed``: its names) or had."""
-        names = {*listed, *(e.name for e in self.entries())}
+        names = {*listed, *self._had, *(e.name for e in self.entries())}
         if self.latest:
             names.add(self.latest)
         numbers = [history_members.number_of(spec.final_name(n), self.name) for n in names]
@@ -89,7 +93,7 @@ class Ledger:
     def best(self) -> str | None:
         """The name of the checkpoint with the best metric, kept or preserved, or None. From the
         history alone (no request, the same on every rank: rank 0's), so a checkpoint deleted by hand
-        can be named; ``get_checkpoint_state`` and ``ls`` look at the disk."""
+        since the last save can be named; ``get_checkpoint_state`` and ``ls`` look at the disk."""
         ranked = ranked_history(self.kept, self.preserved, self.ranking.best_metric, self.ranking.best_mode,
                                 self.damaged)
         return ranked[0].name if ranked else None
@@ -171,6 +175,7 @@ class Ledger:
         any commit the state file missed, and its retention deletes them in turn). Where the write
         fails, the names it dropped are returned by the next record instead."""
         self._forgotten = None  # recorded now, with the new checkpoint's metrics
+        self._drop_gone(name)
         self.kept = [e for e in self.kept if e.name != name]
         self.preserved = [e for e in self.preserved if e.name != name]
         self.kept.append(Entry(name, now, metrics))
@@ -193,6 +198,27 @@ class Ledger:
         self._undeleted = []
         held = {e.name for e in self.entries()}  # one recorded again since (an explicit number) stays
         return [name for name in dict.fromkeys(doomed) if name not in held]
+
+    def _drop_gone(self, committed: str) -> None:
+        """Before retention runs: drop from the history the checkpoints deleted since it was read
+        (by hand, or by another tool), with a warning. Left in it, one would hold a place of
+        ``max_to_keep`` or ``keep_best``, and retention would delete a checkpoint that exists to keep
+        one that does not. One listing of the directory; where it fails, the history stays as it is."""
+        try:
+            members = set(history_members.committed_members(self.directory, None, self.storage))
+        except (OSError, CheckpointError):
+            return
+        gone = [e.name for e in self.entries() if e.name not in members and e.name != committed]
+        if not gone:
+            return
+        self._had.update(gone)
+        self.kept = [e for e in self.kept if e.name not in gone]
+        self.preserved = [e for e in self.preserved if e.name not in gone]
+        warnings.warn(
+            f"{format_keys(join(self.directory, n) for n in gone)} "
+            f"{'is' if len(gone) == 1 else 'are'} no longer a committed checkpoint (deleted, or the index.json gone): "
+            f"dropped from the history of {self.directory} as {join(self.directory, committed)} is recorded, so that "
+            "retention and keep_best count only the checkpoints that exist.", stacklevel=2)
 
     def forget(self, name: str, now: float) -> None:
         """Before a save replaces checkpoint ``name`` (an explicit number): write the state file

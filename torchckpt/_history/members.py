@@ -87,14 +87,22 @@ def latest_in(directory: str, storage: Storage) -> str | None:
     next manager's latest (``_history.recover`` adopts it), and the state file's from that
     manager's next save.
     """
+    return latest_and_recorded(directory, storage)[0]
+
+
+def latest_and_recorded(directory: str, storage: Storage) -> tuple[str | None, str | None]:
+    """:func:`latest_in`, and the name the state file records as the latest (None where it has none
+    or cannot be read), which may be a checkpoint that is gone: a follower that yielded it has
+    seen nothing newer until the state file names another."""
     try:
         state = history_state.read_state(directory, storage)
     except history_state.StateFileError:
         state = None
-    if state is not None and state.latest is not None and is_member(directory, state.latest, storage):
-        return join(directory, state.latest)
+    recorded = state.latest if state is not None else None
+    if recorded is not None and is_member(directory, recorded, storage):
+        return join(directory, recorded), recorded
     members = committed_members(directory, None, storage)
-    return join(directory, written_last(directory, members, storage)) if members else None
+    return (join(directory, written_last(directory, members, storage)) if members else None), recorded
 
 
 def written_last(directory: str, members: Sequence[str], storage: Storage) -> str:
