@@ -190,6 +190,9 @@ class StageDouble(Hooked):
     def discard(self) -> None:
         self.inner.discard()
 
+    def abandon(self) -> None:
+        self.inner.abandon()
+
     def settle(self, known: Any = (), *, every_file: bool = False) -> None:
         self.inner.settle(known, every_file=every_file)
 

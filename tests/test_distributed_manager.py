@@ -152,6 +152,14 @@ def test_a_rank_interrupted_in_a_save_fails_the_call_on_the_others_at_once_and_t
         f"CheckpointError: Rank 0 stopped during the outcome step of saving into {world2}/interrupted "
         "(KeyboardInterrupt on rank 0), so the call cannot complete. Rank 0 stopped before the commit: nothing was "
         "committed.")
+    # on an object store the upload stays whole, marked, for the next manager (probe59: removed at once,
+    # rank 1's shard that landed later was left in ckpt-2/ for good, with no marker and no index)
+    assert found[0]["remote_interrupted"] == "KeyboardInterrupt"
+    assert found[1]["remote_interrupted"].endswith("Rank 0 stopped before the commit: nothing was committed.")
+    for result in found:
+        assert result["remote_next"] == "ckpt-2"
+        assert {name: [f for f in files if not f.endswith(".safetensors")] for name, files in
+                result["remote_left"].items()} == {"ckpt-1": ["index.json"], "ckpt-2": ["index.json"]}
     # interrupted while the call waited for the run's async save in flight: a stop in that call too
     assert found[1]["waiting"] == "KeyboardInterrupt"
     assert found[0]["waiting"] == (
@@ -236,6 +244,13 @@ def test_a_failure_after_the_commit_leaves_every_rank_with_the_same_history(worl
         assert result["restored_after_interrupt"] == "ckpt-5"
         assert result["view_after_interrupt"] == ["ckpt-6", ["ckpt-6"], ""]
         assert result["on_disk"] == [".torchckpt.lock", "checkpoints.json", "ckpt-1", "ckpt-6"]  # ckpt-1: undeletable
+        # in Checkpoint.save too (probe59: rank 1 kept save_counter 1, and every later save was refused)
+        assert result["plain_interrupted"] == ("KeyboardInterrupt" if rank == 0 else (
+            f"CheckpointError: Saving {run}/plain/ckpt-2 failed on rank 0: it was interrupted (KeyboardInterrupt) "
+            f"once {run}/plain/ckpt-2 was committed, while it recorded it in the directory's history. Every rank "
+            "holds the history as rank 0 held it then: latest_checkpoint() says whether it names the new checkpoint "
+            "(a new manager on the directory adopts one it does not)."))
+        assert result["plain_counter"] == 2 and result["plain_next"] == "no error"
     assert cli.main(["verify", str(run / "ckpt-6")]) == 0
 
 

@@ -22,7 +22,8 @@ from torchckpt._storage.registry import storage_for
 NOW = 1000.0
 DIR = "run"
 GONE = ("The state file of run names {} as the latest checkpoint, but it is not a committed checkpoint there "
-        "(deleted, its index.json gone or not a regular file, or its replacement cut short): ")
+        "(deleted, its index.json gone or not a regular file, or a symbolic link, which is never followed (move the "
+        "checkpoint itself back), or its replacement cut short): ")
 DEFAULT = Ranking(None, None, "min")
 DAMAGED = "run/checkpoints.json cannot be used: its seal does not match its content"
 
@@ -207,7 +208,8 @@ CASES = {
         (None, None, None),
         Recovered("ckpt-4", [Entry("ckpt-3", 300.0), Entry("ckpt-4", 400.0)], [], 50.0, {}, Ranking(1, "loss", "min"),
                   [f"The state file of {DIR} names ckpt-0, ckpt-1, which are not committed checkpoints there "
-                   "(deleted, or the index.json gone or not a regular file): dropped from the history, so that "
+                   "(deleted, its index.json gone or not a regular file, or a symbolic link, which is never followed "
+                   "(move the checkpoint itself back)): dropped from the history, so that "
                    "retention and keep_best count only the checkpoints that exist."]),
     ),
     "damaged-records-kept": (

@@ -497,6 +497,22 @@ def test_a_listing_that_fails_after_the_index_is_created_leaves_the_commit_stand
     mgr.close()
 
 
+def test_an_interrupt_in_an_upload_to_a_file_url_stays_an_interrupt(tmp_path, install):
+    """Before, fsspec's local file refused to discard the object being written (it commits as it
+    writes), and that refusal replaced the KeyboardInterrupt: Ctrl-C became a CheckpointError."""
+    url = f"file://{tmp_path}/run"
+    storage = install(url, remote_double(url, {"auto_mkdir": True}, warned=set()))
+
+    def interrupt(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    storage.before("output.finish", interrupt, times=1)
+    with pytest.raises(KeyboardInterrupt):
+        torchckpt.Checkpoint(w=torch.ones(4)).write(f"{url}/c")
+    assert torchckpt.latest_checkpoint(url) is None and not os.path.exists(tmp_path / "run" / "c" / INDEX_FILE)
+    assert torchckpt.Checkpoint(w=torch.ones(4)).write(f"{url}/c") == f"{url}/c"
+
+
 @pytest.mark.parametrize("age", [10.0, 7200.0, -86400.0], ids=["in-flight", "crashed-long-ago", "from-the-future"])
 def test_a_follower_is_not_sent_back_by_a_replacement_in_flight_or_crashed(remote, age):
     """ckpt-2, which the follower had, is the latest the state file records: ckpt-1 is older, not

@@ -287,7 +287,7 @@ class Checkpoint:
                     history_state.record_latest(storage.real_path(parent_of(path)), name_of(path), storage)
                 except BaseException as e:  # an interrupt too: the write is committed all the same
                     committed.append(True)
-                    if coord.is_collective and isinstance(e, Exception):  # every rank learns it (``adopt``)
+                    if coord.is_collective:  # every rank learns it (``adopt``); rank 0 raises an interrupt again
                         raise FailedAfterCommit(e, True) from e
                     raise
                 return True

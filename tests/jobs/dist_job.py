@@ -598,14 +598,32 @@ def interrupted_on_one_rank(d: Path, rank: int, world: int) -> dict:
     out["interrupted"], out["seconds"] = ended(mgr.save)
     out["last"] = os.path.basename(mgr.save())
     out["checkpoints"] = [os.path.basename(p) for p in mgr.checkpoints]
-    if rank == 0:  # Ctrl-C on rank 0 as it writes its shard: it removes its stage before it goes on
-        def interrupt(*args: object) -> None:
-            raise KeyboardInterrupt
+    def interrupt(*args: object) -> None:
+        raise KeyboardInterrupt
 
+    if rank == 0:  # Ctrl-C on rank 0 as it writes its shard: it removes its stage before it goes on
         disk.before("output.finish", interrupt, times=1)
     out["interrupted_writing"], _ = ended(lambda: mgr.save(checkpoint_number=9))
     out["stages_left"] = [n for n in os.listdir(d / "interrupted") if ".torchckpt-tmp-" in n]
     mgr.close()
+    # on an object store rank 0 leaves the upload with its marker, for the next manager to remove:
+    # rank 1's shard lands after rank 0 stopped (removed, its late shard would be in no one's upload)
+    url = f"file://{d}/interrupted-remote"
+    remote = install(url, remote_double(url, {"auto_mkdir": True}))
+    mgr = torchckpt.CheckpointManager(torchckpt.Checkpoint(model=fsdp_mlp(0)), url, timeout_secs=TIMEOUT,
+                                      incremental=False)
+    mgr.save()
+    if rank == 0:
+        remote.before("stage.create", interrupt, times=1)
+    else:
+        remote.before("output.finish", lambda *args: time.sleep(1), times=1)
+    out["remote_interrupted"], _ = ended(mgr.save)
+    mgr.close()
+    with torchckpt.CheckpointManager(torchckpt.Checkpoint(model=fsdp_mlp(0)), url, timeout_secs=TIMEOUT) as mgr:
+        out["remote_next"] = os.path.basename(mgr.save())
+    remote_dir = d / "interrupted-remote"
+    out["remote_left"] = {n: sorted(os.listdir(remote_dir / n)) for n in sorted(os.listdir(remote_dir))
+                          if (remote_dir / n).is_dir()}
     disk = install(d / "interrupted-async", LocalDouble())
     mgr = torchckpt.CheckpointManager(torchckpt.Checkpoint(model=fsdp_mlp(0)), str(d / "interrupted-async"),
                                       async_save=True, timeout_secs=TIMEOUT)
@@ -733,6 +751,15 @@ def after_commit_fails(d: Path, rank: int, world: int) -> dict:
     out["view_after_interrupt"] = view(mgr)
     mgr.close()
     out["on_disk"] = sorted(p.name for p in directory.iterdir())
+    # the same Ctrl-C in Checkpoint.save's record: every rank takes the number all the same
+    ckpt = torchckpt.Checkpoint(model=fsdp_mlp(0))
+    prefix = str(directory / "plain" / "ckpt")
+    ckpt.save(prefix, timeout_secs=TIMEOUT)
+    if rank == 0:
+        disk.after("replace_file", interrupt, times=1)
+    out["plain_interrupted"], _ = ended(lambda: ckpt.save(prefix, timeout_secs=TIMEOUT))
+    out["plain_counter"] = ckpt.save_counter
+    out["plain_next"], _ = ended(lambda: ckpt.save(prefix, timeout_secs=TIMEOUT))
     return out
 
 

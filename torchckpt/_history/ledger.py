@@ -19,7 +19,7 @@ from typing import Any
 from torchckpt._format import spec
 from torchckpt._history import members as history_members
 from torchckpt._history import state as history_state
-from torchckpt._history.recover import Ranking, managed_entry, read_disk, recover
+from torchckpt._history.recover import NOT_COMMITTED, Ranking, managed_entry, read_disk, recover
 from torchckpt._history.retention import plan_retention, ranked_history
 from torchckpt._history.state import Entry, State
 from torchckpt._paths import join
@@ -216,7 +216,8 @@ class Ledger:
         self.preserved = [e for e in self.preserved if e.name not in gone]
         warnings.warn(
             f"{format_keys(join(self.directory, n) for n in gone)} "
-            f"{'is' if len(gone) == 1 else 'are'} no longer a committed checkpoint (deleted, or the index.json gone): "
+            f"{'is no longer a committed checkpoint' if len(gone) == 1 else 'are no longer committed checkpoints'} "
+            f"({NOT_COMMITTED}): "
             f"dropped from the history of {self.directory} as {join(self.directory, committed)} is recorded, so that "
             "retention and keep_best count only the checkpoints that exist.", stacklevel=2)
 

@@ -27,6 +27,11 @@ from torchckpt._paths import join
 from torchckpt._storage.base import Storage
 from torchckpt.errors import CheckpointError, CorruptCheckpointError, format_keys
 
+# Why a checkpoint a history names is not a member: what a note says (a link is never followed:
+# a downloaded run directory could link anywhere)
+NOT_COMMITTED = ("deleted, its index.json gone or not a regular file, or a symbolic link, which is never followed "
+                 "(move the checkpoint itself back)")
+
 
 @dataclass(frozen=True)
 class DamagedStateFile:
@@ -252,7 +257,7 @@ def recover(disk: OnDisk, now: float, checkpoint_name: str, keep_best: int | Non
     if latest is not None and not committed:  # deleted by hand: the member written last, of this manager's name if any
         gone, latest = latest, disk.written_last
         notes.append(f"The state file of {disk.directory} names {gone} as the latest checkpoint, but it is not a "
-                     "committed checkpoint there (deleted, its index.json gone or not a regular file, or its "
+                     f"committed checkpoint there ({NOT_COMMITTED}, or its "
                      "replacement cut short): "
                      + (f"{latest} is the latest now." if latest is not None else
                         "no committed checkpoint is left, so restore_or_initialize() starts afresh (init_fn)."))
@@ -273,7 +278,7 @@ def _present(kept: list[Entry], preserved: list[Entry], disk: OnDisk, latest: st
     if named:
         notes.append(f"The state file of {disk.directory} names {format_keys(named)}, which "
                      f"{'is not a committed checkpoint' if len(named) == 1 else 'are not committed checkpoints'} there "
-                     "(deleted, or the index.json gone or not a regular file): dropped from the history, so that retention and "
+                     f"({NOT_COMMITTED}): dropped from the history, so that retention and "
                      "keep_best count only the checkpoints that exist.")
     return [e for e in kept if e.name in members], [e for e in preserved if e.name in members]
 

@@ -282,9 +282,10 @@ def finish(coord: Coordinator, storage: Storage, prepared: Prepared, progress: b
     try:
         report, write_error = _write_mine(coord, storage, prepared, opened["stage"], progress, checked)
         reports = _gather_reports(coord, report)
-    except BaseException:  # interrupted before the commit: rank 0 removes the stage now, not a later manager
+    except BaseException:  # interrupted before the commit: rank 0 removes what it can now, not a later manager
         if stage is not None:
-            _discard(stage)
+            with contextlib.suppress(Exception):
+                stage.abandon()
             coord.stop_consequence = "Rank 0 stopped before the commit: nothing was committed."
         raise
     if coord.rank == 0:

@@ -185,7 +185,8 @@ class Stage(Protocol):
       check, and ``create``); ``write_index``; then ``commit``, or ``discard`` after any failure.
     - several ranks: rank 0 calls ``Storage.stage``; every rank then calls
       ``Storage.join_stage(path, stage.path)`` and ``member``/``create``/``reuse`` for its own
-      files; once every rank has reported, rank 0 alone calls ``write_index``, then ``commit`` or ``discard``.
+      files; once every rank has reported, rank 0 alone calls ``write_index``, then ``commit`` or ``discard``
+      (``abandon`` where it stops before they all reported).
     """
 
     path: str
@@ -208,6 +209,11 @@ class Stage(Protocol):
 
     def discard(self) -> None:
         """Remove what the stage holds (a failed write)."""
+
+    def abandon(self) -> None:
+        """Rank 0 stopped (an interrupt) before every rank reported: remove what can be removed
+        while other ranks may still be writing into the stage, and leave it recognisable as a
+        leftover (the next manager removes what is left)."""
 
     def settle(self, known: Collection[str] = (), *, every_file: bool = False) -> None:
         """After :meth:`commit` and the caller's bookkeeping (a manager's state file and retention):

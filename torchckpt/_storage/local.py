@@ -236,9 +236,12 @@ class LocalStage:
             storage_warm.submit([os.path.join(self.final, n) for n in warm], budget)
 
     def discard(self) -> None:
-        # Renamed away first: another rank of the job may still be creating files in the stage (rank 0
-        # was interrupted before the others reported), and a file made between rmtree's listing and
-        # its rmdir would keep the directory. Once renamed, their creates fail instead.
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def abandon(self) -> None:
+        # Renamed away first: another rank of the job may still be creating files in the stage, and
+        # a file made between rmtree's listing and its rmdir would keep the directory. Once renamed,
+        # their creates fail instead (and a temporary name is what the next manager removes).
         trash = atomic.temporary_sibling(self.final, OLD_MARKER)
         try:
             os.rename(self.path, trash)

@@ -202,6 +202,11 @@ class RemoteStage:
     def settle(self, known: Collection[str] = (), *, every_file: bool = False) -> None:
         del known, every_file  # nothing to do in the background: a reused object is a copy the server made
 
+    def abandon(self) -> None:
+        """Left as it is: an object another rank uploads after a removal would land in a prefix
+        without this save's pending marker, which no later manager takes for a leftover. With the
+        marker, the next manager removes the whole upload."""
+
     def discard(self) -> None:
         if self.committed or self.discarded:
             return

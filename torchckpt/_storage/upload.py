@@ -52,9 +52,13 @@ class StreamOutput:
         if not self.done:
             self.done = True
             discard = getattr(self.file, "discard", None)
-            if callable(discard):
-                discard()  # abort a multipart upload: nothing becomes visible
-            else:
+            try:
+                if callable(discard):
+                    discard()  # abort a multipart upload: nothing becomes visible
+                    return
+            except Exception:  # noqa: BLE001 - one that cannot (fsspec's local files commit as they write): closed
+                pass
+            with contextlib.suppress(Exception):  # never in place of the failure that stopped the write
                 self.file.close()
 
     def __enter__(self) -> StreamOutput:
