@@ -243,7 +243,11 @@ def test_a_failure_after_the_commit_leaves_every_rank_with_the_same_history(worl
         assert result["view_interrupted"] == ["ckpt-5", ["ckpt-5"], ""]
         assert result["restored_after_interrupt"] == "ckpt-5"
         assert result["view_after_interrupt"] == ["ckpt-6", ["ckpt-6"], ""]
-        assert result["on_disk"] == [".torchckpt.lock", "checkpoints.json", "ckpt-1", "ckpt-6"]  # ckpt-1: undeletable
+        # Ctrl-C on rank 0 after the outcome (before: rank 0 kept save_counter 6 and rank 1 took 7, and the
+        # next save was refused as a mismatched call)
+        assert result["settling"] == ("KeyboardInterrupt" if rank == 0 else "no error")
+        assert result["settled"] == [["ckpt-7", ["ckpt-7"], ""], 7] and result["after_settling"] == "ckpt-8"
+        assert result["on_disk"] == [".torchckpt.lock", "checkpoints.json", "ckpt-1", "ckpt-8"]  # ckpt-1: undeletable
         # in Checkpoint.save too (probe59: rank 1 kept save_counter 1, and every later save was refused)
         assert result["plain_interrupted"] == ("KeyboardInterrupt" if rank == 0 else (
             f"CheckpointError: Saving {run}/plain/ckpt-2 failed on rank 0: it was interrupted (KeyboardInterrupt) "
@@ -251,7 +255,7 @@ def test_a_failure_after_the_commit_leaves_every_rank_with_the_same_history(worl
             "holds the history as rank 0 held it then: latest_checkpoint() says whether it names the new checkpoint "
             "(a new manager on the directory adopts one it does not)."))
         assert result["plain_counter"] == 2 and result["plain_next"] == "no error"
-    assert cli.main(["verify", str(run / "ckpt-6")]) == 0
+    assert cli.main(["verify", str(run / "ckpt-8")]) == 0
 
 
 def test_a_rank_killed_during_an_async_save_fails_the_others_and_the_next_job_cleans_up(killed_async):

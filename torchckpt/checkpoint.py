@@ -505,7 +505,19 @@ def commit(ckpt: Checkpoint, storage: Storage, path: str, coord: AnyCoordinator,
     write is accepted, with the manager's ``hooks`` (``after`` records the checkpoint and applies
     retention; ``replace=False`` refuses a checkpoint already at ``path`` with ``AlreadyCommitted``)."""
     assert options.save_counter is not None  # a manager always numbers its checkpoints
-    saver.save(ckpt._source(), storage, path, coord, options, hooks)
+    recorded: list[bool] = []
+
+    def after() -> Any:
+        result = hooks.after() if hooks.after is not None else None
+        recorded.append(True)
+        return result
+
+    try:
+        saver.save(ckpt._source(), storage, path, coord, options, SaveHooks(after=after, adopt=hooks.adopt))
+    except BaseException:
+        if recorded:  # an interrupt once the save was done (the other ranks returned): the number is taken
+            ckpt._set_save_counter(options.save_counter)
+        raise
     ckpt._set_save_counter(options.save_counter)
 
 

@@ -348,11 +348,11 @@ class CheckpointManager:
         try:
             for old in self._ledger.record(name, metrics, when, self._max_to_keep, self._keep_every_n_hours):
                 self._ledger.retire(old)
+            return self._ledger.mirror(self._read_only) if self._coord.is_collective else None
         except BaseException as e:  # an interrupt too: the other ranks still take what this one holds
             if self._coord.is_collective:
                 raise FailedAfterCommit(e, self._ledger.mirror(self._read_only)) from e
             raise
-        return self._ledger.mirror(self._read_only) if self._coord.is_collective else None
 
     def _propose(self, checkpoint_number: Any, check_interval: bool, metrics: Any) -> dict[str, Any]:
         """The arguments of one ``save`` checked, and the interval applied, before anything is written;

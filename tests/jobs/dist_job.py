@@ -749,6 +749,11 @@ def after_commit_fails(d: Path, rank: int, world: int) -> dict:
     out["restored_after_interrupt"] = os.path.basename(mgr.restore_or_initialize())
     out["after_interrupt"] = os.path.basename(mgr.save())
     out["view_after_interrupt"] = view(mgr)
+    if rank == 0:  # Ctrl-C once the save is done, as rank 0 starts its background work: the save stands
+        disk.before("stage.settle", lambda *args, **kwargs: interrupt(), times=1)
+    out["settling"], _ = ended(mgr.save)
+    out["settled"] = [view(mgr), mgr.checkpoint.save_counter]
+    out["after_settling"] = os.path.basename(mgr.save())
     mgr.close()
     out["on_disk"] = sorted(p.name for p in directory.iterdir())
     # the same Ctrl-C in Checkpoint.save's record: every rank takes the number all the same

@@ -360,10 +360,12 @@ def _commit(coord: Coordinator, stage: Any, path: str, plan: RankPlan, section: 
             reports: list[dict[str, Any]] | Exception,
             after: Callable[[], Any] | None, warm_page_cache: bool = False,
             ) -> tuple[dict[str, Any], BaseException | None]:
-    """Rank 0: write the index and commit once every rank has reported success; else discard.
-    Returns the outcome for every rank, and the interrupt (``KeyboardInterrupt``, ``SystemExit``)
-    that stopped ``after`` once the checkpoint was committed, for rank 0 to raise once the others
-    have the outcome."""
+    """Rank 0: write the index and commit once every rank has reported success (else discard),
+    then run ``after``. Returns the outcome for every rank, and the interrupt (``KeyboardInterrupt``,
+    ``SystemExit``) that stopped rank 0 on the way, for it to raise once the others have the
+    outcome: wherever it stopped, they learn what it left (nothing, a checkpoint that may be
+    committed, or one committed and recorded as far as its history says)."""
+    step = "writing"
     try:
         if isinstance(reports, Exception):
             raise reports
@@ -373,26 +375,45 @@ def _commit(coord: Coordinator, stage: Any, path: str, plan: RankPlan, section: 
             return {"failures": failures}, None
         index = _index_document(plan, section, captured, reports, coord.world)
         stage.write_index(INDEX_FILE, format_index.sealed_index(index, path, len(index[WEIGHT_MAP_KEY])))
+        step = "committing"
         stage.commit({rec["file"]: rec["size"] for rep in reports for rec in rep["records"]})
-    except Exception as e:
-        _discard(stage)
-        return {"failures": {0: dist_payloads.failure_payload(e)}}, None
-    try:
-        result = after() if after is not None else None
+        step = "committed"
+        outcome, stop = {"ok": path, "after": after() if after is not None else None}, None
     except FailedAfterCommit as e:  # committed: the other ranks take what rank 0 now holds all the same
-        if isinstance(e.cause, Exception):
-            return {"failures": {0: dist_payloads.failure_payload(e.cause)}, "after": e.result}, None
-        interrupted = {"type": "CheckpointError", "message": (
-            f"it was interrupted ({type(e.cause).__name__}) once {path} was committed, while it recorded it in the "
-            "directory's history. Every rank holds the history as rank 0 held it then: latest_checkpoint() says "
-            "whether it names the new checkpoint (a new manager on the directory adopts one it does not).")}
-        return {"failures": {0: interrupted}, "after": e.result}, e.cause
-    except Exception as e:
-        return {"failures": {0: dist_payloads.failure_payload(e)}}, None
-    finally:
-        with contextlib.suppress(Exception):  # background work for the next save: never this one's outcome
-            stage.settle(every_file=warm_page_cache)  # rank 0: every rank's files, into its host's page cache
-    return {"ok": path, "after": result}, None
+        stop = None if isinstance(e.cause, Exception) else e.cause
+        outcome = {"failures": {0: _interrupted(e.cause, path, "recording") if stop else
+                                dist_payloads.failure_payload(e.cause)}, "after": e.result}
+    except BaseException as e:
+        stop = None if isinstance(e, Exception) else e
+        if step == "writing" or step == "committing" and stop is None:  # an interrupted commit may have been made
+            _discard(stage)
+        outcome = {"failures": {0: _interrupted(e, path, step) if stop else dist_payloads.failure_payload(e)}}
+        if step != "committed":
+            return outcome, stop
+    try:  # background work for the next save: never this one's outcome
+        stage.settle(every_file=warm_page_cache)  # rank 0: every rank's files, into its host's page cache
+    except Exception:  # noqa: BLE001
+        pass
+    except BaseException as e:  # the outcome stands: sent, then raised
+        stop = stop or e
+    return outcome, stop
+
+
+_STOPPED_WHILE = {
+    "writing": "before it committed {path}: nothing was committed.",
+    "committing": "as it committed {path}, which may be committed or not: latest_checkpoint() (or whether its "
+                  "index.json exists) says which.",
+    "committed": "once {path} was committed, before it recorded it: a new manager on the directory adopts it.",
+    "recording": "once {path} was committed, while it recorded it in the directory's history. Every rank holds the "
+                 "history as rank 0 held it then: latest_checkpoint() says whether it names the new checkpoint (a new "
+                 "manager on the directory adopts one it does not).",
+}
+
+
+def _interrupted(stop: BaseException, path: str, step: str) -> dict[str, Any]:
+    """What the other ranks raise where rank 0 was interrupted at ``step`` (see ``_STOPPED_WHILE``)."""
+    return {"type": "CheckpointError",
+            "message": f"it was interrupted ({type(stop).__name__}) " + _STOPPED_WHILE[step].format(path=path)}
 
 
 def _discard(stage: Any) -> None:
