@@ -674,6 +674,24 @@ def test_a_best_checkpoint_deleted_by_hand_no_longer_holds_its_place(tmp_path):
     assert sorted(n for n in os.listdir(tmp_path) if n.startswith("ckpt")) == ["ckpt-3", "ckpt-4"]
 
 
+def test_a_best_checkpoint_whose_shards_are_gone_does_not_cost_an_intact_one(tmp_path):
+    """probe58 R2: the shards of ckpt-2, the best, deleted by hand (an `rm -rf` cut short) and its
+    index left: before, the next save deleted ckpt-3, the best intact one, to keep ckpt-2."""
+    options = dict(max_to_keep=2, keep_best=1, best_metric="loss")
+    with CheckpointManager(ckpt(), tmp_path, **options) as manager:
+        for loss in (0.5, 0.1, 0.15, 0.4):
+            manager.save(metrics={"loss": loss})
+    for shard in (tmp_path / "ckpt-2").glob("*.safetensors"):
+        shard.unlink()
+    with CheckpointManager(ckpt(), tmp_path, **options) as manager:
+        with pytest.warns(UserWarning, match=r"ckpt-2 is damaged \(shard model-00001-of-00001\.safetensors listed in "
+                                             r"index\.json is missing\): it is no longer ranked for keep_best"):
+            manager.save(metrics={"loss": 0.6})
+        assert manager.best_checkpoint == str(tmp_path / "ckpt-3")
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith("ckpt")) == ["ckpt-3", "ckpt-4", "ckpt-5"]
+    assert torchckpt.get_checkpoint_state(tmp_path).best == str(tmp_path / "ckpt-3")
+
+
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
 def test_a_checkpoint_deleted_by_hand_during_the_run_no_longer_holds_its_place(tmp_path, async_save):
     """probe58 R1: before, the running manager kept the deleted ckpt-2 in its history, and the next

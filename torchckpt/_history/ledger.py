@@ -19,8 +19,8 @@ from typing import Any
 from torchckpt._format import spec
 from torchckpt._history import members as history_members
 from torchckpt._history import state as history_state
-from torchckpt._history.recover import NOT_COMMITTED, Ranking, managed_entry, read_disk, recover
-from torchckpt._history.retention import plan_retention, ranked_history
+from torchckpt._history.recover import NOT_COMMITTED, Ranking, managed_entry, missing_shard, read_disk, recover
+from torchckpt._history.retention import best_entries, plan_retention, ranked_history
 from torchckpt._history.state import Entry, State
 from torchckpt._paths import join
 from torchckpt._storage.base import ConflictError, Storage
@@ -54,6 +54,7 @@ class Ledger:
         self._undeleted: list[str] = []  # dropped by a record whose write failed: deleted after the next one
         self._size: int | None = None  # the state file's bytes as last written or adopted (:meth:`check_room`)
         self._had: set[str] = set()  # names the history held before it dropped them as gone: never numbered again
+        self._whole: set[str] = set()  # checkpoints whose shards were all there when keep_best looked
 
     def load(self, now: float, best_mode: str | None) -> list[str]:
         """Recover the history from the state file and the directory; returns the warnings about
@@ -176,6 +177,7 @@ class Ledger:
         fails, the names it dropped are returned by the next record instead."""
         self._forgotten = None  # recorded now, with the new checkpoint's metrics
         self._drop_gone(name)
+        self._check_best(name)
         self.kept = [e for e in self.kept if e.name != name]
         self.preserved = [e for e in self.preserved if e.name != name]
         self.kept.append(Entry(name, now, metrics))
@@ -220,6 +222,30 @@ class Ledger:
             f"({NOT_COMMITTED}): "
             f"dropped from the history of {self.directory} as {join(self.directory, committed)} is recorded, so that "
             "retention and keep_best count only the checkpoints that exist.", stacklevel=2)
+
+    def _check_best(self, committed: str) -> None:
+        """Before retention runs: the checkpoints ``keep_best`` would keep (and ``best_checkpoint``
+        would name) have every shard their index lists; one that lacks one is recorded damaged,
+        with a warning, so that it is never best (retention would otherwise delete an intact
+        checkpoint to keep it). Each is looked at once (its index and one listing)."""
+        r = self.ranking
+        if not r.keep_best or r.best_metric is None:
+            return
+        while True:
+            best = [*best_entries(self.kept, r.keep_best, r.best_metric, r.best_mode, self.damaged),
+                    *ranked_history(self.kept, self.preserved, r.best_metric, r.best_mode, self.damaged)[:1]]
+            unchecked = list(dict.fromkeys(e.name for e in best if e.name not in self._whole and e.name != committed))
+            if not unchecked:
+                return
+            for name in unchecked:
+                why = missing_shard(self.directory, name, self.storage)
+                if why is None:
+                    self._whole.add(name)
+                    continue
+                self.damaged[name] = why
+                warnings.warn(f"{join(self.directory, name)} is damaged ({why}): it is no longer ranked for keep_best, "
+                              f"so retention does not keep it in place of an intact checkpoint. Restore another one, "
+                              "or delete it by hand.", stacklevel=2)
 
     def forget(self, name: str, now: float) -> None:
         """Before a save replaces checkpoint ``name`` (an explicit number): write the state file

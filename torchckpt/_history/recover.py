@@ -161,6 +161,21 @@ def _index_metadata(directory: str, name: str, storage: Storage) -> Any:
         return None, None
 
 
+def missing_shard(directory: str, name: str, storage: Storage) -> str | None:
+    """Why checkpoint ``name`` cannot be restored whole, judged from its index and one listing
+    (a shard file missing: deleted by hand, or by an ``rm -rf`` cut short), or None. Not the
+    checksums: that is ``verify``'s and a restore's work."""
+    path = join(directory, name)
+    try:
+        index = format_index.parse_index(path, storage.read_file(join(path, spec.INDEX_FILE), spec.MAX_INDEX_SIZE,
+                                                                 "Index"))
+        present = set(storage.list_names(path))
+    except (CorruptCheckpointError, OSError) as e:
+        return f"its index cannot be read ({e})"
+    missing = [shard["file"] for shard in index.shards if shard.get("file") not in present]
+    return f"shard {missing[0]} listed in index.json is missing" if missing else None
+
+
 def _entry_and_created(directory: str, name: str, checkpoint_name: str,
                        storage: Storage) -> tuple[Entry | None, float | None]:
     """:func:`managed_entry`, and when the checkpoint was created (None where unknown), from one
