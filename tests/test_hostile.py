@@ -484,6 +484,27 @@ def _report(result: dict) -> str:
     return json.dumps({k: v for k, v in result.items() if k != "first"}) + "\n" + "\n".join(result["first"])
 
 
+@pytest.mark.parametrize("shards", [1, 3], ids=["one-shard", "three-shards"])
+def test_a_checkpoint_whose_index_was_deleted_is_no_checkpoint_to_any_reader(tmp_path, capsys, shards):
+    """probe58 R6: before, `verify` of a one-shard checkpoint without its index said OK (it was read
+    as a plain safetensors file), and `diff` reported its plain values removed."""
+    path = torchckpt.Checkpoint(**{f"w{i}": torch.ones(256) for i in range(3)}, epoch=5).write(
+        tmp_path / "c", max_shard_size=1024 if shards == 3 else "5GB")
+    assert len(list((tmp_path / "c").glob("*.safetensors"))) == shards
+    os.remove(os.path.join(path, "index.json"))
+    with pytest.raises(torchckpt.CheckpointError, match=r"holds .*model-00001-of-0000\d\.safetensors.* but no "
+                                                        r"index\.json") as caught:
+        torchckpt.Checkpoint(w0=torch.zeros(256)).restore(path)
+    assert caught.value.path == path
+    assert cli.main(["verify", path]) == 1
+    assert "but no index.json" in capsys.readouterr().err
+    single = tmp_path / "weights"  # a folder of one plain file is still read as that file
+    single.mkdir()
+    shutil.copy(next((tmp_path / "c").glob("*.safetensors")), single / "weights.safetensors")
+    names = set(torchckpt.load_checkpoint(single).get_variable_to_shape_map())
+    assert names and names <= {"w0", "w1", "w2"}
+
+
 def test_fuzz(tmp_path):
     # 1,000 cases in the default run (about 14 s); the slow set runs test_fuzz_long's sequence.
     result = fuzzing.fuzz(str(tmp_path), int(os.environ.get("TORCHCKPT_FUZZ_CASES_DEFAULT", "1000")), seed=1)

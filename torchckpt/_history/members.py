@@ -175,11 +175,14 @@ def resolve_checkpoint(path: str, storage: Storage) -> str:
             deleted = _absent(path, storage)
             if isinstance(deleted, CheckpointDeletedError):  # its run's retention explains the name
                 raise deleted
-        raise CheckpointNotFoundError(
-            f"No committed checkpoint in {path}: it has no {spec.INDEX_FILE} and no checkpoint directories. "
-            "A save that was interrupted leaves nothing behind; check the path.",
-            path,
-        )
+        shards = sorted(n for n in names if n.endswith(spec.SHARD_SUFFIX))
+        found = (f"it holds {len(shards)} shard file{'s' if len(shards) > 1 else ''} ({shards[0]}"
+                 f"{', ...' if len(shards) > 1 else ''}) but no {spec.INDEX_FILE}, which commits a checkpoint: the "
+                 "index was deleted or not copied (a save that was interrupted leaves nothing behind), so it "
+                 "cannot be restored; restore another checkpoint." if shards else
+                 f"it has no {spec.INDEX_FILE} and no checkpoint directories. A save that was interrupted leaves "
+                 "nothing behind; check the path.")
+        raise CheckpointNotFoundError(f"No committed checkpoint in {path}: {found}", path)
     return latest
 
 

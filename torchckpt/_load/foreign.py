@@ -10,6 +10,7 @@ other. The reader (``torchckpt.reader``) builds its view from what these return.
 from __future__ import annotations
 
 import functools
+import re
 
 from torchckpt._format import document as format_document
 from torchckpt._format import spec as format_spec
@@ -24,6 +25,8 @@ from torchckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, sh
 
 HF_INDEX_SUFFIX = ".safetensors.index.json"
 HF_SINGLE = "model.safetensors"  # what from_pretrained reads first, before any index beside it
+# A shard of a sharded checkpoint (ours, with an upload's suffix, or Hugging Face's): never a whole one
+SHARD_OF_SET = re.compile(r"model-\d{5}-of-\d{5}(-[0-9a-f]+)?" + re.escape(format_spec.SHARD_SUFFIX))
 
 
 def classify_path(path: str, storage: Storage) -> tuple[str, str]:
@@ -64,6 +67,11 @@ def classify_path(path: str, storage: Storage) -> tuple[str, str]:
         if unfinished is not None:  # a save's or a deletion's shard is no plain safetensors file
             raise unfinished
         if len(singles) == 1 and is_plain():
+            if SHARD_OF_SET.fullmatch(singles[0]):
+                raise CorruptCheckpointError(
+                    f"{path} holds {singles[0]}, a shard of a sharded checkpoint, but no index.json (deleted, or "
+                    "not copied), so it cannot be read as a checkpoint: restore another one. To see the tensors "
+                    f"of the shard itself, pass its path ({join(path, singles[0])}).", path)
             return "safetensors", join(path, singles[0])
     return "torchckpt", history_members.resolve_checkpoint(path, storage)
 
