@@ -384,7 +384,7 @@ class DamagedCheckpointWarning(UserWarning):
 
     def __init__(self, path: str, reason: str, fallback: str | None) -> None:
         then = f"restoring {fallback} instead" if fallback else "no older checkpoint is left to restore"
-        super().__init__(f"{path} is damaged, so it was not used: {reason}. {then.capitalize()}.")
+        super().__init__(f"{path} is damaged, so it was not used: {reason.rstrip('.')}. {then.capitalize()}.")
         self.path = path
         self.reason = reason
         self.fallback = fallback
