@@ -255,6 +255,8 @@ def test_a_failure_after_the_commit_leaves_every_rank_with_the_same_history(worl
             "holds the history as rank 0 held it then: latest_checkpoint() says whether it names the new checkpoint "
             "(a new manager on the directory adopts one it does not)."))
         assert result["plain_counter"] == 2 and result["plain_next"] == "no error"
+        assert result["plain_settling"] == ("KeyboardInterrupt" if rank == 0 else "no error")
+        assert result["plain_settled"] == 4 and result["plain_after_settling"] == "no error"  # (probe60: 3 on rank 0)
     assert cli.main(["verify", str(run / "ckpt-8")]) == 0
 
 

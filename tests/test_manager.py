@@ -419,6 +419,16 @@ def test_an_explicit_number_replaces_only_a_checkpoint(tmp_path):
     assert manager.save(checkpoint_number=7) == saved and torchckpt.load_checkpoint(saved).names
 
 
+@pytest.mark.parametrize("name", ["", "a/b", ".hidden", "run.torchckpt-tmp", "run.torchckpt-old-7", 7],
+                         ids=["empty", "separator", "hidden", "temporary-marker", "removal-marker", "not-a-str"])
+def test_a_checkpoint_name_that_is_no_plain_name_is_refused(tmp_path, name):
+    """probe60: before, a name ending in a writer's marker passed, and its numbered checkpoints
+    counted as temporaries: every save dropped the others from the history."""
+    with pytest.raises(ValueError, match="checkpoint_name must be a plain name"):
+        CheckpointManager(ckpt(), tmp_path, checkpoint_name=name)
+    assert os.listdir(tmp_path) == []
+
+
 def test_checkpoints_iterator_empty_single_and_fspath(tmp_path):
     assert list(torchckpt.checkpoints_iterator(tmp_path / "none", timeout=0)) == []
     CheckpointManager(ckpt(), tmp_path / "one").save()
@@ -449,9 +459,7 @@ def test_a_follower_whose_last_checkpoint_was_deleted_waits_for_the_next_one(tmp
         shutil.rmtree(last)
         assert torchckpt.latest_checkpoint(tmp_path) == str(tmp_path / "ckpt-2")
         assert torchckpt.wait_for_new_checkpoint(tmp_path, last, timeout=0) is None  # nothing newer than ckpt-3
-        with pytest.warns(UserWarning, match="ckpt-3 is no longer a committed checkpoint"):
-            assert manager.save() == torchckpt.wait_for_new_checkpoint(tmp_path, last, timeout=0) == str(
-                tmp_path / "ckpt-4")
+        assert manager.save() == torchckpt.wait_for_new_checkpoint(tmp_path, last, timeout=0) == str(tmp_path / "ckpt-4")
 
 
 def test_iterator_ignores_uncommitted_directories(tmp_path):
@@ -702,11 +710,41 @@ def test_a_checkpoint_deleted_by_hand_during_the_run_no_longer_holds_its_place(t
         manager.wait_until_finished()
         shutil.rmtree(tmp_path / "ckpt-2")
         with pytest.warns(UserWarning, match=r"ckpt-2 is no longer a committed checkpoint \(deleted, .* symbolic link, .*\): "
-                                             r"dropped from the history of .* as .*ckpt-4 is recorded"):
+                                             r"dropped from the history of "):
             manager.save()
             manager.wait_until_finished()
         assert [os.path.basename(p) for p in manager.checkpoints] == ["ckpt-1", "ckpt-3", "ckpt-4"]
     assert sorted(n for n in os.listdir(tmp_path) if n.startswith("ckpt")) == ["ckpt-1", "ckpt-3", "ckpt-4"]
+
+
+def test_a_kept_checkpoint_whose_index_is_gone_is_recorded_damaged_and_retention_drops_it(tmp_path):
+    """probe60: dropped from the history as if gone, its folder (shards and all) stayed for good."""
+    with CheckpointManager(ckpt(), tmp_path, max_to_keep=2) as manager:
+        for _ in range(3):
+            manager.save()
+        (tmp_path / "ckpt-3" / spec.INDEX_FILE).unlink()
+        with pytest.warns(UserWarning, match=r"ckpt-3 is no longer a committed checkpoint .*: recorded damaged: it is "
+                                             r"never best, and retention drops it in its turn"):
+            manager.save()  # retention would delete ckpt-2 and keep ckpt-3: looked at, ckpt-3 is no checkpoint now
+        assert [os.path.basename(p) for p in manager.checkpoints] == ["ckpt-2", "ckpt-3", "ckpt-4"]
+        manager.save()
+        assert [os.path.basename(p) for p in manager.checkpoints] == ["ckpt-4", "ckpt-5"]
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith("ckpt")) == ["ckpt-4", "ckpt-5"]
+
+
+def test_warnings_as_errors_never_keep_a_committed_checkpoint_unrecorded(tmp_path):
+    """probe60: the warning about a checkpoint deleted by hand was given before the state file was
+    written; raised as an error, it left the committed ckpt-4 out of the history."""
+    with CheckpointManager(ckpt(), tmp_path, max_to_keep=2) as manager:
+        for _ in range(3):
+            manager.save()
+        shutil.rmtree(tmp_path / "ckpt-3")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(UserWarning, match="ckpt-3 is no longer a committed checkpoint"):
+                manager.save()
+        assert [os.path.basename(p) for p in manager.checkpoints] == ["ckpt-2", "ckpt-4"]
+    assert torchckpt.get_checkpoint_state(tmp_path).latest == str(tmp_path / "ckpt-4")
 
 
 def test_the_number_of_a_latest_deleted_by_hand_is_not_given_to_another_checkpoint(tmp_path):

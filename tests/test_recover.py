@@ -14,7 +14,16 @@ import pytest
 import torch
 
 import torchckpt
-from torchckpt._history.recover import DamagedStateFile, OnDisk, Ranking, Recovered, read_disk, recover, unrecorded
+from torchckpt._history.recover import (
+    GONE_INDEX,
+    DamagedStateFile,
+    OnDisk,
+    Ranking,
+    Recovered,
+    read_disk,
+    recover,
+    unrecorded,
+)
 from torchckpt._history.state import Entry, State
 from torchckpt._storage.base import ABSENT
 from torchckpt._storage.registry import storage_for
@@ -211,6 +220,16 @@ CASES = {
                    "(deleted, its index.json gone or not a regular file, or a symbolic link, which is never followed "
                    "(move the checkpoint itself back)): dropped from the history, so that "
                    "retention and keep_best count only the checkpoints that exist."]),
+    ),
+    "kept-whose-folder-is-left-recorded-damaged": (  # its index.json gone: kept, never best, dropped in its turn
+        OnDisk(DIR, history(Entry("ckpt-1", 100.0), Entry("ckpt-2", 200.0), latest="ckpt-2"), ["ckpt-2"],
+               listed=frozenset({"ckpt-1", "ckpt-2", "checkpoints.json"})),
+        (None, None, None),
+        Recovered("ckpt-2", [Entry("ckpt-1", 100.0), Entry("ckpt-2", 200.0)], [], 50.0, {"ckpt-1": GONE_INDEX},
+                  DEFAULT, [f"The state file of {DIR} names ckpt-1, which is not a committed checkpoint there "
+                            "(deleted, its index.json gone or not a regular file, or a symbolic link, which is never "
+                            "followed (move the checkpoint itself back)): recorded damaged: it is never best, and "
+                            "retention drops it in its turn."]),
     ),
     "damaged-records-kept": (
         OnDisk(DIR, history(Entry("ckpt-1", 100.0), Entry("ckpt-2", 200.0), latest="ckpt-2",

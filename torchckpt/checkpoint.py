@@ -283,10 +283,10 @@ class Checkpoint:
             committed: list[bool] = []  # the write was committed (its record may fail): the number is taken
 
             def record() -> bool:
+                committed.append(True)  # also for an interrupt after it, once the other ranks took the number
                 try:
                     history_state.record_latest(storage.real_path(parent_of(path)), name_of(path), storage)
                 except BaseException as e:  # an interrupt too: the write is committed all the same
-                    committed.append(True)
                     if coord.is_collective:  # every rank learns it (``adopt``); rank 0 raises an interrupt again
                         raise FailedAfterCommit(e, True) from e
                     raise

@@ -765,6 +765,11 @@ def after_commit_fails(d: Path, rank: int, world: int) -> dict:
     out["plain_interrupted"], _ = ended(lambda: ckpt.save(prefix, timeout_secs=TIMEOUT))
     out["plain_counter"] = ckpt.save_counter
     out["plain_next"], _ = ended(lambda: ckpt.save(prefix, timeout_secs=TIMEOUT))
+    if rank == 0:  # and once Checkpoint.save is done, as rank 0 starts its background work
+        disk.before("stage.settle", lambda *args, **kwargs: interrupt(), times=1)
+    out["plain_settling"], _ = ended(lambda: ckpt.save(prefix, timeout_secs=TIMEOUT))
+    out["plain_settled"] = ckpt.save_counter
+    out["plain_after_settling"], _ = ended(lambda: ckpt.save(prefix, timeout_secs=TIMEOUT))
     return out
 
 

@@ -19,12 +19,20 @@ from typing import Any
 from torchckpt._format import spec
 from torchckpt._history import members as history_members
 from torchckpt._history import state as history_state
-from torchckpt._history.recover import NOT_COMMITTED, Ranking, managed_entry, missing_shard, read_disk, recover
+from torchckpt._history.recover import (
+    GONE_INDEX,
+    NOT_COMMITTED,
+    Ranking,
+    managed_entry,
+    missing_shard,
+    read_disk,
+    recover,
+)
 from torchckpt._history.retention import best_entries, plan_retention, ranked_history
 from torchckpt._history.state import Entry, State
 from torchckpt._paths import join
 from torchckpt._storage.base import ConflictError, Storage
-from torchckpt.errors import CheckpointError, CheckpointWriteError, format_keys
+from torchckpt.errors import CheckpointError, CheckpointWriteError
 
 
 class Ledger:
@@ -176,8 +184,6 @@ class Ledger:
         any commit the state file missed, and its retention deletes them in turn). Where the write
         fails, the names it dropped are returned by the next record instead."""
         self._forgotten = None  # recorded now, with the new checkpoint's metrics
-        self._drop_gone(name)
-        self._check_best(name)
         self.kept = [e for e in self.kept if e.name != name]
         self.preserved = [e for e in self.preserved if e.name != name]
         self.kept.append(Entry(name, now, metrics))
@@ -185,8 +191,14 @@ class Ledger:
         self._recorded.add(name)
         self.latest = name
         r = self.ranking
-        plan = plan_retention(self.kept, max_to_keep, keep_every_n_hours, self.last_preserved_timestamp,
-                              r.keep_best, r.best_metric, r.best_mode, self.damaged)
+        notes: list[str] = []  # warned once the state file is written: never a reason for this record to fail
+        checked = {name}
+        while True:
+            self._check_best(name, notes)
+            plan = plan_retention(self.kept, max_to_keep, keep_every_n_hours, self.last_preserved_timestamp,
+                                  r.keep_best, r.best_metric, r.best_mode, self.damaged)
+            if not plan.delete or not self._check_kept(plan.kept, checked, notes):
+                break
         if plan.delete or plan.preserve:
             self.kept = plan.kept
             self.preserved.extend(plan.preserve)
@@ -198,32 +210,49 @@ class Ledger:
             self._undeleted = doomed
             raise
         self._undeleted = []
+        for note in notes:
+            warnings.warn(note, stacklevel=2)
         held = {e.name for e in self.entries()}  # one recorded again since (an explicit number) stays
         return [name for name in dict.fromkeys(doomed) if name not in held]
 
-    def _drop_gone(self, committed: str) -> None:
-        """Before retention runs: drop from the history the checkpoints deleted since it was read
-        (by hand, or by another tool), with a warning. Left in it, one would hold a place of
-        ``max_to_keep`` or ``keep_best``, and retention would delete a checkpoint that exists to keep
-        one that does not. One listing of the directory; where it fails, the history stays as it is."""
-        try:
-            members = set(history_members.committed_members(self.directory, None, self.storage))
-        except (OSError, CheckpointError):
-            return
-        gone = [e.name for e in self.entries() if e.name not in members and e.name != committed]
-        if not gone:
-            return
-        self._had.update(gone)
-        self.kept = [e for e in self.kept if e.name not in gone]
-        self.preserved = [e for e in self.preserved if e.name not in gone]
-        warnings.warn(
-            f"{format_keys(join(self.directory, n) for n in gone)} "
-            f"{'is no longer a committed checkpoint' if len(gone) == 1 else 'are no longer committed checkpoints'} "
-            f"({NOT_COMMITTED}): "
-            f"dropped from the history of {self.directory} as {join(self.directory, committed)} is recorded, so that "
-            "retention and keep_best count only the checkpoints that exist.", stacklevel=2)
+    def _check_kept(self, kept: list[Entry], checked: set[str], notes: list[str]) -> bool:
+        """Where retention would delete: whether each checkpoint it keeps in place of those is still
+        a committed checkpoint, as when it was recorded. One deleted since (by hand, by another
+        tool) leaves the history: left in it, it would hold a place of ``max_to_keep`` or
+        ``keep_best``, and retention would delete a checkpoint that exists to keep one that does not.
+        One whose folder is still there (its index.json gone, or a link in its place) is recorded
+        damaged: never best, and deleted in its turn. Returns whether any was either. Each is asked
+        once a record (where retention deletes, not at every save)."""
+        changed = False
+        for entry in [e for e in kept if e.name not in checked]:
+            checked.add(entry.name)
+            changed = self._gone(entry.name, notes) or changed
+        return changed
 
-    def _check_best(self, committed: str) -> None:
+    def _gone(self, name: str, notes: list[str]) -> bool:
+        """Whether ``name`` is no longer a committed checkpoint; if so, it is dropped from the
+        history (its number is not used again) or, where its folder is still there, recorded
+        damaged (see :meth:`_check_kept`). Where the storage cannot tell, it stays as it is."""
+        path = join(self.directory, name)
+        try:
+            if history_members.is_member(self.directory, name, self.storage):
+                return False
+            present = self.storage.exists(path)
+        except (OSError, CheckpointError):
+            return False
+        why = f"{path} is no longer a committed checkpoint ({NOT_COMMITTED})"
+        if present:
+            self.damaged[name] = GONE_INDEX
+            notes.append(f"{why}: recorded damaged: it is never best, and retention drops it in its turn.")
+            return True
+        self._had.add(name)
+        self.kept = [e for e in self.kept if e.name != name]
+        self.preserved = [e for e in self.preserved if e.name != name]
+        notes.append(f"{why}: dropped from the history of {self.directory}, so that retention and keep_best count "
+                     "only the checkpoints that exist.")
+        return True
+
+    def _check_best(self, committed: str, notes: list[str]) -> None:
         """Before retention runs: the checkpoints ``keep_best`` would keep (and ``best_checkpoint``
         would name) have every shard their index lists; one that lacks one is recorded damaged,
         with a warning, so that it is never best (retention would otherwise delete an intact
@@ -238,14 +267,16 @@ class Ledger:
             if not unchecked:
                 return
             for name in unchecked:
+                if self._gone(name, notes):
+                    continue
                 why = missing_shard(self.directory, name, self.storage)
                 if why is None:
                     self._whole.add(name)
                     continue
                 self.damaged[name] = why
-                warnings.warn(f"{join(self.directory, name)} is damaged ({why}): it is no longer ranked for keep_best, "
-                              f"so retention does not keep it in place of an intact checkpoint. Restore another one, "
-                              "or delete it by hand.", stacklevel=2)
+                notes.append(f"{join(self.directory, name)} is damaged ({why}): it is no longer ranked for keep_best, "
+                             "so retention does not keep it in place of an intact checkpoint. Restore another one, or "
+                             "delete it by hand.")
 
     def forget(self, name: str, now: float) -> None:
         """Before a save replaces checkpoint ``name`` (an explicit number): write the state file

@@ -29,6 +29,7 @@ from torchckpt.errors import CheckpointError, CorruptCheckpointError, format_key
 
 # Why a checkpoint a history names is not a member: what a note says (a link is never followed:
 # a downloaded run directory could link anywhere)
+GONE_INDEX = "it is no longer a committed checkpoint: its index.json is gone, or a link is in its place"
 NOT_COMMITTED = ("deleted, its index.json gone or not a regular file, or a symbolic link, which is never followed "
                  "(move the checkpoint itself back)")
 
@@ -53,6 +54,7 @@ class OnDisk:
     # When the unrecorded members and the state file's latest were created (their index's ``created``;
     # None where unknown): an unrecorded member is the latest only if created after the recorded latest
     created: Mapping[str, float | None] = field(default_factory=dict)
+    listed: frozenset[str] = frozenset()  # every name in the directory (a checkpoint's folder without its index too)
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,8 @@ def read_disk(directory: str, storage: Storage, checkpoint_name: str) -> tuple[O
     created = {n: time for n, (_, time) in found.items()}
     if found and isinstance(state, State) and state.latest is not None and latest_committed:
         created[state.latest] = _entry_and_created(directory, state.latest, checkpoint_name, storage)[1]
-    return OnDisk(directory, state, members, managed, written_last, latest_committed, created), token
+    listed = frozenset(storage.list_names(directory)) if isinstance(state, State) else frozenset()
+    return OnDisk(directory, state, members, managed, written_last, latest_committed, created, listed), token
 
 
 def refuse_another_managers(directory: str, state: State | DamagedStateFile | None, checkpoint_name: str,
@@ -263,8 +266,9 @@ def recover(disk: OnDisk, now: float, checkpoint_name: str, keep_best: int | Non
             _place(kept, Entry(entry.name, ts, entry.metrics), by_time=entry.name in unrecorded_names)
         else:  # in doubt: kept forever, never deleted
             preserved.append(entry)
+    damaged = dict(state.damaged)
     if from_file:
-        kept, preserved = _present(kept, preserved, disk, state.latest, notes)
+        kept, preserved = _present(kept, preserved, disk, state.latest, damaged, notes)
     latest, committed = state.latest, disk.latest_committed or not from_file  # a rebuilt latest is a member
     newest = _newest_unrecorded(state, disk, checkpoint_name, now)
     if newest is not None:
@@ -276,26 +280,34 @@ def recover(disk: OnDisk, now: float, checkpoint_name: str, keep_best: int | Non
                      "replacement cut short): "
                      + (f"{latest} is the latest now." if latest is not None else
                         "no committed checkpoint is left, so restore_or_initialize() starts afresh (init_fn)."))
-    return Recovered(latest, kept, preserved, lpt, dict(state.damaged), ranking, notes)
+    return Recovered(latest, kept, preserved, lpt, damaged, ranking, notes)
 
 
-def _present(kept: list[Entry], preserved: list[Entry], disk: OnDisk, latest: str | None,
+def _present(kept: list[Entry], preserved: list[Entry], disk: OnDisk, latest: str | None, damaged: dict[str, str],
              notes: list[str]) -> tuple[list[Entry], list[Entry]]:
     """The kept and preserved entries of the state file that are committed checkpoints on disk. One
-    deleted by hand (or whose index.json is gone) is dropped from the history, with a note (the
-    latest has its own): left in it, it would hold a place of ``max_to_keep`` or ``keep_best``, and
-    retention would delete a checkpoint that exists to keep one that does not."""
+    deleted by hand is dropped from the history, with a note (the latest has its own): left in it,
+    it would hold a place of ``max_to_keep`` or ``keep_best``, and retention would delete a
+    checkpoint that exists to keep one that does not. One whose folder is still there (its
+    index.json gone, or a link in its place) stays, recorded in ``damaged``: never best, and
+    deleted in its turn."""
     members = set(disk.members)
     gone = [e.name for e in [*kept, *preserved] if e.name not in members]
     if not gone:
         return kept, preserved
-    named = [n for n in gone if n != latest]
-    if named:
-        notes.append(f"The state file of {disk.directory} names {format_keys(named)}, which "
-                     f"{'is not a committed checkpoint' if len(named) == 1 else 'are not committed checkpoints'} there "
-                     f"({NOT_COMMITTED}): dropped from the history, so that retention and "
-                     "keep_best count only the checkpoints that exist.")
-    return [e for e in kept if e.name in members], [e for e in preserved if e.name in members]
+    broken = [n for n in gone if n in disk.listed]
+    for name in broken:
+        damaged.setdefault(name, GONE_INDEX)
+    dropped = [n for n in gone if n != latest and n not in disk.listed]
+    for names, fate in ((dropped, "dropped from the history, so that retention and keep_best count only the "
+                                  "checkpoints that exist"),
+                        (broken, "recorded damaged: it is never best, and retention drops it in its turn")):
+        if names:
+            notes.append(f"The state file of {disk.directory} names {format_keys(names)}, which "
+                         f"{'is not a committed checkpoint' if len(names) == 1 else 'are not committed checkpoints'} "
+                         f"there ({NOT_COMMITTED}): {fate}.")
+    here = members | disk.listed
+    return [e for e in kept if e.name in here], [e for e in preserved if e.name in here]
 
 
 def _newest_unrecorded(state: State, disk: OnDisk, checkpoint_name: str, now: float) -> str | None:

@@ -366,9 +366,11 @@ def _commit(coord: Coordinator, stage: Any, path: str, plan: RankPlan, section: 
     outcome: wherever it stopped, they learn what it left (nothing, a checkpoint that may be
     committed, or one committed and recorded as far as its history says)."""
     step = "writing"
+    if isinstance(reports, Exception):  # a rank never reported: it may still be writing into the stage
+        with contextlib.suppress(Exception):
+            stage.abandon()
+        return {"failures": {0: dist_payloads.failure_payload(reports)}}, None
     try:
-        if isinstance(reports, Exception):
-            raise reports
         failures = {r: rep["error"] for r, rep in enumerate(reports) if "error" in rep}
         if failures:
             _discard(stage)
