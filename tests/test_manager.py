@@ -419,8 +419,10 @@ def test_an_explicit_number_replaces_only_a_checkpoint(tmp_path):
     assert manager.save(checkpoint_number=7) == saved and torchckpt.load_checkpoint(saved).names
 
 
-@pytest.mark.parametrize("name", ["", "a/b", ".hidden", "run.torchckpt-tmp", "run.torchckpt-old-7", 7],
-                         ids=["empty", "separator", "hidden", "temporary-marker", "removal-marker", "not-a-str"])
+@pytest.mark.parametrize("name", ["", "a/b", ".hidden", "run.torchckpt-tmp", "run.torchckpt-old-7", 7, "a\\b", "a\tb",
+                                  "a\nb"],
+                         ids=["empty", "separator", "hidden", "temporary-marker", "removal-marker", "not-a-str",
+                              "backslash", "tab", "newline"])
 def test_a_checkpoint_name_that_is_no_plain_name_is_refused(tmp_path, name):
     """probe60: before, a name ending in a writer's marker passed, and its numbered checkpoints
     counted as temporaries: every save dropped the others from the history."""
@@ -717,19 +719,24 @@ def test_a_checkpoint_deleted_by_hand_during_the_run_no_longer_holds_its_place(t
     assert sorted(n for n in os.listdir(tmp_path) if n.startswith("ckpt")) == ["ckpt-1", "ckpt-3", "ckpt-4"]
 
 
-def test_a_kept_checkpoint_whose_index_is_gone_is_recorded_damaged_and_retention_drops_it(tmp_path):
-    """probe60: dropped from the history as if gone, its folder (shards and all) stayed for good."""
-    with CheckpointManager(ckpt(), tmp_path, max_to_keep=2) as manager:
-        for _ in range(3):
-            manager.save()
-        (tmp_path / "ckpt-3" / spec.INDEX_FILE).unlink()
-        with pytest.warns(UserWarning, match=r"ckpt-3 is no longer a committed checkpoint .*: recorded damaged: it is "
-                                             r"never best, and retention drops it in its turn"):
-            manager.save()  # retention would delete ckpt-2 and keep ckpt-3: looked at, ckpt-3 is no checkpoint now
-        assert [os.path.basename(p) for p in manager.checkpoints] == ["ckpt-2", "ckpt-3", "ckpt-4"]
-        manager.save()
-        assert [os.path.basename(p) for p in manager.checkpoints] == ["ckpt-4", "ckpt-5"]
-    assert sorted(n for n in os.listdir(tmp_path) if n.startswith("ckpt")) == ["ckpt-4", "ckpt-5"]
+def test_a_kept_checkpoint_whose_index_is_gone_is_never_best_and_never_silently_left(tmp_path):
+    """probe60/61: dropped from the history as if gone, its folder stayed for good without a word;
+    and the note promised a deletion that retention then refused."""
+    options = dict(max_to_keep=2, keep_best=1, best_metric="loss")
+    with CheckpointManager(ckpt(), tmp_path, **options) as manager:
+        for loss in (0.5, 0.1, 0.3):
+            manager.save(metrics={"loss": loss})
+    (tmp_path / "ckpt-2" / spec.INDEX_FILE).unlink()  # the best
+    with pytest.warns(UserWarning, match=r"names ckpt-2, which is not a committed checkpoint there .*: recorded "
+                                         r"damaged: it is never best, and, as nothing says any more that this manager "
+                                         r"wrote it, retention leaves it to be deleted by hand"), \
+            CheckpointManager(ckpt(), tmp_path, **options) as manager:
+        assert manager.best_checkpoint == str(tmp_path / "ckpt-3")
+        with pytest.warns(UserWarning, match=r"ckpt-2 was not deleted: .*delete it by hand"):
+            for loss in (0.9, 0.8):
+                manager.save(metrics={"loss": loss})
+        assert [os.path.basename(p) for p in manager.checkpoints] == ["ckpt-3", "ckpt-4", "ckpt-5"]
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith("ckpt")) == ["ckpt-2", "ckpt-3", "ckpt-4", "ckpt-5"]
 
 
 def test_warnings_as_errors_never_keep_a_committed_checkpoint_unrecorded(tmp_path):

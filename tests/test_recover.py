@@ -228,8 +228,9 @@ CASES = {
         Recovered("ckpt-2", [Entry("ckpt-1", 100.0), Entry("ckpt-2", 200.0)], [], 50.0, {"ckpt-1": GONE_INDEX},
                   DEFAULT, [f"The state file of {DIR} names ckpt-1, which is not a committed checkpoint there "
                             "(deleted, its index.json gone or not a regular file, or a symbolic link, which is never "
-                            "followed (move the checkpoint itself back)): recorded damaged: it is never best, and "
-                            "retention drops it in its turn."]),
+                            "followed (move the checkpoint itself back)): recorded damaged: it is never best, and, as "
+                            "nothing says any more that this manager wrote it, retention leaves it to be deleted by "
+                            "hand."]),
     ),
     "damaged-records-kept": (
         OnDisk(DIR, history(Entry("ckpt-1", 100.0), Entry("ckpt-2", 200.0), latest="ckpt-2",

@@ -497,6 +497,29 @@ def test_a_listing_that_fails_after_the_index_is_created_leaves_the_commit_stand
     mgr.close()
 
 
+def test_a_store_that_cannot_answer_once_never_costs_the_best_checkpoint(remote):
+    """probe61: a failed read of the best's index (a store that did not answer) recorded it damaged,
+    and retention deleted it in the same save."""
+    options = dict(max_to_keep=1, keep_best=1, best_metric="loss", storage_options=remote.options)
+    with CheckpointManager(torchckpt.Checkpoint(w=torch.ones(1)), remote.url, **options) as mgr:
+        for loss in (0.1, 0.5, 0.6):
+            mgr.save(metrics={"loss": loss})
+    storage = remote.install()
+    failed = []
+
+    def unavailable(path: str, *args: object) -> None:
+        if path.endswith("ckpt-1/" + INDEX_FILE) and not failed:
+            failed.append(path)
+            raise OSError(errno.EIO, "Service Unavailable")
+
+    storage.before("read_file", unavailable)
+    with CheckpointManager(torchckpt.Checkpoint(w=torch.ones(1)), remote.url, **options) as mgr:
+        mgr.save(metrics={"loss": 0.7})
+        assert failed and mgr.best_checkpoint == remote.at("ckpt-1")
+        assert [os.path.basename(p) for p in mgr.checkpoints] == ["ckpt-1", "ckpt-4"]
+    assert remote.fs.exists(remote.at("ckpt-1", INDEX_FILE))
+
+
 def test_an_interrupt_in_an_upload_to_a_file_url_stays_an_interrupt(tmp_path, install):
     """Before, fsspec's local file refused to discard the object being written (it commits as it
     writes), and that refusal replaced the KeyboardInterrupt: Ctrl-C became a CheckpointError."""

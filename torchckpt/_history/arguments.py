@@ -129,7 +129,8 @@ def check_arguments(max_to_keep: Any, checkpoint_name: Any, step_counter: Any, c
     if best_mode not in (None, "min", "max"):
         raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}.")
     if (not isinstance(checkpoint_name, str) or not checkpoint_name or os.sep in checkpoint_name
-            or spec.is_temporary_name(f"{checkpoint_name}-1") or checkpoint_name.startswith(".")):  # (as numbered)
+            or spec.is_temporary_name(f"{checkpoint_name}-1") or checkpoint_name.startswith(".")  # (as numbered)
+            or "\\" in checkpoint_name or not checkpoint_name.isprintable()):  # as a state file names checkpoints
         raise ValueError(f"checkpoint_name must be a plain name, got {checkpoint_name!r}.")
 
 

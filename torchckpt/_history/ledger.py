@@ -20,7 +20,6 @@ from torchckpt._format import spec
 from torchckpt._history import members as history_members
 from torchckpt._history import state as history_state
 from torchckpt._history.recover import (
-    GONE_INDEX,
     NOT_COMMITTED,
     Ranking,
     managed_entry,
@@ -32,7 +31,7 @@ from torchckpt._history.retention import best_entries, plan_retention, ranked_hi
 from torchckpt._history.state import Entry, State
 from torchckpt._paths import join
 from torchckpt._storage.base import ConflictError, Storage
-from torchckpt.errors import CheckpointError, CheckpointWriteError
+from torchckpt.errors import CheckpointError, CheckpointWriteError, format_keys
 
 
 class Ledger:
@@ -63,6 +62,7 @@ class Ledger:
         self._size: int | None = None  # the state file's bytes as last written or adopted (:meth:`check_room`)
         self._had: set[str] = set()  # names the history held before it dropped them as gone: never numbered again
         self._whole: set[str] = set()  # checkpoints whose shards were all there when keep_best looked
+        self._looked = False  # whether this record listed the directory for checkpoints deleted by hand
 
     def load(self, now: float, best_mode: str | None) -> list[str]:
         """Recover the history from the state file and the directory; returns the warnings about
@@ -192,12 +192,13 @@ class Ledger:
         self.latest = name
         r = self.ranking
         notes: list[str] = []  # warned once the state file is written: never a reason for this record to fail
-        checked = {name}
+        self._looked = False
         while True:
             self._check_best(name, notes)
             plan = plan_retention(self.kept, max_to_keep, keep_every_n_hours, self.last_preserved_timestamp,
                                   r.keep_best, r.best_metric, r.best_mode, self.damaged)
-            if not plan.delete or not self._check_kept(plan.kept, checked, notes):
+            # where retention deletes (or preserves): what it keeps in their place must still be there
+            if not (plan.delete or plan.preserve) or self._looked or not self._drop_gone(name, notes):
                 break
         if plan.delete or plan.preserve:
             self.kept = plan.kept
@@ -215,41 +216,34 @@ class Ledger:
         held = {e.name for e in self.entries()}  # one recorded again since (an explicit number) stays
         return [name for name in dict.fromkeys(doomed) if name not in held]
 
-    def _check_kept(self, kept: list[Entry], checked: set[str], notes: list[str]) -> bool:
-        """Where retention would delete: whether each checkpoint it keeps in place of those is still
-        a committed checkpoint, as when it was recorded. One deleted since (by hand, by another
-        tool) leaves the history: left in it, it would hold a place of ``max_to_keep`` or
-        ``keep_best``, and retention would delete a checkpoint that exists to keep one that does not.
-        One whose folder is still there (its index.json gone, or a link in its place) is recorded
-        damaged: never best, and deleted in its turn. Returns whether any was either. Each is asked
-        once a record (where retention deletes, not at every save)."""
-        changed = False
-        for entry in [e for e in kept if e.name not in checked]:
-            checked.add(entry.name)
-            changed = self._gone(entry.name, notes) or changed
-        return changed
-
-    def _gone(self, name: str, notes: list[str]) -> bool:
-        """Whether ``name`` is no longer a committed checkpoint; if so, it is dropped from the
-        history (its number is not used again) or, where its folder is still there, recorded
-        damaged (see :meth:`_check_kept`). Where the storage cannot tell, it stays as it is."""
-        path = join(self.directory, name)
+    def _drop_gone(self, committed: str, notes: list[str]) -> bool:
+        """Drop from the history the checkpoints deleted since it was recorded (by hand, by another
+        tool): left in it, one would hold a place of ``max_to_keep`` or ``keep_best``, and retention
+        would delete a checkpoint that exists to keep one that does not. One listing of the
+        directory, once a record, where retention deletes (not at every save); a name the listing
+        lacks is asked for once more (a listing may lag a write), and where the storage cannot
+        tell, the history stays as it is. Returns whether any was dropped."""
+        self._looked = True
         try:
-            if history_members.is_member(self.directory, name, self.storage):
-                return False
-            present = self.storage.exists(path)
+            listed = set(self.storage.list_names(self.directory))
         except (OSError, CheckpointError):
             return False
-        why = f"{path} is no longer a committed checkpoint ({NOT_COMMITTED})"
-        if present:
-            self.damaged[name] = GONE_INDEX
-            notes.append(f"{why}: recorded damaged: it is never best, and retention drops it in its turn.")
-            return True
-        self._had.add(name)
-        self.kept = [e for e in self.kept if e.name != name]
-        self.preserved = [e for e in self.preserved if e.name != name]
-        notes.append(f"{why}: dropped from the history of {self.directory}, so that retention and keep_best count "
-                     "only the checkpoints that exist.")
+        gone = []
+        for name in dict.fromkeys(e.name for e in self.entries() if e.name not in listed and e.name != committed):
+            try:
+                if not self.storage.exists(join(self.directory, name)):
+                    gone.append(name)
+            except (OSError, CheckpointError):
+                continue
+        if not gone:
+            return False
+        self._had.update(gone)
+        self.kept = [e for e in self.kept if e.name not in gone]
+        self.preserved = [e for e in self.preserved if e.name not in gone]
+        notes.append(f"{format_keys(join(self.directory, n) for n in gone)} "
+                     f"{'is no longer a committed checkpoint' if len(gone) == 1 else 'are no longer committed checkpoints'}"
+                     f" ({NOT_COMMITTED}): dropped from the history of {self.directory}, so that retention and "
+                     "keep_best count only the checkpoints that exist.")
         return True
 
     def _check_best(self, committed: str, notes: list[str]) -> None:
@@ -260,16 +254,25 @@ class Ledger:
         r = self.ranking
         if not r.keep_best or r.best_metric is None:
             return
+        skipped: set[str] = set()  # where the storage could not tell: looked at again at the next record
         while True:
             best = [*best_entries(self.kept, r.keep_best, r.best_metric, r.best_mode, self.damaged),
                     *ranked_history(self.kept, self.preserved, r.best_metric, r.best_mode, self.damaged)[:1]]
-            unchecked = list(dict.fromkeys(e.name for e in best if e.name not in self._whole and e.name != committed))
+            unchecked = list(dict.fromkeys(e.name for e in best if e.name not in self._whole and e.name != committed
+                                           and e.name not in skipped))
             if not unchecked:
                 return
             for name in unchecked:
-                if self._gone(name, notes):
+                try:
+                    why = missing_shard(self.directory, name, self.storage)
+                    gone = why is not None and not self._looked and not self.storage.exists(join(self.directory, name))
+                except (OSError, CheckpointError):
+                    skipped.add(name)
                     continue
-                why = missing_shard(self.directory, name, self.storage)
+                if gone:  # deleted whole: not damaged but gone, with any others (the list changes: look again)
+                    if not self._drop_gone(committed, notes):
+                        skipped.add(name)
+                    break
                 if why is None:
                     self._whole.add(name)
                     continue

@@ -167,14 +167,21 @@ def _index_metadata(directory: str, name: str, storage: Storage) -> Any:
 def missing_shard(directory: str, name: str, storage: Storage) -> str | None:
     """Why checkpoint ``name`` cannot be restored whole, judged from its index and one listing
     (a shard file missing: deleted by hand, or by an ``rm -rf`` cut short), or None. Not the
-    checksums: that is ``verify``'s and a restore's work."""
+    checksums: that is ``verify``'s and a restore's work.
+
+    Raises:
+        OSError, CheckpointError: the storage could not answer (not a sign of damage).
+    """
     path = join(directory, name)
     try:
-        index = format_index.parse_index(path, storage.read_file(join(path, spec.INDEX_FILE), spec.MAX_INDEX_SIZE,
-                                                                 "Index"))
-        present = set(storage.list_names(path))
-    except (CorruptCheckpointError, OSError) as e:
+        data = storage.read_file(join(path, spec.INDEX_FILE), spec.MAX_INDEX_SIZE, "Index")
+    except FileNotFoundError:
+        return f"its {spec.INDEX_FILE} is missing"
+    try:
+        index = format_index.parse_index(path, data)
+    except CorruptCheckpointError as e:
         return f"its index cannot be read ({e})"
+    present = set(storage.list_names(path))
     missing = [shard["file"] for shard in index.shards if shard.get("file") not in present]
     return f"shard {missing[0]} listed in index.json is missing" if missing else None
 
@@ -301,7 +308,8 @@ def _present(kept: list[Entry], preserved: list[Entry], disk: OnDisk, latest: st
     dropped = [n for n in gone if n != latest and n not in disk.listed]
     for names, fate in ((dropped, "dropped from the history, so that retention and keep_best count only the "
                                   "checkpoints that exist"),
-                        (broken, "recorded damaged: it is never best, and retention drops it in its turn")):
+                        (broken, "recorded damaged: it is never best, and, as nothing says any more that this "
+                                 "manager wrote it, retention leaves it to be deleted by hand")):
         if names:
             notes.append(f"The state file of {disk.directory} names {format_keys(names)}, which "
                          f"{'is not a committed checkpoint' if len(names) == 1 else 'are not committed checkpoints'} "
