@@ -695,11 +695,38 @@ def test_a_best_checkpoint_whose_shards_are_gone_does_not_cost_an_intact_one(tmp
         shard.unlink()
     with CheckpointManager(ckpt(), tmp_path, **options) as manager:
         with pytest.warns(UserWarning, match=r"ckpt-2 is damaged \(shard model-00001-of-00001\.safetensors listed in "
-                                             r"index\.json is missing\): it is no longer ranked for keep_best"):
-            manager.save(metrics={"loss": 0.6})
+                                             r"index\.json is missing\): it is no longer ranked for keep_best"), \
+                pytest.warns(UserWarning, match=r"ckpt-2 was not deleted: it looked damaged as retention ran"):
+            manager.save(metrics={"loss": 0.6})  # left for a look: found so by a listing, not a read
         assert manager.best_checkpoint == str(tmp_path / "ckpt-3")
-    assert sorted(n for n in os.listdir(tmp_path) if n.startswith("ckpt")) == ["ckpt-3", "ckpt-4", "ckpt-5"]
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith("ckpt")) == ["ckpt-2", "ckpt-3", "ckpt-4", "ckpt-5"]
     assert torchckpt.get_checkpoint_state(tmp_path).best == str(tmp_path / "ckpt-3")
+
+
+@pytest.mark.parametrize("replacement", ["link", "file"])
+def test_a_best_checkpoint_replaced_by_a_link_or_a_file_is_never_followed_nor_deleted(tmp_path, replacement):
+    """probe62: the running manager read the best's index through a link (and took a file in its
+    place for a store that did not answer), kept it best, and deleted ckpt-4, the best real one."""
+    options = dict(max_to_keep=2, keep_best=1, best_metric="loss")
+    run, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    with CheckpointManager(ckpt(), run, **options) as manager:
+        for loss in (0.5, 0.1, 0.3):
+            manager.save(metrics={"loss": loss})
+        shutil.move(run / "ckpt-2", elsewhere / "ckpt-2")
+        if replacement == "link":
+            os.symlink(elsewhere / "ckpt-2", run / "ckpt-2")
+        else:
+            (run / "ckpt-2").write_text("an archive of it")
+        with pytest.warns(UserWarning) as caught:
+            for loss in (0.2, 0.6, 0.7):
+                manager.save(metrics={"loss": loss})
+        assert manager.best_checkpoint == str(run / "ckpt-4")
+    messages = [str(w.message) for w in caught]
+    assert any(m.startswith(f"{run}/ckpt-2 is damaged (it is no longer a committed checkpoint: its index.json is "
+                            "gone, or a file or a link is in its place)") for m in messages), messages
+    assert sorted(n for n in os.listdir(run) if n.startswith("ckpt")) == ["ckpt-2", "ckpt-4", "ckpt-5", "ckpt-6"]
+    assert (elsewhere / "ckpt-2" / spec.INDEX_FILE).exists()
 
 
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
@@ -711,8 +738,8 @@ def test_a_checkpoint_deleted_by_hand_during_the_run_no_longer_holds_its_place(t
             manager.save()
         manager.wait_until_finished()
         shutil.rmtree(tmp_path / "ckpt-2")
-        with pytest.warns(UserWarning, match=r"ckpt-2 is no longer a committed checkpoint \(deleted, .* symbolic link, .*\): "
-                                             r"dropped from the history of "):
+        with pytest.warns(UserWarning, match=r"ckpt-2 is gone \(deleted by hand, or by another tool\): dropped from the "
+                                             r"history of "):
             manager.save()
             manager.wait_until_finished()
         assert [os.path.basename(p) for p in manager.checkpoints] == ["ckpt-1", "ckpt-3", "ckpt-4"]
@@ -748,7 +775,7 @@ def test_warnings_as_errors_never_keep_a_committed_checkpoint_unrecorded(tmp_pat
         shutil.rmtree(tmp_path / "ckpt-3")
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            with pytest.raises(UserWarning, match="ckpt-3 is no longer a committed checkpoint"):
+            with pytest.raises(UserWarning, match="ckpt-3 is gone"):
                 manager.save()
         assert [os.path.basename(p) for p in manager.checkpoints] == ["ckpt-2", "ckpt-4"]
     assert torchckpt.get_checkpoint_state(tmp_path).latest == str(tmp_path / "ckpt-4")

@@ -108,6 +108,29 @@ def checkpoint_number(value: Any) -> int:
     return value
 
 
+MAX_NAME_BYTES = 160  # a checkpoint's name, numbered, then a writer's temporary name for it, within 255 bytes
+
+
+def _not_plain(name: Any) -> str:
+    """Why ``name`` cannot name a manager's checkpoints (``{name}-{n}``, one directory each, named
+    in the state file), or "" when it can."""
+    if not isinstance(name, str) or not name:
+        return "a non-empty str is needed"
+    separator = next((c for c in name if c in (os.sep, "/", "\\")), None)
+    if separator is not None:
+        return f"it holds the path separator {separator!r} (pass the directory as the manager's directory)"
+    unprintable = next((c for c in name if not c.isprintable()), None)
+    if unprintable is not None:  # the state file names checkpoints in printable text only
+        return f"it holds {unprintable!r}, which is not a printable character"
+    if name.startswith("."):
+        return "a name that starts with '.' is hidden"
+    if spec.is_temporary_name(f"{name}-1"):
+        return "it ends in the mark of a writer's temporary names"
+    if len(name.encode()) > MAX_NAME_BYTES:
+        return f"it is {len(name.encode())} bytes long, past {MAX_NAME_BYTES}"
+    return ""
+
+
 def check_arguments(max_to_keep: Any, checkpoint_name: Any, step_counter: Any, checkpoint_interval: Any,
                     keep_best: Any, best_metric: Any, best_mode: Any, keep_checkpoint_every_n_hours: Any = None) -> None:
     """A manager's options checked before anything is touched (a bad one found at the first
@@ -128,10 +151,9 @@ def check_arguments(max_to_keep: Any, checkpoint_name: Any, step_counter: Any, c
         raise ValueError("keep_best needs best_metric: a key of the metrics passed to save(), or a callable.")
     if best_mode not in (None, "min", "max"):
         raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}.")
-    if (not isinstance(checkpoint_name, str) or not checkpoint_name or os.sep in checkpoint_name
-            or spec.is_temporary_name(f"{checkpoint_name}-1") or checkpoint_name.startswith(".")  # (as numbered)
-            or "\\" in checkpoint_name or not checkpoint_name.isprintable()):  # as a state file names checkpoints
-        raise ValueError(f"checkpoint_name must be a plain name, got {checkpoint_name!r}.")
+    why = _not_plain(checkpoint_name)
+    if why:
+        raise ValueError(f"checkpoint_name must be a plain name, got {checkpoint_name!r}: {why}.")
 
 
 def _is_number(value: Any, minimum: float) -> bool:

@@ -20,7 +20,7 @@ from torchckpt._format import spec
 from torchckpt._history import members as history_members
 from torchckpt._history import state as history_state
 from torchckpt._history.recover import (
-    NOT_COMMITTED,
+    GONE_INDEX,
     Ranking,
     managed_entry,
     missing_shard,
@@ -63,6 +63,8 @@ class Ledger:
         self._had: set[str] = set()  # names the history held before it dropped them as gone: never numbered again
         self._whole: set[str] = set()  # checkpoints whose shards were all there when keep_best looked
         self._looked = False  # whether this record listed the directory for checkpoints deleted by hand
+        self._verified: set[str] = set()  # best candidates this record found still a directory
+        self._suspect: set[str] = set()  # found damaged by a look (not by a read): retention never deletes them
 
     def load(self, now: float, best_mode: str | None) -> list[str]:
         """Recover the history from the state file and the directory; returns the warnings about
@@ -192,14 +194,15 @@ class Ledger:
         self.latest = name
         r = self.ranking
         notes: list[str] = []  # warned once the state file is written: never a reason for this record to fail
-        self._looked = False
+        self._looked, self._verified = False, set()
         while True:
             self._check_best(name, notes)
             plan = plan_retention(self.kept, max_to_keep, keep_every_n_hours, self.last_preserved_timestamp,
                                   r.keep_best, r.best_metric, r.best_mode, self.damaged)
             # where retention deletes (or preserves): what it keeps in their place must still be there
-            if not (plan.delete or plan.preserve) or self._looked or not self._drop_gone(name, notes):
+            if not (plan.delete or plan.preserve) or self._looked:
                 break
+            self._drop_gone(name, notes)  # then once more: the best looked at again, and the plan made again
         if plan.delete or plan.preserve:
             self.kept = plan.kept
             self.preserved.extend(plan.preserve)
@@ -240,17 +243,19 @@ class Ledger:
         self._had.update(gone)
         self.kept = [e for e in self.kept if e.name not in gone]
         self.preserved = [e for e in self.preserved if e.name not in gone]
-        notes.append(f"{format_keys(join(self.directory, n) for n in gone)} "
-                     f"{'is no longer a committed checkpoint' if len(gone) == 1 else 'are no longer committed checkpoints'}"
-                     f" ({NOT_COMMITTED}): dropped from the history of {self.directory}, so that retention and "
-                     "keep_best count only the checkpoints that exist.")
+        notes.append(f"{format_keys(join(self.directory, n) for n in gone)} {'is' if len(gone) == 1 else 'are'} gone "
+                     f"(deleted by hand, or by another tool): dropped from the history of {self.directory}, so that "
+                     "retention and keep_best count only the checkpoints that exist.")
         return True
 
     def _check_best(self, committed: str, notes: list[str]) -> None:
         """Before retention runs: the checkpoints ``keep_best`` would keep (and ``best_checkpoint``
-        would name) have every shard their index lists; one that lacks one is recorded damaged,
-        with a warning, so that it is never best (retention would otherwise delete an intact
-        checkpoint to keep it). Each is looked at once (its index and one listing)."""
+        would name) are whole: a real directory (a link or a file in its place is never followed)
+        with every shard its index lists. One that is not is recorded damaged, with a warning, so
+        that it is never best (retention would otherwise delete an intact checkpoint to keep it);
+        one deleted whole leaves the history (:meth:`_drop_gone`). Each one's shards are looked at
+        once (its index and one listing); that it is still a directory, again at each record where
+        retention deletes (``_looked``), as it may have been replaced since."""
         r = self.ranking
         if not r.keep_best or r.best_metric is None:
             return
@@ -258,28 +263,42 @@ class Ledger:
         while True:
             best = [*best_entries(self.kept, r.keep_best, r.best_metric, r.best_mode, self.damaged),
                     *ranked_history(self.kept, self.preserved, r.best_metric, r.best_mode, self.damaged)[:1]]
-            unchecked = list(dict.fromkeys(e.name for e in best if e.name not in self._whole and e.name != committed
-                                           and e.name not in skipped))
+            unchecked = [n for n in dict.fromkeys(e.name for e in best) if n != committed and n not in skipped
+                         and (n not in self._whole or self._looked and n not in self._verified)]
             if not unchecked:
                 return
             for name in unchecked:
                 try:
-                    why = missing_shard(self.directory, name, self.storage)
-                    gone = why is not None and not self._looked and not self.storage.exists(join(self.directory, name))
+                    member = history_members.is_member(self.directory, name, self.storage) or self._listed_whole(name)
+                    present = member or self.storage.exists(join(self.directory, name))
+                    why = (None if name in self._whole else missing_shard(self.directory, name, self.storage)) \
+                        if member else GONE_INDEX
                 except (OSError, CheckpointError):
                     skipped.add(name)
                     continue
-                if gone:  # deleted whole: not damaged but gone, with any others (the list changes: look again)
-                    if not self._drop_gone(committed, notes):
+                if self._looked:
+                    self._verified.add(name)
+                if not present:  # deleted whole: not damaged but gone, with any others (the list changes: look again)
+                    if self._looked or not self._drop_gone(committed, notes):
                         skipped.add(name)
                     break
                 if why is None:
                     self._whole.add(name)
                     continue
+                self._whole.discard(name)
+                self._suspect.add(name)
                 self.damaged[name] = why
                 notes.append(f"{join(self.directory, name)} is damaged ({why}): it is no longer ranked for keep_best, "
                              "so retention does not keep it in place of an intact checkpoint. Restore another one, or "
                              "delete it by hand.")
+
+    def _listed_whole(self, name: str) -> bool:
+        """A second look where :func:`~torchckpt._history.members.is_member` said no (a store that did
+        not answer says no too): a listing of the checkpoint holds its index, and it is no link.
+        Raises where the store cannot answer."""
+        path = join(self.directory, name)
+        return (spec.INDEX_FILE in self.storage.list_names(path) and self.storage.link_target(path) is None
+                and self.storage.is_file(join(path, spec.INDEX_FILE)))
 
     def forget(self, name: str, now: float) -> None:
         """Before a save replaces checkpoint ``name`` (an explicit number): write the state file
@@ -327,6 +346,12 @@ class Ledger:
         ``Checkpoint.save`` or copied in (or one whose index cannot be read) must not get it deleted."""
         path = join(self.directory, name)
         if history_members.number_of(name, self.name) is None or not self.storage.is_dir(path):
+            return
+        if name in self._suspect:  # found damaged by looking, not by reading it whole: a store that did not answer?
+            warnings.warn(
+                f"{path} was not deleted: it looked damaged as retention ran ({self.damaged.get(name, 'damaged')}), "
+                "so it was no longer kept; a restore or `torchckpt verify` tells whether it is. It is no longer in the "
+                "manager's history; delete it by hand if it is not wanted.", stacklevel=2)
             return
         if name not in self._recorded and managed_entry(self.directory, name, self.name, self.storage) is None:
             warnings.warn(

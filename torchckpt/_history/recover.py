@@ -29,7 +29,7 @@ from torchckpt.errors import CheckpointError, CorruptCheckpointError, format_key
 
 # Why a checkpoint a history names is not a member: what a note says (a link is never followed:
 # a downloaded run directory could link anywhere)
-GONE_INDEX = "it is no longer a committed checkpoint: its index.json is gone, or a link is in its place"
+GONE_INDEX = "it is no longer a committed checkpoint: its index.json is gone, or a file or a link is in its place"
 NOT_COMMITTED = ("deleted, its index.json gone or not a regular file, or a symbolic link, which is never followed "
                  "(move the checkpoint itself back)")
 
