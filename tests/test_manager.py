@@ -419,16 +419,34 @@ def test_an_explicit_number_replaces_only_a_checkpoint(tmp_path):
     assert manager.save(checkpoint_number=7) == saved and torchckpt.load_checkpoint(saved).names
 
 
-@pytest.mark.parametrize("name", ["", "a/b", ".hidden", "run.torchckpt-tmp", "run.torchckpt-old-7", 7, "a\\b", "a\tb",
-                                  "a\nb"],
-                         ids=["empty", "separator", "hidden", "temporary-marker", "removal-marker", "not-a-str",
-                              "backslash", "tab", "newline"])
-def test_a_checkpoint_name_that_is_no_plain_name_is_refused(tmp_path, name):
-    """probe60: before, a name ending in a writer's marker passed, and its numbered checkpoints
-    counted as temporaries: every save dropped the others from the history."""
-    with pytest.raises(ValueError, match="checkpoint_name must be a plain name"):
+@pytest.mark.parametrize(("name", "why"), [
+    ("", "a non-empty str is needed"), (7, "a non-empty str is needed"),
+    ("a/b", "it holds the path separator '/' (pass the directory as the manager's directory)"),
+    ("a\\b", "it holds the path separator '\\\\' (pass the directory as the manager's directory)"),
+    (".hidden", "a name that starts with '.' is hidden"),
+    ("run.torchckpt-tmp", "it ends in the mark of a writer's temporary names"),
+    ("run.torchckpt-old-7", "it ends in the mark of a writer's temporary names"),
+    ("a\tb", "it holds '\\t', which is not a printable character"),
+    ("a\u200cb", "it holds '\\u200c', which is not a printable character"),
+    ("é" * 81, "it is 162 bytes long, past 160"),
+], ids=["empty", "not-a-str", "separator", "backslash", "hidden", "temporary-marker", "removal-marker", "tab",
+        "zero-width-non-joiner", "too-long"])
+def test_a_checkpoint_name_that_is_no_plain_name_is_refused_with_the_reason(tmp_path, name, why):
+    """probe60-62: before, a name ending in a writer's marker passed (its numbered checkpoints
+    counted as temporaries: every save dropped the others from the history), an unprintable one
+    made the manager's own state file unreadable, and a long one failed only at the first save."""
+    with pytest.raises(ValueError, match="checkpoint_name must be a plain name") as caught:
         CheckpointManager(ckpt(), tmp_path, checkpoint_name=name)
+    assert str(caught.value).endswith(f": {why}.")
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("name", ["my run", "v1.2", "modèle", "模型", "🚀", "é" * 80])
+def test_plain_checkpoint_names_work_across_a_restart(tmp_path, name):
+    with CheckpointManager(ckpt(), tmp_path, checkpoint_name=name) as manager:
+        manager.save()
+    with CheckpointManager(ckpt(), tmp_path, checkpoint_name=name) as manager:
+        assert manager.latest_checkpoint == str(tmp_path / f"{name}-1") and manager.save().endswith(f"{name}-2")
 
 
 def test_checkpoints_iterator_empty_single_and_fspath(tmp_path):
