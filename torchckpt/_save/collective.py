@@ -284,8 +284,7 @@ def finish(coord: Coordinator, storage: Storage, prepared: Prepared, progress: b
         reports = _gather_reports(coord, report)
     except BaseException:  # interrupted before the commit: rank 0 removes what it can now, not a later manager
         if stage is not None:
-            with contextlib.suppress(Exception):
-                stage.abandon()
+            _clean_up(stage.abandon)
             coord.stop_consequence = "Rank 0 stopped before the commit: nothing was committed."
         raise
     if coord.rank == 0:
@@ -367,13 +366,12 @@ def _commit(coord: Coordinator, stage: Any, path: str, plan: RankPlan, section: 
     committed, or one committed and recorded as far as its history says)."""
     step = "writing"
     if isinstance(reports, Exception):  # a rank never reported: it may still be writing into the stage
-        with contextlib.suppress(Exception):
-            stage.abandon()
+        _clean_up(stage.abandon)
         return {"failures": {0: dist_payloads.failure_payload(reports)}}, None
     try:
         failures = {r: rep["error"] for r, rep in enumerate(reports) if "error" in rep}
         if failures:
-            _discard(stage)
+            _clean_up(stage.discard)
             return {"failures": failures}, None
         index = _index_document(plan, section, captured, reports, coord.world)
         stage.write_index(INDEX_FILE, format_index.sealed_index(index, path, len(index[WEIGHT_MAP_KEY])))
@@ -388,7 +386,7 @@ def _commit(coord: Coordinator, stage: Any, path: str, plan: RankPlan, section: 
     except BaseException as e:
         stop = None if isinstance(e, Exception) else e
         if step == "writing" or step == "committing" and stop is None:  # an interrupted commit may have been made
-            _discard(stage)
+            _clean_up(stage.discard)
         outcome = {"failures": {0: _interrupted(e, path, step) if stop else dist_payloads.failure_payload(e)}}
         if step != "committed":
             return outcome, stop
@@ -418,12 +416,12 @@ def _interrupted(stop: BaseException, path: str, step: str) -> dict[str, Any]:
             "message": f"it was interrupted ({type(stop).__name__}) " + _STOPPED_WHILE[step].format(path=path)}
 
 
-def _discard(stage: Any) -> None:
-    """Discard a stage that will not be committed, best effort: the outcome must reach every rank
-    even when the storage that failed the save fails the clean-up too (the next manager removes
-    what is left)."""
+def _clean_up(action: Callable[[], object]) -> None:
+    """Remove (``stage.discard``) or leave marked (``stage.abandon``) a stage that will not be
+    committed, best effort: the outcome must reach every rank even when the storage that failed
+    the save fails the clean-up too (the next manager removes what is left)."""
     with contextlib.suppress(Exception):
-        stage.discard()
+        action()
 
 
 def _index_document(plan: RankPlan, section: dict[str, Any], captured: Captured, reports: list[dict[str, Any]],
