@@ -843,6 +843,61 @@ def test_with_the_latest_deleted_by_hand_every_reader_takes_the_checkpoint_writt
         assert manager.restore_or_initialize() == newest and float(resumed) == 10.0
 
 
+def copied_run(tmp_path):
+    """A run of 11 saves (``x`` = the save's number) copied as ``cp -r run/ckpt-* copy/`` copies it
+    (no state file), in the shell's glob order (ckpt-1, ckpt-10, ckpt-11, ckpt-2, ...), each copy's
+    files given the time of the copy, one second after the one before, as ``cp -r``, ``gsutil cp
+    -r`` and unzipping do: ckpt-9's index is the newest file. Returns the copy."""
+    run, copy = tmp_path / "run", tmp_path / "copy"
+    x = torch.zeros(1)
+    with CheckpointManager(torchckpt.Checkpoint(x=x), run, max_to_keep=None) as manager:
+        for value in range(1, 12):
+            x.fill_(value)
+            manager.save()
+    copy.mkdir()
+    for i, name in enumerate(sorted(n for n in os.listdir(run) if n.startswith("ckpt-"))):
+        shutil.copytree(run / name, copy / name)
+        os.utime(copy / name / "index.json", (2_000_000_000 + i, 2_000_000_000 + i))
+    return copy
+
+
+def test_a_run_copied_without_its_state_file_resumes_from_its_newest_checkpoint(tmp_path, capsys):
+    # probe58 R3: the newest was told by the index file's time, which a copy resets in the order it
+    # copied: the copy resumed from ckpt-9, lost steps 10 and 11, and numbered its next save ckpt-12
+    copy = copied_run(tmp_path)
+    newest = str(copy / "ckpt-11")
+    assert torchckpt.latest_checkpoint(copy) == newest
+    assert torchckpt.cli.main(["ls", "--json", str(copy)]) == 0
+    listed = json.loads(capsys.readouterr().out)["checkpoints"]
+    assert [c["name"] for c in listed if "latest" in c["marks"]] == ["ckpt-11"]
+    resumed = torch.zeros(1)
+    with pytest.warns(UserWarning, match=r"there is no state file; rebuilt from the 11 committed checkpoints on disk "
+                                         r"\(latest: ckpt-11\)"), \
+            CheckpointManager(torchckpt.Checkpoint(x=resumed), copy, max_to_keep=None) as manager:
+        assert manager.latest_checkpoint == newest
+        assert manager.restore_or_initialize() == newest and float(resumed) == 11.0
+        assert manager.save() == str(copy / "ckpt-12")
+
+
+def test_in_a_copied_run_a_damaged_index_copied_last_is_met_and_reported_then_the_newest_intact_restored(tmp_path):
+    # an index that cannot be read has no recorded time: its file's time ranks it, so the restore
+    # meets the damage, says so, and falls back to the newest intact checkpoint, not an older one
+    # (a guard: the restore did this before the change too, when the index's time alone ranked)
+    copy = copied_run(tmp_path)
+    index = copy / "ckpt-9" / "index.json"
+    stat = index.stat()
+    index.write_bytes(index.read_bytes().replace(b'"format_version"', b'"format_versiox"'))
+    os.utime(index, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert torchckpt.latest_checkpoint(copy) == str(copy / "ckpt-9")  # as before: the damaged one, met below
+    resumed = torch.zeros(1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with CheckpointManager(torchckpt.Checkpoint(x=resumed), copy, max_to_keep=None) as manager:
+            assert manager.restore_or_initialize() == str(copy / "ckpt-11") and float(resumed) == 11.0
+    damaged = [w for w in caught if issubclass(w.category, torchckpt.DamagedCheckpointWarning)]
+    assert len(damaged) == 1 and "ckpt-9" in str(damaged[0].message) and "ckpt-11" in str(damaged[0].message)
+
+
 @pytest.mark.parametrize("restart_before", [None, 6], ids=["one-manager", "restarted"])
 def test_a_clock_stepped_back_between_saves_keeps_the_last_saves_across_a_restart(tmp_path, fake_time, restart_before):
     manager = CheckpointManager(ckpt(), tmp_path, max_to_keep=3)

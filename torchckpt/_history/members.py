@@ -3,7 +3,9 @@
 A checkpoint is a member once its ``index.json`` is there (the commit, on every backend); a
 writer's temporary, a checkpoint being deleted and a manager's other files are not. These are the
 questions every face asks of a directory (which checkpoint is the latest, what a path names), so
-they are answered here once, from what the storage lists, without reading any checkpoint.
+they are answered here once, from what the storage lists, without reading any checkpoint, but
+for one thing: where no state file names the latest, the checkpoint written last is told by the
+time each index records, which a copy of the run keeps and its files' times do not.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import re
 from collections.abc import Sequence
 
+from torchckpt._format import index as format_index
 from torchckpt._format import spec
 from torchckpt._history import state as history_state
 from torchckpt._paths import is_url, join, name_of, parent_of
@@ -107,8 +110,46 @@ def latest_and_recorded(directory: str, storage: Storage) -> tuple[str | None, s
 
 def written_last(directory: str, members: Sequence[str], storage: Storage) -> str:
     """Of ``members`` (committed checkpoints of ``directory``; at least one), the one committed
-    last: by its index's time, then number (a replaced number is not the highest)."""
-    return max(members, key=lambda n: (storage.mtime(join(directory, n, spec.INDEX_FILE)), number_of(n) or 0))
+    last: by the time its index records (``created``), then number. Not by the index file's time:
+    a run copied with ``cp -r``, ``gsutil cp -r``, ``rsync`` without ``-t`` or out of an archive
+    has the files' times of the copy, in whatever order it copied them, and its newest checkpoint
+    would be whichever was copied last. A member whose index cannot be read (damaged, or gone
+    meanwhile) ranks by its file's time instead: the latest when it is the newest file, so that a
+    restore meets the damage and says so as it falls back, as it would with a state file."""
+    def written(name: str) -> tuple[float, int]:
+        path = join(directory, name, spec.INDEX_FILE)
+        modified = storage.mtime(path)
+        created = _created(path, modified, storage)
+        return modified if created is None else created, number_of(name) or 0
+
+    return max(members, key=written)
+
+
+_CREATED: dict[tuple[str, float], float | None] = {}  # (index path, its file's time) -> its created time
+_CREATED_LIMIT = 4096
+
+
+def _created(path: str, modified: float, storage: Storage) -> float | None:
+    """The ``created`` time the index at ``path`` records, None where it cannot be read or records
+    none. Read once per version of the file (its time as ``modified``): a follower asking for the
+    latest at every poll of a directory without a state file reads each index once, not at every
+    poll, and a number replaced since (a new index, a new time) is read again."""
+    key = (path, modified)
+    if modified < 0 or key not in _CREATED:
+        created = None
+        try:
+            index = format_index.parse_index(parent_of(path), storage.read_file(path, spec.MAX_INDEX_SIZE, "Index"),
+                                             defer_weight_map=True)
+            found = index.section.get("created")
+            created = float(found) if found is not None and history_state.is_timestamp(found) else None
+        except (CheckpointError, OSError):
+            pass
+        if modified < 0:
+            return created
+        if len(_CREATED) >= _CREATED_LIMIT:
+            _CREATED.pop(next(iter(_CREATED)))
+        _CREATED[key] = created
+    return _CREATED[key]
 
 
 def newest_unknown(recorded: set[str], members: list[str], prefix: str | None = None) -> str | None:
