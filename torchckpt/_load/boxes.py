@@ -71,24 +71,6 @@ def plan_boxed(pairs: list[tuple[torch.Tensor, Any]]) -> BoxedReads:
     return out
 
 
-def files_read(pairs: list[tuple[torch.Tensor, Any]]) -> set[str]:
-    """The shard files that reading these (destination, saved) pairs touches: only this rank's
-    overlaps, as :func:`plan_boxed` reads them."""
-    files: set[str] = set()
-    for dest, saved in pairs:
-        if type(saved) is TensorInfo and not dist_dtensor.is_dtensor(dest):
-            files.add(saved.file)
-            continue
-        found = dist_dtensor.destination_box(dest, saved.name)
-        if found is None:
-            continue
-        dbox = found[1]
-        pieces = saved_boxes(saved)
-        exact = [info.file for sbox, info in pieces if sbox == dbox]
-        files.update(exact or [info.file for sbox, info in pieces if format_chunks.overlap(sbox, dbox) is not None])
-    return files
-
-
 def _plan_into(out: BoxedReads, target: torch.Tensor, dbox: Box, saved: TensorInfo | ChunkedInfo) -> None:
     """The runs that fill ``target`` (contiguous host memory holding box ``dbox``) from ``saved``."""
     view = _tensorio.byte_view(target)

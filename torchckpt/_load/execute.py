@@ -45,7 +45,8 @@ def execute(plan: Plan, shards: OpenShards, verify: bool, progress: bool | None)
 
 def read(plan: Plan, shards: OpenShards, verify: bool, progress: bool | None) -> None:
     """Read every planned tensor into its destination, shard by shard, in file order."""
-    by_file, reads = _grouped(plan.reads)
+    kept, plan.grouped = plan.grouped, None
+    by_file, reads = kept[1] if kept is not None and kept[0] is plan.reads else _grouped(plan.reads)
     # Every header this restore relies on is checked before any byte lands in a destination: those of
     # the shards read now, and, where a hooked module fetches its tensors later, all of them.
     _check_headers(shards, None if plan.fetches else [*by_file, *reads.by_file])
@@ -203,8 +204,14 @@ def _fetch(shards: OpenShards, verify: bool, assigned: dict[tuple[int, torch.dty
 
 def check_headers(plan: Plan, shards: OpenShards) -> None:
     """Check the headers of every shard this plan reads (all of them, where a hooked module fetches
-    its tensors as its load runs): a rank of a collective restore does it before any rank reads."""
-    _check_headers(shards, None if plan.fetches else sorted(boxes.files_read(plan.reads)))
+    its tensors as its load runs): a rank of a collective restore does it before any rank reads.
+    The reads' grouping by shard, which names those shards, is kept for :func:`read`."""
+    if plan.fetches:
+        _check_headers(shards, None)
+        return
+    by_file, reads = _grouped(plan.reads)
+    plan.grouped = (plan.reads, (by_file, reads))
+    _check_headers(shards, sorted([*by_file, *reads.by_file]))
 
 
 def _check_headers(shards: OpenShards, files: list[str] | None) -> None:

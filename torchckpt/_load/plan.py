@@ -60,6 +60,9 @@ class Plan:
     # ``restore_or_initialize``: what candidates found damaged before this one may have written, ``{key: name}``
     # (one dict for every candidate: a failed restore adds its own, ``_load.resume.note_failed``)
     earlier_writes: dict[str, str] = field(default_factory=dict)
+    # ``reads`` grouped by shard when their headers were checked (``_load.execute.check_headers``), with
+    # the list they were grouped from: the reads use them while ``reads`` is still that list
+    grouped: tuple[list[Any], Any] | None = None
 
     def fresh_for(self, saved: SavedTensor, dtype: torch.dtype) -> torch.Tensor:
         """The tensor a meta destination is assigned for ``saved`` (read once, however many keys it has)."""

@@ -40,7 +40,6 @@ import torch
 import torch.distributed as dist
 import xxhash
 
-from torchckpt._dist import dtensor as dist_dtensor
 from torchckpt._dist.coordinator import AnyCoordinator
 from torchckpt._format import chunks as format_chunks
 from torchckpt._format import dtypes as format_dtypes
@@ -178,12 +177,15 @@ def _candidates(plan: Plan) -> list[tuple[torch.Tensor, Any]]:
     """The planned reads every rank makes alike: a whole saved tensor (or all chunks of one) into a
     plain, contiguous CPU tensor, not a per-rank value."""
     out = []
-    for dest, saved in plan.reads:
-        if (dest.device.type == "cpu" and not dist_dtensor.is_dtensor(dest) and type(dest) in (torch.Tensor,
-                torch.nn.Parameter) and dest.is_contiguous() and not dest.is_conj() and not dest.is_neg()
-                and format_chunks.parse_rank_name(saved.name) is None and tuple(dest.shape) == tuple(saved.shape)):
+    for dest, saved in plan.reads:  # the type first: a DTensor (most reads of a sharded job) fails it at once
+        if (type(dest) in _PLAIN and dest.is_cpu and dest.is_contiguous() and not dest.is_conj()
+                and not dest.is_neg() and format_chunks.parse_rank_name(saved.name) is None
+                and tuple(dest.shape) == tuple(saved.shape)):
             out.append((dest, saved))
     return out
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def _position(pair: tuple[torch.Tensor, Any]) -> tuple[str, int]:
