@@ -137,3 +137,25 @@ def test_the_plan_of_a_structure_is_kept_for_the_next_save() -> None:
     again = layouts.draft(stepped, found, set(), 1, 2, 10**6)
     assert again is not None and again.units is first.units  # the same plan...
     assert again.structure != first.structure  # ...under the digest the ranks compare, with the new value
+
+
+
+def test_a_save_right_after_another_gets_the_plan_of_its_own_chunks_rank_and_limit() -> None:
+    # the digests of the last save's lists are taken again where the lists are equal: whatever
+    # save came just before, each gets the plan it gets after a save of another structure (a guard:
+    # it held before the digests were kept; one kept by the structure alone fails it)
+    def summary(offsets: int, coordinate: int, rank: int, limit: int) -> tuple:
+        entries = [["w", F32, [4, 256], [offsets, 0], [2, 256], None, 0], ["p", F32, [512], None, None, "aa", 0]]
+        made = layouts.draft(entries, {"w": ((2,), ("S0",), (coordinate,))}, set(), rank, 2, limit)
+        assert made is not None
+        return made.structure, made.shards, sorted((u.stored, u.box) for u in made.units.values())
+
+    cases = [(0, 0, 0, 10**6), (2, 1, 0, 10**6), (0, 0, 1, 10**6), (0, 0, 0, 3000)]
+    expected = {}
+    for case in cases:
+        layouts.draft([["other", F32, [1], None, None, "bb", 0]], {}, set(), 0, 1, 10**6)  # nothing kept for it
+        expected[case] = summary(*case)
+    assert len({str(v) for v in expected.values()}) == len(cases)  # each a plan of its own
+    for before, case in itertools.product(cases, cases):
+        summary(*before)
+        assert summary(*case) == expected[case], (before, case)

@@ -82,10 +82,9 @@ def draft(entries: Sequence[list[Any]], layouts: dict[str, Layout | None], per_r
                 return None
             shared.append([name, dtype, shape, group, layout[0], layout[1]])
             own.append([name, offsets, sizes, layout[2]])
-    text = json.dumps(shared, separators=(",", ":"))
-    structure = xxhash.xxh3_128_hexdigest(f"{text} {json.dumps(values)}".encode())
+    alike, key = _layout_digests(shared, own, rank, world, max_shard_size)
+    structure = xxhash.xxh3_128_hexdigest(f"{alike} {json.dumps(values)}".encode())
     # The plan depends on the layout, not on the values: kept across saves whose values differ.
-    key = xxhash.xxh3_128_hexdigest(f"{text} {rank} {world} {max_shard_size} {json.dumps(own)}".encode())
     found = _drafts.get(key)
     if found is None:
         found = _plan(entries, layouts, per_rank, rank, world, max_shard_size, structure)
@@ -94,6 +93,26 @@ def draft(entries: Sequence[list[Any]], layouts: dict[str, Layout | None], per_r
             _drafts.popitem(last=False)
     _drafts.move_to_end(key)
     return found if found.structure == structure else dataclasses.replace(found, structure=structure)
+
+
+# the last save's (shared, own, rank, world, max_shard_size, layout digest, key), replaced whole: a thread
+# reads one tuple, never half of another thread's
+_last: list[tuple[Any, ...]] = []
+
+
+def _layout_digests(shared: list[list[Any]], own: list[list[Any]], rank: int, world: int,
+                    max_shard_size: int) -> tuple[str, str]:
+    """The digest of what every rank must hold alike (``shared``), and the key of this rank's plan.
+    A run saves one structure again and again: where the lists are equal to the last save's
+    (compared in C, about 1 ms for 8,000 entries), its digests are taken again, instead of
+    serializing and hashing the lists (about 13 ms)."""
+    last = _last[0] if _last else None
+    if last is not None and last[2:5] == (rank, world, max_shard_size) and last[0] == shared and last[1] == own:
+        return last[5], last[6]
+    layout = xxhash.xxh3_128_hexdigest(json.dumps(shared, separators=(",", ":")).encode())
+    key = xxhash.xxh3_128_hexdigest(f"{layout} {rank} {world} {max_shard_size} {json.dumps(own)}".encode())
+    _last[:1] = [(shared, own, rank, world, max_shard_size, layout, key)]
+    return layout, key
 
 
 def numbered(plan: Draft, counts: Sequence[int], rank: int) -> RankPlan:
