@@ -764,6 +764,28 @@ def test_a_checkpoint_deleted_by_hand_during_the_run_no_longer_holds_its_place(t
     assert sorted(n for n in os.listdir(tmp_path) if n.startswith("ckpt")) == ["ckpt-1", "ckpt-3", "ckpt-4"]
 
 
+def test_the_number_of_the_latest_deleted_by_hand_is_not_given_again_after_a_restart(tmp_path):
+    """probe60 #5: the number was kept from reuse only by the manager that dropped the checkpoint;
+    the state file it wrote no longer named it, and a restarted run wrote a new ckpt-4 where a
+    follower had yielded the deleted one, so the follower never saw it (the same path)."""
+    with CheckpointManager(ckpt(), tmp_path, max_to_keep=2) as manager:
+        for _ in range(4):
+            manager.save()
+        followed = manager.latest_checkpoint
+        shutil.rmtree(followed)
+        with pytest.warns(UserWarning, match=r"ckpt-4 is gone \(deleted by hand"):
+            manager.save(checkpoint_number=2)  # retention deletes: the record drops ckpt-4
+    assert state_of(tmp_path)["gone"] == ["ckpt-4"]
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith("ckpt")) == ["ckpt-2", "ckpt-3"]
+    with CheckpointManager(ckpt(), tmp_path, max_to_keep=2) as manager:  # a fresh Checkpoint: save_counter 0
+        assert manager.save() == str(tmp_path / "ckpt-5")
+        assert torchckpt.run_state.wait_for_new_checkpoint(tmp_path, followed, 0.01, timeout=5) == str(
+            tmp_path / "ckpt-5")
+    assert "gone" not in state_of(tmp_path)  # ckpt-5, named there, carries the number past it now
+    with CheckpointManager(ckpt(), tmp_path, max_to_keep=2) as manager:
+        assert manager.save() == str(tmp_path / "ckpt-6")
+
+
 def test_a_kept_checkpoint_whose_index_is_gone_is_never_best_and_never_silently_left(tmp_path):
     """probe60/61: dropped from the history as if gone, its folder stayed for good without a word;
     and the note promised a deletion that retention then refused."""
@@ -1146,6 +1168,22 @@ def test_a_newer_torchckpts_state_file_is_neither_rebuilt_nor_overwritten(tmp_pa
             attempt()
         assert info.value.found == 2
     assert state_file.read_bytes() == before
+
+
+@pytest.mark.parametrize("gone", ["ckpt-9", ["../ckpt-9"], ["ckpt-9"] * 17, [7]], ids=["not-a-list", "a-path",
+                                                                                      "too-many", "not-a-name"])
+def test_a_state_file_with_a_bad_gone_record_is_damaged_and_rebuilt(tmp_path, gone):
+    from .conftest import sealed_json
+
+    with CheckpointManager(ckpt(), tmp_path, max_to_keep=2) as manager:
+        manager.save()
+    state_file = tmp_path / history_state.STATE_FILE
+    raw = json.loads(state_file.read_text())
+    raw["gone"] = gone
+    state_file.write_bytes(sealed_json(raw))
+    with pytest.warns(UserWarning, match=r"bad 'gone' record|bad checkpoint name"), \
+            CheckpointManager(ckpt(), tmp_path, max_to_keep=2) as manager:
+        assert manager.save() == str(tmp_path / "ckpt-2")
 
 
 def test_a_replacing_save_cut_short_after_its_commit_is_adopted_with_its_own_metrics(tmp_path, disk, fake_time):

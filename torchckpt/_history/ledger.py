@@ -75,7 +75,7 @@ class Ledger:
         history = recover(disk, now, self.name, self.ranking.keep_best, self.ranking.best_metric, best_mode)
         if isinstance(disk.state, State):  # a checkpoint deleted by hand leaves the history, not its number
             self._had = {e.name for e in [*disk.state.checkpoints, *disk.state.preserved]}
-            self._had.update([disk.state.latest] if disk.state.latest else [])
+            self._had.update([disk.state.latest] if disk.state.latest else [], disk.state.gone)
         self.latest = history.latest
         self.kept = list(history.kept)
         self.preserved = list(history.preserved)
@@ -118,7 +118,18 @@ class Ledger:
         known = {e.name for e in self.entries()} | {self.latest}
         damaged = {name: why for name, why in self.damaged.items() if name in known}
         return State(self.latest, list(self.kept), list(self.preserved), self.last_preserved_timestamp,
-                     metric, mode, keep_best, damaged)
+                     metric, mode, keep_best, damaged, self._highest_gone(known))
+
+    def _highest_gone(self, known: set[str | None]) -> list[str]:
+        """The name of the highest number the history held and dropped, where it is higher than any the
+        state file names otherwise: written into the state file, so that a restarted manager does not
+        number a new checkpoint with it either (see :meth:`next_number`)."""
+        def number(name: str | None) -> int:
+            found = None if name is None else history_members.number_of(spec.final_name(name), self.name)
+            return -1 if found is None else found
+
+        highest = max(self._had - known, key=lambda n: (number(n), n), default=None)
+        return [highest] if highest is not None and number(highest) > max(map(number, known), default=-1) else []
 
     def mirror(self, read_only: bool) -> dict[str, Any]:
         """Rank 0's ledger, for the other ranks (the state file's own encoding)."""

@@ -54,6 +54,10 @@ class State:
     best_mode: str = "min"
     keep_best: int | None = None
     damaged: dict[str, str] = field(default_factory=dict)  # name -> why a restore found it damaged
+    # the highest-numbered checkpoint dropped from the history as deleted by hand, where it is numbered past
+    # every one the file names: its number is never given to a new checkpoint (a follower that yielded the
+    # deleted one would take the new one, at the same path, for it, and never see it)
+    gone: list[str] = field(default_factory=list)
 
     def to_bytes(self) -> bytes:
         data = {
@@ -69,6 +73,8 @@ class State:
         }
         if self.damaged:
             data["damaged"] = dict(self.damaged)
+        if self.gone:
+            data["gone"] = list(self.gone)
         return format_document.sealed_bytes(data, depth=1)
 
 
@@ -109,6 +115,12 @@ def _damaged(raw: Any) -> dict[str, str]:
     if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
         raise StateFileError(f"bad 'damaged' record {raw!r:.80}")
     return {_plain_name(k): v[:2000] for k, v in raw.items()}
+
+
+def _gone(raw: Any) -> list[str]:
+    if not isinstance(raw, list) or len(raw) > 16:
+        raise StateFileError(f"bad 'gone' record {raw!r:.80}")
+    return [_plain_name(name) for name in raw]
 
 
 def no_tensor(name: str) -> Any:
@@ -176,6 +188,7 @@ def parse_state(data: bytes, path: str) -> State:
             best_mode=best_mode if best_mode in ("min", "max") else "min",
             keep_best=keep_best if type(keep_best) is int and 0 < keep_best < 2**31 else None,
             damaged=_damaged(raw.get("damaged", {})),
+            gone=_gone(raw.get("gone", [])),
         )
     except StateFileError as e:
         raise StateFileError(f"{path}: {e}") from None
