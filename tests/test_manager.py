@@ -482,6 +482,20 @@ def test_a_follower_whose_last_checkpoint_was_deleted_waits_for_the_next_one(tmp
         assert manager.save() == torchckpt.wait_for_new_checkpoint(tmp_path, last, timeout=0) == str(tmp_path / "ckpt-4")
 
 
+def test_a_follower_of_a_run_numbered_by_step_and_restarted_from_an_older_step_is_not_sent_back(tmp_path):
+    """probe60 #8: the run saved steps 100 and 200, restarted from 100 and saved 150; with ckpt-150
+    deleted by hand, the follower was handed ckpt-200, written before it, as new (its number is
+    higher). It waits for the run's next checkpoint instead."""
+    with CheckpointManager(ckpt(), tmp_path, max_to_keep=5) as manager:
+        for step in (100, 200, 150):
+            manager.save(checkpoint_number=step)
+        last = str(tmp_path / "ckpt-150")
+        assert torchckpt.wait_for_new_checkpoint(tmp_path, timeout=0) == last
+        shutil.rmtree(last)
+        assert torchckpt.wait_for_new_checkpoint(tmp_path, last, timeout=0) is None
+        assert manager.save(checkpoint_number=160) == torchckpt.wait_for_new_checkpoint(tmp_path, last, timeout=0)
+
+
 def test_iterator_ignores_uncommitted_directories(tmp_path):
     (tmp_path / f"ckpt-9{spec.TMP_MARKER}123-abc").mkdir()
     (tmp_path / "ckpt-8").mkdir()  # no index.json: not committed

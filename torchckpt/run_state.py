@@ -138,9 +138,9 @@ def wait_for_new_checkpoint(
     storage = storage_for(root, storage_options)
     stop = time.time() + timeout if timeout is not None else None
     while True:
-        path, recorded = history_members.latest_and_recorded(root, storage)
+        path, recorded, earlier = history_members.latest_and_recorded(root, storage)
         if (path is not None and path != last_checkpoint and not _back_in_a_replacement(path, last_checkpoint, storage)
-                and not _gone_since(last_checkpoint, recorded, path)):
+                and not _gone_since(last_checkpoint, recorded, path, earlier)):
             return path
         if stop is not None and time.time() >= stop:
             return None
@@ -149,13 +149,17 @@ def wait_for_new_checkpoint(
         time.sleep(seconds_to_sleep if stop is None else max(0.0, min(seconds_to_sleep, stop - time.time())))
 
 
-def _gone_since(last: str | None, recorded: str | None, path: str) -> bool:
+def _gone_since(last: str | None, recorded: str | None, path: str, earlier: frozenset[str]) -> bool:
     """Whether ``last`` (yielded before) is the latest the state file still records, deleted since:
     ``path``, the checkpoint written before it, is not new (TensorFlow's ``latest_checkpoint`` is
-    None then). A checkpoint the state file has not recorded yet (its writer died between the
-    commit and the record) and is numbered after ``last`` is new."""
+    None then). One the state file records besides (``earlier``) was recorded before ``last``,
+    whatever its number (a run numbered by step and restarted from an older one saves lower
+    numbers after higher ones). A checkpoint the state file has not recorded yet (its writer died
+    between the commit and the record) and is numbered after ``last`` is new."""
     if last is None or recorded is None or name_of(last) != recorded or parent_of(last) != parent_of(path):
         return False
+    if name_of(path) in earlier:
+        return True
     number, last_number = history_members.number_of(name_of(path)), history_members.number_of(recorded)
     return number is None or last_number is None or number <= last_number
 

@@ -93,19 +93,21 @@ def latest_in(directory: str, storage: Storage) -> str | None:
     return latest_and_recorded(directory, storage)[0]
 
 
-def latest_and_recorded(directory: str, storage: Storage) -> tuple[str | None, str | None]:
-    """:func:`latest_in`, and the name the state file records as the latest (None where it has none
-    or cannot be read), which may be a checkpoint that is gone: a follower that yielded it has
-    seen nothing newer until the state file names another."""
+def latest_and_recorded(directory: str, storage: Storage) -> tuple[str | None, str | None, frozenset[str]]:
+    """:func:`latest_in`; the name the state file records as the latest (None where it has none or
+    cannot be read), which may be a checkpoint that is gone: a follower that yielded it has seen
+    nothing newer until the state file names another; and the names the state file records
+    besides, each recorded (so written) before that latest."""
     try:
         state = history_state.read_state(directory, storage)
     except history_state.StateFileError:
         state = None
     recorded = state.latest if state is not None else None
+    earlier = frozenset(e.name for e in [*state.checkpoints, *state.preserved]) - {recorded} if state else frozenset()
     if recorded is not None and is_member(directory, recorded, storage):
-        return join(directory, recorded), recorded
+        return join(directory, recorded), recorded, earlier
     members = committed_members(directory, None, storage)
-    return (join(directory, written_last(directory, members, storage)) if members else None), recorded
+    return (join(directory, written_last(directory, members, storage)) if members else None), recorded, earlier
 
 
 def written_last(directory: str, members: Sequence[str], storage: Storage) -> str:
