@@ -426,11 +426,15 @@ def test_an_explicit_number_replaces_only_a_checkpoint(tmp_path):
     (".hidden", "a name that starts with '.' is hidden"),
     ("run.torchckpt-tmp", "it ends in the mark of a writer's temporary names"),
     ("run.torchckpt-old-7", "it ends in the mark of a writer's temporary names"),
-    ("a\tb", "it holds '\\t', which is not a printable character"),
-    ("a\u200cb", "it holds '\\u200c', which is not a printable character"),
+    ("a\tb", "it holds '\\t' (a control character), which names may not hold: a control, a line break, or a "
+              "character that reorders or hides text"),
+    ("a\u2028b", "it holds '\\u2028' (line separator), which names may not hold: a control, a line break, or a "
+                  "character that reorders or hides text"),
+    ("run\u202egpj", "it holds '\\u202e' (right-to-left override), which names may not hold: a control, a line "
+                     "break, or a character that reorders or hides text"),
     ("é" * 81, "it is 162 bytes long, past 160"),
 ], ids=["empty", "not-a-str", "separator", "backslash", "hidden", "temporary-marker", "removal-marker", "tab",
-        "zero-width-non-joiner", "too-long"])
+        "line-separator", "right-to-left-override", "too-long"])
 def test_a_checkpoint_name_that_is_no_plain_name_is_refused_with_the_reason(tmp_path, name, why):
     """probe60-62: before, a name ending in a writer's marker passed (its numbered checkpoints
     counted as temporaries: every save dropped the others from the history), an unprintable one
@@ -441,8 +445,13 @@ def test_a_checkpoint_name_that_is_no_plain_name_is_refused_with_the_reason(tmp_
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("name", ["my run", "v1.2", "modèle", "模型", "🚀", "é" * 80])
+@pytest.mark.parametrize("name", ["my run", "v1.2", "modèle", "模型", "🚀", "é" * 80, "مدل\u200cنهایی",
+                                  "क्\u200dष", "run\u00a01", "モデル\u3000二"],
+                         ids=["space", "dots", "accent", "cjk", "emoji", "long", "zero-width-non-joiner",
+                              "zero-width-joiner", "no-break-space", "ideographic-space"])
 def test_plain_checkpoint_names_work_across_a_restart(tmp_path, name):
+    """probe62 #4: names of Persian and Indic text (zero-width joiners inside words) and with a
+    no-break or ideographic space were refused, as the state file held printable names only."""
     with CheckpointManager(ckpt(), tmp_path, checkpoint_name=name) as manager:
         manager.save()
     with CheckpointManager(ckpt(), tmp_path, checkpoint_name=name) as manager:

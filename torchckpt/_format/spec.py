@@ -15,6 +15,7 @@ file name and marker, so none of them spells one as a literal of its own.
 from __future__ import annotations
 
 import os
+import unicodedata
 from typing import Any
 
 from torchckpt.errors import CorruptCheckpointError
@@ -88,6 +89,21 @@ def is_pending_marker(name: str) -> bool:
 def is_temporary_name(name: str) -> bool:
     """Whether ``name`` is a local writer's temporary (being written) or superseded (being removed) entry."""
     return TMP_MARKER in name or OLD_MARKER in name
+
+
+# Format characters that reorder or hide text (bidirectional controls: a name shown reversed or
+# disguised; deprecated shaping controls; a byte-order mark; interlinear annotations)
+_REORDERING = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+                        "\u206a\u206b\u206c\u206d\u206e\u206f\ufeff\ufff9\ufffa\ufffb")
+
+
+def is_name_char(c: str) -> bool:
+    """Whether a checkpoint's name (a manager's ``checkpoint_name``, and so the names in its state
+    file) may hold the character ``c``: a printable one, a space of another width (a no-break or
+    ideographic space), or a format character that scripts need inside words (the zero-width
+    non-joiner and joiner of Persian and Indic text, a soft hyphen); not a control, a line
+    break, or a format character that reorders or hides text."""
+    return c.isprintable() or unicodedata.category(c) in ("Zs", "Cf") and c not in _REORDERING
 
 
 def final_name(name: str) -> str:

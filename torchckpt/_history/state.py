@@ -84,7 +84,7 @@ class StateFileError(ValueError):
 
 def _plain_name(name: Any) -> str:
     if (not isinstance(name, str) or not name or len(name) > 255 or name != os.path.basename(name) or "\\" in name
-            or name in (".", "..") or "\0" in name or not name.isprintable()):
+            or name in (".", "..") or "\0" in name or not all(map(spec.is_name_char, name))):
         raise StateFileError(f"bad checkpoint name {name!r:.80}")
     return name
 
