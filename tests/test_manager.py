@@ -419,6 +419,10 @@ def test_an_explicit_number_replaces_only_a_checkpoint(tmp_path):
     assert manager.save(checkpoint_number=7) == saved and torchckpt.load_checkpoint(saved).names
 
 
+REFUSED_CHARS = (", which names may not hold: a control, a line break, a private-use or unassigned code point, or a "
+                 "character that reorders or hides text")
+
+
 @pytest.mark.parametrize(("name", "why"), [
     ("", "a non-empty str is needed"), (7, "a non-empty str is needed"),
     ("a/b", "it holds the path separator '/' (pass the directory as the manager's directory)"),
@@ -426,15 +430,14 @@ def test_an_explicit_number_replaces_only_a_checkpoint(tmp_path):
     (".hidden", "a name that starts with '.' is hidden"),
     ("run.torchckpt-tmp", "it ends in the mark of a writer's temporary names"),
     ("run.torchckpt-old-7", "it ends in the mark of a writer's temporary names"),
-    ("a\tb", "it holds '\\t' (a control character), which names may not hold: a control, a line break, or a "
-              "character that reorders or hides text"),
-    ("a\u2028b", "it holds '\\u2028' (line separator), which names may not hold: a control, a line break, or a "
-                  "character that reorders or hides text"),
-    ("run\u202egpj", "it holds '\\u202e' (right-to-left override), which names may not hold: a control, a line "
-                     "break, or a character that reorders or hides text"),
+    ("a\tb", "it holds '\\t' (a control character)" + REFUSED_CHARS),
+    ("a\u2028b", "it holds '\\u2028' (line separator)" + REFUSED_CHARS),
+    ("run\u202egpj", "it holds '\\u202e' (right-to-left override)" + REFUSED_CHARS),
+    ("a\u200bb", "it holds '\\u200b' (zero width space)" + REFUSED_CHARS),
+    ("a\ue000b", "it holds '\\ue000' (a private-use character)" + REFUSED_CHARS),
     ("é" * 81, "it is 162 bytes long, past 160"),
 ], ids=["empty", "not-a-str", "separator", "backslash", "hidden", "temporary-marker", "removal-marker", "tab",
-        "line-separator", "right-to-left-override", "too-long"])
+        "line-separator", "right-to-left-override", "zero-width-space", "private-use", "too-long"])
 def test_a_checkpoint_name_that_is_no_plain_name_is_refused_with_the_reason(tmp_path, name, why):
     """probe60-62: before, a name ending in a writer's marker passed (its numbered checkpoints
     counted as temporaries: every save dropped the others from the history), an unprintable one
@@ -924,6 +927,32 @@ def test_a_run_copied_without_its_state_file_resumes_from_its_newest_checkpoint(
         assert manager.save() == str(copy / "ckpt-12")
 
 
+def test_without_a_usable_latest_writers_whose_clocks_disagree_do_not_decide_which_is_newest(tmp_path, fake_time):
+    """probe63 F5: the first three saves on a host whose clock runs ten minutes fast, the next two on
+    one that is right; with the latest deleted by hand, the index's recorded times made ckpt-3 the
+    latest, where the files' times (one storage's clock) and the numbers agree on ckpt-4."""
+    x = torch.zeros(1)
+    with CheckpointManager(torchckpt.Checkpoint(x=x), tmp_path, max_to_keep=None) as manager:
+        for number, when in enumerate([1600.0, 1601.0, 1602.0, 1003.0, 1004.0], 1):
+            fake_time.now = when
+            x.fill_(number)
+            manager.save()
+    shutil.rmtree(tmp_path / "ckpt-5")
+    assert torchckpt.latest_checkpoint(tmp_path) == str(tmp_path / "ckpt-4")
+
+
+def test_in_a_copied_run_an_index_read_that_failed_once_is_asked_again(tmp_path, disk):
+    """probe63 F6: the failed read's answer (no recorded time) was kept for the process: every later
+    call took the checkpoint copied last, and ``Checkpoint.restore`` of the directory restored step 9."""
+    copy = copied_run(tmp_path)
+    disk.fail("read_file", OSError(errno.EIO, "Input/output error"), times=1)
+    torchckpt.latest_checkpoint(copy)  # whichever: one index could not be read this time
+    assert torchckpt.latest_checkpoint(copy) == str(copy / "ckpt-11")
+    x = torch.zeros(1)
+    torchckpt.Checkpoint(x=x).restore(copy)
+    assert float(x) == 11.0
+
+
 def test_in_a_copied_run_a_damaged_index_copied_last_is_met_and_reported_then_the_newest_intact_restored(tmp_path):
     # an index that cannot be read has no recorded time: its file's time ranks it, so the restore
     # meets the damage, says so, and falls back to the newest intact checkpoint, not an older one
@@ -1193,19 +1222,25 @@ def test_a_newer_torchckpts_state_file_is_neither_rebuilt_nor_overwritten(tmp_pa
     assert state_file.read_bytes() == before
 
 
-@pytest.mark.parametrize("gone", ["ckpt-9", ["../ckpt-9"], ["ckpt-9"] * 17, [7]], ids=["not-a-list", "a-path",
-                                                                                      "too-many", "not-a-name"])
-def test_a_state_file_with_a_bad_gone_record_is_damaged_and_rebuilt(tmp_path, gone):
+@pytest.mark.parametrize(("record", "value", "why"), [
+    ("gone", "ckpt-9", "bad 'gone' record"), ("gone", ["../ckpt-9"], "bad checkpoint name"),
+    ("gone", ["ckpt-9"] * 17, "bad 'gone' record"), ("gone", [7], "bad checkpoint name"),
+    ("gone", [f"ckpt-{2**63 - 1}"], "bad 'gone' record"), ("gone", ["ckpt-" + "9" * 5000], "bad 'gone' record"),
+    ("checkpoints", [{"name": f"ckpt-{2**63 - 1}"}], "bad checkpoint number"),
+], ids=["gone-not-a-list", "gone-a-path", "gone-too-many", "gone-not-a-name", "gone-past-the-counter",
+        "gone-5000-digits", "entry-past-the-counter"])
+def test_a_state_file_with_a_forged_record_is_damaged_and_rebuilt(tmp_path, record, value, why):
+    """probe63 F4: a number past what save_counter holds sent every later save past it: saves the
+    restores called damaged (save_counter out of range), or names too long to write."""
     from .conftest import sealed_json
 
     with CheckpointManager(ckpt(), tmp_path, max_to_keep=2) as manager:
         manager.save()
     state_file = tmp_path / history_state.STATE_FILE
     raw = json.loads(state_file.read_text())
-    raw["gone"] = gone
+    raw[record] = value
     state_file.write_bytes(sealed_json(raw))
-    with pytest.warns(UserWarning, match=r"bad 'gone' record|bad checkpoint name"), \
-            CheckpointManager(ckpt(), tmp_path, max_to_keep=2) as manager:
+    with pytest.warns(UserWarning, match=why), CheckpointManager(ckpt(), tmp_path, max_to_keep=2) as manager:
         assert manager.save() == str(tmp_path / "ckpt-2")
 
 

@@ -10,7 +10,6 @@ applied, and nothing is silently ignored: either an assertion looks at the repor
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections.abc import Iterable
 
@@ -109,5 +108,7 @@ class RestoreStatus:
         return self
 
     def __del__(self) -> None:
-        with contextlib.suppress(Exception):  # interpreter shutdown: never raise from __del__
+        try:  # noqa: SIM105 - not contextlib.suppress: at interpreter shutdown the module's globals may be gone
             self.warn_if_partial()
+        except Exception:  # noqa: BLE001 - never raise from __del__
+            pass

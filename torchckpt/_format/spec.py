@@ -91,10 +91,13 @@ def is_temporary_name(name: str) -> bool:
     return TMP_MARKER in name or OLD_MARKER in name
 
 
-# Format characters that reorder or hide text (bidirectional controls: a name shown reversed or
-# disguised; deprecated shaping controls; a byte-order mark; interlinear annotations)
-_REORDERING = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
-                        "\u206a\u206b\u206c\u206d\u206e\u206f\ufeff\ufff9\ufffa\ufffb")
+# Format characters that reorder text (bidirectional controls: a name shown reversed or disguised;
+# deprecated shaping controls) or hide it (zero-width space, word joiner, invisible operators, tags,
+# a byte-order mark, interlinear annotations); the joiners and non-joiners scripts need are not here
+_REORDERING_OR_HIDING = frozenset(
+    "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u206a\u206b\u206c\u206d"
+    "\u206e\u206f\u200b\u2060\u2061\u2062\u2063\u2064\u180e\ufeff\ufff9\ufffa\ufffb"
+) | frozenset(map(chr, range(0xE0000, 0xE0080)))
 
 
 def is_name_char(c: str) -> bool:
@@ -102,8 +105,17 @@ def is_name_char(c: str) -> bool:
     file) may hold the character ``c``: a printable one, a space of another width (a no-break or
     ideographic space), or a format character that scripts need inside words (the zero-width
     non-joiner and joiner of Persian and Indic text, a soft hyphen); not a control, a line
-    break, or a format character that reorders or hides text."""
-    return c.isprintable() or unicodedata.category(c) in ("Zs", "Cf") and c not in _REORDERING
+    break, a private-use or unassigned code point, or a format character that reorders or hides text."""
+    return c.isprintable() or unicodedata.category(c) in ("Zs", "Cf") and c not in _REORDERING_OR_HIDING
+
+
+_KINDS = {"Cc": "a control character", "Co": "a private-use character", "Cn": "an unassigned code point",
+          "Cs": "a lone surrogate", "Zl": "a line break", "Zp": "a paragraph break"}
+
+
+def char_description(c: str) -> str:
+    """What a character is, for an error: its Unicode name (lower case), or its kind where it has none."""
+    return unicodedata.name(c, "").lower() or _KINDS.get(unicodedata.category(c), "a character without a name")
 
 
 def final_name(name: str) -> str:

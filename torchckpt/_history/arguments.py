@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import unicodedata
 from collections.abc import Callable
 from typing import Any
 
@@ -122,8 +121,9 @@ def _not_plain(name: Any) -> str:
         return f"it holds the path separator {separator!r} (pass the directory as the manager's directory)"
     unprintable = next((c for c in name if not spec.is_name_char(c)), None)
     if unprintable is not None:  # the state file names checkpoints in these only
-        return (f"it holds {unprintable!r} ({unicodedata.name(unprintable, 'a control character').lower()}), which "
-                "names may not hold: a control, a line break, or a character that reorders or hides text")
+        return (f"it holds {unprintable!r} ({spec.char_description(unprintable)}), which names may not hold: a "
+                "control, a line break, a private-use or unassigned code point, or a character that reorders or "
+                "hides text")
     if name.startswith("."):
         return "a name that starts with '.' is hidden"
     if spec.is_temporary_name(f"{name}-1"):

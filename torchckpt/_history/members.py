@@ -14,6 +14,7 @@ import errno
 import json
 import os
 import re
+import threading
 from collections.abc import Sequence
 
 from torchckpt._format import index as format_index
@@ -112,46 +113,57 @@ def latest_and_recorded(directory: str, storage: Storage) -> tuple[str | None, s
 
 def written_last(directory: str, members: Sequence[str], storage: Storage) -> str:
     """Of ``members`` (committed checkpoints of ``directory``; at least one), the one committed
-    last: by the time its index records (``created``), then number. Not by the index file's time:
-    a run copied with ``cp -r``, ``gsutil cp -r``, ``rsync`` without ``-t`` or out of an archive
-    has the files' times of the copy, in whatever order it copied them, and its newest checkpoint
-    would be whichever was copied last. A member whose index cannot be read (damaged, or gone
-    meanwhile) ranks by its file's time instead: the latest when it is the newest file, so that a
+    last: by its index file's time, where the newest file is also the highest number, as in any
+    run that numbers its saves as they come (and then no index is read). Where the two disagree,
+    by the time each index records (``created``), then number: a run copied with ``cp -r``,
+    ``gsutil cp -r``, ``rsync`` without ``-t`` or out of an archive has the files' times of the
+    copy, in whatever order it copied them (ckpt-9 after ckpt-11), and a save may have replaced an
+    older number. The store's times decide where they agree, so writers whose clocks disagree
+    (hosts of a job on shared storage) do not. A member whose index cannot be read (damaged, or
+    gone meanwhile) ranks by its file's time: the latest when it is the newest file, so that a
     restore meets the damage and says so as it falls back, as it would with a state file."""
+    times = {name: storage.mtime(join(directory, name, spec.INDEX_FILE)) for name in members}
+    newest = max(members, key=lambda n: (times[n], number_of(n) or 0))
+    if newest == max(members, key=lambda n: (number_of(n) or 0, times[n])):
+        return newest
+
     def written(name: str) -> tuple[float, int]:
-        path = join(directory, name, spec.INDEX_FILE)
-        modified = storage.mtime(path)
-        created = _created(path, modified, storage)
-        return modified if created is None else created, number_of(name) or 0
+        created = _created(join(directory, name, spec.INDEX_FILE), times[name], storage)
+        return times[name] if created is None else created, number_of(name) or 0
 
     return max(members, key=written)
 
 
 _CREATED: dict[tuple[str, float], float | None] = {}  # (index path, its file's time) -> its created time
 _CREATED_LIMIT = 4096
+_CREATED_LOCK = threading.Lock()
 
 
 def _created(path: str, modified: float, storage: Storage) -> float | None:
-    """The ``created`` time the index at ``path`` records, None where it cannot be read or records
-    none. Read once per version of the file (its time as ``modified``): a follower asking for the
-    latest at every poll of a directory without a state file reads each index once, not at every
-    poll, and a number replaced since (a new index, a new time) is read again."""
+    """The ``created`` time the index at ``path`` records, None where it records none or is
+    damaged. Read once per version of the file (its time as ``modified``; every time where the
+    storage does not tell it): a follower asking for the latest at every poll reads each index
+    once, and a number replaced since (a new index, a new time) is read again. A read that
+    failed (an I/O error, the file gone meanwhile) is not kept, and asked again next time."""
     key = (path, modified)
-    if modified < 0 or key not in _CREATED:
+    known = _CREATED.get(key, _CREATED) if modified >= 0 else _CREATED
+    if known is not _CREATED:
+        return known  # type: ignore[return-value]
+    try:
+        data = storage.read_file(path, spec.MAX_INDEX_SIZE, "Index")
+    except (CheckpointError, OSError):
+        return None
+    try:
+        found = format_index.parse_index(parent_of(path), data, defer_weight_map=True).section.get("created")
+        created = float(found) if found is not None and history_state.is_timestamp(found) else None
+    except CheckpointError:  # damaged for good (a read error was raised above): kept
         created = None
-        try:
-            index = format_index.parse_index(parent_of(path), storage.read_file(path, spec.MAX_INDEX_SIZE, "Index"),
-                                             defer_weight_map=True)
-            found = index.section.get("created")
-            created = float(found) if found is not None and history_state.is_timestamp(found) else None
-        except (CheckpointError, OSError):
-            pass
-        if modified < 0:
-            return created
-        if len(_CREATED) >= _CREATED_LIMIT:
-            _CREATED.pop(next(iter(_CREATED)))
-        _CREATED[key] = created
-    return _CREATED[key]
+    if modified >= 0:
+        with _CREATED_LOCK:  # followers in threads of one process
+            while len(_CREATED) >= _CREATED_LIMIT:
+                del _CREATED[next(iter(_CREATED))]
+            _CREATED[key] = created
+    return created
 
 
 def newest_unknown(recorded: set[str], members: list[str], prefix: str | None = None) -> str | None:

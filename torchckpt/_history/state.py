@@ -54,9 +54,10 @@ class State:
     best_mode: str = "min"
     keep_best: int | None = None
     damaged: dict[str, str] = field(default_factory=dict)  # name -> why a restore found it damaged
-    # the highest-numbered checkpoint dropped from the history as deleted by hand, where it is numbered past
-    # every one the file names: its number is never given to a new checkpoint (a follower that yielded the
-    # deleted one would take the new one, at the same path, for it, and never see it)
+    # the highest-numbered checkpoint the history held and no longer does (deleted by hand, or by retention in
+    # a run whose numbers went back), where it is numbered past every one the file names: its number is never
+    # given to a new checkpoint (a follower that yielded the deleted one would take the new one, at the same
+    # path, for it, and never see it)
     gone: list[str] = field(default_factory=list)
 
     def to_bytes(self) -> bytes:
@@ -108,7 +109,10 @@ def _entry(raw: Any) -> Entry:
             raise StateFileError(str(e)) from None
         if not isinstance(metrics, dict) or not all(isinstance(k, str) for k in metrics):
             raise StateFileError(f"bad metrics {metrics!r:.80}")
-    return Entry(_plain_name(raw.get("name")), None if ts is None else float(ts), metrics)
+    name = _plain_name(raw.get("name"))
+    if _past_counters(name):  # a manager numbers after its entries: see _gone
+        raise StateFileError(f"bad checkpoint number in {name!r:.80}")
+    return Entry(name, None if ts is None else float(ts), metrics)
 
 
 def _damaged(raw: Any) -> dict[str, str]:
@@ -118,9 +122,18 @@ def _damaged(raw: Any) -> dict[str, str]:
 
 
 def _gone(raw: Any) -> list[str]:
-    if not isinstance(raw, list) or len(raw) > 16:
+    # a number past what save_counter holds would send every later save past it (names too long, or
+    # checkpoints no restore takes): refused, as for any forged record
+    if not isinstance(raw, list) or len(raw) > 16 or any(isinstance(n, str) and _past_counters(n) for n in raw):
         raise StateFileError(f"bad 'gone' record {raw!r:.80}")
     return [_plain_name(name) for name in raw]
+
+
+def _past_counters(name: str) -> bool:
+    """Whether ``name`` ends in a number of 2**62 or more: the numbers a manager gives after it
+    would soon pass what ``save_counter`` holds (2**63 - 1)."""
+    digits = name.rpartition("-")[2]
+    return digits.isascii() and digits.isdigit() and (len(digits) > 19 or int(digits) >= 2**62)
 
 
 def no_tensor(name: str) -> Any:

@@ -46,7 +46,9 @@ def execute(plan: Plan, shards: OpenShards, verify: bool, progress: bool | None)
 def read(plan: Plan, shards: OpenShards, verify: bool, progress: bool | None) -> None:
     """Read every planned tensor into its destination, shard by shard, in file order."""
     kept, plan.grouped = plan.grouped, None
-    by_file, reads = kept[1] if kept is not None and kept[0] is plan.reads else _grouped(plan.reads)
+    grouped = kept[1] if kept is not None and kept[0] is plan.reads else None
+    del kept  # the grouping of another list (reads spread over the ranks since): its buffers go before new ones
+    by_file, reads = grouped if grouped is not None else _grouped(plan.reads)
     # Every header this restore relies on is checked before any byte lands in a destination: those of
     # the shards read now, and, where a hooked module fetches its tensors later, all of them.
     _check_headers(shards, None if plan.fetches else [*by_file, *reads.by_file])
