@@ -1146,6 +1146,26 @@ def test_numpy_numbers_are_taken_as_the_python_numbers_they_hold(tmp_path):
         CheckpointManager(ckpt(), tmp_path / "c").save(checkpoint_number=np.int64(-1))
 
 
+def test_numbers_past_what_save_counter_holds_are_neither_taken_nor_numbered_after(tmp_path):
+    """probe63 F4: a number near 2**63 numbered every later save past what save_counter holds, and
+    each restore called those checkpoints damaged; a manager's own state file holding one (a save
+    numbered so) would be damaged at every open."""
+    with CheckpointManager(ckpt(), tmp_path, max_to_keep=2) as manager:
+        with pytest.raises(ValueError, match=r"checkpoint_number must be below 2\*\*62 .*got 4611686018427387904"):
+            manager.save(checkpoint_number=2**62)
+        assert not [n for n in os.listdir(tmp_path) if n.startswith("ckpt")]  # nothing written
+        (tmp_path / f"ckpt-{2**63}").mkdir()  # put there by hand
+        assert manager.save(checkpoint_number=2**62 - 1) == str(tmp_path / f"ckpt-{2**62 - 1}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # its own state file is not damaged
+        with CheckpointManager(ckpt(), tmp_path, max_to_keep=2) as manager:
+            assert manager.latest_checkpoint == str(tmp_path / f"ckpt-{2**62 - 1}")
+    shutil.rmtree(tmp_path / f"ckpt-{2**62 - 1}")
+    os.remove(tmp_path / history_state.STATE_FILE)
+    with CheckpointManager(ckpt(), tmp_path, max_to_keep=2) as manager:
+        assert manager.save() == str(tmp_path / "ckpt-1")  # not numbered after the folder put there by hand
+
+
 def test_a_partial_restore_or_initialize_warns_at_once_not_when_the_manager_is_dropped(tmp_path):
     """The manager keeps the status in ``last_restore``: its warning, if left to the status, would
     come at the end of the run. It comes from ``restore_or_initialize``, once."""

@@ -54,6 +54,7 @@ MAX_HEADER_SIZE = 100_000_000
 MAX_INDEX_SIZE = 256 * 2**20
 MAX_STATE_FILE_SIZE = 64 * 2**20
 MAX_DIM = 2**62  # a dimension, an element count or a byte size beyond this is not a real tensor
+MAX_CHECKPOINT_NUMBER = 2**62  # a numbered checkpoint's number: the ones given after it must fit save_counter
 SEAL_KEY = "checksum"  # the last key of index.json and the state file: the xxh3-64 of the bytes before it
 HEADER_ALIGNMENT = 8
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9

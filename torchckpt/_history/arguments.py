@@ -105,7 +105,11 @@ def checkpoint_number(value: Any) -> int:
         raise ValueError(f"checkpoint_number must be an int or a 0-dim integer tensor, got {value!r}.")
     if value < 0:
         raise ValueError(f"checkpoint_number must be non-negative, got {value}.")
+    if value >= spec.MAX_CHECKPOINT_NUMBER:
+        raise ValueError(f"checkpoint_number must be below 2**62 (the numbers after it must fit save_counter, an "
+                         f"int64), got {value}.")
     return value
+
 
 
 MAX_NAME_BYTES = 160  # a checkpoint's name, numbered, then a writer's temporary name for it, within 255 bytes

@@ -93,7 +93,8 @@ class Ledger:
         if self.latest:
             names.add(self.latest)
         numbers = [history_members.number_of(spec.final_name(n), self.name) for n in names]
-        return max(counter, max((n for n in numbers if n is not None), default=-1) + 1)
+        # a name past what the numbers may reach (put there by hand) is passed over, not numbered after
+        return max(counter, max((n for n in numbers if n is not None and n < spec.MAX_CHECKPOINT_NUMBER), default=-1) + 1)
 
     def metrics_of(self, name: str) -> dict[str, Any] | None:
         for entry in self.entries():

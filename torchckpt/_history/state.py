@@ -130,10 +130,10 @@ def _gone(raw: Any) -> list[str]:
 
 
 def _past_counters(name: str) -> bool:
-    """Whether ``name`` ends in a number of 2**62 or more: the numbers a manager gives after it
-    would soon pass what ``save_counter`` holds (2**63 - 1)."""
+    """Whether ``name`` ends in a number of :data:`~torchckpt._format.spec.MAX_CHECKPOINT_NUMBER` or
+    more, which no manager gives: the numbers after it would soon pass what ``save_counter`` holds."""
     digits = name.rpartition("-")[2]
-    return digits.isascii() and digits.isdigit() and (len(digits) > 19 or int(digits) >= 2**62)
+    return digits.isascii() and digits.isdigit() and (len(digits) > 19 or int(digits) >= spec.MAX_CHECKPOINT_NUMBER)
 
 
 def no_tensor(name: str) -> Any:
