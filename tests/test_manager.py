@@ -927,18 +927,26 @@ def test_a_run_copied_without_its_state_file_resumes_from_its_newest_checkpoint(
         assert manager.save() == str(copy / "ckpt-12")
 
 
-def test_without_a_usable_latest_writers_whose_clocks_disagree_do_not_decide_which_is_newest(tmp_path, fake_time):
-    """probe63 F5: the first three saves on a host whose clock runs ten minutes fast, the next two on
-    one that is right; with the latest deleted by hand, the index's recorded times made ckpt-3 the
-    latest, where the files' times (one storage's clock) and the numbers agree on ckpt-4."""
+def test_a_run_copied_in_name_order_without_its_state_file_resumes_from_the_checkpoint_written_last(tmp_path):
+    """probe64 F1: copied in name order, the newest file is the highest number (ckpt-5) although
+    ckpt-3 was replaced after it; the files' times, with numbers to break ties, took ckpt-5."""
+    run, copy = tmp_path / "run", tmp_path / "copy"
     x = torch.zeros(1)
-    with CheckpointManager(torchckpt.Checkpoint(x=x), tmp_path, max_to_keep=None) as manager:
-        for number, when in enumerate([1600.0, 1601.0, 1602.0, 1003.0, 1004.0], 1):
-            fake_time.now = when
-            x.fill_(number)
+    with CheckpointManager(torchckpt.Checkpoint(x=x), run, max_to_keep=None) as manager:
+        for value in range(1, 6):
+            x.fill_(value)
             manager.save()
-    shutil.rmtree(tmp_path / "ckpt-5")
-    assert torchckpt.latest_checkpoint(tmp_path) == str(tmp_path / "ckpt-4")
+        x.fill_(30)
+        manager.save(checkpoint_number=3)
+    copy.mkdir()
+    for i in range(1, 6):
+        shutil.copytree(run / f"ckpt-{i}", copy / f"ckpt-{i}")
+        os.utime(copy / f"ckpt-{i}" / "index.json", (2_000_000_000 + i, 2_000_000_000 + i))
+    assert torchckpt.latest_checkpoint(copy) == str(copy / "ckpt-3")
+    resumed = torch.zeros(1)
+    with pytest.warns(UserWarning, match=r"latest: ckpt-3\)"), \
+            CheckpointManager(torchckpt.Checkpoint(x=resumed), copy, max_to_keep=None) as manager:
+        assert manager.restore_or_initialize() == str(copy / "ckpt-3") and float(resumed) == 30.0
 
 
 def test_in_a_copied_run_an_index_read_that_failed_once_is_asked_again(tmp_path, disk):
@@ -1246,9 +1254,8 @@ def test_a_newer_torchckpts_state_file_is_neither_rebuilt_nor_overwritten(tmp_pa
     ("gone", "ckpt-9", "bad 'gone' record"), ("gone", ["../ckpt-9"], "bad checkpoint name"),
     ("gone", ["ckpt-9"] * 17, "bad 'gone' record"), ("gone", [7], "bad checkpoint name"),
     ("gone", [f"ckpt-{2**63 - 1}"], "bad 'gone' record"), ("gone", ["ckpt-" + "9" * 5000], "bad 'gone' record"),
-    ("checkpoints", [{"name": f"ckpt-{2**63 - 1}"}], "bad checkpoint number"),
 ], ids=["gone-not-a-list", "gone-a-path", "gone-too-many", "gone-not-a-name", "gone-past-the-counter",
-        "gone-5000-digits", "entry-past-the-counter"])
+        "gone-5000-digits"])
 def test_a_state_file_with_a_forged_record_is_damaged_and_rebuilt(tmp_path, record, value, why):
     """probe63 F4: a number past what save_counter holds sent every later save past it: saves the
     restores called damaged (save_counter out of range), or names too long to write."""
@@ -1262,6 +1269,47 @@ def test_a_state_file_with_a_forged_record_is_damaged_and_rebuilt(tmp_path, reco
     state_file.write_bytes(sealed_json(raw))
     with pytest.warns(UserWarning, match=why), CheckpointManager(ckpt(), tmp_path, max_to_keep=2) as manager:
         assert manager.save() == str(tmp_path / "ckpt-2")
+
+
+def test_names_numbered_past_the_counter_are_kept_never_numbered_after_and_never_damage_the_state_file(tmp_path):
+    """probe63 F4 and probe64 F2: an entry numbered near 2**63 (forged, or a checkpoint named by a
+    20-digit date) numbered every later save past what save_counter holds; refusing it made the
+    manager's own rebuilt state file damaged at every open."""
+    from .conftest import sealed_json
+
+    torchckpt.Checkpoint(w=torch.zeros(1)).write(tmp_path / "snap-20261207124714123456")  # a date, in microseconds
+    with CheckpointManager(ckpt(), tmp_path, max_to_keep=2) as manager:
+        manager.save()
+    state_file = tmp_path / history_state.STATE_FILE
+    raw = json.loads(state_file.read_text())
+    raw["checkpoints"].append({"name": f"ckpt-{2**63 - 1}"})  # forged, and not on disk
+    state_file.write_bytes(sealed_json(raw))
+    with pytest.warns(UserWarning, match=f"names ckpt-{2**63 - 1}, which is not a committed checkpoint there"), \
+            CheckpointManager(ckpt(), tmp_path, max_to_keep=2) as manager:
+        assert manager.save() == str(tmp_path / "ckpt-2")
+    for _ in range(2):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # no rebuild at any open
+            with CheckpointManager(ckpt(), tmp_path, max_to_keep=2) as manager:
+                manager.save()
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith("ckpt")) == ["ckpt-3", "ckpt-4"]
+    assert (tmp_path / "snap-20261207124714123456").is_dir()
+
+
+def test_a_checkpoint_saved_under_any_name_never_damages_the_state_file(tmp_path):
+    """probe64 F3: Checkpoint.save under a prefix the manager refuses (a zero-width space) recorded
+    a latest the state file's reader refused: every manager's open rebuilt it, keeping every
+    checkpoint for good."""
+    with CheckpointManager(ckpt(), tmp_path, max_to_keep=2) as manager:
+        manager.save()
+    torchckpt.Checkpoint(w=torch.zeros(1)).save(tmp_path / "exp\u200b")
+    for _ in range(3):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            with CheckpointManager(ckpt(), tmp_path, max_to_keep=2) as manager:
+                manager.save()
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith("ckpt")) == ["ckpt-3", "ckpt-4"]
+    assert torchckpt.get_checkpoint_state(tmp_path).latest == str(tmp_path / "ckpt-4")
 
 
 def test_a_replacing_save_cut_short_after_its_commit_is_adopted_with_its_own_metrics(tmp_path, disk, fake_time):

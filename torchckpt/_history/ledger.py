@@ -125,9 +125,9 @@ class Ledger:
         """The name of the highest number the history held and dropped, where it is higher than any the
         state file names otherwise: written into the state file, so that a restarted manager does not
         number a new checkpoint with it either (see :meth:`next_number`)."""
-        def number(name: str | None) -> int:
+        def number(name: str | None) -> int:  # (one past what numbers may reach is never numbered after: -1)
             found = None if name is None else history_members.number_of(spec.final_name(name), self.name)
-            return -1 if found is None else found
+            return -1 if found is None or found >= spec.MAX_CHECKPOINT_NUMBER else found
 
         highest = max(self._had - known, key=lambda n: (number(n), n), default=None)
         return [highest] if highest is not None and number(highest) > max(map(number, known), default=-1) else []

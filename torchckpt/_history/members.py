@@ -113,29 +113,26 @@ def latest_and_recorded(directory: str, storage: Storage) -> tuple[str | None, s
 
 def written_last(directory: str, members: Sequence[str], storage: Storage) -> str:
     """Of ``members`` (committed checkpoints of ``directory``; at least one), the one committed
-    last: by its index file's time, where the newest file is also the highest number, as in any
-    run that numbers its saves as they come (and then no index is read). Where the two disagree,
-    by the time each index records (``created``), then number: a run copied with ``cp -r``,
-    ``gsutil cp -r``, ``rsync`` without ``-t`` or out of an archive has the files' times of the
-    copy, in whatever order it copied them (ckpt-9 after ckpt-11), and a save may have replaced an
-    older number. The store's times decide where they agree, so writers whose clocks disagree
-    (hosts of a job on shared storage) do not. A member whose index cannot be read (damaged, or
-    gone meanwhile) ranks by its file's time: the latest when it is the newest file, so that a
-    restore meets the damage and says so as it falls back, as it would with a state file."""
-    times = {name: storage.mtime(join(directory, name, spec.INDEX_FILE)) for name in members}
-    newest = max(members, key=lambda n: (times[n], number_of(n) or 0))
-    if newest == max(members, key=lambda n: (number_of(n) or 0, times[n])):
-        return newest
-
+    last: by the time its index records (``created``), then number. Not by the index file's time:
+    a run copied with ``cp -r``, ``gsutil cp -r``, ``rsync`` without ``-t`` or out of an archive
+    has the files' times of the copy, in whatever order it copied them (ckpt-9 after ckpt-11, or,
+    in name order, ckpt-5 after a ckpt-3 that replaced the first one later), and some stores tell
+    no time, or whole seconds only. The recorded times are the writers' clocks: hosts of one job
+    whose clocks disagree by more than the time between two saves can mislead it, where no state
+    file names the latest. A member whose index cannot be read (damaged, or gone meanwhile) ranks
+    by its file's time: the latest when it is the newest file, so that a restore meets the damage
+    and says so as it falls back, as it would with a state file."""
     def written(name: str) -> tuple[float, int]:
-        created = _created(join(directory, name, spec.INDEX_FILE), times[name], storage)
-        return times[name] if created is None else created, number_of(name) or 0
+        path = join(directory, name, spec.INDEX_FILE)
+        modified = storage.mtime(path)
+        created = _created(path, modified, storage)
+        return modified if created is None else created, number_of(name) or 0
 
     return max(members, key=written)
 
 
 _CREATED: dict[tuple[str, float], float | None] = {}  # (index path, its file's time) -> its created time
-_CREATED_LIMIT = 4096
+_CREATED_LIMIT = 32768  # a directory of more checkpoints would read every index at every poll
 _CREATED_LOCK = threading.Lock()
 
 

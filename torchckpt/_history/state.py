@@ -85,7 +85,7 @@ class StateFileError(ValueError):
 
 def _plain_name(name: Any) -> str:
     if (not isinstance(name, str) or not name or len(name) > 255 or name != os.path.basename(name) or "\\" in name
-            or name in (".", "..") or "\0" in name or not all(map(spec.is_name_char, name))):
+            or name in (".", "..") or "\0" in name):
         raise StateFileError(f"bad checkpoint name {name!r:.80}")
     return name
 
@@ -109,10 +109,7 @@ def _entry(raw: Any) -> Entry:
             raise StateFileError(str(e)) from None
         if not isinstance(metrics, dict) or not all(isinstance(k, str) for k in metrics):
             raise StateFileError(f"bad metrics {metrics!r:.80}")
-    name = _plain_name(raw.get("name"))
-    if _past_counters(name):  # a manager numbers after its entries: see _gone
-        raise StateFileError(f"bad checkpoint number in {name!r:.80}")
-    return Entry(name, None if ts is None else float(ts), metrics)
+    return Entry(_plain_name(raw.get("name")), None if ts is None else float(ts), metrics)
 
 
 def _damaged(raw: Any) -> dict[str, str]:
