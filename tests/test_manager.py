@@ -891,17 +891,21 @@ def test_with_the_latest_deleted_by_hand_every_reader_takes_the_checkpoint_writt
         assert manager.restore_or_initialize() == newest and float(resumed) == 10.0
 
 
-def copied_run(tmp_path):
-    """A run of 11 saves (``x`` = the save's number) copied as ``cp -r run/ckpt-* copy/`` copies it
-    (no state file), in the shell's glob order (ckpt-1, ckpt-10, ckpt-11, ckpt-2, ...), each copy's
-    files given the time of the copy, one second after the one before, as ``cp -r``, ``gsutil cp
-    -r`` and unzipping do: ckpt-9's index is the newest file. Returns the copy."""
+def copied_run(tmp_path, saves: int = 11, replaced: dict[int, float] | None = None):
+    """A run of ``saves`` saves (``x`` = the save's number; then each number of ``replaced`` saved
+    again with its value) copied as ``cp -r run/ckpt-* copy/`` copies it (no state file), in the
+    shell's glob order (ckpt-1, ckpt-10, ckpt-11, ckpt-2, ...), each copy's files given the time of
+    the copy, one second after the one before, as ``cp -r``, ``gsutil cp -r`` and unzipping do: of
+    11 saves, ckpt-9's index is the newest file. Returns the copy."""
     run, copy = tmp_path / "run", tmp_path / "copy"
     x = torch.zeros(1)
     with CheckpointManager(torchckpt.Checkpoint(x=x), run, max_to_keep=None) as manager:
-        for value in range(1, 12):
+        for value in range(1, saves + 1):
             x.fill_(value)
             manager.save()
+        for number, value in (replaced or {}).items():
+            x.fill_(value)
+            manager.save(checkpoint_number=number)
     copy.mkdir()
     for i, name in enumerate(sorted(n for n in os.listdir(run) if n.startswith("ckpt-"))):
         shutil.copytree(run / name, copy / name)
@@ -930,18 +934,7 @@ def test_a_run_copied_without_its_state_file_resumes_from_its_newest_checkpoint(
 def test_a_run_copied_in_name_order_without_its_state_file_resumes_from_the_checkpoint_written_last(tmp_path):
     """probe64 F1: copied in name order, the newest file is the highest number (ckpt-5) although
     ckpt-3 was replaced after it; the files' times, with numbers to break ties, took ckpt-5."""
-    run, copy = tmp_path / "run", tmp_path / "copy"
-    x = torch.zeros(1)
-    with CheckpointManager(torchckpt.Checkpoint(x=x), run, max_to_keep=None) as manager:
-        for value in range(1, 6):
-            x.fill_(value)
-            manager.save()
-        x.fill_(30)
-        manager.save(checkpoint_number=3)
-    copy.mkdir()
-    for i in range(1, 6):
-        shutil.copytree(run / f"ckpt-{i}", copy / f"ckpt-{i}")
-        os.utime(copy / f"ckpt-{i}" / "index.json", (2_000_000_000 + i, 2_000_000_000 + i))
+    copy = copied_run(tmp_path, saves=5, replaced={3: 30.0})  # in name order: ckpt-5's index is the newest file
     assert torchckpt.latest_checkpoint(copy) == str(copy / "ckpt-3")
     resumed = torch.zeros(1)
     with pytest.warns(UserWarning, match=r"latest: ckpt-3\)"), \
