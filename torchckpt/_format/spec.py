@@ -102,8 +102,8 @@ _REORDERING_OR_HIDING = frozenset(
 
 
 def is_name_char(c: str) -> bool:
-    """Whether a checkpoint's name (a manager's ``checkpoint_name``, and so the names in its state
-    file) may hold the character ``c``: a printable one, a space of another width (a no-break or
+    """Whether a manager's ``checkpoint_name`` (and so the names of its checkpoints) may hold the
+    character ``c`` (a state file takes any name of one path component): a printable one, a space of another width (a no-break or
     ideographic space), or a format character that scripts need inside words (the zero-width
     non-joiner and joiner of Persian and Indic text, a soft hyphen); not a control, a line
     break, a private-use or unassigned code point, or a format character that reorders or hides text."""

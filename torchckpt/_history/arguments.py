@@ -111,7 +111,6 @@ def checkpoint_number(value: Any) -> int:
     return value
 
 
-
 MAX_NAME_BYTES = 160  # a checkpoint's name, numbered, then a writer's temporary name for it, within 255 bytes
 
 
@@ -124,7 +123,7 @@ def _not_plain(name: Any) -> str:
     if separator is not None:
         return f"it holds the path separator {separator!r} (pass the directory as the manager's directory)"
     unprintable = next((c for c in name if not spec.is_name_char(c)), None)
-    if unprintable is not None:  # the state file names checkpoints in these only
+    if unprintable is not None:  # names a person reads in listings and messages: none that hides or reorders text
         return (f"it holds {unprintable!r} ({spec.char_description(unprintable)}), which names may not hold: a "
                 "control, a line break, a private-use or unassigned code point, or a character that reorders or "
                 "hides text")

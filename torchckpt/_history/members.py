@@ -143,9 +143,10 @@ def _created(path: str, modified: float, storage: Storage) -> float | None:
     once, and a number replaced since (a new index, a new time) is read again. A read that
     failed (an I/O error, the file gone meanwhile) is not kept, and asked again next time."""
     key = (path, modified)
-    known = _CREATED.get(key, _CREATED) if modified >= 0 else _CREATED
-    if known is not _CREATED:
-        return known  # type: ignore[return-value]
+    if modified >= 0:
+        with _CREATED_LOCK:  # followers in threads of one process
+            if key in _CREATED:
+                return _CREATED[key]
     try:
         data = storage.read_file(path, spec.MAX_INDEX_SIZE, "Index")
     except (CheckpointError, OSError):
@@ -156,7 +157,7 @@ def _created(path: str, modified: float, storage: Storage) -> float | None:
     except CheckpointError:  # damaged for good (a read error was raised above): kept
         created = None
     if modified >= 0:
-        with _CREATED_LOCK:  # followers in threads of one process
+        with _CREATED_LOCK:
             while len(_CREATED) >= _CREATED_LIMIT:
                 del _CREATED[next(iter(_CREATED))]
             _CREATED[key] = created
