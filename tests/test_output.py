@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import gc
 import os
 import signal
 import threading
@@ -215,6 +216,20 @@ def test_byte_views_of_tensors_are_copied_without_changes(direct_dir):
     write_file(path, [memoryview(b"head"), byte_view(t)])
     with open(path, "rb") as f:
         assert f.read() == b"head" + t.numpy().tobytes()
+
+
+def test_a_byte_view_keeps_its_tensor_alive(direct_dir):
+    # A view handed to a writer or hashing thread must not outlive the memory it points at: once
+    # the caller drops its tensor, the allocator would hand that memory to the next tensor.
+    view = byte_view(torch.full((1 << 16,), 7, dtype=torch.uint8))[100:]
+    gc.collect()
+    others = [torch.full((1 << 16,), 9, dtype=torch.uint8) for _ in range(64)]
+    assert bytes(view) == b"\x07" * ((1 << 16) - 100)
+    path = str(direct_dir / "f.bin")
+    write_file(path, [view])
+    with open(path, "rb") as f:
+        assert f.read() == b"\x07" * ((1 << 16) - 100)
+    assert all(int(o[0]) == 9 for o in others)
 
 
 def test_an_unexpected_error_in_the_disk_thread_reaches_the_caller(direct_dir, monkeypatch):
