@@ -173,6 +173,19 @@ def test_a_rank_interrupted_in_a_save_fails_the_call_on_the_others_at_once_and_t
     for result in found:
         assert result["waiting_seconds"] < 10 and result["sending_seconds"] < 10  # 2 s saves; before: timeout_secs
         assert result["async_checkpoints"] == ["ckpt-1", "ckpt-2"]
+    # rank 0's background part of an async save stopped before the commit: the others raise at once
+    # and the ranks stay in step (probe59 #4: rank 1 waited out the outcome timeout, then the next
+    # two saves failed on both ranks)
+    assert found[0]["background"] == "SystemExit"
+    assert found[1]["background"] == (
+        f"CheckpointError: Rank 0 stopped during the outcome step of saving into {world2}/interrupted-async "
+        "(SystemExit on rank 0), so the call cannot complete. Rank 0 stopped before the commit: nothing was "
+        "committed.")
+    for result in found:
+        assert result["background_seconds"] < 10
+        assert result["after_background"] == "ckpt-4"
+        assert result["after_background_checkpoints"] == ["ckpt-1", "ckpt-2", "ckpt-4"]
+        assert result["after_background_stages"] == []
 
 
 def test_a_manager_argument_one_rank_alone_refuses_or_passes_fails_every_rank_at_once(world2):

@@ -576,8 +576,8 @@ def ended(call: Callable[[], object]) -> tuple[str, float]:
     try:
         call()
         result = "no error"
-    except KeyboardInterrupt:
-        result = "KeyboardInterrupt"
+    except (KeyboardInterrupt, SystemExit) as e:
+        result = type(e).__name__
     except torchckpt.CheckpointError as e:
         result = f"{type(e).__name__}: {e}"
     return result, time.monotonic() - started
@@ -588,7 +588,8 @@ def interrupted_on_one_rank(d: Path, rank: int, world: int) -> dict:
     training loop's ``except KeyboardInterrupt`` does: the other ranks learn at once that the call
     cannot complete (before: they waited out timeout_secs), and the last save pairs on every rank.
     Then rank 1 is interrupted while a call waits for the run's async save in flight, first in a
-    call of its own, then while it sends a failure it met before the call's first exchange."""
+    call of its own, then while it sends a failure it met before the call's first exchange. Last,
+    rank 0's part of an async save stops (``SystemExit``) on the writer's thread."""
     interrupts = Interrupts()
     disk = install(d / "interrupted", LocalDouble())
     mgr = torchckpt.CheckpointManager(torchckpt.Checkpoint(model=fsdp_mlp(0), interrupts=interrupts),
@@ -625,7 +626,8 @@ def interrupted_on_one_rank(d: Path, rank: int, world: int) -> dict:
     out["remote_left"] = {n: sorted(os.listdir(remote_dir / n)) for n in sorted(os.listdir(remote_dir))
                           if (remote_dir / n).is_dir()}
     disk = install(d / "interrupted-async", LocalDouble())
-    mgr = torchckpt.CheckpointManager(torchckpt.Checkpoint(model=fsdp_mlp(0)), str(d / "interrupted-async"),
+    model = fsdp_mlp(0)
+    mgr = torchckpt.CheckpointManager(torchckpt.Checkpoint(model=model), str(d / "interrupted-async"),
                                       async_save=True, timeout_secs=TIMEOUT)
     ema = torchckpt.Checkpoint(ema=torch.nn.Linear(2, 2))
     calls = {"waiting": lambda: ema.write(d / "interrupted-ema", timeout_secs=TIMEOUT),
@@ -640,6 +642,21 @@ def interrupted_on_one_rank(d: Path, rank: int, world: int) -> dict:
         out[name], out[f"{name}_seconds"] = ended(call)
     mgr.wait_until_finished()
     out["async_checkpoints"] = [os.path.basename(p) for p in mgr.checkpoints]
+
+    def stop(*args: object) -> None:
+        raise SystemExit(7)
+
+    with torch.no_grad():  # new values: written, not linked from the last checkpoint
+        for p in model.parameters():
+            p.add_(1)
+    if rank == 0:  # rank 0's background part stops as it writes its shard, on the writer's thread
+        disk.before("output.finish", stop, times=1)
+    mgr.save()
+    out["background"], out["background_seconds"] = ended(mgr.wait_until_finished)
+    out["after_background"] = os.path.basename(mgr.save())
+    mgr.wait_until_finished()
+    out["after_background_checkpoints"] = [os.path.basename(p) for p in mgr.checkpoints]
+    out["after_background_stages"] = [n for n in os.listdir(d / "interrupted-async") if ".torchckpt-tmp-" in n]
     mgr.close()
     return out
 

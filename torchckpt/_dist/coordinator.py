@@ -241,7 +241,7 @@ class Coordinator:
         sent through it, so that every rank raises it at once (the same error), instead of the
         others waiting for an exchange this rank will never make (a ``timeout_secs`` refused on this
         rank alone is one). A rank interrupted (``KeyboardInterrupt``, ``SystemExit``) marks the
-        call's exchanges (:meth:`_mark_stopped`). The call ends with :meth:`end_call`, also when it
+        call's exchanges (:meth:`end_call`). The call ends with :meth:`end_call`, also when it
         fails."""
         try:
             if self._refused is not None:  # an argument of the call's coordinator (timeout_secs)
@@ -249,7 +249,6 @@ class Coordinator:
             yield
         except BaseException as e:
             if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: this process stops now
-                self._mark_stopped(e)
                 self.end_call(e)
                 raise
             try:
@@ -260,7 +259,6 @@ class Coordinator:
                 self.end_call(shared)
                 raise
             except BaseException as stop:  # interrupted while sending its failure (waiting for a save in flight)
-                self._mark_stopped(stop)
                 self.end_call(stop)
                 raise
         self.end_call()
@@ -297,7 +295,13 @@ class Coordinator:
         the ranks a timeout named, nor when this rank was interrupted), never turning the call's
         outcome into another. A call
         ends once: an asynchronous save ends its own before its background part (:meth:`scope`)
-        begins, and that part ends separately."""
+        begins, and that part ends separately.
+
+        A call that ends because this rank stops (``failure`` a ``KeyboardInterrupt`` or
+        ``SystemExit``, in the foreground or in the background part) first marks its exchanges
+        (:meth:`_mark_stopped`), so the others raise at once."""
+        if failure is not None and not isinstance(failure, Exception):
+            self._mark_stopped(failure)
         if not self._prefix or self.world == 1 or self._ended:
             return
         self._ended = True

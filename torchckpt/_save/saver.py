@@ -131,7 +131,7 @@ def _save_by_every_rank(source: Source, storage: Storage, path: str, coord: AnyC
             with gc_paused():
                 collective.finish(scope, storage, prepared, False if options.async_save else options.progress,
                                   options.replace, hooks, options.warm_page_cache)
-        except Exception as e:
+        except BaseException as e:  # a stop too (SystemExit on this thread): the others raise at once
             if options.async_save:  # the background part's exchanges end here (Coordinator.end_call)
                 scope.end_call(e)
             raise
