@@ -248,10 +248,13 @@ def _assign(units: list[Unit], world: int) -> None:
 
 
 def _files(units: list[Unit], world: int, max_shard_size: int) -> list[list[tuple[str, list[str]]]]:
+    owned: list[list[Unit]] = [[] for _ in range(world)]
+    for unit in units:  # one pass, in plan order (a pass per rank made this ranks x ranks x tensors)
+        owned[unit.owner].append(unit)
     per_rank: list[list[list[str]]] = []
     for rank in range(world):
-        mine = [(u.stored, u.nbytes, format_dtypes.itemsize(u.dtype)) for u in units if u.owner == rank]
-        groups = {u.stored: u.group for u in units if u.owner == rank and u.group}
+        mine = [(u.stored, u.nbytes, format_dtypes.itemsize(u.dtype)) for u in owned[rank]]
+        groups = {u.stored: u.group for u in owned[rank] if u.group}
         per_rank.append([s.names for s in plan_shards(mine, max_shard_size, groups)] if mine else [])
     if not any(per_rank):
         per_rank[0] = [[]]  # nothing to store: one empty shard, as a single process writes
