@@ -143,6 +143,87 @@ def test_a_lightning_shaped_checkpoint_keeps_its_plain_hyperparameters(tmp_path)
     assert_same(got["mean"], torch.arange(3, dtype=torch.float32))
 
 
+NUMPY_VALUES = {  # hyperparameters and callback state as Lightning pickles them: NumPy's own reduce
+    "f16": np.float16(1.5), "neg_zero": np.float64(-0.0), "i8": np.int8(-3), "u64": np.uint64(2**64 - 1),
+    "flag": np.bool_(False), "big_endian": np.array([1, 2, 515], dtype=">u2"),
+    "fortran": np.arange(6.0).reshape(2, 3).T, "empty": np.zeros((0, 3), np.float32), "zero_dim": np.array(5),
+    "nan_payload": np.array([0x7FF8_0000_0000_0ABC], np.int64).view(np.float64), "halves": np.arange(4, dtype="<f2"),
+    "bools": np.array([[True], [False]]), "in_tuple": (np.int32(1), [np.float32(2.0)]),
+    "dtypes": [np.dtype("float16"), np.dtype(">i4"), np.dtype("U5")],
+}
+
+
+def test_numpy_values_are_rebuilt_from_their_bytes_as_save_state_stores_them(tmp_path):
+    torch.save({"pytorch-lightning_version": "2.6.6", "hyper_parameters": NUMPY_VALUES}, tmp_path / "last.ckpt")
+    got = load_state(convert(tmp_path / "last.ckpt", tmp_path / "out"))
+    expected = load_state(torchckpt.save_state({"hyper_parameters": NUMPY_VALUES}, tmp_path / "direct"))
+    assert_same(got["hyper_parameters"], expected["hyper_parameters"])
+    assert got["hyper_parameters"]["dtypes"] == ["float16", ">i4", "<U5"]
+
+
+class Reduce:
+    """Pickles as ``fn(*args)`` (then ``__setstate__(state)``): a forged NumPy value."""
+
+    def __init__(self, fn, args, state=None) -> None:
+        self.fn, self.args, self.state = fn, args, state
+
+    def __reduce__(self):
+        return (self.fn, self.args) if self.state is None else (self.fn, self.args, self.state)
+
+
+def _forged_ckpt(path: pathlib.Path, value) -> pathlib.Path:
+    """A real torch.save archive whose pickle holds ``value`` (protocol 2, as torch writes it)."""
+    import pickle
+    import zipfile
+
+    torch.save({"x": 1}, path)
+    with zipfile.ZipFile(path) as archive:
+        entries = {n: archive.read(n) for n in archive.namelist()}
+    pickled = next(n for n in entries if n.endswith("data.pkl"))
+    entries[pickled] = pickle.dumps({"pytorch-lightning_version": "2.6", "hyper_parameters": {"x": value}}, protocol=2)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+    return path
+
+
+def _array(dtype, data, shape=(1,)):
+    from numpy._core import multiarray
+
+    return Reduce(multiarray._reconstruct, (np.ndarray, (0,), b"b"), (1, shape, dtype, False, data))
+
+
+# a dtype of raw bytes that NumPy reads as an object pointer (its REFCOUNT flag): freeing such an
+# array dereferenced an address the file chose (a crash, from convert of a downloaded file)
+POINTER_DTYPE = Reduce(np.dtype, ("V8", False, True), (3, "|", None, ("f",), {"f": (np.dtype("O"), 0)}, 8, 1, 1))
+
+
+@pytest.mark.parametrize(("value", "what"), [
+    pytest.param(_array(np.dtype("O"), [1, 2], (2,)), r"a NumPy dtype object \(an object", id="object-array"),
+    pytest.param(np.zeros(2, dtype=[("a", "<i4")]), r"a NumPy dtype \|V4 \(an object, record or void", id="record-array"),
+    pytest.param(_array(np.dtype("f4"), b"\0" * 8, (4,)), r"of shape \[4\] and dtype float32 stored in 8 bytes",
+                 id="bytes-short"),
+    pytest.param(Reduce(np.dtype, ("O", False, True), (3, "|", None, None, None, -1, -1, 63)),
+                 r"a NumPy dtype object", id="object-dtype"),
+])
+def test_a_forged_numpy_value_is_refused_and_nothing_is_written(tmp_path, value, what):
+    source = _forged_ckpt(tmp_path / "evil.ckpt", value)
+    with pytest.raises(UnsafePickleError, match=what) as info:
+        convert(source, tmp_path / "out")
+    assert "rebuilds NumPy values of plain dtypes only" in str(info.value) and "nothing was written" in str(info.value)
+    assert info.value.path == str(source) and info.value.global_name is None
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_numpy_array_whose_dtype_points_at_memory_the_file_chose_is_refused(tmp_path):
+    source = _forged_ckpt(tmp_path / "evil.ckpt", _array(POINTER_DTYPE, (0x4141414141414141).to_bytes(8, "little")))
+    done = subprocess.run([sys.executable, "-m", "torchckpt", "convert", str(source), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr[-2000:]  # before: killed by SIGSEGV (-11)
+    assert done.stderr.startswith(f"Error: {source} holds a NumPy dtype |V8 (an object, record or void dtype): ")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.fixture(scope="module")
 def lightning_ckpt(tmp_path_factory):
     """A real Lightning checkpoint: a tiny module fitted one epoch, hyperparameters with a Path and a
@@ -286,6 +367,15 @@ def test_a_pickle_with_a_payload_is_refused_and_never_runs(tmp_path, payload, le
     assert info.value.global_name in {"posix.system", "nt.system", "exec"}  # torch names a builtin bare
     assert info.value.path == str(tmp_path / "evil.pt")
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol 4")
+def test_a_pickle_torch_cannot_read_weights_only_is_refused_with_torchs_reason(tmp_path):
+    torch.save({"w": torch.ones(2)}, tmp_path / "p4.pt", pickle_protocol=4)  # an opcode torch's reader lacks
+    with pytest.raises(UnsafePickleError, match=r"p4\.pt was refused by torch\.load\(weights_only=True\) "
+                       r"\(Unsupported operand 149\): torchckpt never unpickles") as info:  # before: "()"
+        convert(tmp_path / "p4.pt", tmp_path / "out")
+    assert info.value.global_name is None and not (tmp_path / "out").exists()
 
 
 def test_the_command_refuses_a_payload_in_one_line(tmp_path):
@@ -584,7 +674,8 @@ def _damaged_folder(tmp_path: pathlib.Path, damage: str) -> pathlib.Path:
     folder.mkdir()
     weight_map = {"a": "s1.safetensors", "b": "s2.safetensors"} | ({"c": "s1.safetensors"} if damage == "unheld" else {})
     weight_map = {} if damage == "empty-map" else weight_map  # from_pretrained would load nothing
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (folder / "model.safetensors.index.json").write_text(
+        "[" * 100_000 + "]" * 100_000 if damage == "deep-index" else json.dumps({"weight_map": weight_map}))
     safetensors.torch.save_file({"a": torch.ones(1)}, folder / "s1.safetensors")
     s2 = {"a": torch.zeros(1), "b": torch.ones(2)} if damage == "twice" else {"b": torch.ones(2)}
     if damage == "wrong-kind":
@@ -600,6 +691,8 @@ DAMAGED = [  # damage, message, the file named
     ("twice", r"s2\.safetensors holds a, which another shard of .*/hf holds too", "s2.safetensors"),
     ("wrong-kind", r"s2\.safetensors is a torch\.save file, not a \.safetensors file as its name", "s2.safetensors"),
     ("empty-map", r"index\.json names no tensor \(its 'weight_map' is empty\), so from_pretrained would load nothing",
+     "model.safetensors.index.json"),
+    ("deep-index", r"index\.json nests JSON too deeply to be a Hugging Face index\.$",  # was a bare RecursionError
      "model.safetensors.index.json"),
 ]
 

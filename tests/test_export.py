@@ -77,8 +77,11 @@ def test_a_folder_holding_only_someones_config_is_never_replaced(tmp_path, capsy
     assert os.listdir(out) == ["config.json"] and json.loads((out / "config.json").read_text()) == {"hand": "written"}
 
 
-def test_a_converted_folder_exports_again_as_the_folder_it_was(tmp_path):
-    weights = {"transformer.wte.weight": torch.randn(5, 3), "transformer.h.0.mlp.bias": torch.randn(3)}
+@pytest.mark.parametrize("names", [["transformer.wte.weight", "transformer.h.0.mlp.bias"],
+                                   ["module.a", "module.b"], ["x._orig_mod.w", "y"]],
+                         ids=["plain", "all-under-module", "orig-mod"])  # before: the wrappers' prefixes went
+def test_a_converted_folder_exports_again_as_the_folder_it_was(tmp_path, names):
+    weights = {name: torch.randn(5 - i, 3) for i, name in enumerate(names)}
     folder = tmp_path / "hf"
     folder.mkdir()
     from safetensors.torch import save_file
@@ -147,7 +150,8 @@ def test_config_is_copied_once_it_is_a_json_object(tmp_path, capsys):
     (tmp_path / "config.json").write_text('{"model_type": "mlp"}')
     assert main(["export", path, "--object", "model", str(tmp_path / "out"), "--config", str(tmp_path / "config.json")]) == 0
     assert json.loads((tmp_path / "out" / "config.json").read_text()) == {"model_type": "mlp"}
-    for bad, message in (("{", "is not valid JSON"), ("[1, 2]", "holds a JSON list, not an object")):
+    for bad, message in (("{", "is not valid JSON"), ("[1, 2]", "holds a JSON list, not an object"),
+                         ("[" * 100_000 + "]" * 100_000, "nests JSON too deeply")):  # was a RecursionError
         (tmp_path / "bad.json").write_text(bad)
         assert main(["export", path, "--object", "model", str(tmp_path / "out"), "--config",
                      str(tmp_path / "bad.json")]) == 1

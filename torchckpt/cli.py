@@ -95,8 +95,8 @@ def _storage(args: argparse.Namespace, path: str) -> Storage:
 def _json_options(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"not JSON ({e})") from None
+    except (ValueError, RecursionError) as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e or 'nested too deeply'})") from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("must be a JSON object, such as '{\"anon\": true}'")
     return value

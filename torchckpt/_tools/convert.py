@@ -57,6 +57,7 @@ from torchckpt._format import spec as format_spec
 from torchckpt._load.foreign import HF_INDEX_SUFFIX, HF_SINGLE
 from torchckpt._paths import is_url, join
 from torchckpt._storage.base import REGULAR_FILE, Source, Storage
+from torchckpt._tools import pickled_numpy
 from torchckpt._tools.export import HF_INDEX
 from torchckpt.errors import (
     CheckpointError,
@@ -201,6 +202,8 @@ def _shards(src: str, name: str, storage: Storage, kind: str) -> Found:
         raw = json.loads(storage.read_file(index.real, format_spec.MAX_INDEX_SIZE, "Index"))
     except ValueError as e:
         raise CorruptCheckpointError(f"{index} is not JSON ({e}).", index.path) from None
+    except RecursionError:  # no index save_pretrained writes nests more than three levels
+        raise CorruptCheckpointError(f"{index} nests JSON too deeply to be a Hugging Face index.", index.path) from None
     weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CorruptCheckpointError(f"{index} has no 'weight_map' of tensor names to shard files.", index.path)
@@ -320,10 +323,19 @@ def _torch_load(member: Member, storage: Storage, zipped: bool) -> Any:
             if is_url(path) or path.endswith(format_spec.SHARD_SUFFIX):
                 source = storage.open(path, _SOURCE)
                 try:
-                    return torch.load(io.BufferedReader(_SourceFile(source)), map_location="cpu", weights_only=True)
+                    loaded = torch.load(io.BufferedReader(_SourceFile(source)), map_location="cpu", weights_only=True)
                 finally:
                     source.close()
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+            else:
+                loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+        return pickled_numpy.resolved(loaded)
+    except pickled_numpy.NumpyPickleError as e:
+        raise UnsafePickleError(
+            f"{member} holds {e}: torchckpt rebuilds NumPy values of plain dtypes only (numbers, bool, text, dates), "
+            "from their bytes alone, never from a file's description of their memory, so nothing was written. If "
+            "you trust the file, "
+            "load it yourself with torch.load(path, weights_only=False) and save the tensors and plain values "
+            "with torchckpt.save_state.", member.path, None) from None
     except OSError as e:
         if e.errno == errno.EINVAL:  # torch.load's own word for bytes it cannot map (an archive cut short)
             raise _corrupt(member, e) from None
@@ -370,8 +382,9 @@ def _unsafe(member: Member, error: Exception) -> UnsafePickleError:
         needs = (f"needs {name} to be unpickled, which is not a tensor or a plain value (code, or a class such "
                  "as an Enum or a dataclass of the program that saved it)")
     else:
-        detail = next((line.split(":", 1)[1].strip() for line in text.splitlines() if "WeightsUnpickler error" in line),
-                      text.splitlines()[0] if text else "")
+        _, marker, rest = text.partition("WeightsUnpickler error:")  # torch puts its reason on the lines after it
+        detail = " ".join(rest.split("Check the documentation")[0].split()) if marker else ""
+        detail = detail or (text.splitlines()[0] if text else type(error).__name__)
         needs = f"was refused by torch.load(weights_only=True) ({detail})"
     return UnsafePickleError(
         f"{member} {needs}: torchckpt never unpickles arbitrary code, so nothing in the file ran and nothing was "
@@ -389,7 +402,8 @@ def _plain_globals() -> list[Any]:
     """The plain-data classes allowed on top of torch's weights-only types, each under the names
     pickles give it: a path as the pure path of its flavour (so a Windows path reads on Linux), an
     ``argparse.Namespace``, Lightning's ``AttributeDict`` as a dict (Lightning is never imported),
-    and NumPy's scalars, arrays and dtypes when NumPy is installed."""
+    and NumPy's scalars, arrays and dtypes of plain number, text and date types, rebuilt by
+    :mod:`torchckpt._tools.pickled_numpy` (never by NumPy's unpickling, which trusts the file)."""
     allowed: list[Any] = [argparse.Namespace]
     for module in ("pathlib", "pathlib._local"):  # Python 3.13 pickles paths from pathlib._local
         allowed += [(pathlib.PurePosixPath, f"{module}.{name}") for name in ("PurePosixPath", "PosixPath")]
@@ -397,19 +411,7 @@ def _plain_globals() -> list[Any]:
     allowed += [(dict, f"{module}.AttributeDict") for module in (
         "lightning.fabric.utilities.data", "lightning_fabric.utilities.data",
         "lightning.pytorch.utilities.parsing", "pytorch_lightning.utilities.parsing")]
-    try:
-        import numpy as np
-    except ImportError:
-        return allowed
-    try:
-        from numpy._core import multiarray  # NumPy 2
-    except ImportError:
-        from numpy.core import multiarray  # type: ignore[no-redef]  # NumPy 1
-    dtypes = getattr(np, "dtypes", None)  # NumPy >= 1.25 pickles a dtype's class by name
-    allowed += [np.dtype, np.ndarray, *(getattr(dtypes, n) for n in getattr(dtypes, "__all__", []))]
-    for core in ("numpy.core", "numpy._core"):  # NumPy 1 and 2 pickle under different module names
-        allowed += [(multiarray.scalar, f"{core}.multiarray.scalar"),
-                    (multiarray._reconstruct, f"{core}.multiarray._reconstruct")]
+    allowed += pickled_numpy.globals_for_numpy()  # stand-ins that check what the pickle says, not NumPy's own
     return allowed
 
 

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from torchckpt._format import dtypes as format_dtypes
 from torchckpt._format import keypath, spec
 from torchckpt._load.foreign import HF_SINGLE
-from torchckpt._paths import as_path, join
+from torchckpt._paths import as_directory, join
 from torchckpt._progress import progress_bar
 from torchckpt._save import plan as save_plan
 from torchckpt._save import write as save_write
@@ -61,7 +61,7 @@ def export_module(reader: CheckpointReader, obj: str | None, out: str, storage: 
         CheckpointError: no such module, names that collide once prefixes are stripped, or an
             ``out`` that holds files an export would not write (it is never overwritten then).
     """
-    path, out = reader.path, as_path(out)
+    path, out = reader.path, as_directory(out)
     names = _module_tensors(reader, path, obj)
     local = _local_names(reader, obj, names)
     dtypes, shapes = reader.get_variable_to_dtype_map(), reader.get_variable_to_shape_map()
@@ -107,6 +107,9 @@ def _checked_config(data: bytes, what: str = "The --config file") -> bytes:
         value = json.loads(data)
     except ValueError as e:  # JSONDecodeError, and bytes that are not UTF-8
         raise CheckpointError(f"{what} is not valid JSON ({e}); pass the model's config.json (--config).") from None
+    except RecursionError:
+        raise CheckpointError(f"{what} nests JSON too deeply to be a model's config.json; pass the model's "
+                              "config.json (--config).") from None
     if not isinstance(value, dict):
         raise CheckpointError(f"{what} holds a JSON {type(value).__name__}, not an object; pass the model's "
                               "config.json (--config).")
@@ -141,8 +144,12 @@ _WRAPPER = "module."  # DDP's only child
 
 
 def _local_names(reader: CheckpointReader, obj: str | None, names: list[str]) -> dict[str, str]:
-    """Checkpoint name -> the module's own state-dict key, prefixes stripped; collisions refused."""
-    prefix = len(keypath.escape_part(obj) + keypath.SEP) if obj is not None else 0
+    """Checkpoint name -> the module's own state-dict key, wrappers' prefixes stripped (without
+    ``obj``, every tensor under its own name: a converted Hugging Face folder exports back as it
+    was); collisions refused."""
+    if obj is None:
+        return {n: keypath.unescape_part(n) for n in names}
+    prefix = len(keypath.escape_part(obj) + keypath.SEP)
     local = {n: keypath.canonical_module_key(keypath.unescape_part(n[prefix:]), ddp=False) for n in names}
     if all(key.startswith(_WRAPPER) for key in local.values()):  # a DDP wrapper's keys: all under its module
         local = {n: key[len(_WRAPPER):] for n, key in local.items()}  # (a child named module has siblings)

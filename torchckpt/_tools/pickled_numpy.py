@@ -1,0 +1,182 @@
+"""NumPy scalars, arrays and dtypes in a ``torch.save`` file, rebuilt without NumPy's unpickling.
+
+Lightning puts NumPy values into a checkpoint's hyperparameters and callback state, and
+``torch.load(weights_only=True)`` refuses them unless NumPy's reconstructors are allowed. Those
+trust the pickle: ``dtype.__setstate__`` takes fields, flags and sizes from it, so a crafted file
+can declare an object field over raw bytes of its choosing, and freeing the array then treats
+those bytes as a pointer (a crash, or worse, from ``torchckpt convert`` of a downloaded file).
+
+So the names a pickle uses for them (``numpy.dtype``, ``numpy.ndarray``, ``numpy.core.multiarray``'s
+``_reconstruct`` and ``scalar``, under NumPy 1's and 2's module names) are given to the functions
+here. They build stand-ins that check what the pickle says (a dtype is a plain code such as
+``"f4"`` or ``"U5"``, with no fields, subarray or objects; an array's bytes are exactly its shape
+times its item size) and make each value from its bytes with ``numpy.frombuffer``, never from
+the pickle's state. :func:`resolved` swaps the stand-ins for the NumPy values once the file is
+loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Any
+
+_SAFE_KINDS = frozenset("biufcSUmM")  # numbers, bool, fixed-size text and bytes, dates: no object pointers
+_MAX_DIMS = 64  # NumPy's own limit
+
+
+class NumpyPickleError(ValueError):
+    """A NumPy value in a pickle that is not one NumPy writes for a plain dtype."""
+
+
+class _Dtype:
+    """A dtype as the pickle describes it: a plain code, then its byte order (``__setstate__``)."""
+
+    dtype: Any = None
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, tuple) or len(state) < 5 or state[2:5] != (None, None, None):
+            raise NumpyPickleError("a NumPy dtype with fields or a subarray (a record dtype)")
+        order = state[1]
+        if self.dtype is None or order not in ("<", ">", "=", "|"):
+            raise NumpyPickleError(f"a NumPy dtype pickled with byte order {order!r}")
+        if order in "<>":
+            self.dtype = self.dtype.newbyteorder(order)
+
+
+class _Array:
+    """An array as the pickle describes it: shape, dtype, order and bytes (``__setstate__``)."""
+
+    array: Any = None
+
+    def __setstate__(self, state: Any) -> None:
+        import numpy
+
+        if not isinstance(state, tuple) or len(state) != 5:
+            raise NumpyPickleError("a NumPy array whose pickled state is not (version, shape, dtype, order, bytes)")
+        _, shape, dtype, fortran, data = state
+        dtype = _dtype_of(dtype)
+        if (not isinstance(shape, tuple) or len(shape) > _MAX_DIMS
+                or not all(type(n) is int and n >= 0 for n in shape)):
+            raise NumpyPickleError(f"a NumPy array of shape {shape!r}")
+        if type(fortran) is not bool or not isinstance(data, (bytes, bytearray)):
+            raise NumpyPickleError("a NumPy array whose bytes are not stored as bytes (an object array)")
+        if len(data) != math.prod(shape) * dtype.itemsize:
+            raise NumpyPickleError(f"a NumPy array of shape {list(shape)} and dtype {dtype} stored in {len(data)} bytes")
+        flat = numpy.frombuffer(bytes(data), dtype=dtype)
+        self.array = flat.reshape(shape, order="F" if fortran else "C")
+
+
+class _ArrayClass:
+    """What the pickle's ``numpy.ndarray`` global stands for: only an argument of ``_reconstruct``."""
+
+
+def _dtype(code: Any, align: Any = False, copy: Any = True) -> _Dtype:
+    """``numpy.dtype(code, align, copy)`` for a plain code; the byte order comes with ``__setstate__``."""
+    import numpy
+
+    if not isinstance(code, str) or align not in (False, 0) or len(code) > 16:
+        raise NumpyPickleError(f"a NumPy dtype made from {code!r}")
+    try:
+        dtype = numpy.dtype(code)
+    except (TypeError, ValueError) as e:
+        raise NumpyPickleError(f"a NumPy dtype made from {code!r}") from e
+    if dtype.kind not in _SAFE_KINDS or dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
+        raise NumpyPickleError(f"a NumPy dtype {dtype} (an object, record or void dtype)")
+    made = _Dtype()
+    made.dtype = dtype
+    return made
+
+
+def _reconstruct(cls: Any, shape: Any, typecode: Any) -> _Array:
+    if cls is not _ArrayClass:
+        raise NumpyPickleError(f"a NumPy array of class {cls!r}")
+    return _Array()
+
+
+def _scalar(dtype: Any, data: Any = None) -> Any:
+    import numpy
+
+    dtype = _dtype_of(dtype)
+    if not isinstance(data, (bytes, bytearray)) or len(data) != dtype.itemsize:
+        raise NumpyPickleError(f"a NumPy {dtype} scalar stored as {type(data).__name__}")
+    return numpy.frombuffer(bytes(data), dtype=dtype)[0]
+
+
+def _empty_bytes(*args: Any) -> bytes:
+    """``bytes()``, which protocol 2 pickles an empty array's data as (non-empty bytes are
+    ``_codecs.encode`` calls, which torch allows)."""
+    if args:
+        raise NumpyPickleError(f"bytes made by bytes{args!r:.60}")
+    return b""
+
+
+def _dtype_of(value: Any) -> Any:
+    if not isinstance(value, _Dtype) or value.dtype is None:
+        raise NumpyPickleError(f"a NumPy value whose dtype is {type(value).__name__}")
+    return value.dtype
+
+
+def globals_for_numpy() -> list[tuple[Any, str]]:
+    """``(stand-in, pickled name)`` pairs for ``torch.serialization.safe_globals``: the names NumPy 1
+    and 2 pickle its dtypes, arrays and scalars under. Empty without NumPy."""
+    try:
+        import numpy  # noqa: F401
+    except ImportError:
+        return []
+    pairs: list[tuple[Any, str]] = [(_dtype, "numpy.dtype"), (_ArrayClass, "numpy.ndarray"),
+                                    (_Dtype, f"{__name__}._Dtype"), (_Array, f"{__name__}._Array"),
+                                    (_empty_bytes, "builtins.bytes")]
+    for core in ("numpy.core", "numpy._core"):
+        pairs += [(_reconstruct, f"{core}.multiarray._reconstruct"), (_scalar, f"{core}.multiarray.scalar")]
+    return pairs
+
+
+def resolved(value: Any) -> Any:
+    """``value`` (what ``torch.load`` returned) with every stand-in replaced by its NumPy value:
+    dicts, lists and ``argparse.Namespace`` objects changed in place, tuples rebuilt.
+
+    Raises:
+        NumpyPickleError: an array the pickle never filled, the class ``numpy.ndarray`` as a
+            value, or containers nested too deeply to walk.
+    """
+    try:
+        return _Resolver().value(value)
+    except RecursionError:
+        raise NumpyPickleError("values nested too deeply") from None
+
+
+class _Resolver:
+    def __init__(self) -> None:
+        self._done: dict[int, Any] = {}  # id of a container visited -> its value with stand-ins replaced
+        self._kept: list[Any] = []  # the containers visited, alive, so that no other object takes their ids
+
+    def value(self, value: Any) -> Any:
+        if isinstance(value, _Dtype):
+            return _dtype_of(value)
+        if isinstance(value, _Array):
+            if value.array is None:
+                raise NumpyPickleError("a NumPy array without its data")
+            return value.array
+        if value is _ArrayClass:
+            raise NumpyPickleError("the class numpy.ndarray as a value")
+        if not (isinstance(value, (dict, list, argparse.Namespace)) or type(value) is tuple):
+            return value  # a tensor, a number, a str, a path, a torch.Size...: nothing inside to replace
+        key = id(value)
+        if key in self._done:  # shared, or a cycle through a list or dict
+            return self._done[key]
+        self._kept.append(value)
+        self._done[key] = value
+        if isinstance(value, dict):
+            for name, item in value.items():
+                value[name] = self.value(item)
+        elif isinstance(value, list):
+            value[:] = [self.value(item) for item in value]
+        elif isinstance(value, argparse.Namespace):
+            vars(value).update({name: self.value(item) for name, item in vars(value).items()})
+        else:
+            items = tuple(self.value(item) for item in value)
+            if any(a is not b for a, b in zip(items, value)):
+                self._done[key] = items
+            return self._done[key]
+        return value
