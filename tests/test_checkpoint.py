@@ -59,6 +59,22 @@ def test_a_save_whose_record_failed_after_its_commit_takes_its_number(tmp_path, 
     assert ckpt.save_counter == 3 and ckpt.save(tmp_path / "ckpt") == os.path.join(tmp_path, "ckpt-4")
 
 
+def test_a_directory_to_write_may_end_with_a_separator(tmp_path):
+    # "out/" names the directory out (before: its temporary sibling was looked for inside it, and
+    # the write failed with "No such file or directory")
+    w = torch.arange(4.0)
+    torch.save({"w": w}, tmp_path / "src.pt")
+    written = {
+        "write": torchckpt.Checkpoint(w=w).write(f"{tmp_path}/a/"),
+        "save_state": torchckpt.save_state({"w": w}, f"{tmp_path}/b//"),
+        "convert": torchckpt.state_dicts.convert(tmp_path / "src.pt", f"{tmp_path}/c/"),
+    }
+    assert written == {"write": f"{tmp_path}/a", "save_state": f"{tmp_path}/b", "convert": f"{tmp_path}/c"}
+    for path in written.values():
+        assert torch.equal(torchckpt.load_state(path)["w"], w)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c", "src.pt"]
+
+
 def test_write_leaves_save_counter_alone_and_read_does_not_expect_it(tmp_path):
     ckpt = torchckpt.Checkpoint(w=torch.arange(3.0))
     path = ckpt.write(str(tmp_path / "exact"))

@@ -31,6 +31,17 @@ def as_path(path: Any) -> str:
     raise TypeError(f"A checkpoint path must be a str, bytes or os.PathLike, not {type(path).__name__}.")
 
 
+def as_directory(path: Any) -> str:
+    """A path argument that names a checkpoint directory to write, without trailing separators:
+    ``"out/"`` is the directory ``out`` (its temporary sibling is ``out.torchckpt-tmp-...``, not a
+    name inside a directory that does not exist yet). The root (``/``, ``s3://bucket``) is kept."""
+    value = as_path(path)
+    if is_url(value):
+        stripped = value.rstrip("/")
+        return stripped if len(stripped) > value.index("://") + 3 else value
+    return value.rstrip(os.sep + (os.altsep or "")) or value
+
+
 def join(base: str, *names: str) -> str:
     """``base/name/...`` for a local path or a URL (names are plain file names)."""
     return posixpath.join(base, *names) if is_url(base) or not base else os.path.join(base, *names)

@@ -28,7 +28,7 @@ from torchckpt._load.match import Tracking, is_stateful
 from torchckpt._load.plan import Plan
 from torchckpt._load.rename import Rename, Renamer, call_argument
 from torchckpt._load.report import MismatchReport
-from torchckpt._paths import as_path, join, name_of, parent_of
+from torchckpt._paths import as_directory, as_path, join, name_of, parent_of
 from torchckpt._save import capture as save_capture
 from torchckpt._save import plan as save_plan
 from torchckpt._save import saver
@@ -216,7 +216,7 @@ class Checkpoint:
                 a value that differs across ranks without ``PerRank``, or a rank that never arrived.
             Any failure of a previous asynchronous write.
         """
-        path = as_path(path)
+        path = as_directory(path)
         base_path = as_path(base) if base is not None else None
         coord = dist_coordinator.coordinator_for(process_group, timeout_secs).call(
             "Saving " + path,  # every rank must make this same call: its arguments are compared first

@@ -23,7 +23,7 @@ import torch
 from torchckpt._dist import coordinator as dist_coordinator
 from torchckpt._format import keypath, spec
 from torchckpt._format.per_rank import without_per_rank
-from torchckpt._paths import as_path, is_url
+from torchckpt._paths import as_directory, as_path, is_url
 from torchckpt._save import capture as save_capture
 from torchckpt._save import saver
 from torchckpt._save.background import AsyncWriter
@@ -80,7 +80,7 @@ def save_state(
         >>> torchckpt.load_state(path)
         {'w': tensor([1., 1.]), 'epoch': 3}
     """
-    path = as_path(path)
+    path = as_directory(path)
     _save_plain(state, path, max_shard_size, progress, storage_options, process_group, timeout_secs, replace=True)
     return path
 
@@ -272,7 +272,7 @@ def convert(
         >>> torchckpt.load_state(convert(d + "/model.pt", d + "/model"))
         {'w': tensor([1., 1.]), 'epoch': 3}
     """
-    src, out = as_path(src), as_path(out)
+    src, out = as_path(src), as_directory(out)
     source_options = storage_options if is_url(src) else None
     found = convert_tool.find_source(src, storage_for(src, source_options))
     target = storage_for(out, storage_options if is_url(out) else None)

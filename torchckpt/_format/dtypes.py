@@ -17,6 +17,7 @@ keys and byte counts are shared objects (bounded, so a hostile index cannot grow
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import struct
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 
 # safetensors dtype name -> bytes per element (the format's own table; no torch needed)
 ITEMSIZES: dict[str, int] = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E5M2FNUZ": 1, "F8_E4M3FNUZ": 1,
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E5M2FNUZ": 1, "F8_E4M3FNUZ": 1, "F8_E8M0": 1,
     "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
     "I32": 4, "U32": 4, "F32": 4,
     "C64": 8, "F64": 8, "I64": 8, "U64": 8,
@@ -41,7 +42,7 @@ ITEMSIZES: dict[str, int] = {
 # how the command line names a dtype (``float32``, as ``str(torch.float32)`` without ``torch.``).
 TORCH_NAMES = {
     "BOOL": "bool", "U8": "uint8", "I8": "int8", "F8_E5M2": "float8_e5m2", "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2FNUZ": "float8_e5m2fnuz", "F8_E4M3FNUZ": "float8_e4m3fnuz", "I16": "int16", "U16": "uint16",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz", "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E8M0": "float8_e8m0fnu", "I16": "int16", "U16": "uint16",
     "F16": "float16", "BF16": "bfloat16", "I32": "int32", "U32": "uint32", "F32": "float32",
     "C64": "complex64", "F64": "float64", "I64": "int64", "U64": "uint64",
 }
@@ -66,7 +67,8 @@ class _TorchTable(dict[Any, Any]):
         import torch
 
         for name, attr in TORCH_NAMES.items():
-            self._fill(self, name, getattr(torch, attr))
+            if hasattr(torch, attr):  # F8_E8M0 needs torch 2.7
+                self._fill(self, name, getattr(torch, attr))
         self._filled = True  # after the fill: a thread that misses meanwhile fills again (the same entries)
         return self[key]
 
@@ -97,7 +99,10 @@ def __getattr__(name: str) -> Any:
     """``DTYPE_NAMES`` and ``SUPPORTED_DTYPES`` hold torch dtypes, so they are built (and torch
     imported) when the save path first reads them."""
     if name in ("DTYPE_NAMES", "SUPPORTED_DTYPES"):
-        names = {TORCH_DTYPES[n]: n for n in ITEMSIZES}
+        names = {}
+        for n in ITEMSIZES:
+            with contextlib.suppress(KeyError):  # a dtype this torch lacks (F8_E8M0 before torch 2.7)
+                names[TORCH_DTYPES[n]] = n
         globals().update(DTYPE_NAMES=names, SUPPORTED_DTYPES=frozenset(names))
         return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -117,7 +122,11 @@ def dtype_to_str(dtype: torch.dtype) -> str:
 
 def str_to_dtype(name: Any, where: str = "", path: str | None = None) -> torch.dtype:
     """The torch dtype of a safetensors name (imports torch); unknown names are a corrupt checkpoint."""
-    return TORCH_DTYPES[check_dtype(name, where, path)]
+    try:
+        return TORCH_DTYPES[check_dtype(name, where, path)]
+    except KeyError:
+        raise CorruptCheckpointError(f"Dtype {name!r}{where} needs a newer torch (torch.{TORCH_NAMES[name]}).",
+                                     path) from None
 
 
 def itemsize(dtype: torch.dtype | str) -> int:

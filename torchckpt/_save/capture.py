@@ -44,7 +44,7 @@ def check_tensor(name: str, t: torch.Tensor) -> None:
     check_shape(name, t)
     if t.dtype not in format_dtypes.SUPPORTED_DTYPES:
         raise UnsupportedStateError(
-            f"Cannot save tensor {name!r}: dtype {t.dtype} is not one safetensors can store "
+            f"Cannot save tensor {name!r}: dtype {t.dtype} is not one torchckpt stores "
             f"(supported: {', '.join(sorted(format_tree.dtype_name(d) for d in format_dtypes.SUPPORTED_DTYPES))}).",
             key=name,
             value_type=type(t),

@@ -26,7 +26,7 @@ from torchckpt._format.dict_order import keep_dict_order
 from torchckpt._format.spec import INDEX_FILE
 from torchckpt._load import index_fields
 from torchckpt._load import opened as load_opened
-from torchckpt._paths import as_path
+from torchckpt._paths import as_directory
 from torchckpt._progress import progress_bar
 from torchckpt._save import plan as save_plan
 from torchckpt._save import write as save_write
@@ -59,7 +59,7 @@ def consolidate(reader: CheckpointReader, out: str, storage: Storage, *, rank: i
             torchckpt checkpoint.
         CorruptCheckpointError: a chunk fails its checksum (nothing is committed).
     """
-    path, out = reader.path, as_path(out)
+    path, out = reader.path, as_directory(out)
     if reader.kind != "torchckpt":
         raise CheckpointError(f"{path} is not a torchckpt checkpoint; it is plain safetensors already.")
     world = reader.world_size
