@@ -9,7 +9,9 @@ captures its state anyway); the planning is, from the record to this rank's numb
 Workloads (TENSORS tensors per rank, shapes cycling through a transformer's):
 - fsdp: every tensor a DTensor sharded on dim 0 over a 1-D mesh of WORLD ranks;
 - hsdp: a 2-D mesh (8, WORLD / 8), replicated along the first dimension, sharded along the second;
-- ddp: every tensor plain (replicated): spread over the ranks largest first.
+- ddp: every tensor plain (replicated): spread over the ranks largest first;
+- fsdp-tp: FSDP2 over tensor parallelism on a (WORLD / 8, 8) mesh: column-parallel weights and
+  their biases are strided shards (``_StridedShard``), row-parallel ones ``Shard(0), Shard(1)``.
 
 Rows: the first plan of a structure (``cold``) and the next save of the same structure (``cached``),
 for the first, a middle and the last rank (the slowest is reported), each in a fresh process. For
@@ -36,19 +38,58 @@ from _common import machine, median  # noqa: E402
 SHAPES = [(4096, 1024), (1024,), (1024, 4096), (4096,), (1024, 1024), (1024,)]
 
 
+# FSDP2 over tensor parallelism on a (world / 8, 8) mesh, for each shape of SHAPES in turn: a
+# column-parallel weight (strided: FSDP shards rows that TP sharded first), a vector replicated
+# over TP, a row-parallel weight, a vector, a column-parallel weight, a vector
+TP_PLACEMENTS = [("S0/8", "S0"), ("S0", "R"), ("S0", "S1"), ("S0", "R"), ("S0/8", "S0"), ("S0", "R")]
+
+
+def split_box(shape: tuple[int, ...], mesh: tuple[int, ...], placements: tuple[str, ...],
+              coordinate: tuple[int, ...]) -> tuple[list[int], list[int]]:
+    """This coordinate's chunk as ``distribute_tensor`` lays it out: each dimension's indices split
+    by the placements in mesh order (torch's ``_split_tensor``, strided shards included)."""
+    import torch
+    from torch.distributed.tensor.placement_types import Shard, _StridedShard
+
+    offsets, sizes = [], []
+    for dim, n in enumerate(shape):
+        held = torch.arange(n).reshape([n if d == dim else 1 for d in range(len(shape))])
+        for size, placement, c in zip(mesh, placements, coordinate):
+            at, _, factor = placement[1:].partition("/")
+            if placement == "R" or int(at) != dim:
+                continue
+            split = _StridedShard(dim, split_factor=int(factor)) if factor else Shard(dim)
+            parts, _ = split._split_tensor(held, size, with_padding=False, contiguous=True)
+            held = parts[c] if c < len(parts) else held[:0]
+        held = held.reshape(-1)
+        offsets.append(int(held[0]) if len(held) else 0)
+        sizes.append(len(held))
+    return offsets, sizes
+
+
 def record(workload: str, world: int, tensors: int, rank: int) -> tuple[list[list[Any]], dict[str, Any]]:
     from torch.distributed.tensor.placement_types import Shard
 
-    mesh = (8, world // 8) if workload == "hsdp" else (world,)
+    mesh = (8, world // 8) if workload == "hsdp" else (world // 8, 8) if workload == "fsdp-tp" else (world,)
     placements = ("R", "S0") if workload == "hsdp" else ("S0",)
-    coordinate = tuple(divmod(rank, mesh[1])) if workload == "hsdp" else (rank,)
+    coordinate = tuple(divmod(rank, mesh[1])) if len(mesh) == 2 else (rank,)
     entries: list[list[Any]] = []
     layouts: dict[str, Any] = {}
+    boxes: dict[tuple[Any, ...], tuple[list[int], list[int]]] = {}
     for i in range(tensors):
         shape = SHAPES[i % len(SHAPES)]
         name = f"model/layers.{i // len(SHAPES)}.p{i % len(SHAPES)}"
         if workload == "ddp":
             entries.append([name, "F32", list(shape), None, None, None, 0])
+            continue
+        if workload == "fsdp-tp":
+            tp = TP_PLACEMENTS[i % len(SHAPES)]
+            key = (shape, tp)
+            if key not in boxes:
+                boxes[key] = split_box(shape, mesh, tp, coordinate)
+            offsets, sizes = boxes[key]
+            entries.append([name, "F32", list(shape), list(offsets), list(sizes), None, 0])
+            layouts[name] = (mesh, tp, coordinate)
             continue
         offsets, sizes = [0] * len(shape), list(shape)
         for size, placement, c in zip(mesh, placements, coordinate):
@@ -97,6 +138,8 @@ def main() -> None:
     parser.add_argument("--world", type=int, default=1024)
     parser.add_argument("--tensors", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workloads", default="fsdp,hsdp,ddp,fsdp-tp,general",
+                        help="which rows: fsdp, hsdp, ddp, fsdp-tp (FSDP2 over tensor parallelism), general")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -109,7 +152,8 @@ def main() -> None:
     world, tensors = args.world, args.tensors
     rows: dict[str, Any] = {}
     ranks = [0, world // 2 + 1, world - 1]
-    for workload in ("fsdp", "hsdp", "ddp"):
+    chosen = args.workloads.split(",")
+    for workload in [w for w in ("fsdp", "hsdp", "ddp", "fsdp-tp") if w in chosen]:
         found: dict[str, list[float]] = {"cold": [], "cached": []}
         for _ in range(args.rounds):
             runs = [fresh([workload, str(world), str(tensors), str(r)]) for r in ranks]
@@ -117,6 +161,9 @@ def main() -> None:
                 found[key].append(max(run[key] for run in runs))
         rows[f"{workload} {world} ranks x {tensors} tensors"] = {k: round(median(v), 4) for k, v in found.items()}
         print(workload, rows[f"{workload} {world} ranks x {tensors} tensors"], flush=True)
+    if "general" not in chosen:
+        print(json.dumps({"machine": machine(), "rows": rows}, indent=1))
+        return
     for small_world, small_tensors in ((8, 2000), (32, 2000), (128, 2000)):
         seconds = median([fresh(["general", str(small_world), str(small_tensors)])["cold"]
                           for _ in range(args.rounds)])

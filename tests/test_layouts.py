@@ -11,7 +11,8 @@ import itertools
 import math
 
 import pytest
-from torch.distributed.tensor.placement_types import Shard
+import torch
+from torch.distributed.tensor.placement_types import Shard, _StridedShard
 
 from torchckpt._format import spec
 from torchckpt._save import layouts, plan
@@ -21,13 +22,38 @@ F32 = "F32"
 
 def box_of(shape: tuple[int, ...], mesh: tuple[int, ...], placements: tuple[str, ...],
            coordinate: tuple[int, ...]) -> tuple[list[int], list[int]]:
-    """This coordinate's chunk, by torch's rule for ``Shard`` (each placement on its own dimension)."""
+    """This coordinate's chunk, by torch's rule for ``Shard`` (each placement on its own dimension);
+    a strided shard (``"S0/2"``) or a dimension sharded twice by torch's own split of its indices."""
+    sharded = [p for p in placements if p != "R"]
+    if any("/" in p for p in sharded) or len(set(sharded)) < len(sharded):
+        return split_box(shape, mesh, placements, coordinate)
     offsets, sizes = [0] * len(shape), list(shape)
     for size, placement, c in zip(mesh, placements, coordinate):
         if placement != "R":
             d = int(placement[1:])
             sizes[d], start = Shard.local_shard_size_and_offset(shape[d], size, c)
             offsets[d] = start if sizes[d] else 0
+    return offsets, sizes
+
+
+def split_box(shape: tuple[int, ...], mesh: tuple[int, ...], placements: tuple[str, ...],
+              coordinate: tuple[int, ...]) -> tuple[list[int], list[int]]:
+    """The chunk ``distribute_tensor`` gives this coordinate: each dimension's indices split by the
+    placements in mesh order (``_split_tensor``), as FSDP2 over tensor parallelism lays them out."""
+    offsets, sizes = [], []
+    for dim, n in enumerate(shape):
+        held = torch.arange(n).reshape([n if d == dim else 1 for d in range(len(shape))])
+        for size, placement, c in zip(mesh, placements, coordinate):
+            at, _, factor = placement[1:].partition("/")
+            if placement == "R" or int(at) != dim:
+                continue
+            split = _StridedShard(dim, split_factor=int(factor)) if factor else Shard(dim)
+            parts, _ = split._split_tensor(held, size, with_padding=False, contiguous=True)
+            held = parts[c] if c < len(parts) else held[:0]
+        held = held.reshape(-1)
+        assert torch.equal(held, torch.arange(int(held[0]), int(held[0]) + len(held))) if len(held) else True
+        offsets.append(int(held[0]) if len(held) else 0)
+        sizes.append(len(held))
     return offsets, sizes
 
 
@@ -65,6 +91,16 @@ CASES = {
     "2-d distinct dims": ((2, 2), [("w", (4, 6), ("S0", "S1")), ("n", (4,), ("R", "S0"))]),
     "replicated dtensors": ((3,), [(f"r{i}", (4,), ("R",)) for i in range(7)]),
     "plain, one split": ((2,), [("emb", (4096, 2048), None), ("x", (3,), None), ("w", (4, 2), ("S0",))]),
+    # FSDP2 over tensor parallelism: a column-parallel weight is strided, a row-parallel one is not
+    # (these took the general plan, every rank's full list on every rank, at every save)
+    "fsdp over tp": ((2, 2), [("colwise", (8, 3), ("S0/2", "S0")), ("bias", (6,), ("S0/2", "S0")),
+                              ("rowwise", (4, 6), ("S0", "S1")), ("odd", (5, 2), ("S0/2", "S0")),
+                              ("one row", (1, 4), ("S0/2", "S0"))]),
+    "fsdp over tp, 2 x 4": ((2, 4), [("w", (8, 2), ("S0/4", "S0")), ("three", (3,), ("S0/4", "S0")),
+                                     ("six", (6, 2), ("S0/4", "S0"))]),
+    "hsdp over tp": ((2, 2, 2), [("w", (8, 4), ("R", "S0/2", "S0")), ("v", (7,), ("R", "S0/2", "S0"))]),
+    "a dimension sharded twice": ((2, 2), [("w", (5, 2), ("S0", "S0")), ("v", (2,), ("S0", "S0"))]),
+    "strided columns": ((2, 2), [("w", (3, 8), ("S1/2", "S1")), ("u", (2, 5, 6), ("S2/2", "S2"))]),
 }
 
 
@@ -97,7 +133,7 @@ def test_a_save_that_stores_nothing_writes_one_empty_shard_on_rank_0() -> None:
     assert [p.files for p in parts] == [[(spec.shard_name(1, 1), [])], []]
 
 
-@pytest.mark.parametrize("layout", [None, ((4,), ("S0",), (0,))], ids=["strided or nested", "mesh of another size"])
+@pytest.mark.parametrize("layout", [None, ((4,), ("S0",), (0,))], ids=["outside the mesh or another placement", "mesh of another size"])
 def test_a_layout_the_rank_cannot_plan_alone_asks_for_the_general_plan(layout: tuple | None) -> None:
     entries = [["w", F32, [8], [0], [4], None, 0]]
     assert layouts.draft(entries, {"w": layout}, set(), 0, 2, 10**6) is None

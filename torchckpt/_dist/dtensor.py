@@ -151,11 +151,12 @@ def _is_one_block(shape: tuple[int, ...], mesh: Any, placements: tuple[Any, ...]
 Layout = tuple[tuple[int, ...], tuple[str, ...], tuple[int, ...]]  # mesh shape, placements, this rank's coordinate
 
 
-def simple_layout(t: Any) -> Layout | None:
-    """(mesh shape, placements as ``"S<dim>"``/``"R"``, this rank's mesh coordinate) of a DTensor
-    whose every chunk follows from these alone: each placement ``Shard`` of a distinct dimension, or
-    ``Replicate``. None for the rest (strided shards, a dimension sharded twice, a rank outside the
-    mesh), whose chunks a save learns from every rank instead (see ``_save.layouts``)."""
+def mesh_layout(t: Any) -> Layout | None:
+    """(mesh shape, placements by name, this rank's mesh coordinate) of a DTensor: ``"R"`` for
+    ``Replicate``, ``"S<dim>"`` for ``Shard``, ``"S<dim>/<split factor>"`` for the ``_StridedShard``
+    of FSDP2 over tensor parallelism. Every rank's chunk follows from these and the global shape
+    (:func:`chunk_count`), so a save can plan without learning other ranks' chunks (see
+    ``_save.layouts``). None for a rank outside the mesh and for placements of other kinds."""
     spec = _spec_of(t)
     return _spec_layout(spec) if spec is not None else _layout(t.device_mesh, tuple(t.placements), t.ndim)
 
@@ -172,19 +173,43 @@ def _layout(mesh: Any, placements: tuple[Any, ...], ndim: int) -> Layout | None:
     if coordinate is None:
         return None
     names: list[str] = []
-    sharded: set[int] = set()
     for p in placements:
+        kind = type(p).__name__
         if p.is_replicate():
             names.append("R")
-        elif type(p).__name__ == "Shard" and p.is_shard():
-            dim = p.dim % max(1, ndim)
-            if dim in sharded:
-                return None
-            sharded.add(dim)
-            names.append(f"S{dim}")
+        elif kind == "Shard":
+            names.append(f"S{p.dim % max(1, ndim)}")
+        elif kind == "_StridedShard":
+            names.append(f"S{p.dim % max(1, ndim)}/{int(p.split_factor)}")
         else:
             return None
     return tuple(int(n) for n in mesh.shape), tuple(names), tuple(int(c) for c in coordinate)
+
+
+@functools.lru_cache(maxsize=1024)
+def chunk_count(shape: tuple[int, ...], mesh: tuple[int, ...], placements: tuple[str, ...]) -> int:
+    """How many non-empty chunks the placements (named as :func:`mesh_layout` names them) cut a
+    tensor of ``shape`` into, over a mesh of that shape: along each sharded dimension, its indices
+    split by each placement in mesh order, by torch's own rule (``_split_tensor``, as
+    ``distribute_tensor`` splits), and the non-empty pieces counted; the dimensions are sharded by
+    different mesh dimensions, so the counts multiply. One count is all ranks' view of the layout,
+    whatever chunk each holds."""
+    from torch.distributed.tensor.placement_types import Shard, _StridedShard
+
+    count = 1
+    for dim in range(len(shape)):  # the indices along ``dim``, in a tensor of the DTensor's rank
+        pieces = [torch.arange(shape[dim]).reshape([shape[dim] if d == dim else 1 for d in range(len(shape))])]
+        for size, name in zip(mesh, placements):
+            if name == "R":
+                continue
+            at, _, factor = name[1:].partition("/")
+            if int(at) != dim:
+                continue
+            placement = _StridedShard(dim, split_factor=int(factor)) if factor else Shard(dim)
+            pieces = [part for piece in pieces
+                      for part in placement._split_tensor(piece, size, with_padding=False, contiguous=True)[0]]
+        count *= sum(1 for piece in pieces if piece.numel())
+    return count
 
 
 def localize(tensors: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -74,7 +74,7 @@ class Captured:
     aliases: dict[str, str] = field(default_factory=dict)
     per_rank: list[list[Any]] = field(default_factory=list)  # [JSON path, encoded value]
     tree_digest: str = ""
-    layouts: dict[str, Layout | None] = field(default_factory=dict)  # DTensor name -> its layout, if simple
+    layouts: dict[str, Layout | None] = field(default_factory=dict)  # DTensor name -> its layout (or None)
     ranked: set[str] = field(default_factory=set)  # names of per-rank tensors
     order: list[str] = field(default_factory=list)  # every tensor name in the tree's order (``_format.dict_order``)
 
@@ -109,7 +109,7 @@ def capture(tensors: dict[str, Any], section: dict[str, Any], rank: int, groups:
             if box is None:
                 continue
             out.local[name] = local
-            out.layouts[name] = dist_dtensor.simple_layout(t)
+            out.layouts[name] = dist_dtensor.mesh_layout(t)
             out.entries.append([name, format_dtypes.DTYPE_NAMES[t.dtype], list(t.shape), list(box[0]), list(box[1]), None,
                                 groups.get(name, 0)])
         else:

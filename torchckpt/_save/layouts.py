@@ -6,11 +6,12 @@ meet at scale (1,024 ranks x 20,000 tensors is 20 million entries on every rank)
 case every rank holds the same tensors, laid out by the same meshes and placements, and a rank can
 work out alone what it writes:
 
-- a DTensor whose placements are each ``Shard`` of its own dimension or ``Replicate`` has chunks
-  that follow from its global shape, its mesh's shape and its placements; this rank holds the chunk
-  at its own coordinate, and ranks that differ only along ``Replicate`` dimensions hold the same
-  one: of those, the one whose position along them equals the tensor's ordinal (modulo their
-  number) writes it, which spreads the replicated chunks evenly without any exchange;
+- a DTensor whose placements are ``Shard``, ``Replicate`` or the ``_StridedShard`` of FSDP2 over
+  tensor parallelism has chunks that follow from its global shape, its mesh's shape and its
+  placements; this rank holds the chunk at its own coordinate, and ranks that differ only along
+  ``Replicate`` dimensions hold the same one: of those, the one whose position along them equals
+  the tensor's ordinal (modulo their number) writes it, which spreads the replicated chunks evenly
+  without any exchange;
 - plain tensors (the same on every rank) are split and spread over the ranks by the same rule as
   the general plan (largest first onto the least loaded), from the one list every rank has;
 - per-rank tensors (``PerRank``, ``RNGState``) are this rank's own.
@@ -18,8 +19,9 @@ work out alone what it writes:
 So each rank sends a digest of its *structure* (names, dtypes, global shapes, layouts, the digests
 of plain tensors) and the number of files it will write; when every digest is equal, each
 rank numbers its files after those of the ranks before it and writes, and nothing else is
-exchanged. When they differ (another layout on some rank, a strided shard, a value that differs),
-the save falls back to the general plan, which also names what differs. The plan of a structure is
+exchanged. When they differ (another layout on some rank, a value that differs), or a layout needs
+it (a mesh that is not the whole job, another kind of placement, an empty tensor), the save falls
+back to the general plan, which also names what differs. The plan of a structure is
 kept for the next save of the same structure, the common case of a training run.
 """
 
@@ -37,6 +39,7 @@ from typing import Any
 import torch
 import xxhash
 
+from torchckpt._dist import dtensor as dist_dtensor
 from torchckpt._dist.dtensor import Layout
 from torchckpt._format import chunks as format_chunks
 from torchckpt._format import dtypes as format_dtypes
@@ -64,7 +67,7 @@ def draft(entries: Sequence[list[Any]], layouts: dict[str, Layout | None], per_r
           world: int, max_shard_size: int) -> Draft | None:
     """This rank's plan, assuming every rank sends the same structure; None when its state has a
     layout that needs the general plan. ``entries`` are ``_save.collective.Captured.entries``,
-    ``layouts`` each DTensor's (``_dist.dtensor.simple_layout``), ``per_rank`` the names of per-rank
+    ``layouts`` each DTensor's (``_dist.dtensor.mesh_layout``), ``per_rank`` the names of per-rank
     tensors."""
     shared: list[list[Any]] = []  # what every rank must hold alike, but for the small values
     values: list[str | None] = []  # the digests of plain tensors (an optimizer's step changes every save)
@@ -187,7 +190,12 @@ def _writes_chunk(layout: Layout, ordinal: int) -> bool:
 
 def _pieces(shape: Sequence[int], layout: Layout) -> int:
     """How many non-empty chunks the layout cuts a tensor of ``shape`` into (``torch.chunk``'s
-    rule, as DTensor's ``Shard``: pieces of ``ceil(n / k)`` rows, the last ones short or empty)."""
+    rule, as DTensor's ``Shard``: pieces of ``ceil(n / k)`` rows, the last ones short or empty);
+    a strided shard, or a dimension sharded twice, by torch's own split
+    (``_dist.dtensor.chunk_count``)."""
+    sharded = [p for p in layout[1] if p != "R"]
+    if any("/" in p for p in sharded) or len(set(sharded)) < len(sharded):
+        return dist_dtensor.chunk_count(tuple(shape), tuple(layout[0]), tuple(layout[1]))
     count = 1
     for size, placement in zip(layout[0], layout[1]):
         if placement != "R":
