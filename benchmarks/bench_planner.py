@@ -44,31 +44,10 @@ SHAPES = [(4096, 1024), (1024,), (1024, 4096), (4096,), (1024, 1024), (1024,)]
 TP_PLACEMENTS = [("S0/8", "S0"), ("S0", "R"), ("S0", "S1"), ("S0", "R"), ("S0/8", "S0"), ("S0", "R")]
 
 
-def split_box(shape: tuple[int, ...], mesh: tuple[int, ...], placements: tuple[str, ...],
-              coordinate: tuple[int, ...]) -> tuple[list[int], list[int]]:
-    """This coordinate's chunk as ``distribute_tensor`` lays it out: each dimension's indices split
-    by the placements in mesh order (torch's ``_split_tensor``, strided shards included)."""
-    import torch
-    from torch.distributed.tensor.placement_types import Shard, _StridedShard
-
-    offsets, sizes = [], []
-    for dim, n in enumerate(shape):
-        held = torch.arange(n).reshape([n if d == dim else 1 for d in range(len(shape))])
-        for size, placement, c in zip(mesh, placements, coordinate):
-            at, _, factor = placement[1:].partition("/")
-            if placement == "R" or int(at) != dim:
-                continue
-            split = _StridedShard(dim, split_factor=int(factor)) if factor else Shard(dim)
-            parts, _ = split._split_tensor(held, size, with_padding=False, contiguous=True)
-            held = parts[c] if c < len(parts) else held[:0]
-        held = held.reshape(-1)
-        offsets.append(int(held[0]) if len(held) else 0)
-        sizes.append(len(held))
-    return offsets, sizes
-
-
 def record(workload: str, world: int, tensors: int, rank: int) -> tuple[list[list[Any]], dict[str, Any]]:
     from torch.distributed.tensor.placement_types import Shard
+
+    from torchckpt._dist.dtensor import box_at
 
     mesh = (8, world // 8) if workload == "hsdp" else (world // 8, 8) if workload == "fsdp-tp" else (world,)
     placements = ("R", "S0") if workload == "hsdp" else ("S0",)
@@ -86,7 +65,7 @@ def record(workload: str, world: int, tensors: int, rank: int) -> tuple[list[lis
             tp = TP_PLACEMENTS[i % len(SHAPES)]
             key = (shape, tp)
             if key not in boxes:
-                boxes[key] = split_box(shape, mesh, tp, coordinate)
+                boxes[key] = box_at(shape, mesh, tp, coordinate)
             offsets, sizes = boxes[key]
             entries.append([name, "F32", list(shape), list(offsets), list(sizes), None, 0])
             layouts[name] = (mesh, tp, coordinate)

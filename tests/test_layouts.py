@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch.distributed.tensor.placement_types import Shard, _StridedShard
 
+from torchckpt._dist import dtensor as dist_dtensor
 from torchckpt._format import spec
 from torchckpt._save import layouts, plan
 
@@ -102,6 +103,19 @@ CASES = {
     "a dimension sharded twice": ((2, 2), [("w", (5, 2), ("S0", "S0")), ("v", (2,), ("S0", "S0"))]),
     "strided columns": ((2, 2), [("w", (3, 8), ("S1/2", "S1")), ("u", (2, 5, 6), ("S2/2", "S2"))]),
 }
+
+
+@pytest.mark.parametrize("case", ["fsdp over tp", "fsdp over tp, 2 x 4", "hsdp over tp", "a dimension sharded twice",
+                                  "strided columns"])
+def test_every_rank_counts_the_chunks_and_finds_its_own_as_torch_splits_the_tensor(case: str) -> None:
+    mesh, tensors = CASES[case]
+    for _, shape, placements in tensors:
+        boxes = {coordinate: split_box(shape, mesh, placements, coordinate)
+                 for coordinate in itertools.product(*(range(n) for n in mesh))}
+        for coordinate, (offsets, sizes) in boxes.items():
+            assert dist_dtensor.box_at(shape, mesh, placements, coordinate) == (tuple(offsets), tuple(sizes))
+        non_empty = {(tuple(o), tuple(z)) for o, z in boxes.values() if math.prod(z)}
+        assert dist_dtensor.chunk_count(shape, mesh, placements) == len(non_empty)
 
 
 def stored_units(p: plan.RankPlan) -> set[tuple]:

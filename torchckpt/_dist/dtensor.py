@@ -9,6 +9,7 @@ actually met: most processes never use it, and plain tensors are told apart in o
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -190,26 +191,50 @@ def _layout(mesh: Any, placements: tuple[Any, ...], ndim: int) -> Layout | None:
 def chunk_count(shape: tuple[int, ...], mesh: tuple[int, ...], placements: tuple[str, ...]) -> int:
     """How many non-empty chunks the placements (named as :func:`mesh_layout` names them) cut a
     tensor of ``shape`` into, over a mesh of that shape: along each sharded dimension, its indices
-    split by each placement in mesh order, by torch's own rule (``_split_tensor``, as
-    ``distribute_tensor`` splits), and the non-empty pieces counted; the dimensions are sharded by
-    different mesh dimensions, so the counts multiply. One count is all ranks' view of the layout,
-    whatever chunk each holds."""
-    from torch.distributed.tensor.placement_types import Shard, _StridedShard
-
+    split by each placement in mesh order (:func:`_splits`), and the non-empty pieces counted; the
+    dimensions are sharded by different mesh dimensions, so the counts multiply. One count is all
+    ranks' view of the layout, whatever chunk each holds."""
     count = 1
-    for dim in range(len(shape)):  # the indices along ``dim``, in a tensor of the DTensor's rank
-        pieces = [torch.arange(shape[dim]).reshape([shape[dim] if d == dim else 1 for d in range(len(shape))])]
-        for size, name in zip(mesh, placements):
-            if name == "R":
-                continue
-            at, _, factor = name[1:].partition("/")
-            if int(at) != dim:
-                continue
-            placement = _StridedShard(dim, split_factor=int(factor)) if factor else Shard(dim)
+    for dim in range(len(shape)):
+        pieces = [_indices(shape, dim)]
+        for _, size, placement in _splits(dim, mesh, placements):
             pieces = [part for piece in pieces
                       for part in placement._split_tensor(piece, size, with_padding=False, contiguous=True)[0]]
         count *= sum(1 for piece in pieces if piece.numel())
     return count
+
+
+def box_at(shape: tuple[int, ...], mesh: tuple[int, ...], placements: tuple[str, ...],
+           coordinate: tuple[int, ...]) -> Box:
+    """The chunk that ``distribute_tensor`` gives the rank at ``coordinate`` (placements named as
+    :func:`mesh_layout` names them), where it is one block of the tensor; for a simulated job
+    (``benchmarks/bench_planner.py``)."""
+    offsets, sizes = [], []
+    for dim in range(len(shape)):
+        held = _indices(shape, dim)
+        for mesh_dim, size, placement in _splits(dim, mesh, placements):
+            parts = placement._split_tensor(held, size, with_padding=False, contiguous=True)[0]
+            held = parts[coordinate[mesh_dim]] if coordinate[mesh_dim] < len(parts) else held[:0]
+        held = held.reshape(-1)
+        offsets.append(int(held[0]) if held.numel() else 0)
+        sizes.append(int(held.numel()))
+    return tuple(offsets), tuple(sizes)
+
+
+def _indices(shape: tuple[int, ...], dim: int) -> torch.Tensor:
+    """The indices along ``dim``, in a tensor of the DTensor's rank (size 1 along the others)."""
+    return torch.arange(shape[dim]).reshape([shape[dim] if d == dim else 1 for d in range(len(shape))])
+
+
+def _splits(dim: int, mesh: tuple[int, ...], placements: tuple[str, ...]) -> Iterator[tuple[int, int, Any]]:
+    """(mesh dimension, its size, torch placement) of each placement that shards ``dim``, in mesh
+    order: torch's own ``Shard`` and ``_StridedShard`` split the indices as they split the tensor."""
+    from torch.distributed.tensor.placement_types import Shard, _StridedShard
+
+    for mesh_dim, (size, name) in enumerate(zip(mesh, placements)):
+        at, _, factor = name[1:].partition("/")
+        if name != "R" and int(at) == dim:
+            yield mesh_dim, size, _StridedShard(dim, split_factor=int(factor)) if factor else Shard(dim)
 
 
 def localize(tensors: dict[str, Any]) -> dict[str, torch.Tensor]:
