@@ -271,6 +271,11 @@ def test_a_strided_shard_restores_exactly_where_it_is_one_block_and_is_refused_w
         assert result["per_rank"].startswith("UnsupportedStateError: "), result["per_rank"]
         assert "it is a DTensor inside a per-rank value (PerRank)" in result["per_rank"]
         assert "`.to_local()`" in result["per_rank"]
+        assert result["off_layout"].startswith(  # rank 0 holds 3 rows where its layout gives it 2
+            f"UnsupportedStateError: Saving {world4}/strided-off failed on rank 0: Cannot save 'st/off': this rank's "
+            "local tensor has shape [3, 3], but its DTensor's layout (global shape [6, 3], placements (Shard(dim=0), "
+            "Shard(dim=0))) gives this rank [2, 3].")
+    assert not (world4 / "strided-off").exists()
 
 
 def test_empty_dtensors_sharded_along_a_dimension_that_is_not_empty_save_and_restore(world4):

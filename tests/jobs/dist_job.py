@@ -1386,6 +1386,18 @@ def strided_shards(d: Path, rank: int, world: int) -> dict:
         out["per_rank"] = "no error"
     except torchckpt.CheckpointError as e:
         out["per_rank"] = f"{type(e).__name__}: {e}"
+    # a DTensor whose local tensor is not the chunk its layout gives the rank (from_local trusts it):
+    # refused by key before anything is written (before: an I/O error blaming the storage at commit)
+    from torch.distributed.tensor import DTensor
+
+    rows = mesh.get_coordinate()[0] * 2 + mesh.get_coordinate()[1]
+    off = DTensor.from_local(t[:3].clone() if rows == 0 else t[:1].clone(), mesh, [Shard(0), Shard(0)],
+                             run_check=False, shape=(6, 3), stride=(3, 1))
+    try:
+        torchckpt.Checkpoint(st={"off": off}).write(str(d / "strided-off"), timeout_secs=TIMEOUT)
+        out["off_layout"] = "no error"
+    except torchckpt.CheckpointError as e:
+        out["off_layout"] = f"{type(e).__name__}: {e}"
     return out
 
 
