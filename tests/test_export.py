@@ -93,6 +93,13 @@ def test_a_converted_folder_exports_again_as_the_folder_it_was(tmp_path, names):
     assert back.keys() == weights.keys() and all(torch.equal(back[k], v) for k, v in weights.items())
 
 
+def test_without_object_two_names_that_export_as_one_key_are_refused(tmp_path, capsys):
+    path = torchckpt.save_state({"model": {"w": torch.ones(2)}, "model/w": torch.zeros(3)}, tmp_path / "c")
+    assert main(["export", path, str(tmp_path / "out")]) == 1
+    assert "'model/w' and 'model~1w' both export as 'model/w'; rename one of them." in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 class Averaged(torch.nn.Module):
     """A model average that keeps its copy as a child named ``module`` (timm's ``ModelEmaV2``): no wrapper."""
 

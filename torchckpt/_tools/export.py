@@ -148,11 +148,12 @@ def _local_names(reader: CheckpointReader, obj: str | None, names: list[str]) ->
     ``obj``, every tensor under its own name: a converted Hugging Face folder exports back as it
     was); collisions refused."""
     if obj is None:
-        return {n: keypath.unescape_part(n) for n in names}
-    prefix = len(keypath.escape_part(obj) + keypath.SEP)
-    local = {n: keypath.canonical_module_key(keypath.unescape_part(n[prefix:]), ddp=False) for n in names}
-    if all(key.startswith(_WRAPPER) for key in local.values()):  # a DDP wrapper's keys: all under its module
-        local = {n: key[len(_WRAPPER):] for n, key in local.items()}  # (a child named module has siblings)
+        local = {n: keypath.unescape_part(n) for n in names}
+    else:
+        prefix = len(keypath.escape_part(obj) + keypath.SEP)
+        local = {n: keypath.canonical_module_key(keypath.unescape_part(n[prefix:]), ddp=False) for n in names}
+        if all(key.startswith(_WRAPPER) for key in local.values()):  # a DDP wrapper's keys: all under its module
+            local = {n: key[len(_WRAPPER):] for n, key in local.items()}  # (a child named module has siblings)
     seen: dict[str, str] = {}
     for name, key in local.items():
         if key in seen:
