@@ -149,7 +149,8 @@ NUMPY_VALUES = {  # hyperparameters and callback state as Lightning pickles them
     "fortran": np.arange(6.0).reshape(2, 3).T, "empty": np.zeros((0, 3), np.float32), "zero_dim": np.array(5),
     "nan_payload": np.array([0x7FF8_0000_0000_0ABC], np.int64).view(np.float64), "halves": np.arange(4, dtype="<f2"),
     "bools": np.array([[True], [False]]), "in_tuple": (np.int32(1), [np.float32(2.0)]),
-    "dtypes": [np.dtype("float16"), np.dtype(">i4"), np.dtype("U5")],
+    "dtypes": [np.dtype("float16"), np.dtype(">i4"), np.dtype("U5"), np.dtype("M8[D]"), np.dtype("m8[10ms]")],
+    "empty_text": [np.str_(""), np.str_("run")], "by_dtype": {np.dtype("float32"): 1.0},
 }
 
 
@@ -158,7 +159,17 @@ def test_numpy_values_are_rebuilt_from_their_bytes_as_save_state_stores_them(tmp
     got = load_state(convert(tmp_path / "last.ckpt", tmp_path / "out"))
     expected = load_state(torchckpt.save_state({"hyper_parameters": NUMPY_VALUES}, tmp_path / "direct"))
     assert_same(got["hyper_parameters"], expected["hyper_parameters"])
-    assert got["hyper_parameters"]["dtypes"] == ["float16", ">i4", "<U5"]
+    assert got["hyper_parameters"]["dtypes"] == ["float16", ">i4", "<U5", "datetime64[D]", "timedelta64[10ms]"]
+    assert got["hyper_parameters"]["by_dtype"] == {"float32": 1.0}  # a dtype as a key, not its stand-in
+
+
+def test_a_numpy_duration_keeps_its_unit_and_is_refused_as_save_state_refuses_it(tmp_path):
+    # ten hours are not the int 10: NumPy pickles the unit apart from the dtype's code
+    torch.save({"hyper_parameters": {"timeout": np.timedelta64(10, "h")}}, tmp_path / "t.pt")
+    with pytest.raises(UnsupportedStateError, match=r"'hyper_parameters/timeout': the NumPy scalar "
+                       r"numpy\.timedelta64 has no Python number type it converts to exactly"):
+        convert(tmp_path / "t.pt", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 class Reduce:

@@ -21,6 +21,7 @@ import argparse
 import math
 from typing import Any
 
+_WALK_DEPTH = 200  # twice the deepest tree a checkpoint takes (``_format.tree.MAX_DEPTH``)
 _SAFE_KINDS = frozenset("biufcSUmM")  # numbers, bool, fixed-size text and bytes, dates: no object pointers
 _MAX_DIMS = 64  # NumPy's own limit
 
@@ -40,8 +41,33 @@ class _Dtype:
         order = state[1]
         if self.dtype is None or order not in ("<", ">", "=", "|"):
             raise NumpyPickleError(f"a NumPy dtype pickled with byte order {order!r}")
+        if self.dtype.kind in "mM":  # a date or a duration: its unit is in the state's metadata
+            self.dtype = _with_unit(self.dtype, state[8] if len(state) > 8 else None)
         if order in "<>":
             self.dtype = self.dtype.newbyteorder(order)
+
+
+_UNITS = frozenset(("Y", "M", "W", "D", "h", "m", "s", "ms", "us", "ns", "ps", "fs", "as", "generic"))
+
+
+def _with_unit(dtype: Any, metadata: Any) -> Any:
+    """``datetime64``/``timedelta64`` of the unit NumPy pickles as ``(None, (b"h", 1, 1, 1))``: without
+    it, ten hours would read as ten of no unit."""
+    import numpy
+
+    if not (isinstance(metadata, tuple) and len(metadata) == 2 and isinstance(metadata[1], tuple)
+            and len(metadata[1]) == 4):
+        raise NumpyPickleError(f"a NumPy {dtype} without its unit")
+    unit, count = metadata[1][0], metadata[1][1]
+    unit = unit.decode("ascii", "replace") if isinstance(unit, bytes) else unit
+    if unit not in _UNITS or type(count) is not int or not 0 < count < 2**31:
+        raise NumpyPickleError(f"a NumPy {dtype} of unit {unit!r}")
+    if unit == "generic":
+        return dtype
+    try:
+        return numpy.dtype(f"{dtype.str[1:3]}[{'' if count == 1 else count}{unit}]")
+    except (TypeError, ValueError) as e:
+        raise NumpyPickleError(f"a NumPy {dtype} of {count} {unit}") from e
 
 
 class _Array:
@@ -63,8 +89,13 @@ class _Array:
             raise NumpyPickleError("a NumPy array whose bytes are not stored as bytes (an object array)")
         if len(data) != math.prod(shape) * dtype.itemsize:
             raise NumpyPickleError(f"a NumPy array of shape {list(shape)} and dtype {dtype} stored in {len(data)} bytes")
-        flat = numpy.frombuffer(bytes(data), dtype=dtype)
-        self.array = flat.reshape(shape, order="F" if fortran else "C")
+        if not dtype.itemsize:  # empty strings (``U0``): nothing to read
+            self.array = numpy.empty(shape, dtype=dtype)
+            return
+        try:
+            self.array = numpy.frombuffer(bytes(data), dtype=dtype).reshape(shape, order="F" if fortran else "C")
+        except (TypeError, ValueError) as e:
+            raise NumpyPickleError(f"a NumPy array of shape {list(shape)} and dtype {dtype}") from e
 
 
 class _ArrayClass:
@@ -100,6 +131,8 @@ def _scalar(dtype: Any, data: Any = None) -> Any:
     dtype = _dtype_of(dtype)
     if not isinstance(data, (bytes, bytearray)) or len(data) != dtype.itemsize:
         raise NumpyPickleError(f"a NumPy {dtype} scalar stored as {type(data).__name__}")
+    if not dtype.itemsize:  # an empty string, pickled with the unsized dtype ``<U``
+        return numpy.empty((), dtype=dtype)[()]
     return numpy.frombuffer(bytes(data), dtype=dtype)[0]
 
 
@@ -136,14 +169,13 @@ def resolved(value: Any) -> Any:
     """``value`` (what ``torch.load`` returned) with every stand-in replaced by its NumPy value:
     dicts, lists and ``argparse.Namespace`` objects changed in place, tuples rebuilt.
 
+    Containers deeper than :data:`_WALK_DEPTH` are left as they are: a checkpoint refuses
+    anything nested that deep anyway, by key (``_format.tree.MAX_DEPTH``).
+
     Raises:
-        NumpyPickleError: an array the pickle never filled, the class ``numpy.ndarray`` as a
-            value, or containers nested too deeply to walk.
+        NumpyPickleError: an array the pickle never filled, or the class ``numpy.ndarray`` as a value.
     """
-    try:
-        return _Resolver().value(value)
-    except RecursionError:
-        raise NumpyPickleError("values nested too deeply") from None
+    return _Resolver().value(value, 0)
 
 
 class _Resolver:
@@ -151,7 +183,7 @@ class _Resolver:
         self._done: dict[int, Any] = {}  # id of a container visited -> its value with stand-ins replaced
         self._kept: list[Any] = []  # the containers visited, alive, so that no other object takes their ids
 
-    def value(self, value: Any) -> Any:
+    def value(self, value: Any, depth: int) -> Any:
         if isinstance(value, _Dtype):
             return _dtype_of(value)
         if isinstance(value, _Array):
@@ -160,7 +192,7 @@ class _Resolver:
             return value.array
         if value is _ArrayClass:
             raise NumpyPickleError("the class numpy.ndarray as a value")
-        if not (isinstance(value, (dict, list, argparse.Namespace)) or type(value) is tuple):
+        if not (isinstance(value, (dict, list, argparse.Namespace)) or type(value) is tuple) or depth > _WALK_DEPTH:
             return value  # a tensor, a number, a str, a path, a torch.Size...: nothing inside to replace
         key = id(value)
         if key in self._done:  # shared, or a cycle through a list or dict
@@ -168,14 +200,16 @@ class _Resolver:
         self._kept.append(value)
         self._done[key] = value
         if isinstance(value, dict):
-            for name, item in value.items():
-                value[name] = self.value(item)
+            pairs = [(self.value(name, depth + 1), self.value(item, depth + 1)) for name, item in value.items()]
+            if any(new is not old for (new, _), old in zip(pairs, value)):  # a key was a stand-in (a dtype)
+                value.clear()
+            value.update(pairs)
         elif isinstance(value, list):
-            value[:] = [self.value(item) for item in value]
+            value[:] = [self.value(item, depth + 1) for item in value]
         elif isinstance(value, argparse.Namespace):
-            vars(value).update({name: self.value(item) for name, item in vars(value).items()})
+            vars(value).update({name: self.value(item, depth + 1) for name, item in vars(value).items()})
         else:
-            items = tuple(self.value(item) for item in value)
+            items = tuple(self.value(item, depth + 1) for item in value)
             if any(a is not b for a, b in zip(items, value)):
                 self._done[key] = items
             return self._done[key]
