@@ -226,6 +226,30 @@ def test_a_forged_numpy_value_is_refused_and_nothing_is_written(tmp_path, value,
     assert not (tmp_path / "out").exists()
 
 
+def _shared(levels: int) -> tuple:
+    """Tuples nested ``levels`` deep, each holding the one below twice: a few bytes a level in a
+    pickle (its memo shares them), 2**levels leaves once expanded."""
+    value: tuple = (1,)
+    for _ in range(levels):
+        value = (value, value)
+    return value
+
+
+@pytest.mark.parametrize(("value", "error", "match"), [
+    pytest.param(_shared(40), UnsupportedStateError, r"holds shared containers that a checkpoint would store once "
+                 r"per use: [\d,]+ values or more, from \d+ in the file", id="as-a-value"),
+    pytest.param(Reduce(np.dtype, (_shared(40), False, True)), UnsafePickleError,
+                 r"holds a NumPy dtype made from \(\(\(", id="in-a-refusal"),
+])
+def test_a_small_file_of_shared_values_is_refused_in_time_of_its_size(tmp_path, value, error, match):
+    # before: the encoder (or the error message's repr) walked all 2**40 leaves, which never ends
+    source = _forged_ckpt(tmp_path / "dag.ckpt", value)
+    assert source.stat().st_size < 10_000
+    with pytest.raises(error, match=match) as info:
+        convert(source, tmp_path / "out")
+    assert len(str(info.value)) < 1000 and not (tmp_path / "out").exists()
+
+
 def test_a_numpy_array_whose_dtype_points_at_memory_the_file_chose_is_refused(tmp_path):
     source = _forged_ckpt(tmp_path / "evil.ckpt", _array(POINTER_DTYPE, (0x4141414141414141).to_bytes(8, "little")))
     done = subprocess.run([sys.executable, "-m", "torchckpt", "convert", str(source), str(tmp_path / "out")],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import reprlib
 from typing import Any
 
 __all__ = [
@@ -266,9 +267,27 @@ def format_keys(keys: Any, limit: int = 10) -> str:
 
 
 def short_repr(value: Any, limit: int = 80) -> str:
-    """``repr(value)`` cut to ``limit`` characters: a value from an untrusted file, in a message."""
-    text = repr(value)
+    """``repr(value)`` cut to ``limit`` characters: a value from an untrusted file, in a message.
+
+    Bounded work whatever the value: a pickle's memo lets a few hundred bytes make nested tuples
+    whose full repr has 2**k parts, so containers are shown a few levels and items deep
+    (``reprlib``), text only up to the limit, and an int too long to print by its size."""
+    if isinstance(value, (str, bytes)):
+        text = repr(value[: limit + 1])
+    elif type(value) is int and value.bit_length() > 1024:  # repr of a 4,300-digit int raises
+        text = f"<an int of {value.bit_length()} bits>"
+    elif isinstance(value, (tuple, list, dict, set, frozenset)):
+        text = _BRIEF.repr(value)
+    else:
+        text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_BRIEF = reprlib.Repr()
+_BRIEF.maxlevel = 3
+_BRIEF.maxtuple = _BRIEF.maxlist = _BRIEF.maxdict = _BRIEF.maxset = _BRIEF.maxfrozenset = 8
+_BRIEF.maxstring = _BRIEF.maxother = 80
+_BRIEF.maxlong = 300
 
 
 def printable(text: str) -> str:

@@ -65,6 +65,7 @@ from torchckpt.errors import (
     CorruptCheckpointError,
     UnsafePickleError,
     UnsupportedStateError,
+    short_repr,
 )
 from torchckpt.reader import load_checkpoint
 
@@ -292,9 +293,9 @@ def _torch_dict(member: Member, storage: Storage, zipped: bool) -> dict[str, Any
     keys = [k for k in loaded if not isinstance(k, str)]
     if keys:
         raise UnsupportedStateError(
-            f"{member} holds a dict whose key {keys[0]!r} ({type(keys[0]).__name__}) is not a str; the top-level "
+            f"{member} holds a dict whose key {short_repr(keys[0])} ({type(keys[0]).__name__}) is not a str; the top-level "
             "keys are the checkpoint's names. Load it with torch.load(..., weights_only=True) and save "
-            "{'state': it} with torchckpt.save_state.", repr(keys[0]), type(keys[0]))
+            "{'state': it} with torchckpt.save_state.", short_repr(keys[0]), type(keys[0]))
     return loaded
 
 
@@ -329,6 +330,11 @@ def _torch_load(member: Member, storage: Storage, zipped: bool) -> Any:
             else:
                 loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
         return pickled_numpy.resolved(loaded)
+    except pickled_numpy.ExpansionError as e:
+        raise UnsupportedStateError(
+            f"{member} holds {e}, which a checkpoint does not store, so nothing was written. If you trust the "
+            "file, load it yourself with torch.load(path, weights_only=True) and save what it holds, flattened, "
+            "with torchckpt.save_state.", "", type(e)) from None
     except pickled_numpy.NumpyPickleError as e:
         raise UnsafePickleError(
             f"{member} holds {e}: torchckpt rebuilds NumPy values of plain dtypes only (numbers, bool, text, dates), "

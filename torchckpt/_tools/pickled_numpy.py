@@ -21,13 +21,24 @@ import argparse
 import math
 from typing import Any
 
+from torchckpt.errors import short_repr
+
 _WALK_DEPTH = 200  # twice the deepest tree a checkpoint takes (``_format.tree.MAX_DEPTH``)
+# A pickle's memo lets 11 bytes a level nest (t, t) tuples whose tree has 2**levels leaves, and a
+# checkpoint stores each use of a shared container: past this many values beyond four times what
+# the file holds, it is refused (a real state repeats a container a few times at most)
+MAX_REPEATED = 1_000_000
 _SAFE_KINDS = frozenset("biufcSUmM")  # numbers, bool, fixed-size text and bytes, dates: no object pointers
 _MAX_DIMS = 64  # NumPy's own limit
 
 
 class NumpyPickleError(ValueError):
     """A NumPy value in a pickle that is not one NumPy writes for a plain dtype."""
+
+
+class ExpansionError(ValueError):
+    """Values a checkpoint would not take: nested deeper than :data:`_WALK_DEPTH`, or shared
+    containers repeated far beyond the values the file holds (see :func:`resolved`)."""
 
 
 class _Dtype:
@@ -39,8 +50,10 @@ class _Dtype:
         if not isinstance(state, tuple) or len(state) < 5 or state[2:5] != (None, None, None):
             raise NumpyPickleError("a NumPy dtype with fields or a subarray (a record dtype)")
         order = state[1]
-        if self.dtype is None or order not in ("<", ">", "=", "|"):
-            raise NumpyPickleError(f"a NumPy dtype pickled with byte order {order!r}")
+        if self.dtype is None:
+            raise NumpyPickleError("a NumPy dtype without its code")
+        if order not in ("<", ">", "=", "|"):
+            raise NumpyPickleError(f"a NumPy dtype pickled with byte order {short_repr(order)}")
         if self.dtype.kind in "mM":  # a date or a duration: its unit is in the state's metadata
             self.dtype = _with_unit(self.dtype, state[8] if len(state) > 8 else None)
         if order in "<>":
@@ -61,13 +74,13 @@ def _with_unit(dtype: Any, metadata: Any) -> Any:
     unit, count = metadata[1][0], metadata[1][1]
     unit = unit.decode("ascii", "replace") if isinstance(unit, bytes) else unit
     if unit not in _UNITS or type(count) is not int or not 0 < count < 2**31:
-        raise NumpyPickleError(f"a NumPy {dtype} of unit {unit!r}")
+        raise NumpyPickleError(f"a NumPy {dtype} of unit {short_repr(unit)}")
     if unit == "generic":
         return dtype
     try:
         return numpy.dtype(f"{dtype.str[1:3]}[{'' if count == 1 else count}{unit}]")
     except (TypeError, ValueError) as e:
-        raise NumpyPickleError(f"a NumPy {dtype} of {count} {unit}") from e
+        raise NumpyPickleError(f"a NumPy {dtype} of {short_repr(count)} {short_repr(unit)}") from e
 
 
 class _Array:
@@ -84,7 +97,7 @@ class _Array:
         dtype = _dtype_of(dtype)
         if (not isinstance(shape, tuple) or len(shape) > _MAX_DIMS
                 or not all(type(n) is int and n >= 0 for n in shape)):
-            raise NumpyPickleError(f"a NumPy array of shape {shape!r}")
+            raise NumpyPickleError(f"a NumPy array of shape {short_repr(shape)}")
         if type(fortran) is not bool or not isinstance(data, (bytes, bytearray)):
             raise NumpyPickleError("a NumPy array whose bytes are not stored as bytes (an object array)")
         if len(data) != math.prod(shape) * dtype.itemsize:
@@ -107,11 +120,11 @@ def _dtype(code: Any, align: Any = False, copy: Any = True) -> _Dtype:
     import numpy
 
     if not isinstance(code, str) or align not in (False, 0) or len(code) > 16:
-        raise NumpyPickleError(f"a NumPy dtype made from {code!r}")
+        raise NumpyPickleError(f"a NumPy dtype made from {short_repr(code)}")
     try:
         dtype = numpy.dtype(code)
     except (TypeError, ValueError) as e:
-        raise NumpyPickleError(f"a NumPy dtype made from {code!r}") from e
+        raise NumpyPickleError(f"a NumPy dtype made from {short_repr(code)}") from e
     if dtype.kind not in _SAFE_KINDS or dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
         raise NumpyPickleError(f"a NumPy dtype {dtype} (an object, record or void dtype)")
     made = _Dtype()
@@ -121,7 +134,7 @@ def _dtype(code: Any, align: Any = False, copy: Any = True) -> _Dtype:
 
 def _reconstruct(cls: Any, shape: Any, typecode: Any) -> _Array:
     if cls is not _ArrayClass:
-        raise NumpyPickleError(f"a NumPy array of class {cls!r}")
+        raise NumpyPickleError(f"a NumPy array of class {short_repr(cls)}")
     return _Array()
 
 
@@ -140,7 +153,7 @@ def _empty_bytes(*args: Any) -> bytes:
     """``bytes()``, which protocol 2 pickles an empty array's data as (non-empty bytes are
     ``_codecs.encode`` calls, which torch allows)."""
     if args:
-        raise NumpyPickleError(f"bytes made by bytes{args!r:.60}")
+        raise NumpyPickleError(f"bytes made by bytes{short_repr(args, 60)}")
     return b""
 
 
@@ -169,19 +182,37 @@ def resolved(value: Any) -> Any:
     """``value`` (what ``torch.load`` returned) with every stand-in replaced by its NumPy value:
     dicts, lists and ``argparse.Namespace`` objects changed in place, tuples rebuilt.
 
-    Containers deeper than :data:`_WALK_DEPTH` are left as they are: a checkpoint refuses
-    anything nested that deep anyway, by key (``_format.tree.MAX_DEPTH``).
-
     Raises:
         NumpyPickleError: an array the pickle never filled, or the class ``numpy.ndarray`` as a value.
+        ExpansionError: containers nested more than :data:`_WALK_DEPTH` deep (a checkpoint refuses
+            half that), or shared containers that a checkpoint would store once per use, far more
+            values than the file holds (:data:`MAX_REPEATED`).
     """
-    return _Resolver().value(value, 0)
+    resolver = _Resolver()
+    out = resolver.value(value, 0)
+    expanded = resolver.size_of(out)
+    if expanded > 4 * resolver.visits + MAX_REPEATED:
+        raise ExpansionError(f"shared containers that a checkpoint would store once per use: {expanded:,} values "
+                             f"or more, from {resolver.visits:,} in the file")
+    return out
 
 
 class _Resolver:
     def __init__(self) -> None:
         self._done: dict[int, Any] = {}  # id of a container visited -> its value with stand-ins replaced
         self._kept: list[Any] = []  # the containers visited, alive, so that no other object takes their ids
+        self._sizes: dict[int, int] = {}  # id of a resolved container -> the values it holds, repeats counted
+        self.visits = 0  # values walked: each shared container once
+
+    def size_of(self, value: Any) -> int:
+        """How many values ``value`` holds, itself included, each use of a shared container counted
+        (a container still being walked, in a cycle, counts one)."""
+        return self._sizes.get(id(value), 1)
+
+    def _sized(self, value: Any, items: Any) -> Any:
+        self._kept.append(value)
+        self._sizes[id(value)] = min(1 + sum(map(self.size_of, items)), 2**62)
+        return value
 
     def value(self, value: Any, depth: int) -> Any:
         if isinstance(value, _Dtype):
@@ -190,27 +221,31 @@ class _Resolver:
             if value.array is None:
                 raise NumpyPickleError("a NumPy array without its data")
             return value.array
-        if value is _ArrayClass:
+        if value is _ArrayClass or isinstance(value, _ArrayClass):
             raise NumpyPickleError("the class numpy.ndarray as a value")
-        if not (isinstance(value, (dict, list, argparse.Namespace)) or type(value) is tuple) or depth > _WALK_DEPTH:
+        self.visits += 1
+        if not (isinstance(value, (dict, list, argparse.Namespace)) or type(value) is tuple):
             return value  # a tensor, a number, a str, a path, a torch.Size...: nothing inside to replace
+        if depth > _WALK_DEPTH:  # a checkpoint refuses what is nested half as deep
+            raise ExpansionError(f"values nested more than {_WALK_DEPTH} deep")
         key = id(value)
         if key in self._done:  # shared, or a cycle through a list or dict
             return self._done[key]
         self._kept.append(value)
-        self._done[key] = value
+        if type(value) is not tuple:  # a tuple is done once its items are (a cycle through it passes a list)
+            self._done[key] = value
         if isinstance(value, dict):
             pairs = [(self.value(name, depth + 1), self.value(item, depth + 1)) for name, item in value.items()]
             if any(new is not old for (new, _), old in zip(pairs, value)):  # a key was a stand-in (a dtype)
                 value.clear()
             value.update(pairs)
-        elif isinstance(value, list):
+            return self._sized(value, [v for pair in pairs for v in pair])
+        if isinstance(value, list):
             value[:] = [self.value(item, depth + 1) for item in value]
-        elif isinstance(value, argparse.Namespace):
+            return self._sized(value, value)
+        if isinstance(value, argparse.Namespace):
             vars(value).update({name: self.value(item, depth + 1) for name, item in vars(value).items()})
-        else:
-            items = tuple(self.value(item, depth + 1) for item in value)
-            if any(a is not b for a, b in zip(items, value)):
-                self._done[key] = items
-            return self._done[key]
-        return value
+            return self._sized(value, vars(value).values())
+        items = tuple(self.value(item, depth + 1) for item in value)
+        self._done[key] = items if any(a is not b for a, b in zip(items, value)) else value
+        return self._sized(self._done[key], items)
