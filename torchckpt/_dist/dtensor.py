@@ -94,6 +94,19 @@ def dtensor_box(t: Any, key: str) -> Box | None:
     return box
 
 
+def check_local_shape(t: Any, local: torch.Tensor, box: Box, key: str) -> None:
+    """Refuse a DTensor whose local tensor is not the chunk ``box`` its layout gives this rank:
+    ``from_local(run_check=False)`` trusts what it is given (an empty chunk may have any empty
+    shape: FSDP2 gives ``[0, 0]`` where the layout says ``[1, 0]``)."""
+    if tuple(local.shape) != box[1] and (local.numel() or 0 not in box[1]):
+        raise UnsupportedStateError(
+            f"Cannot save {key!r}: this rank's local tensor has shape {list(local.shape)}, but its DTensor's "
+            f"layout (global shape {list(t.shape)}, placements {tuple(t.placements)}) gives this rank "
+            f"{list(box[1])}. A DTensor made with DTensor.from_local(..., run_check=False) must hold the chunk "
+            "torch's sharding gives each rank; build it with distribute_tensor, or save its full_tensor().",
+            key=key, value_type=type(t))
+
+
 _PARTIAL: Box = ((-1,), (-1,))  # what _box answers for a Partial placement (no chunk has a negative size)
 _SPREAD: Box = ((-2,), (-2,))  # and for a strided shard whose local rows are not one block
 

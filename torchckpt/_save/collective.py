@@ -108,15 +108,7 @@ def capture(tensors: dict[str, Any], section: dict[str, Any], rank: int, groups:
             save_capture.check_shape(name, t)  # the global shape, which the index records
             if box is None:
                 continue
-            # from_local(run_check=False) trusts the local tensor it is given; an empty chunk may have
-            # any empty shape (FSDP2 gives [0, 0] where the layout says [1, 0])
-            if tuple(local.shape) != box[1] and (local.numel() or 0 not in box[1]):
-                raise UnsupportedStateError(
-                    f"Cannot save {name!r}: this rank's local tensor has shape {list(local.shape)}, but its DTensor's "
-                    f"layout (global shape {list(t.shape)}, placements {tuple(t.placements)}) gives this rank "
-                    f"{list(box[1])}. A DTensor made with DTensor.from_local(..., run_check=False) must hold the chunk "
-                    "torch's sharding gives each rank; build it with distribute_tensor, or save its full_tensor().",
-                    key=name, value_type=type(t))
+            dist_dtensor.check_local_shape(t, local, box, name)
             out.local[name] = local
             out.layouts[name] = dist_dtensor.mesh_layout(t)
             out.entries.append([name, format_dtypes.DTYPE_NAMES[t.dtype], list(t.shape), list(box[0]), list(box[1]), None,
