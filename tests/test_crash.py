@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -64,6 +65,37 @@ def test_write_onto_existing_checkpoint_replaces_it(tmp_path):
     assert torch.equal(w, torch.full((3,), 2.0))
     assert sorted(os.listdir(path)) == ["index.json", "model-00001-of-00001.safetensors"]
     assert os.listdir(tmp_path) == ["c"]
+
+
+@pytest.mark.parametrize("write", ["write", "save_state"])
+def test_a_write_never_replaces_a_folder_of_other_files(tmp_path, write):
+    """A path mistyped onto a project folder (``write("runs/")`` for ``write("runs/gan")``) used to
+    replace the folder with the checkpoint: every file in it was deleted."""
+    folder = tmp_path / "project"
+    (folder / "src").mkdir(parents=True)
+    (folder / "train.py").write_text("print('hi')")
+    (folder / "model-00001-of-00001.safetensors").write_bytes(b"old")
+    with pytest.raises(torchckpt.CheckpointWriteError, match=r"project is a folder of other files \(src, train\.py\), "
+                       r"not a checkpoint, so this save did not replace it and nothing was written: it replaces only "
+                       r"a checkpoint\. Move it away, or write to another path\.$") as info:
+        if write == "write":
+            torchckpt.Checkpoint(w=torch.ones(3)).write(f"{folder}/")
+        else:
+            torchckpt.save_state({"w": torch.ones(3)}, folder)
+    assert info.value.errno == errno.EEXIST and info.value.path == str(folder)
+    assert sorted(os.listdir(folder)) == ["model-00001-of-00001.safetensors", "src", "train.py"]
+    assert os.listdir(tmp_path) == ["project"]  # no temporary left
+    (folder / "src").rmdir()
+    (folder / "train.py").unlink()
+    (folder / "model.safetensors").write_bytes(b"downloaded weights")
+    with pytest.raises(torchckpt.CheckpointWriteError, match=r"other files \(model\.safetensors\)"):
+        torchckpt.save_state({"w": torch.ones(3)}, folder)
+    (folder / "model.safetensors").unlink()  # nothing but the names a checkpoint's writer gives is one (an object
+    torchckpt.save_state({"w": torch.ones(3)}, folder)  # store's replacement cut short leaves shards without an index)
+    assert torch.equal(torchckpt.load_state(folder)["w"], torch.ones(3))
+    (tmp_path / "empty").mkdir()
+    torchckpt.save_state({"w": torch.ones(3)}, tmp_path / "empty")
+    assert torch.equal(torchckpt.load_state(tmp_path / "empty")["w"], torch.ones(3))
 
 
 def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):

@@ -70,9 +70,19 @@ def test_ranks_making_different_calls_are_refused_on_every_rank(world2):
         assert found[0][f"{name}_ranks"] == [1]
         assert all(r[f"{name}_seconds"] < 10 for r in found)
     assert all(r["good"] == "ok" for r in found)  # the next matching call pairs correctly
-    assert found[0]["exists"] == ["good"]  # nothing of the refused calls was written
+    assert found[0]["exists"] == ["good", "notes"]  # nothing of the refused calls was written
     reader = torchckpt.load_checkpoint(str(world2 / "mismatch" / "good"))
     assert any(name.startswith("model/") for name in reader.get_variable_to_shape_map())
+
+
+def test_a_write_on_several_ranks_never_replaces_a_folder_of_other_files(world2):
+    found = ok(world2, "mismatched_calls", 2)
+    refusals = [r["over_other_files"] for r in found]
+    assert refusals[0] == refusals[1] and refusals[0].startswith("CheckpointWriteError: "), refusals
+    assert "notes is a folder of other files (todo.txt), not a checkpoint, so this save did not replace it and " \
+           "nothing was written: it replaces only a checkpoint. Move it away, or write to another path." in refusals[0]
+    assert (world2 / "mismatch" / "notes" / "todo.txt").read_text() == "keep me"
+    assert sorted(p.name for p in (world2 / "mismatch").iterdir()) == ["good", "notes"]  # no temporary left
 
 
 def test_a_collective_restore_says_what_state_each_rank_is_left_in(world2):

@@ -178,6 +178,30 @@ def test_replacing_a_checkpoint_never_mixes_old_and_new_shards(remote):
     assert torch.equal(a, torch.full((8,), 2.0))
 
 
+def test_a_write_never_replaces_a_folder_of_other_objects(remote):
+    remote.fs.pipe_file(remote.at("data", "part-0.csv"), b"id,label\n")
+    with pytest.raises(torchckpt.CheckpointWriteError, match=r"data is a folder of other files \(part-0\.csv\), not a "
+                       "checkpoint, so this save did not replace it") as info:
+        torchckpt.save_state({"w": torch.ones(2)}, remote.at("data"), storage_options=remote.options)
+    assert info.value.errno == errno.EEXIST
+    assert remote.names("data") == ["part-0.csv"] and remote.names() == ["data"]
+
+
+def test_a_store_root_is_a_path_like_any_other(remote):
+    """``memory://`` (a store's root) used to be an untyped ValueError from its parent's name, and a
+    write there replaced everything in the store."""
+    if remote.kind != "memory":
+        pytest.skip("the moto server's root lists every test's bucket")
+    remote.fs.pipe_file(remote.at("keep.txt"), b"mine")
+    for root in ("memory://", "memory:///"):
+        with pytest.raises(torchckpt.CheckpointWriteError, match=f"{root} is a folder of other files"):
+            torchckpt.save_state({"w": torch.ones(2)}, root)
+        with pytest.raises(torchckpt.CheckpointNotFoundError, match=f"No committed checkpoint in {root}"):
+            torchckpt.load_state(root)
+        assert torchckpt.latest_checkpoint(root) is None
+    assert remote.fs.cat_file(remote.at("keep.txt")) == b"mine"
+
+
 # -- integrity -------------------------------------------------------------------------------------
 
 

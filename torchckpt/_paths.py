@@ -55,8 +55,10 @@ def name_of(path: str) -> str:
 def parent_of(path: str) -> str:
     """The directory holding ``path`` (a URL keeps its scheme; a bare local name's parent is ``.``)."""
     if is_url(path):
+        scheme_end = path.index("://") + 3
         head = path.rstrip("/")
-        scheme_end = head.index("://") + 3
+        if len(head) < scheme_end:  # the root of a store (``memory://``) is its own parent
+            return path[:scheme_end]
         cut = head.rfind("/")
         return head[:cut] if cut >= scheme_end else head
     return posixpath.dirname(path) or "."

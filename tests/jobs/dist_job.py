@@ -945,6 +945,9 @@ def mismatched_calls(d: Path, rank: int, world: int) -> dict:
     model = fsdp_mlp(0)
     ckpt = torchckpt.Checkpoint(model=model)
     base = d / "mismatch"
+    if rank == 0:  # someone's folder, which a write must not replace (the first call, refused, pairs the ranks)
+        (base / "notes").mkdir(parents=True)
+        (base / "notes" / "todo.txt").write_text("keep me")
     calls = {
         "path": lambda: ckpt.write(str(base / f"rank{rank}"), timeout_secs=TIMEOUT),
         "async_save": lambda: ckpt.write(str(base / "async"), async_save=rank == 0, timeout_secs=TIMEOUT),
@@ -952,6 +955,7 @@ def mismatched_calls(d: Path, rank: int, world: int) -> dict:
                                              timeout_secs=TIMEOUT),
         "save_counter": lambda: ckpt.save(str(base / "counted"), timeout_secs=TIMEOUT),
         "good": lambda: ckpt.write(str(base / "good"), timeout_secs=TIMEOUT),
+        "over_other_files": lambda: ckpt.write(str(base / "notes"), timeout_secs=TIMEOUT),
         "restore": lambda: ckpt.restore(str(base / ("good" if rank else "counted-1")), timeout_secs=TIMEOUT),
         "manager": lambda: torchckpt.CheckpointManager(ckpt, str(base / "managed"), max_to_keep=2 + rank,
                                                        timeout_secs=TIMEOUT),

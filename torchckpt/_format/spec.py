@@ -15,6 +15,7 @@ file name and marker, so none of them spells one as a literal of its own.
 from __future__ import annotations
 
 import os
+import re
 import unicodedata
 from typing import Any
 
@@ -79,6 +80,15 @@ MAX_CONTAINERS_FLOOR = 200_000
 def shard_name(index: int, count: int) -> str:
     """``model-00001-of-00002.safetensors`` for the first of two shards (1-based)."""
     return SHARD_NAME.format(index=index, count=count)
+
+
+_WRITTEN_SHARD = re.compile(r"model-\d{5,}-of-\d{5,}(-[0-9a-f]+)?" + re.escape(SHARD_SUFFIX))  # an object store's tagged
+
+
+def is_checkpoint_member(name: str) -> bool:
+    """Whether ``name`` is one a checkpoint this package writes holds: its index, a shard named as
+    it names them (``model.safetensors`` is someone's), a pending marker."""
+    return name == INDEX_FILE or _WRITTEN_SHARD.fullmatch(name) is not None or is_pending_marker(name)
 
 
 def is_pending_marker(name: str) -> bool:

@@ -59,25 +59,30 @@ def is_committed(path: str, storage: Storage) -> bool:
     return not spec.is_temporary_name(name_of(path)) and storage.is_file(join(path, spec.INDEX_FILE))
 
 
-def refuse_replacing_other(path: str, storage: Storage, what: str) -> None:
-    """Before ``what`` replaces the checkpoint at ``path``: refuse anything there that is not one
-    (a folder of other files, a plain file). A checkpoint whose index is missing (an object-store
-    replacement that stopped between deleting the index and writing the new one) holds only shards,
-    and is replaced.
+def refuse_replacing_other(path: str, storage: Storage, what: str, fix: str = "save under another number",
+                           files: bool = False) -> None:
+    """Before ``what`` replaces what is at ``path``: refuse anything there but a checkpoint, so that
+    a save never deletes someone's files. A checkpoint is a directory of nothing but the names a
+    checkpoint holds (``index.json``, shards, an object store's pending markers), committed or
+    not: one whose index is missing (an object-store replacement that stopped between deleting the
+    index and writing the new one) holds only shards, and is replaced. An empty directory is
+    replaced too; with ``files``, so is a plain file or a link (``save_state`` over a ``.ckpt``
+    file, as ``torch.save`` would).
 
     Raises:
         CheckpointWriteError: something other than a checkpoint is at ``path`` (``errno`` EEXIST);
-            nothing was written.
+            nothing was written. ``fix`` ends its message ("Move it away, or <fix>.").
     """
-    if not storage.exists(path) or is_committed(path, storage):
+    if not storage.exists(path):
         return
     names = storage.list_names(path) if storage.is_dir(path) else None
-    if names is not None and all(n == spec.INDEX_FILE or n.endswith(".safetensors") for n in names):
+    if names is None and files or names is not None and all(spec.is_checkpoint_member(n) for n in names):
         return
-    kind = f"a folder of other files ({', '.join(sorted(names)[:3])}{', ...' if len(names) > 3 else ''})" \
+    others = sorted(n for n in names if not spec.is_checkpoint_member(n)) if names is not None else []
+    kind = f"a folder of other files ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''})" \
         if names is not None else "a file"
     raise CheckpointWriteError(f"{path} is {kind}, not a checkpoint, so {what} did not replace it and nothing was "
-                               "written: it replaces only a checkpoint. Move it away, or save under another number.",
+                               f"written: it replaces only a checkpoint. Move it away, or {fix}.",
                                path, FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path))
 
 

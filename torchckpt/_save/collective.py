@@ -47,6 +47,7 @@ from torchckpt._format import spec as format_spec
 from torchckpt._format import tree as format_tree
 from torchckpt._format.dict_order import keep_dict_order
 from torchckpt._format.spec import INDEX_FILE, WEIGHT_MAP_KEY
+from torchckpt._history import members as history_members
 from torchckpt._paths import name_of
 from torchckpt._progress import progress_bar
 from torchckpt._save import capture as save_capture
@@ -270,6 +271,8 @@ def finish(coord: Coordinator, storage: Storage, prepared: Prepared, progress: b
     stage, stage_error = None, None
     if coord.rank == 0:
         try:
+            if replace:
+                history_members.refuse_replacing_other(path, storage, "this save", save_write.REPLACE_FIX, files=True)
             stage = storage.stage(path, replace)
             opened: dict[str, Any] = {"stage": stage.path}
         except Exception as e:

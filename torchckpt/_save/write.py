@@ -31,12 +31,15 @@ from torchckpt._format import index as format_index
 from torchckpt._format import spec as format_spec
 from torchckpt._format.dict_order import keep_dict_order
 from torchckpt._format.spec import INDEX_FILE
+from torchckpt._history import members as history_members
 from torchckpt._paths import name_of
 from torchckpt._progress import progress_bar
 from torchckpt._save import plan as save_plan
 from torchckpt._save import reuse as save_reuse
 from torchckpt._storage.base import AlreadyCommitted, Output, Stage, Storage
 from torchckpt.errors import CheckpointWriteError
+
+REPLACE_FIX = "write to another path"  # how a save that would replace someone's files is told to go on
 
 # -- writing ---------------------------------------------------------------------------------
 
@@ -98,6 +101,8 @@ def write_checkpoint(
         keep_dict_order(section["state"], order, itertools.chain((n for s in shards for n in s.names), aliases))
     try:
         reference = save_reuse.open_base(storage, base, 1) if base is not None else None
+        if replace:
+            history_members.refuse_replacing_other(path, storage, "this save", REPLACE_FIX, files=True)
         stage = storage.stage(path, replace)
         files = [stage.member(format_spec.shard_name(i, len(shards))) for i in range(1, len(shards) + 1)]
         try:
