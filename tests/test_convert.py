@@ -709,9 +709,11 @@ def _damaged_folder(tmp_path: pathlib.Path, damage: str) -> pathlib.Path:
     folder.mkdir()
     weight_map = {"a": "s1.safetensors", "b": "s2.safetensors"} | ({"c": "s1.safetensors"} if damage == "unheld" else {})
     weight_map = {} if damage == "empty-map" else weight_map  # from_pretrained would load nothing
+    weight_map = {"a": "s2.safetensors", "b": "s1.safetensors"} if damage == "swapped" else weight_map
     (folder / "model.safetensors.index.json").write_text(
         "[" * 100_000 + "]" * 100_000 if damage == "deep-index" else json.dumps({"weight_map": weight_map}))
-    safetensors.torch.save_file({"a": torch.ones(1)}, folder / "s1.safetensors")
+    safetensors.torch.save_file({"a": torch.ones(1)} | ({"x": torch.ones(3)} if damage == "unlisted" else {}),
+                                folder / "s1.safetensors")
     s2 = {"a": torch.zeros(1), "b": torch.ones(2)} if damage == "twice" else {"b": torch.ones(2)}
     if damage == "wrong-kind":
         torch.save(s2, folder / "s2.safetensors")
@@ -722,7 +724,13 @@ def _damaged_folder(tmp_path: pathlib.Path, damage: str) -> pathlib.Path:
 
 DAMAGED = [  # damage, message, the file named
     ("missing", r"index\.json names shards that are not in .*/hf: s2\.safetensors\. Download", "model.safetensors.index.json"),
-    ("unheld", r"index\.json lists tensors its shards do not hold: c\.", "model.safetensors.index.json"),
+    ("unheld", r"index\.json disagrees with its shards: it lists tensors its shards do not hold: c\. The folder is "
+     r"damaged or was put together from different saves; download or save it again\.$", "model.safetensors.index.json"),
+    ("unlisted", r"index\.json disagrees with its shards: it does not list tensors its shards hold: x\.",
+     "model.safetensors.index.json"),  # was converted, x included
+    ("swapped", r"index\.json disagrees with its shards: it names another shard than the one holding a \(listed in "
+     r"s2\.safetensors, held by s1\.safetensors\), b \(listed in s1\.safetensors, held by s2\.safetensors\)\.",
+     "model.safetensors.index.json"),  # was converted
     ("twice", r"s2\.safetensors holds a, which another shard of .*/hf holds too", "s2.safetensors"),
     ("wrong-kind", r"s2\.safetensors is a torch\.save file, not a \.safetensors file as its name", "s2.safetensors"),
     ("empty-map", r"index\.json names no tensor \(its 'weight_map' is empty\), so from_pretrained would load nothing",
@@ -739,3 +747,13 @@ def test_a_hugging_face_folder_whose_shards_disagree_with_its_index_is_refused(t
         convert(folder, tmp_path / "out")
     assert info.value.path == str(folder / named)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage", ["unheld", "unlisted", "swapped"])
+def test_readers_refuse_a_hugging_face_index_that_disagrees_with_its_shards(tmp_path, damage):
+    folder = _damaged_folder(tmp_path, damage)
+    match = next(row[1] for row in DAMAGED if row[0] == damage)
+    for read in (torchckpt.load_checkpoint, torchckpt.load_state, torchckpt.list_variables):
+        with pytest.raises(CorruptCheckpointError, match=match) as info:
+            read(folder)
+        assert info.value.path == str(folder / "model.safetensors.index.json")

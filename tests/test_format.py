@@ -12,7 +12,7 @@ import pytest
 import torch
 import xxhash
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import torchckpt
 from torchckpt import CorruptCheckpointError, _clock
@@ -155,6 +155,20 @@ def test_an_unknown_dtype_name_is_a_corrupt_checkpoint():
     with pytest.raises(CorruptCheckpointError, match=r"Unknown dtype 'F128' in f\.safetensors\.") as e:
         format_dtypes.check_dtype("F128", " in f.safetensors", "f.safetensors")
     assert e.value.path == "f.safetensors"
+
+
+@pytest.mark.skipif(not hasattr(torch, "float4_e2m1fn_x2"), reason="needs torch.float4_e2m1fn_x2")
+def test_a_packed_dtype_of_safetensors_is_named_as_one_not_as_unknown(tmp_path):
+    """safetensors writes torch.float4_e2m1fn_x2 as F4 with twice the last dimension; the message
+    said "Unknown dtype", as for a damaged file."""
+    packed = torch.arange(12, dtype=torch.uint8).reshape(3, 4).view(torch.float4_e2m1fn_x2)
+    save_file({"w": packed}, tmp_path / "mx.safetensors")
+    for read in (torchckpt.load_state, torchckpt.load_checkpoint):
+        with pytest.raises(CorruptCheckpointError, match=r"Dtype 'F4' for tensor 'w' in .*mx\.safetensors packs 4-bit "
+                           r"floats \(torch\.float4_e2m1fn_x2\) into bytes, which torchckpt does not read .* Read it "
+                           r"with safetensors\.torch\.load_file\.$") as e:
+            read(tmp_path / "mx.safetensors")
+        assert e.value.path == str(tmp_path / "mx.safetensors")
 
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:

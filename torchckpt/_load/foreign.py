@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Mapping
 
 from torchckpt._format import document as format_document
 from torchckpt._format import spec as format_spec
@@ -21,7 +22,7 @@ from torchckpt._load import opened as load_opened
 from torchckpt._paths import join, name_of, parent_of
 from torchckpt._storage.base import Storage
 from torchckpt._threads import gc_paused
-from torchckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, shard_missing, unreadable
+from torchckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, format_keys, shard_missing, unreadable
 
 HF_INDEX_SUFFIX = ".safetensors.index.json"
 HF_SINGLE = "model.safetensors"  # what from_pretrained reads first, before any index beside it
@@ -102,8 +103,9 @@ def hf_index_in(directory: str, names: list[str]) -> str | None:
     return join(directory, found[0]) if found else None
 
 
-def hf_shards(path: str, storage: Storage) -> tuple[list[str], set[str]]:
-    """The shard files (full paths) a Hugging Face index names, and the tensor names it lists."""
+def hf_shards(path: str, storage: Storage) -> tuple[list[str], dict[str, str]]:
+    """The shard files (full paths) a Hugging Face index names, and its map of tensor names to
+    those full paths."""
     directory = parent_of(path)
     try:
         data = storage.read_file(path, format_spec.MAX_INDEX_SIZE, "Index")
@@ -114,5 +116,30 @@ def hf_shards(path: str, storage: Storage) -> tuple[list[str], set[str]]:
     weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CorruptCheckpointError(f"{path} has no 'weight_map' of tensor names to shard files.", path)
-    files = sorted({format_spec.check_member_name(directory, f, "shard", name_of(path)) for f in weight_map.values()})
-    return [join(directory, f) for f in files], set(weight_map)
+    files = {f: join(directory, format_spec.check_member_name(directory, f, "shard", name_of(path)))
+             for f in set(weight_map.values())}
+    return sorted(files.values()), {name: files[f] for name, f in weight_map.items()}
+
+
+def check_hf_shards(index: str, weight_map: Mapping[str, str], held: Mapping[str, str]) -> None:
+    """Refuse shards that disagree with their Hugging Face index: a tensor the index lists that no
+    shard holds, one a shard holds that the index does not list, or one in another shard than the
+    index says (``held``: name -> the file holding it; files are named as ``weight_map`` names them).
+
+    Raises:
+        CorruptCheckpointError: naming the index and the first few tensors.
+    """
+    problems = []
+    for what, names in (("lists tensors its shards do not hold", sorted(weight_map.keys() - held.keys())),
+                        ("does not list tensors its shards hold", sorted(held.keys() - weight_map.keys()))):
+        if names:
+            problems.append(f"{what}: {format_keys(names, 5)}")
+    moved = sorted(n for n, f in held.items() if n in weight_map and weight_map[n] != f)
+    if moved:
+        problems.append("names another shard than the one holding " + ", ".join(
+            f"{n} (listed in {name_of(weight_map[n])}, held by {name_of(held[n])})" for n in moved[:5])
+            + (f" ... and {len(moved) - 5} more" if len(moved) > 5 else ""))
+    if problems:
+        raise CorruptCheckpointError(f"{index} disagrees with its shards: it {'; it '.join(problems)}. The folder "
+                                     "is damaged or was put together from different saves; download or save it again.",
+                                     index)

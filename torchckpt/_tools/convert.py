@@ -45,15 +45,16 @@ import struct
 import zipfile
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import safetensors
 import torch
 
 from torchckpt._format import spec as format_spec
+from torchckpt._load import foreign as load_foreign
 from torchckpt._load.foreign import HF_INDEX_SUFFIX, HF_SINGLE
 from torchckpt._paths import is_url, join
 from torchckpt._storage.base import REGULAR_FILE, Source, Storage
@@ -104,8 +105,8 @@ class Found:
     ``kind`` is ``TORCH_FILE``, ``SAFETENSORS_FILE`` or ``HF_FOLDER``; ``files`` are the files to
     read in order (a Hugging Face index's shards, or the one file); ``pickled`` says they are
     ``torch.save`` files, ``zipped`` that they are zip archives (the format ``torch.load`` can map
-    rather than read). ``index`` is the Hugging Face index the shards came from, and ``listed`` the
-    tensor names it lists, which the shards must hold.
+    rather than read). ``index`` is the Hugging Face index the shards came from, and ``weight_map``
+    its map of tensor names to those files' paths, which the shards must agree with.
     """
 
     path: str
@@ -114,7 +115,7 @@ class Found:
     pickled: bool
     zipped: bool = True
     index: Member | None = None
-    listed: frozenset[str] = frozenset()
+    weight_map: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -219,7 +220,8 @@ def _shards(src: str, name: str, storage: Storage, kind: str) -> Found:
                                      "Download the folder again (a download stopped part way?).", index.path)
     files = tuple(_follow(join(src, f), storage) for f in names)
     zipped = all([_sniff(f, storage, kind).zipped for f in files])  # every shard checked, not the first that isn't
-    return Found(src, HF_FOLDER, files, kind == TORCH_FILE, zipped, index, frozenset(weight_map))
+    return Found(src, HF_FOLDER, files, kind == TORCH_FILE, zipped, index,
+                 {name: join(src, file) for name, file in weight_map.items()})
 
 
 def _plain_name(index: Member, name: str) -> str:
@@ -265,6 +267,7 @@ def read_source(found: Found, storage: Storage, storage_options: dict[str, Any] 
         UnsupportedStateError: a ``torch.save`` file that does not hold a dict with str keys.
     """
     state: dict[str, Any] = {}
+    held: dict[str, str] = {}  # name -> the shard holding it, as the index names the shard
     for member in found.files:  # one file's dict, or a Hugging Face index's shards one after another
         part = _torch_dict(member, storage, found.zipped) if found.pickled else _tensors(member, storage_options)
         if type(part) is OrderedDict and "_metadata" in vars(part) and len(found.files) == 1:
@@ -275,10 +278,9 @@ def read_source(found: Found, storage: Storage, storage_options: dict[str, Any] 
             raise CorruptCheckpointError(f"{member} holds {', '.join(twice[:5])}, which another shard of {found.path} "
                                          "holds too; the folder is damaged. Download or save it again.", member.path)
         state.update(part)
-    unheld = sorted(found.listed - state.keys())
-    if found.index is not None and unheld:
-        raise CorruptCheckpointError(f"{found.index} lists tensors its shards do not hold: {', '.join(unheld[:5])}.",
-                                     found.index.path)
+        held.update(dict.fromkeys(part, member.path))
+    if found.index is not None:
+        load_foreign.check_hf_shards(found.index.path, found.weight_map, held)
     kind = LIGHTNING_FILE if found.kind == TORCH_FILE and LIGHTNING_KEY in state else found.kind
     return Converted(state, kind)
 
