@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -85,17 +86,56 @@ def test_a_write_never_replaces_a_folder_of_other_files(tmp_path, write):
     assert info.value.errno == errno.EEXIST and info.value.path == str(folder)
     assert sorted(os.listdir(folder)) == ["model-00001-of-00001.safetensors", "src", "train.py"]
     assert os.listdir(tmp_path) == ["project"]  # no temporary left
-    (folder / "src").rmdir()
-    (folder / "train.py").unlink()
-    (folder / "model.safetensors").write_bytes(b"downloaded weights")
-    with pytest.raises(torchckpt.CheckpointWriteError, match=r"other files \(model\.safetensors\)"):
-        torchckpt.save_state({"w": torch.ones(3)}, folder)
-    (folder / "model.safetensors").unlink()  # nothing but the names a checkpoint's writer gives is one (an object
-    torchckpt.save_state({"w": torch.ones(3)}, folder)  # store's replacement cut short leaves shards without an index)
-    assert torch.equal(torchckpt.load_state(folder)["w"], torch.ones(3))
+
+
+OTHERS_FILES = {  # what a folder holds -> what the refusal names
+    "a download's weights": ({"model.safetensors": b"weights"}, "model.safetensors"),
+    "someone's own index.json": ({"index.json": b'{"pages": ["home"]}'}, "index.json"),
+    "a folder named like a shard": ({"model-00001-of-00002.safetensors/todo.txt": b"keep"},
+                                    "model-00001-of-00002.safetensors"),
+}
+
+
+@pytest.mark.parametrize("holds", list(OTHERS_FILES))
+def test_names_alone_do_not_make_a_folder_a_checkpoint(tmp_path, holds):
+    files, named = OTHERS_FILES[holds]
+    for name, data in files.items():
+        (tmp_path / "out" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "out" / name).write_bytes(data)
+    with pytest.raises(torchckpt.CheckpointWriteError, match=rf"other files \({re.escape(named)}\), not a checkpoint"):
+        torchckpt.save_state({"w": torch.ones(3)}, tmp_path / "out")
+    assert all((tmp_path / "out" / name).read_bytes() == data for name, data in files.items())
+
+
+def test_what_a_save_replaces_is_a_checkpoint_whatever_else_it_holds_or_what_an_interrupted_one_left(tmp_path):
+    """A committed checkpoint (its sealed index.json) is replaced whole, as retention deletes it:
+    a .DS_Store that Finder put in a Lightning last.ckpt must not stop training. A folder of
+    nothing but shards (an object store's replacement cut short after deleting the index) and an
+    empty folder are replaced too."""
+    path = torchckpt.save_state({"w": torch.zeros(3)}, tmp_path / "last.ckpt")
+    (tmp_path / "last.ckpt" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    torchckpt.save_state({"w": torch.ones(3)}, path)
+    assert torch.equal(torchckpt.load_state(path)["w"], torch.ones(3)) and ".DS_Store" not in os.listdir(path)
+    (tmp_path / "last.ckpt" / spec.INDEX_FILE).unlink()
+    torchckpt.save_state({"w": torch.full((3,), 2.0)}, path)
+    assert torch.equal(torchckpt.load_state(path)["w"], torch.full((3,), 2.0))
     (tmp_path / "empty").mkdir()
     torchckpt.save_state({"w": torch.ones(3)}, tmp_path / "empty")
     assert torch.equal(torchckpt.load_state(tmp_path / "empty")["w"], torch.ones(3))
+
+
+def test_a_folder_that_appears_at_the_path_during_the_save_is_not_replaced(tmp_path, disk):
+    """The path is checked again right before the commit: the check before the shards are written
+    alone let a folder made meanwhile (another process, a git clone) be replaced, and deleted."""
+    def someone_makes_their_folder(*args):
+        (tmp_path / "runs" / "src").mkdir(parents=True)
+        (tmp_path / "runs" / "train.py").write_text("precious")
+
+    disk.after("output.finish", someone_makes_their_folder, times=1)
+    with pytest.raises(torchckpt.CheckpointWriteError, match=r"runs is a folder of other files \(src, train\.py\)"):
+        torchckpt.save_state({"w": torch.ones(3)}, tmp_path / "runs")
+    assert (tmp_path / "runs" / "train.py").read_text() == "precious"
+    assert sorted(os.listdir(tmp_path)) == ["runs"] and sorted(os.listdir(tmp_path / "runs")) == ["src", "train.py"]
 
 
 def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):

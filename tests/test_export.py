@@ -67,6 +67,19 @@ def test_a_folder_with_other_files_is_never_replaced(tmp_path, capsys):
     assert os.listdir(out) == ["notes.txt"]
 
 
+def test_weights_an_export_does_not_write_are_never_replaced(tmp_path, capsys):
+    """Any model*.safetensors passed for an earlier export's weights: a save_pretrained folder's
+    model_ema.safetensors beside model.safetensors was deleted."""
+    path = torchckpt.Checkpoint(model=make_mlp(1)).write(tmp_path / "c")
+    out = tmp_path / "hf"
+    out.mkdir()
+    for name in ("config.json", "model.safetensors", "model_ema.safetensors"):
+        (out / name).write_bytes(b"{}")
+    assert main(["export", path, "--object", "model", str(out)]) == 1
+    assert "holds files an export does not write (model_ema.safetensors)" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "model_ema.safetensors"]
+
+
 def test_a_folder_holding_only_someones_config_is_never_replaced(tmp_path, capsys):
     path = torchckpt.Checkpoint(model=make_mlp(1)).write(tmp_path / "c")
     out = tmp_path / "hf"

@@ -155,6 +155,9 @@ def test_an_unknown_dtype_name_is_a_corrupt_checkpoint():
     with pytest.raises(CorruptCheckpointError, match=r"Unknown dtype 'F128' in f\.safetensors\.") as e:
         format_dtypes.check_dtype("F128", " in f.safetensors", "f.safetensors")
     assert e.value.path == "f.safetensors"
+    for value in ({}, [], 3, None):  # what a hostile header holds; a dict was a TypeError (unhashable) once
+        with pytest.raises(CorruptCheckpointError, match="Unknown dtype"):
+            format_dtypes.check_dtype(value, " in f.safetensors", "f.safetensors")
 
 
 @pytest.mark.skipif(not hasattr(torch, "float4_e2m1fn_x2"), reason="needs torch.float4_e2m1fn_x2")

@@ -187,6 +187,16 @@ def test_a_write_never_replaces_a_folder_of_other_objects(remote):
     assert remote.names("data") == ["part-0.csv"] and remote.names() == ["data"]
 
 
+def test_a_write_replaces_what_an_interrupted_replacement_left(remote):
+    """A replacement killed while it deleted the old checkpoint leaves its deleting marker and the
+    old shards, without an index: the next write to the path replaces them (it is the package's own)."""
+    path = torchckpt.save_state({"w": torch.ones(4)}, remote.at("c"), storage_options=remote.options)
+    remote.fs.rm_file(remote.at("c", INDEX_FILE))
+    remote.fs.pipe_file(remote.at("c", ".torchckpt-deleting"), b'{"objects": []}')
+    torchckpt.save_state({"w": torch.full((4,), 3.0)}, path, storage_options=remote.options)
+    assert torch.equal(torchckpt.load_state(path, storage_options=remote.options)["w"], torch.full((4,), 3.0))
+
+
 def test_a_store_root_is_a_path_like_any_other(remote):
     """``memory://`` (a store's root) used to be an untyped ValueError from its parent's name, and a
     write there replaced everything in the store."""

@@ -35,7 +35,8 @@ MAX_CORNERS = 2**24  # corners the tiling check counts: chunks x 2^(dimensions a
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, sizes)
 
-_CHUNK = re.compile(r"(.+)~@((?:0|[1-9][0-9]{0,18})(?:,(?:0|[1-9][0-9]{0,18}))*|)\Z", re.DOTALL)
+_OFFSETS = re.compile(r"(?:0|[1-9][0-9]{0,18})(?:,(?:0|[1-9][0-9]{0,18}))*|")  # after the last CHUNK_MARK
+_OFFSETS_OF: dict[str, tuple[int, ...]] = {}
 _RANKED = re.compile(r"(.+)~r(0|[1-9][0-9]{0,8})\Z", re.DOTALL)
 
 
@@ -50,14 +51,22 @@ def rank_name(path: str, rank: int) -> str:
 
 
 def parse_chunk_name(name: str) -> tuple[str, tuple[int, ...]] | None:
-    """``(logical name, offsets)`` of a chunk's stored name, or None for any other name."""
-    if CHUNK_MARK not in name:
+    """``(logical name, offsets)`` of a chunk's stored name, or None for any other name.
+
+    The offsets follow the last mark (a mark inside the logical name leaves digits and commas
+    after it only where it is the last one). A checkpoint repeats a few offsets (a rank's row of
+    every parameter), so each suffix is checked and parsed once."""
+    logical, mark, suffix = name.rpartition(CHUNK_MARK)
+    if not mark:
         return None
-    match = _CHUNK.match(name)
-    if match is None:
-        raise CorruptCheckpointError(f"Stored tensor name {name[:200]!r} has a malformed chunk suffix.")
-    logical, offsets = match.groups()
-    return logical, tuple(int(o) for o in offsets.split(",")) if offsets else ()
+    offsets = _OFFSETS_OF.get(suffix)
+    if offsets is None or not logical:
+        if not logical or _OFFSETS.fullmatch(suffix) is None:
+            raise CorruptCheckpointError(f"Stored tensor name {name[:200]!r} has a malformed chunk suffix.")
+        offsets = tuple(int(o) for o in suffix.split(",")) if suffix else ()
+        if len(_OFFSETS_OF) < 100_000:
+            _OFFSETS_OF[suffix] = offsets
+    return logical, offsets
 
 
 def parse_rank_name(name: str) -> tuple[str, int] | None:
@@ -269,8 +278,8 @@ class Layout:
     def chunked_info(self, name: str, resolve: Callable[[str], Any]) -> ChunkedInfo:
         """The chunked tensor ``name``: its global shape and dtype, each chunk by ``resolve``
         (builds torch objects: a restore's and a reader's, not an inspector's)."""
-        dtype, shape = self.chunked[name]
-        return ChunkedInfo(name, str_to_dtype(dtype), size_of(parse_shape_key(shape, self.where)),
+        dtype, shape = self.chunked[name]  # both checked by parse_layout (_check_stored_once)
+        return ChunkedInfo(name, str_to_dtype(dtype), size_of(shape),
                            tuple((box, resolve(n)) for box, n in self.pieces[name]))
 
     def view(self, names: list[str], aliases: dict[str, str], rank: int, resolve: Callable[[str], Any],

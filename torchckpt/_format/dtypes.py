@@ -117,7 +117,7 @@ PACKED_DTYPES = {"F4": "4-bit floats (torch.float4_e2m1fn_x2)", "F6_E2M3": "6-bi
 def check_dtype(name: Any, where: str = "", path: str | None = None) -> str:
     """``name`` when it is a safetensors dtype name torchckpt reads; else a corrupt checkpoint."""
     if type(name) is not str or name not in ITEMSIZES:
-        if name in PACKED_DTYPES:  # safetensors' own, never in a checkpoint this package writes
+        if type(name) is str and name in PACKED_DTYPES:  # safetensors' own, never in a checkpoint this package writes
             raise CorruptCheckpointError(
                 f"Dtype {name!r}{where} packs {PACKED_DTYPES[name]} into bytes, which torchckpt does not read (the "
                 "file's shape counts elements, not bytes). Read it with safetensors.torch.load_file.", path)

@@ -87,8 +87,14 @@ _WRITTEN_SHARD = re.compile(r"model-\d{5,}-of-\d{5,}(-[0-9a-f]+)?" + re.escape(S
 
 def is_checkpoint_member(name: str) -> bool:
     """Whether ``name`` is one a checkpoint this package writes holds: its index, a shard named as
-    it names them (``model.safetensors`` is someone's), a pending marker."""
-    return name == INDEX_FILE or _WRITTEN_SHARD.fullmatch(name) is not None or is_pending_marker(name)
+    it names them (``model.safetensors`` is someone's), a pending or deleting marker."""
+    return name in (INDEX_FILE, DELETING_FILE) or is_shard_name(name) or is_pending_marker(name)
+
+
+def is_shard_name(name: str) -> bool:
+    """Whether ``name`` is a shard's as this package names them (``model-00001-of-00002.safetensors``,
+    with a tag on an object store)."""
+    return _WRITTEN_SHARD.fullmatch(name) is not None
 
 
 def is_pending_marker(name: str) -> bool:

@@ -17,6 +17,7 @@ import re
 import threading
 from collections.abc import Sequence
 
+from torchckpt._format import document as format_document
 from torchckpt._format import index as format_index
 from torchckpt._format import spec
 from torchckpt._history import state as history_state
@@ -62,12 +63,14 @@ def is_committed(path: str, storage: Storage) -> bool:
 def refuse_replacing_other(path: str, storage: Storage, what: str, fix: str = "save under another number",
                            files: bool = False) -> None:
     """Before ``what`` replaces what is at ``path``: refuse anything there but a checkpoint, so that
-    a save never deletes someone's files. A checkpoint is a directory of nothing but the names a
-    checkpoint holds (``index.json``, shards, an object store's pending markers), committed or
-    not: one whose index is missing (an object-store replacement that stopped between deleting the
-    index and writing the new one) holds only shards, and is replaced. An empty directory is
+    a save never deletes someone's files.
+
+    A checkpoint is a directory holding a sealed ``index.json`` (one this package wrote: replaced
+    whole, whatever else it holds, as retention deletes it), or one holding nothing but files a
+    checkpoint's writer names (shards, an object store's markers: a replacement that stopped
+    between deleting the index and writing the new one leaves them). An empty directory is
     replaced too; with ``files``, so is a plain file or a link (``save_state`` over a ``.ckpt``
-    file, as ``torch.save`` would).
+    file, as ``torch.save`` would), never what a link points to.
 
     Raises:
         CheckpointWriteError: something other than a checkpoint is at ``path`` (``errno`` EEXIST);
@@ -75,15 +78,39 @@ def refuse_replacing_other(path: str, storage: Storage, what: str, fix: str = "s
     """
     if not storage.exists(path):
         return
-    names = storage.list_names(path) if storage.is_dir(path) else None
-    if names is None and files or names is not None and all(spec.is_checkpoint_member(n) for n in names):
+    if storage.is_dir(path):
+        if has_sealed_index(path, storage):
+            return
+        others = sorted(n for n in storage.list_names(path)
+                        if n == spec.INDEX_FILE or not spec.is_checkpoint_member(n) or storage.is_dir(join(path, n)))
+        if not others:
+            return
+        kind = f"a folder of other files ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''})"
+    elif files:
         return
-    others = sorted(n for n in names if not spec.is_checkpoint_member(n)) if names is not None else []
-    kind = f"a folder of other files ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''})" \
-        if names is not None else "a file"
+    else:
+        kind = "a file"
     raise CheckpointWriteError(f"{path} is {kind}, not a checkpoint, so {what} did not replace it and nothing was "
                                f"written: it replaces only a checkpoint. Move it away, or {fix}.",
                                path, FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path))
+
+
+def has_sealed_index(path: str, storage: Storage) -> bool:
+    """Whether the directory ``path`` holds an ``index.json`` (a regular file) that ends with the
+    seal this package's writer gives it: one this package wrote, damaged or not, not someone's own
+    file of that name. Reads its last few bytes only."""
+    index = join(path, spec.INDEX_FILE)
+    if not storage.is_file(index):
+        return False
+    try:
+        source = storage.open(index, "Index")
+        try:
+            tail = source.read(max(0, source.size - format_document.SEAL_BYTES), format_document.SEAL_BYTES)
+        finally:
+            source.close()
+    except (OSError, CheckpointError):  # gone meanwhile, unreadable or not a regular file: not known to be one
+        return False
+    return format_document.seal_at_end(tail) is not None
 
 
 def latest_in(directory: str, storage: Storage) -> str | None:

@@ -293,8 +293,10 @@ def finish(coord: Coordinator, storage: Storage, prepared: Prepared, progress: b
         raise
     if coord.rank == 0:
         assert stage is not None
+        recheck = (lambda: history_members.refuse_replacing_other(path, storage, "this save", save_write.REPLACE_FIX,
+                                                                  files=True)) if replace else None
         outcome, stop = _commit(coord, stage, path, plan, prepared.section, captured, reports, hooks.after,
-                                warm_page_cache)
+                                warm_page_cache, recheck)
         coord.broadcast("outcome", dist_payloads.encode(outcome))
         if stop is not None:  # interrupted once committed: the others hold what it holds, then it stops
             raise stop
@@ -361,10 +363,10 @@ def _write_mine(coord: Coordinator, storage: Storage, prepared: Prepared, stage_
 
 def _commit(coord: Coordinator, stage: Any, path: str, plan: RankPlan, section: dict[str, Any], captured: Captured,
             reports: list[dict[str, Any]] | Exception,
-            after: Callable[[], Any] | None, warm_page_cache: bool = False,
+            after: Callable[[], Any] | None, warm_page_cache: bool = False, recheck: Callable[[], None] | None = None,
             ) -> tuple[dict[str, Any], BaseException | None]:
-    """Rank 0: write the index and commit once every rank has reported success (else discard),
-    then run ``after``. Returns the outcome for every rank, and the interrupt (``KeyboardInterrupt``,
+    """Rank 0: write the index and commit once every rank has reported success (else discard;
+    ``recheck`` may refuse the commit too), then run ``after``. Returns the outcome for every rank, and the interrupt (``KeyboardInterrupt``,
     ``SystemExit``) that stopped rank 0 on the way, for it to raise once the others have the
     outcome: wherever it stopped, they learn what it left (nothing, a checkpoint that may be
     committed, or one committed and recorded as far as its history says)."""
@@ -379,6 +381,8 @@ def _commit(coord: Coordinator, stage: Any, path: str, plan: RankPlan, section: 
             return {"failures": failures}, None
         index = _index_document(plan, section, captured, reports, coord.world)
         stage.write_index(INDEX_FILE, format_index.sealed_index(index, path, len(index[WEIGHT_MAP_KEY])))
+        if recheck is not None:
+            recheck()
         step = "committing"
         stage.commit({rec["file"]: rec["size"] for rep in reports for rec in rep["records"]})
         step = "committed"

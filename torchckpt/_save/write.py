@@ -115,6 +115,8 @@ def write_checkpoint(
                 section = {**section, format_spec.REUSED_KEY: reused}
             index = _index_of(shards, files, stored, aliases, section, records, digests)
             stage.write_index(INDEX_FILE, format_index.sealed_index(index, path, len(stored)))
+            if replace:  # again: a folder that appeared while the shards were written is not replaced either
+                history_members.refuse_replacing_other(path, storage, "this save", REPLACE_FIX, files=True)
             stage.commit({r["file"]: r["size"] for r in records})
         except BaseException:
             stage.discard()

@@ -36,7 +36,7 @@ from torchckpt.reader import CheckpointReader
 
 HF_INDEX = "model.safetensors.index.json"
 HF_CONFIG = "config.json"
-_EXPORT_FILES = (HF_INDEX, HF_CONFIG)  # with model*.safetensors: what an existing folder may hold to be replaced
+_EXPORT_FILES = (HF_INDEX, HF_CONFIG)  # with the weights' files: what an existing folder may hold to be replaced
 _CONFIG_LIMIT = 64 * 2**20  # the largest config.json copied into the folder
 
 
@@ -170,7 +170,7 @@ def _check_replaceable(out: str, storage: Storage) -> None:
     if not storage.is_dir(out):
         raise CheckpointError(f"Cannot export to {out}: it exists and is not a directory.")
     names = storage.list_names(out)
-    weights = [n for n in names if n == HF_INDEX or n.startswith("model") and n.endswith(spec.SHARD_SUFFIX)]
+    weights = [n for n in names if n in (HF_INDEX, HF_SINGLE) or spec.is_shard_name(n)]  # not model_ema.safetensors
     others = [n for n in names if n not in weights and n not in _EXPORT_FILES]
     if others:
         raise CheckpointError(
