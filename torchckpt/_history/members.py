@@ -98,19 +98,23 @@ def refuse_replacing_other(path: str, storage: Storage, what: str, fix: str = "s
 def has_sealed_index(path: str, storage: Storage) -> bool:
     """Whether the directory ``path`` holds an ``index.json`` (a regular file) that ends with the
     seal this package's writer gives it: one this package wrote, damaged or not, not someone's own
-    file of that name. Reads its last few bytes only."""
-    index = join(path, spec.INDEX_FILE)
-    if not storage.is_file(index):
-        return False
+    file of that name."""
+    return storage.is_file(join(path, spec.INDEX_FILE)) and index_seal(path, storage) is not None
+
+
+def index_seal(path: str, storage: Storage) -> str | None:
+    """The seal the checkpoint directory ``path``'s ``index.json`` ends with, unchecked (from its
+    last few bytes: whether it is still the index read before, without reading it all); None where
+    it ends with none, or cannot be read now (gone, unreadable, not a regular file)."""
     try:
-        source = storage.open(index, "Index")
+        source = storage.open(join(path, spec.INDEX_FILE), "Index")
         try:
             tail = source.read(max(0, source.size - format_document.SEAL_BYTES), format_document.SEAL_BYTES)
         finally:
             source.close()
-    except (OSError, CheckpointError):  # gone meanwhile, unreadable or not a regular file: not known to be one
-        return False
-    return format_document.seal_at_end(tail) is not None
+    except Exception:  # noqa: BLE001 - whatever it is, it is not an index known to be this package's
+        return None
+    return format_document.seal_at_end(tail)
 
 
 def latest_in(directory: str, storage: Storage) -> str | None:

@@ -17,6 +17,7 @@ from torchckpt._format import document as format_document
 from torchckpt._format import index as format_index
 from torchckpt._format.index import Index
 from torchckpt._format.spec import INDEX_FILE, MAX_INDEX_SIZE
+from torchckpt._history import members as history_members
 from torchckpt._load.opened import deleted_meanwhile, distrusting, load_index
 from torchckpt._paths import join
 from torchckpt._storage.base import Storage
@@ -87,17 +88,8 @@ def confirm_unchanged(directory: str, seal: str, storage: Storage) -> None:
     """
     if not seal:
         return
-    path = join(directory, INDEX_FILE)
-    try:
-        source = storage.open(path, "Index")
-        try:
-            tail = source.read(max(0, source.size - format_document.SEAL_BYTES), format_document.SEAL_BYTES)
-        finally:
-            source.close()
-    except Exception:  # deleted (FileNotFoundError), or unreadable now: not this check's to report
-        return
-    found = format_document.seal_at_end(tail)
-    if found is not None and found != seal:  # no seal: damaged since, which the reads' checks report
+    found = history_members.index_seal(directory, storage)  # None: deleted, unreadable now, or damaged since,
+    if found is not None and found != seal:  # which is not this check's to report (the reads' checks report damage)
         raise replaced_meanwhile(directory, "its index.json changed after its shards were opened")
 
 
