@@ -3,8 +3,9 @@
 Each measurement is a fresh job of WORLD processes on 127.0.0.1. Rounds are interleaved (each round
 starts with another method, in an order of its own: ``_common.round_order``). Wall time runs from a
 barrier before the call to a barrier after it (the slowest rank). Per-rank bytes come from each
-process's I/O counters (``/proc/self/io``: ``write_bytes``, what reached storage, and ``rchar``),
-peak RSS from ``ru_maxrss``. Loads start from a cold page cache (the files are fsynced and dropped
+process's I/O counters (``/proc/self/io``: ``write_bytes``, what reached storage, ``rchar``, what
+the read calls returned, and ``read_bytes``, what the process made the storage deliver: on one host
+the ranks share the page cache, and a byte two ranks read is fetched once), peak RSS from ``ru_maxrss``. Loads start from a cold page cache (the files are fsynced and dropped
 with ``posix_fadvise(DONTNEED)``), into a fresh model and a never-stepped optimizer.
 
     python benchmarks/bench_distributed.py [--world 2,4] [--rounds 3] [--workloads big,many,ddp]
@@ -207,12 +208,18 @@ def metadata_bytes(path: str, method: str) -> int:
     return total
 
 
-def io_counters() -> tuple[int, int]:
-    """(bytes written to storage, bytes read by read calls). ``write_bytes`` leaves out socket
-    traffic (rank 0 hosts the c10d Store); ``rchar`` counts reads however the page cache served them."""
+def io_counters() -> tuple[int, int, int]:
+    """(bytes written to storage, bytes read by read calls, bytes fetched from storage). ``write_bytes``
+    leaves out socket traffic (rank 0 hosts the c10d Store); ``rchar`` counts reads however the page
+    cache served them; ``read_bytes`` only what the storage delivered for this process."""
     with open("/proc/self/io") as f:
         fields = dict(line.split(": ") for line in f.read().splitlines())
-    return int(fields["write_bytes"]), int(fields["rchar"])
+    return int(fields["write_bytes"]), int(fields["rchar"]), int(fields["read_bytes"])
+
+
+def checkpoint_bytes(path: str) -> int:
+    """The size of every file under ``path``: what a load fetches at least once from storage."""
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -231,7 +238,7 @@ def worker(args: argparse.Namespace) -> None:
         tensors = local_tensors(module, opt)
         os.makedirs(args.path, exist_ok=True)
         dist.barrier()
-        w0, r0 = io_counters()
+        w0, r0, _ = io_counters()
         t0 = time.perf_counter()
         if args.method in ("raw", "raw-all"):
             raw_save(os.path.join(args.path, f"rank{rank}.bin"), share(tensors, args.workload, rank, world))
@@ -243,7 +250,7 @@ def worker(args: argparse.Namespace) -> None:
             torchckpt.Checkpoint(model=module, opt=opt).write(args.path)
         dist.barrier()
         seconds = time.perf_counter() - t0
-        w1, _ = io_counters()
+        w1, _, _ = io_counters()
         result = {"seconds": seconds, "written": w1 - w0,
                   "needed": sum(len(v) for v in share(tensors, args.workload, rank, world))}
     else:
@@ -254,7 +261,7 @@ def worker(args: argparse.Namespace) -> None:
         if rank == 0:
             drop_page_cache([args.path])
         dist.barrier()
-        _, r0 = io_counters()
+        _, r0, f0 = io_counters()
         t0 = time.perf_counter()
         if args.method == "raw":
             raw_load(os.path.join(args.path, f"rank{rank}.bin"), share(tensors, args.workload, rank, world))
@@ -279,10 +286,11 @@ def worker(args: argparse.Namespace) -> None:
                 args.path, read_once=True if args.method == "torchckpt-once" else None).assert_consumed()
         dist.barrier()
         seconds = time.perf_counter() - t0
-        _, r1 = io_counters()
+        _, r1, f1 = io_counters()
         if needed is None:
             needed = sum(t.nbytes for t in local_tensors(module, opt))
-        result = {"seconds": seconds, "read": r1 - r0, "needed": needed,
+        result = {"seconds": seconds, "read": r1 - r0, "needed": needed, "fetched": f1 - f0,
+                  "size": checkpoint_bytes(args.path),
                   "data_read": r1 - r0 - metadata_bytes(args.path, args.method)}
         if args.check:  # every parameter equal to the saved job's, gathered
             ref = safetensors.torch.load_file(args.check)
@@ -322,6 +330,8 @@ def summarize(rows: list[list[dict[str, Any]]], key: str) -> dict[str, Any]:
             "ratio_to_needed": round(sum(per_rank) / max(1, sum(needed)), 3),
             "max_over_mean": round(max(per_rank) / (sum(per_rank) / len(per_rank)), 3),
             "peak_rss_mib": round(max(r["peak_rss"] for r in rows[-1]) / 2**20),
+            **({"fetched_over_size": [round(sum(r["fetched"] for r in ranks) / max(1, ranks[0]["size"]), 3)
+                                      for ranks in rows]} if "fetched" in rows[-1][0] else {}),
             "equal": all(r.get("equal", True) for ranks in rows for r in ranks)}
 
 

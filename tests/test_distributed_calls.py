@@ -70,7 +70,7 @@ def test_ranks_making_different_calls_are_refused_on_every_rank(world2):
         assert found[0][f"{name}_ranks"] == [1]
         assert all(r[f"{name}_seconds"] < 10 for r in found)
     assert all(r["good"] == "ok" for r in found)  # the next matching call pairs correctly
-    assert found[0]["exists"] == ["good", "notes"]  # nothing of the refused calls was written
+    assert found[0]["exists"] == ["good", "meanwhile", "notes"]  # nothing of the refused calls was written
     reader = torchckpt.load_checkpoint(str(world2 / "mismatch" / "good"))
     assert any(name.startswith("model/") for name in reader.get_variable_to_shape_map())
 
@@ -82,7 +82,10 @@ def test_a_write_on_several_ranks_never_replaces_a_folder_of_other_files(world2)
     assert "notes is a folder of other files (todo.txt), not a checkpoint, so this save did not replace it and " \
            "nothing was written: it replaces only a checkpoint. Move it away, or write to another path." in refusals[0]
     assert (world2 / "mismatch" / "notes" / "todo.txt").read_text() == "keep me"
-    assert sorted(p.name for p in (world2 / "mismatch").iterdir()) == ["good", "notes"]  # no temporary left
+    meanwhile = [r["appears_meanwhile"] for r in found]  # made at the path while the ranks wrote: checked again
+    assert meanwhile[0] == meanwhile[1] and "meanwhile is a folder of other files (src, train.py)" in meanwhile[0]
+    assert (world2 / "mismatch" / "meanwhile" / "train.py").read_text() == "precious"
+    assert sorted(p.name for p in (world2 / "mismatch").iterdir()) == ["good", "meanwhile", "notes"]  # no temporary
 
 
 def test_a_collective_restore_says_what_state_each_rank_is_left_in(world2):

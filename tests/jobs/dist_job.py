@@ -948,6 +948,12 @@ def mismatched_calls(d: Path, rank: int, world: int) -> dict:
     if rank == 0:  # someone's folder, which a write must not replace (the first call, refused, pairs the ranks)
         (base / "notes").mkdir(parents=True)
         (base / "notes" / "todo.txt").write_text("keep me")
+
+        def someone_makes_their_folder(*args):  # at the path, while the ranks write their files
+            (base / "meanwhile" / "src").mkdir(parents=True)
+            (base / "meanwhile" / "train.py").write_text("precious")
+
+        install(base / "meanwhile", LocalDouble()).after("output.finish", someone_makes_their_folder, times=1)
     calls = {
         "path": lambda: ckpt.write(str(base / f"rank{rank}"), timeout_secs=TIMEOUT),
         "async_save": lambda: ckpt.write(str(base / "async"), async_save=rank == 0, timeout_secs=TIMEOUT),
@@ -956,6 +962,7 @@ def mismatched_calls(d: Path, rank: int, world: int) -> dict:
         "save_counter": lambda: ckpt.save(str(base / "counted"), timeout_secs=TIMEOUT),
         "good": lambda: ckpt.write(str(base / "good"), timeout_secs=TIMEOUT),
         "over_other_files": lambda: ckpt.write(str(base / "notes"), timeout_secs=TIMEOUT),
+        "appears_meanwhile": lambda: ckpt.write(str(base / "meanwhile"), timeout_secs=TIMEOUT),
         "restore": lambda: ckpt.restore(str(base / ("good" if rank else "counted-1")), timeout_secs=TIMEOUT),
         "manager": lambda: torchckpt.CheckpointManager(ckpt, str(base / "managed"), max_to_keep=2 + rank,
                                                        timeout_secs=TIMEOUT),

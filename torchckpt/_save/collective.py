@@ -366,10 +366,11 @@ def _commit(coord: Coordinator, stage: Any, path: str, plan: RankPlan, section: 
             after: Callable[[], Any] | None, warm_page_cache: bool = False, recheck: Callable[[], None] | None = None,
             ) -> tuple[dict[str, Any], BaseException | None]:
     """Rank 0: write the index and commit once every rank has reported success (else discard;
-    ``recheck`` may refuse the commit too), then run ``after``. Returns the outcome for every rank, and the interrupt (``KeyboardInterrupt``,
-    ``SystemExit``) that stopped rank 0 on the way, for it to raise once the others have the
-    outcome: wherever it stopped, they learn what it left (nothing, a checkpoint that may be
-    committed, or one committed and recorded as far as its history says)."""
+    ``recheck`` may refuse the commit too), then run ``after``. Returns the outcome for every rank,
+    and the interrupt (``KeyboardInterrupt``, ``SystemExit``) that stopped rank 0 on the way, for it
+    to raise once the others have the outcome: wherever it stopped, they learn what it left
+    (nothing, a checkpoint that may be committed, or one committed and recorded as far as its
+    history says)."""
     step = "writing"
     if isinstance(reports, Exception):  # a rank never reported: it may still be writing into the stage
         _clean_up(stage.abandon)
