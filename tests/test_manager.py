@@ -402,6 +402,18 @@ def test_a_checkpoint_saved_again_under_a_damaged_ones_name_is_intact_and_may_be
     assert (tmp_path / "ckpt-300").is_dir() and manager.best_checkpoint.endswith("ckpt-300")
 
 
+def test_a_checkpoint_is_not_a_managers_directory(tmp_path):
+    """A manager given a checkpoint (ckpt-7 for its parent) wrote its run inside it, and the
+    checkpoint's next replacement (a save replaces a checkpoint whole) took the run with it."""
+    with CheckpointManager(ckpt(), tmp_path) as manager:
+        saved = manager.save()
+    for directory in (saved, torchckpt.save_state({"w": torch.ones(1)}, tmp_path / "plain")):
+        with pytest.raises(torchckpt.CheckpointError, match=rf"{re.escape(directory)} is a checkpoint, not a directory "
+                           "of checkpoints: pass the directory a manager writes into"):
+            CheckpointManager(ckpt(), directory)
+        assert sorted(os.listdir(directory)) == ["index.json", "model-00001-of-00001.safetensors"]
+
+
 def test_an_explicit_number_replaces_only_a_checkpoint(tmp_path):
     (tmp_path / "ckpt-1000").mkdir()
     (tmp_path / "ckpt-1000" / "eval_predictions.csv").write_text("id,label\n")

@@ -206,6 +206,10 @@ class CheckpointManager:
         return rebuilt
 
     def _open_and_load(self, best_mode: str | None) -> list[str]:
+        if history_members.has_sealed_index(self._directory, self._storage):  # its next replacement would take the run
+            raise CheckpointError(f"{self._directory} is a checkpoint, not a directory of checkpoints: pass the "
+                                  "directory a manager writes into (its parent, for a manager's checkpoint), or restore "
+                                  "this one with Checkpoint.restore.")
         self._read_only = claims.take(self._storage, self._directory, (f"{self._name}-", history_state.STATE_FILE))
         self._claimed = not self._read_only  # a failed construction holds nothing (see __init__)
         return self._ledger.load(_clock.now(), best_mode)
