@@ -27,6 +27,7 @@ from torchckpt._dist import coordinator as dist_coordinator
 from torchckpt._dist import dtensor as dist_dtensor
 from torchckpt._dist.coordinator import AnyCoordinator
 from torchckpt._format import spec
+from torchckpt._history import members as history_members
 from torchckpt._save import collective, write
 from torchckpt._save.background import AsyncWriter
 from torchckpt._save.capture import WriteJob, capture
@@ -68,6 +69,8 @@ def save(source: Source, storage: Storage, path: str, coord: AnyCoordinator, opt
         _save_by_every_rank(source, storage, path, coord, options, hooks)
         return
     source.wait()  # one write in flight; raises a previous background failure
+    if options.replace:  # now, not from the background of an asynchronous save (the write checks again)
+        history_members.refuse_replacing_other(path, storage, "this save", write.REPLACE_FIX, files=True)
 
     def run() -> None:
         with gc_paused():
@@ -117,6 +120,8 @@ def _save_by_every_rank(source: Source, storage: Storage, path: str, coord: AnyC
 
     def state() -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, int]]:
         source.wait()  # one write in flight; raises a previous background failure
+        if options.replace and coord.rank == 0:  # now, on every rank: not only from an asynchronous save's background
+            history_members.refuse_replacing_other(path, storage, "this save", write.REPLACE_FIX, files=True)
         job = _capture(source, options, distributed=True)
         return job.stored, job.section, job.groups
 
