@@ -308,6 +308,8 @@ def folder(tmp_path):
     os.symlink("epoch=1.ckpt", tmp_path / "last.ckpt")
     (tmp_path / "old.ckpt").write_bytes(b"a torch.save pickle")
     (tmp_path / "half.ckpt").mkdir()
+    (tmp_path / "site.ckpt").mkdir()
+    (tmp_path / "site.ckpt" / "index.json").write_text('{"pages": ["home"]}')  # someone's own index.json
     (tmp_path / "outside").mkdir()
     torchckpt.save_state({"epoch": 9}, tmp_path / "outside" / "c.ckpt")
     os.symlink(os.path.join("outside", "c.ckpt"), tmp_path / "away.ckpt")
@@ -330,8 +332,9 @@ def test_a_checkpoint_and_a_lightning_link_load_and_are_removed(folder):
 @pytest.mark.parametrize(("name", "message"), [
     ("old.ckpt", "Refusing to remove .*old.ckpt: it is not a torchckpt checkpoint"),
     ("half.ckpt", "Refusing to remove .*half.ckpt: it is not a torchckpt checkpoint"),
+    ("site.ckpt", "Refusing to remove .*site.ckpt: it is not a torchckpt checkpoint"),
     ("away.ckpt", "away.ckpt is a link to 'outside/c.ckpt', not to a sibling checkpoint"),
-], ids=["a-pickle-file", "an-unfinished-directory", "a-link-elsewhere"])
+], ids=["a-pickle-file", "an-unfinished-directory", "a-folder-with-its-own-index", "a-link-elsewhere"])
 def test_remove_refuses_anything_but_a_checkpoint_and_leaves_it(folder, name, message):
     with pytest.raises(torchckpt.CheckpointNotFoundError, match=message) as caught:
         TorchckptCheckpointIO().remove_checkpoint(str(folder / name))

@@ -49,6 +49,7 @@ import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
 from torchckpt._format import keypath, spec
+from torchckpt._history import members as history_members
 from torchckpt._paths import as_path, is_url, join, name_of, parent_of
 from torchckpt._storage.registry import storage_for
 from torchckpt.errors import CheckpointNotFoundError
@@ -160,10 +161,10 @@ class TorchckptCheckpointIO(CheckpointIO):
         storage = storage_for(path)
         if not storage.exists(path):
             return
-        if not (storage.is_dir(path) and storage.is_file(join(path, spec.INDEX_FILE))):
+        if not (storage.is_dir(path) and history_members.has_sealed_index(path, storage)):  # not someone's index.json
             raise CheckpointNotFoundError(
-                f"Refusing to remove {path}: it is not a torchckpt checkpoint (no directory holding "
-                f"{spec.INDEX_FILE}), so TorchckptCheckpointIO did not write it. Remove it yourself if it should go, "
+                f"Refusing to remove {path}: it is not a torchckpt checkpoint (no directory holding the "
+                f"{spec.INDEX_FILE} torchckpt writes), so TorchckptCheckpointIO did not write it. Remove it yourself if it should go, "
                 "or point ModelCheckpoint(dirpath=...) at a folder of its own.", path)
         storage.delete_checkpoint(path)
 
