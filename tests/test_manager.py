@@ -1388,6 +1388,22 @@ def test_a_checkpoint_retention_deleted_is_checkpoint_deleted_error_naming_the_n
     assert not isinstance(info.value, torchckpt.CheckpointDeletedError)
 
 
+def test_a_checkpoint_retention_deleted_beside_the_best_kept_is_checkpoint_deleted_error(tmp_path):
+    """probe70 N2: with keep_best the kept numbers are not one after another (an old best beside
+    the latest), and a follower whose yielded checkpoint retention deleted got CheckpointNotFoundError."""
+    state = torchckpt.Checkpoint(v=torch.tensor(0.0))
+    with CheckpointManager(state, tmp_path, max_to_keep=2, keep_best=1, best_metric="loss") as manager:
+        for loss in (0.5, 0.1, 0.3, 0.4, 0.6, 0.7):  # ckpt-2 is the best; ckpt-5 and ckpt-6 the latest
+            manager.save(metrics={"loss": loss})
+        assert [os.path.basename(p) for p in manager.checkpoints] == ["ckpt-2", "ckpt-5", "ckpt-6"]
+    with pytest.raises(torchckpt.CheckpointDeletedError, match=r"ckpt-4 was deleted: .*ckpt-6 since"):
+        torchckpt.load_state(tmp_path / "ckpt-4")
+    for never in ("ckpt-7", "ckpt-5x"):  # past the latest, or not a number of the run: never written
+        with pytest.raises(torchckpt.CheckpointNotFoundError) as info:
+            torchckpt.load_state(tmp_path / never)
+        assert not isinstance(info.value, torchckpt.CheckpointDeletedError)
+
+
 def test_a_replacing_save_that_fails_leaves_the_history_as_it_was(tmp_path, disk):
     state = torchckpt.Checkpoint(v=torch.tensor(0.0))
     manager = CheckpointManager(state, tmp_path, max_to_keep=1, keep_best=1, best_metric="loss")

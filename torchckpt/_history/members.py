@@ -215,10 +215,11 @@ def newest_unknown(recorded: set[str], members: list[str], prefix: str | None = 
 def _newer_of_its_run(name: str, names: list[str], directory: str, storage: Storage) -> str | None:
     """For a numbered checkpoint ``name`` that is gone from a directory a manager keeps: the newest
     checkpoint of its prefix, where retention explains the gap, else None. Retention deletes the
-    oldest first, so ``name`` must be numbered below every checkpoint the state file keeps, and the
-    kept ones numbered one after another, as a run numbers its saves: a number in the middle of
-    them or past them, or below a run that numbers by step (``checkpoint_number=step``), may never
-    have been written (a typo), and is not called deleted."""
+    oldest of the latest first, so ``name`` must be numbered below the newest kept checkpoints
+    numbered one after another, as a run numbers its saves (the last ``max_to_keep``; the best ones
+    ``keep_best`` keeps beside them may be older): a number in the middle of those or past them, or
+    below a run that numbers by step (``checkpoint_number=step``), may never have been written (a
+    typo), and is not called deleted."""
     number = number_of(name)
     if number is None or spec.STATE_FILE not in names:
         return None
@@ -228,7 +229,12 @@ def _newer_of_its_run(name: str, names: list[str], directory: str, storage: Stor
         return None
     prefix = name[: name.rindex("-")]
     kept = sorted(n for e in state.checkpoints if (n := number_of(e.name, prefix)) is not None) if state else []
-    if not kept or number >= kept[0] or kept[-1] - kept[0] != len(kept) - 1:
+    if not kept:
+        return None
+    tail = 1  # the newest kept numbered one after another
+    while tail < len(kept) and kept[-tail - 1] == kept[-tail] - 1:
+        tail += 1
+    if number >= kept[-tail] or tail == 1 < len(kept):  # the newest alone beside older ones: no rhythm to go by
         return None
     newer = [(n, other) for other in names if (n := number_of(other, prefix)) is not None and n > number]
     return max(newer)[1] if newer else None
