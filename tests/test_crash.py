@@ -124,6 +124,24 @@ def test_what_a_save_replaces_is_a_checkpoint_whatever_else_it_holds_or_what_an_
     assert torch.equal(torchckpt.load_state(tmp_path / "empty")["w"], torch.ones(3))
 
 
+def test_a_checkpoint_whose_index_lost_its_end_is_still_replaced(tmp_path):
+    """probe71: judged by the index's seal alone, a checkpoint whose index.json a copy cut short
+    could no longer be saved over, nor saved again under its number after a resume fell back past
+    it (the HF Trainer callback's saves)."""
+    with torchckpt.CheckpointManager(torchckpt.Checkpoint(w=torch.zeros(3)), tmp_path / "run") as manager:
+        first, damaged = manager.save(), manager.save()
+    index = tmp_path / "run" / "ckpt-2" / spec.INDEX_FILE
+    index.write_bytes(index.read_bytes()[:-40])
+    with pytest.warns(torchckpt.DamagedCheckpointWarning), \
+            torchckpt.CheckpointManager(torchckpt.Checkpoint(w=torch.ones(3)), tmp_path / "run") as manager:
+        assert manager.restore_or_initialize() == first
+        assert manager.save(checkpoint_number=2) == damaged
+    assert torch.equal(torchckpt.load_state(damaged)["w"], torch.zeros(3))
+    index.write_bytes(index.read_bytes()[:-40])
+    torchckpt.save_state({"w": torch.ones(3)}, damaged)
+    assert torch.equal(torchckpt.load_state(damaged)["w"], torch.ones(3))
+
+
 def test_a_folder_that_appears_at_the_path_during_the_save_is_not_replaced(tmp_path, disk):
     """The path is checked again right before the commit: the check before the shards are written
     alone let a folder made meanwhile (another process, a git clone) be replaced, and deleted."""

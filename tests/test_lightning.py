@@ -329,6 +329,13 @@ def test_a_checkpoint_and_a_lightning_link_load_and_are_removed(folder):
     assert not os.path.lexists(folder / "dangling.ckpt")
 
 
+def test_a_checkpoint_whose_index_lost_its_end_is_removed(folder):
+    index = folder / "epoch=1.ckpt" / "index.json"
+    index.write_bytes(index.read_bytes()[:-40])  # a copy cut short: still this package's, and top-k rotates it out
+    TorchckptCheckpointIO().remove_checkpoint(folder / "epoch=1.ckpt")
+    assert not os.path.lexists(folder / "epoch=1.ckpt")
+
+
 @pytest.mark.parametrize(("name", "message"), [
     ("old.ckpt", "Refusing to remove .*old.ckpt: it is not a torchckpt checkpoint"),
     ("half.ckpt", "Refusing to remove .*half.ckpt: it is not a torchckpt checkpoint"),

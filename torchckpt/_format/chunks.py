@@ -20,7 +20,15 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from torchckpt._format.dtypes import TensorInfo, check_dtype, parse_shape_key, size_of, str_to_dtype
+from torchckpt._format.dtypes import (
+    CACHED_KEY_CHARS,
+    CACHED_KEYS,
+    TensorInfo,
+    check_dtype,
+    parse_shape_key,
+    size_of,
+    str_to_dtype,
+)
 from torchckpt._format.spec import DTYPE_SEP, SHAPE_SEP
 from torchckpt.errors import CorruptCheckpointError
 
@@ -64,7 +72,7 @@ def parse_chunk_name(name: str) -> tuple[str, tuple[int, ...]] | None:
         if not logical or _OFFSETS.fullmatch(suffix) is None:
             raise CorruptCheckpointError(f"Stored tensor name {name[:200]!r} has a malformed chunk suffix.")
         offsets = tuple(int(o) for o in suffix.split(",")) if suffix else ()
-        if len(_OFFSETS_OF) < 100_000:
+        if len(_OFFSETS_OF) < CACHED_KEYS and len(suffix) <= CACHED_KEY_CHARS:  # a model's few, not a forger's
             _OFFSETS_OF[suffix] = offsets
     return logical, offsets
 

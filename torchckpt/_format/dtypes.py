@@ -204,6 +204,11 @@ def parse_checksums(text: str) -> tuple[int, ...]:
     return struct.unpack(f">{len(text) // CHECKSUM_CHARS}Q", bytes.fromhex(text))
 
 
+# The caches of parsed shapes keep a model's few shapes, not what a hostile index holds: at most
+# this many keys, none longer than a real tensor's shape (a forged index of 100,000 long shapes
+# would otherwise stay in memory for the life of the process)
+CACHED_KEYS = 50_000
+CACHED_KEY_CHARS = 128
 _SIZES: dict[Any, torch.Size] = {}
 
 
@@ -215,7 +220,7 @@ def size_of(dims: Any) -> torch.Size:
         import torch
 
         size = torch.Size(dims_of(dims) if isinstance(dims, str) else dims)
-        if len(_SIZES) < 100_000:
+        if len(_SIZES) < CACHED_KEYS and len(dims) <= CACHED_KEY_CHARS:
             _SIZES[dims] = size
     return size
 
@@ -229,7 +234,7 @@ def dims_of(key: str, where: str = "") -> tuple[int, ...]:
     dims = _DIMS.get(key)
     if dims is None:
         dims = parse_shape_key(key, where)
-        if len(_DIMS) < 100_000:
+        if len(_DIMS) < CACHED_KEYS and len(key) <= CACHED_KEY_CHARS:
             _DIMS[key] = dims
     return dims
 

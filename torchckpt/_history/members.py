@@ -62,13 +62,8 @@ def is_committed(path: str, storage: Storage) -> bool:
 
 def refuse_replacing_other(path: str, storage: Storage, what: str, fix: str = "save under another number",
                            files: bool = False) -> None:
-    """Before ``what`` replaces what is at ``path``: refuse anything there but a checkpoint, so that
-    a save never deletes someone's files.
-
-    A checkpoint is a directory holding a sealed ``index.json`` (one this package wrote: replaced
-    whole, whatever else it holds, as retention deletes it), or one holding nothing but files a
-    checkpoint's writer names (shards, an object store's markers: a replacement that stopped
-    between deleting the index and writing the new one leaves them). An empty directory is
+    """Before ``what`` replaces what is at ``path``: refuse anything there but a checkpoint (see
+    :func:`foreign_files`), so that a save never deletes someone's files. An empty directory is
     replaced too; with ``files``, so is a plain file or a link (``save_state`` over a ``.ckpt``
     file, as ``torch.save`` would), never what a link points to.
 
@@ -76,23 +71,39 @@ def refuse_replacing_other(path: str, storage: Storage, what: str, fix: str = "s
         CheckpointWriteError: something other than a checkpoint is at ``path`` (``errno`` EEXIST);
             nothing was written. ``fix`` ends its message ("Move it away, or <fix>.").
     """
-    if not storage.exists(path):
-        return
-    if storage.is_dir(path):
-        if has_sealed_index(path, storage):
-            return
-        others = sorted(n for n in storage.list_names(path)
-                        if n == spec.INDEX_FILE or not spec.is_checkpoint_member(n) or storage.is_dir(join(path, n)))
+    entries = storage.list_entries(path)  # one listing: on an object store, one request for most saves
+    if entries:
+        others = foreign_files(path, storage, entries)
         if not others:
             return
         kind = f"a folder of other files ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''})"
-    elif files:
+    elif files or not storage.exists(path) or storage.is_dir(path):  # nothing, or an empty directory
         return
     else:
         kind = "a file"
     raise CheckpointWriteError(f"{path} is {kind}, not a checkpoint, so {what} did not replace it and nothing was "
                                f"written: it replaces only a checkpoint. Move it away, or {fix}.",
                                path, FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path))
+
+
+def foreign_files(path: str, storage: Storage, entries: dict[str, bool] | None = None) -> list[str]:
+    """What keeps the directory ``path`` from being a checkpoint this package may replace or delete
+    whole, sorted; [] for one (or an empty directory). From one listing, and the index's last bytes
+    where it has one.
+
+    A checkpoint is a directory whose ``index.json`` ends with the seal this package writes
+    (whatever else it holds, as retention deletes it whole), or one of nothing but regular files
+    named as a writer names them: shards, an object store's markers, and an ``index.json`` beside
+    shards (damaged: a copy cut short). An ``index.json`` alone is someone's own file.
+    ``entries``: the directory's listing (``Storage.list_entries``), where the caller has it.
+    """
+    entries = storage.list_entries(path) if entries is None else entries
+    if entries.get(spec.INDEX_FILE) and index_seal(path, storage) is not None:
+        return []
+    others = sorted(n for n, regular in entries.items() if not regular or not spec.is_checkpoint_member(n))
+    if not others and spec.INDEX_FILE in entries and not any(map(spec.is_shard_name, entries)):
+        return [spec.INDEX_FILE]
+    return others
 
 
 def has_sealed_index(path: str, storage: Storage) -> bool:

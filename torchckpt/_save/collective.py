@@ -47,7 +47,6 @@ from torchckpt._format import spec as format_spec
 from torchckpt._format import tree as format_tree
 from torchckpt._format.dict_order import keep_dict_order
 from torchckpt._format.spec import INDEX_FILE, WEIGHT_MAP_KEY
-from torchckpt._history import members as history_members
 from torchckpt._paths import name_of
 from torchckpt._progress import progress_bar
 from torchckpt._save import capture as save_capture
@@ -271,9 +270,7 @@ def finish(coord: Coordinator, storage: Storage, prepared: Prepared, progress: b
     stage, stage_error = None, None
     if coord.rank == 0:
         try:
-            if replace:
-                history_members.refuse_replacing_other(path, storage, "this save", save_write.REPLACE_FIX, files=True)
-            stage = storage.stage(path, replace)
+            stage = storage.stage(path, replace)  # what is at ``path`` was checked in the first exchange (``_save.saver``)
             opened: dict[str, Any] = {"stage": stage.path}
         except Exception as e:
             opened, stage_error = {"error": dist_payloads.failure_payload(e)}, e
@@ -293,8 +290,7 @@ def finish(coord: Coordinator, storage: Storage, prepared: Prepared, progress: b
         raise
     if coord.rank == 0:
         assert stage is not None
-        recheck = (lambda: history_members.refuse_replacing_other(path, storage, "this save", save_write.REPLACE_FIX,
-                                                                  files=True)) if replace else None
+        recheck = (lambda: save_write.refuse_replacing_other(storage, path)) if replace else None
         outcome, stop = _commit(coord, stage, path, plan, prepared.section, captured, reports, hooks.after,
                                 warm_page_cache, recheck)
         coord.broadcast("outcome", dist_payloads.encode(outcome))

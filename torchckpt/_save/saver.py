@@ -27,7 +27,6 @@ from torchckpt._dist import coordinator as dist_coordinator
 from torchckpt._dist import dtensor as dist_dtensor
 from torchckpt._dist.coordinator import AnyCoordinator
 from torchckpt._format import spec
-from torchckpt._history import members as history_members
 from torchckpt._save import collective, write
 from torchckpt._save.background import AsyncWriter
 from torchckpt._save.capture import WriteJob, capture
@@ -70,7 +69,7 @@ def save(source: Source, storage: Storage, path: str, coord: AnyCoordinator, opt
         return
     source.wait()  # one write in flight; raises a previous background failure
     if options.replace:  # now, not from the background of an asynchronous save (the write checks again)
-        history_members.refuse_replacing_other(path, storage, "this save", write.REPLACE_FIX, files=True)
+        write.refuse_replacing_other(storage, path)
 
     def run() -> None:
         with gc_paused():
@@ -121,7 +120,7 @@ def _save_by_every_rank(source: Source, storage: Storage, path: str, coord: AnyC
     def state() -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, int]]:
         source.wait()  # one write in flight; raises a previous background failure
         if options.replace and coord.rank == 0:  # now, on every rank: not only from an asynchronous save's background
-            history_members.refuse_replacing_other(path, storage, "this save", write.REPLACE_FIX, files=True)
+            write.refuse_replacing_other(storage, path)
         job = _capture(source, options, distributed=True)
         return job.stored, job.section, job.groups
 

@@ -39,7 +39,23 @@ from torchckpt._save import reuse as save_reuse
 from torchckpt._storage.base import AlreadyCommitted, Output, Stage, Storage
 from torchckpt.errors import CheckpointWriteError
 
-REPLACE_FIX = "write to another path"  # how a save that would replace someone's files is told to go on
+_REPLACE_FIX = "write to another path"  # how a save that would replace someone's files is told to go on
+
+
+def refuse_replacing_other(storage: Storage, path: str) -> None:
+    """A save's check that what is at ``path`` is a checkpoint it may replace
+    (``_history.members.refuse_replacing_other``); a store that cannot be asked fails the save as
+    a write does (``CheckpointWriteError``).
+
+    Raises:
+        CheckpointWriteError: something other than a checkpoint is at ``path``, or the storage failed.
+    """
+    try:
+        history_members.refuse_replacing_other(path, storage, "this save", _REPLACE_FIX, files=True)
+    except OSError as e:
+        if isinstance(e, CheckpointWriteError):
+            raise
+        raise CheckpointWriteError(storage.describe_write_failure(path, e), path, e) from e
 
 # -- writing ---------------------------------------------------------------------------------
 
@@ -101,9 +117,7 @@ def write_checkpoint(
         keep_dict_order(section["state"], order, itertools.chain((n for s in shards for n in s.names), aliases))
     try:
         reference = save_reuse.open_base(storage, base, 1) if base is not None else None
-        if replace:
-            history_members.refuse_replacing_other(path, storage, "this save", REPLACE_FIX, files=True)
-        stage = storage.stage(path, replace)
+        stage = storage.stage(path, replace)  # what is at ``path`` was checked at the call (``_save.saver``)
         files = [stage.member(format_spec.shard_name(i, len(shards))) for i in range(1, len(shards) + 1)]
         try:
             checked = save_reuse.Checked() if incremental else None
@@ -115,8 +129,8 @@ def write_checkpoint(
                 section = {**section, format_spec.REUSED_KEY: reused}
             index = _index_of(shards, files, stored, aliases, section, records, digests)
             stage.write_index(INDEX_FILE, format_index.sealed_index(index, path, len(stored)))
-            if replace:  # again: a folder that appeared while the shards were written is not replaced either
-                history_members.refuse_replacing_other(path, storage, "this save", REPLACE_FIX, files=True)
+            if replace:  # again: a folder that appeared since the call was checked is not replaced either
+                refuse_replacing_other(storage, path)
             stage.commit({r["file"]: r["size"] for r in records})
         except BaseException:
             stage.discard()

@@ -305,6 +305,11 @@ class Storage(Protocol):
     def list_names(self, directory: str) -> list[str]:
         """Names directly inside ``directory`` ([] when it is missing or not a directory)."""
 
+    def list_entries(self, directory: str) -> dict[str, bool]:
+        """Names directly inside ``directory``, each -> whether it is a regular file (not a
+        directory, a link or anything else), from one listing ({} when it is missing, not a
+        directory, or a link to one)."""
+
     def committed_names(self, directory: str) -> list[str]:
         """Names directly inside ``directory`` that are committed checkpoints (a real directory
         holding a regular ``index.json``), in as few requests as the backend allows: one listing

@@ -208,6 +208,16 @@ class FsspecStorage:
         own = self.fs._strip_protocol(directory).rstrip("/")
         return [name_of(str(e)) for e in entries if self.fs._strip_protocol(str(e)).rstrip("/") != own]
 
+    def list_entries(self, directory: str) -> dict[str, bool]:
+        self.fs.invalidate_cache(directory)
+        try:
+            entries = self.fs.ls(directory, detail=True)
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+        own = self.fs._strip_protocol(directory).rstrip("/")
+        return {name_of(str(e["name"])): e.get("type") == "file" for e in entries
+                if self.fs._strip_protocol(str(e["name"])).rstrip("/") != own}
+
     def committed_names(self, directory: str) -> list[str]:
         return sorted(name for name, files in self.tree(directory).items() if INDEX_FILE in files)
 

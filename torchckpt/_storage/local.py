@@ -340,6 +340,15 @@ class LocalStorage:
         except (FileNotFoundError, NotADirectoryError):
             return []
 
+    def list_entries(self, directory: str) -> dict[str, bool]:
+        if os.path.islink(directory):  # not a directory here, whatever it leads to
+            return {}
+        try:
+            with os.scandir(directory) as entries:
+                return {e.name: e.is_file(follow_symlinks=False) for e in entries}
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+
     def committed_names(self, directory: str) -> list[str]:
         return [n for n in self.list_names(directory)
                 if self.is_dir(os.path.join(directory, n)) and self.is_file(os.path.join(directory, n, INDEX_FILE))]

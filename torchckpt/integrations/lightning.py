@@ -161,7 +161,8 @@ class TorchckptCheckpointIO(CheckpointIO):
         storage = storage_for(path)
         if not storage.exists(path):
             return
-        if not (storage.is_dir(path) and history_members.has_sealed_index(path, storage)):  # not someone's index.json
+        if not (storage.is_dir(path) and storage.is_file(join(path, spec.INDEX_FILE))
+                and not history_members.foreign_files(path, storage)):  # not someone's folder with an index.json
             raise CheckpointNotFoundError(
                 f"Refusing to remove {path}: it is not a torchckpt checkpoint (no directory holding the "
                 f"{spec.INDEX_FILE} torchckpt writes), so TorchckptCheckpointIO did not write it. Remove it yourself if it should go, "
