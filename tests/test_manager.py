@@ -419,7 +419,7 @@ def test_an_explicit_number_replaces_only_a_checkpoint(tmp_path):
     (tmp_path / "ckpt-1000" / "eval_predictions.csv").write_text("id,label\n")
     (tmp_path / "ckpt-2000").write_text("notes")
     manager = CheckpointManager(ckpt(), tmp_path)
-    for number, kind in ((1000, r"a folder of other files \(eval_predictions\.csv\)"), (2000, "a file")):
+    for number, kind in ((1000, r"a folder of other files \(eval_predictions\.csv\)"), (2000, "a file or a link")):
         with pytest.raises(torchckpt.CheckpointWriteError, match=rf"ckpt-{number} is {kind}, not a checkpoint, so "
                            rf"save\(checkpoint_number={number}\) did not replace it and nothing was written") as info:
             manager.save(checkpoint_number=number)

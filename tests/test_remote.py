@@ -187,6 +187,22 @@ def test_a_write_never_replaces_a_folder_of_other_objects(remote):
     assert remote.names("data") == ["part-0.csv"] and remote.names() == ["data"]
 
 
+@pytest.mark.parametrize("when", ["before the upload", "during the upload"])
+def test_a_file_put_at_the_path_meanwhile_is_never_deleted(remote, when):
+    """probe72: a file someone put at the path after the save checked it was deleted, by the
+    stage's clearing of an uncommitted prefix (before the upload) or by the discard that followed
+    the commit's refusal (during it), though the save said it "did not replace it"."""
+    def someone_puts_their_file(*args):
+        remote.fs.pipe_file(remote.at("c", "notes.txt"), b"keep")
+
+    remote.storage.before("stage", someone_puts_their_file, times=1) if when == "before the upload" else \
+        remote.storage.after("output.finish", someone_puts_their_file, times=1)
+    with pytest.raises(torchckpt.CheckpointWriteError, match=r"c is a folder of other files \(notes\.txt\)"):
+        torchckpt.save_state({"w": torch.ones(4), "b": torch.ones(4)}, remote.at("c"), max_shard_size=16,
+                             storage_options=remote.options)
+    assert remote.names("c") == ["notes.txt"] and remote.fs.cat_file(remote.at("c", "notes.txt")) == b"keep"
+
+
 def test_a_write_replaces_what_an_interrupted_replacement_left(remote):
     """A replacement killed while it deleted the old checkpoint leaves its deleting marker and the
     old shards, without an index: the next write to the path replaces them (it is the package's own)."""

@@ -38,6 +38,9 @@ MODULE_VERSIONS_KEY = "module_versions"  # in the index's section: {state dict's
 REUSED_KEY = "reused"  # in the index's section: {"base": checkpoint, "files": {file here: file there}} of an incremental save
 SAVE_COUNTER = "save_counter"  # a Checkpoint's counter, a top-level key of the saved state tree
 SHARD_SUFFIX = ".safetensors"
+HF_SINGLE = "model.safetensors"  # a Hugging Face folder's weights in one file: what from_pretrained reads first
+HF_INDEX = "model.safetensors.index.json"  # a sharded Hugging Face folder's index
+HF_CONFIG = "config.json"  # a Hugging Face folder's model config
 SHARD_NAME = "model-{index:05d}-of-{count:05d}" + SHARD_SUFFIX
 FORMAT_VERSION = 3  # the newest version this package reads
 PLAIN_FORMAT_VERSION = 1  # what a single process writes: no chunks, nothing per rank
@@ -89,6 +92,11 @@ def is_checkpoint_member(name: str) -> bool:
     """Whether ``name`` is one a checkpoint this package writes holds: its index, a shard named as
     it names them (``model.safetensors`` is someone's), a pending or deleting marker."""
     return name in (INDEX_FILE, DELETING_FILE) or is_shard_name(name) or is_pending_marker(name)
+
+
+def is_export_member(name: str) -> bool:
+    """Whether ``name`` is one ``torchckpt export`` writes into a Hugging Face folder."""
+    return name in (HF_SINGLE, HF_INDEX, HF_CONFIG) or is_shard_name(name)
 
 
 def is_shard_name(name: str) -> bool:

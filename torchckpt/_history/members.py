@@ -68,19 +68,25 @@ def refuse_replacing_other(path: str, storage: Storage, what: str, fix: str = "s
     file, as ``torch.save`` would), never what a link points to.
 
     Raises:
-        CheckpointWriteError: something other than a checkpoint is at ``path`` (``errno`` EEXIST);
-            nothing was written. ``fix`` ends its message ("Move it away, or <fix>.").
+        CheckpointWriteError: something other than a checkpoint is at ``path`` (``errno`` EEXIST),
+            and nothing was written (``fix`` ends its message: "Move it away, or <fix>."); or the
+            storage could not say what is there (its error's ``errno``).
     """
-    entries = storage.list_entries(path)  # one listing: on an object store, one request for most saves
-    if entries:
-        others = foreign_files(path, storage, entries)
-        if not others:
+    try:
+        entries = storage.list_entries(path)  # one listing: on an object store, one request for most saves
+        if entries:
+            others = foreign_files(path, storage, entries)
+            if not others:
+                return
+            kind = f"a folder of other files ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''})"
+        elif files or not storage.exists(path) or storage.is_dir(path):  # nothing, or an empty directory
             return
-        kind = f"a folder of other files ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''})"
-    elif files or not storage.exists(path) or storage.is_dir(path):  # nothing, or an empty directory
-        return
-    else:
-        kind = "a file"
+        else:
+            kind = "a file or a link"
+    except OSError as e:
+        if isinstance(e, CheckpointWriteError):
+            raise
+        raise CheckpointWriteError(storage.describe_write_failure(path, e), path, e) from e
     raise CheckpointWriteError(f"{path} is {kind}, not a checkpoint, so {what} did not replace it and nothing was "
                                f"written: it replaces only a checkpoint. Move it away, or {fix}.",
                                path, FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path))

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from torchckpt._format import document as format_document
 from torchckpt._format import spec as format_spec
 from torchckpt._format.dtypes import TensorInfo
-from torchckpt._format.spec import INDEX_FILE
+from torchckpt._format.spec import HF_SINGLE, INDEX_FILE
 from torchckpt._history import members as history_members
 from torchckpt._load import opened as load_opened
 from torchckpt._paths import join, name_of, parent_of
@@ -25,7 +25,6 @@ from torchckpt._threads import gc_paused
 from torchckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, format_keys, shard_missing, unreadable
 
 HF_INDEX_SUFFIX = ".safetensors.index.json"
-HF_SINGLE = "model.safetensors"  # what from_pretrained reads first, before any index beside it
 # A shard of a sharded checkpoint (ours, with an upload's suffix, or Hugging Face's): never a whole one
 SHARD_OF_SET = re.compile(r"model-\d{5}-of-\d{5}(-[0-9a-f]+)?" + re.escape(format_spec.SHARD_SUFFIX))
 

@@ -290,9 +290,8 @@ def finish(coord: Coordinator, storage: Storage, prepared: Prepared, progress: b
         raise
     if coord.rank == 0:
         assert stage is not None
-        recheck = (lambda: save_write.refuse_replacing_other(storage, path)) if replace else None
         outcome, stop = _commit(coord, stage, path, plan, prepared.section, captured, reports, hooks.after,
-                                warm_page_cache, recheck)
+                                warm_page_cache, lambda: save_write.refuse_replacing_other(storage, path, replace))
         coord.broadcast("outcome", dist_payloads.encode(outcome))
         if stop is not None:  # interrupted once committed: the others hold what it holds, then it stops
             raise stop

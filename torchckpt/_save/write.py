@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import errno
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -42,20 +43,18 @@ from torchckpt.errors import CheckpointWriteError
 _REPLACE_FIX = "write to another path"  # how a save that would replace someone's files is told to go on
 
 
-def refuse_replacing_other(storage: Storage, path: str) -> None:
+def refuse_replacing_other(storage: Storage, path: str, replace: bool = True) -> None:
     """A save's check that what is at ``path`` is a checkpoint it may replace
-    (``_history.members.refuse_replacing_other``); a store that cannot be asked fails the save as
-    a write does (``CheckpointWriteError``).
-
-    Raises:
-        CheckpointWriteError: something other than a checkpoint is at ``path``, or the storage failed.
-    """
+    (``_history.members.refuse_replacing_other``: a ``CheckpointWriteError`` otherwise). For a save
+    that replaces nothing (``replace=False``), someone's files there appeared while it was written:
+    ``AlreadyCommitted``, as for a checkpoint that did."""
     try:
         history_members.refuse_replacing_other(path, storage, "this save", _REPLACE_FIX, files=True)
-    except OSError as e:
-        if isinstance(e, CheckpointWriteError):
+    except CheckpointWriteError as e:
+        if replace or e.errno != errno.EEXIST:
             raise
-        raise CheckpointWriteError(storage.describe_write_failure(path, e), path, e) from e
+        raise AlreadyCommitted(errno.EEXIST, f"something appeared there ({e})", path) from e
+
 
 # -- writing ---------------------------------------------------------------------------------
 
@@ -129,8 +128,9 @@ def write_checkpoint(
                 section = {**section, format_spec.REUSED_KEY: reused}
             index = _index_of(shards, files, stored, aliases, section, records, digests)
             stage.write_index(INDEX_FILE, format_index.sealed_index(index, path, len(stored)))
-            if replace:  # again: a folder that appeared since the call was checked is not replaced either
-                refuse_replacing_other(storage, path)
+            # again, also where nothing was to be replaced: on an object store the save writes into the
+            # prefix itself, and a file someone put there since the call must not end up in a checkpoint
+            refuse_replacing_other(storage, path, replace)
             stage.commit({r["file"]: r["size"] for r in records})
         except BaseException:
             stage.discard()

@@ -33,6 +33,8 @@ from torchckpt._format.spec import (
     PENDING_FILE,
     SHARD_SUFFIX,
     TORCHCKPT_KEY,
+    is_checkpoint_member,
+    is_export_member,
     is_pending_marker,
 )
 from torchckpt._paths import join
@@ -81,9 +83,10 @@ class RemoteStage:
             self.replacing = True
         elif names and not any(is_pending_marker(n) or n == DELETING_FILE for n in names):
             # Uncommitted objects that no writer is writing (a writer puts its marker before any object):
-            # a previous export's files, or junk. Another writer's upload in flight is left alone (it has
-            # its own names); a crashed writer's leftovers are removed by the next manager.
-            storage.remove_names(final, names)
+            # a previous export's files, or a crashed writer's. Only names a writer or an export gives: a
+            # file someone put there since the save checked the path stays (and its commit refuses it).
+            # Another writer's upload in flight is left alone (it has its own names).
+            storage.remove_names(final, [n for n in names if is_checkpoint_member(n) or is_export_member(n)])
         storage.make_dirs(final)  # file:// and the like need the directory; object stores have none
         marker = {"writer": f"pid {os.getpid()} on {socket.gethostname()}", "time": time.time(),
                   "session": storage.session_of(final), "tag": self.tag}
@@ -215,8 +218,10 @@ class RemoteStage:
         busy = INDEX_FILE in names or any(is_pending_marker(n) and n != self.marker for n in names) or DELETING_FILE in names
         if busy:  # a committed checkpoint, another writer's upload or a deletion: remove only this save's objects
             self.storage.remove_names(self.path, [*self.created, self.marker])
-        else:  # nobody else's: the whole uncommitted prefix (with the other ranks' files of this save)
-            self.storage.remove_names(self.path, names)
+        else:  # nobody else's upload: this save's objects (the other ranks' too), never a file of a name no
+            # writer gives (someone's, which the commit's check refused to replace)
+            mine = {*(n for n in names if is_checkpoint_member(n)), *self.created, self.marker}
+            self.storage.remove_names(self.path, sorted(mine))
         self.storage.drop_if_empty(self.path)
 
 

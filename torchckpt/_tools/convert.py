@@ -54,12 +54,12 @@ import safetensors
 import torch
 
 from torchckpt._format import spec as format_spec
+from torchckpt._format.spec import HF_INDEX, HF_SINGLE
 from torchckpt._load import foreign as load_foreign
-from torchckpt._load.foreign import HF_INDEX_SUFFIX, HF_SINGLE
+from torchckpt._load.foreign import HF_INDEX_SUFFIX
 from torchckpt._paths import is_url, join
 from torchckpt._storage.base import REGULAR_FILE, Source, Storage
 from torchckpt._tools import pickled_numpy
-from torchckpt._tools.export import HF_INDEX
 from torchckpt.errors import (
     CheckpointError,
     CheckpointNotFoundError,

@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 from torchckpt._format import dtypes as format_dtypes
 from torchckpt._format import keypath, spec
-from torchckpt._load.foreign import HF_SINGLE
+from torchckpt._format.spec import HF_CONFIG, HF_INDEX, HF_SINGLE
 from torchckpt._paths import as_directory, join
 from torchckpt._progress import progress_bar
 from torchckpt._save import plan as save_plan
@@ -34,8 +34,6 @@ from torchckpt._storage.base import Storage
 from torchckpt.errors import CheckpointError, a_or_an
 from torchckpt.reader import CheckpointReader
 
-HF_INDEX = "model.safetensors.index.json"
-HF_CONFIG = "config.json"
 _EXPORT_FILES = (HF_INDEX, HF_CONFIG)  # with the weights' files: what an existing folder may hold to be replaced
 _CONFIG_LIMIT = 64 * 2**20  # the largest config.json copied into the folder
 

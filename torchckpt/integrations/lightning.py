@@ -52,7 +52,7 @@ from torchckpt._format import keypath, spec
 from torchckpt._history import members as history_members
 from torchckpt._paths import as_path, is_url, join, name_of, parent_of
 from torchckpt._storage.registry import storage_for
-from torchckpt.errors import CheckpointNotFoundError
+from torchckpt.errors import CheckpointNotFoundError, CheckpointWriteError
 from torchckpt.rng import RNGState
 from torchckpt.state_dicts import load_state, save_state
 
@@ -152,6 +152,7 @@ class TorchckptCheckpointIO(CheckpointIO):
         Raises:
             CheckpointNotFoundError: ``path`` holds something that is not a torchckpt checkpoint
                 (a file, an unfinished directory, a link that Lightning did not make), left as it is.
+            CheckpointWriteError: ``path`` cannot be listed (its ``errno``), left as it is.
         """
         path = as_path(path)
         if _is_link(path):
@@ -161,8 +162,12 @@ class TorchckptCheckpointIO(CheckpointIO):
         storage = storage_for(path)
         if not storage.exists(path):
             return
-        if not (storage.is_dir(path) and storage.is_file(join(path, spec.INDEX_FILE))
-                and not history_members.foreign_files(path, storage)):  # not someone's folder with an index.json
+        try:
+            ours = storage.is_dir(path) and storage.is_file(join(path, spec.INDEX_FILE)) \
+                and not history_members.foreign_files(path, storage)  # not someone's folder with an index.json
+        except OSError as e:  # a folder it may not list
+            raise CheckpointWriteError(f"Cannot remove {path}: {e.strerror or e}.", path, e) from e
+        if not ours:
             raise CheckpointNotFoundError(
                 f"Refusing to remove {path}: it is not a torchckpt checkpoint (no directory holding the "
                 f"{spec.INDEX_FILE} torchckpt writes), so TorchckptCheckpointIO did not write it. Remove it yourself if it should go, "
