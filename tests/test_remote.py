@@ -203,6 +203,34 @@ def test_a_file_put_at_the_path_meanwhile_is_never_deleted(remote, when):
     assert remote.names("c") == ["notes.txt"] and remote.fs.cat_file(remote.at("c", "notes.txt")) == b"keep"
 
 
+def test_a_dead_writers_leftovers_are_removed_but_never_a_file_put_beside_them(remote):
+    """probe73: the next manager removed every object of a dead writer's prefix, also a file
+    someone had put there (which the writer's commit would have refused)."""
+    with CheckpointManager(torchckpt.Checkpoint(w=torch.ones(2)), remote.url, storage_options=remote.options) as mgr:
+        mgr.save()
+    tag = "0123456789ab"  # a writer that died mid-upload of ckpt-2, long ago, outside any manager's lease
+    remote.fs.pipe_file(remote.at("ckpt-2", f".torchckpt-pending-{tag}"),
+                        json.dumps({"writer": "pid 1 on elsewhere", "time": 0, "session": None, "tag": tag}).encode())
+    remote.fs.pipe_file(remote.at("ckpt-2", f"model-00001-of-00001-{tag}.safetensors"), b"part of an upload")
+    remote.fs.pipe_file(remote.at("ckpt-2", "notes.txt"), b"keep")
+    with CheckpointManager(torchckpt.Checkpoint(w=torch.ones(2)), remote.url, storage_options=remote.options):
+        pass
+    assert remote.names("ckpt-2") == ["notes.txt"]
+
+
+def test_consolidate_never_commits_beside_a_file_put_at_its_path(remote, tmp_path):
+    from torchckpt._tools.consolidate import consolidate
+
+    from .format2 import write_two_rank
+
+    source = torchckpt.load_checkpoint(write_two_rank(tmp_path / "c"))
+    remote.storage.after("output.finish", lambda *args: remote.fs.pipe_file(remote.at("out", "notes.txt"), b"keep"),
+                         times=1)
+    with pytest.raises(torchckpt.CheckpointError, match="out appeared while it was being written; nothing was replaced"):
+        consolidate(source, remote.at("out"), remote.storage)
+    assert remote.names("out") == ["notes.txt"]
+
+
 def test_a_write_replaces_what_an_interrupted_replacement_left(remote):
     """A replacement killed while it deleted the old checkpoint leaves its deleting marker and the
     old shards, without an index: the next write to the path replaces them (it is the package's own)."""

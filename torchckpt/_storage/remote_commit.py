@@ -308,7 +308,9 @@ def remove_leftovers(storage: FsspecStorage, directory: str, prefix: str) -> lis
                 _remove_losers(storage, path, files, stale)
             continue
         if all(_is_stale(_marker(storage, join(path, m)), ours) for m in markers):
-            storage.remove_names(path, storage.list_names(path))
+            # the dead writers' objects: names a writer or an export gives, never a file someone put there
+            storage.remove_names(path, [n for n in storage.list_names(path)
+                                        if is_checkpoint_member(n) or is_export_member(n)])
             storage.drop_if_empty(path)
             removed.append(name)
     return removed

@@ -82,7 +82,7 @@ def consolidate(reader: CheckpointReader, out: str, storage: Storage, *, rank: i
         raise CheckpointError(f"{out} already exists; consolidate into a new path.")
     stage = storage.stage(out, False)
     try:
-        _write(reader, stage, out, tensors, source_of, shards, section, aliases, progress)
+        _write(reader, storage, stage, out, tensors, source_of, shards, section, aliases, progress)
     except AlreadyCommitted:
         stage.discard()
         raise CheckpointError(f"{out} appeared while it was being written; nothing was replaced.") from None
@@ -94,7 +94,7 @@ def consolidate(reader: CheckpointReader, out: str, storage: Storage, *, rank: i
             "bytes": sum(n for _, _, n in tensors.values()), "shards": len(shards), "per_rank_values": per_rank}
 
 
-def _write(reader: CheckpointReader, stage: Stage, out: str, tensors: Tensors, source_of: dict[str, str],
+def _write(reader: CheckpointReader, storage: Storage, stage: Stage, out: str, tensors: Tensors, source_of: dict[str, str],
            shards: list[list[str]], section: dict[str, Any], aliases: dict[str, str], progress: bool | None) -> None:
     """Stream every shard into ``stage`` (each tensor from its source in the reader), then write the
     index and commit ``out``."""
@@ -118,4 +118,5 @@ def _write(reader: CheckpointReader, stage: Stage, out: str, tensors: Tensors, s
     document = format_index.index_document(sum(n for _, _, n in tensors.values()), weight_map,
                                            format_spec.PLAIN_FORMAT_VERSION, section, aliases, records, table)
     stage.write_index(INDEX_FILE, format_index.sealed_index(document, out, len(order)))
+    save_write.refuse_replacing_other(storage, out, False)  # someone's file put at ``out`` meanwhile: not beside it
     stage.commit({r["file"]: r["size"] for r in records})
