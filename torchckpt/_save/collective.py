@@ -358,7 +358,7 @@ def _write_mine(coord: Coordinator, storage: Storage, prepared: Prepared, stage_
 
 def _commit(coord: Coordinator, stage: Any, path: str, plan: RankPlan, section: dict[str, Any], captured: Captured,
             reports: list[dict[str, Any]] | Exception,
-            after: Callable[[], Any] | None, warm_page_cache: bool = False, recheck: Callable[[], None] | None = None,
+            after: Callable[[], Any] | None, warm_page_cache: bool, recheck: Callable[[], None],
             ) -> tuple[dict[str, Any], BaseException | None]:
     """Rank 0: write the index and commit once every rank has reported success (else discard;
     ``recheck`` may refuse the commit too), then run ``after``. Returns the outcome for every rank,
@@ -377,8 +377,7 @@ def _commit(coord: Coordinator, stage: Any, path: str, plan: RankPlan, section: 
             return {"failures": failures}, None
         index = _index_document(plan, section, captured, reports, coord.world)
         stage.write_index(INDEX_FILE, format_index.sealed_index(index, path, len(index[WEIGHT_MAP_KEY])))
-        if recheck is not None:
-            recheck()
+        recheck()
         step = "committing"
         stage.commit({rec["file"]: rec["size"] for rep in reports for rec in rep["records"]})
         step = "committed"

@@ -34,7 +34,6 @@ from torchckpt._storage.base import Storage
 from torchckpt.errors import CheckpointError, a_or_an
 from torchckpt.reader import CheckpointReader
 
-_EXPORT_FILES = (HF_INDEX, HF_CONFIG)  # with the weights' files: what an existing folder may hold to be replaced
 _CONFIG_LIMIT = 64 * 2**20  # the largest config.json copied into the folder
 
 
@@ -168,8 +167,8 @@ def _check_replaceable(out: str, storage: Storage) -> None:
     if not storage.is_dir(out):
         raise CheckpointError(f"Cannot export to {out}: it exists and is not a directory.")
     names = storage.list_names(out)
-    weights = [n for n in names if n in (HF_INDEX, HF_SINGLE) or spec.is_shard_name(n)]  # not model_ema.safetensors
-    others = [n for n in names if n not in weights and n not in _EXPORT_FILES]
+    others = [n for n in names if not spec.is_export_member(n)]  # model_ema.safetensors too: not an export's
+    weights = [n for n in names if spec.is_export_member(n) and n != HF_CONFIG]
     if others:
         raise CheckpointError(
             f"Cannot export to {out}: it holds files an export does not write ({', '.join(sorted(others)[:5])}), "
