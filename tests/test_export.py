@@ -67,6 +67,29 @@ def test_a_folder_with_other_files_is_never_replaced(tmp_path, capsys):
     assert os.listdir(out) == ["notes.txt"]
 
 
+@pytest.mark.parametrize("earlier", [False, True], ids=["new-folder", "re-export"])
+def test_a_folder_that_appears_while_exporting_is_left_alone(tmp_path, disk, capsys, earlier):
+    """OUT is checked before anything is written and again right before the commit: files put
+    there in between (a user's folder, another export's with its notes) are never replaced."""
+    path = torchckpt.Checkpoint(model=make_mlp(1)).write(tmp_path / "c")
+    out = tmp_path / "out"
+    if earlier:
+        assert main(["export", path, "--object", "model", str(out)]) == 0
+
+    def appear(*args: object) -> None:
+        out.mkdir(exist_ok=True)
+        (out / "notes.txt").write_text("keep me")
+
+    disk.after("output.finish", appear, times=1)
+    assert main(["export", path, "--object", "model", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "holds files an export does not write (notes.txt)" in err
+    assert "It appeared while the export was being written; nothing was replaced." in err
+    assert sorted(os.listdir(out)) == (["model.safetensors", "notes.txt"] if earlier else ["notes.txt"])
+    assert (out / "notes.txt").read_text() == "keep me"
+    assert [n for n in os.listdir(tmp_path) if "torchckpt-" in n] == []  # no stage left
+
+
 def test_weights_an_export_does_not_write_are_never_replaced(tmp_path, capsys):
     """Any model*.safetensors passed for an earlier export's weights: a save_pretrained folder's
     model_ema.safetensors beside model.safetensors was deleted."""

@@ -142,6 +142,19 @@ def test_an_export_onto_an_earlier_one_leaves_only_its_own_files(remote, capsys)
     assert remote.names("hf") == ["model.safetensors"]
 
 
+def test_an_export_never_commits_beside_a_file_put_in_its_folder(remote, capsys):
+    from .conftest import make_mlp
+
+    path = torchckpt.Checkpoint(model=make_mlp()).write(remote.at("c"), storage_options=remote.options)
+    options = ["--storage-options", json.dumps(remote.options)] if remote.options else []
+    remote.storage.after("output.finish", lambda *args: remote.fs.pipe_file(remote.at("hf", "notes.txt"), b"keep"),
+                         times=1)
+    assert main(["export", path, "--object", "model", remote.at("hf"), *options]) == 1
+    assert "It appeared while the export was being written; nothing was replaced." in capsys.readouterr().err
+    assert remote.names("hf") == ["notes.txt"]
+    assert remote.fs.cat_file(remote.at("hf", "notes.txt")) == b"keep"
+
+
 # -- item 6: readers racing retention ----------------------------------------------------------------
 
 

@@ -90,6 +90,7 @@ def export_module(reader: CheckpointReader, obj: str | None, out: str, storage: 
                      "weight_map": dict(sorted(weight_map.items()))}
             stage.write_index(HF_INDEX, [(json.dumps(index, indent=2, sort_keys=True) + "\n").encode()])
             files.insert(len(groups), HF_INDEX)
+        _check_replaceable(out, storage, meanwhile=True)  # someone's files put there while it was written
         stage.commit(sizes)
     except BaseException:
         stage.discard()
@@ -159,14 +160,23 @@ def _local_names(reader: CheckpointReader, obj: str | None, names: list[str]) ->
     return local
 
 
-def _check_replaceable(out: str, storage: Storage) -> None:
+def _check_replaceable(out: str, storage: Storage, meanwhile: bool = False,
+                       ignored: Callable[[str], bool] = lambda name: False) -> None:
     """``out`` may be replaced: it is missing, empty, or an earlier export (weights, and nothing an
-    export does not write: a lone ``config.json`` is someone's own, not an export's)."""
+    export does not write: a lone ``config.json`` is someone's own, not an export's). Checked before
+    anything is written and again right before the commit (``meanwhile``): what appeared there in
+    between (another export, a user's folder) is left alone too."""
     if not storage.exists(out) and not storage.is_dir(out):
+        return
+    if meanwhile:
+        try:
+            _check_replaceable(out, storage, ignored=spec.is_pending_marker)  # on an object store: the stage's own
+        except CheckpointError as e:
+            raise CheckpointError(f"{e} It appeared while the export was being written; nothing was replaced.") from e
         return
     if not storage.is_dir(out):
         raise CheckpointError(f"Cannot export to {out}: it exists and is not a directory.")
-    names = storage.list_names(out)
+    names = [n for n in storage.list_names(out) if not ignored(n)]
     others = [n for n in names if not spec.is_export_member(n)]  # model_ema.safetensors too: not an export's
     weights = [n for n in names if spec.is_export_member(n) and n != HF_CONFIG]
     if others:
