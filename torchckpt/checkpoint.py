@@ -30,7 +30,6 @@ from torchckpt._load.rename import Rename, Renamer, call_argument
 from torchckpt._load.report import MismatchReport
 from torchckpt._paths import as_directory, as_path, join, name_of, parent_of
 from torchckpt._save import capture as save_capture
-from torchckpt._save import plan as save_plan
 from torchckpt._save import saver
 from torchckpt._save.background import AsyncWriter  # imported with the package: its exit hook must be registered early
 from torchckpt._save.options import FailedAfterCommit, SaveHooks, SaveOptions, save_arguments
@@ -233,7 +232,8 @@ class Checkpoint:
 
     def _source(self) -> saver.Source:
         return saver.Source(self._state, self._objects, self._async_writer, self.wait_until_finished,
-                            lambda: frozen_groups(self._tracked), lambda: save_capture.module_versions(_modules(self._tracked)))
+                            lambda: save_capture.frozen_groups(self._tracked, _nested),
+                            lambda: save_capture.module_versions(save_capture.modules_in(self._tracked, _nested)))
 
     def _async_writer(self) -> AsyncWriter:
         writer: AsyncWriter | None = self._writer
@@ -452,41 +452,6 @@ def _state_of(value: Any, distributed: bool = False) -> Any:
         items = [_state_of(v, distributed) for v in value]
         return items if isinstance(value, list) else tuple(items)
     return value if distributed else without_per_rank(value)  # a PerRank in a plain value (a tuple)
-
-
-def frozen_groups(tracked: dict[str, Any]) -> dict[int, int]:
-    """Where the tensors likely unchanged from save to save are, and their group of
-    ``_save.plan.plan_shards``: the frozen parameters (``requires_grad=False``) of every tracked
-    module, and the buffers of its submodules that train no parameter of their own (a frozen
-    BatchNorm in training mode still updates its running statistics: they get shards of their
-    own). Shards of them are reused by an incremental save; a tensor that changes anyway costs
-    its shard."""
-    found: dict[int, int] = {}
-    for _, module in _modules(tracked):
-        for sub in module.modules():
-            params = list(sub.parameters(recurse=False))
-            frozen = [p for p in params if not p.requires_grad]
-            found.update((dist_dtensor.address_of(p), save_plan.FROZEN_PARAMETER) for p in frozen)
-            if len(frozen) == len(params):
-                found.update((dist_dtensor.address_of(b), save_plan.FROZEN_BUFFER) for b in sub.buffers(recurse=False))
-    found.pop(0, None)
-    return found
-
-
-def _modules(value: Any, key: str = "") -> list[tuple[str, torch.nn.Module]]:
-    """The modules among tracked values (in nested checkpoints, dicts, lists and tuples too), with
-    the key each is matched by on restore (``_load.match``); other leaves cost one check each."""
-    if isinstance(value, torch.nn.Module):
-        return [(key, value)]
-    if isinstance(value, format_tree.PerRank):
-        return _modules(value.value, key)
-    if isinstance(value, Checkpoint):
-        value = value._tracked
-    items: Any = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
-    return [m for k, v in items if isinstance(v, _HOLDERS) for m in _modules(v, keypath.join(key, keypath.key_part(k)))]
-
-
-_HOLDERS = (torch.nn.Module, Checkpoint, format_tree.PerRank, dict, list, tuple)  # what may hold a module
 
 
 def _nested(value: Any) -> dict[str, Any] | None:

@@ -14,9 +14,11 @@ from typing import Any
 import torch
 
 from torchckpt import _tensorio
+from torchckpt._dist import dtensor as dist_dtensor
 from torchckpt._format import dtypes as format_dtypes
 from torchckpt._format import keypath
 from torchckpt._format import tree as format_tree
+from torchckpt._save import plan as save_plan
 from torchckpt.errors import CorruptCheckpointError, UnsupportedStateError
 
 
@@ -143,6 +145,46 @@ def capture(state: dict[str, Any], objects: dict[str, str], metadata: dict[str, 
         return WriteJob(tensors, {}, section, order=list(tensors))
     stored, aliases = prepare_tensors(localize(tensors))
     return WriteJob(stored, aliases, section, order=list(tensors))
+
+
+Nested = Callable[[Any], "dict[str, Any] | None"]  # a nested Checkpoint's tracked values, else None
+
+
+def modules_in(value: Any, nested: Nested, key: str = "") -> list[tuple[str, torch.nn.Module]]:
+    """The modules among tracked values (in nested checkpoints, dicts, lists and tuples too), with
+    the key each is matched by on restore (``_load.match``); other leaves cost a check or two each."""
+    if isinstance(value, torch.nn.Module):
+        return [(key, value)]
+    if isinstance(value, format_tree.PerRank):
+        return modules_in(value.value, nested, key)
+    inner = nested(value)
+    if inner is not None:
+        value = inner
+    items: Any = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    return [m for k, v in items if isinstance(v, _HOLDERS) or nested(v) is not None
+            for m in modules_in(v, nested, keypath.join(key, keypath.key_part(k)))]
+
+
+_HOLDERS = (torch.nn.Module, format_tree.PerRank, dict, list, tuple)  # what may hold a module, besides a Checkpoint
+
+
+def frozen_groups(tracked: dict[str, Any], nested: Nested) -> dict[int, int]:
+    """Where the tensors likely unchanged from save to save are, and their group of
+    ``_save.plan.plan_shards``: the frozen parameters (``requires_grad=False``) of every tracked
+    module, and the buffers of its submodules that train no parameter of their own (a frozen
+    BatchNorm in training mode still updates its running statistics: they get shards of their
+    own). Shards of them are reused by an incremental save; a tensor that changes anyway costs
+    its shard."""
+    found: dict[int, int] = {}
+    for _, module in modules_in(tracked, nested):
+        for sub in module.modules():
+            params = list(sub.parameters(recurse=False))
+            frozen = [p for p in params if not p.requires_grad]
+            found.update((dist_dtensor.address_of(p), save_plan.FROZEN_PARAMETER) for p in frozen)
+            if len(frozen) == len(params):
+                found.update((dist_dtensor.address_of(b), save_plan.FROZEN_BUFFER) for b in sub.buffers(recurse=False))
+    found.pop(0, None)
+    return found
 
 
 VersionRecord = dict[str, dict[str, "int | None"]]  # state dict's key -> {module prefix: its _version, where not 1}
