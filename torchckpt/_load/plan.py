@@ -17,13 +17,13 @@ from typing import Any
 
 import torch
 
-from torchckpt import _tensorio
 from torchckpt._dist import dtensor as dist_dtensor
 from torchckpt._format import keypath
 from torchckpt._format.chunks import ChunkedInfo
 from torchckpt._format.dtypes import TensorInfo as SavedTensor  # where a saved tensor is: dtype, shape, checksum
 from torchckpt._load import hooked, module_keys, tied
 from torchckpt._load.compat import casts_to, compatible
+from torchckpt._load.destinations import check_destination
 from torchckpt._load.report import MismatchReport
 from torchckpt.errors import (
     UnsupportedStateError,
@@ -110,62 +110,6 @@ def _read_into(dest: torch.Tensor, saved: SavedTensor, plan: Plan, key: str | No
     plan.casts.append((dest, buffer))
 
 
-def _overlaps(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
-    """Whether two elements of a view of ``shape`` and ``strides`` may share memory: taken by
-    stride, each dimension of size over 1 must step past everything the smaller ones reach. (A
-    layout whose strides interleave without sharing, rare as it is, is refused with them.)"""
-    reach = 0
-    for stride, size in sorted((st, n) for n, st in zip(shape, strides) if n > 1):
-        if stride <= reach:
-            return True
-        reach += stride * (size - 1)
-    return False
-
-
-def check_destination(key: str, dest: torch.Tensor) -> None:
-    """Refuse, before anything changes, a destination the library cannot write as plain memory. A
-    lazy module's uninitialized parameter is no destination: its load hook makes one of the saved
-    tensor (the module is restored as ``load_state_dict`` does, ``_load.hooked``)."""
-    if torch.nn.parameter.is_lazy(dest):
-        return
-    if dist_dtensor.is_dtensor(dest):
-        dist_dtensor.dtensor_box(dest, key)  # refuses a Partial placement
-        _tensorio_check(key, dist_dtensor.local_of(dest))
-        return
-    _tensorio_check(key, dest)
-
-
-def _tensorio_check(key: str, dest: torch.Tensor) -> None:
-    reason = _tensorio.unsupported_reason(dest, allow_meta=True)
-    if reason is None and not dest.is_contiguous() and _overlaps(dest.shape, dest.stride()):
-        expanded = any(stride == 0 and size > 1 for size, stride in zip(dest.shape, dest.stride()))
-        raise UnsupportedStateError(
-            f"Cannot restore into {key!r}: it is "
-            + ("an expanded view (stride 0 along a dimension of size over 1)" if expanded else
-               f"a view whose strides {list(dest.stride())} make elements of shape {list(dest.shape)} overlap")
-            + ", whose elements share memory, so no value can be written into it element by element. Restore into "
-            "a tensor of its own (clone() it), and make the view of that.",
-            key=key,
-            value_type=type(dest),
-        )
-    if reason is None and dest.is_inference() and not dest.is_contiguous():
-        raise UnsupportedStateError(  # filled through torch copies, perhaps in a reading thread, where torch refuses
-            f"Cannot restore into {key!r}: it is an inference tensor (made under torch.inference_mode()) that is not "
-            "contiguous, which torch lets no one write in place outside that mode. Build the model outside "
-            "torch.inference_mode() (under torch.no_grad() if you like), restore, then run it in inference mode.",
-            key=key,
-            value_type=type(dest),
-        )
-    if reason is not None:
-        raise UnsupportedStateError(
-            f"Cannot restore into {key!r}: it is {reason}. DTensors (FSDP2, tensor parallel) are restored in "
-            "place; other tensor subclasses and FSDP1 flat parameters are not supported: restore into a plain "
-            "model, then wrap it.",
-            key=key,
-            value_type=type(dest),
-        )
-
-
 def plan_tensor(key: str, dest: torch.Tensor, saved: Any, plan: Plan,
                 assign: Callable[[torch.Tensor], None] | None = None) -> None:
     """A tracked tensor is restored in place; one on the meta device has no memory to restore into,
@@ -205,12 +149,10 @@ def plan_module(name: str, module: torch.nn.Module, saved: Any, plan: Plan) -> N
     hooks or a loader of its own anywhere in its tree is restored as ``load_state_dict`` would (:func:`_plan_hooked`).
     """
     current = dist_dtensor.module_state(module)
-    if saved is _MISSING:
+    if saved is _MISSING or not isinstance(saved, dict) or not all(type(k) is str for k in saved):
         plan.report.missing_keys.extend(keypath.join(name, keypath.escape_part(k)) for k in current)
-        return
-    if not isinstance(saved, dict) or not all(type(k) is str for k in saved):  # a state dict has str keys
-        plan.report.missing_keys.extend(keypath.join(name, keypath.escape_part(k)) for k in current)
-        plan.report.unexpected_keys.extend(_saved_leaf_keys(saved, name))
+        if saved is not _MISSING:  # not a state dict (whose keys are str): none of it is used
+            plan.report.unexpected_keys.extend(_saved_leaf_keys(saved, name))
         return
     for key, tensor in current.items():
         if isinstance(tensor, torch.Tensor):
@@ -223,7 +165,15 @@ def plan_module(name: str, module: torch.nn.Module, saved: Any, plan: Plan) -> N
     found = hooked.survey(module, versions)
     if found.needs_load_semantics:
         _plan_hooked(name, module, saved, current, plan, wrapping)
-        return
+    else:
+        _plan_in_place(name, module, saved, current, plan, wrapping, versions, found)
+
+
+def _plan_in_place(name: str, module: torch.nn.Module, saved: dict[str, Any], current: dict[str, Any], plan: Plan,
+                   wrapping: tuple[bool, bool], versions: hooked.Versions | None, found: hooked.Survey) -> None:
+    """:func:`plan_module` for a module without load hooks or a loader of its own: its parameters
+    and buffers are read into in place, and what is not one of them goes through
+    ``load_state_dict(strict=False)`` (``assign=True`` for meta tensors)."""
     storages = {dist_dtensor.local_storage(t) for t in [*module.parameters(), *module.buffers()]
                 if t.numel() and not t.is_meta}
     pairs = module_keys.pair(list(saved), list(current), wrapping)
@@ -249,15 +199,8 @@ def plan_module(name: str, module: torch.nn.Module, saved: Any, plan: Plan) -> N
             if not compatible(full, value, dest, plan.report, plan.cast):
                 continue
             own = plan.report.remapped_keys.get(full, full) if object_key != saved_key else full  # the object's name
-            if dist_dtensor.is_dtensor(dest):
-                _read_into(dest, value, plan, own)
-                address = dist_dtensor.local_storage(dest) if dist_dtensor.local_of(dest).numel() else 0
-            elif dest.numel() and object_key in found.own and (address := dest.untyped_storage().data_ptr()) in storages:
-                _read_into(dest, value, plan, own)
-            else:
-                address = 0
-                fresh = torch.empty(value.shape, dtype=dest.dtype, device=dest.device)
-                _read_into(fresh, value, plan)
+            address, fresh = _read_module_tensor(dest, value, plan, own, object_key in found.own, storages)
+            if fresh is not None:
                 via_load[object_key] = fresh
             if address:  # read in place: a storage read into twice is tied weights, or parameters of one buffer
                 fed.append((address, saved_key))
@@ -280,6 +223,24 @@ def plan_module(name: str, module: torch.nn.Module, saved: Any, plan: Plan) -> N
     if via_assign:
         plan.loads.append((name, lambda: module.load_state_dict(hooked.versioned(via_assign, module, versions),
                                                                 strict=False, assign=True)))
+
+
+def _read_module_tensor(dest: torch.Tensor, value: SavedTensor, plan: Plan, own: str, is_own: bool,
+                        storages: set[int]) -> tuple[int, torch.Tensor | None]:
+    """Schedule the read of a module's parameter or buffer ``dest`` (its key ``own``): in place for
+    a DTensor (into its local part) and for a tensor of the module's own memory that its loader
+    would copy into (``is_own``, in one of the module's ``storages``); else into a fresh tensor,
+    for ``load_state_dict``. Returns (the address of the storage read into in place, else 0; the
+    fresh tensor, else None)."""
+    if dist_dtensor.is_dtensor(dest):
+        _read_into(dest, value, plan, own)
+        return (dist_dtensor.local_storage(dest) if dist_dtensor.local_of(dest).numel() else 0), None
+    if dest.numel() and is_own and (address := dest.untyped_storage().data_ptr()) in storages:
+        _read_into(dest, value, plan, own)
+        return address, None
+    fresh = torch.empty(value.shape, dtype=dest.dtype, device=dest.device)
+    _read_into(fresh, value, plan)
+    return 0, fresh
 
 
 _LOAD_STATE_DICT = torch.nn.Module.load_state_dict

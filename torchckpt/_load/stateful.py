@@ -22,7 +22,8 @@ from torchckpt._format import tree as format_tree
 from torchckpt._format.dtypes import TensorInfo as SavedTensor
 from torchckpt._load import optimizer, optimizer_fit
 from torchckpt._load.compat import compatible
-from torchckpt._load.plan import MISSING, Plan, check_destination, is_saved, rebuild, shared_key
+from torchckpt._load.destinations import check_destination
+from torchckpt._load.plan import MISSING, Plan, is_saved, rebuild, shared_key
 from torchckpt._load.report import MismatchReport
 from torchckpt.errors import short_repr
 from torchckpt.rng import RNGState
