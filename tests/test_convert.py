@@ -84,6 +84,20 @@ def test_a_torch_save_dict_comes_back_as_torch_load_gives_it(nested_state, tmp_p
     assert got["lm"]["embed.weight"] is got["lm"]["head.weight"]  # tied when saved: one tensor again
 
 
+@pytest.mark.parametrize("top", [collections.OrderedDict, dict, collections.Counter])
+def test_counters_and_a_top_level_ordered_dict_come_back_as_torch_load_gives_them(tmp_path, top):
+    """probe74: a Counter's own update() counted each (key, count) pair as a new key (silently,
+    nested; a misleading refusal at the top), and a top-level OrderedDict came back a dict."""
+    counts = collections.Counter({"a": 3, "b": 1, "c": 0})
+    state = top({"b": 2, "a": 5}) if top is collections.Counter else top(
+        [("w", torch.ones(2)), ("counts", counts), ("nested", {"c": collections.Counter(x=-1)})])
+    torch.save(state, tmp_path / "s.pt")
+    got = load_state(convert(tmp_path / "s.pt", tmp_path / "out"))
+    expected = torch.load(tmp_path / "s.pt", weights_only=True)
+    assert_same(got, expected)
+    assert type(got) is top  # assert_same: keys in order, every nested type too
+
+
 def test_the_command_writes_and_summarises(nested_state, tmp_path, capsys):
     torch.save(nested_state, tmp_path / "model.pt")
     assert main(["convert", str(tmp_path / "model.pt"), str(tmp_path / "out"), "--max-shard-size", "1KB"]) == 0

@@ -268,6 +268,9 @@ def test_what_needs_code_to_load_is_refused_by_key_and_type(how, value, value_ty
     ({"cfg": {1: torch.ones(2), "1": {"b": torch.zeros(2)}}}, "cfg/1", r"its keys 1 and '1'"),
     ({"": {"x": torch.ones(2)}, "x": 1}, "", r"the top-level key '': the tensors below it would be named as if they "
                                              r"were at the top level"),
+    # probe74 F2: a key beginning with "@" beside it encodes the root as pairs, where it was not checked:
+    # committed (replacing the checkpoint there), then refused by every reader as corrupt
+    ({"@meta": 1, "": {"w": torch.ones(2)}}, "", r"the top-level key '': the tensors below it would be named"),
     # probe33 F4, F5: committed before, then every reader refused the checkpoint as corrupt
     ({"cfg": {"shape": torch.Size([2**63])}}, "cfg/shape",
      r"'cfg/shape': the torch\.Size \(9223372036854775808,\) has a dimension outside 64 bits"),
@@ -275,7 +278,7 @@ def test_what_needs_code_to_load_is_refused_by_key_and_type(how, value, value_ty
      r"Cannot save tensor 't': its shape \[0, 576460752303423488\] is larger than readers accept"),
 ], ids=["path-key-equal-to-str-key", "counter-of-str", "nested-too-deep", "int-of-4301-digits", "negative-int",
         "int-key", "int-and-str-keys-over-tensors", "none-and-str-keys-over-tensors", "tensor-and-dict-of-one-name",
-        "empty-top-level-key", "size-beyond-64-bits", "empty-tensor-of-a-shape-readers-refuse"])
+        "empty-top-level-key", "empty-top-level-key-beside-a-tagged-one", "size-beyond-64-bits", "empty-tensor-of-a-shape-readers-refuse"])
 @pytest.mark.parametrize("how", ["save_state", "Checkpoint"])
 def test_a_tree_that_would_not_load_back_is_refused(how, state, key, message, tmp_path):
     with pytest.raises(UnsupportedStateError, match=message) as info:

@@ -97,11 +97,14 @@ def test_a_checkpoints_tracked_names_hold_their_state_dicts(trained, tmp_path):
 
 
 def test_safetensors_files_and_folders_load_as_name_to_tensor(tmp_path):
-    tensors = {"b": torch.ones(2), "a": torch.arange(3)}
+    tensors = {"b": torch.ones(2), "a": torch.arange(3), "c": torch.zeros(2, dtype=torch.float64)}
     file = str(tmp_path / "model.safetensors")
     safetensors.torch.save_file(tensors, file)
     loaded = torchckpt.load_state(file)
-    assert set(loaded) == {"a", "b"} and all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    assert set(loaded) == {"a", "b", "c"} and all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    # in the file's order, as load_file gives them and as convert keeps them (probe74: sorted by name)
+    assert list(loaded) == list(safetensors.torch.load_file(file)) == ["a", "c", "b"]
+    assert list(torchckpt.load_state(torchckpt.convert(file, tmp_path / "out"))) == list(loaded)
 
 
 def test_map_location_and_a_written_checkpoint_that_load_checkpoint_and_restore_read(tmp_path):

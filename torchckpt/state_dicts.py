@@ -153,8 +153,8 @@ def load_state(path: str | os.PathLike[str], *, map_location: str | torch.device
             read[stored] = t.to(device) if device is not None and t.device != device else t
         return read[stored]
 
-    if reader.kind != "torchckpt":
-        return {name: tensor(name) for name in reader.names}
+    if reader.kind != "torchckpt":  # in the files' order, as safetensors.torch.load_file gives them (and convert)
+        return {name: tensor(name) for name in sorted(reader.names, key=reader.locate)}
     state = _with_tensors(reader.get_state(), tensor)
     if isinstance(state, dict) and spec.SAVE_COUNTER not in _objects(reader):
         state.pop(spec.SAVE_COUNTER, None)

@@ -200,14 +200,21 @@ def _encode_dict(value: dict[Any, Any], path: str, tensors: dict[str, torch.Tens
             mixed = mixed or left_out
             before = len(tensors)
             out[k] = encode(v, child, tensors, ordered)
-            if child == path and len(tensors) > before and not isinstance(v, torch.Tensor):
-                raise UnsupportedStateError(  # the key "" at the root: its tensors' names would be the root's own
-                    "Cannot save the top-level key '': the tensors below it would be named as if they were at "
-                    "the top level, where a restore could not tell them apart. Rename the key.",
-                    key="",
-                    value_type=type(v),
-                )
+            _check_not_root_named(child, path, v, len(tensors) > before)
     return {k: out.get(k, _PLACED) for k in value} if mixed else out  # every key in its place, as torch.load
+
+
+def _check_not_root_named(child: str, path: str, value: Any, has_tensors: bool) -> None:
+    """Refuse the key ``""`` at the root when tensors are below it: their names would be the root's own."""
+    import torch
+
+    if child == path and has_tensors and not isinstance(value, torch.Tensor):
+        raise UnsupportedStateError(
+            "Cannot save the top-level key '': the tensors below it would be named as if they were at "
+            "the top level, where a restore could not tell them apart. Rename the key.",
+            key="",
+            value_type=type(value),
+        )
 
 
 _PLACED = {TENSOR_TAG: None}  # a tensor's place among its dict's keys (shared: JSON only reads it)
@@ -238,6 +245,7 @@ def _encode_pairs(tag: str, value: Mapping[Any, Any], path: str, tensors: dict[s
             decoded.append(k)
         before = len(tensors)
         node = encode(v, child, tensors, ordered)
+        _check_not_root_named(child, path, v, len(tensors) > before)  # beside a key the pairs encoding takes
         first, below = named.setdefault(child, (original, len(tensors) > before))
         if first is not original and (below or len(tensors) > before):
             raise clashes.same_name(path, first, original, child)

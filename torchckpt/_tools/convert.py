@@ -44,7 +44,7 @@ import re
 import struct
 import zipfile
 import zlib
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -270,14 +270,17 @@ def read_source(found: Found, storage: Storage, storage_options: dict[str, Any] 
     held: dict[str, str] = {}  # name -> the shard holding it, as the index names the shard
     for member in found.files:  # one file's dict, or a Hugging Face index's shards one after another
         part = _torch_dict(member, storage, found.zipped) if found.pickled else _tensors(member, storage_options)
-        if type(part) is OrderedDict and "_metadata" in vars(part) and len(found.files) == 1:
-            state = OrderedDict()  # a saved ``state_dict()``: its modules' versions are kept (``save_state``)
-            state._metadata = part._metadata  # type: ignore[attr-defined]
+        if type(part) in (OrderedDict, Counter) and len(found.files) == 1:  # its type kept, as save_state keeps it
+            fresh: dict[str, Any] = OrderedDict() if type(part) is OrderedDict else Counter()
+            if "_metadata" in vars(part):  # a saved ``state_dict()``: its modules' versions are kept too
+                fresh._metadata = vars(part)["_metadata"]  # type: ignore[attr-defined]
+            state = fresh
         twice = [name for name in part if name in state]
         if twice:
             raise CorruptCheckpointError(f"{member} holds {', '.join(twice[:5])}, which another shard of {found.path} "
                                          "holds too; the folder is damaged. Download or save it again.", member.path)
-        state.update(part)
+        for name, value in part.items():  # assigned: a Counter's own update() would add to its counts
+            state[name] = value
         held.update(dict.fromkeys(part, member.path))
     if found.index is not None:
         load_foreign.check_hf_shards(found.index.path, found.weight_map, held)

@@ -238,7 +238,8 @@ class _Resolver:
             pairs = [(self.value(name, depth + 1), self.value(item, depth + 1)) for name, item in value.items()]
             if any(new is not old for (new, _), old in zip(pairs, value)):  # a key was a stand-in (a dtype)
                 value.clear()
-            value.update(pairs)
+            for name, item in pairs:  # assigned: a Counter's own update() would count the pairs as new keys
+                value[name] = item
             return self._sized(value, [v for pair in pairs for v in pair])
         if isinstance(value, list):
             value[:] = [self.value(item, depth + 1) for item in value]
