@@ -300,3 +300,23 @@ def test_the_longest_int_that_saves_also_loads(tmp_path):
 def test_the_deepest_tree_that_saves_also_loads(tmp_path):
     state = {"cfg": _deep(99)}  # its innermost list is at 100 parts: cfg/0/.../0
     assert torchckpt.load_state(torchckpt.save_state(state, tmp_path / "c")) == state
+
+
+def _empty_keys(levels: int, leaf: object) -> dict:
+    value: object = leaf
+    for _ in range(levels):
+        value = {"": value}
+    return value  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("how", ["save_state", "Checkpoint"])
+def test_depth_is_counted_through_empty_keys_at_the_root(how, tmp_path):
+    """probe76 F1: the depth was read off the key path, and the key "" at the root adds no part to
+    it: 101 such dicts saved (replacing the checkpoint at the path) and no reader loaded them."""
+    deepest = _empty_keys(100, 1)  # the innermost value at 100 levels, as the decoder counts
+    assert torchckpt.load_state(torchckpt.save_state(deepest, tmp_path / "ok")) == deepest
+    good = torchckpt.save_state({"w": torch.ones(2)}, tmp_path / "c")
+    for state in (_empty_keys(101, 1), _empty_keys(60, {"a": _deep(45)})):
+        with pytest.raises(UnsupportedStateError, match="containers are nested more than 100 deep"):
+            save_with(how, state, tmp_path)
+    assert torch.equal(torchckpt.load_state(good)["w"], torch.ones(2))  # the checkpoint there is kept

@@ -63,7 +63,8 @@ Trie = dict[str, "Trie | str"]
 # -- encoding -------------------------------------------------------------------------------
 
 
-def encode(value: Any, path: str, tensors: dict[str, torch.Tensor], ordered: bool = False) -> Any:
+def encode(value: Any, path: str, tensors: dict[str, torch.Tensor], ordered: bool = False,
+           depth: int | None = None) -> Any:
     """Encode ``value`` as typed JSON, moving every tensor into ``tensors`` under its name.
 
     A tensor in a dict of str keys is left out of the JSON (its name says where it goes), so it
@@ -74,11 +75,17 @@ def encode(value: Any, path: str, tensors: dict[str, torch.Tensor], ordered: boo
     A value of a type without a tag of its own (a path, a NumPy scalar or array, a dict subclass)
     is encoded as the nearest type that has one (``_format.plain.nearest``).
 
+    ``depth``: how deep ``value`` is, as the decoder counts it (None: the parts of ``path``). Not
+    read off the path below the root: the key ``""`` there adds no part to it.
+
     Raises:
         UnsupportedStateError: a value has no pickle-free representation, or containers are nested
             more than ``MAX_DEPTH`` deep; ``.key`` is its path.
     """
     import torch  # imported already by whoever holds tensors to save: a dict lookup
+
+    if depth is None:
+        depth = path.count(SEP) + 1 if path else 0
 
     if isinstance(value, torch.Tensor):
         if path in tensors:
@@ -105,11 +112,11 @@ def encode(value: Any, path: str, tensors: dict[str, torch.Tensor], ordered: boo
             return value
         return {"@float": floats.nonfinite_text(value)}
     if kind is tuple:
-        _check_depth(value, path)
-        return {"@tuple": [encode(v, join(path, str(i)), tensors, ordered) for i, v in enumerate(value)]}
+        _check_depth(value, path, depth)
+        return {"@tuple": [encode(v, join(path, str(i)), tensors, ordered, depth + 1) for i, v in enumerate(value)]}
     if kind is list:
-        _check_depth(value, path)
-        return [encode(v, join(path, str(i)), tensors, ordered) for i, v in enumerate(value)]
+        _check_depth(value, path, depth)
+        return [encode(v, join(path, str(i)), tensors, ordered, depth + 1) for i, v in enumerate(value)]
     if kind is torch.Size:
         if all(-MAX_INT <= d < MAX_INT for d in value):
             return {"@size": list(value)}
@@ -122,15 +129,15 @@ def encode(value: Any, path: str, tensors: dict[str, torch.Tensor], ordered: boo
     if kind is torch.device:
         return {"@device": str(value)}
     if kind is dict:
-        return _encode_dict(value, path, tensors, ordered)
+        return _encode_dict(value, path, tensors, ordered, depth)
     if kind is PerRank:  # its tensors are marked as this rank's own: wrapped in PerRank
         inner: dict[str, torch.Tensor] = {}
-        node = {PER_RANK_TAG: encode(value.value, path, inner, ordered)}
+        node = {PER_RANK_TAG: encode(value.value, path, inner, ordered, depth + 1)}  # a level of the decoder's
         tensors.update((name, PerRank(t)) for name, t in inner.items())  # type: ignore[misc]
         return node
     if kind in _DICT_TAGS:
-        return _encode_pairs(_DICT_TAGS[kind], value, path, tensors, ordered)
-    return encode(plain.nearest(value, path), path, tensors, ordered)  # a type of the tree, or the refusal
+        return _encode_pairs(_DICT_TAGS[kind], value, path, tensors, ordered, depth)
+    return encode(plain.nearest(value, path), path, tensors, ordered, depth)  # a type of the tree, or the refusal
 
 
 # Ints of more digits than this are refused: JSON writes them in decimal, and Python parses at most
@@ -148,10 +155,10 @@ def _too_many_digits(value: int, path: str) -> UnsupportedStateError:
     )
 
 
-def _check_depth(value: Any, path: str) -> None:
-    """Refuse a non-empty container at ``MAX_DEPTH`` parts: its values could be saved but never
+def _check_depth(value: Any, path: str, depth: int) -> None:
+    """Refuse a non-empty container at ``MAX_DEPTH`` levels: its values could be saved but never
     loaded (the decoder refuses deeper trees before they could exhaust the stack)."""
-    if value and path.count(SEP) >= MAX_DEPTH - 1:
+    if value and depth >= MAX_DEPTH:
         raise UnsupportedStateError(
             f"Cannot save {display(path)[:200]!r}: containers are nested more than {MAX_DEPTH} deep (does a "
             "container hold itself?), which a checkpoint cannot load back. Flatten the value, for example into a "
@@ -180,12 +187,13 @@ def _check_text(text: str, path: str) -> None:
             ) from None
 
 
-def _encode_dict(value: dict[Any, Any], path: str, tensors: dict[str, torch.Tensor], ordered: bool) -> Any:
+def _encode_dict(value: dict[Any, Any], path: str, tensors: dict[str, torch.Tensor], ordered: bool,
+                 depth: int) -> Any:
     import torch
 
-    _check_depth(value, path)
+    _check_depth(value, path, depth)
     if not all(type(k) is str and not k.startswith(TAG) for k in value):
-        return _encode_pairs("@dict", value, path, tensors, ordered)
+        return _encode_pairs("@dict", value, path, tensors, ordered, depth)
     out: dict[str, Any] = {}
     left_out = mixed = False  # mixed: a value follows a tensor left out, which would decode after it
     for k, v in value.items():
@@ -199,7 +207,7 @@ def _encode_dict(value: dict[Any, Any], path: str, tensors: dict[str, torch.Tens
         else:
             mixed = mixed or left_out
             before = len(tensors)
-            out[k] = encode(v, child, tensors, ordered)
+            out[k] = encode(v, child, tensors, ordered, depth + 1)
             _check_not_root_named(child, path, v, len(tensors) > before)
     return {k: out.get(k, _PLACED) for k in value} if mixed else out  # every key in its place, as torch.load
 
@@ -226,8 +234,8 @@ _PLAIN_KEYS = frozenset({str, int, float, bool, type(None)})
 
 
 def _encode_pairs(tag: str, value: Mapping[Any, Any], path: str, tensors: dict[str, torch.Tensor],
-                  ordered: bool = False) -> Any:
-    _check_depth(value, path)
+                  ordered: bool, depth: int) -> Any:
+    _check_depth(value, path, depth)
     pairs = []
     decoded: list[Any] | None = None  # the keys as loaded, from the first one not stored as it is
     named: dict[str, tuple[Any, bool]] = {}  # key path -> the first key named so, and whether tensors are below it
@@ -236,7 +244,7 @@ def _encode_pairs(tag: str, value: Mapping[Any, Any], path: str, tensors: dict[s
             raise _too_many_digits(k, path)
         original = k
         child = join(path, key_part(k))
-        key = k if type(k) is int else _encode_key(k, child)  # an int (an optimizer's state) is its own JSON
+        key = k if type(k) is int else _encode_key(k, child, depth + 1)  # an int (an optimizer's state) is its own JSON
         if type(k) not in _PLAIN_KEYS:
             decoded = list(value)[:i] if decoded is None else decoded
             k = decode(key, None, lambda name: None, path)
@@ -244,7 +252,7 @@ def _encode_pairs(tag: str, value: Mapping[Any, Any], path: str, tensors: dict[s
         if decoded is not None:
             decoded.append(k)
         before = len(tensors)
-        node = encode(v, child, tensors, ordered)
+        node = encode(v, child, tensors, ordered, depth + 1)
         _check_not_root_named(child, path, v, len(tensors) > before)  # beside a key the pairs encoding takes
         first, below = named.setdefault(child, (original, len(tensors) > before))
         if first is not original and (below or len(tensors) > before):
@@ -267,9 +275,9 @@ def _is_count(node: Any) -> bool:
     return type(node) in (int, float, bool) or type(node) is dict and "@float" in node
 
 
-def _encode_key(key: Any, path: str) -> Any:
+def _encode_key(key: Any, path: str, depth: int) -> Any:
     inside: dict[str, torch.Tensor] = {}
-    node = encode(key, path, inside)
+    node = encode(key, path, inside, depth=depth)
     if inside:  # a tensor key, or a tuple key holding one: a key has no name for its tensor to go under
         raise UnsupportedStateError(
             f"Cannot save {display(path)!r}: a tensor used as (or inside) a dict key cannot be stored; "
