@@ -197,6 +197,36 @@ def test_an_epoch_left_early_is_not_resumed_the_next_iteration_starts_a_new_one(
     assert seen + [epoch(fresh), epoch(fresh, 4), epoch(fresh)] == whole
 
 
+@pytest.mark.parametrize(("num_workers", "stop_at"), [(0, 2), (2, 2), (0, 4), (2, 4)],
+                         ids=["0-workers-mid-epoch", "2-workers-mid-epoch", "0-workers-end-of-epoch",
+                              "2-workers-end-of-epoch"])
+def test_a_run_restored_and_saved_again_before_its_next_batch_resumes_exactly(tmp_path, num_workers, stop_at):
+    """probe75: a job restored mid-epoch and saved again before it drew a batch (preempted again
+    right after its restart) was saved as an epoch left early, and the next resume skipped the
+    rest of the epoch (after an epoch's last batch: trained one epoch more)."""
+
+    def build():
+        return StatefulDataLoader(list(range(11)), batch_size=3, shuffle=True, num_workers=num_workers,
+                                  generator=torch.Generator().manual_seed(0))
+
+    reference = build()
+    whole = [b.tolist() for _ in range(3) for b in reference]  # 4 batches an epoch
+    first, seen = build(), []
+    for batch in first:
+        seen.append(batch.tolist())
+        if len(seen) == stop_at:
+            torchckpt.Checkpoint(loader=first).write(tmp_path / "first")
+            break  # the process dies here
+    second = build()
+    torchckpt.Checkpoint(loader=second).read(tmp_path / "first").assert_consumed()
+    torchckpt.Checkpoint(loader=second).write(tmp_path / "second")  # at once: preempted again
+    third = build()
+    torchckpt.Checkpoint(loader=third).read(tmp_path / "second").assert_consumed()
+    resumed = seen + [b.tolist() for b in third]  # the rest of the first epoch (none, saved at its last batch)
+    resumed += [b.tolist() for _ in range(2) for b in third]  # and the next two
+    assert resumed == whole
+
+
 def test_loader_missing_from_the_checkpoint_is_reported(tmp_path):
     path = torchckpt.Checkpoint(step=1).write(tmp_path / "c")
     status = torchckpt.Checkpoint(step=0, loader=loader(list(range(6)), torch.Generator())).read(path)

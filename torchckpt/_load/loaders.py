@@ -107,9 +107,14 @@ def _epoch_left(loader: Any) -> bool:
     iterator began, has not finished, and nothing but the loader holds it. An uninterrupted run's
     next ``iter(loader)`` then starts a new epoch, where torchdata's saved position would go on with
     the rest of the one left (``load``). A loop or ``iter(loader)`` still running holds it, and its
-    position is the one to resume; so is a loop an exception ended, saved from its handler."""
+    position is the one to resume; so is a loop an exception ended, saved from its handler, and a
+    resumed iterator no loop has taken over yet (``load`` builds it; torchdata's
+    ``_initial_iter_for_state_dict``: the next ``iter(loader)`` goes on with it), as in a run
+    preempted again right after its restore."""
     iterator = getattr(loader, "_iterator", None)
     if iterator is None or getattr(iterator, "_finished", True) or not getattr(iterator, "_num_yielded", 0):
+        return False
+    if getattr(loader, "_initial_iter_for_state_dict", False) is True:
         return False
     if sys.exc_info()[0] is not None:  # saved while an exception is handled (``except KeyboardInterrupt: save()``):
         return False  # the loop it ended was interrupted, not left, and resumes where it was
