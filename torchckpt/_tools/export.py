@@ -164,8 +164,10 @@ def _check_replaceable(out: str, storage: Storage, meanwhile: bool = False,
                        ignored: Callable[[str], bool] = lambda name: False) -> None:
     """``out`` may be replaced: it is missing, empty, or an earlier export (weights, and nothing an
     export does not write: a lone ``config.json`` is someone's own, not an export's). Checked before
-    anything is written and again right before the commit (``meanwhile``): what appeared there in
-    between (another export, a user's folder) is left alone too."""
+    anything is written and again right before the commit (``meanwhile``): files an export does not
+    write that appeared there in between (a user's folder, notes put beside an earlier export) are
+    left alone too. Another export committed there meanwhile is replaced, as a later save replaces
+    a checkpoint: the last export wins."""
     if not storage.exists(out) and not storage.is_dir(out):
         return
     if meanwhile:
