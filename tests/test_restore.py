@@ -380,6 +380,93 @@ def test_a_lambda_scheduler_of_more_saved_lambdas_than_groups_is_left_untouched(
     assert len(sched.base_lrs) == 2
 
 
+@pytest.mark.parametrize(("saved_groups", "groups"), [(1, 2), (2, 1)])
+@pytest.mark.parametrize("kind", ["CosineAnnealingWarmRestarts", "StepLR", "ReduceLROnPlateau", "CyclicLR",
+                                  "SequentialLR"])
+def test_a_scheduler_saved_for_another_number_of_groups_is_left_untouched(tmp_path, kind, saved_groups, groups):
+    """probe78 F1: only LambdaLR's lambdas were counted: the per-group lists of the others were
+    loaded whatever their length (reported missing though dropped, or nothing reported at all), and
+    the scheduler's next step() raised."""
+    L = torch.optim.lr_scheduler
+
+    def build(n: int):
+        opt = torch.optim.SGD([{"params": [torch.nn.Parameter(torch.zeros(2))]} for _ in range(n)], lr=1.0,
+                              momentum=0.9)
+        make = {"CosineAnnealingWarmRestarts": lambda: L.CosineAnnealingWarmRestarts(opt, 3),
+                "StepLR": lambda: L.StepLR(opt, 2), "ReduceLROnPlateau": lambda: L.ReduceLROnPlateau(opt),
+                "CyclicLR": lambda: L.CyclicLR(opt, 0.1, 1.0),
+                "SequentialLR": lambda: L.SequentialLR(opt, [L.ConstantLR(opt), L.StepLR(opt, 2)], [2])}[kind]
+        return opt, make()
+
+    opt, sched = build(saved_groups)
+    for _ in range(2):
+        opt.step()
+        sched.step(*([1.0] if kind == "ReduceLROnPlateau" else []))
+    path = torchckpt.Checkpoint(sched=sched).write(tmp_path / "c")
+    opt, sched = build(groups)
+    before = copy.deepcopy(sched.state_dict())
+    status = torchckpt.Checkpoint(sched=sched).read(path).expect_partial()
+    assert "one for each parameter group of the optimizer it was saved with" in status.report.skipped_objects["sched"]
+    assert sched.state_dict().keys() == before.keys()
+    assert all(repr(sched.state_dict()[k]) == repr(v) for k, v in before.items()), "left untouched"
+    with pytest.raises(torchckpt.RestoreMismatchError, match="objects left untouched"):
+        status.assert_existing_objects_matched()
+    opt.step()
+    sched.step(*([1.0] if kind == "ReduceLROnPlateau" else []))  # still steps
+
+
+@pytest.mark.parametrize("stepped", [False, True], ids=["never-stepped", "stepped"])
+def test_optimizer_state_of_another_dtype_is_a_dtype_mismatch_whether_or_not_the_optimizer_stepped(tmp_path, stepped):
+    """probe78 F3: a never-stepped optimizer took float32 moments into a bfloat16 model, cast by
+    torch's load_state_dict, with nothing reported; a stepped one reported the mismatch."""
+
+    def adam(dtype: torch.dtype):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3).to(dtype)
+        opt = torch.optim.Adam(model.parameters(), lr=0.1)
+        return model, opt
+
+    model, opt = adam(torch.float32)
+    model(torch.ones(2, 4)).sum().backward()
+    opt.step()
+    path = torchckpt.Checkpoint(opt=opt).write(tmp_path / "c")
+    saved = {k: v.clone() for k, v in opt.state[model.weight].items()}
+    model, opt = adam(torch.bfloat16)
+    if stepped:
+        model(torch.ones(2, 4, dtype=torch.bfloat16)).sum().backward()
+        opt.step()
+    before = copy.deepcopy(opt.state_dict())
+    status = torchckpt.Checkpoint(opt=opt).read(path).expect_partial()
+    assert status.report.dtype_mismatches["opt/state/0/exp_avg"] == (torch.float32, torch.bfloat16)
+    assert set(status.report.dtype_mismatches) == {f"opt/state/{i}/{k}" for i in (0, 1) for k in ("exp_avg", "exp_avg_sq")}
+    assert "opt" in status.report.skipped_objects
+    assert repr(opt.state_dict()) == repr(before)  # left untouched
+    status = torchckpt.Checkpoint(opt=opt).read(path, cast=True)
+    status.assert_consumed()
+    assert status.report.cast_keys["opt/state/0/exp_avg"] == (torch.float32, torch.bfloat16)
+    assert torch.equal(opt.state[model.weight]["exp_avg"], saved["exp_avg"].to(torch.bfloat16))
+    assert opt.state[model.weight]["exp_avg"].dtype == torch.bfloat16
+
+
+def test_rng_states_of_devices_this_process_lacks_are_reported_unexpected(tmp_path):
+    """probe78 F5: RNGState sets the CUDA states of the devices it has, and the report called every
+    saved one restored; assert_consumed() passed."""
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    state = torchckpt.RNGState().state_dict()  # as saved on a machine of two devices more
+    one = torch.cuda.get_rng_state(0) if available else torch.zeros(16, dtype=torch.uint8)
+    state["cuda"] = [one.clone() for _ in range(available + 2)]
+    path = torchckpt.Checkpoint(rng=state).write(tmp_path / "c")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the report says it: no warning of RNGState's own
+        status = torchckpt.Checkpoint(rng=torchckpt.RNGState()).read(path).expect_partial()
+    lacking = [f"rng/cuda/{i}" for i in range(available, available + 2)]
+    assert status.report.unexpected_keys == lacking
+    assert not set(lacking) & set(status.report.restored_keys)
+    with pytest.raises(torchckpt.RestoreMismatchError, match="rng/cuda/"):
+        status.assert_consumed()
+    status.assert_existing_objects_matched()  # this process's generators were all set
+
+
 def test_a_chained_lambdas_saved_attributes_are_not_set_on_a_function(tmp_path):
     # probe41 F4: the LambdaLR inside a ChainedScheduler was not checked
     def chain(lr_lambda):

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from torchckpt._format import keypath
 from torchckpt._load.plan import is_saved
 
 # The per-parameter state each of torch's optimizers keeps element by element, of its parameter's shape
@@ -53,6 +54,30 @@ def problem(obj: torch.optim.Optimizer, current: dict[str, Any], saved: dict[str
                             f"this optimizer's parameter there, of shape {list(param.shape)}, needs {list(expected)} "
                             "(its parameters are listed in another order, or belong to another model)")
     return _step_problem(obj, saved)
+
+
+def cast_dtypes(obj: torch.optim.Optimizer, saved: dict[str, Any], name: str) -> dict[str, torch.dtype]:
+    """The saved per-parameter state ``load_state_dict`` would cast to another dtype, by key: each
+    floating-point parameter's state, but its ``step``, to the parameter's dtype (torch's
+    ``_process_value_according_to_param_policy``). A stepped optimizer's state has those dtypes
+    already, and a saved tensor of another is a dtype mismatch; this says the same of a
+    never-stepped one, whose load would cast it silently (float32 moments into a bfloat16 model)."""
+    state = saved.get("state")
+    if not isinstance(state, dict):
+        return {}
+    param_of = {pid: p for group, mine in zip(saved["param_groups"], obj.param_groups)
+                for pid, p in zip(group["params"], mine["params"]) if type(pid) in (int, str)}
+    found: dict[str, torch.dtype] = {}
+    prefix = keypath.join(name, "state")
+    for pid, entry in state.items():
+        param = param_of.get(pid)
+        if param is None or not isinstance(entry, dict) or not param.is_floating_point():
+            continue
+        dtype = param.dtype
+        for key, value in entry.items():
+            if key != "step" and type(key) is str and is_saved(value) and value.dtype != dtype:
+                found[keypath.join(keypath.join(prefix, keypath.key_part(pid)), keypath.key_part(key))] = dtype
+    return found
 
 
 def _expected_shape(kind: str, key: str, shape: tuple[int, ...]) -> tuple[int, ...] | None:

@@ -78,6 +78,11 @@ def plan_stateful(name: str, obj: Any, saved: Any, plan: Plan) -> None:
         dest = current_leaves.get(key)
         if is_saved(value) and isinstance(dest, torch.Tensor):
             compatible(key, value, dest, report, plan.cast)
+    if _loads(obj, torch.optim.Optimizer) and not reason:  # state it has not yet: torch's load casts it
+        for key, dtype in optimizer_fit.cast_dtypes(obj, saved, name).items():
+            if key not in current_leaves and key in saved_leaves:
+                value = saved_leaves[key]
+                compatible(key, value, torch.empty(value.shape, dtype=dtype, device="meta"), report, plan.cast)
     plan.report.cast_keys.update(report.cast_keys)
     if report.shape_mismatches or report.dtype_mismatches or reason:
         plan.report.shape_mismatches.update(report.shape_mismatches)
@@ -121,6 +126,8 @@ def _without_discarded(obj: Any, current: Any, saved: Any, name: str, report: Mi
     if _loads(obj, torch.amp.GradScaler) and current == {} and isinstance(saved, dict) and saved:
         report.unexpected_keys.extend(keypath.leaves(saved, name))
         return {}
+    if _loads(obj, RNGState) and isinstance(saved, dict) and isinstance(current, dict):
+        return _rng_unused(current, saved, name, report)
     if _loads(obj, *_CHAINS) and isinstance(saved, dict):  # its schedulers' states, each checked as its own
         inner = [_without_discarded(s, c, t, keypath.join(keypath.join(name, "_schedulers"), str(i)), report)
                  for i, (s, c, t) in enumerate(zip(obj._schedulers, current["_schedulers"], saved["_schedulers"]))]
@@ -135,6 +142,20 @@ def _without_discarded(obj: Any, current: Any, saved: Any, name: str, report: Mi
         if now is None and then is not None:
             report.unexpected_keys.extend(keypath.leaves(then, keypath.join(lambdas, str(i))))
     return {**saved, "lr_lambdas": [None if now is None else then for now, then in zip(mine, theirs)]}
+
+
+def _rng_unused(current: dict[str, Any], saved: dict[str, Any], name: str, report: MismatchReport) -> dict[str, Any]:
+    """``saved`` less what ``RNGState.load_state_dict`` cannot set here, reported unexpected: the
+    states of CUDA devices this process does not have, and NumPy's where NumPy is not installed."""
+    cuda, have = saved.get("cuda"), current.get("cuda")
+    out = saved
+    if isinstance(cuda, list) and isinstance(have, list) and len(cuda) > len(have):
+        report.unexpected_keys.extend(keypath.join(keypath.join(name, "cuda"), str(i)) for i in range(len(have), len(cuda)))
+        out = {**out, "cuda": cuda[: len(have)]}
+    if "numpy" in saved and "numpy" not in current:
+        report.unexpected_keys.extend(keypath.leaves(saved["numpy"], keypath.join(name, "numpy")))
+        out = {k: v for k, v in out.items() if k != "numpy"}
+    return out
 
 
 def _unfilled(current: dict[str, Any], saved: dict[str, Any]) -> list[str]:
@@ -194,6 +215,12 @@ def _structure_problem(obj: Any, current: Any, saved: Any) -> str | None:
             isinstance(saved["lr_lambdas"], list) and len(saved["lr_lambdas"]) == len(current["lr_lambdas"])):
         return (f"the checkpoint's 'lr_lambdas' are {_described(saved['lr_lambdas'])}, where this {kind} has "
                 f"{len(current['lr_lambdas'])}, one for each parameter group")
+    if loader.startswith("torch.optim."):  # torch's schedulers: a value for each parameter group, zipped with them
+        for key in _PER_GROUP:
+            now, then = current.get(key), saved.get(key)
+            if isinstance(now, list) and isinstance(then, list) and len(now) != len(then):
+                return (f"the checkpoint's {key!r} holds {len(then)} values, one for each parameter group of the "
+                        f"optimizer it was saved with, where this {kind}'s has {len(now)}")
     if _loads(obj, *_CHAINS):  # each of its schedulers loads one saved state, in order
         schedulers = saved["_schedulers"]
         if not (isinstance(schedulers, list) and len(schedulers) == len(current["_schedulers"])):
@@ -216,6 +243,7 @@ _NEEDED = [  # what torch's and torchckpt's own loaders read unconditionally, by
     (_CHAINS, ("_schedulers",)),
     ((_SCHEDULERS.CyclicLR,), ("_scale_fn_custom",)),
 ]
+_PER_GROUP = ("base_lrs", "_last_lr", "min_lrs", "max_lrs", "base_momentums", "max_momentums")  # torch's schedulers
 _SCALER_KEYS = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
 
 
