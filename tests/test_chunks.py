@@ -71,6 +71,9 @@ def test_a_dim_0_shard_is_one_run_and_a_row_wise_box_one_run_per_row():
     ("empty chunk", [((0, 0), (5, 4)), ((5, 0), (0, 4))], "outside its shape|is empty"),
     ("wrong rank", [((0,), (5,))], "dimensions"),
     ("2-D blocks", [((0, 0), (5, 2)), ((0, 2), (5, 2))], None),
+    # probe77: a tensor listed without any chunk passed ("every chunk is the whole tensor"): verify
+    # said OK, a read gave uninitialised memory and a restore left the tensor as it was, unreported
+    ("no chunk", [], r"cover 0 of its 20 elements, and none holds the element at offsets \[0, 0\]"),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_tiling(case, boxes, message):
     if message is None:
@@ -78,6 +81,13 @@ def test_tiling(case, boxes, message):
     else:
         with pytest.raises(torchckpt.CorruptCheckpointError, match=message):
             format_chunks.check_tiling("w", (5, 4), boxes, "here")
+
+
+def test_only_a_tensor_without_elements_may_have_no_chunk():
+    format_chunks.check_tiling("w", (0, 4), [], "here")
+    for shape in ((), (1,), (3, 1)):
+        with pytest.raises(torchckpt.CorruptCheckpointError, match="cover 0 of its"):
+            format_chunks.check_tiling("w", shape, [], "here")
 
 
 def ddp_records(world: int, sizes: list[int], extra: tuple = ()) -> list[dict]:

@@ -261,6 +261,35 @@ def test_help_and_version():
     assert version.returncode == 0 and torchckpt.__version__ in version.stdout
 
 
+def test_inspect_counts_tied_tensors_once_in_its_total(tmp_path, capsys):
+    """probe77: the total added each name's bytes, a tied weight's twice ("500.0 KiB" for 250)."""
+    model = torch.nn.Sequential(torch.nn.Embedding(100, 64), torch.nn.Linear(64, 100, bias=False))
+    model[1].weight = model[0].weight
+    path = torchckpt.Checkpoint(model=model).write(tmp_path / "c")
+    assert main(["inspect", path]) == 0
+    out = capsys.readouterr().out
+    assert "model/0.weight" in out and "model/1.weight" in out  # both names listed
+    assert "2 tensors, 25.0 KiB in 1 shard" in out
+    assert main(["inspect", path, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["total_bytes"] == 100 * 64 * 4
+
+
+def test_diff_compares_every_ranks_per_rank_values(tmp_path, capsys):
+    """probe77: diff decoded rank 0's view of the state alone: checkpoints that differed only in
+    rank 1's per-rank value (a data cursor, its RNG state) were "0 state values changed"."""
+    from .format2 import write_two_rank
+
+    a = write_two_rank(tmp_path / "a")
+    assert main(["diff", a, write_two_rank(tmp_path / "same"), "--exit-code"]) == 0
+    assert capsys.readouterr().out.endswith("0 state values changed\n")
+    assert main(["diff", a, write_two_rank(tmp_path / "b", positions=(3, 5)), "--exit-code"]) == 1
+    out = capsys.readouterr().out
+    assert "~ cursor/pos~r1  4 -> 5\n" in out and out.endswith("1 state value changed\n")
+    assert main(["diff", a, write_two_rank(tmp_path / "c", positions=(2, 4)), "--exit-code"]) == 1
+    out = capsys.readouterr().out  # rank 0's, named as before
+    assert "~ cursor/pos  3 -> 2\n" in out and "~r1" not in out
+
+
 def test_diff_exit_code_and_shortened_values(tmp_path, capsys):
     import random
 

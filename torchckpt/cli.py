@@ -108,10 +108,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     names = reader.filter(args.filter)
     sharded = reader.world_size > 1
     rows: list[dict[str, Any]] = []
-    total = 0
+    total, counted, aliases = 0, set(), reader.aliases
     for name in names:
         nbytes = math.prod(shapes[name]) * format_dtypes.itemsize(dtypes[name])
-        total += nbytes
+        stored = aliases.get(name, name)
+        if stored not in counted:  # tied names (one stored tensor) are counted once, as they are stored
+            counted.add(stored)
+            total += nbytes
         row: dict[str, Any] = {"name": name, "dtype": _dtype(dtypes[name]), "shape": list(shapes[name]),
                                "bytes": nbytes}
         if sharded:  # a tensor of a job is shown whole (its global shape), with the chunks that tile it

@@ -176,6 +176,10 @@ def _check_cover(name: str, shape: Sequence[int], boxes: list[Box], where: str, 
     the tensor's, each element held exactly once, when their corner charges sum to the tensor's:
     counted in a dict, in time linear in the chunks, with no pairwise comparison.
     """
+    if not boxes:  # no chunk at all: only a tensor without elements is covered
+        if volume(shape):
+            raise _gap(name, where, shape, 0, [0] * len(shape))
+        return
     varying = [j for j, d in enumerate(shape) if any(o[j] or s[j] != d for o, s in boxes)]
     if not varying:  # every chunk is the whole tensor
         if len(boxes) > 1:

@@ -18,7 +18,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from torchckpt._format import keypath
+from torchckpt._format import chunks, keypath
+from torchckpt._format.tree import MissingPerRank
 from torchckpt._load import opened as load_opened
 from torchckpt.reader import CheckpointReader
 
@@ -71,14 +72,31 @@ def plain_values(a: CheckpointReader, b: CheckpointReader) -> tuple[dict[str, An
     ``"None"`` and ``None``): the str key is then quoted (``'1'``), and a key after one of the same
     spelling (a second NaN) gets ``#2``. One path for each value, so that no change hides behind a
     key of the same spelling, and the paths of other checkpoints are the names as they were."""
-    states = [load_opened.state_tree(r.index, lambda name: _TENSOR, chunked=lambda name: _TENSOR)
-              if r.index is not None else {} for r in (a, b)]
+    states = [_state(r, 0) for r in (a, b)]
     kinds: dict[tuple[str, str], set[bool]] = {}  # (dict's path, key's part) -> whether a str, for each key
     for state in states:
         _key_kinds(state, "", kinds)
     quoted = {where for where, found in kinds.items() if len(found) > 1}
     va, vb = (_leaves(state, "", "", quoted, {}) for state in states)
+    for rank in range(1, max(a.world_size, b.world_size)):  # per-rank values: rank 0's above, the others here
+        ra, rb = ({k: v for k, v in _leaves(_state(r, rank), "", "", quoted, {}).items()
+                   if not isinstance(v, MissingPerRank)} for r in (a, b))  # a rank the checkpoint has none for
+        for key in {**ra, **rb}:
+            if not (same(ra.get(key, _ABSENT), va.get(key, _ABSENT)) and same(rb.get(key, _ABSENT), vb.get(key, _ABSENT))):
+                for mine, theirs in ((ra, va), (rb, vb)):  # differs from its rank 0's in one of them: named by rank
+                    if key in mine:
+                        theirs[chunks.rank_name(key, rank)] = mine[key]
     return va, vb
+
+
+def _state(reader: CheckpointReader, rank: int) -> Any:
+    """The checkpoint's state tree as ``rank`` restores it, each tensor ``_TENSOR``."""
+    if reader.index is None:
+        return {}
+    return load_opened.state_tree(reader.index, lambda name: _TENSOR, rank, chunked=lambda name: _TENSOR)
+
+
+_ABSENT = object()
 
 
 def _key_kinds(value: Any, path: str, out: dict[tuple[str, str], set[bool]]) -> None:
