@@ -162,6 +162,19 @@ def test_a_module_with_its_own_loader_is_loaded_by_it(tmp_path):
     assert not report and hooked.survey(target).needs_load_semantics
 
 
+class _OwnLoader(torch.nn.Linear):
+    def load_state_dict(self, state_dict, strict=True, assign=False):  # type: ignore[no-untyped-def]
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+@pytest.mark.parametrize("cls", [torch.nn.Linear, _OwnLoader], ids=["in-place", "its-own-loader"])
+def test_a_key_of_another_dtype_is_a_dtype_mismatch_not_missing_too(tmp_path, cls):
+    """probe78 F6: the override, never handed a key left out for its dtype, answered it missing."""
+    path = torchckpt.Checkpoint(m=torch.nn.Linear(3, 2).double()).write(tmp_path / "c")
+    report = torchckpt.Checkpoint(m=cls(3, 2)).read(path).expect_partial().report
+    assert sorted(report.dtype_mismatches) == ["m/bias", "m/weight"] and report.missing_keys == []
+
+
 def test_batch_norm_without_num_batches_tracked_keeps_its_count_and_reports_nothing_missing(tmp_path):
     old = {k: v for k, v in trained_batch_norm(0, 2).state_dict().items() if k != "num_batches_tracked"}
     path = torchckpt.save_state({"model": old}, tmp_path / "c")
@@ -207,6 +220,44 @@ def test_a_hooked_submodule_in_a_plain_model_with_an_optimizer(tmp_path):
     assert target.inner.calls == 1 and "model/inner.old.weight" in report.restored_keys
     for mine, theirs in zip(target_opt.state_dict()["state"].values(), opt.state_dict()["state"].values()):
         assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+
+
+class _WithExtraState(torch.nn.Linear):
+    def get_extra_state(self) -> dict:
+        return {"k": 41}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.got = state
+
+
+class _Scaled(torch.nn.Module):
+    def __init__(self, a: torch.nn.Module, scale: str | None = None) -> None:
+        super().__init__()
+        self.a = a
+        if scale == "parameter":
+            self.scale = torch.nn.Parameter(torch.ones(2))
+        elif scale == "module":
+            self.scale = torch.nn.Linear(2, 2)
+        self.b = torch.nn.Linear(2, 2)
+
+
+@pytest.mark.parametrize(("saved", "now", "key"), [
+    (lambda: _Scaled(_WithExtraState(2, 2)), lambda: _Scaled(torch.nn.Linear(2, 2)), "a._extra_state"),
+    (lambda: _Scaled(torch.nn.Linear(2, 2), "parameter"), lambda: _Scaled(torch.nn.Linear(2, 2), "module"), "scale"),
+], ids=["extra-state-nothing-takes", "a-one-part-key-naming-a-child"])
+def test_keys_no_loader_takes_in_a_hooked_model_are_unexpected_as_load_state_dict_says(tmp_path, saved, now, key):
+    """probe78 F4: a model with a load_state_dict hook anywhere is loaded by torch's rules, which
+    torchckpt's copy of them bent: these keys were reported restored, and assert_consumed() passed."""
+    old = saved()
+    path = torchckpt.Checkpoint(m=old).write(tmp_path / "c")
+    assert now().load_state_dict(old.state_dict(), strict=False).unexpected_keys == [key]  # torch's own answer
+    model = now()
+    model.b.register_load_state_dict_pre_hook(lambda *args: None)  # any hook: torch's semantics
+    status = torchckpt.Checkpoint(m=model).read(path).expect_partial()
+    assert status.report.unexpected_keys == [f"m/{key}"]
+    assert f"m/{key}" not in status.report.restored_keys
+    with pytest.raises(torchckpt.RestoreMismatchError, match=f"m/{key}"):
+        status.assert_consumed()
 
 
 def test_a_hooked_module_missing_a_key_reports_it_as_load_state_dict_does(tmp_path):

@@ -323,10 +323,12 @@ class HookedLoad:
         extra = prefix + EXTRA_STATE
         if _has_extra_state(m) and extra not in local:
             missing.append(extra)
+        elif not _has_extra_state(m) and extra in local:  # as torch's: no set_extra_state to take it
+            unexpected.append(extra)
         for key in local:
-            if key.startswith(prefix) and key != extra:
-                first = key[len(prefix):].split(".", 1)[0]
-                if first not in m._modules and first not in own:
+            if key.startswith(prefix) and key != extra:  # torch's rule: a dotted key names a child, else its own
+                parts = key[len(prefix):].split(".", 1)
+                if (parts[0] not in m._modules) if len(parts) > 1 else (parts[0] not in own):
                     unexpected.append(key)
         for name, child in m._modules.items():
             if child is not None:

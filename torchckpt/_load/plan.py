@@ -281,12 +281,14 @@ def _plan_own_load_state_dict(name: str, module: torch.nn.Module, saved: dict[st
     pairs = module_keys.pair(list(saved), list(current))
     state: dict[str, Any] = {}
     as_saved: dict[str, str] = {}  # the module's key -> the checkpoint's name for it
+    left_out: set[str] = set()  # reported as dtype mismatches: not missing too
     for key, value in saved.items():
         own = pairs.get(key, key)
         full = keypath.join(name, keypath.escape_part(key))
         dest = current.get(own)
         if is_saved(value) and isinstance(dest, torch.Tensor) and value.dtype != dest.dtype \
                 and value.shape == dest.shape and not compatible(full, value, dest, plan.report, plan.cast):
+            left_out.add(own)
             continue
         state[own] = value if is_saved(value) else rebuild(value, full, _fresh_reader(plan))
         as_saved[own] = full
@@ -306,7 +308,7 @@ def _plan_own_load_state_dict(name: str, module: torch.nn.Module, saved: dict[st
         missing = getattr(result, "missing_keys", None)
         missing = [k for k in current if k not in state] if missing is None else list(missing)
         report.unexpected_keys.extend(as_saved.get(k, keypath.join(name, keypath.escape_part(k))) for k in unexpected)
-        report.missing_keys.extend(keypath.join(name, keypath.escape_part(k)) for k in missing)
+        report.missing_keys.extend(keypath.join(name, keypath.escape_part(k)) for k in missing if k not in left_out)
         report.restored_keys.extend(full for own, full in as_saved.items() if own not in unexpected)
 
     plan.loads.append((name, load))
