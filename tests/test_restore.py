@@ -104,6 +104,32 @@ def test_one_object_under_two_names_takes_the_last_and_reports_the_other_unused(
     assert torch.equal(again, same) and torch.equal(twin[0].weight, module[0].weight)
 
 
+def test_a_tensor_two_tracked_objects_share_takes_the_last_and_reports_the_other_unused(tmp_path):
+    """probe78 F2: the tie was looked for inside one module only: a module and its own parameter
+    tracked apart, or an embedding two tracked modules share, restored from an untied checkpoint,
+    reported both keys restored while the tensor held one value; assert_consumed() passed."""
+    torch.manual_seed(0)
+    enc, dec, lin = torch.nn.Embedding(5, 3), torch.nn.Embedding(5, 3), torch.nn.Linear(3, 2)
+    path = torchckpt.Checkpoint(m=lin, w=torch.full((2, 3), 7.0), enc=enc, dec=dec).write(tmp_path / "c")
+    lin2, enc2 = torch.nn.Linear(3, 2), torch.nn.Embedding(5, 3)
+    dec2 = torch.nn.Embedding(5, 3)
+    dec2.weight = enc2.weight  # tied now, not when saved
+    status = torchckpt.Checkpoint(m=lin2, w=lin2.weight, enc=enc2, dec=dec2).read(path)
+    report = status.expect_partial().report
+    assert torch.equal(lin2.weight, torch.full((2, 3), 7.0)) and torch.equal(lin2.bias, lin.bias)
+    assert torch.equal(enc2.weight, dec.weight)  # the one planned last
+    assert sorted(report.unexpected_keys) == ["enc/weight", "m/weight"]
+    assert not {"enc/weight", "m/weight"} & set(report.restored_keys)
+    with pytest.raises(RestoreMismatchError, match="unexpected in the checkpoint"):
+        status.assert_consumed()
+    same = torchckpt.Checkpoint(m=lin2, w=lin2.weight, enc=enc2, dec=dec2).write(tmp_path / "tied")  # one value each
+    fresh, fresh_enc = torch.nn.Linear(3, 2), torch.nn.Embedding(5, 3)
+    fresh_dec = torch.nn.Embedding(5, 3)
+    fresh_dec.weight = fresh_enc.weight
+    torchckpt.Checkpoint(m=fresh, w=fresh.weight, enc=fresh_enc, dec=fresh_dec).read(same).assert_consumed()
+    assert torch.equal(fresh.weight, lin2.weight) and torch.equal(fresh_enc.weight, enc2.weight)
+
+
 class Count:
     """A stateful object of plain state (no tensor below it)."""
 

@@ -898,7 +898,7 @@ def test_a_module_with_a_load_state_dict_of_its_own_reports_what_it_answers(tmp_
     assert torch.equal(target.lin.weight, saved.lin.weight)
     report = torchckpt.Checkpoint(model=double).read(path).expect_partial().report  # another dtype: not cast
     assert set(report.dtype_mismatches) == {"model/lin.bias", "model/lin.weight"}
-    assert sorted(report.missing_keys) == ["model/lin.bias", "model/lin.weight"] and double.calls == 1
+    assert report.missing_keys == [] and double.calls == 1  # mismatched, as in place: not missing too (probe78 F6)
 
 
 class Plain(torch.nn.Module):

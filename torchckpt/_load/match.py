@@ -17,7 +17,7 @@ import torch
 
 from torchckpt._format import keypath, tree
 from torchckpt._load import loaders
-from torchckpt._load.plan import MISSING, Plan, is_saved, plan_module, plan_tensor, plan_value
+from torchckpt._load.plan import MISSING, Plan, drop_overwritten_across, is_saved, plan_module, plan_tensor, plan_value
 from torchckpt._load.stateful import plan_stateful
 from torchckpt.rng import RNGState
 
@@ -79,6 +79,15 @@ class Matcher:
         taken = [k for k in plan.report.restored_keys if k == key or k.startswith(below)]
         plan.report.restored_keys[:] = [k for k in plan.report.restored_keys if not (k == key or k.startswith(below))]
         plan.report.unexpected_keys.extend(taken)
+
+    def settle_shared_tensors(self) -> None:
+        """After the walk: a tensor two tracked objects share keeps the value of the one planned
+        last (``_load.plan.drop_overwritten_across``)."""
+        planned = list(self._planned.values())
+        position = {key: i for i, (_, key, _) in enumerate(planned)}
+        tensors = [(i, key, obj, saved) for i, (obj, key, saved) in enumerate(planned)
+                   if isinstance(obj, torch.Tensor) and is_saved(saved)]
+        drop_overwritten_across(self.plan, tensors, position)
 
     def checkpoint(self, tracked: dict[str, Any], saved: dict[str, Any], prefix: str, ignored: str | None) -> None:
         """Match a checkpoint's ``tracked`` objects; ``ignored`` names a saved key the caller plans itself."""

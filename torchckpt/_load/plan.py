@@ -55,6 +55,9 @@ class Plan:
     # one saved tensor (tied weights) are assigned one memory, as from ``torch.load`` (``fresh_for``)
     assigned: dict[tuple[int, torch.dtype], torch.Tensor] = field(default_factory=dict)
     in_place: list[str] = field(default_factory=list)  # keys (the objects') read straight into their own tensors
+    # Each tracked module's in-place reads, (storage, saved key), by its key, with how to describe one (``tied.Fed``):
+    # a tensor two tracked objects share is fed by both (``drop_overwritten_across``)
+    fed: list[tuple[str, list[tuple[int, str]], Callable[[str], tied.Fed]]] = field(default_factory=list)
     replaced: list[str] = field(default_factory=list)  # key prefixes a load replaces whole (an optimizer's state)
     stage: str = "planned"  # then "reading" as bytes reach destinations, "loading" as the loads run
     # ``restore_or_initialize``: what candidates found damaged before this one may have written, ``{key: name}``
@@ -215,6 +218,9 @@ def _plan_in_place(name: str, module: torch.nn.Module, saved: dict[str, Any], cu
             restored_as[object_key] = (full, plan.report.restored_keys[-1])
     if len({address for address, _ in fed}) < len(fed):  # a storage read into twice
         _drop_overwritten(tied.overwritten(_reads_into_shared(fed, name, pairs, saved, current), list(current)), plan)
+    if fed:
+        plan.fed.append((name, fed, lambda key: tied.Fed(pairs[key], keypath.join(name, keypath.escape_part(key)), saved[key],
+                                                   current[pairs[key]])))
     matched = {k for k in pairs.values() if not _is_meta(current[k]) or k in via_assign} | found.kept
     plan.report.missing_keys.extend(keypath.join(name, keypath.escape_part(k)) for k in current if k not in matched)
     if via_load:
@@ -320,6 +326,33 @@ def _reads_into_shared(fed: list[tuple[int, str]], name: str, pairs: dict[str, s
     count = collections.Counter(address for address, _ in fed)
     return [tied.Fed(pairs[key], keypath.join(name, keypath.escape_part(key)), saved[key], current[pairs[key]])
             for address, key in fed if count[address] > 1]
+
+
+def drop_overwritten_across(plan: Plan, tensors: list[tuple[int, str, torch.Tensor, Any]],
+                            position: dict[str, int]) -> None:
+    """Once every object is planned: a tensor that two tracked objects share (``Checkpoint(m=lin,
+    w=lin.weight)``, an embedding two tracked modules tie) is fed by each, and keeps the value of
+    the one planned last (``position``: each object's place, by its key), as one object tracked
+    under two names does (``Matcher._once``); the reads of the others, where their saved values
+    differ, are dropped and reported unexpected (``tied.overwritten_across``). ``tensors``: the
+    tracked tensors, (place, key, tensor, saved). Ties inside one module were settled as it was
+    planned, and one object under two names by the walk."""
+    if not plan.fed or len(plan.fed) + len(tensors) < 2:  # no module read in place, or one object alone
+        return
+    owners: list[tuple[int, list[tuple[int, str]], Callable[[str], tied.Fed]]] = [
+        (position.get(name, -1), fed, describe) for name, fed, describe in plan.fed]  # -1: taken back (_once)
+    for place, key, t, saved in tensors:
+        if t.numel() and not t.is_meta:
+            owners.append((place, [(dist_dtensor.local_storage(t), key)],
+                           lambda _, key=key, t=t, saved=saved: tied.Fed(key, key, saved, t)))  # type: ignore[misc]
+    owners.sort(key=lambda owner: owner[0])
+    count = collections.Counter(address for _, fed, _ in owners for address in {a for a, _ in fed})
+    if all(n == 1 for n in count.values()):
+        return
+    restored = set(plan.report.restored_keys)
+    reads = [(place, read) for place, fed, describe in owners for address, key in fed if count[address] > 1
+             for read in [describe(key)] if shared_key(read.key, read.saved) in restored]  # not taken back already
+    _drop_overwritten(tied.overwritten_across(reads), plan)
 
 
 def _drop_overwritten(reads: list[tied.Fed], plan: Plan) -> None:

@@ -171,7 +171,9 @@ def _plan(target: Target, index: format_index.Index, shards: opened.OpenShards, 
         renamed = rename.apply(target.rename, saved, SAVE_COUNTER)
         saved = renamed.state
         plan.versions = rename.module_versions(target.rename, plan.versions)
-    Matcher(plan, target.tracking).checkpoint(target.tracked, saved, "", SAVE_COUNTER)
+    matcher = Matcher(plan, target.tracking)
+    matcher.checkpoint(target.tracked, saved, "", SAVE_COUNTER)
+    matcher.settle_shared_tensors()
     if renamed is not None:
         renamed.annotate(plan.report)
     plan.report.unexpected_keys.extend(index_fields.beyond_world(index, plan.world))

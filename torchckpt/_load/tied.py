@@ -76,6 +76,22 @@ def overwritten(fed: list[Fed], order: list[str]) -> list[Fed]:
     return out
 
 
+def overwritten_across(reads: list[tuple[int, Fed]]) -> list[Fed]:
+    """The reads, each by the tracked object it belongs to (an index, in planning order), of a
+    tensor other objects read into too, whose value the read of the object planned last
+    replaces (one with an equal value keeps its read)."""
+    groups: dict[tuple[Any, ...], list[tuple[int, Fed]]] = {}
+    for owner, read in reads:
+        view = view_of(read.dest)
+        if view is not None:
+            groups.setdefault(view, []).append((owner, read))
+    out: list[Fed] = []
+    for group in groups.values():
+        last_owner, last = group[-1]
+        out.extend(read for owner, read in group if owner != last_owner and not _same_values(read.saved, last.saved))
+    return out
+
+
 def _same_values(a: Any, b: Any) -> bool:
     """Whether two saved tensors hold the same bytes, from the index alone: one stored tensor, or
     equal checksums over equal shapes and dtypes."""
