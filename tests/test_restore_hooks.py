@@ -301,6 +301,27 @@ def test_a_size_mismatch_inside_a_hooked_module_is_a_reported_shape_mismatch_not
         status.assert_consumed()
 
 
+class _Wrapper(torch.nn.Module):
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+
+class _OwnFromStateDict(torch.nn.Linear):
+    def _load_from_state_dict(self, *args: Any) -> None:
+        super()._load_from_state_dict(*args)
+
+
+def test_shape_mismatches_are_named_by_the_checkpoints_key_inside_a_hooked_module_too(tmp_path):
+    """probe78 F7: a DDP-saved checkpoint's size mismatch inside a hooked module was named by the
+    object's key (m/0.weight) where the in-place path names it by the checkpoint's (m/module.1.weight)."""
+    saved = _Wrapper(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)))
+    path = torchckpt.Checkpoint(m=saved).write(tmp_path / "c")
+    model = torch.nn.Sequential(_OwnFromStateDict(3, 5), torch.nn.Linear(5, 2))  # both layers 5 wide now
+    report = torchckpt.Checkpoint(m=model).read(path).expect_partial().report
+    assert sorted(report.shape_mismatches) == ["m/module.0.bias", "m/module.0.weight", "m/module.1.weight"]
+
+
 def test_a_size_mismatch_inside_a_hooked_module_is_not_reported_restored(tmp_path):
     class OwnLoader(torch.nn.Linear):
         def _load_from_state_dict(self, *args) -> None:

@@ -264,7 +264,8 @@ class HookedLoad:
                 continue
             mismatched.add(found["key"])
             saved, current = (torch.Size(json.loads(found[g])) for g in ("saved", "current"))
-            report.shape_mismatches[keypath.join(name, keypath.escape_part(found["key"]))] = (saved, current)
+            key = self.consumed.get(found["key"]) or keypath.join(name, keypath.escape_part(found["key"]))
+            report.shape_mismatches[key] = (saved, current)  # by the checkpoint's key, as on the in-place path
         if other:
             raise CheckpointError(f"load_state_dict of {name!r} reported: {' '.join(other)} The checkpoint does not "
                                   "fit this model's loaders; nothing in it is damaged.")
