@@ -43,6 +43,24 @@ def test_save_numbers_and_never_deletes(tmp_path):
     assert torchckpt.latest_checkpoint(tmp_path) == paths[-1]
 
 
+def test_a_new_checkpoint_never_saves_over_a_committed_one_but_a_rollback_does(tmp_path):
+    """probe80 F2: a new Checkpoint (a script that forgot to restore) replaced the committed
+    ckpt-1 of an earlier run in place. A restored one numbers on, and a rollback replaces what it
+    abandoned, as TensorFlow's does."""
+    run = torchckpt.Checkpoint(w=torch.ones(2), epoch=10)
+    first, second = run.save(tmp_path / "ckpt"), run.save(tmp_path / "ckpt")
+    fresh = torchckpt.Checkpoint(w=torch.zeros(2), epoch=0)
+    with pytest.raises(torchckpt.CheckpointWriteError, match=r"ckpt-1: it exists, and this Checkpoint's save_counter "
+                       r"was never restored.*Restore first") as info:
+        fresh.save(tmp_path / "ckpt")
+    assert info.value.errno == errno.EEXIST and fresh.save_counter == 0
+    assert torchckpt.load_state(first)["epoch"] == 10 and sorted(os.listdir(tmp_path)) == [
+        "checkpoints.json", "ckpt-1", "ckpt-2"]
+    fresh.restore(first).assert_consumed()  # a rollback to ckpt-1: its next save replaces the abandoned ckpt-2
+    fresh.epoch = 11
+    assert fresh.save(tmp_path / "ckpt") == second and torchckpt.load_state(second)["epoch"] == 11
+
+
 def test_a_save_whose_record_failed_after_its_commit_takes_its_number(tmp_path, disk):
     ckpt = torchckpt.Checkpoint(w=torch.ones(2))
     disk.fail("replace_file", OSError(errno.ENOSPC, "No space left on device"), times=1)

@@ -589,6 +589,42 @@ def test_damaged_state_file_is_rebuilt_with_a_warning(tmp_path):
     assert all(exists(p) for p in paths)  # it never deletes what it did not know it managed
 
 
+@pytest.mark.parametrize("lost", ["missing", "damaged"])
+def test_a_plain_save_into_a_run_that_lost_its_state_file_lets_no_manager_delete_its_checkpoints(tmp_path, lost):
+    """probe80 F1: Checkpoint.save wrote a fresh state file over the lost history, and the next
+    manager took the run's checkpoints for commits of its own it had not recorded: it deleted them."""
+    manager = CheckpointManager(ckpt(), tmp_path, max_to_keep=10)
+    paths = [manager.save() for _ in range(4)]
+    manager.close()
+    if lost == "missing":
+        os.remove(tmp_path / "checkpoints.json")
+    else:
+        (tmp_path / "checkpoints.json").write_text("{ this is not json")
+    manual = torchckpt.Checkpoint(w=torch.ones(2)).save(tmp_path / "manual")
+    fresh = CheckpointManager(ckpt(), tmp_path, max_to_keep=1)
+    assert fresh.latest_checkpoint == manual
+    later = [fresh.save() for _ in range(2)]
+    assert all(exists(p) for p in [*paths, manual, later[-1]]) and not exists(later[0])  # its own: managed
+    assert fresh.checkpoints == [later[-1]]
+
+
+def test_a_save_that_wrote_nothing_does_not_use_up_the_interval(tmp_path):
+    """probe80 F3: the step was recorded before the write: after a refused save, the retry at the
+    same step returned None, and so did every save until the interval had passed again."""
+    step = torch.tensor(10)
+    checkpoint = torchckpt.Checkpoint(w=torch.zeros(1), cfg=lambda: 0)  # a value no checkpoint stores
+    manager = CheckpointManager(checkpoint, tmp_path, step_counter=step, checkpoint_interval=5)
+    with pytest.raises(torchckpt.UnsupportedStateError, match="cfg"):
+        manager.save()
+    checkpoint.cfg = 0
+    first = manager.save()  # the same step: saved now
+    assert first is not None and manager.checkpoints == [first]
+    step += 4
+    assert manager.save() is None  # the interval counts from the save that was written
+    step += 1
+    assert manager.save() is not None
+
+
 def test_missing_state_file_is_rebuilt_with_a_warning(tmp_path):
     manager = CheckpointManager(ckpt(), tmp_path, max_to_keep=3)
     manager.save()

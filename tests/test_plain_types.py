@@ -302,6 +302,20 @@ def test_the_deepest_tree_that_saves_also_loads(tmp_path):
     assert torchckpt.load_state(torchckpt.save_state(state, tmp_path / "c")) == state
 
 
+def test_a_container_or_checkpoint_that_holds_itself_beside_a_tensor_is_refused_by_key(tmp_path):
+    """probe80 F4: a cycle of plain values was refused, but one that also held a tensor (or a
+    Checkpoint tracking itself) ran into RecursionError while the state was gathered."""
+    looped = {"w": torch.ones(1)}
+    looped["again"] = looped
+    itself = torchckpt.Checkpoint(w=torch.ones(1))
+    itself.me = itself
+    for checkpoint, start in ((torchckpt.Checkpoint(d=looped), "d/again/again"), (itself, "me/me/me")):
+        with pytest.raises(UnsupportedStateError, match="containers are nested more than 100 deep") as info:
+            checkpoint.write(tmp_path / "c")
+        assert info.value.key.startswith(start)
+        assert os.listdir(tmp_path) == []
+
+
 def _empty_keys(levels: int, leaf: object) -> dict:
     value: object = leaf
     for _ in range(levels):

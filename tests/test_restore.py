@@ -441,6 +441,46 @@ def test_a_scheduler_saved_for_another_number_of_groups_is_left_untouched(tmp_pa
     sched.step(*([1.0] if kind == "ReduceLROnPlateau" else []))  # still steps
 
 
+@pytest.mark.parametrize("kind", ["StepLR", "ReduceLROnPlateau"])
+def test_a_scheduler_whose_optimizer_gained_a_group_after_it_was_built_resumes_exactly(tmp_path, kind):
+    """probe79 F2: progressive unfreezing, a group added to the optimizer after the scheduler was
+    built: its per-group lists are as long as the groups then or now, and torch's load restores it."""
+    L = torch.optim.lr_scheduler
+
+    def build():
+        torch.manual_seed(0)
+        a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+        opt = torch.optim.SGD(a.parameters(), lr=0.1)
+        sched = L.StepLR(opt, step_size=1, gamma=0.5) if kind == "StepLR" else L.ReduceLROnPlateau(opt, patience=0)
+        opt.add_param_group({"params": b.parameters(), "lr": 0.05})  # unfrozen later
+        return opt, sched
+
+    opt, sched = build()
+    for loss in (3.0, 4.0, 5.0):
+        opt.step()
+        sched.step(*([loss] if kind == "ReduceLROnPlateau" else []))
+    path = torchckpt.Checkpoint(opt=opt, sched=sched).write(tmp_path / "c")
+    opt2, sched2 = build()
+    torchckpt.Checkpoint(opt=opt2, sched=sched2).read(path).assert_consumed()
+    assert repr(sched2.state_dict()) == repr(sched.state_dict())
+
+
+@pytest.mark.parametrize("kind", ["NAdam", "ASGD"])
+def test_a_never_stepped_optimizer_takes_its_float32_scalars_for_a_bfloat16_model(tmp_path, kind):
+    """probe79 F3: NAdam's mu_product and ASGD's eta and mu stay float32 whatever the parameters
+    (as a stepped optimizer keeps them): they are no dtype mismatch."""
+    model = torch.nn.Linear(4, 3).to(torch.bfloat16)
+    opt = getattr(torch.optim, kind)(model.parameters(), lr=0.01)
+    model(torch.ones(2, 4, dtype=torch.bfloat16)).sum().backward()
+    opt.step()
+    path = torchckpt.Checkpoint(opt=opt).write(tmp_path / "c")
+    fresh = torch.nn.Linear(4, 3).to(torch.bfloat16)
+    fresh_opt = getattr(torch.optim, kind)(fresh.parameters(), lr=0.01)
+    status = torchckpt.Checkpoint(opt=fresh_opt).read(path)
+    status.assert_consumed()
+    assert not status.report.dtype_mismatches
+
+
 @pytest.mark.parametrize("stepped", [False, True], ids=["never-stepped", "stepped"])
 def test_optimizer_state_of_another_dtype_is_a_dtype_mismatch_whether_or_not_the_optimizer_stepped(tmp_path, stepped):
     """probe78 F3: a never-stepped optimizer took float32 moments into a bfloat16 model, cast by

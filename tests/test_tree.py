@@ -247,3 +247,44 @@ def test_per_rank_paths_tell_apart_keys_of_one_spelling():
     nan = {"@float": "nan"}
     tree = {"v": {"@dict": [[1, per_rank], ["1", per_rank], [nan, per_rank], [nan, per_rank], ["x", per_rank]]}}
     assert list(format_per_rank.per_rank_paths(tree)) == ["v/1", "v/'1'", "v/nan", "v/nan#2", "v/x"]
+
+
+def _nested_lists(levels: int) -> list:
+    value: list = []
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+def test_a_per_rank_value_may_be_as_deep_as_a_plain_one():
+    """probe79 F1: the encoder counted a PerRank wrapper as a level, which a reader takes off
+    (``select_rank``) before it decodes: a tree the reader accepts was refused on several ranks."""
+    deepest, too_deep = _nested_lists(99), _nested_lists(100)  # innermost list at 100 and at 101 levels
+    node = format_tree.encode({"cfg": format_tree.PerRank(deepest)}, "", {})
+    chosen = {"cfg": node["cfg"][format_tree.PER_RANK_TAG]}  # what select_rank hands the decoder, in one process
+    assert format_tree.decode(json.loads(json.dumps(chosen)), {}, lambda name: None) == {"cfg": deepest}
+    with pytest.raises(UnsupportedStateError, match="nested more than 100 deep"):
+        format_tree.encode({"cfg": format_tree.PerRank(too_deep)}, "", {})
+
+
+def _nested_int_keys(levels: int) -> dict:
+    value: object = 0
+    for _ in range(levels):
+        value = {1: value}
+    return value  # type: ignore[return-value]
+
+
+def test_the_raw_walks_of_a_job_tree_take_every_tree_the_decoder_takes():
+    """probe79 F6, F7: the walks over a job's raw JSON allowed two raw levels for each of the
+    decoder's, but a dict of int keys takes three: a 2-rank save of such dicts 68 deep committed
+    and no reader took it; and a dict's keys were decoded at the raw depth, refusing a legal tree."""
+    deep = format_tree.encode(_nested_int_keys(99), "cfg", {})  # its innermost value at 100 levels
+    state = {"cfg": {format_tree.PER_RANK_TAG: [deep, deep]}}
+    assert format_tree.decode(format_per_rank.select_rank(state, 1, 2), {}, lambda n: None) == {
+        "cfg": _nested_int_keys(99)}
+    assert list(format_per_rank.per_rank_paths(state)) == ["cfg"]
+    tupled: object = {1: 0}
+    for _ in range(55):
+        tupled = (tupled,)
+    shared = {"cfg": format_tree.encode(tupled, "cfg", {}), "r": {format_tree.PER_RANK_TAG: [1, 2]}}
+    assert list(format_per_rank.per_rank_paths(shared)) == ["r"]

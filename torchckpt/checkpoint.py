@@ -9,6 +9,7 @@ with its full key path, before anything is written.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections import OrderedDict
 from collections.abc import Callable
@@ -33,9 +34,9 @@ from torchckpt._save import capture as save_capture
 from torchckpt._save import saver
 from torchckpt._save.background import AsyncWriter  # imported with the package: its exit hook must be registered early
 from torchckpt._save.options import FailedAfterCommit, SaveHooks, SaveOptions, save_arguments
-from torchckpt._storage.base import Storage
+from torchckpt._storage.base import AlreadyCommitted, Storage
 from torchckpt._storage.registry import storage_for
-from torchckpt.errors import CheckpointNotFoundError
+from torchckpt.errors import CheckpointNotFoundError, CheckpointWriteError
 from torchckpt.restore import RestoreStatus
 from torchckpt.rng import RNGState
 
@@ -112,6 +113,7 @@ class Checkpoint:
     def __init__(self, **objects: Any) -> None:
         object.__setattr__(self, "_tracked", {})
         object.__setattr__(self, "_save_counter", 0)
+        object.__setattr__(self, "_counted_on", False)  # save_counter was restored (or set by a manager)
         object.__setattr__(self, "_writer", None)
         for name, value in objects.items():
             setattr(self, name, value)
@@ -157,8 +159,8 @@ class Checkpoint:
 
     # -- saving --------------------------------------------------------------------------
 
-    def _state(self, distributed: bool = False) -> dict[str, Any]:
-        return {name: _state_of(value, distributed) for name, value in self._tracked.items()}
+    def _state(self, distributed: bool = False, depth: int = 0) -> dict[str, Any]:
+        return {name: _state_of(value, distributed, depth + 1) for name, value in self._tracked.items()}
 
     def _objects(self) -> dict[str, str]:
         return {name: kind_of(value) for name, value in self._tracked.items()}
@@ -265,8 +267,12 @@ class Checkpoint:
     ) -> str:
         """Increment ``save_counter``, write ``f"{file_prefix}-{save_counter}"`` and record it as latest.
 
-        Nothing is ever deleted. The options are those of :meth:`write`; on several ranks, rank 0
-        records the latest checkpoint.
+        Nothing is deleted. A Checkpoint whose ``save_counter`` was never restored (a new one,
+        counting from 0) does not replace a checkpoint already at its number: it raises
+        :class:`CheckpointWriteError` (``errno.EEXIST``) before writing anything. After
+        :meth:`restore`, it numbers on from the restored count, and a rollback (restoring an older
+        checkpoint, then saving) replaces the checkpoints it abandoned, as TensorFlow's does. The
+        options are those of :meth:`write`; on several ranks, rank 0 records the latest checkpoint.
         """
         prefix = as_path(file_prefix)
         number = self._save_counter + 1
@@ -278,7 +284,10 @@ class Checkpoint:
         with coord.failures_shared():
             storage = storage_for(prefix, storage_options)
             self.wait_until_finished()  # one write in flight; raises a previous background failure
-            options = SaveOptions.checked(number, max_shard_size, progress, metadata, async_save)
+            fresh = not self._counted_on
+            if fresh and (storage.exists(path) or storage.is_dir(path)):
+                raise _number_taken(path, self._save_counter)
+            options = SaveOptions.checked(number, max_shard_size, progress, metadata, async_save, replace=not fresh)
 
             committed: list[bool] = []  # the write was committed (its record may fail): the number is taken
 
@@ -294,9 +303,11 @@ class Checkpoint:
 
             try:
                 saver.save(self._source(), storage, path, coord, options, SaveHooks(after=record, adopt=committed.append))
-            except BaseException:
+            except BaseException as e:
                 if committed:  # a retry must not write over the committed one
                     object.__setattr__(self, "_save_counter", number)
+                elif isinstance(e, AlreadyCommitted):  # committed there by someone else while it was written
+                    raise _number_taken(path, self._save_counter) from None
                 raise
         object.__setattr__(self, "_save_counter", number)  # the write was accepted
         return path
@@ -410,6 +421,16 @@ class Checkpoint:
 
     def _set_save_counter(self, value: int) -> None:
         object.__setattr__(self, "_save_counter", int(value))
+        object.__setattr__(self, "_counted_on", True)
+
+
+def _number_taken(path: str, counter: int) -> CheckpointWriteError:
+    return CheckpointWriteError(
+        f"Cannot save {path}: it exists, and this Checkpoint's save_counter was never restored, so save() does not "
+        f"replace it (its count, {counter}, numbers its next save {counter + 1}: it is not the run that saved there). "
+        f"Restore first (ckpt.restore({parent_of(path)!r})) to go on from that run's count, save under another "
+        "prefix, or replace that checkpoint on purpose with write(path); a CheckpointManager numbers past the "
+        "checkpoints it finds.", path, FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path))
 
 
 def _checked_base(storage: Storage, base: str, path: str) -> str:
@@ -427,18 +448,22 @@ def _scheme(path: str) -> str:
     return path.split("://", 1)[0] if "://" in path else ""
 
 
-def _state_of(value: Any, distributed: bool = False) -> Any:
+def _state_of(value: Any, distributed: bool = False, depth: int = 0) -> Any:
     """What is saved for a tracked value. In a save by several ranks, per-rank values (``PerRank``,
-    ``RNGState``) are marked as such; a single process saves them as they are."""
+    ``RNGState``) are marked as such; a single process saves them as they are. Containers nested
+    deeper than a checkpoint stores (one that holds itself) are left as they are, for the encoder
+    to refuse by key."""
+    if depth > format_tree.MAX_DEPTH:
+        return value
     if isinstance(value, format_tree.PerRank):
-        inner = _state_of(value.value, distributed)
+        inner = _state_of(value.value, distributed, depth)
         return format_tree.PerRank(inner) if distributed and not isinstance(inner, format_tree.PerRank) else inner
     if distributed and isinstance(value, RNGState):
         return format_tree.PerRank(value.state_dict())
     if loaders.is_data_state(value):  # per rank, as RNGState: each rank draws and reads its own
         return format_tree.PerRank(loaders.state_of(value)) if distributed else loaders.state_of(value)
     if isinstance(value, Checkpoint):
-        return value._state(distributed)
+        return value._state(distributed, depth)
     if isinstance(value, torch.nn.Module):
         return dict(dist_dtensor.module_state(value))
     if isinstance(value, torch.Tensor):
@@ -446,10 +471,10 @@ def _state_of(value: Any, distributed: bool = False) -> Any:
     if is_stateful(value):
         return value.state_dict()
     if isinstance(value, dict) and _is_trackable(value):
-        pairs = ((k, _state_of(v, distributed)) for k, v in value.items())
+        pairs = ((k, _state_of(v, distributed, depth + 1)) for k, v in value.items())
         return OrderedDict(pairs) if type(value) is OrderedDict else dict(pairs)
     if (isinstance(value, list) or type(value) is tuple) and _is_trackable(value):
-        items = [_state_of(v, distributed) for v in value]
+        items = [_state_of(v, distributed, depth + 1) for v in value]
         return items if isinstance(value, list) else tuple(items)
     return value if distributed else without_per_rank(value)  # a PerRank in a plain value (a tuple)
 

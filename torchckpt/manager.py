@@ -315,6 +315,7 @@ class CheckpointManager:
         decision = dist_coordinator.decided(call, what, lambda: self._decide(proposal))
         if decision["skip"]:
             return None
+        previous_step = self._last_checkpoint_step
         if decision["step"] is not None:
             self._last_checkpoint_step = decision["step"]
         path = join(self._directory, f"{self._name}-{decision['number']}")
@@ -323,6 +324,8 @@ class CheckpointManager:
                    SaveHooks(after=lambda: self._after_save(name_of(path), decision["metrics"], decision["time"]),
                              adopt=self._adopt))
         except BaseException as e:
+            if self._checkpoint.save_counter != decision["counter"]:  # nothing committed: the interval is not used up
+                self._last_checkpoint_step = previous_step
             self._put_back_forgotten()
             if isinstance(e, AlreadyCommitted):
                 raise CheckpointError(

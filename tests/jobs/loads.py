@@ -74,6 +74,25 @@ def hooked_and_tied(d: Path, rank: int, world: int) -> dict[str, Any]:
     out["tied_unexpected"] = reports[0].unexpected_keys if reports else None
     out["tied_value"] = torch.equal(full(tied.emb.weight), full(untied.emb.weight)) and tied.head.weight is tied.emb.weight
 
+    # probe79 F5: a model and its head tracked apart, restored from where they differ; the head's
+    # one row is all on rank 0, so rank 1's local part is empty: every rank reports the same
+    def headed(seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 1))
+        fully_shard(model[0])
+        fully_shard(model[1])
+        return fully_shard(model)
+
+    model, other = headed(0), headed(5)
+    path = torchckpt.Checkpoint(model=model, head=other[1]).write(d / "headed-fsdp", timeout_secs=TIMEOUT)
+    fresh_headed = headed(2)
+    shared: list[Any] = []
+    record(out, "shared", lambda: shared.append(torchckpt.Checkpoint(model=fresh_headed, head=fresh_headed[1]).read(
+        path, timeout_secs=TIMEOUT).expect_partial().report))
+    out["shared_unexpected"] = shared[0].unexpected_keys if shared else None
+    out["shared_ranks"] = dict(shared[0].ranks) if shared else None
+    out["shared_value"] = torch.equal(full(fresh_headed[1].weight), full(other[1].weight))
+
     (d / "not-a-checkpoint" / "ckpt-7").mkdir(parents=True, exist_ok=True)
     (d / "not-a-checkpoint" / "ckpt-7" / "notes.txt").write_text("keep")
     manager = torchckpt.CheckpointManager(torchckpt.Checkpoint(w=torch.ones(1)), d / "not-a-checkpoint",

@@ -33,7 +33,8 @@ def without_per_rank(value: Any, depth: int = 0) -> Any:
         if not changed:
             return value
         out = copy.copy(value)  # a dict subclass (an OrderedDict, a defaultdict) stays one
-        out.update(changed)
+        for k, v in changed.items():  # assigned: a Counter's own update() would add to its counts
+            out[k] = v
         return out
     if type(value) in (list, tuple):
         items = [without_per_rank(v, depth + 1) for v in value]
@@ -44,8 +45,9 @@ def without_per_rank(value: Any, depth: int = 0) -> Any:
 
 
 # The walks over raw JSON below count every dict and list (a tagged value's payload and each
-# ``@dict`` pair too), so a tree the decoder accepts is at most this deep for them.
-_RAW_DEPTH = 2 * MAX_DEPTH + 2
+# ``@dict`` pair too: a level of pairs is three, its tag's dict, the list of pairs and a pair), so a
+# tree the decoder accepts is at most this deep for them.
+_RAW_DEPTH = 3 * MAX_DEPTH + 3
 
 
 def select_rank(node: Any, rank: int, saved_world: int, path: str = "", depth: int = 0) -> Any:
@@ -84,7 +86,7 @@ def per_rank_paths(node: Any, path: str = "", depth: int = 0) -> Iterator[str]:
             yield path
         elif tag in DICT_TYPES and isinstance(payload, list):
             pairs = [pair for pair in payload if isinstance(pair, list) and len(pair) == 2]
-            keys = [decode(pair[0], None, lambda name: None, path, depth) for pair in pairs]
+            keys = [decode(pair[0], None, lambda name: None, path) for pair in pairs]  # a key, of its own depth
             for (_, value), part in zip(pairs, _distinct_parts(keys)):
                 yield from per_rank_paths(value, join(path, part), depth + 1)
         elif tag == "@tuple":

@@ -132,7 +132,7 @@ def encode(value: Any, path: str, tensors: dict[str, torch.Tensor], ordered: boo
         return _encode_dict(value, path, tensors, ordered, depth)
     if kind is PerRank:  # its tensors are marked as this rank's own: wrapped in PerRank
         inner: dict[str, torch.Tensor] = {}
-        node = {PER_RANK_TAG: encode(value.value, path, inner, ordered, depth + 1)}  # a level of the decoder's
+        node = {PER_RANK_TAG: encode(value.value, path, inner, ordered, depth)}  # a reader takes the wrapper off first
         tensors.update((name, PerRank(t)) for name, t in inner.items())  # type: ignore[misc]
         return node
     if kind in _DICT_TAGS:

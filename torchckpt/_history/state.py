@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from torchckpt import _clock
 from torchckpt._format import document as format_document
 from torchckpt._format import spec, tree
 from torchckpt._paths import join
@@ -237,11 +238,20 @@ def record_latest(directory: str, name: str, storage: Storage) -> None:
 
     This is what ``Checkpoint.save`` does. Unlike TensorFlow's, it keeps a manager's kept and
     preserved lists, so an unmanaged save never orphans a manager's checkpoints; the new
-    checkpoint is not added to them, so no manager will ever delete it.
+    checkpoint is not added to them, so no manager will ever delete it. Where there is no usable
+    state file but the directory holds something besides (a manager's run whose state file was
+    lost or damaged), its history is unknown: the new file's last preserved time is now, so a
+    later manager keeps every checkpoint written before it forever, as one that rebuilds the
+    history does, instead of taking them for its own and deleting them.
     """
     try:
-        state = read_state(directory, storage) or State()
+        state = read_state(directory, storage)
     except StateFileError:
+        state = None
+    if state is None:
         state = State()
+        if any(n not in (name, STATE_FILE, spec.LOCK_FILE) and not spec.is_temporary_name(n)
+               for n in storage.list_names(directory)):
+            state.last_preserved_timestamp = _clock.now()
     state.latest = name
     write_state(directory, state, storage)

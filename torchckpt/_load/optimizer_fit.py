@@ -57,11 +57,14 @@ def problem(obj: torch.optim.Optimizer, current: dict[str, Any], saved: dict[str
 
 
 def cast_dtypes(obj: torch.optim.Optimizer, saved: dict[str, Any], name: str) -> dict[str, torch.dtype]:
-    """The saved per-parameter state ``load_state_dict`` would cast to another dtype, by key: each
-    floating-point parameter's state, but its ``step``, to the parameter's dtype (torch's
-    ``_process_value_according_to_param_policy``). A stepped optimizer's state has those dtypes
+    """The saved per-parameter state ``load_state_dict`` would cast to another dtype, by key: the
+    state each of torch's optimizers keeps element by element (``_ELEMENTWISE``, LBFGS's flat
+    directions) of a floating-point parameter, to the parameter's dtype (torch's
+    ``_process_value_according_to_param_policy``). A stepped optimizer's state has that dtype
     already, and a saved tensor of another is a dtype mismatch; this says the same of a
-    never-stepped one, whose load would cast it silently (float32 moments into a bfloat16 model)."""
+    never-stepped one, whose load would cast it silently (float32 moments into a bfloat16 model).
+    Scalars kept in float32 whatever the parameter (NAdam's ``mu_product``, ASGD's ``eta``) are
+    not compared, as a stepped optimizer's are not."""
     state = saved.get("state")
     if not isinstance(state, dict):
         return {}
@@ -73,9 +76,11 @@ def cast_dtypes(obj: torch.optim.Optimizer, saved: dict[str, Any], name: str) ->
         param = param_of.get(pid)
         if param is None or not isinstance(entry, dict) or not param.is_floating_point():
             continue
-        dtype = param.dtype
-        for key, value in entry.items():
-            if key != "step" and type(key) is str and is_saved(value) and value.dtype != dtype:
+        dtype, shape = param.dtype, tuple(param.shape)
+        for key, value in entry.items():  # the state kept element by element, in the parameter's dtype once stepped;
+            if type(key) is str and is_saved(value) and value.dtype != dtype and (  # not NAdam's float32 mu_product
+                    _lbfgs_shape(key, obj) if isinstance(obj, torch.optim.LBFGS) else
+                    _expected_shape(type(obj).__name__, key, shape)) is not None:
                 found[keypath.join(keypath.join(prefix, keypath.key_part(pid)), keypath.key_part(key))] = dtype
     return found
 

@@ -236,11 +236,11 @@ def _read_module_tensor(dest: torch.Tensor, value: SavedTensor, plan: Plan, own:
     """Schedule the read of a module's parameter or buffer ``dest`` (its key ``own``): in place for
     a DTensor (into its local part) and for a tensor of the module's own memory that its loader
     would copy into (``is_own``, in one of the module's ``storages``); else into a fresh tensor,
-    for ``load_state_dict``. Returns (the address of the storage read into in place, else 0; the
-    fresh tensor, else None)."""
+    for ``load_state_dict``. Returns (where it was read into in place, ``tied.address_of``, else
+    0; the fresh tensor, else None)."""
     if dist_dtensor.is_dtensor(dest):
         _read_into(dest, value, plan, own)
-        return (dist_dtensor.local_storage(dest) if dist_dtensor.local_of(dest).numel() else 0), None
+        return tied.address_of(dest), None
     if dest.numel() and is_own and (address := dest.untyped_storage().data_ptr()) in storages:
         _read_into(dest, value, plan, own)
         return address, None
@@ -343,7 +343,7 @@ def drop_overwritten_across(plan: Plan, tensors: list[tuple[int, str, torch.Tens
         (position.get(name, -1), fed, describe) for name, fed, describe in plan.fed]  # -1: taken back (_once)
     for place, key, t, saved in tensors:
         if t.numel() and not t.is_meta:
-            owners.append((place, [(dist_dtensor.local_storage(t), key)],
+            owners.append((place, [(tied.address_of(t), key)],
                            lambda _, key=key, t=t, saved=saved: tied.Fed(key, key, saved, t)))  # type: ignore[misc]
     owners.sort(key=lambda owner: owner[0])
     count = collections.Counter(address for _, fed, _ in owners for address in {a for a, _ in fed})

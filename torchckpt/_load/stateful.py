@@ -216,9 +216,11 @@ def _structure_problem(obj: Any, current: Any, saved: Any) -> str | None:
         return (f"the checkpoint's 'lr_lambdas' are {_described(saved['lr_lambdas'])}, where this {kind} has "
                 f"{len(current['lr_lambdas'])}, one for each parameter group")
     if loader.startswith("torch.optim."):  # torch's schedulers: a value for each parameter group, zipped with them
-        for key in _PER_GROUP:
+        groups = getattr(getattr(obj, "optimizer", None), "param_groups", None)
+        for key in _PER_GROUP:  # as many as its groups when built, or as its optimizer has now (a group added since)
             now, then = current.get(key), saved.get(key)
-            if isinstance(now, list) and isinstance(then, list) and len(now) != len(then):
+            if isinstance(now, list) and isinstance(then, list) and len(then) != len(now) and not (
+                    isinstance(groups, list) and len(then) == len(groups)):
                 return (f"the checkpoint's {key!r} holds {len(then)} values, one for each parameter group of the "
                         f"optimizer it was saved with, where this {kind}'s has {len(now)}")
     if _loads(obj, *_CHAINS):  # each of its schedulers loads one saved state, in order

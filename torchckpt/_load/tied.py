@@ -33,18 +33,23 @@ class Fed(NamedTuple):
 
 
 def view_of(t: torch.Tensor) -> tuple[Any, ...] | None:
-    """What makes two tensors one: the same memory seen the same way; a DTensor's, its local
-    shard's with its placements (None: no memory yet, as a lazy module's parameter before its
-    first forward pass, or a tensor on the meta device; or none on this rank)."""
+    """What makes two tensors one: the same memory seen the same way (None: no memory yet, as a
+    lazy module's parameter before its first forward pass, or a tensor on the meta device); for a
+    DTensor, the same DTensor, which every rank holds, where its local part may be empty on some:
+    every rank then decides alike (``address_of``)."""
     if torch.nn.parameter.is_lazy(t) or t.is_meta:
         return None
-    placements: Any = None
     if dist_dtensor.is_dtensor(t):
-        placements = tuple(getattr(t, "placements", ()))
-        t = dist_dtensor.local_of(t)
+        return ("dtensor", id(t))
     if not t.numel():
         return None
-    return t.data_ptr(), t.dtype, tuple(t.shape), t.stride(), placements
+    return t.data_ptr(), t.dtype, tuple(t.shape), t.stride(), None
+
+
+def address_of(t: torch.Tensor) -> int:
+    """Where two tensors fed by a restore may be one (``view_of`` decides): a plain tensor's
+    storage; a DTensor itself, the same on every rank whatever its local part."""
+    return id(t) if dist_dtensor.is_dtensor(t) else int(t.untyped_storage().data_ptr())
 
 
 def repeated_views(tensors: Any) -> set[tuple[Any, ...]]:

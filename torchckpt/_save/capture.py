@@ -150,19 +150,22 @@ def capture(state: dict[str, Any], objects: dict[str, str], metadata: dict[str, 
 Nested = Callable[[Any], "dict[str, Any] | None"]  # a nested Checkpoint's tracked values, else None
 
 
-def modules_in(value: Any, nested: Nested, key: str = "") -> list[tuple[str, torch.nn.Module]]:
+def modules_in(value: Any, nested: Nested, key: str = "", depth: int = 0) -> list[tuple[str, torch.nn.Module]]:
     """The modules among tracked values (in nested checkpoints, dicts, lists and tuples too), with
-    the key each is matched by on restore (``_load.match``); other leaves cost a check or two each."""
+    the key each is matched by on restore (``_load.match``); other leaves cost a check or two each.
+    None deeper than a checkpoint stores (a container that holds itself: the encoder refuses it)."""
     if isinstance(value, torch.nn.Module):
         return [(key, value)]
+    if depth > format_tree.MAX_DEPTH:
+        return []
     if isinstance(value, format_tree.PerRank):
-        return modules_in(value.value, nested, key)
+        return modules_in(value.value, nested, key, depth)
     inner = nested(value)
     if inner is not None:
         value = inner
     items: Any = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
     return [m for k, v in items if isinstance(v, _HOLDERS) or nested(v) is not None
-            for m in modules_in(v, nested, keypath.join(key, keypath.key_part(k)))]
+            for m in modules_in(v, nested, keypath.join(key, keypath.key_part(k)), depth + 1)]
 
 
 _HOLDERS = (torch.nn.Module, format_tree.PerRank, dict, list, tuple)  # what may hold a module, besides a Checkpoint
