@@ -82,7 +82,10 @@ class Matcher:
 
     def settle_shared_tensors(self) -> None:
         """After the walk: a tensor two tracked objects share keeps the value of the one planned
-        last (``_load.plan.drop_overwritten_across``)."""
+        last (``_load.plan.drop_overwritten_across``): only where a module was read in place, so a
+        restore of tensors alone (a dict of 20,000) pays nothing for it."""
+        if not self.plan.fed:
+            return
         planned = list(self._planned.values())
         position = {key: i for i, (_, key, _) in enumerate(planned)}
         tensors = [(i, key, obj, saved) for i, (obj, key, saved) in enumerate(planned)
