@@ -625,6 +625,19 @@ def test_a_save_that_wrote_nothing_does_not_use_up_the_interval(tmp_path):
     assert manager.save() is not None
 
 
+def test_the_state_view_lists_every_checkpoint_oldest_first_not_by_number(tmp_path):
+    """probe80 F5: get_checkpoint_state().all was in number order: a run numbered by step and
+    restarted from an older step (or a number replaced) put the newest checkpoint in its middle."""
+    manager = CheckpointManager(ckpt(), tmp_path, max_to_keep=None)
+    for step in (100, 200, 300, 150):
+        manager.save(checkpoint_number=step)
+    manager.close()
+    torchckpt.Checkpoint(w=torch.ones(1)).save(tmp_path / "plain")  # one the state file records no time for
+    state = torchckpt.get_checkpoint_state(tmp_path)
+    assert [os.path.basename(p) for p in state.all] == ["ckpt-100", "ckpt-200", "ckpt-300", "ckpt-150", "plain-1"]
+    assert state.kept == state.all[:4] and state.latest == state.all[-1]
+
+
 def test_missing_state_file_is_rebuilt_with_a_warning(tmp_path):
     manager = CheckpointManager(ckpt(), tmp_path, max_to_keep=3)
     manager.save()

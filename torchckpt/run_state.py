@@ -29,7 +29,8 @@ class CheckpointState:
 
     Attributes:
         latest: the newest committed checkpoint, or None.
-        all: every committed numbered checkpoint on disk, oldest (lowest number) first.
+        all: every committed numbered checkpoint on disk, oldest first (by the times the state
+            file or, for one it does not record, its index records; then by number).
         kept: those a manager keeps and may delete later, oldest first.
         preserved: those kept forever (``keep_checkpoint_every_n_hours``, or in doubt).
         best: the checkpoint (kept or preserved) with the best ``best_metric`` the manager recorded, or None.
@@ -86,7 +87,8 @@ def get_checkpoint_state(directory: str | os.PathLike[str], *,
                if e.metrics and history_members.is_member(root, e.name, storage)}
     return CheckpointState(
         latest=latest,
-        all=[join(root, n) for n in members],
+        all=[join(root, n) for n in history_members.oldest_first(root, members, {
+            e.name: e.timestamp for e in [*state.checkpoints, *state.preserved] if e.timestamp is not None}, storage)],
         kept=paths(kept),
         preserved=paths(state.preserved),
         best=join(root, best.name) if best is not None else None,

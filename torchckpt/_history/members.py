@@ -184,6 +184,23 @@ def written_last(directory: str, members: Sequence[str], storage: Storage) -> st
     return max(members, key=written)
 
 
+def oldest_first(directory: str, members: Sequence[str], recorded: dict[str, float], storage: Storage) -> list[str]:
+    """``members`` in the order they were committed: by the time a manager's state file records
+    for each (``recorded``), else by the time its index records (as :func:`written_last` ranks
+    them, reading only those indexes), then number. A run numbered by step and restarted from an
+    older step, or a number replaced, is not in number order."""
+    def written(name: str) -> tuple[float, int]:
+        when = recorded.get(name)
+        if when is None:
+            path = join(directory, name, spec.INDEX_FILE)
+            modified = storage.mtime(path)
+            created = _created(path, modified, storage)
+            when = modified if created is None else created
+        return when, number_of(name) or 0
+
+    return sorted(members, key=written)
+
+
 _CREATED: dict[tuple[str, float], float | None] = {}  # (index path, its file's time) -> its created time
 _CREATED_LIMIT = 32768  # a directory of more checkpoints would read every index at every poll
 _CREATED_LOCK = threading.Lock()
