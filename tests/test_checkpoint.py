@@ -56,6 +56,9 @@ def test_a_new_checkpoint_never_saves_over_a_committed_one_but_a_rollback_does(t
     assert info.value.errno == errno.EEXIST and fresh.save_counter == 0
     assert torchckpt.load_state(first)["epoch"] == 10 and sorted(os.listdir(tmp_path)) == [
         "checkpoints.json", "ckpt-1", "ckpt-2"]
+    os.makedirs(tmp_path / "left" / "ckpt-1")  # what a killed first save may leave: no index, nothing to restore
+    (tmp_path / "left" / "ckpt-1" / "model-00001-of-00001.safetensors").write_bytes(b"partial")
+    assert torchckpt.Checkpoint(w=torch.ones(2)).save(tmp_path / "left" / "ckpt") == os.path.join(tmp_path, "left", "ckpt-1")
     fresh.restore(first).assert_consumed()  # a rollback to ckpt-1: its next save replaces the abandoned ckpt-2
     fresh.epoch = 11
     assert fresh.save(tmp_path / "ckpt") == second and torchckpt.load_state(second)["epoch"] == 11

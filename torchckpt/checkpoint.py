@@ -34,7 +34,7 @@ from torchckpt._save import capture as save_capture
 from torchckpt._save import saver
 from torchckpt._save.background import AsyncWriter  # imported with the package: its exit hook must be registered early
 from torchckpt._save.options import FailedAfterCommit, SaveHooks, SaveOptions, save_arguments
-from torchckpt._storage.base import AlreadyCommitted, Storage
+from torchckpt._storage.base import Storage
 from torchckpt._storage.registry import storage_for
 from torchckpt.errors import CheckpointNotFoundError, CheckpointWriteError
 from torchckpt.restore import RestoreStatus
@@ -284,10 +284,9 @@ class Checkpoint:
         with coord.failures_shared():
             storage = storage_for(prefix, storage_options)
             self.wait_until_finished()  # one write in flight; raises a previous background failure
-            fresh = not self._counted_on
-            if fresh and (storage.exists(path) or storage.is_dir(path)):
-                raise _number_taken(path, self._save_counter)
-            options = SaveOptions.checked(number, max_shard_size, progress, metadata, async_save, replace=not fresh)
+            if not self._counted_on and storage.is_file(join(path, spec.INDEX_FILE)):  # a committed one, damaged or
+                raise _number_taken(path, self._save_counter)  # not (what a killed writer left is replaced, as before)
+            options = SaveOptions.checked(number, max_shard_size, progress, metadata, async_save)
 
             committed: list[bool] = []  # the write was committed (its record may fail): the number is taken
 
@@ -303,11 +302,9 @@ class Checkpoint:
 
             try:
                 saver.save(self._source(), storage, path, coord, options, SaveHooks(after=record, adopt=committed.append))
-            except BaseException as e:
+            except BaseException:
                 if committed:  # a retry must not write over the committed one
                     object.__setattr__(self, "_save_counter", number)
-                elif isinstance(e, AlreadyCommitted):  # committed there by someone else while it was written
-                    raise _number_taken(path, self._save_counter) from None
                 raise
         object.__setattr__(self, "_save_counter", number)  # the write was accepted
         return path

@@ -73,9 +73,18 @@ def hooked_and_tied(d: Path, rank: int, world: int) -> dict[str, Any]:
         path, timeout_secs=TIMEOUT).expect_partial().report))
     out["tied_unexpected"] = reports[0].unexpected_keys if reports else None
     out["tied_value"] = torch.equal(full(tied.emb.weight), full(untied.emb.weight)) and tied.head.weight is tied.emb.weight
+    # probe81: a state-dict hook makes state_dict() hand out a new detached DTensor for each key:
+    # the tie is the same local memory, not the same object
+    hooked_tied = fully_shard(Tower(1, tie=True))
+    hooked_tied._register_state_dict_hook(lambda module, state, prefix, metadata: None)
+    reports.clear()
+    record(out, "hooked_tied", lambda: reports.append(torchckpt.Checkpoint(model=hooked_tied).read(
+        path, timeout_secs=TIMEOUT).expect_partial().report))
+    out["hooked_tied_unexpected"] = reports[0].unexpected_keys if reports else None
+    out["hooked_tied_value"] = torch.equal(full(hooked_tied.emb.weight), full(untied.emb.weight))
 
     # probe79 F5: a model and its head tracked apart, restored from where they differ; the head's
-    # one row is all on rank 0, so rank 1's local part is empty: every rank reports the same
+    # one row is all on rank 0, so rank 1's local part is empty (and reads nothing)
     def headed(seed: int) -> torch.nn.Module:
         torch.manual_seed(seed)
         model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 1))

@@ -342,8 +342,8 @@ def drop_overwritten_across(plan: Plan, tensors: list[tuple[int, str, torch.Tens
     owners: list[tuple[int, list[tuple[int, str]], Callable[[str], tied.Fed]]] = [
         (position.get(name, -1), fed, describe) for name, fed, describe in plan.fed]  # -1: taken back (_once)
     for place, key, t, saved in tensors:
-        if t.numel() and not t.is_meta:
-            owners.append((place, [(tied.address_of(t), key)],
+        if not t.is_meta and (address := tied.address_of(t)):
+            owners.append((place, [(address, key)],
                            lambda _, key=key, t=t, saved=saved: tied.Fed(key, key, saved, t)))  # type: ignore[misc]
     owners.sort(key=lambda owner: owner[0])
     count = collections.Counter(address for _, fed, _ in owners for address in {a for a, _ in fed})

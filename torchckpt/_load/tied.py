@@ -33,23 +33,26 @@ class Fed(NamedTuple):
 
 
 def view_of(t: torch.Tensor) -> tuple[Any, ...] | None:
-    """What makes two tensors one: the same memory seen the same way (None: no memory yet, as a
-    lazy module's parameter before its first forward pass, or a tensor on the meta device); for a
-    DTensor, the same DTensor, which every rank holds, where its local part may be empty on some:
-    every rank then decides alike (``address_of``)."""
+    """What makes two tensors one: the same memory seen the same way; a DTensor's, its local
+    shard's with its placements (None: no memory yet, as a lazy module's parameter before its
+    first forward pass, or a tensor on the meta device; or none on this rank). Not the tensor
+    object: a module with a state-dict hook hands out a new detached one for each key."""
     if torch.nn.parameter.is_lazy(t) or t.is_meta:
         return None
+    placements: Any = None
     if dist_dtensor.is_dtensor(t):
-        return ("dtensor", id(t))
+        placements = tuple(getattr(t, "placements", ()))
+        t = dist_dtensor.local_of(t)
     if not t.numel():
         return None
-    return t.data_ptr(), t.dtype, tuple(t.shape), t.stride(), None
+    return t.data_ptr(), t.dtype, tuple(t.shape), t.stride(), placements
 
 
 def address_of(t: torch.Tensor) -> int:
-    """Where two tensors fed by a restore may be one (``view_of`` decides): a plain tensor's
-    storage; a DTensor itself, the same on every rank whatever its local part."""
-    return id(t) if dist_dtensor.is_dtensor(t) else int(t.untyped_storage().data_ptr())
+    """Where two tensors fed by a restore may be one (``view_of`` decides): the storage of a
+    tensor's memory, a DTensor's local part's; 0 where this rank holds none of it."""
+    local = dist_dtensor.local_of(t) if dist_dtensor.is_dtensor(t) else t
+    return int(local.untyped_storage().data_ptr()) if local.numel() else 0
 
 
 def repeated_views(tensors: Any) -> set[tuple[Any, ...]]:
