@@ -59,6 +59,14 @@ def test_a_new_checkpoint_never_saves_over_a_committed_one_but_a_rollback_does(t
     os.makedirs(tmp_path / "left" / "ckpt-1")  # what a killed first save may leave: no index, nothing to restore
     (tmp_path / "left" / "ckpt-1" / "model-00001-of-00001.safetensors").write_bytes(b"partial")
     assert torchckpt.Checkpoint(w=torch.ones(2)).save(tmp_path / "left" / "ckpt") == os.path.join(tmp_path, "left", "ckpt-1")
+    (tmp_path / "mine-1").write_bytes(b"a user's file")  # probe82: a file is never replaced either
+    with pytest.raises(torchckpt.CheckpointWriteError, match=r"mine-1: a file is there, not a checkpoint"):
+        torchckpt.Checkpoint(w=torch.ones(2)).save(tmp_path / "mine")
+    (tmp_path / "theirs-1").mkdir()  # nor a folder of someone's files, index.json or not: the saver's refusal
+    (tmp_path / "theirs-1" / "index.json").write_text("{}")
+    with pytest.raises(torchckpt.CheckpointWriteError, match=r"theirs-1 is a folder of other files \(index.json\)"):
+        torchckpt.Checkpoint(w=torch.ones(2)).save(tmp_path / "theirs")
+    assert (tmp_path / "mine-1").read_bytes() == b"a user's file" and os.listdir(tmp_path / "theirs-1") == ["index.json"]
     fresh.restore(first).assert_consumed()  # a rollback to ckpt-1: its next save replaces the abandoned ckpt-2
     fresh.epoch = 11
     assert fresh.save(tmp_path / "ckpt") == second and torchckpt.load_state(second)["epoch"] == 11

@@ -485,6 +485,36 @@ class _MyAdam(torch.optim.Adam):
     pass
 
 
+class _Float32Moments(torch.optim.Adam):
+    """A step of its own that keeps its moments in float32 for bfloat16 parameters."""
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[no-untyped-def,override]
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32)
+                state["step"] += 1
+                state["exp_avg"].mul_(0.9).add_(p.grad.float(), alpha=0.1)
+                p.sub_((group["lr"] * state["exp_avg"]).to(p.dtype))
+
+
+def test_an_optimizer_with_a_step_of_its_own_is_not_compared_by_torchs_dtypes(tmp_path):
+    """probe82: an optimizer keeping float32 state for bfloat16 parameters was skipped as a dtype
+    mismatch when never stepped, and restored when stepped."""
+    model = torch.nn.Linear(4, 3).to(torch.bfloat16)
+    opt = _Float32Moments(model.parameters(), lr=0.1)
+    model(torch.ones(2, 4, dtype=torch.bfloat16)).sum().backward()
+    opt.step()
+    path = torchckpt.Checkpoint(opt=opt).write(tmp_path / "c")
+    fresh = _Float32Moments(torch.nn.Linear(4, 3).to(torch.bfloat16).parameters(), lr=0.1)
+    status = torchckpt.Checkpoint(opt=fresh).read(path)
+    status.assert_consumed()  # loaded as torch.load + load_state_dict would load it (torch casts it then)
+    assert not status.report.dtype_mismatches
+
+
 @pytest.mark.parametrize("stepped", [False, True], ids=["never-stepped", "stepped"])
 def test_optimizer_state_of_another_dtype_is_a_dtype_mismatch_whether_or_not_the_optimizer_stepped(tmp_path, stepped):
     """probe78 F3: a never-stepped optimizer took float32 moments into a bfloat16 model, cast by

@@ -23,6 +23,7 @@ from torchckpt._dist.coordinator import AnyCoordinator
 from torchckpt._format import keypath, spec
 from torchckpt._format import tree as format_tree
 from torchckpt._format.per_rank import without_per_rank
+from torchckpt._history import members as history_members
 from torchckpt._history import state as history_state
 from torchckpt._load import loaders, restorer
 from torchckpt._load.match import Tracking, is_stateful
@@ -284,8 +285,8 @@ class Checkpoint:
         with coord.failures_shared():
             storage = storage_for(prefix, storage_options)
             self.wait_until_finished()  # one write in flight; raises a previous background failure
-            if not self._counted_on and storage.is_file(join(path, spec.INDEX_FILE)):  # a committed one, damaged or
-                raise _number_taken(path, self._save_counter)  # not (what a killed writer left is replaced, as before)
+            if not self._counted_on:  # a committed checkpoint there is another run's; what a killed writer left is
+                _check_number_free(storage, path, self._save_counter)  # replaced, as before
             options = SaveOptions.checked(number, max_shard_size, progress, metadata, async_save)
 
             committed: list[bool] = []  # the write was committed (its record may fail): the number is taken
@@ -419,6 +420,17 @@ class Checkpoint:
     def _set_save_counter(self, value: int) -> None:
         object.__setattr__(self, "_save_counter", int(value))
         object.__setattr__(self, "_counted_on", True)
+
+
+def _check_number_free(storage: Storage, path: str, counter: int) -> None:
+    """Refuse a save of a never-restored Checkpoint to ``path`` where a checkpoint is (its sealed
+    index: a folder of someone's files gets the saver's own refusal) or a file."""
+    if storage.is_file(path):
+        raise CheckpointWriteError(
+            f"Cannot save {path}: a file is there, not a checkpoint, and save() never replaces one. Move it away, or "
+            "save under another prefix.", path, FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path))
+    if history_members.has_sealed_index(path, storage):
+        raise _number_taken(path, counter)
 
 
 def _number_taken(path: str, counter: int) -> CheckpointWriteError:

@@ -64,16 +64,19 @@ def cast_dtypes(obj: torch.optim.Optimizer, saved: dict[str, Any], name: str) ->
     already, and a saved tensor of another is a dtype mismatch; this says the same of a
     never-stepped one, whose load would cast it silently (float32 moments into a bfloat16 model).
     Scalars kept in float32 whatever the parameter (NAdam's ``mu_product``, ASGD's ``eta``) are
-    not compared, as a stepped optimizer's are not. A subclass of one of torch's optimizers is
-    known by it; another optimizer that loads as torch's does, by the state shaped like its
-    parameter."""
+    not compared, as a stepped optimizer's are not. A subclass of one of torch's optimizers that
+    keeps its step is known by it; another optimizer (a step of its own) is not compared: its
+    state may be of any dtype once it stepped too."""
     state = saved.get("state")
     if not isinstance(state, dict):
         return {}
     param_of = {pid: p for group, mine in zip(saved["param_groups"], obj.param_groups)
                 for pid, p in zip(group["params"], mine["params"]) if type(pid) in (int, str)}
-    kind = next((c.__name__ for c in type(obj).__mro__  # a subclass of one of torch's steps as it does
-                 if c.__module__.startswith("torch.optim") and c.__name__ in _ELEMENTWISE), None)
+    base = next((c for c in type(obj).__mro__  # a subclass that steps as one of torch's does
+                 if c.__module__.startswith("torch.optim") and (c.__name__ in _ELEMENTWISE or c is torch.optim.LBFGS)), None)
+    if base is None or type(obj).step is not getattr(base, "step", None):  # a step of its own: any dtype
+        return {}
+    kind = base.__name__
     found: dict[str, torch.dtype] = {}
     prefix = keypath.join(name, "state")
     for pid, entry in state.items():
@@ -83,9 +86,7 @@ def cast_dtypes(obj: torch.optim.Optimizer, saved: dict[str, Any], name: str) ->
         dtype, shape = param.dtype, tuple(param.shape)
         for key, value in entry.items():  # the state kept element by element, in the parameter's dtype once stepped;
             if type(key) is str and is_saved(value) and value.dtype != dtype and (  # not NAdam's float32 mu_product
-                    _lbfgs_shape(key, obj) if isinstance(obj, torch.optim.LBFGS) else
-                    _expected_shape(kind, key, shape) if kind is not None else  # another optimizer: state shaped
-                    (shape if shape and tuple(value.shape) == shape else None)) is not None:  # like its parameter
+                    _lbfgs_shape(key, obj) if kind == "LBFGS" else _expected_shape(kind, key, shape)) is not None:
                 found[keypath.join(keypath.join(prefix, keypath.key_part(pid)), keypath.key_part(key))] = dtype
     return found
 
