@@ -9,7 +9,6 @@ with its full key path, before anything is written.
 
 from __future__ import annotations
 
-import errno
 import os
 from collections import OrderedDict
 from collections.abc import Callable
@@ -37,7 +36,7 @@ from torchckpt._save.background import AsyncWriter  # imported with the package:
 from torchckpt._save.options import FailedAfterCommit, SaveHooks, SaveOptions, save_arguments
 from torchckpt._storage.base import Storage
 from torchckpt._storage.registry import storage_for
-from torchckpt.errors import CheckpointNotFoundError, CheckpointWriteError
+from torchckpt.errors import CheckpointNotFoundError
 from torchckpt.restore import RestoreStatus
 from torchckpt.rng import RNGState
 
@@ -286,7 +285,7 @@ class Checkpoint:
             storage = storage_for(prefix, storage_options)
             self.wait_until_finished()  # one write in flight; raises a previous background failure
             if not self._counted_on:  # a committed checkpoint there is another run's; what a killed writer left is
-                _check_number_free(storage, path, self._save_counter)  # replaced, as before
+                history_members.refuse_taken_number(storage, path, self._save_counter)  # replaced, as before
             options = SaveOptions.checked(number, max_shard_size, progress, metadata, async_save)
 
             committed: list[bool] = []  # the write was committed (its record may fail): the number is taken
@@ -420,26 +419,6 @@ class Checkpoint:
     def _set_save_counter(self, value: int) -> None:
         object.__setattr__(self, "_save_counter", int(value))
         object.__setattr__(self, "_counted_on", True)
-
-
-def _check_number_free(storage: Storage, path: str, counter: int) -> None:
-    """Refuse a save of a never-restored Checkpoint to ``path`` where a checkpoint is (its sealed
-    index: a folder of someone's files gets the saver's own refusal) or a file."""
-    if storage.is_file(path):
-        raise CheckpointWriteError(
-            f"Cannot save {path}: a file is there, not a checkpoint, and save() never replaces one. Move it away, or "
-            "save under another prefix.", path, FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path))
-    if history_members.has_sealed_index(path, storage):
-        raise _number_taken(path, counter)
-
-
-def _number_taken(path: str, counter: int) -> CheckpointWriteError:
-    return CheckpointWriteError(
-        f"Cannot save {path}: it exists, and this Checkpoint's save_counter was never restored, so save() does not "
-        f"replace it (its count, {counter}, numbers its next save {counter + 1}: it is not the run that saved there). "
-        f"Restore first (ckpt.restore({parent_of(path)!r})) to go on from that run's count, save under another "
-        "prefix, or replace that checkpoint on purpose with write(path); a CheckpointManager numbers past the "
-        "checkpoints it finds.", path, FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path))
 
 
 def _checked_base(storage: Storage, base: str, path: str) -> str:

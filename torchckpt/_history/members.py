@@ -390,3 +390,21 @@ def is_being_replaced(path: str, storage: Storage, now: float) -> bool:
 def sibling(path: str, name: str) -> str:
     """``name`` next to ``path``, written as the user wrote ``path`` (relative stays relative)."""
     return join(parent_of(path), name) if is_url(path) else os.path.join(os.path.dirname(path), name)
+
+
+def refuse_taken_number(storage: Storage, path: str, counter: int) -> None:
+    """A save of a never-restored ``Checkpoint`` (``save_counter`` ``counter``, counting from 0)
+    replaces no checkpoint at its number ``path`` (a sealed index: a folder of someone's files gets
+    the saver's own refusal) and no file there: ``CheckpointWriteError`` (``errno.EEXIST``)."""
+    exists = FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path)
+    if storage.is_file(path):
+        raise CheckpointWriteError(
+            f"Cannot save {path}: a file is there, not a checkpoint, and save() never replaces one. Move it away, or "
+            "save under another prefix.", path, exists)
+    if has_sealed_index(path, storage):
+        raise CheckpointWriteError(
+            f"Cannot save {path}: it exists, and this Checkpoint's save_counter was never restored, so save() does "
+            f"not replace it (its count, {counter}, numbers its next save {counter + 1}: it is not the run that saved "
+            f"there). Restore first (ckpt.restore({parent_of(path)!r})) to go on from that run's count, save under "
+            "another prefix, or replace that checkpoint on purpose with write(path); a CheckpointManager numbers past "
+            "the checkpoints it finds.", path, exists)

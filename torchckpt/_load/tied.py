@@ -52,7 +52,7 @@ def address_of(t: torch.Tensor) -> int:
     """Where two tensors fed by a restore may be one (``view_of`` decides): the storage of a
     tensor's memory, a DTensor's local part's; 0 where this rank holds none of it."""
     local = dist_dtensor.local_of(t) if dist_dtensor.is_dtensor(t) else t
-    return int(local.untyped_storage().data_ptr()) if local.numel() else 0
+    return dist_dtensor.local_storage(t) if local.numel() else 0
 
 
 def repeated_views(tensors: Any) -> set[tuple[Any, ...]]:
