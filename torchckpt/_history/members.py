@@ -175,13 +175,15 @@ def written_last(directory: str, members: Sequence[str], storage: Storage) -> st
     file names the latest. A member whose index cannot be read (damaged, or gone meanwhile) ranks
     by its file's time: the latest when it is the newest file, so that a restore meets the damage
     and says so as it falls back, as it would with a state file."""
-    def written(name: str) -> tuple[float, int]:
-        path = join(directory, name, spec.INDEX_FILE)
-        modified = storage.mtime(path)
-        created = _created(path, modified, storage)
-        return modified if created is None else created, number_of(name) or 0
+    return max(members, key=lambda name: (_written_time(directory, name, storage), number_of(name) or 0))
 
-    return max(members, key=written)
+
+def _written_time(directory: str, name: str, storage: Storage) -> float:
+    """When the member ``name`` was committed: the time its index records, else its file's."""
+    path = join(directory, name, spec.INDEX_FILE)
+    modified = storage.mtime(path)
+    created = _created(path, modified, storage)
+    return modified if created is None else created
 
 
 def oldest_first(directory: str, members: Sequence[str], recorded: dict[str, float], storage: Storage) -> list[str]:
@@ -191,12 +193,7 @@ def oldest_first(directory: str, members: Sequence[str], recorded: dict[str, flo
     older step, or a number replaced, is not in number order."""
     def written(name: str) -> tuple[float, int]:
         when = recorded.get(name)
-        if when is None:
-            path = join(directory, name, spec.INDEX_FILE)
-            modified = storage.mtime(path)
-            created = _created(path, modified, storage)
-            when = modified if created is None else created
-        return when, number_of(name) or 0
+        return (_written_time(directory, name, storage) if when is None else when), number_of(name) or 0
 
     return sorted(members, key=written)
 

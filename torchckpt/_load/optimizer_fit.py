@@ -40,8 +40,7 @@ def problem(obj: torch.optim.Optimizer, current: dict[str, Any], saved: dict[str
     and each parameter's state every key its step reads (``_step_problem``)."""
     state = saved.get("state")
     if isinstance(state, dict):
-        param_of = {pid: p for group, mine in zip(saved["param_groups"], obj.param_groups)
-                    for pid, p in zip(group["params"], mine["params"]) if type(pid) in (int, str)}
+        param_of = _params_by_id(obj, saved)
         for pid, entry in state.items():
             param = param_of.get(pid)
             if param is None or not isinstance(entry, dict):
@@ -70,8 +69,7 @@ def cast_dtypes(obj: torch.optim.Optimizer, saved: dict[str, Any], name: str) ->
     state = saved.get("state")
     if not isinstance(state, dict):
         return {}
-    param_of = {pid: p for group, mine in zip(saved["param_groups"], obj.param_groups)
-                for pid, p in zip(group["params"], mine["params"]) if type(pid) in (int, str)}
+    param_of = _params_by_id(obj, saved)
     base = next((c for c in type(obj).__mro__  # a subclass that steps as one of torch's does
                  if c.__module__.startswith("torch.optim") and (c.__name__ in _ELEMENTWISE or c is torch.optim.LBFGS)), None)
     if base is None or type(obj).step is not getattr(base, "step", None):  # a step of its own: any dtype
@@ -89,6 +87,12 @@ def cast_dtypes(obj: torch.optim.Optimizer, saved: dict[str, Any], name: str) ->
                     _lbfgs_shape(key, obj) if kind == "LBFGS" else _expected_shape(kind, key, shape)) is not None:
                 found[keypath.join(keypath.join(prefix, keypath.key_part(pid)), keypath.key_part(key))] = dtype
     return found
+
+
+def _params_by_id(obj: torch.optim.Optimizer, saved: dict[str, Any]) -> dict[Any, torch.Tensor]:
+    """Each saved parameter id -> the optimizer's parameter at its place (groups of equal sizes)."""
+    return {pid: p for group, mine in zip(saved["param_groups"], obj.param_groups)
+            for pid, p in zip(group["params"], mine["params"]) if type(pid) in (int, str)}
 
 
 def _expected_shape(kind: str, key: str, shape: tuple[int, ...]) -> tuple[int, ...] | None:
