@@ -151,6 +151,9 @@ KEY_PARTS = {
     "None": ({None: 0, "None": 1}, {None: 5, "None": 1}, ["~ cfg/None  0 -> 5"]),
     "True": ({True: 0, "True": 1}, {True: 0, "True": 5}, ["~ cfg/'True'  1 -> 5"]),
     "key-type-changed": ({"1": "x"}, {1: "x"}, ["~ cfg/'1'  'x' -> (absent)", "~ cfg/1  (absent) -> 'x'"]),
+    # probe77 F2: '1' quoted is "'1'"'s plain spelling; before, a swap of both keys' values and order was no change
+    "quote-in-key": ({1: "x", "1": "y", "'1'": "z"}, {1: "x", "'1'": "y", "1": "z"},
+                     ["~ cfg/'1'  'y' -> 'z'", "~ cfg/\"'1'\"  'z' -> 'y'"]),
 }
 
 

@@ -56,6 +56,15 @@ def test_get_value_tells_apart_keys_of_one_spelling_as_diff_shows_them(tmp_path)
         reader.get_value("cfg/2")
 
 
+@pytest.mark.parametrize("cfg", [{1: "int", "1": "str", "'1'": "quoted"}, {"'1'": "quoted", 1: "int", "1": "str"}],
+                         ids=["quoted-key-last", "quoted-key-first"])
+def test_get_value_names_a_key_spelled_with_quotes_as_diff_does_whatever_the_order(tmp_path, cfg):
+    """probe77 F2: beside ``1``, ``"1"`` is asked for as ``'1'``, the plain spelling of ``"'1'"``; which
+    key it gave depended on the dict's order. A str key that starts with a quote is quoted there too."""
+    reader = torchckpt.load_checkpoint(torchckpt.Checkpoint(cfg=cfg).write(tmp_path / "c"))
+    assert [reader.get_value(k) for k in ("cfg/1", "cfg/'1'", "cfg/\"'1'\"")] == ["int", "str", "quoted"]
+
+
 def test_module_functions(saved, mlp):
     pairs = torchckpt.list_variables(saved)
     assert pairs == sorted(pairs) and ("model/0.bias", torch.Size([8])) in pairs

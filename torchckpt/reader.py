@@ -414,14 +414,13 @@ class CheckpointReader:
         for part in key.split(keypath.SEP) if key else []:
             if isinstance(node, dict):
                 # 1 and "1" share a part: the str key is then asked for quoted ('1'), as diff shows it
-                matches = [k for k in node if keypath.key_part(k) == part]
-                matches = ([k for k in matches if type(k) is not str] if len(matches) > 1 else matches) or \
-                    [k for k in node if type(k) is str and repr(k) == part]
-                if len(matches) != 1:
-                    raise KeyError(f"{key!r} is not in the state of {self.path}" if not matches else
-                                   f"{key!r} is ambiguous in the state of {self.path}: {part!r} names its keys "
-                                   f"{', '.join(map(repr, matches))}.")
-                node = node[matches[0]]
+                spelled = dict(zip(keypath.distinct_parts(list(node)), node))
+                for k in (k for k in node if type(k) is str):  # also asked for quoted, or not, where no other key is
+                    for other in (keypath.escape_part(repr(k)), keypath.key_part(k)):
+                        spelled.setdefault(other, k)
+                if part not in spelled:
+                    raise KeyError(f"{key!r} is not in the state of {self.path}")
+                node = node[spelled[part]]
             elif isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
                 node = node[int(part)]
             else:

@@ -569,6 +569,15 @@ class Interrupts:
         pass
 
 
+def wait_for(condition: Callable[[], bool], timeout: float = 30) -> None:
+    """Return once ``condition()`` holds; raise TimeoutError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout} s for {condition}")
+        time.sleep(0.01)
+
+
 def ended(call: Callable[[], object]) -> tuple[str, float]:
     """What ``call`` ended with (a line: "no error", "KeyboardInterrupt" or the CheckpointError), and
     how long it took."""
@@ -634,11 +643,15 @@ def interrupted_on_one_rank(d: Path, rank: int, world: int) -> dict:
              "sending": lambda: ema.read(d / "interrupted-ema", timeout_secs=TIMEOUT,  # refused on rank 1 alone
                                          storage_options={"anon": True} if rank == 1 else None)}
     for name, call in calls.items():
-        if rank == 0:  # the async save stays in flight for 2 s
-            disk.before("stage.commit", lambda *args: time.sleep(2), times=1)
+        started = d / f"interrupted-{name}-started"
+        if rank == 0:  # the async save stays in flight 2 s after rank 1's call began (before: 2 s from the commit,
+            # which a loaded machine could spend before rank 1's call began: it then completed, "no error")
+            disk.before("stage.commit", lambda *args, started=started: (wait_for(started.exists), time.sleep(2)),
+                        times=1)
         mgr.save()
         if rank == 1:
             threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+            started.touch()
         out[name], out[f"{name}_seconds"] = ended(call)
     mgr.wait_until_finished()
     out["async_checkpoints"] = [os.path.basename(p) for p in mgr.checkpoints]

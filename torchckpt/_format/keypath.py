@@ -8,7 +8,8 @@ the tracked objects' by their flattened key paths (:func:`leaves`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import collections
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 SEP = "/"
@@ -43,6 +44,28 @@ def key_part(key: Any) -> str:
     if isinstance(key, int) and not isinstance(key, bool):
         return str(key)
     return escape_part(repr(key))
+
+
+def distinct_parts(keys: Sequence[Any], shared: Collection[str] | None = None) -> list[str]:
+    """One part for each key of a dict, as ``diff`` and :meth:`CheckpointReader.get_value` spell them.
+
+    A str key whose part is also another key's (``"1"`` beside ``1``) is quoted (``'1'``); in such
+    a dict every str key whose part starts with a quote is quoted too (``"'1'"``), so that a quoted
+    part names one key whatever the order. A part seen before gets ``#2`` (a second NaN).
+    ``shared``: the parts to quote (``diff`` passes those of both checkpoints); by default those
+    that two of ``keys`` share.
+    """
+    parts = [key_part(k) for k in keys]
+    if shared is None:
+        shared = {p for p, n in collections.Counter(parts).items() if n > 1}
+    seen: dict[str, int] = {}
+    out = []
+    for key, part in zip(keys, parts):
+        if type(key) is str and (part in shared or shared and part.startswith(("'", '"'))):
+            part = escape_part(repr(key))
+        seen[part] = count = seen.get(part, 0) + 1
+        out.append(part if count == 1 else f"{part}#{count}")
+    return out
 
 
 def join(prefix: str, part: str) -> str:

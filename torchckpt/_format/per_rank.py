@@ -11,12 +11,11 @@ of the tree (:func:`select_rank`), and the key paths of the per-rank values
 
 from __future__ import annotations
 
-import collections
 import copy
 from collections.abc import Iterator
 from typing import Any
 
-from torchckpt._format.keypath import escape_part, join, key_part
+from torchckpt._format.keypath import distinct_parts, escape_part, join
 from torchckpt._format.tree import DICT_TYPES, MAX_DEPTH, PER_RANK_TAG, TAG, MissingPerRank, PerRank, corrupt_at, decode
 
 
@@ -87,7 +86,7 @@ def per_rank_paths(node: Any, path: str = "", depth: int = 0) -> Iterator[str]:
         elif tag in DICT_TYPES and isinstance(payload, list):
             pairs = [pair for pair in payload if isinstance(pair, list) and len(pair) == 2]
             keys = [decode(pair[0], None, lambda name: None, path) for pair in pairs]  # a key, of its own depth
-            for (_, value), part in zip(pairs, _distinct_parts(keys)):
+            for (_, value), part in zip(pairs, distinct_parts(keys)):
                 yield from per_rank_paths(value, join(path, part), depth + 1)
         elif tag == "@tuple":
             yield from per_rank_paths(payload, path, depth + 1)
@@ -97,18 +96,3 @@ def per_rank_paths(node: Any, path: str = "", depth: int = 0) -> Iterator[str]:
     elif isinstance(node, list):
         for i, v in enumerate(node):
             yield from per_rank_paths(v, join(path, str(i)), depth + 1)
-
-
-def _distinct_parts(keys: list[Any]) -> list[str]:
-    """The keys' name parts, as ``diff`` spells them: a str key whose part another key of the dict
-    shares is quoted (``'1'`` beside ``1``), and a part seen before gets ``#2`` (a second NaN)."""
-    parts = [key_part(k) for k in keys]
-    shared = {p for p, n in collections.Counter(parts).items() if n > 1}
-    seen: dict[str, int] = {}
-    out = []
-    for key, part in zip(keys, parts):
-        if type(key) is str and part in shared:
-            part = escape_part(repr(key))
-        seen[part] = count = seen.get(part, 0) + 1
-        out.append(part if count == 1 else f"{part}#{count}")
-    return out

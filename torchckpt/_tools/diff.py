@@ -116,13 +116,9 @@ def _leaves(value: Any, prefix: str, path: str, quoted: set[tuple[str, str]], ou
     if prefix and (isinstance(value, (Mapping, list)) or type(value) is tuple and not all(map(_is_scalar, value))):
         out[prefix] = _Container(type(value).__name__, empty=not value)  # an empty one that fills up is no change
     if isinstance(value, Mapping) and value:
-        seen: dict[str, int] = {}
-        for k, v in value.items():
-            plain = keypath.key_part(k)
-            part = keypath.escape_part(repr(k)) if type(k) is str and (path, plain) in quoted else plain
-            seen[part] = count = seen.get(part, 0) + 1
-            _leaves(v, keypath.join(prefix, part if count == 1 else f"{part}#{count}"), keypath.join(path, plain),
-                    quoted, out)
+        shared = {part for where, part in quoted if where == path}
+        for (k, v), part in zip(value.items(), keypath.distinct_parts(list(value), shared)):
+            _leaves(v, keypath.join(prefix, part), keypath.join(path, keypath.key_part(k)), quoted, out)
     elif isinstance(value, list) and value or type(value) is tuple and not all(map(_is_scalar, value)):
         for i, v in enumerate(value):
             _leaves(v, keypath.join(prefix, str(i)), keypath.join(path, str(i)), quoted, out)
