@@ -130,6 +130,39 @@ def test_a_tensor_two_tracked_objects_share_takes_the_last_and_reports_the_other
     assert torch.equal(fresh.weight, lin2.weight) and torch.equal(fresh_enc.weight, enc2.weight)
 
 
+def _hooked(module: torch.nn.Module) -> torch.nn.Module:
+    module._register_load_state_dict_pre_hook(lambda *args, **kwargs: None)
+    return module
+
+
+@pytest.mark.parametrize("where", ["hook-on-the-module", "hook-on-another-child"])
+@pytest.mark.parametrize("order", ["module-first", "tensor-first"])
+def test_a_module_restored_through_its_hooks_keeps_a_tensor_it_shares_and_the_other_key_is_unused(tmp_path, where,
+                                                                                                 order):
+    """probe78 F4: a module with a load hook is loaded after every read, so its value won over a
+    tensor tracked apart (``Checkpoint(m=M, w=M.weight)``), while both keys were reported restored.
+    Now the module's key is restored and the tensor's unexpected, whichever is tracked first."""
+    def make() -> torch.nn.Module:
+        model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
+        return _hooked(model) if where == "hook-on-the-module" else (_hooked(model[1]), model)[1]
+
+    torch.manual_seed(0)
+    model = make()
+    path = torchckpt.Checkpoint(m=model, w=torch.full((2, 3), 7.0)).write(tmp_path / "c")
+    fresh = make()
+    tracked = {"m": fresh, "w": fresh[0].weight}
+    status = torchckpt.Checkpoint(**(tracked if order == "module-first" else dict(reversed(tracked.items())))).read(path)
+    report = status.expect_partial().report
+    assert torch.equal(fresh[0].weight, model[0].weight) and torch.equal(fresh[1].weight, model[1].weight)
+    assert report.unexpected_keys == ["w"] and "w" not in report.restored_keys and "m/0.weight" in report.restored_keys
+    with pytest.raises(RestoreMismatchError, match="unexpected in the checkpoint"):
+        status.assert_consumed()
+    same = torchckpt.Checkpoint(m=model, w=model[0].weight).write(tmp_path / "tied")  # one value: both keys restored
+    fresh = make()
+    torchckpt.Checkpoint(m=fresh, w=fresh[0].weight).read(same).assert_consumed()
+    assert torch.equal(fresh[0].weight, model[0].weight)
+
+
 class Count:
     """A stateful object of plain state (no tensor below it)."""
 

@@ -642,6 +642,11 @@ def test_a_lazy_module_restores_from_a_materialised_checkpoint_and_an_unmaterial
                                                               r"lazy module .* run one forward pass first\.$") as info:
         torchckpt.Checkpoint(model=torch.nn.LazyLinear(3)).write(tmp_path / "lazy")
     assert info.value.key == "model/weight"
+    alone = torch.nn.LazyLinear(3)  # its parameter tracked without the module: nothing would make it (before: an
+    with pytest.raises(torchckpt.UnsupportedStateError, match=r"'w': it is a lazy module's uninitialized parameter, "
+                       r".* Track its module instead") as info:  # untyped RuntimeError from torch, at planning)
+        torchckpt.Checkpoint(w=alone.weight).read(torchckpt.Checkpoint(w=trained.weight).write(tmp_path / "w"))
+    assert info.value.key == "w" and torch.nn.parameter.is_lazy(alone.weight)
 
 
 # -- module versions: a loader that migrates old checkpoints by ``_version`` ---------------------------------

@@ -84,7 +84,7 @@ class Matcher:
         """After the walk: a tensor two tracked objects share keeps the value of the one planned
         last (``_load.plan.drop_overwritten_across``): only where a module was read in place, so a
         restore of tensors alone (a dict of 20,000) pays nothing for it."""
-        if not self.plan.fed:
+        if not (self.plan.fed or self.plan.hooked_fed):
             return
         planned = list(self._planned.values())
         position = {key: i for i, (_, key, _) in enumerate(planned)}

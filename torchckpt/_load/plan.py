@@ -58,6 +58,9 @@ class Plan:
     # Each tracked module's in-place reads, (storage, saved key), by its key, with how to describe one (``tied.Fed``):
     # a tensor two tracked objects share is fed by both (``drop_overwritten_across``)
     fed: list[tuple[str, list[tuple[int, str]], Callable[[str], tied.Fed]]] = field(default_factory=list)
+    # A module restored through its hooks (``_plan_hooked``), by its key: (storage, read) of each tensor its
+    # load fills. It keeps those values over any other tracked object's read into them, planned before or after
+    hooked_fed: list[tuple[str, list[tuple[int, tied.Fed]]]] = field(default_factory=list)
     replaced: list[str] = field(default_factory=list)  # key prefixes a load replaces whole (an optimizer's state)
     stage: str = "planned"  # then "reading" as bytes reach destinations, "loading" as the loads run
     # ``restore_or_initialize``: what candidates found damaged before this one may have written, ``{key: name}``
@@ -116,7 +119,16 @@ def _read_into(dest: torch.Tensor, saved: SavedTensor, plan: Plan, key: str | No
 def plan_tensor(key: str, dest: torch.Tensor, saved: Any, plan: Plan,
                 assign: Callable[[torch.Tensor], None] | None = None) -> None:
     """A tracked tensor is restored in place; one on the meta device has no memory to restore into,
-    and is replaced by a new tensor through ``assign`` (where it sits) when ``plan.assign`` allows."""
+    and is replaced by a new tensor through ``assign`` (where it sits) when ``plan.assign`` allows.
+
+    Raises:
+        UnsupportedStateError: ``dest`` is a lazy module's uninitialized parameter, tracked without its module.
+    """
+    if torch.nn.parameter.is_lazy(dest):  # its module's load hook would make it; tracked alone, nothing does
+        raise UnsupportedStateError(
+            f"Cannot restore into {key!r}: it is a lazy module's uninitialized parameter, which has no shape or "
+            "memory yet. Track its module instead (its load hook makes the parameter from the saved tensor), or "
+            "run a forward pass before restoring.", key=key, value_type=type(dest))
     check_destination(key, dest)
     if saved is _MISSING:
         plan.report.missing_keys.append(key)
@@ -337,10 +349,15 @@ def drop_overwritten_across(plan: Plan, tensors: list[tuple[int, str, torch.Tens
     differ, are dropped and reported unexpected (``tied.overwritten_across``). ``tensors``: the
     tracked tensors, (place, key, tensor, saved). Ties inside one module were settled as it was
     planned, and one object under two names by the walk."""
-    if not plan.fed or len(plan.fed) + len(tensors) < 2:  # no module read in place, or one object alone
-        return
+    if not (plan.fed or plan.hooked_fed) or len(plan.fed) + len(plan.hooked_fed) + len(tensors) < 2:
+        return  # no module read in place, or one object alone
     owners: list[tuple[int, list[tuple[int, str]], Callable[[str], tied.Fed]]] = [
         (position.get(name, -1), fed, describe) for name, fed, describe in plan.fed]  # -1: taken back (_once)
+    kept: set[int] = set()  # a hooked module's reads: its load runs after the reads, so its value stays
+    for name, filled in plan.hooked_fed:
+        by_key = {read.key: read for _, read in filled}
+        kept.update(map(id, by_key.values()))
+        owners.append((len(position) + position.get(name, -1), [(a, read.key) for a, read in filled], by_key.__getitem__))
     for place, key, t, saved in tensors:
         if not t.is_meta and (address := tied.address_of(t)):
             owners.append((place, [(address, key)],
@@ -351,8 +368,8 @@ def drop_overwritten_across(plan: Plan, tensors: list[tuple[int, str, torch.Tens
         return
     restored = set(plan.report.restored_keys)
     reads = [(place, read) for place, fed, describe in owners for address, key in fed if count[address] > 1
-             for read in [describe(key)] if shared_key(read.key, read.saved) in restored]  # not taken back already
-    _drop_overwritten(tied.overwritten_across(reads), plan)
+             for read in [describe(key)] if id(read) in kept or shared_key(read.key, read.saved) in restored]
+    _drop_overwritten([read for read in tied.overwritten_across(reads) if id(read) not in kept], plan)
 
 
 def _drop_overwritten(reads: list[tied.Fed], plan: Plan) -> None:
@@ -390,6 +407,7 @@ def _plan_hooked(name: str, module: torch.nn.Module, saved: dict[str, Any], curr
     plan.fetches = True
     pairs = module_keys.pair(list(saved), list(current), wrapping)
     tied_views = tied.repeated_views(current.values())
+    filled: list[tuple[int, tied.Fed]] = []  # (storage, read) of each tensor this load fills
     for saved_key, value in saved.items():
         full = keypath.join(name, keypath.escape_part(saved_key))
         key = pairs.get(saved_key, saved_key)  # unmatched keys keep their name: a pre-hook may rename them
@@ -422,6 +440,11 @@ def _plan_hooked(name: str, module: torch.nn.Module, saved: dict[str, Any], curr
                 _read_into(owner[1], value, plan, target)
         if restored:
             load.consumed[key] = shared_key(full, value) if is_saved(value) else full
+            dest = current.get(key)
+            if is_saved(value) and isinstance(dest, torch.Tensor) and not dest.is_meta and (address := tied.address_of(dest)):
+                filled.append((address, tied.Fed(key, full, value, dest)))
+    if filled:
+        plan.hooked_fed.append((name, filled))
 
     def finish() -> None:
         if plan.fetch is None:

@@ -50,7 +50,10 @@ def view_of(t: torch.Tensor) -> tuple[Any, ...] | None:
 
 def address_of(t: torch.Tensor) -> int:
     """Where two tensors fed by a restore may be one (``view_of`` decides): the storage of a
-    tensor's memory, a DTensor's local part's; 0 where this rank holds none of it."""
+    tensor's memory, a DTensor's local part's; 0 where this rank holds none of it (or none yet: a lazy
+    module's parameter before its first forward pass)."""
+    if torch.nn.parameter.is_lazy(t):
+        return 0
     local = dist_dtensor.local_of(t) if dist_dtensor.is_dtensor(t) else t
     return dist_dtensor.local_storage(t) if local.numel() else 0
 
