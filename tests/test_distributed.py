@@ -463,4 +463,6 @@ def test_fsdp2_restores_through_torchs_loaders_tied_weights_and_typed_refusals_o
         assert found["hooked_tied"] == "ok" and found["hooked_tied_value"], found
         assert found["hooked_tied_unexpected"] == ["model/head.weight"], found
         assert found["shared"] == "ok" and found["shared_value"], found  # the head tracked last wins
-        assert found["shared_unexpected"] == ["model/1.weight", "model/1.bias"], found  # not used (where it has data)
+        assert found["shared_unexpected"] == ["model/1.weight", "model/1.bias"], found  # used nowhere
+        # probe79 F5: rank 1 holds no row of the head, and it reported them restored ("on rank 0" in ranks)
+        assert found["shared_ranks"] == {} and found["shared_restored"] == [], found

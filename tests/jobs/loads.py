@@ -100,6 +100,7 @@ def hooked_and_tied(d: Path, rank: int, world: int) -> dict[str, Any]:
         path, timeout_secs=TIMEOUT).expect_partial().report))
     out["shared_unexpected"] = shared[0].unexpected_keys if shared else None
     out["shared_ranks"] = dict(shared[0].ranks) if shared else None
+    out["shared_restored"] = sorted({"model/1.weight", "model/1.bias"} & set(shared[0].restored_keys)) if shared else None
     out["shared_value"] = torch.equal(full(fresh_headed[1].weight), full(other[1].weight))
 
     (d / "not-a-checkpoint" / "ckpt-7").mkdir(parents=True, exist_ok=True)

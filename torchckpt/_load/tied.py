@@ -35,8 +35,10 @@ class Fed(NamedTuple):
 def view_of(t: torch.Tensor) -> tuple[Any, ...] | None:
     """What makes two tensors one: the same memory seen the same way; a DTensor's, its local
     shard's with its placements (None: no memory yet, as a lazy module's parameter before its
-    first forward pass, or a tensor on the meta device; or none on this rank). Not the tensor
-    object: a module with a state-dict hook hands out a new detached one for each key."""
+    first forward pass, or a tensor on the meta device). Not the tensor object: a module with a
+    state-dict hook hands out a new detached one for each key. A DTensor whose local part is empty
+    on this rank (FSDP2's last rows) is still told by where that part sits in its padded memory,
+    so that every rank settles a tensor two objects share alike; without such memory, None."""
     if torch.nn.parameter.is_lazy(t) or t.is_meta:
         return None
     placements: Any = None
@@ -44,18 +46,26 @@ def view_of(t: torch.Tensor) -> tuple[Any, ...] | None:
         placements = tuple(getattr(t, "placements", ()))
         t = dist_dtensor.local_of(t)
     if not t.numel():
-        return None
+        if placements is None or not _storage_bytes(t):
+            return None
+        return t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype, tuple(t.shape), t.stride(), placements
     return t.data_ptr(), t.dtype, tuple(t.shape), t.stride(), placements
+
+
+def _storage_bytes(t: torch.Tensor) -> int:
+    return int(t.untyped_storage().nbytes())
 
 
 def address_of(t: torch.Tensor) -> int:
     """Where two tensors fed by a restore may be one (``view_of`` decides): the storage of a
-    tensor's memory, a DTensor's local part's; 0 where this rank holds none of it (or none yet: a lazy
-    module's parameter before its first forward pass)."""
+    tensor's memory, a DTensor's local part's (padded memory, where that part is empty); 0 where this
+    rank holds none of it (or none yet: a lazy module's parameter before its first forward pass)."""
     if torch.nn.parameter.is_lazy(t):
         return 0
-    local = dist_dtensor.local_of(t) if dist_dtensor.is_dtensor(t) else t
-    return dist_dtensor.local_storage(t) if local.numel() else 0
+    if not dist_dtensor.is_dtensor(t):
+        return dist_dtensor.local_storage(t) if t.numel() else 0
+    local = dist_dtensor.local_of(t)
+    return dist_dtensor.local_storage(t) if local.numel() or _storage_bytes(local) else 0  # as view_of tells it
 
 
 def repeated_views(tensors: Any) -> set[tuple[Any, ...]]:
