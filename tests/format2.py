@@ -33,17 +33,19 @@ def seen(rank: int) -> torch.Tensor:
 
 
 def write_two_rank(path: str | os.PathLike[str], extra: dict[str, torch.Tensor] | None = None,
-                   max_shard_size: int = 64, positions: tuple[int, int] = (3, 4)) -> str:
+                   max_shard_size: int = 64, positions: tuple[int, int] = (3, 4), rank_1_pos: object = None) -> str:
     """Write the checkpoint at ``path`` (format 2, saved by 2 ranks); ``extra`` stored names are
     added to the tensor table as they are (for forgeries); ``positions``: each rank's per-rank
-    ``cursor/pos``. Returns the path."""
+    ``cursor/pos``; ``rank_1_pos``: rank 1's instead, as encoded JSON (``{"@dict": [[1, 5]]}``).
+    Returns the path."""
     weight, bias = weights()
     stored = {"model/weight~@0,0": weight[:3].clone(), "model/weight~@3,0": weight[3:].clone(), "model/bias": bias,
               "cursor/seen~r0": seen(0), "cursor/seen~r1": seen(1), **(extra or {})}
     section = {
         "format_version": spec.SHARDED_FORMAT_VERSION,
         "objects": {"model": "module", "cursor": "per_rank", "epoch": "value"},
-        "state": {"model": {}, "cursor": {"@per_rank": [{"pos": positions[0]}, {"pos": positions[1]}]}, "epoch": 7, "save_counter": 1},
+        "state": {"model": {}, "cursor": {"@per_rank": [{"pos": positions[0]},
+                                                              {"pos": positions[1] if rank_1_pos is None else rank_1_pos}]}, "epoch": 7, "save_counter": 1},
         "world_size": WORLD,
         "chunked": {"names": ["model/weight"], "dtypes": "F32", "shapes": "6,4"},
     }

@@ -289,6 +289,14 @@ def test_diff_compares_every_ranks_per_rank_values(tmp_path, capsys):
     out = capsys.readouterr().out  # rank 0's, named as before
     assert "~ cursor/pos  3 -> 2\n" in out and "~r1" not in out
 
+    # probe83 F7: which keys to quote was decided from rank 0's values alone; on rank 1, 1 and "1"
+    # with their values (and order) swapped were both spelled by position, and compared equal
+    mixed = write_two_rank(tmp_path / "mixed", rank_1_pos={"@dict": [[1, 5], ["1", 7]]})
+    swapped = write_two_rank(tmp_path / "swapped", rank_1_pos={"@dict": [["1", 5], [1, 7]]})
+    assert main(["diff", mixed, swapped, "--exit-code"]) == 1
+    out = capsys.readouterr().out
+    assert "~ cursor/pos/1~r1  5 -> 7\n" in out and "~ cursor/pos/'1'~r1  7 -> 5\n" in out, out
+
 
 def test_diff_exit_code_and_shortened_values(tmp_path, capsys):
     import random

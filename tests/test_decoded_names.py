@@ -152,6 +152,9 @@ KEY_PARTS = {
     "True": ({True: 0, "True": 1}, {True: 0, "True": 5}, ["~ cfg/'True'  1 -> 5"]),
     "key-type-changed": ({"1": "x"}, {1: "x"}, ["~ cfg/'1'  'x' -> (absent)", "~ cfg/1  (absent) -> 'x'"]),
     # probe77 F2: '1' quoted is "'1'"'s plain spelling; before, a swap of both keys' values and order was no change
+    # probe83 F8: the str key "nan#2" was spelled as the second NaN is, and hid its change
+    "nan-suffix": ({float("nan"): 1, float("nan"): 2, "nan#2": 3}, {float("nan"): 1, float("nan"): 99, "nan#2": 3},
+                   ["~ cfg/nan#2  2 -> 99"]),
     "quote-in-key": ({1: "x", "1": "y", "'1'": "z"}, {1: "x", "'1'": "y", "1": "z"},
                      ["~ cfg/'1'  'y' -> 'z'", "~ cfg/\"'1'\"  'z' -> 'y'"]),
 }

@@ -135,32 +135,77 @@ def _hooked(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-@pytest.mark.parametrize("where", ["hook-on-the-module", "hook-on-another-child"])
-@pytest.mark.parametrize("order", ["module-first", "tensor-first"])
-def test_a_module_restored_through_its_hooks_keeps_a_tensor_it_shares_and_the_other_key_is_unused(tmp_path, where,
-                                                                                                 order):
-    """probe78 F4: a module with a load hook is loaded after every read, so its value won over a
-    tensor tracked apart (``Checkpoint(m=M, w=M.weight)``), while both keys were reported restored.
-    Now the module's key is restored and the tensor's unexpected, whichever is tracked first."""
-    def make() -> torch.nn.Module:
-        model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
-        return _hooked(model) if where == "hook-on-the-module" else (_hooked(model[1]), model)[1]
+class OwnLoader(torch.nn.Sequential):
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
+
+def _two_layers(where: str) -> torch.nn.Module:
+    if where == "own-loader":
+        return OwnLoader(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
+    return _hooked(model) if where == "hook-on-the-module" else (_hooked(model[1]), model)[1]
+
+
+@pytest.mark.parametrize("where", ["hook-on-the-module", "own-loader", "hook-on-another-child"])
+@pytest.mark.parametrize("order", ["module-first", "tensor-first"])
+def test_a_load_after_the_reads_keeps_a_tensor_it_fills_and_the_other_key_is_unused(tmp_path, where, order):
+    """probe78 F4, probe83 F5: a module with a load hook or a loader of its own is loaded after
+    every read, so its value replaced a tensor tracked apart (``Checkpoint(m=M, w=M[0].weight)``),
+    while both keys were reported restored. Now the key whose value the tensor holds is restored and
+    the other is unexpected: the module's, where its load fills the tensor; where the tensor is
+    read in place (outside the hooked child), the object tracked last, as without hooks."""
     torch.manual_seed(0)
-    model = make()
+    model = _two_layers(where)
     path = torchckpt.Checkpoint(m=model, w=torch.full((2, 3), 7.0)).write(tmp_path / "c")
-    fresh = make()
+    fresh = _two_layers(where)
     tracked = {"m": fresh, "w": fresh[0].weight}
     status = torchckpt.Checkpoint(**(tracked if order == "module-first" else dict(reversed(tracked.items())))).read(path)
     report = status.expect_partial().report
-    assert torch.equal(fresh[0].weight, model[0].weight) and torch.equal(fresh[1].weight, model[1].weight)
-    assert report.unexpected_keys == ["w"] and "w" not in report.restored_keys and "m/0.weight" in report.restored_keys
+    module_wins = where != "hook-on-another-child" or order == "tensor-first"
+    winner, loser = ("m/0.weight", "w") if module_wins else ("w", "m/0.weight")
+    assert torch.equal(fresh[0].weight, model[0].weight if module_wins else torch.full((2, 3), 7.0))
+    assert torch.equal(fresh[1].weight, model[1].weight)
+    assert report.unexpected_keys == [loser] and loser not in report.restored_keys and winner in report.restored_keys
     with pytest.raises(RestoreMismatchError, match="unexpected in the checkpoint"):
         status.assert_consumed()
     same = torchckpt.Checkpoint(m=model, w=model[0].weight).write(tmp_path / "tied")  # one value: both keys restored
-    fresh = make()
+    fresh = _two_layers(where)
     torchckpt.Checkpoint(m=fresh, w=fresh[0].weight).read(same).assert_consumed()
     assert torch.equal(fresh[0].weight, model[0].weight)
+
+
+def test_a_later_load_that_does_not_fill_the_tensor_leaves_the_other_read_restored(tmp_path):
+    """probe83 F1, F2: the module's load replaced the tensor (assign=True), or a pre-hook took its
+    key out: the tensor tracked apart keeps its own saved value, restored (a first version dropped
+    its read, and the tensor kept neither value)."""
+    model = _hooked(torch.nn.Sequential(torch.nn.Linear(3, 2)))
+    path = torchckpt.Checkpoint(m=model, w=torch.full((2, 3), 7.0)).write(tmp_path / "c")
+    fresh = _hooked(torch.nn.Sequential(torch.nn.Linear(3, 2)))
+    w = fresh[0].weight
+    torchckpt.Checkpoint(m=fresh, w=w).read(path, assign=True).assert_consumed()
+    assert torch.equal(w, torch.full((2, 3), 7.0)) and torch.equal(fresh[0].weight, model[0].weight)
+
+    def drop_weight(state, prefix, *args):
+        state.pop(prefix + "0.weight", None)
+
+    fresh = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    fresh._register_load_state_dict_pre_hook(drop_weight)
+    report = torchckpt.Checkpoint(m=fresh, w=fresh[0].weight).read(path).expect_partial().report
+    assert torch.equal(fresh[0].weight, torch.full((2, 3), 7.0))
+    assert "w" in report.restored_keys and "m/0.weight" not in report.restored_keys
+    assert report.missing_keys == ["m/0.weight"] and not report.unexpected_keys
+
+
+def test_of_two_later_loads_that_share_a_tensor_the_last_keeps_it(tmp_path):
+    """probe83 F4: two tracked modules with load hooks tie one embedding; both keys were restored."""
+    enc, dec = _hooked(torch.nn.Embedding(4, 2)), _hooked(torch.nn.Embedding(4, 2))
+    path = torchckpt.Checkpoint(enc=enc, dec=dec).write(tmp_path / "c")
+    enc2, dec2 = _hooked(torch.nn.Embedding(4, 2)), _hooked(torch.nn.Embedding(4, 2))
+    dec2.weight = enc2.weight
+    report = torchckpt.Checkpoint(enc=enc2, dec=dec2).read(path).expect_partial().report
+    assert torch.equal(enc2.weight, dec.weight)
+    assert report.unexpected_keys == ["enc/weight"] and report.restored_keys == ["dec/weight"]
 
 
 class Count:

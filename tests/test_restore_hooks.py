@@ -643,10 +643,14 @@ def test_a_lazy_module_restores_from_a_materialised_checkpoint_and_an_unmaterial
         torchckpt.Checkpoint(model=torch.nn.LazyLinear(3)).write(tmp_path / "lazy")
     assert info.value.key == "model/weight"
     alone = torch.nn.LazyLinear(3)  # its parameter tracked without the module: nothing would make it (before: an
-    with pytest.raises(torchckpt.UnsupportedStateError, match=r"'w': it is a lazy module's uninitialized parameter, "
-                       r".* Track its module instead") as info:  # untyped RuntimeError from torch, at planning)
+    with pytest.raises(torchckpt.UnsupportedStateError, match=r"'w' on its own: it is a lazy module's uninitialized "
+                       r"parameter, .* Track only its module") as info:  # untyped RuntimeError from torch, at planning)
         torchckpt.Checkpoint(w=alone.weight).read(torchckpt.Checkpoint(w=trained.weight).write(tmp_path / "w"))
     assert info.value.key == "w" and torch.nn.parameter.is_lazy(alone.weight)
+    # probe83 F3: a checkpoint without a tensor for it has nothing to read into it: missing, as before
+    report = torchckpt.Checkpoint(w=alone.weight, x=torch.zeros(1)).read(
+        torchckpt.Checkpoint(x=torch.ones(1)).write(tmp_path / "x")).expect_partial().report
+    assert report.missing_keys == ["w"] and report.restored_keys == ["x"]
 
 
 # -- module versions: a loader that migrates old checkpoints by ``_version`` ---------------------------------

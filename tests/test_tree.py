@@ -249,6 +249,8 @@ def test_per_rank_paths_tell_apart_keys_of_one_spelling():
     assert list(format_per_rank.per_rank_paths(tree)) == ["v/1", "v/'1'", "v/nan", "v/nan#2", "v/x"]
     quoted_first = {"v": {"@dict": [["'1'", per_rank], [1, per_rank], ["1", per_rank]]}}  # probe77 F2
     assert list(format_per_rank.per_rank_paths(quoted_first)) == ["v/\"'1'\"", "v/1", "v/'1'"]
+    suffix = {"v": {"@dict": [[nan, per_rank], [nan, per_rank], ["nan#2", per_rank]]}}  # probe83 F8
+    assert list(format_per_rank.per_rank_paths(suffix)) == ["v/nan", "v/nan#2", "v/'nan#2'"]
 
 
 def _nested_lists(levels: int) -> list:

@@ -50,10 +50,10 @@ def distinct_parts(keys: Sequence[Any], shared: Collection[str] | None = None) -
     """One part for each key of a dict, as ``diff`` and :meth:`CheckpointReader.get_value` spell them.
 
     A str key whose part is also another key's (``"1"`` beside ``1``) is quoted (``'1'``); in such
-    a dict every str key whose part starts with a quote is quoted too (``"'1'"``), so that a quoted
-    part names one key whatever the order. A part seen before gets ``#2`` (a second NaN).
-    ``shared``: the parts to quote (``diff`` passes those of both checkpoints); by default those
-    that two of ``keys`` share.
+    a dict every str key whose part starts with a quote or holds a ``#`` is quoted too (``"'1'"``,
+    ``'nan#2'``), so that a part names one key whatever the order. A part seen before gets ``#2``
+    (a second NaN). ``shared``: the parts to quote (``diff`` passes those of both checkpoints); by
+    default those that two of ``keys`` share.
     """
     parts = [key_part(k) for k in keys]
     if shared is None:
@@ -61,7 +61,7 @@ def distinct_parts(keys: Sequence[Any], shared: Collection[str] | None = None) -
     seen: dict[str, int] = {}
     out = []
     for key, part in zip(keys, parts):
-        if type(key) is str and (part in shared or shared and part.startswith(("'", '"'))):
+        if type(key) is str and (part in shared or shared and (part.startswith(("'", '"')) or "#" in part)):
             part = escape_part(repr(key))
         seen[part] = count = seen.get(part, 0) + 1
         out.append(part if count == 1 else f"{part}#{count}")

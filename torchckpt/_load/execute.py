@@ -20,7 +20,7 @@ from torchckpt._dist import dtensor as dist_dtensor
 from torchckpt._format import blocks as format_blocks
 from torchckpt._format.dtypes import TensorInfo as SavedTensor
 from torchckpt._format.keypath import display
-from torchckpt._load import boxes, mapped, recheck
+from torchckpt._load import boxes, mapped, recheck, shared
 from torchckpt._load import reads as tensor_reads
 from torchckpt._load.opened import OpenShards, missing_member
 from torchckpt._load.plan import Plan
@@ -93,6 +93,7 @@ def load(plan: Plan, shards: OpenShards, verify: bool) -> None:
         _run_loads(plan, directory)
     finally:
         plan.fetch = None
+    shared.settle_after_loads(plan)  # a later load replaced another object's read: its key is unused
 
 
 def _run_loads(plan: Plan, directory: str) -> None:

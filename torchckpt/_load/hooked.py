@@ -276,7 +276,8 @@ class HookedLoad:
         report.meta_keys.extend(keypath.join(name, keypath.escape_part(k)) for k in empty)
         report.missing_keys.extend(keypath.join(name, keypath.escape_part(k)) for k in [*missing, *empty])
         report.unexpected_keys.extend(keypath.join(name, keypath.escape_part(k)) for k in unexpected)
-        unused = set(unexpected) | set(empty) | mismatched  # a size mismatch was left as it is: not restored
+        # a size mismatch was left as it is, and a key a pre-hook took out was not loaded: neither is restored
+        unused = set(unexpected) | set(empty) | mismatched | set(missing)
         report.restored_keys.extend(full for key, full in self.consumed.items() if key not in unused)
 
     def _cast_assigned(self, name: str, report: MismatchReport) -> None:

@@ -17,7 +17,8 @@ import torch
 
 from torchckpt._format import keypath, tree
 from torchckpt._load import loaders
-from torchckpt._load.plan import MISSING, Plan, drop_overwritten_across, is_saved, plan_module, plan_tensor, plan_value
+from torchckpt._load.plan import MISSING, Plan, is_saved, plan_module, plan_tensor, plan_value
+from torchckpt._load.shared import drop_overwritten_across
 from torchckpt._load.stateful import plan_stateful
 from torchckpt.rng import RNGState
 
@@ -82,9 +83,9 @@ class Matcher:
 
     def settle_shared_tensors(self) -> None:
         """After the walk: a tensor two tracked objects share keeps the value of the one planned
-        last (``_load.plan.drop_overwritten_across``): only where a module was read in place, so a
+        last (``_load.shared.drop_overwritten_across``): only where a module was read in place, so a
         restore of tensors alone (a dict of 20,000) pays nothing for it."""
-        if not (self.plan.fed or self.plan.hooked_fed):
+        if not (self.plan.fed or self.plan.late_fills):
             return
         planned = list(self._planned.values())
         position = {key: i for i, (_, key, _) in enumerate(planned)}

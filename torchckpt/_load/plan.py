@@ -10,6 +10,7 @@ anything changes. Executing reads the planned tensors and runs the planned loads
 from __future__ import annotations
 
 import collections
+import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,11 +57,15 @@ class Plan:
     assigned: dict[tuple[int, torch.dtype], torch.Tensor] = field(default_factory=dict)
     in_place: list[str] = field(default_factory=list)  # keys (the objects') read straight into their own tensors
     # Each tracked module's in-place reads, (storage, saved key), by its key, with how to describe one (``tied.Fed``):
-    # a tensor two tracked objects share is fed by both (``drop_overwritten_across``)
+    # a tensor two tracked objects share is fed by both (``_load.shared``)
     fed: list[tuple[str, list[tuple[int, str]], Callable[[str], tied.Fed]]] = field(default_factory=list)
-    # A module restored through its hooks (``_plan_hooked``), by its key: (storage, read) of each tensor its
-    # load fills. It keeps those values over any other tracked object's read into them, planned before or after
-    hooked_fed: list[tuple[str, list[tuple[int, tied.Fed]]]] = field(default_factory=list)
+    # A hooked module's in-place reads (in ``fed``), by checkpoint key: how to take one back from what its load
+    # will report restored, where a later object's read replaces it (``_load.shared``)
+    unreported: dict[str, Callable[[], object]] = field(default_factory=dict)
+    # Each module whose load runs after every read (load hooks, a loader of its own), with the tensors it fills
+    # (``tied.Fed``): what it loads replaces another object's read into them (``_load.shared.settle_after_loads``)
+    late_fills: list[tuple[torch.nn.Module, list[tied.Fed]]] = field(default_factory=list)
+    late_shares: list[tuple[torch.nn.Module, tied.Fed, list[tied.Fed]]] = field(default_factory=list)
     replaced: list[str] = field(default_factory=list)  # key prefixes a load replaces whole (an optimizer's state)
     stage: str = "planned"  # then "reading" as bytes reach destinations, "loading" as the loads run
     # ``restore_or_initialize``: what candidates found damaged before this one may have written, ``{key: name}``
@@ -122,16 +127,17 @@ def plan_tensor(key: str, dest: torch.Tensor, saved: Any, plan: Plan,
     and is replaced by a new tensor through ``assign`` (where it sits) when ``plan.assign`` allows.
 
     Raises:
-        UnsupportedStateError: ``dest`` is a lazy module's uninitialized parameter, tracked without its module.
+        UnsupportedStateError: ``dest`` is a lazy module's uninitialized parameter, tracked on its own,
+            and the checkpoint has a tensor for it.
     """
-    if torch.nn.parameter.is_lazy(dest):  # its module's load hook would make it; tracked alone, nothing does
-        raise UnsupportedStateError(
-            f"Cannot restore into {key!r}: it is a lazy module's uninitialized parameter, which has no shape or "
-            "memory yet. Track its module instead (its load hook makes the parameter from the saved tensor), or "
-            "run a forward pass before restoring.", key=key, value_type=type(dest))
     check_destination(key, dest)
     if saved is _MISSING:
         plan.report.missing_keys.append(key)
+    elif torch.nn.parameter.is_lazy(dest) and is_saved(saved):  # its module's load hook makes it; alone, nothing
+        raise UnsupportedStateError(
+            f"Cannot restore into {key!r} on its own: it is a lazy module's uninitialized parameter, which has no "
+            "shape or memory yet. Track only its module (its load hook makes the parameter from the saved tensor), "
+            "or run a forward pass before restoring.", key=key, value_type=type(dest))
     elif not is_saved(saved):
         plan.report.missing_keys.append(key)
         plan.report.unexpected_keys.extend(_saved_leaf_keys(saved, key))
@@ -229,7 +235,7 @@ def _plan_in_place(name: str, module: torch.nn.Module, saved: dict[str, Any], cu
         if object_key in via_load:
             restored_as[object_key] = (full, plan.report.restored_keys[-1])
     if len({address for address, _ in fed}) < len(fed):  # a storage read into twice
-        _drop_overwritten(tied.overwritten(_reads_into_shared(fed, name, pairs, saved, current), list(current)), plan)
+        drop_reads(tied.overwritten(_reads_into_shared(fed, name, pairs, saved, current), list(current)), plan)
     if fed:
         plan.fed.append((name, fed, lambda key: tied.Fed(pairs[key], keypath.join(name, keypath.escape_part(key)), saved[key],
                                                    current[pairs[key]])))
@@ -327,9 +333,20 @@ def _plan_own_load_state_dict(name: str, module: torch.nn.Module, saved: dict[st
         missing = [k for k in current if k not in state] if missing is None else list(missing)
         report.unexpected_keys.extend(as_saved.get(k, keypath.join(name, keypath.escape_part(k))) for k in unexpected)
         report.missing_keys.extend(keypath.join(name, keypath.escape_part(k)) for k in missing if k not in left_out)
-        report.restored_keys.extend(full for own, full in as_saved.items() if own not in unexpected)
+        report.restored_keys.extend(full for own, full in as_saved.items() if own not in unexpected and own not in missing)
 
     plan.loads.append((name, load))
+    _fills_late(plan, module, [(own, full, state[own], current.get(own)) for own, full in as_saved.items()])
+
+
+def _fills_late(plan: Plan, module: torch.nn.Module, entries: list[tuple[str, str, Any, Any]]) -> None:
+    """Record what a load that runs after every read fills: (the module's key, the checkpoint's,
+    the saved value, the module's tensor now), where the saved value is a tensor and the module's
+    holds memory (``_load.shared``)."""
+    fills = [tied.Fed(own, full, value, dest) for own, full, value, dest in entries
+             if is_saved(value) and isinstance(dest, torch.Tensor) and not dest.is_meta and tied.address_of(dest)]
+    if fills:
+        plan.late_fills.append((module, fills))
 
 
 def _reads_into_shared(fed: list[tuple[int, str]], name: str, pairs: dict[str, str], saved: dict[str, Any],
@@ -340,45 +357,17 @@ def _reads_into_shared(fed: list[tuple[int, str]], name: str, pairs: dict[str, s
             for address, key in fed if count[address] > 1]
 
 
-def drop_overwritten_across(plan: Plan, tensors: list[tuple[int, str, torch.Tensor, Any]],
-                            position: dict[str, int]) -> None:
-    """Once every object is planned: a tensor that two tracked objects share (``Checkpoint(m=lin,
-    w=lin.weight)``, an embedding two tracked modules tie) is fed by each, and keeps the value of
-    the one planned last (``position``: each object's place, by its key), as one object tracked
-    under two names does (``Matcher._once``); the reads of the others, where their saved values
-    differ, are dropped and reported unexpected (``tied.overwritten_across``). ``tensors``: the
-    tracked tensors, (place, key, tensor, saved). Ties inside one module were settled as it was
-    planned, and one object under two names by the walk."""
-    if not (plan.fed or plan.hooked_fed) or len(plan.fed) + len(plan.hooked_fed) + len(tensors) < 2:
-        return  # no module read in place, or one object alone
-    owners: list[tuple[int, list[tuple[int, str]], Callable[[str], tied.Fed]]] = [
-        (position.get(name, -1), fed, describe) for name, fed, describe in plan.fed]  # -1: taken back (_once)
-    kept: set[int] = set()  # a hooked module's reads: its load runs after the reads, so its value stays
-    for name, filled in plan.hooked_fed:
-        by_key = {read.key: read for _, read in filled}
-        kept.update(map(id, by_key.values()))
-        owners.append((len(position) + position.get(name, -1), [(a, read.key) for a, read in filled], by_key.__getitem__))
-    for place, key, t, saved in tensors:
-        if not t.is_meta and (address := tied.address_of(t)):
-            owners.append((place, [(address, key)],
-                           lambda _, key=key, t=t, saved=saved: tied.Fed(key, key, saved, t)))  # type: ignore[misc]
-    owners.sort(key=lambda owner: owner[0])
-    count = collections.Counter(address for _, fed, _ in owners for address in {a for a, _ in fed})
-    if all(n == 1 for n in count.values()):
-        return
-    restored = set(plan.report.restored_keys)
-    reads = [(place, read) for place, fed, describe in owners for address, key in fed if count[address] > 1
-             for read in [describe(key)] if id(read) in kept or shared_key(read.key, read.saved) in restored]
-    _drop_overwritten([read for read in tied.overwritten_across(reads) if id(read) not in kept], plan)
-
-
-def _drop_overwritten(reads: list[tied.Fed], plan: Plan) -> None:
-    """Unschedule the reads ``tied.overwritten`` found: each key is unexpected, not restored."""
+def drop_reads(reads: list[tied.Fed], plan: Plan) -> None:
+    """Unschedule the reads ``tied.overwritten`` found: each key is unexpected, not restored (a
+    hooked module's is taken back from what its load will report)."""
     for read in reads:
         buffers = {id(b) for d, b in plan.casts if d is read.dest}  # cast: read into a buffer, then copied
         plan.reads[:] = [(d, v) for d, v in plan.reads if v is not read.saved or d is not read.dest and id(d) not in buffers]
         plan.casts[:] = [(d, b) for d, b in plan.casts if d is not read.dest or id(b) not in buffers]
-        plan.report.restored_keys.remove(shared_key(read.key, read.saved))
+        if read.key in plan.unreported:
+            plan.unreported.pop(read.key)()
+        else:
+            plan.report.restored_keys.remove(shared_key(read.key, read.saved))
         plan.report.unexpected_keys.append(read.key)
 
 
@@ -407,7 +396,9 @@ def _plan_hooked(name: str, module: torch.nn.Module, saved: dict[str, Any], curr
     plan.fetches = True
     pairs = module_keys.pair(list(saved), list(current), wrapping)
     tied_views = tied.repeated_views(current.values())
-    filled: list[tuple[int, tied.Fed]] = []  # (storage, read) of each tensor this load fills
+    in_place: list[tuple[int, str]] = []  # (storage, saved key) of each read straight into a tensor
+    reads: dict[str, tied.Fed] = {}
+    late: list[tuple[str, str, Any, Any]] = []  # what torch's loaders fill, when the load runs
     for saved_key, value in saved.items():
         full = keypath.join(name, keypath.escape_part(saved_key))
         key = pairs.get(saved_key, saved_key)  # unmatched keys keep their name: a pre-hook may rename them
@@ -418,6 +409,7 @@ def _plan_hooked(name: str, module: torch.nn.Module, saved: dict[str, Any], curr
         restored = True
         if owner is None:  # under a hooked module, or not this module's: torch's loaders decide
             load.entries[key] = value if is_saved(value) else rebuild(value, full, _fresh_reader(plan))
+            late.append((key, full, value, current.get(key)))
             if plan.cast and plan.assign and is_saved(value) and casts_to(current.get(key), value):
                 # assigned as its loader is handed it, it would keep the saved dtype: cast after the loader
                 load.casts[key] = (value.dtype, current[key].dtype)
@@ -438,13 +430,15 @@ def _plan_hooked(name: str, module: torch.nn.Module, saved: dict[str, Any], curr
             restored = compatible(full, value, owner[1], plan.report, plan.cast)
             if restored:
                 _read_into(owner[1], value, plan, target)
+                if address := tied.address_of(owner[1]):
+                    in_place.append((address, saved_key))
+                    reads[saved_key] = tied.Fed(key, full, value, owner[1])
+                    plan.unreported[full] = functools.partial(load.consumed.pop, key, None)
         if restored:
             load.consumed[key] = shared_key(full, value) if is_saved(value) else full
-            dest = current.get(key)
-            if is_saved(value) and isinstance(dest, torch.Tensor) and not dest.is_meta and (address := tied.address_of(dest)):
-                filled.append((address, tied.Fed(key, full, value, dest)))
-    if filled:
-        plan.hooked_fed.append((name, filled))
+    if in_place:
+        plan.fed.append((name, in_place, reads.__getitem__))
+    _fills_late(plan, module, late)
 
     def finish() -> None:
         if plan.fetch is None:

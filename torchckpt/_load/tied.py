@@ -93,7 +93,7 @@ def overwritten(fed: list[Fed], order: list[str]) -> list[Fed]:
     out: list[Fed] = []
     for group in tied:
         ranked = sorted(group.values(), key=lambda read: position[read.object_key])
-        out.extend(read for read in ranked[:-1] if not _same_values(read.saved, ranked[-1].saved))
+        out.extend(read for read in ranked[:-1] if not same_values(read.saved, ranked[-1].saved))
     return out
 
 
@@ -109,11 +109,11 @@ def overwritten_across(reads: list[tuple[int, Fed]]) -> list[Fed]:
     out: list[Fed] = []
     for group in groups.values():
         last_owner, last = group[-1]
-        out.extend(read for owner, read in group if owner != last_owner and not _same_values(read.saved, last.saved))
+        out.extend(read for owner, read in group if owner != last_owner and not same_values(read.saved, last.saved))
     return out
 
 
-def _same_values(a: Any, b: Any) -> bool:
+def same_values(a: Any, b: Any) -> bool:
     """Whether two saved tensors hold the same bytes, from the index alone: one stored tensor, or
     equal checksums over equal shapes and dtypes."""
     if a is b or a == b:
@@ -123,5 +123,5 @@ def _same_values(a: Any, b: Any) -> bool:
                 or a.checksum is not None and a.checksum == b.checksum and (a.dims, a.dtype_name) == (b.dims, b.dtype_name))
     if isinstance(a, ChunkedInfo) and isinstance(b, ChunkedInfo):  # saved by several ranks: chunk by chunk
         return (a.shape, a.dtype) == (b.shape, b.dtype) and len(a.pieces) == len(b.pieces) and all(
-            box_a == box_b and _same_values(x, y) for (box_a, x), (box_b, y) in zip(a.pieces, b.pieces))
+            box_a == box_b and same_values(x, y) for (box_a, x), (box_b, y) in zip(a.pieces, b.pieces))
     return False

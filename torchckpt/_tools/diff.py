@@ -69,18 +69,18 @@ def plain_values(a: CheckpointReader, b: CheckpointReader) -> tuple[dict[str, An
 
     The key path is written as a tensor's name is (``keypath.leaves``), except where a dict holds,
     in either checkpoint, a str key and a key of another type of one spelling (``"1"`` and ``1``,
-    ``"None"`` and ``None``): the str key is then quoted (``'1'``), and a key after one of the same
-    spelling (a second NaN) gets ``#2``. One path for each value, so that no change hides behind a
+    ``"None"`` and ``None``, on any rank): the str key is then quoted (``'1'``), and a key after one
+    of the same spelling (a second NaN) gets ``#2`` (``keypath.distinct_parts``). One path for each value, so that no change hides behind a
     key of the same spelling, and the paths of other checkpoints are the names as they were."""
-    states = [_state(r, 0) for r in (a, b)]
-    kinds: dict[tuple[str, str], set[bool]] = {}  # (dict's path, key's part) -> whether a str, for each key
-    for state in states:
+    ranks = [[_state(r, rank) for r in (a, b)] for rank in range(max(a.world_size, b.world_size))]
+    kinds: dict[tuple[str, str], set[object]] = {}  # (dict's path, key's part) -> whether a str, for each key
+    for state in (state for states in ranks for state in states):  # every rank's: a per-rank dict differs on each
         _key_kinds(state, "", kinds)
     quoted = {where for where, found in kinds.items() if len(found) > 1}
-    va, vb = (_leaves(state, "", "", quoted, {}) for state in states)
-    for rank in range(1, max(a.world_size, b.world_size)):  # per-rank values: rank 0's above, the others here
-        ra, rb = ({k: v for k, v in _leaves(_state(r, rank), "", "", quoted, {}).items()
-                   if not isinstance(v, MissingPerRank)} for r in (a, b))  # a rank the checkpoint has none for
+    va, vb = (_leaves(state, "", "", quoted, {}) for state in ranks[0])
+    for rank, states in enumerate(ranks[1:], 1):  # per-rank values: rank 0's above, the others here
+        ra, rb = ({k: v for k, v in _leaves(state, "", "", quoted, {}).items()
+                   if not isinstance(v, MissingPerRank)} for state in states)  # a rank the checkpoint has none for
         for key in {**ra, **rb}:
             if not (same(ra.get(key, _ABSENT), va.get(key, _ABSENT)) and same(rb.get(key, _ABSENT), vb.get(key, _ABSENT))):
                 for mine, theirs in ((ra, va), (rb, vb)):  # differs from its rank 0's in one of them: named by rank
@@ -99,12 +99,18 @@ def _state(reader: CheckpointReader, rank: int) -> Any:
 _ABSENT = object()
 
 
-def _key_kinds(value: Any, path: str, out: dict[tuple[str, str], set[bool]]) -> None:
-    """Whether each key of each dict below ``value`` is a str, by the dict's path and the key's part."""
+def _key_kinds(value: Any, path: str, out: dict[tuple[str, str], set[object]]) -> None:
+    """Whether each key of each dict below ``value`` is a str, by the dict's path and the key's part
+    (and ``"twice"`` where two keys of one dict have that part: two NaNs)."""
     if isinstance(value, Mapping):
+        seen: set[str] = set()
         for k, v in value.items():
             part = keypath.key_part(k)
-            out.setdefault((path, part), set()).add(type(k) is str)
+            found = out.setdefault((path, part), set())
+            found.add(type(k) is str)
+            if part in seen:
+                found.add("twice")
+            seen.add(part)
             _key_kinds(v, keypath.join(path, part), out)
     elif isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
