@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import safetensors.torch
+import torch
 
 import torchckpt
 
@@ -136,6 +137,8 @@ def world2(world4) -> Path:
 
     model = MLP(21)  # a single-process checkpoint (format 1) for the plain -> FSDP2 restore
     torchckpt.Checkpoint(model=model).write(world4 / "plain-mlp")
+    torchckpt.Checkpoint(rng=torchckpt.RNGState(), cursor=torchckpt.PerRank(5), w=torch.ones(2)).write(
+        world4 / "one-process-per-rank")
     safetensors.torch.save_file({f"model/{k}": v for k, v in model.state_dict().items()},
                                 str(world4 / "plain-mlp-reference.safetensors"))
     (world4 / "held").mkdir()

@@ -153,6 +153,21 @@ def test_a_plain_checkpoint_restores_into_fsdp2(world2):
     assert all(r["differences"] == [] for r in ok(world2, "plain_into_fsdp", 2))
 
 
+def test_a_single_process_checkpoint_gives_its_per_rank_state_to_rank_0_alone(world2):
+    """probe84 F1: its RNG state and PerRank value were handed to every rank (the same dropout masks
+    and batches everywhere), with a clean report. Now rank 1 reports them missing, as a rank beyond
+    a job's saving ranks does. probe84 F2: load_state gave every rank rank 0's per-rank values."""
+    found = ok(world2, "plain_into_fsdp", 2)
+    assert [r["one_process"][0] for r in found] == [5, 101]
+    assert [r["one_process"][1:] for r in found] == [[["rng", "cursor"], {"rng": [1], "cursor": [1]}, r["one_process"][3]]
+                                                     for r in found], found
+    assert found[0]["one_process"][3] == ["cursor", "rng", "w"] and found[1]["one_process"][3] == ["w"]
+    assert [r["load_state"][:2] for r in found] == [[10, 10], [11, 10]]
+    assert all(r["load_state"][2].endswith("was saved by 2 ranks and holds per-rank values (PerRank, RNG states, data "
+                                           "positions), none of them rank 2's. Pass rank= one of 0..1 to take that "
+                                           "rank's values.") for r in found), found
+
+
 def test_a_mismatch_on_one_rank_is_in_every_ranks_report_so_assertions_raise_on_every_rank(world2):
     found = ok(world2, "plain_into_fsdp", 2)
     expected = "shape mismatches (1): t (on rank 1) (checkpoint [6] vs object [7])"

@@ -179,3 +179,20 @@ def test_a_dict_whose_attribute_lookup_raises_is_a_plain_dict(tmp_path):
     path = torchckpt.save_state({"hparams": KeyedAttributes(lr=0.1)}, tmp_path / "c")
     loaded = torchckpt.load_state(path)
     assert loaded == {"hparams": {"lr": 0.1}} and type(loaded["hparams"]) is dict
+
+
+def test_load_state_gives_the_per_rank_values_of_the_rank_asked_for(tmp_path):
+    """probe84 F2: load_state gave rank 0's per-rank values whatever the rank (on every rank of a
+    job, too: the default is the caller's rank there, tested in test_distributed.py)."""
+    from .format2 import seen, write_two_rank
+
+    path = write_two_rank(tmp_path / "c")
+    assert torchckpt.load_state(path)["cursor"]["pos"] == 3  # no process group: rank 0's
+    one = torchckpt.load_state(path, rank=1)["cursor"]
+    assert one["pos"] == 4 and torch.equal(one["seen"], seen(1))
+    for rank, message in ((2, r"saved by 2 ranks and holds per-rank values .* none of them rank 2's\. Pass rank= one "
+                              r"of 0\.\.1"), (-1, r"rank=-1 must be an int of at least 0")):
+        with pytest.raises(ValueError, match=message):
+            torchckpt.load_state(path, rank=rank)
+    single = torchckpt.save_state({"w": torch.ones(2)}, tmp_path / "single")  # no per-rank values: any rank
+    assert torch.equal(torchckpt.load_state(single, rank=3)["w"], torch.ones(2))

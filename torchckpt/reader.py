@@ -398,14 +398,20 @@ class CheckpointReader:
             "tensors": len(self._names) + len(self._aliases),
         }
 
-    def get_state(self) -> Any:
-        """The non-tensor state tree with exact types; tensors appear as :class:`TensorSpec`."""
+    def get_state(self, rank: int = 0) -> Any:
+        """The non-tensor state tree with exact types; tensors appear as :class:`TensorSpec`.
+
+        Args:
+            rank: whose per-rank values (``PerRank``, RNG states, data positions) a checkpoint saved
+                by several ranks gives: a tensor of rank 1's is named ``<key>~r1``. A rank it has
+                none for (``rank >= world_size``) gets a ``MissingPerRank`` placeholder.
+        """
         if self._index is None:
             return {}
         shapes, dtypes = self.get_variable_to_shape_map(), self.get_variable_to_dtype_map()
         if not self._chunked:
-            return load_opened.state_tree(self._index, lambda n: TensorSpec(n, dtypes[n], shapes[n]))
-        return _specs(load_opened.state_tree(self._index, _Ref), shapes, dtypes)
+            return load_opened.state_tree(self._index, lambda n: TensorSpec(n, dtypes[n], shapes[n]), rank)
+        return _specs(load_opened.state_tree(self._index, _Ref, rank), shapes, dtypes)
 
     def get_value(self, key: str) -> Any:
         """A value of the state tree by its ``/`` key path (``"epoch"``, ``"g_sched/last_epoch"``; a str key

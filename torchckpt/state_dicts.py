@@ -23,6 +23,7 @@ import torch
 from torchckpt._dist import coordinator as dist_coordinator
 from torchckpt._format import keypath, spec
 from torchckpt._format.per_rank import without_per_rank
+from torchckpt._load import index_fields
 from torchckpt._paths import as_directory, as_path, is_url
 from torchckpt._save import capture as save_capture
 from torchckpt._save import saver
@@ -111,7 +112,7 @@ def _save_plain(state: dict[str, Any], path: str, max_shard_size: int | str, pro
 
 
 def load_state(path: str | os.PathLike[str], *, map_location: str | torch.device | None = "cpu",
-               storage_options: dict[str, Any] | None = None) -> dict[Any, Any]:
+               storage_options: dict[str, Any] | None = None, rank: int | None = None) -> dict[Any, Any]:
     """Any checkpoint as the nested dict ``torch.load`` would give for the same state.
 
     - written by :func:`save_state`: the dict that was saved, with the same types;
@@ -137,13 +138,19 @@ def load_state(path: str | os.PathLike[str], *, map_location: str | torch.device
         map_location: the device the tensors are put on (``"cpu"``, ``"cuda:0"``, a
             ``torch.device``); None leaves them on the CPU.
         storage_options: passed to fsspec when ``path`` is a URL.
+        rank: whose per-rank values (``PerRank``, RNG states, data positions) come back from a
+            checkpoint saved by several ranks; by default the caller's rank in an initialized
+            process group, else 0.
 
     Raises:
         CheckpointNotFoundError: nothing readable at ``path``.
         CorruptCheckpointError: the checkpoint is damaged (a tensor failing its checksum too).
+        ValueError: the checkpoint holds per-rank values and none for ``rank`` (it was saved by
+            fewer ranks), or ``rank`` is negative.
     """
     device = torch.device(map_location) if map_location is not None else None
     reader = load_checkpoint(path, storage_options=storage_options)
+    rank = _rank_for(reader, rank)
     read: dict[str, torch.Tensor] = {}
 
     def tensor(name: str) -> torch.Tensor:
@@ -155,11 +162,25 @@ def load_state(path: str | os.PathLike[str], *, map_location: str | torch.device
 
     if reader.kind != "torchckpt":  # in the files' order, as safetensors.torch.load_file gives them (and convert)
         return {name: tensor(name) for name in sorted(reader.names, key=reader.locate)}
-    state = _with_tensors(reader.get_state(), tensor)
+    state = _with_tensors(reader.get_state(rank), tensor)
     if isinstance(state, dict) and spec.SAVE_COUNTER not in _objects(reader):
         state.pop(spec.SAVE_COUNTER, None)
     versions = reader.index.module_versions() if reader.index is not None else None
     return _with_metadata(state, versions) if versions else state
+
+
+def _rank_for(reader: CheckpointReader, rank: int | None) -> int:
+    """The rank whose per-rank values :func:`load_state` gives (``rank``, or the caller's)."""
+    if rank is None:
+        rank = dist_coordinator.default_rank()
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+        raise ValueError(f"rank={rank!r} must be an int of at least 0.")
+    if reader.index is not None and rank >= reader.world_size and index_fields.per_rank_count(reader.index):
+        raise ValueError(
+            f"{reader.path} was saved by {reader.world_size} rank{'s' if reader.world_size != 1 else ''} and holds "
+            f"per-rank values (PerRank, RNG states, data positions), none of them rank {rank}'s. Pass rank= one of "
+            f"0..{reader.world_size - 1} to take that rank's values.")
+    return rank
 
 
 def _with_metadata(state: dict[str, Any], versions: dict[str, dict[str, int | None]]) -> dict[str, Any]:

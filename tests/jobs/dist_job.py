@@ -206,7 +206,20 @@ def plain_into_fsdp(d: Path, rank: int, world: int) -> dict:
         w=torch.zeros(5) if rank == 0 else torch.zeros(4, dtype=torch.float64),
         d=torchckpt.PerRank({"a": torch.zeros(1), "x": torch.zeros(1)} if rank == 0 else {"a": torch.zeros(1)}),
     ).read(path, timeout_secs=TIMEOUT).expect_partial()
+    # probe84 F1: a single process's per-rank state (RNG streams, PerRank) was handed to every rank
+    cursor = torchckpt.PerRank(100 + rank)
+    one = torchckpt.Checkpoint(rng=torchckpt.RNGState(), cursor=cursor, w=torch.zeros(2)).read(
+        str(d / "one-process-per-rank"), timeout_secs=TIMEOUT).expect_partial()
+    # probe84 F2: load_state gave every rank rank 0's per-rank values
+    path = torchckpt.save_state({"w": torch.ones(2), "pos": torchckpt.PerRank(10 + rank)}, str(d / "state-per-rank"),
+                                timeout_secs=TIMEOUT)
+    try:
+        beyond = str(torchckpt.load_state(path, rank=2))
+    except ValueError as e:
+        beyond = str(e)
     return {"differences": differences(found, reference), "divergent": str(status.report), "kinds": str(kinds.report),
+            "one_process": [cursor.value, one.report.missing_keys, one.report.ranks, sorted({k.split("/")[0] for k in one.report.restored_keys})],
+            "load_state": [torchckpt.load_state(path)["pos"], torchckpt.load_state(path, rank=0)["pos"], beyond],
             "kinds_ranks": kinds.report.ranks,
             "ranks": status.report.ranks, "asserted": asserted, "late": str(late.report),
             "nontrivial": nontrivial, "restored_nothing_on": lone.report.restored_nothing_on}

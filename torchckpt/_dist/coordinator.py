@@ -480,3 +480,8 @@ def coordinator_for(process_group: Any, timeout_secs: float | None) -> AnyCoordi
         checked_timeout(timeout_secs)  # refused alike in one process
         return Solo()
     return Coordinator(process_group, timeout_secs)
+
+
+def default_rank() -> int:
+    """This process's rank in the default process group (0 without one)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

@@ -104,6 +104,8 @@ class Matcher:
 
     def value(self, key: str, value: Any, saved: Any, assign: Callable[[Any], None]) -> None:
         plan = self.plan
+        if plan.rank >= plan.saved_world and saved is not MISSING and _per_rank(value):
+            saved = tree.MissingPerRank(plan.rank, plan.saved_world)  # saved as one process's (or rank 0's) alone
         if isinstance(saved, tree.MissingPerRank):  # restoring on more ranks than saved
             plan.report.missing_keys.append(key)
             plan.report.skipped_objects[key] = saved.reason
@@ -194,6 +196,12 @@ class Matcher:
             for part, v in saved_items.items():
                 if part not in used:
                     report.unexpected_keys.extend(keypath.leaves(v, keypath.join(key, part)))
+
+
+def _per_rank(value: Any) -> bool:
+    """Whether a tracked object holds each rank's own state (as a save by several ranks stores it):
+    a ``PerRank``, an ``RNGState``, a data loader's position."""
+    return isinstance(value, (tree.PerRank, RNGState)) or loaders.is_data_state(value)
 
 
 def _distinct_parts(value: dict[Any, Any]) -> bool:

@@ -49,6 +49,7 @@ class Plan:
     read_once: bool | None = None  # several ranks: replicated tensors read by one rank and broadcast (``_load.spread``)
     rank: int = 0  # the rank restoring (which per-rank values it takes)
     world: int = 1  # the restoring job's ranks (per-rank values of ranks beyond are unused, reported)
+    saved_world: int = 1  # the saving job's ranks: a rank beyond has no per-rank value (a single process's, too)
     fetch: hooked.Fetch | None = None  # while the loads run: a hooked subtree's tensors, checked as the others
     fetches: bool = False  # a hooked module's load will fetch tensors (so every shard header is checked before reads)
     versions: dict[str, dict[str, int | None]] | None = None  # saved ``_version``s (``Index.module_versions``)

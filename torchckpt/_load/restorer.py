@@ -165,6 +165,7 @@ def _plan(target: Target, index: format_index.Index, shards: opened.OpenShards, 
     saved = opened.state_tree(index, infos.__getitem__, plan.rank)
     del infos
     plan.versions = index.module_versions()
+    plan.saved_world = index.world_size
     index_fields.metadata_of(index)  # unused here, but what verify and ls call damaged is not restored either
     renamed = None
     if target.rename is not None:  # the same on every rank: each renames the tree it restores from
