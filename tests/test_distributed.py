@@ -248,6 +248,8 @@ def test_a_value_that_differs_across_ranks_is_refused_on_every_rank(world4):
         assert "torchckpt.PerRank" in r["epoch"]
         for name in ("cursor", "buffer", "noise"):
             assert r[name].startswith(f"CheckpointError: Values differ across ranks: {name} (ranks 0, 1, 2, 3)")
+        assert r["tracked"].startswith("Values differ across ranks: ema (only on ranks 0, 2). A value saved once must "
+                                       "be equal, and tracked, on every rank"), r["tracked"]
         assert r["exists"] == []
 
 

@@ -1565,3 +1565,22 @@ def test_an_empty_folder_retention_is_about_to_remove_is_checkpoint_deleted_erro
     with pytest.raises(torchckpt.CheckpointNotFoundError, match="No committed checkpoint in") as found:
         torchckpt.load_state(tmp_path / "mine")
     assert not isinstance(found.value, torchckpt.CheckpointDeletedError)
+
+
+def test_a_second_manager_of_another_name_on_one_directory_in_one_process_is_refused(tmp_path):
+    """probe84 F3: a ``last`` and a ``best`` manager of one process on one directory each replaced
+    the state file with their own history (on a disk without a word; a restarted ``last`` was then
+    refused as the directory of ``best``). One of the same name still shares the claim, as in TF."""
+    last = CheckpointManager(ckpt(), tmp_path, checkpoint_name="last")
+    with pytest.raises(torchckpt.CheckpointError, match=r"is managed by a CheckpointManager of this process with "
+                       r"checkpoint_name='last': one directory holds one manager's history, .* Give each manager its "
+                       r"own directory"):
+        CheckpointManager(ckpt(), tmp_path, checkpoint_name="best")
+    again = CheckpointManager(ckpt(), tmp_path, checkpoint_name="last")
+    assert again.save().endswith("last-1")
+    again.close()
+    assert last.save().endswith("last-2")
+    last.close()
+    with pytest.raises(torchckpt.CheckpointError, match="holds the history of a CheckpointManager named 'last'"):
+        CheckpointManager(ckpt(), tmp_path, checkpoint_name="best")  # closed: the directory's own check, as before
+    assert torchckpt.get_checkpoint_state(tmp_path).all == [str(tmp_path / "last-1"), str(tmp_path / "last-2")]

@@ -666,8 +666,11 @@ def test_a_state_file_replaced_by_another_writer_is_detected_not_overwritten(rem
     mgr = CheckpointManager(ckpt, remote.url, max_to_keep=1, storage_options=remote.options)
     mgr.save()
     torchckpt.Checkpoint(w=torch.ones(1)).save(remote.at("other"), storage_options=remote.options)  # its state write
-    with pytest.raises(torchckpt.CheckpointError, match="replaced by another writer"):
+    with pytest.raises(torchckpt.CheckpointError, match="replaced by another writer") as info:
         mgr.save()
+    # probe84 F3: it did not say that this save's checkpoint is committed (a retry would think nothing was saved)
+    assert str(info.value).startswith(f"Checkpoint {remote.at('ckpt-2')} is committed, but ")
+    assert "it does not name that checkpoint yet" in str(info.value)
     state = torchckpt.get_checkpoint_state(remote.url, storage_options=remote.options)
     assert state.latest == remote.at("other-1")  # the other writer's history was not overwritten
     assert "ckpt-1" in remote.names()  # and nothing was deleted

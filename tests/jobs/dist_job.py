@@ -237,6 +237,12 @@ def differing_value(d: Path, rank: int, world: int) -> dict:
             out[name] = "saved"
         except torchckpt.CheckpointError as e:
             out[name] = f"{type(e).__name__}: {e}"
+    try:  # probe84 F4: tracked on some ranks only (before: "ema (ranks 0, 1, 2, 3), objects/ema (ranks ...)")
+        torchckpt.Checkpoint(same=1, **({"ema": torch.arange(4.0)} if rank in (0, 2) else {})).write(
+            str(d / "differ-tracked"), timeout_secs=TIMEOUT)
+        out["tracked"] = "saved"
+    except torchckpt.CheckpointError as e:
+        out["tracked"] = str(e)
     out["exists"] = [p.name for p in d.iterdir() if p.name.startswith("differ-")]
     return out
 

@@ -156,10 +156,13 @@ class Ledger:
             self._token = history_state.write_state(self.directory, state, self.storage, self._token, data)
             self._size = len(data)
         except ConflictError:
+            latest = f"Checkpoint {join(self.directory, self.latest)} is committed, but " if self.latest else ""
             raise CheckpointError(
-                f"{join(self.directory, history_state.STATE_FILE)} was replaced by another writer since this manager "
-                f"last wrote it: two managers are writing to {self.directory}. Its history was not overwritten and "
-                "nothing was deleted; stop the other process (or use another directory) and create the manager again."
+                f"{latest}{join(self.directory, history_state.STATE_FILE)} was replaced by another writer since this "
+                f"manager last wrote it: two managers (of this process or another) are writing to {self.directory}. "
+                "Its history was not overwritten, so it does not name that checkpoint yet, and nothing was deleted; "
+                "stop the other manager (or use another directory) and create this one again: it records the "
+                "checkpoint."
             ) from None
 
     def check_room(self, metrics: dict[str, Any] | None, now: float, max_to_keep: int | None,

@@ -188,8 +188,8 @@ def _description(entry: list[Any]) -> tuple[Any, ...]:
 
 def refusal(keys: list[str]) -> CheckpointError:
     error = CheckpointError(
-        f"Values differ across ranks: {format_keys(keys, 8)}. A value saved once must be equal on every "
-        "rank; wrap one that differs by rank in torchckpt.PerRank(...), or make it equal."
+        f"Values differ across ranks: {format_keys(keys, 8)}. A value saved once must be equal, and tracked, on "
+        "every rank; wrap one that differs by rank in torchckpt.PerRank(...), or make it equal."
     )
     error.keys = keys  # type: ignore[attr-defined]
     return error
@@ -494,7 +494,14 @@ def _differing_leaves(coord: Coordinator, section: dict[str, Any]) -> list[str]:
         for key in set(digests) | set(theirs[0]):
             if digests.get(key) != theirs[0].get(key):
                 keys.setdefault(key, [0]).append(rank)
-    found = [f"{k.removeprefix('state/')} (ranks {', '.join(map(str, r))})" for k, r in sorted(keys.items())]
+    if any(k.startswith("state/") for k in keys):  # the other sections (which objects are tracked) follow from it
+        keys = {k: r for k, r in keys.items() if k.startswith("state/")}
+    found = []
+    for key, ranks in sorted(keys.items()):
+        holding = [rank for rank, digests in enumerate(theirs) if key in digests]
+        where = (f"ranks {', '.join(map(str, ranks))}" if len(holding) == len(theirs) else
+                 f"only on rank{'s' if len(holding) != 1 else ''} {', '.join(map(str, holding))}" if holding else "")
+        found.append(f"{key.removeprefix('state/')} ({where})")
     return found or ["the non-tensor state (ranks disagree)"]
 
 
