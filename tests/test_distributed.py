@@ -151,6 +151,8 @@ def test_fsdp2_saved_on_2_restores_on_4_and_reports_the_ranks_it_has_no_values_f
 
 def test_a_plain_checkpoint_restores_into_fsdp2(world2):
     assert all(r["differences"] == [] for r in ok(world2, "plain_into_fsdp", 2))
+    # the same with a load pre-hook on the model: its loaders are handed DTensors of each rank's part (probe83 F10)
+    assert all(r["hooked_differences"] == [[], []] for r in ok(world2, "plain_into_fsdp", 2))
 
 
 def test_a_single_process_checkpoint_gives_its_per_rank_state_to_rank_0_alone(world2):

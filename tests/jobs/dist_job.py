@@ -170,6 +170,17 @@ def plain_into_fsdp(d: Path, rank: int, world: int) -> dict:
     torchckpt.Checkpoint(model=model).read(str(d / "plain-mlp"), timeout_secs=TIMEOUT).assert_consumed()
     reference = safetensors.torch.load_file(str(d / "plain-mlp-reference.safetensors"))
     found = {f"model/{k}": full(v) for k, v in model.state_dict().items()}
+    # probe83 F10: with a load pre-hook on the model (as a migration has), torch's loaders were handed plain
+    # tensors to copy into its DTensors, and every restore into it failed ("mixed torch.Tensor and DTensor")
+    hooked = fsdp_mlp(4)
+    hooked._register_load_state_dict_pre_hook(lambda *args, **kwargs: None)
+    torchckpt.Checkpoint(model=hooked).read(str(d / "plain-mlp"), timeout_secs=TIMEOUT).assert_consumed()
+    hooked_found = {f"model/{k}": full(v) for k, v in hooked.state_dict().items()}
+    path = torchckpt.Checkpoint(model=hooked).write(str(d / "hooked-mlp"), timeout_secs=TIMEOUT)  # FSDP2 -> FSDP2
+    again = fsdp_mlp(5)
+    again._register_load_state_dict_pre_hook(lambda *args, **kwargs: None)
+    torchckpt.Checkpoint(model=again).read(path, timeout_secs=TIMEOUT).assert_consumed()
+    hooked_again = {f"model/{k}": full(v) for k, v in again.state_dict().items()}
     # objects that differ on one rank: every rank's report lists the mismatch (probe30 F1: before,
     # rank 0 said "everything matched" and only rank 1's assertion raised, the others went on)
     path = torchckpt.Checkpoint(t=torch.arange(6.0), n=1).write(str(d / "divergent"), timeout_secs=TIMEOUT)
@@ -218,6 +229,7 @@ def plain_into_fsdp(d: Path, rank: int, world: int) -> dict:
     except ValueError as e:
         beyond = str(e)
     return {"differences": differences(found, reference), "divergent": str(status.report), "kinds": str(kinds.report),
+            "hooked_differences": [differences(hooked_found, reference), differences(hooked_again, reference)],
             "one_process": [cursor.value, one.report.missing_keys, one.report.ranks, sorted({k.split("/")[0] for k in one.report.restored_keys})],
             "load_state": [torchckpt.load_state(path)["pos"], torchckpt.load_state(path, rank=0)["pos"], beyond],
             "kinds_ranks": kinds.report.ranks,

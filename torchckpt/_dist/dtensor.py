@@ -287,6 +287,16 @@ def local_storage(t: torch.Tensor) -> int:
     return int(local.untyped_storage().data_ptr())
 
 
+def empty_like(t: Any, dtype: torch.dtype) -> torch.Tensor:
+    """A new DTensor laid out as the DTensor ``t`` (its mesh, placements, global shape), of ``dtype``,
+    its local part uninitialized: what a restore reads this rank's part of a saved tensor into."""
+    from torch.distributed.tensor import DTensor
+
+    template = local_of(t)
+    local = torch.empty(template.shape, dtype=dtype, device=template.device)
+    return DTensor.from_local(local, t.device_mesh, t.placements, shape=t.shape, stride=t.stride(), run_check=False)
+
+
 class LayoutTemplates:
     """The optimizer's parameters, in the order its state dict numbers them, where state made for
     them must have their layout (:meth:`destination`), else None: a DTensor, or a plain tensor that

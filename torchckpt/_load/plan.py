@@ -410,7 +410,12 @@ def _plan_hooked(name: str, module: torch.nn.Module, saved: dict[str, Any], curr
         restored = True
         if owner is None:  # under a hooked module, or not this module's: torch's loaders decide
             load.entries[key] = value if is_saved(value) else rebuild(value, full, _fresh_reader(plan))
-            late.append((key, full, value, current.get(key)))
+            dest: Any = current.get(key)
+            if is_saved(value) and dist_dtensor.is_dtensor(dest) and not dest.is_meta and dest.shape == value.shape:
+                # this rank's part, read into a DTensor laid out as the parameter, which its loader copies from
+                load.entries[key] = fresh = dist_dtensor.empty_like(dest, value.dtype)
+                _read_into(fresh, value, plan)
+            late.append((key, full, value, dest))
             if plan.cast and plan.assign and is_saved(value) and casts_to(current.get(key), value):
                 # assigned as its loader is handed it, it would keep the saved dtype: cast after the loader
                 load.casts[key] = (value.dtype, current[key].dtype)
