@@ -164,7 +164,14 @@ def test_a_single_process_checkpoint_gives_its_per_rank_state_to_rank_0_alone(wo
     assert [r["one_process"][1:] for r in found] == [[["rng", "cursor"], {"rng": [1], "cursor": [1]}, r["one_process"][3]]
                                                      for r in found], found
     assert found[0]["one_process"][3] == ["cursor", "rng", "w"] and found[1]["one_process"][3] == ["w"]
+    assert found[0]["hf_warned"] == [] and len(found[1]["hf_warned"]) == 1, found  # probe85 F4: and restored
+    assert "rank 1 has no saved value: the checkpoint was saved by 1 rank; this process keeps its own" in \
+        found[1]["hf_warned"][0]
     assert [r["load_state"][:2] for r in found] == [[10, 10], [11, 10]]
+    assert found[0]["load_state"][3] == [5, []] and found[1]["load_state"][3][0] == 5, found
+    assert found[1]["load_state"][3][1][0].endswith("was saved by 1 rank and holds per-rank values (PerRank, RNG "
+                                                    "states, data positions), none of them rank 1's: this process gets "
+                                                    "rank 0's (pass rank= to choose).")
     assert all(r["load_state"][2].endswith("was saved by 2 ranks and holds per-rank values (PerRank, RNG states, data "
                                            "positions), none of them rank 2's. Pass rank= one of 0..1 to take that "
                                            "rank's values.") for r in found), found

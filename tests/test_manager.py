@@ -1572,7 +1572,7 @@ def test_a_second_manager_of_another_name_on_one_directory_in_one_process_is_ref
     the state file with their own history (on a disk without a word; a restarted ``last`` was then
     refused as the directory of ``best``). One of the same name still shares the claim, as in TF."""
     last = CheckpointManager(ckpt(), tmp_path, checkpoint_name="last")
-    with pytest.raises(torchckpt.CheckpointError, match=r"is managed by a CheckpointManager of this process with "
+    with pytest.raises(torchckpt.CheckpointError, match=r"is managed by an open CheckpointManager of this process with "
                        r"checkpoint_name='last': one directory holds one manager's history, .* Give each manager its "
                        r"own directory"):
         CheckpointManager(ckpt(), tmp_path, checkpoint_name="best")
@@ -1584,3 +1584,12 @@ def test_a_second_manager_of_another_name_on_one_directory_in_one_process_is_ref
     with pytest.raises(torchckpt.CheckpointError, match="holds the history of a CheckpointManager named 'last'"):
         CheckpointManager(ckpt(), tmp_path, checkpoint_name="best")  # closed: the directory's own check, as before
     assert torchckpt.get_checkpoint_state(tmp_path).all == [str(tmp_path / "last-1"), str(tmp_path / "last-2")]
+    # probe85 F7, F8: one never closed and collected does not count; one directory by a symbolic link does
+    CheckpointManager(ckpt(), tmp_path / "gone", checkpoint_name="last")
+    gc.collect()
+    CheckpointManager(ckpt(), tmp_path / "gone", checkpoint_name="best").close()
+    (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)
+    (tmp_path / "real").mkdir()
+    with CheckpointManager(ckpt(), tmp_path / "real", checkpoint_name="last"), \
+            pytest.raises(torchckpt.CheckpointError, match=r"link is managed by an open CheckpointManager"):
+        CheckpointManager(ckpt(), tmp_path / "link", checkpoint_name="best")

@@ -197,6 +197,29 @@ def test_a_later_load_that_does_not_fill_the_tensor_leaves_the_other_read_restor
     assert report.missing_keys == ["m/0.weight"] and not report.unexpected_keys
 
 
+class EncDec(torch.nn.Module):
+    def __init__(self, dec_first: bool, tie: bool) -> None:
+        super().__init__()
+        for name in ("dec", "enc") if dec_first else ("enc", "dec"):
+            setattr(self, name, torch.nn.Embedding(4, 2))
+        if tie:
+            self.dec.weight = self.enc.weight
+
+
+@pytest.mark.parametrize("dec_first", [True, False], ids=["saved-dec-first", "saved-enc-first"])
+@pytest.mark.parametrize("alone", [True, False], ids=["model-alone", "beside-another-object"])
+def test_tied_weights_under_a_load_hook_keep_the_key_torch_loads_last(tmp_path, dec_first, alone):
+    """probe85 F1, F2: the key kept was decided by the checkpoint's order, not by torch's walk of the
+    model (enc, then dec: dec's value stays), and only when another object was tracked too."""
+    saved = EncDec(dec_first, tie=False)
+    path = torchckpt.Checkpoint(m=saved, **({} if alone else {"x": torch.nn.Linear(1, 1)})).write(tmp_path / "c")
+    model = _hooked(EncDec(False, tie=True))
+    report = torchckpt.Checkpoint(m=model, **({} if alone else {"x": torch.nn.Linear(1, 1)})).read(
+        path).expect_partial().report
+    assert torch.equal(model.enc.weight, saved.dec.weight)
+    assert report.unexpected_keys == ["m/enc.weight"] and "m/dec.weight" in report.restored_keys
+
+
 def test_of_two_later_loads_that_share_a_tensor_the_last_keeps_it(tmp_path):
     """probe83 F4: two tracked modules with load hooks tie one embedding; both keys were restored."""
     enc, dec = _hooked(torch.nn.Embedding(4, 2)), _hooked(torch.nn.Embedding(4, 2))

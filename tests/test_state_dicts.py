@@ -71,6 +71,9 @@ def test_tied_tensors_come_back_as_one_tensor(tmp_path):
     weight = torch.randn(4, 3)
     loaded = torchckpt.load_state(torchckpt.save_state({"embed": weight, "head": weight}, tmp_path / "c"))
     assert loaded["embed"] is loaded["head"] and torch.equal(loaded["head"], weight)
+    empty, other = torch.empty(0, 4), torch.empty(0, 4)  # probe74 F5: an empty one, by object (no address)
+    loaded = torchckpt.load_state(torchckpt.save_state({"a": empty, "b": empty, "c": other}, tmp_path / "empty"))
+    assert loaded["a"] is loaded["b"] and loaded["c"] is not loaded["a"] and loaded["a"].shape == (0, 4)
 
 
 def test_a_checkpoints_tracked_names_hold_their_state_dicts(trained, tmp_path):
@@ -196,3 +199,8 @@ def test_load_state_gives_the_per_rank_values_of_the_rank_asked_for(tmp_path):
             torchckpt.load_state(path, rank=rank)
     single = torchckpt.save_state({"w": torch.ones(2)}, tmp_path / "single")  # no per-rank values: any rank
     assert torch.equal(torchckpt.load_state(single, rank=3)["w"], torch.ones(2))
+    # probe85 F5: a single process's RNG state is rank 0's: rank 1 asked for is refused, not given rank 0's
+    one = torchckpt.Checkpoint(rng=torchckpt.RNGState(), w=torch.ones(2)).write(tmp_path / "one")
+    with pytest.raises(ValueError, match=r"saved by 1 rank and holds per-rank values .* none of them rank 1's"):
+        torchckpt.load_state(one, rank=1)
+    assert set(torchckpt.load_state(one, rank=0)) == {"rng", "w"}

@@ -178,7 +178,7 @@ class CheckpointManager:
             self._preemption = PreemptionWatch(signals)
         except BaseException:
             if self._claimed:  # also after the claim, when a rank gave up on this one meanwhile
-                claims.let_go(self._storage, self._directory, self._name)
+                claims.let_go(self._storage, self._directory, self)
             raise
 
     def _open(self, arguments: dict[str, Any], configure: Callable[[], None]) -> list[str]:
@@ -211,7 +211,7 @@ class CheckpointManager:
                                   "directory a manager writes into (its parent, for a manager's checkpoint), or restore "
                                   "this one with Checkpoint.restore.")
         self._read_only = claims.take(self._storage, self._directory, (f"{self._name}-", history_state.STATE_FILE),
-                                       self._name)
+                                       self._name, self)
         self._claimed = not self._read_only  # a failed construction holds nothing (see __init__)
         return self._ledger.load(_clock.now(), best_mode)
 
@@ -524,7 +524,7 @@ class CheckpointManager:
         finally:
             self._preemption.close()
             if not self._read_only and self._is_primary and not self._closed:
-                claims.let_go(self._storage, self._directory, self._name)  # the claim goes with the last manager of the process
+                claims.let_go(self._storage, self._directory, self)  # the claim goes with the last manager of the process
             self._closed = True
 
     def __enter__(self) -> CheckpointManager:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections import OrderedDict
 from typing import Any
 
@@ -139,14 +140,15 @@ def load_state(path: str | os.PathLike[str], *, map_location: str | torch.device
             ``torch.device``); None leaves them on the CPU.
         storage_options: passed to fsspec when ``path`` is a URL.
         rank: whose per-rank values (``PerRank``, RNG states, data positions) come back from a
-            checkpoint saved by several ranks; by default the caller's rank in an initialized
-            process group, else 0.
+            checkpoint saved by several ranks (a single process's are rank 0's); by default the
+            caller's rank in an initialized process group, else 0.
 
     Raises:
         CheckpointNotFoundError: nothing readable at ``path``.
         CorruptCheckpointError: the checkpoint is damaged (a tensor failing its checksum too).
-        ValueError: the checkpoint holds per-rank values and none for ``rank`` (it was saved by
-            fewer ranks), or ``rank`` is negative.
+        ValueError: the checkpoint holds per-rank values and none for the ``rank`` asked for (it
+            was saved by fewer ranks), or ``rank`` is negative. By default, a rank it has none for
+            gets rank 0's, with a warning.
     """
     device = torch.device(map_location) if map_location is not None else None
     reader = load_checkpoint(path, storage_options=storage_options)
@@ -169,18 +171,32 @@ def load_state(path: str | os.PathLike[str], *, map_location: str | torch.device
     return _with_metadata(state, versions) if versions else state
 
 
+_PER_RANK_KINDS = frozenset({"rng", "per_rank", "data_loader", "generator"})  # as ``kind_of`` names them
+
+
 def _rank_for(reader: CheckpointReader, rank: int | None) -> int:
-    """The rank whose per-rank values :func:`load_state` gives (``rank``, or the caller's)."""
-    if rank is None:
-        rank = dist_coordinator.default_rank()
+    """The rank whose per-rank values :func:`load_state` gives: ``rank``, or the caller's (rank 0's,
+    with a warning, where the checkpoint has none of the caller's: a larger job loading weights)."""
+    asked = rank is not None
+    rank = dist_coordinator.default_rank() if rank is None else rank
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
         raise ValueError(f"rank={rank!r} must be an int of at least 0.")
-    if reader.index is not None and rank >= reader.world_size and index_fields.per_rank_count(reader.index):
-        raise ValueError(
-            f"{reader.path} was saved by {reader.world_size} rank{'s' if reader.world_size != 1 else ''} and holds "
-            f"per-rank values (PerRank, RNG states, data positions), none of them rank {rank}'s. Pass rank= one of "
-            f"0..{reader.world_size - 1} to take that rank's values.")
-    return rank
+    if reader.index is None or rank < reader.world_size or not _holds_per_rank(reader):
+        return rank
+    world = reader.world_size
+    message = (f"{reader.path} was saved by {world} rank{'s' if world != 1 else ''} and holds per-rank values "
+               f"(PerRank, RNG states, data positions), none of them rank {rank}'s")
+    if asked:
+        raise ValueError(f"{message}. Pass rank= one of 0..{world - 1} to take that rank's values.")
+    warnings.warn(f"{message}: this process gets rank 0's (pass rank= to choose).", stacklevel=3)
+    return 0
+
+
+def _holds_per_rank(reader: CheckpointReader) -> bool:
+    """Whether the checkpoint holds values of each rank's own (a single process's: rank 0's)."""
+    if reader.index is not None and index_fields.per_rank_count(reader.index):
+        return True
+    return reader.world_size == 1 and any(kind in _PER_RANK_KINDS for kind in _objects(reader).values())
 
 
 def _with_metadata(state: dict[str, Any], versions: dict[str, dict[str, int | None]]) -> dict[str, Any]:

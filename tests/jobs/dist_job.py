@@ -221,6 +221,16 @@ def plain_into_fsdp(d: Path, rank: int, world: int) -> dict:
     cursor = torchckpt.PerRank(100 + rank)
     one = torchckpt.Checkpoint(rng=torchckpt.RNGState(), cursor=cursor, w=torch.zeros(2)).read(
         str(d / "one-process-per-rank"), timeout_secs=TIMEOUT).expect_partial()
+    # probe85 F4: the transformers integration resumes such a run on more ranks, as the Trainer does: a rank
+    # without saved random state keeps its own, with a warning (the restore asserts everything else)
+    from torchckpt.integrations.transformers import _without_rng_of_other_ranks
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _without_rng_of_other_ranks(torchckpt.Checkpoint(rng=torchckpt.RNGState(), w=torch.zeros(2),
+                                                         cursor=torchckpt.PerRank(0) if rank == 0 else 0).read(
+            str(d / "one-process-per-rank"), timeout_secs=TIMEOUT)).assert_consumed()
+    hf_warned = [str(w.message) for w in caught if "keeps its own random state" in str(w.message)]
     # probe84 F2: load_state gave every rank rank 0's per-rank values
     path = torchckpt.save_state({"w": torch.ones(2), "pos": torchckpt.PerRank(10 + rank)}, str(d / "state-per-rank"),
                                 timeout_secs=TIMEOUT)
@@ -228,10 +238,16 @@ def plain_into_fsdp(d: Path, rank: int, world: int) -> dict:
         beyond = str(torchckpt.load_state(path, rank=2))
     except ValueError as e:
         beyond = str(e)
+    with warnings.catch_warnings(record=True) as caught:  # probe85 F6: a rank it has none for, by default: rank 0's
+        warnings.simplefilter("always")
+        default_beyond = [torchckpt.load_state(str(d / "one-process-per-rank"))["cursor"],
+                          [str(w.message) for w in caught if "none of them rank" in str(w.message)]]
     return {"differences": differences(found, reference), "divergent": str(status.report), "kinds": str(kinds.report),
             "hooked_differences": [differences(hooked_found, reference), differences(hooked_again, reference)],
             "one_process": [cursor.value, one.report.missing_keys, one.report.ranks, sorted({k.split("/")[0] for k in one.report.restored_keys})],
-            "load_state": [torchckpt.load_state(path)["pos"], torchckpt.load_state(path, rank=0)["pos"], beyond],
+            "hf_warned": hf_warned,
+            "load_state": [torchckpt.load_state(path)["pos"], torchckpt.load_state(path, rank=0)["pos"], beyond,
+                           default_beyond],
             "kinds_ranks": kinds.report.ranks,
             "ranks": status.report.ranks, "asserted": asserted, "late": str(late.report),
             "nontrivial": nontrivial, "restored_nothing_on": lone.report.restored_nothing_on}

@@ -337,17 +337,20 @@ def _plan_own_load_state_dict(name: str, module: torch.nn.Module, saved: dict[st
         report.restored_keys.extend(full for own, full in as_saved.items() if own not in unexpected and own not in missing)
 
     plan.loads.append((name, load))
-    _fills_late(plan, module, [(own, full, state[own], current.get(own)) for own, full in as_saved.items()])
+    _fills_late(plan, module, [(own, full, state[own], current.get(own)) for own, full in as_saved.items()], current)
 
 
-def _fills_late(plan: Plan, module: torch.nn.Module, entries: list[tuple[str, str, Any, Any]]) -> None:
+def _fills_late(plan: Plan, module: torch.nn.Module, entries: list[tuple[str, str, Any, Any]],
+                current: dict[str, Any]) -> None:
     """Record what a load that runs after every read fills: (the module's key, the checkpoint's,
     the saved value, the module's tensor now), where the saved value is a tensor and the module's
-    holds memory (``_load.shared``)."""
+    holds memory (``_load.shared``), in the order torch's loaders walk the module (``current``'s:
+    of two keys of one tensor, the later one's value stays)."""
+    order = {key: i for i, key in enumerate(current)}
     fills = [tied.Fed(own, full, value, dest) for own, full, value, dest in entries
              if is_saved(value) and isinstance(dest, torch.Tensor) and not dest.is_meta and tied.address_of(dest)]
     if fills:
-        plan.late_fills.append((module, fills))
+        plan.late_fills.append((module, sorted(fills, key=lambda fill: order.get(fill.object_key, len(order)))))
 
 
 def _reads_into_shared(fed: list[tuple[int, str]], name: str, pairs: dict[str, str], saved: dict[str, Any],
@@ -444,7 +447,7 @@ def _plan_hooked(name: str, module: torch.nn.Module, saved: dict[str, Any], curr
             load.consumed[key] = shared_key(full, value) if is_saved(value) else full
     if in_place:
         plan.fed.append((name, in_place, reads.__getitem__))
-    _fills_late(plan, module, late)
+    _fills_late(plan, module, late, current)
 
     def finish() -> None:
         if plan.fetch is None:

@@ -33,8 +33,8 @@ def drop_overwritten_across(plan: Plan, tensors: list[tuple[int, str, torch.Tens
     tracked tensors, (place, key, tensor, saved). Ties inside one module were settled as it was
     planned, and one object under two names by the walk. What a later load fills is noted for
     :func:`settle_after_loads`."""
-    if not (plan.fed or plan.late_fills) or len(plan.fed) + len(plan.late_fills) + len(tensors) < 2:
-        return  # no module read in place or loaded later, or one object alone
+    if not plan.late_fills and len(plan.fed) + len(tensors) < 2:
+        return  # one object read in place alone (a later load's own tied keys are settled below)
     owners: list[Owner] = [(position.get(name, -1), fed, describe)  # -1: taken back (_once)
                            for name, fed, describe in plan.fed]
     for place, key, t, saved in tensors:

@@ -88,6 +88,7 @@ def prepare_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.T
     aliases: dict[str, str] = {}
     first_at: dict[int, str] = {}  # address -> first tensor there (the common, cheap case)
     views_at: dict[tuple[Any, ...], str] = {}  # view key -> stored name, only at addresses that repeat
+    empty_at: dict[int, str] = {}  # an empty tensor (no address) under two names: one object, by its id
     supported = format_dtypes.SUPPORTED_DTYPES
     strided = torch.strided
     for name, t in tensors.items():
@@ -97,6 +98,8 @@ def prepare_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.T
         address = t.data_ptr()
         if not address:  # empty: its shape alone could fail the readers' check
             check_shape(name, t)
+            if (target := empty_at.setdefault(id(t), name)) is not name:
+                aliases[name] = target
             continue
         first = first_at.setdefault(address, name)
         if first is not name and t.nbytes:  # views at one address are aliases only if identical views

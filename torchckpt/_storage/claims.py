@@ -12,14 +12,16 @@ from __future__ import annotations
 import collections
 import os
 import threading
+import weakref
 from collections.abc import Iterable
 
 from torchckpt._storage.base import Storage
 from torchckpt._storage.files import is_read_only_error
 from torchckpt.errors import CheckpointError, CheckpointWriteError
 
-# By directory, how many managers of this process hold its claim, by their checkpoint_name
-_holders: dict[tuple[int, str, str], collections.Counter[str]] = {}
+_holders: collections.Counter[tuple[int, str, str]] = collections.Counter()
+# Each open manager of this process (until closed or collected) -> (where its directory really is, its name)
+_names: weakref.WeakKeyDictionary[object, tuple[tuple[int, str, str], str]] = weakref.WeakKeyDictionary()
 _guard = threading.Lock()
 
 
@@ -28,57 +30,67 @@ def _key(storage: Storage, directory: str) -> tuple[int, str, str]:
     return os.getpid(), type(storage).__name__, storage.real_path(directory)
 
 
-def hold(storage: Storage, directory: str, name: str) -> None:
-    """Count one more manager of this process, of checkpoint_name ``name``, holding ``directory``'s
-    claim (taken by ``Storage.claim``)."""
+def _where(storage: Storage, directory: str) -> tuple[int, str, str]:
+    """:func:`_key`, with a local directory's symbolic links resolved: one directory by two paths."""
+    pid, kind, path = _key(storage, directory)
+    return pid, kind, path if "://" in path else os.path.realpath(path)
+
+
+def hold(storage: Storage, directory: str) -> None:
+    """Count one more manager of this process holding ``directory``'s claim (taken by ``Storage.claim``)."""
     with _guard:
-        _holders.setdefault(_key(storage, directory), collections.Counter())[name] += 1
+        _holders[_key(storage, directory)] += 1
 
 
-def let_go(storage: Storage, directory: str, name: str) -> None:
-    """One manager is done with ``directory``: release its claim when no other one holds it."""
+def let_go(storage: Storage, directory: str, owner: object = None) -> None:
+    """One manager (``owner``) is done with ``directory``: release its claim when no other one holds it."""
     key = _key(storage, directory)
     with _guard:
-        names = _holders.get(key, collections.Counter())
-        names[name] -= 1
-        if names[name] <= 0:
-            del names[name]
-        last = not names
+        if owner is not None:
+            _names.pop(owner, None)
+        _holders[key] -= 1
+        last = _holders[key] <= 0
         if last:
-            _holders.pop(key, None)
+            del _holders[key]
     if last:
         storage.release(directory)
 
 
-def _refuse_another_name(storage: Storage, directory: str, name: str) -> None:
-    """One directory holds one manager's history: two managers of this process under other names
-    would each replace the state file with their own (a ``last`` and a ``best`` manager)."""
+def _refuse_another_name(storage: Storage, directory: str, name: str, owner: object) -> None:
+    """One directory holds one manager's history: two open managers of this process under other
+    names would each replace the state file with their own (a ``last`` and a ``best`` manager).
+    Registers ``owner`` otherwise."""
+    where = _where(storage, directory)
     with _guard:
-        others = sorted(n for n in _holders.get(_key(storage, directory), ()) if n != name)
+        others = sorted(n for w, n in list(_names.values()) if w == where and n != name)
+        if not others:
+            _names[owner] = (where, name)
     if others:
         raise CheckpointError(
-            f"{directory} is managed by a CheckpointManager of this process with checkpoint_name={others[0]!r}: one "
-            f"directory holds one manager's history, and a manager named {name!r} beside it would replace that "
+            f"{directory} is managed by an open CheckpointManager of this process with checkpoint_name={others[0]!r}: "
+            f"one directory holds one manager's history, and a manager named {name!r} beside it would replace that "
             "history with its own. Give each manager its own directory (runs/last, runs/best), or close the other "
             "manager first.")
 
 
-def take(storage: Storage, directory: str, leftovers: Iterable[str], name: str) -> bool:
-    """Create and claim ``directory`` for a manager of this process (checkpoint_name ``name``), and
-    clear crashed writers' leftovers (temporary names starting with one of ``leftovers``). Returns
-    True when the directory is read-only (an evaluation job on a read-only snapshot of a run): then
-    nothing is claimed.
+def take(storage: Storage, directory: str, leftovers: Iterable[str], name: str, owner: object) -> bool:
+    """Create and claim ``directory`` for a manager of this process (``owner``, of checkpoint_name
+    ``name``), and clear crashed writers' leftovers (temporary names starting with one of
+    ``leftovers``). Returns True when the directory is read-only (an evaluation job on a read-only
+    snapshot of a run): then nothing is claimed.
 
     Raises:
         CheckpointError: a manager of this process under another checkpoint_name holds the directory.
         CheckpointWriteError: the directory cannot be created or claimed for another reason.
     """
-    _refuse_another_name(storage, directory, name)
+    _refuse_another_name(storage, directory, name, owner)
     try:
         storage.make_dirs(directory)
         storage.claim(directory)
-        hold(storage, directory, name)
+        hold(storage, directory)
     except OSError as e:
+        with _guard:
+            _names.pop(owner, None)
         if not is_read_only_error(e) or not storage.follows_to_dir(directory):
             raise CheckpointWriteError(f"Cannot use {directory} as a checkpoint directory: {e.strerror or e}.",
                                        directory, e) from e
@@ -87,6 +99,6 @@ def take(storage: Storage, directory: str, leftovers: Iterable[str], name: str) 
         for prefix in leftovers:
             storage.remove_leftovers(directory, prefix)
     except BaseException:
-        let_go(storage, directory, name)
+        let_go(storage, directory, owner)
         raise
     return False

@@ -59,6 +59,7 @@ from transformers.trainer import TRAINER_STATE_NAME, Trainer
 from transformers.trainer_callback import CallbackHandler
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
 
+from torchckpt._dist import coordinator as dist_coordinator
 from torchckpt._paths import as_path, join
 from torchckpt._storage.registry import storage_for
 from torchckpt._tools import verify as verify_tool
@@ -278,7 +279,7 @@ class TorchckptCallback(TrainerCallback):
         """Set the model, optimizer, scheduler and random state back from the prepared checkpoint."""
         resume = self._resume
         assert resume is not None and self.manager is not None
-        self.manager.checkpoint.restore(resume.checkpoint).assert_consumed()
+        _without_rng_of_other_ranks(self.manager.checkpoint.restore(resume.checkpoint)).assert_consumed()
         resume.rng = RNGState().state_dict()  # as restored: set back again where the saving run stood
         resume.mid_epoch = _skips_batches(args, state, train_dataloader)
 
@@ -499,3 +500,17 @@ def _callback_states(handler: CallbackHandler | None, control: TrainerControl, s
     elif hasattr(control, "state"):
         out["TrainerControl"] = control.state()
     return out
+
+
+def _without_rng_of_other_ranks(status: Any) -> Any:
+    """``status`` without the random state a rank has none of (a run of fewer processes resumed on
+    more): it keeps its own, with a warning, as the Trainer's own resume does."""
+    reason = status.report.skipped_objects.get("rng", "")
+    if "has no saved value" in reason:
+        ranks = status.report.ranks.get("rng", [])
+        if not ranks or dist_coordinator.default_rank() in ranks:
+            warnings.warn(f"{status.path}: {reason}; this process keeps its own random state, so the run is not "
+                          "reproducible from here exactly.", stacklevel=3)
+        del status.report.skipped_objects["rng"]
+        status.report.missing_keys[:] = [k for k in status.report.missing_keys if k != "rng"]
+    return status
