@@ -1091,7 +1091,10 @@ def test_a_manager_of_another_name_is_refused_where_one_keeps_its_history(tmp_pa
 
 def test_closing_one_of_two_managers_on_a_directory_keeps_the_claim_for_the_other(tmp_path):
     first = CheckpointManager(ckpt(), tmp_path)
-    second = CheckpointManager(ckpt(), tmp_path)  # one process: the claim is shared (as TensorFlow's tests expect)
+    (tmp_path.parent / f"{tmp_path.name}-link").symlink_to(tmp_path, target_is_directory=True)
+    # one process: the claim is shared (as TensorFlow's tests expect), also by a symbolic link (probe86 F2: the
+    # count went by the path as spelled, and closing the first released the lock the second still needed)
+    second = CheckpointManager(ckpt(), tmp_path.parent / f"{tmp_path.name}-link")
     first.close()
     other = subprocess.run([sys.executable, "-c", "import sys, torch, torchckpt; torchckpt.CheckpointManager("
                             "torchckpt.Checkpoint(w=torch.zeros(1)), sys.argv[1])", str(tmp_path)],
@@ -1593,3 +1596,20 @@ def test_a_second_manager_of_another_name_on_one_directory_in_one_process_is_ref
     with CheckpointManager(ckpt(), tmp_path / "real", checkpoint_name="last"), \
             pytest.raises(torchckpt.CheckpointError, match=r"link is managed by an open CheckpointManager"):
         CheckpointManager(ckpt(), tmp_path / "link", checkpoint_name="best")
+
+
+def test_a_manager_refused_by_another_process_does_not_hold_the_directory_for_its_name(tmp_path):
+    """probe86 F1: its name stayed registered as an open manager of this process while the refused
+    object lived (in the exception's traceback), and a manager of another name was then refused."""
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, torch, torchckpt; m = torchckpt.CheckpointManager("
+                               "torchckpt.Checkpoint(w=torch.zeros(1)), sys.argv[1]); print('held', flush=True); "
+                               "sys.stdin.read()", str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(torchckpt.CheckpointError, match="is managed by another live process") as refused:
+            CheckpointManager(ckpt(), tmp_path, checkpoint_name="last")
+    finally:
+        holder.communicate("", timeout=60)
+    CheckpointManager(ckpt(), tmp_path, checkpoint_name="best").close()
+    assert refused.value is not None  # kept alive to the end, with the refused manager in its traceback

@@ -26,14 +26,11 @@ _guard = threading.Lock()
 
 
 def _key(storage: Storage, directory: str) -> tuple[int, str, str]:
-    """Whose count: this process's (a forked child holds no claim of its parent's, ``_storage.lock``)."""
-    return os.getpid(), type(storage).__name__, storage.real_path(directory)
-
-
-def _where(storage: Storage, directory: str) -> tuple[int, str, str]:
-    """:func:`_key`, with a local directory's symbolic links resolved: one directory by two paths."""
-    pid, kind, path = _key(storage, directory)
-    return pid, kind, path if "://" in path else os.path.realpath(path)
+    """Whose count: this process's (a forked child holds no claim of its parent's, ``_storage.lock``),
+    for one directory however it is spelled (a local one's symbolic links resolved, as its lock is;
+    a URL without a trailing ``/``)."""
+    path = storage.real_path(directory)
+    return os.getpid(), type(storage).__name__, path.rstrip("/") or path if "://" in path else os.path.realpath(path)
 
 
 def hold(storage: Storage, directory: str) -> None:
@@ -60,7 +57,7 @@ def _refuse_another_name(storage: Storage, directory: str, name: str, owner: obj
     """One directory holds one manager's history: two open managers of this process under other
     names would each replace the state file with their own (a ``last`` and a ``best`` manager).
     Registers ``owner`` otherwise."""
-    where = _where(storage, directory)
+    where = _key(storage, directory)
     with _guard:
         others = sorted(n for w, n in list(_names.values()) if w == where and n != name)
         if not others:
@@ -88,9 +85,11 @@ def take(storage: Storage, directory: str, leftovers: Iterable[str], name: str, 
         storage.make_dirs(directory)
         storage.claim(directory)
         hold(storage, directory)
-    except OSError as e:
+    except BaseException as e:  # not claimed (another process holds it, a read-only directory): not open here
         with _guard:
             _names.pop(owner, None)
+        if not isinstance(e, OSError):
+            raise
         if not is_read_only_error(e) or not storage.follows_to_dir(directory):
             raise CheckpointWriteError(f"Cannot use {directory} as a checkpoint directory: {e.strerror or e}.",
                                        directory, e) from e
