@@ -204,3 +204,9 @@ def test_load_state_gives_the_per_rank_values_of_the_rank_asked_for(tmp_path):
     with pytest.raises(ValueError, match=r"saved by 1 rank and holds per-rank values .* none of them rank 1's"):
         torchckpt.load_state(one, rank=1)
     assert set(torchckpt.load_state(one, rank=0)) == {"rng", "w"}
+    from torchckpt.checkpoint import PER_RANK_KINDS, kind_of  # the kinds it goes by are what a save records
+
+    assert {kind_of(torchckpt.RNGState()), kind_of(torchckpt.PerRank(1)), kind_of(torch.Generator())} <= PER_RANK_KINDS
+    gen = torchckpt.Checkpoint(g=torch.Generator(), w=torch.ones(2)).write(tmp_path / "generator")
+    with pytest.raises(ValueError, match="none of them rank 1's"):
+        torchckpt.load_state(gen, rank=1)

@@ -65,6 +65,10 @@ def _is_trackable(value: Any, depth: int = 0) -> bool:
     return False
 
 
+# The kinds of :func:`kind_of` whose state is each rank's own (``_state_of`` saves them per rank)
+PER_RANK_KINDS = frozenset({"rng", "per_rank", "data_loader", "generator"})
+
+
 def kind_of(value: Any) -> str:
     """A short name for what a tracked value is, recorded in the index for inspection."""
     if isinstance(value, torch.nn.Module):

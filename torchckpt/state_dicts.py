@@ -33,7 +33,7 @@ from torchckpt._save.options import SaveOptions, save_arguments
 from torchckpt._storage.base import AlreadyCommitted
 from torchckpt._storage.registry import storage_for
 from torchckpt._tools import convert as convert_tool
-from torchckpt.checkpoint import kind_of
+from torchckpt.checkpoint import PER_RANK_KINDS, kind_of
 from torchckpt.errors import CheckpointError, UnsupportedStateError
 from torchckpt.reader import CheckpointReader, TensorSpec, load_checkpoint
 
@@ -171,9 +171,6 @@ def load_state(path: str | os.PathLike[str], *, map_location: str | torch.device
     return _with_metadata(state, versions) if versions else state
 
 
-_PER_RANK_KINDS = frozenset({"rng", "per_rank", "data_loader", "generator"})  # as ``kind_of`` names them
-
-
 def _rank_for(reader: CheckpointReader, rank: int | None) -> int:
     """The rank whose per-rank values :func:`load_state` gives: ``rank``, or the caller's (rank 0's,
     with a warning, where the checkpoint has none of the caller's: a larger job loading weights)."""
@@ -196,7 +193,7 @@ def _holds_per_rank(reader: CheckpointReader) -> bool:
     """Whether the checkpoint holds values of each rank's own (a single process's: rank 0's)."""
     if reader.index is not None and index_fields.per_rank_count(reader.index):
         return True
-    return reader.world_size == 1 and any(kind in _PER_RANK_KINDS for kind in _objects(reader).values())
+    return reader.world_size == 1 and any(kind in PER_RANK_KINDS for kind in _objects(reader).values())
 
 
 def _with_metadata(state: dict[str, Any], versions: dict[str, dict[str, int | None]]) -> dict[str, Any]:

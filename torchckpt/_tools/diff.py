@@ -76,7 +76,10 @@ def plain_values(a: CheckpointReader, b: CheckpointReader) -> tuple[dict[str, An
     kinds: dict[tuple[str, str], set[object]] = {}  # (dict's path, key's part) -> whether a str, for each key
     for state in (state for states in ranks for state in states):  # every rank's: a per-rank dict differs on each
         _key_kinds(state, "", kinds)
-    quoted = {where for where, found in kinds.items() if len(found) > 1}
+    quoted: dict[str, set[str]] = {}  # a dict's path -> the parts its str keys are quoted for
+    for (path, part), found in kinds.items():
+        if len(found) > 1:
+            quoted.setdefault(path, set()).add(part)
     va, vb = (_leaves(state, "", "", quoted, {}) for state in ranks[0])
     for rank, states in enumerate(ranks[1:], 1):  # per-rank values: rank 0's above, the others here
         ra, rb = ({k: v for k, v in _leaves(state, "", "", quoted, {}).items()
@@ -117,13 +120,12 @@ def _key_kinds(value: Any, path: str, out: dict[tuple[str, str], set[object]]) -
             _key_kinds(v, keypath.join(path, str(i)), out)
 
 
-def _leaves(value: Any, prefix: str, path: str, quoted: set[tuple[str, str]], out: dict[str, Any]) -> dict[str, Any]:
+def _leaves(value: Any, prefix: str, path: str, quoted: dict[str, set[str]], out: dict[str, Any]) -> dict[str, Any]:
     """``keypath.leaves``, with the parts of :func:`plain_values` (``path``: ``prefix`` unquoted)."""
     if prefix and (isinstance(value, (Mapping, list)) or type(value) is tuple and not all(map(_is_scalar, value))):
         out[prefix] = _Container(type(value).__name__, empty=not value)  # an empty one that fills up is no change
     if isinstance(value, Mapping) and value:
-        shared = {part for where, part in quoted if where == path}
-        for (k, v), part in zip(value.items(), keypath.distinct_parts(list(value), shared)):
+        for (k, v), part in zip(value.items(), keypath.distinct_parts(list(value), quoted.get(path, set()))):
             _leaves(v, keypath.join(prefix, part), keypath.join(path, keypath.key_part(k)), quoted, out)
     elif isinstance(value, list) and value or type(value) is tuple and not all(map(_is_scalar, value)):
         for i, v in enumerate(value):
