@@ -137,6 +137,9 @@ def world2(world4) -> Path:
 
     model = MLP(21)  # a single-process checkpoint (format 1) for the plain -> FSDP2 restore
     torchckpt.Checkpoint(model=model).write(world4 / "plain-mlp")
+    state = model.state_dict()  # as an older version of the model named it, and one without the head's bias
+    torchckpt.Checkpoint(model={k.replace("head.", "old_head."): v for k, v in state.items()}).write(world4 / "renamed-mlp")
+    torchckpt.Checkpoint(model={k: v for k, v in state.items() if k != "head.bias"}).write(world4 / "no-bias-mlp")
     torchckpt.Checkpoint(rng=torchckpt.RNGState(), cursor=torchckpt.PerRank(5), w=torch.ones(2)).write(
         world4 / "one-process-per-rank")
     safetensors.torch.save_file({f"model/{k}": v for k, v in model.state_dict().items()},

@@ -153,6 +153,8 @@ def test_a_plain_checkpoint_restores_into_fsdp2(world2):
     assert all(r["differences"] == [] for r in ok(world2, "plain_into_fsdp", 2))
     # the same with a load pre-hook on the model: its loaders are handed DTensors of each rank's part (probe83 F10)
     assert all(r["hooked_differences"] == [[], []] for r in ok(world2, "plain_into_fsdp", 2))
+    # and with a pre-hook that renames a key or adds one, each rank's part of it (probe85 F3)
+    assert all(r["migrated_differences"] == [[], []] for r in ok(world2, "plain_into_fsdp", 2))
 
 
 def test_a_single_process_checkpoint_gives_its_per_rank_state_to_rank_0_alone(world2):

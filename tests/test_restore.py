@@ -104,6 +104,26 @@ def test_one_object_under_two_names_takes_the_last_and_reports_the_other_unused(
     assert torch.equal(again, same) and torch.equal(twin[0].weight, module[0].weight)
 
 
+@pytest.mark.parametrize("how", ["hook-on-the-module", "hook-on-a-child", "own-loader"])
+def test_a_module_loaded_through_torch_under_two_names_reports_the_name_taken_back_unused(tmp_path, how):
+    """probe85 F9: a module whose load runs after the reads (load hooks, a loader of its own) reports
+    its keys as its load runs; taken back, its load was dropped and its keys were reported nowhere:
+    assert_consumed() passed."""
+    path = torchckpt.Checkpoint(a=make_mlp(1), b=make_mlp(2)).write(tmp_path / "c")
+    module = make_mlp(0)
+    if how == "own-loader":
+        module = OwnLoader(*module)
+    else:
+        _hooked(module if how == "hook-on-the-module" else module[2])
+    status = torchckpt.Checkpoint(a=module, b=module).read(path)
+    report = status.expect_partial().report
+    assert torch.equal(module[0].weight, make_mlp(2)[0].weight) and torch.equal(module[2].bias, make_mlp(2)[2].bias)
+    assert sorted(report.unexpected_keys) == ["a/0.bias", "a/0.weight", "a/2.bias", "a/2.weight"]
+    assert sorted(report.restored_keys) == ["b/0.bias", "b/0.weight", "b/2.bias", "b/2.weight"]
+    with pytest.raises(RestoreMismatchError, match="unexpected in the checkpoint"):
+        status.assert_consumed()
+
+
 def test_a_tensor_two_tracked_objects_share_takes_the_last_and_reports_the_other_unused(tmp_path):
     """probe78 F2: the tie was looked for inside one module only: a module and its own parameter
     tracked apart, or an embedding two tracked modules share, restored from an untied checkpoint,
@@ -208,12 +228,16 @@ class EncDec(torch.nn.Module):
 
 @pytest.mark.parametrize("dec_first", [True, False], ids=["saved-dec-first", "saved-enc-first"])
 @pytest.mark.parametrize("alone", [True, False], ids=["model-alone", "beside-another-object"])
-def test_tied_weights_under_a_load_hook_keep_the_key_torch_loads_last(tmp_path, dec_first, alone):
+@pytest.mark.parametrize("hooked", ["model", "enc", "dec"], ids=["hook-on-model", "hook-on-enc", "hook-on-dec"])
+def test_tied_weights_under_a_load_hook_keep_the_key_torch_loads_last(tmp_path, dec_first, alone, hooked):
     """probe85 F1, F2: the key kept was decided by the checkpoint's order, not by torch's walk of the
-    model (enc, then dec: dec's value stays), and only when another object was tracked too."""
+    model (enc, then dec: dec's value stays), and only when another object was tracked too. probe86
+    F3: with the hook on one of the two submodules, the other's key was filled by torch's walk
+    unrecorded, and both keys were reported restored."""
     saved = EncDec(dec_first, tie=False)
     path = torchckpt.Checkpoint(m=saved, **({} if alone else {"x": torch.nn.Linear(1, 1)})).write(tmp_path / "c")
-    model = _hooked(EncDec(False, tie=True))
+    model = EncDec(False, tie=True)
+    _hooked(model if hooked == "model" else getattr(model, hooked))
     report = torchckpt.Checkpoint(m=model, **({} if alone else {"x": torch.nn.Linear(1, 1)})).read(
         path).expect_partial().report
     assert torch.equal(model.enc.weight, saved.dec.weight)

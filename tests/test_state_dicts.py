@@ -210,3 +210,29 @@ def test_load_state_gives_the_per_rank_values_of_the_rank_asked_for(tmp_path):
     gen = torchckpt.Checkpoint(g=torch.Generator(), w=torch.ones(2)).write(tmp_path / "generator")
     with pytest.raises(ValueError, match="none of them rank 1's"):
         torchckpt.load_state(gen, rank=1)
+
+
+@pytest.mark.parametrize("how", ["nested-checkpoint", "dict", "plain-tuple", "save_state", "consolidated"])
+def test_a_single_processs_per_rank_values_anywhere_are_no_other_ranks(tmp_path, how):
+    """probe86 F4: load_state(rank=1) of a single process's checkpoint was refused only for per-rank
+    objects tracked at the top level; nested ones came back as rank 1's values without a word."""
+    path = tmp_path / "c"
+    if how == "nested-checkpoint":
+        torchckpt.Checkpoint(inner=torchckpt.Checkpoint(rng=torchckpt.RNGState()), w=torch.ones(2)).write(path)
+    elif how == "dict":
+        torchckpt.Checkpoint(c={"pos": torchckpt.PerRank(5), "w": torch.ones(2)}).write(path)
+    elif how == "plain-tuple":
+        torchckpt.Checkpoint(c=(1, torchckpt.PerRank(5))).write(path)
+    elif how == "save_state":
+        torchckpt.save_state({"c": {"pos": torchckpt.PerRank(5)}}, path)
+    else:
+        from torchckpt.cli import main
+
+        from .format2 import write_two_rank
+
+        assert main(["consolidate", str(write_two_rank(tmp_path / "ranks")), str(path)]) == 0
+    with pytest.raises(ValueError, match=r"saved by 1 rank and holds per-rank values .* none of them rank 1's"):
+        torchckpt.load_state(path, rank=1)
+    assert torchckpt.load_state(path, rank=0)  # rank 0's are its own
+    plain = torchckpt.Checkpoint(inner=torchckpt.Checkpoint(w=torch.ones(2)), c={"n": 1}).write(tmp_path / "plain")
+    assert torch.equal(torchckpt.load_state(plain, rank=1)["inner"]["w"], torch.ones(2))  # nothing per rank in it

@@ -107,9 +107,17 @@ def _save_plain(state: dict[str, Any], path: str, max_shard_size: int | str, pro
         options = dataclasses.replace(SaveOptions.checked(None, max_shard_size, progress, None, False), ordered=True,
                                       replace=replace)
         objects = {k: kind_of(v) for k, v in state.items()}
-        source = saver.Source(lambda distributed: dict(state) if distributed else without_per_rank(state), lambda: objects,
+        source = saver.Source(lambda distributed: _saved(state, distributed), lambda: objects,
                               AsyncWriter, lambda: None, versions=lambda: save_capture.state_dict_versions(state) or None)
         saver.save(source, storage, path, coord, options)
+
+
+def _saved(state: dict[str, Any], distributed: bool) -> tuple[dict[str, Any], bool]:
+    """What :func:`save_state` saves of ``state``, and whether a single process's holds per-rank values."""
+    if distributed:
+        return dict(state), False
+    plain = without_per_rank(state)
+    return plain, plain is not state
 
 
 def load_state(path: str | os.PathLike[str], *, map_location: str | torch.device | None = "cpu",
@@ -193,7 +201,10 @@ def _holds_per_rank(reader: CheckpointReader) -> bool:
     """Whether the checkpoint holds values of each rank's own (a single process's: rank 0's)."""
     if reader.index is not None and index_fields.per_rank_count(reader.index):
         return True
-    return reader.world_size == 1 and any(kind in PER_RANK_KINDS for kind in _objects(reader).values())
+    if reader.world_size != 1 or reader.index is None:
+        return False
+    return reader.index.section.get(spec.HOLDS_PER_RANK_KEY) is True or \
+        any(kind in PER_RANK_KINDS for kind in _objects(reader).values())  # a checkpoint saved before it was recorded
 
 
 def _with_metadata(state: dict[str, Any], versions: dict[str, dict[str, int | None]]) -> dict[str, Any]:

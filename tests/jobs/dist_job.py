@@ -181,6 +181,22 @@ def plain_into_fsdp(d: Path, rank: int, world: int) -> dict:
     again._register_load_state_dict_pre_hook(lambda *args, **kwargs: None)
     torchckpt.Checkpoint(model=again).read(path, timeout_secs=TIMEOUT).assert_consumed()
     hooked_again = {f"model/{k}": full(v) for k, v in again.state_dict().items()}
+    # probe85 F3: a pre-hook that renames keys (a migration of old names) or adds one (a new parameter's start)
+    # handed torch's loaders plain tensors for them, and the restore failed ("mixed torch.Tensor and DTensor")
+
+    def rename(state, prefix, *args):
+        for k in [k for k in state if k.startswith(prefix + "old_head.")]:
+            state[prefix + "head." + k[len(prefix + "old_head."):]] = state.pop(k)
+
+    def add_bias(state, prefix, *args):
+        state.setdefault(prefix + "head.bias", reference["model/head.bias"].clone())
+
+    migrated = []
+    for source, hook in (("renamed-mlp", rename), ("no-bias-mlp", add_bias)):
+        fresh = fsdp_mlp(6)
+        fresh._register_load_state_dict_pre_hook(hook)
+        torchckpt.Checkpoint(model=fresh).read(str(d / source), timeout_secs=TIMEOUT).assert_consumed()
+        migrated.append(differences({f"model/{k}": full(v) for k, v in fresh.state_dict().items()}, reference))
     # objects that differ on one rank: every rank's report lists the mismatch (probe30 F1: before,
     # rank 0 said "everything matched" and only rank 1's assertion raised, the others went on)
     path = torchckpt.Checkpoint(t=torch.arange(6.0), n=1).write(str(d / "divergent"), timeout_secs=TIMEOUT)
@@ -244,6 +260,7 @@ def plain_into_fsdp(d: Path, rank: int, world: int) -> dict:
                           [str(w.message) for w in caught if "none of them rank" in str(w.message)]]
     return {"differences": differences(found, reference), "divergent": str(status.report), "kinds": str(kinds.report),
             "hooked_differences": [differences(hooked_found, reference), differences(hooked_again, reference)],
+            "migrated_differences": migrated,
             "one_process": [cursor.value, one.report.missing_keys, one.report.ranks, sorted({k.split("/")[0] for k in one.report.restored_keys})],
             "hf_warned": hf_warned,
             "load_state": [torchckpt.load_state(path)["pos"], torchckpt.load_state(path, rank=0)["pos"], beyond,

@@ -297,6 +297,18 @@ def empty_like(t: Any, dtype: torch.dtype) -> torch.Tensor:
     return DTensor.from_local(local, t.device_mesh, t.placements, shape=t.shape, stride=t.stride(), run_check=False)
 
 
+def part_of(whole: torch.Tensor, like: Any, key: str) -> torch.Tensor:
+    """A new DTensor laid out as the DTensor ``like``, its local part this rank's slice of the plain
+    tensor ``whole`` (of ``like``'s global shape; its dtype kept): what torch's loader of a DTensor
+    parameter copies from, with no communication."""
+    out = empty_like(like, whole.dtype)
+    found = destination_box(out, key)
+    if found is not None and found[0].numel():
+        local, (offsets, sizes) = found
+        local.copy_(whole[tuple(slice(o, o + n) for o, n in zip(offsets, sizes))])
+    return out
+
+
 class LayoutTemplates:
     """The optimizer's parameters, in the order its state dict numbers them, where state made for
     them must have their layout (:meth:`destination`), else None: a DTensor, or a plain tensor that

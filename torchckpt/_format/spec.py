@@ -35,6 +35,9 @@ TORCHCKPT_KEY = "torchckpt"  # the index's own section, beside Hugging Face's ke
 WEIGHT_MAP_KEY = "weight_map"  # the index's Hugging Face map of tensor names to shard files
 MANAGER_KEY = "manager"  # in a checkpoint's metadata: the checkpoint_name of the manager that wrote it
 MODULE_VERSIONS_KEY = "module_versions"  # in the index's section: {state dict's key: {module prefix: _version}}, not 1s
+# in the index's section of a single process's checkpoint that holds per-rank values (PerRank, RNG states, data
+# positions) anywhere in its tree, saved as plain values: true. Other ranks have none of their own in it
+HOLDS_PER_RANK_KEY = "holds_per_rank"
 REUSED_KEY = "reused"  # in the index's section: {"base": checkpoint, "files": {file here: file there}} of an incremental save
 SAVE_COUNTER = "save_counter"  # a Checkpoint's counter, a top-level key of the saved state tree
 SHARD_SUFFIX = ".safetensors"

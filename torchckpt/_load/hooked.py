@@ -41,6 +41,7 @@ import torch
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.module import _IncompatibleKeys
 
+from torchckpt._dist import dtensor as dist_dtensor
 from torchckpt._format import keypath
 from torchckpt._format.chunks import ChunkedInfo
 from torchckpt._format.dtypes import TensorInfo
@@ -350,13 +351,34 @@ class HookedLoad:
                     out: tuple[list[str], list[str], list[str]]) -> None:
         """``Module.load_state_dict``'s inner ``load``, line for line."""
         missing, unexpected, errors = out
-        m._load_from_state_dict(local, prefix, self._metadata(prefix), True, missing, unexpected, errors)
+        distributed = {k: t for k, t in _own_tensors(m).items() if dist_dtensor.is_dtensor(t) and not t.is_meta}
+        handle = m._register_load_state_dict_pre_hook(_parts_for(distributed)) if distributed else None  # type: ignore[no-untyped-call]
+        try:
+            m._load_from_state_dict(local, prefix, self._metadata(prefix), True, missing, unexpected, errors)
+        finally:
+            if handle is not None:
+                handle.remove()
         for name, child in m._modules.items():
             if child is not None:
                 child_prefix = prefix + name + "."
                 self._torch_load(child, {k: v for k, v in local.items() if k.startswith(child_prefix)}, child_prefix,
                                  out)
         _post_hooks(m, missing, unexpected)
+
+
+def _parts_for(distributed: dict[str, Any]) -> Callable[..., None]:
+    """A load pre-hook that runs after the module's own: each plain tensor its hooks left under the
+    key of a DTensor parameter or buffer (``distributed``) of the same global shape (a renamed key,
+    one a hook added) becomes a DTensor laid out as it, which torch's loader copies from (it cannot
+    copy a plain tensor into a DTensor)."""
+
+    def hook(state: dict[str, Any], prefix: str, *args: Any) -> None:
+        for name, t in distributed.items():
+            value = state.get(prefix + name)
+            if isinstance(value, torch.Tensor) and not dist_dtensor.is_dtensor(value) and value.shape == t.shape:
+                state[prefix + name] = dist_dtensor.part_of(value, t, prefix + name)
+
+    return hook
 
 
 def _post_hooks(m: torch.nn.Module, missing: list[str], unexpected: list[str]) -> None:

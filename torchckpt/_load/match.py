@@ -80,6 +80,12 @@ class Matcher:
         taken = [k for k in plan.report.restored_keys if k == key or k.startswith(below)]
         plan.report.restored_keys[:] = [k for k in plan.report.restored_keys if not (k == key or k.startswith(below))]
         plan.report.unexpected_keys.extend(taken)
+        if key in plan.reports_late:  # a load that would have reported its keys as it ran (load hooks, its own loader)
+            plan.report.unexpected_keys.extend(plan.reports_late.pop(key)())
+            for full in [k for k in plan.unreported if k.startswith(below)]:
+                del plan.unreported[full]
+            plan.late_fills[:] = [(module, kept) for module, fills in plan.late_fills
+                                  if (kept := [fill for fill in fills if not fill.key.startswith(below)])]
 
     def settle_shared_tensors(self) -> None:
         """After the walk: a tensor two tracked objects share keeps the value of the one planned

@@ -67,6 +67,9 @@ class Plan:
     # (``tied.Fed``): what it loads replaces another object's read into them (``_load.shared.settle_after_loads``)
     late_fills: list[tuple[torch.nn.Module, list[tied.Fed]]] = field(default_factory=list)
     late_shares: list[tuple[torch.nn.Module, tied.Fed, list[tied.Fed]]] = field(default_factory=list)
+    # Each such module's key, with the checkpoint keys its load will report restored if nothing else takes them
+    # (one module tracked under two names: the name taken back reports them unexpected, ``_load.match``)
+    reports_late: dict[str, Callable[[], list[str]]] = field(default_factory=dict)
     replaced: list[str] = field(default_factory=list)  # key prefixes a load replaces whole (an optimizer's state)
     stage: str = "planned"  # then "reading" as bytes reach destinations, "loading" as the loads run
     # ``restore_or_initialize``: what candidates found damaged before this one may have written, ``{key: name}``
@@ -337,6 +340,7 @@ def _plan_own_load_state_dict(name: str, module: torch.nn.Module, saved: dict[st
         report.restored_keys.extend(full for own, full in as_saved.items() if own not in unexpected and own not in missing)
 
     plan.loads.append((name, load))
+    plan.reports_late[name] = lambda: list(as_saved.values())
     _fills_late(plan, module, [(own, full, state[own], current.get(own)) for own, full in as_saved.items()], current)
 
 
@@ -434,6 +438,7 @@ def _plan_hooked(name: str, module: torch.nn.Module, saved: dict[str, Any], curr
             restored = (plan.assign or not owner[1].is_meta) and compatible(full, value, owner[1], plan.report, plan.cast)
             if restored:  # one tensor for every key of one saved tensor: assigned, tied weights stay tied
                 load.later(owner[0], key, plan.fresh_for(value, owner[1].dtype))
+                late.append((key, full, value, owner[1]))  # filled in the walk, as the hooked keys are
         else:
             load.entries[key] = owner[1]  # present, so neither missing nor unexpected
             restored = compatible(full, value, owner[1], plan.report, plan.cast)
@@ -455,6 +460,7 @@ def _plan_hooked(name: str, module: torch.nn.Module, saved: dict[str, Any], curr
         load.finish(plan.fetch, name, plan.report)
 
     plan.loads.append((name, finish))
+    plan.reports_late[name] = lambda: list(load.consumed.values())
 
 
 def _is_meta(value: Any) -> bool:

@@ -73,6 +73,8 @@ def consolidate(reader: CheckpointReader, out: str, storage: Storage, *, rank: i
     # what describes the state (a versioned module's loader migrates by its version), not how the job stored it
     section = {k: v for k, v in index.section.items() if k in ("objects", "metadata", format_spec.MODULE_VERSIONS_KEY)}
     section["state"] = state
+    if index_fields.per_rank_count(index):  # this rank's values, saved as plain ones: no other rank's
+        section[format_spec.HOLDS_PER_RANK_KEY] = True
     dtypes, shapes = reader.get_variable_to_dtype_map(), reader.get_variable_to_shape_map()
     tensors = {name: (dtypes[source], tuple(shapes[source]), reader.nbytes(source))
                for name, source in source_of.items()}
