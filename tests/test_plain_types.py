@@ -145,6 +145,13 @@ def test_metadata_takes_numpy_scalars_and_refuses_arrays(tmp_path):
         ckpt.write(tmp_path / "bad", metadata={"hist": np.ones(3)})
     assert info.value.key == "metadata/hist" and info.value.value_type is torch.Tensor
     assert not (tmp_path / "bad").exists()
+    # probe87 F2: a PerRank in metadata was written as a per-rank mark no reader takes: a saved checkpoint
+    # that nothing could read
+    with pytest.raises(UnsupportedStateError, match=r"'metadata/pos': metadata is the checkpoint's, one value for "
+                                                    r"every rank, and holds no per-rank values") as info:
+        ckpt.write(tmp_path / "per-rank", metadata={"pos": torchckpt.PerRank(3)})
+    assert info.value.key == "metadata/pos" and info.value.value_type is torchckpt.PerRank
+    assert not (tmp_path / "per-rank").exists()
 
 
 # -- refusals -------------------------------------------------------------------------------

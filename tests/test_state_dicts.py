@@ -212,12 +212,52 @@ def test_load_state_gives_the_per_rank_values_of_the_rank_asked_for(tmp_path):
         torchckpt.load_state(gen, rank=1)
 
 
-@pytest.mark.parametrize("how", ["nested-checkpoint", "dict", "plain-tuple", "save_state", "consolidated"])
+class _Cursor:
+    """A stateful object whose position differs by rank, declared in its own state_dict()."""
+
+    def __init__(self, pos: int) -> None:
+        self.pos = pos
+
+    def state_dict(self) -> dict:
+        return {"pos": torchckpt.PerRank(self.pos)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pos = state["pos"]
+
+
+class _WithExtra(torch.nn.Linear):
+    def get_extra_state(self) -> dict:
+        return {"pos": torchckpt.PerRank(3)}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.extra = state
+
+
+@pytest.mark.parametrize("how", ["nested-checkpoint", "dict", "plain-tuple", "save_state", "consolidated",
+                                 "in-a-state-dict", "in-extra-state", "consolidated-one-process"])
 def test_a_single_processs_per_rank_values_anywhere_are_no_other_ranks(tmp_path, how):
     """probe86 F4: load_state(rank=1) of a single process's checkpoint was refused only for per-rank
-    objects tracked at the top level; nested ones came back as rank 1's values without a word."""
+    objects tracked at the top level; nested ones came back as rank 1's values without a word.
+    probe87 F2: a PerRank in an object's state_dict() (or a module's extra state) was written as a
+    per-rank mark in a single process's index, which every reader refused: a checkpoint nothing
+    could read. F1: consolidating a single process's checkpoint dropped the record."""
+    from torchckpt.cli import main
+
     path = tmp_path / "c"
-    if how == "nested-checkpoint":
+    if how == "in-a-state-dict":
+        torchckpt.Checkpoint(s=_Cursor(7)).write(path)
+        cursor = _Cursor(0)
+        torchckpt.Checkpoint(s=cursor).read(path).assert_consumed()
+        assert cursor.pos == 7 and torchckpt.load_state(path)["s"] == {"pos": 7}
+    elif how == "in-extra-state":
+        torchckpt.Checkpoint(m=_WithExtra(1, 1)).write(path)
+        module = _WithExtra(1, 1)
+        torchckpt.Checkpoint(m=module).read(path).assert_consumed()
+        assert module.extra == {"pos": 3}
+    elif how == "consolidated-one-process":
+        one = torchckpt.Checkpoint(inner=torchckpt.Checkpoint(rng=torchckpt.RNGState())).write(tmp_path / "one")
+        assert main(["consolidate", one, str(path)]) == 0
+    elif how == "nested-checkpoint":
         torchckpt.Checkpoint(inner=torchckpt.Checkpoint(rng=torchckpt.RNGState()), w=torch.ones(2)).write(path)
     elif how == "dict":
         torchckpt.Checkpoint(c={"pos": torchckpt.PerRank(5), "w": torch.ones(2)}).write(path)
@@ -226,8 +266,6 @@ def test_a_single_processs_per_rank_values_anywhere_are_no_other_ranks(tmp_path,
     elif how == "save_state":
         torchckpt.save_state({"c": {"pos": torchckpt.PerRank(5)}}, path)
     else:
-        from torchckpt.cli import main
-
         from .format2 import write_two_rank
 
         assert main(["consolidate", str(write_two_rank(tmp_path / "ranks")), str(path)]) == 0

@@ -21,7 +21,6 @@ from torchckpt._dist import dtensor as dist_dtensor
 from torchckpt._dist.coordinator import AnyCoordinator
 from torchckpt._format import keypath, spec
 from torchckpt._format import tree as format_tree
-from torchckpt._format.per_rank import without_per_rank
 from torchckpt._history import members as history_members
 from torchckpt._history import state as history_state
 from torchckpt._load import loaders, restorer
@@ -163,12 +162,8 @@ class Checkpoint:
 
     # -- saving --------------------------------------------------------------------------
 
-    def _state(self, distributed: bool = False, depth: int = 0, found: list[str] | None = None) -> dict[str, Any]:
-        return {name: _state_of(value, distributed, depth + 1, found) for name, value in self._tracked.items()}
-
-    def _saved_state(self, distributed: bool) -> tuple[dict[str, Any], bool]:
-        found: list[str] = []
-        return self._state(distributed, found=None if distributed else found), bool(found)
+    def _state(self, depth: int = 0) -> dict[str, Any]:
+        return {name: _state_of(value, depth + 1) for name, value in self._tracked.items()}
 
     def _objects(self) -> dict[str, str]:
         return {name: kind_of(value) for name, value in self._tracked.items()}
@@ -241,7 +236,7 @@ class Checkpoint:
         return path
 
     def _source(self) -> saver.Source:
-        return saver.Source(self._saved_state, self._objects, self._async_writer, self.wait_until_finished,
+        return saver.Source(lambda distributed: self._state(), self._objects, self._async_writer, self.wait_until_finished,
                             lambda: save_capture.frozen_groups(self._tracked, _nested),
                             lambda: save_capture.module_versions(save_capture.modules_in(self._tracked, _nested)))
 
@@ -444,43 +439,33 @@ def _scheme(path: str) -> str:
     return path.split("://", 1)[0] if "://" in path else ""
 
 
-def _state_of(value: Any, distributed: bool = False, depth: int = 0, found: list[str] | None = None) -> Any:
-    """What is saved for a tracked value. In a save by several ranks, per-rank values (``PerRank``,
-    ``RNGState``) are marked as such; a single process saves them as they are, and notes in
-    ``found`` that it met one. Containers nested deeper than a checkpoint stores (one that holds
-    itself) are left as they are, for the encoder to refuse by key."""
-    if depth > format_tree.MAX_DEPTH:
-        return value
+def _state_of(value: Any, depth: int = 0) -> Any:
+    """What is saved for a tracked value. Per-rank values (``PerRank``, ``RNGState``, data
+    positions) are marked as such: a save by several ranks gathers every rank's, a single process
+    stores them as they are (``_format.tree.encode``). Containers nested deeper than a checkpoint
+    stores (one that holds itself) are left as they are, for the encoder to refuse by key."""
+    if depth > format_tree.MAX_DEPTH or isinstance(value, torch.Tensor):
+        return value  # bytes are read through data_ptr(): autograd is not involved
     if isinstance(value, format_tree.PerRank):
-        inner = _state_of(value.value, distributed, depth, found)
-        if found is not None:
-            found.append(kind_of(value))
-        return format_tree.PerRank(inner) if distributed and not isinstance(inner, format_tree.PerRank) else inner
-    if isinstance(value, RNGState) or loaders.is_data_state(value):  # each rank draws and reads its own
-        if found is not None:
-            found.append(kind_of(value))
-        state = value.state_dict() if isinstance(value, RNGState) else loaders.state_of(value)
-        return format_tree.PerRank(state) if distributed else state
+        inner = _state_of(value.value, depth)
+        return inner if isinstance(inner, format_tree.PerRank) else format_tree.PerRank(inner)
+    if isinstance(value, RNGState):  # each rank draws its own
+        return format_tree.PerRank(value.state_dict())
+    if loaders.is_data_state(value):  # and reads its own
+        return format_tree.PerRank(loaders.state_of(value))
     if isinstance(value, Checkpoint):
-        return value._state(distributed, depth, found)
+        return value._state(depth)
     if isinstance(value, torch.nn.Module):
         return dict(dist_dtensor.module_state(value))
-    if isinstance(value, torch.Tensor):
-        return value  # bytes are read through data_ptr(): autograd is not involved
     if is_stateful(value):
         return value.state_dict()
     if isinstance(value, dict) and _is_trackable(value):
-        pairs = ((k, _state_of(v, distributed, depth + 1, found)) for k, v in value.items())
+        pairs = ((k, _state_of(v, depth + 1)) for k, v in value.items())
         return OrderedDict(pairs) if type(value) is OrderedDict else dict(pairs)
     if (isinstance(value, list) or type(value) is tuple) and _is_trackable(value):
-        items = [_state_of(v, distributed, depth + 1, found) for v in value]
+        items = [_state_of(v, depth + 1) for v in value]
         return items if isinstance(value, list) else tuple(items)
-    if distributed:
-        return value
-    plain = without_per_rank(value)  # a PerRank in a plain value (a tuple)
-    if plain is not value and found is not None:
-        found.append("per_rank")
-    return plain
+    return value
 
 
 def _nested(value: Any) -> dict[str, Any] | None:

@@ -23,7 +23,6 @@ import torch
 
 from torchckpt._dist import coordinator as dist_coordinator
 from torchckpt._format import keypath, spec
-from torchckpt._format.per_rank import without_per_rank
 from torchckpt._load import index_fields
 from torchckpt._paths import as_directory, as_path, is_url
 from torchckpt._save import capture as save_capture
@@ -107,17 +106,9 @@ def _save_plain(state: dict[str, Any], path: str, max_shard_size: int | str, pro
         options = dataclasses.replace(SaveOptions.checked(None, max_shard_size, progress, None, False), ordered=True,
                                       replace=replace)
         objects = {k: kind_of(v) for k, v in state.items()}
-        source = saver.Source(lambda distributed: _saved(state, distributed), lambda: objects,
+        source = saver.Source(lambda distributed: dict(state) if distributed else state, lambda: objects,
                               AsyncWriter, lambda: None, versions=lambda: save_capture.state_dict_versions(state) or None)
         saver.save(source, storage, path, coord, options)
-
-
-def _saved(state: dict[str, Any], distributed: bool) -> tuple[dict[str, Any], bool]:
-    """What :func:`save_state` saves of ``state``, and whether a single process's holds per-rank values."""
-    if distributed:
-        return dict(state), False
-    plain = without_per_rank(state)
-    return plain, plain is not state
 
 
 def load_state(path: str | os.PathLike[str], *, map_location: str | torch.device | None = "cpu",

@@ -64,7 +64,7 @@ Trie = dict[str, "Trie | str"]
 
 
 def encode(value: Any, path: str, tensors: dict[str, torch.Tensor], ordered: bool = False,
-           depth: int | None = None) -> Any:
+           depth: int | None = None, one_process: list[str] | None = None) -> Any:
     """Encode ``value`` as typed JSON, moving every tensor into ``tensors`` under its name.
 
     A tensor in a dict of str keys is left out of the JSON (its name says where it goes), so it
@@ -77,6 +77,10 @@ def encode(value: Any, path: str, tensors: dict[str, torch.Tensor], ordered: boo
 
     ``depth``: how deep ``value`` is, as the decoder counts it (None: the parts of ``path``). Not
     read off the path below the root: the key ``""`` there adds no part to it.
+
+    A ``PerRank`` value is marked ``@per_rank`` (a save by several ranks gathers every rank's),
+    its tensors wrapped in ``PerRank``; with ``one_process`` (a single process's save) it is
+    stored as the value it wraps, and its path is appended there.
 
     Raises:
         UnsupportedStateError: a value has no pickle-free representation, or containers are nested
@@ -113,10 +117,11 @@ def encode(value: Any, path: str, tensors: dict[str, torch.Tensor], ordered: boo
         return {"@float": floats.nonfinite_text(value)}
     if kind is tuple:
         _check_depth(value, path, depth)
-        return {"@tuple": [encode(v, join(path, str(i)), tensors, ordered, depth + 1) for i, v in enumerate(value)]}
+        return {"@tuple": [encode(v, join(path, str(i)), tensors, ordered, depth + 1, one_process)
+                           for i, v in enumerate(value)]}
     if kind is list:
         _check_depth(value, path, depth)
-        return [encode(v, join(path, str(i)), tensors, ordered, depth + 1) for i, v in enumerate(value)]
+        return [encode(v, join(path, str(i)), tensors, ordered, depth + 1, one_process) for i, v in enumerate(value)]
     if kind is torch.Size:
         if all(-MAX_INT <= d < MAX_INT for d in value):
             return {"@size": list(value)}
@@ -129,15 +134,18 @@ def encode(value: Any, path: str, tensors: dict[str, torch.Tensor], ordered: boo
     if kind is torch.device:
         return {"@device": str(value)}
     if kind is dict:
-        return _encode_dict(value, path, tensors, ordered, depth)
+        return _encode_dict(value, path, tensors, ordered, depth, one_process)
+    if kind is PerRank and one_process is not None:
+        one_process.append(path)
+        return encode(value.value, path, tensors, ordered, depth, one_process)
     if kind is PerRank:  # its tensors are marked as this rank's own: wrapped in PerRank
         inner: dict[str, torch.Tensor] = {}
         node = {PER_RANK_TAG: encode(value.value, path, inner, ordered, depth)}  # a reader takes the wrapper off first
         tensors.update((name, PerRank(t)) for name, t in inner.items())  # type: ignore[misc]
         return node
     if kind in _DICT_TAGS:
-        return _encode_pairs(_DICT_TAGS[kind], value, path, tensors, ordered, depth)
-    return encode(plain.nearest(value, path), path, tensors, ordered, depth)  # a type of the tree, or the refusal
+        return _encode_pairs(_DICT_TAGS[kind], value, path, tensors, ordered, depth, one_process)
+    return encode(plain.nearest(value, path), path, tensors, ordered, depth, one_process)  # a type of the tree, or the refusal
 
 
 # Ints of more digits than this are refused: JSON writes them in decimal, and Python parses at most
@@ -188,12 +196,12 @@ def _check_text(text: str, path: str) -> None:
 
 
 def _encode_dict(value: dict[Any, Any], path: str, tensors: dict[str, torch.Tensor], ordered: bool,
-                 depth: int) -> Any:
+                 depth: int, one_process: list[str] | None) -> Any:
     import torch
 
     _check_depth(value, path, depth)
     if not all(type(k) is str and not k.startswith(TAG) for k in value):
-        return _encode_pairs("@dict", value, path, tensors, ordered, depth)
+        return _encode_pairs("@dict", value, path, tensors, ordered, depth, one_process)
     out: dict[str, Any] = {}
     left_out = mixed = False  # mixed: a value follows a tensor left out, which would decode after it
     for k, v in value.items():
@@ -207,7 +215,7 @@ def _encode_dict(value: dict[Any, Any], path: str, tensors: dict[str, torch.Tens
         else:
             mixed = mixed or left_out
             before = len(tensors)
-            out[k] = encode(v, child, tensors, ordered, depth + 1)
+            out[k] = encode(v, child, tensors, ordered, depth + 1, one_process)
             _check_not_root_named(child, path, v, len(tensors) > before)
     return {k: out.get(k, _PLACED) for k in value} if mixed else out  # every key in its place, as torch.load
 
@@ -234,7 +242,7 @@ _PLAIN_KEYS = frozenset({str, int, float, bool, type(None)})
 
 
 def _encode_pairs(tag: str, value: Mapping[Any, Any], path: str, tensors: dict[str, torch.Tensor],
-                  ordered: bool, depth: int) -> Any:
+                  ordered: bool, depth: int, one_process: list[str] | None) -> Any:
     _check_depth(value, path, depth)
     pairs = []
     decoded: list[Any] | None = None  # the keys as loaded, from the first one not stored as it is
@@ -252,7 +260,7 @@ def _encode_pairs(tag: str, value: Mapping[Any, Any], path: str, tensors: dict[s
         if decoded is not None:
             decoded.append(k)
         before = len(tensors)
-        node = encode(v, child, tensors, ordered, depth + 1)
+        node = encode(v, child, tensors, ordered, depth + 1, one_process)
         _check_not_root_named(child, path, v, len(tensors) > before)  # beside a key the pairs encoding takes
         first, below = named.setdefault(child, (original, len(tensors) > before))
         if first is not original and (below or len(tensors) > before):

@@ -16,7 +16,7 @@ import torch
 from torchckpt import _tensorio
 from torchckpt._dist import dtensor as dist_dtensor
 from torchckpt._format import dtypes as format_dtypes
-from torchckpt._format import keypath
+from torchckpt._format import keypath, spec
 from torchckpt._format import tree as format_tree
 from torchckpt._save import plan as save_plan
 from torchckpt.errors import CorruptCheckpointError, UnsupportedStateError
@@ -130,7 +130,7 @@ class WriteJob:
 
 def capture(state: dict[str, Any], objects: dict[str, str], metadata: dict[str, Any] | None,
             localize: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None,
-            ordered: bool = False) -> WriteJob:
+            ordered: bool = False, one_process: bool = True) -> WriteJob:
     """Encode a checkpoint's state (what each tracked object saves, by name) now; refuses
     unsupported values before anything is written.
 
@@ -138,10 +138,17 @@ def capture(state: dict[str, Any], objects: dict[str, str], metadata: dict[str, 
     are split off here; without it the job's ``stored`` holds every tensor and ``aliases`` is
     empty: the asynchronous snapshot, or the exchange of a save by several ranks, does that itself.
     ``ordered``: every tensor keeps its place among its dict's keys (see ``_format.tree.encode``).
+    ``one_process``: a single process's save, which stores per-rank values (``PerRank``, however
+    deeply nested: in a ``state_dict()`` too) as the values they wrap, and records that it holds
+    some (``spec.HOLDS_PER_RANK_KEY``: a reader on another rank is told none is its own); else they
+    are marked, for the exchange of a save by several ranks.
     """
     tensors: dict[str, torch.Tensor] = {}
-    tree = format_tree.encode(state, "", tensors, ordered)
+    per_rank: list[str] | None = [] if one_process else None
+    tree = format_tree.encode(state, "", tensors, ordered, one_process=per_rank)
     section: dict[str, Any] = {"objects": objects, "state": tree}
+    if per_rank:
+        section[spec.HOLDS_PER_RANK_KEY] = True
     if metadata:
         section["metadata"] = _encode_metadata(metadata)
     if localize is None:
@@ -167,7 +174,7 @@ def modules_in(value: Any, nested: Nested, key: str = "", depth: int = 0) -> lis
     if inner is not None:
         value = inner
     items: Any = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
-    return [m for k, v in items if isinstance(v, _HOLDERS) or nested(v) is not None
+    return [m for k, v in items if not isinstance(v, torch.Tensor) and (isinstance(v, _HOLDERS) or nested(v) is not None)
             for m in modules_in(v, nested, keypath.join(key, keypath.key_part(k)), depth + 1)]
 
 
@@ -237,10 +244,17 @@ def _encode_metadata(metadata: dict[str, Any]) -> Any:
     one) would have no shard to live in, and the checkpoint's metadata could not be read back.
 
     Raises:
-        UnsupportedStateError: a tensor or an array in ``metadata``, or a value without a JSON form.
+        UnsupportedStateError: a tensor or an array in ``metadata``, a ``PerRank``, or a value without a
+            JSON form.
     """
     tensors: dict[str, torch.Tensor] = {}
-    tree = format_tree.encode(metadata, "metadata", tensors)
+    per_rank: list[str] = []
+    tree = format_tree.encode(metadata, "metadata", tensors, one_process=per_rank)
+    if per_rank:
+        raise UnsupportedStateError(
+            f"Cannot save {per_rank[0]!r}: metadata is the checkpoint's, one value for every rank, and holds no "
+            "per-rank values (PerRank); store the value itself there, or track the PerRank in the Checkpoint.",
+            key=per_rank[0], value_type=format_tree.PerRank)
     if tensors:
         name, t = next(iter(tensors.items()))
         raise UnsupportedStateError(

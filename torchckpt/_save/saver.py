@@ -39,8 +39,8 @@ from torchckpt._threads import gc_paused
 class Source:
     """What the driver needs from the checkpoint it saves, without importing it.
 
-    ``state(distributed)`` is what each tracked object saves, by name, and whether a single
-    process's state holds per-rank values (saved as they are, and recorded); ``objects()`` names the kind
+    ``state(distributed)`` is what each tracked object saves, by name, its per-rank values marked
+    (``PerRank``), for a save by several ranks or one process's; ``objects()`` names the kind
     of each; ``writer()`` is the checkpoint's own background writer (made on first use); ``wait()``
     waits for its write in flight and raises that write's failure; ``groups()`` maps the
     address of each tensor likely unchanged since the last save (a frozen parameter, a buffer of
@@ -48,7 +48,7 @@ class Source:
     the ``_version``s of the modules whose state it saves (``capture.module_versions``; None: none).
     """
 
-    state: Callable[[bool], tuple[dict[str, Any], bool]]
+    state: Callable[[bool], dict[str, Any]]
     objects: Callable[[], dict[str, str]]
     writer: Callable[[], AsyncWriter]
     wait: Callable[[], None]
@@ -91,17 +91,15 @@ def save(source: Source, storage: Storage, path: str, coord: AnyCoordinator, opt
 
 
 def _capture(source: Source, options: SaveOptions, distributed: bool) -> WriteJob:
-    state, holds_per_rank = source.state(distributed)
+    state = source.state(distributed)
     if options.save_counter is not None:  # a Checkpoint's; a plain dict (``save_state``) has none
         state[spec.SAVE_COUNTER] = options.save_counter
     prepare = not options.async_save and not distributed
     job = capture(state, source.objects(), options.metadata, dist_dtensor.localize if prepare else None,
-                  options.ordered)
+                  options.ordered, one_process=not distributed)
     versions = source.versions()
     if versions is not None:
         job.section[spec.MODULE_VERSIONS_KEY] = versions
-    if holds_per_rank:  # a reader on another rank is told that none of them is its own
-        job.section[spec.HOLDS_PER_RANK_KEY] = True
     by_address = source.groups()
     if by_address:  # by address: what state_dict() returns are new tensors over the parameters' memory
         found = ((n, by_address.get(dist_dtensor.address_of(t))) for n, t in job.stored.items())

@@ -71,7 +71,8 @@ def consolidate(reader: CheckpointReader, out: str, storage: Storage, *, rank: i
     index_fields.check_sections(index, load_opened.state_tree(index, lambda name: None, rank))
     state, source_of, aliases = load_opened.rank_view(index, rank)
     # what describes the state (a versioned module's loader migrates by its version), not how the job stored it
-    section = {k: v for k, v in index.section.items() if k in ("objects", "metadata", format_spec.MODULE_VERSIONS_KEY)}
+    kept = ("objects", "metadata", format_spec.MODULE_VERSIONS_KEY, format_spec.HOLDS_PER_RANK_KEY)
+    section = {k: v for k, v in index.section.items() if k in kept}
     section["state"] = state
     if index_fields.per_rank_count(index):  # this rank's values, saved as plain ones: no other rank's
         section[format_spec.HOLDS_PER_RANK_KEY] = True
