@@ -150,6 +150,38 @@ def test_a_tensor_two_tracked_objects_share_takes_the_last_and_reports_the_other
     assert torch.equal(fresh.weight, lin2.weight) and torch.equal(fresh_enc.weight, enc2.weight)
 
 
+class _StoredTransposed(torch.nn.Linear):
+    """Keeps its weight transposed in checkpoints: a state-dict hook hands out ``weight.t()``, and a
+    load pre-hook turns it back."""
+
+    def __init__(self, *args: int) -> None:
+        super().__init__(*args)
+        self._register_state_dict_hook(lambda module, state, prefix, local: state.update(
+            {prefix + "weight": state[prefix + "weight"].t()}))
+        self._register_load_state_dict_pre_hook(self._turn_back)
+
+    @staticmethod
+    def _turn_back(state: dict, prefix: str, *args: object) -> None:
+        if prefix + "weight" in state:
+            state[prefix + "weight"] = state[prefix + "weight"].t()
+
+
+def test_a_weight_a_hook_hands_out_transposed_is_one_tensor_with_the_weight_tracked_apart(tmp_path):
+    """probe83 F6: the module's read (into the transposed view it hands out) and the tracked weight's
+    read were told apart by shape and strides, so both keys were reported restored while the weight
+    held the module's value (its load runs after the reads)."""
+    model = _StoredTransposed(3, 2)
+    path = torchckpt.Checkpoint(m=model, w=torch.full((2, 3), 7.0)).write(tmp_path / "c")
+    fresh = _StoredTransposed(3, 2)
+    status = torchckpt.Checkpoint(m=fresh, w=fresh.weight).read(path)
+    report = status.expect_partial().report
+    assert torch.equal(fresh.weight, model.weight)
+    assert report.unexpected_keys == ["w"] and sorted(report.restored_keys) == ["m/bias", "m/weight"]
+    again = _StoredTransposed(3, 2)  # alone, the transposed weight restores as load_state_dict does
+    torchckpt.Checkpoint(m=again).read(path).expect_partial()
+    assert torch.equal(again.weight, model.weight)
+
+
 def _hooked(module: torch.nn.Module) -> torch.nn.Module:
     module._register_load_state_dict_pre_hook(lambda *args, **kwargs: None)
     return module

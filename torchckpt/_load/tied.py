@@ -33,12 +33,14 @@ class Fed(NamedTuple):
 
 
 def view_of(t: torch.Tensor) -> tuple[Any, ...] | None:
-    """What makes two tensors one: the same memory seen the same way; a DTensor's, its local
-    shard's with its placements (None: no memory yet, as a lazy module's parameter before its
-    first forward pass, or a tensor on the meta device). Not the tensor object: a module with a
-    state-dict hook hands out a new detached one for each key. A DTensor whose local part is empty
-    on this rank (FSDP2's last rows) is still told by where that part sits in its padded memory,
-    so that every rank settles a tensor two objects share alike; without such memory, None."""
+    """What makes two tensors one: the same bytes of memory, whatever shape and strides they are
+    seen with (a state-dict hook that hands out a weight transposed: its loader writes the
+    parameter's bytes); a DTensor's, its local shard's with its placements (None: no memory yet,
+    as a lazy module's parameter before its first forward pass, or a tensor on the meta device).
+    Not the tensor object: a module with a state-dict hook hands out a new detached one for each
+    key. A DTensor whose local part is empty on this rank (FSDP2's last rows) is still told by
+    where that part sits in its padded memory, so that every rank settles a tensor two objects
+    share alike; without such memory, None."""
     if torch.nn.parameter.is_lazy(t) or t.is_meta:
         return None
     placements: Any = None
@@ -49,7 +51,20 @@ def view_of(t: torch.Tensor) -> tuple[Any, ...] | None:
         if placements is None or not _storage_bytes(t):
             return None
         return t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype, tuple(t.shape), t.stride(), placements
-    return t.data_ptr(), t.dtype, tuple(t.shape), t.stride(), placements
+    return t.data_ptr(), t.element_size(), _span(t), placements
+
+
+def _span(t: torch.Tensor) -> tuple[tuple[int, int], ...]:
+    """The elements a tensor covers from its first one, as (stride, count) steps, outermost first:
+    the same for every shape and order of dimensions over those elements (a weight and its
+    transpose, a flat view of it), and other for another part of the memory."""
+    steps: list[tuple[int, int]] = []
+    for stride, size in sorted(((st, n) for st, n in zip(t.stride(), t.shape) if n != 1), reverse=True):
+        if steps and steps[-1][0] == stride * size:  # contiguous with the step outside it: one longer step
+            steps[-1] = (stride, steps[-1][1] * size)
+        else:
+            steps.append((stride, size))
+    return tuple(steps)
 
 
 def _storage_bytes(t: torch.Tensor) -> int:
