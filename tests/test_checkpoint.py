@@ -231,6 +231,19 @@ def test_shared_tensors_in_plain_containers_are_retied(tmp_path):
     assert torch.equal(a, t) and torch.equal(b, t)
 
 
+def test_a_nested_checkpoint_absent_from_the_file_reports_its_per_rank_members_by_their_keys(tmp_path):
+    """probe88 F4: its RNG state and PerRank values were reported as one key each (``absent/rng``),
+    where a nested checkpoint present but lacking them reports their keys (``inner/rng/torch``)."""
+    path = torchckpt.Checkpoint(w=torch.ones(1), inner=torchckpt.Checkpoint()).write(tmp_path / "c")
+    members = {"rng": torchckpt.RNGState(), "pr": torchckpt.PerRank({"a": 1, "b": 2})}
+    absent = torchckpt.Checkpoint(w=torch.ones(1), absent=torchckpt.Checkpoint(**members))
+    present = torchckpt.Checkpoint(w=torch.ones(1), inner=torchckpt.Checkpoint(**members))
+    missing = [sorted(ckpt.read(path).expect_partial().report.missing_keys) for ckpt in (absent, present)]
+    rng = [[k.split("/", 1)[1] for k in keys if "/rng/" in k] for keys in missing]
+    assert rng[0] == rng[1] and "rng/torch" in rng[0]
+    assert {"absent/pr/a", "absent/pr/b"} <= set(missing[0])  # the plain value's keys, as before per-rank marks
+
+
 def test_nested_checkpoints_dicts_and_lists(tmp_path):
     inner = torchckpt.Checkpoint(w=torch.ones(2), n=4)
     outer = torchckpt.Checkpoint(inner=inner, models={"a": make_mlp(1), "b": [make_mlp(2), 7]})

@@ -103,6 +103,7 @@ def test_fsdp2_restores_on_the_same_4_ranks_and_resumes_bit_for_bit(world4):
     found = ok(world4, "restore_from_4", 4)
     assert all(r["differences"] == [] and r["resume_differences"] == [] and r["unexpected"] == [] for r in found)
     assert [r["cursor"] for r in found] == [100, 101, 102, 103]  # PerRank: each rank its own
+    assert [r["counter"] for r in found] == [100, 101, 102, 103]  # also in an object's state_dict()
     assert [r["loaders"] for r in found] == [[10 + r, "epoch"] for r in range(4)]  # tensors inside too
     assert all(r["save_counter"] == 1 and r["missing"] == [] for r in found)
 
@@ -112,21 +113,24 @@ def test_fsdp2_saved_on_4_restores_on_3_and_2(world3, world2):
         found = ok(world3, "restore_from_4", world)
         assert all(r["differences"] == [] for r in found), found
         assert [r["cursor"] for r in found] == [100 + r for r in range(world)]
+        assert [r["counter"] for r in found] == [100 + r for r in range(world)]
         assert all(r["missing"] == [] for r in found)
-        beyond = sorted(f"{k}~r{r}" for k in ("rng", "cursor", "loaders", "cfg/pos") for r in range(world, 4))
+        beyond = sorted(f"{k}~r{r}" for k in ("rng", "cursor", "loaders", "cfg/pos", "counter/pos")
+                        for r in range(world, 4))
         assert all(r["unexpected"] == beyond for r in found)  # the saving ranks no rank here takes, on every rank
 
 
 def test_fsdp2_saved_on_4_restores_into_a_plain_model_without_a_process_group(world4):
-    from tests.jobs.dist_job import MLP
+    from tests.jobs.dist_job import MLP, Cursor
 
     model = MLP(5)
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    cursor = torchckpt.PerRank(0)
+    cursor, counter = torchckpt.PerRank(0), Cursor(0)
     ckpt = torchckpt.Checkpoint(model=model, opt=opt, rng=torchckpt.RNGState(), cursor=cursor,
-                                loaders=torchckpt.PerRank({0: torch.tensor([0]), 1: ""}), cfg={})
+                                loaders=torchckpt.PerRank({0: torch.tensor([0]), 1: ""}), cfg={}, counter=counter)
     status = ckpt.restore(world4 / "fsdp4").assert_existing_objects_matched()
-    per_rank = ["rng", "cursor", "loaders", "cfg/pos"]  # ranks 1 to 3's values: unused here, and reported so
+    assert counter.pos == 100
+    per_rank = ["rng", "cursor", "loaders", "cfg/pos", "counter/pos"]  # ranks 1 to 3's values: unused, reported so
     assert sorted(status.report.unexpected_keys) == sorted(f"{k}~r{r}" for k in per_rank for r in (1, 2, 3))
     assert ckpt.cfg == {"pos": 0, "lr": 5}
     reference = safetensors.torch.load_file(str(world4 / "fsdp4-reference.safetensors"))
@@ -143,10 +147,13 @@ def test_fsdp2_saved_on_2_restores_on_4_and_reports_the_ranks_it_has_no_values_f
     assert all(r["differences"] == [] for r in found)
     assert [r["cursor"] for r in found] == [100, 101, -1, -1]
     # every rank lists the values ranks 2 and 3 have none of, and on which ranks they are missing
-    assert all(r["missing"] == ["cfg/pos", "cursor", "loaders", "rng"] for r in found)
-    assert all(r["ranks"] == {k: [2, 3] for k in ("rng", "cursor", "loaders", "cfg", "cfg/pos")} for r in found), found
+    assert all(r["missing"] == ["cfg/pos", "counter/pos", "cursor", "loaders", "rng"] for r in found)
+    assert all(r["ranks"] == {k: [2, 3] for k in ("rng", "cursor", "loaders", "cfg", "cfg/pos", "counter", "counter/pos")}
+               for r in found), found
     # a per-rank value within a plain one: rank 2 and 3 leave the whole value as it was
     assert [r["cfg"] for r in found] == [{"pos": 0, "lr": 5}, {"pos": 1, "lr": 5}] + [{"pos": None, "lr": 0}] * 2
+    # and within an object's state_dict(): its load_state_dict() was handed a placeholder there (probe88 F2)
+    assert [r["counter"] for r in found] == [100, 101, -1, -1]
 
 
 def test_a_plain_checkpoint_restores_into_fsdp2(world2):
@@ -163,6 +170,9 @@ def test_a_single_process_checkpoint_gives_its_per_rank_state_to_rank_0_alone(wo
     a job's saving ranks does. probe84 F2: load_state gave every rank rank 0's per-rank values."""
     found = ok(world2, "plain_into_fsdp", 2)
     assert [r["one_process"][0] for r in found] == [5, 101]
+    # per-rank values in an object's state_dict() and a module's extra state too (probe88 F1)
+    assert [r["one_process_own"] for r in found] == [[5, 6, ["counter/pos", "m/_extra_state/pos"]],
+                                                     [101, 101, ["counter/pos", "m/_extra_state/pos"]]]
     assert [r["one_process"][1:] for r in found] == [[["rng", "cursor"], {"rng": [1], "cursor": [1]}, r["one_process"][3]]
                                                      for r in found], found
     assert found[0]["one_process"][3] == ["cursor", "rng", "w"] and found[1]["one_process"][3] == ["w"]

@@ -283,15 +283,32 @@ def test_what_needs_code_to_load_is_refused_by_key_and_type(how, value, value_ty
      r"'cfg/shape': the torch\.Size \(9223372036854775808,\) has a dimension outside 64 bits"),
     ({"t": torch.empty(0, 2**59, dtype=torch.uint8)}, "t",
      r"Cannot save tensor 't': its shape \[0, 576460752303423488\] is larger than readers accept"),
+    # probe88 F5: a per-rank value as (or inside) a dict key was written as a mark no reader takes, and the save
+    # failed with CorruptCheckpointError and no key
+    ({"cfg": {torchckpt.PerRank(1): "a"}}, "cfg/PerRank(1)", r"'cfg/PerRank\(1\)': a dict key cannot be per rank"),
+    ({"cfg": {(1, torchckpt.PerRank(2)): "a"}}, "cfg/(1, PerRank(2))", r"a dict key cannot be per rank \(PerRank\)"),
 ], ids=["path-key-equal-to-str-key", "counter-of-str", "nested-too-deep", "int-of-4301-digits", "negative-int",
         "int-key", "int-and-str-keys-over-tensors", "none-and-str-keys-over-tensors", "tensor-and-dict-of-one-name",
-        "empty-top-level-key", "empty-top-level-key-beside-a-tagged-one", "size-beyond-64-bits", "empty-tensor-of-a-shape-readers-refuse"])
+        "empty-top-level-key", "empty-top-level-key-beside-a-tagged-one", "size-beyond-64-bits", "empty-tensor-of-a-shape-readers-refuse",
+        "per-rank-key", "per-rank-inside-a-key"])
 @pytest.mark.parametrize("how", ["save_state", "Checkpoint"])
 def test_a_tree_that_would_not_load_back_is_refused(how, state, key, message, tmp_path):
     with pytest.raises(UnsupportedStateError, match=message) as info:
         save_with(how, state, tmp_path)
     assert info.value.key == key
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("how", ["save_state", "Checkpoint"])
+def test_a_per_rank_tensor_under_the_empty_top_level_key_is_a_tensor_there(how, tmp_path):
+    """probe88 F3: a single process's PerRank of a tensor was refused at the key '', where the tensor
+    itself is taken."""
+    state = {"": torchckpt.PerRank(torch.ones(2)), "n": torchckpt.PerRank(3)}
+    path = torchckpt.save_state(state, tmp_path / "c") if how == "save_state" else \
+        torchckpt.Checkpoint(**state).write(tmp_path / "c")
+    loaded = torchckpt.load_state(path)
+    assert_same(loaded[""], torch.ones(2))
+    assert loaded["n"] == 3
 
 
 def test_keys_of_one_name_without_tensors_below_them_save_and_load(tmp_path):

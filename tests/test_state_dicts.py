@@ -13,7 +13,7 @@ import torch
 import torchckpt
 from torchckpt._format import spec
 
-from .conftest import assert_same, read_index
+from .conftest import assert_same, read_index, sealed_json
 
 
 @pytest.fixture
@@ -272,5 +272,29 @@ def test_a_single_processs_per_rank_values_anywhere_are_no_other_ranks(tmp_path,
     with pytest.raises(ValueError, match=r"saved by 1 rank and holds per-rank values .* none of them rank 1's"):
         torchckpt.load_state(path, rank=1)
     assert torchckpt.load_state(path, rank=0)  # rank 0's are its own
+    listed = {"nested-checkpoint": ["inner/rng"], "dict": ["c/pos"], "plain-tuple": ["c/1"], "save_state": ["c/pos"],
+              "consolidated": ["cursor"], "in-a-state-dict": ["s/pos"], "in-extra-state": ["m/_extra_state/pos"],
+              "consolidated-one-process": ["inner/rng"]}[how]
+    assert read_index(path)["torchckpt"]["per_rank_values"] == listed
+    # the reader gives another rank a placeholder for each, as a checkpoint of several ranks does
+    other = torchckpt.load_checkpoint(path).get_state(rank=1)
+    for key in listed:
+        node = other
+        for part in key.split("/"):
+            node = node[int(part)] if isinstance(node, (list, tuple)) else node[part]
+        assert type(node).__name__ == "MissingPerRank"
     plain = torchckpt.Checkpoint(inner=torchckpt.Checkpoint(w=torch.ones(2)), c={"n": 1}).write(tmp_path / "plain")
     assert torch.equal(torchckpt.load_state(plain, rank=1)["inner"]["w"], torch.ones(2))  # nothing per rank in it
+    assert "per_rank_values" not in read_index(plain)["torchckpt"]
+
+
+@pytest.mark.parametrize("listed", [True, "s/pos", [1], {"s": "pos"}])
+def test_a_list_of_per_rank_values_that_is_not_one_is_damage(tmp_path, listed):
+    path = torchckpt.Checkpoint(s=_Cursor(7)).write(tmp_path / "c")
+    index = read_index(path)
+    index["torchckpt"]["per_rank_values"] = listed
+    (path_index := tmp_path / "c" / "index.json").write_bytes(sealed_json(index))
+    with pytest.raises(torchckpt.CorruptCheckpointError, match="'per_rank_values' is not a list of key paths") as info:
+        torchckpt.load_state(path, rank=1)
+    assert str(path_index.parent) in str(info.value)
+    assert torchckpt.load_state(path, rank=0)["s"] == {"pos": 7}  # rank 0 does not need it

@@ -21,6 +21,7 @@ from torchckpt._dist import dtensor as dist_dtensor
 from torchckpt._dist.coordinator import AnyCoordinator
 from torchckpt._format import keypath, spec
 from torchckpt._format import tree as format_tree
+from torchckpt._format.per_rank import without_per_rank
 from torchckpt._history import members as history_members
 from torchckpt._history import state as history_state
 from torchckpt._load import loaders, restorer
@@ -472,7 +473,7 @@ def _nested(value: Any) -> dict[str, Any] | None:
     return value._tracked if isinstance(value, Checkpoint) else None
 
 
-TRACKING = Tracking(nested=_nested, state_of=_state_of, is_trackable=_is_trackable)
+TRACKING = Tracking(nested=_nested, state_of=lambda value: without_per_rank(_state_of(value)), is_trackable=_is_trackable)
 
 
 # -- the manager's door --------------------------------------------------------------------------

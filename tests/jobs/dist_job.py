@@ -45,6 +45,33 @@ def install(prefix: Path | str, storage: StorageDouble) -> StorageDouble:
     return INSTALLED.enter_context(registry.installed(str(prefix), storage))
 
 
+class Cursor:
+    """A stateful object whose position differs by rank, declared in its own state_dict()."""
+
+    def __init__(self, pos: int) -> None:
+        self.pos = pos
+
+    def state_dict(self) -> dict:
+        return {"pos": torchckpt.PerRank(self.pos), "every_rank": 1}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pos = state["pos"]
+
+
+class WithExtra(torch.nn.Linear):
+    """A module whose extra state holds a per-rank value."""
+
+    def __init__(self, pos: int) -> None:
+        super().__init__(1, 1)
+        self.pos = pos
+
+    def get_extra_state(self) -> dict:
+        return {"pos": torchckpt.PerRank(self.pos)}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.pos = state["pos"]
+
+
 class MLP(torch.nn.Module):
     """Uneven on purpose: ``head`` has 5 rows, split 2/2/1/0 over 4 ranks."""
 
@@ -111,7 +138,8 @@ def save_fsdp(d: Path, rank: int, world: int) -> dict:
         step(model, opt)
     ckpt = torchckpt.Checkpoint(model=model, opt=opt, rng=torchckpt.RNGState(), cursor=torchckpt.PerRank(100 + rank),
                                 loaders=torchckpt.PerRank({0: torch.tensor([10 + rank]), 1: "epoch"}),
-                                cfg={"pos": torchckpt.PerRank(rank), "lr": 5})  # per rank within a plain value
+                                cfg={"pos": torchckpt.PerRank(rank), "lr": 5},  # per rank within a plain value
+                                counter=Cursor(100 + rank))  # and within an object's state_dict()
     path = ckpt.save(str(d / f"fsdp{world}" / "ckpt"), timeout_secs=TIMEOUT)
     reference = full_state(model, opt)
     step(model, opt)  # what an uninterrupted run does next
@@ -131,15 +159,16 @@ def restore_fsdp(d: Path, rank: int, world: int, saved_world: int) -> dict:
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     cursor = torchckpt.PerRank(-1)
     loaders = torchckpt.PerRank({0: torch.tensor([-1]), 1: ""})
+    counter = Cursor(-1)
     ckpt = torchckpt.Checkpoint(model=model, opt=opt, rng=torchckpt.RNGState(), cursor=cursor, loaders=loaders,
-                                cfg={"pos": None, "lr": 0})
+                                cfg={"pos": None, "lr": 0}, counter=counter)
     status = ckpt.restore(str(d / f"fsdp{saved_world}"), timeout_secs=TIMEOUT)
     reference = safetensors.torch.load_file(str(d / f"fsdp{saved_world}-reference.safetensors"))
     out = {"differences": differences(full_state(model, opt), reference), "cursor": cursor.value,
            "loaders": [int(loaders.value[0]), loaders.value[1]],
            "missing": sorted(status.report.missing_keys), "unexpected": sorted(status.report.unexpected_keys),
            "ranks": status.report.ranks,
-           "save_counter": ckpt.save_counter, "cfg": ckpt.cfg}
+           "save_counter": ckpt.save_counter, "cfg": ckpt.cfg, "counter": counter.pos}
     if world == saved_world:
         step(model, opt)
         after = safetensors.torch.load_file(str(d / f"fsdp{saved_world}-after-rank{rank}.safetensors"))
@@ -237,15 +266,19 @@ def plain_into_fsdp(d: Path, rank: int, world: int) -> dict:
     cursor = torchckpt.PerRank(100 + rank)
     one = torchckpt.Checkpoint(rng=torchckpt.RNGState(), cursor=cursor, w=torch.zeros(2)).read(
         str(d / "one-process-per-rank"), timeout_secs=TIMEOUT).expect_partial()
+    # probe88 F1: per-rank values a single process saved in an object's state_dict() or a module's extra state
+    # were handed to rank 1 too (rank 0's): each is missing there, and the object left whole
+    counter, extra = Cursor(100 + rank), WithExtra(100 + rank)
+    own = torchckpt.Checkpoint(counter=counter, m=extra).read(str(d / "one-process-own-per-rank"), timeout_secs=TIMEOUT)
+    own_state = [counter.pos, extra.pos, sorted(own.expect_partial().report.missing_keys)]
     # probe85 F4: the transformers integration resumes such a run on more ranks, as the Trainer does: a rank
     # without saved random state keeps its own, with a warning (the restore asserts everything else)
     from torchckpt.integrations.transformers import _without_rng_of_other_ranks
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _without_rng_of_other_ranks(torchckpt.Checkpoint(rng=torchckpt.RNGState(), w=torch.zeros(2),
-                                                         cursor=torchckpt.PerRank(0) if rank == 0 else 0).read(
-            str(d / "one-process-per-rank"), timeout_secs=TIMEOUT)).assert_consumed()
+        _without_rng_of_other_ranks(torchckpt.Checkpoint(rng=torchckpt.RNGState(), w=torch.zeros(2)).read(
+            str(d / "one-process-per-rank"), timeout_secs=TIMEOUT)).assert_existing_objects_matched()
     hf_warned = [str(w.message) for w in caught if "keeps its own random state" in str(w.message)]
     # probe84 F2: load_state gave every rank rank 0's per-rank values
     path = torchckpt.save_state({"w": torch.ones(2), "pos": torchckpt.PerRank(10 + rank)}, str(d / "state-per-rank"),
@@ -262,7 +295,7 @@ def plain_into_fsdp(d: Path, rank: int, world: int) -> dict:
             "hooked_differences": [differences(hooked_found, reference), differences(hooked_again, reference)],
             "migrated_differences": migrated,
             "one_process": [cursor.value, one.report.missing_keys, one.report.ranks, sorted({k.split("/")[0] for k in one.report.restored_keys})],
-            "hf_warned": hf_warned,
+            "hf_warned": hf_warned, "one_process_own": own_state,
             "load_state": [torchckpt.load_state(path)["pos"], torchckpt.load_state(path, rank=0)["pos"], beyond,
                            default_beyond],
             "kinds_ranks": kinds.report.ranks,

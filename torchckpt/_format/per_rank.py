@@ -2,10 +2,13 @@
 
 A ``PerRank`` marks a value that differs from rank to rank, so that a save by several ranks keeps
 every rank's own (format 2: ``{"@per_rank": [one value per rank]}``). A single process has no
-ranks to keep apart, and a single-process checkpoint (format 1) has no place for per-rank values:
-readers refuse the tag there. So a one-process save unwraps them first, wherever they sit in the
-state (:func:`without_per_rank`). A reader of format 2 walks the JSON as it was read: a rank's view
-of the tree (:func:`select_rank`), and the key paths of the per-rank values
+ranks to keep apart, and a single-process checkpoint (format 1) has no place for the tag: readers
+refuse it there. So a one-process save stores the values they wrap, wherever they sit
+(``_format.tree.encode``), and lists their key paths in the index
+(``spec.ONE_PROCESS_PER_RANK_KEY``), which a restore on another rank reports missing
+(:func:`missing_on_other_ranks`).
+:func:`without_per_rank` unwraps a live value. A reader of format 2 walks the JSON as it was read:
+a rank's view of the tree (:func:`select_rank`), and the key paths of the per-rank values
 (:func:`per_rank_paths`), named as the decoder names values.
 """
 
@@ -15,7 +18,7 @@ import copy
 from collections.abc import Iterator
 from typing import Any
 
-from torchckpt._format.keypath import distinct_parts, escape_part, join
+from torchckpt._format.keypath import distinct_parts, escape_part, join, replaced_at, split
 from torchckpt._format.tree import DICT_TYPES, MAX_DEPTH, PER_RANK_TAG, TAG, MissingPerRank, PerRank, corrupt_at, decode
 
 
@@ -96,3 +99,12 @@ def per_rank_paths(node: Any, path: str = "", depth: int = 0) -> Iterator[str]:
     elif isinstance(node, list):
         for i, v in enumerate(node):
             yield from per_rank_paths(v, join(path, str(i)), depth + 1)
+
+
+def missing_on_other_ranks(tree: Any, paths: list[str], rank: int) -> Any:
+    """A single process's decoded state tree as rank ``rank`` (not 0) sees it: the values at
+    ``paths`` (its index lists them) are rank 0's, and :class:`MissingPerRank` here, as a
+    format-2 checkpoint gives a rank it has no value for."""
+    for path in paths:
+        tree = replaced_at(tree, split(path), lambda _: MissingPerRank(rank, 1))
+    return tree

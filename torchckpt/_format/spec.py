@@ -35,9 +35,10 @@ TORCHCKPT_KEY = "torchckpt"  # the index's own section, beside Hugging Face's ke
 WEIGHT_MAP_KEY = "weight_map"  # the index's Hugging Face map of tensor names to shard files
 MANAGER_KEY = "manager"  # in a checkpoint's metadata: the checkpoint_name of the manager that wrote it
 MODULE_VERSIONS_KEY = "module_versions"  # in the index's section: {state dict's key: {module prefix: _version}}, not 1s
-# in the index's section of a single process's checkpoint that holds per-rank values (PerRank, RNG states, data
-# positions) anywhere in its tree, saved as plain values: true. Other ranks have none of their own in it
-HOLDS_PER_RANK_KEY = "holds_per_rank"
+# in the index's section of a single process's checkpoint: the key paths of the per-rank values (PerRank, RNG
+# states, data positions) its tree holds as plain values, anywhere; absent where none. Other ranks have no values
+# of their own there
+ONE_PROCESS_PER_RANK_KEY = "per_rank_values"
 REUSED_KEY = "reused"  # in the index's section: {"base": checkpoint, "files": {file here: file there}} of an incremental save
 SAVE_COUNTER = "save_counter"  # a Checkpoint's counter, a top-level key of the saved state tree
 SHARD_SUFFIX = ".safetensors"

@@ -216,12 +216,18 @@ def _encode_dict(value: dict[Any, Any], path: str, tensors: dict[str, torch.Tens
             mixed = mixed or left_out
             before = len(tensors)
             out[k] = encode(v, child, tensors, ordered, depth + 1, one_process)
-            _check_not_root_named(child, path, v, len(tensors) > before)
+            _check_not_root_named(child, path, _one_process_value(v, one_process), len(tensors) > before)
     return {k: out.get(k, _PLACED) for k in value} if mixed else out  # every key in its place, as torch.load
 
 
+def _one_process_value(value: Any, one_process: list[str] | None) -> Any:
+    """What a single process stores for ``value``: a ``PerRank``'s value (``encode``)."""
+    return value.value if one_process is not None and type(value) is PerRank else value
+
+
 def _check_not_root_named(child: str, path: str, value: Any, has_tensors: bool) -> None:
-    """Refuse the key ``""`` at the root when tensors are below it: their names would be the root's own."""
+    """Refuse the key ``""`` at the root when tensors are below it: their names would be the root's own.
+    (A single process's ``PerRank`` of a tensor is that tensor: the caller passes it unwrapped.)"""
     import torch
 
     if child == path and has_tensors and not isinstance(value, torch.Tensor):
@@ -261,7 +267,7 @@ def _encode_pairs(tag: str, value: Mapping[Any, Any], path: str, tensors: dict[s
             decoded.append(k)
         before = len(tensors)
         node = encode(v, child, tensors, ordered, depth + 1, one_process)
-        _check_not_root_named(child, path, v, len(tensors) > before)  # beside a key the pairs encoding takes
+        _check_not_root_named(child, path, _one_process_value(v, one_process), len(tensors) > before)  # beside a key the pairs encoding takes
         first, below = named.setdefault(child, (original, len(tensors) > before))
         if first is not original and (below or len(tensors) > before):
             raise clashes.same_name(path, first, original, child)
@@ -285,7 +291,12 @@ def _is_count(node: Any) -> bool:
 
 def _encode_key(key: Any, path: str, depth: int) -> Any:
     inside: dict[str, torch.Tensor] = {}
-    node = encode(key, path, inside, depth=depth)
+    per_rank: list[str] = []
+    node = encode(key, path, inside, depth=depth, one_process=per_rank)
+    if per_rank:
+        raise UnsupportedStateError(
+            f"Cannot save {display(path)!r}: a dict key cannot be per rank (PerRank); a key names one value for every "
+            "rank. Put the PerRank in the value instead.", key=path, value_type=type(key))
     if inside:  # a tensor key, or a tuple key holding one: a key has no name for its tensor to go under
         raise UnsupportedStateError(
             f"Cannot save {display(path)!r}: a tensor used as (or inside) a dict key cannot be stored; "

@@ -12,7 +12,13 @@ from typing import Any
 from torchckpt._format import per_rank as format_per_rank
 from torchckpt._format import tree as format_tree
 from torchckpt._format.index import Index
-from torchckpt._format.spec import INDEX_FILE, SAVE_COUNTER, SHARDED_FORMAT_VERSION, TORCHCKPT_KEY
+from torchckpt._format.spec import (
+    INDEX_FILE,
+    ONE_PROCESS_PER_RANK_KEY,
+    SAVE_COUNTER,
+    SHARDED_FORMAT_VERSION,
+    TORCHCKPT_KEY,
+)
 from torchckpt._paths import join
 from torchckpt.errors import CorruptCheckpointError, short_repr
 
@@ -68,6 +74,20 @@ def per_rank_count(index: Index) -> int:
     if index.raw[TORCHCKPT_KEY]["format_version"] < SHARDED_FORMAT_VERSION:
         return 0
     return sum(1 for _ in format_per_rank.per_rank_paths(index.section.get("state", {})))
+
+
+def one_process_per_rank(index: Index) -> list[str]:
+    """The key paths of the per-rank values a single process's checkpoint holds as plain values
+    (none where its index lists none: also one saved before they were listed).
+
+    Raises:
+        CorruptCheckpointError: the list is not a list of key paths.
+    """
+    found = index.section.get(ONE_PROCESS_PER_RANK_KEY, [])
+    if not isinstance(found, list) or not all(type(path) is str for path in found):
+        raise CorruptCheckpointError(f"{join(index.directory, INDEX_FILE)}: its {ONE_PROCESS_PER_RANK_KEY!r} is not a "
+                                     "list of key paths.", index.directory)
+    return found
 
 
 def beyond_world(index: Index, world: int) -> list[str]:

@@ -125,8 +125,9 @@ class Matcher:
                 return
             self.checkpoint(nested, saved, key, None)
         elif isinstance(value, torch.nn.Module):
-            self._once(key, value, saved)
-            plan_module(key, value, saved, plan)
+            if not self._missing_inside(key, saved):  # a per-rank value of its own (its extra state): left whole
+                self._once(key, value, saved)
+                plan_module(key, value, saved, plan)
         elif isinstance(value, torch.Tensor):
             self._once(key, value, saved)
             plan_tensor(key, value, saved, plan, assign)
@@ -138,18 +139,31 @@ class Matcher:
             plan.rng_loads.extend(plan.loads[loads:])
             del plan.loads[loads:]
         elif is_stateful(value):
-            self._once(key, value, saved)
-            plan_stateful(key, value, saved, plan)
+            if not self._missing_inside(key, saved):  # a per-rank value in its state_dict(): left whole
+                self._once(key, value, saved)
+                plan_stateful(key, value, saved, plan)
         elif self.tracking.is_trackable(value) and (isinstance(value, (dict, list)) or type(value) is tuple):
             self._container(key, value, saved, assign)
-        elif (inside := _missing_inside(saved)) is not None:  # a per-rank value within a plain one: all or none
-            where = key
-            for part in reversed(inside[0]):
-                where = keypath.join(where, keypath.key_part(part))
-            plan.report.missing_keys.append(where)
-            plan.report.skipped_objects[key] = f"{where}: {inside[1].reason}; {key} was left as it is, as a whole"
-        else:
+        elif not self._missing_inside(key, saved):  # a per-rank value within a plain one: all or none
             plan_value(key, saved, assign, plan)
+
+    def _missing_inside(self, key: str, saved: Any) -> bool:
+        """Where a restore runs on more ranks than saved: whether ``saved`` (a plain value, a
+        module's or an object's state) holds a per-rank value this rank has none of; then the
+        object is left as it is, as a whole, and that value reported missing (all or none: a
+        ``load_state_dict`` is not handed a placeholder, nor half a state)."""
+        plan = self.plan
+        if plan.rank < plan.saved_world or saved is MISSING:
+            return False
+        inside = _missing_inside(saved)
+        if inside is None:
+            return False
+        where = key
+        for part in reversed(inside[0]):
+            where = keypath.join(where, keypath.key_part(part))
+        plan.report.missing_keys.append(where)
+        plan.report.skipped_objects[key] = f"{where}: {inside[1].reason}; {key} was left as it is, as a whole"
+        return True
 
     def _missing_checkpoint(self, key: str, tracked: dict[str, Any], saved: Any) -> None:
         """A nested checkpoint with nothing (or no dict) to restore from: all of it is missing."""
@@ -264,6 +278,8 @@ def _missing_inside(saved: Any) -> tuple[list[Any], tree.MissingPerRank] | None:
     that this rank has no copy of (``_format.per_rank.select_rank`` on more ranks than saved), or None."""
     if isinstance(saved, tree.MissingPerRank):
         return [], saved
+    if is_saved(saved):
+        return None
     items = saved.items() if isinstance(saved, dict) else enumerate(saved) if isinstance(saved, (list, tuple)) else ()
     for k, v in items:
         found = _missing_inside(v)

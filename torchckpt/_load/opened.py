@@ -38,6 +38,7 @@ from torchckpt._format.spec import (
     SHARDED_FORMAT_VERSION,
     TORCHCKPT_KEY,
 )
+from torchckpt._load import index_fields
 from torchckpt._load.sources import ShardSources
 from torchckpt._paths import join
 from torchckpt._storage import trusted as storage_trusted
@@ -448,7 +449,8 @@ def state_tree(index: Index, resolve: Callable[[str], Any], rank: int = 0,
 
     In format 2, a chunked tensor resolves to a :class:`~torchckpt._format.chunks.ChunkedInfo` of its
     chunks (or to ``chunked(name)`` when given), and ``rank`` picks the per-rank values
-    (``@per_rank``, tensors named ``~r<rank>``).
+    (``@per_rank``, tensors named ``~r<rank>``). A single process's per-rank values are rank 0's:
+    another rank gets ``MissingPerRank`` for them.
     """
     try:
         state = index.section.get("state", {})
@@ -460,6 +462,8 @@ def state_tree(index: Index, resolve: Callable[[str], Any], rank: int = 0,
         tree = format_tree.decode(state, trie, resolve)
         if not isinstance(tree, dict) or not all(type(k) is str for k in tree):
             raise CorruptCheckpointError("the state tree's root is not an object of tracked names")
+        if index.raw[TORCHCKPT_KEY]["format_version"] < SHARDED_FORMAT_VERSION and rank:
+            tree = format_per_rank.missing_on_other_ranks(tree, index_fields.one_process_per_rank(index), rank)
         return tree
     except CorruptCheckpointError as e:
         if e.path is not None:

@@ -139,8 +139,8 @@ def capture(state: dict[str, Any], objects: dict[str, str], metadata: dict[str, 
     empty: the asynchronous snapshot, or the exchange of a save by several ranks, does that itself.
     ``ordered``: every tensor keeps its place among its dict's keys (see ``_format.tree.encode``).
     ``one_process``: a single process's save, which stores per-rank values (``PerRank``, however
-    deeply nested: in a ``state_dict()`` too) as the values they wrap, and records that it holds
-    some (``spec.HOLDS_PER_RANK_KEY``: a reader on another rank is told none is its own); else they
+    deeply nested: in a ``state_dict()`` too) as the values they wrap, and records their key paths
+    (``spec.ONE_PROCESS_PER_RANK_KEY``: a restore on another rank reports them missing); else they
     are marked, for the exchange of a save by several ranks.
     """
     tensors: dict[str, torch.Tensor] = {}
@@ -148,7 +148,7 @@ def capture(state: dict[str, Any], objects: dict[str, str], metadata: dict[str, 
     tree = format_tree.encode(state, "", tensors, ordered, one_process=per_rank)
     section: dict[str, Any] = {"objects": objects, "state": tree}
     if per_rank:
-        section[spec.HOLDS_PER_RANK_KEY] = True
+        section[spec.ONE_PROCESS_PER_RANK_KEY] = per_rank
     if metadata:
         section["metadata"] = _encode_metadata(metadata)
     if localize is None:

@@ -21,6 +21,7 @@ import torch
 
 from torchckpt._format import dtypes as format_dtypes
 from torchckpt._format import index as format_index
+from torchckpt._format import per_rank as format_per_rank
 from torchckpt._format import spec as format_spec
 from torchckpt._format.dict_order import keep_dict_order
 from torchckpt._format.spec import INDEX_FILE
@@ -71,11 +72,11 @@ def consolidate(reader: CheckpointReader, out: str, storage: Storage, *, rank: i
     index_fields.check_sections(index, load_opened.state_tree(index, lambda name: None, rank))
     state, source_of, aliases = load_opened.rank_view(index, rank)
     # what describes the state (a versioned module's loader migrates by its version), not how the job stored it
-    kept = ("objects", "metadata", format_spec.MODULE_VERSIONS_KEY, format_spec.HOLDS_PER_RANK_KEY)
+    kept = ("objects", "metadata", format_spec.MODULE_VERSIONS_KEY, format_spec.ONE_PROCESS_PER_RANK_KEY)
     section = {k: v for k, v in index.section.items() if k in kept}
     section["state"] = state
-    if index_fields.per_rank_count(index):  # this rank's values, saved as plain ones: no other rank's
-        section[format_spec.HOLDS_PER_RANK_KEY] = True
+    if index_fields.per_rank_count(index):  # this rank's values, kept as plain ones: no other rank's
+        section[format_spec.ONE_PROCESS_PER_RANK_KEY] = list(format_per_rank.per_rank_paths(index.section["state"]))
     dtypes, shapes = reader.get_variable_to_dtype_map(), reader.get_variable_to_shape_map()
     tensors = {name: (dtypes[source], tuple(shapes[source]), reader.nbytes(source))
                for name, source in source_of.items()}
