@@ -182,6 +182,35 @@ def test_a_weight_a_hook_hands_out_transposed_is_one_tensor_with_the_weight_trac
     assert torch.equal(again.weight, model.weight)
 
 
+def _one_memory(kind: str) -> torch.nn.Module:
+    module = torch.nn.Module()
+    if kind == "complex-and-its-real-view":
+        module.c = torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))
+        module.register_buffer("r", torch.view_as_real(module.c.detach()))
+    else:
+        module.w = torch.nn.Parameter(torch.zeros(4))
+        module.register_buffer("raw", module.w.detach().view(torch.uint8))
+    return module
+
+
+@pytest.mark.parametrize("kind", ["complex-and-its-real-view", "float-and-its-bytes"])
+def test_tensors_over_the_same_bytes_in_another_element_type_are_one(tmp_path, kind):
+    """probe89 F5: counted in elements, a complex parameter and its real view (a weight and its
+    bytes) were two tensors: both read in file order, both reported restored, and the memory kept
+    the file's last, not what load_state_dict keeps (its state-dict order's last)."""
+    generator = torch.Generator().manual_seed(0)
+    saved = {k: torch.randn(v.shape, dtype=v.dtype, generator=generator) if v.is_floating_point() or v.is_complex()
+             else torch.randint(0, 100, v.shape, generator=generator).to(v.dtype)
+             for k, v in _one_memory(kind).state_dict().items()}
+    path = torchckpt.save_state({"m": dict(reversed(list(saved.items())))}, tmp_path / "c")  # the view's key first
+    reference, module = _one_memory(kind), _one_memory(kind)
+    reference.load_state_dict(saved)
+    report = torchckpt.Checkpoint(m=module).read(path).expect_partial().report
+    assert all(torch.equal(a, b) for a, b in zip(reference.state_dict().values(), module.state_dict().values()))
+    first = next(iter(saved))
+    assert report.unexpected_keys == [f"m/{first}"] and f"m/{first}" not in report.restored_keys
+
+
 def _hooked(module: torch.nn.Module) -> torch.nn.Module:
     module._register_load_state_dict_pre_hook(lambda *args, **kwargs: None)
     return module

@@ -288,6 +288,28 @@ def test_a_single_processs_per_rank_values_anywhere_are_no_other_ranks(tmp_path,
     assert "per_rank_values" not in read_index(plain)["torchckpt"]
 
 
+@pytest.mark.parametrize(("state", "listed", "where"), [
+    ({"": _Cursor(5)}, ["/pos"], ["", "pos"]),  # probe89 F2: listed as "pos", which names the top-level key pos
+    ({"c": {1: 7, "1": torchckpt.PerRank(5)}}, ["c/'1'"], ["c", "1"]),  # F3: the placeholder went to the key 1
+    ({"c": {str(i): torchckpt.PerRank(i) for i in range(3000)}}, [f"c/{i}" for i in range(3000)], ["c", "2999"]),
+], ids=["under-the-top-level-key-''", "beside-a-key-of-one-spelling", "thousands-in-one-dict"])
+def test_a_single_processs_per_rank_values_are_listed_by_names_that_find_them(tmp_path, state, listed, where):
+    """Each listed path leads back to its value: another rank gets a placeholder there and nowhere
+    else, as diff and get_value spell the keys (F4: thousands of them in one dict were found one
+    scan of the dict at a time)."""
+    path = torchckpt.Checkpoint(**state).write(tmp_path / "c")
+    assert read_index(path)["torchckpt"]["per_rank_values"] == listed
+    other = torchckpt.load_checkpoint(path).get_state(rank=1)
+    node = other
+    for part in where:
+        node = node[part]
+    assert type(node).__name__ == "MissingPerRank"
+    if where[0] == "c" and len(state["c"]) == 2:
+        assert other["c"][1] == 7  # the other key of that spelling keeps its value
+    mine = torchckpt.load_checkpoint(path).get_state(rank=0)
+    assert {k: v for k, v in mine.items() if k != "save_counter"} == torchckpt.load_state(path)  # rank 0: its values
+
+
 @pytest.mark.parametrize("listed", [True, "s/pos", [1], {"s": "pos"}])
 def test_a_list_of_per_rank_values_that_is_not_one_is_damage(tmp_path, listed):
     path = torchckpt.Checkpoint(s=_Cursor(7)).write(tmp_path / "c")
@@ -298,3 +320,6 @@ def test_a_list_of_per_rank_values_that_is_not_one_is_damage(tmp_path, listed):
         torchckpt.load_state(path, rank=1)
     assert str(path_index.parent) in str(info.value)
     assert torchckpt.load_state(path, rank=0)["s"] == {"pos": 7}  # rank 0 does not need it
+    from torchckpt.cli import main
+
+    assert main(["verify", str(path)]) == 1  # probe89 F6: verify passed it, and a 2-rank restore fell back past it

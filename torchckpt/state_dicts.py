@@ -204,7 +204,7 @@ def _with_metadata(state: dict[str, Any], versions: dict[str, dict[str, int | No
     modules' prefixes are found from the keys, with version 1 where none is recorded), which
     ``load_state_dict`` hands to each module's loader."""
     for key, recorded in versions.items():
-        state = keypath.replaced_at(state, keypath.split(key) if key else [], lambda node, r=recorded: _versioned(node, r))
+        state = _replaced(state, keypath.split(key) if key else [], lambda node, r=recorded: _versioned(node, r))
     return state
 
 
@@ -215,6 +215,26 @@ def _versioned(node: Any, recorded: dict[str, int | None]) -> Any:
     prefixes = {k.rsplit(".", n)[0] for k in node for n in range(1, k.count(".") + 1)} | {""} | set(recorded)
     out._metadata = {p: {"version": recorded.get(p, 1)} for p in sorted(prefixes)}  # type: ignore[attr-defined]
     return out
+
+
+def _replaced(node: Any, parts: list[str], change: Any) -> Any:
+    """``node`` with ``change`` applied to its value at the key path ``parts`` (dicts and lists
+    changed in place, a tuple on the way rebuilt); as it is where the path leads nowhere."""
+    if not parts:
+        return change(node)
+    part, rest = parts[0], parts[1:]
+    if isinstance(node, dict):
+        key = next((k for k in node if keypath.key_part(k) == part), _NONE)
+        if key is not _NONE:
+            node[key] = _replaced(node[key], rest, change)
+    elif isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
+        items = node if isinstance(node, list) else list(node)
+        items[int(part)] = _replaced(node[int(part)], rest, change)
+        return items if isinstance(node, list) else tuple(items)
+    return node
+
+
+_NONE = object()
 
 
 def _objects(reader: CheckpointReader) -> dict[str, str]:

@@ -64,6 +64,8 @@ class WithExtra(torch.nn.Linear):
     def __init__(self, pos: int) -> None:
         super().__init__(1, 1)
         self.pos = pos
+        with torch.no_grad():
+            self.weight.fill_(pos)
 
     def get_extra_state(self) -> dict:
         return {"pos": torchckpt.PerRank(self.pos)}
@@ -267,10 +269,11 @@ def plain_into_fsdp(d: Path, rank: int, world: int) -> dict:
     one = torchckpt.Checkpoint(rng=torchckpt.RNGState(), cursor=cursor, w=torch.zeros(2)).read(
         str(d / "one-process-per-rank"), timeout_secs=TIMEOUT).expect_partial()
     # probe88 F1: per-rank values a single process saved in an object's state_dict() or a module's extra state
-    # were handed to rank 1 too (rank 0's): each is missing there, and the object left whole
+    # were handed to rank 1 too (rank 0's): each is missing there; the object is left whole, and the module
+    # restores all but its extra state (probe89 F1: the whole model was left, its report naming one key)
     counter, extra = Cursor(100 + rank), WithExtra(100 + rank)
     own = torchckpt.Checkpoint(counter=counter, m=extra).read(str(d / "one-process-own-per-rank"), timeout_secs=TIMEOUT)
-    own_state = [counter.pos, extra.pos, sorted(own.expect_partial().report.missing_keys)]
+    own_state = [counter.pos, extra.pos, extra.weight.item(), sorted(own.expect_partial().report.missing_keys)]
     # probe85 F4: the transformers integration resumes such a run on more ranks, as the Trainer does: a rank
     # without saved random state keeps its own, with a warning (the restore asserts everything else)
     from torchckpt.integrations.transformers import _without_rng_of_other_ranks

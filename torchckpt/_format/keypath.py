@@ -88,26 +88,6 @@ def canonical_module_key(key: str, ddp: bool = True) -> str:
 
 
 
-def replaced_at(node: Any, parts: list[str], change: Any) -> Any:
-    """``node`` with ``change`` applied to its value at the key path ``parts`` (dicts and lists
-    changed in place, a tuple on the way rebuilt); as it is where the path leads nowhere."""
-    if not parts:
-        return change(node)
-    part, rest = parts[0], parts[1:]
-    if isinstance(node, dict):
-        key = next((k for k in node if key_part(k) == part), _NONE)
-        if key is not _NONE:
-            node[key] = replaced_at(node[key], rest, change)
-    elif isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
-        items = node if isinstance(node, list) else list(node)
-        items[int(part)] = replaced_at(node[int(part)], rest, change)
-        return items if isinstance(node, list) else tuple(items)
-    return node
-
-
-_NONE = object()
-
-
 def display(path: str) -> str:
     """A key path for messages (the root is shown as ``<root>``)."""
     return path or "<root>"

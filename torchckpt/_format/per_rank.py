@@ -18,7 +18,7 @@ import copy
 from collections.abc import Iterator
 from typing import Any
 
-from torchckpt._format.keypath import distinct_parts, escape_part, join, replaced_at, split
+from torchckpt._format.keypath import distinct_parts, escape_part, join, split
 from torchckpt._format.tree import DICT_TYPES, MAX_DEPTH, PER_RANK_TAG, TAG, MissingPerRank, PerRank, corrupt_at, decode
 
 
@@ -103,8 +103,42 @@ def per_rank_paths(node: Any, path: str = "", depth: int = 0) -> Iterator[str]:
 
 def missing_on_other_ranks(tree: Any, paths: list[str], rank: int) -> Any:
     """A single process's decoded state tree as rank ``rank`` (not 0) sees it: the values at
-    ``paths`` (its index lists them) are rank 0's, and :class:`MissingPerRank` here, as a
-    format-2 checkpoint gives a rank it has no value for."""
+    ``paths`` (its index lists them, each key named as ``diff`` and ``get_value`` name it) are rank
+    0's, and :class:`MissingPerRank` here, as a format-2 checkpoint gives a rank it has no value for.
+    One walk for all of them (a dict of thousands of per-rank values is spelled out once); a path
+    that leads nowhere changes nothing."""
+    wanted: dict[str, Any] = {}
     for path in paths:
-        tree = replaced_at(tree, split(path), lambda _: MissingPerRank(rank, 1))
-    return tree
+        node = wanted
+        for part in split(path):
+            if _HERE in node:
+                break  # within a value already replaced
+            node = node.setdefault(part, {})
+        else:
+            node.clear()  # the whole value: what is below it goes with it
+            node[_HERE] = {}
+    return _marked(tree, wanted, MissingPerRank(rank, 1))
+
+
+_HERE = "\0"  # in the walk's tree of parts, where a value is replaced: no key part is a NUL
+
+
+def _marked(node: Any, wanted: dict[str, Any], missing: MissingPerRank) -> Any:
+    if _HERE in wanted:
+        return missing
+    if isinstance(node, dict):
+        spelled = dict(zip(distinct_parts(list(node)), node))
+        for part, below in wanted.items():
+            key = spelled.get(part, _NOTHING)
+            if key is not _NOTHING:
+                node[key] = _marked(node[key], below, missing)
+    elif isinstance(node, (list, tuple)):
+        items = list(node)
+        for part, below in wanted.items():
+            if part.isdigit() and int(part) < len(items):
+                items[int(part)] = _marked(items[int(part)], below, missing)
+        return items if isinstance(node, list) else tuple(items)
+    return node
+
+
+_NOTHING: Any = object()

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from torchckpt._format import clashes, floats, plain
-from torchckpt._format.keypath import SEP, display, escape_part, join, key_part, split, unescape_part
+from torchckpt._format.keypath import SEP, display, distinct_parts, escape_part, join, key_part, split, unescape_part
 from torchckpt.errors import CorruptCheckpointError, UnsupportedStateError, short_repr
 
 if TYPE_CHECKING:
@@ -214,9 +214,11 @@ def _encode_dict(value: dict[Any, Any], path: str, tensors: dict[str, torch.Tens
             left_out = True
         else:
             mixed = mixed or left_out
-            before = len(tensors)
+            before, listed = len(tensors), len(one_process or ())
             out[k] = encode(v, child, tensors, ordered, depth + 1, one_process)
             _check_not_root_named(child, path, _one_process_value(v, one_process), len(tensors) > before)
+            if child == path and one_process is not None and len(one_process) > listed:
+                _below_root_key(one_process, listed)
     return {k: out.get(k, _PLACED) for k in value} if mixed else out  # every key in its place, as torch.load
 
 
@@ -253,6 +255,7 @@ def _encode_pairs(tag: str, value: Mapping[Any, Any], path: str, tensors: dict[s
     pairs = []
     decoded: list[Any] | None = None  # the keys as loaded, from the first one not stored as it is
     named: dict[str, tuple[Any, bool]] = {}  # key path -> the first key named so, and whether tensors are below it
+    spelled: list[str] = []  # each key's part where two share one (``keypath.distinct_parts``), once needed
     for i, (k, v) in enumerate(value.items()):
         if type(k) is int and not -_TOO_MANY_DIGITS < k < _TOO_MANY_DIGITS:
             raise _too_many_digits(k, path)
@@ -265,9 +268,16 @@ def _encode_pairs(tag: str, value: Mapping[Any, Any], path: str, tensors: dict[s
             child = join(path, key_part(k))
         if decoded is not None:
             decoded.append(k)
-        before = len(tensors)
+        before, listed = len(tensors), len(one_process or ())
         node = encode(v, child, tensors, ordered, depth + 1, one_process)
         _check_not_root_named(child, path, _one_process_value(v, one_process), len(tensors) > before)  # beside a key the pairs encoding takes
+        if one_process is not None and len(one_process) > listed:
+            if child == path:
+                _below_root_key(one_process, listed)
+            elif all(type(other) in _PLAIN_KEYS for other in value):  # named as diff and get_value name the key
+                spelled = spelled or distinct_parts(list(value))
+                if spelled[i] != key_part(k):
+                    one_process[listed:] = [join(path, spelled[i]) + p[len(child):] for p in one_process[listed:]]
         first, below = named.setdefault(child, (original, len(tensors) > before))
         if first is not original and (below or len(tensors) > before):
             raise clashes.same_name(path, first, original, child)
@@ -282,6 +292,12 @@ def _encode_pairs(tag: str, value: Mapping[Any, Any], path: str, tensors: dict[s
     if decoded is not None and len(set(decoded)) < len(decoded):
         clashes.refuse_equal_keys(value, decoded, path)
     return {tag: pairs}
+
+
+def _below_root_key(one_process: list[str], listed: int) -> None:
+    """Name the per-rank values listed from ``listed`` on, found under the top-level key ``""``
+    (which a key path does not show: ``join("", "")`` is ``""``), with that key: ``/pos``."""
+    one_process[listed:] = [SEP + p if p else p for p in one_process[listed:]]
 
 
 def _is_count(node: Any) -> bool:

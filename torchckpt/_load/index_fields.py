@@ -56,13 +56,15 @@ def metadata_of(index: Index) -> Any:
 
 def check_sections(index: Index, tree: dict[str, Any]) -> None:
     """What a restore or the reader refuses beyond the state tree's form (``tree``, decoded): the
-    modules' versions, the save counter and the metadata. ``verify`` and ``consolidate`` check
+    modules' versions, the list of a single process's per-rank values, the save counter and the
+    metadata. ``verify`` and ``consolidate`` check
     them too, so that neither passes an index that a reader then refuses.
 
     Raises:
         CorruptCheckpointError: naming the index and the field.
     """
     index.module_versions()
+    one_process_per_rank(index)
     objects = index.section.get("objects")
     if not (isinstance(objects, dict) and SAVE_COUNTER in objects):  # else one of the state's own names (save_state)
         save_counter_of(tree, index.directory)

@@ -125,9 +125,9 @@ class Matcher:
                 return
             self.checkpoint(nested, saved, key, None)
         elif isinstance(value, torch.nn.Module):
-            if not self._missing_inside(key, saved):  # a per-rank value of its own (its extra state): left whole
-                self._once(key, value, saved)
-                plan_module(key, value, saved, plan)
+            saved = self._without_missing_entries(key, saved)
+            self._once(key, value, saved)
+            plan_module(key, value, saved, plan)
         elif isinstance(value, torch.Tensor):
             self._once(key, value, saved)
             plan_tensor(key, value, saved, plan, assign)
@@ -146,6 +146,25 @@ class Matcher:
             self._container(key, value, saved, assign)
         elif not self._missing_inside(key, saved):  # a per-rank value within a plain one: all or none
             plan_value(key, saved, assign, plan)
+
+    def _without_missing_entries(self, key: str, saved: Any) -> Any:
+        """A module's saved state dict less the entries (extra state) that hold a per-rank value
+        this rank has none of, where a restore runs on more ranks than saved: each is left to its
+        module, and reported missing as any key the checkpoint lacks (``set_extra_state`` is not
+        handed a placeholder); every other key restores, as ``load_state_dict(strict=False)``
+        restores without it."""
+        plan = self.plan
+        if plan.rank < plan.saved_world or not isinstance(saved, dict):
+            return saved
+        kept = {}
+        for name, value in saved.items():
+            inside = _missing_inside(value)
+            if inside is None:
+                kept[name] = value
+            else:
+                where = keypath.join(key, keypath.escape_part(name))
+                plan.report.skipped_objects[where] = f"{inside[1].reason}; its module keeps its own"
+        return saved if len(kept) == len(saved) else kept
 
     def _missing_inside(self, key: str, saved: Any) -> bool:
         """Where a restore runs on more ranks than saved: whether ``saved`` (a plain value, a

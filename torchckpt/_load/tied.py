@@ -51,15 +51,21 @@ def view_of(t: torch.Tensor) -> tuple[Any, ...] | None:
         if placements is None or not _storage_bytes(t):
             return None
         return t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype, tuple(t.shape), t.stride(), placements
-    return t.data_ptr(), t.element_size(), _span(t), placements
+    return t.data_ptr(), _span(t), placements
 
 
 def _span(t: torch.Tensor) -> tuple[tuple[int, int], ...]:
-    """The elements a tensor covers from its first one, as (stride, count) steps, outermost first:
-    the same for every shape and order of dimensions over those elements (a weight and its
-    transpose, a flat view of it), and other for another part of the memory."""
+    """The bytes a tensor covers from its first one, as (stride, count) steps in bytes, outermost
+    first: the same for every shape, order of dimensions and element type over those bytes (a
+    weight and its transpose, a flat view of it, a complex tensor and its real view), and other
+    for another part of the memory."""
+    size = t.element_size()
+    if t.is_contiguous():  # the common case, one step: what the loop below gives it
+        count = t.numel() * size
+        return ((1, count),) if count > 1 else ()
+    dims = [(st * size, n) for st, n in zip(t.stride(), t.shape) if n != 1] + ([(1, size)] if size != 1 else [])
     steps: list[tuple[int, int]] = []
-    for stride, size in sorted(((st, n) for st, n in zip(t.stride(), t.shape) if n != 1), reverse=True):
+    for stride, size in sorted(dims, reverse=True):
         if steps and steps[-1][0] == stride * size:  # contiguous with the step outside it: one longer step
             steps[-1] = (stride, steps[-1][1] * size)
         else:
