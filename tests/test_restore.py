@@ -209,6 +209,11 @@ def test_tensors_over_the_same_bytes_in_another_element_type_are_one(tmp_path, k
     assert all(torch.equal(a, b) for a, b in zip(reference.state_dict().values(), module.state_dict().values()))
     first = next(iter(saved))
     assert report.unexpected_keys == [f"m/{first}"] and f"m/{first}" not in report.restored_keys
+    # from its own checkpoint, the two keys agree (the same bytes): both restored (probe90 F6)
+    own = torchckpt.Checkpoint(m=reference).write(tmp_path / "own")
+    fresh = _one_memory(kind)
+    torchckpt.Checkpoint(m=fresh).read(own).assert_consumed()
+    assert all(torch.equal(a, b) for a, b in zip(reference.state_dict().values(), fresh.state_dict().values()))
 
 
 def _hooked(module: torch.nn.Module) -> torch.nn.Module:

@@ -288,15 +288,19 @@ def test_a_single_processs_per_rank_values_anywhere_are_no_other_ranks(tmp_path,
     assert "per_rank_values" not in read_index(plain)["torchckpt"]
 
 
-@pytest.mark.parametrize(("state", "listed", "where"), [
-    ({"": _Cursor(5)}, ["/pos"], ["", "pos"]),  # probe89 F2: listed as "pos", which names the top-level key pos
-    ({"c": {1: 7, "1": torchckpt.PerRank(5)}}, ["c/'1'"], ["c", "1"]),  # F3: the placeholder went to the key 1
-    ({"c": {str(i): torchckpt.PerRank(i) for i in range(3000)}}, [f"c/{i}" for i in range(3000)], ["c", "2999"]),
-], ids=["under-the-top-level-key-''", "beside-a-key-of-one-spelling", "thousands-in-one-dict"])
-def test_a_single_processs_per_rank_values_are_listed_by_names_that_find_them(tmp_path, state, listed, where):
+@pytest.mark.parametrize(("state", "listed", "where", "other_key"), [
+    ({"c": {1: 7, "1": torchckpt.PerRank(5)}}, ["c/'1'"], ["c", "1"], 1),  # probe89 F3: the placeholder went to 1
+    ({"c": {(1, 2): 7, "(1, 2)": torchckpt.PerRank(5)}}, ["c/'(1, 2)'"], ["c", "(1, 2)"], (1, 2)),  # probe90 F3
+    ({"c": {"\0": torchckpt.PerRank(5), "lr": 7}}, ["c/\0"], ["c", "\0"], "lr"),  # probe90 F1: the whole dict
+    ({"c": {str(i): torchckpt.PerRank(i) for i in range(3000)}}, [f"c/{i}" for i in range(3000)], ["c", "2999"], None),
+    ({"c": {i: torchckpt.PerRank(i) for i in range(3000)}}, [f"c/{i}" for i in range(3000)], ["c", 2999], None),
+], ids=["beside-a-key-of-one-spelling", "beside-a-tuple-key-of-one-spelling", "under-a-nul-key", "thousands-in-one-dict",
+        "thousands-under-int-keys"])
+def test_a_single_processs_per_rank_values_are_listed_by_names_that_find_them(tmp_path, state, listed, where,
+                                                                                other_key):
     """Each listed path leads back to its value: another rank gets a placeholder there and nowhere
-    else, as diff and get_value spell the keys (F4: thousands of them in one dict were found one
-    scan of the dict at a time)."""
+    else, as diff and get_value spell the keys (probe89 F4: thousands of them in one dict were found
+    one scan of the dict at a time; probe90 F4: with int keys the save spelled them so)."""
     path = torchckpt.Checkpoint(**state).write(tmp_path / "c")
     assert read_index(path)["torchckpt"]["per_rank_values"] == listed
     other = torchckpt.load_checkpoint(path).get_state(rank=1)
@@ -304,10 +308,24 @@ def test_a_single_processs_per_rank_values_are_listed_by_names_that_find_them(tm
     for part in where:
         node = node[part]
     assert type(node).__name__ == "MissingPerRank"
-    if where[0] == "c" and len(state["c"]) == 2:
-        assert other["c"][1] == 7  # the other key of that spelling keeps its value
+    if other_key is not None:
+        assert other["c"][other_key] == 7  # the other key keeps its value
     mine = torchckpt.load_checkpoint(path).get_state(rank=0)
     assert {k: v for k, v in mine.items() if k != "save_counter"} == torchckpt.load_state(path)  # rank 0: its values
+
+
+@pytest.mark.parametrize("below", [{"pos": torchckpt.PerRank(5)}, {"": torchckpt.PerRank(5), "lr": 2}, _Cursor(5)],
+                         ids=["dict", "empty-key-within", "stateful"])
+def test_per_rank_values_below_the_top_level_key_empty_are_refused_as_tensors_there_are(tmp_path, below):
+    """probe89 F2, probe90 F2, F7: their key paths named them as if at the top level ("pos", ""),
+    so another rank got rank 0's values, or lost the whole value; the key itself may be one."""
+    with pytest.raises(torchckpt.UnsupportedStateError, match=r"the top-level key '': the per-rank values .* below "
+                                                              r"it would be named as if they were at the top") as info:
+        torchckpt.Checkpoint(**{"": below}).write(tmp_path / "c")
+    assert info.value.key == "" and not (tmp_path / "c").exists()
+    path = torchckpt.Checkpoint(**{"": torchckpt.PerRank(5)}).write(tmp_path / "itself")
+    assert read_index(path)["torchckpt"]["per_rank_values"] == [""]
+    assert type(torchckpt.load_checkpoint(path).get_state(rank=1)[""]).__name__ == "MissingPerRank"
 
 
 @pytest.mark.parametrize("listed", [True, "s/pos", [1], {"s": "pos"}])

@@ -74,6 +74,13 @@ class WithExtra(torch.nn.Linear):
         self.pos = state["pos"]
 
 
+class OwnLoaderExtra(WithExtra):
+    """The same with a load_state_dict of its own that takes no strict=: it raises on a missing key."""
+
+    def load_state_dict(self, state_dict):  # type: ignore[override]
+        return super().load_state_dict(state_dict)
+
+
 class MLP(torch.nn.Module):
     """Uneven on purpose: ``head`` has 5 rows, split 2/2/1/0 over 4 ranks."""
 
@@ -274,6 +281,11 @@ def plain_into_fsdp(d: Path, rank: int, world: int) -> dict:
     counter, extra = Cursor(100 + rank), WithExtra(100 + rank)
     own = torchckpt.Checkpoint(counter=counter, m=extra).read(str(d / "one-process-own-per-rank"), timeout_secs=TIMEOUT)
     own_state = [counter.pos, extra.pos, extra.weight.item(), sorted(own.expect_partial().report.missing_keys)]
+    # probe90 F5: a module with a loader of its own was handed its state without that key, and its strict
+    # load_state_dict failed the restore on every rank: it is left whole, as an object's load_state_dict is
+    loader = OwnLoaderExtra(100 + rank)
+    whole = torchckpt.Checkpoint(m=loader).read(str(d / "one-process-own-loader"), timeout_secs=TIMEOUT)
+    own_state.append([loader.pos, loader.weight.item(), sorted(whole.expect_partial().report.missing_keys)])
     # probe85 F4: the transformers integration resumes such a run on more ranks, as the Trainer does: a rank
     # without saved random state keeps its own, with a warning (the restore asserts everything else)
     from torchckpt.integrations.transformers import _without_rng_of_other_ranks

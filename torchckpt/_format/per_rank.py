@@ -120,7 +120,7 @@ def missing_on_other_ranks(tree: Any, paths: list[str], rank: int) -> Any:
     return _marked(tree, wanted, MissingPerRank(rank, 1))
 
 
-_HERE = "\0"  # in the walk's tree of parts, where a value is replaced: no key part is a NUL
+_HERE: Any = object()  # in the walk's tree of parts, where a value is replaced (not a part: parts are str)
 
 
 def _marked(node: Any, wanted: dict[str, Any], missing: MissingPerRank) -> Any:
@@ -128,7 +128,7 @@ def _marked(node: Any, wanted: dict[str, Any], missing: MissingPerRank) -> Any:
         return missing
     if isinstance(node, dict):
         spelled = dict(zip(distinct_parts(list(node)), node))
-        for part, below in wanted.items():
+        for part, below in wanted.items():  # (no _HERE among them: it ends its walk)
             key = spelled.get(part, _NOTHING)
             if key is not _NOTHING:
                 node[key] = _marked(node[key], below, missing)

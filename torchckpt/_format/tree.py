@@ -218,7 +218,7 @@ def _encode_dict(value: dict[Any, Any], path: str, tensors: dict[str, torch.Tens
             out[k] = encode(v, child, tensors, ordered, depth + 1, one_process)
             _check_not_root_named(child, path, _one_process_value(v, one_process), len(tensors) > before)
             if child == path and one_process is not None and len(one_process) > listed:
-                _below_root_key(one_process, listed)
+                _refuse_below_root_key(one_process[listed:], depth)
     return {k: out.get(k, _PLACED) for k in value} if mixed else out  # every key in its place, as torch.load
 
 
@@ -255,7 +255,7 @@ def _encode_pairs(tag: str, value: Mapping[Any, Any], path: str, tensors: dict[s
     pairs = []
     decoded: list[Any] | None = None  # the keys as loaded, from the first one not stored as it is
     named: dict[str, tuple[Any, bool]] = {}  # key path -> the first key named so, and whether tensors are below it
-    spelled: list[str] = []  # each key's part where two share one (``keypath.distinct_parts``), once needed
+    spelled: list[str] | None = None  # each key's part as diff names it (``keypath.distinct_parts``), once needed
     for i, (k, v) in enumerate(value.items()):
         if type(k) is int and not -_TOO_MANY_DIGITS < k < _TOO_MANY_DIGITS:
             raise _too_many_digits(k, path)
@@ -271,13 +271,12 @@ def _encode_pairs(tag: str, value: Mapping[Any, Any], path: str, tensors: dict[s
         before, listed = len(tensors), len(one_process or ())
         node = encode(v, child, tensors, ordered, depth + 1, one_process)
         _check_not_root_named(child, path, _one_process_value(v, one_process), len(tensors) > before)  # beside a key the pairs encoding takes
-        if one_process is not None and len(one_process) > listed:
+        if one_process is not None and len(one_process) > listed:  # named as diff and get_value name the key
             if child == path:
-                _below_root_key(one_process, listed)
-            elif all(type(other) in _PLAIN_KEYS for other in value):  # named as diff and get_value name the key
-                spelled = spelled or distinct_parts(list(value))
-                if spelled[i] != key_part(k):
-                    one_process[listed:] = [join(path, spelled[i]) + p[len(child):] for p in one_process[listed:]]
+                _refuse_below_root_key(one_process[listed:], depth)
+            spelled = distinct_parts(_loaded_keys(value, path, depth)) if spelled is None else spelled
+            if spelled[i] != key_part(k):
+                one_process[listed:] = [join(path, spelled[i]) + p[len(child):] for p in one_process[listed:]]
         first, below = named.setdefault(child, (original, len(tensors) > before))
         if first is not original and (below or len(tensors) > before):
             raise clashes.same_name(path, first, original, child)
@@ -294,10 +293,21 @@ def _encode_pairs(tag: str, value: Mapping[Any, Any], path: str, tensors: dict[s
     return {tag: pairs}
 
 
-def _below_root_key(one_process: list[str], listed: int) -> None:
-    """Name the per-rank values listed from ``listed`` on, found under the top-level key ``""``
-    (which a key path does not show: ``join("", "")`` is ``""``), with that key: ``/pos``."""
-    one_process[listed:] = [SEP + p if p else p for p in one_process[listed:]]
+def _refuse_below_root_key(paths: list[str], depth: int) -> None:
+    """Refuse per-rank values below the top-level key ``""`` (the key itself may be one): their key
+    paths would name them as if they were at the top level (``join("", "")`` is ``""``), as
+    tensors' names would, and a rank other than 0 could not be told which values are rank 0's."""
+    if depth or any(paths):
+        raise UnsupportedStateError(
+            "Cannot save the top-level key '': the per-rank values (PerRank, RNG states, data positions) below it "
+            "would be named as if they were at the top level. Rename the key.", key="", value_type=PerRank)
+
+
+def _loaded_keys(value: Mapping[Any, Any], path: str, depth: int) -> list[Any]:
+    """A dict's keys as a reader loads them (a key of a type without a tag of its own as the key it
+    decodes to), which ``diff`` spells."""
+    return [k if type(k) in _PLAIN_KEYS else decode(_encode_key(k, join(path, key_part(k)), depth + 1), None,
+                                                    lambda name: None, path) for k in value]
 
 
 def _is_count(node: Any) -> bool:

@@ -125,7 +125,11 @@ class Matcher:
                 return
             self.checkpoint(nested, saved, key, None)
         elif isinstance(value, torch.nn.Module):
-            saved = self._without_missing_entries(key, saved)
+            if type(value).load_state_dict is not torch.nn.Module.load_state_dict:  # one call takes one dict:
+                if self._missing_inside(key, saved):  # all or none, as an object's load_state_dict
+                    return
+            else:
+                saved = self._without_missing_entries(saved)
             self._once(key, value, saved)
             plan_module(key, value, saved, plan)
         elif isinstance(value, torch.Tensor):
@@ -147,23 +151,15 @@ class Matcher:
         elif not self._missing_inside(key, saved):  # a per-rank value within a plain one: all or none
             plan_value(key, saved, assign, plan)
 
-    def _without_missing_entries(self, key: str, saved: Any) -> Any:
+    def _without_missing_entries(self, saved: Any) -> Any:
         """A module's saved state dict less the entries (extra state) that hold a per-rank value
         this rank has none of, where a restore runs on more ranks than saved: each is left to its
-        module, and reported missing as any key the checkpoint lacks (``set_extra_state`` is not
+        module and reported missing, as any key the checkpoint lacks (``set_extra_state`` is not
         handed a placeholder); every other key restores, as ``load_state_dict(strict=False)``
         restores without it."""
-        plan = self.plan
-        if plan.rank < plan.saved_world or not isinstance(saved, dict):
+        if self.plan.rank < self.plan.saved_world or not isinstance(saved, dict):
             return saved
-        kept = {}
-        for name, value in saved.items():
-            inside = _missing_inside(value)
-            if inside is None:
-                kept[name] = value
-            else:
-                where = keypath.join(key, keypath.escape_part(name))
-                plan.report.skipped_objects[where] = f"{inside[1].reason}; its module keeps its own"
+        kept = {name: value for name, value in saved.items() if _missing_inside(value) is None}
         return saved if len(kept) == len(saved) else kept
 
     def _missing_inside(self, key: str, saved: Any) -> bool:

@@ -136,12 +136,13 @@ def overwritten_across(reads: list[tuple[int, Fed]]) -> list[Fed]:
 
 def same_values(a: Any, b: Any) -> bool:
     """Whether two saved tensors hold the same bytes, from the index alone: one stored tensor, or
-    equal checksums over equal shapes and dtypes."""
+    equal checksums over as many bytes (of any shape and dtype: a complex tensor and its real view
+    are one memory)."""
     if a is b or a == b:
         return True
-    if isinstance(a, TensorInfo) and isinstance(b, TensorInfo):
+    if isinstance(a, TensorInfo) and isinstance(b, TensorInfo):  # the same bytes: one memory seen as two types
         return ((a.file, a.start) == (b.file, b.start)
-                or a.checksum is not None and a.checksum == b.checksum and (a.dims, a.dtype_name) == (b.dims, b.dtype_name))
+                or a.checksum is not None and a.checksum == b.checksum and a.nbytes == b.nbytes)
     if isinstance(a, ChunkedInfo) and isinstance(b, ChunkedInfo):  # saved by several ranks: chunk by chunk
         return (a.shape, a.dtype) == (b.shape, b.dtype) and len(a.pieces) == len(b.pieces) and all(
             box_a == box_b and same_values(x, y) for (box_a, x), (box_b, y) in zip(a.pieces, b.pieces))
