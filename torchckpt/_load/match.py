@@ -126,7 +126,7 @@ class Matcher:
             self.checkpoint(nested, saved, key, None)
         elif isinstance(value, torch.nn.Module):
             if type(value).load_state_dict is not torch.nn.Module.load_state_dict:  # one call takes one dict:
-                if self._missing_inside(key, saved):  # all or none, as an object's load_state_dict
+                if self._left_whole(key, saved):  # all or none, as an object's load_state_dict
                     return
             else:
                 saved = self._without_missing_entries(saved)
@@ -143,12 +143,12 @@ class Matcher:
             plan.rng_loads.extend(plan.loads[loads:])
             del plan.loads[loads:]
         elif is_stateful(value):
-            if not self._missing_inside(key, saved):  # a per-rank value in its state_dict(): left whole
+            if not self._left_whole(key, saved):  # a per-rank value in its state_dict(): left whole
                 self._once(key, value, saved)
                 plan_stateful(key, value, saved, plan)
         elif self.tracking.is_trackable(value) and (isinstance(value, (dict, list)) or type(value) is tuple):
             self._container(key, value, saved, assign)
-        elif not self._missing_inside(key, saved):  # a per-rank value within a plain one: all or none
+        elif not self._left_whole(key, saved):  # a per-rank value within a plain one: all or none
             plan_value(key, saved, assign, plan)
 
     def _without_missing_entries(self, saved: Any) -> Any:
@@ -162,7 +162,7 @@ class Matcher:
         kept = {name: value for name, value in saved.items() if _missing_inside(value) is None}
         return saved if len(kept) == len(saved) else kept
 
-    def _missing_inside(self, key: str, saved: Any) -> bool:
+    def _left_whole(self, key: str, saved: Any) -> bool:
         """Where a restore runs on more ranks than saved: whether ``saved`` (a plain value, a
         module's or an object's state) holds a per-rank value this rank has none of; then the
         object is left as it is, as a whole, and that value reported missing (all or none: a
