@@ -133,7 +133,7 @@ def world3(world2) -> Path:
 
 @pytest.fixture(scope="session")
 def world2(world4) -> Path:
-    from tests.jobs.dist_job import MLP, Cursor, OwnLoaderExtra, WithExtra
+    from tests.jobs.dist_job import MLP, Cursor, OwnLoaderExtra, StrictOwnLoaderExtra, WithExtra
 
     model = MLP(21)  # a single-process checkpoint (format 1) for the plain -> FSDP2 restore
     torchckpt.Checkpoint(model=model).write(world4 / "plain-mlp")
@@ -144,6 +144,7 @@ def world2(world4) -> Path:
         world4 / "one-process-per-rank")
     torchckpt.Checkpoint(counter=Cursor(5), m=WithExtra(6)).write(world4 / "one-process-own-per-rank")
     torchckpt.Checkpoint(m=OwnLoaderExtra(6)).write(world4 / "one-process-own-loader")
+    torchckpt.Checkpoint(m=StrictOwnLoaderExtra(6)).write(world4 / "one-process-strict-loader")
     safetensors.torch.save_file({f"model/{k}": v for k, v in model.state_dict().items()},
                                 str(world4 / "plain-mlp-reference.safetensors"))
     (world4 / "held").mkdir()

@@ -81,6 +81,13 @@ class OwnLoaderExtra(WithExtra):
         return super().load_state_dict(state_dict)
 
 
+class StrictOwnLoaderExtra(WithExtra):
+    """A load_state_dict of its own that takes strict=: handed strict=False, it restores all but that key."""
+
+    def load_state_dict(self, state_dict, strict=True):  # type: ignore[override]
+        return super().load_state_dict(state_dict, strict=strict)
+
+
 class MLP(torch.nn.Module):
     """Uneven on purpose: ``head`` has 5 rows, split 2/2/1/0 over 4 ranks."""
 
@@ -286,6 +293,10 @@ def plain_into_fsdp(d: Path, rank: int, world: int) -> dict:
     loader = OwnLoaderExtra(100 + rank)
     whole = torchckpt.Checkpoint(m=loader).read(str(d / "one-process-own-loader"), timeout_secs=TIMEOUT)
     own_state.append([loader.pos, loader.weight.item(), sorted(whole.expect_partial().report.missing_keys)])
+    # probe91 F2: so was one whose loader takes strict=, and under it the model kept its initial weights on rank 1
+    strict = StrictOwnLoaderExtra(100 + rank)
+    part = torchckpt.Checkpoint(m=strict).read(str(d / "one-process-strict-loader"), timeout_secs=TIMEOUT)
+    own_state.append([strict.pos, strict.weight.item(), sorted(part.expect_partial().report.missing_keys)])
     # probe85 F4: the transformers integration resumes such a run on more ranks, as the Trainer does: a rank
     # without saved random state keeps its own, with a warning (the restore asserts everything else)
     from torchckpt.integrations.transformers import _without_rng_of_other_ranks

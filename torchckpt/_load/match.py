@@ -17,7 +17,7 @@ import torch
 
 from torchckpt._format import keypath, tree
 from torchckpt._load import loaders
-from torchckpt._load.plan import MISSING, Plan, is_saved, plan_module, plan_tensor, plan_value
+from torchckpt._load.plan import MISSING, Plan, is_saved, plan_module, plan_tensor, plan_value, refuses_missing_keys
 from torchckpt._load.shared import drop_overwritten_across
 from torchckpt._load.stateful import plan_stateful
 from torchckpt.rng import RNGState
@@ -125,11 +125,11 @@ class Matcher:
                 return
             self.checkpoint(nested, saved, key, None)
         elif isinstance(value, torch.nn.Module):
-            if type(value).load_state_dict is not torch.nn.Module.load_state_dict:  # one call takes one dict:
-                if self._left_whole(key, saved):  # all or none, as an object's load_state_dict
-                    return
-            else:
-                saved = self._without_missing_entries(saved)
+            kept = self._without_missing_entries(saved)
+            if kept is not saved and refuses_missing_keys(value, plan.assign):  # its own loader, strict:
+                self._left_whole(key, saved)  # all or none, as an object's load_state_dict
+                return
+            saved = kept
             self._once(key, value, saved)
             plan_module(key, value, saved, plan)
         elif isinstance(value, torch.Tensor):

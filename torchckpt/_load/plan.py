@@ -287,6 +287,15 @@ def _loads_through_its_own(module: torch.nn.Module, current: dict[str, Any], ass
     return not any(t.is_meta for t in tensors) or assign and _takes(module.load_state_dict, "assign")
 
 
+def refuses_missing_keys(module: torch.nn.Module, assign: bool) -> bool:
+    """Whether ``module`` is restored through a ``load_state_dict`` of its own that takes no
+    ``strict=`` (:func:`_plan_own_load_state_dict`): handed a state without a key, it raises."""
+    if type(module).load_state_dict is _LOAD_STATE_DICT:
+        return False
+    return (_loads_through_its_own(module, dict(dist_dtensor.module_state(module)), assign)
+            and not _takes(module.load_state_dict, "strict"))
+
+
 def _takes(method: Callable[..., Any], keyword: str) -> bool:
     """Whether ``method`` accepts ``keyword`` (an override may have a signature of its own)."""
     try:
